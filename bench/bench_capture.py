@@ -1,0 +1,108 @@
+"""Benchmark: the cost of capturing attention statistics during the 1.3B few-step rollout (21 latent frames,
+480x832, 35 DiT forwards, random bf16 weights, DiT only).
+
+Rows: the plain rollout; capture of attn_mass + attn_logit for all 30 layers x 12 heads x 5 steps, and for
+one layer, in the two capture modes ("exact": the model's kernel gives the output and the log-sum-exp, a
+Triton kernel recomputes the frame mass; "fused": one Triton kernel gives the output and the frame mass);
+and a materialising torch reference on one layer. Also checks the stores agree (fused vs exact) and rows sum
+to 1.
+
+    python bench/bench_capture.py [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from bench_rollout import random_model, rollout_inputs, run_rollout, timed  # noqa: E402
+from models.rollout import few_step_schedule  # noqa: E402
+from models.scheduler import FlowMatchScheduler  # noqa: E402
+from workbench.capture import CaptureSpec, Geometry, StatsProbe  # noqa: E402
+from workbench.hooks import attach  # noqa: E402
+
+
+class ReferenceProbe(StatsProbe):
+    """attn_mass by the blockwise torch reference (materialises [heads, 1560, 8192] probability blocks)."""
+
+    def on_call(self, call, q, k, v, out, lse):
+        from workbench.kernels.reference import frame_mass_reference
+
+        self._mass = frame_mass_reference(q, k, frame_seq_len=call.frame_seq_len, lse=lse)
+        super().on_call(call, q, k, v, out, lse)
+
+
+def capture_run(model, noise, context, g, layers, mode, repeats, cls=StatsProbe):
+    spec = CaptureSpec(tuple(layers), tuple(range(12)), (0, 1, 2, 3, 4), ("attn_mass", "attn_logit"))
+    geo = Geometry(batch=1, num_frames=21, frame_seq_len=1560, text_len=512)
+    probes = []
+
+    def once():
+        probe = cls(spec, geo, "cuda", mode=mode)
+        probes.append(probe)
+        with attach(model, probe):
+            run_rollout(model, noise, context, g)
+
+    torch.cuda.reset_peak_memory_stats()
+    median, times = timed(once, repeats)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    return median, times, peak, probes[-1].results()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    print(f"# bench_capture  {datetime.datetime.now().isoformat(timespec='seconds')}  "
+          f"{torch.cuda.get_device_name()}  torch {torch.__version__}  python {platform.python_version()}")
+    print(f"# command: {' '.join(sys.argv)}")
+    model = random_model()
+    noise, context, g = rollout_inputs()
+    torch.cuda.reset_peak_memory_stats()
+    base, base_times = timed(lambda: run_rollout(model, noise, context, g), args.repeats)
+    base_peak = torch.cuda.max_memory_allocated() / 2**30
+    print("| run | wall time (median) | vs plain | peak memory | vs plain |\n|---|---|---|---|---|")
+    print(f"| plain rollout | {base:.3f} s | - | {base_peak:.2f} GiB | - |")
+    results = {}
+    for name, layers, mode, cls in (
+        ("exact, all 30 layers", range(30), "exact", StatsProbe),
+        ("exact, layer 3", [3], "exact", StatsProbe),
+        ("fused, all 30 layers", range(30), "fused", StatsProbe),
+        ("fused, layer 3", [3], "fused", StatsProbe),
+        ("materialising torch reference, layer 3", [3], "exact", ReferenceProbe),
+    ):
+        try:
+            t, times, peak, res = capture_run(model, noise, context, g, layers, mode, args.repeats, cls)
+        except Exception as err:  # report and go on: one failing mode must not hide the others
+            print(f"| {name} | FAILED: {type(err).__name__}: {str(err)[:200]} | | | |")
+            continue
+        results[name] = res
+        print(f"| {name} | {t:.3f} s | {100 * (t / base - 1):+.1f}% | {peak:.2f} GiB | {peak - base_peak:+.2f} GiB |")
+    exact, fused = results.get("exact, all 30 layers"), results.get("fused, all 30 layers")
+    for name, res in results.items():
+        m = torch.from_numpy(res["attn_mass"])
+        rows = m.nansum(-1)
+        print(f"# {name}: attn_mass rows sum to 1 within {(rows - 1).abs().max().item():.2e}; "
+              f"NaN cells {int(m.isnan().sum())} of {m.numel()}")
+    if exact is not None and fused is not None:
+        a, b = torch.from_numpy(exact["attn_mass"]), torch.from_numpy(fused["attn_mass"])
+        same_nan = bool((a.isnan() == b.isnan()).all())
+        print(f"# fused vs exact attn_mass: max |diff| {(a - b).abs().nan_to_num().max().item():.2e}, same NaN pattern {same_nan}")
+    ref = results.get("materialising torch reference, layer 3")
+    if ref is not None and exact is not None:
+        a = torch.from_numpy(exact["attn_mass"])[:, :, 3:4]
+        b = torch.from_numpy(ref["attn_mass"])
+        print(f"# exact (Triton from LSE) vs torch reference, layer 3: max |diff| {(a - b).abs().nan_to_num().max().item():.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""The attention entry point: every self- and cross-attention call of the Wan models goes through `attend`.
+
+Each call carries what it is, as an `AttentionCall`:
+- from the rollout (`ForwardLabels`): denoising step, timestep, chunk, phase (denoise / context), CFG branch;
+- from the model: layer index and kind (self / cross);
+- from the KV cache: the absolute latent frame of every query frame and key frame (after sink and window
+  eviction the key frames are not contiguous, e.g. 0-2 then 12-20), and which (query, key) frame pairs are
+  attended when a mask applies (block-causal full-sequence forward).
+
+Observers (the workbench's probes, anything with `wants` and `observe`) are passed in by the model; `models/`
+never imports them. With no observer interested in a call, `attend` is exactly the plain kernel call.
+When an observer asks for the log-sum-exp it is computed by a kernel that returns it (CUDA) or a blockwise
+pass (CPU), and the output is computed the same way as without observers, so capture never changes outputs.
+
+Backends: flash-attn when it imports (and inputs are fp16/bf16 on CUDA), PyTorch SDPA otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------------
+# Labels
+
+
+@dataclass(frozen=True)
+class ForwardLabels:
+    """What the rollout knows about one DiT forward. `step` is the position in the per-chunk schedule."""
+
+    step: int  # 0..S-1: denoising steps in order, then the context pass
+    timestep: float  # the timestep the DiT sees (for per-frame timesteps: that of the chunk being denoised)
+    chunk: int  # generation block index; 0 for a bidirectional forward over every frame
+    phase: str = "denoise"  # "denoise" | "context" | "train"
+    cfg: str = "none"  # "cond" | "uncond" | "none"
+    denoise_index: int = 0  # index into the denoising schedule; -1 for the context pass
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionCall:
+    """The identity of one attention call. Frames are absolute latent frame indices."""
+
+    layer: int
+    kind: str  # "self" | "cross"
+    labels: ForwardLabels | None
+    query_frames: tuple[int, ...]  # one entry per query frame, in token order
+    key_frames: tuple[int, ...] | None  # one entry per key frame in token order; None for cross-attention
+    frame_seq_len: int  # tokens per latent frame
+    grid: tuple[int, int]  # (height, width) of a frame's token grid
+    frame_mask: torch.Tensor | None = None  # [n_query_frames, n_key_frames] bool, True = attended; None = all
+    num_heads: int = 0
+    head_dim: int = 0
+
+    @property
+    def step(self) -> int | None:
+        return None if self.labels is None else self.labels.step
+
+    @property
+    def timestep(self) -> float | None:
+        return None if self.labels is None else self.labels.timestep
+
+    @property
+    def chunk(self) -> int | None:
+        return None if self.labels is None else self.labels.chunk
+
+
+class AttentionObserver(Protocol):
+    """What the model needs from an observer (the workbench's probes implement this)."""
+
+    needs_lse: bool  # ask the entry point for the log-sum-exp of every query row
+
+    def wants(self, call: AttentionCall) -> bool: ...
+
+    def observe(self, call: AttentionCall, q, k, v, out, lse) -> None:
+        """q [B, Lq, H, D], k/v [B, Lk, H, D] as the kernel saw them; out [B, Lq, H, D];
+        lse [B, H, Lq] float32 (natural log) or None."""
+
+    # Optional: an observer with `computes_output = True` gets `compute(call, q, k, v)` instead of `observe`
+    # and returns the attention output (or None to let the entry point compute it and call `observe`).
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+
+
+def backend_name(device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16) -> str:
+    """Which kernel runs for unmasked attention on this device and dtype (masked calls use FlexAttention on
+    CUDA and SDPA with a dense mask on the CPU)."""
+    if torch.device(device).type == "cuda":
+        from models.cuda_attention import active_kernel
+
+        return active_kernel(dtype)
+    return "sdpa (cpu)"
+
+
+def token_mask(frame_mask: torch.Tensor, q_len: int, k_len: int, frame_seq_len: int) -> torch.Tensor:
+    """Expand a frame-level mask [nq, nk] to tokens [Lq, Lk] (bool, True = attended)."""
+    return frame_mask.repeat_interleave(frame_seq_len, 0).repeat_interleave(frame_seq_len, 1)[:q_len, :k_len]
+
+
+def _sdpa(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    # SDPA wants [B, H, L, D]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def _flex(q, k, v, frame_mask: torch.Tensor, frame_seq_len: int, scale: float) -> torch.Tensor:
+    """Block-causal (or any frame-masked) attention on CUDA without a dense [L, L] mask."""
+    from models.flex import flex_frame_attention
+
+    return flex_frame_attention(q, k, v, frame_mask, frame_seq_len, scale)
+
+
+def plain_attention(q, k, v, *, frame_mask=None, frame_seq_len=1, scale=None) -> torch.Tensor:
+    """out [B, Lq, H, D] = softmax(q k^T * scale) v, over the attended keys only."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if frame_mask is not None and not bool(frame_mask.all()):
+        if q.is_cuda:
+            return _flex(q, k, v, frame_mask, frame_seq_len, scale)
+        return _sdpa(q, k, v, token_mask(frame_mask, q.shape[1], k.shape[1], frame_seq_len).to(q.device), scale)
+    if q.is_cuda:  # the same kernel as attention_with_lse, so capture never changes the output
+        from models.cuda_attention import sdpa_with_lse
+
+        return sdpa_with_lse(q, k, v, scale)[0]
+    return _sdpa(q, k, v, None, scale)
+
+
+def blockwise_lse(q, k, *, frame_mask=None, frame_seq_len=1, scale=None, block: int = 1024) -> torch.Tensor:
+    """Log-sum-exp of every query row over its attended keys, [B, H, Lq] float32, without an [Lq, Lk] tensor
+    bigger than `block` query rows."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    B, Lq, H, _ = q.shape
+    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    kt = k.float().permute(0, 2, 3, 1)  # [B, H, D, Lk]
+    for start in range(0, Lq, block):
+        qb = q[:, start : start + block].float().transpose(1, 2)  # [B, H, b, D]
+        s = (qb @ kt) * scale  # [B, H, b, Lk]
+        if frame_mask is not None:
+            m = token_mask(frame_mask, Lq, k.shape[1], frame_seq_len)[start : start + block].to(q.device)
+            s = s.masked_fill(~m, float("-inf"))
+        lse[:, :, start : start + block] = torch.logsumexp(s, dim=-1)
+    return lse
+
+
+def attention_with_lse(q, k, v, *, frame_mask=None, frame_seq_len=1, scale=None):
+    """(out, lse): out exactly as `plain_attention` computes it, lse [B, H, Lq] float32 natural log."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if q.is_cuda and frame_mask is None:
+        from models.cuda_attention import sdpa_with_lse
+
+        return sdpa_with_lse(q, k, v, scale)
+    out = plain_attention(q, k, v, frame_mask=frame_mask, frame_seq_len=frame_seq_len, scale=scale)
+    return out, blockwise_lse(q, k, frame_mask=frame_mask, frame_seq_len=frame_seq_len, scale=scale)
+
+
+# --------------------------------------------------------------------------------------------------
+# The entry point
+
+
+def attend(q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] = ()) -> torch.Tensor:
+    """Every attention call of the model. q [B, Lq, H, D]; k, v [B, Lk, H, D] -> out [B, Lq, H, D]."""
+    interested = [obs for obs in observers if obs.wants(call)] if observers else ()
+    mask, fsl = call.frame_mask, call.frame_seq_len
+    if not interested:
+        return plain_attention(q, k, v, frame_mask=mask, frame_seq_len=fsl)
+    for obs in interested:  # an observer may compute the attention itself (a fused kernel with statistics)
+        out = obs.compute(call, q, k, v) if getattr(obs, "computes_output", False) else None
+        if out is not None:
+            for other in interested:
+                if other is not obs:
+                    other.observe(call, q, k, v, out, None)
+            return out
+    if any(obs.needs_lse for obs in interested):
+        out, lse = attention_with_lse(q, k, v, frame_mask=mask, frame_seq_len=fsl)
+    else:
+        out, lse = plain_attention(q, k, v, frame_mask=mask, frame_seq_len=fsl), None
+    for obs in interested:
+        obs.observe(call, q, k, v, out, lse)
+    return out
+
+
+class Attend(torch.nn.Module):
+    """A parameter-free module around `attend`, so that hook-based tools (nnsight, forward hooks) see the
+    exact q, k, v of every call as this module's inputs: `blocks[3].self_attn.attend.inputs`."""
+
+    def forward(self, q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] = ()):
+        return attend(q, k, v, call, observers)
+
+
+@dataclass
+class ObserverList:
+    """The observers attached to one model; `WanModel.observers` is one of these."""
+
+    items: list = field(default_factory=list)
+
+    def add(self, observer) -> "ObserverHandle":
+        self.items.append(observer)
+        return ObserverHandle(self, observer)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __bool__(self):
+        return bool(self.items)
+
+
+@dataclass
+class ObserverHandle:
+    owner: ObserverList
+    observer: object
+
+    def remove(self) -> None:
+        if self.observer in self.owner.items:
+            self.owner.items.remove(self.observer)
+
+    def __enter__(self):
+        return self.observer
+
+    def __exit__(self, *exc):
+        self.remove()

@@ -1,0 +1,256 @@
+"""Checkpoint IO for the Wan DiT: the official Wan2.1 folder, Self-Forcing `.pt` files, and diffusers' layout.
+
+Formats read (and written, for tests and the embedded default):
+- official Wan2.1 folder: `config.json` + `diffusion_pytorch_model.safetensors`, or a sharded
+  `diffusion_pytorch_model.safetensors.index.json` with its shards;
+- Self-Forcing `.pt`: a dict with `generator`, `generator_ema` and/or `critic` (ODE init: `generator` or
+  `model`), each a state dict whose keys carry the wrapper's `model.` prefix; FSDP, activation-checkpoint
+  and torch.compile prefixes are stripped;
+- diffusers `WanTransformer3DModel` state dicts (converted both ways by `to_diffusers` / `from_diffusers`).
+
+Models are built on the meta device and loaded with `load_state_dict(..., assign=True)`, so a 1.3B model is
+never randomly initialised and its weights are never held twice. Checkpoints are untrusted input: `.pt`
+files are read with `torch.load(weights_only=True)`; a file that needs arbitrary unpickling is refused
+unless `trust_pickle=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from models.config import WanConfig
+from models.errors import CheckpointError
+from models.wan import WanModel
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+SELF_FORCING_KEYS = ("generator", "generator_ema", "critic")
+
+# official Wan names -> diffusers names (applied in order, as substrings); the inverse is derived
+_TO_DIFFUSERS = [
+    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
+    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
+    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+    ("time_projection.1.", "condition_embedder.time_proj."),
+    ("head.modulation", "scale_shift_table"),
+    ("head.head.", "proj_out."),
+    (".self_attn.", ".attn1."),
+    (".cross_attn.", ".attn2."),
+    (".o.", ".to_out.0."),
+    (".q.", ".to_q."),
+    (".k.", ".to_k."),
+    (".v.", ".to_v."),
+    (".modulation", ".scale_shift_table"),
+    (".ffn.0.", ".ffn.net.0.proj."),
+    (".ffn.2.", ".ffn.net.2."),
+    (".norm3.", ".norm2."),  # Wan's cross-attention norm is norm3, diffusers' is norm2 (FFN norms have no weights)
+]
+
+
+def to_diffusers(state_dict: dict) -> dict:
+    """Official Wan key names -> diffusers `WanTransformer3DModel` key names."""
+    out = {}
+    for key, value in state_dict.items():
+        new = key
+        for a, b in _TO_DIFFUSERS:
+            new = new.replace(a, b)
+        out[new] = value
+    return out
+
+
+def from_diffusers(state_dict: dict) -> dict:
+    """diffusers `WanTransformer3DModel` key names -> official Wan key names."""
+    out = {}
+    for key, value in state_dict.items():
+        new = key
+        for a, b in reversed(_TO_DIFFUSERS):
+            new = new.replace(b, a)
+        out[new] = value
+    return out
+
+
+def strip_prefixes(state_dict: dict, prefix: str = "model.") -> dict:
+    """Remove the Self-Forcing wrapper prefix and FSDP / checkpoint / compile wrapper names."""
+    out = {}
+    for key, value in state_dict.items():
+        for wrapper in WRAPPER_PREFIXES:
+            key = key.replace(wrapper, "")
+        if prefix and key.startswith(prefix):
+            key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# Reading files
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise CheckpointError(f"{what} {str(path)!r} does not exist")
+    return path
+
+
+def load_tensors(path: str | Path, *, trust_pickle: bool = False) -> dict:
+    """A state dict (or a dict of them) from .safetensors, or from a .pt/.pth read with weights_only=True."""
+    path = _require_file(Path(path), "checkpoint file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:  # a non-zip (legacy) file cannot be memory-mapped
+        if "mmap" not in str(err):
+            raise CheckpointError(f"cannot read {str(path)!r}: {err}") from err
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        if not trust_pickle:
+            reason = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
+                          str(err).splitlines()[0][:200])
+            raise CheckpointError(
+                f"{str(path)!r} needs arbitrary unpickling, which can run code ({reason}). "
+                "Load it only if you trust its source, with --trust-pickle (trust_pickle=True)"
+            ) from err
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_wan_folder(folder: str | Path) -> tuple[WanConfig, dict]:
+    """(config, state dict) of an official Wan2.1 folder (single or sharded safetensors)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"Wan folder {str(folder)!r} does not exist")
+    config = WanConfig.from_json(_require_file(folder / "config.json", "Wan config"))
+    if (folder / WEIGHTS_NAME).is_file():
+        return config, load_tensors(folder / WEIGHTS_NAME)
+    index = _require_file(folder / INDEX_NAME, f"Wan weights (neither {WEIGHTS_NAME} nor)")
+    state_dict = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        state_dict.update(load_tensors(_require_file(folder / shard, "weight shard")))
+    return config, state_dict
+
+
+def read_self_forcing(path: str | Path, key: str = "generator", *, trust_pickle: bool = False) -> dict:
+    """The Wan state dict stored under `key` of a Self-Forcing `.pt` (prefixes stripped)."""
+    blob = load_tensors(path, trust_pickle=trust_pickle)
+    if not isinstance(blob, dict):
+        raise CheckpointError(f"{str(path)!r} holds a {type(blob).__name__}, not a dict of state dicts")
+    if key not in blob:
+        if key == "generator" and "model" in blob:  # ODE-init checkpoints may use "model"
+            key = "model"
+        else:
+            found = sorted(k for k in blob if isinstance(blob[k], dict)) or sorted(blob)[:10]
+            raise CheckpointError(f"{str(path)!r} has no {key!r} entry; it has {found}")
+    return strip_prefixes(blob[key])
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Building models
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: dict, source: str) -> None:
+    """Refuse missing, unexpected and wrongly shaped keys, listing them all."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(f"{k}: {tuple(state_dict[k].shape)} != {tuple(expected[k].shape)}"
+                   for k in set(expected) & set(state_dict) if state_dict[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
+                parts.append(f"{name}: {shown}")
+        raise CheckpointError(f"{source} does not fit the model ({'; '.join(parts)})")
+
+
+def build_model(config: WanConfig, state_dict: dict | None = None, *, causal: bool = False,
+                num_frame_per_block: int = 3, device="cpu", dtype=torch.float32, source: str = "state dict") -> WanModel:
+    """Build on the meta device, then load with assignment (or materialise empty weights when no state dict)."""
+    with torch.device("meta"):
+        model = WanModel(config, causal=causal, num_frame_per_block=num_frame_per_block)
+    if state_dict is None:
+        return model.to_empty(device=device).to(dtype)
+    if any(k.startswith("condition_embedder.") for k in state_dict):
+        state_dict = from_diffusers(state_dict)
+    check_state_dict(model, state_dict, source)
+    model.load_state_dict(state_dict, assign=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_wan(folder: str | Path, *, checkpoint: str | Path | None = None, use_ema: bool = False,
+             key: str | None = None, causal: bool = True, num_frame_per_block: int = 3, local_attn_size: int = -1,
+             sink_size: int = 0, device="cpu", dtype=torch.float32, trust_pickle: bool = False) -> WanModel:
+    """The model of a Wan folder, optionally with the weights of a Self-Forcing checkpoint on top."""
+    config, state_dict = read_wan_folder(folder)
+    config = config.replace(local_attn_size=local_attn_size, sink_size=sink_size)
+    source = f"{folder}/{WEIGHTS_NAME}"
+    if checkpoint is not None:
+        key = key or ("generator_ema" if use_ema else "generator")
+        state_dict = read_self_forcing(checkpoint, key, trust_pickle=trust_pickle)
+        source = f"{checkpoint}[{key!r}]"
+    return build_model(config, state_dict, causal=causal, num_frame_per_block=num_frame_per_block, device=device,
+                       dtype=dtype, source=source)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Writing (atomic: temp file in the same folder, then rename)
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_wan_folder(folder: str | Path, config: WanConfig, state_dict: dict, *, shard_size: int | None = None) -> None:
+    """Write an official-format Wan folder (optionally sharded, for tests of the index path)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    _atomic(folder / "config.json", lambda p: Path(p).write_text(json.dumps(config.to_json_dict(), indent=2)))
+    if shard_size is None:
+        _atomic(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p))
+        return
+    names = sorted(tensors)
+    shards = [names[i : i + shard_size] for i in range(0, len(names), shard_size)]
+    weight_map = {}
+    for i, keys in enumerate(shards):
+        shard = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _atomic(folder / shard, lambda p, keys=keys: save_file({k: tensors[k] for k in keys}, p))
+        weight_map.update({k: shard for k in keys})
+    _atomic(folder / INDEX_NAME, lambda p: Path(p).write_text(json.dumps({"weight_map": weight_map}, indent=2)))
+
+
+def save_self_forcing(path: str | Path, **state_dicts: dict) -> None:
+    """Write a Self-Forcing checkpoint: `generator=`, `critic=`, `generator_ema=` state dicts, `model.` prefixed.
+    Other keyword values (e.g. `step=`, optimiser states) are stored as given."""
+    blob = {}
+    for name, value in state_dicts.items():
+        if name in SELF_FORCING_KEYS and value is not None:
+            value = {f"model.{k}": v.detach().cpu() for k, v in value.items()}
+        blob[name] = value
+    _atomic(Path(path), lambda p: torch.save(blob, p))

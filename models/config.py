@@ -1,0 +1,179 @@
+"""Model configurations: one frozen dataclass for the Wan2.1 DiT, with presets and readers.
+
+`WanConfig` holds the architecture (what the weights need) plus the causal attention window (what the
+KV cache needs). It reads the official `config.json` of a Wan2.1 folder, and sizes that a format does not
+record are inferred from tensor shapes (`WanConfig.from_state_dict`).
+
+Presets:
+    wan2.1-t2v-1.3b   dim 1536, 30 layers, 12 heads (the Self-Forcing backbone)
+    wan2.1-t2v-14b    dim 5120, 40 layers, 40 heads
+    tiny              a few-second CPU model for unit tests
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.errors import ModelInputError
+
+ROPE_MAX_POSITIONS = 1024  # rows of the RoPE table on every axis (t, h, w)
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    dim: int = 1536
+    ffn_dim: int = 8960
+    freq_dim: int = 256
+    in_dim: int = 16
+    out_dim: int = 16
+    num_heads: int = 12
+    num_layers: int = 30
+    text_len: int = 512
+    text_dim: int = 4096
+    eps: float = 1e-6
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    model_type: str = "t2v"
+    # causal model only: attention window in latent frames (-1 = global) and sink frames kept in the cache
+    local_attn_size: int = -1
+    sink_size: int = 0
+
+    def __post_init__(self):
+        if self.dim % self.num_heads:
+            raise ModelInputError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2:
+            raise ModelInputError(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.local_attn_size != -1 and self.local_attn_size < 1:
+            raise ModelInputError(f"local_attn_size {self.local_attn_size}: use -1 (global) or a positive frame count")
+        if self.sink_size < 0 or (self.local_attn_size != -1 and self.sink_size >= self.local_attn_size):
+            raise ModelInputError(
+                f"sink_size {self.sink_size} must be >= 0 and smaller than local_attn_size {self.local_attn_size}"
+            )
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_split(self) -> tuple[int, int, int]:
+        """Channels of each head carrying (time, height, width) rotary positions: [44, 42, 42] at head_dim 128."""
+        d = self.head_dim
+        return d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)
+
+    def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
+        """Tokens per latent frame: 30 * 52 = 1560 for a 60 x 104 latent (480 x 832 pixels)."""
+        _, ph, pw = self.patch_size
+        if latent_height % ph or latent_width % pw:
+            raise ModelInputError(
+                f"latent size {latent_height}x{latent_width} is not divisible by the patch size {ph}x{pw}"
+            )
+        return (latent_height // ph) * (latent_width // pw)
+
+    def replace(self, **changes) -> "WanConfig":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ModelInputError(f"unknown WanConfig keys {sorted(unknown)}; known: {config_keys()}")
+        return dataclasses.replace(self, **changes)
+
+    # --- readers -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides) -> "WanConfig":
+        """Read the official Wan2.1 `config.json` (diffusers-style `_class_name`/`_diffusers_version` keys and
+        the Wan-only `dim`/`ffn_dim`/... keys). Unknown keys are refused, so a typo cannot pass silently."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelInputError(f"config file {str(path)!r} does not exist")
+        raw = json.loads(path.read_text())
+        ignored = {"_class_name", "_diffusers_version", "_name_or_path", "window_size", "qk_norm", "cross_attn_norm"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known - ignored
+        if unknown:
+            raise ModelInputError(f"{path}: unknown config keys {sorted(unknown)}; known: {sorted(known)}")
+        kwargs = {k: v for k, v in raw.items() if k in known}
+        if "patch_size" in kwargs:
+            kwargs["patch_size"] = tuple(kwargs["patch_size"])
+        return cls(**kwargs).replace(**overrides) if overrides else cls(**kwargs)
+
+    def to_json_dict(self) -> dict:
+        """The official `config.json` content for this config (causal-window keys omitted)."""
+        d = dataclasses.asdict(self)
+        d.pop("local_attn_size"), d.pop("sink_size")
+        d["patch_size"] = list(d["patch_size"])
+        return {"_class_name": "WanModel", **d}
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, **overrides) -> "WanConfig":
+        """Infer every size a checkpoint records in its tensor shapes (no config file needed)."""
+        try:
+            dim, in_dim = state_dict["patch_embedding.weight"].shape[:2]
+            patch = tuple(state_dict["patch_embedding.weight"].shape[2:])
+            ffn_dim = state_dict["blocks.0.ffn.0.weight"].shape[0]
+            freq_dim = state_dict["time_embedding.0.weight"].shape[1]
+            text_dim = state_dict["text_embedding.0.weight"].shape[1]
+            out_dim = state_dict["head.head.weight"].shape[0] // (patch[0] * patch[1] * patch[2])
+        except KeyError as err:
+            raise ModelInputError(f"cannot infer the model size: state dict has no {err.args[0]!r}") from err
+        num_layers = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+        if "num_heads" not in overrides:
+            overrides["num_heads"] = PRESET_HEADS.get(dim)
+            if overrides["num_heads"] is None:
+                raise ModelInputError(f"dim {dim}: the number of heads is not in the weights; pass num_heads")
+        return cls(dim=dim, in_dim=in_dim, patch_size=patch, ffn_dim=ffn_dim, freq_dim=freq_dim,
+                   text_dim=text_dim, out_dim=out_dim, num_layers=num_layers, **overrides)
+
+
+def config_keys() -> list[str]:
+    return [f.name for f in dataclasses.fields(WanConfig)]
+
+
+PRESETS: dict[str, WanConfig] = {
+    "wan2.1-t2v-1.3b": WanConfig(),
+    "wan2.1-t2v-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    # unit tests: 2 layers, head_dim 16 (RoPE split [8, 4, 4]), small text
+    "tiny": WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, text_len=16),
+}
+PRESET_HEADS = {1536: 12, 5120: 40}  # heads are not recorded in the weights; known sizes
+
+
+def preset(name: str, **overrides) -> WanConfig:
+    if name not in PRESETS:
+        raise ModelInputError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+@dataclass(frozen=True)
+class VideoGeometry:
+    """Latent video geometry: frames, latent height/width, and the chunking of a causal rollout."""
+
+    num_frames: int = 21
+    latent_height: int = 60
+    latent_width: int = 104
+    num_frame_per_block: int = 3
+    channels: int = 16
+
+    def __post_init__(self):
+        if self.num_frames < 1:
+            raise ModelInputError(f"num_frames {self.num_frames} must be >= 1")
+        if self.num_frame_per_block < 1 or self.num_frames % self.num_frame_per_block:
+            raise ModelInputError(
+                f"{self.num_frames} latent frames do not divide into chunks of {self.num_frame_per_block}; "
+                f"use a multiple of {self.num_frame_per_block} (e.g. 21)"
+            )
+
+    @property
+    def num_chunks(self) -> int:
+        return self.num_frames // self.num_frame_per_block
+
+    @property
+    def pixel_frames(self) -> int:
+        """Frame-count law of the Wan VAE: 1 + 4 (T - 1); 21 latents -> 81 frames."""
+        return 1 + 4 * (self.num_frames - 1)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """[F, C, h, w], the Self-Forcing `image_or_video_shape` without the batch."""
+        return (self.num_frames, self.channels, self.latent_height, self.latent_width)

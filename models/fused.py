@@ -1,0 +1,89 @@
+"""The pointwise pieces of a Wan block, written once as plain functions and fused into single kernels on CUDA.
+
+Eager PyTorch runs each of these as 4-8 kernels with float32 temporaries; on the 1.3B rollout that memory
+traffic cost more GPU time than the linear layers (bench/RESULTS.md). On CUDA each function is compiled
+with torch.compile into one kernel; on the CPU (tests, the embedded default) it runs eagerly, so the math
+that tests check is exactly the math written here. `WORKBENCH_COMPILE=0` turns compilation off.
+
+Shapes: x [B, L, C] tokens in (frame, row, column) order; per-frame modulation [B, F, 1, C] float32, with
+L = F * tokens_per_frame.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+COMPILE = os.environ.get("WORKBENCH_COMPILE", "1") != "0"
+
+
+def fused(fn):
+    """Compile `fn` for CUDA inputs (on first use), run it eagerly otherwise."""
+    compiled = None
+
+    def wrapper(*args):
+        nonlocal compiled
+        if COMPILE and args[0].is_cuda:
+            if compiled is None:
+                compiled = torch.compile(fn, fullgraph=True)
+            return compiled(*args)
+        return fn(*args)
+
+    wrapper.__name__, wrapper.__doc__, wrapper.eager = fn.__name__, fn.__doc__, fn
+    return wrapper
+
+
+@fused
+def norm_modulate(x, shift, scale, eps: float):
+    """LayerNorm (no affine, float32) * (1 + scale) + shift, cast back: x [B, L, C] -> [B, L, C]."""
+    B, L, C = x.shape
+    frames = shift.shape[1]
+    h = F.layer_norm(x.float(), (C,), eps=eps).view(B, frames, L // frames, C)
+    return (h * (1 + scale) + shift).view(B, L, C).to(x.dtype)
+
+
+@fused
+def gated_residual(x, y, gate):
+    """x + y * gate in float32, cast back: x, y [B, L, C], gate [B, F, 1, C]."""
+    B, L, C = x.shape
+    frames = gate.shape[1]
+    out = x.float().view(B, frames, L // frames, C) + y.float().view(B, frames, L // frames, C) * gate
+    return out.view(B, L, C).to(x.dtype)
+
+
+@fused
+def layer_norm_affine(x, weight, bias, eps: float):
+    """Affine LayerNorm computed in float32, cast back."""
+    return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+
+
+@fused
+def rms_norm(x, weight, eps: float):
+    """RMSNorm over the last dim (all heads jointly) in float32, cast back, then the weight (Wan's order)."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+
+
+def _rotate(x, cos, sin):
+    """Rotate consecutive channel pairs of x [B, L, H, D] by angles with cos/sin [L, 1, D/2]."""
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    pairs = x.to(work).unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.to(work), sin.to(work)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
+
+
+@fused
+def qk_norm_rope(q, k, wq, wk, cos, sin, heads: int, eps: float):
+    """The self-attention q and k as the kernel sees them: RMSNorm over all heads, split into heads, RoPE.
+    q, k [B, L, C] (linear outputs) -> [B, L, heads, C / heads]."""
+    q = (F.rms_norm(q.float(), (q.shape[-1],), eps=eps).to(q.dtype) * wq).unflatten(2, (heads, -1))
+    k = (F.rms_norm(k.float(), (k.shape[-1],), eps=eps).to(k.dtype) * wk).unflatten(2, (heads, -1))
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+@fused
+def rope(x, cos, sin):
+    """RoPE alone: x [B, L, H, D] -> [B, L, H, D]."""
+    return _rotate(x, cos, sin)

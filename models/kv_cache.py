@@ -1,0 +1,115 @@
+"""The KV cache of the causal rollout, kept in whole latent frames, and the cross-attention cache.
+
+Semantics are those of Self-Forcing's `CausalWanModel._forward_inference` (reference section 2.2):
+- keys are stored after RoPE, with their absolute temporal positions, and never re-rotated;
+- a forward for a chunk that was already written (the later denoising steps and the context pass) overwrites
+  that chunk's slots; a forward for a new chunk appends;
+- with a local window (`local_attn_size` frames) the cache holds that many frames; when a new chunk does not
+  fit, the oldest frames after the first `sink_size` ones are evicted (the sink slots never move);
+- every query of a call attends to every frame in the cache (its own chunk included).
+
+The cache records which absolute frame each slot holds, so attention calls are labelled from what is really
+there, not from a count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.errors import ModelInputError
+
+
+class KVCache:
+    """One layer's self-attention cache: k, v [B, capacity * fsl, heads, head_dim]."""
+
+    def __init__(self, batch: int, capacity_frames: int, frame_seq_len: int, heads: int, head_dim: int,
+                 *, sink_frames: int = 0, evict: bool = False, dtype=torch.float32, device="cpu"):
+        self.capacity = capacity_frames
+        self.fsl = frame_seq_len
+        self.sink = sink_frames
+        self.evict = evict  # False: global attention, running out of room is an error
+        shape = (batch, capacity_frames * frame_seq_len, heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.frames: list[int] = []  # absolute frame index held by each filled slot, in slot order
+        self.end_frame = 0  # one past the newest absolute frame written
+
+    def write(self, start_frame: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Write the keys/values of frames [start_frame, start_frame + n) (k_new [B, n * fsl, H, D])."""
+        n = k_new.shape[1] // self.fsl
+        frames = list(range(start_frame, start_frame + n))
+        if start_frame + n <= self.end_frame:  # a chunk seen before: overwrite its slots in place
+            if not set(frames) <= set(self.frames):
+                raise ModelInputError(f"frames {frames} were evicted from the KV cache and cannot be rewritten")
+            slot = self.frames.index(start_frame)
+        else:
+            if start_frame != self.end_frame:
+                raise ModelInputError(
+                    f"chunk starting at frame {start_frame} does not follow the cache, which ends at frame {self.end_frame}"
+                )
+            overflow = len(self.frames) + n - self.capacity
+            if overflow > 0:
+                if not self.evict:
+                    raise ModelInputError(
+                        f"the KV cache holds {self.capacity} frames and frame {start_frame + n - 1} does not fit; "
+                        "set local_attn_size for a rolling window"
+                    )
+                self._evict(overflow)
+            slot = len(self.frames)
+            self.frames.extend(frames)
+            self.end_frame = start_frame + n
+        a, b = slot * self.fsl, (slot + n) * self.fsl
+        self.k[:, a:b] = k_new
+        self.v[:, a:b] = v_new
+
+    def _evict(self, count: int) -> None:
+        """Drop the `count` oldest frames after the sink; shift the rest left."""
+        keep_from = self.sink + count
+        if keep_from > len(self.frames):
+            raise ModelInputError(f"cannot evict {count} frames from a cache holding {len(self.frames)}")
+        used = len(self.frames) * self.fsl
+        src = slice(keep_from * self.fsl, used)
+        dst = slice(self.sink * self.fsl, used - count * self.fsl)
+        self.k[:, dst] = self.k[:, src].clone()
+        self.v[:, dst] = self.v[:, src].clone()
+        del self.frames[self.sink : keep_from]
+
+    def window(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """(k, v, key_frames) of what a query attends to: every filled slot."""
+        end = len(self.frames) * self.fsl
+        return self.k[:, :end], self.v[:, :end], tuple(self.frames)
+
+
+@dataclass
+class CrossCache:
+    """One layer's cross-attention keys/values, computed from the text once per video."""
+
+    k: torch.Tensor | None = None  # [B, text_len, H, D]
+    v: torch.Tensor | None = None
+
+
+@dataclass
+class RolloutCache:
+    """Everything a causal rollout keeps between forwards: one KV and one cross cache per layer."""
+
+    kv: list[KVCache]
+    cross: list[CrossCache]
+
+    @classmethod
+    def allocate(cls, config, batch: int, num_frames: int, frame_seq_len: int, *, dtype, device) -> "RolloutCache":
+        """Cache for a rollout of `num_frames` latent frames. Global attention holds all of them; a local window
+        of `config.local_attn_size` frames (with `config.sink_size` sink frames) evicts the oldest."""
+        local = config.local_attn_size
+        if local == -1:
+            capacity, evict = num_frames, False
+        else:
+            capacity, evict = local, True
+        kv = [KVCache(batch, capacity, frame_seq_len, config.num_heads, config.head_dim, sink_frames=config.sink_size,
+                      evict=evict, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        return cls(kv=kv, cross=[CrossCache() for _ in range(config.num_layers)])
+
+    def reset_cross(self) -> None:
+        for c in self.cross:
+            c.k = c.v = None

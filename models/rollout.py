@@ -1,0 +1,223 @@
+"""Samplers: the few-step causal rollout of Self-Forcing, the multi-step causal rollout with CFG, and the
+bidirectional multi-step Wan sampler (the Wan baseline).
+
+Latents here are [B, F, C, H, W] (Self-Forcing's layout); the model takes [B, C, F, H, W].
+
+Few-step causal rollout (reference 3.2), for each chunk of `num_frame_per_block` frames:
+    x = the chunk's noise
+    for k, t_k in enumerate(warped steps):           # t = 1000, 937.5, 833.3, 625
+        x0 = x - sigma(t_k) * G(x, t_k)              # KV cache: earlier frames (clean) + this chunk
+        if k is not last: x = add_noise(x0, fresh noise, t_{k+1})
+    output[chunk] = x0
+    G(x0, context_noise)                             # the context pass: rewrites the chunk's cache slots
+Per 21-frame video: 7 chunks x (4 + 1) = 35 DiT forwards.
+
+Every forward gets `ForwardLabels` (step, timestep, chunk, phase, CFG branch) that reach the attention
+observers, and `on_forward(labels, start_frame, num_frames)` is called before it (progress bars, logging).
+Randomness comes only from `noise` and `generator`, so a seed reproduces a rollout.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from models.attention import ForwardLabels
+from models.errors import ModelInputError
+from models.kv_cache import RolloutCache
+from models.scheduler import FlowMatchScheduler
+
+OnForward = Callable[[ForwardLabels, int, int], None]
+
+
+def _to_model(x):  # [B, F, C, H, W] -> [B, C, F, H, W]
+    return x.permute(0, 2, 1, 3, 4)
+
+
+def _from_model(x):
+    return x.permute(0, 2, 1, 3, 4)
+
+
+def check_causal_geometry(model, num_frames: int, cache_frames: int) -> None:
+    """Frame-count errors of a causal rollout, raised before any work."""
+    n = model.num_frame_per_block
+    if num_frames % n:
+        raise ModelInputError(
+            f"{num_frames} latent frames do not divide into chunks of {n} (num_frame_per_block); use a multiple of {n}"
+        )
+    if model.config.local_attn_size == -1 and num_frames > cache_frames:
+        raise ModelInputError(
+            f"{num_frames} latent frames are more than the KV cache holds ({cache_frames} frames) with global "
+            "attention; set local_attn_size (a rolling window, optionally with sink_size) or a larger cache_frames"
+        )
+    if num_frames > 1024:
+        raise ModelInputError(f"{num_frames} latent frames: RoPE positions past 1024 are not defined")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Few-step causal rollout
+
+
+def few_step_schedule(timesteps: torch.Tensor, context_noise: float) -> list[ForwardLabels]:
+    labels = [ForwardLabels(step=k, timestep=float(t), chunk=0, phase="denoise", denoise_index=k)
+              for k, t in enumerate(timesteps.tolist())]
+    labels.append(ForwardLabels(step=len(labels), timestep=float(context_noise), chunk=0, phase="context",
+                                denoise_index=-1))
+    return labels
+
+
+@torch.no_grad()
+def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timesteps: torch.Tensor,
+                    scheduler: FlowMatchScheduler, context_noise: float = 0.0, generator: torch.Generator | None = None,
+                    cache_frames: int = 21, last_context_pass: bool = True, on_forward: OnForward | None = None):
+    """noise [B, F, C, H, W], context [B, text_len, text_dim] -> clean latents [B, F, C, H, W].
+
+    timesteps: the warped denoising steps (float32, e.g. [1000, 937.5, 833.33, 625])."""
+    B, Fr = noise.shape[:2]
+    check_causal_geometry(model, Fr, cache_frames)
+    n = model.num_frame_per_block
+    fsl = (noise.shape[3] // model.config.patch_size[1]) * (noise.shape[4] // model.config.patch_size[2])
+    cache = RolloutCache.allocate(model.config, B, Fr, fsl, dtype=noise.dtype, device=noise.device)
+    schedule = few_step_schedule(timesteps, context_noise)
+    output = torch.zeros_like(noise)
+    for chunk in range(Fr // n):
+        start = chunk * n
+        x = noise[:, start : start + n]
+        for k, base in enumerate(schedule[:-1]):
+            labels = _with_chunk(base, chunk)
+            t = torch.full((B, n), base.timestep, device=noise.device, dtype=torch.float32)
+            if on_forward:
+                on_forward(labels, start, n)
+            flow = _from_model(model(_to_model(x), t, context, cache=cache, start_frame=start, labels=labels))
+            x0 = scheduler.x0_from_flow(flow, x, t)
+            if k + 1 < len(timesteps):
+                fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                x = scheduler.add_noise(x0, fresh, torch.full((B, n), schedule[k + 1].timestep, device=x0.device))
+        output[:, start : start + n] = x0
+        if last_context_pass or chunk < Fr // n - 1:
+            labels = _with_chunk(schedule[-1], chunk)
+            t = torch.full((B, n), float(context_noise), device=noise.device, dtype=torch.float32)
+            if on_forward:
+                on_forward(labels, start, n)
+            model(_to_model(x0), t, context, cache=cache, start_frame=start, labels=labels)
+    return output
+
+
+def _with_chunk(labels: ForwardLabels, chunk: int) -> ForwardLabels:
+    return ForwardLabels(labels.step, labels.timestep, chunk, labels.phase, labels.cfg, labels.denoise_index)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Multi-step samplers (CFG)
+
+
+class MultiStepSolver:
+    """A fresh multi-step flow solver: 'unipc' (diffusers' UniPC in flow mode, as Wan uses) or 'euler'."""
+
+    def __init__(self, kind: str, steps: int, shift: float, device="cpu"):
+        if kind not in ("unipc", "euler"):
+            raise ModelInputError(f"unknown solver {kind!r}; use 'unipc' or 'euler'")
+        if steps < 1:
+            raise ModelInputError(f"num_inference_steps {steps} must be >= 1")
+        self.kind = kind
+        if kind == "unipc":
+            from diffusers import UniPCMultistepScheduler
+
+            self._s = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
+                                              use_flow_sigmas=True, flow_shift=shift)
+            self._s.set_timesteps(steps, device=device)
+            self.timesteps = [float(t) for t in self._s.timesteps]
+        else:
+            s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+            self.sigmas = shift * s / (1 + (shift - 1) * s)
+            self.timesteps = [float(x) for x in self.sigmas[:-1] * 1000]
+
+    def step(self, i: int, flow: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "unipc":
+            return self._s.step(flow, self._s.timesteps[i], x, return_dict=False)[0]
+        return (x.double() + (self.sigmas[i + 1] - self.sigmas[i]) * flow.double()).to(x.dtype)
+
+
+def multistep_schedule(timesteps: list[float], cfg: bool, context_pass: bool, context_noise: float = 0.0):
+    branches = ["cond", "uncond"] if cfg else ["none"]
+    labels = []
+    for i, t in enumerate(timesteps):
+        for b in branches:
+            labels.append(ForwardLabels(step=len(labels), timestep=t, chunk=0, phase="denoise", cfg=b, denoise_index=i))
+    if context_pass:
+        for b in branches:
+            labels.append(ForwardLabels(step=len(labels), timestep=float(context_noise), chunk=0, phase="context",
+                                        cfg=b, denoise_index=-1))
+    return labels
+
+
+@torch.no_grad()
+def causal_multi_step(model, noise, context, negative_context, *, steps: int = 50, shift: float = 5.0,
+                      guidance_scale: float = 5.0, solver: str = "unipc", context_noise: float = 0.0,
+                      cache_frames: int = 21, on_forward: OnForward | None = None):
+    """Causal rollout with a multi-step solver and classifier-free guidance per chunk (separate positive and
+    negative KV caches), v = v_u + g (v_c - v_u); after each chunk a context pass on both caches."""
+    B, Fr = noise.shape[:2]
+    check_causal_geometry(model, Fr, cache_frames)
+    n = model.num_frame_per_block
+    fsl = (noise.shape[3] // model.config.patch_size[1]) * (noise.shape[4] // model.config.patch_size[2])
+    caches = {b: RolloutCache.allocate(model.config, B, Fr, fsl, dtype=noise.dtype, device=noise.device)
+              for b in ("cond", "uncond")}
+    texts = {"cond": context, "uncond": negative_context}
+    output = torch.zeros_like(noise)
+    for chunk in range(Fr // n):
+        start = chunk * n
+        x = noise[:, start : start + n]
+        solve = MultiStepSolver(solver, steps, shift, noise.device)
+        schedule = multistep_schedule(solve.timesteps, True, True, context_noise)
+        for i in range(steps):
+            flows = {}
+            for base in schedule[2 * i : 2 * i + 2]:
+                labels = _with_chunk(base, chunk)
+                t = torch.full((B, n), base.timestep, device=noise.device, dtype=torch.float32)
+                if on_forward:
+                    on_forward(labels, start, n)
+                flows[base.cfg] = _from_model(model(_to_model(x), t, texts[base.cfg], cache=caches[base.cfg],
+                                                    start_frame=start, labels=labels))
+            flow = flows["uncond"] + guidance_scale * (flows["cond"] - flows["uncond"])
+            x = solve.step(i, flow, x)
+        output[:, start : start + n] = x
+        for base in schedule[2 * steps :]:
+            labels = _with_chunk(base, chunk)
+            t = torch.full((B, n), float(context_noise), device=noise.device, dtype=torch.float32)
+            if on_forward:
+                on_forward(labels, start, n)
+            model(_to_model(x), t, texts[base.cfg], cache=caches[base.cfg], start_frame=start, labels=labels)
+    return output
+
+
+@torch.no_grad()
+def bidirectional(model, noise, context, negative_context=None, *, steps: int = 50, shift: float = 5.0,
+                  guidance_scale: float = 5.0, solver: str = "unipc", on_forward: OnForward | None = None,
+                  return_trajectory: list[int] | None = None):
+    """The Wan baseline: every frame denoised together by the bidirectional model, CFG when a negative context
+    is given. With `return_trajectory=[i, ...]` also returns the latents before those step indices (ODE pairs)."""
+    if model.causal:
+        raise ModelInputError("the bidirectional sampler needs the bidirectional model (causal=False)")
+    B, Fr = noise.shape[:2]
+    solve = MultiStepSolver(solver, steps, shift, noise.device)
+    cfg = negative_context is not None
+    schedule = multistep_schedule(solve.timesteps, cfg, False)
+    per_step = 2 if cfg else 1
+    x, trajectory = noise, []
+    for i in range(steps):
+        if return_trajectory is not None and i in return_trajectory:
+            trajectory.append(x)
+        flows = {}
+        for labels in schedule[per_step * i : per_step * (i + 1)]:
+            t = torch.full((B,), labels.timestep, device=noise.device, dtype=torch.float32)
+            if on_forward:
+                on_forward(labels, 0, Fr)
+            text = negative_context if labels.cfg == "uncond" else context
+            flows[labels.cfg] = _from_model(model(_to_model(x), t, text, labels=labels))
+        flow = flows["uncond"] + guidance_scale * (flows["cond"] - flows["uncond"]) if cfg else flows["none"]
+        x = solve.step(i, flow, x)
+    if return_trajectory is not None:
+        return x, trajectory
+    return x

@@ -1,0 +1,119 @@
+"""The researchers' YAML configs, read unchanged through an OmegaConf structured config.
+
+`load_config("configs/self_forcing_dmd.yaml")` merges the file onto `configs/default_config.yaml` (as the
+researchers' train.py and inference.py do) and onto the `SelfForcingConfig` schema below, so a misspelt or
+unknown key is an error that names it, and every value has a type. The files themselves stay as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from models.errors import ModelInputError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default_config.yaml"
+
+
+@dataclass
+class ModelKwargs:
+    timestep_shift: float = 8.0  # the wrapper's default; every Self-Forcing config sets 5.0
+    local_attn_size: int = -1
+    sink_size: int = 0
+
+
+@dataclass
+class SelfForcingConfig:
+    # --- default_config.yaml
+    independent_first_frame: bool = False
+    warp_denoising_step: bool = False
+    weight_decay: float = 0.01
+    same_step_across_blocks: bool = True
+    discriminator_lr_multiplier: float = 1.0
+    last_step_only: bool = False
+    i2v: bool = False
+    num_training_frames: int = 21
+    gc_interval: int = 100
+    context_noise: float = 0.0
+    causal: bool = True
+    ckpt_step: int = 0
+    prompt_name: str = "MovieGenVideoBench"
+    prompt_path: str = "prompts/MovieGenVideoBench.txt"
+    eval_first_n: int = 64
+    num_samples: int = 1
+    height: int = 480
+    width: int = 832
+    num_frames: int = 81
+    # --- model and sampling
+    generator_ckpt: Optional[str] = None
+    real_name: str = "Wan2.1-T2V-1.3B"
+    fake_name: str = "Wan2.1-T2V-1.3B"
+    denoising_step_list: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
+    ts_schedule: bool = False
+    num_train_timestep: int = 1000
+    timestep_shift: float = 5.0
+    guidance_scale: float = 3.0
+    fake_guidance_scale: float = 0.0
+    negative_prompt: str = ""
+    image_or_video_shape: list[int] = field(default_factory=lambda: [1, 21, 16, 60, 104])
+    num_frame_per_block: int = 3
+    model_kwargs: ModelKwargs = field(default_factory=ModelKwargs)
+    # --- training
+    trainer: str = "score_distillation"
+    distribution_loss: str = "dmd"
+    denoising_loss_type: str = "flow"
+    min_score_timestep: int = 0
+    sid_alpha: float = 1.0
+    mixed_precision: bool = True
+    seed: int = 0
+    sharding_strategy: str = "hybrid_full"
+    generator_fsdp_wrap_strategy: str = "size"
+    real_score_fsdp_wrap_strategy: str = "size"
+    fake_score_fsdp_wrap_strategy: str = "size"
+    text_encoder_fsdp_wrap_strategy: str = "size"
+    text_encoder_cpu_offload: bool = False
+    lr: float = 2e-6
+    lr_critic: float = 4e-7
+    beta1: float = 0.0
+    beta2: float = 0.999
+    beta1_critic: float = 0.0
+    beta2_critic: float = 0.999
+    max_grad_norm: float = 10.0
+    data_path: str = "prompts/vidprom_filtered_extended.txt"
+    batch_size: int = 1
+    total_batch_size: int = 64
+    ema_weight: float = 0.99
+    ema_start_step: int = 200
+    log_iters: int = 50
+    dfake_gen_update_ratio: int = 5
+    gradient_checkpointing: bool = True
+    load_raw_video: bool = False
+    wandb_host: str = ""
+    wandb_key: str = ""
+    wandb_entity: str = ""
+    wandb_project: str = ""
+    # anything else a config may carry, by name, is refused
+
+
+def load_config(path: str | Path, *, default: str | Path | None = DEFAULT_CONFIG, overrides: list[str] | None = None):
+    """Schema <- default_config.yaml <- the given YAML <- dotlist overrides ('lr=1e-5'). Returns a typed
+    OmegaConf object (attribute access, `OmegaConf.to_yaml` for provenance)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelInputError(f"config file {str(path)!r} does not exist")
+    layers: list[Any] = [OmegaConf.structured(SelfForcingConfig)]
+    if default is not None:
+        layers.append(OmegaConf.load(default))
+    layers.append(OmegaConf.load(path))
+    if overrides:
+        layers.append(OmegaConf.from_dotlist(overrides))
+    try:
+        return OmegaConf.merge(*layers)
+    except ConfigKeyError as err:
+        raise ModelInputError(f"{path}: unknown config key {err.key!r} (see models/sf_config.py for the known keys)") from err
+    except ValidationError as err:
+        raise ModelInputError(f"{path}: {err.msg}") from err

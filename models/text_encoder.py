@@ -1,0 +1,463 @@
+"""The umT5 text encoder of Wan2.1: prompts -> the DiT's cross-attention context [B, 512, 4096].
+
+How it fits: the DiT reads `PromptEmbeddings.context`; the workbench reads `tokens`/`lengths` to label the 512
+text keys of cross-attention. It knows nothing of the DiT.
+
+What it loads: the official Wan folder's `models_t5_umt5-xxl-enc-bf16.pth` (a plain state dict in Wan's own T5
+naming, `wan/modules/t5.py`) and its tokenizer folder `google/umt5-xxl/`. The network is transformers'
+`UMT5EncoderModel`; a key map renames Wan's tensors onto it:
+
+    token_embedding.weight                     -> shared.weight (= encoder.embed_tokens.weight, tied)
+    blocks.N.norm1.weight                      -> encoder.block.N.layer.0.layer_norm.weight
+    blocks.N.attn.{q,k,v,o}.weight             -> encoder.block.N.layer.0.SelfAttention.{q,k,v,o}.weight
+    blocks.N.pos_embedding.embedding.weight    -> encoder.block.N.layer.0.SelfAttention.relative_attention_bias.weight
+    blocks.N.norm2.weight                      -> encoder.block.N.layer.1.layer_norm.weight
+    blocks.N.ffn.gate.0.weight                 -> encoder.block.N.layer.1.DenseReluDense.wi_0.weight  (GELU-tanh)
+    blocks.N.ffn.fc1.weight                    -> encoder.block.N.layer.1.DenseReluDense.wi_1.weight  (linear)
+    blocks.N.ffn.fc2.weight                    -> encoder.block.N.layer.1.DenseReluDense.wo.weight
+    norm.weight                                -> encoder.final_layer_norm.weight
+
+umT5 has its own relative position bias in every layer (Wan: shared_pos=False), 32 buckets, max distance 128,
+no 1/sqrt(d) attention scaling, RMS norms with eps 1e-6, gated-GELU(tanh) FFN. All sizes (vocab, d_model, layers,
+heads, d_kv, d_ff, buckets) are read from the tensor shapes, so the real umT5-XXL (256384 x 4096, 24 layers, 64
+heads, d_ff 10240) and small test encoders load through the same code.
+
+Semantics (Wan `T5EncoderModel.__call__` + Self-Forcing `WanTextEncoder`): clean each prompt (ftfy, html
+unescape, collapse whitespace), tokenize with `</s>` appended, pad to text_len = 512 (truncate longer prompts,
+keeping `</s>`), run the encoder with the padding mask, and set the rows past each prompt's length to zero.
+Self-Forcing runs this encoder in float32 (bf16 weights upcast); that is the default dtype here.
+
+Cache: with `cache_dir`, each prompt's embedding is stored once per (prompt, encoder identity, dtype), where the
+identity is a sha256 over the weights file, every tokenizer file, text_len and the cleaning mode. Writes are
+atomic. Negative prompts are encoded by a second `encode` call, the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models.errors import CheckpointError, ModelInputError
+
+WEIGHTS_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
+TOKENIZER_SUBDIR = Path("google") / "umt5-xxl"
+DEFAULT_TEXT_LEN = 512
+REL_MAX_DISTANCE = 128  # umT5 (and Wan's T5RelativeEmbedding default); not stored in the checkpoint
+_IDENTITY_VERSION = "wan-umt5-encoder/v1"
+
+
+class TokenizerNotFoundError(CheckpointError):
+    """The tokenizer folder is missing or unreadable."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading weight files safely (shared with models.vae)
+# ----------------------------------------------------------------------------------------------------------
+
+def load_state_dict_file(path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read a flat {name: tensor} state dict from .safetensors or .pth/.pt (torch.load weights_only=True, mmap).
+
+    A .pth that needs arbitrary unpickling is refused unless `trust_pickle=True` (then it is unpickled: only do
+    that for files you trust)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            sd = load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+    else:
+        try:
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # legacy (non-zip) torch.save format cannot be memory-mapped
+                if "mmap" not in str(e) and "zip" not in str(e):
+                    raise
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if not trust_pickle:
+                m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n\n|$)", str(e), re.S)
+                detail = " ".join(m.group(1).split()) if m else str(e).splitlines()[0]
+                raise CheckpointError(
+                    f"{path} is not a plain tensor state dict that torch.load(weights_only=True) accepts "
+                    f"({detail}); refusing to unpickle it. Pass trust_pickle=True only if you trust this file.") from e
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as e2:  # noqa: BLE001 - re-raised with the file name
+                raise CheckpointError(f"cannot read weights file {path}: {type(e2).__name__}: {e2}") from e2
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            raise CheckpointError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        top = list(sd)[:8] if isinstance(sd, dict) else type(sd).__name__
+        raise CheckpointError(f"{path} is not a flat {{name: tensor}} state dict (top level: {top})")
+    return dict(sd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Key map Wan T5 <-> transformers UMT5EncoderModel
+# ----------------------------------------------------------------------------------------------------------
+
+_BLOCK_WAN_TO_HF = {
+    "norm1.weight": "layer.0.layer_norm.weight",
+    "attn.q.weight": "layer.0.SelfAttention.q.weight",
+    "attn.k.weight": "layer.0.SelfAttention.k.weight",
+    "attn.v.weight": "layer.0.SelfAttention.v.weight",
+    "attn.o.weight": "layer.0.SelfAttention.o.weight",
+    "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
+    "norm2.weight": "layer.1.layer_norm.weight",
+    "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
+    "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
+    "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
+}
+_BLOCK_HF_TO_WAN = {v: k for k, v in _BLOCK_WAN_TO_HF.items()}
+_TOP_WAN_TO_HF = {"token_embedding.weight": "shared.weight", "norm.weight": "encoder.final_layer_norm.weight"}
+_TOP_HF_TO_WAN = {v: k for k, v in _TOP_WAN_TO_HF.items()}
+_TOP_HF_TO_WAN["encoder.embed_tokens.weight"] = "token_embedding.weight"  # tied to shared.weight
+
+
+def wan_to_hf_key(key: str) -> str:
+    """Wan T5-encoder name -> UMT5EncoderModel name (KeyError for a name that is not Wan's)."""
+    if key in _TOP_WAN_TO_HF:
+        return _TOP_WAN_TO_HF[key]
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
+    if not m or m.group(2) not in _BLOCK_WAN_TO_HF:
+        raise KeyError(f"not a Wan umT5 encoder key: {key!r}")
+    return f"encoder.block.{m.group(1)}.{_BLOCK_WAN_TO_HF[m.group(2)]}"
+
+
+def hf_to_wan_key(key: str) -> str:
+    """UMT5EncoderModel name -> Wan name (the inverse of `wan_to_hf_key`; both embedding names -> one)."""
+    if key in _TOP_HF_TO_WAN:
+        return _TOP_HF_TO_WAN[key]
+    m = re.fullmatch(r"encoder\.block\.(\d+)\.(.+)", key)
+    if not m or m.group(2) not in _BLOCK_HF_TO_WAN:
+        raise KeyError(f"not a UMT5EncoderModel key: {key!r}")
+    return f"blocks.{m.group(1)}.{_BLOCK_HF_TO_WAN[m.group(2)]}"
+
+
+def infer_umt5_config(sd: dict[str, torch.Tensor], source: str = "state dict"):
+    """A transformers `UMT5Config` with every size read from the Wan-named tensors' shapes."""
+    from transformers import UMT5Config
+
+    if "pos_embedding.embedding.weight" in sd:
+        raise CheckpointError(
+            f"{source}: has one shared relative position bias (`pos_embedding.embedding.weight`): that is T5, "
+            "not umT5 (umT5 has `blocks.N.pos_embedding` in every layer)")
+    need = ["token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.pos_embedding.embedding.weight",
+            "blocks.0.ffn.fc1.weight"]
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise CheckpointError(
+            f"{source}: not a Wan umT5 encoder state dict: missing {missing} (first keys: {sorted(sd)[:6]})")
+    vocab, d_model = sd["token_embedding.weight"].shape                     # [V, D]
+    inner = sd["blocks.0.attn.q.weight"].shape[0]                           # [heads * d_kv, D]
+    buckets, heads = sd["blocks.0.pos_embedding.embedding.weight"].shape    # [buckets, heads]
+    d_ff = sd["blocks.0.ffn.fc1.weight"].shape[0]                           # [d_ff, D]
+    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    if inner % heads:
+        raise CheckpointError(f"{source}: attention width {inner} is not a multiple of the {heads} heads")
+    return UMT5Config(
+        vocab_size=int(vocab), d_model=int(d_model), d_kv=int(inner // heads), d_ff=int(d_ff),
+        num_layers=int(layers), num_heads=int(heads), relative_attention_num_buckets=int(buckets),
+        relative_attention_max_distance=REL_MAX_DISTANCE, dropout_rate=0.0, layer_norm_epsilon=1e-6,
+        feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1)
+
+
+def build_umt5_encoder(sd: dict[str, torch.Tensor], source: str = "state dict"):
+    """A transformers `UMT5EncoderModel` holding the Wan-named tensors of `sd` (assigned, not copied).
+
+    Every tensor of `sd` must be used and every parameter filled with the right shape, or CheckpointError lists
+    the missing / unexpected / mismatched keys."""
+    from transformers import UMT5EncoderModel
+
+    config = infer_umt5_config(sd, source)
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config)
+    target = model.state_dict()
+    wan_of = {h: hf_to_wan_key(h) for h in target}
+    expected = set(wan_of.values())
+    missing = sorted(expected - set(sd))
+    unexpected = sorted(set(sd) - expected)
+    mismatched = [f"{w}: file {tuple(sd[w].shape)} vs model {tuple(target[h].shape)}"
+                  for h, w in wan_of.items() if w in sd and tuple(sd[w].shape) != tuple(target[h].shape)]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(
+            f"{source}: umT5 encoder weights do not match (layers {config.num_layers}, d_model {config.d_model}, "
+            f"heads {config.num_heads}):\n  missing ({len(missing)}): {missing[:20]}\n"
+            f"  unexpected ({len(unexpected)}): {unexpected[:20]}\n"
+            f"  mismatched shapes ({len(mismatched)}): {mismatched[:20]}")
+    model.load_state_dict({h: sd[w] for h, w in wan_of.items()}, strict=True, assign=True)
+    model.encoder.embed_tokens.weight = model.shared.weight  # keep the tie: one embedding in memory
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompt cleaning (Wan HuggingfaceTokenizer(clean='whitespace'))
+# ----------------------------------------------------------------------------------------------------------
+
+try:
+    import ftfy as _ftfy
+    CLEAN_MODE = f"ftfy-{getattr(_ftfy, '__version__', '?')}+html+whitespace"
+except ImportError:  # pragma: no cover - depends on the environment
+    _ftfy = None
+    CLEAN_MODE = "html+whitespace"
+_warned_no_ftfy = False
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's cleaning: ftfy.fix_text, html.unescape twice, strip, collapse whitespace runs to one space."""
+    global _warned_no_ftfy
+    if _ftfy is not None:
+        text = _ftfy.fix_text(text)
+    elif not _warned_no_ftfy:
+        warnings.warn("ftfy is not installed: prompts are cleaned without ftfy.fix_text (Wan uses it; ASCII prompts"
+                      " are unaffected). `pip install ftfy` to match Wan exactly.", stacklevel=3)
+        _warned_no_ftfy = True
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hashing and atomic writes
+# ----------------------------------------------------------------------------------------------------------
+
+def _sha256_file(path: Path, memo_dir: Path | None) -> str:
+    """sha256 of a file; with memo_dir, remembered by (real path, size, mtime) so an 11 GB file is hashed once."""
+    st = path.stat()
+    memo_key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    memo_file = memo_dir / "file_hashes.json" if memo_dir is not None else None
+    memo = {}
+    if memo_file is not None and memo_file.is_file():
+        try:
+            memo = json.loads(memo_file.read_text())
+        except (OSError, ValueError):
+            memo = {}
+        if memo_key in memo:
+            return memo[memo_key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if memo_file is not None:
+        memo[memo_key] = digest
+        _atomic_write_bytes(memo_file, json.dumps(memo, indent=1, sort_keys=True).encode())
+    return digest
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The encoder
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class PromptEmbeddings:
+    context: torch.Tensor       # [B, text_len, text_dim], zero past each prompt's length
+    tokens: list[list[str]]     # per prompt, text_len strings: the token pieces, '' for padding
+    lengths: list[int]          # number of real tokens per prompt (including the closing '</s>')
+
+
+def load_tokenizer(tokenizer_dir):
+    """transformers' AutoTokenizer from a local folder (the Wan folder's google/umt5-xxl), with clear errors."""
+    tokenizer_dir = Path(tokenizer_dir)
+    if not tokenizer_dir.is_dir():
+        raise TokenizerNotFoundError(
+            f"tokenizer folder not found: {tokenizer_dir} (expected the Wan folder's google/umt5-xxl/ with "
+            "tokenizer.json, tokenizer_config.json, spiece.model, special_tokens_map.json)")
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the folder name
+        raise TokenizerNotFoundError(f"cannot load the tokenizer in {tokenizer_dir}: {type(e).__name__}: {e}") from e
+    if tok.pad_token_id is None or tok.eos_token_id is None:
+        raise TokenizerNotFoundError(f"tokenizer in {tokenizer_dir} has no pad or eos token")
+    return tok
+
+
+class TextEncoder:
+    """umT5 encoder + tokenizer; `encode(prompts)` gives the DiT's context. See the module docstring."""
+
+    def __init__(self, model, tokenizer, *, text_len: int, device, dtype, weights_path: Path | None = None,
+                 tokenizer_dir: Path | None = None, cache_dir=None):
+        if not isinstance(text_len, int) or text_len < 2:
+            raise ModelInputError(f"text_len must be an int >= 2, got {text_len!r}")
+        vocab_rows = model.shared.weight.shape[0]
+        if len(tokenizer) > vocab_rows:
+            raise CheckpointError(
+                f"tokenizer {tokenizer_dir} has {len(tokenizer)} tokens but the encoder weights "
+                f"{weights_path} embed only {vocab_rows}: they do not belong together")
+        self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.text_len = text_len
+        self.text_dim = int(model.config.d_model)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.weights_path = Path(weights_path) if weights_path is not None else None
+        self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        if self.cache_dir is not None and self.weights_path is None:
+            raise ModelInputError("a prompt cache needs the encoder's weights file (its identity); "
+                                  "pass cache_dir=None for an encoder built from an in-memory state dict")
+        self._identity: str | None = None
+
+    # -- construction ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_wan_dir(cls, wan_dir, device="cpu", dtype=torch.float32, cache_dir=None, text_len: int | None = None,
+                     trust_pickle: bool = False) -> "TextEncoder":
+        """From an official-format Wan folder: `<wan_dir>/models_t5_umt5-xxl-enc-bf16.pth` and
+        `<wan_dir>/google/umt5-xxl/`. text_len: argument, else `config.json`'s text_len, else 512."""
+        wan_dir = Path(wan_dir)
+        if not wan_dir.is_dir():
+            raise CheckpointError(f"Wan model folder not found: {wan_dir}")
+        if text_len is None:
+            text_len = DEFAULT_TEXT_LEN
+            cfg = wan_dir / "config.json"
+            if cfg.is_file():
+                try:
+                    text_len = int(json.loads(cfg.read_text()).get("text_len", DEFAULT_TEXT_LEN))
+                except (ValueError, TypeError) as e:
+                    raise CheckpointError(f"cannot read text_len from {cfg}: {e}") from e
+        return cls.from_files(wan_dir / WEIGHTS_NAME, wan_dir / TOKENIZER_SUBDIR, device=device, dtype=dtype,
+                              cache_dir=cache_dir, text_len=text_len, trust_pickle=trust_pickle)
+
+    @classmethod
+    def from_files(cls, weights, tokenizer_dir, device="cpu", dtype=torch.float32, cache_dir=None,
+                   text_len: int = DEFAULT_TEXT_LEN, trust_pickle: bool = False) -> "TextEncoder":
+        """From a Wan-named umT5 weights file (.pth or .safetensors) and a tokenizer folder."""
+        tokenizer = load_tokenizer(tokenizer_dir)  # checked first: cheap, and the commonest missing piece
+        sd = load_state_dict_file(weights, trust_pickle=trust_pickle)
+        model = build_umt5_encoder(sd, source=str(weights))
+        return cls(model, tokenizer, text_len=text_len, device=device, dtype=dtype, weights_path=Path(weights),
+                   tokenizer_dir=Path(tokenizer_dir), cache_dir=cache_dir)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], tokenizer_dir, device="cpu", dtype=torch.float32,
+                        text_len: int = DEFAULT_TEXT_LEN) -> "TextEncoder":
+        """From an in-memory Wan-named state dict (benchmarks, tests); tensors are assigned, then moved once.
+        No prompt cache (there is no file to identify the encoder by)."""
+        tokenizer = load_tokenizer(tokenizer_dir)
+        model = build_umt5_encoder(sd)
+        return cls(model, tokenizer, text_len=text_len, device=device, dtype=dtype, tokenizer_dir=Path(tokenizer_dir))
+
+    # -- identity and cache ----------------------------------------------------------------------------------
+    @property
+    def identity(self) -> str:
+        """sha256 over the weights file, every tokenizer file (name + sha256), text_len and the cleaning mode."""
+        if self._identity is None:
+            if self.weights_path is None or self.tokenizer_dir is None:
+                raise ModelInputError("this encoder was built from memory and has no file identity")
+            memo = self.cache_dir
+            h = hashlib.sha256()
+            h.update(f"{_IDENTITY_VERSION}\0weights={_sha256_file(self.weights_path, memo)}\0".encode())
+            for f in sorted(p for p in self.tokenizer_dir.rglob("*") if p.is_file()):
+                rel = f.relative_to(self.tokenizer_dir).as_posix()
+                h.update(f"tokenizer:{rel}={_sha256_file(f, memo)}\0".encode())
+            h.update(f"text_len={self.text_len}\0clean={CLEAN_MODE}\0".encode())
+            self._identity = h.hexdigest()
+        return self._identity
+
+    def _cache_path(self, prompt: str) -> Path:
+        dtype_name = str(self.dtype).replace("torch.", "")
+        key = hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+        return self.cache_dir / f"umt5-{self.identity[:32]}-{dtype_name}" / f"{key}.safetensors"
+
+    def _cache_get(self, prompt: str):
+        """(context [text_len, D] on device, tokens, length) or None."""
+        from safetensors import safe_open
+        path = self._cache_path(prompt)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata()
+                real = f.get_tensor("context")                       # [length, D]
+        except Exception:  # noqa: BLE001 - a damaged entry is recomputed and overwritten
+            return None
+        if meta.get("prompt") != prompt or meta.get("identity") != self.identity:
+            return None
+        length = int(meta["length"])
+        tokens = json.loads(meta["tokens"])
+        context = torch.zeros(self.text_len, self.text_dim, dtype=self.dtype, device=self.device)
+        context[:length] = real.to(device=self.device, dtype=self.dtype)
+        return context, tokens, length
+
+    def _cache_put(self, prompt: str, context: torch.Tensor, tokens: list[str], length: int) -> None:
+        from safetensors.torch import save
+        meta = {"prompt": prompt, "identity": self.identity, "length": str(length), "tokens": json.dumps(tokens),
+                "text_len": str(self.text_len)}
+        data = save({"context": context[:length].detach().to("cpu").contiguous()}, metadata=meta)
+        _atomic_write_bytes(self._cache_path(prompt), data)
+
+    # -- encoding --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode_uncached(self, prompts: list[str]):
+        """prompts -> (context [n, L, D] zero past each length, tokens, lengths), no cache."""
+        L = self.text_len
+        batch = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", truncation=True,
+                               max_length=L, add_special_tokens=True, return_tensors="pt")
+        ids = batch["input_ids"]                                     # [n, L]
+        mask = batch["attention_mask"]                               # [n, L], 1 = real token
+        if ids.shape[1] != L:
+            raise ModelInputError(f"tokenizer returned {ids.shape[1]} tokens per prompt, expected text_len {L}")
+        lengths = [int(n) for n in mask.sum(dim=1)]
+        hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        keep = mask.to(self.device).bool()[:, :, None]               # [n, L, 1]
+        context = torch.where(keep, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+        tokens = [self.tokenizer.convert_ids_to_tokens(row[:n].tolist()) + [""] * (L - n)
+                  for row, n in zip(ids, lengths)]
+        return context, tokens, lengths
+
+    def encode(self, prompts: list[str], batch_size: int = 8) -> PromptEmbeddings:
+        """prompts -> PromptEmbeddings(context [B, text_len, text_dim], tokens, lengths), in prompt order.
+
+        Each prompt is encoded on its own padded row, so the result does not depend on the other prompts of
+        the batch; with a cache_dir, prompts already encoded by this encoder are read from disk."""
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ModelInputError(f"prompts must be a non-empty list of strings, got {prompts!r:.80}")
+        bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+        if bad:
+            raise ModelInputError(f"prompts must be strings; items {bad[:10]} are not")
+        if batch_size < 1:
+            raise ModelInputError(f"batch_size must be >= 1, got {batch_size}")
+        results: dict[str, tuple] = {}
+        todo = []
+        for p in dict.fromkeys(prompts):  # unique, in order
+            hit = self._cache_get(p) if self.cache_dir is not None else None
+            if hit is not None:
+                results[p] = hit
+            else:
+                todo.append(p)
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            context, tokens, lengths = self._encode_uncached(chunk)
+            for i, p in enumerate(chunk):
+                results[p] = (context[i], tokens[i], lengths[i])
+                if self.cache_dir is not None:
+                    self._cache_put(p, context[i], tokens[i], lengths[i])
+        return PromptEmbeddings(context=torch.stack([results[p][0] for p in prompts]),
+                                tokens=[list(results[p][1]) for p in prompts],
+                                lengths=[results[p][2] for p in prompts])

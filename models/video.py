@@ -1,0 +1,146 @@
+"""Video and prompt-file I/O: mp4 and PNG-grid writers, the researchers' prompt files, output-folder checks.
+
+How it fits: the generate command decodes latents with `models.vae` and hands the video here; prompts come
+from a text file with one prompt per line. Accepted video forms (one video, no batch dimension):
+  - float [3, T, H, W] in [-1, 1] (what `WanVAE.decode(...)[b]` gives; values outside are clamped), or
+  - uint8 [T, H, W, 3].
+Pixel mapping: uint8 = round((x + 1) / 2 * 255), i.e. Self-Forcing's `(video * 0.5 + 0.5) * 255`.
+All writes are atomic (temp file in the same folder, then rename); call `ensure_writable_dir` before any
+expensive work so a bad output path fails first.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.errors import ModelInputError
+
+
+def ensure_writable_dir(path) -> Path:
+    """Create `path` if needed and check a file can be written in it; ModelInputError naming it otherwise."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ModelInputError(f"output directory {path} is not writable: {e.strerror or e}") from e
+    return path
+
+
+def to_uint8_frames(video) -> np.ndarray:
+    """float [3, T, H, W] in [-1, 1] or uint8 [T, H, W, 3] (torch or numpy) -> uint8 numpy [T, H, W, 3]."""
+    if isinstance(video, np.ndarray):
+        video = torch.from_numpy(video)
+    if not isinstance(video, torch.Tensor):
+        raise ModelInputError(f"video must be a torch tensor or numpy array, got {type(video).__name__}")
+    if video.dtype == torch.uint8:
+        if video.ndim != 4 or video.shape[-1] != 3:
+            raise ModelInputError(f"a uint8 video must be [T, H, W, 3], got {tuple(video.shape)}")
+        frames = video
+    else:
+        if not video.is_floating_point() or video.ndim != 4 or video.shape[0] != 3:
+            raise ModelInputError(
+                f"a float video must be [3, T, H, W] in [-1, 1] (or uint8 [T, H, W, 3]), "
+                f"got {video.dtype} {tuple(video.shape)}")
+        if not torch.isfinite(video).all():
+            raise ModelInputError("video contains NaN or infinite values")
+        x = (video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5      # [3, T, H, W] in [0, 255]
+        frames = x.round().to(torch.uint8).permute(1, 2, 3, 0)          # [T, H, W, 3]
+    if frames.shape[0] < 1 or frames.shape[1] < 1 or frames.shape[2] < 1:
+        raise ModelInputError(f"video has an empty dimension: {tuple(frames.shape)} as [T, H, W, 3]")
+    return np.ascontiguousarray(frames.cpu().numpy())
+
+
+def _atomic_target(path: Path) -> Path:
+    """A temp path next to `path`, keeping its suffix (writers pick the format from it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_mp4(video, path, fps: int = 16, quality: int = 8) -> Path:
+    """Write an H.264 mp4 (yuv420p, so H and W must be even) at `fps` (Wan2.1: 16). Returns the path."""
+    import imageio.v2 as imageio
+
+    frames = to_uint8_frames(video)                                     # [T, H, W, 3]
+    t, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        raise ModelInputError(f"mp4 (yuv420p) needs even height and width, got {h}x{w}; use write_png_grid")
+    if not (isinstance(fps, (int, float)) and fps > 0):
+        raise ModelInputError(f"fps must be > 0, got {fps!r}")
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        writer = imageio.get_writer(str(tmp), format="FFMPEG", mode="I", fps=fps, codec="libx264",
+                                    quality=quality, pixelformat="yuv420p", macro_block_size=1,
+                                    ffmpeg_log_level="error")
+        try:
+            for frame in frames:
+                writer.append_data(frame)
+        finally:
+            writer.close()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_png_grid(video, path, ncols: int = 8, frames: list[int] | None = None, pad: int = 2,
+                   pad_value: int = 255) -> Path:
+    """Write the chosen frames (default: all) as one PNG grid, row by row, `ncols` per row, separated by `pad`
+    pixels of `pad_value`. Size: width = ncols W + (ncols - 1) pad, height = rows H + (rows - 1) pad,
+    with ncols = min(ncols, number of frames) and rows = ceil(frames / ncols)."""
+    from PIL import Image
+
+    all_frames = to_uint8_frames(video)                                 # [T, H, W, 3]
+    t, h, w, _ = all_frames.shape
+    if frames is None:
+        frames = list(range(t))
+    bad = [i for i in frames if not isinstance(i, (int, np.integer)) or not -t <= i < t]
+    if not frames or bad:
+        raise ModelInputError(f"frames must be a non-empty list of indices in [0, {t}), got bad {bad[:10]}")
+    if not isinstance(ncols, int) or ncols < 1:
+        raise ModelInputError(f"ncols must be an int >= 1, got {ncols!r}")
+    if pad < 0:
+        raise ModelInputError(f"pad must be >= 0, got {pad}")
+    ncols = min(ncols, len(frames))
+    nrows = -(-len(frames) // ncols)
+    grid = np.full((nrows * h + (nrows - 1) * pad, ncols * w + (ncols - 1) * pad, 3), pad_value, dtype=np.uint8)
+    for n, i in enumerate(frames):
+        r, c = divmod(n, ncols)
+        grid[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = all_frames[i]
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        Image.fromarray(grid).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_prompts(path) -> list[str]:
+    """One prompt per line (the researchers' files): strip each line, skip empty ones. A missing file, or one
+    with no prompt in it, is a ModelInputError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelInputError(f"prompt file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ModelInputError(f"prompt file {path} is not UTF-8 text: {e}") from e
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ModelInputError(f"prompt file {path} has no prompts (one prompt per line expected)")
+    return prompts

@@ -1,0 +1,294 @@
+"""The Wan2.1 diffusion transformer, bidirectional and causal, in one file.
+
+Dataflow of one forward (reference section 1.2), for a latent video x [B, 16, F, H, W]:
+    patchify (Conv3d, kernel = stride = (1, 2, 2))      -> tokens [B, F*h*w, dim], (frame, row, column) order
+    sinusoidal time embedding of per-frame t [B, F]      -> e [B, F, dim], e0 = 6-way modulation [B, F, 6, dim]
+    text MLP on the context [B, 512, 4096]               -> [B, 512, dim]
+    N blocks:  x += gate_sa  * self_attn(LN1(x) * (1 + scale_sa) + shift_sa)    (RoPE, q/k RMSNorm over all heads)
+               x += cross_attn(LN3(x), text)                                      (no modulation, no gate)
+               x += gate_ffn * ffn(LN2(x) * (1 + scale_ffn) + shift_ffn)
+    head: Linear(LN(x) * (1 + scale) + shift) with (shift, scale) = head.modulation + e -> unpatchify
+The output is a flow (velocity) prediction v = noise - x0.
+
+Three ways to run the self-attention:
+- bidirectional (`WanModel`, causal=False): every token sees every token;
+- block-causal full sequence (`causal=True`, no cache): bidirectional inside a chunk of `num_frame_per_block`
+  frames, causal across chunks (optionally within a local window) - the training path;
+- KV cache (`kv_cache=` given): one chunk's tokens attend to the cached frames plus themselves - the rollout.
+Every attention call goes through `models.attention.attend` with its labels; parameter names match the
+official checkpoints (`blocks.N.self_attn.q.weight`, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from models.attention import AttentionCall, Attend, ForwardLabels, ObserverList
+from models.config import WanConfig
+from models.errors import ModelInputError
+from models.kv_cache import CrossCache, KVCache, RolloutCache
+from models import fused
+from models.rope import RopeTable, rope_cos_sin
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """[cos | sin] of t * 10000^(-i / (dim/2)), computed in float64: t [N] -> [N, dim]."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(t.to(torch.float64), freqs)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim (all heads jointly), computed in float32, weight applied after the cast back."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return fused.rms_norm(x, self.weight, self.eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32, cast back. The non-affine ones only hold `eps`: blocks call
+    `fused.norm_modulate` with it."""
+
+    def forward(self, x):
+        return fused.layer_norm_affine(x, self.weight, self.bias, self.eps)
+
+
+@dataclass
+class ForwardContext:
+    """What every block of one forward shares: labels, observers, RoPE, and the frames of the query tokens."""
+
+    labels: ForwardLabels | None
+    observers: ObserverList | tuple
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [L, 1, head_dim/2]
+    query_frames: tuple[int, ...]
+    start_frame: int
+    frame_seq_len: int
+    grid: tuple[int, int]
+    frame_mask: torch.Tensor | None  # block-causal frame mask of a full-sequence causal forward
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, layer: int, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.layer, self.num_heads, self.head_dim = layer, num_heads, dim // num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        self.attend = Attend()
+
+    def forward(self, x, ctx: ForwardContext, cache: KVCache | None):
+        # x [B, L, dim] -> q, k, v [B, L, heads, head_dim]; q, k after RMSNorm and RoPE
+        q, k = fused.qk_norm_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight, *ctx.rope,
+                                  self.num_heads, self.norm_q.eps)
+        v = self.v(x).unflatten(2, (self.num_heads, self.head_dim))
+        if cache is None:
+            key_frames, frame_mask = ctx.query_frames, ctx.frame_mask
+        else:
+            cache.write(ctx.start_frame, k, v)
+            k, v, key_frames = cache.window()  # [B, Lk, heads, head_dim]: sink + window, own chunk included
+            frame_mask = None
+        call = AttentionCall(self.layer, "self", ctx.labels, ctx.query_frames, key_frames, ctx.frame_seq_len,
+                             ctx.grid, frame_mask, self.num_heads, self.head_dim)
+        out = self.attend(q, k, v, call, ctx.observers)  # [B, L, heads, head_dim]
+        return self.o(out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, layer: int, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.layer, self.num_heads, self.head_dim = layer, num_heads, dim // num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        self.attend = Attend()
+
+    def forward(self, x, text, ctx: ForwardContext, cache: CrossCache | None):
+        # x [B, L, dim], text [B, text_len, dim]
+        q = self.norm_q(self.q(x)).unflatten(2, (self.num_heads, self.head_dim))
+        if cache is not None and cache.k is not None:
+            k, v = cache.k, cache.v
+        else:
+            k = self.norm_k(self.k(text)).unflatten(2, (self.num_heads, self.head_dim))  # [B, text_len, heads, hd]
+            v = self.v(text).unflatten(2, (self.num_heads, self.head_dim))
+            if cache is not None:
+                cache.k, cache.v = k, v
+        call = AttentionCall(self.layer, "cross", ctx.labels, ctx.query_frames, None, ctx.frame_seq_len,
+                             ctx.grid, None, self.num_heads, self.head_dim)
+        out = self.attend(q, k, v, call, ctx.observers)
+        return self.o(out.flatten(2))
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, layer: int, cfg: WanConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(layer, dim, cfg.num_heads, cfg.eps)
+        self.norm3 = LayerNorm(dim, eps=cfg.eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(layer, dim, cfg.num_heads, cfg.eps)
+        self.norm2 = LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = FeedForward(dim, cfg.ffn_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x, e0, text, ctx: ForwardContext, kv: KVCache | None, cross: CrossCache | None):
+        # x [B, F*fsl, dim]; e0 [B, F, 6, dim] float32 (per-frame modulation)
+        mod = (self.modulation.float().unsqueeze(1) + e0).unsqueeze(3)  # [B, F, 6, 1, dim]
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unbind(2)  # [B, F, 1, dim] each
+        y = self.self_attn(fused.norm_modulate(x, shift_sa, scale_sa, self.norm1.eps), ctx, kv)
+        x = fused.gated_residual(x, y, gate_sa)
+        x = x + self.cross_attn(self.norm3(x), text, ctx, cross)
+        y = self.ffn(fused.norm_modulate(x, shift_ff, scale_ff, self.norm2.eps))
+        return fused.gated_residual(x, y, gate_ff)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e):
+        # x [B, F*fsl, dim]; e [B, F, dim] float32 (the time embedding itself, not e0)
+        shift, scale = (self.modulation.float().unsqueeze(1) + e.unsqueeze(2)).unsqueeze(3).unbind(2)  # [B,F,1,dim]
+        return self.head(fused.norm_modulate(x, shift, scale, self.norm.eps))
+
+
+class WanModel(nn.Module):
+    """Wan2.1 DiT. `causal=True` gives the block-causal model of Self-Forcing (same parameters)."""
+
+    def __init__(self, config: WanConfig, *, causal: bool = False, num_frame_per_block: int = 3):
+        super().__init__()
+        cfg = self.config = config
+        self.causal = causal
+        self.num_frame_per_block = num_frame_per_block
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim * 6))
+        self.blocks = nn.ModuleList([WanBlock(i, cfg) for i in range(cfg.num_layers)])
+        self.head = Head(cfg)
+        self.rope = RopeTable(cfg.rope_split)
+        self._rope_cache: dict = {}
+        self.observers = ObserverList()  # attention observers (the workbench's probes attach here)
+        self.gradient_checkpointing = False
+
+    # --- helpers ---------------------------------------------------------------------------------------
+
+    def grid_of(self, x: torch.Tensor) -> tuple[int, int, int]:
+        """Token grid (frames, rows, columns) of a latent video x [B, C, F, H, W]."""
+        pt, ph, pw = self.config.patch_size
+        _, c, f, h, w = x.shape
+        if c != self.config.in_dim:
+            raise ModelInputError(f"latent has {c} channels; the model takes {self.config.in_dim}")
+        if f % pt or h % ph or w % pw:
+            raise ModelInputError(f"latent {f}x{h}x{w} is not divisible by the patch size {self.config.patch_size}")
+        return f // pt, h // ph, w // pw
+
+    def block_causal_mask(self, frames: int) -> torch.Tensor:
+        """Frame mask [F, F]: query frame i sees key frame j iff j's chunk <= i's chunk. With a local window it
+        sees what the rolling KV cache would hold after writing i's chunk: the first `sink_size` frames and the
+        most recent `local_attn_size - sink_size` frames up to the end of i's chunk."""
+        n = self.num_frame_per_block
+        end = (torch.arange(frames) // n + 1) * n  # one past the last frame of each query frame's chunk
+        kf = torch.arange(frames)[None, :]
+        mask = kf < end[:, None]
+        local, sink = self.config.local_attn_size, self.config.sink_size
+        if local != -1:
+            mask &= (kf >= end[:, None] - (local - sink)) | (kf < sink)
+        return mask
+
+    def rope_cos_sin(self, frames, h, w, start_frame, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [F*h*w, 1, head_dim/2] of a token grid, kept on the device per (grid, start frame): the
+        rollout asks for the same few grids in every forward."""
+        key = (frames, h, w, start_frame, str(device), dtype)
+        if key not in self._rope_cache:
+            if len(self._rope_cache) > 64:
+                self._rope_cache.clear()
+            self._rope_cache[key] = rope_cos_sin(self.rope.angles(frames, h, w, start_frame), device, dtype)
+        return self._rope_cache[key]
+
+    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [B, F] -> (e [B, F, dim], e0 [B, F, 6, dim]), both float32."""
+        B, Fr = t.shape
+        dtype = self.time_embedding[0].weight.dtype
+        e = self.time_embedding(sinusoidal_embedding(self.config.freq_dim, t.flatten()).to(dtype))
+        e0 = self.time_projection(e).unflatten(1, (6, self.config.dim))
+        return e.float().view(B, Fr, -1), e0.float().view(B, Fr, 6, -1)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, F*h*w, pt*ph*pw*C] -> [B, C, F*pt, h*ph, w*pw]."""
+        f, h, w = grid
+        pt, ph, pw = self.config.patch_size
+        x = x.view(x.shape[0], f, h, w, pt, ph, pw, self.config.out_dim)
+        return torch.einsum("bfhwpqrc->bcfphqwr", x).reshape(x.shape[0], self.config.out_dim, f * pt, h * ph, w * pw)
+
+    # --- forward -----------------------------------------------------------------------------------------
+
+    def forward(self, x, t, context, *, cache: RolloutCache | None = None, start_frame: int = 0,
+                labels: ForwardLabels | None = None):
+        """Flow prediction for a latent video.
+
+        x        [B, 16, F, H, W] latents (with a cache: the current chunk only)
+        t        [B] or [B, F] timesteps in [0, 1000] (per-frame for the causal model)
+        context  [B, text_len, text_dim] text embeddings
+        cache    a `RolloutCache` for KV-cache inference (causal only); start_frame = absolute frame of x[:, :, 0]
+        labels   what the caller knows about this forward (step, timestep, chunk), passed to attention observers
+        returns  [B, 16, F, H, W] flow prediction
+        """
+        grid = self.grid_of(x)
+        frames, h, w = grid
+        fsl = h * w
+        B = x.shape[0]
+        if t.ndim == 1:
+            t = t[:, None].expand(B, frames)
+        if t.shape != (B, frames):
+            raise ModelInputError(f"timesteps of shape {tuple(t.shape)}; expected [{B}] or [{B}, {frames}]")
+        if context.shape[0] != B or context.shape[2] != self.config.text_dim:
+            raise ModelInputError(f"context of shape {tuple(context.shape)}; expected [{B}, text_len, {self.config.text_dim}]")
+        if cache is not None and not self.causal:
+            raise ModelInputError("a KV cache needs the causal model (causal=True)")
+
+        tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, F*h*w, dim]
+        e, e0 = self.embed_time(t)
+        text = self.text_embedding(context)  # [B, text_len, dim]
+        rope = self.rope_cos_sin(frames, h, w, start_frame, x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        ctx = ForwardContext(
+            labels=labels,
+            observers=self.observers,
+            rope=rope,
+            query_frames=tuple(range(start_frame, start_frame + frames)),
+            start_frame=start_frame,
+            frame_seq_len=fsl,
+            grid=(h, w),
+            frame_mask=self.block_causal_mask(frames) if (self.causal and cache is None) else None,
+        )
+        for i, block in enumerate(self.blocks):
+            kv = None if cache is None else cache.kv[i]
+            cross = None if cache is None else cache.cross[i]
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, e0, text, ctx, kv, cross, use_reentrant=False)
+            else:
+                tokens = block(tokens, e0, text, ctx, kv, cross)
+        return self.unpatchify(self.head(tokens, e), grid)
+
+
+def CausalWanModel(config: WanConfig, num_frame_per_block: int = 3) -> WanModel:
+    """The block-causal Wan model of Self-Forcing / CausVid (same parameters as `WanModel`)."""
+    return WanModel(config, causal=True, num_frame_per_block=num_frame_per_block)

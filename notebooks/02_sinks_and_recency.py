@@ -1,0 +1,91 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · Sinks and recency
+#
+# How much attention lands on the first frame (the sink) and the first chunk, how much on the query's own chunk,
+# and how attention decays with the distance `query_frame - key_frame`; per query frame, per step, per head.
+# Definitions: `studies/metrics.py`.
+
+# %% tags=["parameters"]
+store = "runs/embedded.zarr"  # made by: workbench extract --layers 0-5 --out runs/embedded.zarr
+layer = None  # None: the first captured layer
+sample = None  # None: the mean over samples; or a sample id such as "p0000-s42"
+
+# %%
+import numpy as np
+
+from studies import figures, load_store, metrics
+
+ds = load_store(store)
+layer = metrics.default_layer(ds) if layer is None else layer
+step0 = int(ds.step.values[0])
+sub = metrics.select(ds, sample=sample, layer=layer)
+rows = metrics.row_metrics(sub)  # (sample, step, layer, head, query_frame)
+rows
+
+# %% [markdown]
+# ## Invariants
+# Masses are probabilities; the entropy is normalised to [0, 1]; and a causal rollout never attends to a key frame
+# after the query's chunk, so its recency profile is NaN for distances of a whole chunk or more into the future.
+
+# %%
+assert metrics.row_sum_error(sub) < 1e-3
+assert metrics.nan_pattern_mismatches(sub) == 0
+for name in ("sink_mass", "sink_chunk_mass", "own_chunk_mass", "local_mass", "early_mass"):
+    values = rows[name].values
+    assert np.nanmin(values) >= -1e-6 and np.nanmax(values) <= 1 + 1e-3, name
+assert np.nanmin(rows.entropy_norm.values) >= -1e-6 and np.nanmax(rows.entropy_norm.values) <= 1 + 1e-6
+assert bool((rows.sink_mass <= rows.sink_chunk_mass + 1e-6).all()), "frame 0 is part of the first chunk"
+
+profile = metrics.recency_profile(sub)  # (sample, step, layer, head, distance)
+nfpb = int(ds.attrs.get("num_frame_per_block", 3))
+samplers = {str(s) for s in ds["sampler"].values}
+if "bidirectional" not in samplers:
+    assert bool(profile.sel(distance=profile.distance <= -nfpb).isnull().all()), "a causal store saw the future"
+assert np.nanmin(profile.values) >= -1e-6 and np.nanmax(profile.values) <= 1 + 1e-3
+
+# %% [markdown]
+# ## Per query frame (first denoising step)
+
+# %%
+at = rows.sel(step=step0).mean("sample").isel(layer=0)
+figures.metric_by_query_frame(at.sink_mass, title=f"mass on frame 0 · layer {layer} · {metrics.step_label(ds, step0)}")
+
+# %%
+figures.metric_by_query_frame(at.own_chunk_mass, title=f"mass on the query's own chunk · layer {layer}")
+
+# %%
+figures.metric_by_query_frame(at.mean_distance, title=f"mass-weighted mean distance (frames) · layer {layer}")
+
+# %% [markdown]
+# ## Recency profile
+# Mean attention mass at each distance, averaged over the query frames that could attend that far back.
+
+# %%
+figures.recency_lines(profile.sel(step=step0).mean("sample").isel(layer=0),
+                      title=f"recency profile · layer {layer} · {metrics.step_label(ds, step0)}")
+
+# %% [markdown]
+# ## Across denoising steps
+# Do sinks strengthen or fade as the queries get less noisy? Head metrics over the last chunk, per step.
+
+# %%
+hm = metrics.head_metrics(sub)
+figures.metric_by_step(hm.sink_mass.isel(layer=0), title=f"mass on frame 0 (last chunk) · layer {layer}")
+
+# %%
+figures.metric_by_step(hm.entropy_norm.isel(layer=0), title=f"normalised entropy (last chunk) · layer {layer}")

@@ -1,0 +1,101 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · Wan vs Self Forcing
+#
+# What Self-Forcing training changed in how heads attend across frames. Store A holds the base Wan weights run
+# with the bidirectional sampler, store B the Self-Forcing rollout, with the same prompts and seeds. The two
+# samplers do not share step indices, so steps are paired by the nearest timestep (within `tolerance`), and A's
+# CFG store contributes its `cond` branch. Divergences are Jensen-Shannon in bits (0 = same, 1 = disjoint).
+# The same comparison as HTML: `workbench compare A.zarr B.zarr --out compare.html`.
+
+# %% tags=["parameters"]
+store_a = "runs/wan_bidirectional.zarr"  # base Wan weights, bidirectional sampler (A: the reference)
+store_b = "runs/embedded.zarr"  # made by: workbench extract --layers 0-5 --out runs/embedded.zarr
+layer = None  # None: the first layer both stores hold
+sample = None  # None: every (prompt, seed) pair the stores share; or a sample id of store B
+tolerance = 20.0  # largest |t_A - t_B| of a matched step
+
+# %%
+import numpy as np
+
+from studies import compare, figures, load_store, metrics
+
+a, b = load_store(store_a), load_store(store_b)
+if sample is not None:
+    b = metrics.select(b, sample=sample)
+c = compare.compare_stores(a, b, tolerance=tolerance, name_a="A", name_b="B")
+layer = int(c.metrics_a.layer.values[0]) if layer is None else layer
+c.pairs
+
+# %% [markdown]
+# ## Matched steps and the invariants relied on
+
+# %%
+assert (c.steps.abs_dt <= tolerance).all(), "a matched step is outside the tolerance"
+assert len(c.pairs) >= 1 and all(
+    str(a["prompt"].sel(sample=sa).values) == str(b["prompt"].sel(sample=sb).values)
+    and int(a["seed"].sel(sample=sa)) == int(b["seed"].sel(sample=sb))
+    for sa, sb in zip(c.pairs.sample_a, c.pairs.sample_b)
+), "paired samples must share prompt and seed"
+js = c.js_bits.values
+assert np.nanmin(js) >= -1e-9 and np.nanmax(js) <= 1 + 1e-9, "JS divergence in bits lies in [0, 1]"
+c.steps
+
+# %%
+c.unmatched_a, c.unmatched_b
+
+# %% [markdown]
+# ## Heads ranked by change
+
+# %%
+ranking = compare.rank_heads(c)
+ranking.head(12)
+
+# %%
+figures.layer_head_map(c.js_bits.mean("match"), zmin=0, title="JS divergence (bits), mean over matched steps")
+
+# %% [markdown]
+# ## Metrics side by side (first matched step, t = 1000)
+
+# %%
+figures.compare_maps(c.metrics_a.sink_mass.sel(match=0), c.metrics_b.sink_mass.sel(match=0),
+                     title="mass on frame 0")
+
+# %%
+figures.compare_maps(c.metrics_a.local_mass.sel(match=0), c.metrics_b.local_mass.sel(match=0),
+                     title="mass within the local window")
+
+# %%
+figures.compare_maps(c.metrics_a.mean_distance.sel(match=0), c.metrics_b.mean_distance.sel(match=0),
+                     title="mass-weighted mean distance (frames)")
+
+# %%
+figures.taxonomy_map(c.class_a.sel(match=0), title="head classes · A")
+
+# %%
+figures.taxonomy_map(c.class_b.sel(match=0), title="head classes · B")
+
+# %% [markdown]
+# ## The most changed head of the chosen layer, in both stores
+
+# %%
+top = ranking[ranking.layer == layer].iloc[0]
+step_a, step_b = int(c.steps.step_a[0]), int(c.steps.step_b[0])
+figures.head_grid(a.sel(sample=list(c.pairs.sample_a)), layer, step=step_a, heads=[int(top["head"])])
+
+# %%
+figures.head_grid(b.sel(sample=list(c.pairs.sample_b)), layer, step=step_b, heads=[int(top["head"])])

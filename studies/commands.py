@@ -1,0 +1,93 @@
+"""`workbench report` and `workbench compare`: HTML reports of stores, from the command line.
+
+`register(subparsers)` adds both subcommands to the `workbench` CLI (workbench/cli.py lists this module in
+COMMAND_MODULES). xarray and plotly are imported inside the run functions, so `workbench --help` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+REPORT_HELP = "an HTML report of a store: checks, head metrics and classes, per-head heatmaps"
+REPORT_DESCRIPTION = """\
+Write a self-contained HTML report (plotly.js inlined: it opens offline) of one attention store:
+the store's samples and steps, its invariants checked (rows sum to 1, NaN exactly outside the key window),
+layer x head maps of the head metrics (sink mass, own-chunk mass, local mass, mean distance, entropy),
+the head taxonomy (sink, local, global, deep_sink, mixed) and, per layer, the per-head query x key frame
+heatmaps, the last chunk's bars with sink = v[0] - mean(v[1:-1]), a step slider and the recency profile.
+"""
+REPORT_EPILOG = """\
+examples:
+  workbench report runs/embedded.zarr --out runs/embedded.html
+  workbench report runs/layer3.zarr --out l3.html --layer 3 --sample p0000-s42 --step 0
+"""
+
+COMPARE_HELP = "what changed between two stores (e.g. Wan vs Self-Forcing), as an HTML report"
+COMPARE_DESCRIPTION = """\
+Compare two attention stores head by head and write a self-contained HTML report. Samples are paired
+by (prompt, seed); steps by the nearest timestep (same phase, within --tolerance), because the Wan
+sampler and the few-step rollout do not share step indices; a CFG store contributes its --cfg branch.
+The report lists the matched samples and steps, ranks heads by the Jensen-Shannon divergence (bits)
+between their key-frame distributions, and shows each metric for A, B and B - A.
+"""
+COMPARE_EPILOG = """\
+examples:
+  workbench compare runs/wan.zarr runs/self_forcing.zarr --out wan_vs_sf.html
+  workbench compare A.zarr B.zarr --out c.html --tolerance 5 --layer 0 --layer 4
+"""
+
+QUERY_FRAMES_HELP = ("query frames the head metrics average over: last_chunk (the researchers' last block, "
+                     "default), history (every chunk but the first) or all")
+
+
+def register(subparsers) -> None:
+    report = subparsers.add_parser("report", help=REPORT_HELP, description=REPORT_DESCRIPTION, epilog=REPORT_EPILOG,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("store", help="the store to report on (a *.zarr folder written by `workbench extract`)")
+    report.add_argument("--out", default=None,
+                        help="HTML file to write (default: the store path with .html, e.g. runs/embedded.html)")
+    report.add_argument("--layer", type=int, action="append", metavar="N",
+                        help="layer to show in detail; repeat for several (default: every captured layer, at most 8)")
+    report.add_argument("--sample", metavar="ID", help="one sample id, e.g. p0000-s42 (default: mean over samples)")
+    report.add_argument("--step", type=int, default=0,
+                        help="step of the overview maps and heatmaps (default 0: the first denoising step, t=1000)")
+    report.add_argument("--query-frames", default="last_chunk", choices=["last_chunk", "history", "all"],
+                        help=QUERY_FRAMES_HELP)
+    report.set_defaults(func=run_report)
+
+    compare = subparsers.add_parser("compare", help=COMPARE_HELP, description=COMPARE_DESCRIPTION,
+                                    epilog=COMPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    compare.add_argument("store_a", metavar="A.zarr", help="the reference store (differences are B - A)")
+    compare.add_argument("store_b", metavar="B.zarr", help="the store compared with it")
+    compare.add_argument("--out", default="compare.html", help="HTML file to write (default: compare.html)")
+    compare.add_argument("--tolerance", type=float, default=20.0,
+                         help="largest |timestep_A - timestep_B| of a matched step, in timestep units of [0, 1000] "
+                              "(default 20)")
+    compare.add_argument("--cfg", default="cond", choices=["cond", "uncond"],
+                         help="the CFG branch a CFG store contributes (default: cond)")
+    compare.add_argument("--layer", type=int, action="append", metavar="N",
+                         help="restrict to this layer; repeat for several (default: every layer both stores hold)")
+    compare.add_argument("--query-frames", default="last_chunk", choices=["last_chunk", "history", "all"],
+                         help=QUERY_FRAMES_HELP)
+    compare.add_argument("--top", type=int, default=4, help="heads shown as heatmaps, most changed first (default 4)")
+    compare.set_defaults(func=run_compare)
+
+
+def run_report(args) -> int:
+    from studies.report import build_report
+
+    out = Path(args.out) if args.out else Path(args.store.rstrip("/")).with_suffix(".html")
+    path = build_report(args.store, out, layer=args.layer, sample=args.sample, step=args.step,
+                        query_frames=args.query_frames)
+    print(f"wrote {path}")
+    return 0
+
+
+def run_compare(args) -> int:
+    from studies.report import build_compare_report
+
+    path = build_compare_report(args.store_a, args.store_b, args.out, tolerance=args.tolerance, cfg=args.cfg,
+                                layers=args.layer, query_frames=args.query_frames, top=args.top)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,248 @@
+"""Compare two stores (e.g. Wan's bidirectional sampler vs a Self-Forcing rollout): what changed, head by head.
+
+Two stores rarely share step indices (Wan runs 50 steps with CFG, the few-step rollout 4 + a context pass), so
+they are aligned on what the model saw:
+
+    samples   pairs with the same (prompt text, seed); stores that share none are refused
+    steps     for each step of A, the step of B with the nearest timestep (same phase: denoise with denoise,
+              context with context) if |t_A - t_B| <= tolerance (default 20 timestep units, in [0, 1000]).
+              A store with CFG contributes only the `cfg` branch chosen (default `cond`, the one that sees
+              the prompt). `Comparison.steps` lists every match; unmatched steps are listed too.
+    layers, heads, query frames   those both stores hold (query frames: the chosen selection of each,
+              intersected; default the last chunk); key frames: the union, a frame missing from one store
+              counting as not attended
+
+Per matched step and head it reports each store's head metrics (`studies.metrics.head_metrics`), their
+difference B - A (chunk-based metrics only when both stores have several chunks: the
+bidirectional sampler has one chunk, where they are 1 by definition), and the Jensen-Shannon divergence between the two key-frame distributions of each query
+row, **in bits** (log base 2, so 0 <= JS <= 1), averaged over sample pairs and query frames. `rank_heads`
+orders heads by that divergence.
+
+    from studies import load_store, compare
+    c = compare.compare_stores(load_store("runs/wan.zarr"), load_store("runs/embedded.zarr"))
+    c.steps                      # which steps matched
+    compare.rank_heads(c).head() # the heads that changed most
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from studies import metrics
+from workbench.errors import WorkbenchError
+
+METRICS_COMPARED = ("sink_mass", "sink_chunk_mass", "own_chunk_mass", "local_mass", "early_mass", "mean_distance",
+                    "entropy_norm")
+CHUNK_METRICS = ("sink_chunk_mass", "own_chunk_mass")  # compared only when both stores have several chunks
+
+
+@dataclass
+class Comparison:
+    """The result of `compare_stores`. Everything indexed by `match` has coords step_a, step_b, timestep_a,
+    timestep_b (one entry per matched step)."""
+
+    name_a: str
+    name_b: str
+    pairs: pd.DataFrame  # prompt, seed, sample_a, sample_b
+    steps: pd.DataFrame  # match, step_a, timestep_a, phase, cfg_a, step_b, timestep_b, cfg_b, abs_dt
+    unmatched_a: pd.DataFrame  # steps of A (after the CFG filter) with no B step within tolerance
+    unmatched_b: pd.DataFrame  # steps of B nobody matched
+    metrics_a: xr.Dataset  # (match, layer, head)
+    metrics_b: xr.Dataset
+    diff: xr.Dataset  # metrics_b - metrics_a
+    js_bits: xr.DataArray  # (match, layer, head)
+    class_a: xr.DataArray  # (match, layer, head)
+    class_b: xr.DataArray
+    query_frames: list[int] = field(default_factory=list)
+    tolerance: float = 20.0
+
+
+# --------------------------------------------------------------------------------------------------- samples
+def _pairs_of(ds: xr.Dataset) -> dict[tuple[str, int], str]:
+    return {(str(p), int(s)): str(i) for i, p, s in zip(ds.sample.values, ds["prompt"].values, ds["seed"].values)}
+
+
+def match_samples(a: xr.Dataset, b: xr.Dataset) -> pd.DataFrame:
+    """Sample pairs with the same (prompt, seed); WorkbenchError naming what each store has if none."""
+    pa, pb = _pairs_of(a), _pairs_of(b)
+    shared = [key for key in pa if key in pb]
+    if not shared:
+        def describe(pairs):
+            items = [f"({p[:40]!r}, seed {s})" for p, s in list(pairs)[:6]]
+            return ", ".join(items) + (f", ... ({len(pairs)} in all)" if len(pairs) > 6 else "")
+        raise WorkbenchError(
+            f"the stores share no (prompt, seed): A has {describe(pa)}; B has {describe(pb)}. "
+            "Extract both with the same prompts and seeds."
+        )
+    return pd.DataFrame(
+        [{"prompt": p, "seed": s, "sample_a": pa[(p, s)], "sample_b": pb[(p, s)]} for p, s in shared]
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- steps
+def _step_table(ds: xr.Dataset, cfg: str) -> pd.DataFrame:
+    n = ds.sizes["step"]
+    table = pd.DataFrame({
+        "step": [int(s) for s in ds.step.values],
+        "timestep": [float(t) for t in ds["timestep"].values],
+        "phase": [str(p) for p in ds["phase"].values] if "phase" in ds.coords else ["denoise"] * n,
+        "cfg": [str(c) for c in ds["cfg"].values] if "cfg" in ds.coords else ["none"] * n,
+    })
+    return table[table.cfg.isin(["none", cfg])].reset_index(drop=True)
+
+
+def match_steps(
+    a: xr.Dataset, b: xr.Dataset, *, tolerance: float = 20.0, cfg: str = "cond", same_phase: bool = True
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(matched, unmatched_a, unmatched_b): each step of A with the nearest-timestep step of B (see the module
+    docstring). Raises WorkbenchError when nothing matches, listing both stores' timesteps."""
+    if cfg not in ("cond", "uncond"):
+        raise WorkbenchError(f"cfg {cfg!r} must be 'cond' or 'uncond' (the CFG branch to compare)")
+    if not tolerance >= 0:
+        raise WorkbenchError(f"tolerance {tolerance} must be a non-negative number of timestep units")
+    ta, tb = _step_table(a, cfg), _step_table(b, cfg)
+    rows, unmatched = [], []
+    for _, sa in ta.iterrows():
+        cand = tb[tb.phase == sa.phase] if same_phase else tb
+        if len(cand) == 0:
+            unmatched.append(sa)
+            continue
+        dt = (cand.timestep - sa.timestep).abs()
+        best = cand.loc[dt.idxmin()]
+        if dt.min() <= tolerance:
+            rows.append({"step_a": sa.step, "timestep_a": sa.timestep, "phase": sa.phase, "cfg_a": sa.cfg,
+                         "step_b": int(best.step), "timestep_b": best.timestep, "cfg_b": best.cfg,
+                         "abs_dt": float(dt.min())})
+        else:
+            unmatched.append(sa)
+    matched = pd.DataFrame(rows, columns=["step_a", "timestep_a", "phase", "cfg_a", "step_b", "timestep_b", "cfg_b",
+                                          "abs_dt"])
+    if matched.empty:
+        show = lambda t: ", ".join(f"{r.step}:t={r.timestep:g}/{r.phase}" for r in t.itertuples())  # noqa: E731
+        raise WorkbenchError(
+            f"no step of A is within tolerance {tolerance:g} of a step of B (same phase, cfg {cfg!r}): "
+            f"A has {show(ta)}; B has {show(tb)}. Raise --tolerance or check the samplers."
+        )
+    matched.index.name = "match"
+    unmatched_a = pd.DataFrame(unmatched, columns=ta.columns).reset_index(drop=True)
+    unmatched_b = tb[~tb.step.isin(matched.step_b)].reset_index(drop=True)
+    return matched, unmatched_a, unmatched_b
+
+
+# ------------------------------------------------------------------------------------------------ divergence
+def js_divergence(p: xr.DataArray, q: xr.DataArray, dim: str = "key_frame") -> xr.DataArray:
+    """Jensen-Shannon divergence in bits between two distributions along `dim` (NaN = 0 mass; each side is
+    normalised to sum 1 first). 0 for identical rows, 1 for rows with disjoint supports; NaN if a row is empty."""
+    p, q = p.fillna(0.0).astype(np.float64), q.fillna(0.0).astype(np.float64)
+    sp, sq = p.sum(dim), q.sum(dim)
+    p, q = p / sp.where(sp > 0), q / sq.where(sq > 0)
+    m = 0.5 * (p + q)
+
+    def kl(x):
+        return (x * np.log2(x.where(x > 0) / m.where(m > 0))).fillna(0.0).sum(dim)
+
+    js = 0.5 * kl(p) + 0.5 * kl(q)
+    return js.where((sp > 0) & (sq > 0))
+
+
+# --------------------------------------------------------------------------------------------------- compare
+def compare_stores(
+    a: xr.Dataset,
+    b: xr.Dataset,
+    *,
+    tolerance: float = 20.0,
+    cfg: str = "cond",
+    query_frames: str | Sequence[int] = "last_chunk",
+    layers: Sequence[int] | None = None,
+    thresholds: metrics.TaxonomyThresholds | None = None,
+    name_a: str = "A",
+    name_b: str = "B",
+) -> Comparison:
+    """Align `a` and `b` (module docstring) and compare their attention head by head."""
+    pairs = match_samples(a, b)
+    steps, unmatched_a, unmatched_b = match_steps(a, b, tolerance=tolerance, cfg=cfg)
+
+    la, lb = [int(x) for x in a.layer.values], [int(x) for x in b.layer.values]
+    shared_layers = [x for x in la if x in lb]
+    if layers is not None:
+        bad = [x for x in layers if x not in shared_layers]
+        if bad:
+            raise WorkbenchError(f"layer {bad[0]} is not in both stores; A has layers {la}, B has {lb}")
+        shared_layers = [int(x) for x in layers]
+    if not shared_layers:
+        raise WorkbenchError(f"the stores share no layer: A has layers {la}, B has {lb}")
+    ha, hb = [int(x) for x in a["head"].values], [int(x) for x in b["head"].values]
+    heads = [x for x in ha if x in hb]
+    if not heads:
+        raise WorkbenchError(f"the stores share no head: A has heads {ha}, B has {hb}")
+    qa, qb = metrics.query_frames_for(a, query_frames), metrics.query_frames_for(b, query_frames)
+    frames = [f for f in qa if f in qb]
+    if not frames:
+        raise WorkbenchError(f"no query frame is selected in both stores ({query_frames!r}): A {qa}, B {qb}")
+    key_frames = sorted({int(k) for k in a.key_frame.values} | {int(k) for k in b.key_frame.values})
+
+    match_coords = {
+        "step_a": ("match", steps.step_a.to_numpy()), "step_b": ("match", steps.step_b.to_numpy()),
+        "timestep_a": ("match", steps.timestep_a.to_numpy()), "timestep_b": ("match", steps.timestep_b.to_numpy()),
+    }
+
+    def prepare(ds, samples, step_list):
+        sub = ds.sel(layer=shared_layers, head=heads, query_frame=frames)
+        sub = sub.reindex(key_frame=key_frames)  # a frame one store lacks: NaN, i.e. not attended
+        if "key_chunk" in sub.coords and bool(sub["key_chunk"].isnull().any()):
+            sub = sub.assign_coords(key_chunk=sub["key_chunk"].fillna(-1).astype(int))
+        mass = sub["attn_mass"].sel(sample=samples, step=step_list).astype(np.float64).load()
+        mass = mass.assign_coords(sample=np.arange(len(samples)), step=np.arange(len(step_list)))
+        mass = mass.rename(sample="pair", step="match")
+        keep = {"query_chunk", "key_chunk", "query_frame", "key_frame", "layer", "head"}
+        mass = mass.drop_vars([c for c in mass.coords if c not in keep])
+        mass.attrs = dict(sub.attrs)
+        return mass
+
+    mass_a = prepare(a, list(pairs.sample_a), list(steps.step_a))
+    mass_b = prepare(b, list(pairs.sample_b), list(steps.step_b))
+    window_a = metrics.default_local_window(a if a.attrs.get("num_frame_per_block") else b)
+
+    def summarise(mass):
+        rows = metrics.row_metrics(mass, local_window=window_a)  # one window for both: the same yardstick
+        out = rows.mean(["pair", "query_frame"], skipna=True, keep_attrs=True)
+        return out.assign_coords(match_coords)
+
+    metrics_a, metrics_b = summarise(mass_a), summarise(mass_b)
+    chunked = metrics.num_chunks(a) > 1 and metrics.num_chunks(b) > 1
+    compared = [m for m in METRICS_COMPARED if chunked or m not in CHUNK_METRICS]
+    diff = (metrics_b - metrics_a)[compared]
+    js = js_divergence(mass_a, mass_b).mean(["pair", "query_frame"], skipna=True).assign_coords(match_coords)
+    js.name = "js_bits"
+    js.attrs.update(long_name="Jensen-Shannon divergence of key-frame distributions", units="bits")
+    return Comparison(
+        name_a=name_a, name_b=name_b, pairs=pairs, steps=steps, unmatched_a=unmatched_a, unmatched_b=unmatched_b,
+        metrics_a=metrics_a, metrics_b=metrics_b, diff=diff, js_bits=js,
+        class_a=metrics.classify_heads(metrics_a, thresholds), class_b=metrics.classify_heads(metrics_b, thresholds),
+        query_frames=frames, tolerance=tolerance,
+    )
+
+
+def rank_heads(c: Comparison, *, by: str = "js_bits", match: int | None = None) -> pd.DataFrame:
+    """Heads ordered by change, largest first: one row per (layer, head) with the JS divergence (bits) and the
+    metric differences B - A, averaged over matched steps (or at one `match`), and each side's class at the first
+    matched step (or at `match`). `by` is 'js_bits' or a metric name (ranked by its absolute difference)."""
+    if by != "js_bits" and by not in c.diff:
+        raise WorkbenchError(f"cannot rank by {by!r}; choose 'js_bits' or one of {list(c.diff.data_vars)}")
+    pick = (lambda x: x.mean("match")) if match is None else (lambda x: x.sel(match=match))
+    table = pick(c.js_bits).to_dataframe(name="js_bits")[["js_bits"]]
+    for name in c.diff.data_vars:
+        table[f"d_{name}"] = pick(c.diff[name]).to_dataframe(name="v")["v"]
+    first = 0 if match is None else match
+    table["class_a"] = c.class_a.sel(match=first).to_dataframe(name="v")["v"]
+    table["class_b"] = c.class_b.sel(match=first).to_dataframe(name="v")["v"]
+    key = table["js_bits"] if by == "js_bits" else table[f"d_{by}"].abs()
+    order = key.sort_values(ascending=False, kind="stable").index
+    table = table.loc[order].reset_index()
+    table.index.name = "rank"
+    return table

@@ -1,0 +1,347 @@
+"""Plotly figures of a store: the researchers' plots and overviews, all built on the CPU from a store.
+
+    head_grid        per-head query x key frame heatmaps (the researchers' 3x4 grid, origin lower, one colour
+                     scale shared by every head: 0..max for mass, symmetric RdBu_r for logits as in their Fig. 1)
+    last_chunk_bars  per-head bars + line of the last chunk's attention over key frames, titled with the
+                     researchers' sink = v[0] - mean(v[1:-1])
+    step_slider      the head grid across steps (plotly frames and a slider, one frame per step)
+    layer_head_map   layer x head heatmap of any metric (a DataArray with dims layer, head)
+    taxonomy_map     layer x head map of the head classes
+    compare_maps     the same metric for two stores and their difference B - A (stacked A, B, B - A)
+    recency_lines    the recency profile (mean mass by query_frame - key_frame), one line per head
+    metric_by_query_frame  a row metric against the query frame, one line per head
+    metric_by_step   a head metric across steps (labelled with their timesteps), one line per head
+
+Axes carry the store's names (layer, head, query frame, key frame, step, timestep). Values are averaged over
+samples unless a `sample` id is given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+import xarray as xr
+from plotly.subplots import make_subplots
+
+from studies import metrics
+from workbench.errors import WorkbenchError
+
+SINK_FORMULA = "sink = v[0] - mean(v[1:-1])"
+CLASS_COLOURS = {"sink": "#d62728", "local": "#1f77b4", "global": "#2ca02c", "deep_sink": "#9467bd",
+                 "mixed": "#7f7f7f"}
+
+
+# -------------------------------------------------------------------------------------------------- helpers
+def _round(a) -> np.ndarray:
+    """float32 values for a trace: plotly stores numpy arrays as typed base64 arrays, so float32 halves the HTML;
+    NaN (not attended) stays NaN and is drawn as a gap."""
+    return np.asarray(a, dtype=np.float32)
+
+
+def _frames(ds, var, layer, sample, steps=None):
+    """ds[var] at one layer, averaged over samples unless one is named: [step, head, query_frame, key_frame]."""
+    metrics.require_var(ds, var)
+    sub = metrics.select(ds, sample=sample, layer=layer, step=steps)
+    return sub[var].astype(np.float64).mean("sample", skipna=True).isel(layer=0).load()
+
+
+def _pick_heads(data: xr.DataArray, heads) -> xr.DataArray:
+    if heads is None:
+        return data
+    have = [int(h) for h in data["head"].values]
+    bad = [h for h in heads if h not in have]
+    if bad or not len(heads):
+        raise WorkbenchError(f"head {bad[0] if bad else heads!r} is not in the store; it has heads {have}")
+    return data.sel(head=list(heads))
+
+
+def _colour(var: str, values: np.ndarray) -> dict:
+    """The shared colour axis: symmetric RdBu_r for logits (the researchers' choice), 0..max viridis otherwise."""
+    finite = values[np.isfinite(values)]
+    top = float(np.abs(finite).max()) if finite.size else 1.0
+    if "logit" in var:
+        return dict(colorscale="RdBu_r", cmin=-top, cmax=top)
+    return dict(colorscale="Viridis", cmin=0.0, cmax=top or 1.0)
+
+
+def _grid(n: int, cols: int) -> tuple[int, int]:
+    cols = max(1, min(cols, n))
+    return math.ceil(n / cols), cols
+
+
+def _units(ds, var) -> str:
+    attrs = ds[var].attrs
+    return f"{attrs.get('long_name', var)} [{attrs.get('units', '')}]"
+
+
+def _who(ds, sample) -> str:
+    return sample if sample is not None else f"mean over {ds.sizes['sample']} sample(s)"
+
+
+def _heatmap(z, x, y, name, coloraxis="coloraxis"):
+    return go.Heatmap(z=_round(z), x=list(x), y=list(y), coloraxis=coloraxis, name=name,
+                      hovertemplate="query frame %{y}<br>key frame %{x}<br>value %{z:.4g}<extra>" + name + "</extra>")
+
+
+def _head_subplots(heads, cols, titles, shared=True, vertical_spacing=None):
+    rows, cols = _grid(len(heads), cols)
+    return make_subplots(rows=rows, cols=cols, subplot_titles=titles, shared_xaxes=shared, shared_yaxes=shared,
+                         horizontal_spacing=0.04, vertical_spacing=vertical_spacing or min(0.08, 0.3 / rows)), cols
+
+
+def _label_axes(fig, rows, cols, x_title, y_title):
+    for c in range(1, cols + 1):
+        fig.update_xaxes(title_text=x_title, row=rows, col=c)
+    for r in range(1, rows + 1):
+        fig.update_yaxes(title_text=y_title, row=r, col=1)
+
+
+# ------------------------------------------------------------------------------------------ the head grid
+def head_grid(
+    ds: xr.Dataset,
+    layer: int,
+    *,
+    step: int = 0,
+    sample: str | None = None,
+    var: str = "attn_mass",
+    heads: Sequence[int] | None = None,
+    cols: int = 4,
+) -> go.Figure:
+    """Per-head query frame x key frame heatmaps of `var` at one layer and step; origin lower (query frame 0 at
+    the bottom), one colour scale for all heads, NaN (not attended) left blank."""
+    data = _frames(ds, var, layer, sample, step).isel(step=0)  # [head, query_frame, key_frame]
+    data = _pick_heads(data, heads)
+    head_list = [int(h) for h in data["head"].values]
+    fig, cols = _head_subplots(head_list, cols, [f"head {h}" for h in head_list])
+    rows = math.ceil(len(head_list) / cols)
+    for i, h in enumerate(head_list):
+        z = data.sel(head=h)
+        fig.add_trace(_heatmap(z.values, z.key_frame.values, z.query_frame.values, f"head {h}"),
+                      row=i // cols + 1, col=i % cols + 1)
+    _label_axes(fig, rows, cols, "key frame", "query frame")
+    fig.update_layout(
+        title=f"{var} · layer {layer} · {metrics.step_label(ds, step)} · {_who(ds, sample)}",
+        coloraxis=dict(**_colour(var, data.values), colorbar=dict(title=_units(ds, var))),
+        height=260 * rows + 120, width=max(700, 240 * cols + 160),
+    )
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ last-chunk bars
+def last_chunk_bars(
+    ds: xr.Dataset,
+    layer: int,
+    *,
+    step: int = 0,
+    sample: str | None = None,
+    var: str = "attn_mass",
+    heads: Sequence[int] | None = None,
+    cols: int = 4,
+) -> go.Figure:
+    """Per head, the last chunk's attention over key frames (v = the mean of the last chunk's query rows, the
+    researchers' `last_block_frame_attention`) as bars plus a line, titled with sink = v[0] - mean(v[1:-1])."""
+    sub = metrics.select(ds, sample=sample, layer=layer, step=step)
+    v = metrics.frame_profile(sub, var=var).mean("sample", skipna=True).isel(layer=0, step=0)  # [head, key_frame]
+    v = _pick_heads(v, heads)
+    sink = metrics.sink_delta(v)  # [head]
+    head_list = [int(h) for h in v["head"].values]
+    titles = [f"head {h}: sink = {float(sink.sel(head=h)):.3g}" for h in head_list]
+    fig, cols = _head_subplots(head_list, cols, titles, shared=False)
+    rows = math.ceil(len(head_list) / cols)
+    x = [int(k) for k in v.key_frame.values]
+    for i, h in enumerate(head_list):
+        y = _round(v.sel(head=h).values)
+        r, c = i // cols + 1, i % cols + 1
+        fig.add_trace(go.Bar(x=x, y=y, name=f"head {h}", marker_color="#4c78a8", showlegend=False,
+                             hovertemplate="key frame %{x}<br>%{y:.4g}<extra>head " + str(h) + "</extra>"), row=r, col=c)
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", line=dict(color="#e45756", width=1),
+                                 marker=dict(size=3), showlegend=False, hoverinfo="skip"), row=r, col=c)
+    _label_axes(fig, rows, cols, "key frame", var)
+    frames = metrics.query_frames_for(sub, "last_chunk")
+    fig.update_layout(
+        title=f"{var} of the last chunk (query frames {frames[0]}-{frames[-1]}) over key frames · layer {layer} · "
+              f"{metrics.step_label(ds, step)} · {SINK_FORMULA}",
+        height=220 * rows + 120, width=max(700, 260 * cols + 100), bargap=0.15,
+    )
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ step slider
+def step_slider(
+    ds: xr.Dataset,
+    layer: int,
+    *,
+    sample: str | None = None,
+    var: str = "attn_mass",
+    heads: Sequence[int] | None = None,
+    steps: Sequence[int] | None = None,
+    cols: int = 4,
+) -> go.Figure:
+    """The head grid across steps: one plotly frame per step, a slider labelled 'step s · t=...', one colour
+    scale over all steps so the frames are comparable."""
+    data = _frames(ds, var, layer, sample, None if steps is None else list(steps))  # [step, head, qf, kf]
+    data = _pick_heads(data, heads)
+    head_list = [int(h) for h in data["head"].values]
+    step_list = [int(s) for s in data.step.values]
+    fig, cols = _head_subplots(head_list, cols, [f"head {h}" for h in head_list])
+    rows = math.ceil(len(head_list) / cols)
+
+    def traces(s):
+        return [_heatmap(data.sel(step=s, head=h).values, data.key_frame.values, data.query_frame.values, f"head {h}")
+                for h in head_list]
+
+    for i, trace in enumerate(traces(step_list[0])):
+        fig.add_trace(trace, row=i // cols + 1, col=i % cols + 1)
+    labels = {s: metrics.step_label(ds, s) for s in step_list}
+    fig.frames = [go.Frame(data=traces(s), name=str(s), traces=list(range(len(head_list))),
+                           layout=dict(title_text=f"{var} · layer {layer} · {labels[s]}")) for s in step_list]
+    slider = dict(
+        active=0, currentvalue=dict(prefix="step: "), pad=dict(t=40),
+        steps=[dict(label=f"{s} · t={float(ds['timestep'].sel(step=s)):g}", method="animate",
+                    args=[[str(s)], dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))])
+               for s in step_list],
+    )
+    _label_axes(fig, rows, cols, "key frame", "query frame")
+    fig.update_layout(
+        title=f"{var} · layer {layer} · {labels[step_list[0]]} · {_who(ds, sample)}",
+        coloraxis=dict(**_colour(var, data.values), colorbar=dict(title=_units(ds, var))),
+        sliders=[slider], height=260 * rows + 200, width=max(700, 240 * cols + 160),
+    )
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ overviews
+def _layer_head(da: xr.DataArray) -> xr.DataArray:
+    extra = [d for d in da.dims if d not in ("layer", "head")]
+    if extra:
+        raise WorkbenchError(f"a layer x head map needs dims (layer, head); select or average {extra} first")
+    return da.transpose("layer", "head")
+
+
+def layer_head_map(da: xr.DataArray, *, title: str | None = None, colorscale: str | None = None,
+                   zmin: float | None = None, zmax: float | None = None, text: bool = True) -> go.Figure:
+    """Layer x head heatmap of a metric (dims layer, head), values written in the cells when `text`."""
+    da = _layer_head(da)
+    name = da.attrs.get("long_name", da.name or "value")
+    units = da.attrs.get("units", "")
+    fig = go.Figure(go.Heatmap(
+        z=_round(da.values), x=[str(int(h)) for h in da["head"].values], y=[str(int(x)) for x in da.layer.values],
+        colorscale=colorscale or "Viridis", zmin=zmin, zmax=zmax, colorbar=dict(title=f"{units}"),
+        texttemplate="%{z:.2f}" if text else None,
+        hovertemplate="layer %{y}<br>head %{x}<br>%{z:.4g}<extra></extra>",
+    ))
+    fig.update_xaxes(title_text="head", type="category")
+    fig.update_yaxes(title_text="layer", type="category")
+    fig.update_layout(title=title or f"{da.name or name}: {name}", height=140 + 28 * da.sizes["layer"] + 80,
+                      width=max(640, 60 * da.sizes["head"] + 220))
+    return fig
+
+
+def taxonomy_map(classes: xr.DataArray, *, title: str = "head classes") -> go.Figure:
+    """Layer x head map of head classes (sink, local, global, deep_sink, mixed), one colour each."""
+    classes = _layer_head(classes)
+    names = list(CLASS_COLOURS)
+    code = np.vectorize(lambda c: names.index(str(c)))(classes.values)
+    n = len(names)
+    scale = []
+    for i, name in enumerate(names):
+        scale += [[i / n, CLASS_COLOURS[name]], [(i + 1) / n, CLASS_COLOURS[name]]]
+    fig = go.Figure(go.Heatmap(
+        z=code, x=[str(int(h)) for h in classes["head"].values], y=[str(int(x)) for x in classes.layer.values],
+        text=classes.values.astype(str), texttemplate="%{text}", colorscale=scale, zmin=-0.5, zmax=n - 0.5,
+        colorbar=dict(tickvals=list(range(n)), ticktext=names, title="class"),
+        hovertemplate="layer %{y}<br>head %{x}<br>%{text}<extra></extra>",
+    ))
+    fig.update_xaxes(title_text="head", type="category")
+    fig.update_yaxes(title_text="layer", type="category")
+    fig.update_layout(title=title, height=140 + 28 * classes.sizes["layer"] + 80,
+                      width=max(640, 70 * classes.sizes["head"] + 220))
+    return fig
+
+
+def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = ("A", "B"),
+                 title: str | None = None) -> go.Figure:
+    """A metric (dims layer, head) for two stores and the difference B - A, stacked (A, B, B - A from the top);
+    A and B share one colour scale, the difference a symmetric red-blue one."""
+    a, b = xr.align(_layer_head(a), _layer_head(b), join="inner")
+    diff = b - a
+    x = [str(int(h)) for h in a["head"].values]
+    y = [str(int(v)) for v in a.layer.values]
+    fig = make_subplots(rows=3, cols=1, subplot_titles=[names[0], names[1], f"{names[1]} - {names[0]}"],
+                        vertical_spacing=0.12)
+    for row, (z, axis) in enumerate([(a, "coloraxis"), (b, "coloraxis"), (diff, "coloraxis2")], start=1):
+        fig.add_trace(go.Heatmap(z=_round(z.values), x=x, y=y, coloraxis=axis, texttemplate="%{z:.2f}",
+                                 hovertemplate="layer %{y}<br>head %{x}<br>%{z:.4g}<extra></extra>"), row=row, col=1)
+        fig.update_xaxes(title_text="head" if row == 3 else None, type="category", row=row, col=1)
+        fig.update_yaxes(title_text="layer", type="category", row=row, col=1)
+    both = np.concatenate([a.values.ravel(), b.values.ravel()])
+    both = both[np.isfinite(both)]
+    finite = diff.values[np.isfinite(diff.values)]
+    top = float(np.abs(finite).max()) if finite.size else 0.0
+    fig.update_layout(
+        title=title or str(a.attrs.get("long_name", a.name or "metric")),
+        coloraxis=dict(colorscale="Viridis", cmin=float(both.min()) if both.size else 0,
+                       cmax=float(both.max()) if both.size else 1,
+                       colorbar=dict(y=0.68, len=0.62, title=f"{names[0]} / {names[1]}")),
+        coloraxis2=dict(colorscale="RdBu_r", cmin=-(top or 1.0), cmax=top or 1.0,
+                        colorbar=dict(y=0.14, len=0.3, title=f"{names[1]} - {names[0]}")),
+        height=3 * (26 * a.sizes["layer"] + 110) + 80, width=max(600, min(1300, 62 * a.sizes["head"] + 260)),
+    )
+    return fig
+
+
+def recency_lines(profile: xr.DataArray, *, title: str | None = None) -> go.Figure:
+    """One line per head of a recency profile (dims head, distance; select layer/step/sample first)."""
+    extra = [d for d in profile.dims if d not in ("head", "distance")]
+    if extra:
+        raise WorkbenchError(f"recency_lines needs dims (head, distance); select or average {extra} first")
+    profile = profile.dropna("distance", how="all")  # e.g. future distances of a causal store
+    fig = go.Figure()
+    for h in profile["head"].values:
+        y = profile.sel(head=h)
+        fig.add_trace(go.Scatter(x=[int(d) for d in y.distance.values], y=_round(y.values), mode="lines+markers",
+                                 name=f"head {int(h)}", connectgaps=False))
+    fig.update_xaxes(title_text="distance = query frame - key frame (frames)")
+    fig.update_yaxes(title_text="mean attention mass")
+    fig.update_layout(title=title or "recency profile", height=420, width=800)
+    return fig
+
+
+def metric_by_query_frame(rows: xr.DataArray, *, title: str | None = None) -> go.Figure:
+    """A row metric (dims head, query_frame; select the rest first) against the query frame, one line per head."""
+    extra = [d for d in rows.dims if d not in ("head", "query_frame")]
+    if extra:
+        raise WorkbenchError(f"metric_by_query_frame needs dims (head, query_frame); select or average {extra} first")
+    fig = go.Figure()
+    for h in rows["head"].values:
+        y = rows.sel(head=h)
+        fig.add_trace(go.Scatter(x=[int(q) for q in y.query_frame.values], y=_round(y.values), mode="lines+markers",
+                                 name=f"head {int(h)}"))
+    fig.update_xaxes(title_text="query frame")
+    fig.update_yaxes(title_text=f"{rows.name} [{rows.attrs.get('units', '')}]")
+    fig.update_layout(title=title or f"{rows.name}: {rows.attrs.get('long_name', '')}", height=420, width=800)
+    return fig
+
+
+def metric_by_step(da: xr.DataArray, *, title: str | None = None) -> go.Figure:
+    """A head metric (dims step, head; select the rest first) across steps, one line per head; the x axis lists
+    each step with its timestep (and phase / CFG branch when not a plain denoising step)."""
+    extra = [d for d in da.dims if d not in ("head", "step")]
+    if extra:
+        raise WorkbenchError(f"metric_by_step needs dims (step, head); select or average {extra} first")
+    labels = []
+    for s in da.step.values:
+        t = float(da["timestep"].sel(step=s)) if "timestep" in da.coords else float("nan")
+        tags = [str(da[c].sel(step=s).values) for c in ("phase", "cfg") if c in da.coords]
+        tags = [x for x in tags if x not in ("denoise", "none")]
+        labels.append(f"{int(s)} · t={t:g}" + (f" ({', '.join(tags)})" if tags else ""))
+    fig = go.Figure()
+    for h in da["head"].values:
+        fig.add_trace(go.Scatter(x=labels, y=_round(da.sel(head=h).values), mode="lines+markers", name=f"head {int(h)}"))
+    fig.update_xaxes(title_text="step · timestep", type="category")
+    fig.update_yaxes(title_text=f"{da.name} [{da.attrs.get('units', '')}]")
+    fig.update_layout(title=title or f"{da.name} across steps", height=420, width=800)
+    return fig

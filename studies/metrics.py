@@ -1,0 +1,383 @@
+"""Per-head attention metrics and a head taxonomy, from a store's `attn_mass` (docs/store.md).
+
+Every metric starts from one *row*: the attention of one query frame over key frames, `attn_mass[..., query_frame,
+:]`, a probability distribution over the key frames the call attended. NaN means "not attended" (future chunk,
+evicted, not captured): it counts as zero mass and is left out of the supports.
+
+Row metrics (`row_metrics`, dims sample, step, layer, head, query_frame):
+
+    sink_mass        mass on key frame 0
+    sink_chunk_mass  mass on the first chunk (key_chunk == 0; every frame for the bidirectional sampler)
+    own_chunk_mass   mass on the key frames of the query's own chunk (key_chunk == query_chunk)
+    local_mass       mass on key frames with |query_frame - key_frame| < local_window (default: the store's
+                     num_frame_per_block, else 3): recency that means the same for causal and bidirectional samplers
+    early_mass       mass on the oldest early_fraction (default 0.5) of the frames the row attended (rank <
+                     early_fraction * n_attended): the "deep sink" of Deep Forcing lives there
+    mean_distance    mass-weighted mean of query_frame - key_frame, in frames (normalised by the row's mass)
+    entropy          -sum p ln p over the attended key frames, in nats (p = the row normalised to sum 1)
+    entropy_norm     entropy / ln(n_attended): 1 for uniform attention, 0 for one frame (NaN if n_attended = 1)
+    n_attended       number of attended (non-NaN) key frames
+
+`head_metrics` averages the row metrics over a choice of query frames (default: the last chunk, the rows the
+researchers plot as `last_block_frame_attention`) and over samples. `recency_profile` is the mean mass at each
+frame distance. `classify_heads` turns head metrics into a taxonomy, first rule that holds wins:
+
+    sink       sink_mass    >= sink_min            (default 0.5)
+    local      local_mass   >= local_min           (default 0.5)
+    global     entropy_norm >= global_min_entropy  (default 0.85)
+    deep_sink  early_mass   >= deep_min            (default 0.6; uniform attention gives ~0.5)
+    mixed      none of the above
+
+Also here: the researchers' statistics (`sink_delta` = v[0] - mean(v[1:-1]), `researcher_stats` with the
+diagonal and column-0 means of selfforcing.md 5.7) and the store invariants the notebooks assert
+(`row_sum_error`, `expected_attended`, `nan_pattern_mismatches`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import xarray as xr
+
+from workbench.errors import WorkbenchError
+
+ROW_DIMS = ("sample", "step", "layer", "head", "query_frame")
+QUERY_FRAME_CHOICES = ("last_chunk", "history", "all")
+CLASSES = ("sink", "local", "global", "deep_sink", "mixed")
+
+
+# ---------------------------------------------------------------------------------------------- selections
+def select(ds: xr.Dataset, *, sample=None, layer=None, step=None) -> xr.Dataset:
+    """`ds` restricted to a sample id, layer(s) and step(s), each checked against the store (None keeps all).
+    A scalar keeps the dim with one entry, so downstream code sees the same dims."""
+    for dim, value in (("sample", sample), ("layer", layer), ("step", step)):
+        if value is None:
+            continue
+        wanted = [value] if np.isscalar(value) or isinstance(value, str) else list(value)
+        have = [v.item() if hasattr(v, "item") else v for v in ds[dim].values]
+        missing = [v for v in wanted if v not in have]
+        if missing:
+            raise WorkbenchError(f"{dim} {missing[0]!r} is not in the store; it has {dim}s {_short(have)}")
+        ds = ds.sel({dim: wanted})
+    return ds
+
+
+def query_frames_for(ds: xr.Dataset, query_frames: str | Sequence[int] = "last_chunk") -> list[int]:
+    """The query frames a summary averages over.
+
+    `last_chunk`: frames of the highest chunk (18-20 for 21 frames in chunks of 3; every frame for the
+    bidirectional sampler); `history`: frames whose chunk is not the first (every frame if there is one chunk);
+    `all`; or an explicit list of frame indices."""
+    frames = [int(f) for f in ds.query_frame.values]
+    chunk = np.asarray(ds["query_chunk"].values) if "query_chunk" in ds.coords else np.zeros(len(frames), dtype=int)
+    if isinstance(query_frames, str):
+        if query_frames == "all":
+            return frames
+        if query_frames == "last_chunk":
+            return [f for f, c in zip(frames, chunk) if c == chunk.max()]
+        if query_frames == "history":
+            return [f for f, c in zip(frames, chunk) if c > chunk.min()] or frames
+        raise WorkbenchError(f"query_frames {query_frames!r} is not one of {QUERY_FRAME_CHOICES} or a list of frames")
+    wanted = [int(f) for f in query_frames]
+    missing = [f for f in wanted if f not in frames]
+    if missing or not wanted:
+        raise WorkbenchError(f"query frames {missing or wanted} are not in the store; it has {_short(frames)}")
+    return wanted
+
+
+def num_chunks(ds: xr.Dataset) -> int:
+    """How many chunks (generation blocks) the store's query frames span: 1 for the bidirectional sampler."""
+    return len(np.unique(ds["query_chunk"].values)) if "query_chunk" in ds.coords else 1
+
+
+def default_layer(ds: xr.Dataset) -> int:
+    """The first captured layer."""
+    return int(ds.layer.values[0])
+
+
+def step_label(ds: xr.Dataset, step: int) -> str:
+    """'step 0 (t=1000, denoise)' with the CFG branch when there is one."""
+    s = ds.sel(step=step)
+    cfg = str(s.cfg.values) if "cfg" in ds.coords else "none"
+    phase = str(s.phase.values) if "phase" in ds.coords else "denoise"
+    extra = "" if cfg == "none" else f", {cfg}"
+    return f"step {step} (t={float(s.timestep.values):g}, {phase}{extra})"
+
+
+# ----------------------------------------------------------------------------------------------- row metrics
+def _mass(ds_or_mass: xr.Dataset | xr.DataArray) -> xr.DataArray:
+    if isinstance(ds_or_mass, xr.Dataset):
+        require_var(ds_or_mass, "attn_mass")
+        ds_or_mass = ds_or_mass["attn_mass"]
+    return ds_or_mass.astype(np.float64).load()
+
+
+def require_var(ds: xr.Dataset, var: str) -> None:
+    """WorkbenchError naming the store's statistics if `var` is not one of them."""
+    if var not in ds:
+        raise WorkbenchError(f"the store has no {var!r} (its stats: {list(ds.data_vars)}); "
+                             f"extract with `--stats {var},...` to get it")
+
+
+def default_local_window(ds: xr.Dataset | xr.DataArray) -> int:
+    """The store's `num_frame_per_block` (frames per chunk), or 3 (the released config's) when it is missing
+    or 0."""
+    return int(ds.attrs.get("num_frame_per_block") or 3)
+
+
+def distance(mass: xr.DataArray) -> xr.DataArray:
+    """[query_frame, key_frame] query_frame - key_frame, in frames (positive: the key is in the past)."""
+    return mass.query_frame - mass.key_frame
+
+
+def row_metrics(
+    ds: xr.Dataset | xr.DataArray,
+    *,
+    local_window: int | None = None,
+    early_fraction: float = 0.5,
+) -> xr.Dataset:
+    """The row metrics of the module docstring, one value per (sample, step, layer, head, query_frame).
+
+    `ds` is a store (or its `attn_mass`), whole or selected; `local_window` defaults to the store's
+    `num_frame_per_block` (3 if the attribute is missing)."""
+    if not 0.0 < early_fraction <= 1.0:
+        raise WorkbenchError(f"early_fraction {early_fraction} must be in (0, 1]")
+    mass = _mass(ds)  # [..., query_frame, key_frame]
+    if local_window is None:
+        local_window = default_local_window(ds)
+    if local_window < 1:
+        raise WorkbenchError(f"local_window {local_window} must be at least 1 frame")
+    attended = mass.notnull()
+    captured = attended.any("key_frame")  # rows with any attended key frame
+    m = mass.fillna(0.0)
+    total = m.sum("key_frame")
+    dist = distance(mass)
+
+    def on(cond):  # mass on the key frames where cond holds, NaN for rows never captured
+        return m.where(cond, 0.0).sum("key_frame").where(captured)
+
+    n = attended.sum("key_frame")
+    rank = attended.cumsum("key_frame") - 1  # 0 for the oldest attended key frame of the row
+    p = m / total.where(total > 0)
+    plogp = (p * np.log(p.where(p > 0))).fillna(0.0)
+    entropy = -plogp.sum("key_frame")
+    out = xr.Dataset({
+        "sink_mass": on(mass.key_frame == 0),
+        "sink_chunk_mass": on(mass["key_chunk"] == 0) if "key_chunk" in mass.coords else np.nan,
+        "own_chunk_mass": on(mass["key_chunk"] == mass["query_chunk"]) if "query_chunk" in mass.coords else np.nan,
+        "local_mass": on(abs(dist) < local_window),
+        "early_mass": on(attended & (rank < early_fraction * n)),
+        "mean_distance": ((m * dist).sum("key_frame") / total.where(total > 0)).where(captured),
+        "entropy": entropy.where(captured),
+        "entropy_norm": (entropy / np.log(n.where(n > 1))).where(captured),
+        "n_attended": n.where(captured),
+    })
+    for name, (long_name, units) in ROW_METRIC_INFO.items():
+        out[name].attrs.update(long_name=long_name, units=units)
+    out.attrs.update(local_window=local_window, early_fraction=early_fraction)
+    return out
+
+
+ROW_METRIC_INFO = {
+    "sink_mass": ("mass on key frame 0", "probability"),
+    "sink_chunk_mass": ("mass on the first chunk", "probability"),
+    "own_chunk_mass": ("mass on the query's own chunk", "probability"),
+    "local_mass": ("mass within the local window", "probability"),
+    "early_mass": ("mass on the oldest half of the attended frames", "probability"),
+    "mean_distance": ("mass-weighted mean query_frame - key_frame", "frames"),
+    "entropy": ("entropy over key frames", "nats"),
+    "entropy_norm": ("entropy / ln(attended key frames)", "1"),
+    "n_attended": ("attended key frames", "frames"),
+}
+
+
+def head_metrics(
+    ds: xr.Dataset,
+    *,
+    query_frames: str | Sequence[int] = "last_chunk",
+    sample: str | None = None,
+    average_samples: bool = True,
+    local_window: int | None = None,
+    early_fraction: float = 0.5,
+) -> xr.Dataset:
+    """Row metrics averaged over the chosen query frames (see `query_frames_for`) and over samples (every
+    sample, or only the named `sample`): dims (step, layer, head). `average_samples=False` keeps the `sample`
+    dim instead (ignored when a `sample` is named)."""
+    frames = query_frames_for(ds, query_frames)
+    ds = select(ds, sample=sample).sel(query_frame=frames)
+    rows = row_metrics(ds, local_window=local_window, early_fraction=early_fraction)
+    dims = ["query_frame"] + (["sample"] if average_samples or sample is not None else [])
+    out = rows.mean(dims, skipna=True, keep_attrs=True)
+    out.attrs.update(query_frames=frames, samples=[str(s) for s in ds.sample.values])
+    return out
+
+
+def recency_profile(ds: xr.Dataset | xr.DataArray, *, query_frames: str | Sequence[int] = "all") -> xr.DataArray:
+    """Mean attention mass at each frame distance d = query_frame - key_frame: for each (sample, step, layer,
+    head), the mean of attn_mass[qf, qf - d] over the query frames where that key frame was attended.
+    NaN where no query frame has distance d available. New dim `distance` (int, frames)."""
+    if isinstance(ds, xr.Dataset):
+        ds = ds.sel(query_frame=query_frames_for(ds, query_frames))
+    mass = _mass(ds)
+    dist = distance(mass)
+    values = np.unique(dist.values)
+    onehot = (dist == xr.DataArray(values, dims="distance", coords={"distance": values})).astype(np.float64)
+    valid = mass.notnull().astype(np.float64)
+    pair_dims = ["query_frame", "key_frame"]
+    total = xr.dot(mass.fillna(0.0), onehot, dim=pair_dims)
+    count = xr.dot(valid, onehot, dim=pair_dims)
+    out = (total / count.where(count > 0)).drop_vars([c for c in ("chunk", "key_chunk") if c in total.coords], errors="ignore")
+    out.name = "recency_profile"
+    out.attrs.update(long_name="mean attention mass at distance query_frame - key_frame", units="probability")
+    out["distance"].attrs.update(long_name="query_frame - key_frame", units="frames")
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- taxonomy
+@dataclass(frozen=True)
+class TaxonomyThresholds:
+    """Thresholds of `classify_heads` (all on head metrics in [0, 1]); the first rule that holds wins."""
+
+    sink_min: float = 0.5  # sink: sink_mass (frame 0) at least this
+    local_min: float = 0.5  # local: local_mass (|distance| < local_window) at least this
+    global_min_entropy: float = 0.85  # global: entropy_norm at least this
+    deep_min: float = 0.6  # deep_sink: early_mass (oldest half of the attended frames) at least this
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if not 0.0 <= value <= 1.5:  # > 1 switches a rule off
+                raise WorkbenchError(f"threshold {name}={value} must be in [0, 1] (or just above 1 to switch it off)")
+
+
+def classify_heads(hm: xr.Dataset, thresholds: TaxonomyThresholds | None = None) -> xr.DataArray:
+    """One class per head (and step, sample if present): sink, local, global, deep_sink or mixed, by the rules
+    of the module docstring applied to `head_metrics` output."""
+    th = thresholds or TaxonomyThresholds()
+    needed = ["sink_mass", "local_mass", "entropy_norm", "early_mass"]
+    missing = [v for v in needed if v not in hm]
+    if missing:
+        raise WorkbenchError(f"classify_heads needs head_metrics output; missing {missing}")
+    rules = [
+        ("sink", hm.sink_mass >= th.sink_min),
+        ("local", hm.local_mass >= th.local_min),
+        ("global", hm.entropy_norm >= th.global_min_entropy),
+        ("deep_sink", hm.early_mass >= th.deep_min),
+    ]
+    label = xr.full_like(hm.sink_mass, "mixed", dtype=object)
+    for name, cond in reversed(rules):  # the first rule wins, so apply it last
+        label = xr.where(cond, name, label)
+    label = label.astype(object)
+    label.name = "head_class"
+    label.attrs.update(long_name="head class", description=classify_heads.__doc__.split("\n")[0], **asdict(th))
+    return label
+
+
+# ------------------------------------------------------------------------------------------ researchers' stats
+def frame_profile(
+    ds: xr.Dataset,
+    *,
+    var: str = "attn_mass",
+    query_frames: str | Sequence[int] = "last_chunk",
+) -> xr.DataArray:
+    """`var` averaged over the chosen query rows, per key frame (NaN skipped): with the last chunk this is the
+    researchers' `last_block_frame_attention` [head, key_frame] (their `var` was the mean logit)."""
+    require_var(ds, var)
+    return ds[var].sel(query_frame=query_frames_for(ds, query_frames)).astype(np.float64).mean("query_frame", skipna=True)
+
+
+def sink_delta(v: xr.DataArray | np.ndarray, dim: str = "key_frame"):
+    """The researchers' sink statistic `v[0] - mean(v[1:-1])` along `dim` (NaN entries skipped in the mean)."""
+    if isinstance(v, xr.DataArray):
+        n = v.sizes[dim]
+        if n < 3:
+            raise WorkbenchError(f"sink = v[0] - mean(v[1:-1]) needs at least 3 {dim}s, got {n}")
+        out = v.isel({dim: 0}) - v.isel({dim: slice(1, n - 1)}).mean(dim, skipna=True)
+        return out.drop_vars([c for c in out.coords if c not in out.dims], errors="ignore")
+    v = np.asarray(v, dtype=np.float64)
+    if v.shape[-1] < 3:
+        raise WorkbenchError(f"sink = v[0] - mean(v[1:-1]) needs at least 3 values, got {v.shape[-1]}")
+    return v[..., 0] - np.nanmean(v[..., 1:-1], axis=-1)
+
+
+def researcher_stats(
+    ds: xr.Dataset, *, layer: int, step: int = 0, var: str = "attn_logit", sample: str | None = None
+) -> xr.Dataset:
+    """The statistics of selfforcing.md 5.7 / 5.8 for one layer and step, per head (mean over samples unless one
+    is named): `diag_mean` (mean of the query_frame == key_frame entries), `col0_mean` (mean of key frame 0 over
+    the query frames that attended it: the fork's "non-zero column-0 mean"), and of the last chunk's profile v:
+    `first` = v[0], `mid` = mean(v[1:-1]), `last` = v[-1], `sink` = first - mid."""
+    require_var(ds, var)
+    sub = select(ds, sample=sample, layer=layer, step=step)
+    full = sub[var].astype(np.float64).mean("sample", skipna=True).isel(layer=0, step=0)  # [head, query_frame, key_frame]
+    diag = full.where(full.query_frame == full.key_frame).mean(["query_frame", "key_frame"], skipna=True)
+    col0 = full.isel(key_frame=0).mean("query_frame", skipna=True)
+    v = frame_profile(sub, var=var).mean("sample", skipna=True).isel(layer=0, step=0)  # [head, key_frame]
+    n = v.sizes["key_frame"]
+    out = xr.Dataset({
+        "diag_mean": diag,
+        "col0_mean": col0,
+        "first": v.isel(key_frame=0, drop=True),
+        "mid": v.isel(key_frame=slice(1, n - 1)).mean("key_frame", skipna=True),
+        "last": v.isel(key_frame=n - 1, drop=True),
+        "sink": sink_delta(v),
+    })
+    out = out.drop_vars([c for c in out.coords if c not in out.dims])
+    out.attrs.update(layer=layer, step=step, var=var, min=float(full.min()), max=float(full.max()))
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- invariants
+def row_sum_error(ds: xr.Dataset) -> float:
+    """max |sum over key frames of attn_mass - 1| over the captured rows (docs/store.md: 1 for every row)."""
+    mass = _mass(ds)
+    captured = mass.notnull().any("key_frame")
+    err = abs(mass.sum("key_frame", skipna=True) - 1.0).where(captured)
+    return float(err.max(skipna=True)) if bool(captured.any()) else 0.0
+
+
+def expected_attended(ds: xr.Dataset) -> xr.DataArray:
+    """[sample, query_frame, key_frame] bool: the key frames each query frame's call should have attended.
+
+    Bidirectional sampler: every frame. Causal samplers: key_chunk <= chunk (the block-causal staircase); with a
+    window (local_attn_size L != -1) and sink_size S, only frames [0, S) and the L - S most recent frames up to
+    the end of the query's chunk (the cache of Self Forcing's `_forward_inference`, sinks kept at the front)."""
+    qf, kf = ds.query_frame, ds.key_frame
+    chunk_end = xr.DataArray(
+        [int(qf.where(ds["query_chunk"] == c).max()) for c in ds["query_chunk"].values], dims="query_frame", coords={"query_frame": qf}
+    )
+    causal = (ds["key_chunk"] <= ds["query_chunk"])
+    per_sample = []
+    for s in ds.sample.values:
+        sampler = str(ds.sampler.sel(sample=s).values) if "sampler" in ds.coords else "causal_few_step"
+        if sampler == "bidirectional":
+            mask = xr.ones_like(causal, dtype=bool)
+        else:
+            mask = causal
+            window = int(ds.local_attn_size.sel(sample=s)) if "local_attn_size" in ds.coords else -1
+            if window != -1:
+                sink = int(ds.sink_size.sel(sample=s)) if "sink_size" in ds.coords else 0
+                mask = mask & ((kf < sink) | (kf > chunk_end - (window - sink)))
+        per_sample.append(mask.transpose("query_frame", "key_frame"))
+    out = xr.concat(per_sample, dim=ds.sample)
+    return out.drop_vars([c for c in out.coords if c not in out.dims])
+
+
+def nan_pattern_mismatches(ds: xr.Dataset) -> int:
+    """How many attn_mass entries are NaN where `expected_attended` says attended, or the other way round."""
+    attended = ds["attn_mass"].notnull()
+    return int((attended != expected_attended(ds)).sum())
+
+
+def logit_nan_matches_mass(ds: xr.Dataset) -> bool:
+    """docs/store.md: attn_logit is NaN exactly where attn_mass is NaN."""
+    if "attn_logit" not in ds:
+        return True
+    return bool((ds["attn_logit"].isnull() == ds["attn_mass"].isnull()).all())
+
+
+def _short(values, n: int = 12) -> str:
+    values = list(values)
+    text = ", ".join(str(v) for v in values[:n])
+    return f"[{text}{', ...' if len(values) > n else ''}] ({len(values)})"

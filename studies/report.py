@@ -1,0 +1,308 @@
+"""Self-contained HTML reports of one store or of a comparison (plotly.js inlined: they open offline).
+
+    build_report(store, "report.html")               what one store holds: checks, head metrics, taxonomy,
+                                                     per-layer head grids, last-chunk bars, step slider, recency
+    build_compare_report(store_a, store_b, "c.html") matched steps, metric maps A / B / B - A, JS divergence,
+                                                     heads ranked by change, the top heads' heatmaps side by side
+
+Each figure is a `<div id="fig-...">` plus a `<script type="application/json" id="fig-...-json">` holding the
+plotly figure (data, layout, frames) that a few lines of JS hand to `Plotly.newPlot`; tests and scripts can read
+a report's numbers back from that JSON. Files are written atomically (temp file, then rename).
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from studies import compare as compare_mod
+from studies import figures, metrics
+from workbench.errors import WorkbenchError
+
+MAX_DETAIL_LAYERS = 8  # per-layer sections when no layer is named: evenly spaced, first and last included
+OVERVIEW_METRICS = ("sink_mass", "own_chunk_mass", "local_mass", "early_mass", "mean_distance", "entropy_norm")
+
+CSS = """
+body { font-family: -apple-system, BlinkMacSystemFont, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px auto;
+       max-width: 1400px; color: #222; padding: 0 16px; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 2em; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 8px 0; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; } th { background: #f4f4f4; }
+.note { color: #555; font-size: 0.9em; max-width: 60em; } .ok { color: #1a7f37; } .bad { color: #c62828; }
+.figure { margin: 12px 0 28px 0; } code { background: #f4f4f4; padding: 1px 4px; }
+"""
+
+
+# --------------------------------------------------------------------------------------------- html pieces
+class Page:
+    """An HTML page assembled from sections, tables and figures."""
+
+    def __init__(self, title: str):
+        self.title, self.parts, self.ids = title, [], set()
+
+    def h(self, text: str, level: int = 2):
+        self.parts.append(f"<h{level}>{html.escape(text)}</h{level}>")
+
+    def p(self, text: str, cls: str = "note"):
+        self.parts.append(f'<p class="{cls}">{text}</p>')
+
+    def table(self, df: pd.DataFrame, *, index: bool = True, float_format: str = "{:.4g}"):
+        self.parts.append(df.to_html(index=index, float_format=float_format.format, border=0, na_rep="NaN",
+                                     classes="table"))
+
+    def figure(self, fig, fig_id: str):
+        if fig_id in self.ids:
+            raise ValueError(f"duplicate figure id {fig_id}")
+        self.ids.add(fig_id)
+        payload = fig.to_json().replace("</", "<\\/")  # a JSON string cannot close the script element
+        self.parts.append(
+            f'<div class="figure"><div id="{fig_id}" class="plotly-graph-div"></div>'
+            f'<script type="application/json" id="{fig_id}-json">{payload}</script></div>'
+        )
+
+    def render(self) -> str:
+        from plotly.offline import get_plotlyjs
+
+        loader = (
+            "document.querySelectorAll('script[type=\"application/json\"][id$=\"-json\"]').forEach(function (el) {"
+            " var fig = JSON.parse(el.textContent); var div = document.getElementById(el.id.slice(0, -5));"
+            " Plotly.newPlot(div, {data: fig.data, layout: fig.layout, frames: fig.frames || [],"
+            " config: {responsive: true, displaylogo: false}}); });"
+        )
+        return (
+            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(self.title)}</title><style>{CSS}</style>"
+            f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>'
+            f"<h1>{html.escape(self.title)}</h1>\n" + "\n".join(self.parts)
+            + f"\n<script>{loader}</script></body></html>\n"
+        )
+
+
+def write_atomic(text: str, out: str | Path) -> Path:
+    """Write `text` to `out` through a temporary file in the same folder."""
+    out = Path(out)
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def _open(store) -> tuple[xr.Dataset, str]:
+    if isinstance(store, xr.Dataset):
+        return store, str(store.encoding.get("source", "in-memory store"))
+    from studies import load_store
+
+    return load_store(store), str(store)
+
+
+def _detail_layers(ds: xr.Dataset, layers) -> list[int]:
+    have = [int(x) for x in ds.layer.values]
+    if layers is not None:
+        layers = [layers] if np.isscalar(layers) else list(layers)
+        bad = [x for x in layers if x not in have]
+        if bad:
+            raise WorkbenchError(f"layer {bad[0]} is not in the store; it has layers {have}")
+        return [int(x) for x in layers]
+    if len(have) <= MAX_DETAIL_LAYERS:
+        return have
+    idx = np.unique(np.linspace(0, len(have) - 1, MAX_DETAIL_LAYERS).round().astype(int))
+    return [have[i] for i in idx]
+
+
+def _store_summary(page: Page, ds: xr.Dataset, source: str):
+    first = ds.isel(sample=0)
+    facts = {
+        "store": source,
+        "created": ds.attrs.get("created_utc", "?"),
+        "model family": str(first["model_family"].values) if "model_family" in ds.coords else "?",
+        "sampler": str(first["sampler"].values) if "sampler" in ds.coords else "?",
+        "checkpoint": str(first["checkpoint"].values) if "checkpoint" in ds.coords else "?",
+        "attention window (frames, -1 = global) / sink frames":
+            f"{int(first['local_attn_size'])} / {int(first['sink_size'])}" if "local_attn_size" in ds.coords else "?",
+        "frames / frames per chunk": f"{ds.sizes['query_frame']} / {ds.attrs.get('num_frame_per_block', '?')}",
+        "layers captured (of num_layers)": f"{[int(x) for x in ds.layer.values]} (of {ds.attrs.get('num_layers', '?')})",
+        "heads captured (of num_heads)": f"{ds.sizes['head']} (of {ds.attrs.get('num_heads', '?')})",
+        "statistics": ", ".join(ds.attrs.get("stats", list(ds.data_vars))),
+        "git commit / workbench": f"{ds.attrs.get('git_commit', '?')} / {ds.attrs.get('workbench_version', '?')}",
+    }
+    page.table(pd.DataFrame({"": list(facts.values())}, index=list(facts)), index=True)
+    page.h("Samples", 3)
+    page.table(pd.DataFrame({
+        "sample": [str(s) for s in ds.sample.values],
+        "prompt": [str(p) for p in ds["prompt"].values],
+        "seed": [int(s) for s in ds["seed"].values],
+    }), index=False)
+    page.h("Steps", 3)
+    page.table(steps_table(ds), index=False)
+
+
+def steps_table(ds: xr.Dataset) -> pd.DataFrame:
+    """step, timestep, phase, cfg, denoise_index of a store."""
+    cols = {"step": [int(s) for s in ds.step.values]}
+    for name in ("timestep", "phase", "cfg", "denoise_index"):
+        if name in ds.coords:
+            cols[name] = [v.item() if hasattr(v, "item") else str(v) for v in ds[name].values]
+    return pd.DataFrame(cols)
+
+
+def checks_table(ds: xr.Dataset) -> pd.DataFrame:
+    """The store invariants of docs/store.md, each with its value and whether it holds."""
+    err = metrics.row_sum_error(ds)
+    mism = metrics.nan_pattern_mismatches(ds)
+    same = metrics.logit_nan_matches_mass(ds)
+    return pd.DataFrame([
+        {"check": "attn_mass rows sum to 1 (max |sum - 1|)", "value": f"{err:.2e}", "holds": err < 1e-3},
+        {"check": "NaN exactly outside the expected key window (entries that differ)", "value": str(mism),
+         "holds": mism == 0},
+        {"check": "attn_logit NaN exactly where attn_mass is NaN", "value": str(same), "holds": same},
+    ])
+
+
+def _head_table(hm: xr.Dataset, classes: xr.DataArray) -> pd.DataFrame:
+    df = hm.drop_vars([c for c in hm.coords if c not in ("layer", "head")]).to_dataframe(dim_order=["layer", "head"])
+    df["class"] = classes.transpose("layer", "head").to_series()
+    return df
+
+
+# ------------------------------------------------------------------------------------------------ reports
+def build_report(
+    store,
+    out_html: str | Path,
+    *,
+    layer: int | list[int] | None = None,
+    sample: str | None = None,
+    step: int = 0,
+    query_frames="last_chunk",
+    thresholds: metrics.TaxonomyThresholds | None = None,
+) -> Path:
+    """Write an HTML report of one store (a path or an opened Dataset) to `out_html`; returns the path.
+
+    `layer`: the layer(s) that get a detailed section (default: every captured layer, at most 8 evenly spaced);
+    `sample`: one sample id (default: the mean over samples); `step`: the step of the overview maps and head grids
+    (default 0: the first denoising step, t = 1000, the researchers' choice)."""
+    ds, source = _open(store)
+    detail = _detail_layers(ds, layer)
+    metrics.select(ds, sample=sample, step=step)  # fail early on a bad sample or step
+    hm = metrics.head_metrics(metrics.select(ds, step=step), query_frames=query_frames, sample=sample)
+    classes = metrics.classify_heads(hm, thresholds)
+    frames = hm.attrs["query_frames"]
+
+    page = Page(f"Attention report: {Path(source).name}")
+    page.p(f"Made {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by <code>studies.report.build_report</code>. "
+           "Metrics are defined in <code>studies/metrics.py</code>; the store layout in <code>docs/store.md</code>.")
+    _store_summary(page, ds, source)
+    page.h("Checks")
+    page.table(checks_table(ds), index=False)
+
+    page.h(f"Overview at {metrics.step_label(ds, step)}")
+    page.p(f"Head metrics averaged over query frames {frames[0]}-{frames[-1]} ({query_frames}) and "
+           f"{'sample ' + sample if sample else 'all samples'}. Classes: sink (mass on frame 0 &ge; threshold), local "
+           "(mass within one chunk's distance), global (normalised entropy high), deep_sink (mass on the oldest half of "
+           "the attended frames), mixed (none). Thresholds: "
+           + ", ".join(f"{k}={v}" for k, v in classes.attrs.items() if k.endswith(("_min", "_entropy"))) + ".")
+    at = hm.sel(step=step)
+    page.figure(figures.taxonomy_map(classes.sel(step=step), title=f"head classes · {metrics.step_label(ds, step)}"),
+                "fig-taxonomy")
+    for name in OVERVIEW_METRICS:
+        if name in at and bool(at[name].notnull().any()):
+            zmax = 1.0 if at[name].attrs.get("units") == "probability" or name == "entropy_norm" else None
+            page.figure(figures.layer_head_map(at[name], zmin=0 if zmax else None, zmax=zmax,
+                                               title=f"{name}: {at[name].attrs.get('long_name', '')}"),
+                        f"fig-overview-{name}")
+    page.h("Head metrics and classes", 3)
+    page.table(_head_table(at, classes.sel(step=step)))
+
+    # the slider leaves out CFG's uncond forwards (half of a Wan store's steps, and the bulk of the HTML)
+    slider_steps = [int(s) for s, c in zip(ds.step.values, ds["cfg"].values) if str(c) != "uncond"] \
+        if "cfg" in ds.coords else None
+    for lay in detail:
+        page.h(f"Layer {lay}")
+        page.figure(figures.head_grid(ds, lay, step=step, sample=sample), f"fig-grid-layer{lay}")
+        page.figure(figures.last_chunk_bars(ds, lay, step=step, sample=sample), f"fig-bars-layer{lay}")
+        page.figure(figures.step_slider(ds, lay, sample=sample, steps=slider_steps), f"fig-steps-layer{lay}")
+        prof = metrics.recency_profile(metrics.select(ds, sample=sample, layer=lay, step=step))
+        prof = prof.mean("sample", skipna=True).isel(layer=0, step=0)
+        page.figure(figures.recency_lines(prof, title=f"recency profile · layer {lay} · {metrics.step_label(ds, step)}"),
+                    f"fig-recency-layer{lay}")
+    if len(detail) < ds.sizes["layer"]:
+        page.p(f"Detailed sections for layers {detail} of {ds.sizes['layer']}; pass --layer N to choose others.")
+    return write_atomic(page.render(), out_html)
+
+
+def build_compare_report(
+    store_a,
+    store_b,
+    out_html: str | Path,
+    *,
+    tolerance: float = 20.0,
+    cfg: str = "cond",
+    query_frames="last_chunk",
+    layers=None,
+    top: int = 4,
+    thresholds: metrics.TaxonomyThresholds | None = None,
+) -> Path:
+    """Write an HTML comparison of two stores (paths or opened Datasets) to `out_html`; returns the path.
+    Alignment and divergence as in `studies.compare.compare_stores`; `top` heads get side-by-side heatmaps."""
+    if top < 0:
+        raise WorkbenchError(f"top {top} must be 0 or more (the number of most-changed heads to draw)")
+    a, src_a = _open(store_a)
+    b, src_b = _open(store_b)
+    name_a, name_b = Path(src_a).name, Path(src_b).name
+    if name_a == name_b:
+        name_a, name_b = f"A: {name_a}", f"B: {name_b}"
+    c = compare_mod.compare_stores(a, b, tolerance=tolerance, cfg=cfg, query_frames=query_frames, layers=layers,
+                                   thresholds=thresholds, name_a=name_a, name_b=name_b)
+    ranking = compare_mod.rank_heads(c)
+
+    page = Page(f"Comparison: {name_a} vs {name_b}")
+    page.p(f"A = <code>{html.escape(src_a)}</code>, B = <code>{html.escape(src_b)}</code>. Differences are B - A. "
+           "Jensen-Shannon divergence between the key-frame distributions of each query row, in bits (0 = same, "
+           f"1 = disjoint), averaged over sample pairs and query frames {c.query_frames}.")
+    page.h("Matched samples")
+    page.table(c.pairs, index=False)
+    page.h("Matched steps")
+    page.p(f"Each step of A matched to the step of B with the nearest timestep, same phase, within {tolerance:g} "
+           f"(CFG branch '{cfg}').")
+    page.table(c.steps)
+    if len(c.unmatched_a) or len(c.unmatched_b):
+        page.h("Unmatched steps", 3)
+        page.table(pd.concat({name_a: c.unmatched_a, name_b: c.unmatched_b}, names=["store", "row"]))
+
+    page.h("Heads ranked by change")
+    page.table(ranking)
+    page.figure(figures.layer_head_map(c.js_bits.mean("match"), zmin=0, title="Jensen-Shannon divergence (bits), "
+                                       "mean over matched steps"), "fig-js")
+    for m in range(len(c.steps)):
+        page.figure(figures.layer_head_map(c.js_bits.sel(match=m), zmin=0,
+                                           title=f"JS divergence (bits) · t_A={c.steps.timestep_a[m]:g} "
+                                                 f"t_B={c.steps.timestep_b[m]:g}"), f"fig-js-match{m}")
+
+    page.h("Metrics: A, B and B - A (first matched step)")
+    page.figure(figures.taxonomy_map(c.class_a.sel(match=0), title=f"head classes · {name_a}"), "fig-taxonomy-a")
+    page.figure(figures.taxonomy_map(c.class_b.sel(match=0), title=f"head classes · {name_b}"), "fig-taxonomy-b")
+    for name in c.diff.data_vars:
+        ma, mb = c.metrics_a[name].sel(match=0), c.metrics_b[name].sel(match=0)
+        if bool(ma.notnull().any()) and bool(mb.notnull().any()):
+            page.figure(figures.compare_maps(ma, mb, names=(name_a, name_b),
+                                             title=f"{name}: {ma.attrs.get('long_name', '')} · t={c.steps.timestep_a[0]:g}"),
+                        f"fig-compare-{name}")
+
+    page.h(f"Top {min(top, len(ranking))} heads: query x key frame heatmaps (first matched step)")
+    sa, sb = int(c.steps.step_a[0]), int(c.steps.step_b[0])
+    samples_a, samples_b = list(c.pairs.sample_a), list(c.pairs.sample_b)
+    for row in ranking.head(top).itertuples():
+        ga = figures.head_grid(a.sel(sample=samples_a), row.layer, step=sa, heads=[row.head])
+        gb = figures.head_grid(b.sel(sample=samples_b), row.layer, step=sb, heads=[row.head])
+        for fig, who, g in ((ga, "a", name_a), (gb, "b", name_b)):
+            fig.update_layout(title=f"{g} · layer {row.layer} head {row.head} · JS {row.js_bits:.3f} bits",
+                              width=520, height=460)
+            page.figure(fig, f"fig-top-L{row.layer}H{row.head}-{who}")
+    return write_atomic(page.render(), out_html)

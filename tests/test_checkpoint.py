@@ -1,0 +1,136 @@
+"""Checkpoint IO: Self-Forcing .pt round trip, the Wan folder (single and sharded), the diffusers layout
+(keys both ways, and equality of the forward with diffusers' WanTransformer3DModel), and clear errors."""
+
+import pickle
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from models.checkpoint import (build_model, from_diffusers, load_wan, read_self_forcing, read_wan_folder,
+                               save_self_forcing, save_wan_folder, strip_prefixes, to_diffusers)
+from models.config import preset
+from models.errors import CheckpointError
+
+
+@pytest.fixture
+def sd():
+    return tiny_model().state_dict()
+
+
+def test_self_forcing_round_trip(tmp_path, sd):
+    ema = {k: v + 1 for k, v in sd.items()}
+    path = tmp_path / "ckpt.pt"
+    save_self_forcing(path, generator=sd, generator_ema=ema, critic=sd)
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"generator", "generator_ema", "critic"}
+    assert all(k.startswith("model.") for k in raw["generator"])  # the wrapper's prefix, as released
+    for key, want in (("generator", sd), ("generator_ema", ema), ("critic", sd)):
+        got = read_self_forcing(path, key)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_wrapper_prefixes_are_stripped(sd):
+    wrapped = {f"model._fsdp_wrapped_module._checkpoint_wrapped_module.{k}": v for k, v in sd.items()}
+    wrapped = {k.replace("blocks.", "_orig_mod.blocks."): v for k, v in wrapped.items()}
+    assert strip_prefixes(wrapped).keys() == sd.keys()
+
+
+def test_load_wan_folder_with_self_forcing_checkpoint(tmp_path, sd):
+    cfg = preset("tiny")
+    save_wan_folder(tmp_path / "wan", cfg, sd)
+    other = tiny_model(seed=5).state_dict()
+    save_self_forcing(tmp_path / "sf.pt", generator=sd, generator_ema=other)
+    base = load_wan(tmp_path / "wan")
+    ema = load_wan(tmp_path / "wan", checkpoint=tmp_path / "sf.pt", use_ema=True)
+    assert torch.equal(base.state_dict()["blocks.0.self_attn.q.weight"], sd["blocks.0.self_attn.q.weight"])
+    assert torch.equal(ema.state_dict()["blocks.0.self_attn.q.weight"], other["blocks.0.self_attn.q.weight"])
+    assert base.causal and ema.config == cfg
+
+
+def test_sharded_wan_folder(tmp_path, sd):
+    cfg = preset("tiny")
+    save_wan_folder(tmp_path / "wan", cfg, sd, shard_size=10)
+    assert len(list((tmp_path / "wan").glob("*.safetensors"))) > 2
+    config, loaded = read_wan_folder(tmp_path / "wan")
+    assert config == cfg and loaded.keys() == sd.keys()
+
+
+def test_meta_build_has_no_random_init(sd):
+    model = build_model(preset("tiny"), sd)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, sd[key])
+
+
+def test_wrong_keys_and_shapes_are_listed(sd):
+    bad = dict(sd)
+    bad.pop("blocks.1.ffn.0.weight")
+    bad["blocks.0.extra"] = torch.zeros(1)
+    bad["head.head.weight"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError) as err:
+        build_model(preset("tiny"), bad, source="test.pt")
+    msg = str(err.value)
+    assert "missing: blocks.1.ffn.0.weight" in msg and "unexpected: blocks.0.extra" in msg
+    assert "head.head.weight: (3, 3) != (64, 64)" in msg and "test.pt" in msg
+
+
+def test_missing_files_and_keys(tmp_path, sd):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_self_forcing(tmp_path / "nope.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_wan_folder(tmp_path / "nowhere")
+    save_self_forcing(tmp_path / "gen_only.pt", generator=sd)
+    with pytest.raises(CheckpointError, match="no 'generator_ema' entry; it has \\['generator'\\]"):
+        read_self_forcing(tmp_path / "gen_only.pt", "generator_ema")
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this file ran code",))
+
+
+def test_pickled_code_is_refused_without_trust(tmp_path, sd):
+    path = tmp_path / "evil.pt"
+    torch.save({"generator": {f"model.{k}": v for k, v in sd.items()}, "extra": Evil()}, path)
+    with pytest.raises(CheckpointError, match="evil.pt.*--trust-pickle"):
+        read_self_forcing(path)
+    assert read_self_forcing(path, trust_pickle=True).keys() == sd.keys()
+
+
+def test_diffusers_key_map_both_ways(sd):
+    diff = to_diffusers(sd)
+    assert from_diffusers(diff).keys() == sd.keys()
+    pytest.importorskip("diffusers")
+    from diffusers import WanTransformer3DModel
+
+    ref = WanTransformer3DModel(**diffusers_kwargs(preset("tiny")))
+    assert set(diff) == set(ref.state_dict())
+    assert "blocks.0.norm2.weight" in diff and "blocks.0.norm3.weight" in sd  # the cross-attention norm swap
+
+
+def diffusers_kwargs(cfg):
+    return dict(patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+                in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+                ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                eps=cfg.eps)
+
+
+def test_forward_matches_diffusers_on_the_same_weights(sd):
+    """Our bidirectional transformer equals diffusers' WanTransformer3DModel (float32), both load directions."""
+    pytest.importorskip("diffusers")
+    from diffusers import WanTransformer3DModel
+
+    cfg = preset("tiny")
+    ours = build_model(cfg, sd, causal=False)
+    ref = WanTransformer3DModel(**diffusers_kwargs(cfg)).eval()
+    ref.load_state_dict(to_diffusers(sd), strict=True)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 16, 5, 8, 6, generator=g)
+    t = torch.tensor([937.5, 250.0])
+    ctx = torch.randn(2, cfg.text_len, cfg.text_dim, generator=g)
+    with torch.no_grad():
+        want = ref(x, t, ctx, return_dict=False)[0]
+        got = ours(x, t, ctx)
+        again = build_model(cfg, from_diffusers(ref.state_dict()))(x, t, ctx)  # diffusers -> ours
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(again, got)

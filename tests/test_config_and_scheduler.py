@@ -1,0 +1,120 @@
+"""Sizes of the real configs (built on the meta device) and the flow-matching schedule, against the
+numbers of reference sections 1.5 and 9."""
+
+import json
+
+import pytest
+import torch
+
+from models.config import WanConfig, preset
+from models.errors import ModelInputError
+from models.scheduler import FlowMatchScheduler
+from models.wan import WanModel
+
+
+def meta_model(name):
+    with torch.device("meta"):
+        return WanModel(preset(name), causal=True)
+
+
+def test_wan_1_3b_parameter_count_and_state_dict_names():
+    model = meta_model("wan2.1-t2v-1.3b")
+    sd = model.state_dict()
+    assert sum(p.numel() for p in model.parameters()) == 1_418_996_800
+    assert len(sd) == 825
+    assert sum(p.numel() for p in model.blocks[0].parameters()) == 46_440_704
+    shapes = {
+        "patch_embedding.weight": (1536, 16, 1, 2, 2),
+        "text_embedding.0.weight": (1536, 4096),
+        "text_embedding.2.weight": (1536, 1536),
+        "time_embedding.0.weight": (1536, 256),
+        "time_projection.1.weight": (9216, 1536),
+        "head.modulation": (1, 2, 1536),
+        "head.head.weight": (64, 1536),
+        "blocks.29.modulation": (1, 6, 1536),
+        "blocks.0.self_attn.norm_q.weight": (1536,),
+        "blocks.0.self_attn.o.weight": (1536, 1536),
+        "blocks.0.cross_attn.norm_k.weight": (1536,),
+        "blocks.0.norm3.bias": (1536,),
+        "blocks.0.ffn.0.weight": (8960, 1536),
+        "blocks.0.ffn.2.weight": (1536, 8960),
+    }
+    for key, shape in shapes.items():
+        assert tuple(sd[key].shape) == shape, key
+    per_block = sorted(k.split(".", 2)[2] for k in sd if k.startswith("blocks.7."))
+    assert len(per_block) == 27
+    # the norms without parameters (norm1, norm2, head norm) have no keys
+    assert not any(k.startswith(("blocks.0.norm1", "blocks.0.norm2", "head.norm")) for k in sd)
+
+
+def test_1_3b_geometry_and_rope_split():
+    cfg = preset("wan2.1-t2v-1.3b")
+    assert (cfg.dim, cfg.num_heads, cfg.head_dim, cfg.num_layers, cfg.ffn_dim) == (1536, 12, 128, 30, 8960)
+    assert cfg.rope_split == (44, 42, 42)
+    assert cfg.tokens_per_frame(60, 104) == 1560
+
+
+def test_14b_preset_builds():
+    cfg = preset("wan2.1-t2v-14b")
+    assert cfg.head_dim == 128 and cfg.num_layers == 40
+
+
+def test_config_json_round_trip_and_unknown_key(tmp_path):
+    cfg = preset("tiny")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg.to_json_dict()))
+    assert WanConfig.from_json(path) == cfg
+    raw = cfg.to_json_dict() | {"num_layerz": 3}
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ModelInputError, match="num_layerz"):
+        WanConfig.from_json(path)
+
+
+def test_config_infers_sizes_from_state_dict():
+    cfg = preset("tiny")
+    with torch.device("meta"):
+        sd = WanModel(cfg).state_dict()
+    assert WanConfig.from_state_dict(sd, num_heads=cfg.num_heads, text_len=cfg.text_len) == cfg
+    with pytest.raises(ModelInputError, match="heads"):
+        WanConfig.from_state_dict(sd)  # dim 64 is no known size: heads must be given
+
+
+def test_schedule_numbers():
+    s = FlowMatchScheduler(shift=5.0)
+    assert len(s.timesteps) == 1000
+    assert s.timesteps[0].item() == 1000.0
+    assert s.timesteps[-1].item() == pytest.approx(4.98, abs=5e-3)
+    assert s.sigmas[-1].item() == pytest.approx(0.00498, abs=5e-5)
+    warped = s.warp([1000, 750, 500, 250])
+    assert warped.dtype == torch.float32
+    assert warped.tolist() == [1000.0, 937.5, pytest.approx(833.3333, abs=1e-4), 625.0]
+    assert warped[2].item() == 833.3333129882812
+    assert s.sigma(warped).tolist() == pytest.approx([1.0, 0.9375, 0.833333, 0.625], abs=1e-6)
+    # shift 8 gives the ODE-pair timesteps of reference 4.5
+    assert FlowMatchScheduler(8.0).warp([1000, 750, 500, 250]).tolist() == pytest.approx(
+        [1000.0, 960.0, 888.9, 727.3], abs=0.05)
+
+
+def test_flow_conversions_are_inverse():
+    s = FlowMatchScheduler(5.0)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    t = torch.tensor([937.5, 625.0])
+    xt = s.add_noise(x0, noise, t)
+    flow = s.training_target(x0, noise)
+    torch.testing.assert_close(s.x0_from_flow(flow, xt, t), x0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(s.flow_from_x0(x0, xt, t), flow, rtol=0, atol=1e-5)
+    # add_noise snaps t = 0 to the last grid point (sigma 0.00498): training's context noise is not zero
+    assert not torch.equal(s.add_noise(x0, noise, torch.zeros(2)), x0)
+
+
+def test_training_weight_peak():
+    s = FlowMatchScheduler(5.0)
+    assert s.training_weight(s.timesteps).max().item() == pytest.approx(2.076, abs=1e-3)
+
+
+def test_bad_shift_and_steps():
+    with pytest.raises(ModelInputError, match="shift"):
+        FlowMatchScheduler(0)
+    with pytest.raises(ModelInputError, match="1001"):
+        FlowMatchScheduler(5).warp([1001])

@@ -1,0 +1,231 @@
+"""studies.report and the `workbench report` / `workbench compare` commands: the HTML is self-contained (plotly.js
+inlined), holds the figures (div ids and the figure JSON, with the store's numbers and titles) and the tables.
+If chromium is installed, a report is also rendered headless and every figure must draw."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from studies import commands, load_store, report, synthetic
+from workbench.errors import WorkbenchError
+
+
+class ReportParser(HTMLParser):
+    """Collects figure divs, the figure JSON scripts, external script sources, tables and headings."""
+
+    def __init__(self):
+        super().__init__()
+        self.divs, self.figures, self.external, self.tables, self.headings = [], {}, [], 0, []
+        self._json_id, self._in_heading, self._buffer = None, False, []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "div" and "plotly-graph-div" in (attrs.get("class") or ""):
+            self.divs.append(attrs["id"])
+        if tag == "script":
+            if attrs.get("src"):
+                self.external.append(attrs["src"])
+            if attrs.get("type") == "application/json":
+                self._json_id, self._buffer = attrs["id"], []
+        if tag == "table":
+            self.tables += 1
+        if tag in ("h1", "h2", "h3"):
+            self._in_heading, self._buffer = True, []
+
+    def handle_data(self, data):
+        if self._json_id or self._in_heading:
+            self._buffer.append(data)
+
+    def handle_endtag(self, tag):
+        if tag == "script" and self._json_id:
+            self.figures[self._json_id[: -len("-json")]] = json.loads("".join(self._buffer))
+            self._json_id = None
+        if tag in ("h1", "h2", "h3") and self._in_heading:
+            self.headings.append("".join(self._buffer))
+            self._in_heading = False
+
+
+def array(value) -> np.ndarray:
+    """A trace array from figure JSON: plotly writes numpy arrays as {dtype, bdata (base64), shape}."""
+    if isinstance(value, dict) and "bdata" in value:
+        out = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        shape = value.get("shape")
+        return out.reshape([int(n) for n in str(shape).split(",")]) if shape else out
+    return np.array(value, dtype=float)
+
+
+def parse(path: Path) -> tuple[ReportParser, str]:
+    text = path.read_text(encoding="utf-8")
+    parser = ReportParser()
+    parser.feed(text)
+    return parser, text
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rep")
+    sf = synthetic.write_store(root / "sf.zarr", "causal", layers=(0, 1), num_heads=12, seeds=(1, 2), noise=0.1)
+    wan = synthetic.write_store(root / "wan.zarr", "bidirectional", layers=(0, 1), num_heads=12, seeds=(2, 3),
+                                noise=0.1, roles=lambda l, h: "global" if h == 0 else synthetic.planted_role(l, h))
+    return {"sf": sf, "wan": wan, "root": root}
+
+
+@pytest.fixture(scope="module")
+def store_report(stores):
+    return report.build_report(stores["sf"], stores["root"] / "sf.html")
+
+
+@pytest.fixture(scope="module")
+def compare_report(stores):
+    return report.build_compare_report(stores["wan"], stores["sf"], stores["root"] / "cmp.html")
+
+
+def test_report_is_self_contained(store_report):
+    parser, text = parse(store_report)
+    assert parser.external == []  # nothing fetched: opens offline
+    assert "plotly.js v" in text[:100_000]  # the library itself is inlined
+    assert sorted(parser.divs) == sorted(parser.figures)  # every div has its figure JSON
+
+
+def test_report_holds_the_figures(stores, store_report):
+    parser, text = parse(store_report)
+    for layer in (0, 1):
+        for kind in ("grid", "bars", "steps", "recency"):
+            assert f"fig-{kind}-layer{layer}" in parser.figures
+    for name in ("taxonomy", "overview-sink_mass", "overview-own_chunk_mass", "overview-local_mass",
+                 "overview-mean_distance", "overview-entropy_norm"):
+        assert f"fig-{name}" in parser.figures
+    grid = parser.figures["fig-grid-layer1"]
+    assert "attn_mass · layer 1 · step 0 (t=1000, denoise)" in grid["layout"]["title"]["text"]
+    assert len(grid["data"]) == 12 and grid["data"][0]["type"] == "heatmap"
+    ds = load_store(stores["sf"])
+    expected = ds["attn_mass"].sel(layer=1, step=0, head=4).mean("sample").values
+    z = array(grid["data"][4]["z"])  # NaN where not attended
+    np.testing.assert_allclose(z, expected, atol=1e-6)
+    bars = parser.figures["fig-bars-layer0"]
+    assert "sink = v[0] - mean(v[1:-1])" in bars["layout"]["title"]["text"]
+    assert len(parser.figures["fig-steps-layer0"]["frames"]) == 5
+    assert "Layer 0" in parser.headings and "Checks" in parser.headings
+
+
+def test_report_tables(store_report):
+    parser, text = parse(store_report)
+    assert parser.tables >= 5  # facts, samples, steps, checks, head metrics
+    for word in ("p0000-s1", "833.3", "context", "rows sum to 1", "deep_sink", "entropy_norm", "sink_mass"):
+        assert word in text
+    assert "False" not in text.split("Checks")[1].split("</table>")[0]  # every check holds
+
+
+def test_report_layer_and_sample_options(stores, tmp_path):
+    out = report.build_report(stores["sf"], tmp_path / "l1.html", layer=1, sample="p0000-s2", step=2)
+    parser, _ = parse(out)
+    assert "fig-grid-layer1" in parser.figures and "fig-grid-layer0" not in parser.figures
+    assert "p0000-s2" in parser.figures["fig-grid-layer1"]["layout"]["title"]["text"]
+    assert "t=833.333" in parser.figures["fig-grid-layer1"]["layout"]["title"]["text"]
+    with pytest.raises(WorkbenchError, match=r"layer 4 is not in the store; it has layers \[0, 1\]"):
+        report.build_report(stores["sf"], tmp_path / "bad.html", layer=4)
+    with pytest.raises(WorkbenchError, match="sample 'p0000-s9'"):
+        report.build_report(stores["sf"], tmp_path / "bad.html", sample="p0000-s9")
+    assert not (tmp_path / "bad.html").exists()
+
+
+def test_compare_report(compare_report):
+    parser, text = parse(compare_report)
+    assert parser.external == [] and sorted(parser.divs) == sorted(parser.figures)
+    for name in ("fig-js", "fig-js-match0", "fig-taxonomy-a", "fig-taxonomy-b", "fig-compare-sink_mass",
+                 "fig-compare-local_mass", "fig-compare-mean_distance"):
+        assert name in parser.figures
+    assert "fig-compare-own_chunk_mass" not in parser.figures  # meaningless against the one-chunk sampler
+    assert any(k.startswith("fig-top-L") for k in parser.figures)
+    for heading in ("Matched samples", "Matched steps", "Heads ranked by change"):
+        assert heading in parser.headings
+    assert "p0000-s2" in text and "p0000-s3" not in text.split("Matched samples")[1].split("</table>")[0]
+    assert "937.5" in text and "bits" in text
+    sink_map = parser.figures["fig-compare-sink_mass"]
+    assert [a["text"] for a in sink_map["layout"]["annotations"]] == ["wan.zarr", "sf.zarr", "sf.zarr - wan.zarr"]
+
+
+def cli():
+    parser = argparse.ArgumentParser(prog="workbench")
+    commands.register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_commands(stores, tmp_path, capsys):
+    parser = cli()
+    args = parser.parse_args(["report", str(stores["sf"]), "--out", str(tmp_path / "r.html"), "--layer", "0"])
+    assert args.func(args) == 0 and (tmp_path / "r.html").exists()
+    assert "wrote" in capsys.readouterr().out
+    args = parser.parse_args(["compare", str(stores["wan"]), str(stores["sf"]), "--out", str(tmp_path / "c.html"),
+                              "--tolerance", "5", "--cfg", "uncond"])
+    assert args.func(args) == 0
+    assert "fig-js" in parse(tmp_path / "c.html")[0].figures
+    args = parser.parse_args(["report", str(stores["sf"]), "--layer", "9"])
+    with pytest.raises(WorkbenchError, match="layer 9"):
+        args.func(args)
+    disjoint = synthetic.write_store(tmp_path / "other.zarr", "causal", seeds=(99,))
+    args = parser.parse_args(["compare", str(stores["sf"]), str(disjoint), "--out", str(tmp_path / "x.html")])
+    with pytest.raises(WorkbenchError, match=r"share no \(prompt, seed\)"):
+        args.func(args)
+    with pytest.raises(WorkbenchError, match="no store at"):
+        args = parser.parse_args(["report", str(tmp_path / "missing.zarr")])
+        args.func(args)
+
+
+def test_report_default_out_path(stores, tmp_path):
+    store = shutil.copytree(stores["sf"], tmp_path / "copy.zarr")
+    args = cli().parse_args(["report", str(store), "--layer", "1"])
+    args.func(args)
+    assert (tmp_path / "copy.html").exists()
+
+
+def test_help_teaches(capsys):
+    for command in ("report", "compare"):
+        with pytest.raises(SystemExit):
+            cli().parse_args([command, "--help"])
+        out = capsys.readouterr().out
+        assert "examples:" in out and f"workbench {command} " in out
+
+
+def test_workbench_cli_lists_the_commands(stores, tmp_path):
+    from workbench.cli import COMMAND_MODULES, main
+
+    assert "studies.commands" in COMMAND_MODULES, "add 'studies.commands' to COMMAND_MODULES in workbench/cli.py"
+    assert main(["report", str(stores["sf"]), "--out", str(tmp_path / "m.html"), "--layer", "0"]) == 0
+    assert main(["report", str(stores["sf"]), "--layer", "9"]) == 2  # one clear line, no traceback
+
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(compare_report):
+    parser, _ = parse(compare_report)
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000", "--dump-dom",
+         compare_report.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    dom = result.stdout
+    assert result.returncode == 0, result.stderr[-2000:]
+    # Plotly.newPlot marks each drawn div js-plotly-plot and gives it an svg.main-svg
+    assert dom.count("js-plotly-plot") >= len(parser.figures)
+    assert dom.count('class="main-svg"') >= len(parser.figures)
+
+
+def test_report_of_a_cfg_store(stores, tmp_path):
+    out = report.build_report(stores["wan"], tmp_path / "wan.html", layer=0)
+    parser, text = parse(out)
+    slider = parser.figures["fig-steps-layer0"]
+    assert len(slider["frames"]) == 8  # the cond forwards of 8 denoising steps; uncond left out
+    assert [s["label"].split(" ")[0] for s in slider["layout"]["sliders"][0]["steps"]] == [str(2 * i) for i in range(8)]
+    assert "bidirectional" in text and "uncond" in text  # the steps table still lists every forward

@@ -1,0 +1,183 @@
+"""The causal model: KV-cache rollout == block-causal full-sequence forward, absolute RoPE across chunks,
+sink + window eviction (reference 2.2 and 9, items 14-19), labels of every forward, and input errors."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from models.attention import ForwardLabels
+from models.errors import ModelInputError
+from models.kv_cache import KVCache, RolloutCache
+from models.rollout import causal_few_step, few_step_schedule
+from models.scheduler import FlowMatchScheduler
+from workbench.hooks import CallFilter, RecordingProbe, attach
+
+B, C, H, W = 2, 16, 4, 6  # 2 x 3 = 6 tokens per frame
+
+
+def inputs(frames, seed=0, text_dim=32, text_len=16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, frames, H, W, generator=g)
+    t = torch.rand(B, frames, generator=g) * 1000
+    ctx = torch.randn(B, text_len, text_dim, generator=g)
+    return x, t, ctx
+
+
+def incremental(model, x, t, ctx, repeats=1):
+    """Chunk by chunk through the KV cache; each chunk is run `repeats` times (like denoising steps)."""
+    frames = x.shape[2]
+    cache = RolloutCache.allocate(model.config, B, frames, (H // 2) * (W // 2), dtype=x.dtype, device="cpu")
+    outs = []
+    for start in range(0, frames, 3):
+        for _ in range(repeats):
+            out = model(x[:, :, start : start + 3], t[:, start : start + 3], ctx, cache=cache, start_frame=start)
+        outs.append(out)
+    return torch.cat(outs, dim=2), cache
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("window", [dict(), dict(local_attn_size=6, sink_size=1), dict(local_attn_size=4, sink_size=0)])
+def test_kv_cache_rollout_equals_block_causal_forward(window):
+    model = tiny_model(**window)
+    frames = 12 if window else 9
+    x, t, ctx = inputs(frames)
+    full = model(x, t, ctx)
+    inc, _ = incremental(model, x, t, ctx, repeats=2)
+    assert rel_err(inc, full) <= 1e-5
+    # and the mask matters: the bidirectional model gives something else
+    bidir = tiny_model(causal=False)
+    assert rel_err(bidir(x, t, ctx), full) > 1e-2
+
+
+def test_block_causal_mask_shape():
+    model = tiny_model()
+    m = model.block_causal_mask(9)
+    expected = torch.tensor([[kf // 3 <= qf // 3 for kf in range(9)] for qf in range(9)])
+    assert torch.equal(m, expected)  # bidirectional inside a chunk, causal across chunks
+    model = tiny_model(local_attn_size=6, sink_size=1)
+    m = model.block_causal_mask(12)
+    assert m[11].tolist() == [True] + [False] * 6 + [True] * 5  # sink frame 0 + the 5 most recent frames
+    assert m[2].tolist() == [True] * 3 + [False] * 9
+
+
+def test_rope_positions_are_absolute_across_chunks():
+    """The keys in the cache when the last chunk attends are, frame by frame, the keys of a full-sequence
+    forward: every frame keeps the rotation of its absolute index (reference 9, item 18)."""
+    model = tiny_model()
+    x, t, ctx = inputs(9)
+    full_probe, inc_probe = RecordingProbe(CallFilter(layers={1}, kinds={"self"})), RecordingProbe(CallFilter(layers={1}, kinds={"self"}))
+    with attach(model, full_probe):
+        model(x, t, ctx)
+    with attach(model, inc_probe):
+        incremental(model, x, t, ctx)
+    (_, _, k_full, _), (call, _, k_last, _) = full_probe.records[0], inc_probe.records[-1]
+    assert call.key_frames == tuple(range(9)) and call.query_frames == (6, 7, 8)
+    torch.testing.assert_close(k_last, k_full, rtol=0, atol=1e-5)
+    # the temporal angles of a chunk starting at frame 6 are those of positions 6, 7, 8
+    table = model.rope
+    angles = table.angles(3, 2, 3, start_frame=6)  # [3*2*3, head_dim/2]
+    t_pairs = model.config.rope_split[0] // 2
+    assert torch.equal(angles[::6, :t_pairs], table.tables[0][6:9])
+
+
+def test_rope_past_1024_is_refused():
+    model = tiny_model(causal=False)
+    x, t, ctx = inputs(3)
+    with pytest.raises(ModelInputError, match="1024"):
+        model(x, t, ctx, start_frame=1023)
+
+
+def test_eviction_keeps_sink_and_window():
+    fsl, heads, hd = 2, 1, 2
+    cache = KVCache(1, 6, fsl, heads, hd, sink_frames=1, evict=True)
+
+    def chunk(start):  # each frame's tokens carry the frame index, so slots are traceable
+        v = torch.arange(start, start + 3).repeat_interleave(fsl).float()
+        return v.view(1, 3 * fsl, 1, 1).expand(1, 3 * fsl, heads, hd)
+
+    cache.write(0, chunk(0), chunk(0))
+    sink_before = cache.k[:, :fsl].clone()
+    cache.write(3, chunk(3), chunk(3))
+    assert cache.frames == [0, 1, 2, 3, 4, 5]
+    cache.write(6, chunk(6), chunk(6))  # 3 over capacity: evict frames 1, 2, 3
+    assert cache.frames == [0, 4, 5, 6, 7, 8]
+    assert torch.equal(cache.k[:, :fsl], sink_before)  # the sink slots are unchanged
+    k, v, key_frames = cache.window()
+    assert key_frames == (0, 4, 5, 6, 7, 8) and k.shape[1] == 6 * fsl  # the window holds local_attn_size frames
+    assert k[0, :, 0, 0].tolist() == [0, 0, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8]
+    cache.write(6, chunk(6) + 100, chunk(6))  # the same chunk again overwrites in place
+    assert cache.frames == [0, 4, 5, 6, 7, 8] and cache.k[0, -1, 0, 0].item() == 108
+    with pytest.raises(ModelInputError, match="does not follow"):
+        cache.write(12, chunk(12), chunk(12))
+
+
+def test_global_cache_refuses_overflow():
+    cache = KVCache(1, 3, 2, 1, 2, evict=False)
+    cache.write(0, torch.zeros(1, 6, 1, 2), torch.zeros(1, 6, 1, 2))
+    with pytest.raises(ModelInputError, match="local_attn_size"):
+        cache.write(3, torch.zeros(1, 6, 1, 2), torch.zeros(1, 6, 1, 2))
+
+
+def rollout(model, frames=9, seed=0, **kw):
+    s = FlowMatchScheduler(5.0)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(1, frames, C, H, W, generator=g)
+    ctx = torch.randn(1, 16, 32, generator=g)
+    return causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s, generator=g, **kw)
+
+
+def test_rollout_is_reproducible_and_labels_every_forward():
+    model = tiny_model()
+    events = []
+    a = rollout(model, on_forward=lambda labels, start, n: events.append((labels, start, n)))
+    b = rollout(model)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, rollout(model, seed=1))
+    assert len(events) == 3 * 5  # chunks x (4 steps + context pass)
+    steps = [(e[0].chunk, e[0].step, e[0].phase, e[0].timestep, e[1]) for e in events]
+    assert steps[:5] == [(0, 0, "denoise", 1000.0, 0), (0, 1, "denoise", 937.5, 0),
+                         (0, 2, "denoise", pytest.approx(833.3333, abs=1e-3), 0), (0, 3, "denoise", 625.0, 0),
+                         (0, 4, "context", 0.0, 0)]
+    assert [s[4] for s in steps[5::5]] == [3, 6]
+
+
+def test_attention_calls_carry_layer_kind_and_frames():
+    model = tiny_model(local_attn_size=6, sink_size=1)
+    probe = RecordingProbe()
+    with attach(model, probe):
+        rollout(model, frames=12)
+    calls = [r[0] for r in probe.records]
+    assert len(calls) == 4 * 5 * 2 * 2  # chunks x forwards x layers x (self, cross)
+    selfs = [c for c in calls if c.kind == "self"]
+    assert [c.layer for c in selfs[:2]] == [0, 1]
+    last = selfs[-1]
+    assert last.query_frames == (9, 10, 11) and last.key_frames == (0, 7, 8, 9, 10, 11)  # sink + window: 6 frames
+    cross = [c for c in calls if c.kind == "cross"]
+    assert all(c.key_frames is None for c in cross)
+    assert {c.labels.chunk for c in calls} == {0, 1, 2, 3}
+    # the recorded key length matches the frames the call says it holds
+    for call, q, k, _ in probe.records:
+        if call.kind == "self":
+            assert k.shape[1] == len(call.key_frames) * call.frame_seq_len
+
+
+def test_frame_errors_before_work():
+    model = tiny_model()
+    with pytest.raises(ModelInputError, match="chunks of 3"):
+        rollout(model, frames=8)
+    with pytest.raises(ModelInputError, match="KV cache holds"):
+        rollout(model, frames=24, cache_frames=21)
+    x, t, ctx = inputs(3)
+    with pytest.raises(ModelInputError, match="channels"):
+        model(x[:, :8], t, ctx)
+    with pytest.raises(ModelInputError, match="timesteps"):
+        model(x, t[:, :2], ctx)
+
+
+def test_schedule_labels():
+    labels = few_step_schedule(torch.tensor([1000.0, 937.5]), 0.0)
+    assert labels == [ForwardLabels(0, 1000.0, 0, "denoise", "none", 0), ForwardLabels(1, 937.5, 0, "denoise", "none", 1),
+                      ForwardLabels(2, 0.0, 0, "context", "none", -1)]

@@ -1,0 +1,113 @@
+"""studies.compare: alignment on (prompt, seed) and on timestep (not step index), Jensen-Shannon divergence in
+bits against hand-computed values, ranking, and clear refusals."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from studies import compare, load_store, synthetic
+from workbench.errors import WorkbenchError
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmp")
+    write = lambda name, variant, **kw: load_store(synthetic.write_store(root / f"{name}.zarr", variant, **kw))  # noqa: E731
+    return {
+        "sf": write("sf", "causal", seeds=(42, 7)),
+        "wan": write("wan", "bidirectional", seeds=(7, 42, 3)),
+        "sf_changed": write("sf_changed", "causal", seeds=(42,), roles={(0, 0): "global"}),
+        "other_seed": write("other_seed", "causal", seeds=(5,)),
+        "other_prompt": write("other_prompt", "causal", seeds=(42,), prompts=("A lake in the mist",)),
+        "coarse": write("coarse", "bidirectional", timesteps=[1000, 990, 940, 830, 600]),
+        "layers_23": write("layers_23", "causal", layers=(2, 3)),
+    }
+
+
+def test_steps_align_on_timestep_not_index(stores):
+    c = compare.compare_stores(stores["sf"], stores["wan"])
+    # few-step t = 1000, 937.5, 833.3, 625 are Wan's 8-step (shift 5) denoise indices 0, 2, 4, 6; the cond forward
+    # of denoise index i is step 2i
+    assert list(c.steps.step_a) == [0, 1, 2, 3]
+    assert list(c.steps.step_b) == [0, 4, 8, 12]
+    assert (c.steps.cfg_b == "cond").all() and (c.steps.abs_dt < 1e-3).all()
+    assert list(c.unmatched_a.step) == [4]  # the context pass (t = 0) has no counterpart in Wan's sampler
+    assert list(c.unmatched_b.step) == [2, 6, 10, 14]  # t = 972.2, 892.9, 750, 416.7
+    assert list(c.js_bits.timestep_b.values) == pytest.approx([1000, 937.5, 833.3333, 625], rel=1e-6)
+    unc = compare.compare_stores(stores["sf"], stores["wan"], cfg="uncond")
+    assert list(unc.steps.step_b) == [1, 5, 9, 13]
+
+
+def test_nearest_timestep_within_tolerance(stores):
+    c = compare.compare_stores(stores["sf"], stores["coarse"], tolerance=20)
+    # B (cond) has t = 1000, 990, 940, 830, 600 at steps 0, 2, 4, 6, 8: 937.5 -> 940 (not 990, the next index)
+    assert list(c.steps.step_b) == [0, 4, 6]
+    assert list(c.steps.abs_dt) == pytest.approx([0.0, 2.5, 10 / 3], abs=1e-3)
+    assert list(c.unmatched_a.timestep) == pytest.approx([625.0, 0.0])  # 625 is 25 from 600
+    wide = compare.compare_stores(stores["sf"], stores["coarse"], tolerance=30)
+    assert list(wide.steps.step_b) == [0, 4, 6, 8]
+    tight = compare.compare_stores(stores["sf"], stores["coarse"], tolerance=1)
+    assert list(tight.steps.step_a) == [0]
+
+
+def test_samples_pair_on_prompt_and_seed(stores):
+    c = compare.compare_stores(stores["sf"], stores["wan"])
+    assert sorted(zip(c.pairs.seed, c.pairs.sample_a, c.pairs.sample_b)) == [
+        (7, "p0000-s7", "p0000-s7"), (42, "p0000-s42", "p0000-s42")]
+
+
+def test_refuses_stores_without_shared_samples(stores):
+    with pytest.raises(WorkbenchError, match=r"share no \(prompt, seed\).*seed 42.*seed 5"):
+        compare.compare_stores(stores["sf_changed"], stores["other_seed"])
+    with pytest.raises(WorkbenchError, match="A lake in the mist"):
+        compare.compare_stores(stores["sf_changed"], stores["other_prompt"])
+
+
+def test_refuses_when_nothing_matches(stores):
+    with pytest.raises(WorkbenchError, match="no step of A is within tolerance 0.1.*B has"):
+        compare.compare_stores(stores["sf"], stores["coarse"].sel(step=[2, 3]), tolerance=0.1)
+    with pytest.raises(WorkbenchError, match=r"share no layer: A has layers \[0, 1\], B has \[2, 3\]"):
+        compare.compare_stores(stores["sf"], stores["layers_23"])
+    with pytest.raises(WorkbenchError, match="cfg"):
+        compare.compare_stores(stores["sf"], stores["wan"], cfg="both")
+
+
+def test_js_divergence_by_hand(stores):
+    c = compare.compare_stores(stores["sf"], stores["sf_changed"])
+    # layer 0 head 0: a sink (all mass on frame 0) in A, uniform over the 21 frames of the last chunk's rows in B
+    m0, mk = (1 + 1 / 21) / 2, (1 / 21) / 2
+    expected = 0.5 * math.log2(1 / m0) + 0.5 * ((1 / 21) * math.log2((1 / 21) / m0) + (20 / 21) * math.log2((1 / 21) / mk))
+    js = c.js_bits.sel(layer=0, head=0)
+    np.testing.assert_allclose(js, expected, rtol=1e-5)
+    others = c.js_bits.where((c.js_bits.layer != 0) | (c.js_bits["head"] != 0))
+    assert float(np.nanmax(others)) < 1e-6
+    np.testing.assert_allclose(c.diff.sink_mass.sel(layer=0, head=0), 1 / 21 - 1, rtol=1e-5)
+    assert str(c.class_a.sel(match=0, layer=0, head=0).values) == "sink"
+    assert str(c.class_b.sel(match=0, layer=0, head=0).values) == "global"
+
+
+def test_js_divergence_bounds():
+    p = xr.DataArray([[1.0, 0.0, np.nan], [0.5, 0.5, np.nan]], dims=("row", "key_frame"))
+    q = xr.DataArray([[0.0, 1.0, np.nan], [0.5, 0.5, np.nan]], dims=("row", "key_frame"))
+    np.testing.assert_allclose(compare.js_divergence(p, q), [1.0, 0.0], atol=1e-12)
+
+
+def test_rank_heads_puts_the_changed_head_first(stores):
+    c = compare.compare_stores(stores["sf"], stores["sf_changed"])
+    ranking = compare.rank_heads(c)
+    assert (ranking.layer[0], ranking["head"][0]) == (0, 0)
+    assert len(ranking) == 8 and ranking.js_bits.is_monotonic_decreasing
+    by_sink = compare.rank_heads(c, by="sink_mass")
+    assert (by_sink.layer[0], by_sink["head"][0]) == (0, 0)
+    with pytest.raises(WorkbenchError, match="cannot rank by 'speed'"):
+        compare.rank_heads(c, by="speed")
+
+
+def test_chunk_metrics_left_out_against_one_chunk_sampler(stores):
+    c = compare.compare_stores(stores["sf"], stores["wan"])
+    assert "own_chunk_mass" not in c.diff and "local_mass" in c.diff
+    assert "own_chunk_mass" in compare.compare_stores(stores["sf"], stores["sf_changed"]).diff

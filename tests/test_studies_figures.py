@@ -1,0 +1,118 @@
+"""studies.figures: every figure builds from a store on the CPU, shows the store's numbers, and labels its axes
+with the store's names."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+
+from studies import compare, figures, load_store, metrics, synthetic
+from workbench.errors import WorkbenchError
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fig") / "causal.zarr"
+    return load_store(synthetic.write_store(path, "causal", layers=(0, 3), num_heads=12, seeds=(1, 2), noise=0.1))
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fig") / "wan.zarr"
+    return load_store(synthetic.write_store(path, "bidirectional", layers=(0, 3), num_heads=12, seeds=(1, 2)))
+
+
+def axis_titles(fig, axis: str) -> set[str]:
+    """The titles of every x (or y) axis of the figure's subplots."""
+    return {fig.layout[k].title.text for k in fig.layout if k.startswith(axis) and fig.layout[k].title.text}
+
+
+def test_head_grid_is_the_researchers_3x4_grid(ds):
+    fig = figures.head_grid(ds, 3, step=1)
+    heatmaps = [t for t in fig.data if isinstance(t, go.Heatmap)]
+    assert len(heatmaps) == 12
+    assert [a.text for a in fig.layout.annotations] == [f"head {h}" for h in range(12)]
+    assert {t.coloraxis for t in heatmaps} == {"coloraxis"}  # one shared colour scale
+    assert fig.layout.coloraxis.cmin == 0
+    assert fig.layout.yaxis.autorange is None or fig.layout.yaxis.autorange is True  # origin lower: not reversed
+    assert axis_titles(fig, "xaxis") == {"key frame"} and axis_titles(fig, "yaxis") == {"query frame"}
+    # rows 3 x cols 4: the last head sits on the 12th subplot axes
+    assert heatmaps[-1].xaxis == "x12"
+    expected = ds["attn_mass"].sel(layer=3, step=1, head=5).mean("sample").values
+    np.testing.assert_allclose(np.array(heatmaps[5].z, dtype=float), expected, atol=1e-6)  # NaN kept as a gap
+    assert "layer 3" in fig.layout.title.text and "t=937.5" in fig.layout.title.text
+
+
+def test_head_grid_of_logits_is_symmetric_red_blue(ds):
+    fig = figures.head_grid(ds, 0, var="attn_logit", sample="p0000-s2")
+    assert fig.layout.coloraxis.cmin == -fig.layout.coloraxis.cmax
+    assert fig.layout.coloraxis.colorscale[0][1] == "rgb(5,48,97)"  # RdBu_r starts dark blue
+    assert "p0000-s2" in fig.layout.title.text
+
+
+def test_last_chunk_bars_carry_the_sink_statistic(ds):
+    fig = figures.last_chunk_bars(ds, 0, step=0)
+    bars = [t for t in fig.data if isinstance(t, go.Bar)]
+    assert len(bars) == 12 and len([t for t in fig.data if isinstance(t, go.Scatter)]) == 12
+    assert "sink = v[0] - mean(v[1:-1])" in fig.layout.title.text
+    assert "query frames 18-20" in fig.layout.title.text
+    v = ds["attn_mass"].sel(layer=0, step=0, query_frame=[18, 19, 20]).mean(["sample", "query_frame"])
+    for h, (bar, title) in enumerate(zip(bars, fig.layout.annotations)):
+        vh = v.sel(head=h).values
+        np.testing.assert_allclose(np.array(bar.y, dtype=float), vh, atol=1e-6)
+        assert title.text == f"head {h}: sink = {vh[0] - vh[1:-1].mean():.3g}"
+
+
+def test_step_slider_has_one_frame_per_step(ds, wan):
+    fig = figures.step_slider(ds, 0)
+    assert [f.name for f in fig.frames] == ["0", "1", "2", "3", "4"]
+    labels = [s.label for s in fig.layout.sliders[0].steps]
+    assert labels == ["0 · t=1000", "1 · t=937.5", "2 · t=833.333", "3 · t=625", "4 · t=0"]
+    assert "context" in fig.frames[4].layout.title.text
+    z = np.array(fig.frames[2].data[7].z, dtype=float)
+    np.testing.assert_allclose(z, ds["attn_mass"].sel(layer=0, step=2, head=7).mean("sample").values, atol=1e-6)
+    fig_w = figures.step_slider(wan, 3, heads=[0, 1], steps=[0, 1])
+    assert len(fig_w.data) == 2 and "uncond" in fig_w.frames[1].layout.title.text
+
+
+def test_layer_head_and_taxonomy_maps(ds):
+    hm = metrics.head_metrics(ds)
+    fig = figures.layer_head_map(hm.sink_mass.sel(step=0))
+    assert fig.layout.xaxis.title.text == "head" and fig.layout.yaxis.title.text == "layer"
+    assert list(fig.data[0].y) == ["0", "3"] and len(fig.data[0].x) == 12
+    np.testing.assert_allclose(np.array(fig.data[0].z, dtype=float), hm.sink_mass.sel(step=0).values, atol=1e-6)
+    classes = metrics.classify_heads(hm).sel(step=0)
+    tax = figures.taxonomy_map(classes)
+    assert tax.data[0].text[0][0] == synthetic.planted_role(0, 0)
+    with pytest.raises(WorkbenchError, match=r"select or average \['step'\]"):
+        figures.layer_head_map(hm.sink_mass)
+
+
+def test_compare_maps_show_a_b_and_difference(ds, wan):
+    c = compare.compare_stores(wan, ds)
+    a, b = c.metrics_a.local_mass.sel(match=0), c.metrics_b.local_mass.sel(match=0)
+    fig = figures.compare_maps(a, b, names=("wan", "sf"))
+    assert [t.text for t in fig.layout.annotations] == ["wan", "sf", "sf - wan"]
+    np.testing.assert_allclose(np.array(fig.data[2].z, dtype=float), (b - a).values, atol=1e-6)
+    assert fig.data[2].coloraxis == "coloraxis2" and fig.layout.coloraxis2.cmin == -fig.layout.coloraxis2.cmax
+
+
+def test_line_figures(ds):
+    prof = metrics.recency_profile(ds).isel(sample=0, step=0, layer=0)
+    fig = figures.recency_lines(prof)
+    assert len(fig.data) == 12 and min(fig.data[0].x) == -2  # future distances of a causal store dropped
+    assert "query frame - key frame" in fig.layout.xaxis.title.text
+    rows = metrics.row_metrics(ds).isel(sample=0, step=0, layer=0)
+    assert figures.metric_by_query_frame(rows.sink_mass).layout.xaxis.title.text == "query frame"
+    by_step = figures.metric_by_step(metrics.head_metrics(ds).sink_mass.isel(layer=0))
+    assert list(by_step.data[0].x)[-1] == "4 · t=0 (context)"
+
+
+def test_bad_selections_are_named(ds):
+    with pytest.raises(WorkbenchError, match="layer 5 is not in the store; it has layers"):
+        figures.head_grid(ds, 5)
+    with pytest.raises(WorkbenchError, match="head 12 is not in the store"):
+        figures.head_grid(ds, 0, heads=[12])
+    with pytest.raises(WorkbenchError, match="no .attn_entropy. .its stats"):
+        figures.head_grid(ds, 0, var="attn_entropy")

@@ -1,0 +1,204 @@
+"""studies.metrics on stores with planted heads (studies.synthetic): every expected value is worked out by hand
+from the planted distributions, for 21 frames in chunks of 3 (last chunk = query frames 18, 19, 20)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from studies import load_store, metrics, synthetic
+from workbench.errors import WorkbenchError
+
+F = 21  # frames
+
+
+@pytest.fixture(scope="module")
+def causal(tmp_path_factory):
+    return load_store(synthetic.write_store(tmp_path_factory.mktemp("m") / "causal.zarr", "causal"))
+
+
+@pytest.fixture(scope="module")
+def window(tmp_path_factory):
+    return load_store(synthetic.write_store(tmp_path_factory.mktemp("m") / "window.zarr", "window"))
+
+
+@pytest.fixture(scope="module")
+def bidirectional(tmp_path_factory):
+    return load_store(synthetic.write_store(tmp_path_factory.mktemp("m") / "bidi.zarr", "bidirectional"))
+
+
+def head_of(role: str, layer: int = 0) -> int:
+    return next(h for h in range(4) if synthetic.planted_role(layer, h) == role)
+
+
+def test_synthetic_store_follows_the_spec(causal, window, bidirectional):
+    assert causal.attrs["schema_version"] == 1
+    assert causal["attn_mass"].dims == ("sample", "step", "layer", "head", "query_frame", "key_frame")
+    np.testing.assert_allclose(causal["timestep"].values, [1000, 937.5, 833.3333, 625, 0], rtol=1e-6)
+    assert [str(p) for p in causal["phase"].values] == ["denoise"] * 4 + ["context"]
+    assert list(causal["denoise_index"].values) == [0, 1, 2, 3, -1]
+    assert [str(c) for c in bidirectional["cfg"].values] == ["cond", "uncond"] * 8
+    assert list(causal["query_chunk"].values) == [f // 3 for f in range(F)]
+    assert str(causal.sample.values[0]) == "p0000-s42"
+    for ds in (causal, window, bidirectional):
+        assert metrics.row_sum_error(ds) < 1e-6
+        assert metrics.nan_pattern_mismatches(ds) == 0
+        assert metrics.logit_nan_matches_mass(ds)
+    # block-causal staircase: query frame 4 (chunk 1) attends key frames 0..5, not 6..20
+    row = causal["attn_mass"].isel(sample=0, step=0, layer=0, head=0).sel(query_frame=4).values
+    assert np.isfinite(row[:6]).all() and np.isnan(row[6:]).all()
+    # window of 9 frames with a 3-frame sink: query frame 20 keeps 0, 1, 2 and 15..20
+    row = window["attn_mass"].isel(sample=0, step=0, layer=0, head=0).sel(query_frame=20).values
+    assert list(np.flatnonzero(np.isfinite(row))) == [0, 1, 2, 15, 16, 17, 18, 19, 20]
+    assert not bidirectional["attn_mass"].isnull().any()
+
+
+@pytest.mark.parametrize("variant", ["causal", "window", "bidirectional"])
+def test_taxonomy_recovers_planted_roles(variant, causal, window, bidirectional):
+    ds = {"causal": causal, "window": window, "bidirectional": bidirectional}[variant]
+    classes = metrics.classify_heads(metrics.head_metrics(ds))
+    for layer in (0, 1):
+        for head in range(4):
+            assert str(classes.sel(step=0, layer=layer, head=head).values) == synthetic.planted_role(layer, head)
+    assert set(np.unique(classes.values.astype(str))) == set(synthetic.HEAD_ROLES)  # the same at every step
+
+
+def test_sink_and_chunk_masses_by_hand(causal):
+    rows = metrics.row_metrics(causal).isel(sample=0, step=0, layer=0)
+    chunk = np.arange(F) // 3
+    sink, local, glob = head_of("sink"), head_of("local"), head_of("global")
+    np.testing.assert_allclose(rows.sink_mass.sel(head=sink), 1.0, atol=1e-6)
+    np.testing.assert_allclose(rows.sink_mass.sel(head=local).values, (np.arange(F) == 0).astype(float), atol=1e-6)
+    # uniform over the 3 (c + 1) frames of chunks 0..c
+    np.testing.assert_allclose(rows.sink_mass.sel(head=glob), 1 / (3 * (chunk + 1)), rtol=1e-5)
+    np.testing.assert_allclose(rows.sink_chunk_mass.sel(head=glob), 1 / (chunk + 1), rtol=1e-5)
+    np.testing.assert_allclose(rows.own_chunk_mass.sel(head=glob), 1 / (chunk + 1), rtol=1e-5)
+    np.testing.assert_allclose(rows.own_chunk_mass.sel(head=local), 1.0, atol=1e-6)
+    np.testing.assert_allclose(rows.n_attended.sel(head=glob), 3 * (chunk + 1))
+
+
+def test_mean_distance_and_entropy_by_hand(causal):
+    rows = metrics.row_metrics(causal).isel(sample=0, step=2, layer=0)
+    qf = np.arange(F)
+    end = 3 * (qf // 3) + 2  # last frame of the query's chunk
+    sink, local, glob, deep = (head_of(r) for r in ("sink", "local", "global", "deep_sink"))
+    np.testing.assert_allclose(rows.mean_distance.sel(head=sink), qf, atol=1e-5)  # everything on frame 0
+    np.testing.assert_allclose(rows.mean_distance.sel(head=local), 0, atol=1e-6)
+    np.testing.assert_allclose(rows.mean_distance.sel(head=glob), qf - end / 2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rows.entropy.sel(head=glob), np.log(end + 1), rtol=1e-5)
+    np.testing.assert_allclose(rows.entropy_norm.sel(head=glob), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(rows.entropy.sel(head=sink), 0.0, atol=1e-6)
+    # deep sink, last chunk: uniform over frames 0..8 -> ln 9 nats, ln 9 / ln 21 normalised, mean distance qf - 4
+    last = rows.sel(head=deep, query_frame=[18, 19, 20])
+    np.testing.assert_allclose(last.entropy, math.log(9), rtol=1e-5)
+    np.testing.assert_allclose(last.entropy_norm, math.log(9) / math.log(21), rtol=1e-5)
+    np.testing.assert_allclose(last.mean_distance, [14, 15, 16], rtol=1e-5)
+    np.testing.assert_allclose(last.early_mass, 1.0, rtol=1e-5)  # frames 0..8 are among the oldest 11 of 21
+
+
+def test_head_metrics_average_the_last_chunk(causal):
+    hm = metrics.head_metrics(causal)
+    assert hm.attrs["query_frames"] == [18, 19, 20]
+    assert set(hm.dims) == {"step", "layer", "head"}
+    glob = head_of("global")
+    at = hm.sel(step=0, layer=0, head=glob)
+    assert float(at.sink_mass) == pytest.approx(1 / 21, rel=1e-5)
+    # |query - key| < 3 with keys 0..20: 5 frames for qf 18, 4 for 19, 3 for 20 -> mean 4/21
+    assert float(at.local_mass) == pytest.approx(4 / 21, rel=1e-5)
+    assert float(at.mean_distance) == pytest.approx(np.mean([8, 9, 10]), rel=1e-5)
+    per_sample = metrics.head_metrics(causal, average_samples=False)
+    assert "sample" in per_sample.dims
+    assert metrics.query_frames_for(causal, "history") == list(range(3, F))
+    assert metrics.query_frames_for(causal, [0, 5]) == [0, 5]
+
+
+def test_recency_profile_by_hand(causal, bidirectional):
+    prof = metrics.recency_profile(causal).isel(sample=0, step=0, layer=0)
+    sink, local = head_of("sink"), head_of("local")
+    d = np.arange(0, F)
+    # sink head: of the 21 - d query frames with distance d available, only qf = d puts its mass there
+    np.testing.assert_allclose(prof.sel(head=sink, distance=d), 1 / (F - d), rtol=1e-5)
+    np.testing.assert_allclose(prof.sel(head=local, distance=0), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(prof.sel(head=local, distance=d[1:]), 0.0, atol=1e-7)
+    # within a chunk a query sees up to 2 frames ahead, never 3
+    assert np.isfinite(prof.sel(distance=[-2, -1]).values).all()
+    assert np.isnan(prof.sel(distance=slice(None, -3)).values).all()
+    # bidirectional global head: uniform 1/21 at every distance
+    prof_b = metrics.recency_profile(bidirectional).isel(sample=0, step=0, layer=0)
+    np.testing.assert_allclose(prof_b.sel(head=head_of("global")), 1 / 21, rtol=1e-5)
+
+
+def test_window_counts_evicted_frames_as_not_attended(window):
+    rows = metrics.row_metrics(window).isel(sample=0, step=0, layer=0).sel(query_frame=[18, 19, 20])
+    glob, deep = head_of("global"), head_of("deep_sink")
+    np.testing.assert_allclose(rows.n_attended.sel(head=glob), 9)
+    np.testing.assert_allclose(rows.sink_mass.sel(head=glob), 1 / 9, rtol=1e-5)
+    np.testing.assert_allclose(rows.entropy.sel(head=glob), math.log(9), rtol=1e-5)
+    # deep sink: frames 0..8 that survive are the sink frames 0, 1, 2
+    np.testing.assert_allclose(rows.sink_chunk_mass.sel(head=deep), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(rows.entropy_norm.sel(head=deep), math.log(3) / math.log(9), rtol=1e-5)
+
+
+def test_thresholds_are_parameters(causal):
+    hm = metrics.head_metrics(causal)
+    sink = head_of("sink")
+    default = metrics.classify_heads(hm).sel(step=0, layer=0, head=sink)
+    assert str(default.values) == "sink"
+    # switch the sink rule off: frame 0 is the oldest attended frame, so the head reads as a deep sink
+    strict = metrics.classify_heads(hm, metrics.TaxonomyThresholds(sink_min=1.01)).sel(step=0, layer=0, head=sink)
+    assert str(strict.values) == "deep_sink"
+    nothing = metrics.TaxonomyThresholds(sink_min=1.01, local_min=1.01, global_min_entropy=1.01, deep_min=1.01)
+    assert set(np.unique(metrics.classify_heads(hm, nothing).values.astype(str))) == {"mixed"}
+    with pytest.raises(WorkbenchError, match="sink_min"):
+        metrics.TaxonomyThresholds(sink_min=-0.1)
+
+
+def test_noise_keeps_the_classes(tmp_path):
+    ds = load_store(synthetic.write_store(tmp_path / "noisy.zarr", "causal", noise=0.2, seeds=(1, 2, 3)))
+    classes = metrics.classify_heads(metrics.head_metrics(ds))
+    for step in range(5):
+        for layer in (0, 1):
+            found = [str(c) for c in classes.sel(step=step, layer=layer).values]
+            assert found == [synthetic.planted_role(layer, h) for h in range(4)]
+    assert metrics.row_sum_error(ds) < 1e-5
+
+
+def test_researchers_sink_statistic():
+    assert metrics.sink_delta(np.array([3.0, 1.0, 2.0, 0.0, 9.0])) == pytest.approx(3.0 - 1.0)
+    assert metrics.sink_delta(np.array([3.0, np.nan, 1.0, 9.0])) == pytest.approx(2.0)  # NaN skipped
+    with pytest.raises(WorkbenchError, match="at least 3"):
+        metrics.sink_delta(np.array([1.0, 2.0]))
+
+
+def test_researcher_stats(causal):
+    stats = metrics.researcher_stats(causal, layer=0, step=0, var="attn_mass")
+    sink, local, glob = head_of("sink"), head_of("local"), head_of("global")
+    assert float(stats.diag_mean.sel(head=local)) == pytest.approx(1.0)
+    assert float(stats.diag_mean.sel(head=sink)) == pytest.approx(1 / 21)  # only query frame 0
+    assert float(stats.col0_mean.sel(head=sink)) == pytest.approx(1.0)
+    assert float(stats.sink.sel(head=sink)) == pytest.approx(1.0)  # v = (1, 0, ..., 0)
+    assert float(stats.sink.sel(head=glob)) == pytest.approx(0.0, abs=1e-6)  # last chunk: uniform over 21
+    assert float(stats["last"].sel(head=local)) == pytest.approx(1 / 3)  # key frame 20: one of 3 query rows
+
+
+def test_invariant_checks_catch_broken_stores(causal):
+    ds = causal.load().copy(deep=True)
+    mass = ds["attn_mass"].values
+    mass[0, 0, 0, 0, 4, 10] = 0.5  # a future key frame attended, and a row no longer summing to 1
+    assert metrics.nan_pattern_mismatches(ds) == 1
+    assert metrics.row_sum_error(ds) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_bad_input_is_named(causal):
+    with pytest.raises(WorkbenchError, match="sample 'p9999-s1' is not in the store"):
+        metrics.select(causal, sample="p9999-s1")
+    with pytest.raises(WorkbenchError, match="layer 7 is not in the store; it has layers"):
+        metrics.select(causal, layer=7)
+    with pytest.raises(WorkbenchError, match="query_frames 'first'"):
+        metrics.query_frames_for(causal, "first")
+    with pytest.raises(WorkbenchError, match=r"query frames \[30\]"):
+        metrics.query_frames_for(causal, [1, 30])
+    with pytest.raises(WorkbenchError, match="unknown synthetic variant"):
+        synthetic.make_dataset("sideways")

@@ -1,0 +1,358 @@
+"""The umT5 text encoder (models/text_encoder.py).
+
+The key map and the umT5 semantics are checked against `wan_t5_reference` below: Wan's `wan/modules/t5.py`
+T5Encoder math written out by hand (per-layer relative position bias with Wan's bucket formula, no attention
+scaling, RMS norms with the variance in float32 as Wan computes it, gated GELU-tanh FFN where `gate` carries the
+GELU and `fc1` the linear branch, padding masked, final norm), then Self-Forcing's zeroing past each length.
+A mutation test shows that the comparison would catch a wrong map (swapped tensors).
+"""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.errors import CheckpointError, ModelInputError
+from models.text_encoder import (PromptEmbeddings, TextEncoder, TokenizerNotFoundError, build_umt5_encoder,
+                                 clean_prompt, hf_to_wan_key, load_tokenizer, wan_to_hf_key)
+
+ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED = ROOT / "data" / "embedded"
+TOKENIZER = EMBEDDED / "google" / "umt5-xxl"
+SMALL = dict(d_model=32, num_layers=3, num_heads=4, d_kv=8, d_ff=48, num_buckets=32)
+PROMPTS = ["A red fox runs through the snowy forest at dawn, camera pans slowly.",
+           "  the   old  robot &amp; a tiny  cat dance   on a neon rooftop at night  ",
+           "ocean"]
+
+
+def _make_module():
+    spec = importlib.util.spec_from_file_location("make_text_and_vae", EMBEDDED / "make_text_and_vae.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+make = _make_module()
+
+
+class PickledDict(dict):
+    """A dict subclass: torch.load(weights_only=True) refuses to rebuild it."""
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def small_sd(tokenizer):
+    return make.wan_t5_state_dict(vocab=len(tokenizer), **SMALL, seed=7, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def small_pth(small_sd, tmp_path_factory):
+    path = tmp_path_factory.mktemp("t5") / "t5.pth"
+    torch.save(dict(small_sd), path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Independent reference: Wan's T5Encoder math
+# ---------------------------------------------------------------------------------------------------------
+
+def wan_bucket(rel: torch.Tensor, num_buckets: int, max_dist: int = 128) -> torch.Tensor:
+    """Wan T5RelativeEmbedding._relative_position_bucket, bidirectional (rel = key pos - query pos)."""
+    half = num_buckets // 2
+    buckets = (rel > 0).long() * half
+    rel = rel.abs()
+    max_exact = half // 2
+    large = max_exact + (torch.log(rel.float() / max_exact) / math.log(max_dist / max_exact)
+                         * (half - max_exact)).long()
+    large = torch.minimum(large, torch.full_like(large, half - 1))
+    return buckets + torch.where(rel < max_exact, rel, large)
+
+
+def wan_t5_reference(sd, ids, mask):
+    """ids, mask [B, L] -> context [B, L, D] in float64, zero past each length."""
+    sd = {k: v.double() for k, v in sd.items()}
+    n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    n_buckets, n_heads = sd["blocks.0.pos_embedding.embedding.weight"].shape
+    x = sd["token_embedding.weight"][ids]                                   # [B, L, D]
+    b, length, _ = x.shape
+    pos = torch.arange(length)
+    bucket = wan_bucket(pos[None, :] - pos[:, None], n_buckets)            # [Lq, Lk]
+
+    def rms(v, w):  # Wan T5LayerNorm: variance from x.float()
+        return w * (v * torch.rsqrt(v.float().pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    def gelu_tanh(v):
+        return 0.5 * v * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v.pow(3))))
+
+    for i in range(n_layers):
+        p = f"blocks.{i}."
+        h = rms(x, sd[p + "norm1.weight"])
+        q = (h @ sd[p + "attn.q.weight"].T).view(b, length, n_heads, -1)   # [B, L, H, dk]
+        k = (h @ sd[p + "attn.k.weight"].T).view(b, length, n_heads, -1)
+        v = (h @ sd[p + "attn.v.weight"].T).view(b, length, n_heads, -1)
+        bias = sd[p + "pos_embedding.embedding.weight"][bucket].permute(2, 0, 1)[None]  # [1, H, Lq, Lk]
+        scores = torch.einsum("binc,bjnc->bnij", q, k) + bias               # no 1/sqrt(dk)
+        scores = scores.masked_fill(mask[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
+        attn = scores.softmax(dim=-1)
+        o = torch.einsum("bnij,bjnc->binc", attn, v).reshape(b, length, -1) @ sd[p + "attn.o.weight"].T
+        x = x + o
+        h = rms(x, sd[p + "norm2.weight"])
+        x = x + ((h @ sd[p + "ffn.fc1.weight"].T) * gelu_tanh(h @ sd[p + "ffn.gate.0.weight"].T)) \
+            @ sd[p + "ffn.fc2.weight"].T
+    x = rms(x, sd["norm.weight"])
+    return x * mask[..., None].double()
+
+
+def reference_for(tokenizer, sd, prompts, text_len=512):
+    batch = tokenizer([clean_prompt(p) for p in prompts], padding="max_length", truncation=True,
+                      max_length=text_len, return_tensors="pt")
+    return wan_t5_reference(sd, batch["input_ids"], batch["attention_mask"]), batch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Agreement with Wan's math
+# ---------------------------------------------------------------------------------------------------------
+
+def test_encoder_equals_wan_t5_math_float64(tokenizer, small_sd, small_pth):
+    enc = TextEncoder.from_files(small_pth, TOKENIZER, dtype=torch.float64)
+    out = enc.encode(PROMPTS)
+    ref, batch = reference_for(tokenizer, small_sd, PROMPTS)
+    assert out.context.shape == (3, 512, SMALL["d_model"]) and out.context.dtype == torch.float64
+    assert out.lengths == batch["attention_mask"].sum(1).tolist()
+    torch.testing.assert_close(out.context, ref, rtol=1e-9, atol=1e-9)
+    # the 512-token window reaches every relative-position bucket, including the log range and the clamp
+    # (bucket 16 would be "distance +0", which cannot happen: distance 0 is bucket 0)
+    pos = torch.arange(512)
+    assert set(wan_bucket(pos[None, :] - pos[:, None], 32).unique().tolist()) == set(range(32)) - {16}
+
+
+def test_embedded_bf16_encoder_float32_equals_wan_t5_math(tokenizer):
+    enc = TextEncoder.from_wan_dir(EMBEDDED)
+    assert (enc.text_dim, enc.text_len) == (64, 512)
+    sd = make.wan_t5_state_dict(vocab=len(tokenizer), **make.T5_SIZES, dtype=torch.bfloat16)
+    out = enc.encode(PROMPTS[:2])
+    ref, _ = reference_for(tokenizer, sd, PROMPTS[:2])
+    torch.testing.assert_close(out.context.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("swap", [
+    ("blocks.0.ffn.gate.0.weight", "blocks.0.ffn.fc1.weight"),
+    ("blocks.1.attn.q.weight", "blocks.1.attn.k.weight"),
+    ("blocks.0.pos_embedding.embedding.weight", "blocks.2.pos_embedding.embedding.weight"),
+    ("blocks.2.norm1.weight", "blocks.2.norm2.weight"),
+])
+def test_reference_comparison_catches_a_wrong_key_map(tokenizer, small_sd, swap):
+    """Loading with two same-shaped tensors exchanged (what a wrong map does) moves the output far away."""
+    wrong = dict(small_sd)
+    wrong[swap[0]], wrong[swap[1]] = small_sd[swap[1]], small_sd[swap[0]]
+    model = build_umt5_encoder(wrong).double()
+    ref, batch = reference_for(tokenizer, small_sd, PROMPTS[:1])
+    with torch.no_grad():
+        got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    n = int(batch["attention_mask"].sum())
+    assert (got[0, :n] - ref[0, :n]).abs().max() > 1e-2
+
+
+def test_key_map_roundtrip_and_covers_the_model(small_sd):
+    for key in small_sd:
+        assert hf_to_wan_key(wan_to_hf_key(key)) == key
+    model = build_umt5_encoder(small_sd)
+    hf_keys = set(model.state_dict())
+    assert {wan_to_hf_key(k) for k in small_sd} | {"encoder.embed_tokens.weight"} == hf_keys
+    assert model.encoder.embed_tokens.weight is model.shared.weight  # one embedding, still tied
+    cfg = model.config
+    assert (cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.d_kv, cfg.d_ff, cfg.relative_attention_num_buckets) == \
+        (32, 3, 4, 8, 48, 32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Semantics: padding, tokens, truncation, batch independence
+# ---------------------------------------------------------------------------------------------------------
+
+def test_padding_rows_are_zero_and_tokens_line_up(tokenizer, small_pth):
+    enc = TextEncoder.from_files(small_pth, TOKENIZER)
+    out = enc.encode(PROMPTS)
+    assert isinstance(out, PromptEmbeddings)
+    for i, p in enumerate(PROMPTS):
+        n = out.lengths[i]
+        ids = tokenizer(clean_prompt(p))["input_ids"]
+        assert n == len(ids) and 1 < n < 512
+        assert out.tokens[i][:n] == tokenizer.convert_ids_to_tokens(ids)
+        assert out.tokens[i][n - 1] == "</s>" and out.tokens[i][n:] == [""] * (512 - n)
+        assert len(out.tokens[i]) == 512
+        assert torch.all(out.context[i, n:] == 0)
+        assert torch.all(out.context[i, :n].abs().sum(-1) > 0)
+
+
+def test_result_does_not_depend_on_the_rest_of_the_batch(small_pth):
+    enc = TextEncoder.from_files(small_pth, TOKENIZER)
+    both = enc.encode([PROMPTS[0], PROMPTS[1], PROMPTS[0]], batch_size=2)
+    alone = enc.encode([PROMPTS[1]])
+    torch.testing.assert_close(both.context[1], alone.context[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both.context[0], both.context[2])
+    assert both.lengths[1] == alone.lengths[0] and both.tokens[1] == alone.tokens[0]
+
+
+def test_truncation_keeps_text_len_and_eos(small_pth):
+    enc = TextEncoder.from_files(small_pth, TOKENIZER, text_len=8)
+    out = enc.encode([PROMPTS[0], "cat"])
+    assert out.context.shape == (2, 8, SMALL["d_model"])
+    assert out.lengths[0] == 8 and out.tokens[0][-1] == "</s>"
+    assert out.lengths[1] < 8 and torch.all(out.context[1, out.lengths[1]:] == 0)
+
+
+def test_clean_prompt_follows_wan_whitespace_cleaning():
+    assert clean_prompt("  a  &amp;amp;\tb \n c  ") == "a & b c"
+    assert clean_prompt("\u201cquoted\u201d") == '"quoted"'  # ftfy.fix_text uncurls quotes, as in Wan
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------------------
+
+def test_cache_encodes_each_prompt_once_per_encoder(small_pth, tmp_path):
+    cache = tmp_path / "cache"
+    first = TextEncoder.from_files(small_pth, TOKENIZER, cache_dir=cache).encode(PROMPTS)
+    entries = sorted(p for p in cache.rglob("*.safetensors"))
+    assert len(entries) == len(PROMPTS)
+    assert not [p for p in cache.rglob("*") if p.name.endswith(".tmp")]
+
+    again = TextEncoder.from_files(small_pth, TOKENIZER, cache_dir=cache)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the encoder ran although every prompt is cached")
+    again.model.forward = refuse
+    second = again.encode(list(reversed(PROMPTS)))
+    torch.testing.assert_close(second.context, first.context.flip(0), rtol=0, atol=0)
+    assert second.tokens == first.tokens[::-1] and second.lengths == first.lengths[::-1]
+
+    other = TextEncoder.from_files(small_pth, TOKENIZER, cache_dir=cache, text_len=64)
+    assert other.identity != again.identity
+    assert other.encode(PROMPTS[:1]).context.shape == (1, 64, SMALL["d_model"])
+    assert len(sorted(cache.rglob("*.safetensors"))) == len(PROMPTS) + 1
+
+
+def test_identity_changes_with_weights_and_tokenizer_files(small_sd, small_pth, tmp_path):
+    base = TextEncoder.from_files(small_pth, TOKENIZER).identity
+    assert len(base) == 64 and base == TextEncoder.from_files(small_pth, TOKENIZER).identity
+    other_sd = dict(small_sd)
+    other_sd["norm.weight"] = small_sd["norm.weight"] + 1
+    other_pth = tmp_path / "other.pth"
+    torch.save(other_sd, other_pth)
+    assert TextEncoder.from_files(other_pth, TOKENIZER).identity != base
+    tok_copy = tmp_path / "tok"
+    tok_copy.mkdir()
+    for f in TOKENIZER.iterdir():
+        (tok_copy / f.name).write_bytes(f.read_bytes())
+    assert TextEncoder.from_files(small_pth, tok_copy).identity == base
+    (tok_copy / "tokenizer_config.json").write_text((TOKENIZER / "tokenizer_config.json").read_text() + "\n")
+    assert TextEncoder.from_files(small_pth, tok_copy).identity != base
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------------
+
+def test_missing_tokenizer_folder_names_the_expected_path(small_pth, tmp_path):
+    with pytest.raises(TokenizerNotFoundError, match="google/umt5-xxl"):
+        TextEncoder.from_files(small_pth, tmp_path / "google" / "umt5-xxl")
+    wan_dir = tmp_path / "wan"
+    wan_dir.mkdir()
+    with pytest.raises(CheckpointError, match=str(wan_dir / "google" / "umt5-xxl")):
+        TextEncoder.from_wan_dir(wan_dir)
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="nothere.pth"):
+        TextEncoder.from_files(tmp_path / "nothere.pth", TOKENIZER)
+
+
+def test_wrong_keys_and_shapes_are_listed(small_sd, tmp_path):
+    bad = dict(small_sd)
+    del bad["blocks.1.ffn.fc2.weight"]
+    bad["blocks.0.attn.extra.weight"] = torch.zeros(2)
+    bad["blocks.2.attn.o.weight"] = torch.zeros(32, 16)
+    path = tmp_path / "bad.pth"
+    torch.save(bad, path)
+    with pytest.raises(CheckpointError) as err:
+        TextEncoder.from_files(path, TOKENIZER)
+    msg = str(err.value)
+    assert "blocks.1.ffn.fc2.weight" in msg and "blocks.0.attn.extra.weight" in msg
+    assert "blocks.2.attn.o.weight" in msg and str(path) in msg
+
+
+def test_shared_position_bias_t5_is_refused(small_sd):
+    t5 = {k: v for k, v in small_sd.items() if "pos_embedding" not in k}
+    t5["pos_embedding.embedding.weight"] = small_sd["blocks.0.pos_embedding.embedding.weight"]
+    with pytest.raises(CheckpointError, match="not umT5"):
+        build_umt5_encoder(t5)
+
+
+def test_tokenizer_larger_than_embedding_is_refused(tokenizer, tmp_path):
+    sd = make.wan_t5_state_dict(vocab=len(tokenizer) - 10, **SMALL)
+    path = tmp_path / "small_vocab.pth"
+    torch.save(dict(sd), path)
+    with pytest.raises(CheckpointError, match="do not belong together"):
+        TextEncoder.from_files(path, TOKENIZER)
+
+
+def test_pickle_needing_file_is_refused_unless_trusted(small_sd, tmp_path):
+    path = tmp_path / "pickled.pth"
+    torch.save(PickledDict(small_sd), path)
+    with pytest.raises(CheckpointError, match="trust_pickle") as err:
+        TextEncoder.from_files(path, TOKENIZER)
+    assert str(path) in str(err.value)
+    enc = TextEncoder.from_files(path, TOKENIZER, trust_pickle=True)
+    assert enc.text_dim == SMALL["d_model"]
+
+
+@pytest.mark.parametrize("bad", ["a single string", [], ["ok", 3]])
+def test_bad_prompt_lists_are_refused(small_pth, bad):
+    enc = TextEncoder.from_files(small_pth, TOKENIZER)
+    with pytest.raises(ModelInputError):
+        enc.encode(bad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The embedded folder
+# ---------------------------------------------------------------------------------------------------------
+
+def test_tokenizer_json_agrees_with_its_sentencepiece_model(tokenizer):
+    """tokenizer.json (what transformers loads) and spiece.model (what SentencePiece loads) tokenize alike."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER / "spiece.model"))
+    assert len(tokenizer) == sp.get_piece_size()
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    for p in PROMPTS + ["Ｆｕｌｌｗｉｄｔｈ ｃａｔ and zebra-like ｔｅｘｔ at 5pm"]:
+        text = clean_prompt(p)
+        assert tokenizer(text)["input_ids"] == sp.encode(text) + [1], text
+
+
+def test_make_script_reproduces_the_embedded_files(tmp_path):
+    make.main(["--out", str(tmp_path)])
+    for name in ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth"):
+        new = torch.load(tmp_path / name, weights_only=True)
+        old = torch.load(EMBEDDED / name, weights_only=True)
+        assert list(new) == list(old) and all(torch.equal(new[k], old[k]) for k in old), name
+    for f in TOKENIZER.iterdir():
+        assert (tmp_path / "google" / "umt5-xxl" / f.name).read_bytes() == f.read_bytes(), f.name
+    total = sum(f.stat().st_size for f in EMBEDDED.rglob("*") if f.is_file()
+                and (f.suffix == ".pth" or "umt5-xxl" in f.parts))
+    assert total < 5 * 2 ** 20
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_embedded_encoder_on_cuda_matches_cpu():
+    ref = TextEncoder.from_wan_dir(EMBEDDED).encode(PROMPTS)
+    out = TextEncoder.from_wan_dir(EMBEDDED, device="cuda").encode(PROMPTS)
+    assert out.context.is_cuda and out.lengths == ref.lengths and out.tokens == ref.tokens
+    torch.testing.assert_close(out.context.cpu(), ref.context, rtol=1e-3, atol=1e-3)
+    assert torch.all(out.context.cpu()[ref.context == 0] == 0)

@@ -1,0 +1,99 @@
+"""Video and prompt-file I/O (models/video.py): mp4 re-opens with the right frames, size and colours, the PNG
+grid has the documented size and layout, prompt files, output-folder checks."""
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.errors import ModelInputError
+from models.video import ensure_writable_dir, read_prompts, to_uint8_frames, write_mp4, write_png_grid
+
+
+def _colour_video(t=9, h=32, w=48):
+    """float [3, T, H, W]: red = +1, green = -1, blue ramps over time from -1 to +1."""
+    v = torch.zeros(3, t, h, w)
+    v[0], v[1] = 1.0, -1.0
+    v[2] = torch.linspace(-1, 1, t).view(t, 1, 1)
+    return v
+
+
+def test_uint8_mapping_is_self_forcings():
+    frames = to_uint8_frames(torch.tensor([-1.0, 0.0, 1.0, 2.0]).view(1, 1, 1, 4).expand(3, 1, 1, 4))
+    assert frames.shape == (1, 1, 4, 3) and frames.dtype == np.uint8
+    assert frames[0, 0, :, 0].tolist() == [0, 128, 255, 255]  # round((x + 1) * 127.5), clamped
+
+
+def test_mp4_reopens_with_frames_size_fps_and_colours(tmp_path):
+    path = write_mp4(_colour_video(), tmp_path / "out" / "clip.mp4", fps=16)
+    reader = imageio.get_reader(str(path))
+    frames = [f for f in reader]
+    assert len(frames) == 9 and frames[0].shape == (32, 48, 3)
+    assert reader.get_meta_data()["fps"] == pytest.approx(16)
+    means = np.stack([f.reshape(-1, 3).mean(0) for f in frames])      # [T, 3]
+    assert np.all(np.abs(means[:, 0] - 255) < 8) and np.all(means[:, 1] < 8)
+    assert means[0, 2] < 20 and means[-1, 2] > 235 and np.all(np.diff(means[:, 2]) > 0)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clip.mp4"]  # no temp file left
+
+
+def test_mp4_from_uint8_frames(tmp_path):
+    frames = np.zeros((5, 16, 24, 3), dtype=np.uint8)
+    frames[:, :, :12] = 200
+    path = write_mp4(frames, tmp_path / "u8.mp4", fps=8)
+    back = imageio.mimread(str(path))
+    assert len(back) == 5 and back[0].shape == (16, 24, 3)
+    assert abs(back[2][:, :10].mean() - 200) < 8 and back[2][:, 14:].mean() < 8
+
+
+def test_png_grid_size_and_layout(tmp_path):
+    t, h, w = 9, 32, 48
+    video = torch.stack([torch.full((h, w), -1 + 2 * i / (t - 1)) for i in range(t)])[None].expand(3, t, h, w)
+    path = write_png_grid(video, tmp_path / "grid.png", ncols=4, pad=2)
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.shape == (3 * h + 2 * 2, 4 * w + 3 * 2, 3)
+    for i in range(t):
+        r, c = divmod(i, 4)
+        cell = img[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w]
+        assert np.all(cell == round(i / (t - 1) * 255))
+    assert np.all(img[h:h + 2] == 255)                                  # separator row
+    sub = write_png_grid(video, tmp_path / "few.png", ncols=8, frames=[0, 4, 8], pad=0)
+    assert Image.open(sub).size == (3 * w, h)
+
+
+def test_read_prompts_strips_and_skips_empty_lines(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("  A cat on a beach.  \n\n\t\nA dog in the snow\r\n   \nlast line without newline")
+    assert read_prompts(f) == ["A cat on a beach.", "A dog in the snow", "last line without newline"]
+
+
+def test_empty_or_missing_prompt_file_is_named(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n\n  \n")
+    with pytest.raises(ModelInputError, match="empty.txt"):
+        read_prompts(empty)
+    with pytest.raises(ModelInputError, match="missing.txt"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_output_dir_is_created_and_checked(tmp_path):
+    out = ensure_writable_dir(tmp_path / "a" / "b")
+    assert out.is_dir() and list(out.iterdir()) == []
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ModelInputError, match="a_file"):
+        ensure_writable_dir(blocker / "sub")
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(4, 2, 8, 8), torch.zeros(3, 2, 8), np.zeros((2, 8, 8, 4), np.uint8),
+                                 torch.full((3, 1, 8, 8), float("nan")), [1, 2, 3]])
+def test_bad_videos_are_refused(tmp_path, bad):
+    with pytest.raises(ModelInputError):
+        write_mp4(bad, tmp_path / "x.mp4")
+
+
+def test_odd_size_mp4_is_refused_but_png_grid_works(tmp_path):
+    video = torch.zeros(3, 2, 15, 16)
+    with pytest.raises(ModelInputError, match="even"):
+        write_mp4(video, tmp_path / "odd.mp4")
+    assert Image.open(write_png_grid(video, tmp_path / "odd.png", ncols=2, pad=1)).size == (33, 15)

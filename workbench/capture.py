@@ -1,0 +1,172 @@
+"""The statistics probe: per-layer, per-head, frame-by-frame attention of a rollout, in the store's layout.
+
+`StatsProbe` subscribes to the calls a `CaptureSpec` chooses (layers, heads, steps, statistics), reduces
+each call on its device right away (workbench.reductions), and writes the small result into a device buffer
+laid out as the store is: [batch, step, layer, head, query_frame, key_frame]. Where a result goes is read
+from the call's labels (its step, its layer, the absolute frames of its queries and keys), never from a
+count of calls; two calls claiming the same cells, or a step whose chunks disagree on the timestep, are
+errors. The buffers move to the host once, when the rollout ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.attention import AttentionCall
+from workbench import reductions
+from workbench.errors import WorkbenchError
+from workbench.hooks import Probe
+
+STATS = ("attn_mass", "attn_logit", "cross_mass", "attn_key_token")
+DEFAULT_STATS = ("attn_mass", "attn_logit")
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    steps: tuple[int, ...]  # positions in the per-chunk schedule (the store's `step` coordinate)
+    stats: tuple[str, ...] = DEFAULT_STATS
+    token_layers: tuple[int, ...] = ()  # layers with per-key-token maps (attn_key_token)
+
+    def __post_init__(self):
+        unknown = [s for s in self.stats if s not in STATS]
+        if unknown:
+            raise WorkbenchError(f"unknown statistic(s) {unknown}; known: {list(STATS)}")
+        if "attn_key_token" in self.stats and not self.token_layers:
+            raise WorkbenchError("attn_key_token needs --token-layers (which layers get per-key-token maps)")
+        stray = sorted(set(self.token_layers) - set(self.layers))
+        if stray:
+            raise WorkbenchError(f"token layers {stray} are not among the captured layers {list(self.layers)}")
+
+
+@dataclass
+class Geometry:
+    batch: int
+    num_frames: int
+    frame_seq_len: int
+    text_len: int
+
+
+class StatsProbe(Probe):
+    """mode "exact": the model's own kernel computes the output (and the row log-sum-exp), the statistics are
+    computed from q, k and the LSE (outputs bitwise unchanged by capture). mode "fused": self-attention calls
+    run one fused kernel that returns the output and the frame mass together (faster on CUDA; the output is
+    that kernel's, equal to the plain kernel's within bf16 rounding)."""
+
+    def __init__(self, spec: CaptureSpec, geometry: Geometry, device, mode: str = "exact"):
+        from workbench.hooks import CallFilter
+
+        kinds = set()
+        if {"attn_mass", "attn_logit", "attn_key_token"} & set(spec.stats):
+            kinds.add("self")
+        if "cross_mass" in spec.stats:
+            kinds.add("cross")
+        super().__init__(CallFilter(layers=spec.layers, steps=spec.steps, kinds=kinds), heads=spec.heads)
+        if mode not in ("exact", "fused"):
+            raise WorkbenchError(f"capture mode {mode!r}; use 'exact' or 'fused'")
+        self.spec, self.geo, self.mode = spec, geometry, mode
+        self.computes_output = mode == "fused"
+        self._frames: dict = {}  # frame tuples -> device index tensors (no host-to-device copy per call)
+        self.needs_lse = bool({"attn_mass", "attn_key_token"} & set(spec.stats))
+        self.step_pos = {s: i for i, s in enumerate(spec.steps)}
+        self.layer_pos = {l: i for i, l in enumerate(spec.layers)}
+        self.token_pos = {l: i for i, l in enumerate(spec.token_layers)}
+        B, S, L, H, F = geometry.batch, len(spec.steps), len(spec.layers), len(spec.heads), geometry.num_frames
+        nan = float("nan")
+        self.buffers: dict[str, torch.Tensor] = {}
+        for stat in spec.stats:
+            if stat in ("attn_mass", "attn_logit"):
+                shape = (B, S, L, H, F, F)
+            elif stat == "cross_mass":
+                shape = (B, S, L, H, F, geometry.text_len)
+            else:
+                shape = (B, S, len(spec.token_layers), H, F, F * geometry.frame_seq_len)
+            self.buffers[stat] = torch.full(shape, nan, dtype=torch.float32, device=device)
+        self.timesteps: dict[int, float] = {}  # step -> timestep, as the calls reported it
+        self.filled: set[tuple] = set()  # (kind, step, layer, query frame) cells written
+
+    def _claim(self, call: AttentionCall) -> None:
+        step, t = call.labels.step, call.labels.timestep
+        if self.timesteps.setdefault(step, t) != t:
+            raise WorkbenchError(
+                f"step {step} ran at timestep {t} in chunk {call.labels.chunk} but at {self.timesteps[step]} before; "
+                "the store's `timestep(step)` needs one timestep per step"
+            )
+        for qf in call.query_frames:
+            cell = (call.kind, step, call.layer, qf)
+            if cell in self.filled:
+                raise WorkbenchError(f"two attention calls claim {call.kind} layer {call.layer} step {step} frame {qf}")
+            self.filled.add(cell)
+
+    def _index(self, frames: tuple[int, ...], device) -> torch.Tensor:
+        key = (frames, str(device))
+        if key not in self._frames:
+            self._frames[key] = torch.tensor(frames, device=device)
+        return self._frames[key]
+
+    def compute(self, call: AttentionCall, q, k, v):
+        """Fused mode: one kernel gives the output and the frame mass of every head of a self-attention call."""
+        if call.kind != "self" or "attn_mass" not in self.buffers or call.layer in self.token_pos:
+            return None  # cross-attention and key-token layers take the exact path
+        from workbench.kernels import attention_with_frame_mass
+
+        out, mass = attention_with_frame_mass(q, k, v, frame_seq_len=call.frame_seq_len, allowed=call.frame_mask)
+        heads = self._index(tuple(self.spec.heads), q.device)
+        self.observe(call, q, k, v, out, None, mass=mass.index_select(1, heads))
+        return out
+
+    def observe(self, call, q, k, v, out, lse, mass=None):
+        self._mass = mass
+        super().observe(call, q, k, v, out, lse)
+
+    def on_call(self, call: AttentionCall, q, k, v, out, lse) -> None:
+        self._claim(call)
+        fsl = call.frame_seq_len
+        s, l = self.step_pos[call.labels.step], self.layer_pos[call.layer]
+        dev = q.device
+        qf = self._index(call.query_frames, dev)
+        if call.kind == "cross":
+            self.buffers["cross_mass"][:, s, l][:, :, qf] = reductions.cross_mass(q, k, fsl)
+            return
+        kf = self._index(call.key_frames, dev)
+        mask = call.frame_mask
+        rows, cols = qf[:, None], kf[None, :]
+        if "attn_mass" in self.buffers:
+            mass = self._mass if self._mass is not None else reductions.frame_mass(q, k, lse, fsl, mask)
+            self.buffers["attn_mass"][:, s, l][:, :, rows, cols] = _nan_outside(mass, mask)  # [B, h, nqf, nkf]
+        if "attn_logit" in self.buffers:
+            logit = reductions.mean_logit(q, k, fsl)
+            self.buffers["attn_logit"][:, s, l][:, :, rows, cols] = _nan_outside(logit, mask)
+        if "attn_key_token" in self.buffers and call.layer in self.token_pos:
+            tok = reductions.key_token_mass(q, k, lse, fsl, mask)  # [B, h, nqf, nkf * fsl]
+            tokens = (kf[:, None] * fsl + torch.arange(fsl, device=dev)).flatten()  # absolute key token index
+            if mask is not None:
+                tok = tok.masked_fill(~mask.to(dev).repeat_interleave(fsl, 1), float("nan"))
+            self.buffers["attn_key_token"][:, s, self.token_pos[call.layer]][:, :, qf[:, None], tokens[None, :]] = tok
+
+    def results(self) -> dict[str, np.ndarray]:
+        """Host copies of the buffers: {stat: [B, S, L, H, F, F | text_len | F*fsl]} float32."""
+        return {stat: buf.cpu().numpy() for stat, buf in self.buffers.items()}
+
+    def missing_steps(self, expected_frames: int) -> list[tuple]:
+        """(kind, step, layer) triples whose query frames were not all captured (a schedule/label mismatch)."""
+        kinds = {c[0] for c in self.filled} or {"self"}
+        out = []
+        for kind in kinds:
+            for step in self.spec.steps:
+                for layer in self.spec.layers:
+                    got = sum((kind, step, layer, f) in self.filled for f in range(expected_frames))
+                    if got != expected_frames:
+                        out.append((kind, step, layer))
+        return out
+
+
+def _nan_outside(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """values [B, H, nqf, nkf] with masked (not attended) frame pairs set to NaN."""
+    if mask is None:
+        return values
+    return values.masked_fill(~mask.to(values.device), float("nan"))

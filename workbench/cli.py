@@ -1,0 +1,64 @@
+"""The `workbench` command line: one entry point, one module per subcommand.
+
+Each subcommand lives in its own module with a `register(subparsers)` function that adds an argparse
+parser and sets `func` to the function that runs it. Modules are imported only when the command line is
+parsed, and the heavy imports (torch, xarray) happen inside the commands, so `workbench --help` is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand modules, in the order `workbench --help` lists them
+COMMAND_MODULES = [
+    "workbench.commands.info",
+    "workbench.commands.generate",
+    "workbench.commands.extract",
+    "workbench.commands.export_legacy",
+    "studies.commands",
+]
+
+DESCRIPTION = """\
+Self-Forcing attention workbench: see how autoregressive video diffusion models attend across frames.
+
+  workbench info                      what model would run, its size and token geometry
+  workbench generate --prompt "..."   latents (and videos) from the embedded default or a Wan folder
+  workbench extract --layer 3         frame-by-frame attention of layer 3 into a zarr store
+  workbench report STORE              an HTML report of a store
+  workbench compare A.zarr B.zarr     what changed between two models (e.g. Wan vs Self-Forcing)
+
+With no model arguments every command runs on the embedded default: a small seeded causal Wan
+(21 latent frames in chunks of 3) that runs on a CPU in seconds. Add --wan-dir DIR for the official
+Wan2.1 folder and --checkpoint FILE [--use-ema] for a Self-Forcing checkpoint.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="workbench", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from workbench.errors import WorkbenchError
+
+    try:
+        return args.func(args) or 0
+    except WorkbenchError as err:  # bad input: one clear line, no traceback
+        print(f"workbench {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""`workbench generate` (wired below)."""
+
+
+def register(subparsers) -> None:
+    pass

@@ -1,0 +1,103 @@
+"""`workbench extract`: frame-by-frame attention of chosen layers, heads and steps into a zarr store."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "capture per-layer, per-head, frame-by-frame attention of a rollout into a zarr store"
+
+EPILOG = """\
+examples:
+  workbench extract --layer 3                                  # embedded default model, one prompt
+  workbench extract --layers 0-29 --prompts prompts.txt --seed 0,1,2 \\
+      --wan-dir wan_models/Wan2.1-T2V-1.3B --checkpoint checkpoints/self_forcing_dmd.pt --use-ema \\
+      --device cuda --dtype bfloat16 --out runs/sf_dmd.zarr
+  workbench extract --layer 3 --sampler bidirectional --wan-dir wan_models/Wan2.1-T2V-1.3B --out runs/wan.zarr
+  torchrun --nproc_per_node=4 -m workbench.cli extract --layers all --prompts prompts.txt ...
+
+what is stored (docs/store.md): attn_mass[sample, step, layer, head, query_frame, key_frame] (the softmax
+mass each query frame puts on each key frame; rows sum to 1), attn_logit (the mean pre-softmax logit of a
+frame pair), optional cross_mass (per prompt token) and attn_key_token (per key token, --token-layers).
+Steps of the few-step rollout: 0-3 = t 1000, 937.5, 833.3, 625; 4 = the context (cache refresh) pass.
+Re-running the same command resumes; open the store with xarray.open_zarr(path).
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("extract", help=HELP, description=HELP, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_argument_group("what to capture")
+    what.add_argument("--layer", type=int, help="one layer (0-based)")
+    what.add_argument("--layers", help="layers: 3, 0-29, 0,4,8 or all (default: all)")
+    what.add_argument("--heads", help="heads: 0-11, 0,5 or all (default: all)")
+    what.add_argument("--steps", help="steps of the per-chunk schedule, e.g. 0 (t=1000) or 0-4 (default: all)")
+    what.add_argument("--stats", default="attn_mass,attn_logit",
+                      help="statistics: attn_mass, attn_logit, cross_mass, attn_key_token (default: %(default)s)")
+    what.add_argument("--token-layers", help="layers that also get per-key-token maps (attn_key_token)")
+    job = p.add_argument_group("what to run")
+    job.add_argument("--prompt", help="one prompt (default: the researchers' eagle prompt)")
+    job.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
+    job.add_argument("--seed", default="42", help="seed(s): 42, 0-3 or 1,2,3 (default: %(default)s)")
+    job.add_argument("--frames", type=int, default=21, help="latent frames (default: %(default)s)")
+    job.add_argument("--sampler", default="causal_few_step",
+                     choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"])
+    job.add_argument("--local-attn-size", type=int, default=-1, help="KV window in latent frames (-1: global)")
+    job.add_argument("--sink-size", type=int, default=0, help="sink frames kept in the KV cache")
+    job.add_argument("--num-inference-steps", type=int, default=50, help="multi-step samplers (default: %(default)s)")
+    job.add_argument("--guidance-scale", type=float, default=5.0, help="multi-step samplers (default: %(default)s)")
+    model = p.add_argument_group("which model (default: the embedded default)")
+    model.add_argument("--wan-dir", metavar="DIR", help="the official Wan2.1 folder")
+    model.add_argument("--checkpoint", metavar="FILE", help="a Self-Forcing .pt on top of the Wan folder's config")
+    model.add_argument("--use-ema", action="store_true", help="load generator_ema instead of generator")
+    model.add_argument("--trust-pickle", action="store_true", help="allow a checkpoint that needs full unpickling")
+    model.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    model.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", help="store path (default: runs/layer{N}.zarr or runs/extract.zarr)")
+    mode = out.add_mutually_exclusive_group()
+    mode.add_argument("--append", action="store_true", help="add samples to a store of a compatible configuration")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from workbench.errors import WorkbenchError
+    from workbench.extract import ExtractConfig, parse_int_list, run_extract
+
+    if args.layer is not None and args.layers is not None:
+        raise WorkbenchError("give --layer N or --layers LIST, not both")
+    layers = [args.layer] if args.layer is not None else parse_int_list(args.layers, what="layer")
+    if args.prompt and args.prompts:
+        raise WorkbenchError("give --prompt TEXT or --prompts FILE, not both")
+    cfg = ExtractConfig(
+        layers=layers,
+        heads=parse_int_list(args.heads, what="head"),
+        steps=parse_int_list(args.steps, what="step"),
+        stats=[s.strip() for s in args.stats.split(",") if s.strip()],
+        token_layers=parse_int_list(args.token_layers, what="layer") or [],
+        seeds=parse_int_list(args.seed, what="seed"),
+        num_frames=args.frames, sampler=args.sampler, local_attn_size=args.local_attn_size, sink_size=args.sink_size,
+        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+        wan_dir=args.wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema, trust_pickle=args.trust_pickle,
+        progress=not args.no_progress,
+        mode="append" if args.append else "overwrite" if args.overwrite else "resume",
+    )
+    if args.prompts:
+        from models.video import read_prompts
+
+        cfg.prompts = read_prompts(args.prompts)
+    elif args.prompt:
+        cfg.prompts = [args.prompt]
+    cfg.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg.dtype = args.dtype or ("bfloat16" if cfg.device.startswith("cuda") else "float32")
+    if args.out:
+        cfg.out = args.out
+    elif layers is not None and len(layers) == 1:
+        cfg.out = f"runs/layer{layers[0]}.zarr"
+    if cfg.seeds is None:
+        raise WorkbenchError("--seed all is not a seed; give numbers like 42 or 0-3")
+    run_extract(cfg)
+    return 0

@@ -1,0 +1,87 @@
+"""`workbench info`: what model would run, how big it is, its token geometry and attention backend."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "show a model's config, parameter count, token geometry and attention backend"
+
+EPILOG = """\
+examples:
+  workbench info                                   # the embedded default
+  workbench info --preset wan2.1-t2v-1.3b          # built on the meta device: no weights needed
+  workbench info --wan-dir wan_models/Wan2.1-T2V-1.3B --frames 21 --height 480 --width 832
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("info", help=HELP, description=HELP, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--wan-dir", metavar="DIR", help="the official Wan2.1 folder (reads config.json only)")
+    src.add_argument("--preset", help="a built-in size: wan2.1-t2v-1.3b, wan2.1-t2v-14b, tiny")
+    p.add_argument("--frames", type=int, default=21, help="latent frames (default: %(default)s)")
+    p.add_argument("--height", type=int, help="pixel height (default: 480, or 96 for the embedded default)")
+    p.add_argument("--width", type=int, help="pixel width (default: 832, or 128 for the embedded default)")
+    p.add_argument("--num-frame-per-block", type=int, default=3, help="frames per chunk (default: %(default)s)")
+    p.add_argument("--device", default=None, help="device whose attention backend to report (default: cuda if available)")
+    p.set_defaults(func=run)
+
+
+def describe(config, *, frames: int, height: int, width: int, nfpb: int, device: str) -> str:
+    import torch
+
+    from models.attention import backend_name
+    from models.config import VideoGeometry
+    from models.wan import WanModel
+
+    with torch.device("meta"):
+        model = WanModel(config, causal=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_tensors = len(model.state_dict())
+    if height % 8 or width % 8:
+        from workbench.errors import WorkbenchError
+
+        raise WorkbenchError(f"pixel size {height}x{width} must be divisible by 8 (the VAE stride)")
+    geo = VideoGeometry(num_frames=frames, latent_height=height // 8, latent_width=width // 8, num_frame_per_block=nfpb)
+    fsl = config.tokens_per_frame(geo.latent_height, geo.latent_width)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    rows = [
+        ("dim / ffn_dim", f"{config.dim} / {config.ffn_dim}"),
+        ("layers x heads x head_dim", f"{config.num_layers} x {config.num_heads} x {config.head_dim}"),
+        ("RoPE channels (t, h, w)", str(list(config.rope_split))),
+        ("text", f"{config.text_len} tokens x {config.text_dim}"),
+        ("parameters", f"{n_params:,} in {n_tensors} state-dict tensors"),
+        ("video", f"{geo.pixel_frames} frames of {height}x{width} px -> {frames} latent frames of "
+                  f"{geo.latent_height}x{geo.latent_width}"),
+        ("tokens", f"{fsl} per frame, {fsl * frames} in all, {fsl * nfpb} per chunk of {nfpb} frames "
+                   f"({geo.num_chunks} chunks)"),
+        ("KV cache (global)", f"{frames * fsl} tokens per layer, "
+                              f"{2 * frames * fsl * config.dim * 2 * config.num_layers / 2**30:.2f} GiB in bf16"),
+        ("attention window", "global" if config.local_attn_size == -1
+         else f"{config.local_attn_size} frames, sink {config.sink_size}"),
+        ("attention backend", f"{backend_name(device, dtype)} on {device}"),
+    ]
+    width_ = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width_}}  {v}" for k, v in rows)
+
+
+def run(args) -> int:
+    import torch
+
+    from models.config import WanConfig, preset
+    from models.embedded import EMBEDDED_DIR
+
+    if args.preset:
+        config, name = preset(args.preset), args.preset
+    else:
+        folder = args.wan_dir or EMBEDDED_DIR
+        config, name = WanConfig.from_json(f"{folder}/config.json"), ("embedded default" if not args.wan_dir else folder)
+    embedded = not args.preset and not args.wan_dir
+    height = args.height or (96 if embedded else 480)
+    width = args.width or (128 if embedded else 832)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"model: {name}")
+    print(describe(config, frames=args.frames, height=height, width=width, nfpb=args.num_frame_per_block,
+                   device=device))
+    return 0

@@ -1,0 +1,377 @@
+"""`workbench extract`: run rollouts with the statistics probe attached and write whole samples to a store.
+
+    ExtractConfig --validate--> model + text encoder + schedule --for each (prompt, seed) not yet in the store-->
+        noise(seed) -> sampler (few-step causal | multi-step causal CFG | bidirectional) with StatsProbe attached
+        -> host arrays [step, layer, head, query_frame, key_frame] -> StoreWriter.write (one append per sample)
+
+Everything that can be wrong with the request (layer or head out of range, unknown statistic, frames that do
+not divide into chunks, an incompatible existing store, an empty prompt file) is found before the first
+forward. Under `torchrun --nproc_per_node=K` the samples are dealt out to the ranks and rank 0 writes them in
+order, so the store is the same as a single-process run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.attention import backend_name
+from models.checkpoint import WEIGHTS_NAME, load_wan, read_wan_folder, sha256_file
+from models.embedded import EMBEDDED_DIR, EMBEDDED_GEOMETRY
+from models.rollout import (bidirectional, causal_few_step, causal_multi_step, few_step_schedule, multistep_schedule,
+                            MultiStepSolver)
+from models.scheduler import FlowMatchScheduler
+from workbench.capture import DEFAULT_STATS, STATS, CaptureSpec, Geometry, StatsProbe
+from workbench.errors import WorkbenchError
+from workbench.hooks import attach
+from workbench.store import SCHEMA_VERSION, StoreLayout, StoreWriter, sample_dataset, sample_id
+
+DEFAULT_PROMPT = "A majestic eagle soaring through a cloudy sky, cinematic lighting"
+SAMPLERS = ("causal_few_step", "causal_multi_step_cfg", "bidirectional")
+
+
+@dataclass
+class ExtractConfig:
+    """One extraction run. Lists are resolved (no ranges); None means the default described per field."""
+
+    layers: list[int] | None = None  # None: every layer
+    heads: list[int] | None = None  # None: every head
+    steps: list[int] | None = None  # None: every step of the schedule
+    stats: list[str] = field(default_factory=lambda: list(DEFAULT_STATS))
+    token_layers: list[int] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=lambda: [DEFAULT_PROMPT])
+    seeds: list[int] = field(default_factory=lambda: [42])
+    num_frames: int = 21
+    wan_dir: str | None = None  # None: the embedded default
+    checkpoint: str | None = None  # a Self-Forcing .pt
+    use_ema: bool = False
+    trust_pickle: bool = False
+    sampler: str = "causal_few_step"
+    denoising_step_list: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
+    timestep_shift: float = 5.0
+    context_noise: float = 0.0
+    num_inference_steps: int = 50  # multi-step samplers
+    guidance_scale: float = 5.0  # multi-step samplers
+    negative_prompt: str = ""
+    local_attn_size: int = -1
+    sink_size: int = 0
+    num_frame_per_block: int = 3
+    latent_height: int | None = None  # None: 60 for a Wan folder (480 px), 12 for the embedded default
+    latent_width: int | None = None  # None: 104 (832 px), 16 for the embedded default
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    out: str = "runs/extract.zarr"
+    mode: str = "resume"  # resume | append | overwrite
+    batch_size: int = 1
+    progress: bool = True
+
+
+# ------------------------------------------------------------------------------------------------------
+# Resolving and validating
+
+
+def parse_int_list(text: str | None, *, what: str, upper: int | None = None) -> list[int] | None:
+    """'3', '0-29', '0,4,8-11' or 'all' -> sorted ints (None for 'all'); a clear error otherwise."""
+    if text is None or str(text).strip() == "all":
+        return None
+    values: set[int] = set()
+    try:
+        for part in str(text).split(","):
+            a, _, b = part.strip().partition("-")
+            values.update(range(int(a), int(b) + 1) if b else [int(a)])
+    except ValueError:
+        raise WorkbenchError(f"{what} {text!r}: use a number, a range like 0-29, a list like 0,4,8, or 'all'") from None
+    if upper is not None:
+        bad = sorted(v for v in values if not 0 <= v < upper)
+        if bad:
+            raise WorkbenchError(f"{what} {bad} out of range: the model has {what}s 0-{upper - 1}")
+    return sorted(values)
+
+
+def _dtype(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+             "float64": torch.float64}
+    if name not in table:
+        raise WorkbenchError(f"dtype {name!r}: use one of {sorted(table)}")
+    return table[name]
+
+
+@dataclass
+class Plan:
+    cfg: ExtractConfig
+    model_config: object
+    wan_dir: Path
+    weights_file: Path
+    spec: CaptureSpec
+    schedule: list  # ForwardLabels of every step of the per-chunk schedule
+    geometry: tuple[int, int, int]  # F, h, w (latent)
+    frame_seq_len: int
+    family: str
+    checkpoint_label: str
+
+
+def plan(cfg: ExtractConfig) -> Plan:
+    """Validate the request against the model's config, without loading weights."""
+    if cfg.sampler not in SAMPLERS:
+        raise WorkbenchError(f"sampler {cfg.sampler!r}; use one of {list(SAMPLERS)}")
+    unknown = [s for s in cfg.stats if s not in STATS]
+    if unknown:
+        raise WorkbenchError(f"unknown statistic(s) {unknown}; known: {list(STATS)}")
+    if not cfg.prompts or any(not p.strip() for p in cfg.prompts):
+        raise WorkbenchError("no prompts to run (an empty prompt or prompt file)")
+    if cfg.mode not in ("resume", "append", "overwrite"):
+        raise WorkbenchError(f"mode {cfg.mode!r}; use resume, append or overwrite")
+    wan_dir = Path(cfg.wan_dir) if cfg.wan_dir else EMBEDDED_DIR
+    if not (wan_dir / "config.json").is_file():
+        raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)")
+    if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
+        raise WorkbenchError(f"--checkpoint {cfg.checkpoint!r} does not exist")
+    from models.config import WanConfig
+
+    mc = WanConfig.from_json(wan_dir / "config.json").replace(local_attn_size=cfg.local_attn_size,
+                                                               sink_size=cfg.sink_size)
+    embedded = cfg.wan_dir is None
+    h = cfg.latent_height or (EMBEDDED_GEOMETRY.latent_height if embedded else 60)
+    w = cfg.latent_width or (EMBEDDED_GEOMETRY.latent_width if embedded else 104)
+    fsl = mc.tokens_per_frame(h, w)
+    if cfg.sampler != "bidirectional" and cfg.num_frames % cfg.num_frame_per_block:
+        raise WorkbenchError(f"--frames {cfg.num_frames} does not divide into chunks of {cfg.num_frame_per_block}; "
+                             f"use a multiple of {cfg.num_frame_per_block} (e.g. 21)")
+    if cfg.sampler != "bidirectional" and mc.local_attn_size == -1 and cfg.num_frames > 21:
+        raise WorkbenchError(f"--frames {cfg.num_frames} is more than the KV cache holds (21 frames) with global "
+                             "attention; add --local-attn-size N (and optionally --sink-size S)")
+    layers = cfg.layers if cfg.layers is not None else list(range(mc.num_layers))
+    heads = cfg.heads if cfg.heads is not None else list(range(mc.num_heads))
+    for what, values, n in (("layer", layers, mc.num_layers), ("head", heads, mc.num_heads)):
+        bad = sorted(v for v in values if not 0 <= v < n)
+        if bad:
+            raise WorkbenchError(f"{what} {bad} out of range: the model has {what}s 0-{n - 1}")
+    schedule = _schedule(cfg)
+    steps = cfg.steps if cfg.steps is not None else [s.step for s in schedule]
+    bad = sorted(set(steps) - {s.step for s in schedule})
+    if bad:
+        raise WorkbenchError(f"step {bad} out of range: the {cfg.sampler} schedule has steps 0-{len(schedule) - 1}")
+    spec = CaptureSpec(tuple(layers), tuple(heads), tuple(sorted(steps)), tuple(cfg.stats), tuple(cfg.token_layers))
+    family = "self_forcing" if cfg.checkpoint else "wan"
+    label = cfg.checkpoint or ("embedded" if embedded else str(wan_dir / WEIGHTS_NAME))
+    weights = Path(cfg.checkpoint) if cfg.checkpoint else _weights_file(wan_dir)
+    return Plan(cfg, mc, wan_dir, weights, spec, schedule, (cfg.num_frames, h, w), fsl, family, label)
+
+
+def _weights_file(wan_dir: Path) -> Path:
+    single = wan_dir / WEIGHTS_NAME
+    return single if single.is_file() else wan_dir / f"{WEIGHTS_NAME}.index.json"
+
+
+def _schedule(cfg: ExtractConfig) -> list:
+    if cfg.sampler == "causal_few_step":
+        timesteps = FlowMatchScheduler(cfg.timestep_shift).warp(cfg.denoising_step_list)
+        return few_step_schedule(timesteps, cfg.context_noise)
+    solver = MultiStepSolver("unipc", cfg.num_inference_steps, cfg.timestep_shift)
+    return multistep_schedule(solver.timesteps, cfg=True, context_pass=cfg.sampler == "causal_multi_step_cfg",
+                              context_noise=cfg.context_noise)
+
+
+def fingerprint(p: Plan, weights_sha: str) -> str:
+    """'layout:model' hashes. `--append` needs the layout part to agree; resume needs both."""
+    c = p.cfg
+    layout = dict(schema=SCHEMA_VERSION, layers=p.spec.layers, heads=p.spec.heads, steps=p.spec.steps,
+                  stats=p.spec.stats, token_layers=p.spec.token_layers, geometry=p.geometry, sampler=c.sampler,
+                  schedule=[dataclasses.astuple(s) for s in p.schedule], nfpb=c.num_frame_per_block)
+    model = dict(weights=weights_sha, config=dataclasses.asdict(p.model_config), key=("ema" if c.use_ema else "gen"),
+                 dtype=c.dtype, guidance=c.guidance_scale, negative=c.negative_prompt)
+
+    def h(d):
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    return f"{h(layout)}:{h(model)}"
+
+
+# ------------------------------------------------------------------------------------------------------
+# Running
+
+
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=5)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if sha.returncode == 0 else "unknown"
+    except Exception:
+        return "unknown"
+
+
+def _attrs(p: Plan, fp: str, command: list[str]) -> dict:
+    import xarray
+    import zarr
+    from omegaconf import OmegaConf
+
+    from workbench import __version__
+
+    c = p.cfg
+    return dict(
+        workbench_version=__version__, git_commit=_git_commit(), command=" ".join(command),
+        created_utc=__import__("datetime").datetime.now(__import__("datetime").timezone.utc).isoformat(timespec="seconds"),
+        config_yaml=OmegaConf.to_yaml(OmegaConf.create({"extract": dataclasses.asdict(c),
+                                                        "model": dataclasses.asdict(p.model_config)})),
+        versions=dict(torch=torch.__version__, xarray=xarray.__version__, zarr=zarr.__version__,
+                      python=platform.python_version()),
+        frame_seq_len=p.frame_seq_len, num_frame_per_block=c.num_frame_per_block, num_frames=c.num_frames,
+        text_len=p.model_config.text_len, head_dim=p.model_config.head_dim, num_layers=p.model_config.num_layers,
+        num_heads=p.model_config.num_heads, dtype=c.dtype, attn_backend=backend_name(c.device, _dtype(c.dtype)),
+        fingerprint=fp,
+    )
+
+
+def _dist():
+    """(rank, world) under torchrun, initialising the process group once; (0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def run_extract(cfg: ExtractConfig, command: list[str] | None = None, log=print):
+    """Run an extraction; returns the store path. Validation happens before any model weights are read."""
+    from tqdm.auto import tqdm
+
+    from models.text_encoder import TextEncoder
+
+    p = plan(cfg)
+    rank, world = _dist()
+    device, dtype = torch.device(cfg.device), _dtype(cfg.dtype)
+    weights_sha = sha256_file(p.weights_file)
+    fp = fingerprint(p, weights_sha)
+    writer = StoreWriter(cfg.out, fp, mode=cfg.mode) if rank == 0 else None
+    samples = [(i, prompt, seed) for i, prompt in enumerate(cfg.prompts) for seed in cfg.seeds]
+    if writer is not None:
+        todo = [s for s in samples if not writer.done(sample_id(s[0], s[2]))]
+    else:
+        todo = samples
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [todo]
+        dist.broadcast_object_list(box, src=0)
+        todo = box[0]
+    if not todo:
+        if rank == 0:
+            log(f"{cfg.out}: all {len(samples)} samples are already there; nothing to do")
+        return Path(cfg.out)
+
+    causal = cfg.sampler != "bidirectional"
+    model = load_wan(p.wan_dir, checkpoint=cfg.checkpoint, use_ema=cfg.use_ema, causal=causal,
+                     num_frame_per_block=cfg.num_frame_per_block, local_attn_size=cfg.local_attn_size,
+                     sink_size=cfg.sink_size, device=device, dtype=dtype, trust_pickle=cfg.trust_pickle)
+    encoder = TextEncoder.from_wan_dir(p.wan_dir, device=device)
+    negative = encoder.encode([cfg.negative_prompt]) if cfg.sampler != "causal_few_step" else None
+    layout = StoreLayout(steps=[s for s in p.schedule if s.step in p.spec.steps], layers=list(p.spec.layers),
+                         heads=list(p.spec.heads), token_layers=list(p.spec.token_layers), num_frames=cfg.num_frames,
+                         num_frame_per_block=cfg.num_frame_per_block if causal else 0,
+                         frame_seq_len=p.frame_seq_len, grid=(p.geometry[1] // 2, p.geometry[2] // 2),
+                         text_len=p.model_config.text_len, stats=list(cfg.stats),
+                         attrs=_attrs(p, fp, command or sys.argv))
+    mine = todo[rank::world]
+    forwards = len(p.schedule) * (cfg.num_frames // cfg.num_frame_per_block if causal else 1)
+    bar = tqdm(total=len(mine) * forwards, desc=f"extract (rank {rank})" if world > 1 else "extract",
+               unit="fwd", disable=not cfg.progress or rank != 0)
+    results = {}
+    for prompt_index, prompt, seed in mine:
+        emb = encoder.encode([prompt])
+        arrays = _one_sample(model, p, emb, negative, seed, device, dtype, bar)
+        meta = dict(prompt_index=prompt_index, seed=seed, prompt=prompt, checkpoint=p.checkpoint_label,
+                    checkpoint_sha256=weights_sha, model_family=p.family, sampler=cfg.sampler,
+                    local_attn_size=cfg.local_attn_size, sink_size=cfg.sink_size, tokens=emb.tokens[0],
+                    num_tokens=emb.lengths[0])
+        if world == 1:
+            writer.write(sample_dataset(layout, meta, arrays))
+        else:
+            results[sample_id(prompt_index, seed)] = (meta, arrays)
+    bar.close()
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(results, gathered, dst=0)
+        if rank == 0:
+            merged = {k: v for part in gathered for k, v in part.items()}
+            for prompt_index, _, seed in todo:  # the order of a single-process run
+                meta, arrays = merged[sample_id(prompt_index, seed)]
+                writer.write(sample_dataset(layout, meta, arrays))
+        dist.barrier()
+    if rank == 0:
+        log(summary_table(cfg.out))
+    return Path(cfg.out)
+
+
+def _one_sample(model, p: Plan, emb, negative, seed, device, dtype, bar) -> dict[str, np.ndarray]:
+    cfg = p.cfg
+    F, h, w = p.geometry
+    gen = torch.Generator(device=device).manual_seed(seed)
+    noise = torch.randn((1, F, model.config.in_dim, h, w), generator=gen, device=device, dtype=torch.float32).to(dtype)
+    context = emb.context.to(device, dtype)
+    geo = Geometry(batch=1, num_frames=F, frame_seq_len=p.frame_seq_len, text_len=model.config.text_len)
+    probe = StatsProbe(p.spec, geo, device)
+
+    def on_forward(labels, start, n):
+        bar.update(1)
+
+    with attach(model, probe):
+        if cfg.sampler == "causal_few_step":
+            sched = FlowMatchScheduler(cfg.timestep_shift)
+            causal_few_step(model, noise, context, timesteps=sched.warp(cfg.denoising_step_list), scheduler=sched,
+                            context_noise=cfg.context_noise, generator=gen, on_forward=on_forward)
+        elif cfg.sampler == "causal_multi_step_cfg":
+            causal_multi_step(model, noise, context, negative.context.to(device, dtype), steps=cfg.num_inference_steps,
+                              shift=cfg.timestep_shift, guidance_scale=cfg.guidance_scale,
+                              context_noise=cfg.context_noise, on_forward=on_forward)
+        else:
+            bidirectional(model, noise, context, negative.context.to(device, dtype), steps=cfg.num_inference_steps,
+                          shift=cfg.timestep_shift, guidance_scale=cfg.guidance_scale, on_forward=on_forward)
+    missing = probe.missing_steps(F)
+    if missing:
+        raise WorkbenchError(f"the rollout did not produce every captured (kind, step, layer): {missing[:5]}")
+    return {stat: values[0] for stat, values in probe.results().items()}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Summary
+
+
+def summary_table(store_path) -> str:
+    """Per head (mean over samples, captured layers, denoising steps and query frames after the first chunk):
+    the attention mass on frame 0, on the query's own chunk, and on the rest."""
+    from workbench.store import open_store
+
+    ds = open_store(store_path)
+    if "attn_mass" not in ds:
+        return f"wrote {store_path}"
+    m = ds.attn_mass.where(ds.phase == "denoise", drop=True)
+    m = m.where(m.query_chunk > 0, drop=True) if (ds.query_chunk > 0).any() else m
+    own = m.where(m.key_chunk == m.query_chunk).sum("key_frame")
+    first = m.sel(key_frame=0)
+    total = m.sum("key_frame")
+    dims = [d for d in ("sample", "step", "layer", "query_frame") if d in first.dims]
+    first, own, total = (x.mean(dims).values for x in (first, own, total))
+    layers = ",".join(str(v) for v in ds.layer.values)
+    lines = [f"wrote {store_path}: {ds.sizes['sample']} sample(s), layers {layers}, steps {ds.step.values.tolist()}",
+             "attention mass per head (mean over samples, layers, denoising steps, query frames after chunk 0):",
+             f"{'head':>6} {'frame 0':>9} {'own chunk':>10} {'rest':>8}"]
+    for i, head in enumerate(ds["head"].values):
+        lines.append(f"{head:>6} {first[i]:>9.3f} {own[i]:>10.3f} {total[i] - own[i] - first[i]:>8.3f}")
+    lines.append(f"open it with xarray: xr.open_zarr({str(store_path)!r}), or `workbench report {store_path}`")
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""The hook framework: probes that subscribe to attention calls of a model.
+
+A model built by `models/` passes every attention call through `models.attention.attend` together with an
+`AttentionCall` (layer, self/cross, step, timestep, chunk, phase, CFG branch, the absolute frames of its
+queries and keys). A probe is any object with `wants(call)` and `observe(call, q, k, v, out, lse)`;
+`attach(model, probe)` subscribes it for the duration of a `with` block:
+
+    probe = Probe(CallFilter(layers={3}, kinds={"self"}, steps={0}), heads=[0, 5], fn=my_function)
+    with attach(model, probe):
+        rollout(...)
+
+With no probe attached the model runs exactly its plain attention path. `fn(call, q, k, v, out, lse)` gets
+q [B, Lq, h, D], k/v [B, Lk, h, D] restricted to the chosen heads, out [B, Lq, h, D] and lse [B, h, Lq]
+(only when the probe sets `needs_lse`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from models.attention import AttentionCall
+
+
+def _set(values) -> frozenset | None:
+    return None if values is None else frozenset(values)
+
+
+@dataclass(frozen=True)
+class CallFilter:
+    """Which calls a probe sees; None means any. Calls without rollout labels match only an all-None filter
+    on steps, chunks, phases and cfgs."""
+
+    layers: frozenset | None = None
+    kinds: frozenset | None = None  # {"self", "cross"}
+    steps: frozenset | None = None
+    chunks: frozenset | None = None
+    phases: frozenset | None = None  # {"denoise", "context", "train"}
+    cfgs: frozenset | None = None  # {"cond", "uncond", "none"}
+
+    def __post_init__(self):
+        for name in ("layers", "kinds", "steps", "chunks", "phases", "cfgs"):
+            object.__setattr__(self, name, _set(getattr(self, name)))
+
+    def matches(self, call: AttentionCall) -> bool:
+        if self.layers is not None and call.layer not in self.layers:
+            return False
+        if self.kinds is not None and call.kind not in self.kinds:
+            return False
+        labels = call.labels
+        for name, value in (("steps", "step"), ("chunks", "chunk"), ("phases", "phase"), ("cfgs", "cfg")):
+            allowed = getattr(self, name)
+            if allowed is not None and (labels is None or getattr(labels, value) not in allowed):
+                return False
+        return True
+
+
+class Probe:
+    """A filter, a head selection and a function called with each matching call's tensors."""
+
+    needs_lse = False
+
+    def __init__(self, filter: CallFilter | None = None, heads: Iterable[int] | None = None,
+                 fn: Callable | None = None, needs_lse: bool = False):
+        self.filter = filter or CallFilter()
+        self.heads = None if heads is None else list(heads)
+        self.fn = fn
+        self.needs_lse = needs_lse or self.needs_lse
+        self._head_index: dict = {}
+
+    def wants(self, call: AttentionCall) -> bool:
+        return self.filter.matches(call)
+
+    def observe(self, call: AttentionCall, q, k, v, out, lse) -> None:
+        if self.heads is not None:
+            idx = self._head_index.get(q.device)
+            if idx is None:
+                idx = self._head_index[q.device] = torch.tensor(self.heads, device=q.device)
+            q, k, v, out = (t.index_select(2, idx) for t in (q, k, v, out))
+            lse = None if lse is None else lse.index_select(1, idx)
+        self.on_call(call, q, k, v, out, lse)
+
+    def on_call(self, call: AttentionCall, q, k, v, out, lse) -> None:
+        if self.fn is not None:
+            self.fn(call, q, k, v, out, lse)
+
+
+class RecordingProbe(Probe):
+    """Keeps a detached host copy of every matching call's (call, q, k) - for small models, tests, notebooks."""
+
+    def __init__(self, filter: CallFilter | None = None, heads=None, keep_out: bool = False):
+        super().__init__(filter, heads)
+        self.keep_out = keep_out
+        self.records: list[tuple[AttentionCall, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+
+    def on_call(self, call, q, k, v, out, lse):
+        self.records.append((call, q.detach().cpu(), k.detach().cpu(), out.detach().cpu() if self.keep_out else None))
+
+
+@contextlib.contextmanager
+def attach(model, *probes):
+    """Subscribe probes to a model's attention calls for the duration of the block."""
+    handles = [model.observers.add(p) for p in probes]
+    try:
+        yield probes[0] if len(probes) == 1 else probes
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,64 @@
+"""Exact frame-aggregated attention: blockwise torch references (CPU path) and Triton kernels (GPU path).
+
+`reference` is plain torch and always importable. `frame_attention` needs triton and is imported lazily on
+first use of one of its names (so that TRITON_INTERPRET=1, when wanted, can be set before the kernels are
+decorated). `attention_with_frame_mass(q, k, v, ...)` picks the fused kernel on CUDA and the reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import torch
+
+from workbench.kernels.reference import (
+    check_frame_inputs,
+    frame_attention_reference,
+    frame_mass_reference,
+    key_token_mass_reference,
+    row_lse_any_length,
+    row_lse_reference,
+)
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+_KERNEL_NAMES = (
+    "frame_attention_fused",
+    "frame_mass_from_lse",
+    "key_token_mass_from_lse",
+    "lse_from_sdpa",
+)
+
+
+def __getattr__(name):
+    if name in _KERNEL_NAMES:
+        if not HAS_TRITON:
+            raise ImportError(f"workbench.kernels.{name} needs triton (pip install triton); the torch reference "
+                              "functions in workbench.kernels.reference work without it")
+        module = importlib.import_module("workbench.kernels.frame_attention")
+        return getattr(module, name)
+    raise AttributeError(f"module 'workbench.kernels' has no attribute {name!r}")
+
+
+def attention_with_frame_mass(q, k, v, *, frame_seq_len, scale=None, allowed=None):
+    """(out [B, Lq, H, D], mass [B, H, nqf, nkf] float32): the fused Triton kernel for bf16/fp16 CUDA
+    tensors, the blockwise torch reference otherwise."""
+    if HAS_TRITON and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        from workbench.kernels.frame_attention import frame_attention_fused
+
+        return frame_attention_fused(q, k, v, frame_seq_len=frame_seq_len, scale=scale, allowed=allowed)
+    return frame_attention_reference(q, k, v, frame_seq_len=frame_seq_len, scale=scale, allowed=allowed)
+
+
+__all__ = [
+    "HAS_TRITON",
+    "check_frame_inputs",
+    "attention_with_frame_mass",
+    "frame_attention_reference",
+    "frame_mass_reference",
+    "key_token_mass_reference",
+    "row_lse_any_length",
+    "row_lse_reference",
+    *_KERNEL_NAMES,
+]

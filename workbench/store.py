@@ -1,0 +1,218 @@
+"""Attention stores: labelled xarray Datasets in zarr v3, laid out as `docs/store.md` defines.
+
+This module is the only place that knows the on-disk layout. Writers (the `extract` command, training
+probes) hand it whole samples; readers (studies, notebooks) call `open_store`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from workbench.errors import WorkbenchError
+
+SCHEMA_VERSION = 1
+
+
+def open_store(path: str | Path) -> xr.Dataset:
+    """Open a store lazily, check its schema version, and load the small non-index coords into memory
+    (so `groupby("chunk")` and string selections work without dask)."""
+    path = Path(path)
+    if not path.exists():
+        raise WorkbenchError(f"no store at {str(path)!r}: run `workbench extract --out {path}` to make one")
+    try:
+        ds = xr.open_zarr(path, consolidated=False)
+    except Exception as err:  # zarr raises several types for "not a zarr group"
+        raise WorkbenchError(f"{str(path)!r} is not a zarr store readable by xarray ({err})") from err
+    version = ds.attrs.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise WorkbenchError(
+            f"store {str(path)!r} has schema_version {version!r}; this workbench reads version {SCHEMA_VERSION} "
+            "(see docs/store.md)"
+        )
+    small = [name for name, coord in ds.coords.items() if name not in ds.dims]
+    return ds.assign_coords({name: ds[name].load() for name in small})
+
+
+# ------------------------------------------------------------------------------------------------------
+# Writing
+
+
+STAT_ATTRS = {
+    "attn_mass": dict(long_name="self-attention mass per key frame", units="probability",
+                      description="(1/fsl) sum over the query tokens of query_frame of the softmax probability "
+                                  "summed over the key tokens of key_frame; NaN where not attended"),
+    "attn_logit": dict(long_name="mean pre-softmax logit per frame pair", units="logit",
+                       description="mean over the token pairs of (query_frame, key_frame) of q.k/sqrt(head_dim) = "
+                                   "mean_q . mean_k / sqrt(head_dim); NaN where not attended"),
+    "cross_mass": dict(long_name="cross-attention mass per text token", units="probability",
+                       description="(1/fsl) sum over the query tokens of query_frame of the softmax probability "
+                                   "of each text token"),
+    "attn_key_token": dict(long_name="self-attention mass per key token", units="probability",
+                           description="(1/fsl) sum over the query tokens of query_frame of the softmax probability "
+                                       "of each key token; NaN where not attended"),
+}
+STAT_DIMS = {
+    "attn_mass": ("sample", "step", "layer", "head", "query_frame", "key_frame"),
+    "attn_logit": ("sample", "step", "layer", "head", "query_frame", "key_frame"),
+    "cross_mass": ("sample", "step", "layer", "head", "query_frame", "text_token"),
+    "attn_key_token": ("sample", "step", "token_layer", "head", "query_frame", "key_token"),
+}
+
+
+@dataclass
+class StoreLayout:
+    """Everything about a store that does not change from sample to sample."""
+
+    steps: list  # ForwardLabels of each captured step, in order
+    layers: list[int]
+    heads: list[int]
+    token_layers: list[int]
+    num_frames: int
+    num_frame_per_block: int  # 0 for the bidirectional sampler (one chunk)
+    frame_seq_len: int
+    grid: tuple[int, int]
+    text_len: int
+    stats: list[str]
+    attrs: dict  # schema attrs: config_yaml, command, versions, fingerprint, ...
+
+    def chunk_of(self, frames) -> np.ndarray:
+        frames = np.asarray(frames)
+        return frames // self.num_frame_per_block if self.num_frame_per_block else np.zeros_like(frames)
+
+
+def sample_id(prompt_index: int, seed: int) -> str:
+    return f"p{prompt_index:04d}-s{seed}"
+
+
+def _strings(values) -> np.ndarray:
+    return np.array(list(values), dtype=object)
+
+
+def sample_dataset(layout: StoreLayout, sample: dict, arrays: dict[str, np.ndarray]) -> xr.Dataset:
+    """One sample as a Dataset with a length-1 `sample` dim. `sample` holds the per-sample coords
+    (prompt_index, seed, prompt, checkpoint, checkpoint_sha256, model_family, sampler, local_attn_size,
+    sink_size, tokens (list of text_len strings), num_tokens); arrays are [S, L, H, F, ...] per statistic."""
+    F = layout.num_frames
+    data_vars = {}
+    for stat, values in arrays.items():
+        data_vars[stat] = xr.Variable(STAT_DIMS[stat], values[None].astype(np.float32), attrs=STAT_ATTRS[stat])
+    steps = layout.steps
+    coords = {
+        "sample": _strings([sample_id(sample["prompt_index"], sample["seed"])]),
+        "step": np.array([s.step for s in steps], dtype=np.int64),
+        "layer": np.array(layout.layers, dtype=np.int64),
+        "head": np.array(layout.heads, dtype=np.int64),
+        "query_frame": np.arange(F, dtype=np.int64),
+        "key_frame": np.arange(F, dtype=np.int64),
+        "timestep": ("step", np.array([s.timestep for s in steps], dtype=np.float32)),
+        "phase": ("step", _strings(s.phase for s in steps)),
+        "cfg": ("step", _strings(s.cfg for s in steps)),
+        "denoise_index": ("step", np.array([s.denoise_index for s in steps], dtype=np.int64)),
+        "query_chunk": ("query_frame", layout.chunk_of(np.arange(F))),
+        "key_chunk": ("key_frame", layout.chunk_of(np.arange(F))),
+    }
+    for name in ("prompt", "checkpoint", "checkpoint_sha256", "model_family", "sampler"):
+        coords[name] = ("sample", _strings([sample[name]]))
+    for name in ("prompt_index", "seed", "local_attn_size", "sink_size", "num_tokens"):
+        coords[name] = ("sample", np.array([sample[name]], dtype=np.int64))
+    if "cross_mass" in arrays:
+        coords["text_token"] = np.arange(layout.text_len, dtype=np.int64)
+        coords["token"] = (("sample", "text_token"), _strings(sample["tokens"]).reshape(1, -1))
+    if "attn_key_token" in arrays:
+        h, w = layout.grid
+        tok = np.arange(F * layout.frame_seq_len)
+        coords["token_layer"] = np.array(layout.token_layers, dtype=np.int64)
+        coords["key_token"] = tok
+        coords["key_token_frame"] = ("key_token", tok // layout.frame_seq_len)
+        coords["key_token_h"] = ("key_token", (tok % layout.frame_seq_len) // w)
+        coords["key_token_w"] = ("key_token", tok % w)
+    attrs = {"schema_version": SCHEMA_VERSION, **layout.attrs, "stats": list(layout.stats), "completed": []}
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+class StoreWriter:
+    """Appends whole samples to a store; resumable.
+
+    The list of finished samples lives in the store's attrs (`completed`) and is updated after a sample's
+    arrays are written, so a run killed mid-write leaves at most one partial sample at the end, which the
+    next open truncates away before resuming. A new store is first written to a temporary folder and renamed.
+    """
+
+    def __init__(self, path: str | Path, fingerprint: str, *, mode: str = "resume"):
+        if mode not in ("resume", "append", "overwrite"):
+            raise WorkbenchError(f"unknown store mode {mode!r}; use resume, append or overwrite")
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.completed: list[str] = []
+        if self.path.exists():
+            if mode == "overwrite":
+                shutil.rmtree(self.path)
+            else:
+                self._open_existing(mode)
+
+    def _open_existing(self, mode: str) -> None:
+        import zarr
+
+        try:
+            group = zarr.open_group(self.path, mode="r+")
+        except Exception as err:
+            raise WorkbenchError(f"{str(self.path)!r} exists and is not a store; choose another --out or --overwrite") from err
+        attrs = dict(group.attrs)
+        if attrs.get("schema_version") != SCHEMA_VERSION:
+            raise WorkbenchError(f"{str(self.path)!r} has schema_version {attrs.get('schema_version')!r}, "
+                                 f"not {SCHEMA_VERSION}; use --overwrite or another --out")
+        if attrs.get("fingerprint") != self.fingerprint:
+            if mode != "append" or attrs.get("layout_fingerprint") != self.fingerprint.split(":")[0]:
+                raise WorkbenchError(
+                    f"{str(self.path)!r} was made with another configuration (model, weights, sampler, layers, heads, "
+                    "steps or statistics); pass --overwrite to replace it, --append to add samples of a "
+                    "compatible configuration, or choose another --out"
+                )
+        self.completed = list(attrs.get("completed", []))
+        n = len(self.completed)
+        for name, array in group.arrays():  # drop a partial sample left by a killed run
+            dims = array.metadata.dimension_names or ()
+            if "sample" in dims and array.shape[dims.index("sample")] > n:
+                shape = list(array.shape)
+                shape[dims.index("sample")] = n
+                array.resize(tuple(shape))
+
+    def done(self, sid: str) -> bool:
+        return sid in self.completed
+
+    def write(self, ds: xr.Dataset) -> None:
+        """Append one sample (a Dataset with a length-1 `sample` dim built by `sample_dataset`)."""
+        import zarr
+
+        sid = str(ds["sample"].values[0])
+        ds.attrs["fingerprint"] = self.fingerprint
+        ds.attrs["layout_fingerprint"] = self.fingerprint.split(":")[0]
+        if not self.completed:
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            ds.attrs["completed"] = [sid]
+            ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds))
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            os.replace(tmp, self.path)
+        else:
+            ds.attrs.pop("completed")
+            ds.to_zarr(self.path, mode="a", append_dim="sample", consolidated=False)
+            zarr.open_group(self.path, mode="r+").attrs["completed"] = self.completed + [sid]
+        self.completed.append(sid)
+
+
+def _encoding(ds: xr.Dataset) -> dict:
+    """One chunk per (sample, layer): every step, head and frame of a layer in one object."""
+    enc = {}
+    for name, var in ds.data_vars.items():
+        enc[name] = {"chunks": tuple(1 if d in ("sample", "layer", "token_layer") else n
+                                     for d, n in zip(var.dims, var.shape))}
+    return enc
