@@ -16,7 +16,6 @@ import argparse
 import datetime
 import platform
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,8 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from bench_rollout import random_model, rollout_inputs, run_rollout, timed  # noqa: E402
-from models.rollout import few_step_schedule  # noqa: E402
-from models.scheduler import FlowMatchScheduler  # noqa: E402
 from workbench.capture import CaptureSpec, Geometry, StatsProbe  # noqa: E402
 from workbench.hooks import attach  # noqa: E402
 

@@ -103,6 +103,11 @@ def breakdown(model, noise, context, g):
             groups["linears (GEMM)"] += t
         else:
             groups["other"] += t
+    if os.environ.get("BENCH_TOP"):
+        cuda = sorted((e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA),
+                      key=lambda e: -e.self_device_time_total)
+        for e in cuda[: int(os.environ["BENCH_TOP"])]:
+            print(f"#   {e.self_device_time_total / 1e3:9.1f} ms  {e.count:6d}x  {e.key[:110]}")
     rope_t = sum(e.device_time_total for e in prof.key_averages() if e.key == "rope") / 1e6
     groups["other"] -= rope_t
     groups["q/k RMSNorm + RoPE"] = rope_t
@@ -156,6 +161,12 @@ def main():
     print("| measurement | value |\n|---|---|")
     print(f"| rollout wall time (median of {args.repeats}) | {median:.3f} s ({', '.join(f'{t:.3f}' for t in times)}) |")
     print(f"| peak GPU memory allocated (weights {weights:.2f} GiB) | {peak:.2f} GiB (reserved {reserved:.2f} GiB) |")
+    graphed, graph_times = timed(lambda: run_rollout(model, noise, context, g, cuda_graphs=True), args.repeats)
+    print(f"| same with CUDA graphs per chunk (median of {args.repeats}) | {graphed:.3f} s "
+          f"({', '.join(f'{t:.3f}' for t in graph_times)}) |")
+    a = run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(1), cuda_graphs=True)
+    b = run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(1), cuda_graphs=False)
+    print(f"| CUDA-graph rollout vs eager: max abs difference of the latents | {(a - b).abs().max().item():.3e} |")
     groups = breakdown(model, noise, context, g)
     total = sum(groups.values())
     for name, t in groups.items():

@@ -16,16 +16,14 @@ unless `trust_pickle=True`.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from models.config import WanConfig
 from models.errors import CheckpointError
+from models.files import atomic_write, load_tensors, sha256_file  # noqa: F401 (sha256_file: re-exported)
 from models.wan import WanModel
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -99,30 +97,6 @@ def _require_file(path: Path, what: str) -> Path:
     return path
 
 
-def load_tensors(path: str | Path, *, trust_pickle: bool = False) -> dict:
-    """A state dict (or a dict of them) from .safetensors, or from a .pt/.pth read with weights_only=True."""
-    path = _require_file(Path(path), "checkpoint file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as err:  # a non-zip (legacy) file cannot be memory-mapped
-        if "mmap" not in str(err):
-            raise CheckpointError(f"cannot read {str(path)!r}: {err}") from err
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        if not trust_pickle:
-            reason = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
-                          str(err).splitlines()[0][:200])
-            raise CheckpointError(
-                f"{str(path)!r} needs arbitrary unpickling, which can run code ({reason}). "
-                "Load it only if you trust its source, with --trust-pickle (trust_pickle=True)"
-            ) from err
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def read_wan_folder(folder: str | Path) -> tuple[WanConfig, dict]:
     """(config, state dict) of an official Wan2.1 folder (single or sharded safetensors)."""
     folder = Path(folder)
@@ -150,14 +124,6 @@ def read_self_forcing(path: str | Path, key: str = "generator", *, trust_pickle:
             found = sorted(k for k in blob if isinstance(blob[k], dict)) or sorted(blob)[:10]
             raise CheckpointError(f"{str(path)!r} has no {key!r} entry; it has {found}")
     return strip_prefixes(blob[key])
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -210,19 +176,7 @@ def load_wan(folder: str | Path, *, checkpoint: str | Path | None = None, use_em
 
 
 # ------------------------------------------------------------------------------------------------------
-# Writing (atomic: temp file in the same folder, then rename)
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+# Writing (atomic: models.files.atomic_write)
 
 
 def save_wan_folder(folder: str | Path, config: WanConfig, state_dict: dict, *, shard_size: int | None = None) -> None:
@@ -231,18 +185,18 @@ def save_wan_folder(folder: str | Path, config: WanConfig, state_dict: dict, *, 
 
     folder = Path(folder)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    _atomic(folder / "config.json", lambda p: Path(p).write_text(json.dumps(config.to_json_dict(), indent=2)))
+    atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(config.to_json_dict(), indent=2)))
     if shard_size is None:
-        _atomic(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p))
+        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p))
         return
     names = sorted(tensors)
     shards = [names[i : i + shard_size] for i in range(0, len(names), shard_size)]
     weight_map = {}
     for i, keys in enumerate(shards):
         shard = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _atomic(folder / shard, lambda p, keys=keys: save_file({k: tensors[k] for k in keys}, p))
+        atomic_write(folder / shard, lambda p, keys=keys: save_file({k: tensors[k] for k in keys}, p))
         weight_map.update({k: shard for k in keys})
-    _atomic(folder / INDEX_NAME, lambda p: Path(p).write_text(json.dumps({"weight_map": weight_map}, indent=2)))
+    atomic_write(folder / INDEX_NAME, lambda p: Path(p).write_text(json.dumps({"weight_map": weight_map}, indent=2)))
 
 
 def save_self_forcing(path: str | Path, **state_dicts: dict) -> None:
@@ -253,4 +207,4 @@ def save_self_forcing(path: str | Path, **state_dicts: dict) -> None:
         if name in SELF_FORCING_KEYS and value is not None:
             value = {f"model.{k}": v.detach().cpu() for k, v in value.items()}
         blob[name] = value
-    _atomic(Path(path), lambda p: torch.save(blob, p))
+    atomic_write(Path(path), lambda p: torch.save(blob, p))

@@ -27,6 +27,11 @@ def fused(fn):
         nonlocal compiled
         if COMPILE and args[0].is_cuda:
             if compiled is None:
+                # one function meets several shapes (chunk, full video) and autograd modes (no-grad steps, training's
+                # exit step, checkpoint recomputes): more than dynamo's default 8 compiled variants
+                import torch._dynamo as dynamo
+
+                dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
                 compiled = torch.compile(fn, fullgraph=True)
             return compiled(*args)
         return fn(*args)
@@ -42,6 +47,13 @@ def norm_modulate(x, shift, scale, eps: float):
     frames = shift.shape[1]
     h = F.layer_norm(x.float(), (C,), eps=eps).view(B, frames, L // frames, C)
     return (h * (1 + scale) + shift).view(B, L, C).to(x.dtype)
+
+
+@fused
+def add_norm_modulate(x, y, shift, scale, eps: float):
+    """(x + y, norm_modulate(x + y, ...)) in one pass: the cross-attention residual and the FFN's input."""
+    x = x + y
+    return x, norm_modulate.eager(x, shift, scale, eps)
 
 
 @fused
@@ -74,13 +86,24 @@ def _rotate(x, cos, sin):
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
-@fused
-def qk_norm_rope(q, k, wq, wk, cos, sin, heads: int, eps: float):
-    """The self-attention q and k as the kernel sees them: RMSNorm over all heads, split into heads, RoPE.
-    q, k [B, L, C] (linear outputs) -> [B, L, heads, C / heads]."""
+def _qk_norm_rope(q, k, wq, wk, cos, sin, heads: int, eps: float):
     q = (F.rms_norm(q.float(), (q.shape[-1],), eps=eps).to(q.dtype) * wq).unflatten(2, (heads, -1))
     k = (F.rms_norm(k.float(), (k.shape[-1],), eps=eps).to(k.dtype) * wk).unflatten(2, (heads, -1))
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def qk_norm_rope(q, k, wq, wk, cos, sin, heads: int, eps: float):
+    """The self-attention q and k as the kernel sees them: RMSNorm over all heads, split into heads, RoPE.
+    q, k [B, L, C] (linear outputs) -> [B, L, heads, C / heads]. On CUDA (bf16/fp16, no autograd) one Triton
+    kernel per tensor (models/triton_rope.py); elsewhere the PyTorch code above."""
+    if COMPILE and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled():
+        from models.triton_rope import qk_norm_rope as kernel
+
+        return kernel(q, k, wq, wk, cos, sin, heads, eps)
+    return _qk_norm_rope(q, k, wq, wk, cos, sin, heads, eps)
+
+
+qk_norm_rope.eager = _qk_norm_rope
 
 
 @fused

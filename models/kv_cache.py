@@ -10,6 +10,11 @@ Semantics are those of Self-Forcing's `CausalWanModel._forward_inference` (refer
 
 The cache records which absolute frame each slot holds, so attention calls are labelled from what is really
 there, not from a count.
+
+Training (a forward with gradients, the exit step of Self-Forcing) sees the cache through a `GradWindow`: the
+past keys/values carry no gradient, the chunk's own keys/values keep theirs, the cache stores a detached copy,
+and the window is fixed when the forward starts, so backward (and an activation-checkpoint recompute) sees
+what the forward saw even after later chunks and context passes wrote the cache.
 """
 
 from __future__ import annotations
@@ -39,6 +44,13 @@ class KVCache:
     def write(self, start_frame: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Write the keys/values of frames [start_frame, start_frame + n) (k_new [B, n * fsl, H, D])."""
         n = k_new.shape[1] // self.fsl
+        a, b = self.place(start_frame, n)
+        self.k[:, a:b] = k_new
+        self.v[:, a:b] = v_new
+
+    def place(self, start_frame: int, n: int) -> tuple[int, int]:
+        """Make room for frames [start_frame, start_frame + n) (evicting if needed) and return their token slots
+        [a, b). A chunk seen before gets its old slots; a new chunk is appended."""
         frames = list(range(start_frame, start_frame + n))
         if start_frame + n <= self.end_frame:  # a chunk seen before: overwrite its slots in place
             if not set(frames) <= set(self.frames):
@@ -60,9 +72,7 @@ class KVCache:
             slot = len(self.frames)
             self.frames.extend(frames)
             self.end_frame = start_frame + n
-        a, b = slot * self.fsl, (slot + n) * self.fsl
-        self.k[:, a:b] = k_new
-        self.v[:, a:b] = v_new
+        return slot * self.fsl, (slot + n) * self.fsl
 
     def _evict(self, count: int) -> None:
         """Drop the `count` oldest frames after the sink; shift the rest left."""
@@ -80,6 +90,40 @@ class KVCache:
         """(k, v, key_frames) of what a query attends to: every filled slot."""
         end = len(self.frames) * self.fsl
         return self.k[:, :end], self.v[:, :end], tuple(self.frames)
+
+
+class GradWindow:
+    """A `KVCache` as one forward with gradients sees it (same `write` / `window` interface).
+
+    Made before the forward runs: the chunk's slots are placed (evicting as `write` would) and the keys/values
+    of the other filled slots are taken as they are now (views; copies when a rolling window may later shift
+    them). `write` stores a detached copy in the cache once (an activation-checkpoint recompute does not write
+    again) and keeps the new keys/values with their gradient; `window` returns cat(before, new, after), so the
+    attention's backward reaches this chunk's keys/values and nothing that earlier forwards wrote."""
+
+    def __init__(self, cache: KVCache, start_frame: int, num_frames: int):
+        self.cache = cache
+        self.a, self.b = cache.place(start_frame, num_frames)
+        end = len(cache.frames) * cache.fsl
+        copy = (lambda t: t.clone()) if cache.evict else (lambda t: t)  # later evictions shift slots in place
+        self.k_before, self.v_before = copy(cache.k[:, : self.a]), copy(cache.v[:, : self.a])
+        self.k_after, self.v_after = cache.k[:, self.b : end].clone(), cache.v[:, self.b : end].clone()
+        self.key_frames = tuple(cache.frames)
+        self.written = False
+        self.k_new = self.v_new = None
+
+    def write(self, start_frame: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        if not self.written:
+            with torch.no_grad():
+                self.cache.k[:, self.a : self.b] = k_new
+                self.cache.v[:, self.a : self.b] = v_new
+            self.written = True
+        self.k_new, self.v_new = k_new, v_new
+
+    def window(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        k = torch.cat([self.k_before, self.k_new, self.k_after], dim=1)  # [B, Lk, heads, head_dim]
+        v = torch.cat([self.v_before, self.v_new, self.v_after], dim=1)
+        return k, v, self.key_frames
 
 
 @dataclass

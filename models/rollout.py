@@ -19,6 +19,7 @@ Randomness comes only from `noise` and `generator`, so a seed reproduces a rollo
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -67,40 +68,81 @@ def few_step_schedule(timesteps: torch.Tensor, context_noise: float) -> list[For
     return labels
 
 
+class ChunkGraph:
+    """One chunk's DiT forward recorded as a CUDA graph and replayed for the chunk's later forwards.
+
+    The first forward of a chunk runs eagerly (it appends the chunk to the KV cache, evicting if needed, and
+    warms up the kernels); the later ones (denoising steps 1.. and the context pass) have the same shapes and
+    overwrite the same cache slots, so they replay one recorded graph with new inputs copied into its static
+    buffers. Used only on CUDA, without gradients and with no attention observer attached (observers run Python
+    per call). Replays compute what eager forwards compute, with a fraction of the host's launch work."""
+
+    def __init__(self, model, x, t, context, cache, start: int, labels: ForwardLabels):
+        self.x, self.t = x.clone(), t.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = model(self.x, self.t, context, cache=cache, start_frame=start, labels=labels)
+
+    def __call__(self, x, t):
+        self.x.copy_(x)
+        self.t.copy_(t)
+        self.graph.replay()
+        return self.out
+
+
+def _use_graphs(model, noise, cuda_graphs) -> bool:
+    if cuda_graphs is None:  # opt-in for now (WORKBENCH_CUDA_GRAPHS=1): not yet measured on a GPU
+        cuda_graphs = os.environ.get("WORKBENCH_CUDA_GRAPHS", "0") == "1"
+    if cuda_graphs and (not noise.is_cuda or model.observers):
+        return False  # graphs need CUDA, and observers run Python per attention call
+    return bool(cuda_graphs)
+
+
 @torch.no_grad()
 def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timesteps: torch.Tensor,
                     scheduler: FlowMatchScheduler, context_noise: float = 0.0, generator: torch.Generator | None = None,
-                    cache_frames: int = 21, last_context_pass: bool = True, on_forward: OnForward | None = None):
+                    cache_frames: int = 21, last_context_pass: bool = True, on_forward: OnForward | None = None,
+                    cuda_graphs: bool | None = None):
     """noise [B, F, C, H, W], context [B, text_len, text_dim] -> clean latents [B, F, C, H, W].
 
-    timesteps: the warped denoising steps (float32, e.g. [1000, 937.5, 833.33, 625])."""
+    timesteps: the warped denoising steps (float32, e.g. [1000, 937.5, 833.33, 625]). cuda_graphs: replay each
+    chunk's later forwards from a CUDA graph (CUDA only, no observers; None: the WORKBENCH_CUDA_GRAPHS setting)."""
     B, Fr = noise.shape[:2]
     check_causal_geometry(model, Fr, cache_frames)
     n = model.num_frame_per_block
     fsl = (noise.shape[3] // model.config.patch_size[1]) * (noise.shape[4] // model.config.patch_size[2])
     cache = RolloutCache.allocate(model.config, B, Fr, fsl, dtype=noise.dtype, device=noise.device)
     schedule = few_step_schedule(timesteps, context_noise)
+    graphs = _use_graphs(model, noise, cuda_graphs)
     output = torch.zeros_like(noise)
     for chunk in range(Fr // n):
         start = chunk * n
         x = noise[:, start : start + n]
-        for k, base in enumerate(schedule[:-1]):
-            labels = _with_chunk(base, chunk)
-            t = torch.full((B, n), base.timestep, device=noise.device, dtype=torch.float32)
+        replay = None
+
+        def forward(x_in, t, labels):
+            nonlocal replay
             if on_forward:
                 on_forward(labels, start, n)
-            flow = _from_model(model(_to_model(x), t, context, cache=cache, start_frame=start, labels=labels))
+            if replay is not None:
+                return replay(x_in, t)
+            out = model(x_in, t, context, cache=cache, start_frame=start, labels=labels)
+            if graphs:  # the chunk is in the cache now: record the forward that its later steps repeat
+                replay = ChunkGraph(model, x_in, t, context, cache, start, labels)
+            return out
+
+        for k, base in enumerate(schedule[:-1]):
+            t = torch.full((B, n), base.timestep, device=noise.device, dtype=torch.float32)
+            flow = _from_model(forward(_to_model(x), t, _with_chunk(base, chunk)))
             x0 = scheduler.x0_from_flow(flow, x, t)
             if k + 1 < len(timesteps):
                 fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
                 x = scheduler.add_noise(x0, fresh, torch.full((B, n), schedule[k + 1].timestep, device=x0.device))
         output[:, start : start + n] = x0
         if last_context_pass or chunk < Fr // n - 1:
-            labels = _with_chunk(schedule[-1], chunk)
             t = torch.full((B, n), float(context_noise), device=noise.device, dtype=torch.float32)
-            if on_forward:
-                on_forward(labels, start, n)
-            model(_to_model(x0), t, context, cache=cache, start_frame=start, labels=labels)
+            forward(_to_model(x0), t, _with_chunk(schedule[-1], chunk))
+        replay = None  # frees the graph's memory pool before the next chunk
     return output
 
 
@@ -221,3 +263,30 @@ def bidirectional(model, noise, context, negative_context=None, *, steps: int = 
     if return_trajectory is not None:
         return x, trajectory
     return x
+
+
+# ------------------------------------------------------------------------------------------------------
+# One entry for all samplers
+
+SAMPLERS = ("causal_few_step", "causal_multi_step_cfg", "bidirectional")
+
+
+def sample(model, sampler: str, noise, context, negative_context=None, *, generator=None,
+           denoising_step_list=(1000, 750, 500, 250), timestep_shift: float = 5.0, context_noise: float = 0.0,
+           num_inference_steps: int = 50, guidance_scale: float = 5.0, on_forward: OnForward | None = None):
+    """Run the named sampler: `causal_few_step` (Self-Forcing inference), `causal_multi_step_cfg` (causal
+    model, multi-step solver with CFG) or `bidirectional` (the Wan baseline). noise [B, F, C, H, W]."""
+    if sampler == "causal_few_step":
+        sched = FlowMatchScheduler(timestep_shift)
+        return causal_few_step(model, noise, context, timesteps=sched.warp(denoising_step_list), scheduler=sched,
+                               context_noise=context_noise, generator=generator, on_forward=on_forward)
+    if sampler not in SAMPLERS:
+        raise ModelInputError(f"unknown sampler {sampler!r}; use one of {list(SAMPLERS)}")
+    if negative_context is None:
+        raise ModelInputError(f"the {sampler} sampler uses classifier-free guidance: give a negative context")
+    if sampler == "causal_multi_step_cfg":
+        return causal_multi_step(model, noise, context, negative_context, steps=num_inference_steps,
+                                 shift=timestep_shift, guidance_scale=guidance_scale, context_noise=context_noise,
+                                 on_forward=on_forward)
+    return bidirectional(model, noise, context, negative_context, steps=num_inference_steps, shift=timestep_shift,
+                         guidance_scale=guidance_scale, on_forward=on_forward)

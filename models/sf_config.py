@@ -3,6 +3,11 @@
 `load_config("configs/self_forcing_dmd.yaml")` merges the file onto `configs/default_config.yaml` (as the
 researchers' train.py and inference.py do) and onto the `SelfForcingConfig` schema below, so a misspelt or
 unknown key is an error that names it, and every value has a type. The files themselves stay as they are.
+
+Keys the researchers' files do not have, used by `workbench train` (all optional): `model_root` (where model
+folders live), `model_kwargs.model_name` (the generator's folder), `max_steps`, `max_grad_norm_generator` /
+`max_grad_norm_critic`, `real_guidance_scale`, `loggers`, `device`, `ode_pairs` and `probe` (attention probes
+during training).
 """
 
 from __future__ import annotations
@@ -24,6 +29,39 @@ class ModelKwargs:
     timestep_shift: float = 8.0  # the wrapper's default; every Self-Forcing config sets 5.0
     local_attn_size: int = -1
     sink_size: int = 0
+    model_name: str = "Wan2.1-T2V-1.3B"  # the generator's folder under model_root (the wrapper's default)
+
+
+@dataclass
+class ProbeConfig:
+    """Attention probes during training: every `every` steps the probe set runs through the few-step rollout
+    with the extraction statistics and is appended to `logdir/store` along `train_step`."""
+
+    every: int = 0  # 0: no probes
+    prompts: list[str] = field(default_factory=list)
+    prompt_file: Optional[str] = None  # one prompt per line, after `prompts`
+    seeds: list[int] = field(default_factory=lambda: [0])
+    layers: Optional[list[int]] = None  # None: every layer
+    heads: Optional[list[int]] = None  # None: every head
+    steps: Optional[list[int]] = None  # positions in the per-chunk schedule; None: every step
+    stats: list[str] = field(default_factory=lambda: ["attn_mass", "attn_logit"])
+    num_frames: Optional[int] = None  # None: the training rollout's frame count
+    store: str = "probes.zarr"  # relative to the logdir
+
+
+@dataclass
+class OdePairsConfig:
+    """How `workbench train --make-ode-pairs` makes ODE regression pairs with the bidirectional teacher
+    (researchers' scripts/generate_ode_pairs.py): Euler steps on the shift-`shift` grid with CFG, the latents
+    before steps `keep` and the final one stored."""
+
+    prompt_file: Optional[str] = None  # None: data_path's prompts are not known; required for --make-ode-pairs
+    num_pairs: int = 16
+    steps: int = 48
+    shift: float = 8.0
+    guidance_scale: float = 6.0
+    keep: list[int] = field(default_factory=lambda: [0, 12, 24, 36])
+    seed: int = 0
 
 
 @dataclass
@@ -96,6 +134,16 @@ class SelfForcingConfig:
     wandb_key: str = ""
     wandb_entity: str = ""
     wandb_project: str = ""
+    # --- workbench train (not in the researchers' files)
+    model_root: str = "wan_models"  # folders named real_name / fake_name / model_kwargs.model_name live here
+    max_steps: int = 0  # 0: until interrupted (as the researchers' loop)
+    max_grad_norm_generator: float = 10.0
+    max_grad_norm_critic: float = 10.0
+    real_guidance_scale: Optional[float] = None  # None: guidance_scale (the researchers' DMD reads it this way)
+    loggers: list[str] = field(default_factory=lambda: ["csv"])  # csv, tensorboard, wandb
+    device: Optional[str] = None  # None: cuda when available
+    ode_pairs: OdePairsConfig = field(default_factory=OdePairsConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     # anything else a config may carry, by name, is refused
 
 

@@ -37,10 +37,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-import os
-import pickle
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +45,7 @@ from pathlib import Path
 import torch
 
 from models.errors import CheckpointError, ModelInputError
+from models.files import atomic_write_bytes, load_state_dict_file, sha256_file
 
 WEIGHTS_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_SUBDIR = Path("google") / "umt5-xxl"
@@ -63,47 +61,6 @@ class TokenizerNotFoundError(CheckpointError):
 # ----------------------------------------------------------------------------------------------------------
 # Reading weight files safely (shared with models.vae)
 # ----------------------------------------------------------------------------------------------------------
-
-def load_state_dict_file(path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Read a flat {name: tensor} state dict from .safetensors or .pth/.pt (torch.load weights_only=True, mmap).
-
-    A .pth that needs arbitrary unpickling is refused unless `trust_pickle=True` (then it is unpickled: only do
-    that for files you trust)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        try:
-            sd = load_file(str(path), device="cpu")
-        except Exception as e:  # noqa: BLE001 - re-raised with the file name
-            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
-    else:
-        try:
-            try:
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:  # legacy (non-zip) torch.save format cannot be memory-mapped
-                if "mmap" not in str(e) and "zip" not in str(e):
-                    raise
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            if not trust_pickle:
-                m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n\n|$)", str(e), re.S)
-                detail = " ".join(m.group(1).split()) if m else str(e).splitlines()[0]
-                raise CheckpointError(
-                    f"{path} is not a plain tensor state dict that torch.load(weights_only=True) accepts "
-                    f"({detail}); refusing to unpickle it. Pass trust_pickle=True only if you trust this file.") from e
-            try:
-                sd = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as e2:  # noqa: BLE001 - re-raised with the file name
-                raise CheckpointError(f"cannot read weights file {path}: {type(e2).__name__}: {e2}") from e2
-        except Exception as e:  # noqa: BLE001 - re-raised with the file name
-            raise CheckpointError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from e
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        top = list(sd)[:8] if isinstance(sd, dict) else type(sd).__name__
-        raise CheckpointError(f"{path} is not a flat {{name: tensor}} state dict (top level: {top})")
-    return dict(sd)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Key map Wan T5 <-> transformers UMT5EncoderModel
@@ -233,43 +190,6 @@ def clean_prompt(text: str) -> str:
 # Hashing and atomic writes
 # ----------------------------------------------------------------------------------------------------------
 
-def _sha256_file(path: Path, memo_dir: Path | None) -> str:
-    """sha256 of a file; with memo_dir, remembered by (real path, size, mtime) so an 11 GB file is hashed once."""
-    st = path.stat()
-    memo_key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
-    memo_file = memo_dir / "file_hashes.json" if memo_dir is not None else None
-    memo = {}
-    if memo_file is not None and memo_file.is_file():
-        try:
-            memo = json.loads(memo_file.read_text())
-        except (OSError, ValueError):
-            memo = {}
-        if memo_key in memo:
-            return memo[memo_key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if memo_file is not None:
-        memo[memo_key] = digest
-        _atomic_write_bytes(memo_file, json.dumps(memo, indent=1, sort_keys=True).encode())
-    return digest
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The encoder
 # ----------------------------------------------------------------------------------------------------------
@@ -372,10 +292,10 @@ class TextEncoder:
                 raise ModelInputError("this encoder was built from memory and has no file identity")
             memo = self.cache_dir
             h = hashlib.sha256()
-            h.update(f"{_IDENTITY_VERSION}\0weights={_sha256_file(self.weights_path, memo)}\0".encode())
+            h.update(f"{_IDENTITY_VERSION}\0weights={sha256_file(self.weights_path, memo)}\0".encode())
             for f in sorted(p for p in self.tokenizer_dir.rglob("*") if p.is_file()):
                 rel = f.relative_to(self.tokenizer_dir).as_posix()
-                h.update(f"tokenizer:{rel}={_sha256_file(f, memo)}\0".encode())
+                h.update(f"tokenizer:{rel}={sha256_file(f, memo)}\0".encode())
             h.update(f"text_len={self.text_len}\0clean={CLEAN_MODE}\0".encode())
             self._identity = h.hexdigest()
         return self._identity
@@ -410,7 +330,7 @@ class TextEncoder:
         meta = {"prompt": prompt, "identity": self.identity, "length": str(length), "tokens": json.dumps(tokens),
                 "text_len": str(self.text_len)}
         data = save({"context": context[:length].detach().to("cpu").contiguous()}, metadata=meta)
-        _atomic_write_bytes(self._cache_path(prompt), data)
+        atomic_write_bytes(self._cache_path(prompt), data)
 
     # -- encoding --------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -25,12 +25,11 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from models.errors import CheckpointError, ModelInputError
-from models.text_encoder import load_state_dict_file
+from models.files import load_state_dict_file
 
 # Self-Forcing `WanVAEWrapper` / Wan `WanVAE` per-channel latent statistics (z_dim = 16).
 LATENTS_MEAN = [

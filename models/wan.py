@@ -15,6 +15,8 @@ Three ways to run the self-attention:
 - block-causal full sequence (`causal=True`, no cache): bidirectional inside a chunk of `num_frame_per_block`
   frames, causal across chunks (optionally within a local window) - the training path;
 - KV cache (`kv_cache=` given): one chunk's tokens attend to the cached frames plus themselves - the rollout.
+  With gradients enabled (training's exit step) each layer sees its cache through a `GradWindow`: gradient
+  reaches this chunk's keys/values only, and backward sees the cache as the forward did.
 Every attention call goes through `models.attention.attend` with its labels; parameter names match the
 official checkpoints (`blocks.N.self_attn.q.weight`, ...).
 """
@@ -26,13 +28,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from models.attention import AttentionCall, Attend, ForwardLabels, ObserverList
 from models.config import WanConfig
 from models.errors import ModelInputError
-from models.kv_cache import CrossCache, KVCache, RolloutCache
+from models.kv_cache import CrossCache, GradWindow, KVCache, RolloutCache
 from models import fused
 from models.rope import RopeTable, rope_cos_sin
 
@@ -77,6 +78,7 @@ class ForwardContext:
     frame_seq_len: int
     grid: tuple[int, int]
     frame_mask: torch.Tensor | None  # block-causal frame mask of a full-sequence causal forward
+    fill_cross: bool = False  # this forward computes the text keys/values and fills the cross-attention caches
 
 
 class SelfAttention(nn.Module):
@@ -115,12 +117,12 @@ class CrossAttention(nn.Module):
     def forward(self, x, text, ctx: ForwardContext, cache: CrossCache | None):
         # x [B, L, dim], text [B, text_len, dim]
         q = self.norm_q(self.q(x)).unflatten(2, (self.num_heads, self.head_dim))
-        if cache is not None and cache.k is not None:
+        if cache is not None and not ctx.fill_cross:
             k, v = cache.k, cache.v
-        else:
+        else:  # decided per forward, so an activation-checkpoint recompute takes the same branch
             k = self.norm_k(self.k(text)).unflatten(2, (self.num_heads, self.head_dim))  # [B, text_len, heads, hd]
             v = self.v(text).unflatten(2, (self.num_heads, self.head_dim))
-            if cache is not None:
+            if cache is not None and cache.k is None:
                 cache.k, cache.v = k, v
         call = AttentionCall(self.layer, "cross", ctx.labels, ctx.query_frames, None, ctx.frame_seq_len,
                              ctx.grid, None, self.num_heads, self.head_dim)
@@ -151,9 +153,9 @@ class WanBlock(nn.Module):
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unbind(2)  # [B, F, 1, dim] each
         y = self.self_attn(fused.norm_modulate(x, shift_sa, scale_sa, self.norm1.eps), ctx, kv)
         x = fused.gated_residual(x, y, gate_sa)
-        x = x + self.cross_attn(self.norm3(x), text, ctx, cross)
-        y = self.ffn(fused.norm_modulate(x, shift_ff, scale_ff, self.norm2.eps))
-        return fused.gated_residual(x, y, gate_ff)
+        x, h = fused.add_norm_modulate(x, self.cross_attn(self.norm3(x), text, ctx, cross), shift_ff, scale_ff,
+                                       self.norm2.eps)
+        return fused.gated_residual(x, self.ffn(h), gate_ff)
 
 
 class Head(nn.Module):
@@ -278,9 +280,12 @@ class WanModel(nn.Module):
             frame_seq_len=fsl,
             grid=(h, w),
             frame_mask=self.block_causal_mask(frames) if (self.causal and cache is None) else None,
+            fill_cross=cache is not None and cache.cross[0].k is None,
         )
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else cache.kv[i]
+            if kv is not None and torch.is_grad_enabled():
+                kv = GradWindow(kv, start_frame, frames)  # training: this chunk's k/v keep their gradient
             cross = None if cache is None else cache.cross[i]
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, e0, text, ctx, kv, cross, use_reentrant=False)

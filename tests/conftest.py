@@ -28,5 +28,14 @@ def tiny_model(causal=True, seed=0, **overrides) -> WanModel:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models: one thread is ~40x faster than two on a busy 2-core machine (op overhead, not FLOPs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny():
     return tiny_model()

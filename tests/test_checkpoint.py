@@ -1,7 +1,6 @@
 """Checkpoint IO: Self-Forcing .pt round trip, the Wan folder (single and sharded), the diffusers layout
 (keys both ways, and equality of the forward with diffusers' WanTransformer3DModel), and clear errors."""
 
-import pickle
 
 import pytest
 import torch

@@ -3,9 +3,9 @@
 
 Each notebook asserts the invariants it relies on (rows sum to 1, NaN exactly outside the key window, ...), so a
 run that finishes checked real properties of the store it was given. The stores come from two fixtures,
-`store_for_notebooks` and `wan_store_for_notebooks`: today synthetic stores with planted heads; point them at
-real stores (e.g. one made by `workbench extract --layers 0-5 --out ...` on the embedded model) to run the same
-notebooks on real attention.
+`store_for_notebooks` and `wan_store_for_notebooks`: real stores that `workbench extract` makes from the
+embedded default model (the few-step causal rollout and the bidirectional Wan sampler). Planted-structure checks
+of the studies library live in test_studies_*.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ jupytext = pytest.importorskip("jupytext")
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 
-from studies import synthetic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.py"))
@@ -28,21 +27,26 @@ PROMPT = "A medieval castle standing on a foggy mountain, twilight lighting"
 
 @pytest.fixture(scope="session")
 def store_for_notebooks(tmp_path_factory) -> Path:
-    """The store the notebooks run on (their `store` / `store_b` parameter): a small causal few-step store with
-    21 frames in chunks of 3, 2 layers x 12 heads, two seeds. Replace the body with a real store to run the
-    notebooks on real attention."""
+    """The store the notebooks run on (their `store` / `store_b` parameter): real attention of the embedded
+    default (causal few-step rollout, 21 frames in chunks of 3), layers 0-1, two seeds, made by `extract`."""
+    from workbench.extract import ExtractConfig, run_extract
+
     path = tmp_path_factory.mktemp("nb") / "self_forcing.zarr"
-    return synthetic.write_store(path, "causal", layers=(0, 1), num_heads=12, prompts=(PROMPT,), seeds=(0, 1),
-                                 noise=0.15, rng_seed=1)
+    run_extract(ExtractConfig(layers=[0, 1], prompts=[PROMPT], seeds=[0, 1], out=str(path), progress=False),
+                command=["test"], log=lambda *_: None)
+    return path
 
 
 @pytest.fixture(scope="session")
 def wan_store_for_notebooks(tmp_path_factory) -> Path:
-    """Store A of 03_wan_vs_self_forcing: the bidirectional (Wan) sampler with CFG, same prompt and seeds."""
+    """Store A of 03_wan_vs_self_forcing: the same weights through the bidirectional (Wan) sampler with CFG and
+    4 UniPC steps, same prompt and seeds."""
+    from workbench.extract import ExtractConfig, run_extract
+
     path = tmp_path_factory.mktemp("nb") / "wan.zarr"
-    return synthetic.write_store(path, "bidirectional", layers=(0, 1), num_heads=12, prompts=(PROMPT,), seeds=(0, 1),
-                                 noise=0.15, rng_seed=2, roles=lambda l, h: "global" if h % 3 == 0 else
-                                 synthetic.planted_role(l, h))
+    run_extract(ExtractConfig(layers=[0, 1], prompts=[PROMPT], seeds=[0, 1], out=str(path), progress=False,
+                              sampler="bidirectional", num_inference_steps=4), command=["test"], log=lambda *_: None)
+    return path
 
 
 def parameters_for(name: str, store: Path, wan_store: Path) -> dict:

@@ -181,3 +181,18 @@ def test_schedule_labels():
     labels = few_step_schedule(torch.tensor([1000.0, 937.5]), 0.0)
     assert labels == [ForwardLabels(0, 1000.0, 0, "denoise", "none", 0), ForwardLabels(1, 937.5, 0, "denoise", "none", 1),
                       ForwardLabels(2, 0.0, 0, "context", "none", -1)]
+
+
+@pytest.mark.gpu
+def test_cuda_graph_rollout_equals_eager_rollout():
+    model = tiny_model(local_attn_size=6, sink_size=1).cuda().to(torch.bfloat16)
+    s = FlowMatchScheduler(5.0)
+
+    def run(graphs):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        noise = torch.randn(1, 12, C, H, W, generator=g, device="cuda").to(torch.bfloat16)
+        ctx = torch.randn(1, 16, 32, generator=g, device="cuda").to(torch.bfloat16)
+        return causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s, generator=g,
+                               cuda_graphs=graphs)
+
+    torch.testing.assert_close(run(True), run(False), rtol=0, atol=0)

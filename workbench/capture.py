@@ -123,6 +123,7 @@ class StatsProbe(Probe):
         self._mass = mass
         super().observe(call, q, k, v, out, lse)
 
+    @torch.no_grad()  # statistics are observations: never part of an autograd graph (training forwards)
     def on_call(self, call: AttentionCall, q, k, v, out, lse) -> None:
         self._claim(call)
         fsl = call.frame_seq_len

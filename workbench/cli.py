@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "workbench.commands.extract",
     "workbench.commands.export_legacy",
     "studies.commands",
+    "training.commands",
 ]
 
 DESCRIPTION = """\
@@ -28,6 +29,8 @@ Self-Forcing attention workbench: see how autoregressive video diffusion models 
   workbench extract --layer 3         frame-by-frame attention of layer 3 into a zarr store
   workbench report STORE              an HTML report of a store
   workbench compare A.zarr B.zarr     what changed between two models (e.g. Wan vs Self-Forcing)
+  workbench train --config C.yaml     Self-Forcing training (ODE init, DMD, SiD) with attention probes
+  workbench export-legacy STORE       the researchers' old per-layer .pt files
 
 With no model arguments every command runs on the embedded default: a small seeded causal Wan
 (21 latent frames in chunks of 3) that runs on a CPU in seconds. Add --wan-dir DIR for the official
@@ -51,11 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from workbench.errors import WorkbenchError
+    from models.errors import ModelInputError
 
     try:
         return args.func(args) or 0
-    except WorkbenchError as err:  # bad input: one clear line, no traceback
+    except ModelInputError as err:  # bad input (WorkbenchError included): one clear line, no traceback
         print(f"workbench {args.command}: error: {err}", file=sys.stderr)
         return 2
 

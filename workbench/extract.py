@@ -26,10 +26,9 @@ import numpy as np
 import torch
 
 from models.attention import backend_name
-from models.checkpoint import WEIGHTS_NAME, load_wan, read_wan_folder, sha256_file
+from models.checkpoint import WEIGHTS_NAME, load_wan, sha256_file
 from models.embedded import EMBEDDED_DIR, EMBEDDED_GEOMETRY
-from models.rollout import (bidirectional, causal_few_step, causal_multi_step, few_step_schedule, multistep_schedule,
-                            MultiStepSolver)
+from models.rollout import SAMPLERS, MultiStepSolver, few_step_schedule, multistep_schedule, sample
 from models.scheduler import FlowMatchScheduler
 from workbench.capture import DEFAULT_STATS, STATS, CaptureSpec, Geometry, StatsProbe
 from workbench.errors import WorkbenchError
@@ -37,7 +36,6 @@ from workbench.hooks import attach
 from workbench.store import SCHEMA_VERSION, StoreLayout, StoreWriter, sample_dataset, sample_id
 
 DEFAULT_PROMPT = "A majestic eagle soaring through a cloudy sky, cinematic lighting"
-SAMPLERS = ("causal_few_step", "causal_multi_step_cfg", "bidirectional")
 
 
 @dataclass
@@ -127,6 +125,8 @@ def plan(cfg: ExtractConfig) -> Plan:
     unknown = [s for s in cfg.stats if s not in STATS]
     if unknown:
         raise WorkbenchError(f"unknown statistic(s) {unknown}; known: {list(STATS)}")
+    if not cfg.stats:
+        raise WorkbenchError(f"no statistic to capture; choose from {list(STATS)}")
     if not cfg.prompts or any(not p.strip() for p in cfg.prompts):
         raise WorkbenchError("no prompts to run (an empty prompt or prompt file)")
     if cfg.mode not in ("resume", "append", "overwrite"):
@@ -156,6 +156,8 @@ def plan(cfg: ExtractConfig) -> Plan:
         bad = sorted(v for v in values if not 0 <= v < n)
         if bad:
             raise WorkbenchError(f"{what} {bad} out of range: the model has {what}s 0-{n - 1}")
+        if not values:
+            raise WorkbenchError(f"no {what} selected; the model has {what}s 0-{n - 1}")
     schedule = _schedule(cfg)
     steps = cfg.steps if cfg.steps is not None else [s.step for s in schedule]
     bad = sorted(set(steps) - {s.step for s in schedule})
@@ -234,49 +236,71 @@ def _attrs(p: Plan, fp: str, command: list[str]) -> dict:
 
 
 def _dist():
-    """(rank, world) under torchrun, initialising the process group once; (0, 1) otherwise."""
+    """(rank, world, we_initialised) under torchrun, initialising the process group once; (0, 1, False)
+    otherwise. The ranks only exchange small Python objects (the work list, finished samples), so the group
+    is gloo even on GPUs: no NCCL device binding is needed for that."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1
+        return 0, 1, False
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
+    if dist.is_initialized():
+        return dist.get_rank(), world, False
+    dist.init_process_group("gloo")
+    return dist.get_rank(), world, True
+
+
+def _rank_device(device: str, world: int) -> torch.device:
+    """Under torchrun each rank takes its own GPU (LOCAL_RANK) when the device is a bare 'cuda'."""
+    if world > 1 and device == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(device)
 
 
 def run_extract(cfg: ExtractConfig, command: list[str] | None = None, log=print):
     """Run an extraction; returns the store path. Validation happens before any model weights are read."""
+    p = plan(cfg)
+    rank, world, initialised = _dist()
+    try:
+        return _run(p, cfg, rank, world, command, log)
+    finally:
+        if initialised:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
     from tqdm.auto import tqdm
 
     from models.text_encoder import TextEncoder
 
-    p = plan(cfg)
-    rank, world = _dist()
-    device, dtype = torch.device(cfg.device), _dtype(cfg.dtype)
+    device, dtype = _rank_device(cfg.device, world), _dtype(cfg.dtype)
     weights_sha = sha256_file(p.weights_file)
     fp = fingerprint(p, weights_sha)
-    writer = StoreWriter(cfg.out, fp, mode=cfg.mode) if rank == 0 else None
     samples = [(i, prompt, seed) for i, prompt in enumerate(cfg.prompts) for seed in cfg.seeds]
-    if writer is not None:
-        todo = [s for s in samples if not writer.done(sample_id(s[0], s[2]))]
-    else:
-        todo = samples
-    if world > 1:
+    writer, todo, error = None, samples, None
+    if rank == 0:
+        try:  # an incompatible store is refused here, before any weights are read
+            writer = StoreWriter(cfg.out, fp, mode=cfg.mode)
+            todo = [s for s in samples if not writer.done(sample_id(s[0], s[2]))]
+        except WorkbenchError as err:
+            error = str(err)
+    if world > 1:  # every rank learns the work list, or rank 0's error (so no rank waits forever)
         import torch.distributed as dist
 
-        box = [todo]
+        box = [(error, todo)]
         dist.broadcast_object_list(box, src=0)
-        todo = box[0]
+        error, todo = box[0]
+    if error is not None:
+        raise WorkbenchError(error)
     if not todo:
         if rank == 0:
             log(f"{cfg.out}: all {len(samples)} samples are already there; nothing to do")
         return Path(cfg.out)
 
     causal = cfg.sampler != "bidirectional"
-    model = load_wan(p.wan_dir, checkpoint=cfg.checkpoint, use_ema=cfg.use_ema, causal=causal,
-                     num_frame_per_block=cfg.num_frame_per_block, local_attn_size=cfg.local_attn_size,
-                     sink_size=cfg.sink_size, device=device, dtype=dtype, trust_pickle=cfg.trust_pickle)
+    model = load_model(p, device, dtype)
     encoder = TextEncoder.from_wan_dir(p.wan_dir, device=device)
     negative = encoder.encode([cfg.negative_prompt]) if cfg.sampler != "causal_few_step" else None
     layout = StoreLayout(steps=[s for s in p.schedule if s.step in p.spec.steps], layers=list(p.spec.layers),
@@ -285,67 +309,74 @@ def run_extract(cfg: ExtractConfig, command: list[str] | None = None, log=print)
                          frame_seq_len=p.frame_seq_len, grid=(p.geometry[1] // 2, p.geometry[2] // 2),
                          text_len=p.model_config.text_len, stats=list(cfg.stats),
                          attrs=_attrs(p, fp, command or sys.argv))
-    mine = todo[rank::world]
+    # Rounds of `world` samples: rank r runs sample r of each round, and rank 0 writes the round's samples in
+    # the order of a single-process run as soon as the round ends (a killed run keeps every finished round).
+    rounds = [todo[i : i + world] for i in range(0, len(todo), world)]
     forwards = len(p.schedule) * (cfg.num_frames // cfg.num_frame_per_block if causal else 1)
-    bar = tqdm(total=len(mine) * forwards, desc=f"extract (rank {rank})" if world > 1 else "extract",
-               unit="fwd", disable=not cfg.progress or rank != 0)
-    results = {}
-    for prompt_index, prompt, seed in mine:
-        emb = encoder.encode([prompt])
-        arrays = _one_sample(model, p, emb, negative, seed, device, dtype, bar)
-        meta = dict(prompt_index=prompt_index, seed=seed, prompt=prompt, checkpoint=p.checkpoint_label,
-                    checkpoint_sha256=weights_sha, model_family=p.family, sampler=cfg.sampler,
-                    local_attn_size=cfg.local_attn_size, sink_size=cfg.sink_size, tokens=emb.tokens[0],
-                    num_tokens=emb.lengths[0])
+    bar = tqdm(total=sum(rank < len(r) for r in rounds) * forwards,
+               desc=f"extract (rank {rank})" if world > 1 else "extract", unit="fwd",
+               disable=not cfg.progress or rank != 0)
+    for batch in rounds:
+        result = None
+        if rank < len(batch):
+            prompt_index, prompt, seed = batch[rank]
+            emb = encoder.encode([prompt])
+            arrays = _one_sample(model, p, emb, negative, seed, device, dtype, bar)
+            meta = dict(prompt_index=prompt_index, seed=seed, prompt=prompt, checkpoint=p.checkpoint_label,
+                        checkpoint_sha256=weights_sha, model_family=p.family, sampler=cfg.sampler,
+                        local_attn_size=cfg.local_attn_size, sink_size=cfg.sink_size, tokens=emb.tokens[0],
+                        num_tokens=emb.lengths[0])
+            result = (meta, arrays)
         if world == 1:
-            writer.write(sample_dataset(layout, meta, arrays))
+            finished = [result]
         else:
-            results[sample_id(prompt_index, seed)] = (meta, arrays)
-    bar.close()
-    if world > 1:
-        import torch.distributed as dist
+            import torch.distributed as dist
 
-        gathered = [None] * world if rank == 0 else None
-        dist.gather_object(results, gathered, dst=0)
+            finished = [None] * world if rank == 0 else None
+            dist.gather_object(result, finished, dst=0)
         if rank == 0:
-            merged = {k: v for part in gathered for k, v in part.items()}
-            for prompt_index, _, seed in todo:  # the order of a single-process run
-                meta, arrays = merged[sample_id(prompt_index, seed)]
+            for meta, arrays in finished[: len(batch)]:
                 writer.write(sample_dataset(layout, meta, arrays))
-        dist.barrier()
+    bar.close()
     if rank == 0:
         log(summary_table(cfg.out))
     return Path(cfg.out)
 
 
+def load_model(p: Plan, device, dtype) -> torch.nn.Module:
+    """The model a plan runs: the Wan folder (or embedded default), optionally a Self-Forcing checkpoint, causal
+    unless the sampler is bidirectional, with the plan's attention window."""
+    c = p.cfg
+    return load_wan(p.wan_dir, checkpoint=c.checkpoint, use_ema=c.use_ema, causal=c.sampler != "bidirectional",
+                    num_frame_per_block=c.num_frame_per_block, local_attn_size=c.local_attn_size,
+                    sink_size=c.sink_size, device=device, dtype=dtype, trust_pickle=c.trust_pickle)
+
+
 def _one_sample(model, p: Plan, emb, negative, seed, device, dtype, bar) -> dict[str, np.ndarray]:
-    cfg = p.cfg
-    F, h, w = p.geometry
-    gen = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn((1, F, model.config.in_dim, h, w), generator=gen, device=device, dtype=torch.float32).to(dtype)
-    context = emb.context.to(device, dtype)
+    F = p.geometry[0]
     geo = Geometry(batch=1, num_frames=F, frame_seq_len=p.frame_seq_len, text_len=model.config.text_len)
     probe = StatsProbe(p.spec, geo, device)
-
-    def on_forward(labels, start, n):
-        bar.update(1)
-
     with attach(model, probe):
-        if cfg.sampler == "causal_few_step":
-            sched = FlowMatchScheduler(cfg.timestep_shift)
-            causal_few_step(model, noise, context, timesteps=sched.warp(cfg.denoising_step_list), scheduler=sched,
-                            context_noise=cfg.context_noise, generator=gen, on_forward=on_forward)
-        elif cfg.sampler == "causal_multi_step_cfg":
-            causal_multi_step(model, noise, context, negative.context.to(device, dtype), steps=cfg.num_inference_steps,
-                              shift=cfg.timestep_shift, guidance_scale=cfg.guidance_scale,
-                              context_noise=cfg.context_noise, on_forward=on_forward)
-        else:
-            bidirectional(model, noise, context, negative.context.to(device, dtype), steps=cfg.num_inference_steps,
-                          shift=cfg.timestep_shift, guidance_scale=cfg.guidance_scale, on_forward=on_forward)
+        sample_rollout(model, p, emb, negative, seed, device, dtype, on_forward=lambda labels, start, n: bar.update(1))
     missing = probe.missing_steps(F)
     if missing:
         raise WorkbenchError(f"the rollout did not produce every captured (kind, step, layer): {missing[:5]}")
     return {stat: values[0] for stat, values in probe.results().items()}
+
+
+def sample_rollout(model, p: Plan, emb, negative, seed: int, device, dtype, on_forward=None) -> torch.Tensor:
+    """The rollout of one sample exactly as `extract` runs it: noise [1, F, C, h, w] drawn from `seed`, the
+    plan's sampler, the prompt embedding `emb` (and `negative` for the CFG samplers). Returns the clean latents.
+    Whatever observes the model (probes, nnsight) sees the same attention calls as the store's run."""
+    cfg = p.cfg
+    F, h, w = p.geometry
+    gen = torch.Generator(device=device).manual_seed(seed)
+    noise = torch.randn((1, F, model.config.in_dim, h, w), generator=gen, device=device, dtype=torch.float32).to(dtype)
+    negative_context = None if negative is None else negative.context.to(device, dtype)
+    return sample(model, cfg.sampler, noise, emb.context.to(device, dtype), negative_context, generator=gen,
+                  denoising_step_list=cfg.denoising_step_list, timestep_shift=cfg.timestep_shift,
+                  context_noise=cfg.context_noise, num_inference_steps=cfg.num_inference_steps,
+                  guidance_scale=cfg.guidance_scale, on_forward=on_forward)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -354,7 +385,7 @@ def _one_sample(model, p: Plan, emb, negative, seed, device, dtype, bar) -> dict
 
 def summary_table(store_path) -> str:
     """Per head (mean over samples, captured layers, denoising steps and query frames after the first chunk):
-    the attention mass on frame 0, on the query's own chunk, and on the rest."""
+    the attention mass on frame 0, on the rest of the query's own chunk, and on everything else."""
     from workbench.store import open_store
 
     ds = open_store(store_path)
@@ -362,7 +393,7 @@ def summary_table(store_path) -> str:
         return f"wrote {store_path}"
     m = ds.attn_mass.where(ds.phase == "denoise", drop=True)
     m = m.where(m.query_chunk > 0, drop=True) if (ds.query_chunk > 0).any() else m
-    own = m.where(m.key_chunk == m.query_chunk).sum("key_frame")
+    own = m.where((m.key_chunk == m.query_chunk) & (m.key_frame > 0)).sum("key_frame")  # frame 0 has its own column
     first = m.sel(key_frame=0)
     total = m.sum("key_frame")
     dims = [d for d in ("sample", "step", "layer", "query_frame") if d in first.dims]
@@ -370,7 +401,7 @@ def summary_table(store_path) -> str:
     layers = ",".join(str(v) for v in ds.layer.values)
     lines = [f"wrote {store_path}: {ds.sizes['sample']} sample(s), layers {layers}, steps {ds.step.values.tolist()}",
              "attention mass per head (mean over samples, layers, denoising steps, query frames after chunk 0):",
-             f"{'head':>6} {'frame 0':>9} {'own chunk':>10} {'rest':>8}"]
+             f"{'head':>6} {'frame 0':>9} {'own chunk':>10} {'rest':>8}   (own chunk: its frames other than frame 0)"]
     for i, head in enumerate(ds["head"].values):
         lines.append(f"{head:>6} {first[i]:>9.3f} {own[i]:>10.3f} {total[i] - own[i] - first[i]:>8.3f}")
     lines.append(f"open it with xarray: xr.open_zarr({str(store_path)!r}), or `workbench report {store_path}`")

@@ -75,7 +75,7 @@ class Probe:
         return self.filter.matches(call)
 
     def observe(self, call: AttentionCall, q, k, v, out, lse) -> None:
-        if self.heads is not None:
+        if self.heads is not None and self.heads != list(range(q.shape[2])):  # a real subset: select it
             idx = self._head_index.get(q.device)
             if idx is None:
                 idx = self._head_index[q.device] = torch.tensor(self.heads, device=q.device)

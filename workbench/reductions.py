@@ -52,7 +52,7 @@ def key_token_mass(q, k, lse, frame_seq_len: int, frame_mask=None) -> torch.Tens
 def frame_means(x: torch.Tensor, frame_seq_len: int) -> torch.Tensor:
     """Per-frame, per-head mean vectors: x [B, F*fsl, H, D] -> [B, H, F, D] float32."""
     B, L, H, D = x.shape
-    return x.float().view(B, L // frame_seq_len, frame_seq_len, H, D).mean(dim=2).permute(0, 2, 1, 3)
+    return x.view(B, L // frame_seq_len, frame_seq_len, H, D).mean(dim=2, dtype=torch.float32).permute(0, 2, 1, 3)
 
 
 def mean_logit(q, k, frame_seq_len: int) -> torch.Tensor:

@@ -137,19 +137,24 @@ def sample_dataset(layout: StoreLayout, sample: dict, arrays: dict[str, np.ndarr
 
 
 class StoreWriter:
-    """Appends whole samples to a store; resumable.
+    """Appends whole entries (samples; for training probes, train steps) to a store; resumable.
 
-    The list of finished samples lives in the store's attrs (`completed`) and is updated after a sample's
-    arrays are written, so a run killed mid-write leaves at most one partial sample at the end, which the
-    next open truncates away before resuming. A new store is first written to a temporary folder and renamed.
+    The keys of the finished entries live in the store's attrs (`completed`) and are updated after an entry's
+    arrays are written, so a run killed mid-write leaves at most one partial entry at the end, which the next
+    open truncates away before resuming. A new store is first written to a temporary folder and renamed.
+    Attrs are those of the run that created the store; each later run that appends is listed once in `runs`.
     """
 
-    def __init__(self, path: str | Path, fingerprint: str, *, mode: str = "resume"):
+    def __init__(self, path: str | Path, fingerprint: str, *, mode: str = "resume", append_dim: str = "sample",
+                 completed_attr: str = "completed",
+                 hint: str = "pass --overwrite to replace it, --append to add samples of a compatible "
+                             "configuration, or choose another --out"):
         if mode not in ("resume", "append", "overwrite"):
             raise WorkbenchError(f"unknown store mode {mode!r}; use resume, append or overwrite")
         self.path = Path(path)
         self.fingerprint = fingerprint
-        self.completed: list[str] = []
+        self.append_dim, self.completed_attr, self.hint = append_dim, completed_attr, hint
+        self.completed: list = []
         if self.path.exists():
             if mode == "overwrite":
                 shutil.rmtree(self.path)
@@ -162,51 +167,78 @@ class StoreWriter:
         try:
             group = zarr.open_group(self.path, mode="r+")
         except Exception as err:
-            raise WorkbenchError(f"{str(self.path)!r} exists and is not a store; choose another --out or --overwrite") from err
+            raise WorkbenchError(f"{str(self.path)!r} exists and is not a store; {self.hint}") from err
         attrs = dict(group.attrs)
-        if attrs.get("schema_version") != SCHEMA_VERSION:
-            raise WorkbenchError(f"{str(self.path)!r} has schema_version {attrs.get('schema_version')!r}, "
-                                 f"not {SCHEMA_VERSION}; use --overwrite or another --out")
+        if attrs.get("schema_version") != SCHEMA_VERSION or self.completed_attr not in attrs:
+            raise WorkbenchError(f"{str(self.path)!r} is not a store of schema_version {SCHEMA_VERSION} with "
+                                 f"{self.completed_attr!r}; {self.hint}")
         if attrs.get("fingerprint") != self.fingerprint:
             if mode != "append" or attrs.get("layout_fingerprint") != self.fingerprint.split(":")[0]:
                 raise WorkbenchError(
                     f"{str(self.path)!r} was made with another configuration (model, weights, sampler, layers, heads, "
-                    "steps or statistics); pass --overwrite to replace it, --append to add samples of a "
-                    "compatible configuration, or choose another --out"
+                    f"steps or statistics); {self.hint}"
                 )
-        self.completed = list(attrs.get("completed", []))
-        n = len(self.completed)
-        for name, array in group.arrays():  # drop a partial sample left by a killed run
-            dims = array.metadata.dimension_names or ()
-            if "sample" in dims and array.shape[dims.index("sample")] > n:
-                shape = list(array.shape)
-                shape[dims.index("sample")] = n
-                array.resize(tuple(shape))
+        self.completed = list(attrs[self.completed_attr])
+        self.truncate(len(self.completed))  # drop a partial entry left by a killed run
 
-    def done(self, sid: str) -> bool:
-        return sid in self.completed
-
-    def write(self, ds: xr.Dataset) -> None:
-        """Append one sample (a Dataset with a length-1 `sample` dim built by `sample_dataset`)."""
+    def truncate(self, n: int) -> None:
+        """Cut every array to the first n entries along the append dim."""
         import zarr
 
-        sid = str(ds["sample"].values[0])
+        for _, array in zarr.open_group(self.path, mode="r+").arrays():
+            dims = array.metadata.dimension_names or ()
+            if self.append_dim in dims and array.shape[dims.index(self.append_dim)] > n:
+                shape = list(array.shape)
+                shape[dims.index(self.append_dim)] = n
+                array.resize(tuple(shape))
+
+    def keep_first(self, n: int) -> None:
+        """Forget every entry after the first n (a resumed run recomputes them); no entry left: no store."""
+        import zarr
+
+        if n >= len(self.completed):
+            return
+        if n == 0:
+            shutil.rmtree(self.path)
+        else:
+            self.truncate(n)
+            zarr.open_group(self.path, mode="r+").attrs[self.completed_attr] = self.completed[:n]
+        self.completed = self.completed[:n]
+
+    def done(self, key) -> bool:
+        return key in self.completed
+
+    def write(self, ds: xr.Dataset, key=None) -> None:
+        """Append one entry: a Dataset with a length-1 append dim (a sample built by `sample_dataset`); its key
+        defaults to that dim's coordinate."""
+        import zarr
+
+        key = str(ds[self.append_dim].values[0]) if key is None else key
         ds.attrs["fingerprint"] = self.fingerprint
         ds.attrs["layout_fingerprint"] = self.fingerprint.split(":")[0]
         if not self.completed:
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             if tmp.exists():
                 shutil.rmtree(tmp)
-            ds.attrs["completed"] = [sid]
+            ds.attrs[self.completed_attr] = [key]
             ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds))
             if self.path.exists():
                 shutil.rmtree(self.path)
             os.replace(tmp, self.path)
         else:
-            ds.attrs.pop("completed")
-            ds.to_zarr(self.path, mode="a", append_dim="sample", consolidated=False)
-            zarr.open_group(self.path, mode="r+").attrs["completed"] = self.completed + [sid]
-        self.completed.append(sid)
+            # to_zarr(mode="a") replaces the group's attrs with ds.attrs: give it the store's own attrs with the
+            # current `completed` list (a run killed between the arrays and the new mark leaves a partial entry that
+            # the next open drops), and list this run once under `runs`
+            attrs = dict(zarr.open_group(self.path, mode="r").attrs)
+            run = {k: ds.attrs[k] for k in ("command", "created_utc", "git_commit") if k in ds.attrs}
+            if run and run != {k: attrs.get(k) for k in run} and run not in attrs.get("runs", []):
+                attrs["runs"] = attrs.get("runs", []) + [run]
+            attrs[self.completed_attr] = list(self.completed)
+            ds.attrs = attrs
+            static = [name for name, v in ds.variables.items() if self.append_dim not in v.dims]
+            ds.drop_vars(static).to_zarr(self.path, mode="a", append_dim=self.append_dim, consolidated=False)
+            zarr.open_group(self.path, mode="r+").attrs[self.completed_attr] = self.completed + [key]
+        self.completed.append(key)
 
 
 def _encoding(ds: xr.Dataset) -> dict:

@@ -1,5 +1,137 @@
-"""`workbench generate` (wired below)."""
+"""`workbench generate`: latents, an mp4 and a PNG grid per prompt and seed.
+
+prompts --text encoder--> context --sampler (few-step causal | multi-step causal CFG | bidirectional)-->
+latents [F, 16, h, w] --VAE (streamed chunk by chunk)--> 1 + 4 (F - 1) frames --> mp4 (16 fps) + PNG grid
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "generate videos (latents, mp4, PNG grid) from prompts"
+
+EPILOG = """\
+examples:
+  workbench generate --prompt "a red kite over the sea"             # the embedded default (toy model)
+  workbench generate --prompts prompts.txt --seed 0-3 --wan-dir wan_models/Wan2.1-T2V-1.3B \\
+      --checkpoint checkpoints/self_forcing_dmd.pt --use-ema --out videos/sf_dmd
+  workbench generate --prompt "..." --sampler bidirectional --wan-dir wan_models/Wan2.1-T2V-1.3B   # Wan baseline
+
+Writes, per prompt index P and seed S, into --out: pPPPP-sS.safetensors (latents [F, 16, h, w] under
+"latents"), pPPPP-sS.mp4 (16 fps) and pPPPP-sS.png (a grid of every 5th frame). With less than 40 GB of
+free GPU memory the text encoder leaves the GPU before the DiT is loaded (low-memory mode).
+"""
 
 
 def register(subparsers) -> None:
-    pass
+    p = subparsers.add_parser("generate", help=HELP, description=HELP, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
+    p.add_argument("--seed", default="0", help="seed(s): 0, 0-3 or 1,2,3 (default: %(default)s)")
+    p.add_argument("--frames", type=int, default=21, help="latent frames (default: %(default)s -> 81 video frames)")
+    p.add_argument("--sampler", default="causal_few_step",
+                   choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"])
+    p.add_argument("--num-inference-steps", type=int, default=50, help="multi-step samplers (default: %(default)s)")
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="multi-step samplers (default: %(default)s)")
+    p.add_argument("--negative-prompt", default="", help="for the CFG samplers")
+    p.add_argument("--local-attn-size", type=int, default=-1, help="KV window in latent frames (-1: global)")
+    p.add_argument("--sink-size", type=int, default=0, help="sink frames kept in the KV cache")
+    p.add_argument("--wan-dir", metavar="DIR", help="the official Wan2.1 folder (default: the embedded default)")
+    p.add_argument("--checkpoint", metavar="FILE", help="a Self-Forcing .pt (generator / generator_ema)")
+    p.add_argument("--use-ema", action="store_true", help="load generator_ema instead of generator")
+    p.add_argument("--trust-pickle", action="store_true", help="allow a checkpoint that needs full unpickling")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--low-memory", choices=["auto", "on", "off"], default="auto",
+                   help="move the text encoder off the GPU before the rollout (auto: < 40 GB free)")
+    p.add_argument("--no-video", action="store_true", help="latents only (no VAE decode)")
+    p.add_argument("--out", default="runs/generate", help="output folder (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import gc
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from models.checkpoint import load_wan
+    from models.embedded import EMBEDDED_DIR
+    from models.rollout import sample
+    from models.text_encoder import TextEncoder
+    from models.vae import WanVAE
+    from models.video import ensure_writable_dir, read_prompts, write_mp4, write_png_grid
+    from workbench.errors import WorkbenchError
+    from workbench.extract import DEFAULT_PROMPT, _dtype, parse_int_list
+
+    # --- everything that can be wrong, before any work
+    out = ensure_writable_dir(args.out)
+    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt or DEFAULT_PROMPT]
+    seeds = parse_int_list(args.seed, what="seed")
+    if not seeds:
+        raise WorkbenchError("--seed needs numbers, e.g. 0 or 0-3")
+    wan_dir = Path(args.wan_dir) if args.wan_dir else EMBEDDED_DIR
+    if not (wan_dir / "config.json").is_file():
+        raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)")
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise WorkbenchError(f"--checkpoint {args.checkpoint!r} does not exist")
+    if args.sampler != "bidirectional":
+        from models.config import VideoGeometry
+
+        VideoGeometry(num_frames=args.frames)  # frames that do not divide into chunks of 3 are refused here
+    if args.sampler != "bidirectional" and args.local_attn_size == -1 and args.frames > 21:
+        raise WorkbenchError(f"--frames {args.frames} is more than the KV cache holds (21 frames) with global "
+                             "attention; add --local-attn-size N (and optionally --sink-size S)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    embedded = args.wan_dir is None
+    h, w = (12, 16) if embedded else (60, 104)
+    low_memory = args.low_memory == "on" or (
+        args.low_memory == "auto" and device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 40 * 2**30)
+    quiet = args.no_progress
+
+    # --- text first; in low-memory mode the encoder leaves the GPU before the DiT arrives
+    encoder = TextEncoder.from_wan_dir(wan_dir, device=device, cache_dir=out / ".prompt_cache")
+    contexts = [encoder.encode([p]).context for p in tqdm(prompts, desc="encode", disable=quiet)]
+    cfg_sampler = args.sampler != "causal_few_step"
+    negative = encoder.encode([args.negative_prompt]).context if cfg_sampler else None
+    if low_memory:
+        del encoder
+        gc.collect()
+        torch.cuda.empty_cache()
+    model = load_wan(wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema, causal=args.sampler != "bidirectional",
+                     local_attn_size=args.local_attn_size, sink_size=args.sink_size, device=device, dtype=dtype,
+                     trust_pickle=args.trust_pickle)
+    vae = None if args.no_video else WanVAE.from_file(wan_dir / "Wan2.1_VAE.pth", device=device, dtype=dtype)
+
+    jobs = [(i, s) for i in range(len(prompts)) for s in seeds]
+    for i, seed in jobs:
+        name = f"p{i:04d}-s{seed}"
+        gen = torch.Generator(device=device).manual_seed(seed)
+        noise = torch.randn((1, args.frames, model.config.in_dim, h, w), generator=gen, device=device).to(dtype)
+        chunks = args.frames // model.num_frame_per_block if args.sampler != "bidirectional" else 1
+        per_chunk = 5 if args.sampler == "causal_few_step" else 2 * args.num_inference_steps + (2 if cfg_sampler and args.sampler != "bidirectional" else 0)
+        with tqdm(total=chunks * per_chunk, desc=f"rollout {name}", unit="fwd", disable=quiet) as bar:
+            latents = sample(model, args.sampler, noise, contexts[i].to(device, dtype),
+                             None if negative is None else negative.to(device, dtype), generator=gen,
+                             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                             on_forward=lambda *_: bar.update(1))
+        save_file({"latents": latents[0].float().cpu().contiguous()}, str(out / f"{name}.safetensors"),
+                  metadata={"prompt": prompts[i], "seed": str(seed), "sampler": args.sampler,
+                            "checkpoint": args.checkpoint or str(wan_dir)})
+        if vae is None:
+            continue
+        stream = vae.stream_decoder()
+        step = model.num_frame_per_block
+        frames = [stream.push(latents[:, f : f + step]) for f in tqdm(range(0, args.frames, step), desc=f"decode {name}",
+                                                                       disable=quiet)]
+        video = torch.cat(frames, dim=2)[0]  # [3, T, H, W] in [-1, 1]
+        write_mp4(video, out / f"{name}.mp4", fps=16)
+        write_png_grid(video, out / f"{name}.png", ncols=9, frames=range(0, video.shape[1], 5))
+    print(f"wrote {len(jobs)} sample(s) to {out}")
+    return 0

@@ -1,0 +1,110 @@
+"""Reading weight files safely, hashing them, and writing files atomically: shared by every loader in models/.
+
+Checkpoints are untrusted input. `.pt`/`.pth` files are read with `torch.load(weights_only=True)` (memory
+mapped when the format allows); a file that needs arbitrary unpickling is refused with a message naming it,
+unless the caller passes `trust_pickle=True`. Writes go to a temporary file in the same folder and are renamed
+into place, so a killed process never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from models.errors import CheckpointError
+
+MEMO_DIR = Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "sf-workbench"))
+
+
+def load_tensors(path, *, trust_pickle: bool = False):
+    """Whatever a weights file holds (a state dict, or a dict of them), read safely."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:
+            raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {err}") from err
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:  # the legacy (non-zip) torch.save format cannot be memory-mapped
+            if "mmap" not in str(err) and "zip" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not trust_pickle:
+            m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n\n|$)", str(err), re.S)
+            detail = " ".join(m.group(1).split()) if m else str(err).splitlines()[0]
+            raise CheckpointError(
+                f"{str(path)!r} needs arbitrary unpickling, which can run code ({detail}). Load it only if you trust "
+                "its source, with --trust-pickle (trust_pickle=True)") from err
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"cannot read weights file {str(path)!r}: {type(err).__name__}: {err}") from err
+
+
+def load_state_dict_file(path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} state dict from .safetensors or .pth/.pt, read safely."""
+    sd = load_tensors(path, trust_pickle=trust_pickle)
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        top = list(sd)[:8] if isinstance(sd, dict) else type(sd).__name__
+        raise CheckpointError(f"{path} is not a flat {{name: tensor}} state dict (top level: {top})")
+    return dict(sd)
+
+
+def sha256_file(path, memo_dir: Path | None = MEMO_DIR) -> str:
+    """sha256 of a file's bytes; remembered by (real path, size, mtime) in memo_dir, so an 11 GB file is
+    hashed once per machine."""
+    path = Path(path)
+    st = path.stat()
+    key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    memo_file = Path(memo_dir) / "file_hashes.json" if memo_dir is not None else None
+    memo = {}
+    if memo_file is not None and memo_file.is_file():
+        try:
+            memo = json.loads(memo_file.read_text())
+        except (OSError, ValueError):
+            memo = {}
+        if key in memo:
+            return memo[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    digest = h.hexdigest()
+    if memo_file is not None:
+        try:
+            memo[key] = digest
+            atomic_write_bytes(memo_file, json.dumps(memo, indent=1, sort_keys=True).encode())
+        except OSError:  # an unwritable cache only costs a re-hash next time
+            pass
+    return digest
+
+
+def atomic_write(path, write) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))

@@ -1,0 +1,53 @@
+"""One Triton kernel for the self-attention's q/k preparation on CUDA: RMSNorm over all heads, then RoPE.
+
+Each program takes one token row of q or k ([C] = heads x head_dim, contiguous), computes the RMS in float32,
+normalises, casts to the input dtype and multiplies by the norm weight (Wan's order), then rotates each
+channel pair (2i, 2i+1) of every head by the token's angles. Even and odd channels are loaded as two strided
+vectors, so the pair rotation needs no shuffles. It reads and writes each tensor once; `models.fused` uses it
+for CUDA tensors and the plain PyTorch version everywhere else (and as the reference in tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _qk_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rows_per_batch, eps,
+                         C: tl.constexpr, HALF_D: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)  # token row in [B * L]
+    pos = row % rows_per_batch  # token position: the RoPE tables are [L, HALF_D]
+    offs = tl.arange(0, BLOCK)  # pair index over all heads: head = offs // HALF_D
+    mask = offs < C // 2
+    base = x_ptr + row.to(tl.int64) * C
+    xe = tl.load(base + 2 * offs, mask=mask, other=0.0)
+    xo = tl.load(base + 2 * offs + 1, mask=mask, other=0.0)
+    xe32, xo32 = xe.to(tl.float32), xo.to(tl.float32)
+    inv = tl.rsqrt((tl.sum(xe32 * xe32, axis=0) + tl.sum(xo32 * xo32, axis=0)) / C + eps)
+    we = tl.load(w_ptr + 2 * offs, mask=mask, other=0.0)
+    wo = tl.load(w_ptr + 2 * offs + 1, mask=mask, other=0.0)
+    ye = ((xe32 * inv).to(xe.dtype) * we).to(tl.float32)  # normalise in fp32, cast back, then the weight
+    yo = ((xo32 * inv).to(xo.dtype) * wo).to(tl.float32)
+    pair = offs % HALF_D
+    c = tl.load(cos_ptr + pos * HALF_D + pair, mask=mask, other=0.0)
+    s = tl.load(sin_ptr + pos * HALF_D + pair, mask=mask, other=0.0)
+    out = out_ptr + row.to(tl.int64) * C
+    tl.store(out + 2 * offs, (ye * c - yo * s).to(xe.dtype), mask=mask)
+    tl.store(out + 2 * offs + 1, (ye * s + yo * c).to(xe.dtype), mask=mask)
+
+
+def qk_norm_rope(q, k, wq, wk, cos, sin, heads: int, eps: float):
+    """q, k [B, L, C] -> [B, L, heads, C / heads], normalised and rotated; cos/sin [L, 1, head_dim / 2] fp32."""
+    B, L, C = q.shape
+    half = C // heads // 2
+    cos2, sin2 = cos.reshape(L, half).contiguous(), sin.reshape(L, half).contiguous()
+    outs = []
+    for x, w in ((q, wq), (k, wk)):
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        _qk_norm_rope_kernel[(B * L,)](x, w.to(x.dtype).contiguous(), cos2, sin2, out, L, eps,
+                                       C=C, HALF_D=half, BLOCK=triton.next_power_of_2(C // 2))
+        outs.append(out.view(B, L, heads, C // heads))
+    return outs[0], outs[1]

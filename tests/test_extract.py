@@ -1,0 +1,360 @@
+"""`workbench extract` end to end on the embedded default (6 layers, 4 heads, 21 frames of 48 tokens):
+
+- the store's values equal a dense float64 reference of the q, k the model really used (float32 and
+  bfloat16; global attention and sink + window), with the coordinates docs/store.md defines;
+- resume: a run killed mid-way (a real SIGKILL, and a kill between a sample's arrays and its `completed`
+  mark) and restarted gives the same store as an uninterrupted run;
+- torchrun with 2 CPU processes (gloo) gives the same store as one process;
+- bad requests fail with one clear line before any weights are loaded.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+import workbench.extract as extract_mod
+from attention_reference import AttendRecorder, dense_frame_stats, expected_key_frames
+from workbench.cli import main as cli_main
+from workbench.extract import ExtractConfig, run_extract
+from workbench.store import StoreWriter, open_store
+
+REPO = Path(__file__).resolve().parents[1]
+F, FSL, NFPB, STEPS, HEADS, LAYERS = 21, 48, 3, 5, 4, 6
+PROMPTS = ["a red fox running through fresh snow", "a small blue boat on a misty lake"]
+
+
+def config(out, **kw) -> ExtractConfig:
+    kw.setdefault("layers", [3])
+    return ExtractConfig(out=str(out), progress=False, **kw)
+
+
+def quiet(*_args, **_kw):
+    pass
+
+
+def store_contents(path):
+    """Every variable and coordinate as numpy, and the attrs that do not depend on when or where it ran."""
+    ds = xr.open_zarr(path, consolidated=False).load()
+    values = {name: ds[name].values for name in ds.variables}
+    attrs = dict(ds.attrs)
+    for volatile in ("created_utc", "command", "runs"):  # `runs`: the provenance of resuming runs
+        attrs.pop(volatile, None)
+    attrs["config_yaml"] = "\n".join(l for l in attrs["config_yaml"].splitlines() if not l.strip().startswith("out:"))
+    return values, attrs
+
+
+def assert_same_store(a, b):
+    (va, aa), (vb, ab) = store_contents(a), store_contents(b)
+    assert sorted(va) == sorted(vb)
+    for name in va:
+        x, y = va[name], vb[name]
+        if x.dtype.kind == "f":
+            assert np.array_equal(x, y, equal_nan=True), name
+        else:
+            assert np.array_equal(x, y), name
+    assert aa == ab
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Reference store: 2 prompts x 2 seeds of layer 3, run in one go."""
+    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    run_extract(config(out, prompts=PROMPTS, seeds=[1, 2]), log=quiet)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# Values and coordinates
+
+
+@pytest.mark.parametrize("dtype,window", [("float32", {}), ("bfloat16", {}),
+                                          ("float32", dict(local_attn_size=9, sink_size=3))],
+                         ids=["float32-global", "bfloat16-global", "float32-sink_window"])
+def test_store_equals_float64_reference(tmp_path, monkeypatch, dtype, window):
+    layers = [0, 5]
+    recorders = []
+    load = extract_mod.load_wan
+
+    def load_and_record(*args, **kw):  # the very model run_extract uses, hooked by module path
+        model = load(*args, **kw)
+        recorders.append(AttendRecorder(model, layers))
+        return model
+
+    monkeypatch.setattr(extract_mod, "load_wan", load_and_record)
+    out = tmp_path / "s.zarr"
+    run_extract(config(out, layers=layers, dtype=dtype, **window), log=quiet)
+    ds = open_store(out)
+    # coordinates (docs/store.md)
+    assert list(ds.sample.values) == ["p0000-s42"]
+    assert ds.step.values.tolist() == [0, 1, 2, 3, 4] and ds.layer.values.tolist() == layers
+    assert ds["head"].values.tolist() == [0, 1, 2, 3]
+    np.testing.assert_allclose(ds.timestep.values, [1000.0, 937.5, 833.3333, 625.0, 0.0], atol=1e-3)
+    assert ds.phase.values.tolist() == ["denoise"] * 4 + ["context"]
+    assert ds.denoise_index.values.tolist() == [0, 1, 2, 3, -1] and ds.cfg.values.tolist() == ["none"] * 5
+    assert ds.query_chunk.values.tolist() == [f // 3 for f in range(F)] == ds.key_chunk.values.tolist()
+    assert (ds.attrs["frame_seq_len"], ds.attrs["num_heads"], ds.attrs["num_layers"]) == (FSL, HEADS, LAYERS)
+    assert ds.attrs["dtype"] == dtype and ds.local_attn_size.values.tolist() == [window.get("local_attn_size", -1)]
+    assert ds.attn_mass.dims == ("sample", "step", "layer", "head", "query_frame", "key_frame")
+
+    (rec,) = recorders
+    local, sink = window.get("local_attn_size", -1), window.get("sink_size", 0)
+    tol = 1e-6 if dtype == "float32" else 1e-3
+    for li, layer in enumerate(layers):
+        calls = rec.records[layer]
+        assert len(calls) == 7 * STEPS  # reference 9 item 21: 35 self-attention calls per layer per video
+        exp_mass, exp_logit = np.full((2, STEPS, HEADS, F, F), np.nan)
+        for visit, (q, k, _) in enumerate(calls):
+            chunk, step = divmod(visit, STEPS)
+            qf = np.arange(chunk * NFPB, (chunk + 1) * NFPB)[:, None]
+            kf = np.array(expected_key_frames(chunk, NFPB, local, sink))[None, :]
+            mass, logit = dense_frame_stats(q, k, FSL)
+            exp_mass[step][:, qf, kf], exp_logit[step][:, qf, kf] = mass[0].numpy(), logit[0].numpy()
+        got_mass = ds.attn_mass.isel(sample=0, layer=li).values
+        got_logit = ds.attn_logit.isel(sample=0, layer=li).values
+        for got, exp, rel in ((got_mass, exp_mass, False), (got_logit, exp_logit, True)):
+            assert np.array_equal(np.isnan(got), np.isnan(exp))  # NaN exactly outside the key windows
+            ok = ~np.isnan(exp)
+            scale = np.maximum(1.0, np.abs(exp[ok])) if rel and dtype == "float32" else 1.0
+            assert (np.abs(got[ok] - exp[ok]) / scale).max() <= tol
+        np.testing.assert_allclose(np.nansum(got_mass, axis=-1), 1.0, atol=1e-3)
+        # the reference separates the two layers, so swapped layers could not pass
+        if li == 1:
+            assert np.nanmax(np.abs(exp_mass - prev)) > 100 * tol
+        prev = exp_mass
+    if local != -1:  # the last chunk sees the 3 sink frames and frames 15-20 only
+        last = ds.attn_mass.isel(sample=0, step=0, layer=0, head=0, query_frame=20).values
+        assert np.flatnonzero(~np.isnan(last)).tolist() == [0, 1, 2] + list(range(15, 21))
+
+
+def test_bidirectional_store_labels_and_values(tmp_path, monkeypatch):
+    """The Wan baseline sampler: one chunk of 21 frames, CFG branches as steps, every pair attended."""
+    recorders = []
+    load = extract_mod.load_wan
+
+    def load_and_record(*args, **kw):
+        model = load(*args, **kw)
+        assert kw["causal"] is False
+        recorders.append(AttendRecorder(model, [2]))
+        return model
+
+    monkeypatch.setattr(extract_mod, "load_wan", load_and_record)
+    out = tmp_path / "b.zarr"
+    run_extract(config(out, layers=[2], sampler="bidirectional", num_inference_steps=2), log=quiet)
+    ds = open_store(out)
+    assert ds.step.values.tolist() == [0, 1, 2, 3] and ds.cfg.values.tolist() == ["cond", "uncond"] * 2
+    assert ds.denoise_index.values.tolist() == [0, 0, 1, 1] and ds.phase.values.tolist() == ["denoise"] * 4
+    assert ds.timestep.values[0] == ds.timestep.values[1] > ds.timestep.values[2] == ds.timestep.values[3]
+    assert (ds.query_chunk.values == 0).all() and ds.sampler.values.tolist() == ["bidirectional"]
+    (rec,) = recorders
+    assert len(rec.records[2]) == 4
+    for visit, (q, k, call) in enumerate(rec.records[2]):
+        assert call.query_frames == call.key_frames == tuple(range(F)) and call.labels.step == visit
+        mass, logit = dense_frame_stats(q, k, FSL)
+        got = ds.isel(sample=0, layer=0, step=visit)
+        assert np.abs(got.attn_mass.values - mass[0].numpy()).max() <= 1e-6  # no NaN anywhere
+        assert (np.abs(got.attn_logit.values - logit[0].numpy()) / np.maximum(1, np.abs(logit[0].numpy()))).max() <= 1e-6
+    assert np.abs(ds.attn_mass.isel(step=0).values - ds.attn_mass.isel(step=1).values).max() > 1e-3  # cond != uncond
+
+
+# ------------------------------------------------------------------------------------------------------
+# Resume
+
+
+def test_killed_run_resumes_to_the_same_store(tmp_path, uninterrupted):
+    """A real kill: start the CLI, SIGKILL it once the first sample is marked complete, run it again."""
+    out = tmp_path / "killed.zarr"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    argv = ["extract", "--layer", "3", "--prompts", str(prompts), "--seed", "1,2", "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", *argv], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    completed = []
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            completed = json.loads((out / "zarr.json").read_text())["attributes"]["completed"]
+        except (OSError, ValueError, KeyError):
+            completed = []
+        if completed:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert 1 <= len(completed) < 4
+    assert cli_main(argv) == 0  # the same command resumes
+    assert_same_store(out, uninterrupted)
+
+
+def test_kill_between_arrays_and_completed_mark_resumes(tmp_path, monkeypatch, uninterrupted):
+    """The worst moment: the third sample's arrays are appended but its `completed` mark is not yet written.
+    The next run must keep the two finished samples, drop the partial third and recompute it."""
+    out = tmp_path / "partial.zarr"
+    real_to_zarr = xr.Dataset.to_zarr
+
+    def dying_to_zarr(ds, *args, **kw):
+        result = real_to_zarr(ds, *args, **kw)
+        if kw.get("append_dim") and str(ds["sample"].values[0]) == "p0001-s1":
+            raise KeyboardInterrupt("killed after the arrays, before the mark")
+        return result
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", dying_to_zarr)
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(config(out, prompts=PROMPTS, seeds=[1, 2]), log=quiet)
+    monkeypatch.setattr(xr.Dataset, "to_zarr", real_to_zarr)
+    on_disk = xr.open_zarr(out, consolidated=False)
+    assert on_disk.sizes["sample"] == 3 and on_disk.attrs["completed"] == ["p0000-s1", "p0000-s2"]
+    first = store_contents(out)[0]["attn_mass"][:2].copy()
+    writer = StoreWriter(out, on_disk.attrs["fingerprint"])  # what a resuming run opens: the partial sample goes
+    assert writer.completed == ["p0000-s1", "p0000-s2"]
+    assert xr.open_zarr(out, consolidated=False).sizes["sample"] == 2
+    written = []
+    real_write = StoreWriter.write
+    monkeypatch.setattr(StoreWriter, "write", lambda self, ds: (written.append(str(ds["sample"].values[0])),
+                                                                 real_write(self, ds)))
+    run_extract(config(out, prompts=PROMPTS, seeds=[1, 2]), log=quiet)
+    assert written == ["p0001-s1", "p0001-s2"]  # only the unfinished samples were recomputed
+    assert np.array_equal(store_contents(out)[0]["attn_mass"][:2], first, equal_nan=True)
+    assert_same_store(out, uninterrupted)
+    messages = []
+    run_extract(config(out, prompts=PROMPTS, seeds=[1, 2]), log=messages.append)  # nothing left to do
+    assert "nothing to do" in messages[0]
+
+
+def test_append_adds_samples_of_a_compatible_configuration(tmp_path, uninterrupted):
+    out = tmp_path / "appended.zarr"
+    run_extract(config(out, prompts=PROMPTS, seeds=[1]), log=quiet)
+    with pytest.raises(extract_mod.WorkbenchError, match="another configuration"):
+        run_extract(config(out, prompts=PROMPTS, seeds=[2], layers=[2]), log=quiet)
+    run_extract(config(out, prompts=PROMPTS, seeds=[2], mode="append"), log=quiet)
+    ds = open_store(out)
+    assert list(ds.sample.values) == ["p0000-s1", "p0001-s1", "p0000-s2", "p0001-s2"]
+    ref = open_store(uninterrupted)
+    for sid in ds.sample.values:
+        assert np.array_equal(ds.attn_mass.sel(sample=sid).values, ref.attn_mass.sel(sample=sid).values, equal_nan=True)
+
+
+# ------------------------------------------------------------------------------------------------------
+# torchrun
+
+
+def test_torchrun_two_cpu_processes_give_the_single_process_store(tmp_path):
+    """`python -m torch.distributed.run --nproc_per_node=2` (gloo): 3 samples dealt over 2 ranks, written by
+    rank 0 in the single-process order. Both runs use one thread per process (torchrun's default)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS + ["a steam train crossing a bridge"]) + "\n")
+    common = ["extract", "--layers", "1,4", "--prompts", str(prompts), "--seed", "7", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "workbench.cli", *common, "--out", str(tmp_path / "dist.zarr")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert dist.returncode == 0, dist.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-m", "workbench.cli", *common, "--out", str(tmp_path / "one.zarr")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert_same_store(tmp_path / "dist.zarr", tmp_path / "one.zarr")
+    assert list(open_store(tmp_path / "dist.zarr").sample.values) == ["p0000-s7", "p0001-s7", "p0002-s7"]
+    assert "wrote" in dist.stdout and dist.stdout.count("attention mass per head") == 1  # rank 0 reports once
+
+
+def test_torchrun_refuses_an_incompatible_store_on_every_rank(tmp_path):
+    """Rank 0's refusal reaches every rank (no rank left waiting in a collective)."""
+    out = tmp_path / "s.zarr"
+    run_extract(config(out, layers=[3]), log=quiet)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "workbench.cli", "extract", "--layer", "2", "--out", str(out), "--no-progress"],
+                       cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.count("was made with another configuration") == 2
+
+
+def test_each_rank_takes_its_own_gpu(monkeypatch):
+    """Under torchrun a bare 'cuda' means cuda:LOCAL_RANK (not every rank on GPU 0); explicit devices stay."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert extract_mod._rank_device("cuda", 2) == torch.device("cuda", 1)
+    assert extract_mod._rank_device("cuda:0", 2) == torch.device("cuda", 0)
+    assert extract_mod._rank_device("cuda", 1) == torch.device("cuda")
+    assert extract_mod._rank_device("cpu", 2) == torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Errors before work
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if extraction gets as far as loading weights."""
+    def refuse(*a, **kw):
+        raise AssertionError("weights were loaded before the request was validated")
+
+    monkeypatch.setattr(extract_mod, "load_wan", refuse)
+    monkeypatch.setattr(extract_mod, "sha256_file", refuse)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--layer", "6"], "layer [6] out of range: the model has layers 0-5"),
+    (["--layers", "0,7-8"], "layer [7, 8] out of range: the model has layers 0-5"),
+    (["--heads", "0,4"], "head [4] out of range: the model has heads 0-3"),
+    (["--stats", "attn_mass,attn_entropy"], "unknown statistic(s) ['attn_entropy']"),
+    (["--stats", ""], "no statistic to capture"),
+    (["--layers", "3-1"], "no layer selected"),
+    (["--steps", "5"], "step [5] out of range: the causal_few_step schedule has steps 0-4"),
+    (["--frames", "20"], "--frames 20 does not divide into chunks of 3"),
+    (["--frames", "24"], "more than the KV cache holds"),
+    (["--layers", "x"], "use a number, a range like 0-29"),
+    (["--stats", "attn_key_token"], "attn_key_token needs --token-layers"),
+])
+def test_bad_requests_fail_before_work(tmp_path, capsys, no_work, args, message):
+    assert cli_main(["extract", *args, "--out", str(tmp_path / "x.zarr"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("workbench extract: error: ") and message in err, err
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_empty_prompt_file_fails_before_work(tmp_path, capsys, no_work):
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n   \n\n")
+    assert cli_main(["extract", "--prompts", str(empty), "--out", str(tmp_path / "x.zarr")]) == 2
+    assert "has no prompts" in capsys.readouterr().err
+
+
+def test_incompatible_existing_store_fails_before_weights(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "s.zarr"
+    run_extract(config(out, layers=[3]), log=quiet)
+
+    def refuse(*a, **kw):
+        raise AssertionError("weights were loaded before the store was checked")
+
+    monkeypatch.setattr(extract_mod, "load_wan", refuse)
+    for args in (["--layer", "2"], ["--layer", "3", "--heads", "0,1"], ["--layer", "3", "--stats", "attn_mass"],
+                 ["--layer", "3", "--local-attn-size", "9"]):
+        assert cli_main(["extract", *args, "--out", str(out), "--no-progress"]) == 2
+        assert "was made with another configuration" in capsys.readouterr().err
+    not_a_store = tmp_path / "folder"
+    (not_a_store / "sub").mkdir(parents=True)
+    assert cli_main(["extract", "--layer", "3", "--out", str(not_a_store), "--no-progress"]) == 2
+    assert "is not a store" in capsys.readouterr().err
+    # the same request resumes (nothing to do) and --overwrite replaces
+    assert cli_main(["extract", "--layer", "3", "--out", str(out), "--no-progress"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_appending_runs_keep_the_creating_run_and_are_listed(tmp_path):
+    out = tmp_path / "s.zarr"
+    run_extract(ExtractConfig(layers=[0], steps=[0], prompts=["a"], seeds=[1], out=str(out), progress=False),
+                command=["first"], log=quiet)
+    run_extract(ExtractConfig(layers=[0], steps=[0], prompts=["a"], seeds=[1, 2], out=str(out), progress=False),
+                command=["second"], log=quiet)
+    attrs = xr.open_zarr(out, consolidated=False).attrs
+    assert attrs["command"] == "first" and [r["command"] for r in attrs["runs"]] == ["second"]
+    assert attrs["completed"] == ["p0000-s1", "p0000-s2"]

@@ -1,0 +1,93 @@
+"""The model under nnsight 0.8.1: the recipe of docs/nnsight.md runs as written and reproduces the store's
+attn_mass / attn_logit bitwise; the same holds for a windowed bfloat16 run, and wrapping changes no output.
+
+nnsight patches the process it is imported in (Tensor.backward, optional PYMOUNT), so every nnsight run here
+is a subprocess; the stores are made in-process by `workbench extract`.
+"""
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from workbench.cli import main as cli_main
+
+pytest.importorskip("nnsight")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(path: Path, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(path)], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_docs_recipe_runs_as_written(tmp_path, monkeypatch):
+    """Every ```python block of docs/nnsight.md, in order, as one file, after the ```bash block's command."""
+    doc = (REPO / "docs" / "nnsight.md").read_text()
+    (bash,) = re.findall(r"```bash\n(.*?)```", doc, re.S)
+    argv = bash.split()
+    assert argv[0] == "workbench"
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(argv[1:] + ["--no-progress"]) == 0
+    blocks = re.findall(r"```python\n(.*?)```", doc, re.S)
+    assert len(blocks) == 2
+    script = tmp_path / "recipe.py"
+    script.write_text("\n".join(blocks))
+    r = run_script(script, tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "nnsight reproduces runs/layer3.zarr exactly" in r.stdout
+    assert "agree with the store" in r.stdout
+
+
+CHECKS = textwrap.dedent('''
+    from workbench.nnsight_recipe import FrameMatrices, extract_rollout, import_nnsight
+
+    nnsight = import_nnsight()
+    import numpy as np
+    import torch
+
+    from workbench.extract import ExtractConfig
+    from workbench.store import open_store
+
+    assert not hasattr({}, "save")  # PYMOUNT is off
+    cfg = ExtractConfig(layers=[0, 4], local_attn_size=9, sink_size=3, dtype="bfloat16", prompts=PROMPTS, seeds=[5])
+    model, drive, forwards = extract_rollout(cfg, prompt_index=1)
+    plain = drive(5)
+    wrapped = nnsight.NNsight(model)
+    frames = {layer: FrameMatrices(num_frames=21, num_steps=5) for layer in (0, 4)}
+    with wrapped.trace(5, fn=drive) as tracer:
+        for _ in tracer.iter[:forwards]:
+            for layer in (0, 4):
+                q, k, v, call, _ = wrapped.blocks[layer].self_attn.attend.inputs[0]
+                frames[layer].add(call, q, k, v)
+        latents = nnsight.save(tracer.result)
+    assert forwards == 35
+    assert torch.equal(latents, plain)  # tracing changes nothing
+    assert torch.equal(drive(5), plain)  # nor does the wrapper outside a trace
+    store = open_store("w.zarr").sel(sample="p0001-s5")
+    for layer in (0, 4):
+        for name, values in frames[layer].arrays().items():
+            np.testing.assert_array_equal(values, store[name].sel(layer=layer).values)
+    # the comparison tells layers apart, and the window really evicted frames 3-11 for the last chunk
+    assert np.nanmax(np.abs(frames[0].arrays()["attn_mass"] - store.attn_mass.sel(layer=4).values)) > 1e-2
+    seen = ~np.isnan(frames[4].arrays()["attn_mass"][0, 0, 20])
+    assert np.flatnonzero(seen).tolist() == [0, 1, 2] + list(range(15, 21))
+    print("windowed bfloat16 layers 0 and 4 reproduced")
+''')
+
+
+def test_nnsight_reads_reproduce_a_windowed_bf16_store(tmp_path, monkeypatch):
+    prompts = ["a red fox running through fresh snow", "a small blue boat on a misty lake"]
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(prompts) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["extract", "--layers", "0,4", "--local-attn-size", "9", "--sink-size", "3", "--dtype",
+                     "bfloat16", "--prompts", str(prompt_file), "--seed", "5", "--out", "w.zarr", "--no-progress"]) == 0
+    script = tmp_path / "checks.py"
+    script.write_text(f"PROMPTS = {prompts!r}\n" + CHECKS)
+    r = run_script(script, tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "reproduced" in r.stdout

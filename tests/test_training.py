@@ -1,0 +1,300 @@
+"""The trainer on one CPU process (gloo, FSDP2) with tiny models: DMD and SiD steps, the generator / critic
+update ratio, EMA, bitwise resume, probes that leave training unchanged, checkpoints the inference code loads,
+ODE regression and diffusion training that lower their losses, and clear config errors (reference 4, 9.29)."""
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from models.checkpoint import build_model, load_tensors, load_wan, read_self_forcing, save_wan_folder
+from models.config import preset
+from models.rollout import causal_few_step
+from models.scheduler import FlowMatchScheduler
+from training import distributed as fsdp
+from training import rng
+from training.data import LatentDataset, PromptSource, synthetic_latents
+from training.errors import TrainingError
+from training.logger import read_losses
+from training.losses import diffusion_loss, ode_regression_loss
+from training.rollout import make_ode_pairs
+from training.text import HashTextEncoder
+from training.trainer import (SID_QUIRK, Models, Trainer, build_probes, check_config, check_files,
+                              load_train_config)
+
+PROMPTS = ["a cat on a sofa", "a red car", "waves at night", "a bird in the rain"]
+BASE = ["image_or_video_shape=[1,6,16,4,6]", "num_training_frames=6", "total_batch_size=1", "batch_size=1",
+        "device=cpu", "mixed_precision=false", "gradient_checkpointing=false", "generator_ckpt=unused.pt",
+        "lr=1e-3", "lr_critic=1e-3", "seed=7", "log_iters=1000", "negative_prompt=blurry"]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_models(kind="score_distillation", causal=True):
+    if kind == "score_distillation":
+        return Models(tiny_model(causal=True, seed=1), tiny_model(causal=False, seed=2), tiny_model(causal=False, seed=3))
+    return Models(tiny_model(causal=causal, seed=1))
+
+
+def make(tmp_path, *overrides, config="configs/self_forcing_dmd.yaml", models=None, data=None, probe=False,
+         resume=None):
+    cfg, sets_sid_alpha = load_train_config(config, BASE + list(overrides))
+    d = fsdp.setup("cpu")
+    plan = check_config(cfg, d.world, sets_sid_alpha=sets_sid_alpha)
+    models = models or tiny_models(plan.trainer, bool(cfg.causal))
+    probes = build_probes(cfg, plan, models.generator.config, tmp_path, weights_label="tiny",
+                          weights_sha="0") if probe else None
+    return Trainer(cfg, models, HashTextEncoder(16, 32), tmp_path, d=d, plan=plan,
+                   data=data or PromptSource(PROMPTS, 7), probes=probes, resume=resume, progress=False,
+                   log=lambda *_: None)
+
+
+def params(model) -> dict:
+    return {k: v.clone() for k, v in fsdp.full_state_dict(model).items()}
+
+
+def changed(a: dict, b: dict) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def losses(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+@pytest.mark.parametrize("loss", ["dmd", "sid"])
+def test_a_dmd_and_a_sid_step_change_the_generator(tmp_path, loss):
+    tr = make(tmp_path, f"distribution_loss={loss}")
+    g0, c0, t0 = params(tr.generator), params(tr.critic), params(tr.teacher)
+    logs = tr.iteration()
+    assert tr.plan.loss == loss and "generator_loss" in logs and "critic_loss" in logs
+    assert changed(g0, params(tr.generator)) and changed(c0, params(tr.critic))
+    assert not changed(t0, params(tr.teacher))  # the teacher is frozen
+    assert logs["generator_grad_norm"] > 0 and logs["exit_index"] in range(4)
+
+
+def test_generator_trains_every_ratio_steps_and_the_critic_every_step(tmp_path):
+    tr = make(tmp_path, "dfake_gen_update_ratio=3")
+    snaps, rows = [params(tr.generator)], []
+    crit = [params(tr.critic)]
+    for _ in range(6):
+        rows.append(tr.iteration())
+        snaps.append(params(tr.generator))
+        crit.append(params(tr.critic))
+    gen_steps = [i for i, r in enumerate(rows) if "generator_loss" in r]  # iterations 0 and 3 (step % 3 == 0)
+    assert gen_steps == [0, 3]
+    assert [changed(snaps[i], snaps[i + 1]) for i in range(6)] == [True, False, False, True, False, False]
+    assert all(changed(crit[i], crit[i + 1]) for i in range(6)) and all("critic_loss" in r for r in rows)
+    assert [r["step"] for r in tr.history] == [1, 2, 3, 4, 5, 6]  # the step counter after each iteration
+
+
+def test_ema_follows_its_formula(tmp_path):
+    tr = make(tmp_path, "dfake_gen_update_ratio=1", "ema_start_step=2", "ema_weight=0.9")
+    tr.iteration()
+    assert tr.ema is None  # step 1 < ema_start_step
+    tr.iteration()
+    p2 = params(tr.generator)
+    assert tr.ema is not None and all(torch.equal(tr.ema.full_state_dict()[k], p2[k]) for k in p2)  # made at step 2
+    tr.iteration()
+    p3 = params(tr.generator)
+    tr.iteration()
+    p4 = params(tr.generator)
+    ema = tr.ema.full_state_dict()
+    for k in p2:
+        expected = 0.9 * (0.9 * p2[k] + 0.1 * p3[k]) + 0.1 * p4[k]
+        torch.testing.assert_close(ema[k], expected, rtol=1e-6, atol=1e-7)
+    assert changed(p2, p4)
+
+
+def test_resumed_run_continues_identically(tmp_path):
+    """Resume from step 2 of 4: the same losses, grad norms and exit steps, and bitwise the same weights, EMA
+    and critic at step 4. (With seed 7 the generator's exit step is 0 for the first time at iteration 3, so
+    the cross-attention keys get their first gradient after the resume: parameters without optimiser state
+    at the checkpoint must stay without it.)"""
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    over = ["dfake_gen_update_ratio=1", "ema_start_step=1", "ema_weight=0.9", "log_iters=2", "total_batch_size=2"]
+    a = make(a_dir, *over)
+    a.train(4)
+    exits = [r["exit_index"] for r in a.history]
+    assert 0 not in exits[:2] and 0 in exits[2:]  # the case described above
+    shutil.copytree(a_dir / "checkpoint_model_000002", b_dir / "checkpoint_model_000002")
+    b = make(b_dir, *over, resume=b_dir / "checkpoint_model_000002")
+    assert b.step == 2 and b.ema is not None
+    b.train(4)
+    assert losses(b.history) == losses(a.history)[2:]  # bitwise: the same losses, grad norms, exit steps
+    fa, fb = load_tensors(a_dir / "checkpoint_model_000004" / "model.pt"), load_tensors(b_dir / "checkpoint_model_000004" / "model.pt")
+    assert sorted(fa) == sorted(fb) == ["critic", "generator", "generator_ema"]
+    for key in fa:
+        assert all(torch.equal(fa[key][k], fb[key][k]) for k in fa[key]), key
+    csv = read_losses(a_dir)
+    assert [r["step"] for r in csv] == [1, 2, 3, 4] and csv[0]["generator_loss"] == a.history[0]["generator_loss"]
+
+
+def test_probes_grow_the_store_and_leave_training_unchanged(tmp_path):
+    from workbench.store import open_store
+
+    probe = ["probe.every=2", "probe.prompts=[a cat on a sofa]", "probe.seeds=[0,1]", "probe.layers=[1]",
+             "dfake_gen_update_ratio=2"]
+    with_probe = make(tmp_path / "p", *probe, probe=True)
+    with_probe.train(4, save_at_end=False)
+    plain = make(tmp_path / "q", "dfake_gen_update_ratio=2")
+    plain.train(4, save_at_end=False)
+    assert losses(with_probe.history) == losses(plain.history)  # bitwise: probes do not change the loss curve
+    ds = open_store(tmp_path / "p" / "probes.zarr")
+    assert ds["train_step"].values.tolist() == [0, 2, 4]
+    assert ds.attn_mass.dims == ("train_step", "sample", "step", "layer", "head", "query_frame", "key_frame")
+    assert ds.sizes["sample"] == 2 and ds["layer"].values.tolist() == [1]
+    rows = ds.attn_mass.sum("key_frame", skipna=True).values
+    assert abs(rows - 1).max() < 1e-4  # attention mass rows sum to 1
+    first, last = ds.attn_mass.sel(train_step=0).values, ds.attn_mass.sel(train_step=4).values
+    assert abs(first - last)[~torch.isnan(torch.tensor(first)).numpy()].max() > 1e-6  # the generator changed
+    from training.study import attention_over_training, figure, table
+
+    a = attention_over_training(tmp_path / "p" / "probes.zarr")
+    assert a.frame0.dims == ("train_step", "layer", "head") and a.sizes["train_step"] == 3
+    total = (a.frame0 + a.own_chunk + a.earlier).values
+    assert abs(total - 1).max() < 1e-4  # the three regions partition each query's attention
+    assert "train_step" in table(tmp_path / "p" / "probes.zarr") and len(figure(tmp_path / "p" / "probes.zarr").data) > 0
+
+
+def test_probes_resume_with_the_run(tmp_path):
+    from workbench.store import open_store
+
+    over = ["probe.every=1", "probe.prompts=[a red car]", "probe.layers=[0]", "log_iters=2", "dfake_gen_update_ratio=1"]
+    a = make(tmp_path / "a", *over, probe=True)
+    a.train(4)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # a run that died after step 4 ...
+    b = make(tmp_path / "b", *over, probe=True, resume=tmp_path / "b" / "checkpoint_model_000002")  # ... resumed at 2
+    assert b.probes.writer.completed == [0, 1, 2]
+    b.train(4)
+    sa, sb = open_store(tmp_path / "a" / "probes.zarr"), open_store(tmp_path / "b" / "probes.zarr")
+    assert sb["train_step"].values.tolist() == [0, 1, 2, 3, 4]
+    assert (sa.attn_mass.fillna(-1) == sb.attn_mass.fillna(-1)).all()
+    assert [r["step"] for r in read_losses(tmp_path / "b")] == [1, 2, 3, 4]
+
+
+def test_checkpoints_load_in_the_inference_pipeline(tmp_path):
+    tr = make(tmp_path, "ema_start_step=1", "dfake_gen_update_ratio=1")
+    tr.train(2)
+    path = tmp_path / "checkpoint_model_000002" / "model.pt"
+    blob = load_tensors(path)
+    assert sorted(blob) == ["critic", "generator", "generator_ema"]
+    assert all(k.startswith("model.") for k in blob["generator"])
+    cfg = preset("tiny")
+    save_wan_folder(tmp_path / "wan", cfg, tiny_model(seed=9).state_dict())
+    s = FlowMatchScheduler(5.0)
+    noise = torch.randn(1, 6, 16, 4, 6, generator=torch.Generator().manual_seed(0))
+    for use_ema in (False, True):
+        model = load_wan(tmp_path / "wan", checkpoint=path, use_ema=use_ema, causal=True)
+        ref = read_self_forcing(path, "generator_ema" if use_ema else "generator")
+        assert all(torch.equal(model.state_dict()[k], ref[k]) for k in ref)
+        out = causal_few_step(model, noise, torch.randn(1, 16, 32), timesteps=s.warp([1000, 750, 500, 250]),
+                              scheduler=s)
+        assert torch.isfinite(out).all()
+    critic = build_model(cfg, read_self_forcing(path, "critic"), causal=False)
+    assert not critic.causal
+
+
+def test_ode_regression_on_teacher_pairs_reduces_its_loss(tmp_path):
+    teacher = tiny_model(causal=False, seed=4)
+    enc = HashTextEncoder(16, 32)
+    prompts = PROMPTS
+    pairs = make_ode_pairs(teacher, enc.encode(prompts).context, enc.encode(["blurry"]).context, shape=(6, 16, 4, 6),
+                           steps=12, shift=8.0, guidance_scale=6.0, keep=(0, 3, 6, 9), seed=0)
+    assert pairs.shape == (4, 5, 6, 16, 4, 6)
+    data = LatentDataset(prompts, pairs, "ode_pairs", seed=7)
+    tr = make(tmp_path, "trainer=ode", "total_batch_size=2", "lr=2e-3", data=data)
+    ctx = enc.encode(prompts).context
+
+    def eval_loss():
+        gens = [rng.generator(123, 0, "eval", i) for i in range(4)]
+        with torch.no_grad():
+            return float(ode_regression_loss(tr.generator, pairs, ctx, timesteps=tr.timesteps, scheduler=tr.scheduler,
+                                             gens=gens))
+
+    before = eval_loss()
+    tr.train(30, save_at_end=False)
+    after = eval_loss()
+    assert after < 0.7 * before, (before, after)
+
+
+def test_diffusion_trains_a_small_teacher(tmp_path):
+    prompts, latents = synthetic_latents(16, 6, 16, 4, 6, seed=0)
+    data = LatentDataset(prompts, latents, "latents", seed=7)
+    tr = make(tmp_path, "trainer=diffusion", "causal=false", "total_batch_size=4", "lr=3e-3", data=data)
+    assert not tr.generator.causal
+    ctx = HashTextEncoder(16, 32).encode(prompts).context
+    sched = FlowMatchScheduler(5.0)
+
+    def eval_loss():
+        gens = [rng.generator(321, 0, "eval", i) for i in range(16)]
+        with torch.no_grad():
+            return float(diffusion_loss(tr.generator, latents, ctx, scheduler=sched, gens=gens))
+
+    before = eval_loss()
+    tr.train(40, save_at_end=False)
+    after = eval_loss()
+    assert after < 0.7 * before, (before, after)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Config errors and the researchers' config quirks
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("distribution_loss: dmd\nlearning_rate: 1e-5\n")
+    with pytest.raises(TrainingError, match="learning_rate"):
+        load_train_config(bad)
+
+
+def test_missing_generator_ckpt_is_an_error_before_work(tmp_path):
+    cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", ["model_root=data", "model_kwargs.model_name=embedded",
+                                                                 "real_name=embedded", "fake_name=embedded"])
+    plan = check_config(cfg, 1)
+    with pytest.raises(TrainingError, match="checkpoints/ode_init.pt"):  # the shipped config's path, not present
+        check_files(cfg, plan)
+    cfg.generator_ckpt = None
+    with pytest.raises(TrainingError, match="generator_ckpt is not set"):
+        check_config(cfg, 1)
+
+
+def test_batch_that_does_not_divide_across_ranks():
+    cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", ["total_batch_size=3", "batch_size=1"])
+    assert check_config(cfg, 1).accum == 3
+    with pytest.raises(TrainingError, match=r"total_batch_size 3 does not divide into batch_size 1 x 2 rank"):
+        check_config(cfg, 2)
+    cfg, _ = load_train_config("configs/self_forcing_dmd.yaml")  # the shipped config: 64 = 8 ranks x 8 micro-batches
+    assert check_config(cfg, 8).accum == 8 and check_config(cfg, 1).accum == 64
+
+
+def test_shipped_configs_and_the_sid_quirks():
+    cfg, sets = load_train_config("configs/self_forcing_sid.yaml")
+    plan = check_config(cfg, 1, sets_sid_alpha=sets)
+    assert plan.loss == "dmd" and SID_QUIRK in plan.warnings  # trains DMD, as the researchers' code does
+    assert cfg.min_score_timestep == 0  # their SiD class never sets it: the default 0 here
+    cfg, sets = load_train_config("configs/self_forcing_sid.yaml", ["distribution_loss=sid"])
+    plan = check_config(cfg, 1, sets_sid_alpha=sets)
+    assert plan.loss == "sid" and not plan.warnings
+    cfg, sets = load_train_config("configs/self_forcing_dmd.yaml")
+    plan = check_config(cfg, 1, sets_sid_alpha=sets)
+    assert plan.loss == "dmd" and not plan.warnings
+    assert plan.timesteps.tolist() == pytest.approx([1000.0, 937.5, 833.3333, 625.0])
+    assert (cfg.dfake_gen_update_ratio, cfg.ema_weight, cfg.ema_start_step, cfg.beta1, cfg.beta2) == (5, 0.99, 200, 0.0, 0.999)
+    assert (cfg.max_grad_norm_generator, cfg.max_grad_norm_critic, cfg.guidance_scale) == (10.0, 10.0, 3.0)
+
+
+def test_sid_warning_reaches_the_user(tmp_path):
+    with pytest.warns(UserWarning, match="trains DMD"):
+        tr = make(tmp_path, config="configs/self_forcing_sid.yaml")
+    assert tr.plan.loss == "dmd"
+
+
+def test_unimplemented_options_are_refused():
+    for over, match in ((["trainer=gan"], "gan"), (["distribution_loss=causvid"], "causvid"),
+                        (["ts_schedule=true"], "ts_schedule"), (["num_training_frames=24"], "num_training_frames"),
+                        (["sharding_strategy=zero9"], "sharding_strategy"), (["loggers=[csv,mlflow]"], "mlflow")):
+        cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", over)
+        with pytest.raises(TrainingError, match=match):
+            check_config(cfg, 1)

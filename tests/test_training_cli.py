@@ -1,0 +1,112 @@
+"""`workbench train` end to end on the embedded toy model (data/embedded): ODE pairs from the teacher, ODE
+initialisation, DMD from that checkpoint with probes, resume; and the clear errors before any work."""
+
+import argparse
+
+import pytest
+import torch
+
+from models.embedded import EMBEDDED_DIR
+from training.errors import TrainingError
+
+FAST_ODE = ["ode_pairs.num_pairs=2", "ode_pairs.steps=8", "ode_pairs.keep=[0,2,4,6]", "device=cpu"]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def train(*argv):
+    from training.commands import register
+
+    parser = argparse.ArgumentParser(prog="workbench")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--no-progress", *map(str, argv)])
+    return args.func(args)
+
+
+def test_ode_then_dmd_with_probes_then_resume(tmp_path, capsys):
+    from models.checkpoint import load_wan
+    from models.rollout import causal_few_step
+    from models.scheduler import FlowMatchScheduler
+    from training.logger import read_losses
+    from workbench.store import open_store
+
+    pairs = tmp_path / "pairs.pt"
+    ode = ["--config", "configs/tiny_ode.yaml", "--logdir", tmp_path / "ode", "--set", f"data_path={pairs}",
+           "log_iters=2", *FAST_ODE]
+    assert train(*ode, "--make-ode-pairs") == 0
+    blob = torch.load(pairs, weights_only=True)
+    assert blob["kind"] == "ode_pairs" and blob["latents"].shape == (2, 5, 6, 16, 12, 16)
+    with pytest.raises(TrainingError, match="already exists"):
+        train(*ode, "--make-ode-pairs")
+    assert train(*ode, "--max-steps", 4) == 0
+    init = tmp_path / "ode" / "checkpoint_model_000004" / "model.pt"
+    assert sorted(torch.load(init, weights_only=True)) == ["generator"]
+
+    dmd = ["--config", "configs/tiny_dmd.yaml", "--logdir", tmp_path / "dmd", "--set", f"generator_ckpt={init}",
+           "dfake_gen_update_ratio=2", "ema_start_step=1", "log_iters=2", "probe.every=2", "probe.layers=[0]",
+           "device=cpu"]
+    assert train(*dmd, "--max-steps", 3) == 0
+    out = capsys.readouterr().out
+    assert "DMD training" in out and "attention across training" in out
+    rows = read_losses(tmp_path / "dmd")
+    assert [r["step"] for r in rows] == [1, 2, 3] and "generator_loss" in rows[0] and "generator_loss" not in rows[1]
+    ds = open_store(tmp_path / "dmd" / "probes.zarr")
+    assert ds["train_step"].values.tolist() == [0, 2] and ds["layer"].values.tolist() == [0]
+    with pytest.raises(TrainingError, match="--resume"):  # a logdir with checkpoints is not overwritten
+        train(*dmd, "--max-steps", 4)
+    assert train(*dmd, "--max-steps", 4, "--resume") == 0  # from the latest, step 3
+    assert [r["step"] for r in read_losses(tmp_path / "dmd")] == [1, 2, 3, 4]
+    assert open_store(tmp_path / "dmd" / "probes.zarr")["train_step"].values.tolist() == [0, 2, 4]
+    # the checkpoint loads in the inference pipeline, on the embedded Wan folder
+    ckpt = tmp_path / "dmd" / "checkpoint_model_000004" / "model.pt"
+    s = FlowMatchScheduler(5.0)
+    for use_ema in (False, True):
+        model = load_wan(EMBEDDED_DIR, checkpoint=ckpt, use_ema=use_ema)
+        video = causal_few_step(model, torch.randn(1, 6, 16, 12, 16), torch.randn(1, 512, 64),
+                                timesteps=s.warp([1000, 750, 500, 250]), scheduler=s)
+        assert torch.isfinite(video).all()
+
+
+def test_clear_errors_before_any_work(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: score_distillation\ndenoise_steps: [1000]\n")
+    with pytest.raises(TrainingError, match="denoise_steps"):
+        train("--config", bad, "--logdir", tmp_path / "x")
+    with pytest.raises(TrainingError, match=r"generator_ckpt 'missing/ode_init.pt' does not exist"):
+        train("--config", "configs/tiny_dmd.yaml", "--logdir", tmp_path / "x", "--set", "generator_ckpt=missing/ode_init.pt")
+    with pytest.raises(TrainingError, match=r"total_batch_size 3 does not divide into batch_size 2 x 1 rank"):
+        train("--config", "configs/tiny_dmd.yaml", "--logdir", tmp_path / "x", "--set", "total_batch_size=3",
+              "batch_size=2")
+    with pytest.raises(TrainingError, match="wan_models/Wan2.1-T2V-1.3B"):  # the shipped config, no model folders
+        train("--config", "configs/self_forcing_dmd.yaml", "--logdir", tmp_path / "x", "--set",
+              f"generator_ckpt={bad}", f"data_path={bad}")
+    with pytest.raises(TrainingError, match="probe layers"):
+        train("--config", "configs/tiny_ode.yaml", "--logdir", tmp_path / "y", "--set", f"data_path={bad}",
+              "probe.every=1", "probe.prompts=[x]", "probe.layers=[6]")
+    assert not (tmp_path / "x").exists()
+
+
+def test_help_teaches():
+    from training.commands import EPILOG, HELP, register
+
+    parser = argparse.ArgumentParser(prog="workbench")
+    register(parser.add_subparsers(dest="command"))
+    text = parser.format_help()
+    assert "train" in text and "Self-Forcing" in HELP
+    assert "--make-ode-pairs" in EPILOG and "torchrun" in EPILOG and "--resume" in EPILOG
+
+
+def test_benchmark_script_runs(tmp_path):
+    """bench/bench_train.py --tiny: the GPU benchmark's code path (random models, FSDP, forced exit steps,
+    self-check) on tiny models on the CPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "bench/bench_train.py", "--tiny", "--exits", "3", "0"], cwd=root,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "self-check: OK" in done.stdout and "| 3 |" in done.stdout and "| 0 |" in done.stdout

@@ -1,0 +1,101 @@
+"""`workbench train`: train a Self-Forcing model the way the released models were trained, with attention probes."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "train Self-Forcing models (ODE init, DMD, SiD) or a teacher (diffusion), probing attention on the way"
+
+EPILOG = """\
+The config is one of the researchers' YAMLs (configs/self_forcing_dmd.yaml, self_forcing_sid.yaml), read
+unchanged and merged onto configs/default_config.yaml; unknown keys are errors. Model folders are read from
+model_root/<name> (model_kwargs.model_name: the generator, real_name: the teacher, fake_name: the critic).
+
+examples:
+  # the whole recipe on a CPU in minutes, with the embedded toy model (data/embedded):
+  workbench train --config configs/tiny_ode.yaml --logdir runs/tiny_ode --make-ode-pairs   # teacher ODE pairs
+  workbench train --config configs/tiny_ode.yaml --logdir runs/tiny_ode                    # ODE init
+  workbench train --config configs/tiny_dmd.yaml --logdir runs/tiny_dmd                    # DMD, with probes
+  workbench train --config configs/tiny_teacher.yaml --logdir runs/tiny_teacher            # diffusion teacher
+
+  # the released recipe (Wan2.1 folders under wan_models/, 8 GPUs):
+  torchrun --nproc_per_node 8 -m workbench.cli train --config configs/self_forcing_dmd.yaml \\
+      --logdir runs/sf_dmd --set generator_ckpt=checkpoints/ode_init.pt probe.every=50 \\
+      'probe.prompts=[A majestic eagle soaring through a cloudy sky]' probe.layers=[0,15,29]
+
+  workbench train --config configs/tiny_dmd.yaml --logdir runs/tiny_dmd --resume    # continue the latest checkpoint
+
+what it writes (logdir): losses.csv (one row per step; also TensorBoard / wandb when asked for),
+checkpoint_model_{step:06d}/model.pt (generator, critic, generator_ema: the researchers' format, loadable by
+`workbench extract --checkpoint` and their inference.py) with training_state.pt beside it (for --resume),
+probes.zarr (the probe set's attention statistics along train_step; docs/store.md), config.yaml.
+Global batch total_batch_size = ranks x batch_size x gradient-accumulation steps.
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help=HELP, description=HELP, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, metavar="YAML", help="a training config (researchers' format)")
+    p.add_argument("--logdir", required=True, metavar="DIR", help="where checkpoints, losses and probes go")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. lr=1e-5 probe.every=10 (OmegaConf dot-list)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (default: the config's max_steps; "
+                                                 "0 = until interrupted)")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                   help="continue from a checkpoint folder (default: the latest in --logdir)")
+    p.add_argument("--device", help="cpu or cuda (default: the config's device, else cuda if available)")
+    p.add_argument("--tensorboard", action="store_true", help="also log to logdir/tensorboard")
+    p.add_argument("--wandb", action="store_true", help="also log to wandb (needs the wandb package)")
+    p.add_argument("--make-ode-pairs", action="store_true",
+                   help="instead of training: make ODE pairs with the teacher (real_name) into data_path")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from models.errors import ModelInputError
+    from training.errors import TrainingError
+
+    try:
+        return _run(args)
+    except TrainingError:
+        raise
+    except ModelInputError as err:  # missing files, bad checkpoints: one clear line (a WorkbenchError)
+        raise TrainingError(str(err)) from None
+
+
+def _run(args) -> int:
+    import torch.distributed as dist
+
+    from training.trainer import build_ode_pairs, build_trainer, describe, load_train_config
+
+    overrides = list(args.set)
+    if args.device:
+        overrides.append(f"device={args.device}")
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    cfg, sets_sid_alpha = load_train_config(args.config, overrides)
+    extra = [name for name, on in (("tensorboard", args.tensorboard), ("wandb", args.wandb)) if on]
+    if extra:
+        cfg.loggers = list(dict.fromkeys(list(cfg.loggers) + extra))
+    if args.make_ode_pairs:
+        build_ode_pairs(cfg, progress=not args.no_progress)
+        return 0
+    trainer = build_trainer(cfg, args.logdir, sets_sid_alpha=sets_sid_alpha, resume=args.resume,
+                            progress=not args.no_progress)
+    if trainer.d.main:
+        print(describe(trainer))
+    trainer.train()
+    trainer.close()
+    if trainer.d.main:
+        last = trainer.history[-1] if trainer.history else {}
+        print(f"step {trainer.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.endswith("_loss")))
+        print(f"losses: {trainer.logdir / 'losses.csv'}; checkpoint: {trainer.logdir}/checkpoint_model_{trainer.step:06d}")
+        if trainer.probes is not None and trainer.probes.path.exists():
+            from training.study import table
+
+            print(table(trainer.probes.path))
+    if dist.get_world_size() > 1:
+        trainer.d.barrier()
+    return 0

@@ -1,0 +1,156 @@
+"""Attention probes during training: a fixed probe set runs through the few-step rollout every N steps, and
+its extraction statistics are appended to a store along a `train_step` dim (docs/store.md, "Training probe
+stores").
+
+One probe = for each (prompt, seed) of the probe set, the rollout `workbench extract` runs (noise and
+re-noising from `torch.Generator().manual_seed(seed)`, the training's denoising steps and context noise) with
+`workbench.capture.StatsProbe` attached; the samples are built with `workbench.store.sample_dataset` and the
+whole probe is one append along `train_step`. Probes run under no_grad, draw only from their own generators,
+and restore the global RNG state (CPU and CUDA), so the training trajectory is bitwise unchanged. Under FSDP
+every rank runs the probe rollouts (the forwards are collective) and rank 0 writes.
+
+`ProbeStoreWriter` is `workbench.store.StoreWriter` appending along `train_step`: the train steps written are
+listed in the store's attrs (`completed_train_steps`) after their arrays; opening truncates a partial append
+and, when training resumes from step s, every probe after s (they will be recomputed, identically).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+
+from training.errors import TrainingError
+from workbench.errors import WorkbenchError
+from workbench.store import StoreLayout, StoreWriter, sample_dataset
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device):
+    """Restore the global CPU (and CUDA) RNG state on exit."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+class ProbeStoreWriter(StoreWriter):
+    """Appends one probe (all samples of one train step) at a time along `train_step`."""
+
+    def __init__(self, path, fingerprint: str):
+        try:
+            super().__init__(path, fingerprint, append_dim="train_step", completed_attr="completed_train_steps",
+                             hint="use a new logdir or remove it")
+        except TrainingError:
+            raise
+        except WorkbenchError as err:
+            raise TrainingError(str(err)) from err
+        self.completed = [int(s) for s in self.completed]
+
+    def keep_until(self, step: int) -> None:
+        """Drop the probes after train step `step` (a resumed run recomputes them)."""
+        self.keep_first(len([s for s in self.completed if s <= step]))
+
+
+class TrainingProbes:
+    """The probe set of a training run and its store."""
+
+    def __init__(self, *, spec, schedule, prompts: list[str], seeds: list[int], num_frames: int, latent_hw,
+                 channels: int, frame_seq_len: int, grid, text_len: int, nfpb: int, timesteps: torch.Tensor,
+                 scheduler, context_noise: float, every: int, path, attrs: dict, fingerprint: str,
+                 sample_meta: dict):
+        self.spec, self.schedule, self.prompts, self.seeds = spec, schedule, prompts, seeds
+        self.num_frames, self.latent_hw, self.channels = num_frames, tuple(latent_hw), channels
+        self.timesteps, self.scheduler, self.context_noise, self.every = timesteps, scheduler, context_noise, every
+        self.layout = StoreLayout(steps=[s for s in schedule if s.step in spec.steps], layers=list(spec.layers),
+                                  heads=list(spec.heads), token_layers=list(spec.token_layers), num_frames=num_frames,
+                                  num_frame_per_block=nfpb, frame_seq_len=frame_seq_len, grid=tuple(grid),
+                                  text_len=text_len, stats=list(spec.stats), attrs=attrs)
+        self.frame_seq_len, self.text_len = frame_seq_len, text_len
+        self.sample_meta = sample_meta
+        self.path, self.fingerprint = Path(path), fingerprint
+        self.writer: ProbeStoreWriter | None = None
+        self.embeddings = None
+
+    def open(self, main: bool, resume_step: int | None) -> None:
+        if main:
+            self.writer = ProbeStoreWriter(self.path, self.fingerprint)
+            if resume_step is not None:
+                self.writer.keep_until(resume_step)
+            elif self.writer.completed:
+                raise TrainingError(f"{self.path} already holds probes of an earlier run; use --resume or a new logdir")
+
+    def due(self, step: int, d) -> bool:
+        """Whether a probe runs at this step (the same answer on every rank)."""
+        if not self.every or step % self.every:
+            return False
+        done = [1 if (self.writer is not None and self.writer.done(step)) else 0]
+        return not d.broadcast_list(done)[0]
+
+    def run(self, model, step: int, prompt_cache, d, dtype) -> dict:
+        """Run the probe set on the (possibly sharded) causal model; rank 0 appends it. Returns a small summary."""
+        from models.rollout import causal_few_step
+        from workbench.capture import Geometry, StatsProbe
+        from workbench.hooks import attach
+
+        device = d.device
+        if self.embeddings is None:
+            self.embeddings = prompt_cache.embeddings(self.prompts)
+        F, (h, w) = self.num_frames, self.latent_hw
+        per_stat: dict[str, list] = {}
+        metas = []
+        with preserved_rng(device), torch.no_grad():
+            for i, prompt in enumerate(self.prompts):
+                context = self.embeddings.context[i : i + 1].to(device, dtype)
+                for seed in self.seeds:
+                    gen = torch.Generator(device=device).manual_seed(seed)
+                    noise = torch.randn((1, F, self.channels, h, w), generator=gen, device=device).to(dtype)
+                    geo = Geometry(batch=1, num_frames=F, frame_seq_len=self.frame_seq_len, text_len=self.text_len)
+                    probe = StatsProbe(self.spec, geo, device)
+                    with attach(model, probe):
+                        causal_few_step(model, noise, context, timesteps=self.timesteps, scheduler=self.scheduler,
+                                        context_noise=self.context_noise, generator=gen, cache_frames=F)
+                    for stat, values in probe.results().items():
+                        per_stat.setdefault(stat, []).append(values[0])
+                    metas.append(dict(self.sample_meta, prompt_index=i, seed=seed, prompt=prompt,
+                                      tokens=self.embeddings.tokens[i], num_tokens=self.embeddings.lengths[i]))
+        summary = {}
+        if self.writer is not None:
+            samples = [sample_dataset(self.layout, meta, {s: per_stat[s][j] for s in per_stat})
+                       for j, meta in enumerate(metas)]
+            ds = xr.concat(samples, dim="sample", data_vars="all", coords="different", compat="equals",
+                           combine_attrs="override")
+            ds = ds.expand_dims(train_step=np.array([step], dtype=np.int64))
+            for name in list(ds.data_vars):  # expand_dims puts train_step first for data variables only
+                ds[name].attrs = samples[0][name].attrs
+            ds.attrs.pop("completed", None)
+            self.writer.write(ds, step)
+            if "attn_mass" in per_stat:
+                summary = mass_summary(np.stack(per_stat["attn_mass"]), self.layout)
+        return summary
+
+
+def mass_summary(mass: np.ndarray, layout: StoreLayout) -> dict:
+    """Mean attention mass on frame 0, on the query's own chunk, and on the other earlier frames, over
+    samples, captured denoising steps, layers, heads and query frames after the first chunk (as
+    `training.study`). mass [N, S, L, H, F, F]."""
+    F = layout.num_frames
+    chunk = layout.chunk_of(np.arange(F))
+    rows = chunk > 0 if (chunk > 0).any() else np.ones(F, bool)
+    own = chunk[:, None] == chunk[None, :]
+    denoise = np.array([s.phase == "denoise" for s in layout.steps])
+    if not denoise.any():
+        return {}
+    m = np.nan_to_num(mass)[:, denoise][..., rows, :]
+    first = m[..., 0].mean()
+    own_mass = (m * own[rows][None, None, None, None]).sum(-1).mean()
+    total = m.sum(-1).mean()
+    return {"probe_mass_frame0": float(first), "probe_mass_own_chunk": float(own_mass),
+            "probe_mass_rest": float(total - own_mass - first)}

@@ -1,0 +1,115 @@
+"""The Self-Forcing training rollout (reference 4.1) and ODE-pair generation with the bidirectional sampler.
+
+Training rollout, for each chunk of `num_frame_per_block` frames (latents [B, F, C, H, W]):
+
+    x = the chunk's noise
+    for k, t_k in enumerate(denoising steps):               # warped: 1000, 937.5, 833.3, 625
+        if k < exit:   no_grad:  x0 = G(x, t_k); x = add_noise(x0, fresh noise, t_{k+1})
+        else:          grad:     x0 = G(x, t_k); break      # the exit step: the only forward with gradient
+    output[chunk] = x0
+    no_grad: G(add_noise(x0, fresh noise, context_noise), context_noise)   # context pass, refreshes the cache
+
+The exit index is drawn once per rollout (rank 0, broadcast) and shared by every chunk
+(`same_step_across_blocks`), or one per chunk. Gradient reaches only the exit-step forwards: earlier steps and
+context passes run under no_grad, and the exit forward sees the KV cache through `models.kv_cache.GradWindow`
+(the cached context carries no gradient). The cross-attention keys/values are computed by the first forward
+and reused, as in the researchers' code: they carry gradient only when that first forward is an exit step.
+`add_noise` at context_noise 0 snaps to the grid's last timestep (4.98), so the context pass sees a tiny noise
+that inference does not, as in the researchers' pipeline.
+
+All re-noising draws come from per-sample generators (`training.rng`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.attention import ForwardLabels
+from models.kv_cache import RolloutCache
+from models.rollout import _from_model, _to_model, bidirectional, check_causal_geometry
+from models.scheduler import FlowMatchScheduler
+from training import rng
+
+
+def frame_seq_len(model, latents: torch.Tensor) -> int:
+    _, ph, pw = model.config.patch_size
+    return (latents.shape[-2] // ph) * (latents.shape[-1] // pw)
+
+
+def self_forcing_rollout(generator, noise: torch.Tensor, context: torch.Tensor, *, timesteps: torch.Tensor,
+                         scheduler: FlowMatchScheduler, exit_indices: list[int], gens: list[torch.Generator],
+                         context_noise: float = 0.0, grad: bool = True):
+    """noise [B, F, C, H, W], context [B, text_len, text_dim] -> x0 [B, F, C, H, W].
+
+    exit_indices: one index into `timesteps` for every chunk (all equal when shared across chunks).
+    gens: one generator per sample (re-noising and context-noise draws). With grad=False nothing has gradient."""
+    B, Fr = noise.shape[:2]
+    n = generator.num_frame_per_block
+    check_causal_geometry(generator, Fr, Fr)
+    if len(exit_indices) != Fr // n:
+        raise ValueError(f"{len(exit_indices)} exit indices for {Fr // n} chunks")
+    device, dtype = noise.device, noise.dtype
+    cache = RolloutCache.allocate(generator.config, B, Fr, frame_seq_len(generator, noise), dtype=dtype, device=device)
+    steps = [float(t) for t in timesteps.tolist()]
+    outputs = []
+    for chunk in range(Fr // n):
+        start, exit_k = chunk * n, exit_indices[chunk]
+        x = noise[:, start : start + n]
+        for k, t_k in enumerate(steps):
+            t = torch.full((B, n), t_k, device=device, dtype=torch.float32)
+            labels = ForwardLabels(step=k, timestep=t_k, chunk=chunk, phase="train" if k == exit_k else "denoise",
+                                   denoise_index=k)
+            with torch.set_grad_enabled(grad and k == exit_k):
+                flow = _from_model(generator(_to_model(x), t, context, cache=cache, start_frame=start, labels=labels))
+                x0 = scheduler.x0_from_flow(flow, x, t)
+            if k == exit_k:
+                break
+            with torch.no_grad():
+                fresh = rng.randn(gens, x0.shape[1:], device=device, dtype=dtype)
+                x = scheduler.add_noise(x0, fresh, torch.full((B, n), steps[k + 1], device=device))
+        outputs.append(x0)
+        with torch.no_grad():  # the context pass: rewrites this chunk's cache slots from the (re-noised) x0
+            fresh = rng.randn(gens, x0.shape[1:], device=device, dtype=dtype)
+            t = torch.full((B, n), float(context_noise), device=device, dtype=torch.float32)
+            clean = scheduler.add_noise(x0.detach(), fresh, t)
+            labels = ForwardLabels(step=len(steps), timestep=float(context_noise), chunk=chunk, phase="context",
+                                   denoise_index=-1)
+            generator(_to_model(clean), t, context, cache=cache, start_frame=start, labels=labels)
+    return torch.cat(outputs, dim=1)
+
+
+def draw_exit_indices(seed: int, step: int, stream: str, num_chunks: int, num_steps: int, *, shared: bool,
+                      last_step_only: bool) -> list[int]:
+    """The exit step of every chunk: uniform over the denoising steps (the last one with last_step_only), one
+    draw shared by all chunks when `shared`. Callers broadcast the result from rank 0."""
+    g = rng.generator(seed, step, stream)
+    draws = torch.randint(0, num_steps, (num_chunks,), generator=g).tolist()
+    if last_step_only:
+        draws = [num_steps - 1] * num_chunks
+    return [draws[0]] * num_chunks if shared else draws
+
+
+# ------------------------------------------------------------------------------------------------------
+# ODE pairs (researchers' scripts/generate_ode_pairs.py; CausVid 4.3)
+
+
+@torch.no_grad()
+def make_ode_pairs(teacher, contexts: torch.Tensor, negative: torch.Tensor, *, shape, steps: int = 48,
+                   shift: float = 8.0, guidance_scale: float = 6.0, keep=(0, 12, 24, 36), seed: int = 0,
+                   first_index: int = 0, on_forward=None) -> torch.Tensor:
+    """Trajectories of the bidirectional teacher: Euler on the shift-`shift` grid with CFG (v = v_u + g (v_c - v_u)).
+
+    contexts [N, text_len, text_dim], negative [1, text_len, text_dim], shape = (F, C, H, W) of one latent.
+    Returns [N, len(keep) + 1, F, C, H, W]: the latents before the steps `keep`, then the final clean latent.
+    Pair i's noise is drawn from the generator keyed (seed, "ode_pairs", first_index + i)."""
+    if teacher.causal:
+        raise ValueError("ODE pairs come from the bidirectional teacher (causal=False)")
+    out = []
+    for i in range(contexts.shape[0]):
+        g = rng.generator(seed, 0, "ode_pairs", first_index + i, device=contexts.device)
+        noise = torch.randn((1, *shape), generator=g, device=contexts.device).to(contexts.dtype)
+        final, trajectory = bidirectional(teacher, noise, contexts[i : i + 1], negative, steps=steps, shift=shift,
+                                          guidance_scale=guidance_scale, solver="euler", on_forward=on_forward,
+                                          return_trajectory=list(keep))
+        out.append(torch.stack(trajectory + [final], dim=1)[0])
+    return torch.stack(out)

@@ -1,0 +1,734 @@
+"""The training loop: Self-Forcing score distillation (DMD or SiD), ODE regression and diffusion training.
+
+    check_config(cfg, world) --> Plan (every config error, before any work)
+    build_trainer(cfg, logdir) --> models from `model_root/<name>` (+ generator_ckpt), text encoder --> Trainer
+    Trainer.train()            --> steps, logs, checkpoints, probes
+
+Score distillation (the researchers' `trainer/distillation.py`, reference 4.7), one iteration at `step`:
+
+    if step % dfake_gen_update_ratio == 0:          # generator: rollout with gradient at the exit step + DMD/SiD
+        zero grads; for each micro-batch: loss / accum -> backward; clip; AdamW step; EMA update
+    zero grads; for each micro-batch: no-grad rollout + critic flow loss / accum -> backward; clip; AdamW step
+    step += 1; create the EMA once step >= ema_start_step; save every log_iters; log; probe every probe.every
+
+ODE regression and diffusion training run one generator update per step. Gradient accumulation: the global
+batch `total_batch_size` is split into `accum = total_batch_size / (batch_size * world)` micro-batches per rank
+(the gradient reduce-scatter runs on the last one only). Micro-batch m of rank r holds the samples with
+global indices (m * world + r) * batch_size + j; every random draw is keyed by step, purpose and global index
+(`training.rng`), so the result does not depend on how the batch is split. The exit step of a rollout is one
+draw per step, made on rank 0 and broadcast.
+
+Checkpoints: `logdir/checkpoint_model_{step:06d}/model.pt` in the researchers' format (`generator`, `critic`,
+`generator_ema` once step > ema_start_step; keys `model.`-prefixed) and `training_state.pt` beside it (step,
+seed, optimiser states) for `--resume`. A resumed run continues exactly as the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from models.scheduler import FlowMatchScheduler
+from training import distributed as fsdp
+from training import rng
+from training.data import LatentDataset, PromptSource, synthetic_latents
+from training.ema import EMA
+from training.errors import TrainingError
+from training.losses import (critic_flow_loss, diffusion_loss, dmd_loss, ode_regression_loss, score_timestep,
+                             sid_loss)
+from training.rollout import draw_exit_indices, self_forcing_rollout
+
+TRAINERS = ("score_distillation", "ode", "diffusion")
+SID_QUIRK = ("the config sets sid_alpha but distribution_loss is 'dmd' (as the researchers' shipped "
+             "self_forcing_sid.yaml does): like their trainer, this run trains DMD, with the SiD config's teacher "
+             "and learning rates. Set distribution_loss: sid to train SiD.")
+
+
+@dataclass
+class Plan:
+    """What the config asks for, checked and resolved."""
+
+    trainer: str  # score_distillation | ode | diffusion
+    loss: str  # dmd | sid | ode | diffusion
+    world: int
+    accum: int  # micro-batches per rank per optimiser step
+    shape: tuple[int, int, int, int]  # one latent: F, C, H, W
+    nfpb: int
+    timesteps: torch.Tensor  # the (warped) denoising steps, float32
+    warnings: list[str]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Config checks
+
+
+def load_train_config(path, overrides: list[str] | None = None):
+    """The YAML merged onto configs/default_config.yaml and the schema (models.sf_config), as TrainingErrors."""
+    from models.errors import ModelInputError
+    from models.sf_config import load_config
+
+    try:
+        cfg = load_config(path, overrides=overrides)
+    except ModelInputError as err:
+        raise TrainingError(str(err)) from None
+    raw = OmegaConf.load(path)
+    sets_sid_alpha = "sid_alpha" in raw or any(o.split("=")[0].strip() == "sid_alpha" for o in overrides or [])
+    return cfg, sets_sid_alpha
+
+
+def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
+    """Every error a config can have that needs no files, before any work starts."""
+    notes = []
+    if cfg.trainer not in TRAINERS:
+        raise TrainingError(f"trainer {cfg.trainer!r}; this workbench trains {list(TRAINERS)} "
+                            "(gan needs real latents and is not implemented)")
+    if cfg.trainer == "score_distillation":
+        if cfg.distribution_loss not in ("dmd", "sid"):
+            raise TrainingError(f"distribution_loss {cfg.distribution_loss!r}; use 'dmd' or 'sid' "
+                                "(causvid is not implemented)")
+        loss = cfg.distribution_loss
+        if loss == "dmd" and sets_sid_alpha:
+            notes.append(SID_QUIRK)
+        if not 0 <= cfg.min_score_timestep < cfg.num_train_timestep:
+            raise TrainingError(f"min_score_timestep {cfg.min_score_timestep} must lie in [0, {cfg.num_train_timestep})")
+        if cfg.dfake_gen_update_ratio < 1:
+            raise TrainingError(f"dfake_gen_update_ratio {cfg.dfake_gen_update_ratio} must be >= 1")
+        if not cfg.generator_ckpt:
+            raise TrainingError("generator_ckpt is not set: DMD/SiD start from an ODE-initialised generator "
+                                "(a Self-Forcing .pt with a 'generator' or 'model' entry)")
+    else:
+        loss = cfg.trainer
+    if cfg.denoising_loss_type != "flow":
+        raise TrainingError(f"denoising_loss_type {cfg.denoising_loss_type!r}: only 'flow' is implemented")
+    for key, allowed in (("ts_schedule", False), ("independent_first_frame", False), ("i2v", False)):
+        if bool(cfg[key]) != allowed:
+            raise TrainingError(f"{key}: {cfg[key]} is not implemented (the released configs use {allowed})")
+    shape = list(cfg.image_or_video_shape)
+    if len(shape) != 5:
+        raise TrainingError(f"image_or_video_shape {shape} must be [batch, frames, channels, height, width]")
+    _, frames, channels, height, width = shape
+    nfpb = cfg.num_frame_per_block
+    if cfg.num_training_frames != frames:
+        raise TrainingError(f"num_training_frames {cfg.num_training_frames} differs from image_or_video_shape's "
+                            f"{frames} frames; generating more frames than are trained on (VAE re-encoding) is "
+                            "not implemented")
+    if (cfg.trainer != "diffusion" or cfg.causal) and frames % nfpb:
+        raise TrainingError(f"{frames} latent frames do not divide into chunks of num_frame_per_block {nfpb}")
+    per_step = cfg.batch_size * world
+    if cfg.batch_size < 1 or cfg.total_batch_size < 1 or cfg.total_batch_size % per_step:
+        raise TrainingError(f"total_batch_size {cfg.total_batch_size} does not divide into batch_size "
+                            f"{cfg.batch_size} x {world} rank(s); use a multiple of {per_step}")
+    accum = cfg.total_batch_size // per_step
+    if cfg.log_iters < 1:
+        raise TrainingError(f"log_iters {cfg.log_iters} must be >= 1")
+    if cfg.max_steps < 0:
+        raise TrainingError(f"max_steps {cfg.max_steps} must be >= 0 (0: until interrupted)")
+    if cfg.ema_weight < 0 or cfg.ema_weight >= 1:
+        raise TrainingError(f"ema_weight {cfg.ema_weight} must lie in [0, 1) (0: no EMA)")
+    fsdp.check_strategies(cfg)
+    from training.logger import check_loggers
+
+    check_loggers(list(cfg.loggers))
+    scheduler = FlowMatchScheduler(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep)
+    try:
+        if cfg.warp_denoising_step:
+            timesteps = scheduler.warp(list(cfg.denoising_step_list))
+        else:
+            timesteps = torch.tensor(list(cfg.denoising_step_list), dtype=torch.float32)
+    except Exception as err:
+        raise TrainingError(f"denoising_step_list: {err}") from None
+    if len(timesteps) == 0:
+        raise TrainingError("denoising_step_list is empty")
+    if cfg.trainer == "score_distillation" and float(timesteps[-1]) == 0:
+        timesteps = timesteps[:-1]  # the training pipeline drops a trailing 0
+    return Plan(cfg.trainer, loss, world, accum, (frames, channels, height, width), nfpb, timesteps, notes)
+
+
+def model_folder(cfg, name: str) -> Path:
+    folder = Path(cfg.model_root) / name
+    if not (folder / "config.json").is_file():
+        raise TrainingError(f"model folder {str(folder)!r} (model_root {cfg.model_root!r} / {name!r}) has no "
+                            "config.json; set model_root to where the Wan folders live")
+    return folder
+
+
+def check_files(cfg, plan: Plan) -> None:
+    """Model folders, generator_ckpt and data files exist (before any weights are read)."""
+    model_folder(cfg, cfg.model_kwargs.model_name)
+    if plan.trainer == "score_distillation":
+        model_folder(cfg, cfg.real_name)
+        model_folder(cfg, cfg.fake_name)
+    if cfg.generator_ckpt and not Path(cfg.generator_ckpt).is_file():
+        raise TrainingError(f"generator_ckpt {cfg.generator_ckpt!r} does not exist (a Self-Forcing .pt with a "
+                            "'generator' or 'model' entry, e.g. the output of ODE regression)")
+    if plan.trainer == "ode" and not Path(cfg.data_path).is_file():
+        raise TrainingError(f"data_path {cfg.data_path!r} (ODE pairs) does not exist; make it with "
+                            "`workbench train --config CONFIG --make-ode-pairs`")
+    if plan.trainer == "diffusion" and cfg.data_path != "synthetic" and not Path(cfg.data_path).is_file():
+        raise TrainingError(f"data_path {cfg.data_path!r} does not exist (a latent dataset .pt, or 'synthetic')")
+    if plan.trainer == "score_distillation" and not Path(cfg.data_path).is_file():
+        raise TrainingError(f"data_path {cfg.data_path!r} (the prompt file) does not exist")
+
+
+# ------------------------------------------------------------------------------------------------------
+# The trainer
+
+
+@dataclass
+class Models:
+    generator: torch.nn.Module  # causal for score distillation and ODE; any for diffusion
+    critic: torch.nn.Module | None = None  # the fake score (bidirectional), trained
+    teacher: torch.nn.Module | None = None  # the real score (bidirectional), frozen
+
+
+class Trainer:
+    def __init__(self, cfg, models: Models, encoder, logdir, *, d: fsdp.Dist, plan: Plan, data=None,
+                 probes=None, resume: str | Path | None = None, log=print, progress: bool = True,
+                 seed: int | None = None):
+        self.cfg, self.plan, self.d, self.log, self.progress = cfg, plan, d, log, progress
+        self.logdir = Path(logdir)
+        self.device = d.device
+        self.dtype = torch.bfloat16 if (cfg.mixed_precision and self.device.type == "cuda") else torch.float32
+        self.scheduler = FlowMatchScheduler(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep)
+        self.timesteps = plan.timesteps
+        self._check_models(models)
+        from training.text import PromptCache
+
+        self.encode = PromptCache(encoder, self.device, self.dtype)
+        self.data = data
+        self.seed = self._resolve_seed(seed if seed is not None else cfg.seed)
+        for m in (models.generator, models.critic, models.teacher):
+            if m is not None:
+                m.eval()  # no dropout anywhere (the researchers train in eval mode)
+                m.gradient_checkpointing = bool(cfg.gradient_checkpointing)
+        models.generator.requires_grad_(True)
+        if models.critic is not None:
+            models.critic.requires_grad_(True)
+        if models.teacher is not None:
+            models.teacher.requires_grad_(False)
+        mp = bool(cfg.mixed_precision)
+        self.generator = fsdp.shard(models.generator, d, mixed_precision=mp)
+        self.critic = fsdp.shard(models.critic, d, mixed_precision=mp) if models.critic is not None else None
+        self.teacher = fsdp.shard(models.teacher, d, mixed_precision=mp) if models.teacher is not None else None
+        # the parameters as the optimiser holds them: FSDP's sharded parameters (a no-grad forward leaves the
+        # root's gathered copies registered on the module until the next backward)
+        self.gen_params = [(n, p) for n, p in self.generator.named_parameters() if p.requires_grad]
+        self.gen_opt = torch.optim.AdamW([p for _, p in self.gen_params], lr=cfg.lr,
+                                         betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        self.critic_opt, self.critic_params = None, []
+        if self.critic is not None:
+            self.critic_params = [(n, p) for n, p in self.critic.named_parameters() if p.requires_grad]
+            self.critic_opt = torch.optim.AdamW([p for _, p in self.critic_params],
+                                                lr=cfg.lr_critic, betas=(cfg.beta1_critic, cfg.beta2_critic),
+                                                weight_decay=cfg.weight_decay)
+        self.ema: EMA | None = None
+        self.step = 0
+        self.last_saved = None
+        self.history: list[dict] = []  # every logged row (all ranks), for tests and notebooks
+        resume_step = None
+        if resume is not None:
+            resume_step = self.resume(resume)
+        self.uncond = None
+        self.logger = None
+        if d.main:
+            from training.logger import Logger
+
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            self.logger = Logger(self.logdir, list(cfg.loggers), resume_step=resume_step, config=cfg,
+                                 run_name=self.logdir.name)
+            (self.logdir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        self.probes = probes
+        if probes is not None:
+            probes.open(d.main, resume_step)
+        for note in plan.warnings:
+            warnings.warn(note, stacklevel=2)
+            if d.main:
+                log(f"warning: {note}")
+
+    # --- setup helpers ------------------------------------------------------------------------------------
+
+    def _check_models(self, models: Models) -> None:
+        F, C, H, W = self.plan.shape
+        g = models.generator
+        if g.config.in_dim != C:
+            raise TrainingError(f"image_or_video_shape has {C} channels; the model takes {g.config.in_dim}")
+        _, ph, pw = g.config.patch_size
+        if H % ph or W % pw:
+            raise TrainingError(f"latent {H}x{W} is not divisible by the patch size {ph}x{pw}")
+        if self.plan.trainer in ("score_distillation", "ode"):
+            if not g.causal:
+                raise TrainingError("the generator must be the causal model")
+            if g.num_frame_per_block != self.plan.nfpb:
+                raise TrainingError(f"generator chunks of {g.num_frame_per_block} frames, config "
+                                    f"num_frame_per_block {self.plan.nfpb}")
+        if self.plan.trainer == "score_distillation":
+            for name, m in (("critic (fake_name)", models.critic), ("teacher (real_name)", models.teacher)):
+                if m is None:
+                    raise TrainingError(f"score distillation needs a {name} model")
+                if m.causal:
+                    raise TrainingError(f"the {name} is a bidirectional model (causal=False)")
+                if m.config.text_dim != g.config.text_dim or m.config.in_dim != g.config.in_dim:
+                    raise TrainingError(f"the {name} takes other inputs than the generator")
+
+    def _resolve_seed(self, seed: int) -> int:
+        """seed 0 means a random seed drawn on rank 0 (the researchers' convention), logged and checkpointed."""
+        if seed == 0:
+            seed = int(torch.randint(1, 10_000_000, (1,)))
+        return self.d.broadcast_list([seed])[0]
+
+    def negative(self, batch: int) -> torch.Tensor:
+        if self.uncond is None:
+            self.uncond = self.encode([self.cfg.negative_prompt])
+        return self.uncond.expand(batch, -1, -1)
+
+    def micro_indices(self, m: int) -> list[int]:
+        """Global sample indices (within one step's global batch) of micro-batch m on this rank."""
+        bs = self.cfg.batch_size
+        first = (m * self.d.world + self.d.rank) * bs
+        return list(range(first, first + bs))
+
+    def noise(self, gens) -> torch.Tensor:
+        return rng.randn(gens, self.plan.shape, device=self.device, dtype=self.dtype)
+
+    def exit_indices(self, stream: str) -> list[int]:
+        n_chunks = self.plan.shape[0] // self.plan.nfpb
+        draws = draw_exit_indices(self.seed, self.step, stream, n_chunks, len(self.timesteps),
+                                  shared=self.cfg.same_step_across_blocks, last_step_only=self.cfg.last_step_only)
+        return self.d.broadcast_list(draws)  # the researchers draw on rank 0 and broadcast
+
+    def rollout(self, prompts, indices, stream: str, grad: bool) -> torch.Tensor:
+        gens = rng.sample_generators(self.seed, self.step, f"{stream}/rollout", indices, self.device)
+        exits = self.exit_indices(f"{stream}/exit")
+        self._last_exit = exits[0]
+        return self_forcing_rollout(self.generator, self.noise(gens), self.encode(prompts), timesteps=self.timesteps,
+                                    scheduler=self.scheduler, exit_indices=exits, gens=gens,
+                                    context_noise=float(self.cfg.context_noise), grad=grad)
+
+    def score_draws(self, indices, stream: str):
+        gens = rng.sample_generators(self.seed, self.step, f"{stream}/score", indices, self.device)
+        t = score_timestep(gens, self.plan.shape[0], min_timestep=int(self.cfg.min_score_timestep),
+                           num_train_timestep=self.cfg.num_train_timestep, shift=self.cfg.timestep_shift,
+                           device=self.device)
+        return t, self.noise(gens)
+
+    def prompts_for(self, role: int, indices) -> list[str]:
+        """role 0: generator batch, 1: critic batch (each step reads two batches, as the researchers' loop)."""
+        total = self.cfg.total_batch_size
+        return self.data.batch([(2 * self.step + role) * total + i for i in indices])
+
+    # --- losses of one micro-batch --------------------------------------------------------------------------
+
+    def generator_loss(self, m: int):
+        idx = self.micro_indices(m)
+        prompts = self.prompts_for(0, idx)
+        x = self.rollout(prompts, idx, "gen", grad=True)
+        t, noise = self.score_draws(idx, "gen")
+        cond, uncond = self.encode(prompts), self.negative(len(idx))
+        g = self.cfg.real_guidance_scale if self.cfg.real_guidance_scale is not None else self.cfg.guidance_scale
+        if self.plan.loss == "sid":
+            return sid_loss(x, teacher=self.teacher, critic=self.critic, cond=cond, uncond=uncond,
+                            scheduler=self.scheduler, t=t, noise=noise, guidance_scale=g, alpha=self.cfg.sid_alpha)
+        return dmd_loss(x, teacher=self.teacher, critic=self.critic, cond=cond, uncond=uncond,
+                        scheduler=self.scheduler, t=t, noise=noise, guidance_scale=g,
+                        fake_guidance_scale=self.cfg.fake_guidance_scale)
+
+    def critic_loss(self, m: int):
+        idx = self.micro_indices(m)
+        prompts = self.prompts_for(1, idx)
+        with torch.no_grad():
+            x = self.rollout(prompts, idx, "critic", grad=False)
+        t, noise = self.score_draws(idx, "critic")
+        loss = critic_flow_loss(x, critic=self.critic, cond=self.encode(prompts), scheduler=self.scheduler, t=t,
+                                noise=noise)
+        return loss, {"critic_timestep": t[:, 0].mean().detach()}
+
+    def regression_loss(self, m: int):
+        idx = self.micro_indices(m)
+        global_idx = [self.step * self.cfg.total_batch_size + i for i in idx]
+        prompts, latents = self.data.batch(global_idx)
+        gens = rng.sample_generators(self.seed, self.step, self.plan.loss, idx, self.device)
+        latents = latents.to(self.device, self.dtype)
+        if self.plan.loss == "ode":
+            loss = ode_regression_loss(self.generator, latents, self.encode(prompts), timesteps=self.timesteps,
+                                       scheduler=self.scheduler, gens=gens)
+        else:
+            loss = diffusion_loss(self.generator, latents, self.encode(prompts), scheduler=self.scheduler, gens=gens)
+        return loss, {}
+
+    # --- one optimiser update ----------------------------------------------------------------------------------
+
+    def update(self, model, optimizer, loss_fn, max_norm: float, prefix: str) -> dict:
+        """Accumulate `accum` micro-batches, clip, step. Returns logged values (means over micro-batches and ranks)."""
+        optimizer.zero_grad(set_to_none=True)
+        accum = self.plan.accum
+        total, extras = 0.0, {}
+        for m in range(accum):
+            fsdp.set_gradient_sync(model, m == accum - 1)
+            loss, logs = loss_fn(m)
+            (loss / accum).backward()
+            total += float(loss.detach()) / accum
+            for k, v in logs.items():
+                extras[k] = extras.get(k, 0.0) + float(v) / accum
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        optimizer.step()
+        out = {f"{prefix}_loss": self.d.mean(total), f"{prefix}_grad_norm": float(fsdp.full_tensor(norm))}
+        out.update({k: self.d.mean(v) for k, v in extras.items()})
+        return out
+
+    def train_step(self) -> dict:
+        """One iteration at self.step (before the increment)."""
+        cfg = self.cfg
+        logs: dict = {}
+        if self.plan.trainer == "score_distillation":
+            if self.step % cfg.dfake_gen_update_ratio == 0:
+                logs.update(self.update(self.generator, self.gen_opt, self.generator_loss,
+                                        cfg.max_grad_norm_generator, "generator"))
+                logs["exit_index"] = self._last_exit
+                if self.ema is not None:
+                    self.ema.update()
+            logs.update(self.update(self.critic, self.critic_opt, self.critic_loss, cfg.max_grad_norm_critic,
+                                    "critic"))
+        else:
+            logs.update(self.update(self.generator, self.gen_opt, self.regression_loss,
+                                    cfg.max_grad_norm_generator, "generator"))
+            if self.ema is not None:
+                self.ema.update()
+        return logs
+
+    def maybe_create_ema(self) -> None:
+        cfg = self.cfg
+        if self.ema is None and cfg.ema_weight > 0 and self.step >= cfg.ema_start_step:
+            self.ema = EMA(self.gen_params, cfg.ema_weight)
+
+    def iteration(self) -> dict:
+        """One iteration: the updates at self.step, then step += 1, EMA creation, checkpoint, log row, probe."""
+        t0 = time.perf_counter()
+        logs = self.train_step()
+        self.step += 1
+        self.maybe_create_ema()
+        logs["seconds"] = time.perf_counter() - t0
+        if self.step % self.cfg.log_iters == 0:
+            self.save()
+        self.record(logs)
+        self.maybe_probe()
+        return logs
+
+    def train(self, max_steps: int | None = None, *, save_at_end: bool = True) -> list[dict]:
+        """Train until step `max_steps` (default: cfg.max_steps; 0 = until interrupted, then a checkpoint is
+        saved). Returns the logged rows."""
+        from tqdm.auto import tqdm
+
+        end = self.cfg.max_steps if max_steps is None else max_steps
+        self.maybe_create_ema()
+        self.maybe_probe()
+        bar = tqdm(total=(end - self.step) if end else None, desc=f"train ({self.plan.loss})", unit="step",
+                   disable=not (self.progress and self.d.main))
+        try:
+            while not end or self.step < end:
+                logs = self.iteration()
+                bar.update(1)
+                bar.set_postfix({k.replace("_loss", ""): f"{v:.4g}" for k, v in logs.items() if k.endswith("_loss")})
+        except KeyboardInterrupt:
+            if self.d.main:
+                self.log(f"interrupted at step {self.step}; saving a checkpoint")
+        finally:
+            bar.close()
+        if save_at_end and self.last_saved != self.step and self.step > 0:
+            self.save()
+        return self.history
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+
+    def record(self, logs: dict) -> None:
+        row = {"step": self.step, **logs}
+        self.history.append(row)
+        if self.logger is not None:
+            self.logger.log(self.step, logs)
+
+    def maybe_probe(self) -> None:
+        if self.probes is None or not self.probes.due(self.step, self.d):
+            return
+        summary = self.probes.run(self.generator, self.step, self.encode, self.d, self.dtype)
+        if self.d.main and summary:
+            self.log(f"probe at step {self.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+
+    # --- checkpoints ---------------------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        """logdir/checkpoint_model_{step:06d}/{training_state.pt, model.pt}; every rank must call it."""
+        from models.checkpoint import save_self_forcing
+
+        folder = self.logdir / f"checkpoint_model_{self.step:06d}"
+        for model in (self.generator, self.critic):
+            fsdp.reshard(model)
+        models = {"generator": fsdp.full_state_dict(self.generator)}
+        if self.critic is not None:
+            models["critic"] = fsdp.full_state_dict(self.critic)
+        if self.ema is not None and self.cfg.ema_start_step < self.step:
+            models["generator_ema"] = self.ema.full_state_dict()
+        state = {"step": self.step, "seed": self.seed, "world": self.d.world,
+                 "generator_optimizer": fsdp.optimizer_state(self.gen_params, self.gen_opt)}
+        if self.critic is not None:
+            state["critic_optimizer"] = fsdp.optimizer_state(self.critic_params, self.critic_opt)
+        if self.d.main:
+            state["config_yaml"] = OmegaConf.to_yaml(self.cfg)
+            atomic_save(state, folder / "training_state.pt")
+            save_self_forcing(folder / "model.pt", **models)  # last: a folder with model.pt is complete
+            self.log(f"saved {folder / 'model.pt'}")
+        self.d.barrier()
+        self.last_saved = self.step
+        return folder
+
+    def resume(self, path) -> int:
+        """Load a checkpoint folder written by `save` (weights, optimiser states, step, seed)."""
+        from models.checkpoint import load_tensors, strip_prefixes
+
+        folder = Path(path)
+        if folder.is_file():
+            folder = folder.parent
+        model_pt, state_pt = folder / "model.pt", folder / "training_state.pt"
+        if not model_pt.is_file() or not state_pt.is_file():
+            raise TrainingError(f"{str(folder)!r} is not a complete checkpoint (model.pt and training_state.pt)")
+        blob = load_tensors(model_pt)
+        state = torch.load(state_pt, map_location="cpu", weights_only=True)
+        fsdp.load_full(self.generator, strip_prefixes(blob["generator"]))
+        fsdp.load_optimizer_state(self.gen_params, self.gen_opt, state["generator_optimizer"])
+        if self.critic is not None:
+            if "critic" not in blob:
+                raise TrainingError(f"{model_pt} has no critic; it is not a score-distillation checkpoint")
+            fsdp.load_full(self.critic, strip_prefixes(blob["critic"]))
+            fsdp.load_optimizer_state(self.critic_params, self.critic_opt, state["critic_optimizer"])
+        self.step, self.seed = int(state["step"]), int(state["seed"])
+        self.last_saved = self.step
+        if "generator_ema" in blob:
+            self.ema = EMA(self.gen_params, self.cfg.ema_weight)
+            self.ema.load_full(strip_prefixes(blob["generator_ema"]))
+        # else: an EMA due at this step is made from these weights by train(), as the uninterrupted run did
+        if self.d.main:
+            self.log(f"resumed from {folder} at step {self.step}")
+        return self.step
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(logdir) -> Path | None:
+    """The newest complete checkpoint folder in a logdir."""
+    folders = sorted(Path(logdir).glob("checkpoint_model_*"))
+    complete = [f for f in folders if (f / "model.pt").is_file() and (f / "training_state.pt").is_file()]
+    return complete[-1] if complete else None
+
+
+# ------------------------------------------------------------------------------------------------------
+# Building everything from a config
+
+
+def build_models(cfg, plan: Plan, device="cpu") -> tuple[Models, Path]:
+    """The models a config names, on the CPU in float32 (teacher: bf16 on CUDA with mixed precision, where its
+    frozen weights are only ever used in bf16). Returns (models, generator folder)."""
+    from models.checkpoint import load_wan
+
+    kw = cfg.model_kwargs
+    gen_dir = model_folder(cfg, kw.model_name)
+    causal = plan.trainer != "diffusion" or bool(cfg.causal)
+    generator = load_wan(gen_dir, checkpoint=cfg.generator_ckpt or None, causal=causal, num_frame_per_block=cfg.num_frame_per_block,
+                         local_attn_size=kw.local_attn_size, sink_size=kw.sink_size, dtype=torch.float32)
+    critic = teacher = None
+    if plan.trainer == "score_distillation":
+        critic = load_wan(model_folder(cfg, cfg.fake_name), causal=False, dtype=torch.float32)
+        teacher_dtype = torch.bfloat16 if (cfg.mixed_precision and torch.device(device).type == "cuda") else torch.float32
+        teacher = load_wan(model_folder(cfg, cfg.real_name), causal=False, dtype=teacher_dtype)
+    return Models(generator, critic, teacher), gen_dir
+
+
+def build_data(cfg, plan: Plan, seed: int):
+    if plan.trainer == "score_distillation":
+        return PromptSource.from_file(cfg.data_path, seed)
+    if plan.trainer == "ode":
+        data = LatentDataset.from_file(cfg.data_path, seed, "ode_pairs")
+        F, C, H, W = plan.shape
+        if tuple(data.latents.shape[2:]) != (F, C, H, W):
+            raise TrainingError(f"ODE pairs of shape {tuple(data.latents.shape[2:])}; image_or_video_shape asks "
+                                f"for {(F, C, H, W)}")
+        if len(plan.timesteps) > data.latents.shape[1]:
+            raise TrainingError(f"denoising_step_list has {len(plan.timesteps)} steps; the ODE pairs hold "
+                                f"{data.latents.shape[1]} trajectory points")
+        return data
+    if cfg.data_path == "synthetic":
+        F, C, H, W = plan.shape
+        prompts, latents = synthetic_latents(64, F, C, H, W, seed=0)
+        return LatentDataset(prompts, latents, "latents", seed)
+    return LatentDataset.from_file(cfg.data_path, seed, "latents")
+
+
+def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, weights_sha: str):
+    """The probe set of cfg.probe, checked against the model (None when probes are off)."""
+    import hashlib
+
+    from models.rollout import few_step_schedule
+    from models.video import read_prompts
+    from training.probes import TrainingProbes
+    from workbench.capture import CaptureSpec
+    from workbench.extract import _git_commit
+
+    p = cfg.probe
+    if not p.every:
+        return None
+    if p.every < 0:
+        raise TrainingError(f"probe.every {p.every} must be >= 0")
+    if plan.trainer not in ("score_distillation", "ode"):
+        raise TrainingError("probes run the causal few-step rollout: use them with score_distillation or ode")
+    prompts = list(p.prompts) + (read_prompts(p.prompt_file) if p.prompt_file else [])
+    if not prompts:
+        raise TrainingError("probe.every is set but the probe set has no prompts (probe.prompts or probe.prompt_file)")
+    if not p.seeds:
+        raise TrainingError("probe.seeds is empty")
+    mc = model_config
+    frames = p.num_frames or plan.shape[0]
+    if frames % plan.nfpb or (mc.local_attn_size == -1 and frames > plan.shape[0] and frames > 21):
+        raise TrainingError(f"probe.num_frames {frames} must be a multiple of {plan.nfpb} and fit the KV cache")
+    layers = list(p.layers) if p.layers is not None else list(range(mc.num_layers))
+    heads = list(p.heads) if p.heads is not None else list(range(mc.num_heads))
+    for what, values, n in (("layer", layers, mc.num_layers), ("head", heads, mc.num_heads)):
+        bad = sorted(v for v in values if not 0 <= v < n)
+        if bad:
+            raise TrainingError(f"probe {what}s {bad} out of range: the model has {what}s 0-{n - 1}")
+    schedule = few_step_schedule(plan.timesteps, float(cfg.context_noise))
+    steps = list(p.steps) if p.steps is not None else [s.step for s in schedule]
+    bad = sorted(set(steps) - {s.step for s in schedule})
+    if bad:
+        raise TrainingError(f"probe steps {bad} out of range: the schedule has steps 0-{len(schedule) - 1}")
+    try:
+        spec = CaptureSpec(tuple(layers), tuple(heads), tuple(sorted(steps)), tuple(p.stats))
+    except Exception as err:
+        raise TrainingError(f"probe: {err}") from None
+    _, _, H, W = plan.shape
+    _, ph, pw = mc.patch_size
+    fsl = (H // ph) * (W // pw)
+    layout_key = dict(spec=dataclasses.astuple(spec), schedule=[dataclasses.astuple(s) for s in schedule],
+                      prompts=prompts, seeds=list(p.seeds), frames=frames, hw=(H, W), weights=weights_sha,
+                      model=dataclasses.asdict(mc), nfpb=plan.nfpb)
+    fp = hashlib.sha256(json.dumps(layout_key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    import platform
+
+    import xarray
+    import zarr
+
+    from workbench import __version__
+
+    attrs = dict(workbench_version=__version__, git_commit=_git_commit(), command="workbench train",
+                 config_yaml=OmegaConf.to_yaml(cfg), frame_seq_len=fsl, num_frame_per_block=plan.nfpb,
+                 num_frames=frames, text_len=mc.text_len, head_dim=mc.head_dim, num_layers=mc.num_layers,
+                 num_heads=mc.num_heads, versions=dict(torch=torch.__version__, xarray=xarray.__version__,
+                                                       zarr=zarr.__version__, python=platform.python_version()),
+                 trainer=plan.trainer, loss=plan.loss)
+    meta = dict(checkpoint=weights_label, checkpoint_sha256=weights_sha, model_family="self_forcing",
+                sampler="causal_few_step", local_attn_size=mc.local_attn_size, sink_size=mc.sink_size)
+    return TrainingProbes(spec=spec, schedule=schedule, prompts=prompts, seeds=list(p.seeds), num_frames=frames,
+                          latent_hw=(H, W), channels=plan.shape[1], frame_seq_len=fsl, grid=(H // ph, W // pw),
+                          text_len=mc.text_len, nfpb=plan.nfpb, timesteps=plan.timesteps,
+                          scheduler=FlowMatchScheduler(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep),
+                          context_noise=float(cfg.context_noise), every=int(p.every),
+                          path=Path(logdir) / p.store, attrs=attrs, fingerprint=fp, sample_meta=meta)
+
+
+def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log=print, progress=True) -> Trainer:
+    """Everything a config names: checks first, then weights, text encoder, data, probes."""
+    from models.checkpoint import WEIGHTS_NAME, sha256_file
+    from models.text_encoder import TextEncoder
+
+    d = fsdp.setup(cfg.device)
+    plan = check_config(cfg, d.world, sets_sid_alpha=sets_sid_alpha)
+    check_files(cfg, plan)
+    if resume == "latest":
+        resume = latest_checkpoint(logdir)
+        if resume is None:
+            raise TrainingError(f"--resume: {logdir} has no complete checkpoint_model_* folder")
+    elif resume is None and latest_checkpoint(logdir) is not None:
+        raise TrainingError(f"{logdir} already holds checkpoints; pass --resume to continue or use a new --logdir")
+    from models.config import WanConfig
+
+    gen_dir = model_folder(cfg, cfg.model_kwargs.model_name)
+    gen_config = WanConfig.from_json(gen_dir / "config.json").replace(
+        local_attn_size=cfg.model_kwargs.local_attn_size, sink_size=cfg.model_kwargs.sink_size)
+    weights = Path(cfg.generator_ckpt) if cfg.generator_ckpt else gen_dir / WEIGHTS_NAME
+    sha = sha256_file(weights) if weights.is_file() else ""  # (a sharded Wan folder has no single file)
+    probes = build_probes(cfg, plan, gen_config, logdir, weights_label=str(weights), weights_sha=sha)  # checks first
+    models, _ = build_models(cfg, plan, d.device)
+    encoder = TextEncoder.from_wan_dir(gen_dir, device=d.device)
+    trainer = Trainer(cfg, models, encoder, logdir, d=d, plan=plan, data=None, probes=probes, resume=resume, log=log,
+                      progress=progress, seed=cfg.seed)
+    trainer.data = build_data(cfg, plan, trainer.seed)
+    return trainer
+
+
+def describe(trainer: Trainer) -> str:
+    plan, cfg, d = trainer.plan, trainer.cfg, trainer.d
+    what = {"dmd": "DMD", "sid": "SiD", "ode": "ODE regression", "diffusion": "diffusion"}[plan.loss]
+    F, C, H, W = plan.shape
+    return (f"{what} training from step {trainer.step}: {F} latent frames of {H}x{W}, global batch "
+            f"{cfg.total_batch_size} = {d.world} rank(s) x {plan.accum} micro-batch(es) x {cfg.batch_size}, "
+            f"steps {[round(float(t), 2) for t in plan.timesteps]}, seed {trainer.seed}, device {d.device}, "
+            f"compute {str(trainer.dtype).replace('torch.', '')}")
+
+
+def build_ode_pairs(cfg, *, log=print, progress: bool = True) -> Path:
+    """`--make-ode-pairs`: the teacher (`model_root/real_name`, bidirectional, float32) makes `ode_pairs.num_pairs`
+    trajectories for the prompts of `ode_pairs.prompt_file` (cycled), written to `data_path`. Rank 0 works."""
+    from tqdm.auto import tqdm
+
+    from models.checkpoint import load_wan
+    from models.text_encoder import TextEncoder
+    from models.video import read_prompts
+    from training.data import save_latent_dataset
+    from training.rollout import make_ode_pairs
+
+    d = fsdp.setup(cfg.device)
+    plan = check_config(cfg, 1)
+    op = cfg.ode_pairs
+    if not op.prompt_file:
+        raise TrainingError("ode_pairs.prompt_file is not set (the prompts to make ODE pairs for)")
+    try:
+        prompts = read_prompts(op.prompt_file)
+    except Exception as err:
+        raise TrainingError(f"ode_pairs.prompt_file: {err}") from None
+    if op.num_pairs < 1 or op.steps < 1 or any(not 0 <= k < op.steps for k in op.keep):
+        raise TrainingError(f"ode_pairs: num_pairs {op.num_pairs} and steps {op.steps} must be >= 1 and keep "
+                            f"{list(op.keep)} must lie in [0, {op.steps})")
+    out = Path(cfg.data_path)
+    if out.exists():
+        raise TrainingError(f"data_path {str(out)!r} already exists; remove it to make new ODE pairs")
+    folder = model_folder(cfg, cfg.real_name)
+    if d.main:
+        teacher = load_wan(folder, causal=False, dtype=torch.float32, device=d.device)
+        encoder = TextEncoder.from_wan_dir(folder, device=d.device)
+        chosen = [prompts[i % len(prompts)] for i in range(op.num_pairs)]
+        context = encoder.encode(chosen).context.to(d.device, torch.float32)
+        negative = encoder.encode([cfg.negative_prompt]).context.to(d.device, torch.float32)
+        bar = tqdm(total=op.num_pairs * op.steps * 2, desc="ODE pairs", unit="fwd", disable=not progress)
+        latents = make_ode_pairs(teacher, context, negative, shape=plan.shape, steps=op.steps, shift=op.shift,
+                                 guidance_scale=op.guidance_scale, keep=tuple(op.keep), seed=op.seed,
+                                 on_forward=lambda *_: bar.update(1))
+        bar.close()
+        save_latent_dataset(out, chosen, latents, "ode_pairs", teacher=str(folder), steps=op.steps, shift=op.shift,
+                            guidance_scale=op.guidance_scale, keep=list(op.keep))
+        log(f"wrote {out}: {op.num_pairs} ODE pairs of shape {tuple(latents.shape[1:])} "
+            f"(latents before steps {list(op.keep)} of {op.steps}, then the clean latent)")
+    d.barrier()
+    return out

@@ -1,0 +1,128 @@
+"""Export a store to the researchers' earlier per-layer `.pt` files (reference 5.3), so their notebooks keep working.
+
+One file per (sample, layer), `{out}/{sample}/layer{N}.pt`, holding only plain Python values and tensors
+(`torch.load(path, weights_only=True)` reads it):
+
+    layer_index                 int
+    full_frame_attention        fp16 [heads, F, F]: attn_logit at the chosen step (default step 0, t = 1000: the
+                                fork's "first capture of each chunk"), 0 (not NaN) where the pair was not attended
+                                (above the block staircase, evicted frames), as the fork left it
+    last_block_frame_attention  fp16 [heads, F]: full_frame_attention averaged over the last chunk's query frames
+                                (computed in float32 from the zero-filled matrix, then cast, as the fork did)
+    is_logits                   True
+    prompt, num_frames, frame_seq_length, num_frame_per_block, num_heads (heads in the file), block_sizes,
+    query_frames, key_frames (lists 0..F-1), last_block_query_frames
+plus provenance the fork did not have: extraction_method 'workbench-store', sample, seed, step, timestep,
+head_indices (the model's head index of each row), checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.store import open_store
+
+
+def _block_sizes(query_chunk: np.ndarray) -> list[int]:
+    """Frames per chunk, in frame order, from the store's `query_chunk` coordinate."""
+    chunks = [int(c) for c in query_chunk]
+    sizes: list[int] = []
+    for i, c in enumerate(chunks):
+        if i == 0 or c != chunks[i - 1]:
+            sizes.append(0)
+        sizes[-1] += 1
+    return sizes
+
+
+def legacy_record(ds, sample: str, layer: int, step: int = 0) -> dict:
+    """The fork's dict for one (sample, layer) of an opened store (see the module docstring)."""
+    logit = ds["attn_logit"].sel(sample=sample, layer=layer, step=step).values  # [heads, F, F] float32, NaN outside
+    full32 = torch.from_numpy(np.nan_to_num(logit, nan=0.0).astype(np.float32))
+    sizes = _block_sizes(ds["query_chunk"].values)
+    num_frames = int(ds.sizes["query_frame"])
+    last_start = num_frames - sizes[-1]
+    last_rows = list(range(last_start, num_frames))
+    causal = str(ds["sampler"].sel(sample=sample).values) != "bidirectional"
+    return {
+        "layer_index": int(layer),
+        "full_frame_attention": full32.to(torch.float16),
+        "last_block_frame_attention": full32[:, last_start:, :].mean(dim=1).to(torch.float16),
+        "is_logits": True,
+        "prompt": str(ds["prompt"].sel(sample=sample).values),
+        "num_frames": num_frames,
+        "frame_seq_length": int(ds.attrs["frame_seq_len"]),
+        "num_frame_per_block": int(ds.attrs["num_frame_per_block"]) if causal else num_frames,
+        "num_heads": int(ds.sizes["head"]),
+        "block_sizes": sizes,
+        "query_frames": list(range(num_frames)),
+        "key_frames": list(range(num_frames)),
+        "last_block_query_frames": last_rows,
+        "extraction_method": "workbench-store",
+        "sample": str(sample),
+        "seed": int(ds["seed"].sel(sample=sample).values),
+        "step": int(step),
+        "timestep": float(ds["timestep"].sel(step=step).values),
+        "head_indices": [int(h) for h in ds["head"].values],
+        "checkpoint": str(ds["checkpoint"].sel(sample=sample).values),
+    }
+
+
+def _check(ds, store, layers, samples, step) -> tuple[list[int], list[str]]:
+    if "attn_logit" not in ds:
+        raise WorkbenchError(f"{store} has no attn_logit (stats: {ds.attrs.get('stats')}); the legacy files hold mean "
+                             "logits: extract with --stats attn_logit (the default includes it)")
+    have_layers = [int(x) for x in ds["layer"].values]
+    layers = have_layers if layers is None else list(layers)
+    bad = [x for x in layers if x not in have_layers]
+    if bad:
+        raise WorkbenchError(f"layer {bad} not in {store}; it holds layers {have_layers}")
+    have_samples = [str(x) for x in ds["sample"].values]
+    samples = have_samples if samples is None else list(samples)
+    bad = [x for x in samples if x not in have_samples]
+    if bad:
+        raise WorkbenchError(f"sample {bad} not in {store}; it holds {have_samples}")
+    have_steps = [int(x) for x in ds["step"].values]
+    if step not in have_steps:
+        raise WorkbenchError(f"step {step} not in {store}; it holds steps {have_steps} (step 0 is t = 1000)")
+    return layers, samples
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def default_out(store) -> Path:
+    """runs/layer3.zarr -> runs/layer3_legacy"""
+    store = Path(store)
+    return store.with_name(f"{store.name.removesuffix('.zarr')}_legacy")
+
+
+def export_legacy(store, out=None, *, layers=None, samples=None, step: int = 0, log=print) -> list[Path]:
+    """Write `{out}/{sample}/layer{N}.pt` for every chosen (sample, layer); returns the paths. Everything is
+    checked before the first file is written."""
+    ds = open_store(store)
+    layers, samples = _check(ds, store, layers, samples, step)
+    out = Path(out) if out is not None else default_out(store)
+    paths = []
+    for sample in samples:
+        for layer in layers:
+            path = out / sample / f"layer{layer}.pt"
+            _save_atomic(legacy_record(ds, sample, layer, step), path)
+            paths.append(path)
+    log(f"wrote {len(paths)} legacy file(s) under {out} (step {step}, t = {float(ds['timestep'].sel(step=step)):g}): "
+        f"{len(samples)} sample(s) x layers {layers}")
+    return paths
