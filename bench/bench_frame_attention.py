@@ -33,6 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from models.cuda_attention import active_kernel  # noqa: E402
+
 DEVICE = "cuda"  # a CPU dry run of this script's logic sets "cpu" (and TRITON_INTERPRET=1)
 
 
@@ -162,8 +164,8 @@ def bench_one(fa, ref, args, nkf, dtype):
     run("same Triton forward without frame mass",
         lambda: fa._launch_fused(q, k, v, frame_seq_len=fsl, scale=scale, with_mass=False), fwd_flop,
         get_out=lambda r: r[0], note=lambda: cfg(fa._frame_attn_fwd_tuned))
-    lse_res = run("lse_from_sdpa (auto op, LSE convention probed)", lambda: fa.lse_from_sdpa(q, k, v, scale),
-                  fwd_flop, get_out=lambda r: r[0], note=lambda: str(fa.lse_conventions()))
+    lse_res = run("lse_from_sdpa (the model's attention with LSE)", lambda: fa.lse_from_sdpa(q, k, v, scale),
+                  fwd_flop, get_out=lambda r: r[0], note=lambda: active_kernel(q.dtype))
     if lse_res is not None:
         lse = lse_res[1]
         run("B kernel alone (given the LSE)",

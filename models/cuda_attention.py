@@ -23,15 +23,15 @@ def _cudnn(q, k, v, scale):
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, False, False, scale=scale
     )
-    out, lse = res[0], res[1]
-    return out.transpose(1, 2), lse.reshape(lse.shape[0], lse.shape[1], -1).float()
+    out, lse = res[0], res[1]  # lse [B, H, Lq, 1]
+    return out.transpose(1, 2), lse.reshape(lse.shape[0], lse.shape[1], -1)[:, :, : q.shape[1]].float()
 
 
 def _flash_op(q, k, v, scale):
     res = torch.ops.aten._scaled_dot_product_flash_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, False, scale=scale
     )
-    return res[0].transpose(1, 2), res[1].float()
+    return res[0].transpose(1, 2), res[1][:, :, : q.shape[1]].float()  # lse [B, H, Lq]
 
 
 def _flash_attn(q, k, v, scale):
@@ -53,7 +53,7 @@ _KERNELS = {"flash-attn": _flash_attn, "cudnn": _cudnn, "flash": _flash_op}
 
 def sdpa_with_lse(q, k, v, scale: float):
     """(out [B, Lq, H, D], lse [B, H, Lq] float32, natural log) for unmasked attention on CUDA."""
-    for name in kernel_order(q.dtype):
+    for name in kernel_order(q.dtype) if q.is_cuda else ():
         try:
             return _KERNELS[name](q, k, v, scale)
         except RuntimeError:

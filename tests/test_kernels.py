@@ -121,10 +121,13 @@ def test_reference_given_lse_matches_float64():
     assert (tok - tok_d).abs().max() < 1e-12
 
 
-def test_row_lse_any_length():
+def test_model_blockwise_lse_any_length():
+    """The model's own LSE pass (used on the CPU when a probe asks for it), for lengths that are not frames."""
+    from models.attention import blockwise_lse
+
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(2, 37, 3, 16, generator=g), torch.randn(2, 101, 3, 16, generator=g)
-    lse = ref.row_lse_any_length(q, k, block_q=16)
+    lse = blockwise_lse(q, k, block=16)
     want = torch.logsumexp(torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / 4.0, -1)
     assert (lse.double() - want).abs().max() < 1e-5
 

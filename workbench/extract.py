@@ -13,6 +13,7 @@ order, so the store is the same as a single-process run's.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -223,7 +224,7 @@ def _attrs(p: Plan, fp: str, command: list[str]) -> dict:
     c = p.cfg
     return dict(
         workbench_version=__version__, git_commit=_git_commit(), command=" ".join(command),
-        created_utc=__import__("datetime").datetime.now(__import__("datetime").timezone.utc).isoformat(timespec="seconds"),
+        created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         config_yaml=OmegaConf.to_yaml(OmegaConf.create({"extract": dataclasses.asdict(c),
                                                         "model": dataclasses.asdict(p.model_config)})),
         versions=dict(torch=torch.__version__, xarray=xarray.__version__, zarr=zarr.__version__,

@@ -17,7 +17,6 @@ from workbench.kernels.reference import (
     frame_attention_reference,
     frame_mass_reference,
     key_token_mass_reference,
-    row_lse_any_length,
     row_lse_reference,
 )
 
@@ -58,7 +57,6 @@ __all__ = [
     "frame_attention_reference",
     "frame_mass_reference",
     "key_token_mass_reference",
-    "row_lse_any_length",
     "row_lse_reference",
     *_KERNEL_NAMES,
 ]

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from workbench.errors import WorkbenchError
-from workbench.kernels.reference import check_frame_inputs, row_lse_any_length
+from workbench.kernels.reference import check_frame_inputs
 
 try:  # host-side TMA descriptors (triton >= 3.2); used on Hopper and newer
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -550,80 +550,18 @@ def frame_mass_from_lse(q, k, lse, *, frame_seq_len, scale, allowed=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Row log-sum-exp from the stock SDPA kernels
+# Row log-sum-exp of the model's own attention kernel
 # ----------------------------------------------------------------------------------------------------------
 
-# op name -> factor that turns the op's LSE into a natural log (1.0, or ln 2 if an op returns log2), or None
-# when the op is unusable on this machine; filled by one small probe per op and process.
-_LSE_CONVENTION: dict[str, float | None] = {}
 
 
-def _sdpa_op(name, q, k, v, scale):
-    """(out [B, Lq, H, D], raw lse [B, H, Lq] float32) of one aten op; q/k/v in our [B, L, H, D] layout."""
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D] views
-    if name == "cudnn":
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, 0.0, False, False,
-                                                                 scale=scale)
-    else:
-        res = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, False, False, scale=scale)
-    out, lse = res[0], res[1]
-    B, H, Lq = qt.shape[0], qt.shape[1], qt.shape[2]
-    lse = lse.reshape(B, H, -1)[:, :, :Lq].float()  # cuDNN: [B, H, Lq, 1]; flash: [B, H, Lq]
-    return out.transpose(1, 2), lse
-
-
-def _probe_lse_convention(name, dtype, device):
-    """Run the op once on a small problem and compare its LSE with torch.logsumexp (natural log)."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (torch.randn(1, 200, 2, 128, generator=g).to(device=device, dtype=dtype) for _ in range(3))
-    scale = 1.0 / math.sqrt(128)
-    try:
-        _, lse = _sdpa_op(name, q, k, v, scale)
-    except RuntimeError:
-        return None
-    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
-    ref = torch.logsumexp(s, dim=-1)  # [1, 2, 200]
-    for factor in (1.0, math.log(2.0)):
-        if torch.allclose(lse * factor, ref, atol=2e-2, rtol=1e-3):
-            return factor
-    return None
-
-
-def lse_conventions() -> dict:
-    """What the probes found so far: {op name: factor to natural log, or None if unusable}."""
-    return dict(_LSE_CONVENTION)
-
-
-def lse_from_sdpa(q, k, v, scale, *, backend="auto"):
-    """(out [B, Lq, H, D] in q.dtype, lse [B, H, Lq] float32 natural log) for unmasked attention.
-
-    On CUDA with bf16/fp16: the cuDNN SDPA op, else the flash SDPA op (backend="cudnn"/"flash" forces one);
-    each op's LSE convention (natural log or log2) and layout are checked once per process on a small probe.
-    Otherwise (CPU, fp32, or both ops unusable): plain SDPA for out and the blockwise torch LSE.
-    """
+def lse_from_sdpa(q, k, v, scale):
+    """(out [B, Lq, H, D] in q.dtype, lse [B, H, Lq] float32 natural log) for unmasked attention, computed exactly
+    as the model computes it when a probe asks for the log-sum-exp (`models.attention.attention_with_lse`: the
+    cuDNN / flash SDPA op on CUDA, SDPA plus a blockwise LSE elsewhere)."""
     if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise WorkbenchError(f"lse_from_sdpa needs q [B, Lq, H, D], k/v [B, Lk, H, D]; got {tuple(q.shape)}, "
                              f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if backend not in ("auto", "cudnn", "flash", "torch"):
-        raise WorkbenchError(f"backend must be auto, cudnn, flash or torch; got {backend!r}")
-    scale = float(scale)
-    if q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16) and backend != "torch":
-        for name in (("cudnn", "flash") if backend == "auto" else (backend,)):
-            key = f"{name}:{q.dtype}"
-            if key not in _LSE_CONVENTION:
-                _LSE_CONVENTION[key] = _probe_lse_convention(name, q.dtype, q.device)
-            factor = _LSE_CONVENTION[key]
-            if factor is None:
-                continue
-            try:
-                out, lse = _sdpa_op(name, q, k, v, scale)
-            except RuntimeError:
-                _LSE_CONVENTION[key] = None
-                continue
-            return out, (lse if factor == 1.0 else lse * factor)
-        if backend != "auto":
-            raise WorkbenchError(f"the {backend} SDPA op is unusable here for {q.dtype} (see lse_conventions())")
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale
-    ).transpose(1, 2)
-    return out, row_lse_any_length(q, k, scale=scale).float()
+    from models.attention import attention_with_lse
+
+    return attention_with_lse(q, k, v, scale=float(scale))

@@ -105,22 +105,6 @@ def row_lse_reference(q, k, *, frame_seq_len, scale=None, allowed=None) -> torch
     return lse if cdt == torch.float64 else lse.float()
 
 
-def row_lse_any_length(q, k, *, scale=None, block_q: int = 1024) -> torch.Tensor:
-    """Row log-sum-exp (natural log) over all keys for any Lq, Lk (no frames, no mask): [B, H, Lq] float32 (f64 in)."""
-    B, Lq, H, D = q.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    cdt = _compute_dtype(q)
-    lse = torch.empty((B, H, Lq), dtype=cdt, device=q.device)
-    for i0 in range(0, Lq, block_q):
-        qb = q[:, i0:i0 + block_q].to(cdt).transpose(1, 2)  # [B, H, bq, D]
-        run = torch.full(qb.shape[:3], float("-inf"), dtype=cdt, device=q.device)
-        for j0 in range(0, k.shape[1], _KEY_BLOCK_TOKENS):
-            kb = k[:, j0:j0 + _KEY_BLOCK_TOKENS].to(cdt).transpose(1, 2)  # [B, H, bk, D]
-            run = torch.logaddexp(run, torch.logsumexp(torch.matmul(qb, kb.transpose(-1, -2)) * scale, dim=-1))
-        lse[:, :, i0:i0 + block_q] = run
-    return lse if cdt == torch.float64 else lse.float()
-
-
 def _probabilities(q, k, lse, qf, f0, f1, fsl, scale, allowed, cdt):
     """P of query frame qf against key frames [f0, f1): [B, H, fsl, (f1-f0)*fsl]; 0 where masked."""
     s = _scores(q, k, qf, f0, f1, fsl, scale, allowed, cdt)
