@@ -1,11 +1,12 @@
 """Benchmark: the cost of capturing attention statistics during the 1.3B few-step rollout (21 latent frames,
 480x832, 35 DiT forwards, random bf16 weights, DiT only).
 
-Rows: the plain rollout; capture of attn_mass + attn_logit for all 30 layers x 12 heads x 5 steps, and for
-one layer, in the two capture modes ("exact": the model's kernel gives the output and the log-sum-exp, a
-Triton kernel recomputes the frame mass; "fused": one Triton kernel gives the output and the frame mass);
-and a materialising torch reference on one layer. Also checks the stores agree (fused vs exact) and rows sum
-to 1.
+Rows: the plain rollout (eager, and with CUDA graphs); capture of attn_mass + attn_logit for all 30 layers x
+12 heads x 5 steps, and for one layer, in the three capture modes ("exact": the model's kernel gives the output
+and the log-sum-exp, a Triton kernel recomputes the frame mass; "indicator": the model's kernel runs once with V
+widened by key-frame indicator columns; "fused": one Triton kernel gives the output and the frame mass); and a
+materialising torch reference on one layer. Also checks each mode's store against the exact one, that rows sum
+to 1, and whether each mode leaves the rollout's latents bitwise unchanged.
 
     python bench/bench_capture.py [--repeats 3]
 """
@@ -46,8 +47,8 @@ def capture_run(model, noise, context, g, layers, mode, repeats, cls=StatsProbe)
     def once():
         probe = cls(spec, geo, "cuda", mode=mode)
         probes.append(probe)
-        with attach(model, probe):
-            run_rollout(model, noise, context, g)
+        with attach(model, probe):  # one seed for every run: the modes' stores compare cell by cell
+            run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(7))
 
     torch.cuda.reset_peak_memory_stats()
     median, times = timed(once, repeats)
@@ -58,6 +59,7 @@ def capture_run(model, noise, context, g, layers, mode, repeats, cls=StatsProbe)
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", default="", help="comma-separated words; run only the rows whose name has one")
     args = ap.parse_args()
     print(f"# bench_capture  {datetime.datetime.now().isoformat(timespec='seconds')}  "
           f"{torch.cuda.get_device_name()}  torch {torch.__version__}  python {platform.python_version()}")
@@ -65,18 +67,32 @@ def main():
     model = random_model()
     noise, context, g = rollout_inputs()
     torch.cuda.reset_peak_memory_stats()
-    base, base_times = timed(lambda: run_rollout(model, noise, context, g), args.repeats)
+    base, base_times = timed(lambda: run_rollout(model, noise, context, g, cuda_graphs=False), args.repeats)
     base_peak = torch.cuda.max_memory_allocated() / 2**30
     print("| run | wall time (median) | vs plain | peak memory | vs plain |\n|---|---|---|---|---|")
-    print(f"| plain rollout | {base:.3f} s | - | {base_peak:.2f} GiB | - |")
+    print(f"| plain rollout (eager) | {base:.3f} s ({', '.join(f'{t:.3f}' for t in base_times)}) | - | "
+          f"{base_peak:.2f} GiB | - |")
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        graphed, graph_times = timed(lambda: run_rollout(model, noise, context, g, cuda_graphs=True), args.repeats, 2)
+        gpeak = torch.cuda.max_memory_allocated() / 2**30
+        print(f"| plain rollout (CUDA graphs) | {graphed:.3f} s ({', '.join(f'{t:.3f}' for t in graph_times)}) | "
+              f"{100 * (graphed / base - 1):+.1f}% | {gpeak:.2f} GiB | {gpeak - base_peak:+.2f} GiB |")
+    except Exception as err:
+        print(f"| plain rollout (CUDA graphs) | FAILED: {type(err).__name__}: {str(err)[:200]} | | | |")
     results = {}
-    for name, layers, mode, cls in (
+    rows = [
+        ("indicator, all 30 layers", range(30), "indicator", StatsProbe),
+        ("indicator, layer 3", [3], "indicator", StatsProbe),
         ("exact, all 30 layers", range(30), "exact", StatsProbe),
         ("exact, layer 3", [3], "exact", StatsProbe),
         ("fused, all 30 layers", range(30), "fused", StatsProbe),
         ("fused, layer 3", [3], "fused", StatsProbe),
         ("materialising torch reference, layer 3", [3], "exact", ReferenceProbe),
-    ):
+    ]
+    if args.only:
+        rows = [r for r in rows if any(word in r[0] for word in args.only.split(","))]
+    for name, layers, mode, cls in rows:
         try:
             t, times, peak, res = capture_run(model, noise, context, g, layers, mode, args.repeats, cls)
         except Exception as err:  # report and go on: one failing mode must not hide the others
@@ -84,16 +100,27 @@ def main():
             continue
         results[name] = res
         print(f"| {name} | {t:.3f} s | {100 * (t / base - 1):+.1f}% | {peak:.2f} GiB | {peak - base_peak:+.2f} GiB |")
-    exact, fused = results.get("exact, all 30 layers"), results.get("fused, all 30 layers")
+    exact = results.get("exact, all 30 layers")
     for name, res in results.items():
         m = torch.from_numpy(res["attn_mass"])
         rows = m.nansum(-1)
         print(f"# {name}: attn_mass rows sum to 1 within {(rows - 1).abs().max().item():.2e}; "
               f"NaN cells {int(m.isnan().sum())} of {m.numel()}")
-    if exact is not None and fused is not None:
-        a, b = torch.from_numpy(exact["attn_mass"]), torch.from_numpy(fused["attn_mass"])
-        same_nan = bool((a.isnan() == b.isnan()).all())
-        print(f"# fused vs exact attn_mass: max |diff| {(a - b).abs().nan_to_num().max().item():.2e}, same NaN pattern {same_nan}")
+    for other in ("indicator", "fused"):
+        res = results.get(f"{other}, all 30 layers")
+        if exact is not None and res is not None:
+            a, b = torch.from_numpy(exact["attn_mass"]), torch.from_numpy(res["attn_mass"])
+            same_nan = bool((a.isnan() == b.isnan()).all())
+            print(f"# {other} vs exact attn_mass: max |diff| {(a - b).abs().nan_to_num().max().item():.2e}, "
+                  f"same NaN pattern {same_nan}")
+    plain = run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(7), cuda_graphs=False)
+    for mode in ("exact", "indicator", "fused"):
+        spec = CaptureSpec(tuple(range(30)), tuple(range(12)), (0, 1, 2, 3, 4), ("attn_mass", "attn_logit"))
+        probe = StatsProbe(spec, Geometry(batch=1, num_frames=21, frame_seq_len=1560, text_len=512), "cuda", mode=mode)
+        with attach(model, probe):
+            got = run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(7))
+        print(f"# {mode} capture of all layers: latents bitwise equal to the plain rollout: {torch.equal(got, plain)}; "
+              f"max |diff| {(got.float() - plain.float()).abs().max().item():.3e}")
     ref = results.get("materialising torch reference, layer 3")
     if ref is not None and exact is not None:
         a = torch.from_numpy(exact["attn_mass"])[:, :, 3:4]

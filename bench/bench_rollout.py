@@ -58,9 +58,15 @@ def run_rollout(model, noise, context, g, **kw):
     return causal_few_step(model, noise, context, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s, generator=g, **kw)
 
 
-def timed(fn, repeats):
-    fn()  # warm-up
-    torch.cuda.synchronize()
+def timed(fn, repeats, warmups=1):
+    """Median wall time of `repeats` calls after `warmups` untimed ones (graphed rollouts need 2: the first
+    runs eagerly on the graphs' cache, the second records the graphs)."""
+    for i in range(warmups):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        if warmups > 1:
+            print(f"# warm-up {i + 1}: {time.perf_counter() - t0:.3f} s")
     times = []
     for _ in range(repeats):
         torch.cuda.synchronize()
@@ -71,7 +77,7 @@ def timed(fn, repeats):
     return statistics.median(times), times
 
 
-def breakdown(model, noise, context, g):
+def breakdown(model, noise, context, g, **kw):
     """GPU kernel time of one rollout, by kernel family (names as cuDNN / cuBLAS / our code emit them)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -87,7 +93,7 @@ def breakdown(model, noise, context, g):
     wan.fused.qk_norm_rope = traced
     try:
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            run_rollout(model, noise, context, g)
+            run_rollout(model, noise, context, g, **kw)
             torch.cuda.synchronize()
     finally:
         wan.fused.qk_norm_rope = original
@@ -155,19 +161,36 @@ def main():
     noise, context, g = rollout_inputs()
     weights = torch.cuda.memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
-    median, times = timed(lambda: run_rollout(model, noise, context, g), args.repeats)
+    median, times = timed(lambda: run_rollout(model, noise, context, g, cuda_graphs=False), args.repeats)
     peak = torch.cuda.max_memory_allocated() / 2**30
     reserved = torch.cuda.max_memory_reserved() / 2**30
     print("| measurement | value |\n|---|---|")
     print(f"| rollout wall time (median of {args.repeats}) | {median:.3f} s ({', '.join(f'{t:.3f}' for t in times)}) |")
     print(f"| peak GPU memory allocated (weights {weights:.2f} GiB) | {peak:.2f} GiB (reserved {reserved:.2f} GiB) |")
-    graphed, graph_times = timed(lambda: run_rollout(model, noise, context, g, cuda_graphs=True), args.repeats)
+    import models.fused as fused
+
+    fused.GELU_EPILOGUE = False
+    no_epi, no_epi_times = timed(lambda: run_rollout(model, noise, context, g, cuda_graphs=False), args.repeats)
+    fused.GELU_EPILOGUE = True
+    print(f"| same without the FFN's GELU epilogue (median of {args.repeats}) | {no_epi:.3f} s "
+          f"({', '.join(f'{t:.3f}' for t in no_epi_times)}) |")
+    a = run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(1), cuda_graphs=False)
+    fused.GELU_EPILOGUE = False
+    b = run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(1), cuda_graphs=False)
+    fused.GELU_EPILOGUE = True
+    print(f"| GELU epilogue vs separate GELU: max abs difference of the latents | {(a - b).abs().max().item():.3e} "
+          f"(latents' max {b.abs().max().item():.2f}) |")
+    torch.cuda.reset_peak_memory_stats()
+    graphed, graph_times = timed(lambda: run_rollout(model, noise, context, g, cuda_graphs=True), args.repeats, 2)
+    gpeak = torch.cuda.max_memory_allocated() / 2**30
     print(f"| same with CUDA graphs per chunk (median of {args.repeats}) | {graphed:.3f} s "
-          f"({', '.join(f'{t:.3f}' for t in graph_times)}) |")
+          f"({', '.join(f'{t:.3f}' for t in graph_times)}), peak {gpeak:.2f} GiB |")
     a = run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(1), cuda_graphs=True)
     b = run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(1), cuda_graphs=False)
     print(f"| CUDA-graph rollout vs eager: max abs difference of the latents | {(a - b).abs().max().item():.3e} |")
-    groups = breakdown(model, noise, context, g)
+    groups = breakdown(model, noise, context, g, cuda_graphs=False)
+    gg = breakdown(model, noise, context, g, cuda_graphs=True)
+    print(f"| GPU kernel time of a graphed rollout (all kernels) | {sum(gg.values()):.3f} s |")
     total = sum(groups.values())
     for name, t in groups.items():
         print(f"| GPU time: {name} | {t:.3f} s ({100 * t / total:.0f}%) |")

@@ -67,3 +67,15 @@ def sdpa_with_lse(q, k, v, scale: float):
 def active_kernel(dtype: torch.dtype) -> str:
     order = kernel_order(dtype)
     return order[0] if order else "sdpa+blockwise-lse"
+
+
+def attention_any_value_dim(q, k, v, scale: float) -> torch.Tensor:
+    """out [B, Lq, H, Dv] for unmasked attention whose value head dim may differ from q's (Dv != D): the cuDNN
+    op when it accepts the shapes, else PyTorch SDPA's choice (memory-efficient kernel). No log-sum-exp."""
+    if q.dtype in (torch.float16, torch.bfloat16) and ("cudnn", "any-dv") not in _BROKEN:
+        try:
+            return _cudnn(q, k, v, scale)[0]
+        except RuntimeError:
+            _BROKEN.add(("cudnn", "any-dv"))  # recorded apart from the square case, which keeps its kernel
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)

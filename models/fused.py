@@ -17,6 +17,14 @@ import torch
 import torch.nn.functional as F
 
 COMPILE = os.environ.get("WORKBENCH_COMPILE", "1") != "0"
+GELU_EPILOGUE = os.environ.get("WORKBENCH_GELU_EPILOGUE", "1") != "0"
+
+
+def gelu_epilogue_applies(x) -> bool:
+    """Whether the FFN's tanh-GELU runs in the cuBLASLt epilogue of its first GEMM (CUDA, bf16/fp16, no
+    autograd): saves a read and a write of the [L, ffn_dim] activation per block."""
+    return GELU_EPILOGUE and COMPILE and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) \
+        and not torch.is_grad_enabled()
 
 
 def fused(fn):

@@ -68,34 +68,83 @@ def few_step_schedule(timesteps: torch.Tensor, context_noise: float) -> list[For
     return labels
 
 
-class ChunkGraph:
-    """One chunk's DiT forward recorded as a CUDA graph and replayed for the chunk's later forwards.
+class RolloutGraphs:
+    """Every DiT forward of a few-step rollout as CUDA graphs, recorded once per rollout shape and replayed by
+    the later rollouts of that shape (the host then launches one graph per forward instead of ~40 kernels per
+    block, which is what separates the eager rollout from the GPU's own time).
 
-    The first forward of a chunk runs eagerly (it appends the chunk to the KV cache, evicting if needed, and
-    warms up the kernels); the later ones (denoising steps 1.. and the context pass) have the same shapes and
-    overwrite the same cache slots, so they replay one recorded graph with new inputs copied into its static
-    buffers. Used only on CUDA, without gradients and with no attention observer attached (observers run Python
-    per call). Replays compute what eager forwards compute, with a fraction of the host's launch work."""
+    Lives on the model (`model._rollout_graphs`, one shape at a time) with what the graphs read and write at
+    fixed addresses: the KV cache, the cross-attention cache, the text context and each forward's input. The
+    first rollout of a new shape runs eagerly on that cache (it compiles and plans every kernel); the second
+    records one graph per (chunk, first forward of the chunk or not) into a shared memory pool, in rollout
+    order, and replays each right away; later rollouts replay. The first forward of a chunk gets its own graph
+    because it may evict from a windowed cache; the others overwrite the same slots. Graphs are used only
+    on CUDA, without gradients, with no attention observer attached, and are dropped when the model's
+    parameters or the rollout's shape change. Replays run exactly the recorded kernels, so a graphed rollout
+    equals the eager one bitwise (tests/test_rollout.py, on a GPU)."""
 
-    def __init__(self, model, x, t, context, cache, start: int, labels: ForwardLabels):
-        self.x, self.t = x.clone(), t.clone()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = model(self.x, self.t, context, cache=cache, start_frame=start, labels=labels)
+    def __init__(self, key, model, batch: int, frames: int, fsl: int, context: torch.Tensor, dtype):
+        self.key = key
+        self.cache = RolloutCache.allocate(model.config, batch, frames, fsl, dtype=dtype, device=context.device)
+        self.context = torch.empty_like(context)
+        self.pool = None
+        self.graphs: dict = {}  # (chunk, first) -> (graph, x, t, out, cache state after the forward)
+        self.rollouts = 0
 
-    def __call__(self, x, t):
-        self.x.copy_(x)
-        self.t.copy_(t)
-        self.graph.replay()
-        return self.out
+    def begin(self, model, context: torch.Tensor) -> None:
+        """Start a rollout: new context and cross-attention keys/values, an empty cache (slots are rewritten
+        before they are read)."""
+        self.context.copy_(context)
+        for kv in self.cache.kv:
+            kv.frames, kv.end_frame = [], 0
+        if self.rollouts:  # the eager warm-up rollout filled the cross cache; later ones refill it in place
+            model.fill_cross_cache(self.context, self.cache)
+        self.rollouts += 1
+
+    def forward(self, model, x, t, start: int, chunk: int, first: bool, labels: ForwardLabels):
+        if self.rollouts == 1:  # warm-up: eager on the graphs' cache
+            return model(x, t, self.context, cache=self.cache, start_frame=start, labels=labels)
+        key = (chunk, first)
+        if key not in self.graphs:
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            xs, ts = x.clone(), t.clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = model(xs, ts, self.context, cache=self.cache, start_frame=start, labels=labels)
+            self.graphs[key] = (graph, xs, ts, out, [(list(kv.frames), kv.end_frame) for kv in self.cache.kv])
+        graph, xs, ts, out, state = self.graphs[key]
+        xs.copy_(x)
+        ts.copy_(t)
+        graph.replay()
+        for kv, (frames, end) in zip(self.cache.kv, state):
+            kv.frames, kv.end_frame = list(frames), end
+        return out.clone()  # the graph's output buffer is rewritten by its next replay
 
 
-def _use_graphs(model, noise, cuda_graphs) -> bool:
-    if cuda_graphs is None:  # opt-in for now (WORKBENCH_CUDA_GRAPHS=1): not yet measured on a GPU
-        cuda_graphs = os.environ.get("WORKBENCH_CUDA_GRAPHS", "0") == "1"
-    if cuda_graphs and (not noise.is_cuda or model.observers):
-        return False  # graphs need CUDA, and observers run Python per attention call
-    return bool(cuda_graphs)
+def _rollout_graphs(model, noise, context, cuda_graphs, extra_key) -> RolloutGraphs | None:
+    """The model's `RolloutGraphs` for this rollout's shape, or None when the rollout runs eagerly."""
+    if cuda_graphs is None:
+        cuda_graphs = os.environ.get("WORKBENCH_CUDA_GRAPHS", "1") == "1"
+    if not cuda_graphs or not noise.is_cuda or model.observers or torch.is_grad_enabled():
+        return None  # graphs need CUDA and no autograd; observers run Python per attention call
+    from models import fused
+
+    fsl = (noise.shape[3] // model.config.patch_size[1]) * (noise.shape[4] // model.config.patch_size[2])
+    params = tuple(p.data_ptr() for p in model.parameters())
+    key = (tuple(noise.shape), noise.dtype, str(noise.device), tuple(context.shape), context.dtype, params,
+           fused.GELU_EPILOGUE, fused.COMPILE, extra_key)
+    current = getattr(model, "_rollout_graphs", None)
+    if current is None or current.key != key:
+        model._rollout_graphs = None  # free the old cache and pool first
+        current = model._rollout_graphs = RolloutGraphs(key, model, noise.shape[0], noise.shape[1], fsl, context,
+                                                        noise.dtype)
+    return current
+
+
+def release_graphs(model) -> None:
+    """Free the recorded rollout graphs of a model and their cache (they are rebuilt when needed)."""
+    model._rollout_graphs = None
 
 
 @torch.no_grad()
@@ -105,31 +154,33 @@ def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timest
                     cuda_graphs: bool | None = None):
     """noise [B, F, C, H, W], context [B, text_len, text_dim] -> clean latents [B, F, C, H, W].
 
-    timesteps: the warped denoising steps (float32, e.g. [1000, 937.5, 833.33, 625]). cuda_graphs: replay each
-    chunk's later forwards from a CUDA graph (CUDA only, no observers; None: the WORKBENCH_CUDA_GRAPHS setting)."""
+    timesteps: the warped denoising steps (float32, e.g. [1000, 937.5, 833.33, 625]). cuda_graphs: replay the
+    forwards from CUDA graphs recorded by an earlier rollout of the same shape (`RolloutGraphs`; CUDA, no
+    observers; None: the WORKBENCH_CUDA_GRAPHS setting, on unless it is "0")."""
     B, Fr = noise.shape[:2]
     check_causal_geometry(model, Fr, cache_frames)
     n = model.num_frame_per_block
     fsl = (noise.shape[3] // model.config.patch_size[1]) * (noise.shape[4] // model.config.patch_size[2])
-    cache = RolloutCache.allocate(model.config, B, Fr, fsl, dtype=noise.dtype, device=noise.device)
     schedule = few_step_schedule(timesteps, context_noise)
-    graphs = _use_graphs(model, noise, cuda_graphs)
+    graphs = _rollout_graphs(model, noise, context, cuda_graphs,
+                             (tuple(timesteps.tolist()), float(context_noise), last_context_pass, cache_frames))
+    if graphs is None:
+        cache = RolloutCache.allocate(model.config, B, Fr, fsl, dtype=noise.dtype, device=noise.device)
+    else:
+        graphs.begin(model, context)
     output = torch.zeros_like(noise)
     for chunk in range(Fr // n):
         start = chunk * n
         x = noise[:, start : start + n]
-        replay = None
+        first = [True]
 
         def forward(x_in, t, labels):
-            nonlocal replay
             if on_forward:
                 on_forward(labels, start, n)
-            if replay is not None:
-                return replay(x_in, t)
-            out = model(x_in, t, context, cache=cache, start_frame=start, labels=labels)
-            if graphs:  # the chunk is in the cache now: record the forward that its later steps repeat
-                replay = ChunkGraph(model, x_in, t, context, cache, start, labels)
-            return out
+            is_first, first[0] = first[0], False
+            if graphs is not None:
+                return graphs.forward(model, x_in, t, start, chunk, is_first, labels)
+            return model(x_in, t, context, cache=cache, start_frame=start, labels=labels)
 
         for k, base in enumerate(schedule[:-1]):
             t = torch.full((B, n), base.timestep, device=noise.device, dtype=torch.float32)
@@ -142,7 +193,6 @@ def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timest
         if last_context_pass or chunk < Fr // n - 1:
             t = torch.full((B, n), float(context_noise), device=noise.device, dtype=torch.float32)
             forward(_to_model(x0), t, _with_chunk(schedule[-1], chunk))
-        replay = None  # frees the graph's memory pool before the next chunk
     return output
 
 

@@ -120,8 +120,7 @@ class CrossAttention(nn.Module):
         if cache is not None and not ctx.fill_cross:
             k, v = cache.k, cache.v
         else:  # decided per forward, so an activation-checkpoint recompute takes the same branch
-            k = self.norm_k(self.k(text)).unflatten(2, (self.num_heads, self.head_dim))  # [B, text_len, heads, hd]
-            v = self.v(text).unflatten(2, (self.num_heads, self.head_dim))
+            k, v = self.text_kv(text)
             if cache is not None and cache.k is None:
                 cache.k, cache.v = k, v
         call = AttentionCall(self.layer, "cross", ctx.labels, ctx.query_frames, None, ctx.frame_seq_len,
@@ -129,10 +128,23 @@ class CrossAttention(nn.Module):
         out = self.attend(q, k, v, call, ctx.observers)
         return self.o(out.flatten(2))
 
+    def text_kv(self, text):
+        """Keys and values of the text tokens: text [B, text_len, dim] -> k, v [B, text_len, heads, head_dim]."""
+        k = self.norm_k(self.k(text)).unflatten(2, (self.num_heads, self.head_dim))
+        return k, self.v(text).unflatten(2, (self.num_heads, self.head_dim))
+
 
 class FeedForward(nn.Sequential):
     def __init__(self, dim: int, ffn_dim: int):
         super().__init__(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+
+    def forward(self, x):
+        # x [B, L, dim] -> [B, L, ffn_dim] -> [B, L, dim]; on CUDA the GELU runs in the first GEMM's epilogue
+        up, act, down = self
+        if fused.gelu_epilogue_applies(x):
+            h = torch._addmm_activation(up.bias, x.flatten(0, -2), up.weight.t(), use_gelu=True)
+            return down(h.view(*x.shape[:-1], -1))
+        return down(act(up(x)))
 
 
 class WanBlock(nn.Module):
@@ -240,6 +252,19 @@ class WanModel(nn.Module):
         pt, ph, pw = self.config.patch_size
         x = x.view(x.shape[0], f, h, w, pt, ph, pw, self.config.out_dim)
         return torch.einsum("bfhwpqrc->bcfphqwr", x).reshape(x.shape[0], self.config.out_dim, f * pt, h * ph, w * pw)
+
+    @torch.no_grad()
+    def fill_cross_cache(self, context: torch.Tensor, cache: RolloutCache) -> None:
+        """Compute every layer's text keys/values for `context` [B, text_len, text_dim] into the cache, in place
+        where the cache already holds tensors (CUDA graphs read them at fixed addresses)."""
+        text = self.text_embedding(context)
+        for block, cross in zip(self.blocks, cache.cross):
+            k, v = block.cross_attn.text_kv(text)
+            if cross.k is None:
+                cross.k, cross.v = k, v
+            else:
+                cross.k.copy_(k)
+                cross.v.copy_(v)
 
     # --- forward -----------------------------------------------------------------------------------------
 

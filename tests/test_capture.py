@@ -287,3 +287,52 @@ def test_two_calls_claiming_one_cell_is_an_error():
         model(x, torch.full((1,), 1000.0), torch.randn(1, TEXT_LEN, 32), labels=labels)
         with pytest.raises(WorkbenchError, match="two attention calls claim"):
             model(x, torch.full((1,), 1000.0), torch.randn(1, TEXT_LEN, 32), labels=labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_indicator_mode_equals_float64_reference(dtype):
+    """"indicator" mode (the kernel's value tensor widened with key-frame indicators): with eviction, the stored
+    attn_mass equals the float64 reference of the q, k each call saw, NaN exactly outside the windows; the
+    rollout stays within rounding of the plain one (the widened product is another matmul shape)."""
+    model = tiny_model(local_attn_size=6, sink_size=1).to(dtype)
+    plain = few_step(model, 12, dtype)
+    probe = StatsProbe(full_spec(model), Geometry(1, 12, FSL, TEXT_LEN), "cpu", mode="indicator")
+    assert probe.mode == "indicator" and probe.computes_output
+    rec = AttendRecorder(model, range(model.config.num_layers))
+    captured = few_step(model, 12, dtype, probe)
+    rec.remove()
+    cfg = model.config
+    exp = reference_from_records(rec, cfg.num_layers, cfg.num_heads, 12,
+                                 lambda c: expected_key_frames(c, NFPB, cfg.local_attn_size, cfg.sink_size))
+    # each query token's frame mass is rounded to the kernel's dtype (bf16: up to 2^-9 relative) before the mean
+    # over a frame's tokens; with 6 tokens per frame little of that averages out (measured 8.8e-4 per cell here),
+    # so bf16 is held to 2e-3; at the real model's 1560 tokens per frame tests/test_indicator.py holds 1e-3 on GPU
+    tol = {torch.float32: 1e-6, torch.bfloat16: 2e-3}[dtype]
+    assert_close_to_reference(probe.results()["attn_mass"][0], exp["attn_mass"], tol, "attn_mass")
+    assert_close_to_reference(probe.results()["attn_logit"][0], exp["attn_logit"], TOL[dtype], "attn_logit")
+    rows = np.nansum(probe.results()["attn_mass"][0], axis=-1)
+    np.testing.assert_allclose(rows, 1.0, atol=tol)
+    if dtype == torch.float32:
+        assert (captured - plain).abs().max() <= 1e-5 * plain.abs().max()
+
+
+def test_indicator_mode_falls_back_to_the_exact_path_where_it_cannot_serve():
+    """Masked calls (block-causal full-sequence forward) and key-token layers take the exact path: the output
+    there is bitwise the plain one and the statistics are the exact ones; "auto" is "exact" on the CPU."""
+    model = tiny_model()
+    frames = 6
+    x, t, ctx = torch.randn(1, C, frames, H, W), torch.full((1,), 500.0), torch.randn(1, TEXT_LEN, 32)
+    labels = ForwardLabels(step=0, timestep=500.0, chunk=0, phase="train")
+    spec = CaptureSpec(layers=(0, 1), heads=(0, 1, 2, 3), steps=(0,),
+                       stats=("attn_mass", "attn_logit", "attn_key_token"), token_layers=(1,))
+    results = {}
+    for mode in ("exact", "indicator"):
+        probe = StatsProbe(spec, Geometry(1, frames, FSL, TEXT_LEN), "cpu", mode=mode)
+        with attach(model, probe):
+            results[mode] = (model(x, t, ctx, labels=labels), probe.results())
+    assert torch.equal(results["exact"][0], results["indicator"][0])
+    for name in ("attn_mass", "attn_key_token"):
+        np.testing.assert_array_equal(results["exact"][1][name], results["indicator"][1][name])
+    assert StatsProbe(spec, Geometry(1, frames, FSL, TEXT_LEN), "cpu", mode="auto").mode == "exact"
+    with pytest.raises(WorkbenchError, match="capture mode 'fast'.*'indicator'"):
+        StatsProbe(spec, Geometry(1, frames, FSL, TEXT_LEN), "cpu", mode="fast")

@@ -73,3 +73,26 @@ def test_norm_modulate_and_gated_residual_formulas():
     want = F.layer_norm(x, (8,), eps=1e-6) * (1 + per_frame(scale)) + per_frame(shift)
     torch.testing.assert_close(fused.norm_modulate(x, shift, scale, 1e-6), want)
     torch.testing.assert_close(fused.gated_residual(x, y, gate), x + y * per_frame(gate))
+
+
+def test_gelu_epilogue_is_off_on_the_cpu_and_under_autograd():
+    x = torch.randn(2, 3, 8)
+    assert not fused.gelu_epilogue_applies(x)  # the CPU path is the module's own Linear, GELU, Linear
+
+
+@pytest.mark.gpu
+def test_gpu_ffn_gelu_epilogue_matches_separate_gelu():
+    """The cuBLASLt GELU epilogue is the tanh approximation: the FFN equals Linear -> GELU(tanh) -> Linear within
+    bf16 rounding, and both are as close to a float64 evaluation."""
+    from models.wan import FeedForward
+
+    torch.manual_seed(0)
+    ffn = FeedForward(256, 1024).cuda().bfloat16()
+    x = torch.randn(2, 300, 256, device="cuda").bfloat16()
+    with torch.no_grad():
+        assert fused.gelu_epilogue_applies(x)
+        fast = ffn(x).float()
+        slow = ffn[2](ffn[1](ffn[0](x))).float()
+        ref = torch.nn.Sequential(*ffn).double()(x.double()).float()
+    assert (fast - slow).abs().max() <= 2e-2 * slow.abs().max()
+    assert (fast - ref).abs().max() <= 2 * (slow - ref).abs().max() + 1e-3

@@ -195,4 +195,24 @@ def test_cuda_graph_rollout_equals_eager_rollout():
         return causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s, generator=g,
                                cuda_graphs=graphs)
 
-    torch.testing.assert_close(run(True), run(False), rtol=0, atol=0)
+    eager = run(False)
+    # rollout 1 warms up (eager on the graphs' cache), 2 records and replays, 3 replays only
+    for i in range(3):
+        torch.testing.assert_close(run(True), eager, rtol=0, atol=0, msg=f"graphed rollout {i + 1}")
+    graphs = model._rollout_graphs
+    assert graphs is not None and len(graphs.graphs) == 2 * 4  # (chunk, first) for 4 chunks
+    # another prompt reuses the graphs (the context is copied in, the cross cache refilled)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    noise = torch.randn(1, 12, C, H, W, generator=g, device="cuda").to(torch.bfloat16)
+    ctx = torch.randn(1, 16, 32, generator=g, device="cuda").to(torch.bfloat16)
+    kw = dict(timesteps=s.warp([1000, 750, 500, 250]), scheduler=s)
+    a = causal_few_step(model, noise, ctx, generator=torch.Generator(device="cuda").manual_seed(1), cuda_graphs=True, **kw)
+    b = causal_few_step(model, noise, ctx, generator=torch.Generator(device="cuda").manual_seed(1), cuda_graphs=False, **kw)
+    assert model._rollout_graphs is graphs
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, eager)
+    # an attached observer turns graphs off; changed weights make new graphs
+    with torch.no_grad():
+        model.blocks[0].ffn[0].weight.data = model.blocks[0].ffn[0].weight.data.clone()
+    run(True)
+    assert model._rollout_graphs is not graphs

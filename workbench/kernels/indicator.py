@@ -1,0 +1,77 @@
+"""Frame mass from the model's own attention kernel: the value tensor is widened with key-frame indicators.
+
+With E [Lk, nkf] the 0/1 indicator of which key frame each key token lies in,
+
+    softmax(q k^T * scale) @ [V | E] = [out | P E],   (P E)[i, kf] = sum_{j in kf} P[i, j]
+
+so one call of the stock fused attention kernel (cuDNN on Hopper, SDPA elsewhere) returns the attention output
+and, in the extra columns, each query token's probability mass on each key frame. `attn_mass` is then the mean
+of those columns over the query tokens of a frame (float32). Cost: the P @ V product grows from D to
+D + nkf (rounded up to a multiple of 16) columns, e.g. 128 -> 160 for 21 key frames, about +12% of the
+attention FLOPs and no extra exponentials (method D in ../shared/reference/perf_anchors.md section 3.2).
+
+Precision: the kernel rounds P to the input dtype before the product and writes its output in that dtype, so a
+query token's frame mass carries bf16 rounding (relative 2^-9); the means over a frame's 1560 query tokens are
+taken in float32. Unmasked calls only (the KV-cache rollout and the bidirectional sampler); masked calls (the
+block-causal full-sequence forward) take the log-sum-exp path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_ALIGN = 16  # value head dims the fused kernels accept are multiples of 8; 16 keeps rows 32-byte aligned
+
+
+def widened_width(head_dim: int, key_frames: int) -> int:
+    """Value head dim of the widened call: head_dim + key_frames rounded up to a multiple of 16."""
+    return -(-(head_dim + key_frames) // _ALIGN) * _ALIGN
+
+
+_SCRATCH: dict = {}  # the last widened buffer, reused while the call shape repeats (no autograd)
+
+
+def widen_values(v: torch.Tensor, frame_seq_len: int) -> torch.Tensor:
+    """v [B, Lk, H, D] -> [B, Lk, H, W] = [v | E | 0]: column D + kf is 1 on the key tokens of key frame kf.
+
+    Without autograd the buffer of the previous call is reused when the shape repeats (a rollout makes
+    5 x num_layers calls per chunk with one shape): only V is copied in, the indicator columns stay."""
+    B, Lk, H, D = v.shape
+    nkf = Lk // frame_seq_len
+    key = (B, Lk, H, D, frame_seq_len, v.dtype, v.device)
+    reuse = not (torch.is_grad_enabled() and v.requires_grad)
+    wide = _SCRATCH.get(key) if reuse else None
+    if wide is None:
+        wide = v.new_zeros(B, nkf, frame_seq_len, H, widened_width(D, nkf))
+        for kf in range(nkf):
+            wide[:, kf, :, :, D + kf] = 1
+        wide = wide.view(B, Lk, H, -1)
+        if reuse:
+            _SCRATCH.clear()
+            _SCRATCH[key] = wide
+    wide[..., :D] = v
+    return wide
+
+
+def _kernel(q, k, v, scale: float) -> torch.Tensor:
+    if q.is_cuda:
+        from models.cuda_attention import attention_any_value_dim
+
+        return attention_any_value_dim(q, k, v, scale)
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           scale=scale)
+    return out.transpose(1, 2)
+
+
+def attention_with_frame_mass_indicator(q, k, v, *, frame_seq_len: int, scale: float | None = None):
+    """(out [B, Lq, H, D] in q's dtype, mass [B, H, nqf, nkf] float32) from one widened attention call.
+    Lq and Lk must be whole frames (checked by the caller, see reference.check_frame_inputs)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    B, Lq, H, D = q.shape
+    nqf, nkf = Lq // frame_seq_len, k.shape[1] // frame_seq_len
+    wide = _kernel(q, k, widen_values(v, frame_seq_len), scale)  # [B, Lq, H, W]
+    per_token = wide[..., D : D + nkf].view(B, nqf, frame_seq_len, H, nkf)
+    mass = per_token.mean(dim=2, dtype=torch.float32).permute(0, 2, 1, 3)  # [B, H, nqf, nkf]
+    return wide[..., :D], mass
