@@ -26,11 +26,14 @@ import torch  # noqa: E402
 
 from bench_rollout import random_model, rollout_inputs, run_rollout, timed  # noqa: E402
 from workbench.capture import CaptureSpec, Geometry, StatsProbe  # noqa: E402
+from models.rollout import release_graphs  # noqa: E402
 from workbench.hooks import attach  # noqa: E402
 
 
 class ReferenceProbe(StatsProbe):
     """attn_mass by the blockwise torch reference (materialises [heads, 1560, 8192] probability blocks)."""
+
+    graph_safe = False
 
     def on_call(self, call, q, k, v, out, lse):
         from workbench.kernels.reference import frame_mass_reference
@@ -39,21 +42,23 @@ class ReferenceProbe(StatsProbe):
         super().on_call(call, q, k, v, out, lse)
 
 
-def capture_run(model, noise, context, g, layers, mode, repeats, cls=StatsProbe):
+def capture_run(model, noise, context, g, layers, mode, repeats, cls=StatsProbe, graphs=True):
+    """One probe for every rollout of the row (reset in between), as `workbench extract` does; with graphs the
+    first two rollouts warm up and record, the timed ones replay."""
     spec = CaptureSpec(tuple(layers), tuple(range(12)), (0, 1, 2, 3, 4), ("attn_mass", "attn_logit"))
     geo = Geometry(batch=1, num_frames=21, frame_seq_len=1560, text_len=512)
-    probes = []
+    probe = cls(spec, geo, "cuda", mode=mode)
 
     def once():
-        probe = cls(spec, geo, "cuda", mode=mode)
-        probes.append(probe)
+        probe.reset()
         with attach(model, probe):  # one seed for every run: the modes' stores compare cell by cell
-            run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(7))
+            run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(7), cuda_graphs=graphs)
 
+    release_graphs(model)
     torch.cuda.reset_peak_memory_stats()
-    median, times = timed(once, repeats)
+    median, times = timed(once, repeats, 2 if graphs else 1)
     peak = torch.cuda.max_memory_allocated() / 2**30
-    return median, times, peak, probes[-1].results()
+    return median, times, peak, probe.results()
 
 
 def main():
@@ -68,38 +73,45 @@ def main():
     noise, context, g = rollout_inputs()
     torch.cuda.reset_peak_memory_stats()
     base, base_times = timed(lambda: run_rollout(model, noise, context, g, cuda_graphs=False), args.repeats)
+    graphed, gpeak = None, None
     base_peak = torch.cuda.max_memory_allocated() / 2**30
     print("| run | wall time (median) | vs plain | peak memory | vs plain |\n|---|---|---|---|---|")
     print(f"| plain rollout (eager) | {base:.3f} s ({', '.join(f'{t:.3f}' for t in base_times)}) | - | "
           f"{base_peak:.2f} GiB | - |")
     try:
+        release_graphs(model)
         torch.cuda.reset_peak_memory_stats()
         graphed, graph_times = timed(lambda: run_rollout(model, noise, context, g, cuda_graphs=True), args.repeats, 2)
         gpeak = torch.cuda.max_memory_allocated() / 2**30
+        release_graphs(model)
         print(f"| plain rollout (CUDA graphs) | {graphed:.3f} s ({', '.join(f'{t:.3f}' for t in graph_times)}) | "
               f"{100 * (graphed / base - 1):+.1f}% | {gpeak:.2f} GiB | {gpeak - base_peak:+.2f} GiB |")
     except Exception as err:
         print(f"| plain rollout (CUDA graphs) | FAILED: {type(err).__name__}: {str(err)[:200]} | | | |")
     results = {}
-    rows = [
-        ("indicator, all 30 layers", range(30), "indicator", StatsProbe),
-        ("indicator, layer 3", [3], "indicator", StatsProbe),
-        ("exact, all 30 layers", range(30), "exact", StatsProbe),
-        ("exact, layer 3", [3], "exact", StatsProbe),
-        ("fused, all 30 layers", range(30), "fused", StatsProbe),
-        ("fused, layer 3", [3], "fused", StatsProbe),
-        ("materialising torch reference, layer 3", [3], "exact", ReferenceProbe),
+    rows = [  # (name, layers, mode, probe class, CUDA graphs)
+        ("indicator, all 30 layers", range(30), "indicator", StatsProbe, True),
+        ("indicator, layer 3", [3], "indicator", StatsProbe, True),
+        ("exact, all 30 layers", range(30), "exact", StatsProbe, True),
+        ("exact, layer 3", [3], "exact", StatsProbe, True),
+        ("fused, all 30 layers", range(30), "fused", StatsProbe, True),
+        ("fused, layer 3", [3], "fused", StatsProbe, True),
+        ("indicator, all 30 layers, eager", range(30), "indicator", StatsProbe, False),
+        ("indicator, layer 3, eager", [3], "indicator", StatsProbe, False),
+        ("materialising torch reference, layer 3, eager", [3], "exact", ReferenceProbe, False),
     ]
     if args.only:
         rows = [r for r in rows if any(word in r[0] for word in args.only.split(","))]
-    for name, layers, mode, cls in rows:
+    for name, layers, mode, cls, graphs in rows:
         try:
-            t, times, peak, res = capture_run(model, noise, context, g, layers, mode, args.repeats, cls)
+            t, times, peak, res = capture_run(model, noise, context, g, layers, mode, args.repeats, cls, graphs)
         except Exception as err:  # report and go on: one failing mode must not hide the others
             print(f"| {name} | FAILED: {type(err).__name__}: {str(err)[:200]} | | | |")
             continue
         results[name] = res
-        print(f"| {name} | {t:.3f} s | {100 * (t / base - 1):+.1f}% | {peak:.2f} GiB | {peak - base_peak:+.2f} GiB |")
+        ref_t, ref_peak = (graphed, gpeak) if graphs and graphed else (base, base_peak)
+        print(f"| {name} | {t:.3f} s ({', '.join(f'{x:.3f}' for x in times)}) | {100 * (t / ref_t - 1):+.1f}% | "
+              f"{peak:.2f} GiB | {peak - ref_peak:+.2f} GiB |")
     exact = results.get("exact, all 30 layers")
     for name, res in results.items():
         m = torch.from_numpy(res["attn_mass"])
@@ -113,15 +125,19 @@ def main():
             same_nan = bool((a.isnan() == b.isnan()).all())
             print(f"# {other} vs exact attn_mass: max |diff| {(a - b).abs().nan_to_num().max().item():.2e}, "
                   f"same NaN pattern {same_nan}")
+    release_graphs(model)
     plain = run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(7), cuda_graphs=False)
     for mode in ("exact", "indicator", "fused"):
         spec = CaptureSpec(tuple(range(30)), tuple(range(12)), (0, 1, 2, 3, 4), ("attn_mass", "attn_logit"))
         probe = StatsProbe(spec, Geometry(batch=1, num_frames=21, frame_seq_len=1560, text_len=512), "cuda", mode=mode)
-        with attach(model, probe):
-            got = run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(7))
-        print(f"# {mode} capture of all layers: latents bitwise equal to the plain rollout: {torch.equal(got, plain)}; "
-              f"max |diff| {(got.float() - plain.float()).abs().max().item():.3e}")
-    ref = results.get("materialising torch reference, layer 3")
+        for _ in range(3):  # warm-up, record, replay: the last one is a replayed graph
+            probe.reset()
+            with attach(model, probe):
+                got = run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(7), cuda_graphs=True)
+        release_graphs(model)
+        print(f"# {mode} capture of all layers (graph replay): latents bitwise equal to the eager plain rollout: "
+              f"{torch.equal(got, plain)}; max |diff| {(got.float() - plain.float()).abs().max().item():.3e}")
+    ref = results.get("materialising torch reference, layer 3, eager")
     if ref is not None and exact is not None:
         a = torch.from_numpy(exact["attn_mass"])[:, :, 3:4]
         b = torch.from_numpy(ref["attn_mass"])

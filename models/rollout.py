@@ -79,16 +79,23 @@ class RolloutGraphs:
     records one graph per (chunk, first forward of the chunk or not) into a shared memory pool, in rollout
     order, and replays each right away; later rollouts replay. The first forward of a chunk gets its own graph
     because it may evict from a windowed cache; the others overwrite the same slots. Graphs are used only
-    on CUDA, without gradients, with no attention observer attached, and are dropped when the model's
-    parameters or the rollout's shape change. Replays run exactly the recorded kernels, so a graphed rollout
-    equals the eager one bitwise (tests/test_rollout.py, on a GPU)."""
+    on CUDA and without gradients, and are dropped when the model's parameters, the rollout's shape or the
+    attached observers change. Replays run exactly the recorded kernels, so a graphed rollout equals the eager
+    one bitwise (tests/test_rollout.py, on a GPU).
+
+    Observers: graphs are used only when every attached observer is `graph_safe`, i.e. its per-call work is
+    GPU work into buffers at fixed addresses, and it implements `begin_recording()`, `end_recording()` (the
+    calls it saw while a graph was recorded) and `replay_recorded(calls)` (its host-side bookkeeping for a
+    replay of those calls). Then every forward gets its own graph, recorded with that forward's labels, and a
+    replay is checked to carry the same labels as the recorded forward."""
 
     def __init__(self, key, model, batch: int, frames: int, fsl: int, context: torch.Tensor, dtype):
         self.key = key
         self.cache = RolloutCache.allocate(model.config, batch, frames, fsl, dtype=dtype, device=context.device)
         self.context = torch.empty_like(context)
         self.pool = None
-        self.graphs: dict = {}  # (chunk, first) -> (graph, x, t, out, cache state after the forward)
+        self.graphs: dict = {}  # (chunk, first[, labels]) -> (graph, x, t, out, cache state after, observer calls)
+        self.observers = tuple(model.observers)  # held, so that their buffers outlive the graphs that write them
         self.rollouts = 0
 
     def begin(self, model, context: torch.Tensor) -> None:
@@ -104,21 +111,33 @@ class RolloutGraphs:
     def forward(self, model, x, t, start: int, chunk: int, first: bool, labels: ForwardLabels):
         if self.rollouts == 1:  # warm-up: eager on the graphs' cache
             return model(x, t, self.context, cache=self.cache, start_frame=start, labels=labels)
-        key = (chunk, first)
+        key = (chunk, first, labels) if self.observers else (chunk, first)
         if key not in self.graphs:
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             xs, ts = x.clone(), t.clone()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = model(xs, ts, self.context, cache=self.cache, start_frame=start, labels=labels)
-            self.graphs[key] = (graph, xs, ts, out, [(list(kv.frames), kv.end_frame) for kv in self.cache.kv])
-        graph, xs, ts, out, state = self.graphs[key]
+            for obs in self.observers:
+                obs.begin_recording()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = model(xs, ts, self.context, cache=self.cache, start_frame=start, labels=labels)
+            finally:
+                seen = [obs.end_recording() for obs in self.observers]
+            state = [(list(kv.frames), kv.end_frame) for kv in self.cache.kv]
+            self.graphs[key] = (graph, xs, ts, out, state, seen)
+            replayed = False  # the calls were seen (and their bookkeeping done) while recording
+        else:
+            replayed = True
+        graph, xs, ts, out, state, seen = self.graphs[key]
         xs.copy_(x)
         ts.copy_(t)
         graph.replay()
         for kv, (frames, end) in zip(self.cache.kv, state):
             kv.frames, kv.end_frame = list(frames), end
+        if replayed:
+            for obs, calls in zip(self.observers, seen):
+                obs.replay_recorded(calls)
         return out.clone()  # the graph's output buffer is rewritten by its next replay
 
 
@@ -126,8 +145,10 @@ def _rollout_graphs(model, noise, context, cuda_graphs, extra_key) -> RolloutGra
     """The model's `RolloutGraphs` for this rollout's shape, or None when the rollout runs eagerly."""
     if cuda_graphs is None:
         cuda_graphs = os.environ.get("WORKBENCH_CUDA_GRAPHS", "1") == "1"
-    if not cuda_graphs or not noise.is_cuda or model.observers or torch.is_grad_enabled():
-        return None  # graphs need CUDA and no autograd; observers run Python per attention call
+    if not cuda_graphs or not noise.is_cuda or torch.is_grad_enabled():
+        return None  # graphs need CUDA and no autograd
+    if not all(getattr(obs, "graph_safe", False) for obs in model.observers):
+        return None  # an observer that runs arbitrary Python per attention call
     from models import fused
 
     fsl = (noise.shape[3] // model.config.patch_size[1]) * (noise.shape[4] // model.config.patch_size[2])
@@ -135,7 +156,9 @@ def _rollout_graphs(model, noise, context, cuda_graphs, extra_key) -> RolloutGra
     key = (tuple(noise.shape), noise.dtype, str(noise.device), tuple(context.shape), context.dtype, params,
            fused.GELU_EPILOGUE, fused.COMPILE, extra_key)
     current = getattr(model, "_rollout_graphs", None)
-    if current is None or current.key != key:
+    same_observers = current is not None and len(current.observers) == len(model.observers) and all(
+        a is b for a, b in zip(current.observers, model.observers))
+    if current is None or current.key != key or not same_observers:
         model._rollout_graphs = None  # free the old cache and pool first
         current = model._rollout_graphs = RolloutGraphs(key, model, noise.shape[0], noise.shape[1], fsl, context,
                                                         noise.dtype)

@@ -336,3 +336,63 @@ def test_indicator_mode_falls_back_to_the_exact_path_where_it_cannot_serve():
     assert StatsProbe(spec, Geometry(1, frames, FSL, TEXT_LEN), "cpu", mode="auto").mode == "exact"
     with pytest.raises(WorkbenchError, match="capture mode 'fast'.*'indicator'"):
         StatsProbe(spec, Geometry(1, frames, FSL, TEXT_LEN), "cpu", mode="fast")
+
+
+def test_probe_reset_and_graph_replay_bookkeeping():
+    """The CUDA-graph protocol on its host side: the calls seen while recording are returned, and replaying them
+    claims the same cells again; `reset()` empties the buffers in place; a probe reused without reset refuses
+    the second rollout's calls (it would mix two rollouts' values)."""
+    model = tiny_model()
+    probe = StatsProbe(full_spec(model), Geometry(1, 6, FSL, TEXT_LEN), "cpu", mode="indicator")
+    buffers = {name: buf.data_ptr() for name, buf in probe.buffers.items()}
+    probe.begin_recording()
+    first = few_step(model, 6, torch.float32, probe)
+    calls = probe.end_recording()
+    assert len(calls) == 2 * STEPS * model.config.num_layers  # 2 chunks x 5 forwards x layers (self only)
+    values, filled = probe.results(), set(probe.filled)
+    assert not probe.missing_steps(6)
+    with pytest.raises(WorkbenchError, match="reset"):
+        few_step(model, 6, torch.float32, probe)
+    probe.reset()
+    assert not probe.filled and all(np.isnan(v).all() for v in probe.results().values())
+    assert {name: buf.data_ptr() for name, buf in probe.buffers.items()} == buffers
+    probe.replay_recorded(calls)  # what a graph replay does on the host
+    assert probe.filled == filled and probe.missing_steps(6) == []
+    probe.reset()
+    again = few_step(model, 6, torch.float32, probe)
+    assert torch.equal(again, first)
+    for name in values:
+        np.testing.assert_array_equal(probe.results()[name], values[name])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["indicator", "exact"])
+def test_gpu_graphed_capture_equals_eager_capture(mode):
+    """With a graph-safe probe attached the few-step rollout runs from CUDA graphs (warm-up, record, replay);
+    each rollout's latents and store equal the eager rollout's bitwise, for several prompts/seeds, with
+    eviction (sink + window)."""
+    model = tiny_model(local_attn_size=6, sink_size=1).cuda().to(torch.bfloat16)
+    s = FlowMatchScheduler(5.0)
+    spec = CaptureSpec(layers=(0, 1), heads=(1, 3), steps=tuple(range(STEPS)), stats=("attn_mass", "attn_logit"))
+    graphed = StatsProbe(spec, Geometry(1, 12, FSL, TEXT_LEN), "cuda", mode=mode)
+    eager = StatsProbe(spec, Geometry(1, 12, FSL, TEXT_LEN), "cuda", mode=mode)
+
+    def run(probe, seed, graphs):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        noise = torch.randn(1, 12, C, H, W, generator=g, device="cuda").to(torch.bfloat16)
+        ctx = torch.randn(1, TEXT_LEN, 32, generator=g, device="cuda").to(torch.bfloat16)
+        probe.reset()
+        with attach(model, probe):
+            out = causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s,
+                                  generator=g, cuda_graphs=graphs)
+        return out, probe.results()
+
+    for seed in range(4):  # rollout 0 warms up, 1 records, 2-3 replay
+        a, sa = run(graphed, seed, True)
+        b, sb = run(eager, seed, False)
+        assert torch.equal(a, b), seed
+        for name in sa:
+            np.testing.assert_array_equal(sa[name], sb[name])
+        assert not graphed.missing_steps(12)
+    assert model._rollout_graphs is not None and model._rollout_graphs.observers == (graphed,)
+    assert len(model._rollout_graphs.graphs) == 4 * STEPS  # one graph per forward when observers are attached

@@ -64,7 +64,13 @@ class StatsProbe(Probe):
     - "auto": "indicator" on CUDA, "exact" elsewhere.
 
     Calls a mode cannot serve (masked calls for "indicator", layers with per-key-token maps) take the exact path.
+
+    The probe is `graph_safe`: its per-call work is GPU work into its own buffers, so a few-step rollout with
+    it attached runs from CUDA graphs (models.rollout.RolloutGraphs). To reuse those graphs, keep one probe
+    for a series of rollouts of one shape and call `reset()` between them.
     """
+
+    graph_safe = True
 
     def __init__(self, spec: CaptureSpec, geometry: Geometry, device, mode: str = "exact"):
         from workbench.hooks import CallFilter
@@ -96,6 +102,27 @@ class StatsProbe(Probe):
             self.buffers[stat] = torch.full(shape, nan, dtype=torch.float32, device=device)
         self.timesteps: dict[int, float] = {}  # step -> timestep, as the calls reported it
         self.filled: set[tuple] = set()  # (kind, step, layer, query frame) cells written
+        self._recording: list | None = None
+
+    def reset(self) -> None:
+        """Forget the last rollout: NaN buffers (in place, at the same addresses), no claimed cells."""
+        for buf in self.buffers.values():
+            buf.fill_(float("nan"))
+        self.timesteps.clear()
+        self.filled.clear()
+
+    # CUDA-graph protocol (models.rollout.RolloutGraphs): the calls seen while a forward is recorded are
+    # claimed again, in the same order, each time that forward's graph replays.
+    def begin_recording(self) -> None:
+        self._recording = []
+
+    def end_recording(self) -> list:
+        calls, self._recording = self._recording, None
+        return calls
+
+    def replay_recorded(self, calls) -> None:
+        for call in calls:
+            self._claim(call)
 
     def _claim(self, call: AttentionCall) -> None:
         step, t = call.labels.step, call.labels.timestep
@@ -107,12 +134,16 @@ class StatsProbe(Probe):
         for qf in call.query_frames:
             cell = (call.kind, step, call.layer, qf)
             if cell in self.filled:
-                raise WorkbenchError(f"two attention calls claim {call.kind} layer {call.layer} step {step} frame {qf}")
+                raise WorkbenchError(f"two attention calls claim {call.kind} layer {call.layer} step {step} frame {qf} "
+                                     "(a probe reused for another rollout needs reset() first)")
             self.filled.add(cell)
 
     def _index(self, frames: tuple[int, ...], device) -> torch.Tensor:
         key = (frames, str(device))
         if key not in self._frames:
+            if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise WorkbenchError(f"frame index {frames} first met while recording a CUDA graph; the eager "
+                                     "warm-up rollout should have made it (a call the warm-up did not see)")
             self._frames[key] = torch.tensor(frames, device=device)
         return self._frames[key]
 
@@ -144,6 +175,8 @@ class StatsProbe(Probe):
     @torch.no_grad()  # statistics are observations: never part of an autograd graph (training forwards)
     def on_call(self, call: AttentionCall, q, k, v, out, lse) -> None:
         self._claim(call)
+        if self._recording is not None:
+            self._recording.append(call)
         fsl = call.frame_seq_len
         s, l = self.step_pos[call.labels.step], self.layer_pos[call.layer]
         dev = q.device

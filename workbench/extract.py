@@ -31,7 +31,7 @@ from models.checkpoint import WEIGHTS_NAME, load_wan, sha256_file
 from models.embedded import EMBEDDED_DIR, EMBEDDED_GEOMETRY
 from models.rollout import SAMPLERS, MultiStepSolver, few_step_schedule, multistep_schedule, sample
 from models.scheduler import FlowMatchScheduler
-from workbench.capture import DEFAULT_STATS, STATS, CaptureSpec, Geometry, StatsProbe
+from workbench.capture import DEFAULT_STATS, STATS, CaptureSpec, Geometry, StatsProbe, resolve_mode
 from workbench.errors import WorkbenchError
 from workbench.hooks import attach
 from workbench.store import SCHEMA_VERSION, StoreLayout, StoreWriter, sample_dataset, sample_id
@@ -73,6 +73,7 @@ class ExtractConfig:
     mode: str = "resume"  # resume | append | overwrite
     batch_size: int = 1
     progress: bool = True
+    capture_mode: str = "auto"  # auto | exact | indicator | fused (workbench.capture.StatsProbe)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -132,6 +133,10 @@ def plan(cfg: ExtractConfig) -> Plan:
         raise WorkbenchError("no prompts to run (an empty prompt or prompt file)")
     if cfg.mode not in ("resume", "append", "overwrite"):
         raise WorkbenchError(f"mode {cfg.mode!r}; use resume, append or overwrite")
+    from workbench.capture import CAPTURE_MODES
+
+    if cfg.capture_mode not in CAPTURE_MODES:
+        raise WorkbenchError(f"capture mode {cfg.capture_mode!r}; use one of {list(CAPTURE_MODES)}")
     wan_dir = Path(cfg.wan_dir) if cfg.wan_dir else EMBEDDED_DIR
     if not (wan_dir / "config.json").is_file():
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)")
@@ -192,7 +197,8 @@ def fingerprint(p: Plan, weights_sha: str) -> str:
                   stats=p.spec.stats, token_layers=p.spec.token_layers, geometry=p.geometry, sampler=c.sampler,
                   schedule=[dataclasses.astuple(s) for s in p.schedule], nfpb=c.num_frame_per_block)
     model = dict(weights=weights_sha, config=dataclasses.asdict(p.model_config), key=("ema" if c.use_ema else "gen"),
-                 dtype=c.dtype, guidance=c.guidance_scale, negative=c.negative_prompt)
+                 dtype=c.dtype, guidance=c.guidance_scale, negative=c.negative_prompt,
+                 capture_mode=resolve_mode(c.capture_mode, c.device))
 
     def h(d):
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -232,6 +238,7 @@ def _attrs(p: Plan, fp: str, command: list[str]) -> dict:
         frame_seq_len=p.frame_seq_len, num_frame_per_block=c.num_frame_per_block, num_frames=c.num_frames,
         text_len=p.model_config.text_len, head_dim=p.model_config.head_dim, num_layers=p.model_config.num_layers,
         num_heads=p.model_config.num_heads, dtype=c.dtype, attn_backend=backend_name(c.device, _dtype(c.dtype)),
+        capture_mode=resolve_mode(c.capture_mode, c.device),
         fingerprint=fp,
     )
 
@@ -317,12 +324,13 @@ def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
     bar = tqdm(total=sum(rank < len(r) for r in rounds) * forwards,
                desc=f"extract (rank {rank})" if world > 1 else "extract", unit="fwd",
                disable=not cfg.progress or rank != 0)
+    probe = make_probe(model, p, device)
     for batch in rounds:
         result = None
         if rank < len(batch):
             prompt_index, prompt, seed = batch[rank]
             emb = encoder.encode([prompt])
-            arrays = _one_sample(model, p, emb, negative, seed, device, dtype, bar)
+            arrays = _one_sample(model, p, emb, negative, seed, device, dtype, bar, probe)
             meta = dict(prompt_index=prompt_index, seed=seed, prompt=prompt, checkpoint=p.checkpoint_label,
                         checkpoint_sha256=weights_sha, model_family=p.family, sampler=cfg.sampler,
                         local_attn_size=cfg.local_attn_size, sink_size=cfg.sink_size, tokens=emb.tokens[0],
@@ -353,10 +361,16 @@ def load_model(p: Plan, device, dtype) -> torch.nn.Module:
                     sink_size=c.sink_size, device=device, dtype=dtype, trust_pickle=c.trust_pickle)
 
 
-def _one_sample(model, p: Plan, emb, negative, seed, device, dtype, bar) -> dict[str, np.ndarray]:
+def make_probe(model, p: Plan, device) -> StatsProbe:
+    """The statistics probe of a plan; one serves every sample of a run (`reset()` between samples), so that
+    a CUDA run replays the rollout graphs recorded for its first samples."""
+    geo = Geometry(batch=1, num_frames=p.geometry[0], frame_seq_len=p.frame_seq_len, text_len=model.config.text_len)
+    return StatsProbe(p.spec, geo, device, mode=p.cfg.capture_mode)
+
+
+def _one_sample(model, p: Plan, emb, negative, seed, device, dtype, bar, probe: StatsProbe) -> dict[str, np.ndarray]:
     F = p.geometry[0]
-    geo = Geometry(batch=1, num_frames=F, frame_seq_len=p.frame_seq_len, text_len=model.config.text_len)
-    probe = StatsProbe(p.spec, geo, device)
+    probe.reset()
     with attach(model, probe):
         sample_rollout(model, p, emb, negative, seed, device, dtype, on_forward=lambda labels, start, n: bar.update(1))
     missing = probe.missing_steps(F)

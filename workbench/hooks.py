@@ -77,6 +77,9 @@ class Probe:
     def observe(self, call: AttentionCall, q, k, v, out, lse) -> None:
         if self.heads is not None and self.heads != list(range(q.shape[2])):  # a real subset: select it
             idx = self._head_index.get(q.device)
+            if idx is None and q.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("a probe's head index was first needed while recording a CUDA graph; run the "
+                                   "rollout once eagerly with the probe attached first")
             if idx is None:
                 idx = self._head_index[q.device] = torch.tensor(self.heads, device=q.device)
             q, k, v, out = (t.index_select(2, idx) for t in (q, k, v, out))

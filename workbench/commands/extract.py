@@ -34,6 +34,11 @@ def register(subparsers) -> None:
     what.add_argument("--stats", default="attn_mass,attn_logit",
                       help="statistics: attn_mass, attn_logit, cross_mass, attn_key_token (default: %(default)s)")
     what.add_argument("--token-layers", help="layers that also get per-key-token maps (attn_key_token)")
+    what.add_argument("--capture-mode", default="auto", choices=["auto", "exact", "indicator", "fused"],
+                      help="how attn_mass is computed: exact (log-sum-exp + a recompute pass, float32), indicator "
+                           "(one attention call with key-frame indicator columns appended to V; per-token "
+                           "masses in the model's dtype), fused (one Triton kernel); auto = indicator on CUDA, "
+                           "exact on the CPU (default: %(default)s; docs/store.md)")
     job = p.add_argument_group("what to run")
     job.add_argument("--prompt", help="one prompt (default: the researchers' eagle prompt)")
     job.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
@@ -82,7 +87,7 @@ def run(args) -> int:
         num_frames=args.frames, sampler=args.sampler, local_attn_size=args.local_attn_size, sink_size=args.sink_size,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         wan_dir=args.wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema, trust_pickle=args.trust_pickle,
-        progress=not args.no_progress,
+        progress=not args.no_progress, capture_mode=args.capture_mode,
         mode="append" if args.append else "overwrite" if args.overwrite else "resume",
     )
     if args.prompts:

@@ -30,26 +30,28 @@ def widened_width(head_dim: int, key_frames: int) -> int:
     return -(-(head_dim + key_frames) // _ALIGN) * _ALIGN
 
 
-_SCRATCH: dict = {}  # the last widened buffer, reused while the call shape repeats (no autograd)
+_SCRATCH: dict = {}  # widened buffers by call shape, reused across calls (no autograd); at most _KEEP shapes
+_KEEP = 8  # kept buffers are never freed: a recorded CUDA graph may read them at their address
 
 
 def widen_values(v: torch.Tensor, frame_seq_len: int) -> torch.Tensor:
     """v [B, Lk, H, D] -> [B, Lk, H, W] = [v | E | 0]: column D + kf is 1 on the key tokens of key frame kf.
 
-    Without autograd the buffer of the previous call is reused when the shape repeats (a rollout makes
-    5 x num_layers calls per chunk with one shape): only V is copied in, the indicator columns stay."""
+    Without autograd one buffer per call shape (up to 8 shapes) is kept and reused (a rollout makes
+    5 x num_layers calls per chunk with one shape; 7 shapes for 21 frames, 0.5 GiB at 1.3B size): only V is
+    copied in, the indicator columns stay. While a CUDA graph is being recorded a missing buffer is made for that call alone (kept
+    buffers must not come from a graph's memory pool)."""
     B, Lk, H, D = v.shape
     nkf = Lk // frame_seq_len
     key = (B, Lk, H, D, frame_seq_len, v.dtype, v.device)
+    capturing = v.is_cuda and torch.cuda.is_current_stream_capturing()
     reuse = not (torch.is_grad_enabled() and v.requires_grad)
     wide = _SCRATCH.get(key) if reuse else None
     if wide is None:
         wide = v.new_zeros(B, nkf, frame_seq_len, H, widened_width(D, nkf))
-        for kf in range(nkf):
-            wide[:, kf, :, :, D + kf] = 1
+        wide[..., D : D + nkf] = torch.eye(nkf, dtype=v.dtype, device=v.device)[None, :, None, None, :]
         wide = wide.view(B, Lk, H, -1)
-        if reuse:
-            _SCRATCH.clear()
+        if reuse and not capturing and len(_SCRATCH) < _KEEP:
             _SCRATCH[key] = wide
     wide[..., :D] = v
     return wide
