@@ -65,6 +65,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated words; run only the rows whose name has one")
+    ap.add_argument("--skip-eager", action="store_true", help="skip the eager capture rows and the reference row")
     args = ap.parse_args()
     print(f"# bench_capture  {datetime.datetime.now().isoformat(timespec='seconds')}  "
           f"{torch.cuda.get_device_name()}  torch {torch.__version__}  python {platform.python_version()}")
@@ -102,6 +103,8 @@ def main():
     ]
     if args.only:
         rows = [r for r in rows if any(word in r[0] for word in args.only.split(","))]
+    if args.skip_eager:
+        rows = [r for r in rows if r[4]]
     for name, layers, mode, cls, graphs in rows:
         try:
             t, times, peak, res = capture_run(model, noise, context, g, layers, mode, args.repeats, cls, graphs)

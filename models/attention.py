@@ -208,6 +208,9 @@ class ObserverList:
     def __bool__(self):
         return bool(self.items)
 
+    def __len__(self):
+        return len(self.items)
+
 
 @dataclass
 class ObserverHandle:

@@ -141,11 +141,12 @@ class RolloutGraphs:
         return out.clone()  # the graph's output buffer is rewritten by its next replay
 
 
-def _rollout_graphs(model, noise, context, cuda_graphs, extra_key) -> RolloutGraphs | None:
-    """The model's `RolloutGraphs` for this rollout's shape, or None when the rollout runs eagerly."""
+def _rollout_graphs(model, noise, context, cuda_graphs, extra_key, devices=("cuda",)) -> RolloutGraphs | None:
+    """The model's `RolloutGraphs` for this rollout's shape, or None when the rollout runs eagerly. (`devices`
+    lets the CPU tests check which rollouts share graphs.)"""
     if cuda_graphs is None:
         cuda_graphs = os.environ.get("WORKBENCH_CUDA_GRAPHS", "1") == "1"
-    if not cuda_graphs or not noise.is_cuda or torch.is_grad_enabled():
+    if not cuda_graphs or noise.device.type not in devices or torch.is_grad_enabled():
         return None  # graphs need CUDA and no autograd
     if not all(getattr(obs, "graph_safe", False) for obs in model.observers):
         return None  # an observer that runs arbitrary Python per attention call
@@ -156,8 +157,9 @@ def _rollout_graphs(model, noise, context, cuda_graphs, extra_key) -> RolloutGra
     key = (tuple(noise.shape), noise.dtype, str(noise.device), tuple(context.shape), context.dtype, params,
            fused.GELU_EPILOGUE, fused.COMPILE, extra_key)
     current = getattr(model, "_rollout_graphs", None)
-    same_observers = current is not None and len(current.observers) == len(model.observers) and all(
-        a is b for a, b in zip(current.observers, model.observers))
+    observers = tuple(model.observers)
+    same_observers = current is not None and len(current.observers) == len(observers) and all(
+        a is b for a, b in zip(current.observers, observers))
     if current is None or current.key != key or not same_observers:
         model._rollout_graphs = None  # free the old cache and pool first
         current = model._rollout_graphs = RolloutGraphs(key, model, noise.shape[0], noise.shape[1], fsl, context,

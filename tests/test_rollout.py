@@ -216,3 +216,38 @@ def test_cuda_graph_rollout_equals_eager_rollout():
         model.blocks[0].ffn[0].weight.data = model.blocks[0].ffn[0].weight.data.clone()
     run(True)
     assert model._rollout_graphs is not graphs
+
+
+def test_which_rollouts_share_recorded_graphs():
+    """The host-side rule of `RolloutGraphs` (checked on the CPU; the graphs themselves run on a GPU): one set per
+    model, reused while shape, weights and observers are the same; off with autograd or a non-graph-safe
+    observer; new for a new shape, new weights or other observers."""
+    from models.rollout import _rollout_graphs, release_graphs
+    from workbench.capture import CaptureSpec, Geometry, StatsProbe
+    from workbench.hooks import Probe, attach
+
+    model = tiny_model()
+    noise, ctx = torch.randn(1, 6, C, H, W), torch.randn(1, 16, 32)
+    get = lambda n=noise: _rollout_graphs(model, n, ctx, True, "k", devices=("cpu",))  # noqa: E731
+    with torch.no_grad():
+        first = get()
+        assert first is not None and get() is first
+        assert _rollout_graphs(model, noise, ctx, True, "k") is None  # CPU tensors: no graphs by default
+        assert _rollout_graphs(model, noise, ctx, False, "k", devices=("cpu",)) is None
+        assert get(torch.randn(1, 9, C, H, W)) is not first  # another shape
+        second = get()
+        assert second is not first and second.cache.kv[0].k.shape[1] == 6 * (H // 2) * (W // 2)
+        with attach(model, Probe()):
+            assert get() is None  # a plain Probe runs arbitrary Python per call
+        probe = StatsProbe(CaptureSpec(layers=(0,), heads=(0,), steps=(0,)), Geometry(1, 6, 6, 16), "cpu")
+        with attach(model, probe):
+            third = get()
+            assert third is not second and third.observers == (probe,) and get() is third
+        with attach(model, probe):
+            assert get() is third  # the same probe attached again
+        model.blocks[0].ffn[0].weight.data = model.blocks[0].ffn[0].weight.data.clone()
+        with attach(model, probe):
+            assert get() is not third  # new weights
+        release_graphs(model)
+        assert model._rollout_graphs is None
+    assert get() is None  # autograd on
