@@ -115,8 +115,10 @@ class TrainingProbes:
                     geo = Geometry(batch=1, num_frames=F, frame_seq_len=self.frame_seq_len, text_len=self.text_len)
                     probe = StatsProbe(self.spec, geo, device)
                     with attach(model, probe):
+                        # eager: a (possibly sharded) model whose weights change between probe runs keeps no graphs
                         causal_few_step(model, noise, context, timesteps=self.timesteps, scheduler=self.scheduler,
-                                        context_noise=self.context_noise, generator=gen, cache_frames=F)
+                                        context_noise=self.context_noise, generator=gen, cache_frames=F,
+                                        cuda_graphs=False)
                     for stat, values in probe.results().items():
                         per_stat.setdefault(stat, []).append(values[0])
                     metas.append(dict(self.sample_meta, prompt_index=i, seed=seed, prompt=prompt,
