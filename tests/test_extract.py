@@ -24,6 +24,7 @@ import xarray as xr
 import workbench.extract as extract_mod
 from attention_reference import AttendRecorder, dense_frame_stats, expected_key_frames
 from workbench.cli import main as cli_main
+from workbench.errors import WorkbenchError
 from workbench.extract import ExtractConfig, run_extract
 from workbench.store import StoreWriter, open_store
 
@@ -359,3 +360,32 @@ def test_appending_runs_keep_the_creating_run_and_are_listed(tmp_path):
     attrs = xr.open_zarr(out, consolidated=False).attrs
     assert attrs["command"] == "first" and [r["command"] for r in attrs["runs"]] == ["second"]
     assert attrs["completed"] == ["p0000-s1", "p0000-s2"]
+
+
+def test_capture_mode_is_chosen_recorded_and_checked(tmp_path, capsys, uninterrupted, no_work):
+    """--capture-mode reaches the probe and the store's attrs (and fingerprint); on the CPU `auto` is exact; an
+    unknown mode is refused before work. (Values of every mode against the float64 reference:
+    tests/test_capture.py; on the GPU: tests/test_indicator.py.)"""
+    assert xr.open_zarr(uninterrupted, consolidated=False).attrs["capture_mode"] == "exact"
+    with pytest.raises(WorkbenchError, match=r"capture mode 'fast'; use one of \['auto', 'exact', 'indicator'"):
+        run_extract(config(tmp_path / "bad.zarr", capture_mode="fast"), log=quiet)
+    assert not (tmp_path / "bad.zarr").exists()
+    with pytest.raises(SystemExit) as exit_:  # argparse's own check of the choices
+        cli_main(["extract", "--layer", "3", "--capture-mode", "fast", "--out", str(tmp_path / "x.zarr")])
+    assert exit_.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def test_indicator_store_matches_the_exact_store(tmp_path, uninterrupted):
+    out = tmp_path / "ind.zarr"
+    assert cli_main(["extract", "--layer", "3", "--prompt", PROMPTS[0], "--seed", "1", "--capture-mode", "indicator",
+                     "--out", str(out), "--no-progress"]) == 0
+    ind = xr.open_zarr(out, consolidated=False).load()
+    ref = xr.open_zarr(uninterrupted, consolidated=False).load().isel(sample=[0])
+    assert ind.attrs["capture_mode"] == "indicator"
+    assert ind.attrs["fingerprint"].split(":")[0] == ref.attrs["fingerprint"].split(":")[0]  # same layout
+    assert ind.attrs["fingerprint"] != ref.attrs["fingerprint"]  # numbers made another way: --append, not resume
+    # on the CPU the widened call is another matmul shape: outputs, hence later chunks' q and k, move by float32
+    # rounding, so the stores agree to rounding rather than bitwise (on cuDNN they are bitwise, see RESULTS.md)
+    a, b = ind.attn_mass.values, ref.attn_mass.values
+    assert np.array_equal(np.isnan(a), np.isnan(b)) and np.nanmax(np.abs(a - b)) <= 1e-5
+    np.testing.assert_allclose(ind.attn_logit.values, ref.attn_logit.values, rtol=1e-4, atol=1e-5)
