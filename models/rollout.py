@@ -86,8 +86,8 @@ class RolloutGraphs:
     Observers: graphs are used only when every attached observer is `graph_safe`, i.e. its per-call work is
     GPU work into buffers at fixed addresses, and it implements `begin_recording()`, `end_recording()` (the
     calls it saw while a graph was recorded) and `replay_recorded(calls)` (its host-side bookkeeping for a
-    replay of those calls). Then every forward gets its own graph, recorded with that forward's labels, and a
-    replay is checked to carry the same labels as the recorded forward."""
+    replay of those calls). Then every forward gets its own graph, keyed by that forward's labels, so a graph
+    replays only for a forward labelled exactly as the one it recorded."""
 
     def __init__(self, key, model, batch: int, frames: int, fsl: int, context: torch.Tensor, dtype):
         self.key = key
