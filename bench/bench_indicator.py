@@ -15,31 +15,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench_frame_attention import time_ms  # noqa: E402  (CUDA-event median after warm-up)
 from models.cuda_attention import _cudnn  # noqa: E402
 from workbench.kernels.indicator import attention_with_frame_mass_indicator, widen_values  # noqa: E402
-
-
-def time_ms(fn, reps):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def main():
@@ -64,13 +51,13 @@ def main():
         row = []
         for w in widths:
             v = torch.randn(1, nkf * fsl, H, w, device="cuda", generator=g).bfloat16()
-            t = time_ms(lambda: _cudnn(q, k, v, scale), args.reps)
+            t = time_ms(lambda: _cudnn(q, k, v, scale), args.reps, 3)
             totals[w] += t
             row.append(t)
         v = k.clone()
         widen_values(v, fsl)
-        t_copy = time_ms(lambda: widen_values(v, fsl), args.reps)
-        t_ind = time_ms(lambda: attention_with_frame_mass_indicator(q, k, v, frame_seq_len=fsl), args.reps)
+        t_copy = time_ms(lambda: widen_values(v, fsl), args.reps, 3)
+        t_ind = time_ms(lambda: attention_with_frame_mass_indicator(q, k, v, frame_seq_len=fsl), args.reps, 3)
         totals["copy"] += t_copy
         totals["indicator"] += t_ind
         print(f"| {b} | {nkf} | " + " | ".join(f"{t:.3f}" for t in row) + f" | {t_copy:.3f} | {t_ind:.3f} |")
@@ -84,8 +71,8 @@ def main():
     x = torch.randn(4680, 1536, device="cuda", generator=g).bfloat16()
     w1 = (torch.randn(8960, 1536, device="cuda", generator=g) * 0.02).bfloat16()
     b1 = (torch.randn(8960, device="cuda", generator=g) * 0.02).bfloat16()
-    sep = time_ms(lambda: F.gelu(F.linear(x, w1, b1), approximate="tanh"), args.reps)
-    epi = time_ms(lambda: torch._addmm_activation(b1, x, w1.t(), use_gelu=True), args.reps)
+    sep = time_ms(lambda: F.gelu(F.linear(x, w1, b1), approximate="tanh"), args.reps, 3)
+    epi = time_ms(lambda: torch._addmm_activation(b1, x, w1.t(), use_gelu=True), args.reps, 3)
     a = F.gelu(F.linear(x, w1, b1), approximate="tanh").float()
     e = torch._addmm_activation(b1, x, w1.t(), use_gelu=True).float()
     ref = F.gelu(F.linear(x.double(), w1.double(), b1.double()), approximate="tanh")

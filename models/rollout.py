@@ -197,14 +197,12 @@ def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timest
     for chunk in range(Fr // n):
         start = chunk * n
         x = noise[:, start : start + n]
-        first = [True]
 
         def forward(x_in, t, labels):
             if on_forward:
                 on_forward(labels, start, n)
-            is_first, first[0] = first[0], False
-            if graphs is not None:
-                return graphs.forward(model, x_in, t, start, chunk, is_first, labels)
+            if graphs is not None:  # step 0 is the chunk's first forward, the one that places it in the cache
+                return graphs.forward(model, x_in, t, start, chunk, labels.step == 0, labels)
             return model(x_in, t, context, cache=cache, start_frame=start, labels=labels)
 
         for k, base in enumerate(schedule[:-1]):

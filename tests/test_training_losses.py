@@ -69,6 +69,18 @@ def test_real_score_cfg_form():
     assert torch.equal(teacher.seen_t[0], t[:, 0])  # the bidirectional model gets one t per sample
 
 
+def written_out_scores(x, noise, t):
+    """(fake, real) x0 predictions at x_t = add_noise(x, noise, t), by hand, for the critic Linear(0.7) and the
+    teacher Linear(0.3, b=1.0) (x0 = x_t - sigma * (a x_t + b * branch), branch +1 cond / -1 uncond), with the
+    real score's CFG at guidance 3.0."""
+    x_t = SCHED.add_noise(x, noise, t)
+    sigma = SCHED.sigma(t)[..., None, None, None]
+    fake = x_t - sigma * 0.7 * x_t
+    c = x_t - sigma * (0.3 * x_t + 1.0)
+    u = x_t - sigma * (0.3 * x_t - 1.0)
+    return fake, c + 3.0 * (c - u)
+
+
 def test_dmd_loss_gradient_is_the_normalised_score_difference():
     x, noise, t, cond, uncond = draws()
     teacher, critic = Linear(0.3, b=1.0), Linear(0.7)
@@ -78,12 +90,7 @@ def test_dmd_loss_gradient_is_the_normalised_score_difference():
     assert loss.dtype == torch.float64
     loss.backward()
     with torch.no_grad():  # the formula, written out
-        x_t = SCHED.add_noise(x, noise, t)
-        sigma = SCHED.sigma(t)[..., None, None, None]
-        fake = x_t - sigma * 0.7 * x_t
-        c = x_t - sigma * (0.3 * x_t + 1.0)
-        u = x_t - sigma * (0.3 * x_t - 1.0)
-        real = c + 3.0 * (c - u)
+        fake, real = written_out_scores(x, noise, t)
         norm = (x - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
         grad = (fake - real) / norm
     assert norm[0] != norm[1]
@@ -128,12 +135,7 @@ def test_sid_loss_formula():
         gx, = torch.autograd.grad(loss, xg)
 
         def formula(xx, detach_norm=True):
-            x_t = SCHED.add_noise(xx, noise, t)
-            sigma = SCHED.sigma(t)[..., None, None, None]
-            f = x_t - sigma * 0.7 * x_t
-            c = x_t - sigma * (0.3 * x_t + 1.0)
-            u = x_t - sigma * (0.3 * x_t - 1.0)
-            r = c + 3.0 * (c - u)
+            f, r = written_out_scores(xx, noise, t)
             n = (xx - r).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
             n = n.detach() if detach_norm else n
             return ((r.double() - f.double()) * ((r.double() - xx.double()) - alpha * (r.double() - f.double())) / n).mean()

@@ -118,6 +118,7 @@ class Plan:
     frame_seq_len: int
     family: str
     checkpoint_label: str
+    capture_mode: str  # the mode that runs ("auto" resolved for the device)
 
 
 def plan(cfg: ExtractConfig) -> Plan:
@@ -133,10 +134,7 @@ def plan(cfg: ExtractConfig) -> Plan:
         raise WorkbenchError("no prompts to run (an empty prompt or prompt file)")
     if cfg.mode not in ("resume", "append", "overwrite"):
         raise WorkbenchError(f"mode {cfg.mode!r}; use resume, append or overwrite")
-    from workbench.capture import CAPTURE_MODES
-
-    if cfg.capture_mode not in CAPTURE_MODES:
-        raise WorkbenchError(f"capture mode {cfg.capture_mode!r}; use one of {list(CAPTURE_MODES)}")
+    capture_mode = resolve_mode(cfg.capture_mode, cfg.device)
     wan_dir = Path(cfg.wan_dir) if cfg.wan_dir else EMBEDDED_DIR
     if not (wan_dir / "config.json").is_file():
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)")
@@ -173,7 +171,7 @@ def plan(cfg: ExtractConfig) -> Plan:
     family = "self_forcing" if cfg.checkpoint else "wan"
     label = cfg.checkpoint or ("embedded" if embedded else str(wan_dir / WEIGHTS_NAME))
     weights = Path(cfg.checkpoint) if cfg.checkpoint else _weights_file(wan_dir)
-    return Plan(cfg, mc, wan_dir, weights, spec, schedule, (cfg.num_frames, h, w), fsl, family, label)
+    return Plan(cfg, mc, wan_dir, weights, spec, schedule, (cfg.num_frames, h, w), fsl, family, label, capture_mode)
 
 
 def _weights_file(wan_dir: Path) -> Path:
@@ -198,7 +196,7 @@ def fingerprint(p: Plan, weights_sha: str) -> str:
                   schedule=[dataclasses.astuple(s) for s in p.schedule], nfpb=c.num_frame_per_block)
     model = dict(weights=weights_sha, config=dataclasses.asdict(p.model_config), key=("ema" if c.use_ema else "gen"),
                  dtype=c.dtype, guidance=c.guidance_scale, negative=c.negative_prompt,
-                 capture_mode=resolve_mode(c.capture_mode, c.device))
+                 capture_mode=p.capture_mode)
 
     def h(d):
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -238,7 +236,7 @@ def _attrs(p: Plan, fp: str, command: list[str]) -> dict:
         frame_seq_len=p.frame_seq_len, num_frame_per_block=c.num_frame_per_block, num_frames=c.num_frames,
         text_len=p.model_config.text_len, head_dim=p.model_config.head_dim, num_layers=p.model_config.num_layers,
         num_heads=p.model_config.num_heads, dtype=c.dtype, attn_backend=backend_name(c.device, _dtype(c.dtype)),
-        capture_mode=resolve_mode(c.capture_mode, c.device),
+        capture_mode=p.capture_mode,
         fingerprint=fp,
     )
 
@@ -365,7 +363,7 @@ def make_probe(model, p: Plan, device) -> StatsProbe:
     """The statistics probe of a plan; one serves every sample of a run (`reset()` between samples), so that
     a CUDA run replays the rollout graphs recorded for its first samples."""
     geo = Geometry(batch=1, num_frames=p.geometry[0], frame_seq_len=p.frame_seq_len, text_len=model.config.text_len)
-    return StatsProbe(p.spec, geo, device, mode=p.cfg.capture_mode)
+    return StatsProbe(p.spec, geo, device, mode=p.capture_mode)
 
 
 def _one_sample(model, p: Plan, emb, negative, seed, device, dtype, bar, probe: StatsProbe) -> dict[str, np.ndarray]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from workbench.commands import add_model_arguments
+
 HELP = "capture per-layer, per-head, frame-by-frame attention of a rollout into a zarr store"
 
 EPILOG = """\
@@ -51,12 +53,7 @@ def register(subparsers) -> None:
     job.add_argument("--num-inference-steps", type=int, default=50, help="multi-step samplers (default: %(default)s)")
     job.add_argument("--guidance-scale", type=float, default=5.0, help="multi-step samplers (default: %(default)s)")
     model = p.add_argument_group("which model (default: the embedded default)")
-    model.add_argument("--wan-dir", metavar="DIR", help="the official Wan2.1 folder")
-    model.add_argument("--checkpoint", metavar="FILE", help="a Self-Forcing .pt on top of the Wan folder's config")
-    model.add_argument("--use-ema", action="store_true", help="load generator_ema instead of generator")
-    model.add_argument("--trust-pickle", action="store_true", help="allow a checkpoint that needs full unpickling")
-    model.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    model.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
+    add_model_arguments(model)
     out = p.add_argument_group("output")
     out.add_argument("--out", help="store path (default: runs/layer{N}.zarr or runs/extract.zarr)")
     mode = out.add_mutually_exclusive_group()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from workbench.commands import add_model_arguments
+
 HELP = "generate videos (latents, mp4, PNG grid) from prompts"
 
 EPILOG = """\
@@ -38,12 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("--negative-prompt", default="", help="for the CFG samplers")
     p.add_argument("--local-attn-size", type=int, default=-1, help="KV window in latent frames (-1: global)")
     p.add_argument("--sink-size", type=int, default=0, help="sink frames kept in the KV cache")
-    p.add_argument("--wan-dir", metavar="DIR", help="the official Wan2.1 folder (default: the embedded default)")
-    p.add_argument("--checkpoint", metavar="FILE", help="a Self-Forcing .pt (generator / generator_ema)")
-    p.add_argument("--use-ema", action="store_true", help="load generator_ema instead of generator")
-    p.add_argument("--trust-pickle", action="store_true", help="allow a checkpoint that needs full unpickling")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
+    add_model_arguments(p)
     p.add_argument("--low-memory", choices=["auto", "on", "off"], default="auto",
                    help="move the text encoder off the GPU before the rollout (auto: < 40 GB free)")
     p.add_argument("--no-video", action="store_true", help="latents only (no VAE decode)")

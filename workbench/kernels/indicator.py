@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from models.attention import plain_attention
+
 _ALIGN = 16  # value head dims the fused kernels accept are multiples of 8; 16 keeps rows 32-byte aligned
 
 
@@ -58,13 +60,13 @@ def widen_values(v: torch.Tensor, frame_seq_len: int) -> torch.Tensor:
 
 
 def _kernel(q, k, v, scale: float) -> torch.Tensor:
+    """The model's unmasked attention, for a value head dim other than q's: on CUDA the cuDNN op (the model's
+    own kernel picker would mark flash as broken for the square case), elsewhere the model's SDPA path."""
     if q.is_cuda:
         from models.cuda_attention import attention_any_value_dim
 
         return attention_any_value_dim(q, k, v, scale)
-    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                           scale=scale)
-    return out.transpose(1, 2)
+    return plain_attention(q, k, v, scale=scale)
 
 
 def attention_with_frame_mass_indicator(q, k, v, *, frame_seq_len: int, scale: float | None = None):
