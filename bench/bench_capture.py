@@ -61,12 +61,54 @@ def capture_run(model, noise, context, g, layers, mode, repeats, cls=StatsProbe,
     return median, times, peak, probe.results()
 
 
+def profile_capture(model, noise, context, g):
+    """GPU time by kernel: one plain rollout and one all-layer fused capture (both eager, after a warm-up)."""
+    import os
+
+    from torch.profiler import ProfilerActivity, profile
+
+    spec = CaptureSpec(tuple(range(30)), tuple(range(12)), (0, 1, 2, 3, 4), ("attn_mass", "attn_logit"))
+    probe = StatsProbe(spec, Geometry(batch=1, num_frames=21, frame_seq_len=1560, text_len=512), "cuda", mode="fused")
+    for name, observers in (("plain", ()), ("fused capture, all 30 layers", (probe,))):
+        def once():
+            probe.reset()
+            with attach(model, *observers):
+                run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(7), cuda_graphs=False)
+        once()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            once()
+            torch.cuda.synchronize()
+        cuda = sorted((e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA),
+                      key=lambda e: -e.self_device_time_total)
+        total = sum(e.self_device_time_total for e in cuda) / 1e6
+        print(f"# kernel time, {name}: {total:.3f} s in {sum(e.count for e in cuda)} kernels")
+        for e in cuda[: int(os.environ.get("BENCH_TOP", "15"))]:
+            print(f"#   {e.self_device_time_total / 1e3:9.1f} ms  {e.count:6d}x  {e.key[:110]}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated words; run only the rows whose name has one")
     ap.add_argument("--skip-eager", action="store_true", help="skip the eager capture rows and the reference row")
+    ap.add_argument("--fused-config", default="",
+                    help="JSON dict (or a file holding one) replacing the fused kernel's Hopper config, e.g. the "
+                         "output of bench/bench_fused_sweep.py --json")
+    ap.add_argument("--skip-bitwise", action="store_true",
+                    help="skip the check of each mode's latents against the eager plain rollout (9 more rollouts)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print the GPU kernel time by kernel of one eager all-layer fused capture and of one "
+                         "plain rollout (BENCH_TOP rows, default 15)")
     args = ap.parse_args()
+    if args.fused_config:
+        import json
+
+        from workbench.kernels import frame_attention as fa
+
+        text = Path(args.fused_config).read_text() if Path(args.fused_config).is_file() else args.fused_config
+        fa.FUSED_CONFIG_SM90 = {**fa.FUSED_CONFIG_SM90, **json.loads(text)}
+        print(f"# fused kernel config: {fa.FUSED_CONFIG_SM90}")
     print(f"# bench_capture  {datetime.datetime.now().isoformat(timespec='seconds')}  "
           f"{torch.cuda.get_device_name()}  torch {torch.__version__}  python {platform.python_version()}")
     print(f"# command: {' '.join(sys.argv)}")
@@ -89,7 +131,9 @@ def main():
               f"{100 * (graphed / base - 1):+.1f}% | {gpeak:.2f} GiB | {gpeak - base_peak:+.2f} GiB |")
     except Exception as err:
         print(f"| plain rollout (CUDA graphs) | FAILED: {type(err).__name__}: {str(err)[:200]} | | | |")
-    results = {}
+    if args.profile:
+        profile_capture(model, noise, context, g)
+    results, timings = {}, {}
     rows = [  # (name, layers, mode, probe class, CUDA graphs)
         ("indicator, all 30 layers", range(30), "indicator", StatsProbe, True),
         ("indicator, layer 3", [3], "indicator", StatsProbe, True),
@@ -112,9 +156,18 @@ def main():
             print(f"| {name} | FAILED: {type(err).__name__}: {str(err)[:200]} | | | |")
             continue
         results[name] = res
+        timings[name] = (t, graphs)
         ref_t, ref_peak = (graphed, gpeak) if graphs and graphed else (base, base_peak)
         print(f"| {name} | {t:.3f} s ({', '.join(f'{x:.3f}' for x in times)}) | {100 * (t / ref_t - 1):+.1f}% | "
               f"{peak:.2f} GiB | {peak - ref_peak:+.2f} GiB |")
+    if graphed and timings:  # the GPU's pace drifts by ~1-2% over minutes: time the baseline again, after the rows
+        release_graphs(model)
+        again, again_times = timed(lambda: run_rollout(model, noise, context, g, cuda_graphs=True), args.repeats, 2)
+        release_graphs(model)
+        mean = (graphed + again) / 2
+        print(f"# plain rollout (CUDA graphs) timed again after the capture rows: {again:.3f} s "
+              f"({', '.join(f'{x:.3f}' for x in again_times)}); vs the mean of both plain timings ({mean:.3f} s): "
+              + ", ".join(f"{name} {100 * (t / mean - 1):+.1f}%" for name, (t, graphs) in timings.items() if graphs))
     exact = results.get("exact, all 30 layers")
     for name, res in results.items():
         m = torch.from_numpy(res["attn_mass"])
@@ -130,7 +183,7 @@ def main():
                   f"same NaN pattern {same_nan}")
     release_graphs(model)
     plain = run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(7), cuda_graphs=False)
-    for mode in ("exact", "indicator", "fused"):
+    for mode in () if args.skip_bitwise else ("exact", "indicator", "fused"):
         spec = CaptureSpec(tuple(range(30)), tuple(range(12)), (0, 1, 2, 3, 4), ("attn_mass", "attn_logit"))
         probe = StatsProbe(spec, Geometry(batch=1, num_frames=21, frame_seq_len=1560, text_len=512), "cuda", mode=mode)
         for _ in range(3):  # warm-up, record, replay: the last one is a replayed graph

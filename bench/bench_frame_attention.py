@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from models import cuda_attention  # noqa: E402
 from models.cuda_attention import active_kernel  # noqa: E402
 
 DEVICE = "cuda"  # a CPU dry run of this script's logic sets "cpu" (and TRITON_INTERPRET=1)
@@ -153,17 +154,17 @@ def bench_one(fa, ref, args, nkf, dtype):
     run("SDPA default (transposed views, as the model)",
         lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale),
         fwd_flop, get_out=lambda r: r.transpose(1, 2))
-    run("cuDNN SDPA op + LSE", lambda: fa._sdpa_op("cudnn", q, k, v, scale), fwd_flop, get_out=lambda r: r[0])
-    run("flash SDPA op + LSE", lambda: fa._sdpa_op("flash", q, k, v, scale), fwd_flop, get_out=lambda r: r[0])
+    run("cuDNN SDPA op + LSE", lambda: cuda_attention._KERNELS["cudnn"](q, k, v, scale), fwd_flop, get_out=lambda r: r[0])
+    run("flash SDPA op + LSE", lambda: cuda_attention._KERNELS["flash"](q, k, v, scale), fwd_flop, get_out=lambda r: r[0])
     run("E fused: out + frame mass (default: TMA on sm90)",
         lambda: fa.frame_attention_fused(q, k, v, frame_seq_len=fsl, scale=scale), fwd_flop,
-        get_mass=lambda r: r[1], get_out=lambda r: r[0], note=lambda: cfg(fa._frame_attn_fwd_tuned))
+        get_mass=lambda r: r[1], get_out=lambda r: r[0], note=lambda: str(fa._default_config(q.device)))
     run("E fused, pointer loads (no TMA)",
         lambda: fa._launch_fused(q, k, v, frame_seq_len=fsl, scale=scale, use_tma=False), fwd_flop,
-        get_mass=lambda r: r[1], get_out=lambda r: r[0], note=lambda: cfg(fa._frame_attn_fwd_tuned))
+        get_mass=lambda r: r[1], get_out=lambda r: r[0], note=lambda: str(fa._default_config(q.device)))
     run("same Triton forward without frame mass",
         lambda: fa._launch_fused(q, k, v, frame_seq_len=fsl, scale=scale, with_mass=False), fwd_flop,
-        get_out=lambda r: r[0], note=lambda: cfg(fa._frame_attn_fwd_tuned))
+        get_out=lambda r: r[0], note=lambda: str(fa._default_config(q.device)))
     lse_res = run("lse_from_sdpa (the model's attention with LSE)", lambda: fa.lse_from_sdpa(q, k, v, scale),
                   fwd_flop, get_out=lambda r: r[0], note=lambda: active_kernel(q.dtype))
     if lse_res is not None:

@@ -208,6 +208,78 @@ def test_fused_matches_dense(fa, case):
     assert torch.allclose(mass.sum(-1), torch.ones_like(mass.sum(-1)), atol=1e-5)
 
 
+@pytest.mark.parametrize("split,n_full,bm", [(2, 3, 16), (3, 0, 16), (5, 4, 16), (1, None, 16), (2, 1, 64)])
+def test_fused_split_segments(fa, split, n_full, bm):
+    """Tiles split into segments of whole key frames (then merged) give the unsplit result.
+    2 x 2 x ceil(30 / 16) = 8 tiles (4 of 64 rows); the last ones from n_full on are split (with 64-row tiles
+    the merge runs 2 programs of 32 rows per tile)."""
+    B, H, D, fsl, nqf, nkf = 2, 2, 16, 10, 3, 5
+    q, k, v = (t.to(DEV) for t in rand_qkv(B, H, D, fsl, nqf, nkf, peak=6.0, seed=7))
+    cfg = {"BLOCK_M": bm, "BLOCK_N": 16, "split": split}
+    if n_full is not None:
+        cfg["n_full"] = n_full
+    out, mass = fa._launch_fused(q, k, v, frame_seq_len=fsl, config=cfg)
+    out_d, mass_d, _, _ = dense(q, k, v, fsl)
+    assert (out.double().cpu() - out_d).abs().max() < 1e-5
+    assert (mass.double().cpu() - mass_d).abs().max() < 1e-6
+    out1, _ = fa._launch_fused(q, k, v, frame_seq_len=fsl, config={"BLOCK_M": 16, "BLOCK_N": 16, "split": 1})
+    assert (out - out1).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_fused_frame_means(fa, split):
+    """The per-frame mean vectors of q and k that the fused kernel makes for attn_logit equal the float64 means,
+    also when tiles run split (the first segment of query block j averages frame j)."""
+    B, H, D, fsl, nqf, nkf = 2, 2, 16, 20, 2, 5  # 3 query blocks of 16 rows per head: fewer than the 5 key frames
+    q, k, v = (t.to(DEV) for t in rand_qkv(B, H, D, fsl, nqf, nkf, seed=9))
+    out, mass, qm, km = fa._launch_fused(q, k, v, frame_seq_len=fsl, frame_means=True,
+                                         config={"BLOCK_M": 16, "BLOCK_N": 16, "split": split, "n_full": 6})
+    want_q = q.double().view(B, nqf, fsl, H, D).mean(2).permute(0, 2, 1, 3)
+    want_k = k.double().view(B, nkf, fsl, H, D).mean(2).permute(0, 2, 1, 3)
+    assert qm.shape == (B, H, nqf, D) and km.shape == (B, H, nkf, D)
+    assert (qm.double().cpu() - want_q).abs().max() < 1e-6
+    assert (km.double().cpu() - want_k).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_fused_into_writes_the_buffer_cells(fa, split):
+    """frame_attention_fused_into writes attn_mass and attn_logit (float64 references) into the given cells of
+    a capture buffer view and nothing else; its output is the fused forward's."""
+    B, H, D, fsl, nqf, nkf, F = 1, 2, 16, 12, 2, 4, 6
+    q, k, v = (t.to(DEV) for t in rand_qkv(B, H, D, fsl, nqf, nkf, peak=2.0, seed=10))
+    buf = torch.full((B, 2, 3, H, F, F), float("nan"), device=DEV)  # [B, step, layer, head, query f, key f]
+    logit_buf = torch.full_like(buf, float("nan"))
+    qidx = torch.tensor([3, 4], device=DEV)
+    kidx = torch.tensor([0, 2, 3, 4], device=DEV)  # a sink and a window: not contiguous
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "split": split, "n_full": 2}
+    out = fa._launch_fused(q, k, v, frame_seq_len=fsl, config=cfg, store=dict(
+        mass_out=buf[:, 1, 2], logit_out=logit_buf[:, 1, 2], query_index=qidx, key_index=kidx))[0]
+    out_d, mass_d, _, _ = dense(q, k, v, fsl)
+    assert (out.double().cpu() - out_d).abs().max() < 1e-5
+    cells = buf[:, 1, 2][:, :, qidx[:, None], kidx[None, :]]
+    assert (cells.double().cpu() - mass_d).abs().max() < 1e-6
+    qm = q.double().view(B, nqf, fsl, H, D).mean(2).permute(0, 2, 1, 3)
+    km = k.double().view(B, nkf, fsl, H, D).mean(2).permute(0, 2, 1, 3)
+    want = qm @ km.transpose(-1, -2) / math.sqrt(D)
+    assert (logit_buf[:, 1, 2][:, :, qidx[:, None], kidx[None, :]].double().cpu() - want).abs().max() < 1e-5
+    assert int((~buf.isnan()).sum()) == B * H * nqf * nkf  # nothing else written
+    assert int((~logit_buf.isnan()).sum()) == B * H * nqf * nkf
+    with pytest.raises(WorkbenchError, match="query_index"):
+        fa.frame_attention_fused_into(q, k, v, frame_seq_len=fsl, mass_out=buf[:, 0, 0], query_index=qidx[:1],
+                                      key_index=kidx)
+
+
+def test_split_plan_fills_the_last_wave():
+    from workbench.kernels.frame_attention import split_plan
+
+    assert split_plan(264, 132, 21, 12.2) == (264, 1)  # whole waves: nothing to split
+    n_full, split = split_plan(444, 132, 21, 12.2)  # the 1.3B call: 12 heads x 37 query blocks on 132 SMs
+    assert n_full == 396 and 2 <= split <= 16
+    assert split_plan(444, 132, 1, 12.2) == (444, 1)  # one key frame: no segment boundary
+    n_full, split = split_plan(30, 132, 6, 12.2)  # fewer tiles than SMs: split to fill the GPU
+    assert n_full == 0 and split > 1 and 30 * split <= 4 * 132
+
+
 @pytest.mark.parametrize("mask", ["causal", "gap", "empty_row"])
 @pytest.mark.parametrize("fsl,bm,bn", [(8, 16, 16), (20, 16, 32)])  # query blocks spanning two query frames
 def test_fused_with_allowed_mask(fa, mask, fsl, bm, bn):
@@ -300,6 +372,9 @@ def test_gpu_model_shapes(fa, mask):
     out, mass = fa.frame_attention_fused(q, k, v, frame_seq_len=fsl, allowed=allowed)
     want = ref.frame_mass_reference(q, k, frame_seq_len=fsl, allowed=allowed)
     assert (mass - want).abs().max() < 1e-3
+    # 2 heads x 37 query blocks fill less than a wave of 132 SMs: unmasked calls run split into segments
+    out1, mass1 = fa._launch_fused(q, k, v, frame_seq_len=fsl, allowed=allowed, config={"split": 1})
+    assert (mass - mass1).abs().max() < 1e-5 and (out.float() - out1.float()).abs().max() < 2e-2
     out_r, _ = ref.frame_attention_reference(q, k, v, frame_seq_len=fsl, allowed=allowed)
     assert (out.float() - out_r.float()).abs().max() < 2e-2
     if allowed is None:
@@ -338,10 +413,11 @@ def build(kernel, types, constexprs, warps, stages):
 res = {}
 for tma, mask in [(True, False), (False, False), (False, True)]:
     t = {n: "*bf16" for n in ["Q", "K", "V", "Out"]}
-    t.update(RS="*fp32", RM="*fp32", Allowed="*i8" if mask else "*fp32", qk_scale="fp32")
+    t.update(RS="*fp32", RM="*fp32", Allowed="*i8" if mask else "*fp32", qk_scale="fp32", PACC="*fp32", PM="*fp32",
+             PL="*fp32", QSUM="*fp32", KSUM="*fp32")
     t["desc_k"] = t["desc_v"] = "tensordesc<bf16[64, 128]>" if tma else "*bf16"
     ce = dict(FSL=1560, HEAD_DIM=128, NKF_PAD=32 if mask else 16, EPI_F=32, HAS_MASK=mask, USE_TMA=tma,
-              DOT_F32=False, IEEE=False, WITH_MASS=True, BLOCK_M=128, BLOCK_N=64)
+              DOT_F32=False, IEEE=False, WITH_MASS=True, WITH_SUMS=True, BLOCK_M=128, BLOCK_N=64)
     res[f"fused_tma{int(tma)}_mask{int(mask)}"] = build(fa._frame_attn_fwd_kernel, t, ce, 8, 3)
 t = dict(Q="*bf16", K="*bf16", LSE="*fp32", TOK="*fp32", Allowed="*fp32", qk_scale="fp32")
 ce = dict(FSL=1560, HEAD_DIM=128, HAS_MASK=False, DOT_F32=False, IEEE=False, BLOCK_M=128, BLOCK_N=128)

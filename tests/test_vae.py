@@ -266,7 +266,10 @@ def test_bad_inputs_are_refused(small_vae):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_embedded_vae_on_cuda_matches_cpu_and_streams():
+def test_embedded_vae_on_cuda_matches_cpu_and_streams(monkeypatch):
+    # fp32 against the CPU: cuDNN convolutions default to TF32 (10-bit mantissa), which compounds over the
+    # decoder's ~30 convolutions; the comparison is of the same fp32 math, so TF32 is off here
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(4)
     latents = torch.randn(1, 9, 16, 12, 16)
     ref = WanVAE.from_file(EMBEDDED / "Wan2.1_VAE.pth").decode(latents)

@@ -103,6 +103,8 @@ class StatsProbe(Probe):
         self.timesteps: dict[int, float] = {}  # step -> timestep, as the calls reported it
         self.filled: set[tuple] = set()  # (kind, step, layer, query frame) cells written
         self._recording: list | None = None
+        self._mass = self._means = None  # what a fused kernel computed for the call being observed
+        self._written = False  # whether the fused kernel wrote the call's attn_mass / attn_logit cells itself
 
     def reset(self) -> None:
         """Forget the last rollout: NaN buffers (in place, at the same addresses), no claimed cells."""
@@ -159,22 +161,47 @@ class StatsProbe(Probe):
             from workbench.kernels.indicator import attention_with_frame_mass_indicator
 
             out, mass = attention_with_frame_mass_indicator(q, k, v, frame_seq_len=call.frame_seq_len)
+            means = []
+        elif self._fused_store_applies(call, q):
+            # the kernel writes both statistics straight into this call's buffer cells
+            from workbench.kernels.frame_attention import frame_attention_fused_into
+
+            self._claim(call)  # before the kernel writes its cells
+            s, l = self.step_pos[call.labels.step], self.layer_pos[call.layer]
+            logit = self.buffers.get("attn_logit")
+            out = frame_attention_fused_into(
+                q, k, v, frame_seq_len=call.frame_seq_len, mass_out=self.buffers["attn_mass"][:, s, l],
+                logit_out=None if logit is None else logit[:, s, l],
+                query_index=self._index(call.query_frames, q.device), key_index=self._index(call.key_frames, q.device))
+            self.observe(call, q, k, v, out, None, written=True)
+            return out
         else:
             from workbench.kernels import attention_with_frame_mass
 
-            out, mass = attention_with_frame_mass(q, k, v, frame_seq_len=call.frame_seq_len,
-                                                  allowed=call.frame_mask)
-        heads = self._index(tuple(self.spec.heads), q.device)
-        self.observe(call, q, k, v, out, None, mass=mass.index_select(1, heads))
+            out, mass, *means = attention_with_frame_mass(q, k, v, frame_seq_len=call.frame_seq_len,
+                                                          allowed=call.frame_mask,
+                                                          frame_means="attn_logit" in self.buffers)
+        if list(self.spec.heads) != list(range(q.shape[2])):  # a real subset of the heads: select it
+            heads = self._index(tuple(self.spec.heads), q.device)
+            mass, *means = (t.index_select(1, heads) for t in (mass, *means))
+        self.observe(call, q, k, v, out, None, mass=mass, means=means or None)
         return out
 
-    def observe(self, call, q, k, v, out, lse, mass=None):
-        self._mass = mass
+    def _fused_store_applies(self, call: AttentionCall, q) -> bool:
+        from workbench.kernels import HAS_TRITON
+
+        return (HAS_TRITON and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+                and (call.frame_mask is None or bool(call.frame_mask.all()))
+                and list(self.spec.heads) == list(range(q.shape[2])))
+
+    def observe(self, call, q, k, v, out, lse, mass=None, means=None, written=False):
+        self._mass, self._means, self._written = mass, means, written
         super().observe(call, q, k, v, out, lse)
 
     @torch.no_grad()  # statistics are observations: never part of an autograd graph (training forwards)
     def on_call(self, call: AttentionCall, q, k, v, out, lse) -> None:
-        self._claim(call)
+        if not self._written:  # (the fused store path claimed the call before its kernel ran)
+            self._claim(call)
         if self._recording is not None:
             self._recording.append(call)
         fsl = call.frame_seq_len
@@ -187,12 +214,13 @@ class StatsProbe(Probe):
         kf = self._index(call.key_frames, dev)
         mask = call.frame_mask
         rows, cols = qf[:, None], kf[None, :]
-        if "attn_mass" in self.buffers:
-            mass = self._mass if self._mass is not None else reductions.frame_mass(q, k, lse, fsl, mask)
-            self.buffers["attn_mass"][:, s, l][:, :, rows, cols] = _nan_outside(mass, mask)  # [B, h, nqf, nkf]
-        if "attn_logit" in self.buffers:
-            logit = reductions.mean_logit(q, k, fsl)
-            self.buffers["attn_logit"][:, s, l][:, :, rows, cols] = _nan_outside(logit, mask)
+        if not self._written:  # else the fused kernel wrote this call's attn_mass and attn_logit cells itself
+            if "attn_mass" in self.buffers:
+                mass = self._mass if self._mass is not None else reductions.frame_mass(q, k, lse, fsl, mask)
+                self.buffers["attn_mass"][:, s, l][:, :, rows, cols] = _nan_outside(mass, mask)  # [B, h, nqf, nkf]
+            if "attn_logit" in self.buffers:
+                logit = reductions.mean_logit(q, k, fsl, means=self._means)
+                self.buffers["attn_logit"][:, s, l][:, :, rows, cols] = _nan_outside(logit, mask)
         if "attn_key_token" in self.buffers and call.layer in self.token_pos:
             tok = reductions.key_token_mass(q, k, lse, fsl, mask)  # [B, h, nqf, nkf * fsl]
             tokens = (kf[:, None] * fsl + torch.arange(fsl, device=dev)).flatten()  # absolute key token index

@@ -49,16 +49,15 @@ def key_token_mass(q, k, lse, frame_seq_len: int, frame_mask=None) -> torch.Tens
                                               lse=lse)
 
 
-def frame_means(x: torch.Tensor, frame_seq_len: int) -> torch.Tensor:
-    """Per-frame, per-head mean vectors: x [B, F*fsl, H, D] -> [B, H, F, D] float32."""
-    B, L, H, D = x.shape
-    return x.view(B, L // frame_seq_len, frame_seq_len, H, D).mean(dim=2, dtype=torch.float32).permute(0, 2, 1, 3)
+frame_means = reference.frame_means_reference  # x [B, F*fsl, H, D] -> [B, H, F, D] float32
 
 
-def mean_logit(q, k, frame_seq_len: int) -> torch.Tensor:
+def mean_logit(q, k, frame_seq_len: int, means=None) -> torch.Tensor:
     """attn_logit: the mean pre-softmax logit over the token pairs of two frames, exactly
-    mean_q(qf) . mean_k(kf) / sqrt(d) by bilinearity (reference 5.9). Not masked: the caller NaNs masked pairs."""
-    return frame_means(q, frame_seq_len) @ frame_means(k, frame_seq_len).transpose(-1, -2) * _scale(q)
+    mean_q(qf) . mean_k(kf) / sqrt(d) by bilinearity (reference 5.9). Not masked: the caller NaNs masked pairs.
+    means: the frame means (q_means [B, H, nqf, D], k_means [B, H, nkf, D]) when a kernel already made them."""
+    qm, km = means if means is not None else (frame_means(q, frame_seq_len), frame_means(k, frame_seq_len))
+    return qm @ km.transpose(-1, -2) * _scale(q)
 
 
 def cross_mass(q, k, frame_seq_len: int, rows: int = 4096) -> torch.Tensor:

@@ -16,6 +16,7 @@ from workbench.kernels.reference import (
     check_frame_inputs,
     frame_attention_reference,
     frame_mass_reference,
+    frame_means_reference,
     key_token_mass_reference,
     row_lse_reference,
 )
@@ -40,14 +41,19 @@ def __getattr__(name):
     raise AttributeError(f"module 'workbench.kernels' has no attribute {name!r}")
 
 
-def attention_with_frame_mass(q, k, v, *, frame_seq_len, scale=None, allowed=None):
+def attention_with_frame_mass(q, k, v, *, frame_seq_len, scale=None, allowed=None, frame_means=False):
     """(out [B, Lq, H, D], mass [B, H, nqf, nkf] float32): the fused Triton kernel for bf16/fp16 CUDA
-    tensors, the blockwise torch reference otherwise."""
+    tensors, the blockwise torch reference otherwise. frame_means: also return the per-frame mean vectors
+    (q_means [B, H, nqf, D], k_means [B, H, nkf, D] float32; the fused kernel makes them on the way)."""
     if HAS_TRITON and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         from workbench.kernels.frame_attention import frame_attention_fused
 
-        return frame_attention_fused(q, k, v, frame_seq_len=frame_seq_len, scale=scale, allowed=allowed)
-    return frame_attention_reference(q, k, v, frame_seq_len=frame_seq_len, scale=scale, allowed=allowed)
+        return frame_attention_fused(q, k, v, frame_seq_len=frame_seq_len, scale=scale, allowed=allowed,
+                                     frame_means=frame_means)
+    out, mass = frame_attention_reference(q, k, v, frame_seq_len=frame_seq_len, scale=scale, allowed=allowed)
+    if not frame_means:
+        return out, mass
+    return out, mass, frame_means_reference(q, frame_seq_len), frame_means_reference(k, frame_seq_len)
 
 
 __all__ = [
@@ -56,6 +62,7 @@ __all__ = [
     "attention_with_frame_mass",
     "frame_attention_reference",
     "frame_mass_reference",
+    "frame_means_reference",
     "key_token_mass_reference",
     "row_lse_reference",
     *_KERNEL_NAMES,
