@@ -60,7 +60,8 @@ class StatsProbe(Probe):
       columns (workbench.kernels.indicator); the extra output columns are the per-token frame masses. About
       +12% attention FLOPs instead of +50%; per-token masses carry the kernel's bf16 rounding.
     - "fused": one Triton kernel returns the output and the frame mass together (its output equals the plain
-      kernel's within bf16 rounding).
+      kernel's within bf16 rounding); with every head captured on an unmasked call it also makes attn_logit's
+      frame means and writes both statistics straight into this probe's buffer cells.
     - "auto": "indicator" on CUDA, "exact" elsewhere.
 
     Calls a mode cannot serve (masked calls for "indicator", layers with per-key-token maps) take the exact path.
