@@ -5,9 +5,15 @@ rule, per-frame modulation) at toy width: 6 layers, 4 heads of 32 channels, a 12
 tokens per frame, 96 x 128 pixels after the VAE). `data/embedded/` is an official-format Wan folder, so it
 loads through exactly the code path of the real weights:
 
-    config.json, diffusion_pytorch_model.safetensors   this DiT (seeded weights, bf16; `python -m models.embedded`)
+    config.json, diffusion_pytorch_model.safetensors   this DiT (bf16, trained here: see below)
     models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/  a tiny umT5 encoder and tokenizer (data/embedded/make_text_and_vae.py)
     Wan2.1_VAE.pth                                      a tiny Wan VAE
+
+The DiT's weights are trained here, so that its attention has something to show. It starts from the seeded
+init (`python -m models.embedded --init`), is trained by flow matching on the synthetic set of a blob moving
+in the direction its prompt names (`workbench train --config configs/embedded_teacher.yaml`, ~20 min on two CPU
+cores), and its EMA weights are then written back (`python -m models.embedded --from-checkpoint
+<logdir>/checkpoint_model_001100/model.pt --use-ema`).
 """
 
 from __future__ import annotations
@@ -41,12 +47,28 @@ def make_embedded_state_dict(seed: int = EMBEDDED_SEED) -> dict:
     return {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
 
 
-def write_embedded(folder: Path = EMBEDDED_DIR) -> None:
-    from models.checkpoint import save_wan_folder
+def write_embedded(folder: Path = EMBEDDED_DIR, checkpoint: str | Path | None = None, use_ema: bool = False) -> None:
+    """Write the DiT of `folder`: the seeded init, or the generator (EMA) weights of a Self-Forcing-format
+    training checkpoint in bf16."""
+    from models.checkpoint import read_self_forcing, save_wan_folder
 
-    save_wan_folder(folder, EMBEDDED_CONFIG, make_embedded_state_dict())
+    if checkpoint is None:
+        state = make_embedded_state_dict()
+    else:
+        state = {k: v.to(torch.bfloat16) for k, v in
+                 read_self_forcing(checkpoint, "generator_ema" if use_ema else "generator").items()}
+    save_wan_folder(folder, EMBEDDED_CONFIG, state)
 
 
 if __name__ == "__main__":
-    write_embedded()
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m models.embedded", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    how = ap.add_mutually_exclusive_group(required=True)
+    how.add_argument("--init", action="store_true", help="write the seeded init (where training starts)")
+    how.add_argument("--from-checkpoint", metavar="MODEL_PT", help="write the weights of a training checkpoint")
+    ap.add_argument("--use-ema", action="store_true", help="with --from-checkpoint: its generator_ema weights")
+    args = ap.parse_args()
+    write_embedded(checkpoint=args.from_checkpoint, use_ema=args.use_ema)
     print(f"wrote {EMBEDDED_DIR}")

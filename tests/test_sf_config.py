@@ -38,3 +38,17 @@ def test_unknown_key_and_bad_type(tmp_path):
 def test_overrides():
     cfg = load_config("configs/self_forcing_dmd.yaml", overrides=["model_kwargs.local_attn_size=12", "lr=1e-5"])
     assert cfg.model_kwargs.local_attn_size == 12 and cfg.lr == 1e-5
+
+
+@pytest.mark.parametrize("name", ["tiny_teacher", "tiny_ode", "tiny_dmd", "tiny_sid", "embedded_teacher"])
+def test_shipped_training_configs_pass_the_checks(name):
+    """Every training YAML in configs/ loads and passes the trainer's checks before any work; the teachers, which
+    need no earlier run's output, also find their files (the embedded model, synthetic data)."""
+    from training.trainer import check_config, check_files, load_train_config
+
+    cfg, sets_sid_alpha = load_train_config(f"configs/{name}.yaml")
+    plan = check_config(cfg, world=1, sets_sid_alpha=sets_sid_alpha)
+    if plan.trainer == "diffusion":
+        check_files(cfg, plan)
+    if name == "embedded_teacher":  # how data/embedded's DiT was trained: the causal model on 21 frames
+        assert plan.trainer == "diffusion" and cfg.causal and cfg.image_or_video_shape[1] == 21

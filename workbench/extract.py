@@ -417,5 +417,6 @@ def summary_table(store_path) -> str:
              f"{'head':>6} {'frame 0':>9} {'own chunk':>10} {'rest':>8}   (own chunk: its frames other than frame 0)"]
     for i, head in enumerate(ds["head"].values):
         lines.append(f"{head:>6} {first[i]:>9.3f} {own[i]:>10.3f} {total[i] - own[i] - first[i]:>8.3f}")
-    lines.append(f"open it with xarray: xr.open_zarr({str(store_path)!r}), or `workbench report {store_path}`")
+    lines.append(f"open it with xarray: xr.open_zarr({str(store_path)!r}, consolidated=False), or "
+                 f"`workbench report {store_path}`")
     return "\n".join(lines)
