@@ -49,15 +49,17 @@ def key_token_mass(q, k, lse, frame_seq_len: int, frame_mask=None) -> torch.Tens
                                               lse=lse)
 
 
-frame_means = reference.frame_means_reference  # x [B, F*fsl, H, D] -> [B, H, F, D] float32
-
-
 def mean_logit(q, k, frame_seq_len: int, means=None) -> torch.Tensor:
-    """attn_logit: the mean pre-softmax logit over the token pairs of two frames, exactly
+    """attn_logit [B, H, nqf, nkf] float32: the mean pre-softmax logit over the token pairs of two frames, exactly
     mean_q(qf) . mean_k(kf) / sqrt(d) by bilinearity (reference 5.9). Not masked: the caller NaNs masked pairs.
-    means: the frame means (q_means [B, H, nqf, D], k_means [B, H, nkf, D]) when a kernel already made them."""
-    qm, km = means if means is not None else (frame_means(q, frame_seq_len), frame_means(k, frame_seq_len))
-    return qm @ km.transpose(-1, -2) * _scale(q)
+    The means and their dot products are taken in float64 (tiny tensors): the dot product of two mean vectors
+    cancels, and float32 there loses ~1e-6 of the logit. means: the frame means (q_means [B, H, nqf, D],
+    k_means [B, H, nkf, D]) when a kernel already made them (then only the dot products are float64)."""
+    if means is None:
+        means = (reference.frame_means_reference(q, frame_seq_len, dtype=torch.float64),
+                 reference.frame_means_reference(k, frame_seq_len, dtype=torch.float64))
+    qm, km = (m.double() for m in means)
+    return (qm @ km.transpose(-1, -2) * _scale(q)).float()
 
 
 def cross_mass(q, k, frame_seq_len: int, rows: int = 4096) -> torch.Tensor:

@@ -152,10 +152,10 @@ def frame_mass_reference(q, k, *, frame_seq_len, scale=None, allowed=None, lse=N
     return mass if cdt == torch.float64 else mass.float()
 
 
-def frame_means_reference(x: torch.Tensor, frame_seq_len: int) -> torch.Tensor:
-    """Per-frame, per-head mean vectors: x [B, F*fsl, H, D] -> [B, H, F, D] float32."""
+def frame_means_reference(x: torch.Tensor, frame_seq_len: int, dtype=torch.float32) -> torch.Tensor:
+    """Per-frame, per-head mean vectors: x [B, F*fsl, H, D] -> [B, H, F, D] in `dtype` (float32 or float64)."""
     B, L, H, D = x.shape
-    return x.view(B, L // frame_seq_len, frame_seq_len, H, D).mean(dim=2, dtype=torch.float32).permute(0, 2, 1, 3)
+    return x.view(B, L // frame_seq_len, frame_seq_len, H, D).mean(dim=2, dtype=dtype).permute(0, 2, 1, 3)
 
 
 def frame_attention_reference(q, k, v, *, frame_seq_len, scale=None, allowed=None):
