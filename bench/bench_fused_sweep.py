@@ -126,21 +126,11 @@ def main():
     for name, times, total, errs in rows:
         cells = " | ".join(f"{t:.3f}" for t in times)
         print(f"| {name} | {cells} | {total:.3f} s | {total / base_total:.3f}x | {errs[0]:.1e} | {errs[1]:.1e} |")
-    plans = {}
-    for cfg in configs:
+    for (_, _, cfg), n in fa._SLOTS.items():  # every compiled config's resident programs and its split plans
         c = dict(cfg)
-        q, k, v = data[21]
-        meta = dict(FSL=FSL, HEAD_DIM=D, NKF_PAD=16, EPI_F=32, HAS_MASK=False, USE_TMA=True, DOT_F32=False,
-                    IEEE=False, WITH_MASS=True)
-        slots = [key for key in fa._SLOTS if key[1] == tuple(sorted(meta.items()))
-                 and dict(key[2]).get("BLOCK_M") == c["BLOCK_M"] and dict(key[2]).get("BLOCK_N") == c["BLOCK_N"]
-                 and dict(key[2]).get("num_stages") == c["num_stages"]]
-        if slots:
-            n = fa._SLOTS[slots[0]]
-            tiles = -(-NQF * FSL // c["BLOCK_M"]) * H
-            plans[json.dumps(cfg)] = (n, {nkf: fa.split_plan(tiles, n, nkf, FSL / c["BLOCK_N"]) for nkf in KEY_FRAMES})
-    for cfg, (n, plan) in plans.items():
-        print(f"resident programs {n} for {cfg}; (n_full, split) by key frames: {plan}")
+        tiles = -(-NQF * FSL // c["BLOCK_M"]) * H
+        plan = {nkf: fa.split_plan(tiles, n, nkf, FSL / c["BLOCK_N"]) for nkf in KEY_FRAMES}
+        print(f"resident programs {n} for {c}; (n_full, split) by key frames: {plan}")
     fused = [r for r in rows[1:] if r[0].startswith("{") and "n_full" not in r[0]]
     best = min(fused, key=lambda r: r[2])
     print(f"\nfastest: {best[0]}: {best[2]:.3f} s per rollout, {best[2] / base_total:.3f}x cuDNN "

@@ -267,6 +267,10 @@ def test_fused_into_writes_the_buffer_cells(fa, split):
     with pytest.raises(WorkbenchError, match="query_index"):
         fa.frame_attention_fused_into(q, k, v, frame_seq_len=fsl, mass_out=buf[:, 0, 0], query_index=qidx[:1],
                                       key_index=kidx)
+    with pytest.raises(WorkbenchError, match="key_index must be an integer tensor"):
+        fa.frame_attention_fused_into(q, k, v, frame_seq_len=fsl, mass_out=buf[:, 0, 0], query_index=qidx,
+                                      key_index=kidx.float())
+    assert int((~buf.isnan()).sum()) == B * H * nqf * nkf  # refused before any work: nothing more written
 
 
 def test_split_plan_fills_the_last_wave():

@@ -157,7 +157,7 @@ class StatsProbe(Probe):
         if call.kind != "self" or "attn_mass" not in self.buffers or call.layer in self.token_pos:
             return None  # cross-attention and key-token layers take the exact path
         if self.mode == "indicator":
-            if call.frame_mask is not None and not bool(call.frame_mask.all()):
+            if not _unmasked(call):
                 return None
             from workbench.kernels.indicator import attention_with_frame_mass_indicator
 
@@ -182,18 +182,20 @@ class StatsProbe(Probe):
             out, mass, *means = attention_with_frame_mass(q, k, v, frame_seq_len=call.frame_seq_len,
                                                           allowed=call.frame_mask,
                                                           frame_means="attn_logit" in self.buffers)
-        if list(self.spec.heads) != list(range(q.shape[2])):  # a real subset of the heads: select it
+        if not self._all_heads(q):  # a real subset of the heads: select it
             heads = self._index(tuple(self.spec.heads), q.device)
             mass, *means = (t.index_select(1, heads) for t in (mass, *means))
         self.observe(call, q, k, v, out, None, mass=mass, means=means or None)
         return out
 
+    def _all_heads(self, q) -> bool:
+        return list(self.spec.heads) == list(range(q.shape[2]))
+
     def _fused_store_applies(self, call: AttentionCall, q) -> bool:
         from workbench.kernels import HAS_TRITON
 
-        return (HAS_TRITON and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
-                and (call.frame_mask is None or bool(call.frame_mask.all()))
-                and list(self.spec.heads) == list(range(q.shape[2])))
+        return (HAS_TRITON and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _unmasked(call)
+                and self._all_heads(q))
 
     def observe(self, call, q, k, v, out, lse, mass=None, means=None, written=False):
         self._mass, self._means, self._written = mass, means, written
@@ -256,6 +258,11 @@ def resolve_mode(mode: str, device) -> str:
     if mode == "auto":
         return "indicator" if torch.device(device).type == "cuda" else "exact"
     return mode
+
+
+def _unmasked(call: AttentionCall) -> bool:
+    """Whether every query frame of the call sees every key frame it was given."""
+    return call.frame_mask is None or bool(call.frame_mask.all())
 
 
 def _nan_outside(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

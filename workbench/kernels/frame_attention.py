@@ -467,8 +467,8 @@ def _launch_fused(q, k, v, *, frame_seq_len, scale=None, allowed=None, config=No
     config: None (the GPU family's fixed config) or a dict with BLOCK_M, BLOCK_N and optionally num_warps,
     num_stages, split (None: from the GPU's resident programs, see `split_plan`; 1: never split; k: split
     tiles into k segments) and n_full (with an explicit split: the tiles before it run whole; default half).
-    use_tma: None = on where usable (sm90+), or force False/True. with_mass=False runs the same kernel without the frame bookkeeping (a
-    plain Triton forward, for measuring what the bookkeeping costs) and returns mass None.
+    use_tma: None = on where usable (sm90+), or force False/True. with_mass=False runs the same kernel without
+    the frame bookkeeping (a plain Triton forward, for measuring what the bookkeeping costs), mass None.
     Returns (out [B, Lq, H, D] q.dtype, mass [B, H, nqf, nkf] float32), and with frame_means also the per-frame
     mean vectors of q and k: q_means [B, H, nqf, D], k_means [B, H, nkf, D] float32.
     store: see `frame_attention_fused_into` (then returns (out, None)).
@@ -481,7 +481,7 @@ def _launch_fused(q, k, v, *, frame_seq_len, scale=None, allowed=None, config=No
     B, Lq, H, D, Lk, nqf, nkf = check_frame_inputs(q, k, v, frame_seq_len=frame_seq_len, allowed=allowed)
     _check_device_and_dtype(q, D)
     if store is not None:
-        _check_store(store, B, H, nqf, nkf)
+        _check_store(store, B, H, nqf, nkf, q.device)
     fsl = int(frame_seq_len)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     q, k, v = _last_dim_contiguous(q, k, v)
@@ -572,15 +572,19 @@ def _launch_fused(q, k, v, *, frame_seq_len, scale=None, allowed=None, config=No
     return out, mass
 
 
-def _check_store(store, B, H, nqf, nkf):
+def _check_store(store, B, H, nqf, nkf, device):
     mass_out, logit_out = store.get("mass_out"), store.get("logit_out")
     qidx, kidx = store["query_index"], store["key_index"]
     if mass_out is None and logit_out is None:
         raise WorkbenchError("frame_attention_fused_into needs mass_out, logit_out or both")
     for name, t in (("mass_out", mass_out), ("logit_out", logit_out)):
-        if t is not None and (t.dim() != 4 or t.dtype != torch.float32 or tuple(t.shape[:2]) != (B, H)):
-            raise WorkbenchError(f"{name} must be a float32 [B={B}, H={H}, F, F] view; got {t.dtype} "
-                                 f"{tuple(t.shape)}")
+        if t is not None and (t.dim() != 4 or t.dtype != torch.float32 or tuple(t.shape[:2]) != (B, H)
+                              or t.device != device):
+            raise WorkbenchError(f"{name} must be a float32 [B={B}, H={H}, F, F] view on {device}; got {t.dtype} "
+                                 f"{tuple(t.shape)} on {t.device}")
+    for name, t in (("query_index", qidx), ("key_index", kidx)):
+        if t.dtype.is_floating_point or t.is_complex() or t.device != device:
+            raise WorkbenchError(f"{name} must be an integer tensor on {device}; got {t.dtype} on {t.device}")
     if qidx.numel() != nqf or kidx.numel() != nkf:
         raise WorkbenchError(f"query_index/key_index have {qidx.numel()}/{kidx.numel()} entries for {nqf} query "
                              f"and {nkf} key frames")
