@@ -1,12 +1,15 @@
 """Benchmark: the cost of capturing attention statistics during the 1.3B few-step rollout (21 latent frames,
 480x832, 35 DiT forwards, random bf16 weights, DiT only).
 
-Rows: the plain rollout (eager, and with CUDA graphs); capture of attn_mass + attn_logit for all 30 layers x
-12 heads x 5 steps, and for one layer, in the three capture modes ("exact": the model's kernel gives the output
-and the log-sum-exp, a Triton kernel recomputes the frame mass; "indicator": the model's kernel runs once with V
-widened by key-frame indicator columns; "fused": one Triton kernel gives the output and the frame mass); and a
-materialising torch reference on one layer. Also checks each mode's store against the exact one, that rows sum
-to 1, and whether each mode leaves the rollout's latents bitwise unchanged.
+Rows: the plain rollout (eager, and with CUDA graphs) on the stock attention kernel (cuDNN) and on the
+model's Triton kernel (attention_kernel="triton"); capture of attn_mass + attn_logit for all 30 layers x 12
+heads x 5 steps, and for one layer, in the three capture modes ("exact": the model's kernel gives the output and
+the log-sum-exp, a Triton kernel recomputes the frame mass; "indicator", stock kernel: the model's kernel runs
+once with V widened by key-frame indicator columns; "fused", Triton kernel: the model's own forward also returns
+the frame mass and the frame means); and a materialising torch reference on one layer. Each capture row is
+compared with the plain rollout of its own kernel and with the stock (cuDNN) plain rollout. Also checks each
+mode's store against the exact one, that rows sum to 1, and that each mode leaves the rollout's latents bitwise
+those of the plain rollout on the same kernel.
 
     python bench/bench_capture.py [--repeats 3]
 """
@@ -25,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from bench_rollout import random_model, rollout_inputs, run_rollout, timed  # noqa: E402
+from models.attention import backend_name  # noqa: E402
 from workbench.capture import CaptureSpec, Geometry, StatsProbe  # noqa: E402
 from models.rollout import release_graphs  # noqa: E402
 from workbench.hooks import attach  # noqa: E402
@@ -42,12 +46,18 @@ class ReferenceProbe(StatsProbe):
         super().on_call(call, q, k, v, out, lse)
 
 
+def kernel_of(mode: str) -> str:
+    """The model's attention kernel a capture mode runs with: "fused" reads the Triton kernel's statistics."""
+    return "triton" if mode == "fused" else "auto"
+
+
 def capture_run(model, noise, context, g, layers, mode, repeats, cls=StatsProbe, graphs=True):
     """One probe for every rollout of the row (reset in between), as `workbench extract` does; with graphs the
     first two rollouts warm up and record, the timed ones replay."""
     spec = CaptureSpec(tuple(layers), tuple(range(12)), (0, 1, 2, 3, 4), ("attn_mass", "attn_logit"))
     geo = Geometry(batch=1, num_frames=21, frame_seq_len=1560, text_len=512)
-    probe = cls(spec, geo, "cuda", mode=mode)
+    model.attention_kernel = kernel_of(mode)
+    probe = cls(spec, geo, "cuda", mode=mode, kernel=model.attention_kernel)
 
     def once():
         probe.reset()
@@ -68,8 +78,12 @@ def profile_capture(model, noise, context, g):
     from torch.profiler import ProfilerActivity, profile
 
     spec = CaptureSpec(tuple(range(30)), tuple(range(12)), (0, 1, 2, 3, 4), ("attn_mass", "attn_logit"))
-    probe = StatsProbe(spec, Geometry(batch=1, num_frames=21, frame_seq_len=1560, text_len=512), "cuda", mode="fused")
-    for name, observers in (("plain", ()), ("fused capture, all 30 layers", (probe,))):
+    probe = StatsProbe(spec, Geometry(batch=1, num_frames=21, frame_seq_len=1560, text_len=512), "cuda", mode="fused",
+                       kernel="triton")
+    for name, observers, kernel in (("plain, stock kernel", (), "auto"), ("plain, Triton kernel", (), "triton"),
+                                    ("fused capture, all 30 layers", (probe,), "triton")):
+        model.attention_kernel = kernel
+
         def once():
             probe.reset()
             with attach(model, *observers):
@@ -104,11 +118,11 @@ def main():
     if args.fused_config:
         import json
 
-        from workbench.kernels import frame_attention as fa
+        from models import triton_attention as ta
 
         text = Path(args.fused_config).read_text() if Path(args.fused_config).is_file() else args.fused_config
-        fa.FUSED_CONFIG_SM90 = {**fa.FUSED_CONFIG_SM90, **json.loads(text)}
-        print(f"# fused kernel config: {fa.FUSED_CONFIG_SM90}")
+        ta.FUSED_CONFIG_SM90 = {**ta.FUSED_CONFIG_SM90, **json.loads(text)}
+        print(f"# Triton kernel config: {ta.FUSED_CONFIG_SM90}")
     print(f"# bench_capture  {datetime.datetime.now().isoformat(timespec='seconds')}  "
           f"{torch.cuda.get_device_name()}  torch {torch.__version__}  python {platform.python_version()}")
     print(f"# command: {' '.join(sys.argv)}")
@@ -116,21 +130,30 @@ def main():
     noise, context, g = rollout_inputs()
     torch.cuda.reset_peak_memory_stats()
     base, base_times = timed(lambda: run_rollout(model, noise, context, g, cuda_graphs=False), args.repeats)
-    graphed, gpeak = None, None
     base_peak = torch.cuda.max_memory_allocated() / 2**30
-    print("| run | wall time (median) | vs plain | peak memory | vs plain |\n|---|---|---|---|---|")
-    print(f"| plain rollout (eager) | {base:.3f} s ({', '.join(f'{t:.3f}' for t in base_times)}) | - | "
-          f"{base_peak:.2f} GiB | - |")
-    try:
+    print("| run | wall time (median) | vs plain, same kernel | vs plain, stock kernel | peak memory | vs plain |\n"
+          "|---|---|---|---|---|---|")
+    print(f"| plain rollout (eager, stock kernel: {backend_name('cuda', torch.bfloat16)}) | {base:.3f} s "
+          f"({', '.join(f'{t:.3f}' for t in base_times)}) | - | - | {base_peak:.2f} GiB | - |")
+    graphed, gpeak = {}, {}  # kernel -> plain graphed rollout time, peak memory
+
+    def plain_graphed(kernel):
+        model.attention_kernel = kernel
         release_graphs(model)
         torch.cuda.reset_peak_memory_stats()
-        graphed, graph_times = timed(lambda: run_rollout(model, noise, context, g, cuda_graphs=True), args.repeats, 2)
-        gpeak = torch.cuda.max_memory_allocated() / 2**30
+        t, times = timed(lambda: run_rollout(model, noise, context, g, cuda_graphs=True), args.repeats, 2)
+        peak = torch.cuda.max_memory_allocated() / 2**30
         release_graphs(model)
-        print(f"| plain rollout (CUDA graphs) | {graphed:.3f} s ({', '.join(f'{t:.3f}' for t in graph_times)}) | "
-              f"{100 * (graphed / base - 1):+.1f}% | {gpeak:.2f} GiB | {gpeak - base_peak:+.2f} GiB |")
-    except Exception as err:
-        print(f"| plain rollout (CUDA graphs) | FAILED: {type(err).__name__}: {str(err)[:200]} | | | |")
+        return t, times, peak
+
+    for kernel in ("auto", "triton"):
+        try:
+            graphed[kernel], times, gpeak[kernel] = plain_graphed(kernel)
+            print(f"| plain rollout (CUDA graphs, {backend_name('cuda', torch.bfloat16, kernel)}) | {graphed[kernel]:.3f} s "
+                  f"({', '.join(f'{t:.3f}' for t in times)}) | - | {100 * (graphed[kernel] / graphed['auto'] - 1):+.1f}% | "
+                  f"{gpeak[kernel]:.2f} GiB | {gpeak[kernel] - base_peak:+.2f} GiB |")
+        except Exception as err:
+            print(f"| plain rollout (CUDA graphs, {kernel}) | FAILED: {type(err).__name__}: {str(err)[:200]} | | | | |")
     if args.profile:
         profile_capture(model, noise, context, g)
     results, timings = {}, {}
@@ -156,18 +179,26 @@ def main():
             print(f"| {name} | FAILED: {type(err).__name__}: {str(err)[:200]} | | | |")
             continue
         results[name] = res
-        timings[name] = (t, graphs)
-        ref_t, ref_peak = (graphed, gpeak) if graphs and graphed else (base, base_peak)
-        print(f"| {name} | {t:.3f} s ({', '.join(f'{x:.3f}' for x in times)}) | {100 * (t / ref_t - 1):+.1f}% | "
-              f"{peak:.2f} GiB | {peak - ref_peak:+.2f} GiB |")
-    if graphed and timings:  # the GPU's pace drifts by ~1-2% over minutes: time the baseline again, after the rows
-        release_graphs(model)
-        again, again_times = timed(lambda: run_rollout(model, noise, context, g, cuda_graphs=True), args.repeats, 2)
-        release_graphs(model)
-        mean = (graphed + again) / 2
-        print(f"# plain rollout (CUDA graphs) timed again after the capture rows: {again:.3f} s "
-              f"({', '.join(f'{x:.3f}' for x in again_times)}); vs the mean of both plain timings ({mean:.3f} s): "
-              + ", ".join(f"{name} {100 * (t / mean - 1):+.1f}%" for name, (t, graphs) in timings.items() if graphs))
+        kernel = kernel_of(mode)
+        timings[name] = (t, graphs, kernel)
+        if graphs and kernel in graphed:
+            same, stock, ref_peak = graphed[kernel], graphed.get("auto"), gpeak[kernel]
+        else:
+            same, stock, ref_peak = (base, base, base_peak) if kernel == "auto" else (None, base, base_peak)
+        pct = lambda ref: f"{100 * (t / ref - 1):+.1f}%" if ref else "-"  # noqa: E731
+        print(f"| {name} ({kernel} kernel) | {t:.3f} s ({', '.join(f'{x:.3f}' for x in times)}) | {pct(same)} | "
+              f"{pct(stock)} | {peak:.2f} GiB | {peak - ref_peak:+.2f} GiB |")
+    if graphed and timings:  # the GPU's pace drifts by ~1-2% over minutes: time the baselines again, after the rows
+        mean = {}
+        for kernel in graphed:
+            again, again_times, _ = plain_graphed(kernel)
+            mean[kernel] = (graphed[kernel] + again) / 2
+            print(f"# plain rollout (CUDA graphs, {kernel} kernel) timed again after the capture rows: {again:.3f} s "
+                  f"({', '.join(f'{x:.3f}' for x in again_times)}); mean of both timings {mean[kernel]:.3f} s")
+        for name, (t, graphs, kernel) in timings.items():
+            if graphs and kernel in mean:
+                print(f"# vs the means of the plain timings: {name}: {100 * (t / mean[kernel] - 1):+.1f}% over the "
+                      f"plain rollout on its kernel ({kernel}), {100 * (t / mean['auto'] - 1):+.1f}% over the stock one")
     exact = results.get("exact, all 30 layers")
     for name, res in results.items():
         m = torch.from_numpy(res["attn_mass"])
@@ -181,18 +212,28 @@ def main():
             same_nan = bool((a.isnan() == b.isnan()).all())
             print(f"# {other} vs exact attn_mass: max |diff| {(a - b).abs().nan_to_num().max().item():.2e}, "
                   f"same NaN pattern {same_nan}")
-    release_graphs(model)
-    plain = run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(7), cuda_graphs=False)
+    plains = {}
     for mode in () if args.skip_bitwise else ("exact", "indicator", "fused"):
+        kernel = model.attention_kernel = kernel_of(mode)
+        release_graphs(model)
+        if kernel not in plains:
+            plains[kernel] = run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(7),
+                                         cuda_graphs=False)
+        plain = plains[kernel]
         spec = CaptureSpec(tuple(range(30)), tuple(range(12)), (0, 1, 2, 3, 4), ("attn_mass", "attn_logit"))
-        probe = StatsProbe(spec, Geometry(batch=1, num_frames=21, frame_seq_len=1560, text_len=512), "cuda", mode=mode)
+        probe = StatsProbe(spec, Geometry(batch=1, num_frames=21, frame_seq_len=1560, text_len=512), "cuda", mode=mode,
+                           kernel=kernel)
         for _ in range(3):  # warm-up, record, replay: the last one is a replayed graph
             probe.reset()
             with attach(model, probe):
                 got = run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(7), cuda_graphs=True)
         release_graphs(model)
-        print(f"# {mode} capture of all layers (graph replay): latents bitwise equal to the eager plain rollout: "
-              f"{torch.equal(got, plain)}; max |diff| {(got.float() - plain.float()).abs().max().item():.3e}")
+        print(f"# {mode} capture of all layers (graph replay, {kernel} kernel): latents bitwise equal to the eager "
+              f"plain rollout on that kernel: {torch.equal(got, plain)}; max |diff| "
+              f"{(got.float() - plain.float()).abs().max().item():.3e}")
+    if len(plains) == 2:
+        d = (plains["triton"].float() - plains["auto"].float()).abs().max().item()
+        print(f"# plain rollouts on the Triton and the stock kernel differ by max |diff| {d:.3e} (bf16 rounding)")
     ref = results.get("materialising torch reference, layer 3, eager")
     if ref is not None and exact is not None:
         a = torch.from_numpy(exact["attn_mass"])[:, :, 3:4]

@@ -12,7 +12,14 @@ never imports them. With no observer interested in a call, `attend` is exactly t
 When an observer asks for the log-sum-exp it is computed by a kernel that returns it (CUDA) or a blockwise
 pass (CPU), and the output is computed the same way as without observers, so capture never changes outputs.
 
-Backends: flash-attn when it imports (and inputs are fp16/bf16 on CUDA), PyTorch SDPA otherwise.
+Kernels (`attention_kernel`, a WanModel attribute carried by every call as `call.kernel`):
+- "auto" (default): flash-attn when it imports (and inputs are fp16/bf16 on CUDA), the cuDNN / flash SDPA
+  ops otherwise, PyTorch SDPA on the CPU.
+- "triton": unmasked calls over whole frames run `models.triton_attention.frame_attention`, a frame-tiled
+  FlashAttention forward that can also hand observers per-frame statistics from the same pass, at no change
+  to the output. With it, the workbench's "fused" capture is bitwise neutral and nearly free. Other calls
+  (masked, text cross-attention, CPU) use the "auto" kernels.
+Frame-masked calls always use FlexAttention on CUDA and SDPA with a dense mask on the CPU.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ class AttentionCall:
     frame_mask: torch.Tensor | None = None  # [n_query_frames, n_key_frames] bool, True = attended; None = all
     num_heads: int = 0
     head_dim: int = 0
+    kernel: str = "auto"  # the model's attention kernel (ATTENTION_KERNELS); see `kernel_runs`
 
     @property
     def step(self) -> int | None:
@@ -86,10 +94,24 @@ class AttentionObserver(Protocol):
 # --------------------------------------------------------------------------------------------------
 # Kernels
 
+ATTENTION_KERNELS = ("auto", "triton")
 
-def backend_name(device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16) -> str:
-    """Which kernel runs for unmasked attention on this device and dtype (masked calls use FlexAttention on
-    CUDA and SDPA with a dense mask on the CPU)."""
+
+def check_kernel(kernel: str) -> str:
+    if kernel not in ATTENTION_KERNELS:
+        from models.errors import ModelInputError
+
+        raise ModelInputError(f"attention kernel {kernel!r}; use one of {list(ATTENTION_KERNELS)}")
+    return kernel
+
+
+def backend_name(device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+                 kernel: str = "auto") -> str:
+    """Which kernel runs for unmasked self-attention on this device and dtype (masked calls use FlexAttention
+    on CUDA and SDPA with a dense mask on the CPU)."""
+    if check_kernel(kernel) == "triton" and torch.device(device).type == "cuda" and dtype in (torch.bfloat16,
+                                                                                              torch.float16):
+        return "triton (models.triton_attention)"
     if torch.device(device).type == "cuda":
         from models.cuda_attention import active_kernel
 
@@ -116,13 +138,33 @@ def _flex(q, k, v, frame_mask: torch.Tensor, frame_seq_len: int, scale: float) -
     return flex_frame_attention(q, k, v, frame_mask, frame_seq_len, scale)
 
 
-def plain_attention(q, k, v, *, frame_mask=None, frame_seq_len=1, scale=None) -> torch.Tensor:
+def _masked(frame_mask) -> bool:
+    return frame_mask is not None and not bool(frame_mask.all())
+
+
+def kernel_runs(q, k, v, *, frame_mask=None, frame_seq_len=1, kernel="auto") -> str:
+    """"triton" when the model's Triton forward computes this call, else "auto" (the stock kernels)."""
+    if kernel != "triton" or _masked(frame_mask):
+        return "auto"
+    try:
+        from models import triton_attention
+    except ImportError:  # triton not installed (the "kernels" extra): the stock kernels
+        return "auto"
+
+    return "triton" if triton_attention.applies(q, k, v, frame_seq_len) else "auto"
+
+
+def plain_attention(q, k, v, *, frame_mask=None, frame_seq_len=1, scale=None, kernel="auto") -> torch.Tensor:
     """out [B, Lq, H, D] = softmax(q k^T * scale) v, over the attended keys only."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if frame_mask is not None and not bool(frame_mask.all()):
+    if _masked(frame_mask):
         if q.is_cuda:
             return _flex(q, k, v, frame_mask, frame_seq_len, scale)
         return _sdpa(q, k, v, token_mask(frame_mask, q.shape[1], k.shape[1], frame_seq_len).to(q.device), scale)
+    if kernel_runs(q, k, v, frame_seq_len=frame_seq_len, kernel=kernel) == "triton":
+        from models.triton_attention import frame_attention
+
+        return frame_attention(q, k, v, frame_seq_len=frame_seq_len, scale=scale).out
     if q.is_cuda:  # the same kernel as attention_with_lse, so capture never changes the output
         from models.cuda_attention import sdpa_with_lse
 
@@ -147,9 +189,14 @@ def blockwise_lse(q, k, *, frame_mask=None, frame_seq_len=1, scale=None, block: 
     return lse
 
 
-def attention_with_lse(q, k, v, *, frame_mask=None, frame_seq_len=1, scale=None):
+def attention_with_lse(q, k, v, *, frame_mask=None, frame_seq_len=1, scale=None, kernel="auto"):
     """(out, lse): out exactly as `plain_attention` computes it, lse [B, H, Lq] float32 natural log."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if kernel_runs(q, k, v, frame_mask=frame_mask, frame_seq_len=frame_seq_len, kernel=kernel) == "triton":
+        from models.triton_attention import frame_attention
+
+        r = frame_attention(q, k, v, frame_seq_len=frame_seq_len, scale=scale, with_lse=True)
+        return r.out, r.lse
     if q.is_cuda and frame_mask is None:
         from models.cuda_attention import sdpa_with_lse
 
@@ -165,9 +212,9 @@ def attention_with_lse(q, k, v, *, frame_mask=None, frame_seq_len=1, scale=None)
 def attend(q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] = ()) -> torch.Tensor:
     """Every attention call of the model. q [B, Lq, H, D]; k, v [B, Lk, H, D] -> out [B, Lq, H, D]."""
     interested = [obs for obs in observers if obs.wants(call)] if observers else ()
-    mask, fsl = call.frame_mask, call.frame_seq_len
+    mask, fsl, kernel = call.frame_mask, call.frame_seq_len, call.kernel
     if not interested:
-        return plain_attention(q, k, v, frame_mask=mask, frame_seq_len=fsl)
+        return plain_attention(q, k, v, frame_mask=mask, frame_seq_len=fsl, kernel=kernel)
     for obs in interested:  # an observer may compute the attention itself (a fused kernel with statistics)
         out = obs.compute(call, q, k, v) if getattr(obs, "computes_output", False) else None
         if out is not None:
@@ -176,9 +223,9 @@ def attend(q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] 
                     other.observe(call, q, k, v, out, None)
             return out
     if any(obs.needs_lse for obs in interested):
-        out, lse = attention_with_lse(q, k, v, frame_mask=mask, frame_seq_len=fsl)
+        out, lse = attention_with_lse(q, k, v, frame_mask=mask, frame_seq_len=fsl, kernel=kernel)
     else:
-        out, lse = plain_attention(q, k, v, frame_mask=mask, frame_seq_len=fsl), None
+        out, lse = plain_attention(q, k, v, frame_mask=mask, frame_seq_len=fsl, kernel=kernel), None
     for obs in interested:
         obs.observe(call, q, k, v, out, lse)
     return out

@@ -155,7 +155,7 @@ def _rollout_graphs(model, noise, context, cuda_graphs, extra_key, devices=("cud
     fsl = (noise.shape[3] // model.config.patch_size[1]) * (noise.shape[4] // model.config.patch_size[2])
     params = tuple(p.data_ptr() for p in model.parameters())
     key = (tuple(noise.shape), noise.dtype, str(noise.device), tuple(context.shape), context.dtype, params,
-           fused.GELU_EPILOGUE, fused.COMPILE, extra_key)
+           fused.GELU_EPILOGUE, fused.COMPILE, getattr(model, "attention_kernel", "auto"), extra_key)
     current = getattr(model, "_rollout_graphs", None)
     observers = tuple(model.observers)
     same_observers = current is not None and len(current.observers) == len(observers) and all(

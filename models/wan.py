@@ -17,8 +17,8 @@ Three ways to run the self-attention:
 - KV cache (`kv_cache=` given): one chunk's tokens attend to the cached frames plus themselves - the rollout.
   With gradients enabled (training's exit step) each layer sees its cache through a `GradWindow`: gradient
   reaches this chunk's keys/values only, and backward sees the cache as the forward did.
-Every attention call goes through `models.attention.attend` with its labels; parameter names match the
-official checkpoints (`blocks.N.self_attn.q.weight`, ...).
+Every attention call goes through `models.attention.attend` with its labels and the model's
+`attention_kernel`; parameter names match the official checkpoints (`blocks.N.self_attn.q.weight`, ...).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from models.attention import AttentionCall, Attend, ForwardLabels, ObserverList
+from models.attention import AttentionCall, Attend, ForwardLabels, ObserverList, check_kernel
 from models.config import WanConfig
 from models.errors import ModelInputError
 from models.kv_cache import CrossCache, GradWindow, KVCache, RolloutCache
@@ -79,6 +79,7 @@ class ForwardContext:
     grid: tuple[int, int]
     frame_mask: torch.Tensor | None  # block-causal frame mask of a full-sequence causal forward
     fill_cross: bool = False  # this forward computes the text keys/values and fills the cross-attention caches
+    kernel: str = "auto"  # the model's attention kernel (models.attention.ATTENTION_KERNELS)
 
 
 class SelfAttention(nn.Module):
@@ -101,7 +102,7 @@ class SelfAttention(nn.Module):
             k, v, key_frames = cache.window()  # [B, Lk, heads, head_dim]: sink + window, own chunk included
             frame_mask = None
         call = AttentionCall(self.layer, "self", ctx.labels, ctx.query_frames, key_frames, ctx.frame_seq_len,
-                             ctx.grid, frame_mask, self.num_heads, self.head_dim)
+                             ctx.grid, frame_mask, self.num_heads, self.head_dim, ctx.kernel)
         out = self.attend(q, k, v, call, ctx.observers)  # [B, L, heads, head_dim]
         return self.o(out.flatten(2))
 
@@ -124,7 +125,7 @@ class CrossAttention(nn.Module):
             if cache is not None and cache.k is None:
                 cache.k, cache.v = k, v
         call = AttentionCall(self.layer, "cross", ctx.labels, ctx.query_frames, None, ctx.frame_seq_len,
-                             ctx.grid, None, self.num_heads, self.head_dim)
+                             ctx.grid, None, self.num_heads, self.head_dim, ctx.kernel)
         out = self.attend(q, k, v, call, ctx.observers)
         return self.o(out.flatten(2))
 
@@ -201,7 +202,19 @@ class WanModel(nn.Module):
         self.rope = RopeTable(cfg.rope_split)
         self._rope_cache: dict = {}
         self.observers = ObserverList()  # attention observers (the workbench's probes attach here)
+        self.attention_kernel = "auto"  # "auto" (stock kernels) or "triton" (models.triton_attention)
         self.gradient_checkpointing = False
+
+    @property
+    def attention_kernel(self) -> str:
+        """Which kernel computes unmasked attention: "auto" (flash-attn / cuDNN / SDPA) or "triton" (the
+        frame-tiled forward of models.triton_attention, whose statistics a probe can read at no change to
+        the output). Checked when set."""
+        return self._attention_kernel
+
+    @attention_kernel.setter
+    def attention_kernel(self, kernel: str) -> None:
+        self._attention_kernel = check_kernel(kernel)
 
     # --- helpers ---------------------------------------------------------------------------------------
 
@@ -306,6 +319,7 @@ class WanModel(nn.Module):
             grid=(h, w),
             frame_mask=self.block_causal_mask(frames) if (self.causal and cache is None) else None,
             fill_cross=cache is not None and cache.cross[0].k is None,
+            kernel=self.attention_kernel,
         )
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else cache.kv[i]

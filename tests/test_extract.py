@@ -375,17 +375,27 @@ def test_capture_mode_is_chosen_recorded_and_checked(tmp_path, capsys, uninterru
     assert exit_.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
 
 
-def test_indicator_store_matches_the_exact_store(tmp_path, uninterrupted):
+def test_cpu_indicator_request_runs_and_records_exact(tmp_path, uninterrupted):
+    """On the CPU no widened call returns the plain call's bits, so --capture-mode indicator runs (and records)
+    "exact": the store equals the exact store, fingerprint included (it resumes and appends as one).
+    --attention-kernel triton on the CPU runs the stock kernel (the Triton one needs a GPU) but is its own
+    configuration: refused as a resume of the stock-kernel store, and recorded in the fingerprint."""
     out = tmp_path / "ind.zarr"
     assert cli_main(["extract", "--layer", "3", "--prompt", PROMPTS[0], "--seed", "1", "--capture-mode", "indicator",
                      "--out", str(out), "--no-progress"]) == 0
     ind = xr.open_zarr(out, consolidated=False).load()
     ref = xr.open_zarr(uninterrupted, consolidated=False).load().isel(sample=[0])
-    assert ind.attrs["capture_mode"] == "indicator"
-    assert ind.attrs["fingerprint"].split(":")[0] == ref.attrs["fingerprint"].split(":")[0]  # same layout
-    assert ind.attrs["fingerprint"] != ref.attrs["fingerprint"]  # numbers made another way: --append, not resume
-    # on the CPU the widened call is another matmul shape: outputs, hence later chunks' q and k, move by float32
-    # rounding, so the stores agree to rounding rather than bitwise (on cuDNN they are bitwise, see RESULTS.md)
-    a, b = ind.attn_mass.values, ref.attn_mass.values
-    assert np.array_equal(np.isnan(a), np.isnan(b)) and np.nanmax(np.abs(a - b)) <= 1e-5
-    np.testing.assert_allclose(ind.attn_logit.values, ref.attn_logit.values, rtol=1e-4, atol=1e-5)
+    assert ind.attrs["capture_mode"] == "exact" and ind.attrs["fingerprint"] == ref.attrs["fingerprint"]
+    np.testing.assert_array_equal(ind.attn_mass.values, ref.attn_mass.values)
+    np.testing.assert_array_equal(ind.attn_logit.values, ref.attn_logit.values)
+    tri = ["extract", "--layer", "3", "--prompt", PROMPTS[0], "--seed", "1", "--attention-kernel", "triton",
+           "--no-progress"]
+    assert cli_main([*tri, "--out", str(out)]) == 2  # another configuration: not a resume of the stock-kernel store
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # (tests/test_kernels.py sets it)
+    proc = subprocess.run([sys.executable, "-m", "workbench.cli", *tri, "--out", str(tmp_path / "tri.zarr")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tri_ds = xr.open_zarr(tmp_path / "tri.zarr", consolidated=False).load()
+    assert tri_ds.attrs["fingerprint"].split(":")[0] == ref.attrs["fingerprint"].split(":")[0]
+    assert tri_ds.attrs["fingerprint"] != ref.attrs["fingerprint"]
+    np.testing.assert_array_equal(tri_ds.attn_mass.values, ref.attn_mass.values)  # the same kernel ran

@@ -18,6 +18,7 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the import of workbench.kernels.frame_attention
 
+from models.errors import ModelInputError  # noqa: E402  (the base of WorkbenchError: kernels in models/ raise it)
 from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.kernels import reference as ref  # noqa: E402
 
@@ -165,8 +166,10 @@ def test_reference_rejects_bad_input(kwargs, match):
 @pytest.fixture(scope="module")
 def fa():
     pytest.importorskip("triton")
+    ta = importlib.import_module("models.triton_attention")
     module = importlib.import_module("workbench.kernels.frame_attention")
-    if not CUDA and not module.INTERPRET:  # imported earlier without the interpreter: decorate again
+    if not CUDA and not ta.INTERPRET:  # imported earlier without the interpreter: decorate again
+        importlib.reload(ta)
         module = importlib.reload(module)
     return module
 
@@ -234,8 +237,8 @@ def test_fused_frame_means(fa, split):
     q, k, v = (t.to(DEV) for t in rand_qkv(B, H, D, fsl, nqf, nkf, seed=9))
     out, mass, qm, km = fa._launch_fused(q, k, v, frame_seq_len=fsl, frame_means=True,
                                          config={"BLOCK_M": 16, "BLOCK_N": 16, "split": split, "n_full": 6})
-    want_q = q.double().view(B, nqf, fsl, H, D).mean(2).permute(0, 2, 1, 3)
-    want_k = k.double().view(B, nkf, fsl, H, D).mean(2).permute(0, 2, 1, 3)
+    want_q = q.double().cpu().view(B, nqf, fsl, H, D).mean(2).permute(0, 2, 1, 3)
+    want_k = k.double().cpu().view(B, nkf, fsl, H, D).mean(2).permute(0, 2, 1, 3)
     assert qm.shape == (B, H, nqf, D) and km.shape == (B, H, nkf, D)
     assert (qm.double().cpu() - want_q).abs().max() < 1e-6
     assert (km.double().cpu() - want_k).abs().max() < 1e-6
@@ -258,8 +261,8 @@ def test_fused_into_writes_the_buffer_cells(fa, split):
     assert (out.double().cpu() - out_d).abs().max() < 1e-5
     cells = buf[:, 1, 2][:, :, qidx[:, None], kidx[None, :]]
     assert (cells.double().cpu() - mass_d).abs().max() < 1e-6
-    qm = q.double().view(B, nqf, fsl, H, D).mean(2).permute(0, 2, 1, 3)
-    km = k.double().view(B, nkf, fsl, H, D).mean(2).permute(0, 2, 1, 3)
+    qm = q.double().cpu().view(B, nqf, fsl, H, D).mean(2).permute(0, 2, 1, 3)
+    km = k.double().cpu().view(B, nkf, fsl, H, D).mean(2).permute(0, 2, 1, 3)
     want = qm @ km.transpose(-1, -2) / math.sqrt(D)
     assert (logit_buf[:, 1, 2][:, :, qidx[:, None], kidx[None, :]].double().cpu() - want).abs().max() < 1e-5
     assert int((~buf.isnan()).sum()) == B * H * nqf * nkf  # nothing else written
@@ -355,10 +358,10 @@ def test_lse_from_sdpa(fa):
 
 def test_kernels_reject_bad_input(fa):
     q, k, v = rand_qkv(1, 2, 16, 8, 2, 3)
-    with pytest.raises(WorkbenchError, match="bfloat16, float16 or float32"):
+    with pytest.raises(ModelInputError, match="bfloat16, float16 or float32"):
         fa.frame_attention_fused(q.double(), k.double(), v.double(), frame_seq_len=8)
     q24, k24 = torch.zeros(1, 16, 2, 24), torch.zeros(1, 24, 2, 24)
-    with pytest.raises(WorkbenchError, match="head_dim a power of two"):
+    with pytest.raises(ModelInputError, match="head_dim a power of two"):
         fa.frame_attention_fused(q24, k24, k24, frame_seq_len=8)
     with pytest.raises(WorkbenchError, match="multiples of frame_seq_len"):
         fa.frame_mass_from_lse(q, k, torch.zeros(1, 2, 16), frame_seq_len=5, scale=0.25)
@@ -388,6 +391,106 @@ def test_gpu_model_shapes(fa, mask):
         assert (mass_b - want).abs().max() < 1e-3
 
 
+# ------------------------------------------------------------------ the model's own Triton kernel
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_triton_forward_output_does_not_depend_on_the_extras(fa, split):
+    """models.triton_attention.frame_attention: asking for the row masses, the frame means or the log-sum-exp
+    leaves the output's bits unchanged (the capture of a model on this kernel changes nothing), with whole and
+    split tiles; the LSE equals float64."""
+    from models.triton_attention import frame_attention
+
+    fsl = 12
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    q, k, v = (t.to(DEV) for t in rand_qkv(1, 2, 16, fsl, 2, 5, dtype=dtype, peak=2.0))
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "split": split, "n_full": 1}
+    base = frame_attention(q, k, v, frame_seq_len=fsl, config=cfg)
+    assert base.row_mass is None and base.lse is None and base.q_means is None
+    for extras in (dict(with_mass=True), dict(frame_means=True), dict(with_lse=True),
+                   dict(with_mass=True, frame_means=True, with_lse=True)):
+        r = frame_attention(q, k, v, frame_seq_len=fsl, config=cfg, **extras)
+        assert torch.equal(r.out, base.out), extras
+    out_d, _, _, lse_d = dense(q, k, v, fsl)
+    assert (r.lse.double().cpu() - lse_d).abs().max() < (1e-3 if CUDA else 1e-5)
+    assert (base.out.double().cpu() - out_d).abs().max() < (2e-2 if CUDA else 1e-5)
+
+
+def test_model_on_triton_kernel_fused_capture_changes_nothing(fa):
+    """A tiny causal model with attention_kernel="triton" (run here by the interpreter or the GPU): a fused
+    capture of every head and an exact capture both leave the rollout bitwise as the plain run, and the stored
+    statistics equal the float64 reference of the q, k each call saw (sink + window eviction)."""
+    import numpy as np
+    from attention_reference import AttendRecorder, dense_frame_stats, expected_key_frames
+    from conftest import tiny_model
+    from models.rollout import causal_few_step
+    from models.scheduler import FlowMatchScheduler
+    from workbench.capture import CaptureSpec, Geometry, StatsProbe
+    from workbench.hooks import attach
+
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    model = tiny_model(local_attn_size=6, sink_size=1).to(DEV).to(dtype)
+    model.attention_kernel = "triton"
+    cfg, frames, fsl, nfpb, steps = model.config, 12, 6, 3, 5
+
+    def rollout(*probes):
+        g = torch.Generator(device=DEV).manual_seed(0)
+        noise = torch.randn(1, frames, 16, 4, 6, generator=g, device=DEV).to(dtype)
+        ctx = torch.randn(1, cfg.text_len, 32, generator=g, device=DEV).to(dtype)
+        s = FlowMatchScheduler(5.0)
+        with attach(model, *probes):
+            return causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s,
+                                   generator=g)
+
+    spec = CaptureSpec(layers=(0, 1), heads=tuple(range(cfg.num_heads)), steps=tuple(range(steps)))
+    geo = Geometry(1, frames, fsl, cfg.text_len)
+    plain = rollout()
+    fused = StatsProbe(spec, geo, DEV, mode="fused", kernel="triton")
+    rec = AttendRecorder(model, [0, 1])
+    assert torch.equal(rollout(fused), plain)
+    rec.remove()
+    assert fused._written  # the kernel wrote the cells itself
+    exact = StatsProbe(spec, geo, DEV, mode="exact", kernel="triton")
+    assert torch.equal(rollout(exact), plain)
+    tol = 1e-3 if CUDA else 1e-5
+    for layer, calls in rec.records.items():
+        for visit, (q, k, _call) in enumerate(calls):
+            chunk, step = divmod(visit, steps)
+            qf = np.arange(chunk * nfpb, (chunk + 1) * nfpb)
+            kf = np.array(expected_key_frames(chunk, nfpb, 6, 1))
+            mass, logit = dense_frame_stats(q, k, fsl)
+            for name, want in (("attn_mass", mass), ("attn_logit", logit)):
+                for probe in (fused, exact):
+                    got = probe.results()[name][0, step, layer][:, qf[:, None], kf[None, :]]
+                    scale = 1.0 if name == "attn_mass" else max(1.0, float(want.abs().max()))
+                    assert np.abs(got - want[0].cpu().numpy()).max() < tol * scale, (name, layer, visit, probe.mode)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("nkf", [3, 12, 21])
+def test_gpu_triton_kernel_output_is_the_same_for_every_variant_at_rollout_shapes(fa, nkf):
+    """At the 1.3B rollout's call shapes (12 heads, 3 query frames, 3/12/21 key frames of 1560 tokens, the
+    GPU's own split plan): the plain forward, the one with row masses and frame means, the one with LSE, and
+    the capture store path all return the same output bits; the store path's cells equal the reference."""
+    from models.triton_attention import frame_attention
+
+    fsl, nqf, heads = 1560, 3, 12
+    q, k, v = (t.to("cuda") for t in rand_qkv(1, heads, 128, fsl, nqf, nkf, dtype=torch.bfloat16, seed=nkf))
+    base = frame_attention(q, k, v, frame_seq_len=fsl).out
+    for extras in (dict(with_mass=True, frame_means=True), dict(with_lse=True), dict(with_mass=True)):
+        assert torch.equal(frame_attention(q, k, v, frame_seq_len=fsl, **extras).out, base), extras
+    mass_out = torch.full((1, heads, 21, 21), float("nan"), device="cuda")
+    logit_out = torch.full_like(mass_out, float("nan"))
+    qi, ki = torch.arange(nqf, device="cuda") + 21 - nqf, torch.arange(nkf, device="cuda") + 21 - nkf
+    out = fa.frame_attention_fused_into(q, k, v, frame_seq_len=fsl, mass_out=mass_out, logit_out=logit_out,
+                                        query_index=qi, key_index=ki)
+    assert torch.equal(out, base)
+    want = ref.frame_mass_reference(q, k, frame_seq_len=fsl)
+    assert (mass_out[:, :, 21 - nqf:, 21 - nkf:] - want).abs().max() < 1e-3
+    assert int(mass_out.isnan().sum()) == heads * (21 * 21 - nqf * nkf)
+
+
 # ------------------------------------------------------------------ compile for Hopper without a GPU (AOT)
 
 _AOT_SCRIPT = r"""
@@ -415,14 +518,16 @@ def build(kernel, types, constexprs, warps, stages):
             "cp_async": ttgir.count("async_copy_global_to_local"), "smem": cc.metadata.shared}
 
 res = {}
-for tma, mask in [(True, False), (False, False), (False, True)]:
+for tma, mask, extras in [(True, False, True), (True, False, False), (False, False, True), (False, True, True)]:
     t = {n: "*bf16" for n in ["Q", "K", "V", "Out"]}
     t.update(RS="*fp32", RM="*fp32", Allowed="*i8" if mask else "*fp32", qk_scale="fp32", PACC="*fp32", PM="*fp32",
-             PL="*fp32", QSUM="*fp32", KSUM="*fp32")
+             PL="*fp32", QSUM="*fp32", KSUM="*fp32", LSE="*fp32")
     t["desc_k"] = t["desc_v"] = "tensordesc<bf16[64, 128]>" if tma else "*bf16"
     ce = dict(FSL=1560, HEAD_DIM=128, NKF_PAD=32 if mask else 16, EPI_F=32, HAS_MASK=mask, USE_TMA=tma,
-              DOT_F32=False, IEEE=False, WITH_MASS=True, WITH_SUMS=True, BLOCK_M=128, BLOCK_N=64)
-    res[f"fused_tma{int(tma)}_mask{int(mask)}"] = build(fa._frame_attn_fwd_kernel, t, ce, 8, 3)
+              DOT_F32=False, IEEE=False, WITH_MASS=extras, WITH_SUMS=extras, WITH_LSE=extras, BLOCK_M=128,
+              BLOCK_N=64)  # extras off: the model's own forward (attention_kernel="triton")
+    res[f"fused_tma{int(tma)}_mask{int(mask)}" + ("" if extras else "_plain")] = build(
+        fa._frame_attn_fwd_kernel, t, ce, 8, 3)
 t = dict(Q="*bf16", K="*bf16", LSE="*fp32", TOK="*fp32", Allowed="*fp32", qk_scale="fp32")
 ce = dict(FSL=1560, HEAD_DIM=128, HAS_MASK=False, DOT_F32=False, IEEE=False, BLOCK_M=128, BLOCK_N=128)
 res["key_token"] = build(fa._key_token_kernel, t, ce, 8, 2)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.attention import AttentionCall
+from models.attention import AttentionCall, kernel_runs
 from workbench import reductions
 from workbench.errors import WorkbenchError
 from workbench.hooks import Probe
@@ -52,19 +52,24 @@ class Geometry:
 
 
 class StatsProbe(Probe):
-    """How `attn_mass` is computed (the other statistics do not depend on the mode):
+    """How `attn_mass` is computed (the other statistics do not depend on the mode). In every mode the model's
+    outputs are bitwise what they are without the probe:
 
     - "exact": the model's own kernel computes the output and the row log-sum-exp; a second blockwise pass
-      recomputes q k^T and sums the probabilities per key frame (float32). Outputs are bitwise unchanged.
-    - "indicator": the model's own kernel runs once with the value tensor widened by key-frame indicator
-      columns (workbench.kernels.indicator); the extra output columns are the per-token frame masses. About
-      +12% attention FLOPs instead of +50%; per-token masses carry the kernel's bf16 rounding.
-    - "fused": one Triton kernel returns the output and the frame mass together (its output equals the plain
-      kernel's within bf16 rounding); with every head captured on an unmasked call it also makes attn_logit's
-      frame means and writes both statistics straight into this probe's buffer cells.
-    - "auto": "indicator" on CUDA, "exact" elsewhere.
+      recomputes q k^T and sums the probabilities per key frame (float32).
+    - "indicator" (stock kernels, attention_kernel="auto", cuDNN): the model's own kernel runs once with the
+      value tensor widened by key-frame indicator columns (workbench.kernels.indicator); the output's columns
+      are the same numbers as without them, and the extra columns are the per-token frame masses. About +12%
+      attention FLOPs instead of +50%; per-token masses carry the kernel's bf16 rounding. Off CUDA it is
+      "exact" (no other kernel returns the same bits when widened).
+    - "fused" (attention_kernel="triton"): the model's own Triton forward also returns the frame mass from the
+      same pass (models.triton_attention; its output bits do not depend on what else it returns); with every
+      head captured it also makes attn_logit's frame means and writes both statistics straight into this
+      probe's buffer cells. Nearly free.
+    - "auto": "fused" for the Triton kernel and "indicator" for the stock kernels on CUDA; "exact" elsewhere.
 
-    Calls a mode cannot serve (masked calls for "indicator", layers with per-key-token maps) take the exact path.
+    Calls a mode cannot serve (masked calls, calls the Triton kernel does not take, layers with per-key-token
+    maps) take the exact path.
 
     The probe is `graph_safe`: its per-call work is GPU work into its own buffers, so a few-step rollout with
     it attached runs from CUDA graphs (models.rollout.RolloutGraphs). To reuse those graphs, keep one probe
@@ -73,7 +78,7 @@ class StatsProbe(Probe):
 
     graph_safe = True
 
-    def __init__(self, spec: CaptureSpec, geometry: Geometry, device, mode: str = "exact"):
+    def __init__(self, spec: CaptureSpec, geometry: Geometry, device, mode: str = "exact", kernel: str = "auto"):
         from workbench.hooks import CallFilter
 
         kinds = set()
@@ -82,7 +87,7 @@ class StatsProbe(Probe):
         if "cross_mass" in spec.stats:
             kinds.add("cross")
         super().__init__(CallFilter(layers=spec.layers, steps=spec.steps, kinds=kinds), heads=spec.heads)
-        mode = resolve_mode(mode, device)
+        mode = resolve_mode(mode, device, kernel)
         self.spec, self.geo, self.mode = spec, geometry, mode
         self.computes_output = mode != "exact"
         self._frames: dict = {}  # frame tuples -> device index tensors (no host-to-device copy per call)
@@ -156,14 +161,18 @@ class StatsProbe(Probe):
         apply."""
         if call.kind != "self" or "attn_mass" not in self.buffers or call.layer in self.token_pos:
             return None  # cross-attention and key-token layers take the exact path
+        # which kernel computes this call's output without the probe: the probe must compute the same bits
+        runs = kernel_runs(q, k, v, frame_mask=call.frame_mask, frame_seq_len=call.frame_seq_len, kernel=call.kernel)
         if self.mode == "indicator":
-            if not _unmasked(call):
+            if not _unmasked(call) or runs != "auto" or not _cudnn_runs(q):
                 return None
             from workbench.kernels.indicator import attention_with_frame_mass_indicator
 
             out, mass = attention_with_frame_mass_indicator(q, k, v, frame_seq_len=call.frame_seq_len)
             means = []
-        elif self._fused_store_applies(call, q):
+        elif self.mode != "fused" or runs != "triton":
+            return None
+        elif self._all_heads(q):
             # the kernel writes both statistics straight into this call's buffer cells
             from workbench.kernels.frame_attention import frame_attention_fused_into
 
@@ -177,11 +186,10 @@ class StatsProbe(Probe):
             self.observe(call, q, k, v, out, None, written=True)
             return out
         else:
-            from workbench.kernels import attention_with_frame_mass
+            from workbench.kernels.frame_attention import frame_attention_fused
 
-            out, mass, *means = attention_with_frame_mass(q, k, v, frame_seq_len=call.frame_seq_len,
-                                                          allowed=call.frame_mask,
-                                                          frame_means="attn_logit" in self.buffers)
+            out, mass, *means = frame_attention_fused(q, k, v, frame_seq_len=call.frame_seq_len,
+                                                      frame_means="attn_logit" in self.buffers)
         if not self._all_heads(q):  # a real subset of the heads: select it
             heads = self._index(tuple(self.spec.heads), q.device)
             mass, *means = (t.index_select(1, heads) for t in (mass, *means))
@@ -190,12 +198,6 @@ class StatsProbe(Probe):
 
     def _all_heads(self, q) -> bool:
         return list(self.spec.heads) == list(range(q.shape[2]))
-
-    def _fused_store_applies(self, call: AttentionCall, q) -> bool:
-        from workbench.kernels import HAS_TRITON
-
-        return (HAS_TRITON and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _unmasked(call)
-                and self._all_heads(q))
 
     def observe(self, call, q, k, v, out, lse, mass=None, means=None, written=False):
         self._mass, self._means, self._written = mass, means, written
@@ -251,13 +253,35 @@ class StatsProbe(Probe):
 CAPTURE_MODES = ("auto", "exact", "indicator", "fused")
 
 
-def resolve_mode(mode: str, device) -> str:
-    """The capture mode that runs: "auto" is "indicator" on CUDA and "exact" elsewhere."""
+def resolve_mode(mode: str, device, kernel: str = "auto") -> str:
+    """The capture mode that runs for a model with this attention kernel: "auto" is "fused" for the Triton
+    kernel and "indicator" for the stock kernels on CUDA, "exact" elsewhere. Pairs that would make the probe
+    compute the output with another kernel than the model's are refused."""
     if mode not in CAPTURE_MODES:
         raise WorkbenchError(f"capture mode {mode!r}; use one of {list(CAPTURE_MODES)}")
     if mode == "auto":
-        return "indicator" if torch.device(device).type == "cuda" else "exact"
+        if torch.device(device).type != "cuda":
+            return "exact"
+        return "fused" if kernel == "triton" else "indicator"
+    if mode == "indicator" and torch.device(device).type != "cuda":
+        return "exact"  # the widened call is bitwise the plain one on cuDNN only; elsewhere it would not be
+    if mode == "fused" and kernel != "triton":
+        raise WorkbenchError("capture mode 'fused' reads the statistics of the model's Triton attention kernel; "
+                             f"the model runs attention kernel {kernel!r}. Use --attention-kernel triton, or "
+                             "capture mode 'indicator' or 'exact'")
+    if mode == "indicator" and kernel == "triton":
+        raise WorkbenchError("capture mode 'indicator' widens the value tensor of the stock attention kernels, but "
+                             "the model runs attention kernel 'triton'; use capture mode 'fused' (or 'exact') "
+                             "with it, or --attention-kernel auto")
     return mode
+
+
+def _cudnn_runs(q) -> bool:
+    """Whether the model's stock kernel for q is the cuDNN op, the one whose widened call is bitwise the plain
+    one in its first head_dim columns (flash-attn, when installed, comes first and is another kernel)."""
+    from models.cuda_attention import active_kernel
+
+    return q.is_cuda and active_kernel(q.dtype) == "cudnn"
 
 
 def _unmasked(call: AttentionCall) -> bool:

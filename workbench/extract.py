@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.attention import backend_name
+from models.attention import backend_name, check_kernel
 from models.checkpoint import WEIGHTS_NAME, load_wan, sha256_file
 from models.embedded import EMBEDDED_DIR, EMBEDDED_GEOMETRY
 from models.rollout import SAMPLERS, MultiStepSolver, few_step_schedule, multistep_schedule, sample
@@ -74,6 +74,7 @@ class ExtractConfig:
     batch_size: int = 1
     progress: bool = True
     capture_mode: str = "auto"  # auto | exact | indicator | fused (workbench.capture.StatsProbe)
+    attention_kernel: str = "auto"  # auto | triton (models.attention.ATTENTION_KERNELS)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -134,7 +135,8 @@ def plan(cfg: ExtractConfig) -> Plan:
         raise WorkbenchError("no prompts to run (an empty prompt or prompt file)")
     if cfg.mode not in ("resume", "append", "overwrite"):
         raise WorkbenchError(f"mode {cfg.mode!r}; use resume, append or overwrite")
-    capture_mode = resolve_mode(cfg.capture_mode, cfg.device)
+    check_kernel(cfg.attention_kernel)
+    capture_mode = resolve_mode(cfg.capture_mode, cfg.device, cfg.attention_kernel)
     wan_dir = Path(cfg.wan_dir) if cfg.wan_dir else EMBEDDED_DIR
     if not (wan_dir / "config.json").is_file():
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)")
@@ -197,6 +199,8 @@ def fingerprint(p: Plan, weights_sha: str) -> str:
     model = dict(weights=weights_sha, config=dataclasses.asdict(p.model_config), key=("ema" if c.use_ema else "gen"),
                  dtype=c.dtype, guidance=c.guidance_scale, negative=c.negative_prompt,
                  capture_mode=p.capture_mode)
+    if c.attention_kernel != "auto":  # (absent for the stock kernels: stores made before the option still resume)
+        model["attention_kernel"] = c.attention_kernel
 
     def h(d):
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -235,7 +239,7 @@ def _attrs(p: Plan, fp: str, command: list[str]) -> dict:
                       python=platform.python_version()),
         frame_seq_len=p.frame_seq_len, num_frame_per_block=c.num_frame_per_block, num_frames=c.num_frames,
         text_len=p.model_config.text_len, head_dim=p.model_config.head_dim, num_layers=p.model_config.num_layers,
-        num_heads=p.model_config.num_heads, dtype=c.dtype, attn_backend=backend_name(c.device, _dtype(c.dtype)),
+        num_heads=p.model_config.num_heads, dtype=c.dtype, attn_backend=backend_name(c.device, _dtype(c.dtype), c.attention_kernel),
         capture_mode=p.capture_mode,
         fingerprint=fp,
     )
@@ -354,16 +358,18 @@ def load_model(p: Plan, device, dtype) -> torch.nn.Module:
     """The model a plan runs: the Wan folder (or embedded default), optionally a Self-Forcing checkpoint, causal
     unless the sampler is bidirectional, with the plan's attention window."""
     c = p.cfg
-    return load_wan(p.wan_dir, checkpoint=c.checkpoint, use_ema=c.use_ema, causal=c.sampler != "bidirectional",
-                    num_frame_per_block=c.num_frame_per_block, local_attn_size=c.local_attn_size,
-                    sink_size=c.sink_size, device=device, dtype=dtype, trust_pickle=c.trust_pickle)
+    model = load_wan(p.wan_dir, checkpoint=c.checkpoint, use_ema=c.use_ema, causal=c.sampler != "bidirectional",
+                     num_frame_per_block=c.num_frame_per_block, local_attn_size=c.local_attn_size,
+                     sink_size=c.sink_size, device=device, dtype=dtype, trust_pickle=c.trust_pickle)
+    model.attention_kernel = c.attention_kernel
+    return model
 
 
 def make_probe(model, p: Plan, device) -> StatsProbe:
     """The statistics probe of a plan; one serves every sample of a run (`reset()` between samples), so that
     a CUDA run replays the rollout graphs recorded for its first samples."""
     geo = Geometry(batch=1, num_frames=p.geometry[0], frame_seq_len=p.frame_seq_len, text_len=model.config.text_len)
-    return StatsProbe(p.spec, geo, device, mode=p.capture_mode)
+    return StatsProbe(p.spec, geo, device, mode=p.capture_mode, kernel=p.cfg.attention_kernel)
 
 
 def _one_sample(model, p: Plan, emb, negative, seed, device, dtype, bar, probe: StatsProbe) -> dict[str, np.ndarray]:

@@ -38,12 +38,18 @@ def register(subparsers) -> None:
                       help="statistics: attn_mass, attn_logit, cross_mass, attn_key_token (default: %(default)s)")
     what.add_argument("--token-layers", help="layers that also get per-key-token maps (attn_key_token)")
     what.add_argument("--capture-mode", default="auto", choices=["auto", "exact", "indicator", "fused"],
-                      help="how attn_mass is computed: exact (log-sum-exp + a recompute pass, float32), indicator "
-                           "(one attention call with key-frame indicator columns appended to V; per-token "
-                           "masses in the model's dtype), fused (one Triton kernel also gives the output: the "
-                           "fastest for many layers, ~+9%% for all 30 on an H200, but the rollout's latents move "
-                           "by bf16 rounding); exact and indicator leave the rollout bitwise unchanged; auto = "
-                           "indicator on CUDA, exact on the CPU (default: %(default)s; docs/store.md)")
+                      help="how attn_mass is computed; every mode leaves the rollout bitwise unchanged: exact "
+                           "(log-sum-exp + a recompute pass, float32), indicator (stock kernels: one attention "
+                           "call with key-frame indicator columns appended to V; ~+25%% for all 30 layers on an "
+                           "H200), fused (--attention-kernel triton: the model's own Triton forward also returns "
+                           "the statistics; ~+2%% for all 30 layers); auto = fused with the Triton kernel, "
+                           "indicator with the stock kernels on CUDA, exact on the CPU (default: %(default)s; "
+                           "docs/store.md)")
+    what.add_argument("--attention-kernel", default="auto", choices=["auto", "triton"],
+                      help="the model's attention kernel: auto (flash-attn / cuDNN / SDPA) or triton (a frame-tiled "
+                           "Triton forward, ~7%% slower than cuDNN on an H200 but its statistics come free: the "
+                           "fast way to capture many layers). Outputs differ between kernels by bf16 rounding, "
+                           "never between a captured and an uncaptured run (default: %(default)s)")
     job = p.add_argument_group("what to run")
     job.add_argument("--prompt", help="one prompt (default: the researchers' eagle prompt)")
     job.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
@@ -87,7 +93,7 @@ def run(args) -> int:
         num_frames=args.frames, sampler=args.sampler, local_attn_size=args.local_attn_size, sink_size=args.sink_size,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         wan_dir=args.wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema, trust_pickle=args.trust_pickle,
-        progress=not args.no_progress, capture_mode=args.capture_mode,
+        progress=not args.no_progress, capture_mode=args.capture_mode, attention_kernel=args.attention_kernel,
         mode="append" if args.append else "overwrite" if args.overwrite else "resume",
     )
     if args.prompts:

@@ -43,6 +43,10 @@ def register(subparsers) -> None:
     add_model_arguments(p)
     p.add_argument("--low-memory", choices=["auto", "on", "off"], default="auto",
                    help="move the text encoder off the GPU before the rollout (auto: < 40 GB free)")
+    p.add_argument("--attention-kernel", default="auto", choices=["auto", "triton"],
+                   help="the DiT's attention kernel: auto (flash-attn / cuDNN / SDPA) or triton (the frame-tiled "
+                        "kernel that `workbench extract --attention-kernel triton` captures from; outputs differ "
+                        "from auto's by bf16 rounding) (default: %(default)s)")
     p.add_argument("--no-video", action="store_true", help="latents only (no VAE decode)")
     p.add_argument("--out", default="runs/generate", help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
@@ -104,6 +108,7 @@ def run(args) -> int:
     model = load_wan(wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema, causal=args.sampler != "bidirectional",
                      local_attn_size=args.local_attn_size, sink_size=args.sink_size, device=device, dtype=dtype,
                      trust_pickle=args.trust_pickle)
+    model.attention_kernel = args.attention_kernel
     vae = None if args.no_video else WanVAE.from_file(wan_dir / "Wan2.1_VAE.pth", device=device, dtype=dtype)
 
     jobs = [(i, s) for i in range(len(prompts)) for s in seeds]

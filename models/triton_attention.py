@@ -1,0 +1,623 @@
+"""A frame-tiled FlashAttention forward in Triton: the model's optional attention kernel, with statistics on the side.
+
+`frame_attention(q, k, v, frame_seq_len=...)` computes softmax(q k^T * scale) v for an unmasked (or frame-masked)
+call whose query and key lengths are whole frames, like `models.attention.plain_attention`. It is the kernel
+behind `attention_kernel="triton"` (WanModel), and it can also return, from the same pass and without changing
+one bit of the output:
+- `row_mass` [B, H, nkf, Lq]: per query row, the softmax probability summed over each key frame, divided by
+  frame_seq_len (so that a sum over a query frame's rows is that frame's mean mass);
+- `q_means` [B, H, nqf, D] / `k_means` [B, H, nkf, D]: the mean q and k vector of every frame (float32);
+- `lse` [B, H, Lq]: the row log-sum-exp (natural log).
+Whoever observes the model (the workbench's probes) asks for these; the output is the same whether or not it
+does, so observing a model that runs this kernel changes nothing.
+
+How it works (FlashAttention-2 online softmax, tensor-core dots, fp32 accumulators):
+- Per query row it keeps, next to the running max m and sum l, the running sum of the current key frame's
+  probabilities, rescaled by the same exp(m_old - m_new). When the key sweep passes the last key of a frame,
+  that sum and the max it is relative to go to a [B, H, nkf, Lq] scratch (a key tile that straddles a frame
+  edge is split with masked sums, in a branch taken by ~1 tile in 12 at fsl=1560 with BLOCK_N=64). After the
+  sweep the rows become r * 2^(m_flush - m_final) / (l * fsl) in place. No extra matmul or exponential.
+- Work items: the tiles (query block, head) that fill whole waves of the GPU run whole; each tile of the last,
+  partial wave is split into segments of whole key frames (`split_plan`) whose (acc, m, l) a small merge kernel
+  combines, so the last wave does not leave most SMs idle. The plan comes from the GPU's resident programs of
+  one canonical variant, so every variant computes the same bits.
+- Block sizes: one fixed config per GPU family (chosen with bench/bench_fused_sweep.py on an H200), never timed
+  at run time, so every process computes the same bits. On sm90 K/V tiles come through TMA descriptors.
+- q_means / k_means are averaged by the first segment of query block j for frames j, j + n_qblk, ... from
+  L2-hot data.
+
+Layouts: q [B, Lq, H, D], k and v [B, Lk, H, D] (last dim contiguous), allowed [nqf, nkf] bool. D a power of
+two (Wan: 128). bf16/fp16 use tensor cores; fp32 uses exact fp32 dots ("ieee", slow; for tests).
+
+CPU testing: with TRITON_INTERPRET=1 set before this module is imported, the kernels run on CPU tensors in
+Triton's interpreter. The interpreter (triton 3.6) multiplies bfloat16 operands of tl.dot as raw uint16 and
+rounds fp32->bf16 casts by truncation, so under the interpreter bf16 tiles are upcast to fp32 before the dots
+(constexpr DOT_F32, never set on a GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from models.errors import ModelInputError
+
+try:  # host-side TMA descriptors (triton >= 3.2); used on Hopper and newer
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
+# Read once: triton.jit decides at decoration time whether a kernel is interpreted.
+INTERPRET = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else \
+    os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _patch_interpreter_for_numpy2():
+    """triton 3.6's interpreter turns a scalar into a Python int with int(array of shape (1,)), which
+    numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted"), so every loop with a runtime bound
+    fails. Re-point tensor.__index__ at .item() (interpreter only; compiled kernels are untouched)."""
+    from triton.runtime import interpreter as _interp
+
+    if getattr(_interp, "_wb_index_patched", False) or not hasattr(_interp, "_patch_lang_tensor"):
+        return
+    original = _interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interp._patch_lang_tensor = patched
+    _interp._wb_index_patched = True
+
+
+if INTERPRET:
+    _patch_interpreter_for_numpy2()
+
+LOG2E = 1.4426950408889634
+_NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max: keeps fully masked rows free of NaN
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_scores(q, k_base, desc_k, kv_row0, col_d0, n0, Lk, stride_kn, offs_n, offs_d,
+                 LOAD_MASK: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+    """s = q k^T for the key tile [n0, n0 + BLOCK_N): [BM, BN] float32 (unscaled)."""
+    cols = n0 + offs_n  # [BN] absolute key index
+    if USE_TMA:
+        k = desc_k.load([kv_row0 + n0, col_d0])  # [BN, D]; rows past this batch are masked in _tile_update
+    elif LOAD_MASK:
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=(cols < Lk)[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :])
+    if DOT_F32:
+        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+    elif IEEE:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    return qk
+
+
+@triton.jit
+def _tile_update(
+    qk, acc, l_i, m_i, r_cur,  # s tile [BM, BN]; [BM, D] f32, [BM] f32, [BM] f32, [BM] f32 (current frame's sum)
+    v_base, desc_v, kv_row0, col_d0,
+    n0, Lk, NKF, qk_scale, stride_vn,
+    offs_n, offs_d, row_ok, qf_row, rs_row, rm_row, Lq, Allowed,
+    FSL: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_MASK: tl.constexpr,
+    USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, WITH_MASS: tl.constexpr,
+):
+    """Online-softmax update with the key tile [n0, n0 + BLOCK_N); keys >= Lk (MASKED) are left out."""
+    NSEG: tl.constexpr = (BLOCK_N - 1) // FSL + 2  # most key frames one key tile can touch
+    cols = n0 + offs_n  # [BN] absolute key index
+    f_first = n0 // FSL  # key frame of the tile's first key
+    # ---- online softmax (base 2: qk_scale = scale * log2(e))
+    if MASKED:
+        if HAS_MASK:
+            # allowed[query frame of the row, key frame of the column]; this also drops cols >= Lk (frame >= NKF)
+            valid = tl.zeros(qk.shape, dtype=tl.int1)
+            for s in tl.static_range(NSEG):
+                f = f_first + s
+                a = tl.load(Allowed + qf_row * NKF + f, mask=row_ok & (f < NKF), other=0) != 0  # [BM]
+                seg = (cols >= f * FSL) & (cols < (f + 1) * FSL)  # [BN]
+                valid = valid | (a[:, None] & seg[None, :])
+        else:
+            valid = (cols < Lk)[None, :]
+        qk = tl.where(valid, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        qk = qk - m_new[:, None]
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        qk = qk * qk_scale - m_new[:, None]
+    p = tl.math.exp2(qk)  # [BM, BN]
+    ps = tl.sum(p, 1)
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + ps
+    if WITH_MASS:
+        # ---- per-key-frame sums: flush every frame whose last key lies in this tile
+        r_cur = r_cur * alpha
+        n_end = n0 + BLOCK_N
+        if (f_first + 1) * FSL <= n_end:
+            r_acc = r_cur
+            for s in tl.static_range(NSEG):
+                f = f_first + s
+                seg = (cols >= f * FSL) & (cols < (f + 1) * FSL)
+                r_acc += tl.sum(tl.where(seg[None, :], p, 0.0), 1)
+                # a frame is done when its last key is swept: within this tile and before the sweep's end
+                # (Lk here; a segment's partial last tile gets the segment's end, so it never flushes a frame
+                # of the next segment with a zero sum, which would race with that segment's own flush)
+                done = ((f + 1) * FSL <= tl.minimum(n_end, Lk)) & (f < NKF)
+                # r_acc is relative to 2^m_new: store both, normalise in the epilogue
+                tl.store(rs_row + f * Lq, r_acc, mask=row_ok & done)
+                tl.store(rm_row + f * Lq, m_new, mask=row_ok & done)
+                r_acc = tl.where(done, 0.0, r_acc)
+            r_cur = r_acc
+        else:
+            r_cur = r_cur + ps
+    # ---- acc = acc * alpha + p v
+    acc = acc * alpha[:, None]
+    if USE_TMA:
+        v = desc_v.load([kv_row0 + n0, col_d0])  # [BN, D]
+    elif MASKED:
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=(cols < Lk)[:, None], other=0.0)
+    else:
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
+    if DOT_F32:
+        acc = tl.dot(p, v.to(tl.float32), acc)
+    elif IEEE:
+        acc = tl.dot(p, v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new, r_cur
+
+
+@triton.jit
+def _mass_epilogue(rs_row, rm_row, m_i, l_safe, row_ok, qf_row, Lq, NKF, Allowed,
+                   FSL: tl.constexpr, EPI_F: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Per-row frame mass r * 2^(m_flush - m_final) / (l * fsl), written in place of RS ([BM] rows, every frame)."""
+    inv_l = (1.0 / FSL) / l_safe  # the 1/fsl of the mean over the query frame's rows, folded in
+    for f0 in range(0, NKF, EPI_F):
+        fs = f0 + tl.arange(0, EPI_F)  # [EPI_F] key frames
+        msk = row_ok[:, None] & (fs < NKF)[None, :]
+        off = fs[None, :] * Lq
+        if HAS_MASK:  # disallowed pairs may lie outside the swept range (never flushed): read only allowed
+            a = tl.load(Allowed + qf_row[:, None] * NKF + fs[None, :], mask=msk, other=0)
+            rd = msk & (a != 0)
+        else:
+            rd = msk
+        rs = tl.load(rs_row[:, None] + off, mask=rd, other=0.0)  # [BM, EPI_F]
+        rm = tl.load(rm_row[:, None] + off, mask=rd, other=0.0)
+        w = rs * tl.math.exp2(tl.where(rd, rm - m_i[:, None], 0.0)) * inv_l[:, None]
+        tl.store(rs_row[:, None] + off, w, mask=msk)
+
+
+@triton.jit
+def _store_lse(lse_row, m_i, l_i, row_ok):
+    """Natural-log log-sum-exp of each row from the base-2 running max and sum; -inf for a row with no key."""
+    lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    tl.store(lse_row, lse, mask=row_ok)
+
+
+@triton.jit
+def _frame_mean(X, stride_x, row0, out_ptr, FSL: tl.constexpr, HEAD_DIM: tl.constexpr, SUM_ROWS: tl.constexpr):
+    """out[:] = mean of the FSL rows X[row0:row0 + FSL, :], summed in float32 in a fixed order (deterministic)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([SUM_ROWS, HEAD_DIM], dtype=tl.float32)
+    for r0 in range(0, FSL, SUM_ROWS):
+        rows = r0 + tl.arange(0, SUM_ROWS)
+        x = tl.load(X + (row0 + rows)[:, None] * stride_x + offs_d[None, :], mask=(rows < FSL)[:, None], other=0.0)
+        acc += x.to(tl.float32)
+    tl.store(out_ptr + offs_d, tl.sum(acc, 0) * (1.0 / FSL))
+
+
+@triton.jit
+def _frame_attn_fwd_kernel(
+    Q, K, V, Out, RS, RM, Allowed, desc_k, desc_v, PACC, PM, PL, QSUM, KSUM, LSE,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh,
+    H, Lq, Lk, NKF, qk_scale, N_FULL, SPLIT,
+    FSL: tl.constexpr, HEAD_DIM: tl.constexpr, NKF_PAD: tl.constexpr, EPI_F: tl.constexpr,
+    HAS_MASK: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    WITH_MASS: tl.constexpr, WITH_SUMS: tl.constexpr, WITH_LSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # 1-D grid of work items. A tile is (query block, b * H + h), numbered query block fastest. Items below
+    # N_FULL are whole tiles (item = tile). The tiles after them (the last, partial wave) are each split into
+    # SPLIT segments of whole key frames, one item per segment; a segment leaves its unnormalised acc and
+    # (m, l) in PACC / PM / PL and `_frame_attn_merge_kernel` combines them (unmasked calls only).
+    # WITH_SUMS: the program of query block j (its first segment) also averages key frames and query frames
+    # j, j + n_qblk, ... of its head into KSUM [B, H, NKF, D] / QSUM [B, H, NQF, D] (the frame means of
+    # attn_logit, from L2-hot data instead of separate passes over q and k).
+    # WITH_LSE: also the row log-sum-exp (natural log) into LSE [B, H, Lq].
+    # Q/Out [B, Lq, H, D]; K/V [B, Lk, H, D]; RS/RM scratch [B, H, NKF, Lq]; PACC [items - N_FULL, BM, D].
+    item = tl.program_id(0)
+    n_qblk = tl.cdiv(Lq, BLOCK_M)
+    is_full = item < N_FULL
+    seg_item = tl.maximum(item - N_FULL, 0)  # index among the segment items
+    tile = tl.where(is_full, item, N_FULL + seg_item // SPLIT)
+    seg = seg_item % SPLIT
+    pid_m = tile % n_qblk
+    pid_bh = tile // n_qblk
+    b = pid_bh // H
+    h = pid_bh % H
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)  # [BM] query rows
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Lq
+    qf_row = tl.minimum(offs_m, Lq - 1) // FSL  # [BM] query frame of each row
+
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)  # [BM, D], stays on chip
+    k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
+    kv_row0 = b * Lk  # TMA: K/V are viewed as [B * Lk, H * D]
+    col_d0 = h * HEAD_DIM
+    scratch = pid_bh.to(tl.int64) * NKF * Lq
+    rs_row = RS + scratch + offs_m  # + f * Lq: frame f of each row
+    rm_row = RM + scratch + offs_m
+
+    if WITH_SUMS:
+        if seg == 0:
+            for f in range(pid_m, NKF, n_qblk):
+                _frame_mean(k_base, stride_kn, f * FSL, KSUM + (pid_bh.to(tl.int64) * NKF + f) * HEAD_DIM,
+                            FSL, HEAD_DIM, 32)
+            for f in range(pid_m, Lq // FSL, n_qblk):
+                _frame_mean(Q + b.to(tl.int64) * stride_qb + h * stride_qh, stride_qm, f * FSL,
+                            QSUM + (pid_bh.to(tl.int64) * (Lq // FSL) + f) * HEAD_DIM, FSL, HEAD_DIM, 32)
+
+    # key range: all keys, the segment's key frames, or (masked) the key frames allowed for any row of this block
+    if HAS_MASK:
+        fr = tl.arange(0, NKF_PAD)
+        anyf = tl.zeros([NKF_PAD], dtype=tl.int32)
+        qf_hi = (tl.minimum(m0 + BLOCK_M, Lq) - 1) // FSL
+        for g in range(m0 // FSL, qf_hi + 1):
+            anyf = anyf | tl.load(Allowed + g * NKF + fr, mask=fr < NKF, other=0).to(tl.int32)
+        f_lo = tl.min(tl.where(anyf != 0, fr, NKF_PAD), 0)
+        f_hi = tl.max(tl.where(anyf != 0, fr + 1, 0), 0)
+        start = tl.minimum(f_lo, f_hi) * FSL  # empty range (0, 0) when nothing is allowed
+        end = f_hi * FSL
+    else:
+        start = tl.where(is_full, 0, (seg * NKF // SPLIT) * FSL)
+        end = tl.where(is_full, Lk, tl.minimum(((seg + 1) * NKF // SPLIT) * FSL, Lk))
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + _NEG_BIG
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    r_cur = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    n_stop = start + ((end - start) // BLOCK_N) * BLOCK_N  # full tiles in [start, n_stop), then a partial one
+    for n0 in range(start, n_stop, BLOCK_N):
+        qk = _tile_scores(q, k_base, desc_k, kv_row0, col_d0, n0, Lk, stride_kn, offs_n, offs_d,
+                          False, USE_TMA, DOT_F32, IEEE)
+        acc, l_i, m_i, r_cur = _tile_update(
+            qk, acc, l_i, m_i, r_cur, v_base, desc_v, kv_row0, col_d0, n0, Lk, NKF, qk_scale, stride_vn,
+            offs_n, offs_d, row_ok, qf_row, rs_row, rm_row, Lq, Allowed,
+            FSL, BLOCK_N, HAS_MASK, HAS_MASK, USE_TMA, DOT_F32, IEEE, WITH_MASS,
+        )
+    if n_stop < end:  # the last, partial tile
+        qk = _tile_scores(q, k_base, desc_k, kv_row0, col_d0, n_stop, Lk, stride_kn, offs_n, offs_d,
+                          True, USE_TMA, DOT_F32, IEEE)
+        acc, l_i, m_i, r_cur = _tile_update(
+            qk, acc, l_i, m_i, r_cur, v_base, desc_v, kv_row0, col_d0, n_stop, end, NKF, qk_scale, stride_vn,
+            offs_n, offs_d, row_ok, qf_row, rs_row, rm_row, Lq, Allowed,
+            FSL, BLOCK_N, True, HAS_MASK, USE_TMA, DOT_F32, IEEE, WITH_MASS,
+        )
+
+    if is_full:
+        # ---- epilogue: output, then the frame mass
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # a row with no allowed key gets output 0 and mass 0
+        out = acc / l_safe[:, None]
+        tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+        if WITH_LSE:
+            _store_lse(LSE + pid_bh.to(tl.int64) * Lq + offs_m, m_i, l_i, row_ok)
+        if WITH_MASS:
+            tl.debug_barrier()  # the flush stores above were made by other threads of this program
+            _mass_epilogue(rs_row, rm_row, m_i, l_safe, row_ok, qf_row, Lq, NKF, Allowed, FSL, EPI_F, HAS_MASK)
+    else:
+        # ---- a segment: leave acc (relative to 2^m) and (m, l) for the merge
+        p_rows = seg_item.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] rows of this item's slot
+        tl.store(PACC + p_rows[:, None] * HEAD_DIM + offs_d[None, :], acc)
+        tl.store(PM + p_rows, m_i)
+        tl.store(PL + p_rows, l_i)
+
+
+@triton.jit
+def _frame_attn_merge_kernel(
+    Out, RS, RM, Allowed, PACC, PM, PL, LSE,
+    stride_ob, stride_om, stride_oh,
+    H, Lq, NKF, N_FULL, SPLIT,
+    FSL: tl.constexpr, HEAD_DIM: tl.constexpr, EPI_F: tl.constexpr, WITH_MASS: tl.constexpr, WITH_LSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, SUB: tl.constexpr,
+):
+    # grid: (split tiles * BLOCK_M // SUB,). Combines the SPLIT segments of SUB rows of tile N_FULL + t:
+    # m = max m_s, l = sum l_s 2^(m_s - m), out = sum acc_s 2^(m_s - m) / l; then the frame mass epilogue.
+    t = tl.program_id(0) // (BLOCK_M // SUB)
+    r0 = (tl.program_id(0) % (BLOCK_M // SUB)) * SUB  # first row of this program within the tile
+    tile = N_FULL + t
+    n_qblk = tl.cdiv(Lq, BLOCK_M)
+    pid_m = tile % n_qblk
+    pid_bh = tile // n_qblk
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + r0 + tl.arange(0, SUB)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Lq
+    qf_row = tl.minimum(offs_m, Lq - 1) // FSL
+    slot0 = (t * SPLIT).to(tl.int64) * BLOCK_M + r0 + tl.arange(0, SUB)  # [SUB] rows of the first segment
+    m_i = tl.zeros([SUB], dtype=tl.float32) + _NEG_BIG
+    for s in range(SPLIT):
+        m_i = tl.maximum(m_i, tl.load(PM + slot0 + s * BLOCK_M))
+    l_i = tl.zeros([SUB], dtype=tl.float32)
+    acc = tl.zeros([SUB, HEAD_DIM], dtype=tl.float32)
+    for s in range(SPLIT):
+        rows = slot0 + s * BLOCK_M
+        w = tl.math.exp2(tl.load(PM + rows) - m_i)
+        l_i += tl.load(PL + rows) * w
+        acc += tl.load(PACC + rows[:, None] * HEAD_DIM + offs_d[None, :]) * w[:, None]
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    if WITH_LSE:
+        _store_lse(LSE + pid_bh.to(tl.int64) * Lq + offs_m, m_i, l_i, row_ok)
+    if WITH_MASS:
+        scratch = pid_bh.to(tl.int64) * NKF * Lq
+        _mass_epilogue(RS + scratch + offs_m, RM + scratch + offs_m, m_i, l_safe, row_ok, qf_row, Lq, NKF,
+                       Allowed, FSL, EPI_F, False)
+
+
+# Block sizes of the fused forward. One fixed config per GPU family (no timing-based autotuning, so every
+# process of a run computes the same bits); chosen with `bench/bench_fused_sweep.py` on an H200.
+FUSED_CONFIG_SM90 = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+FUSED_CONFIG_OTHER = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+FUSED_CONFIG_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
+# candidates the sweep compares (Hopper: two warpgroups on 128-row blocks, or one on 64-row blocks, two CTAs a SM)
+FUSED_CANDIDATES = [
+    {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+    for bm, bn, w, st in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (128, 32, 8, 4), (128, 128, 8, 2),
+                          (64, 64, 4, 2)]
+]
+
+_CANONICAL = dict(WITH_MASS=True, WITH_SUMS=True, WITH_LSE=True)
+_SLOTS: dict = {}  # (device, constexprs, config) -> resident programs on the whole GPU
+
+
+def _resident_programs(args, meta, cfg, device) -> int:
+    """How many programs of the compiled kernel run at once on the GPU (SMs x CTAs per SM, from its registers,
+    shared memory and warps). Asked of the variant with every extra output on (`_CANONICAL`), whatever variant
+    runs: the split plan, and so the output's bits, must not depend on which statistics were asked for."""
+    meta = {**meta, **_CANONICAL}
+    key = (str(device), tuple(sorted(meta.items())), tuple(sorted(cfg.items())))
+    if key not in _SLOTS:
+        warps = cfg["num_warps"]
+        ck = _frame_attn_fwd_kernel.warmup(*args, grid=(1,), **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                           num_warps=warps, num_stages=cfg["num_stages"])
+        ck._init_handles()
+        props = torch.cuda.get_device_properties(device)
+        regs_per_warp = -(-ck.n_regs * 32 // 256) * 256  # allocated per warp in units of 256
+        by_regs = (65536 // max(regs_per_warp, 256)) // warps
+        smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+        by_smem = smem_sm // (ck.metadata.shared + 1024) if ck.metadata.shared else 32
+        by_threads = props.max_threads_per_multi_processor // (32 * warps)
+        _SLOTS[key] = max(1, min(by_regs, by_smem, by_threads)) * props.multi_processor_count
+    return _SLOTS[key]
+
+
+def split_plan(n_tiles: int, slots: int, nkf: int, key_tiles_per_frame: float, max_split: int = 16):
+    """(n_full, split): run the first n_full tiles whole and split each of the others into `split` segments of
+    whole key frames, so that the last, partial wave of tiles becomes a few short waves of segments.
+
+    Cost model in key-tile steps: a segment of f frames costs f * key_tiles_per_frame + 4 (its fixed part), a
+    split tile adds 2 for the merge. split = 1 when the tiles fill whole waves or splitting does not pay."""
+    if slots <= 0 or n_tiles % slots == 0 or nkf < 2:
+        return n_tiles, 1
+    full_waves, rem = divmod(n_tiles, slots)
+    best_cost, best = nkf * key_tiles_per_frame + 4.0, 1  # the tail wave of whole tiles
+    for split in range(2, min(nkf, max_split) + 1):
+        rounds = -(-rem * split // slots)
+        cost = rounds * (-(-nkf // split) * key_tiles_per_frame + 4.0) + 2.0
+        if cost < best_cost * 0.97:
+            best_cost, best = cost, split
+    return (full_waves * slots, best) if best > 1 else (n_tiles, 1)
+
+
+def default_config(device) -> dict:
+    if INTERPRET:
+        return dict(FUSED_CONFIG_INTERPRET)
+    major = torch.cuda.get_device_capability(device)[0]
+    return dict(FUSED_CONFIG_SM90 if major >= 9 else FUSED_CONFIG_OTHER)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Input checks (before any work)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_device_and_dtype(q, D):
+    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ModelInputError(f"triton frame kernels take bfloat16, float16 or float32; got {q.dtype}")
+    if D < 16 or D > 256 or D & (D - 1):
+        raise ModelInputError(f"triton frame kernels need head_dim a power of two in [16, 256]; got {D}")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise ModelInputError(
+            f"triton frame kernels need CUDA tensors (got {q.device}); on CPU use the torch reference "
+            "or set TRITON_INTERPRET=1 before importing models.triton_attention"
+        )
+    if INTERPRET and q.device.type != "cpu":
+        raise ModelInputError(f"under TRITON_INTERPRET=1 the kernels take CPU tensors; got {q.device}")
+
+
+def applies(q, k, v, frame_seq_len: int) -> bool:
+    """Whether `frame_attention` takes this call (else the model uses its stock kernel): same-shape k and v,
+    whole frames, a power-of-two head_dim, and bf16/fp16 on a GPU (any float dtype under the interpreter)."""
+    if q.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+        return False
+    D, fsl, Lq, Lk = q.shape[3], int(frame_seq_len), q.shape[1], k.shape[1]
+    if fsl < 1 or Lq == 0 or Lk == 0 or Lq % fsl or Lk % fsl or D < 16 or D > 256 or D & (D - 1):
+        return False
+    if INTERPRET:
+        return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.dtype == k.dtype == v.dtype
+
+
+def last_dim_contiguous(*ts):
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
+
+
+def int32_ok(*ts):
+    for t in ts:
+        if t.numel() >= 2**31:
+            raise ModelInputError(f"tensor of {t.numel()} elements is too large for int32 indexing in the kernel")
+
+
+def allowed_arg(allowed, like):
+    if allowed is None:
+        return like, False  # any tensor: the pointer is never read
+    return allowed.to(device=like.device, dtype=torch.int8).contiguous(), True
+
+
+def tma_usable(k, v):
+    if INTERPRET or TensorDescriptor is None or k.device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    # the 2-D view [B * Lk, H * D] needs heads packed in the last dim and batches back to back
+    return all(t.is_contiguous() for t in (k, v))
+
+
+def nkf_pad(nkf: int) -> int:
+    return max(16, triton.next_power_of_2(nkf))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The launcher
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FrameAttention:
+    """What one `frame_attention` call computed; the extras are None unless asked for."""
+
+    out: torch.Tensor  # [B, Lq, H, D] q.dtype
+    row_mass: torch.Tensor | None = None  # [B, H, nkf, Lq] float32: row's mass on key frame f, divided by fsl
+    q_means: torch.Tensor | None = None  # [B, H, nqf, D] float32
+    k_means: torch.Tensor | None = None  # [B, H, nkf, D] float32
+    lse: torch.Tensor | None = None  # [B, H, Lq] float32, natural log
+
+
+def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_mass=False, frame_means=False,
+                    with_lse=False, config=None, use_tma=None) -> FrameAttention:
+    """softmax(q k^T * scale) v over whole frames, plus the extras asked for (see `FrameAttention`).
+
+    q [B, Lq, H, D], k/v [B, Lk, H, D] with Lq, Lk multiples of frame_seq_len; allowed [nqf, nkf] bool or None
+    (a frame mask; masked calls are never split). config: None (the GPU family's fixed config) or a dict with
+    BLOCK_M, BLOCK_N and optionally num_warps, num_stages, split (None: from the GPU's resident programs, see
+    `split_plan`; 1: never split; k: split tiles into k segments) and n_full (with an explicit split: the tiles
+    before it run whole; default half). use_tma: None = on where usable (sm90+), or force False/True.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+        raise ModelInputError(f"frame_attention needs q [B, Lq, H, D] and k, v [B, Lk, H, D]; got "
+                              f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, Lq, H, D = q.shape
+    Lk, fsl = k.shape[1], int(frame_seq_len)
+    if fsl < 1 or Lq == 0 or Lk == 0 or Lq % fsl or Lk % fsl:
+        raise ModelInputError(f"query length {Lq} and key length {Lk} must be positive multiples of "
+                              f"frame_seq_len={frame_seq_len}")
+    nqf, nkf = Lq // fsl, Lk // fsl
+    check_device_and_dtype(q, D)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    q, k, v = last_dim_contiguous(q, k, v)
+    int32_ok(q, k, v)
+    if use_tma is None:
+        use_tma = tma_usable(k, v)
+    elif use_tma and not (INTERPRET or tma_usable(k, v)):
+        raise ModelInputError("use_tma=True needs contiguous k and v on an sm90+ GPU (or the interpreter)")
+    if use_tma and not (k.is_contiguous() and v.is_contiguous()):
+        k, v = k.contiguous(), v.contiguous()
+    cfg = default_config(q.device)
+    cfg.update(config or {})
+    split = cfg.pop("split", None)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+
+    f32 = dict(dtype=torch.float32, device=q.device)
+    f32_any = torch.empty(0, **f32)  # the pointer of every output a variant never touches
+    out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
+    if with_mass:
+        rs = torch.empty((B, H, nkf, Lq), **f32)  # per-row frame sums -> row mass
+        rm = torch.empty_like(rs)  # running max each frame sum is relative to
+    else:
+        rs = rm = f32_any
+    lse = torch.empty((B, H, Lq), **f32) if with_lse else f32_any
+    allowed_t, has_mask = allowed_arg(allowed, f32_any)
+    if frame_means:
+        qsum, ksum = torch.empty((B, H, nqf, D), **f32), torch.empty((B, H, nkf, D), **f32)
+    else:
+        qsum = ksum = f32_any
+    pad = nkf_pad(nkf) if allowed is not None else 16  # only the masked key-range search uses it
+    ieee = q.dtype == torch.float32
+    dot_f32 = INTERPRET and q.dtype == torch.bfloat16
+    if use_tma:
+        desc_k = TensorDescriptor(k, [B * Lk, H * D], [H * D, 1], [bn, D])
+        desc_v = TensorDescriptor(v, [B * Lk, H * D], [H * D, 1], [bn, D])
+    else:
+        desc_k, desc_v = k, v  # unused placeholders
+    n_tiles = triton.cdiv(Lq, bm) * B * H
+    meta = dict(FSL=fsl, HEAD_DIM=D, NKF_PAD=pad, EPI_F=32, HAS_MASK=has_mask, USE_TMA=bool(use_tma),
+                DOT_F32=dot_f32, IEEE=ieee, WITH_MASS=bool(with_mass), WITH_SUMS=bool(frame_means),
+                WITH_LSE=bool(with_lse))
+
+    def args(rs_, rm_, pacc, pm, pl, qsum_, ksum_, lse_, n_full, n_split):
+        return (
+            q, k, v, out, rs_, rm_, allowed_t, desc_k, desc_v, pacc, pm, pl, qsum_, ksum_, lse_,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            H, Lq, Lk, nkf, scale * LOG2E, n_full, n_split,
+        )
+
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+        if has_mask:
+            n_full, split = n_tiles, 1  # masked calls sweep per-block key ranges: never split
+        elif split is None:
+            if INTERPRET:
+                n_full, split = n_tiles, 1
+            else:  # the canonical variant's residency (every extra output's pointer a placeholder)
+                slots = _resident_programs(args(*(f32_any,) * 8, n_tiles, 1), meta, cfg, q.device)
+                n_full, split = split_plan(n_tiles, slots, nkf, fsl / bn)
+        else:  # explicit: split the last n_tiles - n_full tiles (default: half of them)
+            split = max(1, min(int(split), nkf))
+            n_full = n_tiles if split == 1 else min(n_tiles, int(cfg.pop("n_full", n_tiles // 2)))
+        n_seg = (n_tiles - n_full) * split
+        if n_seg:
+            pacc = torch.empty((n_seg, bm, D), **f32)
+            pm = torch.empty((n_seg, bm), **f32)
+            pl = torch.empty_like(pm)
+        else:
+            pacc = pm = pl = f32_any
+        _frame_attn_fwd_kernel[(n_full + n_seg,)](
+            *args(rs, rm, pacc, pm, pl, qsum, ksum, lse, n_full, split), **meta, BLOCK_M=bm, BLOCK_N=bn,
+            num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+        if n_seg:
+            sub = min(bm, 32)  # rows per merge program: 4 programs a tile of 128 rows
+            _frame_attn_merge_kernel[((n_tiles - n_full) * (bm // sub),)](
+                out, rs, rm, allowed_t, pacc, pm, pl, lse, out.stride(0), out.stride(1), out.stride(2),
+                H, Lq, nkf, n_full, split, FSL=fsl, HEAD_DIM=D, EPI_F=32, WITH_MASS=bool(with_mass),
+                WITH_LSE=bool(with_lse), BLOCK_M=bm, SUB=sub, num_warps=4)
+    return FrameAttention(out, rs if with_mass else None, qsum if frame_means else None,
+                          ksum if frame_means else None, lse if with_lse else None)
