@@ -182,6 +182,26 @@ def _tile_update(
 
 
 @triton.jit
+def _key_tile(
+    q, acc, l_i, m_i, r_cur, k_base, v_base, desc_k, desc_v, kv_row0, col_d0, n0, Lk, end, NKF, qk_scale,
+    stride_kn, stride_vn, offs_n, offs_d, row_ok, qf_row, rs_row, rm_row, Lq, Allowed,
+    FSL: tl.constexpr, BLOCK_N: tl.constexpr, LOAD_MASK: tl.constexpr, MASKED: tl.constexpr,
+    HAS_MASK: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    WITH_MASS: tl.constexpr,
+):
+    """One step of the key sweep: scores of the key tile [n0, n0 + BLOCK_N) (key loads bounded by Lk when
+    LOAD_MASK, without TMA), then the online-softmax update with keys >= end left out (MASKED); end also
+    bounds the frame flushes."""
+    qk = _tile_scores(q, k_base, desc_k, kv_row0, col_d0, n0, Lk, stride_kn, offs_n, offs_d,
+                      LOAD_MASK, USE_TMA, DOT_F32, IEEE)
+    return _tile_update(
+        qk, acc, l_i, m_i, r_cur, v_base, desc_v, kv_row0, col_d0, n0, end, NKF, qk_scale, stride_vn,
+        offs_n, offs_d, row_ok, qf_row, rs_row, rm_row, Lq, Allowed,
+        FSL, BLOCK_N, MASKED, HAS_MASK, USE_TMA, DOT_F32, IEEE, WITH_MASS,
+    )
+
+
+@triton.jit
 def _mass_epilogue(rs_row, rm_row, m_i, l_safe, row_ok, qf_row, Lq, NKF, Allowed,
                    FSL: tl.constexpr, EPI_F: tl.constexpr, HAS_MASK: tl.constexpr):
     """Per-row frame mass r * 2^(m_flush - m_final) / (l * fsl), written in place of RS ([BM] rows, every frame)."""
@@ -300,22 +320,16 @@ def _frame_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     n_stop = start + ((end - start) // BLOCK_N) * BLOCK_N  # full tiles in [start, n_stop), then a partial one
-    for n0 in range(start, n_stop, BLOCK_N):
-        qk = _tile_scores(q, k_base, desc_k, kv_row0, col_d0, n0, Lk, stride_kn, offs_n, offs_d,
-                          False, USE_TMA, DOT_F32, IEEE)
-        acc, l_i, m_i, r_cur = _tile_update(
-            qk, acc, l_i, m_i, r_cur, v_base, desc_v, kv_row0, col_d0, n0, Lk, NKF, qk_scale, stride_vn,
-            offs_n, offs_d, row_ok, qf_row, rs_row, rm_row, Lq, Allowed,
-            FSL, BLOCK_N, HAS_MASK, HAS_MASK, USE_TMA, DOT_F32, IEEE, WITH_MASS,
-        )
-    if n_stop < end:  # the last, partial tile
-        qk = _tile_scores(q, k_base, desc_k, kv_row0, col_d0, n_stop, Lk, stride_kn, offs_n, offs_d,
-                          True, USE_TMA, DOT_F32, IEEE)
-        acc, l_i, m_i, r_cur = _tile_update(
-            qk, acc, l_i, m_i, r_cur, v_base, desc_v, kv_row0, col_d0, n_stop, end, NKF, qk_scale, stride_vn,
-            offs_n, offs_d, row_ok, qf_row, rs_row, rm_row, Lq, Allowed,
-            FSL, BLOCK_N, True, HAS_MASK, USE_TMA, DOT_F32, IEEE, WITH_MASS,
-        )
+    for n0 in range(start, n_stop, BLOCK_N):  # (a frame mask needs masked tiles everywhere)
+        acc, l_i, m_i, r_cur = _key_tile(
+            q, acc, l_i, m_i, r_cur, k_base, v_base, desc_k, desc_v, kv_row0, col_d0, n0, Lk, Lk, NKF, qk_scale,
+            stride_kn, stride_vn, offs_n, offs_d, row_ok, qf_row, rs_row, rm_row, Lq, Allowed,
+            FSL, BLOCK_N, False, HAS_MASK, HAS_MASK, USE_TMA, DOT_F32, IEEE, WITH_MASS)
+    if n_stop < end:  # the last, partial tile: keys from `end` on are left out
+        acc, l_i, m_i, r_cur = _key_tile(
+            q, acc, l_i, m_i, r_cur, k_base, v_base, desc_k, desc_v, kv_row0, col_d0, n_stop, Lk, end, NKF,
+            qk_scale, stride_kn, stride_vn, offs_n, offs_d, row_ok, qf_row, rs_row, rm_row, Lq, Allowed,
+            FSL, BLOCK_N, True, True, HAS_MASK, USE_TMA, DOT_F32, IEEE, WITH_MASS)
 
     if is_full:
         # ---- epilogue: output, then the frame mass
