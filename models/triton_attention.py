@@ -222,11 +222,18 @@ def _mass_epilogue(rs_row, rm_row, m_i, l_safe, row_ok, qf_row, Lq, NKF, Allowed
 
 
 @triton.jit
-def _store_lse(lse_row, m_i, l_i, row_ok):
-    """Natural-log log-sum-exp of each row from the base-2 running max and sum; -inf for a row with no key."""
-    lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
-    tl.store(lse_row, lse, mask=row_ok)
+def _finish_rows(Out, LSE, acc, m_i, l_i, b, h, pid_bh, offs_m, offs_d, row_ok, Lq,
+                 stride_ob, stride_om, stride_oh, WITH_LSE: tl.constexpr):
+    """Write the rows' output acc / l (a row with no allowed key gets 0) and, WITH_LSE, their natural-log
+    log-sum-exp from the base-2 running max and sum (-inf for a row with no key). Returns the safe l."""
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    if WITH_LSE:
+        lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
+    return l_safe
 
 
 @triton.jit
@@ -332,13 +339,9 @@ def _frame_attn_fwd_kernel(
             FSL, BLOCK_N, True, True, HAS_MASK, USE_TMA, DOT_F32, IEEE, WITH_MASS)
 
     if is_full:
-        # ---- epilogue: output, then the frame mass
-        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # a row with no allowed key gets output 0 and mass 0
-        out = acc / l_safe[:, None]
-        tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-                 out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-        if WITH_LSE:
-            _store_lse(LSE + pid_bh.to(tl.int64) * Lq + offs_m, m_i, l_i, row_ok)
+        # ---- epilogue: output (and LSE), then the frame mass
+        l_safe = _finish_rows(Out, LSE, acc, m_i, l_i, b, h, pid_bh, offs_m, offs_d, row_ok, Lq,
+                              stride_ob, stride_om, stride_oh, WITH_LSE)
         if WITH_MASS:
             tl.debug_barrier()  # the flush stores above were made by other threads of this program
             _mass_epilogue(rs_row, rm_row, m_i, l_safe, row_ok, qf_row, Lq, NKF, Allowed, FSL, EPI_F, HAS_MASK)
@@ -383,12 +386,8 @@ def _frame_attn_merge_kernel(
         w = tl.math.exp2(tl.load(PM + rows) - m_i)
         l_i += tl.load(PL + rows) * w
         acc += tl.load(PACC + rows[:, None] * HEAD_DIM + offs_d[None, :]) * w[:, None]
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-    if WITH_LSE:
-        _store_lse(LSE + pid_bh.to(tl.int64) * Lq + offs_m, m_i, l_i, row_ok)
+    l_safe = _finish_rows(Out, LSE, acc, m_i, l_i, b, h, pid_bh, offs_m, offs_d, row_ok, Lq,
+                          stride_ob, stride_om, stride_oh, WITH_LSE)
     if WITH_MASS:
         scratch = pid_bh.to(tl.int64) * NKF * Lq
         _mass_epilogue(RS + scratch + offs_m, RM + scratch + offs_m, m_i, l_safe, row_ok, qf_row, Lq, NKF,

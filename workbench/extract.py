@@ -239,7 +239,8 @@ def _attrs(p: Plan, fp: str, command: list[str]) -> dict:
                       python=platform.python_version()),
         frame_seq_len=p.frame_seq_len, num_frame_per_block=c.num_frame_per_block, num_frames=c.num_frames,
         text_len=p.model_config.text_len, head_dim=p.model_config.head_dim, num_layers=p.model_config.num_layers,
-        num_heads=p.model_config.num_heads, dtype=c.dtype, attn_backend=backend_name(c.device, _dtype(c.dtype), c.attention_kernel),
+        num_heads=p.model_config.num_heads, dtype=c.dtype,
+        attn_backend=backend_name(c.device, _dtype(c.dtype), c.attention_kernel),
         capture_mode=p.capture_mode,
         fingerprint=fp,
     )

@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     what.add_argument("--capture-mode", default="auto", choices=["auto", "exact", "indicator", "fused"],
                       help="how attn_mass is computed; every mode leaves the rollout bitwise unchanged: exact "
                            "(log-sum-exp + a recompute pass, float32), indicator (stock kernels: one attention "
-                           "call with key-frame indicator columns appended to V; ~+25%% for all 30 layers on an "
+                           "call with key-frame indicator columns appended to V; ~+35%% for all 30 layers on an "
                            "H200), fused (--attention-kernel triton: the model's own Triton forward also returns "
                            "the statistics; ~+2%% for all 30 layers); auto = fused with the Triton kernel, "
                            "indicator with the stock kernels on CUDA, exact on the CPU (default: %(default)s; "

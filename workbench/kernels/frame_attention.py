@@ -111,9 +111,8 @@ def _launch_fused(q, k, v, *, frame_seq_len, scale=None, allowed=None, config=No
         frame_means = store.get("logit_out") is not None
         with_mass = store.get("mass_out") is not None
     B, Lq, H, D, Lk, nqf, nkf = check_frame_inputs(q, k, v, frame_seq_len=frame_seq_len, allowed=allowed)
-    _check_device_and_dtype(q, D)
     if store is not None:
-        _check_store(store, B, H, nqf, nkf, q.device)
+        _check_store(store, B, H, nqf, nkf, q.device)  # (the launcher checks device and dtype before any work)
     fsl = int(frame_seq_len)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     r = _ta.frame_attention(q, k, v, frame_seq_len=fsl, scale=scale, allowed=allowed, with_mass=with_mass,
@@ -181,7 +180,6 @@ def frame_attention_fused(q, k, v, *, frame_seq_len, scale=None, allowed=None, f
     frame_means also (q_means [B, H, nqf, D], k_means [B, H, nkf, D]) float32, the per-frame mean vectors."""
     return _launch_fused(q, k, v, frame_seq_len=frame_seq_len, scale=scale, allowed=allowed,
                          frame_means=frame_means)
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,12 +263,10 @@ _key_token_tuned = triton.autotune(configs=_LSE_CONFIGS, key=["Lq", "HEAD_DIM", 
     _key_token_kernel
 )
 
+
 # ----------------------------------------------------------------------------------------------------------
 # Python wrappers
 # ----------------------------------------------------------------------------------------------------------
-
-
-_nkf_pad = _ta.nkf_pad
 
 
 def _launch_key_token(q, k, lse, *, frame_seq_len, scale, allowed=None, config=None):
