@@ -1,0 +1,160 @@
+"""The miniature world: procedurally rendered videos of one coloured shape moving the way its prompt says.
+
+How it fits: the embedded models (`data/embedded/`) are trained on these videos (the VAE on the pixels, the
+DiTs on their VAE latents), and `studies/world_metrics.py` scores generated videos against what the prompt names.
+The module needs only numpy, so studies can import it without torch.
+
+A video is a pure function of (prompt, seed):
+
+    vocabulary   colours red, green, blue, yellow; shapes square, circle; directions left, right, up, down
+    prompt       "a red square moving left" (`prompt_for`); `parse_prompt` also reads the longer phrasings of
+                 `TEMPLATES` and any sentence naming exactly one colour, one shape and one direction
+    scene        a static background (a smooth gradient between two muted colours), one object of side / diameter
+                 `size` px whose centre moves `speed` px per pixel frame in the named direction from `start`,
+                 wrapping around the frame's edges (a torus), so a video of any length keeps its motion
+    pixels       float32 [3, T, H, W] in [-1, 1], the VAE's input range; edges anti-aliased by coverage
+    geometry     81 pixel frames = 21 latent frames (the Wan VAE's 4x temporal stride with a causal first frame),
+                 96 x 128 pixels = 12 x 16 latents (8x spatial stride)
+
+`Scene.centre(t)` is the ground-truth trajectory: the object's centre (y, x) in pixels at pixel frame t, unwrapped
+(it keeps growing past the edge); `% (height, width)` gives the drawn position.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+COLOURS = {  # RGB in [0, 1], saturated so that they stand apart from the muted background
+    "red": (0.90, 0.15, 0.15),
+    "green": (0.15, 0.80, 0.25),
+    "blue": (0.20, 0.35, 0.95),
+    "yellow": (0.95, 0.85, 0.15),
+}
+SHAPES = ("square", "circle")
+DIRECTIONS = {"left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0)}  # (dy, dx)
+TEMPLATES = (
+    "a {colour} {shape} moving {direction}",
+    "a {colour} {shape} slides {direction}",
+    "the {colour} {shape} moves {direction} across the frame",
+)
+NUM_FRAMES, HEIGHT, WIDTH = 81, 96, 128
+SIZE_RANGE = (16.0, 26.0)  # px, side of a square / diameter of a circle
+SPEED_RANGE = (0.8, 1.4)  # px per pixel frame
+BACKGROUND_RANGE = (0.10, 0.40)  # each RGB channel of the two background colours, in [0, 1]
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Everything a video shows; `render` draws it."""
+
+    colour: str
+    shape: str
+    direction: str
+    size: float  # px
+    speed: float  # px per pixel frame
+    start: tuple[float, float]  # (y, x) centre at frame 0, px
+    background: tuple[tuple[float, float, float], tuple[float, float, float]]  # top-left and bottom-right RGB
+    background_angle: float  # radians: the gradient's direction
+
+    @property
+    def prompt(self) -> str:
+        return prompt_for(self.colour, self.shape, self.direction)
+
+    def centre(self, t) -> np.ndarray:
+        """[len(t), 2] float64: the unwrapped centre (y, x) in px at pixel frames t."""
+        t = np.asarray(t, dtype=np.float64).reshape(-1, 1)
+        step = np.asarray(DIRECTIONS[self.direction]) * self.speed  # [2] px per frame
+        return np.asarray(self.start) + t * step
+
+
+def prompt_for(colour: str, shape: str, direction: str, template: int = 0) -> str:
+    for name, value, allowed in (("colour", colour, COLOURS), ("shape", shape, SHAPES),
+                                 ("direction", direction, DIRECTIONS)):
+        if value not in allowed:
+            raise ValueError(f"unknown {name} {value!r}; the world knows {', '.join(allowed)}")
+    return TEMPLATES[template].format(colour=colour, shape=shape, direction=direction)
+
+
+def prompt_grid(template: int = 0) -> list[str]:
+    """Every colour x shape x direction, in vocabulary order (32 prompts)."""
+    return [prompt_for(c, s, d, template) for c, s, d in itertools.product(COLOURS, SHAPES, DIRECTIONS)]
+
+
+def parse_prompt(prompt: str) -> tuple[str, str, str]:
+    """(colour, shape, direction) named by a prompt; ValueError unless it names exactly one of each."""
+    words = re.findall(r"[a-z]+", prompt.lower())
+    found = []
+    for name, vocab in (("colour", COLOURS), ("shape", SHAPES), ("direction", DIRECTIONS)):
+        hits = sorted({w for w in words if w in vocab})
+        if len(hits) != 1:
+            raise ValueError(f"prompt {prompt!r} names {len(hits)} {name}s {hits}; the world needs exactly one "
+                             f"of {', '.join(vocab)}")
+        found.append(hits[0])
+    return found[0], found[1], found[2]
+
+
+def scene_for(prompt: str, seed: int, height: int = HEIGHT, width: int = WIDTH) -> Scene:
+    """The scene of (prompt, seed): the prompt fixes colour, shape and direction; the seed draws the rest."""
+    colour, shape, direction = parse_prompt(prompt)
+    rng = np.random.default_rng([int(seed), 0x5F0C])
+    size = float(rng.uniform(*SIZE_RANGE))
+    speed = float(rng.uniform(*SPEED_RANGE))
+    start = (float(rng.uniform(0, height)), float(rng.uniform(0, width)))
+    bg = rng.uniform(*BACKGROUND_RANGE, size=(2, 3))
+    angle = float(rng.uniform(0, 2 * np.pi))
+    return Scene(colour, shape, direction, size, speed, start,
+                 (tuple(map(float, bg[0])), tuple(map(float, bg[1]))), angle)
+
+
+def background(scene: Scene, height: int, width: int) -> np.ndarray:
+    """[H, W, 3] float64 in [0, 1]: a linear gradient between the scene's two colours along its angle."""
+    ys, xs = np.meshgrid(np.linspace(-0.5, 0.5, height), np.linspace(-0.5, 0.5, width), indexing="ij")
+    a = np.clip(0.5 + ys * np.sin(scene.background_angle) + xs * np.cos(scene.background_angle), 0, 1)[..., None]
+    c0, c1 = np.asarray(scene.background[0]), np.asarray(scene.background[1])
+    return (1 - a) * c0 + a * c1
+
+
+def coverage(scene: Scene, centre: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[H, W] float64 in [0, 1]: how much of each pixel the object covers, drawn at `centre` (y, x) on the torus."""
+    ys = np.arange(height, dtype=np.float64)[:, None] + 0.5  # pixel centres
+    xs = np.arange(width, dtype=np.float64)[None, :] + 0.5
+    cy, cx = centre[0] % height, centre[1] % width
+    dy = np.abs((ys - cy + height / 2) % height - height / 2)  # toroidal distance to the centre
+    dx = np.abs((xs - cx + width / 2) % width - width / 2)
+    if scene.shape == "square":
+        signed = np.maximum(dy, dx) - scene.size / 2
+    else:
+        signed = np.sqrt(dy ** 2 + dx ** 2) - scene.size / 2
+    return np.clip(0.5 - signed, 0.0, 1.0)  # 1 inside, 0 outside, a one-pixel ramp on the edge
+
+
+def render(scene: Scene, num_frames: int = NUM_FRAMES, height: int = HEIGHT, width: int = WIDTH,
+           first_frame: int = 0) -> np.ndarray:
+    """float32 [3, T, H, W] in [-1, 1]: pixel frames first_frame .. first_frame + num_frames - 1 of the scene."""
+    bg = background(scene, height, width)  # [H, W, 3]
+    colour = np.asarray(COLOURS[scene.colour])
+    centres = scene.centre(np.arange(first_frame, first_frame + num_frames))
+    frames = np.empty((num_frames, height, width, 3), dtype=np.float64)
+    for i, c in enumerate(centres):
+        a = coverage(scene, c, height, width)[..., None]
+        frames[i] = (1 - a) * bg + a * colour
+    return (frames.transpose(3, 0, 1, 2) * 2 - 1).astype(np.float32)
+
+
+def world_video(prompt: str, seed: int, num_frames: int = NUM_FRAMES, height: int = HEIGHT,
+                width: int = WIDTH) -> tuple[np.ndarray, Scene]:
+    """(pixels [3, T, H, W] in [-1, 1], scene) for a prompt and a seed."""
+    scene = scene_for(prompt, seed, height, width)
+    return render(scene, num_frames, height, width), scene
+
+
+def dataset_item(index: int, seed: int = 0, template_mix: bool = True) -> tuple[str, int]:
+    """(prompt, scene seed) of item `index` of a training set: prompts cycle through the grid (every phrasing when
+    template_mix), each item gets its own scene seed."""
+    grid = [p for t in (range(len(TEMPLATES)) if template_mix else [0]) for p in prompt_grid(t)]
+    rng = np.random.default_rng([int(seed), int(index), 0xDA7A])
+    return grid[int(rng.integers(len(grid)))], int(rng.integers(2 ** 31))
