@@ -135,24 +135,26 @@ def _solve(design: np.ndarray, weights: np.ndarray, values: np.ndarray) -> np.nd
 
 def _fit_angle(image: np.ndarray) -> float:
     """The background gradient's angle in [0, pi) (the ramp at angle + pi is 1 - ramp: the same family) that fits
-    `image` [H, W, 3] best with two colours, ignoring pixels that stand out of the fit (the object)."""
+    `image` [H, W, 3] best with two colours, ignoring pixels that stand out of the fit (the object): a 3-degree grid,
+    a golden-section search about its best, then again without the pixels that stood out."""
     H, W, _ = image.shape
-    values = image.reshape(1, -1, 3)
-    keep = np.ones((1, H * W))
+    values = image.reshape(-1, 3)
+    keep = np.ones(H * W, bool)
 
-    def sse(angle):
-        ramp = world.gradient_ramp(angle, H, W).reshape(-1, 1)
-        basis = np.concatenate([1 - ramp, ramp], axis=1)
-        return float((keep[0, :, None] * (_solve(basis, keep, values)[0] - values[0]) ** 2).sum())
+    def sse(angle):  # the residual of values ~ p + q ramp per channel over the kept pixels, less a constant
+        ramp = world.gradient_ramp(angle, H, W).ravel()[keep]
+        rc = ramp - ramp.mean()
+        return -float(((rc @ centred) ** 2).sum() / max(rc @ rc, 1e-300))
 
-    best = 0.0
+    centred = values - values.mean(0)
+    grid = np.linspace(0, np.pi, 60, endpoint=False)
+    best = grid[int(np.argmin([sse(a) for a in grid]))]
     for _ in range(2):  # fit, drop what stands out, fit again
-        grid = np.linspace(0, np.pi, 60, endpoint=False)
-        best = grid[int(np.argmin([sse(a) for a in grid]))]
+        centred = values[keep] - values[keep].mean(0)
         best = _golden(sse, best - np.pi / 60, best + np.pi / 60)
-        resid = np.abs(_solve(_design(best, H, W), keep, values)[0] - values[0]).max(-1).reshape(H, W)
-        keep = ~_widen(resid[None] > max(TAU_MIN, 4 * _sigma(resid[None], keep.reshape(1, H, W) > 0)[0]), WIDEN)
-        keep = keep.reshape(1, -1).astype(np.float64)
+        resid = np.abs(_solve(_design(best, H, W), keep[None].astype(np.float64), values[None])[0] - values).max(-1)
+        tau = max(TAU_MIN, 4 * _sigma(resid.reshape(1, H, W), keep.reshape(1, H, W))[0])
+        keep = ~_widen((resid > tau).reshape(1, H, W), WIDEN).ravel()
     return float(best % np.pi)
 
 
@@ -342,7 +344,7 @@ def score_video(video, prompt: str) -> VideoScore:
     u = unwrap(tr.centre, det, tr.size)  # [T, 2] unwrapped px, NaN where not detected
     velocity = _line_fit(t[det], u[det])[1] if n_det >= 2 else np.full(2, np.nan)
     found_direction = direction_of(velocity)
-    fitted, speed = fit_named_motion(t, u, det, direction, tr.size)
+    fitted, speed = fit_named_motion(t, u, det, direction)
 
     with np.errstate(invalid="ignore"):
         traj = np.where(det, np.linalg.norm(_wrap(u - fitted, tr.size), axis=1), np.nan)
@@ -388,17 +390,23 @@ def direction_of(velocity: np.ndarray) -> str:
     return names[int(np.argmax([np.dot(velocity, world.DIRECTIONS[n]) for n in names]))]
 
 
-def fit_named_motion(t, u, detected, direction: str, size) -> tuple[np.ndarray, float]:
-    """The named motion that best fits the path u [T, 2]: a start and a speed >= 0 along the named axis, nothing
-    across it (least squares over the detected frames). Returns (fitted path [T, 2], speed px/frame)."""
-    if detected.sum() < 2:
+def fit_named_motion(t, u, detected, direction: str, fit_frames: int = world.NUM_FRAMES) -> tuple[np.ndarray, float]:
+    """The named motion that best fits the path u [T, 2] over its first `fit_frames` frames (the length the models
+    are trained on; later frames are extrapolated, so a long rollout's error accumulates): a start and a speed >= 0
+    along the named axis, nothing across it, by least squares over the detected frames. Returns (the fitted path
+    [T, 2], speed px/frame)."""
+    use = detected & (t < fit_frames)
+    if use.sum() < 2:
+        use = detected
+    if use.sum() < 2:
         return np.full(u.shape, np.nan), float("nan")
     e = np.asarray(world.DIRECTIONS[direction])  # unit (dy, dx)
-    along, across = u[detected] @ e, u[detected] @ np.abs(e[::-1])
-    (a, s), td = _line_fit(t[detected], along[:, None])[:, 0], t[detected]
+    across_axis = np.abs(e[::-1])
+    along, across = u[use] @ e, u[use] @ across_axis
+    a, s = _line_fit(t[use], along[:, None])[:, 0]
     if s < 0:  # moving the other way (or not at all) is no speed along the named direction
         a, s = along.mean(), 0.0
-    fitted = np.outer(a + s * t, e) + np.outer(np.full_like(t, across.mean()), np.abs(e[::-1]))
+    fitted = np.outer(a + s * t, e) + np.outer(np.full_like(t, across.mean()), across_axis)
     return fitted, float(s)
 
 
