@@ -347,7 +347,7 @@ def score_video(video, prompt: str) -> VideoScore:
     fitted, speed = fit_named_motion(t, u, det, direction)
 
     with np.errstate(invalid="ignore"):
-        traj = np.where(det, np.linalg.norm(_wrap(u - fitted, tr.size), axis=1), np.nan)
+        traj = np.where(det, np.linalg.norm(u - fitted, axis=1), np.nan)  # along the path: not wrapped
         colour_err = np.where(det, np.linalg.norm(tr.colour_rgb - np.asarray(world.COLOURS[colour]), axis=1), np.nan)
         both = det & np.roll(det, 1)
         both[0] = False

@@ -128,12 +128,20 @@ def run(args) -> int:
                             "checkpoint": args.checkpoint or str(wan_dir)})
         if vae is None:
             continue
-        stream = vae.stream_decoder()
-        step = model.num_frame_per_block
-        frames = [stream.push(latents[:, f : f + step]) for f in tqdm(range(0, args.frames, step), desc=f"decode {name}",
-                                                                       disable=quiet)]
-        video = torch.cat(frames, dim=2)[0]  # [3, T, H, W] in [-1, 1]
+        video = decode(vae, latents, model.num_frame_per_block, desc=f"decode {name}", quiet=quiet)
         write_mp4(video, out / f"{name}.mp4", fps=16)
         write_png_grid(video, out / f"{name}.png", ncols=9, frames=range(0, video.shape[1], 5))
     print(f"wrote {len(jobs)} sample(s) to {out}")
     return 0
+
+
+def decode(vae, latents, step: int, desc: str = "decode", quiet: bool = True):
+    """latents [1, F, 16, h, w] -> video [3, 1 + 4 (F - 1), 8h, 8w] in [-1, 1], float32, streamed `step` latent
+    frames at a time through the VAE's causal decoder (as a causal rollout produces them)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    stream = vae.stream_decoder()
+    frames = [stream.push(latents[:, f : f + step]) for f in tqdm(range(0, latents.shape[1], step), desc=desc,
+                                                                   disable=quiet)]
+    return torch.cat(frames, dim=2)[0]
