@@ -304,7 +304,8 @@ NUMBERS = {
     "adherent": "0/1", "colour_ok": "0/1", "shape_ok": "0/1", "direction_ok": "0/1", "detected": "fraction",
     "confidence": "0-1", "trajectory_error": "px", "speed": "px/frame", "colour_error": "RGB", "area": "px",
     "area_change": "fraction/frame", "colour_change": "RGB/frame", "background_change": "RGB/frame",
-    "jitter": "px/frame^2", "confidence_drift": "0-1", "colour_drift": "RGB", "trajectory_drift": "px",
+    "background_misfit": "RGB", "jitter": "px/frame^2", "confidence_drift": "0-1", "colour_drift": "RGB",
+    "trajectory_drift": "px",
 }
 # Per-frame curves: what drifts over a long rollout.
 CURVES = {"confidence": "0-1", "colour_error": "RGB", "trajectory_error": "px", "area_change": "fraction",
@@ -366,7 +367,8 @@ def score_video(video, prompt: str) -> VideoScore:
         adherent=float(all(ok.values())), **{k: float(v) for k, v in ok.items()}, detected=n_det / T,
         confidence=float(tr.confidence.mean()), trajectory_error=_rms(traj), speed=speed,
         colour_error=_nanmean(colour_err), area=float(area_ref), area_change=_nanmean(area_change),
-        colour_change=_nanmean(colour_change), background_change=_nanmean(bg_change), jitter=float(jitter),
+        colour_change=_nanmean(colour_change), background_change=_nanmean(bg_change),
+        background_misfit=float(tr.background_residual.mean()), jitter=float(jitter),
         confidence_drift=drift(tr.confidence), colour_drift=drift(colour_err), trajectory_drift=drift(traj))
     return VideoScore(prompt, named, (found_colour, found_shape, found_direction), numbers, curves)
 

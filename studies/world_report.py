@@ -40,6 +40,7 @@ TABLE = [
     ("area_change", "area change per frame (fraction)", 1, "{:.3f}", -1),
     ("colour_change", "colour change per frame (RGB)", 1, "{:.4f}", -1),
     ("background_change", "background change per frame (RGB, RMS)", 1, "{:.4f}", -1),
+    ("background_misfit", "background misfit (RGB, RMS)", 1, "{:.4f}", -1),
     ("jitter", "jitter (px/frame^2, RMS)", 1, "{:.3f}", -1),
     ("confidence_drift", "confidence drift, last - first quarter", 1, "{:+.3f}", 1),
     ("colour_drift", "colour error drift, last - first quarter (RGB)", 1, "{:+.3f}", -1),
