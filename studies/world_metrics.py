@@ -244,12 +244,13 @@ def _track_batch(frames: np.ndarray, design: np.ndarray, prev):
             cy = y0 + (alpha.sum(2) * offsets).sum(1) / area
             cx = x0 + (alpha.sum(1) * offsets).sum(1) / area
         found = area > 0
+        wy, wx = y0, x0  # the window alpha was measured in
         y0 = np.where(found, np.floor(np.nan_to_num(cy)), y0).astype(int) % H
         x0 = np.where(found, np.floor(np.nan_to_num(cx)), x0).astype(int) % W
 
     # shape: the template of each shape with the object's area, at its centre
-    dy = (y0[:, None] + offsets[None] - cy[:, None])[:, :, None]  # [B, n, 1]
-    dx = (x0[:, None] + offsets[None] - cx[:, None])[:, None, :]  # [B, 1, n]
+    dy = (wy[:, None] + offsets[None] - cy[:, None])[:, :, None]  # [B, n, 1]
+    dx = (wx[:, None] + offsets[None] - cx[:, None])[:, None, :]  # [B, 1, n]
     sizes = {"square": np.sqrt(area), "circle": np.sqrt(4 * area / np.pi)}
     err = np.stack([((alpha - world.shape_coverage(s, sizes[s][:, None, None], dy, dx)) ** 2).sum((1, 2))
                     for s in SHAPE_NAMES], axis=1)  # [B, 2]

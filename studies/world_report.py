@@ -178,6 +178,13 @@ def drift_figure(curves: pd.DataFrame, title: str = "drift over the rollout") ->
                 legendgroup=f"{model}-{frames}", showlegend=row == 1,
                 hovertemplate=f"{html.escape(model)}, {frames} latent frames<br>pixel frame %{{x}}<br>{label} "
                               "%{y:.4g}<extra></extra>"), row=row, col=1)
+    for row, (col, _) in enumerate(names, start=1):
+        if not np.isfinite(curves[col].to_numpy(float)).any():
+            fig.add_annotation(text="no frame with a detected object", showarrow=False, font=dict(color="#888"),
+                               xref=f"x{row if row > 1 else ''} domain", yref=f"y{row if row > 1 else ''} domain",
+                               x=0.5, y=0.5)
+    if "confidence" in curves:
+        fig.update_yaxes(range=[-0.02, 1.02], row=[c for c, _ in names].index("confidence") + 1, col=1)
     fig.update_xaxes(title_text="pixel frame (4 per latent frame)", row=len(names), col=1)
     fig.update_layout(title=title, height=230 * len(names) + 160, width=1000, template="plotly_white",
                       margin=dict(t=70, b=40, l=60, r=20),

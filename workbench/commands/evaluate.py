@@ -234,7 +234,7 @@ def run(args) -> int:
 
     # --- rollouts, decoded and scored
     title = f"Miniature-world evaluation: {', '.join(c.label for c in choices)}"
-    setup = (f"{len(prompts)} prompts x {len(seeds)} seeds ({', '.join(map(str, seeds))}) per model and length; past "
+    setup = (f"{len(prompts)} prompt(s) x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}) per model and length; past "
              f"{LONG} latent frames a KV window of {args.local_attn_size} frames with {args.sink_size} sink frames; "
              f"{device}, {dtype}.")
     command = "workbench evaluate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["evaluate"] else sys.argv[1:])
@@ -258,8 +258,11 @@ def run(args) -> int:
                         if args.save_videos:
                             _save_video(video, out / "videos" / c.label / f"f{key[1]}", i, seed)
                         job = (c.label, key[1], seed)
-                        pending.append((job, pool.submit(world_metrics.score_video, video, prompt) if pool
-                                        else world_metrics.score_video(video, prompt)))
+                        if pool:
+                            pending.append((job, pool.submit(world_metrics.score_video, video, prompt)))
+                            _wait_for_room([f for _, f in pending], 2 * workers)
+                        else:
+                            pending.append((job, world_metrics.score_video(video, prompt)))
                         bar.update(1)
                 del model
         results = [(*job, r.result() if pool else r)
@@ -268,7 +271,7 @@ def run(args) -> int:
         bar.close()
         if pool:
             pool.shutdown(cancel_futures=True)
-    notes = [setup, f"{len(results)} videos in {time.time() - started:.0f} s.", *skipped, f"command: {command}"]
+    notes = [setup, f"{len(results)} video(s) in {time.time() - started:.0f} s.", *skipped, f"command: {command}"]
     paths = world_report.write_results(out, results, title=title, notes=notes, compare=compare)
 
     # --- what a user reads
@@ -306,6 +309,14 @@ def _pool(workers: int):
     from concurrent.futures import ProcessPoolExecutor
 
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _wait_for_room(futures, limit: int) -> None:
+    """Block while more than `limit` videos wait to be tracked (each holds its pixels in memory)."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    while sum(not f.done() for f in futures) > limit:
+        wait([f for f in futures if not f.done()], return_when=FIRST_COMPLETED)
 
 
 def _load_text_and_vae(p, prompts, device, dtype):
