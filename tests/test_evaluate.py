@@ -56,11 +56,11 @@ def test_evaluate_writes_table_curves_and_figure(tmp_path, capsys):
 
 def test_evaluate_long_rollout_and_two_models(tmp_path, capsys):
     """Past 21 latent frames the rollout keeps a sliding window with sink frames; the same model twice gives
-    identical paired videos, so the comparison finds no difference."""
+    identical paired videos, so the comparison finds no difference; videos are tracked in worker processes."""
     out = tmp_path / "long"
     assert main(["evaluate", "--prompt", "a blue circle moving right", "--seeds", "3", "--frames", "24",
                  "--local-attn-size", "6", "--sink-size", "3", "--model", "a=embedded", "--model", "b=embedded",
-                 "--out", str(out), "--no-progress", "--save-videos"]) == 0
+                 "--out", str(out), "--no-progress", "--save-videos", "--workers", "2"]) == 0
     printed = capsys.readouterr().out
     assert "b vs a:" in printed and "24 latent frames" in printed
     videos = pd.read_csv(out / "videos.csv")
