@@ -142,3 +142,23 @@ def test_table_and_curves_of_rendered_videos():
     assert (curves.trajectory_error < 0.03).all()
     fig = wr.drift_figure(curves)
     assert len(fig.data) == len(wr.FIGURE_CURVES) and fig.layout.legend.orientation == "h"
+
+
+def test_model_specs_name_weights_and_samplers(tmp_path):
+    from models.embedded import EMBEDDED_DIR
+    from workbench.cli import build_parser
+    from workbench.commands.evaluate import ModelChoice, select_models
+
+    ck = tmp_path / "dmd.pt"
+    ck.write_bytes(b"")
+    args = build_parser().parse_args(["evaluate", "--model", f"sf={ck},ema", "--model", str(ck), "--model",
+                                      "t=embedded,sampler=bidirectional", "--model", str(EMBEDDED_DIR),
+                                      "--sampler", "causal_multi_step_cfg"])
+    assert select_models(args) == [
+        ModelChoice("sf", None, str(ck), True, "causal_multi_step_cfg"),
+        ModelChoice("dmd", None, str(ck), False, "causal_multi_step_cfg"),
+        ModelChoice("t", None, None, False, "bidirectional"),
+        ModelChoice("embedded", str(EMBEDDED_DIR), None, False, "causal_multi_step_cfg")]
+    # without --model, the shared model arguments name one model
+    args = build_parser().parse_args(["evaluate", "--checkpoint", str(ck), "--use-ema"])
+    assert select_models(args) == [ModelChoice("dmd-ema", None, str(ck), True, "causal_few_step")]

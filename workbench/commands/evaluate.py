@@ -121,7 +121,7 @@ def parse_model_spec(spec: str, args) -> ModelChoice:
     from models.rollout import SAMPLERS
     from workbench.errors import WorkbenchError
 
-    label, _, rest = spec.rpartition("=") if "=" in spec.split(",")[0] else ("", "", spec)
+    label, _, rest = spec.partition("=") if "=" in spec.split(",")[0] else ("", "", spec)
     source, *options = [x.strip() for x in rest.split(",")]
     use_ema, sampler = False, args.sampler
     for opt in options:
