@@ -190,11 +190,10 @@ def run(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from models import world
     from models.video import ensure_writable_dir
     from studies import world_metrics, world_report
     from workbench.errors import WorkbenchError
-    from workbench.extract import ExtractConfig, parse_int_list, plan
+    from workbench.extract import parse_int_list
 
     # --- everything that can be wrong, before any work
     out = ensure_writable_dir(args.out)
@@ -207,30 +206,11 @@ def run(args) -> int:
     compare = _compare_pair(args.compare, [c.label for c in choices])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    latent = (world.HEIGHT // 8, world.WIDTH // 8)
-    plans, skipped = {}, []
-    for c in choices:
-        for frames in lengths:
-            if c.sampler == "bidirectional" and frames > LONG:
-                skipped.append(f"{c.label}: skipped {frames} latent frames (a bidirectional sampler has no sliding "
-                               "window)")
-                continue
-            window = frames > LONG
-            cfg = ExtractConfig(
-                prompts=prompts, seeds=seeds, num_frames=frames, wan_dir=c.wan_dir, checkpoint=c.checkpoint,
-                use_ema=c.use_ema, trust_pickle=args.trust_pickle, sampler=c.sampler,
-                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                local_attn_size=args.local_attn_size if window else -1, sink_size=args.sink_size if window else 0,
-                latent_height=latent[0], latent_width=latent[1], device=device, dtype=dtype)
-            plans[c.label, frames] = plan(cfg)
-            vae_file = plans[c.label, frames].wan_dir / "Wan2.1_VAE.pth"
-            if not vae_file.is_file():
-                raise WorkbenchError(f"model {c.label!r}: no VAE at {vae_file} (evaluate decodes with the model "
-                                     "folder's Wan2.1_VAE.pth)")
-    if not plans:
-        raise WorkbenchError("nothing to run: " + "; ".join(skipped))
+    plans, skipped = plan_runs(args, choices, prompts, seeds, lengths, device, dtype)
     workers = args.workers if args.workers is not None else (min(8, (os.cpu_count() or 2) - 1)
                                                              if device.startswith("cuda") else 0)
+    if workers < 0:
+        raise WorkbenchError(f"--workers {workers}: use 0 (track in this process) or more")
 
     # --- rollouts, decoded and scored
     title = f"Miniature-world evaluation: {', '.join(c.label for c in choices)}"
@@ -240,8 +220,7 @@ def run(args) -> int:
     command = "workbench evaluate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["evaluate"] else sys.argv[1:])
     pool = _pool(workers)
     pending, started = [], time.time()
-    bar = tqdm(total=sum(len(prompts) * len(seeds) for _ in plans), desc="evaluate", unit="video",
-               disable=args.no_progress)
+    bar = tqdm(total=len(plans) * len(prompts) * len(seeds), desc="evaluate", unit="video", disable=args.no_progress)
     try:
         for c in choices:
             keys = [k for k in plans if k[0] == c.label]
@@ -287,6 +266,37 @@ def run(args) -> int:
     return 0
 
 
+def plan_runs(args, choices, prompts, seeds, lengths, device, dtype):
+    """extract's plan of every (model, length), validated without loading weights: {(label, frames): Plan}, and
+    the notes of what is skipped (bidirectional samplers past 21 latent frames)."""
+    from models import world
+    from workbench.errors import WorkbenchError
+    from workbench.extract import ExtractConfig, plan
+
+    plans, skipped = {}, []
+    for c in choices:
+        for frames in lengths:
+            if c.sampler == "bidirectional" and frames > LONG:
+                skipped.append(f"{c.label}: skipped {frames} latent frames (a bidirectional sampler has no sliding "
+                               "window)")
+                continue
+            window = frames > LONG
+            cfg = ExtractConfig(
+                prompts=prompts, seeds=seeds, num_frames=frames, wan_dir=c.wan_dir, checkpoint=c.checkpoint,
+                use_ema=c.use_ema, trust_pickle=args.trust_pickle, sampler=c.sampler,
+                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                local_attn_size=args.local_attn_size if window else -1, sink_size=args.sink_size if window else 0,
+                latent_height=world.HEIGHT // 8, latent_width=world.WIDTH // 8, device=device, dtype=dtype)
+            plans[c.label, frames] = plan(cfg)
+            vae_file = plans[c.label, frames].wan_dir / "Wan2.1_VAE.pth"
+            if not vae_file.is_file():
+                raise WorkbenchError(f"model {c.label!r}: no VAE at {vae_file} (evaluate decodes with the model "
+                                     "folder's Wan2.1_VAE.pth)")
+    if not plans:
+        raise WorkbenchError("nothing to run: " + "; ".join(skipped))
+    return plans, skipped
+
+
 def _compare_pair(text: str | None, labels: list[str]):
     from workbench.errors import WorkbenchError
 
@@ -299,10 +309,6 @@ def _compare_pair(text: str | None, labels: list[str]):
 
 
 def _pool(workers: int):
-    if workers < 0:
-        from workbench.errors import WorkbenchError
-
-        raise WorkbenchError(f"--workers {workers}: use 0 (track in this process) or more")
     if workers == 0:
         return None
     import multiprocessing
