@@ -105,6 +105,20 @@ def test_tracker_holds_under_blur_and_noise(corrupt, tol):
         assert tr.confidence.min() > 0.8
 
 
+def test_tracker_reads_an_mp4_round_trip(tmp_path):
+    """H.264 with 4:2:0 chroma (what `workbench generate` writes): blocky chroma edges, rounded colours."""
+    import imageio.v3 as iio
+
+    from models.video import write_mp4
+
+    for prompt in world.prompt_grid()[::7]:
+        video, scene = world.world_video(prompt, 2, num_frames=17)
+        frames = iio.imread(write_mp4(video, tmp_path / "v.mp4"))
+        s = wm.score_video(frames, prompt)
+        assert s.found == s.named and s.numbers["trajectory_error"] < 0.05 and s.numbers["colour_error"] < 0.03
+        assert torus_error(wm.track(frames).centre, scene.centre(np.arange(17))).max() < 0.15
+
+
 def test_tracker_refuses_what_is_not_a_video():
     with pytest.raises(ValueError, match=r"\[3, T, H, W\]"):
         wm.track(np.zeros((5, 96, 128, 3), np.float32))
