@@ -293,7 +293,10 @@ def test_sid_warning_reaches_the_user(tmp_path):
 
 def test_unimplemented_options_are_refused():
     for over, match in ((["trainer=gan"], "gan"), (["distribution_loss=causvid"], "causvid"),
-                        (["ts_schedule=true"], "ts_schedule"), (["num_training_frames=24"], "num_training_frames"),
+                        (["kv_cache_gradient=sometimes"], "kv_cache_gradient"),
+                        (["text_kv_gradient=never"], "text_kv_gradient"), (["unused_param_grads=skip"], "unused_param"),
+                        (["score_timestep_shift=0"], "score_timestep_shift"),
+                        (["num_training_frames=24"], "num_training_frames"),
                         (["sharding_strategy=zero9"], "sharding_strategy"), (["loggers=[csv,mlflow]"], "mlflow")):
         cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", over)
         with pytest.raises(TrainingError, match=match):
