@@ -118,7 +118,7 @@ class CrossAttention(nn.Module):
         self.attend = Attend()
 
     def forward(self, x, text, ctx: ForwardContext, cache: CrossCache | None):
-        # x [B, L, dim], text [B, text_len, dim]
+        # x [B, L, dim], text [B, text_len, dim] (None when the filled cache is read)
         q = self.norm_q(self.q(x)).unflatten(2, (self.num_heads, self.head_dim))
         if cache is not None and not ctx.fill_cross:
             k, v = cache.k, cache.v
@@ -309,9 +309,12 @@ class WanModel(nn.Module):
 
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, F*h*w, dim]
         e, e0 = self.embed_time(t)
-        text = self.text_embedding(context)  # [B, text_len, dim]
         grad = torch.is_grad_enabled()
         fresh_text = cache is not None and grad and cache.fresh_text_kv(self.gradient_checkpointing)
+        fill_cross = cache is not None and not fresh_text and cache.cross[0].k is None
+        # the text tokens, unless every layer reads its cross-attention cache (then not computed at all, so no
+        # parameter gets a gradient, not even a zero one, through an unused input)
+        text = self.text_embedding(context) if (cache is None or fresh_text or fill_cross) else None  # [B, L, dim]
         rope = self.rope_cos_sin(frames, h, w, start_frame, x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
         ctx = ForwardContext(
             labels=labels,
@@ -322,7 +325,7 @@ class WanModel(nn.Module):
             frame_seq_len=fsl,
             grid=(h, w),
             frame_mask=self.block_causal_mask(frames) if (self.causal and cache is None) else None,
-            fill_cross=cache is not None and not fresh_text and cache.cross[0].k is None,
+            fill_cross=fill_cross,
             kernel=self.attention_kernel,
         )
         for i, block in enumerate(self.blocks):

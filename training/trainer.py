@@ -749,7 +749,7 @@ def semantics(cfg, plan: Plan) -> str:
         return ""
     shift = cfg.score_timestep_shift if cfg.score_timestep_shift is not None else cfg.model_kwargs.timestep_shift
     return (f"; score networks on the shift-{shift:g} grid, KV cache gradient {cfg.kv_cache_gradient}, text k/v "
-            f"gradient {cfg.text_kv_gradient}, unused parameter grads {cfg.unused_param_grads}")
+            f"gradient {cfg.text_kv_gradient}, unused parameter grads {cfg.unused_param_grads} (docs/training.md)")
 
 
 def build_ode_pairs(cfg, *, log=print, progress: bool = True) -> Path:
