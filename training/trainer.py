@@ -260,6 +260,7 @@ class Trainer:
         resume_step = None
         if resume is not None:
             resume_step = self.resume(resume)
+            self.ema_init = None  # a resumed run's EMA comes from the checkpoint or from the weights then
         self.uncond = None
         self.logger = None
         if d.main:
