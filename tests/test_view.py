@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from models.embedded import EMBEDDED_DIR
 from models.vae import WanVAE
 from models.video import to_uint8_frames, write_mp4
+from browser import chromium, png_pixels
 from workbench.cli import main
 from workbench.store import open_store
 from workbench.view import stream
@@ -209,28 +210,33 @@ def test_live_options_are_checked_first(tmp_path, capsys):
     assert not (tmp_path / "o" / stream.MANIFEST).exists()
 
 
-def replay(src, dst, chunks: int, status="running"):
-    """A copy of stream folder src as it was after its first sample's first `chunks` chunks."""
-    manifest = stream.read_manifest(src)
-    entry = manifest["samples"][0]
-    writer = stream.StreamWriter(dst, num_frames=manifest["num_frames"], pixel_frames=manifest["pixel_frames"],
-                                 fps=manifest["fps"], layers=manifest["layers"], heads=manifest["heads"], steps=[],
-                                 command="replay")
-    writer.manifest["steps"] = manifest["steps"]
-    writer.begin_sample(entry["sample"], prompt=entry["prompt"], prompt_index=entry["prompt_index"],
-                        seed=entry["seed"])
-    for c in entry["chunks"][:chunks]:
-        arrays = stream.read_chunk(src, c)
-        writer.write_chunk(entry["sample"], c["chunk"], c["query_frames"], arrays["attn_mass"], arrays["frames"],
-                           c["pixel_frames"][0])
-    if status != "running":
-        writer.end_sample(entry["sample"])
-        writer.close(status)
-    return writer
+class Replay:
+    """Writes a copy of stream folder src chunk by chunk, as `generate --live` did (its first sample only)."""
+
+    def __init__(self, src, dst):
+        self.src, manifest = src, stream.read_manifest(src)
+        self.entry = manifest["samples"][0]
+        self.writer = stream.StreamWriter(dst, num_frames=manifest["num_frames"],
+                                          pixel_frames=manifest["pixel_frames"], fps=manifest["fps"],
+                                          layers=manifest["layers"], heads=manifest["heads"], steps=[],
+                                          command="replay")
+        self.writer.manifest["steps"] = manifest["steps"]
+        e = self.entry
+        self.writer.begin_sample(e["sample"], prompt=e["prompt"], prompt_index=e["prompt_index"], seed=e["seed"])
+
+    def chunk(self, i: int) -> None:
+        c = self.entry["chunks"][i]
+        arrays = stream.read_chunk(self.src, c)
+        self.writer.write_chunk(self.entry["sample"], c["chunk"], c["query_frames"], arrays["attn_mass"],
+                                arrays["frames"], c["pixel_frames"][0])
+
+    def finish(self) -> None:
+        self.writer.end_sample(self.entry["sample"])
+        self.writer.close("done")
 
 
 def test_a_stream_in_progress(runs, tmp_path):
-    replay(runs / "x", tmp_path / "s", chunks=1)
+    Replay(runs / "x", tmp_path / "s").chunk(0)
     source = open_source(tmp_path / "s")
     state = source.state("p0000-s0")
     assert state["status"] == "running" and not state["done"] and state["frames_ready"] == 9
@@ -240,3 +246,87 @@ def test_a_stream_in_progress(runs, tmp_path):
     assert source.frame("p0000-s0", 8) is not None and source.frame("p0000-s0", 9) is None
     with pytest.raises(Exception, match="drop --video"):
         open_source(tmp_path / "s", video="x.mp4")
+
+
+# ------------------------------------------------------------------------------------------------------
+# In the browser
+
+
+def cell_rgb(page, head: int, row: int, key_frame: int) -> list[int]:
+    """The colour drawn for (the chunk's row-th query frame, key frame) in head's map."""
+    return page.evaluate("""([h, r, k]) => {
+        const c = document.querySelectorAll('#maps canvas')[h], L = c.layout, s = c.width / c.clientWidth;
+        const x = (L.left + k * L.cell + L.cell / 2) * s, y = (L.top + r * L.cell + L.cell / 2) * s;
+        return Array.from(c.getContext('2d').getImageData(x, y, 1, 1).data.slice(0, 3)); }""", [head, row, key_frame])
+
+
+GREY = [0xE2, 0xE2, 0xDE]  # cells that were not attended
+
+
+def test_browser_plays_a_store_and_its_maps_change_with_time(runs, store_server, tmp_path):
+    ds = open_store(runs / "x.zarr")
+    with chromium() as browser:
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.goto(store_server.url)
+        page.wait_for_function(f"Number(document.body.dataset.framesLoaded) === {T}")
+        slider = page.locator("#time")
+        shots = {}
+        for t, latent, chunk in ((4, 1, 0), (25, 7, 2)):  # moved as a user moves the slider
+            slider.fill(str(t))
+            assert f"pixel frame {t} (of 0–32) · latent frame {latent} · chunk {chunk}" in page.inner_text("#where")
+            assert page.evaluate("viewer.current().chunk.chunk") == chunk
+            shots[t] = (png_pixels(page.locator("#frame").screenshot()), png_pixels(page.locator("#maps").screenshot()),
+                        page.inner_text("#colorbar-label"))
+            page.screenshot(path=str(tmp_path / f"store-t{t}.png"))
+        (frame_a, maps_a, scale_a), (frame_b, maps_b, scale_b) = shots[4], shots[25]
+        assert frame_a.std() > 10 and maps_a.std() > 10  # both panes render something
+        assert (frame_a != frame_b).any(axis=-1).mean() > 0.2  # another pixel frame
+        assert (maps_a != maps_b).any(axis=-1).mean() > 0.05  # another chunk's maps
+        vmax = float(np.nanmax(ds.attn_mass.sel(sample="p0000-s0", layer=0, step=0).values))
+        assert scale_a == scale_b and f"max {vmax:.3f}" in scale_a  # one colour scale for the whole video
+        # chunk 2 (t = 25): its rows attend to every key frame 0-8; chunk 0's rows (t = 4) only to 0-2
+        assert cell_rgb(page, 0, 0, 8) != GREY
+        slider.fill("4")
+        assert cell_rgb(page, 0, 0, 8) == GREY and cell_rgb(page, 0, 0, 1) != GREY
+        # selectors: another layer redraws the maps; one head gives one large map; another sample
+        before = png_pixels(page.locator("#maps").screenshot())
+        page.select_option("#layer", "1")
+        page.wait_for_function("document.body.dataset.attnLoaded.startsWith('p0000-s0/1/0')")
+        assert not np.array_equal(before, png_pixels(page.locator("#maps").screenshot()))
+        page.select_option("#head", "2")
+        assert page.locator("#maps figure").count() == 1 and page.inner_text("#maps figcaption") == "head 2"
+        page.select_option("#sample", "p0000-s1")
+        page.wait_for_function(f"document.body.dataset.attnLoaded.startsWith('p0000-s1/1/0') && "
+                               f"Number(document.body.dataset.framesLoaded) === {T}")
+        assert "seed 1" in page.inner_text("#prompt")
+        page.screenshot(path=str(tmp_path / "store-head2-seed1.png"))
+        assert not errors
+
+
+def test_browser_shows_a_live_stream_as_its_chunks_arrive(runs, tmp_path):
+    replay = Replay(runs / "x", tmp_path / "s")
+    replay.chunk(0)
+    server, _ = start(open_source(tmp_path / "s"), port=0)
+    try:
+        with chromium() as browser:
+            page = browser.new_page()
+            page.goto(server.url)
+            page.wait_for_function("Number(document.body.dataset.framesLoaded) === 9")
+            assert "1 chunk(s) so far" in page.inner_text("#status")
+            assert page.evaluate("viewer.current().chunk.chunk") == 0
+            maps_a = png_pixels(page.locator("#maps").screenshot())
+            for i, frames in ((1, 21), (2, 33)):
+                replay.chunk(i)  # the page polls and follows the newest chunk
+                page.wait_for_function(f"Number(document.body.dataset.framesLoaded) === {frames} && "
+                                       f"viewer.t === {frames - 1}")
+                assert page.evaluate("viewer.current().chunk.chunk") == i
+                assert f"chunk {i}: latent frames {3 * i}–{3 * i + 2}" in page.inner_text("#where")
+            page.screenshot(path=str(tmp_path / "live.png"))
+            assert (maps_a != png_pixels(page.locator("#maps").screenshot())).any(axis=-1).mean() > 0.05
+            replay.finish()
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('done')")
+    finally:
+        server.shutdown()
+        server.server_close()

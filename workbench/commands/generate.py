@@ -19,7 +19,7 @@ examples:
       --checkpoint checkpoints/self_forcing_dmd.pt --use-ema --out videos/sf_dmd
   workbench generate --prompt "..." --sampler bidirectional --wan-dir wan_models/Wan2.1-T2V-1.3B   # Wan baseline
   workbench generate --prompt "a red kite" --live --layers 0-5 --out runs/live    # and meanwhile:
-  workbench view runs/live                                          # frames and attention, chunk by chunk
+  workbench view runs/live --wait                                   # frames and attention, chunk by chunk
 
 Writes, per prompt index P and seed S, into --out: pPPPP-sS.safetensors (latents [F, 16, h, w] under
 "latents"), pPPPP-sS.mp4 (16 fps) and pPPPP-sS.png (a grid of every 5th frame). With less than 40 GB of
@@ -107,6 +107,7 @@ def run(args) -> int:
     low_memory = args.low_memory == "on" or (
         args.low_memory == "auto" and device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 40 * 2**30)
     quiet = args.no_progress
+    live = None
     if not args.live and (args.layers or args.heads or args.steps):
         raise WorkbenchError("--layers, --heads and --steps choose what --live captures; add --live")
     if args.live:  # what to capture, checked (layers, heads, steps) before any weights are read
@@ -114,6 +115,7 @@ def run(args) -> int:
 
         capture = live_plan(args, prompts, seeds, device, args.dtype or ("bfloat16" if device.type == "cuda"
                                                                          else "float32"), h, w)
+        live = LiveRun(capture, out, device, fps=16)  # live.json now: `workbench view OUT` can start waiting
 
     # --- text first; in low-memory mode the encoder leaves the GPU before the DiT arrives
     encoder = TextEncoder.from_wan_dir(wan_dir, device=device, cache_dir=out / ".prompt_cache")
@@ -129,7 +131,6 @@ def run(args) -> int:
                      trust_pickle=args.trust_pickle)
     model.attention_kernel = args.attention_kernel
     vae = None if args.no_video else WanVAE.from_file(wan_dir / "Wan2.1_VAE.pth", device=device, dtype=dtype)
-    live = LiveRun(model, capture, out, device, fps=16) if args.live else None
 
     jobs = [(i, s) for i in range(len(prompts)) for s in seeds]
     for i, seed in jobs:
@@ -150,8 +151,8 @@ def run(args) -> int:
             if live is not None:
                 live.chunk(chunk, start, x0.shape[1], video)
 
-        watched = contextlib.nullcontext() if live is None else live.sample(name, prompt=prompts[i], prompt_index=i,
-                                                                            seed=seed)
+        watched = contextlib.nullcontext() if live is None else live.sample(model, name, prompt=prompts[i],
+                                                                            prompt_index=i, seed=seed)
         with watched, tqdm(total=chunks * per_chunk, desc=f"rollout {name}", unit="fwd", disable=quiet) as bar:
             latents = sample(model, args.sampler, noise, contexts[i].to(device, dtype),
                              None if negative is None else negative.to(device, dtype), generator=gen,

@@ -12,8 +12,8 @@ examples:
   workbench view runs/x.zarr                        # finds runs/x/p0000-s0.mp4 (generate's name for the sample)
   workbench view runs/x.zarr --video runs/x/p0000-s0.mp4
   workbench view runs/sf.zarr --video videos/sf      # a folder of generate outputs: pPPPP-sS.mp4 per sample
-  workbench generate --prompt "a red kite" --live --layers 0-5 --out runs/live &   # then, while it runs:
-  workbench view runs/live
+  workbench generate --prompt "a red kite" --live --layers 0-5 --out runs/live &   # and meanwhile:
+  workbench view runs/live --wait                   # waits for generate to start writing
 
 The page (http://127.0.0.1:8765/ by default) plays the pixel frames; beside them, one map per head of the
 current chunk's query frames x key frames (attn_mass, docs/store.md), with layer, head, step and sample
@@ -34,6 +34,8 @@ def register(subparsers) -> None:
     p.add_argument("--sample", metavar="ID", help="which sample --video shows, when the store holds several")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8765, help="port (default: %(default)s; 0: any free port)")
+    p.add_argument("--wait", action="store_true",
+                   help="if STORE_OR_FOLDER is not there yet, wait for `workbench generate --live` to start writing it")
     p.add_argument("--open", action="store_true", help="open the page in the default browser")
     p.set_defaults(func=run)
 
@@ -43,6 +45,20 @@ def run(args) -> int:
     from workbench.view.server import ViewerServer
     from workbench.view.sources import open_source
 
+    if args.wait:
+        import time
+        from pathlib import Path
+
+        from workbench.view.stream import MANIFEST
+
+        path = Path(args.path)
+        if not ((path / MANIFEST).is_file() or (path / "zarr.json").is_file()):
+            print(f"waiting for {path / MANIFEST} (`workbench generate --live --out {path}`); Ctrl-C stops", flush=True)
+            try:
+                while not ((path / MANIFEST).is_file() or (path / "zarr.json").is_file()):
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                return 130
     source = open_source(args.path, video=args.video, sample=args.sample)
     try:
         server = ViewerServer(source, args.host, args.port)

@@ -11,6 +11,7 @@ it never changes the rollout: the latents are bitwise those of generate without 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import sys
 
@@ -40,21 +41,24 @@ def live_plan(args, prompts: list[str], seeds: list[int], device: torch.device, 
 
 
 class LiveRun:
-    """One probe for the whole run (reset per sample) and the stream it writes."""
+    """The stream of a run (its manifest is written at once, so a page can wait for the first chunk) and one probe
+    for all its samples (reset per sample)."""
 
-    def __init__(self, model, p: Plan, out, device, fps: int = 16):
-        self.plan = p
-        self.probe = make_probe(model, p, device)
-        self.model = model
+    def __init__(self, p: Plan, out, device, fps: int = 16):
+        self.plan, self.device = p, device
+        self.probe = self.model = None
         F = p.geometry[0]
         steps = [s for s in p.schedule if s.step in p.spec.steps]
         self.writer = StreamWriter(out, num_frames=F, pixel_frames=pixel_frames(F), fps=fps, layers=p.spec.layers,
                                    heads=p.spec.heads, steps=steps, command=" ".join(sys.argv))
         self.sample_name: str | None = None
+        atexit.register(self._abandoned)  # a run that dies before close() leaves a "failed" stream, not "running"
 
     @contextlib.contextmanager
-    def sample(self, name: str, *, prompt: str, prompt_index: int, seed: int):
-        """Around one sample's rollout: the probe attached, the sample listed in the stream."""
+    def sample(self, model, name: str, *, prompt: str, prompt_index: int, seed: int):
+        """Around one sample's rollout: the probe attached to the model, the sample listed in the stream."""
+        if self.probe is None or self.model is not model:
+            self.probe, self.model = make_probe(model, self.plan, self.device), model
         self.probe.reset()
         self.sample_name = name
         self.writer.begin_sample(name, prompt=prompt, prompt_index=prompt_index, seed=seed)
@@ -84,3 +88,8 @@ class LiveRun:
 
     def close(self) -> None:
         self.writer.close("done")
+        atexit.unregister(self._abandoned)
+
+    def _abandoned(self) -> None:
+        if self.writer.manifest["status"] == "running":
+            self.writer.close("failed")

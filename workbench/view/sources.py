@@ -321,7 +321,8 @@ def open_source(path, video: str | None = None, sample: str | None = None) -> So
         return StreamSource(path)
     if not (path / "zarr.json").is_file():
         raise WorkbenchError(f"{str(path)!r} is neither a store (docs/store.md; made by `workbench extract`) nor a "
-                             f"folder written by `workbench generate --live` (it would hold {stream.MANIFEST})")
+                             f"folder written by `workbench generate --live` (it would hold {stream.MANIFEST}); for "
+                             "a live run that is still starting, add --wait")
     from workbench.store import open_store
 
     ids = [str(s) for s in open_store(path)["sample"].values]

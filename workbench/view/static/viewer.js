@@ -289,8 +289,8 @@ function drawMap(canvas, hi, chunk, latent, attn) {
   const r = rows.indexOf(latent);  // the query frame on screen
   ctx.strokeStyle = "#d0302a"; ctx.lineWidth = 2;
   ctx.strokeRect(left - 1, top + r * cell - 1, F * cell + 2, cell + 2);
-  // key frame ticks: every frame when there is room, else every 5; the chunk's own frames underlined
-  const every = cell >= 14 ? 1 : 5;
+  // key frame ticks: every frame where two digits fit, else every 2nd or 5th; the chunk's own frames underlined
+  const every = cell >= 19 || F <= 10 ? 1 : cell >= 10 ? 2 : 5;
   ctx.fillStyle = "#333"; ctx.textAlign = "center";
   for (let kf = 0; kf < F; kf += every) ctx.fillText(`${kf}`, left + kf * cell + cell / 2, top + rows.length * cell + 10);
   ctx.fillStyle = "#d0302a";
