@@ -297,6 +297,10 @@ def test_browser_plays_a_store_and_its_maps_change_with_time(runs, store_server,
         assert not np.array_equal(before, png_pixels(page.locator("#maps").screenshot()))
         page.select_option("#head", "2")
         assert page.locator("#maps figure").count() == 1 and page.inner_text("#maps figcaption") == "head 2"
+        page.click("#play")  # plays from where it is, at the video's fps, then pauses on a second click
+        page.wait_for_function("viewer.t >= 12")
+        page.click("#play")
+        assert page.evaluate("viewer.playing") is False and page.inner_text("#play") == "▶ play"
         page.select_option("#sample", "p0000-s1")
         page.wait_for_function(f"document.body.dataset.attnLoaded.startsWith('p0000-s1/1/0') && "
                                f"Number(document.body.dataset.framesLoaded) === {T}")
