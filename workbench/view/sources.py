@@ -206,11 +206,12 @@ class StreamSource(Source):
     kind = "live"
     live = True
 
-    def __init__(self, folder):
+    def __init__(self, folder, cache: int = 32):
         self.folder = Path(folder)
         self.name = self.folder.name
         self._stamp = None
-        self._chunks: dict[str, dict] = {}  # chunk file -> its arrays (chunk files never change once written)
+        self._chunks: OrderedDict[tuple, dict] = OrderedDict()  # (chunk file, inode, mtime) -> its arrays, recent
+        self._cache = cache
         self._load()
 
     def _load(self) -> dict:
@@ -230,9 +231,14 @@ class StreamSource(Source):
         return next(s for s in self.manifest["samples"] if s["sample"] == sample)
 
     def _arrays(self, entry: dict) -> dict:
-        if entry["file"] not in self._chunks:
-            self._chunks[entry["file"]] = stream.read_chunk(self.folder, entry)
-        return self._chunks[entry["file"]]
+        st = (self.folder / entry["file"]).stat()  # a new run into the same folder rewrites the same names
+        key = (entry["file"], st.st_ino, st.st_mtime_ns)
+        if key not in self._chunks:
+            self._chunks[key] = stream.read_chunk(self.folder, entry)
+            while len(self._chunks) > self._cache:
+                self._chunks.popitem(last=False)
+        self._chunks.move_to_end(key)
+        return self._chunks[key]
 
     def samples(self) -> list[dict]:
         return [dict(sample=s["sample"], prompt=s["prompt"], seed=s["seed"], prompt_index=s["prompt_index"],
