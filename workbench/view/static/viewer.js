@@ -206,7 +206,8 @@ function drawFrame() {
     const st = V.state;
     none.hidden = false;
     none.textContent = st.video_error ? st.video_error
-      : st.frames_ready === 0 ? (V.meta.live ? "no decoded frame yet" : "no video found for this sample (workbench view STORE --video FILE.mp4)")
+      : V.meta.live && V.t >= st.frames_ready ? `pixel frame ${V.t} is not decoded yet`
+      : st.frames_ready === 0 ? "no video found for this sample (workbench view STORE --video FILE.mp4)"
       : "loading…";
   }
 }
