@@ -4,7 +4,7 @@
     direction, models/world.py) x seeds
       --extract's rollout (workbench/extract.py: plan, load_model, sample_rollout; a sliding KV window with sink
         frames past 21 latent frames)--> latents
-      --the model folder's VAE, streamed (generate.decode)--> pixels [3, T, 96, 128]
+      --the model folder's VAE, streamed chunk by chunk--> pixels [3, T, 96, 128]
       --studies/world_metrics.py: tracker + scores--> per-video numbers and per-frame curves
       --studies/world_report.py--> videos.csv, curves.csv, summary.csv, summary.md, evaluate.html, the console table
 
@@ -359,11 +359,12 @@ def _one_video(model, p, vae, emb, negative, seed, device, dtype):
     """One rollout exactly as `extract` runs it, decoded: float32 numpy [3, T, H, W] in [-1, 1]."""
     import torch
 
-    from workbench.commands.generate import decode
     from workbench.extract import _dtype, sample_rollout
 
-    latents = sample_rollout(model, p, emb, negative, seed, torch.device(device), _dtype(dtype))
-    return decode(vae, latents, model.num_frame_per_block).float().cpu().numpy()
+    latents = sample_rollout(model, p, emb, negative, seed, torch.device(device), _dtype(dtype))  # [1, F, C, h, w]
+    stream, step = vae.stream_decoder(), model.num_frame_per_block  # decoded chunk by chunk, as generate does
+    pieces = [stream.push(latents[:, f : f + step]) for f in range(0, latents.shape[1], step)]
+    return torch.cat(pieces, dim=2)[0].float().cpu().numpy()
 
 
 def _save_video(video, folder: Path, prompt_index: int, seed: int) -> None:
