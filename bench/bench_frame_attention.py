@@ -8,9 +8,10 @@ matmuls the path runs: 4*Lq*Lk*D*H for a forward, 2*Lq*Lk*D*H for an LSE recompu
 frame mass against an fp32 materialised softmax and of the output against SDPA.
 
 Paths: plain SDPA (default backend; on q.transpose(1, 2) views as the model calls it, and on contiguous
-[B, H, L, D]), the cuDNN and flash SDPA ops with LSE, method E (fused forward + frame mass; TMA and pointer
-loads), the same kernel without the frame bookkeeping (what the bookkeeping costs), method B (LSE recompute,
-alone and with the cuDNN LSE call), and the blockwise torch reference (given the LSE).
+[B, H, L, D]), the cuDNN and flash SDPA ops with LSE, the fused forward + frame mass (the "fused" capture mode;
+TMA and pointer loads), the same kernel without the frame bookkeeping (what the bookkeeping costs), the recompute
+from the LSE (the "exact" capture mode on CUDA; alone and with the cuDNN LSE call), and the blockwise torch
+reference (given the LSE).
 
 Run from the repository root on a CUDA machine (needs only torch and triton):
 
@@ -34,7 +35,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from models import cuda_attention  # noqa: E402
-from models.cuda_attention import active_kernel  # noqa: E402
+from models.attention_kernels import select  # noqa: E402
 
 DEVICE = "cuda"  # a CPU dry run of this script's logic sets "cpu" (and TRITON_INTERPRET=1)
 
@@ -97,6 +98,8 @@ def mass_fp32_materialised(q, k, fsl, scale):
 def describe_machine(fa):
     import triton
 
+    from models.triton_common import TensorDescriptor
+
     props = torch.cuda.get_device_properties(0)
     lines = [
         f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
@@ -105,7 +108,7 @@ def describe_machine(fa):
         f"{props.total_memory / 2**30:.0f} GiB",
         f"torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}), "
         f"triton {triton.__version__}",
-        f"TMA descriptors usable: {fa.TensorDescriptor is not None and props.major >= 9}",
+        f"TMA descriptors usable: {TensorDescriptor is not None and props.major >= 9}",
     ]
     return "\n".join(lines)
 
@@ -154,22 +157,24 @@ def bench_one(fa, ref, args, nkf, dtype):
     run("SDPA default (transposed views, as the model)",
         lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale),
         fwd_flop, get_out=lambda r: r.transpose(1, 2))
-    run("cuDNN SDPA op + LSE", lambda: cuda_attention._KERNELS["cudnn"](q, k, v, scale), fwd_flop, get_out=lambda r: r[0])
-    run("flash SDPA op + LSE", lambda: cuda_attention._KERNELS["flash"](q, k, v, scale), fwd_flop, get_out=lambda r: r[0])
-    run("E fused: out + frame mass (default: TMA on sm90)",
+    run("cuDNN SDPA op + LSE", lambda: cuda_attention.cudnn(q, k, v, scale), fwd_flop, get_out=lambda r: r[0])
+    run("flash SDPA op + LSE", lambda: cuda_attention.flash_op(q, k, v, scale), fwd_flop, get_out=lambda r: r[0])
+    from models.triton_attention_plan import default_config
+
+    run("fused: out + frame mass (default: TMA on sm90)",
         lambda: fa.frame_attention_fused(q, k, v, frame_seq_len=fsl, scale=scale), fwd_flop,
-        get_mass=lambda r: r[1], get_out=lambda r: r[0], note=lambda: str(fa._default_config(q.device)))
-    run("E fused, pointer loads (no TMA)",
+        get_mass=lambda r: r[1], get_out=lambda r: r[0], note=lambda: str(default_config(q.device)))
+    run("fused, pointer loads (no TMA)",
         lambda: fa._launch_fused(q, k, v, frame_seq_len=fsl, scale=scale, use_tma=False), fwd_flop,
-        get_mass=lambda r: r[1], get_out=lambda r: r[0], note=lambda: str(fa._default_config(q.device)))
+        get_mass=lambda r: r[1], get_out=lambda r: r[0], note=lambda: str(default_config(q.device)))
     run("same Triton forward without frame mass",
         lambda: fa._launch_fused(q, k, v, frame_seq_len=fsl, scale=scale, with_mass=False), fwd_flop,
-        get_out=lambda r: r[0], note=lambda: str(fa._default_config(q.device)))
+        get_out=lambda r: r[0], note=lambda: str(default_config(q.device)))
     lse_res = run("lse_from_sdpa (the model's attention with LSE)", lambda: fa.lse_from_sdpa(q, k, v, scale),
-                  fwd_flop, get_out=lambda r: r[0], note=lambda: active_kernel(q.dtype))
+                  fwd_flop, get_out=lambda r: r[0], note=lambda: select(q, k, v, frame_seq_len=fsl).name)
     if lse_res is not None:
         lse = lse_res[1]
-        run("B kernel alone (given the LSE)",
+        run("from-LSE kernel alone (given the LSE)",
             lambda: fa.frame_mass_from_lse(q, k, lse, frame_seq_len=fsl, scale=scale), fwd_flop / 2,
             get_mass=lambda r: r, note=lambda: cfg(fa._key_token_tuned))
 
@@ -177,7 +182,7 @@ def bench_one(fa, ref, args, nkf, dtype):
             out, lse2 = fa.lse_from_sdpa(q, k, v, scale)
             return out, fa.frame_mass_from_lse(q, k, lse2, frame_seq_len=fsl, scale=scale)
 
-        run("LSE (SDPA op) + B kernel", lse_plus_b, fwd_flop * 1.5, get_mass=lambda r: r[1], get_out=lambda r: r[0])
+        run("LSE (SDPA op) + from-LSE kernel", lse_plus_b, fwd_flop * 1.5, get_mass=lambda r: r[1], get_out=lambda r: r[0])
         if not args.skip_reference:
             run("torch blockwise reference (given the LSE)",
                 lambda: ref.frame_mass_reference(q, k, frame_seq_len=fsl, scale=scale, lse=lse), fwd_flop / 2,

@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from models.cuda_attention import sdpa_with_lse  # noqa: E402
+from models.attention_kernels import attention_with_lse  # noqa: E402
+from models import triton_attention_plan as plan_mod  # noqa: E402
 from workbench.kernels import frame_attention as fa  # noqa: E402
 
 FSL, NQF, H, D = 1560, 3, 12, 128
@@ -79,15 +80,15 @@ def main():
     data = {nkf: inputs(nkf) for nkf in KEY_FRAMES}
     want = {}
     for nkf, (q, k, v) in data.items():
-        out, lse = sdpa_with_lse(q, k, v, scale)
+        out, lse = attention_with_lse(q, k, v, scale=scale)
         want[nkf] = (out, fa.frame_mass_from_lse(q, k, lse.contiguous(), frame_seq_len=FSL, scale=scale))
 
     variants = [("cudnn (the model's call)", None)]
-    configs = [dict(fa.FUSED_CONFIG_SM90)] if args.quick else \
-        [dict(c) for c in fa.FUSED_CANDIDATES]
+    configs = [dict(plan_mod.FUSED_CONFIG_SM90)] if args.quick else \
+        [dict(c) for c in plan_mod.FUSED_CANDIDATES]
     for cfg in configs:
         variants.append((None, {**cfg, "split": None}))
-    base = dict(fa.FUSED_CONFIG_SM90)
+    base = dict(plan_mod.FUSED_CONFIG_SM90)
     variants.append((None, {**base, "split": 1}))
     for split in (2, 3, 5, 7, 11):
         variants.append((None, {**base, "split": split, "n_full": 3 * props.multi_processor_count}))
@@ -99,7 +100,7 @@ def main():
         times, errs = [], [0.0, 0.0]
         for nkf, (q, k, v) in data.items():
             if cfg is None:
-                fn = lambda q=q, k=k, v=v: sdpa_with_lse(q, k, v, scale)  # noqa: E731
+                fn = lambda q=q, k=k, v=v: attention_with_lse(q, k, v, scale=scale)  # noqa: E731
             else:
                 c = dict(cfg)
                 with_mass = c.pop("with_mass", True)
@@ -126,10 +127,10 @@ def main():
     for name, times, total, errs in rows:
         cells = " | ".join(f"{t:.3f}" for t in times)
         print(f"| {name} | {cells} | {total:.3f} s | {total / base_total:.3f}x | {errs[0]:.1e} | {errs[1]:.1e} |")
-    for (_, _, cfg), n in fa._SLOTS.items():  # every compiled config's resident programs and its split plans
+    for (_, _, cfg), n in plan_mod._SLOTS.items():  # every compiled config's resident programs and its split plans
         c = dict(cfg)
         tiles = -(-NQF * FSL // c["BLOCK_M"]) * H
-        plan = {nkf: fa.split_plan(tiles, n, nkf, FSL / c["BLOCK_N"]) for nkf in KEY_FRAMES}
+        plan = {nkf: plan_mod.split_plan(tiles, n, nkf, FSL / c["BLOCK_N"]) for nkf in KEY_FRAMES}
         print(f"resident programs {n} for {c}; (n_full, split) by key frames: {plan}")
     fused = [r for r in rows[1:] if r[0].startswith("{") and "n_full" not in r[0]]
     best = min(fused, key=lambda r: r[2])

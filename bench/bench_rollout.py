@@ -151,7 +151,7 @@ def main():
     print(f"# bench_rollout  {datetime.datetime.now().isoformat(timespec='seconds')}  "
           f"{torch.cuda.get_device_name()}  torch {torch.__version__}  python {platform.python_version()}")
     print(f"# command: {' '.join(sys.argv)}")
-    from models.attention import backend_name
+    from models.attention_kernels import describe as backend_name
 
     print(f"# attention backend: {backend_name('cuda', torch.bfloat16)}")
     model = random_model()

@@ -7,29 +7,29 @@ Each call carries what it is, as an `AttentionCall`:
   eviction the key frames are not contiguous, e.g. 0-2 then 12-20), and which (query, key) frame pairs are
   attended when a mask applies (block-causal full-sequence forward).
 
-Observers (the workbench's probes, anything with `wants` and `observe`) are passed in by the model; `models/`
-never imports them. With no observer interested in a call, `attend` is exactly the plain kernel call.
-When an observer asks for the log-sum-exp it is computed by a kernel that returns it (CUDA) or a blockwise
-pass (CPU), and the output is computed the same way as without observers, so capture never changes outputs.
+Two kinds of subscribers are passed in by the model (`WanModel.observers`, `WanModel.interventions`); `models/`
+never imports them (the workbench's probes and interventions implement the protocols below):
+- an **intervention** (`AttentionIntervention`) edits the calls it selects: q, k, v and the key frame mask
+  before the kernel (`edit_inputs`), a head's output after it (`edit_output`). Each call it edits carries its
+  label in `call.edits`, so what ran is recorded;
+- an **observer** (`AttentionObserver`) reads what ran: the edited q, k, v, the edited call (its mask), the
+  edited output and, when it asks, the row log-sum-exp of the kernel that ran. Observers never change outputs.
+With no subscriber interested in a call, `attend` is exactly the kernel call.
 
-Kernels (`attention_kernel`, a WanModel attribute carried by every call as `call.kernel`):
-- "auto" (default): flash-attn when it imports (and inputs are fp16/bf16 on CUDA), the cuDNN / flash SDPA
-  ops otherwise, PyTorch SDPA on the CPU.
-- "triton": unmasked calls over whole frames run `models.triton_attention.frame_attention`, a frame-tiled
-  FlashAttention forward that can also hand observers per-frame statistics from the same pass, at no change
-  to the output. With it, the workbench's "fused" capture is bitwise neutral and nearly free. Other calls
-  (masked, text cross-attention, CPU) use the "auto" kernels.
-Frame-masked calls always use FlexAttention on CUDA and SDPA with a dense mask on the CPU.
+Kernels: `call.kernel` is the model's `attention_kernel` choice ("auto" or "triton"); which kernel of the table
+runs a call is decided in one place, models/attention_kernels.py, whose `compute` gives the same output bits
+whether or not the log-sum-exp is asked for, so observing never changes outputs.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Hashable, Protocol, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from models.attention_kernels import compute
 
 # --------------------------------------------------------------------------------------------------
 # Labels
@@ -61,7 +61,8 @@ class AttentionCall:
     frame_mask: torch.Tensor | None = None  # [n_query_frames, n_key_frames] bool, True = attended; None = all
     num_heads: int = 0
     head_dim: int = 0
-    kernel: str = "auto"  # the model's attention kernel (ATTENTION_KERNELS); see `kernel_runs`
+    kernel: str = "auto"  # the model's attention kernel choice (models.attention_kernels.CHOICES)
+    edits: tuple[str, ...] = ()  # labels of the interventions that edited this call, in the order they ran
 
     @property
     def step(self) -> int | None:
@@ -91,163 +92,89 @@ class AttentionObserver(Protocol):
     # and returns the attention output (or None to let the entry point compute it and call `observe`).
 
 
-# --------------------------------------------------------------------------------------------------
-# Kernels
+class AttentionIntervention(Protocol):
+    """What the model needs from an intervention (workbench/interventions.py implements this)."""
 
-ATTENTION_KERNELS = ("auto", "triton")
+    label: str  # what it does, recorded in `call.edits` of every call it edits
+    edits: frozenset  # which of "q", "k", "v", "mask", "out" it may change
+    graph_safe: bool  # its edits are GPU work on tensors at fixed addresses (CUDA graphs may record them)
+    key: Hashable  # its settings: a rollout's CUDA graphs are recorded anew when this changes
 
+    def wants(self, call: AttentionCall) -> bool: ...
 
-def check_kernel(kernel: str) -> str:
-    if kernel not in ATTENTION_KERNELS:
-        from models.errors import ModelInputError
+    def edit_inputs(self, call: AttentionCall, q, k, v) -> tuple[AttentionCall, torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor]:
+        """(call, q, k, v) the kernel gets: q [B, Lq, H, D], k/v [B, Lk, H, D]; a changed key frame mask is a
+        call with another `frame_mask` [nqf, nkf] (e.g. `dataclasses.replace(call, frame_mask=m)`)."""
 
-        raise ModelInputError(f"attention kernel {kernel!r}; use one of {list(ATTENTION_KERNELS)}")
-    return kernel
-
-
-def backend_name(device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-                 kernel: str = "auto") -> str:
-    """Which kernel runs for unmasked self-attention on this device and dtype (masked calls use FlexAttention
-    on CUDA and SDPA with a dense mask on the CPU)."""
-    if check_kernel(kernel) == "triton" and torch.device(device).type == "cuda" and dtype in (torch.bfloat16,
-                                                                                              torch.float16):
-        return "triton (models.triton_attention)"
-    if torch.device(device).type == "cuda":
-        from models.cuda_attention import active_kernel
-
-        return active_kernel(dtype)
-    return "sdpa (cpu)"
-
-
-def token_mask(frame_mask: torch.Tensor, q_len: int, k_len: int, frame_seq_len: int) -> torch.Tensor:
-    """Expand a frame-level mask [nq, nk] to tokens [Lq, Lk] (bool, True = attended)."""
-    return frame_mask.repeat_interleave(frame_seq_len, 0).repeat_interleave(frame_seq_len, 1)[:q_len, :k_len]
-
-
-def _sdpa(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    # SDPA wants [B, H, L, D]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask, scale=scale)
-    return out.transpose(1, 2)
-
-
-def _flex(q, k, v, frame_mask: torch.Tensor, frame_seq_len: int, scale: float) -> torch.Tensor:
-    """Block-causal (or any frame-masked) attention on CUDA without a dense [L, L] mask."""
-    from models.flex import flex_frame_attention
-
-    return flex_frame_attention(q, k, v, frame_mask, frame_seq_len, scale)
-
-
-def _masked(frame_mask) -> bool:
-    return frame_mask is not None and not bool(frame_mask.all())
-
-
-def kernel_runs(q, k, v, *, frame_mask=None, frame_seq_len=1, kernel="auto") -> str:
-    """"triton" when the model's Triton forward computes this call, else "auto" (the stock kernels)."""
-    if kernel != "triton" or _masked(frame_mask):
-        return "auto"
-    try:
-        from models import triton_attention
-    except ImportError:  # triton not installed (the "kernels" extra): the stock kernels
-        return "auto"
-
-    return "triton" if triton_attention.applies(q, k, v, frame_seq_len) else "auto"
-
-
-def plain_attention(q, k, v, *, frame_mask=None, frame_seq_len=1, scale=None, kernel="auto") -> torch.Tensor:
-    """out [B, Lq, H, D] = softmax(q k^T * scale) v, over the attended keys only."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if _masked(frame_mask):
-        if q.is_cuda:
-            return _flex(q, k, v, frame_mask, frame_seq_len, scale)
-        return _sdpa(q, k, v, token_mask(frame_mask, q.shape[1], k.shape[1], frame_seq_len).to(q.device), scale)
-    if kernel_runs(q, k, v, frame_seq_len=frame_seq_len, kernel=kernel) == "triton":
-        from models.triton_attention import frame_attention
-
-        return frame_attention(q, k, v, frame_seq_len=frame_seq_len, scale=scale).out
-    if q.is_cuda:  # the same kernel as attention_with_lse, so capture never changes the output
-        from models.cuda_attention import sdpa_with_lse
-
-        return sdpa_with_lse(q, k, v, scale)[0]
-    return _sdpa(q, k, v, None, scale)
-
-
-def blockwise_lse(q, k, *, frame_mask=None, frame_seq_len=1, scale=None, block: int = 1024) -> torch.Tensor:
-    """Log-sum-exp of every query row over its attended keys, [B, H, Lq] float32, without an [Lq, Lk] tensor
-    bigger than `block` query rows."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    B, Lq, H, _ = q.shape
-    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
-    kt = k.float().permute(0, 2, 3, 1)  # [B, H, D, Lk]
-    for start in range(0, Lq, block):
-        qb = q[:, start : start + block].float().transpose(1, 2)  # [B, H, b, D]
-        s = (qb @ kt) * scale  # [B, H, b, Lk]
-        if frame_mask is not None:
-            m = token_mask(frame_mask, Lq, k.shape[1], frame_seq_len)[start : start + block].to(q.device)
-            s = s.masked_fill(~m, float("-inf"))
-        lse[:, :, start : start + block] = torch.logsumexp(s, dim=-1)
-    return lse
-
-
-def attention_with_lse(q, k, v, *, frame_mask=None, frame_seq_len=1, scale=None, kernel="auto"):
-    """(out, lse): out exactly as `plain_attention` computes it, lse [B, H, Lq] float32 natural log."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if kernel_runs(q, k, v, frame_mask=frame_mask, frame_seq_len=frame_seq_len, kernel=kernel) == "triton":
-        from models.triton_attention import frame_attention
-
-        r = frame_attention(q, k, v, frame_seq_len=frame_seq_len, scale=scale, with_lse=True)
-        return r.out, r.lse
-    if q.is_cuda and frame_mask is None:
-        from models.cuda_attention import sdpa_with_lse
-
-        return sdpa_with_lse(q, k, v, scale)
-    out = plain_attention(q, k, v, frame_mask=frame_mask, frame_seq_len=frame_seq_len, scale=scale)
-    return out, blockwise_lse(q, k, frame_mask=frame_mask, frame_seq_len=frame_seq_len, scale=scale)
+    def edit_output(self, call: AttentionCall, q, k, v, out) -> torch.Tensor:
+        """out [B, Lq, H, D] after the kernel (e.g. one head's output zeroed)."""
 
 
 # --------------------------------------------------------------------------------------------------
 # The entry point
 
 
-def attend(q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] = ()) -> torch.Tensor:
+def attend(q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] = (), *,
+           interventions: Sequence[AttentionIntervention] = ()) -> torch.Tensor:
     """Every attention call of the model. q [B, Lq, H, D]; k, v [B, Lk, H, D] -> out [B, Lq, H, D]."""
+    editing = [iv for iv in interventions if iv.wants(call)] if interventions else ()
+    for iv in editing:  # in order: each edit sees the one before it
+        call, q, k, v = iv.edit_inputs(call, q, k, v)
+    if editing:
+        call = dataclasses.replace(call, edits=call.edits + tuple(iv.label for iv in editing))
     interested = [obs for obs in observers if obs.wants(call)] if observers else ()
     mask, fsl, kernel = call.frame_mask, call.frame_seq_len, call.kernel
-    if not interested:
-        return plain_attention(q, k, v, frame_mask=mask, frame_seq_len=fsl, kernel=kernel)
-    for obs in interested:  # an observer may compute the attention itself (a fused kernel with statistics)
-        out = obs.compute(call, q, k, v) if getattr(obs, "computes_output", False) else None
-        if out is not None:
-            for other in interested:
-                if other is not obs:
-                    other.observe(call, q, k, v, out, None)
-            return out
-    if any(obs.needs_lse for obs in interested):
-        out, lse = attention_with_lse(q, k, v, frame_mask=mask, frame_seq_len=fsl, kernel=kernel)
-    else:
-        out, lse = plain_attention(q, k, v, frame_mask=mask, frame_seq_len=fsl, kernel=kernel), None
+    if not interested and not editing:
+        return compute(q, k, v, frame_mask=mask, frame_seq_len=fsl, kernel=kernel)[0]
+    out = computed_by = lse = None
+    if not any("out" in iv.edits for iv in editing):  # (else every observer must see the edited output)
+        out, computed_by = _computed_by_observer(interested, call, q, k, v)
+    if out is None:
+        needs_lse = any(obs.needs_lse for obs in interested)
+        out, lse, _ = compute(q, k, v, frame_mask=mask, frame_seq_len=fsl, kernel=kernel, lse=needs_lse)
+    for iv in editing:
+        if "out" in iv.edits:
+            out = iv.edit_output(call, q, k, v, out)
     for obs in interested:
-        obs.observe(call, q, k, v, out, lse)
+        if obs is not computed_by:
+            obs.observe(call, q, k, v, out, lse)
     return out
+
+
+def _computed_by_observer(interested, call, q, k, v):
+    """(out, observer) when an observer computes the output itself (a kernel that also returns its statistics;
+    it observes the call on the way), else (None, None). Not when another observer needs the log-sum-exp."""
+    for obs in interested:
+        if not getattr(obs, "computes_output", False):
+            continue
+        if any(other.needs_lse for other in interested if other is not obs):
+            return None, None
+        out = obs.compute(call, q, k, v)
+        if out is not None:
+            return out, obs
+    return None, None
 
 
 class Attend(torch.nn.Module):
     """A parameter-free module around `attend`, so that hook-based tools (nnsight, forward hooks) see the
-    exact q, k, v of every call as this module's inputs: `blocks[3].self_attn.attend.inputs`."""
+    exact q, k, v of every call as this module's inputs: `blocks[3].self_attn.attend.inputs` = (q, k, v, call,
+    observers) before any intervention's edit (the interventions come as a keyword argument)."""
 
-    def forward(self, q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] = ()):
-        return attend(q, k, v, call, observers)
+    def forward(self, q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] = (), *,
+                interventions: Sequence[AttentionIntervention] = ()):
+        return attend(q, k, v, call, observers, interventions=interventions)
 
 
 @dataclass
 class ObserverList:
-    """The observers attached to one model; `WanModel.observers` is one of these."""
+    """The subscribers of one kind attached to one model: `WanModel.observers` and `WanModel.interventions`."""
 
     items: list = field(default_factory=list)
 
-    def add(self, observer) -> "ObserverHandle":
-        self.items.append(observer)
-        return ObserverHandle(self, observer)
+    def add(self, subscriber) -> "ObserverHandle":
+        self.items.append(subscriber)
+        return ObserverHandle(self, subscriber)
 
     def __iter__(self):
         return iter(self.items)

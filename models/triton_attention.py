@@ -1,15 +1,14 @@
 """A frame-tiled FlashAttention forward in Triton: the model's optional attention kernel, with statistics on the side.
 
 `frame_attention(q, k, v, frame_seq_len=...)` computes softmax(q k^T * scale) v for an unmasked (or frame-masked)
-call whose query and key lengths are whole frames, like `models.attention.plain_attention`. It is the kernel
+call whose query and key lengths are whole frames, as the model's other kernels do (models/attention_kernels.py). It is the kernel
 behind `attention_kernel="triton"` (WanModel), and it can also return, from the same pass and without changing
 one bit of the output:
 - `row_mass` [B, H, nkf, Lq]: per query row, the softmax probability summed over each key frame, divided by
   frame_seq_len (so that a sum over a query frame's rows is that frame's mean mass);
 - `q_means` [B, H, nqf, D] / `k_means` [B, H, nkf, D]: the mean q and k vector of every frame (float32);
 - `lse` [B, H, Lq]: the row log-sum-exp (natural log).
-Whoever observes the model (the workbench's probes) asks for these; the output is the same whether or not it
-does, so observing a model that runs this kernel changes nothing.
+The workbench's probes ask for these; the output bits are the same whether or not they do.
 
 How it works (FlashAttention-2 online softmax, tensor-core dots, fp32 accumulators):
 - Per query row it keeps, next to the running max m and sum l, the running sum of the current key frame's
@@ -19,27 +18,23 @@ How it works (FlashAttention-2 online softmax, tensor-core dots, fp32 accumulato
   sweep the rows become r * 2^(m_flush - m_final) / (l * fsl) in place. No extra matmul or exponential.
 - Work items: the tiles (query block, head) that fill whole waves of the GPU run whole; each tile of the last,
   partial wave is split into segments of whole key frames (`split_plan`) whose (acc, m, l) a small merge kernel
-  combines, so the last wave does not leave most SMs idle. The plan comes from the GPU's resident programs of
-  one canonical variant, so every variant computes the same bits.
-- Block sizes: one fixed config per GPU family (chosen with bench/bench_fused_sweep.py on an H200), never timed
-  at run time, so every process computes the same bits. On sm90 K/V tiles come through TMA descriptors.
+  combines, so the last wave does not leave most SMs idle. Plan and block sizes: models/triton_attention_plan.py
+  (one canonical variant's residency and one fixed config per GPU family, so every variant and every process
+  computes the same bits). On sm90 K/V tiles come through TMA descriptors.
 - q_means / k_means are averaged by the first segment of query block j for frames j, j + n_qblk, ... from
   L2-hot data.
 
 Layouts: q [B, Lq, H, D], k and v [B, Lk, H, D] (last dim contiguous), allowed [nqf, nkf] bool. D a power of
 two (Wan: 128). bf16/fp16 use tensor cores; fp32 uses exact fp32 dots ("ieee", slow; for tests).
 
-CPU testing: with TRITON_INTERPRET=1 set before this module is imported, the kernels run on CPU tensors in
-Triton's interpreter. The interpreter (triton 3.6) multiplies bfloat16 operands of tl.dot as raw uint16 and
-rounds fp32->bf16 casts by truncation, so under the interpreter bf16 tiles are upcast to fp32 before the dots
-(constexpr DOT_F32, never set on a GPU).
+Public API (what the rest of the repository uses): `frame_attention` and its result `FrameAttention`,
+`applies` (whether it takes a call) and `runs_on` (where it runs); launch helpers: models/triton_common.py
+(also for CPU testing under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -47,39 +42,11 @@ import triton
 import triton.language as tl
 
 from models.errors import ModelInputError
+from models.triton_attention_plan import default_config, resident_programs, split_plan
+from models.triton_common import (FLOAT_DTYPES, INTERPRET, LOG2E, TensorDescriptor, allowed_arg,
+                                  check_device_and_dtype, int32_ok, last_dim_contiguous, on_device, tma_usable)
 
-try:  # host-side TMA descriptors (triton >= 3.2); used on Hopper and newer
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover
-    TensorDescriptor = None
-
-# Read once: triton.jit decides at decoration time whether a kernel is interpreted.
-INTERPRET = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else \
-    os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def _patch_interpreter_for_numpy2():
-    """triton 3.6's interpreter turns a scalar into a Python int with int(array of shape (1,)), which
-    numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted"), so every loop with a runtime bound
-    fails. Re-point tensor.__index__ at .item() (interpreter only; compiled kernels are untouched)."""
-    from triton.runtime import interpreter as _interp
-
-    if getattr(_interp, "_wb_index_patched", False) or not hasattr(_interp, "_patch_lang_tensor"):
-        return
-    original = _interp._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    _interp._patch_lang_tensor = patched
-    _interp._wb_index_patched = True
-
-
-if INTERPRET:
-    _patch_interpreter_for_numpy2()
-
-LOG2E = 1.4426950408889634
+__all__ = ["FrameAttention", "applies", "frame_attention", "runs_on"]
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max: keeps fully masked rows free of NaN
 
 
@@ -394,85 +361,16 @@ def _frame_attn_merge_kernel(
                        Allowed, FSL, EPI_F, False)
 
 
-# Block sizes of the fused forward. One fixed config per GPU family (no timing-based autotuning, so every
-# process of a run computes the same bits); chosen with `bench/bench_fused_sweep.py` on an H200.
-FUSED_CONFIG_SM90 = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
-FUSED_CONFIG_OTHER = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-FUSED_CONFIG_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
-# candidates the sweep compares (Hopper: two warpgroups on 128-row blocks, or one on 64-row blocks, two CTAs a SM)
-FUSED_CANDIDATES = [
-    {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
-    for bm, bn, w, st in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (128, 32, 8, 4), (128, 128, 8, 2),
-                          (64, 64, 4, 2)]
-]
-
-_CANONICAL = dict(WITH_MASS=True, WITH_SUMS=True, WITH_LSE=True)
-_SLOTS: dict = {}  # (device, constexprs, config) -> resident programs on the whole GPU
+# ----------------------------------------------------------------------------------------------------------
+# The public API
+# ----------------------------------------------------------------------------------------------------------
 
 
-def _resident_programs(args, meta, cfg, device) -> int:
-    """How many programs of the compiled kernel run at once on the GPU (SMs x CTAs per SM, from its registers,
-    shared memory and warps). Asked of the variant with every extra output on (`_CANONICAL`), whatever variant
-    runs: the split plan, and so the output's bits, must not depend on which statistics were asked for."""
-    meta = {**meta, **_CANONICAL}
-    key = (str(device), tuple(sorted(meta.items())), tuple(sorted(cfg.items())))
-    if key not in _SLOTS:
-        warps = cfg["num_warps"]
-        ck = _frame_attn_fwd_kernel.warmup(*args, grid=(1,), **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                           num_warps=warps, num_stages=cfg["num_stages"])
-        ck._init_handles()
-        props = torch.cuda.get_device_properties(device)
-        regs_per_warp = -(-ck.n_regs * 32 // 256) * 256  # allocated per warp in units of 256
-        by_regs = (65536 // max(regs_per_warp, 256)) // warps
-        smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-        by_smem = smem_sm // (ck.metadata.shared + 1024) if ck.metadata.shared else 32
-        by_threads = props.max_threads_per_multi_processor // (32 * warps)
-        _SLOTS[key] = max(1, min(by_regs, by_smem, by_threads)) * props.multi_processor_count
-    return _SLOTS[key]
-
-
-def split_plan(n_tiles: int, slots: int, nkf: int, key_tiles_per_frame: float, max_split: int = 16):
-    """(n_full, split): run the first n_full tiles whole and split each of the others into `split` segments of
-    whole key frames, so that the last, partial wave of tiles becomes a few short waves of segments.
-
-    Cost model in key-tile steps: a segment of f frames costs f * key_tiles_per_frame + 4 (its fixed part), a
-    split tile adds 2 for the merge. split = 1 when the tiles fill whole waves or splitting does not pay."""
-    if slots <= 0 or n_tiles % slots == 0 or nkf < 2:
-        return n_tiles, 1
-    full_waves, rem = divmod(n_tiles, slots)
-    best_cost, best = nkf * key_tiles_per_frame + 4.0, 1  # the tail wave of whole tiles
-    for split in range(2, min(nkf, max_split) + 1):
-        rounds = -(-rem * split // slots)
-        cost = rounds * (-(-nkf // split) * key_tiles_per_frame + 4.0) + 2.0
-        if cost < best_cost * 0.97:
-            best_cost, best = cost, split
-    return (full_waves * slots, best) if best > 1 else (n_tiles, 1)
-
-
-def default_config(device) -> dict:
+def runs_on(device: str, dtype: torch.dtype) -> bool:
+    """bf16/fp16 on a GPU; under the interpreter any float dtype on the CPU (tests)."""
     if INTERPRET:
-        return dict(FUSED_CONFIG_INTERPRET)
-    major = torch.cuda.get_device_capability(device)[0]
-    return dict(FUSED_CONFIG_SM90 if major >= 9 else FUSED_CONFIG_OTHER)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Input checks (before any work)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def check_device_and_dtype(q, D):
-    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ModelInputError(f"triton frame kernels take bfloat16, float16 or float32; got {q.dtype}")
-    if D < 16 or D > 256 or D & (D - 1):
-        raise ModelInputError(f"triton frame kernels need head_dim a power of two in [16, 256]; got {D}")
-    if q.device.type != "cuda" and not INTERPRET:
-        raise ModelInputError(
-            f"triton frame kernels need CUDA tensors (got {q.device}); on CPU use the torch reference "
-            "or set TRITON_INTERPRET=1 before importing models.triton_attention"
-        )
-    if INTERPRET and q.device.type != "cpu":
-        raise ModelInputError(f"under TRITON_INTERPRET=1 the kernels take CPU tensors; got {q.device}")
+        return device == "cpu" and dtype in FLOAT_DTYPES
+    return device == "cuda" and dtype in (torch.bfloat16, torch.float16)
 
 
 def applies(q, k, v, frame_seq_len: int) -> bool:
@@ -483,43 +381,7 @@ def applies(q, k, v, frame_seq_len: int) -> bool:
     D, fsl, Lq, Lk = q.shape[3], int(frame_seq_len), q.shape[1], k.shape[1]
     if fsl < 1 or Lq == 0 or Lk == 0 or Lq % fsl or Lk % fsl or D < 16 or D > 256 or D & (D - 1):
         return False
-    if INTERPRET:
-        return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
-    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.dtype == k.dtype == v.dtype
-
-
-def last_dim_contiguous(*ts):
-    return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
-
-
-def int32_ok(*ts):
-    for t in ts:
-        if t.numel() >= 2**31:
-            raise ModelInputError(f"tensor of {t.numel()} elements is too large for int32 indexing in the kernel")
-
-
-def allowed_arg(allowed, like):
-    if allowed is None:
-        return like, False  # any tensor: the pointer is never read
-    return allowed.to(device=like.device, dtype=torch.int8).contiguous(), True
-
-
-def tma_usable(k, v):
-    if INTERPRET or TensorDescriptor is None or k.device.type != "cuda":
-        return False
-    if torch.cuda.get_device_capability(k.device)[0] < 9:
-        return False
-    # the 2-D view [B * Lk, H * D] needs heads packed in the last dim and batches back to back
-    return all(t.is_contiguous() for t in (k, v))
-
-
-def nkf_pad(nkf: int) -> int:
-    return max(16, triton.next_power_of_2(nkf))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The launcher
-# ----------------------------------------------------------------------------------------------------------
+    return runs_on(q.device.type, q.dtype) and q.dtype == k.dtype == v.dtype
 
 
 @dataclass
@@ -581,7 +443,7 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
         qsum, ksum = torch.empty((B, H, nqf, D), **f32), torch.empty((B, H, nkf, D), **f32)
     else:
         qsum = ksum = f32_any
-    pad = nkf_pad(nkf) if allowed is not None else 16  # only the masked key-range search uses it
+    pad = max(16, triton.next_power_of_2(nkf)) if allowed is not None else 16  # only the masked key-range search uses it
     ieee = q.dtype == torch.float32
     dot_f32 = INTERPRET and q.dtype == torch.bfloat16
     if use_tma:
@@ -604,14 +466,14 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
             H, Lq, Lk, nkf, scale * LOG2E, n_full, n_split,
         )
 
-    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+    with on_device(q):
         if has_mask:
             n_full, split = n_tiles, 1  # masked calls sweep per-block key ranges: never split
         elif split is None:
             if INTERPRET:
                 n_full, split = n_tiles, 1
             else:  # the canonical variant's residency (every extra output's pointer a placeholder)
-                slots = _resident_programs(args(*(f32_any,) * 8, n_tiles, 1), meta, cfg, q.device)
+                slots = resident_programs(_frame_attn_fwd_kernel, args(*(f32_any,) * 8, n_tiles, 1), meta, cfg, q.device)
                 n_full, split = split_plan(n_tiles, slots, nkf, fsl / bn)
         else:  # explicit: split the last n_tiles - n_full tiles (default: half of them)
             split = max(1, min(int(split), nkf))

@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from models.attention import AttentionCall, Attend, ForwardLabels, ObserverList, check_kernel
+from models.attention import AttentionCall, Attend, ForwardLabels, ObserverList
+from models.attention_kernels import check_kernel
 from models.config import WanConfig
 from models.errors import ModelInputError
 from models.kv_cache import CrossCache, GradWindow, KVCache, RolloutCache
@@ -70,10 +71,11 @@ class LayerNorm(nn.LayerNorm):
 
 @dataclass
 class ForwardContext:
-    """What every block of one forward shares: labels, observers, RoPE, and the frames of the query tokens."""
+    """What every block of one forward shares: labels, subscribers, RoPE, and the frames of the query tokens."""
 
     labels: ForwardLabels | None
     observers: ObserverList | tuple
+    interventions: ObserverList | tuple
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [L, 1, head_dim/2]
     query_frames: tuple[int, ...]
     start_frame: int
@@ -81,7 +83,7 @@ class ForwardContext:
     grid: tuple[int, int]
     frame_mask: torch.Tensor | None  # block-causal frame mask of a full-sequence causal forward
     fill_cross: bool = False  # this forward computes the text keys/values and fills the cross-attention caches
-    kernel: str = "auto"  # the model's attention kernel (models.attention.ATTENTION_KERNELS)
+    kernel: str = "auto"  # the model's attention kernel choice (models.attention_kernels.CHOICES)
 
 
 class SelfAttention(nn.Module):
@@ -105,7 +107,7 @@ class SelfAttention(nn.Module):
             frame_mask = None
         call = AttentionCall(self.layer, "self", ctx.labels, ctx.query_frames, key_frames, ctx.frame_seq_len,
                              ctx.grid, frame_mask, self.num_heads, self.head_dim, ctx.kernel)
-        out = self.attend(q, k, v, call, ctx.observers)  # [B, L, heads, head_dim]
+        out = self.attend(q, k, v, call, ctx.observers, interventions=ctx.interventions)  # [B, L, heads, head_dim]
         return self.o(out.flatten(2))
 
 
@@ -128,7 +130,7 @@ class CrossAttention(nn.Module):
                 cache.k, cache.v = k, v
         call = AttentionCall(self.layer, "cross", ctx.labels, ctx.query_frames, None, ctx.frame_seq_len,
                              ctx.grid, None, self.num_heads, self.head_dim, ctx.kernel)
-        out = self.attend(q, k, v, call, ctx.observers)
+        out = self.attend(q, k, v, call, ctx.observers, interventions=ctx.interventions)
         return self.o(out.flatten(2))
 
     def text_kv(self, text):
@@ -204,6 +206,7 @@ class WanModel(nn.Module):
         self.rope = RopeTable(cfg.rope_split)
         self._rope_cache: dict = {}
         self.observers = ObserverList()  # attention observers (the workbench's probes attach here)
+        self.interventions = ObserverList()  # attention interventions (workbench/interventions.py), before observers
         self.attention_kernel = "auto"  # "auto" (stock kernels) or "triton" (models.triton_attention)
         self.gradient_checkpointing = False
 
@@ -319,6 +322,7 @@ class WanModel(nn.Module):
         ctx = ForwardContext(
             labels=labels,
             observers=self.observers,
+            interventions=self.interventions,
             rope=rope,
             query_frames=tuple(range(start_frame, start_frame + frames)),
             start_frame=start_frame,

@@ -432,7 +432,7 @@ def test_gpu_fused_store_path_matches_exact_and_replays():
     plain = causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s, generator=g)
     out_exact, exact, _ = run("exact", False)
     out0, fused, probe = run("fused", False)
-    assert probe.mode == "fused" and probe._written  # the last call took the store path
+    assert probe.mode == "fused" and probe.last_path == "fused-store"  # the last call took the store path
     assert torch.equal(out_exact, plain) and torch.equal(out0, plain)  # capture changes nothing
     model.attention_kernel = "auto"
     assert not torch.equal(_gpu_few_step(model, StatsProbe(spec, Geometry(1, 12, FSL, TEXT_LEN), "cuda",

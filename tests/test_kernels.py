@@ -124,7 +124,7 @@ def test_reference_given_lse_matches_float64():
 
 def test_model_blockwise_lse_any_length():
     """The model's own LSE pass (used on the CPU when a probe asks for it), for lengths that are not frames."""
-    from models.attention import blockwise_lse
+    from models.attention_kernels import blockwise_lse
 
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(2, 37, 3, 16, generator=g), torch.randn(2, 101, 3, 16, generator=g)
@@ -166,12 +166,19 @@ def test_reference_rejects_bad_input(kwargs, match):
 @pytest.fixture(scope="module")
 def fa():
     pytest.importorskip("triton")
-    ta = importlib.import_module("models.triton_attention")
+    common = importlib.import_module("models.triton_common")
     module = importlib.import_module("workbench.kernels.frame_attention")
-    if not CUDA and not ta.INTERPRET:  # imported earlier without the interpreter: decorate again
-        importlib.reload(ta)
+    if not CUDA and not common.INTERPRET:  # imported earlier without the interpreter: decorate again
+        for name in ("models.triton_common", "models.triton_attention_plan", "models.triton_attention"):
+            importlib.reload(importlib.import_module(name))
         module = importlib.reload(module)
     return module
+
+
+def tma_usable(k, v):
+    from models.triton_common import tma_usable
+
+    return tma_usable(k, v)
 
 
 # (B, H, D, fsl, nqf, nkf, BLOCK_M, BLOCK_N, use_tma, dtype)
@@ -199,7 +206,7 @@ def _tol(dtype):
 def test_fused_matches_dense(fa, case):
     B, H, D, fsl, nqf, nkf, bm, bn, tma, dtype = case
     q, k, v = (t.to(DEV) for t in rand_qkv(B, H, D, fsl, nqf, nkf, dtype=dtype, peak=2.0))
-    use_tma = tma and (not CUDA or fa._tma_usable(k, v))  # on a GPU before sm90: pointer loads
+    use_tma = tma and (not CUDA or tma_usable(k, v))  # on a GPU before sm90: pointer loads
     out, mass = fa._launch_fused(q, k, v, frame_seq_len=fsl, config={"BLOCK_M": bm, "BLOCK_N": bn},
                                  use_tma=use_tma)
     assert out.dtype == dtype and out.shape == q.shape
@@ -277,7 +284,7 @@ def test_fused_into_writes_the_buffer_cells(fa, split):
 
 
 def test_split_plan_fills_the_last_wave():
-    from workbench.kernels.frame_attention import split_plan
+    from models.triton_attention_plan import split_plan
 
     assert split_plan(264, 132, 21, 12.2) == (264, 1)  # whole waves: nothing to split
     n_full, split = split_plan(444, 132, 21, 12.2)  # the 1.3B call: 12 heads x 37 query blocks on 132 SMs
@@ -449,7 +456,7 @@ def test_model_on_triton_kernel_fused_capture_changes_nothing(fa):
     rec = AttendRecorder(model, [0, 1])
     assert torch.equal(rollout(fused), plain)
     rec.remove()
-    assert fused._written  # the kernel wrote the cells itself
+    assert fused.last_path == "fused-store"  # the kernel wrote the cells itself
     exact = StatsProbe(spec, geo, DEV, mode="exact", kernel="triton")
     assert torch.equal(rollout(exact), plain)
     tol = 1e-3 if CUDA else 1e-5
@@ -498,6 +505,7 @@ import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
+from models import triton_attention as ta
 from workbench.kernels import frame_attention as fa
 
 target = GPUTarget("cuda", 90, 32)
@@ -527,7 +535,7 @@ for tma, mask, extras in [(True, False, True), (True, False, False), (False, Fal
               DOT_F32=False, IEEE=False, WITH_MASS=extras, WITH_SUMS=extras, WITH_LSE=extras, BLOCK_M=128,
               BLOCK_N=64)  # extras off: the model's own forward (attention_kernel="triton")
     res[f"fused_tma{int(tma)}_mask{int(mask)}" + ("" if extras else "_plain")] = build(
-        fa._frame_attn_fwd_kernel, t, ce, 8, 3)
+        ta._frame_attn_fwd_kernel, t, ce, 8, 3)
 t = dict(Q="*bf16", K="*bf16", LSE="*fp32", TOK="*fp32", Allowed="*fp32", qk_scale="fp32")
 ce = dict(FSL=1560, HEAD_DIM=128, HAS_MASK=False, DOT_F32=False, IEEE=False, BLOCK_M=128, BLOCK_N=128)
 res["key_token"] = build(fa._key_token_kernel, t, ce, 8, 2)

@@ -26,14 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.attention import backend_name, check_kernel
+from models.attention_kernels import check_kernel, describe
 from models.checkpoint import WEIGHTS_NAME, load_wan, sha256_file
 from models.embedded import EMBEDDED_DIR, EMBEDDED_GEOMETRY
 from models.rollout import SAMPLERS, MultiStepSolver, few_step_schedule, multistep_schedule, sample
 from models.scheduler import FlowMatchScheduler
-from workbench.capture import DEFAULT_STATS, STATS, CaptureSpec, Geometry, StatsProbe, resolve_mode
+from workbench.capture import CaptureSpec, Geometry, StatsProbe, resolve_mode
 from workbench.errors import WorkbenchError
 from workbench.hooks import attach
+from workbench.statistics import DEFAULT_STATS, check_stats
 from workbench.store import SCHEMA_VERSION, StoreLayout, StoreWriter, sample_dataset, sample_id
 
 DEFAULT_PROMPT = "A majestic eagle soaring through a cloudy sky, cinematic lighting"
@@ -74,7 +75,7 @@ class ExtractConfig:
     batch_size: int = 1
     progress: bool = True
     capture_mode: str = "auto"  # auto | exact | indicator | fused (workbench.capture.StatsProbe)
-    attention_kernel: str = "auto"  # auto | triton (models.attention.ATTENTION_KERNELS)
+    attention_kernel: str = "auto"  # auto | triton (models.attention_kernels.CHOICES)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -126,11 +127,7 @@ def plan(cfg: ExtractConfig) -> Plan:
     """Validate the request against the model's config, without loading weights."""
     if cfg.sampler not in SAMPLERS:
         raise WorkbenchError(f"sampler {cfg.sampler!r}; use one of {list(SAMPLERS)}")
-    unknown = [s for s in cfg.stats if s not in STATS]
-    if unknown:
-        raise WorkbenchError(f"unknown statistic(s) {unknown}; known: {list(STATS)}")
-    if not cfg.stats:
-        raise WorkbenchError(f"no statistic to capture; choose from {list(STATS)}")
+    check_stats(cfg.stats, cfg.token_layers)
     if not cfg.prompts or any(not p.strip() for p in cfg.prompts):
         raise WorkbenchError("no prompts to run (an empty prompt or prompt file)")
     if cfg.mode not in ("resume", "append", "overwrite"):
@@ -240,7 +237,7 @@ def _attrs(p: Plan, fp: str, command: list[str]) -> dict:
         frame_seq_len=p.frame_seq_len, num_frame_per_block=c.num_frame_per_block, num_frames=c.num_frames,
         text_len=p.model_config.text_len, head_dim=p.model_config.head_dim, num_layers=p.model_config.num_layers,
         num_heads=p.model_config.num_heads, dtype=c.dtype,
-        attn_backend=backend_name(c.device, _dtype(c.dtype), c.attention_kernel),
+        attn_backend=describe(c.device, _dtype(c.dtype), c.attention_kernel),
         capture_mode=p.capture_mode,
         fingerprint=fp,
     )

@@ -9,7 +9,9 @@ queries and keys). A probe is any object with `wants(call)` and `observe(call, q
     with attach(model, probe):
         rollout(...)
 
-With no probe attached the model runs exactly its plain attention path. `fn(call, q, k, v, out, lse)` gets
+With no probe attached the model runs exactly its plain attention path. Interventions
+(workbench/interventions.py) select calls with the same `CallFilter` and attach the same way; they edit a call
+before the kernel runs, and probes see what ran. `fn(call, q, k, v, out, lse)` gets
 q [B, Lq, h, D], k/v [B, Lk, h, D] restricted to the chosen heads, out [B, Lq, h, D] and lse [B, h, Lq]
 (only when the probe sets `needs_lse`).
 """
@@ -74,14 +76,22 @@ class Probe:
     def wants(self, call: AttentionCall) -> bool:
         return self.filter.matches(call)
 
+    def head_index(self, q) -> torch.Tensor | None:
+        """The chosen heads as an index tensor on q's device, or None when they are all of q's heads
+        (q [B, L, H, D]). Made once per device, never while a CUDA graph is being recorded."""
+        if self.heads is None or self.heads == list(range(q.shape[2])):
+            return None
+        idx = self._head_index.get(q.device)
+        if idx is None and q.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("a probe's head index was first needed while recording a CUDA graph; run the "
+                               "rollout once eagerly with the probe attached first")
+        if idx is None:
+            idx = self._head_index[q.device] = torch.tensor(self.heads, device=q.device)
+        return idx
+
     def observe(self, call: AttentionCall, q, k, v, out, lse) -> None:
-        if self.heads is not None and self.heads != list(range(q.shape[2])):  # a real subset: select it
-            idx = self._head_index.get(q.device)
-            if idx is None and q.is_cuda and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("a probe's head index was first needed while recording a CUDA graph; run the "
-                                   "rollout once eagerly with the probe attached first")
-            if idx is None:
-                idx = self._head_index[q.device] = torch.tensor(self.heads, device=q.device)
+        idx = self.head_index(q)
+        if idx is not None:  # a real subset: select it
             q, k, v, out = (t.index_select(2, idx) for t in (q, k, v, out))
             lse = None if lse is None else lse.index_select(1, idx)
         self.on_call(call, q, k, v, out, lse)
@@ -105,8 +115,9 @@ class RecordingProbe(Probe):
 
 @contextlib.contextmanager
 def attach(model, *probes):
-    """Subscribe probes to a model's attention calls for the duration of the block."""
-    handles = [model.observers.add(p) for p in probes]
+    """Subscribe probes (observers) and interventions (workbench/interventions.py: anything with `edits`) to a
+    model's attention calls for the duration of the block. Interventions edit a call before observers see it."""
+    handles = [(model.interventions if hasattr(p, "edits") else model.observers).add(p) for p in probes]
     try:
         yield probes[0] if len(probes) == 1 else probes
     finally:

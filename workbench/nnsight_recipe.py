@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.attention import AttentionCall, attention_with_lse
+from models.attention import AttentionCall
+from models.attention_kernels import attention_with_lse
 from workbench import reductions
 from workbench.errors import WorkbenchError
 

@@ -9,8 +9,10 @@ ever built for a whole call (blockwise on the CPU, fused Triton kernels on CUDA,
     attn_logit      [B, H, nqf, nkf]    mean_logit(q, k, fsl)        = mean_q . mean_k / sqrt(d), exact
     cross_mass      [B, H, nqf, T]      cross_mass(q, k, fsl)
     attn_key_token  [B, H, nqf, Lk]     key_token_mass(q, k, lse, fsl, mask)
+    attn_frame_entropy [B, H, nqf]      frame_entropy(q, k, lse, fsl, mask)
 
-The same functions serve the `extract` command, training probes and the nnsight recipe.
+The statistics registry (workbench/statistics.py) names which function makes which store variable; the same
+functions serve the `extract` command, training probes and the nnsight recipe.
 """
 
 from __future__ import annotations
@@ -49,9 +51,17 @@ def key_token_mass(q, k, lse, frame_seq_len: int, frame_mask=None) -> torch.Tens
                                               lse=lse)
 
 
+def frame_entropy(q, k, lse, frame_seq_len: int, frame_mask=None) -> torch.Tensor:
+    """attn_frame_entropy [B, H, nqf] float32: per query token, the entropy (nats) of its softmax mass summed per
+    key frame, averaged per query frame (docs/store.md). Blockwise torch on every device (one query frame and
+    about 8192 key tokens of scores at a time); lse [B, H, Lq] as for `frame_mass`."""
+    return reference.frame_entropy_reference(q, k, frame_seq_len=frame_seq_len, scale=_scale(q), allowed=frame_mask,
+                                             lse=lse)
+
+
 def mean_logit(q, k, frame_seq_len: int, means=None) -> torch.Tensor:
     """attn_logit [B, H, nqf, nkf] float32: the mean pre-softmax logit over the token pairs of two frames, exactly
-    mean_q(qf) . mean_k(kf) / sqrt(d) by bilinearity (reference 5.9). Not masked: the caller NaNs masked pairs.
+    mean_q(qf) . mean_k(kf) / sqrt(d) by bilinearity (docs/store.md). Not masked: the caller NaNs masked pairs.
     The means and their dot products are taken in float64 (tiny tensors): the dot product of two mean vectors
     cancels, and float32 there loses ~1e-6 of the logit. means: the frame means (q_means [B, H, nqf, D],
     k_means [B, H, nkf, D]) when a kernel already made them (then only the dot products are float64)."""

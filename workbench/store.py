@@ -15,6 +15,7 @@ import numpy as np
 import xarray as xr
 
 from workbench.errors import WorkbenchError
+from workbench.statistics import STATISTICS
 
 SCHEMA_VERSION = 1
 
@@ -43,26 +44,9 @@ def open_store(path: str | Path) -> xr.Dataset:
 # Writing
 
 
-STAT_ATTRS = {
-    "attn_mass": dict(long_name="self-attention mass per key frame", units="probability",
-                      description="(1/fsl) sum over the query tokens of query_frame of the softmax probability "
-                                  "summed over the key tokens of key_frame; NaN where not attended"),
-    "attn_logit": dict(long_name="mean pre-softmax logit per frame pair", units="logit",
-                       description="mean over the token pairs of (query_frame, key_frame) of q.k/sqrt(head_dim) = "
-                                   "mean_q . mean_k / sqrt(head_dim); NaN where not attended"),
-    "cross_mass": dict(long_name="cross-attention mass per text token", units="probability",
-                       description="(1/fsl) sum over the query tokens of query_frame of the softmax probability "
-                                   "of each text token"),
-    "attn_key_token": dict(long_name="self-attention mass per key token", units="probability",
-                           description="(1/fsl) sum over the query tokens of query_frame of the softmax probability "
-                                       "of each key token; NaN where not attended"),
-}
-STAT_DIMS = {
-    "attn_mass": ("sample", "step", "layer", "head", "query_frame", "key_frame"),
-    "attn_logit": ("sample", "step", "layer", "head", "query_frame", "key_frame"),
-    "cross_mass": ("sample", "step", "layer", "head", "query_frame", "text_token"),
-    "attn_key_token": ("sample", "step", "token_layer", "head", "query_frame", "key_token"),
-}
+# Every statistic's store dims and attributes, from the statistics registry (workbench/statistics.py).
+STAT_DIMS = {name: stat.dims for name, stat in STATISTICS.items()}
+STAT_ATTRS = {name: stat.attrs for name, stat in STATISTICS.items()}
 
 
 @dataclass
@@ -121,10 +105,11 @@ def sample_dataset(layout: StoreLayout, sample: dict, arrays: dict[str, np.ndarr
         coords[name] = ("sample", _strings([sample[name]]))
     for name in ("prompt_index", "seed", "local_attn_size", "sink_size", "num_tokens"):
         coords[name] = ("sample", np.array([sample[name]], dtype=np.int64))
-    if "cross_mass" in arrays:
+    dims = {d for stat in arrays for d in STAT_DIMS[stat]}
+    if "text_token" in dims:
         coords["text_token"] = np.arange(layout.text_len, dtype=np.int64)
         coords["token"] = (("sample", "text_token"), _strings(sample["tokens"]).reshape(1, -1))
-    if "attn_key_token" in arrays:
+    if "key_token" in dims:
         h, w = layout.grid
         tok = np.arange(F * layout.frame_seq_len)
         coords["token_layer"] = np.array(layout.token_layers, dtype=np.int64)

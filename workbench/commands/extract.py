@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from workbench.commands import add_model_arguments
+from workbench.statistics import DEFAULT_STATS, stats_help
 
 HELP = "capture per-layer, per-head, frame-by-frame attention of a rollout into a zarr store"
 
@@ -34,8 +35,7 @@ def register(subparsers) -> None:
     what.add_argument("--layers", help="layers: 3, 0-29, 0,4,8 or all (default: all)")
     what.add_argument("--heads", help="heads: 0-11, 0,5 or all (default: all)")
     what.add_argument("--steps", help="steps of the per-chunk schedule, e.g. 0 (t=1000) or 0-4 (default: all)")
-    what.add_argument("--stats", default="attn_mass,attn_logit",
-                      help="statistics: attn_mass, attn_logit, cross_mass, attn_key_token (default: %(default)s)")
+    what.add_argument("--stats", default=",".join(DEFAULT_STATS), help=stats_help())
     what.add_argument("--token-layers", help="layers that also get per-key-token maps (attn_key_token)")
     what.add_argument("--capture-mode", default="auto", choices=["auto", "exact", "indicator", "fused"],
                       help="how attn_mass is computed; every mode leaves the rollout bitwise unchanged: exact "

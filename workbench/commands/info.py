@@ -31,7 +31,7 @@ def register(subparsers) -> None:
 def describe(config, *, frames: int, height: int, width: int, nfpb: int, device: str) -> str:
     import torch
 
-    from models.attention import backend_name
+    from models.attention_kernels import describe as backend_name
     from models.config import VideoGeometry
     from models.wan import WanModel
 

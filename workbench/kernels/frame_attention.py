@@ -1,15 +1,17 @@
 """Frame-aggregated attention kernels for the probes: the fused forward's statistics, and recomputation from LSE.
 
-Two methods (perf_anchors.md section 3), both drop-in replacements for the blockwise torch reference in
-`reference.py` (same definitions, same shapes; see that module's docstring):
+Two ways, both drop-in replacements for the blockwise torch reference in `reference.py` (same definitions, same
+shapes; see that module's docstring):
 
-- Method E, `frame_attention_fused(q, k, v)` -> (out, mass): the model's own Triton forward
+- From the forward (the "fused" capture mode), `frame_attention_fused(q, k, v)` -> (out, mass): the model's own
+  Triton forward
   (`models.triton_attention`, `attention_kernel="triton"`) asked for its per-key-frame row masses, which a sum
   over each query frame's rows turns into the mass. Its output is bitwise the model's, so a probe on a model
   that runs this kernel changes nothing. `frame_attention_fused_into` adds one small kernel
   (`_store_frame_stats_kernel`) that writes attn_mass and attn_logit (from the kernel's frame means of q and k)
   straight into a capture buffer's cells.
-- Method B, `frame_mass_from_lse(q, k, lse)` / `key_token_mass_from_lse(q, k, lse)`: given the row
+- From the log-sum-exp (the "exact" capture mode on CUDA), `frame_mass_from_lse(q, k, lse)` /
+  `key_token_mass_from_lse(q, k, lse)`: given the row
   log-sum-exp of a stock attention kernel (`lse_from_sdpa`), recompute p = exp(s - lse) tile by tile.
   A program owns BLOCK_N key tokens and sweeps every query row, accumulating sum_i p_ij per query frame
   (the query axis is split at frame edges with masked sums); the frame mass is the key-token mass summed over
@@ -21,42 +23,25 @@ allowed [nqf, nkf] bool. D must be a power of two (Wan: 128). bf16/fp16 inputs u
 inputs use exact fp32 dots ("ieee", slow; for tests).
 
 CPU testing: with TRITON_INTERPRET=1 set before this module is imported, the kernels run on CPU tensors in
-Triton's interpreter (see models.triton_attention for what the interpreter needs).
+Triton's interpreter (models/triton_common.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from models import triton_attention as _ta
-from models.triton_attention import (  # noqa: F401  (re-exported: tests and benches reach them through here)
-    FUSED_CANDIDATES,
-    FUSED_CONFIG_INTERPRET,
-    FUSED_CONFIG_OTHER,
-    FUSED_CONFIG_SM90,
-    INTERPRET,
-    LOG2E,
-    _SLOTS,
-    _frame_attn_fwd_kernel,
-    _frame_attn_merge_kernel,
-    split_plan,
-)
-from models.triton_attention import allowed_arg as _allowed_arg
-from models.triton_attention import check_device_and_dtype as _check_device_and_dtype
-from models.triton_attention import default_config as _default_config  # noqa: F401
-from models.triton_attention import int32_ok as _int32_ok
-from models.triton_attention import last_dim_contiguous as _last_dim_contiguous
-from models.triton_attention import tma_usable as _tma_usable  # noqa: F401
+from models import triton_attention  # the model's forward: its public API (frame_attention)
+from models.triton_common import (INTERPRET, LOG2E, allowed_arg, check_device_and_dtype, int32_ok,
+                                  last_dim_contiguous, on_device)
 from workbench.errors import WorkbenchError
 from workbench.kernels.reference import check_frame_inputs
 
 # ----------------------------------------------------------------------------------------------------------
-# Method E: the model's Triton forward with its statistics
+# From the forward: the model's Triton forward with its statistics
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -115,7 +100,7 @@ def _launch_fused(q, k, v, *, frame_seq_len, scale=None, allowed=None, config=No
         _check_store(store, B, H, nqf, nkf, q.device)  # (the launcher checks device and dtype before any work)
     fsl = int(frame_seq_len)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    r = _ta.frame_attention(q, k, v, frame_seq_len=fsl, scale=scale, allowed=allowed, with_mass=with_mass,
+    r = triton_attention.frame_attention(q, k, v, frame_seq_len=fsl, scale=scale, allowed=allowed, with_mass=with_mass,
                             frame_means=frame_means, config=config, use_tma=use_tma)
     if store is not None:
         _store_frame_stats(store, r.row_mass, r.q_means, r.k_means, B, H, Lq, nqf, nkf, fsl, D, scale)
@@ -175,7 +160,7 @@ def frame_attention_fused_into(q, k, v, *, frame_seq_len, mass_out=None, logit_o
 
 
 def frame_attention_fused(q, k, v, *, frame_seq_len, scale=None, allowed=None, frame_means=False):
-    """Method E. q [B, Lq, H, D], k/v [B, Lk, H, D] (bf16/fp16/fp32, CUDA) ->
+    """From the forward. q [B, Lq, H, D], k/v [B, Lk, H, D] (bf16/fp16/fp32, CUDA) ->
     (out [B, Lq, H, D] in q.dtype, mass [B, H, nqf, nkf] float32, rows sum to 1, disallowed pairs 0), and with
     frame_means also (q_means [B, H, nqf, D], k_means [B, H, nkf, D]) float32, the per-frame mean vectors."""
     return _launch_fused(q, k, v, frame_seq_len=frame_seq_len, scale=scale, allowed=allowed,
@@ -183,7 +168,7 @@ def frame_attention_fused(q, k, v, *, frame_seq_len, scale=None, allowed=None, f
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Method B: key-token mass from the row log-sum-exp (the frame mass is its sum over a key frame's tokens)
+# From the log-sum-exp: key-token mass (the frame mass is its sum over a key frame's tokens)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -271,20 +256,20 @@ _key_token_tuned = triton.autotune(configs=_LSE_CONFIGS, key=["Lq", "HEAD_DIM", 
 
 def _launch_key_token(q, k, lse, *, frame_seq_len, scale, allowed=None, config=None):
     B, Lq, H, D, Lk, nqf, nkf = check_frame_inputs(q, k, frame_seq_len=frame_seq_len, allowed=allowed, lse=lse)
-    _check_device_and_dtype(q, D)
+    check_device_and_dtype(q, D)
     if lse.device != q.device:
         raise WorkbenchError(f"lse is on {lse.device}, q on {q.device}")
     fsl = int(frame_seq_len)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    q, k = _last_dim_contiguous(q, k)
-    _int32_ok(q, k)
+    q, k = last_dim_contiguous(q, k)
+    int32_ok(q, k)
     lse = lse.float()
     if lse.stride(-1) != 1:
         lse = lse.contiguous()
     tok = torch.empty((B, H, nqf, Lk), dtype=torch.float32, device=q.device)
-    allowed_arg, has_mask = _allowed_arg(allowed, tok)
+    allowed_t, has_mask = allowed_arg(allowed, tok)
     args = (
-        q, k, lse, tok, allowed_arg,
+        q, k, lse, tok, allowed_t,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         lse.stride(0), lse.stride(1),
@@ -294,7 +279,7 @@ def _launch_key_token(q, k, lse, *, frame_seq_len, scale, allowed=None, config=N
                 IEEE=q.dtype == torch.float32)
     if config is None and INTERPRET:
         config = {"BLOCK_M": 16, "BLOCK_N": 16}
-    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+    with on_device(q):
         if config is None:
             grid = lambda META: (triton.cdiv(Lk, META["BLOCK_N"]), B * H)  # noqa: E731
             _key_token_tuned[grid](*args, **meta)
@@ -308,13 +293,13 @@ def _launch_key_token(q, k, lse, *, frame_seq_len, scale, allowed=None, config=N
 
 
 def key_token_mass_from_lse(q, k, lse, *, frame_seq_len, scale, allowed=None):
-    """Method B, key-token resolution. lse [B, H, Lq] float32 natural log (e.g. `lse_from_sdpa`) ->
+    """From the log-sum-exp, key-token resolution. lse [B, H, Lq] float32 natural log (e.g. `lse_from_sdpa`) ->
     tok [B, H, nqf, Lk] float32 with tok[b, h, qf, j] = (1/fsl) sum_{i in qf} p_ij (0 for disallowed pairs)."""
     return _launch_key_token(q, k, lse, frame_seq_len=frame_seq_len, scale=scale, allowed=allowed)
 
 
 def frame_mass_from_lse(q, k, lse, *, frame_seq_len, scale, allowed=None):
-    """Method B. lse [B, H, Lq] float32 natural log -> mass [B, H, nqf, nkf] float32 (disallowed pairs 0).
+    """From the log-sum-exp. lse [B, H, Lq] float32 natural log -> mass [B, H, nqf, nkf] float32 (disallowed pairs 0).
 
     The same sweep as `key_token_mass_from_lse`, then summed over each key frame's tokens (a [B, H, nqf, Lk]
     float32 intermediate: 4.7 MB for 3 x 21 frames x 12 heads; keeps the result deterministic, no atomics)."""
@@ -332,11 +317,12 @@ def frame_mass_from_lse(q, k, lse, *, frame_seq_len, scale, allowed=None):
 
 def lse_from_sdpa(q, k, v, scale):
     """(out [B, Lq, H, D] in q.dtype, lse [B, H, Lq] float32 natural log) for unmasked attention, computed exactly
-    as the model computes it when a probe asks for the log-sum-exp (`models.attention.attention_with_lse`: the
-    cuDNN / flash SDPA op on CUDA, SDPA plus a blockwise LSE elsewhere)."""
+    as the model's stock kernels compute it when a probe asks for the log-sum-exp
+    (`models.attention_kernels.attention_with_lse`: the cuDNN / flash SDPA op on CUDA, SDPA plus a blockwise LSE
+    elsewhere)."""
     if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise WorkbenchError(f"lse_from_sdpa needs q [B, Lq, H, D], k/v [B, Lk, H, D]; got {tuple(q.shape)}, "
                              f"{tuple(k.shape)}, {tuple(v.shape)}")
-    from models.attention import attention_with_lse
+    from models.attention_kernels import attention_with_lse
 
     return attention_with_lse(q, k, v, scale=float(scale))

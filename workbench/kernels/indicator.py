@@ -5,10 +5,12 @@ With E [Lk, nkf] the 0/1 indicator of which key frame each key token lies in,
     softmax(q k^T * scale) @ [V | E] = [out | P E],   (P E)[i, kf] = sum_{j in kf} P[i, j]
 
 so one call of the stock fused attention kernel (cuDNN on Hopper, SDPA elsewhere) returns the attention output
-and, in the extra columns, each query token's probability mass on each key frame. `attn_mass` is then the mean
-of those columns over the query tokens of a frame (float32). Cost: the P @ V product grows from D to
+and, in the extra columns, each query token's probability mass on each key frame. cuDNN returns the same bits
+in the first head_dim columns as in the plain call (tests/test_indicator.py on a GPU), which is why the capture
+mode "indicator" belongs to that kernel in the kernel table (models/attention_kernels.py). `attn_mass` is then
+the mean of those columns over the query tokens of a frame (float32). Cost: the P @ V product grows from D to
 D + nkf (rounded up to a multiple of 16) columns, e.g. 128 -> 160 for 21 key frames, about +12% of the
-attention FLOPs and no extra exponentials (method D in ../shared/reference/perf_anchors.md section 3.2).
+attention FLOPs and no extra exponentials (bench/RESULTS.md measures what it costs on cuDNN).
 
 Precision: the kernel rounds P to the input dtype before the product and writes its output in that dtype, so a
 query token's frame mass carries bf16 rounding (relative 2^-9); the means over a frame's 1560 query tokens are
@@ -21,8 +23,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-from models.attention import plain_attention
 
 _ALIGN = 16  # value head dims the fused kernels accept are multiples of 8; 16 keeps rows 32-byte aligned
 
@@ -59,23 +59,24 @@ def widen_values(v: torch.Tensor, frame_seq_len: int) -> torch.Tensor:
     return wide
 
 
-def _kernel(q, k, v, scale: float) -> torch.Tensor:
-    """The model's unmasked attention, for a value head dim other than q's: on CUDA the cuDNN op (the model's
-    own kernel picker would mark flash as broken for the square case), elsewhere the model's SDPA path."""
-    if q.is_cuda:
-        from models.cuda_attention import attention_any_value_dim
-
-        return attention_any_value_dim(q, k, v, scale)
-    return plain_attention(q, k, v, scale=scale)
-
-
-def attention_with_frame_mass_indicator(q, k, v, *, frame_seq_len: int, scale: float | None = None):
+def attention_with_frame_mass_indicator(q, k, v, *, frame_seq_len: int, scale: float | None = None, kernel=None):
     """(out [B, Lq, H, D] in q's dtype, mass [B, H, nqf, nkf] float32) from one widened attention call.
-    Lq and Lk must be whole frames (checked by the caller, see reference.check_frame_inputs)."""
+    Lq and Lk must be whole frames (checked by the caller, see reference.check_frame_inputs).
+
+    kernel: the kernel-table entry (models/attention_kernels.py) that computes this call's output in the model;
+    None: the one the stock kernels pick (cuDNN on a GPU in bf16/fp16, SDPA elsewhere). Returns None when that
+    kernel refuses the widened shape (recorded for that shape; the caller then takes the exact path, so the
+    output is still the model's own)."""
+    from models.attention_kernels import run_or_refuse, select
+
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     B, Lq, H, D = q.shape
     nqf, nkf = Lq // frame_seq_len, k.shape[1] // frame_seq_len
-    wide = _kernel(q, k, widen_values(v, frame_seq_len), scale)  # [B, Lq, H, W]
+    kernel = kernel or select(q, k, v, frame_seq_len=frame_seq_len)
+    res = run_or_refuse(kernel, q, k, widen_values(v, frame_seq_len), scale)
+    if res is None:
+        return None
+    wide = res[0]  # [B, Lq, H, W]
     per_token = wide[..., D : D + nkf].view(B, nqf, frame_seq_len, H, nkf)
     mass = per_token.mean(dim=2, dtype=torch.float32).permute(0, 2, 1, 3)  # [B, H, nqf, nkf]
     return wide[..., :D], mass

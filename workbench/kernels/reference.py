@@ -4,6 +4,8 @@ Definitions (docs/store.md, `attn_mass` and `attn_key_token`), with P = softmax 
 
     mass[b, h, qf, kf] = (1/fsl) * sum_{i in qf} sum_{j in kf} P[b, h, i, j]     # [B, H, nqf, nkf] float32
     tok[b, h, qf, j]   = (1/fsl) * sum_{i in qf} P[b, h, i, j]                   # [B, H, nqf, Lk]  float32
+    ent[b, h, qf]      = (1/fsl) * sum_{i in qf} -sum_kf m_ikf ln m_ikf,          # [B, H, nqf]      float32
+                         m_ikf = sum_{j in kf} P[b, h, i, j]  (0 ln 0 = 0)
 
 Layout: q [B, Lq, H, D], k and v [B, Lk, H, D] (the model's layout); Lq = nqf * fsl, Lk = nkf * fsl.
 `allowed` [nqf, nkf] bool (None = all allowed) takes key frames out of the softmax of a query frame (the
@@ -150,6 +152,27 @@ def frame_mass_reference(q, k, *, frame_seq_len, scale=None, allowed=None, lse=N
             p = _probabilities(q, k, lse, qf, f0, f1, fsl, scale, allowed, cdt)  # [B, H, fsl, n]
             mass[:, :, qf, f0:f1] = p.reshape(B, H, fsl, f1 - f0, fsl).sum(dim=(2, 4)) / fsl
     return mass if cdt == torch.float64 else mass.float()
+
+
+def frame_entropy_reference(q, k, *, frame_seq_len, scale=None, allowed=None, lse=None) -> torch.Tensor:
+    """ent[b, h, qf]: [B, H, nqf] float32 (float64 for float64 inputs), in nats; each query token's entropy over
+    key frames (its probability summed per key frame), averaged over the query frame's tokens. Disallowed key
+    frames hold probability 0 and add nothing; a query frame with no allowed key frame gets 0."""
+    B, Lq, H, D, Lk, nqf, nkf = check_frame_inputs(q, k, frame_seq_len=frame_seq_len, allowed=allowed, lse=lse)
+    fsl, cdt = int(frame_seq_len), _compute_dtype(q)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if lse is None:
+        lse = row_lse_reference(q, k, frame_seq_len=fsl, scale=scale, allowed=allowed)
+    ent = torch.zeros((B, H, nqf), dtype=cdt, device=q.device)
+    for qf in range(nqf):
+        rows = torch.zeros((B, H, fsl, nkf), dtype=cdt, device=q.device)  # each query token's mass per key frame
+        for f0, f1 in _key_blocks(nkf, fsl):
+            if allowed is not None and not bool(allowed[qf, f0:f1].any()):
+                continue
+            p = _probabilities(q, k, lse, qf, f0, f1, fsl, scale, allowed, cdt)  # [B, H, fsl, n]
+            rows[..., f0:f1] = p.reshape(B, H, fsl, f1 - f0, fsl).sum(dim=-1)
+        ent[:, :, qf] = -torch.special.xlogy(rows, rows).sum(dim=-1).mean(dim=-1)
+    return ent if cdt == torch.float64 else ent.float()
 
 
 def frame_means_reference(x: torch.Tensor, frame_seq_len: int, dtype=torch.float32) -> torch.Tensor:

@@ -1,0 +1,280 @@
+"""The attention kernel table: every kernel that computes an attention output, registered once.
+
+A `Kernel` says where it runs (devices, dtypes, masked or unmasked calls, shape rules), what it returns besides
+the output (the row log-sum-exp, per-key-frame statistics) and which capture mode reads statistics from it
+without changing its output bits. The model's `attention_kernel` setting is a *choice* (`CHOICES`): an order of
+preference over the table. For each call `select` takes the first kernel of the order that takes the call, and
+`compute` runs it; when the log-sum-exp is asked for and the kernel has none, an exact blockwise pass adds it
+(`blockwise_lse`), so the output never depends on whether it was asked for. `attend` (models/attention.py),
+the store's `attn_backend` attribute (`describe`) and the capture modes (workbench/capture.py) all read this
+table, so they cannot disagree about which kernel ran.
+
+    kernel       runs on                            calls      returns           capture mode
+    flash-attn   CUDA fp16/bf16, when installed     unmasked   out, lse          -
+    cudnn        CUDA fp16/bf16                     unmasked   out, lse          indicator (V widened)
+    flash        CUDA fp16/bf16                     unmasked   out, lse          -
+    triton       CUDA fp16/bf16, whole frames       unmasked   out, lse, frame   fused
+    flex         CUDA                               masked     out               -
+    sdpa         anywhere                           both       out               -
+
+Why each one is here (with the measurements in bench/RESULTS.md): docs/architecture.md.
+
+A kernel that refuses a call (the CUDA library ops raise RuntimeError for shapes they do not take) is recorded
+for that call's shape only, with a warning naming kernel, shape and reason; that shape runs the next kernel of
+the order from then on, and every other shape keeps its kernel (`refused()` lists the records).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from models.errors import ModelInputError
+
+HALF = (torch.bfloat16, torch.float16)
+
+# --------------------------------------------------------------------------------------------------
+# Masks and the exact log-sum-exp pass
+
+
+def token_mask(frame_mask: torch.Tensor, q_len: int, k_len: int, frame_seq_len: int) -> torch.Tensor:
+    """Expand a frame-level mask [nq, nk] to tokens [Lq, Lk] (bool, True = attended)."""
+    return frame_mask.repeat_interleave(frame_seq_len, 0).repeat_interleave(frame_seq_len, 1)[:q_len, :k_len]
+
+
+def is_masked(frame_mask) -> bool:
+    """Whether a frame mask [nq, nk] leaves any pair out (an all-True mask is an unmasked call)."""
+    return frame_mask is not None and not bool(frame_mask.all())
+
+
+def blockwise_lse(q, k, *, frame_mask=None, frame_seq_len=1, scale=None, block: int = 1024) -> torch.Tensor:
+    """Log-sum-exp of every query row over its attended keys, [B, H, Lq] float32, without an [Lq, Lk] tensor
+    bigger than `block` query rows."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    B, Lq, H, _ = q.shape
+    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    kt = k.float().permute(0, 2, 3, 1)  # [B, H, D, Lk]
+    for start in range(0, Lq, block):
+        qb = q[:, start : start + block].float().transpose(1, 2)  # [B, H, b, D]
+        s = (qb @ kt) * scale  # [B, H, b, Lk]
+        if frame_mask is not None:
+            m = token_mask(frame_mask, Lq, k.shape[1], frame_seq_len)[start : start + block].to(q.device)
+            s = s.masked_fill(~m, float("-inf"))
+        lse[:, :, start : start + block] = torch.logsumexp(s, dim=-1)
+    return lse
+
+
+# --------------------------------------------------------------------------------------------------
+# The kernels: run(q, k, v, scale, frame_mask or None, frame_seq_len, lse) -> (out, lse or None)
+# q [B, Lq, H, D], k/v [B, Lk, H, D] -> out [B, Lq, H, D]; lse [B, H, Lq] float32 natural log
+
+
+def _run_sdpa(q, k, v, scale, frame_mask, fsl, lse):
+    mask = None if frame_mask is None else token_mask(frame_mask, q.shape[1], k.shape[1], fsl).to(q.device)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         scale=scale)  # SDPA wants [B, H, L, D]
+    return out.transpose(1, 2), None
+
+
+def _run_flex(q, k, v, scale, frame_mask, fsl, lse):
+    from models.flex import flex_frame_attention
+
+    return flex_frame_attention(q, k, v, frame_mask, fsl, scale), None
+
+
+def _cuda_op(name: str):
+    def run(q, k, v, scale, frame_mask, fsl, lse):
+        from models import cuda_attention
+
+        return getattr(cuda_attention, name)(q, k, v, scale)  # (out, lse): the LSE costs a few KB per call
+
+    return run
+
+
+def _run_triton(q, k, v, scale, frame_mask, fsl, lse):
+    from models.triton_attention import frame_attention
+
+    r = frame_attention(q, k, v, frame_seq_len=fsl, scale=scale, with_lse=lse)  # same output bits either way
+    return r.out, r.lse
+
+
+def _triton_takes(q, k, v, fsl) -> bool:
+    try:
+        from models import triton_attention
+    except ImportError:  # triton not installed (the "kernels" extra): the next kernel of the order
+        return False
+    return triton_attention.applies(q, k, v, fsl)  # (on CPU tensors under TRITON_INTERPRET=1 too: tests)
+
+
+def _has_flash_attn() -> tuple[str, ...]:
+    from models.cuda_attention import HAS_FLASH_ATTN
+
+    return ("cuda",) if HAS_FLASH_ATTN else ()
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One attention kernel. `devices` / `dtypes` say where it is meant to run (None: any dtype); `takes`, when
+    given, decides per call instead (shape rules, the Triton interpreter)."""
+
+    name: str  # what the store's `attn_backend` records
+    run: Callable  # (q, k, v, scale, frame_mask | None, frame_seq_len, lse: bool) -> (out, lse | None)
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...] | None
+    calls: tuple[str, ...]  # "unmasked" and/or "masked" (a frame mask that leaves pairs out)
+    returns: tuple[str, ...] = ()  # natively, besides the output: "lse", "frame_mass", "frame_means"
+    capture_mode: str | None = None  # the capture mode that reads its statistics at no change to its output
+    refuses: bool = False  # may raise RuntimeError for a shape it does not take (recorded per shape)
+    takes: Callable | None = None  # (q, k, v, frame_seq_len) -> bool
+
+    def runs_on(self, device: str, dtype: torch.dtype) -> bool:
+        return device in self.devices and (self.dtypes is None or dtype in self.dtypes)
+
+    def takes_call(self, q, k, v, frame_seq_len: int) -> bool:
+        if self.takes is not None:
+            return self.takes(q, k, v, frame_seq_len)
+        return self.runs_on(q.device.type, q.dtype)
+
+
+KERNELS: dict[str, Kernel] = {}
+_CANDIDATES: dict[tuple, tuple[Kernel, ...]] = {}  # (choice, masked or not, device, dtype) -> kernels to try
+
+
+def register(kernel: Kernel) -> Kernel:
+    if kernel.name in KERNELS:
+        raise ValueError(f"attention kernel {kernel.name!r} is registered already")
+    KERNELS[kernel.name] = kernel
+    _CANDIDATES.clear()
+    return kernel
+
+
+_LSE = ("lse",)
+register(Kernel("flash-attn", _cuda_op("flash_attn"), _has_flash_attn(), HALF, ("unmasked",), _LSE, refuses=True))
+register(Kernel("cudnn", _cuda_op("cudnn"), ("cuda",), HALF, ("unmasked",), _LSE, capture_mode="indicator",
+                refuses=True))
+register(Kernel("flash", _cuda_op("flash_op"), ("cuda",), HALF, ("unmasked",), _LSE, refuses=True))
+register(Kernel("triton", _run_triton, ("cuda",), HALF, ("unmasked",), ("lse", "frame_mass", "frame_means"),
+                capture_mode="fused", takes=_triton_takes))
+register(Kernel("flex", _run_flex, ("cuda",), None, ("masked",)))
+register(Kernel("sdpa", _run_sdpa, ("cuda", "cpu"), None, ("unmasked", "masked")))
+
+# The model's `attention_kernel` choices: orders of preference over the table.
+_STOCK = ("flash-attn", "cudnn", "flash", "flex", "sdpa")
+CHOICES: dict[str, tuple[str, ...]] = {"auto": _STOCK, "triton": ("triton", *_STOCK)}
+ATTENTION_KERNELS = tuple(CHOICES)
+
+
+def check_kernel(choice: str) -> str:
+    """A valid `attention_kernel` choice, or a ModelInputError naming the allowed ones."""
+    if choice not in CHOICES:
+        raise ModelInputError(f"attention kernel {choice!r}; use one of {list(ATTENTION_KERNELS)}")
+    return choice
+
+
+# --------------------------------------------------------------------------------------------------
+# Refusals, per shape
+
+_REFUSED: dict[tuple, str] = {}
+
+
+def _shape_key(kernel: Kernel, q, k, v) -> tuple:
+    return kernel.name, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device.type
+
+
+def refuse(kernel: Kernel, q, k, v, err: Exception) -> None:
+    """Record that `kernel` refused this call shape (and say so once)."""
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    _REFUSED[_shape_key(kernel, q, k, v)] = reason
+    warnings.warn(f"attention kernel {kernel.name!r} refused q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                  f"v {tuple(v.shape)} {q.dtype} ({reason}); calls of this shape run the next kernel of the order "
+                  "from now on, other shapes keep theirs", RuntimeWarning, stacklevel=3)
+
+
+def refused() -> dict[tuple, str]:
+    """{(kernel, q shape, k shape, v shape, dtype, device): reason} of every refusal so far."""
+    return dict(_REFUSED)
+
+
+def run_or_refuse(kernel: Kernel, q, k, v, scale: float):
+    """(out, lse | None) of an unmasked call on this kernel, or None when it refuses the shape (recorded)."""
+    try:
+        return kernel.run(q, k, v, scale, None, q.shape[1], False)
+    except RuntimeError as err:
+        if not kernel.refuses:
+            raise
+        refuse(kernel, q, k, v, err)
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing and running
+
+
+def select(q, k, v, *, frame_mask=None, frame_seq_len=1, kernel="auto") -> Kernel:
+    """The kernel that computes this call's output for the choice `kernel`: the first of its order that takes
+    the call (masked or not, device, dtype, shape) and has not refused this shape."""
+    call = "masked" if is_masked(frame_mask) else "unmasked"
+    static = (kernel, call, q.device.type, q.dtype)
+    candidates = _CANDIDATES.get(static)
+    if candidates is None:  # the kernels of the order that take such calls on this device and dtype at all
+        candidates = _CANDIDATES[static] = tuple(
+            KERNELS[name] for name in CHOICES[check_kernel(kernel)]
+            if call in KERNELS[name].calls and (KERNELS[name].takes or KERNELS[name].runs_on(*static[2:])))
+    for kern in candidates:
+        if (kern.takes is None or kern.takes(q, k, v, frame_seq_len)) and not (
+                _REFUSED and _shape_key(kern, q, k, v) in _REFUSED):
+            return kern
+    raise ModelInputError(f"no attention kernel of {kernel!r} takes q {tuple(q.shape)} {q.dtype} on {q.device}")
+
+
+def compute(q, k, v, *, frame_mask=None, frame_seq_len=1, scale=None, kernel="auto", lse=False):
+    """(out [B, Lq, H, D], lse [B, H, Lq] float32 or None, the Kernel that ran) = softmax(q k^T * scale) v over
+    the attended keys. The output is the same bits whether or not `lse` is asked for."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    mask = frame_mask if is_masked(frame_mask) else None
+    while True:
+        kern = select(q, k, v, frame_mask=mask, frame_seq_len=frame_seq_len, kernel=kernel)
+        try:
+            out, row_lse = kern.run(q, k, v, scale, mask, frame_seq_len, lse)
+        except RuntimeError as err:
+            if not kern.refuses:
+                raise
+            refuse(kern, q, k, v, err)
+            continue
+        if lse and row_lse is None:
+            row_lse = blockwise_lse(q, k, frame_mask=frame_mask, frame_seq_len=frame_seq_len, scale=scale)
+        return out, (row_lse if lse else None), kern
+
+
+def plain_attention(q, k, v, *, frame_mask=None, frame_seq_len=1, scale=None, kernel="auto") -> torch.Tensor:
+    """out [B, Lq, H, D] = softmax(q k^T * scale) v, over the attended keys only (`compute` without the LSE)."""
+    return compute(q, k, v, frame_mask=frame_mask, frame_seq_len=frame_seq_len, scale=scale, kernel=kernel)[0]
+
+
+def attention_with_lse(q, k, v, *, frame_mask=None, frame_seq_len=1, scale=None, kernel="auto"):
+    """(out, lse): out exactly as `plain_attention` computes it, lse [B, H, Lq] float32 natural log."""
+    out, lse, _ = compute(q, k, v, frame_mask=frame_mask, frame_seq_len=frame_seq_len, scale=scale, kernel=kernel,
+                          lse=True)
+    return out, lse
+
+
+def describe(device="cpu", dtype: torch.dtype = torch.bfloat16, kernel: str = "auto") -> str:
+    """The name of the kernel that runs unmasked calls for the choice `kernel` on this device and dtype, from
+    where each kernel is meant to run (the store's `attn_backend`; one shape's refusal does not change it)."""
+    dev = torch.device(device).type
+    for name in CHOICES[check_kernel(kernel)]:
+        kern = KERNELS[name]
+        if "unmasked" in kern.calls and kern.runs_on(dev, dtype):
+            return name
+    return "sdpa"
+
+
+def capture_mode_of(kernel: str) -> str | None:
+    """The capture mode that reads frame statistics from the choice's kernel on a GPU in bf16 (where capture
+    modes matter): "indicator" for the stock kernels (cuDNN), "fused" for "triton"; None when none does."""
+    return KERNELS[describe("cuda", torch.bfloat16, kernel)].capture_mode
