@@ -89,8 +89,11 @@ class RolloutGraphs:
     Observers: graphs are used only when every attached observer is `graph_safe`, i.e. its per-call work is
     GPU work into buffers at fixed addresses, and it implements `begin_recording()`, `end_recording()` (the
     calls it saw while a graph was recorded) and `replay_recorded(calls)` (its host-side bookkeeping for a
-    replay of those calls). Then every forward gets its own graph, keyed by that forward's labels, so a graph
-    replays only for a forward labelled exactly as the one it recorded."""
+    replay of those calls). Interventions: graphs are used only when every attached intervention is
+    `graph_safe` (its edits are GPU work on tensors at fixed addresses); their `key`s (settings) are part of
+    the graphs' key. With either attached every forward gets its own graph, keyed by that forward's labels, so
+    a graph replays only for a forward labelled exactly as the one it recorded (what an observer or an
+    intervention selects by)."""
 
     def __init__(self, key, model, batch: int, frames: int, fsl: int, context: torch.Tensor, dtype):
         self.key = key
@@ -99,6 +102,7 @@ class RolloutGraphs:
         self.pool = None
         self.graphs: dict = {}  # (chunk, first[, labels]) -> (graph, x, t, out, cache state after, observer calls)
         self.observers = tuple(model.observers)  # held, so that their buffers outlive the graphs that write them
+        self.interventions = tuple(model.interventions)  # likewise (their tensors are read by the graphs)
         self.rollouts = 0
 
     def begin(self, model, context: torch.Tensor) -> None:
@@ -114,7 +118,7 @@ class RolloutGraphs:
     def forward(self, model, x, t, start: int, chunk: int, first: bool, labels: ForwardLabels):
         if self.rollouts == 1:  # warm-up: eager on the graphs' cache
             return model(x, t, self.context, cache=self.cache, start_frame=start, labels=labels)
-        key = (chunk, first, labels) if self.observers else (chunk, first)
+        key = (chunk, first, labels) if self.observers or self.interventions else (chunk, first)
         if key not in self.graphs:
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
@@ -151,23 +155,28 @@ def _rollout_graphs(model, noise, context, cuda_graphs, extra_key, devices=("cud
         cuda_graphs = os.environ.get("WORKBENCH_CUDA_GRAPHS", "1") == "1"
     if not cuda_graphs or noise.device.type not in devices or torch.is_grad_enabled():
         return None  # graphs need CUDA and no autograd
-    if not all(getattr(obs, "graph_safe", False) for obs in model.observers):
-        return None  # an observer that runs arbitrary Python per attention call
+    if not all(getattr(sub, "graph_safe", False) for sub in (*model.observers, *model.interventions)):
+        return None  # an observer or intervention that runs arbitrary Python per attention call
     from models import fused
 
     fsl = (noise.shape[3] // model.config.patch_size[1]) * (noise.shape[4] // model.config.patch_size[2])
     params = tuple(p.data_ptr() for p in model.parameters())
     key = (tuple(noise.shape), noise.dtype, str(noise.device), tuple(context.shape), context.dtype, params,
-           fused.GELU_EPILOGUE, fused.COMPILE, getattr(model, "attention_kernel", "auto"), extra_key)
+           fused.GELU_EPILOGUE, fused.COMPILE, getattr(model, "attention_kernel", "auto"),
+           tuple(iv.key for iv in model.interventions), extra_key)
     current = getattr(model, "_rollout_graphs", None)
-    observers = tuple(model.observers)
-    same_observers = current is not None and len(current.observers) == len(observers) and all(
-        a is b for a, b in zip(current.observers, observers))
-    if current is None or current.key != key or not same_observers:
+    same = current is not None and _same(current.observers, model.observers) and \
+        _same(current.interventions, model.interventions)
+    if current is None or current.key != key or not same:
         model._rollout_graphs = None  # free the old cache and pool first
         current = model._rollout_graphs = RolloutGraphs(key, model, noise.shape[0], noise.shape[1], fsl, context,
                                                         noise.dtype)
     return current
+
+
+def _same(held: tuple, attached) -> bool:
+    attached = tuple(attached)
+    return len(held) == len(attached) and all(a is b for a, b in zip(held, attached))
 
 
 def release_graphs(model) -> None:

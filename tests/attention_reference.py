@@ -82,3 +82,18 @@ def max_abs_diff(a, b) -> float:
     assert np.array_equal(np.isnan(a), np.isnan(b)), "NaN patterns differ"
     ok = ~np.isnan(a)
     return float(np.abs(a[ok] - b[ok]).max()) if ok.any() else 0.0
+
+
+def dense_frame_entropy(q, k, frame_seq_len: int, frame_mask=None):
+    """attn_frame_entropy [B, H, nqf] float64 (docs/store.md): per query token, the entropy in nats of its
+    softmax probability summed per key frame (0 ln 0 = 0), averaged over the query frame's tokens. Dense
+    float64 softmax over every key of the call; `frame_mask` [nqf, nkf] takes key frames out of it."""
+    B, Lq, H, D = q.shape
+    fsl = frame_seq_len
+    nqf, nkf = Lq // fsl, k.shape[1] // fsl
+    s = q.double().transpose(1, 2) @ k.double().transpose(1, 2).transpose(-1, -2) / math.sqrt(D)  # [B, H, Lq, Lk]
+    if frame_mask is not None:
+        s = s.masked_fill(~frame_mask.repeat_interleave(fsl, 0).repeat_interleave(fsl, 1), float("-inf"))
+    per_frame = torch.softmax(s, dim=-1).reshape(B, H, Lq, nkf, fsl).sum(dim=-1)  # [B, H, Lq, nkf]
+    plogp = torch.where(per_frame > 0, per_frame * per_frame.log(), torch.zeros_like(per_frame))
+    return (-plogp.sum(dim=-1)).reshape(B, H, nqf, fsl).mean(dim=-1)

@@ -110,7 +110,10 @@ class RecordingProbe(Probe):
         self.records: list[tuple[AttentionCall, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
 
     def on_call(self, call, q, k, v, out, lse):
-        self.records.append((call, q.detach().cpu(), k.detach().cpu(), out.detach().cpu() if self.keep_out else None))
+        def copy(t):  # a copy also on the CPU, where .cpu() is the same tensor: k is a view of the KV cache
+            return t.detach().to("cpu", copy=True)
+
+        self.records.append((call, copy(q), copy(k), copy(out) if self.keep_out else None))
 
 
 @contextlib.contextmanager

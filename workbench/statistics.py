@@ -182,9 +182,14 @@ def stats_help() -> str:
 
 def markdown_table() -> str:
     """The table of every statistic that docs/store.md holds between its `statistics` markers."""
-    rows = ["| variable | dims | unit | reads | from the kernel's pass in mode |", "|---|---|---|---|---|"]
+    rows = ["| variable | dims | unit | reads | in `--stats` by default | made by the kernel's own pass in mode |",
+            "|---|---|---|---|---|---|"]
     for s in STATISTICS.values():
-        modes = ", ".join(f"`{m}`" for m in s.from_kernel) or "- (computed from q, k" + \
-            (" and the log-sum-exp)" if s.needs_lse else ")")
-        rows.append(f"| `{s.name}` | ({', '.join(s.dims)}) | {s.units} | {s.kind}-attention | {modes} |")
+        modes = ", ".join(f"`{m}`" for m in s.from_kernel) or \
+            "none: from q, k" + (" and the log-sum-exp (`exact`)" if s.needs_lse else "")
+        rows.append(f"| `{s.name}` | ({', '.join(s.dims)}) | {s.units} | {s.kind}-attention | "
+                    f"{'yes' if s.default else 'no'} | {modes} |")
     return "\n".join(rows)
+
+if __name__ == "__main__":  # the table docs/store.md holds: python -m workbench.statistics
+    print(markdown_table())

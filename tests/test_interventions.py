@@ -1,0 +1,232 @@
+"""The edit seam at `attend` (workbench/interventions.py): an identity intervention changes nothing, bitwise, with
+and without a probe, eagerly and through the rollout graphs' eager warm-up; an intervention that edits q, k, v,
+the key frame mask or a head's output changes the model's output and is what the probes see (the edited tensors,
+the edited call, its label in `call.edits`), and their statistics equal the float64 reference of the edited
+inputs; a changed intervention makes a new CUDA-graph key.
+
+The unedited inputs come from forward pre-hooks on `blocks[i].self_attn.attend` (the module's inputs, before
+any intervention: tests/attention_reference.py), so the test sees both sides of an edit independently of it."""
+
+import dataclasses
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from attention_reference import AttendRecorder, dense_frame_stats, max_abs_diff
+from conftest import tiny_model
+from models import rollout as rollout_mod
+from models.attention import ForwardLabels
+from models.rollout import causal_few_step
+from models.scheduler import FlowMatchScheduler
+from workbench.capture import CaptureSpec, Geometry, StatsProbe
+from workbench.hooks import CallFilter, Probe, RecordingProbe, attach
+from workbench.interventions import Identity, Intervention
+
+C, H, W, FSL, TEXT_LEN, STEPS = 16, 4, 6, 6, 16, 5
+
+
+def few_step(model, frames, *subscribers, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    noise, ctx = torch.randn(1, frames, C, H, W, generator=g), torch.randn(1, TEXT_LEN, 32, generator=g)
+    s = FlowMatchScheduler(5.0)
+    with attach(model, *subscribers):
+        return causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s, generator=g)
+
+
+def probe_for(model, frames, **kw):
+    cfg = model.config
+    spec = CaptureSpec(layers=tuple(range(cfg.num_layers)), heads=tuple(range(cfg.num_heads)),
+                       steps=tuple(range(STEPS)), **kw)
+    return StatsProbe(spec, Geometry(1, frames, FSL, TEXT_LEN), "cpu")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Identity: the seam itself changes nothing
+
+
+@pytest.mark.parametrize("edits", [("q", "k", "v", "mask", "out"), ()], ids=["claims-every-edit", "claims-none"])
+def test_identity_leaves_rollout_and_statistics_bitwise_unchanged(edits, one_thread):
+    model = tiny_model(local_attn_size=6, sink_size=1)
+    plain = few_step(model, 12)
+    ident = Identity(edits=edits)
+    assert torch.equal(few_step(model, 12, ident), plain)
+    probe_plain, probe_ident = probe_for(model, 12), probe_for(model, 12)
+    assert torch.equal(few_step(model, 12, probe_plain), plain)
+    seen = RecordingProbe(CallFilter(layers={0}, kinds={"self"}))
+    assert torch.equal(few_step(model, 12, ident, probe_ident, seen), plain)
+    for name, values in probe_plain.results().items():
+        np.testing.assert_array_equal(probe_ident.results()[name], values)
+    assert seen.records and all(call.edits == ("identity",) for call, *_ in seen.records)  # what ran is labelled
+    assert not torch.equal(few_step(model, 12, ident, seed=1), plain)  # the comparison can fail
+
+
+def test_identity_on_the_masked_full_sequence_forward(one_thread):
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    x, ctx = torch.randn(1, C, 9, H, W, generator=g), torch.randn(1, TEXT_LEN, 32, generator=g)
+    t, labels = torch.full((1, 9), 500.0), ForwardLabels(step=0, timestep=500.0, chunk=0, phase="train")
+    plain = model(x, t, ctx, labels=labels)
+    with attach(model, Identity()):
+        assert torch.equal(model(x, t, ctx, labels=labels), plain)
+
+
+def test_identity_through_the_rollout_graphs_warm_up(monkeypatch, one_thread):
+    """The graphed rollout's first run of a shape is eager on the graphs' own cache (models/rollout.py); on the
+    CPU that run is what can be checked: with the identity attached it equals the plain rollout bitwise, and
+    the graphs it made are keyed by the intervention and hold it."""
+    model = tiny_model(local_attn_size=6, sink_size=1)
+    plain = few_step(model, 12)
+    monkeypatch.setattr(rollout_mod, "_rollout_graphs",
+                        functools.partial(rollout_mod._rollout_graphs, devices=("cpu",)))
+    ident = Identity()
+    assert torch.equal(few_step(model, 12, ident), plain)
+    graphs = model._rollout_graphs
+    assert graphs is not None and graphs.interventions == (ident,) and graphs.rollouts == 1
+    assert (ident.key,) in graphs.key
+
+
+def test_a_changed_intervention_makes_a_new_graph_key(one_thread):
+    from models.rollout import _rollout_graphs
+
+    model = tiny_model()
+    noise, ctx = torch.randn(1, 6, C, H, W), torch.randn(1, TEXT_LEN, 32)
+    get = lambda: _rollout_graphs(model, noise, ctx, True, "k", devices=("cpu",))  # noqa: E731
+    with torch.no_grad():
+        plain = get()
+        ident = Identity()
+        with attach(model, ident):
+            first = get()
+            assert first is not plain and first.interventions == (ident,) and get() is first
+        assert get() is not first  # removed: graphs without it
+        with attach(model, ident):
+            again = get()
+            assert get() is again
+            ident.filter = CallFilter(layers={1})  # the same object with other settings
+            changed = get()
+            assert changed is not again and changed.key != again.key
+        with attach(model, Identity(label="another")):
+            assert get().key != changed.key
+        unsafe = Identity()
+        unsafe.graph_safe = False
+        with attach(model, unsafe):
+            assert get() is None  # an intervention that is not graph-safe turns the graphs off
+
+
+# ------------------------------------------------------------------------------------------------------
+# Edits are what the probes see
+
+
+class ScaleHeadQ(Intervention):
+    edits = frozenset({"q"})
+
+    def edit_inputs(self, call, q, k, v):
+        q = q.clone()
+        q[:, :, list(self.heads)] *= 2.0  # twice the logits of these heads: a sharper softmax
+        return call, q, k, v
+
+
+class NegateHeadV(Intervention):
+    edits = frozenset({"v"})
+
+    def edit_inputs(self, call, q, k, v):
+        v = v.clone()
+        v[:, :, list(self.heads)] *= -1.0
+        return call, q, k, v
+
+
+class KnockOutKeyFrame(Intervention):
+    """Takes key frame `frame` out of the softmax of every query frame outside its own chunk."""
+
+    edits = frozenset({"mask"})
+
+    def __init__(self, frame, **kw):
+        super().__init__(**kw)
+        self.frame = frame
+
+    def edit_inputs(self, call, q, k, v):
+        if self.frame not in call.key_frames or call.query_frames[0] // 3 == self.frame // 3:
+            return call, q, k, v
+        mask = torch.ones(len(call.query_frames), len(call.key_frames), dtype=torch.bool) if call.frame_mask is None \
+            else call.frame_mask.clone()
+        mask[:, call.key_frames.index(self.frame)] = False
+        return dataclasses.replace(call, frame_mask=mask), q, k, v
+
+
+class ZeroHeadOut(Intervention):
+    edits = frozenset({"out"})
+
+    def edit_output(self, call, q, k, v, out):
+        out = out.clone()
+        out[:, :, list(self.heads)] = 0
+        return out
+
+
+def test_q_edit_is_what_probes_see_and_their_statistics_follow_it(one_thread):
+    model = tiny_model()
+    plain = few_step(model, 9)
+    edit = ScaleHeadQ(CallFilter(layers={1}, kinds={"self"}, steps={0, 2}), heads=[2], label="q x2 head 2")
+    probe = probe_for(model, 9)
+    seen = RecordingProbe(CallFilter(layers={1}, kinds={"self"}))
+    rec = AttendRecorder(model, [1])  # the module's inputs: before the edit
+    edited = few_step(model, 9, edit, probe, seen)
+    rec.remove()
+    assert not torch.equal(edited, plain)  # the edit reaches the output
+    got = probe.results()["attn_mass"][0]  # [S, L, H, F, F]
+    assert len(seen.records) == len(rec.records[1]) == 3 * STEPS
+    for visit, ((q_in, k_in, _), (call, q_seen, k_seen, _)) in enumerate(zip(rec.records[1], seen.records)):
+        step = visit % STEPS
+        if step in (0, 2):
+            assert call.edits == ("q x2 head 2",)
+            assert torch.equal(q_seen[:, :, 2], q_in[:, :, 2] * 2) and torch.equal(q_seen[:, :, :2], q_in[:, :, :2])
+        else:
+            assert call.edits == () and torch.equal(q_seen, q_in)
+        mass, _ = dense_frame_stats(q_seen, k_seen, FSL)  # float64, from what ran
+        qf, kf = list(call.query_frames), list(call.key_frames)
+        assert max_abs_diff(got[step, 1][:, qf][:, :, kf], mass[0].numpy()) <= 1e-6
+    unedited, _ = dense_frame_stats(*rec.records[1][0][:2], FSL)
+    assert np.abs(got[0, 1][2, :3, :3] - unedited[0, 2].numpy()).max() > 1e-3  # the probe did not see q_in
+
+
+def test_mask_edit_is_what_probes_see(one_thread):
+    model = tiny_model()
+    plain = few_step(model, 9)
+    edit = KnockOutKeyFrame(0, filter=CallFilter(kinds={"self"}), label="no frame 0")
+    probe = probe_for(model, 9, stats=("attn_mass", "attn_logit", "attn_frame_entropy"))
+    seen = RecordingProbe(CallFilter(layers={0}, kinds={"self"}))
+    edited = few_step(model, 9, edit, probe, seen)
+    assert not torch.equal(edited, plain)
+    r = probe.results()
+    mass = r["attn_mass"][0]
+    assert np.isnan(mass[:, :, :, 3:, 0]).all() and not np.isnan(mass[:, :, :, :3, 0]).any()
+    np.testing.assert_allclose(np.nansum(mass, -1), 1.0, atol=1e-5)  # renormalised over the other frames
+    for call, q, k, _ in seen.records:
+        chunk = call.query_frames[0] // 3
+        assert (call.frame_mask is None) == (chunk == 0)
+        if chunk:
+            assert call.edits == ("no frame 0",) and not call.frame_mask[:, 0].any()
+            want, _ = dense_frame_stats(q, k, FSL, frame_mask=call.frame_mask)
+            got = mass[call.labels.step, 0][:, list(call.query_frames)][:, :, list(call.key_frames)]
+            assert max_abs_diff(got, want[0].numpy()) <= 1e-6
+
+
+def test_v_and_head_output_edits_are_what_probes_see(one_thread):
+    model = tiny_model()
+    plain = few_step(model, 6)
+    outs = []
+    watch = Probe(CallFilter(layers={0}, kinds={"self"}, steps={0}, chunks={0}),  # inputs the edits do not reach
+                  fn=lambda call, q, k, v, out, lse: outs.append((call.edits, v.clone(), out.clone())))
+    base = []
+    few_step(model, 6, Probe(watch.filter, fn=lambda call, q, k, v, out, lse: base.append((v.clone(), out.clone()))))
+    negate = NegateHeadV(CallFilter(layers={0}, kinds={"self"}), heads=[1], label="-v head 1")
+    zero = ZeroHeadOut(CallFilter(layers={0}, kinds={"self"}), heads=[3], label="zero head 3")
+    edited = few_step(model, 6, negate, zero, watch)
+    assert not torch.equal(edited, plain)
+    assert len(outs) == len(base) == 1
+    for (edits, v, out), (v0, out0) in zip(outs, base):
+        assert edits == ("-v head 1", "zero head 3")  # in the order they ran
+        assert torch.equal(v[:, :, 1], -v0[:, :, 1]) and torch.equal(v[:, :, 0], v0[:, :, 0])
+        assert (out[:, :, 3] == 0).all() and not (out0[:, :, 3] == 0).all()
+        torch.testing.assert_close(out[:, :, 1], -out0[:, :, 1], rtol=0, atol=1e-6)  # softmax(qk) (-v) = -out
+        assert torch.equal(out[:, :, 0], out0[:, :, 0])
