@@ -216,8 +216,8 @@ def test_kill_between_arrays_and_completed_mark_resumes(tmp_path, monkeypatch, u
     on_disk = xr.open_zarr(out, consolidated=False)
     assert on_disk.sizes["sample"] == 3 and on_disk.attrs["completed"] == ["p0000-s1", "p0000-s2"]
     first = store_contents(out)[0]["attn_mass"][:2].copy()
-    writer = StoreWriter(out, on_disk.attrs["fingerprint"])  # what a resuming run opens: the partial sample goes
-    assert writer.completed == ["p0000-s1", "p0000-s2"]
+    with StoreWriter(out, on_disk.attrs["fingerprint"]) as writer:  # what a resuming run opens: the partial goes
+        assert writer.completed == ["p0000-s1", "p0000-s2"]
     assert xr.open_zarr(out, consolidated=False).sizes["sample"] == 2
     written = []
     real_write = StoreWriter.write

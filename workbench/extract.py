@@ -28,13 +28,14 @@ import torch
 
 from models.attention import backend_name, check_kernel
 from models.checkpoint import WEIGHTS_NAME, load_wan, sha256_file
+from models.errors import ModelInputError
 from models.embedded import EMBEDDED_DIR, EMBEDDED_GEOMETRY
 from models.rollout import SAMPLERS, MultiStepSolver, few_step_schedule, multistep_schedule, sample
 from models.scheduler import FlowMatchScheduler
 from workbench.capture import DEFAULT_STATS, STATS, CaptureSpec, Geometry, StatsProbe, resolve_mode
 from workbench.errors import WorkbenchError
 from workbench.hooks import attach
-from workbench.store import SCHEMA_VERSION, StoreLayout, StoreWriter, sample_dataset, sample_id
+from workbench.store import SCHEMA_VERSION, StoreLayout, StoreLock, StoreWriter, sample_dataset, sample_id
 
 DEFAULT_PROMPT = "A majestic eagle soaring through a cloudy sky, cinematic lighting"
 
@@ -190,8 +191,9 @@ def _schedule(cfg: ExtractConfig) -> list:
                               context_noise=cfg.context_noise)
 
 
-def fingerprint(p: Plan, weights_sha: str) -> str:
-    """'layout:model' hashes. `--append` needs the layout part to agree; resume needs both."""
+def fingerprint_fields(p: Plan, weights_sha: str) -> dict:
+    """The settings a store's fingerprint hashes: `layout` (what shapes the store) and `model` (what made the
+    numbers). Stored as the attr `fingerprint_fields`, so that a refusal names the setting that differs."""
     c = p.cfg
     layout = dict(schema=SCHEMA_VERSION, layers=p.spec.layers, heads=p.spec.heads, steps=p.spec.steps,
                   stats=p.spec.stats, token_layers=p.spec.token_layers, geometry=p.geometry, sampler=c.sampler,
@@ -201,11 +203,17 @@ def fingerprint(p: Plan, weights_sha: str) -> str:
                  capture_mode=p.capture_mode)
     if c.attention_kernel != "auto":  # (absent for the stock kernels: stores made before the option still resume)
         model["attention_kernel"] = c.attention_kernel
+    return dict(layout=layout, model=model)
+
+
+def fingerprint(p: Plan, weights_sha: str) -> str:
+    """'layout:model' hashes of `fingerprint_fields`. A store takes samples of one fingerprint only."""
+    fields = fingerprint_fields(p, weights_sha)
 
     def h(d):
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    return f"{h(layout)}:{h(model)}"
+    return f"{h(fields['layout'])}:{h(fields['model'])}"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -281,39 +289,62 @@ def run_extract(cfg: ExtractConfig, command: list[str] | None = None, log=print)
             dist.destroy_process_group()
 
 
+def open_writer(p: Plan, log=print) -> StoreWriter:
+    """The store's writer: its lock first (one writer per store, refused at once when another process holds
+    it), then the weights' sha256 and the store's fingerprint check, all before any weights are loaded."""
+    cfg = p.cfg
+    lock = StoreLock(cfg.out).acquire()
+    try:
+        sha = sha256_file(p.weights_file)
+    except BaseException:
+        lock.release()
+        raise
+    return StoreWriter(cfg.out, fingerprint(p, sha), mode=cfg.mode, lock=lock, log=log,
+                       fields=fingerprint_fields(p, sha), entry_coords={"checkpoint_sha256": sha})
+
+
 def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
-    from tqdm.auto import tqdm
-
-    from models.text_encoder import TextEncoder
-
     device, dtype = _rank_device(cfg.device, world), _dtype(cfg.dtype)
     if rank == 0 and p.capture_mode == "indicator" and len(p.spec.layers) > 8:
         log(f"note: capturing {len(p.spec.layers)} layers with the stock attention kernel (indicator mode) costs "
             "~+35% on a 1.3B rollout; --attention-kernel triton captures all 30 at ~+2% over its own rollout "
             "(~+10% over cuDNN's; docs/store.md)")
-    weights_sha = sha256_file(p.weights_file)
-    fp = fingerprint(p, weights_sha)
     samples = [(i, prompt, seed) for i, prompt in enumerate(cfg.prompts) for seed in cfg.seeds]
-    writer, todo, error = None, samples, None
+    writer, todo, error, fp, sha = None, samples, None, None, None
     if rank == 0:
-        try:  # an incompatible store is refused here, before any weights are read
-            writer = StoreWriter(cfg.out, fp, mode=cfg.mode)
+        try:
+            writer = open_writer(p, log)
             todo = [s for s in samples if not writer.done(sample_id(s[0], s[2]))]
-        except WorkbenchError as err:
+            fp, sha = writer.fingerprint, writer.fields["model"]["weights"]
+        except ModelInputError as err:  # (WorkbenchError included)
             error = str(err)
     if world > 1:  # every rank learns the work list, or rank 0's error (so no rank waits forever)
         import torch.distributed as dist
 
-        box = [(error, todo)]
+        box = [(error, todo, fp, sha)]
         dist.broadcast_object_list(box, src=0)
-        error, todo = box[0]
+        error, todo, fp, sha = box[0]
     if error is not None:
         raise WorkbenchError(error)
-    if not todo:
-        if rank == 0:
-            log(f"{cfg.out}: all {len(samples)} samples are already there; nothing to do")
-        return Path(cfg.out)
+    try:
+        if not todo:
+            if rank == 0:
+                log(f"{cfg.out}: all {len(samples)} samples are already there; nothing to do")
+            return Path(cfg.out)
+        return _extract(p, rank, world, todo, fp, sha, device, dtype, command, log, writer)
+    finally:
+        if writer is not None:
+            writer.close()
 
+
+def _extract(p: Plan, rank: int, world: int, todo, fp: str, weights_sha: str, device, dtype, command, log,
+             writer: StoreWriter | None):
+    """Run the samples of `todo` (dealt out to the ranks) and write them with rank 0's `writer`."""
+    from tqdm.auto import tqdm
+
+    from models.text_encoder import TextEncoder
+
+    cfg = p.cfg
     causal = cfg.sampler != "bidirectional"
     model = load_model(p, device, dtype)
     encoder = TextEncoder.from_wan_dir(p.wan_dir, device=device)
