@@ -18,8 +18,6 @@ import secrets
 import tempfile
 from pathlib import Path
 
-import torch
-
 from models.errors import CheckpointError, ModelInputError
 
 MEMO_DIR = Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "sf-workbench"))
@@ -27,6 +25,8 @@ MEMO_DIR = Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "sf-w
 
 def load_tensors(path, *, trust_pickle: bool = False):
     """Whatever a weights file holds (a state dict, or a dict of them), read safely."""
+    import torch  # (here: the file helpers below serve commands that never load a model)
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {str(path)!r} does not exist")
@@ -56,8 +56,10 @@ def load_tensors(path, *, trust_pickle: bool = False):
         raise CheckpointError(f"cannot read weights file {str(path)!r}: {type(err).__name__}: {err}") from err
 
 
-def load_state_dict_file(path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+def load_state_dict_file(path, trust_pickle: bool = False) -> dict:
     """A flat {name: tensor} state dict from .safetensors or .pth/.pt, read safely."""
+    import torch
+
     sd = load_tensors(path, trust_pickle=trust_pickle)
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         top = list(sd)[:8] if isinstance(sd, dict) else type(sd).__name__

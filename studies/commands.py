@@ -74,10 +74,19 @@ def register(subparsers) -> None:
     compare.set_defaults(func=run_compare)
 
 
+def writable_output(path) -> Path:
+    """The HTML file to write, its folder made and checked before any work (a clear error if it cannot be)."""
+    from models.files import ensure_writable_dir
+
+    path = Path(path)
+    ensure_writable_dir(path.parent)
+    return path
+
+
 def run_report(args) -> int:
     from studies.report import build_report
 
-    out = Path(args.out) if args.out else Path(args.store.rstrip("/")).with_suffix(".html")
+    out = writable_output(args.out if args.out else Path(args.store.rstrip("/")).with_suffix(".html"))
     path = build_report(args.store, out, layer=args.layer, sample=args.sample, step=args.step,
                         query_frames=args.query_frames)
     print(f"wrote {path}")
@@ -87,7 +96,7 @@ def run_report(args) -> int:
 def run_compare(args) -> int:
     from studies.report import build_compare_report
 
-    path = build_compare_report(args.store_a, args.store_b, args.out, tolerance=args.tolerance, cfg=args.cfg,
+    path = build_compare_report(args.store_a, args.store_b, writable_output(args.out), tolerance=args.tolerance, cfg=args.cfg,
                                 layers=args.layer, query_frames=args.query_frames, top=args.top)
     print(f"wrote {path}")
     return 0

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import torch
 from models.attention import backend_name, check_kernel
 from models.checkpoint import WEIGHTS_NAME, load_wan, sha256_file
 from models.errors import ModelInputError
-from models.embedded import EMBEDDED_DIR, EMBEDDED_GEOMETRY
+from models.embedded import EMBEDDED_DIR
 from models.rollout import SAMPLERS, MultiStepSolver, few_step_schedule, multistep_schedule, sample
 from models.scheduler import FlowMatchScheduler
 from workbench.capture import DEFAULT_STATS, STATS, CaptureSpec, Geometry, StatsProbe, resolve_mode
@@ -66,8 +67,8 @@ class ExtractConfig:
     local_attn_size: int = -1
     sink_size: int = 0
     num_frame_per_block: int = 3
-    latent_height: int | None = None  # None: 60 for a Wan folder (480 px), 12 for the embedded default
-    latent_width: int | None = None  # None: 104 (832 px), 16 for the embedded default
+    height: int | None = None  # pixels; None: the model folder's own size (models.config.default_video_size):
+    width: int | None = None  # 96 x 128 for the embedded default, 480 x 832 for Wan2.1
     device: str = "cpu"
     dtype: str = "float32"  # float32 | bfloat16 | float16
     out: str = "runs/extract.zarr"
@@ -83,21 +84,34 @@ class ExtractConfig:
 
 
 def parse_int_list(text: str | None, *, what: str, upper: int | None = None) -> list[int] | None:
-    """'3', '0-29', '0,4,8-11' or 'all' -> sorted ints (None for 'all'); a clear error otherwise."""
+    """'3', '0-29', '0,4,8-11' or 'all' -> sorted ints (None for 'all'); a clear error otherwise ('3-', '-1',
+    '1,,2' and '' included)."""
     if text is None or str(text).strip() == "all":
         return None
     values: set[int] = set()
-    try:
-        for part in str(text).split(","):
-            a, _, b = part.strip().partition("-")
-            values.update(range(int(a), int(b) + 1) if b else [int(a)])
-    except ValueError:
-        raise WorkbenchError(f"{what} {text!r}: use a number, a range like 0-29, a list like 0,4,8, or 'all'") from None
+    for part in str(text).split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if m is None:
+            raise WorkbenchError(f"{what} {text!r}: use a number, a range like 0-29, a list like 0,4,8, or 'all'")
+        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+        values.update(range(a, b + 1))
     if upper is not None:
         bad = sorted(v for v in values if not 0 <= v < upper)
         if bad:
             raise WorkbenchError(f"{what} {bad} out of range: the model has {what}s 0-{upper - 1}")
     return sorted(values)
+
+
+def format_int_list(values) -> str:
+    """The inverse of `parse_int_list`: [0, 1, 2, 3, 7, 9, 10] -> '0-3,7,9-10'."""
+    values = sorted(int(v) for v in values)
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -143,13 +157,13 @@ def plan(cfg: ExtractConfig) -> Plan:
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)")
     if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
         raise WorkbenchError(f"--checkpoint {cfg.checkpoint!r} does not exist")
-    from models.config import WanConfig
+    from models.config import WanConfig, default_video_size, latent_size
 
     mc = WanConfig.from_json(wan_dir / "config.json").replace(local_attn_size=cfg.local_attn_size,
                                                                sink_size=cfg.sink_size)
     embedded = cfg.wan_dir is None
-    h = cfg.latent_height or (EMBEDDED_GEOMETRY.latent_height if embedded else 60)
-    w = cfg.latent_width or (EMBEDDED_GEOMETRY.latent_width if embedded else 104)
+    own_h, own_w = default_video_size(wan_dir)
+    h, w = latent_size(own_h if cfg.height is None else cfg.height, own_w if cfg.width is None else cfg.width, mc)
     fsl = mc.tokens_per_frame(h, w)
     if cfg.sampler != "bidirectional" and cfg.num_frames % cfg.num_frame_per_block:
         raise WorkbenchError(f"--frames {cfg.num_frames} does not divide into chunks of {cfg.num_frame_per_block}; "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.commands import add_model_arguments
+from workbench.commands import add_model_arguments, add_size_arguments
 
 HELP = "capture per-layer, per-head, frame-by-frame attention of a rollout into a zarr store"
 
@@ -55,6 +55,7 @@ def register(subparsers) -> None:
     job.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
     job.add_argument("--seed", default="42", help="seed(s): 42, 0-3 or 1,2,3 (default: %(default)s)")
     job.add_argument("--frames", type=int, default=21, help="latent frames (default: %(default)s)")
+    add_size_arguments(job)
     job.add_argument("--sampler", default="causal_few_step",
                      choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"])
     job.add_argument("--local-attn-size", type=int, default=-1, help="KV window in latent frames (-1: global)")
@@ -90,7 +91,8 @@ def run(args) -> int:
         stats=[s.strip() for s in args.stats.split(",") if s.strip()],
         token_layers=parse_int_list(args.token_layers, what="layer") or [],
         seeds=parse_int_list(args.seed, what="seed"),
-        num_frames=args.frames, sampler=args.sampler, local_attn_size=args.local_attn_size, sink_size=args.sink_size,
+        num_frames=args.frames, height=args.height, width=args.width, sampler=args.sampler,
+        local_attn_size=args.local_attn_size, sink_size=args.sink_size,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         wan_dir=args.wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema, trust_pickle=args.trust_pickle,
         progress=not args.no_progress, capture_mode=args.capture_mode, attention_kernel=args.attention_kernel,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.commands import add_model_arguments
+from workbench.commands import add_model_arguments, add_size_arguments
 
 HELP = "generate videos (latents, mp4, PNG grid) from prompts"
 
@@ -33,6 +33,7 @@ def register(subparsers) -> None:
     src.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
     p.add_argument("--seed", default="0", help="seed(s): 0, 0-3 or 1,2,3 (default: %(default)s)")
     p.add_argument("--frames", type=int, default=21, help="latent frames (default: %(default)s -> 81 video frames)")
+    add_size_arguments(p)
     p.add_argument("--sampler", default="causal_few_step",
                    choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"])
     p.add_argument("--num-inference-steps", type=int, default=50, help="multi-step samplers (default: %(default)s)")
@@ -62,6 +63,7 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     from models.checkpoint import load_wan
+    from models.config import WanConfig, default_video_size, latent_size
     from models.embedded import EMBEDDED_DIR
     from models.rollout import sample
     from models.text_encoder import TextEncoder
@@ -81,6 +83,9 @@ def run(args) -> int:
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise WorkbenchError(f"--checkpoint {args.checkpoint!r} does not exist")
+    own_h, own_w = default_video_size(wan_dir)
+    h, w = latent_size(own_h if args.height is None else args.height, own_w if args.width is None else args.width,
+                       WanConfig.from_json(wan_dir / "config.json"))
     if args.sampler != "bidirectional":
         from models.config import VideoGeometry
 
@@ -90,8 +95,6 @@ def run(args) -> int:
                              "attention; add --local-attn-size N (and optionally --sink-size S)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    embedded = args.wan_dir is None
-    h, w = (12, 16) if embedded else (60, 104)
     low_memory = args.low_memory == "on" or (
         args.low_memory == "auto" and device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 40 * 2**30)
     quiet = args.no_progress
