@@ -20,7 +20,7 @@
 # with the bidirectional sampler, store B the Self-Forcing rollout, with the same prompts and seeds. The two
 # samplers do not share step indices, so steps are paired by the nearest timestep (within `tolerance`), and A's
 # CFG store contributes its `cond` branch. Divergences are Jensen-Shannon in bits (0 = same, 1 = disjoint).
-# The same comparison as HTML: `workbench compare A.zarr B.zarr --out compare.html`.
+# The same comparison as HTML: `workbench compare A.zarr B.zarr --out runs/compare.html`.
 
 # %% tags=["parameters"]
 store_a = "runs/wan_bidirectional.zarr"  # base Wan weights, bidirectional sampler (A: the reference)

@@ -99,12 +99,13 @@ def test_report_is_self_contained(store_report):
 def test_report_holds_the_figures(stores, store_report):
     parser, text = parse(store_report)
     for layer in (0, 1):
-        for kind in ("grid", "bars", "steps", "recency"):
+        for kind in ("bars", "steps", "recency"):
             assert f"fig-{kind}-layer{layer}" in parser.figures
+        assert f"fig-grid-layer{layer}" not in parser.figures  # the heatmaps once: the step slider holds them
     for name in ("taxonomy", "overview-sink_mass", "overview-own_chunk_mass", "overview-local_mass",
                  "overview-mean_distance", "overview-entropy_norm"):
         assert f"fig-{name}" in parser.figures
-    grid = parser.figures["fig-grid-layer1"]
+    grid = parser.figures["fig-steps-layer1"]
     assert "attn_mass · layer 1 · step 0 (t=1000, denoise)" in grid["layout"]["title"]["text"]
     assert len(grid["data"]) == 12 and grid["data"][0]["type"] == "heatmap"
     ds = load_store(stores["sf"])
@@ -128,9 +129,13 @@ def test_report_tables(store_report):
 def test_report_layer_and_sample_options(stores, tmp_path):
     out = report.build_report(stores["sf"], tmp_path / "l1.html", layer=1, sample="p0000-s2", step=2)
     parser, _ = parse(out)
-    assert "fig-grid-layer1" in parser.figures and "fig-grid-layer0" not in parser.figures
-    assert "p0000-s2" in parser.figures["fig-grid-layer1"]["layout"]["title"]["text"]
-    assert "t=833.333" in parser.figures["fig-grid-layer1"]["layout"]["title"]["text"]
+    assert "fig-steps-layer1" in parser.figures and "fig-steps-layer0" not in parser.figures
+    slider = parser.figures["fig-steps-layer1"]
+    assert "p0000-s2" in slider["layout"]["title"]["text"] and "t=833.333" in slider["layout"]["title"]["text"]
+    assert slider["layout"]["sliders"][0]["active"] == 2  # it opens at the step asked for
+    ds = load_store(stores["sf"])
+    np.testing.assert_allclose(array(slider["data"][3]["z"]),
+                               ds["attn_mass"].sel(sample="p0000-s2", layer=1, step=2, head=3).values, atol=1e-6)
     with pytest.raises(WorkbenchError, match=r"layer 4 is not in the store; it has layers \[0, 1\]"):
         report.build_report(stores["sf"], tmp_path / "bad.html", layer=4)
     with pytest.raises(WorkbenchError, match="sample 'p0000-s9'"):
@@ -173,8 +178,9 @@ def test_commands(stores, tmp_path, capsys):
     with pytest.raises(WorkbenchError, match="layer 9"):
         args.func(args)
     disjoint = synthetic.write_store(tmp_path / "other.zarr", "causal", seeds=(99,))
-    args = parser.parse_args(["compare", str(stores["sf"]), str(disjoint), "--out", str(tmp_path / "x.html")])
-    with pytest.raises(WorkbenchError, match=r"share no \(prompt, seed\)"):
+    args = parser.parse_args(["compare", str(stores["sf"]), str(disjoint), "--out", str(tmp_path / "x.html"),
+                              "--pair-by", "seed"])
+    with pytest.raises(WorkbenchError, match=r"share no \(prompt, seed\).*--pair-by prompt"):
         args.func(args)
     with pytest.raises(WorkbenchError, match="no store at"):
         args = parser.parse_args(["report", str(tmp_path / "missing.zarr")])

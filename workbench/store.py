@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -198,13 +199,20 @@ class StoreLock:
         atomic_write_bytes(self.holder_file, json.dumps(me).encode())
         return self
 
-    def holder(self) -> str:
-        """Who holds the lock, as far as its holder file tells ('holder unknown' if it does not)."""
-        try:
-            h = json.loads(self.holder_file.read_text())
-            return f"pid {h['pid']} on {h['host']}, since {h['since']}: {h['command']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "holder unknown"
+    def holder(self, wait: float = 1.0) -> str:
+        """Who holds the lock, from its holder file. A holder that has just taken the lock may not have written
+        the file yet (it still names an earlier, dead holder): wait up to `wait` seconds for a live one."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                h = json.loads(self.holder_file.read_text())
+                text = f"pid {h['pid']} on {h['host']}, since {h['since']}: {h['command']}"
+                alive = h["host"] != socket.gethostname() or _alive(int(h["pid"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                text, alive = "holder unknown", False
+            if alive or time.monotonic() > deadline:
+                return text if alive else "holder unknown"
+            time.sleep(0.05)
 
     def release(self) -> None:
         if self._lock is not None:
@@ -292,8 +300,13 @@ class StoreWriter:
             raise WorkbenchError(f"{str(self.path)!r} is not a store of schema_version {SCHEMA_VERSION} with "
                                  f"{self.completed_attr!r}; {self.hint}")
         if attrs.get("fingerprint") != self.fingerprint:
-            raise WorkbenchError(f"{str(self.path)!r} was made with another configuration: "
-                                 f"{describe_differences(attrs.get('fingerprint_fields'), self.fields)}; {self.hint}")
+            what = describe_differences(attrs.get("fingerprint_fields"), self.fields)
+            if self.append_dim == "sample" and attrs.get("layout_fingerprint") == self.fingerprint.split(":")[0]:
+                raise WorkbenchError(
+                    f"{str(self.path)!r} holds samples of another model or sampler setting ({what}); a store holds "
+                    "one model, so that no report or comparison mixes two: write these samples to another --out and "
+                    "compare the stores with `workbench compare` (or pass --overwrite to replace this one)")
+            raise WorkbenchError(f"{str(self.path)!r} was made with another configuration ({what}); {self.hint}")
         lengths = {}
         for name, array in group.arrays():
             dims = array.metadata.dimension_names or ()
@@ -422,6 +435,16 @@ class StoreWriter:
             ds.drop_vars(static).to_zarr(self.path, mode="a", append_dim=self.append_dim, consolidated=False)
             zarr.open_group(self.path, mode="r+").attrs[self.completed_attr] = self.completed + [key]
         self.completed.append(key)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _plain(value):
