@@ -235,3 +235,79 @@ def test_report_of_a_cfg_store(stores, tmp_path):
     assert len(slider["frames"]) == 8  # the cond forwards of 8 denoising steps; uncond left out
     assert [s["label"].split(" ")[0] for s in slider["layout"]["sliders"][0]["steps"]] == [str(2 * i) for i in range(8)]
     assert "bidirectional" in text and "uncond" in text  # the steps table still lists every forward
+
+
+# ------------------------------------------------------------------------------------------------------
+# What a new user saw (issue 13): crowded legends, squashed colour bars, grids twice, per-step colour scales,
+# training-probe stores refused
+
+
+def test_one_layer_maps_have_room_for_their_legend_and_colour_bar(tmp_path):
+    """A one-layer store: the class names are legend entries (not five colour-bar ticks on a 28-pixel strip) and
+    every layer x head map keeps at least MIN_MAP_ROWS_PX of plot height for its colour bar."""
+    from studies import figures
+
+    store = synthetic.write_store(tmp_path / "one.zarr", "causal", layers=(3,), num_heads=4)
+    parser, _ = parse(report.build_report(store, tmp_path / "one.html"))
+    taxonomy = parser.figures["fig-taxonomy"]
+    assert taxonomy["data"][0]["showscale"] is False
+    assert [t["name"] for t in taxonomy["data"][1:] if t.get("showlegend")] == list(figures.CLASS_COLOURS)
+    for name, fig in parser.figures.items():
+        if name.startswith(("fig-overview-", "fig-taxonomy")):
+            margin = fig["layout"].get("margin", {})
+            plot = fig["layout"]["height"] - margin.get("t", 100) - margin.get("b", 80)
+            assert plot >= figures.MIN_MAP_ROWS_PX - 20, (name, fig["layout"]["height"])
+
+
+def test_compare_draws_every_step_on_one_colour_scale(compare_report):
+    parser, _ = parse(compare_report)
+    maps = {k: v for k, v in parser.figures.items() if k == "fig-js" or k.startswith("fig-js-match")}
+    assert len(maps) >= 3
+    scales = {(fig["data"][0]["zmin"], fig["data"][0]["zmax"]) for fig in maps.values()}
+    assert len(scales) == 1
+    zmin, zmax = scales.pop()
+    largest = max(np.nanmax(array(fig["data"][0]["z"])) for fig in maps.values())
+    assert zmin == 0 and zmax == pytest.approx(largest, rel=1e-6)  # the scale ends at the largest divergence
+
+
+def probe_store(path, train_steps=(0, 2, 4)):
+    """A training probe store (docs/store.md) written as training.probes writes it, one append along train_step per
+    probe; the planted roles blur as training goes on (noise 0, 0.2, 0.4)."""
+    import xarray as xr
+
+    from workbench.store import StoreWriter
+
+    with StoreWriter(path, "synthetic:probe", append_dim="train_step", completed_attr="completed_train_steps",
+                     mode="overwrite") as writer:
+        for i, t in enumerate(train_steps):
+            parts = synthetic.sample_datasets("causal", layers=(0, 1), num_heads=4, seeds=(0, 1), noise=0.2 * i,
+                                              rng_seed=i)
+            ds = xr.concat(parts, dim="sample", data_vars="all", coords="different", compat="equals",
+                           combine_attrs="override").expand_dims(train_step=np.array([t], dtype=np.int64))
+            for name in ds.data_vars:
+                ds[name].attrs = parts[0][name].attrs
+            ds.attrs.pop("completed", None)
+            writer.write(ds, t)
+    return path
+
+
+def test_report_of_a_training_probe_store(tmp_path):
+    """`workbench report probes.zarr` shows attention over train_step (it used to refuse the extra dim)."""
+    from workbench.cli import main
+
+    store = probe_store(tmp_path / "probes.zarr")
+    assert main(["report", str(store), "--out", str(tmp_path / "p.html")]) == 0
+    parser, text = parse(tmp_path / "p.html")
+    assert "training probes" in parser.headings[0]
+    sink = parser.figures["fig-training-sink_mass"]
+    line = next(t for t in sink["data"] if t["name"] == "head 0" and t["xaxis"] == "x")  # layer 0, head 0: sink
+    assert [int(x) for x in line["x"]] == [0, 2, 4]
+    ds = load_store(store)
+    from studies import metrics
+
+    expected = metrics.head_metrics(ds.sel(step=[0])).sink_mass.sel(step=0, layer=0, head=0).values
+    np.testing.assert_allclose(array(line["y"]), expected, rtol=1e-5)
+    assert expected[0] == pytest.approx(1.0) and expected[-1] < 0.9  # the planted sink blurs with the noise
+    slider = parser.figures["fig-train-steps-layer1"]
+    assert [s["label"] for s in slider["layout"]["sliders"][0]["steps"]] == ["0", "2", "4"]
+    assert slider["layout"]["sliders"][0]["active"] == 2  # opens at the last train step

@@ -335,8 +335,10 @@ class StoreWriter:
                     f"differs from this run's {str(value)[:16]}); a store holds one model: {self.hint}")
         lost = [k for k in completed if k not in seen]
         unfinished = [key for i, key, why in extra if why == "not marked complete" and i > max(keep, default=-1)]
-        damaged = [f"{key} ({why})" for i, key, why in extra if key not in unfinished] + \
+        damaged = [f"{key} ({why})" for i, key, why in extra] + \
                   [f"{key} (marked complete, but its arrays are missing)" for key in lost]
+        if len(damaged) == len(unfinished):  # only what a killed run leaves at the end: no damage
+            damaged = []
         if keep == list(range(len(keep))):
             self.truncate(len(keep))
         else:
@@ -473,7 +475,7 @@ def describe_differences(stored: dict | None, wanted: dict | None) -> str:
 
     def show(v):
         text = str(v)
-        return text if len(text) <= 60 else text[:57] + "..."
+        return text if len(text) <= 80 else text[:77] + "..."
 
     return "; ".join(f"{k}: {show(a.get(k, '(none)'))} in the store, {show(b.get(k, '(none)'))} in this run"
                      for k in names)
