@@ -20,6 +20,14 @@ from models.errors import ModelInputError
 from models.files import atomic_write, ensure_writable_dir  # noqa: F401 (ensure_writable_dir: re-exported)
 
 
+def mp4_available() -> bool:
+    """Whether mp4 can be written here: `write_mp4` needs imageio-ffmpeg (its own ffmpeg binary, 165 MB), which
+    the `video` extra installs (pip install -e ".[video]")."""
+    import importlib.util
+
+    return importlib.util.find_spec("imageio_ffmpeg") is not None
+
+
 def to_uint8_frames(video) -> np.ndarray:
     """float [3, T, H, W] in [-1, 1] or uint8 [T, H, W, 3] (torch or numpy) -> uint8 numpy [T, H, W, 3]."""
     if isinstance(video, np.ndarray):
@@ -54,6 +62,8 @@ def write_mp4(video, path, fps: int = 16, quality: int = 8) -> Path:
         raise ModelInputError(f"mp4 (yuv420p) needs even height and width, got {h}x{w}; use write_png_grid")
     if not (isinstance(fps, (int, float)) and fps > 0):
         raise ModelInputError(f"fps must be > 0, got {fps!r}")
+    if not mp4_available():
+        raise ModelInputError("writing mp4 needs imageio-ffmpeg: pip install -e \".[video]\"")
     path = Path(path)
 
     def write(tmp):

@@ -37,6 +37,22 @@ CLASS_COLOURS = {"sink": "#d62728", "local": "#1f77b4", "global": "#2ca02c", "de
 
 
 # -------------------------------------------------------------------------------------------------- helpers
+NOTEBOOK_RENDERER = "plotly_mimetype+notebook"
+
+
+def use_notebook_renderer() -> str:
+    """Plotly's renderer for the study notebooks: the plotly mimetype (JupyterLab, VS Code) plus HTML carrying
+    plotly.js, so that `jupyter nbconvert --to html` of an executed notebook shows the figures, offline too
+    (plotly's own choice in a kernel is the mimetype alone, which nbconvert's HTML cannot draw).
+    PLOTLY_RENDERER, when set, wins. Returns the renderer in use."""
+    import os
+
+    import plotly.io as pio
+
+    pio.renderers.default = os.environ.get("PLOTLY_RENDERER") or NOTEBOOK_RENDERER
+    return pio.renderers.default
+
+
 def _round(a) -> np.ndarray:
     """float32 values for a trace: plotly stores numpy arrays as typed base64 arrays, so float32 halves the HTML;
     NaN (not attended) stays NaN and is drawn as a gap."""

@@ -20,7 +20,8 @@ examples:
   workbench generate --prompt "..." --sampler bidirectional --wan-dir wan_models/Wan2.1-T2V-1.3B   # Wan baseline
 
 Writes, per prompt index P and seed S, into --out: pPPPP-sS.safetensors (latents [F, 16, h, w] under
-"latents"), pPPPP-sS.mp4 (16 fps) and pPPPP-sS.png (a grid of every 5th frame). With less than 40 GB of
+"latents"), pPPPP-sS.mp4 (16 fps; needs the video extra: pip install -e ".[video]") and pPPPP-sS.png (a grid
+of every 5th frame). With less than 40 GB of
 free GPU memory the text encoder leaves the GPU before the DiT is loaded (low-memory mode).
 """
 
@@ -56,6 +57,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     import gc
+    import sys
     from pathlib import Path
 
     import torch
@@ -68,7 +70,7 @@ def run(args) -> int:
     from models.rollout import sample
     from models.text_encoder import TextEncoder
     from models.vae import WanVAE
-    from models.video import ensure_writable_dir, read_prompts, write_mp4, write_png_grid
+    from models.video import ensure_writable_dir, mp4_available, read_prompts, write_mp4, write_png_grid
     from workbench.errors import WorkbenchError
     from workbench.extract import DEFAULT_PROMPT, _dtype, parse_int_list
 
@@ -98,6 +100,10 @@ def run(args) -> int:
     low_memory = args.low_memory == "on" or (
         args.low_memory == "auto" and device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 40 * 2**30)
     quiet = args.no_progress
+    mp4 = not args.no_video and mp4_available()
+    if not args.no_video and not mp4:
+        print("note: no mp4 files: mp4 needs the video extra (pip install -e '.[video]': ffmpeg, 165 MB); writing "
+              "the latents and PNG grids", file=sys.stderr)
 
     # --- text first; in low-memory mode the encoder leaves the GPU before the DiT arrives
     encoder = TextEncoder.from_wan_dir(wan_dir, device=device, cache_dir=out / ".prompt_cache")
@@ -136,7 +142,8 @@ def run(args) -> int:
         frames = [stream.push(latents[:, f : f + step]) for f in tqdm(range(0, args.frames, step), desc=f"decode {name}",
                                                                        disable=quiet)]
         video = torch.cat(frames, dim=2)[0]  # [3, T, H, W] in [-1, 1]
-        write_mp4(video, out / f"{name}.mp4", fps=16)
+        if mp4:
+            write_mp4(video, out / f"{name}.mp4", fps=16)
         write_png_grid(video, out / f"{name}.png", ncols=9, frames=range(0, video.shape[1], 5))
     print(f"wrote {len(jobs)} sample(s) to {out}")
     return 0
