@@ -21,8 +21,9 @@ what is stored (docs/store.md): attn_mass[sample, step, layer, head, query_frame
 mass each query frame puts on each key frame; rows sum to 1), attn_logit (the mean pre-softmax logit of a
 frame pair), optional cross_mass (per prompt token) and attn_key_token (per key token, --token-layers).
 Steps of the few-step rollout: 0-3 = t 1000, 937.5, 833.3, 625; 4 = the context (cache refresh) pass.
-Re-running the same command resumes; open the store with xarray.open_zarr(path, consolidated=False) (samples
-are appended as they finish, so the store keeps no consolidated metadata).
+Re-running the same command resumes (the finished samples are kept by id); one process writes a store at a
+time (a second is refused, naming the first). Open the store with xarray.open_zarr(path, consolidated=False)
+(samples are appended as they finish, so the store keeps no consolidated metadata).
 """
 
 
@@ -67,7 +68,9 @@ def register(subparsers) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--out", help="store path (default: runs/layer{N}.zarr or runs/extract.zarr)")
     mode = out.add_mutually_exclusive_group()
-    mode.add_argument("--append", action="store_true", help="add samples to a store of a compatible configuration")
+    mode.add_argument("--append", action="store_true",
+                      help="add samples (new prompts or seeds) to a store of the same model and configuration, as a "
+                           "plain re-run does; another model's samples are refused (a store holds one model)")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing store")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
