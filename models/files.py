@@ -110,6 +110,24 @@ def ensure_writable_dir(path) -> Path:
     return path
 
 
+def check_writable_dir(path) -> Path:
+    """Check, creating nothing, that the folder `path` can be made (or is there) and written: its nearest existing
+    ancestor must be a folder a file can be written in. ModelInputError naming `path` otherwise."""
+    path = Path(path)
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        if not base.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(base))
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ModelInputError(f"output folder {str(path)!r} is not writable: {e.strerror or e}") from e
+    return path
+
+
 def temporary_path(path) -> Path:
     """A fresh temporary path beside `path` (hidden, unique per process and call, same suffix), not created: the
     writer creates it, so it gets the permissions of any new file rather than mkstemp's 0600."""

@@ -82,11 +82,11 @@ def register(subparsers) -> None:
 
 
 def writable_output(path) -> Path:
-    """The HTML file to write, its folder made and checked before any work (a clear error if it cannot be)."""
-    from models.files import ensure_writable_dir
+    """The HTML file to write, its folder checked before any work (a clear error if it cannot be written)."""
+    from models.files import check_writable_dir
 
     path = Path(path)
-    ensure_writable_dir(path.parent)
+    check_writable_dir(path.parent)
     return path
 
 

@@ -78,9 +78,9 @@ def _run(args) -> int:
     if args.max_steps is not None:
         overrides.append(f"max_steps={args.max_steps}")
     cfg, sets_sid_alpha = load_train_config(args.config, overrides)
-    from models.files import ensure_writable_dir  # outputs checked before any work
+    from models.files import check_writable_dir  # outputs checked before any work (nothing created yet)
 
-    ensure_writable_dir(Path(str(cfg.data_path)).parent if args.make_ode_pairs else args.logdir)
+    check_writable_dir(Path(str(cfg.data_path)).parent if args.make_ode_pairs else args.logdir)
     extra = [name for name, on in (("tensorboard", args.tensorboard), ("wandb", args.wandb)) if on]
     if extra:
         cfg.loggers = list(dict.fromkeys(list(cfg.loggers) + extra))

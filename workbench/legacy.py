@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.files import atomic_write, ensure_writable_dir
+from models.files import atomic_write, check_writable_dir
 from workbench.errors import WorkbenchError
 from workbench.store import open_store
 
@@ -103,7 +103,7 @@ def export_legacy(store, out=None, *, layers=None, samples=None, step: int = 0, 
     checked before the first file is written."""
     ds = open_store(store)
     layers, samples = _check(ds, store, layers, samples, step)
-    out = ensure_writable_dir(out if out is not None else default_out(store))
+    out = check_writable_dir(out if out is not None else default_out(store))
     paths = []
     for sample in samples:
         for layer in layers:
