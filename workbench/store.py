@@ -319,9 +319,9 @@ class StoreWriter:
             raise WorkbenchError(f"{str(self.path)!r}: its {self.append_dim} labels cannot be read ({err}); "
                                  f"{self.hint}") from err
         completed = list(attrs[self.completed_attr])
-        keep, seen, extra = [], set(), []
+        wanted, keep, seen, extra = set(completed), [], set(), []
         for i, key in enumerate(ids):
-            if key in completed and key not in seen:
+            if key in wanted and key not in seen:
                 keep.append(i)
                 seen.add(key)
             else:
