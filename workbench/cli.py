@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "workbench.commands.generate",
     "workbench.commands.extract",
     "workbench.commands.export_legacy",
+    "workbench.commands.view",
     "studies.commands",
     "training.commands",
 ]
@@ -31,6 +32,7 @@ Self-Forcing attention workbench: see how autoregressive video diffusion models 
   workbench compare A.zarr B.zarr     what changed between two models (e.g. Wan vs Self-Forcing)
   workbench train --config C.yaml     Self-Forcing training (ODE init, DMD, SiD) with attention probes
   workbench export-legacy STORE       the researchers' old per-layer .pt files
+  workbench view STORE                a local page: the video beside its per-head attention, live or stored
 
 With no model arguments every command runs on the embedded default: a small seeded causal Wan
 (21 latent frames in chunks of 3) that runs on a CPU in seconds. Add --wan-dir DIR for the official
