@@ -97,27 +97,22 @@ def sha256_file(path, memo_dir: Path | None = MEMO_DIR) -> str:
 
 
 def ensure_writable_dir(path) -> Path:
-    """Create the folder `path` if needed and check that a file can be written in it (by writing one: as root,
-    permission bits alone prove nothing); ModelInputError naming the folder otherwise."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ModelInputError(f"output folder {str(path)!r} is not writable: {e.strerror or e}") from e
-    return path
+    """Create the folder `path` if needed and check that a file can be written in it; ModelInputError naming
+    the folder otherwise."""
+    return check_writable_dir(path, create=True)
 
 
-def check_writable_dir(path) -> Path:
-    """Check, creating nothing, that the folder `path` can be made (or is there) and written: its nearest existing
-    ancestor must be a folder a file can be written in. ModelInputError naming `path` otherwise."""
+def check_writable_dir(path, *, create: bool = False) -> Path:
+    """Check that the folder `path` can be written, by writing a file (as root, permission bits alone prove
+    nothing). Without `create` nothing is made: the nearest existing ancestor must be a folder that takes a file.
+    ModelInputError naming `path` otherwise."""
     path = Path(path)
-    base = path
-    while not base.exists() and base != base.parent:
-        base = base.parent
     try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        base = path
+        while not base.exists() and base != base.parent:
+            base = base.parent
         if not base.is_dir():
             raise NotADirectoryError(20, "Not a directory", str(base))
         fd, probe = tempfile.mkstemp(dir=base, prefix=".write-probe-")
