@@ -11,3 +11,13 @@ def add_model_arguments(group) -> None:
     group.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     group.add_argument("--dtype", default=None,
                        help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
+
+
+def add_size_arguments(group) -> None:
+    """--height/--width in pixels, for `extract` and `generate` (the model folder's own size by default)."""
+    group.add_argument("--height", type=int, metavar="PX",
+                       help="video height in pixels, a multiple of 16 (default: the model's own size: 96 for the "
+                            "embedded default, config.json's video_size for a folder that records one, else 480)")
+    group.add_argument("--width", type=int, metavar="PX",
+                       help="video width in pixels, a multiple of 16 (default: 128 for the embedded default, "
+                            "config.json's video_size, else 832)")

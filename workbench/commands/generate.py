@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.commands import add_model_arguments
+from workbench.commands import add_model_arguments, add_size_arguments
 
 HELP = "generate videos (latents, mp4, PNG grid) from prompts"
 
@@ -22,7 +22,8 @@ examples:
   workbench view runs/live --wait                                   # frames and attention, chunk by chunk
 
 Writes, per prompt index P and seed S, into --out: pPPPP-sS.safetensors (latents [F, 16, h, w] under
-"latents"), pPPPP-sS.mp4 (16 fps) and pPPPP-sS.png (a grid of every 5th frame). With less than 40 GB of
+"latents"), pPPPP-sS.mp4 (16 fps; needs the video extra: pip install -e ".[video]") and pPPPP-sS.png (a grid
+of every 5th frame). With less than 40 GB of
 free GPU memory the text encoder leaves the GPU before the DiT is loaded (low-memory mode).
 With --live, each chunk's decoded frames and attention (attn_mass of --layers, --heads, --steps, captured as
 `workbench extract` does; the latents stay bitwise the same) also go into --out as the chunk finishes:
@@ -38,6 +39,7 @@ def register(subparsers) -> None:
     src.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
     p.add_argument("--seed", default="0", help="seed(s): 0, 0-3 or 1,2,3 (default: %(default)s)")
     p.add_argument("--frames", type=int, default=21, help="latent frames (default: %(default)s -> 81 video frames)")
+    add_size_arguments(p)
     p.add_argument("--sampler", default="causal_few_step",
                    choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"])
     p.add_argument("--num-inference-steps", type=int, default=50, help="multi-step samplers (default: %(default)s)")
@@ -67,6 +69,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import contextlib
     import gc
+    import sys
     from pathlib import Path
 
     import torch
@@ -74,11 +77,12 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     from models.checkpoint import load_wan
+    from models.config import WanConfig, default_video_size, latent_size
     from models.embedded import EMBEDDED_DIR
     from models.rollout import sample
     from models.text_encoder import TextEncoder
     from models.vae import WanVAE
-    from models.video import ensure_writable_dir, read_prompts, write_mp4, write_png_grid
+    from models.video import ensure_writable_dir, mp4_available, read_prompts, write_mp4, write_png_grid
     from workbench.errors import WorkbenchError
     from workbench.extract import DEFAULT_PROMPT, _dtype, parse_int_list
 
@@ -93,6 +97,9 @@ def run(args) -> int:
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise WorkbenchError(f"--checkpoint {args.checkpoint!r} does not exist")
+    own_h, own_w = default_video_size(wan_dir)
+    h, w = latent_size(own_h if args.height is None else args.height, own_w if args.width is None else args.width,
+                       WanConfig.from_json(wan_dir / "config.json"))
     if args.sampler != "bidirectional":
         from models.config import VideoGeometry
 
@@ -102,11 +109,13 @@ def run(args) -> int:
                              "attention; add --local-attn-size N (and optionally --sink-size S)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    embedded = args.wan_dir is None
-    h, w = (12, 16) if embedded else (60, 104)
     low_memory = args.low_memory == "on" or (
         args.low_memory == "auto" and device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 40 * 2**30)
     quiet = args.no_progress
+    mp4 = not args.no_video and mp4_available()
+    if not args.no_video and not mp4:
+        print("note: no mp4 files: mp4 needs the video extra (pip install -e '.[video]': ffmpeg, 165 MB); writing "
+              "the latents and PNG grids", file=sys.stderr)
     live = None
     if not args.live and (args.layers or args.heads or args.steps):
         raise WorkbenchError("--layers, --heads and --steps choose what --live captures; add --live")
@@ -164,7 +173,8 @@ def run(args) -> int:
         if vae is None:
             continue
         video = torch.cat(pieces, dim=2)[0]  # [3, T, H, W] in [-1, 1]
-        write_mp4(video, out / f"{name}.mp4", fps=16)
+        if mp4:
+            write_mp4(video, out / f"{name}.mp4", fps=16)
         write_png_grid(video, out / f"{name}.png", ncols=9, frames=range(0, video.shape[1], 5))
     if live is not None:
         live.close()
