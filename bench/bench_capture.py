@@ -39,11 +39,10 @@ class ReferenceProbe(StatsProbe):
 
     graph_safe = False
 
-    def on_call(self, call, q, k, v, out, lse):
+    def given(self, call, q, k, lse):
         from workbench.kernels.reference import frame_mass_reference
 
-        self._mass = frame_mass_reference(q, k, frame_seq_len=call.frame_seq_len, lse=lse)
-        super().on_call(call, q, k, v, out, lse)
+        return {"attn_mass": frame_mass_reference(q, k, frame_seq_len=call.frame_seq_len, lse=lse)}
 
 
 def kernel_of(mode: str) -> str:
@@ -118,11 +117,11 @@ def main():
     if args.fused_config:
         import json
 
-        from models import triton_attention as ta
+        from models import triton_attention_plan as plan
 
         text = Path(args.fused_config).read_text() if Path(args.fused_config).is_file() else args.fused_config
-        ta.FUSED_CONFIG_SM90 = {**ta.FUSED_CONFIG_SM90, **json.loads(text)}
-        print(f"# Triton kernel config: {ta.FUSED_CONFIG_SM90}")
+        plan.FUSED_CONFIG_SM90 = {**plan.FUSED_CONFIG_SM90, **json.loads(text)}
+        print(f"# Triton kernel config: {plan.FUSED_CONFIG_SM90}")
     print(f"# bench_capture  {datetime.datetime.now().isoformat(timespec='seconds')}  "
           f"{torch.cuda.get_device_name()}  torch {torch.__version__}  python {platform.python_version()}")
     print(f"# command: {' '.join(sys.argv)}")

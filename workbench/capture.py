@@ -198,8 +198,14 @@ class StatsProbe(Probe):
     def on_call(self, call: AttentionCall, q, k, v, out, lse) -> None:
         """The exact path (`Probe.observe` selected the heads)."""
         self._claim(call)
-        self._place(call, CallTensors(q, k, lse, call.frame_seq_len, call.frame_mask), self._stats_of(call))
+        given = self.given(call, q, k, lse)
+        self._place(call, CallTensors(q, k, lse, call.frame_seq_len, call.frame_mask, given), self._stats_of(call))
         self.last_path = "exact"
+
+    def given(self, call: AttentionCall, q, k, lse) -> dict:
+        """Statistics of an exact-path call computed some other way, {name: value} (none here; benches and
+        tests override it to compare another computation through the same placement)."""
+        return {}
 
     @torch.no_grad()  # statistics are observations: never part of an autograd graph (training forwards)
     def _place(self, call: AttentionCall, t: CallTensors, stats) -> None:
