@@ -63,6 +63,7 @@ class AttentionCall:
     head_dim: int = 0
     kernel: str = "auto"  # the model's attention kernel choice (models.attention_kernels.CHOICES)
     edits: tuple[str, ...] = ()  # labels of the interventions that edited this call, in the order they ran
+    head_mask: torch.Tensor | None = None  # [num_heads, n_key_frames] bool: a head-wise cache policy's key frames
 
     @property
     def step(self) -> int | None:
@@ -118,6 +119,8 @@ class AttentionIntervention(Protocol):
 def attend(q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] = (), *,
            interventions: Sequence[AttentionIntervention] = ()) -> torch.Tensor:
     """Every attention call of the model. q [B, Lq, H, D]; k, v [B, Lk, H, D] -> out [B, Lq, H, D]."""
+    if call.head_mask is not None:
+        return _attend_by_head_groups(q, k, v, call, observers, interventions)
     editing = [iv for iv in interventions if iv.wants(call)] if interventions else ()
     for iv in editing:  # in order: each edit sees the one before it
         call, q, k, v = iv.edit_inputs(call, q, k, v)
@@ -139,6 +142,31 @@ def attend(q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] 
     for obs in interested:
         if obs is not computed_by:
             obs.observe(call, q, k, v, out, lse)
+    return out
+
+
+def _attend_by_head_groups(q, k, v, call: AttentionCall, observers, interventions) -> torch.Tensor:
+    """A call whose heads attend to different key frames (a head-wise KV-cache policy): one masked call per group
+    of heads with the same key frames, outputs put back in head order. Observers and interventions would see
+    per-group calls, not the layer's, so they are refused here (the head-wise policy's own note says so)."""
+    if any(obs.wants(call) for obs in observers) or any(iv.wants(call) for iv in interventions):
+        from models.errors import ModelInputError
+
+        raise ModelInputError("attention capture and interventions do not run under a head-wise cache policy yet; "
+                              "use a policy that keeps the same frames for every head")
+    nqf = len(call.query_frames)
+    out = torch.empty_like(q)  # [B, Lq, H, D]
+    groups: dict[tuple, list[int]] = {}
+    for h, row in enumerate(call.head_mask.tolist()):
+        groups.setdefault(tuple(row), []).append(h)
+    for row, heads in groups.items():
+        mask = torch.tensor(row, dtype=torch.bool)[None, :].expand(nqf, -1)
+        if call.frame_mask is not None:
+            mask = mask & call.frame_mask.cpu()
+        idx = slice(heads[0], heads[-1] + 1) if heads == list(range(heads[0], heads[-1] + 1)) else heads
+        sub = compute(q[:, :, idx], k[:, :, idx], v[:, :, idx], frame_mask=mask, frame_seq_len=call.frame_seq_len,
+                      kernel=call.kernel)[0]
+        out[:, :, idx] = sub
     return out
 
 

@@ -11,6 +11,14 @@ Semantics are those of Self-Forcing's `CausalWanModel._forward_inference` (refer
 The cache records which absolute frame each slot holds, so attention calls are labelled from what is really
 there, not from a count.
 
+Cache policies (`CachePolicy`; workbench/kv_policies.py implements FIFO window, window + sink, deep sink with
+temporal RoPE re-alignment, attention-guided compression and head-wise policies): after each chunk of a rollout
+the policy says, per layer, which held frames stay (`Keep`: frames in slot order, the temporal RoPE position of
+each, optionally which heads attend to which of them). `KVCache.keep` compacts the slots in place (the tensors
+keep their addresses, so CUDA graphs still read them) and re-rotates the temporal RoPE channels of a frame whose
+position changes (RoPE is a rotation: moving a key from position p to p' is one more rotation by the angle of
+p' - p; height and width channels are untouched). With no policy the cache behaves exactly as above.
+
 Training (a forward with gradients, the exit step of Self-Forcing) sees the cache through a `GradWindow`; the
 window's values are fixed when the forward starts, so backward (and an activation-checkpoint recompute) sees
 what the forward saw even after later chunks and context passes wrote the cache. What gradient the past
@@ -32,6 +40,7 @@ when an exit forward computes them afresh (with gradient) instead:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Hashable, Protocol
 
 import torch
 
@@ -54,7 +63,10 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.frames: list[int] = []  # absolute frame index held by each filled slot, in slot order
+        self.positions: list[int] = []  # temporal RoPE position of each filled slot's keys (its frame unless moved)
+        self.head_mask: torch.Tensor | None = None  # [heads, filled slots] bool: which heads attend to which
         self.end_frame = 0  # one past the newest absolute frame written
+        self.temporal_freqs: torch.Tensor | None = None  # [rope_split[0] / 2] float64: `keep` re-rotates with it
 
     def write(self, start_frame: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Write the keys/values of frames [start_frame, start_frame + n) (k_new [B, n * fsl, H, D])."""
@@ -86,6 +98,9 @@ class KVCache:
                 self._evict(overflow)
             slot = len(self.frames)
             self.frames.extend(frames)
+            self.positions.extend(frames)  # new keys are rotated at their absolute frame (models/wan.py)
+            if self.head_mask is not None:  # every head attends to a new frame
+                self.head_mask = torch.cat([self.head_mask, self.head_mask.new_ones(self.head_mask.shape[0], n)], 1)
             self.end_frame = start_frame + n
         return slot * self.fsl, (slot + n) * self.fsl
 
@@ -100,6 +115,57 @@ class KVCache:
         self.k[:, dst] = self.k[:, src].clone()
         self.v[:, dst] = self.v[:, src].clone()
         del self.frames[self.sink : keep_from]
+        del self.positions[self.sink : keep_from]
+        if self.head_mask is not None:
+            self.head_mask = torch.cat([self.head_mask[:, : self.sink], self.head_mask[:, keep_from:]], 1)
+
+    def keep(self, frames, positions=None, head_mask: torch.Tensor | None = None) -> None:
+        """Keep exactly `frames` (held frames, in slot order) at temporal RoPE `positions` (default: where they
+        are), with `head_mask` [heads, len(frames)] bool (None: every head attends to every kept frame).
+        Slots are compacted to the left in place; a frame whose position changes has its keys' temporal
+        channels rotated by the angle of the change."""
+        frames = [int(f) for f in frames]
+        where = {f: i for i, f in enumerate(self.frames)}
+        missing = [f for f in frames if f not in where]
+        if missing or len(set(frames)) != len(frames):
+            raise ModelInputError(f"a cache policy kept frames {frames}; the cache holds {self.frames}")
+        src = [where[f] for f in frames]
+        if src != sorted(src):
+            raise ModelInputError(f"a cache policy kept frames {frames} out of slot order ({self.frames})")
+        positions = [self.positions[i] for i in src] if positions is None else [int(p) for p in positions]
+        if len(positions) != len(frames) or any(not 0 <= p < 1024 for p in positions):
+            raise ModelInputError(f"cache policy positions {positions} for frames {frames}: one per frame, in 0-1023")
+        fsl = self.fsl
+        for dst, i in enumerate(src):  # left to right: a slot is read before anything is written over it
+            if dst != i:
+                self.k[:, dst * fsl : (dst + 1) * fsl] = self.k[:, i * fsl : (i + 1) * fsl].clone()
+                self.v[:, dst * fsl : (dst + 1) * fsl] = self.v[:, i * fsl : (i + 1) * fsl].clone()
+            delta = positions[dst] - self.positions[i]
+            if delta:
+                self._retime(slice(dst * fsl, (dst + 1) * fsl), delta)
+        if head_mask is not None and tuple(head_mask.shape) != (self.k.shape[2], len(frames)):
+            raise ModelInputError(f"cache policy head mask of shape {tuple(head_mask.shape)}; expected "
+                                  f"[{self.k.shape[2]}, {len(frames)}]")
+        self.frames, self.positions = frames, positions
+        self.head_mask = None if head_mask is None or bool(head_mask.all()) else head_mask.to(torch.bool).cpu()
+
+    def _retime(self, tokens: slice, delta: int) -> None:
+        """Rotate the temporal RoPE channel pairs of the keys in `tokens` by the angle of `delta` positions."""
+        if self.temporal_freqs is None:
+            raise ModelInputError("this cache cannot move RoPE positions (no temporal frequencies were given)")
+        k = self.k[:, tokens]  # [B, n, H, D]
+        work = torch.float64 if k.dtype == torch.float64 else torch.float32
+        t = self.temporal_freqs.numel()
+        angle = (delta * self.temporal_freqs).to(k.device)  # float64 [t]
+        cos, sin = angle.cos().to(work), angle.sin().to(work)
+        pairs = k[..., : 2 * t].to(work).unflatten(-1, (t, 2))
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        k[..., : 2 * t] = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2).to(k.dtype)
+
+    def held_bytes(self) -> int:
+        """Bytes of keys and values in filled slots (what the held frames take, not the allocation)."""
+        return 2 * len(self.frames) * self.fsl * self.k.shape[0] * self.k.shape[2] * self.k.shape[3] * \
+            self.k.element_size()
 
     def window(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
         """(k, v, key_frames) of what a query attends to: every filled slot."""
@@ -145,6 +211,30 @@ class GradWindow:
 
 
 @dataclass
+class Keep:
+    """A cache policy's decision for one layer: the frames that stay (slot order), their temporal RoPE positions
+    (None: unchanged) and which heads attend to them ([heads, frames] bool; None: all)."""
+
+    frames: list[int]
+    positions: list[int] | None = None
+    head_mask: torch.Tensor | None = None
+
+
+class CachePolicy(Protocol):
+    """What a rollout needs from a KV-cache policy (workbench/kv_policies.py implements it)."""
+
+    key: Hashable  # its settings: part of the rollout graphs' key
+    graph_safe: bool  # its decisions depend only on (layer, chunk, frames held), not on the data
+
+    def capacity(self, num_frames: int, chunk_frames: int) -> int:
+        """Frames each layer's cache allocates for a rollout of `num_frames` frames in chunks of `chunk_frames`."""
+
+    def after_chunk(self, layer: int, cache: KVCache, chunk: int, next_frames: int) -> Keep | None:
+        """After chunk `chunk` (its context pass included): what layer `layer` keeps, leaving room for the
+        `next_frames` frames of the next chunk (None: keep everything)."""
+
+
+@dataclass
 class CrossCache:
     """One layer's cross-attention keys/values, computed from the text once per video."""
 
@@ -161,6 +251,7 @@ class RolloutCache:
     cross: list[CrossCache]
     kv_gradient: str = "inplace"  # KV_GRADIENTS
     text_kv_gradient: str = "follows_checkpointing"  # TEXT_KV_GRADIENTS
+    policy: CachePolicy | None = None  # decides what stays after each chunk (None: the window and sink above)
 
     def __post_init__(self):
         if self.kv_gradient not in KV_GRADIENTS:
@@ -170,18 +261,42 @@ class RolloutCache:
 
     @classmethod
     def allocate(cls, config, batch: int, num_frames: int, frame_seq_len: int, *, dtype, device,
-                 kv_gradient: str = "inplace", text_kv_gradient: str = "follows_checkpointing") -> "RolloutCache":
+                 kv_gradient: str = "inplace", text_kv_gradient: str = "follows_checkpointing",
+                 policy: CachePolicy | None = None, chunk_frames: int = 3) -> "RolloutCache":
         """Cache for a rollout of `num_frames` latent frames. Global attention holds all of them; a local window
-        of `config.local_attn_size` frames (with `config.sink_size` sink frames) evicts the oldest."""
+        of `config.local_attn_size` frames (with `config.sink_size` sink frames) evicts the oldest. With a
+        `policy`, its capacity, and nothing evicted but what it drops after each chunk."""
         local = config.local_attn_size
-        if local == -1:
+        if policy is not None:
+            capacity, evict = policy.capacity(num_frames, chunk_frames), False
+        elif local == -1:
             capacity, evict = num_frames, False
         else:
             capacity, evict = local, True
+        from models.rope import axis_angles
+
+        freqs = axis_angles(config.rope_split[0], 2)[1]  # [rope_split[0] / 2]: the angle of one position
         kv = [KVCache(batch, capacity, frame_seq_len, config.num_heads, config.head_dim, sink_frames=config.sink_size,
                       evict=evict, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        for c in kv:
+            c.temporal_freqs = freqs
         return cls(kv=kv, cross=[CrossCache() for _ in range(config.num_layers)], kv_gradient=kv_gradient,
-                   text_kv_gradient=text_kv_gradient)
+                   text_kv_gradient=text_kv_gradient, policy=policy)
+
+    def after_chunk(self, chunk: int, next_frames: int) -> None:
+        """Apply the policy (if any) to every layer's cache after chunk `chunk`."""
+        if self.policy is None:
+            return
+        for layer, kv in enumerate(self.kv):
+            keep = self.policy.after_chunk(layer, kv, chunk, next_frames)
+            if keep is not None:
+                kv.keep(keep.frames, keep.positions, keep.head_mask)
+            if len(kv.frames) + next_frames > kv.capacity and next_frames:
+                raise ModelInputError(f"cache policy {self.policy.key!r} left {len(kv.frames)} frames in layer "
+                                      f"{layer}; the next {next_frames} do not fit its {kv.capacity} frames")
+
+    def held_bytes(self) -> int:
+        return sum(kv.held_bytes() for kv in self.kv)
 
     def fresh_text_kv(self, checkpointing: bool) -> bool:
         """Whether a forward with gradients computes the text keys/values itself (with gradient) rather than

@@ -95,9 +95,10 @@ class RolloutGraphs:
     a graph replays only for a forward labelled exactly as the one it recorded (what an observer or an
     intervention selects by)."""
 
-    def __init__(self, key, model, batch: int, frames: int, fsl: int, context: torch.Tensor, dtype):
+    def __init__(self, key, model, batch: int, frames: int, fsl: int, context: torch.Tensor, dtype, policy=None):
         self.key = key
-        self.cache = RolloutCache.allocate(model.config, batch, frames, fsl, dtype=dtype, device=context.device)
+        self.cache = RolloutCache.allocate(model.config, batch, frames, fsl, dtype=dtype, device=context.device,
+                                           policy=policy, chunk_frames=model.num_frame_per_block)
         self.context = torch.empty_like(context)
         self.pool = None
         self.graphs: dict = {}  # (chunk, first[, labels]) -> (graph, x, t, out, cache state after, observer calls)
@@ -110,7 +111,7 @@ class RolloutGraphs:
         before they are read)."""
         self.context.copy_(context)
         for kv in self.cache.kv:
-            kv.frames, kv.end_frame = [], 0
+            kv.frames, kv.positions, kv.head_mask, kv.end_frame = [], [], None, 0
         if self.rollouts:  # the eager warm-up rollout filled the cross cache; later ones refill it in place
             model.fill_cross_cache(self.context, self.cache)
         self.rollouts += 1
@@ -131,7 +132,7 @@ class RolloutGraphs:
                     out = model(xs, ts, self.context, cache=self.cache, start_frame=start, labels=labels)
             finally:
                 seen = [obs.end_recording() for obs in self.observers]
-            state = [(list(kv.frames), kv.end_frame) for kv in self.cache.kv]
+            state = [(list(kv.frames), list(kv.positions), kv.head_mask, kv.end_frame) for kv in self.cache.kv]
             self.graphs[key] = (graph, xs, ts, out, state, seen)
             replayed = False  # the calls were seen (and their bookkeeping done) while recording
         else:
@@ -140,15 +141,15 @@ class RolloutGraphs:
         xs.copy_(x)
         ts.copy_(t)
         graph.replay()
-        for kv, (frames, end) in zip(self.cache.kv, state):
-            kv.frames, kv.end_frame = list(frames), end
+        for kv, (frames, positions, head_mask, end) in zip(self.cache.kv, state):
+            kv.frames, kv.positions, kv.head_mask, kv.end_frame = list(frames), list(positions), head_mask, end
         if replayed:
             for obs, calls in zip(self.observers, seen):
                 obs.replay_recorded(calls)
         return out.clone()  # the graph's output buffer is rewritten by its next replay
 
 
-def _rollout_graphs(model, noise, context, cuda_graphs, extra_key, devices=("cuda",)) -> RolloutGraphs | None:
+def _rollout_graphs(model, noise, context, cuda_graphs, extra_key, devices=("cuda",), policy=None) -> RolloutGraphs | None:
     """The model's `RolloutGraphs` for this rollout's shape, or None when the rollout runs eagerly. (`devices`
     lets the CPU tests check which rollouts share graphs.)"""
     if cuda_graphs is None:
@@ -157,20 +158,22 @@ def _rollout_graphs(model, noise, context, cuda_graphs, extra_key, devices=("cud
         return None  # graphs need CUDA and no autograd
     if not all(getattr(sub, "graph_safe", False) for sub in (*model.observers, *model.interventions)):
         return None  # an observer or intervention that runs arbitrary Python per attention call
+    if policy is not None and not policy.graph_safe:
+        return None  # a cache policy whose decisions depend on the data
     from models import fused
 
     fsl = (noise.shape[3] // model.config.patch_size[1]) * (noise.shape[4] // model.config.patch_size[2])
     params = tuple(p.data_ptr() for p in model.parameters())
     key = (tuple(noise.shape), noise.dtype, str(noise.device), tuple(context.shape), context.dtype, params,
            fused.GELU_EPILOGUE, fused.COMPILE, getattr(model, "attention_kernel", "auto"),
-           tuple(iv.key for iv in model.interventions), extra_key)
+           tuple(iv.key for iv in model.interventions), extra_key, None if policy is None else policy.key)
     current = getattr(model, "_rollout_graphs", None)
     same = current is not None and _same(current.observers, model.observers) and \
         _same(current.interventions, model.interventions)
     if current is None or current.key != key or not same:
         model._rollout_graphs = None  # free the old cache and pool first
         current = model._rollout_graphs = RolloutGraphs(key, model, noise.shape[0], noise.shape[1], fsl, context,
-                                                        noise.dtype)
+                                                        noise.dtype, policy)
     return current
 
 
@@ -188,23 +191,29 @@ def release_graphs(model) -> None:
 def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timesteps: torch.Tensor,
                     scheduler: FlowMatchScheduler, context_noise: float = 0.0, generator: torch.Generator | None = None,
                     cache_frames: int = 21, last_context_pass: bool = True, on_forward: OnForward | None = None,
-                    cuda_graphs: bool | None = None, on_chunk: OnChunk | None = None):
+                    cuda_graphs: bool | None = None, on_chunk: OnChunk | None = None, cache_policy=None):
     """noise [B, F, C, H, W], context [B, text_len, text_dim] -> clean latents [B, F, C, H, W].
+
+    cache_policy: a KV-cache policy (models/kv_cache.py `CachePolicy`, workbench/kv_policies.py) applied to every
+    layer's cache after each chunk; None: the model's window and sink.
 
     timesteps: the warped denoising steps (float32, e.g. [1000, 937.5, 833.33, 625]). cuda_graphs: replay the
     forwards from CUDA graphs recorded by an earlier rollout of the same shape (`RolloutGraphs`; CUDA, no
     observers; None: the WORKBENCH_CUDA_GRAPHS setting, on unless it is "0")."""
     B, Fr = noise.shape[:2]
-    check_causal_geometry(model, Fr, cache_frames)
+    check_causal_geometry(model, Fr, cache_frames if cache_policy is None else Fr)  # (a policy sizes its cache)
     n = model.num_frame_per_block
     fsl = (noise.shape[3] // model.config.patch_size[1]) * (noise.shape[4] // model.config.patch_size[2])
     schedule = few_step_schedule(timesteps, context_noise)
     graphs = _rollout_graphs(model, noise, context, cuda_graphs,
-                             (tuple(timesteps.tolist()), float(context_noise), last_context_pass, cache_frames))
+                             (tuple(timesteps.tolist()), float(context_noise), last_context_pass, cache_frames),
+                             policy=cache_policy)
     if graphs is None:
-        cache = RolloutCache.allocate(model.config, B, Fr, fsl, dtype=noise.dtype, device=noise.device)
+        cache = RolloutCache.allocate(model.config, B, Fr, fsl, dtype=noise.dtype, device=noise.device,
+                                      policy=cache_policy, chunk_frames=n)
     else:
         graphs.begin(model, context)
+        cache = graphs.cache
     output = torch.zeros_like(noise)
     for chunk in range(Fr // n):
         start = chunk * n
@@ -228,6 +237,8 @@ def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timest
         if last_context_pass or chunk < Fr // n - 1:
             t = torch.full((B, n), float(context_noise), device=noise.device, dtype=torch.float32)
             forward(_to_model(x0), t, _with_chunk(schedule[-1], chunk))
+        if cache_policy is not None:
+            cache.after_chunk(chunk, n if start + n < Fr else 0)
         if on_chunk:
             on_chunk(chunk, start, x0)
     return output
@@ -365,14 +376,16 @@ SAMPLERS = ("causal_few_step", "causal_multi_step_cfg", "bidirectional")
 def sample(model, sampler: str, noise, context, negative_context=None, *, generator=None,
            denoising_step_list=(1000, 750, 500, 250), timestep_shift: float = 5.0, context_noise: float = 0.0,
            num_inference_steps: int = 50, guidance_scale: float = 5.0, on_forward: OnForward | None = None,
-           on_chunk: OnChunk | None = None):
+           on_chunk: OnChunk | None = None, cache_policy=None):
     """Run the named sampler: `causal_few_step` (Self-Forcing inference), `causal_multi_step_cfg` (causal
     model, multi-step solver with CFG) or `bidirectional` (the Wan baseline). noise [B, F, C, H, W]."""
     if sampler == "causal_few_step":
         sched = FlowMatchScheduler(timestep_shift)
         return causal_few_step(model, noise, context, timesteps=sched.warp(denoising_step_list), scheduler=sched,
                                context_noise=context_noise, generator=generator, on_forward=on_forward,
-                               on_chunk=on_chunk)
+                               on_chunk=on_chunk, cache_policy=cache_policy)
+    if cache_policy is not None:
+        raise ModelInputError(f"KV-cache policies run with the causal_few_step sampler only, not {sampler!r}")
     if sampler not in SAMPLERS:
         raise ModelInputError(f"unknown sampler {sampler!r}; use one of {list(SAMPLERS)}")
     if negative_context is None:

@@ -105,8 +105,9 @@ class SelfAttention(nn.Module):
             cache.write(ctx.start_frame, k, v)
             k, v, key_frames = cache.window()  # [B, Lk, heads, head_dim]: sink + window, own chunk included
             frame_mask = None
+        head_mask = getattr(cache, "head_mask", None)  # a head-wise cache policy's frames per head
         call = AttentionCall(self.layer, "self", ctx.labels, ctx.query_frames, key_frames, ctx.frame_seq_len,
-                             ctx.grid, frame_mask, self.num_heads, self.head_dim, ctx.kernel)
+                             ctx.grid, frame_mask, self.num_heads, self.head_dim, ctx.kernel, head_mask=head_mask)
         out = self.attend(q, k, v, call, ctx.observers, interventions=ctx.interventions)  # [B, L, heads, head_dim]
         return self.o(out.flatten(2))
 

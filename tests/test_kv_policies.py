@@ -1,0 +1,220 @@
+"""KV-cache policies (workbench/kv_policies.py, models/kv_cache.py `keep`): what each cache holds after each chunk,
+at which RoPE positions, and what memory it takes; window + sink as a policy is bitwise today's rolling window; a
+cache that never held frames equals a knockout of them; attention-guided compression keeps the frames the chunk's
+queries attended to most (dense float64 reference); head-wise groups equal per-head masked attention."""
+
+import math
+
+import pytest
+import torch
+
+from attention_reference import dense_frame_stats
+from conftest import tiny_model
+from models import rollout as rollout_mod
+from models.attention import AttentionCall, attend
+from models.kv_cache import Keep, KVCache
+from models.rope import RopeTable, rope_cos_sin
+from models.fused import rope
+from models.rollout import causal_few_step
+from models.scheduler import FlowMatchScheduler
+from workbench.hooks import CallFilter, RecordingProbe, attach
+from workbench.interventions import KeyFrameKnockout
+from workbench.kv_policies import AttentionGuided, DeepSink, FifoWindow, HeadWise, WindowSink
+
+C, H, W, FSL, TEXT_LEN = 16, 4, 6, 6, 16
+
+
+def run(model, frames, *subscribers, policy=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    noise, ctx = torch.randn(1, frames, C, H, W, generator=g), torch.randn(1, TEXT_LEN, 32, generator=g)
+    s = FlowMatchScheduler(5.0)
+    with attach(model, *subscribers):
+        return causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s, generator=g,
+                               cache_policy=policy)
+
+
+def held(model, frames, policy, *extra):
+    """Key frames of layer 0's first self-attention call in every chunk (what the cache held then)."""
+    rec = RecordingProbe(CallFilter(layers={0}, kinds={"self"}, steps={0}))
+    out = run(model, frames, rec, *extra, policy=policy)
+    return out, [call.key_frames for call, *_ in rec.records]
+
+
+@pytest.mark.parametrize("window,sink", [(9, 3), (6, 0), (7, 1)])
+def test_window_sink_policy_is_bitwise_the_rolling_window(window, sink, one_thread):
+    plain, plain_frames = held(tiny_model(local_attn_size=window, sink_size=sink), 18, None)
+    policy = FifoWindow(window) if sink == 0 else WindowSink(window, sink)
+    got, got_frames = held(tiny_model(), 18, policy)
+    assert torch.equal(got, plain) and got_frames == plain_frames
+    assert got_frames[-1] == tuple(range(sink)) + tuple(range(18 - (window - sink), 18))
+
+
+def drive(policy, chunks=6, n=3, heads=2, d=12, dtype=torch.float64):
+    """A cache driven as a rollout drives it: write each chunk, then the policy. Returns per chunk (frames held
+    after the policy, their positions, bytes held) and the cache."""
+    cap = policy.capacity(chunks * n, n)
+    cache = KVCache(1, cap, FSL, heads, d, dtype=dtype)
+    cache.temporal_freqs = RopeTable((d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))).tables[0][1]
+    after = []
+    for c in range(chunks):
+        k = torch.randn(1, n * FSL, heads, d, dtype=dtype)
+        cache.write(c * n, k, k.clone())
+        keep = policy.after_chunk(0, cache, c, n if c < chunks - 1 else 0)
+        if keep is not None:
+            cache.keep(keep.frames, keep.positions, keep.head_mask)
+        after.append((list(cache.frames), list(cache.positions), cache.held_bytes()))
+    return after, cache
+
+
+def test_frames_positions_and_memory_held_after_each_chunk():
+    per_frame = 2 * FSL * 2 * 12 * 8  # k and v, fsl tokens, 2 heads, head_dim 12, float64
+    fifo, _ = drive(FifoWindow(6))
+    assert [f for f, _, _ in fifo] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11], [12, 13, 14], [12, 13, 14, 15, 16, 17]]
+    assert all(b == len(f) * per_frame for f, _, b in fifo)
+    sink, _ = drive(WindowSink(7, 1))
+    assert [f for f, _, _ in sink][2:] == [[0, 6, 7, 8], [0, 9, 10, 11], [0, 12, 13, 14],
+                                           [0, 12, 13, 14, 15, 16, 17]]
+    assert all(p == f for f, p, _ in sink)  # a plain sink keeps its positions
+    deep, _ = drive(DeepSink(9, 4))
+    frames, positions, nbytes = zip(*deep)
+    assert frames[2] == [0, 1, 2, 3, 7, 8] and positions[2] == [3, 4, 5, 6, 7, 8]  # sink right before frame 7
+    assert frames[4] == [0, 1, 2, 3, 13, 14] and positions[4] == [9, 10, 11, 12, 13, 14]
+    assert frames[5] == [0, 1, 2, 3, 13, 14, 15, 16, 17] and positions[5] == list(range(9, 18))
+    assert nbytes[5] == 9 * per_frame
+
+
+def test_deep_sink_realignment_rotates_temporal_channels_only():
+    """Keys made by RoPE at their frame, moved by the policy, equal the same keys made by RoPE at the new position
+    (float64); height and width channels are untouched bitwise."""
+    heads, d, n = 2, 12, 3
+    table = RopeTable((d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)))
+    torch.manual_seed(0)
+    base = torch.randn(1, 18 * FSL, heads, d, dtype=torch.float64)  # un-rotated keys of 18 frames
+
+    def at(frame, position):
+        cos, sin = rope_cos_sin(table.angles(1, 2, 3, position), "cpu", torch.float64)
+        return rope(base[:, frame * FSL : (frame + 1) * FSL], cos, sin)
+
+    policy = DeepSink(9, 4)
+    cache = KVCache(1, 9, FSL, heads, d, dtype=torch.float64)
+    cache.temporal_freqs = table.tables[0][1]
+    for c in range(6):
+        k = torch.cat([at(f, f) for f in range(c * n, c * n + n)], 1)
+        cache.write(c * n, k, k)
+        keep = policy.after_chunk(0, cache, c, n)
+        if keep is not None:
+            cache.keep(keep.frames, keep.positions)
+        for slot, (f, p) in enumerate(zip(cache.frames, cache.positions)):
+            got = cache.k[:, slot * FSL : (slot + 1) * FSL]
+            torch.testing.assert_close(got, at(f, p), rtol=0, atol=1e-12)
+            t = table.split[0]
+            assert torch.equal(got[..., t:], at(f, f)[..., t:])
+    assert cache.positions[:4] != cache.frames[:4]  # they did move
+
+
+def test_a_cache_that_never_held_frames_equals_their_knockout(one_thread):
+    class Drop:  # frame 1 leaves after chunk 0, frame 4 after chunk 1
+        graph_safe, key = True, "drop"
+
+        def capacity(self, num_frames, chunk_frames):
+            return num_frames
+
+        def after_chunk(self, layer, cache, chunk, next_frames):
+            gone = {0: {1}, 1: {4}}.get(chunk, set())
+            return Keep([f for f in cache.frames if f not in gone])
+
+    model = tiny_model()
+    never, frames = held(model, 12, Drop())
+    assert frames == [(0, 1, 2), (0, 2, 3, 4, 5), (0, 2, 3, 5, 6, 7, 8), (0, 2, 3, 5, 6, 7, 8, 9, 10, 11)]
+    knocked = run(model, 12, KeyFrameKnockout([1], filter=CallFilter(chunks={1, 2, 3})),
+                  KeyFrameKnockout([4], filter=CallFilter(chunks={2, 3})))
+    torch.testing.assert_close(knocked, never, rtol=1e-5, atol=1e-5)
+    assert (never - run(model, 12)).abs().max() > 1e-3
+
+
+def test_attention_guided_keeps_what_the_chunk_attended_to_most(one_thread):
+    model = tiny_model()
+    policy = AttentionGuided(7, sink=1, recent=1)  # the sink, the newest frame, 2 chosen by attention
+    rec = RecordingProbe(CallFilter(layers={0}, kinds={"self"}))
+    run(model, 18, rec, policy, policy=policy)
+    by_chunk: dict[int, list] = {}
+    chosen = []
+    for call, q, k, _ in rec.records:
+        by_chunk.setdefault(call.chunk, []).append((call, q, k))
+    for c in range(1, 5):
+        calls = by_chunk[c]
+        key_frames = calls[0][0].key_frames
+        mass = sum(dense_frame_stats(q, k, FSL)[0].sum(dim=(0, 1, 2)) for _, q, k in calls)  # [nkf] float64
+        room = 7 - 3
+        fixed = {key_frames[0], *key_frames[-1:]}
+        others = sorted((f for f in key_frames if f not in fixed), key=lambda f: -float(mass[key_frames.index(f)]))
+        expected = sorted(fixed | set(others[: room - len(fixed)])) if len(key_frames) > room else list(key_frames)
+        nxt = by_chunk[c + 1][0][0].key_frames
+        assert list(nxt[:-3]) == expected, c
+        chosen += [f for f in expected if f not in fixed]
+        assert nxt[-3:] == tuple(range(3 * (c + 1), 3 * (c + 2)))
+    assert len(set(chosen)) > 2  # attention chose, not a fixed rule
+
+
+def test_head_groups_equal_per_head_masked_attention():
+    torch.manual_seed(0)
+    B, nkf, nqf, heads, d = 1, 5, 2, 4, 8
+    q = torch.randn(B, nqf * FSL, heads, d, dtype=torch.float64)
+    k, v = (torch.randn(B, nkf * FSL, heads, d, dtype=torch.float64) for _ in range(2))
+    head_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 0, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    call = AttentionCall(0, "self", None, (3, 4), (0, 1, 2, 3, 4), FSL, (2, 3), num_heads=heads, head_dim=d,
+                         head_mask=head_mask)
+    out = attend(q, k, v, call)
+    for h in range(heads):
+        s = q[0, :, h] @ k[0, :, h].T / math.sqrt(d)
+        s[:, ~head_mask[h].repeat_interleave(FSL)] = -math.inf
+        torch.testing.assert_close(out[0, :, h], torch.softmax(s, -1) @ v[0, :, h], rtol=1e-10, atol=1e-12)
+    with pytest.raises(Exception, match="head-wise cache policy"):
+        attend(q, k, v, call, [RecordingProbe()])
+
+
+def test_head_wise_policy_masks_the_static_heads(one_thread):
+    model = tiny_model()
+    base = run(model, 18, policy=WindowSink(9, 1))
+    assert torch.equal(run(model, 18, policy=HeadWise(9, 1, {})), base)  # no static head: the window itself
+    policy = HeadWise(9, 1, {0: [1]}, static_recent=5)
+    _, cache = drive(policy, chunks=4, heads=2)  # after chunk 3 (no next chunk): frames 0, 4-11
+    assert cache.frames == [0, *range(4, 12)]
+    keep = policy.after_chunk(0, cache, 3, 3)  # room for 3 more: the sink and the newest 5
+    assert keep.frames == [0, 7, 8, 9, 10, 11]
+    allowed = [f for f, m in zip(keep.frames, keep.head_mask[1].tolist()) if m]
+    assert allowed == [0, 10, 11] and bool(keep.head_mask[0].all())  # sink + the 2 newest (+ 3 to come = 5)
+    assert not torch.equal(run(model, 18, policy=HeadWise(9, 1, {0: [1], 1: [0, 2]}, static_recent=3)), base)
+
+
+def test_policies_are_part_of_the_graph_key(one_thread):
+    model = tiny_model()
+    noise, ctx = torch.randn(1, 6, C, H, W), torch.randn(1, TEXT_LEN, 32)
+    with torch.no_grad():
+        get = lambda p: rollout_mod._rollout_graphs(model, noise, ctx, True, "k", devices=("cpu",), policy=p)  # noqa
+        a = get(WindowSink(9, 3))
+        assert get(WindowSink(9, 3)) is a and get(DeepSink(9, 3)) is not a
+        assert get(AttentionGuided(9, 1)) is None  # data-dependent: eager
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_graphed_rollout_with_a_policy_equals_eager():
+    """bf16: FIFO, window + sink and deep sink (RoPE re-alignment between graph replays) replay from CUDA graphs
+    bitwise as their eager rollouts; window + sink equals the model's own window."""
+    s = FlowMatchScheduler(5.0)
+
+    def go(model, graphs, policy):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        noise = torch.randn(1, 18, C, H, W, generator=g, device="cuda").to(torch.bfloat16)
+        ctx = torch.randn(1, TEXT_LEN, 32, generator=g, device="cuda").to(torch.bfloat16)
+        return causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s,
+                               generator=g, cuda_graphs=graphs, cache_policy=policy)
+
+    model = tiny_model().cuda().to(torch.bfloat16)
+    windowed = tiny_model(local_attn_size=9, sink_size=3).cuda().to(torch.bfloat16)
+    assert torch.equal(go(model, False, WindowSink(9, 3)), go(windowed, False, None))
+    for policy in (FifoWindow(9), WindowSink(9, 3), DeepSink(9, 4)):
+        eager = go(model, False, policy)
+        for _ in range(3):
+            assert torch.equal(go(model, True, policy), eager), policy.name

@@ -1,0 +1,229 @@
+"""KV-cache policies: after each chunk of a causal rollout, which frames each layer's cache keeps (optionally which
+heads attend to which of them) and at which temporal RoPE positions.
+
+How it fits: the interface (`CachePolicy`, `Keep`) and the mechanics (compacting slots in place, re-rotating keys
+whose position moves) live in models/kv_cache.py; `causal_few_step(..., cache_policy=P)` (models/rollout.py) calls
+`P.after_chunk` for every layer once a chunk is finished, its context pass included. The policies here decide:
+
+    FifoWindow(window)              the newest `window` frames (the first frames are dropped like any other)
+    WindowSink(window, sink)        the first `sink` frames stay, then the newest: today's rolling window; with
+                                    (local_attn_size, sink_size) it is bitwise the rollout without a policy
+    DeepSink(window, sink)          a deep sink (Deep Forcing: about half the window) whose temporal RoPE positions
+                                    are re-aligned to sit just before the newest frames held, so no key is far
+                                    from the queries in time
+    AttentionGuided(window, sink)   keep what the recent queries attend to most: per layer, the attention mass of
+                                    the chunk's queries (every head, every step of the chunk, exact: computed
+                                    from the kernel's log-sum-exp while the rollout runs) on each held frame; the
+                                    newest chunk and the sink always stay. An observer: attach it (`attach(model,
+                                    policy)`) to the same rollout
+    HeadWise(window, static, ...)   Forcing-KV's split: "static" heads (per layer) attend only to the sink and the
+                                    newest `static_recent` frames, the other ("dynamic") heads to the whole window;
+                                    `static_heads_from_store` reads the split from a store's attention mass
+
+Every policy's `capacity` is the window; `key_frame` labels of attention calls are the frames actually held (the
+cache's own record). Decisions of FifoWindow, WindowSink, DeepSink and HeadWise depend only on the frames held, so a
+rollout with them may replay CUDA graphs; AttentionGuided's depend on the data, so its rollouts run eagerly.
+A head-wise cache holds the union of the heads' frames (no memory saved by this implementation); its heads attend
+through one masked call per group of heads (models/attention.py), and capture is refused under it.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from models.kv_cache import KVCache, Keep
+from workbench.hooks import CallFilter
+
+
+def _check_window(window: int, sink: int) -> None:
+    if window < 1 or sink < 0 or sink >= window:
+        raise ValueError(f"cache window {window} with sink {sink}: use window >= 1 and 0 <= sink < window")
+
+
+class WindowSink:
+    """The first `sink` frames and the newest ones, `window` frames in all once the next chunk is written."""
+
+    graph_safe = True
+
+    def __init__(self, window: int, sink: int = 0):
+        _check_window(window, sink)
+        self.window, self.sink = int(window), int(sink)
+
+    @property
+    def name(self) -> str:
+        return f"window{self.window}+sink{self.sink}"
+
+    @property
+    def key(self):
+        return type(self).__name__, self.window, self.sink
+
+    def capacity(self, num_frames: int, chunk_frames: int) -> int:
+        if self.window < self.sink + chunk_frames:
+            raise ValueError(f"{self.name}: a window of {self.window} frames has no room for a chunk of "
+                             f"{chunk_frames} beside {self.sink} sink frames")
+        return self.window
+
+    def kept_frames(self, cache: KVCache, next_frames: int) -> list[int]:
+        held = cache.frames
+        room = self.window - next_frames
+        if len(held) <= room:
+            return list(held)
+        sink = held[: self.sink]
+        return sink + held[len(held) - (room - len(sink)):]
+
+    def after_chunk(self, layer: int, cache: KVCache, chunk: int, next_frames: int) -> Keep | None:
+        kept = self.kept_frames(cache, next_frames)
+        return None if kept == cache.frames else Keep(kept)
+
+
+class FifoWindow(WindowSink):
+    """The newest `window` frames (a window without a sink)."""
+
+    def __init__(self, window: int):
+        super().__init__(window, 0)
+
+    @property
+    def name(self) -> str:
+        return f"fifo{self.window}"
+
+
+class DeepSink(WindowSink):
+    """A deep sink (`sink` frames, Deep Forcing keeps 40-60% of the window) with its temporal RoPE re-aligned:
+    sink frame i sits at position p0 - sink + i, p0 = the position of the oldest non-sink frame held, so the sink
+    is contiguous in time with the newest frames (before the window slides, p0 = sink: nothing moves)."""
+
+    def __init__(self, window: int, sink: int, realign: bool = True):
+        super().__init__(window, sink)
+        self.realign = bool(realign)
+
+    @property
+    def name(self) -> str:
+        return f"deepsink{self.sink}/{self.window}" + ("" if self.realign else "-norealign")
+
+    @property
+    def key(self):
+        return super().key + (self.realign,)
+
+    def after_chunk(self, layer: int, cache: KVCache, chunk: int, next_frames: int) -> Keep | None:
+        kept = self.kept_frames(cache, next_frames)
+        if not self.realign or len(kept) <= self.sink:
+            return None if kept == cache.frames else Keep(kept)
+        pos = dict(zip(cache.frames, cache.positions))
+        first_recent = pos[kept[self.sink]]
+        positions = [first_recent - self.sink + i if i < self.sink else pos[f] for i, f in enumerate(kept)]
+        return None if kept == cache.frames and positions == cache.positions else Keep(kept, positions)
+
+
+class AttentionGuided(WindowSink):
+    """Keep the sink, the newest `recent` frames (default: one chunk) and, of the rest, the frames the chunk's
+    queries attended to most (attention mass summed over the layer's heads, query tokens and the chunk's steps),
+    up to the window. It observes the rollout's self-attention calls (attach it with the policy's rollout)."""
+
+    graph_safe = False  # which frames stay depends on the attention
+    needs_lse = True
+
+    def __init__(self, window: int, sink: int = 0, recent: int | None = None, filter: CallFilter | None = None):
+        super().__init__(window, sink)
+        self.recent = recent
+        self.filter = filter or CallFilter(kinds={"self"})
+        self.mass: dict[int, dict[int, float]] = {}  # layer -> key frame -> attention mass since the last chunk
+
+    @property
+    def name(self) -> str:
+        return f"attention{self.window}+sink{self.sink}"
+
+    @property
+    def key(self):
+        return super().key + (self.recent, self.filter)
+
+    # the observer half (models/attention.py AttentionObserver)
+    def wants(self, call) -> bool:
+        return call.kind == "self" and call.key_frames is not None and self.filter.matches(call)
+
+    def observe(self, call, q, k, v, out, lse) -> None:
+        from workbench.reductions import frame_mass
+
+        m = frame_mass(q, k, lse, call.frame_seq_len, call.frame_mask)  # [B, H, nqf, nkf]
+        per_frame = m.double().sum(dim=(0, 1, 2)).tolist()
+        acc = self.mass.setdefault(call.layer, {})
+        for f, x in zip(call.key_frames, per_frame):
+            acc[f] = acc.get(f, 0.0) + x
+
+    # the policy half
+    def after_chunk(self, layer: int, cache: KVCache, chunk: int, next_frames: int) -> Keep | None:
+        held, room = cache.frames, self.window - next_frames
+        mass = self.mass.pop(layer, {})
+        if len(held) <= room:
+            return None
+        recent = self.recent if self.recent is not None else next_frames or 1
+        fixed = set(held[: self.sink]) | set(held[-recent:])
+        others = [f for f in held if f not in fixed]
+        if not mass and others:
+            raise RuntimeError(f"{self.name}: no attention was observed in layer {layer}; attach the policy to the "
+                               "model for its rollout (attach(model, policy))")
+        ranked = sorted(others, key=lambda f: (-mass.get(f, 0.0), -f))  # ties: the newer frame
+        chosen = fixed | set(ranked[: max(0, room - len(fixed))])
+        return Keep([f for f in held if f in chosen])
+
+
+class HeadWise(WindowSink):
+    """A window + sink cache in which the `static` heads ({layer: heads}) attend only to the sink and the newest
+    `static_recent` frames (Forcing-KV's static heads: the current chunk and the transition anchor), the other
+    heads to everything held."""
+
+    def __init__(self, window: int, sink: int, static: dict[int, Iterable[int]], static_recent: int = 6):
+        super().__init__(window, sink)
+        self.static = {int(layer): tuple(sorted(int(h) for h in heads)) for layer, heads in static.items()}
+        self.static_recent = int(static_recent)
+
+    @property
+    def name(self) -> str:
+        n = sum(len(h) for h in self.static.values())
+        return f"headwise{self.window}+sink{self.sink}:{n}static/recent{self.static_recent}"
+
+    @property
+    def key(self):
+        return super().key + (tuple(sorted(self.static.items())), self.static_recent)
+
+    def after_chunk(self, layer: int, cache: KVCache, chunk: int, next_frames: int) -> Keep | None:
+        kept = self.kept_frames(cache, next_frames)
+        heads = self.static.get(layer, ())
+        if not heads:
+            return None if kept == cache.frames else Keep(kept)
+        mask = torch.ones(cache.k.shape[2], len(kept), dtype=torch.bool)
+        # after the next chunk is appended, its queries see the sink and the newest static_recent frames
+        newest = kept[-max(0, self.static_recent - next_frames):] if self.static_recent > next_frames else []
+        allowed = set(kept[: self.sink]) | set(newest)
+        for h in heads:
+            mask[h] = torch.tensor([f in allowed for f in kept])
+        return Keep(kept, head_mask=mask)
+
+
+def static_heads_from_store(path, threshold: float = 0.8, span: int = 6) -> dict[int, list[int]]:
+    """Forcing-KV's head taxonomy from a store's `attn_mass`: a head is static when, on average over samples,
+    denoising steps and the query frames after the first chunk, at least `threshold` of its attention falls on
+    frame 0 and the `span` frames up to its own query frame (the frames a static head keeps); else dynamic."""
+    from workbench.store import open_store
+
+    ds = open_store(path)
+    if "attn_mass" not in ds:
+        raise ValueError(f"{path}: the store has no attn_mass (extract it with --stats attn_mass)")
+    m = ds.attn_mass.where(ds.phase == "denoise", drop=True)
+    m = m.where(m.query_chunk > 0, drop=True)
+    near = (m.key_frame == 0) | ((m.key_frame <= m.query_frame) & (m.key_frame > m.query_frame - span))
+    local = m.where(near).sum("key_frame").mean([d for d in ("sample", "step", "query_frame") if d in m.dims])
+    local = local.transpose("layer", "head")
+    out: dict[int, list[int]] = {}
+    for i, layer in enumerate(local.layer.values):
+        heads = [int(h) for j, h in enumerate(local["head"].values) if float(local.values[i, j]) >= threshold]
+        if heads:
+            out[int(layer)] = heads
+    return out
+
+
+def held_frames_per_head(cache: KVCache) -> int:
+    """(frame, head) pairs the cache's heads attend to: frames x heads, less what a head-wise mask takes out."""
+    heads = cache.k.shape[2]
+    return len(cache.frames) * heads if cache.head_mask is None else int(cache.head_mask.sum())
