@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "workbench.commands.generate",
     "workbench.commands.extract",
     "workbench.commands.evaluate",
+    "workbench.commands.intervene",
     "workbench.commands.export_legacy",
     "workbench.commands.view",
     "studies.commands",
@@ -30,7 +31,8 @@ Self-Forcing attention workbench: see how autoregressive video diffusion models 
   workbench generate --prompt "..."   latents (and videos) from the embedded default or a Wan folder
   workbench extract --layer 3         frame-by-frame attention of layer 3 into a zarr store
   workbench evaluate                  score models on the miniature world (adherence, trajectory, drift)
-  workbench report STORE              an HTML report of a store
+  workbench intervene --ablate 3:0    ablate heads, knock out frames, change cache policies: effects on the video
+  workbench report STORE              an HTML report of a store (attention or effects)
   workbench compare A.zarr B.zarr     what changed between two models (e.g. Wan vs Self-Forcing)
   workbench train --config C.yaml     Self-Forcing training (ODE init, DMD, SiD) with attention probes
   workbench export-legacy STORE       the researchers' old per-layer .pt files

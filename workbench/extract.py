@@ -430,10 +430,12 @@ def _one_sample(model, p: Plan, emb, negative, seed, device, dtype, bar, probe: 
     return {stat: values[0] for stat, values in probe.results().items()}
 
 
-def sample_rollout(model, p: Plan, emb, negative, seed: int, device, dtype, on_forward=None) -> torch.Tensor:
+def sample_rollout(model, p: Plan, emb, negative, seed: int, device, dtype, on_forward=None,
+                   cache_policy=None) -> torch.Tensor:
     """The rollout of one sample exactly as `extract` runs it: noise [1, F, C, h, w] drawn from `seed`, the
     plan's sampler, the prompt embedding `emb` (and `negative` for the CFG samplers). Returns the clean latents.
-    Whatever observes the model (probes, nnsight) sees the same attention calls as the store's run."""
+    Whatever observes the model (probes, nnsight) sees the same attention calls as the store's run. `cache_policy`:
+    a KV-cache policy (workbench/kv_policies.py; the few-step sampler only)."""
     cfg = p.cfg
     F, h, w = p.geometry
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -442,7 +444,7 @@ def sample_rollout(model, p: Plan, emb, negative, seed: int, device, dtype, on_f
     return sample(model, cfg.sampler, noise, emb.context.to(device, dtype), negative_context, generator=gen,
                   denoising_step_list=cfg.denoising_step_list, timestep_shift=cfg.timestep_shift,
                   context_noise=cfg.context_noise, num_inference_steps=cfg.num_inference_steps,
-                  guidance_scale=cfg.guidance_scale, on_forward=on_forward)
+                  guidance_scale=cfg.guidance_scale, on_forward=on_forward, cache_policy=cache_policy)
 
 
 # ------------------------------------------------------------------------------------------------------

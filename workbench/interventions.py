@@ -101,14 +101,16 @@ class HeadOutputs(Probe):
     `_call_key`: the source of a "resample" ablation, and of the per-head mean of a "mean" ablation.
     Attach it to a reference rollout (another prompt, another seed, or a batch of them) with the same shape."""
 
-    def __init__(self, filter: CallFilter | None = None):
+    def __init__(self, filter: CallFilter | None = None, keep_calls: bool = True):
         super().__init__(filter)
+        self.keep_calls = keep_calls  # False: only the running sums of `mean` (a reference batch of any size)
         self.by_call: dict[tuple, torch.Tensor] = {}  # call key -> out [B, Lq, H, D]
         self._sum: dict[tuple, torch.Tensor] = {}  # (layer, kind) -> float64 [H, D] sum over batch and tokens
         self._count: dict[tuple, int] = {}
 
     def observe(self, call, q, k, v, out, lse) -> None:
-        self.by_call[_call_key(call)] = out.detach().clone()
+        if self.keep_calls:
+            self.by_call[_call_key(call)] = out.detach().clone()
         lk = (call.layer, call.kind)
         s = out.detach().double().sum(dim=(0, 1))  # [H, D]
         self._sum[lk] = self._sum.get(lk, 0) + s
@@ -173,29 +175,36 @@ class HeadAblation(Intervention):
 class KeyFrameKnockout(Intervention):
     """Take absolute key frames `frames` out of the softmax of the selected self-attention calls (all heads: the
     call's frame mask, which observers read; a subset of `heads`: those heads recomputed with the mask, the others
-    as they ran). A query frame left with no key frame is an error."""
+    as they ran). `history_only`: only for calls whose query frames all come after the frame (the frame is still
+    generated and attends to itself; later chunks never see it). A query frame left with no key frame is an error."""
 
     graph_safe = False  # the mask is built on the host per call
 
     def __init__(self, frames: Iterable[int], filter: CallFilter | None = None, heads: Iterable[int] | None = None,
-                 label: str | None = None):
+                 label: str | None = None, history_only: bool = False):
         self.frames = frozenset(int(f) for f in frames)
+        self.history_only = bool(history_only)
         self.edits = frozenset({"mask"}) if heads is None else frozenset({"out"})
         super().__init__(filter, heads, label or f"knockout:{','.join(map(str, sorted(self.frames)))}")
 
     @property
     def key(self):
-        return super().key + (tuple(sorted(self.frames)),)
+        return super().key + (tuple(sorted(self.frames)), self.history_only)
+
+    def _gone(self, call: AttentionCall) -> set:
+        first = min(call.query_frames) if self.history_only else None
+        return {f for f in call.key_frames if f in self.frames and (first is None or f < first)}
 
     def wants(self, call: AttentionCall) -> bool:
-        return call.kind == "self" and call.key_frames is not None and \
-            not self.frames.isdisjoint(call.key_frames) and self.filter.matches(call)
+        return call.kind == "self" and call.key_frames is not None and bool(self._gone(call)) and \
+            self.filter.matches(call)
 
     def mask(self, call: AttentionCall) -> torch.Tensor:
         """[nqf, nkf] bool: the call's mask (all True when None) without the knocked-out key frames."""
         mask = torch.ones(len(call.query_frames), len(call.key_frames), dtype=torch.bool) \
             if call.frame_mask is None else call.frame_mask.clone().cpu()
-        mask[:, [j for j, f in enumerate(call.key_frames) if f in self.frames]] = False
+        gone = self._gone(call)
+        mask[:, [j for j, f in enumerate(call.key_frames) if f in gone]] = False
         empty = [call.query_frames[i] for i in torch.nonzero(~mask.any(1)).flatten().tolist()]
         if empty:
             raise ValueError(f"{self.label}: query frames {empty} of layer {call.layer} would attend to no key frame")

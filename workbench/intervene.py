@@ -1,0 +1,484 @@
+"""`workbench intervene`: the baseline and each intervention (or KV-cache policy) on the same prompts and seeds,
+and what each changed, into a labelled effects store.
+
+    entries (a YAML spec and/or flags, `parse_entry`) --validated against the model's config, before any weights-->
+    baseline rollout per (prompt, seed) (extract's rollout: workbench/extract.py `sample_rollout`; also the
+        reference batch of a "mean" ablation)
+    for each entry not yet in the store: the same rollouts with its intervention attached (workbench/interventions.py)
+        or its cache policy (workbench/kv_policies.py)
+        -> latent distance to the baseline per latent frame
+        -> on the miniature world (models/world.py): decoded with the folder's VAE, the tracker's metrics
+           (studies/world_metrics.py) and the pixel distance per pixel frame
+        -> one entry of the store (dim `intervention`), written with extract's store writer (lock, resume)
+
+Every variable of the effects store is defined in docs/store.md ("Effects stores"). An entry is a dict:
+
+    kind: ablate | knockout | temperature | sink | policy
+    layers, heads, steps, chunks: which calls (a list, a string like "0-3,7", or "all"; default all)
+    attention: self | cross (ablate, temperature; default self)
+    mode: zero | mean | resample (ablate); resample_prompt, resample_seed: the source rollout (default: the
+        sample's own seed, the prompt given)
+    frames: absolute latent frames (knockout, sink; sink default [0]); history_only (knockout, default true)
+    value: the temperature T (temperature) or the logit factor c (sink)
+    policy: fifo | sink | deepsink | attention | headwise, window, sink_frames, store and threshold (headwise:
+        static heads from a store's attention mass), static_recent (headwise)
+    label: the name in the store (default: made from the settings)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from workbench.errors import WorkbenchError
+
+KINDS = ("ablate", "knockout", "temperature", "sink", "policy")
+POLICIES = ("fifo", "sink", "deepsink", "attention", "headwise")
+ENTRY_KEYS = {"kind", "layers", "heads", "steps", "chunks", "attention", "mode", "resample_prompt", "resample_seed",
+              "frames", "history_only", "value", "policy", "window", "sink_frames", "store", "threshold",
+              "static_recent", "label"}
+WORLD_NUMBERS = ("adherent", "direction_ok", "detected", "confidence", "trajectory_error", "speed", "colour_error",
+                 "trajectory_drift", "confidence_drift")
+WORLD_CURVES = ("trajectory_error", "confidence")
+STORE_KIND = "effects"
+
+
+@dataclass
+class Entry:
+    """One intervention or policy of a run, resolved (lists of ints, None = all)."""
+
+    kind: str
+    label: str
+    layers: list[int] | None = None
+    heads: list[int] | None = None
+    steps: list[int] | None = None
+    chunks: list[int] | None = None
+    attention: str = "self"
+    mode: str = "zero"
+    resample_prompt: str | None = None
+    resample_seed: int | None = None
+    frames: list[int] = field(default_factory=list)
+    history_only: bool = True
+    value: float = 1.0
+    policy: str | None = None
+    window: int = 21
+    sink_frames: int = 0
+    store: str | None = None
+    threshold: float = 0.8
+    static_recent: int = 6
+
+    def spec(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @property
+    def target(self) -> tuple[int, int]:
+        """(layer, head) when the entry acts on exactly one head (sweeps rank these), else -1 for what is not one."""
+        one = lambda xs: xs[0] if xs is not None and len(xs) == 1 else -1  # noqa: E731
+        return one(self.layers), one(self.heads)
+
+
+def _ints(value, what: str, upper: int | None = None) -> list[int] | None:
+    from workbench.extract import parse_int_list
+
+    if value is None or value == "all":
+        return None
+    if isinstance(value, int):
+        value = [value]
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    return parse_int_list(str(value), what=what, upper=upper)
+
+
+def parse_entry(d: dict, num_layers: int, num_heads: int) -> Entry:
+    """A spec entry (YAML or flags) -> an `Entry`, every value checked (a WorkbenchError names the bad one)."""
+    if not isinstance(d, dict):
+        raise WorkbenchError(f"an intervention entry must be a mapping with a kind, got {d!r}")
+    unknown = sorted(set(d) - ENTRY_KEYS)
+    if unknown:
+        raise WorkbenchError(f"intervention entry {d}: unknown keys {unknown}; allowed: {sorted(ENTRY_KEYS)}")
+    kind = d.get("kind")
+    if kind not in KINDS:
+        raise WorkbenchError(f"intervention kind {kind!r}; use one of {list(KINDS)}")
+    e = Entry(kind=kind, label="")
+    e.layers = _ints(d.get("layers"), "layer", num_layers)
+    e.heads = _ints(d.get("heads"), "head", num_heads)
+    e.steps, e.chunks = _ints(d.get("steps"), "step"), _ints(d.get("chunks"), "chunk")
+    e.attention = d.get("attention", "self")
+    if e.attention not in ("self", "cross"):
+        raise WorkbenchError(f"attention {e.attention!r}; use self or cross")
+    if kind == "ablate":
+        e.mode = d.get("mode", "zero")
+        if e.mode not in ("zero", "mean", "resample"):
+            raise WorkbenchError(f"ablation mode {e.mode!r}; use zero, mean or resample")
+        if e.mode == "resample":
+            e.resample_prompt = d.get("resample_prompt")
+            if not e.resample_prompt:
+                raise WorkbenchError("a resample ablation needs resample_prompt (the prompt its head outputs come from)")
+            e.resample_seed = None if d.get("resample_seed") is None else int(d["resample_seed"])
+    if kind in ("knockout", "sink"):
+        e.frames = _ints(d.get("frames", [0] if kind == "sink" else None), "frame") or []
+        if not e.frames:
+            raise WorkbenchError(f"a {kind} entry needs frames (absolute latent frames, e.g. 0 or 0-2)")
+        e.history_only = bool(d.get("history_only", True))
+    if kind in ("temperature", "sink"):
+        if "value" not in d:
+            raise WorkbenchError(f"a {kind} entry needs value (the {'temperature' if kind == 'temperature' else 'factor'})")
+        e.value = float(d["value"])
+        if kind == "temperature" and not e.value > 0:
+            raise WorkbenchError(f"temperature {e.value}: use a positive number")
+    if kind in ("knockout", "sink") and e.attention != "self":
+        raise WorkbenchError(f"a {kind} acts on self-attention key frames; attention must be self")
+    if kind == "policy":
+        e.policy = d.get("policy")
+        if e.policy not in POLICIES:
+            raise WorkbenchError(f"cache policy {e.policy!r}; use one of {list(POLICIES)}")
+        e.window, e.sink_frames = int(d.get("window", 21)), int(d.get("sink_frames", 0))
+        if e.policy in ("deepsink",) and "sink_frames" not in d:
+            e.sink_frames = e.window // 2
+        e.store, e.threshold, e.static_recent = d.get("store"), float(d.get("threshold", 0.8)), int(d.get("static_recent", 6))
+        if e.policy == "headwise" and not e.store:
+            raise WorkbenchError("a headwise policy needs store (an extract store whose attn_mass splits the heads)")
+        if e.store and not Path(e.store).exists():
+            raise WorkbenchError(f"store {e.store!r} does not exist")
+        if e.window < 1 or not 0 <= e.sink_frames < e.window:
+            raise WorkbenchError(f"window {e.window} with sink_frames {e.sink_frames}: use 0 <= sink_frames < window")
+    e.label = str(d.get("label") or default_label(e))
+    return e
+
+
+def default_label(e: Entry) -> str:
+    from workbench.extract import format_int_list
+
+    sel = lambda name, xs: "" if xs is None else f"{name}{format_int_list(xs)}"  # noqa: E731
+    where = ".".join(x for x in (sel("L", e.layers), sel("H", e.heads), sel("s", e.steps), sel("c", e.chunks)) if x)
+    where = where + ("" if e.attention == "self" else ".cross")
+    if e.kind == "ablate":
+        return f"ablate-{e.mode}:{where or 'all'}"
+    if e.kind == "knockout":
+        return f"knockout{format_int_list(e.frames)}:{where or 'all'}"
+    if e.kind == "temperature":
+        return f"temperature{e.value:g}:{where or 'all'}"
+    if e.kind == "sink":
+        return f"sink{format_int_list(e.frames)}x{e.value:g}:{where or 'all'}"
+    extra = f"+sink{e.sink_frames}" if e.policy != "fifo" else ""
+    return f"policy-{e.policy}{e.window}{extra}"
+
+
+def parse_flag(kind: str, text: str) -> dict:
+    """The short flag forms (see the CLI's help) -> a spec entry dict."""
+    parts = text.split(":")
+    try:
+        if kind == "ablate":  # LAYERS:HEADS[:MODE]
+            d = dict(kind="ablate", layers=parts[0], heads=parts[1])
+            if len(parts) > 2:
+                d["mode"] = parts[2]
+            return d
+        if kind == "temperature":  # LAYERS:HEADS:T
+            return dict(kind="temperature", layers=parts[0], heads=parts[1], value=float(parts[2]))
+        if kind == "knockout":  # FRAMES[:LAYERS]
+            return dict(kind="knockout", frames=parts[0], **({"layers": parts[1]} if len(parts) > 1 else {}))
+        if kind == "sink":  # FACTOR[:FRAMES[:LAYERS]]
+            d = dict(kind="sink", value=float(parts[0]), frames=parts[1] if len(parts) > 1 else "0")
+            if len(parts) > 2:
+                d["layers"] = parts[2]
+            return d
+        if kind == "policy":  # NAME:WINDOW[:SINK[:STORE]]
+            d = dict(kind="policy", policy=parts[0], window=int(parts[1]))
+            if len(parts) > 2:
+                d["sink_frames"] = int(parts[2])
+            if len(parts) > 3:
+                d["store"] = parts[3]
+            return d
+    except (IndexError, ValueError):
+        pass
+    forms = {"ablate": "LAYERS:HEADS[:zero|mean|resample]", "temperature": "LAYERS:HEADS:T",
+             "knockout": "FRAMES[:LAYERS]", "sink": "FACTOR[:FRAMES[:LAYERS]]", "policy": "NAME:WINDOW[:SINK[:STORE]]"}
+    raise WorkbenchError(f"--{kind} {text!r}: use {forms[kind]}")
+
+
+def sweep_entries(layers: list[int], num_heads: int, mode: str = "zero") -> list[dict]:
+    """One single-head ablation per head of each layer (self-attention)."""
+    return [dict(kind="ablate", layers=[layer], heads=[h], mode=mode) for layer in layers for h in range(num_heads)]
+
+
+# ------------------------------------------------------------------------------------------------------ objects
+def build(e: Entry, sources: dict):
+    """The intervention object of an entry (None for a policy), with its sources (`sources[label]`)."""
+    from workbench.hooks import CallFilter
+    from workbench import interventions as iv
+
+    filt = CallFilter(layers=e.layers, kinds={e.attention}, steps=e.steps, chunks=e.chunks)
+    if e.kind == "ablate":
+        return iv.HeadAblation(filt, e.heads, mode=e.mode, source=sources.get(e.label), label=e.label)
+    if e.kind == "knockout":
+        return iv.KeyFrameKnockout(e.frames, filt, e.heads, label=e.label, history_only=e.history_only)
+    if e.kind == "temperature":
+        return iv.HeadTemperature(e.value, filt, e.heads, label=e.label)
+    if e.kind == "sink":
+        return iv.SinkScaling(e.value, e.frames, filt, e.heads, label=e.label)
+    return None
+
+
+def build_policy(e: Entry):
+    from workbench import kv_policies as kp
+
+    if e.policy == "fifo":
+        return kp.FifoWindow(e.window)
+    if e.policy == "sink":
+        return kp.WindowSink(e.window, e.sink_frames)
+    if e.policy == "deepsink":
+        return kp.DeepSink(e.window, e.sink_frames)
+    if e.policy == "attention":
+        return kp.AttentionGuided(e.window, e.sink_frames)
+    return kp.HeadWise(e.window, e.sink_frames, kp.static_heads_from_store(e.store, e.threshold), e.static_recent)
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+def latent_distance(x, base) -> tuple[np.ndarray, np.ndarray]:
+    """x, base [1, F, C, h, w] -> (RMS of x - base per latent frame, that divided by the baseline's RMS per frame),
+    each [F] float32 (computed in float64)."""
+    d = (x.double() - base.double())[0]
+    rms = d.pow(2).mean(dim=(1, 2, 3)).sqrt()
+    ref = base.double()[0].pow(2).mean(dim=(1, 2, 3)).sqrt()
+    return rms.float().cpu().numpy(), (rms / ref.clamp_min(1e-12)).float().cpu().numpy()
+
+
+def decode(vae, latents, step: int) -> np.ndarray:
+    """Latents [1, F, C, h, w] -> float32 pixels [3, T, H, W] in [-1, 1], streamed chunk by chunk as generate does."""
+    import torch
+
+    stream = vae.stream_decoder()
+    pieces = [stream.push(latents[:, f : f + step]) for f in range(0, latents.shape[1], step)]
+    return torch.cat(pieces, dim=2)[0].float().cpu().numpy()
+
+
+def world_scores(video: np.ndarray, base_video: np.ndarray, prompt: str) -> dict[str, np.ndarray]:
+    """The miniature world's numbers and curves of one decoded video and its pixel distance to the baseline's."""
+    from studies.world_metrics import score_video
+
+    s = score_video(video, prompt)
+    out = {f"world_{k}": np.float32(s.numbers[k]) for k in WORLD_NUMBERS}
+    out |= {f"world_curve_{k}": s.curves[k].astype(np.float32) for k in WORLD_CURVES}
+    diff = (video.astype(np.float64) - base_video.astype(np.float64))
+    out["pixel_distance"] = np.sqrt((diff ** 2).mean(axis=(0, 2, 3))).astype(np.float32)  # [T]
+    return out
+
+
+def is_world(wan_dir: Path, prompts: list[str], height: int, width: int) -> bool:
+    """Whether the miniature world's metrics apply: a VAE in the folder, world-sized video, world prompts."""
+    from models import world
+
+    if not (wan_dir / "Wan2.1_VAE.pth").is_file() or (height, width) != (world.HEIGHT, world.WIDTH):
+        return False
+    try:
+        for p in prompts:
+            world.parse_prompt(p)
+    except ValueError:
+        return False
+    return True
+
+
+def entry_dataset(e: Entry, samples, per_sample: list[dict], attrs: dict, num_frames: int, cache_frames: int):
+    """One store entry: dims (intervention: 1, sample, frame[, pixel_frame])."""
+    import xarray as xr
+
+    ids = [f"p{i:04d}-s{seed}" for i, _, seed in samples]
+    layer, head = e.target
+    data = {}
+    for name in per_sample[0]:
+        stacked = np.stack([s[name] for s in per_sample])[None]  # [1, sample, ...]
+        dims = ("intervention", "sample") + (("frame",) if name.startswith("latent") else
+                                             ("pixel_frame",) if stacked.ndim == 3 else ())
+        data[name] = (dims, stacked)
+    text = lambda xs: np.array(list(xs), dtype=object)  # noqa: E731  (variable-length strings: appends of any length)
+    coords = dict(intervention=text([e.label]), sample=text(ids), frame=np.arange(num_frames),
+                  intervention_kind=("intervention", text([e.kind])),
+                  intervention_spec=("intervention", text([json.dumps(e.spec(), sort_keys=True)])),
+                  target_layer=("intervention", [layer]), target_head=("intervention", [head]),
+                  cache_frames=("intervention", [cache_frames]),
+                  prompt=("sample", text(p for _, p, _ in samples)), seed=("sample", [s for *_, s in samples]))
+    if any(v[0][-1] == "pixel_frame" for v in data.values()):
+        T = next(v[1].shape[-1] for v in data.values() if v[0][-1] == "pixel_frame")
+        coords["pixel_frame"] = np.arange(T)
+    return xr.Dataset(data, coords=coords, attrs=attrs)
+
+
+def fingerprint_of(fields: dict) -> str:
+    h = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{h}:{h}"
+
+
+# ------------------------------------------------------------------------------------------------------ running
+BASELINE = Entry(kind="baseline", label="baseline")
+
+
+def check_entries(entries: list[Entry], sampler: str) -> None:
+    labels = [e.label for e in entries]
+    dup = sorted({x for x in labels if labels.count(x) > 1} | ({"baseline"} & set(labels)))
+    if dup:
+        raise WorkbenchError(f"intervention labels {dup} are used twice (or 'baseline', the store's reference); "
+                             "give each entry its own label")
+    if not entries:
+        raise WorkbenchError("no intervention to run: give --spec FILE or flags such as --ablate 3:0 (see --help)")
+    if sampler != "causal_few_step" and any(e.kind == "policy" for e in entries):
+        raise WorkbenchError(f"cache policies run with the causal_few_step sampler only, not {sampler}")
+
+
+def run_intervene(cfg, entries: list[Entry], *, world: str = "auto", command: str = "", log=print) -> Path:
+    """Run the baseline and every entry not yet in the store `cfg.out` (an ExtractConfig: model, prompts, seeds,
+    frames, sampler, device, out, mode); returns the store path."""
+    from models.checkpoint import sha256_file
+    from workbench.extract import plan
+    from workbench.store import SCHEMA_VERSION, StoreLock, StoreWriter
+
+    p = plan(cfg)
+    check_entries(entries, cfg.sampler)
+    F, h, w = p.geometry
+    px_h, px_w = h * 8, w * 8
+    scored = is_world(p.wan_dir, cfg.prompts, px_h, px_w) if world == "auto" else world == "on"
+    if world == "on" and not is_world(p.wan_dir, cfg.prompts, px_h, px_w):
+        raise WorkbenchError("--world on needs the miniature world: a VAE in the model folder, 96 x 128 video and "
+                             "prompts naming one colour, shape and direction (models/world.py)")
+    lock = StoreLock(cfg.out).acquire()
+    try:
+        sha = sha256_file(p.weights_file)
+        fields = dict(layout=dict(kind=STORE_KIND, schema=SCHEMA_VERSION, geometry=p.geometry, sampler=cfg.sampler,
+                                  prompts=cfg.prompts, seeds=cfg.seeds, world=scored),
+                      model=dict(weights=sha, config=dataclasses.asdict(p.model_config), dtype=cfg.dtype,
+                                 key="ema" if cfg.use_ema else "gen", steps=cfg.denoising_step_list))
+        writer = StoreWriter(cfg.out, fingerprint_of(fields), mode=cfg.mode, append_dim="intervention", lock=lock,
+                             fields=fields, log=log)
+    except BaseException:
+        lock.release()
+        raise
+    try:
+        return _run(p, cfg, entries, writer, scored, command, log)
+    finally:
+        writer.close()
+
+
+def _run(p, cfg, entries, writer, scored, command, log):
+    import torch
+    from tqdm.auto import tqdm
+
+    from models.text_encoder import TextEncoder
+    from workbench.extract import _attrs, _dtype, load_model, sample_rollout
+    from workbench.hooks import CallFilter, attach
+    from workbench.interventions import HeadOutputs
+
+    todo = [e for e in [BASELINE, *entries] if not writer.done(e.label)]
+    samples = [(i, prompt, seed) for i, prompt in enumerate(cfg.prompts) for seed in cfg.seeds]
+    if not todo:
+        log(f"{cfg.out}: all {len(entries) + 1} entries are already there; nothing to do")
+        return Path(cfg.out)
+    device, dtype = torch.device(cfg.device), _dtype(cfg.dtype)
+    model = load_model(p, device, dtype)
+    encoder = TextEncoder.from_wan_dir(p.wan_dir, device=device)
+    vae = None
+    if scored:
+        from models.vae import WanVAE
+
+        vae = WanVAE.from_file(p.wan_dir / "Wan2.1_VAE.pth", device=device, dtype=dtype)
+    embs = {prompt: encoder.encode([prompt]) for prompt in
+            {*cfg.prompts, *(e.resample_prompt for e in entries if e.resample_prompt)}}
+    n = model.num_frame_per_block
+    F = p.geometry[0]
+    window = cfg.local_attn_size if cfg.local_attn_size != -1 else F
+    attrs = _attrs(p, writer.fingerprint, command.split() or ["workbench", "intervene"])
+    attrs.update(store_kind=STORE_KIND, world_metrics=scored, schema_version=writer_schema())
+    bar = tqdm(total=len(todo) * len(samples), desc="intervene", unit="rollout", disable=not cfg.progress)
+
+    def rollout(prompt, seed, *subscribers, policy=None):
+        with attach(model, *subscribers):
+            return sample_rollout(model, p, embs[prompt], None, seed, device, dtype, cache_policy=policy)
+
+    # the baseline of every sample (and the reference batch of the "mean" ablations)
+    mean_layers = sorted({layer for e in entries if e.kind == "ablate" and e.mode == "mean"
+                          for layer in (e.layers or range(model.config.num_layers))})
+    reference = HeadOutputs(CallFilter(layers=mean_layers), keep_calls=False) if mean_layers else None
+    base, base_video = {}, {}
+    for s in samples:
+        base[s] = rollout(s[1], s[2], *([reference] if reference else []))
+        if scored:
+            base_video[s] = decode(vae, base[s], n)
+    means = reference.mean() if reference else {}
+
+    for e in todo:
+        per_sample = []
+        policy = build_policy(e) if e.kind == "policy" else None
+        for s in samples:
+            if e is BASELINE:
+                x = base[s]
+            else:
+                sources = {e.label: means}
+                if e.kind == "ablate" and e.mode == "resample":
+                    src = HeadOutputs(CallFilter(layers=e.layers, kinds={e.attention}))
+                    rollout(e.resample_prompt, s[2] if e.resample_seed is None else e.resample_seed, src)
+                    sources[e.label] = src
+                subs = [build(e, sources)] if policy is None else \
+                    ([policy] if hasattr(policy, "observe") else [])
+                x = rollout(s[1], s[2], *subs, policy=policy)
+            dist, rel = latent_distance(x, base[s])
+            row = dict(latent_distance=dist, latent_distance_rel=rel)
+            if scored:
+                row |= world_scores(decode(vae, x, n) if e is not BASELINE else base_video[s], base_video[s], s[1])
+            per_sample.append(row)
+            bar.update(1)
+        held = policy.capacity(F, n) if policy is not None else window
+        writer.write(entry_dataset(e, samples, per_sample, attrs, F, held), key=e.label)
+    bar.close()
+    log(ranking_text(cfg.out))
+    return Path(cfg.out)
+
+
+def writer_schema():
+    from workbench.store import SCHEMA_VERSION
+
+    return SCHEMA_VERSION
+
+
+def ranking(ds):
+    """Entries ranked by effect: a pandas DataFrame with the mean relative latent distance (over samples and
+    frames), its last-chunk mean, and the world's numbers minus the baseline's where present."""
+    import pandas as pd
+
+    rel = ds.latent_distance_rel
+    n = int(ds.attrs.get("num_frame_per_block", 3))
+    rows = pd.DataFrame({
+        "kind": ds.intervention_kind.values,
+        "layer": ds.target_layer.values, "head": ds.target_head.values,
+        "effect": rel.mean(["sample", "frame"]).values,
+        "effect_last_chunk": rel.isel(frame=slice(-n, None)).mean(["sample", "frame"]).values,
+    }, index=pd.Index(ds.intervention.values, name="intervention"))
+    if "world_trajectory_error" in ds:
+        base = ds.sel(intervention="baseline") if "baseline" in ds.intervention.values else None
+        for k in ("trajectory_error", "adherent", "speed", "confidence"):
+            v = ds[f"world_{k}"].mean("sample")
+            rows[k] = v.values
+            if base is not None:
+                rows[f"d_{k}"] = (v - base[f"world_{k}"].mean("sample")).values
+    return rows.sort_values("effect", ascending=False)
+
+
+def ranking_text(path, top: int = 20) -> str:
+    from workbench.store import open_store
+
+    ds = open_store(path)
+    table = ranking(ds)
+    lines = [f"wrote {path}: {ds.sizes['intervention']} entries (baseline included) x {ds.sizes['sample']} "
+             f"sample(s) x {ds.sizes['frame']} latent frames",
+             "effect = mean over samples and frames of the latent RMS distance to the baseline / the baseline's RMS"]
+    cols = [c for c in ("effect", "effect_last_chunk", "trajectory_error", "d_trajectory_error", "adherent", "speed")
+            if c in table]
+    lines.append(f"{'intervention':<36}" + "".join(f"{c:>20}" for c in cols))
+    for label, r in table.head(top).iterrows():
+        lines.append(f"{label[:36]:<36}" + "".join(f"{r[c]:>20.4f}" for c in cols))
+    if len(table) > top:
+        lines.append(f"... {len(table) - top} more (workbench report {path})")
+    lines.append(f"render it: workbench report {path}")
+    return "\n".join(lines)
