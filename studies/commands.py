@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-REPORT_HELP = "an HTML report of a store: checks, head metrics and classes, per-head heatmaps"
+REPORT_HELP = "an HTML report of a store: checks, head metrics and classes, per-head heatmaps; of an effects store (workbench intervene): ranked effects and per-frame curves"
 REPORT_DESCRIPTION = """\
 Write a self-contained HTML report (plotly.js inlined: it opens offline) of one attention store:
 the store's samples and steps, its invariants checked (rows sum to 1, NaN exactly outside the key window),

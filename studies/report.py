@@ -189,6 +189,10 @@ def build_report(
     `sample`: one sample id (default: the mean over samples); `step`: the step of the overview maps and head grids
     (default 0: the first denoising step, t = 1000, the researchers' choice)."""
     ds, source = _open(store)
+    from studies.effects_report import build_effects_report, is_effects_store
+
+    if is_effects_store(ds):  # `workbench intervene`'s store: its own page
+        return build_effects_report(ds if not isinstance(store, (str, Path)) else store, out_html)
     if "train_step" in ds.dims:
         return _training_report(ds, source, out_html, layer=layer, sample=sample, step=step,
                                 query_frames=query_frames, thresholds=thresholds)

@@ -424,7 +424,8 @@ def _run(p, cfg, entries, writer, scored, command, log):
                     ([policy] if hasattr(policy, "observe") else [])
                 x = rollout(s[1], s[2], *subs, policy=policy)
             dist, rel = latent_distance(x, base[s])
-            row = dict(latent_distance=dist, latent_distance_rel=rel)
+            rms = x.double()[0].pow(2).mean(dim=(1, 2, 3)).sqrt().float().cpu().numpy()
+            row = dict(latent_distance=dist, latent_distance_rel=rel, latent_rms=rms)
             if scored:
                 row |= world_scores(decode(vae, x, n) if e is not BASELINE else base_video[s], base_video[s], s[1])
             per_sample.append(row)
@@ -449,8 +450,10 @@ def ranking(ds):
 
     rel = ds.latent_distance_rel
     n = int(ds.attrs.get("num_frame_per_block", 3))
+    specs = [json.loads(str(x)) for x in ds.intervention_spec.values]
     rows = pd.DataFrame({
         "kind": ds.intervention_kind.values,
+        "mode": [sp.get("mode", "") if sp.get("kind") == "ablate" else sp.get("policy", "") or "" for sp in specs],
         "layer": ds.target_layer.values, "head": ds.target_head.values,
         "effect": rel.mean(["sample", "frame"]).values,
         "effect_last_chunk": rel.isel(frame=slice(-n, None)).mean(["sample", "frame"]).values,

@@ -1,0 +1,154 @@
+"""The report of an effects store (`workbench intervene`; variables defined in docs/store.md, "Effects stores"):
+what each intervention or KV-cache policy changed in the video, ranked.
+
+    build_effects_report(store, "effects.html")  the HTML page (plotly inlined, opens offline): the ranked table,
+                                                 a layer x head map of single-head effects (sweeps), per-frame
+                                                 effect curves (latents; pixels and the world's trajectory error
+                                                 where decoded)
+                                                 and beside it effects.png: the per-frame curves of the top entries
+                                                 and, for sweeps, effects_heads.png: the layer x head map
+
+`workbench report STORE` calls it when the store's `store_kind` attribute is "effects". The PNGs are drawn with
+PIL (no plotting library needed), so they can be pasted into notes and issues as they are.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import xarray as xr
+
+from studies.report import Page, write_atomic
+
+TOP = 10  # entries drawn in the curves (the baseline is the zero line)
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf"]
+
+
+def is_effects_store(ds: xr.Dataset) -> bool:
+    return ds.attrs.get("store_kind") == "effects"
+
+
+def build_effects_report(store, out_html: str | Path) -> Path:
+    from studies import load_store
+    from workbench.intervene import ranking
+
+    ds = load_store(store) if not isinstance(store, xr.Dataset) else store
+    out_html = Path(out_html)
+    table = ranking(ds)
+    page = Page(f"Effects: {Path(str(store)).name}")
+    page.p(html.escape(f"{ds.sizes['intervention'] - 1} intervention(s) against the baseline, "
+                       f"{ds.sizes['sample']} sample(s) (prompts: {', '.join(sorted(set(map(str, ds.prompt.values))))}; "
+                       f"seeds {', '.join(map(str, sorted(set(ds.seed.values.tolist()))))}), "
+                       f"{ds.sizes['frame']} latent frames. command: {ds.attrs.get('command', '?')}"))
+    page.p("effect = the RMS distance of the latents to the baseline's, divided by the baseline's RMS, averaged over "
+           "samples and latent frames (effect_last_chunk: the last chunk's frames only). "
+           + ("The world columns are the miniature world's tracker on the decoded video (d_ = minus the baseline's; "
+              "docs/world_metrics.md)." if "world_trajectory_error" in ds else
+              "No world metrics: the model or the prompts are not the miniature world's."))
+    page.h("Ranked by effect")
+    page.table(table)
+    heads = table[(table["layer"] >= 0) & (table["head"] >= 0) & (table["kind"] == "ablate") & (table["mode"] == "zero")]
+    grid = None
+    if len(heads) > 1:
+        grid = heads.pivot_table(index="layer", columns="head", values="effect")
+        page.h("Single-head effects (layer x head)")
+        fig = go.Figure(go.Heatmap(z=grid.values, x=[f"h{h}" for h in grid.columns], y=[f"L{l}" for l in grid.index],
+                                   colorscale="Viridis", colorbar=dict(title="effect")))
+        fig.update_layout(height=120 + 40 * len(grid.index), width=200 + 60 * len(grid.columns),
+                          yaxis=dict(autorange="reversed"))
+        page.figure(fig, "fig-heads")
+    page.h("Per-frame effect")
+    top = [x for x in table.index if x != "baseline"][:TOP]
+    curves = {"latent_distance_rel": ("frame", "latent frame", "relative latent distance")}
+    if "pixel_distance" in ds:
+        curves["pixel_distance"] = ("pixel_frame", "pixel frame", "pixel RMS distance")
+        curves["world_curve_trajectory_error"] = ("pixel_frame", "pixel frame", "trajectory error (px)")
+    for i, (name, (dim, xlabel, ylabel)) in enumerate(curves.items()):
+        fig = go.Figure()
+        labels = top + (["baseline"] if name.startswith("world") else [])
+        for j, label in enumerate(labels):
+            y = ds[name].sel(intervention=label).mean("sample").values
+            fig.add_trace(go.Scatter(x=ds[dim].values, y=y, name=label, mode="lines",
+                                     line=dict(color=COLOURS[j % len(COLOURS)] if label != "baseline" else "black")))
+        fig.update_layout(xaxis_title=xlabel, yaxis_title=ylabel, height=420, legend=dict(font=dict(size=10)))
+        page.figure(fig, f"fig-curve-{i}")
+    png = out_html.with_suffix(".png")
+    write_png(curve_png(ds, top), png)
+    pngs = [png.name]
+    if grid is not None:
+        write_png(grid_png(grid), out_html.with_name(out_html.stem + "_heads.png"))
+        pngs.append(out_html.stem + "_heads.png")
+    page.p("PNG copies: " + ", ".join(f"<code>{html.escape(n)}</code>" for n in pngs))
+    return write_atomic(page.render(), out_html)
+
+
+# ------------------------------------------------------------------------------------------------------- PNGs
+def write_png(image, path: Path) -> Path:
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    image.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def curve_png(ds: xr.Dataset, labels: list[str], size=(900, 520)):
+    """Per-frame relative latent distance (mean over samples) of `labels`, one coloured line each, with a legend."""
+    from PIL import Image, ImageDraw
+
+    W, H = size
+    left, right, top, bottom = 70, 260, 30, 50
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    x = ds.frame.values
+    ys = {lab: ds.latent_distance_rel.sel(intervention=lab).mean("sample").values for lab in labels}
+    ymax = max([float(np.nanmax(v)) for v in ys.values()] + [1e-6]) * 1.05
+    px = lambda f: left + (f - x[0]) / max(1, x[-1] - x[0]) * (W - left - right)  # noqa: E731
+    py = lambda v: H - bottom - v / ymax * (H - top - bottom)  # noqa: E731
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    for k in range(6):
+        v = ymax * k / 5
+        d.line([left - 4, py(v), left, py(v)], fill="black")
+        d.text((8, py(v) - 6), f"{v:.3g}", fill="black")
+    for f in x[:: max(1, len(x) // 10)]:
+        d.line([px(f), H - bottom, px(f), H - bottom + 4], fill="black")
+        d.text((px(f) - 6, H - bottom + 8), str(int(f)), fill="black")
+    d.text((left + (W - left - right) // 2 - 40, H - 20), "latent frame", fill="black")
+    d.text((left, 8), "relative latent distance to the baseline (mean over samples)", fill="black")
+    for j, (lab, y) in enumerate(ys.items()):
+        c = COLOURS[j % len(COLOURS)]
+        pts = [(px(f), py(v)) for f, v in zip(x, y) if np.isfinite(v)]
+        if len(pts) > 1:
+            d.line(pts, fill=c, width=2)
+        d.line([W - right + 12, top + 14 + 18 * j, W - right + 32, top + 14 + 18 * j], fill=c, width=3)
+        d.text((W - right + 38, top + 8 + 18 * j), lab[:34], fill="black")
+    return img
+
+
+def grid_png(grid: pd.DataFrame, cell: int = 56):
+    """A layer x head map of single-head effects, the value written in each cell (darker = larger)."""
+    from PIL import Image, ImageDraw
+
+    rows, cols = grid.shape
+    left, top = 60, 40
+    img = Image.new("RGB", (left + cols * cell + 20, top + rows * cell + 20), "white")
+    d = ImageDraw.Draw(img)
+    d.text((8, 8), "effect of zeroing one head (rows: layers, columns: heads)", fill="black")
+    vmax = float(np.nanmax(grid.values)) or 1.0
+    for i, layer in enumerate(grid.index):
+        d.text((10, top + i * cell + cell // 2 - 6), f"L{layer}", fill="black")
+        for j, head in enumerate(grid.columns):
+            v = grid.values[i, j]
+            shade = 255 - int(200 * (v / vmax if np.isfinite(v) else 0))
+            box = [left + j * cell, top + i * cell, left + (j + 1) * cell - 2, top + (i + 1) * cell - 2]
+            d.rectangle(box, fill=(shade, shade, 255))
+            d.text((box[0] + 6, box[1] + cell // 2 - 8), f"{v:.3f}" if np.isfinite(v) else "-",
+                   fill="black" if shade > 120 else "white")
+            if i == 0:
+                d.text((box[0] + cell // 2 - 8, top - 14), f"h{head}", fill="black")
+    return img
