@@ -1,0 +1,113 @@
+"""`workbench intervene` end to end on the embedded default (CPU, short rollouts): the effects store's entries
+and numbers (the baseline at distance 0; window + sink as a policy at distance exactly 0 from a baseline with that
+window; an ablation's distance equal to an independent rollout's), resuming, the report's table and PNGs, and
+bad input as one line before any work."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.cli import main
+from workbench.errors import WorkbenchError
+from workbench.intervene import parse_entry, parse_flag
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread):
+    yield
+
+
+def test_entries_parse_and_bad_values_are_named():
+    e = parse_entry(parse_flag("ablate", "3:0-1:mean"), 6, 4)
+    assert (e.kind, e.layers, e.heads, e.mode, e.label) == ("ablate", [3], [0, 1], "mean", "ablate-mean:L3.H0-1")
+    assert parse_entry(parse_flag("policy", "deepsink:21"), 6, 4).sink_frames == 10  # half the window
+    assert parse_entry(parse_flag("sink", "0.5"), 6, 4).frames == [0]
+    assert parse_entry(dict(kind="ablate", layers=2, heads=1), 6, 4).target == (2, 1)
+    for d, message in [(dict(kind="erase"), "kind 'erase'"), (dict(kind="ablate", layers=7), r"layer \[7\] out of range"),
+                       (dict(kind="ablate", mode="noise"), "mode 'noise'"), (dict(kind="ablate", colour=1), "unknown keys"),
+                       (dict(kind="temperature", value=0), "positive"), (dict(kind="knockout"), "needs frames"),
+                       (dict(kind="policy", policy="lru"), "policy 'lru'"),
+                       (dict(kind="policy", policy="sink", window=4, sink_frames=4), "sink_frames < window"),
+                       (dict(kind="ablate", mode="resample"), "resample_prompt")]:
+        with pytest.raises(WorkbenchError, match=message):
+            parse_entry(d, 6, 4)
+    with pytest.raises(WorkbenchError, match="use LAYERS:HEADS:T"):
+        parse_flag("temperature", "3:1")
+
+
+def test_intervene_writes_an_effects_store_and_resumes(tmp_path, capsys):
+    import xarray as xr
+
+    out = tmp_path / "fx.zarr"
+    args = ["intervene", "--frames", "12", "--local-attn-size", "6", "--sink-size", "3", "--world", "off",
+            "--seeds", "0,1", "--out", str(out), "--no-progress", "--ablate", "2:1", "--policy", "sink:6:3"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "3 entries (baseline included) x 2 sample(s) x 12 latent frames" in printed
+    ds = xr.open_zarr(out, consolidated=False).load()
+    assert list(ds.intervention.values) == ["baseline", "ablate-zero:L2.H1", "policy-sink6+sink3"]
+    assert ds.latent_distance.dims == ("intervention", "sample", "frame") and ds.sizes["sample"] == 2
+    assert float(abs(ds.latent_distance.sel(intervention="baseline")).max()) == 0
+    assert float(abs(ds.latent_distance.sel(intervention="policy-sink6+sink3")).max()) == 0  # bitwise the window
+    assert float(ds.latent_distance.sel(intervention="ablate-zero:L2.H1").min()) > 0
+    assert ds.attrs["store_kind"] == "effects" and list(ds.cache_frames.values) == [6, 6, 6]
+    assert json.loads(str(ds.intervention_spec.values[1]))["heads"] == [1]
+
+    # the ablation's numbers equal an independent rollout of the same intervention
+    from models.text_encoder import TextEncoder
+    from workbench.extract import ExtractConfig, load_model, plan, sample_rollout
+    from workbench.hooks import CallFilter, attach
+    from workbench.interventions import HeadAblation
+
+    p = plan(ExtractConfig(prompts=["a red square moving right"], seeds=[1], num_frames=12, local_attn_size=6,
+                           sink_size=3))
+    model = load_model(p, torch.device("cpu"), torch.float32)
+    emb = TextEncoder.from_wan_dir(p.wan_dir).encode(["a red square moving right"])
+    base = sample_rollout(model, p, emb, None, 1, "cpu", torch.float32)
+    with attach(model, HeadAblation(CallFilter(layers={2}, kinds={"self"}), heads=[1])):
+        x = sample_rollout(model, p, emb, None, 1, "cpu", torch.float32)
+    expected = (x - base).double()[0].pow(2).mean(dim=(1, 2, 3)).sqrt().numpy()
+    np.testing.assert_allclose(ds.latent_distance.sel(intervention="ablate-zero:L2.H1", sample="p0000-s1"),
+                               expected, rtol=1e-5)
+
+    assert main(args + ["--temperature", "1:0:2"]) == 0  # resumes: only the new entry runs
+    assert "4 entries" in capsys.readouterr().out
+    again = xr.open_zarr(out, consolidated=False)
+    np.testing.assert_array_equal(again.latent_distance.isel(intervention=slice(0, 3)), ds.latent_distance)
+
+    html_path = tmp_path / "fx.html"
+    assert main(["report", str(out), "--out", str(html_path)]) == 0
+    text = html_path.read_text()
+    assert "Ranked by effect" in text and "temperature2:L1.H0" in text and (tmp_path / "fx.png").stat().st_size > 0
+    rows = re.findall(r"<th>(ablate-zero:L2.H1|baseline|policy-sink6\+sink3|temperature2:L1.H0)</th>", text)
+    assert rows[-1] in ("baseline", "policy-sink6+sink3")  # ranked: the zero-effect entries last
+
+
+def test_a_sweep_ranks_every_head(tmp_path, capsys):
+    import xarray as xr
+
+    out = tmp_path / "sweep.zarr"
+    assert main(["intervene", "--frames", "6", "--world", "off", "--sweep-heads", "5", "--out", str(out),
+                 "--no-progress"]) == 0
+    ds = xr.open_zarr(out, consolidated=False)
+    assert list(ds.target_head.values) == [-1, 0, 1, 2, 3] and set(ds.target_layer.values[1:]) == {5}
+    assert main(["report", str(out), "--out", str(tmp_path / "sweep.html")]) == 0
+    assert (tmp_path / "sweep_heads.png").is_file()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--ablate", "9:0"], r"layer \[9\] out of range"),
+    (["--ablate", "3"], "use LAYERS:HEADS"),
+    ([], "no intervention to run"),
+    (["--policy", "fifo:21", "--frames", "7"], "do(es)? not divide into chunks"),
+    (["--ablate", "1:0", "--ablate", "1:0"], "used twice"),
+    (["--world", "on", "--prompt", "an eagle", "--ablate", "1:0"], "--world on needs the miniature world"),
+])
+def test_bad_input_is_one_line_before_any_work(argv, message, tmp_path, capsys):
+    assert main(["intervene", "--out", str(tmp_path / "x.zarr"), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "x.zarr").exists()
