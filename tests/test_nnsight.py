@@ -33,13 +33,24 @@ def test_docs_recipe_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli_main(argv[1:] + ["--no-progress"]) == 0
     blocks = re.findall(r"```python\n(.*?)```", doc, re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3  # the reading recipe (two blocks, one file) and the editing recipe (its own file)
     script = tmp_path / "recipe.py"
-    script.write_text("\n".join(blocks))
+    script.write_text("\n".join(blocks[:2]))
     r = run_script(script, tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "nnsight reproduces runs/layer3.zarr exactly" in r.stdout
     assert "agree with the store" in r.stdout
+
+
+def test_docs_editing_recipe_matches_the_workbench_head_ablation(tmp_path):
+    """The third ```python block of docs/nnsight.md: nnsight zeroes a head's attention output in every forward,
+    and the video equals the workbench's HeadAblation bitwise (and differs from the plain one)."""
+    doc = (REPO / "docs" / "nnsight.md").read_text()
+    script = tmp_path / "edit.py"
+    script.write_text(re.findall(r"```python\n(.*?)```", doc, re.S)[2])
+    r = run_script(script, tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "nnsight's edit equals the workbench's head ablation bitwise" in r.stdout
 
 
 CHECKS = textwrap.dedent('''
