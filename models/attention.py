@@ -154,18 +154,22 @@ def _attend_by_head_groups(q, k, v, call: AttentionCall, observers, intervention
 
         raise ModelInputError("attention capture and interventions do not run under a head-wise cache policy yet; "
                               "use a policy that keeps the same frames for every head")
-    nqf = len(call.query_frames)
+    nqf, fsl = len(call.query_frames), call.frame_seq_len
     out = torch.empty_like(q)  # [B, Lq, H, D]
     groups: dict[tuple, list[int]] = {}
     for h, row in enumerate(call.head_mask.tolist()):
         groups.setdefault(tuple(row), []).append(h)
     for row, heads in groups.items():
-        mask = torch.tensor(row, dtype=torch.bool)[None, :].expand(nqf, -1)
-        if call.frame_mask is not None:
-            mask = mask & call.frame_mask.cpu()
         idx = slice(heads[0], heads[-1] + 1) if heads == list(range(heads[0], heads[-1] + 1)) else heads
-        sub = compute(q[:, :, idx], k[:, :, idx], v[:, :, idx], frame_mask=mask, frame_seq_len=call.frame_seq_len,
-                      kernel=call.kernel)[0]
+        qg, kg, vg = q[:, :, idx], k[:, :, idx], v[:, :, idx]
+        if call.frame_mask is None:  # every query frame sees the same key frames: keep only those (unmasked call)
+            tokens = torch.tensor([j * fsl + t for j, keep in enumerate(row) if keep for t in range(fsl)],
+                                  device=k.device)
+            kg, vg = kg.index_select(1, tokens), vg.index_select(1, tokens)
+            sub = compute(qg, kg, vg, frame_seq_len=fsl, kernel=call.kernel)[0]
+        else:
+            mask = torch.tensor(row, dtype=torch.bool)[None, :].expand(nqf, -1) & call.frame_mask.cpu()
+            sub = compute(qg, kg, vg, frame_mask=mask, frame_seq_len=fsl, kernel=call.kernel)[0]
         out[:, :, idx] = sub
     return out
 

@@ -22,7 +22,8 @@ whose position moves) live in models/kv_cache.py; `causal_few_step(..., cache_po
 
 Every policy's `capacity` is the window; `key_frame` labels of attention calls are the frames actually held (the
 cache's own record). Decisions of FifoWindow, WindowSink, DeepSink and HeadWise depend only on the frames held, so a
-rollout with them may replay CUDA graphs; AttentionGuided's depend on the data, so its rollouts run eagerly.
+rollout with them may replay CUDA graphs (HeadWise excepted: its masked calls build their masks on the host);
+AttentionGuided's depend on the data, so its rollouts run eagerly.
 A head-wise cache holds the union of the heads' frames (no memory saved by this implementation); its heads attend
 through one masked call per group of heads (models/attention.py), and capture is refused under it.
 """
@@ -171,7 +172,10 @@ class AttentionGuided(WindowSink):
 class HeadWise(WindowSink):
     """A window + sink cache in which the `static` heads ({layer: heads}) attend only to the sink and the newest
     `static_recent` frames (Forcing-KV's static heads: the current chunk and the transition anchor), the other
-    heads to everything held."""
+    heads to everything held. Its rollouts run eagerly: each group of heads is a masked call whose mask is built
+    on the host."""
+
+    graph_safe = False
 
     def __init__(self, window: int, sink: int, static: dict[int, Iterable[int]], static_recent: int = 6):
         super().__init__(window, sink)
