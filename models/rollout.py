@@ -159,7 +159,7 @@ def _rollout_graphs(model, noise, context, cuda_graphs, extra_key, devices=("cud
         return None  # an observer or intervention that runs arbitrary Python per attention call
     from models import fused
 
-    fsl = (noise.shape[3] // model.config.patch_size[1]) * (noise.shape[4] // model.config.patch_size[2])
+    fsl = model.config.tokens_per_frame(*noise.shape[3:])  # noise [B, F, C, h, w]
     params = tuple(p.data_ptr() for p in model.parameters())
     key = (tuple(noise.shape), noise.dtype, str(noise.device), tuple(context.shape), context.dtype, params,
            fused.GELU_EPILOGUE, fused.COMPILE, getattr(model, "attention_kernel", "auto"),
@@ -197,7 +197,7 @@ def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timest
     B, Fr = noise.shape[:2]
     check_causal_geometry(model, Fr, cache_frames)
     n = model.num_frame_per_block
-    fsl = (noise.shape[3] // model.config.patch_size[1]) * (noise.shape[4] // model.config.patch_size[2])
+    fsl = model.config.tokens_per_frame(*noise.shape[3:])  # noise [B, F, C, h, w]
     schedule = few_step_schedule(timesteps, context_noise)
     graphs = _rollout_graphs(model, noise, context, cuda_graphs,
                              (tuple(timesteps.tolist()), float(context_noise), last_context_pass, cache_frames))
@@ -290,7 +290,7 @@ def causal_multi_step(model, noise, context, negative_context, *, steps: int = 5
     B, Fr = noise.shape[:2]
     check_causal_geometry(model, Fr, cache_frames)
     n = model.num_frame_per_block
-    fsl = (noise.shape[3] // model.config.patch_size[1]) * (noise.shape[4] // model.config.patch_size[2])
+    fsl = model.config.tokens_per_frame(*noise.shape[3:])  # noise [B, F, C, h, w]
     caches = {b: RolloutCache.allocate(model.config, B, Fr, fsl, dtype=noise.dtype, device=noise.device)
               for b in ("cond", "uncond")}
     texts = {"cond": context, "uncond": negative_context}

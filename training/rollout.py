@@ -38,8 +38,7 @@ from training import rng
 
 
 def frame_seq_len(model, latents: torch.Tensor) -> int:
-    _, ph, pw = model.config.patch_size
-    return (latents.shape[-2] // ph) * (latents.shape[-1] // pw)
+    return model.config.tokens_per_frame(*latents.shape[-2:])  # latents [..., h, w]
 
 
 def self_forcing_rollout(generator, noise: torch.Tensor, context: torch.Tensor, *, timesteps: torch.Tensor,

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from models.files import atomic_torch_save, atomic_write_text
 from models.scheduler import FlowMatchScheduler
 from training import distributed as fsdp
 from training import rng
@@ -269,7 +269,7 @@ class Trainer:
             self.logdir.mkdir(parents=True, exist_ok=True)
             self.logger = Logger(self.logdir, list(cfg.loggers), resume_step=resume_step, config=cfg,
                                  run_name=self.logdir.name)
-            (self.logdir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+            atomic_write_text(self.logdir / "config.yaml", OmegaConf.to_yaml(cfg))
         self.probes = probes
         if probes is not None:
             probes.open(d.main, resume_step)
@@ -535,7 +535,7 @@ class Trainer:
             state["critic_optimizer"] = fsdp.optimizer_state(self.critic_params, self.critic_opt)
         if self.d.main:
             state["config_yaml"] = OmegaConf.to_yaml(self.cfg)
-            atomic_save(state, folder / "training_state.pt")
+            atomic_torch_save(state, folder / "training_state.pt")
             save_self_forcing(folder / "model.pt", **models)  # last: a folder with model.pt is complete
             self.log(f"saved {folder / 'model.pt'}")
         self.d.barrier()
@@ -570,14 +570,6 @@ class Trainer:
         if self.d.main:
             self.log(f"resumed from {folder} at step {self.step}")
         return self.step
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def latest_checkpoint(logdir) -> Path | None:
@@ -678,7 +670,7 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
         raise TrainingError(f"probe: {err}") from None
     _, _, H, W = plan.shape
     _, ph, pw = mc.patch_size
-    fsl = (H // ph) * (W // pw)
+    fsl = mc.tokens_per_frame(H, W)
     layout_key = dict(spec=dataclasses.astuple(spec), schedule=[dataclasses.astuple(s) for s in schedule],
                       prompts=prompts, seeds=list(p.seeds), frames=frames, hw=(H, W), weights=weights_sha,
                       model=dataclasses.asdict(mc), nfpb=plan.nfpb)
