@@ -42,6 +42,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from models.errors import ModelInputError
+from models.family import WAN, check_fits_cache
 from models.files import atomic_torch_save, atomic_write_text
 from models.scheduler import FlowMatchScheduler
 from training import distributed as fsdp
@@ -80,7 +82,6 @@ class Plan:
 
 def load_train_config(path, overrides: list[str] | None = None):
     """The YAML merged onto configs/default_config.yaml and the schema (models.sf_config), as TrainingErrors."""
-    from models.errors import ModelInputError
     from models.sf_config import load_config
 
     try:
@@ -651,8 +652,13 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
         raise TrainingError("probe.seeds is empty")
     mc = model_config
     frames = p.num_frames or plan.shape[0]
-    if frames % plan.nfpb or (mc.local_attn_size == -1 and frames > plan.shape[0] and frames > 21):
+    if frames % plan.nfpb:
         raise TrainingError(f"probe.num_frames {frames} must be a multiple of {plan.nfpb} and fit the KV cache")
+    try:  # the cache holds the training length, and at least the family's
+        check_fits_cache(frames, mc.local_attn_size, max(plan.shape[0], WAN.cache_frames),
+                         label=f"probe.num_frames {frames}", remedy="set model_kwargs.local_attn_size")
+    except ModelInputError as err:
+        raise TrainingError(str(err)) from None
     layers = list(p.layers) if p.layers is not None else list(range(mc.num_layers))
     heads = list(p.heads) if p.heads is not None else list(range(mc.num_heads))
     for what, values, n in (("layer", layers, mc.num_layers), ("head", heads, mc.num_heads)):
