@@ -36,7 +36,7 @@ class AttendRecorder:
 
 
 def expected_key_frames(chunk: int, nfpb: int, local_attn_size: int = -1, sink_size: int = 0) -> tuple[int, ...]:
-    """The frames the KV cache holds when chunk `chunk` attends (reference 2.2): every frame up to the end of
+    """The frames the KV cache holds when chunk `chunk` attends (the window rule of models/window.py, written out independently): every frame up to the end of
     the chunk; with a window, the first `sink_size` frames and the latest `local_attn_size - sink_size`."""
     end = (chunk + 1) * nfpb
     if local_attn_size == -1:

@@ -276,3 +276,15 @@ def test_which_rollouts_share_recorded_graphs():
         release_graphs(model)
         assert model._rollout_graphs is None
     assert get() is None  # autograd on
+
+
+@pytest.mark.parametrize("local,sink", [(-1, 0), (9, 3), (6, 0), (12, 3), (3, 1)])
+def test_window_rule_is_what_the_kv_cache_holds(local, sink):
+    """models/window.py (the full-sequence mask, the synthetic stores) against the frames the KV cache holds
+    when each chunk attends (tests/attention_reference.py), 8 chunks of 3."""
+    from models.window import attended_key_frames
+    from attention_reference import expected_key_frames
+
+    rows = attended_key_frames(24, 3, local, sink)
+    for i, row in enumerate(rows):
+        assert tuple(j for j, a in enumerate(row) if a) == expected_key_frames(i // 3, 3, local, sink)
