@@ -456,14 +456,12 @@ def summary_table(store_path, max_rows: int = 48) -> str:
     ds = open_store(store_path)
     if "attn_mass" not in ds:
         return f"wrote {store_path}"
+    from workbench.summary import frame0_own_rest
+
     chunked = bool((ds.query_chunk > 0).any())
-    m = ds.attn_mass.where(ds.phase == "denoise", drop=True)
-    m = m.where(m.query_chunk > 0, drop=True) if chunked else m
-    own = m.where((m.key_chunk == m.query_chunk) & (m.key_frame > 0)).sum("key_frame")  # frame 0 has its own column
-    first = m.sel(key_frame=0)
-    total = m.sum("key_frame")
+    first, own, rest = frame0_own_rest(ds.attn_mass)
     dims = [d for d in ("sample", "step", "query_frame") if d in first.dims]
-    first, own, rest = (x.mean(dims).transpose("layer", "head").values for x in (first, own, total - own - first))
+    first, own, rest = (x.mean(dims).transpose("layer", "head").values for x in (first, own, rest))
     layers, heads = [int(v) for v in ds.layer.values], [int(v) for v in ds["head"].values]
     rows = "query frames after chunk 0" if chunked else "all query frames: one chunk"
     lines = [f"wrote {store_path}: {ds.sizes['sample']} sample(s), layers {format_int_list(layers)}, "
