@@ -3,7 +3,8 @@ bidirectional multi-step Wan sampler (the Wan baseline).
 
 Latents here are [B, F, C, H, W] (Self-Forcing's layout); the model takes [B, C, F, H, W].
 
-Few-step causal rollout (reference 3.2), for each chunk of `num_frame_per_block` frames:
+Few-step causal rollout (Self-Forcing's `CausalInferencePipeline.inference`), for each chunk of
+`num_frame_per_block` frames:
     x = the chunk's noise
     for k, t_k in enumerate(warped steps):           # t = 1000, 937.5, 833.3, 625
         x0 = x - sigma(t_k) * G(x, t_k)              # KV cache: earlier frames (clean) + this chunk
@@ -51,8 +52,8 @@ def check_causal_geometry(model, num_frames: int, cache_frames: int) -> None:
         raise ModelInputError(
             f"{num_frames} latent frames do not divide into chunks of {n} (num_frame_per_block); use a multiple of {n}"
         )
-    check_fits_cache(num_frames, model.config.local_attn_size, cache_frames,
-                     remedy="set local_attn_size (a rolling window, optionally with sink_size) or a larger cache_frames")
+    check_fits_cache(num_frames, model.config.local_attn_size, cache_frames, remedy="set local_attn_size (a "
+                     "rolling window, optionally with sink_size) or a larger cache_frames")
     if num_frames > 1024:
         raise ModelInputError(f"{num_frames} latent frames: RoPE positions past 1024 are not defined")
 
@@ -185,8 +186,9 @@ def release_graphs(model) -> None:
 @torch.no_grad()
 def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timesteps: torch.Tensor,
                     scheduler: FlowMatchScheduler, context_noise: float = 0.0, generator: torch.Generator | None = None,
-                    cache_frames: int = CACHE_FRAMES, last_context_pass: bool = True, on_forward: OnForward | None = None,
-                    cuda_graphs: bool | None = None, on_chunk: OnChunk | None = None):
+                    cache_frames: int = CACHE_FRAMES, last_context_pass: bool = True,
+                    on_forward: OnForward | None = None, cuda_graphs: bool | None = None,
+                    on_chunk: OnChunk | None = None):
     """noise [B, F, C, H, W], context [B, text_len, text_dim] -> clean latents [B, F, C, H, W].
 
     timesteps: the warped denoising steps (float32, e.g. [1000, 937.5, 833.33, 625]). cuda_graphs: replay the
@@ -282,7 +284,8 @@ def multistep_schedule(timesteps: list[float], cfg: bool, context_pass: bool, co
 @torch.no_grad()
 def causal_multi_step(model, noise, context, negative_context, *, steps: int = 50, shift: float = 5.0,
                       guidance_scale: float = 5.0, solver: str = "unipc", context_noise: float = 0.0,
-                      cache_frames: int = CACHE_FRAMES, on_forward: OnForward | None = None, on_chunk: OnChunk | None = None):
+                      cache_frames: int = CACHE_FRAMES, on_forward: OnForward | None = None,
+                      on_chunk: OnChunk | None = None):
     """Causal rollout with a multi-step solver and classifier-free guidance per chunk (separate positive and
     negative KV caches), v = v_u + g (v_c - v_u); after each chunk a context pass on both caches."""
     B, Fr = noise.shape[:2]

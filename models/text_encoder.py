@@ -347,7 +347,8 @@ class TextEncoder:
     def warn_if_truncated(self, prompts: list[str]) -> list[int]:
         """Token counts (`</s>` included, before truncation) of the prompts; a ModelInputWarning for each one
         longer than text_len, saying where the encoder cuts it. A warning, not an error: Wan2.1 and Self-Forcing
-        truncate such prompts the same way, so the model sees what the reference pipelines would show it."""
+        truncate such prompts the same way, so the model sees what the Wan2.1 and Self-Forcing
+        pipelines would show it."""
         L = self.text_len
         counts = []
         for p in prompts:

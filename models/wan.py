@@ -1,6 +1,6 @@
 """The Wan2.1 diffusion transformer, bidirectional and causal, in one file.
 
-Dataflow of one forward (reference section 1.2), for a latent video x [B, 16, F, H, W]:
+Dataflow of one forward (as Wan2.1's `WanModel._forward`), for a latent video x [B, 16, F, H, W]:
     patchify (Conv3d, kernel = stride = (1, 2, 2))      -> tokens [B, F*h*w, dim], (frame, row, column) order
     sinusoidal time embedding of per-frame t [B, F]      -> e [B, F, dim], e0 = 6-way modulation [B, F, 6, dim]
     text MLP on the context [B, 512, 4096]               -> [B, 512, dim]

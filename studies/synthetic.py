@@ -159,7 +159,7 @@ def sample_datasets(
     num_steps = len(step_t)
 
     samples = [(pi, prompt, seed) for pi, prompt in enumerate(prompts) for seed in seeds]
-    window = attended_frames(variant, num_frames, num_frame_per_block, local_attn_size, sink_size)  # [query_frame, key_frame]
+    window = attended_frames(variant, num_frames, num_frame_per_block, local_attn_size, sink_size)  # [qf, kf]
     rng = np.random.default_rng(rng_seed)
     shape = (len(samples), num_steps, len(layers), num_heads, num_frames, num_frames)
     mass = np.full(shape, np.nan, dtype=np.float64)  # [sample, step, layer, head, query_frame, key_frame]

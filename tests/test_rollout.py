@@ -1,5 +1,5 @@
 """The causal model: KV-cache rollout == block-causal full-sequence forward, absolute RoPE across chunks,
-sink + window eviction (reference 2.2 and 9, items 14-19), labels of every forward, and input errors."""
+sink + window eviction (the window rule of models/window.py), labels of every forward, and input errors."""
 
 import pytest
 import torch
@@ -65,7 +65,7 @@ def test_block_causal_mask_shape():
 
 def test_rope_positions_are_absolute_across_chunks():
     """The keys in the cache when the last chunk attends are, frame by frame, the keys of a full-sequence
-    forward: every frame keeps the rotation of its absolute index (reference 9, item 18)."""
+    forward: every frame keeps the rotation of its absolute index (keys are cached after RoPE and never re-rotated)."""
     model = tiny_model()
     x, t, ctx = inputs(9)
     full_probe, inc_probe = RecordingProbe(CallFilter(layers={1}, kinds={"self"})), RecordingProbe(CallFilter(layers={1}, kinds={"self"}))

@@ -1,4 +1,5 @@
-"""The Self-Forcing training rollout (reference 4.1) and ODE-pair generation with the bidirectional sampler.
+"""The Self-Forcing training rollout (their `SelfForcingTrainingPipeline.inference_with_trajectory`) and
+ODE-pair generation with the bidirectional sampler.
 
 Training rollout, for each chunk of `num_frame_per_block` frames (latents [B, F, C, H, W]):
 

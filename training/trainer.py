@@ -4,7 +4,7 @@
     build_trainer(cfg, logdir) --> models from `model_root/<name>` (+ generator_ckpt), text encoder --> Trainer
     Trainer.train()            --> steps, logs, checkpoints, probes
 
-Score distillation (the researchers' `trainer/distillation.py`, reference 4.7), one iteration at `step`:
+Score distillation (the researchers' `trainer/distillation.py`), one iteration at `step`:
 
     if step % dfake_gen_update_ratio == 0:          # generator: rollout with gradient at the exit step + DMD/SiD
         zero grads; for each micro-batch: loss / accum -> backward; clip; AdamW step; EMA update
