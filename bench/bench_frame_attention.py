@@ -162,13 +162,13 @@ def bench_one(fa, ref, args, nkf, dtype):
     from models.triton_attention_plan import default_config
 
     run("fused: out + frame mass (default: TMA on sm90)",
-        lambda: fa.frame_attention_fused(q, k, v, frame_seq_len=fsl, scale=scale), fwd_flop,
+        lambda: fa.frame_forward_with_stats(q, k, v, frame_seq_len=fsl, scale=scale), fwd_flop,
         get_mass=lambda r: r[1], get_out=lambda r: r[0], note=lambda: str(default_config(q.device)))
     run("fused, pointer loads (no TMA)",
-        lambda: fa._launch_fused(q, k, v, frame_seq_len=fsl, scale=scale, use_tma=False), fwd_flop,
+        lambda: fa._launch_frame_forward(q, k, v, frame_seq_len=fsl, scale=scale, use_tma=False), fwd_flop,
         get_mass=lambda r: r[1], get_out=lambda r: r[0], note=lambda: str(default_config(q.device)))
     run("same Triton forward without frame mass",
-        lambda: fa._launch_fused(q, k, v, frame_seq_len=fsl, scale=scale, with_mass=False), fwd_flop,
+        lambda: fa._launch_frame_forward(q, k, v, frame_seq_len=fsl, scale=scale, with_mass=False), fwd_flop,
         get_out=lambda r: r[0], note=lambda: str(default_config(q.device)))
     lse_res = run("lse_from_sdpa (the model's attention with LSE)", lambda: fa.lse_from_sdpa(q, k, v, scale),
                   fwd_flop, get_out=lambda r: r[0], note=lambda: select(q, k, v, frame_seq_len=fsl).name)

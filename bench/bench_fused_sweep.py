@@ -10,7 +10,7 @@ against cuDNN.
 
     python bench/bench_fused_sweep.py [--json best.json]     # ~1-2 min on an H200
 
---json writes the fastest variant's config (the dict `frame_attention._launch_fused(config=...)` takes).
+--json writes the fastest variant's config (the dict `frame_attention._launch_frame_forward(config=...)` takes).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def main():
             else:
                 c = dict(cfg)
                 with_mass = c.pop("with_mass", True)
-                fn = lambda q=q, k=k, v=v, c=c, wm=with_mass: fa._launch_fused(  # noqa: E731
+                fn = lambda q=q, k=k, v=v, c=c, wm=with_mass: fa._launch_frame_forward(  # noqa: E731
                     q, k, v, frame_seq_len=FSL, config=c, with_mass=wm)
             try:
                 res = fn()

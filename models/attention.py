@@ -30,21 +30,10 @@ from typing import Hashable, Protocol, Sequence
 import torch
 
 from models.attention_kernels import compute
+from models.labels import ForwardLabels  # noqa: F401 (re-exported: the labels every AttentionCall carries)
 
 # --------------------------------------------------------------------------------------------------
 # Labels
-
-
-@dataclass(frozen=True)
-class ForwardLabels:
-    """What the rollout knows about one DiT forward. `step` is the position in the per-chunk schedule."""
-
-    step: int  # 0..S-1: denoising steps in order, then the context pass
-    timestep: float  # the timestep the DiT sees (for per-frame timesteps: that of the chunk being denoised)
-    chunk: int  # generation block index; 0 for a bidirectional forward over every frame
-    phase: str = "denoise"  # "denoise" | "context" | "train"
-    cfg: str = "none"  # "cond" | "uncond" | "none"
-    denoise_index: int = 0  # index into the denoising schedule; -1 for the context pass
 
 
 @dataclass(frozen=True, eq=False)

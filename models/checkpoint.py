@@ -23,7 +23,7 @@ import torch
 
 from models.config import WanConfig
 from models.errors import CheckpointError
-from models.files import atomic_write, load_tensors, sha256_file  # noqa: F401 (sha256_file: re-exported)
+from models.files import atomic_write, check_tensor_shapes, load_tensors, sha256_file  # noqa: F401 (sha256_file: re-exported)
 from models.wan import WanModel
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -132,18 +132,8 @@ def read_self_forcing(path: str | Path, key: str = "generator", *, trust_pickle:
 
 def check_state_dict(model: torch.nn.Module, state_dict: dict, source: str) -> None:
     """Refuse missing, unexpected and wrongly shaped keys, listing them all."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(f"{k}: {tuple(state_dict[k].shape)} != {tuple(expected[k].shape)}"
-                   for k in set(expected) & set(state_dict) if state_dict[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
-                parts.append(f"{name}: {shown}")
-        raise CheckpointError(f"{source} does not fit the model ({'; '.join(parts)})")
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_tensor_shapes(expected, state_dict, f"{source} does not fit the model")
 
 
 def build_model(config: WanConfig, state_dict: dict | None = None, *, causal: bool = False,

@@ -67,6 +67,23 @@ def load_state_dict_file(path, trust_pickle: bool = False) -> dict:
     return dict(sd)
 
 
+def check_tensor_shapes(expected: dict, state_dict: dict, what: str) -> None:
+    """The one state-dict check of every loader: refuse missing, unexpected and wrongly shaped tensors, listing
+    them all (the first 12 of each kind). expected {name: shape}; state_dict {name: tensor}; CheckpointError
+    "{what} (missing: ...; unexpected: ...; wrong shape: ...)" otherwise."""
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(f"{k}: {tuple(state_dict[k].shape)} != {tuple(expected[k])}"
+                   for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != tuple(expected[k]))
+    if missing or unexpected or wrong:
+        parts = []
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
+                parts.append(f"{name}: {shown}")
+        raise CheckpointError(f"{what} ({'; '.join(parts)})")
+
+
 def sha256_file(path, memo_dir: Path | None = MEMO_DIR) -> str:
     """sha256 of a file's bytes; remembered by (real path, size, mtime) in memo_dir, so an 11 GB file is
     hashed once per machine."""
@@ -145,3 +162,14 @@ def atomic_write(path, write) -> None:
 
 def atomic_write_bytes(path, data: bytes) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_torch_save(obj, path) -> None:
+    """torch.save, atomically (checkpoints, caches)."""
+    import torch
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))

@@ -1,5 +1,11 @@
 """The pointwise pieces of a Wan block, written once as plain functions and fused into single kernels on CUDA.
 
+("Fused" in this repository names three different things; this module is the first: (1) pointwise fusion, several
+elementwise ops compiled into one kernel (this module, `@one_kernel`); (2) the capture mode "fused", where the
+model's own attention forward also writes the frame statistics (workbench/capture.py, the Triton frame forward
+`frame_forward_with_stats` in workbench/kernels/frame_attention.py); (3) a fused attention kernel, one that
+never materialises the softmax (cuDNN, flash, the Triton frame forward). docs/architecture.md keeps them apart.)
+
 Eager PyTorch runs each of these as 4-8 kernels with float32 temporaries; on the 1.3B rollout that memory
 traffic cost more GPU time than the linear layers (bench/RESULTS.md). On CUDA each function is compiled
 with torch.compile into one kernel; on the CPU (tests, the embedded default) it runs eagerly, so the math
@@ -27,7 +33,7 @@ def gelu_epilogue_applies(x) -> bool:
         and not torch.is_grad_enabled()
 
 
-def fused(fn):
+def one_kernel(fn):
     """Compile `fn` for CUDA inputs (on first use), run it eagerly otherwise."""
     compiled = None
 
@@ -48,7 +54,7 @@ def fused(fn):
     return wrapper
 
 
-@fused
+@one_kernel
 def norm_modulate(x, shift, scale, eps: float):
     """LayerNorm (no affine, float32) * (1 + scale) + shift, cast back: x [B, L, C] -> [B, L, C]."""
     B, L, C = x.shape
@@ -57,14 +63,14 @@ def norm_modulate(x, shift, scale, eps: float):
     return (h * (1 + scale) + shift).view(B, L, C).to(x.dtype)
 
 
-@fused
+@one_kernel
 def add_norm_modulate(x, y, shift, scale, eps: float):
     """(x + y, norm_modulate(x + y, ...)) in one pass: the cross-attention residual and the FFN's input."""
     x = x + y
     return x, norm_modulate.eager(x, shift, scale, eps)
 
 
-@fused
+@one_kernel
 def gated_residual(x, y, gate):
     """x + y * gate in float32, cast back: x, y [B, L, C], gate [B, F, 1, C]."""
     B, L, C = x.shape
@@ -73,13 +79,13 @@ def gated_residual(x, y, gate):
     return out.view(B, L, C).to(x.dtype)
 
 
-@fused
+@one_kernel
 def layer_norm_affine(x, weight, bias, eps: float):
     """Affine LayerNorm computed in float32, cast back."""
     return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
 
 
-@fused
+@one_kernel
 def rms_norm(x, weight, eps: float):
     """RMSNorm over the last dim (all heads jointly) in float32, cast back, then the weight (Wan's order)."""
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
@@ -114,7 +120,7 @@ def qk_norm_rope(q, k, wq, wk, cos, sin, heads: int, eps: float):
 qk_norm_rope.eager = _qk_norm_rope
 
 
-@fused
+@one_kernel
 def rope(x, cos, sin):
     """RoPE alone: x [B, L, H, D] -> [B, L, H, D]."""
     return _rotate(x, cos, sin)

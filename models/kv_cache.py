@@ -1,6 +1,6 @@
 """The KV cache of the causal rollout, kept in whole latent frames, and the cross-attention cache.
 
-Semantics are those of Self-Forcing's `CausalWanModel._forward_inference` (reference section 2.2):
+Semantics are those of Self-Forcing's `CausalWanModel._forward_inference`:
 - keys are stored after RoPE, with their absolute temporal positions, and never re-rotated;
 - a forward for a chunk that was already written (the later denoising steps and the context pass) overwrites
   that chunk's slots; a forward for a new chunk appends;

@@ -3,7 +3,8 @@ bidirectional multi-step Wan sampler (the Wan baseline).
 
 Latents here are [B, F, C, H, W] (Self-Forcing's layout); the model takes [B, C, F, H, W].
 
-Few-step causal rollout (reference 3.2), for each chunk of `num_frame_per_block` frames:
+Few-step causal rollout (Self-Forcing's `CausalInferencePipeline.inference`), for each chunk of
+`num_frame_per_block` frames:
     x = the chunk's noise
     for k, t_k in enumerate(warped steps):           # t = 1000, 937.5, 833.3, 625
         x0 = x - sigma(t_k) * G(x, t_k)              # KV cache: earlier frames (clean) + this chunk
@@ -28,6 +29,7 @@ import torch
 
 from models.attention import ForwardLabels
 from models.errors import ModelInputError
+from models.family import CACHE_FRAMES, check_fits_cache
 from models.kv_cache import RolloutCache
 from models.scheduler import FlowMatchScheduler
 
@@ -50,11 +52,8 @@ def check_causal_geometry(model, num_frames: int, cache_frames: int) -> None:
         raise ModelInputError(
             f"{num_frames} latent frames do not divide into chunks of {n} (num_frame_per_block); use a multiple of {n}"
         )
-    if model.config.local_attn_size == -1 and num_frames > cache_frames:
-        raise ModelInputError(
-            f"{num_frames} latent frames are more than the KV cache holds ({cache_frames} frames) with global "
-            "attention; set local_attn_size (a rolling window, optionally with sink_size) or a larger cache_frames"
-        )
+    check_fits_cache(num_frames, model.config.local_attn_size, cache_frames, remedy="set local_attn_size (a "
+                     "rolling window, optionally with sink_size) or a larger cache_frames")
     if num_frames > 1024:
         raise ModelInputError(f"{num_frames} latent frames: RoPE positions past 1024 are not defined")
 
@@ -162,7 +161,7 @@ def _rollout_graphs(model, noise, context, cuda_graphs, extra_key, devices=("cud
         return None  # a cache policy whose decisions depend on the data
     from models import fused
 
-    fsl = (noise.shape[3] // model.config.patch_size[1]) * (noise.shape[4] // model.config.patch_size[2])
+    fsl = model.config.tokens_per_frame(*noise.shape[3:])  # noise [B, F, C, h, w]
     params = tuple(p.data_ptr() for p in model.parameters())
     key = (tuple(noise.shape), noise.dtype, str(noise.device), tuple(context.shape), context.dtype, params,
            fused.GELU_EPILOGUE, fused.COMPILE, getattr(model, "attention_kernel", "auto"),
@@ -190,20 +189,20 @@ def release_graphs(model) -> None:
 @torch.no_grad()
 def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timesteps: torch.Tensor,
                     scheduler: FlowMatchScheduler, context_noise: float = 0.0, generator: torch.Generator | None = None,
-                    cache_frames: int = 21, last_context_pass: bool = True, on_forward: OnForward | None = None,
-                    cuda_graphs: bool | None = None, on_chunk: OnChunk | None = None, cache_policy=None):
+                    cache_frames: int = CACHE_FRAMES, last_context_pass: bool = True,
+                    on_forward: OnForward | None = None, cuda_graphs: bool | None = None,
+                    on_chunk: OnChunk | None = None, cache_policy=None):
     """noise [B, F, C, H, W], context [B, text_len, text_dim] -> clean latents [B, F, C, H, W].
-
-    cache_policy: a KV-cache policy (models/kv_cache.py `CachePolicy`, workbench/kv_policies.py) applied to every
-    layer's cache after each chunk; None: the model's window and sink.
 
     timesteps: the warped denoising steps (float32, e.g. [1000, 937.5, 833.33, 625]). cuda_graphs: replay the
     forwards from CUDA graphs recorded by an earlier rollout of the same shape (`RolloutGraphs`; CUDA, no
-    observers; None: the WORKBENCH_CUDA_GRAPHS setting, on unless it is "0")."""
+    observers; None: the WORKBENCH_CUDA_GRAPHS setting, on unless it is "0"). cache_policy: a KV-cache policy
+    (models/kv_cache.py `CachePolicy`, workbench/kv_policies.py) applied to every layer's cache after each chunk;
+    None: the model's window and sink."""
     B, Fr = noise.shape[:2]
     check_causal_geometry(model, Fr, cache_frames if cache_policy is None else Fr)  # (a policy sizes its cache)
     n = model.num_frame_per_block
-    fsl = (noise.shape[3] // model.config.patch_size[1]) * (noise.shape[4] // model.config.patch_size[2])
+    fsl = model.config.tokens_per_frame(*noise.shape[3:])  # noise [B, F, C, h, w]
     schedule = few_step_schedule(timesteps, context_noise)
     graphs = _rollout_graphs(model, noise, context, cuda_graphs,
                              (tuple(timesteps.tolist()), float(context_noise), last_context_pass, cache_frames),
@@ -295,13 +294,14 @@ def multistep_schedule(timesteps: list[float], cfg: bool, context_pass: bool, co
 @torch.no_grad()
 def causal_multi_step(model, noise, context, negative_context, *, steps: int = 50, shift: float = 5.0,
                       guidance_scale: float = 5.0, solver: str = "unipc", context_noise: float = 0.0,
-                      cache_frames: int = 21, on_forward: OnForward | None = None, on_chunk: OnChunk | None = None):
+                      cache_frames: int = CACHE_FRAMES, on_forward: OnForward | None = None,
+                      on_chunk: OnChunk | None = None):
     """Causal rollout with a multi-step solver and classifier-free guidance per chunk (separate positive and
     negative KV caches), v = v_u + g (v_c - v_u); after each chunk a context pass on both caches."""
     B, Fr = noise.shape[:2]
     check_causal_geometry(model, Fr, cache_frames)
     n = model.num_frame_per_block
-    fsl = (noise.shape[3] // model.config.patch_size[1]) * (noise.shape[4] // model.config.patch_size[2])
+    fsl = model.config.tokens_per_frame(*noise.shape[3:])  # noise [B, F, C, h, w]
     caches = {b: RolloutCache.allocate(model.config, B, Fr, fsl, dtype=noise.dtype, device=noise.device)
               for b in ("cond", "uncond")}
     texts = {"cond": context, "uncond": negative_context}

@@ -1,4 +1,4 @@
-"""The flow-matching schedule of Wan / Self-Forcing (reference section 3.1).
+"""The flow-matching schedule of Wan / Self-Forcing (their `utils/scheduler.py`).
 
 Training grid: s_i = 1 - i/1000 for i = 0..999, sigma_i = shift * s_i / (1 + (shift - 1) * s_i),
 t_i = 1000 * sigma_i. With shift 5: t_0 = 1000, t_999 = 4.98 (the grid never reaches 0). The grid is computed

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from models.errors import CheckpointError, ModelInputError, ModelInputWarning
-from models.files import atomic_write_bytes, load_state_dict_file, sha256_file
+from models.files import atomic_write_bytes, check_tensor_shapes, load_state_dict_file, sha256_file
 
 WEIGHTS_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_SUBDIR = Path("google") / "umt5-xxl"
@@ -144,17 +144,9 @@ def build_umt5_encoder(sd: dict[str, torch.Tensor], source: str = "state dict"):
         model = UMT5EncoderModel(config)
     target = model.state_dict()
     wan_of = {h: hf_to_wan_key(h) for h in target}
-    expected = set(wan_of.values())
-    missing = sorted(expected - set(sd))
-    unexpected = sorted(set(sd) - expected)
-    mismatched = [f"{w}: file {tuple(sd[w].shape)} vs model {tuple(target[h].shape)}"
-                  for h, w in wan_of.items() if w in sd and tuple(sd[w].shape) != tuple(target[h].shape)]
-    if missing or unexpected or mismatched:
-        raise CheckpointError(
-            f"{source}: umT5 encoder weights do not match (layers {config.num_layers}, d_model {config.d_model}, "
-            f"heads {config.num_heads}):\n  missing ({len(missing)}): {missing[:20]}\n"
-            f"  unexpected ({len(unexpected)}): {unexpected[:20]}\n"
-            f"  mismatched shapes ({len(mismatched)}): {mismatched[:20]}")
+    check_tensor_shapes({w: target[h].shape for h, w in wan_of.items()}, sd,
+                        f"{source}: umT5 encoder weights do not match (layers {config.num_layers}, "
+                        f"d_model {config.d_model}, heads {config.num_heads})")
     model.load_state_dict({h: sd[w] for h, w in wan_of.items()}, strict=True, assign=True)
     model.encoder.embed_tokens.weight = model.shared.weight  # keep the tie: one embedding in memory
     return model
@@ -355,7 +347,8 @@ class TextEncoder:
     def warn_if_truncated(self, prompts: list[str]) -> list[int]:
         """Token counts (`</s>` included, before truncation) of the prompts; a ModelInputWarning for each one
         longer than text_len, saying where the encoder cuts it. A warning, not an error: Wan2.1 and Self-Forcing
-        truncate such prompts the same way, so the model sees what the reference pipelines would show it."""
+        truncate such prompts the same way, so the model sees what the Wan2.1 and Self-Forcing
+        pipelines would show it."""
         L = self.text_len
         counts = []
         for p in prompts:

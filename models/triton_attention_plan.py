@@ -15,7 +15,7 @@ import torch
 
 from models.triton_common import INTERPRET
 
-# Block sizes of the fused forward. One fixed config per GPU family (no timing-based autotuning, so every
+# Block sizes of the Triton frame forward. One fixed config per GPU family (no timing-based autotuning, so every
 # process of a run computes the same bits); chosen with `bench/bench_fused_sweep.py` on an H200.
 FUSED_CONFIG_SM90 = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 FUSED_CONFIG_OTHER = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}

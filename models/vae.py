@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from models.errors import CheckpointError, ModelInputError
-from models.files import load_state_dict_file
+from models.files import check_tensor_shapes, load_state_dict_file
 
 # Self-Forcing `WanVAEWrapper` / Wan `WanVAE` per-channel latent statistics (z_dim = 16).
 LATENTS_MEAN = [
@@ -235,16 +235,8 @@ def build_diffusers_vae(sd: dict[str, torch.Tensor], source: str = "state dict")
                                  latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD)
     target = model.state_dict()
     wan_of = {d: diffusers_to_wan_key(d, layout.num_res_blocks) for d in target}
-    expected = set(wan_of.values())
-    missing = sorted(expected - set(sd))
-    unexpected = sorted(set(sd) - expected)
-    mismatched = [f"{w}: file {tuple(sd[w].shape)} vs model {tuple(target[d].shape)}"
-                  for d, w in wan_of.items() if w in sd and tuple(sd[w].shape) != tuple(target[d].shape)]
-    if missing or unexpected or mismatched:
-        raise CheckpointError(
-            f"{source}: VAE weights do not match the Wan2.1 layout {layout}:\n"
-            f"  missing ({len(missing)}): {missing[:20]}\n  unexpected ({len(unexpected)}): {unexpected[:20]}\n"
-            f"  mismatched shapes ({len(mismatched)}): {mismatched[:20]}")
+    check_tensor_shapes({w: target[d].shape for d, w in wan_of.items()}, sd,
+                        f"{source}: VAE weights do not match the Wan2.1 layout {layout}")
     model.load_state_dict({d: sd[w] for d, w in wan_of.items()}, strict=True, assign=True)
     return model, layout
 

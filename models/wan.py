@@ -1,6 +1,6 @@
 """The Wan2.1 diffusion transformer, bidirectional and causal, in one file.
 
-Dataflow of one forward (reference section 1.2), for a latent video x [B, 16, F, H, W]:
+Dataflow of one forward (as Wan2.1's `WanModel._forward`), for a latent video x [B, 16, F, H, W]:
     patchify (Conv3d, kernel = stride = (1, 2, 2))      -> tokens [B, F*h*w, dim], (frame, row, column) order
     sinusoidal time embedding of per-frame t [B, F]      -> e [B, F, dim], e0 = 6-way modulation [B, F, 6, dim]
     text MLP on the context [B, 512, 4096]               -> [B, 512, dim]
@@ -36,6 +36,7 @@ from models.attention import AttentionCall, Attend, ForwardLabels, ObserverList
 from models.attention_kernels import check_kernel
 from models.config import WanConfig
 from models.errors import ModelInputError
+from models.window import attended_key_frames
 from models.kv_cache import CrossCache, GradWindow, KVCache, RolloutCache
 from models import fused
 from models.rope import RopeTable, rope_cos_sin
@@ -238,14 +239,9 @@ class WanModel(nn.Module):
         """Frame mask [F, F]: query frame i sees key frame j iff j's chunk <= i's chunk. With a local window it
         sees what the rolling KV cache would hold after writing i's chunk: the first `sink_size` frames and the
         most recent `local_attn_size - sink_size` frames up to the end of i's chunk."""
-        n = self.num_frame_per_block
-        end = (torch.arange(frames) // n + 1) * n  # one past the last frame of each query frame's chunk
-        kf = torch.arange(frames)[None, :]
-        mask = kf < end[:, None]
-        local, sink = self.config.local_attn_size, self.config.sink_size
-        if local != -1:
-            mask &= (kf >= end[:, None] - (local - sink)) | (kf < sink)
-        return mask
+        c = self.config
+        return torch.tensor(attended_key_frames(frames, self.num_frame_per_block, c.local_attn_size, c.sink_size),
+                            dtype=torch.bool)  # (the rule: models/window.py)
 
     def rope_cos_sin(self, frames, h, w, start_frame, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [F*h*w, 1, head_dim/2] of a token grid, kept on the device per (grid, start frame): the

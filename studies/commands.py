@@ -1,7 +1,7 @@
 """`workbench report` and `workbench compare`: HTML reports of stores, from the command line.
 
 `register(subparsers)` adds both subcommands to the `workbench` CLI (workbench/cli.py lists this module in
-COMMAND_MODULES). xarray and plotly are imported inside the run functions, so `workbench --help` stays quick.
+COMMANDS). xarray and plotly are imported inside the run functions, so `workbench --help` stays quick.
 """
 
 from __future__ import annotations

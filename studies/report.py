@@ -13,7 +13,6 @@ a report's numbers back from that JSON. Files are written atomically (temp file,
 from __future__ import annotations
 
 import html
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -85,14 +84,11 @@ class Page:
 
 
 def write_atomic(text: str, out: str | Path) -> Path:
-    """Write `text` to `out` through a temporary file in the same folder."""
-    out = Path(out)
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    """Write `text` to `out` atomically (models/files.py); returns `out`."""
+    from models.files import atomic_write_text
+
+    atomic_write_text(out, text)
+    return Path(out)
 
 
 def _open(store) -> tuple[xr.Dataset, str]:

@@ -44,7 +44,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from models.attention import ForwardLabels
+from models.labels import ForwardLabels
+from models.window import attended_key_frames
 from workbench.errors import WorkbenchError
 from workbench.store import StoreLayout, StoreWriter, sample_dataset
 
@@ -67,20 +68,14 @@ def flow_timesteps(num_steps: int, shift: float = 5.0) -> np.ndarray:
     return (1000.0 * shift * s / (1.0 + (shift - 1.0) * s)).astype(np.float32)
 
 
-def attended_frames(variant: str, num_frames: int, chunk: np.ndarray, local_attn_size: int, sink_size: int):
-    """[query_frame, key_frame] bool: which key frames a query frame's call attended.
-
-    Causal: key frames of the query's chunk and earlier ones. With a window of L frames and S sink frames the
-    cache keeps frames [0, S) and the L - S most recent frames up to the end of the query's chunk."""
-    frames = np.arange(num_frames)
-    if variant == "bidirectional":
-        return np.ones((num_frames, num_frames), dtype=bool)
-    chunk_end = np.array([frames[chunk == c].max() for c in chunk])  # [query_frame] last frame of its chunk
-    mask = frames[None, :] <= chunk_end[:, None]
-    if local_attn_size != -1:
-        recent = frames[None, :] > chunk_end[:, None] - (local_attn_size - sink_size)
-        mask &= (frames[None, :] < sink_size) | recent
-    return mask
+def attended_frames(variant: str, num_frames: int, num_frame_per_block: int, local_attn_size: int,
+                    sink_size: int) -> np.ndarray:
+    """[query_frame, key_frame] bool: which key frames a query frame's call attended (the rule of
+    models/window.py: key frames of the query's chunk and earlier ones; with a window of L frames and S sink
+    frames, frames [0, S) and the L - S most recent frames up to the end of the query's chunk). A bidirectional
+    forward is one chunk holding every frame."""
+    per_chunk = num_frames if variant == "bidirectional" else num_frame_per_block
+    return np.array(attended_key_frames(num_frames, per_chunk, local_attn_size, sink_size), dtype=bool)
 
 
 def planted_row(role: str, query_frame: int, attended: np.ndarray, deep_frames: int) -> np.ndarray:
@@ -164,7 +159,7 @@ def sample_datasets(
     num_steps = len(step_t)
 
     samples = [(pi, prompt, seed) for pi, prompt in enumerate(prompts) for seed in seeds]
-    window = attended_frames(variant, num_frames, chunk, local_attn_size, sink_size)  # [query_frame, key_frame]
+    window = attended_frames(variant, num_frames, num_frame_per_block, local_attn_size, sink_size)  # [qf, kf]
     rng = np.random.default_rng(rng_seed)
     shape = (len(samples), num_steps, len(layers), num_heads, num_frames, num_frames)
     mass = np.full(shape, np.nan, dtype=np.float64)  # [sample, step, layer, head, query_frame, key_frame]

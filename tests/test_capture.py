@@ -5,7 +5,7 @@ changes the rollout (bitwise in "exact" mode).
 
 The reference side never reads the probe's labels: q and k come from forward pre-hooks on
 `blocks[i].self_attn.attend` (layer = module path, step and chunk = visit order) and the key window from the
-closed-form rule of reference 2.2 (tests/attention_reference.py). Each comparison is paired with a check
+closed-form window rule (tests/attention_reference.py). Each comparison is paired with a check
 that the reference itself tells neighbouring layers / steps / heads / frames apart by far more than the
 tolerance, so a mislabelled cell cannot pass.
 """
@@ -187,7 +187,7 @@ def test_block_causal_forward_is_nan_exactly_outside_the_mask(window):
     rec.remove()
     got = probe.results()
     allowed = model.block_causal_mask(frames)
-    # the mask itself, from reference 2.1 (chunks of 3, causal across chunks, window end - local .. end)
+    # the mask itself, written out (chunks of 3, causal across chunks, window end - local .. end)
     end = (np.arange(frames) // NFPB + 1) * NFPB
     kf = np.arange(frames)[None, :]
     expect = kf < end[:, None]

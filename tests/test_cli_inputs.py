@@ -142,8 +142,9 @@ def test_outputs_have_the_permissions_of_new_files(umask, tmp_path, store):
 
 
 def test_a_prompt_longer_than_the_text_encoder_reads_is_one_warning(tmp_path, capsys):
-    """Truncated as Wan2.1 truncates it (a warning, not an error: the model sees what the reference pipelines
-    show it), said once, with where it is cut; the store records the 512 tokens the model read."""
+    """Truncated as Wan2.1 truncates it (a warning, not an error: the model sees what the Wan2.1 and
+    Self-Forcing pipelines show it), said once, with where it is cut; the store records the 512 tokens the
+    model read."""
     from workbench.store import open_store
 
     prompt = " ".join(["a small red fox jumps over the lazy dog"] * 70)

@@ -1,5 +1,6 @@
-"""Sizes of the real configs (built on the meta device) and the flow-matching schedule, against the
-numbers of reference sections 1.5 and 9."""
+"""Sizes of the real configs (built on the meta device) and the flow-matching schedule, against the numbers
+of the official Wan2.1 configs (`wan/configs/wan_t2v_1_3B.py`: 1,418,996,800 parameters at 1.3B) and
+Self-Forcing's warped timesteps."""
 
 import json
 
@@ -90,7 +91,7 @@ def test_schedule_numbers():
     assert warped.tolist() == [1000.0, 937.5, pytest.approx(833.3333, abs=1e-4), 625.0]
     assert warped[2].item() == 833.3333129882812
     assert s.sigma(warped).tolist() == pytest.approx([1.0, 0.9375, 0.833333, 0.625], abs=1e-6)
-    # shift 8 gives the ODE-pair timesteps of reference 4.5
+    # shift 8 gives the timesteps Self-Forcing's ODE-pair script (`scripts/generate_ode_pairs.py`) stores
     assert FlowMatchScheduler(8.0).warp([1000, 750, 500, 250]).tolist() == pytest.approx(
         [1000.0, 960.0, 888.9, 727.3], abs=0.05)
 

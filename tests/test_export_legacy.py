@@ -1,4 +1,4 @@
-"""`workbench export-legacy`: the researchers' old per-layer .pt layout (reference 5.3 and 9, items 21-25).
+"""`workbench export-legacy`: the researchers' old per-layer .pt layout (workbench/legacy.py describes it).
 
 The exported matrix is compared with the fork's own algorithm run on the token-level logits of the q, k the
 model used (recorded by module path): sort the captures by key length, take the first capture of each chunk
@@ -77,7 +77,7 @@ def test_files_match_the_fork_layout_and_its_algorithm(store, tmp_path):
     assert full.shape == (HEADS, F, F) and last.shape == (HEADS, F)
     assert data["is_logits"] is True and data["layer_index"] == 3 and data["prompt"] == PROMPTS[0]
     assert (data["num_frames"], data["frame_seq_length"], data["num_frame_per_block"], data["num_heads"]) == (F, FSL, 3, HEADS)
-    assert data["block_sizes"] == [3] * 7  # reference 9 item 23, independent_first_frame False
+    assert data["block_sizes"] == [3] * 7  # 7 chunks of 3 (independent_first_frame False)
     assert data["query_frames"] == data["key_frames"] == list(range(F))
     assert data["last_block_query_frames"] == [18, 19, 20]
     assert (data["step"], data["timestep"], data["head_indices"]) == (0, 1000.0, [0, 1, 2, 3])
@@ -101,7 +101,7 @@ def test_staircase_zeros_and_last_block(store, tmp_path):
     full = data["full_frame_attention"].float()
     assert not torch.isnan(full).any()
     qf, kf = torch.meshgrid(torch.arange(F), torch.arange(F), indexing="ij")
-    above = kf >= (qf // 3 + 1) * 3  # reference 9 item 24: future chunks
+    above = kf >= (qf // 3 + 1) * 3  # future chunks: never attended, stored as 0
     assert (full[:, above] == 0).all()
     assert (full[:, ~above] != 0).all()  # the diagonal 3x3 blocks and everything below are filled
     last32 = torch.from_numpy(np.nan_to_num(open_store(path).attn_logit.sel(sample="p0001-s42", layer=2, step=0).values))

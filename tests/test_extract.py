@@ -112,7 +112,7 @@ def test_store_equals_float64_reference(tmp_path, monkeypatch, dtype, window):
     prev = None
     for li, layer in enumerate(layers):
         calls = rec.records[layer]
-        assert len(calls) == 7 * STEPS  # reference 9 item 21: 35 self-attention calls per layer per video
+        assert len(calls) == 7 * STEPS  # 7 chunks x (4 steps + context): 35 calls per layer
         exp_mass, exp_logit = np.full((2, STEPS, HEADS, F, F), np.nan)
         for visit, (q, k, _) in enumerate(calls):
             chunk, step = divmod(visit, STEPS)

@@ -207,7 +207,7 @@ def test_fused_matches_dense(fa, case):
     B, H, D, fsl, nqf, nkf, bm, bn, tma, dtype = case
     q, k, v = (t.to(DEV) for t in rand_qkv(B, H, D, fsl, nqf, nkf, dtype=dtype, peak=2.0))
     use_tma = tma and (not CUDA or tma_usable(k, v))  # on a GPU before sm90: pointer loads
-    out, mass = fa._launch_fused(q, k, v, frame_seq_len=fsl, config={"BLOCK_M": bm, "BLOCK_N": bn},
+    out, mass = fa._launch_frame_forward(q, k, v, frame_seq_len=fsl, config={"BLOCK_M": bm, "BLOCK_N": bn},
                                  use_tma=use_tma)
     assert out.dtype == dtype and out.shape == q.shape
     assert mass.dtype == torch.float32 and mass.shape == (B, H, nqf, nkf)
@@ -228,11 +228,11 @@ def test_fused_split_segments(fa, split, n_full, bm):
     cfg = {"BLOCK_M": bm, "BLOCK_N": 16, "split": split}
     if n_full is not None:
         cfg["n_full"] = n_full
-    out, mass = fa._launch_fused(q, k, v, frame_seq_len=fsl, config=cfg)
+    out, mass = fa._launch_frame_forward(q, k, v, frame_seq_len=fsl, config=cfg)
     out_d, mass_d, _, _ = dense(q, k, v, fsl)
     assert (out.double().cpu() - out_d).abs().max() < 1e-5
     assert (mass.double().cpu() - mass_d).abs().max() < 1e-6
-    out1, _ = fa._launch_fused(q, k, v, frame_seq_len=fsl, config={"BLOCK_M": 16, "BLOCK_N": 16, "split": 1})
+    out1, _ = fa._launch_frame_forward(q, k, v, frame_seq_len=fsl, config={"BLOCK_M": 16, "BLOCK_N": 16, "split": 1})
     assert (out - out1).abs().max() < 1e-5
 
 
@@ -242,7 +242,7 @@ def test_fused_frame_means(fa, split):
     also when tiles run split (the first segment of query block j averages frame j)."""
     B, H, D, fsl, nqf, nkf = 2, 2, 16, 20, 2, 5  # 3 query blocks of 16 rows per head: fewer than the 5 key frames
     q, k, v = (t.to(DEV) for t in rand_qkv(B, H, D, fsl, nqf, nkf, seed=9))
-    out, mass, qm, km = fa._launch_fused(q, k, v, frame_seq_len=fsl, frame_means=True,
+    out, mass, qm, km = fa._launch_frame_forward(q, k, v, frame_seq_len=fsl, frame_means=True,
                                          config={"BLOCK_M": 16, "BLOCK_N": 16, "split": split, "n_full": 6})
     want_q = q.double().cpu().view(B, nqf, fsl, H, D).mean(2).permute(0, 2, 1, 3)
     want_k = k.double().cpu().view(B, nkf, fsl, H, D).mean(2).permute(0, 2, 1, 3)
@@ -253,7 +253,7 @@ def test_fused_frame_means(fa, split):
 
 @pytest.mark.parametrize("split", [1, 2])
 def test_fused_into_writes_the_buffer_cells(fa, split):
-    """frame_attention_fused_into writes attn_mass and attn_logit (float64 references) into the given cells of
+    """frame_forward_into_store writes attn_mass and attn_logit (float64 references) into the given cells of
     a capture buffer view and nothing else; its output is the fused forward's."""
     B, H, D, fsl, nqf, nkf, F = 1, 2, 16, 12, 2, 4, 6
     q, k, v = (t.to(DEV) for t in rand_qkv(B, H, D, fsl, nqf, nkf, peak=2.0, seed=10))
@@ -262,7 +262,7 @@ def test_fused_into_writes_the_buffer_cells(fa, split):
     qidx = torch.tensor([3, 4], device=DEV)
     kidx = torch.tensor([0, 2, 3, 4], device=DEV)  # a sink and a window: not contiguous
     cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "split": split, "n_full": 2}
-    out = fa._launch_fused(q, k, v, frame_seq_len=fsl, config=cfg, store=dict(
+    out = fa._launch_frame_forward(q, k, v, frame_seq_len=fsl, config=cfg, store=dict(
         mass_out=buf[:, 1, 2], logit_out=logit_buf[:, 1, 2], query_index=qidx, key_index=kidx))[0]
     out_d, mass_d, _, _ = dense(q, k, v, fsl)
     assert (out.double().cpu() - out_d).abs().max() < 1e-5
@@ -275,10 +275,10 @@ def test_fused_into_writes_the_buffer_cells(fa, split):
     assert int((~buf.isnan()).sum()) == B * H * nqf * nkf  # nothing else written
     assert int((~logit_buf.isnan()).sum()) == B * H * nqf * nkf
     with pytest.raises(WorkbenchError, match="query_index"):
-        fa.frame_attention_fused_into(q, k, v, frame_seq_len=fsl, mass_out=buf[:, 0, 0], query_index=qidx[:1],
+        fa.frame_forward_into_store(q, k, v, frame_seq_len=fsl, mass_out=buf[:, 0, 0], query_index=qidx[:1],
                                       key_index=kidx)
     with pytest.raises(WorkbenchError, match="key_index must be an integer tensor"):
-        fa.frame_attention_fused_into(q, k, v, frame_seq_len=fsl, mass_out=buf[:, 0, 0], query_index=qidx,
+        fa.frame_forward_into_store(q, k, v, frame_seq_len=fsl, mass_out=buf[:, 0, 0], query_index=qidx,
                                       key_index=kidx.float())
     assert int((~buf.isnan()).sum()) == B * H * nqf * nkf  # refused before any work: nothing more written
 
@@ -301,7 +301,8 @@ def test_fused_with_allowed_mask(fa, mask, fsl, bm, bn):
     nqf, nkf = 3, 6
     allowed = masks(nqf, nkf)[mask]
     q, k, v = (t.to(DEV) for t in rand_qkv(1, 2, 16, fsl, nqf, nkf, peak=2.0, seed=3))
-    out, mass = fa._launch_fused(q, k, v, frame_seq_len=fsl, allowed=allowed, config={"BLOCK_M": bm, "BLOCK_N": bn})
+    out, mass = fa._launch_frame_forward(q, k, v, frame_seq_len=fsl, allowed=allowed,
+                                         config={"BLOCK_M": bm, "BLOCK_N": bn})
     out_d, mass_d, _, _ = dense(q, k, v, fsl, allowed)
     assert (out.double().cpu() - out_d).abs().max() < 1e-5
     assert (mass.double().cpu() - mass_d).abs().max() < 1e-6
@@ -313,7 +314,8 @@ def test_fused_many_key_frames_with_mask(fa):
     allowed = masks(nqf, nkf)["gap"]
     allowed[1, 10:20] = True
     q, k, v = (t.to(DEV) for t in rand_qkv(1, 1, 16, fsl, nqf, nkf, peak=2.0, seed=4))
-    out, mass = fa._launch_fused(q, k, v, frame_seq_len=fsl, allowed=allowed, config={"BLOCK_M": 16, "BLOCK_N": 16})
+    out, mass = fa._launch_frame_forward(q, k, v, frame_seq_len=fsl, allowed=allowed,
+                                         config={"BLOCK_M": 16, "BLOCK_N": 16})
     out_d, mass_d, _, _ = dense(q, k, v, fsl, allowed)
     assert (out.double().cpu() - out_d).abs().max() < 1e-5
     assert (mass.double().cpu() - mass_d).abs().max() < 1e-6
@@ -321,8 +323,8 @@ def test_fused_many_key_frames_with_mask(fa):
 
 def test_fused_public_function_and_no_mass_variant(fa):
     q, k, v = (t.to(DEV) for t in rand_qkv(1, 2, 16, 12, 2, 3, seed=5))
-    out, mass = fa.frame_attention_fused(q, k, v, frame_seq_len=12)  # default config (autotuned on a GPU)
-    out0, mass0 = fa._launch_fused(q, k, v, frame_seq_len=12, with_mass=False,
+    out, mass = fa.frame_forward_with_stats(q, k, v, frame_seq_len=12)  # default config (autotuned on a GPU)
+    out0, mass0 = fa._launch_frame_forward(q, k, v, frame_seq_len=12, with_mass=False,
                                    config=None if CUDA else {"BLOCK_M": 16, "BLOCK_N": 16})
     assert mass0 is None
     out_d, mass_d, _, _ = dense(q, k, v, 12)
@@ -367,10 +369,10 @@ def test_lse_from_sdpa(fa):
 def test_kernels_reject_bad_input(fa):
     q, k, v = rand_qkv(1, 2, 16, 8, 2, 3)
     with pytest.raises(ModelInputError, match="bfloat16, float16 or float32"):
-        fa.frame_attention_fused(q.double(), k.double(), v.double(), frame_seq_len=8)
+        fa.frame_forward_with_stats(q.double(), k.double(), v.double(), frame_seq_len=8)
     q24, k24 = torch.zeros(1, 16, 2, 24), torch.zeros(1, 24, 2, 24)
     with pytest.raises(ModelInputError, match="head_dim a power of two"):
-        fa.frame_attention_fused(q24, k24, k24, frame_seq_len=8)
+        fa.frame_forward_with_stats(q24, k24, k24, frame_seq_len=8)
     with pytest.raises(WorkbenchError, match="multiples of frame_seq_len"):
         fa.frame_mass_from_lse(q, k, torch.zeros(1, 2, 16), frame_seq_len=5, scale=0.25)
 
@@ -384,11 +386,11 @@ def test_gpu_model_shapes(fa, mask):
     fsl, nqf, nkf = 1560, 3, 7
     allowed = None if mask is None else masks(nqf, nkf)[mask]
     q, k, v = (t.to("cuda") for t in rand_qkv(1, 2, 128, fsl, nqf, nkf, dtype=torch.bfloat16, seed=11))
-    out, mass = fa.frame_attention_fused(q, k, v, frame_seq_len=fsl, allowed=allowed)
+    out, mass = fa.frame_forward_with_stats(q, k, v, frame_seq_len=fsl, allowed=allowed)
     want = ref.frame_mass_reference(q, k, frame_seq_len=fsl, allowed=allowed)
     assert (mass - want).abs().max() < 1e-3
     # 2 heads x 37 query blocks fill less than a wave of 132 SMs: unmasked calls run split into segments
-    out1, mass1 = fa._launch_fused(q, k, v, frame_seq_len=fsl, allowed=allowed, config={"split": 1})
+    out1, mass1 = fa._launch_frame_forward(q, k, v, frame_seq_len=fsl, allowed=allowed, config={"split": 1})
     assert (mass - mass1).abs().max() < 1e-5 and (out.float() - out1.float()).abs().max() < 2e-2
     out_r, _ = ref.frame_attention_reference(q, k, v, frame_seq_len=fsl, allowed=allowed)
     assert (out.float() - out_r.float()).abs().max() < 2e-2
@@ -491,7 +493,7 @@ def test_gpu_triton_kernel_output_is_the_same_for_every_variant_at_rollout_shape
     mass_out = torch.full((1, heads, 21, 21), float("nan"), device="cuda")
     logit_out = torch.full_like(mass_out, float("nan"))
     qi, ki = torch.arange(nqf, device="cuda") + 21 - nqf, torch.arange(nkf, device="cuda") + 21 - nkf
-    out = fa.frame_attention_fused_into(q, k, v, frame_seq_len=fsl, mass_out=mass_out, logit_out=logit_out,
+    out = fa.frame_forward_into_store(q, k, v, frame_seq_len=fsl, mass_out=mass_out, logit_out=logit_out,
                                         query_index=qi, key_index=ki)
     assert torch.equal(out, base)
     want = ref.frame_mass_reference(q, k, frame_seq_len=fsl)

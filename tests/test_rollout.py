@@ -1,5 +1,5 @@
 """The causal model: KV-cache rollout == block-causal full-sequence forward, absolute RoPE across chunks,
-sink + window eviction (reference 2.2 and 9, items 14-19), labels of every forward, and input errors."""
+sink + window eviction (the window rule of models/window.py), labels of every forward, and input errors."""
 
 import pytest
 import torch
@@ -65,7 +65,7 @@ def test_block_causal_mask_shape():
 
 def test_rope_positions_are_absolute_across_chunks():
     """The keys in the cache when the last chunk attends are, frame by frame, the keys of a full-sequence
-    forward: every frame keeps the rotation of its absolute index (reference 9, item 18)."""
+    forward: every frame keeps the rotation of its absolute index (keys are cached after RoPE and never re-rotated)."""
     model = tiny_model()
     x, t, ctx = inputs(9)
     full_probe, inc_probe = RecordingProbe(CallFilter(layers={1}, kinds={"self"})), RecordingProbe(CallFilter(layers={1}, kinds={"self"}))
@@ -276,3 +276,15 @@ def test_which_rollouts_share_recorded_graphs():
         release_graphs(model)
         assert model._rollout_graphs is None
     assert get() is None  # autograd on
+
+
+@pytest.mark.parametrize("local,sink", [(-1, 0), (9, 3), (6, 0), (12, 3), (3, 1)])
+def test_window_rule_is_what_the_kv_cache_holds(local, sink):
+    """models/window.py (the full-sequence mask, the synthetic stores) against the frames the KV cache holds
+    when each chunk attends (tests/attention_reference.py), 8 chunks of 3."""
+    from models.window import attended_key_frames
+    from attention_reference import expected_key_frames
+
+    rows = attended_key_frames(24, 3, local, sink)
+    for i, row in enumerate(rows):
+        assert tuple(j for j, a in enumerate(row) if a) == expected_key_frames(i // 3, 3, local, sink)

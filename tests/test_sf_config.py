@@ -1,4 +1,5 @@
-"""The researchers' YAML files load unchanged through the structured config (reference 4.8)."""
+"""The researchers' YAML files load unchanged through the structured config (models/sf_config.py, merged
+onto configs/default_config.yaml as their `train.py` does)."""
 
 import pytest
 
@@ -20,7 +21,7 @@ def test_sid_config_keeps_its_quirks():
     cfg = load_config("configs/self_forcing_sid.yaml")
     assert cfg.real_name == "Wan2.1-T2V-1.3B" and cfg.lr_critic == 2e-6 and cfg.weight_decay == 0.0
     assert cfg.sid_alpha == 1.0
-    assert cfg.distribution_loss == "dmd"  # as shipped: the SiD config trains DMD (reference 4.4)
+    assert cfg.distribution_loss == "dmd"  # as shipped: the SiD config's distribution_loss is dmd, so it trains DMD
 
 
 def test_unknown_key_and_bad_type(tmp_path):

@@ -1,6 +1,6 @@
 """The trainer on one CPU process (gloo, FSDP2) with tiny models: DMD and SiD steps, the generator / critic
 update ratio, EMA, bitwise resume, probes that leave training unchanged, checkpoints the inference code loads,
-ODE regression and diffusion training that lower their losses, and clear config errors (reference 4, 9.29)."""
+ODE regression and diffusion training that lower their losses, and clear config errors (docs/training.md)."""
 
 import shutil
 

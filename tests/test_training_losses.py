@@ -1,5 +1,5 @@
-"""Training losses against the formulas of reference 4.3-4.5 (and 9, item 13), with stand-in score networks
-whose predictions are known exactly."""
+"""Training losses against the formulas of Self-Forcing's `model/dmd.py`, `model/sid.py` and
+`model/ode_regression.py`, with stand-in score networks whose predictions are known exactly."""
 
 import pytest
 import torch
@@ -43,7 +43,7 @@ def draws(seed=0):
 
 def test_score_timestep_shift_and_clamp():
     """Uniform int in [0, 1000), shift 5, clamp [20, 980]: t in [908, 999] saturates at 980 (9.2% of draws),
-    t in [0, 4] maps to 20 (0.5%) (reference 4.3)."""
+    t in [0, 4] maps to 20 (0.5%) (DMD's timestep draw)."""
     ints = torch.arange(1000, dtype=torch.float32)
     table = (5.0 * (ints / 1000) / (1 + 4.0 * (ints / 1000)) * 1000).clamp(20, 980)  # every value a draw can give
     assert int((table == 980).sum()) == 92 and int((table == 20).sum()) == 5

@@ -1,5 +1,5 @@
-"""The Self-Forcing training rollout (reference 4.1, 9 item 30): gradient reaches only the exit-step forwards,
-the KV cache seen with gradients equals the one seen without, activation checkpointing changes nothing (when
+"""The Self-Forcing training rollout (their `inference_with_trajectory`): gradient reaches only the exit-step
+forwards, the KV cache seen with gradients equals the one seen without, activation checkpointing changes nothing (when
 the text keys/values' gradient does not follow it), and the denoising schedule is the inference rollout's.
 The researchers' gradient through the in-place-written cache and their checkpointing's text gradient are
 pinned in tests/test_training_parity.py; here the cleaner semantics (detached cache) unless said otherwise."""

@@ -7,9 +7,10 @@ only on generator steps, blank otherwise). Resuming from step s keeps the rows u
 from __future__ import annotations
 
 import csv
-import os
+import io
 from pathlib import Path
 
+from models.files import atomic_write_text
 from training.errors import TrainingError
 
 KNOWN = ("csv", "tensorboard", "wandb")
@@ -55,12 +56,11 @@ class Logger:
                                     name=run_name, dir=str(logdir))
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.path)
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=self.columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.path, buffer.getvalue())
 
     def log(self, step: int, values: dict) -> None:
         row = {"step": step, **{k: repr(v) if isinstance(v, float) else v for k, v in values.items()}}  # exact

@@ -1,4 +1,5 @@
-"""The training losses (reference 4.3-4.5), on latents [B, F, C, H, W] (Self-Forcing's layout).
+"""The training losses (DMD, SiD, ODE regression and the diffusion loss, with the formulas of Self-Forcing's
+`model/dmd.py`, `model/sid.py` and `model/ode_regression.py`), on latents [B, F, C, H, W] (Self-Forcing's layout).
 
 Score timestep (DMD, SiD, critic): t ~ uniform int in [low, high) per sample, the same for every frame (low =
 min_score_timestep, or with `ts_schedule` the rollout's denoised_timestep_to; high = 1000, or with

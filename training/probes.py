@@ -139,25 +139,19 @@ class TrainingProbes:
                 ds[name].attrs = samples[0][name].attrs
             ds.attrs.pop("completed", None)
             self.writer.write(ds, step)
-            if "attn_mass" in per_stat:
-                summary = mass_summary(np.stack(per_stat["attn_mass"]), self.layout)
+            if "attn_mass" in ds:
+                summary = mass_summary(ds.attn_mass)
         return summary
 
 
-def mass_summary(mass: np.ndarray, layout: StoreLayout) -> dict:
-    """Mean attention mass on frame 0, on the query's own chunk, and on the other earlier frames, over
-    samples, captured denoising steps, layers, heads and query frames after the first chunk (as
-    `training.study`). mass [N, S, L, H, F, F]."""
-    F = layout.num_frames
-    chunk = layout.chunk_of(np.arange(F))
-    rows = chunk > 0 if (chunk > 0).any() else np.ones(F, bool)
-    own = chunk[:, None] == chunk[None, :]
-    denoise = np.array([s.phase == "denoise" for s in layout.steps])
-    if not denoise.any():
+def mass_summary(mass: xr.DataArray) -> dict:
+    """Mean attention mass on frame 0, on the query's own chunk, and on the other earlier frames (the regions of
+    workbench/summary.py), over train steps, samples, captured denoising steps, layers, heads and counted query
+    frames; NaN cells (frames not attended) count as 0."""
+    from workbench.summary import frame0_own_rest
+
+    if not (mass.phase == "denoise").any():
         return {}
-    m = np.nan_to_num(mass)[:, denoise][..., rows, :]
-    first = m[..., 0].mean()
-    own_mass = (m * own[rows][None, None, None, None]).sum(-1).mean()
-    total = m.sum(-1).mean()
-    return {"probe_mass_frame0": float(first), "probe_mass_own_chunk": float(own_mass),
-            "probe_mass_rest": float(total - own_mass - first)}
+    first, own, rest = frame0_own_rest(mass.fillna(0))
+    return {"probe_mass_frame0": float(first.mean()), "probe_mass_own_chunk": float(own.mean()),
+            "probe_mass_rest": float(rest.mean())}

@@ -1,4 +1,5 @@
-"""The Self-Forcing training rollout (reference 4.1) and ODE-pair generation with the bidirectional sampler.
+"""The Self-Forcing training rollout (their `SelfForcingTrainingPipeline.inference_with_trajectory`) and
+ODE-pair generation with the bidirectional sampler.
 
 Training rollout, for each chunk of `num_frame_per_block` frames (latents [B, F, C, H, W]):
 
@@ -38,8 +39,7 @@ from training import rng
 
 
 def frame_seq_len(model, latents: torch.Tensor) -> int:
-    _, ph, pw = model.config.patch_size
-    return (latents.shape[-2] // ph) * (latents.shape[-1] // pw)
+    return model.config.tokens_per_frame(*latents.shape[-2:])  # latents [..., h, w]
 
 
 def self_forcing_rollout(generator, noise: torch.Tensor, context: torch.Tensor, *, timesteps: torch.Tensor,

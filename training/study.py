@@ -4,7 +4,8 @@
         frame0     attention mass on latent frame 0 (the first frame, the "sink" of autoregressive video models)
         own_chunk  mass on the query's own chunk (bidirectional inside a chunk)
         earlier    mass on the other earlier frames
-    averaged over samples, denoising steps and query frames after the first chunk (context passes excluded)
+    averaged over samples, denoising steps and query frames after the first chunk (context passes excluded;
+    the regions are defined once, in workbench/summary.py)
 
     table(store) -> text: one row per train step, the layer-and-head means of the three, for a quick look
     (`workbench train` prints it after training).
@@ -23,15 +24,11 @@ def attention_over_training(store) -> xr.Dataset:
     ds = open_store(store)
     if "train_step" not in ds.dims or "attn_mass" not in ds:
         raise ValueError(f"{store} is not a training probe store with attn_mass")
-    m = ds.attn_mass.where(ds.phase == "denoise", drop=True)
-    if (ds.query_chunk > 0).any():
-        m = m.where(m.query_chunk > 0, drop=True)
-    own = m.where(m.key_chunk == m.query_chunk).sum("key_frame")
-    frame0 = m.sel(key_frame=0)
-    total = m.sum("key_frame")
-    dims = [d for d in ("sample", "step", "query_frame") if d in m.dims]
-    out = xr.Dataset({"frame0": frame0.mean(dims), "own_chunk": own.mean(dims),
-                      "earlier": (total - own - frame0).mean(dims)})
+    from workbench.summary import frame0_own_rest
+
+    frame0, own, earlier = frame0_own_rest(ds.attn_mass)
+    dims = [d for d in ("sample", "step", "query_frame") if d in frame0.dims]
+    out = xr.Dataset({"frame0": frame0.mean(dims), "own_chunk": own.mean(dims), "earlier": earlier.mean(dims)})
     return out.load()
 
 

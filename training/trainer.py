@@ -4,7 +4,7 @@
     build_trainer(cfg, logdir) --> models from `model_root/<name>` (+ generator_ckpt), text encoder --> Trainer
     Trainer.train()            --> steps, logs, checkpoints, probes
 
-Score distillation (the researchers' `trainer/distillation.py`, reference 4.7), one iteration at `step`:
+Score distillation (the researchers' `trainer/distillation.py`), one iteration at `step`:
 
     if step % dfake_gen_update_ratio == 0:          # generator: rollout with gradient at the exit step + DMD/SiD
         zero grads; for each micro-batch: loss / accum -> backward; clip; AdamW step; EMA update
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -43,6 +42,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from models.errors import ModelInputError
+from models.family import WAN, check_fits_cache
+from models.files import atomic_torch_save, atomic_write_text
 from models.scheduler import FlowMatchScheduler
 from training import distributed as fsdp
 from training import rng
@@ -80,7 +82,6 @@ class Plan:
 
 def load_train_config(path, overrides: list[str] | None = None):
     """The YAML merged onto configs/default_config.yaml and the schema (models.sf_config), as TrainingErrors."""
-    from models.errors import ModelInputError
     from models.sf_config import load_config
 
     try:
@@ -269,7 +270,7 @@ class Trainer:
             self.logdir.mkdir(parents=True, exist_ok=True)
             self.logger = Logger(self.logdir, list(cfg.loggers), resume_step=resume_step, config=cfg,
                                  run_name=self.logdir.name)
-            (self.logdir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+            atomic_write_text(self.logdir / "config.yaml", OmegaConf.to_yaml(cfg))
         self.probes = probes
         if probes is not None:
             probes.open(d.main, resume_step)
@@ -535,7 +536,7 @@ class Trainer:
             state["critic_optimizer"] = fsdp.optimizer_state(self.critic_params, self.critic_opt)
         if self.d.main:
             state["config_yaml"] = OmegaConf.to_yaml(self.cfg)
-            atomic_save(state, folder / "training_state.pt")
+            atomic_torch_save(state, folder / "training_state.pt")
             save_self_forcing(folder / "model.pt", **models)  # last: a folder with model.pt is complete
             self.log(f"saved {folder / 'model.pt'}")
         self.d.barrier()
@@ -570,14 +571,6 @@ class Trainer:
         if self.d.main:
             self.log(f"resumed from {folder} at step {self.step}")
         return self.step
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def latest_checkpoint(logdir) -> Path | None:
@@ -659,8 +652,13 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
         raise TrainingError("probe.seeds is empty")
     mc = model_config
     frames = p.num_frames or plan.shape[0]
-    if frames % plan.nfpb or (mc.local_attn_size == -1 and frames > plan.shape[0] and frames > 21):
+    if frames % plan.nfpb:
         raise TrainingError(f"probe.num_frames {frames} must be a multiple of {plan.nfpb} and fit the KV cache")
+    try:  # the cache holds the training length, and at least the family's
+        check_fits_cache(frames, mc.local_attn_size, max(plan.shape[0], WAN.cache_frames),
+                         label=f"probe.num_frames {frames}", remedy="set model_kwargs.local_attn_size")
+    except ModelInputError as err:
+        raise TrainingError(str(err)) from None
     layers = list(p.layers) if p.layers is not None else list(range(mc.num_layers))
     heads = list(p.heads) if p.heads is not None else list(range(mc.num_heads))
     for what, values, n in (("layer", layers, mc.num_layers), ("head", heads, mc.num_heads)):
@@ -678,7 +676,7 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
         raise TrainingError(f"probe: {err}") from None
     _, _, H, W = plan.shape
     _, ph, pw = mc.patch_size
-    fsl = (H // ph) * (W // pw)
+    fsl = mc.tokens_per_frame(H, W)
     layout_key = dict(spec=dataclasses.astuple(spec), schedule=[dataclasses.astuple(s) for s in schedule],
                       prompts=prompts, seeds=list(p.seeds), frames=frames, hw=(H, W), weights=weights_sha,
                       model=dataclasses.asdict(mc), nfpb=plan.nfpb)

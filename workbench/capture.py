@@ -24,7 +24,7 @@ from workbench.statistics import DEFAULT_STATS, STATISTICS, CallTensors, check_s
 
 STATS = tuple(STATISTICS)
 CAPTURE_MODES = ("auto", "exact", "indicator", "fused")
-FUSED_STORE = ("attn_mass", "attn_logit")  # the cells `frame_attention_fused_into` writes itself
+FORWARD_STORE_STATS = ("attn_mass", "attn_logit")  # the cells `frame_forward_into_store` writes itself
 
 
 @dataclass(frozen=True)
@@ -168,23 +168,23 @@ class StatsProbe(Probe):
             if res is None:
                 return None  # the kernel refused the widened shape (recorded): the exact path
             out, given = res[0], {"attn_mass": res[1]}
-        elif heads is None and {s.name for s in here} <= set(FUSED_STORE):
+        elif heads is None and {s.name for s in here} <= set(FORWARD_STORE_STATS):
             # the kernel writes the statistics straight into this call's buffer cells
-            from workbench.kernels.frame_attention import frame_attention_fused_into
+            from workbench.kernels.frame_attention import frame_forward_into_store
 
             self._claim(call)  # before the kernel writes its cells
             s, l = self.step_pos[call.labels.step], self.layer_pos[call.layer]
             logit = self.buffers.get("attn_logit")
-            out = frame_attention_fused_into(
+            out = frame_forward_into_store(
                 q, k, v, frame_seq_len=fsl, mass_out=self.buffers["attn_mass"][:, s, l],
                 logit_out=None if logit is None else logit[:, s, l],
                 query_index=self._index(call.query_frames, q.device), key_index=self._index(call.key_frames, q.device))
             self.last_path = "fused-store"
             return out
         else:
-            from workbench.kernels.frame_attention import frame_attention_fused
+            from workbench.kernels.frame_attention import frame_forward_with_stats
 
-            out, mass, *means = frame_attention_fused(q, k, v, frame_seq_len=fsl,
+            out, mass, *means = frame_forward_with_stats(q, k, v, frame_seq_len=fsl,
                                                       frame_means="attn_logit" in self.buffers)
             given = {"attn_mass": mass, **({"frame_means": tuple(means)} if means else {})}
         if heads is not None:  # a real subset of the heads: select it ([B, H, ...] statistics, [B, L, H, D] inputs)

@@ -1,28 +1,24 @@
 """The `workbench` command line: one entry point, one module per subcommand.
 
 Each subcommand lives in its own module with a `register(subparsers)` function that adds an argparse
-parser and sets `func` to the function that runs it. Modules are imported only when the command line is
-parsed, and the heavy imports (torch, xarray) happen inside the commands, so `workbench --help` is quick.
+parser and sets `func` to the function that runs it. The modules are imported plainly here; they import
+nothing heavy at the top (torch, xarray and plotly are imported inside the commands), so `workbench --help`
+is quick. `workbench report` / `compare` live with the studies (studies/commands.py) and `workbench train`
+with the training code (training/commands.py): the CLI is the one place that joins the three.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from studies import commands as study_commands
+from training import commands as training_commands
+from workbench.commands import evaluate, export_legacy, extract, generate, info, intervene, view
+
 # subcommand modules, in the order `workbench --help` lists them
-COMMAND_MODULES = [
-    "workbench.commands.info",
-    "workbench.commands.generate",
-    "workbench.commands.extract",
-    "workbench.commands.evaluate",
-    "workbench.commands.intervene",
-    "workbench.commands.export_legacy",
-    "workbench.commands.view",
-    "studies.commands",
-    "training.commands",
-]
+COMMANDS = (info, generate, extract, evaluate, intervene, export_legacy, view, study_commands, training_commands)
+COMMAND_MODULES = [module.__name__ for module in COMMANDS]
 
 DESCRIPTION = """\
 Self-Forcing attention workbench: see how autoregressive video diffusion models attend across frames.
@@ -49,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="workbench", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for module in COMMANDS:
+        module.register(subparsers)
     return parser
 
 

@@ -154,20 +154,17 @@ def plan(cfg: ExtractConfig) -> Plan:
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)")
     if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
         raise WorkbenchError(f"--checkpoint {cfg.checkpoint!r} does not exist")
-    from models.config import WanConfig, default_video_size, latent_size
+    from models.family import check_fits_cache, family_of
 
-    mc = WanConfig.from_json(wan_dir / "config.json").replace(local_attn_size=cfg.local_attn_size,
-                                                               sink_size=cfg.sink_size)
+    family = family_of(wan_dir)
+    mc = family.read_config(wan_dir, local_attn_size=cfg.local_attn_size, sink_size=cfg.sink_size)
     embedded = cfg.wan_dir is None
-    own_h, own_w = default_video_size(wan_dir)
-    h, w = latent_size(own_h if cfg.height is None else cfg.height, own_w if cfg.width is None else cfg.width, mc)
-    fsl = mc.tokens_per_frame(h, w)
+    mc, h, w, fsl = family.video_geometry(wan_dir, cfg.height, cfg.width, mc)
     if cfg.sampler != "bidirectional" and cfg.num_frames % cfg.num_frame_per_block:
         raise WorkbenchError(f"--frames {cfg.num_frames} does not divide into chunks of {cfg.num_frame_per_block}; "
                              f"use a multiple of {cfg.num_frame_per_block} (e.g. 21)")
-    if cfg.sampler != "bidirectional" and mc.local_attn_size == -1 and cfg.num_frames > 21:
-        raise WorkbenchError(f"--frames {cfg.num_frames} is more than the KV cache holds (21 frames) with global "
-                             "attention; add --local-attn-size N (and optionally --sink-size S)")
+    if cfg.sampler != "bidirectional":
+        check_fits_cache(cfg.num_frames, mc.local_attn_size, family.cache_frames, label=f"--frames {cfg.num_frames}")
     layers = cfg.layers if cfg.layers is not None else list(range(mc.num_layers))
     heads = cfg.heads if cfg.heads is not None else list(range(mc.num_heads))
     for what, values, n in (("layer", layers, mc.num_layers), ("head", heads, mc.num_heads)):
@@ -461,14 +458,12 @@ def summary_table(store_path, max_rows: int = 48) -> str:
     ds = open_store(store_path)
     if "attn_mass" not in ds:
         return f"wrote {store_path}"
+    from workbench.summary import frame0_own_rest
+
     chunked = bool((ds.query_chunk > 0).any())
-    m = ds.attn_mass.where(ds.phase == "denoise", drop=True)
-    m = m.where(m.query_chunk > 0, drop=True) if chunked else m
-    own = m.where((m.key_chunk == m.query_chunk) & (m.key_frame > 0)).sum("key_frame")  # frame 0 has its own column
-    first = m.sel(key_frame=0)
-    total = m.sum("key_frame")
+    first, own, rest = frame0_own_rest(ds.attn_mass)
     dims = [d for d in ("sample", "step", "query_frame") if d in first.dims]
-    first, own, rest = (x.mean(dims).transpose("layer", "head").values for x in (first, own, total - own - first))
+    first, own, rest = (x.mean(dims).transpose("layer", "head").values for x in (first, own, rest))
     layers, heads = [int(v) for v in ds.layer.values], [int(v) for v in ds["head"].values]
     rows = "query frames after chunk 0" if chunked else "all query frames: one chunk"
     lines = [f"wrote {store_path}: {ds.sizes['sample']} sample(s), layers {format_int_list(layers)}, "

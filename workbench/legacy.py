@@ -1,4 +1,5 @@
-"""Export a store to the researchers' earlier per-layer `.pt` files (reference 5.3), so their notebooks keep working.
+"""Export a store to the researchers' earlier per-layer `.pt` files, so their notebooks keep working: the
+layout their fork's `run_extraction_each.py --layer_index N` wrote, described below.
 
 One file per (sample, layer), `{out}/{sample}/layer{N}.pt`, holding only plain Python values and tensors
 (`torch.load(path, weights_only=True)` reads it):

@@ -3,7 +3,7 @@
 Inputs are the q, k of one attention call as the kernel saw them (post RMSNorm and RoPE, keys = the cache
 window): q [B, Lq, H, D] with Lq = nqf * fsl, k [B, Lk, H, D] with Lk = nkf * fsl (self-attention) or
 text_len (cross-attention). Every function returns float32 on the input's device; nothing of size Lq x Lk is
-ever built for a whole call (blockwise on the CPU, fused Triton kernels on CUDA, see workbench/kernels).
+ever built for a whole call (blockwise on the CPU, Triton kernels on CUDA, see workbench/kernels).
 
     attn_mass       [B, H, nqf, nkf]    frame_mass(q, k, lse, fsl, mask)
     attn_logit      [B, H, nqf, nkf]    mean_logit(q, k, fsl)        = mean_q . mean_k / sqrt(d), exact

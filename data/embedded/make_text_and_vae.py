@@ -345,6 +345,8 @@ def _sha256(path: Path) -> str:
 
 
 def _save_torch(sd, path: Path) -> None:
+    """torch.save, atomically. (This script imports nothing of the repository, so that it runs as a plain file
+    and stays an independent check of models/; elsewhere use models.files.atomic_torch_save.)"""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(dict(sd), tmp)
     os.replace(tmp, path)

@@ -17,7 +17,8 @@ then, in the old notebooks:
   data["full_frame_attention"].float().numpy()                 # [heads, F, F]
   data["last_block_frame_attention"].float().numpy()           # [heads, F]
 
-what is in a file (reference 5.3; weights_only-safe: plain values and tensors only):
+what is in a file (the layout the researchers' `run_extraction_each.py` wrote; weights_only-safe: plain values
+and tensors only):
   full_frame_attention        fp16 [heads, F, F]  attn_logit at --step (default 0: t = 1000, the fork's choice),
                               0 where the frame pair was not attended (above the block staircase, evicted)
   last_block_frame_attention  fp16 [heads, F]     the mean of full_frame_attention over the last chunk's queries

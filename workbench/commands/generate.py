@@ -77,7 +77,7 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     from models.checkpoint import load_wan
-    from models.config import WanConfig, default_video_size, latent_size
+    from models.family import check_fits_cache, family_of
     from models.embedded import EMBEDDED_DIR
     from models.rollout import sample
     from models.text_encoder import TextEncoder
@@ -97,16 +97,14 @@ def run(args) -> int:
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise WorkbenchError(f"--checkpoint {args.checkpoint!r} does not exist")
-    own_h, own_w = default_video_size(wan_dir)
-    h, w = latent_size(own_h if args.height is None else args.height, own_w if args.width is None else args.width,
-                       WanConfig.from_json(wan_dir / "config.json"))
+    family = family_of(wan_dir)
+    _, h, w, _ = family.video_geometry(wan_dir, args.height, args.width)
     if args.sampler != "bidirectional":
         from models.config import VideoGeometry
 
-        VideoGeometry(num_frames=args.frames)  # frames that do not divide into chunks of 3 are refused here
-    if args.sampler != "bidirectional" and args.local_attn_size == -1 and args.frames > 21:
-        raise WorkbenchError(f"--frames {args.frames} is more than the KV cache holds (21 frames) with global "
-                             "attention; add --local-attn-size N (and optionally --sink-size S)")
+        # frames that do not divide into the family's chunks are refused here
+        VideoGeometry(num_frames=args.frames, num_frame_per_block=family.frames_per_chunk)
+        check_fits_cache(args.frames, args.local_attn_size, family.cache_frames, label=f"--frames {args.frames}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     low_memory = args.low_memory == "on" or (

@@ -68,15 +68,16 @@ def describe(config, *, frames: int, height: int, width: int, nfpb: int, device:
 def run(args) -> int:
     import torch
 
-    from models.config import WAN_VIDEO_SIZE, WanConfig, default_video_size, preset
+    from models.config import default_video_size, preset
     from models.embedded import EMBEDDED_DIR
+    from models.family import WAN, family_of
 
     if args.preset:
         config, name = preset(args.preset), args.preset
     else:
         folder = args.wan_dir or EMBEDDED_DIR
-        config, name = WanConfig.from_json(f"{folder}/config.json"), ("embedded default" if not args.wan_dir else folder)
-    own_h, own_w = WAN_VIDEO_SIZE if args.preset else default_video_size(args.wan_dir or EMBEDDED_DIR)
+        config, name = family_of(folder).read_config(folder), ("embedded default" if not args.wan_dir else folder)
+    own_h, own_w = WAN.video_size if args.preset else default_video_size(args.wan_dir or EMBEDDED_DIR)
     height = own_h if args.height is None else args.height
     width = own_w if args.width is None else args.width
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

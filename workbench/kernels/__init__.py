@@ -2,7 +2,7 @@
 
 `reference` is plain torch and always importable. `frame_attention` needs triton and is imported lazily on
 first use of one of its names (so that TRITON_INTERPRET=1, when wanted, can be set before the kernels are
-decorated). `attention_with_frame_mass(q, k, v, ...)` picks the fused kernel on CUDA and the reference elsewhere.
+decorated). `attention_with_frame_mass(q, k, v, ...)` picks the Triton frame forward on CUDA and the reference elsewhere.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from workbench.kernels.reference import (
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 _KERNEL_NAMES = (
-    "frame_attention_fused",
+    "frame_forward_with_stats",
     "frame_mass_from_lse",
     "key_token_mass_from_lse",
     "lse_from_sdpa",
@@ -42,13 +42,13 @@ def __getattr__(name):
 
 
 def attention_with_frame_mass(q, k, v, *, frame_seq_len, scale=None, allowed=None, frame_means=False):
-    """(out [B, Lq, H, D], mass [B, H, nqf, nkf] float32): the fused Triton kernel for bf16/fp16 CUDA
+    """(out [B, Lq, H, D], mass [B, H, nqf, nkf] float32): the Triton frame forward for bf16/fp16 CUDA
     tensors, the blockwise torch reference otherwise. frame_means: also return the per-frame mean vectors
-    (q_means [B, H, nqf, D], k_means [B, H, nkf, D] float32; the fused kernel makes them on the way)."""
+    (q_means [B, H, nqf, D], k_means [B, H, nkf, D] float32; the Triton frame forward makes them on the way)."""
     if HAS_TRITON and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        from workbench.kernels.frame_attention import frame_attention_fused
+        from workbench.kernels.frame_attention import frame_forward_with_stats
 
-        return frame_attention_fused(q, k, v, frame_seq_len=frame_seq_len, scale=scale, allowed=allowed,
+        return frame_forward_with_stats(q, k, v, frame_seq_len=frame_seq_len, scale=scale, allowed=allowed,
                                      frame_means=frame_means)
     out, mass = frame_attention_reference(q, k, v, frame_seq_len=frame_seq_len, scale=scale, allowed=allowed)
     if not frame_means:

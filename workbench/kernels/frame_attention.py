@@ -1,13 +1,14 @@
-"""Frame-aggregated attention kernels for the probes: the fused forward's statistics, and recomputation from LSE.
+"""Frame-aggregated attention kernels for the probes: the Triton frame forward's statistics, and recomputation
+from LSE.
 
 Two ways, both drop-in replacements for the blockwise torch reference in `reference.py` (same definitions, same
 shapes; see that module's docstring):
 
-- From the forward (the "fused" capture mode), `frame_attention_fused(q, k, v)` -> (out, mass): the model's own
+- From the forward (the "fused" capture mode), `frame_forward_with_stats(q, k, v)` -> (out, mass): the model's own
   Triton forward
   (`models.triton_attention`, `attention_kernel="triton"`) asked for its per-key-frame row masses, which a sum
   over each query frame's rows turns into the mass. Its output is bitwise the model's, so a probe on a model
-  that runs this kernel changes nothing. `frame_attention_fused_into` adds one small kernel
+  that runs this kernel changes nothing. `frame_forward_into_store` adds one small kernel
   (`_store_frame_stats_kernel`) that writes attn_mass and attn_logit (from the kernel's frame means of q and k)
   straight into a capture buffer's cells.
 - From the log-sum-exp (the "exact" capture mode on CUDA), `frame_mass_from_lse(q, k, lse)` /
@@ -81,18 +82,18 @@ def _store_frame_stats_kernel(
 
 
 
-def _launch_fused(q, k, v, *, frame_seq_len, scale=None, allowed=None, config=None, use_tma=None,
+def _launch_frame_forward(q, k, v, *, frame_seq_len, scale=None, allowed=None, config=None, use_tma=None,
                   with_mass=True, frame_means=False, store=None):
-    """frame_attention_fused with knobs for tests and benchmarks (config and use_tma: see
+    """frame_forward_with_stats with knobs for tests and benchmarks (config and use_tma: see
     `models.triton_attention.frame_attention`). with_mass=False runs the same kernel without the frame
     bookkeeping (a plain Triton forward, for measuring what the bookkeeping costs), mass None.
     Returns (out [B, Lq, H, D] q.dtype, mass [B, H, nqf, nkf] float32), and with frame_means also the per-frame
     mean vectors of q and k: q_means [B, H, nqf, D], k_means [B, H, nkf, D] float32.
-    store: see `frame_attention_fused_into` (then returns (out, None)).
+    store: see `frame_forward_into_store` (then returns (out, None)).
     """
     if store is not None:
         if allowed is not None:
-            raise WorkbenchError("frame_attention_fused_into takes unmasked calls only (allowed=None)")
+            raise WorkbenchError("frame_forward_into_store takes unmasked calls only (allowed=None)")
         frame_means = store.get("logit_out") is not None
         with_mass = store.get("mass_out") is not None
     B, Lq, H, D, Lk, nqf, nkf = check_frame_inputs(q, k, v, frame_seq_len=frame_seq_len, allowed=allowed)
@@ -119,7 +120,7 @@ def _check_store(store, B, H, nqf, nkf, device):
     mass_out, logit_out = store.get("mass_out"), store.get("logit_out")
     qidx, kidx = store["query_index"], store["key_index"]
     if mass_out is None and logit_out is None:
-        raise WorkbenchError("frame_attention_fused_into needs mass_out, logit_out or both")
+        raise WorkbenchError("frame_forward_into_store needs mass_out, logit_out or both")
     for name, t in (("mass_out", mass_out), ("logit_out", logit_out)):
         if t is not None and (t.dim() != 4 or t.dtype != torch.float32 or tuple(t.shape[:2]) != (B, H)
                               or t.device != device):
@@ -147,23 +148,23 @@ def _store_frame_stats(store, rs, qsum, ksum, B, H, Lq, nqf, nkf, fsl, D, scale)
         num_warps=4)
 
 
-def frame_attention_fused_into(q, k, v, *, frame_seq_len, mass_out=None, logit_out=None, query_index,
+def frame_forward_into_store(q, k, v, *, frame_seq_len, mass_out=None, logit_out=None, query_index,
                                key_index, scale=None):
-    """The fused forward of an unmasked call that also writes its frame statistics into capture buffers:
+    """The Triton frame forward of an unmasked call that also writes its frame statistics into capture buffers:
     mass_out[b, h, query_index[i], key_index[j]] = attn_mass of query frame i and key frame j, and logit_out
     the same cells of attn_logit (mean q of the frame . mean k of the frame * scale); either may be None.
     mass_out / logit_out: float32 [B, H, F, F] views (any strides); query_index [nqf], key_index [nkf] int
     tensors on the GPU. One small kernel after the forward replaces the row sums, the logit matmul and the
     scatter into the buffers. Returns out [B, Lq, H, D]."""
     store = dict(mass_out=mass_out, logit_out=logit_out, query_index=query_index, key_index=key_index)
-    return _launch_fused(q, k, v, frame_seq_len=frame_seq_len, scale=scale, store=store)[0]
+    return _launch_frame_forward(q, k, v, frame_seq_len=frame_seq_len, scale=scale, store=store)[0]
 
 
-def frame_attention_fused(q, k, v, *, frame_seq_len, scale=None, allowed=None, frame_means=False):
+def frame_forward_with_stats(q, k, v, *, frame_seq_len, scale=None, allowed=None, frame_means=False):
     """From the forward. q [B, Lq, H, D], k/v [B, Lk, H, D] (bf16/fp16/fp32, CUDA) ->
     (out [B, Lq, H, D] in q.dtype, mass [B, H, nqf, nkf] float32, rows sum to 1, disallowed pairs 0), and with
     frame_means also (q_means [B, H, nqf, D], k_means [B, H, nkf, D]) float32, the per-frame mean vectors."""
-    return _launch_fused(q, k, v, frame_seq_len=frame_seq_len, scale=scale, allowed=allowed,
+    return _launch_frame_forward(q, k, v, frame_seq_len=frame_seq_len, scale=scale, allowed=allowed,
                          frame_means=frame_means)
 
 

@@ -4,7 +4,7 @@ With E [Lk, nkf] the 0/1 indicator of which key frame each key token lies in,
 
     softmax(q k^T * scale) @ [V | E] = [out | P E],   (P E)[i, kf] = sum_{j in kf} P[i, j]
 
-so one call of the stock fused attention kernel (cuDNN on Hopper, SDPA elsewhere) returns the attention output
+so one call of the stock attention kernel (cuDNN on Hopper, SDPA elsewhere) returns the attention output
 and, in the extra columns, each query token's probability mass on each key frame. cuDNN returns the same bits
 in the first head_dim columns as in the plain call (tests/test_indicator.py on a GPU), which is why the capture
 mode "indicator" belongs to that kernel in the kernel table (models/attention_kernels.py). `attn_mass` is then
@@ -24,7 +24,7 @@ import math
 
 import torch
 
-_ALIGN = 16  # value head dims the fused kernels accept are multiples of 8; 16 keeps rows 32-byte aligned
+_ALIGN = 16  # value head dims the stock attention kernels accept are multiples of 8; 16 keeps rows 32-byte aligned
 
 
 def widened_width(head_dim: int, key_frames: int) -> int:

@@ -182,7 +182,7 @@ def frame_means_reference(x: torch.Tensor, frame_seq_len: int, dtype=torch.float
 
 
 def frame_attention_reference(q, k, v, *, frame_seq_len, scale=None, allowed=None):
-    """(out [B, Lq, H, D] in q.dtype, mass [B, H, nqf, nkf] float32): the CPU path of the fused kernel.
+    """(out [B, Lq, H, D] in q.dtype, mass [B, H, nqf, nkf] float32): the CPU path of the Triton frame forward.
 
     Two blockwise passes (row log-sum-exp, then probabilities times V and frame sums); the output of a query
     frame with no allowed key frame is 0.

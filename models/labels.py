@@ -1,0 +1,22 @@
+"""What the rollout knows about one DiT forward (`ForwardLabels`), importable without torch.
+
+Every DiT forward of a sampler carries these labels; `attend` (models/attention.py) puts them on each
+`AttentionCall`, and the store places captured numbers by them (docs/store.md: step, chunk, phase, cfg).
+studies/ builds schedules of them without importing the models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ForwardLabels:
+    """What the rollout knows about one DiT forward. `step` is the position in the per-chunk schedule."""
+
+    step: int  # 0..S-1: denoising steps in order, then the context pass
+    timestep: float  # the timestep the DiT sees (for per-frame timesteps: that of the chunk being denoised)
+    chunk: int  # generation block index; 0 for a bidirectional forward over every frame
+    phase: str = "denoise"  # "denoise" | "context" | "train"
+    cfg: str = "none"  # "cond" | "uncond" | "none"
+    denoise_index: int = 0  # index into the denoising schedule; -1 for the context pass
