@@ -29,6 +29,33 @@ COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
            "#17becf"]
 
 
+def drift_table(ds: xr.Dataset, segment: int = 21) -> pd.DataFrame:
+    """Per entry and per segment of `segment` latent frames (the trained length): the mean relative latent distance
+    to the baseline, and the latent RMS of the last segment over the first (1 = no fading or blow-up), mean over
+    samples."""
+    F = ds.sizes["frame"]
+    bounds = [(a, min(a + segment, F)) for a in range(0, F, segment)]
+    rel, rms = ds.latent_distance_rel.mean("sample"), ds.latent_rms.mean("sample") if "latent_rms" in ds else None
+    table = pd.DataFrame(index=pd.Index(ds.intervention.values, name="intervention"))
+    table["cache_frames"] = ds.cache_frames.values
+    for a, b in bounds:
+        table[f"effect {a}-{b - 1}"] = rel.isel(frame=slice(a, b)).mean("frame").values
+    if rms is not None:
+        first, last = bounds[0], bounds[-1]
+        table["rms last/first"] = (rms.isel(frame=slice(*last)).mean("frame")
+                                   / rms.isel(frame=slice(*first)).mean("frame")).values
+    return table
+
+
+def markdown(table: pd.DataFrame, digits: int = 3) -> str:
+    """A DataFrame as a markdown table (index first), numbers rounded: for bench/RESULTS.md and notes."""
+    cols = [table.index.name or "", *map(str, table.columns)]
+    cell = lambda v: f"{v:.{digits}f}" if isinstance(v, (float, np.floating)) else str(v)  # noqa: E731
+    rows = [f"| {' | '.join(cols)} |", f"|{'---|' * len(cols)}"]
+    rows += [f"| {r[0]} | {' | '.join(cell(v) for v in r[1:])} |" for r in table.itertuples()]
+    return "\n".join(rows)
+
+
 def is_effects_store(ds: xr.Dataset) -> bool:
     return ds.attrs.get("store_kind") == "effects"
 
@@ -52,6 +79,11 @@ def build_effects_report(store, out_html: str | Path) -> Path:
               "No world metrics: the model or the prompts are not the miniature world's."))
     page.h("Ranked by effect")
     page.table(table)
+    if ds.sizes["frame"] > 21:
+        page.h("Drift over the rollout (segments of 21 latent frames)")
+        page.p("effect a-b: the mean relative latent distance to the baseline over those latent frames; rms last/first: "
+               "the latents' RMS in the last segment over the first (a rollout that fades or blows up moves it from 1).")
+        page.table(drift_table(ds))
     heads = table[(table["layer"] >= 0) & (table["head"] >= 0) & (table["kind"] == "ablate") & (table["mode"] == "zero")]
     grid = None
     if len(heads) > 1:
