@@ -111,3 +111,24 @@ def test_bad_input_is_one_line_before_any_work(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(message, err[0]), err
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_capture_under_intervention_holds_the_edited_attention(tmp_path):
+    """--capture: attn_mass per entry; the baseline's equals extract's store of the same rollout bitwise, and a
+    knockout of frame 0 takes it out of the later chunks' rows (NaN: not attended, docs/store.md), whose other
+    frames then carry all the mass."""
+    import xarray as xr
+
+    out = tmp_path / "cap.zarr"
+    assert main(["intervene", "--frames", "9", "--world", "off", "--capture", "1", "--knockout", "0", "--out", str(out),
+                 "--no-progress"]) == 0
+    ds = xr.open_zarr(out, consolidated=False).load()
+    assert ds.attn_mass.dims == ("intervention", "sample", "step", "layer", "head", "query_frame", "key_frame")
+    assert main(["extract", "--layer", "1", "--frames", "9", "--seed", "0", "--prompt", "a red square moving right",
+                 "--out", str(tmp_path / "x.zarr"), "--no-progress"]) == 0
+    ref = xr.open_zarr(tmp_path / "x.zarr", consolidated=False).attn_mass.sel(sample="p0000-s0").values
+    np.testing.assert_array_equal(ds.attn_mass.sel(intervention="baseline", sample="p0000-s0").values, ref)
+    knocked = ds.attn_mass.sel(intervention="knockout0:all", sample="p0000-s0")
+    assert bool(knocked.sel(query_frame=slice(3, None), key_frame=0).isnull().all())
+    np.testing.assert_allclose(knocked.sel(query_frame=slice(3, None)).sum("key_frame"), 1, atol=1e-5)
+    assert float(knocked.sel(query_frame=slice(0, 2), key_frame=0).min()) > 0  # chunk 0 still sees its own frame

@@ -283,8 +283,10 @@ def is_world(wan_dir: Path, prompts: list[str], height: int, width: int) -> bool
     return True
 
 
-def entry_dataset(e: Entry, samples, per_sample: list[dict], attrs: dict, num_frames: int, cache_frames: int):
-    """One store entry: dims (intervention: 1, sample, frame[, pixel_frame])."""
+def entry_dataset(e: Entry, samples, per_sample: list[dict], attrs: dict, num_frames: int, cache_frames: int,
+                  spec=None):
+    """One store entry: dims (intervention: 1, sample, frame[, pixel_frame][, step, layer, head, query_frame,
+    key_frame] with `spec`, the capture's CaptureSpec)."""
     import xarray as xr
 
     ids = [f"p{i:04d}-s{seed}" for i, _, seed in samples]
@@ -293,6 +295,8 @@ def entry_dataset(e: Entry, samples, per_sample: list[dict], attrs: dict, num_fr
     for name in per_sample[0]:
         stacked = np.stack([s[name] for s in per_sample])[None]  # [1, sample, ...]
         dims = ("intervention", "sample") + (("frame",) if name.startswith("latent") else
+                                             ("step", "layer", "head", "query_frame", "key_frame")
+                                             if name == "attn_mass" else
                                              ("pixel_frame",) if stacked.ndim == 3 else ())
         data[name] = (dims, stacked)
     text = lambda xs: np.array(list(xs), dtype=object)  # noqa: E731  (variable-length strings: appends of any length)
@@ -302,6 +306,9 @@ def entry_dataset(e: Entry, samples, per_sample: list[dict], attrs: dict, num_fr
                   target_layer=("intervention", [layer]), target_head=("intervention", [head]),
                   cache_frames=("intervention", [cache_frames]),
                   prompt=("sample", text(p for _, p, _ in samples)), seed=("sample", [s for *_, s in samples]))
+    if spec is not None:
+        coords |= dict(step=list(spec.steps), layer=list(spec.layers), head=list(spec.heads),
+                       query_frame=np.arange(num_frames), key_frame=np.arange(num_frames))
     if any(v[0][-1] == "pixel_frame" for v in data.values()):
         T = next(v[1].shape[-1] for v in data.values() if v[0][-1] == "pixel_frame")
         coords["pixel_frame"] = np.arange(T)
@@ -329,9 +336,11 @@ def check_entries(entries: list[Entry], sampler: str) -> None:
         raise WorkbenchError(f"cache policies run with the causal_few_step sampler only, not {sampler}")
 
 
-def run_intervene(cfg, entries: list[Entry], *, world: str = "auto", command: str = "", log=print) -> Path:
+def run_intervene(cfg, entries: list[Entry], *, world: str = "auto", command: str = "", capture: bool = False,
+                  log=print) -> Path:
     """Run the baseline and every entry not yet in the store `cfg.out` (an ExtractConfig: model, prompts, seeds,
-    frames, sampler, device, out, mode); returns the store path."""
+    frames, sampler, device, out, mode); returns the store path. `capture`: also store `attn_mass` of the layers
+    `cfg.layers` (every step) under each entry (the statistics probe of `extract`, attached after the edit)."""
     from models.checkpoint import sha256_file
     from workbench.extract import plan
     from workbench.store import SCHEMA_VERSION, StoreLock, StoreWriter
@@ -351,23 +360,25 @@ def run_intervene(cfg, entries: list[Entry], *, world: str = "auto", command: st
                                   prompts=cfg.prompts, seeds=cfg.seeds, world=scored),
                       model=dict(weights=sha, config=dataclasses.asdict(p.model_config), dtype=cfg.dtype,
                                  key="ema" if cfg.use_ema else "gen", steps=cfg.denoising_step_list))
+        if capture:  # (absent without capture: stores made before the option still resume)
+            fields["layout"]["capture_layers"] = list(p.spec.layers)
         writer = StoreWriter(cfg.out, fingerprint_of(fields), mode=cfg.mode, append_dim="intervention", lock=lock,
                              fields=fields, log=log)
     except BaseException:
         lock.release()
         raise
     try:
-        return _run(p, cfg, entries, writer, scored, command, log)
+        return _run(p, cfg, entries, writer, scored, command, log, capture)
     finally:
         writer.close()
 
 
-def _run(p, cfg, entries, writer, scored, command, log):
+def _run(p, cfg, entries, writer, scored, command, log, capture=False):
     import torch
     from tqdm.auto import tqdm
 
     from models.text_encoder import TextEncoder
-    from workbench.extract import _attrs, _dtype, load_model, sample_rollout
+    from workbench.extract import _attrs, _dtype, load_model, make_probe, sample_rollout
     from workbench.hooks import CallFilter, attach
     from workbench.interventions import HeadOutputs
 
@@ -393,17 +404,29 @@ def _run(p, cfg, entries, writer, scored, command, log):
     attrs.update(store_kind=STORE_KIND, world_metrics=scored, schema_version=writer_schema())
     bar = tqdm(total=len(todo) * len(samples), desc="intervene", unit="rollout", disable=not cfg.progress)
 
+    probe = make_probe(model, p, device) if capture else None
+
     def rollout(prompt, seed, *subscribers, policy=None):
         with attach(model, *subscribers):
             return sample_rollout(model, p, embs[prompt], None, seed, device, dtype, cache_policy=policy)
+
+    def captured(entry, prompt, seed, *subscribers, policy=None):
+        """(latents, attn_mass [step, layer, head, F, F] or None) of a rollout, the probe after the edits."""
+        if probe is None:
+            return rollout(prompt, seed, *subscribers, policy=policy), None
+        if entry.kind == "policy" and entry.policy == "headwise":  # its grouped calls take no observer
+            return rollout(prompt, seed, *subscribers, policy=policy), None
+        probe.reset()
+        x = rollout(prompt, seed, *subscribers, probe, policy=policy)
+        return x, probe.results()["attn_mass"][0]
 
     # the baseline of every sample (and the reference batch of the "mean" ablations)
     mean_layers = sorted({layer for e in entries if e.kind == "ablate" and e.mode == "mean"
                           for layer in (e.layers or range(model.config.num_layers))})
     reference = HeadOutputs(CallFilter(layers=mean_layers), keep_calls=False) if mean_layers else None
-    base, base_video = {}, {}
+    base, base_video, base_mass = {}, {}, {}
     for s in samples:
-        base[s] = rollout(s[1], s[2], *([reference] if reference else []))
+        base[s], base_mass[s] = captured(BASELINE, s[1], s[2], *([reference] if reference else []))
         if scored:
             base_video[s] = decode(vae, base[s], n)
     means = reference.mean() if reference else {}
@@ -413,7 +436,7 @@ def _run(p, cfg, entries, writer, scored, command, log):
         policy = build_policy(e) if e.kind == "policy" else None
         for s in samples:
             if e is BASELINE:
-                x = base[s]
+                x, mass = base[s], base_mass[s]
             else:
                 sources = {e.label: means}
                 if e.kind == "ablate" and e.mode == "resample":
@@ -422,16 +445,20 @@ def _run(p, cfg, entries, writer, scored, command, log):
                     sources[e.label] = src
                 subs = [build(e, sources)] if policy is None else \
                     ([policy] if hasattr(policy, "observe") else [])
-                x = rollout(s[1], s[2], *subs, policy=policy)
+                x, mass = captured(e, s[1], s[2], *subs, policy=policy)
             dist, rel = latent_distance(x, base[s])
             rms = x.double()[0].pow(2).mean(dim=(1, 2, 3)).sqrt().float().cpu().numpy()
             row = dict(latent_distance=dist, latent_distance_rel=rel, latent_rms=rms)
+            if capture:  # NaN where the entry takes no observer (a head-wise cache)
+                shape = (len(p.spec.steps), len(p.spec.layers), len(p.spec.heads), F, F)
+                row["attn_mass"] = mass if mass is not None else np.full(shape, np.nan, np.float32)
             if scored:
                 row |= world_scores(decode(vae, x, n) if e is not BASELINE else base_video[s], base_video[s], s[1])
             per_sample.append(row)
             bar.update(1)
         held = policy.capacity(F, n) if policy is not None else window
-        writer.write(entry_dataset(e, samples, per_sample, attrs, F, held), key=e.label)
+        writer.write(entry_dataset(e, samples, per_sample, attrs, F, held, p.spec if capture else None),
+                     key=e.label)
     bar.close()
     log(ranking_text(cfg.out))
     return Path(cfg.out)

@@ -78,6 +78,9 @@ def register(subparsers) -> None:
     add_model_arguments(model)
     out = p.add_argument_group("output")
     out.add_argument("--out", default="runs/effects.zarr", help="effects store (default: %(default)s)")
+    out.add_argument("--capture", metavar="LAYERS",
+                     help="also store attn_mass (every step, every head) of these layers under each intervention, as "
+                          "extract computes it after the edits (e.g. 3 or 0-5; not under a head-wise cache policy)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing store")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -143,9 +146,9 @@ def run(args) -> int:
                         checkpoint=args.checkpoint, use_ema=args.use_ema, trust_pickle=args.trust_pickle,
                         device=device, dtype=args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
                         out=args.out, mode="overwrite" if args.overwrite else "resume", progress=not args.no_progress,
-                        stats=["attn_mass"])
+                        stats=["attn_mass"], layers=parse_int_list(args.capture, what="layer") if args.capture else None)
     mc = plan(cfg).model_config  # every check of the rollout before the entries are read
     entries = entries_from_args(args, mc.num_layers, mc.num_heads)
     command = "workbench " + " ".join(sys.argv[1:])
-    run_intervene(cfg, entries, world=args.world, command=command)
+    run_intervene(cfg, entries, world=args.world, command=command, capture=bool(args.capture))
     return 0
