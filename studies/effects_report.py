@@ -73,7 +73,8 @@ def build_effects_report(store, out_html: str | Path) -> Path:
                        f"seeds {', '.join(map(str, sorted(set(ds.seed.values.tolist()))))}), "
                        f"{ds.sizes['frame']} latent frames. command: {ds.attrs.get('command', '?')}"))
     page.p("effect = the RMS distance of the latents to the baseline's, divided by the baseline's RMS, averaged over "
-           "samples and latent frames (effect_last_chunk: the last chunk's frames only). "
+           "samples and latent frames (effect_last_chunk: the last chunk's frames only); motion_change = the mean "
+           "frame-to-frame latent change (latent_motion) over the baseline's, minus 1. "
            + ("The world columns are the miniature world's tracker on the decoded video (d_ = minus the baseline's; "
               "docs/world_metrics.md)." if "world_trajectory_error" in ds else
               "No world metrics: the model or the prompts are not the miniature world's."))

@@ -50,6 +50,8 @@ def test_intervene_writes_an_effects_store_and_resumes(tmp_path, capsys):
     ds = xr.open_zarr(out, consolidated=False).load()
     assert list(ds.intervention.values) == ["baseline", "ablate-zero:L2.H1", "policy-sink6+sink3"]
     assert ds.latent_distance.dims == ("intervention", "sample", "frame") and ds.sizes["sample"] == 2
+    motion = ds.latent_motion.sel(intervention="ablate-zero:L2.H1", sample="p0000-s1").values
+    assert np.isnan(motion[0]) and (motion[1:] > 0).all()
     assert float(abs(ds.latent_distance.sel(intervention="baseline")).max()) == 0
     assert float(abs(ds.latent_distance.sel(intervention="policy-sink6+sink3")).max()) == 0  # bitwise the window
     assert float(ds.latent_distance.sel(intervention="ablate-zero:L2.H1").min()) > 0
@@ -72,6 +74,8 @@ def test_intervene_writes_an_effects_store_and_resumes(tmp_path, capsys):
     expected = (x - base).double()[0].pow(2).mean(dim=(1, 2, 3)).sqrt().numpy()
     np.testing.assert_allclose(ds.latent_distance.sel(intervention="ablate-zero:L2.H1", sample="p0000-s1"),
                                expected, rtol=1e-5)
+    step = (x[0, 1:] - x[0, :-1]).double().pow(2).mean(dim=(1, 2, 3)).sqrt().numpy()
+    np.testing.assert_allclose(motion[1:], step, rtol=1e-5)
 
     assert main(args + ["--temperature", "1:0:2"]) == 0  # resumes: only the new entry runs
     assert "4 entries" in capsys.readouterr().out

@@ -248,6 +248,18 @@ def latent_distance(x, base) -> tuple[np.ndarray, np.ndarray]:
     return rms.float().cpu().numpy(), (rms / ref.clamp_min(1e-12)).float().cpu().numpy()
 
 
+def latent_rms(x) -> np.ndarray:
+    """x [1, F, C, h, w] -> [F] float32: the RMS of each latent frame (float64 inside)."""
+    return x.double()[0].pow(2).mean(dim=(1, 2, 3)).sqrt().float().cpu().numpy()
+
+
+def latent_motion(x) -> np.ndarray:
+    """x [1, F, C, h, w] -> [F] float32: the RMS of x[f] - x[f - 1] (NaN at frame 0), how much the video changes
+    from one latent frame to the next: a model-independent proxy of motion (a stalled video goes to 0)."""
+    d = x.double()[0].diff(dim=0).pow(2).mean(dim=(1, 2, 3)).sqrt().float().cpu().numpy()
+    return np.concatenate([[np.nan], d]).astype(np.float32)
+
+
 def decode(vae, latents, step: int) -> np.ndarray:
     """Latents [1, F, C, h, w] -> float32 pixels [3, T, H, W] in [-1, 1], streamed chunk by chunk as generate does."""
     import torch
@@ -447,8 +459,8 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False):
                     ([policy] if hasattr(policy, "observe") else [])
                 x, mass = captured(e, s[1], s[2], *subs, policy=policy)
             dist, rel = latent_distance(x, base[s])
-            rms = x.double()[0].pow(2).mean(dim=(1, 2, 3)).sqrt().float().cpu().numpy()
-            row = dict(latent_distance=dist, latent_distance_rel=rel, latent_rms=rms)
+            row = dict(latent_distance=dist, latent_distance_rel=rel, latent_rms=latent_rms(x),
+                       latent_motion=latent_motion(x))
             if capture:  # NaN where the entry takes no observer (a head-wise cache)
                 shape = (len(p.spec.steps), len(p.spec.layers), len(p.spec.heads), F, F)
                 row["attn_mass"] = mass if mass is not None else np.full(shape, np.nan, np.float32)
@@ -485,6 +497,9 @@ def ranking(ds):
         "effect": rel.mean(["sample", "frame"]).values,
         "effect_last_chunk": rel.isel(frame=slice(-n, None)).mean(["sample", "frame"]).values,
     }, index=pd.Index(ds.intervention.values, name="intervention"))
+    if "latent_motion" in ds and "baseline" in ds.intervention.values:
+        motion = ds.latent_motion.mean(["sample", "frame"])
+        rows["motion_change"] = (motion / motion.sel(intervention="baseline") - 1).values
     if "world_trajectory_error" in ds:
         base = ds.sel(intervention="baseline") if "baseline" in ds.intervention.values else None
         for k in ("trajectory_error", "adherent", "speed", "confidence"):
@@ -502,8 +517,9 @@ def ranking_text(path, top: int = 20) -> str:
     table = ranking(ds)
     lines = [f"wrote {path}: {ds.sizes['intervention']} entries (baseline included) x {ds.sizes['sample']} "
              f"sample(s) x {ds.sizes['frame']} latent frames",
-             "effect = mean over samples and frames of the latent RMS distance to the baseline / the baseline's RMS"]
-    cols = [c for c in ("effect", "effect_last_chunk", "trajectory_error", "d_trajectory_error", "adherent", "speed")
+             "effect = mean over samples and frames of the latent RMS distance to the baseline / the baseline's RMS; "
+             "motion_change = mean latent_motion (frame-to-frame RMS change) / the baseline's - 1"]
+    cols = [c for c in ("effect", "effect_last_chunk", "motion_change", "trajectory_error", "d_trajectory_error", "adherent", "speed")
             if c in table]
     lines.append(f"{'intervention':<36}" + "".join(f"{c:>20}" for c in cols))
     for label, r in table.head(top).iterrows():
