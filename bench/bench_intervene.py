@@ -25,32 +25,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from models.config import preset  # noqa: E402
+from bench_rollout import random_model  # noqa: E402
 from models.rollout import causal_few_step, release_graphs  # noqa: E402
 from models.scheduler import FlowMatchScheduler  # noqa: E402
-from models.wan import WanModel  # noqa: E402
 from workbench.hooks import CallFilter, attach  # noqa: E402
 from workbench.interventions import HeadAblation, HeadOutputs, HeadTemperature, SinkScaling  # noqa: E402
 from workbench.kv_policies import AttentionGuided, DeepSink, FifoWindow, HeadWise, WindowSink  # noqa: E402
-
-
-def build_model(name: str, device: str, dtype) -> WanModel:
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = WanModel(preset(name), causal=True)
-    model = model.to_empty(device=device).to(dtype)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight")):
-                p.fill_(1.0)
-            elif pname.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02)
-    return model.eval()
 
 
 class Bench:
@@ -58,7 +42,7 @@ class Bench:
         self.smoke = smoke
         self.device = "cpu" if smoke else "cuda"
         self.dtype = torch.float32 if smoke else torch.bfloat16
-        self.model = build_model("tiny" if smoke else "wan2.1-t2v-1.3b", self.device, self.dtype)
+        self.model = random_model(self.dtype, name="tiny" if smoke else "wan2.1-t2v-1.3b", device=self.device)
         self.latent = (4, 6) if smoke else (60, 104)
         self.text = (16, 32) if smoke else (512, 4096)
 

@@ -30,11 +30,12 @@ from models.scheduler import FlowMatchScheduler  # noqa: E402
 from models.wan import WanModel  # noqa: E402
 
 
-def random_model(dtype=torch.bfloat16, causal=True, seed=0):
+def random_model(dtype=torch.bfloat16, causal=True, seed=0, name="wan2.1-t2v-1.3b", device="cuda"):
+    """The `name` preset (default the 1.3B) with random weights: N(0, 0.02) matrices, zero biases, unit norms."""
     torch.manual_seed(seed)
     with torch.device("meta"):
-        model = WanModel(preset("wan2.1-t2v-1.3b"), causal=causal)
-    model = model.to_empty(device="cuda").to(dtype)
+        model = WanModel(preset(name), causal=causal)
+    model = model.to_empty(device=device).to(dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm_q.weight") or name.endswith("norm_k.weight") or name.endswith("norm3.weight"):

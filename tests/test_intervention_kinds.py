@@ -12,7 +12,6 @@ import math
 import pytest
 import torch
 
-from attention_reference import AttendRecorder
 from conftest import tiny_model
 from models import kv_cache
 from test_interventions import C, FSL, H, TEXT_LEN, W, few_step
