@@ -136,3 +136,30 @@ def test_capture_under_intervention_holds_the_edited_attention(tmp_path):
     assert bool(knocked.sel(query_frame=slice(3, None), key_frame=0).isnull().all())
     np.testing.assert_allclose(knocked.sel(query_frame=slice(3, None)).sum("key_frame"), 1, atol=1e-5)
     assert float(knocked.sel(query_frame=slice(0, 2), key_frame=0).min()) > 0  # chunk 0 still sees its own frame
+
+
+def test_a_spec_file_and_flags_make_the_same_entries(tmp_path):
+    from workbench.cli import build_parser
+    from workbench.commands.intervene import entries_from_args
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("""
+interventions:
+  - {kind: ablate, layers: 3, heads: 0-1, mode: mean}
+  - {kind: ablate, layers: 3, heads: 2, mode: resample, resample_prompt: "a blue circle moving up", steps: 0}
+  - {kind: temperature, layers: 2, heads: 0, value: 2.0, attention: cross, chunks: 1-2, label: hot-cross}
+  - {kind: policy, policy: deepsink, window: 21, sink_frames: 10}
+sweep: {layers: 5}
+""")
+    args = build_parser().parse_args(["intervene", "--spec", str(spec), "--knockout", "0-2:1", "--sink", "2:0:4"])
+    entries = entries_from_args(args, 6, 4)
+    labels = [e.label for e in entries]
+    assert labels == ["ablate-mean:L3.H0-1", "ablate-resample:L3.H2.s0", "hot-cross", "policy-deepsink21+sink10",
+                      "ablate-zero:L5.H0", "ablate-zero:L5.H1", "ablate-zero:L5.H2", "ablate-zero:L5.H3",
+                      "knockout0-2:L1", "sink0x2:L4"]
+    hot = entries[2]
+    assert (hot.attention, hot.chunks, hot.value, hot.target) == ("cross", [1, 2], 2.0, (2, 0))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("interventions:\n  - {kind: knockout, frames: 0, attention: cross}\n")
+    with pytest.raises(WorkbenchError, match="attention must be self"):
+        entries_from_args(build_parser().parse_args(["intervene", "--spec", str(bad)]), 6, 4)
