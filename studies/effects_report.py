@@ -108,8 +108,10 @@ def build_effects_report(store, out_html: str | Path) -> Path:
             y = ds[name].sel(intervention=label).mean("sample").values
             fig.add_trace(go.Scatter(x=ds[dim].values, y=y, name=label, mode="lines",
                                      line=dict(color=COLOURS[j % len(COLOURS)] if label != "baseline" else "black")))
-        fig.update_layout(xaxis_title=xlabel, yaxis_title=ylabel, height=420, legend=dict(font=dict(size=10)))
+        fig.update_layout(xaxis_title=xlabel, yaxis_title=ylabel, height=420, legend=dict(font=dict(size=10)),
+                          margin=dict(t=30))
         page.figure(fig, f"fig-curve-{i}")
+    _videos(page, ds, store, top)
     png = out_html.with_suffix(".png")
     write_png(curve_png(ds, top), png)
     pngs = [png.name]
@@ -118,6 +120,25 @@ def build_effects_report(store, out_html: str | Path) -> Path:
         pngs.append(out_html.stem + "_heads.png")
     page.p("PNG copies: " + ", ".join(f"<code>{html.escape(n)}</code>" for n in pngs))
     return write_atomic(page.render(), out_html)
+
+
+def _videos(page: Page, ds: xr.Dataset, store, top: list[str], samples: int = 2) -> None:
+    """The saved frame grids (`intervene --save-videos`) of the baseline and the top entries, one row each."""
+    import base64
+
+    from workbench.intervene import video_file
+
+    if "videos_dir" not in ds.attrs or isinstance(store, xr.Dataset):
+        return
+    page.h("Videos (every ninth pixel frame; the baseline first)")
+    for sample in list(map(str, ds.sample.values))[:samples]:
+        page.p(html.escape(f"sample {sample}"))
+        for label in ["baseline", *top[:5]]:
+            path = video_file(store, label, sample)
+            if path.is_file():
+                data = base64.b64encode(path.read_bytes()).decode()
+                page.parts.append(f'<div><code>{html.escape(label)}</code><br>'
+                                  f'<img src="data:image/png;base64,{data}" style="max-width:100%"></div>')
 
 
 # ------------------------------------------------------------------------------------------------------- PNGs

@@ -163,3 +163,13 @@ sweep: {layers: 5}
     bad.write_text("interventions:\n  - {kind: knockout, frames: 0, attention: cross}\n")
     with pytest.raises(WorkbenchError, match="attention must be self"):
         entries_from_args(build_parser().parse_args(["intervene", "--spec", str(bad)]), 6, 4)
+
+
+def test_saved_videos_are_shown_beside_the_baseline(tmp_path):
+    out = tmp_path / "v.zarr"
+    assert main(["intervene", "--frames", "3", "--world", "off", "--save-videos", "--ablate", "0:0", "--out", str(out),
+                 "--no-progress"]) == 0
+    grids = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("v_videos/*/*.png"))
+    assert grids == ["v_videos/ablate-zero_L0.H0/p0000-s0.png", "v_videos/baseline/p0000-s0.png"]
+    assert main(["report", str(out), "--out", str(tmp_path / "v.html")]) == 0
+    assert (tmp_path / "v.html").read_text().count('<img src="data:image/png;base64,') == 2

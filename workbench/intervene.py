@@ -349,7 +349,7 @@ def check_entries(entries: list[Entry], sampler: str) -> None:
 
 
 def run_intervene(cfg, entries: list[Entry], *, world: str = "auto", command: str = "", capture: bool = False,
-                  log=print) -> Path:
+                  save_videos: bool = False, log=print) -> Path:
     """Run the baseline and every entry not yet in the store `cfg.out` (an ExtractConfig: model, prompts, seeds,
     frames, sampler, device, out, mode); returns the store path. `capture`: also store `attn_mass` of the layers
     `cfg.layers` (every step) under each entry (the statistics probe of `extract`, attached after the edit)."""
@@ -365,6 +365,8 @@ def run_intervene(cfg, entries: list[Entry], *, world: str = "auto", command: st
     if world == "on" and not is_world(p.wan_dir, cfg.prompts, px_h, px_w):
         raise WorkbenchError("--world on needs the miniature world: a VAE in the model folder, 96 x 128 video and "
                              "prompts naming one colour, shape and direction (models/world.py)")
+    if save_videos and not (p.wan_dir / "Wan2.1_VAE.pth").is_file():
+        raise WorkbenchError(f"--save-videos decodes with the model folder's VAE; {p.wan_dir} has no Wan2.1_VAE.pth")
     lock = StoreLock(cfg.out).acquire()
     try:
         sha = sha256_file(p.weights_file)
@@ -380,12 +382,33 @@ def run_intervene(cfg, entries: list[Entry], *, world: str = "auto", command: st
         lock.release()
         raise
     try:
-        return _run(p, cfg, entries, writer, scored, command, log, capture)
+        return _run(p, cfg, entries, writer, scored, command, log, capture, save_videos)
     finally:
         writer.close()
 
 
-def _run(p, cfg, entries, writer, scored, command, log, capture=False):
+def videos_dir(store) -> Path:
+    """Where `--save-videos` writes: beside the store, `NAME_videos/<label>/<sample>.png`."""
+    store = Path(store)
+    return store.with_name(store.stem + "_videos")
+
+
+def video_file(store, label: str, sample: str, suffix: str = ".png") -> Path:
+    safe = "".join(c if c.isalnum() or c in ".+-=" else "_" for c in label)
+    return videos_dir(store) / safe / f"{sample}{suffix}"
+
+
+def _save_video(video: np.ndarray, store, label: str, sample: str) -> None:
+    from models.video import mp4_available, write_mp4, write_png_grid
+
+    path = video_file(store, label, sample)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_png_grid(video, path, ncols=9, frames=list(range(0, video.shape[1], max(1, video.shape[1] // 9))))
+    if mp4_available():
+        write_mp4(video, path.with_suffix(".mp4"), fps=16)
+
+
+def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_videos=False):
     import torch
     from tqdm.auto import tqdm
 
@@ -403,7 +426,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False):
     model = load_model(p, device, dtype)
     encoder = TextEncoder.from_wan_dir(p.wan_dir, device=device)
     vae = None
-    if scored:
+    if scored or save_videos:
         from models.vae import WanVAE
 
         vae = WanVAE.from_file(p.wan_dir / "Wan2.1_VAE.pth", device=device, dtype=dtype)
@@ -414,6 +437,8 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False):
     window = cfg.local_attn_size if cfg.local_attn_size != -1 else F
     attrs = _attrs(p, writer.fingerprint, command.split() or ["workbench", "intervene"])
     attrs.update(store_kind=STORE_KIND, world_metrics=scored, schema_version=writer_schema())
+    if save_videos:
+        attrs["videos_dir"] = videos_dir(cfg.out).name
     bar = tqdm(total=len(todo) * len(samples), desc="intervene", unit="rollout", disable=not cfg.progress)
 
     probe = make_probe(model, p, device) if capture else None
@@ -439,7 +464,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False):
     base, base_video, base_mass = {}, {}, {}
     for s in samples:
         base[s], base_mass[s] = captured(BASELINE, s[1], s[2], *([reference] if reference else []))
-        if scored:
+        if scored or save_videos:
             base_video[s] = decode(vae, base[s], n)
     means = reference.mean() if reference else {}
 
@@ -464,8 +489,11 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False):
             if capture:  # NaN where the entry takes no observer (a head-wise cache)
                 shape = (len(p.spec.steps), len(p.spec.layers), len(p.spec.heads), F, F)
                 row["attn_mass"] = mass if mass is not None else np.full(shape, np.nan, np.float32)
+            video = (decode(vae, x, n) if e is not BASELINE else base_video[s]) if vae is not None else None
             if scored:
-                row |= world_scores(decode(vae, x, n) if e is not BASELINE else base_video[s], base_video[s], s[1])
+                row |= world_scores(video, base_video[s], s[1])
+            if save_videos:
+                _save_video(video, cfg.out, e.label, f"p{s[0]:04d}-s{s[2]}")
             per_sample.append(row)
             bar.update(1)
         held = policy.capacity(F, n) if policy is not None else window

@@ -81,6 +81,10 @@ def register(subparsers) -> None:
     out.add_argument("--capture", metavar="LAYERS",
                      help="also store attn_mass (every step, every head) of these layers under each intervention, as "
                           "extract computes it after the edits (e.g. 3 or 0-5; not under a head-wise cache policy)")
+    out.add_argument("--save-videos", action="store_true",
+                     help="decode every rollout and write a PNG grid of its frames (and an mp4 with the video extra) "
+                          "per intervention and sample beside the store (NAME_videos/); the report shows them side by "
+                          "side with the baseline")
     out.add_argument("--overwrite", action="store_true", help="replace an existing store")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -150,5 +154,6 @@ def run(args) -> int:
     mc = plan(cfg).model_config  # every check of the rollout before the entries are read
     entries = entries_from_args(args, mc.num_layers, mc.num_heads)
     command = "workbench " + " ".join(sys.argv[1:])
-    run_intervene(cfg, entries, world=args.world, command=command, capture=bool(args.capture))
+    run_intervene(cfg, entries, world=args.world, command=command, capture=bool(args.capture),
+                  save_videos=args.save_videos)
     return 0
