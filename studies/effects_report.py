@@ -93,8 +93,17 @@ def build_effects_report(store, out_html: str | Path) -> Path:
         fig = go.Figure(go.Heatmap(z=grid.values, x=[f"h{h}" for h in grid.columns], y=[f"L{l}" for l in grid.index],
                                    colorscale="Viridis", colorbar=dict(title="effect")))
         fig.update_layout(height=120 + 40 * len(grid.index), width=200 + 60 * len(grid.columns),
-                          yaxis=dict(autorange="reversed"))
+                          yaxis=dict(autorange="reversed"), margin=dict(t=20))
         page.figure(fig, "fig-heads")
+        if "motion_change" in heads:
+            motion = heads.pivot_table(index="layer", columns="head", values="motion_change")
+            page.p("motion_change of zeroing each head (negative: the video changes less from frame to frame):")
+            fig = go.Figure(go.Heatmap(z=motion.values, x=[f"h{h}" for h in motion.columns],
+                                       y=[f"L{l}" for l in motion.index], colorscale="RdBu", zmid=0,
+                                       colorbar=dict(title="motion")))
+            fig.update_layout(height=120 + 40 * len(motion.index), width=200 + 60 * len(motion.columns),
+                              yaxis=dict(autorange="reversed"), margin=dict(t=20))
+            page.figure(fig, "fig-heads-motion")
     page.h("Per-frame effect")
     top = [x for x in table.index if x != "baseline"][:TOP]
     curves = {"latent_distance_rel": ("frame", "latent frame", "relative latent distance")}
