@@ -12,7 +12,8 @@ addresses sets `graph_safe = True` (the default here); a few-step rollout then r
 with a graph-safe probe. Its `key` (its settings) is part of the graphs' key, so a changed intervention records
 new graphs and a removed one drops them.
 
-The interventions (each a small configured object; `describe()` gives the label an effects store records):
+The interventions (each a small configured object whose `label` names it in `call.edits` and in an effects store,
+workbench/intervene.py):
 - `HeadAblation`: a head's output replaced, after the kernel (`edit_output`), by zero, by its mean over a reference
   rollout (`HeadOutputs.mean`), or by the same call's output in a rollout of another prompt or seed
   (`HeadOutputs`, "resample");
