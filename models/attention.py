@@ -152,8 +152,7 @@ def _attend_by_head_groups(q, k, v, call: AttentionCall, observers, intervention
         idx = slice(heads[0], heads[-1] + 1) if heads == list(range(heads[0], heads[-1] + 1)) else heads
         qg, kg, vg = q[:, :, idx], k[:, :, idx], v[:, :, idx]
         if call.frame_mask is None:  # every query frame sees the same key frames: keep only those (unmasked call)
-            tokens = torch.tensor([j * fsl + t for j, keep in enumerate(row) if keep for t in range(fsl)],
-                                  device=k.device)
+            tokens = _group_tokens(row, fsl, k.device)
             kg, vg = kg.index_select(1, tokens), vg.index_select(1, tokens)
             sub = compute(qg, kg, vg, frame_seq_len=fsl, kernel=call.kernel)[0]
         else:
@@ -161,6 +160,21 @@ def _attend_by_head_groups(q, k, v, call: AttentionCall, observers, intervention
             sub = compute(qg, kg, vg, frame_mask=mask, frame_seq_len=fsl, kernel=call.kernel)[0]
         out[:, :, idx] = sub
     return out
+
+
+_GROUP_TOKENS: dict = {}
+
+
+def _group_tokens(row: tuple, fsl: int, device) -> torch.Tensor:
+    """The key token indices [n * fsl] of the key frames a head group keeps (row: one bool per key frame), kept on
+    the device per (row, fsl): the same few rows come back in every layer and forward."""
+    key = (row, fsl, str(device))
+    if key not in _GROUP_TOKENS:
+        if len(_GROUP_TOKENS) > 256:
+            _GROUP_TOKENS.clear()
+        frames = torch.tensor(row, dtype=torch.bool)
+        _GROUP_TOKENS[key] = torch.arange(len(row) * fsl).view(len(row), fsl)[frames].flatten().to(device)
+    return _GROUP_TOKENS[key]
 
 
 def _computed_by_observer(interested, call, q, k, v):
