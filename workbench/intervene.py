@@ -416,6 +416,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     from workbench.extract import _attrs, _dtype, load_model, make_probe, sample_rollout
     from workbench.hooks import CallFilter, attach
     from workbench.interventions import HeadOutputs
+    from workbench.store import SCHEMA_VERSION
 
     todo = [e for e in [BASELINE, *entries] if not writer.done(e.label)]
     samples = [(i, prompt, seed) for i, prompt in enumerate(cfg.prompts) for seed in cfg.seeds]
@@ -436,7 +437,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     F = p.geometry[0]
     window = cfg.local_attn_size if cfg.local_attn_size != -1 else F
     attrs = _attrs(p, writer.fingerprint, command.split() or ["workbench", "intervene"])
-    attrs.update(store_kind=STORE_KIND, world_metrics=scored, schema_version=writer_schema())
+    attrs.update(store_kind=STORE_KIND, world_metrics=scored, schema_version=SCHEMA_VERSION)
     if save_videos:
         attrs["videos_dir"] = videos_dir(cfg.out).name
     bar = tqdm(total=len(todo) * len(samples), desc="intervene", unit="rollout", disable=not cfg.progress)
@@ -502,12 +503,6 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     bar.close()
     log(ranking_text(cfg.out))
     return Path(cfg.out)
-
-
-def writer_schema():
-    from workbench.store import SCHEMA_VERSION
-
-    return SCHEMA_VERSION
 
 
 def ranking(ds):
