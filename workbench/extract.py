@@ -31,11 +31,10 @@ from models.attention_kernels import check_kernel, describe
 from models.checkpoint import WEIGHTS_NAME, load_wan, sha256_file
 from models.errors import ModelInputError
 from models.embedded import EMBEDDED_DIR
-from models.rollout import SAMPLERS, MultiStepSolver, few_step_schedule, multistep_schedule, sample
+from models.rollout import SAMPLERS, MultiStepSolver, few_step_schedule, multistep_schedule, sample, seeded_noise
 from models.scheduler import FlowMatchScheduler
 from workbench.capture import CaptureSpec, Geometry, StatsProbe, resolve_mode
 from workbench.errors import WorkbenchError
-from workbench.hooks import attach
 from workbench.statistics import DEFAULT_STATS, check_stats
 from workbench.store import SCHEMA_VERSION, StoreLayout, StoreLock, StoreWriter, sample_dataset, sample_id
 
@@ -417,14 +416,11 @@ def make_probe(model, p: Plan, device) -> StatsProbe:
 
 
 def _one_sample(model, p: Plan, emb, negative, seed, device, dtype, bar, probe: StatsProbe) -> dict[str, np.ndarray]:
-    F = p.geometry[0]
-    probe.reset()
-    with attach(model, probe):
-        sample_rollout(model, p, emb, negative, seed, device, dtype, on_forward=lambda labels, start, n: bar.update(1))
-    missing = probe.missing_steps(F)
-    if missing:
-        raise WorkbenchError(f"the rollout did not produce every captured (kind, step, layer): {missing[:5]}")
-    return {stat: values[0] for stat, values in probe.results().items()}
+    from workbench.sample import capture_sample
+
+    return capture_sample(model, probe, lambda: sample_rollout(model, p, emb, negative, seed, device, dtype,
+                                                               on_forward=lambda labels, start, n: bar.update(1)),
+                          p.geometry[0])
 
 
 def sample_rollout(model, p: Plan, emb, negative, seed: int, device, dtype, on_forward=None) -> torch.Tensor:
@@ -433,8 +429,7 @@ def sample_rollout(model, p: Plan, emb, negative, seed: int, device, dtype, on_f
     Whatever observes the model (probes, nnsight) sees the same attention calls as the store's run."""
     cfg = p.cfg
     F, h, w = p.geometry
-    gen = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn((1, F, model.config.in_dim, h, w), generator=gen, device=device, dtype=torch.float32).to(dtype)
+    noise, gen = seeded_noise(seed, (1, F, model.config.in_dim, h, w), device, dtype)
     negative_context = None if negative is None else negative.context.to(device, dtype)
     return sample(model, cfg.sampler, noise, emb.context.to(device, dtype), negative_context, generator=gen,
                   denoising_step_list=cfg.denoising_step_list, timestep_shift=cfg.timestep_shift,
