@@ -155,15 +155,15 @@ def plan(cfg: ExtractConfig) -> Plan:
         raise WorkbenchError(f"--checkpoint {cfg.checkpoint!r} does not exist")
     from models.family import check_fits_cache, family_of
 
-    family = family_of(wan_dir)
-    mc = family.read_config(wan_dir, local_attn_size=cfg.local_attn_size, sink_size=cfg.sink_size)
+    arch = family_of(wan_dir)  # the architecture's family (the store's model_family says how it was trained)
+    mc = arch.read_config(wan_dir, local_attn_size=cfg.local_attn_size, sink_size=cfg.sink_size)
     embedded = cfg.wan_dir is None
-    mc, h, w, fsl = family.video_geometry(wan_dir, cfg.height, cfg.width, mc)
+    mc, h, w, fsl = arch.video_geometry(wan_dir, cfg.height, cfg.width, mc)
     if cfg.sampler != "bidirectional" and cfg.num_frames % cfg.num_frame_per_block:
         raise WorkbenchError(f"--frames {cfg.num_frames} does not divide into chunks of {cfg.num_frame_per_block}; "
                              f"use a multiple of {cfg.num_frame_per_block} (e.g. 21)")
     if cfg.sampler != "bidirectional":
-        check_fits_cache(cfg.num_frames, mc.local_attn_size, family.cache_frames, label=f"--frames {cfg.num_frames}")
+        check_fits_cache(cfg.num_frames, mc.local_attn_size, arch.cache_frames, label=f"--frames {cfg.num_frames}")
     layers = cfg.layers if cfg.layers is not None else list(range(mc.num_layers))
     heads = cfg.heads if cfg.heads is not None else list(range(mc.num_heads))
     for what, values, n in (("layer", layers, mc.num_layers), ("head", heads, mc.num_heads)):
@@ -359,7 +359,7 @@ def _extract(p: Plan, rank: int, world: int, todo, fp: str, weights_sha: str, de
     layout = StoreLayout(steps=[s for s in p.schedule if s.step in p.spec.steps], layers=list(p.spec.layers),
                          heads=list(p.spec.heads), token_layers=list(p.spec.token_layers), num_frames=cfg.num_frames,
                          num_frame_per_block=cfg.num_frame_per_block if causal else 0,
-                         frame_seq_len=p.frame_seq_len, grid=(p.geometry[1] // 2, p.geometry[2] // 2),
+                         frame_seq_len=p.frame_seq_len, grid=p.model_config.token_grid(*p.geometry[1:]),
                          text_len=p.model_config.text_len, stats=list(cfg.stats),
                          attrs=_attrs(p, fp, command or sys.argv))
     # Rounds of `world` samples: rank r runs sample r of each round, and rank 0 writes the round's samples in
