@@ -65,14 +65,19 @@ class WanConfig:
         d = self.head_dim
         return d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)
 
-    def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
-        """Tokens per latent frame: 30 * 52 = 1560 for a 60 x 104 latent (480 x 832 pixels)."""
+    def token_grid(self, latent_height: int, latent_width: int) -> tuple[int, int]:
+        """(rows, columns) of a latent frame's token grid: (30, 52) for a 60 x 104 latent (480 x 832 pixels)."""
         _, ph, pw = self.patch_size
         if latent_height % ph or latent_width % pw:
             raise ModelInputError(
                 f"latent size {latent_height}x{latent_width} is not divisible by the patch size {ph}x{pw}"
             )
-        return (latent_height // ph) * (latent_width // pw)
+        return latent_height // ph, latent_width // pw
+
+    def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
+        """Tokens per latent frame: 30 * 52 = 1560 for a 60 x 104 latent (480 x 832 pixels)."""
+        rows, cols = self.token_grid(latent_height, latent_width)
+        return rows * cols
 
     def replace(self, **changes) -> "WanConfig":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

@@ -6,7 +6,8 @@ latent frames its KV cache holds with global attention, and the checkpoint layou
 (`workbench extract`, `generate`, `info`) and the training probes read these instead of hard-coding 480 x 832
 pixels (60 x 104 latents), chunks of 3 or the 21-frame cache. Only Wan2.1 exists; a second video DiT is one
 more `ModelFamily` in FAMILIES (its model code beside models/wan.py, its config reader in `read_config`), and
-nothing in workbench/ changes. Importing this module does not import torch.
+nothing in workbench/ changes. Importing this module does not import torch. (A store's `model_family`, "wan" or
+"self_forcing", says how the weights were trained; the family here is the architecture.)
 
     WAN.video_geometry(folder, height=None, width=None) -> (config, latent h, latent w, tokens per frame)
     check_fits_cache(num_frames, local_attn_size, ...) -> the one "more than the KV cache holds" check

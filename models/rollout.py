@@ -45,6 +45,14 @@ def _from_model(x):
     return x.permute(0, 2, 1, 3, 4)
 
 
+def seeded_noise(seed: int, shape, device, dtype) -> tuple[torch.Tensor, torch.Generator]:
+    """(noise, generator): noise [B, F, C, h, w] drawn in float32 from a generator on `device` seeded with `seed`,
+    then cast to `dtype`; the generator goes on to the sampler (the fresh noise between denoising steps). The one
+    way extract, generate and the training probes draw a sample's noise (workbench/sample.py)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float32).to(dtype), gen
+
+
 def check_causal_geometry(model, num_frames: int, cache_frames: int) -> None:
     """Frame-count errors of a causal rollout, raised before any work."""
     n = model.num_frame_per_block

@@ -101,9 +101,9 @@ class TrainingProbes:
 
     def run(self, model, step: int, prompt_cache, d, dtype) -> dict:
         """Run the probe set on the (possibly sharded) causal model; rank 0 appends it. Returns a small summary."""
-        from models.rollout import causal_few_step
+        from models.rollout import causal_few_step, seeded_noise
         from workbench.capture import Geometry, StatsProbe
-        from workbench.hooks import attach
+        from workbench.sample import capture_sample
 
         device = d.device
         if self.embeddings is None:
@@ -115,17 +115,15 @@ class TrainingProbes:
             for i, prompt in enumerate(self.prompts):
                 context = self.embeddings.context[i : i + 1].to(device, dtype)
                 for seed in self.seeds:
-                    gen = torch.Generator(device=device).manual_seed(seed)
-                    noise = torch.randn((1, F, self.channels, h, w), generator=gen, device=device).to(dtype)
+                    noise, gen = seeded_noise(seed, (1, F, self.channels, h, w), device, dtype)
                     geo = Geometry(batch=1, num_frames=F, frame_seq_len=self.frame_seq_len, text_len=self.text_len)
                     probe = StatsProbe(self.spec, geo, device)
-                    with attach(model, probe):
-                        # eager: a (possibly sharded) model whose weights change between probe runs keeps no graphs
-                        causal_few_step(model, noise, context, timesteps=self.timesteps, scheduler=self.scheduler,
-                                        context_noise=self.context_noise, generator=gen, cache_frames=F,
-                                        cuda_graphs=False)
-                    for stat, values in probe.results().items():
-                        per_stat.setdefault(stat, []).append(values[0])
+                    # eager: a (possibly sharded) model whose weights change between probe runs keeps no graphs
+                    arrays = capture_sample(model, probe, lambda: causal_few_step(
+                        model, noise, context, timesteps=self.timesteps, scheduler=self.scheduler,
+                        context_noise=self.context_noise, generator=gen, cache_frames=F, cuda_graphs=False), F)
+                    for stat, values in arrays.items():
+                        per_stat.setdefault(stat, []).append(values)
                     metas.append(dict(self.sample_meta, prompt_index=i, seed=seed, prompt=prompt,
                                       tokens=self.embeddings.tokens[i], num_tokens=self.embeddings.lengths[i]))
         summary = {}

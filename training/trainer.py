@@ -675,7 +675,6 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
     except Exception as err:
         raise TrainingError(f"probe: {err}") from None
     _, _, H, W = plan.shape
-    _, ph, pw = mc.patch_size
     fsl = mc.tokens_per_frame(H, W)
     layout_key = dict(spec=dataclasses.astuple(spec), schedule=[dataclasses.astuple(s) for s in schedule],
                       prompts=prompts, seeds=list(p.seeds), frames=frames, hw=(H, W), weights=weights_sha,
@@ -697,7 +696,7 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
     meta = dict(checkpoint=weights_label, checkpoint_sha256=weights_sha, model_family="self_forcing",
                 sampler="causal_few_step", local_attn_size=mc.local_attn_size, sink_size=mc.sink_size)
     return TrainingProbes(spec=spec, schedule=schedule, prompts=prompts, seeds=list(p.seeds), num_frames=frames,
-                          latent_hw=(H, W), channels=plan.shape[1], frame_seq_len=fsl, grid=(H // ph, W // pw),
+                          latent_hw=(H, W), channels=plan.shape[1], frame_seq_len=fsl, grid=mc.token_grid(H, W),
                           text_len=mc.text_len, nfpb=plan.nfpb, timesteps=plan.timesteps,
                           scheduler=FlowMatchScheduler(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep),
                           context_noise=float(cfg.context_noise), every=int(p.every),

@@ -31,11 +31,10 @@ from models.attention_kernels import check_kernel, describe
 from models.checkpoint import WEIGHTS_NAME, load_wan, sha256_file
 from models.errors import ModelInputError
 from models.embedded import EMBEDDED_DIR
-from models.rollout import SAMPLERS, MultiStepSolver, few_step_schedule, multistep_schedule, sample
+from models.rollout import SAMPLERS, MultiStepSolver, few_step_schedule, multistep_schedule, sample, seeded_noise
 from models.scheduler import FlowMatchScheduler
 from workbench.capture import CaptureSpec, Geometry, StatsProbe, resolve_mode
 from workbench.errors import WorkbenchError
-from workbench.hooks import attach
 from workbench.statistics import DEFAULT_STATS, check_stats
 from workbench.store import SCHEMA_VERSION, StoreLayout, StoreLock, StoreWriter, sample_dataset, sample_id
 
@@ -156,15 +155,15 @@ def plan(cfg: ExtractConfig) -> Plan:
         raise WorkbenchError(f"--checkpoint {cfg.checkpoint!r} does not exist")
     from models.family import check_fits_cache, family_of
 
-    family = family_of(wan_dir)
-    mc = family.read_config(wan_dir, local_attn_size=cfg.local_attn_size, sink_size=cfg.sink_size)
+    arch = family_of(wan_dir)  # the architecture's family (the store's model_family says how it was trained)
+    mc = arch.read_config(wan_dir, local_attn_size=cfg.local_attn_size, sink_size=cfg.sink_size)
     embedded = cfg.wan_dir is None
-    mc, h, w, fsl = family.video_geometry(wan_dir, cfg.height, cfg.width, mc)
+    mc, h, w, fsl = arch.video_geometry(wan_dir, cfg.height, cfg.width, mc)
     if cfg.sampler != "bidirectional" and cfg.num_frames % cfg.num_frame_per_block:
         raise WorkbenchError(f"--frames {cfg.num_frames} does not divide into chunks of {cfg.num_frame_per_block}; "
                              f"use a multiple of {cfg.num_frame_per_block} (e.g. 21)")
     if cfg.sampler != "bidirectional":
-        check_fits_cache(cfg.num_frames, mc.local_attn_size, family.cache_frames, label=f"--frames {cfg.num_frames}")
+        check_fits_cache(cfg.num_frames, mc.local_attn_size, arch.cache_frames, label=f"--frames {cfg.num_frames}")
     layers = cfg.layers if cfg.layers is not None else list(range(mc.num_layers))
     heads = cfg.heads if cfg.heads is not None else list(range(mc.num_heads))
     for what, values, n in (("layer", layers, mc.num_layers), ("head", heads, mc.num_heads)):
@@ -360,7 +359,7 @@ def _extract(p: Plan, rank: int, world: int, todo, fp: str, weights_sha: str, de
     layout = StoreLayout(steps=[s for s in p.schedule if s.step in p.spec.steps], layers=list(p.spec.layers),
                          heads=list(p.spec.heads), token_layers=list(p.spec.token_layers), num_frames=cfg.num_frames,
                          num_frame_per_block=cfg.num_frame_per_block if causal else 0,
-                         frame_seq_len=p.frame_seq_len, grid=(p.geometry[1] // 2, p.geometry[2] // 2),
+                         frame_seq_len=p.frame_seq_len, grid=p.model_config.token_grid(*p.geometry[1:]),
                          text_len=p.model_config.text_len, stats=list(cfg.stats),
                          attrs=_attrs(p, fp, command or sys.argv))
     # Rounds of `world` samples: rank r runs sample r of each round, and rank 0 writes the round's samples in
@@ -417,14 +416,11 @@ def make_probe(model, p: Plan, device) -> StatsProbe:
 
 
 def _one_sample(model, p: Plan, emb, negative, seed, device, dtype, bar, probe: StatsProbe) -> dict[str, np.ndarray]:
-    F = p.geometry[0]
-    probe.reset()
-    with attach(model, probe):
-        sample_rollout(model, p, emb, negative, seed, device, dtype, on_forward=lambda labels, start, n: bar.update(1))
-    missing = probe.missing_steps(F)
-    if missing:
-        raise WorkbenchError(f"the rollout did not produce every captured (kind, step, layer): {missing[:5]}")
-    return {stat: values[0] for stat, values in probe.results().items()}
+    from workbench.sample import capture_sample
+
+    return capture_sample(model, probe, lambda: sample_rollout(model, p, emb, negative, seed, device, dtype,
+                                                               on_forward=lambda labels, start, n: bar.update(1)),
+                          p.geometry[0])
 
 
 def sample_rollout(model, p: Plan, emb, negative, seed: int, device, dtype, on_forward=None,
@@ -435,8 +431,7 @@ def sample_rollout(model, p: Plan, emb, negative, seed: int, device, dtype, on_f
     a KV-cache policy (workbench/kv_policies.py; the few-step sampler only)."""
     cfg = p.cfg
     F, h, w = p.geometry
-    gen = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn((1, F, model.config.in_dim, h, w), generator=gen, device=device, dtype=torch.float32).to(dtype)
+    noise, gen = seeded_noise(seed, (1, F, model.config.in_dim, h, w), device, dtype)
     negative_context = None if negative is None else negative.context.to(device, dtype)
     return sample(model, cfg.sampler, noise, emb.context.to(device, dtype), negative_context, generator=gen,
                   denoising_step_list=cfg.denoising_step_list, timestep_shift=cfg.timestep_shift,

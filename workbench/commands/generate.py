@@ -79,7 +79,7 @@ def run(args) -> int:
     from models.checkpoint import load_wan
     from models.family import check_fits_cache, family_of
     from models.embedded import EMBEDDED_DIR
-    from models.rollout import sample
+    from models.rollout import sample, seeded_noise
     from models.text_encoder import TextEncoder
     from models.vae import WanVAE
     from models.video import ensure_writable_dir, mp4_available, read_prompts, write_mp4, write_png_grid
@@ -142,8 +142,7 @@ def run(args) -> int:
     jobs = [(i, s) for i in range(len(prompts)) for s in seeds]
     for i, seed in jobs:
         name = f"p{i:04d}-s{seed}"
-        gen = torch.Generator(device=device).manual_seed(seed)
-        noise = torch.randn((1, args.frames, model.config.in_dim, h, w), generator=gen, device=device).to(dtype)
+        noise, gen = seeded_noise(seed, (1, args.frames, model.config.in_dim, h, w), device, dtype)
         chunks = args.frames // model.num_frame_per_block if args.sampler != "bidirectional" else 1
         per_chunk = 5 if args.sampler == "causal_few_step" else 2 * args.num_inference_steps + (2 if cfg_sampler and args.sampler != "bidirectional" else 0)
         # each finished chunk is decoded right away (the VAE decodes causally, chunk by chunk) and, with

@@ -1,0 +1,40 @@
+"""The model family entry (models/family.py): the sizes the CLI used to hard-code, the geometry of a folder,
+and the one KV-cache check."""
+
+import json
+
+import pytest
+
+from models.config import WanConfig
+from models.embedded import EMBEDDED_DIR, EMBEDDED_GEOMETRY, EMBEDDED_VIDEO_SIZE
+from models.errors import ModelInputError
+from models.family import WAN, check_fits_cache, family_of
+
+
+def test_wan_defaults_are_the_self_forcing_geometry():
+    assert WAN.video_size == (480, 832) and WAN.latent_size == (60, 104)
+    assert WanConfig().tokens_per_frame(*WAN.latent_size) == 1560  # 30 x 52 patches of 2 x 2
+    assert (WAN.frames_per_chunk, WAN.cache_frames) == (3, 21)
+    assert 1 + WAN.vae_time_stride * (WAN.cache_frames - 1) == 81  # 21 latent frames <-> 81 video frames
+
+
+def test_geometry_of_a_folder_and_of_a_size(tmp_path):
+    config, h, w, tokens = family_of(EMBEDDED_DIR).video_geometry(EMBEDDED_DIR)
+    assert EMBEDDED_VIDEO_SIZE == (8 * h, 8 * w)
+    assert (h, w) == (EMBEDDED_GEOMETRY.latent_height, EMBEDDED_GEOMETRY.latent_width)
+    assert tokens == (h // 2) * (w // 2)
+    folder = tmp_path / "wan"  # a folder that records no video_size runs at the family's size
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"dim": 1536, "num_heads": 12, "num_layers": 30}))
+    assert WAN.video_geometry(folder)[1:] == (60, 104, 1560)
+    assert WAN.video_geometry(folder, 64, 96)[1:] == (8, 12, 24)
+    with pytest.raises(ModelInputError, match="--height 100: use a positive multiple of 16"):
+        WAN.video_geometry(folder, 100, 96)
+
+
+def test_the_cache_check():
+    check_fits_cache(21, -1)
+    check_fits_cache(84, 9)  # a rolling window holds any length
+    with pytest.raises(ModelInputError, match=r"--frames 24: more than the KV cache holds \(21 frames\)"):
+        check_fits_cache(24, -1, label="--frames 24")
+    check_fits_cache(24, -1, 24)
