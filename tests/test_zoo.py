@@ -49,6 +49,10 @@ def test_render_scenes_equals_world_render():
     ref = np.stack([world.render(s, 9) for s in scenes])
     assert ours.dtype == torch.float32 and ours.shape == (6, 3, 9, 96, 128)
     assert float((ours - torch.from_numpy(ref)).abs().max()) < 1e-6
+    firsts = [0, 5, 40, 77, 200, 3]  # later frames too (the object wraps around)
+    ours = render_scenes(scenes, 5, first_frames=firsts)
+    ref = np.stack([world.render(s, 5, first_frame=f) for s, f in zip(scenes, firsts)])
+    assert float((ours - torch.from_numpy(ref)).abs().max()) < 1e-6
 
 
 def test_world_dataset_is_the_encoded_world_and_is_cached(random_vae_file, tmp_path):

@@ -46,9 +46,9 @@ def scene_arrays(scenes: list[world.Scene], device) -> dict[str, torch.Tensor]:
 
 
 def render_scenes(scenes: list[world.Scene], num_frames: int, device="cpu", height: int = world.HEIGHT,
-                  width: int = world.WIDTH) -> torch.Tensor:
-    """float32 [S, 3, T, H, W] in [-1, 1]: `models.world.render(scene, num_frames)` of every scene (equal to it up
-    to float32 rounding), computed in float64 on `device`."""
+                  width: int = world.WIDTH, first_frames: list[int] | None = None) -> torch.Tensor:
+    """float32 [S, 3, T, H, W] in [-1, 1]: `models.world.render(scene, num_frames, first_frame=f)` of every scene
+    (f = first_frames[i], default 0; equal to it up to float32 rounding), computed in float64 on `device`."""
     a = scene_arrays(scenes, device)
     S = len(scenes)
     # background: a linear gradient between the two colours along the angle
@@ -58,8 +58,9 @@ def render_scenes(scenes: list[world.Scene], num_frames: int, device="cpu", heig
             + xs[None] * torch.cos(a["angle"])[:, None, None]).clamp(0, 1)[:, None]  # [S, 1, H, W]
     bg = (1 - ramp) * a["bg0"][:, :, None, None] + ramp * a["bg1"][:, :, None, None]  # [S, 3, H, W]
     # the object's coverage per frame, on the torus
-    t = torch.arange(num_frames, dtype=torch.float64, device=device)
-    centre = a["start"][:, None, :] + t[None, :, None] * a["step"][:, None, :]  # [S, T, 2]
+    first = torch.tensor(first_frames or [0] * S, dtype=torch.float64, device=device)
+    t = first[:, None] + torch.arange(num_frames, dtype=torch.float64, device=device)[None]  # [S, T]
+    centre = a["start"][:, None, :] + t[:, :, None] * a["step"][:, None, :]  # [S, T, 2]
     cy = torch.remainder(centre[..., 0], height)[:, :, None, None]  # [S, T, 1, 1]
     cx = torch.remainder(centre[..., 1], width)[:, :, None, None]
     py = (torch.arange(height, dtype=torch.float64, device=device) + 0.5)[None, None, :, None]

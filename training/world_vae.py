@@ -64,8 +64,8 @@ class VAETrainConfig:
     batch: int = 4
     frames: int = 9  # pixel frames per clip, 1 + 4k
     crop: int = 64  # px, a multiple of 8 (<= 96)
-    lr: float = 5e-4
-    min_lr: float = 5e-5
+    lr: float = 3e-4
+    min_lr: float = 3e-5
     kl_weight: float = 1e-5
     latent_noise: float = 0.1  # the posterior's width, relative to the std of mu
     l1_weight: float = 0.2
@@ -238,17 +238,20 @@ def fold_latent_stats(model, mean: torch.Tensor, std: torch.Tensor) -> None:
 # Data
 
 
-def world_clip(rng: np.random.Generator, frames: int, crop: int) -> np.ndarray:
-    """float32 [3, frames, crop, crop] in [-1, 1]: a random world scene from a random first frame, cropped at
-    a random place (the object may lie partly or wholly outside the crop)."""
-    index = int(rng.integers(2 ** 31))
-    prompt, seed = world.dataset_item(index, seed=int(rng.integers(2 ** 31)))
-    scene = world.scene_for(prompt, seed)
-    first = int(rng.integers(0, world.NUM_FRAMES))
-    pixels = world.render(scene, frames, first_frame=first)  # [3, T, H, W]
-    y = int(rng.integers(0, world.HEIGHT - crop + 1))
-    x = int(rng.integers(0, world.WIDTH - crop + 1))
-    return pixels[:, :, y:y + crop, x:x + crop]
+def world_clips(rng: np.random.Generator, batch: int, frames: int, crop: int, device="cpu") -> torch.Tensor:
+    """float32 [batch, 3, frames, crop, crop] in [-1, 1] on `device`: random world scenes from random first
+    frames, each cropped at a random place (the object may lie partly or wholly outside the crop), drawn by
+    `training.world_data.render_scenes` on the device."""
+    from training.world_data import render_scenes
+
+    scenes, firsts, corners = [], [], []
+    for _ in range(batch):
+        prompt, seed = world.dataset_item(int(rng.integers(2 ** 31)), seed=int(rng.integers(2 ** 31)))
+        scenes.append(world.scene_for(prompt, seed))
+        firsts.append(int(rng.integers(0, world.NUM_FRAMES)))
+        corners.append((int(rng.integers(0, world.HEIGHT - crop + 1)), int(rng.integers(0, world.WIDTH - crop + 1))))
+    pixels = render_scenes(scenes, frames, device=device, first_frames=firsts)  # [B, 3, T, H, W]
+    return torch.stack([p[:, :, y:y + crop, x:x + crop] for p, (y, x) in zip(pixels, corners)])
 
 
 def held_out_videos(n: int, num_frames: int = world.NUM_FRAMES) -> tuple[list[str], torch.Tensor]:
@@ -293,13 +296,14 @@ def raw_latent_stats(model, videos: torch.Tensor, device) -> tuple[torch.Tensor,
 # Training
 
 
-def lr_at(cfg: VAETrainConfig, step: int) -> float:
-    """Linear warm-up over the first 10% of steps, then cosine decay from lr to min_lr."""
-    warm = max(1, cfg.steps // 10)
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    p = (step - warm) / max(1, cfg.steps - warm)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * p))
+def lr_at(cfg: VAETrainConfig, progress: float) -> float:
+    """At `progress` in [0, 1] (of the steps, or of the time budget): linear warm-up over the first 10%, then
+    cosine decay from lr to min_lr."""
+    warm = 0.1
+    if progress < warm:
+        return cfg.lr * max(progress / warm, 1 / max(1, cfg.steps))
+    p = (progress - warm) / (1 - warm)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, p)))
 
 
 def layout_of(cfg: VAETrainConfig) -> VAELayout:
@@ -322,8 +326,9 @@ def _atomic_torch_save(obj, path: Path) -> None:
     atomic_write(path, lambda p: torch.save(obj, p))
 
 
-def train(cfg: VAETrainConfig, out: Path, resume: bool = False, log=print) -> dict:
-    """Train, fold the statistics, write Wan2.1_VAE.pth and vae_metrics.json into `out`; returns the metrics."""
+def train(cfg: VAETrainConfig, out: Path, resume: bool = False, log=print, deadline: float | None = None) -> dict:
+    """Train, fold the statistics, write Wan2.1_VAE.pth and vae_metrics.json into `out`; returns the metrics.
+    `deadline` (time.perf_counter() seconds): stop then; the learning-rate schedule follows the time."""
     from tqdm.auto import tqdm
 
     check(cfg)
@@ -346,9 +351,14 @@ def train(cfg: VAETrainConfig, out: Path, resume: bool = False, log=print) -> di
     running = []
     while step < cfg.steps:
         rng = np.random.default_rng([cfg.seed, step, 0x7AE])  # a step's clips do not depend on resuming
-        x = torch.from_numpy(np.stack([world_clip(rng, cfg.frames, cfg.crop) for _ in range(cfg.batch)])).to(device)
+        x = world_clips(rng, cfg.batch, cfg.frames, cfg.crop, device)
+        progress = step / cfg.steps if deadline is None else max(
+            step / cfg.steps, (time.perf_counter() - t0) / max(1e-9, deadline - t0))
+        if progress >= 1:
+            log(f"time budget reached at step {step} of {cfg.steps}")
+            break
         for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
+            group["lr"] = lr_at(cfg, progress)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             mu, _ = encode_moments(model, x)
             eps = torch.randn(mu.shape, generator=torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step),
@@ -370,7 +380,7 @@ def train(cfg: VAETrainConfig, out: Path, resume: bool = False, log=print) -> di
             m, k = np.mean(running, axis=0)
             running = []
             row = {"step": step, "mse": float(m), "train_psnr_db": 10 * math.log10(4 / max(m, 1e-20)), "kl": float(k),
-                   "lr": lr_at(cfg, step - 1), "seconds": spent + time.perf_counter() - t0}
+                   "lr": opt.param_groups[0]["lr"], "seconds": spent + time.perf_counter() - t0}
             history.append(row)
             bar.set_postfix(psnr=f"{row['train_psnr_db']:.2f}", kl=f"{k:.3g}")
             log(f"step {step}: mse {m:.5f} (PSNR {row['train_psnr_db']:.2f} dB) kl {k:.4g} lr {row['lr']:.2e}")
@@ -381,10 +391,10 @@ def train(cfg: VAETrainConfig, out: Path, resume: bool = False, log=print) -> di
     seconds = spent + time.perf_counter() - t0
     _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                         "history": history, "seconds": seconds}, state_path)
-    return finish(model, cfg, out, history, seconds, log)
+    return finish(model, cfg, out, history, seconds, log, steps=step)
 
 
-def finish(model, cfg: VAETrainConfig, out: Path, history: list, seconds: float, log=print) -> dict:
+def finish(model, cfg: VAETrainConfig, out: Path, history: list, seconds: float, log=print, steps: int = 0) -> dict:
     """Fold the held-out latent statistics into the model, write Wan2.1_VAE.pth, evaluate it through the
     loader, write vae_metrics.json."""
     device = torch.device(cfg.device)
@@ -400,7 +410,7 @@ def finish(model, cfg: VAETrainConfig, out: Path, history: list, seconds: float,
     # a second held-out set for the reported numbers (the statistics were fitted on the first)
     _, test_videos = held_out_videos(2 * cfg.eval_videos)
     metrics = evaluate(vae, test_videos[cfg.eval_videos:])
-    metrics.update(layout=asdict(layout), config=asdict(cfg), train_seconds=seconds, history=history,
+    metrics.update(layout=asdict(layout), config=asdict(cfg), train_seconds=seconds, steps=steps, history=history,
                    parameters=sum(v.numel() for v in sd.values()), raw_mu_mean=mean.tolist(), raw_mu_std=std.tolist())
     from models.files import atomic_write
 
