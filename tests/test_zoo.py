@@ -265,23 +265,16 @@ def test_zoo_configs_load_and_check():
 
 
 @pytest.mark.slow
-def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path, random_vae_file):
+def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path):
     """`python -m training.zoo --short`: every stage on the CPU (6 frames, 3 steps per config), then the
     shipped folder loads through the normal loaders, the tar parts reassemble, and a second run skips all."""
-    import shutil
-
     from models.checkpoint import load_wan
     from models.text_encoder import TextEncoder
     from models.vae import WanVAE
     from training.zoo import STAGES, main
 
-    source = tmp_path / "source"  # data/embedded's text encoder with a small random VAE
-    shutil.copytree(EMBEDDED_DIR / "google", source / "google")
-    shutil.copyfile(EMBEDDED_DIR / "models_t5_umt5-xxl-enc-bf16.pth", source / "models_t5_umt5-xxl-enc-bf16.pth")
-    shutil.copyfile(random_vae_file, source / "Wan2.1_VAE.pth")
     work, out = tmp_path / "zoo", tmp_path / "out"
-    argv = ["--short", "--device", "cpu", "--work", str(work), "--source", str(source), "--no-progress",
-            "--out", str(out)]
+    argv = ["--short", "--device", "cpu", "--work", str(work), "--no-progress", "--out", str(out)]
     assert main(argv) == 0
     report = json.loads((work / "zoo_report.json").read_text())
     for stage in ("teacher", "df", "ode", "dmd", "sid"):
@@ -289,6 +282,7 @@ def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path, 
         assert st["steps"] == 3 and not st["stopped_early"], (stage, st)
         assert all(np.isfinite(v["last"]) for k, v in st.items() if k.endswith("_loss"))
     assert set(report["stages"]["check"]) == set(ZOO)
+    assert report["stages"]["vae"]["steps"] == 2 and np.isfinite(report["stages"]["vae"]["psnr_db"])
     ship = work / "ship" / "data" / "embedded"
     TextEncoder.from_wan_dir(ship).encode(["a red square moving left"])
     WanVAE.from_file(ship / "Wan2.1_VAE.pth")
@@ -315,6 +309,6 @@ def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path, 
     lines = []
     from training.zoo import Zoo
 
-    zoo = Zoo(work, device="cpu", short=True, budget=None, train_vae=False, source=source, progress=False,
+    zoo = Zoo(work, device="cpu", short=True, budget=None, vae=None, source=EMBEDDED_DIR, progress=False,
               log=lines.append)
     assert [s for s in STAGES if zoo.done(s)] == [s for s in STAGES if s not in ("check", "ship")]

@@ -98,7 +98,8 @@ def new_vae(layout: VAELayout = WORLD_VAE, seed: int = 0, pooling: bool = True):
 
 
 @torch.no_grad()
-def pooling_init(model, const: float = 8.0, unit: float = 0.07, gain: float = 10.0) -> None:
+def pooling_init(model, const: float = 8.0, unit: float = 0.07, gain: float = 10.0, branch: float = 0.0,
+                 spare: float = 0.1) -> None:
     """Start the autoencoder as a block-average codec: latent channels 0-2 = each 8 x 8 x 4 block's mean RGB,
     decoded by nearest upsampling, so the optimiser starts from a working (blurry) reconstruction. At these
     widths the stock init trains very slowly: every residual branch ends in an RMS norm over a few channels,
@@ -121,13 +122,13 @@ def pooling_init(model, const: float = 8.0, unit: float = 0.07, gain: float = 10
 
     for m in model.modules():
         if isinstance(m, WanResidualBlock):
-            m.conv2.weight.zero_()
+            m.conv2.weight.mul_(branch)
             m.conv2.bias.zero_()
             if not isinstance(m.conv_shortcut, torch.nn.Identity):
                 eye(m.conv_shortcut.weight, (0, 0, 0))
                 m.conv_shortcut.bias.zero_()
         elif isinstance(m, WanAttentionBlock):
-            m.proj.weight.zero_()
+            m.proj.weight.mul_(branch)
             m.proj.bias.zero_()
         elif isinstance(m, WanResample) and m.mode.startswith("downsample"):
             conv = m.resample[1]  # after ZeroPad2d((0, 1, 0, 1)), 3 x 3 stride 2: the top-left 2 x 2 is the block
@@ -170,8 +171,8 @@ def pooling_init(model, const: float = 8.0, unit: float = 0.07, gain: float = 10
     # they would stay at zero (encoder rows and decoder columns that are both zero get no gradient)
     z = model.config.z_dim
     g = torch.Generator().manual_seed(1234)
-    for w, rows, cols, scale in ((model.encoder.conv_out.weight, slice(3, z), slice(None), 0.1),
-                                 (model.decoder.conv_in.weight, slice(None), slice(3, None), 0.1 * gain),
+    for w, rows, cols, scale in ((model.encoder.conv_out.weight, slice(3, z), slice(None), spare),
+                                 (model.decoder.conv_in.weight, slice(None), slice(3, None), spare * gain),
                                  (model.decoder.conv_out.weight, slice(None), slice(4, None), 1.0)):
         block = w[rows, cols]
         fan_in = block[0].numel()

@@ -5,12 +5,12 @@ config (configs/zoo_*.yaml); this driver runs those configs in order in one proc
 and the model loads are paid once), points their paths at one work folder, keeps each stage inside a time
 budget, and assembles the results in data/embedded's layout. docs/zoo.md describes the recipe and its results.
 
-    python3 -m training.zoo --budget 520 --out $OUT        # every stage on one GPU, ~9 minutes
+    python3 -m training.zoo --budget 540 --out $OUT        # every stage on one GPU, ~9 minutes
     python3 -m training.zoo --stages dmd,sid,check,ship     # later stages (they need the earlier ones' outputs)
     python3 -m training.zoo --short --device cpu --work /tmp/zoo   # every stage, shortened, on a CPU (the test)
 
 Stages, in order; each is skipped when its output exists (so a second call continues a first one):
-    vae        only with --train-vae: training/world_vae.py into WORK/vae/ (otherwise data/embedded's VAE)
+    vae        training/world_vae.py into WORK/vae/ (skipped with --vae FILE: that VAE instead)
     init       WORK/init/: a Wan folder with the seeded DiT init (models/embedded.py), the umT5 encoder and
                tokenizer of data/embedded, and the VAE
     data       the world latent set of configs/zoo_teacher.yaml (training/world_data.py) in WORK/world_latents/
@@ -72,11 +72,12 @@ PART_BYTES = 15 * 2 ** 20
 class Zoo:
     """One run of the driver: the work folder, the options, the clock and the report."""
 
-    def __init__(self, work: Path, *, device: str, short: bool, budget: float | None, train_vae: bool,
+    def __init__(self, work: Path, *, device: str, short: bool, budget: float | None, vae: Path | None,
                  source: Path, progress: bool, log=print, sets: list[str] | None = None):
-        self.work, self.device, self.short, self.train_vae = Path(work), device, short, train_vae
+        self.work, self.device, self.short = Path(work), device, short
+        self.given_vae = Path(vae) if vae is not None else None  # None: the vae stage trains one
         self.sets = list(sets or [])  # extra overrides: "key=value" for every config, "stage:key=value" for one
-        self.source = Path(source)  # where the text encoder, tokenizer and (without --train-vae) the VAE come from
+        self.source = Path(source)  # where the text encoder and tokenizer come from
         self.progress, self.log = progress, log
         self.start = time.perf_counter()
         self.deadline = None if budget is None else self.start + budget
@@ -134,11 +135,11 @@ class Zoo:
         return ZOO[ZOO_OF_STAGE[zoo_stage]].checkpoint_path(self.teacher_dir)
 
     def vae_file(self) -> Path:
-        return self.work / "vae" / "Wan2.1_VAE.pth" if self.train_vae else self.source / "Wan2.1_VAE.pth"
+        return self.given_vae or self.work / "vae" / "Wan2.1_VAE.pth"
 
     def done(self, stage: str) -> bool:
         w = self.work
-        return {"vae": (w / "vae" / "Wan2.1_VAE.pth").is_file() or not self.train_vae,
+        return {"vae": self.vae_file().is_file(),
                 "init": (w / "init" / "config.json").is_file(),
                 "data": self._data_done(),
                 "teacher": (self.teacher_dir / "diffusion_pytorch_model.safetensors").is_file(),
@@ -502,9 +503,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--budget", type=float, help="seconds for all the stages asked for (default: no limit)")
     ap.add_argument("--short", action="store_true", help="every stage shortened (6 frames, 3 steps): a CPU test")
-    ap.add_argument("--train-vae", action="store_true", help="train the VAE too (default: data/embedded's)")
+    ap.add_argument("--vae", help="use this Wan2.1_VAE.pth instead of training one (the vae stage)")
     ap.add_argument("--source", default=str(ROOT / "data" / "embedded"),
-                    help="the folder whose text encoder, tokenizer and VAE the zoo uses (default: data/embedded)")
+                    help="the folder whose text encoder and tokenizer the zoo uses (default: data/embedded)")
     ap.add_argument("--set", nargs="+", default=[], metavar="[STAGE:]KEY=VALUE",
                     help="config overrides for every stage, or for one (teacher:max_steps=500)")
     ap.add_argument("--out", help="also write zoo_log.txt, zoo_report.json and the tar parts here")
@@ -528,7 +529,7 @@ def main(argv=None) -> int:
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 teacher sampling (ODE pairs) and checks: TF32 matmuls
         torch.backends.cudnn.allow_tf32 = True
-    zoo = Zoo(work, device=device, short=args.short, budget=args.budget, train_vae=args.train_vae,
+    zoo = Zoo(work, device=device, short=args.short, budget=args.budget, vae=args.vae,
               source=Path(args.source), progress=not args.no_progress, log=log, sets=args.set)
     work.mkdir(parents=True, exist_ok=True)
     try:
