@@ -10,7 +10,7 @@ residual block per level, z_dim 16, the stride 4 x 8 x 8 with a causal first fra
 low resolutions, where they cost little. It starts as a block-average codec (`pooling_init`).
 
 Training, one step: `batch` world clips of `frames` = 1 + 4k pixel frames (a random prompt and scene, a random
-first frame, a random `crop` x `crop` window), encoded; z = mu + sigma eps with a fixed posterior width
+first frame, a `crop` x `crop` window, mostly around the object), encoded; z = mu + sigma eps with a fixed posterior width
 sigma = latent_noise x std(mu) (so the decoder learns to tolerate imperfect latents, as a DiT's are); the loss is
 
     mse(decode(z), x) + l1_weight * l1(decode(z), x) + kl_weight * mean(0.5 mu^2)
@@ -239,18 +239,29 @@ def fold_latent_stats(model, mean: torch.Tensor, std: torch.Tensor) -> None:
 # Data
 
 
-def world_clips(rng: np.random.Generator, batch: int, frames: int, crop: int, device="cpu") -> torch.Tensor:
+def world_clips(rng: np.random.Generator, batch: int, frames: int, crop: int, device="cpu",
+                object_share: float = 0.7) -> torch.Tensor:
     """float32 [batch, 3, frames, crop, crop] in [-1, 1] on `device`: random world scenes from random first
-    frames, each cropped at a random place (the object may lie partly or wholly outside the crop), drawn by
-    `training.world_data.render_scenes` on the device."""
+    frames, drawn by `training.world_data.render_scenes` on the device, each cropped around the object (its
+    centre at the middle frame, give or take a third of the crop) with probability `object_share`, else
+    anywhere: the objects are the hard part and cover a few percent of a frame."""
     from training.world_data import render_scenes
 
     scenes, firsts, corners = [], [], []
     for _ in range(batch):
         prompt, seed = world.dataset_item(int(rng.integers(2 ** 31)), seed=int(rng.integers(2 ** 31)))
-        scenes.append(world.scene_for(prompt, seed))
-        firsts.append(int(rng.integers(0, world.NUM_FRAMES)))
-        corners.append((int(rng.integers(0, world.HEIGHT - crop + 1)), int(rng.integers(0, world.WIDTH - crop + 1))))
+        scene = world.scene_for(prompt, seed)
+        first = int(rng.integers(0, world.NUM_FRAMES))
+        if rng.random() < object_share:
+            cy, cx = scene.centre([first + frames // 2])[0]
+            jitter = rng.integers(-(crop // 3), crop // 3 + 1, size=2)
+            y = int(np.clip(cy % world.HEIGHT - crop / 2 + jitter[0], 0, world.HEIGHT - crop))
+            x = int(np.clip(cx % world.WIDTH - crop / 2 + jitter[1], 0, world.WIDTH - crop))
+        else:
+            y, x = int(rng.integers(0, world.HEIGHT - crop + 1)), int(rng.integers(0, world.WIDTH - crop + 1))
+        scenes.append(scene)
+        firsts.append(first)
+        corners.append((y, x))
     pixels = render_scenes(scenes, frames, device=device, first_frames=firsts)  # [B, 3, T, H, W]
     return torch.stack([p[:, :, y:y + crop, x:x + crop] for p, (y, x) in zip(pixels, corners)])
 
