@@ -14,6 +14,8 @@ Per 21-frame video: 7 chunks x (4 + 1) = 35 DiT forwards.
 
 Every forward gets `ForwardLabels` (step, timestep, chunk, phase, CFG branch) that reach the attention
 observers, and `on_forward(labels, start_frame, num_frames)` is called before it (progress bars, logging).
+`on_chunk(chunk, start_frame, x0)` is called once a chunk is finished, after its last forward (the context
+pass included), with its clean latents x0 [B, n, C, H, W]: streaming decoders and live views start there.
 Randomness comes only from `noise` and `generator`, so a seed reproduces a rollout.
 """
 
@@ -30,6 +32,7 @@ from models.kv_cache import RolloutCache
 from models.scheduler import FlowMatchScheduler
 
 OnForward = Callable[[ForwardLabels, int, int], None]
+OnChunk = Callable[[int, int, torch.Tensor], None]
 
 
 def _to_model(x):  # [B, F, C, H, W] -> [B, C, F, H, W]
@@ -176,7 +179,7 @@ def release_graphs(model) -> None:
 def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timesteps: torch.Tensor,
                     scheduler: FlowMatchScheduler, context_noise: float = 0.0, generator: torch.Generator | None = None,
                     cache_frames: int = 21, last_context_pass: bool = True, on_forward: OnForward | None = None,
-                    cuda_graphs: bool | None = None):
+                    cuda_graphs: bool | None = None, on_chunk: OnChunk | None = None):
     """noise [B, F, C, H, W], context [B, text_len, text_dim] -> clean latents [B, F, C, H, W].
 
     timesteps: the warped denoising steps (float32, e.g. [1000, 937.5, 833.33, 625]). cuda_graphs: replay the
@@ -216,6 +219,8 @@ def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timest
         if last_context_pass or chunk < Fr // n - 1:
             t = torch.full((B, n), float(context_noise), device=noise.device, dtype=torch.float32)
             forward(_to_model(x0), t, _with_chunk(schedule[-1], chunk))
+        if on_chunk:
+            on_chunk(chunk, start, x0)
     return output
 
 
@@ -270,7 +275,7 @@ def multistep_schedule(timesteps: list[float], cfg: bool, context_pass: bool, co
 @torch.no_grad()
 def causal_multi_step(model, noise, context, negative_context, *, steps: int = 50, shift: float = 5.0,
                       guidance_scale: float = 5.0, solver: str = "unipc", context_noise: float = 0.0,
-                      cache_frames: int = 21, on_forward: OnForward | None = None):
+                      cache_frames: int = 21, on_forward: OnForward | None = None, on_chunk: OnChunk | None = None):
     """Causal rollout with a multi-step solver and classifier-free guidance per chunk (separate positive and
     negative KV caches), v = v_u + g (v_c - v_u); after each chunk a context pass on both caches."""
     B, Fr = noise.shape[:2]
@@ -304,13 +309,15 @@ def causal_multi_step(model, noise, context, negative_context, *, steps: int = 5
             if on_forward:
                 on_forward(labels, start, n)
             model(_to_model(x), t, texts[base.cfg], cache=caches[base.cfg], start_frame=start, labels=labels)
+        if on_chunk:
+            on_chunk(chunk, start, x)
     return output
 
 
 @torch.no_grad()
 def bidirectional(model, noise, context, negative_context=None, *, steps: int = 50, shift: float = 5.0,
                   guidance_scale: float = 5.0, solver: str = "unipc", on_forward: OnForward | None = None,
-                  return_trajectory: list[int] | None = None):
+                  return_trajectory: list[int] | None = None, on_chunk: OnChunk | None = None):
     """The Wan baseline: every frame denoised together by the bidirectional model, CFG when a negative context
     is given. With `return_trajectory=[i, ...]` also returns the latents before those step indices (ODE pairs)."""
     if model.causal:
@@ -333,6 +340,8 @@ def bidirectional(model, noise, context, negative_context=None, *, steps: int = 
             flows[labels.cfg] = _from_model(model(_to_model(x), t, text, labels=labels))
         flow = flows["uncond"] + guidance_scale * (flows["cond"] - flows["uncond"]) if cfg else flows["none"]
         x = solve.step(i, flow, x)
+    if on_chunk:  # one chunk: every frame
+        on_chunk(0, 0, x)
     if return_trajectory is not None:
         return x, trajectory
     return x
@@ -346,13 +355,15 @@ SAMPLERS = ("causal_few_step", "causal_multi_step_cfg", "bidirectional")
 
 def sample(model, sampler: str, noise, context, negative_context=None, *, generator=None,
            denoising_step_list=(1000, 750, 500, 250), timestep_shift: float = 5.0, context_noise: float = 0.0,
-           num_inference_steps: int = 50, guidance_scale: float = 5.0, on_forward: OnForward | None = None):
+           num_inference_steps: int = 50, guidance_scale: float = 5.0, on_forward: OnForward | None = None,
+           on_chunk: OnChunk | None = None):
     """Run the named sampler: `causal_few_step` (Self-Forcing inference), `causal_multi_step_cfg` (causal
     model, multi-step solver with CFG) or `bidirectional` (the Wan baseline). noise [B, F, C, H, W]."""
     if sampler == "causal_few_step":
         sched = FlowMatchScheduler(timestep_shift)
         return causal_few_step(model, noise, context, timesteps=sched.warp(denoising_step_list), scheduler=sched,
-                               context_noise=context_noise, generator=generator, on_forward=on_forward)
+                               context_noise=context_noise, generator=generator, on_forward=on_forward,
+                               on_chunk=on_chunk)
     if sampler not in SAMPLERS:
         raise ModelInputError(f"unknown sampler {sampler!r}; use one of {list(SAMPLERS)}")
     if negative_context is None:
@@ -360,6 +371,6 @@ def sample(model, sampler: str, noise, context, negative_context=None, *, genera
     if sampler == "causal_multi_step_cfg":
         return causal_multi_step(model, noise, context, negative_context, steps=num_inference_steps,
                                  shift=timestep_shift, guidance_scale=guidance_scale, context_noise=context_noise,
-                                 on_forward=on_forward)
+                                 on_forward=on_forward, on_chunk=on_chunk)
     return bidirectional(model, noise, context, negative_context, steps=num_inference_steps, shift=timestep_shift,
-                         guidance_scale=guidance_scale, on_forward=on_forward)
+                         guidance_scale=guidance_scale, on_forward=on_forward, on_chunk=on_chunk)

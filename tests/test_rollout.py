@@ -144,6 +144,31 @@ def test_rollout_is_reproducible_and_labels_every_forward():
     assert [s[4] for s in steps[5::5]] == [3, 6]
 
 
+@pytest.mark.parametrize("sampler", ["causal_few_step", "causal_multi_step_cfg", "bidirectional"])
+def test_on_chunk_gets_each_finished_chunk_after_its_last_forward(sampler, one_thread):
+    """on_chunk(chunk, start, x0): every chunk once, in order, after all of its forwards (the context pass
+    included), with exactly the latents the sampler returns for it; the bidirectional sampler has one chunk."""
+    from models.rollout import sample
+
+    model = tiny_model(causal=sampler != "bidirectional")
+    g = torch.Generator().manual_seed(0)
+    noise, ctx, neg = torch.randn(1, 9, C, H, W, generator=g), torch.randn(1, 16, 32), torch.randn(1, 16, 32)
+    events = []
+    out = sample(model, sampler, noise, ctx, neg, generator=g, num_inference_steps=2,
+                 on_forward=lambda labels, start, n: events.append(("forward", labels.chunk, labels.phase)),
+                 on_chunk=lambda chunk, start, x0: events.append(("chunk", chunk, start, x0.clone())))
+    chunks = [e for e in events if e[0] == "chunk"]
+    starts = [0] if sampler == "bidirectional" else [0, 3, 6]
+    assert [(e[1], e[2]) for e in chunks] == list(enumerate(starts))
+    for _, chunk, start, x0 in chunks:
+        assert torch.equal(x0, out[:, start : start + x0.shape[1]])
+        at = next(i for i, e in enumerate(events) if e[0] == "chunk" and e[1] == chunk)
+        assert not any(e[0] == "forward" and e[1] == chunk for e in events[at + 1:])  # nothing of it runs later
+        if sampler != "bidirectional":  # its context pass has run
+            assert ("forward", chunk, "context") in events[:at]
+    assert sum(x0.shape[1] for *_, x0 in chunks) == 9
+
+
 def test_attention_calls_carry_layer_kind_and_frames():
     model = tiny_model(local_attn_size=6, sink_size=1)
     probe = RecordingProbe()

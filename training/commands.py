@@ -10,6 +10,9 @@ EPILOG = """\
 The config is one of the researchers' YAMLs (configs/self_forcing_dmd.yaml, self_forcing_sid.yaml), read
 unchanged and merged onto configs/default_config.yaml; unknown keys are errors. Model folders are read from
 model_root/<name> (model_kwargs.model_name: the generator, real_name: the teacher, fake_name: the critic).
+The losses and gradients are those of the researchers' code, including four behaviours the paper does not
+describe; --set score_timestep_shift=null kv_cache_gradient=detached text_kv_gradient=every_exit
+unused_param_grads=none gives the paper's gradient (docs/training.md).
 
 examples:
   # the whole recipe on a CPU in minutes, with the embedded toy model (data/embedded):
@@ -66,6 +69,8 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    from pathlib import Path
+
     import torch.distributed as dist
 
     from training.trainer import build_ode_pairs, build_trainer, describe, load_train_config
@@ -76,6 +81,9 @@ def _run(args) -> int:
     if args.max_steps is not None:
         overrides.append(f"max_steps={args.max_steps}")
     cfg, sets_sid_alpha = load_train_config(args.config, overrides)
+    from models.files import check_writable_dir  # outputs checked before any work (nothing created yet)
+
+    check_writable_dir(Path(str(cfg.data_path)).parent if args.make_ode_pairs else args.logdir)
     extra = [name for name, on in (("tensorboard", args.tensorboard), ("wandb", args.wandb)) if on]
     if extra:
         cfg.loggers = list(dict.fromkeys(list(cfg.loggers) + extra))

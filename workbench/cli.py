@@ -16,7 +16,9 @@ COMMAND_MODULES = [
     "workbench.commands.info",
     "workbench.commands.generate",
     "workbench.commands.extract",
+    "workbench.commands.evaluate",
     "workbench.commands.export_legacy",
+    "workbench.commands.view",
     "studies.commands",
     "training.commands",
 ]
@@ -27,10 +29,12 @@ Self-Forcing attention workbench: see how autoregressive video diffusion models 
   workbench info                      what model would run, its size and token geometry
   workbench generate --prompt "..."   latents (and videos) from the embedded default or a Wan folder
   workbench extract --layer 3         frame-by-frame attention of layer 3 into a zarr store
+  workbench evaluate                  score models on the miniature world (adherence, trajectory, drift)
   workbench report STORE              an HTML report of a store
   workbench compare A.zarr B.zarr     what changed between two models (e.g. Wan vs Self-Forcing)
   workbench train --config C.yaml     Self-Forcing training (ODE init, DMD, SiD) with attention probes
   workbench export-legacy STORE       the researchers' old per-layer .pt files
+  workbench view STORE                a local page: the video beside its per-head attention, live or stored
 
 With no model arguments every command runs on the embedded default: a small seeded causal Wan
 (21 latent frames in chunks of 3) that runs on a CPU in seconds. Add --wan-dir DIR for the official
@@ -54,13 +58,30 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from models.errors import ModelInputError
+    import warnings
 
+    from models.errors import ModelInputError, ModelInputWarning
+
+    show = warnings.showwarning
+
+    def one_line(message, category, *rest, **kw):  # our warnings about the input: one line each
+        if issubclass(category, ModelInputWarning):
+            print(f"workbench {args.command}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *rest, **kw)
+
+    warnings.showwarning = one_line
     try:
         return args.func(args) or 0
     except ModelInputError as err:  # bad input (WorkbenchError included): one clear line, no traceback
         print(f"workbench {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a file the command could not read or write (checked up front where it can be)
+        where = f" ({err.filename})" if err.filename and str(err.filename) not in str(err.strerror) else ""
+        print(f"workbench {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
+    finally:
+        warnings.showwarning = show
 
 
 if __name__ == "__main__":

@@ -3,13 +3,23 @@
 SAMPLER_DEFAULTS = dict(sampler="causal_few_step", num_inference_steps=50, guidance_scale=5.0, negative_prompt="")
 
 
-def add_model_arguments(group) -> None:
-    """Which weights to run and where: the options `extract` and `generate` share (an argparse parser or group)."""
+def add_model_arguments(group, model_option: bool = True) -> None:
+    """Which weights to run and where: the options `extract` and `generate` share (an argparse parser or group);
+    `evaluate` has a --model of its own (model_option=False)."""
+    if model_option:
+        _add_model_option(group)
+    _add_weight_options(group)
+
+
+def _add_model_option(group) -> None:
     group.add_argument("--model", metavar="NAME",
                        help="a model of the embedded zoo (models/embedded.py): teacher (the bidirectional 'Wan' "
                             "teacher), df (diffusion forcing), ode (ODE init), dmd (Self-Forcing DMD, the default once "
                             "the zoo is shipped), sid (Self-Forcing SiD); it sets the checkpoint and the sampler "
                             "defaults")
+
+
+def _add_weight_options(group) -> None:
     group.add_argument("--wan-dir", metavar="DIR", help="the official Wan2.1 folder (default: the embedded default)")
     group.add_argument("--checkpoint", metavar="FILE",
                        help="a Self-Forcing .pt (generator / generator_ema) on top of the Wan folder's config")
@@ -41,3 +51,13 @@ def resolve_model(args) -> None:
     for key, value in SAMPLER_DEFAULTS.items():
         if getattr(args, key, value) is None:
             setattr(args, key, getattr(entry, key) if entry is not None else value)
+
+
+def add_size_arguments(group) -> None:
+    """--height/--width in pixels, for `extract` and `generate` (the model folder's own size by default)."""
+    group.add_argument("--height", type=int, metavar="PX",
+                       help="video height in pixels, a multiple of 16 (default: the model's own size: 96 for the "
+                            "embedded default, config.json's video_size for a folder that records one, else 480)")
+    group.add_argument("--width", type=int, metavar="PX",
+                       help="video width in pixels, a multiple of 16 (default: 128 for the embedded default, "
+                            "config.json's video_size, else 832)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.commands import add_model_arguments
+from workbench.commands import add_model_arguments, add_size_arguments
 
 HELP = "generate videos (latents, mp4, PNG grid) from prompts"
 
@@ -19,10 +19,16 @@ examples:
   workbench generate --prompts prompts.txt --seed 0-3 --wan-dir wan_models/Wan2.1-T2V-1.3B \\
       --checkpoint checkpoints/self_forcing_dmd.pt --use-ema --out videos/sf_dmd
   workbench generate --prompt "..." --sampler bidirectional --wan-dir wan_models/Wan2.1-T2V-1.3B   # Wan baseline
+  workbench generate --prompt "a red kite" --live --layers 0-5 --out runs/live    # and meanwhile:
+  workbench view runs/live --wait                                   # frames and attention, chunk by chunk
 
 Writes, per prompt index P and seed S, into --out: pPPPP-sS.safetensors (latents [F, 16, h, w] under
-"latents"), pPPPP-sS.mp4 (16 fps) and pPPPP-sS.png (a grid of every 5th frame). With less than 40 GB of
+"latents"), pPPPP-sS.mp4 (16 fps; needs the video extra: pip install -e ".[video]") and pPPPP-sS.png (a grid
+of every 5th frame). With less than 40 GB of
 free GPU memory the text encoder leaves the GPU before the DiT is loaded (low-memory mode).
+With --live, each chunk's decoded frames and attention (attn_mass of --layers, --heads, --steps, captured as
+`workbench extract` does; the latents stay bitwise the same) also go into --out as the chunk finishes:
+live.json and pPPPP-sS.live/chunk-CCC.npz, which `workbench view OUT` shows while the run goes on and after.
 """
 
 
@@ -34,6 +40,7 @@ def register(subparsers) -> None:
     src.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
     p.add_argument("--seed", default="0", help="seed(s): 0, 0-3 or 1,2,3 (default: %(default)s)")
     p.add_argument("--frames", type=int, default=21, help="latent frames (default: %(default)s -> 81 video frames)")
+    add_size_arguments(p)
     p.add_argument("--sampler", choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"],
                    help="default: the --model's (causal_few_step for the students, bidirectional for the teacher)")
     p.add_argument("--num-inference-steps", type=int, help="multi-step samplers (default: the --model's, else 50)")
@@ -51,11 +58,19 @@ def register(subparsers) -> None:
     p.add_argument("--no-video", action="store_true", help="latents only (no VAE decode)")
     p.add_argument("--out", default="runs/generate", help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
+    live = p.add_argument_group("live view (watch the run with `workbench view OUT`)")
+    live.add_argument("--live", action="store_true",
+                      help="write each finished chunk's frames and attention into --out for `workbench view`")
+    live.add_argument("--layers", help="with --live: layers to capture: 3, 0-29, 0,4,8 or all (default: all)")
+    live.add_argument("--heads", help="with --live: heads to capture (default: all)")
+    live.add_argument("--steps", help="with --live: steps of the per-chunk schedule, e.g. 0 or 0-4 (default: all)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import contextlib
     import gc
+    import sys
     from pathlib import Path
 
     import torch
@@ -63,11 +78,12 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     from models.checkpoint import load_wan
+    from models.config import WanConfig, default_video_size, latent_size
     from models.embedded import EMBEDDED_DIR
     from models.rollout import sample
     from models.text_encoder import TextEncoder
     from models.vae import WanVAE
-    from models.video import ensure_writable_dir, read_prompts, write_mp4, write_png_grid
+    from models.video import ensure_writable_dir, mp4_available, read_prompts, write_mp4, write_png_grid
     from workbench.commands import resolve_model
     from workbench.errors import WorkbenchError
     from workbench.extract import DEFAULT_PROMPT, _dtype, parse_int_list
@@ -84,6 +100,9 @@ def run(args) -> int:
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise WorkbenchError(f"--checkpoint {args.checkpoint!r} does not exist")
+    own_h, own_w = default_video_size(wan_dir)
+    h, w = latent_size(own_h if args.height is None else args.height, own_w if args.width is None else args.width,
+                       WanConfig.from_json(wan_dir / "config.json"))
     if args.sampler != "bidirectional":
         from models.config import VideoGeometry
 
@@ -93,11 +112,22 @@ def run(args) -> int:
                              "attention; add --local-attn-size N (and optionally --sink-size S)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    embedded = args.wan_dir is None
-    h, w = (12, 16) if embedded else (60, 104)
     low_memory = args.low_memory == "on" or (
         args.low_memory == "auto" and device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 40 * 2**30)
     quiet = args.no_progress
+    mp4 = not args.no_video and mp4_available()
+    if not args.no_video and not mp4:
+        print("note: no mp4 files: mp4 needs the video extra (pip install -e '.[video]': ffmpeg, 165 MB); writing "
+              "the latents and PNG grids", file=sys.stderr)
+    live = None
+    if not args.live and (args.layers or args.heads or args.steps):
+        raise WorkbenchError("--layers, --heads and --steps choose what --live captures; add --live")
+    if args.live:  # what to capture, checked (layers, heads, steps) before any weights are read
+        from workbench.view.live import LiveRun, live_plan
+
+        capture = live_plan(args, prompts, seeds, device, args.dtype or ("bfloat16" if device.type == "cuda"
+                                                                         else "float32"), h, w)
+        live = LiveRun(capture, out, device, fps=16)  # live.json now: `workbench view OUT` can start waiting
 
     # --- text first; in low-memory mode the encoder leaves the GPU before the DiT arrives
     encoder = TextEncoder.from_wan_dir(wan_dir, device=device, cache_dir=out / ".prompt_cache")
@@ -121,22 +151,35 @@ def run(args) -> int:
         noise = torch.randn((1, args.frames, model.config.in_dim, h, w), generator=gen, device=device).to(dtype)
         chunks = args.frames // model.num_frame_per_block if args.sampler != "bidirectional" else 1
         per_chunk = 5 if args.sampler == "causal_few_step" else 2 * args.num_inference_steps + (2 if cfg_sampler and args.sampler != "bidirectional" else 0)
-        with tqdm(total=chunks * per_chunk, desc=f"rollout {name}", unit="fwd", disable=quiet) as bar:
+        # each finished chunk is decoded right away (the VAE decodes causally, chunk by chunk) and, with
+        # --live, streamed with its attention
+        decoder = None if vae is None else vae.stream_decoder()
+        pieces = []
+
+        def on_chunk(chunk, start, x0):  # x0 [1, n, C, h, w], the chunk's clean latents
+            video = None if decoder is None else decoder.push(x0)  # [1, 3, t, H, W]
+            if video is not None:
+                pieces.append(video)
+            if live is not None:
+                live.chunk(chunk, start, x0.shape[1], video)
+
+        watched = contextlib.nullcontext() if live is None else live.sample(model, name, prompt=prompts[i],
+                                                                            prompt_index=i, seed=seed)
+        with watched, tqdm(total=chunks * per_chunk, desc=f"rollout {name}", unit="fwd", disable=quiet) as bar:
             latents = sample(model, args.sampler, noise, contexts[i].to(device, dtype),
                              None if negative is None else negative.to(device, dtype), generator=gen,
                              num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                             on_forward=lambda *_: bar.update(1))
+                             on_forward=lambda *_: bar.update(1), on_chunk=on_chunk)
         save_file({"latents": latents[0].float().cpu().contiguous()}, str(out / f"{name}.safetensors"),
                   metadata={"prompt": prompts[i], "seed": str(seed), "sampler": args.sampler,
                             "checkpoint": args.checkpoint or str(wan_dir)})
         if vae is None:
             continue
-        stream = vae.stream_decoder()
-        step = model.num_frame_per_block
-        frames = [stream.push(latents[:, f : f + step]) for f in tqdm(range(0, args.frames, step), desc=f"decode {name}",
-                                                                       disable=quiet)]
-        video = torch.cat(frames, dim=2)[0]  # [3, T, H, W] in [-1, 1]
-        write_mp4(video, out / f"{name}.mp4", fps=16)
+        video = torch.cat(pieces, dim=2)[0]  # [3, T, H, W] in [-1, 1]
+        if mp4:
+            write_mp4(video, out / f"{name}.mp4", fps=16)
         write_png_grid(video, out / f"{name}.png", ncols=9, frames=range(0, video.shape[1], 5))
+    if live is not None:
+        live.close()
     print(f"wrote {len(jobs)} sample(s) to {out}")
     return 0

@@ -1,0 +1,342 @@
+"""`workbench view` and `workbench generate --live` on the embedded default model.
+
+Data: one run of `extract` (layers 0-1, seeds 0 and 1, 9 latent frames = 3 chunks) and one of `generate --live`
+with the same prompt and seeds, whose mp4s pair with the store by sample id. Checked without a browser: the pixel
+<-> latent frame mapping against the VAE's own streaming decoder, chunks from the store's labels, the JSON
+endpoints (values, selection, errors), the live stream against the store and the decoded latents. Then in
+Debian's chromium (tests/browser.py): the page plays the store's video and its maps change as the time slider
+moves, and a live stream's chunks appear as they are written.
+"""
+
+import json
+import shutil
+import urllib.error
+import urllib.request
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models.embedded import EMBEDDED_DIR
+from models.vae import WanVAE
+from models.video import mp4_available, to_uint8_frames, write_mp4
+from browser import chromium, png_pixels
+from workbench.cli import main
+from workbench.store import open_store
+from workbench.view import stream
+from workbench.view.server import start
+from workbench.view.sources import StoreSource, StreamSource, latent_of_pixel, open_source, pixel_span
+
+F, T = 9, 33  # latent frames (3 chunks of 3), pixel frames 1 + 4 (F - 1)
+# a store's videos are generate's mp4s, which need the video extra (the README's CPU install leaves it out)
+needs_mp4 = pytest.mark.skipif(not mp4_available(), reason="mp4 needs the video extra: pip install -e '.[video]'")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """D/x.zarr (a store), D/x/ (generate --live: mp4s, latents and the live stream), D/plain/ (no --live)."""
+    d = tmp_path_factory.mktemp("view")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["extract", "--layers", "0-1", "--seed", "0,1", "--frames", str(F), "--out", str(d / "x.zarr"),
+                     "--no-progress"]) == 0
+        assert main(["generate", "--seed", "0,1", "--frames", str(F), "--live", "--layers", "0-1",
+                     "--out", str(d / "x"), "--no-progress"]) == 0
+        assert main(["generate", "--seed", "0", "--frames", str(F), "--no-video", "--out", str(d / "plain"),
+                     "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return d
+
+
+def get(server, path):
+    """(status, parsed JSON or raw bytes) of a GET."""
+    try:
+        with urllib.request.urlopen(server.url + path.lstrip("/")) as r:
+            body, status, kind = r.read(), r.status, r.headers["Content-Type"]
+    except urllib.error.HTTPError as err:
+        body, status, kind = err.read(), err.code, err.headers["Content-Type"]
+    return status, json.loads(body) if kind == "application/json" else body
+
+
+@pytest.fixture(scope="module")
+def store_server(runs):
+    server, _ = start(open_source(runs / "x.zarr"), port=0)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Frames
+
+
+def test_pixel_frame_mapping_is_the_vae_decoders(one_thread):
+    """Pushing latent frames one at a time through the VAE's streaming decoder: latent frame f gives exactly the
+    pixel frames pixel_span(f), and latent_of_pixel maps each of them back to f (21 -> 81 frames)."""
+    vae = WanVAE.from_file(EMBEDDED_DIR / "Wan2.1_VAE.pth")
+    decoder = vae.stream_decoder()
+    latents = torch.randn(1, 21, 16, 2, 2)
+    for f in range(21):
+        first = decoder.frames_out
+        t = decoder.push(latents[:, f : f + 1]).shape[2]
+        assert (first, first + t) == pixel_span(f)
+        assert [latent_of_pixel(p) for p in range(first, first + t)] == [f] * t
+    assert decoder.frames_out == 81 and latent_of_pixel(80) == 20
+
+
+# ------------------------------------------------------------------------------------------------------
+# JSON endpoints of a store and its videos
+
+
+@needs_mp4
+def test_meta_and_state_come_from_the_store(runs, store_server):
+    ds = open_store(runs / "x.zarr")
+    status, meta = get(store_server, "/api/meta")
+    assert status == 200
+    assert meta["pixel_frames"] == T and meta["pixel_to_latent"] == [latent_of_pixel(t) for t in range(T)]
+    assert meta["pixel_to_latent"][:10] == [0, 1, 1, 1, 1, 2, 2, 2, 2, 3]
+    assert meta["layers"] == [0, 1] and meta["heads"] == [0, 1, 2, 3]
+    assert [s["step"] for s in meta["steps"]] == ds["step"].values.tolist()
+    assert meta["steps"][4]["phase"] == "context" and meta["steps"][0]["label"] == "0 · t=1000 · denoise"
+    assert [(s["sample"], s["seed"], s["video"]) for s in meta["samples"]] == [("p0000-s0", 0, True),
+                                                                              ("p0000-s1", 1, True)]
+    assert meta["samples"][0]["prompt"] == str(ds["prompt"].values[0])
+    status, state = get(store_server, "/api/state?sample=p0000-s1")
+    assert status == 200 and state["frames_ready"] == T and state["done"]
+    assert [(c["chunk"], c["query_frames"], c["pixel_first"], c["pixel_stop"]) for c in state["chunks"]] == [
+        (0, [0, 1, 2], 0, 9), (1, [3, 4, 5], 9, 21), (2, [6, 7, 8], 21, 33)]
+
+
+def test_chunks_follow_the_store_labels_not_a_count(runs, tmp_path):
+    """A store whose query_chunk says [0 | 1 2 3 | 4 5 6 | 7 8] (a first frame of its own): the viewer's chunks
+    are those labels."""
+    ds = open_store(runs / "x.zarr").load()
+    labels = np.array([0, 1, 1, 1, 2, 2, 2, 3, 3])
+    relabelled = ds.assign_coords(query_chunk=("query_frame", labels), key_chunk=("key_frame", labels))
+    relabelled.to_zarr(tmp_path / "r.zarr", zarr_format=3, consolidated=False)
+    state = StoreSource(tmp_path / "r.zarr").state("p0000-s0")
+    assert [(c["chunk"], c["query_frames"], c["pixel_first"], c["pixel_stop"]) for c in state["chunks"]] == [
+        (0, [0], 0, 1), (1, [1, 2, 3], 1, 13), (2, [4, 5, 6], 13, 25), (3, [7, 8], 25, 33)]
+
+
+@needs_mp4
+def test_attention_and_frames_per_sample(runs, store_server):
+    ds = open_store(runs / "x.zarr")
+    for sample in ("p0000-s0", "p0000-s1"):
+        status, attn = get(store_server, f"/api/attn?sample={sample}&layer=1&step=2")
+        want = ds.attn_mass.sel(sample=sample, layer=1, step=2).transpose("head", "query_frame", "key_frame").values
+        got = np.array([[[np.nan if v is None else v for v in row] for row in h] for h in attn["values"]])
+        assert status == 200 and got.shape == (4, F, F)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)  # NaN where the store has NaN
+        assert attn["vmax"] == pytest.approx(float(np.nanmax(want)), rel=1e-5)
+    a = get(store_server, "/api/attn?sample=p0000-s0&layer=1&step=2")[1]["values"]
+    b = get(store_server, "/api/attn?sample=p0000-s1&layer=1&step=2")[1]["values"]
+    assert a != b  # the two seeds attend differently
+    video = iio.imread(runs / "x" / "p0000-s1.mp4")
+    status, body = get(store_server, "/api/frame?sample=p0000-s1&t=17")
+    frame = iio.imread(body)
+    assert status == 200 and frame.shape == video.shape[1:]
+    assert np.abs(frame.astype(int) - video[17]).mean() < 6  # JPEG of that frame
+    assert np.abs(frame.astype(int) - video[16]).mean() > np.abs(frame.astype(int) - video[17]).mean()
+
+
+@pytest.mark.parametrize("path, status, words", [
+    ("/api/state?sample=p0009-s0", 400, ["p0009-s0", "p0000-s0", "p0000-s1"]),
+    ("/api/attn?sample=p0000-s0&layer=5&step=0", 400, ["layer 5", "[0, 1]"]),
+    ("/api/attn?sample=p0000-s0&layer=0&step=x", 400, ["step x", "[0, 1, 2, 3, 4]"]),
+    ("/api/attn?sample=p0000-s0&layer=0", 400, ["'step'"]),
+    ("/api/frame?sample=p0000-s0&t=33", 400, ["pixel frame 33", "0-32"]),
+    ("/api/nothing", 404, ["meta, state, attn or frame"]),
+])
+def test_bad_requests_say_what_is_allowed(store_server, path, status, words):
+    got, body = get(store_server, path)
+    assert got == status and all(w in body["error"] for w in words), body
+
+
+@needs_mp4
+def test_finding_videos(runs, tmp_path, capsys):
+    store = runs / "x.zarr"
+    assert set(open_source(store).videos) == {"p0000-s0", "p0000-s1"}  # runs/x.zarr -> runs/x/pPPPP-sS.mp4
+    only = open_source(store, video=str(runs / "x" / "p0000-s1.mp4"), sample="p0000-s1")
+    assert list(only.videos) == ["p0000-s1"] and only.state("p0000-s0")["frames_ready"] == 0
+    assert only.frame("p0000-s0", 3) is None
+    lone = tmp_path / "lone.zarr"
+    shutil.copytree(store, lone)
+    assert open_source(lone).videos == {}
+    # a video that does not fit the store's frames, one file for several samples, a path that is no store
+    write_mp4(np.zeros((21, 16, 16, 3), np.uint8), tmp_path / "short.mp4")
+    assert main(["view", str(store), "--video", str(tmp_path / "short.mp4"), "--sample", "p0000-s0"]) == 2
+    assert "has 21 frames" in capsys.readouterr().err
+    assert main(["view", str(store), "--video", str(runs / "x" / "p0000-s0.mp4")]) == 2
+    assert "--sample" in capsys.readouterr().err
+    assert main(["view", str(tmp_path)]) == 2
+    assert "neither a store" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------
+# generate --live
+
+
+def test_live_generate_streams_the_store_numbers_and_keeps_the_latents(runs):
+    plain = load_file(str(runs / "plain" / "p0000-s0.safetensors"))["latents"]
+    live = load_file(str(runs / "x" / "p0000-s0.safetensors"))["latents"]
+    assert torch.equal(plain, live)  # the probe and the per-chunk decode leave the rollout bitwise alone
+    manifest = stream.read_manifest(runs / "x")
+    assert manifest["status"] == "done" and [s["sample"] for s in manifest["samples"]] == ["p0000-s0", "p0000-s1"]
+    ds = open_store(runs / "x.zarr")
+    vae = WanVAE.from_file(EMBEDDED_DIR / "Wan2.1_VAE.pth")
+    source = StreamSource(runs / "x")
+    for entry in manifest["samples"]:
+        sample = entry["sample"]
+        assert entry["done"] and [c["chunk"] for c in entry["chunks"]] == [0, 1, 2]
+        assert [c["query_frames"] for c in entry["chunks"]] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+        assert [c["pixel_frames"] for c in entry["chunks"]] == [[0, 9], [9, 21], [21, 33]]
+        for layer in (0, 1):
+            for step in range(5):  # the store's numbers: the same probe on the same rollout
+                want = ds.attn_mass.sel(sample=sample, layer=layer, step=step).transpose("head", ...).values
+                np.testing.assert_allclose(source.attn(sample, layer, step), want, rtol=1e-6, atol=1e-7)
+        latents = load_file(str(runs / "x" / f"{sample}.safetensors"))["latents"]
+        decoded = to_uint8_frames(vae.decode(latents[None])[0])  # [T, H, W, 3]
+        streamed = np.stack([source.frame(sample, t) for t in range(T)])
+        assert np.array_equal(streamed, decoded)
+    state = source.state("p0000-s1")
+    assert state["frames_ready"] == T and len(state["chunks"]) == 3 and state["status"] == "done"
+
+
+def test_live_options_are_checked_first(tmp_path, capsys):
+    assert main(["generate", "--layers", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "add --live" in capsys.readouterr().err
+    assert main(["generate", "--live", "--layers", "9", "--out", str(tmp_path / "o")]) == 2
+    assert "layer [9] out of range" in capsys.readouterr().err
+    assert not (tmp_path / "o" / stream.MANIFEST).exists()
+
+
+class Replay:
+    """Writes a copy of stream folder src chunk by chunk, as `generate --live` did (its first sample only)."""
+
+    def __init__(self, src, dst):
+        self.src, manifest = src, stream.read_manifest(src)
+        self.entry = manifest["samples"][0]
+        self.writer = stream.StreamWriter(dst, num_frames=manifest["num_frames"],
+                                          pixel_frames=manifest["pixel_frames"], fps=manifest["fps"],
+                                          layers=manifest["layers"], heads=manifest["heads"], steps=[],
+                                          command="replay")
+        self.writer.manifest["steps"] = manifest["steps"]
+        e = self.entry
+        self.writer.begin_sample(e["sample"], prompt=e["prompt"], prompt_index=e["prompt_index"], seed=e["seed"])
+
+    def chunk(self, i: int) -> None:
+        c = self.entry["chunks"][i]
+        arrays = stream.read_chunk(self.src, c)
+        self.writer.write_chunk(self.entry["sample"], c["chunk"], c["query_frames"], arrays["attn_mass"],
+                                arrays["frames"], c["pixel_frames"][0])
+
+    def finish(self) -> None:
+        self.writer.end_sample(self.entry["sample"])
+        self.writer.close("done")
+
+
+def test_a_stream_in_progress(runs, tmp_path):
+    Replay(runs / "x", tmp_path / "s").chunk(0)
+    source = open_source(tmp_path / "s")
+    state = source.state("p0000-s0")
+    assert state["status"] == "running" and not state["done"] and state["frames_ready"] == 9
+    assert [c["query_frames"] for c in state["chunks"]] == [[0, 1, 2]]
+    attn = source.attn("p0000-s0", 1, 0)
+    assert np.isfinite(attn[:, :3, :3]).all() and np.isnan(attn[:, 3:]).all()  # later chunks: not yet
+    assert source.frame("p0000-s0", 8) is not None and source.frame("p0000-s0", 9) is None
+    with pytest.raises(Exception, match="drop --video"):
+        open_source(tmp_path / "s", video="x.mp4")
+
+
+# ------------------------------------------------------------------------------------------------------
+# In the browser
+
+
+def cell_rgb(page, head: int, row: int, key_frame: int) -> list[int]:
+    """The colour drawn for (the chunk's row-th query frame, key frame) in head's map."""
+    return page.evaluate("""([h, r, k]) => {
+        const c = document.querySelectorAll('#maps canvas')[h], L = c.layout, s = c.width / c.clientWidth;
+        const x = (L.left + k * L.cell + L.cell / 2) * s, y = (L.top + r * L.cell + L.cell / 2) * s;
+        return Array.from(c.getContext('2d').getImageData(x, y, 1, 1).data.slice(0, 3)); }""", [head, row, key_frame])
+
+
+GREY = [0xE2, 0xE2, 0xDE]  # cells that were not attended
+
+
+@needs_mp4
+def test_browser_plays_a_store_and_its_maps_change_with_time(runs, store_server, tmp_path):
+    ds = open_store(runs / "x.zarr")
+    with chromium() as browser:
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.goto(store_server.url)
+        page.wait_for_function(f"Number(document.body.dataset.framesLoaded) === {T}")
+        slider = page.locator("#time")
+        shots = {}
+        for t, latent, chunk in ((4, 1, 0), (25, 7, 2)):  # moved as a user moves the slider
+            slider.fill(str(t))
+            assert f"pixel frame {t} (of 0–32) · latent frame {latent} · chunk {chunk}" in page.inner_text("#where")
+            assert page.evaluate("viewer.current().chunk.chunk") == chunk
+            shots[t] = (png_pixels(page.locator("#frame").screenshot()), png_pixels(page.locator("#maps").screenshot()),
+                        page.inner_text("#colorbar-label"))
+            page.screenshot(path=str(tmp_path / f"store-t{t}.png"))
+        (frame_a, maps_a, scale_a), (frame_b, maps_b, scale_b) = shots[4], shots[25]
+        assert frame_a.std() > 10 and maps_a.std() > 10  # both panes render something
+        assert (frame_a != frame_b).any(axis=-1).mean() > 0.2  # another pixel frame
+        assert (maps_a != maps_b).any(axis=-1).mean() > 0.05  # another chunk's maps
+        vmax = float(np.nanmax(ds.attn_mass.sel(sample="p0000-s0", layer=0, step=0).values))
+        assert scale_a == scale_b and f"max {vmax:.3f}" in scale_a  # one colour scale for the whole video
+        # chunk 2 (t = 25): its rows attend to every key frame 0-8; chunk 0's rows (t = 4) only to 0-2
+        assert cell_rgb(page, 0, 0, 8) != GREY
+        slider.fill("4")
+        assert cell_rgb(page, 0, 0, 8) == GREY and cell_rgb(page, 0, 0, 1) != GREY
+        # selectors: another layer redraws the maps; one head gives one large map; another sample
+        before = png_pixels(page.locator("#maps").screenshot())
+        page.select_option("#layer", "1")
+        page.wait_for_function("document.body.dataset.attnLoaded.startsWith('p0000-s0/1/0')")
+        assert not np.array_equal(before, png_pixels(page.locator("#maps").screenshot()))
+        page.select_option("#head", "2")
+        assert page.locator("#maps figure").count() == 1 and page.inner_text("#maps figcaption") == "head 2"
+        page.click("#play")  # plays from where it is, at the video's fps, then pauses on a second click
+        page.wait_for_function("viewer.t >= 12")
+        page.click("#play")
+        assert page.evaluate("viewer.playing") is False and page.inner_text("#play") == "▶ play"
+        page.select_option("#sample", "p0000-s1")
+        page.wait_for_function(f"document.body.dataset.attnLoaded.startsWith('p0000-s1/1/0') && "
+                               f"Number(document.body.dataset.framesLoaded) === {T}")
+        assert "seed 1" in page.inner_text("#prompt")
+        page.screenshot(path=str(tmp_path / "store-head2-seed1.png"))
+        assert not errors
+
+
+def test_browser_shows_a_live_stream_as_its_chunks_arrive(runs, tmp_path):
+    replay = Replay(runs / "x", tmp_path / "s")
+    replay.chunk(0)
+    server, _ = start(open_source(tmp_path / "s"), port=0)
+    try:
+        with chromium() as browser:
+            page = browser.new_page()
+            page.goto(server.url)
+            page.wait_for_function("Number(document.body.dataset.framesLoaded) === 9")
+            assert "1 chunk(s) so far" in page.inner_text("#status")
+            assert page.evaluate("viewer.current().chunk.chunk") == 0
+            maps_a = png_pixels(page.locator("#maps").screenshot())
+            for i, frames in ((1, 21), (2, 33)):
+                replay.chunk(i)  # the page polls and follows the newest chunk
+                page.wait_for_function(f"Number(document.body.dataset.framesLoaded) === {frames} && "
+                                       f"viewer.t === {frames - 1}")
+                assert page.evaluate("viewer.current().chunk.chunk") == i
+                assert f"chunk {i}: latent frames {3 * i}–{3 * i + 2}" in page.inner_text("#where")
+            page.screenshot(path=str(tmp_path / "live.png"))
+            assert (maps_a != png_pixels(page.locator("#maps").screenshot())).any(axis=-1).mean() > 0.05
+            replay.finish()
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('done')")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,81 @@
+"""`workbench view`: serve the local page that plays a video beside its attention (workbench/view/)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "play a video beside its per-head attention maps in a local web page (a store + its mp4, or a live run)"
+
+EPILOG = """\
+examples:
+  workbench extract --layers 0-5 --seed 0 --out runs/x.zarr && workbench generate --seed 0 --out runs/x
+  workbench view runs/x.zarr                        # finds runs/x/p0000-s0.mp4 (generate's name for the sample)
+  workbench view runs/x.zarr --video runs/x/p0000-s0.mp4
+  workbench view runs/sf.zarr --video videos/sf      # a folder of generate outputs: pPPPP-sS.mp4 per sample
+  workbench generate --prompt "a red kite" --live --layers 0-5 --out runs/live &   # and meanwhile:
+  workbench view runs/live --wait                   # waits for generate to start writing
+
+The page (http://127.0.0.1:8765/ by default) plays the pixel frames; beside them, one map per head of the
+current chunk's query frames x key frames (attn_mass, docs/store.md), with layer, head, step and sample
+selectors and one colour scale for the whole video. Pixel frame t shows latent frame ceil(t/4) (the Wan VAE:
+a causal first frame, then 4 frames per latent frame: 21 latent frames -> 81 pixel frames); chunks are the
+store's query_chunk labels. On a remote GPU machine: ssh -L 8765:127.0.0.1:8765 HOST, then open the URL here.
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("view", help=HELP, description=HELP, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", metavar="STORE_OR_FOLDER",
+                   help="a store (.zarr from extract) or the --out folder of `workbench generate --live`")
+    p.add_argument("--video", metavar="MP4_OR_FOLDER",
+                   help="the store's video (an mp4), or a folder of generate outputs (pPPPP-sS.mp4 per sample); "
+                        "default: STORE.mp4, or pPPPP-sS.mp4 beside the store or in the folder named like it")
+    p.add_argument("--sample", metavar="ID", help="which sample --video shows, when the store holds several")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8765, help="port (default: %(default)s; 0: any free port)")
+    p.add_argument("--wait", action="store_true",
+                   help="if STORE_OR_FOLDER is not there yet, wait for `workbench generate --live` to start writing it")
+    p.add_argument("--open", action="store_true", help="open the page in the default browser")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from workbench.errors import WorkbenchError
+    from workbench.view.server import ViewerServer
+    from workbench.view.sources import open_source
+
+    if args.wait:
+        import time
+        from pathlib import Path
+
+        from workbench.view.stream import MANIFEST
+
+        path = Path(args.path)
+        if not ((path / MANIFEST).is_file() or (path / "zarr.json").is_file()):
+            print(f"waiting for {path / MANIFEST} (`workbench generate --live --out {path}`); Ctrl-C stops", flush=True)
+            try:
+                while not ((path / MANIFEST).is_file() or (path / "zarr.json").is_file()):
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                return 130
+    source = open_source(args.path, video=args.video, sample=args.sample)
+    try:
+        server = ViewerServer(source, args.host, args.port)
+    except OSError as err:
+        raise WorkbenchError(f"cannot serve on {args.host}:{args.port} ({err.strerror or err}); "
+                             "choose another --port (0: any free one)") from None
+    videos = getattr(source, "videos", None)
+    what = f"{len(videos)} video(s)" if videos is not None else "a live stream"
+    print(f"serving {args.path} ({what}) at {server.url}  (Ctrl-C stops)", flush=True)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0

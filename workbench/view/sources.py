@@ -1,0 +1,339 @@
+"""What the viewer shows, from a finished store and its videos or from a live stream folder, behind one interface.
+
+A `Source` answers four questions, each for one sample (a prompt and a seed, the store's `sample` id):
+    meta()                     samples, layers, heads, steps (with their timestep / phase labels), frame counts
+    state(sample)              which chunks and pixel frames exist yet (a live stream grows; a store is whole)
+    attn(sample, layer, step)  attn_mass [head, query_frame, key_frame], NaN where not attended or not yet made
+    frame(sample, t)           pixel frame t as uint8 [H, W, 3], or None where there is no video (yet)
+
+Frames. The Wan VAE (models/vae.py) decodes latent frame 0 to one pixel frame (its causal first frame) and every
+later latent frame f to four, pixel frames 4f - 3 .. 4f: 21 latent frames <-> 81 pixel frames. So pixel frame t
+shows latent frame ceil(t / 4). Chunks come from the data's own labels: the store's `query_chunk` coordinate, or
+the chunk labels a live rollout wrote (workbench/view/stream.py), never from counting frames in threes.
+
+Videos of a store: `workbench generate` writes OUT/pPPPP-sS.mp4 for each prompt index P and seed S, the store's
+sample ids, so a folder of generate outputs pairs with a store by name (`find_videos`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from models.vae import TEMPORAL_STRIDE, pixel_frames
+from workbench.errors import WorkbenchError
+from workbench.view import stream
+
+
+def latent_of_pixel(t: int) -> int:
+    """The latent frame that pixel frame t was decoded from: 0 for t = 0, then ceil(t / 4)."""
+    return 0 if t == 0 else (t - 1) // TEMPORAL_STRIDE + 1
+
+
+def pixel_span(f: int) -> tuple[int, int]:
+    """[first, stop) of the pixel frames decoded from latent frame f: (0, 1) for f = 0, (4f - 3, 4f + 1) after."""
+    return (0, 1) if f == 0 else (TEMPORAL_STRIDE * (f - 1) + 1, TEMPORAL_STRIDE * f + 1)
+
+
+def chunk_table(labels: dict[int, int | None]) -> list[dict]:
+    """{latent frame: chunk label or None (not made yet)} -> one entry per chunk, in order of its first frame:
+    {chunk, query_frames, pixel_first, pixel_stop} (its frames' pixel frames, [first, stop))."""
+    chunks: dict[int, list[int]] = {}
+    for f in sorted(labels):
+        if labels[f] is not None:
+            chunks.setdefault(int(labels[f]), []).append(int(f))
+    table = []
+    for c, frames in sorted(chunks.items(), key=lambda kv: kv[1][0]):
+        table.append(dict(chunk=c, query_frames=frames, pixel_first=pixel_span(frames[0])[0],
+                          pixel_stop=pixel_span(frames[-1])[1]))
+    return table
+
+
+def step_label(s: dict) -> str:
+    """'0 · t=1000 · denoise' (and the CFG branch where there is one)."""
+    text = f"{s['step']} · t={s['timestep']:g} · {s['phase']}"
+    return text + (f" · {s['cfg']}" if s.get("cfg", "none") != "none" else "")
+
+
+def read_video(path: Path, expected: int) -> tuple[np.ndarray, float]:
+    """Every frame of a video as uint8 [T, H, W, 3] and its fps; T must be `expected` (1 + 4 (F - 1))."""
+    import imageio.v3 as iio
+
+    try:
+        frames = iio.imread(path)
+        fps = float(iio.immeta(path).get("fps") or 16)
+    except Exception as err:
+        raise WorkbenchError(f"cannot read video {str(path)!r}: {err}") from err
+    if frames.ndim == 3:  # greyscale
+        frames = np.repeat(frames[..., None], 3, axis=-1)
+    frames = frames[..., :3]
+    if frames.shape[0] != expected:
+        raise WorkbenchError(
+            f"video {str(path)!r} has {frames.shape[0]} frames; the attention covers {latent_of_pixel(expected - 1) + 1} "
+            f"latent frames, which the Wan VAE decodes to {expected} (its causal first frame, then 4 per latent frame)")
+    return frames, fps
+
+
+class Source:
+    """The interface (see the module docstring). Subclasses fill `layers`, `heads`, `steps`, `num_frames`."""
+
+    kind = "source"
+    live = False
+    layers: list[int]
+    heads: list[int]
+    steps: list[dict]
+    num_frames: int
+    fps: float = 16.0
+
+    @property
+    def pixel_frames(self) -> int:
+        return pixel_frames(self.num_frames)
+
+    def samples(self) -> list[dict]:
+        raise NotImplementedError
+
+    def meta(self) -> dict:
+        return dict(kind=self.kind, live=self.live, name=self.name, num_frames=self.num_frames,
+                    pixel_frames=self.pixel_frames, fps=self.fps,
+                    pixel_to_latent=[latent_of_pixel(t) for t in range(self.pixel_frames)],
+                    layers=self.layers, heads=self.heads,
+                    steps=[dict(s, label=step_label(s)) for s in self.steps], samples=self.samples())
+
+    # --- argument checks: a clear error naming the bad value and what is allowed
+    def check_sample(self, sample) -> str:
+        ids = [s["sample"] for s in self.samples()]
+        if sample not in ids:
+            raise WorkbenchError(f"sample {sample!r} is not in {self.name}; it holds {ids}")
+        return sample
+
+    def check(self, layer, step) -> tuple[int, int]:
+        """Positions of a layer and a step (given as their coordinate values) in the arrays."""
+        out = []
+        for what, value, allowed in (("layer", layer, self.layers), ("step", step, [s["step"] for s in self.steps])):
+            try:
+                out.append(allowed.index(int(value)))
+            except (TypeError, ValueError):
+                raise WorkbenchError(f"{what} {value} is not captured here; choose one of {allowed}") from None
+        return out[0], out[1]
+
+    def check_pixel(self, t) -> int:
+        try:
+            ok = 0 <= int(t) < self.pixel_frames
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise WorkbenchError(f"pixel frame {t} out of range: the video has frames 0-{self.pixel_frames - 1}")
+        return int(t)
+
+
+class StoreSource(Source):
+    """A finished store (docs/store.md) and the videos generate wrote for its samples (any may be missing)."""
+
+    kind = "store"
+
+    def __init__(self, path, videos: dict[str, Path] | None = None, cache: int = 4):
+        from workbench.store import open_store
+
+        self.path = Path(path)
+        self.name = self.path.name
+        ds = open_store(self.path)
+        if "train_step" in ds.dims:
+            raise WorkbenchError(f"{str(self.path)!r} is a training probe store (a train_step dim); make one store of "
+                                 "a train step first: open_store(path).sel(train_step=N).to_zarr(...)")
+        if "attn_mass" not in ds:
+            raise WorkbenchError(f"{str(self.path)!r} has no attn_mass (its statistics: {list(ds.data_vars)}); "
+                                 "capture it with `workbench extract --stats attn_mass`")
+        self.ds = ds
+        self.layers = [int(v) for v in ds["layer"].values]
+        self.heads = [int(v) for v in ds["head"].values]
+        self.steps = [dict(step=int(s), timestep=float(t), phase=str(p), cfg=str(c), denoise_index=int(d))
+                      for s, t, p, c, d in zip(ds["step"].values, ds["timestep"].values, ds["phase"].values,
+                                               ds["cfg"].values, ds["denoise_index"].values)]
+        self.num_frames = int(ds.sizes["query_frame"])
+        self.query_chunk = {int(f): int(c) for f, c in zip(ds["query_frame"].values, ds["query_chunk"].values)}
+        self.ids = [str(s) for s in ds["sample"].values]
+        self.videos = dict(videos or {})
+        self._frames: OrderedDict[str, np.ndarray] = OrderedDict()  # decoded videos, the most recent few
+        self._cache = cache
+        self.video_errors: dict[str, str] = {}
+
+    def samples(self) -> list[dict]:
+        ds = self.ds
+        return [dict(sample=s, prompt=str(ds["prompt"].values[i]), seed=int(ds["seed"].values[i]),
+                     prompt_index=int(ds["prompt_index"].values[i]), video=s in self.videos)
+                for i, s in enumerate(self.ids)]
+
+    def video(self, sample: str) -> np.ndarray | None:
+        """The sample's decoded video [T, H, W, 3] (kept for the last few samples), None if it has none."""
+        if sample not in self.videos:
+            return None
+        if sample not in self._frames:
+            frames, self.fps = read_video(self.videos[sample], self.pixel_frames)
+            self._frames[sample] = frames
+            while len(self._frames) > self._cache:
+                self._frames.popitem(last=False)
+        self._frames.move_to_end(sample)
+        return self._frames[sample]
+
+    def state(self, sample) -> dict:
+        sample = self.check_sample(sample)
+        error = None
+        try:
+            ready = 0 if self.video(sample) is None else self.pixel_frames
+        except WorkbenchError as err:
+            ready, error = 0, str(err)
+        chunks = [dict(c, ready=True) for c in chunk_table(self.query_chunk)]
+        return dict(sample=sample, status="finished", done=True, chunks=chunks, frames_ready=ready,
+                    video=ready > 0, video_error=error, samples=len(self.ids))
+
+    def attn(self, sample, layer, step) -> np.ndarray:
+        sample = self.check_sample(sample)
+        self.check(layer, step)
+        values = self.ds.attn_mass.sel(sample=sample, layer=int(layer), step=int(step))
+        return np.asarray(values.transpose("head", "query_frame", "key_frame").values, dtype=np.float32)
+
+    def frame(self, sample, t) -> np.ndarray | None:
+        sample, t = self.check_sample(sample), self.check_pixel(t)
+        frames = self.video(sample)
+        return None if frames is None else frames[t]
+
+
+class StreamSource(Source):
+    """A folder that `workbench generate --live` writes into (or wrote): re-read whenever its manifest changes."""
+
+    kind = "live"
+    live = True
+
+    def __init__(self, folder, cache: int = 32):
+        self.folder = Path(folder)
+        self.name = self.folder.name
+        self._stamp = None
+        self._chunks: OrderedDict[tuple, dict] = OrderedDict()  # (chunk file, inode, mtime) -> its arrays, recent
+        self._cache = cache
+        self._load()
+
+    def _load(self) -> dict:
+        path = self.folder / stream.MANIFEST
+        st = path.stat() if path.exists() else None  # the manifest is replaced by a rename: a new inode
+        stamp = None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp or stamp is None:
+            m = stream.read_manifest(self.folder)
+            self.manifest, self._stamp = m, stamp
+            self.layers, self.heads, self.steps = m["layers"], m["heads"], m["steps"]
+            self.num_frames, self.fps = int(m["num_frames"]), float(m["fps"])
+        return self.manifest
+
+    def _entry(self, sample) -> dict:
+        self._load()
+        sample = self.check_sample(sample)
+        return next(s for s in self.manifest["samples"] if s["sample"] == sample)
+
+    def _arrays(self, entry: dict) -> dict:
+        st = (self.folder / entry["file"]).stat()  # a new run into the same folder rewrites the same names
+        key = (entry["file"], st.st_ino, st.st_mtime_ns)
+        if key not in self._chunks:
+            self._chunks[key] = stream.read_chunk(self.folder, entry)
+            while len(self._chunks) > self._cache:
+                self._chunks.popitem(last=False)
+        self._chunks.move_to_end(key)
+        return self._chunks[key]
+
+    def samples(self) -> list[dict]:
+        return [dict(sample=s["sample"], prompt=s["prompt"], seed=s["seed"], prompt_index=s["prompt_index"],
+                     video=any(c["pixel_frames"][1] > c["pixel_frames"][0] for c in s["chunks"]))
+                for s in self._load()["samples"]]
+
+    def meta(self) -> dict:
+        self._load()
+        return dict(super().meta(), status=self.manifest["status"])
+
+    def state(self, sample) -> dict:
+        entry = self._entry(sample)
+        labels: dict[int, int | None] = {f: None for f in range(self.num_frames)}
+        for c in entry["chunks"]:
+            labels.update({f: c["chunk"] for f in c["query_frames"]})
+        chunks = [dict(c, ready=True) for c in chunk_table(labels)]
+        covered = set()
+        for c in entry["chunks"]:
+            covered.update(range(*c["pixel_frames"]))
+        ready = 0
+        while ready in covered:  # pixel frames 0..ready-1 are all there
+            ready += 1
+        return dict(sample=entry["sample"], status=self.manifest["status"], done=entry["done"], chunks=chunks,
+                    frames_ready=ready, video=ready > 0, video_error=None, samples=len(self.manifest["samples"]))
+
+    def attn(self, sample, layer, step) -> np.ndarray:
+        entry = self._entry(sample)
+        li, si = self.check(layer, step)
+        F = self.num_frames
+        out = np.full((len(self.heads), F, F), np.nan, dtype=np.float32)  # [head, query_frame, key_frame]
+        for c in entry["chunks"]:
+            out[:, c["query_frames"], :] = self._arrays(c)["attn_mass"][si, li]  # [head, nq, F]
+        return out
+
+    def frame(self, sample, t) -> np.ndarray | None:
+        entry, t = self._entry(sample), self.check_pixel(t)
+        for c in entry["chunks"]:
+            first, stop = c["pixel_frames"]
+            if first <= t < stop:
+                return self._arrays(c)["frames"][t - first]
+        return None
+
+
+# ------------------------------------------------------------------------------------------------------
+# Opening what the user named
+
+
+def find_videos(store: Path, video: str | None, samples: list[str], sample: str | None = None) -> dict[str, Path]:
+    """Which mp4 shows which sample. `video` is a file (the video of `sample`, or of the store's only sample) or a
+    folder of generate outputs (pPPPP-sS.mp4 per sample); without it: the store's name with .mp4 (one sample), or
+    such files beside the store or in the folder of the store's name (runs/x.zarr -> runs/x/)."""
+    if sample is not None and sample not in samples:
+        raise WorkbenchError(f"--sample {sample!r} is not in {str(store)!r}; it holds {samples}")
+    if video is not None:
+        path = Path(video)
+        if path.is_file():
+            if sample is None and len(samples) > 1:
+                raise WorkbenchError(f"--video {video!r} is one video but {str(store)!r} holds {len(samples)} samples "
+                                     f"({', '.join(samples[:4])}...); say which with --sample, or give a folder of "
+                                     "generate outputs (pPPPP-sS.mp4 per sample)")
+            return {sample or samples[0]: path}
+        if path.is_dir():
+            found = {s: path / f"{s}.mp4" for s in samples if (path / f"{s}.mp4").is_file()}
+            if not found:
+                raise WorkbenchError(f"--video folder {video!r} has no video of this store's samples (looked for "
+                                     f"{', '.join(f'{s}.mp4' for s in samples[:3])}...)")
+            return found
+        raise WorkbenchError(f"--video {video!r} does not exist (give an mp4, or a folder of generate outputs)")
+    own = store.with_suffix(".mp4")
+    if own.is_file() and (len(samples) == 1 or sample is not None):
+        return {sample or samples[0]: own}
+    found = {}
+    for folder in (store.with_suffix(""), store.parent):
+        for s in samples:
+            if s not in found and (folder / f"{s}.mp4").is_file():
+                found[s] = folder / f"{s}.mp4"
+    return found
+
+
+def open_source(path, video: str | None = None, sample: str | None = None) -> Source:
+    """A store (with its videos) or a live stream folder; a clear error for anything else."""
+    path = Path(path)
+    if stream.is_stream(path):
+        if video is not None:
+            raise WorkbenchError(f"{str(path)!r} is a live stream folder: its frames are in it; drop --video")
+        return StreamSource(path)
+    if not (path / "zarr.json").is_file():
+        raise WorkbenchError(f"{str(path)!r} is neither a store (docs/store.md; made by `workbench extract`) nor a "
+                             f"folder written by `workbench generate --live` (it would hold {stream.MANIFEST}); for "
+                             "a live run that is still starting, add --wait")
+    from workbench.store import open_store
+
+    ids = [str(s) for s in open_store(path)["sample"].values]
+    source = StoreSource(path, find_videos(path, video, ids, sample))
+    if video is not None:  # a video the user named: its frame count is checked now
+        first = sample or next(iter(source.videos))
+        source.video(first)
+    return source
