@@ -187,6 +187,8 @@ def test_vae_trainer_runs_and_writes_the_official_layout(tmp_path):
     saved = json.loads((tmp_path / "vae_metrics.json").read_text())
     assert saved["psnr_db"] == metrics["psnr_db"] and np.isfinite(saved["psnr_db"]) and len(saved["history"]) == 2
     assert len(saved["raw_mu_std"]) == 16 and saved["layout"]["dim_mult"] == [1, 1, 1, 1]
+    fit = saved["fit_psnr_db"]  # never worse than the block-average start on the fitting videos
+    assert fit["kept"] == ("start" if fit["trained"] < fit["start"] else "trained")
 
 
 # ------------------------------------------------------------------------------------------------------

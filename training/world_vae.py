@@ -297,6 +297,16 @@ def evaluate(vae: WanVAE, videos: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
+def held_out_psnr(model, videos: torch.Tensor, device) -> float:
+    """PSNR of the diffusers model's own round trip (posterior mean, decoder clamped) over `videos`."""
+    mse = 0.0
+    for v in videos:
+        x = v[None].to(device)
+        mse += float(((decode_unclamped(model, encode_moments(model, x)[0]).clamp(-1, 1) - x) / 2).pow(2).mean())
+    return 10 * math.log10(len(videos) / max(mse, 1e-20))
+
+
+@torch.no_grad()
 def raw_latent_stats(model, videos: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std [16] of the posterior mean mu over `videos` (before any normalisation)."""
     mus = [encode_moments(model, v[None].to(device))[0].float().cpu() for v in videos]
@@ -408,14 +418,21 @@ def train(cfg: VAETrainConfig, out: Path, resume: bool = False, log=print, deadl
 
 def finish(model, cfg: VAETrainConfig, out: Path, history: list, seconds: float, log=print, steps: int = 0) -> dict:
     """Fold the held-out latent statistics into the model, write Wan2.1_VAE.pth, evaluate it through the
-    loader, write vae_metrics.json."""
+    loader, write vae_metrics.json. Should training have made the held-out reconstruction worse than the
+    block-average start, the start is kept (and the metrics say so)."""
     device = torch.device(cfg.device)
+    layout = layout_of(cfg)
     model.eval()
     _, fold_videos = held_out_videos(cfg.eval_videos)
+    start = new_vae(layout, cfg.seed).to(device).eval()
+    trained_db, start_db = (round(held_out_psnr(m, fold_videos, device), 2) for m in (model, start))
+    if trained_db < start_db:
+        log(f"training left the VAE at {trained_db} dB on held-out videos, below its block-average start "
+            f"({start_db} dB): keeping the start")
+        model = start
     mean, std = raw_latent_stats(model, fold_videos, device)
     set_posterior_width(model, cfg.latent_noise * std)
     fold_latent_stats(model, mean, std)
-    layout = layout_of(cfg)
     sd = wan_state_dict(model, layout)
     _atomic_torch_save(sd, out / "Wan2.1_VAE.pth")
     vae = WanVAE.from_file(out / "Wan2.1_VAE.pth", device=device)
@@ -423,6 +440,7 @@ def finish(model, cfg: VAETrainConfig, out: Path, history: list, seconds: float,
     _, test_videos = held_out_videos(2 * cfg.eval_videos)
     metrics = evaluate(vae, test_videos[cfg.eval_videos:])
     metrics.update(layout=asdict(layout), config=asdict(cfg), train_seconds=seconds, steps=steps, history=history,
+                   fit_psnr_db={"trained": trained_db, "start": start_db, "kept": "start" if model is start else "trained"},
                    parameters=sum(v.numel() for v in sd.values()), raw_mu_mean=mean.tolist(), raw_mu_std=std.tolist())
     from models.files import atomic_write
 

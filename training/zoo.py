@@ -179,12 +179,12 @@ class Zoo:
     def stage_vae(self, deadline) -> dict:
         from training.world_vae import VAETrainConfig, train
 
-        cfg = VAETrainConfig(steps=20000, batch=32, frames=9, crop=64, log_every=100, save_every=1000,
+        cfg = VAETrainConfig(steps=20000, batch=64, frames=9, crop=64, lr=4e-4, log_every=100, save_every=1000,
                              device=self.device)  # on a GPU: until the time share runs out
         if self.short:
             cfg = VAETrainConfig(steps=2, batch=2, frames=5, crop=32, eval_videos=1, log_every=1, device=self.device)
         metrics = train(cfg, self.work / "vae", log=self.log, deadline=deadline)
-        return {k: metrics[k] for k in ("psnr_db", "psnr_db_worst", "train_seconds", "steps")}
+        return {k: metrics[k] for k in ("psnr_db", "psnr_db_worst", "train_seconds", "steps", "fit_psnr_db")}
 
     def stage_init(self, deadline) -> dict:
         """WORK/init: the seeded DiT init with the text encoder, tokenizer and VAE (a complete Wan folder)."""
