@@ -313,6 +313,7 @@ def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path):
     TextEncoder.from_wan_dir(ship).encode(["a red square moving left"])
     WanVAE.from_file(ship / "Wan2.1_VAE.pth")
     load_wan(ship, causal=False)  # the teacher
+    assert json.loads((ship / "config.json").read_text())["video_size"] == [96, 128]
     for name, entry in ZOO.items():
         if entry.checkpoint is None:
             continue

@@ -189,11 +189,11 @@ class Zoo:
     def stage_init(self, deadline) -> dict:
         """WORK/init: the seeded DiT init with the text encoder, tokenizer and VAE (a complete Wan folder)."""
         from models.checkpoint import save_wan_folder
-        from models.embedded import EMBEDDED_CONFIG, make_embedded_state_dict
+        from models.embedded import EMBEDDED_CONFIG, EMBEDDED_VIDEO_SIZE, make_embedded_state_dict
 
         folder = self.work / "init"
         copy_text_and_vae(self.source, self.vae_file(), folder)
-        save_wan_folder(folder, EMBEDDED_CONFIG, make_embedded_state_dict())
+        save_wan_folder(folder, EMBEDDED_CONFIG, make_embedded_state_dict(), video_size=EMBEDDED_VIDEO_SIZE)
         return {"folder": str(folder)}
 
     def stage_data(self, deadline) -> dict:
@@ -208,13 +208,13 @@ class Zoo:
 
     def stage_teacher(self, deadline) -> dict:
         from models.checkpoint import read_self_forcing, save_wan_folder
-        from models.embedded import EMBEDDED_CONFIG
+        from models.embedded import EMBEDDED_CONFIG, EMBEDDED_VIDEO_SIZE
 
         summary, ckpt = self.train_config("teacher", deadline)
         blob = torch.load(ckpt, map_location="cpu", weights_only=True)
         key = "generator_ema" if "generator_ema" in blob else "generator"
         copy_text_and_vae(self.source, self.vae_file(), self.teacher_dir)
-        save_wan_folder(self.teacher_dir, EMBEDDED_CONFIG, read_self_forcing(ckpt, key))
+        save_wan_folder(self.teacher_dir, EMBEDDED_CONFIG, read_self_forcing(ckpt, key), video_size=EMBEDDED_VIDEO_SIZE)
         return {**summary, "weights": key}
 
     def stage_df(self, deadline) -> dict:
@@ -425,6 +425,7 @@ def ship(teacher_dir: Path, out: Path, report: dict) -> Path:
     VAE), the students' checkpoints in bf16 (optimiser-free, keys as written by the trainer) and
     checkpoints/ZOO.md (how each model was trained)."""
     from models.checkpoint import WEIGHTS_NAME, read_wan_folder, save_self_forcing, save_wan_folder
+    from models.config import default_video_size
     from models.embedded import ZOO, ZOO_MARKER
     from models.files import atomic_write, load_tensors
     from models.text_encoder import TOKENIZER_SUBDIR
@@ -433,7 +434,8 @@ def ship(teacher_dir: Path, out: Path, report: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     config, state = read_wan_folder(teacher_dir)
     copy_text_and_vae(teacher_dir, teacher_dir / "Wan2.1_VAE.pth", out)
-    save_wan_folder(out, config, {k: v.to(torch.bfloat16) for k, v in state.items()})
+    save_wan_folder(out, config, {k: v.to(torch.bfloat16) for k, v in state.items()},
+                    video_size=default_video_size(teacher_dir))
     for entry in ZOO.values():
         src = entry.checkpoint_path(teacher_dir)
         if src is None or not src.is_file():
