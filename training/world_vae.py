@@ -214,21 +214,21 @@ def set_posterior_width(model, sigma: torch.Tensor) -> None:
 @torch.no_grad()
 def fold_latent_stats(model, mean: torch.Tensor, std: torch.Tensor) -> None:
     """Make Wan's constants the model's own statistics (module docstring): mean, std [16] of mu per channel."""
-    mean, std = mean.double(), std.double()
+    mean, std = mean.double().cpu(), std.double().cpu()  # folded on the CPU in float64, copied back
     target_mean = torch.tensor(LATENTS_MEAN, dtype=torch.float64)
     target_std = torch.tensor(LATENTS_STD, dtype=torch.float64)
     a = target_std / std  # [16]
     c = target_mean - a * mean
     z = len(a)
     q = model.quant_conv  # [32, 32, 1, 1, 1]: rows 0..15 give mu, 16..31 give logvar
-    w, b = q.weight.double(), q.bias.double()
+    w, b = q.weight.double().cpu(), q.bias.double().cpu()
     w[:z] *= a.view(-1, 1, 1, 1, 1)
     b[:z] = a * b[:z] + c
     b[z:] += 2 * torch.log(a)
     q.weight.copy_(w)
     q.bias.copy_(b)
     p = model.post_quant_conv  # [16, 16, 1, 1, 1]: decoder input z = (mu' - c) / a
-    w, b = p.weight.double(), p.bias.double()
+    w, b = p.weight.double().cpu(), p.bias.double().cpu()
     b = b - (w[:, :, 0, 0, 0] @ (c / a))
     w = w / a.view(1, -1, 1, 1, 1)
     p.weight.copy_(w)

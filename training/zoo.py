@@ -73,8 +73,9 @@ class Zoo:
     """One run of the driver: the work folder, the options, the clock and the report."""
 
     def __init__(self, work: Path, *, device: str, short: bool, budget: float | None, vae: Path | None,
-                 source: Path, progress: bool, log=print, sets: list[str] | None = None):
+                 source: Path, progress: bool, log=print, sets: list[str] | None = None, keep_going: bool = False):
         self.work, self.device, self.short = Path(work), device, short
+        self.keep_going = keep_going  # a failed stage is logged and recorded; the later stages still run
         self.given_vae = Path(vae) if vae is not None else None  # None: the vae stage trains one
         self.sets = list(sets or [])  # extra overrides: "key=value" for every config, "stage:key=value" for one
         self.source = Path(source)  # where the text encoder and tokenizer come from
@@ -167,7 +168,16 @@ class Zoo:
             t0 = time.perf_counter()
             self.log(f"[{stage}] start at {t0 - self.start:.0f} s")
             deadline = self.stage_deadline(stage, stages[i:])
-            summary = getattr(self, f"stage_{stage}")(deadline) or {}
+            try:
+                summary = getattr(self, f"stage_{stage}")(deadline) or {}
+            except Exception as exc:  # noqa: BLE001 - with keep_going, later independent stages still run
+                if not self.keep_going:
+                    raise
+                import traceback
+
+                self.log(f"[{stage}] FAILED after {time.perf_counter() - t0:.1f} s:\n" + traceback.format_exc())
+                self.record(stage, failed=f"{type(exc).__name__}: {exc}")
+                continue
             seconds = time.perf_counter() - t0
             self.record(stage, seconds=round(seconds, 1), **summary)
             self.log(f"[{stage}] done in {seconds:.1f} s: " + json.dumps(summary, default=str)[:600])
@@ -511,6 +521,9 @@ def main(argv=None) -> int:
     ap.add_argument("--set", nargs="+", default=[], metavar="[STAGE:]KEY=VALUE",
                     help="config overrides for every stage, or for one (teacher:max_steps=500)")
     ap.add_argument("--out", help="also write zoo_log.txt, zoo_report.json and the tar parts here")
+    ap.add_argument("--keep-going", action="store_true",
+                    help="a stage that fails is logged and the later stages still run (those that need its output "
+                         "fail in turn); for unattended GPU runs")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     stages = list(STAGES) if args.stages == "all" else [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -532,7 +545,8 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 teacher sampling (ODE pairs) and checks: TF32 matmuls
         torch.backends.cudnn.allow_tf32 = True
     zoo = Zoo(work, device=device, short=args.short, budget=args.budget, vae=args.vae,
-              source=Path(args.source), progress=not args.no_progress, log=log, sets=args.set)
+              source=Path(args.source), progress=not args.no_progress, log=log, sets=args.set,
+              keep_going=args.keep_going)
     work.mkdir(parents=True, exist_ok=True)
     try:
         zoo.run(stages)
