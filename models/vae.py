@@ -433,29 +433,33 @@ class StreamDecoder:
         """Like `push`, but on CUDA with `overlap` the decode is queued on the side stream and this returns at
         once; `PendingFrames.get()` hands the frames to the caller's stream."""
         if self.vae.device.type != "cuda":
-            return PendingFrames(self.push(latent_chunk), None)
+            return PendingFrames(self.push(latent_chunk))
         caller = torch.cuda.current_stream(self.vae.device)
         done = torch.cuda.Event(enable_timing=True)  # timing: benchmarks read when each chunk was ready
+        started = torch.cuda.Event(enable_timing=True)
         if self.stream is None:
+            started.record(caller)
             frames = self.push(latent_chunk)
             done.record(caller)
-            return PendingFrames(frames, done)
+            return PendingFrames(frames, done, started)
         ready = torch.cuda.Event()
         ready.record(caller)
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(ready)
+            started.record(self.stream)
             latent_chunk.record_stream(self.stream)  # its memory is not reused before the decode has read it
             frames = self.push(latent_chunk)
             done.record(self.stream)
-        return PendingFrames(frames, done)
+        return PendingFrames(frames, done, started)
 
 
 class PendingFrames:
-    """The pixel frames of one pushed chunk [B, 3, t, H, W]. `done` (CUDA): an event recorded when they are
-    complete. `get()` makes the calling stream wait for it (the host does not wait) and returns the frames."""
+    """The pixel frames of one pushed chunk [B, 3, t, H, W]. On CUDA, `started` and `done` are timing events
+    recorded when the decode begins and when the frames are complete. `get()` makes the calling stream wait for
+    `done` (the host does not wait) and returns the frames."""
 
-    def __init__(self, frames: torch.Tensor, done):
-        self.frames, self.done = frames, done
+    def __init__(self, frames: torch.Tensor, done=None, started=None):
+        self.frames, self.done, self.started = frames, done, started
 
     def get(self) -> torch.Tensor:
         if self.done is not None and self.frames.is_cuda:
