@@ -59,7 +59,8 @@ def _norm_into(out: torch.Tensor, x: torch.Tensor, norm, silu: bool) -> None:
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and _triton_ok():
         from models.triton_vae import rms_silu_into
 
-        rms_silu_into(_rows(out), _rows(x), norm.gamma, norm.scale, silu=silu)
+        fmt = CL3 if x.ndim == 5 else CL2  # (a no-op copy: convolutions return this layout)
+        rms_silu_into(_rows(out), _rows(x.contiguous(memory_format=fmt)), norm.gamma, norm.scale, silu=silu)
         return
     y = norm(x)  # the module itself: exactly the reference math
     out.copy_(F.silu(y) if silu else y)
@@ -172,10 +173,11 @@ class _Upsample:
         B, C, T, H, W = x.shape
         if self.time is not None and not first:
             self.time.input(x, T).copy_(x)
-            y = self.time.run(T)  # [B, 2C, T, H, W]: frame 2t + s = channels [s C, (s + 1) C) of frame t
+            y = self.time.run(T).contiguous(memory_format=CL3)  # [B, 2C, T, H, W]: frame 2t + s = channels
+            # [s C, (s + 1) C) of frame t
             src, s = _rows(y).view(B, T, H, W, 2, C).permute(0, 1, 4, 2, 3, 5), 2  # [B, T, 2, H, W, C]
         else:  # upsample2d, or the first step of upsample3d (diffusers' "Rep": no time_conv, no new frame)
-            src, s = _rows(x).view(B, T, 1, H, W, C), 1
+            src, s = _rows(x.contiguous(memory_format=CL3)).view(B, T, 1, H, W, C), 1
         up = src[:, :, :, :, None, :, None, :].expand(B, T, s, H, 2, W, 2, C)
         up = up.reshape(B * T * s, 2 * H, 2 * W, C).permute(0, 3, 1, 2)  # one copy; channels-last NCHW
         if up.dtype == torch.float64:  # diffusers' WanUpsample rounds to float32 (exact for bf16 and fp32)
