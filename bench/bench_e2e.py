@@ -415,6 +415,16 @@ def section_decoder(m: Models, repeats: int, compile_only: bool = False) -> None
         Dev.empty_cache()
     rows.append(["reference, float32 (TF32 off): the accuracy reference", f"{t32:.3f} s (one run, cold)", "",
                  "0", "", ""])
+    ref, fast = out.get("reference (diffusers), eager", {}), out.get("fast + CUDA graphs", {})
+    if "median_s" in ref and "median_s" in fast:
+        exact = fast["max_vs_fp32"] <= ref["max_vs_fp32"] * 1.5 and fast["mean_vs_fp32"] <= ref["mean_vs_fp32"] * 1.5
+        verdict = (f"fast + CUDA graphs decodes in {fast['median_s'] / ref['median_s']:.2f}x the reference's time; its "
+                   f"error vs float32 is max {fast['max_vs_fp32']:.3g} / mean {fast['mean_vs_fp32']:.2g} against the "
+                   f"reference bf16 decoder's {ref['max_vs_fp32']:.3g} / {ref['mean_vs_fp32']:.2g}: "
+                   + ("as exact (within 1.5x): it can be the default (models/vae.py DEFAULT_DECODER = 'fast')"
+                      if exact and fast["stream_equals_whole"] else "NOT as exact: keep the reference default"))
+        print(f"\nverdict: {verdict}")
+        out["verdict"] = verdict
     h, w = Dev.latent
     table(f"The VAE decoder alone: {Dev.frames} latents {h}x{w} -> {1 + 4 * (Dev.frames - 1)} frames "
           f"{8 * h}x{8 * w}, pushed in chunks of 3 "

@@ -16,7 +16,7 @@ chunk by chunk (`StreamDecoder.push`) and concatenating gives exactly what `deco
 Two implementations of the decoder (`WanVAE(decoder=...)`): "reference" runs diffusers' modules; "fast"
 (models/vae_fast.py) runs the same layers with channels-last activations, fixed cache buffers and, on CUDA,
 CUDA graphs; it differs from "reference" by rounding only. "auto" is WORKBENCH_VAE_DECODER if set, else
-"reference". A stream decoder can also decode on a side CUDA stream (`stream_decoder(overlap=True)` and
+DEFAULT_DECODER ("reference"). A stream decoder can also decode on a side CUDA stream (`stream_decoder(overlap=True)` and
 `push_async`), so a rollout's next chunk is denoised while the last one is decoded.
 
 Key map: Wan names (`encoder.downsamples.K.residual.2.weight`, `decoder.upsamples.K...`, `conv1`, `conv2`)
@@ -51,12 +51,14 @@ Z_DIM = 16
 SPATIAL_STRIDE = 8
 TEMPORAL_STRIDE = 4
 DECODERS = ("auto", "reference", "fast")
+DEFAULT_DECODER = "reference"  # what "auto" means without WORKBENCH_VAE_DECODER (bench/bench_e2e.py compares both)
 
 
 def resolve_decoder(decoder: str) -> str:
-    """'reference' or 'fast' for a `WanVAE(decoder=...)` setting ('auto': WORKBENCH_VAE_DECODER, else reference)."""
+    """'reference' or 'fast' for a `WanVAE(decoder=...)` setting ('auto': WORKBENCH_VAE_DECODER, else
+    DEFAULT_DECODER)."""
     if decoder == "auto":
-        decoder = os.environ.get("WORKBENCH_VAE_DECODER", "reference")
+        decoder = os.environ.get("WORKBENCH_VAE_DECODER", DEFAULT_DECODER)
         what = "WORKBENCH_VAE_DECODER"
     else:
         what = "decoder"
