@@ -1,6 +1,7 @@
 """Benchmark: the whole text-to-video pipeline of `workbench generate` on one CUDA GPU, 1.3B size, 480x832.
 
-    python3 bench/bench_e2e.py [--out DIR] [--long 84,168] [--profile] [--budget 330] [--repeats 2]
+    python3 bench/bench_e2e.py [--out DIR] [--configs today,...] [--long 84,168] [--profile] [--budget 330]
+                               [--repeats 2] [--skip decoder,text]
 
 What runs (random full-size weights drawn directly on the GPU; the numbers are about speed, not quality):
   umT5-XXL text encoder bf16 (bench/bench_vae_t5.py's specs), the embedded tiny tokenizer padding every prompt
@@ -23,8 +24,9 @@ to DIR/bench_e2e.json):
       fast-seq   fast decoder (models/vae_fast.py: channels-last, CUDA graphs), on the rollout's stream
       fast       fast decoder on a side stream: `workbench generate --vae-decoder fast`
       fast-hi    the same with the decode stream at high priority
-    Checks: every configuration's latents equal `today`'s bitwise; each run's streamed frames equal a whole
-    decode by the same decoder bitwise; overlapped frames equal the same decoder's sequential frames bitwise.
+    --configs picks some of them, in its order. Checks: every configuration's latents equal the first's
+    bitwise; each run's streamed frames equal a whole decode by the same decoder bitwise; overlapped frames
+    equal the same decoder's sequential frames bitwise (when that sequential configuration ran before).
  2. long: --long (default 84,168) latent frames with a 21-frame window and 3 sink frames, configuration
     `fast`: FPS, first-chunk latency, peak memory, and each chunk's rollout time (events at each on_chunk)
     and decode time: is the per-chunk time flat once the window is full (chunk >= 7)?
@@ -257,13 +259,14 @@ CONFIGS = {  # name -> (decoder, overlap, last context pass, decode stream prior
 }
 
 
-def section_e2e(m: Models, repeats: int) -> None:
+def section_e2e(m: Models, repeats: int, names: list[str]) -> None:
     from models.rollout import RolloutGraphs
 
     rows, out = [], {}
     base_latents = None
     seq_frames: dict = {}
-    for i, (name, (decoder, overlap, last, prio)) in enumerate(CONFIGS.items()):
+    for i, name in enumerate(names):
+        decoder, overlap, last, prio = CONFIGS[name]
         kw = dict(decoder=decoder, overlap=overlap, last_context_pass=last, priority=prio)
         # warm-up: the first shape runs eagerly (compiles), then records its graphs; a later graph key (no last
         # context pass) is recorded at once, every kernel being compiled by then
@@ -293,7 +296,7 @@ def section_e2e(m: Models, repeats: int) -> None:
                      f"**{s['fps']:.1f}**", f"{s['first_ms'] / 1000:.3f} s", f"{s['encode_ms']:.0f} ms",
                      f"{dit:.3f} s", f"{peak:.2f} GiB (+{peak - m.weights:.2f})",
                      f"{same_latents}", f"{same_whole}", "-" if same_seq is None or not overlap else f"{same_seq}"])
-        out[name] = dict(summary=s, peak_gib=peak, latents_equal_today=same_latents, frames_equal_whole=same_whole,
+        out[name] = dict(summary=s, peak_gib=peak, latents_equal_first=same_latents, frames_equal_whole=same_whole,
                          frames_equal_sequential=same_seq, dit_chunk_ms=[round(x, 1) for x in last_run["dit_ms"]],
                          decode_chunk_ms=[round(x, 1) for x in last_run["decode_ms"]],
                          warmup_s=round(time.perf_counter() - t - sum(r["wall"] for r in runs), 1))
@@ -306,7 +309,7 @@ def section_e2e(m: Models, repeats: int) -> None:
     table(f"End to end, {Dev.frames} latent frames -> {1 + 4 * (Dev.frames - 1)} frames of {8 * h}x{8 * w} (median "
           f"of {repeats} runs)",
           ["config", "decoder", "decode on", "last context pass", "wall", "FPS", "first chunk", "encode",
-           "rollout (events)", "peak (above weights)", "latents == today", "frames == whole decode",
+           "rollout (events)", "peak (above weights)", f"latents == {names[0]}", "frames == whole decode",
            "frames == sequential"], rows)
     RESULTS["sections"]["e2e"] = out
 
@@ -658,6 +661,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/bench_e2e"), help="folder for the log and json "
                     "(default: $OUT, else %(default)s)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per configuration (median reported)")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="the e2e section's configurations, in this order "
+                    "(the first compiles; latents are compared with its): comma list of %(default)s")
     ap.add_argument("--long", default="84,168", help="latent frame counts of the windowed runs ('' for none)")
     ap.add_argument("--profile", action="store_true", help="add the torch.profiler breakdowns")
     ap.add_argument("--decoder-compile", action="store_true", help="also time torch.compile of the fast step "
@@ -680,6 +685,9 @@ def main(argv=None) -> int:
     bad = [n for n in lengths if n % 3 or n < 3]
     if bad or args.repeats < 1:
         ap.error(f"--long: {bad} are not multiples of 3; --repeats must be >= 1")
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    if not configs or set(configs) - set(CONFIGS):
+        ap.error(f"--configs: unknown {sorted(set(configs) - set(CONFIGS)) or 'none given'}; allowed: {', '.join(CONFIGS)}")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     unknown = skip - {"e2e", "decoder", "long", "text", "profile", "decoder-compile"}
     if unknown:
@@ -710,12 +718,12 @@ def main(argv=None) -> int:
           f"transformers {transformers.__version__}, diffusers {diffusers.__version__}")
     from models.attention import backend_name
 
-    print(f"settings attention backend {backend_name(Dev.device, Dev.dtype)}, repeats {args.repeats}, long "
-          f"{lengths}, profile {args.profile}, budget {BUDGET:.0f} s")
+    print(f"settings attention backend {backend_name(Dev.device, Dev.dtype)}, repeats {args.repeats}, configs "
+          f"{configs}, long {lengths}, profile {args.profile}, budget {BUDGET:.0f} s")
     RESULTS.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    gpu=gpu, torch=torch.__version__, command=" ".join(sys.argv))
     m = Models()
-    sections = [("e2e", lambda: section_e2e(m, args.repeats)),
+    sections = [("e2e", lambda: section_e2e(m, args.repeats, configs)),
                 ("long", lambda: section_long(m, lengths) if lengths else None),
                 ("decoder", lambda: section_decoder(m, args.repeats)),
                 ("profile", lambda: section_profile(m) if args.profile else None),

@@ -201,3 +201,9 @@ def test_fast_decoder_on_cuda_graphs_and_overlap(small_sd, dtype, monkeypatch):
         assert torch.equal(run, plain)
     tol = 1e-4 if dtype == torch.float32 else 0.1
     torch.testing.assert_close(plain, want, rtol=0, atol=tol)
+    # the reference decoder on a side stream (generate's default) gives its sequential stream's bits
+    seq = ref.stream_decoder()
+    sequential = torch.cat([seq.push(latents[:, i:i + 3]) for i in range(0, 9, 3)], dim=2)
+    side = ref.stream_decoder(overlap=True)
+    pending = [side.push_async(latents[:, i:i + 3]) for i in range(0, 9, 3)]
+    assert torch.equal(torch.cat([p.get() for p in pending], dim=2), sequential)
