@@ -291,7 +291,8 @@ def section_e2e(m: Models, repeats: int, names: list[str]) -> None:
             seq_frames[decoder] = last_run["video"]
         same_seq = torch.equal(last_run["video"], seq_frames[decoder]) if decoder in seq_frames else None
         dit = sum(last_run["dit_ms"]) / 1000
-        rows.append([name, decoder, "side stream" + (f" (priority {prio})" if prio else "") if overlap else "same stream",
+        where = "side stream" + (f" (priority {prio})" if prio else "") if overlap else "same stream"
+        rows.append([name, decoder, where,
                      "yes" if last else "no", f"{s['wall']:.3f} s ({', '.join(map(str, s['walls']))})",
                      f"**{s['fps']:.1f}**", f"{s['first_ms'] / 1000:.3f} s", f"{s['encode_ms']:.0f} ms",
                      f"{dit:.3f} s", f"{peak:.2f} GiB (+{peak - m.weights:.2f})",
@@ -431,8 +432,9 @@ def section_decoder(m: Models, repeats: int, compile_only: bool = False) -> None
     h, w = Dev.latent
     table(f"The VAE decoder alone: {Dev.frames} latents {h}x{w} -> {1 + 4 * (Dev.frames - 1)} frames "
           f"{8 * h}x{8 * w}, pushed in chunks of 3 "
-          f"({Dev.dtype}, median of {repeats})", ["decoder", "time", "frames/s", "max / mean abs diff vs float32 reference",
-                          "max / mean abs diff vs bf16 reference", "streamed == whole decode (bitwise)"], rows)
+          f"({Dev.dtype}, median of {repeats})",
+          ["decoder", "time", "frames/s", "max / mean abs diff vs float32 reference",
+           "max / mean abs diff vs bf16 reference", "streamed == whole decode (bitwise)"], rows)
     RESULTS["sections"]["decoder-compile" if compile_only else "decoder"] = out
 
 
@@ -675,7 +677,8 @@ def main(argv=None) -> int:
                     "6x8, window 6 + sink 1, a long run of 12 frames): checks this script, measures nothing")
     args = ap.parse_args(argv)
     if args.smoke:
-        Dev.device, Dev.dtype, Dev.latent, Dev.window, Dev.frames, Dev.smoke = "cpu", torch.float32, (6, 8), (6, 1), 6, True
+        Dev.device, Dev.dtype, Dev.latent, Dev.window = "cpu", torch.float32, (6, 8), (6, 1)
+        Dev.frames, Dev.smoke = 6, True
         args.long = "12" if args.long == "84,168" else args.long
         torch.set_num_threads(1)
     try:
@@ -687,7 +690,8 @@ def main(argv=None) -> int:
         ap.error(f"--long: {bad} are not multiples of 3; --repeats must be >= 1")
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     if not configs or set(configs) - set(CONFIGS):
-        ap.error(f"--configs: unknown {sorted(set(configs) - set(CONFIGS)) or 'none given'}; allowed: {', '.join(CONFIGS)}")
+        ap.error(f"--configs: unknown {sorted(set(configs) - set(CONFIGS)) or 'none given'}; "
+                 f"allowed: {', '.join(CONFIGS)}")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     unknown = skip - {"e2e", "decoder", "long", "text", "profile", "decoder-compile"}
     if unknown:

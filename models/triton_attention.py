@@ -269,10 +269,12 @@ def _frame_attn_fwd_kernel(
     # j, j + n_qblk, ... of its head into KSUM [B, H, NKF, D] / QSUM [B, H, NQF, D] (the frame means of
     # attn_logit, from L2-hot data instead of separate passes over q and k).
     # WITH_LSE: also the row log-sum-exp (natural log) into LSE [B, H, Lq].
-    # WS (plain unmasked forward on TMA only): triton's automatic warp specialisation of the key sweep (a TMA
-    # producer and consumer warpgroups, setmaxnreg). It needs q through a TMA descriptor, one loop whose every
-    # tile is masked at `end`, and no branch after the loop (predicated stores instead); sm90 compiles it
-    # only so (tests/test_kernels.py). Its bits differ from WS=False by rounding (the masked tile arithmetic).
+    # WS (the plain unmasked forward on TMA, LSE allowed; the launcher refuses the rest): triton's automatic warp
+    # specialisation of the key sweep (a TMA producer warpgroup, two consumer warpgroups of BLOCK_M / 2 rows,
+    # setmaxnreg). sm90 specialises only with num_warps 4, q through a TMA descriptor, one loop whose every tile
+    # is masked at `end`, no branch in it (so no frame-mass flush) and none after it (predicated stores
+    # instead); tests/test_kernels.py compiles it for sm_90 and checks. Its bits differ from WS=False by
+    # rounding (the masked tile arithmetic).
     # Q/Out [B, Lq, H, D]; K/V [B, Lk, H, D]; RS/RM scratch [B, H, NKF, Lq]; PACC [items - N_FULL, BM, D].
     item = tl.program_id(0)
     n_qblk = tl.cdiv(Lq, BLOCK_M)
