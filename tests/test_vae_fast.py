@@ -7,7 +7,6 @@
 - The Triton RMSNorm + SiLU kernel equals the PyTorch code, run by Triton's interpreter on the CPU.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -17,25 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import push_in_chunks
 from models.errors import ModelInputError
 from models.vae import WanVAE, resolve_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(base_dim=4, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2, temperal_downsample=(False, True, True))
-
-
-def _make_module():
-    spec = importlib.util.spec_from_file_location("make_text_and_vae", ROOT / "data" / "embedded" /
-                                                  "make_text_and_vae.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def small_sd():
-    make = _make_module()
-    return make.wan_vae_state_dict(make.wan_vae_shapes(**SMALL), seed=11)
 
 
 def _pair(sd, dtype, device="cpu"):
@@ -71,13 +56,7 @@ def test_fast_stream_equals_fast_whole_bitwise(small_sd, chunks):
     latents = torch.randn(1, sum(chunks), 16, 3, 4)
     whole = fast.decode(latents)
     stream = fast.stream_decoder()
-    parts, start = [], 0
-    for n in chunks:
-        part = stream.push(latents[:, start:start + n])
-        assert part.shape[2] == (1 + 4 * (n - 1) if start == 0 else 4 * n)
-        parts.append(part)
-        start += n
-    assert torch.equal(torch.cat(parts, dim=2), whole)
+    assert torch.equal(push_in_chunks(stream, latents, chunks), whole)
     assert stream.frames_in == sum(chunks) and stream.frames_out == whole.shape[2]
     again = fast.decode(latents)  # the buffers are re-zeroed for a new video
     assert torch.equal(again, whole)
