@@ -14,7 +14,8 @@ HELP = "generate videos (latents, mp4, PNG grid) from prompts"
 
 EPILOG = """\
 examples:
-  workbench generate --prompt "a red kite over the sea"             # the embedded default (toy model)
+  workbench generate --prompt "a blue circle moving up"             # the embedded default (Self-Forcing DMD)
+  workbench generate --prompt "a blue circle moving up" --model teacher     # the toy 'Wan' teacher
   workbench generate --prompts prompts.txt --seed 0-3 --wan-dir wan_models/Wan2.1-T2V-1.3B \\
       --checkpoint checkpoints/self_forcing_dmd.pt --use-ema --out videos/sf_dmd
   workbench generate --prompt "..." --sampler bidirectional --wan-dir wan_models/Wan2.1-T2V-1.3B   # Wan baseline
@@ -40,11 +41,11 @@ def register(subparsers) -> None:
     p.add_argument("--seed", default="0", help="seed(s): 0, 0-3 or 1,2,3 (default: %(default)s)")
     p.add_argument("--frames", type=int, default=21, help="latent frames (default: %(default)s -> 81 video frames)")
     add_size_arguments(p)
-    p.add_argument("--sampler", default="causal_few_step",
-                   choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"])
-    p.add_argument("--num-inference-steps", type=int, default=50, help="multi-step samplers (default: %(default)s)")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="multi-step samplers (default: %(default)s)")
-    p.add_argument("--negative-prompt", default="", help="for the CFG samplers")
+    p.add_argument("--sampler", choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"],
+                   help="default: the --model's (causal_few_step for the students, bidirectional for the teacher)")
+    p.add_argument("--num-inference-steps", type=int, help="multi-step samplers (default: the --model's, else 50)")
+    p.add_argument("--guidance-scale", type=float, help="multi-step samplers (default: the --model's, else 5.0)")
+    p.add_argument("--negative-prompt", help="for the CFG samplers (default: \"\", what the zoo was trained with)")
     p.add_argument("--local-attn-size", type=int, default=-1, help="KV window in latent frames (-1: global)")
     p.add_argument("--sink-size", type=int, default=0, help="sink frames kept in the KV cache")
     add_model_arguments(p)
@@ -87,10 +88,12 @@ def run(args) -> int:
     from models.text_encoder import TextEncoder
     from models.vae import WanVAE, resolve_decoder
     from models.video import ensure_writable_dir, mp4_available, read_prompts, write_mp4, write_png_grid
+    from workbench.commands import resolve_model
     from workbench.errors import WorkbenchError
     from workbench.extract import DEFAULT_PROMPT, _dtype, parse_int_list
 
     # --- everything that can be wrong, before any work
+    resolve_model(args)
     resolve_decoder(args.vae_decoder)  # a bad WORKBENCH_VAE_DECODER included
     out = ensure_writable_dir(args.out)
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt or DEFAULT_PROMPT]
