@@ -56,6 +56,10 @@ def register(subparsers) -> None:
                         "kernel that `workbench extract --attention-kernel triton` captures from; outputs differ "
                         "from auto's by bf16 rounding) (default: %(default)s)")
     p.add_argument("--no-video", action="store_true", help="latents only (no VAE decode)")
+    p.add_argument("--vae-decoder", default="auto", choices=["auto", "reference", "fast"],
+                   help="the VAE decoder: reference (diffusers' modules) or fast (channels-last, CUDA graphs; frames "
+                        "differ from reference by rounding); auto: $WORKBENCH_VAE_DECODER, else reference "
+                        "(default: %(default)s)")
     p.add_argument("--out", default="runs/generate", help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     live = p.add_argument_group("live view (watch the run with `workbench view OUT`)")
@@ -82,7 +86,7 @@ def run(args) -> int:
     from models.embedded import EMBEDDED_DIR
     from models.rollout import sample, seeded_noise
     from models.text_encoder import TextEncoder
-    from models.vae import WanVAE
+    from models.vae import WanVAE, resolve_decoder
     from models.video import ensure_writable_dir, mp4_available, read_prompts, write_mp4, write_png_grid
     from workbench.commands import resolve_model
     from workbench.errors import WorkbenchError
@@ -90,6 +94,7 @@ def run(args) -> int:
 
     # --- everything that can be wrong, before any work
     resolve_model(args)
+    resolve_decoder(args.vae_decoder)  # a bad WORKBENCH_VAE_DECODER included
     out = ensure_writable_dir(args.out)
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt or DEFAULT_PROMPT]
     seeds = parse_int_list(args.seed, what="seed")
@@ -140,7 +145,8 @@ def run(args) -> int:
                      local_attn_size=args.local_attn_size, sink_size=args.sink_size, device=device, dtype=dtype,
                      trust_pickle=args.trust_pickle)
     model.attention_kernel = args.attention_kernel
-    vae = None if args.no_video else WanVAE.from_file(wan_dir / "Wan2.1_VAE.pth", device=device, dtype=dtype)
+    vae = None if args.no_video else WanVAE.from_file(wan_dir / "Wan2.1_VAE.pth", device=device, dtype=dtype,
+                                                      decoder=args.vae_decoder)
 
     jobs = [(i, s) for i in range(len(prompts)) for s in seeds]
     for i, seed in jobs:
@@ -148,31 +154,34 @@ def run(args) -> int:
         noise, gen = seeded_noise(seed, (1, args.frames, model.config.in_dim, h, w), device, dtype)
         chunks = args.frames // model.num_frame_per_block if args.sampler != "bidirectional" else 1
         per_chunk = 5 if args.sampler == "causal_few_step" else 2 * args.num_inference_steps + (2 if cfg_sampler and args.sampler != "bidirectional" else 0)
-        # each finished chunk is decoded right away (the VAE decodes causally, chunk by chunk) and, with
-        # --live, streamed with its attention
-        decoder = None if vae is None else vae.stream_decoder()
+        # each finished chunk is decoded right away (the VAE decodes causally, chunk by chunk), on CUDA on a side
+        # stream while the next chunk is denoised, and, with --live, streamed with its attention
+        decoder = None if vae is None else vae.stream_decoder(overlap=True)
         pieces = []
 
         def on_chunk(chunk, start, x0):  # x0 [1, n, C, h, w], the chunk's clean latents
-            video = None if decoder is None else decoder.push(x0)  # [1, 3, t, H, W]
-            if video is not None:
-                pieces.append(video)
+            pending = None if decoder is None else decoder.push_async(x0)
+            if pending is not None:
+                pieces.append(pending)
             if live is not None:
-                live.chunk(chunk, start, x0.shape[1], video)
+                live.chunk(chunk, start, x0.shape[1], None if pending is None else pending.get())  # [1, 3, t, H, W]
 
         watched = contextlib.nullcontext() if live is None else live.sample(model, name, prompt=prompts[i],
                                                                             prompt_index=i, seed=seed)
-        with watched, tqdm(total=chunks * per_chunk, desc=f"rollout {name}", unit="fwd", disable=quiet) as bar:
+        # the last chunk's context pass only writes the cache (same latents): skipped unless --live shows it
+        skip_last = args.sampler == "causal_few_step" and live is None
+        with watched, tqdm(total=chunks * per_chunk - skip_last, desc=f"rollout {name}", unit="fwd",
+                           disable=quiet) as bar:
             latents = sample(model, args.sampler, noise, contexts[i].to(device, dtype),
                              None if negative is None else negative.to(device, dtype), generator=gen,
                              num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                             on_forward=lambda *_: bar.update(1), on_chunk=on_chunk)
+                             on_forward=lambda *_: bar.update(1), on_chunk=on_chunk, last_context_pass=not skip_last)
         save_file({"latents": latents[0].float().cpu().contiguous()}, str(out / f"{name}.safetensors"),
                   metadata={"prompt": prompts[i], "seed": str(seed), "sampler": args.sampler,
                             "checkpoint": args.checkpoint or str(wan_dir)})
         if vae is None:
             continue
-        video = torch.cat(pieces, dim=2)[0]  # [3, T, H, W] in [-1, 1]
+        video = torch.cat([p.get() for p in pieces], dim=2)[0]  # [3, T, H, W] in [-1, 1]
         if mp4:
             write_mp4(video, out / f"{name}.mp4", fps=16)
         write_png_grid(video, out / f"{name}.png", ncols=9, frames=range(0, video.shape[1], 5))
