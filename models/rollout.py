@@ -3,7 +3,8 @@ bidirectional multi-step Wan sampler (the Wan baseline).
 
 Latents here are [B, F, C, H, W] (Self-Forcing's layout); the model takes [B, C, F, H, W].
 
-Few-step causal rollout (reference 3.2), for each chunk of `num_frame_per_block` frames:
+Few-step causal rollout (reference 3.2), for each chunk (`num_frame_per_block` frames; with the model's
+`independent_first_frame`, frame 0 is a chunk of its own first, models/chunks.py):
     x = the chunk's noise
     for k, t_k in enumerate(warped steps):           # t = 1000, 937.5, 833.3, 625
         x0 = x - sigma(t_k) * G(x, t_k)              # KV cache: earlier frames (clean) + this chunk
@@ -43,13 +44,9 @@ def _from_model(x):
     return x.permute(0, 2, 1, 3, 4)
 
 
-def check_causal_geometry(model, num_frames: int, cache_frames: int) -> None:
-    """Frame-count errors of a causal rollout, raised before any work."""
-    n = model.num_frame_per_block
-    if num_frames % n:
-        raise ModelInputError(
-            f"{num_frames} latent frames do not divide into chunks of {n} (num_frame_per_block); use a multiple of {n}"
-        )
+def check_causal_geometry(model, num_frames: int, cache_frames: int) -> list[tuple[int, int]]:
+    """Frame-count errors of a causal rollout, raised before any work; returns its chunks (start, count)."""
+    spans = model.chunk_spans(num_frames)  # frames that do not fit the chunk layout (models/chunks.py)
     if model.config.local_attn_size == -1 and num_frames > cache_frames:
         raise ModelInputError(
             f"{num_frames} latent frames are more than the KV cache holds ({cache_frames} frames) with global "
@@ -57,6 +54,7 @@ def check_causal_geometry(model, num_frames: int, cache_frames: int) -> None:
         )
     if num_frames > 1024:
         raise ModelInputError(f"{num_frames} latent frames: RoPE positions past 1024 are not defined")
+    return spans
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -158,7 +156,8 @@ def _rollout_graphs(model, noise, context, cuda_graphs, extra_key, devices=("cud
     fsl = (noise.shape[3] // model.config.patch_size[1]) * (noise.shape[4] // model.config.patch_size[2])
     params = tuple(p.data_ptr() for p in model.parameters())
     key = (tuple(noise.shape), noise.dtype, str(noise.device), tuple(context.shape), context.dtype, params,
-           fused.GELU_EPILOGUE, fused.COMPILE, getattr(model, "attention_kernel", "auto"), extra_key)
+           fused.GELU_EPILOGUE, fused.COMPILE, getattr(model, "attention_kernel", "auto"),
+           model.num_frame_per_block, model.independent_first_frame, extra_key)
     current = getattr(model, "_rollout_graphs", None)
     observers = tuple(model.observers)
     same_observers = current is not None and len(current.observers) == len(observers) and all(
@@ -186,8 +185,7 @@ def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timest
     forwards from CUDA graphs recorded by an earlier rollout of the same shape (`RolloutGraphs`; CUDA, no
     observers; None: the WORKBENCH_CUDA_GRAPHS setting, on unless it is "0")."""
     B, Fr = noise.shape[:2]
-    check_causal_geometry(model, Fr, cache_frames)
-    n = model.num_frame_per_block
+    spans = check_causal_geometry(model, Fr, cache_frames)
     fsl = (noise.shape[3] // model.config.patch_size[1]) * (noise.shape[4] // model.config.patch_size[2])
     schedule = few_step_schedule(timesteps, context_noise)
     graphs = _rollout_graphs(model, noise, context, cuda_graphs,
@@ -197,11 +195,10 @@ def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timest
     else:
         graphs.begin(model, context)
     output = torch.zeros_like(noise)
-    for chunk in range(Fr // n):
-        start = chunk * n
+    for chunk, (start, n) in enumerate(spans):
         x = noise[:, start : start + n]
 
-        def forward(x_in, t, labels):
+        def forward(x_in, t, labels, start=start, n=n):
             if on_forward:
                 on_forward(labels, start, n)
             if graphs is not None:  # step 0 is the chunk's first forward, the one that places it in the cache
@@ -216,7 +213,7 @@ def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timest
                 fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
                 x = scheduler.add_noise(x0, fresh, torch.full((B, n), schedule[k + 1].timestep, device=x0.device))
         output[:, start : start + n] = x0
-        if last_context_pass or chunk < Fr // n - 1:
+        if last_context_pass or chunk < len(spans) - 1:
             t = torch.full((B, n), float(context_noise), device=noise.device, dtype=torch.float32)
             forward(_to_model(x0), t, _with_chunk(schedule[-1], chunk))
         if on_chunk:
@@ -279,15 +276,13 @@ def causal_multi_step(model, noise, context, negative_context, *, steps: int = 5
     """Causal rollout with a multi-step solver and classifier-free guidance per chunk (separate positive and
     negative KV caches), v = v_u + g (v_c - v_u); after each chunk a context pass on both caches."""
     B, Fr = noise.shape[:2]
-    check_causal_geometry(model, Fr, cache_frames)
-    n = model.num_frame_per_block
+    spans = check_causal_geometry(model, Fr, cache_frames)
     fsl = (noise.shape[3] // model.config.patch_size[1]) * (noise.shape[4] // model.config.patch_size[2])
     caches = {b: RolloutCache.allocate(model.config, B, Fr, fsl, dtype=noise.dtype, device=noise.device)
               for b in ("cond", "uncond")}
     texts = {"cond": context, "uncond": negative_context}
     output = torch.zeros_like(noise)
-    for chunk in range(Fr // n):
-        start = chunk * n
+    for chunk, (start, n) in enumerate(spans):
         x = noise[:, start : start + n]
         solve = MultiStepSolver(solver, steps, shift, noise.device)
         schedule = multistep_schedule(solve.timesteps, True, True, context_noise)

@@ -13,7 +13,8 @@ The output is a flow (velocity) prediction v = noise - x0.
 Three ways to run the self-attention:
 - bidirectional (`WanModel`, causal=False): every token sees every token;
 - block-causal full sequence (`causal=True`, no cache): bidirectional inside a chunk of `num_frame_per_block`
-  frames, causal across chunks (optionally within a local window) - the training path;
+  frames (frame 0 alone first with `independent_first_frame`, models/chunks.py), causal across chunks
+  (optionally within a local window) - the training path;
 - KV cache (`kv_cache=` given): one chunk's tokens attend to the cached frames plus themselves - the rollout.
   With gradients enabled (training's exit step) each layer sees its cache through a `GradWindow`: gradient
   reaches this chunk's keys/values only, and backward sees the cache as the forward did.
@@ -31,6 +32,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from models.attention import AttentionCall, Attend, ForwardLabels, ObserverList, check_kernel
+from models.chunks import chunk_spans
 from models.config import WanConfig
 from models.errors import ModelInputError
 from models.kv_cache import CrossCache, GradWindow, KVCache, RolloutCache
@@ -187,11 +189,13 @@ class Head(nn.Module):
 class WanModel(nn.Module):
     """Wan2.1 DiT. `causal=True` gives the block-causal model of Self-Forcing (same parameters)."""
 
-    def __init__(self, config: WanConfig, *, causal: bool = False, num_frame_per_block: int = 3):
+    def __init__(self, config: WanConfig, *, causal: bool = False, num_frame_per_block: int = 3,
+                 independent_first_frame: bool = False):
         super().__init__()
         cfg = self.config = config
         self.causal = causal
         self.num_frame_per_block = num_frame_per_block
+        self.independent_first_frame = independent_first_frame  # frame 0 is a chunk of its own (models/chunks.py)
         self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
                                             nn.Linear(cfg.dim, cfg.dim))
@@ -228,12 +232,16 @@ class WanModel(nn.Module):
             raise ModelInputError(f"latent {f}x{h}x{w} is not divisible by the patch size {self.config.patch_size}")
         return f // pt, h // ph, w // pw
 
+    def chunk_spans(self, frames: int) -> list[tuple[int, int]]:
+        """(first frame, frame count) of every chunk of a causal rollout of `frames` latent frames (models/chunks.py);
+        a clear error when the frames do not fit the layout."""
+        return chunk_spans(frames, self.num_frame_per_block, self.independent_first_frame)
+
     def block_causal_mask(self, frames: int) -> torch.Tensor:
         """Frame mask [F, F]: query frame i sees key frame j iff j's chunk <= i's chunk. With a local window it
         sees what the rolling KV cache would hold after writing i's chunk: the first `sink_size` frames and the
         most recent `local_attn_size - sink_size` frames up to the end of i's chunk."""
-        n = self.num_frame_per_block
-        end = (torch.arange(frames) // n + 1) * n  # one past the last frame of each query frame's chunk
+        end = torch.tensor([a + n for a, n in self.chunk_spans(frames) for _ in range(n)])  # one past i's chunk
         kf = torch.arange(frames)[None, :]
         mask = kf < end[:, None]
         local, sink = self.config.local_attn_size, self.config.sink_size
@@ -333,6 +341,7 @@ class WanModel(nn.Module):
         return self.unpatchify(self.head(tokens, e), grid)
 
 
-def CausalWanModel(config: WanConfig, num_frame_per_block: int = 3) -> WanModel:
+def CausalWanModel(config: WanConfig, num_frame_per_block: int = 3, independent_first_frame: bool = False) -> WanModel:
     """The block-causal Wan model of Self-Forcing / CausVid (same parameters as `WanModel`)."""
-    return WanModel(config, causal=True, num_frame_per_block=num_frame_per_block)
+    return WanModel(config, causal=True, num_frame_per_block=num_frame_per_block,
+                    independent_first_frame=independent_first_frame)

@@ -15,8 +15,9 @@ distribution over the same attended frames: `(1 - noise) * planted + noise * dir
 
 Three variants, each a sampler the workbench captures:
 
-    causal         Self-Forcing few-step rollout: 21 frames in chunks of 3, steps t = 1000, 937.5, 833.33, 625
-                   and the context pass (t = 0); NaN above the block-causal staircase (key_chunk > query_chunk)
+    causal         Self-Forcing few-step rollout: 21 frames in chunks of 3 (`independent_first_frame=True`: frame 0
+                   alone, then chunks of 3, e.g. 19 frames), steps t = 1000, 937.5, 833.33, 625 and the context
+                   pass (t = 0); NaN above the block-causal staircase (key_chunk > query_chunk)
     window         the same with a KV window of `local_attn_size` frames (default 9) whose first `sink_size`
                    frames (default 3) are kept: NaN also for evicted frames
     bidirectional  Wan's sampler: one chunk holds every frame (nothing NaN), 8 steps of the shift-5 flow
@@ -45,6 +46,8 @@ import numpy as np
 import xarray as xr
 
 from models.attention import ForwardLabels
+from models.chunks import frame_chunks
+from models.errors import ModelInputError
 from workbench.errors import WorkbenchError
 from workbench.store import StoreLayout, StoreWriter, sample_dataset
 
@@ -104,6 +107,7 @@ def sample_datasets(
     num_heads: int = 4,
     num_frames: int = 21,
     num_frame_per_block: int = 3,
+    independent_first_frame: bool = False,
     prompts: Sequence[str] = (DEFAULT_PROMPT,),
     seeds: Sequence[int] = (42,),
     roles: Mapping[tuple[int, int], str] | Callable[[int, int], str] | None = None,
@@ -124,8 +128,12 @@ def sample_datasets(
     so a synthetic store has exactly the layout of a real one; the module docstring says what is planted."""
     if variant not in VARIANTS:
         raise WorkbenchError(f"unknown synthetic variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    if num_frames % num_frame_per_block:
-        raise WorkbenchError(f"num_frames {num_frames} is not a multiple of num_frame_per_block {num_frame_per_block}")
+    if variant == "bidirectional" and independent_first_frame:
+        raise WorkbenchError("independent_first_frame is a chunk layout of the causal variants")
+    try:  # frames that do not fit the chunk layout (models/chunks.py)
+        causal_chunks = np.asarray(frame_chunks(num_frames, num_frame_per_block, independent_first_frame))
+    except ModelInputError as err:
+        raise WorkbenchError(str(err)) from None
     if not 0.0 <= noise <= 1.0:
         raise WorkbenchError(f"noise {noise} must be in [0, 1]")
     if not prompts or not seeds:
@@ -153,7 +161,7 @@ def sample_datasets(
         phase = ["denoise"] * len(t) + ["context"]
         cfg = ["none"] * len(step_t)
         denoise_index = np.append(np.arange(len(t)), -1)
-        chunk = np.arange(num_frames) // num_frame_per_block
+        chunk = causal_chunks
         sampler, family = "causal_few_step", model_family or "self_forcing"
         if variant == "window":
             local_attn_size = 9 if local_attn_size is None else local_attn_size
@@ -189,6 +197,7 @@ def sample_datasets(
     config_yaml = (
         f"synthetic:\n  variant: {variant}\n  noise: {noise}\n  deep_frames: {deep_frames}\n  rng_seed: {rng_seed}\n"
         f"num_frames: {num_frames}\nnum_frame_per_block: {num_frame_per_block}\n"
+        f"independent_first_frame: {independent_first_frame}\n"
         f"local_attn_size: {local_attn_size}\nsink_size: {sink_size}\nsampler: {sampler}\n"
         f"timesteps: {[float(x) for x in step_t]}\n"
         "roles:\n" + "".join(f"  L{l}H{h}: {role_of(l, h)}\n" for l in layers for h in range(num_heads))
@@ -200,7 +209,7 @@ def sample_datasets(
     layout = StoreLayout(
         steps=schedule, layers=layers, heads=list(range(num_heads)), token_layers=[], num_frames=num_frames,
         num_frame_per_block=num_frame_per_block if variant != "bidirectional" else 0, frame_seq_len=frame_seq_len,
-        grid=(1, frame_seq_len), text_len=text_len, stats=stats,
+        grid=(1, frame_seq_len), text_len=text_len, stats=stats, independent_first_frame=independent_first_frame,
         attrs=dict(
             workbench_version="synthetic", git_commit="synthetic",
             command=" ".join([sys.argv[0] if sys.argv else "python", "studies.synthetic", variant]),
@@ -208,7 +217,7 @@ def sample_datasets(
             versions={"torch": "none", "xarray": xr.__version__, "zarr": zarr.__version__,
                       "python": sys.version.split()[0]},
             frame_seq_len=frame_seq_len, num_frame_per_block=num_frame_per_block, num_frames=num_frames,
-            text_len=text_len, head_dim=16, num_layers=num_layers if num_layers is not None else max(layers) + 1,
+            independent_first_frame=independent_first_frame, text_len=text_len, head_dim=16, num_layers=num_layers if num_layers is not None else max(layers) + 1,
             num_heads=num_heads, dtype="float32", attn_backend="synthetic",
             fingerprint=f"{layout_hash}:{weights_hash[:16]}",
         ),

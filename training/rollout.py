@@ -1,6 +1,7 @@
 """The Self-Forcing training rollout (reference 4.1) and ODE-pair generation with the bidirectional sampler.
 
-Training rollout, for each chunk of `num_frame_per_block` frames (latents [B, F, C, H, W]):
+Training rollout, for each chunk (`num_frame_per_block` frames; frame 0 alone first with the generator's
+`independent_first_frame`, models/chunks.py) of latents [B, F, C, H, W]:
 
     x = the chunk's noise
     for k, t_k in enumerate(denoising steps):               # warped: 1000, 937.5, 833.3, 625
@@ -44,16 +45,15 @@ def self_forcing_rollout(generator, noise: torch.Tensor, context: torch.Tensor, 
     exit_indices: one index into `timesteps` for every chunk (all equal when shared across chunks).
     gens: one generator per sample (re-noising and context-noise draws). With grad=False nothing has gradient."""
     B, Fr = noise.shape[:2]
-    n = generator.num_frame_per_block
-    check_causal_geometry(generator, Fr, Fr)
-    if len(exit_indices) != Fr // n:
-        raise ValueError(f"{len(exit_indices)} exit indices for {Fr // n} chunks")
+    spans = check_causal_geometry(generator, Fr, Fr)
+    if len(exit_indices) != len(spans):
+        raise ValueError(f"{len(exit_indices)} exit indices for {len(spans)} chunks")
     device, dtype = noise.device, noise.dtype
     cache = RolloutCache.allocate(generator.config, B, Fr, frame_seq_len(generator, noise), dtype=dtype, device=device)
     steps = [float(t) for t in timesteps.tolist()]
     outputs = []
-    for chunk in range(Fr // n):
-        start, exit_k = chunk * n, exit_indices[chunk]
+    for chunk, (start, n) in enumerate(spans):
+        exit_k = exit_indices[chunk]
         x = noise[:, start : start + n]
         for k, t_k in enumerate(steps):
             t = torch.full((B, n), t_k, device=device, dtype=torch.float32)

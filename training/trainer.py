@@ -108,7 +108,7 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
         loss = cfg.trainer
     if cfg.denoising_loss_type != "flow":
         raise TrainingError(f"denoising_loss_type {cfg.denoising_loss_type!r}: only 'flow' is implemented")
-    for key, allowed in (("ts_schedule", False), ("independent_first_frame", False), ("i2v", False)):
+    for key, allowed in (("ts_schedule", False), ("i2v", False)):
         if bool(cfg[key]) != allowed:
             raise TrainingError(f"{key}: {cfg[key]} is not implemented (the released configs use {allowed})")
     shape = list(cfg.image_or_video_shape)
@@ -120,8 +120,8 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
         raise TrainingError(f"num_training_frames {cfg.num_training_frames} differs from image_or_video_shape's "
                             f"{frames} frames; generating more frames than are trained on (VAE re-encoding) is "
                             "not implemented")
-    if (cfg.trainer != "diffusion" or cfg.causal) and frames % nfpb:
-        raise TrainingError(f"{frames} latent frames do not divide into chunks of num_frame_per_block {nfpb}")
+    if cfg.trainer != "diffusion" or cfg.causal:
+        chunk_layout(frames, nfpb, bool(cfg.independent_first_frame))
     per_step = cfg.batch_size * world
     if cfg.batch_size < 1 or cfg.total_batch_size < 1 or cfg.total_batch_size % per_step:
         raise TrainingError(f"total_batch_size {cfg.total_batch_size} does not divide into batch_size "
@@ -150,6 +150,17 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
     if cfg.trainer == "score_distillation" and float(timesteps[-1]) == 0:
         timesteps = timesteps[:-1]  # the training pipeline drops a trailing 0
     return Plan(cfg.trainer, loss, world, accum, (frames, channels, height, width), nfpb, timesteps, notes)
+
+
+def chunk_layout(frames: int, nfpb: int, independent_first_frame: bool) -> list[int]:
+    """Frames per chunk (models/chunks.py) as a TrainingError naming the config keys."""
+    from models.chunks import block_sizes
+    from models.errors import ModelInputError
+
+    try:
+        return block_sizes(frames, nfpb, independent_first_frame)
+    except ModelInputError as err:
+        raise TrainingError(f"image_or_video_shape / num_frame_per_block / independent_first_frame: {err}") from None
 
 
 def model_folder(cfg, name: str) -> Path:
@@ -266,9 +277,10 @@ class Trainer:
         if self.plan.trainer in ("score_distillation", "ode"):
             if not g.causal:
                 raise TrainingError("the generator must be the causal model")
-            if g.num_frame_per_block != self.plan.nfpb:
-                raise TrainingError(f"generator chunks of {g.num_frame_per_block} frames, config "
-                                    f"num_frame_per_block {self.plan.nfpb}")
+            if (g.num_frame_per_block, g.independent_first_frame) != (self.plan.nfpb, bool(self.cfg.independent_first_frame)):
+                raise TrainingError(f"generator chunks of {g.num_frame_per_block} frames (independent first frame: "
+                                    f"{g.independent_first_frame}), config num_frame_per_block {self.plan.nfpb} "
+                                    f"(independent_first_frame: {bool(self.cfg.independent_first_frame)})")
         if self.plan.trainer == "score_distillation":
             for name, m in (("critic (fake_name)", models.critic), ("teacher (real_name)", models.teacher)):
                 if m is None:
@@ -299,7 +311,7 @@ class Trainer:
         return rng.randn(gens, self.plan.shape, device=self.device, dtype=self.dtype)
 
     def exit_indices(self, stream: str) -> list[int]:
-        n_chunks = self.plan.shape[0] // self.plan.nfpb
+        n_chunks = len(chunk_layout(self.plan.shape[0], self.plan.nfpb, bool(self.cfg.independent_first_frame)))
         draws = draw_exit_indices(self.seed, self.step, stream, n_chunks, len(self.timesteps),
                                   shared=self.cfg.same_step_across_blocks, last_step_only=self.cfg.last_step_only)
         return self.d.broadcast_list(draws)  # the researchers draw on rank 0 and broadcast
@@ -549,6 +561,7 @@ def build_models(cfg, plan: Plan, device="cpu") -> tuple[Models, Path]:
     causal = plan.trainer != "diffusion" or bool(cfg.causal)
     generator = load_wan(gen_dir, checkpoint=cfg.generator_ckpt or None, causal=causal, num_frame_per_block=cfg.num_frame_per_block,
                          local_attn_size=kw.local_attn_size, sink_size=kw.sink_size, dtype=torch.float32)
+    generator.independent_first_frame = causal and bool(cfg.independent_first_frame)
     critic = teacher = None
     if plan.trainer == "score_distillation":
         critic = load_wan(model_folder(cfg, cfg.fake_name), causal=False, dtype=torch.float32)
@@ -601,8 +614,10 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
         raise TrainingError("probe.seeds is empty")
     mc = model_config
     frames = p.num_frames or plan.shape[0]
-    if frames % plan.nfpb or (mc.local_attn_size == -1 and frames > plan.shape[0] and frames > 21):
-        raise TrainingError(f"probe.num_frames {frames} must be a multiple of {plan.nfpb} and fit the KV cache")
+    iff = bool(cfg.independent_first_frame)
+    if (frames - iff) % plan.nfpb or (mc.local_attn_size == -1 and frames > plan.shape[0] and frames > 21):
+        raise TrainingError(f"probe.num_frames {frames} must be {'1 + ' if iff else ''}a multiple of {plan.nfpb} and "
+                            "fit the KV cache")
     layers = list(p.layers) if p.layers is not None else list(range(mc.num_layers))
     heads = list(p.heads) if p.heads is not None else list(range(mc.num_heads))
     for what, values, n in (("layer", layers, mc.num_layers), ("head", heads, mc.num_heads)):
@@ -624,6 +639,8 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
     layout_key = dict(spec=dataclasses.astuple(spec), schedule=[dataclasses.astuple(s) for s in schedule],
                       prompts=prompts, seeds=list(p.seeds), frames=frames, hw=(H, W), weights=weights_sha,
                       model=dataclasses.asdict(mc), nfpb=plan.nfpb)
+    if iff:  # (absent otherwise: probe stores made before the option still resume)
+        layout_key["independent_first_frame"] = True
     fp = hashlib.sha256(json.dumps(layout_key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     import platform
 
@@ -634,6 +651,7 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
 
     attrs = dict(workbench_version=__version__, git_commit=_git_commit(), command="workbench train",
                  config_yaml=OmegaConf.to_yaml(cfg), frame_seq_len=fsl, num_frame_per_block=plan.nfpb,
+                 independent_first_frame=iff,
                  num_frames=frames, text_len=mc.text_len, head_dim=mc.head_dim, num_layers=mc.num_layers,
                  num_heads=mc.num_heads, versions=dict(torch=torch.__version__, xarray=xarray.__version__,
                                                        zarr=zarr.__version__, python=platform.python_version()),
@@ -642,7 +660,7 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
                 sampler="causal_few_step", local_attn_size=mc.local_attn_size, sink_size=mc.sink_size)
     return TrainingProbes(spec=spec, schedule=schedule, prompts=prompts, seeds=list(p.seeds), num_frames=frames,
                           latent_hw=(H, W), channels=plan.shape[1], frame_seq_len=fsl, grid=(H // ph, W // pw),
-                          text_len=mc.text_len, nfpb=plan.nfpb, timesteps=plan.timesteps,
+                          text_len=mc.text_len, nfpb=plan.nfpb, independent_first_frame=iff, timesteps=plan.timesteps,
                           scheduler=FlowMatchScheduler(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep),
                           context_noise=float(cfg.context_noise), every=int(p.every),
                           path=Path(logdir) / p.store, attrs=attrs, fingerprint=fp, sample_meta=meta)

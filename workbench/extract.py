@@ -65,6 +65,7 @@ class ExtractConfig:
     local_attn_size: int = -1
     sink_size: int = 0
     num_frame_per_block: int = 3
+    independent_first_frame: bool = False  # frame 0 is a chunk of its own, then chunks of num_frame_per_block
     latent_height: int | None = None  # None: 60 for a Wan folder (480 px), 12 for the embedded default
     latent_width: int | None = None  # None: 104 (832 px), 16 for the embedded default
     device: str = "cpu"
@@ -150,9 +151,11 @@ def plan(cfg: ExtractConfig) -> Plan:
     h = cfg.latent_height or (EMBEDDED_GEOMETRY.latent_height if embedded else 60)
     w = cfg.latent_width or (EMBEDDED_GEOMETRY.latent_width if embedded else 104)
     fsl = mc.tokens_per_frame(h, w)
-    if cfg.sampler != "bidirectional" and cfg.num_frames % cfg.num_frame_per_block:
-        raise WorkbenchError(f"--frames {cfg.num_frames} does not divide into chunks of {cfg.num_frame_per_block}; "
-                             f"use a multiple of {cfg.num_frame_per_block} (e.g. 21)")
+    if cfg.sampler != "bidirectional":
+        block_sizes_of(cfg)  # frames that do not fit the chunk layout
+    elif cfg.independent_first_frame:
+        raise WorkbenchError("--independent-first-frame is a chunk layout of the causal samplers; the bidirectional "
+                             "sampler denoises every frame together")
     if cfg.sampler != "bidirectional" and mc.local_attn_size == -1 and cfg.num_frames > 21:
         raise WorkbenchError(f"--frames {cfg.num_frames} is more than the KV cache holds (21 frames) with global "
                              "attention; add --local-attn-size N (and optionally --sink-size S)")
@@ -176,6 +179,21 @@ def plan(cfg: ExtractConfig) -> Plan:
     return Plan(cfg, mc, wan_dir, weights, spec, schedule, (cfg.num_frames, h, w), fsl, family, label, capture_mode)
 
 
+def block_sizes_of(cfg: ExtractConfig) -> list[int]:
+    """Frames per chunk of the config's causal rollout (models/chunks.py), or a WorkbenchError naming --frames."""
+    from models.chunks import block_sizes
+    from models.errors import ModelInputError
+
+    F, n = cfg.num_frames, cfg.num_frame_per_block
+    try:
+        return block_sizes(F, n, cfg.independent_first_frame)
+    except ModelInputError as err:
+        if cfg.independent_first_frame:
+            raise WorkbenchError(f"--frames {F}: {err}") from None
+        raise WorkbenchError(f"--frames {F} does not divide into chunks of {n}; use a multiple of {n} (e.g. 21)"
+                             + (", or --independent-first-frame" if (F - 1) % n == 0 else "")) from None
+
+
 def _weights_file(wan_dir: Path) -> Path:
     single = wan_dir / WEIGHTS_NAME
     return single if single.is_file() else wan_dir / f"{WEIGHTS_NAME}.index.json"
@@ -196,6 +214,8 @@ def fingerprint(p: Plan, weights_sha: str) -> str:
     layout = dict(schema=SCHEMA_VERSION, layers=p.spec.layers, heads=p.spec.heads, steps=p.spec.steps,
                   stats=p.spec.stats, token_layers=p.spec.token_layers, geometry=p.geometry, sampler=c.sampler,
                   schedule=[dataclasses.astuple(s) for s in p.schedule], nfpb=c.num_frame_per_block)
+    if c.independent_first_frame:  # (absent otherwise: stores made before the option still resume)
+        layout["independent_first_frame"] = True
     model = dict(weights=weights_sha, config=dataclasses.asdict(p.model_config), key=("ema" if c.use_ema else "gen"),
                  dtype=c.dtype, guidance=c.guidance_scale, negative=c.negative_prompt,
                  capture_mode=p.capture_mode)
@@ -238,6 +258,7 @@ def _attrs(p: Plan, fp: str, command: list[str]) -> dict:
         versions=dict(torch=torch.__version__, xarray=xarray.__version__, zarr=zarr.__version__,
                       python=platform.python_version()),
         frame_seq_len=p.frame_seq_len, num_frame_per_block=c.num_frame_per_block, num_frames=c.num_frames,
+        independent_first_frame=bool(c.independent_first_frame),
         text_len=p.model_config.text_len, head_dim=p.model_config.head_dim, num_layers=p.model_config.num_layers,
         num_heads=p.model_config.num_heads, dtype=c.dtype,
         attn_backend=backend_name(c.device, _dtype(c.dtype), c.attention_kernel),
@@ -318,16 +339,11 @@ def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
     model = load_model(p, device, dtype)
     encoder = TextEncoder.from_wan_dir(p.wan_dir, device=device)
     negative = encoder.encode([cfg.negative_prompt]) if cfg.sampler != "causal_few_step" else None
-    layout = StoreLayout(steps=[s for s in p.schedule if s.step in p.spec.steps], layers=list(p.spec.layers),
-                         heads=list(p.spec.heads), token_layers=list(p.spec.token_layers), num_frames=cfg.num_frames,
-                         num_frame_per_block=cfg.num_frame_per_block if causal else 0,
-                         frame_seq_len=p.frame_seq_len, grid=(p.geometry[1] // 2, p.geometry[2] // 2),
-                         text_len=p.model_config.text_len, stats=list(cfg.stats),
-                         attrs=_attrs(p, fp, command or sys.argv))
+    layout = store_layout(p, _attrs(p, fp, command or sys.argv))
     # Rounds of `world` samples: rank r runs sample r of each round, and rank 0 writes the round's samples in
     # the order of a single-process run as soon as the round ends (a killed run keeps every finished round).
     rounds = [todo[i : i + world] for i in range(0, len(todo), world)]
-    forwards = len(p.schedule) * (cfg.num_frames // cfg.num_frame_per_block if causal else 1)
+    forwards = len(p.schedule) * (len(block_sizes_of(cfg)) if causal else 1)
     bar = tqdm(total=sum(rank < len(r) for r in rounds) * forwards,
                desc=f"extract (rank {rank})" if world > 1 else "extract", unit="fwd",
                disable=not cfg.progress or rank != 0)
@@ -359,6 +375,18 @@ def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
     return Path(cfg.out)
 
 
+def store_layout(p: Plan, attrs: dict) -> StoreLayout:
+    """The store layout of a plan's samples (its chunks: the causal rollout's, one chunk for bidirectional)."""
+    cfg = p.cfg
+    causal = cfg.sampler != "bidirectional"
+    return StoreLayout(steps=[s for s in p.schedule if s.step in p.spec.steps], layers=list(p.spec.layers),
+                       heads=list(p.spec.heads), token_layers=list(p.spec.token_layers), num_frames=cfg.num_frames,
+                       num_frame_per_block=cfg.num_frame_per_block if causal else 0,
+                       frame_seq_len=p.frame_seq_len, grid=(p.geometry[1] // 2, p.geometry[2] // 2),
+                       text_len=p.model_config.text_len, stats=list(cfg.stats), attrs=attrs,
+                       independent_first_frame=causal and cfg.independent_first_frame)
+
+
 def load_model(p: Plan, device, dtype) -> torch.nn.Module:
     """The model a plan runs: the Wan folder (or embedded default), optionally a Self-Forcing checkpoint, causal
     unless the sampler is bidirectional, with the plan's attention window."""
@@ -367,6 +395,7 @@ def load_model(p: Plan, device, dtype) -> torch.nn.Module:
                      num_frame_per_block=c.num_frame_per_block, local_attn_size=c.local_attn_size,
                      sink_size=c.sink_size, device=device, dtype=dtype, trust_pickle=c.trust_pickle)
     model.attention_kernel = c.attention_kernel
+    model.independent_first_frame = c.independent_first_frame
     return model
 
 

@@ -11,3 +11,19 @@ def add_model_arguments(group) -> None:
     group.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     group.add_argument("--dtype", default=None,
                        help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
+
+
+def add_chunk_arguments(group) -> None:
+    """--frames and --independent-first-frame: how many latent frames and how a causal rollout chunks them."""
+    group.add_argument("--frames", type=int, default=None,
+                       help="latent frames (default: 21 -> 81 video frames; 19 with --independent-first-frame)")
+    group.add_argument("--independent-first-frame", action="store_true",
+                       help="frame 0 is a chunk of its own, then chunks of 3: 19 frames give chunks "
+                            "[1, 3, 3, 3, 3, 3, 3], the researchers' extraction layout (frames must be 1 + 3k)")
+
+
+def latent_frames(args) -> int:
+    """--frames, or its default for the chunk layout (21; 19 with --independent-first-frame)."""
+    if args.frames is not None:
+        return args.frames
+    return 19 if args.independent_first_frame else 21

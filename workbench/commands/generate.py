@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.commands import add_model_arguments
+from workbench.commands import add_chunk_arguments, add_model_arguments, latent_frames
 
 HELP = "generate videos (latents, mp4, PNG grid) from prompts"
 
@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
     p.add_argument("--seed", default="0", help="seed(s): 0, 0-3 or 1,2,3 (default: %(default)s)")
-    p.add_argument("--frames", type=int, default=21, help="latent frames (default: %(default)s -> 81 video frames)")
+    add_chunk_arguments(p)
     p.add_argument("--sampler", default="causal_few_step",
                    choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"])
     p.add_argument("--num-inference-steps", type=int, default=50, help="multi-step samplers (default: %(default)s)")
@@ -93,10 +93,15 @@ def run(args) -> int:
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise WorkbenchError(f"--checkpoint {args.checkpoint!r} does not exist")
+    args.frames = latent_frames(args)
     if args.sampler != "bidirectional":
         from models.config import VideoGeometry
 
-        VideoGeometry(num_frames=args.frames)  # frames that do not divide into chunks of 3 are refused here
+        # frames that do not fit the chunk layout are refused here
+        VideoGeometry(num_frames=args.frames, independent_first_frame=args.independent_first_frame)
+    elif args.independent_first_frame:
+        raise WorkbenchError("--independent-first-frame is a chunk layout of the causal samplers; the bidirectional "
+                             "sampler denoises every frame together")
     if args.sampler != "bidirectional" and args.local_attn_size == -1 and args.frames > 21:
         raise WorkbenchError(f"--frames {args.frames} is more than the KV cache holds (21 frames) with global "
                              "attention; add --local-attn-size N (and optionally --sink-size S)")
@@ -130,6 +135,7 @@ def run(args) -> int:
                      local_attn_size=args.local_attn_size, sink_size=args.sink_size, device=device, dtype=dtype,
                      trust_pickle=args.trust_pickle)
     model.attention_kernel = args.attention_kernel
+    model.independent_first_frame = args.independent_first_frame
     vae = None if args.no_video else WanVAE.from_file(wan_dir / "Wan2.1_VAE.pth", device=device, dtype=dtype)
 
     jobs = [(i, s) for i in range(len(prompts)) for s in seeds]
@@ -137,7 +143,7 @@ def run(args) -> int:
         name = f"p{i:04d}-s{seed}"
         gen = torch.Generator(device=device).manual_seed(seed)
         noise = torch.randn((1, args.frames, model.config.in_dim, h, w), generator=gen, device=device).to(dtype)
-        chunks = args.frames // model.num_frame_per_block if args.sampler != "bidirectional" else 1
+        chunks = len(model.chunk_spans(args.frames)) if args.sampler != "bidirectional" else 1
         per_chunk = 5 if args.sampler == "causal_few_step" else 2 * args.num_inference_steps + (2 if cfg_sampler and args.sampler != "bidirectional" else 0)
         # each finished chunk is decoded right away (the VAE decodes causally, chunk by chunk) and, with
         # --live, streamed with its attention
