@@ -282,6 +282,12 @@ def _dist():
     return dist.get_rank(), world, True
 
 
+def rank_share(items: list, rank: int, world: int) -> list:
+    """The items rank `rank` of `world` runs: items rank, rank + world, ... (round r of `world` items gives its
+    item `rank` to this rank; `workbench generate` deals its samples the same way)."""
+    return items[rank::world]
+
+
 def _rank_device(device: str, world: int) -> torch.device:
     """Under torchrun each rank takes its own GPU (LOCAL_RANK) when the device is a bare 'cuda'."""
     if world > 1 and device == "cuda":
@@ -344,7 +350,7 @@ def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
     # the order of a single-process run as soon as the round ends (a killed run keeps every finished round).
     rounds = [todo[i : i + world] for i in range(0, len(todo), world)]
     forwards = len(p.schedule) * (len(block_sizes_of(cfg)) if causal else 1)
-    bar = tqdm(total=sum(rank < len(r) for r in rounds) * forwards,
+    bar = tqdm(total=len(rank_share(todo, rank, world)) * forwards,
                desc=f"extract (rank {rank})" if world > 1 else "extract", unit="fwd",
                disable=not cfg.progress or rank != 0)
     probe = make_probe(model, p, device)

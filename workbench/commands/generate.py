@@ -20,6 +20,8 @@ examples:
   workbench generate --prompt "..." --sampler bidirectional --wan-dir wan_models/Wan2.1-T2V-1.3B   # Wan baseline
   workbench generate --prompt "a red kite" --live --layers 0-5 --out runs/live    # and meanwhile:
   workbench view runs/live --wait                                   # frames and attention, chunk by chunk
+  torchrun --nproc_per_node=8 -m workbench.cli generate --prompts prompts.txt --wan-dir ... --out videos/x
+                                                       # prompts dealt over 8 GPUs, the same file names
 
 Writes, per prompt index P and seed S, into --out: pPPPP-sS.safetensors (latents [F, 16, h, w] under
 "latents"), pPPPP-sS.mp4 (16 fps) and pPPPP-sS.png (a grid of every 5th frame). With less than 40 GB of
@@ -65,6 +67,21 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    """Under torchrun (WORLD_SIZE > 1) each rank runs its share of the (prompt, seed) samples, dealt as
+    `workbench extract` deals them, and writes them under the names a single-process run gives them."""
+    from workbench.extract import _dist
+
+    rank, world, initialised = _dist()
+    try:
+        return _run(args, rank, world)
+    finally:
+        if initialised:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(args, rank: int = 0, world: int = 1) -> int:
     import contextlib
     import gc
     from pathlib import Path
@@ -80,7 +97,7 @@ def run(args) -> int:
     from models.vae import WanVAE
     from models.video import ensure_writable_dir, read_prompts, write_mp4, write_png_grid
     from workbench.errors import WorkbenchError
-    from workbench.extract import DEFAULT_PROMPT, _dtype, parse_int_list
+    from workbench.extract import DEFAULT_PROMPT, _dtype, _rank_device, parse_int_list, rank_share
 
     # --- everything that can be wrong, before any work
     out = ensure_writable_dir(args.out)
@@ -105,7 +122,7 @@ def run(args) -> int:
     if args.sampler != "bidirectional" and args.local_attn_size == -1 and args.frames > 21:
         raise WorkbenchError(f"--frames {args.frames} is more than the KV cache holds (21 frames) with global "
                              "attention; add --local-attn-size N (and optionally --sink-size S)")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _rank_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), world)
     dtype = _dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     embedded = args.wan_dir is None
     h, w = (12, 16) if embedded else (60, 104)
@@ -115,6 +132,8 @@ def run(args) -> int:
     live = None
     if not args.live and (args.layers or args.heads or args.steps):
         raise WorkbenchError("--layers, --heads and --steps choose what --live captures; add --live")
+    if args.live and world > 1:
+        raise WorkbenchError("--live streams one process's run to `workbench view`; run it without torchrun")
     if args.live:  # what to capture, checked (layers, heads, steps) before any weights are read
         from workbench.view.live import LiveRun, live_plan
 
@@ -124,7 +143,9 @@ def run(args) -> int:
 
     # --- text first; in low-memory mode the encoder leaves the GPU before the DiT arrives
     encoder = TextEncoder.from_wan_dir(wan_dir, device=device, cache_dir=out / ".prompt_cache")
-    contexts = [encoder.encode([p]).context for p in tqdm(prompts, desc="encode", disable=quiet)]
+    jobs = rank_share([(i, s) for i in range(len(prompts)) for s in seeds], rank, world)  # this rank's samples
+    contexts = {i: encoder.encode([prompts[i]]).context
+                for i in tqdm(sorted({i for i, _ in jobs}), desc="encode", disable=quiet)}
     cfg_sampler = args.sampler != "causal_few_step"
     negative = encoder.encode([args.negative_prompt]).context if cfg_sampler else None
     if low_memory:
@@ -138,7 +159,6 @@ def run(args) -> int:
     model.independent_first_frame = args.independent_first_frame
     vae = None if args.no_video else WanVAE.from_file(wan_dir / "Wan2.1_VAE.pth", device=device, dtype=dtype)
 
-    jobs = [(i, s) for i in range(len(prompts)) for s in seeds]
     for i, seed in jobs:
         name = f"p{i:04d}-s{seed}"
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -174,5 +194,11 @@ def run(args) -> int:
         write_png_grid(video, out / f"{name}.png", ncols=9, frames=range(0, video.shape[1], 5))
     if live is not None:
         live.close()
-    print(f"wrote {len(jobs)} sample(s) to {out}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank's files are written
+    if rank == 0:
+        total = len(prompts) * len(seeds)
+        print(f"wrote {total} sample(s) to {out}" + (f" ({world} processes)" if world > 1 else ""))
     return 0
