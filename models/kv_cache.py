@@ -11,10 +11,22 @@ Semantics are those of Self-Forcing's `CausalWanModel._forward_inference` (refer
 The cache records which absolute frame each slot holds, so attention calls are labelled from what is really
 there, not from a count.
 
-Training (a forward with gradients, the exit step of Self-Forcing) sees the cache through a `GradWindow`: the
-past keys/values carry no gradient, the chunk's own keys/values keep theirs, the cache stores a detached copy,
-and the window is fixed when the forward starts, so backward (and an activation-checkpoint recompute) sees
-what the forward saw even after later chunks and context passes wrote the cache.
+Training (a forward with gradients, the exit step of Self-Forcing) sees the cache through a `GradWindow`; the
+window's values are fixed when the forward starts, so backward (and an activation-checkpoint recompute) sees
+what the forward saw even after later chunks and context passes wrote the cache. What gradient the past
+entries carry is the rollout's `kv_gradient` (docs/training.md):
+- "inplace" (the researchers' code): the chunk's keys/values are written into the cache with their gradient,
+  as `CausalWanSelfAttention` writes its cache in place. A later chunk's exit forward reads the rows of an
+  earlier chunk holding the context pass's values (written without gradient), but autograd still routes the
+  gradient of those rows to the last forward that wrote them with gradient: the earlier chunk's exit step.
+- "detached": the cache stores a detached copy; past keys/values carry no gradient (the paper's truncation).
+
+The cross-attention cache holds the text keys/values of the rollout's first forward; `text_kv_gradient` says
+when an exit forward computes them afresh (with gradient) instead:
+- "follows_checkpointing" (the researchers' code): when the model checkpoints activations (their checkpointed
+  block path is not given the cross-attention cache), otherwise never;
+- "every_exit": always, so the text parameters get the same gradient with and without checkpointing;
+- "first_forward": never (the text parameters get gradient only when the first forward is an exit step).
 """
 
 from __future__ import annotations
@@ -24,6 +36,9 @@ from dataclasses import dataclass
 import torch
 
 from models.errors import ModelInputError
+
+KV_GRADIENTS = ("inplace", "detached")
+TEXT_KV_GRADIENTS = ("follows_checkpointing", "every_exit", "first_forward")
 
 
 class KVCache:
@@ -97,12 +112,15 @@ class GradWindow:
 
     Made before the forward runs: the chunk's slots are placed (evicting as `write` would) and the keys/values
     of the other filled slots are taken as they are now (views; copies when a rolling window may later shift
-    them). `write` stores a detached copy in the cache once (an activation-checkpoint recompute does not write
-    again) and keeps the new keys/values with their gradient; `window` returns cat(before, new, after), so the
-    attention's backward reaches this chunk's keys/values and nothing that earlier forwards wrote."""
+    them). `write` stores the new keys/values in the cache once (an activation-checkpoint recompute does not
+    write again): in place with their gradient (`inplace=True`, the researchers' semantics: the cache's
+    autograd history then routes a later reader's gradient to these keys/values) or as a detached copy; it keeps
+    the new keys/values with their gradient. `window` returns cat(before, new, after): a new tensor (the
+    attention saves no view of the cache, which later forwards overwrite), whose backward reaches this chunk's
+    keys/values and, with `inplace`, the earlier exit forwards' keys/values through the cache."""
 
-    def __init__(self, cache: KVCache, start_frame: int, num_frames: int):
-        self.cache = cache
+    def __init__(self, cache: KVCache, start_frame: int, num_frames: int, *, inplace: bool = False):
+        self.cache, self.inplace = cache, inplace
         self.a, self.b = cache.place(start_frame, num_frames)
         end = len(cache.frames) * cache.fsl
         copy = (lambda t: t.clone()) if cache.evict else (lambda t: t)  # later evictions shift slots in place
@@ -114,7 +132,7 @@ class GradWindow:
 
     def write(self, start_frame: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         if not self.written:
-            with torch.no_grad():
+            with torch.set_grad_enabled(self.inplace and torch.is_grad_enabled()):
                 self.cache.k[:, self.a : self.b] = k_new
                 self.cache.v[:, self.a : self.b] = v_new
             self.written = True
@@ -136,13 +154,23 @@ class CrossCache:
 
 @dataclass
 class RolloutCache:
-    """Everything a causal rollout keeps between forwards: one KV and one cross cache per layer."""
+    """Everything a causal rollout keeps between forwards: one KV and one cross cache per layer, and what
+    gradient a forward with gradients gets through them (module docstring; used by training only)."""
 
     kv: list[KVCache]
     cross: list[CrossCache]
+    kv_gradient: str = "inplace"  # KV_GRADIENTS
+    text_kv_gradient: str = "follows_checkpointing"  # TEXT_KV_GRADIENTS
+
+    def __post_init__(self):
+        if self.kv_gradient not in KV_GRADIENTS:
+            raise ModelInputError(f"kv_gradient {self.kv_gradient!r}; use one of {list(KV_GRADIENTS)}")
+        if self.text_kv_gradient not in TEXT_KV_GRADIENTS:
+            raise ModelInputError(f"text_kv_gradient {self.text_kv_gradient!r}; use one of {list(TEXT_KV_GRADIENTS)}")
 
     @classmethod
-    def allocate(cls, config, batch: int, num_frames: int, frame_seq_len: int, *, dtype, device) -> "RolloutCache":
+    def allocate(cls, config, batch: int, num_frames: int, frame_seq_len: int, *, dtype, device,
+                 kv_gradient: str = "inplace", text_kv_gradient: str = "follows_checkpointing") -> "RolloutCache":
         """Cache for a rollout of `num_frames` latent frames. Global attention holds all of them; a local window
         of `config.local_attn_size` frames (with `config.sink_size` sink frames) evicts the oldest."""
         local = config.local_attn_size
@@ -152,7 +180,15 @@ class RolloutCache:
             capacity, evict = local, True
         kv = [KVCache(batch, capacity, frame_seq_len, config.num_heads, config.head_dim, sink_frames=config.sink_size,
                       evict=evict, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        return cls(kv=kv, cross=[CrossCache() for _ in range(config.num_layers)])
+        return cls(kv=kv, cross=[CrossCache() for _ in range(config.num_layers)], kv_gradient=kv_gradient,
+                   text_kv_gradient=text_kv_gradient)
+
+    def fresh_text_kv(self, checkpointing: bool) -> bool:
+        """Whether a forward with gradients computes the text keys/values itself (with gradient) rather than
+        reading (or filling) the cross-attention cache."""
+        if self.text_kv_gradient == "every_exit":
+            return True
+        return self.text_kv_gradient == "follows_checkpointing" and checkpointing
 
     def reset_cross(self) -> None:
         for c in self.cross:

@@ -1,7 +1,10 @@
 """The flow-matching schedule of Wan / Self-Forcing (reference section 3.1).
 
 Training grid: s_i = 1 - i/1000 for i = 0..999, sigma_i = shift * s_i / (1 + (shift - 1) * s_i),
-t_i = 1000 * sigma_i. With shift 5: t_0 = 1000, t_999 = 4.98 (the grid never reaches 0).
+t_i = 1000 * sigma_i. With shift 5: t_0 = 1000, t_999 = 4.98 (the grid never reaches 0). The grid is computed
+in float32, in the researchers' order of operations (their `FlowMatchScheduler.set_timesteps`), and kept as
+float64 (an exact widening): with shift 5, 464 of the 1000 timesteps differ by one float32 step from the
+exactly rounded float64 formula, and training and inference use the researchers' values.
 
 - x_t = (1 - sigma) x0 + sigma * noise; the model predicts the flow v = noise - x0; x0 = x_t - sigma * v.
 - `add_noise` and the x0 / flow conversions take sigma at the grid timestep nearest to t, as the
@@ -23,9 +26,10 @@ class FlowMatchScheduler:
             raise ModelInputError(f"timestep shift {shift} must be positive")
         self.shift = shift
         self.num_train_timesteps = num_train_timesteps
-        s = torch.linspace(1.0, 0.0, num_train_timesteps + 1, dtype=torch.float64)[:-1]
-        self.sigmas = shift * s / (1 + (shift - 1) * s)  # [1000] float64
-        self.timesteps = self.sigmas * num_train_timesteps  # [1000] float64
+        s = torch.linspace(1.0, 0.0, num_train_timesteps + 1, dtype=torch.float32)[:-1]
+        sigmas = shift * s / (1 + (shift - 1) * s)  # float32, as the researchers' scheduler computes it
+        self.sigmas = sigmas.double()  # [1000] float64 holding the float32 values
+        self.timesteps = (sigmas * num_train_timesteps).double()  # [1000] float64 holding the float32 values
         self._on_device: dict = {}
 
     def warp(self, denoising_step_list) -> torch.Tensor:

@@ -7,7 +7,10 @@ unknown key is an error that names it, and every value has a type. The files the
 Keys the researchers' files do not have, used by `workbench train` (all optional): `model_root` (where model
 folders live), `model_kwargs.model_name` (the generator's folder), `max_steps`, `max_grad_norm_generator` /
 `max_grad_norm_critic`, `real_guidance_scale`, `loggers`, `device`, `ode_pairs` and `probe` (attention probes
-during training).
+during training), and the gradient semantics `score_timestep_shift`, `kv_cache_gradient`, `text_kv_gradient`
+and `unused_param_grads`, whose defaults reproduce the researchers' code (docs/training.md). Keys their code
+reads with a default (`ts_schedule` True, `ts_schedule_max`, `min_score_timestep`, `real_guidance_scale`,
+`fake_guidance_scale`, `sid_alpha`) have that default here.
 """
 
 from __future__ import annotations
@@ -91,7 +94,8 @@ class SelfForcingConfig:
     real_name: str = "Wan2.1-T2V-1.3B"
     fake_name: str = "Wan2.1-T2V-1.3B"
     denoising_step_list: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
-    ts_schedule: bool = False
+    ts_schedule: bool = True  # their getattr default; the shipped configs set false
+    ts_schedule_max: bool = False
     num_train_timestep: int = 1000
     timestep_shift: float = 5.0
     guidance_scale: float = 3.0
@@ -139,7 +143,12 @@ class SelfForcingConfig:
     max_steps: int = 0  # 0: until interrupted (as the researchers' loop)
     max_grad_norm_generator: float = 10.0
     max_grad_norm_critic: float = 10.0
-    real_guidance_scale: Optional[float] = None  # None: guidance_scale (the researchers' DMD reads it this way)
+    real_guidance_scale: Optional[float] = None  # None: guidance_scale, and fake_guidance_scale unused (as theirs)
+    # gradient semantics (docs/training.md); the defaults are the researchers' code
+    score_timestep_shift: Optional[float] = 8.0  # score networks' flow -> x0 grid; None: model_kwargs.timestep_shift
+    kv_cache_gradient: str = "inplace"  # inplace | detached
+    text_kv_gradient: str = "follows_checkpointing"  # follows_checkpointing | every_exit | first_forward
+    unused_param_grads: str = "zero"  # zero (AdamW decays and steps them) | none (skipped)
     loggers: list[str] = field(default_factory=lambda: ["csv"])  # csv, tensorboard, wandb
     device: Optional[str] = None  # None: cuda when available
     ode_pairs: OdePairsConfig = field(default_factory=OdePairsConfig)

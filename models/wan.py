@@ -16,8 +16,10 @@ Three ways to run the self-attention:
   frames (frame 0 alone first with `independent_first_frame`, models/chunks.py), causal across chunks
   (optionally within a local window) - the training path;
 - KV cache (`kv_cache=` given): one chunk's tokens attend to the cached frames plus themselves - the rollout.
-  With gradients enabled (training's exit step) each layer sees its cache through a `GradWindow`: gradient
-  reaches this chunk's keys/values only, and backward sees the cache as the forward did.
+  With gradients enabled (training's exit step) each layer sees its cache through a `GradWindow`: backward
+  sees the cache as the forward did, and the cache's `kv_gradient` says whether gradient also reaches the
+  earlier exit steps' keys/values through it; its `text_kv_gradient` says whether the forward computes the
+  text keys/values afresh with gradient (models/kv_cache.py, docs/training.md).
 Every attention call goes through `models.attention.attend` with its labels and the model's
 `attention_kernel`; parameter names match the official checkpoints (`blocks.N.self_attn.q.weight`, ...).
 """
@@ -118,7 +120,7 @@ class CrossAttention(nn.Module):
         self.attend = Attend()
 
     def forward(self, x, text, ctx: ForwardContext, cache: CrossCache | None):
-        # x [B, L, dim], text [B, text_len, dim]
+        # x [B, L, dim], text [B, text_len, dim] (None when the filled cache is read)
         q = self.norm_q(self.q(x)).unflatten(2, (self.num_heads, self.head_dim))
         if cache is not None and not ctx.fill_cross:
             k, v = cache.k, cache.v
@@ -315,7 +317,12 @@ class WanModel(nn.Module):
 
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, F*h*w, dim]
         e, e0 = self.embed_time(t)
-        text = self.text_embedding(context)  # [B, text_len, dim]
+        grad = torch.is_grad_enabled()
+        fresh_text = cache is not None and grad and cache.fresh_text_kv(self.gradient_checkpointing)
+        fill_cross = cache is not None and not fresh_text and cache.cross[0].k is None
+        # the text tokens, unless every layer reads its cross-attention cache (then not computed at all, so no
+        # parameter gets a gradient, not even a zero one, through an unused input)
+        text = self.text_embedding(context) if (cache is None or fresh_text or fill_cross) else None  # [B, L, dim]
         rope = self.rope_cos_sin(frames, h, w, start_frame, x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
         ctx = ForwardContext(
             labels=labels,
@@ -326,15 +333,15 @@ class WanModel(nn.Module):
             frame_seq_len=fsl,
             grid=(h, w),
             frame_mask=self.block_causal_mask(frames) if (self.causal and cache is None) else None,
-            fill_cross=cache is not None and cache.cross[0].k is None,
+            fill_cross=fill_cross,
             kernel=self.attention_kernel,
         )
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else cache.kv[i]
-            if kv is not None and torch.is_grad_enabled():
-                kv = GradWindow(kv, start_frame, frames)  # training: this chunk's k/v keep their gradient
-            cross = None if cache is None else cache.cross[i]
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if kv is not None and grad:  # training: this chunk's k/v keep their gradient
+                kv = GradWindow(kv, start_frame, frames, inplace=cache.kv_gradient == "inplace")
+            cross = None if (cache is None or fresh_text) else cache.cross[i]  # None: text k/v from `text`
+            if self.gradient_checkpointing and grad:
                 tokens = checkpoint(block, tokens, e0, text, ctx, kv, cross, use_reentrant=False)
             else:
                 tokens = block(tokens, e0, text, ctx, kv, cross)

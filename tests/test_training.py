@@ -107,13 +107,16 @@ def test_ema_follows_its_formula(tmp_path):
     assert changed(p2, p4)
 
 
-def test_resumed_run_continues_identically(tmp_path):
+@pytest.mark.parametrize("unused", ["zero", "none"])
+def test_resumed_run_continues_identically(tmp_path, unused):
     """Resume from step 2 of 4: the same losses, grad norms and exit steps, and bitwise the same weights, EMA
     and critic at step 4. (With seed 7 the generator's exit step is 0 for the first time at iteration 3, so
-    the cross-attention keys get their first gradient after the resume: parameters without optimiser state
+    the cross-attention keys get their first gradient after the resume: by default they have optimiser state
+    from the zero gradients AdamW was given; with unused_param_grads none, parameters without optimiser state
     at the checkpoint must stay without it.)"""
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
-    over = ["dfake_gen_update_ratio=1", "ema_start_step=1", "ema_weight=0.9", "log_iters=2", "total_batch_size=2"]
+    over = ["dfake_gen_update_ratio=1", "ema_start_step=1", "ema_weight=0.9", "log_iters=2", "total_batch_size=2",
+            f"unused_param_grads={unused}"]
     a = make(a_dir, *over)
     a.train(4)
     exits = [r["exit_index"] for r in a.history]
@@ -293,7 +296,10 @@ def test_sid_warning_reaches_the_user(tmp_path):
 
 def test_unimplemented_options_are_refused():
     for over, match in ((["trainer=gan"], "gan"), (["distribution_loss=causvid"], "causvid"),
-                        (["ts_schedule=true"], "ts_schedule"), (["num_training_frames=24"], "num_training_frames"),
+                        (["kv_cache_gradient=sometimes"], "kv_cache_gradient"),
+                        (["text_kv_gradient=never"], "text_kv_gradient"), (["unused_param_grads=skip"], "unused_param"),
+                        (["score_timestep_shift=0"], "score_timestep_shift"),
+                        (["num_training_frames=24"], "num_training_frames"),
                         (["sharding_strategy=zero9"], "sharding_strategy"), (["loggers=[csv,mlflow]"], "mlflow")):
         cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", over)
         with pytest.raises(TrainingError, match=match):

@@ -1,6 +1,8 @@
 """The Self-Forcing training rollout (reference 4.1, 9 item 30): gradient reaches only the exit-step forwards,
-the KV cache seen with gradients equals the one seen without, activation checkpointing changes nothing, and the
-denoising schedule is the inference rollout's."""
+the KV cache seen with gradients equals the one seen without, activation checkpointing changes nothing (when
+the text keys/values' gradient does not follow it), and the denoising schedule is the inference rollout's.
+The researchers' gradient through the in-place-written cache and their checkpointing's text gradient are
+pinned in tests/test_training_parity.py; here the cleaner semantics (detached cache) unless said otherwise."""
 
 import pytest
 import torch
@@ -92,7 +94,7 @@ def test_gradient_only_through_exit_step_forwards(window, checkpointing):
     model.gradient_checkpointing = checkpointing
     weight = torch.randn(B, F, C, H, W, generator=torch.Generator().manual_seed(5))
     rec = Recorder(model)
-    out = rollout(model, noise, context, exit_k=2)
+    out = rollout(model, noise, context, exit_k=2, kv_gradient="detached", text_kv_gradient="first_forward")
     rec.remove()
     (weight * out).sum().backward()
     got = param_grads(model)
@@ -111,10 +113,12 @@ def test_gradient_only_through_exit_step_forwards(window, checkpointing):
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_no_gradient_flows_into_earlier_chunks():
-    """Exit at step 0, so each chunk's exit input is its own noise. A loss on chunk 1 only reaches chunk 1's
-    noise: chunk 0's exit output receives only the zero slice of the concatenation, and neither chunk 0's
-    noise (whose clean prediction fills the cache chunk 1 reads) nor chunk 2's gets any gradient."""
+@pytest.mark.parametrize("kv_gradient", ["detached", "inplace"])
+def test_what_gradient_reaches_earlier_chunks(kv_gradient):
+    """Exit at step 0, so each chunk's exit input is its own noise. A loss on chunk 1: chunk 0's exit output
+    receives only the zero slice of the concatenation, and chunk 2's noise nothing. Chunk 0's noise (whose
+    clean prediction fills the cache chunk 1 reads) gets no gradient with a detached cache; with the
+    researchers' in-place cache it does, through chunk 0's exit-step keys/values."""
     model, noise, context = setup()
     noise = noise.requires_grad_(True)
     seen = []
@@ -124,12 +128,12 @@ def test_no_gradient_flows_into_earlier_chunks():
             out.register_hook(lambda g: seen.append(g.abs().max().item()))
 
     h = model.register_forward_hook(grab, with_kwargs=True)
-    out = rollout(model, noise, context, exit_k=0)
+    out = rollout(model, noise, context, exit_k=0, kv_gradient=kv_gradient)
     h.remove()
     out[:, 3:6].sum().backward()
     assert seen and all(v == 0 for v in seen)
-    assert noise.grad[:, :3].abs().max() == 0 and noise.grad[:, 6:].abs().max() == 0
-    assert noise.grad[:, 3:6].abs().max() > 0
+    assert noise.grad[:, 6:].abs().max() == 0 and noise.grad[:, 3:6].abs().max() > 0
+    assert (noise.grad[:, :3].abs().max() > 0) == (kv_gradient == "inplace")
 
 
 def test_cross_attention_keys_have_gradient_only_when_the_first_forward_is_the_exit():
@@ -175,14 +179,17 @@ def test_exit_indices_are_uniform_and_shared():
     assert draw_exit_indices(0, 3, "gen/exit", 7, 4, shared=True, last_step_only=True) == [3] * 7
 
 
-def test_gradient_checkpointing_recompute_sees_the_forward_cache():
+@pytest.mark.parametrize("kv_gradient,exit_k", [("detached", 0), ("inplace", 0), ("inplace", 2)])
+def test_gradient_checkpointing_recompute_sees_the_forward_cache(kv_gradient, exit_k):
     """Backward with activation checkpointing runs after every chunk has written the cache: the recompute
-    must see the window of the original forward (GradWindow), so gradients equal the plain ones."""
+    must see the window of the original forward (GradWindow), so gradients equal the plain ones (with text
+    keys/values whose gradient does not depend on checkpointing)."""
     grads = []
     for ckpt in (False, True):
         model, noise, context = setup()
         model.gradient_checkpointing = ckpt
-        rollout(model, noise, context, exit_k=0).pow(2).sum().backward()
+        rollout(model, noise, context, exit_k=exit_k, kv_gradient=kv_gradient,
+                text_kv_gradient="every_exit").pow(2).sum().backward()
         grads.append(param_grads(model))
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)

@@ -10,6 +10,9 @@ EPILOG = """\
 The config is one of the researchers' YAMLs (configs/self_forcing_dmd.yaml, self_forcing_sid.yaml), read
 unchanged and merged onto configs/default_config.yaml; unknown keys are errors. Model folders are read from
 model_root/<name> (model_kwargs.model_name: the generator, real_name: the teacher, fake_name: the critic).
+The losses and gradients are those of the researchers' code, including four behaviours the paper does not
+describe; --set score_timestep_shift=null kv_cache_gradient=detached text_kv_gradient=every_exit
+unused_param_grads=none gives the paper's gradient (docs/training.md).
 
 examples:
   # the whole recipe on a CPU in minutes, with the embedded toy model (data/embedded):

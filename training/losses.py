@@ -1,14 +1,22 @@
 """The training losses (reference 4.3-4.5), on latents [B, F, C, H, W] (Self-Forcing's layout).
 
-Score timestep (DMD, SiD, critic): t ~ uniform int in [min_score_timestep, 1000) per sample, the same for every
-frame; then t <- 1000 * s u / (1 + (s - 1) u) with u = t / 1000 and s = timestep_shift (when s > 1); then
-clamped to [20, 980] (0.02 and 0.98 x num_train_timestep).
+Score timestep (DMD, SiD, critic): t ~ uniform int in [low, high) per sample, the same for every frame (low =
+min_score_timestep, or with `ts_schedule` the rollout's denoised_timestep_to; high = 1000, or with
+`ts_schedule_max` its denoised_timestep_from); then t <- 1000 * s u / (1 + (s - 1) u) with u = t / 1000 and
+s = timestep_shift (when s > 1); then clamped to [20, 980] (0.02 and 0.98 x num_train_timestep).
+
+Two schedulers: `scheduler` (the generator's grid) makes x_t and the critic's flow target; `score_scheduler`
+converts the score networks' flow predictions to x0. The researchers build their score networks without the
+config's model_kwargs, so that conversion uses sigma on the wrapper's default shift-8 grid (nearest grid
+timestep to t) while x_t uses the shift-5 grid (docs/training.md).
 
 DMD (generator):  x_t = add_noise(x, eps, t)                                     (no gradient)
-                  fake = critic(x_t) (cond only),  real = c + g (c - u)  with c, u = teacher(x_t, cond / negative)
+                  fake = critic(x_t) (cond, + g_f (cond - uncond) when fake_guidance_scale g_f is used),
+                  real = c + g (c - u)  with c, u = teacher(x_t, cond / negative)
                   grad = nan_to_num((fake - real) / mean_{F,C,H,W} |x - real|)   (per-sample normaliser)
                   loss = 0.5 * mse(x, (x - grad).detach()) in float64             (so dloss/dx = grad / numel)
-Critic (flow):    x_t = add_noise(x, eps, t) with x from a no-grad rollout;  v = (x_t - critic_x0(x_t)) / sigma;
+Critic (flow):    x_t = add_noise(x, eps, t) with x from a no-grad rollout;  v = (x_t - critic_x0(x_t)) / sigma
+                  (sigma on the generator's grid, critic_x0 from the score scheduler's);
                   loss = mean((v - (eps - x))^2)
 SiD (generator):  x_t = add_noise(x, eps, t) (with gradient); loss = mean[(real - fake) ((real - x) - alpha (real - fake))
                   / mean|x - real|] in float64, the normaliser without gradient
@@ -38,9 +46,12 @@ def predict_x0(model, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
 
 
 def score_timestep(gens: list[torch.Generator], num_frames: int, *, min_timestep: int = 0,
-                   num_train_timestep: int = 1000, shift: float = 5.0, device="cpu") -> torch.Tensor:
-    """t [B, F] float32 for the score networks: uniform int, shifted, clamped to [20, 980]."""
-    t = rng.randint(gens, min_timestep, num_train_timestep, device=device).float()  # [B]
+                   max_timestep: int | None = None, num_train_timestep: int = 1000, shift: float = 5.0,
+                   device="cpu") -> torch.Tensor:
+    """t [B, F] float32 for the score networks: uniform int in [min_timestep, max_timestep) (default
+    num_train_timestep), shifted, clamped to [20, 980]."""
+    high = num_train_timestep if max_timestep is None else max_timestep
+    t = rng.randint(gens, min_timestep, high, device=device).float()  # [B]
     if shift > 1:  # float32, in the researchers' order of operations
         t = shift * (t / 1000) / (1 + (shift - 1) * (t / 1000)) * 1000
     t = t.clamp(int(0.02 * num_train_timestep), int(0.98 * num_train_timestep))
@@ -55,15 +66,17 @@ def real_score(teacher, x_t, t, cond, uncond, scheduler, guidance_scale: float) 
 
 
 def dmd_loss(x: torch.Tensor, *, teacher, critic, cond, uncond, scheduler, t, noise, guidance_scale: float,
-             fake_guidance_scale: float = 0.0):
-    """Distribution matching loss of the generated latents x (with gradient). Returns (loss, logs)."""
+             fake_guidance_scale: float = 0.0, score_scheduler: FlowMatchScheduler | None = None):
+    """Distribution matching loss of the generated latents x (with gradient). Returns (loss, logs).
+    score_scheduler: the score networks' flow -> x0 conversion (default: `scheduler`)."""
+    score = score_scheduler or scheduler
     with torch.no_grad():
         x_t = scheduler.add_noise(x.detach(), noise, t)
-        fake = predict_x0(critic, x_t, t, cond, scheduler)
+        fake = predict_x0(critic, x_t, t, cond, score)
         if fake_guidance_scale != 0.0:
-            fake_u = predict_x0(critic, x_t, t, uncond, scheduler)
+            fake_u = predict_x0(critic, x_t, t, uncond, score)
             fake = fake + (fake - fake_u) * fake_guidance_scale
-        real = real_score(teacher, x_t, t, cond, uncond, scheduler, guidance_scale)
+        real = real_score(teacher, x_t, t, cond, uncond, score, guidance_scale)
         grad = fake - real
         normalizer = (x.detach() - real).abs().mean(dim=[1, 2, 3, 4], keepdim=True)  # [B, 1, 1, 1, 1]
         grad = torch.nan_to_num(grad / normalizer)
@@ -71,21 +84,24 @@ def dmd_loss(x: torch.Tensor, *, teacher, critic, cond, uncond, scheduler, t, no
     return loss, {"dmdtrain_gradient_norm": grad.abs().mean().detach()}
 
 
-def critic_flow_loss(x: torch.Tensor, *, critic, cond, scheduler, t, noise):
-    """The critic's denoising loss on generated latents x (no gradient into x), flow parametrisation."""
+def critic_flow_loss(x: torch.Tensor, *, critic, cond, scheduler, t, noise,
+                     score_scheduler: FlowMatchScheduler | None = None):
+    """The critic's denoising loss on generated latents x (no gradient into x), flow parametrisation: the critic's
+    x0 (from `score_scheduler`) turned back into a flow on the generator's grid (`scheduler`), as theirs."""
     x = x.detach()
     x_t = scheduler.add_noise(x, noise, t)
-    fake_x0 = predict_x0(critic, x_t, t, cond, scheduler)
+    fake_x0 = predict_x0(critic, x_t, t, cond, score_scheduler or scheduler)
     flow = scheduler.flow_from_x0(fake_x0, x_t, t)
     return torch.mean((flow.float() - (noise.float() - x.float())) ** 2)
 
 
 def sid_loss(x: torch.Tensor, *, teacher, critic, cond, uncond, scheduler, t, noise, guidance_scale: float,
-             alpha: float = 1.0):
+             alpha: float = 1.0, score_scheduler: FlowMatchScheduler | None = None):
     """Score identity distillation loss of the generated latents x (gradient through x_t and both networks)."""
+    score = score_scheduler or scheduler
     x_t = scheduler.add_noise(x, noise, t)
-    fake = predict_x0(critic, x_t, t, cond, scheduler)
-    real = real_score(teacher, x_t, t, cond, uncond, scheduler, guidance_scale)
+    fake = predict_x0(critic, x_t, t, cond, score)
+    real = real_score(teacher, x_t, t, cond, uncond, score, guidance_scale)
     r, f, xd = real.double(), fake.double(), x.double()
     loss = (r - f) * ((r - xd) - alpha * (r - f))
     with torch.no_grad():

@@ -12,9 +12,15 @@ Training rollout, for each chunk (`num_frame_per_block` frames; frame 0 alone fi
 
 The exit index is drawn once per rollout (rank 0, broadcast) and shared by every chunk
 (`same_step_across_blocks`), or one per chunk. Gradient reaches only the exit-step forwards: earlier steps and
-context passes run under no_grad, and the exit forward sees the KV cache through `models.kv_cache.GradWindow`
-(the cached context carries no gradient). The cross-attention keys/values are computed by the first forward
-and reused, as in the researchers' code: they carry gradient only when that first forward is an exit step.
+context passes run under no_grad, and the exit forward sees the KV cache through `models.kv_cache.GradWindow`.
+Two choices of the researchers' code are the defaults, each with an option (docs/training.md):
+- `kv_gradient="inplace"`: a later chunk's exit forward sends gradient into the earlier chunks' exit-step
+  keys/values (the cache is written in place with gradient), although the cache rows it reads hold the
+  context pass's values; "detached" gives the cached context no gradient.
+- `text_kv_gradient="follows_checkpointing"`: the cross-attention keys/values are computed by the first
+  forward and reused (with gradient only when that forward is an exit step), except that with activation
+  checkpointing every exit forward computes them afresh with gradient; "every_exit" / "first_forward" make
+  that independent of checkpointing.
 `add_noise` at context_noise 0 snaps to the grid's last timestep (4.98), so the context pass sees a tiny noise
 that inference does not, as in the researchers' pipeline.
 
@@ -39,17 +45,20 @@ def frame_seq_len(model, latents: torch.Tensor) -> int:
 
 def self_forcing_rollout(generator, noise: torch.Tensor, context: torch.Tensor, *, timesteps: torch.Tensor,
                          scheduler: FlowMatchScheduler, exit_indices: list[int], gens: list[torch.Generator],
-                         context_noise: float = 0.0, grad: bool = True):
+                         context_noise: float = 0.0, grad: bool = True, kv_gradient: str = "inplace",
+                         text_kv_gradient: str = "follows_checkpointing"):
     """noise [B, F, C, H, W], context [B, text_len, text_dim] -> x0 [B, F, C, H, W].
 
     exit_indices: one index into `timesteps` for every chunk (all equal when shared across chunks).
-    gens: one generator per sample (re-noising and context-noise draws). With grad=False nothing has gradient."""
+    gens: one generator per sample (re-noising and context-noise draws). With grad=False nothing has gradient.
+    kv_gradient, text_kv_gradient: the gradient semantics of the caches (module docstring)."""
     B, Fr = noise.shape[:2]
     spans = check_causal_geometry(generator, Fr, Fr)
     if len(exit_indices) != len(spans):
         raise ValueError(f"{len(exit_indices)} exit indices for {len(spans)} chunks")
     device, dtype = noise.device, noise.dtype
-    cache = RolloutCache.allocate(generator.config, B, Fr, frame_seq_len(generator, noise), dtype=dtype, device=device)
+    cache = RolloutCache.allocate(generator.config, B, Fr, frame_seq_len(generator, noise), dtype=dtype, device=device,
+                                  kv_gradient=kv_gradient, text_kv_gradient=text_kv_gradient)
     steps = [float(t) for t in timesteps.tolist()]
     outputs = []
     for chunk, (start, n) in enumerate(spans):
@@ -76,6 +85,21 @@ def self_forcing_rollout(generator, noise: torch.Tensor, context: torch.Tensor, 
                                    denoise_index=-1)
             generator(_to_model(clean), t, context, cache=cache, start_frame=start, labels=labels)
     return torch.cat(outputs, dim=1)
+
+
+def denoised_timestep_range(exit_index: int, timesteps: torch.Tensor, scheduler: FlowMatchScheduler) -> tuple[int, int]:
+    """(from, to) of a rollout whose chunks all exit at `exit_index`, as the researchers' pipeline returns them
+    for `ts_schedule`: n - (grid index of the exit step's timestep) and the same for the next step (0 after the
+    last), with n = num_train_timesteps. Warped [1000, 750, 500, 250]: (1000, 750), (750, 500), (500, 250),
+    (250, 0) for exits 0..3. The nearest grid point is found in float32, as theirs."""
+    n = scheduler.num_train_timesteps
+    grid = scheduler.timesteps.float()
+
+    def level(t) -> int:
+        return n - int((grid - float(t)).abs().argmin())
+
+    last = exit_index == len(timesteps) - 1
+    return level(timesteps[exit_index]), 0 if last else level(timesteps[exit_index + 1])
 
 
 def draw_exit_indices(seed: int, step: int, stream: str, num_chunks: int, num_steps: int, *, shared: bool,

@@ -11,6 +11,13 @@ Score distillation (the researchers' `trainer/distillation.py`, reference 4.7), 
     zero grads; for each micro-batch: no-grad rollout + critic flow loss / accum -> backward; clip; AdamW step
     step += 1; create the EMA once step >= ema_start_step; save every log_iters; log; probe every probe.every
 
+The researchers' gradient semantics are the defaults, each with an option (docs/training.md): score networks
+converting on the shift-8 grid (`score_timestep_shift`), gradient through the in-place-written KV cache
+(`kv_cache_gradient`), text keys/values recomputed with gradient under activation checkpointing
+(`text_kv_gradient`), zero gradients for parameters a step did not reach, which AdamW then decays and steps
+(`unused_param_grads`); `fake_guidance_scale` only when `real_guidance_scale` is set; `ts_schedule`; with
+`ema_start_step` <= 0 an EMA that starts from the generator's weights before `generator_ckpt` loads.
+
 ODE regression and diffusion training run one generator update per step. Gradient accumulation: the global
 batch `total_batch_size` is split into `accum = total_batch_size / (batch_size * world)` micro-batches per rank
 (the gradient reduce-scatter runs on the last one only). Micro-batch m of rank r holds the samples with
@@ -44,9 +51,10 @@ from training.ema import EMA
 from training.errors import TrainingError
 from training.losses import (critic_flow_loss, diffusion_loss, dmd_loss, ode_regression_loss, score_timestep,
                              sid_loss)
-from training.rollout import draw_exit_indices, self_forcing_rollout
+from training.rollout import denoised_timestep_range, draw_exit_indices, self_forcing_rollout
 
 TRAINERS = ("score_distillation", "ode", "diffusion")
+UNUSED_PARAM_GRADS = ("zero", "none")
 SID_QUIRK = ("the config sets sid_alpha but distribution_loss is 'dmd' (as the researchers' shipped "
              "self_forcing_sid.yaml does): like their trainer, this run trains DMD, with the SiD config's teacher "
              "and learning rates. Set distribution_loss: sid to train SiD.")
@@ -99,6 +107,9 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
             notes.append(SID_QUIRK)
         if not 0 <= cfg.min_score_timestep < cfg.num_train_timestep:
             raise TrainingError(f"min_score_timestep {cfg.min_score_timestep} must lie in [0, {cfg.num_train_timestep})")
+        if loss == "dmd" and cfg.fake_guidance_scale != 0 and cfg.real_guidance_scale is None:
+            notes.append(f"fake_guidance_scale {cfg.fake_guidance_scale} is not used: like the researchers' DMD, "
+                         "the critic is guided only when real_guidance_scale is set too")
         if cfg.dfake_gen_update_ratio < 1:
             raise TrainingError(f"dfake_gen_update_ratio {cfg.dfake_gen_update_ratio} must be >= 1")
         if not cfg.generator_ckpt:
@@ -108,7 +119,16 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
         loss = cfg.trainer
     if cfg.denoising_loss_type != "flow":
         raise TrainingError(f"denoising_loss_type {cfg.denoising_loss_type!r}: only 'flow' is implemented")
-    for key, allowed in (("ts_schedule", False), ("i2v", False)):
+    from models.kv_cache import KV_GRADIENTS, TEXT_KV_GRADIENTS
+
+    for key, allowed in (("kv_cache_gradient", KV_GRADIENTS), ("text_kv_gradient", TEXT_KV_GRADIENTS),
+                         ("unused_param_grads", UNUSED_PARAM_GRADS)):
+        if cfg[key] not in allowed:
+            raise TrainingError(f"{key} {cfg[key]!r}; use one of {list(allowed)} (docs/training.md)")
+    if cfg.score_timestep_shift is not None and cfg.score_timestep_shift <= 0:
+        raise TrainingError(f"score_timestep_shift {cfg.score_timestep_shift} must be positive (or null: "
+                            "model_kwargs.timestep_shift)")
+    for key, allowed in (("i2v", False),):
         if bool(cfg[key]) != allowed:
             raise TrainingError(f"{key}: {cfg[key]} is not implemented (the released configs use {allowed})")
     shape = list(cfg.image_or_video_shape)
@@ -198,6 +218,7 @@ class Models:
     generator: torch.nn.Module  # causal for score distillation and ODE; any for diffusion
     critic: torch.nn.Module | None = None  # the fake score (bidirectional), trained
     teacher: torch.nn.Module | None = None  # the real score (bidirectional), frozen
+    ema_init: dict | None = None  # the generator's weights before generator_ckpt: an EMA made at step 0 starts here
 
 
 class Trainer:
@@ -209,7 +230,10 @@ class Trainer:
         self.device = d.device
         self.dtype = torch.bfloat16 if (cfg.mixed_precision and self.device.type == "cuda") else torch.float32
         self.scheduler = FlowMatchScheduler(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep)
+        score_shift = cfg.score_timestep_shift if cfg.score_timestep_shift is not None else cfg.model_kwargs.timestep_shift
+        self.score_scheduler = FlowMatchScheduler(score_shift, cfg.num_train_timestep)  # the score networks' grid
         self.timesteps = plan.timesteps
+        self.ema_init = models.ema_init
         self._check_models(models)
         from training.text import PromptCache
 
@@ -247,6 +271,7 @@ class Trainer:
         resume_step = None
         if resume is not None:
             resume_step = self.resume(resume)
+            self.ema_init = None  # a resumed run's EMA comes from the checkpoint or from the weights then
         self.uncond = None
         self.logger = None
         if d.main:
@@ -316,17 +341,33 @@ class Trainer:
                                   shared=self.cfg.same_step_across_blocks, last_step_only=self.cfg.last_step_only)
         return self.d.broadcast_list(draws)  # the researchers draw on rank 0 and broadcast
 
-    def rollout(self, prompts, indices, stream: str, grad: bool) -> torch.Tensor:
+    def rollout(self, prompts, indices, stream: str, grad: bool) -> tuple[torch.Tensor, list[int]]:
+        """The generated latents [B, F, C, H, W] and the exit index of every chunk."""
         gens = rng.sample_generators(self.seed, self.step, f"{stream}/rollout", indices, self.device)
         exits = self.exit_indices(f"{stream}/exit")
         self._last_exit = exits[0]
-        return self_forcing_rollout(self.generator, self.noise(gens), self.encode(prompts), timesteps=self.timesteps,
-                                    scheduler=self.scheduler, exit_indices=exits, gens=gens,
-                                    context_noise=float(self.cfg.context_noise), grad=grad)
+        x = self_forcing_rollout(self.generator, self.noise(gens), self.encode(prompts), timesteps=self.timesteps,
+                                 scheduler=self.scheduler, exit_indices=exits, gens=gens,
+                                 context_noise=float(self.cfg.context_noise), grad=grad,
+                                 kv_gradient=self.cfg.kv_cache_gradient, text_kv_gradient=self.cfg.text_kv_gradient)
+        return x, exits
 
-    def score_draws(self, indices, stream: str):
+    def score_range(self, exits: list[int]) -> tuple[int, int | None]:
+        """[low, high) of the score timestep draw: min_score_timestep and num_train_timestep, or with
+        ts_schedule / ts_schedule_max the rollout's denoised range (only when every chunk exits at one step, as
+        the researchers' pipeline returns it only then)."""
+        cfg = self.cfg
+        low, high = int(cfg.min_score_timestep), None
+        if cfg.same_step_across_blocks and (cfg.ts_schedule or cfg.ts_schedule_max):
+            frm, to = denoised_timestep_range(exits[0], self.timesteps, self.scheduler)
+            low = to if cfg.ts_schedule else low
+            high = frm if cfg.ts_schedule_max else high
+        return low, high
+
+    def score_draws(self, indices, stream: str, exits: list[int]):
         gens = rng.sample_generators(self.seed, self.step, f"{stream}/score", indices, self.device)
-        t = score_timestep(gens, self.plan.shape[0], min_timestep=int(self.cfg.min_score_timestep),
+        low, high = self.score_range(exits)
+        t = score_timestep(gens, self.plan.shape[0], min_timestep=low, max_timestep=high,
                            num_train_timestep=self.cfg.num_train_timestep, shift=self.cfg.timestep_shift,
                            device=self.device)
         return t, self.noise(gens)
@@ -341,25 +382,27 @@ class Trainer:
     def generator_loss(self, m: int):
         idx = self.micro_indices(m)
         prompts = self.prompts_for(0, idx)
-        x = self.rollout(prompts, idx, "gen", grad=True)
-        t, noise = self.score_draws(idx, "gen")
+        x, exits = self.rollout(prompts, idx, "gen", grad=True)
+        t, noise = self.score_draws(idx, "gen", exits)
         cond, uncond = self.encode(prompts), self.negative(len(idx))
-        g = self.cfg.real_guidance_scale if self.cfg.real_guidance_scale is not None else self.cfg.guidance_scale
+        cfg = self.cfg
+        # the researchers' DMD reads fake_guidance_scale only when the config has real_guidance_scale
+        g, g_fake = ((cfg.real_guidance_scale, cfg.fake_guidance_scale) if cfg.real_guidance_scale is not None
+                     else (cfg.guidance_scale, 0.0))
+        common = dict(teacher=self.teacher, critic=self.critic, cond=cond, uncond=uncond, scheduler=self.scheduler,
+                      score_scheduler=self.score_scheduler, t=t, noise=noise, guidance_scale=g)
         if self.plan.loss == "sid":
-            return sid_loss(x, teacher=self.teacher, critic=self.critic, cond=cond, uncond=uncond,
-                            scheduler=self.scheduler, t=t, noise=noise, guidance_scale=g, alpha=self.cfg.sid_alpha)
-        return dmd_loss(x, teacher=self.teacher, critic=self.critic, cond=cond, uncond=uncond,
-                        scheduler=self.scheduler, t=t, noise=noise, guidance_scale=g,
-                        fake_guidance_scale=self.cfg.fake_guidance_scale)
+            return sid_loss(x, alpha=cfg.sid_alpha, **common)
+        return dmd_loss(x, fake_guidance_scale=g_fake, **common)
 
     def critic_loss(self, m: int):
         idx = self.micro_indices(m)
         prompts = self.prompts_for(1, idx)
         with torch.no_grad():
-            x = self.rollout(prompts, idx, "critic", grad=False)
-        t, noise = self.score_draws(idx, "critic")
-        loss = critic_flow_loss(x, critic=self.critic, cond=self.encode(prompts), scheduler=self.scheduler, t=t,
-                                noise=noise)
+            x, exits = self.rollout(prompts, idx, "critic", grad=False)
+        t, noise = self.score_draws(idx, "critic", exits)
+        loss = critic_flow_loss(x, critic=self.critic, cond=self.encode(prompts), scheduler=self.scheduler,
+                                score_scheduler=self.score_scheduler, t=t, noise=noise)
         return loss, {"critic_timestep": t[:, 0].mean().detach()}
 
     def regression_loss(self, m: int):
@@ -390,6 +433,10 @@ class Trainer:
             for k, v in logs.items():
                 extras[k] = extras.get(k, 0.0) + float(v) / accum
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        if self.cfg.unused_param_grads == "zero":  # as the researchers' FSDP: AdamW then decays and steps them
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         optimizer.step()
         out = {f"{prefix}_loss": self.d.mean(total), f"{prefix}_grad_norm": float(fsdp.full_tensor(norm))}
@@ -420,6 +467,9 @@ class Trainer:
         cfg = self.cfg
         if self.ema is None and cfg.ema_weight > 0 and self.step >= cfg.ema_start_step:
             self.ema = EMA(self.gen_params, cfg.ema_weight)
+            if self.step == 0 and self.ema_init is not None:  # the researchers' EMA is made before the ckpt loads
+                self.ema.load_full(self.ema_init)
+            self.ema_init = None
 
     def iteration(self) -> dict:
         """One iteration: the updates at self.step, then step += 1, EMA creation, checkpoint, log row, probe."""
@@ -553,7 +603,8 @@ def latest_checkpoint(logdir) -> Path | None:
 
 def build_models(cfg, plan: Plan, device="cpu") -> tuple[Models, Path]:
     """The models a config names, on the CPU in float32 (teacher: bf16 on CUDA with mixed precision, where its
-    frozen weights are only ever used in bf16). Returns (models, generator folder)."""
+    frozen weights are only ever used in bf16), and with ema_start_step <= 0 the generator folder's own weights
+    for the EMA to start from. Returns (models, generator folder)."""
     from models.checkpoint import load_wan
 
     kw = cfg.model_kwargs
@@ -562,12 +613,17 @@ def build_models(cfg, plan: Plan, device="cpu") -> tuple[Models, Path]:
     generator = load_wan(gen_dir, checkpoint=cfg.generator_ckpt or None, causal=causal, num_frame_per_block=cfg.num_frame_per_block,
                          local_attn_size=kw.local_attn_size, sink_size=kw.sink_size, dtype=torch.float32)
     generator.independent_first_frame = causal and bool(cfg.independent_first_frame)
+    ema_init = None
+    if cfg.generator_ckpt and cfg.ema_weight > 0 and cfg.ema_start_step <= 0:
+        from models.checkpoint import read_wan_folder
+
+        ema_init = read_wan_folder(gen_dir)[1]
     critic = teacher = None
     if plan.trainer == "score_distillation":
         critic = load_wan(model_folder(cfg, cfg.fake_name), causal=False, dtype=torch.float32)
         teacher_dtype = torch.bfloat16 if (cfg.mixed_precision and torch.device(device).type == "cuda") else torch.float32
         teacher = load_wan(model_folder(cfg, cfg.real_name), causal=False, dtype=teacher_dtype)
-    return Models(generator, critic, teacher), gen_dir
+    return Models(generator, critic, teacher, ema_init), gen_dir
 
 
 def build_data(cfg, plan: Plan, seed: int):
@@ -703,7 +759,16 @@ def describe(trainer: Trainer) -> str:
     return (f"{what} training from step {trainer.step}: {F} latent frames of {H}x{W}, global batch "
             f"{cfg.total_batch_size} = {d.world} rank(s) x {plan.accum} micro-batch(es) x {cfg.batch_size}, "
             f"steps {[round(float(t), 2) for t in plan.timesteps]}, seed {trainer.seed}, device {d.device}, "
-            f"compute {str(trainer.dtype).replace('torch.', '')}")
+            f"compute {str(trainer.dtype).replace('torch.', '')}" + semantics(cfg, plan))
+
+
+def semantics(cfg, plan: Plan) -> str:
+    """The gradient semantics of a run in one line (docs/training.md), for the score-distillation trainer."""
+    if plan.trainer != "score_distillation":
+        return ""
+    shift = cfg.score_timestep_shift if cfg.score_timestep_shift is not None else cfg.model_kwargs.timestep_shift
+    return (f"; score networks on the shift-{shift:g} grid, KV cache gradient {cfg.kv_cache_gradient}, text k/v "
+            f"gradient {cfg.text_kv_gradient}, unused parameter grads {cfg.unused_param_grads} (docs/training.md)")
 
 
 def build_ode_pairs(cfg, *, log=print, progress: bool = True) -> Path:
