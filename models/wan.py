@@ -86,6 +86,15 @@ class ForwardContext:
     kernel: str = "auto"  # the model's attention kernel (models.attention.ATTENTION_KERNELS)
 
 
+@torch.compiler.disable
+def through_cache(cache, start_frame: int, k, v):
+    """Write a chunk's keys/values into a layer's KV cache and return the window its queries attend to: sink +
+    window, own chunk included, with the frames each slot holds. Python bookkeeping, so a torch.compile'd block
+    (models/accel.py) runs it eagerly rather than recompiling for every chunk."""
+    cache.write(start_frame, k, v)
+    return cache.window()
+
+
 class SelfAttention(nn.Module):
     def __init__(self, layer: int, dim: int, num_heads: int, eps: float):
         super().__init__()
@@ -102,8 +111,7 @@ class SelfAttention(nn.Module):
         if cache is None:
             key_frames, frame_mask = ctx.query_frames, ctx.frame_mask
         else:
-            cache.write(ctx.start_frame, k, v)
-            k, v, key_frames = cache.window()  # [B, Lk, heads, head_dim]: sink + window, own chunk included
+            k, v, key_frames = through_cache(cache, ctx.start_frame, k, v)  # [B, Lk, heads, head_dim]
             frame_mask = None
         call = AttentionCall(self.layer, "self", ctx.labels, ctx.query_frames, key_frames, ctx.frame_seq_len,
                              ctx.grid, frame_mask, self.num_heads, self.head_dim, ctx.kernel)
@@ -146,7 +154,7 @@ class FeedForward(nn.Sequential):
     def forward(self, x):
         # x [B, L, dim] -> [B, L, ffn_dim] -> [B, L, dim]; on CUDA the GELU runs in the first GEMM's epilogue
         up, act, down = self
-        if fused.gelu_epilogue_applies(x):
+        if type(up) is nn.Linear and fused.gelu_epilogue_applies(x):  # (not for models/accel.py's FP8 layers)
             h = torch._addmm_activation(up.bias, x.flatten(0, -2), up.weight.t(), use_gelu=True)
             return down(h.view(*x.shape[:-1], -1))
         return down(act(up(x)))

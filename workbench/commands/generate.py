@@ -54,6 +54,14 @@ def register(subparsers) -> None:
                    help="the DiT's attention kernel: auto (flash-attn / cuDNN / SDPA) or triton (the frame-tiled "
                         "kernel that `workbench extract --attention-kernel triton` captures from; outputs differ "
                         "from auto's by bf16 rounding) (default: %(default)s)")
+    speed = p.add_argument_group("speed (bench/RESULTS.md: what they buy on an H200 and how far they move the latents)")
+    speed.add_argument("--compile", nargs="?", const="default", choices=["default", "max-autotune-no-cudagraphs"],
+                       metavar="MODE", help="torch.compile every DiT block (the first rollout compiles; CUDA-graph "
+                                            "replay stays on); MODE default or max-autotune-no-cudagraphs "
+                                            "(models/accel.py)")
+    speed.add_argument("--fp8", nargs="?", const="rowwise", choices=["rowwise", "tensor"], metavar="SCALES",
+                       help="the blocks' linear layers in float8 (e4m3) with rowwise (default) or per-tensor scales, "
+                            "via torch._scaled_mm; CUDA needs --dtype bfloat16 (the default there)")
     p.add_argument("--no-video", action="store_true", help="latents only (no VAE decode)")
     p.add_argument("--out", default="runs/generate", help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
@@ -124,6 +132,8 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
                              "attention; add --local-attn-size N (and optionally --sink-size S)")
     device = _rank_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), world)
     dtype = _dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if args.fp8 and device.type == "cuda" and dtype != torch.bfloat16:
+        raise WorkbenchError(f"--fp8 on CUDA computes in bfloat16; drop --dtype {args.dtype} or use --dtype bfloat16")
     embedded = args.wan_dir is None
     h, w = (12, 16) if embedded else (60, 104)
     low_memory = args.low_memory == "on" or (
@@ -157,6 +167,13 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
                      trust_pickle=args.trust_pickle)
     model.attention_kernel = args.attention_kernel
     model.independent_first_frame = args.independent_first_frame
+    if args.fp8 or args.compile:
+        from models.accel import compile_blocks, quantize_fp8
+
+        if args.fp8:
+            quantize_fp8(model, args.fp8)
+        if args.compile:
+            compile_blocks(model, args.compile)
     vae = None if args.no_video else WanVAE.from_file(wan_dir / "Wan2.1_VAE.pth", device=device, dtype=dtype)
 
     for i, seed in jobs:
