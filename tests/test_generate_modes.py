@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -45,3 +46,99 @@ def test_live_is_refused_under_torchrun(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(extract_mod, "_dist", lambda: (0, 2, False))
     assert main(["generate", "--prompt", "x", "--live", "--out", str(tmp_path / "o")]) == 2
     assert "without torchrun" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------
+# image-to-video
+
+
+def world_image(path, prompt="a red square moving left", seed=3):
+    """Frame 0 of a miniature-world video (models/world.py) as a PNG at 96 x 128."""
+    import numpy as np
+    from PIL import Image
+
+    from models.world import world_video
+
+    pixels, _ = world_video(prompt, seed, num_frames=1)  # [3, 1, 96, 128] in [-1, 1]
+    rgb = np.round((pixels[:, 0].transpose(1, 2, 0) + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def test_i2v_rollout_frame_0_is_the_image_latent_and_conditions_the_rest(one_thread):
+    from conftest import tiny_model
+    from models.errors import ModelInputError
+    from models.rollout import sample
+
+    model = tiny_model()
+    model.independent_first_frame = True
+    g = torch.Generator().manual_seed(0)
+    noise, ctx, neg = torch.randn(1, 7, 16, 4, 6, generator=g), torch.randn(1, 16, 32), torch.randn(1, 16, 32)
+    image_a, image_b = torch.randn(1, 1, 16, 4, 6, generator=g), torch.randn(1, 1, 16, 4, 6, generator=g)
+    for sampler in ("causal_few_step", "causal_multi_step_cfg"):
+        events = []
+        out_a = sample(model, sampler, noise, ctx, neg, generator=torch.Generator().manual_seed(1),
+                       num_inference_steps=2, initial_latent=image_a,
+                       on_forward=lambda labels, start, n: events.append((labels.chunk, labels.phase, start, n)))
+        assert torch.equal(out_a[:, :1], image_a)  # frame 0 is the image's latent, bitwise
+        assert [e for e in events if e[0] == 0] == [(0, "context", 0, 1)] * (1 if sampler == "causal_few_step" else 2)
+        out_b = sample(model, sampler, noise, ctx, neg, generator=torch.Generator().manual_seed(1),
+                       num_inference_steps=2, initial_latent=image_b)
+        assert (out_a[:, 1:] - out_b[:, 1:]).abs().max() > 1e-4  # the later chunks attend to the image
+    # the KV cache of frame 0 holds the image's keys: the rollout's chunk 1 equals a forward that sees the image
+    # and chunk 1 together under the block-causal mask, at the image's t = 0 (first denoising step, exit at once)
+    from models.scheduler import FlowMatchScheduler
+
+    s = FlowMatchScheduler(5.0)
+    one_step = s.warp([1000])
+    out = sample(model, "causal_few_step", noise[:, :4], ctx, denoising_step_list=[1000], initial_latent=image_a)
+    x = torch.cat([image_a, noise[:, 1:4]], dim=1).permute(0, 2, 1, 3, 4)
+    t = torch.tensor([[0.0, float(one_step[0]), float(one_step[0]), float(one_step[0])]])
+    flow = model(x, t, ctx).permute(0, 2, 1, 3, 4)
+    expected = s.x0_from_flow(flow[:, 1:], noise[:, 1:4], t[:, 1:])
+    torch.testing.assert_close(out[:, 1:], expected, rtol=1e-5, atol=1e-5)
+    model.independent_first_frame = False
+    with pytest.raises(ModelInputError, match="independent_first_frame"):
+        sample(model, "causal_few_step", noise[:, :6], ctx, initial_latent=image_a)
+
+
+def test_generate_image_first_latent_is_the_encoded_image(tmp_path, capsys):
+    from models.embedded import EMBEDDED_DIR
+    from models.vae import WanVAE
+    from models.video import read_image
+
+    image = world_image(tmp_path / "first.png")
+    out = tmp_path / "i2v"
+    assert main(["generate", "--prompt", "a red square moving left", "--image", str(image), "--frames", "7",
+                 "--seed", "2", "--out", str(out), "--no-progress"]) == 0
+    latents = load_file(str(out / "p0000-s2.safetensors"))["latents"]  # [7, 16, 12, 16]
+    vae = WanVAE.from_file(EMBEDDED_DIR / "Wan2.1_VAE.pth")
+    encoded = vae.encode(read_image(image, 96, 128)[None, :, None])[0]  # the image's latent path
+    assert latents.shape == (7, 16, 12, 16) and torch.equal(latents[:1], encoded)
+    assert (out / "p0000-s2.png").stat().st_size > 0
+    for args, message in ((["--frames", "9"], "1 + 3k"), (["--sampler", "bidirectional"], "causal samplers")):
+        assert main(["generate", "--prompt", "x", "--image", str(image), "--out", str(tmp_path / "bad"), *args]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--image", str(tmp_path / "none.png"), "--out", str(tmp_path / "b")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_extract_image_stores_the_i2v_rollout(tmp_path):
+    from workbench.extract import ExtractConfig, run_extract
+    from workbench.store import open_store
+
+    image = world_image(tmp_path / "first.png")
+    out = tmp_path / "i2v.zarr"
+    assert main(["extract", "--layer", "1", "--image", str(image), "--frames", "7", "--prompt", "a red square moving left",
+                 "--no-progress", "--out", str(out)]) == 0
+    ds = open_store(out)
+    assert ds.query_chunk.values.tolist() == [0, 1, 1, 1, 2, 2, 2]
+    mass = ds.attn_mass.sel(layer=1).isel(sample=0)
+    assert bool(mass.sel(step=0, query_frame=0).isnull().all())  # frame 0 was never denoised: the image
+    assert not bool(mass.sel(step=4, query_frame=0).isnull().all())  # its context pass is captured
+    assert float(mass.sel(step=0, query_frame=1, key_frame=0).min()) > 0  # chunk 1 attends to the image
+    plain = tmp_path / "t2v.zarr"
+    run_extract(ExtractConfig(layers=[1], num_frames=7, independent_first_frame=True, out=str(plain),
+                              prompts=["a red square moving left"], progress=False), log=lambda *a: None)
+    other = open_store(plain).attn_mass.sel(layer=1).isel(sample=0)
+    assert float(abs(other.sel(step=0, query_frame=4) - mass.sel(step=0, query_frame=4)).max()) > 1e-4

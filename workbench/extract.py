@@ -66,6 +66,7 @@ class ExtractConfig:
     sink_size: int = 0
     num_frame_per_block: int = 3
     independent_first_frame: bool = False  # frame 0 is a chunk of its own, then chunks of num_frame_per_block
+    image: str | None = None  # image-to-video: this image's VAE latent is frame 0 (needs independent_first_frame)
     latent_height: int | None = None  # None: 60 for a Wan folder (480 px), 12 for the embedded default
     latent_width: int | None = None  # None: 104 (832 px), 16 for the embedded default
     device: str = "cpu"
@@ -151,6 +152,12 @@ def plan(cfg: ExtractConfig) -> Plan:
     h = cfg.latent_height or (EMBEDDED_GEOMETRY.latent_height if embedded else 60)
     w = cfg.latent_width or (EMBEDDED_GEOMETRY.latent_width if embedded else 104)
     fsl = mc.tokens_per_frame(h, w)
+    if cfg.image is not None:
+        if cfg.sampler == "bidirectional" or not cfg.independent_first_frame:
+            raise WorkbenchError("--image puts the image's latent in a chunk of its own: it needs a causal sampler "
+                                 "and the independent-first-frame layout")
+        if not Path(cfg.image).is_file():
+            raise WorkbenchError(f"--image {cfg.image!r} does not exist")
     if cfg.sampler != "bidirectional":
         block_sizes_of(cfg)  # frames that do not fit the chunk layout
     elif cfg.independent_first_frame:
@@ -221,6 +228,8 @@ def fingerprint(p: Plan, weights_sha: str) -> str:
                  capture_mode=p.capture_mode)
     if c.attention_kernel != "auto":  # (absent for the stock kernels: stores made before the option still resume)
         model["attention_kernel"] = c.attention_kernel
+    if c.image is not None:
+        model["image"] = sha256_file(c.image)
 
     def h(d):
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -343,6 +352,7 @@ def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
 
     causal = cfg.sampler != "bidirectional"
     model = load_model(p, device, dtype)
+    initial = image_latent(p, device, dtype)
     encoder = TextEncoder.from_wan_dir(p.wan_dir, device=device)
     negative = encoder.encode([cfg.negative_prompt]) if cfg.sampler != "causal_few_step" else None
     layout = store_layout(p, _attrs(p, fp, command or sys.argv))
@@ -359,7 +369,7 @@ def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
         if rank < len(batch):
             prompt_index, prompt, seed = batch[rank]
             emb = encoder.encode([prompt])
-            arrays = _one_sample(model, p, emb, negative, seed, device, dtype, bar, probe)
+            arrays = _one_sample(model, p, emb, negative, seed, device, dtype, bar, probe, initial)
             meta = dict(prompt_index=prompt_index, seed=seed, prompt=prompt, checkpoint=p.checkpoint_label,
                         checkpoint_sha256=weights_sha, model_family=p.family, sampler=cfg.sampler,
                         local_attn_size=cfg.local_attn_size, sink_size=cfg.sink_size, tokens=emb.tokens[0],
@@ -412,18 +422,34 @@ def make_probe(model, p: Plan, device) -> StatsProbe:
     return StatsProbe(p.spec, geo, device, mode=p.capture_mode, kernel=p.cfg.attention_kernel)
 
 
-def _one_sample(model, p: Plan, emb, negative, seed, device, dtype, bar, probe: StatsProbe) -> dict[str, np.ndarray]:
+def _one_sample(model, p: Plan, emb, negative, seed, device, dtype, bar, probe: StatsProbe,
+                initial=None) -> dict[str, np.ndarray]:
     F = p.geometry[0]
     probe.reset()
     with attach(model, probe):
-        sample_rollout(model, p, emb, negative, seed, device, dtype, on_forward=lambda labels, start, n: bar.update(1))
-    missing = probe.missing_steps(F)
+        sample_rollout(model, p, emb, negative, seed, device, dtype, on_forward=lambda labels, start, n: bar.update(1),
+                       initial_latent=initial)
+    missing = probe.missing_steps(F, from_frame=0 if initial is None else 1)
     if missing:
         raise WorkbenchError(f"the rollout did not produce every captured (kind, step, layer): {missing[:5]}")
     return {stat: values[0] for stat, values in probe.results().items()}
 
 
-def sample_rollout(model, p: Plan, emb, negative, seed: int, device, dtype, on_forward=None) -> torch.Tensor:
+def image_latent(p: Plan, device, dtype) -> torch.Tensor | None:
+    """Image-to-video: the plan's image at the video's size, encoded by the model folder's VAE: [1, 1, 16, h, w]
+    (None without --image)."""
+    if p.cfg.image is None:
+        return None
+    from models.vae import WanVAE
+    from models.video import read_image
+
+    _, h, w = p.geometry
+    vae = WanVAE.from_file(p.wan_dir / "Wan2.1_VAE.pth", device=device)
+    return vae.encode(read_image(p.cfg.image, 8 * h, 8 * w)[None, :, None]).to(device, dtype)
+
+
+def sample_rollout(model, p: Plan, emb, negative, seed: int, device, dtype, on_forward=None,
+                   initial_latent=None) -> torch.Tensor:
     """The rollout of one sample exactly as `extract` runs it: noise [1, F, C, h, w] drawn from `seed`, the
     plan's sampler, the prompt embedding `emb` (and `negative` for the CFG samplers). Returns the clean latents.
     Whatever observes the model (probes, nnsight) sees the same attention calls as the store's run."""
@@ -435,7 +461,7 @@ def sample_rollout(model, p: Plan, emb, negative, seed: int, device, dtype, on_f
     return sample(model, cfg.sampler, noise, emb.context.to(device, dtype), negative_context, generator=gen,
                   denoising_step_list=cfg.denoising_step_list, timestep_shift=cfg.timestep_shift,
                   context_noise=cfg.context_noise, num_inference_steps=cfg.num_inference_steps,
-                  guidance_scale=cfg.guidance_scale, on_forward=on_forward)
+                  guidance_scale=cfg.guidance_scale, on_forward=on_forward, initial_latent=initial_latent)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def add_chunk_arguments(group) -> None:
 
 
 def latent_frames(args) -> int:
-    """--frames, or its default for the chunk layout (21; 19 with --independent-first-frame)."""
+    """--frames, or its default for the chunk layout (21; 19 with --independent-first-frame or --image)."""
     if args.frames is not None:
         return args.frames
-    return 19 if args.independent_first_frame else 21
+    return 19 if args.independent_first_frame or getattr(args, "image", None) else 21

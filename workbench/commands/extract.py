@@ -54,6 +54,9 @@ def register(subparsers) -> None:
     job = p.add_argument_group("what to run")
     job.add_argument("--prompt", help="one prompt (default: the researchers' eagle prompt)")
     job.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
+    job.add_argument("--image", metavar="PATH",
+                     help="image-to-video: the image's VAE latent is frame 0, a chunk of its own (implies "
+                          "--independent-first-frame; 19 frames by default)")
     job.add_argument("--seed", default="42", help="seed(s): 42, 0-3 or 1,2,3 (default: %(default)s)")
     add_chunk_arguments(job)
     job.add_argument("--sampler", default="causal_few_step",
@@ -91,7 +94,8 @@ def run(args) -> int:
         stats=[s.strip() for s in args.stats.split(",") if s.strip()],
         token_layers=parse_int_list(args.token_layers, what="layer") or [],
         seeds=parse_int_list(args.seed, what="seed"),
-        num_frames=latent_frames(args), independent_first_frame=args.independent_first_frame, sampler=args.sampler,
+        num_frames=latent_frames(args), independent_first_frame=args.independent_first_frame or bool(args.image),
+        image=args.image, sampler=args.sampler,
         local_attn_size=args.local_attn_size, sink_size=args.sink_size,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         wan_dir=args.wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema, trust_pickle=args.trust_pickle,

@@ -18,6 +18,7 @@ examples:
   workbench generate --prompts prompts.txt --seed 0-3 --wan-dir wan_models/Wan2.1-T2V-1.3B \\
       --checkpoint checkpoints/self_forcing_dmd.pt --use-ema --out videos/sf_dmd
   workbench generate --prompt "..." --sampler bidirectional --wan-dir wan_models/Wan2.1-T2V-1.3B   # Wan baseline
+  workbench generate --prompt "a red square moving left" --image first.png   # image-to-video, 19 frames
   workbench generate --prompt "a red kite" --live --layers 0-5 --out runs/live    # and meanwhile:
   workbench view runs/live --wait                                   # frames and attention, chunk by chunk
   torchrun --nproc_per_node=8 -m workbench.cli generate --prompts prompts.txt --wan-dir ... --out videos/x
@@ -39,6 +40,10 @@ def register(subparsers) -> None:
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
     p.add_argument("--seed", default="0", help="seed(s): 0, 0-3 or 1,2,3 (default: %(default)s)")
+    p.add_argument("--image", metavar="PATH",
+                   help="image-to-video: the image (resized to the video's size) is encoded by the VAE as latent "
+                        "frame 0, a chunk of its own (implies --independent-first-frame: 19 frames by default), "
+                        "and the rollout continues from it; with every prompt")
     add_chunk_arguments(p)
     p.add_argument("--sampler", default="causal_few_step",
                    choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"])
@@ -118,6 +123,10 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise WorkbenchError(f"--checkpoint {args.checkpoint!r} does not exist")
+    if args.image:
+        if args.sampler == "bidirectional":
+            raise WorkbenchError("--image runs the causal samplers (the image is the first chunk of the KV cache)")
+        args.independent_first_frame = True  # the image's latent is a chunk of its own
     args.frames = latent_frames(args)
     if args.sampler != "bidirectional":
         from models.config import VideoGeometry
@@ -136,6 +145,11 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
         raise WorkbenchError(f"--fp8 on CUDA computes in bfloat16; drop --dtype {args.dtype} or use --dtype bfloat16")
     embedded = args.wan_dir is None
     h, w = (12, 16) if embedded else (60, 104)
+    image = None
+    if args.image:
+        from models.video import read_image
+
+        image = read_image(args.image, 8 * h, 8 * w)  # [3, H, W] in [-1, 1]
     low_memory = args.low_memory == "on" or (
         args.low_memory == "auto" and device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 40 * 2**30)
     quiet = args.no_progress
@@ -174,7 +188,12 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
             quantize_fp8(model, args.fp8)
         if args.compile:
             compile_blocks(model, args.compile)
-    vae = None if args.no_video else WanVAE.from_file(wan_dir / "Wan2.1_VAE.pth", device=device, dtype=dtype)
+    vae = None if args.no_video and image is None else WanVAE.from_file(wan_dir / "Wan2.1_VAE.pth", device=device,
+                                                                         dtype=dtype)
+    # image-to-video: the image's latent [1, 1, 16, h, w] is frame 0 of every sample
+    initial = None if image is None else vae.encode(image[None, :, None]).to(device, dtype)
+    if args.no_video:
+        vae = None
 
     for i, seed in jobs:
         name = f"p{i:04d}-s{seed}"
@@ -200,7 +219,7 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
             latents = sample(model, args.sampler, noise, contexts[i].to(device, dtype),
                              None if negative is None else negative.to(device, dtype), generator=gen,
                              num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                             on_forward=lambda *_: bar.update(1), on_chunk=on_chunk)
+                             on_forward=lambda *_: bar.update(1), on_chunk=on_chunk, initial_latent=initial)
         save_file({"latents": latents[0].float().cpu().contiguous()}, str(out / f"{name}.safetensors"),
                   metadata={"prompt": prompts[i], "seed": str(seed), "sampler": args.sampler,
                             "checkpoint": args.checkpoint or str(wan_dir)})
