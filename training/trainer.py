@@ -128,9 +128,9 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
     if cfg.score_timestep_shift is not None and cfg.score_timestep_shift <= 0:
         raise TrainingError(f"score_timestep_shift {cfg.score_timestep_shift} must be positive (or null: "
                             "model_kwargs.timestep_shift)")
-    for key, allowed in (("i2v", False),):
-        if bool(cfg[key]) != allowed:
-            raise TrainingError(f"{key}: {cfg[key]} is not implemented (the released configs use {allowed})")
+    if cfg.i2v and (cfg.trainer != "score_distillation" or not cfg.independent_first_frame):
+        raise TrainingError("i2v: true trains DMD / SiD from text-image pairs (trainer: score_distillation) with the "
+                            "image's latent as a chunk of its own (independent_first_frame: true)")
     shape = list(cfg.image_or_video_shape)
     if len(shape) != 5:
         raise TrainingError(f"image_or_video_shape {shape} must be [batch, frames, channels, height, width]")
@@ -206,7 +206,7 @@ def check_files(cfg, plan: Plan) -> None:
     if plan.trainer == "diffusion" and cfg.data_path != "synthetic" and not Path(cfg.data_path).is_file():
         raise TrainingError(f"data_path {cfg.data_path!r} does not exist (a latent dataset .pt, or 'synthetic')")
     if plan.trainer == "score_distillation" and not Path(cfg.data_path).is_file():
-        raise TrainingError(f"data_path {cfg.data_path!r} (the prompt file) does not exist")
+        raise TrainingError(f"data_path {cfg.data_path!r} ({'text-image pairs: python -m training.i2v makes them' if cfg.i2v else 'the prompt file'}) does not exist")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -341,15 +341,17 @@ class Trainer:
                                   shared=self.cfg.same_step_across_blocks, last_step_only=self.cfg.last_step_only)
         return self.d.broadcast_list(draws)  # the researchers draw on rank 0 and broadcast
 
-    def rollout(self, prompts, indices, stream: str, grad: bool) -> tuple[torch.Tensor, list[int]]:
-        """The generated latents [B, F, C, H, W] and the exit index of every chunk."""
+    def rollout(self, prompts, indices, stream: str, grad: bool, images=None) -> tuple[torch.Tensor, list[int]]:
+        """The generated latents [B, F, C, H, W] and the exit index of every chunk (i2v: `images` [B, 1, C, H, W]
+        is frame 0)."""
         gens = rng.sample_generators(self.seed, self.step, f"{stream}/rollout", indices, self.device)
         exits = self.exit_indices(f"{stream}/exit")
         self._last_exit = exits[0]
         x = self_forcing_rollout(self.generator, self.noise(gens), self.encode(prompts), timesteps=self.timesteps,
                                  scheduler=self.scheduler, exit_indices=exits, gens=gens,
                                  context_noise=float(self.cfg.context_noise), grad=grad,
-                                 kv_gradient=self.cfg.kv_cache_gradient, text_kv_gradient=self.cfg.text_kv_gradient)
+                                 kv_gradient=self.cfg.kv_cache_gradient, text_kv_gradient=self.cfg.text_kv_gradient,
+                                 initial_latent=images)
         return x, exits
 
     def score_range(self, exits: list[int]) -> tuple[int, int | None]:
@@ -375,14 +377,22 @@ class Trainer:
     def prompts_for(self, role: int, indices) -> list[str]:
         """role 0: generator batch, 1: critic batch (each step reads two batches, as the researchers' loop)."""
         total = self.cfg.total_batch_size
-        return self.data.batch([(2 * self.step + role) * total + i for i in indices])
+        batch = self.data.batch([(2 * self.step + role) * total + i for i in indices])
+        return batch[0] if self.cfg.i2v else batch
+
+    def images_for(self, role: int, indices):
+        """i2v: the image latents [B, 1, C, H, W] of the same batch's text-image pairs; None otherwise."""
+        if not self.cfg.i2v:
+            return None
+        total = self.cfg.total_batch_size
+        return self.data.batch([(2 * self.step + role) * total + i for i in indices])[1].to(self.device, self.dtype)
 
     # --- losses of one micro-batch --------------------------------------------------------------------------
 
     def generator_loss(self, m: int):
         idx = self.micro_indices(m)
         prompts = self.prompts_for(0, idx)
-        x, exits = self.rollout(prompts, idx, "gen", grad=True)
+        x, exits = self.rollout(prompts, idx, "gen", grad=True, images=self.images_for(0, idx))
         t, noise = self.score_draws(idx, "gen", exits)
         cond, uncond = self.encode(prompts), self.negative(len(idx))
         cfg = self.cfg
@@ -399,7 +409,7 @@ class Trainer:
         idx = self.micro_indices(m)
         prompts = self.prompts_for(1, idx)
         with torch.no_grad():
-            x, exits = self.rollout(prompts, idx, "critic", grad=False)
+            x, exits = self.rollout(prompts, idx, "critic", grad=False, images=self.images_for(1, idx))
         t, noise = self.score_draws(idx, "critic", exits)
         loss = critic_flow_loss(x, critic=self.critic, cond=self.encode(prompts), scheduler=self.scheduler,
                                 score_scheduler=self.score_scheduler, t=t, noise=noise)
@@ -627,6 +637,13 @@ def build_models(cfg, plan: Plan, device="cpu") -> tuple[Models, Path]:
 
 
 def build_data(cfg, plan: Plan, seed: int):
+    if cfg.i2v:
+        data = LatentDataset.from_file(cfg.data_path, seed, "image_latents")
+        F, C, H, W = plan.shape
+        if tuple(data.latents.shape[1:]) != (1, C, H, W):
+            raise TrainingError(f"image latents of shape {tuple(data.latents.shape[1:])}; image_or_video_shape asks "
+                                f"for {(1, C, H, W)}")
+        return data
     if plan.trainer == "score_distillation":
         return PromptSource.from_file(cfg.data_path, seed)
     if plan.trainer == "ode":
