@@ -53,7 +53,7 @@ from training.losses import (critic_flow_loss, diffusion_loss, dmd_loss, ode_reg
                              sid_loss)
 from training.rollout import denoised_timestep_range, draw_exit_indices, self_forcing_rollout
 
-TRAINERS = ("score_distillation", "ode", "diffusion")
+TRAINERS = ("score_distillation", "ode", "diffusion", "gan")  # gan: training/gan.py
 UNUSED_PARAM_GRADS = ("zero", "none")
 SID_QUIRK = ("the config sets sid_alpha but distribution_loss is 'dmd' (as the researchers' shipped "
              "self_forcing_sid.yaml does): like their trainer, this run trains DMD, with the SiD config's teacher "
@@ -96,8 +96,7 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
     """Every error a config can have that needs no files, before any work starts."""
     notes = []
     if cfg.trainer not in TRAINERS:
-        raise TrainingError(f"trainer {cfg.trainer!r}; this workbench trains {list(TRAINERS)} "
-                            "(gan needs real latents and is not implemented)")
+        raise TrainingError(f"trainer {cfg.trainer!r}; this workbench trains {list(TRAINERS)}")
     if cfg.trainer == "score_distillation":
         if cfg.distribution_loss not in ("dmd", "sid"):
             raise TrainingError(f"distribution_loss {cfg.distribution_loss!r}; use 'dmd' or 'sid' "
@@ -117,6 +116,10 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
                                 "(a Self-Forcing .pt with a 'generator' or 'model' entry)")
     else:
         loss = cfg.trainer
+    if cfg.trainer == "gan":
+        from training.gan import check_gan_config
+
+        check_gan_config(cfg)
     if cfg.denoising_loss_type != "flow":
         raise TrainingError(f"denoising_loss_type {cfg.denoising_loss_type!r}: only 'flow' is implemented")
     from models.kv_cache import KV_GRADIENTS, TEXT_KV_GRADIENTS
@@ -203,7 +206,9 @@ def check_files(cfg, plan: Plan) -> None:
     if plan.trainer == "ode" and not Path(cfg.data_path).is_file():
         raise TrainingError(f"data_path {cfg.data_path!r} (ODE pairs) does not exist; make it with "
                             "`workbench train --config CONFIG --make-ode-pairs`")
-    if plan.trainer == "diffusion" and cfg.data_path != "synthetic" and not Path(cfg.data_path).is_file():
+    if plan.trainer == "gan":
+        model_folder(cfg, cfg.fake_name)
+    if plan.trainer in ("diffusion", "gan") and cfg.data_path != "synthetic" and not Path(cfg.data_path).is_file():
         raise TrainingError(f"data_path {cfg.data_path!r} does not exist (a latent dataset .pt, or 'synthetic')")
     if plan.trainer == "score_distillation" and not Path(cfg.data_path).is_file():
         raise TrainingError(f"data_path {cfg.data_path!r} ({'text-image pairs: python -m training.i2v makes them' if cfg.i2v else 'the prompt file'}) does not exist")
@@ -256,14 +261,9 @@ class Trainer:
         # the parameters as the optimiser holds them: FSDP's sharded parameters (a no-grad forward leaves the
         # root's gathered copies registered on the module until the next backward)
         self.gen_params = [(n, p) for n, p in self.generator.named_parameters() if p.requires_grad]
-        self.gen_opt = torch.optim.AdamW([p for _, p in self.gen_params], lr=cfg.lr,
-                                         betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-        self.critic_opt, self.critic_params = None, []
-        if self.critic is not None:
-            self.critic_params = [(n, p) for n, p in self.critic.named_parameters() if p.requires_grad]
-            self.critic_opt = torch.optim.AdamW([p for _, p in self.critic_params],
-                                                lr=cfg.lr_critic, betas=(cfg.beta1_critic, cfg.beta2_critic),
-                                                weight_decay=cfg.weight_decay)
+        self.critic_params = [] if self.critic is None else [
+            (n, p) for n, p in self.critic.named_parameters() if p.requires_grad]
+        self.gen_opt, self.critic_opt = self.make_optimizers()
         self.ema: EMA | None = None
         self.step = 0
         self.last_saved = None
@@ -291,6 +291,16 @@ class Trainer:
 
     # --- setup helpers ------------------------------------------------------------------------------------
 
+    def make_optimizers(self):
+        """(generator AdamW, critic AdamW or None) over gen_params / critic_params (training/gan.py overrides)."""
+        cfg = self.cfg
+        gen = torch.optim.AdamW([p for _, p in self.gen_params], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                weight_decay=cfg.weight_decay)
+        if self.critic is None:
+            return gen, None
+        return gen, torch.optim.AdamW([p for _, p in self.critic_params], lr=cfg.lr_critic,
+                                      betas=(cfg.beta1_critic, cfg.beta2_critic), weight_decay=cfg.weight_decay)
+
     def _check_models(self, models: Models) -> None:
         F, C, H, W = self.plan.shape
         g = models.generator
@@ -299,13 +309,15 @@ class Trainer:
         _, ph, pw = g.config.patch_size
         if H % ph or W % pw:
             raise TrainingError(f"latent {H}x{W} is not divisible by the patch size {ph}x{pw}")
-        if self.plan.trainer in ("score_distillation", "ode"):
+        if self.plan.trainer in ("score_distillation", "ode", "gan"):
             if not g.causal:
                 raise TrainingError("the generator must be the causal model")
             if (g.num_frame_per_block, g.independent_first_frame) != (self.plan.nfpb, bool(self.cfg.independent_first_frame)):
                 raise TrainingError(f"generator chunks of {g.num_frame_per_block} frames (independent first frame: "
                                     f"{g.independent_first_frame}), config num_frame_per_block {self.plan.nfpb} "
                                     f"(independent_first_frame: {bool(self.cfg.independent_first_frame)})")
+        if self.plan.trainer == "gan" and (models.critic is None or models.critic.causal):
+            raise TrainingError("GAN training needs the discriminator: the bidirectional fake score (fake_name)")
         if self.plan.trainer == "score_distillation":
             for name, m in (("critic (fake_name)", models.critic), ("teacher (real_name)", models.teacher)):
                 if m is None:
@@ -445,7 +457,7 @@ class Trainer:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.cfg.unused_param_grads == "zero":  # as the researchers' FSDP: AdamW then decays and steps them
             for p in params:
-                if p.grad is None:
+                if p.grad is None and p.requires_grad:  # (frozen ones, e.g. a GAN warm-up's backbone, stay)
                     p.grad = torch.zeros_like(p)
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         optimizer.step()
@@ -629,6 +641,11 @@ def build_models(cfg, plan: Plan, device="cpu") -> tuple[Models, Path]:
 
         ema_init = read_wan_folder(gen_dir)[1]
     critic = teacher = None
+    if plan.trainer == "gan":  # the discriminator: the fake score with its classification branch
+        from training.gan import add_classification_branch
+
+        critic = load_wan(model_folder(cfg, cfg.fake_name), causal=False, dtype=torch.float32)
+        add_classification_branch(critic, cfg.num_class, bool(cfg.concat_time_embeddings))
     if plan.trainer == "score_distillation":
         critic = load_wan(model_folder(cfg, cfg.fake_name), causal=False, dtype=torch.float32)
         teacher_dtype = torch.bfloat16 if (cfg.mixed_precision and torch.device(device).type == "cuda") else torch.float32
@@ -678,8 +695,8 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
         return None
     if p.every < 0:
         raise TrainingError(f"probe.every {p.every} must be >= 0")
-    if plan.trainer not in ("score_distillation", "ode"):
-        raise TrainingError("probes run the causal few-step rollout: use them with score_distillation or ode")
+    if plan.trainer not in ("score_distillation", "ode", "gan"):
+        raise TrainingError("probes run the causal few-step rollout: use them with score_distillation, ode or gan")
     prompts = list(p.prompts) + (read_prompts(p.prompt_file) if p.prompt_file else [])
     if not prompts:
         raise TrainingError("probe.every is set but the probe set has no prompts (probe.prompts or probe.prompt_file)")
@@ -763,7 +780,10 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
     probes = build_probes(cfg, plan, gen_config, logdir, weights_label=str(weights), weights_sha=sha)  # checks first
     models, _ = build_models(cfg, plan, d.device)
     encoder = TextEncoder.from_wan_dir(gen_dir, device=d.device)
-    trainer = Trainer(cfg, models, encoder, logdir, d=d, plan=plan, data=None, probes=probes, resume=resume, log=log,
+    cls = Trainer
+    if plan.trainer == "gan":
+        from training.gan import GanTrainer as cls
+    trainer = cls(cfg, models, encoder, logdir, d=d, plan=plan, data=None, probes=probes, resume=resume, log=log,
                       progress=progress, seed=cfg.seed)
     trainer.data = build_data(cfg, plan, trainer.seed)
     return trainer
@@ -771,7 +791,7 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
 
 def describe(trainer: Trainer) -> str:
     plan, cfg, d = trainer.plan, trainer.cfg, trainer.d
-    what = {"dmd": "DMD", "sid": "SiD", "ode": "ODE regression", "diffusion": "diffusion"}[plan.loss]
+    what = {"dmd": "DMD", "sid": "SiD", "ode": "ODE regression", "diffusion": "diffusion", "gan": "GAN"}[plan.loss]
     F, C, H, W = plan.shape
     return (f"{what} training from step {trainer.step}: {F} latent frames of {H}x{W}, global batch "
             f"{cfg.total_batch_size} = {d.world} rank(s) x {plan.accum} micro-batch(es) x {cfg.batch_size}, "
