@@ -112,3 +112,11 @@ def test_gan_config_errors():
         cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", BASE + ["trainer=gan", *over])
         with pytest.raises(TrainingError, match=message):
             check_config(cfg, 1)
+
+
+def test_shipped_gan_and_i2v_configs_pass_the_checks():
+    from training.trainer import check_config, load_train_config
+
+    for name, trainer in (("world_gan", "gan"), ("world_i2v_dmd", "score_distillation")):
+        cfg, _ = load_train_config(f"configs/{name}.yaml")
+        assert check_config(cfg, 1).trainer == trainer
