@@ -76,6 +76,8 @@ def prompt_for(colour: str, shape: str, direction: str, template: int = 0) -> st
                                  ("direction", direction, DIRECTIONS)):
         if value not in allowed:
             raise ValueError(f"unknown {name} {value!r}; the world knows {', '.join(allowed)}")
+    if not 0 <= template < len(TEMPLATES):
+        raise ValueError(f"template {template!r}: the world has templates 0-{len(TEMPLATES) - 1}")
     return TEMPLATES[template].format(colour=colour, shape=shape, direction=direction)
 
 
@@ -110,12 +112,31 @@ def scene_for(prompt: str, seed: int, height: int = HEIGHT, width: int = WIDTH) 
                  (tuple(map(float, bg[0])), tuple(map(float, bg[1]))), angle)
 
 
+def gradient_ramp(angle: float, height: int, width: int) -> np.ndarray:
+    """[H, W] float64 in [0, 1]: how far along the background gradient each pixel lies (0: first colour, 1: second),
+    a plane through the frame's centre at `angle` (radians), clipped at the corners."""
+    ys, xs = np.meshgrid(np.linspace(-0.5, 0.5, height), np.linspace(-0.5, 0.5, width), indexing="ij")
+    return np.clip(0.5 + ys * np.sin(angle) + xs * np.cos(angle), 0, 1)
+
+
 def background(scene: Scene, height: int, width: int) -> np.ndarray:
     """[H, W, 3] float64 in [0, 1]: a linear gradient between the scene's two colours along its angle."""
-    ys, xs = np.meshgrid(np.linspace(-0.5, 0.5, height), np.linspace(-0.5, 0.5, width), indexing="ij")
-    a = np.clip(0.5 + ys * np.sin(scene.background_angle) + xs * np.cos(scene.background_angle), 0, 1)[..., None]
+    a = gradient_ramp(scene.background_angle, height, width)[..., None]
     c0, c1 = np.asarray(scene.background[0]), np.asarray(scene.background[1])
     return (1 - a) * c0 + a * c1
+
+
+def shape_coverage(shape: str, size: float, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
+    """How much of each pixel a `shape` of side / diameter `size` px covers, from the distances (dy, dx) in px of
+    the pixels' centres to the shape's centre: 1 inside, 0 outside, a one-pixel linear ramp on the edge (for the
+    square, along each axis the exact area of the pixel inside the shape)."""
+    if shape == "square":
+        signed = np.maximum(np.abs(dy), np.abs(dx)) - size / 2
+    elif shape == "circle":
+        signed = np.sqrt(dy ** 2 + dx ** 2) - size / 2
+    else:
+        raise ValueError(f"unknown shape {shape!r}; the world knows {', '.join(SHAPES)}")
+    return np.clip(0.5 - signed, 0.0, 1.0)
 
 
 def coverage(scene: Scene, centre: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -123,13 +144,9 @@ def coverage(scene: Scene, centre: np.ndarray, height: int, width: int) -> np.nd
     ys = np.arange(height, dtype=np.float64)[:, None] + 0.5  # pixel centres
     xs = np.arange(width, dtype=np.float64)[None, :] + 0.5
     cy, cx = centre[0] % height, centre[1] % width
-    dy = np.abs((ys - cy + height / 2) % height - height / 2)  # toroidal distance to the centre
-    dx = np.abs((xs - cx + width / 2) % width - width / 2)
-    if scene.shape == "square":
-        signed = np.maximum(dy, dx) - scene.size / 2
-    else:
-        signed = np.sqrt(dy ** 2 + dx ** 2) - scene.size / 2
-    return np.clip(0.5 - signed, 0.0, 1.0)  # 1 inside, 0 outside, a one-pixel ramp on the edge
+    dy = (ys - cy + height / 2) % height - height / 2  # toroidal offsets from the centre
+    dx = (xs - cx + width / 2) % width - width / 2
+    return shape_coverage(scene.shape, scene.size, dy, dx)
 
 
 def render(scene: Scene, num_frames: int = NUM_FRAMES, height: int = HEIGHT, width: int = WIDTH,

@@ -12,7 +12,10 @@ xarray objects, plotly figures or HTML.
 
 Modules: `metrics` (per-head statistics and the head taxonomy), `compare` (two stores aligned on prompt,
 seed and timestep), `figures` (plotly), `report` (self-contained HTML), `synthetic` (stores with planted
-heads, for tests and demos), `commands` (`workbench report` and `workbench compare`).
+heads, for tests and demos), `commands` (`workbench report` and `workbench compare`). For the miniature world
+(models/world.py) two modules read decoded pixels instead of stores: `world_metrics` (a tracker and the scores of
+a video against its prompt, numpy only) and `world_report` (tables, drift curves and the comparison of two models
+for `workbench evaluate`).
 This file stays light: it imports neither xarray nor plotly, so `workbench --help` is quick.
 """
 

@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "workbench.commands.info",
     "workbench.commands.generate",
     "workbench.commands.extract",
+    "workbench.commands.evaluate",
     "workbench.commands.export_legacy",
     "workbench.commands.view",
     "studies.commands",
@@ -28,6 +29,7 @@ Self-Forcing attention workbench: see how autoregressive video diffusion models 
   workbench info                      what model would run, its size and token geometry
   workbench generate --prompt "..."   latents (and videos) from the embedded default or a Wan folder
   workbench extract --layer 3         frame-by-frame attention of layer 3 into a zarr store
+  workbench evaluate                  score models on the miniature world (adherence, trajectory, drift)
   workbench report STORE              an HTML report of a store
   workbench compare A.zarr B.zarr     what changed between two models (e.g. Wan vs Self-Forcing)
   workbench train --config C.yaml     Self-Forcing training (ODE init, DMD, SiD) with attention probes

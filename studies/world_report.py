@@ -1,0 +1,232 @@
+"""Toy-world evaluation results: per-video rows -> the model x metric table, per-frame drift curves, a plotly
+figure, an HTML page, and the comparison of two models (does one accumulate less error over long rollouts?).
+
+How it fits: `workbench evaluate` scores each generated video with `studies.world_metrics.score_video` and hands
+the scores here; everything below also works on a `videos.csv` / `curves.csv` read back with pandas, so results
+can be re-tabulated or compared without re-running models:
+
+    videos = pd.read_csv("runs/evaluate/videos.csv")
+    print(table_text(summary(videos)))
+    rows, lines = compare_models(videos, "df", "sf")     # B vs A, paired by (prompt, seed, length)
+
+Metric definitions and units: docs/world_metrics.md.
+"""
+
+from __future__ import annotations
+
+import html
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from studies import world_metrics as wm
+
+# The table's rows: (column of videos.csv, label with units, scale, format, better: +1 higher, -1 lower, 0 neither)
+TABLE = [
+    ("adherent", "adherent: colour, shape and direction right (%)", 100, "{:.0f}", 1),
+    ("colour_ok", "colour right (%)", 100, "{:.0f}", 1),
+    ("shape_ok", "shape right (%)", 100, "{:.0f}", 1),
+    ("direction_ok", "direction right (%)", 100, "{:.0f}", 1),
+    ("detected", "frames with the object detected (%)", 100, "{:.0f}", 1),
+    ("confidence", "detection confidence (0-1)", 1, "{:.3f}", 1),
+    ("trajectory_error", "trajectory error vs the named motion (px, RMS)", 1, "{:.2f}", -1),
+    ("speed", "speed along the named direction (px/frame)", 1, "{:.2f}", 0),
+    ("colour_error", "colour error (RGB distance)", 1, "{:.3f}", -1),
+    ("area", "object area (px)", 1, "{:.0f}", 0),
+    ("area_change", "area change per frame (fraction)", 1, "{:.3f}", -1),
+    ("colour_change", "colour change per frame (RGB)", 1, "{:.4f}", -1),
+    ("background_change", "background change per frame (RGB, RMS)", 1, "{:.4f}", -1),
+    ("background_misfit", "background misfit (RGB, RMS)", 1, "{:.4f}", -1),
+    ("jitter", "jitter (px/frame^2, RMS)", 1, "{:.3f}", -1),
+    ("confidence_drift", "confidence drift, last - first quarter", 1, "{:+.3f}", 1),
+    ("colour_drift", "colour error drift, last - first quarter (RGB)", 1, "{:+.3f}", -1),
+    ("trajectory_drift", "trajectory error drift, last - first quarter (px)", 1, "{:+.2f}", -1),
+]
+FIGURE_CURVES = [("confidence", "detection confidence"), ("trajectory_error", "trajectory error (px)"),
+                 ("colour_error", "colour error (RGB)"), ("background_change", "background change (RGB)")]
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+DASHES = ["solid", "dash", "dot", "dashdot"]
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def videos_frame(results) -> pd.DataFrame:
+    """One row per video from (model, latent_frames, seed, VideoScore) tuples."""
+    rows = [{"model": m, "latent_frames": int(f), "seed": int(s), **score.row()} for m, f, s, score in results]
+    return pd.DataFrame(rows)
+
+
+def curves_frame(results) -> pd.DataFrame:
+    """The per-frame curves of (model, latent_frames, seed, VideoScore) tuples, averaged over the videos of each
+    (model, latent_frames) (NaN frames left out): columns model, latent_frames, frame, one per curve, `detected`
+    (the share of videos whose object was detected in that frame) and `videos`."""
+    groups: dict[tuple[str, int], list] = {}
+    for m, f, _, score in results:
+        groups.setdefault((m, int(f)), []).append(score.curves)
+    parts = []
+    for (m, f), curves in groups.items():
+        T = min(len(c["confidence"]) for c in curves)
+        part = {"model": m, "latent_frames": f, "frame": np.arange(T)}
+        for name in wm.CURVES:
+            stack = np.stack([c[name][:T] for c in curves])  # [videos, T]
+            with warnings.catch_warnings():  # a frame no video detected the object in is NaN, quietly
+                warnings.simplefilter("ignore", RuntimeWarning)
+                part[name] = np.nanmean(stack, axis=0)
+        part["detected"] = np.mean([c["confidence"][:T] >= wm.DETECTED for c in curves], axis=0)
+        part["videos"] = len(curves)
+        parts.append(pd.DataFrame(part))
+    return pd.concat(parts, ignore_index=True)
+
+
+def summary(videos: pd.DataFrame) -> pd.DataFrame:
+    """Mean of each number over the videos of each (model, latent_frames), NaN left out; `videos` counts them.
+    Models keep the order they first appear in."""
+    cols = [c for c, *_ in TABLE if c in videos]
+    out = videos.groupby(["model", "latent_frames"], sort=False)[cols].mean()
+    out.insert(0, "videos", videos.groupby(["model", "latent_frames"], sort=False).size())
+    return out
+
+
+def table_blocks(summ: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The model x metric table, one block per length: (title, strings with metrics down and models across)."""
+    blocks = []
+    for frames, block in summ.groupby(level="latent_frames", sort=False):
+        cells = {"videos": [str(int(v)) for v in block["videos"]]}
+        for col, label, scale, fmt, _ in TABLE:
+            if col in block:
+                cells[label] = ["-" if not np.isfinite(v) else fmt.format(v * scale) for v in block[col]]
+        table = pd.DataFrame(cells, index=[m for m, _ in block.index]).T
+        blocks.append((f"{frames} latent frames ({1 + 4 * (frames - 1)} px frames)", table))
+    return blocks
+
+
+def table_text(summ: pd.DataFrame, markdown: bool = False) -> str:
+    """The model x metric table as console text (or markdown), one block per length."""
+    return "\n\n".join(_render([title, *table.columns], [[i, *r] for i, r in zip(table.index, table.to_numpy())],
+                                 markdown) for title, table in table_blocks(summ))
+
+
+def _render(head: list[str], rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))  # noqa: E731
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+
+
+# ------------------------------------------------------------------------------------------------ compare
+def compare_models(videos: pd.DataFrame, a: str, b: str) -> tuple[pd.DataFrame, list[str]]:
+    """Model b against model a, paired by (latent_frames, prompt, seed): per length and metric the means of a and
+    b, b - a, and the share of pairs where b is better (ties count half; metrics without a better direction get
+    none). Also one sentence per length on drift: which model's trajectory error grows less from the first to the
+    last quarter of the video (the Self-Forcing claim: less error accumulated over a long rollout)."""
+    have = list(dict.fromkeys(videos["model"]))
+    for name in (a, b):
+        if name not in have:
+            raise ValueError(f"model {name!r} is not in the results; they hold {have}")
+    key = ["latent_frames", "prompt", "seed"]
+    pairs = videos[videos.model == a].merge(videos[videos.model == b], on=key, suffixes=("_a", "_b"))
+    if pairs.empty:
+        raise ValueError(f"models {a!r} and {b!r} share no (latent_frames, prompt, seed): nothing to compare")
+    rows, lines = [], []
+    for frames, p in pairs.groupby("latent_frames", sort=True):
+        for col, label, scale, _, better in TABLE:
+            va, vb = p[f"{col}_a"].to_numpy(float), p[f"{col}_b"].to_numpy(float)
+            ok = np.isfinite(va) & np.isfinite(vb)
+            wins = np.nan
+            if better and ok.any():
+                d = better * (vb[ok] - va[ok])
+                wins = float(((d > 0) + 0.5 * (d == 0)).mean())
+            rows.append({"latent_frames": frames, "metric": col, "label": label,
+                         a: np.nanmean(va) * scale if np.isfinite(va).any() else np.nan,
+                         b: np.nanmean(vb) * scale if np.isfinite(vb).any() else np.nan,
+                         "b - a": np.nanmean(vb[ok] - va[ok]) * scale if ok.any() else np.nan,
+                         "b better (share of pairs)": wins, "pairs": int(ok.sum())})
+        da, db = p["trajectory_drift_a"].to_numpy(float), p["trajectory_drift_b"].to_numpy(float)
+        ok = np.isfinite(da) & np.isfinite(db)
+        if ok.any():
+            winner = b if db[ok].mean() < da[ok].mean() else a
+            wins = int(((db < da) if winner == b else (da < db))[ok].sum())
+            lines.append(f"{frames} latent frames: the trajectory error grows by {da[ok].mean():+.2f} px ({a}) and "
+                         f"{db[ok].mean():+.2f} px ({b}) from the first to the last quarter of the video: {winner} "
+                         f"accumulates less error, in {wins} of {int(ok.sum())} paired videos; adherent "
+                         f"{np.nanmean(p['adherent_a']):.0%} ({a}), {np.nanmean(p['adherent_b']):.0%} ({b})")
+        else:
+            lines.append(f"{frames} latent frames: no paired video with a trajectory in both models")
+    return pd.DataFrame(rows), lines
+
+
+# ------------------------------------------------------------------------------------------------ figure
+def drift_figure(curves: pd.DataFrame, title: str = "drift over the rollout") -> go.Figure:
+    """Per-frame curves (mean over the grid) of each model and length, one panel per curve, the legend below."""
+    names = [c for c in FIGURE_CURVES if c[0] in curves]
+    fig = make_subplots(rows=len(names), cols=1, shared_xaxes=True, vertical_spacing=0.04,
+                        subplot_titles=[label for _, label in names])
+    models = list(dict.fromkeys(curves["model"]))
+    lengths = sorted(set(curves["latent_frames"]))
+    for (model, frames), part in curves.groupby(["model", "latent_frames"], sort=False):
+        colour = COLOURS[models.index(model) % len(COLOURS)]
+        dash = DASHES[lengths.index(frames) % len(DASHES)]
+        for row, (col, label) in enumerate(names, start=1):
+            fig.add_trace(go.Scatter(
+                x=part["frame"].to_numpy(), y=part[col].to_numpy(np.float32), mode="lines",
+                line=dict(color=colour, dash=dash, width=1.5), name=f"{model}, {frames} latent frames",
+                legendgroup=f"{model}-{frames}", showlegend=row == 1,
+                hovertemplate=f"{html.escape(model)}, {frames} latent frames<br>pixel frame %{{x}}<br>{label} "
+                              "%{y:.4g}<extra></extra>"), row=row, col=1)
+    for row, (col, _) in enumerate(names, start=1):
+        if not np.isfinite(curves[col].to_numpy(float)).any():
+            fig.add_annotation(text="no frame with a detected object", showarrow=False, font=dict(color="#888"),
+                               xref=f"x{row if row > 1 else ''} domain", yref=f"y{row if row > 1 else ''} domain",
+                               x=0.5, y=0.5)
+    if "confidence" in curves:
+        fig.update_yaxes(range=[-0.02, 1.02], row=[c for c, _ in names].index("confidence") + 1, col=1)
+    fig.update_xaxes(title_text="pixel frame (4 per latent frame)", row=len(names), col=1)
+    fig.update_layout(title=title, height=230 * len(names) + 160, width=1000, template="plotly_white",
+                      margin=dict(t=70, b=40, l=60, r=20),
+                      legend=dict(orientation="h", yanchor="top", y=-0.06, xanchor="left", x=0))
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def write_results(out_dir, results, *, title: str, notes: list[str] | None = None,
+                  compare: tuple[str, str] | None = None) -> dict[str, Path]:
+    """Write videos.csv, curves.csv, summary.csv, summary.md and evaluate.html (the table, the comparison and the
+    drift figure) into out_dir, each atomically. Returns {name: path}."""
+    from studies.report import Page, write_atomic
+
+    out_dir = Path(out_dir)
+    videos, curves = videos_frame(results), curves_frame(results)
+    summ = summary(videos)
+    compared = compare_models(videos, *compare) if compare else None
+    md = [f"# {title}", "", *(notes or []), "", table_text(summ, markdown=True)]
+    if compared:
+        md += ["", f"## {compare[1]} vs {compare[0]}", "", *[f"- {line}" for line in compared[1]]]
+    page = Page(title)
+    for note in notes or []:
+        page.p(html.escape(note))
+    for caption, table in table_blocks(summ):
+        page.h(caption, 3)
+        page.table(table, index=True)
+    if compared:
+        page.h(f"{compare[1]} vs {compare[0]}")
+        for line in compared[1]:
+            page.p(html.escape(line))
+        page.table(compared[0].drop(columns="metric").astype(object).fillna(""), index=False)
+    page.h("Drift over the rollout")
+    page.p("Mean over the prompt x seed grid at each pixel frame; frames where the object was not detected are left "
+           "out of the error curves. Definitions and units: docs/world_metrics.md.")
+    page.figure(drift_figure(curves), "fig-drift")
+    paths = {name: out_dir / name for name in ("videos.csv", "curves.csv", "summary.csv", "summary.md",
+                                                  "evaluate.html")}
+    write_atomic(videos.to_csv(index=False), paths["videos.csv"])
+    write_atomic(curves.to_csv(index=False), paths["curves.csv"])
+    write_atomic(summ.to_csv(), paths["summary.csv"])
+    write_atomic("\n".join(md) + "\n", paths["summary.md"])
+    write_atomic(page.render(), paths["evaluate.html"])
+    return paths
+

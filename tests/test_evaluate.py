@@ -1,0 +1,164 @@
+"""`workbench evaluate` end to end on the embedded default (a tiny grid on the CPU): a well-formed table, curves,
+markdown and figure; a sliding-window rollout past 21 latent frames; two models compared; clear errors before any
+work. And studies/world_report.py's table, comparison and figure on results whose answer is known."""
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models import world
+from studies import world_metrics as wm
+from studies import world_report as wr
+from workbench.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread):
+    yield
+
+
+def figure_json(html_text):
+    return json.loads(re.search(r'id="fig-drift-json">(.*?)</script>', html_text, re.S).group(1).replace("<\\/", "</"))
+
+
+def test_evaluate_writes_table_curves_and_figure(tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--colours", "red", "--shapes", "square", "--directions", "left,up", "--seeds", "0,1",
+                 "--frames", "3", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 latent frames (9 px frames)" in printed and "adherent: colour, shape and direction right (%)" in printed
+    assert "wrote videos.csv, curves.csv, summary.csv, summary.md, evaluate.html" in printed
+
+    videos = pd.read_csv(out / "videos.csv")
+    assert len(videos) == 4 and set(videos.model) == {"embedded"} and set(videos.seed) == {0, 1}
+    assert list(videos.prompt.unique()) == ["a red square moving left", "a red square moving up"]
+    assert {"named_colour", "found_colour", "found_direction", *wm.NUMBERS} <= set(videos.columns)
+    assert videos.adherent.isin([0, 1]).all() and videos.detected.between(0, 1).all()
+
+    curves = pd.read_csv(out / "curves.csv")
+    assert len(curves) == 9 and list(curves.frame) == list(range(9)) and (curves.videos == 4).all()
+    assert {*wm.CURVES, "detected"} <= set(curves.columns)
+    np.testing.assert_allclose(curves.confidence.mean(), videos.confidence.mean())  # the same 4 x 9 frames
+
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary.loc[0, "videos"] == 4 and summary.loc[0, "adherent"] == videos.adherent.mean()
+    md = (out / "summary.md").read_text()
+    assert "| 3 latent frames (9 px frames) | embedded |" in md and "command: workbench evaluate" in md
+
+    fig = figure_json((out / "evaluate.html").read_text())
+    assert len(fig["data"]) == len(wr.FIGURE_CURVES)  # one model, one length: a line per panel
+    assert fig["layout"]["legend"]["y"] < 0  # below the plots, never over them
+    assert not list(tmp_path.glob("eval/.*tmp*"))  # atomic writes leave no temporary file
+
+
+def test_evaluate_long_rollout_and_two_models(tmp_path, capsys):
+    """Past 21 latent frames the rollout keeps a sliding window with sink frames; the same model twice gives
+    identical paired videos, so the comparison finds no difference; videos are tracked in worker processes."""
+    out = tmp_path / "long"
+    assert main(["evaluate", "--prompt", "a blue circle moving right", "--seeds", "3", "--frames", "24",
+                 "--local-attn-size", "6", "--sink-size", "3", "--model", "a=embedded", "--model", "b=embedded",
+                 "--out", str(out), "--no-progress", "--save-videos", "--workers", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "b vs a:" in printed and "24 latent frames" in printed
+    videos = pd.read_csv(out / "videos.csv")
+    assert list(videos.model) == ["a", "b"] and (videos.latent_frames == 24).all()
+    numbers = videos[list(wm.NUMBERS)].to_numpy(float)
+    np.testing.assert_array_equal(numbers[0], numbers[1])  # same noise, same model: the same video
+    curves = pd.read_csv(out / "curves.csv")
+    assert len(curves) == 2 * (1 + 4 * 23)
+    assert (out / "videos" / "a" / "f24" / "p0000-s3.mp4").stat().st_size > 0
+    assert "## b vs a" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--colours", "purple"], "unknown colour 'purple'; the world knows red, green, blue, yellow"),
+    (["--shapes", "square,star"], "unknown shape 'star'"),
+    (["--prompt", "a purple kite moving left"], "names 0 colours"),
+    (["--frames", "20"], "multiples of 3"),
+    (["--seeds", "x"], "seed 'x'"),
+    (["--model", "nothing-here"], "'nothing-here' is no model name (embedded), Wan folder or checkpoint file"),
+    (["--model", "embedded,fast"], "unknown option 'fast'"),
+    (["--model", "embedded", "--model", "embedded"], "['embedded'] is given twice"),
+    (["--compare", "a,b"], "give two different model labels"),
+    (["--checkpoint", "missing.pt"], "--checkpoint 'missing.pt' does not exist"),
+    (["--frames", "24", "--local-attn-size", "-1"], "local-attn-size"),
+])
+def test_evaluate_refuses_bad_input_before_work(tmp_path, capsys, argv, needle):
+    assert main(["evaluate", *argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "o" / "videos.csv").exists()
+
+
+def test_evaluate_refuses_an_unwritable_output(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["evaluate", "--out", str(blocker / "sub"), "--no-progress"]) == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _videos(model, drift, adherent):
+    rows = []
+    for seed, (d, a) in enumerate(zip(drift, adherent)):
+        rows.append({"model": model, "latent_frames": 84, "prompt": "a red square moving left", "seed": seed,
+                     **{k: 0.0 for k in wm.NUMBERS}, "trajectory_drift": d, "adherent": a})
+    return rows
+
+
+def test_compare_models_finds_who_accumulates_less_error():
+    videos = pd.DataFrame(_videos("df", [4.0, 6.0, 1.0, 5.0], [1, 0, 1, 1]) + _videos("sf", [1.0, 2.0, 3.0, 1.0],
+                                                                                        [1, 1, 1, 1]))
+    rows, lines = wr.compare_models(videos, "df", "sf")
+    drift = rows[rows.metric == "trajectory_drift"].iloc[0]
+    assert drift["df"] == 4.0 and drift["sf"] == 1.75 and drift["b - a"] == -2.25
+    assert drift["b better (share of pairs)"] == 0.75 and drift["pairs"] == 4
+    adherent = rows[rows.metric == "adherent"].iloc[0]
+    assert adherent["df"] == 75 and adherent["sf"] == 100 and adherent["b better (share of pairs)"] == 0.625
+    assert lines == ["84 latent frames: the trajectory error grows by +4.00 px (df) and +1.75 px (sf) from the first "
+                     "to the last quarter of the video: sf accumulates less error, in 3 of 4 paired videos; adherent "
+                     "75% (df), 100% (sf)"]
+    with pytest.raises(ValueError, match="model 'teacher' is not in the results; they hold \\['df', 'sf'\\]"):
+        wr.compare_models(videos, "df", "teacher")
+
+
+def test_table_and_curves_of_rendered_videos():
+    """Rendered ground truth as a "model": a perfect table, flat curves, one trace per model and length."""
+    results = []
+    for seed in (0, 1):
+        for prompt in ("a green circle moving up", "a yellow square moving left"):
+            video, _ = world.world_video(prompt, seed, num_frames=9)
+            results.append(("truth", 3, seed, wm.score_video(video, prompt)))
+    summ = wr.summary(wr.videos_frame(results))
+    assert summ.loc[("truth", 3), "videos"] == 4 and summ.loc[("truth", 3), "adherent"] == 1
+    text = wr.table_text(summ)
+    assert re.search(r"adherent: colour, shape and direction right \(%\)\s+100\n", text)
+    assert re.search(r"colour error \(RGB distance\)\s+0.000\n", text)
+    curves = wr.curves_frame(results)
+    assert len(curves) == 9 and (curves.confidence > 0.999).all() and (curves.detected == 1).all()
+    assert (curves.trajectory_error < 0.03).all()
+    fig = wr.drift_figure(curves)
+    assert len(fig.data) == len(wr.FIGURE_CURVES) and fig.layout.legend.orientation == "h"
+
+
+def test_model_specs_name_weights_and_samplers(tmp_path):
+    from models.embedded import EMBEDDED_DIR
+    from workbench.cli import build_parser
+    from workbench.commands.evaluate import ModelChoice, select_models
+
+    ck = tmp_path / "dmd.pt"
+    ck.write_bytes(b"")
+    args = build_parser().parse_args(["evaluate", "--model", f"sf={ck},ema", "--model", str(ck), "--model",
+                                      "t=embedded,sampler=bidirectional", "--model", str(EMBEDDED_DIR),
+                                      "--sampler", "causal_multi_step_cfg"])
+    assert select_models(args) == [
+        ModelChoice("sf", None, str(ck), True, "causal_multi_step_cfg"),
+        ModelChoice("dmd", None, str(ck), False, "causal_multi_step_cfg"),
+        ModelChoice("t", None, None, False, "bidirectional"),
+        ModelChoice("embedded", str(EMBEDDED_DIR), None, False, "causal_multi_step_cfg")]
+    # without --model, the shared model arguments name one model
+    args = build_parser().parse_args(["evaluate", "--checkpoint", str(ck), "--use-ema"])
+    assert select_models(args) == [ModelChoice("dmd-ema", None, str(ck), True, "causal_few_step")]

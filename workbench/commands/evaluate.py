@@ -1,0 +1,376 @@
+"""`workbench evaluate`: how well models follow the miniature world's prompts, and how they drift on long rollouts.
+
+    models (--model, or the shared model arguments) x lengths (--frames 21,84,168) x prompts (colour x shape x
+    direction, models/world.py) x seeds
+      --extract's rollout (workbench/extract.py: plan, load_model, sample_rollout; a sliding KV window with sink
+        frames past 21 latent frames)--> latents
+      --the model folder's VAE, streamed chunk by chunk--> pixels [3, T, 96, 128]
+      --studies/world_metrics.py: tracker + scores--> per-video numbers and per-frame curves
+      --studies/world_report.py--> videos.csv, curves.csv, summary.csv, summary.md, evaluate.html, the console table
+
+Every seed draws the same noise for every model, so models are compared on paired videos. Metrics and units:
+docs/world_metrics.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from workbench.commands import add_model_arguments
+
+HELP = "score models on the miniature world: prompt adherence, trajectory error, consistency, drift"
+
+EPILOG = """\
+examples:
+  workbench evaluate                                     # the embedded default, the whole 4x2x4 grid x 3 seeds
+  workbench evaluate --colours red --shapes square --seeds 0 --frames 21 --out runs/eval_quick
+  workbench evaluate --model df=runs/df/model.pt --model sf=runs/dmd/model.pt,ema \\
+      --frames 21,84,168 --device cuda --workers 8 --out runs/eval_sf_vs_df      # compares sf against df
+  workbench evaluate --model teacher=runs/teacher/model.pt,sampler=bidirectional --frames 21
+
+--model [LABEL=]SOURCE[,ema][,sampler=NAME] (repeat for several models): SOURCE is `embedded`, an official-format
+Wan folder, or a Self-Forcing checkpoint (.pt) on top of --wan-dir (default: the embedded folder); `ema` loads
+generator_ema; the sampler defaults to --sampler. Without --model, the shared model arguments pick one model.
+
+Rollouts longer than 21 latent frames (causal samplers only) keep a sliding KV window of --local-attn-size latent
+frames whose first --sink-size frames stay (the sink). Writes into --out: videos.csv (one row per video),
+curves.csv (per-frame means), summary.csv and summary.md (model x metric), evaluate.html (the table and the drift
+figure); with two models, also how the second compares with the first (or --compare A,B).
+"""
+
+LONG = 21  # latent frames a model is trained on; longer rollouts need a sliding window
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """One model to evaluate: a label for the tables, the weights, and how to sample from it."""
+
+    label: str
+    wan_dir: str | None  # None: the embedded default
+    checkpoint: str | None
+    use_ema: bool
+    sampler: str
+
+
+# Short names for --model (the model zoo adds its own): name -> ModelChoice
+MODEL_NAMES: dict[str, ModelChoice] = {}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help=HELP, description=HELP, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    grid = p.add_argument_group("the prompt x seed grid (default: every colour x shape x direction, seeds 0-2)")
+    grid.add_argument("--colours", help="comma list (default: red,green,blue,yellow)")
+    grid.add_argument("--shapes", help="comma list (default: square,circle)")
+    grid.add_argument("--directions", help="comma list (default: left,right,up,down)")
+    grid.add_argument("--prompt", action="append", metavar="TEXT",
+                      help="a prompt instead of the grid (repeat for several); it must name one colour, shape and "
+                           "direction of the world")
+    grid.add_argument("--seeds", default="0-2", help="seeds: 0, 0-2 or 1,5,9 (default: %(default)s)")
+    run_group = p.add_argument_group("the rollouts")
+    run_group.add_argument("--frames", default=str(LONG),
+                           help="latent frame counts, comma list, multiples of 3, e.g. 21,84,168 (default: %(default)s)")
+    run_group.add_argument("--local-attn-size", type=int, default=LONG,
+                           help="KV window in latent frames for rollouts longer than 21 (default: %(default)s)")
+    run_group.add_argument("--sink-size", type=int, default=3,
+                           help="sink frames kept at the front of that window (default: %(default)s)")
+    run_group.add_argument("--sampler", default="causal_few_step",
+                           choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"],
+                           help="the default sampler of every model (default: %(default)s)")
+    run_group.add_argument("--num-inference-steps", type=int, default=50, help="multi-step samplers (default: %(default)s)")
+    run_group.add_argument("--guidance-scale", type=float, default=5.0, help="multi-step samplers (default: %(default)s)")
+    models = p.add_argument_group("which models (default: the embedded default)")
+    models.add_argument("--model", action="append", metavar="SPEC",
+                        help="[LABEL=]SOURCE[,ema][,sampler=NAME]; repeat for several (see below)")
+    add_model_arguments(models)
+    out = p.add_argument_group("output")
+    out.add_argument("--out", default="runs/evaluate", help="output folder (default: %(default)s)")
+    out.add_argument("--compare", metavar="A,B", help="compare model B against model A (labels); default: the two "
+                                                      "models when there are exactly two")
+    out.add_argument("--save-videos", action="store_true", help="also write each video (mp4 + PNG grid) under videos/")
+    out.add_argument("--workers", type=int, default=None,
+                     help="processes that track videos while the model runs (default: 0 on the CPU, up to 8 on a GPU)")
+    out.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------------------------------------ models
+def select_models(args) -> list[ModelChoice]:
+    """The models a command line names: each --model SPEC, or else one model from the shared model arguments."""
+    from workbench.errors import WorkbenchError
+
+    if not args.model:
+        label = (Path(args.checkpoint).stem if args.checkpoint else Path(args.wan_dir).name if args.wan_dir
+                 else "embedded") + ("-ema" if args.use_ema else "")
+        return [ModelChoice(label, args.wan_dir, args.checkpoint, args.use_ema, args.sampler)]
+    choices = [parse_model_spec(spec, args) for spec in args.model]
+    labels = [c.label for c in choices]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise WorkbenchError(f"--model labels must differ; {dup} is given twice (name them: --model LABEL=SOURCE)")
+    return choices
+
+
+def parse_model_spec(spec: str, args) -> ModelChoice:
+    """[LABEL=]SOURCE[,ema][,sampler=NAME] -> ModelChoice; SOURCE: a short name, `embedded`, a Wan folder or a
+    checkpoint file (on top of --wan-dir, or the embedded folder)."""
+    from models.rollout import SAMPLERS
+    from workbench.errors import WorkbenchError
+
+    label, _, rest = spec.partition("=") if "=" in spec.split(",")[0] else ("", "", spec)
+    source, *options = [x.strip() for x in rest.split(",")]
+    use_ema, sampler = False, args.sampler
+    for opt in options:
+        if opt == "ema":
+            use_ema = True
+        elif opt.startswith("sampler=") and opt[8:] in SAMPLERS:
+            sampler = opt[8:]
+        else:
+            raise WorkbenchError(f"--model {spec!r}: unknown option {opt!r}; use ema or sampler=NAME with NAME one of "
+                                 f"{', '.join(SAMPLERS)}")
+    if source in MODEL_NAMES:
+        base = MODEL_NAMES[source]
+        return ModelChoice(label or source, base.wan_dir, base.checkpoint, base.use_ema or use_ema,
+                           sampler if "sampler=" in rest else base.sampler)
+    if source == "embedded":
+        return ModelChoice(label or "embedded", None, None, use_ema, sampler)
+    path = Path(source)
+    if path.is_dir():
+        return ModelChoice(label or path.name, str(path), None, use_ema, sampler)
+    if path.is_file():
+        return ModelChoice(label or path.stem, args.wan_dir, str(path), use_ema, sampler)
+    names = ", ".join(["embedded", *MODEL_NAMES])
+    raise WorkbenchError(f"--model {spec!r}: {source!r} is no model name ({names}), Wan folder or checkpoint file")
+
+
+# ------------------------------------------------------------------------------------------------ grid
+def select_prompts(args) -> list[str]:
+    """The prompts: each --prompt (checked against the world's grammar), or the colour x shape x direction grid."""
+    from models import world
+    from workbench.errors import WorkbenchError
+
+    if args.prompt:
+        for prompt in args.prompt:
+            try:
+                world.parse_prompt(prompt)
+            except ValueError as err:
+                raise WorkbenchError(str(err)) from None
+        return list(args.prompt)
+    picked = []
+    for what, text, vocab in (("colour", args.colours, world.COLOURS), ("shape", args.shapes, world.SHAPES),
+                              ("direction", args.directions, world.DIRECTIONS)):
+        words = [w.strip() for w in text.split(",") if w.strip()] if text else list(vocab)
+        bad = [w for w in words if w not in vocab]
+        if bad or not words:
+            raise WorkbenchError(f"--{what}s {text!r}: unknown {what} {bad[0] if bad else '(none)'!r}; the world "
+                                 f"knows {', '.join(vocab)}")
+        picked.append(words)
+    return [world.prompt_for(c, s, d) for c in picked[0] for s in picked[1] for d in picked[2]]
+
+
+def parse_lengths(text: str) -> list[int]:
+    from workbench.errors import WorkbenchError
+    from workbench.extract import parse_int_list
+
+    lengths = parse_int_list(text, what="--frames value")
+    if not lengths or any(f < 3 or f % 3 for f in lengths):
+        raise WorkbenchError(f"--frames {text!r}: latent frame counts must be multiples of 3 (chunks of 3), e.g. "
+                             "21,84,168")
+    return lengths
+
+
+# ------------------------------------------------------------------------------------------------ run
+def run(args) -> int:
+    import time
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from models.video import ensure_writable_dir
+    from studies import world_metrics, world_report
+    from workbench.errors import WorkbenchError
+    from workbench.extract import parse_int_list
+
+    # --- everything that can be wrong, before any work
+    out = ensure_writable_dir(args.out)
+    prompts = select_prompts(args)
+    seeds = parse_int_list(args.seeds, what="seed")
+    if not seeds:
+        raise WorkbenchError("--seeds needs numbers, e.g. 0 or 0-2")
+    lengths = parse_lengths(args.frames)
+    choices = select_models(args)
+    compare = _compare_pair(args.compare, [c.label for c in choices])
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    plans, skipped = plan_runs(args, choices, prompts, seeds, lengths, device, dtype)
+    workers = args.workers if args.workers is not None else (min(8, (os.cpu_count() or 2) - 1)
+                                                             if device.startswith("cuda") else 0)
+    if workers < 0:
+        raise WorkbenchError(f"--workers {workers}: use 0 (track in this process) or more")
+
+    # --- rollouts, decoded and scored
+    title = f"Miniature-world evaluation: {', '.join(c.label for c in choices)}"
+    setup = (f"{len(prompts)} prompt(s) x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}) per model and length; past "
+             f"{LONG} latent frames a KV window of {args.local_attn_size} frames with {args.sink_size} sink frames; "
+             f"{device}, {dtype}.")
+    command = "workbench evaluate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["evaluate"] else sys.argv[1:])
+    pool = _pool(workers)
+    pending, started = [], time.time()
+    bar = tqdm(total=len(plans) * len(prompts) * len(seeds), desc="evaluate", unit="video", disable=args.no_progress)
+    try:
+        for c in choices:
+            keys = [k for k in plans if k[0] == c.label]
+            if not keys:
+                continue
+            vae, contexts, negative = _load_text_and_vae(plans[keys[0]], prompts, device, dtype)
+            for key in keys:
+                p = plans[key]
+                bar.set_postfix_str(f"{c.label}, {key[1]} latent frames")
+                model = _load(p, device, dtype)
+                for i, prompt in enumerate(prompts):
+                    for seed in seeds:
+                        video = _one_video(model, p, vae, contexts[i], negative, seed, device, dtype)
+                        if args.save_videos:
+                            _save_video(video, out / "videos" / c.label / f"f{key[1]}", i, seed)
+                        job = (c.label, key[1], seed)
+                        if pool:
+                            pending.append((job, pool.submit(world_metrics.score_video, video, prompt)))
+                            _wait_for_room([f for _, f in pending], 2 * workers)
+                        else:
+                            pending.append((job, world_metrics.score_video(video, prompt)))
+                        bar.update(1)
+                del model
+        results = [(*job, r.result() if pool else r)
+                   for job, r in tqdm(pending, desc="track", unit="video", disable=args.no_progress or not pool)]
+    finally:
+        bar.close()
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    notes = [setup, f"{len(results)} video(s) in {time.time() - started:.0f} s.", *skipped, f"command: {command}"]
+    paths = world_report.write_results(out, results, title=title, notes=notes, compare=compare)
+
+    # --- what a user reads
+    videos = world_report.videos_frame(results)
+    print(world_report.table_text(world_report.summary(videos)))
+    if compare:
+        print(f"\n{compare[1]} vs {compare[0]}:")
+        for line in world_report.compare_models(videos, *compare)[1]:
+            print(f"  {line}")
+    for line in skipped:
+        print(f"note: {line}")
+    print(f"\nwrote {', '.join(p.name for p in paths.values())} to {out}")
+    return 0
+
+
+def plan_runs(args, choices, prompts, seeds, lengths, device, dtype):
+    """extract's plan of every (model, length), validated without loading weights: {(label, frames): Plan}, and
+    the notes of what is skipped (bidirectional samplers past 21 latent frames)."""
+    from models import world
+    from workbench.errors import WorkbenchError
+    from workbench.extract import ExtractConfig, plan
+
+    plans, skipped = {}, []
+    for c in choices:
+        for frames in lengths:
+            if c.sampler == "bidirectional" and frames > LONG:
+                skipped.append(f"{c.label}: skipped {frames} latent frames (a bidirectional sampler has no sliding "
+                               "window)")
+                continue
+            window = frames > LONG
+            cfg = ExtractConfig(
+                prompts=prompts, seeds=seeds, num_frames=frames, wan_dir=c.wan_dir, checkpoint=c.checkpoint,
+                use_ema=c.use_ema, trust_pickle=args.trust_pickle, sampler=c.sampler,
+                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                local_attn_size=args.local_attn_size if window else -1, sink_size=args.sink_size if window else 0,
+                latent_height=world.HEIGHT // 8, latent_width=world.WIDTH // 8, device=device, dtype=dtype)
+            plans[c.label, frames] = plan(cfg)
+            vae_file = plans[c.label, frames].wan_dir / "Wan2.1_VAE.pth"
+            if not vae_file.is_file():
+                raise WorkbenchError(f"model {c.label!r}: no VAE at {vae_file} (evaluate decodes with the model "
+                                     "folder's Wan2.1_VAE.pth)")
+    if not plans:
+        raise WorkbenchError("nothing to run: " + "; ".join(skipped))
+    return plans, skipped
+
+
+def _compare_pair(text: str | None, labels: list[str]):
+    from workbench.errors import WorkbenchError
+
+    if text is None:
+        return tuple(labels) if len(labels) == 2 else None
+    pair = [x.strip() for x in text.split(",")]
+    if len(pair) != 2 or any(x not in labels for x in pair) or pair[0] == pair[1]:
+        raise WorkbenchError(f"--compare {text!r}: give two different model labels A,B of {labels}")
+    return tuple(pair)
+
+
+def _pool(workers: int):
+    if workers == 0:
+        return None
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread)
+
+
+def _one_thread() -> None:
+    """In a tracking worker, before numpy loads: one BLAS thread each (the workers are the parallelism)."""
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = "1"
+
+
+def _wait_for_room(futures, limit: int) -> None:
+    """Block while more than `limit` videos wait to be tracked (each holds its pixels in memory)."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    while sum(not f.done() for f in futures) > limit:
+        wait([f for f in futures if not f.done()], return_when=FIRST_COMPLETED)
+
+
+def _load_text_and_vae(p, prompts, device, dtype):
+    """The text encoder's contexts of every prompt (and the empty negative prompt for CFG samplers) and the VAE,
+    both from the model's folder."""
+    import torch
+
+    from models.text_encoder import TextEncoder
+    from models.vae import WanVAE
+    from workbench.extract import _dtype
+
+    encoder = TextEncoder.from_wan_dir(p.wan_dir, device=torch.device(device))
+    contexts = [encoder.encode([prompt]) for prompt in prompts]
+    negative = encoder.encode([p.cfg.negative_prompt]) if p.cfg.sampler != "causal_few_step" else None
+    vae = WanVAE.from_file(p.wan_dir / "Wan2.1_VAE.pth", device=device, dtype=_dtype(dtype))
+    return vae, contexts, negative
+
+
+def _load(p, device, dtype):
+    import torch
+
+    from workbench.extract import _dtype, load_model
+
+    return load_model(p, torch.device(device), _dtype(dtype))
+
+
+def _one_video(model, p, vae, emb, negative, seed, device, dtype):
+    """One rollout exactly as `extract` runs it, decoded: float32 numpy [3, T, H, W] in [-1, 1]."""
+    import torch
+
+    from workbench.extract import _dtype, sample_rollout
+
+    latents = sample_rollout(model, p, emb, negative, seed, torch.device(device), _dtype(dtype))  # [1, F, C, h, w]
+    stream, step = vae.stream_decoder(), model.num_frame_per_block  # decoded chunk by chunk, as generate does
+    pieces = [stream.push(latents[:, f : f + step]) for f in range(0, latents.shape[1], step)]
+    return torch.cat(pieces, dim=2)[0].float().cpu().numpy()
+
+
+def _save_video(video, folder: Path, prompt_index: int, seed: int) -> None:
+    from models.video import write_mp4, write_png_grid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"p{prompt_index:04d}-s{seed}"
+    write_mp4(video, folder / f"{name}.mp4", fps=16)
+    write_png_grid(video, folder / f"{name}.png", ncols=9, frames=list(range(0, video.shape[1], 10)))
