@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import workbench.extract as extract_mod
-from attention_reference import AttendRecorder
+from attention_reference import recording_extract
 from conftest import tiny_model
 from models.chunks import block_sizes, chunk_spans, frame_chunks
 from models.config import VideoGeometry, preset
@@ -181,19 +180,9 @@ def test_store_and_export_legacy_on_the_13b_layout(tmp_path):
 def embedded_store(tmp_path_factory):
     """The embedded model, 19 frames with an independent first frame, layer 2's q, k recorded by module path."""
     out = tmp_path_factory.mktemp("iff") / "iff.zarr"
-    recorders, load = [], extract_mod.load_wan
-
-    def load_and_record(*args, **kw):
-        model = load(*args, **kw)
-        recorders.append(AttendRecorder(model, [2]))
-        return model
-
-    extract_mod.load_wan = load_and_record
-    try:
+    with recording_extract([2]) as recorders:
         run_extract(ExtractConfig(layers=[2], num_frames=19, independent_first_frame=True, out=str(out),
                                   progress=False), log=quiet)
-    finally:
-        extract_mod.load_wan = load
     return out, recorders[0].records[2]
 
 
