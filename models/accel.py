@@ -40,6 +40,20 @@ E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
 # torch.compile
 
 
+def leave_eager() -> None:
+    """Mark the KV-cache bookkeeping (`models.wan.through_cache`) and the attention entry point (`Attend.forward`)
+    as not to be compiled, once. (Done here rather than by decorators: those would import torch._dynamo, and with
+    it triton, whenever the models are imported.)"""
+    from models import attention, wan
+
+    if not getattr(wan.through_cache, "_left_eager", False):
+        wan.through_cache = torch.compiler.disable(wan.through_cache)
+        wan.through_cache._left_eager = True
+    if not getattr(attention.Attend.forward, "_left_eager", False):
+        attention.Attend.forward = torch.compiler.disable(attention.Attend.forward)
+        attention.Attend.forward._left_eager = True
+
+
 def compile_blocks(model, mode: str = "default", backend: str = "inductor") -> None:
     """Compile every transformer block of `model` in place (see the module docstring)."""
     if mode not in COMPILE_MODES:
@@ -47,6 +61,7 @@ def compile_blocks(model, mode: str = "default", backend: str = "inductor") -> N
                               "own CUDA graphs would fight the rollout's CUDA graphs over the KV cache)")
     import torch._dynamo as dynamo
 
+    leave_eager()
     # each block meets a few shapes (chunk sizes, the first forward that fills the cross-attention cache)
     dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
     for block in model.blocks:

@@ -234,9 +234,8 @@ def attend(q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] 
 class Attend(torch.nn.Module):
     """A parameter-free module around `attend`, so that hook-based tools (nnsight, forward hooks) see the
     exact q, k, v of every call as this module's inputs: `blocks[3].self_attn.attend.inputs`. A torch.compile'd
-    block (models/accel.py) runs it eagerly: its kernels and observers are Python-dispatched."""
+    block runs it eagerly (models/accel.py marks it so): its kernels and observers are Python-dispatched."""
 
-    @torch.compiler.disable
     def forward(self, q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] = ()):
         return attend(q, k, v, call, observers)
 

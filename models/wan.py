@@ -86,11 +86,10 @@ class ForwardContext:
     kernel: str = "auto"  # the model's attention kernel (models.attention.ATTENTION_KERNELS)
 
 
-@torch.compiler.disable
 def through_cache(cache, start_frame: int, k, v):
     """Write a chunk's keys/values into a layer's KV cache and return the window its queries attend to: sink +
     window, own chunk included, with the frames each slot holds. Python bookkeeping, so a torch.compile'd block
-    (models/accel.py) runs it eagerly rather than recompiling for every chunk."""
+    runs it eagerly rather than recompiling for every chunk (models/accel.py marks it so)."""
     cache.write(start_frame, k, v)
     return cache.window()
 

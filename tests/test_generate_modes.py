@@ -142,3 +142,12 @@ def test_extract_image_stores_the_i2v_rollout(tmp_path):
                               prompts=["a red square moving left"], progress=False), log=lambda *a: None)
     other = open_store(plain).attn_mass.sel(layer=1).isel(sample=0)
     assert float(abs(other.sel(step=0, query_frame=4) - mass.sel(step=0, query_frame=4)).max()) > 1e-4
+
+
+def test_generate_image_with_live_view(tmp_path):
+    """--image with --live: the image's chunk has only its context pass, and the live capture accepts that."""
+    image = world_image(tmp_path / "first.png")
+    out = tmp_path / "live"
+    assert main(["generate", "--prompt", "a red square moving left", "--image", str(image), "--frames", "4",
+                 "--live", "--layers", "0", "--no-progress", "--out", str(out)]) == 0
+    assert (out / "live.json").is_file() and (out / "p0000-s0.safetensors").is_file()
