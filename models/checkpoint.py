@@ -179,13 +179,16 @@ def load_wan(folder: str | Path, *, checkpoint: str | Path | None = None, use_em
 # Writing (atomic: models.files.atomic_write)
 
 
-def save_wan_folder(folder: str | Path, config: WanConfig, state_dict: dict, *, shard_size: int | None = None) -> None:
-    """Write an official-format Wan folder (optionally sharded, for tests of the index path)."""
+def save_wan_folder(folder: str | Path, config: WanConfig, state_dict: dict, *, shard_size: int | None = None,
+                    video_size: tuple[int, int] | None = None) -> None:
+    """Write an official-format Wan folder (optionally sharded, for tests of the index path); `video_size`
+    (height, width in pixels) is recorded in config.json as the size the model runs at by default."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(config.to_json_dict(), indent=2)))
+    content = config.to_json_dict() | ({"video_size": list(video_size)} if video_size else {})
+    atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(content, indent=2)))
     if shard_size is None:
         atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p))
         return

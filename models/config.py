@@ -21,6 +21,8 @@ from models.chunks import block_sizes
 from models.errors import ModelInputError
 
 ROPE_MAX_POSITIONS = 1024  # rows of the RoPE table on every axis (t, h, w)
+VAE_STRIDE = 8  # pixels per latent cell, on both axes (the Wan2.1 VAE)
+WAN_VIDEO_SIZE = (480, 832)  # pixels (height, width) Wan2.1-T2V-1.3B and Self-Forcing run at
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,8 @@ class WanConfig:
         if not path.is_file():
             raise ModelInputError(f"config file {str(path)!r} does not exist")
         raw = json.loads(path.read_text())
-        ignored = {"_class_name", "_diffusers_version", "_name_or_path", "window_size", "qk_norm", "cross_attn_norm"}
+        ignored = {"_class_name", "_diffusers_version", "_name_or_path", "window_size", "qk_norm", "cross_attn_norm",
+                   "video_size"}  # (video_size: read by `default_video_size`)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(raw) - known - ignored
         if unknown:
@@ -125,6 +128,34 @@ class WanConfig:
                 raise ModelInputError(f"dim {dim}: the number of heads is not in the weights; pass num_heads")
         return cls(dim=dim, in_dim=in_dim, patch_size=patch, ffn_dim=ffn_dim, freq_dim=freq_dim,
                    text_dim=text_dim, out_dim=out_dim, num_layers=num_layers, **overrides)
+
+
+def default_video_size(folder) -> tuple[int, int]:
+    """The pixel size (height, width) a model folder runs at unless told otherwise: its config.json's optional
+    `video_size` [height, width] (the embedded default records [96, 128]), else Wan2.1's 480 x 832."""
+    path = Path(folder) / "config.json"
+    try:
+        size = json.loads(path.read_text()).get("video_size")
+    except (OSError, ValueError) as err:
+        raise ModelInputError(f"cannot read {path}: {err}") from err
+    if size is None:
+        return WAN_VIDEO_SIZE
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise ModelInputError(f"{path}: video_size {size!r} must be [height, width] in pixels")
+    return size[0], size[1]
+
+
+def latent_size(height: int, width: int, config: WanConfig) -> tuple[int, int]:
+    """Pixels -> latent (h, w); each pixel side must be a positive multiple of the VAE stride times the patch."""
+    out = []
+    for name, px, patch in (("height", height, config.patch_size[1]), ("width", width, config.patch_size[2])):
+        step = VAE_STRIDE * patch
+        if not isinstance(px, int) or px < step or px % step:
+            raise ModelInputError(f"--{name} {px}: use a positive multiple of {step} pixels (the VAE's {VAE_STRIDE} "
+                                  f"pixels per latent cell x the patch's {patch} cells), e.g. "
+                                  f"{max(step, round(px / step) * step) if isinstance(px, int) else step}")
+        out.append(px // VAE_STRIDE)
+    return out[0], out[1]
 
 
 def config_keys() -> list[str]:

@@ -27,6 +27,7 @@ from models.config import VideoGeometry, WanConfig
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "data" / "embedded"
 EMBEDDED_CONFIG = WanConfig(dim=128, ffn_dim=384, num_heads=4, num_layers=6, text_dim=64)
 EMBEDDED_GEOMETRY = VideoGeometry(num_frames=21, latent_height=12, latent_width=16, num_frame_per_block=3)
+EMBEDDED_VIDEO_SIZE = (96, 128)  # pixels; recorded in config.json as video_size (models.config.default_video_size)
 EMBEDDED_SEED = 20251128
 
 
@@ -57,7 +58,7 @@ def write_embedded(folder: Path = EMBEDDED_DIR, checkpoint: str | Path | None = 
     else:
         state = {k: v.to(torch.bfloat16) for k, v in
                  read_self_forcing(checkpoint, "generator_ema" if use_ema else "generator").items()}
-    save_wan_folder(folder, EMBEDDED_CONFIG, state)
+    save_wan_folder(folder, EMBEDDED_CONFIG, state, video_size=EMBEDDED_VIDEO_SIZE)
 
 
 if __name__ == "__main__":

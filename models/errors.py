@@ -11,3 +11,8 @@ class ModelInputError(ValueError):
 
 class CheckpointError(ModelInputError):
     """A checkpoint that cannot be loaded as asked: missing file, wrong keys or shapes, unsafe pickle."""
+
+
+class ModelInputWarning(UserWarning):
+    """Input the models accept but change (a prompt longer than the text encoder reads): the message says what
+    happened to it. The CLI prints these as one line."""

@@ -3,7 +3,8 @@
 Checkpoints are untrusted input. `.pt`/`.pth` files are read with `torch.load(weights_only=True)` (memory
 mapped when the format allows); a file that needs arbitrary unpickling is refused with a message naming it,
 unless the caller passes `trust_pickle=True`. Writes go to a temporary file in the same folder and are renamed
-into place, so a killed process never leaves a half-written file.
+into place, so a killed process never leaves a half-written file; the file gets the permissions of any new file
+(0666 less the umask). `ensure_writable_dir` checks an output folder before any work starts.
 """
 
 from __future__ import annotations
@@ -13,18 +14,19 @@ import json
 import os
 import pickle
 import re
+import secrets
 import tempfile
 from pathlib import Path
 
-import torch
-
-from models.errors import CheckpointError
+from models.errors import CheckpointError, ModelInputError
 
 MEMO_DIR = Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "sf-workbench"))
 
 
 def load_tensors(path, *, trust_pickle: bool = False):
     """Whatever a weights file holds (a state dict, or a dict of them), read safely."""
+    import torch  # (here: the file helpers below serve commands that never load a model)
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {str(path)!r} does not exist")
@@ -54,8 +56,10 @@ def load_tensors(path, *, trust_pickle: bool = False):
         raise CheckpointError(f"cannot read weights file {str(path)!r}: {type(err).__name__}: {err}") from err
 
 
-def load_state_dict_file(path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+def load_state_dict_file(path, trust_pickle: bool = False) -> dict:
     """A flat {name: tensor} state dict from .safetensors or .pth/.pt, read safely."""
+    import torch
+
     sd = load_tensors(path, trust_pickle=trust_pickle)
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         top = list(sd)[:8] if isinstance(sd, dict) else type(sd).__name__
@@ -92,17 +96,50 @@ def sha256_file(path, memo_dir: Path | None = MEMO_DIR) -> str:
     return digest
 
 
+def ensure_writable_dir(path) -> Path:
+    """Create the folder `path` if needed and check that a file can be written in it; ModelInputError naming
+    the folder otherwise."""
+    return check_writable_dir(path, create=True)
+
+
+def check_writable_dir(path, *, create: bool = False) -> Path:
+    """Check that the folder `path` can be written, by writing a file (as root, permission bits alone prove
+    nothing). Without `create` nothing is made: the nearest existing ancestor must be a folder that takes a file.
+    ModelInputError naming `path` otherwise."""
+    path = Path(path)
+    try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        base = path
+        while not base.exists() and base != base.parent:
+            base = base.parent
+        if not base.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(base))
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ModelInputError(f"output folder {str(path)!r} is not writable: {e.strerror or e}") from e
+    return path
+
+
+def temporary_path(path) -> Path:
+    """A fresh temporary path beside `path` (hidden, unique per process and call, same suffix), not created: the
+    writer creates it, so it gets the permissions of any new file rather than mkstemp's 0600."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
+
+
 def atomic_write(path, write) -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, then rename it into place."""
+    """Call write(tmp_path) on a temporary path beside `path`, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temporary_path(path)
     try:
-        write(tmp)
+        write(str(tmp))
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from models.errors import CheckpointError, ModelInputError
+from models.errors import CheckpointError, ModelInputError, ModelInputWarning
 from models.files import atomic_write_bytes, load_state_dict_file, sha256_file
 
 WEIGHTS_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -243,6 +243,7 @@ class TextEncoder:
             raise ModelInputError("a prompt cache needs the encoder's weights file (its identity); "
                                   "pass cache_dir=None for an encoder built from an in-memory state dict")
         self._identity: str | None = None
+        self._warned: set[str] = set()  # prompts already warned about (truncation)
 
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -351,6 +352,22 @@ class TextEncoder:
                   for row, n in zip(ids, lengths)]
         return context, tokens, lengths
 
+    def warn_if_truncated(self, prompts: list[str]) -> list[int]:
+        """Token counts (`</s>` included, before truncation) of the prompts; a ModelInputWarning for each one
+        longer than text_len, saying where the encoder cuts it. A warning, not an error: Wan2.1 and Self-Forcing
+        truncate such prompts the same way, so the model sees what the reference pipelines would show it."""
+        L = self.text_len
+        counts = []
+        for p in prompts:
+            ids = self.tokenizer(clean_prompt(p), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+            counts.append(len(ids))
+            if len(ids) > L and p not in self._warned:
+                self._warned.add(p)
+                tail = self.tokenizer.decode(ids[max(0, L - 9):L - 1]).strip()
+                warnings.warn(f"prompt {p[:40]!r}... has {len(ids)} tokens; the text encoder reads the first {L} "
+                              f"(as Wan2.1 does), so it is cut after '...{tail}'", ModelInputWarning, stacklevel=3)
+        return counts
+
     def encode(self, prompts: list[str], batch_size: int = 8) -> PromptEmbeddings:
         """prompts -> PromptEmbeddings(context [B, text_len, text_dim], tokens, lengths), in prompt order.
 
@@ -363,6 +380,7 @@ class TextEncoder:
             raise ModelInputError(f"prompts must be strings; items {bad[:10]} are not")
         if batch_size < 1:
             raise ModelInputError(f"batch_size must be >= 1, got {batch_size}")
+        self.warn_if_truncated(prompts)
         results: dict[str, tuple] = {}
         todo = []
         for p in dict.fromkeys(prompts):  # unique, in order

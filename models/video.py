@@ -5,33 +5,27 @@ from a text file with one prompt per line. Accepted video forms (one video, no b
   - float [3, T, H, W] in [-1, 1] (what `WanVAE.decode(...)[b]` gives; values outside are clamped), or
   - uint8 [T, H, W, 3].
 Pixel mapping: uint8 = round((x + 1) / 2 * 255), i.e. Self-Forcing's `(video * 0.5 + 0.5) * 255`.
-All writes are atomic (temp file in the same folder, then rename); call `ensure_writable_dir` before any
-expensive work so a bad output path fails first.
+All writes are atomic (`models.files.atomic_write`: temp file in the same folder, then rename); call
+`ensure_writable_dir` before any expensive work so a bad output path fails first.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from models.errors import ModelInputError
+from models.files import atomic_write, ensure_writable_dir  # noqa: F401 (ensure_writable_dir: re-exported)
 
 
-def ensure_writable_dir(path) -> Path:
-    """Create `path` if needed and check a file can be written in it; ModelInputError naming it otherwise."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ModelInputError(f"output directory {path} is not writable: {e.strerror or e}") from e
-    return path
+def mp4_available() -> bool:
+    """Whether mp4 can be written here: `write_mp4` needs imageio-ffmpeg (its own ffmpeg binary, 165 MB), which
+    the `video` extra installs (pip install -e ".[video]")."""
+    import importlib.util
+
+    return importlib.util.find_spec("imageio_ffmpeg") is not None
 
 
 def to_uint8_frames(video) -> np.ndarray:
@@ -58,14 +52,6 @@ def to_uint8_frames(video) -> np.ndarray:
     return np.ascontiguousarray(frames.cpu().numpy())
 
 
-def _atomic_target(path: Path) -> Path:
-    """A temp path next to `path`, keeping its suffix (writers pick the format from it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    return Path(tmp)
-
-
 def write_mp4(video, path, fps: int = 16, quality: int = 8) -> Path:
     """Write an H.264 mp4 (yuv420p, so H and W must be even) at `fps` (Wan2.1: 16). Returns the path."""
     import imageio.v2 as imageio
@@ -76,21 +62,20 @@ def write_mp4(video, path, fps: int = 16, quality: int = 8) -> Path:
         raise ModelInputError(f"mp4 (yuv420p) needs even height and width, got {h}x{w}; use write_png_grid")
     if not (isinstance(fps, (int, float)) and fps > 0):
         raise ModelInputError(f"fps must be > 0, got {fps!r}")
+    if not mp4_available():
+        raise ModelInputError("writing mp4 needs imageio-ffmpeg: pip install -e \".[video]\"")
     path = Path(path)
-    tmp = _atomic_target(path)
-    try:
-        writer = imageio.get_writer(str(tmp), format="FFMPEG", mode="I", fps=fps, codec="libx264",
-                                    quality=quality, pixelformat="yuv420p", macro_block_size=1,
-                                    ffmpeg_log_level="error")
+
+    def write(tmp):
+        writer = imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=quality,
+                                    pixelformat="yuv420p", macro_block_size=1, ffmpeg_log_level="error")
         try:
             for frame in frames:
                 writer.append_data(frame)
         finally:
             writer.close()
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write(path, write)
     return path
 
 
@@ -119,13 +104,7 @@ def write_png_grid(video, path, ncols: int = 8, frames: list[int] | None = None,
         r, c = divmod(n, ncols)
         grid[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = all_frames[i]
     path = Path(path)
-    tmp = _atomic_target(path)
-    try:
-        Image.fromarray(grid).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
     return path
 
 

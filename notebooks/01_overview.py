@@ -20,11 +20,11 @@
 # layer x head maps of the head metrics), and one layer in detail. The store layout is `docs/store.md`; the
 # metrics are defined in `studies/metrics.py`.
 #
-# Make the default store with `workbench extract --layers 0-5 --out runs/embedded.zarr`, or run this notebook on
-# another one: `papermill 01_overview.ipynb out.ipynb -p store runs/other.zarr -p layer 3`.
+# Make the default store with `workbench extract --layers 0-5 --seed 0,1 --out runs/embedded.zarr` (the README's
+# notebook command), or run this notebook on another store: set `store` (and `layer`) in the parameters cell below.
 
 # %% tags=["parameters"]
-store = "runs/embedded.zarr"  # made by: workbench extract --layers 0-5 --out runs/embedded.zarr
+store = "runs/embedded.zarr"  # made by: workbench extract --layers 0-5 --seed 0,1 --out runs/embedded.zarr
 layer = None  # None: the first captured layer
 sample = None  # None: the mean over samples; or a sample id such as "p0000-s42"
 
@@ -34,6 +34,7 @@ import numpy as np
 from studies import figures, load_store, metrics
 from studies.report import checks_table, steps_table
 
+figures.use_notebook_renderer()  # figures that JupyterLab and `jupyter nbconvert --to html` both draw
 ds = load_store(store)
 layer = metrics.default_layer(ds) if layer is None else layer
 step0 = int(ds.step.values[0])  # the first denoising step (t = 1000 for the few-step rollout)
@@ -89,11 +90,9 @@ figures.layer_head_map(hm.entropy_norm.sel(step=step0), zmin=0, zmax=1)
 
 # %% [markdown]
 # ## One layer in detail
-# Query frame x key frame attention mass per head (origin lower: query frame 0 at the bottom), then the same
-# across the steps of the chunk schedule (the last step of the few-step rollout is the context pass).
+# Query frame x key frame attention mass per head (origin lower: query frame 0 at the bottom) at the first
+# denoising step; the slider moves through the other steps of the chunk schedule (the last step of the few-step
+# rollout is the context pass).
 
 # %%
-figures.head_grid(ds, layer, step=step0, sample=sample)
-
-# %%
-figures.step_slider(ds, layer, sample=sample)
+figures.step_slider(ds, layer, sample=sample, start=step0)

@@ -21,7 +21,7 @@
 # Definitions: `studies/metrics.py`.
 
 # %% tags=["parameters"]
-store = "runs/embedded.zarr"  # made by: workbench extract --layers 0-5 --out runs/embedded.zarr
+store = "runs/embedded.zarr"  # made by: workbench extract --layers 0-5 --seed 0,1 --out runs/embedded.zarr
 layer = None  # None: the first captured layer
 sample = None  # None: the mean over samples; or a sample id such as "p0000-s42"
 
@@ -30,6 +30,7 @@ import numpy as np
 
 from studies import figures, load_store, metrics
 
+figures.use_notebook_renderer()  # figures that JupyterLab and `jupyter nbconvert --to html` both draw
 ds = load_store(store)
 layer = metrics.default_layer(ds) if layer is None else layer
 step0 = int(ds.step.values[0])

@@ -20,13 +20,17 @@
 # with the bidirectional sampler, store B the Self-Forcing rollout, with the same prompts and seeds. The two
 # samplers do not share step indices, so steps are paired by the nearest timestep (within `tolerance`), and A's
 # CFG store contributes its `cond` branch. Divergences are Jensen-Shannon in bits (0 = same, 1 = disjoint).
-# The same comparison as HTML: `workbench compare A.zarr B.zarr --out compare.html`.
+# The same comparison as HTML: `workbench compare runs/wan_bidirectional.zarr runs/embedded.zarr --out
+# runs/compare.html`. Both default stores are made by the README's notebook commands (on the embedded default the
+# two samplers run the same weights: the comparison shows what the sampler alone changes).
 
 # %% tags=["parameters"]
-store_a = "runs/wan_bidirectional.zarr"  # base Wan weights, bidirectional sampler (A: the reference)
-store_b = "runs/embedded.zarr"  # made by: workbench extract --layers 0-5 --out runs/embedded.zarr
+# A, the reference: the base weights through Wan's bidirectional sampler. Made by: workbench extract --layers 0-5
+# --seed 0,1 --sampler bidirectional --num-inference-steps 8 --out runs/wan_bidirectional.zarr
+store_a = "runs/wan_bidirectional.zarr"
+store_b = "runs/embedded.zarr"  # made by: workbench extract --layers 0-5 --seed 0,1 --out runs/embedded.zarr
 layer = None  # None: the first layer both stores hold
-sample = None  # None: every (prompt, seed) pair the stores share; or a sample id of store B
+sample = None  # None: every sample pair (same prompt and seed, else same prompt); or a sample id of store B
 tolerance = 20.0  # largest |t_A - t_B| of a matched step
 
 # %%
@@ -34,6 +38,7 @@ import numpy as np
 
 from studies import compare, figures, load_store, metrics
 
+figures.use_notebook_renderer()  # figures that JupyterLab and `jupyter nbconvert --to html` both draw
 a, b = load_store(store_a), load_store(store_b)
 if sample is not None:
     b = metrics.select(b, sample=sample)
@@ -48,9 +53,9 @@ c.pairs
 assert (c.steps.abs_dt <= tolerance).all(), "a matched step is outside the tolerance"
 assert len(c.pairs) >= 1 and all(
     str(a["prompt"].sel(sample=sa).values) == str(b["prompt"].sel(sample=sb).values)
-    and int(a["seed"].sel(sample=sa)) == int(b["seed"].sel(sample=sb))
+    and (c.pair_by == "prompt" or int(a["seed"].sel(sample=sa)) == int(b["seed"].sel(sample=sb)))
     for sa, sb in zip(c.pairs.sample_a, c.pairs.sample_b)
-), "paired samples must share prompt and seed"
+), "paired samples must share the prompt (and the seed, unless the stores were made with different seeds)"
 js = c.js_bits.values
 assert np.nanmin(js) >= -1e-9 and np.nanmax(js) <= 1 + 1e-9, "JS divergence in bits lies in [0, 1]"
 c.steps
@@ -95,7 +100,7 @@ figures.taxonomy_map(c.class_b.sel(match=0), title="head classes · B")
 # %%
 top = ranking[ranking.layer == layer].iloc[0]
 step_a, step_b = int(c.steps.step_a[0]), int(c.steps.step_b[0])
-figures.head_grid(a.sel(sample=list(c.pairs.sample_a)), layer, step=step_a, heads=[int(top["head"])])
+figures.head_grid(a.sel(sample=list(dict.fromkeys(c.pairs.sample_a))), layer, step=step_a, heads=[int(top["head"])])
 
 # %%
-figures.head_grid(b.sel(sample=list(c.pairs.sample_b)), layer, step=step_b, heads=[int(top["head"])])
+figures.head_grid(b.sel(sample=list(dict.fromkeys(c.pairs.sample_b))), layer, step=step_b, heads=[int(top["head"])])

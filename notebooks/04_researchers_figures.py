@@ -24,7 +24,7 @@
 # figures with the softmax mass (`attn_mass`) follow: that is what "sink" usually means.
 
 # %% tags=["parameters"]
-store = "runs/embedded.zarr"  # made by: workbench extract --layers 0-5 --out runs/embedded.zarr
+store = "runs/embedded.zarr"  # made by: workbench extract --layers 0-5 --seed 0,1 --out runs/embedded.zarr
 layer = None  # None: the first captured layer
 sample = None  # None: the mean over samples; or a sample id such as "p0000-s42"
 
@@ -33,6 +33,7 @@ import numpy as np
 
 from studies import figures, load_store, metrics
 
+figures.use_notebook_renderer()  # figures that JupyterLab and `jupyter nbconvert --to html` both draw
 ds = load_store(store)
 layer = metrics.default_layer(ds) if layer is None else layer
 denoise = ds.step.where(ds["phase"] == "denoise", drop=True)

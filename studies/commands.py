@@ -20,21 +20,23 @@ heatmaps, the last chunk's bars with sink = v[0] - mean(v[1:-1]), a step slider 
 REPORT_EPILOG = """\
 examples:
   workbench report runs/embedded.zarr --out runs/embedded.html
-  workbench report runs/layer3.zarr --out l3.html --layer 3 --sample p0000-s42 --step 0
+  workbench report runs/layer3.zarr --out runs/l3.html --layer 3 --sample p0000-s42 --step 0
 """
 
 COMPARE_HELP = "what changed between two stores (e.g. Wan vs Self-Forcing), as an HTML report"
 COMPARE_DESCRIPTION = """\
 Compare two attention stores head by head and write a self-contained HTML report. Samples are paired
-by (prompt, seed); steps by the nearest timestep (same phase, within --tolerance), because the Wan
+by (prompt, seed), or, for stores made with different seeds, every sample of A with every sample of B of
+the same prompt (--pair-by); steps by the nearest timestep (same phase, within --tolerance), because the Wan
 sampler and the few-step rollout do not share step indices; a CFG store contributes its --cfg branch.
 The report lists the matched samples and steps, ranks heads by the Jensen-Shannon divergence (bits)
 between their key-frame distributions, and shows each metric for A, B and B - A.
 """
 COMPARE_EPILOG = """\
 examples:
-  workbench compare runs/wan.zarr runs/self_forcing.zarr --out wan_vs_sf.html
-  workbench compare A.zarr B.zarr --out c.html --tolerance 5 --layer 0 --layer 4
+  workbench compare runs/wan.zarr runs/self_forcing.zarr --out runs/wan_vs_sf.html
+  workbench compare runs/a.zarr runs/b.zarr --out runs/c.html --tolerance 5 --layer 0 --layer 4
+  workbench compare runs/seed0.zarr runs/seed1.zarr --pair-by prompt       # stores of different seeds
 """
 
 QUERY_FRAMES_HELP = ("query frames the head metrics average over: last_chunk (the researchers' last block, "
@@ -60,7 +62,7 @@ def register(subparsers) -> None:
                                     epilog=COMPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     compare.add_argument("store_a", metavar="A.zarr", help="the reference store (differences are B - A)")
     compare.add_argument("store_b", metavar="B.zarr", help="the store compared with it")
-    compare.add_argument("--out", default="compare.html", help="HTML file to write (default: compare.html)")
+    compare.add_argument("--out", default="runs/compare.html", help="HTML file to write (default: %(default)s)")
     compare.add_argument("--tolerance", type=float, default=20.0,
                          help="largest |timestep_A - timestep_B| of a matched step, in timestep units of [0, 1000] "
                               "(default 20)")
@@ -71,13 +73,27 @@ def register(subparsers) -> None:
     compare.add_argument("--query-frames", default="last_chunk", choices=["last_chunk", "history", "all"],
                          help=QUERY_FRAMES_HELP)
     compare.add_argument("--top", type=int, default=4, help="heads shown as heatmaps, most changed first (default 4)")
+    compare.add_argument("--pair-by", default="auto", choices=["auto", "seed", "prompt"],
+                         help="seed: samples with the same prompt and seed; prompt: every sample of A with every "
+                              "sample of B of the same prompt (stores made with different seeds; the divergence "
+                              "then includes the spread between seeds); auto: seed when the stores share a "
+                              "(prompt, seed), else prompt (default: auto)")
     compare.set_defaults(func=run_compare)
+
+
+def writable_output(path) -> Path:
+    """The HTML file to write, its folder checked before any work (a clear error if it cannot be written)."""
+    from models.files import check_writable_dir
+
+    path = Path(path)
+    check_writable_dir(path.parent)
+    return path
 
 
 def run_report(args) -> int:
     from studies.report import build_report
 
-    out = Path(args.out) if args.out else Path(args.store.rstrip("/")).with_suffix(".html")
+    out = writable_output(args.out if args.out else Path(args.store.rstrip("/")).with_suffix(".html"))
     path = build_report(args.store, out, layer=args.layer, sample=args.sample, step=args.step,
                         query_frames=args.query_frames)
     print(f"wrote {path}")
@@ -87,7 +103,8 @@ def run_report(args) -> int:
 def run_compare(args) -> int:
     from studies.report import build_compare_report
 
-    path = build_compare_report(args.store_a, args.store_b, args.out, tolerance=args.tolerance, cfg=args.cfg,
-                                layers=args.layer, query_frames=args.query_frames, top=args.top)
+    path = build_compare_report(args.store_a, args.store_b, writable_output(args.out), tolerance=args.tolerance, cfg=args.cfg,
+                                layers=args.layer, query_frames=args.query_frames, top=args.top,
+                                pair_by=args.pair_by)
     print(f"wrote {path}")
     return 0

@@ -3,7 +3,9 @@
 Two stores rarely share step indices (Wan runs 50 steps with CFG, the few-step rollout 4 + a context pass), so
 they are aligned on what the model saw:
 
-    samples   pairs with the same (prompt text, seed); stores that share none are refused
+    samples   pairs with the same (prompt text, seed); stores made with different seeds pair every sample of A
+              with every sample of B of the same prompt (`pair_by="prompt"`, chosen by "auto" when no
+              (prompt, seed) is shared); stores that share no prompt are refused
     steps     for each step of A, the step of B with the nearest timestep (same phase: denoise with denoise,
               context with context) if |t_A - t_B| <= tolerance (default 20 timestep units, in [0, 1000]).
               A store with CFG contributes only the `cfg` branch chosen (default `cond`, the one that sees
@@ -48,7 +50,7 @@ class Comparison:
 
     name_a: str
     name_b: str
-    pairs: pd.DataFrame  # prompt, seed, sample_a, sample_b
+    pairs: pd.DataFrame  # prompt, seed_a, seed_b, sample_a, sample_b (see `match_samples`)
     steps: pd.DataFrame  # match, step_a, timestep_a, phase, cfg_a, step_b, timestep_b, cfg_b, abs_dt
     unmatched_a: pd.DataFrame  # steps of A (after the CFG filter) with no B step within tolerance
     unmatched_b: pd.DataFrame  # steps of B nobody matched
@@ -60,28 +62,47 @@ class Comparison:
     class_b: xr.DataArray
     query_frames: list[int] = field(default_factory=list)
     tolerance: float = 20.0
+    pair_by: str = "seed"  # how the samples were paired: "seed" (prompt and seed) or "prompt"
 
 
 # --------------------------------------------------------------------------------------------------- samples
-def _pairs_of(ds: xr.Dataset) -> dict[tuple[str, int], str]:
-    return {(str(p), int(s)): str(i) for i, p, s in zip(ds.sample.values, ds["prompt"].values, ds["seed"].values)}
+PAIR_BY = ("auto", "seed", "prompt")
 
 
-def match_samples(a: xr.Dataset, b: xr.Dataset) -> pd.DataFrame:
-    """Sample pairs with the same (prompt, seed); WorkbenchError naming what each store has if none."""
-    pa, pb = _pairs_of(a), _pairs_of(b)
-    shared = [key for key in pa if key in pb]
-    if not shared:
-        def describe(pairs):
-            items = [f"({p[:40]!r}, seed {s})" for p, s in list(pairs)[:6]]
-            return ", ".join(items) + (f", ... ({len(pairs)} in all)" if len(pairs) > 6 else "")
-        raise WorkbenchError(
-            f"the stores share no (prompt, seed): A has {describe(pa)}; B has {describe(pb)}. "
-            "Extract both with the same prompts and seeds."
-        )
-    return pd.DataFrame(
-        [{"prompt": p, "seed": s, "sample_a": pa[(p, s)], "sample_b": pb[(p, s)]} for p, s in shared]
-    )
+def _samples_of(ds: xr.Dataset) -> list[tuple[str, int, str]]:
+    return [(str(p), int(s), str(i)) for i, p, s in zip(ds.sample.values, ds["prompt"].values, ds["seed"].values)]
+
+
+def _describe(samples) -> str:
+    items = [f"({p[:40]!r}, seed {s})" for p, s, _ in samples[:6]]
+    return ", ".join(items) + (f", ... ({len(samples)} in all)" if len(samples) > 6 else "")
+
+
+def match_samples(a: xr.Dataset, b: xr.Dataset, pair_by: str = "auto") -> pd.DataFrame:
+    """Sample pairs (prompt, seed_a, seed_b, sample_a, sample_b). `seed`: the samples with the same prompt and
+    seed; `prompt`: every sample of A with every sample of B of the same prompt (stores made with different
+    seeds; the divergence then includes the spread between seeds, which comparing a store with itself this
+    way measures); `auto`: by seed when the stores share any (prompt, seed), else by prompt. The pairing used
+    is `pairs.attrs["pair_by"]`. WorkbenchError naming what each store has if nothing pairs."""
+    if pair_by not in PAIR_BY:
+        raise WorkbenchError(f"pair_by {pair_by!r}; use one of {list(PAIR_BY)}")
+    sa, sb = _samples_of(a), _samples_of(b)
+    by_seed = [(p, s, s, ia, ib) for p, s, ia in sa for q, t, ib in sb if (p, s) == (q, t)]
+    if pair_by == "seed" or (pair_by == "auto" and by_seed):
+        if not by_seed:
+            raise WorkbenchError(f"the stores share no (prompt, seed): A has {_describe(sa)}; B has {_describe(sb)}. "
+                                 "Extract both with the same prompts and seeds, or pair them by prompt alone "
+                                 "(--pair-by prompt)")
+        rows, used = by_seed, "seed"
+    else:
+        rows = [(p, s, t, ia, ib) for p, s, ia in sa for q, t, ib in sb if p == q]
+        if not rows:
+            raise WorkbenchError(f"the stores share no prompt: A has {_describe(sa)}; B has {_describe(sb)}. "
+                                 "Extract both with the same prompts.")
+        used = "prompt"
+    pairs = pd.DataFrame(rows, columns=["prompt", "seed_a", "seed_b", "sample_a", "sample_b"])
+    pairs.attrs["pair_by"] = used
+    return pairs
 
 
 # ----------------------------------------------------------------------------------------------------- steps
@@ -162,9 +183,10 @@ def compare_stores(
     thresholds: metrics.TaxonomyThresholds | None = None,
     name_a: str = "A",
     name_b: str = "B",
+    pair_by: str = "auto",
 ) -> Comparison:
     """Align `a` and `b` (module docstring) and compare their attention head by head."""
-    pairs = match_samples(a, b)
+    pairs = match_samples(a, b, pair_by)
     steps, unmatched_a, unmatched_b = match_steps(a, b, tolerance=tolerance, cfg=cfg)
 
     la, lb = [int(x) for x in a.layer.values], [int(x) for x in b.layer.values]
@@ -225,6 +247,7 @@ def compare_stores(
         metrics_a=metrics_a, metrics_b=metrics_b, diff=diff, js_bits=js,
         class_a=metrics.classify_heads(metrics_a, thresholds), class_b=metrics.classify_heads(metrics_b, thresholds),
         query_frames=frames, tolerance=tolerance,
+        pair_by=pairs.attrs["pair_by"],
     )
 
 

@@ -5,6 +5,8 @@
     last_chunk_bars  per-head bars + line of the last chunk's attention over key frames, titled with the
                      researchers' sink = v[0] - mean(v[1:-1])
     step_slider      the head grid across steps (plotly frames and a slider, one frame per step)
+    train_step_slider  the head grid of a training probe store across train steps
+    metric_over_training  a head metric against the train step, a panel per layer, a line per head
     layer_head_map   layer x head heatmap of any metric (a DataArray with dims layer, head)
     taxonomy_map     layer x head map of the head classes
     compare_maps     the same metric for two stores and their difference B - A (stacked A, B, B - A)
@@ -35,6 +37,22 @@ CLASS_COLOURS = {"sink": "#d62728", "local": "#1f77b4", "global": "#2ca02c", "de
 
 
 # -------------------------------------------------------------------------------------------------- helpers
+NOTEBOOK_RENDERER = "plotly_mimetype+notebook"
+
+
+def use_notebook_renderer() -> str:
+    """Plotly's renderer for the study notebooks: the plotly mimetype (JupyterLab, VS Code) plus HTML carrying
+    plotly.js, so that `jupyter nbconvert --to html` of an executed notebook shows the figures, offline too
+    (plotly's own choice in a kernel is the mimetype alone, which nbconvert's HTML cannot draw).
+    PLOTLY_RENDERER, when set, wins. Returns the renderer in use."""
+    import os
+
+    import plotly.io as pio
+
+    pio.renderers.default = os.environ.get("PLOTLY_RENDERER") or NOTEBOOK_RENDERER
+    return pio.renderers.default
+
+
 def _round(a) -> np.ndarray:
     """float32 values for a trace: plotly stores numpy arrays as typed base64 arrays, so float32 halves the HTML;
     NaN (not attended) stays NaN and is drawn as a gap."""
@@ -169,7 +187,7 @@ def last_chunk_bars(
     return fig
 
 
-# ------------------------------------------------------------------------------------------ step slider
+# ------------------------------------------------------------------------------------------ sliders
 def step_slider(
     ds: xr.Dataset,
     layer: int,
@@ -179,41 +197,106 @@ def step_slider(
     heads: Sequence[int] | None = None,
     steps: Sequence[int] | None = None,
     cols: int = 4,
+    start: int | None = None,
 ) -> go.Figure:
     """The head grid across steps: one plotly frame per step, a slider labelled 'step s · t=...', one colour
-    scale over all steps so the frames are comparable."""
+    scale over all steps so the frames are comparable; it opens at step `start` (default: the first)."""
     data = _frames(ds, var, layer, sample, None if steps is None else list(steps))  # [step, head, qf, kf]
+    labels = {int(s): metrics.step_label(ds, int(s)) for s in data.step.values}
+    marks = {s: f"{s} · t={float(ds['timestep'].sel(step=s)):g}" for s in labels}
+    return _grid_slider(data, "step", labels, marks, start, heads, cols,
+                        title=lambda s: f"{var} · layer {layer} · {labels[s]}", who=_who(ds, sample),
+                        colorbar=_units(ds, var), var=var)
+
+
+def train_step_slider(
+    ds: xr.Dataset,
+    layer: int,
+    *,
+    step: int = 0,
+    sample: str | None = None,
+    var: str = "attn_mass",
+    heads: Sequence[int] | None = None,
+    cols: int = 4,
+) -> go.Figure:
+    """The head grid of a training probe store at one step, across train steps (a slider over `train_step`,
+    one colour scale over all of them); it opens at the last train step."""
+    data = _frames(ds, var, layer, sample, step).isel(step=0)  # [train_step, head, query_frame, key_frame]
+    values = [int(t) for t in data.train_step.values]
+    labels = {t: f"train step {t} · {metrics.step_label(ds, step)}" for t in values}
+    return _grid_slider(data, "train_step", labels, {t: str(t) for t in values}, values[-1], heads, cols,
+                        title=lambda t: f"{var} · layer {layer} · {labels[t]}", who=_who(ds, sample),
+                        colorbar=_units(ds, var), var=var)
+
+
+def _grid_slider(data: xr.DataArray, dim: str, labels: dict, marks: dict, start, heads, cols, *, title, who,
+                 colorbar: str, var: str) -> go.Figure:
+    """Per-head heatmaps of data [dim, head, query_frame, key_frame], one plotly frame per value of `dim`."""
     data = _pick_heads(data, heads)
     head_list = [int(h) for h in data["head"].values]
-    step_list = [int(s) for s in data.step.values]
+    values = [int(v) for v in data[dim].values]
+    if start is None:
+        start = values[0]
+    if start not in values:
+        raise WorkbenchError(f"{dim} {start} is not among the slider's {dim}s {values}")
     fig, cols = _head_subplots(head_list, cols, [f"head {h}" for h in head_list])
     rows = math.ceil(len(head_list) / cols)
 
-    def traces(s):
-        return [_heatmap(data.sel(step=s, head=h).values, data.key_frame.values, data.query_frame.values, f"head {h}")
-                for h in head_list]
+    def traces(v):
+        return [_heatmap(data.sel({dim: v, "head": h}).values, data.key_frame.values, data.query_frame.values,
+                         f"head {h}") for h in head_list]
 
-    for i, trace in enumerate(traces(step_list[0])):
+    for i, trace in enumerate(traces(start)):
         fig.add_trace(trace, row=i // cols + 1, col=i % cols + 1)
-    labels = {s: metrics.step_label(ds, s) for s in step_list}
-    fig.frames = [go.Frame(data=traces(s), name=str(s), traces=list(range(len(head_list))),
-                           layout=dict(title_text=f"{var} · layer {layer} · {labels[s]}")) for s in step_list]
+    fig.frames = [go.Frame(data=traces(v), name=str(v), traces=list(range(len(head_list))),
+                           layout=dict(title_text=title(v))) for v in values]
     slider = dict(
-        active=0, currentvalue=dict(prefix="step: "), pad=dict(t=40),
-        steps=[dict(label=f"{s} · t={float(ds['timestep'].sel(step=s)):g}", method="animate",
-                    args=[[str(s)], dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))])
-               for s in step_list],
+        active=values.index(start), currentvalue=dict(prefix=f"{dim.replace('_', ' ')}: "), pad=dict(t=40),
+        steps=[dict(label=marks[v], method="animate",
+                    args=[[str(v)], dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0))])
+               for v in values],
     )
     _label_axes(fig, rows, cols, "key frame", "query frame")
     fig.update_layout(
-        title=f"{var} · layer {layer} · {labels[step_list[0]]} · {_who(ds, sample)}",
-        coloraxis=dict(**_colour(var, data.values), colorbar=dict(title=_units(ds, var))),
+        title=f"{title(start)} · {who}",
+        coloraxis=dict(**_colour(var, data.values), colorbar=dict(title=colorbar)),
         sliders=[slider], height=260 * rows + 200, width=max(700, 240 * cols + 160),
     )
     return fig
 
 
+def metric_over_training(da: xr.DataArray, *, title: str | None = None) -> go.Figure:
+    """A head metric (dims train_step, layer, head) against the train step: a panel per layer, a line per head."""
+    extra = [d for d in da.dims if d not in ("train_step", "layer", "head")]
+    if extra:
+        raise WorkbenchError(f"metric_over_training needs dims (train_step, layer, head); select or average {extra} first")
+    layers = [int(v) for v in da.layer.values]
+    fig = make_subplots(rows=1, cols=len(layers), shared_yaxes=True, subplot_titles=[f"layer {x}" for x in layers],
+                        horizontal_spacing=0.03)
+    x = [int(t) for t in da.train_step.values]
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+               "#17becf"]
+    for col, layer in enumerate(layers, start=1):
+        for i, h in enumerate(da["head"].values):
+            fig.add_trace(go.Scatter(x=x, y=_round(da.sel(layer=layer, head=h).values), mode="lines+markers",
+                                     name=f"head {int(h)}", legendgroup=f"head {int(h)}", showlegend=col == 1,
+                                     line=dict(color=palette[i % len(palette)])), row=1, col=col)
+        fig.update_xaxes(title_text="train step", row=1, col=col)
+    fig.update_yaxes(title_text=f"{da.name} [{da.attrs.get('units', '')}]", row=1, col=1)
+    fig.update_layout(title=title or f"{da.name}: {da.attrs.get('long_name', '')} across training", height=420,
+                      width=max(800, 320 * len(layers) + 200))
+    return fig
+
+
 # ------------------------------------------------------------------------------------------ overviews
+MIN_MAP_ROWS_PX = 220  # plot height of a layer x head map, at least: room for a colour bar or legend on one layer
+
+
+def _map_height(layers: int, per_layer: int = 28) -> int:
+    """Figure height of a layer x head map: a row per layer, never so short that its colour bar is squashed."""
+    return 140 + max(MIN_MAP_ROWS_PX, per_layer * layers) + 80
+
+
 def _layer_head(da: xr.DataArray) -> xr.DataArray:
     extra = [d for d in da.dims if d not in ("layer", "head")]
     if extra:
@@ -235,13 +318,14 @@ def layer_head_map(da: xr.DataArray, *, title: str | None = None, colorscale: st
     ))
     fig.update_xaxes(title_text="head", type="category")
     fig.update_yaxes(title_text="layer", type="category")
-    fig.update_layout(title=title or f"{da.name or name}: {name}", height=140 + 28 * da.sizes["layer"] + 80,
+    fig.update_layout(title=title or f"{da.name or name}: {name}", height=_map_height(da.sizes["layer"]),
                       width=max(640, 60 * da.sizes["head"] + 220))
     return fig
 
 
 def taxonomy_map(classes: xr.DataArray, *, title: str = "head classes") -> go.Figure:
-    """Layer x head map of head classes (sink, local, global, deep_sink, mixed), one colour each."""
+    """Layer x head map of head classes (sink, local, global, deep_sink, mixed), one colour each, named in a
+    legend (one entry per class, so the names never crowd each other, however few layers there are)."""
     classes = _layer_head(classes)
     names = list(CLASS_COLOURS)
     code = np.vectorize(lambda c: names.index(str(c)))(classes.values)
@@ -252,13 +336,15 @@ def taxonomy_map(classes: xr.DataArray, *, title: str = "head classes") -> go.Fi
     fig = go.Figure(go.Heatmap(
         z=code, x=[str(int(h)) for h in classes["head"].values], y=[str(int(x)) for x in classes.layer.values],
         text=classes.values.astype(str), texttemplate="%{text}", colorscale=scale, zmin=-0.5, zmax=n - 0.5,
-        colorbar=dict(tickvals=list(range(n)), ticktext=names, title="class"),
-        hovertemplate="layer %{y}<br>head %{x}<br>%{text}<extra></extra>",
+        showscale=False, hovertemplate="layer %{y}<br>head %{x}<br>%{text}<extra></extra>",
     ))
+    for name in names:  # legend entries only: a marker of each class colour, no data
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, showlegend=True, hoverinfo="skip",
+                                 marker=dict(symbol="square", size=14, color=CLASS_COLOURS[name])))
     fig.update_xaxes(title_text="head", type="category")
     fig.update_yaxes(title_text="layer", type="category")
-    fig.update_layout(title=title, height=140 + 28 * classes.sizes["layer"] + 80,
-                      width=max(640, 70 * classes.sizes["head"] + 220))
+    fig.update_layout(title=title, height=_map_height(classes.sizes["layer"]),
+                      width=max(640, 70 * classes.sizes["head"] + 220), legend=dict(title="class"))
     return fig
 
 
@@ -288,7 +374,7 @@ def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = (
                        colorbar=dict(y=0.68, len=0.62, title=f"{names[0]} / {names[1]}")),
         coloraxis2=dict(colorscale="RdBu_r", cmin=-(top or 1.0), cmax=top or 1.0,
                         colorbar=dict(y=0.14, len=0.3, title=f"{names[1]} - {names[0]}")),
-        height=3 * (26 * a.sizes["layer"] + 110) + 80, width=max(600, min(1300, 62 * a.sizes["head"] + 260)),
+        height=3 * (max(120, 26 * a.sizes["layer"]) + 110) + 80, width=max(600, min(1300, 62 * a.sizes["head"] + 260)),
     )
     return fig
 

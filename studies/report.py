@@ -192,6 +192,9 @@ def build_report(
     `sample`: one sample id (default: the mean over samples); `step`: the step of the overview maps and head grids
     (default 0: the first denoising step, t = 1000, the researchers' choice)."""
     ds, source = _open(store)
+    if "train_step" in ds.dims:
+        return _training_report(ds, source, out_html, layer=layer, sample=sample, step=step,
+                                query_frames=query_frames, thresholds=thresholds)
     detail = _detail_layers(ds, layer)
     metrics.select(ds, sample=sample, step=step)  # fail early on a bad sample or step
     hm = metrics.head_metrics(metrics.select(ds, step=step), query_frames=query_frames, sample=sample)
@@ -224,17 +227,58 @@ def build_report(
     page.table(_head_table(at, classes.sel(step=step)))
 
     # the slider leaves out CFG's uncond forwards (half of a Wan store's steps, and the bulk of the HTML)
-    slider_steps = [int(s) for s, c in zip(ds.step.values, ds["cfg"].values) if str(c) != "uncond"] \
+    slider_steps = [int(s) for s, c in zip(ds.step.values, ds["cfg"].values) if str(c) != "uncond" or int(s) == step] \
         if "cfg" in ds.coords else None
     for lay in detail:
         page.h(f"Layer {lay}")
-        page.figure(figures.head_grid(ds, lay, step=step, sample=sample), f"fig-grid-layer{lay}")
+        # the per-head heatmaps once: the slider opens at `step` and moves through the others
+        page.figure(figures.step_slider(ds, lay, sample=sample, steps=slider_steps, start=step), f"fig-steps-layer{lay}")
         page.figure(figures.last_chunk_bars(ds, lay, step=step, sample=sample), f"fig-bars-layer{lay}")
-        page.figure(figures.step_slider(ds, lay, sample=sample, steps=slider_steps), f"fig-steps-layer{lay}")
         prof = metrics.recency_profile(metrics.select(ds, sample=sample, layer=lay, step=step))
         prof = prof.mean("sample", skipna=True).isel(layer=0, step=0)
         page.figure(figures.recency_lines(prof, title=f"recency profile · layer {lay} · {metrics.step_label(ds, step)}"),
                     f"fig-recency-layer{lay}")
+    if len(detail) < ds.sizes["layer"]:
+        page.p(f"Detailed sections for layers {detail} of {ds.sizes['layer']}; pass --layer N to choose others.")
+    return write_atomic(page.render(), out_html)
+
+
+def _training_report(ds: xr.Dataset, source: str, out_html, *, layer, sample, step, query_frames,
+                     thresholds) -> Path:
+    """The report of a training probe store (dims train_step, sample, ...): how each head's attention moved as
+    training went on, at one step of the rollout."""
+    detail = _detail_layers(ds, layer)
+    metrics.select(ds, sample=sample, step=step)  # fail early on a bad sample or step
+    hm = metrics.head_metrics(metrics.select(ds, step=step), query_frames=query_frames, sample=sample)
+    hm = hm.sel(step=step)  # (train_step, layer, head)
+    train_steps = [int(t) for t in ds.train_step.values]
+    last = train_steps[-1]
+    classes = metrics.classify_heads(hm, thresholds)
+    frames = hm.attrs["query_frames"]
+
+    page = Page(f"Attention report: {Path(source).name} (training probes)")
+    page.p(f"Made {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by <code>studies.report.build_report</code>. A training "
+           "probe store: the probe set's attention, captured every few training steps along <code>train_step</code> "
+           "(<code>docs/store.md</code>, Training probe stores).")
+    _store_summary(page, ds, source)
+    how = f" ({ds.attrs['trainer']} training, loss {ds.attrs['loss']})" if {"trainer", "loss"} <= set(ds.attrs) else ""
+    page.p(f"Train steps: {', '.join(str(t) for t in train_steps)}{how}.")
+    page.h("Checks")
+    page.table(checks_table(ds), index=False)
+
+    page.h(f"Attention across training at {metrics.step_label(ds, step)}")
+    page.p(f"Head metrics averaged over query frames {frames[0]}-{frames[-1]} ({query_frames}) and "
+           f"{'sample ' + sample if sample else 'all samples'}, at each train step; a panel per layer, a line per head.")
+    for name in ("sink_mass", "own_chunk_mass", "local_mass", "mean_distance", "entropy_norm"):
+        if bool(hm[name].notnull().any()):
+            page.figure(figures.metric_over_training(hm[name].sel(layer=detail)), f"fig-training-{name}")
+    page.h(f"Head classes at train step {last}", 3)
+    page.figure(figures.taxonomy_map(classes.sel(train_step=last), title=f"head classes · train step {last} · "
+                                     f"{metrics.step_label(ds, step)}"), "fig-taxonomy")
+    page.table(_head_table(hm.sel(train_step=last), classes.sel(train_step=last)))
+    for lay in detail:
+        page.h(f"Layer {lay}")
+        page.figure(figures.train_step_slider(ds, lay, step=step, sample=sample), f"fig-train-steps-layer{lay}")
     if len(detail) < ds.sizes["layer"]:
         page.p(f"Detailed sections for layers {detail} of {ds.sizes['layer']}; pass --layer N to choose others.")
     return write_atomic(page.render(), out_html)
@@ -251,6 +295,7 @@ def build_compare_report(
     layers=None,
     top: int = 4,
     thresholds: metrics.TaxonomyThresholds | None = None,
+    pair_by: str = "auto",
 ) -> Path:
     """Write an HTML comparison of two stores (paths or opened Datasets) to `out_html`; returns the path.
     Alignment and divergence as in `studies.compare.compare_stores`; `top` heads get side-by-side heatmaps."""
@@ -262,7 +307,7 @@ def build_compare_report(
     if name_a == name_b:
         name_a, name_b = f"A: {name_a}", f"B: {name_b}"
     c = compare_mod.compare_stores(a, b, tolerance=tolerance, cfg=cfg, query_frames=query_frames, layers=layers,
-                                   thresholds=thresholds, name_a=name_a, name_b=name_b)
+                                   thresholds=thresholds, name_a=name_a, name_b=name_b, pair_by=pair_by)
     ranking = compare_mod.rank_heads(c)
 
     page = Page(f"Comparison: {name_a} vs {name_b}")
@@ -270,6 +315,12 @@ def build_compare_report(
            "Jensen-Shannon divergence between the key-frame distributions of each query row, in bits (0 = same, "
            f"1 = disjoint), averaged over sample pairs and query frames {c.query_frames}.")
     page.h("Matched samples")
+    if c.pair_by == "prompt":
+        page.p("The stores share no (prompt, seed), so every sample of A is paired with every sample of B of the same "
+               "prompt: the divergences include the spread between seeds (comparing a store with itself with "
+               "<code>--pair-by prompt</code> measures that spread).")
+    else:
+        page.p("Samples paired by prompt and seed: the two models started from the same noise.")
     page.table(c.pairs, index=False)
     page.h("Matched steps")
     page.p(f"Each step of A matched to the step of B with the nearest timestep, same phase, within {tolerance:g} "
@@ -281,10 +332,14 @@ def build_compare_report(
 
     page.h("Heads ranked by change")
     page.table(ranking)
-    page.figure(figures.layer_head_map(c.js_bits.mean("match"), zmin=0, title="Jensen-Shannon divergence (bits), "
-                                       "mean over matched steps"), "fig-js")
+    # one colour scale for the mean and every step, so that the maps can be compared by eye
+    finite = c.js_bits.values[np.isfinite(c.js_bits.values)]
+    top_js = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    page.figure(figures.layer_head_map(c.js_bits.mean("match"), zmin=0, zmax=top_js,
+                                       title="Jensen-Shannon divergence (bits), mean over matched steps"), "fig-js")
+    page.p(f"Per matched step, on the same colour scale (0 to {top_js:.3g} bits):")
     for m in range(len(c.steps)):
-        page.figure(figures.layer_head_map(c.js_bits.sel(match=m), zmin=0,
+        page.figure(figures.layer_head_map(c.js_bits.sel(match=m), zmin=0, zmax=top_js,
                                            title=f"JS divergence (bits) · t_A={c.steps.timestep_a[m]:g} "
                                                  f"t_B={c.steps.timestep_b[m]:g}"), f"fig-js-match{m}")
 
@@ -300,7 +355,7 @@ def build_compare_report(
 
     page.h(f"Top {min(top, len(ranking))} heads: query x key frame heatmaps (first matched step)")
     sa, sb = int(c.steps.step_a[0]), int(c.steps.step_b[0])
-    samples_a, samples_b = list(c.pairs.sample_a), list(c.pairs.sample_b)
+    samples_a, samples_b = list(dict.fromkeys(c.pairs.sample_a)), list(dict.fromkeys(c.pairs.sample_b))
     for row in ranking.head(top).itertuples():
         ga = figures.head_grid(a.sel(sample=samples_a), row.layer, step=sa, heads=[row.head])
         gb = figures.head_grid(b.sel(sample=samples_b), row.layer, step=sb, heads=[row.head])

@@ -253,7 +253,7 @@ def write_store(path: str | Path, variant: str = "causal", *, overwrite: bool = 
         raise WorkbenchError(f"{str(path)!r} already exists; pass overwrite=True to replace it")
     parts = sample_datasets(variant, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = StoreWriter(path, parts[0].attrs["fingerprint"], mode="overwrite")
-    for part in parts:
-        writer.write(part)
+    with StoreWriter(path, parts[0].attrs["fingerprint"], mode="overwrite") as writer:
+        for part in parts:
+            writer.write(part)
     return path

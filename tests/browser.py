@@ -25,7 +25,7 @@ def chromium(viewport=(1280, 860)):
     """A fresh browser context; pytest.skip where chromium or playwright is missing."""
     if not CHROMIUM.is_file():
         pytest.skip(f"Debian's chromium is not installed ({CHROMIUM}): apt-get install -y chromium (.ci/run does)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[dev]'")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[browser]'")
     profile = tempfile.mkdtemp(prefix="workbench-chromium-")
     try:
         with sync_api.sync_playwright() as p:

@@ -271,6 +271,7 @@ def test_fused_mode_where_the_triton_kernel_cannot_run_takes_the_exact_path(monk
     """Where the Triton kernel does not take a call (a CPU without the interpreter; here forced, since
     tests/test_kernels.py turns the interpreter on for the whole process), the model uses its stock kernel and
     a "fused" probe takes the exact path per call. Outputs stay bitwise those of the plain run."""
+    pytest.importorskip("triton")  # (the kernels extra; without it the stock kernel runs anyway)
     from models import triton_attention
 
     monkeypatch.setattr(triton_attention, "applies", lambda *args, **kwargs: False)

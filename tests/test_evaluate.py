@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from models import world
+from models.video import mp4_available
 from studies import world_metrics as wm
 from studies import world_report as wr
 from workbench.cli import main
@@ -54,6 +55,7 @@ def test_evaluate_writes_table_curves_and_figure(tmp_path, capsys):
     assert not list(tmp_path.glob("eval/.*tmp*"))  # atomic writes leave no temporary file
 
 
+@pytest.mark.skipif(not mp4_available(), reason="--save-videos writes mp4: the video extra (pip install -e '.[video]')")
 def test_evaluate_long_rollout_and_two_models(tmp_path, capsys):
     """Past 21 latent frames the rollout keeps a sliding window with sink frames; the same model twice gives
     identical paired videos, so the comparison finds no difference; videos are tracked in worker processes."""

@@ -216,8 +216,8 @@ def test_kill_between_arrays_and_completed_mark_resumes(tmp_path, monkeypatch, u
     on_disk = xr.open_zarr(out, consolidated=False)
     assert on_disk.sizes["sample"] == 3 and on_disk.attrs["completed"] == ["p0000-s1", "p0000-s2"]
     first = store_contents(out)[0]["attn_mass"][:2].copy()
-    writer = StoreWriter(out, on_disk.attrs["fingerprint"])  # what a resuming run opens: the partial sample goes
-    assert writer.completed == ["p0000-s1", "p0000-s2"]
+    with StoreWriter(out, on_disk.attrs["fingerprint"]) as writer:  # what a resuming run opens: the partial goes
+        assert writer.completed == ["p0000-s1", "p0000-s2"]
     assert xr.open_zarr(out, consolidated=False).sizes["sample"] == 2
     written = []
     real_write = StoreWriter.write
@@ -265,7 +265,7 @@ def test_torchrun_two_cpu_processes_give_the_single_process_store(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     assert_same_store(tmp_path / "dist.zarr", tmp_path / "one.zarr")
     assert list(open_store(tmp_path / "dist.zarr").sample.values) == ["p0000-s7", "p0001-s7", "p0002-s7"]
-    assert "wrote" in dist.stdout and dist.stdout.count("attention mass per head") == 1  # rank 0 reports once
+    assert "wrote" in dist.stdout and dist.stdout.count("attention mass per layer and head") == 1  # rank 0 reports once
 
 
 def test_torchrun_refuses_an_incompatible_store_on_every_rank(tmp_path):
@@ -338,10 +338,14 @@ def test_incompatible_existing_store_fails_before_weights(tmp_path, capsys, monk
         raise AssertionError("weights were loaded before the store was checked")
 
     monkeypatch.setattr(extract_mod, "load_wan", refuse)
-    for args in (["--layer", "2"], ["--layer", "3", "--heads", "0,1"], ["--layer", "3", "--stats", "attn_mass"],
-                 ["--layer", "3", "--local-attn-size", "9"]):
+    for args, why in ((["--layer", "2"], "another configuration (layout.layers: [3] in the store, [2] in this run)"),
+                      (["--layer", "3", "--heads", "0,1"], "layout.heads: [0, 1, 2, 3] in the store, [0, 1] in this run"),
+                      (["--layer", "3", "--stats", "attn_mass"],
+                       "layout.stats: ['attn_mass', 'attn_logit'] in the store, ['attn_mass'] in this run"),
+                      (["--layer", "3", "--local-attn-size", "9"],  # the model's attention window: another model
+                       "another model or sampler setting (model.config.local_attn_size: -1 in the store, 9 in this run)")):
         assert cli_main(["extract", *args, "--out", str(out), "--no-progress"]) == 2
-        assert "was made with another configuration" in capsys.readouterr().err
+        assert why in capsys.readouterr().err
     not_a_store = tmp_path / "folder"
     (not_a_store / "sub").mkdir(parents=True)
     assert cli_main(["extract", "--layer", "3", "--out", str(not_a_store), "--no-progress"]) == 2

@@ -11,6 +11,7 @@ of the studies library live in test_studies_*.py.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,90 @@ def test_notebook_assertions_catch_a_broken_store(store_for_notebooks, tmp_path,
                                      resources={"metadata": {"path": str(tmp_path)}})
     with pytest.raises(nbclient.exceptions.CellExecutionError, match="rows must sum to 1"):
         client.execute()
+
+
+@pytest.mark.notebook
+def test_an_executed_notebook_converts_to_html_with_its_figures(store_for_notebooks, tmp_path, monkeypatch):
+    """`jupyter nbconvert --to html` of an executed notebook shows its figures: the notebooks choose plotly's
+    renderer (`figures.use_notebook_renderer`), since plotly's own choice in a kernel (the plotly mimetype alone)
+    leaves nbconvert's HTML without a figure. Rendered in headless chromium when it is installed."""
+    import shutil
+    import subprocess
+
+    exporter = pytest.importorskip("nbconvert").HTMLExporter()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.delenv("PLOTLY_RENDERER", raising=False)  # as a user has it
+    nb = inject_parameters(jupytext.read(REPO / "notebooks" / "01_overview.py"),
+                           {"store": str(store_for_notebooks), "layer": 1})
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    drawn = [c for c in nb.cells if c.cell_type == "code"
+             and any("application/vnd.plotly.v1+json" in o.get("data", {}) for o in c.get("outputs", []))]
+    assert len(drawn) >= 6
+    html, _ = exporter.from_notebook_node(nb)
+    assert html.count('class="plotly-graph-div"') == len(drawn)
+    page = tmp_path / "01_overview.html"
+    page.write_text(html, encoding="utf-8")
+    chromium = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if chromium:
+        dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
+                              "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+        assert dom.count('class="main-svg"') >= len(drawn)  # plotly drew every figure
+
+
+README = (REPO / "README.md").read_text()
+
+
+def readme_commands() -> list[str]:
+    """The `workbench ...` commands of the README's bash blocks (continuation lines joined, comments dropped)."""
+    text = "\n".join(re.findall(r"```bash\n(.*?)```", README, re.S)).replace("\\\n", " ").replace(" && ", "\n")
+    lines = [re.sub(r"\s+#.*", "", line).strip() for line in text.splitlines()]
+    return [line[line.index("workbench"):] for line in lines if "workbench" in line]
+
+
+def test_every_notebook_store_is_made_by_a_readme_command():
+    """Each notebook's default store comes from a README command; notebook 03's store A (Wan's sampler) from a
+    bidirectional one, and the notebook's own hint says the same."""
+    commands = readme_commands()
+    for path in NOTEBOOKS:
+        params = next(c for c in jupytext.read(path).cells if "parameters" in c.metadata.get("tags", []))
+        for name, store in re.findall(r'^(store\w*) = "([^"]+)"', params.source, re.M):
+            makers = [c for c in commands if c.startswith("workbench extract") and c.endswith(f"--out {store}")]
+            assert makers, f"{path.name}: no README command makes {store}"
+            if name == "store_a":
+                assert all("--sampler bidirectional" in c for c in makers), makers
+                hint = params.source.split(f'{name} = "{store}"')[0].rsplit("store_", 1)[-1]
+                assert "--sampler bidirectional" in hint and f"--out {store}" in hint.replace("\n# ", " ")
+
+
+def test_readme_outputs_go_under_runs():
+    """Outputs of the README's commands land in runs/ (ignored by git), not the repository root: a store made later
+    would otherwise record a dirty git_commit."""
+    for command in readme_commands():
+        for flag, value in re.findall(r"(--out|--logdir)\s+(\S+)", command):
+            assert value.startswith("runs/"), command
+    gitignore = (REPO / ".gitignore").read_text().split()
+    assert "/runs/" in gitignore
+
+
+def test_notebooks_suggest_only_installed_tools():
+    """A tool a notebook tells the reader to run is installed by the notebooks (or dev) extra."""
+    import importlib.util
+
+    for path in NOTEBOOKS:
+        text = path.read_text()
+        for tool in ("papermill", "nbconvert", "voila", "jupytext"):
+            if re.search(rf"\b{tool}\b", text):
+                assert importlib.util.find_spec(tool) is not None, f"{path.name} suggests {tool}, not installed"
+
+
+def test_no_file_names_a_path_of_one_machine():
+    """Docs and code use repo-relative paths (docs/dev/HELPERS.md named the paths of one machine)."""
+    skip = {"runs", "build", "out", "__pycache__", "node_modules"}
+    files = [p for p in REPO.rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".yaml", ".toml", ".ipynb", ".txt")
+             and not any(part.startswith(".") or part in skip or part.endswith(".egg-info")
+                         for part in p.relative_to(REPO).parts)]
+    assert len(files) > 50
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        assert not re.search(r"(?<![\w.])/(work|home|root)/\w", text), path

@@ -99,12 +99,13 @@ def test_report_is_self_contained(store_report):
 def test_report_holds_the_figures(stores, store_report):
     parser, text = parse(store_report)
     for layer in (0, 1):
-        for kind in ("grid", "bars", "steps", "recency"):
+        for kind in ("bars", "steps", "recency"):
             assert f"fig-{kind}-layer{layer}" in parser.figures
+        assert f"fig-grid-layer{layer}" not in parser.figures  # the heatmaps once: the step slider holds them
     for name in ("taxonomy", "overview-sink_mass", "overview-own_chunk_mass", "overview-local_mass",
                  "overview-mean_distance", "overview-entropy_norm"):
         assert f"fig-{name}" in parser.figures
-    grid = parser.figures["fig-grid-layer1"]
+    grid = parser.figures["fig-steps-layer1"]
     assert "attn_mass · layer 1 · step 0 (t=1000, denoise)" in grid["layout"]["title"]["text"]
     assert len(grid["data"]) == 12 and grid["data"][0]["type"] == "heatmap"
     ds = load_store(stores["sf"])
@@ -128,9 +129,13 @@ def test_report_tables(store_report):
 def test_report_layer_and_sample_options(stores, tmp_path):
     out = report.build_report(stores["sf"], tmp_path / "l1.html", layer=1, sample="p0000-s2", step=2)
     parser, _ = parse(out)
-    assert "fig-grid-layer1" in parser.figures and "fig-grid-layer0" not in parser.figures
-    assert "p0000-s2" in parser.figures["fig-grid-layer1"]["layout"]["title"]["text"]
-    assert "t=833.333" in parser.figures["fig-grid-layer1"]["layout"]["title"]["text"]
+    assert "fig-steps-layer1" in parser.figures and "fig-steps-layer0" not in parser.figures
+    slider = parser.figures["fig-steps-layer1"]
+    assert "p0000-s2" in slider["layout"]["title"]["text"] and "t=833.333" in slider["layout"]["title"]["text"]
+    assert slider["layout"]["sliders"][0]["active"] == 2  # it opens at the step asked for
+    ds = load_store(stores["sf"])
+    np.testing.assert_allclose(array(slider["data"][3]["z"]),
+                               ds["attn_mass"].sel(sample="p0000-s2", layer=1, step=2, head=3).values, atol=1e-6)
     with pytest.raises(WorkbenchError, match=r"layer 4 is not in the store; it has layers \[0, 1\]"):
         report.build_report(stores["sf"], tmp_path / "bad.html", layer=4)
     with pytest.raises(WorkbenchError, match="sample 'p0000-s9'"):
@@ -173,8 +178,9 @@ def test_commands(stores, tmp_path, capsys):
     with pytest.raises(WorkbenchError, match="layer 9"):
         args.func(args)
     disjoint = synthetic.write_store(tmp_path / "other.zarr", "causal", seeds=(99,))
-    args = parser.parse_args(["compare", str(stores["sf"]), str(disjoint), "--out", str(tmp_path / "x.html")])
-    with pytest.raises(WorkbenchError, match=r"share no \(prompt, seed\)"):
+    args = parser.parse_args(["compare", str(stores["sf"]), str(disjoint), "--out", str(tmp_path / "x.html"),
+                              "--pair-by", "seed"])
+    with pytest.raises(WorkbenchError, match=r"share no \(prompt, seed\).*--pair-by prompt"):
         args.func(args)
     with pytest.raises(WorkbenchError, match="no store at"):
         args = parser.parse_args(["report", str(tmp_path / "missing.zarr")])
@@ -229,3 +235,79 @@ def test_report_of_a_cfg_store(stores, tmp_path):
     assert len(slider["frames"]) == 8  # the cond forwards of 8 denoising steps; uncond left out
     assert [s["label"].split(" ")[0] for s in slider["layout"]["sliders"][0]["steps"]] == [str(2 * i) for i in range(8)]
     assert "bidirectional" in text and "uncond" in text  # the steps table still lists every forward
+
+
+# ------------------------------------------------------------------------------------------------------
+# What a new user saw (issue 13): crowded legends, squashed colour bars, grids twice, per-step colour scales,
+# training-probe stores refused
+
+
+def test_one_layer_maps_have_room_for_their_legend_and_colour_bar(tmp_path):
+    """A one-layer store: the class names are legend entries (not five colour-bar ticks on a 28-pixel strip) and
+    every layer x head map keeps at least MIN_MAP_ROWS_PX of plot height for its colour bar."""
+    from studies import figures
+
+    store = synthetic.write_store(tmp_path / "one.zarr", "causal", layers=(3,), num_heads=4)
+    parser, _ = parse(report.build_report(store, tmp_path / "one.html"))
+    taxonomy = parser.figures["fig-taxonomy"]
+    assert taxonomy["data"][0]["showscale"] is False
+    assert [t["name"] for t in taxonomy["data"][1:] if t.get("showlegend")] == list(figures.CLASS_COLOURS)
+    for name, fig in parser.figures.items():
+        if name.startswith(("fig-overview-", "fig-taxonomy")):
+            margin = fig["layout"].get("margin", {})
+            plot = fig["layout"]["height"] - margin.get("t", 100) - margin.get("b", 80)
+            assert plot >= figures.MIN_MAP_ROWS_PX - 20, (name, fig["layout"]["height"])
+
+
+def test_compare_draws_every_step_on_one_colour_scale(compare_report):
+    parser, _ = parse(compare_report)
+    maps = {k: v for k, v in parser.figures.items() if k == "fig-js" or k.startswith("fig-js-match")}
+    assert len(maps) >= 3
+    scales = {(fig["data"][0]["zmin"], fig["data"][0]["zmax"]) for fig in maps.values()}
+    assert len(scales) == 1
+    zmin, zmax = scales.pop()
+    largest = max(np.nanmax(array(fig["data"][0]["z"])) for fig in maps.values())
+    assert zmin == 0 and zmax == pytest.approx(largest, rel=1e-6)  # the scale ends at the largest divergence
+
+
+def probe_store(path, train_steps=(0, 2, 4)):
+    """A training probe store (docs/store.md) written as training.probes writes it, one append along train_step per
+    probe; the planted roles blur as training goes on (noise 0, 0.2, 0.4)."""
+    import xarray as xr
+
+    from workbench.store import StoreWriter
+
+    with StoreWriter(path, "synthetic:probe", append_dim="train_step", completed_attr="completed_train_steps",
+                     mode="overwrite") as writer:
+        for i, t in enumerate(train_steps):
+            parts = synthetic.sample_datasets("causal", layers=(0, 1), num_heads=4, seeds=(0, 1), noise=0.2 * i,
+                                              rng_seed=i)
+            ds = xr.concat(parts, dim="sample", data_vars="all", coords="different", compat="equals",
+                           combine_attrs="override").expand_dims(train_step=np.array([t], dtype=np.int64))
+            for name in ds.data_vars:
+                ds[name].attrs = parts[0][name].attrs
+            ds.attrs.pop("completed", None)
+            writer.write(ds, t)
+    return path
+
+
+def test_report_of_a_training_probe_store(tmp_path):
+    """`workbench report probes.zarr` shows attention over train_step (it used to refuse the extra dim)."""
+    from workbench.cli import main
+
+    store = probe_store(tmp_path / "probes.zarr")
+    assert main(["report", str(store), "--out", str(tmp_path / "p.html")]) == 0
+    parser, text = parse(tmp_path / "p.html")
+    assert "training probes" in parser.headings[0]
+    sink = parser.figures["fig-training-sink_mass"]
+    line = next(t for t in sink["data"] if t["name"] == "head 0" and t["xaxis"] == "x")  # layer 0, head 0: sink
+    assert [int(x) for x in line["x"]] == [0, 2, 4]
+    ds = load_store(store)
+    from studies import metrics
+
+    expected = metrics.head_metrics(ds.sel(step=[0])).sink_mass.sel(step=0, layer=0, head=0).values
+    np.testing.assert_allclose(array(line["y"]), expected, rtol=1e-5)
+    assert expected[0] == pytest.approx(1.0) and expected[-1] < 0.9  # the planted sink blurs with the noise
+    slider = parser.figures["fig-train-steps-layer1"]
+    assert [s["label"] for s in slider["layout"]["sliders"][0]["steps"]] == ["0", "2", "4"]
+    assert slider["layout"]["sliders"][0]["active"] == 2  # opens at the last train step

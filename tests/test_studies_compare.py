@@ -56,15 +56,35 @@ def test_nearest_timestep_within_tolerance(stores):
 
 def test_samples_pair_on_prompt_and_seed(stores):
     c = compare.compare_stores(stores["sf"], stores["wan"])
-    assert sorted(zip(c.pairs.seed, c.pairs.sample_a, c.pairs.sample_b)) == [
+    assert c.pair_by == "seed" and (c.pairs.seed_a == c.pairs.seed_b).all()
+    assert sorted(zip(c.pairs.seed_a, c.pairs.sample_a, c.pairs.sample_b)) == [
         (7, "p0000-s7", "p0000-s7"), (42, "p0000-s42", "p0000-s42")]
 
 
 def test_refuses_stores_without_shared_samples(stores):
-    with pytest.raises(WorkbenchError, match=r"share no \(prompt, seed\).*seed 42.*seed 5"):
-        compare.compare_stores(stores["sf_changed"], stores["other_seed"])
-    with pytest.raises(WorkbenchError, match="A lake in the mist"):
+    with pytest.raises(WorkbenchError, match=r"share no \(prompt, seed\).*seed 42.*seed 5.*--pair-by prompt"):
+        compare.compare_stores(stores["sf_changed"], stores["other_seed"], pair_by="seed")
+    with pytest.raises(WorkbenchError, match="share no prompt.*A lake in the mist"):
         compare.compare_stores(stores["sf_changed"], stores["other_prompt"])
+    with pytest.raises(WorkbenchError, match="pair_by 'sample'"):
+        compare.compare_stores(stores["sf"], stores["sf"], pair_by="sample")
+
+
+def test_stores_of_different_seeds_pair_by_prompt(stores):
+    """No (prompt, seed) in common: every sample of A meets every sample of B of its prompt. The planted heads do
+    not depend on the seed, so only the head whose role changed diverges (and by the JS of its two roles)."""
+    c = compare.compare_stores(stores["sf_changed"], stores["sf"])  # seeds 42 vs 42, 7: auto pairs by seed
+    assert c.pair_by == "seed" and list(c.pairs.sample_b) == ["p0000-s42"]
+    c = compare.compare_stores(stores["sf_changed"], stores["other_seed"])  # seeds 42 vs 5
+    assert c.pair_by == "prompt"
+    assert list(zip(c.pairs.seed_a, c.pairs.seed_b)) == [(42, 5)]
+    js = c.js_bits.mean("match")
+    assert float(js.sel(layer=0, head=0)) > 0.1
+    changed = (js.layer == 0) & (js["head"] == 0)
+    assert float(abs(js.where(~changed)).max()) < 1e-9
+    self_pairs = compare.compare_stores(stores["sf"], stores["sf"], pair_by="prompt")  # 2 seeds: 4 pairs
+    assert self_pairs.pair_by == "prompt" and len(self_pairs.pairs) == 4
+    assert float(self_pairs.js_bits.max()) < 1e-9  # planted stores do not vary with the seed
 
 
 def test_refuses_when_nothing_matches(stores):

@@ -200,8 +200,11 @@ def test_result_does_not_depend_on_the_rest_of_the_batch(small_pth):
 
 
 def test_truncation_keeps_text_len_and_eos(small_pth):
+    from models.errors import ModelInputWarning
+
     enc = TextEncoder.from_files(small_pth, TOKENIZER, text_len=8)
-    out = enc.encode([PROMPTS[0], "cat"])
+    with pytest.warns(ModelInputWarning, match=r"has \d+ tokens; the text encoder reads the first 8 \(as Wan2.1 does\)"):
+        out = enc.encode([PROMPTS[0], "cat"])
     assert out.context.shape == (2, 8, SMALL["d_model"])
     assert out.lengths[0] == 8 and out.tokens[0][-1] == "</s>"
     assert out.lengths[1] < 8 and torch.all(out.context[1, out.lengths[1]:] == 0)

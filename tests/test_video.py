@@ -8,7 +8,9 @@ import torch
 from PIL import Image
 
 from models.errors import ModelInputError
-from models.video import ensure_writable_dir, read_prompts, to_uint8_frames, write_mp4, write_png_grid
+from models.video import ensure_writable_dir, mp4_available, read_prompts, to_uint8_frames, write_mp4, write_png_grid
+
+needs_ffmpeg = pytest.mark.skipif(not mp4_available(), reason='mp4 needs the video extra (imageio-ffmpeg)')
 
 
 def _colour_video(t=9, h=32, w=48):
@@ -25,6 +27,7 @@ def test_uint8_mapping_is_self_forcings():
     assert frames[0, 0, :, 0].tolist() == [0, 128, 255, 255]  # round((x + 1) * 127.5), clamped
 
 
+@needs_ffmpeg
 def test_mp4_reopens_with_frames_size_fps_and_colours(tmp_path):
     path = write_mp4(_colour_video(), tmp_path / "out" / "clip.mp4", fps=16)
     reader = imageio.get_reader(str(path))
@@ -37,6 +40,7 @@ def test_mp4_reopens_with_frames_size_fps_and_colours(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clip.mp4"]  # no temp file left
 
 
+@needs_ffmpeg
 def test_mp4_from_uint8_frames(tmp_path):
     frames = np.zeros((5, 16, 24, 3), dtype=np.uint8)
     frames[:, :, :12] = 200

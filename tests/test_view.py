@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from models.embedded import EMBEDDED_DIR
 from models.vae import WanVAE
-from models.video import to_uint8_frames, write_mp4
+from models.video import mp4_available, to_uint8_frames, write_mp4
 from browser import chromium, png_pixels
 from workbench.cli import main
 from workbench.store import open_store
@@ -30,6 +30,8 @@ from workbench.view.server import start
 from workbench.view.sources import StoreSource, StreamSource, latent_of_pixel, open_source, pixel_span
 
 F, T = 9, 33  # latent frames (3 chunks of 3), pixel frames 1 + 4 (F - 1)
+# a store's videos are generate's mp4s, which need the video extra (the README's CPU install leaves it out)
+needs_mp4 = pytest.mark.skipif(not mp4_available(), reason="mp4 needs the video extra: pip install -e '.[video]'")
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +92,7 @@ def test_pixel_frame_mapping_is_the_vae_decoders(one_thread):
 # JSON endpoints of a store and its videos
 
 
+@needs_mp4
 def test_meta_and_state_come_from_the_store(runs, store_server):
     ds = open_store(runs / "x.zarr")
     status, meta = get(store_server, "/api/meta")
@@ -120,6 +123,7 @@ def test_chunks_follow_the_store_labels_not_a_count(runs, tmp_path):
         (0, [0], 0, 1), (1, [1, 2, 3], 1, 13), (2, [4, 5, 6], 13, 25), (3, [7, 8], 25, 33)]
 
 
+@needs_mp4
 def test_attention_and_frames_per_sample(runs, store_server):
     ds = open_store(runs / "x.zarr")
     for sample in ("p0000-s0", "p0000-s1"):
@@ -153,6 +157,7 @@ def test_bad_requests_say_what_is_allowed(store_server, path, status, words):
     assert got == status and all(w in body["error"] for w in words), body
 
 
+@needs_mp4
 def test_finding_videos(runs, tmp_path, capsys):
     store = runs / "x.zarr"
     assert set(open_source(store).videos) == {"p0000-s0", "p0000-s1"}  # runs/x.zarr -> runs/x/pPPPP-sS.mp4
@@ -263,6 +268,7 @@ def cell_rgb(page, head: int, row: int, key_frame: int) -> list[int]:
 GREY = [0xE2, 0xE2, 0xDE]  # cells that were not attended
 
 
+@needs_mp4
 def test_browser_plays_a_store_and_its_maps_change_with_time(runs, store_server, tmp_path):
     ds = open_store(runs / "x.zarr")
     with chromium() as browser:

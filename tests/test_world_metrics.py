@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from models import world
+from models.video import mp4_available
 from studies import world_metrics as wm
 
 H, W = world.HEIGHT, world.WIDTH
@@ -105,6 +106,7 @@ def test_tracker_holds_under_blur_and_noise(corrupt, tol):
         assert tr.confidence.min() > 0.8
 
 
+@pytest.mark.skipif(not mp4_available(), reason="mp4 needs the video extra (pip install -e '.[video]')")
 def test_tracker_reads_an_mp4_round_trip(tmp_path):
     """H.264 with 4:2:0 chroma (what `workbench generate` writes): blocky chroma edges, rounded colours."""
     import imageio.v3 as iio

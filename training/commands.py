@@ -72,6 +72,8 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    from pathlib import Path
+
     import torch.distributed as dist
 
     from training.trainer import build_ode_pairs, build_trainer, describe, load_train_config
@@ -82,6 +84,9 @@ def _run(args) -> int:
     if args.max_steps is not None:
         overrides.append(f"max_steps={args.max_steps}")
     cfg, sets_sid_alpha = load_train_config(args.config, overrides)
+    from models.files import check_writable_dir  # outputs checked before any work (nothing created yet)
+
+    check_writable_dir(Path(str(cfg.data_path)).parent if args.make_ode_pairs else args.logdir)
     extra = [name for name, on in (("tensorboard", args.tensorboard), ("wandb", args.wandb)) if on]
     if extra:
         cfg.loggers = list(dict.fromkeys(list(cfg.loggers) + extra))

@@ -13,8 +13,6 @@ Latent dataset file (`.pt`, written atomically, read with weights_only=True):
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -92,16 +90,10 @@ class LatentDataset:
 
 def save_latent_dataset(path, prompts: list[str], latents: torch.Tensor, kind: str, **meta) -> None:
     """Write a latent dataset atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"prompts": list(prompts), "latents": latents.contiguous().cpu(), "kind": kind, **meta}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from models.files import atomic_write
+
+    blob = {"prompts": list(prompts), "latents": latents.contiguous().cpu(), "kind": kind, **meta}
+    atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ class ProbeStoreWriter(StoreWriter):
 
     def keep_until(self, step: int) -> None:
         """Drop the probes after train step `step` (a resumed run recomputes them)."""
-        self.keep_first(len([s for s in self.completed if s <= step]))
+        self.keep_only([s for s in self.completed if s <= step])
 
 
 class TrainingProbes:
@@ -87,6 +87,11 @@ class TrainingProbes:
                 self.writer.keep_until(resume_step)
             elif self.writer.completed:
                 raise TrainingError(f"{self.path} already holds probes of an earlier run; use --resume or a new logdir")
+
+    def close(self) -> None:
+        """Release the store (its writer holds the store's lock while training runs)."""
+        if self.writer is not None:
+            self.writer.close()
 
     def due(self, step: int, d) -> bool:
         """Whether a probe runs at this step (the same answer on every rank)."""

@@ -533,6 +533,8 @@ class Trainer:
     def close(self) -> None:
         if self.logger is not None:
             self.logger.close()
+        if self.probes is not None:
+            self.probes.close()
 
     def record(self, logs: dict) -> None:
         row = {"step": self.step, **logs}

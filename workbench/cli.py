@@ -58,13 +58,30 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from models.errors import ModelInputError
+    import warnings
 
+    from models.errors import ModelInputError, ModelInputWarning
+
+    show = warnings.showwarning
+
+    def one_line(message, category, *rest, **kw):  # our warnings about the input: one line each
+        if issubclass(category, ModelInputWarning):
+            print(f"workbench {args.command}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *rest, **kw)
+
+    warnings.showwarning = one_line
     try:
         return args.func(args) or 0
     except ModelInputError as err:  # bad input (WorkbenchError included): one clear line, no traceback
         print(f"workbench {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a file the command could not read or write (checked up front where it can be)
+        where = f" ({err.filename})" if err.filename and str(err.filename) not in str(err.strerror) else ""
+        print(f"workbench {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
+    finally:
+        warnings.showwarning = show
 
 
 if __name__ == "__main__":

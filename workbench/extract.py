@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -28,13 +29,14 @@ import torch
 
 from models.attention import backend_name, check_kernel
 from models.checkpoint import WEIGHTS_NAME, load_wan, sha256_file
-from models.embedded import EMBEDDED_DIR, EMBEDDED_GEOMETRY
+from models.errors import ModelInputError
+from models.embedded import EMBEDDED_DIR
 from models.rollout import SAMPLERS, MultiStepSolver, few_step_schedule, multistep_schedule, sample
 from models.scheduler import FlowMatchScheduler
 from workbench.capture import DEFAULT_STATS, STATS, CaptureSpec, Geometry, StatsProbe, resolve_mode
 from workbench.errors import WorkbenchError
 from workbench.hooks import attach
-from workbench.store import SCHEMA_VERSION, StoreLayout, StoreWriter, sample_dataset, sample_id
+from workbench.store import SCHEMA_VERSION, StoreLayout, StoreLock, StoreWriter, sample_dataset, sample_id
 
 DEFAULT_PROMPT = "A majestic eagle soaring through a cloudy sky, cinematic lighting"
 
@@ -67,8 +69,8 @@ class ExtractConfig:
     num_frame_per_block: int = 3
     independent_first_frame: bool = False  # frame 0 is a chunk of its own, then chunks of num_frame_per_block
     image: str | None = None  # image-to-video: this image's VAE latent is frame 0 (needs independent_first_frame)
-    latent_height: int | None = None  # None: 60 for a Wan folder (480 px), 12 for the embedded default
-    latent_width: int | None = None  # None: 104 (832 px), 16 for the embedded default
+    height: int | None = None  # pixels; None: the model folder's own size (models.config.default_video_size):
+    width: int | None = None  # 96 x 128 for the embedded default, 480 x 832 for Wan2.1
     device: str = "cpu"
     dtype: str = "float32"  # float32 | bfloat16 | float16
     out: str = "runs/extract.zarr"
@@ -84,21 +86,34 @@ class ExtractConfig:
 
 
 def parse_int_list(text: str | None, *, what: str, upper: int | None = None) -> list[int] | None:
-    """'3', '0-29', '0,4,8-11' or 'all' -> sorted ints (None for 'all'); a clear error otherwise."""
+    """'3', '0-29', '0,4,8-11' or 'all' -> sorted ints (None for 'all'); a clear error otherwise ('3-', '-1',
+    '1,,2' and '' included)."""
     if text is None or str(text).strip() == "all":
         return None
     values: set[int] = set()
-    try:
-        for part in str(text).split(","):
-            a, _, b = part.strip().partition("-")
-            values.update(range(int(a), int(b) + 1) if b else [int(a)])
-    except ValueError:
-        raise WorkbenchError(f"{what} {text!r}: use a number, a range like 0-29, a list like 0,4,8, or 'all'") from None
+    for part in str(text).split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if m is None:
+            raise WorkbenchError(f"{what} {text!r}: use a number, a range like 0-29, a list like 0,4,8, or 'all'")
+        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+        values.update(range(a, b + 1))
     if upper is not None:
         bad = sorted(v for v in values if not 0 <= v < upper)
         if bad:
             raise WorkbenchError(f"{what} {bad} out of range: the model has {what}s 0-{upper - 1}")
     return sorted(values)
+
+
+def format_int_list(values) -> str:
+    """The inverse of `parse_int_list`: [0, 1, 2, 3, 7, 9, 10] -> '0-3,7,9-10'."""
+    values = sorted(int(v) for v in values)
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -144,13 +159,13 @@ def plan(cfg: ExtractConfig) -> Plan:
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)")
     if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
         raise WorkbenchError(f"--checkpoint {cfg.checkpoint!r} does not exist")
-    from models.config import WanConfig
+    from models.config import WanConfig, default_video_size, latent_size
 
     mc = WanConfig.from_json(wan_dir / "config.json").replace(local_attn_size=cfg.local_attn_size,
                                                                sink_size=cfg.sink_size)
     embedded = cfg.wan_dir is None
-    h = cfg.latent_height or (EMBEDDED_GEOMETRY.latent_height if embedded else 60)
-    w = cfg.latent_width or (EMBEDDED_GEOMETRY.latent_width if embedded else 104)
+    own_h, own_w = default_video_size(wan_dir)
+    h, w = latent_size(own_h if cfg.height is None else cfg.height, own_w if cfg.width is None else cfg.width, mc)
     fsl = mc.tokens_per_frame(h, w)
     if cfg.image is not None:
         if cfg.sampler == "bidirectional" or not cfg.independent_first_frame:
@@ -215,8 +230,9 @@ def _schedule(cfg: ExtractConfig) -> list:
                               context_noise=cfg.context_noise)
 
 
-def fingerprint(p: Plan, weights_sha: str) -> str:
-    """'layout:model' hashes. `--append` needs the layout part to agree; resume needs both."""
+def fingerprint_fields(p: Plan, weights_sha: str) -> dict:
+    """The settings a store's fingerprint hashes: `layout` (what shapes the store) and `model` (what made the
+    numbers). Stored as the attr `fingerprint_fields`, so that a refusal names the setting that differs."""
     c = p.cfg
     layout = dict(schema=SCHEMA_VERSION, layers=p.spec.layers, heads=p.spec.heads, steps=p.spec.steps,
                   stats=p.spec.stats, token_layers=p.spec.token_layers, geometry=p.geometry, sampler=c.sampler,
@@ -230,11 +246,17 @@ def fingerprint(p: Plan, weights_sha: str) -> str:
         model["attention_kernel"] = c.attention_kernel
     if c.image is not None:
         model["image"] = sha256_file(c.image)
+    return dict(layout=layout, model=model)
+
+
+def fingerprint(p: Plan, weights_sha: str) -> str:
+    """'layout:model' hashes of `fingerprint_fields`. A store takes samples of one fingerprint only."""
+    fields = fingerprint_fields(p, weights_sha)
 
     def h(d):
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    return f"{h(layout)}:{h(model)}"
+    return f"{h(fields['layout'])}:{h(fields['model'])}"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -317,39 +339,62 @@ def run_extract(cfg: ExtractConfig, command: list[str] | None = None, log=print)
             dist.destroy_process_group()
 
 
+def open_writer(p: Plan, log=print) -> StoreWriter:
+    """The store's writer: its lock first (one writer per store, refused at once when another process holds
+    it), then the weights' sha256 and the store's fingerprint check, all before any weights are loaded."""
+    cfg = p.cfg
+    lock = StoreLock(cfg.out).acquire()
+    try:
+        sha = sha256_file(p.weights_file)
+    except BaseException:
+        lock.release()
+        raise
+    return StoreWriter(cfg.out, fingerprint(p, sha), mode=cfg.mode, lock=lock, log=log,
+                       fields=fingerprint_fields(p, sha), entry_coords={"checkpoint_sha256": sha})
+
+
 def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
-    from tqdm.auto import tqdm
-
-    from models.text_encoder import TextEncoder
-
     device, dtype = _rank_device(cfg.device, world), _dtype(cfg.dtype)
     if rank == 0 and p.capture_mode == "indicator" and len(p.spec.layers) > 8:
         log(f"note: capturing {len(p.spec.layers)} layers with the stock attention kernel (indicator mode) costs "
             "~+35% on a 1.3B rollout; --attention-kernel triton captures all 30 at ~+2% over its own rollout "
             "(~+10% over cuDNN's; docs/store.md)")
-    weights_sha = sha256_file(p.weights_file)
-    fp = fingerprint(p, weights_sha)
     samples = [(i, prompt, seed) for i, prompt in enumerate(cfg.prompts) for seed in cfg.seeds]
-    writer, todo, error = None, samples, None
+    writer, todo, error, fp, sha = None, samples, None, None, None
     if rank == 0:
-        try:  # an incompatible store is refused here, before any weights are read
-            writer = StoreWriter(cfg.out, fp, mode=cfg.mode)
+        try:
+            writer = open_writer(p, log)
             todo = [s for s in samples if not writer.done(sample_id(s[0], s[2]))]
-        except WorkbenchError as err:
+            fp, sha = writer.fingerprint, writer.fields["model"]["weights"]
+        except ModelInputError as err:  # (WorkbenchError included)
             error = str(err)
     if world > 1:  # every rank learns the work list, or rank 0's error (so no rank waits forever)
         import torch.distributed as dist
 
-        box = [(error, todo)]
+        box = [(error, todo, fp, sha)]
         dist.broadcast_object_list(box, src=0)
-        error, todo = box[0]
+        error, todo, fp, sha = box[0]
     if error is not None:
         raise WorkbenchError(error)
-    if not todo:
-        if rank == 0:
-            log(f"{cfg.out}: all {len(samples)} samples are already there; nothing to do")
-        return Path(cfg.out)
+    try:
+        if not todo:
+            if rank == 0:
+                log(f"{cfg.out}: all {len(samples)} samples are already there; nothing to do")
+            return Path(cfg.out)
+        return _extract(p, rank, world, todo, fp, sha, device, dtype, command, log, writer)
+    finally:
+        if writer is not None:
+            writer.close()
 
+
+def _extract(p: Plan, rank: int, world: int, todo, fp: str, weights_sha: str, device, dtype, command, log,
+             writer: StoreWriter | None):
+    """Run the samples of `todo` (dealt out to the ranks) and write them with rank 0's `writer`."""
+    from tqdm.auto import tqdm
+
+    from models.text_encoder import TextEncoder
+
+    cfg = p.cfg
     causal = cfg.sampler != "bidirectional"
     model = load_model(p, device, dtype)
     initial = image_latent(p, device, dtype)
@@ -468,27 +513,46 @@ def sample_rollout(model, p: Plan, emb, negative, seed: int, device, dtype, on_f
 # Summary
 
 
-def summary_table(store_path) -> str:
-    """Per head (mean over samples, captured layers, denoising steps and query frames after the first chunk):
-    the attention mass on frame 0, on the rest of the query's own chunk, and on everything else."""
+def summary_table(store_path, max_rows: int = 48) -> str:
+    """Per layer and head (mean over samples, denoising steps and the query frames after the first chunk): the
+    attention mass on frame 0, on the rest of the query's own chunk, and on everything else. Heads are never
+    averaged across layers (head 0 of one layer has nothing to do with head 0 of another). Up to `max_rows`
+    (layer, head) rows; more heads are shown as layer x head grids."""
     from workbench.store import open_store
 
     ds = open_store(store_path)
     if "attn_mass" not in ds:
         return f"wrote {store_path}"
+    chunked = bool((ds.query_chunk > 0).any())
     m = ds.attn_mass.where(ds.phase == "denoise", drop=True)
-    m = m.where(m.query_chunk > 0, drop=True) if (ds.query_chunk > 0).any() else m
+    m = m.where(m.query_chunk > 0, drop=True) if chunked else m
     own = m.where((m.key_chunk == m.query_chunk) & (m.key_frame > 0)).sum("key_frame")  # frame 0 has its own column
     first = m.sel(key_frame=0)
     total = m.sum("key_frame")
-    dims = [d for d in ("sample", "step", "layer", "query_frame") if d in first.dims]
-    first, own, total = (x.mean(dims).values for x in (first, own, total))
-    layers = ",".join(str(v) for v in ds.layer.values)
-    lines = [f"wrote {store_path}: {ds.sizes['sample']} sample(s), layers {layers}, steps {ds.step.values.tolist()}",
-             "attention mass per head (mean over samples, layers, denoising steps, query frames after chunk 0):",
-             f"{'head':>6} {'frame 0':>9} {'own chunk':>10} {'rest':>8}   (own chunk: its frames other than frame 0)"]
-    for i, head in enumerate(ds["head"].values):
-        lines.append(f"{head:>6} {first[i]:>9.3f} {own[i]:>10.3f} {total[i] - own[i] - first[i]:>8.3f}")
+    dims = [d for d in ("sample", "step", "query_frame") if d in first.dims]
+    first, own, rest = (x.mean(dims).transpose("layer", "head").values for x in (first, own, total - own - first))
+    layers, heads = [int(v) for v in ds.layer.values], [int(v) for v in ds["head"].values]
+    rows = "query frames after chunk 0" if chunked else "all query frames: one chunk"
+    lines = [f"wrote {store_path}: {ds.sizes['sample']} sample(s), layers {format_int_list(layers)}, "
+             f"steps {format_int_list(ds.step.values)}",
+             f"attention mass per layer and head (mean over samples, denoising steps and {rows}):"]
+    own_name = "own chunk" if chunked else "other frames"
+    if len(layers) * len(heads) <= max_rows:
+        lines.append(f"{'layer':>6} {'head':>5} {'frame 0':>9} {own_name:>12} {'rest':>8}"
+                     + ("   (own chunk: its frames other than frame 0)" if chunked else ""))
+        for i, layer in enumerate(layers):
+            for j, head in enumerate(heads):
+                lines.append(f"{layer:>6} {head:>5} {_fmt(first[i, j]):>9} {_fmt(own[i, j]):>12} {_fmt(rest[i, j]):>8}")
+    else:
+        for name, grid in (("frame 0", first), (own_name, own)):
+            lines.append(f"mass on {name} (a row per layer, a column per head):")
+            lines.append(f"{'layer':>6} " + " ".join(f"{'h' + str(h):>6}" for h in heads))
+            lines += [f"{layer:>6} " + " ".join(f"{_fmt(v):>6}" for v in grid[i]) for i, layer in enumerate(layers)]
     lines.append(f"open it with xarray: xr.open_zarr({str(store_path)!r}, consolidated=False), or "
                  f"`workbench report {store_path}`")
     return "\n".join(lines)
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    """A rounded number, never '-0.000' (a sum of float32 masses can come out a hair below zero)."""
+    return f"{round(float(x), digits) + 0.0:.{digits}f}"

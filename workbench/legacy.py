@@ -18,13 +18,12 @@ head_indices (the model's head index of each row), checkpoint.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from models.files import atomic_write, check_writable_dir
 from workbench.errors import WorkbenchError
 from workbench.store import chunk_sizes, open_store
 
@@ -82,18 +81,6 @@ def _check(ds, store, layers, samples, step) -> tuple[list[int], list[str]]:
     return layers, samples
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def default_out(store) -> Path:
     """runs/layer3.zarr -> runs/layer3_legacy"""
     store = Path(store)
@@ -105,12 +92,13 @@ def export_legacy(store, out=None, *, layers=None, samples=None, step: int = 0, 
     checked before the first file is written."""
     ds = open_store(store)
     layers, samples = _check(ds, store, layers, samples, step)
-    out = Path(out) if out is not None else default_out(store)
+    out = check_writable_dir(out if out is not None else default_out(store))
     paths = []
     for sample in samples:
         for layer in layers:
             path = out / sample / f"layer{layer}.pt"
-            _save_atomic(legacy_record(ds, sample, layer, step), path)
+            record = legacy_record(ds, sample, layer, step)
+            atomic_write(path, lambda tmp, record=record: torch.save(record, tmp))
             paths.append(path)
     log(f"wrote {len(paths)} legacy file(s) under {out} (step {step}, t = {float(ds['timestep'].sel(step=step)):g}): "
         f"{len(samples)} sample(s) x layers {layers}")

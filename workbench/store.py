@@ -6,9 +6,15 @@ probes) hand it whole samples; readers (studies, notebooks) call `open_store`.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import socket
+import sys
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +43,26 @@ def open_store(path: str | Path) -> xr.Dataset:
             "(see docs/store.md)"
         )
     small = [name for name, coord in ds.coords.items() if name not in ds.dims]
-    return ds.assign_coords({name: ds[name].load() for name in small})
+    ds = ds.assign_coords({name: ds[name].load() for name in small})
+    check_one_model(ds, path)
+    return ds
+
+
+def check_one_model(ds: xr.Dataset, path) -> None:
+    """A store holds the samples of one model (docs/store.md). `--append` of an older workbench could add another
+    checkpoint's samples to a store; such a store is refused here, so that no report averages two models."""
+    if "checkpoint_sha256" not in ds.coords or "sample" not in ds["checkpoint_sha256"].dims:
+        return
+    shas = [str(v) for v in ds["checkpoint_sha256"].values]
+    models = list(dict.fromkeys(shas))
+    if len(models) > 1:
+        ids = [str(v) for v in ds["sample"].values]
+        parts = "; ".join(f"checkpoint_sha256 {m[:12]}...: {_short([i for i, s in zip(ids, shas) if s == m], 3)}"
+                          for m in models)
+        raise WorkbenchError(
+            f"store {str(path)!r} mixes the samples of {len(models)} models ({parts}); an older workbench's --append "
+            "made it. Split it by model: ds = xarray.open_zarr(path, consolidated=False); "
+            "ds.isel(sample=(ds.checkpoint_sha256 == SHA).values).to_zarr(NEW_PATH)")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -154,32 +179,134 @@ def sample_dataset(layout: StoreLayout, sample: dict, arrays: dict[str, np.ndarr
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 
+def lock_file(path: str | Path) -> Path:
+    """The lock file of a store: `.NAME.lock` beside it (the store folder itself is replaced as a whole)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+class StoreLock:
+    """The right to write one store, held by one process at a time: an flock on `.NAME.lock` beside the store
+    (`filelock`), which the kernel releases when the process ends, even by SIGKILL. The holder writes who it is
+    (pid, host, command, since when) to `.NAME.lock.json`, so that a refused writer can say who holds the store."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.file = lock_file(self.path)
+        self.holder_file = self.file.with_name(self.file.name + ".json")
+        self._lock = None
+
+    def acquire(self) -> StoreLock:
+        """Take the lock now or raise WorkbenchError naming the store and its holder (never waits)."""
+        from filelock import FileLock, Timeout
+
+        from models.files import atomic_write_bytes, ensure_writable_dir
+
+        ensure_writable_dir(self.path.parent)  # the store's folder must take the lock file and the store
+        lock = FileLock(str(self.file))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise WorkbenchError(
+                f"{str(self.path)!r} is being written by another process ({self.holder()}); a store takes one "
+                "writer at a time: wait for that run to end (a later run resumes where it stopped), or choose "
+                "another --out") from None
+        self._lock = lock
+        me = dict(pid=os.getpid(), host=socket.gethostname(), command=" ".join(sys.argv)[:200],
+                  since=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        atomic_write_bytes(self.holder_file, json.dumps(me).encode())
+        return self
+
+    def holder(self, wait: float = 1.0) -> str:
+        """Who holds the lock, from its holder file. A holder that has just taken the lock may not have written
+        the file yet (it still names an earlier, dead holder): wait up to `wait` seconds for a live one."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                h = json.loads(self.holder_file.read_text())
+                text = f"pid {h['pid']} on {h['host']}, since {h['since']}: {h['command']}"
+                alive = h["host"] != socket.gethostname() or _alive(int(h["pid"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                text, alive = "holder unknown", False
+            if alive or time.monotonic() > deadline:
+                return text if alive else "holder unknown"
+            time.sleep(0.05)
+
+    def release(self) -> None:
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                self.holder_file.unlink()
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> StoreLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class StoreWriter:
-    """Appends whole entries (samples; for training probes, train steps) to a store; resumable.
+    """Appends whole entries (samples; for training probes, train steps) to a store; resumable; one writer at a
+    time (`StoreLock`: taken before anything is read, or handed over already held; released by `close()`).
 
     The keys of the finished entries live in the store's attrs (`completed`) and are updated after an entry's
-    arrays are written, so a run killed mid-write leaves at most one partial entry at the end, which the next
-    open truncates away before resuming. A new store is first written to a temporary folder and renamed.
+    arrays are written. Opening an existing store keeps exactly the entries whose key is listed there (the
+    first copy of each) and drops everything else: the partial entry a killed run leaves at the end, and any
+    duplicate or unlisted entry (a store written by two processes at once before stores were locked), each
+    reported through `log`. A new store is written to a temporary folder and swapped in; so is a repaired one.
     Attrs are those of the run that created the store; each later run that appends is listed once in `runs`.
+    `fields` (nested dicts of the settings the fingerprint hashes) are stored as `fingerprint_fields`, so that a
+    refusal can name the setting that differs; `entry_coords` ({coord: value}) must hold for every kept entry.
     """
 
     def __init__(self, path: str | Path, fingerprint: str, *, mode: str = "resume", append_dim: str = "sample",
                  completed_attr: str = "completed",
-                 hint: str = "pass --overwrite to replace it, --append to add samples of a compatible "
-                             "configuration, or choose another --out"):
+                 hint: str = "pass --overwrite to replace it, or choose another --out",
+                 fields: dict | None = None, entry_coords: dict | None = None, lock: StoreLock | None = None,
+                 log=print):
         if mode not in ("resume", "append", "overwrite"):
             raise WorkbenchError(f"unknown store mode {mode!r}; use resume, append or overwrite")
         self.path = Path(path)
-        self.fingerprint = fingerprint
-        self.append_dim, self.completed_attr, self.hint = append_dim, completed_attr, hint
+        self.fingerprint, self.fields = fingerprint, fields
+        self.append_dim, self.completed_attr, self.hint, self.log = append_dim, completed_attr, hint, log
         self.completed: list = []
-        if self.path.exists():
-            if mode == "overwrite":
-                shutil.rmtree(self.path)
-            else:
-                self._open_existing(mode)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self._old = self.path.with_name(f".{self.path.name}.old")
+        self.lock = StoreLock(self.path).acquire() if lock is None else lock
+        try:
+            self._recover()
+            if self.path.exists():
+                from models.files import ensure_writable_dir
 
-    def _open_existing(self, mode: str) -> None:
+                ensure_writable_dir(self.path)
+                if mode != "overwrite":  # (overwrite: the old store goes when the first new entry is swapped in)
+                    self._open_existing(entry_coords or {})
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the store's lock."""
+        self.lock.release()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- opening -------------------------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Finish or undo a swap a killed writer left half done (`_swap_in`), and drop its temporary folder."""
+        if not self.path.exists() and self._old.exists():
+            os.replace(self._old, self.path)
+        for leftover in (self._old, self._tmp):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+
+    def _open_existing(self, entry_coords: dict) -> None:
         import zarr
 
         try:
@@ -191,13 +318,61 @@ class StoreWriter:
             raise WorkbenchError(f"{str(self.path)!r} is not a store of schema_version {SCHEMA_VERSION} with "
                                  f"{self.completed_attr!r}; {self.hint}")
         if attrs.get("fingerprint") != self.fingerprint:
-            if mode != "append" or attrs.get("layout_fingerprint") != self.fingerprint.split(":")[0]:
+            what = describe_differences(attrs.get("fingerprint_fields"), self.fields)
+            if self.append_dim == "sample" and attrs.get("layout_fingerprint") == self.fingerprint.split(":")[0]:
                 raise WorkbenchError(
-                    f"{str(self.path)!r} was made with another configuration (model, weights, sampler, layers, heads, "
-                    f"steps or statistics); {self.hint}"
-                )
-        self.completed = list(attrs[self.completed_attr])
-        self.truncate(len(self.completed))  # drop a partial entry left by a killed run
+                    f"{str(self.path)!r} holds samples of another model or sampler setting ({what}); a store holds "
+                    "one model, so that no report or comparison mixes two: write these samples to another --out and "
+                    "compare the stores with `workbench compare` (or pass --overwrite to replace this one)")
+            raise WorkbenchError(f"{str(self.path)!r} was made with another configuration ({what}); {self.hint}")
+        lengths = {}
+        for name, array in group.arrays():
+            dims = array.metadata.dimension_names or ()
+            if self.append_dim in dims:
+                lengths[name] = array.shape[dims.index(self.append_dim)]
+        n = min(lengths.values(), default=0)  # entries that every array holds
+        try:
+            ids = np.asarray(group[self.append_dim][:n]).tolist()
+        except Exception as err:
+            raise WorkbenchError(f"{str(self.path)!r}: its {self.append_dim} labels cannot be read ({err}); "
+                                 f"{self.hint}") from err
+        completed = list(attrs[self.completed_attr])
+        wanted, keep, seen, extra = set(completed), [], set(), []
+        for i, key in enumerate(ids):
+            if key in wanted and key not in seen:
+                keep.append(i)
+                seen.add(key)
+            else:
+                extra.append((i, key, "a second copy" if key in seen else "not marked complete"))
+        for name, value in entry_coords.items():
+            values = np.asarray(group[name][:n]).tolist()
+            foreign = [ids[i] for i in keep if values[i] != value]
+            if foreign:
+                raise WorkbenchError(
+                    f"{str(self.path)!r} holds {self.append_dim}s of another model ({name} of {_short(foreign)} "
+                    f"differs from this run's {str(value)[:16]}); a store holds one model: {self.hint}")
+        lost = [k for k in completed if k not in seen]
+        unfinished = [key for i, key, why in extra if why == "not marked complete" and i > max(keep, default=-1)]
+        damaged = [f"{key} ({why})" for i, key, why in extra] + \
+                  [f"{key} (marked complete, but its arrays are missing)" for key in lost]
+        if len(damaged) == len(unfinished):  # only what a killed run leaves at the end: no damage
+            damaged = []
+        if keep == list(range(len(keep))):
+            self.truncate(len(keep))
+        else:
+            self.truncate(n)
+            self._rewrite(keep, [ids[i] for i in keep])
+        self.completed = [ids[i] for i in keep]
+        if self.completed != completed:
+            zarr.open_group(self.path, mode="r+").attrs[self.completed_attr] = self.completed
+        if damaged:
+            self.log(f"warning: {self.path} held entries that are not whole {self.append_dim}s of it: "
+                     f"{_short(damaged)}; kept the first copy of each finished {self.append_dim} and dropped the "
+                     "rest, which this run recomputes")
+        elif unfinished or max(lengths.values(), default=0) > n:
+            what = f"the unfinished {self.append_dim} {_short(unfinished)}" if unfinished else \
+                f"a partly written {self.append_dim}"
+            self.log(f"note: {self.path}: dropped {what} that an interrupted run left")
 
     def truncate(self, n: int) -> None:
         """Cut every array to the first n entries along the append dim."""
@@ -210,18 +385,42 @@ class StoreWriter:
                 shape[dims.index(self.append_dim)] = n
                 array.resize(tuple(shape))
 
-    def keep_first(self, n: int) -> None:
-        """Forget every entry after the first n (a resumed run recomputes them); no entry left: no store."""
-        import zarr
+    def _rewrite(self, keep: list[int], keys: list) -> None:
+        """Replace the store by its entries at positions `keep` (whole-store copy; only a damaged store needs it)."""
+        ds = xr.open_zarr(self.path, consolidated=False).isel({self.append_dim: keep}).load()
+        for var in ds.variables.values():
+            var.encoding = {}
+        ds.attrs[self.completed_attr] = list(keys)
+        ds.to_zarr(self._tmp, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds))
+        self._swap_in()
 
-        if n >= len(self.completed):
+    def _swap_in(self) -> None:
+        """Put the temporary folder in the store's place; a kill at any point leaves the old or the new store
+        (`_recover` finishes the job)."""
+        if self.path.exists():
+            os.replace(self.path, self._old)
+        os.replace(self._tmp, self.path)
+        shutil.rmtree(self._old, ignore_errors=True)
+
+    def keep_only(self, keys) -> None:
+        """Forget every entry whose key is not in `keys` (a resumed run recomputes them); none left: no store."""
+        keys = set(keys)
+        keep = [i for i, key in enumerate(self.completed) if key in keys]
+        if len(keep) == len(self.completed):
             return
-        if n == 0:
+        kept = [self.completed[i] for i in keep]
+        if not keep:
             shutil.rmtree(self.path)
+        elif keep == list(range(len(keep))):
+            import zarr
+
+            self.truncate(len(keep))
+            zarr.open_group(self.path, mode="r+").attrs[self.completed_attr] = kept
         else:
-            self.truncate(n)
-            zarr.open_group(self.path, mode="r+").attrs[self.completed_attr] = self.completed[:n]
-        self.completed = self.completed[:n]
+            self._rewrite(keep, kept)
+        self.completed = kept
+
+    # --- writing -------------------------------------------------------------------------------------------
 
     def done(self, key) -> bool:
         return key in self.completed
@@ -234,15 +433,14 @@ class StoreWriter:
         key = str(ds[self.append_dim].values[0]) if key is None else key
         ds.attrs["fingerprint"] = self.fingerprint
         ds.attrs["layout_fingerprint"] = self.fingerprint.split(":")[0]
+        if self.fields is not None:
+            ds.attrs["fingerprint_fields"] = _plain(self.fields)
         if not self.completed:
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            if self._tmp.exists():
+                shutil.rmtree(self._tmp)
             ds.attrs[self.completed_attr] = [key]
-            ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds))
-            if self.path.exists():
-                shutil.rmtree(self.path)
-            os.replace(tmp, self.path)
+            ds.to_zarr(self._tmp, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds))
+            self._swap_in()
         else:
             # to_zarr(mode="a") replaces the group's attrs with ds.attrs: give it the store's own attrs with the
             # current `completed` list (a run killed between the arrays and the new mark leaves a partial entry that
@@ -257,6 +455,53 @@ class StoreWriter:
             ds.drop_vars(static).to_zarr(self.path, mode="a", append_dim=self.append_dim, consolidated=False)
             zarr.open_group(self.path, mode="r+").attrs[self.completed_attr] = self.completed + [key]
         self.completed.append(key)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _plain(value):
+    """`value` as JSON gives it back (tuples become lists, other objects their str), for attrs and comparisons."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _flat(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def describe_differences(stored: dict | None, wanted: dict | None) -> str:
+    """'layers: [3] in the store, [2] in this run; ...' for the settings two fingerprints were made of."""
+    if not stored or wanted is None:
+        return ("the store records no setting by setting (made by an older workbench); its settings are in its "
+                "attr config_yaml")
+    a, b = _flat(_plain(stored)), _flat(_plain(wanted))
+    names = [k for k in dict.fromkeys([*a, *b]) if a.get(k, "(none)") != b.get(k, "(none)")]
+    if not names:
+        return "the settings agree but the fingerprints do not (made by another version of the workbench)"
+
+    def show(v):
+        text = str(v)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    return "; ".join(f"{k}: {show(a.get(k, '(none)'))} in the store, {show(b.get(k, '(none)'))} in this run"
+                     for k in names)
+
+
+def _short(values, n: int = 6) -> str:
+    values = list(values)
+    return ", ".join(str(v) for v in values[:n]) + (f", ... ({len(values)} in all)" if len(values) > n else "")
 
 
 def _encoding(ds: xr.Dataset) -> dict:

@@ -27,3 +27,13 @@ def latent_frames(args) -> int:
     if args.frames is not None:
         return args.frames
     return 19 if args.independent_first_frame or getattr(args, "image", None) else 21
+
+
+def add_size_arguments(group) -> None:
+    """--height/--width in pixels, for `extract` and `generate` (the model folder's own size by default)."""
+    group.add_argument("--height", type=int, metavar="PX",
+                       help="video height in pixels, a multiple of 16 (default: the model's own size: 96 for the "
+                            "embedded default, config.json's video_size for a folder that records one, else 480)")
+    group.add_argument("--width", type=int, metavar="PX",
+                       help="video width in pixels, a multiple of 16 (default: 128 for the embedded default, "
+                            "config.json's video_size, else 832)")

@@ -190,13 +190,15 @@ def run(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from models.video import ensure_writable_dir
+    from models.video import ensure_writable_dir, mp4_available
     from studies import world_metrics, world_report
     from workbench.errors import WorkbenchError
     from workbench.extract import parse_int_list
 
     # --- everything that can be wrong, before any work
     out = ensure_writable_dir(args.out)
+    if args.save_videos and not mp4_available():
+        raise WorkbenchError("--save-videos writes mp4 files, which need the video extra: pip install -e '.[video]'")
     prompts = select_prompts(args)
     seeds = parse_int_list(args.seeds, what="seed")
     if not seeds:
@@ -286,7 +288,7 @@ def plan_runs(args, choices, prompts, seeds, lengths, device, dtype):
                 use_ema=c.use_ema, trust_pickle=args.trust_pickle, sampler=c.sampler,
                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                 local_attn_size=args.local_attn_size if window else -1, sink_size=args.sink_size if window else 0,
-                latent_height=world.HEIGHT // 8, latent_width=world.WIDTH // 8, device=device, dtype=dtype)
+                height=world.HEIGHT, width=world.WIDTH, device=device, dtype=dtype)
             plans[c.label, frames] = plan(cfg)
             vae_file = plans[c.label, frames].wan_dir / "Wan2.1_VAE.pth"
             if not vae_file.is_file():

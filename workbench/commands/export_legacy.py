@@ -10,7 +10,7 @@ EPILOG = """\
 examples:
   workbench extract --layer 3 --out runs/layer3.zarr
   workbench export-legacy runs/layer3.zarr                     # -> runs/layer3_legacy/p0000-s42/layer3.pt
-  workbench export-legacy runs/sf.zarr --layers 0,4 --samples p0000-s42 --out cache/
+  workbench export-legacy runs/sf.zarr --layers 0,4 --samples p0000-s42 --out runs/legacy/
 
 then, in the old notebooks:
   data = torch.load("runs/layer3_legacy/p0000-s42/layer3.pt", weights_only=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.commands import add_chunk_arguments, add_model_arguments, latent_frames
+from workbench.commands import add_chunk_arguments, add_model_arguments, add_size_arguments, latent_frames
 
 HELP = "capture per-layer, per-head, frame-by-frame attention of a rollout into a zarr store"
 
@@ -22,8 +22,9 @@ what is stored (docs/store.md): attn_mass[sample, step, layer, head, query_frame
 mass each query frame puts on each key frame; rows sum to 1), attn_logit (the mean pre-softmax logit of a
 frame pair), optional cross_mass (per prompt token) and attn_key_token (per key token, --token-layers).
 Steps of the few-step rollout: 0-3 = t 1000, 937.5, 833.3, 625; 4 = the context (cache refresh) pass.
-Re-running the same command resumes; open the store with xarray.open_zarr(path, consolidated=False) (samples
-are appended as they finish, so the store keeps no consolidated metadata).
+Re-running the same command resumes (the finished samples are kept by id); one process writes a store at a
+time (a second is refused, naming the first). Open the store with xarray.open_zarr(path, consolidated=False)
+(samples are appended as they finish, so the store keeps no consolidated metadata).
 """
 
 
@@ -59,6 +60,7 @@ def register(subparsers) -> None:
                           "--independent-first-frame; 19 frames by default)")
     job.add_argument("--seed", default="42", help="seed(s): 42, 0-3 or 1,2,3 (default: %(default)s)")
     add_chunk_arguments(job)
+    add_size_arguments(job)
     job.add_argument("--sampler", default="causal_few_step",
                      choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"])
     job.add_argument("--local-attn-size", type=int, default=-1, help="KV window in latent frames (-1: global)")
@@ -70,7 +72,9 @@ def register(subparsers) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--out", help="store path (default: runs/layer{N}.zarr or runs/extract.zarr)")
     mode = out.add_mutually_exclusive_group()
-    mode.add_argument("--append", action="store_true", help="add samples to a store of a compatible configuration")
+    mode.add_argument("--append", action="store_true",
+                      help="add samples (new prompts or seeds) to a store of the same model and configuration, as a "
+                           "plain re-run does; another model's samples are refused (a store holds one model)")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing store")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -95,7 +99,7 @@ def run(args) -> int:
         token_layers=parse_int_list(args.token_layers, what="layer") or [],
         seeds=parse_int_list(args.seed, what="seed"),
         num_frames=latent_frames(args), independent_first_frame=args.independent_first_frame or bool(args.image),
-        image=args.image, sampler=args.sampler,
+        image=args.image, height=args.height, width=args.width, sampler=args.sampler,
         local_attn_size=args.local_attn_size, sink_size=args.sink_size,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         wan_dir=args.wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema, trust_pickle=args.trust_pickle,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.commands import add_chunk_arguments, add_model_arguments, latent_frames
+from workbench.commands import add_chunk_arguments, add_model_arguments, add_size_arguments, latent_frames
 
 HELP = "generate videos (latents, mp4, PNG grid) from prompts"
 
@@ -25,7 +25,8 @@ examples:
                                                        # prompts dealt over 8 GPUs, the same file names
 
 Writes, per prompt index P and seed S, into --out: pPPPP-sS.safetensors (latents [F, 16, h, w] under
-"latents"), pPPPP-sS.mp4 (16 fps) and pPPPP-sS.png (a grid of every 5th frame). With less than 40 GB of
+"latents"), pPPPP-sS.mp4 (16 fps; needs the video extra: pip install -e ".[video]") and pPPPP-sS.png (a grid
+of every 5th frame). With less than 40 GB of
 free GPU memory the text encoder leaves the GPU before the DiT is loaded (low-memory mode).
 With --live, each chunk's decoded frames and attention (attn_mass of --layers, --heads, --steps, captured as
 `workbench extract` does; the latents stay bitwise the same) also go into --out as the chunk finishes:
@@ -45,6 +46,7 @@ def register(subparsers) -> None:
                         "frame 0, a chunk of its own (implies --independent-first-frame: 19 frames by default), "
                         "and the rollout continues from it; with every prompt")
     add_chunk_arguments(p)
+    add_size_arguments(p)
     p.add_argument("--sampler", default="causal_few_step",
                    choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"])
     p.add_argument("--num-inference-steps", type=int, default=50, help="multi-step samplers (default: %(default)s)")
@@ -97,6 +99,7 @@ def run(args) -> int:
 def _run(args, rank: int = 0, world: int = 1) -> int:
     import contextlib
     import gc
+    import sys
     from pathlib import Path
 
     import torch
@@ -104,11 +107,12 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     from tqdm.auto import tqdm
 
     from models.checkpoint import load_wan
+    from models.config import WanConfig, default_video_size, latent_size
     from models.embedded import EMBEDDED_DIR
     from models.rollout import sample
     from models.text_encoder import TextEncoder
     from models.vae import WanVAE
-    from models.video import ensure_writable_dir, read_prompts, write_mp4, write_png_grid
+    from models.video import ensure_writable_dir, mp4_available, read_prompts, write_mp4, write_png_grid
     from workbench.errors import WorkbenchError
     from workbench.extract import DEFAULT_PROMPT, _dtype, _rank_device, parse_int_list, rank_share
 
@@ -128,6 +132,9 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
             raise WorkbenchError("--image runs the causal samplers (the image is the first chunk of the KV cache)")
         args.independent_first_frame = True  # the image's latent is a chunk of its own
     args.frames = latent_frames(args)
+    own_h, own_w = default_video_size(wan_dir)
+    h, w = latent_size(own_h if args.height is None else args.height, own_w if args.width is None else args.width,
+                       WanConfig.from_json(wan_dir / "config.json"))
     if args.sampler != "bidirectional":
         from models.config import VideoGeometry
 
@@ -143,8 +150,6 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     dtype = _dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.fp8 and device.type == "cuda" and dtype != torch.bfloat16:
         raise WorkbenchError(f"--fp8 on CUDA computes in bfloat16; drop --dtype {args.dtype} or use --dtype bfloat16")
-    embedded = args.wan_dir is None
-    h, w = (12, 16) if embedded else (60, 104)
     image = None
     if args.image:
         from models.video import read_image
@@ -153,6 +158,10 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     low_memory = args.low_memory == "on" or (
         args.low_memory == "auto" and device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 40 * 2**30)
     quiet = args.no_progress
+    mp4 = not args.no_video and mp4_available()
+    if not args.no_video and not mp4:
+        print("note: no mp4 files: mp4 needs the video extra (pip install -e '.[video]': ffmpeg, 165 MB); writing "
+              "the latents and PNG grids", file=sys.stderr)
     live = None
     if not args.live and (args.layers or args.heads or args.steps):
         raise WorkbenchError("--layers, --heads and --steps choose what --live captures; add --live")
@@ -226,7 +235,8 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
         if vae is None:
             continue
         video = torch.cat(pieces, dim=2)[0]  # [3, T, H, W] in [-1, 1]
-        write_mp4(video, out / f"{name}.mp4", fps=16)
+        if mp4:
+            write_mp4(video, out / f"{name}.mp4", fps=16)
         write_png_grid(video, out / f"{name}.png", ncols=9, frames=range(0, video.shape[1], 5))
     if live is not None:
         live.close()

@@ -21,8 +21,10 @@ def register(subparsers) -> None:
     src.add_argument("--wan-dir", metavar="DIR", help="the official Wan2.1 folder (reads config.json only)")
     src.add_argument("--preset", help="a built-in size: wan2.1-t2v-1.3b, wan2.1-t2v-14b, tiny")
     p.add_argument("--frames", type=int, default=21, help="latent frames (default: %(default)s)")
-    p.add_argument("--height", type=int, help="pixel height (default: 480, or 96 for the embedded default)")
-    p.add_argument("--width", type=int, help="pixel width (default: 832, or 128 for the embedded default)")
+    p.add_argument("--height", type=int, help="pixel height (default: the model's own size: 96 for the embedded "
+                                              "default, config.json's video_size, else 480)")
+    p.add_argument("--width", type=int, help="pixel width (default: 128 for the embedded default, config.json's "
+                                             "video_size, else 832)")
     p.add_argument("--num-frame-per-block", type=int, default=3, help="frames per chunk (default: %(default)s)")
     p.add_argument("--device", default=None, help="device whose attention backend to report (default: cuda if available)")
     p.set_defaults(func=run)
@@ -32,18 +34,15 @@ def describe(config, *, frames: int, height: int, width: int, nfpb: int, device:
     import torch
 
     from models.attention import backend_name
-    from models.config import VideoGeometry
+    from models.config import VideoGeometry, latent_size
     from models.wan import WanModel
 
     with torch.device("meta"):
         model = WanModel(config, causal=True)
     n_params = sum(p.numel() for p in model.parameters())
     n_tensors = len(model.state_dict())
-    if height % 8 or width % 8:
-        from workbench.errors import WorkbenchError
-
-        raise WorkbenchError(f"pixel size {height}x{width} must be divisible by 8 (the VAE stride)")
-    geo = VideoGeometry(num_frames=frames, latent_height=height // 8, latent_width=width // 8, num_frame_per_block=nfpb)
+    lh, lw = latent_size(height, width, config)
+    geo = VideoGeometry(num_frames=frames, latent_height=lh, latent_width=lw, num_frame_per_block=nfpb)
     fsl = config.tokens_per_frame(geo.latent_height, geo.latent_width)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     rows = [
@@ -69,7 +68,7 @@ def describe(config, *, frames: int, height: int, width: int, nfpb: int, device:
 def run(args) -> int:
     import torch
 
-    from models.config import WanConfig, preset
+    from models.config import WAN_VIDEO_SIZE, WanConfig, default_video_size, preset
     from models.embedded import EMBEDDED_DIR
 
     if args.preset:
@@ -77,9 +76,9 @@ def run(args) -> int:
     else:
         folder = args.wan_dir or EMBEDDED_DIR
         config, name = WanConfig.from_json(f"{folder}/config.json"), ("embedded default" if not args.wan_dir else folder)
-    embedded = not args.preset and not args.wan_dir
-    height = args.height or (96 if embedded else 480)
-    width = args.width or (128 if embedded else 832)
+    own_h, own_w = WAN_VIDEO_SIZE if args.preset else default_video_size(args.wan_dir or EMBEDDED_DIR)
+    height = own_h if args.height is None else args.height
+    width = own_w if args.width is None else args.width
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"model: {name}")
     print(describe(config, frames=args.frames, height=height, width=width, nfpb=args.num_frame_per_block,

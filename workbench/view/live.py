@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import torch
 
+from models.config import VAE_STRIDE
 from models.video import to_uint8_frames
 from models.vae import pixel_frames
 from workbench.errors import WorkbenchError
@@ -32,10 +33,11 @@ def live_plan(args, prompts: list[str], seeds: list[int], device: torch.device, 
     cfg = ExtractConfig(
         layers=parse_int_list(args.layers, what="layer"), heads=parse_int_list(args.heads, what="head"),
         steps=parse_int_list(args.steps, what="step"), stats=["attn_mass"], prompts=prompts, seeds=seeds,
-        num_frames=args.frames, independent_first_frame=args.independent_first_frame, image=args.image, wan_dir=args.wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema,
+        num_frames=args.frames, independent_first_frame=args.independent_first_frame, image=args.image,
+        wan_dir=args.wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema,
         trust_pickle=args.trust_pickle, sampler=args.sampler, num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
-        local_attn_size=args.local_attn_size, sink_size=args.sink_size, latent_height=h, latent_width=w,
+        local_attn_size=args.local_attn_size, sink_size=args.sink_size, height=h * VAE_STRIDE, width=w * VAE_STRIDE,
         device=str(device), dtype=dtype, out=str(args.out), attention_kernel=args.attention_kernel)
     return plan(cfg)
 

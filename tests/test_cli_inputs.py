@@ -1,0 +1,199 @@
+"""What a new user hit (issue 13), command by command:
+
+- bad input and unwritable outputs, in one table: every command ends in one line `workbench CMD: error: ...`
+  naming the bad value, exits non-zero, prints no traceback, and does no work first (the expensive steps are
+  replaced by functions that fail the test if reached);
+- files are written with the permissions of any new file (0666 less the umask), not mkstemp's 0600;
+- a prompt longer than the text encoder's 512 tokens gets one warning line saying where it is cut;
+- --height/--width (pixels) for extract and generate, defaulting to the model folder's own size;
+- the extract summary: per layer and head (never a head index averaged across layers), ranges for long step
+  lists, no -0.000.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import workbench.extract as extract_mod
+from models.embedded import EMBEDDED_DIR
+from studies import synthetic
+from workbench.cli import main as cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return synthetic.write_store(tmp_path_factory.mktemp("s") / "s.zarr", "causal", layers=(0, 1), num_heads=4)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a command gets as far as its work."""
+    import models.checkpoint
+    import studies.report
+    import training.trainer
+    import workbench.legacy
+
+    def refuse(*a, **kw):
+        raise AssertionError("work started before the request was checked")
+
+    for module, name in ((extract_mod, "load_wan"), (extract_mod, "sha256_file"), (models.checkpoint, "load_wan"),
+                         (studies.report, "build_report"), (studies.report, "build_compare_report"),
+                         (workbench.legacy, "legacy_record"), (training.trainer, "build_trainer"),
+                         (training.trainer, "build_ode_pairs")):
+        monkeypatch.setattr(module, name, refuse)
+
+
+# {store}: a synthetic store; {blocked}: a path under a regular file, unwritable even for root
+CASES = [
+    (["extract", "--layers", "3-"], "layer '3-': use a number, a range like 0-29"),
+    (["extract", "--layers", "1,,2"], "layer '1,,2': use a number"),
+    (["extract", "--layer", "3", "--seed", "1-"], "seed '1-': use a number"),
+    (["extract", "--layer", "3", "--heads", "-1"], "head '-1': use a number"),
+    (["extract", "--layer", "3", "--height", "100"], "--height 100: use a positive multiple of 16 pixels"),
+    (["extract", "--layer", "3", "--width", "0"], "--width 0: use a positive multiple of 16 pixels"),
+    (["generate", "--prompt", "x", "--height", "90", "--out", "{tmp}/g"], "--height 90: use a positive multiple of 16"),
+    (["info", "--width", "100"], "--width 100: use a positive multiple of 16"),
+    (["export-legacy", "{store}", "--layers", "0-"], "layer '0-': use a number"),
+    (["extract", "--layer", "3", "--out", "{blocked}/x.zarr"], "output folder '{blocked}' is not writable"),
+    (["generate", "--prompt", "x", "--out", "{blocked}/g"], "output folder '{blocked}/g' is not writable"),
+    (["report", "{store}", "--out", "{blocked}/r.html"], "output folder '{blocked}' is not writable"),
+    (["compare", "{store}", "{store}", "--out", "{blocked}/c.html"], "output folder '{blocked}' is not writable"),
+    (["export-legacy", "{store}", "--out", "{blocked}/legacy"], "output folder '{blocked}/legacy' is not writable"),
+    (["train", "--config", "configs/tiny_dmd.yaml", "--logdir", "{blocked}/log"],
+     "output folder '{blocked}/log' is not writable"),
+    (["train", "--config", "configs/tiny_ode.yaml", "--logdir", "{tmp}/log", "--make-ode-pairs", "--set",
+      "data_path={blocked}/pairs.pt"], "output folder '{blocked}' is not writable"),
+]
+
+
+@pytest.mark.parametrize("argv,message", CASES, ids=[" ".join(a).replace("{", "").replace("}", "") for a, _ in CASES])
+def test_bad_input_is_one_line_before_any_work(argv, message, tmp_path, store, capsys, no_work, monkeypatch):
+    monkeypatch.chdir(REPO)
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    fill = dict(store=str(store), blocked=str(blocked), tmp=str(tmp_path))
+    argv = [a.format(**fill) for a in argv]
+    if argv[0] == "extract":
+        argv += ["--no-progress"] + ([] if "--out" in argv else ["--out", str(tmp_path / "x.zarr")])
+    code = cli_main(argv)
+    err = capsys.readouterr().err
+    assert code != 0
+    assert err.startswith(f"workbench {argv[0]}: error: ") and err.count("\n") == 1, err
+    assert message.format(**fill) in err and "Traceback" not in err
+    assert not (tmp_path / "x.zarr").exists()
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+@pytest.mark.parametrize("command", ["extract", "report", "export-legacy", "train"])
+def test_a_read_only_folder_is_one_line_before_any_work(command, tmp_path, store, capsys, no_work, monkeypatch):
+    monkeypatch.chdir(REPO)
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    argv = {"extract": ["extract", "--layer", "3", "--out", str(folder / "x.zarr"), "--no-progress"],
+            "report": ["report", str(store), "--out", str(folder / "r.html")],
+            "export-legacy": ["export-legacy", str(store), "--out", str(folder / "legacy")],
+            "train": ["train", "--config", "configs/tiny_dmd.yaml", "--logdir", str(folder / "log")]}[command]
+    try:
+        assert cli_main(argv) != 0
+    finally:
+        folder.chmod(0o755)
+    err = capsys.readouterr().err
+    assert err.startswith(f"workbench {command}: error: ") and err.count("\n") == 1 and "not writable" in err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_outputs_have_the_permissions_of_new_files(umask, tmp_path, store):
+    """Atomic writes create their temporary file the ordinary way, so the umask decides (not mkstemp's 0600)."""
+    from models.checkpoint import save_self_forcing
+    from models.files import atomic_write_bytes
+    from models.video import write_png_grid
+    from studies.report import build_report
+    from training.data import save_latent_dataset
+    from workbench.legacy import export_legacy
+
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "bytes.bin", b"x")
+        write_png_grid(torch.zeros(3, 2, 8, 8), tmp_path / "grid.png")
+        save_self_forcing(tmp_path / "model.pt", generator={"w": torch.zeros(2)})
+        save_latent_dataset(tmp_path / "latents.pt", ["a"], torch.zeros(1, 2), "latents")
+        paths = export_legacy(store, tmp_path / "legacy", layers=[0], log=lambda *_: None)
+        build_report(store, tmp_path / "r.html", layer=0)
+        with extract_mod.StoreLock(tmp_path / "new.zarr"):
+            locked = [tmp_path / ".new.zarr.lock", tmp_path / ".new.zarr.lock.json"]
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in locked}
+    finally:
+        os.umask(old)
+    files = ["bytes.bin", "grid.png", "model.pt", "latents.pt", "r.html"]
+    modes.update({name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in files})
+    modes.update({str(p): stat.S_IMODE(p.stat().st_mode) for p in paths})
+    assert modes == {name: 0o666 & ~umask for name in modes}
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_is_one_warning(tmp_path, capsys):
+    """Truncated as Wan2.1 truncates it (a warning, not an error: the model sees what the reference pipelines
+    show it), said once, with where it is cut; the store records the 512 tokens the model read."""
+    from workbench.store import open_store
+
+    prompt = " ".join(["a small red fox jumps over the lazy dog"] * 70)
+    prompts = tmp_path / "long.txt"
+    prompts.write_text(prompt + "\n")
+    out = tmp_path / "long.zarr"
+    assert cli_main(["extract", "--layer", "0", "--frames", "3", "--steps", "0", "--prompts", str(prompts),
+                     "--seed", "1,2", "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("workbench extract: warning: prompt 'a small red fox")
+    assert "the text encoder reads the first 512 (as Wan2.1 does), so it is cut after '..." in err[0]
+    assert open_store(out).num_tokens.values.tolist() == [512, 512]
+
+
+def test_a_wan_folder_runs_at_its_own_size_unless_told(tmp_path):
+    """A copy of the embedded folder (an official-format Wan folder) runs at its own 96 x 128 (it records
+    video_size), not at Wan2.1's 480 x 832; --height/--width choose another size for extract and generate."""
+    from safetensors.torch import load_file
+
+    folder = shutil.copytree(EMBEDDED_DIR, tmp_path / "small_wan")
+    p = extract_mod.plan(extract_mod.ExtractConfig(wan_dir=str(folder)))
+    assert p.geometry == (21, 12, 16) and p.frame_seq_len == 48
+    wan_size = shutil.copytree(folder, tmp_path / "wan_size")  # a folder that records no size: Wan2.1's
+    config = json.loads((wan_size / "config.json").read_text())
+    del config["video_size"]
+    (wan_size / "config.json").write_text(json.dumps(config))
+    assert extract_mod.plan(extract_mod.ExtractConfig(wan_dir=str(wan_size))).geometry == (21, 60, 104)
+    out = tmp_path / "s.zarr"
+    assert cli_main(["extract", "--wan-dir", str(folder), "--height", "64", "--width", "96", "--layer", "0",
+                     "--frames", "3", "--steps", "0", "--out", str(out), "--no-progress"]) == 0
+    from workbench.store import open_store
+
+    assert open_store(out).attrs["frame_seq_len"] == (64 // 16) * (96 // 16)
+    assert cli_main(["generate", "--wan-dir", str(folder), "--height", "64", "--width", "96", "--frames", "3",
+                     "--prompt", "x", "--no-video", "--out", str(tmp_path / "g"), "--no-progress"]) == 0
+    assert load_file(str(tmp_path / "g" / "p0000-s0.safetensors"))["latents"].shape == (3, 16, 8, 12)
+
+
+def test_extract_summary_is_per_layer_and_head(tmp_path):
+    """Planted heads (studies.synthetic): layer 0 head 0 is a sink, layer 1 head 0 attends to its own frame, so a
+    summary that averaged head 0 over the layers would print 0.5. A bidirectional store of 16 steps lists them as
+    a range; no value prints as -0.000."""
+    causal = synthetic.write_store(tmp_path / "c.zarr", "causal", layers=(0, 1), num_heads=4)
+    text = extract_mod.summary_table(causal)
+    rows = {tuple(int(v) for v in line.split()[:2]): [float(v) for v in line.split()[2:]]
+            for line in text.splitlines() if line.split()[:1] and line.split()[0].isdigit()}
+    assert sorted(rows) == [(layer, head) for layer in (0, 1) for head in range(4)]
+    np.testing.assert_allclose(rows[(0, 0)], [1.0, 0.0, 0.0], atol=1e-3)  # sink: all on frame 0
+    np.testing.assert_allclose(rows[(1, 0)], [0.0, 1.0, 0.0], atol=1e-3)  # local: all on its own chunk
+    bidi = synthetic.write_store(tmp_path / "b.zarr", "bidirectional", layers=tuple(range(10)), num_heads=12)
+    text += extract_mod.summary_table(bidi)
+    assert "steps 0-15" in text and "layers 0-9" in text and "-0.000" not in text
+    assert "a row per layer, a column per head" in text  # 120 heads: grids, not 120 rows

@@ -1,0 +1,251 @@
+"""Stores never lose or mix data (docs/store.md, Writing):
+
+- the stress test: rounds of `workbench extract` processes started together on one store, the writer SIGKILLed at
+  random points (before the lock, mid-sample, mid-write); a plain re-run then gives exactly the store of an
+  uninterrupted run (xarray.testing.assert_identical), every sample once, and every process that was refused
+  exited 2 with one line naming the store and the writer that held it;
+- resume keeps samples by id: a store damaged as two unlocked writers left it (duplicates, unmarked entries,
+  `completed` listing a sample with no arrays) is repaired, with a warning, to the uninterrupted store;
+- a swap of a new store into place that was killed half way leaves the old store, which the next run finds;
+- one model per store: --append (or a resume) with another checkpoint is refused before any weights load,
+  naming the setting that differs; a store that mixes two models (an older --append) is refused by readers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import workbench.extract as extract_mod
+from workbench.cli import main as cli_main
+from workbench.store import StoreLock, _encoding, open_store
+
+REPO = Path(__file__).resolve().parents[1]
+# a small job of the embedded model: one layer, 6 frames (2 chunks), step 0 captured, 6 samples
+ARGS = ["extract", "--layer", "0", "--frames", "6", "--steps", "0", "--seed", "0-5", "--out", "s.zarr", "--no-progress"]
+IDS = [f"p0000-s{s}" for s in range(6)]
+VOLATILE = ("created_utc", "runs")  # when the creating run started; the runs that resumed it
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1"}
+
+
+def start(cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "workbench.cli", *ARGS], cwd=cwd, env=env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def completed(store: Path) -> list:
+    try:
+        return json.loads((store / "zarr.json").read_text())["attributes"]["completed"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def loaded(store: Path) -> xr.Dataset:
+    ds = xr.open_zarr(store, consolidated=False).load()
+    for name in VOLATILE:
+        ds.attrs.pop(name, None)
+    return ds
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run: the same command, in a folder of its own (so `out` in config_yaml is the same)."""
+    cwd = tmp_path_factory.mktemp("reference")
+    run = subprocess.run([sys.executable, "-m", "workbench.cli", *ARGS], cwd=cwd, env=env(), capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return cwd / "s.zarr"
+
+
+REFUSED = re.compile(r"workbench extract: error: 's\.zarr' is being written by another process \(pid (\d+) on [^,]+, "
+                     r"since [^:]+:\d\d:\d\d\+00:00: .*extract --layer 0 .*\); a store takes one writer at a time")
+
+
+def test_racing_writers_killed_at_random_then_a_plain_resume_equal_an_uninterrupted_run(tmp_path, reference):
+    rng = random.Random(13)
+    store = tmp_path / "s.zarr"
+    holder, first_write = tmp_path / ".s.zarr.lock.json", tmp_path / ".s.zarr.tmp"
+    done = lambda k: lambda: len(completed(store)) >= k  # noqa: E731
+    # when to kill the writer of each round: once it holds the lock (loading, encoding, mid-rollout), while its
+    # first sample is being written, and after one or two more samples (mid-rollout or mid-append), each with a
+    # random delay on top
+    rounds = [(holder.exists, 0.4), (first_write.exists, 0.0), (done(2), 0.6), (done(4), 0.6)]
+    refusals, kills = 0, 0
+    for ready, jitter in rounds:
+        procs = []
+        for _ in range(3):  # started together (a few ms apart)
+            procs.append(start(tmp_path))
+            time.sleep(rng.uniform(0.0, 0.05))
+        deadline = time.time() + 300
+        while time.time() < deadline and not ready() and any(p.poll() is None for p in procs):
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, jitter))
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                kills += 1
+        pids = {p.pid for p in procs}
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            if p.returncode in (-signal.SIGKILL, 0):
+                continue
+            lines = err.strip().splitlines()
+            assert p.returncode == 2 and len(lines) == 1, err[-2000:]
+            m = REFUSED.match(lines[0])
+            assert m, lines[0]
+            assert int(m.group(1)) in pids - {p.pid}, lines[0]  # it names the process that held the store
+            refusals += 1
+    assert refusals >= 4 and kills >= 3
+    final = subprocess.run([sys.executable, "-m", "workbench.cli", *ARGS], cwd=tmp_path, env=env(),
+                           capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr[-2000:]
+    got = loaded(store)
+    assert list(got.sample.values) == IDS and got.attrs["completed"] == IDS  # every sample once, in order
+    xr.testing.assert_identical(got, loaded(reference))
+    assert not (tmp_path / ".s.zarr.tmp").exists() and not (tmp_path / ".s.zarr.old").exists()
+
+
+def test_a_held_store_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """The lock is taken before the weights are hashed or loaded; the refusal names the store and the holder."""
+    def refuse(*a, **kw):
+        raise AssertionError("work started on a store another process holds")
+
+    monkeypatch.setattr(extract_mod, "sha256_file", refuse)
+    monkeypatch.setattr(extract_mod, "load_wan", refuse)
+    out = tmp_path / "held.zarr"
+    with StoreLock(out):
+        assert cli_main(["extract", "--layer", "0", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{str(out)!r} is being written by another process (pid {os.getpid()} on " in err
+    assert not out.exists() and not (tmp_path / ".held.zarr.lock.json").exists()  # the holder's record goes with it
+
+
+def damaged_copy(reference: Path, path: Path, order: list[int], completed: list[str]) -> None:
+    """A store holding the reference's samples at positions `order` (repeats allowed), `completed` as given:
+    what two unlocked writers used to leave (issue 13: 19 entries with duplicate ids, 10 marked complete)."""
+    ds = xr.open_zarr(reference, consolidated=False).load().isel(sample=order)
+    for var in ds.variables.values():
+        var.encoding = {}
+    ds.attrs["completed"] = completed
+    ds.to_zarr(path, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds))
+
+
+def test_resume_keeps_samples_by_id_and_repairs_a_damaged_store(tmp_path, reference, monkeypatch, capsys):
+    # entries s0 s1 s2 s0 s1 s3 s5; marked complete: s0 s1 s2 s3 s4 (s4 has no arrays, s5 is not marked)
+    damaged_copy(reference, tmp_path / "s.zarr", [0, 1, 2, 0, 1, 3, 5], IDS[:5])
+    monkeypatch.chdir(tmp_path)
+    written = []
+    real_write = extract_mod.StoreWriter.write
+    monkeypatch.setattr(extract_mod.StoreWriter, "write",
+                        lambda self, ds, key=None: (written.append(str(ds.sample.values[0])), real_write(self, ds, key)))
+    assert cli_main(ARGS) == 0
+    out = capsys.readouterr().out
+    assert "warning: s.zarr held entries that are not whole samples of it: p0000-s0 (a second copy), p0000-s1 (a " \
+           "second copy), p0000-s5 (not marked complete), p0000-s4 (marked complete, but its arrays are missing)" in out
+    assert written == ["p0000-s4", "p0000-s5"]  # the finished samples were kept, by id
+    xr.testing.assert_identical(loaded(tmp_path / "s.zarr"), loaded(reference))
+
+
+def test_an_interrupted_swap_leaves_the_old_store(tmp_path, reference, monkeypatch, capsys):
+    """Killed between moving the old store aside and moving the new one in: the next run puts the old one back."""
+    shutil.copytree(reference, tmp_path / ".s.zarr.old")
+    (tmp_path / ".s.zarr.tmp").mkdir()  # the new store, half written
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(ARGS) == 0
+    assert "all 6 samples are already there" in capsys.readouterr().out
+    assert not (tmp_path / ".s.zarr.old").exists() and not (tmp_path / ".s.zarr.tmp").exists()
+    xr.testing.assert_identical(loaded(tmp_path / "s.zarr"), loaded(reference))
+
+
+@pytest.fixture(scope="module")
+def other_checkpoint(tmp_path_factory) -> Path:
+    """A Self-Forcing checkpoint of the embedded model with its weights nudged: another model of the same layout."""
+    import torch
+
+    from models.checkpoint import save_self_forcing
+    from models.embedded import EMBEDDED_DIR
+    from models.files import load_state_dict_file
+
+    sd = load_state_dict_file(EMBEDDED_DIR / "diffusion_pytorch_model.safetensors")
+    torch.manual_seed(0)
+    nudged = {k: (v.float() + 1e-3 * torch.randn_like(v.float())).to(v.dtype) for k, v in sd.items()}
+    path = tmp_path_factory.mktemp("ckpt") / "other.pt"
+    save_self_forcing(path, generator=nudged)
+    return path
+
+
+def test_append_of_another_models_samples_is_refused(tmp_path, reference, other_checkpoint, capsys, monkeypatch):
+    """One store, one model: --append (or a plain resume) with another checkpoint is refused before any weights
+    load, naming the setting that differs with both values; the store is left as it was."""
+    store = shutil.copytree(reference, tmp_path / "s.zarr")
+    before = loaded(store)
+
+    def refuse(*a, **kw):
+        raise AssertionError("weights were loaded for a store that refuses them")
+
+    monkeypatch.setattr(extract_mod, "load_wan", refuse)
+    from models.files import sha256_file
+
+    store_sha = str(before.checkpoint_sha256.values[0])
+    for mode in (["--append"], []):
+        argv = ["extract", "--layer", "0", "--frames", "6", "--steps", "0", "--seed", "6", "--checkpoint",
+                str(other_checkpoint), "--out", str(store), "--no-progress", *mode]
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0
+        assert "holds samples of another model or sampler setting (model.weights: " in err
+        assert f"{store_sha} in the store, {sha256_file(other_checkpoint)} in this run" in err
+        assert "write these samples to another --out and compare the stores" in err
+    xr.testing.assert_identical(loaded(store), before)
+
+
+def test_a_refusal_names_the_layout_setting_that_differs(tmp_path, reference, capsys):
+    store = shutil.copytree(reference, tmp_path / "s.zarr")
+    for args, expected in ((["--layer", "1"], "layout.layers: [0] in the store, [1] in this run"),
+                           (["--layer", "0", "--frames", "9"], "layout.geometry: [6, 12, 16] in the store, "
+                                                                "[9, 12, 16] in this run"),
+                           (["--layer", "0", "--dtype", "bfloat16"], "model.dtype: float32 in the store, bfloat16 in "
+                                                                     "this run")):
+        if "--frames" not in args:
+            args = [*args, "--frames", "6"]
+        assert cli_main(["extract", *args, "--steps", "0", "--out", str(store), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert expected in err, err
+
+
+def test_a_store_that_mixes_two_models_is_refused_by_readers(tmp_path, reference, capsys, monkeypatch):
+    """What --append of another checkpoint made before: readers refuse it rather than average two models."""
+    ds = xr.open_zarr(reference, consolidated=False).load()
+    sha = ds.checkpoint_sha256.values.copy()
+    sha[3:] = "f" * 64
+    ds = ds.assign_coords(checkpoint_sha256=("sample", sha))
+    for var in ds.variables.values():
+        var.encoding = {}
+    ds.to_zarr(tmp_path / "mixed.zarr", zarr_format=3, consolidated=False, encoding=_encoding(ds))
+    with pytest.raises(extract_mod.WorkbenchError, match=r"mixes the samples of 2 models .*p0000-s0, p0000-s1, "
+                                                         r"p0000-s2; checkpoint_sha256 ffffffffffff...: p0000-s3"):
+        open_store(tmp_path / "mixed.zarr")
+    assert cli_main(["report", str(tmp_path / "mixed.zarr"), "--out", str(tmp_path / "r.html")]) == 2
+    assert capsys.readouterr().err.startswith("workbench report: error: store ")
+    # resuming it with the first model's weights finds the foreign samples and refuses too
+    monkeypatch.chdir(tmp_path)
+    shutil.move(tmp_path / "mixed.zarr", tmp_path / "s.zarr")
+    assert cli_main(ARGS) == 2
+    assert "holds samples of another model (checkpoint_sha256 of p0000-s3, p0000-s4, p0000-s5" in capsys.readouterr().err
+    assert np.array_equal(xr.open_zarr(tmp_path / "s.zarr", consolidated=False).checkpoint_sha256.values, sha)
