@@ -120,3 +120,20 @@ def test_shipped_gan_and_i2v_configs_pass_the_checks():
     for name, trainer in (("world_gan", "gan"), ("world_i2v_dmd", "score_distillation")):
         cfg, _ = load_train_config(f"configs/{name}.yaml")
         assert check_config(cfg, 1).trainer == trainer
+
+
+def test_real_latents_of_another_length_are_refused_before_work(tmp_path):
+    """World videos encoded with another frame count than the generator makes: a clear error naming both shapes
+    and the command that fixes it (not a broadcasting error in the first discriminator step)."""
+    from test_training import BASE
+    from training.data import save_latent_dataset
+    from training.errors import TrainingError
+    from training.trainer import build_data, check_config, load_train_config
+
+    path = tmp_path / "world.pt"
+    save_latent_dataset(path, ["a", "b"], torch.zeros(2, 4, 16, 12, 16), "latents")
+    cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", BASE + SHAPE + ["trainer=gan", f"data_path={path}"])
+    with pytest.raises(TrainingError, match=r"\(4, 16, 12, 16\).*makes \(3, 16, 12, 16\).*--frames 3"):
+        build_data(cfg, check_config(cfg, 1), 0)
+    save_latent_dataset(path, ["a", "b"], torch.zeros(2, 3, 16, 12, 16), "latents")
+    assert build_data(cfg, check_config(cfg, 1), 0).latents.shape == (2, 3, 16, 12, 16)

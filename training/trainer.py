@@ -679,7 +679,12 @@ def build_data(cfg, plan: Plan, seed: int):
         F, C, H, W = plan.shape
         prompts, latents = synthetic_latents(64, F, C, H, W, seed=0)
         return LatentDataset(prompts, latents, "latents", seed)
-    return LatentDataset.from_file(cfg.data_path, seed, "latents")
+    data = LatentDataset.from_file(cfg.data_path, seed, "latents")
+    if plan.trainer == "gan" and tuple(data.latents.shape[1:]) != tuple(plan.shape):
+        raise TrainingError(f"real latents of shape {tuple(data.latents.shape[1:])} in {cfg.data_path!r}; the "
+                            f"generator makes {tuple(plan.shape)} (image_or_video_shape): encode "
+                            f"{plan.shape[0]} latent frames (python -m training.i2v --frames {plan.shape[0]})")
+    return data
 
 
 def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, weights_sha: str):
