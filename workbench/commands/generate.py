@@ -109,6 +109,7 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     from models.checkpoint import load_wan
     from models.config import WanConfig, default_video_size, latent_size
     from models.embedded import EMBEDDED_DIR
+    from models.errors import ModelInputError
     from models.rollout import sample
     from models.text_encoder import TextEncoder
     from models.vae import WanVAE
@@ -138,8 +139,10 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     if args.sampler != "bidirectional":
         from models.config import VideoGeometry
 
-        # frames that do not fit the chunk layout are refused here
-        VideoGeometry(num_frames=args.frames, independent_first_frame=args.independent_first_frame)
+        try:  # frames that do not fit the chunk layout are refused here
+            VideoGeometry(num_frames=args.frames, independent_first_frame=args.independent_first_frame)
+        except ModelInputError as err:
+            raise WorkbenchError(f"{err}{' (--image makes frame 0 a chunk of its own)' if args.image else ''}") from None
     elif args.independent_first_frame:
         raise WorkbenchError("--independent-first-frame is a chunk layout of the causal samplers; the bidirectional "
                              "sampler denoises every frame together")
