@@ -182,14 +182,15 @@ def test_gpu_i2v_rollout_with_cuda_graphs():
 
 @pytest.mark.gpu
 def test_gpu_generate_compile_fp8_and_image(tmp_path):
-    """`generate --compile --fp8 --image` on the embedded model on CUDA (two samples: the second replays the
-    compiled blocks from CUDA graphs): frame 0 is the image's latent, the later frames stay near the plain run's."""
+    """`generate --compile --fp8 --image` on the embedded model on CUDA (three samples: the first compiles, the
+    second records the CUDA graphs, the third replays them): frame 0 is the image's latent, the later frames stay
+    near the plain run's."""
     image = world_image(tmp_path / "first.png")
     base = ["generate", "--prompt", "a red square moving left", "--image", str(image), "--frames", "7",
-            "--seed", "0-1", "--device", "cuda", "--no-video", "--no-progress"]
+            "--seed", "0-2", "--device", "cuda", "--no-video", "--no-progress"]
     assert main(base + ["--out", str(tmp_path / "plain")]) == 0
     assert main(base + ["--compile", "--fp8", "--out", str(tmp_path / "fast")]) == 0
-    for s in (0, 1):
+    for s in (0, 1, 2):
         a, b = (load_file(str(tmp_path / d / f"p0000-s{s}.safetensors"))["latents"].float() for d in ("plain", "fast"))
         assert torch.equal(a[:1], b[:1])  # the image's latent, untouched by FP8
         assert 0 < ((b - a).norm() / a.norm()).item() < 0.3
