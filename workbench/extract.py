@@ -34,6 +34,7 @@ from models.embedded import EMBEDDED_DIR
 from models.rollout import SAMPLERS, MultiStepSolver, few_step_schedule, multistep_schedule, sample
 from models.scheduler import FlowMatchScheduler
 from workbench.capture import DEFAULT_STATS, STATS, CaptureSpec, Geometry, StatsProbe, resolve_mode
+from workbench.chunking import block_sizes_of, image_latent  # noqa: F401 (block_sizes_of: the nnsight recipe)
 from workbench.errors import WorkbenchError
 from workbench.hooks import attach
 from workbench.store import SCHEMA_VERSION, StoreLayout, StoreLock, StoreWriter, sample_dataset, sample_id
@@ -199,21 +200,6 @@ def plan(cfg: ExtractConfig) -> Plan:
     label = cfg.checkpoint or ("embedded" if embedded else str(wan_dir / WEIGHTS_NAME))
     weights = Path(cfg.checkpoint) if cfg.checkpoint else _weights_file(wan_dir)
     return Plan(cfg, mc, wan_dir, weights, spec, schedule, (cfg.num_frames, h, w), fsl, family, label, capture_mode)
-
-
-def block_sizes_of(cfg: ExtractConfig) -> list[int]:
-    """Frames per chunk of the config's causal rollout (models/chunks.py), or a WorkbenchError naming --frames."""
-    from models.chunks import block_sizes
-    from models.errors import ModelInputError
-
-    F, n = cfg.num_frames, cfg.num_frame_per_block
-    try:
-        return block_sizes(F, n, cfg.independent_first_frame)
-    except ModelInputError as err:
-        if cfg.independent_first_frame:
-            raise WorkbenchError(f"--frames {F}: {err}") from None
-        raise WorkbenchError(f"--frames {F} does not divide into chunks of {n}; use a multiple of {n} (e.g. 21)"
-                             + (", or --independent-first-frame" if (F - 1) % n == 0 else "")) from None
 
 
 def _weights_file(wan_dir: Path) -> Path:
@@ -432,6 +418,8 @@ def _extract(p: Plan, rank: int, world: int, todo, fp: str, weights_sha: str, de
                 writer.write(sample_dataset(layout, meta, arrays))
     bar.close()
     if rank == 0:
+        from workbench.summary import summary_table
+
         log(summary_table(cfg.out))
     return Path(cfg.out)
 
@@ -480,19 +468,6 @@ def _one_sample(model, p: Plan, emb, negative, seed, device, dtype, bar, probe: 
     return {stat: values[0] for stat, values in probe.results().items()}
 
 
-def image_latent(p: Plan, device, dtype) -> torch.Tensor | None:
-    """Image-to-video: the plan's image at the video's size, encoded by the model folder's VAE: [1, 1, 16, h, w]
-    (None without --image)."""
-    if p.cfg.image is None:
-        return None
-    from models.vae import WanVAE
-    from models.video import read_image
-
-    _, h, w = p.geometry
-    vae = WanVAE.from_file(p.wan_dir / "Wan2.1_VAE.pth", device=device)
-    return vae.encode(read_image(p.cfg.image, 8 * h, 8 * w)[None, :, None]).to(device, dtype)
-
-
 def sample_rollout(model, p: Plan, emb, negative, seed: int, device, dtype, on_forward=None,
                    initial_latent=None) -> torch.Tensor:
     """The rollout of one sample exactly as `extract` runs it: noise [1, F, C, h, w] drawn from `seed`, the
@@ -507,52 +482,3 @@ def sample_rollout(model, p: Plan, emb, negative, seed: int, device, dtype, on_f
                   denoising_step_list=cfg.denoising_step_list, timestep_shift=cfg.timestep_shift,
                   context_noise=cfg.context_noise, num_inference_steps=cfg.num_inference_steps,
                   guidance_scale=cfg.guidance_scale, on_forward=on_forward, initial_latent=initial_latent)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Summary
-
-
-def summary_table(store_path, max_rows: int = 48) -> str:
-    """Per layer and head (mean over samples, denoising steps and the query frames after the first chunk): the
-    attention mass on frame 0, on the rest of the query's own chunk, and on everything else. Heads are never
-    averaged across layers (head 0 of one layer has nothing to do with head 0 of another). Up to `max_rows`
-    (layer, head) rows; more heads are shown as layer x head grids."""
-    from workbench.store import open_store
-
-    ds = open_store(store_path)
-    if "attn_mass" not in ds:
-        return f"wrote {store_path}"
-    chunked = bool((ds.query_chunk > 0).any())
-    m = ds.attn_mass.where(ds.phase == "denoise", drop=True)
-    m = m.where(m.query_chunk > 0, drop=True) if chunked else m
-    own = m.where((m.key_chunk == m.query_chunk) & (m.key_frame > 0)).sum("key_frame")  # frame 0 has its own column
-    first = m.sel(key_frame=0)
-    total = m.sum("key_frame")
-    dims = [d for d in ("sample", "step", "query_frame") if d in first.dims]
-    first, own, rest = (x.mean(dims).transpose("layer", "head").values for x in (first, own, total - own - first))
-    layers, heads = [int(v) for v in ds.layer.values], [int(v) for v in ds["head"].values]
-    rows = "query frames after chunk 0" if chunked else "all query frames: one chunk"
-    lines = [f"wrote {store_path}: {ds.sizes['sample']} sample(s), layers {format_int_list(layers)}, "
-             f"steps {format_int_list(ds.step.values)}",
-             f"attention mass per layer and head (mean over samples, denoising steps and {rows}):"]
-    own_name = "own chunk" if chunked else "other frames"
-    if len(layers) * len(heads) <= max_rows:
-        lines.append(f"{'layer':>6} {'head':>5} {'frame 0':>9} {own_name:>12} {'rest':>8}"
-                     + ("   (own chunk: its frames other than frame 0)" if chunked else ""))
-        for i, layer in enumerate(layers):
-            for j, head in enumerate(heads):
-                lines.append(f"{layer:>6} {head:>5} {_fmt(first[i, j]):>9} {_fmt(own[i, j]):>12} {_fmt(rest[i, j]):>8}")
-    else:
-        for name, grid in (("frame 0", first), (own_name, own)):
-            lines.append(f"mass on {name} (a row per layer, a column per head):")
-            lines.append(f"{'layer':>6} " + " ".join(f"{'h' + str(h):>6}" for h in heads))
-            lines += [f"{layer:>6} " + " ".join(f"{_fmt(v):>6}" for v in grid[i]) for i, layer in enumerate(layers)]
-    lines.append(f"open it with xarray: xr.open_zarr({str(store_path)!r}, consolidated=False), or "
-                 f"`workbench report {store_path}`")
-    return "\n".join(lines)
-
-
-def _fmt(x: float, digits: int = 3) -> str:
-    """A rounded number, never '-0.000' (a sum of float32 masses can come out a hair below zero)."""
-    return f"{round(float(x), digits) + 0.0:.{digits}f}"
