@@ -18,17 +18,79 @@ cores), and its EMA weights are then written back (`python -m models.embedded --
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from models.config import VideoGeometry, WanConfig
+from models.errors import ModelInputError
 
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "data" / "embedded"
 EMBEDDED_CONFIG = WanConfig(dim=128, ffn_dim=384, num_heads=4, num_layers=6, text_dim=64)
 EMBEDDED_GEOMETRY = VideoGeometry(num_frames=21, latent_height=12, latent_width=16, num_frame_per_block=3)
 EMBEDDED_VIDEO_SIZE = (96, 128)  # pixels; recorded in config.json as video_size (models.config.default_video_size)
 EMBEDDED_SEED = 20251128
+
+
+# ------------------------------------------------------------------------------------------------------
+# The zoo: the models trained on the miniature world (training/zoo.py), by short name
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """One model of the embedded zoo and how it samples. Every zoo model is the DiT of `EMBEDDED_DIR` (config,
+    text encoder, VAE) with, for the students, the weights of a Self-Forcing checkpoint on top."""
+
+    name: str
+    description: str
+    checkpoint: str | None  # relative to the zoo folder; None: the folder's own DiT (the teacher)
+    use_ema: bool  # load generator_ema instead of generator
+    sampler: str  # models.rollout.SAMPLERS
+    num_inference_steps: int = 50  # the multi-step samplers
+    guidance_scale: float = 5.0  # the multi-step samplers (v = v_u + g (v_c - v_u))
+    negative_prompt: str = ""  # what the CFG samplers subtract (the models were trained with "" dropped in)
+
+    def checkpoint_path(self, folder: Path | None = None) -> Path | None:
+        """The checkpoint file in `folder` (default: the embedded folder); None for the teacher."""
+        return None if self.checkpoint is None else Path(folder or EMBEDDED_DIR) / self.checkpoint
+
+    def shipped(self, folder: Path | None = None) -> bool:
+        """Whether `folder` (default: the embedded folder) holds this model: its checkpoint, or for the teacher
+        the zoo's marker file (before the zoo ships, the folder's DiT is not the world teacher)."""
+        path = self.checkpoint_path(folder)
+        return path.is_file() if path is not None else (Path(folder or EMBEDDED_DIR) / ZOO_MARKER).is_file()
+
+
+ZOO_MARKER = "checkpoints/ZOO.md"  # written with the zoo: its presence says the folder's DiT is the world teacher
+ZOO: dict[str, ZooModel] = {m.name: m for m in (
+    ZooModel("teacher", "the 'Wan' teacher: bidirectional, flow matching, multi-step sampler with CFG",
+             None, False, "bidirectional", num_inference_steps=40, guidance_scale=4.0),
+    ZooModel("df", "causal diffusion-forcing student (CausVid-style baseline), multi-step with CFG",
+             "checkpoints/diffusion_forcing.pt", True, "causal_multi_step_cfg", num_inference_steps=40,
+             guidance_scale=4.0),
+    ZooModel("ode", "causal student regressed on the teacher's ODE pairs, 4 steps",
+             "checkpoints/ode_init.pt", False, "causal_few_step"),
+    ZooModel("dmd", "the Self-Forcing DMD student (EMA), 4 warped steps",
+             "checkpoints/self_forcing_dmd.pt", True, "causal_few_step"),
+    ZooModel("sid", "the Self-Forcing SiD student (EMA), 4 warped steps",
+             "checkpoints/self_forcing_sid.pt", True, "causal_few_step"),
+)}
+DEFAULT_MODEL = "dmd"
+
+
+def zoo_model(name: str) -> ZooModel:
+    """The zoo entry called `name`; a clear error naming the known ones otherwise."""
+    if name not in ZOO:
+        raise ModelInputError(f"unknown model {name!r}; the embedded zoo has {', '.join(ZOO)}")
+    return ZOO[name]
+
+
+def default_model(folder: Path | None = None) -> ZooModel | None:
+    """The model that commands run when none is named: the Self-Forcing DMD student once the zoo is shipped in
+    `folder`; None (the folder's own DiT, causal) before."""
+    m = ZOO[DEFAULT_MODEL]
+    return m if m.shipped(folder) else None
 
 
 def make_embedded_state_dict(seed: int = EMBEDDED_SEED) -> dict:

@@ -104,6 +104,9 @@ class RolloutGraphs:
     replay of those calls). Then every forward gets its own graph, keyed by that forward's labels, so a graph
     replays only for a forward labelled exactly as the one it recorded."""
 
+    eager_first = True  # the first rollout of a shape runs eagerly; False: record at once (every kernel of the
+    # shape must already be compiled and planned, e.g. by a shorter rollout of the same model: benchmarks)
+
     def __init__(self, key, model, batch: int, frames: int, fsl: int, context: torch.Tensor, dtype):
         self.key = key
         self.cache = RolloutCache.allocate(model.config, batch, frames, fsl, dtype=dtype, device=context.device)
@@ -119,12 +122,16 @@ class RolloutGraphs:
         self.context.copy_(context)
         for kv in self.cache.kv:
             kv.frames, kv.end_frame = [], 0
-        if self.rollouts:  # the eager warm-up rollout filled the cross cache; later ones refill it in place
-            model.fill_cross_cache(self.context, self.cache)
         self.rollouts += 1
+        if not self._eager():  # the eager warm-up rollout fills the cross cache; graphs read it in place
+            model.fill_cross_cache(self.context, self.cache)
+
+    def _eager(self) -> bool:
+        """Whether this rollout (counted from 1 once begun) is the eager warm-up of the shape."""
+        return self.eager_first and self.rollouts == 1
 
     def forward(self, model, x, t, start: int, chunk: int, first: bool, labels: ForwardLabels):
-        if self.rollouts == 1:  # warm-up: eager on the graphs' cache
+        if self._eager():  # warm-up: eager on the graphs' cache
             return model(x, t, self.context, cache=self.cache, start_frame=start, labels=labels)
         key = (chunk, first, labels) if self.observers else (chunk, first)
         if key not in self.graphs:
@@ -386,17 +393,20 @@ SAMPLERS = ("causal_few_step", "causal_multi_step_cfg", "bidirectional")
 def sample(model, sampler: str, noise, context, negative_context=None, *, generator=None,
            denoising_step_list=(1000, 750, 500, 250), timestep_shift: float = 5.0, context_noise: float = 0.0,
            num_inference_steps: int = 50, guidance_scale: float = 5.0, on_forward: OnForward | None = None,
-           on_chunk: OnChunk | None = None, initial_latent: torch.Tensor | None = None):
+           on_chunk: OnChunk | None = None, initial_latent: torch.Tensor | None = None,
+           last_context_pass: bool = True):
     """Run the named sampler: `causal_few_step` (Self-Forcing inference), `causal_multi_step_cfg` (causal
     model, multi-step solver with CFG) or `bidirectional` (the Wan baseline). noise [B, F, C, H, W];
-    initial_latent [B, 1, C, H, W]: image-to-video (causal samplers, independent_first_frame layout)."""
+    initial_latent [B, 1, C, H, W]: image-to-video (causal samplers, independent_first_frame layout).
+    last_context_pass=False skips the few-step rollout's context pass after its last chunk: it only writes the
+    KV cache, so the latents are the same bits (one forward fewer, nothing of it to observe)."""
     if initial_latent is not None and sampler == "bidirectional":
         raise ModelInputError("image-to-video runs the causal samplers (the image is the first chunk of the cache)")
     if sampler == "causal_few_step":
         sched = FlowMatchScheduler(timestep_shift)
         return causal_few_step(model, noise, context, timesteps=sched.warp(denoising_step_list), scheduler=sched,
                                context_noise=context_noise, generator=generator, on_forward=on_forward,
-                               on_chunk=on_chunk, initial_latent=initial_latent)
+                               on_chunk=on_chunk, initial_latent=initial_latent, last_context_pass=last_context_pass)
     if sampler not in SAMPLERS:
         raise ModelInputError(f"unknown sampler {sampler!r}; use one of {list(SAMPLERS)}")
     if negative_context is None:

@@ -6,10 +6,11 @@ unknown key is an error that names it, and every value has a type. The files the
 
 Keys the researchers' files do not have, used by `workbench train` (all optional): `model_root` (where model
 folders live), `model_kwargs.model_name` (the generator's folder), `max_steps`, `max_grad_norm_generator` /
-`max_grad_norm_critic`, `real_guidance_scale`, `loggers`, `device`, `ode_pairs` and `probe` (attention probes
-during training), and the gradient semantics `score_timestep_shift`, `kv_cache_gradient`, `text_kv_gradient`
-and `unused_param_grads`, whose defaults reproduce the researchers' code (docs/training.md). Keys their code
-reads with a default (`ts_schedule` True, `ts_schedule_max`, `min_score_timestep`, `real_guidance_scale`,
+`max_grad_norm_critic`, `real_guidance_scale`, `loggers`, `device`, `ode_pairs`, `probe` (attention probes
+during training), `prompt_dropout` and `world` (diffusion training on the miniature world, `data_path: world`),
+and the gradient semantics `score_timestep_shift`, `kv_cache_gradient`, `text_kv_gradient` and
+`unused_param_grads`, whose defaults reproduce the researchers' code (docs/training.md). Keys their code reads
+with a default (`ts_schedule` True, `ts_schedule_max`, `min_score_timestep`, `real_guidance_scale`,
 `fake_guidance_scale`, `sid_alpha`) have that default here.
 """
 
@@ -65,6 +66,19 @@ class OdePairsConfig:
     guidance_scale: float = 6.0
     keep: list[int] = field(default_factory=lambda: [0, 12, 24, 36])
     seed: int = 0
+    batch_size: int = 1  # pairs sampled together (on a GPU: many)
+
+
+@dataclass
+class WorldDataConfig:
+    """`data_path: world` (diffusion training): latents of the miniature world's videos (training/world_data.py),
+    items 0..num_videos-1 of `models.world.dataset_item(i, seed)` encoded by the VAE, cached under cache_dir."""
+
+    num_videos: int = 2048
+    seed: int = 0
+    vae: Optional[str] = None  # None: the generator folder's Wan2.1_VAE.pth
+    cache_dir: str = "runs/world_latents"
+    batch: int = 16  # videos rendered and encoded at once
 
 
 @dataclass
@@ -166,6 +180,8 @@ class SelfForcingConfig:
     loggers: list[str] = field(default_factory=lambda: ["csv"])  # csv, tensorboard, wandb
     device: Optional[str] = None  # None: cuda when available
     ode_pairs: OdePairsConfig = field(default_factory=OdePairsConfig)
+    prompt_dropout: float = 0.0  # diffusion training: the share of samples trained on negative_prompt instead (CFG)
+    world: WorldDataConfig = field(default_factory=WorldDataConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     # anything else a config may carry, by name, is refused
 

@@ -7,13 +7,13 @@ GELU and `fc1` the linear branch, padding masked, final norm), then Self-Forcing
 A mutation test shows that the comparison would catch a wrong map (swapped tensors).
 """
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import embedded_maker
 from models.errors import CheckpointError, ModelInputError
 from models.text_encoder import (PromptEmbeddings, TextEncoder, TokenizerNotFoundError, build_umt5_encoder,
                                  clean_prompt, hf_to_wan_key, load_tokenizer, wan_to_hf_key)
@@ -22,19 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "data" / "embedded"
 TOKENIZER = EMBEDDED / "google" / "umt5-xxl"
 SMALL = dict(d_model=32, num_layers=3, num_heads=4, d_kv=8, d_ff=48, num_buckets=32)
+WORLD_PROMPTS = [line for line in (ROOT / "data" / "prompts" / "world.txt").read_text().splitlines() if line]
 PROMPTS = ["A red fox runs through the snowy forest at dawn, camera pans slowly.",
            "  the   old  robot &amp; a tiny  cat dance   on a neon rooftop at night  ",
            "ocean"]
 
 
-def _make_module():
-    spec = importlib.util.spec_from_file_location("make_text_and_vae", EMBEDDED / "make_text_and_vae.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-make = _make_module()
+make = embedded_maker()
 
 
 class PickledDict(dict):
@@ -333,14 +327,33 @@ def test_tokenizer_json_agrees_with_its_sentencepiece_model(tokenizer):
     sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER / "spiece.model"))
     assert len(tokenizer) == sp.get_piece_size()
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
-    for p in PROMPTS + ["Ｆｕｌｌｗｉｄｔｈ ｃａｔ and zebra-like ｔｅｘｔ at 5pm"]:
+    for p in PROMPTS + WORLD_PROMPTS + ["Ｆｕｌｌｗｉｄｔｈ ｃａｔ and zebra-like ｔｅｘｔ at 5pm", "an upward redwood"]:
         text = clean_prompt(p)
         assert tokenizer(text)["input_ids"] == sp.encode(text) + [1], text
 
 
+def test_world_words_are_whole_tokens_with_distinct_embeddings():
+    """Every word of the miniature world's prompts is one token, so the colour, shape and direction of a prompt
+    each sit at a token of their own; prompts that differ in one word differ at that token's position."""
+    from models import world
+
+    words = set(" ".join(WORLD_PROMPTS).split())
+    assert words == set(make.WORLD_WORDS)  # the script's list follows models/world.py
+    enc = TextEncoder.from_wan_dir(EMBEDDED)
+    emb = enc.encode(["a red square moving left", "a blue square moving left", "a red circle moving left",
+                      "a red square moving up", ""])
+    assert emb.tokens[0][:6] == ["▁a", "▁red", "▁square", "▁moving", "▁left", "</s>"]
+    assert emb.lengths == [6, 6, 6, 6, 1]
+    c = emb.context.float()
+    for other, pos in ((1, 1), (2, 2), (3, 4)):  # colour, shape, direction
+        cos = torch.nn.functional.cosine_similarity(c[0, :6], c[other, :6], dim=-1)
+        assert cos[pos] < 0.5 and cos[pos] == cos.min(), (other, cos)
+    assert set(world.COLOURS) | set(world.SHAPES) | set(world.DIRECTIONS) <= words
+
+
 def test_make_script_reproduces_the_embedded_files(tmp_path):
     make.main(["--out", str(tmp_path)])
-    for name in ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth"):
+    for name in ("models_t5_umt5-xxl-enc-bf16.pth",):
         new = torch.load(tmp_path / name, weights_only=True)
         old = torch.load(EMBEDDED / name, weights_only=True)
         assert list(new) == list(old) and all(torch.equal(new[k], old[k]) for k in old), name

@@ -12,4 +12,7 @@
     study.py        attention across training, from a probe store
     logger.py       losses.csv (+ TensorBoard, wandb)
     commands.py     `workbench train`
+    world_data.py   `data_path: world`: latents of the miniature world's videos (models/world.py), cached
+    world_vae.py    the embedded zoo's VAE, trained on the miniature world (Wan2.1's layout)
+    zoo.py          the embedded zoo: every configs/zoo_*.yaml in order, under a time budget, shipped as data/embedded
 """

@@ -131,20 +131,24 @@ def draw_exit_indices(seed: int, step: int, stream: str, num_chunks: int, num_st
 @torch.no_grad()
 def make_ode_pairs(teacher, contexts: torch.Tensor, negative: torch.Tensor, *, shape, steps: int = 48,
                    shift: float = 8.0, guidance_scale: float = 6.0, keep=(0, 12, 24, 36), seed: int = 0,
-                   first_index: int = 0, on_forward=None) -> torch.Tensor:
+                   first_index: int = 0, batch_size: int = 1, on_forward=None) -> torch.Tensor:
     """Trajectories of the bidirectional teacher: Euler on the shift-`shift` grid with CFG (v = v_u + g (v_c - v_u)).
 
     contexts [N, text_len, text_dim], negative [1, text_len, text_dim], shape = (F, C, H, W) of one latent.
     Returns [N, len(keep) + 1, F, C, H, W]: the latents before the steps `keep`, then the final clean latent.
-    Pair i's noise is drawn from the generator keyed (seed, "ode_pairs", first_index + i)."""
+    Pair i's noise is drawn from the generator keyed (seed, "ode_pairs", first_index + i), so a pair does not
+    depend on `batch_size` (the pairs sampled together) beyond the float rounding of batched kernels."""
     if teacher.causal:
         raise ValueError("ODE pairs come from the bidirectional teacher (causal=False)")
     out = []
-    for i in range(contexts.shape[0]):
-        g = rng.generator(seed, 0, "ode_pairs", first_index + i, device=contexts.device)
-        noise = torch.randn((1, *shape), generator=g, device=contexts.device).to(contexts.dtype)
-        final, trajectory = bidirectional(teacher, noise, contexts[i : i + 1], negative, steps=steps, shift=shift,
+    for first in range(0, contexts.shape[0], batch_size):
+        idx = range(first, min(first + batch_size, contexts.shape[0]))
+        noise = torch.stack([
+            torch.randn(tuple(shape), generator=rng.generator(seed, 0, "ode_pairs", first_index + i, device=contexts.device),
+                        device=contexts.device) for i in idx]).to(contexts.dtype)  # [b, F, C, H, W]
+        final, trajectory = bidirectional(teacher, noise, contexts[first:first + len(idx)],
+                                          negative.expand(len(idx), -1, -1), steps=steps, shift=shift,
                                           guidance_scale=guidance_scale, solver="euler", on_forward=on_forward,
                                           return_trajectory=list(keep))
-        out.append(torch.stack(trajectory + [final], dim=1)[0])
-    return torch.stack(out)
+        out.append(torch.stack(trajectory + [final], dim=1))
+    return torch.cat(out)

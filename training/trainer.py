@@ -156,6 +156,13 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
         raise TrainingError(f"max_steps {cfg.max_steps} must be >= 0 (0: until interrupted)")
     if cfg.ema_weight < 0 or cfg.ema_weight >= 1:
         raise TrainingError(f"ema_weight {cfg.ema_weight} must lie in [0, 1) (0: no EMA)")
+    if not 0 <= cfg.prompt_dropout < 1:
+        raise TrainingError(f"prompt_dropout {cfg.prompt_dropout} must lie in [0, 1)")
+    if cfg.prompt_dropout and cfg.trainer != "diffusion":
+        raise TrainingError(f"prompt_dropout is for diffusion training (trainer {cfg.trainer!r} does not use it)")
+    if cfg.data_path == "world" and cfg.trainer != "diffusion":
+        raise TrainingError("data_path: world (latents of the miniature world) is for diffusion training; "
+                            f"trainer {cfg.trainer!r} reads {'ODE pairs' if cfg.trainer == 'ode' else 'a prompt file'}")
     fsdp.check_strategies(cfg)
     from training.logger import check_loggers
 
@@ -208,8 +215,16 @@ def check_files(cfg, plan: Plan) -> None:
                             "`workbench train --config CONFIG --make-ode-pairs`")
     if plan.trainer == "gan":
         model_folder(cfg, cfg.fake_name)
-    if plan.trainer in ("diffusion", "gan") and cfg.data_path != "synthetic" and not Path(cfg.data_path).is_file():
-        raise TrainingError(f"data_path {cfg.data_path!r} does not exist (a latent dataset .pt, or 'synthetic')")
+        if cfg.data_path != "synthetic" and not Path(cfg.data_path).is_file():
+            raise TrainingError(f"data_path {cfg.data_path!r} does not exist (a latent dataset .pt of real videos: "
+                                "python -m training.i2v --frames F makes one from the miniature world; or 'synthetic')")
+    if plan.trainer == "diffusion" and cfg.data_path not in ("synthetic", "world") and not Path(cfg.data_path).is_file():
+        raise TrainingError(f"data_path {cfg.data_path!r} does not exist (a latent dataset .pt, 'synthetic' or 'world')")
+    if plan.trainer == "diffusion" and cfg.data_path == "world":
+        vae = world_vae_path(cfg)
+        if not vae.is_file():
+            raise TrainingError(f"data_path: world encodes world videos with {str(vae)!r}, which does not exist "
+                                "(set world.vae, or put Wan2.1_VAE.pth in the generator's folder)")
     if plan.trainer == "score_distillation" and not Path(cfg.data_path).is_file():
         raise TrainingError(f"data_path {cfg.data_path!r} ({'text-image pairs: python -m training.i2v makes them' if cfg.i2v else 'the prompt file'}) does not exist")
 
@@ -431,6 +446,8 @@ class Trainer:
         idx = self.micro_indices(m)
         global_idx = [self.step * self.cfg.total_batch_size + i for i in idx]
         prompts, latents = self.data.batch(global_idx)
+        if self.cfg.prompt_dropout:
+            prompts = self.drop_prompts(prompts, global_idx)
         gens = rng.sample_generators(self.seed, self.step, self.plan.loss, idx, self.device)
         latents = latents.to(self.device, self.dtype)
         if self.plan.loss == "ode":
@@ -439,6 +456,13 @@ class Trainer:
         else:
             loss = diffusion_loss(self.generator, latents, self.encode(prompts), scheduler=self.scheduler, gens=gens)
         return loss, {}
+
+    def drop_prompts(self, prompts: list[str], global_idx: list[int]) -> list[str]:
+        """Each prompt replaced by negative_prompt with probability prompt_dropout (a draw keyed by the sample's
+        global index), so the model also learns the unconditional prediction that CFG subtracts."""
+        keep = [float(torch.rand((), generator=rng.generator(self.seed, self.step, "prompt_dropout", g)))
+                >= self.cfg.prompt_dropout for g in global_idx]
+        return [p if k else self.cfg.negative_prompt for p, k in zip(prompts, keep)]
 
     # --- one optimiser update ----------------------------------------------------------------------------------
 
@@ -655,7 +679,12 @@ def build_models(cfg, plan: Plan, device="cpu") -> tuple[Models, Path]:
     return Models(generator, critic, teacher, ema_init), gen_dir
 
 
-def build_data(cfg, plan: Plan, seed: int):
+def world_vae_path(cfg) -> Path:
+    """The VAE that encodes `data_path: world`: world.vae, else the generator folder's Wan2.1_VAE.pth."""
+    return Path(cfg.world.vae) if cfg.world.vae else Path(cfg.model_root) / cfg.model_kwargs.model_name / "Wan2.1_VAE.pth"
+
+
+def build_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None = None):
     if cfg.i2v:
         data = LatentDataset.from_file(cfg.data_path, seed, "image_latents")
         F, C, H, W = plan.shape
@@ -679,12 +708,35 @@ def build_data(cfg, plan: Plan, seed: int):
         F, C, H, W = plan.shape
         prompts, latents = synthetic_latents(64, F, C, H, W, seed=0)
         return LatentDataset(prompts, latents, "latents", seed)
+    if cfg.data_path == "world":
+        return world_data(cfg, plan, seed, d)
     data = LatentDataset.from_file(cfg.data_path, seed, "latents")
     if plan.trainer == "gan" and tuple(data.latents.shape[1:]) != tuple(plan.shape):
         raise TrainingError(f"real latents of shape {tuple(data.latents.shape[1:])} in {cfg.data_path!r}; the "
                             f"generator makes {tuple(plan.shape)} (image_or_video_shape): encode "
                             f"{plan.shape[0]} latent frames (python -m training.i2v --frames {plan.shape[0]})")
     return data
+
+
+def world_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None) -> LatentDataset:
+    """`data_path: world`: the cached latent set of training/world_data.py (rank 0 makes it when missing)."""
+    from training.world_data import make_world_dataset, world_dataset_path
+
+    F, C, H, W = plan.shape
+    w = cfg.world
+    if (C, H, W) != (16, 12, 16):
+        raise TrainingError(f"data_path: world gives latents of 16 x 12 x 16 (96 x 128 pixels); image_or_video_shape "
+                            f"asks for {C} x {H} x {W}")
+    if w.num_videos < 1 or w.batch < 1:
+        raise TrainingError(f"world.num_videos {w.num_videos} and world.batch {w.batch} must be >= 1")
+    device = d.device if d is not None else torch.device("cpu")
+    vae = world_vae_path(cfg)
+    path = world_dataset_path(vae, w.num_videos, w.seed, F, w.cache_dir)
+    if d is None or d.main:
+        make_world_dataset(path, vae, w.num_videos, w.seed, F, device=device, batch=w.batch)
+    if d is not None:
+        d.barrier()
+    return LatentDataset.from_file(path, seed, "latents")
 
 
 def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, weights_sha: str):
@@ -792,7 +844,7 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
         from training.gan import GanTrainer as cls
     trainer = cls(cfg, models, encoder, logdir, d=d, plan=plan, data=None, probes=probes, resume=resume, log=log,
                       progress=progress, seed=cfg.seed)
-    trainer.data = build_data(cfg, plan, trainer.seed)
+    trainer.data = build_data(cfg, plan, trainer.seed, d)
     return trainer
 
 
@@ -835,9 +887,9 @@ def build_ode_pairs(cfg, *, log=print, progress: bool = True) -> Path:
         prompts = read_prompts(op.prompt_file)
     except Exception as err:
         raise TrainingError(f"ode_pairs.prompt_file: {err}") from None
-    if op.num_pairs < 1 or op.steps < 1 or any(not 0 <= k < op.steps for k in op.keep):
-        raise TrainingError(f"ode_pairs: num_pairs {op.num_pairs} and steps {op.steps} must be >= 1 and keep "
-                            f"{list(op.keep)} must lie in [0, {op.steps})")
+    if op.num_pairs < 1 or op.steps < 1 or op.batch_size < 1 or any(not 0 <= k < op.steps for k in op.keep):
+        raise TrainingError(f"ode_pairs: num_pairs {op.num_pairs}, steps {op.steps} and batch_size {op.batch_size} "
+                            f"must be >= 1 and keep {list(op.keep)} must lie in [0, {op.steps})")
     out = Path(cfg.data_path)
     if out.exists():
         raise TrainingError(f"data_path {str(out)!r} already exists; remove it to make new ODE pairs")
@@ -848,10 +900,11 @@ def build_ode_pairs(cfg, *, log=print, progress: bool = True) -> Path:
         chosen = [prompts[i % len(prompts)] for i in range(op.num_pairs)]
         context = encoder.encode(chosen).context.to(d.device, torch.float32)
         negative = encoder.encode([cfg.negative_prompt]).context.to(d.device, torch.float32)
-        bar = tqdm(total=op.num_pairs * op.steps * 2, desc="ODE pairs", unit="fwd", disable=not progress)
+        batches = -(-op.num_pairs // op.batch_size)
+        bar = tqdm(total=batches * op.steps * 2, desc="ODE pairs", unit="fwd", disable=not progress)
         latents = make_ode_pairs(teacher, context, negative, shape=plan.shape, steps=op.steps, shift=op.shift,
                                  guidance_scale=op.guidance_scale, keep=tuple(op.keep), seed=op.seed,
-                                 on_forward=lambda *_: bar.update(1))
+                                 batch_size=op.batch_size, on_forward=lambda *_: bar.update(1))
         bar.close()
         save_latent_dataset(out, chosen, latents, "ode_pairs", teacher=str(folder), steps=op.steps, shift=op.shift,
                             guidance_scale=op.guidance_scale, keep=list(op.keep))

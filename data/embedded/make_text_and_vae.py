@@ -1,29 +1,29 @@
-"""(Re)create the embedded text encoder, tokenizer and VAE of `data/embedded/`, deterministically from seeds.
+"""(Re)create the embedded text encoder and tokenizer of `data/embedded/`, deterministically from seeds; and
+small random Wan VAEs for tests.
 
-`data/embedded/` is a small *official-format Wan folder* (the DiT's config.json + safetensors are written by
-another script). This script writes the other three pieces, in the exact formats of the real Wan2.1-T2V-1.3B
-folder, so the same loading code serves both:
+`data/embedded/` is a small *official-format Wan folder* (the DiT's config.json + safetensors and the students'
+checkpoints come from training/zoo.py, the VAE from training/world_vae.py). This script writes the text
+pieces, in the exact formats of the real Wan2.1-T2V-1.3B folder, so the same loading code serves both:
 
   models_t5_umt5-xxl-enc-bf16.pth   a tiny umT5 encoder in Wan's T5 key naming (wan/modules/t5.py), bf16:
                                     d_model 64 (= the embedded DiT's text_dim), 2 layers, 4 heads x d_kv 16,
                                     d_ff 128, 32 relative-position buckets per layer, vocab = the tokenizer's
   google/umt5-xxl/                  a tiny SentencePiece unigram tokenizer trained here on a built-in English
-                                    corpus (~400 words of video-prompt vocabulary), with the files the real
+                                    corpus (~400 words of video-prompt vocabulary; the miniature world's
+                                    words are whole tokens), with the files the real
                                     folder has: spiece.model, tokenizer.json, tokenizer_config.json,
                                     special_tokens_map.json (<pad>=0, </s>=1, <unk>=2, nmt_nfkc normalisation)
-  Wan2.1_VAE.pth                    a tiny Wan2.1 VAE in Wan's key naming (wan/modules/vae.py): z_dim 16,
-                                    stride 4x8x8, the real layout (dim_mult 1,2,4,4, 2 res blocks, temporal
-                                    downsampling False,True,True) with base_dim 2 instead of 96, float32;
-                                    decoding 21 latents of 12x16 to 81 frames of 96x128 takes ~1 s on 2 cores
 
-The weights are random (seeded) and mean nothing; they exist so that the whole pipeline runs on a CPU in
-seconds and so that tests can check loading, shapes and semantics. The module is importable: tests reuse
+The umT5 weights are random (seeded): the DiTs learn to read the world's words from them (each of those words is
+a token of its own, so their embeddings differ). `--random-vae` also writes a random tiny Wan2.1 VAE (Wan's key
+naming, wan/modules/vae.py: z_dim 16, stride 4x8x8, the real layout with base_dim 2 instead of 96), the
+embedded VAE before training/world_vae.py trained one. The module is importable: tests reuse
 `wan_t5_state_dict`, `wan_vae_shapes` and `wan_vae_state_dict` to build other small Wan-named checkpoints, and
 bench/bench_vae_t5.py reuses the `*_specs` functions to draw full-size weights directly on a GPU.
 The Wan VAE names and shapes are enumerated here directly from Wan's constructors (Encoder3d/Decoder3d), not
 through models/vae.py, so they are an independent check of that module's key map.
 
-Run:  .venv/bin/python data/embedded/make_text_and_vae.py [--out data/embedded]
+Run:  .venv/bin/python data/embedded/make_text_and_vae.py [--out data/embedded] [--random-vae]
 Running it twice gives byte-identical files (it prints their sha256).
 """
 
@@ -83,6 +83,11 @@ rays glow haze fog rain snow dust sparks fire smoke clouds stars moon sun sky wa
 grass trees petals bubbles""".split()
 FILLERS = """a an the of in on at with through over under across along near behind beside into toward and while
 as its""".split()
+# The miniature world's words (models/world.py: COLOURS, SHAPES, DIRECTIONS and the words of its TEMPLATES):
+# whole tokens of the tokenizer (SentencePiece user-defined pieces "▁word"), so that a prompt's colour, shape and
+# direction each sit at a token of their own, for the DiT's cross-attention and for per-token studies.
+WORLD_WORDS = ("red", "green", "blue", "yellow", "square", "circle", "left", "right", "up", "down",
+               "a", "the", "moving", "slides", "moves", "across", "frame")
 
 
 def corpus(seed: int, n_sentences: int = 4000) -> list[str]:
@@ -152,7 +157,7 @@ def train_spm(sentences: list[str], vocab_size: int, seed: int) -> bytes:
         sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size, model_type="unigram",
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
         normalization_rule_name="nmt_nfkc", character_coverage=1.0, num_threads=1,
-        shuffle_input_sentence=False, minloglevel=2)
+        shuffle_input_sentence=False, minloglevel=2, user_defined_symbols=["▁" + w for w in WORLD_WORDS])
     return buf.getvalue()
 
 
@@ -353,6 +358,7 @@ def _save_torch(sd, path: Path) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent), help="the Wan folder to write into")
+    ap.add_argument("--random-vae", action="store_true", help="also write a random base_dim-2 Wan2.1_VAE.pth")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -361,15 +367,15 @@ def main(argv=None) -> None:
     vocab = write_tokenizer(tok_dir)
     t5 = wan_t5_state_dict(vocab=vocab, **T5_SIZES, dtype=torch.bfloat16)
     _save_torch(t5, out / "models_t5_umt5-xxl-enc-bf16.pth")
-    vae = wan_vae_state_dict(wan_vae_shapes(**VAE_SIZES), dtype=torch.float32)
-    _save_torch(vae, out / "Wan2.1_VAE.pth")
-
-    files = [out / "models_t5_umt5-xxl-enc-bf16.pth", out / "Wan2.1_VAE.pth"] + sorted(tok_dir.iterdir())
+    files = [out / "models_t5_umt5-xxl-enc-bf16.pth"] + sorted(tok_dir.iterdir())
+    if args.random_vae:
+        _save_torch(wan_vae_state_dict(wan_vae_shapes(**VAE_SIZES), dtype=torch.float32), out / "Wan2.1_VAE.pth")
+        files.append(out / "Wan2.1_VAE.pth")
     total = 0
     for f in files:
         total += f.stat().st_size
         print(f"{f.stat().st_size:>10,d}  {_sha256(f)[:16]}  {f.relative_to(out)}")
-    print(f"{total:>10,d}  total bytes  (tokenizer vocab {vocab}, T5 {T5_SIZES}, VAE {VAE_SIZES})")
+    print(f"{total:>10,d}  total bytes  (tokenizer vocab {vocab}, T5 {T5_SIZES})")
 
 
 if __name__ == "__main__":

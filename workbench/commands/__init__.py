@@ -1,8 +1,25 @@
 """The CLI's commands, one module each (`register(subparsers)` + `run(args)`), and the arguments they share."""
 
+SAMPLER_DEFAULTS = dict(sampler="causal_few_step", num_inference_steps=50, guidance_scale=5.0, negative_prompt="")
 
-def add_model_arguments(group) -> None:
-    """Which weights to run and where: the options `extract` and `generate` share (an argparse parser or group)."""
+
+def add_model_arguments(group, model_option: bool = True) -> None:
+    """Which weights to run and where: the options `extract` and `generate` share (an argparse parser or group);
+    `evaluate` has a --model of its own (model_option=False)."""
+    if model_option:
+        _add_model_option(group)
+    _add_weight_options(group)
+
+
+def _add_model_option(group) -> None:
+    group.add_argument("--model", metavar="NAME",
+                       help="a model of the embedded zoo (models/embedded.py): teacher (the bidirectional 'Wan' "
+                            "teacher), df (diffusion forcing), ode (ODE init), dmd (Self-Forcing DMD, the default once "
+                            "the zoo is shipped), sid (Self-Forcing SiD); it sets the checkpoint and the sampler "
+                            "defaults")
+
+
+def _add_weight_options(group) -> None:
     group.add_argument("--wan-dir", metavar="DIR", help="the official Wan2.1 folder (default: the embedded default)")
     group.add_argument("--checkpoint", metavar="FILE",
                        help="a Self-Forcing .pt (generator / generator_ema) on top of the Wan folder's config")
@@ -27,6 +44,29 @@ def latent_frames(args) -> int:
     if args.frames is not None:
         return args.frames
     return 19 if args.independent_first_frame or getattr(args, "image", None) else 21
+
+
+def resolve_model(args) -> None:
+    """Fill in what `--model NAME` (or, with no model arguments, the zoo's default) means: args.checkpoint and
+    args.use_ema, and the sampler settings the command line left unset (None). Errors before any work."""
+    from models.embedded import EMBEDDED_DIR, ZOO_MARKER, default_model, zoo_model
+    from workbench.errors import WorkbenchError
+
+    explicit = args.wan_dir or args.checkpoint or args.use_ema
+    if args.model and explicit:
+        raise WorkbenchError("--model NAME picks a model of the embedded zoo; give it without --wan-dir, --checkpoint "
+                             "and --use-ema")
+    entry = zoo_model(args.model) if args.model else None if explicit else default_model()
+    if entry is not None and not entry.shipped():
+        missing = entry.checkpoint_path() or EMBEDDED_DIR / ZOO_MARKER
+        raise WorkbenchError(f"the zoo's {entry.name!r} model is not in data/embedded yet ({missing} is missing); "
+                             "`python -m training.zoo` trains the zoo")
+    if entry is not None:
+        args.checkpoint = str(entry.checkpoint_path()) if entry.checkpoint else None
+        args.use_ema = entry.use_ema
+    for key, value in SAMPLER_DEFAULTS.items():
+        if getattr(args, key, value) is None:
+            setattr(args, key, getattr(entry, key) if entry is not None else value)
 
 
 def add_size_arguments(group) -> None:

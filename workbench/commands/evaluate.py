@@ -32,9 +32,13 @@ examples:
       --frames 21,84,168 --device cuda --workers 8 --out runs/eval_sf_vs_df      # compares sf against df
   workbench evaluate --model teacher=runs/teacher/model.pt,sampler=bidirectional --frames 21
 
---model [LABEL=]SOURCE[,ema][,sampler=NAME] (repeat for several models): SOURCE is `embedded`, an official-format
-Wan folder, or a Self-Forcing checkpoint (.pt) on top of --wan-dir (default: the embedded folder); `ema` loads
-generator_ema; the sampler defaults to --sampler. Without --model, the shared model arguments pick one model.
+  workbench evaluate --model teacher --model df --model dmd --frames 21,84,168     # the embedded zoo by name
+
+--model [LABEL=]SOURCE[,ema][,sampler=NAME] (repeat for several models): SOURCE is a model of the embedded zoo
+(teacher, df, ode, dmd, sid: its checkpoint, EMA and sampler settings, docs/zoo.md), `embedded`, an
+official-format Wan folder, or a Self-Forcing checkpoint (.pt) on top of --wan-dir (default: the embedded
+folder); `ema` loads generator_ema; the sampler defaults to --sampler. Without --model, the shared model
+arguments pick one model (none: the zoo's DMD student once it is shipped).
 
 Rollouts longer than 21 latent frames (causal samplers only) keep a sliding KV window of --local-attn-size latent
 frames whose first --sink-size frames stay (the sink). Writes into --out: videos.csv (one row per video),
@@ -54,10 +58,16 @@ class ModelChoice:
     checkpoint: str | None
     use_ema: bool
     sampler: str
+    num_inference_steps: int | None = None  # the multi-step samplers; None: --num-inference-steps, else 50
+    guidance_scale: float | None = None  # None: --guidance-scale, else 5.0
 
 
-# Short names for --model (the model zoo adds its own): name -> ModelChoice
-MODEL_NAMES: dict[str, ModelChoice] = {}
+def model_names() -> dict[str, ModelChoice]:
+    """Short names for --model: the embedded zoo (models/embedded.py ZOO) with each model's own sampler settings."""
+    from models.embedded import ZOO
+
+    return {name: ModelChoice(name, None, str(m.checkpoint_path()) if m.checkpoint else None, m.use_ema, m.sampler,
+                              m.num_inference_steps, m.guidance_scale) for name, m in ZOO.items()}
 
 
 def register(subparsers) -> None:
@@ -81,12 +91,13 @@ def register(subparsers) -> None:
     run_group.add_argument("--sampler", default="causal_few_step",
                            choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"],
                            help="the default sampler of every model (default: %(default)s)")
-    run_group.add_argument("--num-inference-steps", type=int, default=50, help="multi-step samplers (default: %(default)s)")
-    run_group.add_argument("--guidance-scale", type=float, default=5.0, help="multi-step samplers (default: %(default)s)")
+    run_group.add_argument("--num-inference-steps", type=int,
+                           help="multi-step samplers (default: a zoo model's own, else 50)")
+    run_group.add_argument("--guidance-scale", type=float, help="multi-step samplers (default: a zoo model's own, else 5.0)")
     models = p.add_argument_group("which models (default: the embedded default)")
     models.add_argument("--model", action="append", metavar="SPEC",
                         help="[LABEL=]SOURCE[,ema][,sampler=NAME]; repeat for several (see below)")
-    add_model_arguments(models)
+    add_model_arguments(models, model_option=False)
     out = p.add_argument_group("output")
     out.add_argument("--out", default="runs/evaluate", help="output folder (default: %(default)s)")
     out.add_argument("--compare", metavar="A,B", help="compare model B against model A (labels); default: the two "
@@ -104,6 +115,11 @@ def select_models(args) -> list[ModelChoice]:
     from workbench.errors import WorkbenchError
 
     if not args.model:
+        from models.embedded import default_model
+
+        zoo = default_model() if not (args.wan_dir or args.checkpoint or args.use_ema) else None
+        if zoo is not None:  # the embedded default: the zoo's DMD student once it is shipped
+            return [model_names()[zoo.name]]
         label = (Path(args.checkpoint).stem if args.checkpoint else Path(args.wan_dir).name if args.wan_dir
                  else "embedded") + ("-ema" if args.use_ema else "")
         return [ModelChoice(label, args.wan_dir, args.checkpoint, args.use_ema, args.sampler)]
@@ -132,10 +148,17 @@ def parse_model_spec(spec: str, args) -> ModelChoice:
         else:
             raise WorkbenchError(f"--model {spec!r}: unknown option {opt!r}; use ema or sampler=NAME with NAME one of "
                                  f"{', '.join(SAMPLERS)}")
-    if source in MODEL_NAMES:
-        base = MODEL_NAMES[source]
+    names = model_names()
+    if source in names:
+        from models.embedded import ZOO
+
+        if not ZOO[source].shipped():
+            raise WorkbenchError(f"--model {spec!r}: the zoo's {source!r} model is not in data/embedded yet "
+                                 "(`python -m training.zoo` trains the zoo)")
+        base = names[source]
         return ModelChoice(label or source, base.wan_dir, base.checkpoint, base.use_ema or use_ema,
-                           sampler if "sampler=" in rest else base.sampler)
+                           sampler if "sampler=" in rest else base.sampler, base.num_inference_steps,
+                           base.guidance_scale)
     if source == "embedded":
         return ModelChoice(label or "embedded", None, None, use_ema, sampler)
     path = Path(source)
@@ -143,7 +166,7 @@ def parse_model_spec(spec: str, args) -> ModelChoice:
         return ModelChoice(label or path.name, str(path), None, use_ema, sampler)
     if path.is_file():
         return ModelChoice(label or path.stem, args.wan_dir, str(path), use_ema, sampler)
-    names = ", ".join(["embedded", *MODEL_NAMES])
+    names = ", ".join(["embedded", *names])
     raise WorkbenchError(f"--model {spec!r}: {source!r} is no model name ({names}), Wan folder or checkpoint file")
 
 
@@ -286,7 +309,8 @@ def plan_runs(args, choices, prompts, seeds, lengths, device, dtype):
             cfg = ExtractConfig(
                 prompts=prompts, seeds=seeds, num_frames=frames, wan_dir=c.wan_dir, checkpoint=c.checkpoint,
                 use_ema=c.use_ema, trust_pickle=args.trust_pickle, sampler=c.sampler,
-                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                num_inference_steps=_setting(args.num_inference_steps, c.num_inference_steps, "num_inference_steps"),
+                guidance_scale=_setting(args.guidance_scale, c.guidance_scale, "guidance_scale"),
                 local_attn_size=args.local_attn_size if window else -1, sink_size=args.sink_size if window else 0,
                 height=world.HEIGHT, width=world.WIDTH, device=device, dtype=dtype)
             plans[c.label, frames] = plan(cfg)
@@ -297,6 +321,13 @@ def plan_runs(args, choices, prompts, seeds, lengths, device, dtype):
     if not plans:
         raise WorkbenchError("nothing to run: " + "; ".join(skipped))
     return plans, skipped
+
+
+def _setting(given, model_own, key: str):
+    """A sampler setting: the command line's, else the model's own (zoo models), else the shared default."""
+    from workbench.commands import SAMPLER_DEFAULTS
+
+    return given if given is not None else model_own if model_own is not None else SAMPLER_DEFAULTS[key]
 
 
 def _compare_pair(text: str | None, labels: list[str]):

@@ -11,6 +11,7 @@ HELP = "capture per-layer, per-head, frame-by-frame attention of a rollout into 
 EPILOG = """\
 examples:
   workbench extract --layer 3                                  # embedded default model, one prompt
+  workbench extract --layer 3 --model teacher --prompt "a red square moving left"   # the zoo's teacher
   workbench extract --layers 0-29 --prompts prompts.txt --seed 0,1,2 \\
       --wan-dir wan_models/Wan2.1-T2V-1.3B --checkpoint checkpoints/self_forcing_dmd.pt --use-ema \\
       --device cuda --dtype bfloat16 --out runs/sf_dmd.zarr
@@ -61,12 +62,12 @@ def register(subparsers) -> None:
     job.add_argument("--seed", default="42", help="seed(s): 42, 0-3 or 1,2,3 (default: %(default)s)")
     add_chunk_arguments(job)
     add_size_arguments(job)
-    job.add_argument("--sampler", default="causal_few_step",
-                     choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"])
+    job.add_argument("--sampler", choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"],
+                     help="default: the --model's (causal_few_step for the students, bidirectional for the teacher)")
     job.add_argument("--local-attn-size", type=int, default=-1, help="KV window in latent frames (-1: global)")
     job.add_argument("--sink-size", type=int, default=0, help="sink frames kept in the KV cache")
-    job.add_argument("--num-inference-steps", type=int, default=50, help="multi-step samplers (default: %(default)s)")
-    job.add_argument("--guidance-scale", type=float, default=5.0, help="multi-step samplers (default: %(default)s)")
+    job.add_argument("--num-inference-steps", type=int, help="multi-step samplers (default: the --model's, else 50)")
+    job.add_argument("--guidance-scale", type=float, help="multi-step samplers (default: the --model's, else 5.0)")
     model = p.add_argument_group("which model (default: the embedded default)")
     add_model_arguments(model)
     out = p.add_argument_group("output")
@@ -83,9 +84,11 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
+    from workbench.commands import resolve_model
     from workbench.errors import WorkbenchError
     from workbench.extract import ExtractConfig, parse_int_list, run_extract
 
+    resolve_model(args)
     if args.layer is not None and args.layers is not None:
         raise WorkbenchError("give --layer N or --layers LIST, not both")
     layers = [args.layer] if args.layer is not None else parse_int_list(args.layers, what="layer")

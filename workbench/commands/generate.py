@@ -14,7 +14,8 @@ HELP = "generate videos (latents, mp4, PNG grid) from prompts"
 
 EPILOG = """\
 examples:
-  workbench generate --prompt "a red kite over the sea"             # the embedded default (toy model)
+  workbench generate --prompt "a blue circle moving up"             # the embedded default (Self-Forcing DMD)
+  workbench generate --prompt "a blue circle moving up" --model teacher     # the toy 'Wan' teacher
   workbench generate --prompts prompts.txt --seed 0-3 --wan-dir wan_models/Wan2.1-T2V-1.3B \\
       --checkpoint checkpoints/self_forcing_dmd.pt --use-ema --out videos/sf_dmd
   workbench generate --prompt "..." --sampler bidirectional --wan-dir wan_models/Wan2.1-T2V-1.3B   # Wan baseline
@@ -47,11 +48,11 @@ def register(subparsers) -> None:
                         "and the rollout continues from it; with every prompt")
     add_chunk_arguments(p)
     add_size_arguments(p)
-    p.add_argument("--sampler", default="causal_few_step",
-                   choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"])
-    p.add_argument("--num-inference-steps", type=int, default=50, help="multi-step samplers (default: %(default)s)")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="multi-step samplers (default: %(default)s)")
-    p.add_argument("--negative-prompt", default="", help="for the CFG samplers")
+    p.add_argument("--sampler", choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"],
+                   help="default: the --model's (causal_few_step for the students, bidirectional for the teacher)")
+    p.add_argument("--num-inference-steps", type=int, help="multi-step samplers (default: the --model's, else 50)")
+    p.add_argument("--guidance-scale", type=float, help="multi-step samplers (default: the --model's, else 5.0)")
+    p.add_argument("--negative-prompt", help="for the CFG samplers (default: \"\", what the zoo was trained with)")
     p.add_argument("--local-attn-size", type=int, default=-1, help="KV window in latent frames (-1: global)")
     p.add_argument("--sink-size", type=int, default=0, help="sink frames kept in the KV cache")
     add_model_arguments(p)
@@ -70,6 +71,10 @@ def register(subparsers) -> None:
                        help="the blocks' linear layers in float8 (e4m3) with rowwise (default) or per-tensor scales, "
                             "via torch._scaled_mm; CUDA needs --dtype bfloat16 (the default there)")
     p.add_argument("--no-video", action="store_true", help="latents only (no VAE decode)")
+    p.add_argument("--vae-decoder", default="auto", choices=["auto", "reference", "fast"],
+                   help="the VAE decoder: reference (diffusers' modules) or fast (channels-last, CUDA graphs; frames "
+                        "differ from reference by rounding); auto: $WORKBENCH_VAE_DECODER, else reference "
+                        "(default: %(default)s)")
     p.add_argument("--out", default="runs/generate", help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     live = p.add_argument_group("live view (watch the run with `workbench view OUT`)")
@@ -112,12 +117,15 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     from models.errors import ModelInputError
     from models.rollout import sample
     from models.text_encoder import TextEncoder
-    from models.vae import WanVAE
+    from models.vae import WanVAE, resolve_decoder
     from models.video import ensure_writable_dir, mp4_available, read_prompts, write_mp4, write_png_grid
+    from workbench.commands import resolve_model
     from workbench.errors import WorkbenchError
     from workbench.extract import DEFAULT_PROMPT, _dtype, _rank_device, parse_int_list, rank_share
 
     # --- everything that can be wrong, before any work
+    resolve_model(args)
+    resolve_decoder(args.vae_decoder)  # a bad WORKBENCH_VAE_DECODER included
     out = ensure_writable_dir(args.out)
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt or DEFAULT_PROMPT]
     seeds = parse_int_list(args.seed, what="seed")
@@ -201,7 +209,7 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
         if args.compile:
             compile_blocks(model, args.compile)
     vae = None if args.no_video and image is None else WanVAE.from_file(wan_dir / "Wan2.1_VAE.pth", device=device,
-                                                                         dtype=dtype)
+                                                                         dtype=dtype, decoder=args.vae_decoder)
     # image-to-video: the image's latent [1, 1, 16, h, w] is frame 0 of every sample
     initial = None if image is None else vae.encode(image[None, :, None]).to(device, dtype)
     if args.no_video:
@@ -213,31 +221,35 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
         noise = torch.randn((1, args.frames, model.config.in_dim, h, w), generator=gen, device=device).to(dtype)
         chunks = len(model.chunk_spans(args.frames)) if args.sampler != "bidirectional" else 1
         per_chunk = 5 if args.sampler == "causal_few_step" else 2 * args.num_inference_steps + (2 if cfg_sampler and args.sampler != "bidirectional" else 0)
-        # each finished chunk is decoded right away (the VAE decodes causally, chunk by chunk) and, with
-        # --live, streamed with its attention
-        decoder = None if vae is None else vae.stream_decoder()
+        # each finished chunk is decoded right away (the VAE decodes causally, chunk by chunk), on CUDA on a side
+        # stream while the next chunk is denoised, and, with --live, streamed with its attention
+        decoder = None if vae is None else vae.stream_decoder(overlap=True)
         pieces = []
 
         def on_chunk(chunk, start, x0):  # x0 [1, n, C, h, w], the chunk's clean latents
-            video = None if decoder is None else decoder.push(x0)  # [1, 3, t, H, W]
-            if video is not None:
-                pieces.append(video)
+            pending = None if decoder is None else decoder.push_async(x0)
+            if pending is not None:
+                pieces.append(pending)
             if live is not None:
-                live.chunk(chunk, start, x0.shape[1], video)
+                live.chunk(chunk, start, x0.shape[1], None if pending is None else pending.get())  # [1, 3, t, H, W]
 
         watched = contextlib.nullcontext() if live is None else live.sample(model, name, prompt=prompts[i],
                                                                             prompt_index=i, seed=seed)
-        with watched, tqdm(total=chunks * per_chunk, desc=f"rollout {name}", unit="fwd", disable=quiet) as bar:
+        # the last chunk's context pass only writes the cache (same latents): skipped unless --live shows it
+        skip_last = args.sampler == "causal_few_step" and live is None
+        with watched, tqdm(total=chunks * per_chunk - skip_last, desc=f"rollout {name}", unit="fwd",
+                           disable=quiet) as bar:
             latents = sample(model, args.sampler, noise, contexts[i].to(device, dtype),
                              None if negative is None else negative.to(device, dtype), generator=gen,
                              num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                             on_forward=lambda *_: bar.update(1), on_chunk=on_chunk, initial_latent=initial)
+                             on_forward=lambda *_: bar.update(1), on_chunk=on_chunk, initial_latent=initial,
+                             last_context_pass=not skip_last)
         save_file({"latents": latents[0].float().cpu().contiguous()}, str(out / f"{name}.safetensors"),
                   metadata={"prompt": prompts[i], "seed": str(seed), "sampler": args.sampler,
                             "checkpoint": args.checkpoint or str(wan_dir)})
         if vae is None:
             continue
-        video = torch.cat(pieces, dim=2)[0]  # [3, T, H, W] in [-1, 1]
+        video = torch.cat([p.get() for p in pieces], dim=2)[0]  # [3, T, H, W] in [-1, 1]
         if mp4:
             write_mp4(video, out / f"{name}.mp4", fps=16)
         write_png_grid(video, out / f"{name}.png", ncols=9, frames=range(0, video.shape[1], 5))

@@ -39,6 +39,7 @@ from models.triton_attention import (  # noqa: F401  (re-exported: tests and ben
     FUSED_CONFIG_INTERPRET,
     FUSED_CONFIG_OTHER,
     FUSED_CONFIG_SM90,
+    FUSED_WS_CANDIDATES,
     INTERPRET,
     LOG2E,
     _SLOTS,

@@ -1,0 +1,333 @@
+"""The embedded zoo: world latents (training/world_data.py), the VAE trainer's statistics fold
+(training/world_vae.py), prompt dropout, batched ODE pairs, the quick tracker, the zoo table and `--model`, and
+the whole driver (training/zoo.py) shortened on the CPU: every zoo config trains and every product loads."""
+
+import json
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import embedded_maker
+from models import world
+from models.embedded import EMBEDDED_DIR, ZOO, default_model, zoo_model
+from models.errors import ModelInputError
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def random_vae_file(tmp_path_factory):
+    make = embedded_maker()
+    path = tmp_path_factory.mktemp("vae") / "Wan2.1_VAE.pth"
+    torch.save(dict(make.wan_vae_state_dict(make.wan_vae_shapes(base_dim=2))), path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------
+# world latents
+
+
+def test_render_scenes_equals_world_render():
+    from training.world_data import render_scenes
+
+    scenes = [world.scene_for(p, s) for p, s in [world.dataset_item(i, 3) for i in range(5)]]
+    scenes.append(world.scene_for("a yellow circle moving up", 12))
+    ours = render_scenes(scenes, 9)
+    ref = np.stack([world.render(s, 9) for s in scenes])
+    assert ours.dtype == torch.float32 and ours.shape == (6, 3, 9, 96, 128)
+    assert float((ours - torch.from_numpy(ref)).abs().max()) < 1e-6
+    firsts = [0, 5, 40, 77, 200, 3]  # later frames too (the object wraps around)
+    ours = render_scenes(scenes, 5, first_frames=firsts)
+    ref = np.stack([world.render(s, 5, first_frame=f) for s, f in zip(scenes, firsts)])
+    assert float((ours - torch.from_numpy(ref)).abs().max()) < 1e-6
+
+
+def test_world_dataset_is_the_encoded_world_and_is_cached(random_vae_file, tmp_path):
+    from models.vae import WanVAE
+    from training.data import LatentDataset
+    from training.world_data import make_world_dataset, world_dataset_path
+
+    path = world_dataset_path(random_vae_file, 3, 5, 2, tmp_path)
+    assert path != world_dataset_path(random_vae_file, 4, 5, 2, tmp_path)  # the key follows the settings
+    assert path != world_dataset_path(random_vae_file, 3, 6, 2, tmp_path)
+    make_world_dataset(path, random_vae_file, 3, 5, 2, batch=2, progress=False, log=lambda *_: None)
+    data = LatentDataset.from_file(path, seed=0, kind="latents")
+    assert data.latents.shape == (3, 2, 16, 12, 16)
+    assert data.prompts == [world.dataset_item(i, 5)[0] for i in range(3)]
+    vae = WanVAE.from_file(random_vae_file)
+    prompt, seed = world.dataset_item(1, 5)
+    pixels, _ = world.world_video(prompt, seed, num_frames=5)
+    torch.testing.assert_close(data.latents[1], vae.encode(torch.from_numpy(pixels)[None])[0], rtol=1e-4, atol=1e-4)
+    stamp = path.stat().st_mtime_ns
+    make_world_dataset(path, random_vae_file, 3, 5, 2, progress=False)  # cached: not made again
+    assert path.stat().st_mtime_ns == stamp
+
+
+def test_world_data_path_needs_diffusion_and_a_vae(tmp_path):
+    from training.errors import TrainingError
+    from training.trainer import check_config, check_files, load_train_config
+
+    cfg, _ = load_train_config(ROOT / "configs/zoo_teacher.yaml", [f"model_root={tmp_path}"])
+    plan = check_config(cfg, 1)
+    (tmp_path / "init").mkdir()
+    (tmp_path / "init" / "config.json").write_text("{}")
+    with pytest.raises(TrainingError, match="Wan2.1_VAE.pth"):
+        check_files(cfg, plan)
+    cfg, _ = load_train_config(ROOT / "configs/zoo_ode.yaml", ["data_path=world"])
+    with pytest.raises(TrainingError, match="for diffusion training"):
+        check_config(cfg, 1)
+    cfg, _ = load_train_config(ROOT / "configs/zoo_dmd.yaml", ["prompt_dropout=0.1"])
+    with pytest.raises(TrainingError, match="prompt_dropout is for diffusion"):
+        check_config(cfg, 1)
+
+
+def test_prompt_dropout_rate_and_determinism():
+    from training.trainer import Trainer
+
+    fake = SimpleNamespace(seed=7, step=3, cfg=SimpleNamespace(prompt_dropout=0.25, negative_prompt=""))
+    prompts = ["a red square moving left"] * 4000
+    out = Trainer.drop_prompts(fake, prompts, list(range(4000)))
+    dropped = sum(p == "" for p in out)
+    assert abs(dropped / 4000 - 0.25) < 0.03
+    assert Trainer.drop_prompts(fake, prompts, list(range(4000))) == out  # keyed draws: the same again
+    # a sample's draw depends on its global index, not on the batch it is in
+    assert Trainer.drop_prompts(fake, prompts[:10], list(range(100, 110))) == out[100:110]
+    fake.step = 4
+    assert Trainer.drop_prompts(fake, prompts, list(range(4000))) != out
+
+
+def test_ode_pairs_do_not_depend_on_the_batch_size():
+    from tests.conftest import tiny_model
+    from training.rollout import make_ode_pairs
+
+    teacher = tiny_model(causal=False)
+    ctx = torch.randn(3, teacher.config.text_len, teacher.config.text_dim)
+    neg = torch.zeros(1, teacher.config.text_len, teacher.config.text_dim)
+    kw = dict(shape=(3, 16, 4, 6), steps=4, shift=8.0, guidance_scale=3.0, keep=(0, 2), seed=5)
+    one = make_ode_pairs(teacher, ctx, neg, batch_size=1, **kw)
+    two = make_ode_pairs(teacher, ctx, neg, batch_size=2, **kw)
+    assert one.shape == (3, 3, 3, 16, 4, 6)
+    torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the VAE: its start, its own latent statistics
+
+
+def test_pooling_init_is_a_block_average_codec():
+    import torch.nn.functional as F
+
+    from training.world_vae import decode_unclamped, encode_moments, held_out_videos, new_vae, psnr
+
+    model = new_vae().eval()  # the world layout, pooling init
+    _, videos = held_out_videos(2, num_frames=9)
+    with torch.no_grad():
+        mu, _ = encode_moments(model, videos)
+        recon = decode_unclamped(model, mu)
+    pooled = torch.cat([F.avg_pool3d(videos[:, :, :1], (1, 8, 8)), F.avg_pool3d(videos[:, :, 1:], (4, 8, 8))], 2)
+    assert float((mu[:, :3] - pooled).abs().max()) < 0.05 and float(mu[:, 3:].abs().max()) < 0.05  # spare: small
+    blocks = F.interpolate(pooled, scale_factor=(1, 8, 8), mode="nearest")  # each block's mean, per latent frame
+    expected = torch.cat([blocks[:, :, :1], blocks[:, :, 1:].repeat_interleave(4, dim=2)], 2)
+    assert float((recon - expected).abs().max()) < 0.1
+    assert psnr(recon.clamp(-1, 1), videos) > 25
+
+
+def test_fold_keeps_the_round_trip_and_normalises_the_latents():
+    from models.vae import LATENTS_STD, VAELayout, WanVAE
+    from training.world_vae import (fold_latent_stats, held_out_videos, new_vae, raw_latent_stats,
+                                    set_posterior_width, wan_state_dict)
+
+    layout = VAELayout(2, 16, (1, 2, 2, 2), 1, (False, True, True))
+    model = new_vae(layout, seed=3, pooling=False).eval()
+    _, videos = held_out_videos(2, num_frames=5)
+    before = WanVAE.from_state_dict(wan_state_dict(model, layout))
+    with torch.no_grad():
+        mu_raw = before.unnormalise(before.encode(videos[:1])).float()  # undo Wan's constants: the raw mu
+        recon_before = before.decode(before.encode(videos[:1]))
+    mean, std = raw_latent_stats(model, videos, "cpu")
+    set_posterior_width(model, 0.1 * std)
+    fold_latent_stats(model, mean, std)
+    after = WanVAE.from_state_dict(wan_state_dict(model, layout))  # the loader's path, Wan's constants
+    z = torch.cat([after.encode(v[None]) for v in videos])  # [2, F, 16, h, w], normalised
+    per_channel = z.transpose(0, 2).reshape(16, -1).double()
+    torch.testing.assert_close(per_channel.mean(1), torch.zeros(16, dtype=torch.float64), rtol=0, atol=1e-4)
+    torch.testing.assert_close(per_channel.std(1), torch.ones(16, dtype=torch.float64), rtol=0, atol=1e-4)
+    # the normalised latents are (mu - mean) / std of the unfolded model, and decoding is unchanged
+    expected = (mu_raw.permute(0, 2, 1, 3, 4) - mean.view(1, 1, 16, 1, 1)) / std.view(1, 1, 16, 1, 1)
+    torch.testing.assert_close(z[:1], expected.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(after.decode(z[:1]), recon_before, rtol=1e-4, atol=1e-4)
+    # the posterior's width is the training noise, in the folded units
+    h = model._encode(videos[:1])
+    sigma = torch.exp(0.5 * h[:, 16:]).mean(dim=(0, 2, 3, 4))
+    torch.testing.assert_close(sigma, 0.1 * torch.tensor(LATENTS_STD), rtol=1e-4, atol=1e-6)
+
+
+def test_vae_trainer_runs_and_writes_the_official_layout(tmp_path):
+    from models.vae import WanVAE
+    from training.world_vae import VAETrainConfig, train
+
+    cfg = VAETrainConfig(base_dim=8, dim_mult="1,1,1,1", steps=2, batch=1, frames=5, crop=16, eval_videos=1,
+                         log_every=1)
+    metrics = train(cfg, tmp_path, log=lambda *_: None)
+    vae = WanVAE.from_file(tmp_path / "Wan2.1_VAE.pth")  # the normal loader
+    assert vae.layout.base_dim == 8 and vae.layout.dim_mult == (1, 1, 1, 1)
+    saved = json.loads((tmp_path / "vae_metrics.json").read_text())
+    assert saved["psnr_db"] == metrics["psnr_db"] and np.isfinite(saved["psnr_db"]) and len(saved["history"]) == 2
+    assert len(saved["raw_mu_std"]) == 16 and saved["layout"]["dim_mult"] == [1, 1, 1, 1]
+    fit = saved["fit_psnr_db"]  # never worse than the block-average start on the fitting videos
+    assert fit["kept"] == ("start" if fit["trained"] < fit["start"] else "trained")
+
+
+# ------------------------------------------------------------------------------------------------------
+# the quick tracker of the driver's check
+
+
+def test_quick_track_reads_rendered_ground_truth():
+    from training.zoo import quick_track
+
+    for i, prompt in enumerate(world.prompt_grid()):
+        video, scene = world.world_video(prompt, 100 + i, num_frames=21)
+        got = quick_track(video)
+        assert (got["colour"], got["shape"], got["direction"]) == world.parse_prompt(prompt), (prompt, got)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the zoo table and --model
+
+
+def test_zoo_table_and_defaults():
+    assert list(ZOO) == ["teacher", "df", "ode", "dmd", "sid"]
+    assert zoo_model("dmd").use_ema and zoo_model("dmd").sampler == "causal_few_step"
+    assert zoo_model("teacher").checkpoint is None and zoo_model("teacher").sampler == "bidirectional"
+    with pytest.raises(ModelInputError, match="unknown model 'wan'.*teacher, df, ode, dmd, sid"):
+        zoo_model("wan")
+    assert default_model(Path("/nonexistent")) is None  # nothing shipped there: the folder's own DiT
+
+
+def test_model_option_resolves_and_refuses(tmp_path, monkeypatch):
+    import argparse
+
+    import models.embedded as embedded
+    from workbench.commands import add_model_arguments, resolve_model
+    from workbench.errors import WorkbenchError
+
+    p = argparse.ArgumentParser()
+    add_model_arguments(p)
+    p.add_argument("--sampler")
+    p.add_argument("--num-inference-steps", type=int)
+    p.add_argument("--guidance-scale", type=float)
+    monkeypatch.setattr(embedded, "EMBEDDED_DIR", tmp_path)
+    with pytest.raises(WorkbenchError, match="without --wan-dir"):
+        resolve_model(p.parse_args(["--model", "dmd", "--checkpoint", "x.pt"]))
+    with pytest.raises(WorkbenchError, match="not in data/embedded yet"):
+        resolve_model(p.parse_args(["--model", "sid"]))
+    args = p.parse_args([])  # nothing shipped: the folder's own DiT with the old defaults
+    resolve_model(args)
+    assert args.checkpoint is None and args.sampler == "causal_few_step" and args.num_inference_steps == 50
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "self_forcing_dmd.pt").write_bytes(b"")
+    args = p.parse_args([])  # the zoo's default once shipped
+    resolve_model(args)
+    assert args.checkpoint == str(tmp_path / "checkpoints" / "self_forcing_dmd.pt") and args.use_ema
+    (tmp_path / "checkpoints" / "ZOO.md").write_text("")
+    args = p.parse_args(["--model", "teacher", "--guidance-scale", "2"])
+    resolve_model(args)
+    assert args.checkpoint is None and args.sampler == "bidirectional" and args.guidance_scale == 2.0
+    assert args.num_inference_steps == ZOO["teacher"].num_inference_steps
+
+
+def test_evaluate_names_the_zoo(tmp_path, monkeypatch):
+    import models.embedded as embedded
+    from workbench.cli import build_parser
+    from workbench.commands.evaluate import ModelChoice, plan_runs, select_models
+    from workbench.errors import WorkbenchError
+
+    monkeypatch.setattr(embedded, "EMBEDDED_DIR", tmp_path)
+    with pytest.raises(WorkbenchError, match="not in data/embedded yet"):
+        select_models(build_parser().parse_args(["evaluate", "--model", "dmd"]))
+    assert select_models(build_parser().parse_args(["evaluate"]))[0].label == "embedded"  # nothing shipped yet
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "ZOO.md").write_text("")
+    sid = tmp_path / "checkpoints" / "self_forcing_sid.pt"
+    sid.write_bytes(b"")
+    args = build_parser().parse_args(["evaluate", "--model", "teacher", "--model", "s=sid", "--guidance-scale", "2"])
+    assert select_models(args) == [ModelChoice("teacher", None, None, False, "bidirectional", 40, 4.0),
+                                   ModelChoice("s", None, str(sid), True, "causal_few_step", 50, 5.0)]
+    monkeypatch.setattr(embedded, "EMBEDDED_DIR", EMBEDDED_DIR)  # plan against the real folder's config
+    plans, _ = plan_runs(args, [ModelChoice("teacher", None, None, False, "bidirectional", 40, 4.0)],
+                         ["a red square moving left"], [0], [21], "cpu", "float32")
+    cfg = plans["teacher", 21].cfg
+    assert (cfg.num_inference_steps, cfg.guidance_scale) == (40, 2.0)  # the model's steps, the given guidance
+
+
+def test_zoo_configs_load_and_check():
+    from training.trainer import check_config, load_train_config
+
+    for name in ("teacher", "df", "ode", "dmd", "sid"):
+        cfg, sets_sid_alpha = load_train_config(ROOT / f"configs/zoo_{name}.yaml")
+        plan = check_config(cfg, 1, sets_sid_alpha=sets_sid_alpha)
+        assert plan.shape == (21, 16, 12, 16) and not plan.warnings
+        assert cfg.negative_prompt == "" and cfg.mixed_precision
+    assert load_train_config(ROOT / "configs/zoo_sid.yaml")[0].distribution_loss == "sid"
+    lines = (ROOT / "data/prompts/world.txt").read_text().splitlines()
+    assert lines == [p for t in range(len(world.TEMPLATES)) for p in world.prompt_grid(t)]
+
+
+# ------------------------------------------------------------------------------------------------------
+# the driver, shortened
+
+
+@pytest.mark.slow
+def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path):
+    """`python -m training.zoo --short`: every stage on the CPU (6 frames, 3 steps per config), then the
+    shipped folder loads through the normal loaders, the tar parts reassemble, and a second run skips all."""
+    from models.checkpoint import load_wan
+    from models.text_encoder import TextEncoder
+    from models.vae import WanVAE
+    from training.zoo import STAGES, main
+
+    work, out = tmp_path / "zoo", tmp_path / "out"
+    argv = ["--short", "--device", "cpu", "--work", str(work), "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((work / "zoo_report.json").read_text())
+    for stage in ("teacher", "df", "ode", "dmd", "sid"):
+        st = report["stages"][stage]
+        assert st["steps"] == 3 and not st["stopped_early"], (stage, st)
+        assert all(np.isfinite(v["last"]) for k, v in st.items() if k.endswith("_loss"))
+    assert set(report["stages"]["check"]) == set(ZOO) | {"seconds"}
+    assert report["stages"]["vae"]["steps"] == 2 and np.isfinite(report["stages"]["vae"]["psnr_db"])
+    ship = work / "ship" / "data" / "embedded"
+    TextEncoder.from_wan_dir(ship).encode(["a red square moving left"])
+    WanVAE.from_file(ship / "Wan2.1_VAE.pth")
+    load_wan(ship, causal=False)  # the teacher
+    assert json.loads((ship / "config.json").read_text())["video_size"] == [96, 128]
+    for name, entry in ZOO.items():
+        if entry.checkpoint is None:
+            continue
+        blob = torch.load(entry.checkpoint_path(ship), weights_only=True)
+        want = {"df": ["generator", "generator_ema"], "ode": ["generator"]}.get(name, ["critic", "generator",
+                                                                                       "generator_ema"])
+        assert sorted(blob) == want, name
+        assert all(k.startswith("model.") and v.dtype == torch.bfloat16 for k, v in blob["generator"].items())
+        for key in want:
+            load_wan(ship, checkpoint=entry.checkpoint_path(ship), key=key, causal=key != "critic")
+    assert (ship / "checkpoints" / "ZOO.md").read_text().count("configs/zoo_") == 5
+    # the tar parts reassemble into data/embedded/...
+    parts = sorted(out.glob("zoo_embedded.tar.*"))
+    assert parts and all(p.stat().st_size <= 15 * 2 ** 20 for p in parts)
+    whole = tmp_path / "whole.tar"
+    whole.write_bytes(b"".join(p.read_bytes() for p in parts))
+    with tarfile.open(whole) as t:
+        assert "data/embedded/checkpoints/self_forcing_dmd.pt" in t.getnames()
+    # a second run finds every stage done (check and ship run again)
+    lines = []
+    from training.zoo import Zoo
+
+    zoo = Zoo(work, device="cpu", short=True, budget=None, vae=None, source=EMBEDDED_DIR, progress=False,
+              log=lines.append)
+    assert [s for s in STAGES if zoo.done(s)] == [s for s in STAGES if s not in ("check", "ship")]
