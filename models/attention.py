@@ -194,7 +194,8 @@ def _computed_by_observer(interested, call, q, k, v):
 class Attend(torch.nn.Module):
     """A parameter-free module around `attend`, so that hook-based tools (nnsight, forward hooks) see the
     exact q, k, v of every call as this module's inputs: `blocks[3].self_attn.attend.inputs` = (q, k, v, call,
-    observers) before any intervention's edit (the interventions come as a keyword argument)."""
+    observers) before any intervention's edit (the interventions come as a keyword argument). A torch.compile'd
+    block runs it eagerly (models/accel.py marks it so): its kernels and observers are Python-dispatched."""
 
     def forward(self, q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] = (), *,
                 interventions: Sequence[AttentionIntervention] = ()):

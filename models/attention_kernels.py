@@ -161,7 +161,8 @@ register(Kernel("flash", _cuda_op("flash_op"), ("cuda",), HALF, ("unmasked",), _
 register(Kernel("triton", _run_triton, ("cuda",), HALF, ("unmasked",), ("lse", "frame_mass", "frame_means"),
                 capture_mode="fused", takes=_triton_takes))
 register(Kernel("flex", _run_flex, ("cuda",), None, ("masked",)))
-register(Kernel("sdpa", _run_sdpa, ("cuda", "cpu"), None, ("unmasked", "masked")))
+# (the meta device: shape-only runs of full-size geometries, e.g. the 1.3B model's labels in the tests)
+register(Kernel("sdpa", _run_sdpa, ("cuda", "cpu", "meta"), None, ("unmasked", "masked")))
 
 # The model's `attention_kernel` choices: orders of preference over the table.
 _STOCK = ("flash-attn", "cudnn", "flash", "flex", "sdpa")

@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.chunks import block_sizes
 from models.errors import ModelInputError
 
 ROPE_MAX_POSITIONS = 1024  # rows of the RoPE table on every axis (t, h, w)
@@ -183,26 +184,26 @@ def preset(name: str, **overrides) -> WanConfig:
 
 @dataclass(frozen=True)
 class VideoGeometry:
-    """Latent video geometry: frames, latent height/width, and the chunking of a causal rollout."""
+    """Latent video geometry: frames, latent height/width, and the chunking of a causal rollout
+    (models/chunks.py: chunks of `num_frame_per_block`, frame 0 alone first with `independent_first_frame`)."""
 
     num_frames: int = 21
     latent_height: int = 60
     latent_width: int = 104
     num_frame_per_block: int = 3
     channels: int = 16
+    independent_first_frame: bool = False
 
     def __post_init__(self):
-        if self.num_frames < 1:
-            raise ModelInputError(f"num_frames {self.num_frames} must be >= 1")
-        if self.num_frame_per_block < 1 or self.num_frames % self.num_frame_per_block:
-            raise ModelInputError(
-                f"{self.num_frames} latent frames do not divide into chunks of {self.num_frame_per_block}; "
-                f"use a multiple of {self.num_frame_per_block} (e.g. 21)"
-            )
+        self.block_sizes  # frame counts that do not fit the chunk layout are refused here
+
+    @property
+    def block_sizes(self) -> list[int]:
+        return block_sizes(self.num_frames, self.num_frame_per_block, self.independent_first_frame)
 
     @property
     def num_chunks(self) -> int:
-        return self.num_frames // self.num_frame_per_block
+        return len(self.block_sizes)
 
     @property
     def pixel_frames(self) -> int:

@@ -227,7 +227,8 @@ class CachePolicy(Protocol):
     graph_safe: bool  # its decisions depend only on (layer, chunk, frames held), not on the data
 
     def capacity(self, num_frames: int, chunk_frames: int) -> int:
-        """Frames each layer's cache allocates for a rollout of `num_frames` frames in chunks of `chunk_frames`."""
+        """Frames each layer's cache allocates for a rollout of `num_frames` frames in chunks of (at most)
+        `chunk_frames` (with independent_first_frame the first chunk is frame 0 alone, models/chunks.py)."""
 
     def after_chunk(self, layer: int, cache: KVCache, chunk: int, next_frames: int) -> Keep | None:
         """After chunk `chunk` (its context pass included): what layer `layer` keeps, leaving room for the

@@ -3,8 +3,9 @@ bidirectional multi-step Wan sampler (the Wan baseline).
 
 Latents here are [B, F, C, H, W] (Self-Forcing's layout); the model takes [B, C, F, H, W].
 
-Few-step causal rollout (Self-Forcing's `CausalInferencePipeline.inference`), for each chunk of
-`num_frame_per_block` frames:
+Few-step causal rollout (Self-Forcing's `CausalInferencePipeline.inference`), for each chunk
+(`num_frame_per_block` frames; with the model's `independent_first_frame`, frame 0 is a chunk of its own first,
+models/chunks.py):
     x = the chunk's noise
     for k, t_k in enumerate(warped steps):           # t = 1000, 937.5, 833.3, 625
         x0 = x - sigma(t_k) * G(x, t_k)              # KV cache: earlier frames (clean) + this chunk
@@ -53,17 +54,28 @@ def seeded_noise(seed: int, shape, device, dtype) -> tuple[torch.Tensor, torch.G
     return torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float32).to(dtype), gen
 
 
-def check_causal_geometry(model, num_frames: int, cache_frames: int) -> None:
-    """Frame-count errors of a causal rollout, raised before any work."""
-    n = model.num_frame_per_block
-    if num_frames % n:
-        raise ModelInputError(
-            f"{num_frames} latent frames do not divide into chunks of {n} (num_frame_per_block); use a multiple of {n}"
-        )
+def check_causal_geometry(model, num_frames: int, cache_frames: int) -> list[tuple[int, int]]:
+    """Frame-count errors of a causal rollout, raised before any work; returns its chunks (start, count)."""
+    spans = model.chunk_spans(num_frames)  # frames that do not fit the chunk layout (models/chunks.py)
     check_fits_cache(num_frames, model.config.local_attn_size, cache_frames, remedy="set local_attn_size (a "
                      "rolling window, optionally with sink_size) or a larger cache_frames")
     if num_frames > 1024:
         raise ModelInputError(f"{num_frames} latent frames: RoPE positions past 1024 are not defined")
+    return spans
+
+
+def check_initial_latent(model, noise: torch.Tensor, initial_latent: torch.Tensor | None) -> None:
+    """Image-to-video: the image's latent [B, 1, C, H, W] is frame 0, a chunk of its own (the model's
+    independent_first_frame layout, as the researchers' I2V pipelines run it)."""
+    if initial_latent is None:
+        return
+    if not model.independent_first_frame:
+        raise ModelInputError("image-to-video puts the image's latent in a chunk of its own: the model needs "
+                              "independent_first_frame (frames 1 + 3k)")
+    want = (noise.shape[0], 1, *noise.shape[2:])
+    if tuple(initial_latent.shape) != want:
+        raise ModelInputError(f"initial latent of shape {tuple(initial_latent.shape)}; expected {list(want)} "
+                              "(one latent frame of the video's size)")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -102,6 +114,9 @@ class RolloutGraphs:
     a graph replays only for a forward labelled exactly as the one it recorded (what an observer or an
     intervention selects by)."""
 
+    eager_first = True  # the first rollout of a shape runs eagerly; False: record at once (every kernel of the
+    # shape must already be compiled and planned, e.g. by a shorter rollout of the same model: benchmarks)
+
     def __init__(self, key, model, batch: int, frames: int, fsl: int, context: torch.Tensor, dtype, policy=None):
         self.key = key
         self.cache = RolloutCache.allocate(model.config, batch, frames, fsl, dtype=dtype, device=context.device,
@@ -119,12 +134,16 @@ class RolloutGraphs:
         self.context.copy_(context)
         for kv in self.cache.kv:
             kv.frames, kv.positions, kv.head_mask, kv.end_frame = [], [], None, 0
-        if self.rollouts:  # the eager warm-up rollout filled the cross cache; later ones refill it in place
-            model.fill_cross_cache(self.context, self.cache)
         self.rollouts += 1
+        if not self._eager():  # the eager warm-up rollout fills the cross cache; graphs read it in place
+            model.fill_cross_cache(self.context, self.cache)
+
+    def _eager(self) -> bool:
+        """Whether this rollout (counted from 1 once begun) is the eager warm-up of the shape."""
+        return self.eager_first and self.rollouts == 1
 
     def forward(self, model, x, t, start: int, chunk: int, first: bool, labels: ForwardLabels):
-        if self.rollouts == 1:  # warm-up: eager on the graphs' cache
+        if self._eager():  # warm-up: eager on the graphs' cache
             return model(x, t, self.context, cache=self.cache, start_frame=start, labels=labels)
         key = (chunk, first, labels) if self.observers or self.interventions else (chunk, first)
         if key not in self.graphs:
@@ -173,7 +192,8 @@ def _rollout_graphs(model, noise, context, cuda_graphs, extra_key, devices=("cud
     params = tuple(p.data_ptr() for p in model.parameters())
     key = (tuple(noise.shape), noise.dtype, str(noise.device), tuple(context.shape), context.dtype, params,
            fused.GELU_EPILOGUE, fused.COMPILE, getattr(model, "attention_kernel", "auto"),
-           tuple(iv.key for iv in model.interventions), extra_key, None if policy is None else policy.key)
+           tuple(iv.key for iv in model.interventions), model.num_frame_per_block, model.independent_first_frame,
+           extra_key, None if policy is None else policy.key)
     current = getattr(model, "_rollout_graphs", None)
     same = current is not None and _same(current.observers, model.observers) and \
         _same(current.interventions, model.interventions)
@@ -199,8 +219,13 @@ def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timest
                     scheduler: FlowMatchScheduler, context_noise: float = 0.0, generator: torch.Generator | None = None,
                     cache_frames: int = CACHE_FRAMES, last_context_pass: bool = True,
                     on_forward: OnForward | None = None, cuda_graphs: bool | None = None,
-                    on_chunk: OnChunk | None = None, cache_policy=None):
+                    on_chunk: OnChunk | None = None, initial_latent: torch.Tensor | None = None,
+                    cache_policy=None):
     """noise [B, F, C, H, W], context [B, text_len, text_dim] -> clean latents [B, F, C, H, W].
+
+    initial_latent [B, 1, C, H, W] (image-to-video; the model's independent_first_frame layout): chunk 0 is not
+    denoised: the image's latent is frame 0 of the output and only its context pass runs (t = context_noise, 0
+    in every shipped config, as the researchers' pipeline pushes the image into the cache at t = 0).
 
     timesteps: the warped denoising steps (float32, e.g. [1000, 937.5, 833.33, 625]). cuda_graphs: replay the
     forwards from CUDA graphs recorded by an earlier rollout of the same shape (`RolloutGraphs`; CUDA, no
@@ -208,44 +233,50 @@ def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timest
     (models/kv_cache.py `CachePolicy`, workbench/kv_policies.py) applied to every layer's cache after each chunk;
     None: the model's window and sink."""
     B, Fr = noise.shape[:2]
-    check_causal_geometry(model, Fr, cache_frames if cache_policy is None else Fr)  # (a policy sizes its cache)
-    n = model.num_frame_per_block
+    # (a policy sizes its own cache)
+    spans = check_causal_geometry(model, Fr, cache_frames if cache_policy is None else Fr)
+    check_initial_latent(model, noise, initial_latent)
     fsl = model.config.tokens_per_frame(*noise.shape[3:])  # noise [B, F, C, h, w]
     schedule = few_step_schedule(timesteps, context_noise)
     graphs = _rollout_graphs(model, noise, context, cuda_graphs,
-                             (tuple(timesteps.tolist()), float(context_noise), last_context_pass, cache_frames),
+                             (tuple(timesteps.tolist()), float(context_noise), last_context_pass, cache_frames,
+                              initial_latent is not None),
                              policy=cache_policy)
     if graphs is None:
         cache = RolloutCache.allocate(model.config, B, Fr, fsl, dtype=noise.dtype, device=noise.device,
-                                      policy=cache_policy, chunk_frames=n)
+                                      policy=cache_policy, chunk_frames=model.num_frame_per_block)
     else:
         graphs.begin(model, context)
         cache = graphs.cache
     output = torch.zeros_like(noise)
-    for chunk in range(Fr // n):
-        start = chunk * n
+    for chunk, (start, n) in enumerate(spans):
         x = noise[:, start : start + n]
 
-        def forward(x_in, t, labels):
+        def forward(x_in, t, labels, start=start, n=n):
             if on_forward:
                 on_forward(labels, start, n)
             if graphs is not None:  # step 0 is the chunk's first forward, the one that places it in the cache
                 return graphs.forward(model, x_in, t, start, chunk, labels.step == 0, labels)
             return model(x_in, t, context, cache=cache, start_frame=start, labels=labels)
 
-        for k, base in enumerate(schedule[:-1]):
-            t = torch.full((B, n), base.timestep, device=noise.device, dtype=torch.float32)
-            flow = _from_model(forward(_to_model(x), t, _with_chunk(base, chunk)))
-            x0 = scheduler.x0_from_flow(flow, x, t)
-            if k + 1 < len(timesteps):
-                fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-                x = scheduler.add_noise(x0, fresh, torch.full((B, n), schedule[k + 1].timestep, device=x0.device))
+        if chunk == 0 and initial_latent is not None:  # image-to-video: frame 0 is the image's latent
+            x0 = initial_latent.to(noise.dtype)
+            t = torch.full((B, 1), float(context_noise), device=noise.device, dtype=torch.float32)
+            forward(_to_model(x0), t, _with_chunk(schedule[-1], 0))  # its context pass only
+        else:
+            for k, base in enumerate(schedule[:-1]):
+                t = torch.full((B, n), base.timestep, device=noise.device, dtype=torch.float32)
+                flow = _from_model(forward(_to_model(x), t, _with_chunk(base, chunk)))
+                x0 = scheduler.x0_from_flow(flow, x, t)
+                if k + 1 < len(timesteps):
+                    fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                    x = scheduler.add_noise(x0, fresh, torch.full((B, n), schedule[k + 1].timestep, device=x0.device))
+            if last_context_pass or chunk < len(spans) - 1:
+                t = torch.full((B, n), float(context_noise), device=noise.device, dtype=torch.float32)
+                forward(_to_model(x0), t, _with_chunk(schedule[-1], chunk))
         output[:, start : start + n] = x0
-        if last_context_pass or chunk < Fr // n - 1:
-            t = torch.full((B, n), float(context_noise), device=noise.device, dtype=torch.float32)
-            forward(_to_model(x0), t, _with_chunk(schedule[-1], chunk))
         if cache_policy is not None:
-            cache.after_chunk(chunk, n if start + n < Fr else 0)
+            cache.after_chunk(chunk, spans[chunk + 1][1] if chunk + 1 < len(spans) else 0)  # the next chunk's frames
         if on_chunk:
             on_chunk(chunk, start, x0)
     return output
@@ -303,23 +334,27 @@ def multistep_schedule(timesteps: list[float], cfg: bool, context_pass: bool, co
 def causal_multi_step(model, noise, context, negative_context, *, steps: int = 50, shift: float = 5.0,
                       guidance_scale: float = 5.0, solver: str = "unipc", context_noise: float = 0.0,
                       cache_frames: int = CACHE_FRAMES, on_forward: OnForward | None = None,
-                      on_chunk: OnChunk | None = None):
+                      on_chunk: OnChunk | None = None,
+                      initial_latent: torch.Tensor | None = None):
     """Causal rollout with a multi-step solver and classifier-free guidance per chunk (separate positive and
-    negative KV caches), v = v_u + g (v_c - v_u); after each chunk a context pass on both caches."""
+    negative KV caches), v = v_u + g (v_c - v_u); after each chunk a context pass on both caches. With an
+    initial latent (image-to-video) chunk 0 is the image: only its context passes run, as in `causal_few_step`."""
     B, Fr = noise.shape[:2]
-    check_causal_geometry(model, Fr, cache_frames)
-    n = model.num_frame_per_block
+    spans = check_causal_geometry(model, Fr, cache_frames)
+    check_initial_latent(model, noise, initial_latent)
     fsl = model.config.tokens_per_frame(*noise.shape[3:])  # noise [B, F, C, h, w]
     caches = {b: RolloutCache.allocate(model.config, B, Fr, fsl, dtype=noise.dtype, device=noise.device)
               for b in ("cond", "uncond")}
     texts = {"cond": context, "uncond": negative_context}
     output = torch.zeros_like(noise)
-    for chunk in range(Fr // n):
-        start = chunk * n
+    for chunk, (start, n) in enumerate(spans):
         x = noise[:, start : start + n]
         solve = MultiStepSolver(solver, steps, shift, noise.device)
         schedule = multistep_schedule(solve.timesteps, True, True, context_noise)
-        for i in range(steps):
+        image = chunk == 0 and initial_latent is not None  # image-to-video: no denoising, x is the image
+        if image:
+            x = initial_latent.to(noise.dtype)
+        for i in range(0 if image else steps):
             flows = {}
             for base in schedule[2 * i : 2 * i + 2]:
                 labels = _with_chunk(base, chunk)
@@ -384,14 +419,21 @@ SAMPLERS = ("causal_few_step", "causal_multi_step_cfg", "bidirectional")
 def sample(model, sampler: str, noise, context, negative_context=None, *, generator=None,
            denoising_step_list=(1000, 750, 500, 250), timestep_shift: float = 5.0, context_noise: float = 0.0,
            num_inference_steps: int = 50, guidance_scale: float = 5.0, on_forward: OnForward | None = None,
-           on_chunk: OnChunk | None = None, cache_policy=None):
+           on_chunk: OnChunk | None = None, initial_latent: torch.Tensor | None = None,
+           last_context_pass: bool = True, cache_policy=None):
     """Run the named sampler: `causal_few_step` (Self-Forcing inference), `causal_multi_step_cfg` (causal
-    model, multi-step solver with CFG) or `bidirectional` (the Wan baseline). noise [B, F, C, H, W]."""
+    model, multi-step solver with CFG) or `bidirectional` (the Wan baseline). noise [B, F, C, H, W];
+    initial_latent [B, 1, C, H, W]: image-to-video (causal samplers, independent_first_frame layout).
+    last_context_pass=False skips the few-step rollout's context pass after its last chunk: it only writes the
+    KV cache, so the latents are the same bits (one forward fewer, nothing of it to observe)."""
+    if initial_latent is not None and sampler == "bidirectional":
+        raise ModelInputError("image-to-video runs the causal samplers (the image is the first chunk of the cache)")
     if sampler == "causal_few_step":
         sched = FlowMatchScheduler(timestep_shift)
         return causal_few_step(model, noise, context, timesteps=sched.warp(denoising_step_list), scheduler=sched,
                                context_noise=context_noise, generator=generator, on_forward=on_forward,
-                               on_chunk=on_chunk, cache_policy=cache_policy)
+                               on_chunk=on_chunk, initial_latent=initial_latent, last_context_pass=last_context_pass,
+                               cache_policy=cache_policy)
     if cache_policy is not None:
         raise ModelInputError(f"KV-cache policies run with the causal_few_step sampler only, not {sampler!r}")
     if sampler not in SAMPLERS:
@@ -401,6 +443,6 @@ def sample(model, sampler: str, noise, context, negative_context=None, *, genera
     if sampler == "causal_multi_step_cfg":
         return causal_multi_step(model, noise, context, negative_context, steps=num_inference_steps,
                                  shift=timestep_shift, guidance_scale=guidance_scale, context_noise=context_noise,
-                                 on_forward=on_forward, on_chunk=on_chunk)
+                                 on_forward=on_forward, on_chunk=on_chunk, initial_latent=initial_latent)
     return bidirectional(model, noise, context, negative_context, steps=num_inference_steps, shift=timestep_shift,
                          guidance_scale=guidance_scale, on_forward=on_forward, on_chunk=on_chunk)

@@ -152,6 +152,20 @@ class SelfForcingConfig:
     wandb_key: str = ""
     wandb_entity: str = ""
     wandb_project: str = ""
+    # --- GAN (trainer: gan; the researchers' model/gan.py and trainer/gan.py read these with these defaults)
+    gen_lr: Optional[float] = None  # None: lr
+    critic_lr: Optional[float] = None  # None: lr_critic
+    discriminator_warmup_steps: int = 0
+    gan_g_weight: float = 1e-2
+    gan_d_weight: float = 1e-2
+    r1_weight: float = 0.0
+    r2_weight: float = 0.0
+    r1_sigma: float = 0.01
+    r2_sigma: float = 0.01
+    relativistic_discriminator: bool = False
+    num_class: int = 1
+    concat_time_embeddings: bool = False
+    critic_timestep_shift: Optional[float] = None  # None: timestep_shift
     # --- workbench train (not in the researchers' files)
     model_root: str = "wan_models"  # folders named real_name / fake_name / model_kwargs.model_name live here
     max_steps: int = 0  # 0: until interrupted (as the researchers' loop)

@@ -217,7 +217,7 @@ def _frame_mean(X, stride_x, row0, out_ptr, FSL: tl.constexpr, HEAD_DIM: tl.cons
 
 @triton.jit
 def _frame_attn_fwd_kernel(
-    Q, K, V, Out, RS, RM, Allowed, desc_k, desc_v, PACC, PM, PL, QSUM, KSUM, LSE,
+    Q, K, V, Out, RS, RM, Allowed, desc_k, desc_v, PACC, PM, PL, QSUM, KSUM, LSE, desc_q,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -226,7 +226,7 @@ def _frame_attn_fwd_kernel(
     FSL: tl.constexpr, HEAD_DIM: tl.constexpr, NKF_PAD: tl.constexpr, EPI_F: tl.constexpr,
     HAS_MASK: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     WITH_MASS: tl.constexpr, WITH_SUMS: tl.constexpr, WITH_LSE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr = False,
 ):
     # 1-D grid of work items. A tile is (query block, b * H + h), numbered query block fastest. Items below
     # N_FULL are whole tiles (item = tile). The tiles after them (the last, partial wave) are each split into
@@ -236,6 +236,12 @@ def _frame_attn_fwd_kernel(
     # j, j + n_qblk, ... of its head into KSUM [B, H, NKF, D] / QSUM [B, H, NQF, D] (the frame means of
     # attn_logit, from L2-hot data instead of separate passes over q and k).
     # WITH_LSE: also the row log-sum-exp (natural log) into LSE [B, H, Lq].
+    # WS (the plain unmasked forward on TMA, LSE allowed; the launcher refuses the rest): triton's automatic warp
+    # specialisation of the key sweep (a TMA producer warpgroup, two consumer warpgroups of BLOCK_M / 2 rows,
+    # setmaxnreg). sm90 specialises only with num_warps 4, q through a TMA descriptor, one loop whose every tile
+    # is masked at `end`, no branch in it (so no frame-mass flush) and none after it (predicated stores
+    # instead); tests/test_kernels.py compiles it for sm_90 and checks. Its bits differ from WS=False by
+    # rounding (the masked tile arithmetic).
     # Q/Out [B, Lq, H, D]; K/V [B, Lk, H, D]; RS/RM scratch [B, H, NKF, Lq]; PACC [items - N_FULL, BM, D].
     item = tl.program_id(0)
     n_qblk = tl.cdiv(Lq, BLOCK_M)
@@ -254,8 +260,11 @@ def _frame_attn_fwd_kernel(
     row_ok = offs_m < Lq
     qf_row = tl.minimum(offs_m, Lq - 1) // FSL  # [BM] query frame of each row
 
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)  # [BM, D], stays on chip
+    if WS:  # rows past this batch's Lq are read from the next batch (or zero) and never stored
+        q = desc_q.load([b * Lq + m0, h * HEAD_DIM])
+    else:
+        q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)  # [BM, D], stays on chip
     k_base = K + b.to(tl.int64) * stride_kb + h * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
     kv_row0 = b * Lk  # TMA: K/V are viewed as [B * Lk, H * D]
@@ -293,31 +302,45 @@ def _frame_attn_fwd_kernel(
     r_cur = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    n_stop = start + ((end - start) // BLOCK_N) * BLOCK_N  # full tiles in [start, n_stop), then a partial one
-    for n0 in range(start, n_stop, BLOCK_N):  # (a frame mask needs masked tiles everywhere)
-        acc, l_i, m_i, r_cur = _key_tile(
-            q, acc, l_i, m_i, r_cur, k_base, v_base, desc_k, desc_v, kv_row0, col_d0, n0, Lk, Lk, NKF, qk_scale,
-            stride_kn, stride_vn, offs_n, offs_d, row_ok, qf_row, rs_row, rm_row, Lq, Allowed,
-            FSL, BLOCK_N, False, HAS_MASK, HAS_MASK, USE_TMA, DOT_F32, IEEE, WITH_MASS)
-    if n_stop < end:  # the last, partial tile: keys from `end` on are left out
-        acc, l_i, m_i, r_cur = _key_tile(
-            q, acc, l_i, m_i, r_cur, k_base, v_base, desc_k, desc_v, kv_row0, col_d0, n_stop, Lk, end, NKF,
-            qk_scale, stride_kn, stride_vn, offs_n, offs_d, row_ok, qf_row, rs_row, rm_row, Lq, Allowed,
-            FSL, BLOCK_N, True, True, HAS_MASK, USE_TMA, DOT_F32, IEEE, WITH_MASS)
-
-    if is_full:
-        # ---- epilogue: output (and LSE), then the frame mass
-        l_safe = _finish_rows(Out, LSE, acc, m_i, l_i, b, h, pid_bh, offs_m, offs_d, row_ok, Lq,
-                              stride_ob, stride_om, stride_oh, WITH_LSE)
-        if WITH_MASS:
-            tl.debug_barrier()  # the flush stores above were made by other threads of this program
-            _mass_epilogue(rs_row, rm_row, m_i, l_safe, row_ok, qf_row, Lq, NKF, Allowed, FSL, EPI_F, HAS_MASK)
+    if WS:
+        for n0 in tl.range(start, end, BLOCK_N, warp_specialize=True):
+            acc, l_i, m_i, r_cur = _key_tile(
+                q, acc, l_i, m_i, r_cur, k_base, v_base, desc_k, desc_v, kv_row0, col_d0, n0, Lk, end, NKF,
+                qk_scale, stride_kn, stride_vn, offs_n, offs_d, row_ok, qf_row, rs_row, rm_row, Lq, Allowed,
+                FSL, BLOCK_N, True, True, HAS_MASK, USE_TMA, DOT_F32, IEEE, WITH_MASS)
+        _finish_rows(Out, LSE, acc, m_i, l_i, b, h, pid_bh, offs_m, offs_d, row_ok & is_full, Lq,
+                     stride_ob, stride_om, stride_oh, WITH_LSE)
+        part = (offs_m >= 0) & (item >= N_FULL)  # [BM]: every row of a segment item
+        p_rows = seg_item.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        tl.store(PACC + p_rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=part[:, None])
+        tl.store(PM + p_rows, m_i, mask=part)
+        tl.store(PL + p_rows, l_i, mask=part)
     else:
-        # ---- a segment: leave acc (relative to 2^m) and (m, l) for the merge
-        p_rows = seg_item.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] rows of this item's slot
-        tl.store(PACC + p_rows[:, None] * HEAD_DIM + offs_d[None, :], acc)
-        tl.store(PM + p_rows, m_i)
-        tl.store(PL + p_rows, l_i)
+        n_stop = start + ((end - start) // BLOCK_N) * BLOCK_N  # full tiles in [start, n_stop), then a partial one
+        for n0 in range(start, n_stop, BLOCK_N):  # (a frame mask needs masked tiles everywhere)
+            acc, l_i, m_i, r_cur = _key_tile(
+                q, acc, l_i, m_i, r_cur, k_base, v_base, desc_k, desc_v, kv_row0, col_d0, n0, Lk, Lk, NKF, qk_scale,
+                stride_kn, stride_vn, offs_n, offs_d, row_ok, qf_row, rs_row, rm_row, Lq, Allowed,
+                FSL, BLOCK_N, False, HAS_MASK, HAS_MASK, USE_TMA, DOT_F32, IEEE, WITH_MASS)
+        if n_stop < end:  # the last, partial tile: keys from `end` on are left out
+            acc, l_i, m_i, r_cur = _key_tile(
+                q, acc, l_i, m_i, r_cur, k_base, v_base, desc_k, desc_v, kv_row0, col_d0, n_stop, Lk, end, NKF,
+                qk_scale, stride_kn, stride_vn, offs_n, offs_d, row_ok, qf_row, rs_row, rm_row, Lq, Allowed,
+                FSL, BLOCK_N, True, True, HAS_MASK, USE_TMA, DOT_F32, IEEE, WITH_MASS)
+
+        if is_full:
+            # ---- epilogue: output (and LSE), then the frame mass
+            l_safe = _finish_rows(Out, LSE, acc, m_i, l_i, b, h, pid_bh, offs_m, offs_d, row_ok, Lq,
+                                  stride_ob, stride_om, stride_oh, WITH_LSE)
+            if WITH_MASS:
+                tl.debug_barrier()  # the flush stores above were made by other threads of this program
+                _mass_epilogue(rs_row, rm_row, m_i, l_safe, row_ok, qf_row, Lq, NKF, Allowed, FSL, EPI_F, HAS_MASK)
+        else:
+            # ---- a segment: leave acc (relative to 2^m) and (m, l) for the merge
+            p_rows = seg_item.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] rows of this item's slot
+            tl.store(PACC + p_rows[:, None] * HEAD_DIM + offs_d[None, :], acc)
+            tl.store(PM + p_rows, m_i)
+            tl.store(PL + p_rows, l_i)
 
 
 @triton.jit
@@ -403,7 +426,10 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
     (a frame mask; masked calls are never split). config: None (the GPU family's fixed config) or a dict with
     BLOCK_M, BLOCK_N and optionally num_warps, num_stages, split (None: from the GPU's resident programs, see
     `split_plan`; 1: never split; k: split tiles into k segments) and n_full (with an explicit split: the tiles
-    before it run whole; default half). use_tma: None = on where usable (sm90+), or force False/True.
+    before it run whole; default half), and WS (True: the opt-in warp-specialised plain forward, see
+    `FUSED_WS_CANDIDATES` in models/triton_attention_plan.py; unmasked, TMA, no mass or means; its bits
+    differ from WS=False by rounding).
+    use_tma: None = on where usable (sm90+), or force False/True.
     """
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
         raise ModelInputError(f"frame_attention needs q [B, Lq, H, D] and k, v [B, Lk, H, D]; got "
@@ -427,7 +453,14 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
     cfg = default_config(q.device)
     cfg.update(config or {})
     split = cfg.pop("split", None)
+    ws = bool(cfg.pop("WS", False))
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    if ws and (allowed is not None or with_mass or frame_means or not use_tma):
+        raise ModelInputError("config WS=True (warp specialisation) runs the plain unmasked forward through TMA "
+                              f"only; got allowed={'a mask' if allowed is not None else None}, with_mass={with_mass}, "
+                              f"frame_means={frame_means}, use_tma={bool(use_tma)}")
+    if ws and not q.is_contiguous():
+        q = q.contiguous()
 
     f32 = dict(dtype=torch.float32, device=q.device)
     f32_any = torch.empty(0, **f32)  # the pointer of every output a variant never touches
@@ -451,14 +484,16 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
         desc_v = TensorDescriptor(v, [B * Lk, H * D], [H * D, 1], [bn, D])
     else:
         desc_k, desc_v = k, v  # unused placeholders
+    # WS: q through TMA too, viewed as [B * Lq, H * D]
+    desc_q = TensorDescriptor(q, [B * Lq, H * D], [H * D, 1], [bm, D]) if ws else q
     n_tiles = triton.cdiv(Lq, bm) * B * H
     meta = dict(FSL=fsl, HEAD_DIM=D, NKF_PAD=pad, EPI_F=32, HAS_MASK=has_mask, USE_TMA=bool(use_tma),
                 DOT_F32=dot_f32, IEEE=ieee, WITH_MASS=bool(with_mass), WITH_SUMS=bool(frame_means),
-                WITH_LSE=bool(with_lse))
+                WITH_LSE=bool(with_lse), WS=ws)
 
     def args(rs_, rm_, pacc, pm, pl, qsum_, ksum_, lse_, n_full, n_split):
         return (
-            q, k, v, out, rs_, rm_, allowed_t, desc_k, desc_v, pacc, pm, pl, qsum_, ksum_, lse_,
+            q, k, v, out, rs_, rm_, allowed_t, desc_k, desc_v, pacc, pm, pl, qsum_, ksum_, lse_, desc_q,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),

@@ -2,7 +2,7 @@
 
 - One fixed block config per GPU family, chosen with bench/bench_fused_sweep.py on an H200 and never timed at run
   time, so every process of a run computes the same bits (`default_config`; the sweep's candidates are
-  `FUSED_CANDIDATES`).
+  `FUSED_CANDIDATES`, and `FUSED_WS_CANDIDATES` those of the opt-in warp-specialised plain forward).
 - The tiles (query block, head) that fill whole waves of the GPU run whole; each tile of the last, partial wave
   is split into segments of whole key frames (`split_plan`), sized from the GPU's resident programs of one
   canonical variant of the kernel (`resident_programs`), so every variant runs the same plan and the output's
@@ -26,6 +26,13 @@ FUSED_CANDIDATES = [
     for bm, bn, w, st in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (128, 32, 8, 4), (128, 128, 8, 2),
                           (64, 64, 4, 2)]
 ]
+# Opt-in (config "WS": True): triton's automatic warp specialisation of the plain forward (a TMA producer warpgroup
+# and two consumer warpgroups of 64 rows each: FlashAttention-3's layout). sm90 specialises only with 4 warps a
+# consumer group (num_warps 4; 8 compiles without specialising). Its output differs from the default's by rounding.
+FUSED_WS_CANDIDATES = [
+    {"BLOCK_M": 128, "BLOCK_N": bn, "num_warps": 4, "num_stages": st, "WS": True}
+    for bn, st in [(64, 2), (64, 3), (128, 2)]
+]
 
 _CANONICAL = dict(WITH_MASS=True, WITH_SUMS=True, WITH_LSE=True)
 _SLOTS: dict = {}  # (device, constexprs, config) -> resident programs on the whole GPU
@@ -34,8 +41,10 @@ _SLOTS: dict = {}  # (device, constexprs, config) -> resident programs on the wh
 def resident_programs(kernel, args, meta, cfg, device) -> int:
     """How many programs of the compiled `kernel` run at once on the GPU (SMs x CTAs per SM, from its registers,
     shared memory and warps). Asked of the variant with every extra output on (`_CANONICAL`), whatever variant
-    runs: the split plan, and so the output's bits, must not depend on which statistics were asked for."""
-    meta = {**meta, **_CANONICAL}
+    runs: the split plan, and so the output's bits, must not depend on which statistics were asked for. The
+    warp-specialised variant (meta WS) has no extras: it is asked of itself."""
+    if not meta.get("WS"):
+        meta = {**meta, **_CANONICAL}
     key = (str(device), tuple(sorted(meta.items())), tuple(sorted(cfg.items())))
     if key not in _SLOTS:
         warps = cfg["num_warps"]
@@ -43,6 +52,7 @@ def resident_programs(kernel, args, meta, cfg, device) -> int:
                            num_stages=cfg["num_stages"])
         ck._init_handles()
         props = torch.cuda.get_device_properties(device)
+        warps = getattr(ck.metadata, "num_warps", warps)  # warp specialisation adds a producer warpgroup
         regs_per_warp = -(-ck.n_regs * 32 // 256) * 256  # allocated per warp in units of 256
         by_regs = (65536 // max(regs_per_warp, 256)) // warps
         smem_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)

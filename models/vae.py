@@ -13,6 +13,12 @@ Geometry: spatial stride 8, temporal stride 4 with a causal first frame: T = 1 +
 The decoder is causal in time and runs one latent frame at a time with a feature cache, so decoding a video
 chunk by chunk (`StreamDecoder.push`) and concatenating gives exactly what `decode` gives.
 
+Two implementations of the decoder (`WanVAE(decoder=...)`): "reference" runs diffusers' modules; "fast"
+(models/vae_fast.py) runs the same layers with channels-last activations, fixed cache buffers and, on CUDA,
+CUDA graphs; it differs from "reference" by rounding only. "auto" is WORKBENCH_VAE_DECODER if set, else
+DEFAULT_DECODER ("reference"). A stream decoder can also decode on a side CUDA stream (`stream_decoder(overlap=True)` and
+`push_async`), so a rollout's next chunk is denoised while the last one is decoded.
+
 Key map: Wan names (`encoder.downsamples.K.residual.2.weight`, `decoder.upsamples.K...`, `conv1`, `conv2`)
 <-> diffusers names (`encoder.down_blocks.K.conv1.weight`, `decoder.up_blocks.i.resnets.j...`, `quant_conv`,
 `post_quant_conv`). The layout (base_dim, z_dim, dim_mult, num_res_blocks, temporal downsampling) is read from
@@ -23,6 +29,7 @@ must be used and every parameter of the model filled, or loading fails with the 
 from __future__ import annotations
 
 import inspect
+import os
 import re
 from dataclasses import dataclass
 
@@ -43,6 +50,21 @@ LATENTS_STD = [
 Z_DIM = 16
 SPATIAL_STRIDE = 8
 TEMPORAL_STRIDE = 4
+DECODERS = ("auto", "reference", "fast")
+DEFAULT_DECODER = "reference"  # what "auto" means without WORKBENCH_VAE_DECODER (bench/bench_e2e.py compares both)
+
+
+def resolve_decoder(decoder: str) -> str:
+    """'reference' or 'fast' for a `WanVAE(decoder=...)` setting ('auto': WORKBENCH_VAE_DECODER, else
+    DEFAULT_DECODER)."""
+    if decoder == "auto":
+        decoder = os.environ.get("WORKBENCH_VAE_DECODER", DEFAULT_DECODER)
+        what = "WORKBENCH_VAE_DECODER"
+    else:
+        what = "decoder"
+    if decoder not in DECODERS[1:]:
+        raise ModelInputError(f"{what} {decoder!r}: use one of {list(DECODERS[1:])}")
+    return decoder
 
 
 def pixel_frames(latent_frames: int) -> int:
@@ -248,28 +270,32 @@ def build_diffusers_vae(sd: dict[str, torch.Tensor], source: str = "state dict")
 class WanVAE:
     """Decode/encode between the DiT's normalised latents [B, F, 16, h, w] and video [B, 3, T, H, W] in [-1, 1]."""
 
-    def __init__(self, model, layout: VAELayout, device, dtype):
+    def __init__(self, model, layout: VAELayout, device, dtype, decoder: str = "auto"):
+        self.decoder = resolve_decoder(decoder)
         # nn.Module.to, not ModelMixin.to (which warns about fp32-pinned modules; this VAE has none)
         self.model = torch.nn.Module.to(model, device=device, dtype=dtype).eval().requires_grad_(False)
         self.layout = layout
         self.device = torch.device(device)
         self.dtype = dtype
+        self._fast = None  # the FastDecoder (buffers, graphs), made on first use
         self.mean = torch.tensor(LATENTS_MEAN, dtype=torch.float32, device=device).view(1, 1, Z_DIM, 1, 1)
         self.std = torch.tensor(LATENTS_STD, dtype=torch.float32, device=device).view(1, 1, Z_DIM, 1, 1)
         self._decoder_takes_first_chunk = "first_chunk" in inspect.signature(self.model.decoder.forward).parameters
 
     @classmethod
-    def from_file(cls, path, device="cpu", dtype=torch.float32, trust_pickle: bool = False) -> "WanVAE":
+    def from_file(cls, path, device="cpu", dtype=torch.float32, trust_pickle: bool = False,
+                  decoder: str = "auto") -> "WanVAE":
         """Load Wan's `Wan2.1_VAE.pth` (or a .safetensors with the same names)."""
+        resolve_decoder(decoder)  # a bad setting is refused before the file is read
         sd = load_state_dict_file(path, trust_pickle=trust_pickle)
-        return cls.from_state_dict(sd, device=device, dtype=dtype, source=str(path))
+        return cls.from_state_dict(sd, device=device, dtype=dtype, source=str(path), decoder=decoder)
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor], device="cpu", dtype=torch.float32,
-                        source: str = "state dict") -> "WanVAE":
+                        source: str = "state dict", decoder: str = "auto") -> "WanVAE":
         """Build from a Wan-named state dict (tensors are assigned, then moved once to device/dtype)."""
         model, layout = build_diffusers_vae(sd, source)
-        return cls(model, layout, device, dtype)
+        return cls(model, layout, device, dtype, decoder=decoder)
 
     # -- normalisation ---------------------------------------------------------------------------------------
     def _check_latents(self, latents: torch.Tensor, what: str) -> None:
@@ -293,12 +319,23 @@ class WanVAE:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [B, F, 16, h, w] (normalised) -> video [B, 3, 1 + 4(F-1), 8h, 8w] in [-1, 1], float32."""
         self._check_latents(latents, "decode")
+        if self.decoder == "fast":  # one push: the same per-frame steps as any chunking of a stream
+            return self.stream_decoder().push(latents)
         video = self.model.decode(self.unnormalise(latents)).sample  # [B, 3, T, H, W], clamped by diffusers
         return video.float()
 
-    def stream_decoder(self) -> "StreamDecoder":
-        """A fresh chunk-by-chunk decoder (its own causal cache)."""
-        return StreamDecoder(self)
+    def stream_decoder(self, overlap: bool = False, priority: int = 0) -> "StreamDecoder":
+        """A fresh chunk-by-chunk decoder (its own causal cache). overlap: on CUDA, `push_async` decodes on a
+        side stream of this `priority` (lower is more urgent, as torch.cuda.Stream takes it)."""
+        return StreamDecoder(self, overlap=overlap, priority=priority)
+
+    def fast_decoder(self):
+        """The `FastDecoder` of this VAE (models/vae_fast.py), made on first use."""
+        if self._fast is None:
+            from models.vae_fast import FastDecoder
+
+            self._fast = FastDecoder(self)
+        return self._fast
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
@@ -322,10 +359,17 @@ class StreamDecoder:
     The first pushed latent frame gives 1 pixel frame, every later one 4, so pushing 21 latents as 7 chunks of
     3 gives 9 + 6 x 12 = 81 frames, and the concatenation of the pushes equals `WanVAE.decode` of all 21.
     (This is Wan's `cached_decode`, not the demo's zero-cache decoder that gives 12 frames for chunk 0.)
+
+    With `overlap` on CUDA, `push_async` runs the decode on a side stream after the caller's stream has produced
+    the chunk, and returns at once: the caller's stream goes on (the next chunk's denoising) while the side
+    stream decodes. The decode runs the same kernels as `push`, so the frames are the same bits. Elsewhere
+    `push_async` is `push`.
     """
 
-    def __init__(self, vae: WanVAE):
+    def __init__(self, vae: WanVAE, overlap: bool = False, priority: int = 0):
         self.vae = vae
+        self.stream = torch.cuda.Stream(device=vae.device, priority=priority) \
+            if overlap and vae.device.type == "cuda" else None
         n_conv = vae.model._cached_conv_counts["decoder"] if hasattr(vae.model, "_cached_conv_counts") else \
             sum(type(m).__name__ == "WanCausalConv3d" for m in vae.model.decoder.modules())
         self._feat_cache: list = [None] * n_conv  # per causal conv: the last 2 input frames (or 'Rep')
@@ -346,6 +390,8 @@ class StreamDecoder:
             raise ModelInputError(
                 f"StreamDecoder.push: chunk has (B, h, w) = {geometry}, earlier chunks {self._geometry}; "
                 "start a new stream_decoder() for a different video")
+        if vae.decoder == "fast":
+            return self._push_fast(latent_chunk)
         x = vae.model.post_quant_conv(vae.unnormalise(latent_chunk))  # [B, 16, f, h, w], 1x1x1 conv
         outs = []
         for i in range(x.shape[2]):
@@ -356,3 +402,62 @@ class StreamDecoder:
         self.frames_out += video.shape[2]
         return video
 
+
+    def _push_fast(self, latent_chunk: torch.Tensor) -> torch.Tensor:
+        fast = self.vae.fast_decoder()
+        if self.frames_in == 0:
+            fast.reset(self._geometry)
+            fast.owner = self
+        elif fast.owner is not self:
+            raise ModelInputError("StreamDecoder.push: another video started on this VAE's fast decoder since this "
+                                  "stream began; the fast decoder decodes one video at a time")
+        B, f, _, h, w = latent_chunk.shape
+        t = pixel_frames(f) if self.frames_in == 0 else TEMPORAL_STRIDE * f
+        video = torch.empty(B, 3, t, SPATIAL_STRIDE * h, SPATIAL_STRIDE * w, device=self.vae.device)
+        pos = 0
+        for i in range(f):
+            frames = fast.step(latent_chunk[:, i:i + 1], first=self.frames_in == 0)  # [B, 3, 1 or 4, H, W]
+            video[:, :, pos:pos + frames.shape[2]].copy_(frames)
+            pos += frames.shape[2]
+            self.frames_in += 1
+        self.frames_out += t
+        return video
+
+    def push_async(self, latent_chunk: torch.Tensor) -> "PendingFrames":
+        """Like `push`, but on CUDA with `overlap` the decode is queued on the side stream and this returns at
+        once; `PendingFrames.get()` hands the frames to the caller's stream."""
+        if self.vae.device.type != "cuda":
+            return PendingFrames(self.push(latent_chunk))
+        caller = torch.cuda.current_stream(self.vae.device)
+        done = torch.cuda.Event(enable_timing=True)  # timing: benchmarks read when each chunk was ready
+        started = torch.cuda.Event(enable_timing=True)
+        if self.stream is None:
+            started.record(caller)
+            frames = self.push(latent_chunk)
+            done.record(caller)
+            return PendingFrames(frames, done, started)
+        ready = torch.cuda.Event()
+        ready.record(caller)
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            started.record(self.stream)
+            latent_chunk.record_stream(self.stream)  # its memory is not reused before the decode has read it
+            frames = self.push(latent_chunk)
+            done.record(self.stream)
+        return PendingFrames(frames, done, started)
+
+
+class PendingFrames:
+    """The pixel frames of one pushed chunk [B, 3, t, H, W]. On CUDA, `started` and `done` are timing events
+    recorded when the decode begins and when the frames are complete. `get()` makes the calling stream wait for
+    `done` (the host does not wait) and returns the frames."""
+
+    def __init__(self, frames: torch.Tensor, done=None, started=None):
+        self.frames, self.done, self.started = frames, done, started
+
+    def get(self) -> torch.Tensor:
+        if self.done is not None and self.frames.is_cuda:
+            stream = torch.cuda.current_stream(self.frames.device)
+            stream.wait_event(self.done)
+            self.frames.record_stream(stream)  # made on the side stream, read on this one
+        return self.frames

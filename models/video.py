@@ -123,3 +123,21 @@ def read_prompts(path) -> list[str]:
     if not prompts:
         raise ModelInputError(f"prompt file {path} has no prompts (one prompt per line expected)")
     return prompts
+
+
+def read_image(path, height: int, width: int) -> torch.Tensor:
+    """An image file as the first frame of an image-to-video run: RGB, resized (bilinear) to height x width
+    pixels as the researchers' I2V transform does, [3, H, W] float32 in [-1, 1]. Its latent is
+    `vae.encode(image[None, :, None])` [1, 1, 16, H/8, W/8]. A missing or unreadable file is a ModelInputError."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelInputError(f"image {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB").resize((width, height), Image.BILINEAR)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ModelInputError(f"cannot read image {str(path)!r}: {err}") from None
+    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0)  # [H, W, 3]
+    return pixels.permute(2, 0, 1).contiguous()

@@ -13,7 +13,8 @@ The output is a flow (velocity) prediction v = noise - x0.
 Three ways to run the self-attention:
 - bidirectional (`WanModel`, causal=False): every token sees every token;
 - block-causal full sequence (`causal=True`, no cache): bidirectional inside a chunk of `num_frame_per_block`
-  frames, causal across chunks (optionally within a local window) - the training path;
+  frames (frame 0 alone first with `independent_first_frame`, models/chunks.py), causal across chunks
+  (optionally within a local window) - the training path;
 - KV cache (`kv_cache=` given): one chunk's tokens attend to the cached frames plus themselves - the rollout.
   With gradients enabled (training's exit step) each layer sees its cache through a `GradWindow`: backward
   sees the cache as the forward did, and the cache's `kv_gradient` says whether gradient also reaches the
@@ -34,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.attention import AttentionCall, Attend, ForwardLabels, ObserverList
 from models.attention_kernels import check_kernel
+from models.chunks import chunk_spans
 from models.config import WanConfig
 from models.errors import ModelInputError
 from models.window import attended_key_frames
@@ -87,6 +89,14 @@ class ForwardContext:
     kernel: str = "auto"  # the model's attention kernel choice (models.attention_kernels.CHOICES)
 
 
+def through_cache(cache, start_frame: int, k, v):
+    """Write a chunk's keys/values into a layer's KV cache and return the window its queries attend to: sink +
+    window, own chunk included, with the frames each slot holds. Python bookkeeping, so a torch.compile'd block
+    runs it eagerly rather than recompiling for every chunk (models/accel.py marks it so)."""
+    cache.write(start_frame, k, v)
+    return cache.window()
+
+
 class SelfAttention(nn.Module):
     def __init__(self, layer: int, dim: int, num_heads: int, eps: float):
         super().__init__()
@@ -103,8 +113,7 @@ class SelfAttention(nn.Module):
         if cache is None:
             key_frames, frame_mask = ctx.query_frames, ctx.frame_mask
         else:
-            cache.write(ctx.start_frame, k, v)
-            k, v, key_frames = cache.window()  # [B, Lk, heads, head_dim]: sink + window, own chunk included
+            k, v, key_frames = through_cache(cache, ctx.start_frame, k, v)  # [B, Lk, heads, head_dim]
             frame_mask = None
         head_mask = getattr(cache, "head_mask", None)  # a head-wise cache policy's frames per head
         call = AttentionCall(self.layer, "self", ctx.labels, ctx.query_frames, key_frames, ctx.frame_seq_len,
@@ -148,7 +157,7 @@ class FeedForward(nn.Sequential):
     def forward(self, x):
         # x [B, L, dim] -> [B, L, ffn_dim] -> [B, L, dim]; on CUDA the GELU runs in the first GEMM's epilogue
         up, act, down = self
-        if fused.gelu_epilogue_applies(x):
+        if type(up) is nn.Linear and fused.gelu_epilogue_applies(x):  # (not for models/accel.py's FP8 layers)
             h = torch._addmm_activation(up.bias, x.flatten(0, -2), up.weight.t(), use_gelu=True)
             return down(h.view(*x.shape[:-1], -1))
         return down(act(up(x)))
@@ -193,11 +202,13 @@ class Head(nn.Module):
 class WanModel(nn.Module):
     """Wan2.1 DiT. `causal=True` gives the block-causal model of Self-Forcing (same parameters)."""
 
-    def __init__(self, config: WanConfig, *, causal: bool = False, num_frame_per_block: int = 3):
+    def __init__(self, config: WanConfig, *, causal: bool = False, num_frame_per_block: int = 3,
+                 independent_first_frame: bool = False):
         super().__init__()
         cfg = self.config = config
         self.causal = causal
         self.num_frame_per_block = num_frame_per_block
+        self.independent_first_frame = independent_first_frame  # frame 0 is a chunk of its own (models/chunks.py)
         self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
                                             nn.Linear(cfg.dim, cfg.dim))
@@ -235,12 +246,18 @@ class WanModel(nn.Module):
             raise ModelInputError(f"latent {f}x{h}x{w} is not divisible by the patch size {self.config.patch_size}")
         return f // pt, h // ph, w // pw
 
+    def chunk_spans(self, frames: int) -> list[tuple[int, int]]:
+        """(first frame, frame count) of every chunk of a causal rollout of `frames` latent frames (models/chunks.py);
+        a clear error when the frames do not fit the layout."""
+        return chunk_spans(frames, self.num_frame_per_block, self.independent_first_frame)
+
     def block_causal_mask(self, frames: int) -> torch.Tensor:
         """Frame mask [F, F]: query frame i sees key frame j iff j's chunk <= i's chunk. With a local window it
         sees what the rolling KV cache would hold after writing i's chunk: the first `sink_size` frames and the
         most recent `local_attn_size - sink_size` frames up to the end of i's chunk."""
         c = self.config
-        return torch.tensor(attended_key_frames(frames, self.num_frame_per_block, c.local_attn_size, c.sink_size),
+        return torch.tensor(attended_key_frames(frames, self.num_frame_per_block, c.local_attn_size, c.sink_size,
+                                                self.independent_first_frame),
                             dtype=torch.bool)  # (the rule: models/window.py)
 
     def rope_cos_sin(self, frames, h, w, start_frame, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,6 +358,7 @@ class WanModel(nn.Module):
         return self.unpatchify(self.head(tokens, e), grid)
 
 
-def CausalWanModel(config: WanConfig, num_frame_per_block: int = 3) -> WanModel:
+def CausalWanModel(config: WanConfig, num_frame_per_block: int = 3, independent_first_frame: bool = False) -> WanModel:
     """The block-causal Wan model of Self-Forcing / CausVid (same parameters as `WanModel`)."""
-    return WanModel(config, causal=True, num_frame_per_block=num_frame_per_block)
+    return WanModel(config, causal=True, num_frame_per_block=num_frame_per_block,
+                    independent_first_frame=independent_first_frame)

@@ -23,6 +23,7 @@ import xarray as xr
 from studies import compare as compare_mod
 from studies import figures, metrics
 from workbench.errors import WorkbenchError
+from workbench.store import chunk_sizes
 
 MAX_DETAIL_LAYERS = 8  # per-layer sections when no layer is named: evenly spaced, first and last included
 OVERVIEW_METRICS = ("sink_mass", "own_chunk_mass", "local_mass", "early_mass", "mean_distance", "entropy_norm")
@@ -123,7 +124,9 @@ def _store_summary(page: Page, ds: xr.Dataset, source: str):
         "checkpoint": str(first["checkpoint"].values) if "checkpoint" in ds.coords else "?",
         "attention window (frames, -1 = global) / sink frames":
             f"{int(first['local_attn_size'])} / {int(first['sink_size'])}" if "local_attn_size" in ds.coords else "?",
-        "frames / frames per chunk": f"{ds.sizes['query_frame']} / {ds.attrs.get('num_frame_per_block', '?')}",
+        "frames / frames per chunk": f"{ds.sizes['query_frame']} / " + (
+            str(chunk_sizes(ds["query_chunk"].values)) if "query_chunk" in ds.coords
+            else str(ds.attrs.get("num_frame_per_block", "?"))),
         "layers captured (of num_layers)": f"{[int(x) for x in ds.layer.values]} (of {ds.attrs.get('num_layers', '?')})",
         "heads captured (of num_heads)": f"{ds.sizes['head']} (of {ds.attrs.get('num_heads', '?')})",
         "statistics": ", ".join(ds.attrs.get("stats", list(ds.data_vars))),

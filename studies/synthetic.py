@@ -15,8 +15,9 @@ distribution over the same attended frames: `(1 - noise) * planted + noise * dir
 
 Three variants, each a sampler the workbench captures:
 
-    causal         Self-Forcing few-step rollout: 21 frames in chunks of 3, steps t = 1000, 937.5, 833.33, 625
-                   and the context pass (t = 0); NaN above the block-causal staircase (key_chunk > query_chunk)
+    causal         Self-Forcing few-step rollout: 21 frames in chunks of 3 (`independent_first_frame=True`: frame 0
+                   alone, then chunks of 3, e.g. 19 frames), steps t = 1000, 937.5, 833.33, 625 and the context
+                   pass (t = 0); NaN above the block-causal staircase (key_chunk > query_chunk)
     window         the same with a KV window of `local_attn_size` frames (default 9) whose first `sink_size`
                    frames (default 3) are kept: NaN also for evicted frames
     bidirectional  Wan's sampler: one chunk holds every frame (nothing NaN), 8 steps of the shift-5 flow
@@ -44,6 +45,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from models.chunks import frame_chunks
+from models.errors import ModelInputError
 from models.labels import ForwardLabels
 from models.window import attended_key_frames
 from workbench.errors import WorkbenchError
@@ -69,13 +72,15 @@ def flow_timesteps(num_steps: int, shift: float = 5.0) -> np.ndarray:
 
 
 def attended_frames(variant: str, num_frames: int, num_frame_per_block: int, local_attn_size: int,
-                    sink_size: int) -> np.ndarray:
+                    sink_size: int, independent_first_frame: bool = False) -> np.ndarray:
     """[query_frame, key_frame] bool: which key frames a query frame's call attended (the rule of
-    models/window.py: key frames of the query's chunk and earlier ones; with a window of L frames and S sink
-    frames, frames [0, S) and the L - S most recent frames up to the end of the query's chunk). A bidirectional
-    forward is one chunk holding every frame."""
-    per_chunk = num_frames if variant == "bidirectional" else num_frame_per_block
-    return np.array(attended_key_frames(num_frames, per_chunk, local_attn_size, sink_size), dtype=bool)
+    models/window.py: key frames of the query's chunk and earlier ones, chunks as models/chunks.py lays them
+    out; with a window of L frames and S sink frames, frames [0, S) and the L - S most recent frames up to the
+    end of the query's chunk). A bidirectional forward is one chunk holding every frame."""
+    if variant == "bidirectional":
+        return np.array(attended_key_frames(num_frames, num_frames), dtype=bool)
+    return np.array(attended_key_frames(num_frames, num_frame_per_block, local_attn_size, sink_size,
+                                        independent_first_frame), dtype=bool)
 
 
 def planted_row(role: str, query_frame: int, attended: np.ndarray, deep_frames: int) -> np.ndarray:
@@ -99,6 +104,7 @@ def sample_datasets(
     num_heads: int = 4,
     num_frames: int = 21,
     num_frame_per_block: int = 3,
+    independent_first_frame: bool = False,
     prompts: Sequence[str] = (DEFAULT_PROMPT,),
     seeds: Sequence[int] = (42,),
     roles: Mapping[tuple[int, int], str] | Callable[[int, int], str] | None = None,
@@ -119,8 +125,12 @@ def sample_datasets(
     so a synthetic store has exactly the layout of a real one; the module docstring says what is planted."""
     if variant not in VARIANTS:
         raise WorkbenchError(f"unknown synthetic variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    if num_frames % num_frame_per_block:
-        raise WorkbenchError(f"num_frames {num_frames} is not a multiple of num_frame_per_block {num_frame_per_block}")
+    if variant == "bidirectional" and independent_first_frame:
+        raise WorkbenchError("independent_first_frame is a chunk layout of the causal variants")
+    try:  # frames that do not fit the chunk layout (models/chunks.py)
+        causal_chunks = np.asarray(frame_chunks(num_frames, num_frame_per_block, independent_first_frame))
+    except ModelInputError as err:
+        raise WorkbenchError(str(err)) from None
     if not 0.0 <= noise <= 1.0:
         raise WorkbenchError(f"noise {noise} must be in [0, 1]")
     if not prompts or not seeds:
@@ -148,7 +158,7 @@ def sample_datasets(
         phase = ["denoise"] * len(t) + ["context"]
         cfg = ["none"] * len(step_t)
         denoise_index = np.append(np.arange(len(t)), -1)
-        chunk = np.arange(num_frames) // num_frame_per_block
+        chunk = causal_chunks
         sampler, family = "causal_few_step", model_family or "self_forcing"
         if variant == "window":
             local_attn_size = 9 if local_attn_size is None else local_attn_size
@@ -159,7 +169,8 @@ def sample_datasets(
     num_steps = len(step_t)
 
     samples = [(pi, prompt, seed) for pi, prompt in enumerate(prompts) for seed in seeds]
-    window = attended_frames(variant, num_frames, num_frame_per_block, local_attn_size, sink_size)  # [qf, kf]
+    window = attended_frames(variant, num_frames, num_frame_per_block, local_attn_size, sink_size,
+                             independent_first_frame)  # [qf, kf]
     rng = np.random.default_rng(rng_seed)
     shape = (len(samples), num_steps, len(layers), num_heads, num_frames, num_frames)
     mass = np.full(shape, np.nan, dtype=np.float64)  # [sample, step, layer, head, query_frame, key_frame]
@@ -184,6 +195,7 @@ def sample_datasets(
     config_yaml = (
         f"synthetic:\n  variant: {variant}\n  noise: {noise}\n  deep_frames: {deep_frames}\n  rng_seed: {rng_seed}\n"
         f"num_frames: {num_frames}\nnum_frame_per_block: {num_frame_per_block}\n"
+        f"independent_first_frame: {independent_first_frame}\n"
         f"local_attn_size: {local_attn_size}\nsink_size: {sink_size}\nsampler: {sampler}\n"
         f"timesteps: {[float(x) for x in step_t]}\n"
         "roles:\n" + "".join(f"  L{l}H{h}: {role_of(l, h)}\n" for l in layers for h in range(num_heads))
@@ -195,7 +207,7 @@ def sample_datasets(
     layout = StoreLayout(
         steps=schedule, layers=layers, heads=list(range(num_heads)), token_layers=[], num_frames=num_frames,
         num_frame_per_block=num_frame_per_block if variant != "bidirectional" else 0, frame_seq_len=frame_seq_len,
-        grid=(1, frame_seq_len), text_len=text_len, stats=stats,
+        grid=(1, frame_seq_len), text_len=text_len, stats=stats, independent_first_frame=independent_first_frame,
         attrs=dict(
             workbench_version="synthetic", git_commit="synthetic",
             command=" ".join([sys.argv[0] if sys.argv else "python", "studies.synthetic", variant]),
@@ -203,7 +215,7 @@ def sample_datasets(
             versions={"torch": "none", "xarray": xr.__version__, "zarr": zarr.__version__,
                       "python": sys.version.split()[0]},
             frame_seq_len=frame_seq_len, num_frame_per_block=num_frame_per_block, num_frames=num_frames,
-            text_len=text_len, head_dim=16, num_layers=num_layers if num_layers is not None else max(layers) + 1,
+            independent_first_frame=independent_first_frame, text_len=text_len, head_dim=16, num_layers=num_layers if num_layers is not None else max(layers) + 1,
             num_heads=num_heads, dtype="float32", attn_backend="synthetic",
             fingerprint=f"{layout_hash}:{weights_hash[:16]}",
         ),

@@ -10,6 +10,7 @@ The statistics are computed densely in float64: softmax(q k^T / sqrt(d)) over ex
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -33,6 +34,26 @@ class AttendRecorder:
     def remove(self):
         for h in self._handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def recording_extract(layers):
+    """Within the block, every model `workbench extract` loads gets an `AttendRecorder` on `layers`; yields the
+    list of recorders (one per load)."""
+    import workbench.extract as extract_mod
+
+    recorders, load = [], extract_mod.load_wan
+
+    def load_and_record(*args, **kw):
+        model = load(*args, **kw)
+        recorders.append(AttendRecorder(model, layers))
+        return model
+
+    extract_mod.load_wan = load_and_record
+    try:
+        yield recorders
+    finally:
+        extract_mod.load_wan = load
 
 
 def expected_key_frames(chunk: int, nfpb: int, local_attn_size: int = -1, sink_size: int = 0) -> tuple[int, ...]:

@@ -1,4 +1,8 @@
-"""Shared fixtures: small seeded models that keep the real frame structure (chunks of 3 latent frames)."""
+"""Shared fixtures: small seeded models that keep the real frame structure (chunks of 3 latent frames), and the
+embedded maker of Wan VAE / umT5 weights (data/embedded/make_text_and_vae.py)."""
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,38 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+EMBEDDED = Path(__file__).resolve().parents[1] / "data" / "embedded"
+# a small Wan2.1 VAE with the real layout (4 base channels instead of 96)
+SMALL_VAE = dict(base_dim=4, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2, temperal_downsample=(False, True, True))
+
+
+def embedded_maker():
+    """data/embedded/make_text_and_vae.py as a module: Wan VAE / umT5 key names, shapes and seeded weights."""
+    spec = importlib.util.spec_from_file_location("make_text_and_vae", EMBEDDED / "make_text_and_vae.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def small_sd():
+    """The seeded state dict of the SMALL_VAE layout."""
+    make = embedded_maker()
+    return make.wan_vae_state_dict(make.wan_vae_shapes(**SMALL_VAE), seed=11)
+
+
+def push_in_chunks(stream, latents, chunks):
+    """Push latents [B, F, C, h, w] into a stream decoder in chunks of the given frame counts; checks each
+    chunk's frame count (1 + 4 (n - 1) for the first, 4 n after) and returns the frames concatenated."""
+    parts, start = [], 0
+    for n in chunks:
+        part = stream.push(latents[:, start:start + n])
+        assert part.shape[2] == (1 + 4 * (n - 1) if start == 0 else 4 * n)
+        parts.append(part)
+        start += n
+    return torch.cat(parts, dim=2)
 
 
 def tiny_model(causal=True, seed=0, **overrides) -> WanModel:

@@ -188,13 +188,15 @@ def test_extract_summary_is_per_layer_and_head(tmp_path):
     summary that averaged head 0 over the layers would print 0.5. A bidirectional store of 16 steps lists them as
     a range; no value prints as -0.000."""
     causal = synthetic.write_store(tmp_path / "c.zarr", "causal", layers=(0, 1), num_heads=4)
-    text = extract_mod.summary_table(causal)
+    from workbench.summary import summary_table
+
+    text = summary_table(causal)
     rows = {tuple(int(v) for v in line.split()[:2]): [float(v) for v in line.split()[2:]]
             for line in text.splitlines() if line.split()[:1] and line.split()[0].isdigit()}
     assert sorted(rows) == [(layer, head) for layer in (0, 1) for head in range(4)]
     np.testing.assert_allclose(rows[(0, 0)], [1.0, 0.0, 0.0], atol=1e-3)  # sink: all on frame 0
     np.testing.assert_allclose(rows[(1, 0)], [0.0, 1.0, 0.0], atol=1e-3)  # local: all on its own chunk
     bidi = synthetic.write_store(tmp_path / "b.zarr", "bidirectional", layers=tuple(range(10)), num_heads=12)
-    text += extract_mod.summary_table(bidi)
+    text += summary_table(bidi)
     assert "steps 0-15" in text and "layers 0-9" in text and "-0.000" not in text
     assert "a row per layer, a column per head" in text  # 120 heads: grids, not 120 rows

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import workbench.extract as extract_mod
-from attention_reference import AttendRecorder
+from attention_reference import recording_extract
 from workbench.cli import main as cli_main
 from workbench.extract import ExtractConfig, run_extract
 from workbench.legacy import export_legacy
@@ -48,19 +47,8 @@ def fork_full_frame_attention(calls, block_sizes, fsl):
 def store(tmp_path_factory):
     """Layers 2 and 3, two samples, float32; the q, k of layer 3 recorded by module path."""
     out = tmp_path_factory.mktemp("legacy") / "layers.zarr"
-    recorders = []
-    load = extract_mod.load_wan
-
-    def load_and_record(*args, **kw):
-        model = load(*args, **kw)
-        recorders.append(AttendRecorder(model, [3]))
-        return model
-
-    extract_mod.load_wan = load_and_record
-    try:
+    with recording_extract([3]) as recorders:
         run_extract(ExtractConfig(layers=[2, 3], prompts=PROMPTS, seeds=[42], out=str(out), progress=False), log=quiet)
-    finally:
-        extract_mod.load_wan = load
     calls = recorders[0].records[3]
     return out, calls[: len(calls) // 2]  # sample p0000-s42's 35 calls (the second sample's follow)
 

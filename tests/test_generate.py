@@ -38,3 +38,53 @@ def test_generate_errors_before_work(tmp_path, capsys):
     assert "file" in capsys.readouterr().err
     assert main(["generate", "--prompt", "x", "--frames", "8", "--out", str(tmp_path / "o2")]) == 2
     assert "chunks of 3" in capsys.readouterr().err
+
+
+def test_generate_with_the_fast_vae_decoder(tmp_path, capsys, monkeypatch):
+    """--vae-decoder fast: the same latents (the decoder does not touch the rollout) and a grid within one grey
+    level of the reference decoder's (the two differ by float32 rounding); a bad WORKBENCH_VAE_DECODER is refused
+    before any work."""
+    runs = {}
+    for decoder in ("reference", "fast"):
+        out = tmp_path / decoder
+        assert main(["generate", "--prompt", "a red kite", "--frames", "6", "--seed", "1", "--out", str(out),
+                     "--no-progress", "--vae-decoder", decoder]) == 0
+        runs[decoder] = (load_file(str(out / "p0000-s1.safetensors"))["latents"], iio.imread(out / "p0000-s1.png"))
+    (lat_r, png_r), (lat_f, png_f) = runs["reference"], runs["fast"]
+    assert torch.equal(lat_r, lat_f)
+    assert png_r.shape == png_f.shape and png_r.std() > 1
+    assert abs(png_r.astype(int) - png_f.astype(int)).max() <= 1
+    capsys.readouterr()
+    monkeypatch.setenv("WORKBENCH_VAE_DECODER", "turbo")
+    assert main(["generate", "--prompt", "x", "--out", str(tmp_path / "bad")]) == 2
+    assert "WORKBENCH_VAE_DECODER 'turbo'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_generate_skips_the_last_context_pass_and_keeps_its_outputs(tmp_path, monkeypatch):
+    """Without --live, generate skips the last chunk's context pass (it only writes the KV cache): the latents
+    and the decoded grid are bitwise those of a run that keeps it, with one DiT forward fewer."""
+    import models.rollout as rollout
+
+    real, calls = rollout.sample, []
+
+    def counting(*args, force_last=None, **kwargs):
+        calls.append(kwargs["last_context_pass"])
+        if force_last is not None:
+            kwargs["last_context_pass"] = force_last
+        forwards = []
+        on_forward = kwargs["on_forward"]
+        kwargs["on_forward"] = lambda *a: (forwards.append(a), on_forward(*a))
+        out = real(*args, **kwargs)
+        calls.append(len(forwards))
+        return out
+
+    runs = {}
+    for keep in (False, True):
+        monkeypatch.setattr(rollout, "sample", lambda *a, keep=keep, **k: counting(*a, force_last=keep or None, **k))
+        out = tmp_path / f"keep{keep}"
+        assert main(["generate", "--prompt", "a red kite", "--frames", "6", "--seed", "2", "--out", str(out),
+                     "--no-progress"]) == 0
+        runs[keep] = (load_file(str(out / "p0000-s2.safetensors"))["latents"], iio.imread(out / "p0000-s2.png"))
+    assert calls == [False, 2 * 5 - 1, False, 2 * 5]  # generate asked to skip; 2 chunks x (4 steps + context)
+    assert torch.equal(runs[False][0], runs[True][0])
+    assert (runs[False][1] == runs[True][1]).all() and runs[False][1].std() > 1

@@ -426,6 +426,50 @@ def test_triton_forward_output_does_not_depend_on_the_extras(fa, split):
     assert (base.out.double().cpu() - out_d).abs().max() < (2e-2 if CUDA else 1e-5)
 
 
+def _ws_config_or_skip():
+    """The opt-in warp-specialised variant's config here: tiny blocks in the interpreter; on a GPU the first
+    sweep candidate, which needs TMA (sm90+)."""
+    if not CUDA:
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "WS": True}
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the WS variant needs TMA (sm90+)")
+    from models.triton_attention_plan import FUSED_WS_CANDIDATES
+
+    return dict(FUSED_WS_CANDIDATES[0])
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_warp_specialised_variant_matches_dense(fa, split):
+    """config WS=True (models/triton_attention.py: q through TMA, every key tile masked at the sweep's end,
+    predicated stores after the loop): output and LSE equal float64, with whole and split tiles, for two batches
+    whose last query block reads rows of the next batch (never stored)."""
+    from models.triton_attention import frame_attention
+
+    cfg = dict(_ws_config_or_skip(), split=split, n_full=3)
+    B, H, D, fsl, nqf, nkf = (2, 2, 16, 12, 2, 5) if not CUDA else (2, 2, 128, 100, 3, 5)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    q, k, v = (t.to(DEV) for t in rand_qkv(B, H, D, fsl, nqf, nkf, dtype=dtype, peak=2.0, seed=5))
+    r = frame_attention(q, k, v, frame_seq_len=fsl, with_lse=True, use_tma=True, config=cfg)
+    out_d, _, _, lse_d = dense(q, k, v, fsl)
+    assert (r.out.double().cpu() - out_d).abs().max() < (2e-2 if CUDA else 1e-5)
+    assert (r.lse.double().cpu() - lse_d).abs().max() < (1e-3 if CUDA else 1e-5)
+    plain = frame_attention(q, k, v, frame_seq_len=fsl, use_tma=True, config=cfg).out
+    assert torch.equal(plain, r.out)  # the LSE leaves the output's bits unchanged here too
+
+
+def test_warp_specialised_variant_refuses_what_it_does_not_compute(fa):
+    from models.triton_attention import frame_attention
+
+    cfg = _ws_config_or_skip()
+    q, k, v = rand_qkv(1, 1, 16, 4, 1, 2)
+    for kwargs, what in ((dict(with_mass=True), "with_mass=True"), (dict(frame_means=True), "frame_means=True"),
+                         (dict(allowed=torch.ones(1, 2, dtype=torch.bool)), "allowed=a mask"),
+                         (dict(use_tma=False), "use_tma=False")):
+        with pytest.raises(ModelInputError, match=what):
+            frame_attention(q.to(DEV), k.to(DEV), v.to(DEV), frame_seq_len=4, config=cfg,
+                            **{"use_tma": True, **kwargs})
+
+
 def test_model_on_triton_kernel_fused_capture_changes_nothing(fa):
     """A tiny causal model with attention_kernel="triton" (run here by the interpreter or the GPU): a fused
     capture of every head and an exact capture both leave the rollout bitwise as the plain run, and the stored
@@ -501,6 +545,41 @@ def test_gpu_triton_kernel_output_is_the_same_for_every_variant_at_rollout_shape
     assert int(mass_out.isnan().sum()) == heads * (21 * 21 - nqf * nkf)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("nkf", [3, 12, 21])
+def test_gpu_warp_specialised_variants_at_rollout_shapes(fa, nkf):
+    """Every WS sweep candidate at the 1.3B rollout's call shapes (12 heads, 3 query frames, 3/12/21 key frames,
+    the GPU's own split plan): the output is within bf16 rounding of the blockwise reference and of the default
+    forward, the same bits on every call, and the same bits when replayed from a CUDA graph."""
+    from models.triton_attention import frame_attention
+    from models.triton_attention_plan import FUSED_WS_CANDIDATES
+
+    _ws_config_or_skip()
+    fsl, nqf, heads = 1560, 3, 12
+    q, k, v = (t.to("cuda") for t in rand_qkv(1, heads, 128, fsl, nqf, nkf, dtype=torch.bfloat16, seed=nkf))
+    base = frame_attention(q, k, v, frame_seq_len=fsl).out
+    out_r, _ = ref.frame_attention_reference(q, k, v, frame_seq_len=fsl)
+    for cfg in FUSED_WS_CANDIDATES:
+        out = frame_attention(q, k, v, frame_seq_len=fsl, config=cfg).out
+        assert (out.float() - out_r.float()).abs().max() < 2e-2, cfg
+        assert (out.float() - base.float()).abs().max() < 2e-2, cfg
+        assert torch.equal(frame_attention(q, k, v, frame_seq_len=fsl, config=cfg).out, out), cfg
+        static = torch.empty_like(out)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            frame_attention(q, k, v, frame_seq_len=fsl, config=cfg)  # allocations settle outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static.copy_(frame_attention(q, k, v, frame_seq_len=fsl, config=cfg).out)
+        static.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static, out), cfg
+
+
 # ------------------------------------------------------------------ compile for Hopper without a GPU (AOT)
 
 _AOT_SCRIPT = r"""
@@ -509,6 +588,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from models import triton_attention as ta
+from models.triton_attention_plan import FUSED_WS_CANDIDATES
 from workbench.kernels import frame_attention as fa
 
 target = GPUTarget("cuda", 90, 32)
@@ -526,7 +606,8 @@ def build(kernel, types, constexprs, warps, stages):
         {"num_warps": warps, "num_stages": stages}).__dict__)
     ttgir = cc.asm["ttgir"]
     return {"wgmma": ttgir.count("warp_group_dot "), "tma": ttgir.count("async_tma_copy_global_to_local"),
-            "cp_async": ttgir.count("async_copy_global_to_local"), "smem": cc.metadata.shared}
+            "cp_async": ttgir.count("async_copy_global_to_local"), "smem": cc.metadata.shared,
+            "ws": ttgir.count("ttg.warp_specialize("), "setmaxnreg": cc.asm["ptx"].count("setmaxnreg")}
 
 res = {}
 for tma, mask, extras in [(True, False, True), (True, False, False), (False, False, True), (False, True, True)]:
@@ -534,11 +615,20 @@ for tma, mask, extras in [(True, False, True), (True, False, False), (False, Fal
     t.update(RS="*fp32", RM="*fp32", Allowed="*i8" if mask else "*fp32", qk_scale="fp32", PACC="*fp32", PM="*fp32",
              PL="*fp32", QSUM="*fp32", KSUM="*fp32", LSE="*fp32")
     t["desc_k"] = t["desc_v"] = "tensordesc<bf16[64, 128]>" if tma else "*bf16"
+    t["desc_q"] = "*bf16"
     ce = dict(FSL=1560, HEAD_DIM=128, NKF_PAD=32 if mask else 16, EPI_F=32, HAS_MASK=mask, USE_TMA=tma,
               DOT_F32=False, IEEE=False, WITH_MASS=extras, WITH_SUMS=extras, WITH_LSE=extras, BLOCK_M=128,
-              BLOCK_N=64)  # extras off: the model's own forward (attention_kernel="triton")
+              BLOCK_N=64, WS=False)  # extras off: the model's own forward (attention_kernel="triton")
     res[f"fused_tma{int(tma)}_mask{int(mask)}" + ("" if extras else "_plain")] = build(
         ta._frame_attn_fwd_kernel, t, ce, 8, 3)
+# the opt-in warp-specialised plain forward (q through TMA too; sm90 specialises it with 4 warps a consumer group)
+t.update(desc_q="tensordesc<bf16[128, 128]>", Allowed="*fp32")
+ce.update(HAS_MASK=False, USE_TMA=True, WITH_MASS=False, WITH_SUMS=False, WITH_LSE=False, NKF_PAD=16, WS=True)
+for cfg in FUSED_WS_CANDIDATES:
+    t["desc_k"] = t["desc_v"] = f"tensordesc<bf16[{cfg['BLOCK_N']}, 128]>"
+    res[f"ws_bn{cfg['BLOCK_N']}_s{cfg['num_stages']}"] = build(
+        ta._frame_attn_fwd_kernel, t, dict(ce, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]), cfg["num_warps"],
+        cfg["num_stages"])
 t = dict(Q="*bf16", K="*bf16", LSE="*fp32", TOK="*fp32", Allowed="*fp32", qk_scale="fp32")
 ce = dict(FSL=1560, HEAD_DIM=128, HAS_MASK=False, DOT_F32=False, IEEE=False, BLOCK_M=128, BLOCK_N=128)
 res["key_token"] = build(fa._key_token_kernel, t, ce, 8, 2)
@@ -568,3 +658,5 @@ def test_kernels_compile_for_hopper_without_gpu():
         assert info["tma"] + info["cp_async"] >= 2, (name, info)  # K/V loads are asynchronous (pipelined)
         assert info["smem"] <= 227 * 1024, (name, info)
     assert res["fused_tma1_mask0"]["tma"] >= 2
+    for name, info in res.items():  # only the opt-in WS variants are warp-specialised (producer + consumers)
+        assert (info["ws"] >= 1 and info["setmaxnreg"] >= 2) == name.startswith("ws_"), (name, info)

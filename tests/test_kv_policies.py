@@ -49,6 +49,20 @@ def test_window_sink_policy_is_bitwise_the_rolling_window(window, sink, one_thre
     assert got_frames[-1] == tuple(range(sink)) + tuple(range(18 - (window - sink), 18))
 
 
+@pytest.mark.parametrize("window,sink", [(7, 1), (6, 0)])
+def test_window_sink_policy_on_the_independent_first_frame_layout(window, sink, one_thread):
+    """Chunks [1, 3, 3, 3, 3, 3, 3] (models/chunks.py): a policy's rollout runs the layout (frame 0's chunk
+    first) and equals the rolling window on the same layout bitwise, the window's last frames included."""
+    plain_model, policy_model = tiny_model(local_attn_size=window, sink_size=sink), tiny_model()
+    plain_model.independent_first_frame = policy_model.independent_first_frame = True
+    plain, plain_frames = held(plain_model, 19, None)
+    policy = FifoWindow(window) if sink == 0 else WindowSink(window, sink)
+    got, got_frames = held(policy_model, 19, policy)
+    assert len(got_frames) == 7 and got_frames[0] == (0,)
+    assert torch.equal(got, plain) and got_frames == plain_frames
+    assert got_frames[-1] == tuple(range(sink)) + tuple(range(19 - (window - sink), 19))
+
+
 def drive(policy, chunks=6, n=3, heads=2, d=12, dtype=torch.float64):
     """A cache driven as a rollout drives it: write each chunk, then the policy. Returns per chunk (frames held
     after the policy, their positions, bytes held) and the cache."""

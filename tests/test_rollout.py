@@ -169,6 +169,26 @@ def test_on_chunk_gets_each_finished_chunk_after_its_last_forward(sampler, one_t
     assert sum(x0.shape[1] for *_, x0 in chunks) == 9
 
 
+def test_skipping_the_last_context_pass_keeps_the_latents(one_thread):
+    """sample(last_context_pass=False): the same latents bit for bit and the same chunks, one forward fewer
+    (the last chunk's context pass only writes the cache)."""
+    from models.rollout import sample
+
+    model = tiny_model()
+    runs = []
+    for last in (True, False):
+        g = torch.Generator().manual_seed(0)
+        noise, ctx = torch.randn(1, 9, C, H, W, generator=g), torch.randn(1, 16, 32, generator=g)
+        forwards, chunks = [], []
+        out = sample(model, "causal_few_step", noise, ctx, generator=g, last_context_pass=last,
+                     on_forward=lambda labels, start, n: forwards.append((labels.chunk, labels.phase)),
+                     on_chunk=lambda chunk, start, x0: chunks.append(x0.clone()))
+        runs.append((out, forwards, chunks))
+    (a, fa, ca), (b, fb, cb) = runs
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ca, cb)) and len(cb) == 3
+    assert fa[-1] == (2, "context") and fb == fa[:-1]
+
+
 def test_attention_calls_carry_layer_kind_and_frames():
     model = tiny_model(local_attn_size=6, sink_size=1)
     probe = RecordingProbe()
@@ -241,6 +261,24 @@ def test_cuda_graph_rollout_equals_eager_rollout():
         model.blocks[0].ffn[0].weight.data = model.blocks[0].ffn[0].weight.data.clone()
     run(True)
     assert model._rollout_graphs is not graphs
+    # a shape recorded at once, without the eager warm-up rollout (RolloutGraphs.eager_first = False; every
+    # kernel is planned by now), equals its eager rollout too
+    from models.rollout import RolloutGraphs
+
+    def run9(graphs):
+        g = torch.Generator(device="cuda").manual_seed(2)
+        noise = torch.randn(1, 9, C, H, W, generator=g, device="cuda").to(torch.bfloat16)
+        ctx = torch.randn(1, 16, 32, generator=g, device="cuda").to(torch.bfloat16)
+        return causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s,
+                               generator=g, cuda_graphs=graphs)
+
+    eager9 = run9(False)
+    RolloutGraphs.eager_first = False
+    try:
+        for i in range(2):
+            torch.testing.assert_close(run9(True), eager9, rtol=0, atol=0, msg=f"recorded at once, rollout {i + 1}")
+    finally:
+        RolloutGraphs.eager_first = True
 
 
 def test_which_rollouts_share_recorded_graphs():

@@ -7,13 +7,13 @@ GELU and `fc1` the linear branch, padding masked, final norm), then Self-Forcing
 A mutation test shows that the comparison would catch a wrong map (swapped tensors).
 """
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import embedded_maker
 from models.errors import CheckpointError, ModelInputError
 from models.text_encoder import (PromptEmbeddings, TextEncoder, TokenizerNotFoundError, build_umt5_encoder,
                                  clean_prompt, hf_to_wan_key, load_tokenizer, wan_to_hf_key)
@@ -28,14 +28,7 @@ PROMPTS = ["A red fox runs through the snowy forest at dawn, camera pans slowly.
            "ocean"]
 
 
-def _make_module():
-    spec = importlib.util.spec_from_file_location("make_text_and_vae", EMBEDDED / "make_text_and_vae.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-make = _make_module()
+make = embedded_maker()
 
 
 class PickledDict(dict):

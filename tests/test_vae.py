@@ -6,38 +6,23 @@ against diffusers' own `convert_wan_vae_to_diffusers`, both on names and by deco
 diffusers model loaded with that converter; a mutation test shows the decode comparison catches swapped tensors.
 """
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import SMALL_VAE, embedded_maker, push_in_chunks
 from models.errors import CheckpointError, ModelInputError
 from models.vae import (LATENTS_MEAN, LATENTS_STD, VAELayout, WanVAE, diffusers_to_wan_key, infer_layout,
                         latent_frames, pixel_frames, wan_to_diffusers_key)
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "data" / "embedded"
-SMALL = dict(base_dim=4, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2, temperal_downsample=(False, True, True))
-
-
-def _make_module():
-    spec = importlib.util.spec_from_file_location("make_text_and_vae", EMBEDDED / "make_text_and_vae.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-make = _make_module()
+make = embedded_maker()
 
 
 class PickledDict(dict):
     """A dict subclass: torch.load(weights_only=True) refuses to rebuild it."""
-
-
-@pytest.fixture(scope="module")
-def small_sd():
-    return make.wan_vae_state_dict(make.wan_vae_shapes(**SMALL), seed=11)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +57,7 @@ def _stats():
 def test_key_map_equals_diffusers_converter(base_dim):
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-    shapes = make.wan_vae_shapes(**{**SMALL, "base_dim": base_dim})
+    shapes = make.wan_vae_shapes(**{**SMALL_VAE, "base_dim": base_dim})
     names = {k: torch.empty(0) for k in shapes}
     theirs = {id(v): k for k, v in convert_wan_vae_to_diffusers(names).items()}
     assert len(theirs) == len(names)
@@ -84,7 +69,7 @@ def test_key_map_equals_diffusers_converter(base_dim):
 def test_key_map_is_a_bijection_onto_the_diffusers_model(num_res_blocks):
     from diffusers import AutoencoderKLWan
 
-    shapes = make.wan_vae_shapes(**{**SMALL, "num_res_blocks": num_res_blocks})
+    shapes = make.wan_vae_shapes(**{**SMALL_VAE, "num_res_blocks": num_res_blocks})
     with torch.device("meta"):
         model = AutoencoderKLWan(base_dim=4, z_dim=16, num_res_blocks=num_res_blocks)
     target = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -102,7 +87,7 @@ def test_layout_is_read_from_shapes():
     odd = {k: torch.empty(s, device="meta")
            for k, s in make.wan_vae_shapes(base_dim=8, dim_mult=(1, 3, 3, 5), num_res_blocks=1).items()}
     assert infer_layout(odd) == VAELayout(8, 16, (1, 3, 3, 5), 1, (False, True, True))
-    vae = WanVAE.from_state_dict(make.wan_vae_state_dict(make.wan_vae_shapes(**{**SMALL, "num_res_blocks": 1})))
+    vae = WanVAE.from_state_dict(make.wan_vae_state_dict(make.wan_vae_shapes(**{**SMALL_VAE, "num_res_blocks": 1})))
     assert vae.layout.num_res_blocks == 1 and vae.decode(torch.randn(1, 2, 16, 2, 2)).shape == (1, 3, 5, 16, 16)
 
 
@@ -178,13 +163,7 @@ def test_streaming_decode_equals_whole_decode(small_vae, chunks):
     whole = small_vae.decode(latents)
     assert (whole.abs() >= 1).float().mean() < 0.05  # mostly unclamped: the equality below is not trivial
     stream = small_vae.stream_decoder()
-    parts, start = [], 0
-    for n in chunks:
-        part = stream.push(latents[:, start:start + n])
-        assert part.shape[2] == (1 + 4 * (n - 1) if start == 0 else 4 * n)
-        parts.append(part)
-        start += n
-    torch.testing.assert_close(torch.cat(parts, dim=2), whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(push_in_chunks(stream, latents, chunks), whole, rtol=1e-6, atol=1e-6)
     assert stream.frames_in == sum(chunks) and stream.frames_out == whole.shape[2]
 
 
@@ -234,7 +213,7 @@ def test_missing_unexpected_and_mismatched_keys_are_listed(small_sd, tmp_path):
 def test_not_a_vae_and_wrong_z_dim_are_refused(small_sd):
     with pytest.raises(CheckpointError, match="not a Wan2.1 VAE"):
         WanVAE.from_state_dict({"token_embedding.weight": torch.zeros(2, 2)})
-    sd8 = make.wan_vae_state_dict(make.wan_vae_shapes(**{**SMALL, "z_dim": 8}))
+    sd8 = make.wan_vae_state_dict(make.wan_vae_shapes(**{**SMALL_VAE, "z_dim": 8}))
     with pytest.raises(CheckpointError, match="z_dim"):
         WanVAE.from_state_dict(sd8)
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import embedded_maker
 from models import world
 from models.embedded import EMBEDDED_DIR, ZOO, default_model, zoo_model
 from models.errors import ModelInputError
@@ -19,18 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _make_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_text_and_vae", EMBEDDED_DIR / "make_text_and_vae.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def random_vae_file(tmp_path_factory):
-    make = _make_module()
+    make = embedded_maker()
     path = tmp_path_factory.mktemp("vae") / "Wan2.1_VAE.pth"
     torch.save(dict(make.wan_vae_state_dict(make.wan_vae_shapes(base_dim=2))), path)
     return path

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "train Self-Forcing models (ODE init, DMD, SiD) or a teacher (diffusion), probing attention on the way"
+HELP = ("train Self-Forcing models (ODE init, DMD, SiD, GAN; text- or image-to-video) or a teacher (diffusion), "
+        "probing attention on the way")
 
 EPILOG = """\
 The config is one of the researchers' YAMLs (configs/self_forcing_dmd.yaml, self_forcing_sid.yaml), read
@@ -20,6 +21,8 @@ examples:
   workbench train --config configs/tiny_ode.yaml --logdir runs/tiny_ode                    # ODE init
   workbench train --config configs/tiny_dmd.yaml --logdir runs/tiny_dmd                    # DMD, with probes
   workbench train --config configs/tiny_teacher.yaml --logdir runs/tiny_teacher            # diffusion teacher
+  workbench train --config configs/world_gan.yaml --logdir runs/world_gan     # GAN on world videos (see the file)
+  workbench train --config configs/world_i2v_dmd.yaml --logdir runs/world_i2v # image-to-video DMD (see the file)
 
   # the released recipe (Wan2.1 folders under wan_models/, 8 GPUs):
   torchrun --nproc_per_node 8 -m workbench.cli train --config configs/self_forcing_dmd.yaml \\

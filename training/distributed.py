@@ -87,7 +87,8 @@ def check_strategies(cfg) -> None:
 
 
 def shard(model: torch.nn.Module, d: Dist, *, mixed_precision: bool) -> torch.nn.Module:
-    """fully_shard every block, then the model (in place; returns it)."""
+    """fully_shard every block (and every module the model lists in `fsdp_units`: modules it calls outside its
+    own forward), then the model (in place; returns it)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if mixed_precision and d.device.type == "cuda":
@@ -97,7 +98,7 @@ def shard(model: torch.nn.Module, d: Dist, *, mixed_precision: bool) -> torch.nn
     model.to(d.device)
     # the blocks return views (x.view(...).to(dtype)); nothing modifies them in place
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    for block in model.blocks:
+    for block in [*model.blocks, *getattr(model, "fsdp_units", ())]:  # (fsdp_units: e.g. training/gan.py's branch)
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from models.chunks import block_sizes
 from models.rollout import _from_model, _to_model
 from models.scheduler import FlowMatchScheduler
 from training import rng
@@ -110,10 +111,18 @@ def sid_loss(x: torch.Tensor, *, teacher, critic, cond, uncond, scheduler, t, no
     return loss, {"dmdtrain_gradient_norm": torch.zeros((), device=x.device)}
 
 
-def chunk_index(gens: list[torch.Generator], num_frames: int, nfpb: int, high: int, *, device) -> torch.Tensor:
-    """[B, F] int64: one uniform draw in [0, high) per chunk of nfpb frames (the same for a chunk's frames)."""
-    per_chunk = torch.stack([torch.randint(0, high, (num_frames // nfpb,), generator=g, device=device) for g in gens])
-    return per_chunk.repeat_interleave(nfpb, dim=1)
+def chunk_index(gens: list[torch.Generator], sizes: list[int], high: int, *, device) -> torch.Tensor:
+    """[B, F] int64: one uniform draw in [0, high) per chunk (frames per chunk: `sizes`), the same for a chunk's
+    frames (with an independent first frame, frame 0 gets a draw of its own, as the researchers' _get_timestep)."""
+    per_chunk = torch.stack([torch.randint(0, high, (len(sizes),), generator=g, device=device) for g in gens])
+    return per_chunk.repeat_interleave(torch.tensor(sizes, device=device), dim=1)
+
+
+def model_chunks(model, num_frames: int) -> list[int]:
+    """Frames per chunk of a causal model's block-causal forward; one chunk of every frame for a bidirectional one."""
+    if not model.causal:
+        return [num_frames]
+    return block_sizes(num_frames, model.num_frame_per_block, getattr(model, "independent_first_frame", False))
 
 
 def ode_regression_loss(generator, ode_latent: torch.Tensor, context, *, timesteps: torch.Tensor, scheduler,
@@ -121,7 +130,7 @@ def ode_regression_loss(generator, ode_latent: torch.Tensor, context, *, timeste
     """ode_latent [B, S, F, C, H, W] (trajectory points, the clean latent last); timesteps [K] with K <= S - 1
     labels trajectory point k with timesteps[k] (the researchers' denoising list)."""
     B, S, Fr = ode_latent.shape[:3]
-    index = chunk_index(gens, Fr, generator.num_frame_per_block, len(timesteps), device=ode_latent.device)  # [B, F]
+    index = chunk_index(gens, model_chunks(generator, Fr), len(timesteps), device=ode_latent.device)  # [B, F]
     gather = index[:, None, :, None, None, None].expand(-1, 1, -1, *ode_latent.shape[3:])
     noisy = torch.gather(ode_latent, 1, gather)[:, 0]  # [B, F, C, H, W]
     t = timesteps.to(ode_latent.device)[index].float()  # [B, F]
@@ -133,8 +142,7 @@ def ode_regression_loss(generator, ode_latent: torch.Tensor, context, *, timeste
 def diffusion_loss(model, x0: torch.Tensor, context, *, scheduler: FlowMatchScheduler, gens: list[torch.Generator]):
     """Flow-matching loss of a (bidirectional or causal) model on clean latents x0 [B, F, C, H, W]."""
     B, Fr = x0.shape[:2]
-    nfpb = model.num_frame_per_block if model.causal else Fr
-    index = chunk_index(gens, Fr, nfpb, scheduler.num_train_timesteps, device=x0.device)  # [B, F]
+    index = chunk_index(gens, model_chunks(model, Fr), scheduler.num_train_timesteps, device=x0.device)  # [B, F]
     t = scheduler.timesteps.to(x0.device)[index].float()
     noise = rng.randn(gens, x0.shape[1:], device=x0.device, dtype=x0.dtype)
     x_t = scheduler.add_noise(x0, noise, t)

@@ -65,14 +65,15 @@ class TrainingProbes:
     def __init__(self, *, spec, schedule, prompts: list[str], seeds: list[int], num_frames: int, latent_hw,
                  channels: int, frame_seq_len: int, grid, text_len: int, nfpb: int, timesteps: torch.Tensor,
                  scheduler, context_noise: float, every: int, path, attrs: dict, fingerprint: str,
-                 sample_meta: dict):
+                 sample_meta: dict, independent_first_frame: bool = False):
         self.spec, self.schedule, self.prompts, self.seeds = spec, schedule, prompts, seeds
         self.num_frames, self.latent_hw, self.channels = num_frames, tuple(latent_hw), channels
         self.timesteps, self.scheduler, self.context_noise, self.every = timesteps, scheduler, context_noise, every
         self.layout = StoreLayout(steps=[s for s in schedule if s.step in spec.steps], layers=list(spec.layers),
                                   heads=list(spec.heads), token_layers=list(spec.token_layers), num_frames=num_frames,
                                   num_frame_per_block=nfpb, frame_seq_len=frame_seq_len, grid=tuple(grid),
-                                  text_len=text_len, stats=list(spec.stats), attrs=attrs)
+                                  text_len=text_len, stats=list(spec.stats), attrs=attrs,
+                                  independent_first_frame=independent_first_frame)
         self.frame_seq_len, self.text_len = frame_seq_len, text_len
         self.sample_meta = sample_meta
         self.path, self.fingerprint = Path(path), fingerprint

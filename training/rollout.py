@@ -1,7 +1,8 @@
 """The Self-Forcing training rollout (their `SelfForcingTrainingPipeline.inference_with_trajectory`) and
 ODE-pair generation with the bidirectional sampler.
 
-Training rollout, for each chunk of `num_frame_per_block` frames (latents [B, F, C, H, W]):
+Training rollout, for each chunk (`num_frame_per_block` frames; frame 0 alone first with the generator's
+`independent_first_frame`, models/chunks.py) of latents [B, F, C, H, W]:
 
     x = the chunk's noise
     for k, t_k in enumerate(denoising steps):               # warped: 1000, 937.5, 833.3, 625
@@ -33,7 +34,7 @@ import torch
 
 from models.attention import ForwardLabels
 from models.kv_cache import RolloutCache
-from models.rollout import _from_model, _to_model, bidirectional, check_causal_geometry
+from models.rollout import _from_model, _to_model, bidirectional, check_causal_geometry, check_initial_latent
 from models.scheduler import FlowMatchScheduler
 from training import rng
 
@@ -45,24 +46,34 @@ def frame_seq_len(model, latents: torch.Tensor) -> int:
 def self_forcing_rollout(generator, noise: torch.Tensor, context: torch.Tensor, *, timesteps: torch.Tensor,
                          scheduler: FlowMatchScheduler, exit_indices: list[int], gens: list[torch.Generator],
                          context_noise: float = 0.0, grad: bool = True, kv_gradient: str = "inplace",
-                         text_kv_gradient: str = "follows_checkpointing"):
+                         text_kv_gradient: str = "follows_checkpointing", initial_latent: torch.Tensor | None = None):
     """noise [B, F, C, H, W], context [B, text_len, text_dim] -> x0 [B, F, C, H, W].
 
     exit_indices: one index into `timesteps` for every chunk (all equal when shared across chunks).
     gens: one generator per sample (re-noising and context-noise draws). With grad=False nothing has gradient.
-    kv_gradient, text_kv_gradient: the gradient semantics of the caches (module docstring)."""
+    kv_gradient, text_kv_gradient: the gradient semantics of the caches (module docstring).
+    initial_latent [B, 1, C, H, W] (i2v; the independent_first_frame layout): chunk 0 is the image's latent, pushed
+    into the cache by a no-grad forward at t = 0 (the researchers' pipeline), and frame 0 of the output."""
     B, Fr = noise.shape[:2]
-    n = generator.num_frame_per_block
-    check_causal_geometry(generator, Fr, Fr)
-    if len(exit_indices) != Fr // n:
-        raise ValueError(f"{len(exit_indices)} exit indices for {Fr // n} chunks")
+    spans = check_causal_geometry(generator, Fr, Fr)
+    check_initial_latent(generator, noise, initial_latent)
+    if len(exit_indices) != len(spans):
+        raise ValueError(f"{len(exit_indices)} exit indices for {len(spans)} chunks")
     device, dtype = noise.device, noise.dtype
     cache = RolloutCache.allocate(generator.config, B, Fr, frame_seq_len(generator, noise), dtype=dtype, device=device,
                                   kv_gradient=kv_gradient, text_kv_gradient=text_kv_gradient)
     steps = [float(t) for t in timesteps.tolist()]
     outputs = []
-    for chunk in range(Fr // n):
-        start, exit_k = chunk * n, exit_indices[chunk]
+    for chunk, (start, n) in enumerate(spans):
+        exit_k = exit_indices[chunk]
+        if chunk == 0 and initial_latent is not None:  # i2v: the image is frame 0 and enters the cache at t = 0
+            x0 = initial_latent.to(dtype)
+            outputs.append(x0)
+            with torch.no_grad():
+                t = torch.zeros((B, 1), device=device, dtype=torch.float32)
+                labels = ForwardLabels(step=len(steps), timestep=0.0, chunk=0, phase="context", denoise_index=-1)
+                generator(_to_model(x0), t, context, cache=cache, start_frame=0, labels=labels)
+            continue
         x = noise[:, start : start + n]
         for k, t_k in enumerate(steps):
             t = torch.full((B, n), t_k, device=device, dtype=torch.float32)

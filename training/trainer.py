@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from models.chunks import block_sizes
 from models.errors import ModelInputError
 from models.family import WAN, check_fits_cache
 from models.files import atomic_torch_save, atomic_write_text
@@ -55,7 +56,7 @@ from training.losses import (critic_flow_loss, diffusion_loss, dmd_loss, ode_reg
                              sid_loss)
 from training.rollout import denoised_timestep_range, draw_exit_indices, self_forcing_rollout
 
-TRAINERS = ("score_distillation", "ode", "diffusion")
+TRAINERS = ("score_distillation", "ode", "diffusion", "gan")  # gan: training/gan.py
 UNUSED_PARAM_GRADS = ("zero", "none")
 SID_QUIRK = ("the config sets sid_alpha but distribution_loss is 'dmd' (as the researchers' shipped "
              "self_forcing_sid.yaml does): like their trainer, this run trains DMD, with the SiD config's teacher "
@@ -97,8 +98,7 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
     """Every error a config can have that needs no files, before any work starts."""
     notes = []
     if cfg.trainer not in TRAINERS:
-        raise TrainingError(f"trainer {cfg.trainer!r}; this workbench trains {list(TRAINERS)} "
-                            "(gan needs real latents and is not implemented)")
+        raise TrainingError(f"trainer {cfg.trainer!r}; this workbench trains {list(TRAINERS)}")
     if cfg.trainer == "score_distillation":
         if cfg.distribution_loss not in ("dmd", "sid"):
             raise TrainingError(f"distribution_loss {cfg.distribution_loss!r}; use 'dmd' or 'sid' "
@@ -118,6 +118,10 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
                                 "(a Self-Forcing .pt with a 'generator' or 'model' entry)")
     else:
         loss = cfg.trainer
+    if cfg.trainer == "gan":
+        from training.gan import check_gan_config
+
+        check_gan_config(cfg)
     if cfg.denoising_loss_type != "flow":
         raise TrainingError(f"denoising_loss_type {cfg.denoising_loss_type!r}: only 'flow' is implemented")
     from models.kv_cache import KV_GRADIENTS, TEXT_KV_GRADIENTS
@@ -129,9 +133,9 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
     if cfg.score_timestep_shift is not None and cfg.score_timestep_shift <= 0:
         raise TrainingError(f"score_timestep_shift {cfg.score_timestep_shift} must be positive (or null: "
                             "model_kwargs.timestep_shift)")
-    for key, allowed in (("independent_first_frame", False), ("i2v", False)):
-        if bool(cfg[key]) != allowed:
-            raise TrainingError(f"{key}: {cfg[key]} is not implemented (the released configs use {allowed})")
+    if cfg.i2v and (cfg.trainer != "score_distillation" or not cfg.independent_first_frame):
+        raise TrainingError("i2v: true trains DMD / SiD from text-image pairs (trainer: score_distillation) with the "
+                            "image's latent as a chunk of its own (independent_first_frame: true)")
     shape = list(cfg.image_or_video_shape)
     if len(shape) != 5:
         raise TrainingError(f"image_or_video_shape {shape} must be [batch, frames, channels, height, width]")
@@ -141,8 +145,8 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
         raise TrainingError(f"num_training_frames {cfg.num_training_frames} differs from image_or_video_shape's "
                             f"{frames} frames; generating more frames than are trained on (VAE re-encoding) is "
                             "not implemented")
-    if (cfg.trainer != "diffusion" or cfg.causal) and frames % nfpb:
-        raise TrainingError(f"{frames} latent frames do not divide into chunks of num_frame_per_block {nfpb}")
+    if cfg.trainer != "diffusion" or cfg.causal:
+        chunk_layout(frames, nfpb, bool(cfg.independent_first_frame))
     per_step = cfg.batch_size * world
     if cfg.batch_size < 1 or cfg.total_batch_size < 1 or cfg.total_batch_size % per_step:
         raise TrainingError(f"total_batch_size {cfg.total_batch_size} does not divide into batch_size "
@@ -180,6 +184,14 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
     return Plan(cfg.trainer, loss, world, accum, (frames, channels, height, width), nfpb, timesteps, notes)
 
 
+def chunk_layout(frames: int, nfpb: int, independent_first_frame: bool) -> list[int]:
+    """Frames per chunk (models/chunks.py) as a TrainingError naming the config keys."""
+    try:
+        return block_sizes(frames, nfpb, independent_first_frame)
+    except ModelInputError as err:
+        raise TrainingError(f"image_or_video_shape / num_frame_per_block / independent_first_frame: {err}") from None
+
+
 def model_folder(cfg, name: str) -> Path:
     folder = Path(cfg.model_root) / name
     if not (folder / "config.json").is_file():
@@ -200,6 +212,11 @@ def check_files(cfg, plan: Plan) -> None:
     if plan.trainer == "ode" and not Path(cfg.data_path).is_file():
         raise TrainingError(f"data_path {cfg.data_path!r} (ODE pairs) does not exist; make it with "
                             "`workbench train --config CONFIG --make-ode-pairs`")
+    if plan.trainer == "gan":
+        model_folder(cfg, cfg.fake_name)
+        if cfg.data_path != "synthetic" and not Path(cfg.data_path).is_file():
+            raise TrainingError(f"data_path {cfg.data_path!r} does not exist (a latent dataset .pt of real videos: "
+                                "python -m training.i2v --frames F makes one from the miniature world; or 'synthetic')")
     if plan.trainer == "diffusion" and cfg.data_path not in ("synthetic", "world") and not Path(cfg.data_path).is_file():
         raise TrainingError(f"data_path {cfg.data_path!r} does not exist (a latent dataset .pt, 'synthetic' or 'world')")
     if plan.trainer == "diffusion" and cfg.data_path == "world":
@@ -208,7 +225,7 @@ def check_files(cfg, plan: Plan) -> None:
             raise TrainingError(f"data_path: world encodes world videos with {str(vae)!r}, which does not exist "
                                 "(set world.vae, or put Wan2.1_VAE.pth in the generator's folder)")
     if plan.trainer == "score_distillation" and not Path(cfg.data_path).is_file():
-        raise TrainingError(f"data_path {cfg.data_path!r} (the prompt file) does not exist")
+        raise TrainingError(f"data_path {cfg.data_path!r} ({'text-image pairs: python -m training.i2v makes them' if cfg.i2v else 'the prompt file'}) does not exist")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -258,14 +275,9 @@ class Trainer:
         # the parameters as the optimiser holds them: FSDP's sharded parameters (a no-grad forward leaves the
         # root's gathered copies registered on the module until the next backward)
         self.gen_params = [(n, p) for n, p in self.generator.named_parameters() if p.requires_grad]
-        self.gen_opt = torch.optim.AdamW([p for _, p in self.gen_params], lr=cfg.lr,
-                                         betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-        self.critic_opt, self.critic_params = None, []
-        if self.critic is not None:
-            self.critic_params = [(n, p) for n, p in self.critic.named_parameters() if p.requires_grad]
-            self.critic_opt = torch.optim.AdamW([p for _, p in self.critic_params],
-                                                lr=cfg.lr_critic, betas=(cfg.beta1_critic, cfg.beta2_critic),
-                                                weight_decay=cfg.weight_decay)
+        self.critic_params = [] if self.critic is None else [
+            (n, p) for n, p in self.critic.named_parameters() if p.requires_grad]
+        self.gen_opt, self.critic_opt = self.make_optimizers()
         self.ema: EMA | None = None
         self.step = 0
         self.last_saved = None
@@ -293,6 +305,16 @@ class Trainer:
 
     # --- setup helpers ------------------------------------------------------------------------------------
 
+    def make_optimizers(self):
+        """(generator AdamW, critic AdamW or None) over gen_params / critic_params (training/gan.py overrides)."""
+        cfg = self.cfg
+        gen = torch.optim.AdamW([p for _, p in self.gen_params], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                weight_decay=cfg.weight_decay)
+        if self.critic is None:
+            return gen, None
+        return gen, torch.optim.AdamW([p for _, p in self.critic_params], lr=cfg.lr_critic,
+                                      betas=(cfg.beta1_critic, cfg.beta2_critic), weight_decay=cfg.weight_decay)
+
     def _check_models(self, models: Models) -> None:
         F, C, H, W = self.plan.shape
         g = models.generator
@@ -301,12 +323,15 @@ class Trainer:
         _, ph, pw = g.config.patch_size
         if H % ph or W % pw:
             raise TrainingError(f"latent {H}x{W} is not divisible by the patch size {ph}x{pw}")
-        if self.plan.trainer in ("score_distillation", "ode"):
+        if self.plan.trainer in ("score_distillation", "ode", "gan"):
             if not g.causal:
                 raise TrainingError("the generator must be the causal model")
-            if g.num_frame_per_block != self.plan.nfpb:
-                raise TrainingError(f"generator chunks of {g.num_frame_per_block} frames, config "
-                                    f"num_frame_per_block {self.plan.nfpb}")
+            if (g.num_frame_per_block, g.independent_first_frame) != (self.plan.nfpb, bool(self.cfg.independent_first_frame)):
+                raise TrainingError(f"generator chunks of {g.num_frame_per_block} frames (independent first frame: "
+                                    f"{g.independent_first_frame}), config num_frame_per_block {self.plan.nfpb} "
+                                    f"(independent_first_frame: {bool(self.cfg.independent_first_frame)})")
+        if self.plan.trainer == "gan" and (models.critic is None or models.critic.causal):
+            raise TrainingError("GAN training needs the discriminator: the bidirectional fake score (fake_name)")
         if self.plan.trainer == "score_distillation":
             for name, m in (("critic (fake_name)", models.critic), ("teacher (real_name)", models.teacher)):
                 if m is None:
@@ -337,20 +362,22 @@ class Trainer:
         return rng.randn(gens, self.plan.shape, device=self.device, dtype=self.dtype)
 
     def exit_indices(self, stream: str) -> list[int]:
-        n_chunks = self.plan.shape[0] // self.plan.nfpb
+        n_chunks = len(chunk_layout(self.plan.shape[0], self.plan.nfpb, bool(self.cfg.independent_first_frame)))
         draws = draw_exit_indices(self.seed, self.step, stream, n_chunks, len(self.timesteps),
                                   shared=self.cfg.same_step_across_blocks, last_step_only=self.cfg.last_step_only)
         return self.d.broadcast_list(draws)  # the researchers draw on rank 0 and broadcast
 
-    def rollout(self, prompts, indices, stream: str, grad: bool) -> tuple[torch.Tensor, list[int]]:
-        """The generated latents [B, F, C, H, W] and the exit index of every chunk."""
+    def rollout(self, prompts, indices, stream: str, grad: bool, images=None) -> tuple[torch.Tensor, list[int]]:
+        """The generated latents [B, F, C, H, W] and the exit index of every chunk (i2v: `images` [B, 1, C, H, W]
+        is frame 0)."""
         gens = rng.sample_generators(self.seed, self.step, f"{stream}/rollout", indices, self.device)
         exits = self.exit_indices(f"{stream}/exit")
         self._last_exit = exits[0]
         x = self_forcing_rollout(self.generator, self.noise(gens), self.encode(prompts), timesteps=self.timesteps,
                                  scheduler=self.scheduler, exit_indices=exits, gens=gens,
                                  context_noise=float(self.cfg.context_noise), grad=grad,
-                                 kv_gradient=self.cfg.kv_cache_gradient, text_kv_gradient=self.cfg.text_kv_gradient)
+                                 kv_gradient=self.cfg.kv_cache_gradient, text_kv_gradient=self.cfg.text_kv_gradient,
+                                 initial_latent=images)
         return x, exits
 
     def score_range(self, exits: list[int]) -> tuple[int, int | None]:
@@ -376,14 +403,22 @@ class Trainer:
     def prompts_for(self, role: int, indices) -> list[str]:
         """role 0: generator batch, 1: critic batch (each step reads two batches, as the researchers' loop)."""
         total = self.cfg.total_batch_size
-        return self.data.batch([(2 * self.step + role) * total + i for i in indices])
+        batch = self.data.batch([(2 * self.step + role) * total + i for i in indices])
+        return batch[0] if self.cfg.i2v else batch
+
+    def images_for(self, role: int, indices):
+        """i2v: the image latents [B, 1, C, H, W] of the same batch's text-image pairs; None otherwise."""
+        if not self.cfg.i2v:
+            return None
+        total = self.cfg.total_batch_size
+        return self.data.batch([(2 * self.step + role) * total + i for i in indices])[1].to(self.device, self.dtype)
 
     # --- losses of one micro-batch --------------------------------------------------------------------------
 
     def generator_loss(self, m: int):
         idx = self.micro_indices(m)
         prompts = self.prompts_for(0, idx)
-        x, exits = self.rollout(prompts, idx, "gen", grad=True)
+        x, exits = self.rollout(prompts, idx, "gen", grad=True, images=self.images_for(0, idx))
         t, noise = self.score_draws(idx, "gen", exits)
         cond, uncond = self.encode(prompts), self.negative(len(idx))
         cfg = self.cfg
@@ -400,7 +435,7 @@ class Trainer:
         idx = self.micro_indices(m)
         prompts = self.prompts_for(1, idx)
         with torch.no_grad():
-            x, exits = self.rollout(prompts, idx, "critic", grad=False)
+            x, exits = self.rollout(prompts, idx, "critic", grad=False, images=self.images_for(1, idx))
         t, noise = self.score_draws(idx, "critic", exits)
         loss = critic_flow_loss(x, critic=self.critic, cond=self.encode(prompts), scheduler=self.scheduler,
                                 score_scheduler=self.score_scheduler, t=t, noise=noise)
@@ -445,7 +480,7 @@ class Trainer:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.cfg.unused_param_grads == "zero":  # as the researchers' FSDP: AdamW then decays and steps them
             for p in params:
-                if p.grad is None:
+                if p.grad is None and p.requires_grad:  # (frozen ones, e.g. a GAN warm-up's backbone, stay)
                     p.grad = torch.zeros_like(p)
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         optimizer.step()
@@ -616,12 +651,18 @@ def build_models(cfg, plan: Plan, device="cpu") -> tuple[Models, Path]:
     causal = plan.trainer != "diffusion" or bool(cfg.causal)
     generator = load_wan(gen_dir, checkpoint=cfg.generator_ckpt or None, causal=causal, num_frame_per_block=cfg.num_frame_per_block,
                          local_attn_size=kw.local_attn_size, sink_size=kw.sink_size, dtype=torch.float32)
+    generator.independent_first_frame = causal and bool(cfg.independent_first_frame)
     ema_init = None
     if cfg.generator_ckpt and cfg.ema_weight > 0 and cfg.ema_start_step <= 0:
         from models.checkpoint import read_wan_folder
 
         ema_init = read_wan_folder(gen_dir)[1]
     critic = teacher = None
+    if plan.trainer == "gan":  # the discriminator: the fake score with its classification branch
+        from training.gan import add_classification_branch
+
+        critic = load_wan(model_folder(cfg, cfg.fake_name), causal=False, dtype=torch.float32)
+        add_classification_branch(critic, cfg.num_class, bool(cfg.concat_time_embeddings))
     if plan.trainer == "score_distillation":
         critic = load_wan(model_folder(cfg, cfg.fake_name), causal=False, dtype=torch.float32)
         teacher_dtype = torch.bfloat16 if (cfg.mixed_precision and torch.device(device).type == "cuda") else torch.float32
@@ -635,6 +676,13 @@ def world_vae_path(cfg) -> Path:
 
 
 def build_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None = None):
+    if cfg.i2v:
+        data = LatentDataset.from_file(cfg.data_path, seed, "image_latents")
+        F, C, H, W = plan.shape
+        if tuple(data.latents.shape[1:]) != (1, C, H, W):
+            raise TrainingError(f"image latents of shape {tuple(data.latents.shape[1:])}; image_or_video_shape asks "
+                                f"for {(1, C, H, W)}")
+        return data
     if plan.trainer == "score_distillation":
         return PromptSource.from_file(cfg.data_path, seed)
     if plan.trainer == "ode":
@@ -653,7 +701,12 @@ def build_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None = None):
         return LatentDataset(prompts, latents, "latents", seed)
     if cfg.data_path == "world":
         return world_data(cfg, plan, seed, d)
-    return LatentDataset.from_file(cfg.data_path, seed, "latents")
+    data = LatentDataset.from_file(cfg.data_path, seed, "latents")
+    if plan.trainer == "gan" and tuple(data.latents.shape[1:]) != tuple(plan.shape):
+        raise TrainingError(f"real latents of shape {tuple(data.latents.shape[1:])} in {cfg.data_path!r}; the "
+                            f"generator makes {tuple(plan.shape)} (image_or_video_shape): encode "
+                            f"{plan.shape[0]} latent frames (python -m training.i2v --frames {plan.shape[0]})")
+    return data
 
 
 def world_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None) -> LatentDataset:
@@ -692,8 +745,8 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
         return None
     if p.every < 0:
         raise TrainingError(f"probe.every {p.every} must be >= 0")
-    if plan.trainer not in ("score_distillation", "ode"):
-        raise TrainingError("probes run the causal few-step rollout: use them with score_distillation or ode")
+    if plan.trainer not in ("score_distillation", "ode", "gan"):
+        raise TrainingError("probes run the causal few-step rollout: use them with score_distillation, ode or gan")
     prompts = list(p.prompts) + (read_prompts(p.prompt_file) if p.prompt_file else [])
     if not prompts:
         raise TrainingError("probe.every is set but the probe set has no prompts (probe.prompts or probe.prompt_file)")
@@ -701,8 +754,11 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
         raise TrainingError("probe.seeds is empty")
     mc = model_config
     frames = p.num_frames or plan.shape[0]
-    if frames % plan.nfpb:
-        raise TrainingError(f"probe.num_frames {frames} must be a multiple of {plan.nfpb} and fit the KV cache")
+    iff = bool(cfg.independent_first_frame)
+    try:  # frames that fit the chunk layout (models/chunks.py)
+        block_sizes(frames, plan.nfpb, iff)
+    except ModelInputError as err:
+        raise TrainingError(f"probe.num_frames: {err}") from None
     try:  # the cache holds the training length, and at least the family's
         check_fits_cache(frames, mc.local_attn_size, max(plan.shape[0], WAN.cache_frames),
                          label=f"probe.num_frames {frames}", remedy="set model_kwargs.local_attn_size")
@@ -728,6 +784,8 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
     layout_key = dict(spec=dataclasses.astuple(spec), schedule=[dataclasses.astuple(s) for s in schedule],
                       prompts=prompts, seeds=list(p.seeds), frames=frames, hw=(H, W), weights=weights_sha,
                       model=dataclasses.asdict(mc), nfpb=plan.nfpb)
+    if iff:  # (absent otherwise: probe stores made before the option still resume)
+        layout_key["independent_first_frame"] = True
     fp = hashlib.sha256(json.dumps(layout_key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     import platform
 
@@ -738,6 +796,7 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
 
     attrs = dict(workbench_version=__version__, git_commit=_git_commit(), command="workbench train",
                  config_yaml=OmegaConf.to_yaml(cfg), frame_seq_len=fsl, num_frame_per_block=plan.nfpb,
+                 independent_first_frame=iff,
                  num_frames=frames, text_len=mc.text_len, head_dim=mc.head_dim, num_layers=mc.num_layers,
                  num_heads=mc.num_heads, versions=dict(torch=torch.__version__, xarray=xarray.__version__,
                                                        zarr=zarr.__version__, python=platform.python_version()),
@@ -746,7 +805,7 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
                 sampler="causal_few_step", local_attn_size=mc.local_attn_size, sink_size=mc.sink_size)
     return TrainingProbes(spec=spec, schedule=schedule, prompts=prompts, seeds=list(p.seeds), num_frames=frames,
                           latent_hw=(H, W), channels=plan.shape[1], frame_seq_len=fsl, grid=mc.token_grid(H, W),
-                          text_len=mc.text_len, nfpb=plan.nfpb, timesteps=plan.timesteps,
+                          text_len=mc.text_len, nfpb=plan.nfpb, independent_first_frame=iff, timesteps=plan.timesteps,
                           scheduler=FlowMatchScheduler(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep),
                           context_noise=float(cfg.context_noise), every=int(p.every),
                           path=Path(logdir) / p.store, attrs=attrs, fingerprint=fp, sample_meta=meta)
@@ -776,7 +835,10 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
     probes = build_probes(cfg, plan, gen_config, logdir, weights_label=str(weights), weights_sha=sha)  # checks first
     models, _ = build_models(cfg, plan, d.device)
     encoder = TextEncoder.from_wan_dir(gen_dir, device=d.device)
-    trainer = Trainer(cfg, models, encoder, logdir, d=d, plan=plan, data=None, probes=probes, resume=resume, log=log,
+    cls = Trainer
+    if plan.trainer == "gan":
+        from training.gan import GanTrainer as cls
+    trainer = cls(cfg, models, encoder, logdir, d=d, plan=plan, data=None, probes=probes, resume=resume, log=log,
                       progress=progress, seed=cfg.seed)
     trainer.data = build_data(cfg, plan, trainer.seed, d)
     return trainer
@@ -784,7 +846,7 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
 
 def describe(trainer: Trainer) -> str:
     plan, cfg, d = trainer.plan, trainer.cfg, trainer.d
-    what = {"dmd": "DMD", "sid": "SiD", "ode": "ODE regression", "diffusion": "diffusion"}[plan.loss]
+    what = {"dmd": "DMD", "sid": "SiD", "ode": "ODE regression", "diffusion": "diffusion", "gan": "GAN"}[plan.loss]
     F, C, H, W = plan.shape
     return (f"{what} training from step {trainer.step}: {F} latent frames of {H}x{W}, global batch "
             f"{cfg.total_batch_size} = {d.world} rank(s) x {plan.accum} micro-batch(es) x {cfg.batch_size}, "

@@ -233,15 +233,16 @@ class StatsProbe(Probe):
         """Host copies of the buffers: {stat: [B, S, L, H, F(, key dim)]} float32."""
         return {stat: buf.cpu().numpy() for stat, buf in self.buffers.items()}
 
-    def missing_steps(self, expected_frames: int) -> list[tuple]:
-        """(kind, step, layer) triples whose query frames were not all captured (a schedule/label mismatch)."""
+    def missing_steps(self, expected_frames: int, from_frame: int = 0) -> list[tuple]:
+        """(kind, step, layer) triples whose query frames from `from_frame` on were not all captured (a
+        schedule/label mismatch). Image-to-video checks from frame 1: frame 0, the image, is never denoised."""
         kinds = {c[0] for c in self.filled} or {"self"}
         out = []
         for kind in kinds:
             for step in self.spec.steps:
                 for layer in self.spec.layers:
-                    got = sum((kind, step, layer, f) in self.filled for f in range(expected_frames))
-                    if got != expected_frames:
+                    got = sum((kind, step, layer, f) in self.filled for f in range(from_frame, expected_frames))
+                    if got != expected_frames - from_frame:
                         out.append((kind, step, layer))
         return out
 

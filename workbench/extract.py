@@ -34,6 +34,7 @@ from models.embedded import EMBEDDED_DIR
 from models.rollout import SAMPLERS, MultiStepSolver, few_step_schedule, multistep_schedule, sample, seeded_noise
 from models.scheduler import FlowMatchScheduler
 from workbench.capture import CaptureSpec, Geometry, StatsProbe, resolve_mode
+from workbench.chunking import block_sizes_of, image_latent  # noqa: F401 (block_sizes_of: the nnsight recipe)
 from workbench.errors import WorkbenchError
 from workbench.statistics import DEFAULT_STATS, check_stats
 from workbench.store import SCHEMA_VERSION, StoreLayout, StoreLock, StoreWriter, sample_dataset, sample_id
@@ -67,6 +68,8 @@ class ExtractConfig:
     local_attn_size: int = -1
     sink_size: int = 0
     num_frame_per_block: int = 3
+    independent_first_frame: bool = False  # frame 0 is a chunk of its own, then chunks of num_frame_per_block
+    image: str | None = None  # image-to-video: this image's VAE latent is frame 0 (needs independent_first_frame)
     height: int | None = None  # pixels; None: the model folder's own size (models.config.default_video_size):
     width: int | None = None  # 96 x 128 for the embedded default, 480 x 832 for Wan2.1
     device: str = "cpu"
@@ -100,18 +103,6 @@ def parse_int_list(text: str | None, *, what: str, upper: int | None = None) -> 
         if bad:
             raise WorkbenchError(f"{what} {bad} out of range: the model has {what}s 0-{upper - 1}")
     return sorted(values)
-
-
-def format_int_list(values) -> str:
-    """The inverse of `parse_int_list`: [0, 1, 2, 3, 7, 9, 10] -> '0-3,7,9-10'."""
-    values = sorted(int(v) for v in values)
-    runs: list[list[int]] = []
-    for v in values:
-        if runs and v == runs[-1][1] + 1:
-            runs[-1][1] = v
-        else:
-            runs.append([v, v])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -159,11 +150,18 @@ def plan(cfg: ExtractConfig) -> Plan:
     mc = arch.read_config(wan_dir, local_attn_size=cfg.local_attn_size, sink_size=cfg.sink_size)
     embedded = cfg.wan_dir is None
     mc, h, w, fsl = arch.video_geometry(wan_dir, cfg.height, cfg.width, mc)
-    if cfg.sampler != "bidirectional" and cfg.num_frames % cfg.num_frame_per_block:
-        raise WorkbenchError(f"--frames {cfg.num_frames} does not divide into chunks of {cfg.num_frame_per_block}; "
-                             f"use a multiple of {cfg.num_frame_per_block} (e.g. 21)")
+    if cfg.image is not None:
+        if cfg.sampler == "bidirectional" or not cfg.independent_first_frame:
+            raise WorkbenchError("--image puts the image's latent in a chunk of its own: it needs a causal sampler "
+                                 "and the independent-first-frame layout")
+        if not Path(cfg.image).is_file():
+            raise WorkbenchError(f"--image {cfg.image!r} does not exist")
     if cfg.sampler != "bidirectional":
+        block_sizes_of(cfg)  # frames that do not fit the chunk layout
         check_fits_cache(cfg.num_frames, mc.local_attn_size, arch.cache_frames, label=f"--frames {cfg.num_frames}")
+    elif cfg.independent_first_frame:
+        raise WorkbenchError("--independent-first-frame is a chunk layout of the causal samplers; the bidirectional "
+                             "sampler denoises every frame together")
     layers = cfg.layers if cfg.layers is not None else list(range(mc.num_layers))
     heads = cfg.heads if cfg.heads is not None else list(range(mc.num_heads))
     for what, values, n in (("layer", layers, mc.num_layers), ("head", heads, mc.num_heads)):
@@ -205,11 +203,15 @@ def fingerprint_fields(p: Plan, weights_sha: str) -> dict:
     layout = dict(schema=SCHEMA_VERSION, layers=p.spec.layers, heads=p.spec.heads, steps=p.spec.steps,
                   stats=p.spec.stats, token_layers=p.spec.token_layers, geometry=p.geometry, sampler=c.sampler,
                   schedule=[dataclasses.astuple(s) for s in p.schedule], nfpb=c.num_frame_per_block)
+    if c.independent_first_frame:  # (absent otherwise: stores made before the option still resume)
+        layout["independent_first_frame"] = True
     model = dict(weights=weights_sha, config=dataclasses.asdict(p.model_config), key=("ema" if c.use_ema else "gen"),
                  dtype=c.dtype, guidance=c.guidance_scale, negative=c.negative_prompt,
                  capture_mode=p.capture_mode)
     if c.attention_kernel != "auto":  # (absent for the stock kernels: stores made before the option still resume)
         model["attention_kernel"] = c.attention_kernel
+    if c.image is not None:
+        model["image"] = sha256_file(c.image)
     return dict(layout=layout, model=model)
 
 
@@ -253,6 +255,7 @@ def _attrs(p: Plan, fp: str, command: list[str]) -> dict:
         versions=dict(torch=torch.__version__, xarray=xarray.__version__, zarr=zarr.__version__,
                       python=platform.python_version()),
         frame_seq_len=p.frame_seq_len, num_frame_per_block=c.num_frame_per_block, num_frames=c.num_frames,
+        independent_first_frame=bool(c.independent_first_frame),
         text_len=p.model_config.text_len, head_dim=p.model_config.head_dim, num_layers=p.model_config.num_layers,
         num_heads=p.model_config.num_heads, dtype=c.dtype,
         attn_backend=describe(c.device, _dtype(c.dtype), c.attention_kernel),
@@ -274,6 +277,12 @@ def _dist():
         return dist.get_rank(), world, False
     dist.init_process_group("gloo")
     return dist.get_rank(), world, True
+
+
+def rank_share(items: list, rank: int, world: int) -> list:
+    """The items rank `rank` of `world` runs: items rank, rank + world, ... (round r of `world` items gives its
+    item `rank` to this rank; `workbench generate` deals its samples the same way)."""
+    return items[rank::world]
 
 
 def _rank_device(device: str, world: int) -> torch.device:
@@ -354,19 +363,15 @@ def _extract(p: Plan, rank: int, world: int, todo, fp: str, weights_sha: str, de
     cfg = p.cfg
     causal = cfg.sampler != "bidirectional"
     model = load_model(p, device, dtype)
+    initial = image_latent(p, device, dtype)
     encoder = TextEncoder.from_wan_dir(p.wan_dir, device=device)
     negative = encoder.encode([cfg.negative_prompt]) if cfg.sampler != "causal_few_step" else None
-    layout = StoreLayout(steps=[s for s in p.schedule if s.step in p.spec.steps], layers=list(p.spec.layers),
-                         heads=list(p.spec.heads), token_layers=list(p.spec.token_layers), num_frames=cfg.num_frames,
-                         num_frame_per_block=cfg.num_frame_per_block if causal else 0,
-                         frame_seq_len=p.frame_seq_len, grid=p.model_config.token_grid(*p.geometry[1:]),
-                         text_len=p.model_config.text_len, stats=list(cfg.stats),
-                         attrs=_attrs(p, fp, command or sys.argv))
+    layout = store_layout(p, _attrs(p, fp, command or sys.argv))
     # Rounds of `world` samples: rank r runs sample r of each round, and rank 0 writes the round's samples in
     # the order of a single-process run as soon as the round ends (a killed run keeps every finished round).
     rounds = [todo[i : i + world] for i in range(0, len(todo), world)]
-    forwards = len(p.schedule) * (cfg.num_frames // cfg.num_frame_per_block if causal else 1)
-    bar = tqdm(total=sum(rank < len(r) for r in rounds) * forwards,
+    forwards = len(p.schedule) * (len(block_sizes_of(cfg)) if causal else 1)
+    bar = tqdm(total=len(rank_share(todo, rank, world)) * forwards,
                desc=f"extract (rank {rank})" if world > 1 else "extract", unit="fwd",
                disable=not cfg.progress or rank != 0)
     probe = make_probe(model, p, device)
@@ -375,7 +380,7 @@ def _extract(p: Plan, rank: int, world: int, todo, fp: str, weights_sha: str, de
         if rank < len(batch):
             prompt_index, prompt, seed = batch[rank]
             emb = encoder.encode([prompt])
-            arrays = _one_sample(model, p, emb, negative, seed, device, dtype, bar, probe)
+            arrays = _one_sample(model, p, emb, negative, seed, device, dtype, bar, probe, initial)
             meta = dict(prompt_index=prompt_index, seed=seed, prompt=prompt, checkpoint=p.checkpoint_label,
                         checkpoint_sha256=weights_sha, model_family=p.family, sampler=cfg.sampler,
                         local_attn_size=cfg.local_attn_size, sink_size=cfg.sink_size, tokens=emb.tokens[0],
@@ -393,8 +398,22 @@ def _extract(p: Plan, rank: int, world: int, todo, fp: str, weights_sha: str, de
                 writer.write(sample_dataset(layout, meta, arrays))
     bar.close()
     if rank == 0:
+        from workbench.summary import summary_table
+
         log(summary_table(cfg.out))
     return Path(cfg.out)
+
+
+def store_layout(p: Plan, attrs: dict) -> StoreLayout:
+    """The store layout of a plan's samples (its chunks: the causal rollout's, one chunk for bidirectional)."""
+    cfg = p.cfg
+    causal = cfg.sampler != "bidirectional"
+    return StoreLayout(steps=[s for s in p.schedule if s.step in p.spec.steps], layers=list(p.spec.layers),
+                       heads=list(p.spec.heads), token_layers=list(p.spec.token_layers), num_frames=cfg.num_frames,
+                       num_frame_per_block=cfg.num_frame_per_block if causal else 0,
+                       frame_seq_len=p.frame_seq_len, grid=p.model_config.token_grid(*p.geometry[1:]),
+                       text_len=p.model_config.text_len, stats=list(cfg.stats), attrs=attrs,
+                       independent_first_frame=causal and cfg.independent_first_frame)
 
 
 def load_model(p: Plan, device, dtype) -> torch.nn.Module:
@@ -405,6 +424,7 @@ def load_model(p: Plan, device, dtype) -> torch.nn.Module:
                      num_frame_per_block=c.num_frame_per_block, local_attn_size=c.local_attn_size,
                      sink_size=c.sink_size, device=device, dtype=dtype, trust_pickle=c.trust_pickle)
     model.attention_kernel = c.attention_kernel
+    model.independent_first_frame = c.independent_first_frame
     return model
 
 
@@ -415,16 +435,20 @@ def make_probe(model, p: Plan, device) -> StatsProbe:
     return StatsProbe(p.spec, geo, device, mode=p.capture_mode, kernel=p.cfg.attention_kernel)
 
 
-def _one_sample(model, p: Plan, emb, negative, seed, device, dtype, bar, probe: StatsProbe) -> dict[str, np.ndarray]:
+def _one_sample(model, p: Plan, emb, negative, seed, device, dtype, bar, probe: StatsProbe,
+                initial=None) -> dict[str, np.ndarray]:
     from workbench.sample import capture_sample
 
-    return capture_sample(model, probe, lambda: sample_rollout(model, p, emb, negative, seed, device, dtype,
-                                                               on_forward=lambda labels, start, n: bar.update(1)),
-                          p.geometry[0])
+    def run():
+        sample_rollout(model, p, emb, negative, seed, device, dtype, on_forward=lambda labels, start, n: bar.update(1),
+                       initial_latent=initial)
+
+    # image-to-video: frame 0 is the image's latent, which only has a context pass
+    return capture_sample(model, probe, run, p.geometry[0], from_frame=0 if initial is None else 1)
 
 
 def sample_rollout(model, p: Plan, emb, negative, seed: int, device, dtype, on_forward=None,
-                   cache_policy=None) -> torch.Tensor:
+                   initial_latent=None, cache_policy=None) -> torch.Tensor:
     """The rollout of one sample exactly as `extract` runs it: noise [1, F, C, h, w] drawn from `seed`, the
     plan's sampler, the prompt embedding `emb` (and `negative` for the CFG samplers). Returns the clean latents.
     Whatever observes the model (probes, nnsight) sees the same attention calls as the store's run. `cache_policy`:
@@ -436,51 +460,5 @@ def sample_rollout(model, p: Plan, emb, negative, seed: int, device, dtype, on_f
     return sample(model, cfg.sampler, noise, emb.context.to(device, dtype), negative_context, generator=gen,
                   denoising_step_list=cfg.denoising_step_list, timestep_shift=cfg.timestep_shift,
                   context_noise=cfg.context_noise, num_inference_steps=cfg.num_inference_steps,
-                  guidance_scale=cfg.guidance_scale, on_forward=on_forward, cache_policy=cache_policy)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Summary
-
-
-def summary_table(store_path, max_rows: int = 48) -> str:
-    """Per layer and head (mean over samples, denoising steps and the query frames after the first chunk): the
-    attention mass on frame 0, on the rest of the query's own chunk, and on everything else. Heads are never
-    averaged across layers (head 0 of one layer has nothing to do with head 0 of another). Up to `max_rows`
-    (layer, head) rows; more heads are shown as layer x head grids."""
-    from workbench.store import open_store
-
-    ds = open_store(store_path)
-    if "attn_mass" not in ds:
-        return f"wrote {store_path}"
-    from workbench.summary import frame0_own_rest
-
-    chunked = bool((ds.query_chunk > 0).any())
-    first, own, rest = frame0_own_rest(ds.attn_mass)
-    dims = [d for d in ("sample", "step", "query_frame") if d in first.dims]
-    first, own, rest = (x.mean(dims).transpose("layer", "head").values for x in (first, own, rest))
-    layers, heads = [int(v) for v in ds.layer.values], [int(v) for v in ds["head"].values]
-    rows = "query frames after chunk 0" if chunked else "all query frames: one chunk"
-    lines = [f"wrote {store_path}: {ds.sizes['sample']} sample(s), layers {format_int_list(layers)}, "
-             f"steps {format_int_list(ds.step.values)}",
-             f"attention mass per layer and head (mean over samples, denoising steps and {rows}):"]
-    own_name = "own chunk" if chunked else "other frames"
-    if len(layers) * len(heads) <= max_rows:
-        lines.append(f"{'layer':>6} {'head':>5} {'frame 0':>9} {own_name:>12} {'rest':>8}"
-                     + ("   (own chunk: its frames other than frame 0)" if chunked else ""))
-        for i, layer in enumerate(layers):
-            for j, head in enumerate(heads):
-                lines.append(f"{layer:>6} {head:>5} {_fmt(first[i, j]):>9} {_fmt(own[i, j]):>12} {_fmt(rest[i, j]):>8}")
-    else:
-        for name, grid in (("frame 0", first), (own_name, own)):
-            lines.append(f"mass on {name} (a row per layer, a column per head):")
-            lines.append(f"{'layer':>6} " + " ".join(f"{'h' + str(h):>6}" for h in heads))
-            lines += [f"{layer:>6} " + " ".join(f"{_fmt(v):>6}" for v in grid[i]) for i, layer in enumerate(layers)]
-    lines.append(f"open it with xarray: xr.open_zarr({str(store_path)!r}, consolidated=False), or "
-                 f"`workbench report {store_path}`")
-    return "\n".join(lines)
-
-
-def _fmt(x: float, digits: int = 3) -> str:
-    """A rounded number, never '-0.000' (a sum of float32 masses can come out a hair below zero)."""
-    return f"{round(float(x), digits) + 0.0:.{digits}f}"
+                  guidance_scale=cfg.guidance_scale, on_forward=on_forward, initial_latent=initial_latent,
+                  cache_policy=cache_policy)

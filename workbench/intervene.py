@@ -152,7 +152,7 @@ def parse_entry(d: dict, num_layers: int, num_heads: int) -> Entry:
 
 
 def default_label(e: Entry) -> str:
-    from workbench.extract import format_int_list
+    from workbench.summary import format_int_list
 
     sel = lambda name, xs: "" if xs is None else f"{name}{format_int_list(xs)}"  # noqa: E731
     where = ".".join(x for x in (sel("L", e.layers), sel("H", e.heads), sel("s", e.steps), sel("c", e.chunks)) if x)

@@ -26,25 +26,14 @@ import torch
 
 from models.files import atomic_write, check_writable_dir
 from workbench.errors import WorkbenchError
-from workbench.store import open_store
-
-
-def _block_sizes(query_chunk: np.ndarray) -> list[int]:
-    """Frames per chunk, in frame order, from the store's `query_chunk` coordinate."""
-    chunks = [int(c) for c in query_chunk]
-    sizes: list[int] = []
-    for i, c in enumerate(chunks):
-        if i == 0 or c != chunks[i - 1]:
-            sizes.append(0)
-        sizes[-1] += 1
-    return sizes
+from workbench.store import chunk_sizes, open_store
 
 
 def legacy_record(ds, sample: str, layer: int, step: int = 0) -> dict:
     """The fork's dict for one (sample, layer) of an opened store (see the module docstring)."""
     logit = ds["attn_logit"].sel(sample=sample, layer=layer, step=step).values  # [heads, F, F] float32, NaN outside
     full32 = torch.from_numpy(np.nan_to_num(logit, nan=0.0).astype(np.float32))
-    sizes = _block_sizes(ds["query_chunk"].values)
+    sizes = chunk_sizes(ds["query_chunk"].values)
     num_frames = int(ds.sizes["query_frame"])
     last_start = num_frames - sizes[-1]
     last_rows = list(range(last_start, num_frames))

@@ -48,7 +48,7 @@ def extract_rollout(cfg, *, prompt_index: int = 0, device=None, dtype=None):
     clean latents, and the number of DiT forwards of that rollout (35 for 21 frames in the few-step sampler):
     each `Attend` module is visited once per forward, which is the count `tracer.iter[:forwards]` needs."""
     from models.text_encoder import TextEncoder
-    from workbench.extract import _dtype, load_model, plan, sample_rollout
+    from workbench.extract import _dtype, block_sizes_of, load_model, plan, sample_rollout
 
     p = plan(cfg)
     if not 0 <= prompt_index < len(cfg.prompts):
@@ -59,7 +59,7 @@ def extract_rollout(cfg, *, prompt_index: int = 0, device=None, dtype=None):
     encoder = TextEncoder.from_wan_dir(p.wan_dir, device=device)
     emb = encoder.encode([cfg.prompts[prompt_index]])
     negative = encoder.encode([cfg.negative_prompt]) if cfg.sampler != "causal_few_step" else None
-    chunks = cfg.num_frames // cfg.num_frame_per_block if cfg.sampler != "bidirectional" else 1
+    chunks = len(block_sizes_of(cfg)) if cfg.sampler != "bidirectional" else 1
     forwards = len(p.schedule) * chunks
 
     def drive(seed: int):

@@ -18,14 +18,16 @@ from workbench.errors import WorkbenchError
 from workbench.hooks import attach
 
 
-def capture_sample(model, probe: StatsProbe, run: Callable[[], object], num_frames: int) -> dict[str, np.ndarray]:
+def capture_sample(model, probe: StatsProbe, run: Callable[[], object], num_frames: int,
+                   from_frame: int = 0) -> dict[str, np.ndarray]:
     """{stat: [S, L, H, F(, key dim)]} of one sample: the probe forgets the last rollout, `run()` runs the
-    sampler with it attached, and every captured (kind, step, layer) must have been seen for all
-    `num_frames` query frames (WorkbenchError naming the first missing ones otherwise)."""
+    sampler with it attached, and every captured (kind, step, layer) must have been seen for the query frames
+    `from_frame`..`num_frames - 1` (WorkbenchError naming the first missing ones otherwise). Image-to-video
+    starts at frame 1: frame 0 is the image's latent, which only has a context pass."""
     probe.reset()
     with attach(model, probe):
         run()
-    missing = probe.missing_steps(num_frames)
+    missing = probe.missing_steps(num_frames, from_frame=from_frame)
     if missing:
         raise WorkbenchError(f"the rollout did not produce every captured (kind, step, layer): {missing[:5]}")
     return {stat: values[0] for stat, values in probe.results().items()}

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from models.chunks import frame_chunks
 from workbench.errors import WorkbenchError
 from workbench.statistics import STATISTICS
 
@@ -89,10 +90,27 @@ class StoreLayout:
     text_len: int
     stats: list[str]
     attrs: dict  # schema attrs: config_yaml, command, versions, fingerprint, ...
+    independent_first_frame: bool = False  # frame 0 is a chunk of its own (models/chunks.py)
 
     def chunk_of(self, frames) -> np.ndarray:
+        """The chunk of each frame (the store's query_chunk / key_chunk); all 0 for the bidirectional sampler."""
         frames = np.asarray(frames)
-        return frames // self.num_frame_per_block if self.num_frame_per_block else np.zeros_like(frames)
+        if not self.num_frame_per_block:
+            return np.zeros_like(frames)
+        return np.asarray(frame_chunks(self.num_frames, self.num_frame_per_block,
+                                       self.independent_first_frame))[frames]
+
+
+def chunk_sizes(query_chunk) -> list[int]:
+    """Frames per chunk, in frame order, from a store's `query_chunk` coordinate: [1, 3, 3, 3, 3, 3, 3] for 19
+    frames with an independent first frame, [21] for the bidirectional sampler."""
+    chunks = [int(c) for c in np.asarray(query_chunk)]
+    sizes: list[int] = []
+    for i, c in enumerate(chunks):
+        if i == 0 or c != chunks[i - 1]:
+            sizes.append(0)
+        sizes[-1] += 1
+    return sizes
 
 
 def sample_id(prompt_index: int, seed: int) -> str:

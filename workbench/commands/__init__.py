@@ -30,6 +30,27 @@ def _add_weight_options(group) -> None:
                        help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
 
 
+def add_chunk_arguments(group) -> None:
+    """--frames and --independent-first-frame: how many latent frames and how a causal rollout chunks them."""
+    group.add_argument("--frames", type=int, default=None,
+                       help="latent frames (default: 21 -> 81 video frames; 19 with --independent-first-frame)")
+    group.add_argument("--independent-first-frame", action="store_true",
+                       help="frame 0 is a chunk of its own, then chunks of 3: 19 frames give chunks "
+                            "[1, 3, 3, 3, 3, 3, 3], the researchers' extraction layout (frames must be 1 + 3k)")
+
+
+def latent_frames(args) -> int:
+    """--frames, or its default for the chunk layout: as many frames as the family's KV cache holds (21 for
+    Wan2.1); with --independent-first-frame or --image the most 1 + 3k frames it holds (19)."""
+    from models.family import WAN
+
+    if args.frames is not None:
+        return args.frames
+    if args.independent_first_frame or getattr(args, "image", None):
+        return 1 + WAN.frames_per_chunk * ((WAN.cache_frames - 1) // WAN.frames_per_chunk)
+    return WAN.cache_frames
+
+
 def resolve_model(args) -> None:
     """Fill in what `--model NAME` (or, with no model arguments, the zoo's default) means: args.checkpoint and
     args.use_ema, and the sampler settings the command line left unset (None). Errors before any work."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.commands import add_model_arguments, add_size_arguments
+from workbench.commands import add_chunk_arguments, add_model_arguments, add_size_arguments, latent_frames
 from workbench.statistics import DEFAULT_STATS, stats_help
 
 HELP = "capture per-layer, per-head, frame-by-frame attention of a rollout into a zarr store"
@@ -18,6 +18,7 @@ examples:
       --device cuda --dtype bfloat16 --out runs/sf_dmd.zarr
   workbench extract --layer 3 --sampler bidirectional --wan-dir wan_models/Wan2.1-T2V-1.3B --out runs/wan.zarr
   torchrun --nproc_per_node=4 -m workbench.cli extract --layers all --prompts prompts.txt ...
+  workbench extract --layer 3 --independent-first-frame      # 19 frames in chunks [1, 3, 3, 3, 3, 3, 3]
 
 what is stored (docs/store.md): attn_mass[sample, step, layer, head, query_frame, key_frame] (the softmax
 mass each query frame puts on each key frame; rows sum to 1), attn_logit (the mean pre-softmax logit of a
@@ -55,8 +56,11 @@ def register(subparsers) -> None:
     job = p.add_argument_group("what to run")
     job.add_argument("--prompt", help="one prompt (default: the researchers' eagle prompt)")
     job.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
+    job.add_argument("--image", metavar="PATH",
+                     help="image-to-video: the image's VAE latent is frame 0, a chunk of its own (implies "
+                          "--independent-first-frame; 19 frames by default)")
     job.add_argument("--seed", default="42", help="seed(s): 42, 0-3 or 1,2,3 (default: %(default)s)")
-    job.add_argument("--frames", type=int, default=21, help="latent frames (default: %(default)s)")
+    add_chunk_arguments(job)
     add_size_arguments(job)
     job.add_argument("--sampler", choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"],
                      help="default: the --model's (causal_few_step for the students, bidirectional for the teacher)")
@@ -97,7 +101,8 @@ def run(args) -> int:
         stats=[s.strip() for s in args.stats.split(",") if s.strip()],
         token_layers=parse_int_list(args.token_layers, what="layer") or [],
         seeds=parse_int_list(args.seed, what="seed"),
-        num_frames=args.frames, height=args.height, width=args.width, sampler=args.sampler,
+        num_frames=latent_frames(args), independent_first_frame=args.independent_first_frame or bool(args.image),
+        image=args.image, height=args.height, width=args.width, sampler=args.sampler,
         local_attn_size=args.local_attn_size, sink_size=args.sink_size,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         wan_dir=args.wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema, trust_pickle=args.trust_pickle,

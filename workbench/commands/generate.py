@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.commands import add_model_arguments, add_size_arguments
+from workbench.commands import add_chunk_arguments, add_model_arguments, add_size_arguments, latent_frames
 
 HELP = "generate videos (latents, mp4, PNG grid) from prompts"
 
@@ -19,8 +19,11 @@ examples:
   workbench generate --prompts prompts.txt --seed 0-3 --wan-dir wan_models/Wan2.1-T2V-1.3B \\
       --checkpoint checkpoints/self_forcing_dmd.pt --use-ema --out videos/sf_dmd
   workbench generate --prompt "..." --sampler bidirectional --wan-dir wan_models/Wan2.1-T2V-1.3B   # Wan baseline
+  workbench generate --prompt "a red square moving left" --image first.png   # image-to-video, 19 frames
   workbench generate --prompt "a red kite" --live --layers 0-5 --out runs/live    # and meanwhile:
   workbench view runs/live --wait                                   # frames and attention, chunk by chunk
+  torchrun --nproc_per_node=8 -m workbench.cli generate --prompts prompts.txt --wan-dir ... --out videos/x
+                                                       # prompts dealt over 8 GPUs, the same file names
 
 Writes, per prompt index P and seed S, into --out: pPPPP-sS.safetensors (latents [F, 16, h, w] under
 "latents"), pPPPP-sS.mp4 (16 fps; needs the video extra: pip install -e ".[video]") and pPPPP-sS.png (a grid
@@ -39,7 +42,11 @@ def register(subparsers) -> None:
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
     p.add_argument("--seed", default="0", help="seed(s): 0, 0-3 or 1,2,3 (default: %(default)s)")
-    p.add_argument("--frames", type=int, default=21, help="latent frames (default: %(default)s -> 81 video frames)")
+    p.add_argument("--image", metavar="PATH",
+                   help="image-to-video: the image (resized to the video's size) is encoded by the VAE as latent "
+                        "frame 0, a chunk of its own (implies --independent-first-frame: 19 frames by default), "
+                        "and the rollout continues from it; with every prompt")
+    add_chunk_arguments(p)
     add_size_arguments(p)
     p.add_argument("--sampler", choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"],
                    help="default: the --model's (causal_few_step for the students, bidirectional for the teacher)")
@@ -55,7 +62,19 @@ def register(subparsers) -> None:
                    help="the DiT's attention kernel: auto (flash-attn / cuDNN / SDPA) or triton (the frame-tiled "
                         "kernel that `workbench extract --attention-kernel triton` captures from; outputs differ "
                         "from auto's by bf16 rounding) (default: %(default)s)")
+    speed = p.add_argument_group("speed (bench/RESULTS.md: what they buy on an H200 and how far they move the latents)")
+    speed.add_argument("--compile", nargs="?", const="default", choices=["default", "max-autotune-no-cudagraphs"],
+                       metavar="MODE", help="torch.compile every DiT block (the first rollout compiles; CUDA-graph "
+                                            "replay stays on); MODE default or max-autotune-no-cudagraphs "
+                                            "(models/accel.py)")
+    speed.add_argument("--fp8", nargs="?", const="rowwise", choices=["rowwise", "tensor"], metavar="SCALES",
+                       help="the blocks' linear layers in float8 (e4m3) with rowwise (default) or per-tensor scales, "
+                            "via torch._scaled_mm; CUDA needs --dtype bfloat16 (the default there)")
     p.add_argument("--no-video", action="store_true", help="latents only (no VAE decode)")
+    p.add_argument("--vae-decoder", default="auto", choices=["auto", "reference", "fast"],
+                   help="the VAE decoder: reference (diffusers' modules) or fast (channels-last, CUDA graphs; frames "
+                        "differ from reference by rounding); auto: $WORKBENCH_VAE_DECODER, else reference "
+                        "(default: %(default)s)")
     p.add_argument("--out", default="runs/generate", help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     live = p.add_argument_group("live view (watch the run with `workbench view OUT`)")
@@ -68,6 +87,21 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    """Under torchrun (WORLD_SIZE > 1) each rank runs its share of the (prompt, seed) samples, dealt as
+    `workbench extract` deals them, and writes them under the names a single-process run gives them."""
+    from workbench.extract import _dist
+
+    rank, world, initialised = _dist()
+    try:
+        return _run(args, rank, world)
+    finally:
+        if initialised:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(args, rank: int = 0, world: int = 1) -> int:
     import contextlib
     import gc
     import sys
@@ -80,16 +114,18 @@ def run(args) -> int:
     from models.checkpoint import load_wan
     from models.family import check_fits_cache, family_of
     from models.embedded import EMBEDDED_DIR
+    from models.errors import ModelInputError
     from models.rollout import sample, seeded_noise
     from models.text_encoder import TextEncoder
-    from models.vae import WanVAE
+    from models.vae import WanVAE, resolve_decoder
     from models.video import ensure_writable_dir, mp4_available, read_prompts, write_mp4, write_png_grid
     from workbench.commands import resolve_model
     from workbench.errors import WorkbenchError
-    from workbench.extract import DEFAULT_PROMPT, _dtype, parse_int_list
+    from workbench.extract import DEFAULT_PROMPT, _dtype, _rank_device, parse_int_list, rank_share
 
     # --- everything that can be wrong, before any work
     resolve_model(args)
+    resolve_decoder(args.vae_decoder)  # a bad WORKBENCH_VAE_DECODER included
     out = ensure_writable_dir(args.out)
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt or DEFAULT_PROMPT]
     seeds = parse_int_list(args.seed, what="seed")
@@ -100,16 +136,34 @@ def run(args) -> int:
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise WorkbenchError(f"--checkpoint {args.checkpoint!r} does not exist")
+    if args.image:
+        if args.sampler == "bidirectional":
+            raise WorkbenchError("--image runs the causal samplers (the image is the first chunk of the KV cache)")
+        args.independent_first_frame = True  # the image's latent is a chunk of its own
+    args.frames = latent_frames(args)
     family = family_of(wan_dir)
     _, h, w, _ = family.video_geometry(wan_dir, args.height, args.width)
     if args.sampler != "bidirectional":
         from models.config import VideoGeometry
 
-        # frames that do not divide into the family's chunks are refused here
-        VideoGeometry(num_frames=args.frames, num_frame_per_block=family.frames_per_chunk)
+        try:  # frames that do not fit the family's chunk layout are refused here
+            VideoGeometry(num_frames=args.frames, num_frame_per_block=family.frames_per_chunk,
+                          independent_first_frame=args.independent_first_frame)
+        except ModelInputError as err:
+            raise WorkbenchError(f"{err}{' (--image makes frame 0 a chunk of its own)' if args.image else ''}") from None
         check_fits_cache(args.frames, args.local_attn_size, family.cache_frames, label=f"--frames {args.frames}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    elif args.independent_first_frame:
+        raise WorkbenchError("--independent-first-frame is a chunk layout of the causal samplers; the bidirectional "
+                             "sampler denoises every frame together")
+    device = _rank_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), world)
     dtype = _dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if args.fp8 and device.type == "cuda" and dtype != torch.bfloat16:
+        raise WorkbenchError(f"--fp8 on CUDA computes in bfloat16; drop --dtype {args.dtype} or use --dtype bfloat16")
+    image = None
+    if args.image:
+        from models.video import read_image
+
+        image = read_image(args.image, family.vae_stride * h, family.vae_stride * w)  # [3, H, W] in [-1, 1]
     low_memory = args.low_memory == "on" or (
         args.low_memory == "auto" and device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 40 * 2**30)
     quiet = args.no_progress
@@ -120,6 +174,8 @@ def run(args) -> int:
     live = None
     if not args.live and (args.layers or args.heads or args.steps):
         raise WorkbenchError("--layers, --heads and --steps choose what --live captures; add --live")
+    if args.live and world > 1:
+        raise WorkbenchError("--live streams one process's run to `workbench view`; run it without torchrun")
     if args.live:  # what to capture, checked (layers, heads, steps) before any weights are read
         from workbench.view.live import LiveRun, live_plan
 
@@ -129,7 +185,9 @@ def run(args) -> int:
 
     # --- text first; in low-memory mode the encoder leaves the GPU before the DiT arrives
     encoder = TextEncoder.from_wan_dir(wan_dir, device=device, cache_dir=out / ".prompt_cache")
-    contexts = [encoder.encode([p]).context for p in tqdm(prompts, desc="encode", disable=quiet)]
+    jobs = rank_share([(i, s) for i in range(len(prompts)) for s in seeds], rank, world)  # this rank's samples
+    contexts = {i: encoder.encode([prompts[i]]).context
+                for i in tqdm(sorted({i for i, _ in jobs}), desc="encode", disable=quiet)}
     cfg_sampler = args.sampler != "causal_few_step"
     negative = encoder.encode([args.negative_prompt]).context if cfg_sampler else None
     if low_memory:
@@ -140,43 +198,65 @@ def run(args) -> int:
                      local_attn_size=args.local_attn_size, sink_size=args.sink_size, device=device, dtype=dtype,
                      trust_pickle=args.trust_pickle)
     model.attention_kernel = args.attention_kernel
-    vae = None if args.no_video else WanVAE.from_file(wan_dir / "Wan2.1_VAE.pth", device=device, dtype=dtype)
+    model.independent_first_frame = args.independent_first_frame
+    if args.fp8 or args.compile:
+        from models.accel import compile_blocks, quantize_fp8
 
-    jobs = [(i, s) for i in range(len(prompts)) for s in seeds]
+        if args.fp8:
+            quantize_fp8(model, args.fp8)
+        if args.compile:
+            compile_blocks(model, args.compile)
+    vae = None if args.no_video and image is None else WanVAE.from_file(wan_dir / "Wan2.1_VAE.pth", device=device,
+                                                                         dtype=dtype, decoder=args.vae_decoder)
+    # image-to-video: the image's latent [1, 1, 16, h, w] is frame 0 of every sample
+    initial = None if image is None else vae.encode(image[None, :, None]).to(device, dtype)
+    if args.no_video:
+        vae = None
+
     for i, seed in jobs:
         name = f"p{i:04d}-s{seed}"
         noise, gen = seeded_noise(seed, (1, args.frames, model.config.in_dim, h, w), device, dtype)
-        chunks = args.frames // model.num_frame_per_block if args.sampler != "bidirectional" else 1
+        chunks = len(model.chunk_spans(args.frames)) if args.sampler != "bidirectional" else 1
         per_chunk = 5 if args.sampler == "causal_few_step" else 2 * args.num_inference_steps + (2 if cfg_sampler and args.sampler != "bidirectional" else 0)
-        # each finished chunk is decoded right away (the VAE decodes causally, chunk by chunk) and, with
-        # --live, streamed with its attention
-        decoder = None if vae is None else vae.stream_decoder()
+        # each finished chunk is decoded right away (the VAE decodes causally, chunk by chunk), on CUDA on a side
+        # stream while the next chunk is denoised, and, with --live, streamed with its attention
+        decoder = None if vae is None else vae.stream_decoder(overlap=True)
         pieces = []
 
         def on_chunk(chunk, start, x0):  # x0 [1, n, C, h, w], the chunk's clean latents
-            video = None if decoder is None else decoder.push(x0)  # [1, 3, t, H, W]
-            if video is not None:
-                pieces.append(video)
+            pending = None if decoder is None else decoder.push_async(x0)
+            if pending is not None:
+                pieces.append(pending)
             if live is not None:
-                live.chunk(chunk, start, x0.shape[1], video)
+                live.chunk(chunk, start, x0.shape[1], None if pending is None else pending.get())  # [1, 3, t, H, W]
 
         watched = contextlib.nullcontext() if live is None else live.sample(model, name, prompt=prompts[i],
                                                                             prompt_index=i, seed=seed)
-        with watched, tqdm(total=chunks * per_chunk, desc=f"rollout {name}", unit="fwd", disable=quiet) as bar:
+        # the last chunk's context pass only writes the cache (same latents): skipped unless --live shows it
+        skip_last = args.sampler == "causal_few_step" and live is None
+        with watched, tqdm(total=chunks * per_chunk - skip_last, desc=f"rollout {name}", unit="fwd",
+                           disable=quiet) as bar:
             latents = sample(model, args.sampler, noise, contexts[i].to(device, dtype),
                              None if negative is None else negative.to(device, dtype), generator=gen,
                              num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                             on_forward=lambda *_: bar.update(1), on_chunk=on_chunk)
+                             on_forward=lambda *_: bar.update(1), on_chunk=on_chunk, initial_latent=initial,
+                             last_context_pass=not skip_last)
         save_file({"latents": latents[0].float().cpu().contiguous()}, str(out / f"{name}.safetensors"),
                   metadata={"prompt": prompts[i], "seed": str(seed), "sampler": args.sampler,
                             "checkpoint": args.checkpoint or str(wan_dir)})
         if vae is None:
             continue
-        video = torch.cat(pieces, dim=2)[0]  # [3, T, H, W] in [-1, 1]
+        video = torch.cat([p.get() for p in pieces], dim=2)[0]  # [3, T, H, W] in [-1, 1]
         if mp4:
             write_mp4(video, out / f"{name}.mp4", fps=16)
         write_png_grid(video, out / f"{name}.png", ncols=9, frames=range(0, video.shape[1], 5))
     if live is not None:
         live.close()
-    print(f"wrote {len(jobs)} sample(s) to {out}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank's files are written
+    if rank == 0:
+        total = len(prompts) * len(seeds)
+        print(f"wrote {total} sample(s) to {out}" + (f" ({world} processes)" if world > 1 else ""))
     return 0

@@ -33,7 +33,8 @@ def live_plan(args, prompts: list[str], seeds: list[int], device: torch.device, 
     cfg = ExtractConfig(
         layers=parse_int_list(args.layers, what="layer"), heads=parse_int_list(args.heads, what="head"),
         steps=parse_int_list(args.steps, what="step"), stats=["attn_mass"], prompts=prompts, seeds=seeds,
-        num_frames=args.frames, wan_dir=args.wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema,
+        num_frames=args.frames, independent_first_frame=args.independent_first_frame, image=args.image,
+        wan_dir=args.wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema,
         trust_pickle=args.trust_pickle, sampler=args.sampler, num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
         local_attn_size=args.local_attn_size, sink_size=args.sink_size, height=h * VAE_STRIDE, width=w * VAE_STRIDE,
@@ -69,7 +70,7 @@ class LiveRun:
         except BaseException:
             self.writer.close("failed")  # the page stops waiting for more chunks
             raise
-        missing = self.probe.missing_steps(self.plan.geometry[0])
+        missing = self.probe.missing_steps(self.plan.geometry[0], from_frame=1 if self.plan.cfg.image else 0)
         if missing:
             raise WorkbenchError(f"the rollout did not produce every captured (kind, step, layer): {missing[:5]}")
         self.writer.end_sample(name)

@@ -1,0 +1,138 @@
+"""Optional inference accelerations of the DiT: torch.compile of its blocks, and FP8 linear layers.
+
+Both are off by default (`workbench generate --compile`, `--fp8`); bench/bench_compile_fp8.py measures their
+speed and how far they move the latents (bench/RESULTS.md).
+
+torch.compile (`compile_blocks`): every transformer block is compiled (inductor, `dynamic=False`). The KV-cache
+bookkeeping (`models.wan.through_cache`) and the attention entry point (`models.attention.Attend`) stay eager
+(`torch.compiler.disable`): they are Python (which frames a slot holds, observers, the kernel choice) and call
+cuDNN / Triton attention kernels that compilation would not improve. So a block compiles into a few graphs
+around them, once per shape, and a rollout's later chunks and later rollouts reuse them (no recompiles). The
+rollout's own CUDA graphs (`models.rollout.RolloutGraphs`) still work: the first rollout of a shape runs the
+compiled blocks eagerly (compiling every variant), the second records them into CUDA graphs, later ones
+replay. Modes that use torch.compile's own CUDA graphs ("reduce-overhead", "max-autotune") are refused: two
+graph systems would fight over the same cache buffers; "max-autotune-no-cudagraphs" (the researchers' demo
+mode) is allowed.
+
+FP8 (`quantize_fp8`): the linear layers of every block (self- and cross-attention q, k, v, o, the FFN) become
+`Fp8Linear`: the weight stored once as float8_e4m3fn with a float32 scale per output channel ("rowwise") or
+one per tensor ("tensor"), the activation quantized on the fly the same way (per token row, or per tensor),
+and the product by `torch._scaled_mm` (FP8 tensor cores on H100/H200; CPU kernels in recent torch), with the
+scales applied to the float32 accumulator, output in the model's dtype, bias added after. The embeddings and
+the head stay in the model's dtype. `fp8_linear_reference` is the same computation written out in float64
+(dequantize, matmul), which the tests compare with.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from models.errors import ModelInputError
+
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+FP8_GRANULARITIES = ("rowwise", "tensor")
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
+
+
+# ------------------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def leave_eager() -> None:
+    """Mark the KV-cache bookkeeping (`models.wan.through_cache`) and the attention entry point (`Attend.forward`)
+    as not to be compiled, once. (Done here rather than by decorators: those would import torch._dynamo, and with
+    it triton, whenever the models are imported.)"""
+    from models import attention, wan
+
+    if not getattr(wan.through_cache, "_left_eager", False):
+        wan.through_cache = torch.compiler.disable(wan.through_cache)
+        wan.through_cache._left_eager = True
+    if not getattr(attention.Attend.forward, "_left_eager", False):
+        attention.Attend.forward = torch.compiler.disable(attention.Attend.forward)
+        attention.Attend.forward._left_eager = True
+
+
+def compile_blocks(model, mode: str = "default", backend: str = "inductor") -> None:
+    """Compile every transformer block of `model` in place (see the module docstring)."""
+    if mode not in COMPILE_MODES:
+        raise ModelInputError(f"compile mode {mode!r}: use one of {list(COMPILE_MODES)} (modes with torch.compile's "
+                              "own CUDA graphs would fight the rollout's CUDA graphs over the KV cache)")
+    import torch._dynamo as dynamo
+
+    leave_eager()
+    # each block meets a few shapes (chunk sizes, the first forward that fills the cross-attention cache)
+    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
+    for block in model.blocks:
+        block.compile(backend=backend, dynamic=False, **({} if backend != "inductor" else {"mode": mode}))
+
+
+# ------------------------------------------------------------------------------------------------------
+# FP8
+
+
+def quantize_e4m3(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_fp8, scale) with x ~= x_fp8 * scale: x [M, K] -> float8_e4m3fn [M, K] and a float32 scale [M, 1]
+    ("rowwise": amax of each row maps to 448) or [] ("tensor")."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True) if granularity == "rowwise" else xf.abs().amax()
+    scale = amax.clamp(min=1e-12) / E4M3_MAX
+    return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+class Fp8Linear(nn.Module):
+    """y = x W^T + b with W and x in float8_e4m3fn (module docstring). Made from an `nn.Linear`."""
+
+    def __init__(self, linear: nn.Linear, granularity: str = "rowwise"):
+        super().__init__()
+        if granularity not in FP8_GRANULARITIES:
+            raise ModelInputError(f"FP8 granularity {granularity!r}: use one of {list(FP8_GRANULARITIES)}")
+        self.granularity = granularity
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_dtype = linear.weight.dtype
+        w8, w_scale = quantize_e4m3(linear.weight.detach(), granularity)  # [N, K], [N, 1] or []
+        self.register_buffer("weight_fp8", w8)
+        self.register_buffer("weight_scale", w_scale.t().contiguous() if granularity == "rowwise" else w_scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x):
+        # x [..., K] -> [..., N]
+        lead = x.shape[:-1]
+        x8, x_scale = quantize_e4m3(x.reshape(-1, self.in_features), self.granularity)  # [M, K], [M, 1] or []
+        y = torch._scaled_mm(x8, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                             out_dtype=self.out_dtype)  # [M, N]; weight_fp8.t() is column-major, as cuBLASLt wants
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, float8_e4m3fn, {self.granularity} scales"
+
+
+def fp8_linear_reference(layer: Fp8Linear, x: torch.Tensor) -> torch.Tensor:
+    """What `Fp8Linear.forward` computes, in float64: the quantized activation and weight dequantized, multiplied,
+    scaled, plus the bias. x [..., K] -> float64 [..., N]."""
+    x8, x_scale = quantize_e4m3(x.reshape(-1, layer.in_features), layer.granularity)
+    w_scale = layer.weight_scale.t() if layer.granularity == "rowwise" else layer.weight_scale  # [N, 1] or []
+    xd = x8.double() * x_scale.double()
+    wd = layer.weight_fp8.double() * w_scale.double()
+    y = xd @ wd.t()
+    if layer.bias is not None:
+        y = y + layer.bias.double()
+    return y.view(*x.shape[:-1], layer.out_features)
+
+
+def quantize_fp8(model, granularity: str = "rowwise") -> int:
+    """Replace every block's linear layers by `Fp8Linear` in place; returns how many were replaced. Layers whose
+    sizes are not multiples of 16 (what FP8 GEMMs need) stay as they are."""
+    if granularity not in FP8_GRANULARITIES:
+        raise ModelInputError(f"FP8 granularity {granularity!r}: use one of {list(FP8_GRANULARITIES)}")
+    count = 0
+    for block in model.blocks:
+        for parent in block.modules():
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear and child.in_features % 16 == 0 and child.out_features % 16 == 0:
+                    setattr(parent, name, Fp8Linear(child, granularity))
+                    count += 1
+    return count

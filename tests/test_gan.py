@@ -1,0 +1,139 @@
+"""`trainer: gan` (training/gan.py): the discriminator's branch, the losses, learning on the miniature world's
+videos (world renders encoded by the embedded VAE), warm-up, bitwise resume and config errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHAPE = ["image_or_video_shape=[1,3,16,12,16]", "num_training_frames=3", "data_path=runs/world_latents.pt"]
+
+
+@pytest.fixture(scope="module")
+def world_set():
+    """16 world videos of 3 latent frames (9 pixel frames at 96 x 128), encoded by the embedded VAE."""
+    from models.embedded import EMBEDDED_DIR
+    from models.vae import WanVAE
+    from training.data import LatentDataset
+    from training.i2v import world_latents
+
+    torch.set_num_threads(1)
+    prompts, latents = world_latents(WanVAE.from_file(EMBEDDED_DIR / "Wan2.1_VAE.pth"), 16, seed=0, latent_frames=3)
+    return LatentDataset(prompts, latents, "latents", seed=7)
+
+
+def gan_trainer(tmp_path, data, *overrides, resume=None):
+    from test_training import BASE
+    from training import distributed as fsdp
+    from training.gan import GanTrainer, add_classification_branch
+    from training.text import HashTextEncoder
+    from training.trainer import Models, check_config, load_train_config
+
+    cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", BASE + SHAPE + ["trainer=gan", *overrides])
+    plan = check_config(cfg, 1)
+    critic = tiny_model(causal=False, seed=2)
+    add_classification_branch(critic, cfg.num_class, bool(cfg.concat_time_embeddings))
+    return GanTrainer(cfg, Models(tiny_model(causal=True, seed=1), critic), HashTextEncoder(16, 32), tmp_path,
+                      d=fsdp.setup("cpu"), plan=plan, data=data, progress=False, log=lambda *a: None, resume=resume)
+
+
+def test_branch_and_losses():
+    from training.gan import classify, discriminator_gan_loss, gan_layers, generator_gan_loss
+
+    assert gan_layers(30) == (13, 21, 29) and gan_layers(2) == (0, 1, 1)
+    from training.gan import add_classification_branch
+
+    critic = tiny_model(causal=False)
+    add_classification_branch(critic, num_class=1)
+    names = [n for n, _ in critic.named_parameters()]
+    assert any(n.startswith("_register_tokens.") for n in names) and any(n.startswith("_cls_pred_branch.") for n in names)
+    assert sum(n.startswith("_gan_ca_blocks.") for n in names) > 0
+    x, t, ctx = torch.randn(2, 3, 16, 4, 6), torch.full((2, 3), 500.0), torch.randn(2, 16, 32)
+    logits = classify(critic, x, t, ctx)
+    assert logits.shape == (2, 1)
+    logits.sum().backward()  # gradient reaches the branch and the backbone's blocks
+    assert critic._cls_pred_branch[1].weight.grad is not None and critic.blocks[0].self_attn.q.weight.grad is not None
+    fake, real = torch.tensor([[0.5], [-1.0]]), torch.tensor([[2.0], [0.0]])
+    sp = torch.nn.functional.softplus
+    torch.testing.assert_close(generator_gan_loss(fake, real, 0.01, False), sp(-fake).mean() * 0.01)
+    torch.testing.assert_close(discriminator_gan_loss(fake, real, 0.01, False), (sp(-real).mean() + sp(fake).mean()) * 0.01)
+    torch.testing.assert_close(discriminator_gan_loss(fake, real, 1.0, True), sp(-(real - fake)).mean())
+
+
+def test_discriminator_learns_world_videos_from_generated_ones(tmp_path, world_set):
+    """Warm-up (only the branch trains, no generator step) on real world latents against the tiny generator's
+    rollouts: the discriminator loss falls from 2 ln 2 (chance) and the real/fake logits separate; the generator
+    and the backbone do not move."""
+    tr = gan_trainer(tmp_path, world_set, "discriminator_warmup_steps=30", "gan_d_weight=1.0", "critic_lr=1e-3",
+                     "critic_timestep_shift=1.0", "beta1_critic=0.9")
+    g0 = {k: v.clone() for k, v in tr.generator.state_dict().items()}
+    b0 = tr.critic.blocks[0].ffn[0].weight.clone()
+    rows = tr.train(30, save_at_end=False)
+    losses = [r["critic_loss"] for r in rows]
+    assert all("generator_loss" not in r for r in rows)
+    assert abs(np.mean(losses[:2]) - 2 * np.log(2)) < 0.3, losses[:2]
+    assert np.median(losses[-10:]) < 0.25 * np.mean(losses[:3]), losses  # (median: a noisy high-t draw can spike)
+    gaps = [r["gan_real_logit"] - r["gan_fake_logit"] for r in rows]
+    assert np.median(gaps[-10:]) > 3.0 and abs(np.mean(gaps[:2])) < 1.0, gaps
+    assert all(torch.equal(g0[k], v) for k, v in tr.generator.state_dict().items())
+    assert torch.equal(tr.critic.blocks[0].ffn[0].weight, b0)  # the backbone is frozen in warm-up
+
+
+def test_generator_steps_and_bitwise_resume(tmp_path, world_set):
+    over = ["dfake_gen_update_ratio=2", "log_iters=2", "gan_g_weight=1.0", "gan_d_weight=1.0", "r1_weight=0.1",
+            "r2_weight=0.1"]
+    a = gan_trainer(tmp_path / "a", world_set, *over)
+    a.train(4)
+    rows = a.history
+    assert [("generator_loss" in r) for r in rows] == [True, False, True, False]
+    assert all("r1_loss" in r and "r2_loss" in r for r in rows)
+    b = gan_trainer(tmp_path / "b", world_set, *over)
+    b.train(2)
+    c = gan_trainer(tmp_path / "b", world_set, *over, resume=tmp_path / "b" / "checkpoint_model_000002")
+    c.train(4)
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert [strip(r) for r in c.history] == [strip(r) for r in rows[2:]]
+    for k, v in a.critic.state_dict().items():
+        assert torch.equal(v, c.critic.state_dict()[k]), k
+    for k, v in a.generator.state_dict().items():
+        assert torch.equal(v, c.generator.state_dict()[k]), k
+
+
+def test_gan_config_errors():
+    from test_training import BASE
+    from training.errors import TrainingError
+    from training.trainer import check_config, load_train_config
+
+    for over, message in ((["num_class=0"], "num_class"), (["r1_sigma=0"], "r1_sigma 0.0 must be positive"),
+                          (["data_path=prompts.txt"], "real latents")):
+        cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", BASE + ["trainer=gan", *over])
+        with pytest.raises(TrainingError, match=message):
+            check_config(cfg, 1)
+
+
+def test_shipped_gan_and_i2v_configs_pass_the_checks():
+    from training.trainer import check_config, load_train_config
+
+    for name, trainer in (("world_gan", "gan"), ("world_i2v_dmd", "score_distillation")):
+        cfg, _ = load_train_config(f"configs/{name}.yaml")
+        assert check_config(cfg, 1).trainer == trainer
+
+
+def test_real_latents_of_another_length_are_refused_before_work(tmp_path):
+    """World videos encoded with another frame count than the generator makes: a clear error naming both shapes
+    and the command that fixes it (not a broadcasting error in the first discriminator step)."""
+    from test_training import BASE
+    from training.data import save_latent_dataset
+    from training.errors import TrainingError
+    from training.trainer import build_data, check_config, load_train_config
+
+    path = tmp_path / "world.pt"
+    save_latent_dataset(path, ["a", "b"], torch.zeros(2, 4, 16, 12, 16), "latents")
+    cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", BASE + SHAPE + ["trainer=gan", f"data_path={path}"])
+    with pytest.raises(TrainingError, match=r"\(4, 16, 12, 16\).*makes \(3, 16, 12, 16\).*--frames 3"):
+        build_data(cfg, check_config(cfg, 1), 0)
+    save_latent_dataset(path, ["a", "b"], torch.zeros(2, 3, 16, 12, 16), "latents")
+    assert build_data(cfg, check_config(cfg, 1), 0).latents.shape == (2, 3, 16, 12, 16)

@@ -1,0 +1,196 @@
+"""`workbench generate` beyond one process and one text prompt: torchrun sharding (the same files as a
+single-process run), --compile and --fp8, and image-to-video (--image)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from workbench.cli import main
+
+PROMPTS = ["a red circle moving left", "a blue square moving up", "a green triangle moving down"]
+
+
+def test_torchrun_two_cpu_processes_write_the_single_process_files(tmp_path):
+    """`python -m torch.distributed.run --nproc_per_node=2` (gloo): 3 prompts x 2 seeds dealt over 2 ranks; every
+    sample's file has the single-process name and bitwise the single-process latents."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    common = ["generate", "--prompts", str(prompts), "--seed", "3,4", "--frames", "6", "--no-video", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "workbench.cli", *common, "--out", str(tmp_path / "dist")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert dist.returncode == 0, dist.stderr[-3000:]
+    assert dist.stdout.count("wrote 6 sample(s)") == 1 and "(2 processes)" in dist.stdout  # rank 0 reports once
+    single = subprocess.run([sys.executable, "-m", "workbench.cli", *common, "--out", str(tmp_path / "one")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    names = sorted(p.name for p in (tmp_path / "one").glob("*.safetensors"))
+    assert names == [f"p{i:04d}-s{s}.safetensors" for i in range(3) for s in (3, 4)]
+    assert sorted(p.name for p in (tmp_path / "dist").glob("*.safetensors")) == names
+    for name in names:
+        a, b = load_file(str(tmp_path / "dist" / name)), load_file(str(tmp_path / "one" / name))
+        assert torch.equal(a["latents"], b["latents"]), name
+    first = [load_file(str(tmp_path / "one" / n))["latents"] for n in names[:2]]
+    assert not torch.equal(first[0], first[1])  # the samples differ (a mix-up would show)
+
+
+def test_live_is_refused_under_torchrun(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    import workbench.extract as extract_mod
+
+    monkeypatch.setattr(extract_mod, "_dist", lambda: (0, 2, False))
+    assert main(["generate", "--prompt", "x", "--live", "--out", str(tmp_path / "o")]) == 2
+    assert "without torchrun" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------
+# image-to-video
+
+
+def world_image(path, prompt="a red square moving left", seed=3):
+    """Frame 0 of a miniature-world video (models/world.py) as a PNG at 96 x 128."""
+    import numpy as np
+    from PIL import Image
+
+    from models.world import world_video
+
+    pixels, _ = world_video(prompt, seed, num_frames=1)  # [3, 1, 96, 128] in [-1, 1]
+    rgb = np.round((pixels[:, 0].transpose(1, 2, 0) + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def test_i2v_rollout_frame_0_is_the_image_latent_and_conditions_the_rest(one_thread):
+    from conftest import tiny_model
+    from models.errors import ModelInputError
+    from models.rollout import sample
+
+    model = tiny_model()
+    model.independent_first_frame = True
+    g = torch.Generator().manual_seed(0)
+    noise, ctx, neg = torch.randn(1, 7, 16, 4, 6, generator=g), torch.randn(1, 16, 32), torch.randn(1, 16, 32)
+    image_a, image_b = torch.randn(1, 1, 16, 4, 6, generator=g), torch.randn(1, 1, 16, 4, 6, generator=g)
+    for sampler in ("causal_few_step", "causal_multi_step_cfg"):
+        events = []
+        out_a = sample(model, sampler, noise, ctx, neg, generator=torch.Generator().manual_seed(1),
+                       num_inference_steps=2, initial_latent=image_a,
+                       on_forward=lambda labels, start, n: events.append((labels.chunk, labels.phase, start, n)))
+        assert torch.equal(out_a[:, :1], image_a)  # frame 0 is the image's latent, bitwise
+        assert [e for e in events if e[0] == 0] == [(0, "context", 0, 1)] * (1 if sampler == "causal_few_step" else 2)
+        out_b = sample(model, sampler, noise, ctx, neg, generator=torch.Generator().manual_seed(1),
+                       num_inference_steps=2, initial_latent=image_b)
+        assert (out_a[:, 1:] - out_b[:, 1:]).abs().max() > 1e-4  # the later chunks attend to the image
+    # the KV cache of frame 0 holds the image's keys: the rollout's chunk 1 equals a forward that sees the image
+    # and chunk 1 together under the block-causal mask, at the image's t = 0 (first denoising step, exit at once)
+    from models.scheduler import FlowMatchScheduler
+
+    s = FlowMatchScheduler(5.0)
+    one_step = s.warp([1000])
+    out = sample(model, "causal_few_step", noise[:, :4], ctx, denoising_step_list=[1000], initial_latent=image_a)
+    x = torch.cat([image_a, noise[:, 1:4]], dim=1).permute(0, 2, 1, 3, 4)
+    t = torch.tensor([[0.0, float(one_step[0]), float(one_step[0]), float(one_step[0])]])
+    flow = model(x, t, ctx).permute(0, 2, 1, 3, 4)
+    expected = s.x0_from_flow(flow[:, 1:], noise[:, 1:4], t[:, 1:])
+    torch.testing.assert_close(out[:, 1:], expected, rtol=1e-5, atol=1e-5)
+    model.independent_first_frame = False
+    with pytest.raises(ModelInputError, match="independent_first_frame"):
+        sample(model, "causal_few_step", noise[:, :6], ctx, initial_latent=image_a)
+
+
+def test_generate_image_first_latent_is_the_encoded_image(tmp_path, capsys):
+    from models.embedded import EMBEDDED_DIR
+    from models.vae import WanVAE
+    from models.video import read_image
+
+    image = world_image(tmp_path / "first.png")
+    out = tmp_path / "i2v"
+    assert main(["generate", "--prompt", "a red square moving left", "--image", str(image), "--frames", "7",
+                 "--seed", "2", "--out", str(out), "--no-progress"]) == 0
+    latents = load_file(str(out / "p0000-s2.safetensors"))["latents"]  # [7, 16, 12, 16]
+    vae = WanVAE.from_file(EMBEDDED_DIR / "Wan2.1_VAE.pth")
+    encoded = vae.encode(read_image(image, 96, 128)[None, :, None])[0]  # the image's latent path
+    assert latents.shape == (7, 16, 12, 16) and torch.equal(latents[:1], encoded)
+    assert (out / "p0000-s2.png").stat().st_size > 0
+    for args, message in ((["--frames", "9"], "1 + 3k"), (["--sampler", "bidirectional"], "causal samplers")):
+        assert main(["generate", "--prompt", "x", "--image", str(image), "--out", str(tmp_path / "bad"), *args]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--image", str(tmp_path / "none.png"), "--out", str(tmp_path / "b")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_extract_image_stores_the_i2v_rollout(tmp_path):
+    from workbench.extract import ExtractConfig, run_extract
+    from workbench.store import open_store
+
+    image = world_image(tmp_path / "first.png")
+    out = tmp_path / "i2v.zarr"
+    assert main(["extract", "--layer", "1", "--image", str(image), "--frames", "7", "--prompt", "a red square moving left",
+                 "--no-progress", "--out", str(out)]) == 0
+    ds = open_store(out)
+    assert ds.query_chunk.values.tolist() == [0, 1, 1, 1, 2, 2, 2]
+    mass = ds.attn_mass.sel(layer=1).isel(sample=0)
+    assert bool(mass.sel(step=0, query_frame=0).isnull().all())  # frame 0 was never denoised: the image
+    assert not bool(mass.sel(step=4, query_frame=0).isnull().all())  # its context pass is captured
+    assert float(mass.sel(step=0, query_frame=1, key_frame=0).min()) > 0  # chunk 1 attends to the image
+    plain = tmp_path / "t2v.zarr"
+    run_extract(ExtractConfig(layers=[1], num_frames=7, independent_first_frame=True, out=str(plain),
+                              prompts=["a red square moving left"], progress=False), log=lambda *a: None)
+    other = open_store(plain).attn_mass.sel(layer=1).isel(sample=0)
+    assert float(abs(other.sel(step=0, query_frame=4) - mass.sel(step=0, query_frame=4)).max()) > 1e-4
+
+
+def test_generate_image_with_live_view(tmp_path):
+    """--image with --live: the image's chunk has only its context pass, and the live capture accepts that."""
+    image = world_image(tmp_path / "first.png")
+    out = tmp_path / "live"
+    assert main(["generate", "--prompt", "a red square moving left", "--image", str(image), "--frames", "4",
+                 "--live", "--layers", "0", "--no-progress", "--out", str(out)]) == 0
+    assert (out / "live.json").is_file() and (out / "p0000-s0.safetensors").is_file()
+
+
+@pytest.mark.gpu
+def test_gpu_i2v_rollout_with_cuda_graphs():
+    """On CUDA in bf16, replayed from CUDA graphs: frame 0 is the image's latent bitwise, and the rollout equals
+    the eager one bitwise (the image's chunk records only its context pass)."""
+    from conftest import tiny_model
+    from models.rollout import causal_few_step
+    from models.scheduler import FlowMatchScheduler
+
+    model = tiny_model().cuda().to(torch.bfloat16)
+    model.independent_first_frame = True
+    g = torch.Generator(device="cuda").manual_seed(0)
+    noise = torch.randn(1, 7, 16, 4, 6, generator=g, device="cuda").to(torch.bfloat16)
+    image = torch.randn(1, 1, 16, 4, 6, generator=g, device="cuda").to(torch.bfloat16)
+    ctx = torch.randn(1, 16, 32, generator=g, device="cuda").to(torch.bfloat16)
+
+    def rollout(graphs):
+        s = FlowMatchScheduler(5.0)
+        return causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s,
+                               generator=torch.Generator(device="cuda").manual_seed(1), initial_latent=image,
+                               cuda_graphs=graphs)
+
+    eager = rollout(False)
+    for _ in range(3):
+        graphed = rollout(True)
+    assert torch.equal(graphed[:, :1], image) and torch.equal(graphed, eager)
+
+
+@pytest.mark.gpu
+def test_gpu_generate_compile_fp8_and_image(tmp_path):
+    """`generate --compile --fp8 --image` on the embedded model on CUDA (three samples: the first compiles, the
+    second records the CUDA graphs, the third replays them): frame 0 is the image's latent, the later frames stay
+    near the plain run's."""
+    image = world_image(tmp_path / "first.png")
+    base = ["generate", "--prompt", "a red square moving left", "--image", str(image), "--frames", "7",
+            "--seed", "0-2", "--device", "cuda", "--no-video", "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "plain")]) == 0
+    assert main(base + ["--compile", "--fp8", "--out", str(tmp_path / "fast")]) == 0
+    for s in (0, 1, 2):
+        a, b = (load_file(str(tmp_path / d / f"p0000-s{s}.safetensors"))["latents"].float() for d in ("plain", "fast"))
+        assert torch.equal(a[:1], b[:1])  # the image's latent, untouched by FP8
+        assert 0 < ((b - a).norm() / a.norm()).item() < 0.3

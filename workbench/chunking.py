@@ -1,0 +1,43 @@
+"""The chunk layout of an `extract` run (its frames per chunk, checked) and, for image-to-video, the latent of its
+first frame. `workbench.extract` uses both (and the nnsight recipe the layout), with its config and plan.
+
+    block_sizes_of(cfg)          [3] * 7 for 21 frames; [1, 3, 3, 3, 3, 3, 3] for 19 with independent_first_frame
+    image_latent(plan, ...)      the --image file at the video's size, VAE-encoded: [1, 1, 16, h, w] (or None)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workbench.errors import WorkbenchError
+
+
+def block_sizes_of(cfg) -> list[int]:
+    """Frames per chunk of an `ExtractConfig`'s causal rollout (models/chunks.py), or a WorkbenchError naming
+    --frames."""
+    from models.chunks import block_sizes
+    from models.errors import ModelInputError
+
+    F, n = cfg.num_frames, cfg.num_frame_per_block
+    try:
+        return block_sizes(F, n, cfg.independent_first_frame)
+    except ModelInputError as err:
+        if cfg.independent_first_frame:
+            raise WorkbenchError(f"--frames {F}: {err}") from None
+        raise WorkbenchError(f"--frames {F} does not divide into chunks of {n}; use a multiple of {n} (e.g. 21)"
+                             + (", or --independent-first-frame" if (F - 1) % n == 0 else "")) from None
+
+
+def image_latent(p, device, dtype) -> torch.Tensor | None:
+    """Image-to-video: an extract `Plan`'s image at the video's size, encoded by the model folder's VAE:
+    [1, 1, 16, h, w] (None without --image)."""
+    if p.cfg.image is None:
+        return None
+    from models.family import family_of
+    from models.vae import WanVAE
+    from models.video import read_image
+
+    _, h, w = p.geometry
+    stride = family_of(p.wan_dir).vae_stride  # pixels per latent cell
+    vae = WanVAE.from_file(p.wan_dir / "Wan2.1_VAE.pth", device=device)
+    return vae.encode(read_image(p.cfg.image, stride * h, stride * w)[None, :, None]).to(device, dtype)
