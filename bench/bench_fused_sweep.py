@@ -96,9 +96,11 @@ def main():
     variants.append(("default config, no mass bookkeeping", {**base, "with_mass": False}))
     variants.append(("default config, no mass bookkeeping, no split", {**base, "split": 1, "with_mass": False}))
     # the opt-in warp-specialised plain forward (output only, no mass), split as planned and never split
-    for cfg in plan_mod.FUSED_WS_CANDIDATES:
-        variants.append((None, {**cfg, "split": None, "with_mass": False}))
-    variants.append((None, {**plan_mod.FUSED_WS_CANDIDATES[0], "split": 1, "with_mass": False}))
+    # (experimental on GPUs: only with WORKBENCH_EXPERIMENTAL_WS=1, see models/triton_attention.py)
+    if os.environ.get("WORKBENCH_EXPERIMENTAL_WS") == "1":
+        for cfg in plan_mod.FUSED_WS_CANDIDATES:
+            variants.append((None, {**cfg, "split": None, "with_mass": False}))
+        variants.append((None, {**plan_mod.FUSED_WS_CANDIDATES[0], "split": 1, "with_mass": False}))
 
     rows = []
     for name, cfg in variants:

@@ -35,6 +35,7 @@ Public API (what the rest of the repository uses): `frame_attention` and its res
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,8 @@ from models.errors import ModelInputError
 from models.triton_attention_plan import default_config, resident_programs, split_plan
 from models.triton_common import (FLOAT_DTYPES, INTERPRET, LOG2E, TensorDescriptor, allowed_arg,
                                   check_device_and_dtype, int32_ok, last_dim_contiguous, on_device, tma_usable)
+
+WS_GPU_ENV = "WORKBENCH_EXPERIMENTAL_WS"  # WS=True on a GPU only with this set to 1 (the launcher says why)
 
 __all__ = ["FrameAttention", "applies", "frame_attention", "runs_on"]
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max: keeps fully masked rows free of NaN
@@ -459,6 +462,10 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
         raise ModelInputError("config WS=True (warp specialisation) runs the plain unmasked forward through TMA "
                               f"only; got allowed={'a mask' if allowed is not None else None}, with_mass={with_mass}, "
                               f"frame_means={frame_means}, use_tma={bool(use_tma)}")
+    if ws and q.is_cuda and os.environ.get(WS_GPU_ENV) != "1":
+        raise ModelInputError(f"config WS=True is experimental on GPUs: its first H200 run (2026-12-02) hit an illegal "
+                              f"memory access at the rollout's call shapes (bench/RESULTS.md, issue 16); set "
+                              f"{WS_GPU_ENV}=1 to run it anyway (for kernel development)")
     if ws and not q.is_contiguous():
         q = q.contiguous()
 

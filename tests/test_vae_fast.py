@@ -137,7 +137,8 @@ KERNEL_CHECK = textwrap.dedent("""
 
 def test_triton_norm_kernel_matches_pytorch_in_the_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     r = subprocess.run([sys.executable, "-c", KERNEL_CHECK, "cpu"], env=env, capture_output=True, text=True,
                        cwd=ROOT, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
@@ -151,7 +152,7 @@ def test_triton_norm_kernel_matches_pytorch_in_the_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_triton_norm_kernel_matches_pytorch_compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     r = subprocess.run([sys.executable, "-c", KERNEL_CHECK, "cuda"], env=env, capture_output=True, text=True,
                        cwd=ROOT, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
