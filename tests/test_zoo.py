@@ -4,6 +4,7 @@ the whole driver (training/zoo.py) shortened on the CPU: every zoo config trains
 
 import json
 import tarfile
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -331,3 +332,27 @@ def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path):
     zoo = Zoo(work, device="cpu", short=True, budget=None, vae=None, source=EMBEDDED_DIR, progress=False,
               log=lines.append)
     assert [s for s in STAGES if zoo.done(s)] == [s for s in STAGES if s not in ("check", "ship")]
+
+
+def test_zoo_stopped_by_sigterm_still_writes_its_log_and_report(tmp_path):
+    """`timeout` stops the driver with SIGTERM: it exits through its finally block, so --out still gets the log
+    (and the tars of what is done) instead of nothing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    proc = subprocess.Popen([sys.executable, "-m", "training.zoo", "--short", "--device", "cpu", "--work", str(work),
+                             "--out", str(out), "--no-progress"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (work / "vae").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)  # the driver is inside its first stage
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stdout
+    log = (out / "zoo_log.txt").read_text()
+    assert "[vae] start" in log and "zoo_state.tar" in log, log
+    assert (out / "zoo_state.tar.00").is_file()
