@@ -332,6 +332,29 @@ def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path):
     zoo = Zoo(work, device="cpu", short=True, budget=None, vae=None, source=EMBEDDED_DIR, progress=False,
               log=lines.append)
     assert [s for s in STAGES if zoo.done(s)] == [s for s in STAGES if s not in ("check", "ship")]
+    # --continue trains a finished stage further from its latest checkpoint and rewrites its output
+    before = (work / "teacher" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert main(argv + ["--stages", "teacher", "--continue", "teacher", "--set", "teacher:max_steps=5"]) == 0
+    st = json.loads((work / "zoo_report.json").read_text())["stages"]["teacher"]
+    assert (st["steps"], st["resumed_from"]) == (5, 3), st
+    assert (work / "teacher" / "diffusion_pytorch_model.safetensors").read_bytes() != before
+    # a stage cut short by its time share ships its trainer checkpoint in the state tar, to be continued
+    from training.zoo import write_tars
+
+    report = json.loads((work / "zoo_report.json").read_text())
+    report["stages"]["teacher"]["stopped_early"] = True
+    (work / "zoo_report.json").write_text(json.dumps(report))
+    state_out = tmp_path / "state"
+    state_out.mkdir()
+    write_tars(work, state_out, log=lines.append)
+    whole.write_bytes(b"".join(p.read_bytes() for p in sorted(state_out.glob("zoo_state.tar.*"))))
+    with tarfile.open(whole) as t:
+        names = t.getnames()
+    assert {"logs/teacher/checkpoint_model_000005/model.pt",
+            "logs/teacher/checkpoint_model_000005/training_state.pt"} <= set(names), names
+    assert not any(n.startswith("logs/df") for n in names)
+    with pytest.raises(SystemExit):
+        main(argv + ["--stages", "df", "--continue", "teacher"])  # --continue names a stage that does not run
 
 
 def test_zoo_stopped_by_sigterm_still_writes_its_log_and_report(tmp_path):

@@ -75,8 +75,10 @@ class Zoo:
     """One run of the driver: the work folder, the options, the clock and the report."""
 
     def __init__(self, work: Path, *, device: str, short: bool, budget: float | None, vae: Path | None,
-                 source: Path, progress: bool, log=print, sets: list[str] | None = None, keep_going: bool = False):
+                 source: Path, progress: bool, log=print, sets: list[str] | None = None, keep_going: bool = False,
+                 more: list[str] | None = None):
         self.work, self.device, self.short = Path(work), device, short
+        self.more = set(more or [])  # training stages to continue (from WORK/logs/STAGE) although their output exists
         self.keep_going = keep_going  # a failed stage is logged and recorded; the later stages still run
         self.given_vae = Path(vae) if vae is not None else None  # None: the vae stage trains one
         self.sets = list(sets or [])  # extra overrides: "key=value" for every config, "stage:key=value" for one
@@ -141,6 +143,8 @@ class Zoo:
         return self.given_vae or self.work / "vae" / "Wan2.1_VAE.pth"
 
     def done(self, stage: str) -> bool:
+        if stage in self.more:
+            return False
         w = self.work
         return {"vae": self.vae_file().is_file(),
                 "init": (w / "init" / "config.json").is_file(),
@@ -484,12 +488,29 @@ def zoo_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def resumable_checkpoints(work: Path) -> list[Path]:
+    """The files of the latest trainer checkpoint (weights, EMA and optimiser states) of each flow-matching stage
+    that its time share cut short (the report says stopped_early), so that `--continue STAGE` on a fresh
+    machine resumes it where it stopped."""
+    from training.trainer import latest_checkpoint
+
+    report = work / "zoo_report.json"
+    stages = json.loads(report.read_text()).get("stages", {}) if report.is_file() else {}
+    files = []
+    for stage in ("teacher", "df", "ode"):
+        folder = latest_checkpoint(work / "logs" / stage) if stages.get(stage, {}).get("stopped_early") else None
+        if folder is not None:
+            files += sorted(f for f in folder.iterdir() if f.is_file())
+    return files
+
+
 def write_tars(work: Path, out: Path, log=print) -> list[Path]:
     """zoo_state.tar.* (paths relative to the work folder) and, after ship, zoo_embedded.tar.* (paths relative to
     the repository root), in parts of at most PART_BYTES."""
     written = []
     state_files = [f for f in sorted((work / "teacher").rglob("*")) if f.is_file() and not f.name.startswith(".")
                    and "self_forcing_" not in f.name] + [f for f in [work / "zoo_report.json"] if f.is_file()]
+    state_files += resumable_checkpoints(work)
     jobs = [("zoo_state.tar", [(f, f.relative_to(work)) for f in state_files])]
     ship_dir = work / "ship"
     if (ship_dir / "data" / "embedded").is_dir():
@@ -522,6 +543,10 @@ def main(argv=None) -> int:
                     help="the folder whose text encoder and tokenizer the zoo uses (default: data/embedded)")
     ap.add_argument("--set", nargs="+", default=[], metavar="[STAGE:]KEY=VALUE",
                     help="config overrides for every stage, or for one (teacher:max_steps=500)")
+    ap.add_argument("--continue", dest="more", default="", metavar="STAGES",
+                    help="comma-separated training stages (teacher, df, ode, dmd, sid) to train further from their "
+                         "latest checkpoint in WORK/logs/STAGE although their output exists (raise max_steps with "
+                         "--set STAGE:max_steps=N); their outputs are rewritten")
     ap.add_argument("--out", help="also write zoo_log.txt, zoo_report.json and the tar parts here")
     ap.add_argument("--keep-going", action="store_true",
                     help="a stage that fails is logged and the later stages still run (those that need its output "
@@ -533,6 +558,11 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"unknown stage(s) {bad}; the stages are {', '.join(STAGES)}")
     stages = [s for s in STAGES if s in stages]
+    more = [s.strip() for s in args.more.split(",") if s.strip()]
+    bad = [s for s in more if s not in ("teacher", "df", "ode", "dmd", "sid") or s not in stages]
+    if bad:
+        ap.error(f"--continue {','.join(bad)}: only training stages that --stages also runs (teacher, df, ode, dmd, "
+                 f"sid) can be continued")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     work = Path(args.work or ("runs/zoo_short" if args.short else "runs/zoo"))
     out = Path(args.out) if args.out else None
@@ -548,7 +578,7 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     zoo = Zoo(work, device=device, short=args.short, budget=args.budget, vae=args.vae,
               source=Path(args.source), progress=not args.no_progress, log=log, sets=args.set,
-              keep_going=args.keep_going)
+              keep_going=args.keep_going, more=more)
     work.mkdir(parents=True, exist_ok=True)
     # `timeout` and job schedulers stop with SIGTERM: exit through the finally below, so that the log, the report
     # and the tars of what is done still reach --out (checkpoints are written atomically, so none is half-written)
