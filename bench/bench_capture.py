@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from bench_rollout import random_model, rollout_inputs, run_rollout, timed  # noqa: E402
-from models.attention_kernels import describe as backend_name  # noqa: E402
+from models.common.attention_kernels import describe as backend_name  # noqa: E402
 from workbench.capture import CaptureSpec, Geometry, StatsProbe  # noqa: E402
-from models.rollout import release_graphs  # noqa: E402
+from models.common.rollout import release_graphs  # noqa: E402
 from workbench.hooks import attach  # noqa: E402
 
 
@@ -117,7 +117,7 @@ def main():
     if args.fused_config:
         import json
 
-        from models import triton_attention_plan as plan
+        from models.common import triton_attention_plan as plan
 
         text = Path(args.fused_config).read_text() if Path(args.fused_config).is_file() else args.fused_config
         plan.FUSED_CONFIG_SM90 = {**plan.FUSED_CONFIG_SM90, **json.loads(text)}

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.bench_rollout import random_model, rollout_inputs, run_rollout  # noqa: E402
-from models.accel import compile_blocks, quantize_fp8  # noqa: E402
+from models.wan.accel import compile_blocks, quantize_fp8  # noqa: E402
 
 VARIANTS = {  # the plain reference first; the per-tensor FP8 scales (the least asked for) last
     "plain": dict(),
@@ -49,8 +49,8 @@ class Smoke:
 
     @staticmethod
     def model():
-        from models.config import preset
-        from models.wan import WanModel
+        from models.wan.config import preset
+        from models.wan.model import WanModel
 
         torch.manual_seed(0)
         return WanModel(preset("tiny"), causal=True).eval()

@@ -21,7 +21,7 @@ to DIR/bench_e2e.json):
                  (what `workbench generate` did before this benchmark)
       overlap    decode on a side stream (StreamDecoder overlap), reference decoder, no last context pass
                  (what `workbench generate` does now by default)
-      fast-seq   fast decoder (models/vae_fast.py: channels-last, CUDA graphs), on the rollout's stream
+      fast-seq   fast decoder (models/wan/vae_fast.py: channels-last, CUDA graphs), on the rollout's stream
       fast       fast decoder on a side stream: `workbench generate --vae-decoder fast`
       fast-hi    the same with the decode stream at high priority
     --configs picks some of them, in its order. Checks: every configuration's latents equal the first's
@@ -159,13 +159,13 @@ class Models:
     """The text encoder, DiT and VAE (two decoders sharing one set of weights)."""
 
     def __init__(self):
-        from models.text_encoder import TextEncoder
-        from models.vae import WanVAE
+        from models.wan.text_encoder import TextEncoder
+        from models.wan.vae import WanVAE
 
         t = time.perf_counter()
         self.tokenizer = ROOT / "data" / "embedded" / "google" / "umt5-xxl"
         if Dev.smoke:
-            from models.checkpoint import load_wan
+            from models.wan.checkpoint import load_wan
             from models.files import load_state_dict_file
 
             embedded = ROOT / "data" / "embedded"
@@ -191,7 +191,7 @@ class Models:
               f"(text encoder, DiT, VAE; {Dev.dtype})")
 
     def new_vae(self, decoder: str, sd=None, dtype=None):
-        from models.vae import WanVAE
+        from models.wan.vae import WanVAE
 
         return WanVAE.from_state_dict(self.vae_sd if sd is None else sd, device=Dev.device,
                                       dtype=dtype or Dev.dtype, decoder=decoder)
@@ -200,7 +200,7 @@ class Models:
 def pipeline(m: Models, frames: int, *, decoder: str, overlap: bool, last_context_pass: bool, seed: int = 0,
              priority: int = 0, vae=None) -> dict:
     """One `workbench generate` sample (no files): encode, noise, rollout with on_chunk decode, frames."""
-    from models.rollout import sample
+    from models.common.rollout import sample
 
     vae = vae or m.vae[decoder]
     h, w = Dev.latent
@@ -260,7 +260,7 @@ CONFIGS = {  # name -> (decoder, overlap, last context pass, decode stream prior
 
 
 def section_e2e(m: Models, repeats: int, names: list[str]) -> None:
-    from models.rollout import RolloutGraphs
+    from models.common.rollout import RolloutGraphs
 
     rows, out = [], {}
     base_latents = None
@@ -425,7 +425,7 @@ def section_decoder(m: Models, repeats: int, compile_only: bool = False) -> None
         verdict = (f"fast + CUDA graphs decodes in {fast['median_s'] / ref['median_s']:.2f}x the reference's time; its "
                    f"error vs float32 is max {fast['max_vs_fp32']:.3g} / mean {fast['mean_vs_fp32']:.2g} against the "
                    f"reference bf16 decoder's {ref['max_vs_fp32']:.3g} / {ref['mean_vs_fp32']:.2g}: "
-                   + ("as exact (within 1.5x): it can be the default (models/vae.py DEFAULT_DECODER = 'fast')"
+                   + ("as exact (within 1.5x): it can be the default (models/wan/vae.py DEFAULT_DECODER = 'fast')"
                       if exact and fast["stream_equals_whole"] else "NOT as exact: keep the reference default"))
         print(f"\nverdict: {verdict}")
         out["verdict"] = verdict
@@ -443,7 +443,7 @@ def section_decoder(m: Models, repeats: int, compile_only: bool = False) -> None
 
 
 def section_long(m: Models, lengths: list[int]) -> None:
-    from models.rollout import RolloutGraphs
+    from models.common.rollout import RolloutGraphs
 
     base = m.model.config
     m.model.config = base.replace(local_attn_size=Dev.window[0], sink_size=Dev.window[1])
@@ -578,7 +578,7 @@ def dit_tflop(config, frames: int, fsl: int, last_context_pass: bool, text_len: 
 def section_profile(m: Models) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    from models.rollout import RolloutGraphs, sample
+    from models.common.rollout import RolloutGraphs, sample
 
     out = {}
     g = torch.Generator(device=Dev.device).manual_seed(0)
@@ -627,7 +627,7 @@ def section_text(m: Models) -> None:
     """The prompt encode alone, bf16 (used above) and float32 (what generate loads today)."""
     from bench_vae_t5 import draw_on_gpu
 
-    from models.text_encoder import TextEncoder
+    from models.wan.text_encoder import TextEncoder
 
     rows = []
     for dtype, enc in ((str(m.encoder.dtype), m.encoder), ("torch.float32", None)):
@@ -720,7 +720,7 @@ def main(argv=None) -> int:
               f"(cuda {torch.version.cuda}, cudnn {torch.backends.cudnn.version()})")
     print(f"software python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"transformers {transformers.__version__}, diffusers {diffusers.__version__}")
-    from models.attention_kernels import describe
+    from models.common.attention_kernels import describe
 
     print(f"settings attention backend {describe(Dev.device, Dev.dtype)}, repeats {args.repeats}, configs "
           f"{configs}, long {lengths}, profile {args.profile}, budget {BUDGET:.0f} s")

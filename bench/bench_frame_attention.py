@@ -34,8 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from models import cuda_attention  # noqa: E402
-from models.attention_kernels import select  # noqa: E402
+from models.common import cuda_attention  # noqa: E402
+from models.common.attention_kernels import select  # noqa: E402
 
 DEVICE = "cuda"  # a CPU dry run of this script's logic sets "cpu" (and TRITON_INTERPRET=1)
 
@@ -98,7 +98,7 @@ def mass_fp32_materialised(q, k, fsl, scale):
 def describe_machine(fa):
     import triton
 
-    from models.triton_common import TensorDescriptor
+    from models.common.triton_common import TensorDescriptor
 
     props = torch.cuda.get_device_properties(0)
     lines = [
@@ -159,7 +159,7 @@ def bench_one(fa, ref, args, nkf, dtype):
         fwd_flop, get_out=lambda r: r.transpose(1, 2))
     run("cuDNN SDPA op + LSE", lambda: cuda_attention.cudnn(q, k, v, scale), fwd_flop, get_out=lambda r: r[0])
     run("flash SDPA op + LSE", lambda: cuda_attention.flash_op(q, k, v, scale), fwd_flop, get_out=lambda r: r[0])
-    from models.triton_attention_plan import default_config
+    from models.common.triton_attention_plan import default_config
 
     run("fused: out + frame mass (default: TMA on sm90)",
         lambda: fa.frame_forward_with_stats(q, k, v, frame_seq_len=fsl, scale=scale), fwd_flop,

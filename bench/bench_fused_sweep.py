@@ -1,6 +1,6 @@
 """Sweep the fused frame-attention forward's block configs, lazy rescaling and last-wave splitting against the
 model's own attention kernel, on the seven self-attention shapes of the 1.3B few-step rollout; also the opt-in
-warp-specialised output-only forward (`FUSED_WS_CANDIDATES` in models/triton_attention_plan.py).
+warp-specialised output-only forward (`FUSED_WS_CANDIDATES` in models/common/triton_attention_plan.py).
 
 Each call: q = 3 latent frames x 1560 tokens, 12 heads x 128, bf16; k/v = 3, 6, ..., 21 key frames (chunks 0-6
 of the KV-cache rollout). Times are GPU times per call from CUDA-graph replays (10 calls a graph, median of 5
@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from models.attention_kernels import attention_with_lse  # noqa: E402
-from models import triton_attention_plan as plan_mod  # noqa: E402
+from models.common.attention_kernels import attention_with_lse  # noqa: E402
+from models.common import triton_attention_plan as plan_mod  # noqa: E402
 from workbench.kernels import frame_attention as fa  # noqa: E402
 
 FSL, NQF, H, D = 1560, 3, 12, 128
@@ -96,7 +96,7 @@ def main():
     variants.append(("default config, no mass bookkeeping", {**base, "with_mass": False}))
     variants.append(("default config, no mass bookkeeping, no split", {**base, "split": 1, "with_mass": False}))
     # the opt-in warp-specialised plain forward (output only, no mass), split as planned and never split
-    # (experimental on GPUs: only with WORKBENCH_EXPERIMENTAL_WS=1, see models/triton_attention.py)
+    # (experimental on GPUs: only with WORKBENCH_EXPERIMENTAL_WS=1, see models/common/triton_attention.py)
     if os.environ.get("WORKBENCH_EXPERIMENTAL_WS") == "1":
         for cfg in plan_mod.FUSED_WS_CANDIDATES:
             variants.append((None, {**cfg, "split": None, "with_mass": False}))

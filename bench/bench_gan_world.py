@@ -42,9 +42,9 @@ def main():
     if args.steps < 100 or args.ratio < 1:
         ap.error(f"--steps {args.steps} must be >= 100 and --ratio {args.ratio} >= 1")
     torch.set_num_threads(1)
-    from models.embedded import EMBEDDED_DIR
-    from models.rollout import causal_few_step
-    from models.vae import WanVAE
+    from models.wan.embedded import EMBEDDED_DIR
+    from models.common.rollout import causal_few_step
+    from models.wan.vae import WanVAE
     from test_gan import gan_trainer
     from training.data import LatentDataset
     from training.i2v import world_latents

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench_frame_attention import time_ms  # noqa: E402  (CUDA-event median after warm-up)
-from models.cuda_attention import cudnn as _cudnn  # noqa: E402
+from models.common.cuda_attention import cudnn as _cudnn  # noqa: E402
 from workbench.kernels.indicator import attention_with_frame_mass_indicator, widen_values  # noqa: E402
 
 

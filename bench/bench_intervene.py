@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from bench_rollout import random_model  # noqa: E402
-from models.rollout import causal_few_step, release_graphs  # noqa: E402
-from models.scheduler import FlowMatchScheduler  # noqa: E402
+from models.common.rollout import causal_few_step, release_graphs  # noqa: E402
+from models.common.scheduler import FlowMatchScheduler  # noqa: E402
 from workbench.hooks import CallFilter, attach  # noqa: E402
 from workbench.interventions import HeadAblation, HeadOutputs, HeadTemperature, SinkScaling  # noqa: E402
 from workbench.kv_policies import AttentionGuided, DeepSink, FifoWindow, HeadWise, WindowSink  # noqa: E402

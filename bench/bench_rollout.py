@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from models.config import preset  # noqa: E402
-from models.rollout import causal_few_step  # noqa: E402
-from models.scheduler import FlowMatchScheduler  # noqa: E402
-from models.wan import WanModel  # noqa: E402
+from models.wan.config import preset  # noqa: E402
+from models.common.rollout import causal_few_step  # noqa: E402
+from models.common.scheduler import FlowMatchScheduler  # noqa: E402
+from models.wan.model import WanModel  # noqa: E402
 
 
 def random_model(dtype=torch.bfloat16, causal=True, seed=0, name="wan2.1-t2v-1.3b", device="cuda"):
@@ -82,8 +82,8 @@ def breakdown(model, noise, context, g, **kw):
     """GPU kernel time of one rollout, by kernel family (names as cuDNN / cuBLAS / our code emit them)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    import models.fused as fused
-    import models.wan as wan
+    import models.wan.fused as fused
+    import models.wan.model as wan
 
     original = fused.qk_norm_rope
 
@@ -122,7 +122,7 @@ def breakdown(model, noise, context, g, **kw):
 
 
 def load_time():
-    from models.checkpoint import load_wan, save_wan_folder
+    from models.wan.checkpoint import load_wan, save_wan_folder
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP", "/tmp")) as tmp:
         cfg = preset("wan2.1-t2v-1.3b")
@@ -152,7 +152,7 @@ def main():
     print(f"# bench_rollout  {datetime.datetime.now().isoformat(timespec='seconds')}  "
           f"{torch.cuda.get_device_name()}  torch {torch.__version__}  python {platform.python_version()}")
     print(f"# command: {' '.join(sys.argv)}")
-    from models.attention_kernels import describe as backend_name
+    from models.common.attention_kernels import describe as backend_name
 
     print(f"# attention backend: {backend_name('cuda', torch.bfloat16)}")
     model = random_model()
@@ -168,7 +168,7 @@ def main():
     print("| measurement | value |\n|---|---|")
     print(f"| rollout wall time (median of {args.repeats}) | {median:.3f} s ({', '.join(f'{t:.3f}' for t in times)}) |")
     print(f"| peak GPU memory allocated (weights {weights:.2f} GiB) | {peak:.2f} GiB (reserved {reserved:.2f} GiB) |")
-    import models.fused as fused
+    import models.wan.fused as fused
 
     fused.GELU_EPILOGUE = False
     no_epi, no_epi_times = timed(lambda: run_rollout(model, noise, context, g, cuda_graphs=False), args.repeats)

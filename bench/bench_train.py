@@ -34,8 +34,8 @@ import torch  # noqa: E402
 
 
 def random_model(causal: bool, dtype, seed: int, device, size: str = "wan2.1-t2v-1.3b"):
-    from models.config import preset
-    from models.wan import WanModel
+    from models.wan.config import preset
+    from models.wan.model import WanModel
 
     with torch.device("meta"):
         model = WanModel(preset(size), causal=causal)

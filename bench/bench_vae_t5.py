@@ -111,7 +111,7 @@ def timed(fn, repeats: int):
 
 
 def bench_vae(make, dtype_name: str, repeats: int, frames: int, h: int, w: int, chunk: int) -> list[dict]:
-    from models.vae import VAELayout, WanVAE, pixel_frames
+    from models.wan.vae import VAELayout, WanVAE, pixel_frames
 
     dtype = DTYPES[dtype_name]
     torch.cuda.empty_cache()
@@ -164,7 +164,7 @@ def bench_vae(make, dtype_name: str, repeats: int, frames: int, h: int, w: int, 
 
 
 def bench_t5(make, dtype_name: str, repeats: int, n_prompts: int, tokenizer_dir: Path) -> list[dict]:
-    from models.text_encoder import TextEncoder
+    from models.wan.text_encoder import TextEncoder
 
     dtype = DTYPES[dtype_name]
     torch.cuda.empty_cache()

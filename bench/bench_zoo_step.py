@@ -1,6 +1,6 @@
 """Benchmark: where a training step of the embedded zoo's tiny DiTs spends its time (docs/zoo.md).
 
-The zoo's DiTs are tiny (6 layers, dim 128; models/embedded.py), so a step on an H200 is bound by launches and
+The zoo's DiTs are tiny (6 layers, dim 128; models/wan/embedded.py), so a step on an H200 is bound by launches and
 host work, not by FLOPs. This times, for each zoo config (teacher: bidirectional flow matching; df: causal
 diffusion forcing; dmd / sid: Self-Forcing score distillation), seconds per step at several batch sizes, and
 profiles a few steps (torch.profiler: the top host and device ops, and the share of the wall time the GPU is

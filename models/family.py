@@ -5,9 +5,10 @@ A family names the pixel size its models run at unless a model folder records it
 latent frames its KV cache holds with global attention, and the checkpoint layouts its loader reads. The CLI
 (`workbench extract`, `generate`, `info`) and the training probes read these instead of hard-coding 480 x 832
 pixels (60 x 104 latents), chunks of 3 or the 21-frame cache. Only Wan2.1 exists; a second video DiT is one
-more `ModelFamily` in FAMILIES (its model code beside models/wan.py, its config reader in `read_config`), and
-nothing in workbench/ changes. Importing this module does not import torch. (A store's `model_family`, "wan" or
-"self_forcing", says how the weights were trained; the family here is the architecture.)
+more `ModelFamily` in FAMILIES (its model code in a package of its own beside models/wan/, its config reader
+in `read_config`), and nothing in workbench/ changes. Importing this module does not import torch. (A store's
+`model_family`, "wan" or "self_forcing", says how the weights were trained; the family here is the
+architecture.)
 
     WAN.video_geometry(folder, height=None, width=None) -> (config, latent h, latent w, tokens per frame)
     check_fits_cache(num_frames, local_attn_size, ...) -> the one "more than the KV cache holds" check
@@ -18,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.config import VAE_STRIDE, WAN_VIDEO_SIZE, WanConfig, default_video_size, latent_size
+from models.wan.config import VAE_STRIDE, WAN_VIDEO_SIZE, WanConfig, default_video_size, latent_size
 from models.errors import ModelInputError
 
 CACHE_FRAMES = 21  # latent frames the KV cache of a causal rollout holds with global attention (81 pixel frames)
@@ -32,7 +33,7 @@ class ModelFamily:
     vae_time_stride: int  # pixel frames per latent frame after the first (a causal first frame decodes to one)
     frames_per_chunk: int  # latent frames per chunk of the causal rollout (num_frame_per_block)
     cache_frames: int  # latent frames the KV cache holds with global attention
-    checkpoint_layouts: tuple[str, ...]  # what its loader reads (models/checkpoint.py)
+    checkpoint_layouts: tuple[str, ...]  # what its loader reads (models/wan/checkpoint.py)
 
     @property
     def latent_size(self) -> tuple[int, int]:
@@ -64,7 +65,7 @@ WAN = ModelFamily(
     checkpoint_layouts=(
         "official Wan2.1 folder: config.json + diffusion_pytorch_model.safetensors (or its sharded index)",
         "Self-Forcing .pt: generator / generator_ema / critic state dicts with the wrapper's model. prefix",
-        "diffusers WanTransformer3DModel state dict (models.checkpoint.from_diffusers)",
+        "diffusers WanTransformer3DModel state dict (models.wan.checkpoint.from_diffusers)",
     ),
 )
 

@@ -1,6 +1,6 @@
 """Video and prompt-file I/O: mp4 and PNG-grid writers, the researchers' prompt files, output-folder checks.
 
-How it fits: the generate command decodes latents with `models.vae` and hands the video here; prompts come
+How it fits: the generate command decodes latents with `models.wan.vae` and hands the video here; prompts come
 from a text file with one prompt per line. Accepted video forms (one video, no batch dimension):
   - float [3, T, H, W] in [-1, 1] (what `WanVAE.decode(...)[b]` gives; values outside are clamped), or
   - uint8 [T, H, W, 3].

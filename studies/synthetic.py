@@ -45,10 +45,10 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from models.chunks import frame_chunks
+from models.common.chunks import frame_chunks
 from models.errors import ModelInputError
-from models.labels import ForwardLabels
-from models.window import attended_key_frames
+from models.common.labels import ForwardLabels
+from models.common.window import attended_key_frames
 from workbench.errors import WorkbenchError
 from workbench.store import StoreLayout, StoreWriter, sample_dataset
 
@@ -74,7 +74,7 @@ def flow_timesteps(num_steps: int, shift: float = 5.0) -> np.ndarray:
 def attended_frames(variant: str, num_frames: int, num_frame_per_block: int, local_attn_size: int,
                     sink_size: int, independent_first_frame: bool = False) -> np.ndarray:
     """[query_frame, key_frame] bool: which key frames a query frame's call attended (the rule of
-    models/window.py: key frames of the query's chunk and earlier ones, chunks as models/chunks.py lays them
+    models/common/window.py: key frames of the query's chunk and earlier ones, chunks as models/common/chunks.py lays them
     out; with a window of L frames and S sink frames, frames [0, S) and the L - S most recent frames up to the
     end of the query's chunk). A bidirectional forward is one chunk holding every frame."""
     if variant == "bidirectional":
@@ -127,7 +127,7 @@ def sample_datasets(
         raise WorkbenchError(f"unknown synthetic variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if variant == "bidirectional" and independent_first_frame:
         raise WorkbenchError("independent_first_frame is a chunk layout of the causal variants")
-    try:  # frames that do not fit the chunk layout (models/chunks.py)
+    try:  # frames that do not fit the chunk layout (models/common/chunks.py)
         causal_chunks = np.asarray(frame_chunks(num_frames, num_frame_per_block, independent_first_frame))
     except ModelInputError as err:
         raise WorkbenchError(str(err)) from None

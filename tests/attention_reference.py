@@ -4,7 +4,7 @@ reference of the store's statistics.
 Independence is the point. The recorder hooks `blocks[i].self_attn.attend` with a plain PyTorch forward
 pre-hook, so the layer comes from the module path and the (chunk, step) of a call from the order of visits,
 not from the `AttentionCall` labels that the probe under test reads. Expected key windows come from the
-closed-form window rule (`expected_key_frames`; models/window.py states the same rule), not from the KV cache.
+closed-form window rule (`expected_key_frames`; models/common/window.py states the same rule), not from the KV cache.
 The statistics are computed densely in float64: softmax(q k^T / sqrt(d)) over exactly the keys of the call, then reduced per frame.
 """
 
@@ -57,7 +57,7 @@ def recording_extract(layers):
 
 
 def expected_key_frames(chunk: int, nfpb: int, local_attn_size: int = -1, sink_size: int = 0) -> tuple[int, ...]:
-    """The frames the KV cache holds when chunk `chunk` attends (the window rule of models/window.py, written out
+    """The frames the KV cache holds when chunk `chunk` attends (the window rule of models/common/window.py, written out
     independently): every frame up to the end of the chunk; with a window, the first `sink_size` frames and the latest `local_attn_size - sink_size`."""
     end = (chunk + 1) * nfpb
     if local_attn_size == -1:

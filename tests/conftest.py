@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.config import preset
-from models.wan import WanModel
+from models.wan.config import preset
+from models.wan.model import WanModel
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,14 +1,14 @@
-"""models/accel.py: FP8 linear layers against their float64 emulation and the float layer, the FP8 model's
+"""models/wan/accel.py: FP8 linear layers against their float64 emulation and the float layer, the FP8 model's
 rollout, torch.compile'd blocks (CPU: dynamo with the eager backend; GPU: inductor with CUDA-graph replay)."""
 
 import pytest
 import torch
 
 from conftest import tiny_model
-from models.accel import Fp8Linear, compile_blocks, fp8_linear_reference, quantize_e4m3, quantize_fp8
+from models.wan.accel import Fp8Linear, compile_blocks, fp8_linear_reference, quantize_e4m3, quantize_fp8
 from models.errors import ModelInputError
-from models.rollout import causal_few_step
-from models.scheduler import FlowMatchScheduler
+from models.common.rollout import causal_few_step
+from models.common.scheduler import FlowMatchScheduler
 
 C, H, W = 16, 4, 6
 

@@ -1,4 +1,4 @@
-"""The kernel table (models/attention_kernels.py): one choice of kernel per call, read by everyone; the output is
+"""The kernel table (models/common/attention_kernels.py): one choice of kernel per call, read by everyone; the output is
 the same bits whether or not the log-sum-exp is asked for; a kernel that refuses a shape is recorded for that
 shape only (the next kernel runs it, every other shape keeps its kernel), and one that may not refuse fails
 loudly."""
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from models import attention_kernels as ak
+from models.common import attention_kernels as ak
 from models.errors import ModelInputError
 
 
@@ -21,7 +21,7 @@ def qkv(lk, lq=6, seed=0, dtype=torch.float32):
 def test_where_each_choice_runs_and_which_capture_mode_reads_it():
     assert ak.describe("cpu", torch.float32, "auto") == ak.describe("cpu", torch.bfloat16, "triton") == "sdpa"
     assert ak.describe("cuda", torch.float32, "auto") == "sdpa"  # the CUDA library ops take fp16/bf16 only
-    from models.cuda_attention import HAS_FLASH_ATTN
+    from models.common.cuda_attention import HAS_FLASH_ATTN
 
     assert ak.describe("cuda", torch.bfloat16, "auto") == ("flash-attn" if HAS_FLASH_ATTN else "cudnn")
     assert ak.describe("cuda", torch.bfloat16, "triton") == "triton"
@@ -96,7 +96,7 @@ def test_a_kernel_that_may_not_refuse_fails_loudly(table):
 
 def test_attend_runs_the_table_and_the_model_records_its_choice():
     from conftest import tiny_model
-    from models.attention import AttentionCall, attend
+    from models.common.attention import AttentionCall, attend
 
     q, k, v = qkv(12)
     call = AttentionCall(0, "self", None, (1,), (0, 1), 6, (2, 3), torch.tensor([[True, False]]), 2, 16)

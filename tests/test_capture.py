@@ -16,10 +16,10 @@ import torch
 
 from attention_reference import AttendRecorder, dense_frame_stats, expected_key_frames, max_abs_diff
 from conftest import tiny_model
-from models.attention import ForwardLabels
+from models.common.attention import ForwardLabels
 from models.errors import ModelInputError
-from models.rollout import bidirectional, causal_few_step
-from models.scheduler import FlowMatchScheduler
+from models.common.rollout import bidirectional, causal_few_step
+from models.common.scheduler import FlowMatchScheduler
 from workbench.capture import CaptureSpec, Geometry, StatsProbe, resolve_mode
 from workbench.errors import WorkbenchError
 from workbench.hooks import attach
@@ -272,7 +272,7 @@ def test_fused_mode_where_the_triton_kernel_cannot_run_takes_the_exact_path(monk
     tests/test_kernels.py turns the interpreter on for the whole process), the model uses its stock kernel and
     a "fused" probe takes the exact path per call. Outputs stay bitwise those of the plain run."""
     pytest.importorskip("triton")  # (the kernels extra; without it the stock kernel runs anyway)
-    from models import triton_attention
+    from models.common import triton_attention
 
     monkeypatch.setattr(triton_attention, "applies", lambda *args, **kwargs: False)
     model = tiny_model(local_attn_size=6, sink_size=1)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from models.checkpoint import (build_model, from_diffusers, load_wan, read_self_forcing, read_wan_folder,
+from models.wan.checkpoint import (build_model, from_diffusers, load_wan, read_self_forcing, read_wan_folder,
                                save_self_forcing, save_wan_folder, strip_prefixes, to_diffusers)
-from models.config import preset
+from models.wan.config import preset
 from models.errors import CheckpointError
 
 

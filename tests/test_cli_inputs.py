@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import workbench.extract as extract_mod
-from models.embedded import EMBEDDED_DIR
+from models.wan.embedded import EMBEDDED_DIR
 from studies import synthetic
 from workbench.cli import main as cli_main
 
@@ -38,7 +38,7 @@ def store(tmp_path_factory) -> Path:
 @pytest.fixture
 def no_work(monkeypatch):
     """Fail the test if a command gets as far as its work."""
-    import models.checkpoint
+    import models.wan.checkpoint
     import studies.report
     import training.trainer
     import workbench.legacy
@@ -46,7 +46,7 @@ def no_work(monkeypatch):
     def refuse(*a, **kw):
         raise AssertionError("work started before the request was checked")
 
-    for module, name in ((extract_mod, "load_wan"), (extract_mod, "sha256_file"), (models.checkpoint, "load_wan"),
+    for module, name in ((extract_mod, "load_wan"), (extract_mod, "sha256_file"), (models.wan.checkpoint, "load_wan"),
                          (studies.report, "build_report"), (studies.report, "build_compare_report"),
                          (workbench.legacy, "legacy_record"), (training.trainer, "build_trainer"),
                          (training.trainer, "build_ode_pairs")):
@@ -115,7 +115,7 @@ def test_a_read_only_folder_is_one_line_before_any_work(command, tmp_path, store
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_outputs_have_the_permissions_of_new_files(umask, tmp_path, store):
     """Atomic writes create their temporary file the ordinary way, so the umask decides (not mkstemp's 0600)."""
-    from models.checkpoint import save_self_forcing
+    from models.wan.checkpoint import save_self_forcing
     from models.files import atomic_write_bytes
     from models.video import write_png_grid
     from studies.report import build_report

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from models.config import WanConfig, preset
+from models.wan.config import WanConfig, preset
 from models.errors import ModelInputError
-from models.scheduler import FlowMatchScheduler
-from models.wan import WanModel
+from models.common.scheduler import FlowMatchScheduler
+from models.wan.model import WanModel
 
 
 def meta_model(name):

@@ -148,7 +148,7 @@ def test_table_and_curves_of_rendered_videos():
 
 
 def test_model_specs_name_weights_and_samplers(tmp_path):
-    from models.embedded import EMBEDDED_DIR
+    from models.wan.embedded import EMBEDDED_DIR
     from workbench.cli import build_parser
     from workbench.commands.evaluate import ModelChoice, select_models
 

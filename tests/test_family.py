@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from models.config import WanConfig
-from models.embedded import EMBEDDED_DIR, EMBEDDED_GEOMETRY, EMBEDDED_VIDEO_SIZE
+from models.wan.config import WanConfig
+from models.wan.embedded import EMBEDDED_DIR, EMBEDDED_GEOMETRY, EMBEDDED_VIDEO_SIZE
 from models.errors import ModelInputError
 from models.family import WAN, check_fits_cache, family_of
 

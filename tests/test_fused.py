@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import fused
-from models.rope import RopeTable, rope_cos_sin
+from models.wan import fused
+from models.wan.rope import RopeTable, rope_cos_sin
 
 CHECK = textwrap.dedent("""
     import os, sys, torch
-    from models.fused import _qk_norm_rope
-    from models.rope import RopeTable, rope_cos_sin
-    import models.triton_rope as tr
+    from models.wan.fused import _qk_norm_rope
+    from models.wan.rope import RopeTable, rope_cos_sin
+    import models.wan.triton_rope as tr
     device = sys.argv[1]
     torch.manual_seed(0)
     B, L, H, D = 2, 12, 3, 16
@@ -84,7 +84,7 @@ def test_gelu_epilogue_is_off_on_the_cpu_and_under_autograd():
 def test_gpu_ffn_gelu_epilogue_matches_separate_gelu():
     """The cuBLASLt GELU epilogue is the tanh approximation: the FFN equals Linear -> GELU(tanh) -> Linear within
     bf16 rounding, and both are as close to a float64 evaluation."""
-    from models.wan import FeedForward
+    from models.wan.model import FeedForward
 
     torch.manual_seed(0)
     ffn = FeedForward(256, 1024).cuda().bfloat16()

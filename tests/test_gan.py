@@ -15,8 +15,8 @@ SHAPE = ["image_or_video_shape=[1,3,16,12,16]", "num_training_frames=3", "data_p
 @pytest.fixture(scope="module")
 def world_set():
     """16 world videos of 3 latent frames (9 pixel frames at 96 x 128), encoded by the embedded VAE."""
-    from models.embedded import EMBEDDED_DIR
-    from models.vae import WanVAE
+    from models.wan.embedded import EMBEDDED_DIR
+    from models.wan.vae import WanVAE
     from training.data import LatentDataset
     from training.i2v import world_latents
 

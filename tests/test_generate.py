@@ -63,7 +63,7 @@ def test_generate_with_the_fast_vae_decoder(tmp_path, capsys, monkeypatch):
 def test_generate_skips_the_last_context_pass_and_keeps_its_outputs(tmp_path, monkeypatch):
     """Without --live, generate skips the last chunk's context pass (it only writes the KV cache): the latents
     and the decoded grid are bitwise those of a run that keeps it, with one DiT forward fewer."""
-    import models.rollout as rollout
+    import models.common.rollout as rollout
 
     real, calls = rollout.sample, []
 

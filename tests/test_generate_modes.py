@@ -68,7 +68,7 @@ def world_image(path, prompt="a red square moving left", seed=3):
 def test_i2v_rollout_frame_0_is_the_image_latent_and_conditions_the_rest(one_thread):
     from conftest import tiny_model
     from models.errors import ModelInputError
-    from models.rollout import sample
+    from models.common.rollout import sample
 
     model = tiny_model()
     model.independent_first_frame = True
@@ -87,7 +87,7 @@ def test_i2v_rollout_frame_0_is_the_image_latent_and_conditions_the_rest(one_thr
         assert (out_a[:, 1:] - out_b[:, 1:]).abs().max() > 1e-4  # the later chunks attend to the image
     # the KV cache of frame 0 holds the image's keys: the rollout's chunk 1 equals a forward that sees the image
     # and chunk 1 together under the block-causal mask, at the image's t = 0 (first denoising step, exit at once)
-    from models.scheduler import FlowMatchScheduler
+    from models.common.scheduler import FlowMatchScheduler
 
     s = FlowMatchScheduler(5.0)
     one_step = s.warp([1000])
@@ -103,8 +103,8 @@ def test_i2v_rollout_frame_0_is_the_image_latent_and_conditions_the_rest(one_thr
 
 
 def test_generate_image_first_latent_is_the_encoded_image(tmp_path, capsys):
-    from models.embedded import EMBEDDED_DIR
-    from models.vae import WanVAE
+    from models.wan.embedded import EMBEDDED_DIR
+    from models.wan.vae import WanVAE
     from models.video import read_image
 
     image = world_image(tmp_path / "first.png")
@@ -158,8 +158,8 @@ def test_gpu_i2v_rollout_with_cuda_graphs():
     """On CUDA in bf16, replayed from CUDA graphs: frame 0 is the image's latent bitwise, and the rollout equals
     the eager one bitwise (the image's chunk records only its context pass)."""
     from conftest import tiny_model
-    from models.rollout import causal_few_step
-    from models.scheduler import FlowMatchScheduler
+    from models.common.rollout import causal_few_step
+    from models.common.scheduler import FlowMatchScheduler
 
     model = tiny_model().cuda().to(torch.bfloat16)
     model.independent_first_frame = True

@@ -11,8 +11,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_world_image_pairs_are_the_encoded_first_frames(tmp_path):
-    from models.embedded import EMBEDDED_DIR
-    from models.vae import WanVAE
+    from models.wan.embedded import EMBEDDED_DIR
+    from models.wan.vae import WanVAE
     from models.world import dataset_item, world_video
     from training.data import LatentDataset
     from training.i2v import make_world_image_pairs

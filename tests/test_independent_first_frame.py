@@ -14,13 +14,13 @@ import torch
 
 from attention_reference import recording_extract
 from conftest import tiny_model
-from models.chunks import block_sizes, chunk_spans, frame_chunks
-from models.config import VideoGeometry, preset
+from models.common.chunks import block_sizes, chunk_spans, frame_chunks
+from models.wan.config import VideoGeometry, preset
 from models.errors import ModelInputError
-from models.kv_cache import RolloutCache
-from models.rollout import causal_few_step, sample
-from models.scheduler import FlowMatchScheduler
-from models.wan import WanModel
+from models.common.kv_cache import RolloutCache
+from models.common.rollout import causal_few_step, sample
+from models.common.scheduler import FlowMatchScheduler
+from models.wan.model import WanModel
 from test_export_legacy import fork_full_frame_attention
 from workbench.cli import main as cli_main
 from workbench.extract import ExtractConfig, plan, run_extract, store_layout

@@ -60,7 +60,7 @@ def test_bfloat16_mass_within_the_issue_bound():
 def test_gpu_cudnn_widened_call_at_model_shapes(nkf):
     """Real frame length (1560 tokens), 128-dim heads, bf16: mass within 1e-3 of the float64 reference, rows sum
     to 1, and the output columns match the plain kernel's (bitwise is reported, closeness asserted)."""
-    from models.attention_kernels import plain_attention, refused
+    from models.common.attention_kernels import plain_attention, refused
 
     q, k, v = rand_qkv(1, 2, 128, 1560, 3, nkf, dtype=torch.bfloat16, seed=nkf, device="cuda")
     out, mass = attention_with_frame_mass_indicator(q, k, v, frame_seq_len=1560)

@@ -59,7 +59,7 @@ def test_intervene_writes_an_effects_store_and_resumes(tmp_path, capsys):
     assert json.loads(str(ds.intervention_spec.values[1]))["heads"] == [1]
 
     # the ablation's numbers equal an independent rollout of the same intervention
-    from models.text_encoder import TextEncoder
+    from models.wan.text_encoder import TextEncoder
     from workbench.extract import ExtractConfig, load_model, plan, sample_rollout
     from workbench.hooks import CallFilter, attach
     from workbench.interventions import HeadAblation

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from models import kv_cache
+from models.common import kv_cache
 from test_interventions import C, FSL, H, TEXT_LEN, W, few_step
 from workbench.hooks import CallFilter, RecordingProbe, attach
 from workbench.interventions import HeadAblation, HeadOutputs, HeadTemperature, KeyFrameKnockout, SinkScaling
@@ -169,8 +169,8 @@ def test_mean_ablation_writes_the_recorded_mean(one_thread):
 def test_gpu_graphed_rollout_with_each_graph_safe_intervention_equals_eager():
     """bf16, eviction on: head ablation (zero, mean, resample), temperature and sink scaling replay from CUDA graphs
     (warm-up, record, replay) bitwise as their eager rollouts; the knockout turns the graphs off."""
-    from models.rollout import causal_few_step
-    from models.scheduler import FlowMatchScheduler
+    from models.common.rollout import causal_few_step
+    from models.common.scheduler import FlowMatchScheduler
 
     model = tiny_model(local_attn_size=6, sink_size=1).cuda().to(torch.bfloat16)
     s = FlowMatchScheduler(5.0)
@@ -195,7 +195,7 @@ def test_gpu_graphed_rollout_with_each_graph_safe_intervention_equals_eager():
         for _ in range(3):
             assert torch.equal(run(True, edit), eager), edit.label
         assert model._rollout_graphs is not None and model._rollout_graphs.interventions == (edit,)
-    from models.rollout import _rollout_graphs
+    from models.common.rollout import _rollout_graphs
 
     with attach(model, KeyFrameKnockout([0], filter=sel)):  # not graph-safe: the rollout runs eagerly
         assert _rollout_graphs(model, plain, torch.zeros(1, TEXT_LEN, 32, device="cuda"), True, "k") is None

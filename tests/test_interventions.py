@@ -16,10 +16,10 @@ import torch
 
 from attention_reference import AttendRecorder, dense_frame_stats, max_abs_diff
 from conftest import tiny_model
-from models import rollout as rollout_mod
-from models.attention import ForwardLabels
-from models.rollout import causal_few_step
-from models.scheduler import FlowMatchScheduler
+from models.common import rollout as rollout_mod
+from models.common.attention import ForwardLabels
+from models.common.rollout import causal_few_step
+from models.common.scheduler import FlowMatchScheduler
 from workbench.capture import CaptureSpec, Geometry, StatsProbe
 from workbench.hooks import CallFilter, Probe, RecordingProbe, attach
 from workbench.interventions import Identity, Intervention
@@ -73,7 +73,7 @@ def test_identity_on_the_masked_full_sequence_forward(one_thread):
 
 
 def test_identity_through_the_rollout_graphs_warm_up(monkeypatch, one_thread):
-    """The graphed rollout's first run of a shape is eager on the graphs' own cache (models/rollout.py); on the
+    """The graphed rollout's first run of a shape is eager on the graphs' own cache (models/common/rollout.py); on the
     CPU that run is what can be checked: with the identity attached it equals the plain rollout bitwise, and
     the graphs it made are keyed by the intervention and hold it."""
     model = tiny_model(local_attn_size=6, sink_size=1)
@@ -88,7 +88,7 @@ def test_identity_through_the_rollout_graphs_warm_up(monkeypatch, one_thread):
 
 
 def test_a_changed_intervention_makes_a_new_graph_key(one_thread):
-    from models.rollout import _rollout_graphs
+    from models.common.rollout import _rollout_graphs
 
     model = tiny_model()
     noise, ctx = torch.randn(1, 6, C, H, W), torch.randn(1, TEXT_LEN, 32)

@@ -124,7 +124,7 @@ def test_reference_given_lse_matches_float64():
 
 def test_model_blockwise_lse_any_length():
     """The model's own LSE pass (used on the CPU when a probe asks for it), for lengths that are not frames."""
-    from models.attention_kernels import blockwise_lse
+    from models.common.attention_kernels import blockwise_lse
 
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(2, 37, 3, 16, generator=g), torch.randn(2, 101, 3, 16, generator=g)
@@ -166,17 +166,17 @@ def test_reference_rejects_bad_input(kwargs, match):
 @pytest.fixture(scope="module")
 def fa():
     pytest.importorskip("triton")
-    common = importlib.import_module("models.triton_common")
+    common = importlib.import_module("models.common.triton_common")
     module = importlib.import_module("workbench.kernels.frame_attention")
     if not CUDA and not common.INTERPRET:  # imported earlier without the interpreter: decorate again
-        for name in ("models.triton_common", "models.triton_attention_plan", "models.triton_attention"):
+        for name in ("models.common.triton_common", "models.common.triton_attention_plan", "models.common.triton_attention"):
             importlib.reload(importlib.import_module(name))
         module = importlib.reload(module)
     return module
 
 
 def tma_usable(k, v):
-    from models.triton_common import tma_usable
+    from models.common.triton_common import tma_usable
 
     return tma_usable(k, v)
 
@@ -285,7 +285,7 @@ def test_fused_into_writes_the_buffer_cells(fa, split):
 
 def test_split_plan_fills_the_last_wave():
     pytest.importorskip("triton")  # (the kernels extra)
-    from models.triton_attention_plan import split_plan
+    from models.common.triton_attention_plan import split_plan
 
     assert split_plan(264, 132, 21, 12.2) == (264, 1)  # whole waves: nothing to split
     n_full, split = split_plan(444, 132, 21, 12.2)  # the 1.3B call: 12 heads x 37 query blocks on 132 SMs
@@ -406,10 +406,10 @@ def test_gpu_model_shapes(fa, mask):
 
 @pytest.mark.parametrize("split", [1, 2])
 def test_triton_forward_output_does_not_depend_on_the_extras(fa, split):
-    """models.triton_attention.frame_attention: asking for the row masses, the frame means or the log-sum-exp
+    """models.common.triton_attention.frame_attention: asking for the row masses, the frame means or the log-sum-exp
     leaves the output's bits unchanged (the capture of a model on this kernel changes nothing), with whole and
     split tiles; the LSE equals float64."""
-    from models.triton_attention import frame_attention
+    from models.common.triton_attention import frame_attention
 
     fsl = 12
     dtype = torch.bfloat16 if CUDA else torch.float32
@@ -433,21 +433,21 @@ def _ws_config_or_skip():
         return {"BLOCK_M": 16, "BLOCK_N": 16, "WS": True}
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the WS variant needs TMA (sm90+)")
-    from models.triton_attention import WS_GPU_ENV
+    from models.common.triton_attention import WS_GPU_ENV
 
     if os.environ.get(WS_GPU_ENV) != "1":
         pytest.skip(f"WS on a GPU is experimental (illegal memory access on the H200): set {WS_GPU_ENV}=1")
-    from models.triton_attention_plan import FUSED_WS_CANDIDATES
+    from models.common.triton_attention_plan import FUSED_WS_CANDIDATES
 
     return dict(FUSED_WS_CANDIDATES[0])
 
 
 @pytest.mark.parametrize("split", [1, 3])
 def test_warp_specialised_variant_matches_dense(fa, split):
-    """config WS=True (models/triton_attention.py: q through TMA, every key tile masked at the sweep's end,
+    """config WS=True (models/common/triton_attention.py: q through TMA, every key tile masked at the sweep's end,
     predicated stores after the loop): output and LSE equal float64, with whole and split tiles, for two batches
     whose last query block reads rows of the next batch (never stored)."""
-    from models.triton_attention import frame_attention
+    from models.common.triton_attention import frame_attention
 
     cfg = dict(_ws_config_or_skip(), split=split, n_full=3)
     B, H, D, fsl, nqf, nkf = (2, 2, 16, 12, 2, 5) if not CUDA else (2, 2, 128, 100, 3, 5)
@@ -462,7 +462,7 @@ def test_warp_specialised_variant_matches_dense(fa, split):
 
 
 def test_warp_specialised_variant_refuses_what_it_does_not_compute(fa):
-    from models.triton_attention import frame_attention
+    from models.common.triton_attention import frame_attention
 
     cfg = _ws_config_or_skip()
     q, k, v = rand_qkv(1, 1, 16, 4, 1, 2)
@@ -482,8 +482,8 @@ def test_model_on_triton_kernel_fused_capture_changes_nothing(fa):
     import numpy as np
     from attention_reference import AttendRecorder, dense_frame_stats, expected_key_frames
     from conftest import tiny_model
-    from models.rollout import causal_few_step
-    from models.scheduler import FlowMatchScheduler
+    from models.common.rollout import causal_few_step
+    from models.common.scheduler import FlowMatchScheduler
     from workbench.capture import CaptureSpec, Geometry, StatsProbe
     from workbench.hooks import attach
 
@@ -532,7 +532,7 @@ def test_gpu_triton_kernel_output_is_the_same_for_every_variant_at_rollout_shape
     """At the 1.3B rollout's call shapes (12 heads, 3 query frames, 3/12/21 key frames of 1560 tokens, the
     GPU's own split plan): the plain forward, the one with row masses and frame means, the one with LSE, and
     the capture store path all return the same output bits; the store path's cells equal the reference."""
-    from models.triton_attention import frame_attention
+    from models.common.triton_attention import frame_attention
 
     fsl, nqf, heads = 1560, 3, 12
     q, k, v = (t.to("cuda") for t in rand_qkv(1, heads, 128, fsl, nqf, nkf, dtype=torch.bfloat16, seed=nkf))
@@ -557,8 +557,8 @@ def test_gpu_warp_specialised_variants_at_rollout_shapes(fa, nkf):
     """Every WS sweep candidate at the 1.3B rollout's call shapes (12 heads, 3 query frames, 3/12/21 key frames,
     the GPU's own split plan): the output is within bf16 rounding of the blockwise reference and of the default
     forward, the same bits on every call, and the same bits when replayed from a CUDA graph."""
-    from models.triton_attention import frame_attention
-    from models.triton_attention_plan import FUSED_WS_CANDIDATES
+    from models.common.triton_attention import frame_attention
+    from models.common.triton_attention_plan import FUSED_WS_CANDIDATES
 
     _ws_config_or_skip()
     fsl, nqf, heads = 1560, 3, 12
@@ -592,8 +592,8 @@ import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
-from models import triton_attention as ta
-from models.triton_attention_plan import FUSED_WS_CANDIDATES
+from models.common import triton_attention as ta
+from models.common.triton_attention_plan import FUSED_WS_CANDIDATES
 from workbench.kernels import frame_attention as fa
 
 target = GPUTarget("cuda", 90, 32)

@@ -1,4 +1,4 @@
-"""KV-cache policies (workbench/kv_policies.py, models/kv_cache.py `keep`): what each cache holds after each chunk,
+"""KV-cache policies (workbench/kv_policies.py, models/common/kv_cache.py `keep`): what each cache holds after each chunk,
 at which RoPE positions, and what memory it takes; window + sink as a policy is bitwise today's rolling window; a
 cache that never held frames equals a knockout of them; attention-guided compression keeps the frames the chunk's
 queries attended to most (dense float64 reference); head-wise groups equal per-head masked attention."""
@@ -10,13 +10,13 @@ import torch
 
 from attention_reference import dense_frame_stats
 from conftest import tiny_model
-from models import rollout as rollout_mod
-from models.attention import AttentionCall, attend
-from models.kv_cache import Keep, KVCache
-from models.rope import RopeTable, rope_cos_sin
-from models.fused import rope
-from models.rollout import causal_few_step
-from models.scheduler import FlowMatchScheduler
+from models.common import rollout as rollout_mod
+from models.common.attention import AttentionCall, attend
+from models.common.kv_cache import Keep, KVCache
+from models.wan.rope import RopeTable, rope_cos_sin
+from models.wan.fused import rope
+from models.common.rollout import causal_few_step
+from models.common.scheduler import FlowMatchScheduler
 from workbench.hooks import CallFilter, RecordingProbe, attach
 from workbench.interventions import KeyFrameKnockout
 from workbench.kv_policies import AttentionGuided, DeepSink, FifoWindow, HeadWise, WindowSink
@@ -51,7 +51,7 @@ def test_window_sink_policy_is_bitwise_the_rolling_window(window, sink, one_thre
 
 @pytest.mark.parametrize("window,sink", [(7, 1), (6, 0)])
 def test_window_sink_policy_on_the_independent_first_frame_layout(window, sink, one_thread):
-    """Chunks [1, 3, 3, 3, 3, 3, 3] (models/chunks.py): a policy's rollout runs the layout (frame 0's chunk
+    """Chunks [1, 3, 3, 3, 3, 3, 3] (models/common/chunks.py): a policy's rollout runs the layout (frame 0's chunk
     first) and equals the rolling window on the same layout bitwise, the window's last frames included."""
     plain_model, policy_model = tiny_model(local_attn_size=window, sink_size=sink), tiny_model()
     plain_model.independent_first_frame = policy_model.independent_first_frame = True

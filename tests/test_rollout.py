@@ -1,15 +1,15 @@
 """The causal model: KV-cache rollout == block-causal full-sequence forward, absolute RoPE across chunks,
-sink + window eviction (the window rule of models/window.py), labels of every forward, and input errors."""
+sink + window eviction (the window rule of models/common/window.py), labels of every forward, and input errors."""
 
 import pytest
 import torch
 
 from conftest import tiny_model
-from models.attention import ForwardLabels
+from models.common.attention import ForwardLabels
 from models.errors import ModelInputError
-from models.kv_cache import KVCache, RolloutCache
-from models.rollout import causal_few_step, few_step_schedule
-from models.scheduler import FlowMatchScheduler
+from models.common.kv_cache import KVCache, RolloutCache
+from models.common.rollout import causal_few_step, few_step_schedule
+from models.common.scheduler import FlowMatchScheduler
 from workbench.hooks import CallFilter, RecordingProbe, attach
 
 B, C, H, W = 2, 16, 4, 6  # 2 x 3 = 6 tokens per frame
@@ -148,7 +148,7 @@ def test_rollout_is_reproducible_and_labels_every_forward():
 def test_on_chunk_gets_each_finished_chunk_after_its_last_forward(sampler, one_thread):
     """on_chunk(chunk, start, x0): every chunk once, in order, after all of its forwards (the context pass
     included), with exactly the latents the sampler returns for it; the bidirectional sampler has one chunk."""
-    from models.rollout import sample
+    from models.common.rollout import sample
 
     model = tiny_model(causal=sampler != "bidirectional")
     g = torch.Generator().manual_seed(0)
@@ -172,7 +172,7 @@ def test_on_chunk_gets_each_finished_chunk_after_its_last_forward(sampler, one_t
 def test_skipping_the_last_context_pass_keeps_the_latents(one_thread):
     """sample(last_context_pass=False): the same latents bit for bit and the same chunks, one forward fewer
     (the last chunk's context pass only writes the cache)."""
-    from models.rollout import sample
+    from models.common.rollout import sample
 
     model = tiny_model()
     runs = []
@@ -263,7 +263,7 @@ def test_cuda_graph_rollout_equals_eager_rollout():
     assert model._rollout_graphs is not graphs
     # a shape recorded at once, without the eager warm-up rollout (RolloutGraphs.eager_first = False; every
     # kernel is planned by now), equals its eager rollout too
-    from models.rollout import RolloutGraphs
+    from models.common.rollout import RolloutGraphs
 
     def run9(graphs):
         g = torch.Generator(device="cuda").manual_seed(2)
@@ -285,7 +285,7 @@ def test_which_rollouts_share_recorded_graphs():
     """The host-side rule of `RolloutGraphs` (checked on the CPU; the graphs themselves run on a GPU): one set per
     model, reused while shape, weights and observers are the same; off with autograd or a non-graph-safe
     observer; new for a new shape, new weights or other observers."""
-    from models.rollout import _rollout_graphs, release_graphs
+    from models.common.rollout import _rollout_graphs, release_graphs
     from workbench.capture import CaptureSpec, Geometry, StatsProbe
     from workbench.hooks import Probe, attach
 
@@ -318,9 +318,9 @@ def test_which_rollouts_share_recorded_graphs():
 
 @pytest.mark.parametrize("local,sink", [(-1, 0), (9, 3), (6, 0), (12, 3), (3, 1)])
 def test_window_rule_is_what_the_kv_cache_holds(local, sink):
-    """models/window.py (the full-sequence mask, the synthetic stores) against the frames the KV cache holds
+    """models/common/window.py (the full-sequence mask, the synthetic stores) against the frames the KV cache holds
     when each chunk attends (tests/attention_reference.py), 8 chunks of 3."""
-    from models.window import attended_key_frames
+    from models.common.window import attended_key_frames
     from attention_reference import expected_key_frames
 
     rows = attended_key_frames(24, 3, local, sink)

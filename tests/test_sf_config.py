@@ -1,10 +1,10 @@
-"""The researchers' YAML files load unchanged through the structured config (models/sf_config.py, merged
+"""The researchers' YAML files load unchanged through the structured config (training/config.py, merged
 onto configs/default_config.yaml as their `train.py` does)."""
 
 import pytest
 
 from models.errors import ModelInputError
-from models.sf_config import load_config
+from training.config import load_config
 
 
 def test_dmd_config_merges_onto_default():

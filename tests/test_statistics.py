@@ -13,9 +13,9 @@ import torch
 
 from attention_reference import AttendRecorder, dense_frame_entropy, expected_key_frames
 from conftest import tiny_model
-from models.attention import ForwardLabels
-from models.rollout import causal_few_step
-from models.scheduler import FlowMatchScheduler
+from models.common.attention import ForwardLabels
+from models.common.rollout import causal_few_step
+from models.common.scheduler import FlowMatchScheduler
 from workbench.capture import CAPTURE_MODES, CaptureSpec, Geometry, StatsProbe
 from workbench.errors import WorkbenchError
 from workbench.hooks import attach
@@ -55,7 +55,7 @@ def test_cli_help_and_store_follow_the_registry(capsys):
     extract = build_parser()._subparsers._group_actions[0].choices["extract"]
     choices = {a.dest: a.choices for a in extract._actions if a.choices}
     assert tuple(choices["capture_mode"]) == CAPTURE_MODES
-    from models.attention_kernels import ATTENTION_KERNELS
+    from models.common.attention_kernels import ATTENTION_KERNELS
 
     assert tuple(choices["attention_kernel"]) == ATTENTION_KERNELS
 
@@ -107,7 +107,7 @@ def _qkv(B, H_, D, fsl, nqf, nkf, dtype, seed):
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
 @pytest.mark.parametrize("kernel_lse", [False, True], ids=["own-lse", "kernel-lse"])
 def test_frame_entropy_equals_float64_reference(dtype, tol, masked, kernel_lse, monkeypatch):
-    from models.attention_kernels import attention_with_lse
+    from models.common.attention_kernels import attention_with_lse
     from workbench import reductions
     from workbench.kernels import reference
 
@@ -210,7 +210,7 @@ def test_entropy_request_takes_the_exact_path_in_a_kernel_mode(monkeypatch):
     """No mode's kernel pass makes the entropy, so a call that needs it goes to the exact path before any kernel is
     looked at; with attn_mass alone the probe asks the kernel table whether its mode's kernel runs the call."""
     import workbench.capture as capture_mod
-    from models.attention import AttentionCall
+    from models.common.attention import AttentionCall
 
     asked = []
 

@@ -178,8 +178,8 @@ def other_checkpoint(tmp_path_factory) -> Path:
     """A Self-Forcing checkpoint of the embedded model with its weights nudged: another model of the same layout."""
     import torch
 
-    from models.checkpoint import save_self_forcing
-    from models.embedded import EMBEDDED_DIR
+    from models.wan.checkpoint import save_self_forcing
+    from models.wan.embedded import EMBEDDED_DIR
     from models.files import load_state_dict_file
 
     sd = load_state_dict_file(EMBEDDED_DIR / "diffusion_pytorch_model.safetensors")

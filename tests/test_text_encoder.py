@@ -1,4 +1,4 @@
-"""The umT5 text encoder (models/text_encoder.py).
+"""The umT5 text encoder (models/wan/text_encoder.py).
 
 The key map and the umT5 semantics are checked against `wan_t5_reference` below: Wan's `wan/modules/t5.py`
 T5Encoder math written out by hand (per-layer relative position bias with Wan's bucket formula, no attention
@@ -15,7 +15,7 @@ import torch
 
 from conftest import embedded_maker
 from models.errors import CheckpointError, ModelInputError
-from models.text_encoder import (PromptEmbeddings, TextEncoder, TokenizerNotFoundError, build_umt5_encoder,
+from models.wan.text_encoder import (PromptEmbeddings, TextEncoder, TokenizerNotFoundError, build_umt5_encoder,
                                  clean_prompt, hf_to_wan_key, load_tokenizer, wan_to_hf_key)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from models.checkpoint import build_model, load_tensors, load_wan, read_self_forcing, save_wan_folder
-from models.config import preset
-from models.rollout import causal_few_step
-from models.scheduler import FlowMatchScheduler
+from models.wan.checkpoint import build_model, load_tensors, load_wan, read_self_forcing, save_wan_folder
+from models.wan.config import preset
+from models.common.rollout import causal_few_step
+from models.common.scheduler import FlowMatchScheduler
 from training import distributed as fsdp
 from training import rng
 from training.data import LatentDataset, PromptSource, synthetic_latents
@@ -152,7 +152,7 @@ def test_probes_grow_the_store_and_leave_training_unchanged(tmp_path):
     assert abs(rows - 1).max() < 1e-4  # attention mass rows sum to 1
     first, last = ds.attn_mass.sel(train_step=0).values, ds.attn_mass.sel(train_step=4).values
     assert abs(first - last)[~torch.isnan(torch.tensor(first)).numpy()].max() > 1e-6  # the generator changed
-    from training.study import attention_over_training, figure, table
+    from studies.training import attention_over_training, figure, table
 
     a = attention_over_training(tmp_path / "p" / "probes.zarr")
     assert a.frame0.dims == ("train_step", "layer", "head") and a.sizes["train_step"] == 3

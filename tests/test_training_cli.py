@@ -6,7 +6,7 @@ import argparse
 import pytest
 import torch
 
-from models.embedded import EMBEDDED_DIR
+from models.wan.embedded import EMBEDDED_DIR
 from training.errors import TrainingError
 
 FAST_ODE = ["ode_pairs.num_pairs=2", "ode_pairs.steps=8", "ode_pairs.keep=[0,2,4,6]", "device=cpu"]
@@ -25,9 +25,9 @@ def train(*argv):
 
 
 def test_ode_then_dmd_with_probes_then_resume(tmp_path, capsys):
-    from models.checkpoint import load_wan
-    from models.rollout import causal_few_step
-    from models.scheduler import FlowMatchScheduler
+    from models.wan.checkpoint import load_wan
+    from models.common.rollout import causal_few_step
+    from models.common.scheduler import FlowMatchScheduler
     from training.logger import read_losses
     from workbench.store import open_store
 

@@ -23,7 +23,7 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_training import losses, make
 
-    from models.checkpoint import load_tensors
+    from models.wan.checkpoint import load_tensors
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from models.scheduler import FlowMatchScheduler
+from models.common.scheduler import FlowMatchScheduler
 from training import rng
 from training.losses import (critic_flow_loss, diffusion_loss, dmd_loss, ode_regression_loss, predict_x0,
                              real_score, score_timestep, sid_loss)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from models.kv_cache import GradWindow, RolloutCache
-from models.rollout import _from_model, _to_model
-from models.scheduler import FlowMatchScheduler
+from models.common.kv_cache import GradWindow, RolloutCache
+from models.common.rollout import _from_model, _to_model
+from models.common.scheduler import FlowMatchScheduler
 from test_training import make, params
 from test_training_losses import Linear
 from training import distributed as fsdp
@@ -351,8 +351,8 @@ def test_ema_starts_from_the_weights_before_the_checkpoint(tmp_path):
 
 
 def test_build_models_keeps_the_folder_weights_for_the_ema(tmp_path):
-    from models.checkpoint import save_self_forcing, save_wan_folder
-    from models.config import preset
+    from models.wan.checkpoint import save_self_forcing, save_wan_folder
+    from models.wan.config import preset
     from training.trainer import build_models
 
     folder_sd = tiny_model(seed=9).state_dict()

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from models.kv_cache import CrossCache, RolloutCache
-from models.rollout import _to_model, causal_few_step
-from models.scheduler import FlowMatchScheduler
+from models.common.kv_cache import CrossCache, RolloutCache
+from models.common.rollout import _to_model, causal_few_step
+from models.common.scheduler import FlowMatchScheduler
 from training import rng
 from training.rollout import draw_exit_indices, self_forcing_rollout
 

@@ -1,7 +1,7 @@
-"""The Wan2.1 VAE (models/vae.py): key map, latent normalisation, frame law, streaming = whole decode, errors.
+"""The Wan2.1 VAE (models/wan/vae.py): key map, latent normalisation, frame law, streaming = whole decode, errors.
 
 The Wan names and shapes come from `wan_vae_shapes` in data/embedded/make_text_and_vae.py, an enumeration
-written from Wan's Encoder3d/Decoder3d constructors (independent of models/vae.py). The key map is checked
+written from Wan's Encoder3d/Decoder3d constructors (independent of models/wan/vae.py). The key map is checked
 against diffusers' own `convert_wan_vae_to_diffusers`, both on names and by decoding/encoding through a
 diffusers model loaded with that converter; a mutation test shows the decode comparison catches swapped tensors.
 """
@@ -13,7 +13,7 @@ import torch
 
 from conftest import SMALL_VAE, embedded_maker, push_in_chunks
 from models.errors import CheckpointError, ModelInputError
-from models.vae import (LATENTS_MEAN, LATENTS_STD, VAELayout, WanVAE, diffusers_to_wan_key, infer_layout,
+from models.wan.vae import (LATENTS_MEAN, LATENTS_STD, VAELayout, WanVAE, diffusers_to_wan_key, infer_layout,
                         latent_frames, pixel_frames, wan_to_diffusers_key)
 
 ROOT = Path(__file__).resolve().parents[1]

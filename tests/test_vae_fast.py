@@ -1,4 +1,4 @@
-"""The fast VAE decoder (models/vae_fast.py) and the overlapped stream decoder (models/vae.py).
+"""The fast VAE decoder (models/wan/vae_fast.py) and the overlapped stream decoder (models/wan/vae.py).
 
 - The fast decoder computes the reference decoder's function: bitwise equal in float64 (diffusers' upsampler
   rounds to float32 there, and the fast one does the same), within float32 rounding in float32; whole decodes
@@ -18,7 +18,7 @@ import torch
 
 from conftest import push_in_chunks
 from models.errors import ModelInputError
-from models.vae import WanVAE, resolve_decoder
+from models.wan.vae import WanVAE, resolve_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,8 +104,8 @@ KERNEL_CHECK = textwrap.dedent("""
     import sys, torch
     import torch.nn.functional as F
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
-    from models.triton_vae import rms_silu_into
-    from models.vae_fast import _rows
+    from models.wan.triton_vae import rms_silu_into
+    from models.wan.vae_fast import _rows
     device = sys.argv[1]
     torch.manual_seed(0)
     for C, images, silu in ((96, False, True), (12, False, False), (24, True, False)):

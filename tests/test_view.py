@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.embedded import EMBEDDED_DIR
-from models.vae import WanVAE
+from models.wan.embedded import EMBEDDED_DIR
+from models.wan.vae import WanVAE
 from models.video import mp4_available, to_uint8_frames, write_mp4
 from browser import chromium, png_pixels
 from workbench.cli import main

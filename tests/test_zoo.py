@@ -14,7 +14,7 @@ import torch
 
 from conftest import embedded_maker
 from models import world
-from models.embedded import EMBEDDED_DIR, ZOO, default_model, zoo_model
+from models.wan.embedded import EMBEDDED_DIR, ZOO, default_model, zoo_model
 from models.errors import ModelInputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def test_render_scenes_equals_world_render():
 
 
 def test_world_dataset_is_the_encoded_world_and_is_cached(random_vae_file, tmp_path):
-    from models.vae import WanVAE
+    from models.wan.vae import WanVAE
     from training.data import LatentDataset
     from training.world_data import make_world_dataset, world_dataset_path
 
@@ -139,7 +139,7 @@ def test_pooling_init_is_a_block_average_codec():
 
 
 def test_fold_keeps_the_round_trip_and_normalises_the_latents():
-    from models.vae import LATENTS_STD, VAELayout, WanVAE
+    from models.wan.vae import LATENTS_STD, VAELayout, WanVAE
     from training.world_vae import (fold_latent_stats, held_out_videos, new_vae, raw_latent_stats,
                                     set_posterior_width, wan_state_dict)
 
@@ -169,7 +169,7 @@ def test_fold_keeps_the_round_trip_and_normalises_the_latents():
 
 
 def test_vae_trainer_runs_and_writes_the_official_layout(tmp_path):
-    from models.vae import WanVAE
+    from models.wan.vae import WanVAE
     from training.world_vae import VAETrainConfig, train
 
     cfg = VAETrainConfig(base_dim=8, dim_mult="1,1,1,1", steps=2, batch=1, frames=5, crop=16, eval_videos=1,
@@ -213,7 +213,7 @@ def test_zoo_table_and_defaults():
 def test_model_option_resolves_and_refuses(tmp_path, monkeypatch):
     import argparse
 
-    import models.embedded as embedded
+    import models.wan.embedded as embedded
     from workbench.commands import add_model_arguments, resolve_model
     from workbench.errors import WorkbenchError
 
@@ -243,7 +243,7 @@ def test_model_option_resolves_and_refuses(tmp_path, monkeypatch):
 
 
 def test_evaluate_names_the_zoo(tmp_path, monkeypatch):
-    import models.embedded as embedded
+    import models.wan.embedded as embedded
     from workbench.cli import build_parser
     from workbench.commands.evaluate import ModelChoice, plan_runs, select_models
     from workbench.errors import WorkbenchError
@@ -287,9 +287,9 @@ def test_zoo_configs_load_and_check():
 def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path):
     """`python -m training.zoo --short`: every stage on the CPU (6 frames, 3 steps per config), then the
     shipped folder loads through the normal loaders, the tar parts reassemble, and a second run skips all."""
-    from models.checkpoint import load_wan
-    from models.text_encoder import TextEncoder
-    from models.vae import WanVAE
+    from models.wan.checkpoint import load_wan
+    from models.wan.text_encoder import TextEncoder
+    from models.wan.vae import WanVAE
     from training.zoo import STAGES, main
 
     work, out = tmp_path / "zoo", tmp_path / "out"

@@ -104,7 +104,7 @@ def _run(args) -> int:
         print(f"step {trainer.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.endswith("_loss")))
         print(f"losses: {trainer.logdir / 'losses.csv'}; checkpoint: {trainer.logdir}/checkpoint_model_{trainer.step:06d}")
         if trainer.probes is not None and trainer.probes.path.exists():
-            from training.study import table
+            from studies.training import table
 
             print(table(trainer.probes.path))
     if dist.get_world_size() > 1:

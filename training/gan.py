@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.rollout import _to_model
-from models.wan import RMSNorm
+from models.common.rollout import _to_model
+from models.wan.model import RMSNorm
 from training import rng
 from training.errors import TrainingError
 from training.losses import score_timestep

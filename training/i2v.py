@@ -8,7 +8,7 @@ at t = 0) and generates the rest, as the researchers' I2V training does with the
 
     item i     (prompt, scene seed) = models.world.dataset_item(i, seed)
     image      pixel frame 0 of that scene (models.world.world_video), 96 x 128, in [-1, 1]
-    latent     `models.vae.WanVAE.encode(image[None, :, None])` (the posterior mean, normalised): [1, 16, 12, 16]
+    latent     `models.wan.vae.WanVAE.encode(image[None, :, None])` (the posterior mean, normalised): [1, 16, 12, 16]
 
     python -m training.i2v --vae data/embedded/Wan2.1_VAE.pth --num 256 --out runs/world_images.pt
 
@@ -29,8 +29,8 @@ from models import world
 @torch.no_grad()
 def world_latents(vae, num: int, seed: int = 0, latent_frames: int = 1, batch: int = 16) -> tuple[list[str], torch.Tensor]:
     """(prompts, latents [num, latent_frames, 16, H/8, W/8] float32 on the CPU): the first 1 + 4 (F - 1) pixel
-    frames of world items 0..num-1 (just frame 0 for F = 1), encoded by the `models.vae.WanVAE` `vae`."""
-    from models.vae import pixel_frames
+    frames of world items 0..num-1 (just frame 0 for F = 1), encoded by the `models.wan.vae.WanVAE` `vae`."""
+    from models.wan.vae import pixel_frames
 
     items = [world.dataset_item(i, seed) for i in range(num)]
     out = []
@@ -45,7 +45,7 @@ def make_world_image_pairs(out, vae_path, num: int, seed: int = 0, device="cpu",
     """Write the text-image pair set (kind "image_latents"), or with latent_frames > 1 the text-video set (kind
     "latents"), atomically to `out`."""
     from models.files import sha256_file
-    from models.vae import WanVAE
+    from models.wan.vae import WanVAE
     from training.data import save_latent_dataset
 
     vae = WanVAE.from_file(vae_path, device=device)

@@ -33,9 +33,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.chunks import block_sizes
-from models.rollout import _from_model, _to_model
-from models.scheduler import FlowMatchScheduler
+from models.common.chunks import block_sizes
+from models.common.rollout import _from_model, _to_model
+from models.common.scheduler import FlowMatchScheduler
 from training import rng
 
 

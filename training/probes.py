@@ -102,7 +102,7 @@ class TrainingProbes:
 
     def run(self, model, step: int, prompt_cache, d, dtype) -> dict:
         """Run the probe set on the (possibly sharded) causal model; rank 0 appends it. Returns a small summary."""
-        from models.rollout import causal_few_step, seeded_noise
+        from models.common.rollout import causal_few_step, seeded_noise
         from workbench.capture import Geometry, StatsProbe
         from workbench.sample import capture_sample
 

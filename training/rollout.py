@@ -2,7 +2,7 @@
 ODE-pair generation with the bidirectional sampler.
 
 Training rollout, for each chunk (`num_frame_per_block` frames; frame 0 alone first with the generator's
-`independent_first_frame`, models/chunks.py) of latents [B, F, C, H, W]:
+`independent_first_frame`, models/common/chunks.py) of latents [B, F, C, H, W]:
 
     x = the chunk's noise
     for k, t_k in enumerate(denoising steps):               # warped: 1000, 937.5, 833.3, 625
@@ -13,7 +13,7 @@ Training rollout, for each chunk (`num_frame_per_block` frames; frame 0 alone fi
 
 The exit index is drawn once per rollout (rank 0, broadcast) and shared by every chunk
 (`same_step_across_blocks`), or one per chunk. Gradient reaches only the exit-step forwards: earlier steps and
-context passes run under no_grad, and the exit forward sees the KV cache through `models.kv_cache.GradWindow`.
+context passes run under no_grad, and the exit forward sees the KV cache through `models.common.kv_cache.GradWindow`.
 Two choices of the researchers' code are the defaults, each with an option (docs/training.md):
 - `kv_gradient="inplace"`: a later chunk's exit forward sends gradient into the earlier chunks' exit-step
   keys/values (the cache is written in place with gradient), although the cache rows it reads hold the
@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import torch
 
-from models.attention import ForwardLabels
-from models.kv_cache import RolloutCache
-from models.rollout import _from_model, _to_model, bidirectional, check_causal_geometry, check_initial_latent
-from models.scheduler import FlowMatchScheduler
+from models.common.attention import ForwardLabels
+from models.common.kv_cache import RolloutCache
+from models.common.rollout import _from_model, _to_model, bidirectional, check_causal_geometry, check_initial_latent
+from models.common.scheduler import FlowMatchScheduler
 from training import rng
 
 

@@ -12,7 +12,7 @@ import hashlib
 
 import torch
 
-from models.text_encoder import PromptEmbeddings
+from models.wan.text_encoder import PromptEmbeddings
 
 
 class HashTextEncoder:

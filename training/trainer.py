@@ -42,11 +42,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from models.chunks import block_sizes
+from models.common.chunks import block_sizes
 from models.errors import ModelInputError
 from models.family import WAN, check_fits_cache
 from models.files import atomic_torch_save, atomic_write_text
-from models.scheduler import FlowMatchScheduler
+from models.common.scheduler import FlowMatchScheduler
 from training import distributed as fsdp
 from training import rng
 from training.data import LatentDataset, PromptSource, synthetic_latents
@@ -82,8 +82,8 @@ class Plan:
 
 
 def load_train_config(path, overrides: list[str] | None = None):
-    """The YAML merged onto configs/default_config.yaml and the schema (models.sf_config), as TrainingErrors."""
-    from models.sf_config import load_config
+    """The YAML merged onto configs/default_config.yaml and the schema (training.config), as TrainingErrors."""
+    from training.config import load_config
 
     try:
         cfg = load_config(path, overrides=overrides)
@@ -124,7 +124,7 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
         check_gan_config(cfg)
     if cfg.denoising_loss_type != "flow":
         raise TrainingError(f"denoising_loss_type {cfg.denoising_loss_type!r}: only 'flow' is implemented")
-    from models.kv_cache import KV_GRADIENTS, TEXT_KV_GRADIENTS
+    from models.common.kv_cache import KV_GRADIENTS, TEXT_KV_GRADIENTS
 
     for key, allowed in (("kv_cache_gradient", KV_GRADIENTS), ("text_kv_gradient", TEXT_KV_GRADIENTS),
                          ("unused_param_grads", UNUSED_PARAM_GRADS)):
@@ -185,7 +185,7 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
 
 
 def chunk_layout(frames: int, nfpb: int, independent_first_frame: bool) -> list[int]:
-    """Frames per chunk (models/chunks.py) as a TrainingError naming the config keys."""
+    """Frames per chunk (models/common/chunks.py) as a TrainingError naming the config keys."""
     try:
         return block_sizes(frames, nfpb, independent_first_frame)
     except ModelInputError as err:
@@ -576,7 +576,7 @@ class Trainer:
 
     def save(self) -> Path:
         """logdir/checkpoint_model_{step:06d}/{training_state.pt, model.pt}; every rank must call it."""
-        from models.checkpoint import save_self_forcing
+        from models.wan.checkpoint import save_self_forcing
 
         folder = self.logdir / f"checkpoint_model_{self.step:06d}"
         for model in (self.generator, self.critic):
@@ -601,7 +601,7 @@ class Trainer:
 
     def resume(self, path) -> int:
         """Load a checkpoint folder written by `save` (weights, optimiser states, step, seed)."""
-        from models.checkpoint import load_tensors, strip_prefixes
+        from models.wan.checkpoint import load_tensors, strip_prefixes
 
         folder = Path(path)
         if folder.is_file():
@@ -644,7 +644,7 @@ def build_models(cfg, plan: Plan, device="cpu") -> tuple[Models, Path]:
     """The models a config names, on the CPU in float32 (teacher: bf16 on CUDA with mixed precision, where its
     frozen weights are only ever used in bf16), and with ema_start_step <= 0 the generator folder's own weights
     for the EMA to start from. Returns (models, generator folder)."""
-    from models.checkpoint import load_wan
+    from models.wan.checkpoint import load_wan
 
     kw = cfg.model_kwargs
     gen_dir = model_folder(cfg, kw.model_name)
@@ -654,7 +654,7 @@ def build_models(cfg, plan: Plan, device="cpu") -> tuple[Models, Path]:
     generator.independent_first_frame = causal and bool(cfg.independent_first_frame)
     ema_init = None
     if cfg.generator_ckpt and cfg.ema_weight > 0 and cfg.ema_start_step <= 0:
-        from models.checkpoint import read_wan_folder
+        from models.wan.checkpoint import read_wan_folder
 
         ema_init = read_wan_folder(gen_dir)[1]
     critic = teacher = None
@@ -734,7 +734,7 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
     """The probe set of cfg.probe, checked against the model (None when probes are off)."""
     import hashlib
 
-    from models.rollout import few_step_schedule
+    from models.common.rollout import few_step_schedule
     from models.video import read_prompts
     from training.probes import TrainingProbes
     from workbench.capture import CaptureSpec
@@ -755,7 +755,7 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
     mc = model_config
     frames = p.num_frames or plan.shape[0]
     iff = bool(cfg.independent_first_frame)
-    try:  # frames that fit the chunk layout (models/chunks.py)
+    try:  # frames that fit the chunk layout (models/common/chunks.py)
         block_sizes(frames, plan.nfpb, iff)
     except ModelInputError as err:
         raise TrainingError(f"probe.num_frames: {err}") from None
@@ -813,8 +813,8 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
 
 def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log=print, progress=True) -> Trainer:
     """Everything a config names: checks first, then weights, text encoder, data, probes."""
-    from models.checkpoint import WEIGHTS_NAME, sha256_file
-    from models.text_encoder import TextEncoder
+    from models.wan.checkpoint import WEIGHTS_NAME, sha256_file
+    from models.wan.text_encoder import TextEncoder
 
     d = fsdp.setup(cfg.device)
     plan = check_config(cfg, d.world, sets_sid_alpha=sets_sid_alpha)
@@ -825,7 +825,7 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
             raise TrainingError(f"--resume: {logdir} has no complete checkpoint_model_* folder")
     elif resume is None and latest_checkpoint(logdir) is not None:
         raise TrainingError(f"{logdir} already holds checkpoints; pass --resume to continue or use a new --logdir")
-    from models.config import WanConfig
+    from models.wan.config import WanConfig
 
     gen_dir = model_folder(cfg, cfg.model_kwargs.model_name)
     gen_config = WanConfig.from_json(gen_dir / "config.json").replace(
@@ -868,8 +868,8 @@ def build_ode_pairs(cfg, *, log=print, progress: bool = True) -> Path:
     trajectories for the prompts of `ode_pairs.prompt_file` (cycled), written to `data_path`. Rank 0 works."""
     from tqdm.auto import tqdm
 
-    from models.checkpoint import load_wan
-    from models.text_encoder import TextEncoder
+    from models.wan.checkpoint import load_wan
+    from models.wan.text_encoder import TextEncoder
     from models.video import read_prompts
     from training.data import save_latent_dataset
     from training.rollout import make_ode_pairs

@@ -10,7 +10,7 @@ starts at once.
                  colour x shape x direction in every phrasing, each item has a scene of its own
     pixels       the scene's first 1 + 4 (F - 1) frames at 96 x 128 (F = the config's latent frames), drawn by
                  `render_scenes` (models.world.render in torch, batched on the training device)
-    latents      `models.vae.WanVAE.encode` (the posterior mean, normalised): [N, F, 16, 12, 16], float32
+    latents      `models.wan.vae.WanVAE.encode` (the posterior mean, normalised): [N, F, 16, 12, 16], float32
     cache file   <cache_dir>/world-<key>.pt, key = sha256 of the VAE file's sha256, N, seed, F and the format
 """
 
@@ -88,10 +88,10 @@ def cache_key(vae_sha: str, num_videos: int, seed: int, latent_frames: int) -> s
 def make_world_latents(vae, num_videos: int, seed: int, latent_frames: int, *, batch: int = 16,
                        progress: bool = True) -> tuple[list[str], torch.Tensor]:
     """(prompts, latents [N, F, 16, 12, 16] float32 on the CPU): items 0..N-1 of the world set, encoded by the
-    `models.vae.WanVAE` `vae` on its device."""
+    `models.wan.vae.WanVAE` `vae` on its device."""
     from tqdm.auto import tqdm
 
-    from models.vae import pixel_frames
+    from models.wan.vae import pixel_frames
 
     T = pixel_frames(latent_frames)
     items = [world.dataset_item(i, seed) for i in range(num_videos)]
@@ -117,7 +117,7 @@ def make_world_dataset(path: Path, vae_path, num_videos: int, seed: int, latent_
                        batch: int = 16, progress: bool = True, log=print) -> Path:
     """Render, encode and write (atomically) the latent set to `path`, unless it is there already."""
     from models.files import sha256_file
-    from models.vae import WanVAE
+    from models.wan.vae import WanVAE
     from training.data import save_latent_dataset
 
     if path.is_file():

@@ -1,7 +1,7 @@
 """Train the embedded default's tiny Wan VAE on the miniature world (models/world.py).
 
 How it fits: the zoo (training/zoo.py) trains every DiT on latents of world videos; this module makes the VAE
-those latents come from, and writes it as Wan's own `Wan2.1_VAE.pth`, so `models.vae.WanVAE.from_file` (the
+those latents come from, and writes it as Wan's own `Wan2.1_VAE.pth`, so `models.wan.vae.WanVAE.from_file` (the
 loader of the real VAE) reads it unchanged.
 
 Architecture: Wan2.1's VAE (diffusers' `AutoencoderKLWan`) at toy widths, `WORLD_VAE`: base_dim 8 with
@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from models import world
-from models.vae import LATENTS_MEAN, LATENTS_STD, SPATIAL_STRIDE, VAELayout, WanVAE, diffusers_to_wan_key
+from models.wan.vae import LATENTS_MEAN, LATENTS_STD, SPATIAL_STRIDE, VAELayout, WanVAE, diffusers_to_wan_key
 
 WORLD_VAE = VAELayout(base_dim=8, z_dim=16, dim_mult=(1, 1, 2, 4), num_res_blocks=1,
                       temporal_downsample=(False, True, True))

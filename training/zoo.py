@@ -1,6 +1,6 @@
 """Train the embedded zoo on the miniature world, stage by stage, and write the files that data/embedded ships.
 
-How it fits: every DiT of the zoo (models/embedded.py `ZOO`) is trained by `workbench train` from a shipped
+How it fits: every DiT of the zoo (models/wan/embedded.py `ZOO`) is trained by `workbench train` from a shipped
 config (configs/zoo_*.yaml); this driver runs those configs in order in one process (on a GPU the CUDA start
 and the model loads are paid once), points their paths at one work folder, keeps each stage inside a time
 budget, and assembles the results in data/embedded's layout. docs/zoo.md describes the recipe and its results.
@@ -12,7 +12,7 @@ budget, and assembles the results in data/embedded's layout. docs/zoo.md describ
 
 Stages, in order; each is skipped when its output exists (so a second call continues a first one):
     vae        training/world_vae.py into WORK/vae/ (skipped with --vae FILE: that VAE instead)
-    init       WORK/init/: a Wan folder with the seeded DiT init (models/embedded.py), the umT5 encoder and
+    init       WORK/init/: a Wan folder with the seeded DiT init (models/wan/embedded.py), the umT5 encoder and
                tokenizer of data/embedded, and the VAE
     data       the world latent set of configs/zoo_teacher.yaml (training/world_data.py) in WORK/world_latents/
     teacher    configs/zoo_teacher.yaml -> WORK/teacher/: a Wan folder with the teacher's EMA weights, the text
@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("vae", "init", "data", "teacher", "df", "ode_pairs", "ode", "dmd", "sid", "check", "ship")
 CONFIGS = {"teacher": "configs/zoo_teacher.yaml", "df": "configs/zoo_df.yaml", "ode_pairs": "configs/zoo_ode.yaml",
            "ode": "configs/zoo_ode.yaml", "dmd": "configs/zoo_dmd.yaml", "sid": "configs/zoo_sid.yaml"}
-ZOO_OF_STAGE = {"df": "df", "ode": "ode", "dmd": "dmd", "sid": "sid"}  # stage -> models.embedded.ZOO name
+ZOO_OF_STAGE = {"df": "df", "ode": "ode", "dmd": "dmd", "sid": "sid"}  # stage -> models.wan.embedded.ZOO name
 WEIGHTS = {"vae": 1.2, "data": 0.4, "teacher": 3.5, "df": 1.2, "ode_pairs": 0.8, "ode": 0.6, "dmd": 2.0, "sid": 1.2,
            "check": 0.3}  # shares of the time budget (data and ode_pairs are fixed work: their share is an estimate)
 SHORT = {  # --short: every stage in seconds on a CPU (6 latent frames, batches of 2, 3 steps)
@@ -135,7 +135,7 @@ class Zoo:
         return load_train_config(ROOT / CONFIGS["teacher" if stage == "data" else stage], self.overrides(stage))
 
     def checkpoint(self, zoo_stage: str) -> Path:
-        from models.embedded import ZOO
+        from models.wan.embedded import ZOO
 
         return ZOO[ZOO_OF_STAGE[zoo_stage]].checkpoint_path(self.teacher_dir)
 
@@ -204,8 +204,8 @@ class Zoo:
 
     def stage_init(self, deadline) -> dict:
         """WORK/init: the seeded DiT init with the text encoder, tokenizer and VAE (a complete Wan folder)."""
-        from models.checkpoint import save_wan_folder
-        from models.embedded import EMBEDDED_CONFIG, EMBEDDED_VIDEO_SIZE, make_embedded_state_dict
+        from models.wan.checkpoint import save_wan_folder
+        from models.wan.embedded import EMBEDDED_CONFIG, EMBEDDED_VIDEO_SIZE, make_embedded_state_dict
 
         folder = self.work / "init"
         copy_text_and_vae(self.source, self.vae_file(), folder)
@@ -223,8 +223,8 @@ class Zoo:
         return {"file": str(path), "videos": w.num_videos, "latent_frames": frames}
 
     def stage_teacher(self, deadline) -> dict:
-        from models.checkpoint import read_self_forcing, save_wan_folder
-        from models.embedded import EMBEDDED_CONFIG, EMBEDDED_VIDEO_SIZE
+        from models.wan.checkpoint import read_self_forcing, save_wan_folder
+        from models.wan.embedded import EMBEDDED_CONFIG, EMBEDDED_VIDEO_SIZE
 
         summary, ckpt = self.train_config("teacher", deadline)
         blob = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -328,8 +328,8 @@ def loss_summary(history: list[dict]) -> dict:
 
 def copy_text_and_vae(source: Path, vae_file: Path, folder: Path) -> None:
     """The umT5 encoder and tokenizer of `source` and the VAE file into the Wan folder `folder`."""
-    from models.text_encoder import TOKENIZER_SUBDIR
-    from models.text_encoder import WEIGHTS_NAME as T5_WEIGHTS_NAME
+    from models.wan.text_encoder import TOKENIZER_SUBDIR
+    from models.wan.text_encoder import WEIGHTS_NAME as T5_WEIGHTS_NAME
 
     folder.mkdir(parents=True, exist_ok=True)
     tok = folder / TOKENIZER_SUBDIR
@@ -386,11 +386,11 @@ def quick_track(video: np.ndarray, threshold: float = 0.3) -> dict:
 def check_models(folder: Path, device: str, *, frames: int = 21, short: bool = False, seeds=(0,), log=print) -> dict:
     """Each zoo model found in `folder` samples every prompt of the grid (template 0) with its own sampler; the
     share of videos whose colour, shape and direction `quick_track` reads back as the prompt names them."""
-    from models.checkpoint import load_wan
-    from models.embedded import ZOO
-    from models.rollout import sample
-    from models.text_encoder import TextEncoder
-    from models.vae import WanVAE
+    from models.wan.checkpoint import load_wan
+    from models.wan.embedded import ZOO
+    from models.common.rollout import sample
+    from models.wan.text_encoder import TextEncoder
+    from models.wan.vae import WanVAE
 
     dev = torch.device(device)
     prompts = world.prompt_grid()
@@ -440,12 +440,12 @@ def ship(teacher_dir: Path, out: Path, report: dict) -> Path:
     """Write the zoo in data/embedded's layout into `out`: the Wan folder (teacher DiT in bf16, umT5, tokenizer,
     VAE), the students' checkpoints in bf16 (optimiser-free, keys as written by the trainer) and
     checkpoints/ZOO.md (how each model was trained)."""
-    from models.checkpoint import WEIGHTS_NAME, read_wan_folder, save_self_forcing, save_wan_folder
-    from models.config import default_video_size
-    from models.embedded import ZOO, ZOO_MARKER
+    from models.wan.checkpoint import WEIGHTS_NAME, read_wan_folder, save_self_forcing, save_wan_folder
+    from models.wan.config import default_video_size
+    from models.wan.embedded import ZOO, ZOO_MARKER
     from models.files import atomic_write, load_tensors
-    from models.text_encoder import TOKENIZER_SUBDIR
-    from models.text_encoder import WEIGHTS_NAME as T5_WEIGHTS_NAME
+    from models.wan.text_encoder import TOKENIZER_SUBDIR
+    from models.wan.text_encoder import WEIGHTS_NAME as T5_WEIGHTS_NAME
 
     out.mkdir(parents=True, exist_ok=True)
     config, state = read_wan_folder(teacher_dir)
@@ -467,7 +467,7 @@ def ship(teacher_dir: Path, out: Path, report: dict) -> Path:
 
 def zoo_markdown(report: dict) -> str:
     """checkpoints/ZOO.md: what each file is and how it was trained (from the driver's report)."""
-    from models.embedded import ZOO
+    from models.wan.embedded import ZOO
 
     lines = ["# The embedded zoo", "",
              "Trained on the miniature world (models/world.py) by `python3 -m training.zoo` (training/zoo.py;",

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.attention import AttentionCall
-from models.attention_kernels import CHOICES, capture_mode_of, check_kernel, describe, select
+from models.common.attention import AttentionCall
+from models.common.attention_kernels import CHOICES, capture_mode_of, check_kernel, describe, select
 from workbench.errors import WorkbenchError
 from workbench.hooks import CallFilter, Probe
 from workbench.statistics import DEFAULT_STATS, STATISTICS, CallTensors, check_stats
@@ -59,10 +59,10 @@ class StatsProbe(Probe):
       attention FLOPs instead of +50%; per-token masses carry the kernel's bf16 rounding. Off CUDA it is
       "exact" (no other kernel returns the same bits when widened).
     - "fused" (attention_kernel="triton"): the model's own Triton forward also returns the frame mass from the
-      same pass (models.triton_attention; its output bits do not depend on what else it returns); with every
+      same pass (models.common.triton_attention; its output bits do not depend on what else it returns); with every
       head captured it also makes attn_logit's frame means and writes both statistics straight into this
       probe's buffer cells. Nearly free.
-    - "auto": the mode of the model's kernel in the kernel table (models/attention_kernels.py): "fused" for
+    - "auto": the mode of the model's kernel in the kernel table (models/common/attention_kernels.py): "fused" for
       the Triton kernel and "indicator" for cuDNN on CUDA; "exact" elsewhere.
 
     A call takes the mode's path only where the kernel that computes it in the model is the one the mode reads
@@ -71,7 +71,7 @@ class StatsProbe(Probe):
     per-key-token maps, statistics only `exact` makes) take the exact path.
 
     The probe is `graph_safe`: its per-call work is GPU work into its own buffers, so a few-step rollout with
-    it attached runs from CUDA graphs (models.rollout.RolloutGraphs). To reuse those graphs, keep one probe
+    it attached runs from CUDA graphs (models.common.rollout.RolloutGraphs). To reuse those graphs, keep one probe
     for a series of rollouts of one shape and call `reset()` between them.
     """
 
@@ -107,7 +107,7 @@ class StatsProbe(Probe):
         self.timesteps.clear()
         self.filled.clear()
 
-    # CUDA-graph protocol (models.rollout.RolloutGraphs): the calls seen while a forward is recorded are
+    # CUDA-graph protocol (models.common.rollout.RolloutGraphs): the calls seen while a forward is recorded are
     # claimed again, in the same order, each time that forward's graph replays.
     def begin_recording(self) -> None:
         self._recording = []

@@ -13,9 +13,9 @@ from workbench.errors import WorkbenchError
 
 
 def block_sizes_of(cfg) -> list[int]:
-    """Frames per chunk of an `ExtractConfig`'s causal rollout (models/chunks.py), or a WorkbenchError naming
+    """Frames per chunk of an `ExtractConfig`'s causal rollout (models/common/chunks.py), or a WorkbenchError naming
     --frames."""
-    from models.chunks import block_sizes
+    from models.common.chunks import block_sizes
     from models.errors import ModelInputError
 
     F, n = cfg.num_frames, cfg.num_frame_per_block
@@ -34,7 +34,7 @@ def image_latent(p, device, dtype) -> torch.Tensor | None:
     if p.cfg.image is None:
         return None
     from models.family import family_of
-    from models.vae import WanVAE
+    from models.wan.vae import WanVAE
     from models.video import read_image
 
     _, h, w = p.geometry

@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.attention_kernels import check_kernel, describe
-from models.checkpoint import WEIGHTS_NAME, load_wan, sha256_file
+from models.common.attention_kernels import check_kernel, describe
+from models.wan.checkpoint import WEIGHTS_NAME, load_wan, sha256_file
 from models.errors import ModelInputError
-from models.embedded import EMBEDDED_DIR
-from models.rollout import SAMPLERS, MultiStepSolver, few_step_schedule, multistep_schedule, sample, seeded_noise
-from models.scheduler import FlowMatchScheduler
+from models.wan.embedded import EMBEDDED_DIR
+from models.common.rollout import SAMPLERS, MultiStepSolver, few_step_schedule, multistep_schedule, sample, seeded_noise
+from models.common.scheduler import FlowMatchScheduler
 from workbench.capture import CaptureSpec, Geometry, StatsProbe, resolve_mode
 from workbench.chunking import block_sizes_of, image_latent  # noqa: F401 (block_sizes_of: the nnsight recipe)
 from workbench.errors import WorkbenchError
@@ -70,7 +70,7 @@ class ExtractConfig:
     num_frame_per_block: int = 3
     independent_first_frame: bool = False  # frame 0 is a chunk of its own, then chunks of num_frame_per_block
     image: str | None = None  # image-to-video: this image's VAE latent is frame 0 (needs independent_first_frame)
-    height: int | None = None  # pixels; None: the model folder's own size (models.config.default_video_size):
+    height: int | None = None  # pixels; None: the model folder's own size (models.wan.config.default_video_size):
     width: int | None = None  # 96 x 128 for the embedded default, 480 x 832 for Wan2.1
     device: str = "cpu"
     dtype: str = "float32"  # float32 | bfloat16 | float16
@@ -79,7 +79,7 @@ class ExtractConfig:
     batch_size: int = 1
     progress: bool = True
     capture_mode: str = "auto"  # auto | exact | indicator | fused (workbench.capture.StatsProbe)
-    attention_kernel: str = "auto"  # auto | triton (models.attention_kernels.CHOICES)
+    attention_kernel: str = "auto"  # auto | triton (models.common.attention_kernels.CHOICES)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -358,7 +358,7 @@ def _extract(p: Plan, rank: int, world: int, todo, fp: str, weights_sha: str, de
     """Run the samples of `todo` (dealt out to the ranks) and write them with rank 0's `writer`."""
     from tqdm.auto import tqdm
 
-    from models.text_encoder import TextEncoder
+    from models.wan.text_encoder import TextEncoder
 
     cfg = p.cfg
     causal = cfg.sampler != "bidirectional"

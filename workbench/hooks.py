@@ -1,6 +1,6 @@
 """The hook framework: probes that subscribe to attention calls of a model.
 
-A model built by `models/` passes every attention call through `models.attention.attend` together with an
+A model built by `models/` passes every attention call through `models.common.attention.attend` together with an
 `AttentionCall` (layer, self/cross, step, timestep, chunk, phase, CFG branch, the absolute frames of its
 queries and keys). A probe is any object with `wants(call)` and `observe(call, q, k, v, out, lse)`;
 `attach(model, probe)` subscribes it for the duration of a `with` block:
@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from models.attention import AttentionCall
+from models.common.attention import AttentionCall
 
 
 def _set(values) -> frozenset | None:

@@ -353,7 +353,7 @@ def run_intervene(cfg, entries: list[Entry], *, world: str = "auto", command: st
     """Run the baseline and every entry not yet in the store `cfg.out` (an ExtractConfig: model, prompts, seeds,
     frames, sampler, device, out, mode); returns the store path. `capture`: also store `attn_mass` of the layers
     `cfg.layers` (every step) under each entry (the statistics probe of `extract`, attached after the edit)."""
-    from models.checkpoint import sha256_file
+    from models.wan.checkpoint import sha256_file
     from workbench.extract import plan
     from workbench.store import SCHEMA_VERSION, StoreLock, StoreWriter
 
@@ -412,7 +412,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     import torch
     from tqdm.auto import tqdm
 
-    from models.text_encoder import TextEncoder
+    from models.wan.text_encoder import TextEncoder
     from workbench.extract import _attrs, _dtype, load_model, make_probe, sample_rollout
     from workbench.hooks import CallFilter, attach
     from workbench.interventions import HeadOutputs
@@ -428,7 +428,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     encoder = TextEncoder.from_wan_dir(p.wan_dir, device=device)
     vae = None
     if scored or save_videos:
-        from models.vae import WanVAE
+        from models.wan.vae import WanVAE
 
         vae = WanVAE.from_file(p.wan_dir / "Wan2.1_VAE.pth", device=device, dtype=dtype)
     embs = {prompt: encoder.encode([prompt]) for prompt in

@@ -1,4 +1,4 @@
-"""Interventions: edits of the attention calls they select, at the model's entry point (`models.attention.attend`).
+"""Interventions: edits of the attention calls they select, at the model's entry point (`models.common.attention.attend`).
 
 An intervention selects calls as a probe does (a `CallFilter` on layer, kind, step, chunk, phase, CFG branch;
 workbench/hooks.py) and edits what the kernel gets - q, k, v and the key frame mask (`edit_inputs`) - and what
@@ -7,7 +7,7 @@ records its `label` in `call.edits` of every call it edited, and the observers a
 ran: the edited q, k, v, the edited call (its mask, its `edits`), the edited output, and the log-sum-exp of the
 kernel that ran on the edited inputs. `attach(model, intervention, probe)` subscribes both kinds.
 
-CUDA graphs (models/rollout.py `RolloutGraphs`): an intervention whose edits are GPU work on tensors at fixed
+CUDA graphs (models/common/rollout.py `RolloutGraphs`): an intervention whose edits are GPU work on tensors at fixed
 addresses sets `graph_safe = True` (the default here); a few-step rollout then replays recorded graphs with it, as
 with a graph-safe probe. Its `key` (its settings) is part of the graphs' key, so a changed intervention records
 new graphs and a removed one drops them.
@@ -34,7 +34,7 @@ from typing import Iterable
 
 import torch
 
-from models.attention import AttentionCall
+from models.common.attention import AttentionCall
 from workbench.hooks import CallFilter, Probe
 
 EDITABLE = frozenset({"q", "k", "v", "mask", "out"})
@@ -217,7 +217,7 @@ class KeyFrameKnockout(Intervention):
         return call, q, k, v
 
     def edit_output(self, call, q, k, v, out):
-        from models.attention_kernels import compute
+        from models.common.attention_kernels import compute
 
         heads = list(_heads_of(self, call))
         sub = [t[:, :, heads] for t in (q, k, v)]

@@ -2,7 +2,7 @@
 heads attend to which of them) and at which temporal RoPE positions.
 
 How it fits: the interface (`CachePolicy`, `Keep`) and the mechanics (compacting slots in place, re-rotating keys
-whose position moves) live in models/kv_cache.py; `causal_few_step(..., cache_policy=P)` (models/rollout.py) calls
+whose position moves) live in models/common/kv_cache.py; `causal_few_step(..., cache_policy=P)` (models/common/rollout.py) calls
 `P.after_chunk` for every layer once a chunk is finished, its context pass included. The policies here decide:
 
     FifoWindow(window)              the newest `window` frames (the first frames are dropped like any other)
@@ -25,7 +25,7 @@ cache's own record). Decisions of FifoWindow, WindowSink, DeepSink and HeadWise 
 rollout with them may replay CUDA graphs (HeadWise excepted: its masked calls build their masks on the host);
 AttentionGuided's depend on the data, so its rollouts run eagerly.
 A head-wise cache holds the union of the heads' frames (no memory saved by this implementation); its heads attend
-through one masked call per group of heads (models/attention.py), and capture is refused under it.
+through one masked call per group of heads (models/common/attention.py), and capture is refused under it.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Iterable
 
 import torch
 
-from models.kv_cache import KVCache, Keep
+from models.common.kv_cache import KVCache, Keep
 from workbench.hooks import CallFilter
 
 
@@ -139,7 +139,7 @@ class AttentionGuided(WindowSink):
     def key(self):
         return super().key + (self.recent, self.filter)
 
-    # the observer half (models/attention.py AttentionObserver)
+    # the observer half (models/common/attention.py AttentionObserver)
     def wants(self, call) -> bool:
         return call.kind == "self" and call.key_frames is not None and self.filter.matches(call)
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.attention import AttentionCall
-from models.attention_kernels import attention_with_lse
+from models.common.attention import AttentionCall
+from models.common.attention_kernels import attention_with_lse
 from workbench import reductions
 from workbench.errors import WorkbenchError
 
@@ -47,7 +47,7 @@ def extract_rollout(cfg, *, prompt_index: int = 0, device=None, dtype=None):
     `drive(seed)` that runs the rollout extract runs for (cfg.prompts[prompt_index], seed) and returns the
     clean latents, and the number of DiT forwards of that rollout (35 for 21 frames in the few-step sampler):
     each `Attend` module is visited once per forward, which is the count `tracer.iter[:forwards]` needs."""
-    from models.text_encoder import TextEncoder
+    from models.wan.text_encoder import TextEncoder
     from workbench.extract import _dtype, block_sizes_of, load_model, plan, sample_rollout
 
     p = plan(cfg)

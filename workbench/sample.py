@@ -1,7 +1,7 @@
 """One sample, one path: seeded noise -> a sampler with a statistics probe attached -> the store's arrays.
 
 `workbench extract` (workbench/extract.py `_one_sample`) and the training probes (training/probes.py) capture a
-sample through `capture_sample`; `workbench generate` draws the same noise (models/rollout.py `seeded_noise`)
+sample through `capture_sample`; `workbench generate` draws the same noise (models/common/rollout.py `seeded_noise`)
 and keeps the latents instead. The noise of (seed, shape) is the same bits on every path, so a sample of a
 store can be regenerated with `generate`, and a training probe's sample is the one `extract` would capture with
 the same checkpoint.

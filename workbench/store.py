@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from models.chunks import frame_chunks
+from models.common.chunks import frame_chunks
 from workbench.errors import WorkbenchError
 from workbench.statistics import STATISTICS
 
@@ -90,7 +90,7 @@ class StoreLayout:
     text_len: int
     stats: list[str]
     attrs: dict  # schema attrs: config_yaml, command, versions, fingerprint, ...
-    independent_first_frame: bool = False  # frame 0 is a chunk of its own (models/chunks.py)
+    independent_first_frame: bool = False  # frame 0 is a chunk of its own (models/common/chunks.py)
 
     def chunk_of(self, frames) -> np.ndarray:
         """The chunk of each frame (the store's query_chunk / key_chunk); all 0 for the bidirectional sampler."""

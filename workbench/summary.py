@@ -2,7 +2,7 @@
 the table `workbench extract` prints when it finishes, per layer and head.
 
 The regions are defined once here for every summary printed or logged after a run: `summary_table` below,
-the training probes' logged means (training/probes.py) and the across-training study (training/study.py).
+the training probes' logged means (training/probes.py) and the across-training study (studies/training.py).
 Only denoising steps count (context passes re-encode clean frames), and only query frames after the first
 chunk when the store has several chunks (the first chunk's frame 0 is its own chunk, so it would count twice).
 A store of one chunk (bidirectional) has no "own chunk" apart from the whole video: its second region is every

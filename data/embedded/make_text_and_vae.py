@@ -21,7 +21,7 @@ embedded VAE before training/world_vae.py trained one. The module is importable:
 `wan_t5_state_dict`, `wan_vae_shapes` and `wan_vae_state_dict` to build other small Wan-named checkpoints, and
 bench/bench_vae_t5.py reuses the `*_specs` functions to draw full-size weights directly on a GPU.
 The Wan VAE names and shapes are enumerated here directly from Wan's constructors (Encoder3d/Decoder3d), not
-through models/vae.py, so they are an independent check of that module's key map.
+through models/wan/vae.py, so they are an independent check of that module's key map.
 
 Run:  .venv/bin/python data/embedded/make_text_and_vae.py [--out data/embedded] [--random-vae]
 Running it twice gives byte-identical files (it prints their sha256).

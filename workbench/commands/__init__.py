@@ -13,7 +13,7 @@ def add_model_arguments(group, model_option: bool = True) -> None:
 
 def _add_model_option(group) -> None:
     group.add_argument("--model", metavar="NAME",
-                       help="a model of the embedded zoo (models/embedded.py): teacher (the bidirectional 'Wan' "
+                       help="a model of the embedded zoo (models/wan/embedded.py): teacher (the bidirectional 'Wan' "
                             "teacher), df (diffusion forcing), ode (ODE init), dmd (Self-Forcing DMD, the default once "
                             "the zoo is shipped), sid (Self-Forcing SiD); it sets the checkpoint and the sampler "
                             "defaults")
@@ -54,7 +54,7 @@ def latent_frames(args) -> int:
 def resolve_model(args) -> None:
     """Fill in what `--model NAME` (or, with no model arguments, the zoo's default) means: args.checkpoint and
     args.use_ema, and the sampler settings the command line left unset (None). Errors before any work."""
-    from models.embedded import EMBEDDED_DIR, ZOO_MARKER, default_model, zoo_model
+    from models.wan.embedded import EMBEDDED_DIR, ZOO_MARKER, default_model, zoo_model
     from workbench.errors import WorkbenchError
 
     explicit = args.wan_dir or args.checkpoint or args.use_ema

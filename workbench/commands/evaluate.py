@@ -63,8 +63,8 @@ class ModelChoice:
 
 
 def model_names() -> dict[str, ModelChoice]:
-    """Short names for --model: the embedded zoo (models/embedded.py ZOO) with each model's own sampler settings."""
-    from models.embedded import ZOO
+    """Short names for --model: the embedded zoo (models/wan/embedded.py ZOO) with each model's own sampler settings."""
+    from models.wan.embedded import ZOO
 
     return {name: ModelChoice(name, None, str(m.checkpoint_path()) if m.checkpoint else None, m.use_ema, m.sampler,
                               m.num_inference_steps, m.guidance_scale) for name, m in ZOO.items()}
@@ -115,7 +115,7 @@ def select_models(args) -> list[ModelChoice]:
     from workbench.errors import WorkbenchError
 
     if not args.model:
-        from models.embedded import default_model
+        from models.wan.embedded import default_model
 
         zoo = default_model() if not (args.wan_dir or args.checkpoint or args.use_ema) else None
         if zoo is not None:  # the embedded default: the zoo's DMD student once it is shipped
@@ -134,7 +134,7 @@ def select_models(args) -> list[ModelChoice]:
 def parse_model_spec(spec: str, args) -> ModelChoice:
     """[LABEL=]SOURCE[,ema][,sampler=NAME] -> ModelChoice; SOURCE: a short name, `embedded`, a Wan folder or a
     checkpoint file (on top of --wan-dir, or the embedded folder)."""
-    from models.rollout import SAMPLERS
+    from models.common.rollout import SAMPLERS
     from workbench.errors import WorkbenchError
 
     label, _, rest = spec.partition("=") if "=" in spec.split(",")[0] else ("", "", spec)
@@ -150,7 +150,7 @@ def parse_model_spec(spec: str, args) -> ModelChoice:
                                  f"{', '.join(SAMPLERS)}")
     names = model_names()
     if source in names:
-        from models.embedded import ZOO
+        from models.wan.embedded import ZOO
 
         if not ZOO[source].shipped():
             raise WorkbenchError(f"--model {spec!r}: the zoo's {source!r} model is not in data/embedded yet "
@@ -369,8 +369,8 @@ def _load_text_and_vae(p, prompts, device, dtype):
     both from the model's folder."""
     import torch
 
-    from models.text_encoder import TextEncoder
-    from models.vae import WanVAE
+    from models.wan.text_encoder import TextEncoder
+    from models.wan.vae import WanVAE
     from workbench.extract import _dtype
 
     encoder = TextEncoder.from_wan_dir(p.wan_dir, device=torch.device(device))

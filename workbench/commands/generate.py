@@ -66,7 +66,7 @@ def register(subparsers) -> None:
     speed.add_argument("--compile", nargs="?", const="default", choices=["default", "max-autotune-no-cudagraphs"],
                        metavar="MODE", help="torch.compile every DiT block (the first rollout compiles; CUDA-graph "
                                             "replay stays on); MODE default or max-autotune-no-cudagraphs "
-                                            "(models/accel.py)")
+                                            "(models/wan/accel.py)")
     speed.add_argument("--fp8", nargs="?", const="rowwise", choices=["rowwise", "tensor"], metavar="SCALES",
                        help="the blocks' linear layers in float8 (e4m3) with rowwise (default) or per-tensor scales, "
                             "via torch._scaled_mm; CUDA needs --dtype bfloat16 (the default there)")
@@ -111,13 +111,13 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from models.checkpoint import load_wan
+    from models.wan.checkpoint import load_wan
     from models.family import check_fits_cache, family_of
-    from models.embedded import EMBEDDED_DIR
+    from models.wan.embedded import EMBEDDED_DIR
     from models.errors import ModelInputError
-    from models.rollout import sample, seeded_noise
-    from models.text_encoder import TextEncoder
-    from models.vae import WanVAE, resolve_decoder
+    from models.common.rollout import sample, seeded_noise
+    from models.wan.text_encoder import TextEncoder
+    from models.wan.vae import WanVAE, resolve_decoder
     from models.video import ensure_writable_dir, mp4_available, read_prompts, write_mp4, write_png_grid
     from workbench.commands import resolve_model
     from workbench.errors import WorkbenchError
@@ -144,7 +144,7 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     family = family_of(wan_dir)
     _, h, w, _ = family.video_geometry(wan_dir, args.height, args.width)
     if args.sampler != "bidirectional":
-        from models.config import VideoGeometry
+        from models.wan.config import VideoGeometry
 
         try:  # frames that do not fit the family's chunk layout are refused here
             VideoGeometry(num_frames=args.frames, num_frame_per_block=family.frames_per_chunk,
@@ -200,7 +200,7 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     model.attention_kernel = args.attention_kernel
     model.independent_first_frame = args.independent_first_frame
     if args.fp8 or args.compile:
-        from models.accel import compile_blocks, quantize_fp8
+        from models.wan.accel import compile_blocks, quantize_fp8
 
         if args.fp8:
             quantize_fp8(model, args.fp8)

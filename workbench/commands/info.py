@@ -33,9 +33,9 @@ def register(subparsers) -> None:
 def describe(config, *, frames: int, height: int, width: int, nfpb: int, device: str) -> str:
     import torch
 
-    from models.attention_kernels import describe as backend_name
-    from models.config import VideoGeometry, latent_size
-    from models.wan import WanModel
+    from models.common.attention_kernels import describe as backend_name
+    from models.wan.config import VideoGeometry, latent_size
+    from models.wan.model import WanModel
 
     with torch.device("meta"):
         model = WanModel(config, causal=True)
@@ -68,8 +68,8 @@ def describe(config, *, frames: int, height: int, width: int, nfpb: int, device:
 def run(args) -> int:
     import torch
 
-    from models.config import default_video_size, preset
-    from models.embedded import EMBEDDED_DIR
+    from models.wan.config import default_video_size, preset
+    from models.wan.embedded import EMBEDDED_DIR
     from models.family import WAN, family_of
 
     if args.preset:

@@ -6,7 +6,7 @@ shapes; see that module's docstring):
 
 - From the forward (the "fused" capture mode), `frame_forward_with_stats(q, k, v)` -> (out, mass): the model's own
   Triton forward
-  (`models.triton_attention`, `attention_kernel="triton"`) asked for its per-key-frame row masses, which a sum
+  (`models.common.triton_attention`, `attention_kernel="triton"`) asked for its per-key-frame row masses, which a sum
   over each query frame's rows turns into the mass. Its output is bitwise the model's, so a probe on a model
   that runs this kernel changes nothing. `frame_forward_into_store` adds one small kernel
   (`_store_frame_stats_kernel`) that writes attn_mass and attn_logit (from the kernel's frame means of q and k)
@@ -24,7 +24,7 @@ allowed [nqf, nkf] bool. D must be a power of two (Wan: 128). bf16/fp16 inputs u
 inputs use exact fp32 dots ("ieee", slow; for tests).
 
 CPU testing: with TRITON_INTERPRET=1 set before this module is imported, the kernels run on CPU tensors in
-Triton's interpreter (models/triton_common.py).
+Triton's interpreter (models/common/triton_common.py).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from models import triton_attention  # the model's forward: its public API (frame_attention)
-from models.triton_common import (INTERPRET, LOG2E, allowed_arg, check_device_and_dtype, int32_ok,
+from models.common import triton_attention  # the model's forward: its public API (frame_attention)
+from models.common.triton_common import (INTERPRET, LOG2E, allowed_arg, check_device_and_dtype, int32_ok,
                                   last_dim_contiguous, on_device)
 from workbench.errors import WorkbenchError
 from workbench.kernels.reference import check_frame_inputs
@@ -85,7 +85,7 @@ def _store_frame_stats_kernel(
 def _launch_frame_forward(q, k, v, *, frame_seq_len, scale=None, allowed=None, config=None, use_tma=None,
                   with_mass=True, frame_means=False, store=None):
     """frame_forward_with_stats with knobs for tests and benchmarks (config and use_tma: see
-    `models.triton_attention.frame_attention`). with_mass=False runs the same kernel without the frame
+    `models.common.triton_attention.frame_attention`). with_mass=False runs the same kernel without the frame
     bookkeeping (a plain Triton forward, for measuring what the bookkeeping costs), mass None.
     Returns (out [B, Lq, H, D] q.dtype, mass [B, H, nqf, nkf] float32), and with frame_means also the per-frame
     mean vectors of q and k: q_means [B, H, nqf, D], k_means [B, H, nkf, D] float32.
@@ -319,11 +319,11 @@ def frame_mass_from_lse(q, k, lse, *, frame_seq_len, scale, allowed=None):
 def lse_from_sdpa(q, k, v, scale):
     """(out [B, Lq, H, D] in q.dtype, lse [B, H, Lq] float32 natural log) for unmasked attention, computed exactly
     as the model's stock kernels compute it when a probe asks for the log-sum-exp
-    (`models.attention_kernels.attention_with_lse`: the cuDNN / flash SDPA op on CUDA, SDPA plus a blockwise LSE
+    (`models.common.attention_kernels.attention_with_lse`: the cuDNN / flash SDPA op on CUDA, SDPA plus a blockwise LSE
     elsewhere)."""
     if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise WorkbenchError(f"lse_from_sdpa needs q [B, Lq, H, D], k/v [B, Lk, H, D]; got {tuple(q.shape)}, "
                              f"{tuple(k.shape)}, {tuple(v.shape)}")
-    from models.attention_kernels import attention_with_lse
+    from models.common.attention_kernels import attention_with_lse
 
     return attention_with_lse(q, k, v, scale=float(scale))

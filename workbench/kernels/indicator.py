@@ -7,7 +7,7 @@ With E [Lk, nkf] the 0/1 indicator of which key frame each key token lies in,
 so one call of the stock attention kernel (cuDNN on Hopper, SDPA elsewhere) returns the attention output
 and, in the extra columns, each query token's probability mass on each key frame. cuDNN returns the same bits
 in the first head_dim columns as in the plain call (tests/test_indicator.py on a GPU), which is why the capture
-mode "indicator" belongs to that kernel in the kernel table (models/attention_kernels.py). `attn_mass` is then
+mode "indicator" belongs to that kernel in the kernel table (models/common/attention_kernels.py). `attn_mass` is then
 the mean of those columns over the query tokens of a frame (float32). Cost: the P @ V product grows from D to
 D + nkf (rounded up to a multiple of 16) columns, e.g. 128 -> 160 for 21 key frames, about +12% of the
 attention FLOPs and no extra exponentials (bench/RESULTS.md measures what it costs on cuDNN).
@@ -63,11 +63,11 @@ def attention_with_frame_mass_indicator(q, k, v, *, frame_seq_len: int, scale: f
     """(out [B, Lq, H, D] in q's dtype, mass [B, H, nqf, nkf] float32) from one widened attention call.
     Lq and Lk must be whole frames (checked by the caller, see reference.check_frame_inputs).
 
-    kernel: the kernel-table entry (models/attention_kernels.py) that computes this call's output in the model;
+    kernel: the kernel-table entry (models/common/attention_kernels.py) that computes this call's output in the model;
     None: the one the stock kernels pick (cuDNN on a GPU in bf16/fp16, SDPA elsewhere). Returns None when that
     kernel refuses the widened shape (recorded for that shape; the caller then takes the exact path, so the
     output is still the model's own)."""
-    from models.attention_kernels import run_or_refuse, select
+    from models.common.attention_kernels import run_or_refuse, select
 
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     B, Lq, H, D = q.shape

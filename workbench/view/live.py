@@ -2,7 +2,7 @@
 
     generate --live --> live_plan (extract's validation: layers, heads, steps, capture mode)
                     --> LiveRun: extract's StatsProbe attached for each sample; the rollout's on_chunk callback
-                        (models/rollout.py) -> the chunk's pixel frames (streaming VAE decoder, in generate) and
+                        (models/common/rollout.py) -> the chunk's pixel frames (streaming VAE decoder, in generate) and
                         its query frames' rows of attn_mass -> stream.StreamWriter (atomic files) -> workbench view
 
 The probe is the one `workbench extract` uses, so the streamed numbers are those of a store of the same run, and
@@ -18,9 +18,9 @@ import sys
 import numpy as np
 import torch
 
-from models.config import VAE_STRIDE
+from models.wan.config import VAE_STRIDE
 from models.video import to_uint8_frames
-from models.vae import pixel_frames
+from models.wan.vae import pixel_frames
 from workbench.errors import WorkbenchError
 from workbench.extract import ExtractConfig, Plan, make_probe, parse_int_list, plan
 from workbench.hooks import attach

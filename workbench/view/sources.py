@@ -6,7 +6,7 @@ A `Source` answers four questions, each for one sample (a prompt and a seed, the
     attn(sample, layer, step)  attn_mass [head, query_frame, key_frame], NaN where not attended or not yet made
     frame(sample, t)           pixel frame t as uint8 [H, W, 3], or None where there is no video (yet)
 
-Frames. The Wan VAE (models/vae.py) decodes latent frame 0 to one pixel frame (its causal first frame) and every
+Frames. The Wan VAE (models/wan/vae.py) decodes latent frame 0 to one pixel frame (its causal first frame) and every
 later latent frame f to four, pixel frames 4f - 3 .. 4f: 21 latent frames <-> 81 pixel frames. So pixel frame t
 shows latent frame ceil(t / 4). Chunks come from the data's own labels: the store's `query_chunk` coordinate, or
 the chunk labels a live rollout wrote (workbench/view/stream.py), never from counting frames in threes.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.vae import TEMPORAL_STRIDE, pixel_frames
+from models.wan.vae import TEMPORAL_STRIDE, pixel_frames
 from workbench.errors import WorkbenchError
 from workbench.view import stream
 

@@ -15,7 +15,7 @@ live.json:
                   "chunks": [{"chunk": c, "query_frames": [...], "pixel_frames": [first, stop], "file": ...}]}],
      "command", "created_utc", "updated_utc"}
 
-A chunk's `chunk` and `query_frames` are the rollout's own labels (the `on_chunk` callback of models/rollout.py),
+A chunk's `chunk` and `query_frames` are the rollout's own labels (the `on_chunk` callback of models/common/rollout.py),
 the pixel range is what the streaming VAE decoder returned for it. A chunk file is in place before the manifest
 names it, and both are written to a temporary file and renamed, so a reader never sees half a file. The
 attention numbers are the store's `attn_mass` (docs/store.md), from the same probe `workbench extract` uses.

@@ -1,6 +1,6 @@
 """What the rollout knows about one DiT forward (`ForwardLabels`), importable without torch.
 
-Every DiT forward of a sampler carries these labels; `attend` (models/attention.py) puts them on each
+Every DiT forward of a sampler carries these labels; `attend` (models/common/attention.py) puts them on each
 `AttentionCall`, and the store places captured numbers by them (docs/store.md: step, chunk, phase, cfg).
 studies/ builds schedules of them without importing the models.
 """

@@ -10,9 +10,9 @@ loads through exactly the code path of the real weights:
     Wan2.1_VAE.pth                                      a tiny Wan VAE
 
 The DiT's weights are trained here, so that its attention has something to show. It starts from the seeded
-init (`python -m models.embedded --init`), is trained by flow matching on the synthetic set of a blob moving
+init (`python -m models.wan.embedded --init`), is trained by flow matching on the synthetic set of a blob moving
 in the direction its prompt names (`workbench train --config configs/embedded_teacher.yaml`, ~20 min on two CPU
-cores), and its EMA weights are then written back (`python -m models.embedded --from-checkpoint
+cores), and its EMA weights are then written back (`python -m models.wan.embedded --from-checkpoint
 <logdir>/checkpoint_model_001100/model.pt --use-ema`).
 """
 
@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from models.config import VideoGeometry, WanConfig
+from models.wan.config import VideoGeometry, WanConfig
 from models.errors import ModelInputError
 
-EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "data" / "embedded"
+EMBEDDED_DIR = Path(__file__).resolve().parents[2] / "data" / "embedded"
 EMBEDDED_CONFIG = WanConfig(dim=128, ffn_dim=384, num_heads=4, num_layers=6, text_dim=64)
 EMBEDDED_GEOMETRY = VideoGeometry(num_frames=21, latent_height=12, latent_width=16, num_frame_per_block=3)
-EMBEDDED_VIDEO_SIZE = (96, 128)  # pixels; recorded in config.json as video_size (models.config.default_video_size)
+EMBEDDED_VIDEO_SIZE = (96, 128)  # pixels; recorded in config.json as video_size (models.wan.config.default_video_size)
 EMBEDDED_SEED = 20251128
 
 
@@ -46,7 +46,7 @@ class ZooModel:
     description: str
     checkpoint: str | None  # relative to the zoo folder; None: the folder's own DiT (the teacher)
     use_ema: bool  # load generator_ema instead of generator
-    sampler: str  # models.rollout.SAMPLERS
+    sampler: str  # models.common.rollout.SAMPLERS
     num_inference_steps: int = 50  # the multi-step samplers
     guidance_scale: float = 5.0  # the multi-step samplers (v = v_u + g (v_c - v_u))
     negative_prompt: str = ""  # what the CFG samplers subtract (the models were trained with "" dropped in)
@@ -96,7 +96,7 @@ def default_model(folder: Path | None = None) -> ZooModel | None:
 def make_embedded_state_dict(seed: int = EMBEDDED_SEED) -> dict:
     """Seeded weights in the official layout. Linear layers keep PyTorch's default init; the q/k norm gains are
     drawn around 2 so that attention is peaked enough to show structure rather than a uniform haze."""
-    from models.wan import WanModel
+    from models.wan.model import WanModel
 
     torch.manual_seed(seed)
     model = WanModel(EMBEDDED_CONFIG, causal=True)
@@ -113,7 +113,7 @@ def make_embedded_state_dict(seed: int = EMBEDDED_SEED) -> dict:
 def write_embedded(folder: Path = EMBEDDED_DIR, checkpoint: str | Path | None = None, use_ema: bool = False) -> None:
     """Write the DiT of `folder`: the seeded init, or the generator (EMA) weights of a Self-Forcing-format
     training checkpoint in bf16."""
-    from models.checkpoint import read_self_forcing, save_wan_folder
+    from models.wan.checkpoint import read_self_forcing, save_wan_folder
 
     if checkpoint is None:
         state = make_embedded_state_dict()
@@ -126,7 +126,7 @@ def write_embedded(folder: Path = EMBEDDED_DIR, checkpoint: str | Path | None = 
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m models.embedded", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m models.wan.embedded", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     how = ap.add_mutually_exclusive_group(required=True)
     how.add_argument("--init", action="store_true", help="write the seeded init (where training starts)")

@@ -6,7 +6,7 @@ head_dim 128, i.e. channels 0-43 carry time, 44-85 height and 86-127 width (`Wan
 The table has 1024 positions per axis; in the causal model the frame position is the absolute latent frame
 index, so frame 1024 is the first that cannot be generated.
 
-Angles are computed in float64 (as Wan does); the rotation itself (`models.fused.rope`, fused with the q/k
+Angles are computed in float64 (as Wan does); the rotation itself (`models.wan.fused.rope`, fused with the q/k
 RMSNorm in `qk_norm_rope`) runs in float32 (float64 for float64 inputs) and casts back.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from models.config import ROPE_MAX_POSITIONS
+from models.wan.config import ROPE_MAX_POSITIONS
 from models.errors import ModelInputError
 
 

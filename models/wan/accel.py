@@ -4,11 +4,11 @@ Both are off by default (`workbench generate --compile`, `--fp8`); bench/bench_c
 speed and how far they move the latents (bench/RESULTS.md).
 
 torch.compile (`compile_blocks`): every transformer block is compiled (inductor, `dynamic=False`). The KV-cache
-bookkeeping (`models.wan.through_cache`) and the attention entry point (`models.attention.Attend`) stay eager
+bookkeeping (`models.wan.model.through_cache`) and the attention entry point (`models.common.attention.Attend`) stay eager
 (`torch.compiler.disable`): they are Python (which frames a slot holds, observers, the kernel choice) and call
 cuDNN / Triton attention kernels that compilation would not improve. So a block compiles into a few graphs
 around them, once per shape, and a rollout's later chunks and later rollouts reuse them (no recompiles). The
-rollout's own CUDA graphs (`models.rollout.RolloutGraphs`) still work: the first rollout of a shape runs the
+rollout's own CUDA graphs (`models.common.rollout.RolloutGraphs`) still work: the first rollout of a shape runs the
 compiled blocks eagerly (compiling every variant), the second records them into CUDA graphs, later ones
 replay. Modes that use torch.compile's own CUDA graphs ("reduce-overhead", "max-autotune") are refused: two
 graph systems would fight over the same cache buffers; "max-autotune-no-cudagraphs" (the researchers' demo
@@ -41,10 +41,11 @@ E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
 
 
 def leave_eager() -> None:
-    """Mark the KV-cache bookkeeping (`models.wan.through_cache`) and the attention entry point (`Attend.forward`)
+    """Mark the KV-cache bookkeeping (`models.wan.model.through_cache`) and the attention entry point (`Attend.forward`)
     as not to be compiled, once. (Done here rather than by decorators: those would import torch._dynamo, and with
     it triton, whenever the models are imported.)"""
-    from models import attention, wan
+    from models.common import attention
+    from models.wan import model as wan
 
     if not getattr(wan.through_cache, "_left_eager", False):
         wan.through_cache = torch.compiler.disable(wan.through_cache)

@@ -17,7 +17,7 @@ never imports them (the workbench's probes and interventions implement the proto
 With no subscriber interested in a call, `attend` is exactly the kernel call.
 
 Kernels: `call.kernel` is the model's `attention_kernel` choice ("auto" or "triton"); which kernel of the table
-runs a call is decided in one place, models/attention_kernels.py, whose `compute` gives the same output bits
+runs a call is decided in one place, models/common/attention_kernels.py, whose `compute` gives the same output bits
 whether or not the log-sum-exp is asked for, so observing never changes outputs.
 """
 
@@ -29,8 +29,8 @@ from typing import Hashable, Protocol, Sequence
 
 import torch
 
-from models.attention_kernels import compute
-from models.labels import ForwardLabels  # noqa: F401 (re-exported: the labels every AttentionCall carries)
+from models.common.attention_kernels import compute
+from models.common.labels import ForwardLabels  # noqa: F401 (re-exported: the labels every AttentionCall carries)
 
 # --------------------------------------------------------------------------------------------------
 # Labels
@@ -50,7 +50,7 @@ class AttentionCall:
     frame_mask: torch.Tensor | None = None  # [n_query_frames, n_key_frames] bool, True = attended; None = all
     num_heads: int = 0
     head_dim: int = 0
-    kernel: str = "auto"  # the model's attention kernel choice (models.attention_kernels.CHOICES)
+    kernel: str = "auto"  # the model's attention kernel choice (models.common.attention_kernels.CHOICES)
     edits: tuple[str, ...] = ()  # labels of the interventions that edited this call, in the order they ran
     head_mask: torch.Tensor | None = None  # [num_heads, n_key_frames] bool: a head-wise cache policy's key frames
 
@@ -195,7 +195,7 @@ class Attend(torch.nn.Module):
     """A parameter-free module around `attend`, so that hook-based tools (nnsight, forward hooks) see the
     exact q, k, v of every call as this module's inputs: `blocks[3].self_attn.attend.inputs` = (q, k, v, call,
     observers) before any intervention's edit (the interventions come as a keyword argument). A torch.compile'd
-    block runs it eagerly (models/accel.py marks it so): its kernels and observers are Python-dispatched."""
+    block runs it eagerly (models/wan/accel.py marks it so): its kernels and observers are Python-dispatched."""
 
     def forward(self, q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] = (), *,
                 interventions: Sequence[AttentionIntervention] = ()):

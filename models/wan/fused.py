@@ -109,9 +109,9 @@ def _qk_norm_rope(q, k, wq, wk, cos, sin, heads: int, eps: float):
 def qk_norm_rope(q, k, wq, wk, cos, sin, heads: int, eps: float):
     """The self-attention q and k as the kernel sees them: RMSNorm over all heads, split into heads, RoPE.
     q, k [B, L, C] (linear outputs) -> [B, L, heads, C / heads]. On CUDA (bf16/fp16, no autograd) one Triton
-    kernel per tensor (models/triton_rope.py); elsewhere the PyTorch code above."""
+    kernel per tensor (models/wan/triton_rope.py); elsewhere the PyTorch code above."""
     if COMPILE and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled():
-        from models.triton_rope import qk_norm_rope as kernel
+        from models.wan.triton_rope import qk_norm_rope as kernel
 
         return kernel(q, k, wq, wk, cos, sin, heads, eps)
     return _qk_norm_rope(q, k, wq, wk, cos, sin, heads, eps)

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.chunks import block_sizes
+from models.common.chunks import block_sizes
 from models.errors import ModelInputError
 
 ROPE_MAX_POSITIONS = 1024  # rows of the RoPE table on every axis (t, h, w)
@@ -185,7 +185,7 @@ def preset(name: str, **overrides) -> WanConfig:
 @dataclass(frozen=True)
 class VideoGeometry:
     """Latent video geometry: frames, latent height/width, and the chunking of a causal rollout
-    (models/chunks.py: chunks of `num_frame_per_block`, frame 0 alone first with `independent_first_frame`)."""
+    (models/common/chunks.py: chunks of `num_frame_per_block`, frame 0 alone first with `independent_first_frame`)."""
 
     num_frames: int = 21
     latent_height: int = 60

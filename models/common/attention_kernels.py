@@ -5,7 +5,7 @@ the output (the row log-sum-exp, per-key-frame statistics) and which capture mod
 without changing its output bits. The model's `attention_kernel` setting is a *choice* (`CHOICES`): an order of
 preference over the table. For each call `select` takes the first kernel of the order that takes the call, and
 `compute` runs it; when the log-sum-exp is asked for and the kernel has none, an exact blockwise pass adds it
-(`blockwise_lse`), so the output never depends on whether it was asked for. `attend` (models/attention.py),
+(`blockwise_lse`), so the output never depends on whether it was asked for. `attend` (models/common/attention.py),
 the store's `attn_backend` attribute (`describe`) and the capture modes (workbench/capture.py) all read this
 table, so they cannot disagree about which kernel ran.
 
@@ -82,14 +82,14 @@ def _run_sdpa(q, k, v, scale, frame_mask, fsl, lse):
 
 
 def _run_flex(q, k, v, scale, frame_mask, fsl, lse):
-    from models.flex import flex_frame_attention
+    from models.common.flex import flex_frame_attention
 
     return flex_frame_attention(q, k, v, frame_mask, fsl, scale), None
 
 
 def _cuda_op(name: str):
     def run(q, k, v, scale, frame_mask, fsl, lse):
-        from models import cuda_attention
+        from models.common import cuda_attention
 
         return getattr(cuda_attention, name)(q, k, v, scale)  # (out, lse): the LSE costs a few KB per call
 
@@ -97,7 +97,7 @@ def _cuda_op(name: str):
 
 
 def _run_triton(q, k, v, scale, frame_mask, fsl, lse):
-    from models.triton_attention import frame_attention
+    from models.common.triton_attention import frame_attention
 
     r = frame_attention(q, k, v, frame_seq_len=fsl, scale=scale, with_lse=lse)  # same output bits either way
     return r.out, r.lse
@@ -105,14 +105,14 @@ def _run_triton(q, k, v, scale, frame_mask, fsl, lse):
 
 def _triton_takes(q, k, v, fsl) -> bool:
     try:
-        from models import triton_attention
+        from models.common import triton_attention
     except ImportError:  # triton not installed (the "kernels" extra): the next kernel of the order
         return False
     return triton_attention.applies(q, k, v, fsl)  # (on CPU tensors under TRITON_INTERPRET=1 too: tests)
 
 
 def _has_flash_attn() -> tuple[str, ...]:
-    from models.cuda_attention import HAS_FLASH_ATTN
+    from models.common.cuda_attention import HAS_FLASH_ATTN
 
     return ("cuda",) if HAS_FLASH_ATTN else ()
 

@@ -5,7 +5,7 @@ Latents here are [B, F, C, H, W] (Self-Forcing's layout); the model takes [B, C,
 
 Few-step causal rollout (Self-Forcing's `CausalInferencePipeline.inference`), for each chunk
 (`num_frame_per_block` frames; with the model's `independent_first_frame`, frame 0 is a chunk of its own first,
-models/chunks.py):
+models/common/chunks.py):
     x = the chunk's noise
     for k, t_k in enumerate(warped steps):           # t = 1000, 937.5, 833.3, 625
         x0 = x - sigma(t_k) * G(x, t_k)              # KV cache: earlier frames (clean) + this chunk
@@ -28,11 +28,11 @@ from typing import Callable
 
 import torch
 
-from models.attention import ForwardLabels
+from models.common.attention import ForwardLabels
 from models.errors import ModelInputError
 from models.family import CACHE_FRAMES, check_fits_cache
-from models.kv_cache import RolloutCache
-from models.scheduler import FlowMatchScheduler
+from models.common.kv_cache import RolloutCache
+from models.common.scheduler import FlowMatchScheduler
 
 OnForward = Callable[[ForwardLabels, int, int], None]
 OnChunk = Callable[[int, int, torch.Tensor], None]
@@ -56,7 +56,7 @@ def seeded_noise(seed: int, shape, device, dtype) -> tuple[torch.Tensor, torch.G
 
 def check_causal_geometry(model, num_frames: int, cache_frames: int) -> list[tuple[int, int]]:
     """Frame-count errors of a causal rollout, raised before any work; returns its chunks (start, count)."""
-    spans = model.chunk_spans(num_frames)  # frames that do not fit the chunk layout (models/chunks.py)
+    spans = model.chunk_spans(num_frames)  # frames that do not fit the chunk layout (models/common/chunks.py)
     check_fits_cache(num_frames, model.config.local_attn_size, cache_frames, remedy="set local_attn_size (a "
                      "rolling window, optionally with sink_size) or a larger cache_frames")
     if num_frames > 1024:
@@ -186,7 +186,7 @@ def _rollout_graphs(model, noise, context, cuda_graphs, extra_key, devices=("cud
         return None  # an observer or intervention that runs arbitrary Python per attention call
     if policy is not None and not policy.graph_safe:
         return None  # a cache policy whose decisions depend on the data
-    from models import fused
+    from models.wan import fused
 
     fsl = model.config.tokens_per_frame(*noise.shape[3:])  # noise [B, F, C, h, w]
     params = tuple(p.data_ptr() for p in model.parameters())
@@ -230,7 +230,7 @@ def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timest
     timesteps: the warped denoising steps (float32, e.g. [1000, 937.5, 833.33, 625]). cuda_graphs: replay the
     forwards from CUDA graphs recorded by an earlier rollout of the same shape (`RolloutGraphs`; CUDA, no
     observers; None: the WORKBENCH_CUDA_GRAPHS setting, on unless it is "0"). cache_policy: a KV-cache policy
-    (models/kv_cache.py `CachePolicy`, workbench/kv_policies.py) applied to every layer's cache after each chunk;
+    (models/common/kv_cache.py `CachePolicy`, workbench/kv_policies.py) applied to every layer's cache after each chunk;
     None: the model's window and sink."""
     B, Fr = noise.shape[:2]
     # (a policy sizes its own cache)

@@ -1,7 +1,7 @@
 """The fast Wan2.1 VAE decoder: diffusers' `WanDecoder3d` layers and weights, run one latent frame at a time with
 channels-last activations, fixed buffers for the causal caches and, on CUDA, one CUDA graph per step.
 
-How it fits: models/vae.py's `StreamDecoder` (and `WanVAE.decode`, a stream of one push) calls `FastDecoder.step`
+How it fits: models/wan/vae.py's `StreamDecoder` (and `WanVAE.decode`, a stream of one push) calls `FastDecoder.step`
 for each latent frame when the VAE's decoder is "fast"; the "reference" decoder calls diffusers' modules. Both
 decode the same function (tests/test_vae_fast.py: equal in float64 on the CPU, whole and streamed).
 
@@ -11,7 +11,7 @@ What differs from the diffusers code, and why it is the same function:
   mid-block attention) see the frames as a batch of channels-last images: views of the same memory.
 - Causal caches: each causal convolution owns an input buffer of `cache + T` frames (cache = 2 for a 3-frame
   kernel). A step writes the convolution's input (RMSNorm + SiLU: one Triton kernel on CUDA,
-  models/triton_vae.py) straight into the buffer's last T frames; the convolution reads the whole buffer (no
+  models/wan/triton_vae.py) straight into the buffer's last T frames; the convolution reads the whole buffer (no
   torch.cat, no F.pad: H and W are zero-padded by the convolution); then the last `cache` frames move to the
   front for the next step. Buffers start at zero: exactly diffusers' zero padding of the first frames. The
   first step skips the temporal upsampling convolutions and leaves their buffers at zero, which is diffusers'
@@ -24,7 +24,7 @@ Numerics: the same operations in the same dtype. In bf16 the frames differ from 
 rounding (other convolution algorithms, the fused norm); float32/float64 agree to rounding.
 
 One video at a time: the buffers and graphs belong to the `FastDecoder` of a `WanVAE` and are re-zeroed when a
-new stream starts (`reset`); an older stream that pushes again afterwards is refused (models/vae.py).
+new stream starts (`reset`); an older stream that pushes again afterwards is refused (models/wan/vae.py).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _norm_into(out: torch.Tensor, x: torch.Tensor, norm, silu: bool) -> None:
     """out <- SiLU(norm(x)) (or norm(x)); out, x [B, C, T, H, W] (or [B, C, H, W] for a norm of images)
     channels-last; norm a diffusers `WanRMS_norm`."""
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and _triton_ok():
-        from models.triton_vae import rms_silu_into
+        from models.wan.triton_vae import rms_silu_into
 
         fmt = CL3 if x.ndim == 5 else CL2  # (a no-op copy: convolutions return this layout)
         rms_silu_into(_rows(out), _rows(x.contiguous(memory_format=fmt)), norm.gamma, norm.scale, silu=silu)
@@ -67,7 +67,7 @@ def _norm_into(out: torch.Tensor, x: torch.Tensor, norm, silu: bool) -> None:
 
 
 def _triton_ok() -> bool:
-    if os.environ.get("WORKBENCH_COMPILE", "1") == "0":  # the switch models/fused.py also reads
+    if os.environ.get("WORKBENCH_COMPILE", "1") == "0":  # the switch models/wan/fused.py also reads
         return False
     try:
         import triton  # noqa: F401

@@ -13,14 +13,14 @@ The output is a flow (velocity) prediction v = noise - x0.
 Three ways to run the self-attention:
 - bidirectional (`WanModel`, causal=False): every token sees every token;
 - block-causal full sequence (`causal=True`, no cache): bidirectional inside a chunk of `num_frame_per_block`
-  frames (frame 0 alone first with `independent_first_frame`, models/chunks.py), causal across chunks
+  frames (frame 0 alone first with `independent_first_frame`, models/common/chunks.py), causal across chunks
   (optionally within a local window) - the training path;
 - KV cache (`kv_cache=` given): one chunk's tokens attend to the cached frames plus themselves - the rollout.
   With gradients enabled (training's exit step) each layer sees its cache through a `GradWindow`: backward
   sees the cache as the forward did, and the cache's `kv_gradient` says whether gradient also reaches the
   earlier exit steps' keys/values through it; its `text_kv_gradient` says whether the forward computes the
-  text keys/values afresh with gradient (models/kv_cache.py, docs/training.md).
-Every attention call goes through `models.attention.attend` with its labels and the model's
+  text keys/values afresh with gradient (models/common/kv_cache.py, docs/training.md).
+Every attention call goes through `models.common.attention.attend` with its labels and the model's
 `attention_kernel`; parameter names match the official checkpoints (`blocks.N.self_attn.q.weight`, ...).
 """
 
@@ -33,15 +33,15 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from models.attention import AttentionCall, Attend, ForwardLabels, ObserverList
-from models.attention_kernels import check_kernel
-from models.chunks import chunk_spans
-from models.config import WanConfig
+from models.common.attention import AttentionCall, Attend, ForwardLabels, ObserverList
+from models.common.attention_kernels import check_kernel
+from models.common.chunks import chunk_spans
+from models.wan.config import WanConfig
 from models.errors import ModelInputError
-from models.window import attended_key_frames
-from models.kv_cache import CrossCache, GradWindow, KVCache, RolloutCache
-from models import fused
-from models.rope import RopeTable, rope_cos_sin
+from models.common.window import attended_key_frames
+from models.common.kv_cache import CrossCache, GradWindow, KVCache, RolloutCache
+from models.wan import fused
+from models.wan.rope import RopeTable, rope_cos_sin
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -86,13 +86,13 @@ class ForwardContext:
     grid: tuple[int, int]
     frame_mask: torch.Tensor | None  # block-causal frame mask of a full-sequence causal forward
     fill_cross: bool = False  # this forward computes the text keys/values and fills the cross-attention caches
-    kernel: str = "auto"  # the model's attention kernel choice (models.attention_kernels.CHOICES)
+    kernel: str = "auto"  # the model's attention kernel choice (models.common.attention_kernels.CHOICES)
 
 
 def through_cache(cache, start_frame: int, k, v):
     """Write a chunk's keys/values into a layer's KV cache and return the window its queries attend to: sink +
     window, own chunk included, with the frames each slot holds. Python bookkeeping, so a torch.compile'd block
-    runs it eagerly rather than recompiling for every chunk (models/accel.py marks it so)."""
+    runs it eagerly rather than recompiling for every chunk (models/wan/accel.py marks it so)."""
     cache.write(start_frame, k, v)
     return cache.window()
 
@@ -157,7 +157,7 @@ class FeedForward(nn.Sequential):
     def forward(self, x):
         # x [B, L, dim] -> [B, L, ffn_dim] -> [B, L, dim]; on CUDA the GELU runs in the first GEMM's epilogue
         up, act, down = self
-        if type(up) is nn.Linear and fused.gelu_epilogue_applies(x):  # (not for models/accel.py's FP8 layers)
+        if type(up) is nn.Linear and fused.gelu_epilogue_applies(x):  # (not for models/wan/accel.py's FP8 layers)
             h = torch._addmm_activation(up.bias, x.flatten(0, -2), up.weight.t(), use_gelu=True)
             return down(h.view(*x.shape[:-1], -1))
         return down(act(up(x)))
@@ -208,7 +208,7 @@ class WanModel(nn.Module):
         cfg = self.config = config
         self.causal = causal
         self.num_frame_per_block = num_frame_per_block
-        self.independent_first_frame = independent_first_frame  # frame 0 is a chunk of its own (models/chunks.py)
+        self.independent_first_frame = independent_first_frame  # frame 0 is a chunk of its own (models/common/chunks.py)
         self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
                                             nn.Linear(cfg.dim, cfg.dim))
@@ -220,13 +220,13 @@ class WanModel(nn.Module):
         self._rope_cache: dict = {}
         self.observers = ObserverList()  # attention observers (the workbench's probes attach here)
         self.interventions = ObserverList()  # attention interventions (workbench/interventions.py), before observers
-        self.attention_kernel = "auto"  # "auto" (stock kernels) or "triton" (models.triton_attention)
+        self.attention_kernel = "auto"  # "auto" (stock kernels) or "triton" (models.common.triton_attention)
         self.gradient_checkpointing = False
 
     @property
     def attention_kernel(self) -> str:
         """Which kernel computes unmasked attention: "auto" (flash-attn / cuDNN / SDPA) or "triton" (the
-        frame-tiled forward of models.triton_attention, whose statistics a probe can read at no change to
+        frame-tiled forward of models.common.triton_attention, whose statistics a probe can read at no change to
         the output). Checked when set."""
         return self._attention_kernel
 
@@ -247,7 +247,7 @@ class WanModel(nn.Module):
         return f // pt, h // ph, w // pw
 
     def chunk_spans(self, frames: int) -> list[tuple[int, int]]:
-        """(first frame, frame count) of every chunk of a causal rollout of `frames` latent frames (models/chunks.py);
+        """(first frame, frame count) of every chunk of a causal rollout of `frames` latent frames (models/common/chunks.py);
         a clear error when the frames do not fit the layout."""
         return chunk_spans(frames, self.num_frame_per_block, self.independent_first_frame)
 
@@ -258,7 +258,7 @@ class WanModel(nn.Module):
         c = self.config
         return torch.tensor(attended_key_frames(frames, self.num_frame_per_block, c.local_attn_size, c.sink_size,
                                                 self.independent_first_frame),
-                            dtype=torch.bool)  # (the rule: models/window.py)
+                            dtype=torch.bool)  # (the rule: models/common/window.py)
 
     def rope_cos_sin(self, frames, h, w, start_frame, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [F*h*w, 1, head_dim/2] of a token grid, kept on the device per (grid, start frame): the

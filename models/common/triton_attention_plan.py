@@ -1,4 +1,4 @@
-"""How the frame-attention forward (models/triton_attention.py) is launched: its block sizes and the split plan.
+"""How the frame-attention forward (models/common/triton_attention.py) is launched: its block sizes and the split plan.
 
 - One fixed block config per GPU family, chosen with bench/bench_fused_sweep.py on an H200 and never timed at run
   time, so every process of a run computes the same bits (`default_config`; the sweep's candidates are
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from models.triton_common import INTERPRET
+from models.common.triton_common import INTERPRET
 
 # Block sizes of the Triton frame forward. One fixed config per GPU family (no timing-based autotuning, so every
 # process of a run computes the same bits); chosen with `bench/bench_fused_sweep.py` on an H200.

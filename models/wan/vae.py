@@ -14,7 +14,7 @@ The decoder is causal in time and runs one latent frame at a time with a feature
 chunk by chunk (`StreamDecoder.push`) and concatenating gives exactly what `decode` gives.
 
 Two implementations of the decoder (`WanVAE(decoder=...)`): "reference" runs diffusers' modules; "fast"
-(models/vae_fast.py) runs the same layers with channels-last activations, fixed cache buffers and, on CUDA,
+(models/wan/vae_fast.py) runs the same layers with channels-last activations, fixed cache buffers and, on CUDA,
 CUDA graphs; it differs from "reference" by rounding only. "auto" is WORKBENCH_VAE_DECODER if set, else
 DEFAULT_DECODER ("reference"). A stream decoder can also decode on a side CUDA stream (`stream_decoder(overlap=True)` and
 `push_async`), so a rollout's next chunk is denoised while the last one is decoded.
@@ -330,9 +330,9 @@ class WanVAE:
         return StreamDecoder(self, overlap=overlap, priority=priority)
 
     def fast_decoder(self):
-        """The `FastDecoder` of this VAE (models/vae_fast.py), made on first use."""
+        """The `FastDecoder` of this VAE (models/wan/vae_fast.py), made on first use."""
         if self._fast is None:
-            from models.vae_fast import FastDecoder
+            from models.wan.vae_fast import FastDecoder
 
             self._fast = FastDecoder(self)
         return self._fast

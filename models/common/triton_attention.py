@@ -1,7 +1,7 @@
 """A frame-tiled FlashAttention forward in Triton: the model's optional attention kernel, with statistics on the side.
 
 `frame_attention(q, k, v, frame_seq_len=...)` computes softmax(q k^T * scale) v for an unmasked (or frame-masked)
-call whose query and key lengths are whole frames, as the model's other kernels do (models/attention_kernels.py). It is the kernel
+call whose query and key lengths are whole frames, as the model's other kernels do (models/common/attention_kernels.py). It is the kernel
 behind `attention_kernel="triton"` (WanModel), and it can also return, from the same pass and without changing
 one bit of the output:
 - `row_mass` [B, H, nkf, Lq]: per query row, the softmax probability summed over each key frame, divided by
@@ -18,7 +18,7 @@ How it works (FlashAttention-2 online softmax, tensor-core dots, fp32 accumulato
   sweep the rows become r * 2^(m_flush - m_final) / (l * fsl) in place. No extra matmul or exponential.
 - Work items: the tiles (query block, head) that fill whole waves of the GPU run whole; each tile of the last,
   partial wave is split into segments of whole key frames (`split_plan`) whose (acc, m, l) a small merge kernel
-  combines, so the last wave does not leave most SMs idle. Plan and block sizes: models/triton_attention_plan.py
+  combines, so the last wave does not leave most SMs idle. Plan and block sizes: models/common/triton_attention_plan.py
   (one canonical variant's residency and one fixed config per GPU family, so every variant and every process
   computes the same bits). On sm90 K/V tiles come through TMA descriptors.
 - q_means / k_means are averaged by the first segment of query block j for frames j, j + n_qblk, ... from
@@ -28,7 +28,7 @@ Layouts: q [B, Lq, H, D], k and v [B, Lk, H, D] (last dim contiguous), allowed [
 two (Wan: 128). bf16/fp16 use tensor cores; fp32 uses exact fp32 dots ("ieee", slow; for tests).
 
 Public API (what the rest of the repository uses): `frame_attention` and its result `FrameAttention`,
-`applies` (whether it takes a call) and `runs_on` (where it runs); launch helpers: models/triton_common.py
+`applies` (whether it takes a call) and `runs_on` (where it runs); launch helpers: models/common/triton_common.py
 (also for CPU testing under TRITON_INTERPRET=1).
 """
 
@@ -43,8 +43,8 @@ import triton
 import triton.language as tl
 
 from models.errors import ModelInputError
-from models.triton_attention_plan import default_config, resident_programs, split_plan
-from models.triton_common import (FLOAT_DTYPES, INTERPRET, LOG2E, TensorDescriptor, allowed_arg,
+from models.common.triton_attention_plan import default_config, resident_programs, split_plan
+from models.common.triton_common import (FLOAT_DTYPES, INTERPRET, LOG2E, TensorDescriptor, allowed_arg,
                                   check_device_and_dtype, int32_ok, last_dim_contiguous, on_device, tma_usable)
 
 WS_GPU_ENV = "WORKBENCH_EXPERIMENTAL_WS"  # WS=True on a GPU only with this set to 1 (the launcher says why)
@@ -430,7 +430,7 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
     BLOCK_M, BLOCK_N and optionally num_warps, num_stages, split (None: from the GPU's resident programs, see
     `split_plan`; 1: never split; k: split tiles into k segments) and n_full (with an explicit split: the tiles
     before it run whole; default half), and WS (True: the opt-in warp-specialised plain forward, see
-    `FUSED_WS_CANDIDATES` in models/triton_attention_plan.py; unmasked, TMA, no mass or means; its bits
+    `FUSED_WS_CANDIDATES` in models/common/triton_attention_plan.py; unmasked, TMA, no mass or means; its bits
     differ from WS=False by rounding).
     use_tma: None = on where usable (sm90+), or force False/True.
     """

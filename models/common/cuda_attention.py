@@ -2,7 +2,7 @@
 
 Each takes q [B, Lq, H, D], k [B, Lk, H, D], v [B, Lk, H, Dv] and a softmax scale, and returns
 (out [B, Lq, H, Dv] in q's dtype, lse [B, H, Lq] float32, natural log), unmasked. They raise RuntimeError for
-shapes and dtypes they do not take; the kernel table (models/attention_kernels.py) records that per shape and
+shapes and dtypes they do not take; the kernel table (models/common/attention_kernels.py) records that per shape and
 runs the next kernel of its order for that shape. Nothing here chooses between them.
 """
 

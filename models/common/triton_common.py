@@ -1,6 +1,6 @@
 """What every Triton kernel of the repository shares: interpreter mode and the input checks of a launch.
 
-The model's frame-attention forward (models/triton_attention.py) and the workbench's statistics kernels
+The model's frame-attention forward (models/common/triton_attention.py) and the workbench's statistics kernels
 (workbench/kernels/frame_attention.py) launch with these, so both check inputs, and run under the
 interpreter, the same way.
 
@@ -64,7 +64,7 @@ def check_device_and_dtype(q, D):
     if q.device.type != "cuda" and not INTERPRET:
         raise ModelInputError(
             f"triton frame kernels need CUDA tensors (got {q.device}); on CPU use the torch reference "
-            "or set TRITON_INTERPRET=1 before importing models.triton_attention"
+            "or set TRITON_INTERPRET=1 before importing models.common.triton_attention"
         )
     if INTERPRET and q.device.type != "cpu":
         raise ModelInputError(f"under TRITON_INTERPRET=1 the kernels take CPU tensors; got {q.device}")

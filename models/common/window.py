@@ -1,8 +1,8 @@
 """The attention window rule, once: which key frames a query frame attends in a chunked causal rollout.
 
 Query frame i attends every key frame up to the end of its chunk (block-causal); the chunks are the layout of
-models/chunks.py (chunks of n frames, or frame 0 alone first with `independent_first_frame`). With a window of
-`local_attn_size` frames and `sink_size` sink frames, it attends what the rolling KV cache (models/kv_cache.py)
+models/common/chunks.py (chunks of n frames, or frame 0 alone first with `independent_first_frame`). With a window of
+`local_attn_size` frames and `sink_size` sink frames, it attends what the rolling KV cache (models/common/kv_cache.py)
 holds after writing i's chunk: the first `sink_size` frames and the most recent `local_attn_size - sink_size`
 frames up to the end of i's chunk. A bidirectional forward is one chunk holding every frame.
 `WanModel.block_causal_mask` (the full-sequence forward) and the synthetic stores (studies/synthetic.py) read
@@ -12,13 +12,13 @@ independently. Importing this module does not import torch.
 
 from __future__ import annotations
 
-from models.chunks import chunk_spans
+from models.common.chunks import chunk_spans
 
 
 def attended_key_frames(num_frames: int, frames_per_chunk: int, local_attn_size: int = -1, sink_size: int = 0,
                         independent_first_frame: bool = False) -> list[list[bool]]:
     """[query_frame][key_frame] bool: whether the query frame attends the key frame (local_attn_size -1:
-    global attention). Frames that do not fit the chunk layout raise ModelInputError (models/chunks.py)."""
+    global attention). Frames that do not fit the chunk layout raise ModelInputError (models/common/chunks.py)."""
     ends = [start + size for start, size in chunk_spans(num_frames, frames_per_chunk, independent_first_frame)
             for _ in range(size)]  # [query_frame] one past the last frame of its chunk
     rows = []

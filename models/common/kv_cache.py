@@ -98,7 +98,7 @@ class KVCache:
                 self._evict(overflow)
             slot = len(self.frames)
             self.frames.extend(frames)
-            self.positions.extend(frames)  # new keys are rotated at their absolute frame (models/wan.py)
+            self.positions.extend(frames)  # new keys are rotated at their absolute frame (models/wan/model.py)
             if self.head_mask is not None:  # every head attends to a new frame
                 self.head_mask = torch.cat([self.head_mask, self.head_mask.new_ones(self.head_mask.shape[0], n)], 1)
             self.end_frame = start_frame + n
@@ -228,7 +228,7 @@ class CachePolicy(Protocol):
 
     def capacity(self, num_frames: int, chunk_frames: int) -> int:
         """Frames each layer's cache allocates for a rollout of `num_frames` frames in chunks of (at most)
-        `chunk_frames` (with independent_first_frame the first chunk is frame 0 alone, models/chunks.py)."""
+        `chunk_frames` (with independent_first_frame the first chunk is frame 0 alone, models/common/chunks.py)."""
 
     def after_chunk(self, layer: int, cache: KVCache, chunk: int, next_frames: int) -> Keep | None:
         """After chunk `chunk` (its context pass included): what layer `layer` keeps, leaving room for the
@@ -274,7 +274,7 @@ class RolloutCache:
             capacity, evict = num_frames, False
         else:
             capacity, evict = local, True
-        from models.rope import axis_angles
+        from models.wan.rope import axis_angles
 
         freqs = axis_angles(config.rope_split[0], 2)[1]  # [rope_split[0] / 2]: the angle of one position
         kv = [KVCache(batch, capacity, frame_seq_len, config.num_heads, config.head_dim, sink_frames=config.sink_size,

@@ -1,6 +1,6 @@
 """One Triton kernel for the VAE decoder's RMSNorm (+ SiLU) over channels-last activations, on CUDA.
 
-The fast decoder (models/vae_fast.py) keeps activations as rows of C contiguous channels (one row per pixel)
+The fast decoder (models/wan/vae_fast.py) keeps activations as rows of C contiguous channels (one row per pixel)
 and writes each causal convolution's input straight into that convolution's buffer, so this kernel takes any
 destination whose rows are contiguous: x, out [B, R, C] with stride(2) == 1, stride(1) == C and any batch
 stride. Each program normalises ROWS rows: the same rounding steps as diffusers' `WanRMS_norm` + SiLU:

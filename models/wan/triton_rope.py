@@ -3,7 +3,7 @@
 Each program takes one token row of q or k ([C] = heads x head_dim, contiguous), computes the RMS in float32,
 normalises, casts to the input dtype and multiplies by the norm weight (Wan's order), then rotates each
 channel pair (2i, 2i+1) of every head by the token's angles. Even and odd channels are loaded as two strided
-vectors, so the pair rotation needs no shuffles. It reads and writes each tensor once; `models.fused` uses it
+vectors, so the pair rotation needs no shuffles. It reads and writes each tensor once; `models.wan.fused` uses it
 for CUDA tensors and the plain PyTorch version everywhere else (and as the reference in tests).
 """
 
