@@ -80,7 +80,8 @@ def main() -> int:
     from training import distributed as fsdp
     from training.data import PromptSource
     from training.text import HashTextEncoder
-    from training.trainer import Models, Trainer, check_config, load_train_config
+    from training.checks import check_config, load_train_config
+    from training.trainer import Models, Trainer
 
     d = fsdp.setup("cuda" if cuda else "cpu")
     root = Path(__file__).resolve().parents[1]

@@ -50,7 +50,8 @@ def init_checkpoint(work: Path) -> Path:
 
 
 def make_trainer(stage: str, work: Path, batch: int, device: str):
-    from training.trainer import build_trainer, load_train_config
+    from training.build import build_trainer
+    from training.checks import load_train_config
 
     sets = [f"model_root={work}", "model_kwargs.model_name=init", f"device={device}", f"batch_size={batch}",
             f"total_batch_size={batch}", "log_iters=1000000", "ema_start_step=0"]

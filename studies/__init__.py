@@ -11,8 +11,10 @@ xarray objects, plotly figures or HTML.
     figures.head_grid(ds, layer=0)           # the researchers' per-head query x key frame heatmaps
 
 Modules: `metrics` (per-head statistics and the head taxonomy), `compare` (two stores aligned on prompt,
-seed and timestep), `figures` (plotly), `report` (self-contained HTML), `synthetic` (stores with planted
-heads, for tests and demos), `commands` (`workbench report` and `workbench compare`). For the miniature world
+seed and timestep), `figures` (plotly), `report` (self-contained HTML, built with `page`), `effects_report`
+(the page of an effects store of `workbench intervene`), `training` (attention across training, from a training
+probe store), `synthetic` (stores with planted heads, for tests and demos), `commands` (`workbench report` and
+`workbench compare`). For the miniature world
 (models/world.py) two modules read decoded pixels instead of stores: `world_metrics` (a tracker and the scores of
 a video against its prompt, numpy only) and `world_report` (tables, drift curves and the comparison of two models
 for `workbench evaluate`).

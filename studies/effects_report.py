@@ -22,7 +22,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import xarray as xr
 
-from studies.report import Page, write_atomic
+from studies.page import Page, write_atomic
 
 TOP = 10  # entries drawn in the curves (the baseline is the zero line)
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",

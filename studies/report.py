@@ -22,75 +22,12 @@ import xarray as xr
 
 from studies import compare as compare_mod
 from studies import figures, metrics
+from studies.page import Page, write_atomic
 from workbench.errors import WorkbenchError
 from workbench.store import chunk_sizes
 
 MAX_DETAIL_LAYERS = 8  # per-layer sections when no layer is named: evenly spaced, first and last included
 OVERVIEW_METRICS = ("sink_mass", "own_chunk_mass", "local_mass", "early_mass", "mean_distance", "entropy_norm")
-
-CSS = """
-body { font-family: -apple-system, BlinkMacSystemFont, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px auto;
-       max-width: 1400px; color: #222; padding: 0 16px; }
-h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 2em; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 8px 0; }
-th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; } th { background: #f4f4f4; }
-.note { color: #555; font-size: 0.9em; max-width: 60em; } .ok { color: #1a7f37; } .bad { color: #c62828; }
-.figure { margin: 12px 0 28px 0; } code { background: #f4f4f4; padding: 1px 4px; }
-"""
-
-
-# --------------------------------------------------------------------------------------------- html pieces
-class Page:
-    """An HTML page assembled from sections, tables and figures."""
-
-    def __init__(self, title: str):
-        self.title, self.parts, self.ids = title, [], set()
-
-    def h(self, text: str, level: int = 2):
-        self.parts.append(f"<h{level}>{html.escape(text)}</h{level}>")
-
-    def p(self, text: str, cls: str = "note"):
-        self.parts.append(f'<p class="{cls}">{text}</p>')
-
-    def table(self, df: pd.DataFrame, *, index: bool = True, float_format: str = "{:.4g}"):
-        self.parts.append(df.to_html(index=index, float_format=float_format.format, border=0, na_rep="NaN",
-                                     classes="table"))
-
-    def figure(self, fig, fig_id: str):
-        if fig_id in self.ids:
-            raise ValueError(f"duplicate figure id {fig_id}")
-        self.ids.add(fig_id)
-        payload = fig.to_json().replace("</", "<\\/")  # a JSON string cannot close the script element
-        self.parts.append(
-            f'<div class="figure"><div id="{fig_id}" class="plotly-graph-div"></div>'
-            f'<script type="application/json" id="{fig_id}-json">{payload}</script></div>'
-        )
-
-    def render(self) -> str:
-        from plotly.offline import get_plotlyjs
-
-        loader = (
-            "document.querySelectorAll('script[type=\"application/json\"][id$=\"-json\"]').forEach(function (el) {"
-            " var fig = JSON.parse(el.textContent); var div = document.getElementById(el.id.slice(0, -5));"
-            " Plotly.newPlot(div, {data: fig.data, layout: fig.layout, frames: fig.frames || [],"
-            " config: {responsive: true, displaylogo: false}}); });"
-        )
-        return (
-            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(self.title)}</title><style>{CSS}</style>"
-            f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>'
-            f"<h1>{html.escape(self.title)}</h1>\n" + "\n".join(self.parts)
-            + f"\n<script>{loader}</script></body></html>\n"
-        )
-
-
-def write_atomic(text: str, out: str | Path) -> Path:
-    """Write `text` to `out` atomically (models/files.py); returns `out`."""
-    from models.files import atomic_write_text
-
-    atomic_write_text(out, text)
-    return Path(out)
-
 
 def _open(store) -> tuple[xr.Dataset, str]:
     if isinstance(store, xr.Dataset):

@@ -197,7 +197,7 @@ def write_results(out_dir, results, *, title: str, notes: list[str] | None = Non
                   compare: tuple[str, str] | None = None) -> dict[str, Path]:
     """Write videos.csv, curves.csv, summary.csv, summary.md and evaluate.html (the table, the comparison and the
     drift figure) into out_dir, each atomically. Returns {name: path}."""
-    from studies.report import Page, write_atomic
+    from studies.page import Page, write_atomic
 
     out_dir = Path(out_dir)
     videos, curves = videos_frame(results), curves_frame(results)

@@ -40,7 +40,8 @@ def no_work(monkeypatch):
     """Fail the test if a command gets as far as its work."""
     import models.wan.checkpoint
     import studies.report
-    import training.trainer
+    import training.build
+    import training.ode_pairs
     import workbench.legacy
 
     def refuse(*a, **kw):
@@ -48,8 +49,8 @@ def no_work(monkeypatch):
 
     for module, name in ((extract_mod, "load_wan"), (extract_mod, "sha256_file"), (models.wan.checkpoint, "load_wan"),
                          (studies.report, "build_report"), (studies.report, "build_compare_report"),
-                         (workbench.legacy, "legacy_record"), (training.trainer, "build_trainer"),
-                         (training.trainer, "build_ode_pairs")):
+                         (workbench.legacy, "legacy_record"), (training.build, "build_trainer"),
+                         (training.ode_pairs, "build_ode_pairs")):
         monkeypatch.setattr(module, name, refuse)
 
 

@@ -30,7 +30,8 @@ def gan_trainer(tmp_path, data, *overrides, resume=None):
     from training import distributed as fsdp
     from training.gan import GanTrainer, add_classification_branch
     from training.text import HashTextEncoder
-    from training.trainer import Models, check_config, load_train_config
+    from training.checks import check_config, load_train_config
+    from training.trainer import Models
 
     cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", BASE + SHAPE + ["trainer=gan", *overrides])
     plan = check_config(cfg, 1)
@@ -105,7 +106,7 @@ def test_generator_steps_and_bitwise_resume(tmp_path, world_set):
 def test_gan_config_errors():
     from test_training import BASE
     from training.errors import TrainingError
-    from training.trainer import check_config, load_train_config
+    from training.checks import check_config, load_train_config
 
     for over, message in ((["num_class=0"], "num_class"), (["r1_sigma=0"], "r1_sigma 0.0 must be positive"),
                           (["data_path=prompts.txt"], "real latents")):
@@ -115,7 +116,7 @@ def test_gan_config_errors():
 
 
 def test_shipped_gan_and_i2v_configs_pass_the_checks():
-    from training.trainer import check_config, load_train_config
+    from training.checks import check_config, load_train_config
 
     for name, trainer in (("world_gan", "gan"), ("world_i2v_dmd", "score_distillation")):
         cfg, _ = load_train_config(f"configs/{name}.yaml")
@@ -128,7 +129,8 @@ def test_real_latents_of_another_length_are_refused_before_work(tmp_path):
     from test_training import BASE
     from training.data import save_latent_dataset
     from training.errors import TrainingError
-    from training.trainer import build_data, check_config, load_train_config
+    from training.build import build_data
+    from training.checks import check_config, load_train_config
 
     path = tmp_path / "world.pt"
     save_latent_dataset(path, ["a", "b"], torch.zeros(2, 4, 16, 12, 16), "latents")

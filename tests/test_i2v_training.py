@@ -32,7 +32,8 @@ def i2v_trainer(tmp_path, *overrides):
     from training import distributed as fsdp
     from training.data import LatentDataset
     from training.text import HashTextEncoder
-    from training.trainer import Trainer, check_config, load_train_config
+    from training.checks import check_config, load_train_config
+    from training.trainer import Trainer
 
     cfg, sets_sid_alpha = load_train_config("configs/self_forcing_dmd.yaml", BASE + [
         "image_or_video_shape=[1,7,16,4,6]", "num_training_frames=7", "independent_first_frame=true", "i2v=true",
@@ -76,7 +77,7 @@ def test_dmd_step_from_text_image_pairs(tmp_path):
 def test_i2v_config_errors():
     from test_training import BASE
     from training.errors import TrainingError
-    from training.trainer import check_config, load_train_config
+    from training.checks import check_config, load_train_config
 
     cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", BASE + ["i2v=true"])
     with pytest.raises(TrainingError, match="independent_first_frame: true"):

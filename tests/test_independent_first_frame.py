@@ -272,7 +272,8 @@ def iff_trainer(tmp_path, *overrides, data=None):
     from test_training import tiny_models
     from training import distributed as fsdp
     from training.text import HashTextEncoder
-    from training.trainer import Trainer, check_config, load_train_config
+    from training.checks import check_config, load_train_config
+    from training.trainer import Trainer
     from training.data import PromptSource
     from test_training import BASE, PROMPTS
 
@@ -328,7 +329,7 @@ def test_ode_regression_draws_a_timestep_for_frame_0_alone(tmp_path, one_thread)
 def test_training_config_errors_name_the_layout():
     from test_training import BASE
     from training.errors import TrainingError
-    from training.trainer import check_config, load_train_config
+    from training.checks import check_config, load_train_config
 
     cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", BASE + ["independent_first_frame=true"])
     with pytest.raises(TrainingError, match=r"6 latent frames do not fit independent_first_frame.*e.g. 4 or 7"):

@@ -45,7 +45,7 @@ def test_overrides():
 def test_shipped_training_configs_pass_the_checks(name):
     """Every training YAML in configs/ loads and passes the trainer's checks before any work; the teachers, which
     need no earlier run's output, also find their files (the embedded model, synthetic data)."""
-    from training.trainer import check_config, check_files, load_train_config
+    from training.checks import check_config, check_files, load_train_config
 
     cfg, sets_sid_alpha = load_train_config(f"configs/{name}.yaml")
     plan = check_config(cfg, world=1, sets_sid_alpha=sets_sid_alpha)

@@ -20,8 +20,9 @@ from training.logger import read_losses
 from training.losses import diffusion_loss, ode_regression_loss
 from training.rollout import make_ode_pairs
 from training.text import HashTextEncoder
-from training.trainer import (SID_QUIRK, Models, Trainer, build_probes, check_config, check_files,
-                              load_train_config)
+from training.build import build_probes
+from training.checks import SID_QUIRK, check_config, check_files, load_train_config
+from training.trainer import Models, Trainer
 
 PROMPTS = ["a cat on a sofa", "a red car", "waves at night", "a bird in the rain"]
 BASE = ["image_or_video_shape=[1,6,16,4,6]", "num_training_frames=6", "total_batch_size=1", "batch_size=1",

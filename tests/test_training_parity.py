@@ -18,7 +18,8 @@ from training import distributed as fsdp
 from training import rng
 from training.losses import critic_flow_loss, predict_x0, score_timestep
 from training.rollout import denoised_timestep_range, self_forcing_rollout
-from training.trainer import Models, check_config, load_train_config
+from training.checks import check_config, load_train_config
+from training.trainer import Models
 
 B, F, C, H, W = 1, 6, 16, 4, 6
 N = 3  # frames per chunk
@@ -267,10 +268,10 @@ def test_ts_schedule_bounds_the_score_timestep(tmp_path):
 def test_fake_guidance_only_with_real_guidance_scale(tmp_path, monkeypatch):
     """Their DMD reads fake_guidance_scale only when the config has real_guidance_scale (else the real score
     uses guidance_scale and the critic is unguided)."""
-    import training.trainer as T
+    import training.steps as steps
 
     seen = []
-    monkeypatch.setattr(T, "dmd_loss", lambda x, **kw: (seen.append(kw), (x.sum() * 0, {}))[1])
+    monkeypatch.setattr(steps, "dmd_loss", lambda x, **kw: (seen.append(kw), (x.sum() * 0, {}))[1])
     with pytest.warns(UserWarning, match="fake_guidance_scale 1.5 is not used"):
         tr = make(tmp_path / "a", "fake_guidance_scale=1.5")
     tr.generator_loss(0)
@@ -353,7 +354,7 @@ def test_ema_starts_from_the_weights_before_the_checkpoint(tmp_path):
 def test_build_models_keeps_the_folder_weights_for_the_ema(tmp_path):
     from models.wan.checkpoint import save_self_forcing, save_wan_folder
     from models.wan.config import preset
-    from training.trainer import build_models
+    from training.build import build_models
 
     folder_sd = tiny_model(seed=9).state_dict()
     save_wan_folder(tmp_path / "gen", preset("tiny"), folder_sd)

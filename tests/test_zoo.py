@@ -71,7 +71,7 @@ def test_world_dataset_is_the_encoded_world_and_is_cached(random_vae_file, tmp_p
 
 def test_world_data_path_needs_diffusion_and_a_vae(tmp_path):
     from training.errors import TrainingError
-    from training.trainer import check_config, check_files, load_train_config
+    from training.checks import check_config, check_files, load_train_config
 
     cfg, _ = load_train_config(ROOT / "configs/zoo_teacher.yaml", [f"model_root={tmp_path}"])
     plan = check_config(cfg, 1)
@@ -267,7 +267,7 @@ def test_evaluate_names_the_zoo(tmp_path, monkeypatch):
 
 
 def test_zoo_configs_load_and_check():
-    from training.trainer import check_config, load_train_config
+    from training.checks import check_config, load_train_config
 
     for name in ("teacher", "df", "ode", "dmd", "sid"):
         cfg, sets_sid_alpha = load_train_config(ROOT / f"configs/zoo_{name}.yaml")

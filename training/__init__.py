@@ -1,7 +1,16 @@
 """Training Self-Forcing models the way the released ones were trained, with attention probes on the way.
 
-    trainer.py      the loop: score distillation (DMD / SiD, generator : critic = 1 : dfake_gen_update_ratio),
-                    ODE regression, diffusion; checkpoints in the researchers' format; resume; build from config
+    config.py       the training YAML's schema (the researchers' keys and defaults), merged onto
+                    configs/default_config.yaml
+    checks.py       loading a config and every check before any work (-> Plan)
+    build.py        models, data, probes and the Trainer from a checked config
+    trainer.py      the loop: iterations, EMA, logs, probes (Trainer)
+    steps.py        one step: score distillation (DMD / SiD, generator : critic = 1 : dfake_gen_update_ratio),
+                    ODE regression, diffusion; draws, micro-batch losses, the optimiser update
+    checkpoints.py  checkpoints in the researchers' format; resume
+    ode_pairs.py    `--make-ode-pairs`: the teacher's ODE trajectories
+    gan.py          `trainer: gan`: the discriminator's branch, the GAN losses (GanTrainer)
+    i2v.py          text-image pairs (image-to-video) and text-video latents (GAN) from the miniature world
     rollout.py      the training rollout (gradient only through the exit step) and ODE-pair generation
     losses.py       DMD, critic flow loss, SiD, ODE regression, diffusion; the score-timestep sampling
     distributed.py  torchrun / one-process gloo, FSDP2 sharding with bf16 mixed precision, state dicts
@@ -9,7 +18,6 @@
     data.py         prompt files, latent datasets (ODE pairs), a synthetic data set for teachers
     text.py         prompt embeddings (cached), a seeded stand-in encoder
     probes.py       attention probes every N steps into a store along `train_step`
-    study.py        attention across training, from a probe store
     logger.py       losses.csv (+ TensorBoard, wandb)
     commands.py     `workbench train`
     world_data.py   `data_path: world`: latents of the miniature world's videos (models/world.py), cached

@@ -76,7 +76,9 @@ def _run(args) -> int:
 
     import torch.distributed as dist
 
-    from training.trainer import build_ode_pairs, build_trainer, describe, load_train_config
+    from training.build import build_trainer, describe
+    from training.checks import load_train_config
+    from training.ode_pairs import build_ode_pairs
 
     overrides = list(args.set)
     if args.device:

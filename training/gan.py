@@ -151,21 +151,6 @@ def discriminator_gan_loss(fake_logit, real_logit, weight: float, relativistic: 
     return (F.softplus(-real_logit.float()).mean() + F.softplus(fake_logit.float()).mean()) * weight
 
 
-def check_gan_config(cfg) -> None:
-    """The GAN keys, checked before any work."""
-    if cfg.num_class < 1:
-        raise TrainingError(f"num_class {cfg.num_class} must be >= 1")
-    for key in ("gan_g_weight", "gan_d_weight", "r1_weight", "r2_weight", "discriminator_warmup_steps"):
-        if cfg[key] < 0:
-            raise TrainingError(f"{key} {cfg[key]} must be >= 0")
-    for key in ("r1_sigma", "r2_sigma"):
-        if cfg[key] <= 0:
-            raise TrainingError(f"{key} {cfg[key]} must be positive")
-    if cfg.data_path.endswith(".txt"):
-        raise TrainingError(f"data_path {cfg.data_path!r}: GAN training needs real latents (a latent dataset .pt of "
-                            "clean latents, e.g. encoded world videos), not a prompt file")
-
-
 class GanTrainer(Trainer):
     """`Trainer` with the GAN losses, optimisers and update schedule of the module docstring."""
 

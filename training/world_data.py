@@ -1,7 +1,7 @@
 """Latent training sets from the miniature world: world videos rendered on the device and encoded by a Wan VAE.
 
 How it fits: a diffusion config with `data_path: world` (configs/zoo_teacher.yaml, zoo_df.yaml) trains on these
-latents; `training.trainer.build_data` calls `world_dataset`. The set is a pure function of the VAE file and the
+latents; `training.build.world_data` calls `make_world_dataset`. The set is a pure function of the VAE file and the
 config's `world:` section, and is cached as a latent dataset file (training/data.py's format, kind "latents")
 under `world.cache_dir`, so the teacher and the diffusion-forcing student read the same file and a second run
 starts at once.

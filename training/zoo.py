@@ -130,7 +130,7 @@ class Zoo:
         return out
 
     def config(self, stage: str):
-        from training.trainer import load_train_config
+        from training.checks import load_train_config
 
         return load_train_config(ROOT / CONFIGS["teacher" if stage == "data" else stage], self.overrides(stage))
 
@@ -237,7 +237,7 @@ class Zoo:
         return self.train_and_publish("df", deadline)
 
     def stage_ode_pairs(self, deadline) -> dict:
-        from training.trainer import build_ode_pairs
+        from training.ode_pairs import build_ode_pairs
 
         cfg, _ = self.config("ode_pairs")
         build_ode_pairs(cfg, log=self.log, progress=self.progress)
@@ -281,7 +281,8 @@ class Zoo:
     def train_config(self, stage: str, deadline) -> tuple[dict, Path]:
         """`workbench train --config CONFIGS[stage] --logdir WORK/logs/stage` (resuming a checkpoint there), cut
         short when the deadline comes. Returns (summary, the final model.pt)."""
-        from training.trainer import build_trainer, describe, latest_checkpoint
+        from training.build import build_trainer, describe
+        from training.checkpoints import latest_checkpoint
 
         cfg, sets_sid_alpha = self.config(stage)
         logdir = self.work / "logs" / stage
@@ -492,7 +493,7 @@ def resumable_checkpoints(work: Path) -> list[Path]:
     """The files of the latest trainer checkpoint (weights, EMA and optimiser states) of each flow-matching stage
     that its time share cut short (the report says stopped_early), so that `--continue STAGE` on a fresh
     machine resumes it where it stopped."""
-    from training.trainer import latest_checkpoint
+    from training.checkpoints import latest_checkpoint
 
     report = work / "zoo_report.json"
     stages = json.loads(report.read_text()).get("stages", {}) if report.is_file() else {}

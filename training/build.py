@@ -1,0 +1,246 @@
+"""Building a training run from a checked config: the models, the data, the probes and the `Trainer`.
+
+    build_trainer(cfg, logdir) --> checks (training/checks.py), then the models from `model_root/<name>`
+                                   (+ generator_ckpt), the text encoder, the probes and the data --> Trainer
+    describe(trainer)          --> the run in one line, with its gradient semantics (docs/training.md)
+
+Checks come first: nothing here reads weights before every config and file error has been raised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from models.common.chunks import block_sizes
+from models.common.scheduler import FlowMatchScheduler
+from models.errors import ModelInputError
+from models.family import WAN, check_fits_cache
+from training import distributed as fsdp
+from training.checkpoints import latest_checkpoint
+from training.checks import Plan, check_config, check_files, model_folder, world_vae_path
+from training.data import LatentDataset, PromptSource, synthetic_latents
+from training.errors import TrainingError
+from training.trainer import Models, Trainer
+
+
+def build_models(cfg, plan: Plan, device="cpu") -> tuple[Models, Path]:
+    """The models a config names, on the CPU in float32 (teacher: bf16 on CUDA with mixed precision, where its
+    frozen weights are only ever used in bf16), and with ema_start_step <= 0 the generator folder's own weights
+    for the EMA to start from. Returns (models, generator folder)."""
+    from models.wan.checkpoint import load_wan
+
+    kw = cfg.model_kwargs
+    gen_dir = model_folder(cfg, kw.model_name)
+    causal = plan.trainer != "diffusion" or bool(cfg.causal)
+    generator = load_wan(gen_dir, checkpoint=cfg.generator_ckpt or None, causal=causal, num_frame_per_block=cfg.num_frame_per_block,
+                         local_attn_size=kw.local_attn_size, sink_size=kw.sink_size, dtype=torch.float32)
+    generator.independent_first_frame = causal and bool(cfg.independent_first_frame)
+    ema_init = None
+    if cfg.generator_ckpt and cfg.ema_weight > 0 and cfg.ema_start_step <= 0:
+        from models.wan.checkpoint import read_wan_folder
+
+        ema_init = read_wan_folder(gen_dir)[1]
+    critic = teacher = None
+    if plan.trainer == "gan":  # the discriminator: the fake score with its classification branch
+        from training.gan import add_classification_branch
+
+        critic = load_wan(model_folder(cfg, cfg.fake_name), causal=False, dtype=torch.float32)
+        add_classification_branch(critic, cfg.num_class, bool(cfg.concat_time_embeddings))
+    if plan.trainer == "score_distillation":
+        critic = load_wan(model_folder(cfg, cfg.fake_name), causal=False, dtype=torch.float32)
+        teacher_dtype = torch.bfloat16 if (cfg.mixed_precision and torch.device(device).type == "cuda") else torch.float32
+        teacher = load_wan(model_folder(cfg, cfg.real_name), causal=False, dtype=teacher_dtype)
+    return Models(generator, critic, teacher, ema_init), gen_dir
+
+
+def build_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None = None):
+    if cfg.i2v:
+        data = LatentDataset.from_file(cfg.data_path, seed, "image_latents")
+        F, C, H, W = plan.shape
+        if tuple(data.latents.shape[1:]) != (1, C, H, W):
+            raise TrainingError(f"image latents of shape {tuple(data.latents.shape[1:])}; image_or_video_shape asks "
+                                f"for {(1, C, H, W)}")
+        return data
+    if plan.trainer == "score_distillation":
+        return PromptSource.from_file(cfg.data_path, seed)
+    if plan.trainer == "ode":
+        data = LatentDataset.from_file(cfg.data_path, seed, "ode_pairs")
+        F, C, H, W = plan.shape
+        if tuple(data.latents.shape[2:]) != (F, C, H, W):
+            raise TrainingError(f"ODE pairs of shape {tuple(data.latents.shape[2:])}; image_or_video_shape asks "
+                                f"for {(F, C, H, W)}")
+        if len(plan.timesteps) > data.latents.shape[1]:
+            raise TrainingError(f"denoising_step_list has {len(plan.timesteps)} steps; the ODE pairs hold "
+                                f"{data.latents.shape[1]} trajectory points")
+        return data
+    if cfg.data_path == "synthetic":
+        F, C, H, W = plan.shape
+        prompts, latents = synthetic_latents(64, F, C, H, W, seed=0)
+        return LatentDataset(prompts, latents, "latents", seed)
+    if cfg.data_path == "world":
+        return world_data(cfg, plan, seed, d)
+    data = LatentDataset.from_file(cfg.data_path, seed, "latents")
+    if plan.trainer == "gan" and tuple(data.latents.shape[1:]) != tuple(plan.shape):
+        raise TrainingError(f"real latents of shape {tuple(data.latents.shape[1:])} in {cfg.data_path!r}; the "
+                            f"generator makes {tuple(plan.shape)} (image_or_video_shape): encode "
+                            f"{plan.shape[0]} latent frames (python -m training.i2v --frames {plan.shape[0]})")
+    return data
+
+
+def world_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None) -> LatentDataset:
+    """`data_path: world`: the cached latent set of training/world_data.py (rank 0 makes it when missing)."""
+    from training.world_data import make_world_dataset, world_dataset_path
+
+    F, C, H, W = plan.shape
+    w = cfg.world
+    if (C, H, W) != (16, 12, 16):
+        raise TrainingError(f"data_path: world gives latents of 16 x 12 x 16 (96 x 128 pixels); image_or_video_shape "
+                            f"asks for {C} x {H} x {W}")
+    if w.num_videos < 1 or w.batch < 1:
+        raise TrainingError(f"world.num_videos {w.num_videos} and world.batch {w.batch} must be >= 1")
+    device = d.device if d is not None else torch.device("cpu")
+    vae = world_vae_path(cfg)
+    path = world_dataset_path(vae, w.num_videos, w.seed, F, w.cache_dir)
+    if d is None or d.main:
+        make_world_dataset(path, vae, w.num_videos, w.seed, F, device=device, batch=w.batch)
+    if d is not None:
+        d.barrier()
+    return LatentDataset.from_file(path, seed, "latents")
+
+
+def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, weights_sha: str):
+    """The probe set of cfg.probe, checked against the model (None when probes are off)."""
+    import hashlib
+
+    from models.common.rollout import few_step_schedule
+    from models.video import read_prompts
+    from training.probes import TrainingProbes
+    from workbench.capture import CaptureSpec
+    from workbench.extract import _git_commit
+
+    p = cfg.probe
+    if not p.every:
+        return None
+    if p.every < 0:
+        raise TrainingError(f"probe.every {p.every} must be >= 0")
+    if plan.trainer not in ("score_distillation", "ode", "gan"):
+        raise TrainingError("probes run the causal few-step rollout: use them with score_distillation, ode or gan")
+    prompts = list(p.prompts) + (read_prompts(p.prompt_file) if p.prompt_file else [])
+    if not prompts:
+        raise TrainingError("probe.every is set but the probe set has no prompts (probe.prompts or probe.prompt_file)")
+    if not p.seeds:
+        raise TrainingError("probe.seeds is empty")
+    mc = model_config
+    frames = p.num_frames or plan.shape[0]
+    iff = bool(cfg.independent_first_frame)
+    try:  # frames that fit the chunk layout (models/common/chunks.py)
+        block_sizes(frames, plan.nfpb, iff)
+    except ModelInputError as err:
+        raise TrainingError(f"probe.num_frames: {err}") from None
+    try:  # the cache holds the training length, and at least the family's
+        check_fits_cache(frames, mc.local_attn_size, max(plan.shape[0], WAN.cache_frames),
+                         label=f"probe.num_frames {frames}", remedy="set model_kwargs.local_attn_size")
+    except ModelInputError as err:
+        raise TrainingError(str(err)) from None
+    layers = list(p.layers) if p.layers is not None else list(range(mc.num_layers))
+    heads = list(p.heads) if p.heads is not None else list(range(mc.num_heads))
+    for what, values, n in (("layer", layers, mc.num_layers), ("head", heads, mc.num_heads)):
+        bad = sorted(v for v in values if not 0 <= v < n)
+        if bad:
+            raise TrainingError(f"probe {what}s {bad} out of range: the model has {what}s 0-{n - 1}")
+    schedule = few_step_schedule(plan.timesteps, float(cfg.context_noise))
+    steps = list(p.steps) if p.steps is not None else [s.step for s in schedule]
+    bad = sorted(set(steps) - {s.step for s in schedule})
+    if bad:
+        raise TrainingError(f"probe steps {bad} out of range: the schedule has steps 0-{len(schedule) - 1}")
+    try:
+        spec = CaptureSpec(tuple(layers), tuple(heads), tuple(sorted(steps)), tuple(p.stats))
+    except Exception as err:
+        raise TrainingError(f"probe: {err}") from None
+    _, _, H, W = plan.shape
+    fsl = mc.tokens_per_frame(H, W)
+    layout_key = dict(spec=dataclasses.astuple(spec), schedule=[dataclasses.astuple(s) for s in schedule],
+                      prompts=prompts, seeds=list(p.seeds), frames=frames, hw=(H, W), weights=weights_sha,
+                      model=dataclasses.asdict(mc), nfpb=plan.nfpb)
+    if iff:  # (absent otherwise: probe stores made before the option still resume)
+        layout_key["independent_first_frame"] = True
+    fp = hashlib.sha256(json.dumps(layout_key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    import platform
+
+    import xarray
+    import zarr
+
+    from workbench import __version__
+
+    attrs = dict(workbench_version=__version__, git_commit=_git_commit(), command="workbench train",
+                 config_yaml=OmegaConf.to_yaml(cfg), frame_seq_len=fsl, num_frame_per_block=plan.nfpb,
+                 independent_first_frame=iff,
+                 num_frames=frames, text_len=mc.text_len, head_dim=mc.head_dim, num_layers=mc.num_layers,
+                 num_heads=mc.num_heads, versions=dict(torch=torch.__version__, xarray=xarray.__version__,
+                                                       zarr=zarr.__version__, python=platform.python_version()),
+                 trainer=plan.trainer, loss=plan.loss)
+    meta = dict(checkpoint=weights_label, checkpoint_sha256=weights_sha, model_family="self_forcing",
+                sampler="causal_few_step", local_attn_size=mc.local_attn_size, sink_size=mc.sink_size)
+    return TrainingProbes(spec=spec, schedule=schedule, prompts=prompts, seeds=list(p.seeds), num_frames=frames,
+                          latent_hw=(H, W), channels=plan.shape[1], frame_seq_len=fsl, grid=mc.token_grid(H, W),
+                          text_len=mc.text_len, nfpb=plan.nfpb, independent_first_frame=iff, timesteps=plan.timesteps,
+                          scheduler=FlowMatchScheduler(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep),
+                          context_noise=float(cfg.context_noise), every=int(p.every),
+                          path=Path(logdir) / p.store, attrs=attrs, fingerprint=fp, sample_meta=meta)
+
+
+def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log=print, progress=True) -> Trainer:
+    """Everything a config names: checks first, then weights, text encoder, data, probes."""
+    from models.wan.checkpoint import WEIGHTS_NAME, sha256_file
+    from models.wan.text_encoder import TextEncoder
+
+    d = fsdp.setup(cfg.device)
+    plan = check_config(cfg, d.world, sets_sid_alpha=sets_sid_alpha)
+    check_files(cfg, plan)
+    if resume == "latest":
+        resume = latest_checkpoint(logdir)
+        if resume is None:
+            raise TrainingError(f"--resume: {logdir} has no complete checkpoint_model_* folder")
+    elif resume is None and latest_checkpoint(logdir) is not None:
+        raise TrainingError(f"{logdir} already holds checkpoints; pass --resume to continue or use a new --logdir")
+    from models.wan.config import WanConfig
+
+    gen_dir = model_folder(cfg, cfg.model_kwargs.model_name)
+    gen_config = WanConfig.from_json(gen_dir / "config.json").replace(
+        local_attn_size=cfg.model_kwargs.local_attn_size, sink_size=cfg.model_kwargs.sink_size)
+    weights = Path(cfg.generator_ckpt) if cfg.generator_ckpt else gen_dir / WEIGHTS_NAME
+    sha = sha256_file(weights) if weights.is_file() else ""  # (a sharded Wan folder has no single file)
+    probes = build_probes(cfg, plan, gen_config, logdir, weights_label=str(weights), weights_sha=sha)  # checks first
+    models, _ = build_models(cfg, plan, d.device)
+    encoder = TextEncoder.from_wan_dir(gen_dir, device=d.device)
+    cls = Trainer
+    if plan.trainer == "gan":
+        from training.gan import GanTrainer as cls
+    trainer = cls(cfg, models, encoder, logdir, d=d, plan=plan, data=None, probes=probes, resume=resume, log=log,
+                      progress=progress, seed=cfg.seed)
+    trainer.data = build_data(cfg, plan, trainer.seed, d)
+    return trainer
+
+
+def describe(trainer: Trainer) -> str:
+    plan, cfg, d = trainer.plan, trainer.cfg, trainer.d
+    what = {"dmd": "DMD", "sid": "SiD", "ode": "ODE regression", "diffusion": "diffusion", "gan": "GAN"}[plan.loss]
+    F, C, H, W = plan.shape
+    return (f"{what} training from step {trainer.step}: {F} latent frames of {H}x{W}, global batch "
+            f"{cfg.total_batch_size} = {d.world} rank(s) x {plan.accum} micro-batch(es) x {cfg.batch_size}, "
+            f"steps {[round(float(t), 2) for t in plan.timesteps]}, seed {trainer.seed}, device {d.device}, "
+            f"compute {str(trainer.dtype).replace('torch.', '')}" + semantics(cfg, plan))
+
+
+def semantics(cfg, plan: Plan) -> str:
+    """The gradient semantics of a run in one line (docs/training.md), for the score-distillation trainer."""
+    if plan.trainer != "score_distillation":
+        return ""
+    shift = cfg.score_timestep_shift if cfg.score_timestep_shift is not None else cfg.model_kwargs.timestep_shift
+    return (f"; score networks on the shift-{shift:g} grid, KV cache gradient {cfg.kv_cache_gradient}, text k/v "
+            f"gradient {cfg.text_kv_gradient}, unused parameter grads {cfg.unused_param_grads} (docs/training.md)")

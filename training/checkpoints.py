@@ -1,0 +1,85 @@
+"""Training checkpoints: `save` and `resume` (`Checkpoints`, a part of training/trainer.py's `Trainer`) and
+`latest_checkpoint` (what `--resume latest` continues from).
+
+`logdir/checkpoint_model_{step:06d}/model.pt` in the researchers' format (`generator`, `critic`,
+`generator_ema` once step > ema_start_step; keys `model.`-prefixed) and `training_state.pt` beside it (step,
+seed, optimiser states) for `--resume`. A resumed run continues exactly as the uninterrupted one. Both files are
+written atomically, model.pt last: a folder with both is complete.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from models.files import atomic_torch_save
+from training import distributed as fsdp
+from training.ema import EMA
+from training.errors import TrainingError
+
+
+class Checkpoints:
+    """The checkpoint methods of `Trainer` (training/trainer.py)."""
+
+    def save(self) -> Path:
+        """logdir/checkpoint_model_{step:06d}/{training_state.pt, model.pt}; every rank must call it."""
+        from models.wan.checkpoint import save_self_forcing
+
+        folder = self.logdir / f"checkpoint_model_{self.step:06d}"
+        for model in (self.generator, self.critic):
+            fsdp.reshard(model)
+        models = {"generator": fsdp.full_state_dict(self.generator)}
+        if self.critic is not None:
+            models["critic"] = fsdp.full_state_dict(self.critic)
+        if self.ema is not None and self.cfg.ema_start_step < self.step:
+            models["generator_ema"] = self.ema.full_state_dict()
+        state = {"step": self.step, "seed": self.seed, "world": self.d.world,
+                 "generator_optimizer": fsdp.optimizer_state(self.gen_params, self.gen_opt)}
+        if self.critic is not None:
+            state["critic_optimizer"] = fsdp.optimizer_state(self.critic_params, self.critic_opt)
+        if self.d.main:
+            state["config_yaml"] = OmegaConf.to_yaml(self.cfg)
+            atomic_torch_save(state, folder / "training_state.pt")
+            save_self_forcing(folder / "model.pt", **models)  # last: a folder with model.pt is complete
+            self.log(f"saved {folder / 'model.pt'}")
+        self.d.barrier()
+        self.last_saved = self.step
+        return folder
+
+    def resume(self, path) -> int:
+        """Load a checkpoint folder written by `save` (weights, optimiser states, step, seed)."""
+        from models.wan.checkpoint import load_tensors, strip_prefixes
+
+        folder = Path(path)
+        if folder.is_file():
+            folder = folder.parent
+        model_pt, state_pt = folder / "model.pt", folder / "training_state.pt"
+        if not model_pt.is_file() or not state_pt.is_file():
+            raise TrainingError(f"{str(folder)!r} is not a complete checkpoint (model.pt and training_state.pt)")
+        blob = load_tensors(model_pt)
+        state = torch.load(state_pt, map_location="cpu", weights_only=True)
+        fsdp.load_full(self.generator, strip_prefixes(blob["generator"]))
+        fsdp.load_optimizer_state(self.gen_params, self.gen_opt, state["generator_optimizer"])
+        if self.critic is not None:
+            if "critic" not in blob:
+                raise TrainingError(f"{model_pt} has no critic; it is not a score-distillation checkpoint")
+            fsdp.load_full(self.critic, strip_prefixes(blob["critic"]))
+            fsdp.load_optimizer_state(self.critic_params, self.critic_opt, state["critic_optimizer"])
+        self.step, self.seed = int(state["step"]), int(state["seed"])
+        self.last_saved = self.step
+        if "generator_ema" in blob:
+            self.ema = EMA(self.gen_params, self.cfg.ema_weight)
+            self.ema.load_full(strip_prefixes(blob["generator_ema"]))
+        # else: an EMA due at this step is made from these weights by train(), as the uninterrupted run did
+        if self.d.main:
+            self.log(f"resumed from {folder} at step {self.step}")
+        return self.step
+
+
+def latest_checkpoint(logdir) -> Path | None:
+    """The newest complete checkpoint folder in a logdir."""
+    folders = sorted(Path(logdir).glob("checkpoint_model_*"))
+    complete = [f for f in folders if (f / "model.pt").is_file() and (f / "training_state.pt").is_file()]
+    return complete[-1] if complete else None

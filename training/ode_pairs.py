@@ -1,0 +1,60 @@
+"""`workbench train --make-ode-pairs`: the teacher's ODE trajectories that ODE regression (`trainer: ode`) learns
+from, written as a latent dataset (training/data.py) to the config's `data_path`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from training import distributed as fsdp
+from training.checks import check_config, model_folder
+from training.errors import TrainingError
+
+
+def build_ode_pairs(cfg, *, log=print, progress: bool = True) -> Path:
+    """`--make-ode-pairs`: the teacher (`model_root/real_name`, bidirectional, float32) makes `ode_pairs.num_pairs`
+    trajectories for the prompts of `ode_pairs.prompt_file` (cycled), written to `data_path`. Rank 0 works."""
+    from tqdm.auto import tqdm
+
+    from models.wan.checkpoint import load_wan
+    from models.wan.text_encoder import TextEncoder
+    from models.video import read_prompts
+    from training.data import save_latent_dataset
+    from training.rollout import make_ode_pairs
+
+    d = fsdp.setup(cfg.device)
+    plan = check_config(cfg, 1)
+    op = cfg.ode_pairs
+    if not op.prompt_file:
+        raise TrainingError("ode_pairs.prompt_file is not set (the prompts to make ODE pairs for)")
+    try:
+        prompts = read_prompts(op.prompt_file)
+    except Exception as err:
+        raise TrainingError(f"ode_pairs.prompt_file: {err}") from None
+    if op.num_pairs < 1 or op.steps < 1 or op.batch_size < 1 or any(not 0 <= k < op.steps for k in op.keep):
+        raise TrainingError(f"ode_pairs: num_pairs {op.num_pairs}, steps {op.steps} and batch_size {op.batch_size} "
+                            f"must be >= 1 and keep {list(op.keep)} must lie in [0, {op.steps})")
+    out = Path(cfg.data_path)
+    if out.exists():
+        raise TrainingError(f"data_path {str(out)!r} already exists; remove it to make new ODE pairs")
+    folder = model_folder(cfg, cfg.real_name)
+    if d.main:
+        teacher = load_wan(folder, causal=False, dtype=torch.float32, device=d.device)
+        encoder = TextEncoder.from_wan_dir(folder, device=d.device)
+        chosen = [prompts[i % len(prompts)] for i in range(op.num_pairs)]
+        context = encoder.encode(chosen).context.to(d.device, torch.float32)
+        negative = encoder.encode([cfg.negative_prompt]).context.to(d.device, torch.float32)
+        batches = -(-op.num_pairs // op.batch_size)
+        bar = tqdm(total=batches * op.steps * 2, desc="ODE pairs", unit="fwd", disable=not progress)
+        latents = make_ode_pairs(teacher, context, negative, shape=plan.shape, steps=op.steps, shift=op.shift,
+                                 guidance_scale=op.guidance_scale, keep=tuple(op.keep), seed=op.seed,
+                                 batch_size=op.batch_size, on_forward=lambda *_: bar.update(1))
+        bar.close()
+        save_latent_dataset(out, chosen, latents, "ode_pairs", teacher=str(folder), steps=op.steps, shift=op.shift,
+                            guidance_scale=op.guidance_scale, keep=list(op.keep))
+        log(f"wrote {out}: {op.num_pairs} ODE pairs of shape {tuple(latents.shape[1:])} "
+            f"(latents before steps {list(op.keep)} of {op.steps}, then the clean latent)")
+    d.barrier()
+    return out
