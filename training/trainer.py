@@ -158,6 +158,7 @@ class Trainer(Steps, Checkpoints):
             seed = int(torch.randint(1, 10_000_000, (1,)))
         return self.d.broadcast_list([seed])[0]
 
+    # --- the loop ----------------------------------------------------------------------------------------------
 
     def maybe_create_ema(self) -> None:
         cfg = self.cfg
