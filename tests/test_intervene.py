@@ -12,7 +12,7 @@ import torch
 
 from workbench.cli import main
 from workbench.errors import WorkbenchError
-from workbench.intervene import parse_entry, parse_flag
+from workbench.intervene_entries import parse_entry, parse_flag
 
 
 @pytest.fixture(autouse=True)

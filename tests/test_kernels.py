@@ -592,7 +592,7 @@ import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
-from models.common import triton_attention as ta
+from models.common import triton_attention_kernels as ta
 from models.common.triton_attention_plan import FUSED_WS_CANDIDATES
 from workbench.kernels import frame_attention as fa
 

@@ -93,7 +93,7 @@ def register(subparsers) -> None:
 def entries_from_args(args, num_layers: int, num_heads: int):
     from workbench.errors import WorkbenchError
     from workbench.extract import parse_int_list
-    from workbench.intervene import parse_entry, parse_flag, sweep_entries
+    from workbench.intervene_entries import parse_entry, parse_flag, sweep_entries
 
     raw = []
     if args.spec:

@@ -1,0 +1,233 @@
+"""The entries of `workbench intervene` (workbench/intervene.py): what an intervention or cache policy of a run
+is, read from a YAML spec or a flag, checked against the model's config before any weights are read, labelled,
+and built into the object that acts (workbench/interventions.py, workbench/kv_policies.py).
+
+An entry is a mapping (an item of a YAML spec's list, or made from a flag by `parse_flag`):
+
+    kind: ablate | knockout | temperature | sink | policy
+    layers, heads, steps, chunks: which calls (a list, a string like "0-3,7", or "all"; default all)
+    attention: self | cross (ablate, temperature; default self)
+    mode: zero | mean | resample (ablate); resample_prompt, resample_seed: the source rollout (default: the
+        sample's own seed, the prompt given)
+    frames: absolute latent frames (knockout, sink; sink default [0]); history_only (knockout, default true)
+    value: the temperature T (temperature) or the logit factor c (sink)
+    policy: fifo | sink | deepsink | attention | headwise, window, sink_frames, store and threshold (headwise:
+        static heads from a store's attention mass), static_recent (headwise)
+    label: the name in the store (default: made from the settings)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+
+KINDS = ("ablate", "knockout", "temperature", "sink", "policy")
+POLICIES = ("fifo", "sink", "deepsink", "attention", "headwise")
+ENTRY_KEYS = {"kind", "layers", "heads", "steps", "chunks", "attention", "mode", "resample_prompt", "resample_seed",
+              "frames", "history_only", "value", "policy", "window", "sink_frames", "store", "threshold",
+              "static_recent", "label"}
+
+
+@dataclass
+class Entry:
+    """One intervention or policy of a run, resolved (lists of ints, None = all)."""
+
+    kind: str
+    label: str
+    layers: list[int] | None = None
+    heads: list[int] | None = None
+    steps: list[int] | None = None
+    chunks: list[int] | None = None
+    attention: str = "self"
+    mode: str = "zero"
+    resample_prompt: str | None = None
+    resample_seed: int | None = None
+    frames: list[int] = field(default_factory=list)
+    history_only: bool = True
+    value: float = 1.0
+    policy: str | None = None
+    window: int = 21
+    sink_frames: int = 0
+    store: str | None = None
+    threshold: float = 0.8
+    static_recent: int = 6
+
+    def spec(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @property
+    def target(self) -> tuple[int, int]:
+        """(layer, head) when the entry acts on exactly one head (sweeps rank these), else -1 for what is not one."""
+        one = lambda xs: xs[0] if xs is not None and len(xs) == 1 else -1  # noqa: E731
+        return one(self.layers), one(self.heads)
+
+
+def _ints(value, what: str, upper: int | None = None) -> list[int] | None:
+    from workbench.extract import parse_int_list
+
+    if value is None or value == "all":
+        return None
+    if isinstance(value, int):
+        value = [value]
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    return parse_int_list(str(value), what=what, upper=upper)
+
+
+def parse_entry(d: dict, num_layers: int, num_heads: int) -> Entry:
+    """A spec entry (YAML or flags) -> an `Entry`, every value checked (a WorkbenchError names the bad one)."""
+    if not isinstance(d, dict):
+        raise WorkbenchError(f"an intervention entry must be a mapping with a kind, got {d!r}")
+    unknown = sorted(set(d) - ENTRY_KEYS)
+    if unknown:
+        raise WorkbenchError(f"intervention entry {d}: unknown keys {unknown}; allowed: {sorted(ENTRY_KEYS)}")
+    kind = d.get("kind")
+    if kind not in KINDS:
+        raise WorkbenchError(f"intervention kind {kind!r}; use one of {list(KINDS)}")
+    e = Entry(kind=kind, label="")
+    e.layers = _ints(d.get("layers"), "layer", num_layers)
+    e.heads = _ints(d.get("heads"), "head", num_heads)
+    e.steps, e.chunks = _ints(d.get("steps"), "step"), _ints(d.get("chunks"), "chunk")
+    e.attention = d.get("attention", "self")
+    if e.attention not in ("self", "cross"):
+        raise WorkbenchError(f"attention {e.attention!r}; use self or cross")
+    if kind == "ablate":
+        e.mode = d.get("mode", "zero")
+        if e.mode not in ("zero", "mean", "resample"):
+            raise WorkbenchError(f"ablation mode {e.mode!r}; use zero, mean or resample")
+        if e.mode == "resample":
+            e.resample_prompt = d.get("resample_prompt")
+            if not e.resample_prompt:
+                raise WorkbenchError("a resample ablation needs resample_prompt (the prompt its head outputs come from)")
+            e.resample_seed = None if d.get("resample_seed") is None else int(d["resample_seed"])
+    if kind in ("knockout", "sink"):
+        e.frames = _ints(d.get("frames", [0] if kind == "sink" else None), "frame") or []
+        if not e.frames:
+            raise WorkbenchError(f"a {kind} entry needs frames (absolute latent frames, e.g. 0 or 0-2)")
+        e.history_only = bool(d.get("history_only", True))
+    if kind in ("temperature", "sink"):
+        if "value" not in d:
+            raise WorkbenchError(f"a {kind} entry needs value (the {'temperature' if kind == 'temperature' else 'factor'})")
+        e.value = float(d["value"])
+        if kind == "temperature" and not e.value > 0:
+            raise WorkbenchError(f"temperature {e.value}: use a positive number")
+    if kind in ("knockout", "sink") and e.attention != "self":
+        raise WorkbenchError(f"a {kind} acts on self-attention key frames; attention must be self")
+    if kind == "policy":
+        e.policy = d.get("policy")
+        if e.policy not in POLICIES:
+            raise WorkbenchError(f"cache policy {e.policy!r}; use one of {list(POLICIES)}")
+        e.window, e.sink_frames = int(d.get("window", 21)), int(d.get("sink_frames", 0))
+        if e.policy in ("deepsink",) and "sink_frames" not in d:
+            e.sink_frames = e.window // 2
+        e.store, e.threshold, e.static_recent = d.get("store"), float(d.get("threshold", 0.8)), int(d.get("static_recent", 6))
+        if e.policy == "headwise" and not e.store:
+            raise WorkbenchError("a headwise policy needs store (an extract store whose attn_mass splits the heads)")
+        if e.store and not Path(e.store).exists():
+            raise WorkbenchError(f"store {e.store!r} does not exist")
+        if e.window < 1 or not 0 <= e.sink_frames < e.window:
+            raise WorkbenchError(f"window {e.window} with sink_frames {e.sink_frames}: use 0 <= sink_frames < window")
+    e.label = str(d.get("label") or default_label(e))
+    return e
+
+
+def default_label(e: Entry) -> str:
+    from workbench.summary import format_int_list
+
+    sel = lambda name, xs: "" if xs is None else f"{name}{format_int_list(xs)}"  # noqa: E731
+    where = ".".join(x for x in (sel("L", e.layers), sel("H", e.heads), sel("s", e.steps), sel("c", e.chunks)) if x)
+    where = where + ("" if e.attention == "self" else ".cross")
+    if e.kind == "ablate":
+        return f"ablate-{e.mode}:{where or 'all'}"
+    if e.kind == "knockout":
+        return f"knockout{format_int_list(e.frames)}:{where or 'all'}"
+    if e.kind == "temperature":
+        return f"temperature{e.value:g}:{where or 'all'}"
+    if e.kind == "sink":
+        return f"sink{format_int_list(e.frames)}x{e.value:g}:{where or 'all'}"
+    extra = f"+sink{e.sink_frames}" if e.policy != "fifo" else ""
+    return f"policy-{e.policy}{e.window}{extra}"
+
+
+def parse_flag(kind: str, text: str) -> dict:
+    """The short flag forms (see the CLI's help) -> a spec entry dict."""
+    parts = text.split(":")
+    try:
+        if kind == "ablate":  # LAYERS:HEADS[:MODE]
+            d = dict(kind="ablate", layers=parts[0], heads=parts[1])
+            if len(parts) > 2:
+                d["mode"] = parts[2]
+            return d
+        if kind == "temperature":  # LAYERS:HEADS:T
+            return dict(kind="temperature", layers=parts[0], heads=parts[1], value=float(parts[2]))
+        if kind == "knockout":  # FRAMES[:LAYERS]
+            return dict(kind="knockout", frames=parts[0], **({"layers": parts[1]} if len(parts) > 1 else {}))
+        if kind == "sink":  # FACTOR[:FRAMES[:LAYERS]]
+            d = dict(kind="sink", value=float(parts[0]), frames=parts[1] if len(parts) > 1 else "0")
+            if len(parts) > 2:
+                d["layers"] = parts[2]
+            return d
+        if kind == "policy":  # NAME:WINDOW[:SINK[:STORE]]
+            d = dict(kind="policy", policy=parts[0], window=int(parts[1]))
+            if len(parts) > 2:
+                d["sink_frames"] = int(parts[2])
+            if len(parts) > 3:
+                d["store"] = parts[3]
+            return d
+    except (IndexError, ValueError):
+        pass
+    forms = {"ablate": "LAYERS:HEADS[:zero|mean|resample]", "temperature": "LAYERS:HEADS:T",
+             "knockout": "FRAMES[:LAYERS]", "sink": "FACTOR[:FRAMES[:LAYERS]]", "policy": "NAME:WINDOW[:SINK[:STORE]]"}
+    raise WorkbenchError(f"--{kind} {text!r}: use {forms[kind]}")
+
+
+def sweep_entries(layers: list[int], num_heads: int, mode: str = "zero") -> list[dict]:
+    """One single-head ablation per head of each layer (self-attention)."""
+    return [dict(kind="ablate", layers=[layer], heads=[h], mode=mode) for layer in layers for h in range(num_heads)]
+
+
+# ------------------------------------------------------------------------------------------------------ objects
+def build(e: Entry, sources: dict):
+    """The intervention object of an entry (None for a policy), with its sources (`sources[label]`)."""
+    from workbench.hooks import CallFilter
+    from workbench import interventions as iv
+
+    filt = CallFilter(layers=e.layers, kinds={e.attention}, steps=e.steps, chunks=e.chunks)
+    if e.kind == "ablate":
+        return iv.HeadAblation(filt, e.heads, mode=e.mode, source=sources.get(e.label), label=e.label)
+    if e.kind == "knockout":
+        return iv.KeyFrameKnockout(e.frames, filt, e.heads, label=e.label, history_only=e.history_only)
+    if e.kind == "temperature":
+        return iv.HeadTemperature(e.value, filt, e.heads, label=e.label)
+    if e.kind == "sink":
+        return iv.SinkScaling(e.value, e.frames, filt, e.heads, label=e.label)
+    return None
+
+
+def build_policy(e: Entry):
+    from workbench import kv_policies as kp
+
+    if e.policy == "fifo":
+        return kp.FifoWindow(e.window)
+    if e.policy == "sink":
+        return kp.WindowSink(e.window, e.sink_frames)
+    if e.policy == "deepsink":
+        return kp.DeepSink(e.window, e.sink_frames)
+    if e.policy == "attention":
+        return kp.AttentionGuided(e.window, e.sink_frames)
+    return kp.HeadWise(e.window, e.sink_frames, kp.static_heads_from_store(e.store, e.threshold), e.static_recent)
+
+
+def check_entries(entries: list[Entry], sampler: str) -> None:
+    labels = [e.label for e in entries]
+    dup = sorted({x for x in labels if labels.count(x) > 1} | ({"baseline"} & set(labels)))
+    if dup:
+        raise WorkbenchError(f"intervention labels {dup} are used twice (or 'baseline', the store's reference); "
+                             "give each entry its own label")
+    if not entries:
+        raise WorkbenchError("no intervention to run: give --spec FILE or flags such as --ablate 3:0 (see --help)")
+    if sampler != "causal_few_step" and any(e.kind == "policy" for e in entries):
+        raise WorkbenchError(f"cache policies run with the causal_few_step sampler only, not {sampler}")
