@@ -38,6 +38,22 @@ from training.ema import EMA
 from training.errors import TrainingError
 from training.steps import Steps
 
+# names that lived here before the split, for user scripts (code of this repository imports their new modules)
+MOVED = {**dict.fromkeys(("Plan", "TRAINERS", "UNUSED_PARAM_GRADS", "SID_QUIRK", "load_train_config", "check_config",
+                          "check_gan_config", "chunk_layout", "model_folder", "world_vae_path", "check_files"),
+                         "training.checks"),
+         **dict.fromkeys(("build_models", "build_data", "world_data", "build_probes", "build_trainer", "describe",
+                          "semantics"), "training.build"),
+         "latest_checkpoint": "training.checkpoints", "build_ode_pairs": "training.ode_pairs"}
+
+
+def __getattr__(name: str):
+    if name in MOVED:  # read when first used: training.build imports this module
+        import importlib
+
+        return getattr(importlib.import_module(MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 @dataclass
 class Models:
