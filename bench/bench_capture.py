@@ -29,8 +29,8 @@ import torch  # noqa: E402
 
 from bench_rollout import random_model, rollout_inputs, run_rollout, timed  # noqa: E402
 from models.common.attention_kernels import describe as backend_name  # noqa: E402
-from workbench.capture import CaptureSpec, Geometry, StatsProbe  # noqa: E402
 from models.common.rollout import release_graphs  # noqa: E402
+from workbench.capture import CaptureSpec, Geometry, StatsProbe  # noqa: E402
 from workbench.hooks import attach  # noqa: E402
 
 

@@ -165,8 +165,8 @@ class Models:
         t = time.perf_counter()
         self.tokenizer = ROOT / "data" / "embedded" / "google" / "umt5-xxl"
         if Dev.smoke:
-            from models.wan.checkpoint import load_wan
             from models.files import load_state_dict_file
+            from models.wan.checkpoint import load_wan
 
             embedded = ROOT / "data" / "embedded"
             self.t5_specs = None

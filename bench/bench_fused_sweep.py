@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from models.common.attention_kernels import attention_with_lse  # noqa: E402
 from models.common import triton_attention_plan as plan_mod  # noqa: E402
+from models.common.attention_kernels import attention_with_lse  # noqa: E402
 from workbench.kernels import frame_attention as fa  # noqa: E402
 
 FSL, NQF, H, D = 1560, 3, 12, 128

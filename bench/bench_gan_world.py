@@ -42,8 +42,8 @@ def main():
     if args.steps < 100 or args.ratio < 1:
         ap.error(f"--steps {args.steps} must be >= 100 and --ratio {args.ratio} >= 1")
     torch.set_num_threads(1)
-    from models.wan.embedded import EMBEDDED_DIR
     from models.common.rollout import causal_few_step
+    from models.wan.embedded import EMBEDDED_DIR
     from models.wan.vae import WanVAE
     from test_gan import gan_trainer
     from training.data import LatentDataset

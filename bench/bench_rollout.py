@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from models.wan.config import preset  # noqa: E402
 from models.common.rollout import causal_few_step  # noqa: E402
 from models.common.scheduler import FlowMatchScheduler  # noqa: E402
+from models.wan.config import preset  # noqa: E402
 from models.wan.model import WanModel  # noqa: E402
 
 

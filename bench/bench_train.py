@@ -78,9 +78,9 @@ def main() -> int:
     torch.backends.cudnn.allow_tf32 = True
 
     from training import distributed as fsdp
+    from training.checks import check_config, load_train_config
     from training.data import PromptSource
     from training.text import HashTextEncoder
-    from training.checks import check_config, load_train_config
     from training.trainer import Models, Trainer
 
     d = fsdp.setup("cuda" if cuda else "cpu")

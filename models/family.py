@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.wan.config import VAE_STRIDE, WAN_VIDEO_SIZE, WanConfig, default_video_size, latent_size
 from models.errors import ModelInputError
+from models.wan.config import VAE_STRIDE, WAN_VIDEO_SIZE, WanConfig, default_video_size, latent_size
 
 CACHE_FRAMES = 21  # latent frames the KV cache of a causal rollout holds with global attention (81 pixel frames)
 

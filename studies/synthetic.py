@@ -46,9 +46,9 @@ import numpy as np
 import xarray as xr
 
 from models.common.chunks import frame_chunks
-from models.errors import ModelInputError
 from models.common.labels import ForwardLabels
 from models.common.window import attended_key_frames
+from models.errors import ModelInputError
 from workbench.errors import WorkbenchError
 from workbench.store import StoreLayout, StoreWriter, sample_dataset
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from models.wan.accel import Fp8Linear, compile_blocks, fp8_linear_reference, quantize_e4m3, quantize_fp8
-from models.errors import ModelInputError
 from models.common.rollout import causal_few_step
 from models.common.scheduler import FlowMatchScheduler
+from models.errors import ModelInputError
+from models.wan.accel import Fp8Linear, compile_blocks, fp8_linear_reference, quantize_e4m3, quantize_fp8
 
 C, H, W = 16, 4, 6
 

@@ -17,9 +17,9 @@ import torch
 from attention_reference import AttendRecorder, dense_frame_stats, expected_key_frames, max_abs_diff
 from conftest import tiny_model
 from models.common.attention import ForwardLabels
-from models.errors import ModelInputError
 from models.common.rollout import bidirectional, causal_few_step
 from models.common.scheduler import FlowMatchScheduler
+from models.errors import ModelInputError
 from workbench.capture import CaptureSpec, Geometry, StatsProbe, resolve_mode
 from workbench.errors import WorkbenchError
 from workbench.hooks import attach

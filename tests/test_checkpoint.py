@@ -8,8 +8,8 @@ import torch
 from conftest import tiny_model
 from models.wan.checkpoint import (build_model, from_diffusers, load_wan, read_self_forcing, read_wan_folder,
                                save_self_forcing, save_wan_folder, strip_prefixes, to_diffusers)
-from models.wan.config import preset
 from models.errors import CheckpointError
+from models.wan.config import preset
 
 
 @pytest.fixture

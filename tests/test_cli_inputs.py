@@ -116,9 +116,9 @@ def test_a_read_only_folder_is_one_line_before_any_work(command, tmp_path, store
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_outputs_have_the_permissions_of_new_files(umask, tmp_path, store):
     """Atomic writes create their temporary file the ordinary way, so the umask decides (not mkstemp's 0600)."""
-    from models.wan.checkpoint import save_self_forcing
     from models.files import atomic_write_bytes
     from models.video import write_png_grid
+    from models.wan.checkpoint import save_self_forcing
     from studies.report import build_report
     from training.data import save_latent_dataset
     from workbench.legacy import export_legacy

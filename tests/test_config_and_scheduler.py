@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from models.wan.config import WanConfig, preset
-from models.errors import ModelInputError
 from models.common.scheduler import FlowMatchScheduler
+from models.errors import ModelInputError
+from models.wan.config import WanConfig, preset
 from models.wan.model import WanModel
 
 

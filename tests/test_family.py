@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from models.wan.config import WanConfig
-from models.wan.embedded import EMBEDDED_DIR, EMBEDDED_GEOMETRY, EMBEDDED_VIDEO_SIZE
 from models.errors import ModelInputError
 from models.family import WAN, check_fits_cache, family_of
+from models.wan.config import WanConfig
+from models.wan.embedded import EMBEDDED_DIR, EMBEDDED_GEOMETRY, EMBEDDED_VIDEO_SIZE
 
 
 def test_wan_defaults_are_the_self_forcing_geometry():

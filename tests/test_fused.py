@@ -17,9 +17,9 @@ from models.wan.rope import RopeTable, rope_cos_sin
 
 CHECK = textwrap.dedent("""
     import os, sys, torch
+    import models.wan.triton_rope as tr
     from models.wan.fused import _qk_norm_rope
     from models.wan.rope import RopeTable, rope_cos_sin
-    import models.wan.triton_rope as tr
     device = sys.argv[1]
     torch.manual_seed(0)
     B, L, H, D = 2, 12, 3, 16

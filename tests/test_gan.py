@@ -28,9 +28,9 @@ def world_set():
 def gan_trainer(tmp_path, data, *overrides, resume=None):
     from test_training import BASE
     from training import distributed as fsdp
+    from training.checks import check_config, load_train_config
     from training.gan import GanTrainer, add_classification_branch
     from training.text import HashTextEncoder
-    from training.checks import check_config, load_train_config
     from training.trainer import Models
 
     cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", BASE + SHAPE + ["trainer=gan", *overrides])
@@ -105,8 +105,8 @@ def test_generator_steps_and_bitwise_resume(tmp_path, world_set):
 
 def test_gan_config_errors():
     from test_training import BASE
-    from training.errors import TrainingError
     from training.checks import check_config, load_train_config
+    from training.errors import TrainingError
 
     for over, message in ((["num_class=0"], "num_class"), (["r1_sigma=0"], "r1_sigma 0.0 must be positive"),
                           (["data_path=prompts.txt"], "real latents")):
@@ -127,10 +127,10 @@ def test_real_latents_of_another_length_are_refused_before_work(tmp_path):
     """World videos encoded with another frame count than the generator makes: a clear error naming both shapes
     and the command that fixes it (not a broadcasting error in the first discriminator step)."""
     from test_training import BASE
-    from training.data import save_latent_dataset
-    from training.errors import TrainingError
     from training.build import build_data
     from training.checks import check_config, load_train_config
+    from training.data import save_latent_dataset
+    from training.errors import TrainingError
 
     path = tmp_path / "world.pt"
     save_latent_dataset(path, ["a", "b"], torch.zeros(2, 4, 16, 12, 16), "latents")

@@ -67,8 +67,8 @@ def world_image(path, prompt="a red square moving left", seed=3):
 
 def test_i2v_rollout_frame_0_is_the_image_latent_and_conditions_the_rest(one_thread):
     from conftest import tiny_model
-    from models.errors import ModelInputError
     from models.common.rollout import sample
+    from models.errors import ModelInputError
 
     model = tiny_model()
     model.independent_first_frame = True
@@ -103,9 +103,9 @@ def test_i2v_rollout_frame_0_is_the_image_latent_and_conditions_the_rest(one_thr
 
 
 def test_generate_image_first_latent_is_the_encoded_image(tmp_path, capsys):
+    from models.video import read_image
     from models.wan.embedded import EMBEDDED_DIR
     from models.wan.vae import WanVAE
-    from models.video import read_image
 
     image = world_image(tmp_path / "first.png")
     out = tmp_path / "i2v"

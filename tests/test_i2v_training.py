@@ -30,9 +30,9 @@ def test_world_image_pairs_are_the_encoded_first_frames(tmp_path):
 def i2v_trainer(tmp_path, *overrides):
     from test_training import BASE, tiny_models
     from training import distributed as fsdp
+    from training.checks import check_config, load_train_config
     from training.data import LatentDataset
     from training.text import HashTextEncoder
-    from training.checks import check_config, load_train_config
     from training.trainer import Trainer
 
     cfg, sets_sid_alpha = load_train_config("configs/self_forcing_dmd.yaml", BASE + [
@@ -76,8 +76,8 @@ def test_dmd_step_from_text_image_pairs(tmp_path):
 
 def test_i2v_config_errors():
     from test_training import BASE
-    from training.errors import TrainingError
     from training.checks import check_config, load_train_config
+    from training.errors import TrainingError
 
     cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", BASE + ["i2v=true"])
     with pytest.raises(TrainingError, match="independent_first_frame: true"):

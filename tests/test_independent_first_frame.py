@@ -15,11 +15,11 @@ import torch
 from attention_reference import recording_extract
 from conftest import tiny_model
 from models.common.chunks import block_sizes, chunk_spans, frame_chunks
-from models.wan.config import VideoGeometry, preset
-from models.errors import ModelInputError
 from models.common.kv_cache import RolloutCache
 from models.common.rollout import causal_few_step, sample
 from models.common.scheduler import FlowMatchScheduler
+from models.errors import ModelInputError
+from models.wan.config import VideoGeometry, preset
 from models.wan.model import WanModel
 from test_export_legacy import fork_full_frame_attention
 from workbench.cli import main as cli_main
@@ -271,10 +271,10 @@ def test_synthetic_store_and_report_read_the_layout(tmp_path):
 def iff_trainer(tmp_path, *overrides, data=None):
     from test_training import tiny_models
     from training import distributed as fsdp
-    from training.text import HashTextEncoder
     from training.checks import check_config, load_train_config
-    from training.trainer import Trainer
     from training.data import PromptSource
+    from training.text import HashTextEncoder
+    from training.trainer import Trainer
     from test_training import BASE, PROMPTS
 
     cfg, sets_sid_alpha = load_train_config("configs/self_forcing_dmd.yaml", BASE + [
@@ -328,8 +328,8 @@ def test_ode_regression_draws_a_timestep_for_frame_0_alone(tmp_path, one_thread)
 
 def test_training_config_errors_name_the_layout():
     from test_training import BASE
-    from training.errors import TrainingError
     from training.checks import check_config, load_train_config
+    from training.errors import TrainingError
 
     cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", BASE + ["independent_first_frame=true"])
     with pytest.raises(TrainingError, match=r"6 latent frames do not fit independent_first_frame.*e.g. 4 or 7"):

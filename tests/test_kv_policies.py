@@ -13,10 +13,10 @@ from conftest import tiny_model
 from models.common import rollout as rollout_mod
 from models.common.attention import AttentionCall, attend
 from models.common.kv_cache import Keep, KVCache
-from models.wan.rope import RopeTable, rope_cos_sin
-from models.wan.fused import rope
 from models.common.rollout import causal_few_step
 from models.common.scheduler import FlowMatchScheduler
+from models.wan.fused import rope
+from models.wan.rope import RopeTable, rope_cos_sin
 from workbench.hooks import CallFilter, RecordingProbe, attach
 from workbench.interventions import KeyFrameKnockout
 from workbench.kv_policies import AttentionGuided, DeepSink, FifoWindow, HeadWise, WindowSink

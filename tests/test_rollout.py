@@ -6,10 +6,10 @@ import torch
 
 from conftest import tiny_model
 from models.common.attention import ForwardLabels
-from models.errors import ModelInputError
 from models.common.kv_cache import KVCache, RolloutCache
 from models.common.rollout import causal_few_step, few_step_schedule
 from models.common.scheduler import FlowMatchScheduler
+from models.errors import ModelInputError
 from workbench.hooks import CallFilter, RecordingProbe, attach
 
 B, C, H, W = 2, 16, 4, 6  # 2 x 3 = 6 tokens per frame

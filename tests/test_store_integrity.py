@@ -178,9 +178,9 @@ def other_checkpoint(tmp_path_factory) -> Path:
     """A Self-Forcing checkpoint of the embedded model with its weights nudged: another model of the same layout."""
     import torch
 
+    from models.files import load_state_dict_file
     from models.wan.checkpoint import save_self_forcing
     from models.wan.embedded import EMBEDDED_DIR
-    from models.files import load_state_dict_file
 
     sd = load_state_dict_file(EMBEDDED_DIR / "diffusion_pytorch_model.safetensors")
     torch.manual_seed(0)

@@ -8,20 +8,20 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from models.wan.checkpoint import build_model, load_tensors, load_wan, read_self_forcing, save_wan_folder
-from models.wan.config import preset
 from models.common.rollout import causal_few_step
 from models.common.scheduler import FlowMatchScheduler
+from models.wan.checkpoint import build_model, load_tensors, load_wan, read_self_forcing, save_wan_folder
+from models.wan.config import preset
 from training import distributed as fsdp
 from training import rng
+from training.build import build_probes
+from training.checks import SID_QUIRK, check_config, check_files, load_train_config
 from training.data import LatentDataset, PromptSource, synthetic_latents
 from training.errors import TrainingError
 from training.logger import read_losses
 from training.losses import diffusion_loss, ode_regression_loss
 from training.rollout import make_ode_pairs
 from training.text import HashTextEncoder
-from training.build import build_probes
-from training.checks import SID_QUIRK, check_config, check_files, load_train_config
 from training.trainer import Models, Trainer
 
 PROMPTS = ["a cat on a sofa", "a red car", "waves at night", "a bird in the rain"]

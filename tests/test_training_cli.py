@@ -25,9 +25,9 @@ def train(*argv):
 
 
 def test_ode_then_dmd_with_probes_then_resume(tmp_path, capsys):
-    from models.wan.checkpoint import load_wan
     from models.common.rollout import causal_few_step
     from models.common.scheduler import FlowMatchScheduler
+    from models.wan.checkpoint import load_wan
     from training.logger import read_losses
     from workbench.store import open_store
 

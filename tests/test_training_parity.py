@@ -16,9 +16,9 @@ from test_training import make, params
 from test_training_losses import Linear
 from training import distributed as fsdp
 from training import rng
+from training.checks import check_config, load_train_config
 from training.losses import critic_flow_loss, predict_x0, score_timestep
 from training.rollout import denoised_timestep_range, self_forcing_rollout
-from training.checks import check_config, load_train_config
 from training.trainer import Models
 
 B, F, C, H, W = 1, 6, 16, 4, 6

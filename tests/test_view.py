@@ -19,9 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from models.video import mp4_available, to_uint8_frames, write_mp4
 from models.wan.embedded import EMBEDDED_DIR
 from models.wan.vae import WanVAE
-from models.video import mp4_available, to_uint8_frames, write_mp4
 from browser import chromium, png_pixels
 from workbench.cli import main
 from workbench.store import open_store

@@ -14,8 +14,8 @@ import torch
 
 from conftest import embedded_maker
 from models import world
-from models.wan.embedded import EMBEDDED_DIR, ZOO, default_model, zoo_model
 from models.errors import ModelInputError
+from models.wan.embedded import EMBEDDED_DIR, ZOO, default_model, zoo_model
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,8 +70,8 @@ def test_world_dataset_is_the_encoded_world_and_is_cached(random_vae_file, tmp_p
 
 
 def test_world_data_path_needs_diffusion_and_a_vae(tmp_path):
-    from training.errors import TrainingError
     from training.checks import check_config, check_files, load_train_config
+    from training.errors import TrainingError
 
     cfg, _ = load_train_config(ROOT / "configs/zoo_teacher.yaml", [f"model_root={tmp_path}"])
     plan = check_config(cfg, 1)

@@ -18,9 +18,9 @@ def build_ode_pairs(cfg, *, log=print, progress: bool = True) -> Path:
     trajectories for the prompts of `ode_pairs.prompt_file` (cycled), written to `data_path`. Rank 0 works."""
     from tqdm.auto import tqdm
 
+    from models.video import read_prompts
     from models.wan.checkpoint import load_wan
     from models.wan.text_encoder import TextEncoder
-    from models.video import read_prompts
     from training.data import save_latent_dataset
     from training.rollout import make_ode_pairs
 

@@ -34,8 +34,8 @@ def image_latent(p, device, dtype) -> torch.Tensor | None:
     if p.cfg.image is None:
         return None
     from models.family import family_of
-    from models.wan.vae import WanVAE
     from models.video import read_image
+    from models.wan.vae import WanVAE
 
     _, h, w = p.geometry
     stride = family_of(p.wan_dir).vae_stride  # pixels per latent cell

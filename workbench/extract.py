@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from models.common.attention_kernels import check_kernel, describe
-from models.wan.checkpoint import WEIGHTS_NAME, load_wan, sha256_file
-from models.errors import ModelInputError
-from models.wan.embedded import EMBEDDED_DIR
 from models.common.rollout import SAMPLERS, MultiStepSolver, few_step_schedule, multistep_schedule, sample, seeded_noise
 from models.common.scheduler import FlowMatchScheduler
+from models.errors import ModelInputError
+from models.wan.checkpoint import WEIGHTS_NAME, load_wan, sha256_file
+from models.wan.embedded import EMBEDDED_DIR
 from workbench.capture import CaptureSpec, Geometry, StatsProbe, resolve_mode
 from workbench.chunking import block_sizes_of, image_latent  # noqa: F401 (block_sizes_of: the nnsight recipe)
 from workbench.errors import WorkbenchError

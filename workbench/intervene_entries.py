@@ -192,8 +192,8 @@ def sweep_entries(layers: list[int], num_heads: int, mode: str = "zero") -> list
 # ------------------------------------------------------------------------------------------------------ objects
 def build(e: Entry, sources: dict):
     """The intervention object of an entry (None for a policy), with its sources (`sources[label]`)."""
-    from workbench.hooks import CallFilter
     from workbench import interventions as iv
+    from workbench.hooks import CallFilter
 
     filt = CallFilter(layers=e.layers, kinds={e.attention}, steps=e.steps, chunks=e.chunks)
     if e.kind == "ablate":

@@ -29,10 +29,10 @@ from typing import Callable
 import torch
 
 from models.common.attention import ForwardLabels
-from models.errors import ModelInputError
-from models.family import CACHE_FRAMES, check_fits_cache
 from models.common.kv_cache import RolloutCache
 from models.common.scheduler import FlowMatchScheduler
+from models.errors import ModelInputError
+from models.family import CACHE_FRAMES, check_fits_cache
 
 OnForward = Callable[[ForwardLabels, int, int], None]
 OnChunk = Callable[[int, int, torch.Tensor], None]

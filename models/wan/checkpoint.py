@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from models.wan.config import WanConfig
 from models.errors import CheckpointError
 from models.files import atomic_write, check_tensor_shapes, load_tensors, sha256_file  # noqa: F401 (sha256_file: re-exported)
+from models.wan.config import WanConfig
 from models.wan.model import WanModel
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"

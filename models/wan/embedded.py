@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from models.wan.config import VideoGeometry, WanConfig
 from models.errors import ModelInputError
+from models.wan.config import VideoGeometry, WanConfig
 
 EMBEDDED_DIR = Path(__file__).resolve().parents[2] / "data" / "embedded"
 EMBEDDED_CONFIG = WanConfig(dim=128, ffn_dim=384, num_heads=4, num_layers=6, text_dim=64)

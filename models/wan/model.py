@@ -36,11 +36,11 @@ from torch.utils.checkpoint import checkpoint
 from models.common.attention import AttentionCall, Attend, ForwardLabels, ObserverList
 from models.common.attention_kernels import check_kernel
 from models.common.chunks import chunk_spans
-from models.wan.config import WanConfig
-from models.errors import ModelInputError
-from models.common.window import attended_key_frames
 from models.common.kv_cache import CrossCache, GradWindow, KVCache, RolloutCache
+from models.common.window import attended_key_frames
+from models.errors import ModelInputError
 from models.wan import fused
+from models.wan.config import WanConfig
 from models.wan.rope import RopeTable, rope_cos_sin
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from models.wan.config import ROPE_MAX_POSITIONS
 from models.errors import ModelInputError
+from models.wan.config import ROPE_MAX_POSITIONS
 
 
 def axis_angles(channels: int, positions: int = ROPE_MAX_POSITIONS, theta: float = 10000.0) -> torch.Tensor:

@@ -111,14 +111,14 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from models.wan.checkpoint import load_wan
-    from models.family import check_fits_cache, family_of
-    from models.wan.embedded import EMBEDDED_DIR
-    from models.errors import ModelInputError
     from models.common.rollout import sample, seeded_noise
+    from models.errors import ModelInputError
+    from models.family import check_fits_cache, family_of
+    from models.video import ensure_writable_dir, mp4_available, read_prompts, write_mp4, write_png_grid
+    from models.wan.checkpoint import load_wan
+    from models.wan.embedded import EMBEDDED_DIR
     from models.wan.text_encoder import TextEncoder
     from models.wan.vae import WanVAE, resolve_decoder
-    from models.video import ensure_writable_dir, mp4_available, read_prompts, write_mp4, write_png_grid
     from workbench.commands import resolve_model
     from workbench.errors import WorkbenchError
     from workbench.extract import DEFAULT_PROMPT, _dtype, _rank_device, parse_int_list, rank_share

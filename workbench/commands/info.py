@@ -68,9 +68,9 @@ def describe(config, *, frames: int, height: int, width: int, nfpb: int, device:
 def run(args) -> int:
     import torch
 
+    from models.family import WAN, family_of
     from models.wan.config import default_video_size, preset
     from models.wan.embedded import EMBEDDED_DIR
-    from models.family import WAN, family_of
 
     if args.preset:
         config, name = preset(args.preset), args.preset

@@ -18,8 +18,8 @@ import sys
 import numpy as np
 import torch
 
-from models.wan.config import VAE_STRIDE
 from models.video import to_uint8_frames
+from models.wan.config import VAE_STRIDE
 from models.wan.vae import pixel_frames
 from workbench.errors import WorkbenchError
 from workbench.extract import ExtractConfig, Plan, make_probe, parse_int_list, plan
