@@ -1,5 +1,7 @@
-"""Moved to models/wan/embedded.py; this old path is kept for user scripts: it is the same module object, so its
-private names and monkeypatches work too, and `python -m models.embedded` still runs the new module."""
+"""Moved to models/wan/embedded.py; this old path is kept for user scripts.
+
+It is the same module object, so its private names and monkeypatches work too, and `python -m models.embedded`
+still runs the new module."""
 
 import sys
 

@@ -1,5 +1,7 @@
-"""Moved to models/common/rollout.py; this old path is kept for user scripts: it is the same module object, so its
-private names and monkeypatches work too. Code in this repository imports models.common.rollout."""
+"""Moved to models/common/rollout.py; this old path is kept for user scripts.
+
+It is the same module object, so its private names and monkeypatches work too. Code in this repository imports
+models.common.rollout."""
 
 import sys
 

@@ -1,5 +1,7 @@
-"""Moved to models/common/triton_attention_plan.py; this old path is kept for user scripts: it is the same module object, so its
-private names and monkeypatches work too. Code in this repository imports models.common.triton_attention_plan."""
+"""Moved to models/common/triton_attention_plan.py; this old path is kept for user scripts.
+
+It is the same module object, so its private names and monkeypatches work too. Code in this repository imports
+models.common.triton_attention_plan."""
 
 import sys
 

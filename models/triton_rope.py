@@ -1,5 +1,7 @@
-"""Moved to models/wan/triton_rope.py; this old path is kept for user scripts: it is the same module object, so its
-private names and monkeypatches work too. Code in this repository imports models.wan.triton_rope."""
+"""Moved to models/wan/triton_rope.py; this old path is kept for user scripts.
+
+It is the same module object, so its private names and monkeypatches work too. Code in this repository imports
+models.wan.triton_rope."""
 
 import sys
 

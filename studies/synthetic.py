@@ -74,9 +74,9 @@ def flow_timesteps(num_steps: int, shift: float = 5.0) -> np.ndarray:
 def attended_frames(variant: str, num_frames: int, num_frame_per_block: int, local_attn_size: int,
                     sink_size: int, independent_first_frame: bool = False) -> np.ndarray:
     """[query_frame, key_frame] bool: which key frames a query frame's call attended (the rule of
-    models/common/window.py: key frames of the query's chunk and earlier ones, chunks as models/common/chunks.py lays them
-    out; with a window of L frames and S sink frames, frames [0, S) and the L - S most recent frames up to the
-    end of the query's chunk). A bidirectional forward is one chunk holding every frame."""
+    models/common/window.py: key frames of the query's chunk and earlier ones, chunks as models/common/chunks.py
+    lays them out; with a window of L frames and S sink frames, frames [0, S) and the L - S most recent frames up
+    to the end of the query's chunk). A bidirectional forward is one chunk holding every frame."""
     if variant == "bidirectional":
         return np.array(attended_key_frames(num_frames, num_frames), dtype=bool)
     return np.array(attended_key_frames(num_frames, num_frame_per_block, local_attn_size, sink_size,

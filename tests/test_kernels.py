@@ -169,7 +169,8 @@ def fa():
     common = importlib.import_module("models.common.triton_common")
     module = importlib.import_module("workbench.kernels.frame_attention")
     if not CUDA and not common.INTERPRET:  # imported earlier without the interpreter: decorate again
-        for name in ("models.common.triton_common", "models.common.triton_attention_plan", "models.common.triton_attention"):
+        for name in ("models.common.triton_common", "models.common.triton_attention_plan",
+                     "models.common.triton_attention_kernels", "models.common.triton_attention"):
             importlib.reload(importlib.import_module(name))
         module = importlib.reload(module)
     return module

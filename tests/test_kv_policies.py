@@ -1,7 +1,7 @@
-"""KV-cache policies (workbench/kv_policies.py, models/common/kv_cache.py `keep`): what each cache holds after each chunk,
-at which RoPE positions, and what memory it takes; window + sink as a policy is bitwise today's rolling window; a
-cache that never held frames equals a knockout of them; attention-guided compression keeps the frames the chunk's
-queries attended to most (dense float64 reference); head-wise groups equal per-head masked attention."""
+"""KV-cache policies (workbench/kv_policies.py, models/common/kv_cache.py `keep`): what each cache holds after each
+chunk, at which RoPE positions, and what memory it takes; window + sink as a policy is bitwise today's rolling
+window; a cache that never held frames equals a knockout of them; attention-guided compression keeps the frames the
+chunk's queries attended to most (dense float64 reference); head-wise groups equal per-head masked attention."""
 
 import math
 

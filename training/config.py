@@ -201,6 +201,7 @@ def load_config(path: str | Path, *, default: str | Path | None = DEFAULT_CONFIG
     try:
         return OmegaConf.merge(*layers)
     except ConfigKeyError as err:
-        raise ModelInputError(f"{path}: unknown config key {err.key!r} (see training/config.py for the known keys)") from err
+        raise ModelInputError(f"{path}: unknown config key {err.key!r} (see training/config.py for the known "
+                              "keys)") from err
     except ValidationError as err:
         raise ModelInputError(f"{path}: {err.msg}") from err

@@ -1,4 +1,5 @@
-"""Interventions: edits of the attention calls they select, at the model's entry point (`models.common.attention.attend`).
+"""Interventions: edits of the attention calls they select, at the model's entry point
+(`models.common.attention.attend`).
 
 An intervention selects calls as a probe does (a `CallFilter` on layer, kind, step, chunk, phase, CFG branch;
 workbench/hooks.py) and edits what the kernel gets - q, k, v and the key frame mask (`edit_inputs`) - and what

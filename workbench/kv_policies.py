@@ -2,8 +2,9 @@
 heads attend to which of them) and at which temporal RoPE positions.
 
 How it fits: the interface (`CachePolicy`, `Keep`) and the mechanics (compacting slots in place, re-rotating keys
-whose position moves) live in models/common/kv_cache.py; `causal_few_step(..., cache_policy=P)` (models/common/rollout.py) calls
-`P.after_chunk` for every layer once a chunk is finished, its context pass included. The policies here decide:
+whose position moves) live in models/common/kv_cache.py; `causal_few_step(..., cache_policy=P)`
+(models/common/rollout.py) calls `P.after_chunk` for every layer once a chunk is finished, its context pass
+included. The policies here decide:
 
     FifoWindow(window)              the newest `window` frames (the first frames are dropped like any other)
     WindowSink(window, sink)        the first `sink` frames stay, then the newest: today's rolling window; with

@@ -4,8 +4,8 @@ Both are off by default (`workbench generate --compile`, `--fp8`); bench/bench_c
 speed and how far they move the latents (bench/RESULTS.md).
 
 torch.compile (`compile_blocks`): every transformer block is compiled (inductor, `dynamic=False`). The KV-cache
-bookkeeping (`models.wan.model.through_cache`) and the attention entry point (`models.common.attention.Attend`) stay eager
-(`torch.compiler.disable`): they are Python (which frames a slot holds, observers, the kernel choice) and call
+bookkeeping (`models.wan.model.through_cache`) and the attention entry point (`models.common.attention.Attend`)
+stay eager (`torch.compiler.disable`): they are Python (which frames a slot holds, observers, the kernel choice) and call
 cuDNN / Triton attention kernels that compilation would not improve. So a block compiles into a few graphs
 around them, once per shape, and a rollout's later chunks and later rollouts reuse them (no recompiles). The
 rollout's own CUDA graphs (`models.common.rollout.RolloutGraphs`) still work: the first rollout of a shape runs the

@@ -208,7 +208,7 @@ class WanModel(nn.Module):
         cfg = self.config = config
         self.causal = causal
         self.num_frame_per_block = num_frame_per_block
-        self.independent_first_frame = independent_first_frame  # frame 0 is a chunk of its own (models/common/chunks.py)
+        self.independent_first_frame = independent_first_frame  # frame 0 a chunk of its own (models/common/chunks.py)
         self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
                                             nn.Linear(cfg.dim, cfg.dim))
@@ -247,8 +247,8 @@ class WanModel(nn.Module):
         return f // pt, h // ph, w // pw
 
     def chunk_spans(self, frames: int) -> list[tuple[int, int]]:
-        """(first frame, frame count) of every chunk of a causal rollout of `frames` latent frames (models/common/chunks.py);
-        a clear error when the frames do not fit the layout."""
+        """(first frame, frame count) of every chunk of a causal rollout of `frames` latent frames
+        (models/common/chunks.py); a clear error when the frames do not fit the layout."""
         return chunk_spans(frames, self.num_frame_per_block, self.independent_first_frame)
 
     def block_causal_mask(self, frames: int) -> torch.Tensor:
