@@ -125,7 +125,7 @@ class Zoo:
             out += SHORT["*"] + SHORT.get(key, [])
         for item in self.sets:
             target, _, setting = item.partition(":") if ":" in item.split("=")[0] else ("", "", item)
-            if not target or target == key:
+            if not target or target in (key, stage):  # ode_pairs reads the ode config: both names select it
                 out.append(setting)
         return out
 
