@@ -558,6 +558,9 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"unknown stage(s) {bad}; the stages are {', '.join(STAGES)}")
     stages = [s for s in STAGES if s in stages]
+    targets = sorted({item.partition(":")[0] for item in args.set if ":" in item.split("=")[0]} - set(STAGES))
+    if targets:
+        ap.error(f"--set {targets[0]}:...: no stage {targets[0]!r}; the stages are {', '.join(STAGES)}")
     more = [s.strip() for s in args.more.split(",") if s.strip()]
     bad = [s for s in more if s not in ("teacher", "df", "ode", "dmd", "sid") or s not in stages]
     if bad:
