@@ -125,7 +125,7 @@ class Zoo:
             out += SHORT["*"] + SHORT.get(key, [])
         for item in self.sets:
             target, _, setting = item.partition(":") if ":" in item.split("=")[0] else ("", "", item)
-            if not target or target == key:
+            if not target or target in (key, stage):  # ode_pairs reads the ode config: both names select it
                 out.append(setting)
         return out
 
@@ -559,6 +559,9 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"unknown stage(s) {bad}; the stages are {', '.join(STAGES)}")
     stages = [s for s in STAGES if s in stages]
+    targets = sorted({item.partition(":")[0] for item in args.set if ":" in item.split("=")[0]} - set(STAGES))
+    if targets:
+        ap.error(f"--set {targets[0]}:...: no stage {targets[0]!r}; the stages are {', '.join(STAGES)}")
     more = [s.strip() for s in args.more.split(",") if s.strip()]
     bad = [s for s in more if s not in ("teacher", "df", "ode", "dmd", "sid") or s not in stages]
     if bad:
