@@ -85,7 +85,12 @@ def profile(trainer, steps: int, device: str, rows: int) -> str:
         sync(device)
     wall = time.perf_counter() - t0
     events = p.key_averages()
-    out = []
+    out = ["phases (record_function ranges of training/steps.py), per step:"]
+    for e in sorted((e for e in events if "/" in e.key and e.key.split("/")[0] in ("generator", "critic")),
+                    key=lambda e: -e.cpu_time_total):
+        out.append(f"  {e.key:22s} host {e.cpu_time_total / 1e3 / steps:8.1f} ms   device "
+                   f"{e.device_time_total / 1e3 / steps:8.1f} ms   ({e.count // steps} per step)")
+    out.append(f"  wall {1e3 * wall / steps:.1f} ms per step")
     if device == "cuda":
         busy = sum(e.self_device_time_total for e in events) / 1e6
         launches = sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))

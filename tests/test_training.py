@@ -307,3 +307,23 @@ def test_unimplemented_options_are_refused():
         cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", over)
         with pytest.raises(TrainingError, match=match):
             check_config(cfg, 1)
+
+
+def test_ema_update_is_the_per_tensor_mul_add_bitwise():
+    """EMA.update (two foreach calls) equals shadow.mul_(d).add_(param, alpha=1 - d) per tensor, bitwise."""
+    from training.ema import EMA
+
+    g = torch.Generator().manual_seed(0)
+    params = [(f"p{i}", torch.nn.Parameter(torch.randn(s, generator=g))) for i, s in enumerate([(3, 5), (7,), (2, 2, 2)])]
+    ema = EMA(params, 0.97)
+    ref = {n: p.detach().clone() for n, p in params}
+    for _ in range(3):
+        with torch.no_grad():
+            for _, p in params:
+                p.add_(torch.randn(p.shape, generator=g))
+        ema.update()
+        for n, p in params:
+            ref[n].mul_(0.97).add_(p.detach(), alpha=1 - 0.97)
+    for n, _ in params:
+        assert torch.equal(ema.shadow[n], ref[n]), n
+    assert not torch.equal(ema.shadow["p0"], params[0][1].detach())  # the shadow lags the parameters

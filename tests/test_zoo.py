@@ -189,7 +189,7 @@ def test_vae_trainer_runs_and_writes_the_official_layout(tmp_path):
 
 
 def test_quick_track_reads_rendered_ground_truth():
-    from training.zoo import quick_track
+    from training.zoo_check import quick_track
 
     for i, prompt in enumerate(world.prompt_grid()):
         video, scene = world.world_video(prompt, 100 + i, num_frames=21)
@@ -339,7 +339,7 @@ def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path):
     assert (st["steps"], st["resumed_from"]) == (5, 3), st
     assert (work / "teacher" / "diffusion_pytorch_model.safetensors").read_bytes() != before
     # a stage cut short by its time share ships its trainer checkpoint in the state tar, to be continued
-    from training.zoo import write_tars
+    from training.zoo_ship import write_tars
 
     report = json.loads((work / "zoo_report.json").read_text())
     report["stages"]["teacher"]["stopped_early"] = True

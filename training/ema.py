@@ -23,9 +23,14 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
+        """shadow <- d * shadow + (1 - d) * param, as the per-tensor mul_/add_ the researchers' EMA does, but in
+        two foreach calls over the local shards (one dispatch instead of two per parameter: on the zoo's tiny
+        models the per-parameter calls cost more than the whole forward)."""
         d = self.decay
-        for n, p in self.params:
-            self.shadow[n].mul_(d).add_(p.detach().float(), alpha=1.0 - d)
+        shadows = [_local(self.shadow[n]) for n, _ in self.params]
+        params = [_local(p.detach()).float() for _, p in self.params]
+        torch._foreach_mul_(shadows, d)
+        torch._foreach_add_(shadows, params, alpha=1.0 - d)
 
     def full_state_dict(self) -> dict:
         """{name: full float32 tensor on the CPU}; every rank must call it (it gathers shards)."""
@@ -35,3 +40,8 @@ class EMA:
     def load_full(self, state_dict: dict) -> None:
         for n, s in self.shadow.items():
             s.copy_(like_param(state_dict[n].float(), s))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 parameters and their shadows), else the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t

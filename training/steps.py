@@ -18,6 +18,7 @@ draw per step, made on rank 0 and broadcast. training/gan.py overrides the losse
 from __future__ import annotations
 
 import torch
+from torch.profiler import record_function
 
 from training import distributed as fsdp
 from training import rng
@@ -157,8 +158,10 @@ class Steps:
         total, extras = 0.0, {}
         for m in range(accum):
             fsdp.set_gradient_sync(model, m == accum - 1)
-            loss, logs = loss_fn(m)
-            (loss / accum).backward()
+            with record_function(f"{prefix}/loss"):  # named ranges: bench/bench_zoo_step.py --profile reads them
+                loss, logs = loss_fn(m)
+            with record_function(f"{prefix}/backward"):
+                (loss / accum).backward()
             total += float(loss.detach()) / accum
             for k, v in logs.items():
                 extras[k] = extras.get(k, 0.0) + float(v) / accum
@@ -167,8 +170,10 @@ class Steps:
             for p in params:
                 if p.grad is None and p.requires_grad:  # (frozen ones, e.g. a GAN warm-up's backbone, stay)
                     p.grad = torch.zeros_like(p)
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        optimizer.step()
+        with record_function(f"{prefix}/clip"):
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        with record_function(f"{prefix}/optimizer"):
+            optimizer.step()
         out = {f"{prefix}_loss": self.d.mean(total), f"{prefix}_grad_norm": float(fsdp.full_tensor(norm))}
         out.update({k: self.d.mean(v) for k, v in extras.items()})
         return out
@@ -183,12 +188,14 @@ class Steps:
                                         cfg.max_grad_norm_generator, "generator"))
                 logs["exit_index"] = self._last_exit
                 if self.ema is not None:
-                    self.ema.update()
+                    with record_function("generator/ema"):
+                        self.ema.update()
             logs.update(self.update(self.critic, self.critic_opt, self.critic_loss, cfg.max_grad_norm_critic,
                                     "critic"))
         else:
             logs.update(self.update(self.generator, self.gen_opt, self.regression_loss,
                                     cfg.max_grad_norm_generator, "generator"))
             if self.ema is not None:
-                self.ema.update()
+                with record_function("generator/ema"):
+                    self.ema.update()
         return logs

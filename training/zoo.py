@@ -43,14 +43,14 @@ import os
 import shutil
 import signal
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from models import world
+from training.zoo_check import check_models
+from training.zoo_ship import copy_text_and_vae, ship, write_tars
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("vae", "init", "data", "teacher", "df", "ode_pairs", "ode", "dmd", "sid", "check", "ship")
@@ -68,7 +68,6 @@ SHORT = {  # --short: every stage in seconds on a CPU (6 latent frames, batches 
     "dmd": ["dfake_gen_update_ratio=2", "ema_start_step=1"],
     "sid": ["dfake_gen_update_ratio=2", "ema_start_step=1"],
 }
-PART_BYTES = 15 * 2 ** 20
 
 
 class Zoo:
@@ -263,7 +262,7 @@ class Zoo:
         return {name: {k: v for k, v in r.items() if k != "per_video"} for name, r in result.items()}
 
     def stage_ship(self, deadline) -> dict:
-        out = ship(self.teacher_dir, self.work / "ship" / "data" / "embedded", self.report)
+        out = ship(self.teacher_dir, self.work / "ship" / "data" / "embedded", self.report, CONFIGS)
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         return {"folder": str(out), "bytes": size}
 
@@ -325,210 +324,6 @@ def loss_summary(history: list[dict]) -> dict:
     if history:
         out["s_per_step"] = round(float(np.median([row["seconds"] for row in history])), 4)
     return out
-
-
-def copy_text_and_vae(source: Path, vae_file: Path, folder: Path) -> None:
-    """The umT5 encoder and tokenizer of `source` and the VAE file into the Wan folder `folder`."""
-    from models.wan.text_encoder import TOKENIZER_SUBDIR
-    from models.wan.text_encoder import WEIGHTS_NAME as T5_WEIGHTS_NAME
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = folder / TOKENIZER_SUBDIR
-    if tok.exists():
-        shutil.rmtree(tok)
-    shutil.copytree(source / TOKENIZER_SUBDIR, tok)
-    for src, name in ((source / T5_WEIGHTS_NAME, T5_WEIGHTS_NAME), (vae_file, "Wan2.1_VAE.pth")):
-        tmp = folder / f".{name}.tmp"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, folder / name)
-
-
-# ------------------------------------------------------------------------------------------------------
-# check: does each model do what its prompt says?
-
-
-def quick_track(video: np.ndarray, threshold: float = 0.3) -> dict:
-    """A decoded world video [3, T, H, W] in [-1, 1] -> the colour whose pixels it shows most (pixels within
-    `threshold` of a vocabulary colour in RGB), the shape (share of the object's bounding box it fills: a square
-    ~1, a circle ~pi/4) and the direction (the sum of the object's centroid steps, unwrapped on the torus).
-    A quick check for the training log; studies/ holds the tested metrics."""
-    rgb = (np.transpose(video, (1, 2, 3, 0)) + 1) / 2  # [T, H, W, 3]
-    T, H, W, _ = rgb.shape
-    masks = {c: np.linalg.norm(rgb - np.asarray(v), axis=-1) < threshold for c, v in world.COLOURS.items()}
-    counts = {c: int(m.sum()) for c, m in masks.items()}
-    colour = max(counts, key=counts.get)
-    mask = masks[colour]  # [T, H, W]
-    ys, xs = np.arange(H), np.arange(W)
-    centres, fills = [], []
-    for m in mask:
-        if m.sum() < 8:
-            centres.append(None)
-            continue
-        # circular means: the centroid on the torus
-        cy = np.angle((m.sum(1) * np.exp(2j * np.pi * ys / H)).sum()) / (2 * np.pi) * H % H
-        cx = np.angle((m.sum(0) * np.exp(2j * np.pi * xs / W)).sum()) / (2 * np.pi) * W % W
-        centres.append((cy, cx))
-        rolled = np.roll(np.roll(m, H // 2 - int(round(cy)), 0), W // 2 - int(round(cx)), 1)
-        rows, cols = np.nonzero(rolled.any(1))[0], np.nonzero(rolled.any(0))[0]
-        fills.append(m.sum() / ((rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)))
-    step = np.zeros(2)
-    for a, b in zip(centres[:-1], centres[1:]):
-        if a is not None and b is not None:
-            d = np.array(b) - np.array(a)
-            step += (d + np.array([H, W]) / 2) % np.array([H, W]) - np.array([H, W]) / 2
-    axis = int(np.argmax(np.abs(step)))
-    direction = ("up", "down")[int(step[0] > 0)] if axis == 0 else ("left", "right")[int(step[1] > 0)]
-    shape = "square" if fills and np.median(fills) > 0.89 else "circle"
-    return {"colour": colour, "shape": shape, "direction": direction, "visible_frames": len(fills),
-            "motion_px": round(float(np.abs(step).max()), 1)}
-
-
-@torch.no_grad()
-def check_models(folder: Path, device: str, *, frames: int = 21, short: bool = False, seeds=(0,), log=print) -> dict:
-    """Each zoo model found in `folder` samples every prompt of the grid (template 0) with its own sampler; the
-    share of videos whose colour, shape and direction `quick_track` reads back as the prompt names them."""
-    from models.wan.checkpoint import load_wan
-    from models.wan.embedded import ZOO
-    from models.common.rollout import sample
-    from models.wan.text_encoder import TextEncoder
-    from models.wan.vae import WanVAE
-
-    dev = torch.device(device)
-    prompts = world.prompt_grid()
-    if short:
-        prompts = prompts[::11]
-    encoder = TextEncoder.from_wan_dir(folder, device=dev)
-    context = encoder.encode(prompts).context.to(dev)
-    vae = WanVAE.from_file(folder / "Wan2.1_VAE.pth", device=dev)
-    results = {}
-    for name, entry in ZOO.items():
-        ckpt = entry.checkpoint_path(folder)
-        if ckpt is not None and not ckpt.is_file():
-            continue
-        model = load_wan(folder, checkpoint=ckpt, use_ema=entry.use_ema, causal=entry.sampler != "bidirectional",
-                         device=dev)
-        negative = encoder.encode([entry.negative_prompt]).context.to(dev).expand(len(prompts), -1, -1)
-        steps = 4 if short else entry.num_inference_steps
-        t0 = time.perf_counter()
-        rows = []
-        for seed in seeds:
-            gen = torch.Generator(device=dev).manual_seed(seed)
-            noise = torch.randn((len(prompts), frames, 16, 12, 16), generator=gen, device=dev)
-            latents = sample(model, entry.sampler, noise, context, negative, generator=gen,
-                             num_inference_steps=steps, guidance_scale=entry.guidance_scale)
-            videos = torch.cat([vae.decode(latents[i:i + 8]) for i in range(0, len(prompts), 8)]).cpu().numpy()
-            for p, v in zip(prompts, videos):
-                got = quick_track(v)
-                want = dict(zip(("colour", "shape", "direction"), world.parse_prompt(p)))
-                rows.append({"prompt": p, "seed": seed, **{k: got[k] for k in got},
-                             **{f"{k}_ok": got[k] == want[k] for k in want}})
-        r = {k: round(float(np.mean([row[f"{k}_ok"] for row in rows])), 3) for k in ("colour", "shape", "direction")}
-        r["all"] = round(float(np.mean([all(row[f"{k}_ok"] for k in ("colour", "shape", "direction")) for row in rows])), 3)
-        r["seconds"] = round(time.perf_counter() - t0, 1)
-        r["per_video"] = rows
-        results[name] = r
-        log(f"[check] {name}: colour {r['colour']:.2f}, shape {r['shape']:.2f}, direction {r['direction']:.2f}, "
-            f"all three {r['all']:.2f} over {len(rows)} videos ({r['seconds']} s)")
-        del model
-    return results
-
-
-# ------------------------------------------------------------------------------------------------------
-# ship: data/embedded's files
-
-
-def ship(teacher_dir: Path, out: Path, report: dict) -> Path:
-    """Write the zoo in data/embedded's layout into `out`: the Wan folder (teacher DiT in bf16, umT5, tokenizer,
-    VAE), the students' checkpoints in bf16 (optimiser-free, keys as written by the trainer) and
-    checkpoints/ZOO.md (how each model was trained)."""
-    from models.wan.checkpoint import WEIGHTS_NAME, read_wan_folder, save_self_forcing, save_wan_folder
-    from models.wan.config import default_video_size
-    from models.wan.embedded import ZOO, ZOO_MARKER
-    from models.files import atomic_write, load_tensors
-    from models.wan.text_encoder import TOKENIZER_SUBDIR
-    from models.wan.text_encoder import WEIGHTS_NAME as T5_WEIGHTS_NAME
-
-    out.mkdir(parents=True, exist_ok=True)
-    config, state = read_wan_folder(teacher_dir)
-    copy_text_and_vae(teacher_dir, teacher_dir / "Wan2.1_VAE.pth", out)
-    save_wan_folder(out, config, {k: v.to(torch.bfloat16) for k, v in state.items()},
-                    video_size=default_video_size(teacher_dir))
-    for entry in ZOO.values():
-        src = entry.checkpoint_path(teacher_dir)
-        if src is None or not src.is_file():
-            continue
-        blob = load_tensors(src)
-        parts = {k: {n.removeprefix("model."): t.to(torch.bfloat16) for n, t in blob[k].items()}
-                 for k in ("generator", "generator_ema", "critic") if k in blob}
-        save_self_forcing(entry.checkpoint_path(out), **parts)
-    atomic_write(out / ZOO_MARKER, lambda p: Path(p).write_text(zoo_markdown(report)))
-    assert (out / WEIGHTS_NAME).is_file() and (out / T5_WEIGHTS_NAME).is_file() and (out / TOKENIZER_SUBDIR).is_dir()
-    return out
-
-
-def zoo_markdown(report: dict) -> str:
-    """checkpoints/ZOO.md: what each file is and how it was trained (from the driver's report)."""
-    from models.wan.embedded import ZOO
-
-    lines = ["# The embedded zoo", "",
-             "Trained on the miniature world (models/world.py) by `python3 -m training.zoo` (training/zoo.py;",
-             "docs/zoo.md) on " + str(report.get("device")) + ". Each model: `workbench generate --model NAME`.", "",
-             "| name | what | file | config | steps | seconds | last losses |", "|---|---|---|---|---|---|---|"]
-    stage_of = {v: k for k, v in ZOO_OF_STAGE.items()} | {"teacher": "teacher"}
-    for name, entry in ZOO.items():
-        st = report["stages"].get(stage_of[name], {})
-        losses = ", ".join(f"{k} {v['last']}" for k, v in st.items() if k.endswith("_loss"))
-        lines.append(f"| {name} | {entry.description} | {entry.checkpoint or 'diffusion_pytorch_model.safetensors'} "
-                     f"| {CONFIGS[stage_of[name]]} | {st.get('steps', '?')} | {st.get('seconds', '?')} | {losses} |")
-    check = report["stages"].get("check", {})
-    if check:
-        lines += ["", "Quick check (training/zoo.py `quick_track`, the 32 prompts of the grid, seed 0):", "",
-                  "| model | colour | shape | direction | all three |", "|---|---|---|---|---|"]
-        lines += [f"| {n} | {r['colour']} | {r['shape']} | {r['direction']} | {r['all']} |"
-                  for n, r in check.items() if isinstance(r, dict) and "colour" in r]
-    return "\n".join(lines) + "\n"
-
-
-def resumable_checkpoints(work: Path) -> list[Path]:
-    """The files of the latest trainer checkpoint (weights, EMA and optimiser states) of each flow-matching stage
-    that its time share cut short (the report says stopped_early), so that `--continue STAGE` on a fresh
-    machine resumes it where it stopped."""
-    from training.checkpoints import latest_checkpoint
-
-    report = work / "zoo_report.json"
-    stages = json.loads(report.read_text()).get("stages", {}) if report.is_file() else {}
-    files = []
-    for stage in ("teacher", "df", "ode"):
-        folder = latest_checkpoint(work / "logs" / stage) if stages.get(stage, {}).get("stopped_early") else None
-        if folder is not None:
-            files += sorted(f for f in folder.iterdir() if f.is_file())
-    return files
-
-
-def write_tars(work: Path, out: Path, log=print) -> list[Path]:
-    """zoo_state.tar.* (paths relative to the work folder) and, after ship, zoo_embedded.tar.* (paths relative to
-    the repository root), in parts of at most PART_BYTES."""
-    written = []
-    state_files = [f for f in sorted((work / "teacher").rglob("*")) if f.is_file() and not f.name.startswith(".")
-                   and "self_forcing_" not in f.name] + [f for f in [work / "zoo_report.json"] if f.is_file()]
-    state_files += resumable_checkpoints(work)
-    jobs = [("zoo_state.tar", [(f, f.relative_to(work)) for f in state_files])]
-    ship_dir = work / "ship"
-    if (ship_dir / "data" / "embedded").is_dir():
-        jobs.append(("zoo_embedded.tar", [(f, f.relative_to(ship_dir)) for f in sorted(ship_dir.rglob("*"))
-                                          if f.is_file()]))
-    for name, files in jobs:
-        tar = work / name
-        with tarfile.open(tar, "w") as t:
-            for f, arc in files:
-                t.add(f, arcname=str(arc))
-        data = tar.read_bytes()
-        for i in range(0, len(data), PART_BYTES):
-            part = out / f"{name}.{i // PART_BYTES:02d}"
-            part.write_bytes(data[i:i + PART_BYTES])
-            written.append(part)
-        log(f"wrote {name} ({len(data) / 2**20:.1f} MiB) as {-(-len(data) // PART_BYTES)} part(s) in {out}")
-    return written
 
 
 def main(argv=None) -> int:
