@@ -54,6 +54,7 @@ def quick_track(video: np.ndarray, threshold: float = 0.3) -> dict:
 def check_models(folder: Path, device: str, *, frames: int = 21, short: bool = False, seeds=(0,), log=print) -> dict:
     """Each zoo model found in `folder` samples every prompt of the grid (template 0) with its own sampler; the
     share of videos whose colour, shape and direction `quick_track` reads back as the prompt names them."""
+    from models.errors import CheckpointError
     from models.wan.checkpoint import load_wan
     from models.wan.embedded import ZOO
     from models.common.rollout import sample
@@ -72,8 +73,13 @@ def check_models(folder: Path, device: str, *, frames: int = 21, short: bool = F
         ckpt = entry.checkpoint_path(folder)
         if ckpt is not None and not ckpt.is_file():
             continue
-        model = load_wan(folder, checkpoint=ckpt, use_ema=entry.use_ema, causal=entry.sampler != "bidirectional",
-                         device=dev)
+        try:
+            model = load_wan(folder, checkpoint=ckpt, use_ema=entry.use_ema, causal=entry.sampler != "bidirectional",
+                             device=dev)
+        except CheckpointError as exc:  # e.g. a DMD run stopped before its EMA began: the other models still run
+            log(f"[check] {name}: skipped: {exc}")
+            results[name] = {"skipped": str(exc)}
+            continue
         negative = encoder.encode([entry.negative_prompt]).context.to(dev).expand(len(prompts), -1, -1)
         steps = 4 if short else entry.num_inference_steps
         t0 = time.perf_counter()
