@@ -23,6 +23,7 @@ Public API (what the rest of the repository uses): `frame_attention` and its res
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from models.common.triton_attention_kernels import _frame_attn_fwd_kernel, _fram
 from models.common.triton_attention_plan import default_config, resident_programs, split_plan
 from models.common.triton_common import (FLOAT_DTYPES, INTERPRET, LOG2E, TensorDescriptor, allowed_arg,
                                          check_device_and_dtype, int32_ok, last_dim_contiguous, on_device,
-                                         tma_usable)
+                                         scratch_from_torch, tma_usable)
 from models.errors import ModelInputError
 
 WS_GPU_ENV = "WORKBENCH_EXPERIMENTAL_WS"  # WS=True on a GPU only with this set to 1 (the launcher says why)
@@ -114,10 +115,11 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
                               f"frame_means={frame_means}, use_tma={bool(use_tma)}")
     if ws and q.is_cuda and os.environ.get(WS_GPU_ENV) != "1":
         raise ModelInputError(f"config WS=True is experimental on GPUs: its first H200 run (2026-12-02) hit an illegal "
-                              f"memory access at the rollout's call shapes (bench/RESULTS.md, issue 16); set "
-                              f"{WS_GPU_ENV}=1 to run it anyway (for kernel development)")
-    if ws and not q.is_contiguous():
-        q = q.contiguous()
+                              f"memory access at the rollout's call shapes; the cause is fixed (q's TMA descriptor), "
+                              f"the fix awaits an H200 run (bench/RESULTS.md, issue 16); set {WS_GPU_ENV}=1 to run "
+                              f"it anyway (for kernel development)")
+    if ws and (not q.is_contiguous() or q.data_ptr() % 16):  # the kernel's q descriptor: rows of H * D, 16-byte base
+        q = q.clone(memory_format=torch.contiguous_format)
 
     f32 = dict(dtype=torch.float32, device=q.device)
     f32_any = torch.empty(0, **f32)  # the pointer of every output a variant never touches
@@ -141,8 +143,8 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
         desc_v = TensorDescriptor(v, [B * Lk, H * D], [H * D, 1], [bn, D])
     else:
         desc_k, desc_v = k, v  # unused placeholders
-    # WS: q through TMA too, viewed as [B * Lq, H * D]
-    desc_q = TensorDescriptor(q, [B * Lq, H * D], [H * D, 1], [bm, D]) if ws else q
+    # WS: q through TMA too, from a descriptor the kernel builds (one per batch, [Lq, H * D]; the kernels' module
+    # says why not here), so its launch needs global scratch
     n_tiles = triton.cdiv(Lq, bm) * B * H
     meta = dict(FSL=fsl, HEAD_DIM=D, NKF_PAD=pad, EPI_F=32, HAS_MASK=has_mask, USE_TMA=bool(use_tma),
                 DOT_F32=dot_f32, IEEE=ieee, WITH_MASS=bool(with_mass), WITH_SUMS=bool(frame_means),
@@ -150,7 +152,7 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
 
     def args(rs_, rm_, pacc, pm, pl, qsum_, ksum_, lse_, n_full, n_split):
         return (
-            q, k, v, out, rs_, rm_, allowed_t, desc_k, desc_v, pacc, pm, pl, qsum_, ksum_, lse_, desc_q,
+            q, k, v, out, rs_, rm_, allowed_t, desc_k, desc_v, pacc, pm, pl, qsum_, ksum_, lse_,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -177,9 +179,10 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
             pl = torch.empty_like(pm)
         else:
             pacc = pm = pl = f32_any
-        _frame_attn_fwd_kernel[(n_full + n_seg,)](
-            *args(rs, rm, pacc, pm, pl, qsum, ksum, lse, n_full, split), **meta, BLOCK_M=bm, BLOCK_N=bn,
-            num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+        with scratch_from_torch(q.device) if ws else contextlib.nullcontext():
+            _frame_attn_fwd_kernel[(n_full + n_seg,)](
+                *args(rs, rm, pacc, pm, pl, qsum, ksum, lse, n_full, split), **meta, BLOCK_M=bm, BLOCK_N=bn,
+                num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
         if n_seg:
             sub = min(bm, 32)  # rows per merge program: 4 programs a tile of 128 rows
             _frame_attn_merge_kernel[((n_tiles - n_full) * (bm // sub),)](

@@ -188,7 +188,7 @@ def _frame_mean(X, stride_x, row0, out_ptr, FSL: tl.constexpr, HEAD_DIM: tl.cons
 
 @triton.jit
 def _frame_attn_fwd_kernel(
-    Q, K, V, Out, RS, RM, Allowed, desc_k, desc_v, PACC, PM, PL, QSUM, KSUM, LSE, desc_q,
+    Q, K, V, Out, RS, RM, Allowed, desc_k, desc_v, PACC, PM, PL, QSUM, KSUM, LSE,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -213,6 +213,11 @@ def _frame_attn_fwd_kernel(
     # is masked at `end`, no branch in it (so no frame-mass flush) and none after it (predicated stores
     # instead); tests/test_kernels.py compiles it for sm_90 and checks. Its bits differ from WS=False by
     # rounding (the masked tile arithmetic).
+    # The q descriptor is built here, not on the host: the sm90 pass splits the q tile into one [BLOCK_M / 2, D]
+    # TMA copy per consumer group. It re-derives the box of an in-kernel descriptor, but the box of a host
+    # descriptor is fixed at [BLOCK_M, ...], so each copy moved twice the bytes its buffer holds (past the end
+    # of shared memory: the illegal memory access of the first H200 run). The descriptor spans this batch's
+    # rows only ([Lq, H * D]): rows past Lq of the last query block read as zeros, never the next batch.
     # Q/Out [B, Lq, H, D]; K/V [B, Lk, H, D]; RS/RM scratch [B, H, NKF, Lq]; PACC [items - N_FULL, BM, D].
     item = tl.program_id(0)
     n_qblk = tl.cdiv(Lq, BLOCK_M)
@@ -231,8 +236,10 @@ def _frame_attn_fwd_kernel(
     row_ok = offs_m < Lq
     qf_row = tl.minimum(offs_m, Lq - 1) // FSL  # [BM] query frame of each row
 
-    if WS:  # rows past this batch's Lq are read from the next batch (or zero) and never stored
-        q = desc_q.load([b * Lq + m0, h * HEAD_DIM])
+    if WS:  # rows past this batch's Lq are zero-filled by TMA and never stored
+        desc_q = tl.make_tensor_descriptor(Q + b.to(tl.int64) * stride_qb, shape=[Lq, H * HEAD_DIM],
+                                           strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM])
+        q = desc_q.load([m0, h * HEAD_DIM])  # [BM, D]
     else:
         q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)  # [BM, D], stays on chip

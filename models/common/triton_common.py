@@ -24,6 +24,10 @@ try:  # host-side TMA descriptors (triton >= 3.2); used on Hopper and newer
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover
     TensorDescriptor = None
+try:  # the allocator triton asks for a launch's global scratch (a ContextVar in triton 3.6)
+    from triton.runtime._allocation import _allocator as _SCRATCH_ALLOCATOR
+except ImportError:  # pragma: no cover
+    _SCRATCH_ALLOCATOR = None
 
 # Read once: triton.jit decides at decoration time whether a kernel is interpreted.
 INTERPRET = bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else \
@@ -99,3 +103,23 @@ def tma_usable(k, v):
 def on_device(t: torch.Tensor):
     """A context that makes t's GPU the current one for a launch (nothing on the CPU)."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def scratch_from_torch(device):
+    """Within it, a launch that needs global scratch (a TMA descriptor built in the kernel: 128 bytes a program)
+    gets it from torch's caching allocator on `device`: ordered on the launch's stream, and inside a CUDA-graph
+    capture taken from the graph's pool. The allocator set before (triton.set_allocator) is restored after."""
+
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    if _SCRATCH_ALLOCATOR is None:  # pragma: no cover  (another triton: set it for the process)
+        triton.set_allocator(alloc)
+        yield
+        return
+    token = _SCRATCH_ALLOCATOR.set(alloc)
+    try:
+        yield
+    finally:
+        _SCRATCH_ALLOCATOR.reset(token)
