@@ -184,6 +184,29 @@ def test_vae_trainer_runs_and_writes_the_official_layout(tmp_path):
     assert fit["kept"] == ("start" if fit["trained"] < fit["start"] else "trained")
 
 
+def test_vae_decoder_only_training_keeps_the_latent_space(tmp_path):
+    """--decoder-from: only the decoder and post_quant_conv train; the encoder side is bitwise the file's, so a
+    video encodes to the same latents (the world latents and the DiTs trained on them stay valid)."""
+    from models.wan.vae import WanVAE
+    from training.world_vae import VAETrainConfig, train
+
+    src = ROOT / "data" / "zoo" / "Wan2.1_VAE.pth"
+    cfg = VAETrainConfig(steps=2, batch=1, frames=5, crop=16, eval_videos=1, log_every=1, lr=1e-3,
+                         decoder_from=str(src))
+    train(cfg, tmp_path, log=lambda *_: None)
+    start = WanVAE.from_file(src).model.state_dict()
+    trained = torch.load(tmp_path / "train_state.pt", weights_only=True)["model"]  # before finish() picks one
+    changed = {k for k in start if not torch.equal(start[k], trained[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed), sorted(changed)[:5]
+    shipped = torch.load(tmp_path / "Wan2.1_VAE.pth", weights_only=True)  # the trained or the start decoder
+    before = torch.load(src, weights_only=True)
+    assert all(torch.equal(before[k], shipped[k]) for k in before if k.startswith(("encoder.", "conv1.")))
+    video = torch.from_numpy(world.world_video("a red square moving left", seed=3)[0][:, :9])[None]
+    assert torch.equal(WanVAE.from_file(src).encode(video), WanVAE.from_file(tmp_path / "Wan2.1_VAE.pth").encode(video))
+    with pytest.raises(SystemExit, match="no such file"):
+        train(VAETrainConfig(decoder_from=str(tmp_path / "missing.pth")), tmp_path / "x", log=lambda *_: None)
+
+
 # ------------------------------------------------------------------------------------------------------
 # the quick tracker of the driver's check
 

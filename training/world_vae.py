@@ -29,7 +29,13 @@ a = LATENTS_STD / s and c = LATENTS_MEAN - a m (log-variance + 2 log a), and the
 hard-coded normalisation (mu' - LATENTS_MEAN) / LATENTS_STD = (mu - m) / s gives latents of zero mean and unit
 variance per channel, and decode(encode(x)) is unchanged.
 
+Decoder only (`--decoder-from FILE`): start from a trained Wan2.1_VAE.pth and train only its decoder and
+`post_quant_conv`; the encoder, `quant_conv` and so the folded statistics stay bitwise, so the latent space does
+not move: world latents encoded before, and every DiT trained on them, stay valid, and only decoded pixels get
+sharper. Nothing is refolded; the reported start is that file.
+
     python -m training.world_vae --out runs/zoo/vae                       # the full run (CPU: ~45 min, 1 thread)
+    python -m training.world_vae --out runs/vae_dec --decoder-from data/zoo/Wan2.1_VAE.pth --steps 3000
     python -m training.world_vae --out /tmp/vae --steps 20 --eval-videos 2  # a smoke test
 
 Writes into --out: Wan2.1_VAE.pth (float32, official key layout), vae_metrics.json (PSNR on held-out
@@ -74,6 +80,7 @@ class VAETrainConfig:
     log_every: int = 50
     save_every: int = 250
     device: str = "cpu"
+    decoder_from: str = ""  # a Wan2.1_VAE.pth: train only its decoder (module docstring, "Decoder only")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -177,6 +184,30 @@ def pooling_init(model, const: float = 8.0, unit: float = 0.07, gain: float = 10
         block = w[rows, cols]
         fan_in = block[0].numel()
         w[rows, cols] = torch.randn(block.shape, generator=g) * scale / fan_in ** 0.5
+
+
+def start_model(cfg: "VAETrainConfig", layout: VAELayout):
+    """The model training starts from: the block-average codec, or with decoder_from that file's VAE."""
+    if not cfg.decoder_from:
+        return new_vae(layout, cfg.seed)
+    vae = WanVAE.from_file(cfg.decoder_from)
+    model, found = vae.model.float(), vae.layout
+    if (found.base_dim, tuple(found.dim_mult)) != (layout.base_dim, tuple(layout.dim_mult)):
+        raise SystemExit(f"--decoder-from {cfg.decoder_from}: base_dim {found.base_dim}, dim_mult {found.dim_mult}; "
+                         f"--base-dim / --dim-mult ask for {layout.base_dim}, {layout.dim_mult}")
+    return model
+
+
+def trained_parameters(model, cfg: "VAETrainConfig") -> list:
+    """Every parameter, or with decoder_from the decoder's and post_quant_conv's (the rest frozen)."""
+    if not cfg.decoder_from:
+        return list(model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [*model.decoder.parameters(), *model.post_quant_conv.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
 
 
 def wan_state_dict(model, layout: VAELayout = WORLD_VAE) -> dict[str, torch.Tensor]:
@@ -338,6 +369,8 @@ def check(cfg: VAETrainConfig) -> None:
         raise SystemExit(f"--frames {cfg.frames}: clips need 1 + 4k pixel frames (5, 9, 13, ...)")
     if cfg.crop % SPATIAL_STRIDE or not SPATIAL_STRIDE <= cfg.crop <= world.HEIGHT:
         raise SystemExit(f"--crop {cfg.crop}: a multiple of 8 between 8 and {world.HEIGHT}")
+    if cfg.decoder_from and not Path(cfg.decoder_from).is_file():
+        raise SystemExit(f"--decoder-from {cfg.decoder_from}: no such file (a Wan2.1_VAE.pth)")
     if cfg.steps < 1 or cfg.batch < 1 or cfg.eval_videos < 1:
         raise SystemExit("--steps, --batch and --eval-videos must be >= 1")
 
@@ -357,8 +390,8 @@ def train(cfg: VAETrainConfig, out: Path, resume: bool = False, log=print, deadl
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
     layout = layout_of(cfg)
-    model = new_vae(layout, cfg.seed).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    model = start_model(cfg, layout).to(device).train()
+    opt = torch.optim.AdamW(trained_parameters(model, cfg), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     state_path = out / "train_state.pt"
     step, history, spent = 0, [], 0.0
     if resume and state_path.is_file():
@@ -393,7 +426,7 @@ def train(cfg: VAETrainConfig, out: Path, resume: bool = False, log=print, deadl
         loss = mse + cfg.l1_weight * l1 + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained_parameters(model, cfg), 1.0)
         opt.step()
         step += 1
         running.append((float(mse.detach()), float(kl.detach())))
@@ -424,15 +457,16 @@ def finish(model, cfg: VAETrainConfig, out: Path, history: list, seconds: float,
     layout = layout_of(cfg)
     model.eval()
     _, fold_videos = held_out_videos(cfg.eval_videos)
-    start = new_vae(layout, cfg.seed).to(device).eval()
+    start = start_model(cfg, layout).to(device).eval()
     trained_db, start_db = (round(held_out_psnr(m, fold_videos, device), 2) for m in (model, start))
     if trained_db < start_db:
-        log(f"training left the VAE at {trained_db} dB on held-out videos, below its block-average start "
-            f"({start_db} dB): keeping the start")
+        log(f"training left the VAE at {trained_db} dB on held-out videos, below its start ({start_db} dB): "
+            f"keeping the start")
         model = start
     mean, std = raw_latent_stats(model, fold_videos, device)
-    set_posterior_width(model, cfg.latent_noise * std)
-    fold_latent_stats(model, mean, std)
+    if not cfg.decoder_from:  # (decoder only: the file's statistics are folded already and must not move)
+        set_posterior_width(model, cfg.latent_noise * std)
+        fold_latent_stats(model, mean, std)
     sd = wan_state_dict(model, layout)
     _atomic_torch_save(sd, out / "Wan2.1_VAE.pth")
     vae = WanVAE.from_file(out / "Wan2.1_VAE.pth", device=device)
