@@ -120,10 +120,10 @@ def main(argv=None) -> int:
         for i, batch in enumerate(int(b) for b in args.batches.split(",")):
             trainer = make_trainer(stage, work, batch, args.device)
             time_steps(trainer, min(3, args.steps), args.device)
-            if device_mem := (args.device == "cuda"):
+            if args.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             s = time_steps(trainer, args.steps, args.device)
-            peak = torch.cuda.max_memory_allocated() / 2**30 if device_mem else float("nan")
+            peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
             rows.append((stage, batch, s, batch / s, peak))
             print(f"{stage:8s} batch {batch:4d}: {s:.4f} s/step, {batch / s:8.1f} videos/s, peak {peak:.2f} GiB",
                   flush=True)
