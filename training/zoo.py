@@ -24,7 +24,7 @@ Stages, in order; each is skipped when its output exists (so a second call conti
     dmd        configs/zoo_dmd.yaml       -> checkpoints/self_forcing_dmd.pt
     sid        configs/zoo_sid.yaml       -> checkpoints/self_forcing_sid.pt
     check      every trained model samples the prompt grid; a quick pixel tracker reads colour, shape and
-               direction back (`quick_track`) -> WORK/check.json
+               direction back (training/zoo_check.py `quick_track`) -> WORK/check.json
     ship       WORK/ship/data/embedded/: the zoo as data/embedded ships it (DiT weights in bf16)
 
 Time budget (--budget SECONDS): each training stage gets a share of the time left (`WEIGHTS`); a stage whose

@@ -75,7 +75,7 @@ def zoo_markdown(report: dict, configs: dict) -> str:
                      f"| {configs[name]} | {st.get('steps', '?')} | {st.get('seconds', '?')} | {losses} |")
     check = report["stages"].get("check", {})
     if check:
-        lines += ["", "Quick check (training/zoo.py `quick_track`, the 32 prompts of the grid, seed 0):", "",
+        lines += ["", "Quick check (training/zoo_check.py `quick_track`, the 32 prompts of the grid, seed 0):", "",
                   "| model | colour | shape | direction | all three |", "|---|---|---|---|---|"]
         lines += [f"| {n} | {r['colour']} | {r['shape']} | {r['direction']} | {r['all']} |"
                   for n, r in check.items() if isinstance(r, dict) and "colour" in r]
