@@ -195,7 +195,8 @@ class Attend(torch.nn.Module):
     """A parameter-free module around `attend`, so that hook-based tools (nnsight, forward hooks) see the
     exact q, k, v of every call as this module's inputs: `blocks[3].self_attn.attend.inputs` = (q, k, v, call,
     observers) before any intervention's edit (the interventions come as a keyword argument). A torch.compile'd
-    block runs it eagerly (models/wan/accel.py marks it so): its kernels and observers are Python-dispatched."""
+    block runs it eagerly, inside the attention that models/wan/accel.py leaves eager: its kernels and observers
+    are Python-dispatched."""
 
     def forward(self, q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] = (), *,
                 interventions: Sequence[AttentionIntervention] = ()):

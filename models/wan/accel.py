@@ -3,16 +3,20 @@
 Both are off by default (`workbench generate --compile`, `--fp8`); bench/bench_compile_fp8.py measures their
 speed and how far they move the latents (bench/RESULTS.md).
 
-torch.compile (`compile_blocks`): every transformer block is compiled (inductor, `dynamic=False`). The KV-cache
-bookkeeping (`models.wan.model.through_cache`) and the attention entry point (`models.common.attention.Attend`)
-stay eager (`torch.compiler.disable`): they are Python (which frames a slot holds, observers, the kernel choice) and call
-cuDNN / Triton attention kernels that compilation would not improve. So a block compiles into a few graphs
-around them, once per shape, and a rollout's later chunks and later rollouts reuse them (no recompiles). The
-rollout's own CUDA graphs (`models.common.rollout.RolloutGraphs`) still work: the first rollout of a shape runs the
-compiled blocks eagerly (compiling every variant), the second records them into CUDA graphs, later ones
-replay. Modes that use torch.compile's own CUDA graphs ("reduce-overhead", "max-autotune") are refused: two
-graph systems would fight over the same cache buffers; "max-autotune-no-cudagraphs" (the researchers' demo
-mode) is allowed.
+torch.compile (`compile_blocks`): every transformer block is compiled (inductor, `dynamic=False`). The attention
+of each block (`SelfAttention.attention`: the KV-cache bookkeeping `through_cache`, the labelled `AttentionCall`,
+the `Attend` module; `CrossAttention.attention`) stays eager (`torch.compiler.disable`): it is Python (which frames
+a slot holds, the call's labels, observers, the kernel choice) and calls cuDNN / Triton attention kernels that
+compilation would not improve. So a block compiles into a few graphs around it (q, k, v projections and norms;
+output projection, residuals, FFN), one per variant of the input: the rollout's first forward (it computes the
+text keys/values) or a later one, the chunk's frame count, block 0's input strides or the later blocks'
+(`graph_variants` counts them: 4 for chunks of one size, 6 with an independent first frame). The layer index
+is read only inside the eager attention, so all layers share those graphs, however many there are, and a
+rollout's later chunks and later rollouts reuse them (no recompiles). The rollout's own CUDA graphs
+(`models.common.rollout.RolloutGraphs`) still work: the first rollout of a shape runs the compiled blocks eagerly
+(compiling every variant), the second records them into CUDA graphs, later ones replay. Modes that use
+torch.compile's own CUDA graphs ("reduce-overhead", "max-autotune") are refused: two graph systems would fight
+over the same cache buffers; "max-autotune-no-cudagraphs" (the researchers' demo mode) is allowed.
 
 FP8 (`quantize_fp8`): the linear layers of every block (self- and cross-attention q, k, v, o, the FFN) become
 `Fp8Linear`: the weight stored once as float8_e4m3fn with a float32 scale per output channel ("rowwise") or
@@ -41,18 +45,25 @@ E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
 
 
 def leave_eager() -> None:
-    """Mark the KV-cache bookkeeping (`models.wan.model.through_cache`) and the attention entry point (`Attend.forward`)
-    as not to be compiled, once. (Done here rather than by decorators: those would import torch._dynamo, and with
-    it triton, whenever the models are imported.)"""
-    from models.common import attention
+    """Mark the attention of every block (`SelfAttention.attention`: KV-cache bookkeeping, the labelled call,
+    `Attend`; `CrossAttention.attention`) as not to be compiled, once. (Done here rather than by decorators: those
+    would import torch._dynamo, and with it triton, whenever the models are imported.)"""
     from models.wan import model as wan
 
-    if not getattr(wan.through_cache, "_left_eager", False):
-        wan.through_cache = torch.compiler.disable(wan.through_cache)
-        wan.through_cache._left_eager = True
-    if not getattr(attention.Attend.forward, "_left_eager", False):
-        attention.Attend.forward = torch.compiler.disable(attention.Attend.forward)
-        attention.Attend.forward._left_eager = True
+    for cls in (wan.SelfAttention, wan.CrossAttention):
+        if not getattr(cls.attention, "_left_eager", False):
+            cls.attention = torch.compiler.disable(cls.attention)
+            cls.attention._left_eager = True
+
+
+def graph_variants(model) -> int:
+    """How many graphs dynamo makes of each piece of a block's code (between the eager attention calls) in
+    rollouts of one latent size, at most: the first forward, which computes the text keys/values (`text` given),
+    then every chunk frame count (`num_frame_per_block`, and 1 with an independent first frame) without; each for
+    block 0, whose input comes straight from the patch embedding (other strides), and for the later blocks. Not
+    more for more layers: the layer index is read only in the eager attention."""
+    chunk_frames = {model.num_frame_per_block, 1 if model.independent_first_frame else model.num_frame_per_block}
+    return 2 * (1 + len(chunk_frames))
 
 
 def compile_blocks(model, mode: str = "default", backend: str = "inductor") -> None:
@@ -63,8 +74,9 @@ def compile_blocks(model, mode: str = "default", backend: str = "inductor") -> N
     import torch._dynamo as dynamo
 
     leave_eager()
-    # each block meets a few shapes (chunk sizes, the first forward that fills the cross-attention cache)
-    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
+    # dynamo keeps one graph per variant of each piece of block code, up to recompile_limit (default 8), beyond which
+    # the blocks would silently run eagerly
+    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, graph_variants(model))
     for block in model.blocks:
         block.compile(backend=backend, dynamic=False, **({} if backend != "inductor" else {"mode": mode}))
 

@@ -91,8 +91,8 @@ class ForwardContext:
 
 def through_cache(cache, start_frame: int, k, v):
     """Write a chunk's keys/values into a layer's KV cache and return the window its queries attend to: sink +
-    window, own chunk included, with the frames each slot holds. Python bookkeeping, so a torch.compile'd block
-    runs it eagerly rather than recompiling for every chunk (models/wan/accel.py marks it so)."""
+    window, own chunk included, with the frames each slot holds. Python bookkeeping, run inside
+    `SelfAttention.attention`, which a torch.compile'd block leaves eager."""
     cache.write(start_frame, k, v)
     return cache.window()
 
@@ -110,6 +110,15 @@ class SelfAttention(nn.Module):
         q, k = fused.qk_norm_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight, *ctx.rope,
                                   self.num_heads, self.norm_q.eps)
         v = self.v(x).unflatten(2, (self.num_heads, self.head_dim))
+        out = self.attention(q, k, v, ctx, cache)  # [B, L, heads, head_dim]
+        return self.o(out.flatten(2))
+
+    def attention(self, q, k, v, ctx: ForwardContext, cache: KVCache | None):
+        """The chunk's keys/values through the KV cache (if any), then the labelled attention call:
+        q, k, v [B, L, heads, head_dim] -> [B, L, heads, head_dim]. Python bookkeeping (cache slots, the call's
+        labels, observers, the kernel choice) that a torch.compile'd block runs eagerly (models/wan/accel.py
+        marks it so); it is also the only place the layer index is read, so every layer shares the compiled
+        code around it."""
         if cache is None:
             key_frames, frame_mask = ctx.query_frames, ctx.frame_mask
         else:
@@ -118,8 +127,7 @@ class SelfAttention(nn.Module):
         head_mask = getattr(cache, "head_mask", None)  # a head-wise cache policy's frames per head
         call = AttentionCall(self.layer, "self", ctx.labels, ctx.query_frames, key_frames, ctx.frame_seq_len,
                              ctx.grid, frame_mask, self.num_heads, self.head_dim, ctx.kernel, head_mask=head_mask)
-        out = self.attend(q, k, v, call, ctx.observers, interventions=ctx.interventions)  # [B, L, heads, head_dim]
-        return self.o(out.flatten(2))
+        return self.attend(q, k, v, call, ctx.observers, interventions=ctx.interventions)
 
 
 class CrossAttention(nn.Module):
@@ -139,10 +147,15 @@ class CrossAttention(nn.Module):
             k, v = self.text_kv(text)
             if cache is not None and cache.k is None:
                 cache.k, cache.v = k, v
+        out = self.attention(q, k, v, ctx)  # [B, L, heads, head_dim]
+        return self.o(out.flatten(2))
+
+    def attention(self, q, k, v, ctx: ForwardContext):
+        """The labelled attention call: q [B, L, heads, head_dim], k, v [B, text_len, heads, head_dim] ->
+        [B, L, heads, head_dim]. Eager in a torch.compile'd block, as `SelfAttention.attention`."""
         call = AttentionCall(self.layer, "cross", ctx.labels, ctx.query_frames, None, ctx.frame_seq_len,
                              ctx.grid, None, self.num_heads, self.head_dim, ctx.kernel)
-        out = self.attend(q, k, v, call, ctx.observers, interventions=ctx.interventions)
-        return self.o(out.flatten(2))
+        return self.attend(q, k, v, call, ctx.observers, interventions=ctx.interventions)
 
     def text_kv(self, text):
         """Keys and values of the text tokens: text [B, text_len, dim] -> k, v [B, text_len, heads, head_dim]."""
