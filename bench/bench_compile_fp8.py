@@ -6,7 +6,8 @@ compiles every block variant), the second (records the CUDA graphs), then the me
 rollouts; peak memory; and how far the latents move from the plain model's on the same noise and
 re-noising draws (max |diff|, relative Frobenius norm), next to the plain model's own graphed-vs-eager
 difference (0: bitwise). For compiled variants the graphed rollout is also compared with the same compiled
-model run eagerly.
+model run eagerly, and a line after the table gives how many graphs dynamo compiled (the same for any number of
+layers: models/wan/accel.py) and how often it hit its recompile limit (then blocks silently run eagerly).
 
     python3 bench/bench_compile_fp8.py [--repeats 3] [--variants plain,fp8,compile,compile+fp8,fp8-tensor]
     python3 bench/bench_compile_fp8.py --smoke      # the same steps on a CPU: the tiny model, no CUDA graphs
@@ -30,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
 
 from bench.bench_rollout import random_model, rollout_inputs, run_rollout  # noqa: E402
 from models.wan.accel import compile_blocks, quantize_fp8  # noqa: E402
@@ -91,6 +93,7 @@ def build(setup, compile: str | None = None, fp8: str | None = None):
         quantize_fp8(model, fp8)
     if compile:
         torch._dynamo.reset()  # a fresh start for each compiled variant (recompile limits count per code object)
+        counters.clear()
         compile_blocks(model, compile)
     return model
 
@@ -127,6 +130,7 @@ def main():
     print(f"# command: {' '.join(sys.argv)}")
     noise, context, _ = setup.inputs()
     reference = None
+    compiled = []  # "variant: graphs, limit hits" of the compiled variants
     print("| variant | 1st rollout (compiles) | 2nd (records graphs) | replayed, median (runs) | peak | latents vs plain "
           "(graphed) | graphed vs eager, same model |")
     print("|---|---|---|---|---|---|---|")
@@ -158,10 +162,15 @@ def main():
             same = "bitwise" if torch.equal(graphed, eager) else diff(graphed, eager)
             print(f"| {name} | {first:.2f} s | {second:.2f} s | {median:.3f} s ({', '.join(f'{t:.3f}' for t in times)}) "
                   f"| {peak} | {vs_plain} | {same} |", flush=True)
+            if VARIANTS[name].get("compile"):
+                hits = sum(n for why, n in counters["unimplemented"].items() if "recompile limit" in why)
+                compiled.append(f"{name} {counters['stats']['unique_graphs']} graphs, {hits} recompile-limit hits")
             del model
         except Exception as err:  # one variant's failure should not hide the others' numbers
             print(f"| {name} | failed: {type(err).__name__}: {str(err).splitlines()[0][:200]} | | | | | |", flush=True)
             traceback.print_exc(file=sys.stderr)
+    if compiled:
+        print(f"# dynamo: {'; '.join(compiled)}")
     if reference is not None:
         print(f"# plain latents: max |x| {reference.float().abs().max().item():.2f}, rms "
               f"{reference.float().pow(2).mean().sqrt().item():.3f}")
