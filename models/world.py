@@ -42,8 +42,13 @@ TEMPLATES = (
     "the {colour} {shape} moves {direction} across the frame",
 )
 NUM_FRAMES, HEIGHT, WIDTH = 81, 96, 128
-SIZE_RANGE = (16.0, 26.0)  # px, side of a square / diameter of a circle
-SPEED_RANGE = (0.8, 1.4)  # px per pixel frame
+# Objects span 3-4.5 latent cells and move about one cell per latent frame: smaller or slower ones left the
+# shape to a few sub-cell details the VAE blurs (ground truth through the first world VAE read back as the
+# wrong shape 16% of the time) and the direction to a fraction of a cell per latent frame, a weak signal that
+# the first DiTs learned far more slowly than colour (docs/zoo.md).
+SIZE_RANGE = (24.0, 36.0)  # px, side of a square / diameter of a circle
+SPEED_RANGE = (1.2, 2.0)  # px per pixel frame
+VERSION = 2  # of the world's rendering: cached latent sets of another version are not reused (training/world_data.py)
 BACKGROUND_RANGE = (0.10, 0.40)  # each RGB channel of the two background colours, in [0, 1]
 
 

@@ -42,13 +42,13 @@ COLOUR_NAMES = tuple(world.COLOURS)
 PALETTE = np.array([world.COLOURS[c] for c in COLOUR_NAMES])  # [4, 3] RGB in [0, 1]
 SHAPE_NAMES = tuple(world.SHAPES)
 
-HALF_WINDOW = 24  # px: the window is 49 x 49, room for the largest object (26 px) off-centre by 10 px
-BOX = 15  # px: the box the first position is found with (a little under the smallest object, 16 px)
+HALF_WINDOW = int(world.SIZE_RANGE[1] // 2) + 16  # px: room for the largest object off-centre by 16 px
+BOX = int(world.SIZE_RANGE[0]) - 1  # px: the box the first position is found with (a little under the smallest object)
 WIDEN = 2  # px: how far the salient pixels are widened (and eroded for the interior)
 TAU_MIN = 0.04  # RGB: the smallest residual that counts as the object (noise raises it to 4 sigma)
 AREA_REF = 0.5 * np.pi / 4 * world.SIZE_RANGE[0] ** 2  # px: half the area of the smallest circle the world draws
 DETECTED = 0.5  # confidence from which a frame counts as showing the object
-MIN_SPEED = 0.25  # px / frame: slower than this is "static" (the world's objects move 0.8 - 1.4)
+MIN_SPEED = 0.25  # px / frame: slower than this is "static" (world.SPEED_RANGE: the objects move faster)
 BATCH = 64  # frames tracked at once (bounds memory on long videos)
 
 
