@@ -103,11 +103,13 @@ def track(video) -> Track:
     if H < 2 * HALF_WINDOW + 1 or W < 2 * HALF_WINDOW + 1:
         raise ValueError(f"frames of {H} x {W} px are smaller than the tracker's window ({2 * HALF_WINDOW + 1} px)")
     step = max(1, T // 64)
-    angle = _fit_angle(np.median(frames[::step], axis=0))
+    median = np.median(frames[::step], axis=0)  # [H, W, 3]: the static background, the moving object mostly gone
+    angle = _fit_angle(median)
     design = _design(angle, H, W)  # [H * W, 4]
+    background = _background_fit(median[None], design, None)[0][0]  # [H, W, 3]: where each frame's fit starts
     parts, prev = [], None
     for start in range(0, T, BATCH):
-        part, prev = _track_batch(frames[start : start + BATCH], design, prev)
+        part, prev = _track_batch(frames[start : start + BATCH], design, prev, background)
         parts.append(part)
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return Track(size=(H, W), **out)
@@ -207,18 +209,32 @@ def _box_sum(x: np.ndarray, size: int) -> np.ndarray:
     return np.fft.irfft2(np.fft.rfft2(x) * np.fft.rfft2(kernel), s=(H, W))
 
 
-def _track_batch(frames: np.ndarray, design: np.ndarray, prev):
+def _background_fit(frames: np.ndarray, design: np.ndarray, start: np.ndarray | None, rounds: int = 3):
+    """Each frame's background [B, H, W, 3], the gradient fitted on what is not the object, which is found from the
+    residual of the fit before: (bg, resid, smooth residual, tau [B], keep [B, H * W]) of the last round. The first
+    residual is against `start` [H, W, 3] when given (the video's median background: a fit over every pixel is
+    pulled so far by a large object in a corner that the noise level of its residual hides the object), else
+    against a fit over every pixel."""
     B, H, W, _ = frames.shape
     values = frames.reshape(B, H * W, 3)
+    bg = None if start is None else np.broadcast_to(start, frames.shape)
     keep = np.ones((B, H * W))
-    for _ in range(3):  # the background, fitted on what is not the object; the object found from its residual
-        bg = _solve(design, keep, values).reshape(B, H, W, 3)
+    for i in range(rounds + (start is not None)):
+        if i or start is None:
+            bg = _solve(design, keep, values).reshape(B, H, W, 3)
         resid = frames - bg  # [B, H, W, 3]
         smooth = _box_mean3(resid)  # 3 x 3 mean: a third of the noise, edges 1 px wider
         mag = np.abs(smooth).max(-1)
         tau = np.maximum(TAU_MIN, 4 * _sigma(mag, keep.reshape(B, H, W) > 0))  # [B]
         outlier = _widen(mag > tau[:, None, None], WIDEN)
         keep = (~outlier).reshape(B, -1).astype(np.float64)
+    return bg, resid, smooth, tau, keep
+
+
+def _track_batch(frames: np.ndarray, design: np.ndarray, prev, background: np.ndarray):
+    B, H, W, _ = frames.shape
+    # the background, fitted on what is not the object; the object found from its residual
+    bg, resid, smooth, tau, keep = _background_fit(frames, design, background)
 
     # <r, C - bg> and |C - bg|^2 for each vocabulary colour C, without a [B, H, W, 4, 3] array
     flat_r, flat_bg = smooth.reshape(-1, 3), bg.reshape(-1, 3)
