@@ -388,6 +388,15 @@ def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path):
     assert "generator_ema" in result["dmd"]["skipped"] and 0 <= result["ode"]["all"] <= 1, result.keys()
 
 
+def test_zoo_adds_the_inputs_a_stage_reads_when_missing():
+    """A teacher continued on a fresh machine (the state tar holds no init folder) runs init and data first."""
+    from training.zoo import with_prerequisites
+
+    assert with_prerequisites(["teacher"], lambda s: False) == ["init", "data", "teacher"]
+    assert with_prerequisites(["teacher", "ode"], lambda s: s == "data") == ["init", "teacher", "ode"]
+    assert with_prerequisites(["dmd", "check"], lambda s: False) == ["dmd", "check"]
+
+
 def test_zoo_stopped_by_sigterm_still_writes_its_log_and_report(tmp_path):
     """`timeout` stops the driver with SIGTERM: it exits through its finally block, so --out still gets the log
     (and the tars of what is done) instead of nothing."""

@@ -391,7 +391,8 @@ def train(cfg: VAETrainConfig, out: Path, resume: bool = False, log=print, deadl
     device = torch.device(cfg.device)
     layout = layout_of(cfg)
     model = start_model(cfg, layout).to(device).train()
-    opt = torch.optim.AdamW(trained_parameters(model, cfg), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    params = trained_parameters(model, cfg)  # (with decoder_from, also freezes the rest: once, not per step)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     state_path = out / "train_state.pt"
     step, history, spent = 0, [], 0.0
     if resume and state_path.is_file():
@@ -426,7 +427,7 @@ def train(cfg: VAETrainConfig, out: Path, resume: bool = False, log=print, deadl
         loss = mse + cfg.l1_weight * l1 + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained_parameters(model, cfg), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         running.append((float(mse.detach()), float(kl.detach())))

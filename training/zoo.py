@@ -164,6 +164,7 @@ class Zoo:
     # --- the stages -----------------------------------------------------------------------------------------
 
     def run(self, stages: list[str]) -> dict:
+        stages = with_prerequisites(stages, self.done)
         self.log(f"zoo: work folder {self.work}, device {self.device}, stages {', '.join(stages)}"
                  + (f", budget {self.report['budget_s']:.0f} s" if self.deadline else "") + (" (short)" if self.short else ""))
         for i, stage in enumerate(stages):
@@ -311,6 +312,16 @@ class Zoo:
         folder = latest_checkpoint(logdir)
         del trainer
         return summary, folder / "model.pt"
+
+
+NEEDS = {"teacher": ("init", "data"), "df": ("data",)}  # the cheap inputs a stage reads from this work folder
+
+
+def with_prerequisites(stages: list[str], done) -> list[str]:
+    """`stages` plus the inputs they read (`NEEDS`) that are not done yet (e.g. `init` on a fresh machine that
+    continues a teacher from a state tar), in STAGES order."""
+    wanted = set(stages) | {need for s in stages for need in NEEDS.get(s, ()) if not done(need)}
+    return [s for s in STAGES if s in wanted]
 
 
 def loss_summary(history: list[dict]) -> dict:
