@@ -13,18 +13,20 @@ The tracker, per video (`track`):
   1. background: the world's background is a gradient between two colours along an angle, clipped at the corners
      (`world.gradient_ramp`). The angle is fitted once, on the per-pixel temporal median; then per frame the two
      colours and a plane (slow drift) by least squares on the pixels that are not the object (three rounds, each
-     dropping the pixels whose residual stands out of the noise, widened by 2 px).
+     dropping the pixels whose residual stands out of the noise, widened by 2 px; the first residual is against
+     the video's median background, as a fit over every pixel is pulled too far by a large object in a corner).
   2. saliency: per pixel, the residual's energy explained by blending the background towards one vocabulary
      colour: max over colours C of max(0, <r, C - bg>)^2 / |C - bg|^2 (residual r = pixel - background).
-  3. a first position: the maximum of the saliency summed over a 15 x 15 box on the torus.
-  4. a 49 x 49 window about it (indices modulo the frame, so wrap-around costs nothing): the object's pixels are
-     the salient ones widened by 2 px; its colour the median of its interior (the salient pixels 2 px inside the
-     edge, which a one-pixel edge ramp never reaches); its coverage alpha the projection of r onto (colour - bg),
-     clipped to [0, 1]; its centre the alpha-weighted mean of the window's offsets (the circular mean on the torus
-     of a compact object), the window then re-centred on it once; its area the sum of alpha.
+  3. a first position: the maximum of the saliency summed over a BOX x BOX (23 x 23) box on the torus.
+  4. a window of 2 HALF_WINDOW + 1 = 69 px square about it (indices modulo the frame, so wrap-around costs
+     nothing): the object's pixels are the salient ones widened by 2 px; its colour the median of its interior
+     (the salient pixels 2 px inside the edge, which a one-pixel edge ramp never reaches); its coverage alpha the
+     projection of r onto (colour - bg), clipped to [0, 1]; its centre the alpha-weighted mean of the window's
+     offsets (the circular mean on the torus of a compact object), the window then re-centred on it once; its
+     area the sum of alpha.
   5. shape: the square and the circle of the same area drawn at that centre (`world.shape_coverage`); the one
      closer to alpha (squared error) wins.
-  6. confidence: presence x fit, presence = min(1, area / 100 px) (100 px: half the smallest object the world
+  6. confidence: presence x fit, presence = min(1, area / AREA_REF) (226 px: half the smallest circle the world
      draws), fit = the share of the window's residual energy the one-colour blend explains.
 On rendered ground truth the background fit is exact, so alpha is the rendered coverage and the centre is its
 centroid: within 0.4 / size px of `Scene.centre` (tests/test_world.py derives the bound).

@@ -94,6 +94,18 @@ def test_tracker_on_an_object_split_over_four_corners():
         assert tr.shape_names() == [shape] * 6 and tr.colour_names() == ["green"] * 6
 
 
+def test_tracker_reads_objects_of_the_first_world():
+    """The first zoo models were trained on a world of 16-26 px objects moving 0.8-1.4 px/frame: the tracker, sized
+    for 24-36 px, still reads a 16 px object within its centroid bound (0.4 / size px) and detects it in every frame
+    (presence 0.89 for the circle)."""
+    for prompt in world.prompt_grid()[::4]:
+        scene = replace(world.scene_for(prompt, 1), size=16.0, speed=0.8)
+        tr = wm.track(world.render(scene, num_frames=8))
+        assert torus_error(tr.centre, scene.centre(np.arange(8))).max() <= 0.4 / scene.size, prompt
+        assert set(tr.colour_names()) == {scene.colour} and set(tr.shape_names()) == {scene.shape}, prompt
+        assert tr.detected.all(), prompt
+
+
 def test_tracker_reads_uint8_frames():
     """uint8 [T, H, W, 3] (what an mp4 gives): rounding to 1/255 moves the centre by ~0.01 px."""
     for prompt in world.prompt_grid()[::5]:
