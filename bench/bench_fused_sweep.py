@@ -61,6 +61,11 @@ def graph_ms(fn, calls=10, reps=5):
     return statistics.median(times)
 
 
+def worst(a: float, b: float) -> float:
+    """The larger error, NaN if either is (Python's max(0.0, nan) is 0.0 and would hide a NaN output)."""
+    return float("nan") if a != a or b != b else max(a, b)
+
+
 def inputs(nkf):
     g = torch.Generator(device="cuda").manual_seed(nkf)
     q = torch.randn(1, NQF * FSL, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -121,9 +126,9 @@ def main():
                 print(f"FAILED {name or cfg}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
                 break
             if cfg is not None:
-                errs[0] = max(errs[0], (res[0].float() - want[nkf][0].float()).abs().max().item())
+                errs[0] = worst(errs[0], (res[0].float() - want[nkf][0].float()).abs().max().item())
                 if res[1] is not None:
-                    errs[1] = max(errs[1], (res[1] - want[nkf][1]).abs().max().item())
+                    errs[1] = worst(errs[1], (res[1] - want[nkf][1]).abs().max().item())
         if times is not None:
             rows.append((name or json.dumps(cfg), times, 150e-3 * sum(times), errs))
         torch.cuda.empty_cache()

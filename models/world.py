@@ -10,14 +10,19 @@ A video is a pure function of (prompt, seed):
     prompt       "a red square moving left" (`prompt_for`); `parse_prompt` also reads the longer phrasings of
                  `TEMPLATES` and any sentence naming exactly one colour, one shape and one direction
     scene        a static background (a smooth gradient between two muted colours), one object of side / diameter
-                 `size` px whose centre moves `speed` px per pixel frame in the named direction from `start`,
-                 wrapping around the frame's edges (a torus), so a video of any length keeps its motion
+                 `size` px (24-36, `SIZE_RANGE`: 3-4.5 latent cells) whose centre moves `speed` px per pixel frame
+                 (1.2-2.0, `SPEED_RANGE`: 0.6-1 latent cell per latent frame) in the named direction from
+                 `start`, wrapping around the frame's edges (a torus), so a video of any length keeps its motion
     pixels       float32 [3, T, H, W] in [-1, 1], the VAE's input range; edges anti-aliased by coverage
     geometry     81 pixel frames = 21 latent frames (the Wan VAE's 4x temporal stride with a causal first frame),
                  96 x 128 pixels = 12 x 16 latents (8x spatial stride)
 
 `Scene.centre(t)` is the ground-truth trajectory: the object's centre (y, x) in pixels at pixel frame t, unwrapped
 (it keeps growing past the edge); `% (height, width)` gives the drawn position.
+
+`VERSION` numbers the rendering: version 1 drew 16-26 px objects moving 0.8-1.4 px per frame (the first zoo models
+were trained on it), version 2 the sizes and speeds above. training/world_data.py keys its cached latent sets by
+it, so a set drawn by another version is made again rather than reused.
 """
 
 from __future__ import annotations
@@ -42,8 +47,13 @@ TEMPLATES = (
     "the {colour} {shape} moves {direction} across the frame",
 )
 NUM_FRAMES, HEIGHT, WIDTH = 81, 96, 128
-SIZE_RANGE = (16.0, 26.0)  # px, side of a square / diameter of a circle
-SPEED_RANGE = (0.8, 1.4)  # px per pixel frame
+# Objects span 3-4.5 latent cells and move 0.6-1 cell per latent frame: smaller or slower ones left the
+# shape to a few sub-cell details the VAE blurs (ground truth through the first world VAE read back as the
+# wrong shape 16% of the time) and the direction to a fraction of a cell per latent frame, a weak signal that
+# the first DiTs learned far more slowly than colour (docs/zoo.md).
+SIZE_RANGE = (24.0, 36.0)  # px, side of a square / diameter of a circle
+SPEED_RANGE = (1.2, 2.0)  # px per pixel frame
+VERSION = 2  # of the world's rendering: cached latent sets of another version are not reused (training/world_data.py)
 BACKGROUND_RANGE = (0.10, 0.40)  # each RGB channel of the two background colours, in [0, 1]
 
 

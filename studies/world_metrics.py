@@ -13,18 +13,20 @@ The tracker, per video (`track`):
   1. background: the world's background is a gradient between two colours along an angle, clipped at the corners
      (`world.gradient_ramp`). The angle is fitted once, on the per-pixel temporal median; then per frame the two
      colours and a plane (slow drift) by least squares on the pixels that are not the object (three rounds, each
-     dropping the pixels whose residual stands out of the noise, widened by 2 px).
+     dropping the pixels whose residual stands out of the noise, widened by 2 px; the first residual is against
+     the video's median background, as a fit over every pixel is pulled too far by a large object in a corner).
   2. saliency: per pixel, the residual's energy explained by blending the background towards one vocabulary
      colour: max over colours C of max(0, <r, C - bg>)^2 / |C - bg|^2 (residual r = pixel - background).
-  3. a first position: the maximum of the saliency summed over a 15 x 15 box on the torus.
-  4. a 49 x 49 window about it (indices modulo the frame, so wrap-around costs nothing): the object's pixels are
-     the salient ones widened by 2 px; its colour the median of its interior (the salient pixels 2 px inside the
-     edge, which a one-pixel edge ramp never reaches); its coverage alpha the projection of r onto (colour - bg),
-     clipped to [0, 1]; its centre the alpha-weighted mean of the window's offsets (the circular mean on the torus
-     of a compact object), the window then re-centred on it once; its area the sum of alpha.
+  3. a first position: the maximum of the saliency summed over a BOX x BOX (23 x 23) box on the torus.
+  4. a window of 2 HALF_WINDOW + 1 = 69 px square about it (indices modulo the frame, so wrap-around costs
+     nothing): the object's pixels are the salient ones widened by 2 px; its colour the median of its interior
+     (the salient pixels 2 px inside the edge, which a one-pixel edge ramp never reaches); its coverage alpha the
+     projection of r onto (colour - bg), clipped to [0, 1]; its centre the alpha-weighted mean of the window's
+     offsets (the circular mean on the torus of a compact object), the window then re-centred on it once; its
+     area the sum of alpha.
   5. shape: the square and the circle of the same area drawn at that centre (`world.shape_coverage`); the one
      closer to alpha (squared error) wins.
-  6. confidence: presence x fit, presence = min(1, area / 100 px) (100 px: half the smallest object the world
+  6. confidence: presence x fit, presence = min(1, area / AREA_REF) (226 px: half the smallest circle the world
      draws), fit = the share of the window's residual energy the one-colour blend explains.
 On rendered ground truth the background fit is exact, so alpha is the rendered coverage and the centre is its
 centroid: within 0.4 / size px of `Scene.centre` (tests/test_world.py derives the bound).
@@ -42,13 +44,13 @@ COLOUR_NAMES = tuple(world.COLOURS)
 PALETTE = np.array([world.COLOURS[c] for c in COLOUR_NAMES])  # [4, 3] RGB in [0, 1]
 SHAPE_NAMES = tuple(world.SHAPES)
 
-HALF_WINDOW = 24  # px: the window is 49 x 49, room for the largest object (26 px) off-centre by 10 px
-BOX = 15  # px: the box the first position is found with (a little under the smallest object, 16 px)
+HALF_WINDOW = int(world.SIZE_RANGE[1] // 2) + 16  # px: room for the largest object off-centre by 16 px
+BOX = int(world.SIZE_RANGE[0]) - 1  # px: the box the first position is found with (a little under the smallest object)
 WIDEN = 2  # px: how far the salient pixels are widened (and eroded for the interior)
 TAU_MIN = 0.04  # RGB: the smallest residual that counts as the object (noise raises it to 4 sigma)
 AREA_REF = 0.5 * np.pi / 4 * world.SIZE_RANGE[0] ** 2  # px: half the area of the smallest circle the world draws
 DETECTED = 0.5  # confidence from which a frame counts as showing the object
-MIN_SPEED = 0.25  # px / frame: slower than this is "static" (the world's objects move 0.8 - 1.4)
+MIN_SPEED = 0.25  # px / frame: slower than this is "static" (world.SPEED_RANGE: the objects move faster)
 BATCH = 64  # frames tracked at once (bounds memory on long videos)
 
 
@@ -103,11 +105,13 @@ def track(video) -> Track:
     if H < 2 * HALF_WINDOW + 1 or W < 2 * HALF_WINDOW + 1:
         raise ValueError(f"frames of {H} x {W} px are smaller than the tracker's window ({2 * HALF_WINDOW + 1} px)")
     step = max(1, T // 64)
-    angle = _fit_angle(np.median(frames[::step], axis=0))
+    median = np.median(frames[::step], axis=0)  # [H, W, 3]: the static background, the moving object mostly gone
+    angle = _fit_angle(median)
     design = _design(angle, H, W)  # [H * W, 4]
+    background = _background_fit(median[None], design, None)[0][0]  # [H, W, 3]: where each frame's fit starts
     parts, prev = [], None
     for start in range(0, T, BATCH):
-        part, prev = _track_batch(frames[start : start + BATCH], design, prev)
+        part, prev = _track_batch(frames[start : start + BATCH], design, prev, background)
         parts.append(part)
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return Track(size=(H, W), **out)
@@ -207,18 +211,32 @@ def _box_sum(x: np.ndarray, size: int) -> np.ndarray:
     return np.fft.irfft2(np.fft.rfft2(x) * np.fft.rfft2(kernel), s=(H, W))
 
 
-def _track_batch(frames: np.ndarray, design: np.ndarray, prev):
+def _background_fit(frames: np.ndarray, design: np.ndarray, start: np.ndarray | None, rounds: int = 3):
+    """Each frame's background [B, H, W, 3], the gradient fitted on what is not the object, which is found from the
+    residual of the fit before: (bg, resid, smooth residual, tau [B], keep [B, H * W]) of the last round. The first
+    residual is against `start` [H, W, 3] when given (the video's median background: a fit over every pixel is
+    pulled so far by a large object in a corner that the noise level of its residual hides the object), else
+    against a fit over every pixel."""
     B, H, W, _ = frames.shape
     values = frames.reshape(B, H * W, 3)
+    bg = None if start is None else np.broadcast_to(start, frames.shape)
     keep = np.ones((B, H * W))
-    for _ in range(3):  # the background, fitted on what is not the object; the object found from its residual
-        bg = _solve(design, keep, values).reshape(B, H, W, 3)
+    for i in range(rounds + (start is not None)):
+        if i or start is None:
+            bg = _solve(design, keep, values).reshape(B, H, W, 3)
         resid = frames - bg  # [B, H, W, 3]
         smooth = _box_mean3(resid)  # 3 x 3 mean: a third of the noise, edges 1 px wider
         mag = np.abs(smooth).max(-1)
         tau = np.maximum(TAU_MIN, 4 * _sigma(mag, keep.reshape(B, H, W) > 0))  # [B]
         outlier = _widen(mag > tau[:, None, None], WIDEN)
         keep = (~outlier).reshape(B, -1).astype(np.float64)
+    return bg, resid, smooth, tau, keep
+
+
+def _track_batch(frames: np.ndarray, design: np.ndarray, prev, background: np.ndarray):
+    B, H, W, _ = frames.shape
+    # the background, fitted on what is not the object; the object found from its residual
+    bg, resid, smooth, tau, keep = _background_fit(frames, design, background)
 
     # <r, C - bg> and |C - bg|^2 for each vocabulary colour C, without a [B, H, W, 4, 3] array
     flat_r, flat_bg = smooth.reshape(-1, 3), bg.reshape(-1, 3)

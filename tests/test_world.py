@@ -6,7 +6,7 @@ differs from the centre only through the sampling of its one-pixel edge ramp. Fo
 ramp is the exact area of each pixel inside the shape, so a row's centroid is off by [b(1 - b) - a(1 - a)] / 2 / s
 (a, b: the two partially covered end pixels), at most 1 / (8 s); the four corner pixels take min(a, b) instead of
 the area a b, at most 1/4 more each at most s/2 + 1/2 from the centre, adding at most (1 + 1/s) / (4 s). Together
-CENTROID_TOL = 0.4 / size px (0.025 px at the smallest size, 16 px). The circle's edge ramp is sampled the same way;
+CENTROID_TOL = 0.4 / size px (0.017 px at the smallest size, 24 px). The circle's edge ramp is sampled the same way;
 its measured worst case over a 17 x 17 grid of sub-pixel positions is 0.15 / size (the square's 0.19 / size).
 """
 

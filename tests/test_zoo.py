@@ -48,7 +48,7 @@ def test_render_scenes_equals_world_render():
     assert float((ours - torch.from_numpy(ref)).abs().max()) < 1e-6
 
 
-def test_world_dataset_is_the_encoded_world_and_is_cached(random_vae_file, tmp_path):
+def test_world_dataset_is_the_encoded_world_and_is_cached(random_vae_file, tmp_path, monkeypatch):
     from models.wan.vae import WanVAE
     from training.data import LatentDataset
     from training.world_data import make_world_dataset, world_dataset_path
@@ -56,6 +56,9 @@ def test_world_dataset_is_the_encoded_world_and_is_cached(random_vae_file, tmp_p
     path = world_dataset_path(random_vae_file, 3, 5, 2, tmp_path)
     assert path != world_dataset_path(random_vae_file, 4, 5, 2, tmp_path)  # the key follows the settings
     assert path != world_dataset_path(random_vae_file, 3, 6, 2, tmp_path)
+    monkeypatch.setattr(world, "VERSION", world.VERSION + 1)  # a set drawn by another rendering is not reused
+    assert path != world_dataset_path(random_vae_file, 3, 5, 2, tmp_path)
+    monkeypatch.undo()
     make_world_dataset(path, random_vae_file, 3, 5, 2, batch=2, progress=False, log=lambda *_: None)
     data = LatentDataset.from_file(path, seed=0, kind="latents")
     assert data.latents.shape == (3, 2, 16, 12, 16)

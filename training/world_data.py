@@ -80,7 +80,7 @@ def render_scenes(scenes: list[world.Scene], num_frames: int, device="cpu", heig
 
 def cache_key(vae_sha: str, num_videos: int, seed: int, latent_frames: int) -> str:
     what = dict(vae=vae_sha, num_videos=num_videos, seed=seed, latent_frames=latent_frames, height=world.HEIGHT,
-                width=world.WIDTH, format=FORMAT)
+                width=world.WIDTH, format=FORMAT, world=world.VERSION)
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
