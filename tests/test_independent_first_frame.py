@@ -1,4 +1,4 @@
-"""`independent_first_frame`: frame 0 is a chunk of its own, then chunks of 3 (reference 2.3; the researchers'
+"""`independent_first_frame`: frame 0 is a chunk of its own, then chunks of 3 (the researchers'
 extraction layout, block_sizes [1, 3, 3, 3, 3, 3, 3] for 19 frames and full_frame_attention [12, 19, 19]).
 
 Through the stack: the layout and its errors, the block-causal mask, KV-cache rollout == full-sequence forward,

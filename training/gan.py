@@ -1,5 +1,5 @@
 """GAN training of the causal generator against real videos (`trainer: gan`; the researchers' model/gan.py and
-trainer/gan.py, reference 4.6), with their config keys and defaults.
+trainer/gan.py in guandeh17/Self-Forcing), with their config keys and defaults.
 
 The discriminator is the fake score (the bidirectional Wan of `fake_name`) with a classification branch, kept as
 attributes of that model under the researchers' names (so the critic's checkpoint holds them):
