@@ -12,7 +12,8 @@ A video is a pure function of (prompt, seed):
     scene        a static background (a smooth gradient between two muted colours), one object of side / diameter
                  `size` px (24-36, `SIZE_RANGE`: 3-4.5 latent cells) whose centre moves `speed` px per pixel frame
                  (1.2-2.0, `SPEED_RANGE`: 0.6-1 latent cell per latent frame) in the named direction from
-                 `start`, wrapping around the frame's edges (a torus), so a video of any length keeps its motion
+                 `start` (near the centre), wrapping around the frame's edges (a torus), so a video of any
+                 length keeps its motion
     pixels       float32 [3, T, H, W] in [-1, 1], the VAE's input range; edges anti-aliased by coverage
     geometry     81 pixel frames = 21 latent frames (the Wan VAE's 4x temporal stride with a causal first frame),
                  96 x 128 pixels = 12 x 16 latents (8x spatial stride)
@@ -21,7 +22,8 @@ A video is a pure function of (prompt, seed):
 (it keeps growing past the edge); `% (height, width)` gives the drawn position.
 
 `VERSION` numbers the rendering: version 1 drew 16-26 px objects moving 0.8-1.4 px per frame (the first zoo models
-were trained on it), version 2 the sizes and speeds above. training/world_data.py keys its cached latent sets by
+were trained on it), version 2 the sizes and speeds above from a start anywhere in the frame, version 3 the same
+from a start within `START_JITTER` px of the frame's centre. training/world_data.py keys its cached latent sets by
 it, so a set drawn by another version is made again rather than reused.
 """
 
@@ -53,7 +55,12 @@ NUM_FRAMES, HEIGHT, WIDTH = 81, 96, 128
 # the first DiTs learned far more slowly than colour (docs/zoo.md).
 SIZE_RANGE = (24.0, 36.0)  # px, side of a square / diameter of a circle
 SPEED_RANGE = (1.2, 2.0)  # px per pixel frame
-VERSION = 2  # of the world's rendering: cached latent sets of another version are not reused (training/world_data.py)
+# Objects start near the frame's centre (within START_JITTER px on each axis): from a start anywhere on the torus
+# every single frame would look alike whatever the direction (only the frames' order would tell), and the DiTs
+# trained on that world used the colour word but not the direction word (docs/zoo.md). From the centre, each frame
+# already shows which way the object went, as each frame shows its colour.
+START_JITTER = 12.0  # px
+VERSION = 3  # of the world's rendering: cached latent sets of another version are not reused (training/world_data.py)
 BACKGROUND_RANGE = (0.10, 0.40)  # each RGB channel of the two background colours, in [0, 1]
 
 
@@ -115,7 +122,8 @@ def scene_for(prompt: str, seed: int, height: int = HEIGHT, width: int = WIDTH) 
     rng = np.random.default_rng([int(seed), 0x5F0C])
     size = float(rng.uniform(*SIZE_RANGE))
     speed = float(rng.uniform(*SPEED_RANGE))
-    start = (float(rng.uniform(0, height)), float(rng.uniform(0, width)))
+    start = (float(height / 2 + rng.uniform(-START_JITTER, START_JITTER)),
+             float(width / 2 + rng.uniform(-START_JITTER, START_JITTER)))
     bg = rng.uniform(*BACKGROUND_RANGE, size=(2, 3))
     angle = float(rng.uniform(0, 2 * np.pi))
     return Scene(colour, shape, direction, size, speed, start,

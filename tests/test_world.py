@@ -110,7 +110,7 @@ def test_scene_parameters_stay_in_their_ranges():
         s = world.scene_for("a green circle moving down", seed)
         assert world.SIZE_RANGE[0] <= s.size <= world.SIZE_RANGE[1]
         assert world.SPEED_RANGE[0] <= s.speed <= world.SPEED_RANGE[1]
-        assert 0 <= s.start[0] < H and 0 <= s.start[1] < W
+        assert abs(s.start[0] - H / 2) <= world.START_JITTER and abs(s.start[1] - W / 2) <= world.START_JITTER
         assert all(world.BACKGROUND_RANGE[0] <= v <= world.BACKGROUND_RANGE[1] for c in s.background for v in c)
 
 

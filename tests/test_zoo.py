@@ -126,7 +126,8 @@ def test_ode_pairs_do_not_depend_on_the_batch_size():
 def test_pooling_init_is_a_block_average_codec():
     import torch.nn.functional as F
 
-    from training.world_vae import decode_unclamped, encode_moments, held_out_videos, new_vae, psnr
+    from training.world_vae import held_out_videos, psnr
+    from training.world_vae_model import decode_unclamped, encode_moments, new_vae
 
     model = new_vae().eval()  # the world layout, pooling init
     _, videos = held_out_videos(2, num_frames=9)
@@ -143,8 +144,8 @@ def test_pooling_init_is_a_block_average_codec():
 
 def test_fold_keeps_the_round_trip_and_normalises_the_latents():
     from models.wan.vae import LATENTS_STD, VAELayout, WanVAE
-    from training.world_vae import (fold_latent_stats, held_out_videos, new_vae, raw_latent_stats,
-                                    set_posterior_width, wan_state_dict)
+    from training.world_vae import held_out_videos, raw_latent_stats
+    from training.world_vae_model import fold_latent_stats, new_vae, set_posterior_width, wan_state_dict
 
     layout = VAELayout(2, 16, (1, 2, 2, 2), 1, (False, True, True))
     model = new_vae(layout, seed=3, pooling=False).eval()
