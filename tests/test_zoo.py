@@ -328,6 +328,11 @@ def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path):
         assert st["steps"] == 3 and not st["stopped_early"], (stage, st)
         assert all(np.isfinite(v["last"]) for k, v in st.items() if k.endswith("_loss"))
     assert set(report["stages"]["check"]) == set(ZOO) | {"seconds"}
+    for name in ZOO:  # the word check of every model, at the three timesteps, on 4 videos in short mode
+        words = report["stages"]["check"][name]["words"]
+        assert set(words["timesteps"]) == {"900", "700", "500"} and words["videos"] == 4, (name, words)
+        assert all(np.isfinite(list(r["ratios"].values())).all() for r in words["timesteps"].values())
+    assert "words: colour x" in (out / "zoo_log.txt").read_text()
     assert report["stages"]["vae"]["steps"] == 2 and np.isfinite(report["stages"]["vae"]["psnr_db"])
     ship = work / "ship" / "data" / "embedded"
     TextEncoder.from_wan_dir(ship).encode(["a red square moving left"])

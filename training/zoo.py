@@ -24,7 +24,8 @@ Stages, in order; each is skipped when its output exists (so a second call conti
     dmd        configs/zoo_dmd.yaml       -> checkpoints/self_forcing_dmd.pt
     sid        configs/zoo_sid.yaml       -> checkpoints/self_forcing_sid.pt
     check      every trained model samples the prompt grid; a quick pixel tracker reads colour, shape and
-               direction back (training/zoo_check.py `quick_track`) -> WORK/check.json
+               direction back (training/zoo_check.py `quick_track`), and the word check measures how much each
+               prompt word steers its flow prediction (training/word_check.py) -> WORK/check.json
     ship       WORK/ship/data/embedded/: the zoo as data/embedded ships it (DiT weights in bf16)
 
 Time budget (--budget SECONDS): each training stage gets a share of the time left (`WEIGHTS`); a stage whose
@@ -256,7 +257,7 @@ class Zoo:
     def stage_check(self, deadline) -> dict:
         cfg, _ = self.config("teacher")
         result = check_models(self.teacher_dir, self.device, frames=cfg.image_or_video_shape[1], short=self.short,
-                              log=self.log)
+                              log=self.log, shift=cfg.model_kwargs.timestep_shift)
         from models.files import atomic_write
 
         atomic_write(self.work / "check.json", lambda p: Path(p).write_text(json.dumps(result, indent=1) + "\n"))

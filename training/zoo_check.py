@@ -1,6 +1,7 @@
 """The zoo's quick check: every trained model samples the prompt grid and a quick pixel tracker reads colour,
 shape and direction back (the `check` stage of training/zoo.py; studies/world_metrics.py has the full tracker
-that `workbench evaluate` uses).
+that `workbench evaluate` uses); the word check (training/word_check.py) measures whether each prompt word
+steers the model's flow prediction at all.
 """
 
 from __future__ import annotations
@@ -51,15 +52,19 @@ def quick_track(video: np.ndarray, threshold: float = 0.3) -> dict:
 
 
 @torch.no_grad()
-def check_models(folder: Path, device: str, *, frames: int = 21, short: bool = False, seeds=(0,), log=print) -> dict:
+def check_models(folder: Path, device: str, *, frames: int = 21, short: bool = False, seeds=(0,), log=print,
+                 word_videos: int | None = None, shift: float = 5.0) -> dict:
     """Each zoo model found in `folder` samples every prompt of the grid (template 0) with its own sampler; the
-    share of videos whose colour, shape and direction `quick_track` reads back as the prompt names them."""
+    share of videos whose colour, shape and direction `quick_track` reads back as the prompt names them. Then
+    the word check (training/word_check.py `flow_word_errors`) on `word_videos` held-out world videos (default
+    12, 4 with `short`) at the timestep `shift` of the zoo configs: result["words"]."""
     from models.errors import CheckpointError
     from models.wan.checkpoint import load_wan
     from models.wan.embedded import ZOO
     from models.common.rollout import sample
     from models.wan.text_encoder import TextEncoder
     from models.wan.vae import WanVAE
+    from training.word_check import describe, flow_word_errors, held_out_latents
 
     dev = torch.device(device)
     prompts = world.prompt_grid()
@@ -68,6 +73,11 @@ def check_models(folder: Path, device: str, *, frames: int = 21, short: bool = F
     encoder = TextEncoder.from_wan_dir(folder, device=dev)
     context = encoder.encode(prompts).context.to(dev)
     vae = WanVAE.from_file(folder / "Wan2.1_VAE.pth", device=dev)
+    word_prompts, word_x0 = held_out_latents(vae, word_videos or (4 if short else 12), frames)  # shared by all
+
+    def encode(ps: list[str]) -> torch.Tensor:
+        return encoder.encode(ps).context
+
     results = {}
     for name, entry in ZOO.items():
         ckpt = entry.checkpoint_path(folder)
@@ -102,5 +112,7 @@ def check_models(folder: Path, device: str, *, frames: int = 21, short: bool = F
         results[name] = r
         log(f"[check] {name}: colour {r['colour']:.2f}, shape {r['shape']:.2f}, direction {r['direction']:.2f}, "
             f"all three {r['all']:.2f} over {len(rows)} videos ({r['seconds']} s)")
+        r["words"] = flow_word_errors(model, encode, word_prompts, word_x0, shift=shift)
+        log(f"[check] {name} words: {describe(r['words'])}")
         del model
     return results

@@ -63,6 +63,7 @@ def ship(teacher_dir: Path, out: Path, report: dict, configs: dict) -> Path:
 def zoo_markdown(report: dict, configs: dict) -> str:
     """checkpoints/ZOO.md: what each file is and how it was trained (from the driver's report)."""
     from models.wan.embedded import ZOO
+    from training.word_check import describe
 
     lines = ["# The embedded zoo", "",
              "Trained on the miniature world (models/world.py) by `python3 -m training.zoo` (training/zoo.py;",
@@ -75,9 +76,11 @@ def zoo_markdown(report: dict, configs: dict) -> str:
                      f"| {configs[name]} | {st.get('steps', '?')} | {st.get('seconds', '?')} | {losses} |")
     check = report["stages"].get("check", {})
     if check:
-        lines += ["", "Quick check (training/zoo_check.py `quick_track`, the 32 prompts of the grid, seed 0):", "",
-                  "| model | colour | shape | direction | all three |", "|---|---|---|---|---|"]
-        lines += [f"| {n} | {r['colour']} | {r['shape']} | {r['direction']} | {r['all']} |"
+        lines += ["", "Quick check (training/zoo_check.py `quick_track`, the 32 prompts of the grid, seed 0; words: the",
+                  "word check of training/word_check.py, flow error with the word swapped / with the true prompt):",
+                  "", "| model | colour | shape | direction | all three | words |", "|---|---|---|---|---|---|"]
+        lines += [f"| {n} | {r['colour']} | {r['shape']} | {r['direction']} | {r['all']} | "
+                  f"{describe(r['words']) if 'words' in r else ''} |"
                   for n, r in check.items() if isinstance(r, dict) and "colour" in r]
     return "\n".join(lines) + "\n"
 
