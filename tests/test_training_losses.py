@@ -193,3 +193,18 @@ def test_score_timestep_without_shift():
     """timestep_shift <= 1 leaves the integer draw as it is, only clamped."""
     t = score_timestep([rng.generator(0, s, "t", 0) for s in range(200)], 2, shift=1.0)
     assert (t == t.round()).all() and t.min() >= 20 and t.max() <= 980 and t.max() > 900
+
+
+def test_diffusion_loss_uniform_weighting_is_the_plain_mean():
+    """weighting="uniform": the same draws as the bump's, every frame's MSE counted alike."""
+    x0 = torch.randn(B, F, C, H, W, generator=torch.Generator().manual_seed(4))
+    model = Linear(0.0)  # predicts zero flow: per-frame loss = mean((eps - x0)^2)
+    gens = [rng.generator(0, 0, "diffusion", i) for i in range(B)]
+    uniform = diffusion_loss(model, x0, torch.zeros(B, 3, 5), scheduler=SCHED, gens=gens, weighting="uniform")
+    gens = [rng.generator(0, 0, "diffusion", i) for i in range(B)]
+    torch.stack([torch.randint(0, 1000, (1,), generator=g) for g in gens])  # the index draw comes first
+    noise = rng.randn(gens, x0.shape[1:], device="cpu")
+    torch.testing.assert_close(uniform, ((noise - x0) ** 2).mean(dim=(2, 3, 4)).mean(), rtol=1e-5, atol=1e-7)
+    gens = [rng.generator(0, 0, "diffusion", i) for i in range(B)]
+    bump = diffusion_loss(model, x0, torch.zeros(B, 3, 5), scheduler=SCHED, gens=gens)
+    assert abs(float(bump) - float(uniform)) > 1e-4  # the bump weights the same draws otherwise

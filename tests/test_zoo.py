@@ -88,6 +88,12 @@ def test_world_data_path_needs_diffusion_and_a_vae(tmp_path):
     cfg, _ = load_train_config(ROOT / "configs/zoo_dmd.yaml", ["prompt_dropout=0.1"])
     with pytest.raises(TrainingError, match="prompt_dropout is for diffusion"):
         check_config(cfg, 1)
+    cfg, _ = load_train_config(ROOT / "configs/zoo_teacher.yaml", ["timestep_weighting=flat"])
+    with pytest.raises(TrainingError, match=r"timestep_weighting 'flat'; use one of \['bump', 'uniform'\]"):
+        check_config(cfg, 1)
+    cfg, _ = load_train_config(ROOT / "configs/zoo_dmd.yaml", ["timestep_weighting=uniform"])
+    with pytest.raises(TrainingError, match="timestep_weighting is for diffusion"):
+        check_config(cfg, 1)
 
 
 def test_prompt_dropout_rate_and_determinism():

@@ -24,6 +24,7 @@ from training import distributed as fsdp
 from training.errors import TrainingError
 
 TRAINERS = ("score_distillation", "ode", "diffusion", "gan")  # gan: training/gan.py
+TIMESTEP_WEIGHTINGS = ("bump", "uniform")  # diffusion_loss's weight over timesteps (training/losses.py)
 UNUSED_PARAM_GRADS = ("zero", "none")
 SID_QUIRK = ("the config sets sid_alpha but distribution_loss is 'dmd' (as the researchers' shipped "
              "self_forcing_sid.yaml does): like their trainer, this run trains DMD, with the SiD config's teacher "
@@ -123,6 +124,10 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
         raise TrainingError(f"prompt_dropout {cfg.prompt_dropout} must lie in [0, 1)")
     if cfg.prompt_dropout and cfg.trainer != "diffusion":
         raise TrainingError(f"prompt_dropout is for diffusion training (trainer {cfg.trainer!r} does not use it)")
+    if cfg.timestep_weighting not in TIMESTEP_WEIGHTINGS:
+        raise TrainingError(f"timestep_weighting {cfg.timestep_weighting!r}; use one of {list(TIMESTEP_WEIGHTINGS)}")
+    if cfg.timestep_weighting != "bump" and cfg.trainer != "diffusion":
+        raise TrainingError(f"timestep_weighting is for diffusion training (trainer {cfg.trainer!r} does not use it)")
     if cfg.data_path == "world" and cfg.trainer != "diffusion":
         raise TrainingError("data_path: world (latents of the miniature world) is for diffusion training; "
                             f"trainer {cfg.trainer!r} reads {'ODE pairs' if cfg.trainer == 'ode' else 'a prompt file'}")

@@ -181,6 +181,8 @@ class SelfForcingConfig:
     device: Optional[str] = None  # None: cuda when available
     ode_pairs: OdePairsConfig = field(default_factory=OdePairsConfig)
     prompt_dropout: float = 0.0  # diffusion training: the share of samples trained on negative_prompt instead (CFG)
+    timestep_weighting: str = "bump"  # diffusion training's loss weight over timesteps: "bump" (the researchers'
+    # Gaussian bump, near 0 at the noisiest and cleanest steps) or "uniform" (every drawn timestep counts alike)
     world: WorldDataConfig = field(default_factory=WorldDataConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     # anything else a config may carry, by name, is refused

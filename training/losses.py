@@ -139,8 +139,11 @@ def ode_regression_loss(generator, ode_latent: torch.Tensor, context, *, timeste
     return F.mse_loss(x0[mask].float(), ode_latent[:, -1][mask].float())
 
 
-def diffusion_loss(model, x0: torch.Tensor, context, *, scheduler: FlowMatchScheduler, gens: list[torch.Generator]):
-    """Flow-matching loss of a (bidirectional or causal) model on clean latents x0 [B, F, C, H, W]."""
+def diffusion_loss(model, x0: torch.Tensor, context, *, scheduler: FlowMatchScheduler, gens: list[torch.Generator],
+                   weighting: str = "bump"):
+    """Flow-matching loss of a (bidirectional or causal) model on clean latents x0 [B, F, C, H, W]. Each frame's
+    MSE is weighted by the scheduler's Gaussian bump over timesteps (`weighting="bump"`, the researchers' diffusion
+    trainer) or not at all ("uniform")."""
     B, Fr = x0.shape[:2]
     index = chunk_index(gens, model_chunks(model, Fr), scheduler.num_train_timesteps, device=x0.device)  # [B, F]
     t = scheduler.timesteps.to(x0.device)[index].float()
@@ -148,5 +151,7 @@ def diffusion_loss(model, x0: torch.Tensor, context, *, scheduler: FlowMatchSche
     x_t = scheduler.add_noise(x0, noise, t)
     flow = _from_model(model(_to_model(x_t), t if model.causal else t[:, 0], context))
     per_frame = F.mse_loss(flow.float(), (noise - x0).float(), reduction="none").mean(dim=(2, 3, 4))  # [B, F]
+    if weighting == "uniform":
+        return per_frame.mean()
     weight = scheduler.training_weight(t.cpu()).to(per_frame)
     return (per_frame * weight).mean()

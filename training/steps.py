@@ -139,7 +139,8 @@ class Steps:
             loss = ode_regression_loss(self.generator, latents, self.encode(prompts), timesteps=self.timesteps,
                                        scheduler=self.scheduler, gens=gens)
         else:
-            loss = diffusion_loss(self.generator, latents, self.encode(prompts), scheduler=self.scheduler, gens=gens)
+            loss = diffusion_loss(self.generator, latents, self.encode(prompts), scheduler=self.scheduler, gens=gens,
+                                  weighting=self.cfg.timestep_weighting)
         return loss, {}
 
     def drop_prompts(self, prompts: list[str], global_idx: list[int]) -> list[str]:
