@@ -176,6 +176,16 @@ def test_fold_keeps_the_round_trip_and_normalises_the_latents():
     h = model._encode(videos[:1])
     sigma = torch.exp(0.5 * h[:, 16:]).mean(dim=(0, 2, 3, 4))
     torch.testing.assert_close(sigma, 0.1 * torch.tensor(LATENTS_STD), rtol=1e-4, atol=1e-6)
+    # folds compose (--init-from folds again on top of a file's fold): move the folded encoder's output as
+    # training would, measure and fold again: normalised again
+    with torch.no_grad():
+        model.quant_conv.weight[:16] *= 3.0
+        model.quant_conv.bias[:16] += 0.5
+    fold_latent_stats(model, *raw_latent_stats(model, videos, "cpu"))
+    again = WanVAE.from_state_dict(wan_state_dict(model, layout))
+    per_channel = torch.cat([again.encode(v[None]) for v in videos]).transpose(0, 2).reshape(16, -1).double()
+    torch.testing.assert_close(per_channel.mean(1), torch.zeros(16, dtype=torch.float64), rtol=0, atol=1e-4)
+    torch.testing.assert_close(per_channel.std(1), torch.ones(16, dtype=torch.float64), rtol=0, atol=1e-4)
 
 
 def test_vae_trainer_runs_and_writes_the_official_layout(tmp_path):
@@ -215,6 +225,27 @@ def test_vae_decoder_only_training_keeps_the_latent_space(tmp_path):
     assert torch.equal(WanVAE.from_file(src).encode(video), WanVAE.from_file(tmp_path / "Wan2.1_VAE.pth").encode(video))
     with pytest.raises(SystemExit, match="no such file"):
         train(VAETrainConfig(decoder_from=str(tmp_path / "missing.pth")), tmp_path / "x", log=lambda *_: None)
+
+
+def test_vae_further_training_starts_from_the_file_and_trains_every_weight(tmp_path):
+    """--init-from: the model starts as the file's VAE (which the loader hands out frozen) and every weight trains,
+    the encoder's too; finish() then folds the statistics again on top of the file's (folds compose: see
+    test_fold_keeps_the_round_trip_and_normalises_the_latents). Bad flags are refused before any work."""
+    from models.wan.vae import WanVAE
+    from training.world_vae import VAETrainConfig, train
+    from training.world_vae_model import start_model, trained_parameters, WORLD_VAE
+
+    src = ROOT / "data" / "zoo" / "Wan2.1_VAE.pth"
+    cfg = VAETrainConfig(init_from=str(src))
+    model = start_model(cfg, WORLD_VAE)
+    want = WanVAE.from_file(src).model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    params = trained_parameters(model, cfg)
+    assert len(params) == len(list(model.parameters())) and all(p.requires_grad for p in params)
+    with pytest.raises(SystemExit, match="give one"):
+        train(VAETrainConfig(init_from=str(src), decoder_from=str(src)), tmp_path / "x", log=lambda *_: None)
+    with pytest.raises(SystemExit, match="--init-from .*no such file"):
+        train(VAETrainConfig(init_from=str(tmp_path / "missing.pth")), tmp_path / "y", log=lambda *_: None)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -36,8 +36,13 @@ Decoder only (`--decoder-from FILE`): start from a trained Wan2.1_VAE.pth and tr
 not move: world latents encoded before, and every DiT trained on them, stay valid, and only decoded pixels get
 sharper. Nothing is refolded; the reported start is that file.
 
+Further training (`--init-from FILE`): start every weight from a trained Wan2.1_VAE.pth (for example on a world
+whose rendering changed) and train all of them; the latent space moves, so the statistics are measured and folded
+again at the end, on top of the file's (the fold is an affine map, so folds compose).
+
     python -m training.world_vae --out runs/zoo/vae                       # the full run (CPU: ~45 min, 1 thread)
     python -m training.world_vae --out runs/vae_dec --decoder-from data/zoo/Wan2.1_VAE.pth --steps 3000
+    python -m training.world_vae --out runs/vae_more --init-from data/zoo/Wan2.1_VAE.pth --steps 1500
     python -m training.world_vae --out /tmp/vae --steps 20 --eval-videos 2  # a smoke test
 
 Writes into --out: Wan2.1_VAE.pth (float32, official key layout), vae_metrics.json (PSNR on held-out
@@ -83,6 +88,7 @@ class VAETrainConfig:
     save_every: int = 250
     device: str = "cpu"
     decoder_from: str = ""  # a Wan2.1_VAE.pth: train only its decoder (module docstring, "Decoder only")
+    init_from: str = ""  # a Wan2.1_VAE.pth: train all of it further (module docstring, "Further training")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -188,8 +194,11 @@ def check(cfg: VAETrainConfig) -> None:
         raise SystemExit(f"--frames {cfg.frames}: clips need 1 + 4k pixel frames (5, 9, 13, ...)")
     if cfg.crop % SPATIAL_STRIDE or not SPATIAL_STRIDE <= cfg.crop <= world.HEIGHT:
         raise SystemExit(f"--crop {cfg.crop}: a multiple of 8 between 8 and {world.HEIGHT}")
-    if cfg.decoder_from and not Path(cfg.decoder_from).is_file():
-        raise SystemExit(f"--decoder-from {cfg.decoder_from}: no such file (a Wan2.1_VAE.pth)")
+    if cfg.decoder_from and cfg.init_from:
+        raise SystemExit("--decoder-from and --init-from: give one (decoder only, or every weight further)")
+    for flag, path in (("--decoder-from", cfg.decoder_from), ("--init-from", cfg.init_from)):
+        if path and not Path(path).is_file():
+            raise SystemExit(f"{flag} {path}: no such file (a Wan2.1_VAE.pth)")
     if cfg.steps < 1 or cfg.batch < 1 or cfg.eval_videos < 1:
         raise SystemExit("--steps, --batch and --eval-videos must be >= 1")
 

@@ -116,21 +116,24 @@ def pooling_init(model, const: float = 8.0, unit: float = 0.07, gain: float = 10
 
 
 def start_model(cfg: "VAETrainConfig", layout: VAELayout):
-    """The model training starts from: the block-average codec, or with decoder_from that file's VAE."""
-    if not cfg.decoder_from:
+    """The model training starts from: the block-average codec, or with decoder_from / init_from that file's VAE."""
+    path = cfg.decoder_from or cfg.init_from
+    if not path:
         return new_vae(layout, cfg.seed)
-    vae = WanVAE.from_file(cfg.decoder_from)
+    vae = WanVAE.from_file(path)
     model, found = vae.model.float(), vae.layout
     if (found.base_dim, tuple(found.dim_mult)) != (layout.base_dim, tuple(layout.dim_mult)):
-        raise SystemExit(f"--decoder-from {cfg.decoder_from}: base_dim {found.base_dim}, dim_mult {found.dim_mult}; "
+        flag = "--decoder-from" if cfg.decoder_from else "--init-from"
+        raise SystemExit(f"{flag} {path}: base_dim {found.base_dim}, dim_mult {found.dim_mult}; "
                          f"--base-dim / --dim-mult ask for {layout.base_dim}, {layout.dim_mult}")
     return model
 
 
 def trained_parameters(model, cfg: "VAETrainConfig") -> list:
-    """Every parameter, or with decoder_from the decoder's and post_quant_conv's (the rest frozen)."""
+    """Every parameter, or with decoder_from the decoder's and post_quant_conv's (the rest frozen). (A VAE read from
+    a file comes frozen, for inference: the trained ones are unfrozen here.)"""
     if not cfg.decoder_from:
-        return list(model.parameters())
+        return [p.requires_grad_(True) for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     params = [*model.decoder.parameters(), *model.post_quant_conv.parameters()]
