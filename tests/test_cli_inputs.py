@@ -189,14 +189,29 @@ def test_extract_summary_is_per_layer_and_head(tmp_path):
     summary that averaged head 0 over the layers would print 0.5. A bidirectional store of 16 steps lists them as
     a range; no value prints as -0.000."""
     causal = synthetic.write_store(tmp_path / "c.zarr", "causal", layers=(0, 1), num_heads=4)
+    from workbench.store import open_store
     from workbench.summary import summary_table
 
     text = summary_table(causal)
     rows = {tuple(int(v) for v in line.split()[:2]): [float(v) for v in line.split()[2:]]
             for line in text.splitlines() if line.split()[:1] and line.split()[0].isdigit()}
     assert sorted(rows) == [(layer, head) for layer in (0, 1) for head in range(4)]
-    np.testing.assert_allclose(rows[(0, 0)], [1.0, 0.0, 0.0], atol=1e-3)  # sink: all on frame 0
-    np.testing.assert_allclose(rows[(1, 0)], [0.0, 1.0, 0.0], atol=1e-3)  # local: all on its own chunk
+    np.testing.assert_allclose(rows[(0, 0)][:4], [1.0, 0.0, 0.0, 0.0], atol=1e-3)  # sink: all on frame 0
+    np.testing.assert_allclose(rows[(1, 0)][:3], [0.0, 1.0, 0.0], atol=1e-3)  # local: all on its own chunk
+    # same frame and mean distance against a float64 computation over the counted query frames (after chunk 0)
+    ds = open_store(causal)
+    m = ds.attn_mass.where(ds.phase == "denoise", drop=True).values.astype(np.float64)  # [sample, step, L, H, q, k]
+    q = ds.query_frame.values
+    counted = ds.query_chunk.values > 0
+    m = np.nan_to_num(m[..., counted, :])
+    dist = np.abs(q[counted][:, None] - ds.key_frame.values[None, :])
+    for (layer, head), got in rows.items():
+        mh = m[:, :, (0, 1).index(layer), head]  # [sample, step, q, k]
+        same = np.stack([mh[..., i, f] for i, f in enumerate(q[counted])], -1)
+        want_dist = (mh * dist).sum(-1) / mh.sum(-1)
+        np.testing.assert_allclose(got[3:], [same.mean(), want_dist.mean()], atol=6e-3)
+    assert "reading: most local layer 0 head 1 (1.00 of its attention on its own frame)" in text
+    assert "most drawn to frame 0: layer 0 head 0 (1.00)" in text
     bidi = synthetic.write_store(tmp_path / "b.zarr", "bidirectional", layers=tuple(range(10)), num_heads=12)
     text += summary_table(bidi)
     assert "steps 0-15" in text and "layers 0-9" in text and "-0.000" not in text

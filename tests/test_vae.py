@@ -169,7 +169,7 @@ def test_streaming_decode_equals_whole_decode(small_vae, chunks):
 
 def test_embedded_vae_21_latents_to_81_frames_streamed_in_chunks_of_3():
     vae = WanVAE.from_file(EMBEDDED / "Wan2.1_VAE.pth")
-    assert vae.layout == VAELayout(2, 16, (1, 2, 4, 4), 2, (False, True, True))
+    assert vae.layout == VAELayout(8, 16, (1, 1, 2, 4), 1, (False, True, True))  # the world VAE (training/world_vae.py)
     torch.manual_seed(3)
     latents = torch.randn(1, 21, 16, 12, 16)
     whole = vae.decode(latents)

@@ -274,6 +274,16 @@ def test_zoo_table_and_defaults():
     assert default_model(Path("/nonexistent")) is None  # nothing shipped there: the folder's own DiT
 
 
+def test_default_model_of_a_partly_shipped_zoo(tmp_path):
+    """The DMD student is the default once shipped; before, the folder's own DiT (causal), even beside a teacher."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "ZOO.md").write_text("")  # the teacher alone
+    (tmp_path / "checkpoints" / "self_forcing_sid.pt").write_bytes(b"")
+    assert default_model(tmp_path) is None
+    (tmp_path / "checkpoints" / "self_forcing_dmd.pt").write_bytes(b"")
+    assert default_model(tmp_path).name == "dmd"
+
+
 def test_model_option_resolves_and_refuses(tmp_path, monkeypatch):
     import argparse
 
@@ -364,7 +374,7 @@ def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path):
         st = report["stages"][stage]
         assert st["steps"] == 3 and not st["stopped_early"], (stage, st)
         assert all(np.isfinite(v["last"]) for k, v in st.items() if k.endswith("_loss"))
-    assert set(report["stages"]["check"]) == set(ZOO) | {"seconds"}
+    assert set(report["stages"]["check"]) == set(ZOO) | {"seconds", "device"}
     for name in ZOO:  # the word check of every model, at the three timesteps, on 4 videos in short mode
         words = report["stages"]["check"][name]["words"]
         assert set(words["timesteps"]) == {"900", "700", "500"} and words["videos"] == 4, (name, words)
@@ -376,6 +386,7 @@ def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path):
     WanVAE.from_file(ship / "Wan2.1_VAE.pth")
     load_wan(ship, causal=False)  # the teacher
     assert json.loads((ship / "config.json").read_text())["video_size"] == [96, 128]
+    assert json.loads((ship / "checkpoints" / "zoo_report.json").read_text())["stages"]["teacher"]["steps"] == 3
     for name, entry in ZOO.items():
         if entry.checkpoint is None:
             continue
@@ -405,7 +416,10 @@ def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path):
     before = (work / "teacher" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert main(argv + ["--stages", "teacher", "--continue", "teacher", "--set", "teacher:max_steps=5"]) == 0
     st = json.loads((work / "zoo_report.json").read_text())["stages"]["teacher"]
-    assert (st["steps"], st["resumed_from"]) == (5, 3), st
+    assert (st["steps"], st["resumed_from"], st["calls"], st["device"]) == (5, 3, 2, "cpu"), st
+    first_call = report["stages"]["teacher"]
+    assert st["seconds_total"] == pytest.approx(first_call["seconds"] + st["seconds"], abs=0.11)
+    assert st["generator_loss"]["first"] == first_call["generator_loss"]["first"]  # the loss the first call began at
     assert (work / "teacher" / "diffusion_pytorch_model.safetensors").read_bytes() != before
     # a stage cut short by its time share ships its trainer checkpoint in the state tar, to be continued
     from training.zoo_ship import write_tars
@@ -441,6 +455,51 @@ def test_zoo_adds_the_inputs_a_stage_reads_when_missing():
     assert with_prerequisites(["teacher"], lambda s: False) == ["init", "data", "teacher"]
     assert with_prerequisites(["teacher", "ode"], lambda s: s == "data") == ["init", "teacher", "ode"]
     assert with_prerequisites(["dmd", "check"], lambda s: False) == ["dmd", "check"]
+
+
+def test_zoo_trains_a_shipped_teacher_further_or_uses_it_as_it_is(tmp_path):
+    """--init-from FOLDER starts the teacher from that folder's DiT (not the seeded init) and the report adds the
+    steps and seconds its checkpoints/zoo_report.json records; --teacher FOLDER takes that teacher as it is,
+    without the data it would have trained on. Bad folders and both flags at once are refused before work."""
+    from safetensors.torch import load_file
+
+    from models.wan.checkpoint import save_wan_folder
+    from models.wan.config import WanConfig
+    from models.wan.embedded import EMBEDDED_CONFIG, make_embedded_state_dict
+    from training.zoo import main
+
+    shipped = tmp_path / "shipped"
+    weights = make_embedded_state_dict(seed=7)
+    save_wan_folder(shipped, EMBEDDED_CONFIG, {k: v.to(torch.bfloat16) for k, v in weights.items()})
+    (shipped / "checkpoints").mkdir()
+    (shipped / "checkpoints" / "zoo_report.json").write_text(json.dumps(
+        {"stages": {"teacher": {"steps": 100, "seconds": 40.0, "device": "cuda"}}}))
+    base = ["--short", "--device", "cpu", "--no-progress", "--stages", "teacher", "--vae", str(ROOT / "data/zoo/Wan2.1_VAE.pth")]
+    work = tmp_path / "continued"
+    assert main(base + ["--work", str(work), "--init-from", str(shipped)]) == 0
+    init = load_file(work / "init" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(init[k], v.to(torch.bfloat16).float()) for k, v in weights.items())
+    st = json.loads((work / "zoo_report.json").read_text())["stages"]
+    assert st["init"]["from"] == str(shipped) and st["init"]["earlier"]["steps"] == 100
+    assert (st["teacher"]["steps"], st["teacher"]["steps_total"], st["teacher"]["calls"]) == (3, 103, 2)
+    assert st["teacher"]["seconds_total"] == pytest.approx(40.0 + st["teacher"]["seconds"], abs=0.11)
+    work = tmp_path / "as_is"
+    assert main(base + ["--work", str(work), "--teacher", str(shipped)]) == 0
+    teacher = load_file(work / "teacher" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(teacher[k], v.to(torch.bfloat16).float()) for k, v in weights.items())
+    st = json.loads((work / "zoo_report.json").read_text())["stages"]
+    assert sorted(st) == ["teacher"] and st["teacher"]["steps"] == 100  # no init, no data: nothing trained here
+    for argv, match in ((["--init-from", str(tmp_path / "nowhere")], "not a Wan folder"),
+                        (["--init-from", str(shipped), "--teacher", str(shipped)], "give one of them")):
+        with pytest.raises(SystemExit):
+            main(base + ["--work", str(tmp_path / "refused")] + argv)
+        assert not (tmp_path / "refused").exists()
+    other = tmp_path / "other"
+    save_wan_folder(other, WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=64),
+                    {k: v for k, v in make_embedded_state_dict(seed=1).items() if "blocks." not in k or
+                     k.split(".")[1] in ("0", "1")})
+    with pytest.raises(SystemExit, match="is not the zoo's"):
+        main(base + ["--work", str(tmp_path / "w3"), "--teacher", str(other)])
 
 
 def test_zoo_stopped_by_sigterm_still_writes_its_log_and_report(tmp_path):

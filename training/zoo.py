@@ -76,8 +76,10 @@ class Zoo:
 
     def __init__(self, work: Path, *, device: str, short: bool, budget: float | None, vae: Path | None,
                  source: Path, progress: bool, log=print, sets: list[str] | None = None, keep_going: bool = False,
-                 more: list[str] | None = None):
+                 more: list[str] | None = None, init_from: Path | None = None, teacher: Path | None = None):
         self.work, self.device, self.short = Path(work), device, short
+        self.init_from = Path(init_from) if init_from is not None else None  # a Wan folder whose DiT starts the teacher
+        self.given_teacher = Path(teacher) if teacher is not None else None  # a trained teacher folder, not trained here
         self.more = set(more or [])  # training stages to continue (from WORK/logs/STAGE) although their output exists
         self.keep_going = keep_going  # a failed stage is logged and recorded; the later stages still run
         self.given_vae = Path(vae) if vae is not None else None  # None: the vae stage trains one
@@ -101,6 +103,25 @@ class Zoo:
         left = self.deadline - time.perf_counter()
         total = sum(WEIGHTS.get(s, 0.0) for s in todo) or 1.0
         return time.perf_counter() + max(0.0, left) * WEIGHTS.get(stage, 0.0) / total
+
+    def continued(self, stage: str, seconds: float, summary: dict) -> dict:
+        """For a training stage resumed from an earlier call's checkpoint (`--continue`): the totals over every
+        call (`seconds_total`, `calls`) and the loss the first call started from, so that the report and ZOO.md
+        say how long the model trained in all, not only in the last call."""
+        before = self.report["stages"].get(stage, {})
+        if stage == "teacher" and summary.get("resumed_from") is None and "steps" in summary:
+            before = self.report["stages"].get("init", {}).get("earlier", {})  # --init-from a trained teacher
+            if "steps" not in before:
+                return {}
+            return {"steps_total": before.get("steps_total", before["steps"]) + summary["steps"],
+                    "seconds_total": round(before.get("seconds_total", before["seconds"]) + seconds, 1),
+                    "calls": before.get("calls", 1) + 1}
+        if summary.get("resumed_from") is None or "seconds" not in before:
+            return {}
+        losses = {k: {**v, "first": before[k]["first"]} for k, v in summary.items()
+                  if k.endswith("_loss") and isinstance(v, dict) and k in before}
+        return {"seconds_total": round(before.get("seconds_total", before["seconds"]) + seconds, 1),
+                "calls": before.get("calls", 1) + 1, **losses}
 
     def record(self, stage: str, **values) -> None:
         self.report["stages"][stage] = {**self.report["stages"].get(stage, {}), **values}
@@ -165,7 +186,8 @@ class Zoo:
     # --- the stages -----------------------------------------------------------------------------------------
 
     def run(self, stages: list[str]) -> dict:
-        stages = with_prerequisites(stages, self.done)
+        needs = {**NEEDS, "teacher": ()} if self.given_teacher is not None else NEEDS
+        stages = with_prerequisites(stages, self.done, needs)
         self.log(f"zoo: work folder {self.work}, device {self.device}, stages {', '.join(stages)}"
                  + (f", budget {self.report['budget_s']:.0f} s" if self.deadline else "") + (" (short)" if self.short else ""))
         for i, stage in enumerate(stages):
@@ -186,7 +208,8 @@ class Zoo:
                 self.record(stage, failed=f"{type(exc).__name__}: {exc}")
                 continue
             seconds = time.perf_counter() - t0
-            self.record(stage, seconds=round(seconds, 1), **summary)
+            self.record(stage, **{"seconds": round(seconds, 1), "device": self.device, **summary,
+                                  **self.continued(stage, seconds, summary)})
             self.log(f"[{stage}] done in {seconds:.1f} s: " + json.dumps(summary, default=str)[:600])
             if self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -210,8 +233,11 @@ class Zoo:
 
         folder = self.work / "init"
         copy_text_and_vae(self.source, self.vae_file(), folder)
-        save_wan_folder(folder, EMBEDDED_CONFIG, make_embedded_state_dict(), video_size=EMBEDDED_VIDEO_SIZE)
-        return {"folder": str(folder)}
+        if self.init_from is None:
+            save_wan_folder(folder, EMBEDDED_CONFIG, make_embedded_state_dict(), video_size=EMBEDDED_VIDEO_SIZE)
+            return {"folder": str(folder)}
+        save_wan_folder(folder, EMBEDDED_CONFIG, zoo_dit(self.init_from), video_size=EMBEDDED_VIDEO_SIZE)
+        return {"folder": str(folder), "from": str(self.init_from), "earlier": earlier_teacher(self.init_from)}
 
     def stage_data(self, deadline) -> dict:
         from training.world_data import make_world_dataset, world_dataset_path
@@ -227,6 +253,11 @@ class Zoo:
         from models.wan.checkpoint import read_self_forcing, save_wan_folder
         from models.wan.embedded import EMBEDDED_CONFIG, EMBEDDED_VIDEO_SIZE
 
+        if self.given_teacher is not None:  # --teacher FOLDER: that teacher, as it is
+            copy_text_and_vae(self.source, self.vae_file(), self.teacher_dir)
+            save_wan_folder(self.teacher_dir, EMBEDDED_CONFIG, zoo_dit(self.given_teacher),
+                            video_size=EMBEDDED_VIDEO_SIZE)
+            return {**earlier_teacher(self.given_teacher), "from": str(self.given_teacher)}
         summary, ckpt = self.train_config("teacher", deadline)
         blob = torch.load(ckpt, map_location="cpu", weights_only=True)
         key = "generator_ema" if "generator_ema" in blob else "generator"
@@ -315,13 +346,35 @@ class Zoo:
         return summary, folder / "model.pt"
 
 
+def zoo_dit(folder: Path) -> dict:
+    """The DiT weights of the Wan folder `folder` in float32, after checking it has the zoo's shape."""
+    from models.wan.checkpoint import read_wan_folder
+    from models.wan.embedded import EMBEDDED_CONFIG
+
+    config, state = read_wan_folder(folder)
+    if config != EMBEDDED_CONFIG:
+        raise SystemExit(f"{folder}: its DiT config {config} is not the zoo's ({EMBEDDED_CONFIG})")
+    return {k: v.float() for k, v in state.items()}
+
+
+def earlier_teacher(folder: Path) -> dict:
+    """How the teacher in the shipped zoo `folder` was trained (its checkpoints/zoo_report.json, written by
+    `ship`): steps, seconds and calls, so that training it further reports the totals; {} when unknown."""
+    report = Path(folder) / "checkpoints" / "zoo_report.json"
+    if not report.is_file():
+        return {}
+    st = json.loads(report.read_text()).get("stages", {}).get("teacher", {})
+    keep = ("steps", "steps_total", "seconds", "seconds_total", "calls", "device", "generator_loss")
+    return {k: st[k] for k in keep if k in st}
+
+
 NEEDS = {"teacher": ("init", "data"), "df": ("data",)}  # the cheap inputs a stage reads from this work folder
 
 
-def with_prerequisites(stages: list[str], done) -> list[str]:
-    """`stages` plus the inputs they read (`NEEDS`) that are not done yet (e.g. `init` on a fresh machine that
+def with_prerequisites(stages: list[str], done, needs: dict = NEEDS) -> list[str]:
+    """`stages` plus the inputs they read (`needs`) that are not done yet (e.g. `init` on a fresh machine that
     continues a teacher from a state tar), in STAGES order."""
-    wanted = set(stages) | {need for s in stages for need in NEEDS.get(s, ()) if not done(need)}
+    wanted = set(stages) | {need for s in stages for need in needs.get(s, ()) if not done(need)}
     return [s for s in STAGES if s in wanted]
 
 
@@ -347,6 +400,13 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, help="seconds for all the stages asked for (default: no limit)")
     ap.add_argument("--short", action="store_true", help="every stage shortened (6 frames, 3 steps): a CPU test")
     ap.add_argument("--vae", help="use this Wan2.1_VAE.pth instead of training one (the vae stage)")
+    ap.add_argument("--init-from", metavar="FOLDER",
+                    help="start the teacher from the DiT of this Wan folder (a shipped zoo: data/embedded) instead of "
+                         "the seeded init, to train it further on a fresh machine (fresh optimiser; the report adds "
+                         "the steps and seconds of its checkpoints/zoo_report.json)")
+    ap.add_argument("--teacher", metavar="FOLDER",
+                    help="use the teacher of this Wan folder (a shipped zoo: data/embedded) as it is: the teacher "
+                         "stage copies it instead of training (for ODE pairs and students from a shipped teacher)")
     ap.add_argument("--source", default=str(ROOT / "data" / "embedded"),
                     help="the folder whose text encoder and tokenizer the zoo uses (default: data/embedded)")
     ap.add_argument("--set", nargs="+", default=[], metavar="[STAGE:]KEY=VALUE",
@@ -374,6 +434,11 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"--continue {','.join(bad)}: only training stages that --stages also runs (teacher, df, ode, dmd, "
                  f"sid) can be continued")
+    for flag, folder in (("--init-from", args.init_from), ("--teacher", args.teacher)):
+        if folder is not None and not (Path(folder) / "diffusion_pytorch_model.safetensors").is_file():
+            ap.error(f"{flag} {folder}: not a Wan folder (no diffusion_pytorch_model.safetensors in it)")
+    if args.init_from and args.teacher:
+        ap.error("--init-from trains the teacher further, --teacher uses one as it is: give one of them")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     work = Path(args.work or ("runs/zoo_short" if args.short else "runs/zoo"))
     out = Path(args.out) if args.out else None
@@ -389,7 +454,7 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     zoo = Zoo(work, device=device, short=args.short, budget=args.budget, vae=args.vae,
               source=Path(args.source), progress=not args.no_progress, log=log, sets=args.set,
-              keep_going=args.keep_going, more=more)
+              keep_going=args.keep_going, more=more, init_from=args.init_from, teacher=args.teacher)
     work.mkdir(parents=True, exist_ok=True)
     # `timeout` and job schedulers stop with SIGTERM: exit through the finally below, so that the log, the report
     # and the tars of what is done still reach --out (checkpoints are written atomically, so none is half-written)

@@ -47,33 +47,45 @@ def ship(teacher_dir: Path, out: Path, report: dict, configs: dict) -> Path:
     copy_text_and_vae(teacher_dir, teacher_dir / "Wan2.1_VAE.pth", out)
     save_wan_folder(out, config, {k: v.to(torch.bfloat16) for k, v in state.items()},
                     video_size=default_video_size(teacher_dir))
+    shipped = {"teacher"}
     for entry in ZOO.values():
         src = entry.checkpoint_path(teacher_dir)
         if src is None or not src.is_file():
             continue
+        shipped.add(entry.name)
         blob = load_tensors(src)
         parts = {k: {n.removeprefix("model."): t.to(torch.bfloat16) for n, t in blob[k].items()}
                  for k in ("generator", "generator_ema", "critic") if k in blob}
         save_self_forcing(entry.checkpoint_path(out), **parts)
-    atomic_write(out / ZOO_MARKER, lambda p: Path(p).write_text(zoo_markdown(report, configs)))
+    # how each stage ran (its own device, steps, seconds, losses, the check): not the calling run's top-level keys,
+    # which say only where the last call (often this ship alone) ran
+    atomic_write(out / "checkpoints" / "zoo_report.json",
+                 lambda p: Path(p).write_text(json.dumps({"stages": report["stages"]}, indent=1)))
+    atomic_write(out / ZOO_MARKER, lambda p: Path(p).write_text(zoo_markdown(report, configs, shipped)))
     assert (out / WEIGHTS_NAME).is_file() and (out / T5_WEIGHTS_NAME).is_file() and (out / TOKENIZER_SUBDIR).is_dir()
     return out
 
 
-def zoo_markdown(report: dict, configs: dict) -> str:
-    """checkpoints/ZOO.md: what each file is and how it was trained (from the driver's report)."""
+def zoo_markdown(report: dict, configs: dict, shipped: set[str]) -> str:
+    """checkpoints/ZOO.md: what each shipped model (`shipped`: zoo names) is and how it was trained (from the
+    driver's report)."""
     from models.wan.embedded import ZOO
     from training.word_check import describe
 
     lines = ["# The embedded zoo", "",
              "Trained on the miniature world (models/world.py) by `python3 -m training.zoo` (training/zoo.py;",
-             "docs/zoo.md) on " + str(report.get("device")) + ". Each model: `workbench generate --model NAME`.", "",
-             "| name | what | file | config | steps | seconds | last losses |", "|---|---|---|---|---|---|---|"]
+             "docs/zoo.md). Each model: `workbench generate --model NAME`; the models not listed are not trained yet.",
+             "", "| name | what | file | config | steps | seconds (device) | losses (first -> last) |",
+             "|---|---|---|---|---|---|---|"]
     for name, entry in ZOO.items():
         st = report["stages"].get(name, {})  # each zoo model is trained by the stage of its name
-        losses = ", ".join(f"{k} {v['last']}" for k, v in st.items() if k.endswith("_loss"))
+        if "steps" not in st or name not in shipped:
+            continue
+        losses = ", ".join(f"{k} {v['first']} -> {v['last']}" for k, v in st.items() if k.endswith("_loss"))
+        calls = f", {st['calls']} calls" if st.get("calls", 1) > 1 else ""
         lines.append(f"| {name} | {entry.description} | {entry.checkpoint or 'diffusion_pytorch_model.safetensors'} "
-                     f"| {configs[name]} | {st.get('steps', '?')} | {st.get('seconds', '?')} | {losses} |")
+                     f"| {configs[name]} | {st.get('steps_total', st['steps'])} | {st.get('seconds_total', st.get('seconds'))} "
+                     f"({st.get('device', report.get('device'))}{calls}) | {losses} |")
     check = report["stages"].get("check", {})
     if check:
         lines += ["", "Quick check (training/zoo_check.py `quick_track`, the 32 prompts of the grid, seed 0; words: the",

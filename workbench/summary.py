@@ -1,5 +1,7 @@
-"""Where attention goes, in three regions: key frame 0, the rest of the query's own chunk, everything else; and
-the table `workbench extract` prints when it finishes, per layer and head.
+"""Where attention goes, in three regions: key frame 0, the rest of the query's own chunk, everything else; how
+local it is (the share on the query's own frame, the mean distance in frames to the keys); and the table
+`workbench extract` prints when it finishes, per layer and head, with a line that names the most local head,
+the widest and the one most drawn to frame 0.
 
 The regions are defined once here for every summary printed or logged after a run: `summary_table` below,
 the training probes' logged means (training/probes.py) and the across-training study (studies/training.py).
@@ -26,9 +28,22 @@ def frame0_own_rest(mass: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray, xr.
     return first, own, m.sum("key_frame") - own - first
 
 
+def locality(mass: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray]:
+    """(same frame, mean distance) of `attn_mass`, over the same steps and query frames as `frame0_own_rest`:
+    the mass on the query's own frame, and the mass-weighted mean of |query_frame - key_frame| in frames (0: a
+    head that looks only at its own frame; larger: further back, or ahead in a bidirectional model)."""
+    m = mass.where(mass.phase == "denoise", drop=True)
+    if bool((mass.query_chunk > 0).any()):
+        m = m.where(m.query_chunk > 0, drop=True)
+    same = m.where(m.key_frame == m.query_frame).sum("key_frame")
+    distance = abs(m.query_frame - m.key_frame)
+    return same, (m * distance).sum("key_frame") / m.sum("key_frame")
+
+
 def summary_table(store_path, max_rows: int = 48) -> str:
     """Per layer and head (mean over samples, denoising steps and the query frames after the first chunk): the
-    attention mass on frame 0, on the rest of the query's own chunk, and on everything else. Heads are never
+    attention mass on frame 0, on the rest of the query's own chunk, on everything else, on the query's own frame,
+    and the mean distance to the keys in frames; then a one-line reading (`reading`). Heads are never
     averaged across layers (head 0 of one layer has nothing to do with head 0 of another). Up to `max_rows`
     (layer, head) rows; more heads are shown as layer x head grids."""
     from workbench.store import open_store
@@ -39,7 +54,9 @@ def summary_table(store_path, max_rows: int = 48) -> str:
     chunked = bool((ds.query_chunk > 0).any())
     first, own, rest = frame0_own_rest(ds.attn_mass)
     dims = [d for d in ("sample", "step", "query_frame") if d in first.dims]
-    first, own, rest = (x.mean(dims).transpose("layer", "head").values for x in (first, own, rest))
+    same, distance = locality(ds.attn_mass)
+    first, own, rest, same, distance = (x.mean(dims).transpose("layer", "head").values
+                                        for x in (first, own, rest, same, distance))
     layers, heads = [int(v) for v in ds.layer.values], [int(v) for v in ds["head"].values]
     rows = "query frames after chunk 0" if chunked else "all query frames: one chunk"
     lines = [f"wrote {store_path}: {ds.sizes['sample']} sample(s), layers {format_int_list(layers)}, "
@@ -47,19 +64,34 @@ def summary_table(store_path, max_rows: int = 48) -> str:
              f"attention mass per layer and head (mean over samples, denoising steps and {rows}):"]
     own_name = "own chunk" if chunked else "other frames"
     if len(layers) * len(heads) <= max_rows:
-        lines.append(f"{'layer':>6} {'head':>5} {'frame 0':>9} {own_name:>12} {'rest':>8}"
-                     + ("   (own chunk: its frames other than frame 0)" if chunked else ""))
+        lines.append(f"{'layer':>6} {'head':>5} {'frame 0':>9} {own_name:>12} {'rest':>8} {'same frame':>11} "
+                     f"{'mean dist':>10}" + ("   (own chunk: its frames other than frame 0)" if chunked else ""))
         for i, layer in enumerate(layers):
             for j, head in enumerate(heads):
-                lines.append(f"{layer:>6} {head:>5} {_fmt(first[i, j]):>9} {_fmt(own[i, j]):>12} {_fmt(rest[i, j]):>8}")
+                lines.append(f"{layer:>6} {head:>5} {_fmt(first[i, j]):>9} {_fmt(own[i, j]):>12} {_fmt(rest[i, j]):>8}"
+                             f" {_fmt(same[i, j]):>11} {_fmt(distance[i, j], 2):>10}")
     else:
-        for name, grid in (("frame 0", first), (own_name, own)):
+        for name, grid in (("frame 0", first), (own_name, own), ("the query's own frame", same)):
             lines.append(f"mass on {name} (a row per layer, a column per head):")
             lines.append(f"{'layer':>6} " + " ".join(f"{'h' + str(h):>6}" for h in heads))
             lines += [f"{layer:>6} " + " ".join(f"{_fmt(v):>6}" for v in grid[i]) for i, layer in enumerate(layers)]
+    lines.append(reading(layers, heads, first, same, distance))
     lines.append(f"open it with xarray: xr.open_zarr({str(store_path)!r}, consolidated=False), or "
                  f"`workbench report {store_path}`")
     return "\n".join(lines)
+
+
+def reading(layers: list[int], heads: list[int], first, same, distance) -> str:
+    """One sentence over the [layer, head] grids: the most local head, the widest, the one most drawn to frame 0."""
+    def name(grid, pick):
+        i, j = divmod(int(pick(grid)), grid.shape[1])
+        return f"layer {layers[i]} head {heads[j]}", (i, j)
+
+    local, li = name(same, lambda g: g.argmax())
+    wide, wi = name(distance, lambda g: g.argmax())
+    sink, si = name(first, lambda g: g.argmax())
+    return (f"reading: most local {local} ({_fmt(same[li], 2)} of its attention on its own frame); widest {wide} "
+            f"(keys {_fmt(distance[wi], 1)} frames away on average); most drawn to frame 0: {sink} ({_fmt(first[si], 2)})")
 
 
 def format_int_list(values) -> str:

@@ -1,4 +1,5 @@
-"""The embedded default: a small causal Wan that ships with the repo and runs a whole rollout on a CPU.
+"""The embedded default: a small Wan (the zoo trained on the miniature world) that ships with the repo and runs a
+whole rollout on a CPU.
 
 It keeps the real model's frame structure (21 latent frames in chunks of 3, text_len 512, the RoPE split
 rule, per-frame modulation) at toy width: 6 layers, 4 heads of 32 channels, a 12 x 16 latent (6 x 8 = 48
@@ -7,13 +8,14 @@ loads through exactly the code path of the real weights:
 
     config.json, diffusion_pytorch_model.safetensors   this DiT (bf16, trained here: see below)
     models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/  a tiny umT5 encoder and tokenizer (data/embedded/make_text_and_vae.py)
-    Wan2.1_VAE.pth                                      a tiny Wan VAE
+    Wan2.1_VAE.pth                                      a tiny Wan VAE trained on the world (training/world_vae.py)
+    checkpoints/                                        the zoo's students, ZOO.md and zoo_report.json
 
-The DiT's weights are trained here, so that its attention has something to show. It starts from the seeded
-init (`python -m models.wan.embedded --init`), is trained by flow matching on the synthetic set of a blob moving
-in the direction its prompt names (`workbench train --config configs/embedded_teacher.yaml`, ~20 min on two CPU
-cores), and its EMA weights are then written back (`python -m models.wan.embedded --from-checkpoint
-<logdir>/checkpoint_model_001100/model.pt --use-ema`).
+The DiT is the zoo's "Wan" teacher (`ZOO` below; docs/zoo.md): bidirectional, trained here by flow matching on
+the miniature world (models/world.py) with `python3 -m training.zoo` (configs/zoo_teacher.yaml), shipped with the
+world VAE it was trained on; `checkpoints/ZOO.md` and `checkpoints/zoo_report.json` say how. The students of
+the zoo ship beside it as Self-Forcing checkpoints. The seeded init the zoo starts from is
+`make_embedded_state_dict` (`python -m models.wan.embedded --init` writes it over data/embedded's DiT).
 """
 
 from __future__ import annotations
@@ -87,8 +89,10 @@ def zoo_model(name: str) -> ZooModel:
 
 
 def default_model(folder: Path | None = None) -> ZooModel | None:
-    """The model that commands run when none is named: the Self-Forcing DMD student once the zoo is shipped in
-    `folder`; None (the folder's own DiT, causal) before."""
+    """The model that commands run when none is named: the Self-Forcing DMD student once the zoo ships it in
+    `folder`; None before: the folder's own DiT with the causal few-step sampler (in a zoo that ships only the
+    teacher, the teacher's weights under the students' sampler, so that every causal mode runs by default;
+    `--model teacher` samples it as trained)."""
     m = ZOO[DEFAULT_MODEL]
     return m if m.shipped(folder) else None
 
