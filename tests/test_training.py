@@ -303,7 +303,8 @@ def test_unimplemented_options_are_refused():
                         (["text_kv_gradient=never"], "text_kv_gradient"), (["unused_param_grads=skip"], "unused_param"),
                         (["score_timestep_shift=0"], "score_timestep_shift"),
                         (["num_training_frames=24"], "num_training_frames"),
-                        (["sharding_strategy=zero9"], "sharding_strategy"), (["loggers=[csv,mlflow]"], "mlflow")):
+                        (["sharding_strategy=zero9"], "sharding_strategy"), (["loggers=[csv,mlflow]"], "mlflow"),
+                        (["adamw_impl=adam8bit"], "adamw_impl")):
         cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", over)
         with pytest.raises(TrainingError, match=match):
             check_config(cfg, 1)
