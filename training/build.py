@@ -59,6 +59,14 @@ def build_models(cfg, plan: Plan, device="cpu") -> tuple[Models, Path]:
 
 
 def build_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None = None):
+    """The trainer's data: prompts, or a latent set (kept on d.device with `data_on_device`)."""
+    data = read_data(cfg, plan, seed, d)
+    if cfg.data_on_device and d is not None and isinstance(data, LatentDataset):
+        data.to(d.device)
+    return data
+
+
+def read_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None = None):
     if cfg.i2v:
         data = LatentDataset.from_file(cfg.data_path, seed, "image_latents")
         F, C, H, W = plan.shape
