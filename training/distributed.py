@@ -2,7 +2,7 @@
 
 `setup()` joins the process group torchrun describes (env://), or makes a one-process group (gloo on the CPU,
 NCCL on a GPU), so the trainer runs the same code everywhere. `shard()` applies `fully_shard` to every
-transformer block and then to the model (on one rank without checkpointing: to the model only, see `shard`): parameters stay float32
+transformer block and then to the model (on one rank: to the model only, see `shard`): parameters stay float32
 (the optimiser's master copy) and, on a GPU with `mixed_precision`, are gathered as bf16 for compute with
 gradients reduced in float32 (the researchers' FSDP MixedPrecision). Inputs are not cast
 (`cast_forward_inputs=False`): timesteps like 937.5 are not bf16 numbers. The researchers' `sharding_strategy`
