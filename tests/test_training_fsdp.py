@@ -170,3 +170,19 @@ def worker(logdir: str) -> None:
 
 if __name__ == "__main__":
     worker(sys.argv[1])
+
+
+def test_single_rank_fast_path_checks_the_private_hook_before_use(monkeypatch):
+    """`shard` uses one FSDP unit on one rank only where FSDP's private pre-forward method runs here (an identity
+    forward and backward): a torch whose method is missing or reads other attributes keeps per-block units."""
+    from training.distributed import _BlockInputs
+
+    assert _BlockInputs.works()  # this torch: the identity node passes the gradient through
+
+    def reads_other_attributes(group, args, kwargs):
+        return group._training_state, kwargs
+
+    monkeypatch.setattr(_BlockInputs, "hook", staticmethod(reads_other_attributes))
+    assert not _BlockInputs.works()
+    monkeypatch.setattr(_BlockInputs, "hook", None)
+    assert not _BlockInputs.works()

@@ -114,7 +114,7 @@ def shard(model: torch.nn.Module, d: Dist, *, mixed_precision: bool, per_block: 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if per_block is None:
-        per_block = d.world > 1 or _BlockInputs.hook is None
+        per_block = d.world > 1 or not _BlockInputs.works()
     if mixed_precision and d.device.type == "cuda":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
     else:
@@ -158,6 +158,21 @@ class _BlockInputs:
     @classmethod
     def pre_forward(cls, module, args, kwargs):
         return cls.hook(cls, args, kwargs)
+
+    @classmethod
+    def works(cls) -> bool:
+        """Whether this torch's private method runs with this class as its group: one identity forward and
+        backward on a scalar. A torch whose method reads other attributes of its group fails here, at shard time,
+        and `shard` keeps the per-block units instead of failing in the first training step."""
+        if cls.hook is None:
+            return False
+        try:
+            x = torch.ones(2, requires_grad=True)
+            (y,), _ = cls.pre_forward(None, (x,), {})
+            (y * 3.0).sum().backward()
+            return x.grad is not None and bool((x.grad == 3.0).all())
+        except Exception:  # noqa: BLE001 - any failure means: do not use it
+            return False
 
 
 def reshard(model) -> None:
