@@ -8,6 +8,11 @@ busy), so that the zoo's batch sizes and step counts can be chosen from numbers.
 
     python3 bench/bench_zoo_step.py [--stages teacher,df,dmd] [--batches 64,128,256] [--steps 10] [--profile]
     python3 bench/bench_zoo_step.py --device cpu --stages teacher --batches 2 --steps 1   # a smoke test
+    python3 bench/bench_zoo_step.py --device cpu --batches 1 --set image_or_video_shape=[1,21,16,2,2]
+
+The last: a latent of 2x2 pixels (one token per frame) makes the compute negligible, so what is timed is the
+host work per step (hooks, dispatch, optimiser, EMA), the fixed cost that bounds the zoo's steps on an H200.
+`--set KEY=VALUE` (repeatable) overrides any config key, e.g. `--set adamw_impl=foreach`.
 
 Models start from the zoo's seeded init (`python3 -m training.zoo --stages init`, with the shipped world VAE
 data/zoo/Wan2.1_VAE.pth); the flow-matching stages train on the synthetic latent set (same shapes as the
@@ -49,7 +54,7 @@ def init_checkpoint(work: Path) -> Path:
     return path
 
 
-def make_trainer(stage: str, work: Path, batch: int, device: str):
+def make_trainer(stage: str, work: Path, batch: int, device: str, extra: list[str] = ()):
     from training.build import build_trainer
     from training.checks import load_train_config
 
@@ -59,6 +64,7 @@ def make_trainer(stage: str, work: Path, batch: int, device: str):
         sets.append("data_path=synthetic")
     else:
         sets += [f"generator_ckpt={init_checkpoint(work)}", "real_name=init", "fake_name=init"]
+    sets += list(extra)
     cfg, sid = load_train_config(ROOT / CONFIGS[stage], sets)
     logdir = Path(tempfile.mkdtemp(prefix=f"zoo_{stage}_", dir=work))
     return build_trainer(cfg, logdir, sets_sid_alpha=sid, log=lambda *_: None, progress=False)
@@ -110,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=15)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--vae", default=str(ROOT / "data/zoo/Wan2.1_VAE.pth"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for every stage (repeatable)")
     args = ap.parse_args(argv)
     from training import zoo
 
@@ -118,7 +126,7 @@ def main(argv=None) -> int:
     rows = []
     for stage in args.stages.split(","):
         for i, batch in enumerate(int(b) for b in args.batches.split(",")):
-            trainer = make_trainer(stage, work, batch, args.device)
+            trainer = make_trainer(stage, work, batch, args.device, args.set)
             time_steps(trainer, min(3, args.steps), args.device)
             if args.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()

@@ -303,7 +303,8 @@ def test_unimplemented_options_are_refused():
                         (["text_kv_gradient=never"], "text_kv_gradient"), (["unused_param_grads=skip"], "unused_param"),
                         (["score_timestep_shift=0"], "score_timestep_shift"),
                         (["num_training_frames=24"], "num_training_frames"),
-                        (["sharding_strategy=zero9"], "sharding_strategy"), (["loggers=[csv,mlflow]"], "mlflow")):
+                        (["sharding_strategy=zero9"], "sharding_strategy"), (["loggers=[csv,mlflow]"], "mlflow"),
+                        (["adamw_impl=adam8bit"], "adamw_impl")):
         cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", over)
         with pytest.raises(TrainingError, match=match):
             check_config(cfg, 1)
@@ -327,3 +328,21 @@ def test_ema_update_is_the_per_tensor_mul_add_bitwise():
     for n, _ in params:
         assert torch.equal(ema.shadow[n], ref[n]), n
     assert not torch.equal(ema.shadow["p0"], params[0][1].detach())  # the shadow lags the parameters
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_data_on_device_keeps_the_latent_set_on_the_training_device(on_device):
+    """data_on_device: build_data moves a latent set to the rank's device once, and batches are gathered there,
+    the same items as on the host (the meta device stands in for a GPU)."""
+    from training.build import build_data
+
+    cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", BASE + [
+        "trainer=diffusion", "causal=false", "data_path=synthetic", f"data_on_device={str(on_device).lower()}"])
+    plan = check_config(cfg, 1)
+    meta = fsdp.Dist(0, 1, 0, torch.device("meta"))
+    data = build_data(cfg, plan, 7, meta)
+    assert data.latents.device.type == ("meta" if on_device else "cpu")
+    prompts, latents = data.batch([3, 70, 5])
+    assert latents.shape == (3, *plan.shape) and latents.device == data.latents.device
+    host = build_data(cfg, plan, 7, fsdp.Dist(0, 1, 0, torch.device("cpu")))
+    assert host.latents.device.type == "cpu" and prompts == host.batch([3, 70, 5])[0]

@@ -3,7 +3,11 @@
 attention probes (collective forwards on both ranks, rank 0 writes), neither of which may change the losses
 (both runs take the text keys/values' gradient from the first forward only: with the researchers' default it
 follows checkpointing, docs/training.md; the text parameters then get zero gradients, on sharded parameters
-here, whenever the exit step is not 0). Run as a script, this file is the torchrun worker."""
+here, whenever the exit step is not 0). Run as a script, this file is the torchrun worker.
+
+One process also takes a faster path (training/distributed.py: the model as one FSDP unit, AdamW on the local
+shards, no collectives for logged means): after a few DMD and diffusion steps its weights, EMA and optimiser
+state equal bit for bit those of the per-block units with torch's AdamW on the DTensor parameters."""
 
 import json
 import os
@@ -56,6 +60,97 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
             torch.testing.assert_close(b[key][name], a[key][name], rtol=1e-4, atol=1e-6, msg=f"{key} {name}")
 
 
+def reference_path(monkeypatch) -> None:
+    """The path before the single-rank speed-ups: every block its own FSDP unit, torch's AdamW on DTensors."""
+    from functools import partial
+
+    from training import distributed as fsdp
+
+    monkeypatch.setattr(fsdp, "shard", partial(fsdp.shard, per_block=True))
+    monkeypatch.setattr(fsdp, "ShardAdamW", lambda params, impl, **hyper: torch.optim.AdamW(params, **hyper))
+
+
+def trained_state(tr) -> dict:
+    """{model/name: full tensor} of the generator, critic, EMA and both optimisers' states, after training."""
+    from training import distributed as fsdp
+
+    out = {}
+    fsdp.reshard(tr.generator)
+    for key, model in (("generator", tr.generator), ("critic", tr.critic)):
+        if model is not None:
+            out.update({f"{key}/{n}": v for n, v in fsdp.full_state_dict(model).items()})
+    out.update({f"ema/{n}": v for n, v in tr.ema.full_state_dict().items()})
+    for key, params, opt in (("gen_opt", tr.gen_params, tr.gen_opt), ("critic_opt", tr.critic_params, tr.critic_opt)):
+        if opt is not None:
+            state = fsdp.optimizer_state(params, opt)["state"]
+            out.update({f"{key}/{n}/{k}": v for n, s in state.items() for k, v in s.items()})
+    return out
+
+
+@pytest.mark.parametrize("overrides,units", [
+    (("dfake_gen_update_ratio=1", "total_batch_size=2"), 1),  # DMD (rollouts), 2 micro-batches: one unit
+    (("trainer=diffusion", "causal=false", "total_batch_size=2", "batch_size=2"), 1),  # the zoo teacher's trainer
+    (("dfake_gen_update_ratio=1", "total_batch_size=2", "gradient_checkpointing=true"), 1),
+], ids=["dmd", "diffusion", "dmd-checkpointing"])
+def test_single_rank_fast_path_equals_the_per_block_path_bitwise(tmp_path, monkeypatch, overrides, units):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_training import losses, make
+
+    from training.data import LatentDataset, synthetic_latents
+    from torch.distributed.fsdp import FSDPModule
+
+    def run(name: str) -> tuple[dict, list]:
+        data = None
+        if "trainer=diffusion" in overrides:
+            data = LatentDataset(*synthetic_latents(8, 6, 16, 4, 6, seed=0), "latents", seed=7)
+        tr = make(tmp_path / name, "gradient_checkpointing=false", *overrides, "ema_start_step=1", "log_iters=100",
+                  data=data)
+        units = sum(isinstance(m, FSDPModule) for m in tr.generator.modules())
+        tr.train(STEPS, save_at_end=False)
+        return trained_state(tr), losses(tr.history), units
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fast, fast_rows, fast_units = run("fast")
+        with monkeypatch.context() as m:
+            reference_path(m)
+            ref, ref_rows, ref_units = run("reference")
+    finally:
+        torch.set_num_threads(threads)
+    assert (fast_units, ref_units) == (units, 1 + 2)  # tiny_model: 2 blocks
+    assert fast_rows == ref_rows
+    assert fast.keys() == ref.keys() and any(k.startswith("gen_opt/") for k in fast)
+    for key in ref:
+        assert torch.equal(fast[key], ref[key]), key
+    first = next(k for k in ref if k.startswith("generator/"))
+    assert not torch.equal(fast[first], fast[f"ema/{first.split('/', 1)[1]}"])  # they trained: the EMA lags
+
+
+def test_adamw_foreach_and_fused_are_close_to_the_loop(tmp_path):
+    """The opt-in multi-tensor and fused AdamW (adamw_impl) train to the loop's weights up to rounding."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_training import make, params
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = {}
+        for impl in ("loop", "foreach", "fused"):
+            tr = make(tmp_path / impl, "dfake_gen_update_ratio=1", f"adamw_impl={impl}", "log_iters=100")
+            tr.train(2, save_at_end=False)
+            assert tr.gen_opt.param_groups[0]["foreach"] == (impl == "foreach")
+            assert bool(tr.gen_opt.param_groups[0]["fused"]) == (impl == "fused")
+            runs[impl] = params(tr.generator)
+    finally:
+        torch.set_num_threads(threads)
+    start = params(make(tmp_path / "start").generator)
+    for impl in ("foreach", "fused"):
+        for name, ref in runs["loop"].items():
+            torch.testing.assert_close(runs[impl][name], ref, rtol=1e-5, atol=1e-6, msg=f"{impl} {name}")
+    assert any(not torch.equal(runs["loop"][n], start[n]) for n in start)
+
+
 def worker(logdir: str) -> None:
     import torch.distributed as dist
 
@@ -75,3 +170,19 @@ def worker(logdir: str) -> None:
 
 if __name__ == "__main__":
     worker(sys.argv[1])
+
+
+def test_single_rank_fast_path_checks_the_private_hook_before_use(monkeypatch):
+    """`shard` uses one FSDP unit on one rank only where FSDP's private pre-forward method runs here (an identity
+    forward and backward): a torch whose method is missing or reads other attributes keeps per-block units."""
+    from training.distributed import _BlockInputs
+
+    assert _BlockInputs.works()  # this torch: the identity node passes the gradient through
+
+    def reads_other_attributes(group, args, kwargs):
+        return group._training_state, kwargs
+
+    monkeypatch.setattr(_BlockInputs, "hook", staticmethod(reads_other_attributes))
+    assert not _BlockInputs.works()
+    monkeypatch.setattr(_BlockInputs, "hook", None)
+    assert not _BlockInputs.works()

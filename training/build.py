@@ -59,6 +59,14 @@ def build_models(cfg, plan: Plan, device="cpu") -> tuple[Models, Path]:
 
 
 def build_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None = None):
+    """The trainer's data: prompts, or a latent set (kept on d.device with `data_on_device`)."""
+    data = read_data(cfg, plan, seed, d)
+    if cfg.data_on_device and d is not None and isinstance(data, LatentDataset):
+        data.to(d.device)
+    return data
+
+
+def read_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None = None):
     if cfg.i2v:
         data = LatentDataset.from_file(cfg.data_path, seed, "image_latents")
         F, C, H, W = plan.shape
@@ -234,7 +242,9 @@ def describe(trainer: Trainer) -> str:
     return (f"{what} training from step {trainer.step}: {F} latent frames of {H}x{W}, global batch "
             f"{cfg.total_batch_size} = {d.world} rank(s) x {plan.accum} micro-batch(es) x {cfg.batch_size}, "
             f"steps {[round(float(t), 2) for t in plan.timesteps]}, seed {trainer.seed}, device {d.device}, "
-            f"compute {str(trainer.dtype).replace('torch.', '')}" + semantics(cfg, plan))
+            f"compute {str(trainer.dtype).replace('torch.', '')}"
+            + (f", AdamW {cfg.adamw_impl} (may differ from loop in the last bit)" if cfg.adamw_impl != "loop" else "")
+            + semantics(cfg, plan))
 
 
 def semantics(cfg, plan: Plan) -> str:

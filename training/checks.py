@@ -89,7 +89,7 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
     from models.common.kv_cache import KV_GRADIENTS, TEXT_KV_GRADIENTS
 
     for key, allowed in (("kv_cache_gradient", KV_GRADIENTS), ("text_kv_gradient", TEXT_KV_GRADIENTS),
-                         ("unused_param_grads", UNUSED_PARAM_GRADS)):
+                         ("unused_param_grads", UNUSED_PARAM_GRADS), ("adamw_impl", fsdp.ADAMW_IMPLS)):
         if cfg[key] not in allowed:
             raise TrainingError(f"{key} {cfg[key]!r}; use one of {list(allowed)} (docs/training.md)")
     if cfg.score_timestep_shift is not None and cfg.score_timestep_shift <= 0:

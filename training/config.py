@@ -177,6 +177,10 @@ class SelfForcingConfig:
     kv_cache_gradient: str = "inplace"  # inplace | detached
     text_kv_gradient: str = "follows_checkpointing"  # follows_checkpointing | every_exit | first_forward
     unused_param_grads: str = "zero"  # zero (AdamW decays and steps them) | none (skipped)
+    data_on_device: bool = False  # a latent set (data_path: world, a latents or ODE-pairs file) kept on the
+    # training device: no per-step host gather and transfer of the batch (the zoo's sets: 2 GB for 8192 videos)
+    adamw_impl: str = "loop"  # loop (torch's per-tensor AdamW, bit for bit as before) | foreach | fused (fewer
+    # GPU launches; may differ from loop in the last bit; training/distributed.py ShardAdamW)
     loggers: list[str] = field(default_factory=lambda: ["csv"])  # csv, tensorboard, wandb
     device: Optional[str] = None  # None: cuda when available
     ode_pairs: OdePairsConfig = field(default_factory=OdePairsConfig)

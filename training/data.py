@@ -87,6 +87,13 @@ class LatentDataset:
         idx = item_indices(self.seed, len(self.prompts), global_indices)
         return [self.prompts[i] for i in idx], self.latents[idx]
 
+    def to(self, device) -> "LatentDataset":
+        """Keep the latents on `device` (in place; returns self): `batch` then gathers there, without a host copy
+        and a host-to-device transfer of every batch (132 MB a step for the zoo's world latents at batch 512).
+        The values are the same: a gather is exact, and the trainer's cast to its compute dtype follows either way."""
+        self.latents = self.latents.to(device)
+        return self
+
 
 def save_latent_dataset(path, prompts: list[str], latents: torch.Tensor, kind: str, **meta) -> None:
     """Write a latent dataset atomically (temp file in the same folder, then rename)."""

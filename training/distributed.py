@@ -2,11 +2,16 @@
 
 `setup()` joins the process group torchrun describes (env://), or makes a one-process group (gloo on the CPU,
 NCCL on a GPU), so the trainer runs the same code everywhere. `shard()` applies `fully_shard` to every
-transformer block and then to the model: parameters stay float32 (the optimiser's master copy) and, on a GPU
-with `mixed_precision`, are gathered as bf16 for compute with gradients reduced in float32 (the researchers'
-FSDP MixedPrecision). Inputs are not cast (`cast_forward_inputs=False`): timesteps like 937.5 are not bf16
-numbers. The researchers' `sharding_strategy` (hybrid_full, full, ...) and `*_fsdp_wrap_strategy` values are
-accepted; on one node every strategy shards over all ranks, block by block.
+transformer block and then to the model (on one rank: to the model only, see `shard`): parameters stay float32
+(the optimiser's master copy) and, on a GPU with `mixed_precision`, are gathered as bf16 for compute with
+gradients reduced in float32 (the researchers' FSDP MixedPrecision). Inputs are not cast
+(`cast_forward_inputs=False`): timesteps like 937.5 are not bf16 numbers. The researchers' `sharding_strategy`
+(hybrid_full, full, ...) and `*_fsdp_wrap_strategy` values are accepted; on one node every strategy shards over
+all ranks, block by block.
+
+`ShardAdamW` is torch's AdamW stepping the parameters' local shards as plain tensors (the same arithmetic
+without DTensor's per-op dispatch); `Dist.mean` and `Dist.broadcast_list` skip the collective on one rank. These
+three cut the host time of a step of the zoo's tiny DiTs (bench/bench_zoo_step.py) and change no number.
 
 Full state dicts (for checkpoints) are gathered on rank 0 on the CPU; `load_full` puts a full state dict
 (present on every rank) into the shards.
@@ -45,13 +50,17 @@ class Dist:
             dist.barrier()
 
     def broadcast_list(self, values: list[int]) -> list[int]:
-        """Rank 0's values on every rank."""
+        """Rank 0's values on every rank (one rank: the values, without a device round trip)."""
+        if self.world == 1:
+            return [int(v) for v in values]
         t = torch.tensor(values, dtype=torch.long, device=self.device)
         dist.broadcast(t, src=0)
         return t.tolist()
 
     def mean(self, value: float) -> float:
-        """The mean of a float over ranks."""
+        """The mean of a float over ranks (one rank: the float itself, as the float64 all-reduce returns it)."""
+        if self.world == 1:
+            return float(value)
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t) / self.world
@@ -86,11 +95,26 @@ def check_strategies(cfg) -> None:
             raise TrainingError(f"{name}_fsdp_wrap_strategy {value!r}; use one of {list(WRAP_STRATEGIES)}")
 
 
-def shard(model: torch.nn.Module, d: Dist, *, mixed_precision: bool) -> torch.nn.Module:
+def shard(model: torch.nn.Module, d: Dist, *, mixed_precision: bool, per_block: bool | None = None) -> torch.nn.Module:
     """fully_shard every block (and every module the model lists in `fsdp_units`: modules it calls outside its
-    own forward), then the model (in place; returns it)."""
+    own forward), then the model (in place; returns it).
+
+    per_block None: per block on several ranks, the model as one unit on one. On one rank a block's unit saves
+    no memory (nothing is sharded) but costs host time in every forward and backward: hooks, a gather (a bf16
+    cast with mixed precision) and a reduction per block, each a collective. As one unit the model's pre-forward
+    gathers every parameter at once (the same float32 -> bf16 cast of each element), they stay gathered through
+    the backward (the root unit does not reshard after its forward), and one reduction after the backward casts
+    every bf16 gradient to float32 (the same cast, elementwise). What a block's unit did to the arithmetic is
+    kept: its pre-forward passes the block's inputs that need gradient through one identity autograd node
+    (FSDP's RegisterPostBackwardFunction), which sets the order in which the gradients several blocks send to one
+    tensor (the text embedding's output) are summed; `_BlockInputs` puts the same node there, so the sums, and
+    the weights, are bit for bit those of the per-block units (tests/test_training_fsdp.py checks weights, EMA
+    and AdamW state after a few DMD and diffusion steps, with and without activation checkpointing).
+    `fsdp_units` stay units of their own (their hooks gather them when they are called outside the forward)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if per_block is None:
+        per_block = d.world > 1 or not _BlockInputs.works()
     if mixed_precision and d.device.type == "cuda":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
     else:
@@ -98,10 +122,57 @@ def shard(model: torch.nn.Module, d: Dist, *, mixed_precision: bool) -> torch.nn
     model.to(d.device)
     # the blocks return views (x.view(...).to(dtype)); nothing modifies them in place
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    for block in [*model.blocks, *getattr(model, "fsdp_units", ())]:  # (fsdp_units: e.g. training/gan.py's branch)
-        fully_shard(block, mp_policy=policy)
+    units = [*model.blocks] if per_block else []
+    for unit in [*units, *getattr(model, "fsdp_units", ())]:  # (fsdp_units: e.g. training/gan.py's branch)
+        fully_shard(unit, mp_policy=policy)
+    if not per_block:
+        for block in model.blocks:
+            block.register_forward_pre_hook(_BlockInputs.pre_forward, prepend=True, with_kwargs=True)
     fully_shard(model, mp_policy=policy)
     return model
+
+
+class _BlockInputs:
+    """The identity autograd node a per-block FSDP unit puts on a block's inputs, without the unit.
+
+    FSDP2's pre-forward passes the tensors among a unit's inputs that need gradient through one
+    `RegisterPostBackwardFunction` node (whose backward reduces the unit's gradients). The node is an identity
+    but a node of the graph: autograd sums the gradients a tensor receives from several blocks one block at a
+    time through it, in another order than without it. `pre_forward` runs FSDP's own method (so its choice of
+    tensors, which differs between torch versions, is kept) with a group whose post-backward does nothing: the
+    model's one unit reduces every gradient after the backward. `hook` is None where this torch's FSDP has no
+    such method; `shard` then keeps the per-block units."""
+
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup as _Group
+
+        hook = _Group._register_post_backward_hook
+        del _Group
+    except (ImportError, AttributeError):
+        hook = None
+
+    @staticmethod
+    def post_backward(*_args, **_kwargs) -> None:
+        """The node's backward: nothing (the gradients pass on; the model's unit reduces them later)."""
+
+    @classmethod
+    def pre_forward(cls, module, args, kwargs):
+        return cls.hook(cls, args, kwargs)
+
+    @classmethod
+    def works(cls) -> bool:
+        """Whether this torch's private method runs with this class as its group: one identity forward and
+        backward on a scalar. A torch whose method reads other attributes of its group fails here, at shard time,
+        and `shard` keeps the per-block units instead of failing in the first training step."""
+        if cls.hook is None:
+            return False
+        try:
+            x = torch.ones(2, requires_grad=True)
+            (y,), _ = cls.pre_forward(None, (x,), {})
+            (y * 3.0).sum().backward()
+            return x.grad is not None and bool((x.grad == 3.0).all())
+        except Exception:  # noqa: BLE001 - any failure means: do not use it
+            return False
 
 
 def reshard(model) -> None:
@@ -149,6 +220,49 @@ def load_optimizer_state(named_params, optimizer, saved: dict) -> None:
                                   for k, v in saved["state"][name].items()}
     for group, hyper in zip(optimizer.param_groups, saved["param_groups"]):
         group.update(hyper)
+
+
+ADAMW_IMPLS = ("loop", "foreach", "fused")
+
+
+class ShardAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW that steps the local shards of DTensor (FSDP2) parameters as plain tensors.
+
+    AdamW is elementwise, so a step of a DTensor is the step of its local tensor: DTensor's dispatch runs each aten
+    op on `_local_tensor` with the same scalars. Here the lists torch's `_init_group` collects (parameters,
+    gradients, moments) are replaced by their local tensors before torch's own `adam` runs, which skips DTensor's
+    Python dispatch of ~8 ops per parameter (on the zoo's DiTs, 177 parameters, a fifth of a step's host time).
+    The state stays as torch makes it (DTensor moments keyed by the sharded parameters), so `optimizer_state` and
+    checkpoints do not change.
+
+    impl "loop" (the default): torch's per-tensor loop, which AdamW picks for DTensor parameters (they are not
+    foreach-able), so the numbers are today's bit for bit on any device. "foreach" / "fused": torch's multi-tensor
+    and fused kernels (far fewer launches on a GPU); on CUDA they may differ from the loop in the last bit
+    (another order of the same operations), so they are opt-in (`adamw_impl`)."""
+
+    def __init__(self, params, *, impl: str = "loop", **hyper):
+        if impl not in ADAMW_IMPLS:
+            raise TrainingError(f"adamw_impl {impl!r}; use one of {list(ADAMW_IMPLS)}")
+        # foreach=False, not None: on plain CUDA tensors torch would default to foreach
+        super().__init__(params, foreach=impl == "foreach", fused=True if impl == "fused" else None, **hyper)
+
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
+        if group["fused"] or group["capturable"]:  # their step counters live on the device (a resume reads them
+            for p in group["params"]:             # back onto the CPU: training/distributed.py load_optimizer_state)
+                step = self.state.get(p, {}).get("step")
+                if step is not None and step.device != p.device:
+                    self.state[p]["step"] = step.to(p.device)
+        has_complex = super()._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+        for tensors in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs):
+            tensors[:] = [local_tensor(t) for t in tensors]
+        return has_complex
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the tensor itself, not a view made through autograd), else the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from training.distributed import full_tensor, like_param
+from training.distributed import full_tensor, like_param, local_tensor
 
 
 class EMA:
@@ -20,17 +20,19 @@ class EMA:
         self.params = [(n, p) for n, p in named_params if p.requires_grad]
         with torch.no_grad():
             self.shadow = {n: p.detach().clone().float() for n, p in self.params}
+        self._shadows = [local_tensor(self.shadow[n]) for n, _ in self.params]  # updated in place, never replaced
 
     @torch.no_grad()
     def update(self) -> None:
         """shadow <- d * shadow + (1 - d) * param, as the per-tensor mul_/add_ the researchers' EMA does, but in
         two foreach calls over the local shards (one dispatch instead of two per parameter: on the zoo's tiny
-        models the per-parameter calls cost more than the whole forward)."""
+        models the per-parameter calls cost more than the whole forward). The parameters' local tensors are read
+        each time (FSDP may swap a parameter's local tensor, e.g. when a state dict loads), without detach or
+        to_local (no autograd here), and cast to float32 only if they are not (a float32 `.float()` is itself)."""
         d = self.decay
-        shadows = [_local(self.shadow[n]) for n, _ in self.params]
-        params = [_local(p.detach()).float() for _, p in self.params]
-        torch._foreach_mul_(shadows, d)
-        torch._foreach_add_(shadows, params, alpha=1.0 - d)
+        params = [local_tensor(p).float() for _, p in self.params]
+        torch._foreach_mul_(self._shadows, d)
+        torch._foreach_add_(self._shadows, params, alpha=1.0 - d)
 
     def full_state_dict(self) -> dict:
         """{name: full float32 tensor on the CPU}; every rank must call it (it gathers shards)."""
@@ -41,7 +43,3 @@ class EMA:
         for n, s in self.shadow.items():
             s.copy_(like_param(state_dict[n].float(), s))
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2 parameters and their shadows), else the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t

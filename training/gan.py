@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from models.common.rollout import _to_model
 from models.wan.model import RMSNorm
+from training import distributed as fsdp
 from training import rng
 from training.errors import TrainingError
 from training.losses import score_timestep
@@ -156,16 +157,17 @@ class GanTrainer(Trainer):
 
     def make_optimizers(self):
         cfg = self.cfg
-        gen = torch.optim.AdamW([p for _, p in self.gen_params], lr=cfg.gen_lr if cfg.gen_lr is not None else cfg.lr,
-                                betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        gen = fsdp.ShardAdamW([p for _, p in self.gen_params], impl=cfg.adamw_impl,
+                              lr=cfg.gen_lr if cfg.gen_lr is not None else cfg.lr,
+                              betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         lr = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr_critic
         backbone = [p for n, p in self.critic_params if not n.startswith(BRANCH)]
         branch = [p for n, p in self.critic_params if n.startswith(BRANCH)]
         if not branch:
             raise TrainingError("the critic has no classification branch (training.gan.add_classification_branch)")
-        critic = torch.optim.AdamW([{"params": backbone, "lr": lr},
-                                    {"params": branch, "lr": lr * cfg.discriminator_lr_multiplier}],
-                                   betas=(cfg.beta1_critic, cfg.beta2_critic), weight_decay=cfg.weight_decay)
+        critic = fsdp.ShardAdamW([{"params": backbone, "lr": lr},
+                                  {"params": branch, "lr": lr * cfg.discriminator_lr_multiplier}], impl=cfg.adamw_impl,
+                                 betas=(cfg.beta1_critic, cfg.beta2_critic), weight_decay=cfg.weight_decay)
         return gen, critic
 
     def real_batch(self, role: int, indices):

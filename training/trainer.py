@@ -133,14 +133,15 @@ class Trainer(Steps, Checkpoints):
     # --- setup helpers ------------------------------------------------------------------------------------
 
     def make_optimizers(self):
-        """(generator AdamW, critic AdamW or None) over gen_params / critic_params (training/gan.py overrides)."""
+        """(generator AdamW, critic AdamW or None) over gen_params / critic_params (training/gan.py overrides):
+        `fsdp.ShardAdamW` (torch's AdamW on the local shards; `adamw_impl` picks loop, foreach or fused)."""
         cfg = self.cfg
-        gen = torch.optim.AdamW([p for _, p in self.gen_params], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                weight_decay=cfg.weight_decay)
+        gen = fsdp.ShardAdamW([p for _, p in self.gen_params], impl=cfg.adamw_impl, lr=cfg.lr,
+                              betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         if self.critic is None:
             return gen, None
-        return gen, torch.optim.AdamW([p for _, p in self.critic_params], lr=cfg.lr_critic,
-                                      betas=(cfg.beta1_critic, cfg.beta2_critic), weight_decay=cfg.weight_decay)
+        return gen, fsdp.ShardAdamW([p for _, p in self.critic_params], impl=cfg.adamw_impl, lr=cfg.lr_critic,
+                                    betas=(cfg.beta1_critic, cfg.beta2_critic), weight_decay=cfg.weight_decay)
 
     def _check_models(self, models: Models) -> None:
         F, C, H, W = self.plan.shape
