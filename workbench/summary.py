@@ -16,13 +16,18 @@ from __future__ import annotations
 import xarray as xr
 
 
+def counted(mass: xr.DataArray) -> xr.DataArray:
+    """`attn_mass` at the steps and query frames every summary counts: denoising steps only, and the query frames
+    after the first chunk when the store has several chunks."""
+    m = mass.where(mass.phase == "denoise", drop=True)
+    return m.where(m.query_chunk > 0, drop=True) if bool((mass.query_chunk > 0).any()) else m
+
+
 def frame0_own_rest(mass: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
     """(frame 0, own chunk less frame 0, rest) of `attn_mass` [..., step, ..., query_frame, key_frame] with
     the store's `phase`, `query_chunk` and `key_chunk` coordinates; each summed over key frames, over the
     denoising steps and counted query frames only. NaN cells (frames a query did not attend) count as 0."""
-    m = mass.where(mass.phase == "denoise", drop=True)
-    if bool((mass.query_chunk > 0).any()):
-        m = m.where(m.query_chunk > 0, drop=True)
+    m = counted(mass)
     first = m.sel(key_frame=0)
     own = m.where((m.key_chunk == m.query_chunk) & (m.key_frame > 0)).sum("key_frame")
     return first, own, m.sum("key_frame") - own - first
@@ -32,9 +37,7 @@ def locality(mass: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray]:
     """(same frame, mean distance) of `attn_mass`, over the same steps and query frames as `frame0_own_rest`:
     the mass on the query's own frame, and the mass-weighted mean of |query_frame - key_frame| in frames (0: a
     head that looks only at its own frame; larger: further back, or ahead in a bidirectional model)."""
-    m = mass.where(mass.phase == "denoise", drop=True)
-    if bool((mass.query_chunk > 0).any()):
-        m = m.where(m.query_chunk > 0, drop=True)
+    m = counted(mass)
     same = m.where(m.key_frame == m.query_frame).sum("key_frame")
     distance = abs(m.query_frame - m.key_frame)
     return same, (m * distance).sum("key_frame") / m.sum("key_frame")
