@@ -354,6 +354,40 @@ def test_zoo_configs_load_and_check():
 
 
 # ------------------------------------------------------------------------------------------------------
+# the shipped zoo
+
+
+def test_shipped_zoo_loads_and_meets_its_reported_numbers():
+    """data/embedded as shipped: the teacher and every student checkpoint load through the normal loaders, the
+    report and ZOO.md agree, the VAE is the one the zoo trained on (data/zoo) and its round trip of held-out
+    world videos meets the PSNR data/zoo/README.md reports."""
+    import re
+
+    from models.wan.checkpoint import load_wan
+    from models.wan.embedded import EMBEDDED_CONFIG, ZOO_MARKER
+    from models.wan.text_encoder import TextEncoder
+    from models.wan.vae import WanVAE
+    from training.world_vae import evaluate, held_out_videos
+
+    assert (EMBEDDED_DIR / ZOO_MARKER).is_file() and ZOO["teacher"].shipped()
+    teacher = load_wan(EMBEDDED_DIR, causal=False)
+    assert teacher.config == EMBEDDED_CONFIG
+    TextEncoder.from_wan_dir(EMBEDDED_DIR).encode(["a red square moving left"])
+    for name, entry in ZOO.items():
+        if entry.checkpoint is not None and entry.shipped():
+            for key in (["generator_ema"] if entry.use_ema else ["generator"]):
+                load_wan(EMBEDDED_DIR, checkpoint=entry.checkpoint_path(), key=key, causal=True)
+    report = json.loads((EMBEDDED_DIR / "checkpoints" / "zoo_report.json").read_text())["stages"]
+    row = next(line for line in (EMBEDDED_DIR / ZOO_MARKER).read_text().splitlines() if line.startswith("| teacher |"))
+    teacher_steps = report["teacher"].get("steps_total", report["teacher"]["steps"])
+    assert row.split("|")[5].strip() == str(teacher_steps)
+    assert (EMBEDDED_DIR / "Wan2.1_VAE.pth").read_bytes() == (ROOT / "data/zoo/Wan2.1_VAE.pth").read_bytes()
+    reported = float(re.search(r"([\d.]+) dB over the first 4", (ROOT / "data/zoo/README.md").read_text()).group(1))
+    measured = evaluate(WanVAE.from_file(EMBEDDED_DIR / "Wan2.1_VAE.pth"), held_out_videos(4)[1])["psnr_db"]
+    assert measured >= reported - 0.05, (measured, reported)
+
+
+# ------------------------------------------------------------------------------------------------------
 # the driver, shortened
 
 
