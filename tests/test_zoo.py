@@ -316,6 +316,33 @@ def test_model_option_resolves_and_refuses(tmp_path, monkeypatch):
     assert args.num_inference_steps == ZOO["teacher"].num_inference_steps
 
 
+def test_a_zoo_of_the_teacher_alone_says_what_the_default_runs(tmp_path, monkeypatch):
+    """While only the teacher is shipped, the default (its weights under the causal few-step sampler) says so and
+    names --model teacher; nothing is said with no zoo, with a model named, or once the DMD student ships."""
+    import argparse
+
+    import models.wan.embedded as embedded
+    from workbench.commands import add_model_arguments, resolve_model
+
+    p = argparse.ArgumentParser()
+    add_model_arguments(p)
+    for name in ("--sampler", "--num-inference-steps", "--guidance-scale"):
+        p.add_argument(name)
+    monkeypatch.setattr(embedded, "EMBEDDED_DIR", tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+
+    def note(argv):
+        args = p.parse_args(argv)
+        resolve_model(args)
+        return args.model_note is not None and "--model teacher" in args.model_note
+
+    assert not note([])  # no zoo here: the folder's own DiT, nothing to say
+    (tmp_path / "checkpoints" / "ZOO.md").write_text("")
+    assert note([]) and not note(["--model", "teacher"]) and not note(["--wan-dir", str(tmp_path)])
+    (tmp_path / "checkpoints" / "self_forcing_dmd.pt").write_bytes(b"")
+    assert not note([])  # the DMD student is the default now
+
+
 def test_evaluate_names_the_zoo(tmp_path, monkeypatch):
     import models.wan.embedded as embedded
     from workbench.cli import build_parser

@@ -51,6 +51,12 @@ def latent_frames(args) -> int:
     return WAN.cache_frames
 
 
+# said when a command ran the embedded folder's own DiT while the zoo there ships its teacher but no DMD student
+ZOO_TEACHER_ONLY_NOTE = ("note: data/embedded ships the zoo's teacher, not yet its Self-Forcing students: running the "
+                         "teacher's weights with the causal few-step sampler (the students' sampler; the object smears "
+                         "as chunks go on). `--model teacher` samples the teacher as trained (docs/zoo.md)")
+
+
 def resolve_model(args) -> None:
     """Fill in what `--model NAME` (or, with no model arguments, the zoo's default) means: args.checkpoint and
     args.use_ema, and the sampler settings the command line left unset (None). Errors before any work."""
@@ -69,6 +75,9 @@ def resolve_model(args) -> None:
     if entry is not None:
         args.checkpoint = str(entry.checkpoint_path()) if entry.checkpoint else None
         args.use_ema = entry.use_ema
+    # said after the work (`model_note`), so that an error before it stays one line
+    args.model_note = ZOO_TEACHER_ONLY_NOTE if entry is None and not explicit and (EMBEDDED_DIR / ZOO_MARKER).is_file() \
+        else None
     for key, value in SAMPLER_DEFAULTS.items():
         if getattr(args, key, value) is None:
             setattr(args, key, getattr(entry, key) if entry is not None else value)

@@ -124,4 +124,6 @@ def run(args) -> int:
     if cfg.seeds is None:
         raise WorkbenchError("--seed all is not a seed; give numbers like 42 or 0-3")
     run_extract(cfg)
+    if args.model_note:
+        print(args.model_note)
     return 0

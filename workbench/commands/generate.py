@@ -259,4 +259,6 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     if rank == 0:
         total = len(prompts) * len(seeds)
         print(f"wrote {total} sample(s) to {out}" + (f" ({world} processes)" if world > 1 else ""))
+        if args.model_note:
+            print(args.model_note)
     return 0
