@@ -8,8 +8,9 @@ generator update per `--ratio` steps. Every 100 steps it prints the mean discrim
 videos' per-channel latent mean and std are from 8 real ones' (|diff| averaged over the 16 channels).
 
 The sample grid (--grid, a PNG): one row per prompt (4 of them); columns: the real video's pixel frames 0, 4, 8;
-its 3 latent frames; the generator's 3 latent frames before training; the same after. The embedded VAE has
-random weights, so generated latents cannot be decoded into meaningful pixels; latents are shown instead, their
+its 3 latent frames; the generator's 3 latent frames before training; the same after. The tiny generator here
+starts from random weights and a few hundred CPU steps leave its latents far from decodable videos (and the table
+in bench/RESULTS.md was made when the embedded VAE was random too), so latents are shown, their
 16 channels projected on the first 3 principal components of the real latents (fitted on all 32 videos' tokens)
 as RGB, each component scaled by the real tokens' 1st-99th percentiles, upsampled x8 to the video's size.
 
