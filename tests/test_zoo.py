@@ -544,6 +544,11 @@ def test_zoo_trains_a_shipped_teacher_further_or_uses_it_as_it_is(tmp_path):
     assert st["init"]["from"] == str(shipped) and st["init"]["earlier"]["steps"] == 100
     assert (st["teacher"]["steps"], st["teacher"]["steps_total"], st["teacher"]["calls"]) == (3, 103, 2)
     assert st["teacher"]["seconds_total"] == pytest.approx(40.0 + st["teacher"]["seconds"], abs=0.11)
+    # continued in the same folder: the trainer's steps go on from 3, the shipped 100 still count
+    assert main(base + ["--work", str(work), "--continue", "teacher", "--set", "teacher:max_steps=5"]) == 0
+    again = json.loads((work / "zoo_report.json").read_text())["stages"]["teacher"]
+    assert (again["steps"], again["steps_total"], again["calls"]) == (5, 105, 3), again
+    assert again["seconds_total"] == pytest.approx(st["teacher"]["seconds_total"] + again["seconds"], abs=0.11)
     work = tmp_path / "as_is"
     assert main(base + ["--work", str(work), "--teacher", str(shipped)]) == 0
     teacher = load_file(work / "teacher" / "diffusion_pytorch_model.safetensors")

@@ -105,23 +105,25 @@ class Zoo:
         return time.perf_counter() + max(0.0, left) * WEIGHTS.get(stage, 0.0) / total
 
     def continued(self, stage: str, seconds: float, summary: dict) -> dict:
-        """For a training stage resumed from an earlier call's checkpoint (`--continue`): the totals over every
-        call (`seconds_total`, `calls`) and the loss the first call started from, so that the report and ZOO.md
-        say how long the model trained in all, not only in the last call."""
-        before = self.report["stages"].get(stage, {})
-        if stage == "teacher" and summary.get("resumed_from") is None and "steps" in summary:
-            before = self.report["stages"].get("init", {}).get("earlier", {})  # --init-from a trained teacher
-            if "steps" not in before:
-                return {}
-            return {"steps_total": before.get("steps_total", before["steps"]) + summary["steps"],
-                    "seconds_total": round(before.get("seconds_total", before["seconds"]) + seconds, 1),
-                    "calls": before.get("calls", 1) + 1}
-        if summary.get("resumed_from") is None or "seconds" not in before:
+        """Totals over every call for a training stage that went on from earlier training: resumed from this work
+        folder's checkpoint (`--continue`), or a teacher started from a shipped one (`--init-from`, whose steps
+        restart at 0). `seconds_total`, `calls`, the loss the first call started from and, when shipped steps
+        came before this folder's, `steps_total`; so the report and ZOO.md say how long the model trained in all."""
+        if summary.get("resumed_from") is not None:
+            before = self.report["stages"].get(stage, {})
+            shipped_steps = before.get("steps_total", before.get("steps", 0)) - before.get("steps", 0)
+        elif stage == "teacher":
+            before = self.report["stages"].get("init", {}).get("earlier", {})
+            shipped_steps = before.get("steps_total", before.get("steps", 0))
+        else:
+            return {}
+        if "seconds" not in before or "steps" not in summary:
             return {}
         losses = {k: {**v, "first": before[k]["first"]} for k, v in summary.items()
-                  if k.endswith("_loss") and isinstance(v, dict) and k in before}
+                  if k.endswith("_loss") and isinstance(v, dict) and isinstance(before.get(k), dict)}
         return {"seconds_total": round(before.get("seconds_total", before["seconds"]) + seconds, 1),
-                "calls": before.get("calls", 1) + 1, **losses}
+                "calls": before.get("calls", 1) + 1, **losses,
+                **({"steps_total": shipped_steps + summary["steps"]} if shipped_steps else {})}
 
     def record(self, stage: str, **values) -> None:
         self.report["stages"][stage] = {**self.report["stages"].get(stage, {}), **values}

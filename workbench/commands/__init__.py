@@ -76,8 +76,8 @@ def resolve_model(args) -> None:
         args.checkpoint = str(entry.checkpoint_path()) if entry.checkpoint else None
         args.use_ema = entry.use_ema
     # said after the work (`model_note`), so that an error before it stays one line
-    args.model_note = ZOO_TEACHER_ONLY_NOTE if entry is None and not explicit and (EMBEDDED_DIR / ZOO_MARKER).is_file() \
-        else None
+    teacher_weights_as_student = entry is None and not explicit and (EMBEDDED_DIR / ZOO_MARKER).is_file()
+    args.model_note = ZOO_TEACHER_ONLY_NOTE if teacher_weights_as_student else None
     for key, value in SAMPLER_DEFAULTS.items():
         if getattr(args, key, value) is None:
             setattr(args, key, getattr(entry, key) if entry is not None else value)
