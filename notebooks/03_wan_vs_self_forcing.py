@@ -22,14 +22,16 @@
 # CFG store contributes its `cond` branch. Divergences are Jensen-Shannon in bits (0 = same, 1 = disjoint).
 # The same comparison as HTML: `workbench compare runs/wan_bidirectional.zarr runs/embedded.zarr --out
 # runs/compare.html`. Both default stores are made by the README's notebook commands: A is the zoo's toy "Wan"
-# teacher, B the default model's causal few-step rollout (until the zoo's Self-Forcing DMD student ships, the
-# teacher's own weights under the students' sampler: the comparison then shows what the sampler alone changes).
+# teacher, B the default model, the zoo's Self-Forcing DMD student (distilled from that teacher: ODE
+# initialisation, then DMD through its own 4-step causal rollouts), so the divergences show what Self-Forcing
+# training and its causal sampler changed in each head.
 
 # %% tags=["parameters"]
 # A, the reference: the teacher through Wan's bidirectional sampler. Made by: workbench extract --layers 0-5
 # --seed 0,1 --model teacher --num-inference-steps 8 --out runs/wan_bidirectional.zarr
 store_a = "runs/wan_bidirectional.zarr"
-# B: made by workbench extract --layers 0-5 --seed 0,1 --sampler causal_few_step --out runs/embedded.zarr
+# B, the Self-Forcing DMD student (the default model). Made by: workbench extract --layers 0-5 --seed 0,1
+# --sampler causal_few_step --out runs/embedded.zarr
 store_b = "runs/embedded.zarr"
 layer = None  # None: the first layer both stores hold
 sample = None  # None: every sample pair (same prompt and seed, else same prompt); or a sample id of store B

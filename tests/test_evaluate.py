@@ -162,7 +162,7 @@ def test_model_specs_name_weights_and_samplers(tmp_path):
     assert select_models(args) == [
         ModelChoice("sf", None, str(ck), True, "causal_multi_step_cfg"),
         ModelChoice("dmd", None, str(ck), False, "causal_multi_step_cfg"),
-        ModelChoice("t", None, None, False, "bidirectional"),
+        ModelChoice("t", str(EMBEDDED_DIR), None, False, "bidirectional"),
         ModelChoice("embedded", str(EMBEDDED_DIR), None, False, "causal_multi_step_cfg")]
     # without --model, the shared model arguments name one model
     args = build_parser().parse_args(["evaluate", "--checkpoint", str(ck), "--use-ema"])

@@ -21,6 +21,7 @@ import pytest
 import torch
 import xarray as xr
 
+from models.wan.embedded import default_model
 import workbench.extract as extract_mod
 from attention_reference import AttendRecorder, dense_frame_stats, expected_key_frames
 from workbench.cli import main as cli_main
@@ -34,7 +35,12 @@ PROMPTS = ["a red fox running through fresh snow", "a small blue boat on a misty
 
 
 def config(out, **kw) -> ExtractConfig:
+    """The library's config of a CLI run without model arguments: the zoo's default model (the DMD student's
+    checkpoint, which `workbench extract` adds itself) for causal samplers."""
     kw.setdefault("layers", [3])
+    default = default_model()
+    if default is not None and kw.get("sampler", "causal_few_step") != "bidirectional" and "wan_dir" not in kw:
+        kw = {"checkpoint": str(default.checkpoint_path()), "use_ema": default.use_ema, **kw}
     return ExtractConfig(out=str(out), progress=False, **kw)
 
 

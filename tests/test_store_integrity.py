@@ -186,7 +186,7 @@ def other_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     nudged = {k: (v.float() + 1e-3 * torch.randn_like(v.float())).to(v.dtype) for k, v in sd.items()}
     path = tmp_path_factory.mktemp("ckpt") / "other.pt"
-    save_self_forcing(path, generator=nudged)
+    save_self_forcing(path, generator=nudged, generator_ema=nudged)  # --use-ema as the default model (the DMD student)
     return path
 
 
@@ -205,7 +205,7 @@ def test_append_of_another_models_samples_is_refused(tmp_path, reference, other_
     store_sha = str(before.checkpoint_sha256.values[0])
     for mode in (["--append"], []):
         argv = ["extract", "--layer", "0", "--frames", "6", "--steps", "0", "--seed", "6", "--checkpoint",
-                str(other_checkpoint), "--out", str(store), "--no-progress", *mode]
+                str(other_checkpoint), "--use-ema", "--out", str(store), "--no-progress", *mode]
         assert cli_main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0

@@ -186,3 +186,18 @@ def test_single_rank_fast_path_checks_the_private_hook_before_use(monkeypatch):
     assert not _BlockInputs.works()
     monkeypatch.setattr(_BlockInputs, "hook", None)
     assert not _BlockInputs.works()
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_shard_keeps_a_cpu_run_on_the_cpu(per_block):
+    """`device: cpu` shards on a CPU mesh even where CUDA is available (FSDP's default mesh is the accelerator's:
+    on the H200 the weights went to CUDA and the first attention failed with query and keys on two devices). On a
+    CPU-only machine both meshes are CPU ones; the GPU run of this file is the one that can tell them apart."""
+    from training import distributed as fsdp
+
+    d = fsdp.setup("cpu")
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([torch.nn.Linear(3, 3) for _ in range(2)])
+    fsdp.shard(model, d, mixed_precision=True, per_block=per_block)
+    for name, p in model.named_parameters():
+        assert p.device.type == "cpu" and p.device_mesh.device_type == "cpu", name

@@ -180,19 +180,21 @@ def test_a_model_that_reads_a_word_gets_the_reference_ratio(causal):
 # the zoo's check stage runs it
 
 
-def test_check_models_reports_the_words_of_each_model(text_and_vae):
-    """check_models on a folder holding only the teacher (data/embedded: its own DiT, no student checkpoints):
-    the teacher's words entry is the word check of that DiT loaded bidirectional, and the log has its line."""
+def test_check_models_reports_the_words_of_each_model(text_and_vae, tmp_path):
+    """check_models on a folder holding only the teacher (data/embedded without its student checkpoints): the
+    teacher's words entry is the word check of that DiT loaded bidirectional, and the log has its line."""
     import re
+    import shutil
 
     from models.wan.checkpoint import load_wan
     from training.zoo_check import check_models
 
+    folder = shutil.copytree(EMBEDDED_DIR, tmp_path / "teacher_only", ignore=shutil.ignore_patterns("*.pt"))
     lines = []
-    result = check_models(EMBEDDED_DIR, "cpu", frames=3, short=True, log=lines.append, shift=5.0)
+    result = check_models(folder, "cpu", frames=3, short=True, log=lines.append, shift=5.0)
     assert list(result) == ["teacher"]
     encoder, vae = text_and_vae
-    direct = word_sensitivity(load_wan(EMBEDDED_DIR, causal=False).eval(), encoder, vae, videos=4, frames=3)
+    direct = word_sensitivity(load_wan(folder, causal=False).eval(), encoder, vae, videos=4, frames=3)
     words = result["teacher"]["words"]
     assert (words["videos"], words["frames"], words["shift"]) == (4, 3, 5.0)
     assert words["timesteps"] == direct["timesteps"]

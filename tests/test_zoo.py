@@ -358,13 +358,14 @@ def test_evaluate_names_the_zoo(tmp_path, monkeypatch):
     sid = tmp_path / "checkpoints" / "self_forcing_sid.pt"
     sid.write_bytes(b"")
     args = build_parser().parse_args(["evaluate", "--model", "teacher", "--model", "s=sid", "--guidance-scale", "2"])
-    assert select_models(args) == [ModelChoice("teacher", None, None, False, "bidirectional", 40, 4.0),
-                                   ModelChoice("s", None, str(sid), True, "causal_few_step", 50, 5.0)]
+    assert select_models(args) == [ModelChoice("teacher", None, None, False, "bidirectional", 40, 4.0, "teacher"),
+                                   ModelChoice("s", None, str(sid), True, "causal_few_step", 50, 5.0, "sid")]
     monkeypatch.setattr(embedded, "EMBEDDED_DIR", EMBEDDED_DIR)  # plan against the real folder's config
-    plans, _ = plan_runs(args, [ModelChoice("teacher", None, None, False, "bidirectional", 40, 4.0)],
+    plans, _ = plan_runs(args, [ModelChoice("teacher", None, None, False, "bidirectional", 40, 4.0, "teacher")],
                          ["a red square moving left"], [0], [21], "cpu", "float32")
     cfg = plans["teacher", 21].cfg
     assert (cfg.num_inference_steps, cfg.guidance_scale) == (40, 2.0)  # the model's steps, the given guidance
+    assert (cfg.model, cfg.checkpoint) == ("teacher", None)  # the folder's DiT, not the zoo's default student
 
 
 def test_zoo_configs_load_and_check():
@@ -590,3 +591,30 @@ def test_zoo_stopped_by_sigterm_still_writes_its_log_and_report(tmp_path):
     log = (out / "zoo_log.txt").read_text()
     assert "[vae] start" in log and "zoo_state.tar" in log, log
     assert (out / "zoo_state.tar.00").is_file()
+
+
+def test_the_library_runs_the_same_default_as_the_cli():
+    """ExtractConfig without weights runs the zoo's default (the DMD student, as `workbench extract` does); a zoo
+    name spells out its checkpoint and use_ema; bad names and mixed settings are refused before any work."""
+    from workbench.errors import WorkbenchError
+    from workbench.extract import ExtractConfig, plan
+
+    dmd = ZOO["dmd"]
+    assert dmd.shipped()
+    cfg = plan(ExtractConfig(layers=[3])).cfg
+    assert (cfg.model, cfg.checkpoint, cfg.use_ema) == ("dmd", str(dmd.checkpoint_path()), True)
+    cfg = plan(ExtractConfig(model="teacher", sampler="causal_few_step")).cfg  # the teacher's weights, causally
+    assert (cfg.model, cfg.checkpoint, cfg.use_ema) == ("teacher", None, False)
+    assert plan(ExtractConfig(wan_dir=str(EMBEDDED_DIR))).cfg.checkpoint is None  # a folder named: its own DiT
+    with pytest.raises(WorkbenchError, match="unknown model 'nope'"):
+        plan(ExtractConfig(model="nope"))
+    with pytest.raises(WorkbenchError, match="give it without wan_dir, checkpoint and use_ema"):
+        plan(ExtractConfig(model="teacher", checkpoint=str(dmd.checkpoint_path())))
+
+
+def test_intervene_runs_the_zoo_model_it_names(capsys):
+    from workbench.cli import main
+
+    assert main(["intervene", "--model", "df", "--frames", "3", "--world", "off", "--no-progress"]) == 2
+    assert "--model df: its sampler is causal_multi_step_cfg; intervene runs the causal few-step rollout" in \
+        capsys.readouterr().err

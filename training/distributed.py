@@ -43,6 +43,14 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
+    def mesh(self):
+        """The 1-D device mesh of every rank on this rank's device type, for `fully_shard`. Without one, FSDP builds
+        its mesh on the machine's accelerator whenever there is one, and a `device: cpu` run on a GPU machine had
+        its weights moved to CUDA while its inputs stayed on the CPU."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(self.device.type, (self.world,))
+
     def barrier(self) -> None:
         if self.device.type == "cuda":
             dist.barrier(device_ids=[self.device.index])
@@ -120,15 +128,16 @@ def shard(model: torch.nn.Module, d: Dist, *, mixed_precision: bool, per_block: 
     else:
         policy = MixedPrecisionPolicy(cast_forward_inputs=False)
     model.to(d.device)
+    mesh = d.mesh()
     # the blocks return views (x.view(...).to(dtype)); nothing modifies them in place
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     units = [*model.blocks] if per_block else []
     for unit in [*units, *getattr(model, "fsdp_units", ())]:  # (fsdp_units: e.g. training/gan.py's branch)
-        fully_shard(unit, mp_policy=policy)
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
     if not per_block:
         for block in model.blocks:
             block.register_forward_pre_hook(_BlockInputs.pre_forward, prepend=True, with_kwargs=True)
-    fully_shard(model, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 

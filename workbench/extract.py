@@ -54,7 +54,11 @@ class ExtractConfig:
     prompts: list[str] = field(default_factory=lambda: [DEFAULT_PROMPT])
     seeds: list[int] = field(default_factory=lambda: [42])
     num_frames: int = 21
-    wan_dir: str | None = None  # None: the embedded default
+    # which weights: `model`, a model of the embedded zoo by name (models/wan/embedded.py ZOO: teacher, df, ode,
+    # dmd, sid), or wan_dir / checkpoint / use_ema; none of them: the zoo's default, the Self-Forcing DMD student
+    # (the same default as `workbench extract`; `resolve_model` turns a name into its checkpoint and use_ema)
+    model: str | None = None
+    wan_dir: str | None = None  # None: the embedded folder, data/embedded
     checkpoint: str | None = None  # a Self-Forcing .pt
     use_ema: bool = False
     trust_pickle: bool = False
@@ -128,8 +132,38 @@ class Plan:
     capture_mode: str  # the mode that runs ("auto" resolved for the device)
 
 
+def resolve_model(cfg: ExtractConfig) -> ExtractConfig:
+    """`cfg` with its zoo model (`model`, or the zoo's default when no weights are named) spelled out as the
+    checkpoint and use_ema it means; unchanged when wan_dir, checkpoint or use_ema name the weights, and when the
+    embedded folder ships no default (then its own DiT runs)."""
+    from models.errors import ModelInputError
+    from models.wan.embedded import EMBEDDED_DIR as ZOO_DIR, ZOO_MARKER, default_model, zoo_model
+
+    explicit = bool(cfg.wan_dir or cfg.checkpoint or cfg.use_ema)
+    if cfg.model is None:
+        entry = None if explicit else default_model()
+        if entry is None:
+            return cfg
+    else:
+        try:
+            entry = zoo_model(cfg.model)
+        except ModelInputError as e:
+            raise WorkbenchError(str(e)) from None
+    checkpoint = str(entry.checkpoint_path()) if entry.checkpoint else None
+    if cfg.model is not None and (cfg.wan_dir or (explicit and (cfg.checkpoint, cfg.use_ema) != (checkpoint,
+                                                                                                   entry.use_ema))):
+        raise WorkbenchError(f"model {cfg.model!r} picks a model of the embedded zoo; give it without wan_dir, "
+                             "checkpoint and use_ema (--wan-dir, --checkpoint, --use-ema)")
+    if not entry.shipped():
+        missing = entry.checkpoint_path() or ZOO_DIR / ZOO_MARKER
+        raise WorkbenchError(f"the zoo's {entry.name!r} model is not in data/embedded yet ({missing} is missing); "
+                             "`python -m training.zoo` trains the zoo")
+    return dataclasses.replace(cfg, model=entry.name, checkpoint=checkpoint, use_ema=entry.use_ema)
+
+
 def plan(cfg: ExtractConfig) -> Plan:
     """Validate the request against the model's config, without loading weights."""
+    cfg = resolve_model(cfg)
     if cfg.sampler not in SAMPLERS:
         raise WorkbenchError(f"sampler {cfg.sampler!r}; use one of {list(SAMPLERS)}")
     check_stats(cfg.stats, cfg.token_layers)
@@ -297,7 +331,7 @@ def run_extract(cfg: ExtractConfig, command: list[str] | None = None, log=print)
     p = plan(cfg)
     rank, world, initialised = _dist()
     try:
-        return _run(p, cfg, rank, world, command, log)
+        return _run(p, p.cfg, rank, world, command, log)
     finally:
         if initialised:
             import torch.distributed as dist

@@ -60,6 +60,7 @@ class ModelChoice:
     sampler: str
     num_inference_steps: int | None = None  # the multi-step samplers; None: --num-inference-steps, else 50
     guidance_scale: float | None = None  # None: --guidance-scale, else 5.0
+    model: str | None = None  # the zoo's name for these weights (ExtractConfig.model)
 
 
 def model_names() -> dict[str, ModelChoice]:
@@ -67,7 +68,7 @@ def model_names() -> dict[str, ModelChoice]:
     from models.wan.embedded import ZOO
 
     return {name: ModelChoice(name, None, str(m.checkpoint_path()) if m.checkpoint else None, m.use_ema, m.sampler,
-                              m.num_inference_steps, m.guidance_scale) for name, m in ZOO.items()}
+                              m.num_inference_steps, m.guidance_scale, name) for name, m in ZOO.items()}
 
 
 def register(subparsers) -> None:
@@ -156,11 +157,15 @@ def parse_model_spec(spec: str, args) -> ModelChoice:
             raise WorkbenchError(f"--model {spec!r}: the zoo's {source!r} model is not in data/embedded yet "
                                  "(`python -m training.zoo` trains the zoo)")
         base = names[source]
-        return ModelChoice(label or source, base.wan_dir, base.checkpoint, base.use_ema or use_ema,
+        if use_ema and not base.use_ema:
+            raise WorkbenchError(f"--model {spec!r}: the zoo's {source!r} model has no EMA weights; drop ',ema'")
+        return ModelChoice(label or source, base.wan_dir, base.checkpoint, base.use_ema,
                            sampler if "sampler=" in rest else base.sampler, base.num_inference_steps,
-                           base.guidance_scale)
-    if source == "embedded":
-        return ModelChoice(label or "embedded", None, None, use_ema, sampler)
+                           base.guidance_scale, source)
+    if source == "embedded":  # the folder's own DiT (in the zoo: the teacher's weights), named as a folder
+        from models.wan.embedded import EMBEDDED_DIR
+
+        return ModelChoice(label or "embedded", str(EMBEDDED_DIR), None, use_ema, sampler)
     path = Path(source)
     if path.is_dir():
         return ModelChoice(label or path.name, str(path), None, use_ema, sampler)
@@ -307,7 +312,8 @@ def plan_runs(args, choices, prompts, seeds, lengths, device, dtype):
                 continue
             window = frames > LONG
             cfg = ExtractConfig(
-                prompts=prompts, seeds=seeds, num_frames=frames, wan_dir=c.wan_dir, checkpoint=c.checkpoint,
+                prompts=prompts, seeds=seeds, num_frames=frames, model=c.model, wan_dir=c.wan_dir,
+                checkpoint=c.checkpoint,
                 use_ema=c.use_ema, trust_pickle=args.trust_pickle, sampler=c.sampler,
                 num_inference_steps=_setting(args.num_inference_steps, c.num_inference_steps, "num_inference_steps"),
                 guidance_scale=_setting(args.guidance_scale, c.guidance_scale, "guidance_scale"),

@@ -129,10 +129,17 @@ def run(args) -> int:
 
     import torch
 
+    from models.wan.embedded import ZOO
+    from workbench.commands import resolve_model
     from workbench.errors import WorkbenchError
     from workbench.extract import ExtractConfig, parse_int_list, plan
     from workbench.intervene import run_intervene
 
+    if args.model and ZOO.get(args.model) is not None and ZOO[args.model].sampler != "causal_few_step":
+        few_step = ", ".join(n for n, m in ZOO.items() if m.sampler == "causal_few_step")
+        raise WorkbenchError(f"--model {args.model}: its sampler is {ZOO[args.model].sampler}; intervene runs the "
+                             f"causal few-step rollout (models {few_step})")
+    resolve_model(args)  # --model NAME, or the zoo's default (the DMD student), as extract and generate do
     seeds = parse_int_list(args.seeds, what="seed")
     if not seeds:
         raise WorkbenchError("--seeds needs numbers, e.g. 0 or 0-2")
@@ -146,7 +153,7 @@ def run(args) -> int:
         prompts = args.prompt or [DEFAULT_PROMPT]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = ExtractConfig(prompts=prompts, seeds=seeds, num_frames=args.frames, height=args.height, width=args.width,
-                        local_attn_size=args.local_attn_size, sink_size=args.sink_size, wan_dir=args.wan_dir,
+                        local_attn_size=args.local_attn_size, sink_size=args.sink_size, model=args.model, wan_dir=args.wan_dir,
                         checkpoint=args.checkpoint, use_ema=args.use_ema, trust_pickle=args.trust_pickle,
                         device=device, dtype=args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
                         out=args.out, mode="overwrite" if args.overwrite else "resume", progress=not args.no_progress,
