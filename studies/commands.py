@@ -105,6 +105,6 @@ def run_compare(args) -> int:
 
     path = build_compare_report(args.store_a, args.store_b, writable_output(args.out), tolerance=args.tolerance, cfg=args.cfg,
                                 layers=args.layer, query_frames=args.query_frames, top=args.top,
-                                pair_by=args.pair_by)
+                                pair_by=args.pair_by, log=print)
     print(f"wrote {path}")
     return 0

@@ -221,6 +221,20 @@ def _training_report(ds: xr.Dataset, source: str, out_html, *, layer, sample, st
     return write_atomic(page.render(), out_html)
 
 
+def compare_summary(c, ranking, name_a: str, name_b: str, rows: int = 5) -> str:
+    """A few lines for the terminal: the matched samples and steps, then the `rows` heads whose attention over key
+    frames moved most (JS divergence in bits, mean over matched steps) with each side's head class."""
+    lines = [f"A = {name_a}, B = {name_b}: {len(c.pairs)} sample pair(s) paired by {c.pair_by}, {c.js_bits.sizes['match']} "
+             f"matched step(s), query frames {c.query_frames}",
+             f"heads whose attention over key frames changed most (Jensen-Shannon, bits; 0 = same, 1 = disjoint):",
+             f"{'layer':>6}{'head':>6}{'js_bits':>9}  class A -> class B"]
+    for _, row in ranking.head(rows).iterrows():
+        lines.append(f"{int(row['layer']):>6}{int(row['head']):>6}{row['js_bits']:>9.3f}  {row['class_a']} -> {row['class_b']}")
+    median = float(ranking["js_bits"].median())
+    lines.append(f"median over the {len(ranking)} heads: {median:.3f} bits")
+    return "\n".join(lines)
+
+
 def build_compare_report(
     store_a,
     store_b,
@@ -233,9 +247,11 @@ def build_compare_report(
     top: int = 4,
     thresholds: metrics.TaxonomyThresholds | None = None,
     pair_by: str = "auto",
+    log=None,
 ) -> Path:
     """Write an HTML comparison of two stores (paths or opened Datasets) to `out_html`; returns the path.
-    Alignment and divergence as in `studies.compare.compare_stores`; `top` heads get side-by-side heatmaps."""
+    Alignment and divergence as in `studies.compare.compare_stores`; `top` heads get side-by-side heatmaps.
+    `log` (e.g. print) also gets a short summary: what was matched and the most-changed heads."""
     if top < 0:
         raise WorkbenchError(f"top {top} must be 0 or more (the number of most-changed heads to draw)")
     a, src_a = _open(store_a)
@@ -246,6 +262,8 @@ def build_compare_report(
     c = compare_mod.compare_stores(a, b, tolerance=tolerance, cfg=cfg, query_frames=query_frames, layers=layers,
                                    thresholds=thresholds, name_a=name_a, name_b=name_b, pair_by=pair_by)
     ranking = compare_mod.rank_heads(c)
+    if log is not None:
+        log(compare_summary(c, ranking, name_a, name_b))
 
     page = Page(f"Comparison: {name_a} vs {name_b}")
     page.p(f"A = <code>{html.escape(src_a)}</code>, B = <code>{html.escape(src_b)}</code>. Differences are B - A. "

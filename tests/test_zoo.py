@@ -618,3 +618,27 @@ def test_intervene_runs_the_zoo_model_it_names(capsys):
     assert main(["intervene", "--model", "df", "--frames", "3", "--world", "off", "--no-progress"]) == 2
     assert "--model df: its sampler is causal_multi_step_cfg; intervene runs the causal few-step rollout" in \
         capsys.readouterr().err
+
+
+def test_teacher_vs_dmd_student_ranks_heads_by_a_real_divergence(tmp_path, capsys):
+    """The README's Wan-vs-Self-Forcing comparison on the shipped zoo (shortened to 9 latent frames): the DMD
+    student's heads moved away from the teacher's, some far more than others, and `workbench compare` says which."""
+    from studies import compare
+    from workbench.cli import main
+    from workbench.store import open_store
+
+    common = ["--layers", "0-5", "--frames", "9", "--seed", "0", "--prompt", "a red square moving left", "--no-progress"]
+    assert main(["extract", *common, "--model", "teacher", "--num-inference-steps", "8", "--out",
+                 str(tmp_path / "wan.zarr")]) == 0
+    assert main(["extract", *common, "--out", str(tmp_path / "sf.zarr")]) == 0
+    capsys.readouterr()
+    c = compare.compare_stores(open_store(tmp_path / "wan.zarr"), open_store(tmp_path / "sf.zarr"))
+    ranking = compare.rank_heads(c)
+    assert len(ranking) == 24 and c.js_bits.sizes["match"] >= 2
+    top, median = float(ranking.js_bits.iloc[0]), float(ranking.js_bits.median())
+    assert top > 0.1 and top > 2 * median, ranking.head()
+    assert main(["compare", str(tmp_path / "wan.zarr"), str(tmp_path / "sf.zarr"), "--out",
+                 str(tmp_path / "c.html")]) == 0
+    out = capsys.readouterr().out
+    first = ranking.iloc[0]
+    assert f"{int(first['layer']):>6}{int(first['head']):>6}{first['js_bits']:>9.3f}" in out
