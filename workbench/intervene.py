@@ -141,6 +141,7 @@ def run_intervene(cfg, entries: list[Entry], *, world: str = "auto", command: st
     from workbench.store import SCHEMA_VERSION, StoreLock, StoreWriter
 
     p = plan(cfg)
+    cfg = p.cfg  # the weights spelled out (a zoo model's checkpoint and use_ema)
     check_entries(entries, cfg.sampler)
     F, h, w = p.geometry
     px_h, px_w = h * 8, w * 8
