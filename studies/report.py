@@ -224,12 +224,13 @@ def _training_report(ds: xr.Dataset, source: str, out_html, *, layer, sample, st
 def compare_summary(c, ranking, name_a: str, name_b: str, rows: int = 5) -> str:
     """A few lines for the terminal: the matched samples and steps, then the `rows` heads whose attention over key
     frames moved most (JS divergence in bits, mean over matched steps) with each side's head class."""
-    lines = [f"A = {name_a}, B = {name_b}: {len(c.pairs)} sample pair(s) paired by {c.pair_by}, {c.js_bits.sizes['match']} "
-             f"matched step(s), query frames {c.query_frames}",
-             f"heads whose attention over key frames changed most (Jensen-Shannon, bits; 0 = same, 1 = disjoint):",
+    lines = [f"A = {name_a}, B = {name_b}: {len(c.pairs)} sample pair(s) paired by {c.pair_by}, "
+             f"{c.js_bits.sizes['match']} matched step(s), query frames {c.query_frames}",
+             "heads whose attention over key frames changed most (Jensen-Shannon, bits; 0 = same, 1 = disjoint):",
              f"{'layer':>6}{'head':>6}{'js_bits':>9}  class A -> class B"]
     for _, row in ranking.head(rows).iterrows():
-        lines.append(f"{int(row['layer']):>6}{int(row['head']):>6}{row['js_bits']:>9.3f}  {row['class_a']} -> {row['class_b']}")
+        lines.append(f"{int(row['layer']):>6}{int(row['head']):>6}{row['js_bits']:>9.3f}  "
+                     f"{row['class_a']} -> {row['class_b']}")
     median = float(ranking["js_bits"].median())
     lines.append(f"median over the {len(ranking)} heads: {median:.3f} bits")
     return "\n".join(lines)

@@ -73,6 +73,7 @@ def resolve_model(args) -> None:
         raise WorkbenchError(f"the zoo's {entry.name!r} model is not in data/embedded yet ({missing} is missing); "
                              "`python -m training.zoo` trains the zoo")
     if entry is not None:
+        args.model = entry.name  # (recorded in a store's config as what ran)
         args.checkpoint = str(entry.checkpoint_path()) if entry.checkpoint else None
         args.use_ema = entry.use_ema
     # said after the work (`model_note`), so that an error before it stays one line

@@ -105,7 +105,8 @@ def run(args) -> int:
         image=args.image, height=args.height, width=args.width, sampler=args.sampler,
         local_attn_size=args.local_attn_size, sink_size=args.sink_size,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-        model=args.model, wan_dir=args.wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema, trust_pickle=args.trust_pickle,
+        model=args.model, wan_dir=args.wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema,
+        trust_pickle=args.trust_pickle,
         progress=not args.no_progress, capture_mode=args.capture_mode, attention_kernel=args.attention_kernel,
         mode="append" if args.append else "overwrite" if args.overwrite else "resume",
     )
