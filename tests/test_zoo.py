@@ -604,8 +604,9 @@ def test_the_library_runs_the_same_default_as_the_cli():
 
     dmd = ZOO["dmd"]
     assert dmd.shipped()
-    cfg = plan(ExtractConfig(layers=[3])).cfg
-    assert (cfg.model, cfg.checkpoint, cfg.use_ema) == ("dmd", str(dmd.checkpoint_path()), True)
+    p = plan(ExtractConfig(layers=[3]))
+    assert (p.cfg.model, p.cfg.checkpoint, p.cfg.use_ema) == ("dmd", str(dmd.checkpoint_path()), True)
+    assert p.checkpoint_label == "embedded:dmd" and p.family == "self_forcing"  # the store's labels
     cfg = plan(ExtractConfig(model="teacher", sampler="causal_few_step")).cfg  # the teacher's weights, causally
     assert (cfg.model, cfg.checkpoint, cfg.use_ema) == ("teacher", None, False)
     assert plan(ExtractConfig(wan_dir=str(EMBEDDED_DIR))).cfg.checkpoint is None  # a folder named: its own DiT

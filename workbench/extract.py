@@ -211,7 +211,9 @@ def plan(cfg: ExtractConfig) -> Plan:
         raise WorkbenchError(f"step {bad} out of range: the {cfg.sampler} schedule has steps 0-{len(schedule) - 1}")
     spec = CaptureSpec(tuple(layers), tuple(heads), tuple(sorted(steps)), tuple(cfg.stats), tuple(cfg.token_layers))
     family = "self_forcing" if cfg.checkpoint else "wan"
-    label = cfg.checkpoint or ("embedded" if embedded else str(wan_dir / WEIGHTS_NAME))
+    # the weights by a name that means the same on every machine: a zoo model by its name, else the path as given
+    label = (f"embedded:{cfg.model}" if cfg.model and embedded else
+             cfg.checkpoint or ("embedded" if embedded else str(wan_dir / WEIGHTS_NAME)))
     weights = Path(cfg.checkpoint) if cfg.checkpoint else _weights_file(wan_dir)
     return Plan(cfg, mc, wan_dir, weights, spec, schedule, (cfg.num_frames, h, w), fsl, family, label, capture_mode)
 
