@@ -35,12 +35,12 @@ PROMPTS = ["a red fox running through fresh snow", "a small blue boat on a misty
 
 
 def config(out, **kw) -> ExtractConfig:
-    """The library's config of a CLI run without model arguments: the zoo's default model (the DMD student's
-    checkpoint, which `workbench extract` adds itself) for causal samplers."""
+    """The library's config of a CLI run without model arguments: for causal samplers the zoo's default model (the
+    DMD student: ExtractConfig's own default too; named, as `workbench extract` names it in the store's config)."""
     kw.setdefault("layers", [3])
     default = default_model()
     if default is not None and kw.get("sampler", "causal_few_step") != "bidirectional" and "wan_dir" not in kw:
-        kw = {"checkpoint": str(default.checkpoint_path()), "use_ema": default.use_ema, **kw}
+        kw = {"model": default.name, **kw}
     return ExtractConfig(out=str(out), progress=False, **kw)
 
 

@@ -288,6 +288,7 @@ def test_model_option_resolves_and_refuses(tmp_path, monkeypatch):
     import argparse
 
     import models.wan.embedded as embedded
+    from models.errors import ModelInputError
     from workbench.commands import add_model_arguments, resolve_model
     from workbench.errors import WorkbenchError
 
@@ -299,7 +300,7 @@ def test_model_option_resolves_and_refuses(tmp_path, monkeypatch):
     monkeypatch.setattr(embedded, "EMBEDDED_DIR", tmp_path)
     with pytest.raises(WorkbenchError, match="without --wan-dir"):
         resolve_model(p.parse_args(["--model", "dmd", "--checkpoint", "x.pt"]))
-    with pytest.raises(WorkbenchError, match="not in data/embedded yet"):
+    with pytest.raises(ModelInputError, match="not in data/embedded yet"):  # (models/wan/embedded.py's error)
         resolve_model(p.parse_args(["--model", "sid"]))
     args = p.parse_args([])  # nothing shipped: the folder's own DiT with the old defaults
     resolve_model(args)

@@ -137,7 +137,7 @@ def resolve_model(cfg: ExtractConfig) -> ExtractConfig:
     checkpoint and use_ema it means; unchanged when wan_dir, checkpoint or use_ema name the weights, and when the
     embedded folder ships no default (then its own DiT runs)."""
     from models.errors import ModelInputError
-    from models.wan.embedded import EMBEDDED_DIR as ZOO_DIR, ZOO_MARKER, default_model, zoo_model
+    from models.wan.embedded import default_model, zoo_model
 
     explicit = bool(cfg.wan_dir or cfg.checkpoint or cfg.use_ema)
     if cfg.model is None:
@@ -154,10 +154,7 @@ def resolve_model(cfg: ExtractConfig) -> ExtractConfig:
                                                                                                    entry.use_ema))):
         raise WorkbenchError(f"model {cfg.model!r} picks a model of the embedded zoo; give it without wan_dir, "
                              "checkpoint and use_ema (--wan-dir, --checkpoint, --use-ema)")
-    if not entry.shipped():
-        missing = entry.checkpoint_path() or ZOO_DIR / ZOO_MARKER
-        raise WorkbenchError(f"the zoo's {entry.name!r} model is not in data/embedded yet ({missing} is missing); "
-                             "`python -m training.zoo` trains the zoo")
+    entry.require_shipped()
     return dataclasses.replace(cfg, model=entry.name, checkpoint=checkpoint, use_ema=entry.use_ema)
 
 

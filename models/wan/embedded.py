@@ -63,6 +63,13 @@ class ZooModel:
         path = self.checkpoint_path(folder)
         return path.is_file() if path is not None else (Path(folder or EMBEDDED_DIR) / ZOO_MARKER).is_file()
 
+    def require_shipped(self) -> None:
+        """A clear error, before any work, when the embedded folder does not hold this model."""
+        if not self.shipped():
+            missing = self.checkpoint_path() or EMBEDDED_DIR / ZOO_MARKER
+            raise ModelInputError(f"the zoo's {self.name!r} model is not in data/embedded yet ({missing} is "
+                                  "missing); `python -m training.zoo` trains the zoo")
+
 
 ZOO_MARKER = "checkpoints/ZOO.md"  # written with the zoo: its presence says the folder's DiT is the world teacher
 ZOO: dict[str, ZooModel] = {m.name: m for m in (

@@ -68,11 +68,8 @@ def resolve_model(args) -> None:
         raise WorkbenchError("--model NAME picks a model of the embedded zoo; give it without --wan-dir, --checkpoint "
                              "and --use-ema")
     entry = zoo_model(args.model) if args.model else None if explicit else default_model()
-    if entry is not None and not entry.shipped():
-        missing = entry.checkpoint_path() or EMBEDDED_DIR / ZOO_MARKER
-        raise WorkbenchError(f"the zoo's {entry.name!r} model is not in data/embedded yet ({missing} is missing); "
-                             "`python -m training.zoo` trains the zoo")
     if entry is not None:
+        entry.require_shipped()
         args.model = entry.name  # (recorded in a store's config as what ran)
         args.checkpoint = str(entry.checkpoint_path()) if entry.checkpoint else None
         args.use_ema = entry.use_ema
