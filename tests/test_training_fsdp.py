@@ -188,11 +188,12 @@ def test_single_rank_fast_path_checks_the_private_hook_before_use(monkeypatch):
     assert not _BlockInputs.works()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: only there is FSDP's default mesh "
+                    "on another device than the run's")
 @pytest.mark.parametrize("per_block", [False, True])
 def test_shard_keeps_a_cpu_run_on_the_cpu(per_block):
     """`device: cpu` shards on a CPU mesh even where CUDA is available (FSDP's default mesh is the accelerator's:
-    on the H200 the weights went to CUDA and the first attention failed with query and keys on two devices). On a
-    CPU-only machine both meshes are CPU ones; the GPU run of this file is the one that can tell them apart."""
+    on the H200 the weights went to CUDA and the first attention failed with query and keys on two devices)."""
     from training import distributed as fsdp
 
     d = fsdp.setup("cpu")
