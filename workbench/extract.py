@@ -137,24 +137,20 @@ def resolve_model(cfg: ExtractConfig) -> ExtractConfig:
     checkpoint and use_ema it means; unchanged when wan_dir, checkpoint or use_ema name the weights, and when the
     embedded folder ships no default (then its own DiT runs)."""
     from models.errors import ModelInputError
-    from models.wan.embedded import default_model, zoo_model
+    from models.wan.embedded import pick
 
     explicit = bool(cfg.wan_dir or cfg.checkpoint or cfg.use_ema)
-    if cfg.model is None:
-        entry = None if explicit else default_model()
-        if entry is None:
-            return cfg
-    else:
-        try:
-            entry = zoo_model(cfg.model)
-        except ModelInputError as e:
-            raise WorkbenchError(str(e)) from None
+    try:
+        entry = pick(cfg.model, explicit)
+    except ModelInputError as e:
+        raise WorkbenchError(str(e)) from None
+    if entry is None:
+        return cfg
     checkpoint = str(entry.checkpoint_path()) if entry.checkpoint else None
     if cfg.model is not None and (cfg.wan_dir or (explicit and (cfg.checkpoint, cfg.use_ema) != (checkpoint,
                                                                                                    entry.use_ema))):
         raise WorkbenchError(f"model {cfg.model!r} picks a model of the embedded zoo; give it without wan_dir, "
                              "checkpoint and use_ema (--wan-dir, --checkpoint, --use-ema)")
-    entry.require_shipped()
     return dataclasses.replace(cfg, model=entry.name, checkpoint=checkpoint, use_ema=entry.use_ema)
 
 

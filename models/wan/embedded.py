@@ -104,6 +104,16 @@ def default_model(folder: Path | None = None) -> ZooModel | None:
     return m if m.shipped(folder) else None
 
 
+def pick(name: str | None, weights_named: bool) -> ZooModel | None:
+    """The zoo model a request means: the one called `name`; without a name, the default when no weights are
+    named otherwise (`weights_named`: a folder, checkpoint or EMA flag), else None. Clear errors, before any work,
+    for an unknown name or a model the embedded folder does not hold."""
+    entry = zoo_model(name) if name else None if weights_named else default_model()
+    if entry is not None:
+        entry.require_shipped()
+    return entry
+
+
 def make_embedded_state_dict(seed: int = EMBEDDED_SEED) -> dict:
     """Seeded weights in the official layout. Linear layers keep PyTorch's default init; the q/k norm gains are
     drawn around 2 so that attention is peaked enough to show structure rather than a uniform haze."""

@@ -60,16 +60,15 @@ ZOO_TEACHER_ONLY_NOTE = ("note: data/embedded ships the zoo's teacher, not yet i
 def resolve_model(args) -> None:
     """Fill in what `--model NAME` (or, with no model arguments, the zoo's default) means: args.checkpoint and
     args.use_ema, and the sampler settings the command line left unset (None). Errors before any work."""
-    from models.wan.embedded import EMBEDDED_DIR, ZOO_MARKER, default_model, zoo_model
+    from models.wan.embedded import EMBEDDED_DIR, ZOO_MARKER, pick
     from workbench.errors import WorkbenchError
 
     explicit = args.wan_dir or args.checkpoint or args.use_ema
     if args.model and explicit:
         raise WorkbenchError("--model NAME picks a model of the embedded zoo; give it without --wan-dir, --checkpoint "
                              "and --use-ema")
-    entry = zoo_model(args.model) if args.model else None if explicit else default_model()
+    entry = pick(args.model, bool(explicit))
     if entry is not None:
-        entry.require_shipped()
         args.model = entry.name  # (recorded in a store's config as what ran)
         args.checkpoint = str(entry.checkpoint_path()) if entry.checkpoint else None
         args.use_ema = entry.use_ema

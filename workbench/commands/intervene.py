@@ -154,7 +154,8 @@ def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = ExtractConfig(prompts=prompts, seeds=seeds, num_frames=args.frames, height=args.height, width=args.width,
                         local_attn_size=args.local_attn_size, sink_size=args.sink_size, model=args.model,
-                        wan_dir=args.wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema, trust_pickle=args.trust_pickle,
+                        wan_dir=args.wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema,
+                        trust_pickle=args.trust_pickle,
                         device=device, dtype=args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
                         out=args.out, mode="overwrite" if args.overwrite else "resume", progress=not args.no_progress,
                         stats=["attn_mass"], layers=parse_int_list(args.capture, what="layer") if args.capture else None)
