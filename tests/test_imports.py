@@ -93,7 +93,7 @@ def _cycles(graph) -> list[list[str]]:
 
 def _run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
 
 
 # ------------------------------------------------------------------------------------------------ the graph
@@ -186,7 +186,7 @@ def test_names_moved_out_of_the_trainer_still_import_from_it():
 
 def test_old_embedded_command_still_runs():
     res = subprocess.run([sys.executable, "-m", "models.embedded", "--help"], cwd=ROOT, capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
     assert res.returncode == 0 and "--from-checkpoint" in res.stdout, res.stderr
 
 

@@ -83,8 +83,16 @@ def test_world_data_path_needs_diffusion_and_a_vae(tmp_path):
     with pytest.raises(TrainingError, match="Wan2.1_VAE.pth"):
         check_files(cfg, plan)
     cfg, _ = load_train_config(ROOT / "configs/zoo_ode.yaml", ["data_path=world"])
-    with pytest.raises(TrainingError, match="for diffusion training"):
+    with pytest.raises(TrainingError, match="for diffusion and GAN training"):
         check_config(cfg, 1)
+    # the GAN student reads the world's videos too, encoded by its generator folder's VAE
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "config.json").write_text("{}")
+    (tmp_path / "ode_init.pt").write_bytes(b"")
+    cfg, _ = load_train_config(ROOT / "configs/zoo_gan.yaml", [f"model_root={tmp_path}",
+                                                               f"generator_ckpt={tmp_path / 'ode_init.pt'}"])
+    with pytest.raises(TrainingError, match="teacher/Wan2.1_VAE.pth"):
+        check_files(cfg, check_config(cfg, 1))
     cfg, _ = load_train_config(ROOT / "configs/zoo_dmd.yaml", ["prompt_dropout=0.1"])
     with pytest.raises(TrainingError, match="prompt_dropout is for diffusion"):
         check_config(cfg, 1)
@@ -425,8 +433,9 @@ def test_shipped_zoo_loads_and_meets_its_reported_numbers():
 
 @pytest.mark.slow
 def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path):
-    """`python -m training.zoo --short`: every stage on the CPU (6 frames, 3 steps per config), then the
-    shipped folder loads through the normal loaders, the tar parts reassemble, and a second run skips all."""
+    """`python -m training.zoo --short`: every stage on the CPU (6 frames, 3 steps per config; with the GAN
+    student, which `all` leaves out), then the shipped folder loads through the normal loaders (without the GAN
+    student: not shipped), the tar parts reassemble, and a second run skips all."""
     from models.wan.checkpoint import load_wan
     from models.wan.text_encoder import TextEncoder
     from models.wan.vae import WanVAE
@@ -434,14 +443,14 @@ def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path):
 
     work, out = tmp_path / "zoo", tmp_path / "out"
     argv = ["--short", "--device", "cpu", "--work", str(work), "--no-progress", "--out", str(out)]
-    assert main(argv) == 0
+    assert main(argv + ["--stages", ",".join(STAGES)]) == 0
     report = json.loads((work / "zoo_report.json").read_text())
-    for stage in ("teacher", "df", "ode", "dmd", "sid"):
+    for stage in ("teacher", "df", "ode", "dmd", "sid", "gan"):
         st = report["stages"][stage]
         assert st["steps"] == 3 and not st["stopped_early"], (stage, st)
         assert all(np.isfinite(v["last"]) for k, v in st.items() if k.endswith("_loss"))
-    assert set(report["stages"]["check"]) == set(ZOO) | {"seconds", "device"}
-    for name in ZOO:  # the word check of every model, at the three timesteps, on 4 videos in short mode
+    assert set(report["stages"]["check"]) == set(ZOO) | {"gan", "seconds", "device"}
+    for name in [*ZOO, "gan"]:  # the word check of every model, at the three timesteps, on 4 videos in short mode
         words = report["stages"]["check"][name]["words"]
         assert set(words["timesteps"]) == {"900", "700", "500"} and words["videos"] == 4, (name, words)
         assert all(np.isfinite(list(r["ratios"].values())).all() for r in words["timesteps"].values())
@@ -471,6 +480,7 @@ def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path):
     whole.write_bytes(b"".join(p.read_bytes() for p in parts))
     with tarfile.open(whole) as t:
         assert "data/embedded/checkpoints/self_forcing_dmd.pt" in t.getnames()
+        assert not any("gan" in name for name in t.getnames())
     # a second run finds every stage done (check and ship run again)
     lines = []
     from training.zoo import Zoo
@@ -647,3 +657,23 @@ def test_teacher_vs_dmd_student_ranks_heads_by_a_real_divergence(tmp_path, capsy
     out = capsys.readouterr().out
     first = ranking.iloc[0]
     assert f"{int(first['layer']):>6}{int(first['head']):>6}{first['js_bits']:>9.3f}" in out
+
+
+def test_text_len_goes_into_every_folder_and_a_continued_run_keeps_it(tmp_path):
+    """`--text-len N` pads the umT5 context to N positions in this run's folders (config.json); a later call on
+    the same work folder keeps it, and another value is refused before any work."""
+    from models.wan.text_encoder import TextEncoder
+    from training.zoo import Zoo, main
+
+    work = tmp_path / "zoo"
+    argv = ["--short", "--device", "cpu", "--work", str(work), "--no-progress", "--vae",
+            str(EMBEDDED_DIR / "Wan2.1_VAE.pth")]
+    assert main(argv + ["--stages", "init", "--text-len", "32"]) == 0
+    assert json.loads((work / "init" / "config.json").read_text())["text_len"] == 32
+    assert TextEncoder.from_wan_dir(work / "init").encode(["a red square moving left"]).context.shape[1] == 32
+    zoo = Zoo(work, device="cpu", short=True, budget=None, vae=None, source=EMBEDDED_DIR, progress=False)
+    assert zoo.model_config.text_len == 32
+    with pytest.raises(SystemExit, match="made with text_len 32"):
+        Zoo(work, device="cpu", short=True, budget=None, vae=None, source=EMBEDDED_DIR, progress=False, text_len=16)
+    with pytest.raises(SystemExit):
+        main(argv + ["--stages", "init", "--text-len", "4"])

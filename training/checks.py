@@ -128,8 +128,8 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
         raise TrainingError(f"timestep_weighting {cfg.timestep_weighting!r}; use one of {list(TIMESTEP_WEIGHTINGS)}")
     if cfg.timestep_weighting != "bump" and cfg.trainer != "diffusion":
         raise TrainingError(f"timestep_weighting is for diffusion training (trainer {cfg.trainer!r} does not use it)")
-    if cfg.data_path == "world" and cfg.trainer != "diffusion":
-        raise TrainingError("data_path: world (latents of the miniature world) is for diffusion training; "
+    if cfg.data_path == "world" and cfg.trainer not in ("diffusion", "gan"):
+        raise TrainingError("data_path: world (latents of the miniature world) is for diffusion and GAN training; "
                             f"trainer {cfg.trainer!r} reads {'ODE pairs' if cfg.trainer == 'ode' else 'a prompt file'}")
     fsdp.check_strategies(cfg)
     from training.logger import check_loggers
@@ -200,12 +200,13 @@ def check_files(cfg, plan: Plan) -> None:
                             "`workbench train --config CONFIG --make-ode-pairs`")
     if plan.trainer == "gan":
         model_folder(cfg, cfg.fake_name)
-        if cfg.data_path != "synthetic" and not Path(cfg.data_path).is_file():
+        if cfg.data_path not in ("synthetic", "world") and not Path(cfg.data_path).is_file():
             raise TrainingError(f"data_path {cfg.data_path!r} does not exist (a latent dataset .pt of real videos: "
-                                "python -m training.i2v --frames F makes one from the miniature world; or 'synthetic')")
+                                "python -m training.i2v --frames F makes one from the miniature world; 'world': "
+                                "the miniature world's videos encoded by the generator folder's VAE; or 'synthetic')")
     if plan.trainer == "diffusion" and cfg.data_path not in ("synthetic", "world") and not Path(cfg.data_path).is_file():
         raise TrainingError(f"data_path {cfg.data_path!r} does not exist (a latent dataset .pt, 'synthetic' or 'world')")
-    if plan.trainer == "diffusion" and cfg.data_path == "world":
+    if plan.trainer in ("diffusion", "gan") and cfg.data_path == "world":
         vae = world_vae_path(cfg)
         if not vae.is_file():
             raise TrainingError(f"data_path: world encodes world videos with {str(vae)!r}, which does not exist "

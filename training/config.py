@@ -7,7 +7,7 @@ unknown key is an error that names it, and every value has a type. The files the
 Keys the researchers' files do not have, used by `workbench train` (all optional): `model_root` (where model
 folders live), `model_kwargs.model_name` (the generator's folder), `max_steps`, `max_grad_norm_generator` /
 `max_grad_norm_critic`, `real_guidance_scale`, `loggers`, `device`, `ode_pairs`, `probe` (attention probes
-during training), `prompt_dropout` and `world` (diffusion training on the miniature world, `data_path: world`),
+during training), `prompt_dropout` and `world` (diffusion and GAN training on the miniature world, `data_path: world`),
 and the gradient semantics `score_timestep_shift`, `kv_cache_gradient`, `text_kv_gradient` and
 `unused_param_grads`, whose defaults reproduce the researchers' code (docs/training.md). Keys their code reads
 with a default (`ts_schedule` True, `ts_schedule_max`, `min_score_timestep`, `real_guidance_scale`,
@@ -71,7 +71,7 @@ class OdePairsConfig:
 
 @dataclass
 class WorldDataConfig:
-    """`data_path: world` (diffusion training): latents of the miniature world's videos (training/world_data.py),
+    """`data_path: world` (diffusion and GAN training): latents of the miniature world's videos (training/world_data.py),
     items 0..num_videos-1 of `models.world.dataset_item(i, seed)` encoded by the VAE, cached under cache_dir."""
 
     num_videos: int = 2048

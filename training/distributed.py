@@ -123,10 +123,7 @@ def shard(model: torch.nn.Module, d: Dist, *, mixed_precision: bool, per_block: 
 
     if per_block is None:
         per_block = d.world > 1 or not _BlockInputs.works()
-    if mixed_precision and d.device.type == "cuda":
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    else:
-        policy = MixedPrecisionPolicy(cast_forward_inputs=False)
+    policy = MixedPrecisionPolicy(cast_forward_inputs=False, **mixed_precision_dtypes(mixed_precision, d.device))
     model.to(d.device)
     mesh = d.mesh()
     # the blocks return views (x.view(...).to(dtype)); nothing modifies them in place
@@ -138,7 +135,28 @@ def shard(model: torch.nn.Module, d: Dist, *, mixed_precision: bool, per_block: 
         for block in model.blocks:
             block.register_forward_pre_hook(_BlockInputs.pre_forward, prepend=True, with_kwargs=True)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    init_now(model)
     return model
+
+
+def mixed_precision_dtypes(mixed_precision: bool, device: torch.device) -> dict:
+    """FSDP's compute and gradient-reduction dtypes: bf16 compute with float32 reductions on a GPU with
+    `mixed_precision`; otherwise the parameters' own dtype."""
+    if mixed_precision and device.type == "cuda":
+        return {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32}
+    return {}
+
+
+def init_now(model: torch.nn.Module) -> None:
+    """FSDP's lazy initialisation, now instead of at the first forward. It fixes each unit's gradient-reduction
+    dtype from the parameters that require grad at that moment, and none does when they are frozen: a unit whose
+    first forward ran frozen (the GAN trainer's discriminator step rolls the generator out with its weights
+    frozen; its warm-up freezes the discriminator's backbone) later assigned bf16 gradients to float32 parameters
+    and failed. Here every parameter is as the caller set it before sharding (trainable models: all). Private
+    API (`_get_fsdp_state()._lazy_init`, idempotent); a torch without it keeps the lazy initialisation."""
+    init = getattr(getattr(model, "_get_fsdp_state", lambda: None)(), "_lazy_init", None)
+    if init is not None:
+        init()
 
 
 class _BlockInputs:

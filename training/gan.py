@@ -63,7 +63,9 @@ class RegisterTokens(nn.Module):
         self.register_tokens = nn.Parameter(torch.randn(num, dim) * 0.02)
         self.rms_norm = RMSNorm(dim, eps)
 
-    def forward(self):
+    def forward(self, x):
+        """x: any tensor of the call (unused). The branch's modules are FSDP units of their own, and FSDP's root
+        pre-forward on CUDA fails on a call without arguments (it moves args[0] to the device)."""
         return self.rms_norm(self.register_tokens)  # [num, dim]
 
 
@@ -131,7 +133,7 @@ def classify(critic, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) ->
     finally:
         for h in handles:
             h.remove()
-    registers = critic._register_tokens()  # [3, dim]
+    registers = critic._register_tokens(x)  # [3, dim]
     B = x.shape[0]
     tokens = [block(features[layer], registers[i][None, None].expand(B, 1, -1))
               for i, (block, layer) in enumerate(zip(critic._gan_ca_blocks, layers))]  # 3 x [B, 1, dim]
@@ -226,17 +228,27 @@ class GanTrainer(Trainer):
     def train_step(self) -> dict:
         cfg, logs = self.cfg, {}
         if not self.warming_up() and self.step % cfg.dfake_gen_update_ratio == 0:
-            self.critic.requires_grad_(False)
-            self.generator.requires_grad_(True)
+            trainable(self.critic, lambda name: False)
+            trainable(self.generator, lambda name: True)
             logs.update(self.update(self.generator, self.gen_opt, self.generator_loss, cfg.max_grad_norm_generator,
                                     "generator"))
             logs["exit_index"] = self._last_exit
             if self.ema is not None:
                 self.ema.update()
-        self.generator.requires_grad_(False)
-        for name, p in self.critic.named_parameters():  # warm-up: only the classification branch
-            p.requires_grad_(not self.warming_up() or name.startswith(BRANCH))
+        trainable(self.generator, lambda name: False)
+        warm = self.warming_up()  # warm-up: only the classification branch
+        trainable(self.critic, lambda name: not warm or name.startswith(BRANCH))
         logs.update(self.update(self.critic, self.critic_opt, self.critic_loss, cfg.max_grad_norm_critic, "critic"))
-        self.generator.requires_grad_(True)
-        self.critic.requires_grad_(True)
+        trainable(self.generator, lambda name: True)
+        trainable(self.critic, lambda name: True)
         return logs
+
+
+def trainable(model: nn.Module, which) -> None:
+    """Set requires_grad of `model`'s parameters by name (`which(name) -> bool`) on the parameters the optimiser
+    holds. On one rank the model is one FSDP unit that stays gathered after a no-grad forward (the rollouts of
+    the discriminator step): its gathered copies are what `named_parameters` lists then, so the model is
+    resharded first (the next forward gathers again, with the flags set here)."""
+    fsdp.reshard(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(which(name))

@@ -74,7 +74,8 @@ class Trainer(Steps, Checkpoints):
         self.cfg, self.plan, self.d, self.log, self.progress = cfg, plan, d, log, progress
         self.logdir = Path(logdir)
         self.device = d.device
-        self.dtype = torch.bfloat16 if (cfg.mixed_precision and self.device.type == "cuda") else torch.float32
+        # the compute dtype: FSDP's (bf16 with mixed_precision on a GPU)
+        self.dtype = fsdp.mixed_precision_dtypes(bool(cfg.mixed_precision), self.device).get("param_dtype", torch.float32)
         self.scheduler = FlowMatchScheduler(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep)
         score_shift = cfg.score_timestep_shift if cfg.score_timestep_shift is not None else cfg.model_kwargs.timestep_shift
         self.score_scheduler = FlowMatchScheduler(score_shift, cfg.num_train_timestep)  # the score networks' grid

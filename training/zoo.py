@@ -23,6 +23,10 @@ Stages, in order; each is skipped when its output exists (so a second call conti
     ode        configs/zoo_ode.yaml       -> checkpoints/ode_init.pt
     dmd        configs/zoo_dmd.yaml       -> checkpoints/self_forcing_dmd.pt
     sid        configs/zoo_sid.yaml       -> checkpoints/self_forcing_sid.pt
+    gan        configs/zoo_gan.yaml       -> checkpoints/self_forcing_gan.pt: the researchers' GAN trainer, the
+               generator from the ODE student, the discriminator the teacher with the classification branch, real
+               videos = the data stage's world latents (issue 17's GAN on the miniature world). Only on request
+               (not in `all`) and not shipped: the check stage scores it beside the others
     check      every trained model samples the prompt grid; a quick pixel tracker reads colour, shape and
                direction back (training/zoo_check.py `quick_track`), and the word check measures how much each
                prompt word steers its flow prediction (training/word_check.py) -> WORK/check.json
@@ -54,12 +58,14 @@ from training.zoo_check import check_models
 from training.zoo_ship import copy_text_and_vae, ship, write_tars
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("vae", "init", "data", "teacher", "df", "ode_pairs", "ode", "dmd", "sid", "check", "ship")
+STAGES = ("vae", "init", "data", "teacher", "df", "ode_pairs", "ode", "dmd", "sid", "gan", "check", "ship")
+ON_REQUEST = ("gan",)  # stages that `--stages all` leaves out
 CONFIGS = {"teacher": "configs/zoo_teacher.yaml", "df": "configs/zoo_df.yaml", "ode_pairs": "configs/zoo_ode.yaml",
-           "ode": "configs/zoo_ode.yaml", "dmd": "configs/zoo_dmd.yaml", "sid": "configs/zoo_sid.yaml"}
+           "ode": "configs/zoo_ode.yaml", "dmd": "configs/zoo_dmd.yaml", "sid": "configs/zoo_sid.yaml",
+           "gan": "configs/zoo_gan.yaml"}
 ZOO_OF_STAGE = {"df": "df", "ode": "ode", "dmd": "dmd", "sid": "sid"}  # stage -> models.wan.embedded.ZOO name
 WEIGHTS = {"vae": 1.2, "data": 0.4, "teacher": 3.5, "df": 1.2, "ode_pairs": 0.8, "ode": 0.6, "dmd": 2.0, "sid": 1.2,
-           "check": 0.3}  # shares of the time budget (data and ode_pairs are fixed work: their share is an estimate)
+           "gan": 1.5, "check": 0.3}  # shares of the time budget (data and ode_pairs are fixed work: their share is an estimate)
 SHORT = {  # --short: every stage in seconds on a CPU (6 latent frames, batches of 2, 3 steps)
     "*": ["image_or_video_shape=[1,6,16,12,16]", "num_training_frames=6", "batch_size=2", "total_batch_size=2",
           "log_iters=2", "max_steps=3", "mixed_precision=false"],
@@ -68,6 +74,8 @@ SHORT = {  # --short: every stage in seconds on a CPU (6 latent frames, batches 
     "ode": ["ode_pairs.num_pairs=2", "ode_pairs.steps=4", "ode_pairs.keep=[0,1,2,3]", "ode_pairs.batch_size=2"],
     "dmd": ["dfake_gen_update_ratio=2", "ema_start_step=1"],
     "sid": ["dfake_gen_update_ratio=2", "ema_start_step=1"],
+    "gan": ["dfake_gen_update_ratio=2", "ema_start_step=1", "discriminator_warmup_steps=1", "world.num_videos=4",
+            "world.batch=2"],
 }
 
 
@@ -76,8 +84,23 @@ class Zoo:
 
     def __init__(self, work: Path, *, device: str, short: bool, budget: float | None, vae: Path | None,
                  source: Path, progress: bool, log=print, sets: list[str] | None = None, keep_going: bool = False,
-                 more: list[str] | None = None, init_from: Path | None = None, teacher: Path | None = None):
+                 more: list[str] | None = None, init_from: Path | None = None, teacher: Path | None = None,
+                 text_len: int | None = None):
+        from dataclasses import replace
+
+        from models.wan.embedded import EMBEDDED_CONFIG
+
         self.work, self.device, self.short = Path(work), device, short
+        # the DiT config every folder of this run is written with: the embedded one, with the text length (how many
+        # text positions the umT5 context is padded to; the weights do not depend on it) of --text-len, else of
+        # this work folder's init (a continued run keeps it), else 512
+        made = self.work / "init" / "config.json"
+        earlier = json.loads(made.read_text()).get("text_len") if made.is_file() else None
+        if text_len is not None and earlier is not None and text_len != earlier:
+            raise SystemExit(f"--text-len {text_len}: the work folder {self.work} was made with text_len {earlier}; "
+                             "use that, or another --work")
+        text_len = text_len or earlier or EMBEDDED_CONFIG.text_len
+        self.model_config = replace(EMBEDDED_CONFIG, text_len=text_len)
         self.init_from = Path(init_from) if init_from is not None else None  # a Wan folder whose DiT starts the teacher
         self.given_teacher = Path(teacher) if teacher is not None else None  # a trained teacher folder, not trained here
         self.more = set(more or [])  # training stages to continue (from WORK/logs/STAGE) although their output exists
@@ -137,11 +160,11 @@ class Zoo:
         """Where this work folder puts things, the device, and the --short settings."""
         w = self.work
         out = [f"model_root={w}", f"device={self.device}"]
-        if stage in ("teacher", "df", "data"):
+        if stage in ("teacher", "df", "data", "gan"):
             out.append(f"world.cache_dir={w / 'world_latents'}")
         if stage in ("ode_pairs", "ode"):
             out.append(f"data_path={w / 'ode_pairs.pt'}")
-        if stage in ("dmd", "sid"):
+        if stage in ("dmd", "sid", "gan"):
             out.append(f"generator_ckpt={self.checkpoint('ode')}")
         key = {"ode_pairs": "ode", "data": "teacher"}.get(stage, stage)
         if self.short:
@@ -160,7 +183,8 @@ class Zoo:
     def checkpoint(self, zoo_stage: str) -> Path:
         from models.wan.embedded import ZOO
 
-        return ZOO[ZOO_OF_STAGE[zoo_stage]].checkpoint_path(self.teacher_dir)
+        entry = gan_model() if zoo_stage == "gan" else ZOO[ZOO_OF_STAGE[zoo_stage]]
+        return entry.checkpoint_path(self.teacher_dir)
 
     def vae_file(self) -> Path:
         return self.given_vae or self.work / "vae" / "Wan2.1_VAE.pth"
@@ -174,7 +198,8 @@ class Zoo:
                 "data": self._data_done(),
                 "teacher": (self.teacher_dir / "diffusion_pytorch_model.safetensors").is_file(),
                 "ode_pairs": (w / "ode_pairs.pt").is_file(),
-                "check": False, "ship": False}.get(stage) or (stage in ZOO_OF_STAGE and self.checkpoint(stage).is_file())
+                "check": False, "ship": False}.get(stage) or ((stage in ZOO_OF_STAGE or stage == "gan")
+                                                  and self.checkpoint(stage).is_file())
 
     def _data_done(self) -> bool:
         from training.world_data import world_dataset_path
@@ -231,15 +256,16 @@ class Zoo:
     def stage_init(self, deadline) -> dict:
         """WORK/init: the seeded DiT init with the text encoder, tokenizer and VAE (a complete Wan folder)."""
         from models.wan.checkpoint import save_wan_folder
-        from models.wan.embedded import EMBEDDED_CONFIG, EMBEDDED_VIDEO_SIZE, make_embedded_state_dict
+        from models.wan.embedded import EMBEDDED_VIDEO_SIZE, make_embedded_state_dict
 
         folder = self.work / "init"
         copy_text_and_vae(self.source, self.vae_file(), folder)
+        text = {"text_len": self.model_config.text_len}
         if self.init_from is None:
-            save_wan_folder(folder, EMBEDDED_CONFIG, make_embedded_state_dict(), video_size=EMBEDDED_VIDEO_SIZE)
-            return {"folder": str(folder)}
-        save_wan_folder(folder, EMBEDDED_CONFIG, zoo_dit(self.init_from), video_size=EMBEDDED_VIDEO_SIZE)
-        return {"folder": str(folder), "from": str(self.init_from), "earlier": earlier_teacher(self.init_from)}
+            save_wan_folder(folder, self.model_config, make_embedded_state_dict(), video_size=EMBEDDED_VIDEO_SIZE)
+            return {"folder": str(folder), **text}
+        save_wan_folder(folder, self.model_config, zoo_dit(self.init_from), video_size=EMBEDDED_VIDEO_SIZE)
+        return {"folder": str(folder), "from": str(self.init_from), "earlier": earlier_teacher(self.init_from), **text}
 
     def stage_data(self, deadline) -> dict:
         from training.world_data import make_world_dataset, world_dataset_path
@@ -253,18 +279,19 @@ class Zoo:
 
     def stage_teacher(self, deadline) -> dict:
         from models.wan.checkpoint import read_self_forcing, save_wan_folder
-        from models.wan.embedded import EMBEDDED_CONFIG, EMBEDDED_VIDEO_SIZE
+        from models.wan.embedded import EMBEDDED_VIDEO_SIZE
 
         if self.given_teacher is not None:  # --teacher FOLDER: that teacher, as it is
             copy_text_and_vae(self.source, self.vae_file(), self.teacher_dir)
-            save_wan_folder(self.teacher_dir, EMBEDDED_CONFIG, zoo_dit(self.given_teacher),
+            save_wan_folder(self.teacher_dir, self.model_config, zoo_dit(self.given_teacher),
                             video_size=EMBEDDED_VIDEO_SIZE)
             return {**earlier_teacher(self.given_teacher), "from": str(self.given_teacher)}
         summary, ckpt = self.train_config("teacher", deadline)
         blob = torch.load(ckpt, map_location="cpu", weights_only=True)
         key = "generator_ema" if "generator_ema" in blob else "generator"
         copy_text_and_vae(self.source, self.vae_file(), self.teacher_dir)
-        save_wan_folder(self.teacher_dir, EMBEDDED_CONFIG, read_self_forcing(ckpt, key), video_size=EMBEDDED_VIDEO_SIZE)
+        save_wan_folder(self.teacher_dir, self.model_config, read_self_forcing(ckpt, key),
+                        video_size=EMBEDDED_VIDEO_SIZE)
         return {**summary, "weights": key}
 
     def stage_df(self, deadline) -> dict:
@@ -287,10 +314,13 @@ class Zoo:
     def stage_sid(self, deadline) -> dict:
         return self.train_and_publish("sid", deadline)
 
+    def stage_gan(self, deadline) -> dict:
+        return self.train_and_publish("gan", deadline)
+
     def stage_check(self, deadline) -> dict:
         cfg, _ = self.config("teacher")
         result = check_models(self.teacher_dir, self.device, frames=cfg.image_or_video_shape[1], short=self.short,
-                              log=self.log, shift=cfg.model_kwargs.timestep_shift)
+                              log=self.log, shift=cfg.model_kwargs.timestep_shift, extra=(gan_model(),))
         from models.files import atomic_write
 
         atomic_write(self.work / "check.json", lambda p: Path(p).write_text(json.dumps(result, indent=1) + "\n"))
@@ -348,13 +378,25 @@ class Zoo:
         return summary, folder / "model.pt"
 
 
+def gan_model():
+    """The GAN student as a zoo entry (models/wan/embedded.py `ZooModel`), for the check stage; not in `ZOO`, as
+    data/embedded does not ship it."""
+    from models.wan.embedded import ZooModel
+
+    return ZooModel("gan", "causal student trained by the GAN trainer from the ODE student (EMA), 4 warped steps",
+                    "checkpoints/self_forcing_gan.pt", True, "causal_few_step")
+
+
 def zoo_dit(folder: Path) -> dict:
-    """The DiT weights of the Wan folder `folder` in float32, after checking it has the zoo's shape."""
+    """The DiT weights of the Wan folder `folder` in float32, after checking it has the zoo's shape (any text_len:
+    the weights do not depend on it)."""
+    from dataclasses import replace
+
     from models.wan.checkpoint import read_wan_folder
     from models.wan.embedded import EMBEDDED_CONFIG
 
     config, state = read_wan_folder(folder)
-    if config != EMBEDDED_CONFIG:
+    if replace(config, text_len=EMBEDDED_CONFIG.text_len) != EMBEDDED_CONFIG:
         raise SystemExit(f"{folder}: its DiT config {config} is not the zoo's ({EMBEDDED_CONFIG})")
     return {k: v.float() for k, v in state.items()}
 
@@ -370,7 +412,7 @@ def earlier_teacher(folder: Path) -> dict:
     return {k: st[k] for k in keep if k in st}
 
 
-NEEDS = {"teacher": ("init", "data"), "df": ("data",)}  # the cheap inputs a stage reads from this work folder
+NEEDS = {"teacher": ("init", "data"), "df": ("data",)}  # (gan: its trainer encodes its own world set if missing)  # the cheap inputs a stage reads from this work folder
 
 
 def with_prerequisites(stages: list[str], done, needs: dict = NEEDS) -> list[str]:
@@ -396,7 +438,9 @@ def loss_summary(history: list[dict]) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m training.zoo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stages", default="all", help=f"comma-separated, or all ({', '.join(STAGES)})")
+    ap.add_argument("--stages", default="all",
+                    help=f"comma-separated, or all ({', '.join(s for s in STAGES if s not in ON_REQUEST)}; "
+                         f"on request: {', '.join(ON_REQUEST)})")
     ap.add_argument("--work", help="work folder (default: runs/zoo, or runs/zoo_short with --short)")
     ap.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--budget", type=float, help="seconds for all the stages asked for (default: no limit)")
@@ -411,6 +455,9 @@ def main(argv=None) -> int:
                          "stage copies it instead of training (for ODE pairs and students from a shipped teacher)")
     ap.add_argument("--source", default=str(ROOT / "data" / "embedded"),
                     help="the folder whose text encoder and tokenizer the zoo uses (default: data/embedded)")
+    ap.add_argument("--text-len", type=int, metavar="N",
+                    help="pad the umT5 context to N text positions instead of the embedded config's 512 (written "
+                         "into every folder's config.json; a world prompt is 6 tokens)")
     ap.add_argument("--set", nargs="+", default=[], metavar="[STAGE:]KEY=VALUE",
                     help="config overrides for every stage, or for one (teacher:max_steps=500)")
     ap.add_argument("--continue", dest="more", default="", metavar="STAGES",
@@ -423,7 +470,8 @@ def main(argv=None) -> int:
                          "fail in turn); for unattended GPU runs")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    stages = list(STAGES) if args.stages == "all" else [s.strip() for s in args.stages.split(",") if s.strip()]
+    stages = ([s for s in STAGES if s not in ON_REQUEST] if args.stages == "all"
+              else [s.strip() for s in args.stages.split(",") if s.strip()])
     bad = [s for s in stages if s not in STAGES]
     if bad:
         ap.error(f"unknown stage(s) {bad}; the stages are {', '.join(STAGES)}")
@@ -432,13 +480,15 @@ def main(argv=None) -> int:
     if targets:
         ap.error(f"--set {targets[0]}:...: no stage {targets[0]!r}; the stages are {', '.join(STAGES)}")
     more = [s.strip() for s in args.more.split(",") if s.strip()]
-    bad = [s for s in more if s not in ("teacher", "df", "ode", "dmd", "sid") or s not in stages]
+    bad = [s for s in more if s not in ("teacher", "df", "ode", "dmd", "sid", "gan") or s not in stages]
     if bad:
         ap.error(f"--continue {','.join(bad)}: only training stages that --stages also runs (teacher, df, ode, dmd, "
-                 f"sid) can be continued")
+                 f"sid, gan) can be continued")
     for flag, folder in (("--init-from", args.init_from), ("--teacher", args.teacher)):
         if folder is not None and not (Path(folder) / "diffusion_pytorch_model.safetensors").is_file():
             ap.error(f"{flag} {folder}: not a Wan folder (no diffusion_pytorch_model.safetensors in it)")
+    if args.text_len is not None and not 8 <= args.text_len <= 512:
+        ap.error(f"--text-len {args.text_len}: use 8 to 512 (a world prompt is 6 tokens with </s>)")
     if args.init_from and args.teacher:
         ap.error("--init-from trains the teacher further, --teacher uses one as it is: give one of them")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -456,7 +506,7 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     zoo = Zoo(work, device=device, short=args.short, budget=args.budget, vae=args.vae,
               source=Path(args.source), progress=not args.no_progress, log=log, sets=args.set,
-              keep_going=args.keep_going, more=more, init_from=args.init_from, teacher=args.teacher)
+              keep_going=args.keep_going, more=more, init_from=args.init_from, teacher=args.teacher, text_len=args.text_len)
     work.mkdir(parents=True, exist_ok=True)
     # `timeout` and job schedulers stop with SIGTERM: exit through the finally below, so that the log, the report
     # and the tars of what is done still reach --out (checkpoints are written atomically, so none is half-written)

@@ -53,8 +53,8 @@ def quick_track(video: np.ndarray, threshold: float = 0.3) -> dict:
 
 @torch.no_grad()
 def check_models(folder: Path, device: str, *, frames: int = 21, short: bool = False, seeds=(0,), log=print,
-                 word_videos: int | None = None, shift: float = 5.0) -> dict:
-    """Each zoo model found in `folder` samples every prompt of the grid (template 0) with its own sampler; the
+                 word_videos: int | None = None, shift: float = 5.0, extra=()) -> dict:
+    """Each zoo model (and each of the `extra` ZooModels, e.g. the unshipped GAN student) found in `folder` samples every prompt of the grid (template 0) with its own sampler; the
     share of videos whose colour, shape and direction `quick_track` reads back as the prompt names them. Then
     the word check (training/word_check.py `flow_word_errors`) on `word_videos` held-out world videos (default
     12, 4 with `short`) at the timestep `shift` of the zoo configs: result["words"]."""
@@ -79,8 +79,8 @@ def check_models(folder: Path, device: str, *, frames: int = 21, short: bool = F
         return encoder.encode(ps).context
 
     results = {}
-    for name, entry in ZOO.items():
-        ckpt = entry.checkpoint_path(folder)
+    for entry in (*ZOO.values(), *extra):
+        name, ckpt = entry.name, entry.checkpoint_path(folder)
         if ckpt is not None and not ckpt.is_file():
             continue
         try:
