@@ -75,7 +75,8 @@ class Trainer(Steps, Checkpoints):
         self.logdir = Path(logdir)
         self.device = d.device
         # the compute dtype: FSDP's (bf16 with mixed_precision on a GPU)
-        self.dtype = fsdp.mixed_precision_dtypes(bool(cfg.mixed_precision), self.device).get("param_dtype", torch.float32)
+        self.dtype = fsdp.mixed_precision_dtypes(bool(cfg.mixed_precision), self.device).get("param_dtype",
+                                                                                             torch.float32)
         self.scheduler = FlowMatchScheduler(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep)
         score_shift = cfg.score_timestep_shift if cfg.score_timestep_shift is not None else cfg.model_kwargs.timestep_shift
         self.score_scheduler = FlowMatchScheduler(score_shift, cfg.num_train_timestep)  # the score networks' grid

@@ -25,8 +25,8 @@ Stages, in order; each is skipped when its output exists (so a second call conti
     sid        configs/zoo_sid.yaml       -> checkpoints/self_forcing_sid.pt
     gan        configs/zoo_gan.yaml       -> checkpoints/self_forcing_gan.pt: the researchers' GAN trainer, the
                generator from the ODE student, the discriminator the teacher with the classification branch, real
-               videos = the data stage's world latents (issue 17's GAN on the miniature world). Only on request
-               (not in `all`) and not shipped: the check stage scores it beside the others
+               videos = world latents (`data_path: world`; the data stage's file when its settings match).
+               Only on request (not in `all`) and not shipped: the check stage scores it beside the others
     check      every trained model samples the prompt grid; a quick pixel tracker reads colour, shape and
                direction back (training/zoo_check.py `quick_track`), and the word check measures how much each
                prompt word steers its flow prediction (training/word_check.py) -> WORK/check.json
@@ -64,8 +64,9 @@ CONFIGS = {"teacher": "configs/zoo_teacher.yaml", "df": "configs/zoo_df.yaml", "
            "ode": "configs/zoo_ode.yaml", "dmd": "configs/zoo_dmd.yaml", "sid": "configs/zoo_sid.yaml",
            "gan": "configs/zoo_gan.yaml"}
 ZOO_OF_STAGE = {"df": "df", "ode": "ode", "dmd": "dmd", "sid": "sid"}  # stage -> models.wan.embedded.ZOO name
+# shares of the time budget (data and ode_pairs are fixed work: their share is an estimate)
 WEIGHTS = {"vae": 1.2, "data": 0.4, "teacher": 3.5, "df": 1.2, "ode_pairs": 0.8, "ode": 0.6, "dmd": 2.0, "sid": 1.2,
-           "gan": 1.5, "check": 0.3}  # shares of the time budget (data and ode_pairs are fixed work: their share is an estimate)
+           "gan": 1.5, "check": 0.3}
 SHORT = {  # --short: every stage in seconds on a CPU (6 latent frames, batches of 2, 3 steps)
     "*": ["image_or_video_shape=[1,6,16,12,16]", "num_training_frames=6", "batch_size=2", "total_batch_size=2",
           "log_iters=2", "max_steps=3", "mixed_precision=false"],
@@ -412,7 +413,8 @@ def earlier_teacher(folder: Path) -> dict:
     return {k: st[k] for k in keep if k in st}
 
 
-NEEDS = {"teacher": ("init", "data"), "df": ("data",)}  # (gan: its trainer encodes its own world set if missing)  # the cheap inputs a stage reads from this work folder
+# the cheap inputs a stage reads from this work folder (gan's trainer encodes its own world set when it is missing)
+NEEDS = {"teacher": ("init", "data"), "df": ("data",)}
 
 
 def with_prerequisites(stages: list[str], done, needs: dict = NEEDS) -> list[str]:
