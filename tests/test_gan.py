@@ -142,13 +142,24 @@ def test_real_latents_of_another_length_are_refused_before_work(tmp_path):
     assert build_data(cfg, check_config(cfg, 1), 0).latents.shape == (2, 3, 16, 12, 16)
 
 
-def test_generator_and_backbone_train_and_the_ema_holds_every_generator_weight(tmp_path, world_set):
-    """After the warm-up both models train and the EMA shadows every generator parameter. (On one rank each
-    model is one FSDP unit that stays gathered after the discriminator step's no-grad rollout; toggling
-    requires_grad on the module then reached only the gathered copies: the EMA was made of no parameter and the
-    zoo's GAN stage failed at its first EMA update.)"""
+def test_after_the_warm_up_both_models_train_in_bf16_and_the_ema_holds_every_generator_weight(tmp_path, world_set,
+                                                                                               monkeypatch):
+    """The GPU's mixed precision (bf16 compute, float32 gradient reductions), forced on the CPU; after the warm-up
+    both models train and the EMA shadows every generator parameter. Two defects the H200 showed, each failing
+    here on the old code: (1) FSDP fixed each unit's reduction dtype at its first forward from the parameters that
+    then required grad, and the GAN's first forwards run frozen (the discriminator step's rollout, the warm-up),
+    so the first generator step assigned bf16 gradients to float32 parameters (training/distributed.py
+    `init_now` now initialises at shard time); (2) on one rank each model is one FSDP unit that stays gathered
+    after a no-grad rollout, so toggling requires_grad on the module reached only the gathered copies and the EMA
+    was made of no parameter (training/gan.py `trainable` reshards first)."""
+    from training import distributed
+    from training.distributed import full_tensor
+
+    monkeypatch.setattr(distributed, "mixed_precision_dtypes",
+                        lambda mixed, device: {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32})
     tr = gan_trainer(tmp_path, world_set, "dfake_gen_update_ratio=2", "discriminator_warmup_steps=1",
                      "ema_start_step=1", "ema_weight=0.9", "gan_g_weight=1.0", "gan_d_weight=1.0")
+    assert tr.dtype == torch.bfloat16
     g0 = {k: v.clone() for k, v in tr.generator.state_dict().items()}
     b0 = tr.critic.blocks[0].ffn[0].weight.clone()
     tr.train(4, save_at_end=False)  # steps 0 (warm-up), 1, 2 (generator), 3
@@ -158,8 +169,6 @@ def test_generator_and_backbone_train_and_the_ema_holds_every_generator_weight(t
     changed = [k for k, v in tr.generator.state_dict().items() if not torch.equal(v, g0[k])]
     assert len(changed) > len(g0) // 2, changed
     assert not torch.equal(tr.critic.blocks[0].ffn[0].weight, b0)  # the backbone trains after the warm-up
-    from training.distributed import full_tensor
-
     ema = tr.ema.full_state_dict()  # made at step 1 from the weights then (g0), moved by the step-2 update
     assert any(not torch.equal(ema[k], full_tensor(g0[k]).float().cpu()) for k in names)
 
@@ -179,21 +188,3 @@ def test_gan_steps_on_cuda(tmp_path, world_set, mixed_precision):
     assert all(np.isfinite(r["critic_loss"]) for r in tr.history)
     assert any(not torch.equal(v, g0[k]) for k, v in tr.generator.state_dict().items())
     assert tr.ema is not None and len(tr.ema.shadow) == len(list(tr.generator.named_parameters()))
-
-
-def test_bf16_compute_with_float32_reductions_after_frozen_first_forwards(tmp_path, world_set, monkeypatch):
-    """The GPU's mixed precision (bf16 compute, float32 gradient reductions), forced on the CPU: the generator's
-    first forward is the discriminator step's rollout with its weights frozen, the backbone's first forward is
-    frozen by the warm-up. FSDP fixed each unit's reduction dtype at its first forward from the parameters that
-    then required grad (none), and the first generator step after the warm-up failed assigning bf16 gradients to
-    float32 parameters (on the H200: the zoo's GAN stage). training/distributed.py `init_now` fixes them at
-    shard time."""
-    from training import distributed
-
-    monkeypatch.setattr(distributed, "mixed_precision_dtypes",
-                        lambda mixed, device: {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32})
-    tr = gan_trainer(tmp_path, world_set, "dfake_gen_update_ratio=2", "discriminator_warmup_steps=1",
-                     "ema_start_step=1", "gan_g_weight=1.0", "gan_d_weight=1.0")
-    tr.train(3, save_at_end=False)  # warm-up, discriminator, generator + discriminator
-    assert "generator_loss" in tr.history[2]
-    assert all(p.grad is None or p.grad.dtype == torch.float32 for _, p in tr.gen_params)
