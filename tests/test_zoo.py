@@ -677,3 +677,15 @@ def test_text_len_goes_into_every_folder_and_a_continued_run_keeps_it(tmp_path):
         Zoo(work, device="cpu", short=True, budget=None, vae=None, source=EMBEDDED_DIR, progress=False, text_len=16)
     with pytest.raises(SystemExit):
         main(argv + ["--stages", "init", "--text-len", "4"])
+
+
+def test_gan_stage_without_an_ode_student_is_refused_before_work(tmp_path):
+    """The GAN student starts from the ODE student: without its checkpoint (and without the ode stage or a
+    generator_ckpt of the user's), `--stages gan` stops before any work, naming the file and the ways out."""
+    from training.zoo import Zoo
+
+    zoo = Zoo(tmp_path, device="cpu", short=True, budget=None, vae=None, source=EMBEDDED_DIR, progress=False,
+              log=lambda *a: None, teacher=EMBEDDED_DIR)
+    with pytest.raises(SystemExit, match=r"starts from the ODE student, and .*ode_init.pt is missing"):
+        zoo.run(["gan"])
+    assert not any(tmp_path.iterdir())  # nothing written

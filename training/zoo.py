@@ -216,6 +216,11 @@ class Zoo:
     def run(self, stages: list[str]) -> dict:
         needs = {**NEEDS, "teacher": ()} if self.given_teacher is not None else NEEDS
         stages = with_prerequisites(stages, self.done, needs)
+        own_start = any(item.split("=")[0] in ("generator_ckpt", "gan:generator_ckpt") for item in self.sets)
+        if "gan" in stages and "ode" not in stages and not self.done("ode") and not own_start:
+            raise SystemExit(f"--stages gan starts from the ODE student, and {self.checkpoint('ode')} is missing: add "
+                             "the ode stage, copy a trained one there (data/embedded/checkpoints/ode_init.pt), or "
+                             "--set gan:generator_ckpt=FILE")
         self.log(f"zoo: work folder {self.work}, device {self.device}, stages {', '.join(stages)}"
                  + (f", budget {self.report['budget_s']:.0f} s" if self.deadline else "") + (" (short)" if self.short else ""))
         for i, stage in enumerate(stages):
