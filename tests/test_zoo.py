@@ -386,6 +386,14 @@ def test_zoo_configs_load_and_check():
         assert plan.shape == (21, 16, 12, 16) and not plan.warnings
         assert cfg.negative_prompt == "" and cfg.mixed_precision
     assert load_train_config(ROOT / "configs/zoo_sid.yaml")[0].distribution_loss == "sid"
+    # the students' recipe is the released self_forcing_dmd/sid.yaml's: 4 warped steps, and score timesteps drawn
+    # over the whole range (ts_schedule false), not only above the exit step's (their code's default)
+    for name in ("dmd", "sid"):
+        cfg = load_train_config(ROOT / f"configs/zoo_{name}.yaml")[0]
+        released = load_train_config(ROOT / f"configs/self_forcing_{name}.yaml")[0]
+        for key in ("ts_schedule", "ts_schedule_max", "warp_denoising_step", "denoising_step_list", "timestep_shift",
+                    "guidance_scale", "same_step_across_blocks", "dfake_gen_update_ratio", "min_score_timestep"):
+            assert cfg[key] == released[key], key
     lines = (ROOT / "data/prompts/world.txt").read_text().splitlines()
     assert lines == [p for t in range(len(world.TEMPLATES)) for p in world.prompt_grid(t)]
 
@@ -502,6 +510,7 @@ def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path):
 
     report = json.loads((work / "zoo_report.json").read_text())
     report["stages"]["teacher"]["stopped_early"] = True
+    report["stages"]["dmd"]["stopped_early"] = True
     (work / "zoo_report.json").write_text(json.dumps(report))
     state_out = tmp_path / "state"
     state_out.mkdir()
@@ -512,6 +521,10 @@ def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path):
     assert {"logs/teacher/checkpoint_model_000005/model.pt",
             "logs/teacher/checkpoint_model_000005/training_state.pt"} <= set(names), names
     assert not any(n.startswith("logs/df") for n in names)
+    # the students trained so far travel with it (a run without the ship stage loses none of them), and a
+    # distillation stage cut short is resumable as well
+    assert {"teacher/checkpoints/self_forcing_dmd.pt", "teacher/checkpoints/self_forcing_sid.pt"} <= set(names), names
+    assert any(n.startswith("logs/dmd/checkpoint_model_") and n.endswith("training_state.pt") for n in names), names
     with pytest.raises(SystemExit):
         main(argv + ["--stages", "df", "--continue", "teacher"])  # --continue names a stage that does not run
     # the check skips a student whose run stopped before its EMA began, and still checks the others

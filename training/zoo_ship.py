@@ -98,7 +98,7 @@ def zoo_markdown(report: dict, configs: dict, shipped: set[str]) -> str:
 
 
 def resumable_checkpoints(work: Path) -> list[Path]:
-    """The files of the latest trainer checkpoint (weights, EMA and optimiser states) of each flow-matching stage
+    """The files of the latest trainer checkpoint (weights, EMA and optimiser states) of each training stage
     that its time share cut short (the report says stopped_early), so that `--continue STAGE` on a fresh
     machine resumes it where it stopped."""
     from training.checkpoints import latest_checkpoint
@@ -106,7 +106,7 @@ def resumable_checkpoints(work: Path) -> list[Path]:
     report = work / "zoo_report.json"
     stages = json.loads(report.read_text()).get("stages", {}) if report.is_file() else {}
     files = []
-    for stage in ("teacher", "df", "ode"):
+    for stage in ("teacher", "df", "ode", "dmd", "sid", "gan"):
         folder = latest_checkpoint(work / "logs" / stage) if stages.get(stage, {}).get("stopped_early") else None
         if folder is not None:
             files += sorted(f for f in folder.iterdir() if f.is_file())
@@ -114,11 +114,12 @@ def resumable_checkpoints(work: Path) -> list[Path]:
 
 
 def write_tars(work: Path, out: Path, log=print) -> list[Path]:
-    """zoo_state.tar.* (paths relative to the work folder) and, after ship, zoo_embedded.tar.* (paths relative to
-    the repository root), in parts of at most PART_BYTES."""
+    """zoo_state.tar.* (paths relative to the work folder: the teacher folder with every student trained so far,
+    float32, the report and the resumable trainer checkpoints) and, after ship, zoo_embedded.tar.* (paths
+    relative to the repository root), in parts of at most PART_BYTES."""
     written = []
-    state_files = [f for f in sorted((work / "teacher").rglob("*")) if f.is_file() and not f.name.startswith(".")
-                   and "self_forcing_" not in f.name] + [f for f in [work / "zoo_report.json"] if f.is_file()]
+    state_files = [f for f in sorted((work / "teacher").rglob("*")) if f.is_file() and not f.name.startswith(".")]
+    state_files += [f for f in [work / "zoo_report.json"] if f.is_file()]
     state_files += resumable_checkpoints(work)
     jobs = [("zoo_state.tar", [(f, f.relative_to(work)) for f in state_files])]
     ship_dir = work / "ship"

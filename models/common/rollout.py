@@ -123,7 +123,8 @@ class RolloutGraphs:
                                            policy=policy, chunk_frames=model.num_frame_per_block)
         self.context = torch.empty_like(context)
         self.pool = None
-        self.graphs: dict = {}  # (chunk, first[, labels]) -> (graph, x, t, out, cache state after, observer calls)
+        self.graphs: dict = {}  # (chunk, first[, labels]) -> (graph, x, t, out, cache state after, observer calls,
+        #                                                         the RoPE tables it reads)
         self.observers = tuple(model.observers)  # held, so that their buffers outlive the graphs that write them
         self.interventions = tuple(model.interventions)  # likewise (their tensors are read by the graphs)
         self.rollouts = 0
@@ -150,6 +151,9 @@ class RolloutGraphs:
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             xs, ts = x.clone(), t.clone()
+            # this forward's RoPE tables, computed now if new (not inside the recording) and held with the graph,
+            # which reads them in place even after the model's own cache lets them go
+            rope = model.rope_for(xs, start)
             graph = torch.cuda.CUDAGraph()
             for obs in self.observers:
                 obs.begin_recording()
@@ -159,11 +163,11 @@ class RolloutGraphs:
             finally:
                 seen = [obs.end_recording() for obs in self.observers]
             state = [(list(kv.frames), list(kv.positions), kv.head_mask, kv.end_frame) for kv in self.cache.kv]
-            self.graphs[key] = (graph, xs, ts, out, state, seen)
+            self.graphs[key] = (graph, xs, ts, out, state, seen, rope)
             replayed = False  # the calls were seen (and their bookkeeping done) while recording
         else:
             replayed = True
-        graph, xs, ts, out, state, seen = self.graphs[key]
+        graph, xs, ts, out, state, seen, _ = self.graphs[key]
         xs.copy_(x)
         ts.copy_(t)
         graph.replay()

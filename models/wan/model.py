@@ -283,6 +283,14 @@ class WanModel(nn.Module):
             self._rope_cache[key] = rope_cos_sin(self.rope.angles(frames, h, w, start_frame), device, dtype)
         return self._rope_cache[key]
 
+    def rope_for(self, x: torch.Tensor, start_frame: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos, sin that `forward` uses for the latent input x [B, 16, F, H, W] placed at start_frame. A CUDA
+        graph recorder calls it before recording (models/common/rollout.py), so that a new table is computed
+        outside the graph (a host-to-device copy cannot be recorded) and stays alive as long as the graph."""
+        frames, h, w = self.grid_of(x)
+        return self.rope_cos_sin(frames, h, w, start_frame, x.device,
+                                 torch.float64 if x.dtype == torch.float64 else torch.float32)
+
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t [B, F] -> (e [B, F, dim], e0 [B, F, 6, dim]), both float32."""
         B, Fr = t.shape
@@ -345,7 +353,7 @@ class WanModel(nn.Module):
         # the text tokens, unless every layer reads its cross-attention cache (then not computed at all, so no
         # parameter gets a gradient, not even a zero one, through an unused input)
         text = self.text_embedding(context) if (cache is None or fresh_text or fill_cross) else None  # [B, L, dim]
-        rope = self.rope_cos_sin(frames, h, w, start_frame, x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        rope = self.rope_for(x, start_frame)
         ctx = ForwardContext(
             labels=labels,
             observers=self.observers,
