@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 04 · The researchers' figures, from a store
 #
-# The figures of the attention-extraction fork (`extract_all_attention.ipynb`, reference selfforcing.md 5.7):
+# The figures of the researchers' attention-extraction fork (their notebook `extract_all_attention.ipynb`):
 # the 3 x 4 grid of per-head query x key frame heatmaps of the **mean pre-softmax logit** (`attn_logit`, their
 # `full_frame_attention`; RdBu_r, symmetric, origin lower), the per-head bars of the last chunk's attention over key
 # frames (their `last_block_frame_attention`) titled `sink = v[0] - mean(v[1:-1])`, and the diagonal and
@@ -69,7 +69,7 @@ figures.head_grid(ds, layer, step=step, sample=sample, var="attn_logit")
 figures.last_chunk_bars(ds, layer, step=step, sample=sample, var="attn_logit")
 
 # %% [markdown]
-# ## Statistics (as printed by `run_extraction_each.py`, tabulated in selfforcing.md 5.8)
+# ## Statistics (as the fork's `run_extraction_each.py` prints them per layer)
 # `diag_mean`: mean of the query_frame == key_frame entries; `col0_mean`: mean of key frame 0 over the query frames
 # that attended it (the fork's "non-zero column-0 mean"); of the last chunk's profile v: `first` = v[0],
 # `mid` = mean(v[1:-1]), `last` = v[-1], `sink` = first - mid.
@@ -93,7 +93,8 @@ stats.to_pandas()
 # %% [markdown]
 # ## The same with the softmax mass
 # The mean logit measures how the mean query and key directions align and is blind to how concentrated attention
-# is (selfforcing.md 5.9); the mass is the fraction of attention that lands on each frame.
+# is (a head can put all its mass on one frame with a modest mean logit); the mass is the fraction of
+# attention that lands on each frame.
 
 # %%
 figures.head_grid(ds, layer, step=step, sample=sample, var="attn_mass")

@@ -29,7 +29,7 @@ frame distance. `classify_heads` turns head metrics into a taxonomy, first rule 
     mixed      none of the above
 
 Also here: the researchers' statistics (`sink_delta` = v[0] - mean(v[1:-1]), `researcher_stats` with the
-diagonal and column-0 means of selfforcing.md 5.7) and the store invariants the notebooks assert
+diagonal and column-0 means the researchers' extraction notebook prints) and the store invariants the notebooks assert
 (`row_sum_error`, `expected_attended`, `nan_pattern_mismatches`).
 """
 
@@ -304,7 +304,7 @@ def sink_delta(v: xr.DataArray | np.ndarray, dim: str = "key_frame"):
 def researcher_stats(
     ds: xr.Dataset, *, layer: int, step: int = 0, var: str = "attn_logit", sample: str | None = None
 ) -> xr.Dataset:
-    """The statistics of selfforcing.md 5.7 / 5.8 for one layer and step, per head (mean over samples unless one
+    """The statistics the researchers' extraction scripts print, for one layer and step, per head (mean over samples unless one
     is named): `diag_mean` (mean of the query_frame == key_frame entries), `col0_mean` (mean of key frame 0 over
     the query frames that attended it: the fork's "non-zero column-0 mean"), and of the last chunk's profile v:
     `first` = v[0], `mid` = mean(v[1:-1]), `last` = v[-1], `sink` = first - mid."""

@@ -2,6 +2,7 @@
 embedded maker of Wan VAE / umT5 weights (data/embedded/make_text_and_vae.py)."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ import torch
 
 from models.wan.config import preset
 from models.wan.model import WanModel
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: the N worker processes are the parallelism, one
+    torch.set_num_threads(1)               # intra-op thread each (N x default threads oversubscribes the cores)
 
 
 def pytest_collection_modifyitems(config, items):

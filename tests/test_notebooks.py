@@ -210,3 +210,5 @@ def test_no_file_names_a_path_of_one_machine():
     for path in files:
         text = path.read_text(encoding="utf-8", errors="replace")
         assert not re.search(r"(?<![\w.])/(work|home|root)/\w", text), path
+        # nor do they cite the reference notes outside the repository by file name and section number
+        assert not re.search(r"\b(selfforcing|perf_anchors|interp_anchors|gpu_baseline)\.md\b", text), path

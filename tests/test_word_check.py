@@ -194,9 +194,9 @@ def test_check_models_reports_the_words_of_each_model(text_and_vae, tmp_path):
     result = check_models(folder, "cpu", frames=3, short=True, log=lines.append, shift=5.0)
     assert list(result) == ["teacher"]
     encoder, vae = text_and_vae
-    direct = word_sensitivity(load_wan(folder, causal=False).eval(), encoder, vae, videos=4, frames=3)
+    direct = word_sensitivity(load_wan(folder, causal=False).eval(), encoder, vae, videos=2, frames=3)
     words = result["teacher"]["words"]
-    assert (words["videos"], words["frames"], words["shift"]) == (4, 3, 5.0)
+    assert (words["videos"], words["frames"], words["shift"]) == (2, 3, 5.0)
     assert words["timesteps"] == direct["timesteps"]
     pattern = (r"\[check\] teacher words: colour x\d+\.\d\d, shape x\d+\.\d\d, direction x\d+\.\d\d, "
                r"empty prompt x\d+\.\d\d \(flow error ratio with the word swapped, t=700\)")

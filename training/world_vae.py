@@ -83,7 +83,8 @@ class VAETrainConfig:
     latent_noise: float = 0.1  # the posterior's width, relative to the std of mu
     l1_weight: float = 0.2
     seed: int = 0
-    eval_videos: int = 16  # held-out 81-frame videos for the PSNR and the latent statistics
+    eval_videos: int = 16  # held-out world videos for the PSNR and the latent statistics
+    eval_frames: int = world.NUM_FRAMES  # pixel frames of each held-out video (81; fewer only for quick tests)
     log_every: int = 50
     save_every: int = 250
     device: str = "cpu"
@@ -201,6 +202,8 @@ def check(cfg: VAETrainConfig) -> None:
             raise SystemExit(f"{flag} {path}: no such file (a Wan2.1_VAE.pth)")
     if cfg.steps < 1 or cfg.batch < 1 or cfg.eval_videos < 1:
         raise SystemExit("--steps, --batch and --eval-videos must be >= 1")
+    if cfg.eval_frames < 1 or (cfg.eval_frames - 1) % 4:
+        raise SystemExit(f"--eval-frames {cfg.eval_frames}: held-out videos need 1 + 4k pixel frames (5, ..., 81)")
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -285,7 +288,7 @@ def finish(model, cfg: VAETrainConfig, out: Path, history: list, seconds: float,
     device = torch.device(cfg.device)
     layout = layout_of(cfg)
     model.eval()
-    _, fold_videos = held_out_videos(cfg.eval_videos)
+    _, fold_videos = held_out_videos(cfg.eval_videos, cfg.eval_frames)
     start = start_model(cfg, layout).to(device).eval()
     trained_db, start_db = (round(held_out_psnr(m, fold_videos, device), 2) for m in (model, start))
     if trained_db < start_db:
@@ -300,7 +303,7 @@ def finish(model, cfg: VAETrainConfig, out: Path, history: list, seconds: float,
     _atomic_torch_save(sd, out / "Wan2.1_VAE.pth")
     vae = WanVAE.from_file(out / "Wan2.1_VAE.pth", device=device)
     # a second held-out set for the reported numbers (the statistics were fitted on the first)
-    _, test_videos = held_out_videos(2 * cfg.eval_videos)
+    _, test_videos = held_out_videos(2 * cfg.eval_videos, cfg.eval_frames)
     metrics = evaluate(vae, test_videos[cfg.eval_videos:])
     metrics.update(layout=asdict(layout), config=asdict(cfg), train_seconds=seconds, steps=steps, history=history,
                    fit_psnr_db={"trained": trained_db, "start": start_db, "kept": "start" if model is start else "trained"},

@@ -136,7 +136,7 @@ class Zoo:
         if summary.get("resumed_from") is not None:
             before = self.report["stages"].get(stage, {})
             shipped_steps = before.get("steps_total", before.get("steps", 0)) - before.get("steps", 0)
-        elif stage == "teacher":
+        elif stage == "teacher" and self.given_teacher is None:  # (--teacher: copied as it is, nothing trained)
             before = self.report["stages"].get("init", {}).get("earlier", {})
             shipped_steps = before.get("steps_total", before.get("steps", 0))
         else:
@@ -255,7 +255,8 @@ class Zoo:
         cfg = VAETrainConfig(steps=20000, batch=64, frames=9, crop=64, lr=4e-4, log_every=100, save_every=1000,
                              device=self.device)  # on a GPU: until the time share runs out
         if self.short:
-            cfg = VAETrainConfig(steps=2, batch=2, frames=5, crop=32, eval_videos=1, log_every=1, device=self.device)
+            cfg = VAETrainConfig(steps=2, batch=2, frames=5, crop=32, eval_videos=1, eval_frames=9, log_every=1,
+                                 device=self.device)
         metrics = train(cfg, self.work / "vae", log=self.log, deadline=deadline)
         return {k: metrics[k] for k in ("psnr_db", "psnr_db_worst", "train_seconds", "steps", "fit_psnr_db")}
 

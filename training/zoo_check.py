@@ -57,7 +57,7 @@ def check_models(folder: Path, device: str, *, frames: int = 21, short: bool = F
     """Each zoo model (and each of the `extra` ZooModels, e.g. the unshipped GAN student) found in `folder` samples every prompt of the grid (template 0) with its own sampler; the
     share of videos whose colour, shape and direction `quick_track` reads back as the prompt names them. Then
     the word check (training/word_check.py `flow_word_errors`) on `word_videos` held-out world videos (default
-    12, 4 with `short`) at the timestep `shift` of the zoo configs: result["words"]."""
+    12, 2 with `short`) at the timestep `shift` of the zoo configs: result["words"]."""
     from models.errors import CheckpointError
     from models.wan.checkpoint import load_wan
     from models.wan.embedded import ZOO
@@ -73,7 +73,7 @@ def check_models(folder: Path, device: str, *, frames: int = 21, short: bool = F
     encoder = TextEncoder.from_wan_dir(folder, device=dev)
     context = encoder.encode(prompts).context.to(dev)
     vae = WanVAE.from_file(folder / "Wan2.1_VAE.pth", device=dev)
-    word_prompts, word_x0 = held_out_latents(vae, word_videos or (4 if short else 12), frames)  # shared by all
+    word_prompts, word_x0 = held_out_latents(vae, word_videos or (2 if short else 12), frames)  # shared by all
 
     def encode(ps: list[str]) -> torch.Tensor:
         return encoder.encode(ps).context
