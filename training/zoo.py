@@ -35,9 +35,9 @@ Stages, in order; each is skipped when its output exists (so a second call conti
 Time budget (--budget SECONDS): each training stage gets a share of the time left (`WEIGHTS`); a stage whose
 share runs out stops at the end of a chunk of steps and saves its checkpoint. The log gives, per stage, the
 steps run, the seconds, and the first and last losses. --out DIR writes zoo_log.txt, zoo_report.json, and tar
-files of at most 15 MiB each: zoo_state.tar.* (WORK/teacher without the DMD/SiD checkpoints: what the later
-stages need, to resume on a fresh machine) and, after ship, zoo_embedded.tar.* (data/embedded/...: untar at the
-repository root to install the zoo).
+files of at most 15 MiB each: zoo_state.tar.* (WORK/teacher with every student trained so far, the report,
+and the trainer checkpoint of any stage cut short: what a later call on a fresh machine needs to resume) and,
+after ship, zoo_embedded.tar.* (data/embedded/...: untar at the repository root to install the zoo).
 """
 
 from __future__ import annotations
