@@ -4,8 +4,9 @@
                                [--repeats 2] [--skip decoder,text]
 
 What runs (random full-size weights drawn directly on the GPU; the numbers are about speed, not quality):
-  umT5-XXL text encoder bf16 (bench/bench_vae_t5.py's specs), the embedded tiny tokenizer padding every prompt
-  to 512 tokens (the encoder's work is that of any prompt); the 1.3B causal DiT bf16 (bench/bench_rollout.py's
+  umT5-XXL text encoder bf16 (bench/bench_vae_t5.py's specs) with the embedded tiny tokenizer (the prompt below
+  is 43 of its tokens; the encoder runs on a prompt's own tokens, its output padded to 512 rows as Wan's
+  is; before session 14 it ran on all 512); the 1.3B causal DiT bf16 (bench/bench_rollout.py's
   random_model) with its CUDA graphs as generate runs it; the full Wan2.1 VAE decoder bf16.
 A pipeline run is what `workbench generate` does for one prompt and seed, minus the file writing: encode the
 prompt, draw the noise, the few-step rollout with each finished chunk pushed to a stream decoder in the
@@ -50,10 +51,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import json
 import os
 import platform
 import re
+import signal
 import statistics
 import sys
 import time
@@ -637,7 +640,7 @@ def section_text(m: Models) -> None:
                 continue
             enc = TextEncoder.from_state_dict(draw_on_gpu(m.t5_specs, torch.float32, seed=0), m.tokenizer,
                                               device=Dev.device, dtype=torch.float32)
-        enc.encode([PROMPT])
+        n_tokens = enc.encode([PROMPT]).lengths[0]
         times = []
         for _ in range(3):
             Dev.sync()
@@ -649,7 +652,8 @@ def section_text(m: Models) -> None:
         if enc is not m.encoder:
             del enc
             Dev.empty_cache()
-    table("umT5-XXL encode of one prompt (512 tokens), median of 3", ["dtype", "time"], rows)
+    table(f"umT5-XXL encode of one prompt ({n_tokens} tokens, padded to {m.encoder.text_len} rows after the "
+          "encoder), median of 3", ["dtype", "time"], rows)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -676,6 +680,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="the embedded tiny models on the CPU (6 latent frames of "
                     "6x8, window 6 + sink 1, a long run of 12 frames): checks this script, measures nothing")
     args = ap.parse_args(argv)
+    if hasattr(signal, "SIGUSR1"):  # `timeout -s USR1 N` (or kill -USR1) prints every thread's stack: where a run hangs
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     if args.smoke:
         Dev.device, Dev.dtype, Dev.latent, Dev.window = "cpu", torch.float32, (6, 8), (6, 1)
         Dev.frames, Dev.smoke = 6, True

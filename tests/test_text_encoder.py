@@ -126,6 +126,35 @@ def test_encoder_equals_wan_t5_math_float64(tokenizer, small_sd, small_pth):
     assert set(wan_bucket(pos[None, :] - pos[:, None], 32).unique().tolist()) == set(range(32)) - {16}
 
 
+def test_long_prompt_reaches_the_far_buckets_and_equals_the_padded_math_float64(tokenizer, small_sd, small_pth):
+    """The encoder runs only up to the longest prompt's columns. With a prompt of 200-500 tokens (real tokens
+    at distances past 128: the log range and the clamp of the position buckets) beside a one-word prompt, each
+    row still equals Wan's math on all 512 columns, in float64."""
+    long = " ".join(["a slow pan over the red canyon, then a hawk circles the bright sun"] * 16)
+    prompts = [long, "ocean"]
+    enc = TextEncoder.from_files(small_pth, TOKENIZER, dtype=torch.float64)
+    out = enc.encode(prompts)
+    ref, batch = reference_for(tokenizer, small_sd, prompts)
+    assert 200 < out.lengths[0] < 512 and out.lengths[1] < 10
+    torch.testing.assert_close(out.context, ref, rtol=1e-9, atol=1e-9)
+    pos = torch.arange(out.lengths[0])
+    assert set(wan_bucket(pos[None, :] - pos[:, None], 32).unique().tolist()) == set(range(32)) - {16}
+
+
+def test_encoder_work_stops_at_the_longest_prompt(small_pth):
+    """A short prompt costs its own tokens of encoder work, not text_len's: the model sees as many columns as
+    the batch's longest prompt has tokens (padding is masked, so those columns change nothing)."""
+    enc = TextEncoder.from_files(small_pth, TOKENIZER)
+    seen = []
+    hook = enc.model.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["input_ids"].shape),
+                                               with_kwargs=True)
+    try:
+        out = enc.encode(PROMPTS)
+    finally:
+        hook.remove()
+    assert seen == [(3, max(out.lengths))] and out.context.shape[1] == 512
+
+
 def test_embedded_bf16_encoder_float32_equals_wan_t5_math(tokenizer):
     enc = TextEncoder.from_wan_dir(EMBEDDED)
     assert (enc.text_dim, enc.text_len) == (64, 512)
