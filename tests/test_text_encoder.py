@@ -134,7 +134,7 @@ def test_long_prompt_reaches_the_far_buckets_and_equals_the_padded_math_float64(
     prompts = [long, "ocean"]
     enc = TextEncoder.from_files(small_pth, TOKENIZER, dtype=torch.float64)
     out = enc.encode(prompts)
-    ref, batch = reference_for(tokenizer, small_sd, prompts)
+    ref, _ = reference_for(tokenizer, small_sd, prompts)
     assert 200 < out.lengths[0] < 512 and out.lengths[1] < 10
     torch.testing.assert_close(out.context, ref, rtol=1e-9, atol=1e-9)
     pos = torch.arange(out.lengths[0])

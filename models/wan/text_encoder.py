@@ -346,7 +346,7 @@ class TextEncoder:
                             attention_mask=mask[:, :used].to(self.device)).last_hidden_state  # [n, used, D]
         keep = mask[:, :used].to(self.device).bool()[:, :, None]     # [n, used, 1]
         context = torch.zeros(len(prompts), L, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-        context[:, :used] = torch.where(keep, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+        context[:, :used] = hidden.masked_fill(~keep, 0)
         tokens = [self.tokenizer.convert_ids_to_tokens(row[:n].tolist()) + [""] * (L - n)
                   for row, n in zip(ids, lengths)]
         return context, tokens, lengths
