@@ -336,6 +336,20 @@ def test_empty_prompt_file_fails_before_work(tmp_path, capsys, no_work):
     assert "has no prompts" in capsys.readouterr().err
 
 
+def test_repeated_prompt_extracts_every_prompt(tmp_path, monkeypatch):
+    """--prompt given twice reaches the extraction as two prompts, in order (not only the last)."""
+    seen = {}
+
+    def record(cfg, **kw):
+        seen["prompts"] = list(cfg.prompts)
+        return 0
+
+    monkeypatch.setattr(extract_mod, "run_extract", record)
+    assert cli_main(["extract", "--layer", "0", "--prompt", "a red square moving left", "--prompt",
+                     "a blue circle moving up", "--out", str(tmp_path / "x.zarr"), "--no-progress"]) == 0
+    assert seen["prompts"] == ["a red square moving left", "a blue circle moving up"]
+
+
 def test_incompatible_existing_store_fails_before_weights(tmp_path, capsys, monkeypatch):
     out = tmp_path / "s.zarr"
     run_extract(config(out, layers=[3]), log=quiet)

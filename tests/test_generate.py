@@ -88,3 +88,21 @@ def test_generate_skips_the_last_context_pass_and_keeps_its_outputs(tmp_path, mo
     assert calls == [False, 2 * 5 - 1, False, 2 * 5]  # generate asked to skip; 2 chunks x (4 steps + context)
     assert torch.equal(runs[False][0], runs[True][0])
     assert (runs[False][1] == runs[True][1]).all() and runs[False][1].std() > 1
+
+
+def test_generate_repeated_prompt_runs_every_prompt(tmp_path):
+    """--prompt given twice runs both (as evaluate's and intervene's do), not only the last: prompt index P names
+    the files, each file records its own prompt, and the second prompt's latents equal a run of it alone."""
+    out, alone = tmp_path / "two", tmp_path / "alone"
+    assert main(["generate", "--prompt", "a red square moving left", "--prompt", "a blue circle moving up",
+                 "--frames", "3", "--seed", "1", "--out", str(out), "--no-progress", "--no-video"]) == 0
+    assert main(["generate", "--prompt", "a blue circle moving up", "--frames", "3", "--seed", "1",
+                 "--out", str(alone), "--no-progress", "--no-video"]) == 0
+    from safetensors import safe_open
+
+    for index, prompt in enumerate(["a red square moving left", "a blue circle moving up"]):
+        with safe_open(str(out / f"p{index:04d}-s1.safetensors"), "pt") as f:
+            assert f.metadata()["prompt"] == prompt
+    second = load_file(str(out / "p0001-s1.safetensors"))["latents"]
+    assert torch.equal(second, load_file(str(alone / "p0000-s1.safetensors"))["latents"])
+    assert not torch.equal(second, load_file(str(out / "p0000-s1.safetensors"))["latents"])

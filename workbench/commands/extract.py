@@ -54,7 +54,8 @@ def register(subparsers) -> None:
                            "fast way to capture many layers). Outputs differ between kernels by bf16 rounding, "
                            "never between a captured and an uncaptured run (default: %(default)s)")
     job = p.add_argument_group("what to run")
-    job.add_argument("--prompt", help="one prompt (default: the researchers' eagle prompt)")
+    job.add_argument("--prompt", action="append", metavar="TEXT",
+                     help="a prompt (repeat for several; default: the researchers' eagle prompt)")
     job.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
     job.add_argument("--image", metavar="PATH",
                      help="image-to-video: the image's VAE latent is frame 0, a chunk of its own (implies "
@@ -115,7 +116,7 @@ def run(args) -> int:
 
         cfg.prompts = read_prompts(args.prompts)
     elif args.prompt:
-        cfg.prompts = [args.prompt]
+        cfg.prompts = list(args.prompt)
     cfg.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg.dtype = args.dtype or ("bfloat16" if cfg.device.startswith("cuda") else "float32")
     if args.out:

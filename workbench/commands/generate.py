@@ -39,7 +39,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help=HELP, description=HELP, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
     src.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
     p.add_argument("--seed", default="0", help="seed(s): 0, 0-3 or 1,2,3 (default: %(default)s)")
     p.add_argument("--image", metavar="PATH",
@@ -127,7 +127,7 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     resolve_model(args)
     resolve_decoder(args.vae_decoder)  # a bad WORKBENCH_VAE_DECODER included
     out = ensure_writable_dir(args.out)
-    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt or DEFAULT_PROMPT]
+    prompts = read_prompts(args.prompts) if args.prompts else (args.prompt or [DEFAULT_PROMPT])
     seeds = parse_int_list(args.seed, what="seed")
     if not seeds:
         raise WorkbenchError("--seed needs numbers, e.g. 0 or 0-3")
