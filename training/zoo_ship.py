@@ -89,7 +89,11 @@ def zoo_markdown(report: dict, configs: dict, shipped: set[str]) -> str:
     check = report["stages"].get("check", {})
     if check:
         lines += ["", "Quick check (training/zoo_check.py `quick_track`, the 32 prompts of the grid, seed 0; words: the",
-                  "word check of training/word_check.py, flow error with the word swapped / with the true prompt):",
+                  "word check of training/word_check.py, flow error with the word swapped / with the true prompt).",
+                  "Its shape test (the object fills more than 0.89 of its bounding box) reads most decoded squares,",
+                  "whose corners the VAE softens, as circles, so the shape column stays near 0.5 for every model: it",
+                  "is a smoke test of the training log. Adherence is measured by `workbench evaluate` (the tracker of",
+                  "studies/world_metrics.py), whose numbers docs/zoo.md gives:",
                   "", "| model | colour | shape | direction | all three | words |", "|---|---|---|---|---|---|"]
         lines += [f"| {n} | {r['colour']} | {r['shape']} | {r['direction']} | {r['all']} | "
                   f"{describe(r['words']) if 'words' in r else ''} |"
