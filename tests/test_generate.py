@@ -3,6 +3,7 @@ VAE's size, and a PNG grid; clear errors before any work."""
 
 import imageio.v3 as iio
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from models.video import mp4_available
@@ -98,8 +99,6 @@ def test_generate_repeated_prompt_runs_every_prompt(tmp_path):
                  "--frames", "3", "--seed", "1", "--out", str(out), "--no-progress", "--no-video"]) == 0
     assert main(["generate", "--prompt", "a blue circle moving up", "--frames", "3", "--seed", "1",
                  "--out", str(alone), "--no-progress", "--no-video"]) == 0
-    from safetensors import safe_open
-
     for index, prompt in enumerate(["a red square moving left", "a blue circle moving up"]):
         with safe_open(str(out / f"p{index:04d}-s1.safetensors"), "pt") as f:
             assert f.metadata()["prompt"] == prompt
