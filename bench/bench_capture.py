@@ -145,7 +145,7 @@ def main():
         release_graphs(model)
         return t, times, peak
 
-    for kernel in ("auto", "triton"):
+    for kernel in ("auto", "cudnn", "triton"):
         try:
             graphed[kernel], times, gpeak[kernel] = plain_graphed(kernel)
             print(f"| plain rollout (CUDA graphs, {backend_name('cuda', torch.bfloat16, kernel)}) | {graphed[kernel]:.3f} s "

@@ -491,7 +491,7 @@ def section_long(m: Models, lengths: list[int]) -> None:
 # 4. Profile
 
 CATEGORIES = [  # (name, pattern on the lower-cased kernel name), first match wins
-    ("attention", r"fmha|flash|sdpa|attn|attention|fort_native"),
+    ("attention", r"fmha|flash|sdpa|attn|attention|fort_native|_assemble_kernel"),
     ("VAE convs (cuDNN)", r"conv|fprop|implicit|winograd|dgrad|nhwc|ndhwc"),
     ("GEMM", r"gemm|nvjet|cutlass|xmma|cublas|matmul|sm90_"),
     ("norms / RoPE", r"norm|rope|rms"),
@@ -677,6 +677,8 @@ def main(argv=None) -> int:
                     "decoder-compile")
     ap.add_argument("--budget", type=float, default=BUDGET,
                     help="seconds after which the remaining sections are skipped (default: %(default)s)")
+    ap.add_argument("--attention-kernel", default="auto", choices=["auto", "cudnn", "triton"],
+                    help="the DiT's attention kernel choice (models/common/attention_kernels.py; default: %(default)s)")
     ap.add_argument("--smoke", action="store_true", help="the embedded tiny models on the CPU (6 latent frames of "
                     "6x8, window 6 + sink 1, a long run of 12 frames): checks this script, measures nothing")
     args = ap.parse_args(argv)
@@ -728,11 +730,12 @@ def main(argv=None) -> int:
           f"transformers {transformers.__version__}, diffusers {diffusers.__version__}")
     from models.common.attention_kernels import describe
 
-    print(f"settings attention backend {describe(Dev.device, Dev.dtype)}, repeats {args.repeats}, configs "
+    print(f"settings attention backend {describe(Dev.device, Dev.dtype, args.attention_kernel)}, repeats {args.repeats}, configs "
           f"{configs}, long {lengths}, profile {args.profile}, budget {BUDGET:.0f} s")
     RESULTS.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    gpu=gpu, torch=torch.__version__, command=" ".join(sys.argv))
     m = Models()
+    m.model.attention_kernel = args.attention_kernel
     sections = [("e2e", lambda: section_e2e(m, args.repeats, configs)),
                 ("long", lambda: section_long(m, lengths) if lengths else None),
                 ("decoder", lambda: section_decoder(m, args.repeats)),

@@ -104,7 +104,8 @@ def breakdown(model, noise, context, g, **kw):
             continue
         t = evt.self_device_time_total / 1e6
         name = evt.key.lower()
-        if any(s in name for s in ("fmha", "flash", "cudnn", "attention", "sdpa")) and "gemm" not in name:
+        attention = ("fmha", "flash", "cudnn", "attention", "sdpa", "_assemble_kernel")
+        if any(s in name for s in attention) and "gemm" not in name:
             groups["attention"] += t
         elif any(s in name for s in ("gemm", "xmma", "cutlass", "nvjet", "sm90")):
             groups["linears (GEMM)"] += t
@@ -147,6 +148,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-load", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    ap.add_argument("--attention-kernel", default="auto", choices=["auto", "cudnn", "triton"],
+                    help="the model's attention kernel choice (models/common/attention_kernels.py)")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     print(f"# bench_rollout  {datetime.datetime.now().isoformat(timespec='seconds')}  "
@@ -154,8 +157,9 @@ def main():
     print(f"# command: {' '.join(sys.argv)}")
     from models.common.attention_kernels import describe as backend_name
 
-    print(f"# attention backend: {backend_name('cuda', torch.bfloat16)}")
+    print(f"# attention backend: {backend_name('cuda', torch.bfloat16, args.attention_kernel)}")
     model = random_model()
+    model.attention_kernel = args.attention_kernel
     if args.compile:
         for block in model.blocks:
             block.compile()

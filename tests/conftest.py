@@ -1,6 +1,7 @@
 """Shared fixtures: small seeded models that keep the real frame structure (chunks of 3 latent frames), and the
 embedded maker of Wan VAE / umT5 weights (data/embedded/make_text_and_vae.py)."""
 
+import importlib
 import importlib.util
 import os
 from pathlib import Path
@@ -27,6 +28,20 @@ def pytest_collection_modifyitems(config, items):
 EMBEDDED = Path(__file__).resolve().parents[1] / "data" / "embedded"
 # a small Wan2.1 VAE with the real layout (4 base channels instead of 96)
 SMALL_VAE = dict(base_dim=4, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2, temperal_downsample=(False, True, True))
+
+
+def triton_module(name: str, *deps: str):
+    """The Triton kernel module `name`, interpreted on a machine without CUDA: the test module set
+    TRITON_INTERPRET=1 before importing it, but when an earlier test module imported it compiled, it (and its
+    `deps`, in order) are decorated again."""
+    pytest.importorskip("triton")
+    common = importlib.import_module("models.common.triton_common")
+    module = importlib.import_module(name)
+    if not torch.cuda.is_available() and not common.INTERPRET:
+        for dep in ("models.common.triton_common", *deps):
+            importlib.reload(importlib.import_module(dep))
+        module = importlib.reload(module)
+    return module
 
 
 def embedded_maker():

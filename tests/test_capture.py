@@ -263,8 +263,8 @@ def test_capture_mode_must_match_the_attention_kernel():
     assert resolve_mode("auto", "cuda", "auto") == "indicator"
     assert resolve_mode("auto", "cpu", "triton") == "exact"
     assert resolve_mode("exact", "cuda", "triton") == "exact"
-    with pytest.raises(ModelInputError, match="attention kernel 'cudnn'.*'auto', 'triton'"):
-        tiny_model().attention_kernel = "cudnn"
+    with pytest.raises(ModelInputError, match="attention kernel 'cutlass'.*'auto', 'triton', 'cudnn'"):
+        tiny_model().attention_kernel = "cutlass"
 
 
 def test_fused_mode_where_the_triton_kernel_cannot_run_takes_the_exact_path(monkeypatch):

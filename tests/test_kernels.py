@@ -7,7 +7,6 @@ logic, not speed). With CUDA the same tests run the compiled kernels on the GPU,
 the model's frame length.
 """
 
-import importlib
 import math
 import os
 
@@ -18,6 +17,7 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the import of workbench.kernels.frame_attention
 
+from conftest import triton_module  # noqa: E402
 from models.errors import ModelInputError  # noqa: E402  (the base of WorkbenchError: kernels in models/ raise it)
 from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.kernels import reference as ref  # noqa: E402
@@ -165,15 +165,8 @@ def test_reference_rejects_bad_input(kwargs, match):
 
 @pytest.fixture(scope="module")
 def fa():
-    pytest.importorskip("triton")
-    common = importlib.import_module("models.common.triton_common")
-    module = importlib.import_module("workbench.kernels.frame_attention")
-    if not CUDA and not common.INTERPRET:  # imported earlier without the interpreter: decorate again
-        for name in ("models.common.triton_common", "models.common.triton_attention_plan",
-                     "models.common.triton_attention_kernels", "models.common.triton_attention"):
-            importlib.reload(importlib.import_module(name))
-        module = importlib.reload(module)
-    return module
+    return triton_module("workbench.kernels.frame_attention", "models.common.triton_attention_plan",
+                         "models.common.triton_attention_kernels", "models.common.triton_attention")
 
 
 def tma_usable(k, v):

@@ -11,6 +11,7 @@ table, so they cannot disagree about which kernel ran.
 
     kernel       runs on                            calls      returns           capture mode
     flash-attn   CUDA fp16/bf16, when installed     unmasked   out, lse          -
+    cudnn-balanced  Hopper fp16/bf16 (Triton)       unmasked   out, lse          indicator (V widened)
     cudnn        CUDA fp16/bf16                     unmasked   out, lse          indicator (V widened)
     flash        CUDA fp16/bf16                     unmasked   out, lse          -
     triton       CUDA fp16/bf16, whole frames       unmasked   out, lse, frame   fused
@@ -103,6 +104,36 @@ def _run_triton(q, k, v, scale, frame_mask, fsl, lse):
     return r.out, r.lse
 
 
+def _run_balanced(q, k, v, scale, frame_mask, fsl, lse):
+    from models.common import cuda_attention
+    from models.common.balanced_attention import balanced_attention
+
+    return balanced_attention(q, k, v, scale, cuda_attention.cudnn, slots=_sm_count(q.device))
+
+
+_SMS: dict = {}
+
+
+def _sm_count(device) -> int:
+    idx = torch.device(device).index
+    idx = torch.cuda.current_device() if idx is None else idx
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def _hopper(device) -> bool:
+    """Whether `device` is a Hopper GPU (compute capability 9.x) and Triton is installed (for the merge)."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    idx = torch.device(device).index
+    return torch.cuda.get_device_capability(torch.cuda.current_device() if idx is None else idx)[0] == 9
+
+
 def _triton_takes(q, k, v, fsl) -> bool:
     try:
         from models.common import triton_attention
@@ -131,14 +162,16 @@ class Kernel:
     capture_mode: str | None = None  # the capture mode that reads its statistics at no change to its output
     refuses: bool = False  # may raise RuntimeError for a shape it does not take (recorded per shape)
     takes: Callable | None = None  # (q, k, v, frame_seq_len) -> bool
+    on_device: Callable | None = None  # (device) -> bool: a further rule on the device (a GPU architecture)
 
-    def runs_on(self, device: str, dtype: torch.dtype) -> bool:
-        return device in self.devices and (self.dtypes is None or dtype in self.dtypes)
+    def runs_on(self, device, dtype: torch.dtype) -> bool:
+        return (torch.device(device).type in self.devices and (self.dtypes is None or dtype in self.dtypes)
+                and (self.on_device is None or self.on_device(device)))
 
     def takes_call(self, q, k, v, frame_seq_len: int) -> bool:
         if self.takes is not None:
             return self.takes(q, k, v, frame_seq_len)
-        return self.runs_on(q.device.type, q.dtype)
+        return self.runs_on(q.device, q.dtype)
 
 
 KERNELS: dict[str, Kernel] = {}
@@ -155,6 +188,10 @@ def register(kernel: Kernel) -> Kernel:
 
 _LSE = ("lse",)
 register(Kernel("flash-attn", _cuda_op("flash_attn"), _has_flash_attn(), HALF, ("unmasked",), _LSE, refuses=True))
+# cuDNN's kernel on a wave-balanced schedule (models/common/balanced_attention.py): the same math in two launches
+# whose tiles fill the GPU's waves, merged exactly; on Hopper, where it was measured (bench/bench_balanced.py)
+register(Kernel("cudnn-balanced", _run_balanced, ("cuda",), HALF, ("unmasked",), _LSE, capture_mode="indicator",
+                refuses=True, on_device=_hopper))
 register(Kernel("cudnn", _cuda_op("cudnn"), ("cuda",), HALF, ("unmasked",), _LSE, capture_mode="indicator",
                 refuses=True))
 register(Kernel("flash", _cuda_op("flash_op"), ("cuda",), HALF, ("unmasked",), _LSE, refuses=True))
@@ -165,8 +202,9 @@ register(Kernel("flex", _run_flex, ("cuda",), None, ("masked",)))
 register(Kernel("sdpa", _run_sdpa, ("cuda", "cpu", "meta"), None, ("unmasked", "masked")))
 
 # The model's `attention_kernel` choices: orders of preference over the table.
-_STOCK = ("flash-attn", "cudnn", "flash", "flex", "sdpa")
-CHOICES: dict[str, tuple[str, ...]] = {"auto": _STOCK, "triton": ("triton", *_STOCK)}
+_STOCK = ("flash-attn", "cudnn-balanced", "cudnn", "flash", "flex", "sdpa")
+# "cudnn": cuDNN's kernel as one call (the stock order before the balanced schedule; for comparisons)
+CHOICES: dict[str, tuple[str, ...]] = {"auto": _STOCK, "triton": ("triton", *_STOCK), "cudnn": _STOCK[2:]}
 ATTENTION_KERNELS = tuple(CHOICES)
 
 

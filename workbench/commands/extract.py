@@ -49,10 +49,10 @@ def register(subparsers) -> None:
                            "indicator with the stock kernels on CUDA, exact on the CPU (default: %(default)s; "
                            "docs/store.md)")
     what.add_argument("--attention-kernel", default="auto", choices=["auto", "triton"],
-                      help="the model's attention kernel: auto (flash-attn / cuDNN / SDPA) or triton (a frame-tiled "
-                           "Triton forward, ~7%% slower than cuDNN on an H200 but its statistics come free: the "
-                           "fast way to capture many layers). Outputs differ between kernels by bf16 rounding, "
-                           "never between a captured and an uncaptured run (default: %(default)s)")
+                      help="the model's attention kernel: auto (flash-attn / cuDNN, wave-balanced on Hopper / "
+                           "SDPA) or triton (a frame-tiled Triton forward, ~12%% slower on an H200 but its statistics "
+                           "come free: the fast way to capture many layers). Outputs differ between kernels by bf16 "
+                           "rounding, never between a captured and an uncaptured run (default: %(default)s)")
     job = p.add_argument_group("what to run")
     job.add_argument("--prompt", action="append", metavar="TEXT",
                      help="a prompt (repeat for several; default: the researchers' eagle prompt)")

@@ -59,9 +59,9 @@ def register(subparsers) -> None:
     p.add_argument("--low-memory", choices=["auto", "on", "off"], default="auto",
                    help="move the text encoder off the GPU before the rollout (auto: < 40 GB free)")
     p.add_argument("--attention-kernel", default="auto", choices=["auto", "triton"],
-                   help="the DiT's attention kernel: auto (flash-attn / cuDNN / SDPA) or triton (the frame-tiled "
-                        "kernel that `workbench extract --attention-kernel triton` captures from; outputs differ "
-                        "from auto's by bf16 rounding) (default: %(default)s)")
+                   help="the DiT's attention kernel: auto (flash-attn / cuDNN, wave-balanced on Hopper / SDPA) or "
+                        "triton (the frame-tiled kernel that `workbench extract --attention-kernel triton` captures "
+                        "from; outputs differ from auto's by bf16 rounding) (default: %(default)s)")
     speed = p.add_argument_group("speed (bench/RESULTS.md: what they buy on an H200 and how far they move the latents)")
     speed.add_argument("--compile", nargs="?", const="default", choices=["default", "max-autotune-no-cudagraphs"],
                        metavar="MODE", help="torch.compile every DiT block (the first rollout compiles; CUDA-graph "
