@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from models.common.attention_kernels import ATTENTION_KERNELS
 from workbench.commands import add_chunk_arguments, add_model_arguments, add_size_arguments, latent_frames
 from workbench.statistics import DEFAULT_STATS, stats_help
 
@@ -48,10 +49,11 @@ def register(subparsers) -> None:
                            "the statistics; ~+2%% for all 30 layers); auto = fused with the Triton kernel, "
                            "indicator with the stock kernels on CUDA, exact on the CPU (default: %(default)s; "
                            "docs/store.md)")
-    what.add_argument("--attention-kernel", default="auto", choices=["auto", "triton"],
+    what.add_argument("--attention-kernel", default="auto", choices=list(ATTENTION_KERNELS),
                       help="the model's attention kernel: auto (flash-attn / cuDNN, wave-balanced on Hopper / "
-                           "SDPA) or triton (a frame-tiled Triton forward, ~12%% slower on an H200 but its statistics "
-                           "come free: the fast way to capture many layers). Outputs differ between kernels by bf16 "
+                           "SDPA), triton (a frame-tiled Triton forward, ~12%% slower on an H200 but its statistics "
+                           "come free: the fast way to capture many layers) or cudnn (one cuDNN call per attention, "
+                           "as auto ran before the balanced schedule). Outputs differ between kernels by bf16 "
                            "rounding, never between a captured and an uncaptured run (default: %(default)s)")
     job = p.add_argument_group("what to run")
     job.add_argument("--prompt", action="append", metavar="TEXT",
