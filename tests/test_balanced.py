@@ -202,3 +202,20 @@ def test_gpu_balanced_cudnn_at_rollout_shapes(kf):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(replayed, static) and torch.equal(static, out)
+
+
+def test_stores_record_the_balanced_kernel_in_their_fingerprint(monkeypatch):
+    """A store made on the balanced kernel never takes samples of one cuDNN call (their bits differ in the tail
+    rows), and the stores that "auto" made on Hopper before it (one cuDNN call) resume with --attention-kernel
+    cudnn: its fingerprint is theirs."""
+    from workbench import extract as ex
+
+    def fields(kernel, backend):
+        monkeypatch.setattr(ex, "describe", lambda device, dtype, choice: backend)
+        return ex.fingerprint_fields(ex.plan(ex.ExtractConfig(layers=[3], attention_kernel=kernel)), "sha")["model"]
+
+    old = fields("auto", "cudnn")  # what "auto" ran on Hopper before the balanced kernel, and runs on other GPUs
+    new = fields("auto", "cudnn-balanced")
+    assert new["attn_backend"] == "cudnn-balanced" and "attn_backend" not in old and new != old
+    assert fields("cudnn", "cudnn") == old
+    assert fields("triton", "triton")["attention_kernel"] == "triton"

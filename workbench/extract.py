@@ -237,8 +237,14 @@ def fingerprint_fields(p: Plan, weights_sha: str) -> dict:
     model = dict(weights=weights_sha, config=dataclasses.asdict(p.model_config), key=("ema" if c.use_ema else "gen"),
                  dtype=c.dtype, guidance=c.guidance_scale, negative=c.negative_prompt,
                  capture_mode=p.capture_mode)
-    if c.attention_kernel != "auto":  # (absent for the stock kernels: stores made before the option still resume)
+    # The kernel that computes the numbers. Absent for the stock kernels as they ran before these fields existed
+    # (stores made then still resume): "auto" on Hopper now runs cuDNN wave-balanced, a configuration of its own;
+    # the stores "auto" made there before (one cuDNN call) resume with --attention-kernel cudnn.
+    if c.attention_kernel not in ("auto", "cudnn"):
         model["attention_kernel"] = c.attention_kernel
+    backend = describe(c.device, _dtype(c.dtype), c.attention_kernel)
+    if backend == "cudnn-balanced":
+        model["attn_backend"] = backend
     if c.image is not None:
         model["image"] = sha256_file(c.image)
     return dict(layout=layout, model=model)
