@@ -219,3 +219,16 @@ def test_stores_record_the_balanced_kernel_in_their_fingerprint(monkeypatch):
     assert new["attn_backend"] == "cudnn-balanced" and "attn_backend" not in old and new != old
     assert fields("cudnn", "cudnn") == old
     assert fields("triton", "triton")["attention_kernel"] == "triton"
+
+
+def test_calls_that_need_gradients_run_one_cudnn_call(monkeypatch):
+    """The merge has no backward: with autograd on and an input that requires grad (training), the balanced
+    kernel does not take the call, so the next kernel of the order (one cuDNN call) computes it."""
+    monkeypatch.setattr(ak, "_hopper", lambda device: True)  # as on an H200
+    q, k, v = (torch.zeros(1, 8, 2, 16, dtype=torch.bfloat16) for _ in range(3))
+    takes = ak.KERNELS["cudnn-balanced"].takes
+    assert takes(q, k, v, 8)
+    assert not takes(q.requires_grad_(), k, v, 8)
+    with torch.no_grad():
+        assert takes(q, k, v, 8)
+    assert not takes(q.float(), k.float(), v.float(), 8)  # half precision only

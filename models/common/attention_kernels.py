@@ -134,6 +134,14 @@ def _hopper(device) -> bool:
     return torch.cuda.get_device_capability(torch.cuda.current_device() if idx is None else idx)[0] == 9
 
 
+def _balanced_takes(q, k, v, fsl) -> bool:
+    """Hopper, half precision, and no autograd: its merge is a Triton launch without a backward, so a call that
+    needs gradients (training) runs one cuDNN call instead."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    return q.dtype in HALF and _hopper(q.device)
+
+
 def _triton_takes(q, k, v, fsl) -> bool:
     try:
         from models.common import triton_attention
@@ -189,9 +197,10 @@ def register(kernel: Kernel) -> Kernel:
 _LSE = ("lse",)
 register(Kernel("flash-attn", _cuda_op("flash_attn"), _has_flash_attn(), HALF, ("unmasked",), _LSE, refuses=True))
 # cuDNN's kernel on a wave-balanced schedule (models/common/balanced_attention.py): the same math in two launches
-# whose tiles fill the GPU's waves, merged exactly; on Hopper, where it was measured (bench/bench_balanced.py)
+# whose tiles fill the GPU's waves, merged exactly; on Hopper, where it was measured (bench/bench_balanced.py),
+# and without autograd (calls that need gradients run the next kernel, one cuDNN call)
 register(Kernel("cudnn-balanced", _run_balanced, ("cuda",), HALF, ("unmasked",), _LSE, capture_mode="indicator",
-                refuses=True, on_device=_hopper))
+                refuses=True, takes=_balanced_takes, on_device=_hopper))
 register(Kernel("cudnn", _cuda_op("cudnn"), ("cuda",), HALF, ("unmasked",), _LSE, capture_mode="indicator",
                 refuses=True))
 register(Kernel("flash", _cuda_op("flash_op"), ("cuda",), HALF, ("unmasked",), _LSE, refuses=True))
