@@ -7,8 +7,8 @@ and lse [B, H, Lq] in one pass: main rows copied, tail rows merged in float32,
     lse = log sum_s exp(lse_s),   out = sum_s exp(lse_s - lse) out_s,
 
 rounded once to the output dtype. The same arithmetic as `merge_segments` there, which is what the CPU runs;
-this one launch replaces the dozen small launches and the concatenation of the torch version (about 30 us a
-call at the rollout's shapes, bench/RESULTS.md). Tested against it under the interpreter (tests/test_balanced.py).
+this one launch replaces the dozen small launches and the concatenation of the torch version (which cost up to
+about 0.1 ms a call more at the rollout's shapes: bench/RESULTS.md, issue 16, session 16). Tested against it under the interpreter (tests/test_balanced.py).
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """The CLI's commands, one module each (`register(subparsers)` + `run(args)`), and the arguments they share."""
 
+# --attention-kernel's choices: models.common.attention_kernels.ATTENTION_KERNELS, written out here so that the
+# CLI's --help imports no torch (tests/test_statistics.py checks that the two agree)
+ATTENTION_KERNELS = ["auto", "triton", "cudnn"]
 SAMPLER_DEFAULTS = dict(sampler="causal_few_step", num_inference_steps=50, guidance_scale=5.0, negative_prompt="")
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from models.common.attention_kernels import ATTENTION_KERNELS
-from workbench.commands import add_chunk_arguments, add_model_arguments, add_size_arguments, latent_frames
+from workbench.commands import ATTENTION_KERNELS, add_chunk_arguments, add_model_arguments, add_size_arguments, latent_frames
 from workbench.statistics import DEFAULT_STATS, stats_help
 
 HELP = "capture per-layer, per-head, frame-by-frame attention of a rollout into a zarr store"
@@ -49,7 +48,7 @@ def register(subparsers) -> None:
                            "the statistics; ~+2%% for all 30 layers); auto = fused with the Triton kernel, "
                            "indicator with the stock kernels on CUDA, exact on the CPU (default: %(default)s; "
                            "docs/store.md)")
-    what.add_argument("--attention-kernel", default="auto", choices=list(ATTENTION_KERNELS),
+    what.add_argument("--attention-kernel", default="auto", choices=ATTENTION_KERNELS,
                       help="the model's attention kernel: auto (flash-attn / cuDNN, wave-balanced on Hopper / "
                            "SDPA), triton (a frame-tiled Triton forward, ~12%% slower on an H200 but its statistics "
                            "come free: the fast way to capture many layers) or cudnn (one cuDNN call per attention, "

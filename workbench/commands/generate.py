@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from models.common.attention_kernels import ATTENTION_KERNELS
-from workbench.commands import add_chunk_arguments, add_model_arguments, add_size_arguments, latent_frames
+from workbench.commands import ATTENTION_KERNELS, add_chunk_arguments, add_model_arguments, add_size_arguments, latent_frames
 
 HELP = "generate videos (latents, mp4, PNG grid) from prompts"
 
@@ -59,7 +58,7 @@ def register(subparsers) -> None:
     add_model_arguments(p)
     p.add_argument("--low-memory", choices=["auto", "on", "off"], default="auto",
                    help="move the text encoder off the GPU before the rollout (auto: < 40 GB free)")
-    p.add_argument("--attention-kernel", default="auto", choices=list(ATTENTION_KERNELS),
+    p.add_argument("--attention-kernel", default="auto", choices=ATTENTION_KERNELS,
                    help="the DiT's attention kernel: auto (flash-attn / cuDNN, wave-balanced on Hopper / SDPA), "
                         "triton (the frame-tiled kernel that `workbench extract --attention-kernel triton` captures "
                         "from) or cudnn (one cuDNN call per attention); outputs differ from auto's by bf16 rounding "
