@@ -359,7 +359,7 @@ def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
     if rank == 0 and p.capture_mode == "indicator" and len(p.spec.layers) > 8:
         log(f"note: capturing {len(p.spec.layers)} layers with the stock attention kernel (indicator mode) costs "
             "~+35% on a 1.3B rollout; --attention-kernel triton captures all 30 at ~+2% over its own rollout "
-            "(~+10% over cuDNN's; docs/store.md)")
+            "(~+15% over the default's; bench/RESULTS.md)")
     samples = [(i, prompt, seed) for i, prompt in enumerate(cfg.prompts) for seed in cfg.seeds]
     writer, todo, error, fp, sha = None, samples, None, None, None
     if rank == 0:
