@@ -232,3 +232,26 @@ def test_calls_that_need_gradients_run_one_cudnn_call(monkeypatch):
     with torch.no_grad():
         assert takes(q, k, v, 8)
     assert not takes(q.float(), k.float(), v.float(), 8)  # half precision only
+
+
+def test_indicator_capture_through_the_schedule_keeps_the_output_and_sums_each_frame(monkeypatch):
+    """The widened value tensor goes through the split and the merge like V (the merge is per column): its first
+    head_dim columns are the plain balanced output and the indicator columns the exact frame mass.
+    (cuDNN replaced by the float64 reference, the merge by its torch version: the schedule's logic on the CPU.)"""
+    from models.common import balanced_attention as ba
+    from models.common import cuda_attention
+    from workbench.kernels.indicator import attention_with_frame_mass_indicator
+    from workbench.kernels.reference import frame_mass_reference
+
+    monkeypatch.setattr(cuda_attention, "cudnn", reference)
+    monkeypatch.setattr(ak, "_sm_count", lambda device: 7)
+    monkeypatch.setattr(ba, "plan", lambda *a, **kw: Plan(16, 3, 0))  # 16 main rows, the tail in 3 key segments
+    fsl = 16
+    q, k, v = rand(1, 3 * fsl, 2, 8, seed=13), rand(1, 6 * fsl, 2, 8, seed=14), rand(1, 6 * fsl, 2, 8, seed=15)
+    kern = ak.KERNELS["cudnn-balanced"]
+    reference.calls = []
+    plain = kern.run(q, k, v, 8 ** -0.5, None, fsl, False)[0]
+    assert reference.calls == [((3, 32, 2, 8), (3, 32, 2, 8)), ((1, 16, 2, 8), (1, 96, 2, 8))]  # tail, then main
+    got, mass = attention_with_frame_mass_indicator(q, k, v, frame_seq_len=fsl, kernel=kern)
+    assert (got - plain).abs().max() < 1e-12  # (bitwise with cuDNN: the GPU test; CPU BLAS may vary with the width)
+    assert (mass.double() - frame_mass_reference(q, k, frame_seq_len=fsl)).abs().max() < 1e-6

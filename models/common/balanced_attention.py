@@ -76,10 +76,11 @@ def segments(x: torch.Tensor, split: int) -> torch.Tensor | None:
 
 def merge_segments(out_s: torch.Tensor, lse_s: torch.Tensor, dtype: torch.dtype):
     """out_s [B, S, L, H, Dv], lse_s [B, S, H, L] (per key segment) -> (out [B, L, H, Dv] dtype, lse [B, H, L]):
-    the softmax over all the keys, from each segment's normalised output and log-sum-exp (exact in float32)."""
+    the softmax over all the keys, from each segment's normalised output and log-sum-exp (in float32, or float64)."""
+    acc = torch.promote_types(out_s.dtype, torch.float32)  # float32, or float64 for float64 inputs
     lse = torch.logsumexp(lse_s, dim=1)  # [B, H, L]
     w = torch.exp(lse_s - lse.unsqueeze(1)).transpose(2, 3).unsqueeze(-1)  # [B, S, L, H, 1]
-    return (w * out_s.float()).sum(1).to(dtype), lse
+    return (w.to(acc) * out_s.to(acc)).sum(1).to(dtype), lse
 
 
 def balanced_attention(q, k, v, scale: float, run, *, slots: int, p: Plan | None = None):
