@@ -2,8 +2,8 @@
 
 The 1.3B rollout's attention calls: q = 3 frames x 1560 tokens, k = 3..21 frames, 12 heads x 128, bf16, batch 1.
 For each key length it times, as CUDA graphs of `--calls` calls each (the rollout replays graphs), median of
-`--repeats` replays taken in turns (variant after variant, so that the GPU's clock drift touches all alike):
-- `cudnn`: one call of cuDNN's kernel (the model's attention today);
+`--repeats` replays taken in turns (variant after variant, so that whatever drifts over a sweep touches all alike):
+- `cudnn`: one call of cuDNN's kernel (the model's attention before this schedule; choice `cudnn`);
 - `cudnn-main`: the first 4224 query rows only (33 query blocks x 12 heads = 3 waves of 132 SMs): if cuDNN
   runs one 128-row tile per CTA, this takes 3/4 of `cudnn`'s time, not 4224/4680 of it;
 - `balanced sS`: models/common/balanced_attention.py with the tail's keys cut in S segments; `balanced` its own
@@ -23,53 +23,20 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/
 
+from graph_timing import in_turns_ms  # noqa: E402
 from models.common.balanced_attention import Plan, balanced_attention, merge_segments, plan  # noqa: E402
 from models.common.cuda_attention import cudnn  # noqa: E402
 
 FSL, H, D = 1560, 12, 128
 KF = (3, 6, 9, 12, 15, 18, 21)
-
-
-def graphed(fn, calls: int):
-    """A CUDA graph of `calls` calls of fn (after an eager warm-up)."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    return g
-
-
-def timed_round_robin(fns: dict, calls: int, repeats: int) -> dict:
-    """ms per call of each fn: its graph replayed `repeats` times, the variants taking turns (so a drift of the
-    GPU's clock over the sweep touches every variant alike), median of the replays."""
-    graphs, times = {}, {}
-    for name, fn in fns.items():
-        try:
-            graphs[name] = graphed(fn, calls)
-        except RuntimeError as e:  # a refused shape: say so and go on
-            print(f"  {name}: {str(e).splitlines()[0][:160]}", flush=True)
-    for _ in range(repeats):
-        for name, g in graphs.items():
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            times.setdefault(name, []).append(a.elapsed_time(b) / calls)
-    return {name: (statistics.median(times[name]) if name in times else None) for name in fns}
 
 
 def reference(q, k, v, scale, heads=(0, 1)):
@@ -132,7 +99,7 @@ def main():
             return merge_segments(o.view(1, kf, Lq, H, D), l.view(1, kf, H, Lq), q.dtype)
 
         variants["frames"] = frames
-        row = {"plan": [p.main_rows, p.split, p.cost], **timed_round_robin(variants, a.calls, a.repeats)}
+        row = {"plan": [p.main_rows, p.split, p.cost], **in_turns_ms(variants, a.calls, a.repeats)}
         torch.cuda.empty_cache()
         rows[kf] = row
         print(f"kf {kf:2d} plan {p}: " + ", ".join(f"{n} {t:.3f}" for n, t in row.items()

@@ -69,6 +69,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
+from models.common.attention_kernels import ATTENTION_KERNELS  # noqa: E402
+
 GIB = 1024 ** 3
 PROMPT = "A red fox runs through a snowy forest at dawn, the camera tracks it at ground level, soft golden light."
 T0 = time.perf_counter()
@@ -677,7 +679,7 @@ def main(argv=None) -> int:
                     "decoder-compile")
     ap.add_argument("--budget", type=float, default=BUDGET,
                     help="seconds after which the remaining sections are skipped (default: %(default)s)")
-    ap.add_argument("--attention-kernel", default="auto", choices=["auto", "cudnn", "triton"],
+    ap.add_argument("--attention-kernel", default="auto", choices=ATTENTION_KERNELS,
                     help="the DiT's attention kernel choice (models/common/attention_kernels.py; default: %(default)s)")
     ap.add_argument("--smoke", action="store_true", help="the embedded tiny models on the CPU (6 latent frames of "
                     "6x8, window 6 + sink 1, a long run of 12 frames): checks this script, measures nothing")
@@ -730,8 +732,8 @@ def main(argv=None) -> int:
           f"transformers {transformers.__version__}, diffusers {diffusers.__version__}")
     from models.common.attention_kernels import describe
 
-    print(f"settings attention backend {describe(Dev.device, Dev.dtype, args.attention_kernel)}, repeats {args.repeats}, configs "
-          f"{configs}, long {lengths}, profile {args.profile}, budget {BUDGET:.0f} s")
+    print(f"settings attention backend {describe(Dev.device, Dev.dtype, args.attention_kernel)}, repeats "
+          f"{args.repeats}, configs {configs}, long {lengths}, profile {args.profile}, budget {BUDGET:.0f} s")
     RESULTS.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    gpu=gpu, torch=torch.__version__, command=" ".join(sys.argv))
     m = Models()

@@ -19,46 +19,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/
 
 import torch  # noqa: E402
 
+from graph_timing import graph_ms  # noqa: E402
 from models.common import triton_attention_plan as plan_mod  # noqa: E402
 from models.common.attention_kernels import attention_with_lse  # noqa: E402
 from workbench.kernels import frame_attention as fa  # noqa: E402
 
 FSL, NQF, H, D = 1560, 3, 12, 128
 KEY_FRAMES = (3, 6, 9, 12, 15, 18, 21)
-
-
-def graph_ms(fn, calls=10, reps=5):
-    """GPU time per call of fn, from replays of a CUDA graph of `calls` calls."""
-    fn()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    del graph
-    return statistics.median(times)
 
 
 def worst(a: float, b: float) -> float:

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from models.common.attention_kernels import ATTENTION_KERNELS  # noqa: E402
 from models.common.rollout import causal_few_step  # noqa: E402
 from models.common.scheduler import FlowMatchScheduler  # noqa: E402
 from models.wan.config import preset  # noqa: E402
@@ -78,6 +79,9 @@ def timed(fn, repeats, warmups=1):
     return statistics.median(times), times
 
 
+ATTENTION_NAMES = ("fmha", "flash", "cudnn", "attention", "sdpa", "_assemble_kernel")  # kernel names, lower case
+
+
 def breakdown(model, noise, context, g, **kw):
     """GPU kernel time of one rollout, by kernel family (names as cuDNN / cuBLAS / our code emit them)."""
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -104,8 +108,7 @@ def breakdown(model, noise, context, g, **kw):
             continue
         t = evt.self_device_time_total / 1e6
         name = evt.key.lower()
-        attention = ("fmha", "flash", "cudnn", "attention", "sdpa", "_assemble_kernel")
-        if any(s in name for s in attention) and "gemm" not in name:
+        if any(s in name for s in ATTENTION_NAMES) and "gemm" not in name:
             groups["attention"] += t
         elif any(s in name for s in ("gemm", "xmma", "cutlass", "nvjet", "sm90")):
             groups["linears (GEMM)"] += t
@@ -148,7 +151,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-load", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-    ap.add_argument("--attention-kernel", default="auto", choices=["auto", "cudnn", "triton"],
+    ap.add_argument("--attention-kernel", default="auto", choices=ATTENTION_KERNELS,
                     help="the model's attention kernel choice (models/common/attention_kernels.py)")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"

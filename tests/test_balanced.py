@@ -244,7 +244,7 @@ def test_indicator_capture_through_the_schedule_keeps_the_output_and_sums_each_f
     from workbench.kernels.reference import frame_mass_reference
 
     monkeypatch.setattr(cuda_attention, "cudnn", reference)
-    monkeypatch.setattr(ak, "_sm_count", lambda device: 7)
+    monkeypatch.setattr(ak, "_gpu", lambda device: (7, True))  # 7 SMs
     monkeypatch.setattr(ba, "plan", lambda *a, **kw: Plan(16, 3, 0))  # 16 main rows, the tail in 3 key segments
     fsl = 16
     q, k, v = rand(1, 3 * fsl, 2, 8, seed=13), rand(1, 6 * fsl, 2, 8, seed=14), rand(1, 6 * fsl, 2, 8, seed=15)

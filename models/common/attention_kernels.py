@@ -108,30 +108,31 @@ def _run_balanced(q, k, v, scale, frame_mask, fsl, lse):
     from models.common import cuda_attention
     from models.common.balanced_attention import balanced_attention
 
-    return balanced_attention(q, k, v, scale, cuda_attention.cudnn, slots=_sm_count(q.device))
+    return balanced_attention(q, k, v, scale, cuda_attention.cudnn, slots=_gpu(q.device)[0])
 
 
-_SMS: dict = {}
+_GPUS: dict = {}  # device index -> (SM count, Hopper with Triton installed): asked once, read on every call
 
 
-def _sm_count(device) -> int:
+def _gpu(device) -> tuple[int, bool]:
+    """(SMs, whether the balanced kernel can run: a Hopper GPU, compute capability 9.x, and Triton installed for
+    its merge) of a CUDA device."""
     idx = torch.device(device).index
     idx = torch.cuda.current_device() if idx is None else idx
-    if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SMS[idx]
+    if idx not in _GPUS:
+        try:
+            import triton  # noqa: F401
+            has_triton = True
+        except ImportError:
+            has_triton = False
+        props = torch.cuda.get_device_properties(idx)
+        _GPUS[idx] = (props.multi_processor_count, has_triton and props.major == 9)
+    return _GPUS[idx]
 
 
 def _hopper(device) -> bool:
-    """Whether `device` is a Hopper GPU (compute capability 9.x) and Triton is installed (for the merge)."""
-    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    idx = torch.device(device).index
-    return torch.cuda.get_device_capability(torch.cuda.current_device() if idx is None else idx)[0] == 9
+    """Whether `device` is a Hopper GPU with Triton installed (where the balanced kernel runs)."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_available() and _gpu(device)[1]
 
 
 def _balanced_takes(q, k, v, fsl) -> bool:

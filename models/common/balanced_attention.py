@@ -15,9 +15,9 @@ rounded once to the output dtype). The output is the same softmax(q k^T * scale)
 the kernel only in the tail rows' rounding (each segment's output is rounded to bf16 before the merge).
 
 Which split pays comes from a cost model counted in key rows swept per wave (`plan`); its two constants were
-fitted on an H200 with bench/bench_balanced.py (results in bench/RESULTS.md, issue 16, session 16). `run` is any (q, k, v, scale) -> (out, lse) kernel,
-q [B, Lq, H, D], k/v [B, Lk, H, Dv] -> out [B, Lq, H, Dv], lse [B, H, Lq] float32 (natural log): on a GPU
-cuDNN's (models/common/cuda_attention.py); in tests any exact reference.
+fitted on an H200 with bench/bench_balanced.py (results in bench/RESULTS.md, issue 16, session 16). `run` is any
+(q, k, v, scale) -> (out, lse) kernel, q [B, Lq, H, D], k/v [B, Lk, H, Dv] -> out [B, Lq, H, Dv], lse [B, H, Lq]
+float32 (natural log): on a GPU cuDNN's (models/common/cuda_attention.py); in tests any exact reference.
 """
 
 from __future__ import annotations
@@ -106,9 +106,10 @@ def balanced_attention(q, k, v, scale: float, run, *, slots: int, p: Plan | None
         out_m, lse_m = run(q[:, :m], k, v, scale)  # [B, m, H, Dv], [B, H, m]
     else:
         out_m, lse_m = out_s.new_empty(B, 0, H, Dv), lse_s.new_empty(B, H, 0)
-    if q.is_cuda and m % 32 == 0:
-        from models.common.triton_balanced_merge import assemble
+    if q.is_cuda:
+        from models.common.triton_balanced_merge import ROWS, assemble
 
-        return assemble(out_m, lse_m, out_s, lse_s, S)
+        if m % ROWS == 0:  # (always with a planned schedule: main rows come in 128-row blocks)
+            return assemble(out_m, lse_m, out_s, lse_s, S)
     out_t, lse_t = merge_segments(out_s.reshape(B, S, Lt, H, Dv), lse_s.reshape(B, S, H, Lt), q.dtype)
     return torch.cat([out_m, out_t], dim=1), torch.cat([lse_m.float(), lse_t], dim=2)

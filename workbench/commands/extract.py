@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.commands import ATTENTION_KERNELS, add_chunk_arguments, add_model_arguments, add_size_arguments, latent_frames
+from workbench.commands import (ATTENTION_KERNELS, add_chunk_arguments, add_model_arguments, add_size_arguments,
+                                latent_frames)
 from workbench.statistics import DEFAULT_STATS, stats_help
 
 HELP = "capture per-layer, per-head, frame-by-frame attention of a rollout into a zarr store"

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.commands import ATTENTION_KERNELS, add_chunk_arguments, add_model_arguments, add_size_arguments, latent_frames
+from workbench.commands import (ATTENTION_KERNELS, add_chunk_arguments, add_model_arguments, add_size_arguments,
+                                latent_frames)
 
 HELP = "generate videos (latents, mp4, PNG grid) from prompts"
 
