@@ -21,9 +21,9 @@ to DIR/bench_e2e.json):
       today      decode inside on_chunk on the rollout's stream, reference (diffusers) decoder, last context pass
                  (what `workbench generate` did before this benchmark)
       overlap    decode on a side stream (StreamDecoder overlap), reference decoder, no last context pass
-                 (what `workbench generate` does now by default)
+                 (`workbench generate --vae-decoder reference`)
       fast-seq   fast decoder (models/wan/vae_fast.py: channels-last, CUDA graphs), on the rollout's stream
-      fast       fast decoder on a side stream: `workbench generate --vae-decoder fast`
+      fast       fast decoder on a side stream: what `workbench generate` runs on CUDA (since session 17)
       fast-hi    the same with the decode stream at high priority
     --configs picks some of them, in its order. Checks: every configuration's latents equal the first's
     bitwise; each run's streamed frames equal a whole decode by the same decoder bitwise; overlapped frames
@@ -430,7 +430,7 @@ def section_decoder(m: Models, repeats: int, compile_only: bool = False) -> None
         verdict = (f"fast + CUDA graphs decodes in {fast['median_s'] / ref['median_s']:.2f}x the reference's time; its "
                    f"error vs float32 is max {fast['max_vs_fp32']:.3g} / mean {fast['mean_vs_fp32']:.2g} against the "
                    f"reference bf16 decoder's {ref['max_vs_fp32']:.3g} / {ref['mean_vs_fp32']:.2g}: "
-                   + ("as exact (within 1.5x): it can be the default (models/wan/vae.py DEFAULT_DECODER = 'fast')"
+                   + ("as exact (within 1.5x): it can stay the CUDA default (models/wan/vae.py DEFAULT_DECODER)"
                       if exact and fast["stream_equals_whole"] else "NOT as exact: keep the reference default"))
         print(f"\nverdict: {verdict}")
         out["verdict"] = verdict

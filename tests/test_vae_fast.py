@@ -4,7 +4,8 @@
   rounds to float32 there, and the fast one does the same), within float32 rounding in float32; whole decodes
   and every chunking of a stream give the same bits; a newer stream on the same VAE makes an older one refuse.
 - `push_async` is `push` off CUDA (same bits); on a GPU, the overlapped decode equals the plain one bitwise.
-- The Triton RMSNorm + SiLU kernel equals the PyTorch code, run by Triton's interpreter on the CPU.
+- The Triton RMSNorm + SiLU kernel equals the PyTorch code, and its bias and the sums kernel give PyTorch's bits,
+  run by Triton's interpreter on the CPU (and compiled on a GPU); the temporal taps compute the 3D convolution.
 """
 
 import os
@@ -97,7 +98,13 @@ def test_decoder_setting_is_checked(small_sd, monkeypatch):
     with pytest.raises(ModelInputError, match="WORKBENCH_VAE_DECODER 'quick'"):
         resolve_decoder("auto")
     monkeypatch.delenv("WORKBENCH_VAE_DECODER")
-    assert resolve_decoder("auto") == "reference"
+    assert resolve_decoder("auto") == "reference"  # no device: the setting is only checked
+    # without the variable, auto is the fast decoder on CUDA (half the time on an H200) and diffusers' elsewhere
+    assert resolve_decoder("auto", "cuda:1") == "fast" and resolve_decoder("auto", torch.device("cuda")) == "fast"
+    assert resolve_decoder("auto", "cpu") == "reference" and WanVAE.from_state_dict(small_sd).decoder == "reference"
+    assert resolve_decoder("reference", "cuda") == "reference"  # an explicit choice stays
+    monkeypatch.setenv("WORKBENCH_VAE_DECODER", "reference")
+    assert resolve_decoder("auto", "cuda") == "reference"
 
 
 KERNEL_CHECK = textwrap.dedent("""
@@ -131,8 +138,54 @@ KERNEL_CHECK = textwrap.dedent("""
                 out = buf[:, :, 2:]
             err = (out.float() - want.float()).abs().max().item()
             assert err <= tol, (C, images, silu, dtype, err)
+    # the sums that finish a convolution: the bits of PyTorch's add_ chain (bias added as x.add_(bias) adds it)
+    from models.wan.triton_vae import combine_
+    from models.wan.vae_fast import _flat
+    for dtype in (torch.float32,) + ((torch.bfloat16, torch.float16) if device != "cpu" else ()):
+        y, p1, p2, h = (torch.randn(2, 96, 5, 3, 4, device=device, dtype=dtype).contiguous(
+            memory_format=torch.channels_last_3d) for _ in range(4))
+        b = torch.randn(96, device=device, dtype=dtype)
+        for parts in ([], [p1], [p1, p2]):
+            for bias in (None, b):
+                for res in (None, h):
+                    want = y.clone()
+                    for p in parts:
+                        want.add_(p)
+                    if bias is not None:
+                        want.add_(bias.view(-1, 1, 1, 1))
+                    if res is not None:
+                        want.add_(res)
+                    got = y.clone()
+                    combine_(_flat(got), [_flat(p) for p in parts], bias, None if res is None else _flat(res))
+                    assert torch.equal(got, want), (dtype, len(parts), bias is None, res is None)
+        norm = WanRMS_norm(96, images=False).to(device=device, dtype=dtype)
+        a, c = torch.empty_like(y), torch.empty_like(y)
+        rms_silu_into(_rows(a), _rows(y), norm.gamma, norm.scale, bias=b)
+        rms_silu_into(_rows(c), _rows(y + b.view(-1, 1, 1, 1)), norm.gamma, norm.scale)
+        assert torch.equal(a, c), dtype
     print("ok")
 """)
+
+
+def test_temporal_taps_compute_the_3d_convolution(small_sd, monkeypatch):
+    """A 3x3x3 convolution as three 2D taps over frame views of its buffer (what the fast decoder runs on CUDA for
+    narrow convolutions), forced on the CPU: the reference's function in float64, and a stream still gives a
+    whole decode's bits."""
+    import models.wan.vae_fast as vae_fast
+
+    torch.set_num_threads(1)
+    ref, fast = _pair(small_sd, torch.float64)
+    torch.manual_seed(6)
+    z = torch.randn(1, 5, 16, 3, 4)
+    want, plain = ref.decode(z), fast.decode(z)
+    monkeypatch.setitem(vae_fast.TAPS_BELOW, "cpu", 10 ** 6)
+    _, tapped = _pair(small_sd, torch.float64)
+    got = tapped.decode(z)
+    convs = tapped.fast_decoder().causal_convs()
+    assert sum(c.taps is not None for c in convs) >= 4  # the taps ran (every 3x3x3 one here)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)  # (the float32 output hides the float64 order)
+    torch.testing.assert_close(plain, want, rtol=0, atol=0)
+    assert torch.equal(push_in_chunks(tapped.stream_decoder(), z, [2, 3]), got)
 
 
 def test_triton_norm_kernel_matches_pytorch_in_the_interpreter():

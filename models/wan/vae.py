@@ -15,9 +15,11 @@ chunk by chunk (`StreamDecoder.push`) and concatenating gives exactly what `deco
 
 Two implementations of the decoder (`WanVAE(decoder=...)`): "reference" runs diffusers' modules; "fast"
 (models/wan/vae_fast.py) runs the same layers with channels-last activations, fixed cache buffers and, on CUDA,
-CUDA graphs; it differs from "reference" by rounding only. "auto" is WORKBENCH_VAE_DECODER if set, else
-DEFAULT_DECODER ("reference"). A stream decoder can also decode on a side CUDA stream (`stream_decoder(overlap=True)` and
-`push_async`), so a rollout's next chunk is denoised while the last one is decoded.
+CUDA graphs; it differs from "reference" by rounding only. "auto" is WORKBENCH_VAE_DECODER if set, else "fast"
+on CUDA (0.39x the reference's time on an H200 and as close to a float32 decode: bench/RESULTS.md, session 17)
+and "reference", diffusers' own code, elsewhere. A stream decoder can also decode on a side CUDA stream
+(`stream_decoder(overlap=True)` and `push_async`), so a rollout's next chunk is denoised while the last one is
+decoded.
 
 Key map: Wan names (`encoder.downsamples.K.residual.2.weight`, `decoder.upsamples.K...`, `conv1`, `conv2`)
 <-> diffusers names (`encoder.down_blocks.K.conv1.weight`, `decoder.up_blocks.i.resnets.j...`, `quant_conv`,
@@ -51,14 +53,16 @@ Z_DIM = 16
 SPATIAL_STRIDE = 8
 TEMPORAL_STRIDE = 4
 DECODERS = ("auto", "reference", "fast")
-DEFAULT_DECODER = "reference"  # what "auto" means without WORKBENCH_VAE_DECODER (bench/bench_e2e.py compares both)
+DEFAULT_DECODER = {"cuda": "fast"}  # what "auto" means per device type without WORKBENCH_VAE_DECODER;
+DEFAULT_DECODER_ELSEWHERE = "reference"  # any other device (bench/bench_e2e.py compares both)
 
 
-def resolve_decoder(decoder: str) -> str:
-    """'reference' or 'fast' for a `WanVAE(decoder=...)` setting ('auto': WORKBENCH_VAE_DECODER, else
-    DEFAULT_DECODER)."""
+def resolve_decoder(decoder: str, device=None) -> str:
+    """'reference' or 'fast' for a `WanVAE(decoder=...)` setting on `device` ('auto': WORKBENCH_VAE_DECODER, else
+    DEFAULT_DECODER's choice for the device's type; no device: the choice elsewhere, for checking a setting)."""
     if decoder == "auto":
-        decoder = os.environ.get("WORKBENCH_VAE_DECODER", DEFAULT_DECODER)
+        kind = None if device is None else torch.device(device).type
+        decoder = os.environ.get("WORKBENCH_VAE_DECODER") or DEFAULT_DECODER.get(kind, DEFAULT_DECODER_ELSEWHERE)
         what = "WORKBENCH_VAE_DECODER"
     else:
         what = "decoder"
@@ -271,7 +275,7 @@ class WanVAE:
     """Decode/encode between the DiT's normalised latents [B, F, 16, h, w] and video [B, 3, T, H, W] in [-1, 1]."""
 
     def __init__(self, model, layout: VAELayout, device, dtype, decoder: str = "auto"):
-        self.decoder = resolve_decoder(decoder)
+        self.decoder = resolve_decoder(decoder, device)
         # nn.Module.to, not ModelMixin.to (which warns about fp32-pinned modules; this VAE has none)
         self.model = torch.nn.Module.to(model, device=device, dtype=dtype).eval().requires_grad_(False)
         self.layout = layout

@@ -18,6 +18,14 @@ What differs from the diffusers code, and why it is the same function:
   "Rep" marker (its second step pads that convolution with zeros).
 - Upsampling: the interleave of `time_conv`'s two channel halves into 2T frames and the 2x nearest
   upsampling are one copy into the next convolution's input.
+- Biases (CUDA, Triton): the convolutions run without their bias and the next kernel adds it: the norm kernel
+  for a residual block's first convolution, one in-place pass (models/wan/triton_vae.py `combine_`) that also
+  adds the temporal taps and the residual for the others. The same sums in the same order and dtype as
+  PyTorch's separate `add_` of a cuDNN convolution's bias, so the same bits, without its slow broadcast pass.
+- Temporal taps (CUDA): a 3x3x3 causal convolution with fewer than TAPS_BELOW output channels runs as three
+  3x3 `conv2d` over views of its buffer's frames, summed (cuDNN's conv3d picks a slow kernel for the 96-channel
+  convolutions at 480x832, 243 TFLOP/s, against 323 for the three 2D ones: bench/bench_vae_convs.py). The same
+  products, summed in another order: a rounding difference only (tests/test_vae_fast.py checks it in float64).
 - The latent normalisation and `post_quant_conv` run per latent frame inside the step, so a whole decode and
   any chunking of the same latents run the same kernels on the same data: equal bitwise.
 Numerics: the same operations in the same dtype. In bf16 the frames differ from the reference decoder by
@@ -39,6 +47,8 @@ from models.errors import ModelInputError
 
 CL3 = torch.channels_last_3d
 CL2 = torch.channels_last
+# device type -> 3x3x3 convolutions with fewer output channels than this run as three 2D taps (B = 1 only)
+TAPS_BELOW = {"cuda": 128}
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -48,22 +58,68 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _frames(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, T, H, W] channels-last -> [B*T, C, H, W] channels-last images, a view."""
+    """[B, C, T, H, W] channels-last -> [B*T, C, H, W] channels-last images, a view (for B = 1 also of a frame
+    slice of a buffer)."""
     B, C, T, H, W = x.shape
     return x.transpose(1, 2).reshape(B * T, C, H, W)
 
 
-def _norm_into(out: torch.Tensor, x: torch.Tensor, norm, silu: bool) -> None:
-    """out <- SiLU(norm(x)) (or norm(x)); out, x [B, C, T, H, W] (or [B, C, H, W] for a norm of images)
-    channels-last; norm a diffusers `WanRMS_norm`."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and _triton_ok():
+def _as_video(y: torch.Tensor, T: int) -> torch.Tensor:
+    """[B*T, C, H, W] channels-last images -> [B, C, T, H, W] channels last, a view."""
+    N, C, H, W = y.shape
+    return y.permute(0, 2, 3, 1).view(N // T, T, H, W, C).permute(0, 4, 1, 2, 3)
+
+
+def _fused(x: torch.Tensor) -> bool:
+    """Whether x's norms and sums run as Triton kernels (CUDA, half or float32; else the PyTorch code)."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and _triton_ok()
+
+
+def _norm_into(out: torch.Tensor, x: torch.Tensor, norm, silu: bool, bias: torch.Tensor | None = None) -> None:
+    """out <- SiLU(norm(x + bias)) (or norm(...); no bias: of x); out, x [B, C, T, H, W] (or [B, C, H, W] for a
+    norm of images) channels-last; norm a diffusers `WanRMS_norm`; bias [C] (a convolution's, not yet added)."""
+    if _fused(x):
         from models.wan.triton_vae import rms_silu_into
 
         fmt = CL3 if x.ndim == 5 else CL2  # (a no-op copy: convolutions return this layout)
-        rms_silu_into(_rows(out), _rows(x.contiguous(memory_format=fmt)), norm.gamma, norm.scale, silu=silu)
+        rms_silu_into(_rows(out), _rows(x.contiguous(memory_format=fmt)), norm.gamma, norm.scale, silu=silu,
+                      bias=bias)
         return
+    if bias is not None:
+        x = x + bias.view(-1, *[1] * (x.ndim - 2))
     y = norm(x)  # the module itself: exactly the reference math
     out.copy_(F.silu(y) if silu else y)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor | None:
+    """A dense channels-last tensor [B, C, ...] as a flat view (channels fastest), or None if it is not one."""
+    fmt = CL3 if t.ndim == 5 else CL2
+    if t.ndim not in (4, 5) or not t.is_contiguous(memory_format=fmt):
+        return None
+    rows = t.movedim(1, -1)  # [B, ..., C]
+    return rows.view(-1) if rows.is_contiguous() else None
+
+
+def _combine(y: torch.Tensor, parts=(), bias: torch.Tensor | None = None,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y <- (((y + parts...) + bias) + residual) in place, rounded after each sum as PyTorch's add_ chain;
+    y, parts, residual [B, C, T, H, W] (or [B, C, H, W]) channels-last, bias [C]. One Triton pass on CUDA."""
+    if not parts and bias is None and residual is None:
+        return y
+    if _fused(y) and len(parts) <= 2:
+        flats = [_flat(t) for t in [y, *parts] + ([] if residual is None else [residual])]
+        if all(f is not None for f in flats):
+            from models.wan.triton_vae import combine_
+
+            combine_(flats[0], flats[1:1 + len(parts)], bias, None if residual is None else flats[-1])
+            return y
+    for p in parts:
+        y.add_(p)
+    if bias is not None:
+        y.add_(bias.view(-1, *[1] * (y.ndim - 2)))
+    if residual is not None:
+        y.add_(residual)
+    return y
 
 
 def _triton_ok() -> bool:
@@ -89,6 +145,7 @@ class _CausalConv:
         self.padding = (0, conv._padding[2], conv._padding[0])  # (T, H, W): time is the buffer's job
         self.frames = frames
         self.buf: torch.Tensor | None = None
+        self.taps: list | None = None  # the weight's temporal taps as 2D kernels, made on first use
 
     def input(self, like: torch.Tensor, T: int) -> torch.Tensor:
         """The buffer's slot for this step's T input frames, [B, Cin, T, H, W] (allocated on first use)."""
@@ -98,16 +155,39 @@ class _CausalConv:
             self.buf = torch.zeros(shape, device=like.device, dtype=like.dtype).contiguous(memory_format=CL3)
         return self.buf[:, :, self.cache:self.cache + T]
 
-    def run(self, T: int) -> torch.Tensor:
-        """Convolve the cached frames + this step's T frames -> [B, Cout, T, H, W]; keep the last `cache`."""
+    def run(self, T: int) -> tuple[torch.Tensor, list, torch.Tensor | None]:
+        """Convolve the cached frames + this step's T frames; keep the last `cache`. Returns (y, parts, bias):
+        the convolution is y + parts... + bias, each [B, Cout, T, H, W] channels last, bias [Cout] or None:
+        on CUDA the sum is left to the next kernel (`_combine`, `_norm_into`); elsewhere y is the whole."""
         buf, c = self.buf, self.cache
-        y = F.conv3d(buf[:, :, :c + T], self.weight, self.bias, padding=self.padding)
+        B = buf.shape[0]
+        defer = _fused(buf)
+        bias = self.bias if defer else None
+        parts = []
+        if c == 2 and B == 1 and self.weight.shape[0] < TAPS_BELOW.get(buf.device.type, 0) and \
+                tuple(self.weight.shape[2:]) == (3, 3, 3):
+            if self.taps is None:  # [Cout, Cin, 3, 3] per temporal tap k (frame t + k - 2 of output frame t)
+                self.taps = [self.weight[:, :, k].contiguous(memory_format=CL2) for k in range(3)]
+            pad = self.padding[1:]
+            y, *parts = [F.conv2d(_frames(buf[:, :, k:k + T]), self.taps[k], None, padding=pad)
+                         for k in (2, 1, 0)]  # [T, Cout, H, W] each
+            y, parts = _as_video(y, T), [_as_video(p, T) for p in parts]
+            if not defer:
+                _combine(y, parts, self.bias)
+                parts = []
+        else:
+            y = F.conv3d(buf[:, :, :c + T], self.weight, None if defer else self.bias, padding=self.padding)
         if c and T >= c:
             buf[:, :, :c].copy_(buf[:, :, T:T + c])
         else:
             for i in range(c):  # source index T + i > i: in order, no frame is overwritten before it is read
                 buf[:, :, i].copy_(buf[:, :, T + i])
-        return y
+        return y, parts, bias
+
+    def full(self, T: int) -> torch.Tensor:
+        """run(T) with the sums done: [B, Cout, T, H, W] channels last."""
+        y, parts, bias = self.run(T)
+        return _combine(y, parts, bias)
 
     def reset(self) -> None:
         if self.buf is not None and self.cache:
@@ -124,11 +204,17 @@ class _ResBlock:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [B, C, T, H, W] channels last
         T = x.shape[2]
-        h = x if self.shortcut is None else F.conv3d(x, *self.shortcut)
+        if self.shortcut is None:
+            h = x
+        else:
+            (w, b), fused = self.shortcut, _fused(x)
+            h = _combine(F.conv3d(x, w, None if fused else b), bias=b if fused else None)
         _norm_into(self.conv1.input(x, T), x, self.norm1, silu=True)
-        y = self.conv1.run(T)
-        _norm_into(self.conv2.input(y, T), y, self.norm2, silu=True)
-        return self.conv2.run(T).add_(h)
+        y, parts, bias = self.conv1.run(T)
+        _combine(y, parts)  # (the bias goes into the norm kernel)
+        _norm_into(self.conv2.input(y, T), y, self.norm2, silu=True, bias=bias)
+        y, parts, bias = self.conv2.run(T)
+        return _combine(y, parts, bias, residual=h)
 
     def convs(self):
         return [self.conv1, self.conv2]
@@ -173,7 +259,7 @@ class _Upsample:
         B, C, T, H, W = x.shape
         if self.time is not None and not first:
             self.time.input(x, T).copy_(x)
-            y = self.time.run(T).contiguous(memory_format=CL3)  # [B, 2C, T, H, W]: frame 2t + s = channels
+            y = self.time.full(T).contiguous(memory_format=CL3)  # [B, 2C, T, H, W]: frame 2t + s = channels
             # [s C, (s + 1) C) of frame t
             src, s = _rows(y).view(B, T, H, W, 2, C).permute(0, 1, 4, 2, 3, 5), 2  # [B, T, 2, H, W, C]
         else:  # upsample2d, or the first step of upsample3d (diffusers' "Rep": no time_conv, no new frame)
@@ -182,7 +268,9 @@ class _Upsample:
         up = up.reshape(B * T * s, 2 * H, 2 * W, C).permute(0, 3, 1, 2)  # one copy; channels-last NCHW
         if up.dtype == torch.float64:  # diffusers' WanUpsample rounds to float32 (exact for bf16 and fp32)
             up = up.float().double()
-        out = F.conv2d(up, self.weight, self.bias, padding=1)  # [B*T*s, C', 2H, 2W]
+        fused = _fused(up)
+        out = F.conv2d(up, self.weight, None if fused else self.bias, padding=1)  # [B*T*s, C', 2H, 2W]
+        out = _combine(out, bias=self.bias if fused else None)
         Co = out.shape[1]
         return out.permute(0, 2, 3, 1).reshape(B, T * s, 2 * H, 2 * W, Co).permute(0, 4, 1, 2, 3)
 
@@ -275,7 +363,7 @@ class FastDecoder:
         with _cudnn_benchmark(self.cudnn_benchmark):
             x = self.post_quant(self.vae.unnormalise(z))  # [B, 16, 1, h, w]
             self.conv_in.input(x, 1).copy_(x)
-            x = self.conv_in.run(1)
+            x = self.conv_in.full(1)
             x = self.mid[0](x)
             x = self.mid[1](x)
             x = self.mid[2](x)
@@ -286,7 +374,7 @@ class FastDecoder:
                     x = up(x, first)
             T = x.shape[2]
             _norm_into(self.conv_out.input(x, T), x, self.norm_out, silu=True)
-            x = self.conv_out.run(T)
+            x = self.conv_out.full(T)
             return x.clamp_(-1.0, 1.0).float().contiguous()  # [B, 3, T, H, W], NCDHW like the reference
 
 

@@ -75,7 +75,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-video", action="store_true", help="latents only (no VAE decode)")
     p.add_argument("--vae-decoder", default="auto", choices=["auto", "reference", "fast"],
                    help="the VAE decoder: reference (diffusers' modules) or fast (channels-last, CUDA graphs; frames "
-                        "differ from reference by rounding); auto: $WORKBENCH_VAE_DECODER, else reference "
+                        "differ from reference by rounding); auto: $WORKBENCH_VAE_DECODER, else fast on CUDA and "
+                        "reference on the CPU "
                         "(default: %(default)s)")
     p.add_argument("--out", default="runs/generate", help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
