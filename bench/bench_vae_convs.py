@@ -6,19 +6,21 @@ On one CUDA GPU, the full-size Wan2.1 VAE (random bf16 weights drawn on the GPU)
 chunks of 3 through models/wan/vae_fast.py's `FastDecoder`, as `workbench generate` decodes on CUDA:
  1. shapes: every convolution a decode runs (recorded from one eager decode with the temporal taps off, so
     each 3x3x3 convolution is one conv3d call): kind, input / weight shape, calls per decode, FLOPs.
- 2. profile: one graphed decode under torch.profiler: kernel time by kind (cuDNN convolutions, the Triton
-    norm, copies, elementwise, attention/GEMM) and the top kernels; then the same with the temporal taps off
-    (models/wan/vae_fast.py TAPS_BELOW) and the largest difference between the two decodes.
+ 2. profile: one graphed decode under torch.profiler: kernel time by category (VAE convolutions, norms,
+    copies, other elementwise: the biases and sums) and the top kernels; then the same with the temporal taps off
+    (models/wan/vae_fast.py TAPS_CHANNELS) and the largest difference between the two decodes.
  3. convs: per distinct 3x3x3 causal convolution shape, GPU time per call (CUDA-graph replays of --calls
     calls, variants in turns, median of --reps) of:
       conv3d     F.conv3d on the channels-last buffer (what the decoder runs at 128 channels and more)
       taps       three F.conv2d over the buffer's frame views (one per temporal tap), summed in place
-                 (what it runs below 128 output channels: models/wan/vae_fast.py TAPS_BELOW)
+                 (what it runs at 64-127 output channels: models/wan/vae_fast.py TAPS_CHANNELS)
       stacked    the three frames concatenated on channels (a copy), one F.conv2d with 3 x Cin channels
       stacked-0  the same conv2d on an already stacked input (the copy's cost left out: a lower bound)
     each with its TFLOP/s and the decode's total (calls x time); max |difference| from conv3d.
     Then the upsamplers' 2D convolutions: the nearest-2x copy + conv2d as run, and the conv2d alone.
-Everything printed also goes to DIR/bench_vae_convs.log; numbers to DIR/bench_vae_convs.json.
+Everything printed also goes to DIR/bench_vae_convs.log as it is printed (bench/bench_e2e.py's `Tee`; its
+`kernel_breakdown` makes section 2's categories, the same as bench_e2e's profile); numbers to
+DIR/bench_vae_convs.json.
 Needs: CUDA, torch, diffusers, triton. Run from the repository root.
 """
 
@@ -37,15 +39,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from bench_e2e import Tee, _decode_stream, categorize, kernel_breakdown, table  # noqa: E402
 
 CL3, CL2 = torch.channels_last_3d, torch.channels_last
-LOG: list[str] = []
-
-
-def say(*a) -> None:
-    line = " ".join(str(x) for x in a)
-    print(line, flush=True)
-    LOG.append(line)
 
 
 class Recorder:
@@ -95,89 +91,57 @@ def build(latents: int):
     return vae, z
 
 
-def decode(vae, z):
-    stream = vae.stream_decoder()
-    return torch.cat([stream.push(z[:, i:i + 3]) for i in range(0, z.shape[1], 3)], dim=2)
-
-
 def section_shapes(vae, z) -> dict:
     import models.wan.vae_fast as vf
     from models.wan.vae_fast import FastDecoder
 
     rec = Recorder()
-    real, taps = vf.F, dict(vf.TAPS_BELOW)
+    real, taps = vf.F, dict(vf.TAPS_CHANNELS)
     vf.F = rec
-    vf.TAPS_BELOW.clear()  # every 3x3x3 convolution as one conv3d call, so that section 3 compares them all
+    vf.TAPS_CHANNELS.clear()  # every 3x3x3 convolution as one conv3d call, so that section 3 compares them all
     try:
         saved = vae._fast
         vae._fast = FastDecoder(vae, graphs=False)
-        decode(vae, z)
+        _decode_stream(vae, z)
         torch.cuda.synchronize()
         vae._fast = saved
     finally:
         vf.F = real
-        vf.TAPS_BELOW.update(taps)
+        vf.TAPS_CHANNELS.update(taps)
     total = sum(n * flops(k, x, w, p) for (k, x, w, p), n in rec.calls.items())
-    say(f"\n## 1. convolutions of one decode ({z.shape[1]} latents): {len(rec.calls)} distinct calls, "
-        f"{total / 1e12:.1f} TFLOP")
-    say("| kind | input | weight | padding | calls | TFLOP per decode |")
-    say("|---|---|---|---|---|---|")
-    for (k, x, w, p), n in sorted(rec.calls.items(), key=lambda kv: -kv[1] * flops(*kv[0])):
-        say(f"| {k} | {list(x)} | {list(w)} | {p} | {n} | {n * flops(k, x, w, p) / 1e12:.2f} |")
+    rows = [[k, list(x), list(w), p, n, f"{n * flops(k, x, w, p) / 1e12:.2f}"]
+            for (k, x, w, p), n in sorted(rec.calls.items(), key=lambda kv: -kv[1] * flops(*kv[0]))]
+    table(f"1. convolutions of one decode ({z.shape[1]} latents): {len(rec.calls)} distinct calls, "
+          f"{total / 1e12:.1f} TFLOP", ["kind", "input", "weight", "padding", "calls", "TFLOP per decode"], rows)
     return rec.calls
 
 
-CATS = [("cuDNN / CUTLASS convolution", ("conv", "fprop", "xmma", "implicit", "cutlass", "sm90", "dgrad", "wgrad")),
-        ("Triton norm", ("rms", "triton")), ("copy", ("copy", "memcpy", "cat")),
-        ("attention / GEMM", ("gemm", "flash", "attention", "fmha", "cublas"))]
-
-
-def section_profile(vae, z) -> dict:
+def section_profile(vae, z, title: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(2):
-        decode(vae, z)  # eager plans, then the graphs' recording
+        _decode_stream(vae, z)  # eager plans, then the graphs' recording
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    decode(vae, z)
+    _decode_stream(vae, z)
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        decode(vae, z)
+        _decode_stream(vae, z)
         torch.cuda.synchronize()
-    by, top = {}, {}
-    for e in prof.events():
-        if e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        t = (e.time_range.end - e.time_range.start) / 1e3  # ms
-        low = e.name.lower()
-        cat = next((c for c, pats in CATS if any(p in low for p in pats)), "other (elementwise, ...)")
-        by[cat] = by.get(cat, 0.0) + t
-        n, s = top.get(e.name, (0, 0.0))
-        top[e.name] = (n + 1, s + t)
-    total = sum(by.values())
-    say(f"\n## 2. one graphed decode: wall {wall * 1000:.1f} ms (no profiler), kernel time {total:.1f} ms")
-    say("| kind | ms | share |")
-    say("|---|---|---|")
-    for c, t in sorted(by.items(), key=lambda kv: -kv[1]):
-        say(f"| {c} | {t:.1f} | {100 * t / total:.1f}% |")
-    say("\ntop kernels: ms (calls) name")
-    for name, (n, t) in sorted(top.items(), key=lambda kv: -kv[1][1])[:20]:
-        say(f"  {t:8.2f} ({n:4d}) {name[:150]}")
-    return dict(wall_ms=wall * 1000, kernel_ms=total, by=by)
+    rows, out = kernel_breakdown(prof, wall)
+    table(f"2. one graphed decode, {title}: wall {wall * 1000:.1f} ms (no profiler)", rows[0], rows[1:])
+    print("\ntop kernels (ms):")
+    for name, ms in out["top"][:20]:
+        print(f"  {ms:9.2f}  [{categorize(name)}]  {name[:130]}")
+    return out
 
 
 def section_convs(calls: dict, n_calls: int, reps: int) -> list:
     from graph_timing import in_turns_ms
 
-    out = []
+    out, rows, totals = [], [], {}
     g = torch.Generator(device="cuda").manual_seed(2)
-    say(f"\n## 3. the 3x3x3 causal convolutions: GPU ms per call (graphs of {n_calls} calls, in turns, median "
-        f"of {reps}); TFLOP/s; ms per decode (calls x time)")
-    say("| input [B, C, T, H, W] | Cout | calls | conv3d | taps | stacked | stacked-0 | best vs conv3d | "
-        "max diff taps / stacked |")
-    say("|---|---|---|---|---|---|---|---|---|")
-    totals = {}
     for (k, xs, ws, p), n in sorted(calls.items(), key=lambda kv: -kv[1] * flops(*kv[0])):
         if k != "conv3d" or tuple(ws[2:]) != (3, 3, 3):
             continue
@@ -215,7 +179,7 @@ def section_convs(calls: dict, n_calls: int, reps: int) -> list:
         as2d = lambda y: y.float().reshape(B, To, ws[0], H, W).transpose(1, 2)  # noqa: E731
         d_taps = float((as2d(v_taps()) - ref).abs().max())
         d_st = float((as2d(v_stacked()) - ref).abs().max())
-        ms = in_turns_ms(fns, n_calls, reps, on_refusal=say)
+        ms = in_turns_ms(fns, n_calls, reps, on_refusal=print)
         fl = flops(k, xs, ws, p)
         cells = []
         for name in fns:
@@ -223,16 +187,15 @@ def section_convs(calls: dict, n_calls: int, reps: int) -> list:
             totals[name] = totals.get(name, 0.0) + (n * t if t else float("nan"))
             cells.append("-" if t is None else f"{t:.3f} ({fl / t / 1e9:.0f})")
         best = min((t for nm, t in ms.items() if t and nm != "stacked0"), default=None)
-        say(f"| {list(xs)} | {ws[0]} | {n} | " + " | ".join(cells) +
-            f" | {best / ms['conv3d']:.2f}x | {d_taps:.2g} / {d_st:.2g} |")
+        rows.append([list(xs), ws[0], n, *cells, f"{best / ms['conv3d']:.2f}x", f"{d_taps:.2g} / {d_st:.2g}"])
         out.append(dict(input=list(xs), weight=list(ws), calls=n, ms=ms, tflop=fl / 1e12, diff_taps=d_taps,
                         diff_stacked=d_st))
         del x, w, stacked_in, ref
-    say("per decode (ms, the 3x3x3 convs only): " + ", ".join(f"{k} {v:.1f}" for k, v in totals.items()))
-
-    say("\nthe upsamplers' 2D convolutions (input as recorded: already upsampled)")
-    say("| input [N, C, H, W] | Cout | calls | conv2d ms (TFLOP/s) | nearest-2x copy + conv2d ms |")
-    say("|---|---|---|---|---|")
+    table(f"3. the 3x3x3 causal convolutions: GPU ms per call (graphs of {n_calls} calls, in turns, median of "
+          f"{reps}) and TFLOP/s", ["input [B, C, T, H, W]", "Cout", "calls", "conv3d", "taps", "stacked", "stacked-0",
+                                   "best vs conv3d", "max diff taps / stacked"], rows)
+    print("per decode (ms, the 3x3x3 convs only): " + ", ".join(f"{k} {v:.1f}" for k, v in totals.items()))
+    rows = []
     for (k, xs, ws, p), n in calls.items():
         if k != "conv2d":
             continue
@@ -248,10 +211,12 @@ def section_convs(calls: dict, n_calls: int, reps: int) -> list:
             up = small[:, :, None, :, None, :].expand(N, H // 2, 2, W // 2, 2, C).reshape(N, H, W, C)
             return F.conv2d(up.permute(0, 3, 1, 2), w, None, padding=1)
 
-        ms = in_turns_ms(dict(conv=v_conv, up=v_up_conv), n_calls, reps, on_refusal=say)
+        ms = in_turns_ms(dict(conv=v_conv, up=v_up_conv), n_calls, reps, on_refusal=print)
         fl = flops(k, xs, ws, p)
-        say(f"| {list(xs)} | {ws[0]} | {n} | {ms['conv']:.3f} ({fl / ms['conv'] / 1e9:.0f}) | {ms['up']:.3f} |")
+        rows.append([list(xs), ws[0], n, f"{ms['conv']:.3f} ({fl / ms['conv'] / 1e9:.0f})", f"{ms['up']:.3f}"])
         out.append(dict(input=list(xs), weight=list(ws), calls=n, ms=ms, tflop=fl / 1e12))
+    table("the upsamplers' 2D convolutions (input as recorded: already upsampled)",
+          ["input [N, C, H, W]", "Cout", "calls", "conv2d ms (TFLOP/s)", "nearest-2x copy + conv2d ms"], rows)
     return out
 
 
@@ -265,32 +230,33 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_vae_convs: needs a CUDA GPU", file=sys.stderr)
         return 2
-    say(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} {torch.cuda.get_device_name()} torch "
-        f"{torch.__version__} cuDNN {torch.backends.cudnn.version()}")
+    import models.wan.vae_fast as vf
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "bench_vae_convs.log", "w")
+    sys.stdout, sys.stderr = Tee(log, sys.stdout), Tee(log, sys.stderr)
+    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} {torch.cuda.get_device_name()} torch "
+          f"{torch.__version__} cuDNN {torch.backends.cudnn.version()}")
     vae, z = build(args.latents)
     res = {}
     calls = section_shapes(vae, z)
     res["shapes"] = [dict(kind=k, input=list(x), weight=list(w), padding=p, calls=n)
                      for (k, x, w, p), n in calls.items()]
-    import models.wan.vae_fast as vf
-
-    say("\n(the decoder as built: temporal taps below TAPS_BELOW channels, biases in the next kernel)")
-    res["profile"] = section_profile(vae, z)
-    want = decode(vae, z).clone()
-    vf.TAPS_BELOW["cuda"], saved = 0, vf.TAPS_BELOW["cuda"]
+    res["profile"] = section_profile(vae, z, "as built (temporal taps at TAPS_CHANNELS, biases in the "
+                                             "next kernel)")
+    want = _decode_stream(vae, z).clone()
+    vf.TAPS_CHANNELS["cuda"], saved = range(0), vf.TAPS_CHANNELS["cuda"]
     vae._fast = None  # a fresh FastDecoder: buffers, graphs
-    say("\n(the same without temporal taps: every 3x3x3 convolution one conv3d)")
-    res["profile_no_taps"] = section_profile(vae, z)
-    d = float((decode(vae, z) - want).abs().max())
-    say(f"max |taps - no taps| over the decode: {d:.3g}")
+    res["profile_no_taps"] = section_profile(vae, z, "without temporal taps (every 3x3x3 convolution one conv3d)")
+    d = float((_decode_stream(vae, z) - want).abs().max())
+    print(f"max |taps - no taps| over the decode: {d:.3g}")
     res["taps_vs_conv3d_max_diff"] = d
-    vf.TAPS_BELOW["cuda"] = saved
+    vf.TAPS_CHANNELS["cuda"] = saved
     vae._fast = None
+    (out / "bench_vae_convs.json").write_text(json.dumps(res, indent=1, default=str))  # (again after section 3)
     res["convs"] = section_convs(calls, args.calls, args.reps)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "bench_vae_convs.json").write_text(json.dumps(res, indent=1, default=str))
-    (out / "bench_vae_convs.log").write_text("\n".join(LOG) + "\n")
     return 0
 
 

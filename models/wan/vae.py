@@ -53,7 +53,7 @@ Z_DIM = 16
 SPATIAL_STRIDE = 8
 TEMPORAL_STRIDE = 4
 DECODERS = ("auto", "reference", "fast")
-DEFAULT_DECODER = {"cuda": "fast"}  # what "auto" means per device type without WORKBENCH_VAE_DECODER;
+DEFAULT_DECODER = {"cuda": "fast"}  # what "auto" means per device type without WORKBENCH_VAE_DECODER
 DEFAULT_DECODER_ELSEWHERE = "reference"  # any other device (bench/bench_e2e.py compares both)
 
 

@@ -22,9 +22,10 @@ What differs from the diffusers code, and why it is the same function:
   for a residual block's first convolution, one in-place pass (models/wan/triton_vae.py `combine_`) that also
   adds the temporal taps and the residual for the others. The same sums in the same order and dtype as
   PyTorch's separate `add_` of a cuDNN convolution's bias, so the same bits, without its slow broadcast pass.
-- Temporal taps (CUDA): a 3x3x3 causal convolution with fewer than TAPS_BELOW output channels runs as three
+- Temporal taps (CUDA): a 3x3x3 causal convolution whose output channels are in TAPS_CHANNELS runs as three
   3x3 `conv2d` over views of its buffer's frames, summed (cuDNN's conv3d picks a slow kernel for the 96-channel
-  convolutions at 480x832, 243 TFLOP/s, against 323 for the three 2D ones: bench/bench_vae_convs.py). The same
+  convolutions at 480x832, 248 TFLOP/s, against 323 for the three 2D ones; at 3 and at 192 or more channels
+  conv3d is the faster: bench/bench_vae_convs.py). The same
   products, summed in another order: a rounding difference only (tests/test_vae_fast.py checks it in float64).
 - The latent normalisation and `post_quant_conv` run per latent frame inside the step, so a whole decode and
   any chunking of the same latents run the same kernels on the same data: equal bitwise.
@@ -47,8 +48,8 @@ from models.errors import ModelInputError
 
 CL3 = torch.channels_last_3d
 CL2 = torch.channels_last
-# device type -> 3x3x3 convolutions with fewer output channels than this run as three 2D taps (B = 1 only)
-TAPS_BELOW = {"cuda": 128}
+# device type -> the output channels of the 3x3x3 convolutions that run as three 2D taps (B = 1 only)
+TAPS_CHANNELS = {"cuda": range(64, 128)}
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -93,9 +94,6 @@ def _norm_into(out: torch.Tensor, x: torch.Tensor, norm, silu: bool, bias: torch
 
 def _flat(t: torch.Tensor) -> torch.Tensor | None:
     """A dense channels-last tensor [B, C, ...] as a flat view (channels fastest), or None if it is not one."""
-    fmt = CL3 if t.ndim == 5 else CL2
-    if t.ndim not in (4, 5) or not t.is_contiguous(memory_format=fmt):
-        return None
     rows = t.movedim(1, -1)  # [B, ..., C]
     return rows.view(-1) if rows.is_contiguous() else None
 
@@ -164,7 +162,7 @@ class _CausalConv:
         defer = _fused(buf)
         bias = self.bias if defer else None
         parts = []
-        if c == 2 and B == 1 and self.weight.shape[0] < TAPS_BELOW.get(buf.device.type, 0) and \
+        if c == 2 and B == 1 and self.weight.shape[0] in TAPS_CHANNELS.get(buf.device.type, ()) and \
                 tuple(self.weight.shape[2:]) == (3, 3, 3):
             if self.taps is None:  # [Cout, Cin, 3, 3] per temporal tap k (frame t + k - 2 of output frame t)
                 self.taps = [self.weight[:, :, k].contiguous(memory_format=CL2) for k in range(3)]
