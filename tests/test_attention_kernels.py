@@ -23,18 +23,20 @@ def test_where_each_choice_runs_and_which_capture_mode_reads_it():
     assert ak.describe("cuda", torch.float32, "auto") == "sdpa"  # the CUDA library ops take fp16/bf16 only
     from models.common.cuda_attention import HAS_FLASH_ATTN
 
-    stock = "cudnn-balanced" if ak.KERNELS["cudnn-balanced"].runs_on("cuda", torch.bfloat16) else "cudnn"
+    balanced = "cudnn-balanced" if ak.KERNELS["cudnn-balanced"].runs_on("cuda", torch.bfloat16) else "cudnn"
+    stock = "gluon" if ak.KERNELS["gluon"].runs_on("cuda", torch.bfloat16) else balanced  # sm90: the Gluon forward
     assert ak.describe("cuda", torch.bfloat16, "auto") == ("flash-attn" if HAS_FLASH_ATTN else stock)
     assert ak.describe("cuda", torch.bfloat16, "cudnn") == "cudnn"  # the one-call kernel, for comparisons
+    assert ak.describe("cuda", torch.bfloat16, "cudnn-balanced") == balanced
     assert ak.describe("cuda", torch.bfloat16, "triton") == "triton"
-    assert ak.capture_mode_of("triton") == "fused"
-    assert ak.capture_mode_of("auto") == (None if HAS_FLASH_ATTN else "indicator")
+    assert ak.capture_mode_of("triton") == ak.capture_mode_of("gluon" if stock == "gluon" else "triton") == "fused"
+    assert ak.capture_mode_of("auto") == (None if HAS_FLASH_ATTN else "fused" if stock == "gluon" else "indicator")
     q, k, v = qkv(12)
     mask = torch.tensor([[True, False]])
     assert ak.select(q, k, v, frame_seq_len=6).name == "sdpa"
     assert ak.select(q, k, v, frame_mask=mask, frame_seq_len=6).name == "sdpa"
     assert ak.select(q, k, v, frame_mask=torch.ones(1, 2, dtype=torch.bool), frame_seq_len=6).name == "sdpa"
-    with pytest.raises(ModelInputError, match=r"attention kernel 'cutlass'; use one of \['auto', 'triton', 'cudnn'\]"):
+    with pytest.raises(ModelInputError, match=r"attention kernel 'cutlass'; use one of \['auto', 'triton', 'cudnn', 'cudnn-balanced'\]"):
         ak.select(q, k, v, kernel="cutlass")
 
 

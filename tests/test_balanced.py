@@ -139,8 +139,11 @@ def test_the_balanced_kernel_runs_on_hopper_gpus_only_and_captures_by_indicator(
     assert "cudnn-balanced" not in ak.CHOICES["cudnn"]
     hopper = CUDA and torch.cuda.get_device_capability()[0] == 9
     assert ak.describe("cuda", torch.bfloat16, "cudnn") == "cudnn"
-    if not ak.KERNELS["flash-attn"].runs_on("cuda", torch.bfloat16):
-        assert ak.describe("cuda", torch.bfloat16, "auto") == ("cudnn-balanced" if hopper else "cudnn")
+    assert ak.describe("cuda", torch.bfloat16, "cudnn-balanced") == ("cudnn-balanced" if hopper else "cudnn")
+    if not ak.KERNELS["flash-attn"].runs_on("cuda", torch.bfloat16):  # sm90 runs the Gluon forward first
+        gluon = ak.KERNELS["gluon"].runs_on("cuda", torch.bfloat16)
+        assert ak.describe("cuda", torch.bfloat16, "auto") == ("gluon" if gluon else "cudnn-balanced" if hopper
+                                                                 else "cudnn")
 
 
 # ------------------------------------------------------------------------------------ GPU: cuDNN at scale
@@ -175,8 +178,8 @@ def test_gpu_balanced_cudnn_at_rollout_shapes(kf):
 
     q, k, v = rollout_qkv(kf)
     scale = 1 / math.sqrt(128)
-    assert ak.select(q, k, v, frame_seq_len=1560).name == "cudnn-balanced"
-    out, lse, kern = ak.compute(q, k, v, frame_seq_len=1560, lse=True)
+    assert ak.select(q, k, v, frame_seq_len=1560, kernel="cudnn-balanced").name == "cudnn-balanced"
+    out, lse, kern = ak.compute(q, k, v, frame_seq_len=1560, lse=True, kernel="cudnn-balanced")
     assert kern.name == "cudnn-balanced"
     p = plan(1, 12, 4680, kf * 1560, torch.cuda.get_device_properties(0).multi_processor_count)
     assert p.split > 1
@@ -194,11 +197,11 @@ def test_gpu_balanced_cudnn_at_rollout_shapes(kf):
     assert torch.equal(got, out)
     assert (mass.sum(-1) - 1).abs().max() < 1e-2
     # a CUDA graph of the call replays the eager bits
-    static = ak.compute(q, k, v, frame_seq_len=1560)[0]
+    static = ak.compute(q, k, v, frame_seq_len=1560, kernel="cudnn-balanced")[0]
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        replayed = ak.compute(q, k, v, frame_seq_len=1560)[0]
+        replayed = ak.compute(q, k, v, frame_seq_len=1560, kernel="cudnn-balanced")[0]
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(replayed, static) and torch.equal(static, out)

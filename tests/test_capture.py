@@ -303,8 +303,10 @@ def test_indicator_mode_equals_float64_reference():
     the windows, and the rollout is bitwise the plain one. (On the CPU "indicator" is "exact".)"""
     dtype = torch.bfloat16
     model = tiny_model(local_attn_size=6, sink_size=1).cuda().to(dtype)
+    model.attention_kernel = "cudnn-balanced"  # the kernel indicator mode reads (on sm90 "auto" is the Gluon forward)
     plain = few_step(model, 12, dtype)
-    probe = StatsProbe(full_spec(model), Geometry(1, 12, FSL, TEXT_LEN), "cuda", mode="indicator")
+    probe = StatsProbe(full_spec(model), Geometry(1, 12, FSL, TEXT_LEN), "cuda", mode="indicator",
+                       kernel="cudnn-balanced")
     assert probe.mode == "indicator" and probe.computes_output
     assert StatsProbe(full_spec(model), Geometry(1, 12, FSL, TEXT_LEN), "cpu", mode="indicator").mode == "exact"
     rec = AttendRecorder(model, range(model.config.num_layers))
@@ -392,9 +394,10 @@ def test_gpu_graphed_capture_equals_eager_capture(mode):
     each rollout's latents and store equal the eager rollout's bitwise, for several prompts/seeds, with
     eviction (sink + window)."""
     model = tiny_model(local_attn_size=6, sink_size=1).cuda().to(torch.bfloat16)
+    model.attention_kernel = "cudnn-balanced"  # the kernel indicator mode reads (on sm90 "auto" is the Gluon forward)
     spec = CaptureSpec(layers=(0, 1), heads=(1, 3), steps=tuple(range(STEPS)), stats=("attn_mass", "attn_logit"))
-    graphed = StatsProbe(spec, Geometry(1, 12, FSL, TEXT_LEN), "cuda", mode=mode)
-    eager = StatsProbe(spec, Geometry(1, 12, FSL, TEXT_LEN), "cuda", mode=mode)
+    graphed = StatsProbe(spec, Geometry(1, 12, FSL, TEXT_LEN), "cuda", mode=mode, kernel="cudnn-balanced")
+    eager = StatsProbe(spec, Geometry(1, 12, FSL, TEXT_LEN), "cuda", mode=mode, kernel="cudnn-balanced")
 
     def run(probe, seed, graphs):
         return _gpu_few_step(model, probe, seed, graphs), probe.results()

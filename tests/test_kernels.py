@@ -688,3 +688,54 @@ def test_kernels_compile_for_hopper_without_gpu():
         assert info["tma_parsed"] == info["tma"] and not info["tma_box_mismatch"], (name, info)
     for name, info in res.items():  # only the opt-in WS variants are warp-specialised (producer + consumers)
         assert (info["ws"] >= 1 and info["setmaxnreg"] >= 2) == name.startswith("ws_"), (name, info)
+
+
+_GLUON_AOT = r"""
+import json, re, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.runtime.jit import mangle_type
+from models.common import gluon_attention as ga
+
+target = GPUTarget("cuda", 90, 32)
+t = torch.zeros(256, 1536, dtype=torch.bfloat16)
+dk = mangle_type(ga._desc(t, [ga.BLOCK_N, 128]))
+types = dict(desc_q=mangle_type(ga._desc(t, [64, 128])), desc_k=dk, desc_v=dk, out_ptr="*bf16", qk_scale="fp32",
+             **{n: "*fp32" for n in ("lse_ptr", "rs_ptr", "rm_ptr", "pacc_ptr", "pm_ptr", "pl_ptr")})
+res = {}
+for mass in (False, True):
+    ce = dict(HEAD_DIM=128, BLOCK_N=ga.BLOCK_N, STAGES=ga.STAGES, FSL=1560, WITH_MASS=mass, WITH_LSE=True,
+              CONSUMER_REGS=ga.CONSUMER_REGS, PRODUCER_REGS=ga.PRODUCER_REGS)
+    sig = {n: "constexpr" if n in ce else types.get(n, "i32") for n in ga._attn_fwd.arg_names}
+    cc = triton.compile(GluonASTSource(fn=ga._attn_fwd, signature=sig, constexprs=ce), target=target,
+                        options=make_backend(target).parse_options({"num_warps": 4}).__dict__)
+    ptx = cc.asm["ptx"]
+    res[str(mass)] = {"smem": cc.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
+                      "setmaxnreg": sorted(set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)))}
+print("AOT" + json.dumps(res))
+"""
+
+
+def test_gluon_forward_compiles_for_hopper_without_gpu():
+    """The Gluon forward (models/common/gluon_attention.py), compiled (not run) for sm_90 on the CPU, with and
+    without the frame sums: tensor-core wgmma, the producer's and consumers' register budgets (setmaxnreg), and
+    its 3-stage ring within the 227 KB of shared memory a CTA may use. (Its outputs are checked on an H200 by
+    bench/bench_gluon_attention.py and the GPU tests that run "auto".)"""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _GLUON_AOT], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("AOT")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    for mass, info in json.loads(lines[-1][3:]).items():
+        assert info["wgmma"] >= 16, (mass, info)
+        assert {"24", "240"} <= set(info["setmaxnreg"]), (mass, info)
+        assert 200 * 1024 < info["smem"] <= 227 * 1024, (mass, info)

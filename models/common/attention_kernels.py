@@ -11,6 +11,7 @@ table, so they cannot disagree about which kernel ran.
 
     kernel       runs on                            calls      returns           capture mode
     flash-attn   CUDA fp16/bf16, when installed     unmasked   out, lse          -
+    gluon        sm90 fp16/bf16, head_dim 128       unmasked   out, lse, frame   fused
     cudnn-balanced  Hopper fp16/bf16 (Triton)       unmasked   out, lse          indicator (V widened)
     cudnn        CUDA fp16/bf16                     unmasked   out, lse          indicator (V widened)
     flash        CUDA fp16/bf16                     unmasked   out, lse          -
@@ -151,6 +152,29 @@ def _triton_takes(q, k, v, fsl) -> bool:
     return triton_attention.applies(q, k, v, fsl)  # (on CPU tensors under TRITON_INTERPRET=1 too: tests)
 
 
+def _gluon_gpu(device) -> bool:
+    """Whether `device` runs the Gluon forward (models/common/gluon_attention.py): sm90 with Triton's Gluon."""
+    if not _hopper(device):
+        return False
+    try:
+        from models.common import gluon_attention  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def _gluon_takes(q, k, v, fsl) -> bool:
+    """The Gluon forward's calls (unmasked, bf16/fp16, head_dim 128, frames of >= 128 tokens), without autograd
+    (it has no backward: training calls run the next kernel)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    if q.device.type != "cuda" or not _gluon_gpu(q.device) or not _triton_takes(q, k, v, fsl):
+        return False
+    from models.common import gluon_attention
+
+    return gluon_attention.applies(q, k, v, fsl, False)
+
+
 def _has_flash_attn() -> tuple[str, ...]:
     from models.common.cuda_attention import HAS_FLASH_ATTN
 
@@ -197,6 +221,11 @@ def register(kernel: Kernel) -> Kernel:
 
 _LSE = ("lse",)
 register(Kernel("flash-attn", _cuda_op("flash_attn"), _has_flash_attn(), HALF, ("unmasked",), _LSE, refuses=True))
+# FlashAttention-3-style warp-specialised forward in Gluon, on sm90 (models/common/gluon_attention.py): the
+# frame forward of "triton" takes it there, so its capture mode is "fused"; 0.77x cuDNN's time over a rollout's
+# calls (bench/bench_gluon_attention.py)
+register(Kernel("gluon", _run_triton, ("cuda",), HALF, ("unmasked",), ("lse", "frame_mass", "frame_means"),
+                capture_mode="fused", takes=_gluon_takes, on_device=_gluon_gpu))
 # cuDNN's kernel on a wave-balanced schedule (models/common/balanced_attention.py): the same math in two launches
 # whose tiles fill the GPU's waves, merged exactly; on Hopper, where it was measured (bench/bench_balanced.py),
 # and without autograd (calls that need gradients run the next kernel, one cuDNN call)
@@ -212,9 +241,11 @@ register(Kernel("flex", _run_flex, ("cuda",), None, ("masked",)))
 register(Kernel("sdpa", _run_sdpa, ("cuda", "cpu", "meta"), None, ("unmasked", "masked")))
 
 # The model's `attention_kernel` choices: orders of preference over the table.
-_STOCK = ("flash-attn", "cudnn-balanced", "cudnn", "flash", "flex", "sdpa")
-# "cudnn": cuDNN's kernel as one call (the stock order before the balanced schedule; for comparisons)
-CHOICES: dict[str, tuple[str, ...]] = {"auto": _STOCK, "triton": ("triton", *_STOCK), "cudnn": _STOCK[2:]}
+_STOCK = ("flash-attn", "gluon", "cudnn-balanced", "cudnn", "flash", "flex", "sdpa")
+# "cudnn-balanced": the stock order before the Gluon forward; "cudnn": cuDNN's kernel as one call (the stock
+# order before the balanced schedule); both for comparisons and for resuming stores they made
+CHOICES: dict[str, tuple[str, ...]] = {"auto": _STOCK, "triton": ("triton", *_STOCK), "cudnn": _STOCK[3:],
+                                       "cudnn-balanced": _STOCK[2:]}
 ATTENTION_KERNELS = tuple(CHOICES)
 
 

@@ -38,6 +38,11 @@ from models.common.triton_common import (FLOAT_DTYPES, INTERPRET, LOG2E, TensorD
                                          scratch_from_torch, tma_usable)
 from models.errors import ModelInputError
 
+try:  # the Hopper forward in Gluon (triton >= 3.5); frame_attention runs it where it applies
+    from models.common import gluon_attention
+except ImportError:  # pragma: no cover
+    gluon_attention = None
+
 WS_GPU_ENV = "WORKBENCH_EXPERIMENTAL_WS"  # WS=True on a GPU only with this set to 1 (the launcher says why)
 
 __all__ = ["FrameAttention", "applies", "frame_attention", "runs_on"]
@@ -108,6 +113,16 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
     cfg.update(config or {})
     split = cfg.pop("split", None)
     ws = bool(cfg.pop("WS", False))
+    gluon = cfg.pop("GLUON", None)  # None: where it applies; False: never; True: required
+    if gluon is not False and not ws and not INTERPRET and gluon_attention is not None:
+        if gluon_attention.applies(q, k, v, fsl, allowed is not None):
+            gluon = True
+        elif gluon:
+            raise ModelInputError("config GLUON=True: the Gluon forward does not take this call (it needs an sm90 "
+                                  "GPU, bf16/fp16, head_dim 128, no mask, frames of >= 128 tokens)")
+    gluon = bool(gluon) and not ws
+    if gluon:
+        cfg.update(BLOCK_M=gluon_attention.BLOCK_M, BLOCK_N=gluon_attention.BLOCK_N)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     if ws and (allowed is not None or with_mass or frame_means or not use_tma):
         raise ModelInputError("config WS=True (warp specialisation) runs the plain unmasked forward through TMA "
@@ -166,6 +181,8 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
         elif split is None:
             if INTERPRET:
                 n_full, split = n_tiles, 1
+            elif gluon:
+                n_full, split = split_plan(n_tiles, gluon_attention.resident_programs(q.device), nkf, fsl / bn)
             else:  # the canonical variant's residency (every extra output's pointer a placeholder)
                 slots = resident_programs(_frame_attn_fwd_kernel, args(*(f32_any,) * 8, n_tiles, 1), meta, cfg, q.device)
                 n_full, split = split_plan(n_tiles, slots, nkf, fsl / bn)
@@ -179,10 +196,17 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
             pl = torch.empty_like(pm)
         else:
             pacc = pm = pl = f32_any
-        with scratch_from_torch(q.device) if ws else contextlib.nullcontext():
-            _frame_attn_fwd_kernel[(n_full + n_seg,)](
-                *args(rs, rm, pacc, pm, pl, qsum, ksum, lse, n_full, split), **meta, BLOCK_M=bm, BLOCK_N=bn,
-                num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+        if gluon:
+            gluon_attention.launch(q, k, v, out, lse, rs, rm, pacc, pm, pl, scale, n_full, split, nkf, fsl,
+                                   with_mass, with_lse)
+            if frame_means:  # the Gluon forward has no frame means: float32 means of q's and k's frames
+                qsum.copy_(q.reshape(B, nqf, fsl, H, D).mean(2, dtype=torch.float32).transpose(1, 2))
+                ksum.copy_(k.reshape(B, nkf, fsl, H, D).mean(2, dtype=torch.float32).transpose(1, 2))
+        else:
+            with scratch_from_torch(q.device) if ws else contextlib.nullcontext():
+                _frame_attn_fwd_kernel[(n_full + n_seg,)](
+                    *args(rs, rm, pacc, pm, pl, qsum, ksum, lse, n_full, split), **meta, BLOCK_M=bm, BLOCK_N=bn,
+                    num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
         if n_seg:
             sub = min(bm, 32)  # rows per merge program: 4 programs a tile of 128 rows
             _frame_attn_merge_kernel[((n_tiles - n_full) * (bm // sub),)](

@@ -64,7 +64,7 @@ def attention_with_frame_mass_indicator(q, k, v, *, frame_seq_len: int, scale: f
     Lq and Lk must be whole frames (checked by the caller, see reference.check_frame_inputs).
 
     kernel: the kernel-table entry (models/common/attention_kernels.py) that computes this call's output in the model;
-    None: the one the stock kernels pick (cuDNN on a GPU in bf16/fp16, SDPA elsewhere). Returns None when that
+    None: the one the stock kernels other than the Gluon forward pick (cuDNN on a GPU in bf16/fp16, SDPA elsewhere). Returns None when that
     kernel refuses the widened shape (recorded for that shape; the caller then takes the exact path, so the
     output is still the model's own)."""
     from models.common.attention_kernels import run_or_refuse, select
@@ -72,7 +72,8 @@ def attention_with_frame_mass_indicator(q, k, v, *, frame_seq_len: int, scale: f
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     B, Lq, H, D = q.shape
     nqf, nkf = Lq // frame_seq_len, k.shape[1] // frame_seq_len
-    kernel = kernel or select(q, k, v, frame_seq_len=frame_seq_len)
+    # ("cudnn-balanced": the stock order without the Gluon forward, whose capture mode is "fused", not this one)
+    kernel = kernel or select(q, k, v, frame_seq_len=frame_seq_len, kernel="cudnn-balanced")
     res = run_or_refuse(kernel, q, k, widen_values(v, frame_seq_len), scale)
     if res is None:
         return None
