@@ -19,19 +19,17 @@ Then the errors against a float64 reference (heads 0-1) for cuDNN and the planne
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/
 
-from graph_timing import in_turns_ms  # noqa: E402
+from graph_timing import gpu_banner, in_turns_ms, sweep_parser  # noqa: E402
 from models.common.balanced_attention import Plan, balanced_attention, merge_segments, plan  # noqa: E402
 from models.common.cuda_attention import cudnn  # noqa: E402
 
@@ -56,16 +54,9 @@ def reference(q, k, v, scale, heads=(0, 1)):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--calls", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_balanced.json"))
+    ap = sweep_parser(__doc__, "bench_balanced.json")
     a = ap.parse_args()
-    dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(dev)
-    slots = props.multi_processor_count
-    print(f"{props.name}, {slots} SMs, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
+    dev, props, slots = gpu_banner()
     torch.manual_seed(0)
     Lq = 3 * FSL
     scale = 1.0 / math.sqrt(D)

@@ -11,19 +11,17 @@ kernel with and without the frame mass, balanced and not, and the Triton forward
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/
 
-from graph_timing import in_turns_ms  # noqa: E402
+from graph_timing import gpu_banner, in_turns_ms, sweep_parser  # noqa: E402
 from models.common.balanced_attention import balanced_attention, plan  # noqa: E402
 from models.common.cuda_attention import cudnn  # noqa: E402
 from models.common.triton_attention import frame_attention  # noqa: E402
@@ -95,17 +93,10 @@ def check(dev):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--calls", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap = sweep_parser(__doc__, "bench_gluon_attention.json")
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_gluon_attention.json"))
     a = ap.parse_args()
-    dev = torch.device("cuda")
-    props = torch.cuda.get_device_properties(dev)
-    slots = props.multi_processor_count
-    print(f"{props.name}, {slots} SMs, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
+    dev, props, slots = gpu_banner()
     if not a.skip_check:
         print("errors against float64:", flush=True)
         print("check", "passed" if check(dev) else "FAILED", flush=True)

@@ -56,3 +56,26 @@ def in_turns_ms(fns: dict, calls: int, reps: int, on_refusal=print) -> dict:
         for name, graph in graphs.items():
             times.setdefault(name, []).append(replay_ms(graph, calls))
     return {name: (statistics.median(times[name]) if name in times else None) for name in fns}
+
+
+def sweep_parser(doc: str, out_name: str, repeats: int = 7):
+    """The kernel sweeps' command line: --calls per graph, --repeats replays, --out JSON (under $OUT)."""
+    import argparse
+    import os
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calls", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), out_name))
+    return ap
+
+
+def gpu_banner():
+    """(device, its properties, SM count), after printing the GPU, torch and cuDNN versions and the time."""
+    import time
+
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, cuDNN "
+          f"{torch.backends.cudnn.version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
+    return dev, props, props.multi_processor_count

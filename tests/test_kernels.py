@@ -660,11 +660,8 @@ print("AOT" + json.dumps(res))
 """
 
 
-def test_kernels_compile_for_hopper_without_gpu():
-    """Compile (not run) the kernels for sm_90 in a fresh process without the interpreter: catches what the
-    interpreter cannot (constexpr rules, layouts, TMA lowering) and checks that the main loop uses wgmma and
-    asynchronous (pipelined) loads, and that every TMA copy fills exactly the box of its descriptor."""
-    pytest.importorskip("triton")
+def _compile_in_subprocess(script: str) -> dict:
+    """Run an ahead-of-time compile script in a fresh process without the interpreter; its "AOT{json}" line."""
     import json
     import subprocess
     import sys
@@ -672,11 +669,19 @@ def test_kernels_compile_for_hopper_without_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
                           timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("AOT")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    res = json.loads(lines[-1][3:])
+    return json.loads(lines[-1][3:])
+
+
+def test_kernels_compile_for_hopper_without_gpu():
+    """Compile (not run) the kernels for sm_90 in a fresh process without the interpreter: catches what the
+    interpreter cannot (constexpr rules, layouts, TMA lowering) and checks that the main loop uses wgmma and
+    asynchronous (pipelined) loads, and that every TMA copy fills exactly the box of its descriptor."""
+    pytest.importorskip("triton")
+    res = _compile_in_subprocess(_AOT_SCRIPT)
     for name, info in res.items():
         assert info["wgmma"] >= 1, (name, info)  # Hopper tensor-core dots
         assert info["tma"] + info["cp_async"] >= 2, (name, info)  # K/V loads are asynchronous (pipelined)
@@ -724,18 +729,7 @@ def test_gluon_forward_compiles_for_hopper_without_gpu():
     its 3-stage ring within the 227 KB of shared memory a CTA may use. (Its outputs are checked on an H200 by
     bench/bench_gluon_attention.py and the GPU tests that run "auto".)"""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    import json
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _GLUON_AOT], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=300)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("AOT")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    for mass, info in json.loads(lines[-1][3:]).items():
+    for mass, info in _compile_in_subprocess(_GLUON_AOT).items():
         assert info["wgmma"] >= 16, (mass, info)
         assert {"24", "240"} <= set(info["setmaxnreg"]), (mass, info)
         assert 200 * 1024 < info["smem"] <= 227 * 1024, (mass, info)

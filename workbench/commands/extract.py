@@ -43,18 +43,20 @@ def register(subparsers) -> None:
     what.add_argument("--token-layers", help="layers that also get per-key-token maps (attn_key_token)")
     what.add_argument("--capture-mode", default="auto", choices=["auto", "exact", "indicator", "fused"],
                       help="how attn_mass is computed; every mode leaves the rollout bitwise unchanged: exact "
-                           "(log-sum-exp + a recompute pass, float32), indicator (stock kernels: one attention "
+                           "(log-sum-exp + a recompute pass, float32), indicator (cuDNN kernels: one attention "
                            "call with key-frame indicator columns appended to V; ~+35%% for all 30 layers on an "
-                           "H200), fused (--attention-kernel triton: the model's own Triton forward also returns "
-                           "the statistics; ~+2%% for all 30 layers); auto = fused with the Triton kernel, "
-                           "indicator with the stock kernels on CUDA, exact on the CPU (default: %(default)s; "
+                           "H200), fused (the model's own Gluon or Triton forward also returns the statistics; "
+                           "~+5%% for all 30 layers on an H200); auto = fused with the Gluon/Triton kernels (auto "
+                           "on H100/H200), indicator with cuDNN's, exact on the CPU (default: %(default)s; "
                            "docs/store.md)")
     what.add_argument("--attention-kernel", default="auto", choices=ATTENTION_KERNELS,
-                      help="the model's attention kernel: auto (flash-attn / cuDNN, wave-balanced on Hopper / "
-                           "SDPA), triton (a frame-tiled Triton forward, ~12%% slower on an H200 but its statistics "
-                           "come free: the fast way to capture many layers) or cudnn (one cuDNN call per attention, "
-                           "as auto ran before the balanced schedule). Outputs differ between kernels by bf16 "
-                           "rounding, never between a captured and an uncaptured run (default: %(default)s)")
+                      help="the model's attention kernel: auto (on H100/H200 the Gluon FlashAttention-3-style "
+                           "forward, whose frame statistics come free (capture mode fused); flash-attn / cuDNN / SDPA "
+                           "elsewhere), triton (the Gluon forward on H100/H200, a frame-tiled Triton forward on "
+                           "other GPUs), cudnn-balanced (cuDNN on a wave-balanced schedule: auto before the Gluon "
+                           "forward; capture mode indicator) or cudnn (one cuDNN call per attention). Outputs differ "
+                           "between kernels by bf16 rounding, never between a captured and an uncaptured run "
+                           "(default: %(default)s)")
     job = p.add_argument_group("what to run")
     job.add_argument("--prompt", action="append", metavar="TEXT",
                      help="a prompt (repeat for several; default: the researchers' eagle prompt)")

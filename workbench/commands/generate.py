@@ -60,10 +60,11 @@ def register(subparsers) -> None:
     p.add_argument("--low-memory", choices=["auto", "on", "off"], default="auto",
                    help="move the text encoder off the GPU before the rollout (auto: < 40 GB free)")
     p.add_argument("--attention-kernel", default="auto", choices=ATTENTION_KERNELS,
-                   help="the DiT's attention kernel: auto (flash-attn / cuDNN, wave-balanced on Hopper / SDPA), "
-                        "triton (the frame-tiled kernel that `workbench extract --attention-kernel triton` captures "
-                        "from) or cudnn (one cuDNN call per attention); outputs differ from auto's by bf16 rounding "
-                        "(default: %(default)s)")
+                   help="the DiT's attention kernel: auto (on H100/H200 the Gluon FlashAttention-3-style forward, "
+                        "the one `workbench extract` captures from by default; flash-attn / cuDNN / SDPA elsewhere), "
+                        "triton (the Gluon forward on H100/H200, a frame-tiled Triton forward on other GPUs), "
+                        "cudnn-balanced (cuDNN on a wave-balanced schedule) or cudnn (one cuDNN call per "
+                        "attention); outputs differ between kernels by bf16 rounding (default: %(default)s)")
     speed = p.add_argument_group("speed (bench/RESULTS.md: what they buy on an H200 and how far they move the latents)")
     speed.add_argument("--compile", nargs="?", const="default", choices=["default", "max-autotune-no-cudagraphs"],
                        metavar="MODE", help="torch.compile every DiT block (the first rollout compiles; CUDA-graph "
