@@ -153,14 +153,17 @@ def _triton_takes(q, k, v, fsl) -> bool:
 
 
 def _gluon_gpu(device) -> bool:
-    """Whether `device` runs the Gluon forward (models/common/gluon_attention.py): sm90 with Triton's Gluon."""
+    """Whether `device` runs the Gluon forward (models/common/gluon_attention.py): sm90 with Triton's Gluon, unless
+    WORKBENCH_GLUON=0."""
     if not _hopper(device):
         return False
     try:
-        from models.common import gluon_attention  # noqa: F401
+        from models.common import gluon_attention
     except ImportError:
         return False
-    return torch.cuda.get_device_capability(device) == (9, 0)
+    import os
+
+    return torch.cuda.get_device_capability(device) == (9, 0) and os.environ.get(gluon_attention.DISABLE_ENV) != "0"
 
 
 def _gluon_takes(q, k, v, fsl) -> bool:
