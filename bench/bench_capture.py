@@ -46,8 +46,9 @@ class ReferenceProbe(StatsProbe):
 
 
 def kernel_of(mode: str) -> str:
-    """The model's attention kernel a capture mode runs with: "fused" reads the Triton kernel's statistics."""
-    return "triton" if mode == "fused" else "auto"
+    """The model's attention kernel a capture mode runs with: "fused" reads the Triton kernel's statistics (the
+    Gluon forward's on sm90), "indicator" the balanced cuDNN schedule's ("auto" is the Gluon forward on sm90)."""
+    return {"fused": "triton", "indicator": "cudnn-balanced"}.get(mode, "auto")
 
 
 def capture_run(model, noise, context, g, layers, mode, repeats, cls=StatsProbe, graphs=True):
@@ -145,7 +146,7 @@ def main():
         release_graphs(model)
         return t, times, peak
 
-    for kernel in ("auto", "cudnn", "triton"):
+    for kernel in ("auto", "cudnn", "cudnn-balanced", "triton"):
         try:
             graphed[kernel], times, gpeak[kernel] = plain_graphed(kernel)
             print(f"| plain rollout (CUDA graphs, {backend_name('cuda', torch.bfloat16, kernel)}) | {graphed[kernel]:.3f} s "

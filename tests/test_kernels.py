@@ -595,6 +595,57 @@ def test_gpu_warp_specialised_variants_at_rollout_shapes(fa, batch, nkf):
         assert torch.equal(static, out), cfg
 
 
+def _gluon_or_skip():
+    from models.common import gluon_attention
+
+    if torch.cuda.get_device_capability() != (9, 0) or os.environ.get(gluon_attention.DISABLE_ENV) == "0":
+        pytest.skip("the Gluon forward runs on sm90 only")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("B, H, fsl, nqf, nkf, split", [
+    (2, 2, 128, 2, 5, 1),  # frames of one key tile: every tile, the first too, ends a key frame
+    (1, 3, 128, 2, 5, 3),
+    (2, 3, 200, 2, 4, 2),  # frame edges inside key tiles; 2 x 3 x ceil(400 / 128) = 24 tiles, the last 12 split
+    (1, 2, 256, 3, 6, 4),  # edges on tile boundaries
+    (1, 4, 1560, 3, 7, 3),  # the model's frames, split into segments
+    (2, 2, 1560, 3, 3, 1),
+])
+def test_gpu_gluon_forward_matches_float64(fa, B, H, fsl, nqf, nkf, split):
+    """The Gluon forward (models/common/gluon_attention.py) with its frame sums: output, log-sum-exp and every
+    row's mass on every key frame equal a float64 softmax, with whole tiles and split ones (merged), frames of one
+    key tile, frames whose edges fall inside or on tile boundaries; asking for the sums and the LSE leaves the
+    output's bits unchanged, and replaying from a CUDA graph gives the same bits."""
+    from models.common.triton_attention import frame_attention
+
+    _gluon_or_skip()
+    q, k, v = (t.to("cuda") for t in rand_qkv(B, H, 128, fsl, nqf, nkf, dtype=torch.bfloat16, peak=2.0,
+                                              seed=fsl + nkf))
+    n_tiles = B * H * math.ceil(nqf * fsl / 128)
+    cfg = {"GLUON": True, "split": split, "n_full": n_tiles // 2}
+    base = frame_attention(q, k, v, frame_seq_len=fsl, config=cfg).out
+    r = frame_attention(q, k, v, frame_seq_len=fsl, with_mass=True, with_lse=True, config=cfg)
+    assert torch.equal(r.out, base)
+    q64, k64, v64 = (t.double().transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
+    s = q64 @ k64.transpose(-1, -2) / math.sqrt(128)
+    p = torch.softmax(s, dim=-1)
+    out_d = (p @ v64).transpose(1, 2)
+    mass_d = p.reshape(B, H, nqf * fsl, nkf, fsl).sum(-1).transpose(2, 3) / fsl  # [B, H, nkf, Lq]
+    assert (r.out.double() - out_d).abs().max() < 2e-2
+    assert (r.lse.double() - torch.logsumexp(s, dim=-1)).abs().max() < 1e-4
+    assert (r.row_mass.double() - mass_d).abs().max() * fsl < 1e-5  # a row's mass, not divided by fsl
+    static = torch.empty_like(base)
+    graph = torch.cuda.CUDAGraph()
+    frame_attention(q, k, v, frame_seq_len=fsl, with_mass=True, config=cfg)  # compiled outside the capture
+    with torch.cuda.graph(graph):
+        static.copy_(frame_attention(q, k, v, frame_seq_len=fsl, with_mass=True, config=cfg).out)
+    static.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, base)
+
+
 # ------------------------------------------------------------------ compile for Hopper without a GPU (AOT)
 
 _AOT_SCRIPT = r"""

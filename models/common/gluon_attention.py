@@ -15,11 +15,13 @@ refuses a branch in the key loop (the frame-sum flush). Here the schedule is wri
   in iteration j it issues S_j = q K_j^T, then O += P_{j-1} V_{j-1} (P from registers), waits for S_j only,
   runs the softmax of S_j while the P V product runs, then waits for it and frees the stage;
 - frame sums (WITH_MASS): next to the running max m and sum l each row keeps the running sum of the current
-  key frame's probabilities (rescaled like l). When a key tile reaches a frame's last key, that sum and the
-  max it is relative to go to `rs`/`rm` [B, H, nkf, Lq] (a tile that straddles the edge is split with masked
-  sums); a whole tile then writes r * 2^(m_f - m) / (l * fsl) in place (triton_attention's row_mass), a
-  segment leaves its (acc, m, l) for the Triton merge kernel, which does the same for split tiles. The output
-  arithmetic is the same with and without the sums, so capture leaves the output bits unchanged.
+  key frame's probabilities (rescaled like l). The key loop runs by frames: a tile inside a frame only adds
+  its row sums (two FMAs a row); the tile holding a frame's last key (one in ~12 at 1560-token frames) splits
+  its sums with one masked sum and stores that frame's sum and the max it is relative to in `rs`/`rm`
+  [B, H, nkf, Lq]. A whole tile then writes r * 2^(m_f - m) / (l * fsl) in place (triton_attention's
+  row_mass), a segment leaves its (acc, m, l) for the Triton merge kernel, which does the same for split tiles.
+  The output arithmetic is the same with and without the sums, so capture leaves the output bits unchanged;
+  the sums cost ~4% of the kernel's time (a branch and a predicated store on every tile cost 8%).
 
 Layouts: q [B, Lq, H, D], k/v [B, Lk, H, D] with the rows of a batch H * D apart; D = 128; bf16/fp16; whole
 frames of at least BLOCK_N keys (`applies`). Measured on an H200 with bench/bench_gluon_attention.py.
@@ -62,41 +64,53 @@ def _producer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, v_
 
 
 @gluon.jit
-def _flush(rs_ptr, rm_ptr, r, m, f, rows, ok, Lq):
-    """Frame f's running sum r [64] and the max m it is relative to, for this warpgroup's rows."""
-    gl.store(rs_ptr + f * Lq + rows, r, mask=ok)
-    gl.store(rm_ptr + f * Lq + rows, m, mask=ok)
-
-
-@gluon.jit
-def _softmax_tile(s, n0, end, m_i, l_i, r_i, f_cur, cols0, rows, row_ok, Lq, qk_scale, rs_ptr, rm_ptr,
-                  BLOCK_N: gl.constexpr, FSL: gl.constexpr, WITH_MASS: gl.constexpr):
+def _softmax_tile(s, n0, end, f, m_i, l_i, r_i, cols0, rows, row_ok, Lq, qk_scale, rs_ptr, rm_ptr,
+                  BLOCK_N: gl.constexpr, FSL: gl.constexpr, MASS: gl.constexpr):
     """Online softmax of the scores s [64, BN] of keys [n0, n0 + BN) (base 2: qk_scale = scale * log2 e) and the
-    frame sums. Returns (p, alpha = 2^(m_old - m_new), m, l, r, f_cur)."""
-    if n0 + BLOCK_N > end:  # the last tile: keys from `end` on (the next segment's or batch's, or TMA's zeros) out
-        s = gl.where((n0 + cols0 < end)[None, :], s, float("-inf"))
+    frame sums. MASS: 0 none; 1 a tile inside key frame f (its running sum r grows); 2 the tile with frame f's
+    last key (r's part before it is flushed to rs/rm with the max it is relative to, the part after starts frame
+    f + 1's sum). Returns (p, alpha = 2^(m_old - m_new), m, l, r)."""
+    if MASS != 1:  # only a frame's last tile can reach `end` (the next segment's or batch's keys, or TMA's zeros)
+        if n0 + BLOCK_N > end:
+            s = gl.where((n0 + cols0 < end)[None, :], s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
     p = gl.exp2(s * qk_scale - m_new[:, None])  # [64, BN]
     alpha = gl.exp2(m_i - m_new)
     p_sum = gl.sum(p, 1)
     l_i = l_i * alpha + p_sum
-    if WITH_MASS:
-        # (Triton 3.6 cannot lower a store inside a branch of a warp-specialised partition: the flush is a store
-        # on every tile, predicated on the tile reaching the frame's last key; only the split sums branch.)
-        edge = (f_cur + 1) * FSL - n0  # keys of the current frame in this tile
-        if edge < BLOCK_N:  # the tile straddles the frame's last key
-            before = gl.sum(gl.where((cols0 < edge)[None, :], p, 0.0), 1)
-            after = gl.sum(gl.where((cols0 >= edge)[None, :], p, 0.0), 1)
-        else:
-            before = p_sum
-            after = p_sum * 0.0
-        r_i = r_i * alpha + before
-        flush = edge <= BLOCK_N
-        _flush(rs_ptr, rm_ptr, r_i, m_new, f_cur, rows, row_ok & flush, Lq)
-        if flush:
-            r_i = after
-            f_cur += 1
-    return p, alpha, m_new, l_i, r_i, f_cur
+    if MASS == 1:
+        r_i = r_i * alpha + p_sum
+    if MASS == 2:
+        edge = (f + 1) * FSL - n0  # keys of frame f in this tile, 1..BN
+        after = gl.sum(gl.where((cols0 >= edge)[None, :], p, 0.0), 1)  # frame f + 1's part (one masked sum)
+        r_i = r_i * alpha + gl.maximum(p_sum - after, 0.0)
+        gl.store(rs_ptr + f * Lq + rows, r_i, mask=row_ok)
+        gl.store(rm_ptr + f * Lq + rows, m_new, mask=row_ok)
+        r_i = after
+    return p, alpha, m_new, l_i, r_i
+
+
+@gluon.jit
+def _kv_step(j, q, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, p_op, alpha, m_i, l_i, r_i, f, start, end,
+             zero_s, cols0, rows, row_ok, Lq, qk_scale, rs_ptr, rm_ptr, orow_l: gl.constexpr,
+             p_layout: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FSL: gl.constexpr,
+             MASS: gl.constexpr):
+    """Key tile j (j >= 1): issue S_j = q K_j^T, then O += P_{j-1} V_{j-1} on the tensor cores while S_j's softmax
+    runs; free tile j - 1's stage. Returns the new (acc, p_op = P_j, alpha, m, l, r)."""
+    st = j % STAGES
+    pst = (j - 1) % STAGES
+    mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
+    s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    acc = acc * gl.convert_layout(alpha, orow_l)[:, None]
+    mbarrier.wait(v_ready.index(pst), ((j - 1) // STAGES) & 1)
+    acc = warpgroup_mma(p_op, v_smem.index(pst), acc, is_async=True)
+    s = warpgroup_mma_wait(1, deps=(s,))
+    p, alpha, m_i, l_i, r_i = _softmax_tile(s, start + j * BLOCK_N, end, f, m_i, l_i, r_i, cols0, rows, row_ok,
+                                            Lq, qk_scale, rs_ptr, rm_ptr, BLOCK_N, FSL, MASS)
+    acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+    mbarrier.arrive(kv_empty.index(pst), count=1)
+    p_op = gl.convert_layout(p.to(k_smem.dtype), p_layout)
+    return acc, p_op, alpha, m_i, l_i, r_i
 
 
 @gluon.jit
@@ -119,7 +133,9 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
     col_l: gl.constexpr = gl.SliceLayout(0, s_layout)
     orow_l: gl.constexpr = gl.SliceLayout(1, o_layout)
     ocol_l: gl.constexpr = gl.SliceLayout(0, o_layout)
-    dtype: gl.constexpr = k_smem.dtype
+    # with the sums, tile 0 is a frame's last tile only when frames are one tile long (then frame 0 is done)
+    FIRST: gl.constexpr = 0 if not WITH_MASS else (2 if FSL <= BLOCK_N else 1)
+    G0: gl.constexpr = 1 if FIRST == 2 else 0
 
     q = q_smem.index(WG)
     rows = row0 + WG * R + gl.arange(0, R, layout=row_l)  # [64] query index within the batch
@@ -128,7 +144,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
     m_i = gl.full([R], -1.0e30, gl.float32, row_l)
     l_i = gl.zeros([R], gl.float32, row_l)
     r_i = gl.zeros([R], gl.float32, row_l)  # the current key frame's running sum (WITH_MASS)
-    f_cur = start // FSL
+    f0 = start // FSL
     acc = gl.zeros([R, HEAD_DIM], gl.float32, o_layout)
     zero_s = gl.zeros([R, BLOCK_N], gl.float32, s_layout)
     n_kv = gl.cdiv(end - start, BLOCK_N)
@@ -136,24 +152,31 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
     mbarrier.wait(q_bar, 0)
     mbarrier.wait(k_ready.index(0), 0)
     s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False)
-    p, alpha, m_i, l_i, r_i, f_cur = _softmax_tile(s, start, end, m_i, l_i, r_i, f_cur, cols0, rows, row_ok, Lq,
-                                                   qk_scale, rs_ptr, rm_ptr, BLOCK_N, FSL, WITH_MASS)
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
-    for j in range(1, n_kv):
-        st = j % STAGES
-        pst = (j - 1) % STAGES
-        mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
-        s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        acc = acc * gl.convert_layout(alpha, orow_l)[:, None]  # O += P_{j-1} V_{j-1} while S_j's softmax runs
-        mbarrier.wait(v_ready.index(pst), ((j - 1) // STAGES) & 1)
-        acc = warpgroup_mma(p_op, v_smem.index(pst), acc, is_async=True)
-        s = warpgroup_mma_wait(1, deps=(s,))
-        p, alpha, m_i, l_i, r_i, f_cur = _softmax_tile(s, start + j * BLOCK_N, end, m_i, l_i, r_i, f_cur, cols0,
-                                                       rows, row_ok, Lq, qk_scale, rs_ptr, rm_ptr, BLOCK_N, FSL,
-                                                       WITH_MASS)
-        acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
-        mbarrier.arrive(kv_empty.index(pst), count=1)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
+    p, alpha, m_i, l_i, r_i = _softmax_tile(s, start, end, f0, m_i, l_i, r_i, cols0, rows, row_ok, Lq, qk_scale,
+                                            rs_ptr, rm_ptr, BLOCK_N, FSL, FIRST)
+    p_op = gl.convert_layout(p.to(k_smem.dtype), p_layout)
+    if WITH_MASS:
+        # the key loop by frames: the tiles inside frame g only add to its running sum; its last tile (e) flushes
+        # it. No branch and no predicated store on the tiles inside a frame (the sums cost ~8% of the kernel
+        # when every tile tested for an edge). Tiles run in order 1..n_kv-1, as the producer loads them.
+        for g in range(G0, (end - start) // FSL):
+            jb = gl.maximum((g * FSL - 1) // BLOCK_N + 1, 1)  # the first tile after frame g - 1's last
+            e = ((g + 1) * FSL - 1) // BLOCK_N
+            for j in range(jb, e):
+                acc, p_op, alpha, m_i, l_i, r_i = _kv_step(
+                    j, q, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, p_op, alpha, m_i, l_i, r_i, f0 + g,
+                    start, end, zero_s, cols0, rows, row_ok, Lq, qk_scale, rs_ptr, rm_ptr, orow_l, p_layout,
+                    BLOCK_N, STAGES, FSL, 1)
+            acc, p_op, alpha, m_i, l_i, r_i = _kv_step(
+                e, q, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, p_op, alpha, m_i, l_i, r_i, f0 + g,
+                start, end, zero_s, cols0, rows, row_ok, Lq, qk_scale, rs_ptr, rm_ptr, orow_l, p_layout,
+                BLOCK_N, STAGES, FSL, 2)
+    else:
+        for j in range(1, n_kv):
+            acc, p_op, alpha, m_i, l_i, r_i = _kv_step(
+                j, q, k_smem, v_smem, k_ready, v_ready, kv_empty, acc, p_op, alpha, m_i, l_i, r_i, f0,
+                start, end, zero_s, cols0, rows, row_ok, Lq, qk_scale, rs_ptr, rm_ptr, orow_l, p_layout,
+                BLOCK_N, STAGES, FSL, 0)
 
     # the last tile's P V
     pst = (n_kv - 1) % STAGES
@@ -177,7 +200,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
     # are reread by the one thread that stored them)
     l_safe = gl.where(l_i > 0.0, l_i, 1.0)
     o = acc / gl.convert_layout(l_safe, orow_l)[:, None]
-    gl.store(out_ptr + orows[:, None] * stride_ol + ocols[None, :], o.to(dtype),
+    gl.store(out_ptr + orows[:, None] * stride_ol + ocols[None, :], o.to(k_smem.dtype),
              mask=((orows < Lq) & (is_full != 0))[:, None])
     full_rows = row_ok & (is_full != 0)
     if WITH_LSE:
