@@ -107,8 +107,9 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated words; run only the rows whose name has one")
     ap.add_argument("--skip-eager", action="store_true", help="skip the eager capture rows and the reference row")
     ap.add_argument("--fused-config", default="",
-                    help="JSON dict (or a file holding one) replacing the fused kernel's Hopper config, e.g. the "
-                         "output of bench/bench_fused_sweep.py --json")
+                    help="JSON dict (or a file holding one) updating frame_attention's Hopper config, e.g. the "
+                         "output of bench/bench_fused_sweep.py --json, or '{\"MEANS\": \"triton\"}' (the frame "
+                         "means beside the Gluon forward from Triton instead of torch)")
     ap.add_argument("--skip-bitwise", action="store_true",
                     help="skip the check of each mode's latents against the eager plain rollout (9 more rollouts)")
     ap.add_argument("--profile", action="store_true",

@@ -3,8 +3,9 @@
 First its errors against a float64 reference (output, log-sum-exp, per-row frame mass), then GPU time per call
 at q = 3 frames x 1560 tokens, k = 3..21 frames, 12 heads x 128, bf16 (CUDA graphs of `--calls` calls, variants
 replayed in turns, median of `--repeats`): cuDNN one call, cuDNN balanced (the default on Hopper), the Gluon
-kernel with and without the frame mass, balanced and not, and the Triton forward with the frame mass (what
-`fused` capture runs). "rollout" = 150 x the sum over the seven key lengths.
+kernel with and without the frame mass, and with the mass and the frame means (what `fused` capture runs on
+sm90; means from torch, or from `frame_means_into`'s two Triton passes), and the Triton forward with the frame
+mass. "rollout" = 150 x the sum over the seven key lengths.
 
     python3 bench/bench_gluon_attention.py [--calls 10] [--repeats 7] [--skip-check]
 """
@@ -50,10 +51,12 @@ def reference(q, k, v, scale, fsl, heads):
     return torch.stack(outs), torch.stack(lses), torch.stack(masses)
 
 
-def fa(q, k, v, scale, fsl, gluon=True, mass=False):
+def fa(q, k, v, scale, fsl, gluon=True, mass=False, means=None):
+    """means: None (no frame means), or how the Gluon path makes them ("torch" or "triton")."""
+    cfg = {"GLUON": gluon} if means is None else {"GLUON": gluon, "MEANS": means}
     r = frame_attention(q, k, v, frame_seq_len=fsl, scale=scale, with_mass=mass, with_lse=True,
-                        config={"GLUON": gluon})
-    return r.out, r.lse, r.row_mass
+                        frame_means=means is not None, config=cfg)
+    return (r.out, r.lse, r.row_mass) if means is None else (r.q_means, r.k_means)
 
 
 def check(dev):
@@ -89,6 +92,13 @@ def check(dev):
             print(f"  B{B} H{Hh} fsl{fsl} nqf{nqf} nkf{nkf} mass {mass}: out max {eo.max().item():.2e} (cuDNN {ec:.2e}) "
                   f"mean {eo.mean().item():.2e}, lse {el:.2e}, mass {em:.2e}, rows sum-1 {msum:.2e}, nan {nan}, "
                   f"out same with/without mass {same} {'ok' if good else 'BAD'}", flush=True)
+        want_q = q.double().view(B, nqf, fsl, Hh, D).mean(2).transpose(1, 2)
+        want_k = k.double().view(B, nkf, fsl, Hh, D).mean(2).transpose(1, 2)
+        for means in ("torch", "triton"):
+            qm, km = fa(q, k, v, scale, fsl, True, True, means)
+            err = max((qm.double() - want_q).abs().max().item(), (km.double() - want_k).abs().max().item())
+            ok &= err < 1e-6
+            print(f"    frame means ({means}): max error {err:.2e} {'ok' if err < 1e-6 else 'BAD'}", flush=True)
     return ok
 
 
@@ -117,6 +127,8 @@ def main():
         variants["gluon"] = lambda: fa(q, k, v, scale, FSL, True, False)
         variants["gluon mass"] = lambda: fa(q, k, v, scale, FSL, True, True)
         variants["triton mass"] = lambda: fa(q, k, v, scale, FSL, False, True)
+        variants["gluon mass+means torch"] = lambda: fa(q, k, v, scale, FSL, True, True, "torch")  # fused capture
+        variants["gluon mass+means triton"] = lambda: fa(q, k, v, scale, FSL, True, True, "triton")
         row = in_turns_ms(variants, a.calls, a.repeats)
         rows[kf] = row
         print(f"kf {kf:2d}: " + ", ".join(f"{n} {t:.3f}" for n, t in row.items() if t is not None), flush=True)

@@ -245,6 +245,21 @@ def test_fused_frame_means(fa, split):
     assert (km.double().cpu() - want_k).abs().max() < 1e-6
 
 
+def test_frame_means_kernels_match_float64(fa):
+    """frame_means_into (models/common/triton_attention.py: the Gluon path's frame means with config MEANS=
+    "triton"): every frame's mean vector equals float64's, for frames longer than its row block and not a
+    multiple of it, and for a view of a longer buffer (a KV cache's: batch stride > L * H * D)."""
+    from models.common.triton_attention import frame_means_into
+
+    B, H, D, fsl, nf = 2, 3, 16, 70, 3
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    buf = torch.randn(B, 5 * fsl, H, D, generator=torch.Generator().manual_seed(3)).to(DEV, dtype)
+    x = buf[:, fsl:(nf + 1) * fsl]
+    out = frame_means_into(x, fsl, torch.full((B, H, nf, D), float("nan"), device=DEV))
+    want = x.double().cpu().reshape(B, nf, fsl, H, D).mean(2).transpose(1, 2)
+    assert (out.double().cpu() - want).abs().max() < 1e-6
+
+
 @pytest.mark.parametrize("split", [1, 2])
 def test_fused_into_writes_the_buffer_cells(fa, split):
     """frame_forward_into_store writes attn_mass and attn_logit (float64 references) into the given cells of
@@ -369,6 +384,12 @@ def test_kernels_reject_bad_input(fa):
         fa.frame_forward_with_stats(q24, k24, k24, frame_seq_len=8)
     with pytest.raises(WorkbenchError, match="multiples of frame_seq_len"):
         fa.frame_mass_from_lse(q, k, torch.zeros(1, 2, 16), frame_seq_len=5, scale=0.25)
+    from models.common.triton_attention import frame_attention
+
+    with pytest.raises(ModelInputError, match="MEANS='fast'.*'torch' and 'triton'"):
+        dt = torch.bfloat16 if CUDA else torch.float32
+        frame_attention(q.to(DEV, dt), k.to(DEV, dt), v.to(DEV, dt), frame_seq_len=8, frame_means=True,
+                        config={"MEANS": "fast"})
 
 
 # ----------------------------------------------------------------------------- GPU: the model's frame length
@@ -616,7 +637,8 @@ def test_gpu_gluon_forward_matches_float64(fa, B, H, fsl, nqf, nkf, split):
     """The Gluon forward (models/common/gluon_attention.py) with its frame sums: output, log-sum-exp and every
     row's mass on every key frame equal a float64 softmax, with whole tiles and split ones (merged), frames of one
     key tile, frames whose edges fall inside or on tile boundaries; asking for the sums and the LSE leaves the
-    output's bits unchanged, and replaying from a CUDA graph gives the same bits."""
+    output's bits unchanged; the frame means (from torch and from Triton) equal float64's; replaying from a CUDA
+    graph gives the same bits."""
     from models.common.triton_attention import frame_attention
 
     _gluon_or_skip()
@@ -635,6 +657,12 @@ def test_gpu_gluon_forward_matches_float64(fa, B, H, fsl, nqf, nkf, split):
     assert (r.out.double() - out_d).abs().max() < 2e-2
     assert (r.lse.double() - torch.logsumexp(s, dim=-1)).abs().max() < 1e-4
     assert (r.row_mass.double() - mass_d).abs().max() * fsl < 1e-5  # a row's mass, not divided by fsl
+    for means in ("torch", "triton"):  # the frame means beside it (attn_logit's), both ways
+        fm = frame_attention(q, k, v, frame_seq_len=fsl, with_mass=True, frame_means=True,
+                             config={**cfg, "MEANS": means})
+        assert torch.equal(fm.out, base), means
+        assert (fm.q_means.double() - q64.reshape(B, H, nqf, fsl, 128).mean(3)).abs().max() < 1e-6, means
+        assert (fm.k_means.double() - k64.reshape(B, H, nkf, fsl, 128).mean(3)).abs().max() < 1e-6, means
     static = torch.empty_like(base)
     graph = torch.cuda.CUDAGraph()
     frame_attention(q, k, v, frame_seq_len=fsl, with_mass=True, config=cfg)  # compiled outside the capture

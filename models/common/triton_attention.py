@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from models.common.triton_attention_kernels import _frame_attn_fwd_kernel, _frame_attn_merge_kernel
+from models.common.triton_attention_kernels import (_frame_attn_fwd_kernel, _frame_attn_merge_kernel,
+                                                     _frame_means_finish_kernel, _frame_row_sums_kernel)
 from models.common.triton_attention_plan import default_config, resident_programs, split_plan
 from models.common.triton_common import (FLOAT_DTYPES, INTERPRET, LOG2E, TensorDescriptor, allowed_arg,
                                          check_device_and_dtype, int32_ok, last_dim_contiguous, on_device,
@@ -53,6 +54,22 @@ def runs_on(device: str, dtype: torch.dtype) -> bool:
     if INTERPRET:
         return device == "cpu" and dtype in FLOAT_DTYPES
     return device == "cuda" and dtype in (torch.bfloat16, torch.float16)
+
+
+def frame_means_into(x: torch.Tensor, frame_seq_len: int, out: torch.Tensor) -> torch.Tensor:
+    """out [B, H, nf, D] float32 (contiguous) = the mean vector of every frame of x [B, L, H, D] (last dim
+    contiguous, L a multiple of frame_seq_len): row blocks of 64 summed in float32, then added in order."""
+    B, L, H, D = x.shape
+    nf, block_r, block_c = L // frame_seq_len, 64, min(128, D)
+    n_r = triton.cdiv(frame_seq_len, block_r)
+    part = torch.empty((B * nf, n_r, H * D), dtype=torch.float32, device=x.device)
+    with on_device(x):
+        _frame_row_sums_kernel[(B * nf, n_r, H * D // block_c)](
+            x, part, x.stride(0), x.stride(1), x.stride(2), L, FSL=int(frame_seq_len), HEAD_DIM=D, BLOCK_R=block_r,
+            BLOCK_C=block_c, num_warps=4)
+        _frame_means_finish_kernel[(B * nf, H * D // block_c)](
+            part, out, H, nf, n_r, FSL=int(frame_seq_len), HEAD_DIM=D, BLOCK_C=block_c, num_warps=4)
+    return out
 
 
 def applies(q, k, v, frame_seq_len: int) -> bool:
@@ -87,7 +104,9 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
     `split_plan`; 1: never split; k: split tiles into k segments) and n_full (with an explicit split: the tiles
     before it run whole; default half), and WS (True: the opt-in warp-specialised plain forward, see
     `FUSED_WS_CANDIDATES` in models/common/triton_attention_plan.py; unmasked, TMA, no mass or means; its bits
-    differ from WS=False by rounding).
+    differ from WS=False by rounding), GLUON (None: the Gluon forward of models/common/gluon_attention.py where
+    it applies; False: never; True: required) and MEANS (the Gluon path's frame means: "torch", the default, or
+    "triton": `frame_means_into`, a candidate awaiting an H200 timing in bench/bench_gluon_attention.py).
     use_tma: None = on where usable (sm90+), or force False/True.
     """
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
@@ -114,6 +133,9 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
     split = cfg.pop("split", None)
     ws = bool(cfg.pop("WS", False))
     gluon = cfg.pop("GLUON", None)  # None: where it applies; False: never; True: required
+    means = cfg.pop("MEANS", "torch")  # the Gluon path's frame means: "torch" or "triton" (frame_means_into)
+    if means not in ("torch", "triton"):
+        raise ModelInputError(f"config MEANS={means!r}: allowed are 'torch' and 'triton'")
     if gluon is not False and not ws and not INTERPRET and gluon_attention is not None:
         if gluon_attention.applies(q, k, v, fsl, allowed is not None):
             gluon = True
@@ -199,7 +221,10 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
         if gluon:
             gluon_attention.launch(q, k, v, out, lse, rs, rm, pacc, pm, pl, scale, n_full, split, nkf, fsl,
                                    with_mass, with_lse)
-            if frame_means:  # the Gluon forward has no frame means: float32 means of q's and k's frames
+            if frame_means and means == "triton":  # the Gluon forward has no frame means: two passes each
+                frame_means_into(q, fsl, qsum)
+                frame_means_into(k, fsl, ksum)
+            elif frame_means:  # torch's mean over the middle dim
                 qsum.copy_(q.reshape(B, nqf, fsl, H, D).mean(2, dtype=torch.float32).transpose(1, 2))
                 ksum.copy_(k.reshape(B, nkf, fsl, H, D).mean(2, dtype=torch.float32).transpose(1, 2))
         else:

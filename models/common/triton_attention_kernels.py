@@ -1,6 +1,7 @@
 """The Triton kernels of the frame-tiled FlashAttention forward (models/common/triton_attention.py launches them
-and is their public API): `_frame_attn_fwd_kernel`, one program per work item, and `_frame_attn_merge_kernel`,
-which combines the segments of split tiles. Only the launcher imports them (and a test that compiles them for
+and is their public API): `_frame_attn_fwd_kernel`, one program per work item, `_frame_attn_merge_kernel`,
+which combines the segments of split tiles, and the two passes of `frame_means_into` (the frame means beside the
+Gluon forward, which has none of its own). Only the launcher imports them (and a test that compiles them for
 Hopper ahead of time).
 
 How it works (FlashAttention-2 online softmax, tensor-core dots, fp32 accumulators):
@@ -184,6 +185,42 @@ def _frame_mean(X, stride_x, row0, out_ptr, FSL: tl.constexpr, HEAD_DIM: tl.cons
         x = tl.load(X + (row0 + rows)[:, None] * stride_x + offs_d[None, :], mask=(rows < FSL)[:, None], other=0.0)
         acc += x.to(tl.float32)
     tl.store(out_ptr + offs_d, tl.sum(acc, 0) * (1.0 / FSL))
+
+
+@triton.jit
+def _frame_row_sums_kernel(X, Part, stride_xb, stride_xl, stride_xh, L, FSL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """First pass of the frame means (the Gluon path's, launched by triton_attention's `frame_means_into`):
+    program (b * nf + f, row block r, column block c) sums rows [r BLOCK_R, (r + 1) BLOCK_R) of frame f of
+    X [B, L, H, HEAD_DIM] over BLOCK_C of its H * HEAD_DIM columns in float32 into
+    Part [B * nf, cdiv(FSL, BLOCK_R), H * HEAD_DIM]. One tile a program: thousands of programs keep HBM busy."""
+    bf = tl.program_id(0)
+    nf = L // FSL
+    b = bf // nf
+    f = bf % nf
+    r = tl.program_id(1)
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)  # h * HEAD_DIM + d
+    rows = r * BLOCK_R + tl.arange(0, BLOCK_R)
+    ptr = (X + b.to(tl.int64) * stride_xb + (f * FSL + rows).to(tl.int64)[:, None] * stride_xl
+           + ((cols // HEAD_DIM) * stride_xh + cols % HEAD_DIM)[None, :])
+    x = tl.load(ptr, mask=(rows < FSL)[:, None], other=0.0)
+    n_r = tl.num_programs(1)
+    tl.store(Part + (bf * n_r + r).to(tl.int64) * tl.num_programs(2) * BLOCK_C + cols, tl.sum(x.to(tl.float32), 0))
+
+
+@triton.jit
+def _frame_means_finish_kernel(Part, Out, H, NF, N_R, FSL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                               BLOCK_C: tl.constexpr):
+    """Second pass: Out [B, H, NF, HEAD_DIM] float32 = each frame's N_R partial sums, added in order, / FSL.
+    Program (b * NF + f, column block)."""
+    bf = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r in range(0, N_R):
+        acc += tl.load(Part + (bf * N_R + r).to(tl.int64) * (H * HEAD_DIM) + cols)
+    b = bf // NF
+    f = bf % NF
+    tl.store(Out + ((b * H + cols // HEAD_DIM) * NF + f) * HEAD_DIM + cols % HEAD_DIM, acc * (1.0 / FSL))
 
 
 @triton.jit
