@@ -29,6 +29,7 @@ frames of at least BLOCK_N keys (`applies`). Measured on an H200 with bench/benc
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -268,8 +269,14 @@ def _attn_fwd(desc_q, desc_k, desc_v, out_ptr, lse_ptr, rs_ptr, rm_ptr, pacc_ptr
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+@functools.lru_cache(maxsize=None)
+def _smem_layout(block: tuple, bf16: bool):
+    """The shared-memory layout of a TMA block (made once: ~10 us of host time each, three a call)."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl.bfloat16 if bf16 else gl.float16)
+
+
 def _desc(t2d, block):
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if t2d.dtype == torch.bfloat16 else gl.float16)
+    layout = _smem_layout(tuple(block), t2d.dtype == torch.bfloat16)
     return TensorDescriptor(t2d, list(t2d.shape), list(t2d.stride()), block, layout)
 
 
