@@ -53,9 +53,8 @@ def reference(q, k, v, scale, fsl, heads):
 
 def fa(q, k, v, scale, fsl, gluon=True, mass=False, means=None):
     """means: None (no frame means), or how the Gluon path makes them ("torch" or "triton")."""
-    cfg = {"GLUON": gluon} if means is None else {"GLUON": gluon, "MEANS": means}
     r = frame_attention(q, k, v, frame_seq_len=fsl, scale=scale, with_mass=mass, with_lse=True,
-                        frame_means=means is not None, config=cfg)
+                        frame_means=means is not None, config={"GLUON": gluon, "MEANS": means or "torch"})
     return (r.out, r.lse, r.row_mass) if means is None else (r.q_means, r.k_means)
 
 

@@ -193,7 +193,8 @@ def _frame_row_sums_kernel(X, Part, stride_xb, stride_xl, stride_xh, L, FSL: tl.
     """First pass of the frame means (the Gluon path's, launched by triton_attention's `frame_means_into`):
     program (b * nf + f, row block r, column block c) sums rows [r BLOCK_R, (r + 1) BLOCK_R) of frame f of
     X [B, L, H, HEAD_DIM] over BLOCK_C of its H * HEAD_DIM columns in float32 into
-    Part [B * nf, cdiv(FSL, BLOCK_R), H * HEAD_DIM]. One tile a program: thousands of programs keep HBM busy."""
+    Part [B * nf, cdiv(FSL, BLOCK_R), H * HEAD_DIM]. One tile a program, so that thousands of programs share
+    the reading (a program a frame summing 1560 rows in series measured slower than torch's mean)."""
     bf = tl.program_id(0)
     nf = L // FSL
     b = bf // nf
