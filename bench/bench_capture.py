@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from bench_rollout import random_model, rollout_inputs, run_rollout, timed  # noqa: E402
+from gpu_power import sampler  # noqa: E402
 from models.common.attention_kernels import describe as backend_name  # noqa: E402
 from models.common.rollout import release_graphs  # noqa: E402
 from workbench.capture import CaptureSpec, Geometry, StatsProbe  # noqa: E402
@@ -73,8 +75,6 @@ def capture_run(model, noise, context, g, layers, mode, repeats, cls=StatsProbe,
 
 def profile_capture(model, noise, context, g):
     """GPU time by kernel: one plain rollout and one all-layer fused capture (both eager, after a warm-up)."""
-    import os
-
     from torch.profiler import ProfilerActivity, profile
 
     spec = CaptureSpec(tuple(range(30)), tuple(range(12)), (0, 1, 2, 3, 4), ("attn_mass", "attn_logit"))
@@ -101,6 +101,61 @@ def profile_capture(model, noise, context, g):
             print(f"#   {e.self_device_time_total / 1e3:9.1f} ms  {e.count:6d}x  {e.key[:110]}")
 
 
+def profile_graphed(model, noise, context, variants):
+    """GPU time by kernel of one replayed graphed rollout per variant (name, kernel, probe or None, config update):
+    the kernels as they run inside the CUDA graphs, at the clock the GPU holds under a full load (bench/gpu_power.py),
+    with the union of busy time and the idle time between kernels."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from models.common import triton_attention_plan as plan
+
+    for name, kernel, probe, update in variants:
+        saved, plan.FUSED_CONFIG_SM90 = plan.FUSED_CONFIG_SM90, {**plan.FUSED_CONFIG_SM90, **update}
+        model.attention_kernel = kernel
+        release_graphs(model)
+        try:
+            def once():
+                if probe is not None:
+                    probe.reset()
+                with attach(model, *([probe] if probe is not None else [])):
+                    run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(7), cuda_graphs=True)
+            for _ in range(3):  # warm-up, record, replay
+                once()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                t0, u0 = time.perf_counter(), time.time()
+                once()
+                torch.cuda.synchronize()
+                wall, u1 = time.perf_counter() - t0, time.time()
+        finally:
+            plan.FUSED_CONFIG_SM90 = saved
+            release_graphs(model)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and e.time_range.end > e.time_range.start]
+        ivs = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+        busy, cur = 0.0, None
+        for a, b in ivs:
+            if cur is None or a > cur[1]:
+                busy += 0 if cur is None else cur[1] - cur[0]
+                cur = [a, b]
+            else:
+                cur[1] = max(cur[1], b)
+        busy = (busy + (cur[1] - cur[0] if cur else 0)) / 1e6
+        span = (ivs[-1][1] - ivs[0][0]) / 1e6 if ivs else 0.0
+        by: dict = {}
+        for e in kernels:
+            n, t = by.get(e.name, (0, 0.0))
+            by[e.name] = (n + 1, t + (e.time_range.end - e.time_range.start) / 1e6)
+        total = sum(t for _, t in by.values())
+        print(f"# graphed profile, {name}: wall {wall:.3f} s (with the profiler), kernels {total:.3f} s in "
+              f"{len(kernels)} launches, GPU busy {busy:.3f} s, idle between kernels {span - busy:.3f} s of a "
+              f"{span:.3f} s span; {sampler.describe([(u0, u1)])}")
+        for k, (n, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[: int(os.environ.get("BENCH_TOP", "15"))]:
+            print(f"#   {t * 1000:9.1f} ms  {n:6d}x  {k[:110]}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
@@ -110,17 +165,25 @@ def main():
                     help="JSON dict (or a file holding one) updating frame_attention's Hopper config, e.g. the "
                          "output of bench/bench_fused_sweep.py --json, or '{\"MEANS\": \"triton\"}' (the frame "
                          "means beside the Gluon forward from Triton instead of torch)")
+    ap.add_argument("--also-fused", action="append", default=[], metavar="JSON",
+                    help="one more row 'fused, all 30 layers' with frame_attention's Hopper config updated by this "
+                         "JSON dict for that row only (repeatable), e.g. '{\"MEANS\": \"triton\"}': variants timed "
+                         "in one run, beside the same plain rows")
     ap.add_argument("--skip-bitwise", action="store_true",
                     help="skip the check of each mode's latents against the eager plain rollout (9 more rollouts)")
+    ap.add_argument("--profile-graphs", action="store_true",
+                    help="also print the GPU time by kernel of one replayed graphed rollout: plain, and all-layer "
+                         "fused capture with each --also-fused config (as the kernels run under a full load)")
     ap.add_argument("--profile", action="store_true",
                     help="also print the GPU kernel time by kernel of one eager all-layer fused capture and of one "
                          "plain rollout (BENCH_TOP rows, default 15)")
     args = ap.parse_args()
+    sampler.start()
+    import json
+
+    from models.common import triton_attention_plan as plan
+
     if args.fused_config:
-        import json
-
-        from models.common import triton_attention_plan as plan
-
         text = Path(args.fused_config).read_text() if Path(args.fused_config).is_file() else args.fused_config
         plan.FUSED_CONFIG_SM90 = {**plan.FUSED_CONFIG_SM90, **json.loads(text)}
         print(f"# Triton kernel config: {plan.FUSED_CONFIG_SM90}")
@@ -157,8 +220,18 @@ def main():
             print(f"| plain rollout (CUDA graphs, {kernel}) | FAILED: {type(err).__name__}: {str(err)[:200]} | | | | |")
     if args.profile:
         profile_capture(model, noise, context, g)
+    if args.profile_graphs:
+        spec = CaptureSpec(tuple(range(30)), tuple(range(12)), (0, 1, 2, 3, 4), ("attn_mass", "attn_logit"))
+        geo = Geometry(batch=1, num_frames=21, frame_seq_len=1560, text_len=512)
+        fused = lambda: StatsProbe(spec, geo, "cuda", mode="fused", kernel="triton")  # noqa: E731
+        profile_graphed(model, noise, context, [("plain rollout, auto", "auto", None, {}),
+                                                ("fused capture, all 30 layers", "triton", fused(), {})] +
+                        [(f"fused capture, all 30 layers, {json.dumps(c)}", "triton", fused(), c)
+                         for c in (json.loads(Path(a).read_text() if Path(a).is_file() else a)
+                                   for a in args.also_fused)])
     results, timings = {}, {}
-    rows = [  # (name, layers, mode, probe class, CUDA graphs)
+    extra = [json.loads(Path(a).read_text() if Path(a).is_file() else a) for a in args.also_fused]
+    rows = [  # (name, layers, mode, probe class, CUDA graphs[, frame_attention config update for this row])
         ("indicator, all 30 layers", range(30), "indicator", StatsProbe, True),
         ("indicator, layer 3", [3], "indicator", StatsProbe, True),
         ("exact, all 30 layers", range(30), "exact", StatsProbe, True),
@@ -168,17 +241,22 @@ def main():
         ("indicator, all 30 layers, eager", range(30), "indicator", StatsProbe, False),
         ("indicator, layer 3, eager", [3], "indicator", StatsProbe, False),
         ("materialising torch reference, layer 3, eager", [3], "exact", ReferenceProbe, False),
-    ]
+    ] + [(f"fused, all 30 layers, {json.dumps(c)}", range(30), "fused", StatsProbe, True, c) for c in extra]
     if args.only:
         rows = [r for r in rows if any(word in r[0] for word in args.only.split(","))]
     if args.skip_eager:
         rows = [r for r in rows if r[4]]
-    for name, layers, mode, cls, graphs in rows:
+    for name, layers, mode, cls, graphs, *update in rows:
+        saved = plan.FUSED_CONFIG_SM90
+        plan.FUSED_CONFIG_SM90 = {**saved, **(update[0] if update else {})}
         try:
             t, times, peak, res = capture_run(model, noise, context, g, layers, mode, args.repeats, cls, graphs)
         except Exception as err:  # report and go on: one failing mode must not hide the others
             print(f"| {name} | FAILED: {type(err).__name__}: {str(err)[:200]} | | | |")
             continue
+        finally:
+            plan.FUSED_CONFIG_SM90 = saved
+            release_graphs(model)  # a graph recorded under this row's config must not replay under the next's
         results[name] = res
         kernel = kernel_of(mode)
         timings[name] = (t, graphs, kernel)

@@ -4,7 +4,7 @@ First its errors against a float64 reference (output, log-sum-exp, per-row frame
 at q = 3 frames x 1560 tokens, k = 3..21 frames, 12 heads x 128, bf16 (CUDA graphs of `--calls` calls, variants
 replayed in turns, median of `--repeats`): cuDNN one call, cuDNN balanced (the default on Hopper), the Gluon
 kernel with and without the frame mass, and with the mass and the frame means (what `fused` capture runs on
-sm90; means from torch, or from `frame_means_into`'s two Triton passes), and the Triton forward with the frame
+sm90; means from `frame_means_into`'s two Triton passes, the default, or from torch), and the Triton forward with the frame
 mass. "rollout" = 150 x the sum over the seven key lengths.
 
     python3 bench/bench_gluon_attention.py [--calls 10] [--repeats 7] [--skip-check]

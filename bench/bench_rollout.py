@@ -21,9 +21,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+from gpu_power import sampler  # noqa: E402
 from models.common.attention_kernels import ATTENTION_KERNELS  # noqa: E402
 from models.common.rollout import causal_few_step  # noqa: E402
 from models.common.scheduler import FlowMatchScheduler  # noqa: E402
@@ -69,13 +71,16 @@ def timed(fn, repeats, warmups=1):
         torch.cuda.synchronize()
         if warmups > 1:
             print(f"# warm-up {i + 1}: {time.perf_counter() - t0:.3f} s")
-    times = []
+    times, spans = [], []
     for _ in range(repeats):
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, u0 = time.perf_counter(), time.time()
         fn()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        spans.append((u0, time.time()))
+    if sampler.proc is not None:  # bench/gpu_power.py: a power-limited GPU runs below its boost clock
+        print(f"# timed runs: {sampler.describe(spans)}")
     return statistics.median(times), times
 
 

@@ -245,17 +245,21 @@ def test_fused_frame_means(fa, split):
     assert (km.double().cpu() - want_k).abs().max() < 1e-6
 
 
-def test_frame_means_kernels_match_float64(fa):
+@pytest.mark.parametrize("tile", [None, dict(block_r=32, sub=16, block_c=32, num_warps=2), dict(block_r=64, sub=64,
+                                                                                                block_c=512)])
+def test_frame_means_kernels_match_float64(fa, tile):
     """frame_means_into (models/common/triton_attention.py: the Gluon path's frame means with config MEANS=
     "triton"): every frame's mean vector equals float64's, for frames longer than its row block and not a
-    multiple of it, and for a view of a longer buffer (a KV cache's: batch stride > L * H * D)."""
+    multiple of it, and for a view of a longer buffer (a KV cache's: batch stride > L * H * D); for the default
+    tiling, one with several sub-blocks a row block and column blocks spanning heads (32 of 48 columns does not
+    divide: 16 are used), and one wider than all columns."""
     from models.common.triton_attention import frame_means_into
 
     B, H, D, fsl, nf = 2, 3, 16, 70, 3
     dtype = torch.bfloat16 if CUDA else torch.float32
     buf = torch.randn(B, 5 * fsl, H, D, generator=torch.Generator().manual_seed(3)).to(DEV, dtype)
     x = buf[:, fsl:(nf + 1) * fsl]
-    out = frame_means_into(x, fsl, torch.full((B, H, nf, D), float("nan"), device=DEV))
+    out = frame_means_into(x, fsl, torch.full((B, H, nf, D), float("nan"), device=DEV), tile)
     want = x.double().cpu().reshape(B, nf, fsl, H, D).mean(2).transpose(1, 2)
     assert (out.double().cpu() - want).abs().max() < 1e-6
 

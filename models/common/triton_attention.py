@@ -56,19 +56,32 @@ def runs_on(device: str, dtype: torch.dtype) -> bool:
     return device == "cuda" and dtype in (torch.bfloat16, torch.float16)
 
 
-def frame_means_into(x: torch.Tensor, frame_seq_len: int, out: torch.Tensor) -> torch.Tensor:
+# frame_means_into's tiling: the fastest of 48 at the 1.3B rollout's shapes (bench/bench_frame_means.py, H200,
+# CUDA graphs): 29 ms of GPU time per rollout for q and k, 2.6 TB/s (torch's mean 43 ms, session 19's 64-row
+# blocks 45 ms; bench/RESULTS.md session 20)
+MEANS_TILE = dict(block_r=512, block_c=128, sub=64, num_warps=4)
+
+
+def frame_means_into(x: torch.Tensor, frame_seq_len: int, out: torch.Tensor, tile: dict | None = None) -> torch.Tensor:
     """out [B, H, nf, D] float32 (contiguous) = the mean vector of every frame of x [B, L, H, D] (last dim
-    contiguous, L a multiple of frame_seq_len): row blocks of 64 summed in float32, then added in order."""
+    contiguous, L a multiple of frame_seq_len): blocks of tile["block_r"] rows summed in float32 (tile["sub"]
+    rows at a time), then the blocks' sums added in order. tile: `MEANS_TILE` updated by these keys
+    (bench/bench_frame_means.py times the choices)."""
+    t = {**MEANS_TILE, **(tile or {})}
     B, L, H, D = x.shape
-    nf, block_r, block_c = L // frame_seq_len, 64, min(128, D)
+    # column blocks: the largest power of two dividing both block_c and the H * D columns
+    nf, block_r, block_c, sub = L // frame_seq_len, t["block_r"], math.gcd(t["block_c"], H * D), t["sub"]
+    if block_r % sub or sub & (sub - 1) or block_c & (block_c - 1):
+        raise ModelInputError(f"frame_means_into tile {t}: sub and block_c must be powers of two, sub dividing block_r")
     n_r = triton.cdiv(frame_seq_len, block_r)
     part = torch.empty((B * nf, n_r, H * D), dtype=torch.float32, device=x.device)
     with on_device(x):
         _frame_row_sums_kernel[(B * nf, n_r, H * D // block_c)](
             x, part, x.stride(0), x.stride(1), x.stride(2), L, FSL=int(frame_seq_len), HEAD_DIM=D, BLOCK_R=block_r,
-            BLOCK_C=block_c, num_warps=4)
-        _frame_means_finish_kernel[(B * nf, H * D // block_c)](
-            part, out, H, nf, n_r, FSL=int(frame_seq_len), HEAD_DIM=D, BLOCK_C=block_c, num_warps=4)
+            BLOCK_C=block_c, SUB=sub, num_warps=t["num_warps"])
+        fin_c = math.gcd(128, H * D)
+        _frame_means_finish_kernel[(B * nf, H * D // fin_c)](
+            part, out, H, nf, n_r, FSL=int(frame_seq_len), HEAD_DIM=D, BLOCK_C=fin_c, num_warps=4)
     return out
 
 
@@ -105,8 +118,9 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
     before it run whole; default half), and WS (True: the opt-in warp-specialised plain forward, see
     `FUSED_WS_CANDIDATES` in models/common/triton_attention_plan.py; unmasked, TMA, no mass or means; its bits
     differ from WS=False by rounding), GLUON (None: the Gluon forward of models/common/gluon_attention.py where
-    it applies; False: never; True: required) and MEANS (the Gluon path's frame means: "torch", the default, or
-    "triton": `frame_means_into`, a candidate awaiting an H200 timing in bench/bench_gluon_attention.py).
+    it applies; False: never; True: required), MEANS (the Gluon path's frame means: "triton", the default since
+    session 20: `frame_means_into`, or "torch": torch's mean; the same numbers to float32 rounding) and
+    MEANS_TILE (a dict updating `MEANS_TILE`).
     use_tma: None = on where usable (sm90+), or force False/True.
     """
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
@@ -133,7 +147,8 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
     split = cfg.pop("split", None)
     ws = bool(cfg.pop("WS", False))
     gluon = cfg.pop("GLUON", None)  # None: where it applies; False: never; True: required
-    means = cfg.pop("MEANS", "torch")  # the Gluon path's frame means: "torch" or "triton" (frame_means_into)
+    means = cfg.pop("MEANS", "triton")  # the Gluon path's frame means: "triton" (frame_means_into) or "torch"
+    means_tile = cfg.pop("MEANS_TILE", None)  # frame_means_into's tiling (None: MEANS_TILE)
     if means not in ("torch", "triton"):
         raise ModelInputError(f"config MEANS={means!r}: allowed are 'torch' and 'triton'")
     if gluon is not False and not ws and not INTERPRET and gluon_attention is not None:
@@ -221,9 +236,10 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
         if gluon:
             gluon_attention.launch(q, k, v, out, lse, rs, rm, pacc, pm, pl, scale, n_full, split, nkf, fsl,
                                    with_mass, with_lse)
-            if frame_means and means == "triton":  # the Gluon forward has no frame means: two passes each
-                frame_means_into(q, fsl, qsum)
-                frame_means_into(k, fsl, ksum)
+            if frame_means and means == "triton":  # the Gluon forward has no frame means: two passes each (fewer
+                # bytes than torch's mean, whose float32 result is transposed in a copy: 0.12 GiB less peak memory)
+                frame_means_into(q, fsl, qsum, means_tile)
+                frame_means_into(k, fsl, ksum, means_tile)
             elif frame_means:  # torch's mean over the middle dim
                 qsum.copy_(q.reshape(B, nqf, fsl, H, D).mean(2, dtype=torch.float32).transpose(1, 2))
                 ksum.copy_(k.reshape(B, nkf, fsl, H, D).mean(2, dtype=torch.float32).transpose(1, 2))

@@ -189,24 +189,27 @@ def _frame_mean(X, stride_x, row0, out_ptr, FSL: tl.constexpr, HEAD_DIM: tl.cons
 
 @triton.jit
 def _frame_row_sums_kernel(X, Part, stride_xb, stride_xl, stride_xh, L, FSL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SUB: tl.constexpr):
     """First pass of the frame means (the Gluon path's, launched by triton_attention's `frame_means_into`):
     program (b * nf + f, row block r, column block c) sums rows [r BLOCK_R, (r + 1) BLOCK_R) of frame f of
     X [B, L, H, HEAD_DIM] over BLOCK_C of its H * HEAD_DIM columns in float32 into
-    Part [B * nf, cdiv(FSL, BLOCK_R), H * HEAD_DIM]. One tile a program, so that thousands of programs share
-    the reading (a program a frame summing 1560 rows in series measured slower than torch's mean)."""
+    Part [B * nf, cdiv(FSL, BLOCK_R), H * HEAD_DIM], SUB rows at a time (elementwise float32 adds in row order,
+    then one sum over the SUB lanes). Small blocks, so that thousands of programs share the reading (a program a
+    frame summing 1560 rows in series measured slower than torch's mean)."""
     bf = tl.program_id(0)
     nf = L // FSL
     b = bf // nf
     f = bf % nf
     r = tl.program_id(1)
     cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)  # h * HEAD_DIM + d
-    rows = r * BLOCK_R + tl.arange(0, BLOCK_R)
-    ptr = (X + b.to(tl.int64) * stride_xb + (f * FSL + rows).to(tl.int64)[:, None] * stride_xl
-           + ((cols // HEAD_DIM) * stride_xh + cols % HEAD_DIM)[None, :])
-    x = tl.load(ptr, mask=(rows < FSL)[:, None], other=0.0)
+    col_off = ((cols // HEAD_DIM) * stride_xh + cols % HEAD_DIM)[None, :]
+    acc = tl.zeros([SUB, BLOCK_C], dtype=tl.float32)
+    for r0 in tl.static_range(0, BLOCK_R, SUB):
+        rows = r * BLOCK_R + r0 + tl.arange(0, SUB)
+        ptr = X + b.to(tl.int64) * stride_xb + (f * FSL + rows).to(tl.int64)[:, None] * stride_xl + col_off
+        acc += tl.load(ptr, mask=(rows < FSL)[:, None], other=0.0).to(tl.float32)
     n_r = tl.num_programs(1)
-    tl.store(Part + (bf * n_r + r).to(tl.int64) * tl.num_programs(2) * BLOCK_C + cols, tl.sum(x.to(tl.float32), 0))
+    tl.store(Part + (bf * n_r + r).to(tl.int64) * tl.num_programs(2) * BLOCK_C + cols, tl.sum(acc, 0))
 
 
 @triton.jit
