@@ -41,6 +41,8 @@ to DIR/bench_e2e.json):
  5. text: the prompt encode alone in bf16 and float32 (generate loads the encoder in float32).
  6. decoder-compile (--decoder-compile): the fast decoder's step through torch.compile (last: its compile
     time is unknown).
+Each timed run's SM clock and power draw are printed beside it (bench/gpu_power.py; the graphed 1.3B rollout
+draws the H200's 700 W and runs below its boost clock).
 --budget: sections starting after the time budget (seconds since start) are skipped and say so.
 --smoke: the same script on the embedded tiny models on the CPU (checks the script; measures nothing).
 
@@ -69,6 +71,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
+from gpu_power import sampler  # noqa: E402
 from models.common.attention_kernels import ATTENTION_KERNELS  # noqa: E402
 
 GIB = 1024 ** 3
@@ -210,7 +213,7 @@ def pipeline(m: Models, frames: int, *, decoder: str, overlap: bool, last_contex
     vae = vae or m.vae[decoder]
     h, w = Dev.latent
     Dev.sync()
-    t0 = time.perf_counter()
+    t0, u0 = time.perf_counter(), time.time()
     start = Dev.event()
     start.record()
     context = m.encoder.encode([PROMPT]).context  # [1, 512, 4096]
@@ -236,12 +239,12 @@ def pipeline(m: Models, frames: int, *, decoder: str, overlap: bool, last_contex
     end = Dev.event()
     end.record()
     Dev.sync()
-    wall = time.perf_counter() - t0
+    wall, span = time.perf_counter() - t0, (u0, time.time())
     T = video.shape[2]
     dit = [start.elapsed_time(chunk_ends[0]) - start.elapsed_time(encoded)] + \
         [a.elapsed_time(b) for a, b in zip(chunk_ends, chunk_ends[1:])]
     spans = decoded or [(p.started, p.done) for p in pending]
-    return dict(wall=wall, frames=T, fps=T / wall, first_ms=start.elapsed_time(spans[0][1]),
+    return dict(wall=wall, span=span, frames=T, fps=T / wall, first_ms=start.elapsed_time(spans[0][1]),
                 encode_ms=start.elapsed_time(encoded), gpu_ms=start.elapsed_time(end),
                 dit_ms=dit, decode_ms=[a.elapsed_time(b) for a, b in spans], latents=latents, video=video)
 
@@ -306,8 +309,9 @@ def section_e2e(m: Models, repeats: int, names: list[str]) -> None:
                          frames_equal_sequential=same_seq, dit_chunk_ms=[round(x, 1) for x in last_run["dit_ms"]],
                          decode_chunk_ms=[round(x, 1) for x in last_run["decode_ms"]],
                          warmup_s=round(time.perf_counter() - t - sum(r["wall"] for r in runs), 1))
+        out[name]["power"] = sampler.describe([r["span"] for r in runs])  # bench/gpu_power.py
         print(f"# {name}: warm-up {out[name]['warmup_s']} s; chunk rollout ms {out[name]['dit_chunk_ms']}; chunk "
-              f"decode ms {out[name]['decode_chunk_ms']}")
+              f"decode ms {out[name]['decode_chunk_ms']}; timed runs: {out[name]['power']}")
         del runs, last_run
         Dev.empty_cache()
     RolloutGraphs.eager_first = True
@@ -474,8 +478,10 @@ def section_long(m: Models, lengths: list[int]) -> None:
                          f"{statistics.mean(full):.0f} / {min(full):.0f} / {max(full):.0f} / {dit[-1]:.0f} ms",
                          f"{statistics.mean(dec[1:]):.0f} / {max(dec[1:]):.0f} ms"])
             out[n] = dict(wall=r["wall"], fps=r["fps"], first_ms=r["first_ms"], peak_gib=peak, record_run_s=warm,
-                          dit_chunk_ms=[round(x, 1) for x in dit], decode_chunk_ms=[round(x, 1) for x in dec])
-            print(f"# {n} latent frames: record run {warm:.1f} s; chunk rollout ms {out[n]['dit_chunk_ms']}")
+                          dit_chunk_ms=[round(x, 1) for x in dit], decode_chunk_ms=[round(x, 1) for x in dec],
+                          power=sampler.describe([r["span"]]))
+            print(f"# {n} latent frames: record run {warm:.1f} s; chunk rollout ms {out[n]['dit_chunk_ms']}; "
+                  f"timed run: {out[n]['power']}")
             del r
             Dev.empty_cache()
     finally:
@@ -724,6 +730,7 @@ def main(argv=None) -> int:
     print(f"command  python3 {' '.join(sys.argv)}")
     gpu = "none (--smoke)"
     if Dev.cuda():
+        sampler.start()  # the SM clock and power over each timed run (the 1.3B rollout is power-limited)
         props = torch.cuda.get_device_properties(0)
         gpu = props.name
         print(f"gpu      {props.name}  {props.total_memory / GIB:.1f} GiB, {props.multi_processor_count} SMs  "

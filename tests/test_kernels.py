@@ -262,6 +262,9 @@ def test_frame_means_kernels_match_float64(fa, tile):
     out = frame_means_into(x, fsl, torch.full((B, H, nf, D), float("nan"), device=DEV), tile)
     want = x.double().cpu().reshape(B, nf, fsl, H, D).mean(2).transpose(1, 2)
     assert (out.double().cpu() - want).abs().max() < 1e-6
+    for bad in (dict(block_r=48), dict(sub=128, block_r=64), dict(rows=64), dict(num_warps=0)):
+        with pytest.raises(ModelInputError, match="allowed keys are"):
+            frame_means_into(x, fsl, out, bad)
 
 
 @pytest.mark.parametrize("split", [1, 2])
