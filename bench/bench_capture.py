@@ -53,10 +53,11 @@ def kernel_of(mode: str) -> str:
     return {"fused": "triton", "indicator": "cudnn-balanced"}.get(mode, "auto")
 
 
-def capture_run(model, noise, context, g, layers, mode, repeats, cls=StatsProbe, graphs=True):
+def capture_run(model, noise, context, g, layers, mode, repeats, cls=StatsProbe, graphs=True,
+                stats=("attn_mass", "attn_logit")):
     """One probe for every rollout of the row (reset in between), as `workbench extract` does; with graphs the
     first two rollouts warm up and record, the timed ones replay."""
-    spec = CaptureSpec(tuple(layers), tuple(range(12)), (0, 1, 2, 3, 4), ("attn_mass", "attn_logit"))
+    spec = CaptureSpec(tuple(layers), tuple(range(12)), (0, 1, 2, 3, 4), tuple(stats))
     geo = Geometry(batch=1, num_frames=21, frame_seq_len=1560, text_len=512)
     model.attention_kernel = kernel_of(mode)
     probe = cls(spec, geo, "cuda", mode=mode, kernel=model.attention_kernel)
@@ -169,6 +170,11 @@ def main():
                     help="one more row 'fused, all 30 layers' with frame_attention's Hopper config updated by this "
                          "JSON dict for that row only (repeatable), e.g. '{\"MEANS\": \"triton\"}': variants timed "
                          "in one run, beside the same plain rows")
+    ap.add_argument("--mass-only", action="store_true",
+                    help="one more row: all-layer fused capture of attn_mass alone (no frame means for attn_logit)")
+    ap.add_argument("--plain-kernels", default="auto,cudnn,cudnn-balanced,triton",
+                    help="the kernels of the plain graphed rows, comma-separated (they must include 'auto', and "
+                         "'triton' for the fused rows' same-kernel percentages)")
     ap.add_argument("--skip-bitwise", action="store_true",
                     help="skip the check of each mode's latents against the eager plain rollout (9 more rollouts)")
     ap.add_argument("--profile-graphs", action="store_true",
@@ -210,7 +216,7 @@ def main():
         release_graphs(model)
         return t, times, peak
 
-    for kernel in ("auto", "cudnn", "cudnn-balanced", "triton"):
+    for kernel in args.plain_kernels.split(","):
         try:
             graphed[kernel], times, gpeak[kernel] = plain_graphed(kernel)
             print(f"| plain rollout (CUDA graphs, {backend_name('cuda', torch.bfloat16, kernel)}) | {graphed[kernel]:.3f} s "
@@ -242,15 +248,18 @@ def main():
         ("indicator, layer 3, eager", [3], "indicator", StatsProbe, False),
         ("materialising torch reference, layer 3, eager", [3], "exact", ReferenceProbe, False),
     ] + [(f"fused, all 30 layers, {json.dumps(c)}", range(30), "fused", StatsProbe, True, c) for c in extra]
+    if args.mass_only:  # the frame sums without attn_logit's frame means: what the means cost
+        rows.append(("fused, all 30 layers, attn_mass only", range(30), "fused", StatsProbe, True, {}, ("attn_mass",)))
     if args.only:
         rows = [r for r in rows if any(word in r[0] for word in args.only.split(","))]
     if args.skip_eager:
         rows = [r for r in rows if r[4]]
-    for name, layers, mode, cls, graphs, *update in rows:
+    for name, layers, mode, cls, graphs, *more in rows:
         saved = plan.FUSED_CONFIG_SM90
-        plan.FUSED_CONFIG_SM90 = {**saved, **(update[0] if update else {})}
+        plan.FUSED_CONFIG_SM90 = {**saved, **(more[0] if more else {})}
         try:
-            t, times, peak, res = capture_run(model, noise, context, g, layers, mode, args.repeats, cls, graphs)
+            t, times, peak, res = capture_run(model, noise, context, g, layers, mode, args.repeats, cls, graphs,
+                                              *more[1:])
         except Exception as err:  # report and go on: one failing mode must not hide the others
             print(f"| {name} | FAILED: {type(err).__name__}: {str(err)[:200]} | | | |")
             continue
