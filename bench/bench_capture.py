@@ -9,7 +9,8 @@ once with V widened by key-frame indicator columns; "fused", Triton kernel: the 
 the frame mass and the frame means); and a materialising torch reference on one layer. Each capture row is
 compared with the plain rollout of its own kernel and with the stock (cuDNN) plain rollout. Also checks each
 mode's store against the exact one, that rows sum to 1, and that each mode leaves the rollout's latents bitwise
-those of the plain rollout on the same kernel.
+those of the plain rollout on the same kernel. Every timed row also prints the SM clock and power draw over its
+timed runs (bench/gpu_power.py: the graphed rollout is power-limited on an H200).
 
     python bench/bench_capture.py [--repeats 3]
 """
@@ -164,8 +165,8 @@ def main():
     ap.add_argument("--skip-eager", action="store_true", help="skip the eager capture rows and the reference row")
     ap.add_argument("--fused-config", default="",
                     help="JSON dict (or a file holding one) updating frame_attention's Hopper config, e.g. the "
-                         "output of bench/bench_fused_sweep.py --json, or '{\"MEANS\": \"triton\"}' (the frame "
-                         "means beside the Gluon forward from Triton instead of torch)")
+                         "output of bench/bench_fused_sweep.py --json, or '{\"MEANS\": \"torch\"}' (the frame "
+                         "means beside the Gluon forward from torch instead of the default Triton passes)")
     ap.add_argument("--also-fused", action="append", default=[], metavar="JSON",
                     help="one more row 'fused, all 30 layers' with frame_attention's Hopper config updated by this "
                          "JSON dict for that row only (repeatable), e.g. '{\"MEANS\": \"triton\"}': variants timed "
@@ -184,6 +185,8 @@ def main():
                     help="also print the GPU kernel time by kernel of one eager all-layer fused capture and of one "
                          "plain rollout (BENCH_TOP rows, default 15)")
     args = ap.parse_args()
+    if "auto" not in args.plain_kernels.split(","):
+        ap.error(f"--plain-kernels {args.plain_kernels!r}: include 'auto' (the rows compare with it)")
     sampler.start()
     import json
 
