@@ -111,6 +111,7 @@ def profile_graphed(model, noise, context, variants):
 
     from torch.profiler import ProfilerActivity, profile
 
+    from bench_e2e import busy_span, gpu_kernels
     from models.common import triton_attention_plan as plan
 
     for name, kernel, probe, update in variants:
@@ -134,18 +135,8 @@ def profile_graphed(model, noise, context, variants):
         finally:
             plan.FUSED_CONFIG_SM90 = saved
             release_graphs(model)
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                   and e.time_range.end > e.time_range.start]
-        ivs = sorted((e.time_range.start, e.time_range.end) for e in kernels)
-        busy, cur = 0.0, None
-        for a, b in ivs:
-            if cur is None or a > cur[1]:
-                busy += 0 if cur is None else cur[1] - cur[0]
-                cur = [a, b]
-            else:
-                cur[1] = max(cur[1], b)
-        busy = (busy + (cur[1] - cur[0] if cur else 0)) / 1e6
-        span = (ivs[-1][1] - ivs[0][0]) / 1e6 if ivs else 0.0
+        kernels = gpu_kernels(prof)
+        busy, span = busy_span(kernels)
         by: dict = {}
         for e in kernels:
             n, t = by.get(e.name, (0, 0.0))

@@ -515,19 +515,15 @@ def categorize(name: str) -> str:
     return "other (elementwise, ...)"
 
 
-def kernel_breakdown(prof, wall_s: float) -> tuple[list[list], dict]:
-    """Kernel time per (category, stream), the union of busy intervals, host gaps and overlap."""
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-               and e.time_range.end > e.time_range.start]
-    by: dict = {}
-    streams: dict = {}
-    for e in kernels:
-        sid = getattr(e, "device_resource_id", 0)
-        streams.setdefault(sid, 0.0)
-        t = (e.time_range.end - e.time_range.start) / 1e6
-        streams[sid] += t
-        key = (categorize(e.name), sid)
-        by[key] = by.get(key, 0.0) + t
+def gpu_kernels(prof) -> list:
+    """The profiler's CUDA kernel events (with a duration)."""
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+            and e.time_range.end > e.time_range.start]
+
+
+def busy_span(kernels) -> tuple[float, float]:
+    """(seconds the GPU ran at least one of `kernels`: the union of their intervals, seconds from the first
+    kernel's start to the last one's end)."""
     ivs = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     busy, cur_s, cur_e = 0.0, None, None
     for s, e in ivs:
@@ -539,8 +535,22 @@ def kernel_breakdown(prof, wall_s: float) -> tuple[list[list], dict]:
             cur_e = max(cur_e, e)
     if cur_e is not None:
         busy += cur_e - cur_s
-    busy /= 1e6
-    span = (ivs[-1][1] - ivs[0][0]) / 1e6 if ivs else 0.0
+    return busy / 1e6, ((ivs[-1][1] - ivs[0][0]) / 1e6 if ivs else 0.0)
+
+
+def kernel_breakdown(prof, wall_s: float) -> tuple[list[list], dict]:
+    """Kernel time per (category, stream), the union of busy intervals, host gaps and overlap."""
+    kernels = gpu_kernels(prof)
+    by: dict = {}
+    streams: dict = {}
+    for e in kernels:
+        sid = getattr(e, "device_resource_id", 0)
+        streams.setdefault(sid, 0.0)
+        t = (e.time_range.end - e.time_range.start) / 1e6
+        streams[sid] += t
+        key = (categorize(e.name), sid)
+        by[key] = by.get(key, 0.0) + t
+    busy, span = busy_span(kernels)
     total = sum(by.values())
     order = sorted(streams, key=lambda s: -streams[s])
     names = {sid: f"stream {sid}" + (" (most work)" if i == 0 else "") for i, sid in enumerate(order)}

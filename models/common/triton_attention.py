@@ -68,8 +68,8 @@ def frame_means_into(x: torch.Tensor, frame_seq_len: int, out: torch.Tensor, til
     rows at a time), then the blocks' sums added in order. tile: `MEANS_TILE` updated by these keys
     (bench/bench_frame_means.py times the choices)."""
     t = {**MEANS_TILE, **(tile or {})}
-    if set(t) != set(MEANS_TILE) or not all(isinstance(v, int) and v > 0 and not v & (v - 1) for v in t.values()) \
-            or t["sub"] > t["block_r"]:
+    if tile and (set(t) != set(MEANS_TILE) or t["sub"] > t["block_r"]
+                 or not all(isinstance(v, int) and v > 0 and not v & (v - 1) for v in t.values())):
         raise ModelInputError(f"frame_means_into tile {tile}: allowed keys are {sorted(MEANS_TILE)}, each a power of "
                               f"two, sub <= block_r")
     B, L, H, D = x.shape
