@@ -6,8 +6,9 @@ model's Triton kernel (attention_kernel="triton"); capture of attn_mass + attn_l
 heads x 5 steps, and for one layer, in the three capture modes ("exact": the model's kernel gives the output and
 the log-sum-exp, a Triton kernel recomputes the frame mass; "indicator", stock kernel: the model's kernel runs
 once with V widened by key-frame indicator columns; "fused", Triton kernel: the model's own forward also returns
-the frame mass and the frame means); and a materialising torch reference on one layer. Each capture row is
-compared with the plain rollout of its own kernel and with the stock (cuDNN) plain rollout. Also checks each
+the frame mass and the frame means; the probe keeps each key frame's mean between calls, and one more row
+averages every key frame in every call, what that saves); and a materialising torch reference on one layer.
+Each capture row is compared with the plain rollout of its own kernel and with the stock (cuDNN) plain rollout. Also checks each
 mode's store against the exact one, that rows sum to 1, and that each mode leaves the rollout's latents bitwise
 those of the plain rollout on the same kernel. Every timed row also prints the SM clock and power draw over its
 timed runs (bench/gpu_power.py: the graphed rollout is power-limited on an H200).
@@ -46,6 +47,12 @@ class ReferenceProbe(StatsProbe):
         from workbench.kernels.reference import frame_mass_reference
 
         return {"attn_mass": frame_mass_reference(q, k, frame_seq_len=call.frame_seq_len, lse=lse)}
+
+
+class RecomputedKeyMeans(StatsProbe):
+    """The fused store path averaging every key frame in every call (before session 21: no kept key means)."""
+
+    reuse_key_means = False
 
 
 def kernel_of(mode: str) -> str:
@@ -237,6 +244,7 @@ def main():
         ("exact, all 30 layers", range(30), "exact", StatsProbe, True),
         ("exact, layer 3", [3], "exact", StatsProbe, True),
         ("fused, all 30 layers", range(30), "fused", StatsProbe, True),
+        ("fused, all 30 layers, k means recomputed each call", range(30), "fused", RecomputedKeyMeans, True),
         ("fused, layer 3", [3], "fused", StatsProbe, True),
         ("indicator, all 30 layers, eager", range(30), "indicator", StatsProbe, False),
         ("indicator, layer 3, eager", [3], "indicator", StatsProbe, False),

@@ -511,11 +511,46 @@ def test_warp_specialised_variant_refuses_what_it_does_not_compute(fa):
                             **{"use_tma": True, **kwargs})
 
 
-def test_model_on_triton_kernel_fused_capture_changes_nothing(fa):
+def test_fused_store_reads_kept_key_means(fa):
+    """frame_forward_into_store with key_means: the fresh runs' means land in their absolute frames' slots, bitwise
+    what one pass over all of k gives those frames (frame_means_into's per-frame sums); the other slots are read
+    as kept (attn_logit from them, float64 reference), never written; bad runs or buffers are refused before any
+    work."""
+    from models.common.triton_attention import frame_means_into
+
+    B, H, D, fsl, nqf, nkf, F = 2, 2, 16, 12, 2, 4, 6
+    q, k, v = (t.to(DEV) for t in rand_qkv(B, H, D, fsl, nqf, nkf, seed=11))
+    qidx, kidx = torch.tensor([3, 4], device=DEV), torch.tensor([0, 2, 3, 4], device=DEV)
+    kept = torch.randn(B, H, F, D, generator=torch.Generator().manual_seed(1)).to(DEV)  # frames 0, 2: "kept"
+    before = kept.clone()
+    mass, logit = (torch.full((B, H, F, F), float("nan"), device=DEV) for _ in range(2))
+    out = fa.frame_forward_into_store(q, k, v, frame_seq_len=fsl, mass_out=mass, logit_out=logit, query_index=qidx,
+                                      key_index=kidx, key_means=kept, fresh=[(2, 4, 3)])  # positions 2-3: frames 3-4
+    everything = frame_means_into(k, fsl, torch.empty(B, H, nkf, D, device=DEV))
+    assert torch.equal(kept[:, :, 3:5], everything[:, :, 2:4])
+    assert torch.equal(kept[:, :, [0, 1, 2, 5]], before[:, :, [0, 1, 2, 5]])
+    qm = q.double().cpu().view(B, nqf, fsl, H, D).mean(2).permute(0, 2, 1, 3)
+    km = kept.double().cpu()[:, :, [0, 2, 3, 4]]
+    want = qm @ km.transpose(-1, -2) / math.sqrt(D)
+    assert (logit[:, :, qidx[:, None], kidx[None, :]].double().cpu() - want).abs().max() < 1e-5
+    assert (out.double().cpu() - dense(q, k, v, fsl)[0]).abs().max() < (2e-2 if CUDA else 1e-5)
+    assert int((~logit.isnan()).sum()) == B * H * nqf * nkf
+    for bad_runs, bad_means in (([(2, 5, 3)], kept), ([(1, 3, 5)], kept), ([(2, 4, 3)], kept[:, :, :4]),
+                                ([(2, 4, 3)], kept.transpose(2, 3)), ([(2, 4, 3)], kept.double())):
+        with pytest.raises(WorkbenchError, match="fresh key-frame run|key_means must be"):
+            fa.frame_forward_into_store(q, k, v, frame_seq_len=fsl, logit_out=torch.full_like(logit, float("nan")),
+                                        query_index=qidx, key_index=kidx, key_means=bad_means, fresh=bad_runs)
+    assert torch.equal(kept, torch.cat([before[:, :, :3], everything[:, :, 2:4], before[:, :, 5:]], 2))
+    with pytest.raises(ModelInputError, match="allowed is a contiguous float32"):
+        frame_means_into(k, fsl, kept, first_frame=3)  # 4 frames from slot 3 of 6
+
+
+def test_model_on_triton_kernel_fused_capture_changes_nothing(fa, monkeypatch):
     """A tiny causal model with attention_kernel="triton" (run here by the interpreter or the GPU): a fused
     capture of every head and an exact capture both leave the rollout bitwise as the plain run, and the stored
     statistics equal the float64 reference of the q, k each call saw (sink + window eviction: the third chunk
-    already evicts)."""
+    already evicts). The fused probe averages only the keys each call wrote (the chunk's 3 frames; the other
+    frames' means are kept from the call that wrote them, across the eviction's moves)."""
     import numpy as np
     from attention_reference import AttendRecorder, dense_frame_stats, expected_key_frames
     from conftest import tiny_model
@@ -543,9 +578,21 @@ def test_model_on_triton_kernel_fused_capture_changes_nothing(fa):
     plain = rollout()
     fused = StatsProbe(spec, geo, DEV, mode="fused", kernel="triton")
     rec = AttendRecorder(model, [0, 1])
+    averaged, means_into = [], fa.frame_means_into  # (frames, first_frame) of every frame-means pass
+
+    def spy(x, frame_seq_len, out, tile=None, first_frame=None):
+        averaged.append((x.shape[1] // frame_seq_len, first_frame))
+        return means_into(x, frame_seq_len, out, tile, first_frame or 0)
+
+    monkeypatch.setattr(fa, "frame_means_into", spy)
     assert torch.equal(rollout(fused), plain)
+    monkeypatch.undo()
     rec.remove()
     assert fused.last_path == "fused-store"  # the kernel wrote the cells itself
+    calls = 2 * (frames // nfpb) * steps
+    assert averaged.count((nfpb, None)) == calls  # q: every call
+    assert sorted(a for a in averaged if a[1] is not None) == sorted((nfpb, c * nfpb) for c in range(frames // nfpb)
+                                                                   for _ in range(2 * steps))  # k: the new chunk
     exact = StatsProbe(spec, geo, DEV, mode="exact", kernel="triton")
     assert torch.equal(rollout(exact), plain)
     tol = 1e-3 if CUDA else 1e-5
@@ -560,6 +607,65 @@ def test_model_on_triton_kernel_fused_capture_changes_nothing(fa):
                     got = probe.results()[name][0, step, layer][:, qf[:, None], kf[None, :]]
                     scale = 1.0 if name == "attn_mass" else max(1.0, float(want.abs().max()))
                     assert np.abs(got - want[0].cpu().numpy()).max() < tol * scale, (name, layer, visit, probe.mode)
+
+
+def test_kept_key_means_follow_rerotation_and_in_place_edits(fa, monkeypatch, one_thread):
+    """The fused probe keeps each key frame's mean between calls (workbench/capture.py `_kept_key_means`). Under a
+    deep-sink policy (the sink's keys re-rotated to new RoPE positions) and a hook that edits the sink's keys in
+    the KV cache in place at every chunk's second forward, attn_logit still equals the float64 reference of the
+    q, k each call saw; with the cache's and the call's stamp guards switched off it does not (the check can
+    fail)."""
+    import numpy as np
+    from attention_reference import AttendRecorder, dense_frame_stats
+    from conftest import tiny_model
+    from models.common.kv_cache import KeyStamps, KVCache
+    from models.common.rollout import causal_few_step
+    from models.common.scheduler import FlowMatchScheduler
+    from workbench.capture import CaptureSpec, Geometry, StatsProbe
+    from workbench.hooks import attach
+    from workbench.kv_policies import DeepSink
+
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    model = tiny_model().to(DEV).to(dtype)
+    model.attention_kernel = "triton"
+    cfg, frames, fsl, steps = model.config, 9, 6, 5
+
+    def edit_sink(module, args):  # each chunk's second forward scales the sink frame's keys in the cache
+        q, k, _v, call = args[:4]
+        if call.labels.step == 1 and call.key_frames[0] == 0:
+            k[:, :fsl] *= 1.5
+
+    def rollout():
+        g = torch.Generator(device=DEV).manual_seed(0)
+        noise = torch.randn(1, frames, 16, 4, 6, generator=g, device=DEV).to(dtype)
+        ctx = torch.randn(1, cfg.text_len, 32, generator=g, device=DEV).to(dtype)
+        s = FlowMatchScheduler(5.0)
+        probe = StatsProbe(CaptureSpec(layers=(0, 1), heads=tuple(range(cfg.num_heads)), steps=tuple(range(steps))),
+                           Geometry(1, frames, fsl, cfg.text_len), DEV, mode="fused", kernel="triton")
+        hook = model.blocks[0].self_attn.attend.register_forward_pre_hook(edit_sink)
+        rec = AttendRecorder(model, [0, 1])  # after the hook: it records the edited keys
+        with attach(model, probe):
+            causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s, generator=g,
+                            cache_policy=DeepSink(5, 1))
+        hook.remove()
+        rec.remove()
+        assert probe.last_path == "fused-store"
+        worst, moved = 0.0, False
+        for layer, calls in rec.records.items():
+            for q, k, call in calls:
+                moved |= call.key_frames[0] == 0 and len(call.key_frames) > 1 and call.key_frames[1] > 1
+                _, logit = dense_frame_stats(q, k, fsl)
+                got = probe.results()["attn_logit"][0, call.labels.step, layer][
+                    :, np.array(call.query_frames)[:, None], np.array(call.key_frames)[None, :]]
+                worst = max(worst, float(np.abs(got - logit[0].cpu().numpy()).max() / logit.abs().max()))
+        assert moved  # the policy evicted and re-aligned the sink
+        return worst
+
+    tol = 1e-3 if CUDA else 1e-5
+    assert rollout() < tol
+    monkeypatch.setattr(KVCache, "_check_foreign_writes", lambda self: None)
+    monkeypatch.setattr(KeyStamps, "valid_for", lambda self, k: True)
+    assert rollout() > 10 * tol
 
 
 @pytest.mark.gpu
@@ -585,6 +691,17 @@ def test_gpu_triton_kernel_output_is_the_same_for_every_variant_at_rollout_shape
     want = ref.frame_mass_reference(q, k, frame_seq_len=fsl)
     assert (mass_out[:, :, 21 - nqf:, 21 - nkf:] - want).abs().max() < 1e-3
     assert int(mass_out.isnan().sum()) == heads * (21 * 21 - nqf * nkf)
+    # the probe's kept key means (the new chunk averaged, the earlier frames' means from an earlier call): the
+    # same output and the same attn_logit bits as averaging all of k in this call
+    kept, old = torch.zeros(1, heads, 21, 128, device="cuda"), nkf - nqf
+    if old:  # an earlier call over the earlier frames alone keeps their means
+        fa.frame_forward_into_store(q, k[:, : old * fsl].contiguous(), v[:, : old * fsl].contiguous(),
+                                    frame_seq_len=fsl, logit_out=torch.empty_like(logit_out), query_index=qi,
+                                    key_index=ki[:old], key_means=kept, fresh=[(0, old, 21 - nkf)])
+    got = torch.full_like(logit_out, float("nan"))
+    out = fa.frame_forward_into_store(q, k, v, frame_seq_len=fsl, logit_out=got, query_index=qi, key_index=ki,
+                                      key_means=kept, fresh=[(old, nkf, 21 - nqf)])
+    assert torch.equal(out, base) and torch.equal(got.nan_to_num(7.0), logit_out.nan_to_num(7.0))
 
 
 @pytest.mark.gpu

@@ -232,3 +232,45 @@ def test_gpu_graphed_rollout_with_a_policy_equals_eager():
         eager = go(model, False, policy)
         for _ in range(3):
             assert torch.equal(go(model, True, policy), eager), policy.name
+
+
+def test_stamps_change_exactly_when_a_frames_keys_do():
+    """A slot's stamp (models/common/kv_cache.py) is new whenever the cache writes or re-rotates the frame's keys,
+    moves with the frame when eviction or a policy compacts the slots, and every stamp is new once anything else
+    wrote the keys in place; `KeyStamps.valid_for` holds only for the window the cache gave, unedited."""
+    from models.common.kv_cache import KeyStamps
+
+    heads, d, n = 2, 12, 3
+    cache = KVCache(1, 6, FSL, heads, d, sink_frames=1, evict=True, dtype=torch.float64)
+    cache.temporal_freqs = RopeTable((d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))).tables[0][1]
+    chunk = lambda: torch.randn(1, n * FSL, heads, d, dtype=torch.float64)  # noqa: E731
+    stamps_of = lambda: dict(zip(cache.frames, cache.stamps))  # noqa: E731
+    cache.write(0, chunk(), chunk())
+    first = stamps_of()
+    cache.write(0, chunk(), chunk())  # the chunk's next forward rewrites it
+    assert set(stamps_of().values()).isdisjoint(first.values())
+    before = stamps_of()
+    cache.write(3, chunk(), chunk())
+    assert {f: stamps_of()[f] for f in (0, 1, 2)} == before  # appending leaves the others alone
+    before = stamps_of()
+    cache.write(6, chunk(), chunk())  # evicts frames 1-3: frames 0, 4, 5 move or stay, their stamps with them
+    assert cache.frames == [0, 4, 5, 6, 7, 8] and all(stamps_of()[f] == before[f] for f in (0, 4, 5))
+    k, _, _ = cache.window()
+    st = KeyStamps.of(cache, k)
+    assert st.stamps == tuple(cache.stamps) and st.valid_for(k)
+    assert not st.valid_for(k.clone())  # a replaced k
+    before = stamps_of()
+    cache.keep([0, 5, 6, 7, 8], positions=[4, 5, 6, 7, 8])  # frame 4 leaves, the sink moves to position 4
+    after = stamps_of()
+    assert after[0] != before[0] and all(after[f] == before[f] for f in (5, 6, 7, 8))
+    k, _, _ = cache.window()
+    st = KeyStamps.of(cache, k)
+    k[:, :FSL] *= 2  # a hook editing the window in place: this call's stamps no longer hold ...
+    assert not st.valid_for(k)
+    before = stamps_of()
+    cache.write(9, chunk()[:, :FSL], chunk()[:, :FSL])  # ... nor any later ones
+    assert set(stamps_of().values()).isdisjoint(before.values())
+    with torch.inference_mode():
+        frozen = KVCache(1, 2, FSL, heads, d)
+        frozen.write(0, chunk()[:, :FSL], chunk()[:, :FSL])
+        assert KeyStamps.of(frozen, frozen.window()[0]) is None  # inference tensors keep no version counter

@@ -76,6 +76,7 @@ class StatsProbe(Probe):
     """
 
     graph_safe = True
+    reuse_key_means = True  # the fused store path keeps each key frame's mean between calls (`_kept_key_means`)
 
     def __init__(self, spec: CaptureSpec, geometry: Geometry, device, mode: str = "exact", kernel: str = "auto"):
         self.stats = [STATISTICS[name] for name in spec.stats]
@@ -99,6 +100,8 @@ class StatsProbe(Probe):
         self.filled: set[tuple] = set()  # (kind, step, layer, query frame) cells written
         self._recording: list | None = None
         self.last_path: str | None = None  # how the last call was captured: exact, indicator, fused, fused-store
+        self._key_means: dict[int, torch.Tensor] = {}  # layer -> [B, H, F, D] float32: every key frame's mean
+        self._key_stamps: dict[tuple[int, int], int] = {}  # (layer, frame) -> the KV-cache stamp its mean is of
 
     def reset(self) -> None:
         """Forget the last rollout: NaN buffers (in place, at the same addresses), no claimed cells."""
@@ -106,6 +109,7 @@ class StatsProbe(Probe):
             buf.fill_(float("nan"))
         self.timesteps.clear()
         self.filled.clear()
+        self._key_stamps.clear()  # (stamps are never reused; this only lets the held entries go)
 
     # CUDA-graph protocol (models.common.rollout.RolloutGraphs): the calls seen while a forward is recorded are
     # claimed again, in the same order, each time that forward's graph replays.
@@ -175,10 +179,13 @@ class StatsProbe(Probe):
             self._claim(call)  # before the kernel writes its cells
             s, l = self.step_pos[call.labels.step], self.layer_pos[call.layer]
             logit = self.buffers.get("attn_logit")
+            key_means, fresh, stamps = self._kept_key_means(call, q, k) if logit is not None else (None, (), {})
             out = frame_forward_into_store(
                 q, k, v, frame_seq_len=fsl, mass_out=self.buffers["attn_mass"][:, s, l],
                 logit_out=None if logit is None else logit[:, s, l],
-                query_index=self._index(call.query_frames, q.device), key_index=self._index(call.key_frames, q.device))
+                query_index=self._index(call.query_frames, q.device), key_index=self._index(call.key_frames, q.device),
+                key_means=key_means, fresh=fresh)
+            self._key_stamps.update(stamps)  # (once the means are computed: a refused call leaves none behind)
             self.last_path = "fused-store"
             return out
         else:
@@ -194,6 +201,37 @@ class StatsProbe(Probe):
         self._place(call, CallTensors(q, k, None, fsl, call.frame_mask, given), here)
         self.last_path = self.mode
         return out
+
+    def _kept_key_means(self, call: AttentionCall, q, k):
+        """(key_means [B, H, F, D], fresh runs, {(layer, frame): stamp} to hold after the call) for the store path's
+        attn_logit, or (None, (), {}) where the call's key means are all computed afresh. Each layer keeps every key
+        frame's mean vector with the KV cache's stamp of the keys it came from (`KeyStamps`); a call recomputes
+        only the frames whose stamp differs (in a rollout: the chunk it just wrote; after a cache policy moved a
+        frame's RoPE position: that frame), so the means read q and the new keys, not the whole cache, and are
+        the same bits (a frame's mean depends on its own rows only). Never when the call's k is not the cache's
+        as stamped (an intervention or a hook replaced or edited it)."""
+        st, layer = call.key_stamps, call.layer
+        if (not self.reuse_key_means or st is None or len(st.stamps) != len(call.key_frames) or not st.valid_for(k)
+                or q.shape[0] != self.geo.batch or max(call.key_frames) >= self.geo.num_frames):
+            return None, (), {}
+        buf = self._key_means.get(layer)
+        B, _, H, D = q.shape
+        if buf is None or tuple(buf.shape) != (B, H, self.geo.num_frames, D) or buf.device != q.device:
+            if q.is_cuda and torch.cuda.is_current_stream_capturing():
+                return None, (), {}  # (allocated by the eager warm-up rollout, not inside a graph)
+            buf = self._key_means[layer] = torch.zeros((B, H, self.geo.num_frames, D), dtype=torch.float32,
+                                                       device=q.device)
+            self._key_stamps = {key: v for key, v in self._key_stamps.items() if key[0] != layer}
+        fresh, stamps = [], {}
+        for i, (frame, stamp) in enumerate(zip(call.key_frames, st.stamps)):
+            if self._key_stamps.get((layer, frame)) == stamp:
+                continue
+            stamps[(layer, frame)] = stamp
+            if fresh and fresh[-1][1] == i and fresh[-1][2] + i - fresh[-1][0] == frame:
+                fresh[-1][1] = i + 1  # extends the run: the next position and the next absolute frame
+            else:
+                fresh.append([i, i + 1, frame])
+        return buf, tuple(tuple(r) for r in fresh), stamps
 
     def on_call(self, call: AttentionCall, q, k, v, out, lse) -> None:
         """The exact path (`Probe.observe` selected the heads)."""

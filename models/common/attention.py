@@ -4,7 +4,8 @@ Each call carries what it is, as an `AttentionCall`:
 - from the rollout (`ForwardLabels`): denoising step, timestep, chunk, phase (denoise / context), CFG branch;
 - from the model: layer index and kind (self / cross);
 - from the KV cache: the absolute latent frame of every query frame and key frame (after sink and window
-  eviction the key frames are not contiguous, e.g. 0-2 then 12-20), and which (query, key) frame pairs are
+  eviction the key frames are not contiguous, e.g. 0-2 then 12-20), each key frame's stamp (`KeyStamps`: it
+  changes whenever the cache writes or re-rotates that frame's keys), and which (query, key) frame pairs are
   attended when a mask applies (block-causal full-sequence forward).
 
 Two kinds of subscribers are passed in by the model (`WanModel.observers`, `WanModel.interventions`); `models/`
@@ -30,6 +31,7 @@ from typing import Hashable, Protocol, Sequence
 import torch
 
 from models.common.attention_kernels import compute
+from models.common.kv_cache import KeyStamps
 from models.common.labels import ForwardLabels  # noqa: F401 (re-exported: the labels every AttentionCall carries)
 
 # --------------------------------------------------------------------------------------------------
@@ -53,6 +55,9 @@ class AttentionCall:
     kernel: str = "auto"  # the model's attention kernel choice (models.common.attention_kernels.CHOICES)
     edits: tuple[str, ...] = ()  # labels of the interventions that edited this call, in the order they ran
     head_mask: torch.Tensor | None = None  # [num_heads, n_key_frames] bool: a head-wise cache policy's key frames
+    key_stamps: KeyStamps | None = None  # the KV cache's stamp of each key frame (equal stamps, equal keys) and
+    # which k tensor they describe; None without a cache. An observer may reuse what it computed from a key frame
+    # while its stamp holds and `key_stamps.valid_for(k)` (an edited k is not the cache's)
 
     @property
     def step(self) -> int | None:

@@ -9,7 +9,10 @@ Semantics are those of Self-Forcing's `CausalWanModel._forward_inference`:
 - every query of a call attends to every frame in the cache (its own chunk included).
 
 The cache records which absolute frame each slot holds, so attention calls are labelled from what is really
-there, not from a count.
+there, not from a count. It also gives each slot a stamp, a number drawn from one process-wide counter whenever
+the slot's keys are written or re-rotated (moving a frame to another slot keeps its stamp): equal stamps mean
+equal keys, so an observer may keep something it computed from a frame's keys until the stamp changes
+(`KeyStamps`; the statistics probe keeps each key frame's mean vector).
 
 Cache policies (`CachePolicy`; workbench/kv_policies.py implements FIFO window, window + sink, deep sink with
 temporal RoPE re-alignment, attention-guided compression and head-wise policies): after each chunk of a rollout
@@ -39,6 +42,7 @@ when an exit forward computes them afresh (with gradient) instead:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Hashable, Protocol
 
@@ -47,6 +51,34 @@ import torch
 from models.errors import ModelInputError
 
 KV_GRADIENTS = ("inplace", "detached")
+_STAMPS = itertools.count(1)  # every cache's slot stamps: never the same number twice in a process
+
+
+@dataclass(frozen=True)
+class KeyStamps:
+    """What an attention call's keys are, frame by frame, as the cache wrote them: one stamp per key frame (equal
+    stamps, equal keys) and the identity of the key tensor the call was given (its storage and in-place version
+    counter). `valid_for(k)` is False once anything but the cache changed those keys: an intervention or a hook
+    that replaced k or wrote into it in place."""
+
+    stamps: tuple[int, ...]  # one per key frame, in token order
+    ptr: int  # k.data_ptr() when the call was made
+    version: int  # k._version then
+
+    @classmethod
+    def of(cls, cache, k: torch.Tensor) -> "KeyStamps | None":
+        """The stamps of the window `cache.window()` returned as k, or None where there are none (a cache without
+        stamps, e.g. a training forward's `GradWindow`; inference-mode tensors, which keep no version counter)."""
+        stamps = getattr(cache, "stamps", None)
+        if stamps is None or len(stamps) != len(cache.frames) or k.is_inference():
+            return None
+        cache._check_foreign_writes()
+        stamps = cache.stamps
+        return cls(tuple(stamps), k.data_ptr(), k._version)
+
+    def valid_for(self, k: torch.Tensor) -> bool:
+        return not k.is_inference() and k.data_ptr() == self.ptr and k._version == self.version
+
 TEXT_KV_GRADIENTS = ("follows_checkpointing", "every_exit", "first_forward")
 
 
@@ -64,6 +96,8 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.frames: list[int] = []  # absolute frame index held by each filled slot, in slot order
         self.positions: list[int] = []  # temporal RoPE position of each filled slot's keys (its frame unless moved)
+        self.stamps: list[int] = []  # each filled slot's stamp: new whenever its keys are written or re-rotated
+        self._own_version = self._k_version()  # self.k's in-place version counter after the cache's own last write
         self.head_mask: torch.Tensor | None = None  # [heads, filled slots] bool: which heads attend to which
         self.end_frame = 0  # one past the newest absolute frame written
         self.temporal_freqs: torch.Tensor | None = None  # [rope_split[0] / 2] float64: `keep` re-rotates with it
@@ -74,15 +108,29 @@ class KVCache:
         a, b = self.place(start_frame, n)
         self.k[:, a:b] = k_new
         self.v[:, a:b] = v_new
+        self._own_version = self._k_version()
+
+    def _k_version(self) -> int | None:
+        return None if self.k.is_inference() else self.k._version
+
+    def _check_foreign_writes(self) -> None:
+        """New stamps for every slot if anything but the cache wrote its keys in place since its own last write (a
+        hook editing the window it was given, a training forward's `GradWindow`): stamps must never outlive the
+        keys they describe."""
+        if self._k_version() != self._own_version:
+            self.stamps = [next(_STAMPS) for _ in self.stamps]
+            self._own_version = self._k_version()
 
     def place(self, start_frame: int, n: int) -> tuple[int, int]:
         """Make room for frames [start_frame, start_frame + n) (evicting if needed) and return their token slots
         [a, b). A chunk seen before gets its old slots; a new chunk is appended."""
+        self._check_foreign_writes()
         frames = list(range(start_frame, start_frame + n))
         if start_frame + n <= self.end_frame:  # a chunk seen before: overwrite its slots in place
             if not set(frames) <= set(self.frames):
                 raise ModelInputError(f"frames {frames} were evicted from the KV cache and cannot be rewritten")
             slot = self.frames.index(start_frame)
+            self.stamps[slot : slot + n] = [next(_STAMPS) for _ in range(n)]
         else:
             if start_frame != self.end_frame:
                 raise ModelInputError(
@@ -99,6 +147,7 @@ class KVCache:
             slot = len(self.frames)
             self.frames.extend(frames)
             self.positions.extend(frames)  # new keys are rotated at their absolute frame (models/wan/model.py)
+            self.stamps.extend(next(_STAMPS) for _ in range(n))
             if self.head_mask is not None:  # every head attends to a new frame
                 self.head_mask = torch.cat([self.head_mask, self.head_mask.new_ones(self.head_mask.shape[0], n)], 1)
             self.end_frame = start_frame + n
@@ -116,6 +165,8 @@ class KVCache:
         self.v[:, dst] = self.v[:, src].clone()
         del self.frames[self.sink : keep_from]
         del self.positions[self.sink : keep_from]
+        del self.stamps[self.sink : keep_from]
+        self._own_version = self._k_version()
         if self.head_mask is not None:
             self.head_mask = torch.cat([self.head_mask[:, : self.sink], self.head_mask[:, keep_from:]], 1)
 
@@ -124,6 +175,7 @@ class KVCache:
         are), with `head_mask` [heads, len(frames)] bool (None: every head attends to every kept frame).
         Slots are compacted to the left in place; a frame whose position changes has its keys' temporal
         channels rotated by the angle of the change."""
+        self._check_foreign_writes()
         frames = [int(f) for f in frames]
         where = {f: i for i, f in enumerate(self.frames)}
         missing = [f for f in frames if f not in where]
@@ -136,6 +188,7 @@ class KVCache:
         if len(positions) != len(frames) or any(not 0 <= p < 1024 for p in positions):
             raise ModelInputError(f"cache policy positions {positions} for frames {frames}: one per frame, in 0-1023")
         fsl = self.fsl
+        stamps = [self.stamps[i] for i in src]
         for dst, i in enumerate(src):  # left to right: a slot is read before anything is written over it
             if dst != i:
                 self.k[:, dst * fsl : (dst + 1) * fsl] = self.k[:, i * fsl : (i + 1) * fsl].clone()
@@ -143,10 +196,12 @@ class KVCache:
             delta = positions[dst] - self.positions[i]
             if delta:
                 self._retime(slice(dst * fsl, (dst + 1) * fsl), delta)
+                stamps[dst] = next(_STAMPS)
         if head_mask is not None and tuple(head_mask.shape) != (self.k.shape[2], len(frames)):
             raise ModelInputError(f"cache policy head mask of shape {tuple(head_mask.shape)}; expected "
                                   f"[{self.k.shape[2]}, {len(frames)}]")
-        self.frames, self.positions = frames, positions
+        self.frames, self.positions, self.stamps = frames, positions, stamps
+        self._own_version = self._k_version()
         self.head_mask = None if head_mask is None or bool(head_mask.all()) else head_mask.to(torch.bool).cpu()
 
     def _retime(self, tokens: slice, delta: int) -> None:
@@ -161,6 +216,18 @@ class KVCache:
         pairs = k[..., : 2 * t].to(work).unflatten(-1, (t, 2))
         x0, x1 = pairs[..., 0], pairs[..., 1]
         k[..., : 2 * t] = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2).to(k.dtype)
+
+    def clear(self) -> None:
+        """Empty (the next rollout rewrites every slot before reading it; the tensors keep their addresses)."""
+        self.frames, self.positions, self.stamps, self.head_mask, self.end_frame = [], [], [], None, 0
+
+    def state(self) -> tuple:
+        """The slot bookkeeping (what `restore` puts back: a CUDA graph replay writes the tensors, not this)."""
+        return list(self.frames), list(self.positions), list(self.stamps), self.head_mask, self.end_frame
+
+    def restore(self, state: tuple) -> None:
+        frames, positions, stamps, self.head_mask, self.end_frame = state
+        self.frames, self.positions, self.stamps = list(frames), list(positions), list(stamps)
 
     def held_bytes(self) -> int:
         """Bytes of keys and values in filled slots (what the held frames take, not the allocation)."""

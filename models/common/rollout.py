@@ -134,7 +134,7 @@ class RolloutGraphs:
         before they are read)."""
         self.context.copy_(context)
         for kv in self.cache.kv:
-            kv.frames, kv.positions, kv.head_mask, kv.end_frame = [], [], None, 0
+            kv.clear()
         self.rollouts += 1
         if not self._eager():  # the eager warm-up rollout fills the cross cache; graphs read it in place
             model.fill_cross_cache(self.context, self.cache)
@@ -162,7 +162,7 @@ class RolloutGraphs:
                     out = model(xs, ts, self.context, cache=self.cache, start_frame=start, labels=labels)
             finally:
                 seen = [obs.end_recording() for obs in self.observers]
-            state = [(list(kv.frames), list(kv.positions), kv.head_mask, kv.end_frame) for kv in self.cache.kv]
+            state = [kv.state() for kv in self.cache.kv]
             self.graphs[key] = (graph, xs, ts, out, state, seen, rope)
             replayed = False  # the calls were seen (and their bookkeeping done) while recording
         else:
@@ -171,8 +171,8 @@ class RolloutGraphs:
         xs.copy_(x)
         ts.copy_(t)
         graph.replay()
-        for kv, (frames, positions, head_mask, end) in zip(self.cache.kv, state):
-            kv.frames, kv.positions, kv.head_mask, kv.end_frame = list(frames), list(positions), head_mask, end
+        for kv, kv_state in zip(self.cache.kv, state):
+            kv.restore(kv_state)
         if replayed:
             for obs, calls in zip(self.observers, seen):
                 obs.replay_recorded(calls)

@@ -62,10 +62,13 @@ def runs_on(device: str, dtype: torch.dtype) -> bool:
 MEANS_TILE = dict(block_r=512, block_c=128, sub=64, num_warps=4)
 
 
-def frame_means_into(x: torch.Tensor, frame_seq_len: int, out: torch.Tensor, tile: dict | None = None) -> torch.Tensor:
-    """out [B, H, nf, D] float32 (contiguous) = the mean vector of every frame of x [B, L, H, D] (last dim
-    contiguous, L a multiple of frame_seq_len): blocks of tile["block_r"] rows summed in float32 (tile["sub"]
-    rows at a time), then the blocks' sums added in order. tile: `MEANS_TILE` updated by these keys
+def frame_means_into(x: torch.Tensor, frame_seq_len: int, out: torch.Tensor, tile: dict | None = None,
+                     first_frame: int = 0) -> torch.Tensor:
+    """out[:, :, first_frame + f] = the mean vector of frame f of x [B, L, H, D] (last dim contiguous, L a
+    multiple of frame_seq_len), out [B, H, >= first_frame + L / frame_seq_len, D] float32 contiguous: blocks of
+    tile["block_r"] rows summed in float32 (tile["sub"] rows at a time), then the blocks' sums added in order.
+    A frame's mean depends on its own rows only (rows counted from the frame's start), so a frame's mean is the
+    same bits whichever frames are averaged with it. tile: `MEANS_TILE` updated by these keys
     (bench/bench_frame_means.py times the choices)."""
     t = {**MEANS_TILE, **(tile or {})}
     if tile and (set(t) != set(MEANS_TILE) or t["sub"] > t["block_r"]
@@ -75,6 +78,11 @@ def frame_means_into(x: torch.Tensor, frame_seq_len: int, out: torch.Tensor, til
     B, L, H, D = x.shape
     # column blocks: the largest power of two dividing both block_c and the H * D columns
     nf, block_r, block_c, sub = L // frame_seq_len, t["block_r"], math.gcd(t["block_c"], H * D), t["sub"]
+    if (out.dim() != 4 or tuple(out.shape[:2]) != (B, H) or out.shape[3] != D or not 0 <= first_frame
+            or first_frame + nf > out.shape[2] or not out.is_contiguous() or out.dtype != torch.float32):
+        raise ModelInputError(f"frame_means_into out {out.dtype} {tuple(out.shape)} (contiguous: {out.is_contiguous()}) "
+                              f"for frames {first_frame}..{first_frame + nf - 1} of x {tuple(x.shape)}: allowed is a "
+                              f"contiguous float32 [{B}, {H}, >= {first_frame + nf}, {D}]")
     n_r = triton.cdiv(frame_seq_len, block_r)
     part = torch.empty((B * nf, n_r, H * D), dtype=torch.float32, device=x.device)
     with on_device(x):
@@ -83,7 +91,8 @@ def frame_means_into(x: torch.Tensor, frame_seq_len: int, out: torch.Tensor, til
             BLOCK_C=block_c, SUB=sub, num_warps=t["num_warps"])
         fin_c = math.gcd(128, H * D)
         _frame_means_finish_kernel[(B * nf, H * D // fin_c)](
-            part, out, H, nf, n_r, FSL=int(frame_seq_len), HEAD_DIM=D, BLOCK_C=fin_c, num_warps=4)
+            part, out, H, nf, n_r, out.shape[2], int(first_frame), FSL=int(frame_seq_len), HEAD_DIM=D,
+            BLOCK_C=fin_c, num_warps=4)
     return out
 
 

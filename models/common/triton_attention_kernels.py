@@ -214,10 +214,10 @@ def _frame_row_sums_kernel(X, Part, stride_xb, stride_xl, stride_xh, L, FSL: tl.
 
 
 @triton.jit
-def _frame_means_finish_kernel(Part, Out, H, NF, N_R, FSL: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _frame_means_finish_kernel(Part, Out, H, NF, N_R, NF_OUT, F0, FSL: tl.constexpr, HEAD_DIM: tl.constexpr,
                                BLOCK_C: tl.constexpr):
-    """Second pass: Out [B, H, NF, HEAD_DIM] float32 = each frame's N_R partial sums, added in order, / FSL.
-    Program (b * NF + f, column block)."""
+    """Second pass: Out[:, :, F0 + f] (Out [B, H, NF_OUT, HEAD_DIM] float32) = frame f's N_R partial sums, added in
+    order, / FSL. Program (b * NF + f, column block)."""
     bf = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -225,7 +225,7 @@ def _frame_means_finish_kernel(Part, Out, H, NF, N_R, FSL: tl.constexpr, HEAD_DI
         acc += tl.load(Part + (bf * N_R + r).to(tl.int64) * (H * HEAD_DIM) + cols)
     b = bf // NF
     f = bf % NF
-    tl.store(Out + ((b * H + cols // HEAD_DIM) * NF + f) * HEAD_DIM + cols % HEAD_DIM, acc * (1.0 / FSL))
+    tl.store(Out + ((b * H + cols // HEAD_DIM) * NF_OUT + F0 + f) * HEAD_DIM + cols % HEAD_DIM, acc * (1.0 / FSL))
 
 
 @triton.jit

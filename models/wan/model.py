@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from models.common.attention import AttentionCall, Attend, ForwardLabels, ObserverList
 from models.common.attention_kernels import check_kernel
 from models.common.chunks import chunk_spans
-from models.common.kv_cache import CrossCache, GradWindow, KVCache, RolloutCache
+from models.common.kv_cache import CrossCache, GradWindow, KeyStamps, KVCache, RolloutCache
 from models.common.window import attended_key_frames
 from models.errors import ModelInputError
 from models.wan import fused
@@ -120,13 +120,14 @@ class SelfAttention(nn.Module):
         marks it so); it is also the only place the layer index is read, so every layer shares the compiled
         code around it."""
         if cache is None:
-            key_frames, frame_mask = ctx.query_frames, ctx.frame_mask
+            key_frames, frame_mask, stamps = ctx.query_frames, ctx.frame_mask, None
         else:
             k, v, key_frames = through_cache(cache, ctx.start_frame, k, v)  # [B, Lk, heads, head_dim]
-            frame_mask = None
+            frame_mask, stamps = None, KeyStamps.of(cache, k)
         head_mask = getattr(cache, "head_mask", None)  # a head-wise cache policy's frames per head
         call = AttentionCall(self.layer, "self", ctx.labels, ctx.query_frames, key_frames, ctx.frame_seq_len,
-                             ctx.grid, frame_mask, self.num_heads, self.head_dim, ctx.kernel, head_mask=head_mask)
+                             ctx.grid, frame_mask, self.num_heads, self.head_dim, ctx.kernel, head_mask=head_mask,
+                             key_stamps=stamps)
         return self.attend(q, k, v, call, ctx.observers, interventions=ctx.interventions)
 
 

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from models.common import triton_attention  # the model's forward: its public API (frame_attention)
+from models.common.triton_attention import frame_means_into
 from models.common.triton_common import (INTERPRET, LOG2E, allowed_arg, check_device_and_dtype, int32_ok,
                                   last_dim_contiguous, on_device)
 from workbench.errors import WorkbenchError
@@ -51,13 +52,15 @@ def _store_frame_stats_kernel(
     RS, QM, KM, MASS_OUT, LOGIT_OUT, QIDX, KIDX,
     stride_mb, stride_mh, stride_mq, stride_mk,
     stride_lb, stride_lh, stride_lq, stride_lk,
-    H, Lq, NQF, NKF, scale,
+    H, Lq, NQF, NKF, NKM, scale,
     FSL: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
-    WITH_MASS: tl.constexpr, WITH_LOGIT: tl.constexpr,
+    WITH_MASS: tl.constexpr, WITH_LOGIT: tl.constexpr, KM_BY_FRAME: tl.constexpr,
 ):
     # grid: (B * H * NQF * NKF,). For query frame g and key frame f of (b, h): mass = sum of the frame's rows of
     # RS[b, h, f, :] (each already divided by fsl) and logit = QM[b, h, g] . KM[b, h, f] * scale, written straight
     # into MASS_OUT / LOGIT_OUT [B, H, F, F] (strided views of a capture buffer) at (QIDX[g], KIDX[f]).
+    # KM [B, H, NKM, D]: the call's key frames in order (NKM = NKF) or, KM_BY_FRAME, every absolute frame's slot
+    # (row KIDX[f]: the probe's kept key means).
     pid = tl.program_id(0)
     f = pid % NKF
     g = (pid // NKF) % NQF
@@ -76,7 +79,7 @@ def _store_frame_stats_kernel(
     if WITH_LOGIT:
         d = tl.arange(0, HEAD_DIM)
         qm = tl.load(QM + (bh * NQF + g) * HEAD_DIM + d)  # [D]
-        km = tl.load(KM + (bh * NKF + f) * HEAD_DIM + d)
+        km = tl.load(KM + (bh * NKM + (kj if KM_BY_FRAME else f)) * HEAD_DIM + d)
         tl.store(LOGIT_OUT + b * stride_lb + h * stride_lh + qi * stride_lq + kj * stride_lk,
                  tl.sum(qm * km, 0) * scale)
 
@@ -98,13 +101,22 @@ def _launch_frame_forward(q, k, v, *, frame_seq_len, scale=None, allowed=None, c
         with_mass = store.get("mass_out") is not None
     B, Lq, H, D, Lk, nqf, nkf = check_frame_inputs(q, k, v, frame_seq_len=frame_seq_len, allowed=allowed)
     if store is not None:
-        _check_store(store, B, H, nqf, nkf, q.device)  # (the launcher checks device and dtype before any work)
+        _check_store(store, B, H, nqf, nkf, D, q.device)  # (the launcher checks device and dtype before any work)
     fsl = int(frame_seq_len)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    kept = store is not None and store.get("key_means") is not None  # the means are made below, not in the forward
+    q, k, v = last_dim_contiguous(q, k, v)
     r = triton_attention.frame_attention(q, k, v, frame_seq_len=fsl, scale=scale, allowed=allowed, with_mass=with_mass,
-                            frame_means=frame_means, config=config, use_tma=use_tma)
+                            frame_means=frame_means and not kept, config=config, use_tma=use_tma)
     if store is not None:
-        _store_frame_stats(store, r.row_mass, r.q_means, r.k_means, B, H, Lq, nqf, nkf, fsl, D, scale)
+        q_means, k_means = r.q_means, r.k_means
+        if store.get("key_means") is not None and frame_means:  # the kept key means: q's and the new frames'
+            q_means = torch.empty((B, H, nqf, D), dtype=torch.float32, device=q.device)
+            frame_means_into(q, fsl, q_means)
+            k_means = store["key_means"]
+            for a, b, first in store["fresh"]:
+                frame_means_into(k[:, a * fsl : b * fsl], fsl, k_means, first_frame=first)
+        _store_frame_stats(store, r.row_mass, q_means, k_means, B, H, Lq, nqf, nkf, fsl, D, scale)
         return r.out, None
     mass = None
     if with_mass:
@@ -116,7 +128,7 @@ def _launch_frame_forward(q, k, v, *, frame_seq_len, scale=None, allowed=None, c
     return r.out, mass
 
 
-def _check_store(store, B, H, nqf, nkf, device):
+def _check_store(store, B, H, nqf, nkf, D, device):
     mass_out, logit_out = store.get("mass_out"), store.get("logit_out")
     qidx, kidx = store["query_index"], store["key_index"]
     if mass_out is None and logit_out is None:
@@ -132,9 +144,21 @@ def _check_store(store, B, H, nqf, nkf, device):
     if qidx.numel() != nqf or kidx.numel() != nkf:
         raise WorkbenchError(f"query_index/key_index have {qidx.numel()}/{kidx.numel()} entries for {nqf} query "
                              f"and {nkf} key frames")
+    km = store.get("key_means")
+    if km is not None:
+        if (km.dim() != 4 or km.dtype != torch.float32 or tuple(km.shape[:2]) != (B, H) or km.shape[3] != D
+                or not km.is_contiguous() or km.device != device):
+            raise WorkbenchError(f"key_means must be a contiguous float32 [B={B}, H={H}, F, D={D}] tensor on {device}; "
+                                 f"got {km.dtype} {tuple(km.shape)} on {km.device}")
+        for run in store["fresh"]:
+            a, b, first = run
+            if not (0 <= a < b <= nkf and 0 <= first and first + b - a <= km.shape[2]):
+                raise WorkbenchError(f"fresh key-frame run {run}: allowed are (first, end, frame) with "
+                                     f"0 <= first < end <= {nkf} key frames and frame + end - first <= {km.shape[2]}")
 
 
 def _store_frame_stats(store, rs, qsum, ksum, B, H, Lq, nqf, nkf, fsl, D, scale):
+    by_frame = store.get("key_means") is not None  # ksum: the kept means, one slot per absolute frame
     mass_out, logit_out = store.get("mass_out"), store.get("logit_out")
     qidx, kidx = store["query_index"], store["key_index"]
     ms = mass_out.stride() if mass_out is not None else (0, 0, 0, 0)
@@ -143,20 +167,28 @@ def _store_frame_stats(store, rs, qsum, ksum, B, H, Lq, nqf, nkf, fsl, D, scale)
     rs, qsum, ksum = (unused if t is None else t for t in (rs, qsum, ksum))
     _store_frame_stats_kernel[(B * H * nqf * nkf,)](
         rs, qsum, ksum, mass_out if mass_out is not None else unused, logit_out if logit_out is not None else unused,
-        qidx, kidx, *ms, *ls, H, Lq, nqf, nkf, scale,
+        qidx, kidx, *ms, *ls, H, Lq, nqf, nkf, ksum.shape[2] if by_frame else nkf, scale,
         FSL=fsl, HEAD_DIM=D, ROWS=512, WITH_MASS=mass_out is not None, WITH_LOGIT=logit_out is not None,
-        num_warps=4)
+        KM_BY_FRAME=by_frame, num_warps=4)
 
 
 def frame_forward_into_store(q, k, v, *, frame_seq_len, mass_out=None, logit_out=None, query_index,
-                               key_index, scale=None):
+                               key_index, scale=None, key_means=None, fresh=()):
     """The Triton frame forward of an unmasked call that also writes its frame statistics into capture buffers:
     mass_out[b, h, query_index[i], key_index[j]] = attn_mass of query frame i and key frame j, and logit_out
     the same cells of attn_logit (mean q of the frame . mean k of the frame * scale); either may be None.
     mass_out / logit_out: float32 [B, H, F, F] views (any strides); query_index [nqf], key_index [nkf] int
     tensors on the GPU. One small kernel after the forward replaces the row sums, the logit matmul and the
-    scatter into the buffers. Returns out [B, Lq, H, D]."""
-    store = dict(mass_out=mass_out, logit_out=logit_out, query_index=query_index, key_index=key_index)
+    scatter into the buffers. Returns out [B, Lq, H, D].
+
+    key_means (with logit_out): float32 [B, H, F, D] contiguous, the mean key vector of every absolute frame as
+    kept by the caller from earlier calls; `fresh` lists the runs of this call's key frames whose means it does
+    not hold yet, (first, end, frame): key frames first..end-1 of the call (positions in k) are absolute frames
+    frame, frame + 1, ...; their means are computed (`frame_means_into`) into those slots before the logits read
+    key_means at key_index. Then the frame means are two Triton passes (q, the fresh frames of k), whatever the
+    config's MEANS; a frame's mean is the same bits as from a pass over all of k."""
+    store = dict(mass_out=mass_out, logit_out=logit_out, query_index=query_index, key_index=key_index,
+                 key_means=key_means if logit_out is not None else None, fresh=tuple(fresh))
     return _launch_frame_forward(q, k, v, frame_seq_len=frame_seq_len, scale=scale, store=store)[0]
 
 
