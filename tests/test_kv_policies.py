@@ -274,3 +274,22 @@ def test_stamps_change_exactly_when_a_frames_keys_do():
         frozen = KVCache(1, 2, FSL, heads, d)
         frozen.write(0, chunk()[:, :FSL], chunk()[:, :FSL])
         assert KeyStamps.of(frozen, frozen.window()[0]) is None  # inference tensors keep no version counter
+
+
+def test_write_finds_keys_made_in_their_slots():
+    """`KVCache.slots` places a chunk (evicting as `write` would) and returns its slots; keys/values made there
+    (through any view of them, as the model's q/k kernel and v GEMM do) are found in place by `write`, which
+    copies only what is elsewhere."""
+    heads, d, n = 2, 4, 3
+    cache = KVCache(1, 6, FSL, heads, d, sink_frames=1, evict=True)
+    for c in range(2):
+        cache.write(c * n, torch.randn(1, n * FSL, heads, d), torch.randn(1, n * FSL, heads, d))
+    k_slot, v_slot = cache.slots(6, n)  # evicts frames 1-3
+    assert cache.frames == [0, 4, 5, 6, 7, 8]
+    k_new, v_new = torch.randn(1, n * FSL, heads, d), torch.randn(1, n * FSL, heads, d)
+    k_view = k_slot.view(1, n * FSL, heads * d)  # (a view whose size-1 batch dim has another stride)
+    k_view.copy_(k_new.view(1, n * FSL, heads * d))
+    cache.write(6, k_view.view(1, n * FSL, heads, d), v_new)  # v from elsewhere: copied
+    k, v, frames = cache.window()
+    assert frames == (0, 4, 5, 6, 7, 8)
+    assert torch.equal(k[:, 3 * FSL :], k_new) and torch.equal(v[:, 3 * FSL :], v_new)

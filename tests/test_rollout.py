@@ -229,6 +229,43 @@ def test_schedule_labels():
 
 
 @pytest.mark.gpu
+def test_kv_made_in_the_cache_slots_equals_the_copied_kv(monkeypatch):
+    """The chunk's keys/values made directly in the KV cache's slots (models/wan/model.py `cache_slots`: the q/k
+    kernel and the v GEMM write there, `KVCache.write` copies nothing) give bitwise the latents and the final
+    cache of the copying path, eager and from CUDA graphs, with a window that evicts."""
+    from models.common.kv_cache import KVCache
+    from models.wan import model as wan
+
+    model = tiny_model(local_attn_size=6, sink_size=1).cuda().to(torch.bfloat16)
+    s = FlowMatchScheduler(5.0)
+    placed = []
+    slots = KVCache.slots
+    monkeypatch.setattr(KVCache, "slots", lambda self, *a: placed.append(a) or slots(self, *a))
+
+    def run(direct, graphs):
+        monkeypatch.setattr(wan, "DIRECT_KV_WRITES", direct)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        noise = torch.randn(1, 12, C, H, W, generator=g, device="cuda").to(torch.bfloat16)
+        ctx = torch.randn(1, 16, 32, generator=g, device="cuda").to(torch.bfloat16)
+        out = causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s, generator=g,
+                              cuda_graphs=graphs)
+        cache = model._rollout_graphs.cache.kv[1] if graphs else None
+        return out, None if cache is None else (cache.k.clone(), cache.v.clone())
+
+    copied, _ = run(False, False)
+    assert not placed
+    direct, _ = run(True, False)
+    assert len(placed) == 2 * 4 * 5  # every self-attention call of both layers made its k, v in the cache
+    assert torch.equal(direct, copied)
+    for _ in range(3):  # warm-up, record, replay
+        a, cache_a = run(True, True)
+    for _ in range(3):
+        b, cache_b = run(False, True)
+    assert torch.equal(a, copied) and torch.equal(b, copied)
+    assert torch.equal(cache_a[0], cache_b[0]) and torch.equal(cache_a[1], cache_b[1])
+
+
+@pytest.mark.gpu
 def test_cuda_graph_rollout_equals_eager_rollout():
     model = tiny_model(local_attn_size=6, sink_size=1).cuda().to(torch.bfloat16)
     s = FlowMatchScheduler(5.0)

@@ -12,7 +12,9 @@ The cache records which absolute frame each slot holds, so attention calls are l
 there, not from a count. It also gives each slot a stamp, a number drawn from one process-wide counter whenever
 the slot's keys are written or re-rotated (moving a frame to another slot keeps its stamp): equal stamps mean
 equal keys, so an observer may keep something it computed from a frame's keys until the stamp changes
-(`KeyStamps`; the statistics probe keeps each key frame's mean vector).
+(`KeyStamps`; the statistics probe keeps each key frame's mean vector). On the CUDA inference path the model
+makes a chunk's keys and values directly in their slots (`slots`, then `write` finds them in place and copies
+nothing; models/wan/model.py `SelfAttention.cache_slots`).
 
 Cache policies (`CachePolicy`; workbench/kv_policies.py implements FIFO window, window + sink, deep sink with
 temporal RoPE re-alignment, attention-guided compression and head-wise policies): after each chunk of a rollout
@@ -103,12 +105,23 @@ class KVCache:
         self.temporal_freqs: torch.Tensor | None = None  # [rope_split[0] / 2] float64: `keep` re-rotates with it
 
     def write(self, start_frame: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
-        """Write the keys/values of frames [start_frame, start_frame + n) (k_new [B, n * fsl, H, D])."""
+        """Write the keys/values of frames [start_frame, start_frame + n) (k_new [B, n * fsl, H, D]). Keys or
+        values already in their slots (the tensors `slots` returned, written by the model's kernels) are not
+        copied again."""
         n = k_new.shape[1] // self.fsl
         a, b = self.place(start_frame, n)
-        self.k[:, a:b] = k_new
-        self.v[:, a:b] = v_new
+        for cache, new in ((self.k, k_new), (self.v, v_new)):
+            slot = cache[:, a:b]
+            if not _same_memory(new, slot):
+                slot.copy_(new)
         self._own_version = self._k_version()
+
+    def slots(self, start_frame: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) [B, n * fsl, H, D]: the slots of frames [start_frame, start_frame + n), placed now (evicting as
+        `write` would), for the model to write the chunk's keys/values into directly; `write` then finds them in
+        place."""
+        a, b = self.place(start_frame, n)
+        return self.k[:, a:b], self.v[:, a:b]
 
     def _k_version(self) -> int | None:
         return None if self.k.is_inference() else self.k._version
@@ -238,6 +251,12 @@ class KVCache:
         """(k, v, key_frames) of what a query attends to: every filled slot."""
         end = len(self.frames) * self.fsl
         return self.k[:, :end], self.v[:, :end], tuple(self.frames)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b are views of the same elements in the same layout (strides of size-1 dims aside)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype and all(
+        sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
 
 
 class GradWindow:

@@ -106,15 +106,23 @@ def _qk_norm_rope(q, k, wq, wk, cos, sin, heads: int, eps: float):
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
-def qk_norm_rope(q, k, wq, wk, cos, sin, heads: int, eps: float):
+def qk_norm_rope(q, k, wq, wk, cos, sin, heads: int, eps: float, k_out=None):
     """The self-attention q and k as the kernel sees them: RMSNorm over all heads, split into heads, RoPE.
     q, k [B, L, C] (linear outputs) -> [B, L, heads, C / heads]. On CUDA (bf16/fp16, no autograd) one Triton
-    kernel per tensor (models/wan/triton_rope.py); elsewhere the PyTorch code above."""
-    if COMPILE and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled():
+    kernel per tensor (models/wan/triton_rope.py), which writes k into `k_out` when given (a contiguous
+    [B, L, heads, C / heads] tensor: the KV cache's slots); elsewhere the PyTorch code above (k_out: None)."""
+    if qk_norm_rope_kernel(q):
         from models.wan.triton_rope import qk_norm_rope as kernel
 
-        return kernel(q, k, wq, wk, cos, sin, heads, eps)
+        return kernel(q, k, wq, wk, cos, sin, heads, eps, k_out)
+    if k_out is not None:
+        raise ValueError("qk_norm_rope: k_out needs the CUDA kernel (see qk_norm_rope_kernel)")
     return _qk_norm_rope(q, k, wq, wk, cos, sin, heads, eps)
+
+
+def qk_norm_rope_kernel(q) -> bool:
+    """Whether `qk_norm_rope` runs the Triton kernel for this q (and so takes k_out)."""
+    return COMPILE and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled()
 
 
 qk_norm_rope.eager = _qk_norm_rope

@@ -89,6 +89,9 @@ class ForwardContext:
     kernel: str = "auto"  # the model's attention kernel choice (models.common.attention_kernels.CHOICES)
 
 
+DIRECT_KV_WRITES = True  # the chunk's keys/values made in the KV cache's slots (`SelfAttention.cache_slots`)
+
+
 def through_cache(cache, start_frame: int, k, v):
     """Write a chunk's keys/values into a layer's KV cache and return the window its queries attend to: sink +
     window, own chunk included, with the frames each slot holds. Python bookkeeping, run inside
@@ -107,11 +110,28 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, ctx: ForwardContext, cache: KVCache | None):
         # x [B, L, dim] -> q, k, v [B, L, heads, head_dim]; q, k after RMSNorm and RoPE
+        slots = self.cache_slots(x, ctx, cache)  # the chunk's KV-cache slots, when k and v can be made in them
         q, k = fused.qk_norm_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight, *ctx.rope,
-                                  self.num_heads, self.norm_q.eps)
-        v = self.v(x).unflatten(2, (self.num_heads, self.head_dim))
+                                  self.num_heads, self.norm_q.eps, k_out=None if slots is None else slots[0])
+        if slots is None:
+            v = self.v(x).unflatten(2, (self.num_heads, self.head_dim))
+        else:  # the same GEMM as nn.Linear's (addmm on the token rows), into the cache
+            v = slots[1]
+            torch.addmm(self.v.bias, x.reshape(-1, x.shape[-1]), self.v.weight.t(), out=v.view(-1, x.shape[-1]))
         out = self.attention(q, k, v, ctx, cache)  # [B, L, heads, head_dim]
         return self.o(out.flatten(2))
+
+    def cache_slots(self, x, ctx: ForwardContext, cache):
+        """(k, v) [B, L, heads, head_dim]: the chunk's slots of the KV cache, so that the q/k kernel and the v
+        GEMM write the chunk's keys/values there (`through_cache` then copies nothing; two copies fewer a call),
+        or None: off (DIRECT_KV_WRITES), a training forward's window, the PyTorch q/k path (CPU, autograd), an
+        FP8 or otherwise non-plain v projection, a torch.compile'd block (Python bookkeeping stays in the eager
+        attention), or slots that are not contiguous (batch > 1)."""
+        if not (DIRECT_KV_WRITES and type(cache) is KVCache and type(self.v) is nn.Linear and self.v.bias is not None
+                and fused.qk_norm_rope_kernel(x) and x.is_contiguous() and not torch.compiler.is_compiling()):
+            return None
+        k, v = cache.slots(ctx.start_frame, x.shape[1] // ctx.frame_seq_len)
+        return (k, v) if k.is_contiguous() and v.is_contiguous() and k.shape[1] == x.shape[1] else None
 
     def attention(self, q, k, v, ctx: ForwardContext, cache: KVCache | None):
         """The chunk's keys/values through the KV cache (if any), then the labelled attention call:

@@ -38,15 +38,17 @@ def _qk_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rows_per_batch
     tl.store(out + 2 * offs + 1, (ye * s + yo * c).to(xe.dtype), mask=mask)
 
 
-def qk_norm_rope(q, k, wq, wk, cos, sin, heads: int, eps: float):
-    """q, k [B, L, C] -> [B, L, heads, C / heads], normalised and rotated; cos/sin [L, 1, head_dim / 2] fp32."""
+def qk_norm_rope(q, k, wq, wk, cos, sin, heads: int, eps: float, k_out: torch.Tensor | None = None):
+    """q, k [B, L, C] -> [B, L, heads, C / heads], normalised and rotated; cos/sin [L, 1, head_dim / 2] fp32.
+    k_out: where k's result goes (a contiguous [B, L, heads, C / heads] tensor, e.g. the KV cache's slots for
+    the chunk), returned as k."""
     B, L, C = q.shape
     half = C // heads // 2
     cos2, sin2 = cos.reshape(L, half).contiguous(), sin.reshape(L, half).contiguous()
     outs = []
-    for x, w in ((q, wq), (k, wk)):
+    for x, w, dst in ((q, wq, None), (k, wk, k_out)):
         x = x.contiguous()
-        out = torch.empty_like(x)
+        out = torch.empty_like(x) if dst is None else dst.view(B, L, C)
         _qk_norm_rope_kernel[(B * L,)](x, w.to(x.dtype).contiguous(), cos2, sin2, out, L, eps,
                                        C=C, HALF_D=half, BLOCK=triton.next_power_of_2(C // 2))
         outs.append(out.view(B, L, heads, C // heads))

@@ -46,7 +46,7 @@ def register(subparsers) -> None:
                            "(log-sum-exp + a recompute pass, float32), indicator (cuDNN kernels: one attention "
                            "call with key-frame indicator columns appended to V; ~+35%% for all 30 layers on an "
                            "H200), fused (the model's own Gluon or Triton forward also returns the statistics; "
-                           "+3-4%% for all 30 layers on an H200); auto = fused with the Gluon/Triton kernels (auto "
+                           "+1-3%% for all 30 layers on an H200); auto = fused with the Gluon/Triton kernels (auto "
                            "on H100/H200), indicator with cuDNN's, exact on the CPU (default: %(default)s; "
                            "docs/store.md)")
     what.add_argument("--attention-kernel", default="auto", choices=ATTENTION_KERNELS,

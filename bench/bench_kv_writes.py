@@ -1,0 +1,82 @@
+"""Benchmark: the 1.3B graphed rollout (21 latent frames, 480x832, 35 DiT forwards, random bf16 weights) with the
+chunk's keys/values made in the KV cache's slots (models/wan/model.py `DIRECT_KV_WRITES`, the default: the q/k
+kernel and the v GEMM write there) against copying them in after (the path before session 21). The two
+alternate for `--rounds` rounds of `--repeats` timed rollouts each, so that the GPU's drift (its clock under the
+700 W limit, bench/gpu_power.py) falls on both; the latents of the two are checked bitwise, and every round
+prints its clock and power. Optionally (`--capture`) the same for an all-layer fused capture.
+
+    python bench/bench_kv_writes.py [--rounds 3] [--repeats 3] [--capture]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from bench_rollout import random_model, rollout_inputs, run_rollout, timed  # noqa: E402
+from gpu_power import sampler  # noqa: E402
+from models.common.rollout import release_graphs  # noqa: E402
+from models.wan import model as wan  # noqa: E402
+from workbench.capture import CaptureSpec, Geometry, StatsProbe  # noqa: E402
+from workbench.hooks import attach  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--capture", action="store_true", help="also alternate an all-layer fused capture")
+    args = ap.parse_args()
+    sampler.start()
+    print(f"# bench_kv_writes  {datetime.datetime.now().isoformat(timespec='seconds')}  "
+          f"{torch.cuda.get_device_name()}  torch {torch.__version__}  python {platform.python_version()}")
+    print(f"# command: {' '.join(sys.argv)}")
+    model = random_model()
+    noise, context, g = rollout_inputs()
+    spec = CaptureSpec(tuple(range(30)), tuple(range(12)), (0, 1, 2, 3, 4), ("attn_mass", "attn_logit"))
+    geo = Geometry(batch=1, num_frames=21, frame_seq_len=1560, text_len=512)
+    setups = [("plain", None)] + ([("fused capture, all 30 layers", "fused")] if args.capture else [])
+    for name, mode in setups:
+        model.attention_kernel = "auto" if mode is None else "triton"
+        times = {True: [], False: []}
+        latents = {}
+        for r in range(args.rounds):
+            for direct in (True, False):
+                wan.DIRECT_KV_WRITES = direct
+                release_graphs(model)
+                torch.cuda.reset_peak_memory_stats()
+                probe = None if mode is None else StatsProbe(spec, geo, "cuda", mode=mode, kernel="triton")
+
+                def once():
+                    if probe is None:
+                        return run_rollout(model, noise, context, g, cuda_graphs=True)
+                    probe.reset()
+                    with attach(model, probe):
+                        return run_rollout(model, noise, context, g, cuda_graphs=True)
+
+                t, ts = timed(once, args.repeats, 2)
+                times[direct] += ts
+                latents[direct] = run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(7),
+                                              cuda_graphs=True) if probe is None else None
+                print(f"| {name}, round {r + 1}, {'made in the cache' if direct else 'copied in'} | {t:.3f} s "
+                      f"({', '.join(f'{x:.3f}' for x in ts)}) | peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB |")
+        a, b = statistics.median(times[True]), statistics.median(times[False])
+        print(f"# {name}: keys/values made in the cache {a:.3f} s, copied in {b:.3f} s (medians of "
+              f"{len(times[True])} rollouts each): {100 * (a / b - 1):+.1f}%")
+        if mode is None:
+            print(f"# {name}: latents bitwise equal: {torch.equal(latents[True], latents[False])}")
+        release_graphs(model)
+    wan.DIRECT_KV_WRITES = True
+
+
+if __name__ == "__main__":
+    main()
