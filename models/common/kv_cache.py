@@ -53,6 +53,7 @@ import torch
 from models.errors import ModelInputError
 
 KV_GRADIENTS = ("inplace", "detached")
+TEXT_KV_GRADIENTS = ("follows_checkpointing", "every_exit", "first_forward")
 _STAMPS = itertools.count(1)  # every cache's slot stamps: never the same number twice in a process
 
 
@@ -80,8 +81,6 @@ class KeyStamps:
 
     def valid_for(self, k: torch.Tensor) -> bool:
         return not k.is_inference() and k.data_ptr() == self.ptr and k._version == self.version
-
-TEXT_KV_GRADIENTS = ("follows_checkpointing", "every_exit", "first_forward")
 
 
 class KVCache:

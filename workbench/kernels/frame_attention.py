@@ -182,7 +182,7 @@ def frame_forward_into_store(q, k, v, *, frame_seq_len, mass_out=None, logit_out
     scatter into the buffers. Returns out [B, Lq, H, D].
 
     key_means (with logit_out): float32 [B, H, F, D] contiguous, the mean key vector of every absolute frame as
-    kept by the caller from earlier calls; `fresh` lists the runs of this call's key frames whose means it does
+    kept by the caller from earlier calls (every key_index value must be below F: it is a row of key_means); `fresh` lists the runs of this call's key frames whose means it does
     not hold yet, (first, end, frame): key frames first..end-1 of the call (positions in k) are absolute frames
     frame, frame + 1, ...; their means are computed (`frame_means_into`) into those slots before the logits read
     key_means at key_index. Then the frame means are two Triton passes (q, the fresh frames of k), whatever the
