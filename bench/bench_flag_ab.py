@@ -1,17 +1,20 @@
-"""Benchmark: the 1.3B graphed rollout (21 latent frames, 480x832, 35 DiT forwards, random bf16 weights) with the
-chunk's keys/values made in the KV cache's slots (models/wan/model.py `DIRECT_KV_WRITES`, the default: the q/k
-kernel and the v GEMM write there) against copying them in after (the path before session 21). The two
-alternate for `--rounds` rounds of `--repeats` timed rollouts each, so that the GPU's drift (its clock under the
-700 W limit, bench/gpu_power.py) falls on both; the latents of the two are checked bitwise, and every round
-prints its clock and power. Optionally (`--capture`) the same for an all-layer fused capture.
+"""Benchmark: the 1.3B graphed rollout (21 latent frames, 480x832, 35 DiT forwards, random bf16 weights) with a
+boolean module flag of the model's code on and off, alternating; by default `--flag
+models.wan.model:DIRECT_KV_WRITES` (the chunk's keys/values made in the KV cache's slots, or copied in after,
+the path before session 21). The flag must be part of the rollout graphs' key (models/common/rollout.py), so that
+each setting records its own graphs. The two settings alternate for `--rounds` rounds of `--repeats` timed
+rollouts each, so that the GPU's drift (its clock under the 700 W limit, bench/gpu_power.py) falls on both;
+every round prints its clock and power, and the latents of the two are compared. Optionally (`--capture`) the
+same for an all-layer fused capture.
 
-    python bench/bench_kv_writes.py [--rounds 3] [--repeats 3] [--capture]
+    python bench/bench_flag_ab.py [--flag MODULE:NAME] [--rounds 3] [--repeats 3] [--capture]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import platform
 import statistics
 import sys
@@ -25,7 +28,6 @@ import torch  # noqa: E402
 from bench_rollout import random_model, rollout_inputs, run_rollout, timed  # noqa: E402
 from gpu_power import sampler  # noqa: E402
 from models.common.rollout import release_graphs  # noqa: E402
-from models.wan import model as wan  # noqa: E402
 from workbench.capture import CaptureSpec, Geometry, StatsProbe  # noqa: E402
 from workbench.hooks import attach  # noqa: E402
 
@@ -35,9 +37,16 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--capture", action="store_true", help="also alternate an all-layer fused capture")
+    ap.add_argument("--flag", default="models.wan.model:DIRECT_KV_WRITES",
+                    help="MODULE:NAME of the boolean flag to alternate (part of the rollout graphs' key)")
     args = ap.parse_args()
+    module_name, _, flag = args.flag.partition(":")
+    module = importlib.import_module(module_name)
+    if not isinstance(getattr(module, flag, None), bool):
+        ap.error(f"--flag {args.flag!r}: {module_name} has no boolean {flag!r}")
+    default = getattr(module, flag)
     sampler.start()
-    print(f"# bench_kv_writes  {datetime.datetime.now().isoformat(timespec='seconds')}  "
+    print(f"# bench_flag_ab  {datetime.datetime.now().isoformat(timespec='seconds')}  "
           f"{torch.cuda.get_device_name()}  torch {torch.__version__}  python {platform.python_version()}")
     print(f"# command: {' '.join(sys.argv)}")
     model = random_model()
@@ -50,8 +59,8 @@ def main():
         times = {True: [], False: []}
         latents = {}
         for r in range(args.rounds):
-            for direct in (True, False):
-                wan.DIRECT_KV_WRITES = direct
+            for on in (True, False):
+                setattr(module, flag, on)
                 release_graphs(model)
                 torch.cuda.reset_peak_memory_stats()
                 probe = None if mode is None else StatsProbe(spec, geo, "cuda", mode=mode, kernel="triton")
@@ -64,18 +73,19 @@ def main():
                         return run_rollout(model, noise, context, g, cuda_graphs=True)
 
                 t, ts = timed(once, args.repeats, 2)
-                times[direct] += ts
-                latents[direct] = run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(7),
+                times[on] += ts
+                latents[on] = run_rollout(model, noise, context, torch.Generator(device="cuda").manual_seed(7),
                                               cuda_graphs=True) if probe is None else None
-                print(f"| {name}, round {r + 1}, {'made in the cache' if direct else 'copied in'} | {t:.3f} s "
+                print(f"| {name}, round {r + 1}, {flag}={on} | {t:.3f} s "
                       f"({', '.join(f'{x:.3f}' for x in ts)}) | peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB |")
         a, b = statistics.median(times[True]), statistics.median(times[False])
-        print(f"# {name}: keys/values made in the cache {a:.3f} s, copied in {b:.3f} s (medians of "
-              f"{len(times[True])} rollouts each): {100 * (a / b - 1):+.1f}%")
+        print(f"# {name}: {flag}=True {a:.3f} s, False {b:.3f} s (medians of {len(times[True])} rollouts each): "
+              f"{100 * (a / b - 1):+.1f}%")
         if mode is None:
-            print(f"# {name}: latents bitwise equal: {torch.equal(latents[True], latents[False])}")
+            d = (latents[True].float() - latents[False].float()).abs().max().item()
+            print(f"# {name}: latents bitwise equal: {torch.equal(latents[True], latents[False])} (max |diff| {d:.3e})")
         release_graphs(model)
-    wan.DIRECT_KV_WRITES = True
+    setattr(module, flag, default)
 
 
 if __name__ == "__main__":
