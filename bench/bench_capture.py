@@ -8,10 +8,10 @@ the log-sum-exp, a Triton kernel recomputes the frame mass; "indicator", stock k
 once with V widened by key-frame indicator columns; "fused", Triton kernel: the model's own forward also returns
 the frame mass and the frame means; the probe keeps each key frame's mean between calls, and one more row
 averages every key frame in every call, what that saves); and a materialising torch reference on one layer.
-Each capture row is compared with the plain rollout of its own kernel and with the stock (cuDNN) plain rollout. Also checks each
-mode's store against the exact one, that rows sum to 1, and that each mode leaves the rollout's latents bitwise
-those of the plain rollout on the same kernel. Every timed row also prints the SM clock and power draw over its
-timed runs (bench/gpu_power.py: the graphed rollout is power-limited on an H200).
+Each capture row is compared with the plain rollout of its own kernel and with the stock (cuDNN) plain rollout.
+Also checks each mode's store against the exact one, that rows sum to 1, and that each mode leaves the rollout's
+latents bitwise those of the plain rollout on the same kernel. Every timed row also prints the SM clock and power
+draw over its timed runs (bench/gpu_power.py: the graphed rollout is power-limited on an H200).
 
     python bench/bench_capture.py [--repeats 3]
 """

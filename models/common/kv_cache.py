@@ -109,8 +109,8 @@ class KVCache:
         copied again."""
         n = k_new.shape[1] // self.fsl
         a, b = self.place(start_frame, n)
-        for cache, new in ((self.k, k_new), (self.v, v_new)):
-            slot = cache[:, a:b]
+        for buf, new in ((self.k, k_new), (self.v, v_new)):
+            slot = buf[:, a:b]
             if not _same_memory(new, slot):
                 slot.copy_(new)
         self._own_version = self._k_version()

@@ -110,7 +110,7 @@ def _launch_frame_forward(q, k, v, *, frame_seq_len, scale=None, allowed=None, c
                             frame_means=frame_means and not kept, config=config, use_tma=use_tma)
     if store is not None:
         q_means, k_means = r.q_means, r.k_means
-        if store.get("key_means") is not None and frame_means:  # the kept key means: q's and the new frames'
+        if kept and frame_means:  # the kept key means: q's and the new frames'
             q_means = torch.empty((B, H, nqf, D), dtype=torch.float32, device=q.device)
             frame_means_into(q, fsl, q_means)
             k_means = store["key_means"]
@@ -182,11 +182,12 @@ def frame_forward_into_store(q, k, v, *, frame_seq_len, mass_out=None, logit_out
     scatter into the buffers. Returns out [B, Lq, H, D].
 
     key_means (with logit_out): float32 [B, H, F, D] contiguous, the mean key vector of every absolute frame as
-    kept by the caller from earlier calls (every key_index value must be below F: it is a row of key_means); `fresh` lists the runs of this call's key frames whose means it does
-    not hold yet, (first, end, frame): key frames first..end-1 of the call (positions in k) are absolute frames
-    frame, frame + 1, ...; their means are computed (`frame_means_into`) into those slots before the logits read
-    key_means at key_index. Then the frame means are two Triton passes (q, the fresh frames of k), whatever the
-    config's MEANS; a frame's mean is the same bits as from a pass over all of k."""
+    kept by the caller from earlier calls (every key_index value must be below F: it is a row of key_means);
+    `fresh` lists the runs of this call's key frames whose means it does not hold yet, (first, end, frame): key
+    frames first..end-1 of the call (positions in k) are absolute frames frame, frame + 1, ...; their means are
+    computed (`frame_means_into`) into those slots before the logits read key_means at key_index. Then the frame
+    means are two Triton passes (q, the fresh frames of k), whatever the config's MEANS; a frame's mean is the
+    same bits as from a pass over all of k."""
     store = dict(mass_out=mass_out, logit_out=logit_out, query_index=query_index, key_index=key_index,
                  key_means=key_means if logit_out is not None else None, fresh=tuple(fresh))
     return _launch_frame_forward(q, k, v, frame_seq_len=frame_seq_len, scale=scale, store=store)[0]
