@@ -1,7 +1,9 @@
 """Benchmark: the 1.3B graphed rollout (21 latent frames, 480x832, 35 DiT forwards, random bf16 weights) with a
 boolean module flag of the model's code on and off, alternating; by default `--flag
 models.wan.model:DIRECT_KV_WRITES` (the chunk's keys/values made in the KV cache's slots, or copied in after,
-the path before session 21). The flag must be part of the rollout graphs' key (models/common/rollout.py), so that
+the path before session 21); the others in the key: `models.wan.model:CONTIGUOUS_TOKENS` (the tokens made row-major
+once per forward) and `models.wan.fused:NORM_KERNELS` (the LayerNorms as one-pass Triton row kernels), both session
+22. The flag must be part of the rollout graphs' key (models/common/rollout.py), so that
 each setting records its own graphs. The two settings alternate for `--rounds` rounds of `--repeats` timed
 rollouts each, so that the GPU's drift (its clock under the 700 W limit, bench/gpu_power.py) falls on both;
 every round prints its clock and power, and the latents of the two are compared. Optionally (`--capture`) the

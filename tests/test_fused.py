@@ -52,6 +52,63 @@ def test_triton_qk_norm_rope_matches_pytorch_on_gpu():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
+NORMS = textwrap.dedent("""
+    import sys, torch
+    import models.wan.triton_norms as tn
+    from models.wan import fused
+    device = sys.argv[1]
+    torch.manual_seed(0)
+    B, F, fsl, C = 2, 3, 5, 200  # C not a power of two: the row is masked
+    for dtype in ((torch.float32,) if device == "cpu" else (torch.float32, torch.bfloat16)):
+        x = (torch.randn(B, F * fsl, C, device=device) * 3 + 1).to(dtype)
+        y = torch.randn(B, F * fsl, C, device=device).to(dtype)
+        mod = torch.randn(B, F, 6, 1, C, device=device)  # the block's layout: shift/scale are strided views
+        shift, scale = mod[:, :, 0], mod[:, :, 1]
+        w, b = (torch.rand(C, device=device) + 0.5).to(dtype), torch.randn(C, device=device).to(dtype)
+        cases = [
+            ("norm_modulate", tn.norm_modulate(x, shift, scale, 1e-6), fused.norm_modulate.eager(x, shift, scale, 1e-6),
+             fused.norm_modulate.eager(x.double(), shift.double(), scale.double(), 1e-6)),
+            ("layer_norm_affine", tn.layer_norm_affine(x, w, b, 1e-6), fused.layer_norm_affine.eager(x, w, b, 1e-6),
+             fused.layer_norm_affine.eager(x.double(), w.double(), b.double(), 1e-6)),
+        ]
+        total, h = tn.add_norm_modulate(x, y, shift, scale, 1e-6)
+        want_total, want_h = fused.add_norm_modulate.eager(x, y, shift, scale, 1e-6)
+        assert torch.equal(total, want_total), "the residual sum must be x + y rounded as PyTorch rounds it"
+        ref = fused.norm_modulate.eager(want_total.double(), shift.double(), scale.double(), 1e-6)
+        cases.append(("add_norm_modulate", h, want_h, ref))
+        for name, got, eager, ref in cases:
+            assert got.shape == eager.shape and got.dtype == dtype, (name, got.shape, got.dtype)
+            err = (got.double() - ref).abs().max().item()
+            eager_err = (eager.double() - ref).abs().max().item()
+            # float32: both within float32 rounding of float64; bf16: the kernel rounds no worse than PyTorch
+            assert err <= (1e-5 if dtype == torch.float32 else 1.5 * eager_err + 1e-6), (name, dtype, err, eager_err)
+    print("ok")
+""")
+
+
+def test_triton_norm_kernels_match_float64_in_interpreter():
+    """The one-pass LayerNorm row kernels (models/wan/triton_norms.py), run by Triton's interpreter in float32:
+    modulated (per-frame scale/shift from strided views), with the residual add first, and affine."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", NORMS, "cpu"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.gpu
+def test_triton_norm_kernels_match_float64_on_gpu():
+    pytest.importorskip("triton")
+    out = subprocess.run([sys.executable, "-c", NORMS, "cuda"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_norm_kernels_take_only_contiguous_cuda_inference_tensors():
+    x = torch.randn(1, 6, 8, dtype=torch.bfloat16)
+    assert not fused.norm_kernels_apply(x)  # CPU: the PyTorch functions the tests check
+    tn = pytest.importorskip("models.wan.triton_norms")
+    assert not tn.applies(x)  # not CUDA
+
+
 def test_rope_rotates_pairs_by_position_angles():
     """Channel pair (2i, 2i+1) of a token at frame f is rotated by f * theta^(-2i/44) on the time axis."""
     table = RopeTable((44, 42, 42))

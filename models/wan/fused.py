@@ -9,7 +9,9 @@ never materialises the softmax (cuDNN, flash, the Triton frame forward). docs/ar
 Eager PyTorch runs each of these as 4-8 kernels with float32 temporaries; on the 1.3B rollout that memory
 traffic cost more GPU time than the linear layers (bench/RESULTS.md). On CUDA each function is compiled
 with torch.compile into one kernel; on the CPU (tests, the embedded default) it runs eagerly, so the math
-that tests check is exactly the math written here. `WORKBENCH_COMPILE=0` turns compilation off.
+that tests check is exactly the math written here. `WORKBENCH_COMPILE=0` turns compilation off. The LayerNorms
+of CUDA inference run one-pass Triton row kernels instead (models/wan/triton_norms.py: inductor's reach about half
+the HBM rate at the model's width), and the q/k RMSNorm + RoPE one of models/wan/triton_rope.py.
 
 Shapes: x [B, L, C] tokens in (frame, row, column) order; per-frame modulation [B, F, 1, C] float32, with
 L = F * tokens_per_frame.
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 
 COMPILE = os.environ.get("WORKBENCH_COMPILE", "1") != "0"
 GELU_EPILOGUE = os.environ.get("WORKBENCH_GELU_EPILOGUE", "1") != "0"
+NORM_KERNELS = True  # the LayerNorms as one-pass Triton row kernels on CUDA inference (models/wan/triton_norms.py)
 
 
 def gelu_epilogue_applies(x) -> bool:
@@ -54,8 +57,18 @@ def one_kernel(fn):
     return wrapper
 
 
+def norm_kernels_apply(x) -> bool:
+    """Whether the LayerNorms below run models/wan/triton_norms.py's one-pass row kernels for this x (CUDA,
+    bf16/fp16, contiguous, no autograd); otherwise the compiled functions (training, CPU: eager)."""
+    if not (NORM_KERNELS and COMPILE and x.is_cuda):
+        return False
+    from models.wan import triton_norms
+
+    return triton_norms.applies(x)
+
+
 @one_kernel
-def norm_modulate(x, shift, scale, eps: float):
+def _norm_modulate(x, shift, scale, eps: float):
     """LayerNorm (no affine, float32) * (1 + scale) + shift, cast back: x [B, L, C] -> [B, L, C]."""
     B, L, C = x.shape
     frames = shift.shape[1]
@@ -64,10 +77,47 @@ def norm_modulate(x, shift, scale, eps: float):
 
 
 @one_kernel
-def add_norm_modulate(x, y, shift, scale, eps: float):
+def _add_norm_modulate(x, y, shift, scale, eps: float):
     """(x + y, norm_modulate(x + y, ...)) in one pass: the cross-attention residual and the FFN's input."""
     x = x + y
-    return x, norm_modulate.eager(x, shift, scale, eps)
+    return x, _norm_modulate.eager(x, shift, scale, eps)
+
+
+@one_kernel
+def _layer_norm_affine(x, weight, bias, eps: float):
+    """Affine LayerNorm computed in float32, cast back."""
+    return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+
+
+def norm_modulate(x, shift, scale, eps: float):
+    """LayerNorm (no affine, float32) * (1 + scale) + shift, cast back: x [B, L, C]; shift, scale [B, F, 1, C]."""
+    if norm_kernels_apply(x):
+        from models.wan import triton_norms
+
+        return triton_norms.norm_modulate(x, shift, scale, eps)
+    return _norm_modulate(x, shift, scale, eps)
+
+
+def add_norm_modulate(x, y, shift, scale, eps: float):
+    """(x + y, norm_modulate(x + y, ...)) in one pass: the cross-attention residual and the FFN's input."""
+    if norm_kernels_apply(x) and norm_kernels_apply(y):
+        from models.wan import triton_norms
+
+        return triton_norms.add_norm_modulate(x, y, shift, scale, eps)
+    return _add_norm_modulate(x, y, shift, scale, eps)
+
+
+def layer_norm_affine(x, weight, bias, eps: float):
+    """Affine LayerNorm computed in float32, cast back: x [..., C]; weight, bias [C]."""
+    if norm_kernels_apply(x):
+        from models.wan import triton_norms
+
+        return triton_norms.layer_norm_affine(x, weight, bias, eps)
+    return _layer_norm_affine(x, weight, bias, eps)
+
+
+norm_modulate.eager, add_norm_modulate.eager = _norm_modulate.eager, _add_norm_modulate.eager
+layer_norm_affine.eager = _layer_norm_affine.eager
 
 
 @one_kernel
@@ -77,12 +127,6 @@ def gated_residual(x, y, gate):
     frames = gate.shape[1]
     out = x.float().view(B, frames, L // frames, C) + y.float().view(B, frames, L // frames, C) * gate
     return out.view(B, L, C).to(x.dtype)
-
-
-@one_kernel
-def layer_norm_affine(x, weight, bias, eps: float):
-    """Affine LayerNorm computed in float32, cast back."""
-    return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
 
 
 @one_kernel

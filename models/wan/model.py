@@ -90,6 +90,10 @@ class ForwardContext:
 
 
 DIRECT_KV_WRITES = True  # the chunk's keys/values made in the KV cache's slots (`SelfAttention.cache_slots`)
+# The tokens made row-major once per forward: the patch embedding's output [B, C, F, h, w] flattened and transposed
+# is a channel-major view (strides C*L, 1, L); without the copy that layout runs through the residual stream and every
+# norm reduces along a strided dim (three kernels each on CUDA; bench/RESULTS.md, sessions 21-22).
+CONTIGUOUS_TOKENS = True
 
 
 def through_cache(cache, start_frame: int, k, v):
@@ -367,6 +371,8 @@ class WanModel(nn.Module):
             raise ModelInputError("a KV cache needs the causal model (causal=True)")
 
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, F*h*w, dim]
+        if CONTIGUOUS_TOKENS:
+            tokens = tokens.contiguous()
         e, e0 = self.embed_time(t)
         grad = torch.is_grad_enabled()
         fresh_text = cache is not None and grad and cache.fresh_text_kv(self.gradient_checkpointing)
