@@ -1,7 +1,8 @@
 """The Wan2.1 family: the DiT (model.py), its config and presets (config.py), checkpoint layouts (checkpoint.py),
 pointwise fusion, RoPE and their CUDA kernels (fused.py, rope.py, triton_rope.py, triton_norms.py), the umT5
 text encoder (text_encoder.py), the VAE (vae.py, vae_fast.py, triton_vae.py), the embedded miniature models
-(embedded.py) and the optional inference accelerations (accel.py). The family-independent parts they use are models/common/.
+(embedded.py) and the optional inference accelerations (accel.py). The family-independent parts they use are
+models/common/.
 
 This package replaces the module models/wan.py. For user scripts, `from models.wan import WanModel` (any name
 that module defined) still works: such a name is read from models.wan.model on first use, so importing a
