@@ -4,6 +4,8 @@ embedded maker of Wan VAE / umT5 weights (data/embedded/make_text_and_vae.py).""
 import importlib
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-EMBEDDED = Path(__file__).resolve().parents[1] / "data" / "embedded"
+ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED = ROOT / "data" / "embedded"
 # a small Wan2.1 VAE with the real layout (4 base channels instead of 96)
 SMALL_VAE = dict(base_dim=4, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2, temperal_downsample=(False, True, True))
 
@@ -42,6 +45,20 @@ def triton_module(name: str, *deps: str):
             importlib.reload(importlib.import_module(dep))
         module = importlib.reload(module)
     return module
+
+
+def run_triton_check(script: str, device: str) -> None:
+    """Run a kernel check script (`python -c script device`) in a fresh process from the repository root: on "cpu"
+    under Triton's interpreter, on "cuda" compiled (TRITON_INTERPRET removed, even where a test module set it in
+    this process). It must exit 0 and print "ok"."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    r = subprocess.run([sys.executable, "-c", script, device], env=env, capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
 
 
 def embedded_maker():

@@ -8,20 +8,14 @@
   run by Triton's interpreter on the CPU (and compiled on a GPU); the temporal taps compute the 3D convolution.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import push_in_chunks
+from conftest import push_in_chunks, run_triton_check
 from models.errors import ModelInputError
 from models.wan.vae import WanVAE, resolve_decoder
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _pair(sd, dtype, device="cpu"):
@@ -189,12 +183,7 @@ def test_temporal_taps_compute_the_3d_convolution(small_sd, monkeypatch):
 
 
 def test_triton_norm_kernel_matches_pytorch_in_the_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    r = subprocess.run([sys.executable, "-c", KERNEL_CHECK, "cpu"], env=env, capture_output=True, text=True,
-                       cwd=ROOT, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+    run_triton_check(KERNEL_CHECK, "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -204,11 +193,7 @@ def test_triton_norm_kernel_matches_pytorch_in_the_interpreter():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_triton_norm_kernel_matches_pytorch_compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    r = subprocess.run([sys.executable, "-c", KERNEL_CHECK, "cuda"], env=env, capture_output=True, text=True,
-                       cwd=ROOT, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+    run_triton_check(KERNEL_CHECK, "cuda")
 
 
 @pytest.mark.gpu

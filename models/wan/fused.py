@@ -57,14 +57,14 @@ def one_kernel(fn):
     return wrapper
 
 
-def norm_kernels_apply(x) -> bool:
-    """Whether the LayerNorms below run models/wan/triton_norms.py's one-pass row kernels for this x (CUDA,
-    bf16/fp16, contiguous, no autograd); otherwise the compiled functions (training, CPU: eager)."""
+def norm_kernels(x):
+    """models/wan/triton_norms.py, whose one-pass row kernels take the LayerNorms below for this x (CUDA,
+    bf16/fp16, contiguous, no autograd), or None: the compiled functions (training; on the CPU: eager)."""
     if not (NORM_KERNELS and COMPILE and x.is_cuda):
-        return False
+        return None
     from models.wan import triton_norms
 
-    return triton_norms.applies(x)
+    return triton_norms if triton_norms.applies(x) else None
 
 
 @one_kernel
@@ -91,28 +91,22 @@ def _layer_norm_affine(x, weight, bias, eps: float):
 
 def norm_modulate(x, shift, scale, eps: float):
     """LayerNorm (no affine, float32) * (1 + scale) + shift, cast back: x [B, L, C]; shift, scale [B, F, 1, C]."""
-    if norm_kernels_apply(x):
-        from models.wan import triton_norms
-
-        return triton_norms.norm_modulate(x, shift, scale, eps)
+    if kernels := norm_kernels(x):
+        return kernels.norm_modulate(x, shift, scale, eps)
     return _norm_modulate(x, shift, scale, eps)
 
 
 def add_norm_modulate(x, y, shift, scale, eps: float):
     """(x + y, norm_modulate(x + y, ...)) in one pass: the cross-attention residual and the FFN's input."""
-    if norm_kernels_apply(x) and norm_kernels_apply(y):
-        from models.wan import triton_norms
-
-        return triton_norms.add_norm_modulate(x, y, shift, scale, eps)
+    if (kernels := norm_kernels(x)) and norm_kernels(y):
+        return kernels.add_norm_modulate(x, y, shift, scale, eps)
     return _add_norm_modulate(x, y, shift, scale, eps)
 
 
 def layer_norm_affine(x, weight, bias, eps: float):
     """Affine LayerNorm computed in float32, cast back: x [..., C]; weight, bias [C]."""
-    if norm_kernels_apply(x):
-        from models.wan import triton_norms
-
-        return triton_norms.layer_norm_affine(x, weight, bias, eps)
+    if kernels := norm_kernels(x):
+        return kernels.layer_norm_affine(x, weight, bias, eps)
     return _layer_norm_affine(x, weight, bias, eps)
 
 
