@@ -278,11 +278,14 @@ def test_cuda_graph_rollout_equals_eager_rollout():
                                cuda_graphs=graphs)
 
     eager = run(False)
-    # rollout 1 warms up (eager on the graphs' cache), 2 records and replays, 3 replays only
-    for i in range(3):
-        torch.testing.assert_close(run(True), eager, rtol=0, atol=0, msg=f"graphed rollout {i + 1}")
+    # rollout 1 warms up on its first chunk (eager on the graphs' cache) and records the later chunks' graphs,
+    # 2 records chunk 0's and replays the rest, 3 replays only
+    torch.testing.assert_close(run(True), eager, rtol=0, atol=0, msg="graphed rollout 1")
     graphs = model._rollout_graphs
-    assert graphs is not None and len(graphs.graphs) == 2 * 4  # (chunk, first) for 4 chunks
+    assert graphs is not None and sorted(graphs.graphs) == [(c, f) for c in (1, 2, 3) for f in (False, True)]
+    for i in range(1, 3):
+        torch.testing.assert_close(run(True), eager, rtol=0, atol=0, msg=f"graphed rollout {i + 1}")
+    assert model._rollout_graphs is graphs and len(graphs.graphs) == 2 * 4  # (chunk, first) for 4 chunks
     # another prompt reuses the graphs (the context is copied in, the cross cache refilled)
     g = torch.Generator(device="cuda").manual_seed(5)
     noise = torch.randn(1, 12, C, H, W, generator=g, device="cuda").to(torch.bfloat16)
@@ -353,6 +356,57 @@ def test_which_rollouts_share_recorded_graphs():
         release_graphs(model)
         assert model._rollout_graphs is None
     assert get() is None  # autograd on
+
+
+@pytest.mark.parametrize("independent_first_frame", [False, True])
+def test_first_rollout_warms_up_on_its_first_full_size_chunk(independent_first_frame):
+    """Which forwards of a shape's first rollout run eagerly (`RolloutGraphs._warm_up`; the host-side rule, on the
+    CPU): without subscribers, those up to and including the first full-size chunk (the image's one-frame chunk
+    before it too); with an observer, or with `warm_up_chunk` off, the whole first rollout; none in later
+    rollouts."""
+    from models.common.rollout import RolloutGraphs, _rollout_graphs, release_graphs
+    from workbench.capture import CaptureSpec, Geometry, StatsProbe
+    from workbench.hooks import attach
+
+    model = tiny_model()
+    model.independent_first_frame = independent_first_frame
+    frames = 10 if independent_first_frame else 12
+    noise, ctx = torch.randn(1, frames, C, H, W), torch.randn(1, 16, 32)
+    spans = model.chunk_spans(frames)
+
+    def eager_chunks():
+        """begin a rollout; the chunks whose forwards (steps 0-4 each) run eagerly."""
+        graphs = _rollout_graphs(model, noise, ctx, True, "k", devices=("cpu",))
+        graphs.begin(model, ctx)
+        eager = set()
+        for chunk, (start, n) in enumerate(spans):
+            x = noise[:, start : start + n].transpose(1, 2)  # the model's [B, C, F, H, W]
+            for step in range(5):
+                if graphs._warm_up(model, x, chunk):
+                    eager.add(chunk)
+                elif chunk in eager:
+                    raise AssertionError(f"chunk {chunk}: an eager forward after a recorded one")
+        return eager
+
+    with torch.no_grad():
+        warm = {0, 1} if independent_first_frame else {0}
+        assert eager_chunks() == warm and eager_chunks() == set()
+        release_graphs(model)
+        probe = StatsProbe(CaptureSpec(layers=(0,), heads=(0,), steps=(0,)), Geometry(1, 6, 6, 16), "cpu")
+        with attach(model, probe):
+            assert eager_chunks() == set(range(len(spans))) and eager_chunks() == set()
+        release_graphs(model)
+        RolloutGraphs.warm_up_chunk = False
+        try:
+            assert eager_chunks() == set(range(len(spans)))
+        finally:
+            RolloutGraphs.warm_up_chunk = True
+        release_graphs(model)
+        RolloutGraphs.eager_first = False
+        try:
+            assert eager_chunks() == set()
+        finally:
+            RolloutGraphs.eager_first = True
 
 
 @pytest.mark.parametrize("local,sink", [(-1, 0), (9, 3), (6, 0), (12, 3), (3, 1)])

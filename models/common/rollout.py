@@ -97,9 +97,17 @@ class RolloutGraphs:
 
     Lives on the model (`model._rollout_graphs`, one shape at a time) with what the graphs read and write at
     fixed addresses: the KV cache, the cross-attention cache, the text context and each forward's input. The
-    first rollout of a new shape runs eagerly on that cache (it compiles and plans every kernel); the second
-    records one graph per (chunk, first forward of the chunk or not) into a shared memory pool, in rollout
-    order, and replays each right away; later rollouts replay. The first forward of a chunk gets its own graph
+    first rollout of a new shape warms up eagerly on that cache (it compiles and plans every kernel): its first
+    full-size chunk (frames = the model's `num_frame_per_block`; with an independent first frame the image's chunk
+    before it too) runs eagerly, and from the next chunk on each new graph is recorded and replayed right away,
+    so a one-video run (`workbench generate` with one prompt and seed) already runs most of its forwards from
+    graphs. With an observer or intervention attached the whole first rollout runs eagerly (they may act first at
+    any chunk, and set up their buffers then), and should a recording in the first rollout still meet a kernel
+    that cannot be set up inside it, that forward and the rest of the rollout run eagerly. Each graph is one
+    (chunk, first forward of the chunk or not); later rollouts replay them and record those the first rollout ran
+    eagerly. All share one memory pool although they are not recorded in the order they replay: a graph's
+    temporaries may reuse another's, which is safe because graphs run one at a time and the only tensor that
+    outlives a replay, its output buffer, is cloned right after it. The first forward of a chunk gets its own graph
     because it may evict from a windowed cache; the others overwrite the same slots. Graphs are used only
     on CUDA and without gradients, and are dropped when the model's parameters, the rollout's shape or the
     attached observers change. Replays run exactly the recorded kernels, so a graphed rollout equals the eager
@@ -114,8 +122,9 @@ class RolloutGraphs:
     a graph replays only for a forward labelled exactly as the one it recorded (what an observer or an
     intervention selects by)."""
 
-    eager_first = True  # the first rollout of a shape runs eagerly; False: record at once (every kernel of the
+    eager_first = True  # the first rollout of a shape warms up eagerly; False: record at once (every kernel of the
     # shape must already be compiled and planned, e.g. by a shorter rollout of the same model: benchmarks)
+    warm_up_chunk = True  # the warm-up is the first full-size chunk (without subscribers); False: the whole rollout
 
     def __init__(self, key, model, batch: int, frames: int, fsl: int, context: torch.Tensor, dtype, policy=None):
         self.key = key
@@ -128,6 +137,9 @@ class RolloutGraphs:
         self.observers = tuple(model.observers)  # held, so that their buffers outlive the graphs that write them
         self.interventions = tuple(model.interventions)  # likewise (their tensors are read by the graphs)
         self.rollouts = 0
+        self.warm = False  # this rollout's eager warm-up is over (set once its first full-size chunk has run)
+        self._warm_chunk = None  # the chunk whose eager forwards are the warm-up
+        self._cold = False  # a recording of this rollout failed: the rest of it runs eagerly
 
     def begin(self, model, context: torch.Tensor) -> None:
         """Start a rollout: new context and cross-attention keys/values, an empty cache (slots are rewritten
@@ -136,15 +148,30 @@ class RolloutGraphs:
         for kv in self.cache.kv:
             kv.clear()
         self.rollouts += 1
+        self.warm, self._warm_chunk, self._cold = self.rollouts > 1 or not self.eager_first, None, False
         if not self._eager():  # the eager warm-up rollout fills the cross cache; graphs read it in place
             model.fill_cross_cache(self.context, self.cache)
 
     def _eager(self) -> bool:
-        """Whether this rollout (counted from 1 once begun) is the eager warm-up of the shape."""
+        """Whether this rollout (counted from 1 once begun) starts with the eager warm-up of the shape."""
         return self.eager_first and self.rollouts == 1
 
+    def _warm_up(self, model, x, chunk: int) -> bool:
+        """Whether this forward (x [B, C, F, H, W] of `chunk`) runs eagerly as part of the warm-up; notes when
+        the warm-up is over."""
+        if self.warm:
+            return False
+        if not self.warm_up_chunk or self.observers or self.interventions or self._cold:
+            return True  # the whole first rollout
+        if self._warm_chunk is None and x.shape[2] == model.num_frame_per_block:
+            self._warm_chunk = chunk  # the first full-size chunk: its forwards are the last eager ones
+        if self._warm_chunk is not None and chunk > self._warm_chunk:
+            self.warm = True
+            return False
+        return True
+
     def forward(self, model, x, t, start: int, chunk: int, first: bool, labels: ForwardLabels):
-        if self._eager():  # warm-up: eager on the graphs' cache
+        if self._warm_up(model, x, chunk):  # warm-up: eager on the graphs' cache
             return model(x, t, self.context, cache=self.cache, start_frame=start, labels=labels)
         key = (chunk, first, labels) if self.observers or self.interventions else (chunk, first)
         if key not in self.graphs:
@@ -155,11 +182,24 @@ class RolloutGraphs:
             # which reads them in place even after the model's own cache lets them go
             rope = model.rope_for(xs, start)
             graph = torch.cuda.CUDAGraph()
+            before = [kv.state() for kv in self.cache.kv]
             for obs in self.observers:
                 obs.begin_recording()
             try:
                 with torch.cuda.graph(graph, pool=self.pool):
                     out = model(xs, ts, self.context, cache=self.cache, start_frame=start, labels=labels)
+            except Exception:
+                if self.rollouts > 1 or not self.eager_first:
+                    raise  # every kernel ran in the warm-up: a real error
+                # the first rollout met a kernel that its warm-up did not set up (e.g. one compiled for a key
+                # length only later chunks have), which cannot be done inside a recording: no kernel of the
+                # recording ran, so with the cache's bookkeeping put back this forward and the rest of the
+                # rollout run eagerly
+                torch.cuda.synchronize()
+                for kv, kv_state in zip(self.cache.kv, before):
+                    kv.restore(kv_state)
+                self.warm, self._cold = False, True
+                return model(x, t, self.context, cache=self.cache, start_frame=start, labels=labels)
             finally:
                 seen = [obs.end_recording() for obs in self.observers]
             state = [kv.state() for kv in self.cache.kv]
