@@ -409,6 +409,51 @@ def test_first_rollout_warms_up_on_its_first_full_size_chunk(independent_first_f
             RolloutGraphs.eager_first = True
 
 
+def test_a_failed_recording_in_the_first_rollout_falls_back_to_eager(monkeypatch):
+    """`RolloutGraphs.forward` when a recording of the first rollout fails (a kernel that cannot be set up inside a
+    recording): the cache's bookkeeping is put back and that forward and the rest of the rollout run eagerly, with
+    the eager rollout's latents. Simulated on the CPU: the 'recording' runs the forward and then fails, as a CUDA
+    capture fails at its end (global attention, so writing a chunk's keys twice is harmless)."""
+    import contextlib
+
+    from models.common import rollout as ro
+
+    model = tiny_model()
+    s = FlowMatchScheduler(5.0)
+    g = torch.Generator().manual_seed(0)
+    noise, ctx = torch.randn(1, 12, C, H, W, generator=g), torch.randn(1, 16, 32, generator=g)
+
+    def run(graphs):
+        return causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s,
+                               generator=torch.Generator().manual_seed(1), cuda_graphs=graphs)
+
+    with torch.no_grad():
+        eager = run(False)
+        recordings = []
+
+        @contextlib.contextmanager
+        def failing_graph(graph, pool=None):
+            recordings.append(graph)
+            yield
+            for kv in model._rollout_graphs.cache.kv:  # what a real capture leaves: the host's bookkeeping moved
+                kv.frames.append(99)  # on while its kernels never ran
+                kv.positions.append(99)
+                kv.stamps.append(0)
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        real = ro._rollout_graphs
+        monkeypatch.setattr(ro, "_rollout_graphs", lambda *a, **k: real(*a, **{**k, "devices": ("cpu",)}))
+        monkeypatch.setattr(torch.cuda, "graph", failing_graph)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+        out = run(True)
+        graphs = model._rollout_graphs
+        assert len(recordings) == 1 and graphs._cold and not graphs.graphs  # chunk 1's first forward, then eager
+        torch.testing.assert_close(out, eager, rtol=0, atol=0)
+        assert [kv.state()[0] for kv in graphs.cache.kv] == [list(range(12))] * len(graphs.cache.kv)
+
+
 @pytest.mark.parametrize("local,sink", [(-1, 0), (9, 3), (6, 0), (12, 3), (3, 1)])
 def test_window_rule_is_what_the_kv_cache_holds(local, sink):
     """models/common/window.py (the full-sequence mask, the synthetic stores) against the frames the KV cache holds
