@@ -92,7 +92,7 @@ class ExtractConfig:
 
 def parse_int_list(text: str | None, *, what: str, upper: int | None = None) -> list[int] | None:
     """'3', '0-29', '0,4,8-11' or 'all' -> sorted ints (None for 'all'); a clear error otherwise ('3-', '-1',
-    '1,,2' and '' included)."""
+    '1,,2', '' and a range written high to low included)."""
     if text is None or str(text).strip() == "all":
         return None
     values: set[int] = set()
@@ -101,6 +101,8 @@ def parse_int_list(text: str | None, *, what: str, upper: int | None = None) -> 
         if m is None:
             raise WorkbenchError(f"{what} {text!r}: use a number, a range like 0-29, a list like 0,4,8, or 'all'")
         a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+        if b < a:
+            raise WorkbenchError(f"{what} {text!r}: the range {a}-{b} is empty; write it low to high ({b}-{a})")
         values.update(range(a, b + 1))
     if upper is not None:
         bad = sorted(v for v in values if not 0 <= v < upper)
