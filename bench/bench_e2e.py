@@ -7,7 +7,8 @@ What runs (random full-size weights drawn directly on the GPU; the numbers are a
   umT5-XXL text encoder bf16 (bench/bench_vae_t5.py's specs) with the embedded tiny tokenizer (the prompt below
   is 43 of its tokens; the encoder runs on a prompt's own tokens, its output padded to 512 rows as Wan's
   is; before session 14 it ran on all 512); the 1.3B causal DiT bf16 (bench/bench_rollout.py's
-  random_model) with its CUDA graphs as generate runs it; the full Wan2.1 VAE decoder bf16.
+  random_model, its head drawn 10x smaller so that long videos stay finite) with its CUDA graphs as generate
+  runs it; the full Wan2.1 VAE decoder bf16.
 A pipeline run is what `workbench generate` does for one prompt and seed, minus the file writing: encode the
 prompt, draw the noise, the few-step rollout with each finished chunk pushed to a stream decoder in the
 rollout's `on_chunk`, then the concatenated frames. Wall time runs from before the encode to the last frame
@@ -30,7 +31,9 @@ to DIR/bench_e2e.json):
     equal the same decoder's sequential frames bitwise (when that sequential configuration ran before).
  2. long: --long (default 84,168) latent frames with a 21-frame window and 3 sink frames, configuration
     `fast`: FPS, first-chunk latency, peak memory, and each chunk's rollout time (events at each on_chunk)
-    and decode time: is the per-chunk time flat once the window is full (chunk >= 7)?
+    and decode time: is the per-chunk time flat once the window is full (chunk >= 7)? And are the decoded
+    frames and the latents finite? (A run whose random data goes inf/NaN draws less power and runs faster from
+    there on: its rows do not count; bench/RESULTS.md, session 23.)
  3. decoder: the decoder alone (21 latents, chunks of 3, median of --repeats): reference eager;
     + cudnn.benchmark; + channels_last_3d weights and input; fast eager; fast + CUDA graphs;
     fast + graphs + cudnn.benchmark. Each with the max / mean |difference| of its frames from the float32
