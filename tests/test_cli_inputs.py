@@ -58,7 +58,6 @@ def no_work(monkeypatch):
 CASES = [
     (["extract", "--layers", "3-"], "layer '3-': use a number, a range like 0-29"),
     (["extract", "--layers", "1,,2"], "layer '1,,2': use a number"),
-    (["extract", "--layers", "5-2"], "layer '5-2': the range 5-2 is empty; write it low to high (2-5)"),
     (["extract", "--layer", "3", "--seed", "1-"], "seed '1-': use a number"),
     (["extract", "--layer", "3", "--heads", "-1"], "head '-1': use a number"),
     (["extract", "--layer", "3", "--height", "100"], "--height 100: use a positive multiple of 16 pixels"),

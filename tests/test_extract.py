@@ -315,7 +315,7 @@ def no_work(monkeypatch):
     (["--heads", "0,4"], "head [4] out of range: the model has heads 0-3"),
     (["--stats", "attn_mass,attn_entropy"], "unknown statistic(s) ['attn_entropy']"),
     (["--stats", ""], "no statistic to capture"),
-    (["--layers", "3-1"], "no layer selected"),
+    (["--layers", "3-1"], "layer '3-1': the range 3-1 is empty; write it low to high (1-3)"),
     (["--steps", "5"], "step [5] out of range: the causal_few_step schedule has steps 0-4"),
     (["--frames", "20"], "--frames 20 does not divide into chunks of 3"),
     (["--frames", "24"], "more than the KV cache holds"),
