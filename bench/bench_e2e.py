@@ -47,6 +47,9 @@ to DIR/bench_e2e.json):
 Each timed run's SM clock and power draw are printed beside it (bench/gpu_power.py; the graphed 1.3B rollout
 draws the H200's 700 W and runs below its boost clock).
 --budget: sections starting after the time budget (seconds since start) are skipped and say so.
+--watchdog S (default 240): a pipeline run in which no chunk finishes for S seconds is taken as hung (a GPU kernel
+that never ends would otherwise hold the run until its caller's time limit, with nothing printed): every
+thread's stack goes to the log and the process exits. 0: off.
 --smoke: the same script on the embedded tiny models on the CPU (checks the script; measures nothing).
 
 Needs: CUDA, torch, transformers, diffusers, triton. Run from the repository root.
@@ -81,6 +84,18 @@ GIB = 1024 ** 3
 PROMPT = "A red fox runs through a snowy forest at dawn, the camera tracks it at ground level, soft golden light."
 T0 = time.perf_counter()
 RESULTS: dict = {"sections": {}}
+WATCHDOG: dict = {"seconds": 0.0, "file": None}  # set by main (--watchdog)
+
+
+def watchdog(arm: bool) -> None:
+    """(Re)start the hang watchdog (`--watchdog`): unless re-armed within its seconds, dump every thread's stack to
+    the log and exit; arm=False stops it."""
+    if WATCHDOG["seconds"] <= 0:
+        return
+    if arm:
+        faulthandler.dump_traceback_later(WATCHDOG["seconds"], exit=True, file=WATCHDOG["file"])
+    else:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def elapsed() -> float:
@@ -233,6 +248,7 @@ def pipeline(m: Models, frames: int, *, decoder: str, overlap: bool, last_contex
     pending, chunk_ends, decoded = [], [], []
 
     def on_chunk(chunk, s, x0):
+        watchdog(True)
         e = Dev.event()
         e.record()
         chunk_ends.append(e)
@@ -241,12 +257,14 @@ def pipeline(m: Models, frames: int, *, decoder: str, overlap: bool, last_contex
             decoded.append((e, Dev.event()))
             decoded[-1][1].record()
 
+    watchdog(True)
     latents = sample(m.model, "causal_few_step", noise, context.to(Dev.device, Dev.dtype), generator=gen,
                      on_chunk=on_chunk, last_context_pass=last_context_pass)
     video = torch.cat([p.get() for p in pending], dim=2)  # [1, 3, T, 480, 832]
     end = Dev.event()
     end.record()
     Dev.sync()
+    watchdog(False)
     wall, span = time.perf_counter() - t0, (u0, time.time())
     T = video.shape[2]
     dit = [start.elapsed_time(chunk_ends[0]) - start.elapsed_time(encoded)] + \
@@ -712,6 +730,9 @@ def main(argv=None) -> int:
                     "decoder-compile")
     ap.add_argument("--budget", type=float, default=BUDGET,
                     help="seconds after which the remaining sections are skipped (default: %(default)s)")
+    ap.add_argument("--watchdog", type=float, default=240.0,
+                    help="seconds without a finished chunk after which a pipeline run is taken as hung: every "
+                    "thread's stack goes to the log and the process exits (0: off; default: %(default)s)")
     ap.add_argument("--attention-kernel", default="auto", choices=ATTENTION_KERNELS,
                     help="the DiT's attention kernel choice (models/common/attention_kernels.py; default: %(default)s)")
     ap.add_argument("--smoke", action="store_true", help="the embedded tiny models on the CPU (6 latent frames of "
@@ -747,6 +768,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "bench_e2e.log", "w")
     sys.stdout, sys.stderr = Tee(log, sys.stdout), Tee(log, sys.stderr)
+    WATCHDOG.update(seconds=args.watchdog, file=log)
 
     import diffusers
     import transformers

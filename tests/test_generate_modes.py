@@ -181,6 +181,46 @@ def test_gpu_i2v_rollout_with_cuda_graphs():
 
 
 @pytest.mark.gpu
+def test_gpu_generate_records_each_owners_graphs_on_a_stream_of_its_own(tmp_path, monkeypatch):
+    """`generate` on CUDA replays the rollout's graphs and the fast VAE decoder's graphs at the same time, on two
+    streams. Each owner records on a capture stream of its own, never PyTorch's shared default one, so no two GEMMs
+    replayed together share a cuBLAS workspace (models/common/graph_streams.py); every video decodes on the same
+    side stream; and the videos and latents are those of a run whose rollout is eager."""
+    from models.wan.vae import StreamDecoder
+
+    recorded, sides = [], []
+    real_graph, real_init = torch.cuda.graph, StreamDecoder.__init__
+
+    class spy(real_graph):
+        def __init__(self, cuda_graph, pool=None, stream=None, **kw):
+            recorded.append(stream)
+            super().__init__(cuda_graph, pool=pool, stream=stream, **kw)
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        sides.append(self.stream)
+
+    monkeypatch.setattr(torch.cuda, "graph", spy)
+    monkeypatch.setattr(StreamDecoder, "__init__", init)
+    base = ["generate", "--prompt", "a red square moving left", "--frames", "9", "--seed", "0-2", "--device", "cuda",
+            "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "graphed")]) == 0
+    streams = set(recorded)
+    # the rollout's recordings (chunks 1-2 in video 1, chunk 0's in video 2) and the decoder's (video 2): two streams
+    assert len(recorded) >= 3 and len(streams) == 2 and None not in streams
+    assert torch.cuda.graph.default_capture_stream not in streams
+    assert len(sides) == 3 and sides[0] is not None and all(s is sides[0] for s in sides)
+    assert sides[0] not in streams
+    monkeypatch.setenv("WORKBENCH_CUDA_GRAPHS", "0")
+    assert main(base + ["--out", str(tmp_path / "eager")]) == 0
+    for s in (0, 1, 2):
+        a, b = (load_file(str(tmp_path / d / f"p0000-s{s}.safetensors"))["latents"] for d in ("graphed", "eager"))
+        assert torch.equal(a, b)
+        assert (tmp_path / "graphed" / f"p0000-s{s}.png").read_bytes() == \
+            (tmp_path / "eager" / f"p0000-s{s}.png").read_bytes()
+
+
+@pytest.mark.gpu
 def test_gpu_generate_compile_fp8_and_image(tmp_path):
     """`generate --compile --fp8 --image` on the embedded model on CUDA (three samples: the first compiles, the
     second records the CUDA graphs, the third replays them): frame 0 is the image's latent, the later frames stay

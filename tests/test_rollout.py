@@ -6,6 +6,7 @@ import torch
 
 from conftest import tiny_model
 from models.common.attention import ForwardLabels
+from models.common.graph_streams import capture_stream, side_stream
 from models.common.kv_cache import KVCache, RolloutCache
 from models.common.rollout import causal_few_step, few_step_schedule
 from models.common.scheduler import FlowMatchScheduler
@@ -432,8 +433,8 @@ def test_a_failed_recording_in_the_first_rollout_falls_back_to_eager(monkeypatch
         recordings = []
 
         @contextlib.contextmanager
-        def failing_graph(graph, pool=None):
-            recordings.append(graph)
+        def failing_graph(graph, pool=None, stream=None):
+            recordings.append(stream)
             yield
             for kv in model._rollout_graphs.cache.kv:  # what a real capture leaves: the host's bookkeeping moved
                 kv.frames.append(99)  # on while its kernels never ran
@@ -447,11 +448,42 @@ def test_a_failed_recording_in_the_first_rollout_falls_back_to_eager(monkeypatch
         monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
         monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
         monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+        monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
         out = run(True)
         graphs = model._rollout_graphs
         assert len(recordings) == 1 and graphs._cold and not graphs.graphs  # chunk 1's first forward, then eager
+        assert recordings[0] is capture_stream(model, "cpu")  # recorded on the model's own capture stream
         torch.testing.assert_close(out, eager, rtol=0, atol=0)
         assert [kv.state()[0] for kv in graphs.cache.kv] == [list(range(12))] * len(graphs.cache.kv)
+
+
+class FakeStream:
+    """Stands in for torch.cuda.Stream on the CPU: each one made is a new object."""
+
+    def __init__(self, device=None, priority=0):
+        self.device, self.priority = device, priority
+
+
+def test_graph_owners_keep_streams_of_their_own(monkeypatch):
+    """models/common/graph_streams.py: an owner of CUDA graphs gets one capture stream, kept (so its graphs' GEMMs
+    have a cuBLAS workspace no other owner's graphs use), another owner another; side streams are kept per owner
+    and priority, apart from its capture stream; the streams go with their owner."""
+    import gc
+
+    from models.common import graph_streams
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    a, b = tiny_model(), tiny_model()
+    cap = capture_stream(a, "cuda:0")
+    assert capture_stream(a, "cuda:0") is cap and capture_stream(a, torch.device("cuda", 0)) is cap
+    assert capture_stream(b, "cuda:0") is not cap and capture_stream(a, "cuda:1") is not cap
+    side = side_stream(a, "cuda:0")
+    assert side_stream(a, "cuda:0", 0) is side and side not in (cap, side_stream(a, "cuda:0", -5))
+    assert side.priority == 0 and side_stream(a, "cuda:0", -5).priority == -5
+    held = len(graph_streams._STREAMS)
+    del b
+    gc.collect()
+    assert len(graph_streams._STREAMS) == held - 1
 
 
 @pytest.mark.parametrize("local,sink", [(-1, 0), (9, 3), (6, 0), (12, 3), (3, 1)])

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from models.common.attention import ForwardLabels
+from models.common.graph_streams import capture_stream
 from models.common.kv_cache import RolloutCache
 from models.common.scheduler import FlowMatchScheduler
 from models.errors import ModelInputError
@@ -107,7 +108,9 @@ class RolloutGraphs:
     (chunk, first forward of the chunk or not); later rollouts replay them and record those the first rollout ran
     eagerly. All share one memory pool although they are not recorded in the order they replay: a graph's
     temporaries may reuse another's, which is safe because graphs run one at a time and the only tensor that
-    outlives a replay, its output buffer, is cloned right after it. The first forward of a chunk gets its own graph
+    outlives a replay, its output buffer, is cloned right after it. They are recorded on the model's own capture
+    stream (models/common/graph_streams.py), so their GEMMs' cuBLAS workspace is theirs alone: the VAE decoder's
+    graphs replay beside them on the decode stream. The first forward of a chunk gets its own graph
     because it may evict from a windowed cache; the others overwrite the same slots. Graphs are used only
     on CUDA and without gradients, and are dropped when the model's parameters, the rollout's shape or the
     attached observers change. Replays run exactly the recorded kernels, so a graphed rollout equals the eager
@@ -186,7 +189,7 @@ class RolloutGraphs:
             for obs in self.observers:
                 obs.begin_recording()
             try:
-                with torch.cuda.graph(graph, pool=self.pool):
+                with torch.cuda.graph(graph, pool=self.pool, stream=capture_stream(model, xs.device)):
                     out = model(xs, ts, self.context, cache=self.cache, start_frame=start, labels=labels)
             except Exception:
                 if self.rollouts > 1 or not self.eager_first:

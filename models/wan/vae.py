@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models.common.graph_streams import side_stream
 from models.errors import CheckpointError, ModelInputError
 from models.files import check_tensor_shapes, load_state_dict_file
 
@@ -372,8 +373,8 @@ class StreamDecoder:
 
     def __init__(self, vae: WanVAE, overlap: bool = False, priority: int = 0):
         self.vae = vae
-        self.stream = torch.cuda.Stream(device=vae.device, priority=priority) \
-            if overlap and vae.device.type == "cuda" else None
+        # the VAE's own side stream of this priority, the same for every video (models/common/graph_streams.py)
+        self.stream = side_stream(vae, vae.device, priority) if overlap and vae.device.type == "cuda" else None
         n_conv = vae.model._cached_conv_counts["decoder"] if hasattr(vae.model, "_cached_conv_counts") else \
             sum(type(m).__name__ == "WanCausalConv3d" for m in vae.model.decoder.modules())
         self._feat_cache: list = [None] * n_conv  # per causal conv: the last 2 input frames (or 'Rep')

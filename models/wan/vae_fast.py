@@ -32,6 +32,9 @@ What differs from the diffusers code, and why it is the same function:
 Numerics: the same operations in the same dtype. In bf16 the frames differ from the reference decoder by
 rounding (other convolution algorithms, the fused norm); float32/float64 agree to rounding.
 
+The graphs are recorded on the decoder's own capture stream (models/common/graph_streams.py): replayed on the decode
+stream beside the rollout's graphs, their GEMMs must not share a cuBLAS workspace with those.
+
 One video at a time: the buffers and graphs belong to the `FastDecoder` of a `WanVAE` and are re-zeroed when a
 new stream starts (`reset`); an older stream that pushes again afterwards is refused (models/wan/vae.py).
 """
@@ -44,6 +47,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from models.common.graph_streams import capture_stream
 from models.errors import ModelInputError
 
 CL3 = torch.channels_last_3d
@@ -349,7 +353,7 @@ class FastDecoder:
                 self._pool = torch.cuda.graph_pool_handle()
             static_in = z.detach().float().clone()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self._pool, stream=capture_stream(self, z.device)):
                 static_out = self._step(static_in, first)
             self._graphs[first] = (graph, static_in, static_out)
         graph, static_in, static_out = self._graphs[first]
