@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,16 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from bench_rollout import random_model, rollout_inputs, run_rollout  # noqa: E402
+from bench_rollout import random_model, rollout_inputs, run_rollout, timed  # noqa: E402
 from models.common.rollout import RolloutGraphs  # noqa: E402
 
 
 def wall(fn) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    """Seconds of one call of fn (synchronised before and after; no warm-up)."""
+    return timed(fn, 1, warmups=0)[0]
 
 
 def main():
@@ -77,12 +73,12 @@ def main():
     result["graphs_recorded_by_rollout_1"] = len(recorded_in_first)
     print(f"rollouts 1, 2, 3 of the process: {', '.join(f'{t:.3f} s' for t in times)} "
           f"(rollout 1 recorded {len(recorded_in_first)} graphs)")
-    steady = [wall(rollout) for _ in range(args.repeats)]
-    result["steady_35_s"] = round(statistics.median(steady), 3)
+    median35, steady = timed(rollout, args.repeats, warmups=0)
+    result["steady_35_s"] = round(median35, 3)
     warm34 = [wall(lambda: rollout(last=False)) for _ in range(3)]  # a new graph key: warm-up, record, replay
-    steady34 = [wall(lambda: rollout(last=False)) for _ in range(args.repeats)]
+    median34, steady34 = timed(lambda: rollout(last=False), args.repeats, warmups=0)
     result["first_34_s"] = [round(t, 3) for t in warm34]
-    result["steady_34_s"] = round(statistics.median(steady34), 3)
+    result["steady_34_s"] = round(median34, 3)
     print(f"steady state, 35 forwards (with the last context pass): {result['steady_35_s']:.3f} s "
           f"({', '.join(f'{t:.3f}' for t in steady)})")
     print(f"steady state, 34 forwards (generate's default, no last context pass): {result['steady_34_s']:.3f} s "
