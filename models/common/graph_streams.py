@@ -6,7 +6,10 @@ workspace of the stream it was recorded on at every replay. `torch.cuda.graph` r
 by the whole process unless it is given one, so the rollout's DiT graphs (models/common/rollout.py) and the fast
 VAE decoder's graphs (models/wan/vae_fast.py) would share one workspace, and `workbench generate` replays them at
 the same time on two streams (each chunk's decode beside the next chunk's denoising): two GEMMs in the same
-scratch memory, which gives wrong sums or a kernel that waits forever on a semaphore the other GEMM reset.
+scratch memory, which can give wrong sums or a kernel that waits forever on a semaphore the other GEMM reset.
+(The streamed pipeline hung on H200s with shared recording in session 24; in session 25 neither the pipeline with
+the old handling nor bench/bench_graph_streams.py reproduced it, so this is hygiene, not a proven fix:
+bench/RESULTS.md.)
 Recent PyTorch versions also drop a stream's workspace when a graph recorded on that stream is freed, which would
 pull it from under another owner's live graphs (pytorch/pytorch#193402). So each owner records on a stream of
 its own, made once and kept for the owner's lifetime (`capture_stream`), and side streams that run eager
