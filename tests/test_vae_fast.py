@@ -162,16 +162,18 @@ KERNEL_CHECK = textwrap.dedent("""
 
 
 def test_temporal_taps_compute_the_3d_convolution(small_sd, monkeypatch):
-    """A 3x3x3 convolution as three 2D taps over frame views of its buffer (what the fast decoder runs on CUDA for
-    narrow convolutions), forced on the CPU: the reference's function in float64, and a stream still gives a
-    whole decode's bits."""
+    """A 3x3x3 convolution as three 2D taps over frame views of its buffer (what the fast decoder runs on the CPU,
+    and on CUDA for 64-127 channels): the reference's function in float64, and a stream still gives a whole
+    decode's bits; with the taps off, the fast decoder is the reference's bits."""
     import models.wan.vae_fast as vae_fast
 
     torch.set_num_threads(1)
+    monkeypatch.setitem(vae_fast.TAPS_CHANNELS, "cpu", range(0))
     ref, fast = _pair(small_sd, torch.float64)
     torch.manual_seed(6)
     z = torch.randn(1, 5, 16, 3, 4)
     want, plain = ref.decode(z), fast.decode(z)
+    assert all(c.taps is None for c in fast.fast_decoder().causal_convs())
     monkeypatch.setitem(vae_fast.TAPS_CHANNELS, "cpu", range(10 ** 6))
     _, tapped = _pair(small_sd, torch.float64)
     got = tapped.decode(z)

@@ -22,11 +22,13 @@ What differs from the diffusers code, and why it is the same function:
   for a residual block's first convolution, one in-place pass (models/wan/triton_vae.py `combine_`) that also
   adds the temporal taps and the residual for the others. The same sums in the same order and dtype as
   PyTorch's separate `add_` of a cuDNN convolution's bias, so the same bits, without its slow broadcast pass.
-- Temporal taps (CUDA): a 3x3x3 causal convolution whose output channels are in TAPS_CHANNELS runs as three
-  3x3 `conv2d` over views of its buffer's frames, summed (cuDNN's conv3d picks a slow kernel for the 96-channel
-  convolutions at 480x832, 248 TFLOP/s, against 323 for the three 2D ones; at 3 and at 192 or more channels
-  conv3d is the faster: bench/bench_vae_convs.py). The same
-  products, summed in another order: a rounding difference only (tests/test_vae_fast.py checks it in float64).
+- Temporal taps: a 3x3x3 causal convolution whose output channels are in TAPS_CHANNELS (per device type) runs as
+  three 3x3 `conv2d` over views of its buffer's frames, summed. On CUDA only at 64-127 channels (cuDNN's conv3d
+  picks a slow kernel for the 96-channel convolutions at 480x832, 248 TFLOP/s, against 323 for the three 2D ones;
+  at 3 and at 192 or more channels conv3d is the faster: bench/bench_vae_convs.py); on the CPU below 64 channels
+  (PyTorch's CPU conv3d takes 1.7-6x the time of the three conv2d at the embedded VAE's 8-32 channels; at 96-384
+  the two are even or conv3d is faster: bench/bench_vae_cpu.py). The same products, summed in another order: a rounding difference
+  only (tests/test_vae_fast.py checks it in float64).
 - The latent normalisation and `post_quant_conv` run per latent frame inside the step, so a whole decode and
   any chunking of the same latents run the same kernels on the same data: equal bitwise.
 Numerics: the same operations in the same dtype. In bf16 the frames differ from the reference decoder by
@@ -53,7 +55,7 @@ from models.errors import ModelInputError
 CL3 = torch.channels_last_3d
 CL2 = torch.channels_last
 # device type -> the output channels of the 3x3x3 convolutions that run as three 2D taps (B = 1 only)
-TAPS_CHANNELS = {"cuda": range(64, 128)}
+TAPS_CHANNELS = {"cuda": range(64, 128), "cpu": range(64)}
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -75,10 +75,10 @@ def register(subparsers) -> None:
                             "via torch._scaled_mm; CUDA needs --dtype bfloat16 (the default there)")
     p.add_argument("--no-video", action="store_true", help="latents only (no VAE decode)")
     p.add_argument("--vae-decoder", default="auto", choices=["auto", "reference", "fast"],
-                   help="the VAE decoder: reference (diffusers' modules) or fast (channels-last, CUDA graphs; frames "
-                        "differ from reference by rounding); auto: $WORKBENCH_VAE_DECODER, else fast on CUDA and "
-                        "reference on the CPU "
-                        "(default: %(default)s)")
+                   help="the VAE decoder: reference (diffusers' modules) or fast (channels-last, CUDA graphs, narrow "
+                        "convolutions as 2D temporal taps; frames differ from reference by float rounding; on the CPU "
+                        "it decodes the embedded default's 81 frames ~4x faster); auto: $WORKBENCH_VAE_DECODER, else "
+                        "fast on CUDA and reference on the CPU (default: %(default)s)")
     p.add_argument("--out", default="runs/generate", help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     live = p.add_argument_group("live view (watch the run with `workbench view OUT`)")
