@@ -458,7 +458,7 @@ def _ws_config_or_skip():
     from models.common.triton_attention import WS_GPU_ENV
 
     if os.environ.get(WS_GPU_ENV) != "1":
-        pytest.skip(f"WS on a GPU is experimental (its fix of the H200's illegal memory access awaits a run): "
+        pytest.skip(f"WS on a GPU is experimental (wrong outputs on the H200, bench/RESULTS.md 2026-12-02): "
                     f"set {WS_GPU_ENV}=1")
     from models.common.triton_attention_plan import FUSED_WS_CANDIDATES
 
