@@ -30,7 +30,7 @@ to DIR/bench_e2e.json):
     bitwise; each run's streamed frames equal a whole decode by the same decoder bitwise; overlapped frames
     equal the same decoder's sequential frames bitwise (when that sequential configuration ran before).
  2. long: --long (default 84,168) latent frames with a 21-frame window and 3 sink frames, configuration
-    `fast`: FPS, first-chunk latency, peak memory, and each chunk's rollout time (events at each on_chunk)
+    --long-config (default `fast`; `fast-seq` runs each chunk's decode after its denoising): FPS, first-chunk latency, peak memory, and each chunk's rollout time (events at each on_chunk)
     and decode time: is the per-chunk time flat once the window is full (chunk >= 7)? And are the decoded
     frames and the latents finite? (A run whose random data goes inf/NaN draws less power and runs faster from
     there on: its rows do not count; bench/RESULTS.md, session 23.)
@@ -477,7 +477,7 @@ def section_decoder(m: Models, repeats: int, compile_only: bool = False) -> None
 # 3. Long videos with a window
 
 
-def section_long(m: Models, lengths: list[int]) -> None:
+def section_long(m: Models, lengths: list[int], config: str = "fast") -> None:
     from models.common.rollout import RolloutGraphs
 
     base = m.model.config
@@ -489,7 +489,8 @@ def section_long(m: Models, lengths: list[int]) -> None:
             if elapsed() > BUDGET:
                 rows.append([n, "skipped (time budget)"] + [""] * 7)
                 continue
-            kw = dict(decoder="fast", overlap=True, last_context_pass=False)
+            decoder, overlap, last, prio = CONFIGS[config]
+            kw = dict(decoder=decoder, overlap=overlap, last_context_pass=last, priority=prio)
             t = time.perf_counter()
             pipeline(m, n, **kw)  # records this shape's graphs
             warm = time.perf_counter() - t
@@ -521,13 +522,13 @@ def section_long(m: Models, lengths: list[int]) -> None:
     finally:
         m.model.config = base
         RolloutGraphs.eager_first = True
-    table(f"Long videos, window {Dev.window[0]} + sink {Dev.window[1]}, config `fast` (one timed run after the "
-          "recording run)",
+    table(f"Long videos, window {Dev.window[0]} + sink {Dev.window[1]}, config `{config}` (one timed run after the "
+          "recording run; without a side stream a chunk's time includes its decode)",
           ["latent frames", "frames", "wall", "FPS", "first chunk", "peak", "rollout per chunk, chunks 0-7 (ms)",
            "rollout per chunk once the window is full: mean / min / max / last", "decode per chunk: mean / max",
            "finite: frames / latents"],
           rows)
-    RESULTS["sections"]["long"] = out
+    RESULTS["sections"]["long"] = dict(out, config=config)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -723,6 +724,9 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS), help="the e2e section's configurations, in this order "
                     "(the first compiles; latents are compared with its): comma list of %(default)s")
     ap.add_argument("--long", default="84,168", help="latent frame counts of the windowed runs ('' for none)")
+    ap.add_argument("--long-config", default="fast", choices=list(CONFIGS),
+                    help="the configuration of the long runs (default: %(default)s; fast-seq: the decode on the "
+                         "rollout's stream, so each chunk's time is its denoising plus its decode, one after the other)")
     ap.add_argument("--profile", action="store_true", help="add the torch.profiler breakdowns")
     ap.add_argument("--decoder-compile", action="store_true", help="also time torch.compile of the fast step "
                     "(last: its compile time is unknown)")
@@ -795,7 +799,7 @@ def main(argv=None) -> int:
     m = Models()
     m.model.attention_kernel = args.attention_kernel
     sections = [("e2e", lambda: section_e2e(m, args.repeats, configs)),
-                ("long", lambda: section_long(m, lengths) if lengths else None),
+                ("long", lambda: section_long(m, lengths, args.long_config) if lengths else None),
                 ("decoder", lambda: section_decoder(m, args.repeats)),
                 ("profile", lambda: section_profile(m) if args.profile else None),
                 ("text", lambda: section_text(m)),
