@@ -30,7 +30,8 @@ to DIR/bench_e2e.json):
     bitwise; each run's streamed frames equal a whole decode by the same decoder bitwise; overlapped frames
     equal the same decoder's sequential frames bitwise (when that sequential configuration ran before).
  2. long: --long (default 84,168) latent frames with a 21-frame window and 3 sink frames, configuration
-    --long-config (default `fast`; `fast-seq` runs each chunk's decode after its denoising): FPS, first-chunk latency, peak memory, and each chunk's rollout time (events at each on_chunk)
+    --long-config (default `fast`; `fast-seq` runs each chunk's decode after its denoising): FPS, first-chunk
+    latency, peak memory, and each chunk's rollout time (events at each on_chunk)
     and decode time: is the per-chunk time flat once the window is full (chunk >= 7)? And are the decoded
     frames and the latents finite? (A run whose random data goes inf/NaN draws less power and runs faster from
     there on: its rows do not count; bench/RESULTS.md, session 23.)
@@ -726,7 +727,7 @@ def main(argv=None) -> int:
     ap.add_argument("--long", default="84,168", help="latent frame counts of the windowed runs ('' for none)")
     ap.add_argument("--long-config", default="fast", choices=list(CONFIGS),
                     help="the configuration of the long runs (default: %(default)s; fast-seq: the decode on the "
-                         "rollout's stream, so each chunk's time is its denoising plus its decode, one after the other)")
+                         "rollout's stream, so each chunk's time is its denoising plus its decode, in turn)")
     ap.add_argument("--profile", action="store_true", help="add the torch.profiler breakdowns")
     ap.add_argument("--decoder-compile", action="store_true", help="also time torch.compile of the fast step "
                     "(last: its compile time is unknown)")

@@ -49,7 +49,8 @@ def best(fn, repeats: int) -> float:
 
 
 def section_convs(repeats: int) -> None:
-    print("| 3x3x3 conv, input [1, C, T, H, W] -> C | conv3d (ms) | three conv2d taps (ms) | taps / conv3d | max abs diff |")
+    print("| 3x3x3 conv, input [1, C, T, H, W] -> C | conv3d (ms) | three conv2d taps (ms) | taps / conv3d "
+          "| max abs diff |")
     print("|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for c, t, h, w in CONV_SHAPES:

@@ -177,10 +177,10 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
                               f"only; got allowed={'a mask' if allowed is not None else None}, with_mass={with_mass}, "
                               f"frame_means={frame_means}, use_tma={bool(use_tma)}")
     if ws and q.is_cuda and os.environ.get(WS_GPU_ENV) != "1":
-        raise ModelInputError(f"config WS=True is experimental on GPUs: on the H200 (2026-12-02) it gives wrong outputs "
-                              f"(errors up to 0.17 and NaN rows at the rollout's call shapes; bench/RESULTS.md, issue "
-                              f"16), and the Gluon forward replaced it as the fast kernel; set {WS_GPU_ENV}=1 to run "
-                              f"it anyway (for kernel development)")
+        raise ModelInputError(f"config WS=True is experimental on GPUs: on the H200 (2026-12-02) it gave wrong "
+                              f"outputs (errors up to 0.17 and NaN rows at the rollout's call shapes; "
+                              f"bench/RESULTS.md, issue 16), and the Gluon forward replaced it as the fast kernel; "
+                              f"set {WS_GPU_ENV}=1 to run it anyway (for kernel development)")
     if ws and (not q.is_contiguous() or q.data_ptr() % 16):  # the kernel's q descriptor: rows of H * D, 16-byte base
         q = q.clone(memory_format=torch.contiguous_format)
 

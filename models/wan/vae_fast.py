@@ -27,8 +27,8 @@ What differs from the diffusers code, and why it is the same function:
   picks a slow kernel for the 96-channel convolutions at 480x832, 248 TFLOP/s, against 323 for the three 2D ones;
   at 3 and at 192 or more channels conv3d is the faster: bench/bench_vae_convs.py); on the CPU below 64 channels
   (PyTorch's CPU conv3d takes 1.7-6x the time of the three conv2d at the embedded VAE's 8-32 channels; at 96-384
-  the two are even or conv3d is faster: bench/bench_vae_cpu.py). The same products, summed in another order: a rounding difference
-  only (tests/test_vae_fast.py checks it in float64).
+  the two are even or conv3d is faster: bench/bench_vae_cpu.py). The same products, summed in another order:
+  a rounding difference only (tests/test_vae_fast.py checks it in float64).
 - The latent normalisation and `post_quant_conv` run per latent frame inside the step, so a whole decode and
   any chunking of the same latents run the same kernels on the same data: equal bitwise.
 Numerics: the same operations in the same dtype. In bf16 the frames differ from the reference decoder by
