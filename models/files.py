@@ -37,6 +37,9 @@ def load_tensors(path, *, trust_pickle: bool = False):
             return load_file(str(path), device="cpu")
         except Exception as err:
             raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {err}") from err
+    if not _looks_like_torch_save(path):
+        raise CheckpointError(f"{str(path)!r} is not a PyTorch checkpoint: neither torch.save's zip format nor a "
+                              "pickle (a truncated or corrupt file, or another kind of file)")
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -51,9 +54,22 @@ def load_tensors(path, *, trust_pickle: bool = False):
             raise CheckpointError(
                 f"{str(path)!r} needs arbitrary unpickling, which can run code ({detail}). Load it only if you trust "
                 "its source, with --trust-pickle (trust_pickle=True)") from err
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err2:
+            raise CheckpointError(f"cannot read weights file {str(path)!r}: {type(err2).__name__}: {err2}") from err2
     except Exception as err:
         raise CheckpointError(f"cannot read weights file {str(path)!r}: {type(err).__name__}: {err}") from err
+
+
+def _looks_like_torch_save(path: Path) -> bool:
+    """Whether the file starts as torch.save writes: a zip archive (the format since PyTorch 1.6) or a pickle
+    (protocol 2+ opens with 0x80; the legacy format is a pickle too)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return zipfile.is_zipfile(path) or head[:1] == b"\x80"
 
 
 def load_state_dict_file(path, trust_pickle: bool = False) -> dict:
@@ -147,13 +163,54 @@ def temporary_path(path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
 
 
+TEMPORARY_NAME = re.compile(r"^\..+\.(\d+)-[0-9a-f]{8}\.tmp")  # the names temporary_path makes; group 1: the pid
+
+
+def new_file_mode() -> int:
+    """The permission bits a new file gets here: 0o666 less the process's umask (read from /proc on Linux, so that
+    no other thread sees the umask changed for a moment)."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+STALE_AFTER_S = 600  # a temporary file untouched this long, of a process gone, was left by a killed write
+
+
+def stale_temporaries(folder, *, now: float | None = None) -> list[Path]:
+    """Temporary files of atomic writes (`temporary_path`'s names: .NAME.PID-HEX.tmpSUFFIX) under `folder`, left by a
+    write that was killed: their process is gone from this host and they have not changed for STALE_AFTER_S
+    seconds (a writer on another host sharing the folder keeps its file changing, so it is never taken)."""
+    import time
+
+    now = time.time() if now is None else now
+    stale = []
+    for path in Path(folder).rglob(".*.tmp*"):
+        m = TEMPORARY_NAME.match(path.name)
+        if not m or not path.is_file() or now - path.stat().st_mtime < STALE_AFTER_S:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)  # the writer still runs (or a process has its pid): keep the file
+        except ProcessLookupError:
+            stale.append(path)
+        except (PermissionError, OverflowError):
+            pass
+    return sorted(stale)
+
+
 def atomic_write(path, write) -> None:
-    """Call write(tmp_path) on a temporary path beside `path`, then rename it into place."""
+    """Call write(tmp_path) on a temporary path beside `path`, then rename it into place, with the permissions of
+    any new file (some writers, safetensors' among them, create theirs owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     try:
         write(str(tmp))
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.lexists(tmp):

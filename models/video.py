@@ -11,6 +11,7 @@ All writes are atomic (`models.files.atomic_write`: temp file in the same folder
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,8 @@ def read_prompts(path) -> list[str]:
     with no prompt in it, is a ModelInputError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ModelInputError(f"prompt file not found: {path}")
+        where = "" if path.is_absolute() else f" (a relative path: read from the current folder, {os.getcwd()})"
+        raise ModelInputError(f"prompt file not found: {path}{where}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -79,8 +79,12 @@ def test_missing_files_and_keys(tmp_path, sd):
     with pytest.raises(CheckpointError, match="does not exist"):
         read_wan_folder(tmp_path / "nowhere")
     save_self_forcing(tmp_path / "gen_only.pt", generator=sd)
-    with pytest.raises(CheckpointError, match="no 'generator_ema' entry; it has \\['generator'\\]"):
+    with pytest.raises(CheckpointError, match="no 'generator_ema' entry \\(a training run writes it once step "
+                                              "ema_start_step is reached\\); it has \\['generator'\\]"):
         read_self_forcing(tmp_path / "gen_only.pt", "generator_ema")
+    torch.save(sd, tmp_path / "bare.pt")  # a state dict alone, not under 'generator'
+    with pytest.raises(CheckpointError, match="is a bare state dict .* holds one under 'generator'"):
+        read_self_forcing(tmp_path / "bare.pt")
 
 
 class Evil:
@@ -133,3 +137,24 @@ def test_forward_matches_diffusers_on_the_same_weights(sd):
         again = build_model(cfg, from_diffusers(ref.state_dict()))(x, t, ctx)  # diffusers -> ours
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert torch.equal(again, got)
+
+
+def test_a_file_that_is_no_checkpoint_is_named_with_or_without_trust_pickle(tmp_path):
+    """A text file (or a truncated one) as a checkpoint: one CheckpointError naming the file, never the advice to
+    unpickle it and never a raw unpickling traceback; a real torch.save file still loads."""
+    from models.files import load_tensors
+
+    text = tmp_path / "g.pt"
+    text.write_text("not a checkpoint")
+    for trust in (False, True):
+        with pytest.raises(CheckpointError, match="g.pt' is not a PyTorch checkpoint"):
+            load_tensors(text, trust_pickle=trust)
+    good = tmp_path / "ok.pt"
+    torch.save({"generator": {"w": torch.ones(2)}}, good)
+    assert torch.equal(load_tensors(good)["generator"]["w"], torch.ones(2))
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # a plain pickle
+    assert torch.equal(load_tensors(tmp_path / "legacy.pt")["w"], torch.ones(2))
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes(good.read_bytes()[:100])  # a zip cut short: read as one, refused with a clear error
+    with pytest.raises(CheckpointError, match="cut.pt"):
+        load_tensors(truncated)

@@ -110,3 +110,21 @@ def test_benchmark_script_runs(tmp_path):
                           env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "self-check: OK" in done.stdout and "| 3 |" in done.stdout and "| 0 |" in done.stdout
+
+
+def test_an_interrupt_before_the_first_step_claims_no_files(tmp_path, capsys, monkeypatch):
+    """Ctrl-C before any step finished: a clean stop (exit 0, as for max_steps 0) that says nothing was saved and
+    names no losses file or checkpoint folder, since none exists."""
+    from training.trainer import Trainer
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "iteration", interrupted)
+    log = tmp_path / "dmd"
+    assert train("--config", "configs/tiny_dmd.yaml", "--logdir", log, "--max-steps", 2, "--set",
+                 f"generator_ckpt={EMBEDDED_DIR / 'checkpoints' / 'ode_init.pt'}", "device=cpu") == 0
+    out = capsys.readouterr().out
+    assert "interrupted at step 0; no finished step to save" in out and "saving a checkpoint" not in out
+    assert "step 0: no step finished in this run" in out and "no losses written; no checkpoint saved" in out
+    assert not list(log.glob("checkpoint_model_*")) and "checkpoint_model_000000" not in out

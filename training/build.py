@@ -216,6 +216,12 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
             raise TrainingError(f"--resume: {logdir} has no complete checkpoint_model_* folder")
     elif resume is None and latest_checkpoint(logdir) is not None:
         raise TrainingError(f"{logdir} already holds checkpoints; pass --resume to continue or use a new --logdir")
+    if d.main and Path(logdir).is_dir():  # what a write killed midway left (a checkpoint's part can be gigabytes)
+        from models.files import stale_temporaries
+
+        for path in stale_temporaries(logdir):
+            path.unlink(missing_ok=True)
+            log(f"removed {path}: the temporary file of a write that was killed")
     from models.wan.config import WanConfig
 
     gen_dir = model_folder(cfg, cfg.model_kwargs.model_name)

@@ -32,8 +32,9 @@ examples:
   workbench train --config configs/tiny_dmd.yaml --logdir runs/tiny_dmd --resume    # continue the latest checkpoint
 
 what it writes (logdir): losses.csv (one row per step; also TensorBoard / wandb when asked for),
-checkpoint_model_{step:06d}/model.pt (generator, critic, generator_ema: the researchers' format, loadable by
-`workbench extract --checkpoint` and their inference.py) with training_state.pt beside it (for --resume),
+checkpoint_model_{step:06d}/model.pt (generator, critic, and generator_ema from step ema_start_step on: the
+researchers' format, loadable by `workbench extract --checkpoint` and their inference.py) with training_state.pt
+beside it (for --resume),
 probes.zarr (the probe set's attention statistics along train_step; docs/store.md), config.yaml.
 Global batch total_batch_size = ranks x batch_size x gradient-accumulation steps.
 """
@@ -103,8 +104,12 @@ def _run(args) -> int:
     trainer.close()
     if trainer.d.main:
         last = trainer.history[-1] if trainer.history else {}
-        print(f"step {trainer.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.endswith("_loss")))
-        print(f"losses: {trainer.logdir / 'losses.csv'}; checkpoint: {trainer.logdir}/checkpoint_model_{trainer.step:06d}")
+        losses = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.endswith("_loss"))
+        print(f"step {trainer.step}: " + (losses or "no step finished in this run"))
+        # only what is on disk: an interrupt before the first step leaves no losses and no checkpoint
+        csv, ckpt = trainer.logdir / "losses.csv", trainer.logdir / f"checkpoint_model_{trainer.step:06d}"
+        print("; ".join([f"losses: {csv}" if csv.is_file() else "no losses written",
+                         f"checkpoint: {ckpt}" if ckpt.is_dir() else "no checkpoint saved"]))
         if trainer.probes is not None and trainer.probes.path.exists():
             from studies.training import table
 

@@ -210,17 +210,21 @@ class Trainer(Steps, Checkpoints):
         self.maybe_probe()
         bar = tqdm(total=(end - self.step) if end else None, desc=f"train ({self.plan.loss})", unit="step",
                    disable=not (self.progress and self.d.main))
+        interrupted = False
         try:
             while not end or self.step < end:
                 logs = self.iteration()
                 bar.update(1)
                 bar.set_postfix({k.replace("_loss", ""): f"{v:.4g}" for k, v in logs.items() if k.endswith("_loss")})
-        except KeyboardInterrupt:
-            if self.d.main:
-                self.log(f"interrupted at step {self.step}; saving a checkpoint")
+        except KeyboardInterrupt:  # a clean stop (max_steps 0 trains until it): the finished steps are kept
+            interrupted = True
         finally:
             bar.close()
-        if save_at_end and self.last_saved != self.step and self.step > 0:
+        due = save_at_end and self.last_saved != self.step and self.step > 0
+        if interrupted and self.d.main:
+            self.log(f"interrupted at step {self.step}; "
+                     + ("saving a checkpoint" if due else "no finished step to save since the last checkpoint"))
+        if due:
             self.save()
         return self.history
 

@@ -121,8 +121,17 @@ def read_self_forcing(path: str | Path, key: str = "generator", *, trust_pickle:
         if key == "generator" and "model" in blob:  # ODE-init checkpoints may use "model"
             key = "model"
         else:
-            found = sorted(k for k in blob if isinstance(blob[k], dict)) or sorted(blob)[:10]
-            raise CheckpointError(f"{str(path)!r} has no {key!r} entry; it has {found}")
+            import torch
+
+            entries = sorted(k for k in blob if isinstance(blob[k], dict))
+            if not entries and blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
+                raise CheckpointError(
+                    f"{str(path)!r} is a bare state dict ({len(blob)} tensors at its top level, e.g. "
+                    f"{sorted(blob)[:3]}); a Self-Forcing checkpoint holds one under 'generator' (and "
+                    "'generator_ema', 'critic'): save it as {'generator': state_dict}, or put it in a Wan folder")
+            why = (" (a training run writes it once step ema_start_step is reached)"
+                   if key == "generator_ema" and "generator" in blob else "")
+            raise CheckpointError(f"{str(path)!r} has no {key!r} entry{why}; it has {entries or sorted(blob)[:10]}")
     return strip_prefixes(blob[key])
 
 
