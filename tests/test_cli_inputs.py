@@ -64,6 +64,11 @@ CASES = [
     (["extract", "--layer", "3", "--width", "0"], "--width 0: use a positive multiple of 16 pixels"),
     (["generate", "--prompt", "x", "--height", "90", "--out", "{tmp}/g"], "--height 90: use a positive multiple of 16"),
     (["info", "--width", "100"], "--width 100: use a positive multiple of 16"),
+    (["extract", "--layer", "3", "--use-ema"], "--use-ema picks the generator_ema weights of a Self-Forcing"),
+    (["generate", "--prompt", "x", "--use-ema", "--out", "{tmp}/g"], "give it with --checkpoint FILE"),
+    (["extract", "--layer", "3", "--checkpoint", "{tmp}"], "--checkpoint '{tmp}' is a directory"),
+    (["generate", "--prompt", "x", "--checkpoint", "{tmp}", "--out", "{tmp}/g"], "--checkpoint '{tmp}' is a directory"),
+    (["generate", "--prompt", "x", "--checkpoint", "{tmp}/no.pt", "--out", "{tmp}/g"], "'{tmp}/no.pt' does not exist"),
     (["export-legacy", "{store}", "--layers", "0-"], "layer '0-': use a number"),
     (["extract", "--layer", "3", "--out", "{blocked}/x.zarr"], "output folder '{blocked}' is not writable"),
     (["generate", "--prompt", "x", "--out", "{blocked}/g"], "output folder '{blocked}/g' is not writable"),
@@ -91,7 +96,7 @@ def test_bad_input_is_one_line_before_any_work(argv, message, tmp_path, store, c
     assert code != 0
     assert err.startswith(f"workbench {argv[0]}: error: ") and err.count("\n") == 1, err
     assert message.format(**fill) in err and "Traceback" not in err
-    assert not (tmp_path / "x.zarr").exists()
+    assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "g").exists()  # no output folder made
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
@@ -116,7 +121,9 @@ def test_a_read_only_folder_is_one_line_before_any_work(command, tmp_path, store
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_outputs_have_the_permissions_of_new_files(umask, tmp_path, store):
     """Atomic writes create their temporary file the ordinary way, so the umask decides (not mkstemp's 0600)."""
-    from models.files import atomic_write_bytes
+    from safetensors.torch import save_file
+
+    from models.files import atomic_write, atomic_write_bytes
     from models.video import write_png_grid
     from models.wan.checkpoint import save_self_forcing
     from studies.report import build_report
@@ -128,6 +135,7 @@ def test_outputs_have_the_permissions_of_new_files(umask, tmp_path, store):
         atomic_write_bytes(tmp_path / "bytes.bin", b"x")
         write_png_grid(torch.zeros(3, 2, 8, 8), tmp_path / "grid.png")
         save_self_forcing(tmp_path / "model.pt", generator={"w": torch.zeros(2)})
+        atomic_write(tmp_path / "latents.safetensors", lambda p: save_file({"x": torch.zeros(2)}, p))  # (0600 alone)
         save_latent_dataset(tmp_path / "latents.pt", ["a"], torch.zeros(1, 2), "latents")
         paths = export_legacy(store, tmp_path / "legacy", layers=[0], log=lambda *_: None)
         build_report(store, tmp_path / "r.html", layer=0)
@@ -136,7 +144,7 @@ def test_outputs_have_the_permissions_of_new_files(umask, tmp_path, store):
             modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in locked}
     finally:
         os.umask(old)
-    files = ["bytes.bin", "grid.png", "model.pt", "latents.pt", "r.html"]
+    files = ["bytes.bin", "grid.png", "model.pt", "latents.pt", "r.html", "latents.safetensors"]
     modes.update({name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in files})
     modes.update({str(p): stat.S_IMODE(p.stat().st_mode) for p in paths})
     assert modes == {name: 0o666 & ~umask for name in modes}
@@ -216,3 +224,40 @@ def test_extract_summary_is_per_layer_and_head(tmp_path):
     text += summary_table(bidi)
     assert "steps 0-15" in text and "layers 0-9" in text and "-0.000" not in text
     assert "a row per layer, a column per head" in text  # 120 heads: grids, not 120 rows
+
+
+def test_temporaries_of_killed_writes_are_found_and_a_training_start_removes_them(tmp_path, capsys, monkeypatch):
+    """A write killed midway leaves its hidden temporary file (a checkpoint's part: gigabytes for a large model).
+    Stale means: the writing process is gone and the file has not changed for STALE_AFTER_S; a live writer's file,
+    a recent one, and other hidden files stay. build_trainer removes the stale ones of its logdir and says so."""
+    import subprocess
+    import sys
+    import time
+
+    from models.files import STALE_AFTER_S, stale_temporaries, temporary_path
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    ck = tmp_path / "log" / "checkpoint_model_000002"
+    ck.mkdir(parents=True)
+    old = time.time() - 2 * STALE_AFTER_S
+    paths = {
+        "killed": ck / f".model.pt.{gone.pid}-0123abcd.tmp.pt",
+        "alive": temporary_path(ck / "training_state.pt"),  # this process's own name
+        "recent": ck / f".losses.csv.{gone.pid}-89abcdef.tmp.csv",
+        "other": ck / ".hidden.tmp",
+    }
+    for name, path in paths.items():
+        path.write_bytes(b"part of a file")
+        if name != "recent":
+            os.utime(path, (old, old))
+    assert stale_temporaries(tmp_path / "log") == [paths["killed"]]
+    monkeypatch.chdir(REPO)  # (the config's data_path is relative to the repository)
+    from training.build import build_trainer
+    from training.config import load_config
+
+    init = EMBEDDED_DIR / "checkpoints" / "ode_init.pt"
+    cfg = load_config(REPO / "configs" / "tiny_dmd.yaml", overrides=[f"generator_ckpt={init}", "device=cpu"])
+    build_trainer(cfg, tmp_path / "log", progress=False).close()
+    assert f"removed {paths['killed']}" in capsys.readouterr().out
+    assert not paths["killed"].exists() and all(paths[n].exists() for n in ("alive", "recent", "other"))

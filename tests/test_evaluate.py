@@ -83,6 +83,8 @@ def test_evaluate_long_rollout_and_two_models(tmp_path, capsys):
     (["--prompt", "a purple kite moving left"], "names 0 colours"),
     (["--frames", "20"], "multiples of 3"),
     (["--seeds", "x"], "seed 'x'"),
+    (["--seeds", "all"], "seed 'all': give numbers"),
+    (["--workers", "-1"], "--workers -1: use 0"),
     (["--model", "nothing-here"],
      "'nothing-here' is no model name (embedded, teacher, df, ode, dmd, sid), Wan folder or checkpoint file"),
     (["--model", "embedded,fast"], "unknown option 'fast'"),
@@ -95,7 +97,7 @@ def test_evaluate_refuses_bad_input_before_work(tmp_path, capsys, argv, needle):
     assert main(["evaluate", *argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err
-    assert not (tmp_path / "o" / "videos.csv").exists()
+    assert not (tmp_path / "o").exists()  # nothing made: the output folder comes after every check
 
 
 def test_evaluate_refuses_an_unwritable_output(tmp_path, capsys):
@@ -123,7 +125,7 @@ def test_compare_models_finds_who_accumulates_less_error():
     assert drift["b better (share of pairs)"] == 0.75 and drift["pairs"] == 4
     adherent = rows[rows.metric == "adherent"].iloc[0]
     assert adherent["df"] == 75 and adherent["sf"] == 100 and adherent["b better (share of pairs)"] == 0.625
-    assert lines == ["84 latent frames: the trajectory error grows by +4.00 px (df) and +1.75 px (sf) from the first "
+    assert lines == ["84 latent frames: the trajectory error changes by +4.00 px (df) and +1.75 px (sf) from the first "
                      "to the last quarter of the video: sf accumulates less error, in 3 of 4 paired videos; adherent "
                      "75% (df), 100% (sf)"]
     with pytest.raises(ValueError, match="model 'teacher' is not in the results; they hold \\['df', 'sf'\\]"):

@@ -125,6 +125,30 @@ def test_cli_writes_files_and_refuses_bad_requests(store, tmp_path, capsys):
     assert "has no attn_logit" in capsys.readouterr().err
 
 
+def test_a_training_probe_store_exports_one_train_step(tmp_path, capsys):
+    """A probe store (a train_step dim) exports the train step asked for, files as an extract store's at that
+    step; without --train-step, or with one it does not hold, a clear error before any file."""
+    from test_reports import probe_store
+
+    path = probe_store(tmp_path / "probes.zarr")
+    assert cli_main(["export-legacy", str(path), "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "training probe store (choose one: --train-step N); it holds train steps [0, 2, 4]" in err
+    assert cli_main(["export-legacy", str(path), "--train-step", "3", "--out", str(tmp_path / "none")]) == 2
+    assert "train step 3 is not in it" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+    out = tmp_path / "t2"
+    assert cli_main(["export-legacy", str(path), "--train-step", "2", "--layers", "1", "--out", str(out)]) == 0
+    one = open_store(path).sel(train_step=2)
+    for sample in [str(s) for s in one.sample.values]:
+        data = torch.load(out / sample / "layer1.pt", weights_only=True)
+        heads, F = one.sizes["head"], one.sizes["query_frame"]
+        assert data["full_frame_attention"].shape == (heads, F, F)
+        assert data["last_block_frame_attention"].shape == (heads, F)
+        expected = one.attn_logit.sel(sample=sample, layer=1, step=0).fillna(0).values
+        np.testing.assert_allclose(data["full_frame_attention"].float().numpy(), expected, atol=2e-3, rtol=1e-3)
+
+
 def test_help_teaches(capsys):
     with pytest.raises(SystemExit):
         cli_main(["export-legacy", "--help"])

@@ -378,11 +378,13 @@ def test_incompatible_existing_store_fails_before_weights(tmp_path, capsys, monk
 def test_appending_runs_keep_the_creating_run_and_are_listed(tmp_path):
     out = tmp_path / "s.zarr"
     run_extract(ExtractConfig(layers=[0], steps=[0], prompts=["a"], seeds=[1], out=str(out), progress=False),
-                command=["first"], log=quiet)
+                command=["workbench", "extract", "--prompt", "a"], log=quiet)
     run_extract(ExtractConfig(layers=[0], steps=[0], prompts=["a"], seeds=[1, 2], out=str(out), progress=False),
-                command=["second"], log=quiet)
+                command=["workbench", "extract", "--prompt", "a red kite", "--seed", "1,2"], log=quiet)
     attrs = xr.open_zarr(out, consolidated=False).attrs
-    assert attrs["command"] == "first" and [r["command"] for r in attrs["runs"]] == ["second"]
+    # each command as a shell takes it back: a prompt with spaces stays one quoted argument
+    assert attrs["command"] == "workbench extract --prompt a"
+    assert [r["command"] for r in attrs["runs"]] == ["workbench extract --prompt 'a red kite' --seed 1,2"]
     assert attrs["completed"] == ["p0000-s1", "p0000-s2"]
 
 

@@ -14,6 +14,8 @@ def test_generate_writes_latents_video_and_grid(tmp_path, capsys):
     out = tmp_path / "gen"
     assert main(["generate", "--prompt", "a red kite over the sea", "--frames", "6", "--seed", "3",
                  "--out", str(out), "--no-progress"]) == 0
+    summary = capsys.readouterr().out  # what was written and how the files are named
+    assert f"wrote 1 sample(s) to {out}: latents (.safetensors)" in summary and "(e.g. p0000-s3)" in summary
     latents = load_file(str(out / "p0000-s3.safetensors"))["latents"]
     assert latents.shape == (6, 16, 12, 16) and torch.isfinite(latents).all()
     if mp4_available():
@@ -105,3 +107,43 @@ def test_generate_repeated_prompt_runs_every_prompt(tmp_path):
     second = load_file(str(out / "p0001-s1.safetensors"))["latents"]
     assert torch.equal(second, load_file(str(alone / "p0000-s1.safetensors"))["latents"])
     assert not torch.equal(second, load_file(str(out / "p0000-s1.safetensors"))["latents"])
+
+
+def test_generate_never_leaves_half_written_latents(tmp_path, monkeypatch, capsys):
+    """A write that fails midway (a full disk) leaves no latents file under the sample's name and no temporary
+    file beside it: the latents are written to a temporary path and renamed into place."""
+    import safetensors.torch
+
+    def full_disk(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 100)  # part of a file, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    out = tmp_path / "gen"
+    assert main(["generate", "--prompt", "a red kite", "--frames", "3", "--seed", "1", "--out", str(out),
+                 "--no-progress", "--no-video"]) != 0
+    assert "No space left on device" in capsys.readouterr().err
+    assert out.is_dir() and sorted(p.name for p in out.iterdir() if not p.name.startswith(".prompt_cache")) == []
+
+
+def test_a_prompt_outside_the_miniature_world_is_named_in_a_note(tmp_path, capsys):
+    """The embedded models know one coloured shape moving one way: a run on another prompt (the default eagle
+    among them) ends with a note naming it and a prompt to try; a world prompt, or a Wan folder, gets none."""
+    import argparse
+
+    from workbench.commands import world_prompt_note
+
+    assert main(["generate", "--prompt", "an eagle over the sea", "--frames", "3", "--out", str(tmp_path / "e"),
+                 "--no-progress", "--no-video"]) == 0
+    note = capsys.readouterr().out.splitlines()[-1]
+    assert note.startswith("note: the embedded models know only their miniature world")
+    assert "'an eagle over the sea' is not among its prompts" in note
+    assert "a blue circle moving up" in note
+    embedded, folder = argparse.Namespace(wan_dir=None), argparse.Namespace(wan_dir="wan_models/Wan2.1-T2V-1.3B")
+    assert world_prompt_note(embedded, ["a red square moving left", "the blue circle moves up across the frame"]) \
+        is None
+    assert world_prompt_note(folder, ["an eagle"]) is None
+    two_colours = world_prompt_note(embedded, ["a red and blue square moving left"])  # one colour, not two
+    assert "'a red and blue square moving left' is not among" in two_colours
+    assert "'x', 'y' and 1 more are not among" in world_prompt_note(embedded, ["x", "y", "a red square moving up", "z"])

@@ -36,6 +36,25 @@ def test_entries_parse_and_bad_values_are_named():
             parse_entry(d, 6, 4)
     with pytest.raises(WorkbenchError, match="use LAYERS:HEADS:T"):
         parse_flag("temperature", "3:1")
+    # with the rollout's bounds (frames, steps of the per-chunk schedule, chunks): an entry no call could match
+    rollout = dict(num_frames=21, num_steps=5, num_chunks=7)
+    for d, message in [(dict(kind="knockout", frames=21), r"frame \[21\] out of range: the rollout has frames 0-20"),
+                       (dict(kind="temperature", value=2, steps=9), r"step \[9\] out of range: the per-chunk schedule"),
+                       (dict(kind="ablate", chunks=[2, 50]), r"chunk \[50\] out of range: the rollout has chunks 0-6")]:
+        with pytest.raises(WorkbenchError, match=message):
+            parse_entry(d, 6, 4, **rollout)
+    last = parse_entry(dict(kind="knockout", frames="0-20", steps=4, chunks=6), 6, 4, **rollout)  # the last of each
+    assert (last.frames, last.steps, last.chunks) == (list(range(21)), [4], [6])
+
+
+def test_a_headwise_policy_reads_an_attention_store_only(tmp_path):
+    """The headwise policy splits heads by an extract store's attn_mass; a training probe store (or an effects
+    store) is refused when the entry is read, before any rollout."""
+    from test_reports import probe_store
+
+    probes = probe_store(tmp_path / "probes.zarr")
+    with pytest.raises(WorkbenchError, match="has a train_step dim .* a headwise policy splits the heads"):
+        parse_entry(dict(kind="policy", policy="headwise", store=str(probes)), 6, 4)
 
 
 def test_intervene_writes_an_effects_store_and_resumes(tmp_path, capsys):
@@ -109,6 +128,8 @@ def test_a_sweep_ranks_every_head(tmp_path, capsys):
     (["--policy", "fifo:21", "--frames", "7"], "do(es)? not divide into chunks"),
     (["--ablate", "1:0", "--ablate", "1:0"], "used twice"),
     (["--world", "on", "--prompt", "an eagle", "--ablate", "1:0"], "--world on needs the miniature world"),
+    (["--knockout", "30"], r"frame \[30\] out of range: the rollout has frames 0-20"),
+    (["--sink", "0.5:40", "--frames", "6"], r"frame \[40\] out of range: the rollout has frames 0-5"),
 ])
 def test_bad_input_is_one_line_before_any_work(argv, message, tmp_path, capsys):
     assert main(["intervene", "--out", str(tmp_path / "x.zarr"), "--no-progress", *argv]) == 2

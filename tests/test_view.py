@@ -17,6 +17,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from models.video import mp4_available, to_uint8_frames, write_mp4
@@ -177,6 +178,36 @@ def test_finding_videos(runs, tmp_path, capsys):
     assert "neither a store" in capsys.readouterr().err
 
 
+@needs_mp4
+def test_a_video_of_another_run_is_never_shown_beside_the_store(runs, tmp_path, capsys):
+    """Videos pair with a store by file name; the latents file generate wrote beside each (its metadata: prompt,
+    seed, sampler, the weights' sha256, use_ema) says which run made it. Another model's video is refused when
+    named with --video, and left out (the page says why) when found beside the store; the store's own pass."""
+    from safetensors.torch import save_file
+
+    store = runs / "x.zarr"
+    assert not open_source(store).video_errors  # generate's videos of the store's own model, prompt and seeds
+    other = tmp_path / "other"
+    shutil.copytree(runs / "x", other, ignore=shutil.ignore_patterns("*.live", "live.json"))
+    side = other / "p0000-s0.safetensors"
+    with safe_open(str(side), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["weights_sha256"] == open_store(store).attrs["fingerprint_fields"]["model"]["weights"]
+    save_file(load_file(str(side)), str(side), metadata=dict(metadata, sampler="bidirectional",
+                                                             weights_sha256="0" * 64))
+    assert main(["view", str(store), "--video", str(other / "p0000-s0.mp4"), "--sample", "p0000-s0"]) == 2
+    err = capsys.readouterr().err
+    assert "was not made by this store's run of sample p0000-s0" in err
+    assert "sampler 'bidirectional' (the store's: 'causal_few_step')" in err and "weights_sha256 '000" in err
+    mixed = open_source(store, video=str(other))  # a folder: the matching video stays, the other is left out
+    assert list(mixed.videos) == ["p0000-s1"] and list(mixed.video_errors) == ["p0000-s0"]
+    state = mixed.state("p0000-s0")
+    assert state["frames_ready"] == 0 and "sampler 'bidirectional'" in state["video_error"]
+    beside = tmp_path / "other.zarr"  # found beside the store by name: left out, with the reason
+    shutil.copytree(store, beside)
+    assert set(open_source(beside).videos) == {"p0000-s1"}
+
+
 # ------------------------------------------------------------------------------------------------------
 # generate --live
 
@@ -266,7 +297,7 @@ def cell_rgb(page, head: int, row: int, key_frame: int) -> list[int]:
     """The colour drawn for (the chunk's row-th query frame, key frame) in head's map."""
     return page.evaluate("""([h, r, k]) => {
         const c = document.querySelectorAll('#maps canvas')[h], L = c.layout, s = c.width / c.clientWidth;
-        const x = (L.left + k * L.cell + L.cell / 2) * s, y = (L.top + r * L.cell + L.cell / 2) * s;
+        const x = (L.left + k * L.cell + L.cell / 2) * s, y = (L.rowY(r) + L.cell / 2) * s;
         return Array.from(c.getContext('2d').getImageData(x, y, 1, 1).data.slice(0, 3)); }""", [head, row, key_frame])
 
 
@@ -301,6 +332,13 @@ def test_browser_plays_a_store_and_its_maps_change_with_time(runs, store_server,
         assert cell_rgb(page, 0, 0, 8) != GREY
         slider.fill("4")
         assert cell_rgb(page, 0, 0, 8) == GREY and cell_rgb(page, 0, 0, 1) != GREY
+        # the chunk's first query frame is the bottom row, as in the notebooks' heatmaps (origin lower)
+        box, L = page.locator("#maps canvas").first.bounding_box(), page.evaluate(
+            "(() => { const L = document.querySelector('#maps canvas').layout;"
+            " return {left: L.left, top: L.top, cell: L.cell, n: L.rows.length}; })()")
+        for row, query_frame in ((L["n"] - 1, 0), (0, 2)):  # screen rows from the top
+            page.mouse.move(box["x"] + L["left"] + 1.5 * L["cell"], box["y"] + L["top"] + (row + 0.5) * L["cell"])
+            assert f"query frame {query_frame} · key frame 1 ·" in page.inner_text("#tooltip")
         # selectors: another layer redraws the maps; one head gives one large map; another sample
         before = png_pixels(page.locator("#maps").screenshot())
         page.select_option("#layer", "1")

@@ -34,9 +34,12 @@ Self-Forcing attention workbench: see how autoregressive video diffusion models 
   workbench export-legacy STORE       the researchers' old per-layer .pt files
   workbench view STORE                a local page: the video beside its per-head attention, live or stored
 
-With no model arguments every command runs on the embedded default: a small seeded causal Wan
-(21 latent frames in chunks of 3) that runs on a CPU in seconds. Add --wan-dir DIR for the official
-Wan2.1 folder and --checkpoint FILE [--use-ema] for a Self-Forcing checkpoint.
+With no model arguments every command runs on the embedded default: the zoo's Self-Forcing DMD student,
+a small causal Wan (6 layers, 4 heads; 21 latent frames in chunks of 3) trained here on a miniature world of
+one coloured shape moving the way its prompt says ("a blue circle moving up"), that runs on a CPU in
+seconds. generate, extract, evaluate and intervene take --model NAME for another model of the zoo, or
+--wan-dir DIR for the official Wan2.1 folder and --checkpoint FILE [--use-ema] for a Self-Forcing
+checkpoint on top of it; info takes --wan-dir or --preset (it reads the config only).
 """
 
 

@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from workbench.chunking import block_sizes_of, image_latent  # noqa: F401 (block
 from workbench.errors import WorkbenchError
 from workbench.statistics import DEFAULT_STATS, check_stats
 from workbench.store import SCHEMA_VERSION, StoreLayout, StoreLock, StoreWriter, sample_dataset, sample_id
+from workbench.weights import check_weights_args, resolve_model  # noqa: F401 (resolve_model: the API)
 
 DEFAULT_PROMPT = "A majestic eagle soaring through a cloudy sky, cinematic lighting"
 
@@ -90,16 +92,21 @@ class ExtractConfig:
 # Resolving and validating
 
 
-def parse_int_list(text: str | None, *, what: str, upper: int | None = None) -> list[int] | None:
+def parse_int_list(text: str | None, *, what: str, upper: int | None = None, owner: str = "the model",
+                   all_ok: bool = True) -> list[int] | None:
     """'3', '0-29', '0,4,8-11' or 'all' -> sorted ints (None for 'all'); a clear error otherwise ('3-', '-1',
-    '1,,2', '' and a range written high to low included)."""
+    '1,,2', '' and a range written high to low included). `upper`: values must lie in 0..upper-1 (of `owner`, as
+    the error says); `all_ok=False`: 'all' is refused (seeds: there is no such list)."""
+    if text is not None and str(text).strip() == "all" and not all_ok:
+        raise WorkbenchError(f"{what} 'all': give numbers, e.g. 0 or 0-3")
     if text is None or str(text).strip() == "all":
         return None
     values: set[int] = set()
     for part in str(text).split(","):
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if m is None:
-            raise WorkbenchError(f"{what} {text!r}: use a number, a range like 0-29, a list like 0,4,8, or 'all'")
+            raise WorkbenchError(f"{what} {text!r}: use a number, a range like 0-29, a list like 0,4,8"
+                                 + (", or 'all'" if all_ok else ""))
         a, b = int(m.group(1)), int(m.group(2) or m.group(1))
         if b < a:
             raise WorkbenchError(f"{what} {text!r}: the range {a}-{b} is empty; write it low to high ({b}-{a})")
@@ -107,7 +114,7 @@ def parse_int_list(text: str | None, *, what: str, upper: int | None = None) -> 
     if upper is not None:
         bad = sorted(v for v in values if not 0 <= v < upper)
         if bad:
-            raise WorkbenchError(f"{what} {bad} out of range: the model has {what}s 0-{upper - 1}")
+            raise WorkbenchError(f"{what} {bad} out of range: {owner} has {what}s 0-{upper - 1}")
     return sorted(values)
 
 
@@ -134,30 +141,9 @@ class Plan:
     capture_mode: str  # the mode that runs ("auto" resolved for the device)
 
 
-def resolve_model(cfg: ExtractConfig) -> ExtractConfig:
-    """`cfg` with its zoo model (`model`, or the zoo's default when no weights are named) spelled out as the
-    checkpoint and use_ema it means; unchanged when wan_dir, checkpoint or use_ema name the weights, and when the
-    embedded folder ships no default (then its own DiT runs)."""
-    from models.errors import ModelInputError
-    from models.wan.embedded import pick
-
-    explicit = bool(cfg.wan_dir or cfg.checkpoint or cfg.use_ema)
-    try:
-        entry = pick(cfg.model, explicit)
-    except ModelInputError as e:
-        raise WorkbenchError(str(e)) from None
-    if entry is None:
-        return cfg
-    checkpoint = str(entry.checkpoint_path()) if entry.checkpoint else None
-    if cfg.model is not None and (cfg.wan_dir or (explicit and (cfg.checkpoint, cfg.use_ema) != (checkpoint,
-                                                                                                   entry.use_ema))):
-        raise WorkbenchError(f"model {cfg.model!r} picks a model of the embedded zoo; give it without wan_dir, "
-                             "checkpoint and use_ema (--wan-dir, --checkpoint, --use-ema)")
-    return dataclasses.replace(cfg, model=entry.name, checkpoint=checkpoint, use_ema=entry.use_ema)
-
-
 def plan(cfg: ExtractConfig) -> Plan:
     """Validate the request against the model's config, without loading weights."""
+    check_weights_args(cfg.checkpoint, cfg.use_ema, cfg.model)
     cfg = resolve_model(cfg)
     if cfg.sampler not in SAMPLERS:
         raise WorkbenchError(f"sampler {cfg.sampler!r}; use one of {list(SAMPLERS)}")
@@ -171,8 +157,6 @@ def plan(cfg: ExtractConfig) -> Plan:
     wan_dir = Path(cfg.wan_dir) if cfg.wan_dir else EMBEDDED_DIR
     if not (wan_dir / "config.json").is_file():
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)")
-    if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
-        raise WorkbenchError(f"--checkpoint {cfg.checkpoint!r} does not exist")
     from models.family import check_fits_cache, family_of
 
     arch = family_of(wan_dir)  # the architecture's family (the store's model_family says how it was trained)
@@ -284,8 +268,8 @@ def _attrs(p: Plan, fp: str, command: list[str]) -> dict:
     from workbench import __version__
 
     c = p.cfg
-    return dict(
-        workbench_version=__version__, git_commit=_git_commit(), command=" ".join(command),
+    return dict(  # the command quoted as a shell takes it back (a prompt with spaces stays one argument)
+        workbench_version=__version__, git_commit=_git_commit(), command=shlex.join(command),
         created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         config_yaml=OmegaConf.to_yaml(OmegaConf.create({"extract": dataclasses.asdict(c),
                                                         "model": dataclasses.asdict(p.model_config)})),

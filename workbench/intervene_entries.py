@@ -65,7 +65,7 @@ class Entry:
         return one(self.layers), one(self.heads)
 
 
-def _ints(value, what: str, upper: int | None = None) -> list[int] | None:
+def _ints(value, what: str, upper: int | None = None, owner: str = "the model") -> list[int] | None:
     from workbench.extract import parse_int_list
 
     if value is None or value == "all":
@@ -74,11 +74,27 @@ def _ints(value, what: str, upper: int | None = None) -> list[int] | None:
         value = [value]
     if isinstance(value, (list, tuple)):
         value = ",".join(str(v) for v in value)
-    return parse_int_list(str(value), what=what, upper=upper)
+    return parse_int_list(str(value), what=what, upper=upper, owner=owner)
 
 
-def parse_entry(d: dict, num_layers: int, num_heads: int) -> Entry:
-    """A spec entry (YAML or flags) -> an `Entry`, every value checked (a WorkbenchError names the bad one)."""
+def _check_attention_store(path) -> None:
+    """A headwise policy's store must be an attention store of `workbench extract` with attn_mass: not an effects
+    store (an intervention dim) nor a training probe store (a train_step dim)."""
+    from workbench.store import open_store
+
+    ds = open_store(path)
+    other = [d for d in ("intervention", "train_step") if d in ds.dims]
+    if other or "attn_mass" not in ds:
+        what = f"has a {other[0]} dim (not a store of `workbench extract`)" if other else "has no attn_mass"
+        raise WorkbenchError(f"store {str(path)!r} {what}; a headwise policy splits the heads by the attn_mass of "
+                             "an attention store: workbench extract --stats attn_mass ...")
+
+
+def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | None = None,
+                num_steps: int | None = None, num_chunks: int | None = None) -> Entry:
+    """A spec entry (YAML or flags) -> an `Entry`, every value checked (a WorkbenchError names the bad one): layers
+    and heads against the model, and, when given, frames, steps and chunks against the rollout (an entry that no
+    call can match would change nothing)."""
     if not isinstance(d, dict):
         raise WorkbenchError(f"an intervention entry must be a mapping with a kind, got {d!r}")
     unknown = sorted(set(d) - ENTRY_KEYS)
@@ -90,7 +106,8 @@ def parse_entry(d: dict, num_layers: int, num_heads: int) -> Entry:
     e = Entry(kind=kind, label="")
     e.layers = _ints(d.get("layers"), "layer", num_layers)
     e.heads = _ints(d.get("heads"), "head", num_heads)
-    e.steps, e.chunks = _ints(d.get("steps"), "step"), _ints(d.get("chunks"), "chunk")
+    e.steps = _ints(d.get("steps"), "step", num_steps, "the per-chunk schedule")
+    e.chunks = _ints(d.get("chunks"), "chunk", num_chunks, "the rollout")
     e.attention = d.get("attention", "self")
     if e.attention not in ("self", "cross"):
         raise WorkbenchError(f"attention {e.attention!r}; use self or cross")
@@ -104,7 +121,7 @@ def parse_entry(d: dict, num_layers: int, num_heads: int) -> Entry:
                 raise WorkbenchError("a resample ablation needs resample_prompt (the prompt its head outputs come from)")
             e.resample_seed = None if d.get("resample_seed") is None else int(d["resample_seed"])
     if kind in ("knockout", "sink"):
-        e.frames = _ints(d.get("frames", [0] if kind == "sink" else None), "frame") or []
+        e.frames = _ints(d.get("frames", [0] if kind == "sink" else None), "frame", num_frames, "the rollout") or []
         if not e.frames:
             raise WorkbenchError(f"a {kind} entry needs frames (absolute latent frames, e.g. 0 or 0-2)")
         e.history_only = bool(d.get("history_only", True))
@@ -128,6 +145,8 @@ def parse_entry(d: dict, num_layers: int, num_heads: int) -> Entry:
             raise WorkbenchError("a headwise policy needs store (an extract store whose attn_mass splits the heads)")
         if e.store and not Path(e.store).exists():
             raise WorkbenchError(f"store {e.store!r} does not exist")
+        if e.policy == "headwise":
+            _check_attention_store(e.store)
         if e.window < 1 or not 0 <= e.sink_frames < e.window:
             raise WorkbenchError(f"window {e.window} with sink_frames {e.sink_frames}: use 0 <= sink_frames < window")
     e.label = str(d.get("label") or default_label(e))

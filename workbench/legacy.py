@@ -82,16 +82,32 @@ def _check(ds, store, layers, samples, step) -> tuple[list[int], list[str]]:
     return layers, samples
 
 
+def _one_train_step(ds, store, train_step: int | None):
+    """The store at one train step: a probe store needs `train_step` (one of its own), any other store none."""
+    if "train_step" not in ds.dims:
+        if train_step is not None:
+            raise WorkbenchError(f"--train-step {train_step}: {store} is not a training probe store "
+                                 "(no train_step dim)")
+        return ds
+    have = [int(t) for t in ds["train_step"].values]
+    if train_step not in have:
+        what = "choose one" if train_step is None else f"train step {train_step} is not in it"
+        raise WorkbenchError(f"{store} is a training probe store ({what}: --train-step N); it holds train steps {have}")
+    return ds.sel(train_step=train_step)
+
+
 def default_out(store) -> Path:
     """runs/layer3.zarr -> runs/layer3_legacy"""
     store = Path(store)
     return store.with_name(f"{store.name.removesuffix('.zarr')}_legacy")
 
 
-def export_legacy(store, out=None, *, layers=None, samples=None, step: int = 0, log=print) -> list[Path]:
-    """Write `{out}/{sample}/layer{N}.pt` for every chosen (sample, layer); returns the paths. Everything is
-    checked before the first file is written."""
-    ds = open_store(store)
+def export_legacy(store, out=None, *, layers=None, samples=None, step: int = 0, train_step: int | None = None,
+                  log=print) -> list[Path]:
+    """Write `{out}/{sample}/layer{N}.pt` for every chosen (sample, layer); returns the paths. A training probe
+    store (a train_step dim) exports one train step, `train_step`. Everything is checked before the first file is
+    written."""
+    ds = _one_train_step(open_store(store), store, train_step)
     layers, samples = _check(ds, store, layers, samples, step)
     out = check_writable_dir(out if out is not None else default_out(store))
     paths = []

@@ -68,11 +68,11 @@ def summary_table(store_path, max_rows: int = 48) -> str:
     own_name = "own chunk" if chunked else "other frames"
     if len(layers) * len(heads) <= max_rows:
         lines.append(f"{'layer':>6} {'head':>5} {'frame 0':>9} {own_name:>12} {'rest':>8} {'same frame':>11} "
-                     f"{'mean dist':>10}" + ("   (own chunk: its frames other than frame 0)" if chunked else ""))
+                     f"{'mean |q-k|':>11}" + ("   (own chunk: its frames other than frame 0)" if chunked else ""))
         for i, layer in enumerate(layers):
             for j, head in enumerate(heads):
                 lines.append(f"{layer:>6} {head:>5} {_fmt(first[i, j]):>9} {_fmt(own[i, j]):>12} {_fmt(rest[i, j]):>8}"
-                             f" {_fmt(same[i, j]):>11} {_fmt(distance[i, j], 2):>10}")
+                             f" {_fmt(same[i, j]):>11} {_fmt(distance[i, j], 2):>11}")
     else:
         for name, grid in (("frame 0", first), (own_name, own), ("the query's own frame", same)):
             lines.append(f"mass on {name} (a row per layer, a column per head):")

@@ -65,7 +65,10 @@ def resolve_model(args) -> None:
     args.use_ema, and the sampler settings the command line left unset (None). Errors before any work."""
     from models.wan.embedded import EMBEDDED_DIR, ZOO_MARKER, pick
     from workbench.errors import WorkbenchError
+    from workbench.weights import check_weights_args
 
+    if not args.model:
+        check_weights_args(args.checkpoint, args.use_ema)  # --use-ema alone, a folder or missing file as --checkpoint
     explicit = args.wan_dir or args.checkpoint or args.use_ema
     if args.model and explicit:
         raise WorkbenchError("--model NAME picks a model of the embedded zoo; give it without --wan-dir, --checkpoint "
@@ -91,3 +94,26 @@ def add_size_arguments(group) -> None:
     group.add_argument("--width", type=int, metavar="PX",
                        help="video width in pixels, a multiple of 16 (default: 128 for the embedded default, "
                             "config.json's video_size, else 832)")
+
+
+def world_prompt_note(args, prompts: list[str]) -> str | None:
+    """A note for a run of the embedded zoo on prompts its miniature world cannot read (models/world.py: one colour,
+    shape and direction, e.g. 'a blue circle moving up'): the default prompt, the researchers' eagle, is one of
+    them, so the video shows no clear object. Said after the work, as `model_note`; None for a Wan folder."""
+    from models import world
+
+    if args.wan_dir:
+        return None
+    unread = []
+    for prompt in prompts:
+        try:
+            world.parse_prompt(prompt)
+        except ValueError:
+            unread.append(prompt)
+    if not unread:
+        return None
+    shown = ", ".join(repr(p) for p in unread[:2]) + (f" and {len(unread) - 2} more" if len(unread) > 2 else "")
+    return (f"note: the embedded models know only their miniature world, one {'/'.join(world.COLOURS)} "
+            f"{'/'.join(world.SHAPES)} moving {'/'.join(world.DIRECTIONS)} (models/world.py); {shown} "
+            f"{'is' if len(unread) == 1 else 'are'} not among its prompts, so the model draws no clear object. "
+            "Try --prompt \"a blue circle moving up\"")

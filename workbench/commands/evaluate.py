@@ -213,22 +213,24 @@ def parse_lengths(text: str) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------ run
 def run(args) -> int:
+    import shlex
     import time
 
     import torch
     from tqdm.auto import tqdm
 
+    from models.files import check_writable_dir
     from models.video import ensure_writable_dir, mp4_available
     from studies import world_metrics, world_report
     from workbench.errors import WorkbenchError
     from workbench.extract import parse_int_list
 
-    # --- everything that can be wrong, before any work
-    out = ensure_writable_dir(args.out)
+    # --- everything that can be wrong, before any work (the output folder is made once all of it passed)
+    check_writable_dir(args.out)
     if args.save_videos and not mp4_available():
         raise WorkbenchError("--save-videos writes mp4 files, which need the video extra: pip install -e '.[video]'")
     prompts = select_prompts(args)
-    seeds = parse_int_list(args.seeds, what="seed")
+    seeds = parse_int_list(args.seeds, what="seed", all_ok=False)
     if not seeds:
         raise WorkbenchError("--seeds needs numbers, e.g. 0 or 0-2")
     lengths = parse_lengths(args.frames)
@@ -241,13 +243,14 @@ def run(args) -> int:
                                                              if device.startswith("cuda") else 0)
     if workers < 0:
         raise WorkbenchError(f"--workers {workers}: use 0 (track in this process) or more")
+    out = ensure_writable_dir(args.out)
 
     # --- rollouts, decoded and scored
     title = f"Miniature-world evaluation: {', '.join(c.label for c in choices)}"
     setup = (f"{len(prompts)} prompt(s) x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}) per model and length; past "
              f"{LONG} latent frames a KV window of {args.local_attn_size} frames with {args.sink_size} sink frames; "
              f"{device}, {dtype}.")
-    command = "workbench evaluate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["evaluate"] else sys.argv[1:])
+    command = "workbench evaluate " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["evaluate"] else sys.argv[1:])
     pool = _pool(workers)
     pending, started = [], time.time()
     bar = tqdm(total=len(plans) * len(prompts) * len(seeds), desc="evaluate", unit="video", disable=args.no_progress)

@@ -11,6 +11,7 @@ examples:
   workbench extract --layer 3 --out runs/layer3.zarr
   workbench export-legacy runs/layer3.zarr                     # -> runs/layer3_legacy/p0000-s42/layer3.pt
   workbench export-legacy runs/sf.zarr --layers 0,4 --samples p0000-s42 --out runs/legacy/
+  workbench export-legacy runs/train/probes.zarr --train-step 500 --out runs/legacy_500/   # a training probe store
 
 then, in the old notebooks:
   data = torch.load("runs/layer3_legacy/p0000-s42/layer3.pt", weights_only=True)
@@ -38,6 +39,8 @@ def register(subparsers) -> None:
     p.add_argument("--samples", help="sample ids, comma-separated, e.g. p0000-s42 (default: all)")
     p.add_argument("--step", type=int, default=0,
                    help="which step of the per-chunk schedule (default: %(default)s, t = 1000)")
+    p.add_argument("--train-step", type=int, metavar="N",
+                   help="for a training probe store (probes.zarr of `workbench train`): which train step to export")
     p.set_defaults(func=run)
 
 
@@ -47,5 +50,5 @@ def run(args) -> int:
 
     layers = parse_int_list(args.layers, what="layer")
     samples = None if args.samples in (None, "all") else [s.strip() for s in args.samples.split(",") if s.strip()]
-    export_legacy(args.store, args.out, layers=layers, samples=samples, step=args.step)
+    export_legacy(args.store, args.out, layers=layers, samples=samples, step=args.step, train_step=args.train_step)
     return 0

@@ -59,7 +59,8 @@ def register(subparsers) -> None:
                            "(default: %(default)s)")
     job = p.add_argument_group("what to run")
     job.add_argument("--prompt", action="append", metavar="TEXT",
-                     help="a prompt (repeat for several; default: the researchers' eagle prompt)")
+                     help="a prompt (repeat for several; default: the researchers' eagle prompt; the embedded "
+                          "models know only their miniature world: e.g. \"a blue circle moving up\")")
     job.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
     job.add_argument("--image", metavar="PATH",
                      help="image-to-video: the image's VAE latent is frame 0, a chunk of its own (implies "
@@ -89,7 +90,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
-    from workbench.commands import resolve_model
+    from workbench.commands import resolve_model, world_prompt_note
     from workbench.errors import WorkbenchError
     from workbench.extract import ExtractConfig, parse_int_list, run_extract
 
@@ -132,4 +133,6 @@ def run(args) -> int:
     run_extract(cfg)
     if args.model_note:
         print(args.model_note)
+    if note := world_prompt_note(args, cfg.prompts):
+        print(note)
     return 0

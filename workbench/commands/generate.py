@@ -27,9 +27,11 @@ examples:
                                                        # prompts dealt over 8 GPUs, the same file names
 
 Writes, per prompt index P and seed S, into --out: pPPPP-sS.safetensors (latents [F, 16, h, w] under
-"latents"), pPPPP-sS.mp4 (16 fps; needs the video extra: pip install -e ".[video]") and pPPPP-sS.png (a grid
-of every 5th frame). With less than 40 GB of
-free GPU memory the text encoder leaves the GPU before the DiT is loaded (low-memory mode).
+"latents"; its metadata records the prompt, seed, sampler, checkpoint, use_ema and the weights' sha256, which
+`workbench view` checks against a store's before it shows the video beside the store's attention),
+pPPPP-sS.mp4 (16 fps; needs the video extra: pip install -e ".[video]") and pPPPP-sS.png (a grid of every 5th
+frame). With less than 40 GB of free GPU memory the text encoder leaves the GPU before the DiT is loaded
+(low-memory mode).
 With --live, each chunk's decoded frames and attention (attn_mass of --layers, --heads, --steps, captured as
 `workbench extract` does; the latents stay bitwise the same) also go into --out as the chunk finishes:
 live.json and pPPPP-sS.live/chunk-CCC.npz, which `workbench view OUT` shows while the run goes on and after.
@@ -40,7 +42,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help=HELP, description=HELP, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
+    src.add_argument("--prompt", action="append", metavar="TEXT",
+                     help="a prompt (repeat for several; default: the researchers' eagle prompt, as extract's; the "
+                          "embedded models know only their miniature world: e.g. \"a blue circle moving up\")")
     src.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
     p.add_argument("--seed", default="0", help="seed(s): 0, 0-3 or 1,2,3 (default: %(default)s)")
     p.add_argument("--image", metavar="PATH",
@@ -118,19 +122,20 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     from models.common.rollout import sample, seeded_noise
     from models.errors import ModelInputError
     from models.family import check_fits_cache, family_of
+    from models.files import atomic_write, check_writable_dir, sha256_file
     from models.video import ensure_writable_dir, mp4_available, read_prompts, write_mp4, write_png_grid
     from models.wan.checkpoint import load_wan
     from models.wan.embedded import EMBEDDED_DIR
     from models.wan.text_encoder import TextEncoder
     from models.wan.vae import WanVAE, resolve_decoder
-    from workbench.commands import resolve_model
+    from workbench.commands import resolve_model, world_prompt_note
     from workbench.errors import WorkbenchError
-    from workbench.extract import DEFAULT_PROMPT, _dtype, _rank_device, parse_int_list, rank_share
+    from workbench.extract import DEFAULT_PROMPT, _dtype, _rank_device, _weights_file, parse_int_list, rank_share
 
     # --- everything that can be wrong, before any work
     resolve_model(args)
     resolve_decoder(args.vae_decoder)  # a bad WORKBENCH_VAE_DECODER included
-    out = ensure_writable_dir(args.out)
+    check_writable_dir(args.out)  # (made once every check has passed, below)
     prompts = read_prompts(args.prompts) if args.prompts else (args.prompt or [DEFAULT_PROMPT])
     seeds = parse_int_list(args.seed, what="seed")
     if not seeds:
@@ -138,8 +143,6 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
     wan_dir = Path(args.wan_dir) if args.wan_dir else EMBEDDED_DIR
     if not (wan_dir / "config.json").is_file():
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)")
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        raise WorkbenchError(f"--checkpoint {args.checkpoint!r} does not exist")
     if args.image:
         if args.sampler == "bidirectional":
             raise WorkbenchError("--image runs the causal samplers (the image is the first chunk of the KV cache)")
@@ -185,6 +188,8 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
 
         capture = live_plan(args, prompts, seeds, device, args.dtype or ("bfloat16" if device.type == "cuda"
                                                                          else "float32"), h, w)
+    out = ensure_writable_dir(args.out)  # every check passed: the output folder is made now
+    if args.live:
         live = LiveRun(capture, out, device, fps=16)  # live.json now: `workbench view OUT` can start waiting
 
     # --- text first; in low-memory mode the encoder leaves the GPU before the DiT arrives
@@ -202,6 +207,8 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
                      local_attn_size=args.local_attn_size, sink_size=args.sink_size, device=device, dtype=dtype,
                      trust_pickle=args.trust_pickle)
     model.attention_kernel = args.attention_kernel
+    # recorded beside each video, as a store records them, so that `workbench view` can tell whose video it is
+    weights_sha256 = sha256_file(Path(args.checkpoint) if args.checkpoint else _weights_file(wan_dir))
     model.independent_first_frame = args.independent_first_frame
     if args.fp8 or args.compile:
         from models.wan.accel import compile_blocks, quantize_fp8
@@ -245,9 +252,11 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
                              num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                              on_forward=lambda *_: bar.update(1), on_chunk=on_chunk, initial_latent=initial,
                              last_context_pass=not skip_last)
-        save_file({"latents": latents[0].float().cpu().contiguous()}, str(out / f"{name}.safetensors"),
-                  metadata={"prompt": prompts[i], "seed": str(seed), "sampler": args.sampler,
-                            "checkpoint": args.checkpoint or str(wan_dir)})
+        tensors = {"latents": latents[0].float().cpu().contiguous()}
+        metadata = {"prompt": prompts[i], "seed": str(seed), "sampler": args.sampler,
+                    "checkpoint": args.checkpoint or str(wan_dir), "use_ema": str(bool(args.use_ema)),
+                    "weights_sha256": weights_sha256}
+        atomic_write(out / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata))
         if vae is None:
             continue
         video = torch.cat([p.get() for p in pieces], dim=2)[0]  # [3, T, H, W] in [-1, 1]
@@ -262,7 +271,12 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
         dist.barrier()  # every rank's files are written
     if rank == 0:
         total = len(prompts) * len(seeds)
-        print(f"wrote {total} sample(s) to {out}" + (f" ({world} processes)" if world > 1 else ""))
+        kinds = ["latents (.safetensors)"] + (["videos (.mp4, 16 fps)"] * mp4) + \
+            (["frame grids (.png, every 5th frame)"] * (not args.no_video))
+        print(f"wrote {total} sample(s) to {out}" + (f" ({world} processes)" if world > 1 else "")
+              + f": {', '.join(kinds)}, named p<prompt>-s<seed> (e.g. p0000-s{seeds[0]})")
         if args.model_note:
             print(args.model_note)
+        if note := world_prompt_note(args, prompts):
+            print(note)
     return 0

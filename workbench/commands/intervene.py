@@ -90,7 +90,9 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def entries_from_args(args, num_layers: int, num_heads: int):
+def entries_from_args(args, num_layers: int, num_heads: int, **rollout):
+    """The entries of --spec and the flags, each checked (`parse_entry`; `rollout`: num_frames, num_steps and
+    num_chunks, the bounds of frames, steps and chunks)."""
     from workbench.errors import WorkbenchError
     from workbench.extract import parse_int_list
     from workbench.intervene_entries import parse_entry, parse_flag, sweep_entries
@@ -121,15 +123,17 @@ def entries_from_args(args, num_layers: int, num_heads: int):
     for d in raw:
         if d.get("kind") == "ablate" and d.get("mode") == "resample" and not d.get("resample_prompt"):
             d["resample_prompt"] = args.resample_prompt
-    return [parse_entry(d, num_layers, num_heads) for d in raw]
+    return [parse_entry(d, num_layers, num_heads, **rollout) for d in raw]
 
 
 def run(args) -> int:
+    import shlex
     import sys
 
     import torch
 
     from models.wan.embedded import ZOO
+    from workbench.chunking import block_sizes_of
     from workbench.commands import resolve_model
     from workbench.errors import WorkbenchError
     from workbench.extract import ExtractConfig, parse_int_list, plan
@@ -159,9 +163,12 @@ def run(args) -> int:
                         device=device, dtype=args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
                         out=args.out, mode="overwrite" if args.overwrite else "resume", progress=not args.no_progress,
                         stats=["attn_mass"], layers=parse_int_list(args.capture, what="layer") if args.capture else None)
-    mc = plan(cfg).model_config  # every check of the rollout before the entries are read
-    entries = entries_from_args(args, mc.num_layers, mc.num_heads)
-    command = "workbench " + " ".join(sys.argv[1:])
+    p = plan(cfg)  # every check of the rollout before the entries are read
+    mc = p.model_config
+    chunks = 1 if p.cfg.sampler == "bidirectional" else len(block_sizes_of(p.cfg))
+    entries = entries_from_args(args, mc.num_layers, mc.num_heads, num_frames=p.geometry[0],
+                                num_steps=len(p.schedule), num_chunks=chunks)
+    command = "workbench " + shlex.join(sys.argv[1:])
     run_intervene(cfg, entries, world=args.world, command=command, capture=bool(args.capture),
                   save_videos=args.save_videos)
     return 0

@@ -68,6 +68,8 @@ def run(args) -> int:
     videos = getattr(source, "videos", None)
     what = f"{len(videos)} video(s)" if videos is not None else "a live stream"
     print(f"serving {args.path} ({what}) at {server.url}  (Ctrl-C stops)", flush=True)
+    for sample, why in getattr(source, "video_errors", {}).items():  # videos of another run, left out
+        print(f"note: {sample} is shown without its video: {why}", flush=True)
     if args.open:
         import webbrowser
 

@@ -12,7 +12,10 @@ shows latent frame ceil(t / 4). Chunks come from the data's own labels: the stor
 the chunk labels a live rollout wrote (workbench/view/stream.py), never from counting frames in threes.
 
 Videos of a store: `workbench generate` writes OUT/pPPPP-sS.mp4 for each prompt index P and seed S, the store's
-sample ids, so a folder of generate outputs pairs with a store by name (`find_videos`).
+sample ids, so a folder of generate outputs pairs with a store by name (`find_videos`). A name says nothing of the
+model, so each video is checked against the latents file generate wrote beside it (pPPPP-sS.safetensors, whose
+metadata records the prompt, seed, sampler and weights that made it; `video_mismatch`): a video of another run is
+refused when named with --video, and otherwise left out with the reason shown on the page.
 """
 
 from __future__ import annotations
@@ -154,10 +157,15 @@ class StoreSource(Source):
         self.num_frames = int(ds.sizes["query_frame"])
         self.query_chunk = {int(f): int(c) for f, c in zip(ds["query_frame"].values, ds["query_chunk"].values)}
         self.ids = [str(s) for s in ds["sample"].values]
-        self.videos = dict(videos or {})
         self._frames: OrderedDict[str, np.ndarray] = OrderedDict()  # decoded videos, the most recent few
         self._cache = cache
-        self.video_errors: dict[str, str] = {}
+        self.video_errors: dict[str, str] = {}  # sample -> why its video is left out
+        self.videos = {}
+        for sample, path in (videos or {}).items():
+            if why := video_mismatch(ds, sample, path):
+                self.video_errors[sample] = why
+            else:
+                self.videos[sample] = path
 
     def samples(self) -> list[dict]:
         ds = self.ds
@@ -179,7 +187,7 @@ class StoreSource(Source):
 
     def state(self, sample) -> dict:
         sample = self.check_sample(sample)
-        error = None
+        error = self.video_errors.get(sample)
         try:
             ready = 0 if self.video(sample) is None else self.pixel_frames
         except WorkbenchError as err:
@@ -286,6 +294,36 @@ class StreamSource(Source):
 # Opening what the user named
 
 
+def video_mismatch(ds, sample: str, video: Path) -> str | None:
+    """Why `video` is not the video of the store's `sample`, or None. Read from the latents file `workbench generate`
+    wrote beside it (same name, .safetensors): its prompt, seed, sampler, and the weights' sha256 and key (generator
+    or generator_ema), against the store's sample and its fingerprint (docs/store.md). A video without that file (or
+    a file from before generate recorded the weights) is checked on what it has."""
+    side = Path(video).with_suffix(".safetensors")
+    if not side.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(side), "np") as f:
+            made = f.metadata() or {}
+    except Exception:  # not a generate output: nothing to compare
+        return None
+    i = [str(v) for v in ds["sample"].values].index(sample)
+    fields = ds.attrs.get("fingerprint_fields") or {}
+    model, layout = fields.get("model", {}), fields.get("layout", {})
+    store_key = {"ema": "True", "gen": "False"}.get(model.get("key"))
+    wanted = dict(prompt=str(ds["prompt"].values[i]), seed=str(int(ds["seed"].values[i])),
+                  sampler=layout.get("sampler"), weights_sha256=model.get("weights"), use_ema=store_key)
+    differ = [f"{k} {made[k]!r} (the store's: {v!r})" for k, v in wanted.items()
+              if v is not None and k in made and str(made[k]) != str(v)]
+    if not differ:
+        return None
+    return (f"{video} was not made by this store's run of sample {sample}: generate made it with "
+            + "; ".join(differ) + f" ({side.name}). Make the video with `workbench generate` and the store's "
+            "model, prompt and seed, or name the right one with --video")
+
+
 def find_videos(store: Path, video: str | None, samples: list[str], sample: str | None = None) -> dict[str, Path]:
     """Which mp4 shows which sample. `video` is a file (the video of `sample`, or of the store's only sample) or a
     folder of generate outputs (pPPPP-sS.mp4 per sample); without it: the store's name with .mp4 (one sample), or
@@ -333,7 +371,9 @@ def open_source(path, video: str | None = None, sample: str | None = None) -> So
 
     ids = [str(s) for s in open_store(path)["sample"].values]
     source = StoreSource(path, find_videos(path, video, ids, sample))
-    if video is not None:  # a video the user named: its frame count is checked now
+    if video is not None:  # a video the user named: refused if it is another run's, its frame count checked now
+        if not source.videos:
+            raise WorkbenchError(next(iter(source.video_errors.values())))
         first = sample or next(iter(source.videos))
         source.video(first)
     return source

@@ -270,7 +270,9 @@ function drawMap(canvas, hi, chunk, latent, attn) {
   const cell = Math.max(4, Math.min(V.head === "all" ? 26 : 44, Math.floor((width - left - right) / F)));
   const height = top + Math.max(rows.length, 1) * cell + bottom;
   const [ctx] = sizeCanvas(canvas, height);
-  canvas.layout = { left, top, cell, rows, hi };
+  // the chunk's first query frame at the bottom, as the notebooks' and reports' heatmaps draw it (origin lower)
+  const rowY = (r) => top + (rows.length - 1 - r) * cell;
+  canvas.layout = { left, top, cell, rows, hi, rowY };
   ctx.clearRect(0, 0, width, height);
   ctx.font = "11px system-ui, sans-serif"; ctx.textBaseline = "middle";
   if (!chunk || !attn) {
@@ -282,14 +284,14 @@ function drawMap(canvas, hi, chunk, latent, attn) {
     for (let kf = 0; kf < F; kf++) {
       const v = values[qf][kf];
       ctx.fillStyle = v === null ? "#e2e2de" : viridis(unitOf(v));
-      ctx.fillRect(left + kf * cell, top + r * cell, cell, cell);
+      ctx.fillRect(left + kf * cell, rowY(r), cell, cell);
     }
     ctx.fillStyle = qf === latent ? "#d0302a" : "#333"; ctx.textAlign = "right";
-    ctx.fillText(`q${qf}`, left - 6, top + r * cell + cell / 2);
+    ctx.fillText(`q${qf}`, left - 6, rowY(r) + cell / 2);
   });
   const r = rows.indexOf(latent);  // the query frame on screen
   ctx.strokeStyle = "#d0302a"; ctx.lineWidth = 2;
-  ctx.strokeRect(left - 1, top + r * cell - 1, F * cell + 2, cell + 2);
+  ctx.strokeRect(left - 1, rowY(r) - 1, F * cell + 2, cell + 2);
   // key frame ticks: every frame where two digits fit, else every 2nd or 5th; the chunk's own frames underlined
   const every = cell >= 19 || F <= 10 ? 1 : cell >= 10 ? 2 : 5;
   ctx.fillStyle = "#333"; ctx.textAlign = "center";
@@ -302,7 +304,8 @@ function hover(e) {
   const canvas = e.currentTarget, L = canvas.layout, tip = $("tooltip");
   if (!L || !V.attn || !L.rows.length) return;
   const rect = canvas.getBoundingClientRect();
-  const kf = Math.floor((e.clientX - rect.left - L.left) / L.cell), r = Math.floor((e.clientY - rect.top - L.top) / L.cell);
+  const kf = Math.floor((e.clientX - rect.left - L.left) / L.cell);
+  const r = L.rows.length - 1 - Math.floor((e.clientY - rect.top - L.top) / L.cell);  // rows run upwards
   if (kf < 0 || kf >= V.meta.num_frames || r < 0 || r >= L.rows.length) { tip.hidden = true; return; }
   const v = V.attn.values[L.hi][L.rows[r]][kf];
   tip.textContent = `head ${V.meta.heads[L.hi]} · query frame ${L.rows[r]} · key frame ${kf} · ` +

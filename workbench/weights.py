@@ -1,0 +1,54 @@
+"""Which weights a request names, checked before any work: the checkpoint and --use-ema a user gave
+(`check_weights_args`), and a model of the embedded zoo spelled out as its checkpoint and use_ema (`resolve_model`,
+for an `ExtractConfig` of workbench/extract.py; workbench/commands/__init__.py `resolve_model` does the same for
+the command line's arguments)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+
+USE_EMA_ALONE = ("--use-ema picks the generator_ema weights of a Self-Forcing checkpoint; give it with "
+                 "--checkpoint FILE (the embedded default, the zoo's DMD student, already runs its EMA weights)")
+
+
+def check_weights_args(checkpoint: str | None, use_ema: bool, model: str | None = None) -> None:
+    """The checkpoint a user named, checked before any work: --use-ema needs a --checkpoint (alone it would name no
+    weights of its own), and the checkpoint must be a file (a training run's checkpoint_model_N/ folder holds it as
+    model.pt)."""
+    if use_ema and not checkpoint and model is None:
+        raise WorkbenchError(USE_EMA_ALONE)
+    if not checkpoint:
+        return
+    path = Path(checkpoint)
+    if path.is_dir():
+        inside = [p.name for p in sorted(path.glob("*.pt"))[:3]]
+        hint = f"; it holds {', '.join(inside)}: give one of them" if inside else " with no .pt file in it"
+        raise WorkbenchError(f"--checkpoint {checkpoint!r} is a directory{hint} (a training run's "
+                             "checkpoint_model_N/ folder holds model.pt)")
+    if not path.is_file():
+        raise WorkbenchError(f"--checkpoint {checkpoint!r} does not exist")
+
+
+def resolve_model(cfg):
+    """`cfg` with its zoo model (`model`, or the zoo's default when no weights are named) spelled out as the
+    checkpoint and use_ema it means; unchanged when wan_dir, checkpoint or use_ema name the weights, and when the
+    embedded folder ships no default (then its own DiT runs)."""
+    from models.errors import ModelInputError
+    from models.wan.embedded import pick
+
+    explicit = bool(cfg.wan_dir or cfg.checkpoint or cfg.use_ema)
+    try:
+        entry = pick(cfg.model, explicit)
+    except ModelInputError as e:
+        raise WorkbenchError(str(e)) from None
+    if entry is None:
+        return cfg
+    checkpoint = str(entry.checkpoint_path()) if entry.checkpoint else None
+    if cfg.model is not None and (cfg.wan_dir or (explicit and (cfg.checkpoint, cfg.use_ema) != (checkpoint,
+                                                                                                   entry.use_ema))):
+        raise WorkbenchError(f"model {cfg.model!r} picks a model of the embedded zoo; give it without wan_dir, "
+                             "checkpoint and use_ema (--wan-dir, --checkpoint, --use-ema)")
+    return dataclasses.replace(cfg, model=entry.name, checkpoint=checkpoint, use_ema=entry.use_ema)
