@@ -20,11 +20,12 @@
 # layer x head maps of the head metrics), and one layer in detail. The store layout is `docs/store.md`; the
 # metrics are defined in `studies/metrics.py`.
 #
-# Make the default store with `workbench extract --layers 0-5 --seed 0,1 --out runs/embedded.zarr` (the README's
-# notebook command), or run this notebook on another store: set `store` (and `layer`) in the parameters cell below.
+# Make the default store with the README's notebook command (below, in the parameters cell), or run this notebook
+# on another store: set `store` (and `layer`) in the parameters cell.
 
 # %% tags=["parameters"]
-store = "runs/embedded.zarr"  # made by: workbench extract --layers 0-5 --seed 0,1 --out runs/embedded.zarr
+# made by: workbench extract --layers 0-5 --prompt "a blue circle moving up" --seed 0,1 --out runs/embedded.zarr
+store = "runs/embedded.zarr"
 layer = None  # None: the first captured layer
 sample = None  # None: the mean over samples; or a sample id such as "p0000-s42"
 

@@ -21,7 +21,8 @@
 # Definitions: `studies/metrics.py`.
 
 # %% tags=["parameters"]
-store = "runs/embedded.zarr"  # made by: workbench extract --layers 0-5 --seed 0,1 --out runs/embedded.zarr
+# made by: workbench extract --layers 0-5 --prompt "a blue circle moving up" --seed 0,1 --out runs/embedded.zarr
+store = "runs/embedded.zarr"
 layer = None  # None: the first captured layer
 sample = None  # None: the mean over samples; or a sample id such as "p0000-s42"
 
@@ -70,7 +71,8 @@ figures.metric_by_query_frame(at.sink_mass, title=f"mass on frame 0 · layer {la
 figures.metric_by_query_frame(at.own_chunk_mass, title=f"mass on the query's own chunk · layer {layer}")
 
 # %%
-figures.metric_by_query_frame(at.mean_distance, title=f"mass-weighted mean distance (frames) · layer {layer}")
+# signed: query_frame - key_frame, negative where keys lie ahead of the query (a bidirectional store)
+figures.metric_by_query_frame(at.mean_distance, title=f"mass-weighted mean query_frame - key_frame · layer {layer}")
 
 # %% [markdown]
 # ## Recency profile

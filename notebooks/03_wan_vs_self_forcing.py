@@ -28,10 +28,11 @@
 
 # %% tags=["parameters"]
 # A, the reference: the teacher through Wan's bidirectional sampler. Made by: workbench extract --layers 0-5
-# --seed 0,1 --model teacher --num-inference-steps 8 --out runs/wan_bidirectional.zarr
+# --prompt "a blue circle moving up" --seed 0,1 --model teacher --num-inference-steps 8
+# --out runs/wan_bidirectional.zarr
 store_a = "runs/wan_bidirectional.zarr"
-# B, the Self-Forcing DMD student (the default model). Made by: workbench extract --layers 0-5 --seed 0,1
-# --sampler causal_few_step --out runs/embedded.zarr
+# B, the Self-Forcing DMD student (the default model). Made by: workbench extract --layers 0-5
+# --prompt "a blue circle moving up" --seed 0,1 --sampler causal_few_step --out runs/embedded.zarr
 store_b = "runs/embedded.zarr"
 layer = None  # None: the first layer both stores hold
 sample = None  # None: every sample pair (same prompt and seed, else same prompt); or a sample id of store B
@@ -86,11 +87,11 @@ figures.compare_maps(c.metrics_a.sink_mass.sel(match=0), c.metrics_b.sink_mass.s
 
 # %%
 figures.compare_maps(c.metrics_a.local_mass.sel(match=0), c.metrics_b.local_mass.sel(match=0),
-                     title="mass within the local window")
+                     title=c.metrics_a.local_mass.attrs["long_name"])
 
 # %%
 figures.compare_maps(c.metrics_a.mean_distance.sel(match=0), c.metrics_b.mean_distance.sel(match=0),
-                     title="mass-weighted mean distance (frames)")
+                     title="mass-weighted mean query_frame - key_frame (frames; negative: keys ahead of the query)")
 
 # %%
 figures.taxonomy_map(c.class_a.sel(match=0), title="head classes · A")
@@ -100,11 +101,12 @@ figures.taxonomy_map(c.class_b.sel(match=0), title="head classes · B")
 
 # %% [markdown]
 # ## The most changed head of the chosen layer, in both stores
+#
+# A on the left, B on the right, on one colour scale; each averaged over its paired samples at the first matched step.
 
 # %%
 top = ranking[ranking.layer == layer].iloc[0]
-step_a, step_b = int(c.steps.step_a[0]), int(c.steps.step_b[0])
-figures.head_grid(a.sel(sample=list(dict.fromkeys(c.pairs.sample_a))), layer, step=step_a, heads=[int(top["head"])])
-
-# %%
-figures.head_grid(b.sel(sample=list(dict.fromkeys(c.pairs.sample_b))), layer, step=step_b, heads=[int(top["head"])])
+paired_a = a.sel(sample=list(dict.fromkeys(c.pairs.sample_a)))
+paired_b = b.sel(sample=list(dict.fromkeys(c.pairs.sample_b)))
+figures.head_pair(paired_a, paired_b, layer, int(top["head"]), step_a=int(c.steps.step_a[0]),
+                  step_b=int(c.steps.step_b[0]), names=(f"A ({store_a})", f"B ({store_b})"))

@@ -24,7 +24,8 @@
 # figures with the softmax mass (`attn_mass`) follow: that is what "sink" usually means.
 
 # %% tags=["parameters"]
-store = "runs/embedded.zarr"  # made by: workbench extract --layers 0-5 --seed 0,1 --out runs/embedded.zarr
+# made by: workbench extract --layers 0-5 --prompt "a blue circle moving up" --seed 0,1 --out runs/embedded.zarr
+store = "runs/embedded.zarr"
 layer = None  # None: the first captured layer
 sample = None  # None: the mean over samples; or a sample id such as "p0000-s42"
 
@@ -37,7 +38,7 @@ figures.use_notebook_renderer()  # figures that JupyterLab and `jupyter nbconver
 ds = load_store(store)
 layer = metrics.default_layer(ds) if layer is None else layer
 denoise = ds.step.where(ds["phase"] == "denoise", drop=True)
-step = int(denoise[ds["timestep"].sel(step=denoise).argmax()])  # the fork's step: the first denoise, t = 1000
+step = int(denoise[ds["timestep"].sel(step=denoise).argmax("step")])  # the fork's step: the first denoise, t = 1000
 metrics.step_label(ds, step)
 
 # %% [markdown]
@@ -86,8 +87,8 @@ stats.to_pandas()
     "diag mean": round(float(stats.diag_mean.mean()), 3),
     "col-0 mean": round(float(stats.col0_mean.mean()), 3),
     "head-mean first / mid / last": tuple(round(float(stats[k].mean()), 3) for k in ("first", "mid", "last")),
-    "sink head-mean [min, max]": (round(float(stats.sink.mean()), 3), round(float(stats.sink.min()), 3),
-                                  round(float(stats.sink.max()), 3)),
+    "sink head-mean [mean, min, max]": (round(float(stats.sink.mean()), 3), round(float(stats.sink.min()), 3),
+                                        round(float(stats.sink.max()), 3)),
 }
 
 # %% [markdown]

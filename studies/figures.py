@@ -2,6 +2,7 @@
 
     head_grid        per-head query x key frame heatmaps (the researchers' 3x4 grid, origin lower, one colour
                      scale shared by every head: 0..max for mass, symmetric RdBu_r for logits as in their Fig. 1)
+    head_pair        one head's heatmap in two stores side by side (A, B) on one colour scale
     last_chunk_bars  per-head bars + line of the last chunk's attention over key frames, titled with the
                      researchers' sink = v[0] - mean(v[1:-1])
     step_slider      the head grid across steps (plotly frames and a slider, one frame per step)
@@ -148,6 +149,37 @@ def head_grid(
     return fig
 
 
+def head_pair(
+    a: xr.Dataset,
+    b: xr.Dataset,
+    layer: int,
+    head: int,
+    *,
+    step_a: int = 0,
+    step_b: int = 0,
+    names: tuple[str, str] = ("A", "B"),
+    var: str = "attn_mass",
+) -> go.Figure:
+    """One head's query frame x key frame heatmap in two stores side by side (A left, B right), each averaged over
+    its samples, on one colour scale so that the two can be compared by eye; each panel names its store and step."""
+    maps = [_pick_heads(_frames(ds, var, layer, None, step).isel(step=0), [head]).sel(head=head)
+            for ds, step in ((a, step_a), (b, step_b))]  # [query_frame, key_frame] each
+    titles = [f"{name}<br><sub>{metrics.step_label(ds, step)} · {_who(ds, None)}</sub>"  # two lines: never overlap
+              for name, ds, step in ((names[0], a, step_a), (names[1], b, step_b))]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=titles, horizontal_spacing=0.12)
+    for col, (z, name) in enumerate(zip(maps, names), start=1):
+        fig.add_trace(_heatmap(z.values, z.key_frame.values, z.query_frame.values, name), row=1, col=col)
+    _label_axes(fig, 1, 2, "key frame", "query frame")
+    fig.update_yaxes(title_text="query frame", row=1, col=2)
+    fig.update_layout(
+        title=f"{var} · layer {layer} head {head}",
+        coloraxis=dict(**_colour(var, np.concatenate([m.values.ravel() for m in maps])),
+                       colorbar=dict(title=_units(a, var))),
+        height=520, width=1100, margin=dict(t=130),
+    )
+    return fig
+
+
 # ------------------------------------------------------------------------------------------ last-chunk bars
 def last_chunk_bars(
     ds: xr.Dataset,
@@ -177,7 +209,7 @@ def last_chunk_bars(
                              hovertemplate="key frame %{x}<br>%{y:.4g}<extra>head " + str(h) + "</extra>"), row=r, col=c)
         fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", line=dict(color="#e45756", width=1),
                                  marker=dict(size=3), showlegend=False, hoverinfo="skip"), row=r, col=c)
-    _label_axes(fig, rows, cols, "key frame", var)
+    _label_axes(fig, rows, cols, "key frame", _units(ds, var))
     frames = metrics.query_frames_for(sub, "last_chunk")
     fig.update_layout(
         title=f"{var} of the last chunk (query frames {frames[0]}-{frames[-1]}) over key frames · layer {layer} · "
@@ -249,7 +281,7 @@ def _grid_slider(data: xr.DataArray, dim: str, labels: dict, marks: dict, start,
     for i, trace in enumerate(traces(start)):
         fig.add_trace(trace, row=i // cols + 1, col=i % cols + 1)
     fig.frames = [go.Frame(data=traces(v), name=str(v), traces=list(range(len(head_list))),
-                           layout=dict(title_text=title(v))) for v in values]
+                           layout=dict(title_text=f"{title(v)} · {who}")) for v in values]
     slider = dict(
         active=values.index(start), currentvalue=dict(prefix=f"{dim.replace('_', ' ')}: "), pad=dict(t=40),
         steps=[dict(label=marks[v], method="animate",
@@ -356,8 +388,9 @@ def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = (
     diff = b - a
     x = [str(int(h)) for h in a["head"].values]
     y = [str(int(v)) for v in a.layer.values]
-    fig = make_subplots(rows=3, cols=1, subplot_titles=[names[0], names[1], f"{names[1]} - {names[0]}"],
-                        vertical_spacing=0.12)
+    tags = [name if name == letter or name.startswith(f"{letter}: ") else f"{letter}: {name}"
+            for letter, name in zip("AB", names)]  # panel titles; the colour bars say only A, B and B - A
+    fig = make_subplots(rows=3, cols=1, subplot_titles=[tags[0], tags[1], "B - A"], vertical_spacing=0.12)
     for row, (z, axis) in enumerate([(a, "coloraxis"), (b, "coloraxis"), (diff, "coloraxis2")], start=1):
         fig.add_trace(go.Heatmap(z=_round(z.values), x=x, y=y, coloraxis=axis, texttemplate="%{z:.2f}",
                                  hovertemplate="layer %{y}<br>head %{x}<br>%{z:.4g}<extra></extra>"), row=row, col=1)
@@ -371,9 +404,9 @@ def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = (
         title=title or str(a.attrs.get("long_name", a.name or "metric")),
         coloraxis=dict(colorscale="Viridis", cmin=float(both.min()) if both.size else 0,
                        cmax=float(both.max()) if both.size else 1,
-                       colorbar=dict(y=0.68, len=0.62, title=f"{names[0]} / {names[1]}")),
+                       colorbar=dict(y=0.68, len=0.62, title="A, B")),
         coloraxis2=dict(colorscale="RdBu_r", cmin=-(top or 1.0), cmax=top or 1.0,
-                        colorbar=dict(y=0.14, len=0.3, title=f"{names[1]} - {names[0]}")),
+                        colorbar=dict(y=0.14, len=0.3, title="B - A")),
         height=3 * (max(120, 26 * a.sizes["layer"]) + 110) + 80, width=max(600, min(1300, 62 * a.sizes["head"] + 260)),
     )
     return fig
@@ -396,6 +429,21 @@ def recency_lines(profile: xr.DataArray, *, title: str | None = None) -> go.Figu
     return fig
 
 
+UNIT_INTERVAL = ("probability", "ratio")  # units of metrics in [0, 1] by definition
+
+
+def _fixed_range(da: xr.DataArray) -> list[float] | None:
+    """The y range of a metric in [0, 1] (units probability or ratio): from 0 to its largest value (at least 0.05,
+    at most 1), so that float32 rounding of a constant (a bidirectional store's own-chunk mass is 1 everywhere) is
+    never stretched into a signal while small masses keep their detail; None (plotly's autorange) for other units."""
+    if da.attrs.get("units") not in UNIT_INTERVAL:
+        return None
+    finite = np.asarray(da.values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    top = 1.05 * min(1.0, max(float(finite.max()) if finite.size else 1.0, 0.05))
+    return [-0.02 * top, top]
+
+
 def metric_by_query_frame(rows: xr.DataArray, *, title: str | None = None) -> go.Figure:
     """A row metric (dims head, query_frame; select the rest first) against the query frame, one line per head."""
     extra = [d for d in rows.dims if d not in ("head", "query_frame")]
@@ -407,7 +455,7 @@ def metric_by_query_frame(rows: xr.DataArray, *, title: str | None = None) -> go
         fig.add_trace(go.Scatter(x=[int(q) for q in y.query_frame.values], y=_round(y.values), mode="lines+markers",
                                  name=f"head {int(h)}"))
     fig.update_xaxes(title_text="query frame")
-    fig.update_yaxes(title_text=f"{rows.name} [{rows.attrs.get('units', '')}]")
+    fig.update_yaxes(title_text=f"{rows.name} [{rows.attrs.get('units', '')}]", range=_fixed_range(rows))
     fig.update_layout(title=title or f"{rows.name}: {rows.attrs.get('long_name', '')}", height=420, width=800)
     return fig
 
@@ -428,6 +476,6 @@ def metric_by_step(da: xr.DataArray, *, title: str | None = None) -> go.Figure:
     for h in da["head"].values:
         fig.add_trace(go.Scatter(x=labels, y=_round(da.sel(head=h).values), mode="lines+markers", name=f"head {int(h)}"))
     fig.update_xaxes(title_text="step · timestep", type="category")
-    fig.update_yaxes(title_text=f"{da.name} [{da.attrs.get('units', '')}]")
+    fig.update_yaxes(title_text=f"{da.name} [{da.attrs.get('units', '')}]", range=_fixed_range(da))
     fig.update_layout(title=title or f"{da.name} across steps", height=420, width=800)
     return fig

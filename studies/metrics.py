@@ -176,6 +176,8 @@ def row_metrics(
     })
     for name, (long_name, units) in ROW_METRIC_INFO.items():
         out[name].attrs.update(long_name=long_name, units=units)
+    out["local_mass"].attrs["long_name"] = (f"mass within {local_window} frames of the query "
+                                            f"(|query - key| < {local_window})")
     out.attrs.update(local_window=local_window, early_fraction=early_fraction)
     return out
 
@@ -188,7 +190,7 @@ ROW_METRIC_INFO = {
     "early_mass": ("mass on the oldest half of the attended frames", "probability"),
     "mean_distance": ("mass-weighted mean query_frame - key_frame", "frames"),
     "entropy": ("entropy over key frames", "nats"),
-    "entropy_norm": ("entropy / ln(attended key frames)", "1"),
+    "entropy_norm": ("entropy / ln(attended key frames): 0 one key frame, 1 uniform", "ratio"),
     "n_attended": ("attended key frames", "frames"),
 }
 

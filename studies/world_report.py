@@ -151,8 +151,8 @@ def compare_models(videos: pd.DataFrame, a: str, b: str) -> tuple[pd.DataFrame, 
         if ok.any():
             winner = b if db[ok].mean() < da[ok].mean() else a
             wins = int(((db < da) if winner == b else (da < db))[ok].sum())
-            lines.append(f"{frames} latent frames: the trajectory error grows by {da[ok].mean():+.2f} px ({a}) and "
-                         f"{db[ok].mean():+.2f} px ({b}) from the first to the last quarter of the video: {winner} "
+            lines.append(f"{frames} latent frames: the trajectory error changes by {da[ok].mean():+.2f} px ({a}) "
+                         f"and {db[ok].mean():+.2f} px ({b}) from the first to the last quarter of the video: {winner} "
                          f"accumulates less error, in {wins} of {int(ok.sum())} paired videos; adherent "
                          f"{np.nanmean(p['adherent_a']):.0%} ({a}), {np.nanmean(p['adherent_b']):.0%} ({b})")
         else:

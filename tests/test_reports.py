@@ -150,13 +150,15 @@ def test_compare_report(compare_report):
                  "fig-compare-local_mass", "fig-compare-mean_distance"):
         assert name in parser.figures
     assert "fig-compare-own_chunk_mass" not in parser.figures  # meaningless against the one-chunk sampler
-    assert any(k.startswith("fig-top-L") for k in parser.figures)
+    tops = [fig for k, fig in parser.figures.items() if k.startswith("fig-top-L")]
+    assert tops and all(len(fig["data"]) == 2 and {t["coloraxis"] for t in fig["data"]} == {"coloraxis"}
+                        for fig in tops)  # A and B side by side on one colour scale
     for heading in ("Matched samples", "Matched steps", "Heads ranked by change"):
         assert heading in parser.headings
     assert "p0000-s2" in text and "p0000-s3" not in text.split("Matched samples")[1].split("</table>")[0]
     assert "937.5" in text and "bits" in text
     sink_map = parser.figures["fig-compare-sink_mass"]
-    assert [a["text"] for a in sink_map["layout"]["annotations"]] == ["wan.zarr", "sf.zarr", "sf.zarr - wan.zarr"]
+    assert [a["text"] for a in sink_map["layout"]["annotations"]] == ["A: wan.zarr", "B: sf.zarr", "B - A"]
 
 
 def cli():
@@ -311,3 +313,12 @@ def test_report_of_a_training_probe_store(tmp_path):
     slider = parser.figures["fig-train-steps-layer1"]
     assert [s["label"] for s in slider["layout"]["sliders"][0]["steps"]] == ["0", "2", "4"]
     assert slider["layout"]["sliders"][0]["active"] == 2  # opens at the last train step
+
+
+def test_checks_table_says_n_a_for_a_statistic_the_store_lacks(stores):
+    """A store without attn_logit gets "n/a" for the attn_logit check, never a check that held."""
+    ds = load_store(stores["sf"])
+    assert bool(report.checks_table(ds).iloc[2]["holds"])
+    table = report.checks_table(ds.drop_vars("attn_logit"))
+    row = table[table.check.str.startswith("attn_logit")].iloc[0]
+    assert (row["value"], row["holds"]) == ("no attn_logit in the store", "n/a")

@@ -62,6 +62,7 @@ def test_last_chunk_bars_carry_the_sink_statistic(ds):
         vh = v.sel(head=h).values
         np.testing.assert_allclose(np.array(bar.y, dtype=float), vh, atol=1e-6)
         assert title.text == f"head {h}: sink = {vh[0] - vh[1:-1].mean():.3g}"
+    assert axis_titles(fig, "yaxis") == {"self-attention mass per key frame [probability]"}  # the store's attrs
 
 
 def test_step_slider_has_one_frame_per_step(ds, wan):
@@ -70,6 +71,7 @@ def test_step_slider_has_one_frame_per_step(ds, wan):
     labels = [s.label for s in fig.layout.sliders[0].steps]
     assert labels == ["0 · t=1000", "1 · t=937.5", "2 · t=833.333", "3 · t=625", "4 · t=0"]
     assert "context" in fig.frames[4].layout.title.text
+    assert all(f.layout.title.text.endswith("mean over 2 sample(s)") for f in fig.frames)  # as the first title
     z = np.array(fig.frames[2].data[7].z, dtype=float)
     np.testing.assert_allclose(z, ds["attn_mass"].sel(layer=0, step=2, head=7).mean("sample").values, atol=1e-6)
     fig_w = figures.step_slider(wan, 3, heads=[0, 1], steps=[0, 1])
@@ -93,7 +95,9 @@ def test_compare_maps_show_a_b_and_difference(ds, wan):
     c = compare.compare_stores(wan, ds)
     a, b = c.metrics_a.local_mass.sel(match=0), c.metrics_b.local_mass.sel(match=0)
     fig = figures.compare_maps(a, b, names=("wan", "sf"))
-    assert [t.text for t in fig.layout.annotations] == ["wan", "sf", "sf - wan"]
+    assert [t.text for t in fig.layout.annotations] == ["A: wan", "B: sf", "B - A"]
+    # the colour bars' titles stay short, so that they never run into the panel titles beside them
+    assert (fig.layout.coloraxis.colorbar.title.text, fig.layout.coloraxis2.colorbar.title.text) == ("A, B", "B - A")
     np.testing.assert_allclose(np.array(fig.data[2].z, dtype=float), (b - a).values, atol=1e-6)
     assert fig.data[2].coloraxis == "coloraxis2" and fig.layout.coloraxis2.cmin == -fig.layout.coloraxis2.cmax
 
@@ -116,3 +120,35 @@ def test_bad_selections_are_named(ds):
         figures.head_grid(ds, 0, heads=[12])
     with pytest.raises(WorkbenchError, match="no .attn_entropy. .its stats"):
         figures.head_grid(ds, 0, var="attn_entropy")
+
+
+def test_head_pair_puts_two_stores_on_one_colour_scale(ds, wan):
+    """One head of two stores side by side: each panel the store's own mean over samples, one colour axis whose
+    top is the larger of the two maxima, panel titles naming store and step."""
+    fig = figures.head_pair(wan, ds, 3, 5, step_a=0, step_b=1, names=("wan.zarr", "sf.zarr"))
+    heatmaps = [t for t in fig.data if isinstance(t, go.Heatmap)]
+    assert len(heatmaps) == 2 and {t.coloraxis for t in heatmaps} == {"coloraxis"}
+    a = wan["attn_mass"].sel(layer=3, step=0, head=5).mean("sample").values
+    b = ds["attn_mass"].sel(layer=3, step=1, head=5).mean("sample").values
+    np.testing.assert_allclose(np.array(heatmaps[0].z, dtype=float), a, atol=1e-6)
+    np.testing.assert_allclose(np.array(heatmaps[1].z, dtype=float), b, atol=1e-6)
+    assert fig.layout.coloraxis.cmax == pytest.approx(max(np.nanmax(a), np.nanmax(b)), rel=1e-6)
+    titles = [t.text for t in fig.layout.annotations]
+    assert titles[0].startswith("wan.zarr<br><sub>step 0") and titles[1].startswith("sf.zarr<br><sub>step 1 (t=937.5")
+    assert "layer 3 head 5" in fig.layout.title.text
+
+
+def test_metrics_in_the_unit_interval_get_an_axis_from_zero(wan, ds):
+    """A bidirectional store's own-chunk mass is 1 up to float32 rounding: its axis runs from 0 past 1, so the
+    rounding is not drawn as a signal; small masses keep their detail (the axis ends near their maximum); metrics in
+    frames keep plotly's autorange."""
+    rows = metrics.row_metrics(wan).isel(sample=0, step=0, layer=0)
+    lo, hi = figures.metric_by_query_frame(rows.own_chunk_mass).layout.yaxis.range
+    assert lo < 0 < 1 < hi <= 1.05
+    sink = metrics.row_metrics(ds).isel(sample=0, step=0, layer=0).sink_mass.sel(query_frame=slice(3, None))
+    sink = sink.sel(head=sink.max("query_frame") < 0.3)  # after chunk 0, the heads with small masses on frame 0
+    top = float(sink.max())
+    assert sink.sizes["head"] >= 2
+    assert figures.metric_by_query_frame(sink).layout.yaxis.range[1] == pytest.approx(1.05 * max(top, 0.05))
+    assert figures.metric_by_query_frame(rows.mean_distance).layout.yaxis.range is None
+    assert figures.metric_by_step(metrics.head_metrics(ds).entropy_norm.isel(layer=0)).layout.yaxis.range is not None
