@@ -348,6 +348,23 @@ class VideoScore:
             out.update({f"{kind}_{k}": v for k, v in zip(("colour", "shape", "direction"), values)})
         return out | self.numbers
 
+    def to_json(self) -> dict:
+        """A JSON-ready dict (NaN as null), read back exactly by `from_json` (workbench/scores.py keeps these)."""
+        def plain(v):
+            return None if v != v else float(v)  # NaN -> null
+
+        return dict(prompt=self.prompt, named=list(self.named), found=list(self.found),
+                    numbers={k: plain(v) for k, v in self.numbers.items()},
+                    curves={k: [plain(x) for x in np.asarray(c, dtype=np.float64)] for k, c in self.curves.items()})
+
+    @classmethod
+    def from_json(cls, d: dict) -> VideoScore:
+        def num(v):
+            return np.nan if v is None else float(v)
+
+        return cls(d["prompt"], tuple(d["named"]), tuple(d["found"]), {k: num(v) for k, v in d["numbers"].items()},
+                   {k: np.array([num(x) for x in c], dtype=np.float64) for k, c in d["curves"].items()})
+
 
 def score_video(video, prompt: str) -> VideoScore:
     """Track a video (or take a `Track`) and score it against the prompt (`world.parse_prompt` reads it)."""

@@ -77,6 +77,92 @@ def test_evaluate_long_rollout_and_two_models(tmp_path, capsys):
     assert "## b vs a" in (out / "summary.md").read_text()
 
 
+SCORE_VIDEO = wm.score_video
+
+
+def _counting(monkeypatch, stop_after=None):
+    """Count the videos evaluate scores (world_metrics.score_video calls); a KeyboardInterrupt, as Ctrl-C raises it,
+    in place of call stop_after + 1."""
+    calls = []
+    real = SCORE_VIDEO
+
+    def score(video, prompt):
+        if stop_after is not None and len(calls) == stop_after:
+            raise KeyboardInterrupt
+        calls.append(prompt)
+        return real(video, prompt)
+
+    monkeypatch.setattr(wm, "score_video", score)
+    return calls
+
+
+GRID = ["evaluate", "--colours", "red,blue", "--shapes", "circle", "--directions", "right", "--seeds", "0,1",
+        "--frames", "3", "--no-progress"]
+
+
+def test_evaluate_keeps_each_score_and_resumes_after_an_interrupt(tmp_path, capsys, monkeypatch):
+    """Each video's score is on disk as soon as it is scored: Ctrl-C after 3 of 4 videos keeps those 3, and the same
+    command then scores only the 4th; the tables equal those of a run that was never stopped. A missing or torn
+    score file is scored again; a changed model (another key) scores everything again."""
+    whole = tmp_path / "whole"
+    assert main([*GRID, "--out", str(whole)]) == 0
+    capsys.readouterr()
+
+    out = tmp_path / "eval"
+    calls = _counting(monkeypatch, stop_after=3)
+    assert main([*GRID, "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted: 3 of 4 video(s) scored and kept in {out / 'scores'}" in err
+    kept = sorted(p.relative_to(out / "scores").as_posix() for p in (out / "scores").rglob("*.json"))
+    label = kept[0].split("/")[0]
+    assert kept == [f"{label}/f3/p0000-s0.json", f"{label}/f3/p0000-s1.json", f"{label}/f3/p0001-s0.json"]
+    assert not (out / "videos.csv").exists() and not list(out.rglob(".*tmp*"))
+
+    calls = _counting(monkeypatch)
+    assert main([*GRID, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert calls == ["a blue circle moving right"]  # only p0001-s1
+    assert "resuming: 3 of 4 video(s) were scored by an earlier run" in printed
+    assert "1 video(s) in" in (out / "summary.md").read_text() and "3 kept from an earlier run" in printed + (
+        out / "summary.md").read_text()
+    for name in ("videos.csv", "curves.csv", "summary.csv"):  # as if it had never stopped
+        assert (out / name).read_text() == (whole / name).read_text(), name
+
+    (out / "scores" / label / "f3" / "p0000-s1.json").unlink()
+    (out / "scores" / label / "f3" / "p0001-s0.json").write_text('{"key": "trunc')  # a torn file (never by us)
+    calls = _counting(monkeypatch)
+    assert main([*GRID, "--out", str(out)]) == 0
+    assert calls == ["a red circle moving right", "a blue circle moving right"]
+    assert (out / "videos.csv").read_text() == (whole / "videos.csv").read_text()
+
+    calls = _counting(monkeypatch)  # the folder's own DiT, not the zoo's student: another key, scored again
+    assert main([*GRID, "--model", f"{label}=embedded", "--out", str(out)]) == 0
+    assert len(calls) == 4
+
+
+def test_evaluate_refuses_a_folder_another_run_writes(tmp_path, capsys):
+    from workbench.store import StoreLock
+
+    out = tmp_path / "eval"
+    with StoreLock(out, what="an evaluate folder"):
+        assert main([*GRID, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{str(out)!r} is being written by another process (pid " in err
+    assert "an evaluate folder takes one writer at a time" in err
+    assert not (out / "scores").exists()
+
+
+def test_video_scores_round_trip_through_json():
+    video, _ = world.world_video("a green square moving down", 1, num_frames=9)
+    score = wm.score_video(video, "a green square moving down")
+    back = wm.VideoScore.from_json(json.loads(json.dumps(score.to_json())))
+    assert (back.prompt, back.named, back.found) == (score.prompt, score.named, score.found)
+    np.testing.assert_array_equal(list(back.numbers.values()), list(score.numbers.values()))  # NaN == NaN here
+    for k, curve in score.curves.items():
+        np.testing.assert_array_equal(back.curves[k], curve)
+    assert any(np.isnan(c).any() for c in score.curves.values())  # a NaN went through (as null)
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--colours", "purple"], "unknown colour 'purple'; the world knows red, green, blue, yellow"),
     (["--shapes", "square,star"], "unknown shape 'star'"),
@@ -88,6 +174,7 @@ def test_evaluate_long_rollout_and_two_models(tmp_path, capsys):
     (["--model", "nothing-here"],
      "'nothing-here' is no model name (embedded, teacher, df, ode, dmd, sid), Wan folder or checkpoint file"),
     (["--model", "embedded,fast"], "unknown option 'fast'"),
+    (["--model", "../x=embedded"], "label '../x' names folders under --out"),
     (["--model", "embedded", "--model", "embedded"], "['embedded'] is given twice"),
     (["--compare", "a,b"], "give two different model labels"),
     (["--checkpoint", "missing.pt"], "--checkpoint 'missing.pt' does not exist"),

@@ -175,8 +175,9 @@ class StoreLock:
     (`filelock`), which the kernel releases when the process ends, even by SIGKILL. The holder writes who it is
     (pid, host, command, since when) to `.NAME.lock.json`, so that a refused writer can say who holds the store."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, what: str = "a store"):
         self.path = Path(path)
+        self.what = what  # what it guards, for the refusal: "a store", "an evaluate folder"
         self.file = lock_file(self.path)
         self.holder_file = self.file.with_name(self.file.name + ".json")
         self._lock = None
@@ -193,7 +194,7 @@ class StoreLock:
             lock.acquire(timeout=0)
         except Timeout:
             raise WorkbenchError(
-                f"{str(self.path)!r} is being written by another process ({self.holder()}); a store takes one "
+                f"{str(self.path)!r} is being written by another process ({self.holder()}); {self.what} takes one "
                 "writer at a time: wait for that run to end (a later run resumes where it stopped), or choose "
                 "another --out") from None
         self._lock = lock

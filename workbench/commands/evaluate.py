@@ -6,6 +6,7 @@
         frames past 21 latent frames)--> latents
       --the model folder's VAE, streamed chunk by chunk--> pixels [3, T, 96, 128]
       --studies/world_metrics.py: tracker + scores--> per-video numbers and per-frame curves
+      --workbench/scores.py--> OUT/scores/ (each video's score, kept as it comes: a stopped run resumes)
       --studies/world_report.py--> videos.csv, curves.csv, summary.csv, summary.md, evaluate.html, the console table
 
 Every seed draws the same noise for every model, so models are compared on paired videos. Metrics and units:
@@ -44,6 +45,9 @@ Rollouts longer than 21 latent frames (causal samplers only) keep a sliding KV w
 frames whose first --sink-size frames stay (the sink). Writes into --out: videos.csv (one row per video),
 curves.csv (per-frame means), summary.csv and summary.md (model x metric), evaluate.html (the table and the drift
 figure); with two models, also how the second compares with the first (or --compare A,B).
+
+Each video's score is kept in OUT/scores/ as it is made: running the same command again (after Ctrl-C, a kill, or
+with more seeds) scores only the videos not yet there (docs/world_metrics.md, "Kept scores and resuming").
 """
 
 LONG = 21  # latent frames a model is trained on; longer rollouts need a sliding window
@@ -149,6 +153,9 @@ def parse_model_spec(spec: str, args) -> ModelChoice:
         else:
             raise WorkbenchError(f"--model {spec!r}: unknown option {opt!r}; use ema or sampler=NAME with NAME one of "
                                  f"{', '.join(SAMPLERS)}")
+    if label and (label.startswith(".") or any(ch in label for ch in '/\\:')):
+        raise WorkbenchError(f"--model {spec!r}: label {label!r} names folders under --out; use letters, digits, - "
+                             "or _ (no /, \\, : or leading .)")
     names = model_names()
     if source in names:
         from models.wan.embedded import ZOO
@@ -213,17 +220,13 @@ def parse_lengths(text: str) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------ run
 def run(args) -> int:
-    import shlex
-    import time
-
     import torch
-    from tqdm.auto import tqdm
 
     from models.files import check_writable_dir
     from models.video import ensure_writable_dir, mp4_available
-    from studies import world_metrics, world_report
     from workbench.errors import WorkbenchError
     from workbench.extract import parse_int_list
+    from workbench.store import StoreLock
 
     # --- everything that can be wrong, before any work (the output folder is made once all of it passed)
     check_writable_dir(args.out)
@@ -244,46 +247,94 @@ def run(args) -> int:
     if workers < 0:
         raise WorkbenchError(f"--workers {workers}: use 0 (track in this process) or more")
     out = ensure_writable_dir(args.out)
+    lock = StoreLock(out, what="an evaluate folder").acquire()  # one run writes a folder; refused at once
+    try:
+        return _run(args, out, choices, plans, skipped, prompts, seeds, compare, device, dtype, workers)
+    finally:
+        lock.release()
 
-    # --- rollouts, decoded and scored
+
+def _run(args, out, choices, plans, skipped, prompts, seeds, compare, device, dtype, workers) -> int:
+    import shlex
+    import time
+
+    from tqdm.auto import tqdm
+
+    from studies import world_metrics, world_report
+    from workbench import scores
+
+    # --- what an earlier run of the same models and settings already scored (workbench/scores.py)
+    keys = {k: scores.run_key(p) for k, p in plans.items()}
+    jobs = [(*k, i, seed) for k in plans for i in range(len(prompts)) for seed in seeds]  # (label, frames, i, seed)
+    done = {}
+    for job in jobs:
+        label, frames, i, seed = job
+        kept = scores.load(scores.score_path(out, *job), keys[label, frames], prompts[i], seed)
+        if kept is not None and (not args.save_videos or _video_path(out, *job).is_file()):
+            done[job] = kept
+    if done:
+        print(f"resuming: {len(done)} of {len(jobs)} video(s) were scored by an earlier run of the same models and "
+              f"settings ({out / scores.FOLDER}); scoring the other {len(jobs) - len(done)}", flush=True)
+
+    # --- rollouts, decoded and scored; each score kept on disk as it comes
     title = f"Miniature-world evaluation: {', '.join(c.label for c in choices)}"
     setup = (f"{len(prompts)} prompt(s) x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}) per model and length; past "
              f"{LONG} latent frames a KV window of {args.local_attn_size} frames with {args.sink_size} sink frames; "
              f"{device}, {dtype}.")
     command = "workbench evaluate " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["evaluate"] else sys.argv[1:])
-    pool = _pool(workers)
-    pending, started = [], time.time()
-    bar = tqdm(total=len(plans) * len(prompts) * len(seeds), desc="evaluate", unit="video", disable=args.no_progress)
+
+    def keep(job, score):
+        label, frames, i, seed = job
+        scores.save(scores.score_path(out, *job), keys[label, frames], prompts[i], seed, score)
+        done[job] = score
+
+    pool = _pool(workers) if len(done) < len(jobs) else None
+    pending, started, new = [], time.time(), len(jobs) - len(done)
+    bar = tqdm(total=len(jobs), initial=len(done), desc="evaluate", unit="video", disable=args.no_progress)
     try:
         for c in choices:
-            keys = [k for k in plans if k[0] == c.label]
-            if not keys:
+            todo = [k for k in plans if k[0] == c.label and any((*k, i, s) not in done for i in range(len(prompts))
+                                                                    for s in seeds)]
+            if not todo:
                 continue
-            vae, contexts, negative = _load_text_and_vae(plans[keys[0]], prompts, device, dtype)
-            for key in keys:
+            vae, contexts, negative = _load_text_and_vae(plans[todo[0]], prompts, device, dtype)
+            for key in todo:
                 p = plans[key]
                 bar.set_postfix_str(f"{c.label}, {key[1]} latent frames")
                 model = _load(p, device, dtype)
                 for i, prompt in enumerate(prompts):
                     for seed in seeds:
+                        job = (*key, i, seed)
+                        if job in done:
+                            continue
                         video = _one_video(model, p, vae, contexts[i], negative, seed, device, dtype)
                         if args.save_videos:
-                            _save_video(video, out / "videos" / c.label / f"f{key[1]}", i, seed)
-                        job = (c.label, key[1], seed)
+                            _save_video(video, _video_path(out, *job))
                         if pool:
                             pending.append((job, pool.submit(world_metrics.score_video, video, prompt)))
                             _wait_for_room([f for _, f in pending], 2 * workers)
+                            pending = _keep_finished(pending, keep)
                         else:
-                            pending.append((job, world_metrics.score_video(video, prompt)))
+                            keep(job, world_metrics.score_video(video, prompt))
                         bar.update(1)
                 del model
-        results = [(*job, r.result() if pool else r)
-                   for job, r in tqdm(pending, desc="track", unit="video", disable=args.no_progress or not pool)]
+        for job, future in tqdm(pending, desc="track", unit="video", disable=args.no_progress or not pending):
+            keep(job, future.result())
+    except KeyboardInterrupt:
+        if pool:
+            _keep_finished(pending, keep)
+        print(f"\ninterrupted: {len(done)} of {len(jobs)} video(s) scored and kept in {out / scores.FOLDER}; run "
+              "the same command again to go on from there", file=sys.stderr)
+        return 130
     finally:
         bar.close()
         if pool:
             pool.shutdown(cancel_futures=True)
-    notes = [setup, f"{len(results)} video(s) in {time.time() - started:.0f} s.", *skipped, f"command: {command}"]
+    results = [(job[0], job[1], job[3], done[job]) for job in jobs]
+    reused = len(jobs) - new
+    notes = [setup, f"{new} video(s) in {time.time() - started:.0f} s" + (f", {reused} kept from an earlier run."
+                                                                         if reused else "."),
+             *skipped, f"command: {command}"]
     paths = world_report.write_results(out, results, title=title, notes=notes, compare=compare)
 
     # --- what a user reads
@@ -409,10 +460,26 @@ def _one_video(model, p, vae, emb, negative, seed, device, dtype):
     return torch.cat(pieces, dim=2)[0].float().cpu().numpy()
 
 
-def _save_video(video, folder: Path, prompt_index: int, seed: int) -> None:
+def _keep_finished(pending, keep) -> list:
+    """Keep (on disk) the score of every finished tracking job; the unfinished ones, still pending."""
+    left = []
+    for job, future in pending:
+        if future.done() and not future.cancelled() and future.exception() is None:
+            keep(job, future.result())
+        else:
+            left.append((job, future))
+    return left
+
+
+def _video_path(out: Path, label: str, frames: int, prompt_index: int, seed: int) -> Path:
+    """--save-videos: videos/LABEL/fFRAMES/pPPPP-sS.mp4 (and .png beside it)."""
+    return Path(out) / "videos" / label / f"f{frames}" / f"p{prompt_index:04d}-s{seed}.mp4"
+
+
+def _save_video(video, path: Path) -> None:
+    """The PNG grid first and the mp4 last (each atomic): an mp4 on disk means both are there."""
     from models.video import write_mp4, write_png_grid
 
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"p{prompt_index:04d}-s{seed}"
-    write_mp4(video, folder / f"{name}.mp4", fps=16)
-    write_png_grid(video, folder / f"{name}.png", ncols=9, frames=list(range(0, video.shape[1], 10)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_png_grid(video, path.with_suffix(".png"), ncols=9, frames=list(range(0, video.shape[1], 10)))
+    write_mp4(video, path, fps=16)
