@@ -4,7 +4,9 @@ what each intervention or KV-cache policy changed in the video, ranked.
     build_effects_report(store, "effects.html")  the HTML page (plotly inlined, opens offline): the ranked table,
                                                  a layer x head map of single-head effects (sweeps), per-frame
                                                  effect curves (latents; pixels and the world's trajectory error
-                                                 where decoded)
+                                                 where decoded); with --capture, how each entry moved the
+                                                 captured layers' attention (JS divergence from the baseline's
+                                                 rows, and the query frame x key frame change of attn_mass)
                                                  and beside it effects.png: the per-frame curves of the top entries
                                                  and, for sweeps, effects_heads.png: the layer x head map
 
@@ -22,6 +24,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import xarray as xr
 
+from studies.figures import layer_head_map
 from studies.page import Page, write_atomic
 
 TOP = 10  # entries drawn in the curves (the baseline is the zero line)
@@ -60,6 +63,71 @@ def is_effects_store(ds: xr.Dataset) -> bool:
     return ds.attrs.get("store_kind") == "effects"
 
 
+WORLD_COLUMNS = ("trajectory_error", "adherent", "speed", "confidence")
+
+
+def display_ranking(table: pd.DataFrame) -> pd.DataFrame:
+    """The ranked table as the page shows it: numbers to 4 significant digits, and each world column with its
+    change against the baseline in brackets ("8.06 (+6.08)") instead of a d_ column of its own, so it fits a page."""
+    shown = table.copy()
+    for k in WORLD_COLUMNS:
+        if k in shown and f"d_{k}" in shown:
+            shown[k] = [f"{v:.4g} ({d:+.3g})" if np.isfinite(v) else "NaN" for v, d in zip(table[k], table[f"d_{k}"])]
+            shown = shown.drop(columns=f"d_{k}")
+    return shown
+
+
+def attention_change(ds: xr.Dataset, labels: list[str]) -> pd.DataFrame:
+    """With --capture: per entry (rows, `labels`) and captured layer (columns), the Jensen-Shannon divergence in bits
+    between the entry's attention rows (attn_mass over key frames, per sample, step, head and query frame) and the
+    baseline's, averaged over those rows (studies/compare.py `js_divergence`: 0 = unchanged, 1 = disjoint). NaN
+    where the entry has no capture (a head-wise cache policy)."""
+    from studies.compare import js_divergence
+
+    base = ds.attn_mass.sel(intervention="baseline")
+    rows = {label: js_divergence(ds.attn_mass.sel(intervention=label), base)
+            .mean(["sample", "step", "head", "query_frame"]).values for label in labels}  # one entry at a time
+    return pd.DataFrame.from_dict(rows, orient="index", columns=[f"layer {int(x)}" for x in ds.layer.values])
+
+
+def attention_delta(ds: xr.Dataset, label: str) -> xr.DataArray:
+    """attn_mass of an entry minus the baseline's, averaged over samples, steps and heads: [layer, query_frame,
+    key_frame]; a frame the entry no longer attends counts as 0 mass (so a knocked-out frame shows its lost mass),
+    NaN where neither attends (future frames)."""
+    a, b = ds.attn_mass.sel(intervention=label), ds.attn_mass.sel(intervention="baseline")
+    diff = (a.fillna(0.0) - b.fillna(0.0)).mean(["sample", "step", "head"])
+    return diff.where(~(a.isnull() & b.isnull()).all(["sample", "step", "head"])).transpose("layer", "query_frame",
+                                                                                        "key_frame")
+
+
+def attention_delta_figure(ds: xr.Dataset, labels: list[str], max_layers: int = 6) -> go.Figure:
+    """A row per entry, a column per captured layer: the query frame x key frame change of attn_mass against the
+    baseline (`attention_delta`), one symmetric red-blue scale (red: more mass than the baseline), query frame 0
+    at the bottom as in the attention reports."""
+    from plotly.subplots import make_subplots
+
+    layers = [int(x) for x in ds.layer.values][:max_layers]
+    deltas = {label: attention_delta(ds, label).sel(layer=layers) for label in labels}
+    finite = np.concatenate([d.values[np.isfinite(d.values)] for d in deltas.values()] + [np.zeros(1)])
+    top = float(np.abs(finite).max()) or 1.0
+    fig = make_subplots(rows=len(labels), cols=len(layers), horizontal_spacing=0.04, vertical_spacing=0.1,
+                        subplot_titles=[f"{label} · layer {layer}" for label in labels for layer in layers])
+    frames = ds.query_frame.values
+    for i, label in enumerate(labels, start=1):
+        for j, layer in enumerate(layers, start=1):
+            z = deltas[label].sel(layer=layer).values
+            fig.add_trace(go.Heatmap(z=z.astype(np.float32), x=ds.key_frame.values, y=frames, coloraxis="coloraxis",
+                                     hovertemplate="query frame %{y}<br>key frame %{x}<br>change %{z:.4g}"
+                                                   f"<extra>{html.escape(label)}</extra>"), row=i, col=j)
+            fig.update_xaxes(title_text="key frame" if i == len(labels) else None, row=i, col=j)
+            fig.update_yaxes(title_text="query frame" if j == 1 else None, row=i, col=j)
+    fig.update_annotations(font_size=11)
+    fig.update_layout(coloraxis=dict(colorscale="RdBu_r", cmin=-top, cmax=top,
+                                     colorbar=dict(title="mass - baseline's")),
+                      height=300 * len(labels) + 90, width=max(700, 260 * len(layers) + 200), margin=dict(t=50))
+    return fig
+
+
 def build_effects_report(store, out_html: str | Path) -> Path:
     from studies import load_store
     from workbench.intervene import ranking
@@ -79,7 +147,9 @@ def build_effects_report(store, out_html: str | Path) -> Path:
               "docs/world_metrics.md)." if "world_trajectory_error" in ds else
               "No world metrics: the model or the prompts are not the miniature world's."))
     page.h("Ranked by effect")
-    page.table(table)
+    if "trajectory_error" in table:
+        page.p("The world columns: the entry's value, and in brackets its change against the baseline's.")
+    page.table(display_ranking(table))
     if ds.sizes["frame"] > 21:
         page.h("Drift over the rollout (segments of 21 latent frames)")
         page.p("effect a-b: the mean relative latent distance to the baseline over those latent frames; rms last/first: "
@@ -90,22 +160,19 @@ def build_effects_report(store, out_html: str | Path) -> Path:
     if len(heads) > 1:
         grid = heads.pivot_table(index="layer", columns="head", values="effect")
         page.h("Single-head effects (layer x head)")
-        fig = go.Figure(go.Heatmap(z=grid.values, x=[f"h{h}" for h in grid.columns], y=[f"L{l}" for l in grid.index],
-                                   colorscale="Viridis", colorbar=dict(title="effect")))
-        fig.update_layout(height=120 + 40 * len(grid.index), width=200 + 60 * len(grid.columns),
-                          yaxis=dict(autorange="reversed"), margin=dict(t=20))
-        page.figure(fig, "fig-heads")
+        page.figure(layer_head_map(_layer_head_array(grid, "effect", "ratio"), title="effect of zeroing one head"),
+                    "fig-heads")
         if "motion_change" in heads:
             motion = heads.pivot_table(index="layer", columns="head", values="motion_change")
+            top = float(np.nanmax(np.abs(motion.values))) or 1.0
             page.p("motion_change of zeroing each head (negative: the video changes less from frame to frame):")
-            fig = go.Figure(go.Heatmap(z=motion.values, x=[f"h{h}" for h in motion.columns],
-                                       y=[f"L{l}" for l in motion.index], colorscale="RdBu", zmid=0,
-                                       colorbar=dict(title="motion")))
-            fig.update_layout(height=120 + 40 * len(motion.index), width=200 + 60 * len(motion.columns),
-                              yaxis=dict(autorange="reversed"), margin=dict(t=20))
-            page.figure(fig, "fig-heads-motion")
-    page.h("Per-frame effect")
+            page.figure(layer_head_map(_layer_head_array(motion, "motion_change", "ratio"), colorscale="RdBu",
+                                       zmin=-top, zmax=top, title="motion_change of zeroing one head"),
+                        "fig-heads-motion")
     top = [x for x in table.index if x != "baseline"][:TOP]
+    if "attn_mass" in ds:
+        _attention_section(page, ds, top)
+    page.h("Per-frame effect")
     curves = {"latent_distance_rel": ("frame", "latent frame", "relative latent distance")}
     if "pixel_distance" in ds:
         curves["pixel_distance"] = ("pixel_frame", "pixel frame", "pixel RMS distance")
@@ -129,6 +196,29 @@ def build_effects_report(store, out_html: str | Path) -> Path:
         pngs.append(out_html.stem + "_heads.png")
     page.p("PNG copies: " + ", ".join(f"<code>{html.escape(n)}</code>" for n in pngs))
     return write_atomic(page.render(), out_html)
+
+
+def _layer_head_array(grid: pd.DataFrame, name: str, units: str) -> xr.DataArray:
+    return xr.DataArray(grid.values, dims=("layer", "head"),
+                        coords=dict(layer=grid.index.values, head=grid.columns.values), name=name,
+                        attrs=dict(long_name=name, units=units))
+
+
+def _attention_section(page: Page, ds: xr.Dataset, top: list[str], drawn: int = 3) -> None:
+    """--capture: how much each entry moved the captured layers' attention, and where (the top `drawn` entries)."""
+    layers = ", ".join(str(int(x)) for x in ds.layer.values)
+    page.h(f"Attention under each entry (captured layers {layers})")
+    page.p("JS divergence in bits between each entry's attention rows (attn_mass over key frames) and the baseline's, "
+           "averaged over samples, steps, heads and query frames: 0 = unchanged, 1 = disjoint. The capture reads "
+           "what ran: a knocked-out frame has no mass, an ablated head still attends (its output is what changed), so "
+           "layers after the edited one show its effect downstream. n/a: no capture (a head-wise cache policy).")
+    change = attention_change(ds, top)
+    page.table(change.map(lambda v: f"{v:.3g}" if np.isfinite(v) else "n/a"))
+    shown = [label for label in top if np.isfinite(change.loc[label].values).any()][:drawn]
+    if shown:
+        page.p("Where the mass moved: the entry's attn_mass minus the baseline's, averaged over samples, steps and "
+               "heads (red: more than the baseline; a frame the entry no longer attends counts as 0).")
+        page.figure(attention_delta_figure(ds, shown), "fig-attention-delta")
 
 
 def _videos(page: Page, ds: xr.Dataset, store, top: list[str], samples: int = 2) -> None:

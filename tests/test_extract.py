@@ -341,13 +341,15 @@ def test_repeated_prompt_extracts_every_prompt(tmp_path, monkeypatch):
     seen = {}
 
     def record(cfg, **kw):
-        seen["prompts"] = list(cfg.prompts)
+        seen["prompts"], seen["command"] = list(cfg.prompts), kw["command"]
         return 0
 
     monkeypatch.setattr(extract_mod, "run_extract", record)
-    assert cli_main(["extract", "--layer", "0", "--prompt", "a red square moving left", "--prompt",
-                     "a blue circle moving up", "--out", str(tmp_path / "x.zarr"), "--no-progress"]) == 0
+    argv = ["extract", "--layer", "0", "--prompt", "a red square moving left", "--prompt", "a blue circle moving up",
+            "--out", str(tmp_path / "x.zarr"), "--no-progress"]
+    assert cli_main(argv) == 0
     assert seen["prompts"] == ["a red square moving left", "a blue circle moving up"]
+    assert seen["command"] == ["workbench", *argv]  # the store's command: what main was given, not sys.argv
 
 
 def test_incompatible_existing_store_fails_before_weights(tmp_path, capsys, monkeypatch):

@@ -5,6 +5,7 @@ bad input as one line before any work."""
 
 import json
 import re
+import shlex
 
 import numpy as np
 import pytest
@@ -146,8 +147,9 @@ def test_capture_under_intervention_holds_the_edited_attention(tmp_path):
 
     out = tmp_path / "cap.zarr"
     assert main(["intervene", "--frames", "9", "--world", "off", "--capture", "1", "--knockout", "0", "--out", str(out),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--prompt", "a red square moving right"]) == 0
     ds = xr.open_zarr(out, consolidated=False).load()
+    assert "a red square moving right" in shlex.split(ds.attrs["command"])  # the command as a shell takes it back
     assert ds.attn_mass.dims == ("intervention", "sample", "step", "layer", "head", "query_frame", "key_frame")
     assert main(["extract", "--layer", "1", "--frames", "9", "--seed", "0", "--prompt", "a red square moving right",
                  "--out", str(tmp_path / "x.zarr"), "--no-progress"]) == 0
@@ -157,6 +159,21 @@ def test_capture_under_intervention_holds_the_edited_attention(tmp_path):
     assert bool(knocked.sel(query_frame=slice(3, None), key_frame=0).isnull().all())
     np.testing.assert_allclose(knocked.sel(query_frame=slice(3, None)).sum("key_frame"), 1, atol=1e-5)
     assert float(knocked.sel(query_frame=slice(0, 2), key_frame=0).min()) > 0  # chunk 0 still sees its own frame
+
+    # the report: how far the knockout moved the captured attention, and where
+    from studies.effects_report import attention_change, attention_delta
+
+    delta = attention_delta(ds, "knockout0:all").sel(layer=1)  # [query_frame, key_frame]
+    base = ds.attn_mass.sel(intervention="baseline").mean(["sample", "step", "head"]).sel(layer=1)
+    np.testing.assert_allclose(delta.sel(query_frame=slice(3, None), key_frame=0),  # its whole mass, lost
+                               -base.sel(query_frame=slice(3, None), key_frame=0), rtol=1e-6)
+    np.testing.assert_allclose(delta.sum("key_frame"), 0, atol=1e-5)  # rows still sum to 1: the mass moved
+    assert bool(delta.sel(query_frame=0, key_frame=slice(3, None)).isnull().all())  # the future: never attended
+    js = attention_change(ds, ["knockout0:all"])
+    assert list(js.columns) == ["layer 1"] and 0 < js.iloc[0, 0] <= 1
+    assert main(["report", str(out), "--out", str(tmp_path / "cap.html")]) == 0
+    text = (tmp_path / "cap.html").read_text()
+    assert "Attention under each entry (captured layers 1)" in text and 'id="fig-attention-delta"' in text
 
 
 def test_a_spec_file_and_flags_make_the_same_entries(tmp_path):

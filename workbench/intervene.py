@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -220,7 +221,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     n = model.num_frame_per_block
     F = p.geometry[0]
     window = cfg.local_attn_size if cfg.local_attn_size != -1 else F
-    attrs = _attrs(p, writer.fingerprint, command.split() or ["workbench", "intervene"])
+    attrs = _attrs(p, writer.fingerprint, shlex.split(command) or ["workbench", "intervene"])
     attrs.update(store_kind=STORE_KIND, world_metrics=scored, schema_version=SCHEMA_VERSION)
     if save_videos:
         attrs["videos_dir"] = videos_dir(cfg.out).name
@@ -324,13 +325,16 @@ def ranking_text(path, top: int = 20) -> str:
     table = ranking(ds)
     lines = [f"wrote {path}: {ds.sizes['intervention']} entries (baseline included) x {ds.sizes['sample']} "
              f"sample(s) x {ds.sizes['frame']} latent frames",
-             "effect = mean over samples and frames of the latent RMS distance to the baseline / the baseline's RMS; "
+             "effect = mean over samples and frames of the latent RMS distance to the baseline / the baseline's RMS",
              "motion_change = mean latent_motion (frame-to-frame RMS change) / the baseline's - 1"]
-    cols = [c for c in ("effect", "effect_last_chunk", "motion_change", "trajectory_error", "d_trajectory_error", "adherent", "speed")
-            if c in table]
-    lines.append(f"{'intervention':<36}" + "".join(f"{c:>20}" for c in cols))
-    for label, r in table.head(top).iterrows():
-        lines.append(f"{label[:36]:<36}" + "".join(f"{r[c]:>20.4f}" for c in cols))
+    cols = [c for c in ("effect", "effect_last_chunk", "motion_change", "trajectory_error", "d_trajectory_error",
+                        "adherent", "speed") if c in table]
+    shown = table.head(top)
+    name = max(12, *(len(str(x)) for x in shown.index)) if len(shown) else 12
+    name = min(name, 36)  # columns as wide as their names: the table fits a terminal of ~120 columns
+    lines.append(f"{'intervention':<{name}}" + "".join(f"{c:>{max(8, len(c)) + 2}}" for c in cols))
+    for label, r in shown.iterrows():
+        lines.append(f"{label[:name]:<{name}}" + "".join(f"{r[c]:>{max(8, len(c)) + 2}.4f}" for c in cols))
     if len(table) > top:
         lines.append(f"... {len(table) - top} more (workbench report {path})")
     lines.append(f"render it: workbench report {path}")

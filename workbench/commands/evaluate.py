@@ -281,7 +281,7 @@ def _run(args, out, choices, plans, skipped, prompts, seeds, compare, device, dt
     setup = (f"{len(prompts)} prompt(s) x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}) per model and length; past "
              f"{LONG} latent frames a KV window of {args.local_attn_size} frames with {args.sink_size} sink frames; "
              f"{device}, {dtype}.")
-    command = "workbench evaluate " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["evaluate"] else sys.argv[1:])
+    command = shlex.join(args.argv)
 
     def keep(job, score):
         label, frames, i, seed = job

@@ -130,7 +130,7 @@ def run(args) -> int:
         cfg.out = f"runs/layer{layers[0]}.zarr"
     if cfg.seeds is None:
         raise WorkbenchError("--seed all is not a seed; give numbers like 42 or 0-3")
-    run_extract(cfg)
+    run_extract(cfg, command=args.argv)
     if args.model_note:
         print(args.model_note)
     if note := world_prompt_note(args, cfg.prompts):

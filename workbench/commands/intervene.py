@@ -128,7 +128,6 @@ def entries_from_args(args, num_layers: int, num_heads: int, **rollout):
 
 def run(args) -> int:
     import shlex
-    import sys
 
     import torch
 
@@ -168,7 +167,7 @@ def run(args) -> int:
     chunks = 1 if p.cfg.sampler == "bidirectional" else len(block_sizes_of(p.cfg))
     entries = entries_from_args(args, mc.num_layers, mc.num_heads, num_frames=p.geometry[0],
                                 num_steps=len(p.schedule), num_chunks=chunks)
-    command = "workbench " + shlex.join(sys.argv[1:])
+    command = shlex.join(args.argv)
     run_intervene(cfg, entries, world=args.world, command=command, capture=bool(args.capture),
                   save_videos=args.save_videos)
     return 0
