@@ -143,12 +143,10 @@ def build_effects_report(store, out_html: str | Path) -> Path:
     page.p("effect = the RMS distance of the latents to the baseline's, divided by the baseline's RMS, averaged over "
            "samples and latent frames (effect_last_chunk: the last chunk's frames only); motion_change = the mean "
            "frame-to-frame latent change (latent_motion) over the baseline's, minus 1. "
-           + ("The world columns are the miniature world's tracker on the decoded video (d_ = minus the baseline's; "
-              "docs/world_metrics.md)." if "world_trajectory_error" in ds else
+           + ("The world columns are the miniature world's tracker on the decoded video, with in brackets the change "
+              "against the baseline (docs/world_metrics.md)." if "world_trajectory_error" in ds else
               "No world metrics: the model or the prompts are not the miniature world's."))
     page.h("Ranked by effect")
-    if "trajectory_error" in table:
-        page.p("The world columns: the entry's value, and in brackets its change against the baseline's.")
     page.table(display_ranking(table))
     if ds.sizes["frame"] > 21:
         page.h("Drift over the rollout (segments of 21 latent frames)")
