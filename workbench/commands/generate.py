@@ -190,7 +190,7 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
                                                                          else "float32"), h, w)
     out = ensure_writable_dir(args.out)  # every check passed: the output folder is made now
     if args.live:
-        live = LiveRun(capture, out, device, fps=16)  # live.json now: `workbench view OUT` can start waiting
+        live = LiveRun(capture, out, device, fps=16, command=args.argv)  # live.json now: `workbench view OUT` can start waiting
 
     # --- text first; in low-memory mode the encoder leaves the GPU before the DiT arrives
     encoder = TextEncoder.from_wan_dir(wan_dir, device=device, cache_dir=out / ".prompt_cache")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import shlex
 import sys
 
 import numpy as np
@@ -46,13 +47,14 @@ class LiveRun:
     """The stream of a run (its manifest is written at once, so a page can wait for the first chunk) and one probe
     for all its samples (reset per sample)."""
 
-    def __init__(self, p: Plan, out, device, fps: int = 16):
+    def __init__(self, p: Plan, out, device, fps: int = 16, command: list[str] | None = None):
         self.plan, self.device = p, device
         self.probe = self.model = None
         F = p.geometry[0]
         steps = [s for s in p.schedule if s.step in p.spec.steps]
         self.writer = StreamWriter(out, num_frames=F, pixel_frames=pixel_frames(F), fps=fps, layers=p.spec.layers,
-                                   heads=p.spec.heads, steps=steps, command=" ".join(sys.argv))
+                                   heads=p.spec.heads, steps=steps,
+                                   command=shlex.join(command or sys.argv))
         self.sample_name: str | None = None
         atexit.register(self._abandoned)  # a run that dies before close() leaves a "failed" stream, not "running"
 
