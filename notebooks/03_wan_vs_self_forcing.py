@@ -18,8 +18,9 @@
 #
 # What Self-Forcing training changed in how heads attend across frames. Store A holds the base Wan weights run
 # with the bidirectional sampler, store B the Self-Forcing rollout, with the same prompts and seeds. The two
-# samplers do not share step indices, so steps are paired by the nearest timestep (within `tolerance`), and A's
-# CFG store contributes its `cond` branch. Divergences are Jensen-Shannon in bits (0 = same, 1 = disjoint).
+# samplers do not share step indices, so steps are paired one to one by the nearest timestep (within `tolerance`;
+# the closest pairs first, each step in one pair at most), and A's CFG store contributes its `cond` branch.
+# Divergences are Jensen-Shannon in bits (0 = same, 1 = disjoint).
 # The same comparison as HTML: `workbench compare runs/wan_bidirectional.zarr runs/embedded.zarr --out
 # runs/compare.html`. Both default stores are made by the README's notebook commands: A is the zoo's toy "Wan"
 # teacher, B the default model, the zoo's Self-Forcing DMD student (distilled from that teacher: ODE

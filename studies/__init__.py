@@ -28,18 +28,37 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def store_folders(path: str | Path) -> list[Path]:
+    """Where a relative store path is looked for, in order: the working directory, each folder above it (a
+    notebook runs in its own folder, e.g. `notebooks/`, next to the `runs/` its commands wrote), and the
+    repository root."""
+    cwd = Path.cwd()
+    return list(dict.fromkeys([cwd, *cwd.parents, REPO_ROOT]))
+
+
 def find_store(path: str | Path) -> Path:
-    """Resolve a store path: as given (absolute, or relative to the working directory), else relative to the
-    repository root, so a notebook run from `notebooks/` finds `runs/embedded.zarr` too."""
+    """Resolve a store path: as given (absolute, or relative to the working directory), else relative to the first
+    folder above the working directory that has it, else to the repository root (`store_folders`); a path found
+    nowhere comes back as given."""
     path = Path(path)
     if path.is_absolute() or path.exists():
         return path
-    candidate = REPO_ROOT / path
-    return candidate if candidate.exists() else path
+    for folder in store_folders(path):
+        if (folder / path).exists():
+            return folder / path
+    return path
 
 
 def load_store(path: str | Path):
-    """`workbench.store.open_store` on `find_store(path)` (the schema check and error messages are its own)."""
+    """`workbench.store.open_store` on `find_store(path)` (the schema check and error messages are its own; a
+    relative path found nowhere says where it was looked for)."""
+    from workbench.errors import WorkbenchError
     from workbench.store import open_store
 
-    return open_store(find_store(path))
+    found = find_store(path)
+    if not found.is_absolute() and not found.exists():
+        where = ", ".join(str(f) for f in store_folders(path)[:4]) + (", ..." if len(store_folders(path)) > 4 else "")
+        raise WorkbenchError(f"no store at {str(path)!r}: looked in the working directory and the folders above it "
+                             f"and the repository ({where}); make it first (a notebook names the command above the "
+                             "cell that opens it), or give an absolute path")
+    return open_store(found)

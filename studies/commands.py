@@ -27,8 +27,9 @@ COMPARE_HELP = "what changed between two stores (e.g. Wan vs Self-Forcing), as a
 COMPARE_DESCRIPTION = """\
 Compare two attention stores head by head and write a self-contained HTML report. Samples are paired
 by (prompt, seed), or, for stores made with different seeds, every sample of A with every sample of B of
-the same prompt (--pair-by); steps by the nearest timestep (same phase, within --tolerance), because the Wan
-sampler and the few-step rollout do not share step indices; a CFG store contributes its --cfg branch.
+the same prompt (--pair-by); steps one to one by the nearest timestep (same phase, within --tolerance; a
+step is in one pair at most), because the Wan sampler and the few-step rollout do not share step indices; a
+CFG store contributes its --cfg branch.
 The report lists the matched samples and steps, ranks heads by the Jensen-Shannon divergence (bits)
 between their key-frame distributions, and shows each metric for A, B and B - A.
 """

@@ -6,8 +6,10 @@ they are aligned on what the model saw:
     samples   pairs with the same (prompt text, seed); stores made with different seeds pair every sample of A
               with every sample of B of the same prompt (`pair_by="prompt"`, chosen by "auto" when no
               (prompt, seed) is shared); stores that share no prompt are refused
-    steps     for each step of A, the step of B with the nearest timestep (same phase: denoise with denoise,
-              context with context) if |t_A - t_B| <= tolerance (default 20 timestep units, in [0, 1000]).
+    steps     pairs of a step of A and a step of B with the nearest timesteps (same phase: denoise with
+              denoise, context with context), |t_A - t_B| <= tolerance (default 20 timestep units, in
+              [0, 1000]); one to one: the closest pairs are taken first and a step is in one pair at most, so
+              a store with many steps near one timestep weighs it once, not once per step.
               A store with CFG contributes only the `cfg` branch chosen (default `cond`, the one that sees
               the prompt). `Comparison.steps` lists every match; unmatched steps are listed too.
     layers, heads, query frames   those both stores hold (query frames: the chosen selection of each,
@@ -120,27 +122,28 @@ def _step_table(ds: xr.Dataset, cfg: str) -> pd.DataFrame:
 def match_steps(
     a: xr.Dataset, b: xr.Dataset, *, tolerance: float = 20.0, cfg: str = "cond", same_phase: bool = True
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(matched, unmatched_a, unmatched_b): each step of A with the nearest-timestep step of B (see the module
-    docstring). Raises WorkbenchError when nothing matches, listing both stores' timesteps."""
+    """(matched, unmatched_a, unmatched_b): one-to-one pairs of steps of A and B with the nearest timesteps (see
+    the module docstring), in the order of A's steps. Raises WorkbenchError when nothing matches, listing both stores' timesteps."""
     if cfg not in ("cond", "uncond"):
         raise WorkbenchError(f"cfg {cfg!r} must be 'cond' or 'uncond' (the CFG branch to compare)")
     if not tolerance >= 0:
         raise WorkbenchError(f"tolerance {tolerance} must be a non-negative number of timestep units")
     ta, tb = _step_table(a, cfg), _step_table(b, cfg)
-    rows, unmatched = [], []
-    for _, sa in ta.iterrows():
-        cand = tb[tb.phase == sa.phase] if same_phase else tb
-        if len(cand) == 0:
-            unmatched.append(sa)
+    # every pair within tolerance, closest first; a pair is taken when neither of its steps is taken yet, so each
+    # step is in one pair at most (A's 40 steps near t = 1000 pair with B's one step there once, not 4 times)
+    cands = sorted((abs(sb.timestep - sa.timestep), i, j) for i, sa in ta.iterrows() for j, sb in tb.iterrows()
+                   if (sa.phase == sb.phase or not same_phase) and abs(sb.timestep - sa.timestep) <= tolerance)
+    used_a, used_b, rows = set(), set(), []
+    for dt, i, j in cands:
+        if i in used_a or j in used_b:
             continue
-        dt = (cand.timestep - sa.timestep).abs()
-        best = cand.loc[dt.idxmin()]
-        if dt.min() <= tolerance:
-            rows.append({"step_a": sa.step, "timestep_a": sa.timestep, "phase": sa.phase, "cfg_a": sa.cfg,
-                         "step_b": int(best.step), "timestep_b": best.timestep, "cfg_b": best.cfg,
-                         "abs_dt": float(dt.min())})
-        else:
-            unmatched.append(sa)
+        used_a.add(i)
+        used_b.add(j)
+        sa, sb = ta.loc[i], tb.loc[j]
+        rows.append({"step_a": int(sa.step), "timestep_a": sa.timestep, "phase": sa.phase, "cfg_a": sa.cfg,
+                     "step_b": int(sb.step), "timestep_b": sb.timestep, "cfg_b": sb.cfg, "abs_dt": float(dt)})
+    rows.sort(key=lambda r: r["step_a"])
+    unmatched = [ta.loc[i] for i in ta.index if i not in used_a]
     matched = pd.DataFrame(rows, columns=["step_a", "timestep_a", "phase", "cfg_a", "step_b", "timestep_b", "cfg_b",
                                           "abs_dt"])
     if matched.empty:

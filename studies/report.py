@@ -229,7 +229,7 @@ def _training_report(ds: xr.Dataset, source: str, out_html, *, layer, sample, st
 def compare_summary(c, ranking, name_a: str, name_b: str, rows: int = 5) -> str:
     """A few lines for the terminal: the matched samples and steps, then the `rows` heads whose attention over key
     frames moved most (JS divergence in bits, mean over matched steps) with each side's head class."""
-    lines = [f"A = {name_a}, B = {name_b}: {len(c.pairs)} sample pair(s) paired by {c.pair_by}, "
+    lines = [f"A = {name_a.removeprefix('A: ')}, B = {name_b.removeprefix('B: ')}: {len(c.pairs)} sample pair(s) paired by {c.pair_by}, "
              f"{c.js_bits.sizes['match']} matched step(s), query frames {c.query_frames}",
              "heads whose attention over key frames changed most (Jensen-Shannon, bits; 0 = same, 1 = disjoint):",
              f"{'layer':>6}{'head':>6}{'js_bits':>9}  class A -> class B"]
@@ -239,6 +239,18 @@ def compare_summary(c, ranking, name_a: str, name_b: str, rows: int = 5) -> str:
     median = float(ranking["js_bits"].median())
     lines.append(f"median over the {len(ranking)} heads: {median:.3f} bits")
     return "\n".join(lines)
+
+
+def _distinct_names(src_a: str, src_b: str) -> tuple[str, str]:
+    """Short names of two stores that tell them apart: their folder names, with as many parent folders as it takes
+    (runs/a/dmd.zarr, runs/b/dmd.zarr -> a/dmd.zarr, b/dmd.zarr); the same store twice: A: NAME and B: NAME."""
+    pa, pb = Path(src_a).resolve().parts, Path(src_b).resolve().parts
+    if pa == pb:
+        return f"A: {pa[-1]}", f"B: {pb[-1]}"
+    k = 1
+    while pa[-k:] == pb[-k:] and k < min(len(pa), len(pb)):
+        k += 1
+    return str(Path(*pa[-k:])), str(Path(*pb[-k:]))
 
 
 def build_compare_report(
@@ -262,9 +274,7 @@ def build_compare_report(
         raise WorkbenchError(f"top {top} must be 0 or more (the number of most-changed heads to draw)")
     a, src_a = _open(store_a)
     b, src_b = _open(store_b)
-    name_a, name_b = Path(src_a).name, Path(src_b).name
-    if name_a == name_b:
-        name_a, name_b = f"A: {name_a}", f"B: {name_b}"
+    name_a, name_b = _distinct_names(src_a, src_b)
     c = compare_mod.compare_stores(a, b, tolerance=tolerance, cfg=cfg, query_frames=query_frames, layers=layers,
                                    thresholds=thresholds, name_a=name_a, name_b=name_b, pair_by=pair_by)
     ranking = compare_mod.rank_heads(c)
@@ -284,8 +294,9 @@ def build_compare_report(
         page.p("Samples paired by prompt and seed: the two models started from the same noise.")
     page.table(c.pairs, index=False)
     page.h("Matched steps")
-    page.p(f"Each step of A matched to the step of B with the nearest timestep, same phase, within {tolerance:g} "
-           f"(CFG branch '{cfg}').")
+    page.p(f"Steps of A and B paired one to one by the nearest timestep, same phase, within {tolerance:g} (CFG "
+           f"branch '{cfg}'); the closest pairs are taken first and a step is in one pair at most, so a store "
+           "with many steps near one timestep weighs it once.")
     page.table(c.steps)
     if len(c.unmatched_a) or len(c.unmatched_b):
         page.h("Unmatched steps", 3)

@@ -151,18 +151,35 @@ def compare_models(videos: pd.DataFrame, a: str, b: str) -> tuple[pd.DataFrame, 
         if ok.any():
             winner = b if db[ok].mean() < da[ok].mean() else a
             wins = int(((db < da) if winner == b else (da < db))[ok].sum())
+            losses = int(((da < db) if winner == b else (db < da))[ok].sum())
+            p_value = sign_test(wins, losses)
+            verdict = ("" if p_value < 0.05 else
+                       ": not significant at the 5% level, more prompts or seeds would tell")
             lines.append(f"{frames} latent frames: the trajectory error changes by {da[ok].mean():+.2f} px ({a}) "
                          f"and {db[ok].mean():+.2f} px ({b}) from the first to the last quarter of the video: {winner} "
-                         f"accumulates less error, in {wins} of {int(ok.sum())} paired videos; adherent "
+                         f"accumulates less error on average, less in {wins} of {int(ok.sum())} paired videos "
+                         f"(two-sided sign test p = {p_value:.2g}{verdict}); adherent "
                          f"{np.nanmean(p['adherent_a']):.0%} ({a}), {np.nanmean(p['adherent_b']):.0%} ({b})")
         else:
             lines.append(f"{frames} latent frames: no paired video with a trajectory in both models")
     return pd.DataFrame(rows), lines
 
 
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test of `wins` against `losses` (ties left out): the probability, with either side as
+    likely in each pair, of a split at least this uneven. 1.0 with no untied pair."""
+    from math import comb
+
+    n, k = wins + losses, max(wins, losses)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(comb(n, i) for i in range(k, n + 1)) / 2 ** n)
+
+
 # ------------------------------------------------------------------------------------------------ figure
 def drift_figure(curves: pd.DataFrame, title: str = "drift over the rollout") -> go.Figure:
-    """Per-frame curves (mean over the grid) of each model and length, one panel per curve, the legend below."""
+    """Per-frame curves (mean over the grid) of each model and length, one panel per curve, the legend at the top
+    right, beside the first panel (readable without scrolling down to it), never over a plot."""
     names = [c for c in FIGURE_CURVES if c[0] in curves]
     fig = make_subplots(rows=len(names), cols=1, shared_xaxes=True, vertical_spacing=0.04,
                         subplot_titles=[label for _, label in names])
@@ -186,9 +203,9 @@ def drift_figure(curves: pd.DataFrame, title: str = "drift over the rollout") ->
     if "confidence" in curves:
         fig.update_yaxes(range=[-0.02, 1.02], row=[c for c, _ in names].index("confidence") + 1, col=1)
     fig.update_xaxes(title_text="pixel frame (4 per latent frame)", row=len(names), col=1)
-    fig.update_layout(title=title, height=230 * len(names) + 160, width=1000, template="plotly_white",
-                      margin=dict(t=70, b=40, l=60, r=20),
-                      legend=dict(orientation="h", yanchor="top", y=-0.06, xanchor="left", x=0))
+    fig.update_layout(title=title, height=230 * len(names) + 120, width=1200, template="plotly_white",
+                      margin=dict(t=70, b=40, l=60, r=250),
+                      legend=dict(orientation="v", yanchor="top", y=1, xanchor="left", x=1.02))
     return fig
 
 

@@ -53,7 +53,7 @@ def test_evaluate_writes_table_curves_and_figure(tmp_path, capsys):
 
     fig = figure_json((out / "evaluate.html").read_text())
     assert len(fig["data"]) == len(wr.FIGURE_CURVES)  # one model, one length: a line per panel
-    assert fig["layout"]["legend"]["y"] < 0  # below the plots, never over them
+    assert fig["layout"]["legend"]["x"] > 1 and fig["layout"]["legend"]["y"] == 1  # beside the top panel, not over
     assert not list(tmp_path.glob("eval/.*tmp*"))  # atomic writes leave no temporary file
 
 
@@ -213,10 +213,17 @@ def test_compare_models_finds_who_accumulates_less_error():
     adherent = rows[rows.metric == "adherent"].iloc[0]
     assert adherent["df"] == 75 and adherent["sf"] == 100 and adherent["b better (share of pairs)"] == 0.625
     assert lines == ["84 latent frames: the trajectory error changes by +4.00 px (df) and +1.75 px (sf) from the first "
-                     "to the last quarter of the video: sf accumulates less error, in 3 of 4 paired videos; adherent "
-                     "75% (df), 100% (sf)"]
+                     "to the last quarter of the video: sf accumulates less error on average, less in 3 of 4 paired "
+                     "videos (two-sided sign test p = 0.62: not significant at the 5% level, more prompts or seeds "
+                     "would tell); adherent 75% (df), 100% (sf)"]
     with pytest.raises(ValueError, match="model 'teacher' is not in the results; they hold \\['df', 'sf'\\]"):
         wr.compare_models(videos, "df", "teacher")
+
+
+def test_sign_test_by_hand():
+    assert wr.sign_test(3, 1) == 2 * (4 + 1) / 16  # P(a 3:1 split or more uneven, either way) of 4 fair coins
+    assert wr.sign_test(10, 0) == 2 / 1024 and wr.sign_test(0, 10) == 2 / 1024
+    assert wr.sign_test(2, 2) == 1.0 and wr.sign_test(0, 0) == 1.0
 
 
 def test_table_and_curves_of_rendered_videos():

@@ -54,6 +54,30 @@ def test_nearest_timestep_within_tolerance(stores):
     assert list(tight.steps.step_a) == [0]
 
 
+def test_a_relative_store_is_found_from_a_folder_below(tmp_path, monkeypatch):
+    """A notebook copied to nb/ next to runs/ finds runs/x.zarr; a path found nowhere says where it looked."""
+    from studies import find_store
+
+    synthetic.write_store(tmp_path / "runs" / "x.zarr", "causal")
+    (tmp_path / "nb").mkdir()
+    monkeypatch.chdir(tmp_path / "nb")
+    assert find_store("runs/x.zarr") == tmp_path / "runs" / "x.zarr"
+    assert load_store("runs/x.zarr").sizes["layer"] > 0
+    with pytest.raises(WorkbenchError, match=r"no store at 'runs/none.zarr': looked in the working directory and "
+                                             rf"the folders above it and the repository \({tmp_path / 'nb'}, {tmp_path}"):
+        load_store("runs/none.zarr")
+
+
+def test_steps_pair_one_to_one(stores):
+    """A store with more steps than the other (Wan's 8 cond steps against the rollout's 4 denoise steps) pairs each
+    step once: the closest pairs are taken first, the rest stay unmatched, however wide the tolerance."""
+    c = compare.compare_stores(stores["wan"], stores["sf"], tolerance=400)
+    assert list(c.steps.step_a) == [0, 4, 8, 12] and list(c.steps.step_b) == [0, 1, 2, 3]
+    assert (c.steps.abs_dt < 1e-3).all()
+    assert list(c.unmatched_a.step) == [2, 6, 10, 14]  # each within 400 of a B step, but that step is taken
+    assert c.steps.step_b.is_unique and c.steps.step_a.is_unique
+
+
 def test_samples_pair_on_prompt_and_seed(stores):
     c = compare.compare_stores(stores["sf"], stores["wan"])
     assert c.pair_by == "seed" and (c.pairs.seed_a == c.pairs.seed_b).all()
