@@ -80,7 +80,7 @@ ranking.head(12)
 figures.layer_head_map(c.js_bits.mean("match"), zmin=0, title="JS divergence (bits), mean over matched steps")
 
 # %% [markdown]
-# ## Metrics side by side (first matched step, t = 1000)
+# ## Metrics side by side (the first matched step: its timesteps in A and B are the first row of `c.steps`)
 
 # %%
 figures.compare_maps(c.metrics_a.sink_mass.sel(match=0), c.metrics_b.sink_mass.sel(match=0),
