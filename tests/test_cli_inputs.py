@@ -219,7 +219,14 @@ def test_extract_summary_is_per_layer_and_head(tmp_path):
         want_dist = (mh * dist).sum(-1) / mh.sum(-1)
         np.testing.assert_allclose(got[3:], [same.mean(), want_dist.mean()], atol=6e-3)
     assert "reading: most local layer 0 head 1 (1.00 of its attention on its own frame)" in text
-    assert "most drawn to frame 0: layer 0 head 0 (1.00)" in text
+    attended = ~np.isnan(ds.attn_mass.where(ds.phase == "denoise", drop=True).values[..., counted, :])
+    uniform = (1.0 / attended.sum(-1)).mean()  # frame 0's share if each counted row spread its mass evenly
+    assert f"most drawn to frame 0: layer 0 head 0 (1.00; uniform attention would give it {uniform:.2f})" in text
+    one = summary_table(synthetic.write_store(tmp_path / "one.zarr", "bidirectional", layers=(0,), num_heads=4))
+    header = next(line for line in one.splitlines() if line.split()[:2] == ["layer", "head"])
+    assert "rest" not in header and "other frames" in header  # one chunk: every frame but 0 is "other"
+    assert len(next(line for line in one.splitlines() if line.split()[:2] == ["0", "0"]).split()) == 6
+    assert "denoising steps, both CFG branches cond and uncond; all query frames, the video being one chunk" in one
     bidi = synthetic.write_store(tmp_path / "b.zarr", "bidirectional", layers=tuple(range(10)), num_heads=12)
     text += summary_table(bidi)
     assert "steps 0-15" in text and "layers 0-9" in text and "-0.000" not in text

@@ -58,34 +58,41 @@ def summary_table(store_path, max_rows: int = 48) -> str:
     first, own, rest = frame0_own_rest(ds.attn_mass)
     dims = [d for d in ("sample", "step", "query_frame") if d in first.dims]
     same, distance = locality(ds.attn_mass)
+    m = counted(ds.attn_mass)
+    uniform = float((1.0 / m.notnull().sum("key_frame")).mean())  # frame 0's share under uniform attention
     first, own, rest, same, distance = (x.mean(dims).transpose("layer", "head").values
                                         for x in (first, own, rest, same, distance))
     layers, heads = [int(v) for v in ds.layer.values], [int(v) for v in ds["head"].values]
-    rows = "query frames after chunk 0" if chunked else "all query frames: one chunk"
+    rows = "query frames after chunk 0" if chunked else "all query frames, the video being one chunk"
+    cfg = sorted({str(c) for c in ds["cfg"].values} - {"none"}) if "cfg" in ds.coords else []
+    steps = "denoising steps" + (f", both CFG branches {' and '.join(cfg)}" if len(cfg) > 1 else "")
     lines = [f"wrote {store_path}: {ds.sizes['sample']} sample(s), layers {format_int_list(layers)}, "
              f"steps {format_int_list(ds.step.values)}",
-             f"attention mass per layer and head (mean over samples, denoising steps and {rows}):"]
+             f"attention mass per layer and head (mean over samples; {steps}; {rows}):"]
     own_name = "own chunk" if chunked else "other frames"
-    if len(layers) * len(heads) <= max_rows:
-        lines.append(f"{'layer':>6} {'head':>5} {'frame 0':>9} {own_name:>12} {'rest':>8} {'same frame':>11} "
-                     f"{'mean |q-k|':>11}" + ("   (own chunk: its frames other than frame 0)" if chunked else ""))
+    if len(layers) * len(heads) <= max_rows:  # (one chunk: no "rest", every frame but 0 is "other frames")
+        lines.append(f"{'layer':>6} {'head':>5} {'frame 0':>9} {own_name:>12}" + (f" {'rest':>8}" if chunked else "")
+                     + f" {'same frame':>11} {'mean |q-k|':>11}"
+                     + ("   (own chunk: the query's chunk; rest: every other frame but 0)" if chunked else ""))
         for i, layer in enumerate(layers):
             for j, head in enumerate(heads):
-                lines.append(f"{layer:>6} {head:>5} {_fmt(first[i, j]):>9} {_fmt(own[i, j]):>12} {_fmt(rest[i, j]):>8}"
-                             f" {_fmt(same[i, j]):>11} {_fmt(distance[i, j], 2):>11}")
+                lines.append(f"{layer:>6} {head:>5} {_fmt(first[i, j]):>9} {_fmt(own[i, j]):>12}"
+                             + (f" {_fmt(rest[i, j]):>8}" if chunked else "")
+                             + f" {_fmt(same[i, j]):>11} {_fmt(distance[i, j], 2):>11}")
     else:
         for name, grid in (("frame 0", first), (own_name, own), ("the query's own frame", same)):
             lines.append(f"mass on {name} (a row per layer, a column per head):")
             lines.append(f"{'layer':>6} " + " ".join(f"{'h' + str(h):>6}" for h in heads))
             lines += [f"{layer:>6} " + " ".join(f"{_fmt(v):>6}" for v in grid[i]) for i, layer in enumerate(layers)]
-    lines.append(reading(layers, heads, first, same, distance))
+    lines.append(reading(layers, heads, first, same, distance, uniform))
     lines.append(f"open it with xarray: xr.open_zarr({str(store_path)!r}, consolidated=False), or "
                  f"`workbench report {store_path}`")
     return "\n".join(lines)
 
 
-def reading(layers: list[int], heads: list[int], first, same, distance) -> str:
-    """One sentence over the [layer, head] grids: the most local head, the widest, the one most drawn to frame 0."""
+def reading(layers: list[int], heads: list[int], first, same, distance, uniform: float | None = None) -> str:
+    """One sentence over the [layer, head] grids: the most local head, the widest, the one most drawn to frame 0
+    (beside `uniform`, frame 0's share if every attended frame got the same: a head at or below it is no sink)."""
     def name(grid, pick):
         i, j = divmod(int(pick(grid)), grid.shape[1])
         return f"layer {layers[i]} head {heads[j]}", (i, j)
@@ -94,7 +101,8 @@ def reading(layers: list[int], heads: list[int], first, same, distance) -> str:
     wide, wi = name(distance, lambda g: g.argmax())
     sink, si = name(first, lambda g: g.argmax())
     return (f"reading: most local {local} ({_fmt(same[li], 2)} of its attention on its own frame); widest {wide} "
-            f"(keys {_fmt(distance[wi], 1)} frames away on average); most drawn to frame 0: {sink} ({_fmt(first[si], 2)})")
+            f"(keys {_fmt(distance[wi], 1)} frames away on average); most drawn to frame 0: {sink} ({_fmt(first[si], 2)}"
+            + (f"; uniform attention would give it {_fmt(uniform, 2)}" if uniform is not None else "") + ")")
 
 
 def format_int_list(values) -> str:
