@@ -74,7 +74,7 @@ c.unmatched_a, c.unmatched_b
 
 # %%
 ranking = compare.rank_heads(c)
-ranking.head(12)
+ranking.head(12).round(4)
 
 # %%
 figures.layer_head_map(c.js_bits.mean("match"), zmin=0, title="JS divergence (bits), mean over matched steps")

@@ -208,7 +208,9 @@ def compare_stores(
     qa, qb = metrics.query_frames_for(a, query_frames), metrics.query_frames_for(b, query_frames)
     frames = [f for f in qa if f in qb]
     if not frames:
-        raise WorkbenchError(f"no query frame is selected in both stores ({query_frames!r}): A {qa}, B {qb}")
+        raise WorkbenchError(f"no query frame is selected in both stores ({query_frames!r}): A {qa}, B {qb}; choose "
+                             "frames both hold: --query-frames all (query_frames='all') compares every frame they "
+                             "share")
     key_frames = sorted({int(k) for k in a.key_frame.values} | {int(k) for k in b.key_frame.values})
 
     match_coords = {

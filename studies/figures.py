@@ -324,6 +324,20 @@ def metric_over_training(da: xr.DataArray, *, title: str | None = None) -> go.Fi
 MIN_MAP_ROWS_PX = 220  # plot height of a layer x head map, at least: room for a colour bar or legend on one layer
 
 
+def wrap_title(text: str, width_px: int, px_per_char: float = 9.0) -> str:
+    """A figure title broken into lines (plotly's <br>) at spaces, so that none runs past `width_px` (plotly
+    clips a long title at the figure's edge); `px_per_char` is the title font's mean advance (17 px font)."""
+    limit = max(20, int((width_px - 120) / px_per_char))  # less the left margin
+    lines, line = [], ""
+    for word in text.split(" "):
+        if line and len(line) + 1 + len(word) > limit:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return "<br>".join(lines + [line])
+
+
 def _map_height(layers: int, per_layer: int = 28) -> int:
     """Figure height of a layer x head map: a row per layer, never so short that its colour bar is squashed."""
     return 140 + max(MIN_MAP_ROWS_PX, per_layer * layers) + 80
@@ -350,8 +364,9 @@ def layer_head_map(da: xr.DataArray, *, title: str | None = None, colorscale: st
     ))
     fig.update_xaxes(title_text="head", type="category")
     fig.update_yaxes(title_text="layer", type="category")
-    fig.update_layout(title=title or f"{da.name or name}: {name}", height=_map_height(da.sizes["layer"]),
-                      width=max(640, 60 * da.sizes["head"] + 220))
+    width = max(640, 60 * da.sizes["head"] + 220)
+    fig.update_layout(title=wrap_title(title or f"{da.name or name}: {name}", width),
+                      height=_map_height(da.sizes["layer"]), width=width)
     return fig
 
 
@@ -400,14 +415,15 @@ def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = (
     both = both[np.isfinite(both)]
     finite = diff.values[np.isfinite(diff.values)]
     top = float(np.abs(finite).max()) if finite.size else 0.0
+    width = max(600, min(1300, 62 * a.sizes["head"] + 260))
     fig.update_layout(
-        title=title or str(a.attrs.get("long_name", a.name or "metric")),
+        title=wrap_title(title or str(a.attrs.get("long_name", a.name or "metric")), width),
         coloraxis=dict(colorscale="Viridis", cmin=float(both.min()) if both.size else 0,
                        cmax=float(both.max()) if both.size else 1,
                        colorbar=dict(y=0.68, len=0.62, title="A, B")),
         coloraxis2=dict(colorscale="RdBu_r", cmin=-(top or 1.0), cmax=top or 1.0,
                         colorbar=dict(y=0.14, len=0.3, title="B - A")),
-        height=3 * (max(120, 26 * a.sizes["layer"]) + 110) + 80, width=max(600, min(1300, 62 * a.sizes["head"] + 260)),
+        height=3 * (max(120, 26 * a.sizes["layer"]) + 110) + 80, width=width,
     )
     return fig
 
