@@ -109,6 +109,43 @@ def test_generate_repeated_prompt_runs_every_prompt(tmp_path):
     assert not torch.equal(second, load_file(str(out / "p0000-s1.safetensors"))["latents"])
 
 
+def test_another_runs_files_are_replaced_only_when_asked(tmp_path, capsys):
+    """Files are named p<prompt index>-s<seed>: a second run into the same folder with another prompt (or size)
+    would replace the first run's files under the same names. It is refused before any work, naming them, unless
+    --overwrite; the same run again is no clash."""
+    out = tmp_path / "gen"
+    first = ["generate", "--prompt", "a red square moving left", "--frames", "3", "--seed", "0,1", "--out", str(out),
+             "--no-progress", "--no-video"]
+    assert main(first) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    capsys.readouterr()
+    other = ["generate", "--prompt", "a blue circle moving up", "--frames", "3", "--seed", "1", "--out", str(out),
+             "--no-progress", "--no-video"]
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert (f"{out} holds files of another run under this run's names: p0000-s1 (prompt 'a red square moving left')"
+            in err and "pass --overwrite to replace them" in err)
+    assert main(first[:4] + ["6"] + first[5:]) == 2  # the same prompt at another length
+    assert "p0000-s0 (3 latent frames of 12x16)" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == before  # nothing touched
+    assert main(first) == 0  # the same run again: its own files
+    assert main(other + ["--overwrite"]) == 0
+    with safe_open(str(out / "p0000-s1.safetensors"), "pt") as f:
+        assert f.metadata()["prompt"] == "a blue circle moving up"
+
+
+def test_a_folder_another_generate_writes_is_refused(tmp_path, capsys):
+    from workbench.store import StoreLock
+
+    out = tmp_path / "gen"
+    with StoreLock(out, what="a generate folder"):
+        assert main(["generate", "--prompt", "a red kite", "--frames", "3", "--out", str(out), "--no-progress",
+                     "--no-video"]) == 2
+    err = capsys.readouterr().err
+    assert f"{str(out)!r} is being written by another process (pid " in err
+    assert "a generate folder takes one writer at a time" in err
+
+
 def test_generate_never_leaves_half_written_latents(tmp_path, monkeypatch, capsys):
     """A write that fails midway (a full disk) leaves no latents file under the sample's name and no temporary
     file beside it: the latents are written to a temporary path and renamed into place."""

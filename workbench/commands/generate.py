@@ -7,6 +7,7 @@ latents [F, 16, h, w] --VAE (streamed chunk by chunk)--> 1 + 4 (F - 1) frames --
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from workbench.commands import (ATTENTION_KERNELS, add_chunk_arguments, add_model_arguments, add_size_arguments,
                                 latent_frames)
@@ -84,6 +85,9 @@ def register(subparsers) -> None:
                         "it decodes the embedded default's 81 frames ~4x faster); auto: $WORKBENCH_VAE_DECODER, else "
                         "fast on CUDA and reference on the CPU (default: %(default)s)")
     p.add_argument("--out", default="runs/generate", help="output folder (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of another run in --out that have this run's names (p<prompt>-s<seed>); "
+                        "without it such a run is refused before any work")
     p.add_argument("--no-progress", action="store_true")
     live = p.add_argument_group("live view (watch the run with `workbench view OUT`)")
     live.add_argument("--live", action="store_true",
@@ -100,16 +104,44 @@ def run(args) -> int:
     from workbench.extract import _dist
 
     rank, world, initialised = _dist()
+    locks = []  # the output folder's lock, taken by rank 0 once every check has passed
     try:
-        return _run(args, rank, world)
+        return _run(args, rank, world, locks)
     finally:
+        for lock in locks:
+            lock.release()
         if initialised:
             import torch.distributed as dist
 
             dist.destroy_process_group()
 
 
-def _run(args, rank: int = 0, world: int = 1) -> int:
+def other_runs(out, wanted: dict[str, dict]) -> list[str]:
+    """The files in `out` named as this run names its own (`wanted`: name -> the metadata it will record, and
+    `shape`, its latents' [frames, h, w]) that another run made: another prompt, seed, sampler, weights or size.
+    Read from each latents file's metadata (.safetensors); files without it are not judged."""
+    from safetensors import safe_open
+
+    found = []
+    for name, want in wanted.items():
+        path = Path(out) / f"{name}.safetensors"
+        if not path.is_file():
+            continue
+        try:
+            with safe_open(str(path), "np") as f:
+                made = f.metadata() or {}
+                shape = list(f.get_slice("latents").get_shape())
+        except Exception:  # not a file of generate's
+            continue
+        differ = [f"{k} {made[k]!r}" for k, v in want.items() if k != "shape" and k in made and made[k] != v]
+        if [shape[0], *shape[-2:]] != want["shape"]:
+            differ.append(f"{shape[0]} latent frames of {shape[-2]}x{shape[-1]}")
+        if differ:
+            found.append(f"{name} ({', '.join(differ)})")
+    return found
+
+
+def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     import contextlib
     import gc
     import sys
@@ -188,7 +220,21 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
 
         capture = live_plan(args, prompts, seeds, device, args.dtype or ("bfloat16" if device.type == "cuda"
                                                                          else "float32"), h, w)
+    # another run's files under this run's names are replaced only when asked (--overwrite)
+    weights_sha256 = sha256_file(Path(args.checkpoint) if args.checkpoint else _weights_file(wan_dir))
+    wanted = {f"p{i:04d}-s{s}": dict(prompt=prompts[i], seed=str(s), sampler=args.sampler,
+                                     weights_sha256=weights_sha256, use_ema=str(bool(args.use_ema)),
+                                     shape=[args.frames, h, w]) for i in range(len(prompts)) for s in seeds}
+    if rank == 0 and not args.overwrite and (clash := other_runs(args.out, wanted)):
+        more = f" and {len(clash) - 3} more" if len(clash) > 3 else ""
+        raise WorkbenchError(f"{args.out} holds files of another run under this run's names: {'; '.join(clash[:3])}"
+                             f"{more}. generate names its files p<prompt index>-s<seed>, so this run would replace "
+                             "them: choose another --out, or pass --overwrite to replace them")
     out = ensure_writable_dir(args.out)  # every check passed: the output folder is made now
+    if rank == 0 and locks is not None:  # one run writes a folder at a time (refused at once, naming the holder)
+        from workbench.store import StoreLock
+
+        locks.append(StoreLock(out, what="a generate folder").acquire())
     if args.live:
         live = LiveRun(capture, out, device, fps=16, command=args.argv)  # live.json now: `workbench view OUT` can start waiting
 
@@ -207,8 +253,6 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
                      local_attn_size=args.local_attn_size, sink_size=args.sink_size, device=device, dtype=dtype,
                      trust_pickle=args.trust_pickle)
     model.attention_kernel = args.attention_kernel
-    # recorded beside each video, as a store records them, so that `workbench view` can tell whose video it is
-    weights_sha256 = sha256_file(Path(args.checkpoint) if args.checkpoint else _weights_file(wan_dir))
     model.independent_first_frame = args.independent_first_frame
     if args.fp8 or args.compile:
         from models.wan.accel import compile_blocks, quantize_fp8
@@ -253,16 +297,19 @@ def _run(args, rank: int = 0, world: int = 1) -> int:
                              on_forward=lambda *_: bar.update(1), on_chunk=on_chunk, initial_latent=initial,
                              last_context_pass=not skip_last)
         tensors = {"latents": latents[0].float().cpu().contiguous()}
+        # recorded beside each video, as a store records them, so that `workbench view` can tell whose video it is
         metadata = {"prompt": prompts[i], "seed": str(seed), "sampler": args.sampler,
                     "checkpoint": args.checkpoint or str(wan_dir), "use_ema": str(bool(args.use_ema)),
                     "weights_sha256": weights_sha256}
+        # the latents, which say whose files these are, go last; an earlier run's go first, so that a kill in
+        # between never leaves new videos beside old latents
+        (out / f"{name}.safetensors").unlink(missing_ok=True)
+        if vae is not None:
+            video = torch.cat([p.get() for p in pieces], dim=2)[0]  # [3, T, H, W] in [-1, 1]
+            if mp4:
+                write_mp4(video, out / f"{name}.mp4", fps=16)
+            write_png_grid(video, out / f"{name}.png", ncols=9, frames=range(0, video.shape[1], 5))
         atomic_write(out / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata))
-        if vae is None:
-            continue
-        video = torch.cat([p.get() for p in pieces], dim=2)[0]  # [3, T, H, W] in [-1, 1]
-        if mp4:
-            write_mp4(video, out / f"{name}.mp4", fps=16)
-        write_png_grid(video, out / f"{name}.png", ncols=9, frames=range(0, video.shape[1], 5))
     if live is not None:
         live.close()
     if world > 1:
