@@ -206,19 +206,29 @@ def test_killed_run_resumes_to_the_same_store(tmp_path, uninterrupted):
 def test_kill_between_arrays_and_completed_mark_resumes(tmp_path, monkeypatch, uninterrupted):
     """The worst moment: the third sample's arrays are appended but its `completed` mark is not yet written.
     The next run must keep the two finished samples, drop the partial third and recompute it."""
-    out = tmp_path / "partial.zarr"
-    real_to_zarr = xr.Dataset.to_zarr
+    import zarr
 
-    def dying_to_zarr(ds, *args, **kw):
+    out = tmp_path / "partial.zarr"
+    real_to_zarr, real_open_group = xr.Dataset.to_zarr, zarr.open_group
+    appended = []
+
+    def to_zarr(ds, *args, **kw):  # (a failed append is taken back: the kill comes after it, at the mark)
         result = real_to_zarr(ds, *args, **kw)
-        if kw.get("append_dim") and str(ds["sample"].values[0]) == "p0001-s1":
-            raise KeyboardInterrupt("killed after the arrays, before the mark")
+        if kw.get("append_dim"):
+            appended.append(str(ds["sample"].values[0]))
         return result
 
-    monkeypatch.setattr(xr.Dataset, "to_zarr", dying_to_zarr)
+    def open_group(*args, mode=None, **kw):
+        if mode == "r+" and appended[-1:] == ["p0001-s1"]:
+            raise KeyboardInterrupt("killed after the arrays, before the mark")
+        return real_open_group(*args, mode=mode, **kw)
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", to_zarr)
+    monkeypatch.setattr(zarr, "open_group", open_group)
     with pytest.raises(KeyboardInterrupt):
         run_extract(config(out, prompts=PROMPTS, seeds=[1, 2]), log=quiet)
     monkeypatch.setattr(xr.Dataset, "to_zarr", real_to_zarr)
+    monkeypatch.setattr(zarr, "open_group", real_open_group)
     on_disk = xr.open_zarr(out, consolidated=False)
     assert on_disk.sizes["sample"] == 3 and on_disk.attrs["completed"] == ["p0000-s1", "p0000-s2"]
     first = store_contents(out)[0]["attn_mass"][:2].copy()

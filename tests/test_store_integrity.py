@@ -249,3 +249,56 @@ def test_a_store_that_mixes_two_models_is_refused_by_readers(tmp_path, reference
     assert cli_main(ARGS) == 2
     assert "holds samples of another model (checkpoint_sha256 of p0000-s3, p0000-s4, p0000-s5" in capsys.readouterr().err
     assert np.array_equal(xr.open_zarr(tmp_path / "s.zarr", consolidated=False).checkpoint_sha256.values, sha)
+
+
+def _grow(store: Path, names=None, by: int = 1) -> None:
+    """What a write stopped midway leaves: the arrays `names` (default: every array along `sample`) one entry
+    longer, their new entry never written (fill values)."""
+    import zarr
+
+    for name, array in zarr.open_group(store, mode="r+").arrays():
+        dims = array.metadata.dimension_names or ()
+        if "sample" in dims and (names is None or name in names):
+            shape = list(array.shape)
+            shape[dims.index("sample")] += by
+            array.resize(tuple(shape))
+
+
+def test_readers_show_the_finished_samples_of_a_store_stopped_mid_write(tmp_path, reference, capsys):
+    """A full disk or a kill during an append leaves some arrays a sample longer than others (xr.open_zarr
+    refuses such a store) or every array longer than `completed` says: open_store, and so `workbench report` and
+    the studies, show exactly the finished samples, with a warning that says why."""
+    whole = open_store(reference).load()
+    for case, names in (("some", {"attn_mass", "seed", "prompt"}), ("all", None)):
+        store = tmp_path / f"{case}.zarr"
+        shutil.copytree(reference, store)
+        _grow(store, names)
+        if names is not None:
+            with pytest.raises(ValueError, match="conflicting sizes for dimension 'sample'"):
+                xr.open_zarr(store, consolidated=False)
+        with pytest.warns(UserWarning, match=r"left out 1 unfinished sample\(s\) past its 6 finished one\(s\)"):
+            ds = open_store(store).load()
+        xr.testing.assert_identical(ds, whole)
+        capsys.readouterr()
+        assert cli_main(["report", str(store), "--out", str(tmp_path / f"{case}.html")]) == 0
+        assert "workbench report: warning: " in capsys.readouterr().err  # one line on the console
+
+
+def test_an_append_that_fails_midway_is_taken_back(tmp_path, reference, monkeypatch, capsys):
+    """A full disk while a sample is appended (some arrays grown, then ENOSPC): the writer cuts every array back
+    before it reports the error, so even a plain xr.open_zarr reads the store, with the finished samples only."""
+    shutil.copytree(reference, tmp_path / "s.zarr")
+    real = xr.Dataset.to_zarr
+
+    def full_disk(self, store, *args, mode=None, **kw):
+        if mode == "a":  # half of the sample's arrays get appended, then the disk is full
+            real(self[list(self.data_vars)[: len(self.data_vars) // 2]], store, *args, mode=mode, **kw)
+            raise OSError(28, "No space left on device")
+        return real(self, store, *args, mode=mode, **kw)
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", full_disk)
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["0-6" if a == "0-5" else a for a in ARGS]) == 1  # one more seed: one sample appended
+    assert "No space left on device" in capsys.readouterr().err
+    monkeypatch.undo()
+    xr.testing.assert_identical(loaded(tmp_path / "s.zarr"), loaded(reference))

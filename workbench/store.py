@@ -29,14 +29,17 @@ SCHEMA_VERSION = 1
 
 def open_store(path: str | Path) -> xr.Dataset:
     """Open a store lazily, check its schema version, and load the small non-index coords into memory
-    (so `groupby("chunk")` and string selections work without dask)."""
+    (so `groupby("chunk")` and string selections work without dask). Only finished entries are shown: what a run
+    that is writing, or was stopped while writing (a kill, a full disk), has added past them is left out with a
+    note (`_finished_only`), however far that write got."""
     path = Path(path)
     if not path.exists():
         raise WorkbenchError(f"no store at {str(path)!r}: run `workbench extract --out {path}` to make one")
     try:
         ds = xr.open_zarr(path, consolidated=False)
     except Exception as err:  # zarr raises several types for "not a zarr group"
-        raise WorkbenchError(f"{str(path)!r} is not a zarr store readable by xarray ({err})") from err
+        ds = _open_cut(path, err)
+    ds = _finished_only(ds, path)
     version = ds.attrs.get("schema_version")
     if version != SCHEMA_VERSION:
         raise WorkbenchError(
@@ -47,6 +50,68 @@ def open_store(path: str | Path) -> xr.Dataset:
     ds = ds.assign_coords({name: ds[name].load() for name in small})
     check_one_model(ds, path)
     return ds
+
+
+def append_dim_of(attrs: dict) -> tuple[str, str]:
+    """(the dim a store grows along, the attr listing its finished entries): samples of an attention store,
+    interventions of an effects store, train steps of a training probe store."""
+    if "completed_train_steps" in attrs:
+        return "train_step", "completed_train_steps"
+    return ("intervention" if attrs.get("store_kind") == "effects" else "sample"), "completed"
+
+
+def _open_cut(path: Path, err: Exception) -> xr.Dataset:
+    """A store whose arrays disagree on the append dim's length (a write stopped midway: some arrays got the new
+    entry, others not), which xr.open_zarr refuses: each group of arrays of one length opened on its own and cut
+    to the length every array has. Anything else unreadable is a WorkbenchError."""
+    import zarr
+
+    unreadable = WorkbenchError(f"{str(path)!r} is not a zarr store readable by xarray ({err})")
+    try:
+        group = zarr.open_group(path, mode="r")
+        dim, _ = append_dim_of(dict(group.attrs))
+        lengths = {}
+        for name, array in group.arrays():
+            dims = array.metadata.dimension_names or ()
+            if dim in dims:
+                lengths[name] = array.shape[dims.index(dim)]
+    except Exception:
+        raise unreadable from err
+    if len(set(lengths.values())) < 2:
+        raise unreadable from err
+    n = min(lengths.values())
+    parts = [xr.open_zarr(path, consolidated=False, drop_variables=[k for k, v in lengths.items() if v != size])
+             .isel({dim: slice(0, n)}) for size in sorted(set(lengths.values()))]
+    _warn_unfinished(path, dim, max(lengths.values()) - n, n)
+    return xr.merge(parts, compat="override", join="outer", combine_attrs="override")
+
+
+def _warn_unfinished(path, dim: str, left_out: int, kept: int) -> None:
+    import warnings
+
+    from models.errors import ModelInputWarning
+
+    warnings.warn(f"{path}: left out {left_out} unfinished {dim}(s) past its {kept} finished one(s) (a run is "
+                  "writing it or was stopped while writing; the same command, run again, finishes the store)",
+                  ModelInputWarning, stacklevel=4)
+
+
+def _finished_only(ds: xr.Dataset, path) -> xr.Dataset:
+    """The store's finished entries: the first copy of each entry its finished list names (`completed`, or
+    `completed_train_steps`), in store order; the rest (an entry a run is writing or was stopped writing) is left
+    out with a warning. A store without that list is shown whole."""
+    dim, attr = append_dim_of(ds.attrs)
+    if attr not in ds.attrs or dim not in ds.dims or dim not in ds.coords:
+        return ds
+    wanted, keep, seen = {str(k) for k in ds.attrs[attr]}, [], set()
+    for i, key in enumerate(str(k) for k in ds[dim].values.tolist()):
+        if key in wanted and key not in seen:
+            keep.append(i)
+            seen.add(key)
+    if len(keep) == ds.sizes[dim]:
+        return ds
+    _warn_unfinished(path, dim, ds.sizes[dim] - len(keep), len(keep))
+    return ds.isel({dim: keep})
 
 
 def check_one_model(ds: xr.Dataset, path) -> None:
@@ -438,7 +503,12 @@ class StoreWriter:
             attrs[self.completed_attr] = list(self.completed)
             ds.attrs = attrs
             static = [name for name, v in ds.variables.items() if self.append_dim not in v.dims]
-            ds.drop_vars(static).to_zarr(self.path, mode="a", append_dim=self.append_dim, consolidated=False)
+            try:
+                ds.drop_vars(static).to_zarr(self.path, mode="a", append_dim=self.append_dim, consolidated=False)
+            except BaseException:  # a full disk, Ctrl-C: take back what got written (a kill is left to readers)
+                with contextlib.suppress(Exception):
+                    self.truncate(len(self.completed))
+                raise
             zarr.open_group(self.path, mode="r+").attrs[self.completed_attr] = self.completed + [key]
         self.completed.append(key)
 
