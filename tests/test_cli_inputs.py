@@ -268,3 +268,22 @@ def test_temporaries_of_killed_writes_are_found_and_a_training_start_removes_the
     build_trainer(cfg, tmp_path / "log", progress=False).close()
     assert f"removed {paths['killed']}" in capsys.readouterr().out
     assert not paths["killed"].exists() and all(paths[n].exists() for n in ("alive", "recent", "other"))
+
+
+@pytest.mark.parametrize("command", ["extract", "intervene", "generate"])
+def test_ctrl_c_is_one_line_that_says_what_is_kept(command, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during a run: exit status 130 and one line saying what was kept and how to go on, not a traceback."""
+    import importlib
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    module = importlib.import_module(f"workbench.commands.{command}")
+    monkeypatch.setattr(module, "run", interrupted)
+    from workbench.cli import main
+
+    argv = {"intervene": ["--ablate", "1:0"]}.get(command, [])
+    assert main([command, *argv, "--out", str(tmp_path / "o")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"workbench {command}: interrupted. The finished ") and "run again" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1

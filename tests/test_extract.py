@@ -239,8 +239,10 @@ def test_kill_between_arrays_and_completed_mark_resumes(tmp_path, monkeypatch, u
     real_write = StoreWriter.write
     monkeypatch.setattr(StoreWriter, "write", lambda self, ds: (written.append(str(ds["sample"].values[0])),
                                                                  real_write(self, ds)))
-    run_extract(config(out, prompts=PROMPTS, seeds=[1, 2]), log=quiet)
+    said = []
+    run_extract(config(out, prompts=PROMPTS, seeds=[1, 2]), log=said.append)
     assert written == ["p0001-s1", "p0001-s2"]  # only the unfinished samples were recomputed
+    assert f"resuming: 2 of 4 samples are already in {out}; computing the other 2" in said
     assert np.array_equal(store_contents(out)[0]["attn_mass"][:2], first, equal_nan=True)
     assert_same_store(out, uninterrupted)
     messages = []

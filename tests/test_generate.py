@@ -128,7 +128,12 @@ def test_another_runs_files_are_replaced_only_when_asked(tmp_path, capsys):
     assert main(first[:4] + ["6"] + first[5:]) == 2  # the same prompt at another length
     assert "p0000-s0 (3 latent frames of 12x16)" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == before  # nothing touched
-    assert main(first) == 0  # the same run again: its own files
+    assert main(first) == 0  # the same run again: its own files, kept (a stopped run resumes this way)
+    assert "resuming: 2 sample(s) are already in" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == before
+    (out / "p0000-s1.safetensors").unlink()  # as if the run had been stopped before its second sample
+    assert main(first) == 0
+    assert f"wrote 1 sample(s) to {out} (1 more were there already)" in capsys.readouterr().out
     assert main(other + ["--overwrite"]) == 0
     with safe_open(str(out / "p0000-s1.safetensors"), "pt") as f:
         assert f.metadata()["prompt"] == "a blue circle moving up"
@@ -160,7 +165,8 @@ def test_generate_never_leaves_half_written_latents(tmp_path, monkeypatch, capsy
     out = tmp_path / "gen"
     assert main(["generate", "--prompt", "a red kite", "--frames", "3", "--seed", "1", "--out", str(out),
                  "--no-progress", "--no-video"]) != 0
-    assert "No space left on device" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and f"free space where generate writes ({out})" in err
     assert out.is_dir() and sorted(p.name for p in out.iterdir() if not p.name.startswith(".prompt_cache")) == []
 
 

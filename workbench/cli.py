@@ -10,6 +10,7 @@ with the training code (training/commands.py): the CLI is the one place that joi
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from studies import commands as study_commands
@@ -41,6 +42,14 @@ seconds. generate, extract, evaluate and intervene take --model NAME for another
 --wan-dir DIR for the official Wan2.1 folder and --checkpoint FILE [--use-ema] for a Self-Forcing
 checkpoint on top of it; info takes --wan-dir or --preset (it reads the config only).
 """
+
+
+# What a command stopped midway leaves, said when Ctrl-C stops it (evaluate, train and view say their own).
+RESUME = {
+    "extract": "The finished samples are kept in the store: the same command, run again, resumes there.",
+    "intervene": "The finished entries are kept in the store: the same command, run again, resumes there.",
+    "generate": "The finished samples are kept: the same command, run again, makes only the others.",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,8 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as err:  # a file the command could not read or write (checked up front where it can be)
         where = f" ({err.filename})" if err.filename and str(err.filename) not in str(err.strerror) else ""
-        print(f"workbench {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
+        full = (f"; free space where {args.command} writes ({getattr(args, 'out', None) or 'its output'}), then run "
+                "the same command again: what was finished is kept") if err.errno == errno.ENOSPC else ""
+        print(f"workbench {args.command}: error: {err.strerror or err}{where}{full}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; what a command finished is on disk
+        print(f"\nworkbench {args.command}: interrupted. {RESUME.get(args.command, '')}".rstrip(), file=sys.stderr)
+        return 130
     finally:
         warnings.showwarning = show
 

@@ -353,6 +353,9 @@ def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
             writer = open_writer(p, log)
             todo = [s for s in samples if not writer.done(sample_id(s[0], s[2]))]
             fp, sha = writer.fingerprint, writer.fields["model"]["weights"]
+            if todo and len(todo) < len(samples):
+                log(f"resuming: {len(samples) - len(todo)} of {len(samples)} samples are already in {cfg.out}; "
+                    f"computing the other {len(todo)}")
         except ModelInputError as err:  # (WorkbenchError included)
             error = str(err)
     if world > 1:  # every rank learns the work list, or rank 0's error (so no rank waits forever)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -263,7 +264,7 @@ class StoreLock:
                 "writer at a time: wait for that run to end (a later run resumes where it stopped), or choose "
                 "another --out") from None
         self._lock = lock
-        me = dict(pid=os.getpid(), host=socket.gethostname(), command=" ".join(sys.argv)[:200],
+        me = dict(pid=os.getpid(), host=socket.gethostname(), command=shlex.join(sys.argv)[:200],
                   since=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         atomic_write_bytes(self.holder_file, json.dumps(me).encode())
         return self

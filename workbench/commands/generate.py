@@ -116,29 +116,43 @@ def run(args) -> int:
             dist.destroy_process_group()
 
 
-def other_runs(out, wanted: dict[str, dict]) -> list[str]:
-    """The files in `out` named as this run names its own (`wanted`: name -> the metadata it will record, and
-    `shape`, its latents' [frames, h, w]) that another run made: another prompt, seed, sampler, weights or size.
-    Read from each latents file's metadata (.safetensors); files without it are not judged."""
+def _differences(path: Path, want: dict) -> list[str] | None:
+    """How the latents file at `path` differs from what this run would write there (`want`: the metadata it
+    records, and `shape`, the latents' [frames, h, w]); None when there is no such file of generate's."""
     from safetensors import safe_open
 
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "np") as f:
+            made = f.metadata() or {}
+            shape = list(f.get_slice("latents").get_shape())
+    except Exception:  # not a file of generate's
+        return None
+    differ = [f"{k} {made[k]!r}" for k, v in want.items() if k != "shape" and k in made and made[k] != v]
+    differ += [f"no {k} recorded" for k in want if k != "shape" and k not in made]
+    if [shape[0], *shape[-2:]] != want["shape"]:
+        differ.append(f"{shape[0]} latent frames of {shape[-2]}x{shape[-1]}")
+    return differ
+
+
+def other_runs(out, wanted: dict[str, dict]) -> list[str]:
+    """The files in `out` named as this run names its own (`wanted`: name -> what `_differences` compares) that
+    another run made: another prompt, seed, sampler, weights or size (read from each latents file's metadata)."""
     found = []
     for name, want in wanted.items():
-        path = Path(out) / f"{name}.safetensors"
-        if not path.is_file():
-            continue
-        try:
-            with safe_open(str(path), "np") as f:
-                made = f.metadata() or {}
-                shape = list(f.get_slice("latents").get_shape())
-        except Exception:  # not a file of generate's
-            continue
-        differ = [f"{k} {made[k]!r}" for k, v in want.items() if k != "shape" and k in made and made[k] != v]
-        if [shape[0], *shape[-2:]] != want["shape"]:
-            differ.append(f"{shape[0]} latent frames of {shape[-2]}x{shape[-1]}")
-        if differ:
+        differ = _differences(Path(out) / f"{name}.safetensors", want)
+        if differ and not all(d.startswith("no ") for d in differ):  # (an older file records less: not judged)
             found.append(f"{name} ({', '.join(differ)})")
     return found
+
+
+def already_made(out, name: str, want: dict, videos: list[str]) -> bool:
+    """Whether `out` holds sample `name` exactly as this run would make it: its latents with this run's metadata
+    and size, and its video files (`videos`: the suffixes asked for). The latents are written last, so with them
+    on disk the videos are whole."""
+    return _differences(Path(out) / f"{name}.safetensors", want) == [] and all(
+        (Path(out) / f"{name}{suffix}").is_file() for suffix in videos)
 
 
 def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
@@ -241,6 +255,15 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     # --- text first; in low-memory mode the encoder leaves the GPU before the DiT arrives
     encoder = TextEncoder.from_wan_dir(wan_dir, device=device, cache_dir=out / ".prompt_cache")
     jobs = rank_share([(i, s) for i in range(len(prompts)) for s in seeds], rank, world)  # this rank's samples
+    # a run stopped midway resumes: the samples already there, made as this run would make them, are kept
+    videos = [] if args.no_video else [".png"] + [".mp4"] * mp4
+    kept = [] if args.overwrite or live is not None else [(i, s) for i, s in jobs if already_made(out, f"p{i:04d}-s{s}",
+                                                                           wanted[f"p{i:04d}-s{s}"], videos)]
+    jobs = [job for job in jobs if job not in kept]
+    if kept and rank == 0:
+        print(f"resuming: {len(kept)} sample(s) are already in {out}, made with the same prompt, seed, sampler, "
+              f"weights and size; generating the other {len(jobs)}" + (" on this process" if world > 1 else "")
+              + " (--overwrite makes them all again)", flush=True)
     contexts = {i: encoder.encode([prompts[i]]).context
                 for i in tqdm(sorted({i for i, _ in jobs}), desc="encode", disable=quiet)}
     cfg_sampler = args.sampler != "causal_few_step"
@@ -317,10 +340,12 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
 
         dist.barrier()  # every rank's files are written
     if rank == 0:
-        total = len(prompts) * len(seeds)
+        total = len(prompts) * len(seeds)  # (every rank's, the kept ones included)
         kinds = ["latents (.safetensors)"] + (["videos (.mp4, 16 fps)"] * mp4) + \
             (["frame grids (.png, every 5th frame)"] * (not args.no_video))
-        print(f"wrote {total} sample(s) to {out}" + (f" ({world} processes)" if world > 1 else "")
+        made = (f"wrote {len(jobs)} sample(s) to {out} ({len(kept)} more were there already)" if kept and world == 1
+                else f"wrote {total} sample(s) to {out}")
+        print(made + (f" ({world} processes)" if world > 1 else "")
               + f": {', '.join(kinds)}, named p<prompt>-s<seed> (e.g. p0000-s{seeds[0]})")
         if args.model_note:
             print(args.model_note)
