@@ -91,8 +91,8 @@ figures.compare_maps(c.metrics_a.local_mass.sel(match=0), c.metrics_b.local_mass
                      title=c.metrics_a.local_mass.attrs["long_name"])
 
 # %%
-figures.compare_maps(c.metrics_a.mean_distance.sel(match=0), c.metrics_b.mean_distance.sel(match=0),
-                     title="mass-weighted mean query_frame - key_frame (frames; negative: keys ahead of the query)")
+figures.compare_maps(c.metrics_a.mean_abs_distance.sel(match=0), c.metrics_b.mean_abs_distance.sel(match=0),
+                     title="how far a head looks: mass-weighted mean |query_frame - key_frame| (frames)")
 
 # %%
 figures.taxonomy_map(c.class_a.sel(match=0), title="head classes · A")

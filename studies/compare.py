@@ -40,7 +40,8 @@ import xarray as xr
 from studies import metrics
 from workbench.errors import WorkbenchError
 
-METRICS_COMPARED = ("sink_mass", "sink_chunk_mass", "own_chunk_mass", "local_mass", "early_mass", "mean_distance",
+METRICS_COMPARED = ("sink_mass", "sink_chunk_mass", "own_chunk_mass", "local_mass", "early_mass", "mean_abs_distance",
+                    "mean_distance",
                     "entropy_norm")
 CHUNK_METRICS = ("sink_chunk_mass", "own_chunk_mass")  # compared only when both stores have several chunks
 

@@ -14,6 +14,9 @@ Row metrics (`row_metrics`, dims sample, step, layer, head, query_frame):
     early_mass       mass on the oldest early_fraction (default 0.5) of the frames the row attended (rank <
                      early_fraction * n_attended): the "deep sink" of Deep Forcing lives there
     mean_distance    mass-weighted mean of query_frame - key_frame, in frames (normalised by the row's mass)
+    mean_abs_distance  the same of |query_frame - key_frame|: how far a head looks, back or ahead (in a causal
+                     rollout only the query's own chunk lies ahead; in a bidirectional one the signed mean can
+                     cancel to 0 for a head that looks far both ways)
     entropy          -sum p ln p over the attended key frames, in nats (p = the row normalised to sum 1)
     entropy_norm     entropy / ln(n_attended): 1 for uniform attention, 0 for one frame (NaN if n_attended = 1)
     n_attended       number of attended (non-NaN) key frames
@@ -170,6 +173,7 @@ def row_metrics(
         "local_mass": on(abs(dist) < local_window),
         "early_mass": on(attended & (rank < early_fraction * n)),
         "mean_distance": ((m * dist).sum("key_frame") / total.where(total > 0)).where(captured),
+        "mean_abs_distance": ((m * abs(dist)).sum("key_frame") / total.where(total > 0)).where(captured),
         "entropy": entropy.where(captured),
         "entropy_norm": (entropy / np.log(n.where(n > 1))).where(captured),
         "n_attended": n.where(captured),
@@ -189,6 +193,7 @@ ROW_METRIC_INFO = {
     "local_mass": ("mass within the local window", "probability"),
     "early_mass": ("mass on the oldest half of the attended frames", "probability"),
     "mean_distance": ("mass-weighted mean query_frame - key_frame", "frames"),
+    "mean_abs_distance": ("mass-weighted mean |query_frame - key_frame|", "frames"),
     "entropy": ("entropy over key frames", "nats"),
     "entropy_norm": ("entropy / ln(attended key frames): 0 one key frame, 1 uniform", "ratio"),
     "n_attended": ("attended key frames", "frames"),

@@ -96,6 +96,25 @@ def test_mean_distance_and_entropy_by_hand(causal):
     np.testing.assert_allclose(last.entropy_norm, math.log(9) / math.log(21), rtol=1e-5)
     np.testing.assert_allclose(last.mean_distance, [14, 15, 16], rtol=1e-5)
     np.testing.assert_allclose(last.early_mass, 1.0, rtol=1e-5)  # frames 0..8 are among the oldest 11 of 21
+    np.testing.assert_allclose(rows.mean_abs_distance.sel(head=sink), qf, atol=1e-5)  # frame 0 is never ahead
+    ahead = (end - qf) * (end - qf + 1) / 2  # the global head also sees its chunk's later frames
+    np.testing.assert_allclose(rows.mean_abs_distance.sel(head=glob), (qf * (qf + 1) / 2 + ahead) / (end + 1),
+                               rtol=1e-5)
+
+
+def test_mean_abs_distance_of_a_bidirectional_row_by_hand(bidirectional):
+    """Attention that looks both ways: the signed mean distance cancels, the absolute one says how far it looks."""
+    rows = metrics.row_metrics(bidirectional).isel(sample=0, step=0, layer=0)
+    mass = bidirectional.attn_mass.isel(sample=0, step=0, layer=0).values.astype(np.float64)  # [head, q, k]
+    m = np.nan_to_num(mass)
+    d = np.arange(mass.shape[1])[:, None] - np.arange(mass.shape[2])[None, :]
+    want = (m * np.abs(d)).sum(-1) / m.sum(-1)  # [head, q]
+    np.testing.assert_allclose(rows.mean_abs_distance.values, want, rtol=1e-5)
+    glob = head_of("global")
+    qf = np.arange(F)
+    np.testing.assert_allclose(rows.mean_abs_distance.sel(head=glob), (qf * (qf + 1) / 2 + (F - 1 - qf) * (F - qf) / 2)
+                               / F, rtol=1e-5)  # uniform over all 21 frames: the mean of |q - k| over k
+    assert float(abs(rows.mean_distance.sel(head=glob, query_frame=10))) < 1e-5  # centred: the signed mean is 0
 
 
 def test_head_metrics_average_the_last_chunk(causal):
