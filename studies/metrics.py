@@ -180,7 +180,7 @@ def row_metrics(
     })
     for name, (long_name, units) in ROW_METRIC_INFO.items():
         out[name].attrs.update(long_name=long_name, units=units)
-    out["local_mass"].attrs["long_name"] = (f"mass within {local_window} frames of the query "
+    out["local_mass"].attrs["long_name"] = (f"mass on keys less than {local_window} frames from the query "
                                             f"(|query - key| < {local_window})")
     out.attrs.update(local_window=local_window, early_fraction=early_fraction)
     return out
