@@ -242,7 +242,7 @@ def test_table_and_curves_of_rendered_videos():
     assert len(curves) == 9 and (curves.confidence > 0.999).all() and (curves.detected == 1).all()
     assert (curves.trajectory_error < 0.03).all()
     fig = wr.drift_figure(curves)
-    assert len(fig.data) == len(wr.FIGURE_CURVES) and fig.layout.legend.orientation == "h"
+    assert len(fig.data) == len(wr.FIGURE_CURVES) and fig.layout.legend.orientation == "v" and fig.layout.legend.x > 1
 
 
 def test_model_specs_name_weights_and_samplers(tmp_path):
