@@ -100,31 +100,32 @@ def attention_delta(ds: xr.Dataset, label: str) -> xr.DataArray:
                                                                                         "key_frame")
 
 
-def attention_delta_figure(ds: xr.Dataset, labels: list[str], max_layers: int = 6) -> go.Figure:
-    """A row per entry, a column per captured layer: the query frame x key frame change of attn_mass against the
-    baseline (`attention_delta`), one symmetric red-blue scale (red: more mass than the baseline), query frame 0
-    at the bottom as in the attention reports."""
+def attention_delta_figure(ds: xr.Dataset, label: str, top: float, cols: int = 4) -> go.Figure:
+    """One entry's query frame x key frame change of attn_mass against the baseline (`attention_delta`), a panel
+    per captured layer, `cols` to a row (so that the figure and its colour bar fit a page); the symmetric red-blue
+    scale runs from -top to top (red: more mass than the baseline), query frame 0 at the bottom as in the
+    attention reports."""
+    import math
+
     from plotly.subplots import make_subplots
 
-    layers = [int(x) for x in ds.layer.values][:max_layers]
-    deltas = {label: attention_delta(ds, label).sel(layer=layers) for label in labels}
-    finite = np.concatenate([d.values[np.isfinite(d.values)] for d in deltas.values()] + [np.zeros(1)])
-    top = float(np.abs(finite).max()) or 1.0
-    fig = make_subplots(rows=len(labels), cols=len(layers), horizontal_spacing=0.04, vertical_spacing=0.1,
-                        subplot_titles=[f"{label} · layer {layer}" for label in labels for layer in layers])
-    frames = ds.query_frame.values
-    for i, label in enumerate(labels, start=1):
-        for j, layer in enumerate(layers, start=1):
-            z = deltas[label].sel(layer=layer).values
-            fig.add_trace(go.Heatmap(z=z.astype(np.float32), x=ds.key_frame.values, y=frames, coloraxis="coloraxis",
-                                     hovertemplate="query frame %{y}<br>key frame %{x}<br>change %{z:.4g}"
-                                                   f"<extra>{html.escape(label)}</extra>"), row=i, col=j)
-            fig.update_xaxes(title_text="key frame" if i == len(labels) else None, row=i, col=j)
-            fig.update_yaxes(title_text="query frame" if j == 1 else None, row=i, col=j)
-    fig.update_annotations(font_size=11)
-    fig.update_layout(coloraxis=dict(colorscale="RdBu_r", cmin=-top, cmax=top,
-                                     colorbar=dict(title="mass - baseline's")),
-                      height=300 * len(labels) + 90, width=max(700, 260 * len(layers) + 200), margin=dict(t=50))
+    layers = [int(x) for x in ds.layer.values]
+    delta = attention_delta(ds, label)
+    cols = min(cols, len(layers))
+    rows = math.ceil(len(layers) / cols)
+    fig = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.05, vertical_spacing=0.3 / rows,
+                        subplot_titles=[f"layer {layer}" for layer in layers])
+    for n, layer in enumerate(layers):
+        i, j = n // cols + 1, n % cols + 1
+        z = delta.sel(layer=layer).values
+        fig.add_trace(go.Heatmap(z=z.astype(np.float32), x=ds.key_frame.values, y=ds.query_frame.values,
+                                 coloraxis="coloraxis", hovertemplate="query frame %{y}<br>key frame %{x}<br>change "
+                                 f"%{{z:.4g}}<extra>layer {layer}</extra>"), row=i, col=j)
+        fig.update_xaxes(title_text="key frame" if n + cols >= len(layers) else None, row=i, col=j)
+        fig.update_yaxes(title_text="query frame" if j == 1 else None, row=i, col=j)
+    fig.update_layout(title=f"{label}: attn_mass minus the baseline's",
+                      coloraxis=dict(colorscale="RdBu_r", cmin=-top, cmax=top, colorbar=dict(title="change")),
+                      height=270 * rows + 110, width=230 * cols + 230, margin=dict(t=80, r=120))
     return fig
 
 
@@ -208,15 +209,20 @@ def _attention_section(page: Page, ds: xr.Dataset, top: list[str], drawn: int = 
     page.h(f"Attention under each entry (captured layers {layers})")
     page.p("JS divergence in bits between each entry's attention rows (attn_mass over key frames) and the baseline's, "
            "averaged over samples, steps, heads and query frames: 0 = unchanged, 1 = disjoint. The capture reads "
-           "what ran: a knocked-out frame has no mass, an ablated head still attends (its output is what changed), so "
-           "layers after the edited one show its effect downstream. n/a: no capture (a head-wise cache policy).")
+           "what ran: a knocked-out frame has no mass; an ablated head still attends (its output is what changed), "
+           "so the layers after it change in the same forward, and every layer can change through what later steps "
+           "and chunks see (the changed latents, through the KV cache). n/a: no capture (a head-wise cache policy).")
     change = attention_change(ds, top)
     page.table(change.map(lambda v: f"{v:.3g}" if np.isfinite(v) else "n/a"))
     shown = [label for label in top if np.isfinite(change.loc[label].values).any()][:drawn]
     if shown:
-        page.p("Where the mass moved: the entry's attn_mass minus the baseline's, averaged over samples, steps and "
-               "heads (red: more than the baseline; a frame the entry no longer attends counts as 0).")
-        page.figure(attention_delta_figure(ds, shown), "fig-attention-delta")
+        page.p("Where the mass moved: each entry's attn_mass minus the baseline's, averaged over samples, steps and "
+               "heads, on one colour scale for every entry (red: more than the baseline; a frame the entry no "
+               "longer attends counts as 0).")
+        deltas = [attention_delta(ds, label).values for label in shown]
+        top_change = max([float(np.nanmax(np.abs(d))) for d in deltas if np.isfinite(d).any()] + [0.0]) or 1.0
+        for n, label in enumerate(shown):
+            page.figure(attention_delta_figure(ds, label, top_change), f"fig-attention-delta-{n}")
 
 
 def _videos(page: Page, ds: xr.Dataset, store, top: list[str], samples: int = 2) -> None:

@@ -283,7 +283,17 @@ def test_ctrl_c_is_one_line_that_says_what_is_kept(command, tmp_path, capsys, mo
     from workbench.cli import main
 
     argv = {"intervene": ["--ablate", "1:0"]}.get(command, [])
-    assert main([command, *argv, "--out", str(tmp_path / "o")]) == 130
+    out = tmp_path / "o"
+    assert main([command, *argv, "--out", str(out)]) == 130
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"workbench {command}: interrupted. The finished ") and "run again" in err
+    assert err == f"workbench {command}: interrupted. Nothing was finished, so nothing is kept."
+    if command == "generate":  # two samples finished: their latents, written last, are there
+        out.mkdir()
+        for name in ("p0000-s0", "p0000-s1"):
+            (out / f"{name}.safetensors").write_bytes(b"x")
+    else:  # a store with two finished entries
+        synthetic.write_store(out, "causal", seeds=(1, 2))
+    assert main([command, *argv, "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"workbench {command}: interrupted. {out} holds 2 finished ") and "run again" in err
     assert "Traceback" not in err and len(err.splitlines()) == 1

@@ -123,10 +123,11 @@ def test_another_runs_files_are_replaced_only_when_asked(tmp_path, capsys):
              "--no-progress", "--no-video"]
     assert main(other) == 2
     err = capsys.readouterr().err
-    assert (f"{out} holds files of another run under this run's names: p0000-s1 (prompt 'a red square moving left')"
+    assert (f"{out} holds files of another run under this run's names: p0000-s1 (prompt 'a red square moving left', this "
+            "run's 'a blue circle moving up')"
             in err and "pass --overwrite to replace them" in err)
     assert main(first[:4] + ["6"] + first[5:]) == 2  # the same prompt at another length
-    assert "p0000-s0 (3 latent frames of 12x16)" in capsys.readouterr().err
+    assert "p0000-s0 (3 latent frames of 12x16, this run's 6 of 12x16)" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == before  # nothing touched
     assert main(first) == 0  # the same run again: its own files, kept (a stopped run resumes this way)
     assert "resuming: 2 sample(s) are already in" in capsys.readouterr().out

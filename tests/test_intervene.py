@@ -98,7 +98,8 @@ def test_intervene_writes_an_effects_store_and_resumes(tmp_path, capsys):
     np.testing.assert_allclose(motion[1:], step, rtol=1e-5)
 
     assert main(args + ["--temperature", "1:0:2"]) == 0  # resumes: only the new entry runs
-    assert "4 entries" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "4 entries" in printed and f"resuming: 3 of 4 entries (baseline included) are already in {out}" in printed
     again = xr.open_zarr(out, consolidated=False)
     np.testing.assert_array_equal(again.latent_distance.isel(intervention=slice(0, 3)), ds.latent_distance)
 
@@ -173,7 +174,7 @@ def test_capture_under_intervention_holds_the_edited_attention(tmp_path):
     assert list(js.columns) == ["layer 1"] and 0 < js.iloc[0, 0] <= 1
     assert main(["report", str(out), "--out", str(tmp_path / "cap.html")]) == 0
     text = (tmp_path / "cap.html").read_text()
-    assert "Attention under each entry (captured layers 1)" in text and 'id="fig-attention-delta"' in text
+    assert "Attention under each entry (captured layers 1)" in text and 'id="fig-attention-delta-0"' in text
 
 
 def test_a_spec_file_and_flags_make_the_same_entries(tmp_path):

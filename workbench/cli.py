@@ -44,12 +44,27 @@ checkpoint on top of it; info takes --wan-dir or --preset (it reads the config o
 """
 
 
-# What a command stopped midway leaves, said when Ctrl-C stops it (evaluate, train and view say their own).
-RESUME = {
-    "extract": "The finished samples are kept in the store: the same command, run again, resumes there.",
-    "intervene": "The finished entries are kept in the store: the same command, run again, resumes there.",
-    "generate": "The finished samples are kept: the same command, run again, makes only the others.",
-}
+def kept_after_interrupt(args) -> str:
+    """What a command stopped by Ctrl-C left, read from its output (evaluate, train and view say their own): the
+    finished samples or entries a store lists, or the samples whose latents (written last) generate left."""
+    from pathlib import Path
+
+    out = getattr(args, "out", None)
+    if args.command not in ("extract", "intervene", "generate") or not out or not Path(out).exists():
+        return "Nothing was finished, so nothing is kept." if args.command in ("extract", "intervene", "generate") \
+            else ""
+    if args.command == "generate":
+        n = len(list(Path(out).glob("p[0-9][0-9][0-9][0-9]-s*.safetensors")))
+        return (f"{out} holds {n} finished sample(s): the same command, run again, makes only the others."
+                if n else "Nothing was finished, so nothing is kept.")
+    try:
+        import zarr
+
+        n = len(zarr.open_group(out, mode="r").attrs.get("completed", []))
+    except Exception:
+        return ""
+    what = "sample(s)" if args.command == "extract" else "entries (baseline included)"
+    return f"{out} holds {n} finished {what}: the same command, run again, resumes there."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"workbench {args.command}: error: {err.strerror or err}{where}{full}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; what a command finished is on disk
-        print(f"\nworkbench {args.command}: interrupted. {RESUME.get(args.command, '')}".rstrip(), file=sys.stderr)
+        print(f"\nworkbench {args.command}: interrupted. {kept_after_interrupt(args)}".rstrip(), file=sys.stderr)
         return 130
     finally:
         warnings.showwarning = show

@@ -208,6 +208,9 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     if not todo:
         log(f"{cfg.out}: all {len(entries) + 1} entries are already there; nothing to do")
         return Path(cfg.out)
+    if len(todo) < len(entries) + 1:
+        log(f"resuming: {len(entries) + 1 - len(todo)} of {len(entries) + 1} entries (baseline included) are already "
+            f"in {cfg.out}; computing the other {len(todo)}")
     device, dtype = torch.device(cfg.device), _dtype(cfg.dtype)
     model = load_model(p, device, dtype)
     encoder = TextEncoder.from_wan_dir(p.wan_dir, device=device)

@@ -130,6 +130,7 @@ def run(args) -> int:
         cfg.out = f"runs/layer{layers[0]}.zarr"
     if cfg.seeds is None:
         raise WorkbenchError("--seed all is not a seed; give numbers like 42 or 0-3")
+    args.out = cfg.out  # the store this run writes (what a Ctrl-C message reads back: workbench/cli.py)
     run_extract(cfg, command=args.argv)
     if args.model_note:
         print(args.model_note)

@@ -129,10 +129,12 @@ def _differences(path: Path, want: dict) -> list[str] | None:
             shape = list(f.get_slice("latents").get_shape())
     except Exception:  # not a file of generate's
         return None
-    differ = [f"{k} {made[k]!r}" for k, v in want.items() if k != "shape" and k in made and made[k] != v]
+    differ = [f"{k} {made[k]!r}, this run's {v!r}" for k, v in want.items()
+              if k != "shape" and k in made and made[k] != v]
     differ += [f"no {k} recorded" for k in want if k != "shape" and k not in made]
     if [shape[0], *shape[-2:]] != want["shape"]:
-        differ.append(f"{shape[0]} latent frames of {shape[-2]}x{shape[-1]}")
+        f, h, w = want["shape"]
+        differ.append(f"{shape[0]} latent frames of {shape[-2]}x{shape[-1]}, this run's {f} of {h}x{w}")
     return differ
 
 
