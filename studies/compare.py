@@ -124,7 +124,8 @@ def match_steps(
     a: xr.Dataset, b: xr.Dataset, *, tolerance: float = 20.0, cfg: str = "cond", same_phase: bool = True
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(matched, unmatched_a, unmatched_b): one-to-one pairs of steps of A and B with the nearest timesteps (see
-    the module docstring), in the order of A's steps. Raises WorkbenchError when nothing matches, listing both stores' timesteps."""
+    the module docstring), in the order of A's steps. Raises WorkbenchError when nothing matches, listing both
+    stores' timesteps."""
     if cfg not in ("cond", "uncond"):
         raise WorkbenchError(f"cfg {cfg!r} must be 'cond' or 'uncond' (the CFG branch to compare)")
     if not tolerance >= 0:

@@ -153,8 +153,8 @@ def build_report(
     page.h(f"Overview at {metrics.step_label(ds, step)}")
     page.p(f"Head metrics averaged over query frames {frames[0]}-{frames[-1]} ({query_frames}) and "
            f"{'sample ' + sample if sample else 'all samples'}. Classes: sink (mass on frame 0 &ge; threshold), local "
-           "(mass on keys less than a chunk's length from the query), global (normalised entropy high), deep_sink (mass on the oldest half of "
-           "the attended frames), mixed (none). Thresholds: "
+           "(mass on keys less than a chunk's length from the query), global (normalised entropy high), deep_sink "
+           "(mass on the oldest half of the attended frames), mixed (none). Thresholds: "
            + ", ".join(f"{k}={v}" for k, v in classes.attrs.items() if k.endswith(("_min", "_entropy"))) + ".")
     at = hm.sel(step=step)
     page.figure(figures.taxonomy_map(classes.sel(step=step), title=f"head classes · {metrics.step_label(ds, step)}"),
@@ -229,8 +229,8 @@ def _training_report(ds: xr.Dataset, source: str, out_html, *, layer, sample, st
 def compare_summary(c, ranking, name_a: str, name_b: str, rows: int = 5) -> str:
     """A few lines for the terminal: the matched samples and steps, then the `rows` heads whose attention over key
     frames moved most (JS divergence in bits, mean over matched steps) with each side's head class."""
-    lines = [f"A = {name_a.removeprefix('A: ')}, B = {name_b.removeprefix('B: ')}: {len(c.pairs)} sample pair(s) paired by "
-             f"{'prompt and seed' if c.pair_by == 'seed' else 'prompt'}, "
+    lines = [f"A = {name_a.removeprefix('A: ')}, B = {name_b.removeprefix('B: ')}: {len(c.pairs)} sample pair(s) "
+             f"paired by {'prompt and seed' if c.pair_by == 'seed' else 'prompt'}, "
              f"{c.js_bits.sizes['match']} matched step(s), query frames {c.query_frames}",
              "heads whose attention over key frames changed most (Jensen-Shannon, bits; 0 = same, 1 = disjoint):",
              f"{'layer':>6}{'head':>6}{'js_bits':>9}  class A -> class B"]

@@ -123,8 +123,8 @@ def test_another_runs_files_are_replaced_only_when_asked(tmp_path, capsys):
              "--no-progress", "--no-video"]
     assert main(other) == 2
     err = capsys.readouterr().err
-    assert (f"{out} holds files of another run under this run's names: p0000-s1 (prompt 'a red square moving left', this "
-            "run's 'a blue circle moving up')"
+    assert (f"{out} holds files of another run under this run's names: p0000-s1 (prompt 'a red square moving left', "
+            "this run's 'a blue circle moving up')"
             in err and "pass --overwrite to replace them" in err)
     assert main(first[:4] + ["6"] + first[5:]) == 2  # the same prompt at another length
     assert "p0000-s0 (3 latent frames of 12x16, this run's 6 of 12x16)" in capsys.readouterr().err

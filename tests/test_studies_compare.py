@@ -63,8 +63,9 @@ def test_a_relative_store_is_found_from_a_folder_below(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "nb")
     assert find_store("runs/x.zarr") == tmp_path / "runs" / "x.zarr"
     assert load_store("runs/x.zarr").sizes["layer"] > 0
-    with pytest.raises(WorkbenchError, match=r"no store at 'runs/none.zarr': looked in the working directory and "
-                                             rf"the folders above it and the repository \({tmp_path / 'nb'}, {tmp_path}"):
+    said = (r"no store at 'runs/none.zarr': looked in the working directory and the folders above it and the "
+            rf"repository \({tmp_path / 'nb'}, {tmp_path}")
+    with pytest.raises(WorkbenchError, match=said):
         load_store("runs/none.zarr")
 
 

@@ -101,7 +101,8 @@ def reading(layers: list[int], heads: list[int], first, same, distance, uniform:
     wide, wi = name(distance, lambda g: g.argmax())
     sink, si = name(first, lambda g: g.argmax())
     return (f"reading: most local {local} ({_fmt(same[li], 2)} of its attention on its own frame); widest {wide} "
-            f"(keys {_fmt(distance[wi], 1)} frames away on average); most drawn to frame 0: {sink} ({_fmt(first[si], 2)}"
+            f"(keys {_fmt(distance[wi], 1)} frames away on average); most drawn to frame 0: {sink} "
+            f"({_fmt(first[si], 2)}"
             + (f"; uniform attention would give it {_fmt(uniform, 2)}" if uniform is not None else "") + ")")
 
 

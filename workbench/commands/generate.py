@@ -252,7 +252,8 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
 
         locks.append(StoreLock(out, what="a generate folder").acquire())
     if args.live:
-        live = LiveRun(capture, out, device, fps=16, command=args.argv)  # live.json now: `workbench view OUT` can start waiting
+        # live.json now: `workbench view OUT` can start waiting
+        live = LiveRun(capture, out, device, fps=16, command=args.argv)
 
     # --- text first; in low-memory mode the encoder leaves the GPU before the DiT arrives
     encoder = TextEncoder.from_wan_dir(wan_dir, device=device, cache_dir=out / ".prompt_cache")
