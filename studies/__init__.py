@@ -28,7 +28,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def store_folders(path: str | Path) -> list[Path]:
+def store_folders() -> list[Path]:
     """Where a relative store path is looked for, in order: the working directory, each folder above it (a
     notebook runs in its own folder, e.g. `notebooks/`, next to the `runs/` its commands wrote), and the
     repository root."""
@@ -43,7 +43,7 @@ def find_store(path: str | Path) -> Path:
     path = Path(path)
     if path.is_absolute() or path.exists():
         return path
-    for folder in store_folders(path):
+    for folder in store_folders():
         if (folder / path).exists():
             return folder / path
     return path
@@ -57,7 +57,8 @@ def load_store(path: str | Path):
 
     found = find_store(path)
     if not found.is_absolute() and not found.exists():
-        where = ", ".join(str(f) for f in store_folders(path)[:4]) + (", ..." if len(store_folders(path)) > 4 else "")
+        folders = store_folders()
+        where = ", ".join(str(f) for f in folders[:4]) + (", ..." if len(folders) > 4 else "")
         raise WorkbenchError(f"no store at {str(path)!r}: looked in the working directory and the folders above it "
                              f"and the repository ({where}); make it first (a notebook names the command above the "
                              "cell that opens it), or give an absolute path")

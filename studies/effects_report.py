@@ -100,17 +100,16 @@ def attention_delta(ds: xr.Dataset, label: str) -> xr.DataArray:
                                                                                         "key_frame")
 
 
-def attention_delta_figure(ds: xr.Dataset, label: str, top: float, cols: int = 4) -> go.Figure:
-    """One entry's query frame x key frame change of attn_mass against the baseline (`attention_delta`), a panel
-    per captured layer, `cols` to a row (so that the figure and its colour bar fit a page); the symmetric red-blue
-    scale runs from -top to top (red: more mass than the baseline), query frame 0 at the bottom as in the
-    attention reports."""
+def attention_delta_figure(delta: xr.DataArray, label: str, top: float, cols: int = 4) -> go.Figure:
+    """One entry's query frame x key frame change of attn_mass against the baseline (`delta`, what
+    `attention_delta` returns: [layer, query_frame, key_frame]), a panel per captured layer, `cols` to a row (so
+    that the figure and its colour bar fit a page); the symmetric red-blue scale runs from -top to top (red: more
+    mass than the baseline), query frame 0 at the bottom as in the attention reports."""
     import math
 
     from plotly.subplots import make_subplots
 
-    layers = [int(x) for x in ds.layer.values]
-    delta = attention_delta(ds, label)
+    layers = [int(x) for x in delta.layer.values]
     cols = min(cols, len(layers))
     rows = math.ceil(len(layers) / cols)
     fig = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.05, vertical_spacing=0.3 / rows,
@@ -118,7 +117,7 @@ def attention_delta_figure(ds: xr.Dataset, label: str, top: float, cols: int = 4
     for n, layer in enumerate(layers):
         i, j = n // cols + 1, n % cols + 1
         z = delta.sel(layer=layer).values
-        fig.add_trace(go.Heatmap(z=z.astype(np.float32), x=ds.key_frame.values, y=ds.query_frame.values,
+        fig.add_trace(go.Heatmap(z=z.astype(np.float32), x=delta.key_frame.values, y=delta.query_frame.values,
                                  coloraxis="coloraxis", hovertemplate="query frame %{y}<br>key frame %{x}<br>change "
                                  f"%{{z:.4g}}<extra>layer {layer}</extra>"), row=i, col=j)
         fig.update_xaxes(title_text="key frame" if n + cols >= len(layers) else None, row=i, col=j)
@@ -219,10 +218,11 @@ def _attention_section(page: Page, ds: xr.Dataset, top: list[str], drawn: int = 
         page.p("Where the mass moved: each entry's attn_mass minus the baseline's, averaged over samples, steps and "
                "heads, on one colour scale for every entry (red: more than the baseline; a frame the entry no "
                "longer attends counts as 0).")
-        deltas = [attention_delta(ds, label).values for label in shown]
-        top_change = max([float(np.nanmax(np.abs(d))) for d in deltas if np.isfinite(d).any()] + [0.0]) or 1.0
-        for n, label in enumerate(shown):
-            page.figure(attention_delta_figure(ds, label, top_change), f"fig-attention-delta-{n}")
+        deltas = {label: attention_delta(ds, label).load() for label in shown}
+        top_change = max([float(np.nanmax(np.abs(d.values))) for d in deltas.values() if np.isfinite(d.values).any()]
+                         + [0.0]) or 1.0
+        for n, (label, delta) in enumerate(deltas.items()):
+            page.figure(attention_delta_figure(delta, label, top_change), f"fig-attention-delta-{n}")
 
 
 def _videos(page: Page, ds: xr.Dataset, store, top: list[str], samples: int = 2) -> None:

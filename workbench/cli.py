@@ -49,10 +49,11 @@ def kept_after_interrupt(args) -> str:
     finished samples or entries a store lists, or the samples whose latents (written last) generate left."""
     from pathlib import Path
 
+    if args.command not in ("extract", "intervene", "generate"):
+        return ""
     out = getattr(args, "out", None)
-    if args.command not in ("extract", "intervene", "generate") or not out or not Path(out).exists():
-        return "Nothing was finished, so nothing is kept." if args.command in ("extract", "intervene", "generate") \
-            else ""
+    if not out or not Path(out).exists():
+        return "Nothing was finished, so nothing is kept."
     if args.command == "generate":
         n = len(list(Path(out).glob("p[0-9][0-9][0-9][0-9]-s*.safetensors")))
         return (f"{out} holds {n} finished sample(s): the same command, run again, makes only the others."

@@ -333,11 +333,12 @@ def ranking_text(path, top: int = 20) -> str:
     cols = [c for c in ("effect", "effect_last_chunk", "motion_change", "trajectory_error", "d_trajectory_error",
                         "adherent", "speed") if c in table]
     shown = table.head(top)
-    name = max(12, *(len(str(x)) for x in shown.index)) if len(shown) else 12
-    name = min(name, 36)  # columns as wide as their names: the table fits a terminal of ~120 columns
-    lines.append(f"{'intervention':<{name}}" + "".join(f"{c:>{max(8, len(c)) + 2}}" for c in cols))
+    # columns as wide as their names: the table fits a terminal of ~120 columns
+    name = min(36, max([12, *(len(str(x)) for x in shown.index)]))
+    width = {c: max(8, len(c)) + 2 for c in cols}
+    lines.append(f"{'intervention':<{name}}" + "".join(f"{c:>{width[c]}}" for c in cols))
     for label, r in shown.iterrows():
-        lines.append(f"{label[:name]:<{name}}" + "".join(f"{r[c]:>{max(8, len(c)) + 2}.4f}" for c in cols))
+        lines.append(f"{label[:name]:<{name}}" + "".join(f"{r[c]:>{width[c]}.4f}" for c in cols))
     if len(table) > top:
         lines.append(f"... {len(table) - top} more (workbench report {path})")
     lines.append(f"render it: workbench report {path}")

@@ -34,7 +34,9 @@ def run_key(p) -> str:
 
 
 def score_path(out, label: str, frames: int, prompt_index: int, seed: int) -> Path:
-    return Path(out) / FOLDER / label / f"f{frames}" / f"p{prompt_index:04d}-s{seed}.json"
+    from workbench.store import sample_id
+
+    return Path(out) / FOLDER / label / f"f{frames}" / f"{sample_id(prompt_index, seed)}.json"
 
 
 def save(path: Path, key: str, prompt: str, seed: int, score) -> None:

@@ -61,6 +61,16 @@ def append_dim_of(attrs: dict) -> tuple[str, str]:
     return ("intervention" if attrs.get("store_kind") == "effects" else "sample"), "completed"
 
 
+def lengths_along(group, dim: str) -> dict[str, int]:
+    """{array name: its length along `dim`} for the arrays of a zarr group that have that dim."""
+    lengths = {}
+    for name, array in group.arrays():
+        dims = array.metadata.dimension_names or ()
+        if dim in dims:
+            lengths[name] = array.shape[dims.index(dim)]
+    return lengths
+
+
 def _open_cut(path: Path, err: Exception) -> xr.Dataset:
     """A store whose arrays disagree on the append dim's length (a write stopped midway: some arrays got the new
     entry, others not), which xr.open_zarr refuses: each group of arrays of one length opened on its own and cut
@@ -71,11 +81,7 @@ def _open_cut(path: Path, err: Exception) -> xr.Dataset:
     try:
         group = zarr.open_group(path, mode="r")
         dim, _ = append_dim_of(dict(group.attrs))
-        lengths = {}
-        for name, array in group.arrays():
-            dims = array.metadata.dimension_names or ()
-            if dim in dims:
-                lengths[name] = array.shape[dims.index(dim)]
+        lengths = lengths_along(group, dim)
     except Exception:
         raise unreadable from err
     if len(set(lengths.values())) < 2:
@@ -377,11 +383,7 @@ class StoreWriter:
                     "one model, so that no report or comparison mixes two: write these samples to another --out and "
                     "compare the stores with `workbench compare` (or pass --overwrite to replace this one)")
             raise WorkbenchError(f"{str(self.path)!r} was made with another configuration ({what}); {self.hint}")
-        lengths = {}
-        for name, array in group.arrays():
-            dims = array.metadata.dimension_names or ()
-            if self.append_dim in dims:
-                lengths[name] = array.shape[dims.index(self.append_dim)]
+        lengths = lengths_along(group, self.append_dim)
         n = min(lengths.values(), default=0)  # entries that every array holds
         try:
             ids = np.asarray(group[self.append_dim][:n]).tolist()

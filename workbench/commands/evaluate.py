@@ -473,7 +473,9 @@ def _keep_finished(pending, keep) -> list:
 
 def _video_path(out: Path, label: str, frames: int, prompt_index: int, seed: int) -> Path:
     """--save-videos: videos/LABEL/fFRAMES/pPPPP-sS.mp4 (and .png beside it)."""
-    return Path(out) / "videos" / label / f"f{frames}" / f"p{prompt_index:04d}-s{seed}.mp4"
+    from workbench.store import sample_id
+
+    return Path(out) / "videos" / label / f"f{frames}" / f"{sample_id(prompt_index, seed)}.mp4"
 
 
 def _save_video(video, path: Path) -> None:

@@ -138,25 +138,6 @@ def _differences(path: Path, want: dict) -> list[str] | None:
     return differ
 
 
-def other_runs(out, wanted: dict[str, dict]) -> list[str]:
-    """The files in `out` named as this run names its own (`wanted`: name -> what `_differences` compares) that
-    another run made: another prompt, seed, sampler, weights or size (read from each latents file's metadata)."""
-    found = []
-    for name, want in wanted.items():
-        differ = _differences(Path(out) / f"{name}.safetensors", want)
-        if differ and not all(d.startswith("no ") for d in differ):  # (an older file records less: not judged)
-            found.append(f"{name} ({', '.join(differ)})")
-    return found
-
-
-def already_made(out, name: str, want: dict, videos: list[str]) -> bool:
-    """Whether `out` holds sample `name` exactly as this run would make it: its latents with this run's metadata
-    and size, and its video files (`videos`: the suffixes asked for). The latents are written last, so with them
-    on disk the videos are whole."""
-    return _differences(Path(out) / f"{name}.safetensors", want) == [] and all(
-        (Path(out) / f"{name}{suffix}").is_file() for suffix in videos)
-
-
 def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     import contextlib
     import gc
@@ -179,6 +160,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from workbench.commands import resolve_model, world_prompt_note
     from workbench.errors import WorkbenchError
     from workbench.extract import DEFAULT_PROMPT, _dtype, _rank_device, _weights_file, parse_int_list, rank_share
+    from workbench.store import StoreLock, sample_id
 
     # --- everything that can be wrong, before any work
     resolve_model(args)
@@ -238,18 +220,20 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
                                                                          else "float32"), h, w)
     # another run's files under this run's names are replaced only when asked (--overwrite)
     weights_sha256 = sha256_file(Path(args.checkpoint) if args.checkpoint else _weights_file(wan_dir))
-    wanted = {f"p{i:04d}-s{s}": dict(prompt=prompts[i], seed=str(s), sampler=args.sampler,
-                                     weights_sha256=weights_sha256, use_ema=str(bool(args.use_ema)),
-                                     shape=[args.frames, h, w]) for i in range(len(prompts)) for s in seeds}
-    if rank == 0 and not args.overwrite and (clash := other_runs(args.out, wanted)):
+    wanted = {sample_id(i, s): dict(prompt=prompts[i], seed=str(s), sampler=args.sampler,
+                                    weights_sha256=weights_sha256, use_ema=str(bool(args.use_ema)),
+                                    shape=[args.frames, h, w]) for i in range(len(prompts)) for s in seeds}
+    # how each file already there under this run's names differs from what this run would write (None: no file)
+    existing = {name: _differences(Path(args.out) / f"{name}.safetensors", want) for name, want in wanted.items()}
+    clash = [f"{name} ({', '.join(differ)})" for name, differ in existing.items()  # (an older file records less)
+             if differ and not all(d.startswith("no ") for d in differ)]
+    if rank == 0 and not args.overwrite and clash:
         more = f" and {len(clash) - 3} more" if len(clash) > 3 else ""
         raise WorkbenchError(f"{args.out} holds files of another run under this run's names: {'; '.join(clash[:3])}"
                              f"{more}. generate names its files p<prompt index>-s<seed>, so this run would replace "
                              "them: choose another --out, or pass --overwrite to replace them")
     out = ensure_writable_dir(args.out)  # every check passed: the output folder is made now
     if rank == 0 and locks is not None:  # one run writes a folder at a time (refused at once, naming the holder)
-        from workbench.store import StoreLock
-
         locks.append(StoreLock(out, what="a generate folder").acquire())
     if args.live:
         # live.json now: `workbench view OUT` can start waiting
@@ -258,10 +242,12 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     # --- text first; in low-memory mode the encoder leaves the GPU before the DiT arrives
     encoder = TextEncoder.from_wan_dir(wan_dir, device=device, cache_dir=out / ".prompt_cache")
     jobs = rank_share([(i, s) for i in range(len(prompts)) for s in seeds], rank, world)  # this rank's samples
-    # a run stopped midway resumes: the samples already there, made as this run would make them, are kept
+    # a run stopped midway resumes: the samples already there as this run would make them (their latents, written
+    # last, with this run's metadata and size, and the video files asked for) are kept
     videos = [] if args.no_video else [".png"] + [".mp4"] * mp4
-    kept = [] if args.overwrite or live is not None else [(i, s) for i, s in jobs if already_made(out, f"p{i:04d}-s{s}",
-                                                                           wanted[f"p{i:04d}-s{s}"], videos)]
+    kept = [] if args.overwrite or live is not None else [
+        (i, s) for i, s in jobs if existing[sample_id(i, s)] == []
+        and all((out / f"{sample_id(i, s)}{suffix}").is_file() for suffix in videos)]
     jobs = [job for job in jobs if job not in kept]
     if kept and rank == 0:
         print(f"resuming: {len(kept)} sample(s) are already in {out}, made with the same prompt, seed, sampler, "
@@ -295,7 +281,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
         vae = None
 
     for i, seed in jobs:
-        name = f"p{i:04d}-s{seed}"
+        name = sample_id(i, seed)
         noise, gen = seeded_noise(seed, (1, args.frames, model.config.in_dim, h, w), device, dtype)
         chunks = len(model.chunk_spans(args.frames)) if args.sampler != "bidirectional" else 1
         per_chunk = 5 if args.sampler == "causal_few_step" else 2 * args.num_inference_steps + (2 if cfg_sampler and args.sampler != "bidirectional" else 0)
