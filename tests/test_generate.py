@@ -172,8 +172,8 @@ def test_generate_never_leaves_half_written_latents(tmp_path, monkeypatch, capsy
 
 
 def test_a_prompt_outside_the_miniature_world_is_named_in_a_note(tmp_path, capsys):
-    """The embedded models know one coloured shape moving one way: a run on another prompt (the default eagle
-    among them) ends with a note naming it and a prompt to try; a world prompt, or a Wan folder, gets none."""
+    """The embedded models know one coloured shape moving one way: a run on another prompt (such as the
+    researchers' eagle) ends with a note naming it and a prompt to try; a world prompt, or a Wan folder, gets none."""
     import argparse
 
     from workbench.commands import world_prompt_note
@@ -191,3 +191,19 @@ def test_a_prompt_outside_the_miniature_world_is_named_in_a_note(tmp_path, capsy
     two_colours = world_prompt_note(embedded, ["a red and blue square moving left"])  # one colour, not two
     assert "'a red and blue square moving left' is not among" in two_colours
     assert "'x', 'y' and 1 more are not among" in world_prompt_note(embedded, ["x", "y", "a red square moving up", "z"])
+
+
+def test_the_default_prompt_is_one_the_model_knows(tmp_path, capsys):
+    """With no prompt, the embedded zoo runs a prompt of its miniature world (no note; generate, extract and
+    intervene the same one), a Wan folder the researchers' eagle prompt."""
+    from models import world
+    from workbench.extract import DEFAULT_PROMPT, ExtractConfig, default_prompts
+
+    (prompt,) = default_prompts(None)
+    world.parse_prompt(prompt)  # one of the world's prompts (raises otherwise)
+    assert ExtractConfig().prompts == [prompt] and ExtractConfig(model="teacher").prompts == [prompt]
+    assert ExtractConfig(wan_dir="wan_models/Wan2.1-T2V-1.3B").prompts == [DEFAULT_PROMPT] and "eagle" in DEFAULT_PROMPT
+    assert main(["generate", "--frames", "3", "--out", str(tmp_path / "g"), "--no-progress", "--no-video"]) == 0
+    assert "note:" not in capsys.readouterr().out
+    with safe_open(str(tmp_path / "g" / "p0000-s0.safetensors"), "pt") as f:
+        assert f.metadata()["prompt"] == prompt

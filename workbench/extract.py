@@ -41,7 +41,15 @@ from workbench.statistics import DEFAULT_STATS, check_stats
 from workbench.store import SCHEMA_VERSION, StoreLayout, StoreLock, StoreWriter, sample_dataset, sample_id
 from workbench.weights import check_weights_args, resolve_model  # noqa: F401 (resolve_model: the API)
 
-DEFAULT_PROMPT = "A majestic eagle soaring through a cloudy sky, cinematic lighting"
+DEFAULT_PROMPT = "A majestic eagle soaring through a cloudy sky, cinematic lighting"  # the researchers' scripts'
+WORLD_PROMPT = "a red square moving right"  # the embedded zoo's default: a prompt of its miniature world (models/world.py)
+
+
+def default_prompts(wan_dir) -> list[str]:
+    """The prompts a run makes when none is given: the researchers' eagle prompt for a Wan folder (so that runs
+    compare with their scripts), a prompt of the miniature world for the embedded zoo (wan_dir None), whose models
+    know nothing else and would draw no clear object for the eagle."""
+    return [DEFAULT_PROMPT] if wan_dir else [WORLD_PROMPT]
 
 
 @dataclass
@@ -53,7 +61,7 @@ class ExtractConfig:
     steps: list[int] | None = None  # None: every step of the schedule
     stats: list[str] = field(default_factory=lambda: list(DEFAULT_STATS))
     token_layers: list[int] = field(default_factory=list)
-    prompts: list[str] = field(default_factory=lambda: [DEFAULT_PROMPT])
+    prompts: list[str] | None = None  # None: default_prompts(wan_dir), set at construction
     seeds: list[int] = field(default_factory=lambda: [42])
     num_frames: int = 21
     # which weights: `model`, a model of the embedded zoo by name (models/wan/embedded.py ZOO: teacher, df, ode,
@@ -86,6 +94,10 @@ class ExtractConfig:
     progress: bool = True
     capture_mode: str = "auto"  # auto | exact | indicator | fused (workbench.capture.StatsProbe)
     attention_kernel: str = "auto"  # auto | triton (models.common.attention_kernels.CHOICES)
+
+    def __post_init__(self):
+        if self.prompts is None:
+            self.prompts = default_prompts(self.wan_dir)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -86,6 +86,11 @@ def resolve_model(args) -> None:
             setattr(args, key, getattr(entry, key) if entry is not None else value)
 
 
+PROMPT_HELP = ("a prompt (repeat for several; default: \"a red square moving right\" on the embedded zoo, which knows "
+               "only its miniature world of one coloured shape moving one way; the researchers' eagle prompt with "
+               "--wan-dir)")
+
+
 def add_size_arguments(group) -> None:
     """--height/--width in pixels, for `extract` and `generate` (the model folder's own size by default)."""
     group.add_argument("--height", type=int, metavar="PX",
@@ -98,8 +103,8 @@ def add_size_arguments(group) -> None:
 
 def world_prompt_note(args, prompts: list[str]) -> str | None:
     """A note for a run of the embedded zoo on prompts its miniature world cannot read (models/world.py: one colour,
-    shape and direction, e.g. 'a blue circle moving up'): the default prompt, the researchers' eagle, is one of
-    them, so the video shows no clear object. Said after the work, as `model_note`; None for a Wan folder."""
+    shape and direction, e.g. 'a blue circle moving up'), so the video shows no clear object (the default prompt on
+    the embedded zoo is one of its world's, workbench/extract.py `default_prompts`). Said after the work, as `model_note`; None for a Wan folder."""
     from models import world
 
     if args.wan_dir:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.commands import (ATTENTION_KERNELS, add_chunk_arguments, add_model_arguments, add_size_arguments,
-                                latent_frames)
+from workbench.commands import (ATTENTION_KERNELS, PROMPT_HELP, add_chunk_arguments, add_model_arguments,
+                                add_size_arguments, latent_frames)
 from workbench.statistics import DEFAULT_STATS, stats_help
 
 HELP = "capture per-layer, per-head, frame-by-frame attention of a rollout into a zarr store"
@@ -59,8 +59,7 @@ def register(subparsers) -> None:
                            "(default: %(default)s)")
     job = p.add_argument_group("what to run")
     job.add_argument("--prompt", action="append", metavar="TEXT",
-                     help="a prompt (repeat for several; default: the researchers' eagle prompt; the embedded "
-                          "models know only their miniature world: e.g. \"a blue circle moving up\")")
+                     help=PROMPT_HELP)
     job.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
     job.add_argument("--image", metavar="PATH",
                      help="image-to-video: the image's VAE latent is frame 0, a chunk of its own (implies "

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from workbench.commands import (ATTENTION_KERNELS, add_chunk_arguments, add_model_arguments, add_size_arguments,
-                                latent_frames)
+from workbench.commands import (ATTENTION_KERNELS, PROMPT_HELP, add_chunk_arguments, add_model_arguments,
+                                add_size_arguments, latent_frames)
 
 HELP = "generate videos (latents, mp4, PNG grid) from prompts"
 
@@ -44,8 +44,7 @@ def register(subparsers) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", metavar="TEXT",
-                     help="a prompt (repeat for several; default: the researchers' eagle prompt, as extract's; the "
-                          "embedded models know only their miniature world: e.g. \"a blue circle moving up\")")
+                     help=PROMPT_HELP)
     src.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
     p.add_argument("--seed", default="0", help="seed(s): 0, 0-3 or 1,2,3 (default: %(default)s)")
     p.add_argument("--image", metavar="PATH",
@@ -159,14 +158,14 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from models.wan.vae import WanVAE, resolve_decoder
     from workbench.commands import resolve_model, world_prompt_note
     from workbench.errors import WorkbenchError
-    from workbench.extract import DEFAULT_PROMPT, _dtype, _rank_device, _weights_file, parse_int_list, rank_share
+    from workbench.extract import _dtype, _rank_device, _weights_file, default_prompts, parse_int_list, rank_share
     from workbench.store import StoreLock, sample_id
 
     # --- everything that can be wrong, before any work
     resolve_model(args)
     resolve_decoder(args.vae_decoder)  # a bad WORKBENCH_VAE_DECODER included
     check_writable_dir(args.out)  # (made once every check has passed, below)
-    prompts = read_prompts(args.prompts) if args.prompts else (args.prompt or [DEFAULT_PROMPT])
+    prompts = read_prompts(args.prompts) if args.prompts else (args.prompt or default_prompts(args.wan_dir))
     seeds = parse_int_list(args.seed, what="seed")
     if not seeds:
         raise WorkbenchError("--seed needs numbers, e.g. 0 or 0-3")

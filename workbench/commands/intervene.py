@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.commands import add_model_arguments, add_size_arguments
+from workbench.commands import PROMPT_HELP, add_model_arguments, add_size_arguments
 
 HELP = "ablate heads, knock out key frames, change temperatures or cache policies: what changes in the video"
 
@@ -47,9 +47,6 @@ examples:
   workbench report runs/sweep.zarr           # ranked table and per-frame effect curves (HTML + PNG)
 """
 
-DEFAULT_PROMPT = "a red square moving right"
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("intervene", help=HELP, description=HELP, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,7 +60,7 @@ def register(subparsers) -> None:
     what.add_argument("--resample-prompt", default="a blue circle moving up",
                       help="the prompt resample ablations take heads' outputs from (default: %(default)s)")
     job = p.add_argument_group("the rollouts")
-    job.add_argument("--prompt", action="append", metavar="TEXT", help=f"a prompt (repeat; default: {DEFAULT_PROMPT!r})")
+    job.add_argument("--prompt", action="append", metavar="TEXT", help=PROMPT_HELP)
     job.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
     job.add_argument("--seeds", default="0", help="seeds: 0, 0-2 or 1,5 (default: %(default)s)")
     job.add_argument("--frames", type=int, default=21, help="latent frames (default: %(default)s)")
@@ -135,7 +132,7 @@ def run(args) -> int:
     from workbench.chunking import block_sizes_of
     from workbench.commands import resolve_model
     from workbench.errors import WorkbenchError
-    from workbench.extract import ExtractConfig, parse_int_list, plan
+    from workbench.extract import ExtractConfig, default_prompts, parse_int_list, plan
     from workbench.intervene import run_intervene
 
     if args.model and ZOO.get(args.model) is not None and ZOO[args.model].sampler != "causal_few_step":
@@ -153,7 +150,7 @@ def run(args) -> int:
 
         prompts = read_prompts(args.prompts)
     else:
-        prompts = args.prompt or [DEFAULT_PROMPT]
+        prompts = args.prompt or default_prompts(args.wan_dir)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = ExtractConfig(prompts=prompts, seeds=seeds, num_frames=args.frames, height=args.height, width=args.width,
                         local_attn_size=args.local_attn_size, sink_size=args.sink_size, model=args.model,
