@@ -23,6 +23,9 @@ from models.errors import CheckpointError, ModelInputError
 MEMO_DIR = Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "sf-workbench"))
 
 
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # how a Git LFS pointer file starts
+
+
 def load_tensors(path, *, trust_pickle: bool = False):
     """Whatever a weights file holds (a state dict, or a dict of them), read safely."""
     import torch  # (here: the file helpers below serve commands that never load a model)
@@ -30,6 +33,10 @@ def load_tensors(path, *, trust_pickle: bool = False):
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {str(path)!r} does not exist")
+    with open(path, "rb") as f:
+        if f.read(len(LFS_POINTER)) == LFS_POINTER:
+            raise CheckpointError(f"{str(path)!r} is a Git LFS pointer ({path.stat().st_size} bytes), not the weights: "
+                                  "fetch the file itself (git lfs pull, or download it again)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -181,17 +188,18 @@ def new_file_mode() -> int:
 STALE_AFTER_S = 600  # a temporary file untouched this long, of a process gone, was left by a killed write
 
 
-def stale_temporaries(folder, *, now: float | None = None) -> list[Path]:
+def stale_temporaries(folder, *, now: float | None = None, older_than_s: float = STALE_AFTER_S) -> list[Path]:
     """Temporary files of atomic writes (`temporary_path`'s names: .NAME.PID-HEX.tmpSUFFIX) under `folder`, left by a
-    write that was killed: their process is gone from this host and they have not changed for STALE_AFTER_S
-    seconds (a writer on another host sharing the folder keeps its file changing, so it is never taken)."""
+    write that was killed: their process is gone from this host and they have not changed for `older_than_s`
+    seconds (a writer on another host sharing the folder keeps its file changing, so it is never taken; a caller
+    that holds the folder's lock knows there is no other writer and passes 0)."""
     import time
 
     now = time.time() if now is None else now
     stale = []
     for path in Path(folder).rglob(".*.tmp*"):
         m = TEMPORARY_NAME.match(path.name)
-        if not m or not path.is_file() or now - path.stat().st_mtime < STALE_AFTER_S:
+        if not m or not path.is_file() or now - path.stat().st_mtime < older_than_s:
             continue
         try:
             os.kill(int(m.group(1)), 0)  # the writer still runs (or a process has its pid): keep the file

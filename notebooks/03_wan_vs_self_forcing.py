@@ -67,7 +67,10 @@ assert np.nanmin(js) >= -1e-9 and np.nanmax(js) <= 1 + 1e-9, "JS divergence in b
 c.steps
 
 # %%
-c.unmatched_a, c.unmatched_b
+from IPython.display import display
+
+display(c.unmatched_a)  # samples of A without a partner in B (empty: every sample is paired)
+display(c.unmatched_b)  # and of B without one in A
 
 # %% [markdown]
 # ## Heads ranked by change

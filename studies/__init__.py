@@ -51,7 +51,8 @@ def find_store(path: str | Path) -> Path:
 
 def load_store(path: str | Path):
     """`workbench.store.open_store` on `find_store(path)` (the schema check and error messages are its own; a
-    relative path found nowhere says where it was looked for)."""
+    relative path found nowhere says where it was looked for, one found above the working directory says where it
+    was found)."""
     from workbench.errors import WorkbenchError
     from workbench.store import open_store
 
@@ -62,4 +63,6 @@ def load_store(path: str | Path):
         raise WorkbenchError(f"no store at {str(path)!r}: looked in the working directory and the folders above it "
                              f"and the repository ({where}); make it first (a notebook names the command above the "
                              "cell that opens it), or give an absolute path")
+    if found != Path(path):
+        print(f"opened {found}")  # (not the working directory's: a notebook names the store it shows)
     return open_store(found)

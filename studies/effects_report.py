@@ -185,6 +185,10 @@ def build_effects_report(store, out_html: str | Path) -> Path:
         fig.update_layout(xaxis_title=xlabel, yaxis_title=ylabel, height=420, legend=dict(font=dict(size=10)),
                           margin=dict(t=30))
         page.figure(fig, f"fig-curve-{i}")
+        if name == "world_curve_trajectory_error":
+            page.p("Trajectory error per frame: the distance of the tracked object from the named motion fitted to "
+                   "the whole video (docs/world_metrics.md), so an edit that changes later frames moves the fit, "
+                   "and frames the edit left as they were can show a larger error too.")
     _videos(page, ds, store, top)
     png = out_html.with_suffix(".png")
     write_png(curve_png(ds, top), png)
@@ -254,24 +258,36 @@ def write_png(image, path: Path) -> Path:
     return path
 
 
+def nice_ticks(top_value: float, n: int = 5) -> list[float]:
+    """Ticks from 0 a person would pick for values up to `top_value`: about `n` steps of 1, 2, 2.5 or 5 times a
+    power of ten, the last at or just above the top value."""
+    raw = top_value / n
+    power = 10 ** np.floor(np.log10(raw))
+    step = float(power * next(m for m in (1, 2, 2.5, 5, 10) if m * power >= raw))
+    return [round(k * step, 12) for k in range(int(np.ceil(top_value * 1.02 / step)) + 1)]
+
+
 def curve_png(ds: xr.Dataset, labels: list[str], size=(900, 520)):
     """Per-frame relative latent distance (mean over samples) of `labels`, one coloured line each, with a legend."""
     from PIL import Image, ImageDraw
 
     W, H = size
-    left, right, top, bottom = 70, 260, 30, 50
+    left, right, top, bottom = 84, 260, 30, 50
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     x = ds.frame.values
     ys = {lab: ds.latent_distance_rel.sel(intervention=lab).mean("sample").values for lab in labels}
-    ymax = max([float(np.nanmax(v)) for v in ys.values()] + [1e-6]) * 1.05
+    ticks = nice_ticks(max([float(np.nanmax(v)) for v in ys.values()] + [1e-6]))
+    ymax = ticks[-1]
     px = lambda f: left + (f - x[0]) / max(1, x[-1] - x[0]) * (W - left - right)  # noqa: E731
     py = lambda v: H - bottom - v / ymax * (H - top - bottom)  # noqa: E731
     d.rectangle([left, top, W - right, H - bottom], outline="black")
-    for k in range(6):
-        v = ymax * k / 5
+    for v in ticks:
         d.line([left - 4, py(v), left, py(v)], fill="black")
-        d.text((8, py(v) - 6), f"{v:.3g}", fill="black")
+        d.text((28, py(v) - 6), f"{v:.4g}", fill="black")
+    label = Image.new("RGB", (H - top - bottom, 14), "white")  # the y axis's name, written upright
+    ImageDraw.Draw(label).text((label.width // 2 - 70, 1), "relative latent distance", fill="black")
+    img.paste(label.rotate(90, expand=True), (6, top))
     for f in x[:: max(1, len(x) // 10)]:
         d.line([px(f), H - bottom, px(f), H - bottom + 4], fill="black")
         d.text((px(f) - 6, H - bottom + 8), str(int(f)), fill="black")

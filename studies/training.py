@@ -29,7 +29,8 @@ def attention_over_training(store) -> xr.Dataset:
     frame0, own, earlier = frame0_own_rest(ds.attn_mass)
     dims = [d for d in ("sample", "step", "query_frame") if d in frame0.dims]
     out = xr.Dataset({"frame0": frame0.mean(dims), "own_chunk": own.mean(dims), "earlier": earlier.mean(dims)})
-    return out.load()
+    scalars = [name for name, c in out.coords.items() if c.ndim == 0]  # (key_frame=0 and key_chunk=0 of frame 0's
+    return out.drop_vars(scalars).load()                                  # selection: they label none of the three)
 
 
 def table(store) -> str:

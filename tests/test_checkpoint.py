@@ -9,6 +9,7 @@ from conftest import tiny_model
 from models.wan.checkpoint import (build_model, from_diffusers, load_wan, read_self_forcing, read_wan_folder,
                                save_self_forcing, save_wan_folder, strip_prefixes, to_diffusers)
 from models.errors import CheckpointError
+from models.files import sha256_file
 from models.wan.config import preset
 
 
@@ -158,3 +159,84 @@ def test_a_file_that_is_no_checkpoint_is_named_with_or_without_trust_pickle(tmp_
     truncated.write_bytes(good.read_bytes()[:100])  # a zip cut short: read as one, refused with a clear error
     with pytest.raises(CheckpointError, match="cut.pt"):
         load_tensors(truncated)
+
+
+def test_a_sharded_folder_is_identified_by_every_shard(tmp_path, sd):
+    """The sha256 that names a Wan folder's weights (stores' checkpoint_sha256 and fingerprint) covers each shard
+    of a sharded folder, not only its index: a changed shard is another model."""
+    from safetensors.torch import load_file, save_file
+
+    from models.wan.checkpoint import wan_weights_file, weights_sha256
+
+    save_wan_folder(tmp_path / "wan", preset("tiny"), sd, shard_size=10)
+    index = wan_weights_file(tmp_path / "wan")
+    assert index.name == "diffusion_pytorch_model.safetensors.index.json"
+    before = weights_sha256(index)
+    shard = sorted((tmp_path / "wan").glob("*-of-*.safetensors"))[-1]
+    tensors = load_file(shard)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, shard)
+    assert weights_sha256(index) != before
+    single = tmp_path / "one"
+    save_wan_folder(single, preset("tiny"), sd)
+    assert weights_sha256(wan_weights_file(single)) == sha256_file(single / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="has no DiT weights: neither diffusion_pytorch_model.safetensors nor"):
+        wan_weights_file(tmp_path / "empty")
+
+
+def test_a_diffusers_transformer_folder_loads_as_the_official_one(tmp_path, sd):
+    """diffusers' transformer/ folder (WanTransformer3DModel's config.json, diffusers key names) gives the same
+    config and weights as the official folder; an image-conditioned one and an i2v config are refused."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from models.wan.config import WanConfig
+
+    cfg = preset("tiny")
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    diffusers_config = {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.35.0",
+                        "patch_size": list(cfg.patch_size), "num_attention_heads": cfg.num_heads,
+                        "attention_head_dim": cfg.head_dim, "in_channels": cfg.in_dim, "out_channels": cfg.out_dim,
+                        "text_dim": cfg.text_dim, "freq_dim": cfg.freq_dim, "ffn_dim": cfg.ffn_dim,
+                        "num_layers": cfg.num_layers, "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads",
+                        "eps": cfg.eps, "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": 1024,
+                        "pos_embed_seq_len": None}
+    (folder / "config.json").write_text(json.dumps(diffusers_config))
+    save_file({k: v.contiguous() for k, v in to_diffusers(sd).items()}, folder / "diffusion_pytorch_model.safetensors")
+    model = load_wan(folder, causal=False)
+    assert model.config == cfg.replace(text_len=512)  # (diffusers keeps the text length in its pipeline: 512)
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    (folder / "config.json").write_text(json.dumps(diffusers_config | {"image_dim": 1280, "added_kv_proj_dim": 64}))
+    with pytest.raises(ValueError, match="image-conditioned Wan transformer"):
+        read_wan_folder(folder)
+    official = tmp_path / "i2v.json"
+    official.write_text(json.dumps(cfg.to_json_dict() | {"model_type": "i2v"}))
+    with pytest.raises(ValueError, match="model_type 'i2v': only Wan2.1's text-to-video DiT"):
+        WanConfig.from_json(official)
+
+
+def test_weights_of_another_size_say_so(sd):
+    """Weights of a bigger model on the tiny config: the error gives both sizes, not only hundreds of keys."""
+    big = tiny_model(dim=96, ffn_dim=192, num_heads=4, num_layers=3).state_dict()
+    with pytest.raises(CheckpointError) as err:
+        build_model(preset("tiny"), big, source="big.pt")
+    c = preset("tiny")
+    assert ("the weights are a model of 3 layers of width 96 (FFN 192), the "
+            f"config.json it was built from says {c.num_layers} layers of width {c.dim}") in str(err.value)
+    with pytest.raises(CheckpointError) as err:  # same size, a key missing: no size hint
+        build_model(c, {k: v for k, v in sd.items() if k != "head.head.bias"}, source="x.pt")
+    assert "the weights are a model of" not in str(err.value)
+
+
+def test_ddp_prefix_is_stripped_and_an_lfs_pointer_is_named(tmp_path, sd):
+    from models.files import load_tensors
+
+    assert strip_prefixes({f"module.model.{k}": v for k, v in sd.items()}).keys() == sd.keys()
+    pointer = tmp_path / "diffusion_pytorch_model.safetensors"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 5678908928\n")
+    with pytest.raises(CheckpointError, match="is a Git LFS pointer .* not the weights: fetch the file itself"):
+        load_tensors(pointer)

@@ -47,7 +47,8 @@ def no_work(monkeypatch):
     def refuse(*a, **kw):
         raise AssertionError("work started before the request was checked")
 
-    for module, name in ((extract_mod, "load_wan"), (extract_mod, "sha256_file"), (models.wan.checkpoint, "load_wan"),
+    for module, name in ((extract_mod, "load_wan"), (extract_mod, "weights_sha256"),
+                         (extract_mod, "sha256_file"), (models.wan.checkpoint, "load_wan"),
                          (studies.report, "build_report"), (studies.report, "build_compare_report"),
                          (workbench.legacy, "legacy_record"), (training.build, "build_trainer"),
                          (training.ode_pairs, "build_ode_pairs")):
@@ -222,6 +223,12 @@ def test_extract_summary_is_per_layer_and_head(tmp_path):
     attended = ~np.isnan(ds.attn_mass.where(ds.phase == "denoise", drop=True).values[..., counted, :])
     uniform = (1.0 / attended.sum(-1)).mean()  # frame 0's share if each counted row spread its mass evenly
     assert f"most drawn to frame 0: layer 0 head 0 (1.00; uniform attention would give it {uniform:.2f})" in text
+    from workbench.summary import reading
+
+    below = np.array([[0.01, 0.05]])  # no head above uniform attention's share: none is called drawn to frame 0
+    assert reading([3], [0, 1], below, below, below, uniform=0.09).endswith(
+        "no head is drawn to frame 0: each gives it less than uniform attention would (0.09; the most, layer 3 "
+        "head 1, 0.05)")
     one = summary_table(synthetic.write_store(tmp_path / "one.zarr", "bidirectional", layers=(0,), num_heads=4))
     header = next(line for line in one.splitlines() if line.split()[:2] == ["layer", "head"])
     assert "rest" not in header and "other frames" in header  # one chunk: every frame but 0 is "other"

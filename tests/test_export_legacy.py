@@ -69,6 +69,7 @@ def test_files_match_the_fork_layout_and_its_algorithm(store, tmp_path):
     assert data["query_frames"] == data["key_frames"] == list(range(F))
     assert data["last_block_query_frames"] == [18, 19, 20]
     assert (data["step"], data["timestep"], data["head_indices"]) == (0, 1000.0, [0, 1, 2, 3])
+    assert data["use_ema"] is True  # the embedded default, the zoo's DMD student, runs its generator_ema
     # the fork's algorithm on the token-level logits, within fp16 rounding
     fork = fork_full_frame_attention(calls, data["block_sizes"], FSL)
     torch.testing.assert_close(full.float(), fork, rtol=1e-3, atol=2e-3)

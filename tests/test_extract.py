@@ -319,6 +319,7 @@ def no_work(monkeypatch):
 
     monkeypatch.setattr(extract_mod, "load_wan", refuse)
     monkeypatch.setattr(extract_mod, "sha256_file", refuse)
+    monkeypatch.setattr(extract_mod, "weights_sha256", refuse)
 
 
 @pytest.mark.parametrize("args,message", [

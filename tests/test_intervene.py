@@ -212,3 +212,19 @@ def test_saved_videos_are_shown_beside_the_baseline(tmp_path):
     assert grids == ["v_videos/ablate-zero_L0.H0/p0000-s0.png", "v_videos/baseline/p0000-s0.png"]
     assert main(["report", str(out), "--out", str(tmp_path / "v.html")]) == 0
     assert (tmp_path / "v.html").read_text().count('<img src="data:image/png;base64,') == 2
+
+
+def test_the_effect_curve_png_has_round_ticks_ending_on_the_axis_top():
+    """The PNG copy of the per-frame effect: ticks at 1, 2, 2.5 or 5 times a power of ten, the top tick at or just
+    above the largest value (not 1.05 x it, which gave ticks like 0.346, 0.692)."""
+    from studies.effects_report import curve_png, nice_ticks
+
+    assert nice_ticks(1.73) == [0, 0.5, 1.0, 1.5, 2.0] and nice_ticks(0.07) == [0, 0.02, 0.04, 0.06, 0.08]
+    assert nice_ticks(1.0) == [0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2] and nice_ticks(4.9) == [0, 1, 2, 3, 4, 5]
+    import xarray as xr
+
+    values = np.array([[[0.0, 0.5, 1.65, 1.0]], [[0.3, 0.4, 0.5, 0.6]]])  # [intervention, sample, frame]
+    ds = xr.Dataset({"latent_distance_rel": (("intervention", "sample", "frame"), values)},
+                    coords={"intervention": ["a", "b"], "frame": np.arange(4)})
+    img = np.asarray(curve_png(ds, ["a", "b"]).convert("L"))
+    assert img.shape == (520, 900) and (img[:, 6:22] < 128).any()  # the upright axis name left of the tick labels

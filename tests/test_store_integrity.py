@@ -127,6 +127,7 @@ def test_a_held_store_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
         raise AssertionError("work started on a store another process holds")
 
     monkeypatch.setattr(extract_mod, "sha256_file", refuse)
+    monkeypatch.setattr(extract_mod, "weights_sha256", refuse)
     monkeypatch.setattr(extract_mod, "load_wan", refuse)
     out = tmp_path / "held.zarr"
     with StoreLock(out):

@@ -157,6 +157,7 @@ def test_probes_grow_the_store_and_leave_training_unchanged(tmp_path):
 
     a = attention_over_training(tmp_path / "p" / "probes.zarr")
     assert a.frame0.dims == ("train_step", "layer", "head") and a.sizes["train_step"] == 3
+    assert set(a.coords) <= {"train_step", "layer", "head"}  # no leftover key_frame=0 / key_chunk=0 labels
     total = (a.frame0 + a.own_chunk + a.earlier).values
     assert abs(total - 1).max() < 1e-4  # the three regions partition each query's attention
     assert "train_step" in table(tmp_path / "p" / "probes.zarr") and len(figure(tmp_path / "p" / "probes.zarr").data) > 0

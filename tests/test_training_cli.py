@@ -21,6 +21,7 @@ def train(*argv):
     parser = argparse.ArgumentParser(prog="workbench")
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "--no-progress", *map(str, argv)])
+    args.argv = ["workbench", "train", "--no-progress", *map(str, argv)]  # (as workbench.cli.main records it)
     return args.func(args)
 
 
@@ -57,7 +58,13 @@ def test_ode_then_dmd_with_probes_then_resume(tmp_path, capsys):
         train(*dmd, "--max-steps", 4)
     assert train(*dmd, "--max-steps", 4, "--resume") == 0  # from the latest, step 3
     assert [r["step"] for r in read_losses(tmp_path / "dmd")] == [1, 2, 3, 4]
-    assert open_store(tmp_path / "dmd" / "probes.zarr")["train_step"].values.tolist() == [0, 2, 4]
+    ds = open_store(tmp_path / "dmd" / "probes.zarr")
+    assert ds["train_step"].values.tolist() == [0, 2, 4]
+    # provenance as an extract store's: when, the command line (the resumed run listed too), how it was computed
+    assert ds.attrs["command"].startswith("workbench train --no-progress --config configs/tiny_dmd.yaml")
+    assert "--resume" not in ds.attrs["command"] and "--resume" in ds.attrs["runs"][-1]["command"]
+    assert ds.attrs["created_utc"] and ds.attrs["capture_mode"] == "exact" and ds.attrs["dtype"] == "float32"
+    assert ds.attrs["attn_backend"]
     # the checkpoint loads in the inference pipeline, on the embedded Wan folder
     ckpt = tmp_path / "dmd" / "checkpoint_model_000004" / "model.pt"
     s = FlowMatchScheduler(5.0)
@@ -128,3 +135,35 @@ def test_an_interrupt_before_the_first_step_claims_no_files(tmp_path, capsys, mo
     assert "interrupted at step 0; no finished step to save" in out and "saving a checkpoint" not in out
     assert "step 0: no step finished in this run" in out and "no losses written; no checkpoint saved" in out
     assert not list(log.glob("checkpoint_model_*")) and "checkpoint_model_000000" not in out
+
+
+def test_one_training_run_per_logdir_and_a_killed_writes_part_goes_at_once(tmp_path, capsys, monkeypatch):
+    """A second `train` on a logdir another process trains into is refused at once, naming the holder; the run
+    that holds the lock removes what a killed write left there, however recent (no other writer can be there),
+    and a live process's temporary file stays."""
+    import subprocess
+    import sys
+
+    from models.files import temporary_path
+    from training.trainer import Trainer
+    from workbench.store import StoreLock
+
+    log = tmp_path / "dmd"
+    ck = log / "checkpoint_model_000015"
+    ck.mkdir(parents=True)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    killed = ck / f".model.pt.{gone.pid}-0123abcd.tmp.pt"  # a moment ago, by a process now gone
+    killed.write_bytes(b"part of a checkpoint")
+    alive = temporary_path(ck / "training_state.pt")  # this (live) process's name
+    alive.write_bytes(b"being written")
+    argv = ("--config", "configs/tiny_dmd.yaml", "--logdir", log, "--max-steps", 0, "--set",
+            f"generator_ckpt={EMBEDDED_DIR / 'checkpoints' / 'ode_init.pt'}", "device=cpu")
+    with StoreLock(log, what="a training log folder", option="--logdir"):
+        with pytest.raises(TrainingError, match="is being written by another process .* choose another --logdir"):
+            train(*argv)
+    assert killed.exists()  # (nothing done by the refused run)
+    monkeypatch.setattr(Trainer, "train", lambda self: None)
+    assert train(*argv) == 0
+    assert f"removed {killed}" in capsys.readouterr().out
+    assert not killed.exists() and alive.exists()

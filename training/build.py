@@ -121,7 +121,8 @@ def world_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None) -> LatentDataset
     return LatentDataset.from_file(path, seed, "latents")
 
 
-def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, weights_sha: str):
+def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, weights_sha: str,
+                 command: str = "workbench train"):
     """The probe set of cfg.probe, checked against the model (None when probes are off)."""
     import hashlib
 
@@ -185,7 +186,11 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
 
     from workbench import __version__
 
-    attrs = dict(workbench_version=__version__, git_commit=_git_commit(), command="workbench train",
+    import datetime
+
+    attrs = dict(workbench_version=__version__, git_commit=_git_commit(), command=command,
+                 created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 capture_mode="exact",  # (the probes' StatsProbe; dtype and attn_backend: set by the first probe)
                  config_yaml=OmegaConf.to_yaml(cfg), frame_seq_len=fsl, num_frame_per_block=plan.nfpb,
                  independent_first_frame=iff,
                  num_frames=frames, text_len=mc.text_len, head_dim=mc.head_dim, num_layers=mc.num_layers,
@@ -202,9 +207,11 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
                           path=Path(logdir) / p.store, attrs=attrs, fingerprint=fp, sample_meta=meta)
 
 
-def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log=print, progress=True) -> Trainer:
-    """Everything a config names: checks first, then weights, text encoder, data, probes."""
-    from models.wan.checkpoint import WEIGHTS_NAME, sha256_file
+def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log=print, progress=True,
+                  command: str = "workbench train") -> Trainer:
+    """Everything a config names: checks first, then weights, text encoder, data, probes. `command`: the command
+    line, as the probe store records it."""
+    from models.wan.checkpoint import wan_weights_file, weights_sha256
     from models.wan.text_encoder import TextEncoder
 
     d = fsdp.setup(cfg.device)
@@ -227,9 +234,10 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
     gen_dir = model_folder(cfg, cfg.model_kwargs.model_name)
     gen_config = WanConfig.from_json(gen_dir / "config.json").replace(
         local_attn_size=cfg.model_kwargs.local_attn_size, sink_size=cfg.model_kwargs.sink_size)
-    weights = Path(cfg.generator_ckpt) if cfg.generator_ckpt else gen_dir / WEIGHTS_NAME
-    sha = sha256_file(weights) if weights.is_file() else ""  # (a sharded Wan folder has no single file)
-    probes = build_probes(cfg, plan, gen_config, logdir, weights_label=str(weights), weights_sha=sha)  # checks first
+    weights = Path(cfg.generator_ckpt) if cfg.generator_ckpt else wan_weights_file(gen_dir)  # (or its shard index)
+    sha = weights_sha256(weights)
+    probes = build_probes(cfg, plan, gen_config, logdir, weights_label=str(weights), weights_sha=sha,
+                          command=command)  # checks first
     models, _ = build_models(cfg, plan, d.device)
     encoder = TextEncoder.from_wan_dir(gen_dir, device=d.device)
     cls = Trainer

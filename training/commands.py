@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 
 HELP = ("train Self-Forcing models (ODE init, DMD, SiD, GAN; text- or image-to-video) or a teacher (diffusion), "
         "probing attention on the way")
@@ -75,9 +77,6 @@ def run(args) -> int:
 def _run(args) -> int:
     from pathlib import Path
 
-    import torch.distributed as dist
-
-    from training.build import build_trainer, describe
     from training.checks import load_train_config
     from training.ode_pairs import build_ode_pairs
 
@@ -96,8 +95,30 @@ def _run(args) -> int:
     if args.make_ode_pairs:
         build_ode_pairs(cfg, progress=not args.no_progress)
         return 0
+    lock = None
+    if int(os.environ.get("RANK", "0")) == 0:  # one training run per logdir (refused at once, naming the holder)
+        from models.files import stale_temporaries
+        from workbench.store import StoreLock
+
+        lock = StoreLock(args.logdir, what="a training log folder", option="--logdir").acquire()
+        for path in stale_temporaries(args.logdir, older_than_s=0) if Path(args.logdir).is_dir() else []:
+            path.unlink(missing_ok=True)  # with the lock held, no other writer is there: a killed write's part
+            print(f"removed {path}: the temporary file of a write that was killed")
+    try:
+        return _train(args, cfg, sets_sid_alpha)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(args, cfg, sets_sid_alpha) -> int:
+    import torch.distributed as dist
+
+    from training.build import build_trainer, describe
+
     trainer = build_trainer(cfg, args.logdir, sets_sid_alpha=sets_sid_alpha, resume=args.resume,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress,
+                            command=shlex.join(getattr(args, "argv", None) or ["workbench", "train"]))
     if trainer.d.main:
         print(describe(trainer))
     trainer.train()

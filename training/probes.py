@@ -129,6 +129,11 @@ class TrainingProbes:
                                       tokens=self.embeddings.tokens[i], num_tokens=self.embeddings.lengths[i]))
         summary = {}
         if self.writer is not None:
+            from models.common.attention_kernels import describe
+
+            kernel = getattr(model, "attention_kernel", "auto")
+            self.layout.attrs.update(dtype=str(dtype).removeprefix("torch."),
+                                     attn_backend=describe(str(device), dtype, kernel))
             samples = [sample_dataset(self.layout, meta, {s: per_stat[s][j] for s in per_stat})
                        for j, meta in enumerate(metas)]
             ds = xr.concat(samples, dim="sample", data_vars="all", coords="different", compat="equals",

@@ -32,14 +32,16 @@ from models.common.attention_kernels import check_kernel, describe
 from models.common.rollout import SAMPLERS, MultiStepSolver, few_step_schedule, multistep_schedule, sample, seeded_noise
 from models.common.scheduler import FlowMatchScheduler
 from models.errors import ModelInputError
-from models.wan.checkpoint import WEIGHTS_NAME, load_wan, sha256_file
+from models.wan.checkpoint import load_wan, sha256_file, wan_weights_file, weights_sha256
 from models.wan.embedded import EMBEDDED_DIR
+from models.wan.text_encoder import wan_dir_encoder_identity
 from workbench.capture import CaptureSpec, Geometry, StatsProbe, resolve_mode
 from workbench.chunking import block_sizes_of, image_latent  # noqa: F401 (block_sizes_of: the nnsight recipe)
 from workbench.errors import WorkbenchError
 from workbench.statistics import DEFAULT_STATS, check_stats
 from workbench.store import SCHEMA_VERSION, StoreLayout, StoreLock, StoreWriter, sample_dataset, sample_id
-from workbench.weights import check_weights_args, resolve_model  # noqa: F401 (resolve_model: the API)
+from workbench.weights import (check_wan_dir, check_weights_args, resolve_model,  # noqa: F401 (resolve_model: the API)
+                               wan_dir_hint)
 
 DEFAULT_PROMPT = "A majestic eagle soaring through a cloudy sky, cinematic lighting"  # the researchers' scripts'
 WORLD_PROMPT = "a red square moving right"  # the embedded zoo's default: a prompt of its miniature world (models/world.py)
@@ -130,6 +132,23 @@ def parse_int_list(text: str | None, *, what: str, upper: int | None = None, own
     return sorted(values)
 
 
+def check_device(name: str) -> str:
+    """`name` if it is a device this machine has (cpu, cuda, cuda:N), else a WorkbenchError saying what is."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise WorkbenchError(f"device {name!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise WorkbenchError(f"device {name!r}: this machine has no CUDA GPU that torch {torch.__version__} can "
+                                 "use; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise WorkbenchError(f"device {name!r}: this machine has cuda:0-{torch.cuda.device_count() - 1}")
+    elif dev.type != "cpu":
+        raise WorkbenchError(f"device {name!r}: use cpu, cuda or cuda:N")
+    return name
+
+
 def _dtype(name: str) -> torch.dtype:
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
              "float64": torch.float64}
@@ -165,10 +184,10 @@ def plan(cfg: ExtractConfig) -> Plan:
     if cfg.mode not in ("resume", "append", "overwrite"):
         raise WorkbenchError(f"mode {cfg.mode!r}; use resume, append or overwrite")
     check_kernel(cfg.attention_kernel)
+    check_device(cfg.device)
     capture_mode = resolve_mode(cfg.capture_mode, cfg.device, cfg.attention_kernel)
     wan_dir = Path(cfg.wan_dir) if cfg.wan_dir else EMBEDDED_DIR
-    if not (wan_dir / "config.json").is_file():
-        raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)")
+    check_wan_dir(wan_dir)
     from models.family import check_fits_cache, family_of
 
     arch = family_of(wan_dir)  # the architecture's family (the store's model_family says how it was trained)
@@ -203,15 +222,18 @@ def plan(cfg: ExtractConfig) -> Plan:
     spec = CaptureSpec(tuple(layers), tuple(heads), tuple(sorted(steps)), tuple(cfg.stats), tuple(cfg.token_layers))
     family = "self_forcing" if cfg.checkpoint else "wan"
     # the weights by a name that means the same on every machine: a zoo model by its name, else the path as given
-    label = (f"embedded:{cfg.model}" if cfg.model and embedded else
-             cfg.checkpoint or ("embedded" if embedded else str(wan_dir / WEIGHTS_NAME)))
     weights = Path(cfg.checkpoint) if cfg.checkpoint else _weights_file(wan_dir)
+    label = (f"embedded:{cfg.model}" if cfg.model and embedded else
+             cfg.checkpoint or ("embedded" if embedded else str(weights)))
     return Plan(cfg, mc, wan_dir, weights, spec, schedule, (cfg.num_frames, h, w), fsl, family, label, capture_mode)
 
 
 def _weights_file(wan_dir: Path) -> Path:
-    single = wan_dir / WEIGHTS_NAME
-    return single if single.is_file() else wan_dir / f"{WEIGHTS_NAME}.index.json"
+    """The Wan folder's DiT weights file (or shard index); a WorkbenchError when it has neither."""
+    try:
+        return wan_weights_file(wan_dir)
+    except ModelInputError as e:
+        raise WorkbenchError(str(e)) from None
 
 
 def _schedule(cfg: ExtractConfig) -> list:
@@ -234,7 +256,7 @@ def fingerprint_fields(p: Plan, weights_sha: str) -> dict:
         layout["independent_first_frame"] = True
     model = dict(weights=weights_sha, config=dataclasses.asdict(p.model_config), key=("ema" if c.use_ema else "gen"),
                  dtype=c.dtype, guidance=c.guidance_scale, negative=c.negative_prompt,
-                 capture_mode=p.capture_mode)
+                 capture_mode=p.capture_mode, text_encoder=wan_dir_encoder_identity(p.wan_dir))
     # The kernel that computes the numbers. Absent for the stock kernels as they ran before these fields existed
     # (stores made then still resume): "auto" on Hopper now runs cuDNN wave-balanced, a configuration of its own;
     # the stores "auto" made there before (one cuDNN call) resume with --attention-kernel cudnn.
@@ -344,7 +366,7 @@ def open_writer(p: Plan, log=print) -> StoreWriter:
     cfg = p.cfg
     lock = StoreLock(cfg.out).acquire()
     try:
-        sha = sha256_file(p.weights_file)
+        sha = weights_sha256(p.weights_file)
     except BaseException:
         lock.release()
         raise
@@ -456,9 +478,10 @@ def load_model(p: Plan, device, dtype) -> torch.nn.Module:
     """The model a plan runs: the Wan folder (or embedded default), optionally a Self-Forcing checkpoint, causal
     unless the sampler is bidirectional, with the plan's attention window."""
     c = p.cfg
-    model = load_wan(p.wan_dir, checkpoint=c.checkpoint, use_ema=c.use_ema, causal=c.sampler != "bidirectional",
-                     num_frame_per_block=c.num_frame_per_block, local_attn_size=c.local_attn_size,
-                     sink_size=c.sink_size, device=device, dtype=dtype, trust_pickle=c.trust_pickle)
+    with wan_dir_hint(c.wan_dir, c.checkpoint):
+        model = load_wan(p.wan_dir, checkpoint=c.checkpoint, use_ema=c.use_ema, causal=c.sampler != "bidirectional",
+                         num_frame_per_block=c.num_frame_per_block, local_attn_size=c.local_attn_size,
+                         sink_size=c.sink_size, device=device, dtype=dtype, trust_pickle=c.trust_pickle)
     model.attention_kernel = c.attention_kernel
     model.independent_first_frame = c.independent_first_frame
     return model

@@ -137,7 +137,8 @@ def run_intervene(cfg, entries: list[Entry], *, world: str = "auto", command: st
     """Run the baseline and every entry not yet in the store `cfg.out` (an ExtractConfig: model, prompts, seeds,
     frames, sampler, device, out, mode); returns the store path. `capture`: also store `attn_mass` of the layers
     `cfg.layers` (every step) under each entry (the statistics probe of `extract`, attached after the edit)."""
-    from models.wan.checkpoint import sha256_file
+    from models.wan.checkpoint import weights_sha256
+    from models.wan.text_encoder import wan_dir_encoder_identity
     from workbench.extract import plan
     from workbench.store import SCHEMA_VERSION, StoreLock, StoreWriter
 
@@ -154,11 +155,12 @@ def run_intervene(cfg, entries: list[Entry], *, world: str = "auto", command: st
         raise WorkbenchError(f"--save-videos decodes with the model folder's VAE; {p.wan_dir} has no Wan2.1_VAE.pth")
     lock = StoreLock(cfg.out).acquire()
     try:
-        sha = sha256_file(p.weights_file)
+        sha = weights_sha256(p.weights_file)
         fields = dict(layout=dict(kind=STORE_KIND, schema=SCHEMA_VERSION, geometry=p.geometry, sampler=cfg.sampler,
                                   prompts=cfg.prompts, seeds=cfg.seeds, world=scored),
                       model=dict(weights=sha, config=dataclasses.asdict(p.model_config), dtype=cfg.dtype,
-                                 key="ema" if cfg.use_ema else "gen", steps=cfg.denoising_step_list))
+                                 key="ema" if cfg.use_ema else "gen", steps=cfg.denoising_step_list,
+                                 text_encoder=wan_dir_encoder_identity(p.wan_dir)))
         if capture:  # (absent without capture: stores made before the option still resume)
             fields["layout"]["capture_layers"] = list(p.spec.layers)
         writer = StoreWriter(cfg.out, fingerprint_of(fields), mode=cfg.mode, append_dim="intervention", lock=lock,

@@ -14,7 +14,7 @@ One file per (sample, layer), `{out}/{sample}/layer{N}.pt`, holding only plain P
     prompt, num_frames, frame_seq_length, num_frame_per_block, num_heads (heads in the file), block_sizes,
     query_frames, key_frames (lists 0..F-1), last_block_query_frames
 plus provenance the fork did not have: extraction_method 'workbench-store', sample, seed, step, timestep,
-head_indices (the model's head index of each row), checkpoint.
+head_indices (the model's head index of each row), checkpoint, use_ema (generator_ema or generator).
 """
 
 from __future__ import annotations
@@ -59,7 +59,14 @@ def legacy_record(ds, sample: str, layer: int, step: int = 0) -> dict:
         "timestep": float(ds["timestep"].sel(step=step).values),
         "head_indices": [int(h) for h in ds["head"].values],
         "checkpoint": str(ds["checkpoint"].sel(sample=sample).values),
+        # which of the checkpoint's state dicts ran: generator_ema (True) or generator (False); None if not recorded
+        "use_ema": {"ema": True, "gen": False}.get(_model_fields(ds).get("key")),
     }
+
+
+def _model_fields(ds) -> dict:
+    """The `model` half of the store's fingerprint_fields ({} in stores made before they were recorded)."""
+    return (ds.attrs.get("fingerprint_fields") or {}).get("model", {})
 
 
 def _check(ds, store, layers, samples, step) -> tuple[list[int], list[str]]:

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from models.files import atomic_write_bytes, sha256_file
+from models.wan.checkpoint import weights_sha256
 
 FOLDER = "scores"
 
@@ -28,7 +29,7 @@ def run_key(p) -> str:
     from workbench.extract import fingerprint_fields
 
     scorer = hashlib.sha256(Path(world_metrics.__file__).read_bytes()).hexdigest()
-    fields = dict(rollout=fingerprint_fields(p, sha256_file(p.weights_file)),
+    fields = dict(rollout=fingerprint_fields(p, weights_sha256(p.weights_file)),
                   vae=sha256_file(Path(p.wan_dir) / "Wan2.1_VAE.pth"), scorer=scorer)
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

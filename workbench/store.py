@@ -247,9 +247,10 @@ class StoreLock:
     (`filelock`), which the kernel releases when the process ends, even by SIGKILL. The holder writes who it is
     (pid, host, command, since when) to `.NAME.lock.json`, so that a refused writer can say who holds the store."""
 
-    def __init__(self, path: str | Path, what: str = "a store"):
+    def __init__(self, path: str | Path, what: str = "a store", option: str = "--out"):
         self.path = Path(path)
         self.what = what  # what it guards, for the refusal: "a store", "an evaluate folder"
+        self.option = option  # the command line's name for the path, for the refusal
         self.file = lock_file(self.path)
         self.holder_file = self.file.with_name(self.file.name + ".json")
         self._lock = None
@@ -268,7 +269,7 @@ class StoreLock:
             raise WorkbenchError(
                 f"{str(self.path)!r} is being written by another process ({self.holder()}); {self.what} takes one "
                 "writer at a time: wait for that run to end (a later run resumes where it stopped), or choose "
-                "another --out") from None
+                f"another {self.option}") from None
         self._lock = lock
         me = dict(pid=os.getpid(), host=socket.gethostname(), command=shlex.join(sys.argv)[:200],
                   since=datetime.now(timezone.utc).isoformat(timespec="seconds"))

@@ -13,6 +13,8 @@ frame other than frame 0. Reads stores only (workbench/store.py).
 
 from __future__ import annotations
 
+import shlex
+
 import xarray as xr
 
 
@@ -73,7 +75,8 @@ def summary_table(store_path, max_rows: int = 48) -> str:
     if len(layers) * len(heads) <= max_rows:  # (one chunk: no "rest", every frame but 0 is "other frames")
         lines.append(f"{'layer':>6} {'head':>5} {'frame 0':>9} {own_name:>12}" + (f" {'rest':>8}" if chunked else "")
                      + f" {'same frame':>11} {'mean |q-k|':>11}"
-                     + ("   (own chunk: the query's chunk; rest: every other frame but 0)" if chunked else ""))
+                     + ("   (own chunk: the query's chunk but frame 0; rest: earlier chunks' frames but 0)"
+                        if chunked else ""))
         for i, layer in enumerate(layers):
             for j, head in enumerate(heads):
                 lines.append(f"{layer:>6} {head:>5} {_fmt(first[i, j]):>9} {_fmt(own[i, j]):>12}"
@@ -86,7 +89,7 @@ def summary_table(store_path, max_rows: int = 48) -> str:
             lines += [f"{layer:>6} " + " ".join(f"{_fmt(v):>6}" for v in grid[i]) for i, layer in enumerate(layers)]
     lines.append(reading(layers, heads, first, same, distance, uniform))
     lines.append(f"open it with xarray: xr.open_zarr({str(store_path)!r}, consolidated=False), or "
-                 f"`workbench report {store_path}`")
+                 f"`workbench report {shlex.quote(str(store_path))}`")
     return "\n".join(lines)
 
 
@@ -100,9 +103,12 @@ def reading(layers: list[int], heads: list[int], first, same, distance, uniform:
     local, li = name(same, lambda g: g.argmax())
     wide, wi = name(distance, lambda g: g.argmax())
     sink, si = name(first, lambda g: g.argmax())
-    return (f"reading: most local {local} ({_fmt(same[li], 2)} of its attention on its own frame); widest {wide} "
-            f"(keys {_fmt(distance[wi], 1)} frames away on average); most drawn to frame 0: {sink} "
-            f"({_fmt(first[si], 2)}"
+    start = (f"reading: most local {local} ({_fmt(same[li], 2)} of its attention on its own frame); widest {wide} "
+             f"(keys {_fmt(distance[wi], 1)} frames away on average); ")
+    if uniform is not None and first[si] <= uniform:  # then no head is drawn to frame 0
+        return start + (f"no head is drawn to frame 0: each gives it less than uniform attention would "
+                        f"({_fmt(uniform, 2)}; the most, {sink}, {_fmt(first[si], 2)})")
+    return (start + f"most drawn to frame 0: {sink} ({_fmt(first[si], 2)}"
             + (f"; uniform attention would give it {_fmt(uniform, 2)}" if uniform is not None else "") + ")")
 
 

@@ -5,6 +5,7 @@ the command line's arguments)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -52,3 +53,30 @@ def resolve_model(cfg):
         raise WorkbenchError(f"model {cfg.model!r} picks a model of the embedded zoo; give it without wan_dir, "
                              "checkpoint and use_ema (--wan-dir, --checkpoint, --use-ema)")
     return dataclasses.replace(cfg, model=entry.name, checkpoint=checkpoint, use_ema=entry.use_ema)
+
+
+@contextlib.contextmanager
+def wan_dir_hint(given_wan_dir: str | None, checkpoint: str | None):
+    """Around loading a run's weights: when a checkpoint does not fit a model built from the embedded folder
+    because no --wan-dir was given (the commonest cause), the error says so."""
+    from models.errors import CheckpointError
+
+    try:
+        yield
+    except CheckpointError as e:
+        if checkpoint and not given_wan_dir and "does not fit the model" in str(e):
+            raise WorkbenchError(f"{e}. No --wan-dir was given, so the model was built from the embedded toy model's "
+                                 "config.json: give --wan-dir with the Wan2.1 folder the checkpoint was trained on"
+                                 ) from None
+        raise
+
+
+def check_wan_dir(wan_dir: Path) -> None:
+    """A --wan-dir that is not a model folder, said before any work: missing, not a folder, or without config.json."""
+    if not wan_dir.exists():
+        raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} does not exist")
+    if not wan_dir.is_dir():
+        raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} is a file; give the Wan2.1 folder (config.json, "
+                             "diffusion_pytorch_model.safetensors, ...)")
+    if not (wan_dir / "config.json").is_file():
+        raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)")

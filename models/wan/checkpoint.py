@@ -16,6 +16,7 @@ unless `trust_pickle=True`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -81,6 +82,8 @@ def strip_prefixes(state_dict: dict, prefix: str = "model.") -> dict:
     for key, value in state_dict.items():
         for wrapper in WRAPPER_PREFIXES:
             key = key.replace(wrapper, "")
+        if key.startswith("module."):  # DistributedDataParallel's wrapper, saved whole
+            key = key[len("module.") :]
         if prefix and key.startswith(prefix):
             key = key[len(prefix) :]
         out[key] = value
@@ -97,18 +100,51 @@ def _require_file(path: Path, what: str) -> Path:
     return path
 
 
+def wan_weights_file(folder: str | Path) -> Path:
+    """The file that names a Wan folder's DiT weights: `diffusion_pytorch_model.safetensors`, else the index of its
+    shards; a clear error when the folder has neither."""
+    folder = Path(folder)
+    if (folder / WEIGHTS_NAME).is_file():
+        return folder / WEIGHTS_NAME
+    if (folder / INDEX_NAME).is_file():
+        return folder / INDEX_NAME
+    raise CheckpointError(f"Wan folder {str(folder)!r} has no DiT weights: neither {WEIGHTS_NAME} nor the index of "
+                          f"its shards ({INDEX_NAME})")
+
+
+def _shards(index: Path) -> list[Path]:
+    """The shard files a `...safetensors.index.json` names (each checked to exist)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot read the shard index {str(index)!r}: {type(e).__name__}: {e}") from None
+    return [_require_file(index.parent / name, "weight shard") for name in sorted(set(weight_map.values()))]
+
+
+def weights_sha256(path: str | Path) -> str:
+    """The sha256 that identifies the weights a file holds: the file's own, or for a shard index a hash over the
+    index and every shard it names (name and sha256), so that a changed shard is a changed model."""
+    path = Path(path)
+    if not path.name.endswith(".index.json"):
+        return sha256_file(path)
+    h = hashlib.sha256(f"shards\0index={sha256_file(path)}\0".encode())
+    for shard in _shards(path):
+        h.update(f"{shard.name}={sha256_file(shard)}\0".encode())
+    return h.hexdigest()
+
+
 def read_wan_folder(folder: str | Path) -> tuple[WanConfig, dict]:
     """(config, state dict) of an official Wan2.1 folder (single or sharded safetensors)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"Wan folder {str(folder)!r} does not exist")
     config = WanConfig.from_json(_require_file(folder / "config.json", "Wan config"))
-    if (folder / WEIGHTS_NAME).is_file():
-        return config, load_tensors(folder / WEIGHTS_NAME)
-    index = _require_file(folder / INDEX_NAME, f"Wan weights (neither {WEIGHTS_NAME} nor)")
+    weights = wan_weights_file(folder)
+    if weights.name == WEIGHTS_NAME:
+        return config, load_tensors(weights)
     state_dict = {}
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        state_dict.update(load_tensors(_require_file(folder / shard, "weight shard")))
+    for shard in _shards(weights):
+        state_dict.update(load_tensors(shard))
     return config, state_dict
 
 
@@ -142,7 +178,24 @@ def read_self_forcing(path: str | Path, key: str = "generator", *, trust_pickle:
 def check_state_dict(model: torch.nn.Module, state_dict: dict, source: str) -> None:
     """Refuse missing, unexpected and wrongly shaped keys, listing them all."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    check_tensor_shapes(expected, state_dict, f"{source} does not fit the model")
+    check_tensor_shapes(expected, state_dict, f"{source} does not fit the model{_size_hint(model, state_dict)}")
+
+
+def _size_hint(model: WanModel, state_dict: dict) -> str:
+    """Where the weights' own shapes say they belong to another size of model than the config's: both sizes."""
+    def size(layers, dim, ffn):
+        return f"{layers} layers of width {dim} (FFN {ffn})"
+
+    blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    embed, ffn = state_dict.get("patch_embedding.weight"), state_dict.get("blocks.0.ffn.0.weight")
+    if embed is None or ffn is None or not blocks:
+        return ""
+    c = model.config
+    theirs, ours = (len(blocks), embed.shape[0], ffn.shape[0]), (c.num_layers, c.dim, c.ffn_dim)
+    if theirs == ours:
+        return ""
+    return (f": the weights are a model of {size(*theirs)}, the config.json it was built from says {size(*ours)}; "
+            "load them with the Wan folder (config.json) they belong to")
 
 
 def build_model(config: WanConfig, state_dict: dict | None = None, *, causal: bool = False,

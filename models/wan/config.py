@@ -44,6 +44,10 @@ class WanConfig:
     sink_size: int = 0
 
     def __post_init__(self):
+        if self.model_type != "t2v":
+            raise ModelInputError(f"model_type {self.model_type!r}: only Wan2.1's text-to-video DiT ('t2v') is built "
+                                  "here; the i2v, flf2v and vace models take image inputs it has no layers for "
+                                  "(image-to-video here runs the t2v model with the image's latent as frame 0)")
         if self.dim % self.num_heads:
             raise ModelInputError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:
@@ -96,6 +100,8 @@ class WanConfig:
         if not path.is_file():
             raise ModelInputError(f"config file {str(path)!r} does not exist")
         raw = json.loads(path.read_text())
+        if raw.get("_class_name") == "WanTransformer3DModel":  # diffusers' transformer/ folder
+            raw = _from_diffusers_config(raw, path)
         ignored = {"_class_name", "_diffusers_version", "_name_or_path", "window_size", "qk_norm", "cross_attn_norm",
                    "video_size"}  # (video_size: read by `default_video_size`)
         known = {f.name for f in dataclasses.fields(cls)}
@@ -214,3 +220,20 @@ class VideoGeometry:
     def shape(self) -> tuple[int, int, int, int]:
         """[F, C, h, w], the Self-Forcing `image_or_video_shape` without the batch."""
         return (self.num_frames, self.channels, self.latent_height, self.latent_width)
+
+
+def _from_diffusers_config(raw: dict, path) -> dict:
+    """diffusers' `WanTransformer3DModel` config.json -> the official keys (the text-to-video transformer only)."""
+    if raw.get("image_dim") or raw.get("added_kv_proj_dim") or raw.get("pos_embed_seq_len"):
+        raise ModelInputError(f"{path}: an image-conditioned Wan transformer (image_dim, added_kv_proj_dim or "
+                              "pos_embed_seq_len set); only the text-to-video DiT ('t2v') is built here")
+    if raw.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads" or not raw.get("cross_attn_norm", True):
+        raise ModelInputError(f"{path}: qk_norm {raw.get('qk_norm')!r}, cross_attn_norm "
+                              f"{raw.get('cross_attn_norm')!r}; Wan2.1 has 'rms_norm_across_heads' and true")
+    try:
+        heads, head_dim, in_dim = raw["num_attention_heads"], raw["attention_head_dim"], raw["in_channels"]
+    except KeyError as e:
+        raise ModelInputError(f"{path}: a WanTransformer3DModel config without {e.args[0]!r}") from None
+    out = dict(dim=heads * head_dim, num_heads=heads, in_dim=in_dim, out_dim=raw.get("out_channels") or in_dim)
+    out.update({k: raw[k] for k in ("patch_size", "text_dim", "freq_dim", "ffn_dim", "num_layers", "eps") if k in raw})
+    return out

@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 from models.errors import CheckpointError, ModelInputError, ModelInputWarning
-from models.files import atomic_write_bytes, check_tensor_shapes, load_state_dict_file, sha256_file
+from models.files import MEMO_DIR, atomic_write_bytes, check_tensor_shapes, load_state_dict_file, sha256_file
 
 WEIGHTS_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_SUBDIR = Path("google") / "umt5-xxl"
@@ -214,6 +214,35 @@ def load_tokenizer(tokenizer_dir):
     return tok
 
 
+def text_len_of(wan_dir) -> int:
+    """The text length a Wan folder's encoder pads prompts to: `config.json`'s text_len, else 512."""
+    cfg = Path(wan_dir) / "config.json"
+    if not cfg.is_file():
+        return DEFAULT_TEXT_LEN
+    try:
+        return int(json.loads(cfg.read_text()).get("text_len", DEFAULT_TEXT_LEN))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"cannot read text_len from {cfg}: {e}") from e
+
+
+def encoder_identity(weights_path, tokenizer_dir, text_len: int, memo_dir=MEMO_DIR) -> str:
+    """What a text encoder's embeddings depend on, as one sha256: the weights file, every tokenizer file (name +
+    sha256), text_len and the cleaning mode. Files only (nothing is loaded); each file's hash is remembered."""
+    tokenizer_dir = Path(tokenizer_dir)
+    h = hashlib.sha256()
+    h.update(f"{_IDENTITY_VERSION}\0weights={sha256_file(weights_path, memo_dir)}\0".encode())
+    for f in sorted(p for p in tokenizer_dir.rglob("*") if p.is_file()):
+        h.update(f"tokenizer:{f.relative_to(tokenizer_dir).as_posix()}={sha256_file(f, memo_dir)}\0".encode())
+    h.update(f"text_len={text_len}\0clean={CLEAN_MODE}\0".encode())
+    return h.hexdigest()
+
+
+def wan_dir_encoder_identity(wan_dir) -> str:
+    """`encoder_identity` of the text encoder `TextEncoder.from_wan_dir(wan_dir)` would load."""
+    wan_dir = Path(wan_dir)
+    return encoder_identity(wan_dir / WEIGHTS_NAME, wan_dir / TOKENIZER_SUBDIR, text_len_of(wan_dir))
+
+
 class TextEncoder:
     """umT5 encoder + tokenizer; `encode(prompts)` gives the DiT's context. See the module docstring."""
 
@@ -251,13 +280,7 @@ class TextEncoder:
         if not wan_dir.is_dir():
             raise CheckpointError(f"Wan model folder not found: {wan_dir}")
         if text_len is None:
-            text_len = DEFAULT_TEXT_LEN
-            cfg = wan_dir / "config.json"
-            if cfg.is_file():
-                try:
-                    text_len = int(json.loads(cfg.read_text()).get("text_len", DEFAULT_TEXT_LEN))
-                except (ValueError, TypeError) as e:
-                    raise CheckpointError(f"cannot read text_len from {cfg}: {e}") from e
+            text_len = text_len_of(wan_dir)
         return cls.from_files(wan_dir / WEIGHTS_NAME, wan_dir / TOKENIZER_SUBDIR, device=device, dtype=dtype,
                               cache_dir=cache_dir, text_len=text_len, trust_pickle=trust_pickle)
 
@@ -287,14 +310,8 @@ class TextEncoder:
         if self._identity is None:
             if self.weights_path is None or self.tokenizer_dir is None:
                 raise ModelInputError("this encoder was built from memory and has no file identity")
-            memo = self.cache_dir
-            h = hashlib.sha256()
-            h.update(f"{_IDENTITY_VERSION}\0weights={sha256_file(self.weights_path, memo)}\0".encode())
-            for f in sorted(p for p in self.tokenizer_dir.rglob("*") if p.is_file()):
-                rel = f.relative_to(self.tokenizer_dir).as_posix()
-                h.update(f"tokenizer:{rel}={sha256_file(f, memo)}\0".encode())
-            h.update(f"text_len={self.text_len}\0clean={CLEAN_MODE}\0".encode())
-            self._identity = h.hexdigest()
+            self._identity = encoder_identity(self.weights_path, self.tokenizer_dir, self.text_len,
+                                              **({} if self.cache_dir is None else {"memo_dir": self.cache_dir}))
         return self._identity
 
     def _cache_path(self, prompt: str) -> Path:

@@ -28,7 +28,7 @@ def _add_weight_options(group) -> None:
                        help="a Self-Forcing .pt (generator / generator_ema) on top of the Wan folder's config")
     group.add_argument("--use-ema", action="store_true", help="load generator_ema instead of generator")
     group.add_argument("--trust-pickle", action="store_true", help="allow a checkpoint that needs full unpickling")
-    group.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     group.add_argument("--dtype", default=None,
                        help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
 
@@ -60,6 +60,13 @@ ZOO_TEACHER_ONLY_NOTE = ("note: data/embedded ships the zoo's teacher, not yet i
                          "as chunks go on). `--model teacher` samples the teacher as trained (docs/zoo.md)")
 
 
+# said when a Wan folder's own (bidirectionally trained) weights ran in the default sampler
+BASE_WAN_FEW_STEP_NOTE = ("note: the Wan folder's own weights (no --checkpoint) ran in the causal few-step sampler, "
+                          "the students' (4 steps, block-causal KV cache), as the researchers' extraction with "
+                          "--no_checkpoint does; Wan was trained bidirectionally: --sampler bidirectional runs it as "
+                          "trained (50 steps with CFG)")
+
+
 def resolve_model(args) -> None:
     """Fill in what `--model NAME` (or, with no model arguments, the zoo's default) means: args.checkpoint and
     args.use_ema, and the sampler settings the command line left unset (None). Errors before any work."""
@@ -81,9 +88,12 @@ def resolve_model(args) -> None:
     # said after the work (`model_note`), so that an error before it stays one line
     teacher_weights_as_student = entry is None and not explicit and (EMBEDDED_DIR / ZOO_MARKER).is_file()
     args.model_note = ZOO_TEACHER_ONLY_NOTE if teacher_weights_as_student else None
+    base_wan_as_student = bool(args.wan_dir) and not args.checkpoint and getattr(args, "sampler", "") is None
     for key, value in SAMPLER_DEFAULTS.items():
         if getattr(args, key, value) is None:
             setattr(args, key, getattr(entry, key) if entry is not None else value)
+    if base_wan_as_student and args.sampler == "causal_few_step":
+        args.model_note = BASE_WAN_FEW_STEP_NOTE
 
 
 PROMPT_HELP = ("a prompt (repeat for several; default: \"a red square moving right\" on the embedded zoo, which knows "
@@ -104,7 +114,8 @@ def add_size_arguments(group) -> None:
 def world_prompt_note(args, prompts: list[str]) -> str | None:
     """A note for a run of the embedded zoo on prompts its miniature world cannot read (models/world.py: one colour,
     shape and direction, e.g. 'a blue circle moving up'), so the video shows no clear object (the default prompt on
-    the embedded zoo is one of its world's, workbench/extract.py `default_prompts`). Said after the work, as `model_note`; None for a Wan folder."""
+    the embedded zoo is one of its world's, workbench/extract.py `default_prompts`). Said after the work, as
+    `model_note`; None for a Wan folder."""
     from models import world
 
     if args.wan_dir:

@@ -68,7 +68,9 @@ def register(subparsers) -> None:
     add_chunk_arguments(job)
     add_size_arguments(job)
     job.add_argument("--sampler", choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"],
-                     help="default: the --model's (causal_few_step for the students, bidirectional for the teacher)")
+                     help="default: the --model's (causal_few_step for the students, bidirectional for the teacher); "
+                          "causal_few_step for --wan-dir, with or without --checkpoint (as the researchers' "
+                          "extraction runs the base weights)")
     job.add_argument("--local-attn-size", type=int, default=-1, help="KV window in latent frames (-1: global)")
     job.add_argument("--sink-size", type=int, default=0, help="sink frames kept in the KV cache")
     job.add_argument("--num-inference-steps", type=int, help="multi-step samplers (default: the --model's, else 50)")

@@ -54,7 +54,9 @@ def register(subparsers) -> None:
     add_chunk_arguments(p)
     add_size_arguments(p)
     p.add_argument("--sampler", choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"],
-                   help="default: the --model's (causal_few_step for the students, bidirectional for the teacher)")
+                   help="default: the --model's (causal_few_step for the students, bidirectional for the teacher); "
+                        "causal_few_step for --wan-dir, with or without --checkpoint (as the researchers' "
+                        "extraction runs the base weights)")
     p.add_argument("--num-inference-steps", type=int, help="multi-step samplers (default: the --model's, else 50)")
     p.add_argument("--guidance-scale", type=float, help="multi-step samplers (default: the --model's, else 5.0)")
     p.add_argument("--negative-prompt", help="for the CFG samplers (default: \"\", what the zoo was trained with)")
@@ -150,16 +152,19 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from models.common.rollout import sample, seeded_noise
     from models.errors import ModelInputError
     from models.family import check_fits_cache, family_of
-    from models.files import atomic_write, check_writable_dir, sha256_file
+    from models.files import atomic_write, check_writable_dir
     from models.video import ensure_writable_dir, mp4_available, read_prompts, write_mp4, write_png_grid
     from models.wan.checkpoint import load_wan
+    from models.wan.checkpoint import weights_sha256 as weights_sha256_of
     from models.wan.embedded import EMBEDDED_DIR
-    from models.wan.text_encoder import TextEncoder
+    from models.wan.text_encoder import TextEncoder, wan_dir_encoder_identity
     from models.wan.vae import WanVAE, resolve_decoder
     from workbench.commands import resolve_model, world_prompt_note
     from workbench.errors import WorkbenchError
-    from workbench.extract import _dtype, _rank_device, _weights_file, default_prompts, parse_int_list, rank_share
+    from workbench.extract import (_dtype, _rank_device, _weights_file, check_device, default_prompts, parse_int_list,
+                                   rank_share)
     from workbench.store import StoreLock, sample_id
+    from workbench.weights import check_wan_dir, wan_dir_hint
 
     # --- everything that can be wrong, before any work
     resolve_model(args)
@@ -170,8 +175,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     if not seeds:
         raise WorkbenchError("--seed needs numbers, e.g. 0 or 0-3")
     wan_dir = Path(args.wan_dir) if args.wan_dir else EMBEDDED_DIR
-    if not (wan_dir / "config.json").is_file():
-        raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)")
+    check_wan_dir(wan_dir)
     if args.image:
         if args.sampler == "bidirectional":
             raise WorkbenchError("--image runs the causal samplers (the image is the first chunk of the KV cache)")
@@ -191,10 +195,14 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     elif args.independent_first_frame:
         raise WorkbenchError("--independent-first-frame is a chunk layout of the causal samplers; the bidirectional "
                              "sampler denoises every frame together")
-    device = _rank_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), world)
+    device = _rank_device(check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), world)
     dtype = _dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.fp8 and device.type == "cuda" and dtype != torch.bfloat16:
         raise WorkbenchError(f"--fp8 on CUDA computes in bfloat16; drop --dtype {args.dtype} or use --dtype bfloat16")
+    if (not args.no_video or args.image) and not (wan_dir / "Wan2.1_VAE.pth").is_file():
+        raise WorkbenchError(f"{wan_dir} has no Wan2.1_VAE.pth: the VAE decodes the videos"
+                             f"{' and encodes --image' if args.image else ''}; add it, or pass --no-video for the "
+                             "latents alone")
     image = None
     if args.image:
         from models.video import read_image
@@ -218,10 +226,12 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
         capture = live_plan(args, prompts, seeds, device, args.dtype or ("bfloat16" if device.type == "cuda"
                                                                          else "float32"), h, w)
     # another run's files under this run's names are replaced only when asked (--overwrite)
-    weights_sha256 = sha256_file(Path(args.checkpoint) if args.checkpoint else _weights_file(wan_dir))
+    weights_sha256 = weights_sha256_of(Path(args.checkpoint) if args.checkpoint else _weights_file(wan_dir))
+    text_encoder = wan_dir_encoder_identity(wan_dir)
     wanted = {sample_id(i, s): dict(prompt=prompts[i], seed=str(s), sampler=args.sampler,
-                                    weights_sha256=weights_sha256, use_ema=str(bool(args.use_ema)),
-                                    shape=[args.frames, h, w]) for i in range(len(prompts)) for s in seeds}
+                                    weights_sha256=weights_sha256, text_encoder=text_encoder,
+                                    use_ema=str(bool(args.use_ema)), shape=[args.frames, h, w])
+              for i in range(len(prompts)) for s in seeds}
     # how each file already there under this run's names differs from what this run would write (None: no file)
     existing = {name: _differences(Path(args.out) / f"{name}.safetensors", want) for name, want in wanted.items()}
     clash = [f"{name} ({', '.join(differ)})" for name, differ in existing.items()  # (an older file records less)
@@ -260,9 +270,10 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
         del encoder
         gc.collect()
         torch.cuda.empty_cache()
-    model = load_wan(wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema, causal=args.sampler != "bidirectional",
-                     local_attn_size=args.local_attn_size, sink_size=args.sink_size, device=device, dtype=dtype,
-                     trust_pickle=args.trust_pickle)
+    with wan_dir_hint(args.wan_dir, args.checkpoint):
+        model = load_wan(wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema,
+                         causal=args.sampler != "bidirectional", local_attn_size=args.local_attn_size,
+                         sink_size=args.sink_size, device=device, dtype=dtype, trust_pickle=args.trust_pickle)
     model.attention_kernel = args.attention_kernel
     model.independent_first_frame = args.independent_first_frame
     if args.fp8 or args.compile:
@@ -311,7 +322,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
         # recorded beside each video, as a store records them, so that `workbench view` can tell whose video it is
         metadata = {"prompt": prompts[i], "seed": str(seed), "sampler": args.sampler,
                     "checkpoint": args.checkpoint or str(wan_dir), "use_ema": str(bool(args.use_ema)),
-                    "weights_sha256": weights_sha256}
+                    "weights_sha256": weights_sha256, "text_encoder": text_encoder}
         # the latents, which say whose files these are, go last; an earlier run's go first, so that a kill in
         # between never leaves new videos beside old latents
         (out / f"{name}.safetensors").unlink(missing_ok=True)

@@ -26,7 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--width", type=int, help="pixel width (default: 128 for the embedded default, config.json's "
                                              "video_size, else 832)")
     p.add_argument("--num-frame-per-block", type=int, default=3, help="frames per chunk (default: %(default)s)")
-    p.add_argument("--device", default=None, help="device whose attention backend to report (default: cuda if available)")
+    p.add_argument("--device", default=None,
+                   help="device whose attention backend to report (default: cuda if available)")
     p.set_defaults(func=run)
 
 
@@ -55,8 +56,10 @@ def describe(config, *, frames: int, height: int, width: int, nfpb: int, device:
                   f"{geo.latent_height}x{geo.latent_width}"),
         ("tokens", f"{fsl} per frame, {fsl * frames} in all, {fsl * nfpb} per chunk of {nfpb} frames "
                    f"({geo.num_chunks} chunks)"),
-        ("KV cache (global)", f"{frames * fsl} tokens per layer, "
-                              f"{2 * frames * fsl * config.dim * 2 * config.num_layers / 2**30:.2f} GiB in bf16"),
+        ("KV cache (global)", f"{frames * fsl} tokens per layer, {2 * frames * fsl * config.dim * 2 / 2**20:.0f} MiB "
+                              f"of keys and values per layer in bf16, "
+                              f"{2 * frames * fsl * config.dim * 2 * config.num_layers / 2**30:.2f} GiB over the "
+                              f"{config.num_layers} layers"),
         ("attention window", "global" if config.local_attn_size == -1
          else f"{config.local_attn_size} frames, sink {config.sink_size}"),
         ("attention backend", f"{backend_name(device, dtype)} on {device}"),
@@ -71,6 +74,7 @@ def run(args) -> int:
     from models.family import WAN, family_of
     from models.wan.config import default_video_size, preset
     from models.wan.embedded import EMBEDDED_DIR
+    from workbench.extract import check_device
 
     if args.preset:
         config, name = preset(args.preset), args.preset
@@ -80,7 +84,7 @@ def run(args) -> int:
     own_h, own_w = WAN.video_size if args.preset else default_video_size(args.wan_dir or EMBEDDED_DIR)
     height = own_h if args.height is None else args.height
     width = own_w if args.width is None else args.width
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # (the backend is the GPU's)
     print(f"model: {name}")
     print(describe(config, frames=args.frames, height=height, width=width, nfpb=args.num_frame_per_block,
                    device=device))

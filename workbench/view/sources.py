@@ -314,7 +314,8 @@ def video_mismatch(ds, sample: str, video: Path) -> str | None:
     model, layout = fields.get("model", {}), fields.get("layout", {})
     store_key = {"ema": "True", "gen": "False"}.get(model.get("key"))
     wanted = dict(prompt=str(ds["prompt"].values[i]), seed=str(int(ds["seed"].values[i])),
-                  sampler=layout.get("sampler"), weights_sha256=model.get("weights"), use_ema=store_key)
+                  sampler=layout.get("sampler"), weights_sha256=model.get("weights"), use_ema=store_key,
+                  text_encoder=model.get("text_encoder"))
     differ = [f"{k} {made[k]!r} (the store's: {v!r})" for k, v in wanted.items()
               if v is not None and k in made and str(made[k]) != str(v)]
     if not differ:
