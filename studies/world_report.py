@@ -155,11 +155,16 @@ def compare_models(videos: pd.DataFrame, a: str, b: str) -> tuple[pd.DataFrame, 
             p_value = sign_test(wins, losses)
             verdict = ("" if p_value < 0.05 else
                        ": not significant at the 5% level, more prompts or seeds would tell")
-            lines.append(f"{frames} latent frames: the trajectory error changes by {da[ok].mean():+.2f} px ({a}) "
-                         f"and {db[ok].mean():+.2f} px ({b}) from the first to the last quarter of the video: {winner} "
-                         f"accumulates less error on average, less in {wins} of {int(ok.sum())} paired videos "
-                         f"(two-sided sign test p = {p_value:.2g}{verdict}); adherent "
-                         f"{np.nanmean(p['adherent_a']):.0%} ({a}), {np.nanmean(p['adherent_b']):.0%} ({b})")
+            change = (f"{frames} latent frames: the trajectory error changes by {da[ok].mean():+.2f} px ({a}) "
+                      f"and {db[ok].mean():+.2f} px ({b}) from the first to the last quarter of the video: ")
+            if da[ok].mean() == db[ok].mean():  # no model to name
+                change += (f"the two accumulate the same error on average ({int((da == db)[ok].sum())} of "
+                           f"{int(ok.sum())} paired videos tie)")
+            else:
+                change += (f"{winner} accumulates less error on average, less in {wins} of {int(ok.sum())} paired "
+                           f"videos (two-sided sign test p = {p_value:.2g}{verdict})")
+            lines.append(change + f"; adherent {np.nanmean(p['adherent_a']):.0%} ({a}), "
+                                  f"{np.nanmean(p['adherent_b']):.0%} ({b})")
         else:
             lines.append(f"{frames} latent frames: no paired video with a trajectory in both models")
     return pd.DataFrame(rows), lines

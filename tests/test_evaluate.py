@@ -218,6 +218,10 @@ def test_compare_models_finds_who_accumulates_less_error():
                      "would tell); adherent 75% (df), 100% (sf)"]
     with pytest.raises(ValueError, match="model 'teacher' is not in the results; they hold \\['df', 'sf'\\]"):
         wr.compare_models(videos, "df", "teacher")
+    same = pd.DataFrame(_videos("df", [4.0, 6.0], [1, 1]) + _videos("sf", [4.0, 6.0], [1, 1]))
+    _, (line,) = wr.compare_models(same, "df", "sf")  # a tie names no model
+    assert "the two accumulate the same error on average (2 of 2 paired videos tie)" in line
+    assert "accumulates less" not in line
 
 
 def test_sign_test_by_hand():

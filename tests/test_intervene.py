@@ -154,8 +154,17 @@ def test_capture_under_intervention_holds_the_edited_attention(tmp_path):
     assert ds.attn_mass.dims == ("intervention", "sample", "step", "layer", "head", "query_frame", "key_frame")
     assert main(["extract", "--layer", "1", "--frames", "9", "--seed", "0", "--prompt", "a red square moving right",
                  "--out", str(tmp_path / "x.zarr"), "--no-progress"]) == 0
-    ref = xr.open_zarr(tmp_path / "x.zarr", consolidated=False).attn_mass.sel(sample="p0000-s0").values
+    x = xr.open_zarr(tmp_path / "x.zarr", consolidated=False)
+    ref = x.attn_mass.sel(sample="p0000-s0").values
     np.testing.assert_array_equal(ds.attn_mass.sel(intervention="baseline", sample="p0000-s0").values, ref)
+    # labelled as an attention store's (steps with their timesteps and phases, frames with their chunks), every
+    # variable with its units, and the fingerprint in its two halves
+    for name in ("timestep", "phase", "cfg", "denoise_index", "query_chunk", "key_chunk"):
+        np.testing.assert_array_equal(ds[name].values, x[name].values)
+    assert all(ds[v].attrs.get("units") and ds[v].attrs.get("long_name") for v in ds.data_vars)
+    assert ds.attn_mass.attrs == x.attn_mass.attrs and ds.attrs["stats"] == ["attn_mass"]
+    layout_half, model_half = ds.attrs["fingerprint"].split(":")
+    assert layout_half != model_half
     knocked = ds.attn_mass.sel(intervention="knockout0:all", sample="p0000-s0")
     assert bool(knocked.sel(query_frame=slice(3, None), key_frame=0).isnull().all())
     np.testing.assert_allclose(knocked.sel(query_frame=slice(3, None)).sum("key_frame"), 1, atol=1e-5)

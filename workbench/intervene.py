@@ -91,10 +91,44 @@ def is_world(wan_dir: Path, prompts: list[str], height: int, width: int) -> bool
     return True
 
 
+# each effect variable's attrs (their definitions: docs/store.md, "Effects stores")
+EFFECT_ATTRS = {
+    "latent_distance": dict(long_name="latent distance to the baseline", units="latent units",
+                            description="RMS over channels and latent pixels of the entry's clean latents minus the "
+                                        "baseline's on the frame (same noise), computed in float64"),
+    "latent_distance_rel": dict(long_name="relative latent distance to the baseline", units="ratio",
+                                description="latent_distance / the RMS of the baseline's latents on the frame"),
+    "latent_rms": dict(long_name="latent RMS", units="latent units",
+                       description="RMS of the entry's clean latents on the frame"),
+    "latent_motion": dict(long_name="latent motion", units="latent units",
+                          description="RMS of the latents of the frame minus those of the frame before (NaN at 0)"),
+    "pixel_distance": dict(long_name="pixel distance to the baseline", units="RGB in [-1, 1]",
+                           description="RMS over channels and pixels of the decoded video minus the baseline's"),
+}
+
+
+def effect_attrs(name: str) -> dict:
+    """long_name, units and description of an effects store's variable."""
+    from studies.world_metrics import CURVES, NUMBERS
+    from workbench.store import STAT_ATTRS
+
+    if name in EFFECT_ATTRS:
+        return EFFECT_ATTRS[name]
+    if name in STAT_ATTRS:
+        return STAT_ATTRS[name]
+    if name.startswith("world_curve_"):
+        k = name.removeprefix("world_curve_")
+        return dict(long_name=f"world tracker: {k} per pixel frame", units=CURVES[k],
+                    description="the miniature world's tracker on the decoded video (docs/world_metrics.md)")
+    k = name.removeprefix("world_")
+    return dict(long_name=f"world tracker: {k}", units=NUMBERS[k],
+                description="the miniature world's tracker on the decoded video (docs/world_metrics.md)")
+
+
 def entry_dataset(e: Entry, samples, per_sample: list[dict], attrs: dict, num_frames: int, cache_frames: int,
-                  spec=None):
+                  layout=None):
     """One store entry: dims (intervention: 1, sample, frame[, pixel_frame][, step, layer, head, query_frame,
-    key_frame] with `spec`, the capture's CaptureSpec)."""
+    key_frame] with `layout`, the captured steps and layers as an attention store lays them out)."""
     import xarray as xr
 
     ids = [f"p{i:04d}-s{seed}" for i, _, seed in samples]
@@ -106,7 +140,7 @@ def entry_dataset(e: Entry, samples, per_sample: list[dict], attrs: dict, num_fr
                                              ("step", "layer", "head", "query_frame", "key_frame")
                                              if name == "attn_mass" else
                                              ("pixel_frame",) if stacked.ndim == 3 else ())
-        data[name] = (dims, stacked)
+        data[name] = xr.Variable(dims, stacked, attrs=effect_attrs(name))
     text = lambda xs: np.array(list(xs), dtype=object)  # noqa: E731  (variable-length strings: appends of any length)
     coords = dict(intervention=text([e.label]), sample=text(ids), frame=np.arange(num_frames),
                   intervention_kind=("intervention", text([e.kind])),
@@ -114,18 +148,27 @@ def entry_dataset(e: Entry, samples, per_sample: list[dict], attrs: dict, num_fr
                   target_layer=("intervention", [layer]), target_head=("intervention", [head]),
                   cache_frames=("intervention", [cache_frames]),
                   prompt=("sample", text(p for _, p, _ in samples)), seed=("sample", [s for *_, s in samples]))
-    if spec is not None:
-        coords |= dict(step=list(spec.steps), layer=list(spec.layers), head=list(spec.heads),
-                       query_frame=np.arange(num_frames), key_frame=np.arange(num_frames))
-    if any(v[0][-1] == "pixel_frame" for v in data.values()):
-        T = next(v[1].shape[-1] for v in data.values() if v[0][-1] == "pixel_frame")
+    if layout is not None:  # the coordinates of an attention store's steps, layers and frames
+        steps, frames = layout.steps, np.arange(num_frames)
+        coords |= dict(step=[s.step for s in steps], layer=list(layout.layers), head=list(layout.heads),
+                       query_frame=frames, key_frame=frames,
+                       timestep=("step", np.array([s.timestep for s in steps], dtype=np.float32)),
+                       phase=("step", text(s.phase for s in steps)), cfg=("step", text(s.cfg for s in steps)),
+                       denoise_index=("step", np.array([s.denoise_index for s in steps], dtype=np.int64)),
+                       query_chunk=("query_frame", layout.chunk_of(frames)),
+                       key_chunk=("key_frame", layout.chunk_of(frames)))
+    if any(v.dims[-1:] == ("pixel_frame",) for v in data.values()):
+        T = next(v.shape[-1] for v in data.values() if v.dims[-1:] == ("pixel_frame",))
         coords["pixel_frame"] = np.arange(T)
     return xr.Dataset(data, coords=coords, attrs=attrs)
 
 
 def fingerprint_of(fields: dict) -> str:
-    h = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return f"{h}:{h}"
+    """'layout:model', the hashes of the two halves of `fields` (as an attention store's)."""
+    def h(d):
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    return f"{h(fields['layout'])}:{h(fields['model'])}"
 
 
 # ------------------------------------------------------------------------------------------------------ running
@@ -200,7 +243,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     from tqdm.auto import tqdm
 
     from models.wan.text_encoder import TextEncoder
-    from workbench.extract import _attrs, _dtype, load_model, make_probe, sample_rollout
+    from workbench.extract import _attrs, _dtype, load_model, make_probe, sample_rollout, store_layout
     from workbench.hooks import CallFilter, attach
     from workbench.interventions import HeadOutputs
     from workbench.store import SCHEMA_VERSION
@@ -227,7 +270,9 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     F = p.geometry[0]
     window = cfg.local_attn_size if cfg.local_attn_size != -1 else F
     attrs = _attrs(p, writer.fingerprint, shlex.split(command) or ["workbench", "intervene"])
-    attrs.update(store_kind=STORE_KIND, world_metrics=scored, schema_version=SCHEMA_VERSION)
+    attrs.update(store_kind=STORE_KIND, world_metrics=scored, schema_version=SCHEMA_VERSION,
+                 stats=["attn_mass"] if capture else [])
+    layout = store_layout(p, attrs) if capture else None  # (the captured steps, layers and chunks)
     if save_videos:
         attrs["videos_dir"] = videos_dir(cfg.out).name
     bar = tqdm(total=len(todo) * len(samples), desc="intervene", unit="rollout", disable=not cfg.progress)
@@ -288,8 +333,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
             per_sample.append(row)
             bar.update(1)
         held = policy.capacity(F, n) if policy is not None else window
-        writer.write(entry_dataset(e, samples, per_sample, attrs, F, held, p.spec if capture else None),
-                     key=e.label)
+        writer.write(entry_dataset(e, samples, per_sample, attrs, F, held, layout), key=e.label)
     bar.close()
     log(ranking_text(cfg.out))
     return Path(cfg.out)

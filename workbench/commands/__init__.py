@@ -17,9 +17,8 @@ def add_model_arguments(group, model_option: bool = True) -> None:
 def _add_model_option(group) -> None:
     group.add_argument("--model", metavar="NAME",
                        help="a model of the embedded zoo (models/wan/embedded.py): teacher (the bidirectional 'Wan' "
-                            "teacher), df (diffusion forcing), ode (ODE init), dmd (Self-Forcing DMD, the default once "
-                            "the zoo is shipped), sid (Self-Forcing SiD); it sets the checkpoint and the sampler "
-                            "defaults")
+                            "teacher), df (diffusion forcing), ode (ODE init), dmd (Self-Forcing DMD, the default), "
+                            "sid (Self-Forcing SiD); it sets the checkpoint and the sampler defaults")
 
 
 def _add_weight_options(group) -> None:

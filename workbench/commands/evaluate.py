@@ -39,7 +39,7 @@ examples:
 (teacher, df, ode, dmd, sid: its checkpoint, EMA and sampler settings, docs/zoo.md), `embedded`, an
 official-format Wan folder, or a Self-Forcing checkpoint (.pt) on top of --wan-dir (default: the embedded
 folder); `ema` loads generator_ema; the sampler defaults to --sampler. Without --model, the shared model
-arguments pick one model (none: the zoo's DMD student once it is shipped).
+arguments pick one model (none: the zoo's DMD student, the embedded default).
 
 Rollouts longer than 21 latent frames (causal samplers only) keep a sliding KV window of --local-attn-size latent
 frames whose first --sink-size frames stay (the sink). Writes into --out: videos.csv (one row per video),
@@ -123,7 +123,7 @@ def select_models(args) -> list[ModelChoice]:
         from models.wan.embedded import default_model
 
         zoo = default_model() if not (args.wan_dir or args.checkpoint or args.use_ema) else None
-        if zoo is not None:  # the embedded default: the zoo's DMD student once it is shipped
+        if zoo is not None:  # the embedded default: the zoo's DMD student
             return [model_names()[zoo.name]]
         label = (Path(args.checkpoint).stem if args.checkpoint else Path(args.wan_dir).name if args.wan_dir
                  else "embedded") + ("-ema" if args.use_ema else "")
