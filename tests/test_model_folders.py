@@ -98,6 +98,15 @@ def test_folders_without_what_a_command_reads_are_one_line(folder, tmp_path, cap
     monkeypatch.setattr(models.wan.text_encoder.TextEncoder, "from_wan_dir", refuse)
     assert cli_main(["extract", "--layer", "0", "--wan-dir", str(tmp_path / "Wan2.1-T2V-1.3b")]) == 2
     assert f"--wan-dir '{tmp_path / 'Wan2.1-T2V-1.3b'}' does not exist" in _error(capsys, "extract")
+    (folder / "google").rename(tmp_path / "tokenizer_elsewhere")  # the text encoder's files, checked up front
+    assert cli_main(["generate", "--wan-dir", str(folder), "--out", str(tmp_path / "g")]) == 2
+    assert "tokenizer folder not found" in _error(capsys, "generate")
+    (tmp_path / "tokenizer_elsewhere").rename(folder / "google")
+    t5 = folder / "models_t5_umt5-xxl-enc-bf16.pth"
+    t5.rename(tmp_path / "t5.pth")
+    assert cli_main(["extract", "--layer", "0", "--wan-dir", str(folder), "--out", str(tmp_path / "x.zarr")]) == 2
+    assert "text encoder weights" in _error(capsys, "extract") and not list(tmp_path.glob(".x.zarr.lock*"))
+    (tmp_path / "t5.pth").rename(t5)
     (folder / "Wan2.1_VAE.pth").unlink()
     assert cli_main(["generate", "--wan-dir", str(folder), "--out", str(tmp_path / "g")]) == 2
     assert "has no Wan2.1_VAE.pth: the VAE decodes the videos" in _error(capsys, "generate")

@@ -34,7 +34,7 @@ from models.common.scheduler import FlowMatchScheduler
 from models.errors import ModelInputError
 from models.wan.checkpoint import load_wan, sha256_file, wan_weights_file, weights_sha256
 from models.wan.embedded import EMBEDDED_DIR
-from models.wan.text_encoder import wan_dir_encoder_identity
+from models.wan.text_encoder import check_encoder_files, wan_dir_encoder_identity
 from workbench.capture import CaptureSpec, Geometry, StatsProbe, resolve_mode
 from workbench.chunking import block_sizes_of, image_latent  # noqa: F401 (block_sizes_of: the nnsight recipe)
 from workbench.errors import WorkbenchError
@@ -350,6 +350,7 @@ def _rank_device(device: str, world: int) -> torch.device:
 def run_extract(cfg: ExtractConfig, command: list[str] | None = None, log=print):
     """Run an extraction; returns the store path. Validation happens before any model weights are read."""
     p = plan(cfg)
+    check_encoder_files(p.wan_dir)  # (the rollout's text encoder: its files, before the store is touched)
     rank, world, initialised = _dist()
     try:
         return _run(p, p.cfg, rank, world, command, log)

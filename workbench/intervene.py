@@ -181,11 +181,12 @@ def run_intervene(cfg, entries: list[Entry], *, world: str = "auto", command: st
     frames, sampler, device, out, mode); returns the store path. `capture`: also store `attn_mass` of the layers
     `cfg.layers` (every step) under each entry (the statistics probe of `extract`, attached after the edit)."""
     from models.wan.checkpoint import weights_sha256
-    from models.wan.text_encoder import wan_dir_encoder_identity
+    from models.wan.text_encoder import check_encoder_files, wan_dir_encoder_identity
     from workbench.extract import plan
     from workbench.store import SCHEMA_VERSION, StoreLock, StoreWriter
 
     p = plan(cfg)
+    check_encoder_files(p.wan_dir)  # (before the store is touched)
     cfg = p.cfg  # the weights spelled out (a zoo model's checkpoint and use_ema)
     check_entries(entries, cfg.sampler)
     F, h, w = p.geometry

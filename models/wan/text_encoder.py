@@ -237,9 +237,23 @@ def encoder_identity(weights_path, tokenizer_dir, text_len: int, memo_dir=MEMO_D
     return h.hexdigest()
 
 
+def check_encoder_files(wan_dir) -> None:
+    """The text encoder's files of a Wan folder are there (the umT5 weights and the tokenizer folder), or a clear
+    error naming the missing one; cheap (nothing is read), so commands call it before any work."""
+    wan_dir = Path(wan_dir)
+    if not (wan_dir / WEIGHTS_NAME).is_file():
+        raise CheckpointError(f"text encoder weights {str(wan_dir / WEIGHTS_NAME)!r} do not exist (the Wan folder's "
+                              f"umT5 encoder, {WEIGHTS_NAME})")
+    if not (wan_dir / TOKENIZER_SUBDIR).is_dir():
+        raise TokenizerNotFoundError(
+            f"tokenizer folder not found: {wan_dir / TOKENIZER_SUBDIR} (expected the Wan folder's google/umt5-xxl/ "
+            "with tokenizer.json, tokenizer_config.json, spiece.model, special_tokens_map.json)")
+
+
 def wan_dir_encoder_identity(wan_dir) -> str:
     """`encoder_identity` of the text encoder `TextEncoder.from_wan_dir(wan_dir)` would load."""
     wan_dir = Path(wan_dir)
+    check_encoder_files(wan_dir)
     return encoder_identity(wan_dir / WEIGHTS_NAME, wan_dir / TOKENIZER_SUBDIR, text_len_of(wan_dir))
 
 

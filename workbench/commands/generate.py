@@ -157,7 +157,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from models.wan.checkpoint import load_wan
     from models.wan.checkpoint import weights_sha256 as weights_sha256_of
     from models.wan.embedded import EMBEDDED_DIR
-    from models.wan.text_encoder import TextEncoder, wan_dir_encoder_identity
+    from models.wan.text_encoder import TextEncoder, check_encoder_files, wan_dir_encoder_identity
     from models.wan.vae import WanVAE, resolve_decoder
     from workbench.commands import resolve_model, world_prompt_note
     from workbench.errors import WorkbenchError
@@ -176,6 +176,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
         raise WorkbenchError("--seed needs numbers, e.g. 0 or 0-3")
     wan_dir = Path(args.wan_dir) if args.wan_dir else EMBEDDED_DIR
     check_wan_dir(wan_dir)
+    check_encoder_files(wan_dir)
     if args.image:
         if args.sampler == "bidirectional":
             raise WorkbenchError("--image runs the causal samplers (the image is the first chunk of the KV cache)")
