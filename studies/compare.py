@@ -191,12 +191,15 @@ def compare_stores(
     pair_by: str = "auto",
 ) -> Comparison:
     """Align `a` and `b` (module docstring) and compare their attention head by head."""
+    a, b = metrics.attention_store(a), metrics.attention_store(b)
     pairs = match_samples(a, b, pair_by)
     steps, unmatched_a, unmatched_b = match_steps(a, b, tolerance=tolerance, cfg=cfg)
 
     la, lb = [int(x) for x in a.layer.values], [int(x) for x in b.layer.values]
     shared_layers = [x for x in la if x in lb]
     if layers is not None:
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            raise WorkbenchError(f"layers {layers!r}: give a list of ints, e.g. [2, 3]")
         bad = [x for x in layers if x not in shared_layers]
         if bad:
             raise WorkbenchError(f"layer {bad[0]} is not in both stores; A has layers {la}, B has {lb}")

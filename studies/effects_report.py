@@ -261,6 +261,8 @@ def write_png(image, path: Path) -> Path:
 def nice_ticks(top_value: float, n: int = 5) -> list[float]:
     """Ticks from 0 a person would pick for values up to `top_value`: about `n` steps of 1, 2, 2.5 or 5 times a
     power of ten, the last at or just above the top value."""
+    if not np.isfinite(top_value) or top_value <= 0:  # (nothing to scale: all zero or NaN)
+        return [0, 1]
     raw = top_value / n
     power = 10 ** np.floor(np.log10(raw))
     step = float(power * next(m for m in (1, 2, 2.5, 5, 10) if m * power >= raw))

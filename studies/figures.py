@@ -131,6 +131,7 @@ def head_grid(
 ) -> go.Figure:
     """Per-head query frame x key frame heatmaps of `var` at one layer and step; origin lower (query frame 0 at
     the bottom), one colour scale for all heads, NaN (not attended) left blank."""
+    ds = metrics.attention_store(ds)
     data = _frames(ds, var, layer, sample, step).isel(step=0)  # [head, query_frame, key_frame]
     data = _pick_heads(data, heads)
     head_list = [int(h) for h in data["head"].values]
@@ -162,6 +163,7 @@ def head_pair(
 ) -> go.Figure:
     """One head's query frame x key frame heatmap in two stores side by side (A left, B right), each averaged over
     its samples, on one colour scale so that the two can be compared by eye; each panel names its store and step."""
+    a, b = metrics.attention_store(a), metrics.attention_store(b)
     maps = [_pick_heads(_frames(ds, var, layer, None, step).isel(step=0), [head]).sel(head=head)
             for ds, step in ((a, step_a), (b, step_b))]  # [query_frame, key_frame] each
     titles = [f"{name}<br><sub>{metrics.step_label(ds, step)} · {_who(ds, None)}</sub>"  # two lines: never overlap
@@ -193,6 +195,7 @@ def last_chunk_bars(
 ) -> go.Figure:
     """Per head, the last chunk's attention over key frames (v = the mean of the last chunk's query rows, the
     researchers' `last_block_frame_attention`) as bars plus a line, titled with sink = v[0] - mean(v[1:-1])."""
+    ds = metrics.attention_store(ds)
     sub = metrics.select(ds, sample=sample, layer=layer, step=step)
     v = metrics.frame_profile(sub, var=var).mean("sample", skipna=True).isel(layer=0, step=0)  # [head, key_frame]
     v = _pick_heads(v, heads)
@@ -233,6 +236,7 @@ def step_slider(
 ) -> go.Figure:
     """The head grid across steps: one plotly frame per step, a slider labelled 'step s · t=...', one colour
     scale over all steps so the frames are comparable; it opens at step `start` (default: the first)."""
+    ds = metrics.attention_store(ds)
     data = _frames(ds, var, layer, sample, None if steps is None else list(steps))  # [step, head, qf, kf]
     labels = {int(s): metrics.step_label(ds, int(s)) for s in data.step.values}
     marks = {s: f"{s} · t={float(ds['timestep'].sel(step=s)):g}" for s in labels}

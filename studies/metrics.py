@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import xarray as xr
@@ -52,6 +53,30 @@ CLASSES = ("sink", "local", "global", "deep_sink", "mixed")
 
 
 # ---------------------------------------------------------------------------------------------- selections
+def attention_store(ds, *, extra_dims: bool = False):
+    """What a study reads: an attention store as `open_store` gives it (or its `attn_mass`), or a store's path,
+    opened here (studies.load_store). Unless `extra_dims` (the metrics, which keep any dim they do not reduce),
+    an effects store or a training probe store is refused, naming what to select: a figure or a comparison would
+    average their extra dim, intervention or train_step, into the samples."""
+    if isinstance(ds, (str, Path)):
+        from studies import load_store
+
+        ds = load_store(ds)
+    if not isinstance(ds, (xr.Dataset, xr.DataArray)):
+        raise WorkbenchError(f"expected an attention store (a path, or the Dataset open_store returns), got a "
+                             f"{type(ds).__name__}")
+    if extra_dims:
+        return ds
+    if "intervention" in ds.dims:
+        raise WorkbenchError("this is an effects store (dim intervention, from workbench intervene): select one "
+                             "entry first, e.g. ds.sel(intervention='baseline'), or read it with "
+                             "studies.effects_report")
+    if "train_step" in ds.dims:
+        raise WorkbenchError("this is a training probe store (dim train_step): select one train step first, e.g. "
+                             "ds.sel(train_step=0), or read it with studies.training")
+    return ds
+
+
 def select(ds: xr.Dataset, *, sample=None, layer=None, step=None) -> xr.Dataset:
     """`ds` restricted to a sample id, layer(s) and step(s), each checked against the store (None keeps all).
     A scalar keeps the dim with one entry, so downstream code sees the same dims."""
@@ -145,6 +170,7 @@ def row_metrics(
 
     `ds` is a store (or its `attn_mass`), whole or selected; `local_window` defaults to the store's
     `num_frame_per_block` (3 if the attribute is missing)."""
+    ds = attention_store(ds, extra_dims=True)
     if not 0.0 < early_fraction <= 1.0:
         raise WorkbenchError(f"early_fraction {early_fraction} must be in (0, 1]")
     mass = _mass(ds)  # [..., query_frame, key_frame]
@@ -212,6 +238,7 @@ def head_metrics(
     """Row metrics averaged over the chosen query frames (see `query_frames_for`) and over samples (every
     sample, or only the named `sample`): dims (step, layer, head). `average_samples=False` keeps the `sample`
     dim instead (ignored when a `sample` is named)."""
+    ds = attention_store(ds, extra_dims=True)
     frames = query_frames_for(ds, query_frames)
     ds = select(ds, sample=sample).sel(query_frame=frames)
     rows = row_metrics(ds, local_window=local_window, early_fraction=early_fraction)
@@ -225,6 +252,7 @@ def recency_profile(ds: xr.Dataset | xr.DataArray, *, query_frames: str | Sequen
     """Mean attention mass at each frame distance d = query_frame - key_frame: for each (sample, step, layer,
     head), the mean of attn_mass[qf, qf - d] over the query frames where that key frame was attended.
     NaN where no query frame has distance d available. New dim `distance` (int, frames)."""
+    ds = attention_store(ds, extra_dims=True)
     if isinstance(ds, xr.Dataset):
         ds = ds.sel(query_frame=query_frames_for(ds, query_frames))
     mass = _mass(ds)
@@ -290,6 +318,7 @@ def frame_profile(
 ) -> xr.DataArray:
     """`var` averaged over the chosen query rows, per key frame (NaN skipped): with the last chunk this is the
     researchers' `last_block_frame_attention` [head, key_frame] (their `var` was the mean logit)."""
+    ds = attention_store(ds, extra_dims=True)
     require_var(ds, var)
     return ds[var].sel(query_frame=query_frames_for(ds, query_frames)).astype(np.float64).mean("query_frame", skipna=True)
 
@@ -315,6 +344,7 @@ def researcher_stats(
     is named): `diag_mean` (mean of the query_frame == key_frame entries), `col0_mean` (mean of key frame 0 over
     the query frames that attended it: the fork's "non-zero column-0 mean"), and of the last chunk's profile v:
     `first` = v[0], `mid` = mean(v[1:-1]), `last` = v[-1], `sink` = first - mid."""
+    ds = attention_store(ds, extra_dims=True)
     require_var(ds, var)
     sub = select(ds, sample=sample, layer=layer, step=step)
     full = sub[var].astype(np.float64).mean("sample", skipna=True).isel(layer=0, step=0)  # [head, query_frame, key_frame]

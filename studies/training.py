@@ -19,11 +19,13 @@ import xarray as xr
 
 
 def attention_over_training(store) -> xr.Dataset:
+    """Per (train_step, layer, head): the attention mass on frame 0, on the query's own chunk and on the earlier
+    frames; `store` a probe store's path or the Dataset open_store gives."""
     from workbench.store import open_store
 
-    ds = open_store(store)
+    ds = store if isinstance(store, xr.Dataset) else open_store(store)
     if "train_step" not in ds.dims or "attn_mass" not in ds:
-        raise ValueError(f"{store} is not a training probe store with attn_mass")
+        raise ValueError(f"{_name(store)} is not a training probe store with attn_mass (it has dims {dict(ds.sizes)})")
     from workbench.summary import frame0_own_rest
 
     frame0, own, earlier = frame0_own_rest(ds.attn_mass)
@@ -33,10 +35,15 @@ def attention_over_training(store) -> xr.Dataset:
     return out.drop_vars(scalars).load()                                  # selection: they label none of the three)
 
 
+def _name(store) -> str:
+    return "the store" if isinstance(store, xr.Dataset) else str(store)
+
+
 def table(store) -> str:
     a = attention_over_training(store)
     mean = a.mean(["layer", "head"])
-    lines = [f"attention across training ({store}; mass, mean over layers, heads, denoising steps, later chunks):",
+    lines = [f"attention across training ({_name(store)}; mass, mean over layers, heads, denoising steps, later "
+             "chunks):",
              f"{'train_step':>10} {'frame 0':>9} {'own chunk':>10} {'earlier':>9}"]
     for s in mean["train_step"].values:
         row = mean.sel(train_step=s)

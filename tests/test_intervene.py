@@ -230,6 +230,7 @@ def test_the_effect_curve_png_has_round_ticks_ending_on_the_axis_top():
 
     assert nice_ticks(1.73) == [0, 0.5, 1.0, 1.5, 2.0] and nice_ticks(0.07) == [0, 0.02, 0.04, 0.06, 0.08]
     assert nice_ticks(1.0) == [0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2] and nice_ticks(4.9) == [0, 1, 2, 3, 4, 5]
+    assert nice_ticks(0.0) == nice_ticks(float("nan")) == [0, 1]  # nothing to scale
     import xarray as xr
 
     values = np.array([[[0.0, 0.5, 1.65, 1.0]], [[0.3, 0.4, 0.5, 0.6]]])  # [intervention, sample, frame]
@@ -237,3 +238,35 @@ def test_the_effect_curve_png_has_round_ticks_ending_on_the_axis_top():
                     coords={"intervention": ["a", "b"], "frame": np.arange(4)})
     img = np.asarray(curve_png(ds, ["a", "b"]).convert("L"))
     assert img.shape == (520, 900) and (img[:, 6:22] < 128).any()  # the upright axis name left of the tick labels
+
+
+def test_the_api_takes_spec_dicts_and_the_cfg_samplers(tmp_path):
+    """run_intervene in Python: entries as a --spec file's dicts (checked against the model: a layer it lacks is
+    named), and the teacher's bidirectional CFG sampler (both branches under the same edit)."""
+    import xarray as xr
+
+    from workbench.extract import ExtractConfig
+    from workbench.intervene import run_intervene
+
+    cfg = ExtractConfig(model="teacher", sampler="bidirectional", num_inference_steps=2, num_frames=3, seeds=[0],
+                        out=str(tmp_path / "fx.zarr"), progress=False)
+    with pytest.raises(WorkbenchError, match=r"layer \[9\]"):
+        run_intervene(cfg, [dict(kind="ablate", layers=9, heads=0)], world="off", log=lambda *a: None)
+    run_intervene(cfg, [dict(kind="ablate", layers=1, heads=0)], world="off", log=lambda *a: None)
+    ds = xr.open_zarr(tmp_path / "fx.zarr", consolidated=False)
+    effect = ds.latent_distance_rel.mean(["sample", "frame"])
+    assert list(ds.intervention.values) == ["baseline", "ablate-zero:L1.H0"]
+    assert float(effect.sel(intervention="baseline")) == 0 and float(effect.sel(intervention="ablate-zero:L1.H0")) > 0
+
+
+def test_an_attention_guided_window_with_little_room_keeps_what_fits(tmp_path):
+    """attention:6:1 with chunks of 3: the next chunk leaves room for 3 frames, the sink takes 1, so only 2 of the
+    newest stay (a full chunk of 3 beside the sink overflowed the window before, after the baseline had run)."""
+    import xarray as xr
+
+    out = tmp_path / "pol.zarr"
+    assert main(["intervene", "--frames", "9", "--seeds", "0", "--policy", "attention:6:1", "--world", "off",
+                 "--out", str(out), "--no-progress"]) == 0
+    ds = xr.open_zarr(out, consolidated=False)
+    assert int(ds.cache_frames.sel(intervention="policy-attention6+sink1")) == 6
+    assert float(ds.latent_distance_rel.sel(intervention="policy-attention6+sink1").isel(frame=slice(6, 9)).mean()) > 0

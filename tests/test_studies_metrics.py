@@ -221,3 +221,28 @@ def test_bad_input_is_named(causal):
         metrics.query_frames_for(causal, [1, 30])
     with pytest.raises(WorkbenchError, match="unknown synthetic variant"):
         synthetic.make_dataset("sideways")
+
+
+def test_studies_take_a_path_or_a_dataset_and_refuse_other_kinds_of_store(tmp_path, causal):
+    """A store's path works where its Dataset does; an effects store (dim intervention) or a training probe store
+    (dim train_step) given to a figure or a comparison is refused, naming what to select, instead of averaged into
+    nonsense; the metrics keep such a dim."""
+    import xarray as xr
+
+    from studies import compare, figures
+
+    path = synthetic.write_store(tmp_path / "c.zarr", "causal")
+    by_path = metrics.head_metrics(path)
+    assert by_path.equals(metrics.head_metrics(load_store(path)))
+    probes = xr.concat([causal, causal], dim="train_step").assign_coords(train_step=[0, 2])
+    effects = causal.expand_dims(intervention=["baseline"])
+    for store, dim in ((probes, "train_step"), (effects, "intervention")):
+        for call in (lambda s: figures.head_grid(s, 0), lambda s: compare.compare_stores(s, causal),
+                     lambda s: figures.last_chunk_bars(s, 0)):
+            with pytest.raises(WorkbenchError, match=f"dim {dim}"):
+                call(store)
+    assert metrics.head_metrics(probes).sizes["train_step"] == 2  # (the probe report's per-train-step metrics)
+    with pytest.raises(WorkbenchError, match="layers '0': give a list of ints"):
+        compare.compare_stores(causal, causal, layers="0")
+    with pytest.raises(WorkbenchError, match="expected an attention store .* got a list"):
+        metrics.head_metrics([1, 2])

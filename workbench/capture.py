@@ -265,7 +265,7 @@ class StatsProbe(Probe):
                 allowed = None if mask is None else mask.to(dev).repeat_interleave(fsl, 1)
             if allowed is not None:  # pairs the call did not attend are NaN
                 values = values.masked_fill(~allowed, float("nan"))
-            cells[:, :, qf[:, None], cols[None, :]] = values
+            cells[:, :, qf[:, None], cols[None, :]] = values.to(cells.dtype)  # (a float64 run: float32 cells)
 
     def results(self) -> dict[str, np.ndarray]:
         """Host copies of the buffers: {stat: [B, S, L, H, F(, key dim)]} float32."""

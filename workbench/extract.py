@@ -172,10 +172,63 @@ class Plan:
     capture_mode: str  # the mode that runs ("auto" resolved for the device)
 
 
+def _int_list(value, what: str) -> list[int] | None:
+    """A request's layers, heads, steps or token layers as sorted distinct ints (an int alone as a list of one; None
+    stays None: all), or a WorkbenchError naming what is not an int."""
+    if value is None:
+        return None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise WorkbenchError(f"{what}s {value!r}: give a list of ints, e.g. [0, 3] (None: all)")
+    values = list(value)
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer))]
+    if bad:
+        raise WorkbenchError(f"{what}s {value!r}: {bad[:3]} {'is' if len(bad) == 1 else 'are'} not an int; give a "
+                             "list of ints, e.g. [0, 3]")
+    return sorted({int(v) for v in values})
+
+
+def _check_request(cfg: ExtractConfig) -> ExtractConfig:
+    """The request's lists and numbers in the form plan reads them, or a WorkbenchError naming the bad value: a
+    prompt or a seed alone becomes a list of one, lists of layers, heads and steps are sorted without repeats."""
+    def positive_int(value, what: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise WorkbenchError(f"{what} {value!r}: give a positive int")
+        return int(value)
+
+    prompts = [cfg.prompts] if isinstance(cfg.prompts, str) else cfg.prompts
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise WorkbenchError(f"prompts {cfg.prompts!r}: give a list of strings")
+    seeds = [cfg.seeds] if isinstance(cfg.seeds, (int, np.integer)) and not isinstance(cfg.seeds, bool) else cfg.seeds
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
+        raise WorkbenchError(f"seeds {cfg.seeds!r}: give a list of ints, e.g. [0, 1]")
+    seeds = list(seeds)
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < 2**63]
+    if bad or not seeds:
+        raise WorkbenchError(f"seeds {cfg.seeds!r}: give one or more ints in 0 .. 2**63 - 1"
+                             + (f" ({bad[:3]} {'is' if len(bad) == 1 else 'are'} not)" if bad else ""))
+    steps_list = list(cfg.denoising_step_list)
+    if not steps_list:
+        raise WorkbenchError("denoising_step_list is empty: give the few-step sampler's timesteps, e.g. "
+                             "[1000, 750, 500, 250]")
+    if not 0 <= cfg.context_noise <= 1000:
+        raise WorkbenchError(f"context_noise {cfg.context_noise!r}: a timestep in 0 .. 1000")
+    _dtype(cfg.dtype)  # (a name it knows)
+    stats = [x.strip() for x in cfg.stats.split(",") if x.strip()] if isinstance(cfg.stats, str) else list(cfg.stats)
+    return dataclasses.replace(
+        cfg, prompts=list(prompts), stats=stats, seeds=list(dict.fromkeys(int(s) for s in seeds)),
+        layers=_int_list(cfg.layers, "layer"), heads=_int_list(cfg.heads, "head"), steps=_int_list(cfg.steps, "step"),
+        token_layers=_int_list(cfg.token_layers, "token layer") or [],
+        num_frames=positive_int(cfg.num_frames, "num_frames"),
+        num_frame_per_block=positive_int(cfg.num_frame_per_block, "num_frame_per_block"),
+        batch_size=positive_int(cfg.batch_size, "batch_size"))
+
+
 def plan(cfg: ExtractConfig) -> Plan:
     """Validate the request against the model's config, without loading weights."""
     check_weights_args(cfg.checkpoint, cfg.use_ema, cfg.model)
-    cfg = resolve_model(cfg)
+    cfg = resolve_model(_check_request(cfg))
     if cfg.sampler not in SAMPLERS:
         raise WorkbenchError(f"sampler {cfg.sampler!r}; use one of {list(SAMPLERS)}")
     check_stats(cfg.stats, cfg.token_layers)
@@ -202,6 +255,10 @@ def plan(cfg: ExtractConfig) -> Plan:
             raise WorkbenchError(f"--image {cfg.image!r} does not exist")
     if cfg.sampler != "bidirectional":
         block_sizes_of(cfg)  # frames that do not fit the chunk layout
+        if mc.local_attn_size != -1 and mc.local_attn_size < mc.sink_size + cfg.num_frame_per_block:
+            raise WorkbenchError(f"--local-attn-size {mc.local_attn_size}: the window must hold the sink "
+                                 f"({mc.sink_size} frames) and a chunk ({cfg.num_frame_per_block}): at least "
+                                 f"{mc.sink_size + cfg.num_frame_per_block}, or -1 (global)")
         check_fits_cache(cfg.num_frames, mc.local_attn_size, arch.cache_frames, label=f"--frames {cfg.num_frames}")
     elif cfg.independent_first_frame:
         raise WorkbenchError("--independent-first-frame is a chunk layout of the causal samplers; the bidirectional "

@@ -19,6 +19,7 @@ q [B, Lq, h, D], k/v [B, Lk, h, D] restricted to the chosen heads, out [B, Lq, h
 from __future__ import annotations
 
 import contextlib
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -27,8 +28,32 @@ import torch
 from models.common.attention import AttentionCall
 
 
-def _set(values) -> frozenset | None:
-    return None if values is None else frozenset(values)
+# the values a filter's word-valued fields can take (a call's kind, phase and CFG branch)
+FILTER_WORDS = {"kinds": ("self", "cross"), "phases": ("denoise", "context", "train"),
+                "cfgs": ("cond", "uncond", "none")}
+
+
+def _set(name: str, values) -> frozenset | None:
+    """A filter field as a frozenset: ints for layers, steps and chunks (an int alone as a set of one), words from
+    FILTER_WORDS for the others (a word alone likewise); anything else is a ModelInputError naming it."""
+    from models.errors import ModelInputError
+
+    if values is None:
+        return None
+    words = FILTER_WORDS.get(name)
+    single = isinstance(values, str) if words else isinstance(values, numbers.Integral) and not isinstance(values, bool)
+    values = frozenset([values] if single else values) if single or hasattr(values, "__iter__") else values
+    if not isinstance(values, frozenset):
+        raise ModelInputError(f"CallFilter {name}={values!r}: give a set of {'words' if words else 'ints'}")
+    if words:
+        bad = sorted(str(v) for v in values if v not in words)
+        allowed = f"one of {list(words)}"
+    else:
+        bad = sorted(str(v) for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0)
+        allowed = "ints >= 0"
+    if bad:
+        raise ModelInputError(f"CallFilter {name}: {bad} not allowed; give {allowed}")
+    return values
 
 
 @dataclass(frozen=True)
@@ -45,7 +70,7 @@ class CallFilter:
 
     def __post_init__(self):
         for name in ("layers", "kinds", "steps", "chunks", "phases", "cfgs"):
-            object.__setattr__(self, name, _set(getattr(self, name)))
+            object.__setattr__(self, name, _set(name, getattr(self, name)))
 
     def matches(self, call: AttentionCall) -> bool:
         if self.layers is not None and call.layer not in self.layers:
@@ -116,10 +141,29 @@ class RecordingProbe(Probe):
         self.records.append((call, copy(q), copy(k), copy(out) if self.keep_out else None))
 
 
+def check_subscribers(model, subscribers) -> None:
+    """Each subscriber's filter layers and heads exist in the model (a ModelInputError naming them otherwise): a
+    probe or an edit aimed at layer 99 of a 6-layer model would otherwise see or change nothing, silently."""
+    from models.errors import ModelInputError
+
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    for sub in subscribers:
+        f, heads = getattr(sub, "filter", None), getattr(sub, "heads", None)
+        for what, values, n in (("layers", f.layers if f is not None else None, config.num_layers),
+                                ("heads", heads, config.num_heads)):
+            bad = sorted(v for v in (values or ()) if not 0 <= v < n)
+            if bad:
+                raise ModelInputError(f"{type(sub).__name__}: {what} {bad} out of range: the model has {what} "
+                                      f"0-{n - 1}")
+
+
 @contextlib.contextmanager
 def attach(model, *probes):
     """Subscribe probes (observers) and interventions (workbench/interventions.py: anything with `edits`) to a
     model's attention calls for the duration of the block. Interventions edit a call before observers see it."""
+    check_subscribers(model, probes)
     handles = [(model.interventions if hasattr(p, "edits") else model.observers).add(p) for p in probes]
     try:
         yield probes[0] if len(probes) == 1 else probes

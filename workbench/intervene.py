@@ -175,19 +175,32 @@ def fingerprint_of(fields: dict) -> str:
 BASELINE = Entry(kind="baseline", label="baseline")
 
 
-def run_intervene(cfg, entries: list[Entry], *, world: str = "auto", command: str = "", capture: bool = False,
+def run_intervene(cfg, entries: list, *, world: str = "auto", command: str = "", capture: bool = False,
                   save_videos: bool = False, log=print) -> Path:
     """Run the baseline and every entry not yet in the store `cfg.out` (an ExtractConfig: model, prompts, seeds,
-    frames, sampler, device, out, mode); returns the store path. `capture`: also store `attn_mass` of the layers
-    `cfg.layers` (every step) under each entry (the statistics probe of `extract`, attached after the edit)."""
+    frames, sampler, device, out, mode); returns the store path. `entries`: `Entry` objects or spec dicts as a
+    --spec file holds them (`{"kind": "ablate", "layers": 3, "heads": 0}`), checked against the model first.
+    `capture`: also store `attn_mass` of the layers `cfg.layers` (every step) under each entry (the statistics
+    probe of `extract`, attached after the edit)."""
     from models.wan.checkpoint import weights_sha256
     from models.wan.text_encoder import check_encoder_files, wan_dir_encoder_identity
     from workbench.extract import plan
     from workbench.store import SCHEMA_VERSION, StoreLock, StoreWriter
 
+    if world not in ("auto", "on", "off"):
+        raise WorkbenchError(f"world {world!r}: use auto, on or off")
     p = plan(cfg)
     check_encoder_files(p.wan_dir)  # (before the store is touched)
     cfg = p.cfg  # the weights spelled out (a zoo model's checkpoint and use_ema)
+    if any(not isinstance(e, Entry) for e in entries):  # spec dicts (as in a --spec file), checked against the plan
+        from workbench.chunking import block_sizes_of
+        from workbench.intervene_entries import parse_entry
+
+        mc = p.model_config
+        chunks = 1 if cfg.sampler == "bidirectional" else len(block_sizes_of(cfg))
+        entries = [e if isinstance(e, Entry) else parse_entry(e, mc.num_layers, mc.num_heads, num_frames=p.geometry[0],
+                                                              num_steps=len(p.schedule), num_chunks=chunks)
+                   for e in entries]
     check_entries(entries, cfg.sampler)
     F, h, w = p.geometry
     px_h, px_w = h * 8, w * 8
@@ -267,6 +280,8 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
         vae = WanVAE.from_file(p.wan_dir / "Wan2.1_VAE.pth", device=device, dtype=dtype)
     embs = {prompt: encoder.encode([prompt]) for prompt in
             {*cfg.prompts, *(e.resample_prompt for e in entries if e.resample_prompt)}}
+    # the CFG samplers' negative prompt (both branches run under the same interventions)
+    negative = encoder.encode([cfg.negative_prompt]) if cfg.sampler != "causal_few_step" else None
     n = model.num_frame_per_block
     F = p.geometry[0]
     window = cfg.local_attn_size if cfg.local_attn_size != -1 else F
@@ -282,7 +297,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
 
     def rollout(prompt, seed, *subscribers, policy=None):
         with attach(model, *subscribers):
-            return sample_rollout(model, p, embs[prompt], None, seed, device, dtype, cache_policy=policy)
+            return sample_rollout(model, p, embs[prompt], negative, seed, device, dtype, cache_policy=policy)
 
     def captured(entry, prompt, seed, *subscribers, policy=None):
         """(latents, attn_mass [step, layer, head, F, F] or None) of a rollout, the probe after the edits."""

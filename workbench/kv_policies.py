@@ -160,7 +160,8 @@ class AttentionGuided(WindowSink):
         if len(held) <= room:
             return None
         recent = self.recent if self.recent is not None else next_frames or 1
-        fixed = set(held[: self.sink]) | set(held[-recent:])
+        recent = min(recent, max(0, room - self.sink))  # the window bounds what stays: the newest that fit the sink
+        fixed = set(held[: self.sink]) | (set(held[-recent:]) if recent else set())
         others = [f for f in held if f not in fixed]
         if not mass and others:
             raise RuntimeError(f"{self.name}: no attention was observed in layer {layer}; attach the policy to the "

@@ -48,13 +48,14 @@ def extract_rollout(cfg, *, prompt_index: int = 0, device=None, dtype=None):
     clean latents, and the number of DiT forwards of that rollout (35 for 21 frames in the few-step sampler):
     each `Attend` module is visited once per forward, which is the count `tracer.iter[:forwards]` needs."""
     from models.wan.text_encoder import TextEncoder
-    from workbench.extract import _dtype, block_sizes_of, load_model, plan, sample_rollout
+    from workbench.extract import _dtype, block_sizes_of, check_device, load_model, plan, sample_rollout
 
     p = plan(cfg)
+    cfg = p.cfg  # (its lists as plan reads them: a prompt alone is a list of one)
     if not 0 <= prompt_index < len(cfg.prompts):
         raise WorkbenchError(f"prompt_index {prompt_index}: the config has prompts 0-{len(cfg.prompts) - 1}")
-    device = torch.device(device or cfg.device)
-    dtype = dtype or _dtype(cfg.dtype)
+    device = torch.device(check_device(str(device or cfg.device)))
+    dtype = _dtype(dtype) if isinstance(dtype, str) else dtype or _dtype(cfg.dtype)
     model = load_model(p, device, dtype)
     encoder = TextEncoder.from_wan_dir(p.wan_dir, device=device)
     emb = encoder.encode([cfg.prompts[prompt_index]])
