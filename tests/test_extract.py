@@ -440,3 +440,23 @@ def test_cpu_indicator_request_runs_and_records_exact(tmp_path, uninterrupted):
     assert tri_ds.attrs["fingerprint"].split(":")[0] == ref.attrs["fingerprint"].split(":")[0]
     assert tri_ds.attrs["fingerprint"] != ref.attrs["fingerprint"]
     np.testing.assert_array_equal(tri_ds.attn_mass.values, ref.attn_mass.values)  # the same kernel ran
+
+
+def test_the_api_reads_a_researchers_values_or_names_the_bad_one():
+    """ExtractConfig from Python: a prompt or a seed alone is a list of one (not a prompt per character), layers and
+    heads are sorted without repeats (a repeated layer made a store with a NaN copy); strings, bools and floats where
+    ints belong, empty seeds and a window smaller than a chunk are refused before any work, each named."""
+    p = extract_mod.plan(ExtractConfig(prompts="a red square moving right", seeds=7, layers=[3, 3, 1], heads=[2, 0],
+                                       stats="attn_mass", num_frames=6))
+    assert p.cfg.prompts == ["a red square moving right"] and p.cfg.seeds == [7] and p.cfg.stats == ["attn_mass"]
+    assert p.spec.layers == (1, 3) and p.spec.heads == (0, 2)
+    for kw, message in [(dict(layers="3"), "layers '3': give a list of ints"),
+                        (dict(layers=[True]), r"layers \[True\]: \[True\] is not an int"),
+                        (dict(seeds=[]), r"seeds \[\]: give one or more ints"),
+                        (dict(seeds=[1.5]), r"\[1.5\] is not"),
+                        (dict(num_frames="6"), "num_frames '6': give a positive int"),
+                        (dict(prompts=[1]), "prompts \\[1\\]: give a list of strings"),
+                        (dict(denoising_step_list=[]), "denoising_step_list is empty"),
+                        (dict(num_frames=6, local_attn_size=2), "--local-attn-size 2: the window must hold")]:
+        with pytest.raises(WorkbenchError, match=message):
+            extract_mod.plan(ExtractConfig(**kw))

@@ -275,3 +275,25 @@ def test_gpu_graphed_rollout_with_interventions_equals_eager():
     assert not torch.equal(eager_edit, plain)
     for _ in range(3):
         assert torch.equal(run(True, edit), eager_edit)
+
+
+def test_a_filter_or_an_edit_aimed_at_nothing_is_refused():
+    """CallFilter(kinds="self") means {"self"} (not the letters s, e, l, f, which matched no call and made an
+    edit change nothing); a layer given as a string, an unknown kind or phase, and layers or heads the model lacks
+    are named when the filter is made or the edit attached."""
+    from models.errors import ModelInputError
+    from workbench.hooks import CallFilter, attach
+    from workbench.interventions import HeadAblation
+
+    assert CallFilter(kinds="self", layers=3).kinds == {"self"} and CallFilter(layers=3).layers == {3}
+    for kw, message in [(dict(layers="3"), r"layers: \['3'\] not allowed"), (dict(kinds={"slef"}), "one of"),
+                        (dict(phases={"denoising"}), r"\['denoising'\] not allowed; give one of \['denoise'")]:
+        with pytest.raises(ModelInputError, match=message):
+            CallFilter(**kw)
+    model = tiny_model()  # 2 layers of 4 heads
+    for edit, message in [(HeadAblation(CallFilter(layers={99}), heads=[0]), r"layers \[99\] out of range"),
+                          (HeadAblation(CallFilter(layers={1}), heads=[7]), r"heads \[7\] out of range")]:
+        with pytest.raises(ModelInputError, match=message):
+            with attach(model, edit):
+                pass
+    assert not model.interventions  # nothing left attached
