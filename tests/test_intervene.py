@@ -41,7 +41,9 @@ def test_entries_parse_and_bad_values_are_named():
     rollout = dict(num_frames=21, num_steps=5, num_chunks=7)
     for d, message in [(dict(kind="knockout", frames=21), r"frame \[21\] out of range: the rollout has frames 0-20"),
                        (dict(kind="temperature", value=2, steps=9), r"step \[9\] out of range: the per-chunk schedule"),
-                       (dict(kind="ablate", chunks=[2, 50]), r"chunk \[50\] out of range: the rollout has chunks 0-6")]:
+                       (dict(kind="ablate", chunks=[2, 50]), r"chunk \[50\] out of range: the rollout has chunks 0-6"),
+                       (dict(kind="temperature", value="hot"), "temperature 'hot': give a number"),
+                       (dict(kind="policy", policy="fifo", window="ten"), "policy window 'ten': give an integer")]:
         with pytest.raises(WorkbenchError, match=message):
             parse_entry(d, 6, 4, **rollout)
     last = parse_entry(dict(kind="knockout", frames="0-20", steps=4, chunks=6), 6, 4, **rollout)  # the last of each

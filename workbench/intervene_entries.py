@@ -19,6 +19,7 @@ An entry is a mapping (an item of a YAML spec's list, or made from a flag by `pa
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,17 @@ def _check_attention_store(path) -> None:
                              "an attention store: workbench extract --stats attn_mass ...")
 
 
+def _number(value, what: str, integer: bool = False) -> float:
+    """A spec entry's number (int or float, or its text), or a WorkbenchError naming the value."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        x = float("nan")
+    if not math.isfinite(x) or isinstance(value, bool) or (integer and x != int(x)):
+        raise WorkbenchError(f"{what} {value!r}: give {'an integer' if integer else 'a number'}")
+    return x
+
+
 def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | None = None,
                 num_steps: int | None = None, num_chunks: int | None = None) -> Entry:
     """A spec entry (YAML or flags) -> an `Entry`, every value checked (a WorkbenchError names the bad one): layers
@@ -128,7 +140,7 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
     if kind in ("temperature", "sink"):
         if "value" not in d:
             raise WorkbenchError(f"a {kind} entry needs value (the {'temperature' if kind == 'temperature' else 'factor'})")
-        e.value = float(d["value"])
+        e.value = _number(d["value"], "temperature" if kind == "temperature" else "sink factor")
         if kind == "temperature" and not e.value > 0:
             raise WorkbenchError(f"temperature {e.value}: use a positive number")
     if kind in ("knockout", "sink") and e.attention != "self":
@@ -137,10 +149,12 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
         e.policy = d.get("policy")
         if e.policy not in POLICIES:
             raise WorkbenchError(f"cache policy {e.policy!r}; use one of {list(POLICIES)}")
-        e.window, e.sink_frames = int(d.get("window", 21)), int(d.get("sink_frames", 0))
+        e.window = int(_number(d.get("window", 21), "policy window", integer=True))
+        e.sink_frames = int(_number(d.get("sink_frames", 0), "policy sink_frames", integer=True))
         if e.policy in ("deepsink",) and "sink_frames" not in d:
             e.sink_frames = e.window // 2
-        e.store, e.threshold, e.static_recent = d.get("store"), float(d.get("threshold", 0.8)), int(d.get("static_recent", 6))
+        e.store, e.threshold = d.get("store"), _number(d.get("threshold", 0.8), "policy threshold")
+        e.static_recent = int(_number(d.get("static_recent", 6), "policy static_recent", integer=True))
         if e.policy == "headwise" and not e.store:
             raise WorkbenchError("a headwise policy needs store (an extract store whose attn_mass splits the heads)")
         if e.store and not Path(e.store).exists():
