@@ -32,10 +32,31 @@ COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
            "#17becf"]
 
 
+def entry_labels(ds: xr.Dataset, labels) -> list[str]:
+    """`labels` (one label or a list) checked against the effects store's entries; a WorkbenchError names the
+    unknown ones and lists the store's."""
+    from workbench.errors import WorkbenchError
+
+    if "intervention" not in ds.dims:
+        raise WorkbenchError("not an effects store (no intervention dim): these figures read `workbench intervene`'s "
+                             "stores")
+    labels = [labels] if isinstance(labels, str) else list(labels)
+    have = [str(x) for x in ds.intervention.values]
+    unknown = [x for x in labels if x not in have]
+    if unknown:
+        raise WorkbenchError(f"entries {unknown} are not in the store; it has {have}")
+    return labels
+
+
 def drift_table(ds: xr.Dataset, segment: int = 21) -> pd.DataFrame:
     """Per entry and per segment of `segment` latent frames (the trained length): the mean relative latent distance
     to the baseline, and the latent RMS of the last segment over the first (1 = no fading or blow-up), mean over
     samples."""
+    entry_labels(ds, [])
+    if isinstance(segment, bool) or not isinstance(segment, int) or segment < 1:
+        from workbench.errors import WorkbenchError
+
+        raise WorkbenchError(f"segment {segment!r}: give a positive number of latent frames")
     F = ds.sizes["frame"]
     bounds = [(a, min(a + segment, F)) for a in range(0, F, segment)]
     rel, rms = ds.latent_distance_rel.mean("sample"), ds.latent_rms.mean("sample") if "latent_rms" in ds else None
@@ -84,6 +105,7 @@ def attention_change(ds: xr.Dataset, labels: list[str]) -> pd.DataFrame:
     where the entry has no capture (a head-wise cache policy)."""
     from studies.compare import js_divergence
 
+    labels = entry_labels(ds, labels)
     base = ds.attn_mass.sel(intervention="baseline")
     rows = {label: js_divergence(ds.attn_mass.sel(intervention=label), base)
             .mean(["sample", "step", "head", "query_frame"]).values for label in labels}  # one entry at a time
@@ -94,6 +116,7 @@ def attention_delta(ds: xr.Dataset, label: str) -> xr.DataArray:
     """attn_mass of an entry minus the baseline's, averaged over samples, steps and heads: [layer, query_frame,
     key_frame]; a frame the entry no longer attends counts as 0 mass (so a knocked-out frame shows its lost mass),
     NaN where neither attends (future frames)."""
+    (label,) = entry_labels(ds, [label])
     a, b = ds.attn_mass.sel(intervention=label), ds.attn_mass.sel(intervention="baseline")
     diff = (a.fillna(0.0) - b.fillna(0.0)).mean(["sample", "step", "head"])
     return diff.where(~(a.isnull() & b.isnull()).all(["sample", "step", "head"])).transpose("layer", "query_frame",
@@ -273,6 +296,7 @@ def curve_png(ds: xr.Dataset, labels: list[str], size=(900, 520)):
     """Per-frame relative latent distance (mean over samples) of `labels`, one coloured line each, with a legend."""
     from PIL import Image, ImageDraw
 
+    labels = entry_labels(ds, labels)
     W, H = size
     left, right, top, bottom = 84, 260, 30, 50
     img = Image.new("RGB", size, "white")

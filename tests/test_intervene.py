@@ -272,3 +272,21 @@ def test_an_attention_guided_window_with_little_room_keeps_what_fits(tmp_path):
     ds = xr.open_zarr(out, consolidated=False)
     assert int(ds.cache_frames.sel(intervention="policy-attention6+sink1")) == 6
     assert float(ds.latent_distance_rel.sel(intervention="policy-attention6+sink1").isel(frame=slice(6, 9)).mean()) > 0
+
+
+def test_effect_figures_name_an_entry_the_store_lacks():
+    """The effects report's helpers in Python: an unknown entry label (or one label given as a string) and a
+    non-positive drift segment are named, not xarray KeyErrors."""
+    import xarray as xr
+
+    from studies.effects_report import curve_png, drift_table
+
+    values = np.zeros((2, 1, 4))
+    ds = xr.Dataset({"latent_distance_rel": (("intervention", "sample", "frame"), values),
+                     "latent_rms": (("intervention", "sample", "frame"), values + 1)},
+                    coords={"intervention": ["baseline", "a"], "frame": np.arange(4)})
+    with pytest.raises(WorkbenchError, match=r"entries \['b'\] are not in the store; it has \['baseline', 'a'\]"):
+        curve_png(ds, ["a", "b"])
+    assert curve_png(ds, "a").size == (900, 520)  # one label alone
+    with pytest.raises(WorkbenchError, match="segment 0: give a positive number"):
+        drift_table(ds, segment=0)
