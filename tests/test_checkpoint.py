@@ -80,8 +80,8 @@ def test_missing_files_and_keys(tmp_path, sd):
     with pytest.raises(CheckpointError, match="does not exist"):
         read_wan_folder(tmp_path / "nowhere")
     save_self_forcing(tmp_path / "gen_only.pt", generator=sd)
-    with pytest.raises(CheckpointError, match="no 'generator_ema' entry \\(a training run writes it once step "
-                                              "ema_start_step is reached\\); it has \\['generator'\\]"):
+    with pytest.raises(CheckpointError, match="no 'generator_ema' entry \\(a training run writes it in the "
+                                              "checkpoints after step ema_start_step\\); it has \\['generator'\\]"):
         read_self_forcing(tmp_path / "gen_only.pt", "generator_ema")
     torch.save(sd, tmp_path / "bare.pt")  # a state dict alone, not under 'generator'
     with pytest.raises(CheckpointError, match="is a bare state dict .* holds one under 'generator'"):

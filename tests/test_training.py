@@ -347,3 +347,64 @@ def test_data_on_device_keeps_the_latent_set_on_the_training_device(on_device):
     assert latents.shape == (3, *plan.shape) and latents.device == data.latents.device
     host = build_data(cfg, plan, 7, fsdp.Dist(0, 1, 0, torch.device("cpu")))
     assert host.latents.device.type == "cpu" and prompts == host.batch([3, 70, 5])[0]
+
+
+def test_ctrl_c_finishes_the_step_then_saves_it(tmp_path):
+    """A Ctrl-C (SIGINT) that arrives while a step's updates run lets the step finish, then saves it: the checkpoint
+    of the interrupted run equals step 3 of an uninterrupted run (the old handler saved a half-updated generator
+    and critic under the previous step's number). A second Ctrl-C stops at once and saves nothing."""
+    import os
+    import signal
+
+    over = ["dfake_gen_update_ratio=1", "ema_start_step=1", "log_iters=10", "total_batch_size=2"]
+    a = make(tmp_path / "a", *over)
+    a.train(3)
+    a.save()
+    b = make(tmp_path / "b", *over)
+    step = b.train_step
+
+    def interrupted_midway():  # the signal lands during step 3's updates
+        if b.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step()
+
+    b.train_step = interrupted_midway
+    b.train(10)
+    assert b.step == 3 and sorted(p.name for p in (tmp_path / "b").glob("checkpoint_model_*")) == [
+        "checkpoint_model_000003"]
+    fa = load_tensors(tmp_path / "a" / "checkpoint_model_000003" / "model.pt")
+    fb = load_tensors(tmp_path / "b" / "checkpoint_model_000003" / "model.pt")
+    for key in fa:
+        assert all(torch.equal(fa[key][k], fb[key][k]) for k in fa[key]), key
+
+    c = make(tmp_path / "c", *over)
+    step_c = c.train_step
+
+    def twice():
+        if c.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # the second raises KeyboardInterrupt inside the step
+        return step_c()
+
+    c.train_step = twice
+    c.train(10)
+    assert not list((tmp_path / "c").glob("checkpoint_model_*"))  # a half-done step is never saved
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler put back
+
+
+def test_a_resume_that_changes_the_runs_settings_is_refused(tmp_path):
+    """--resume with --set lr=... or seed=... would keep the checkpoint's learning rate (in its optimiser state) and
+    seed while config.yaml claimed the new ones: refused, naming each key with both values; max_steps and the
+    logging settings may change. A truncated training_state.pt is named, not a zip-reader traceback."""
+    over = ["dfake_gen_update_ratio=1", "log_iters=2", "total_batch_size=2"]
+    a = make(tmp_path, *over)
+    a.train(2)
+    ck = tmp_path / "checkpoint_model_000002"
+    with pytest.raises(TrainingError,
+                       match=r"lr: 0.001 in the checkpoint, 0.005 now; seed: 7 in the checkpoint, 9 now"):
+        make(tmp_path, *over, "lr=5e-3", "seed=9", resume=ck)
+    assert make(tmp_path, *over, "max_steps=9", "log_iters=3", resume=ck).step == 2
+    state = ck / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(TrainingError, match="cannot read .*training_state.pt .* a truncated or corrupt checkpoint"):
+        make(tmp_path, *over, resume=ck)

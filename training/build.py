@@ -258,7 +258,18 @@ def describe(trainer: Trainer) -> str:
             f"steps {[round(float(t), 2) for t in plan.timesteps]}, seed {trainer.seed}, device {d.device}, "
             f"compute {str(trainer.dtype).replace('torch.', '')}"
             + (f", AdamW {cfg.adamw_impl} (may differ from loop in the last bit)" if cfg.adamw_impl != "loop" else "")
-            + semantics(cfg, plan))
+            + schedule(cfg, plan) + semantics(cfg, plan))
+
+
+def schedule(cfg, plan: Plan) -> str:
+    """The run's optimisation settings in one clause: learning rates, the critic's update ratio, guidance, EMA."""
+    parts = [f"lr {cfg.lr:g}"]
+    if plan.trainer == "score_distillation":
+        parts += [f"critic lr {cfg.lr_critic:g}", f"generator updated every {cfg.dfake_gen_update_ratio} steps",
+                  f"guidance {cfg.guidance_scale:g} (real = c + g (c - u))"]
+    if cfg.ema_weight:
+        parts.append(f"EMA {cfg.ema_weight:g} from step {cfg.ema_start_step} (in checkpoints after it)")
+    return "; " + ", ".join(parts)
 
 
 def semantics(cfg, plan: Plan) -> str:

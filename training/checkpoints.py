@@ -59,7 +59,12 @@ class Checkpoints:
         if not model_pt.is_file() or not state_pt.is_file():
             raise TrainingError(f"{str(folder)!r} is not a complete checkpoint (model.pt and training_state.pt)")
         blob = load_tensors(model_pt)
-        state = torch.load(state_pt, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(state_pt, map_location="cpu", weights_only=True)
+        except Exception as e:  # (a truncated or corrupt file)
+            raise TrainingError(f"cannot read {state_pt} ({type(e).__name__}: {str(e).splitlines()[0]}): a truncated "
+                                "or corrupt checkpoint; resume from an earlier checkpoint_model_* folder") from None
+        check_resumed_config(self.cfg, state.get("config_yaml"), folder)
         fsdp.load_full(self.generator, strip_prefixes(blob["generator"]))
         fsdp.load_optimizer_state(self.gen_params, self.gen_opt, state["generator_optimizer"])
         if self.critic is not None:
@@ -83,3 +88,36 @@ def latest_checkpoint(logdir) -> Path | None:
     folders = sorted(Path(logdir).glob("checkpoint_model_*"))
     complete = [f for f in folders if (f / "model.pt").is_file() and (f / "training_state.pt").is_file()]
     return complete[-1] if complete else None
+
+
+# what a resumed run may set otherwise than the run it continues: how long and how it logs, where it runs
+CHANGEABLE_ON_RESUME = ("max_steps", "log_iters", "loggers", "device", "gradient_checkpointing", "data_on_device")
+
+
+def check_resumed_config(cfg, saved_yaml: str | None, folder) -> None:
+    """A resumed run continues the checkpoint's run: its optimiser state holds the learning rates, its state the
+    seed, and every other setting shapes what the steps compute. A config that differs from the checkpoint's
+    (--set lr=..., seed=...) is refused, naming each key with both values, unless the key only says how long or
+    how the run goes on (CHANGEABLE_ON_RESUME)."""
+    if not saved_yaml:  # (checkpoints written before the config was kept)
+        return
+
+    def flat(node, prefix=""):
+        out = {}
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            out |= flat(v, key + ".") if isinstance(v, dict) else {key: v}
+        return out
+
+    now = flat(OmegaConf.to_container(cfg, resolve=True))
+    then = flat(OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True))
+    changed = sorted(k for k in now.keys() | then.keys()
+                     if now.get(k) != then.get(k) and k.split(".")[0] not in CHANGEABLE_ON_RESUME)
+    if changed:
+        shown = "; ".join(f"{k}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise TrainingError(f"--resume continues the run of {folder}, whose config differs from this one ({shown}"
+                            f"{more}); a resumed run keeps the checkpoint's settings (its optimiser state holds the "
+                            f"learning rates, its state the seed): drop those overrides, or start a new --logdir "
+                            f"(--set generator_ckpt=...model.pt starts from its weights). Only "
+                            f"{', '.join(CHANGEABLE_ON_RESUME)} may change")

@@ -34,8 +34,8 @@ examples:
   workbench train --config configs/tiny_dmd.yaml --logdir runs/tiny_dmd --resume    # continue the latest checkpoint
 
 what it writes (logdir): losses.csv (one row per step; also TensorBoard / wandb when asked for),
-checkpoint_model_{step:06d}/model.pt (generator, critic, and generator_ema from step ema_start_step on: the
-researchers' format, loadable by `workbench extract --checkpoint` and their inference.py) with training_state.pt
+checkpoint_model_{step:06d}/model.pt (generator, critic, and generator_ema in checkpoints after step ema_start_step:
+the researchers' format, loadable by `workbench extract --checkpoint` and their inference.py) with training_state.pt
 beside it (for --resume),
 probes.zarr (the probe set's attention statistics along train_step; docs/store.md), config.yaml.
 Global batch total_batch_size = ranks x batch_size x gradient-accumulation steps.

@@ -210,20 +210,32 @@ class Trainer(Steps, Checkpoints):
         self.maybe_probe()
         bar = tqdm(total=(end - self.step) if end else None, desc=f"train ({self.plan.loss})", unit="step",
                    disable=not (self.progress and self.d.main))
-        interrupted = False
+        interrupted = broken = False
+        stop = _StopAfterStep(self.log if self.d.main else None)  # Ctrl-C: finish this step, then save and stop
         try:
-            while not end or self.step < end:
-                logs = self.iteration()
-                bar.update(1)
-                bar.set_postfix({k.replace("_loss", ""): f"{v:.4g}" for k, v in logs.items() if k.endswith("_loss")})
-        except KeyboardInterrupt:  # a clean stop (max_steps 0 trains until it): the finished steps are kept
-            interrupted = True
+            with stop:
+                while not end or self.step < end:
+                    logs = self.iteration()
+                    bar.update(1)
+                    bar.set_postfix({k.replace("_loss", ""): f"{v:.4g}" for k, v in logs.items()
+                                     if k.endswith("_loss")})
+                    if self.d.broadcast_list([int(stop.requested)])[0]:  # (every rank stops after the same step)
+                        interrupted = True
+                        break
+        except KeyboardInterrupt:  # raised inside a step (a second Ctrl-C): its updates may be partly applied
+            interrupted = broken = True
         finally:
             bar.close()
-        due = save_at_end and self.last_saved != self.step and self.step > 0
+        due = save_at_end and self.last_saved != self.step and self.step > 0 and not broken
         if interrupted and self.d.main:
-            self.log(f"interrupted at step {self.step}; "
-                     + ("saving a checkpoint" if due else "no finished step to save since the last checkpoint"))
+            if broken and self.last_saved != self.step and self.step > 0:
+                since = (f"resume from the last checkpoint, step {self.last_saved}" if self.last_saved is not None
+                         else "no checkpoint was saved in this run")
+                self.log(f"interrupted during step {self.step + 1}, whose updates may be partly applied: nothing is "
+                         f"saved ({since})")
+            else:
+                self.log(f"interrupted at step {self.step}; "
+                         + ("saving a checkpoint" if due else "no finished step to save since the last checkpoint"))
         if due:
             self.save()
         return self.history
@@ -246,3 +258,34 @@ class Trainer(Steps, Checkpoints):
         summary = self.probes.run(self.generator, self.step, self.encode, self.d, self.dtype)
         if self.d.main and summary:
             self.log(f"probe at step {self.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+
+
+class _StopAfterStep:
+    """While training runs in the main thread, the first Ctrl-C (SIGINT) only asks to stop: the step under way
+    finishes (a step's optimizer updates are never left half applied), then the loop saves and stops; a second
+    Ctrl-C raises KeyboardInterrupt at once (then nothing is saved)."""
+
+    def __init__(self, log=None):
+        self.requested, self.log, self._old = False, log, None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.log is not None:
+            self.log("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again stops at once, saving "
+                     "nothing)")
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
