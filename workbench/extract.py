@@ -44,7 +44,7 @@ from workbench.weights import (check_wan_dir, check_weights_args, resolve_model,
                                wan_dir_hint)
 
 DEFAULT_PROMPT = "A majestic eagle soaring through a cloudy sky, cinematic lighting"  # the researchers' scripts'
-WORLD_PROMPT = "a red square moving right"  # the embedded zoo's default: a prompt of its miniature world (models/world.py)
+WORLD_PROMPT = "a red square moving right"  # the embedded zoo's default: a prompt of its world (models/world.py)
 
 
 def default_prompts(wan_dir) -> list[str]:
