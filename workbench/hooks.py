@@ -150,10 +150,11 @@ def check_subscribers(model, subscribers) -> None:
     if config is None:
         return
     for sub in subscribers:
-        f, heads = getattr(sub, "filter", None), getattr(sub, "heads", None)
-        for what, values, n in (("layers", f.layers if f is not None else None, config.num_layers),
-                                ("heads", heads, config.num_heads)):
-            bad = sorted(v for v in (values or ()) if not 0 <= v < n)
+        layers, heads = getattr(getattr(sub, "filter", None), "layers", None), getattr(sub, "heads", None)
+        for what, values, n in (("layers", layers, config.num_layers), ("heads", heads, config.num_heads)):
+            if not isinstance(values, (set, frozenset, list, tuple)):
+                continue  # (none chosen: all)
+            bad = sorted(v for v in values if not (isinstance(v, numbers.Integral) and 0 <= v < n))
             if bad:
                 raise ModelInputError(f"{type(sub).__name__}: {what} {bad} out of range: the model has {what} "
                                       f"0-{n - 1}")
