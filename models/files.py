@@ -234,7 +234,17 @@ def atomic_write_text(path, text: str) -> None:
 
 
 def atomic_torch_save(obj, path) -> None:
-    """torch.save, atomically (checkpoints, caches)."""
+    """torch.save, atomically (checkpoints, caches). A write that fails on a full disk (torch reports it as a
+    RuntimeError of its zip writer) is an OSError ENOSPC naming the file."""
+    import errno
+    import shutil
+
     import torch
 
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    try:
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    except RuntimeError as e:
+        free = shutil.disk_usage(Path(path).parent).free
+        if free < 256 * 2**20:  # (what is left is too little for the rest of a checkpoint)
+            raise OSError(errno.ENOSPC, f"No space left on device writing {path} ({free} bytes free)") from e
+        raise

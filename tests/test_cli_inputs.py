@@ -304,3 +304,29 @@ def test_ctrl_c_is_one_line_that_says_what_is_kept(command, tmp_path, capsys, mo
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"workbench {command}: interrupted. {out} holds 2 finished ") and "run again" in err
     assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_line_saying_so(tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError of its zip writer ("unexpected pos ..."): with little space
+    left, atomic_torch_save makes it an OSError ENOSPC naming the file (the CLI's full-disk line), leaving no
+    temporary file; with space left the error stays what it was."""
+    import errno
+    import shutil as shutil_mod
+    from collections import namedtuple
+
+    from models.files import atomic_torch_save
+
+    def full(obj, f, *a, **kw):
+        Path(f).write_bytes(b"part")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5504768 vs 5504656")
+
+    monkeypatch.setattr(torch, "save", full)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_mod, "disk_usage", lambda p: usage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(OSError) as err:
+        atomic_torch_save({"x": 1}, tmp_path / "training_state.pt")
+    assert err.value.errno == errno.ENOSPC and "training_state.pt (4096 bytes free)" in str(err.value)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left
+    monkeypatch.setattr(shutil_mod, "disk_usage", lambda p: usage(10**12, 0, 10**12))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        atomic_torch_save({"x": 1}, tmp_path / "training_state.pt")

@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as err:  # a file the command could not read or write (checked up front where it can be)
         where = f" ({err.filename})" if err.filename and str(err.filename) not in str(err.strerror) else ""
-        full = (f"; free space where {args.command} writes ({getattr(args, 'out', None) or 'its output'}), then run "
-                "the same command again: what was finished is kept") if err.errno == errno.ENOSPC else ""
+        out = getattr(args, "out", None) or getattr(args, "logdir", None) or "its output"
+        again = "the same command again with --resume" if args.command == "train" else "the same command again"
+        full = (f"; free space where {args.command} writes ({out}), then run {again}: what was finished is kept"
+                if err.errno == errno.ENOSPC else "")
         print(f"workbench {args.command}: error: {err.strerror or err}{where}{full}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; what a command finished is on disk
