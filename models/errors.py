@@ -13,6 +13,11 @@ class CheckpointError(ModelInputError):
     """A checkpoint that cannot be loaded as asked: missing file, wrong keys or shapes, unsafe pickle."""
 
 
+class WeightsMismatchError(CheckpointError):
+    """Weights whose keys or shapes do not fit the model they are loaded into (models/files.py
+    `check_tensor_shapes`)."""
+
+
 class ModelInputWarning(UserWarning):
     """Input the models accept but change (a prompt longer than the text encoder reads): the message says what
     happened to it. The CLI prints these as one line."""

@@ -18,7 +18,7 @@ import secrets
 import tempfile
 from pathlib import Path
 
-from models.errors import CheckpointError, ModelInputError
+from models.errors import CheckpointError, ModelInputError, WeightsMismatchError
 
 MEMO_DIR = Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "sf-workbench"))
 
@@ -104,7 +104,7 @@ def check_tensor_shapes(expected: dict, state_dict: dict, what: str) -> None:
             if keys:
                 shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
                 parts.append(f"{name}: {shown}")
-        raise CheckpointError(f"{what} ({'; '.join(parts)})")
+        raise WeightsMismatchError(f"{what} ({'; '.join(parts)})")
 
 
 def sha256_file(path, memo_dir: Path | None = MEMO_DIR) -> str:

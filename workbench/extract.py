@@ -279,18 +279,10 @@ def plan(cfg: ExtractConfig) -> Plan:
     spec = CaptureSpec(tuple(layers), tuple(heads), tuple(sorted(steps)), tuple(cfg.stats), tuple(cfg.token_layers))
     family = "self_forcing" if cfg.checkpoint else "wan"
     # the weights by a name that means the same on every machine: a zoo model by its name, else the path as given
-    weights = Path(cfg.checkpoint) if cfg.checkpoint else _weights_file(wan_dir)
+    weights = Path(cfg.checkpoint) if cfg.checkpoint else wan_weights_file(wan_dir)  # (or its shard index)
     label = (f"embedded:{cfg.model}" if cfg.model and embedded else
              cfg.checkpoint or ("embedded" if embedded else str(weights)))
     return Plan(cfg, mc, wan_dir, weights, spec, schedule, (cfg.num_frames, h, w), fsl, family, label, capture_mode)
-
-
-def _weights_file(wan_dir: Path) -> Path:
-    """The Wan folder's DiT weights file (or shard index); a WorkbenchError when it has neither."""
-    try:
-        return wan_weights_file(wan_dir)
-    except ModelInputError as e:
-        raise WorkbenchError(str(e)) from None
 
 
 def _schedule(cfg: ExtractConfig) -> list:
@@ -327,10 +319,9 @@ def fingerprint_fields(p: Plan, weights_sha: str) -> dict:
     return dict(layout=layout, model=model)
 
 
-def fingerprint(p: Plan, weights_sha: str) -> str:
-    """'layout:model' hashes of `fingerprint_fields`. A store takes samples of one fingerprint only."""
-    fields = fingerprint_fields(p, weights_sha)
-
+def fingerprint_of(fields: dict) -> str:
+    """'layout:model', the hashes of the two halves of a store's fingerprint fields. A store takes samples (or
+    entries) of one fingerprint only."""
     def h(d):
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -428,8 +419,9 @@ def open_writer(p: Plan, log=print) -> StoreWriter:
     except BaseException:
         lock.release()
         raise
-    return StoreWriter(cfg.out, fingerprint(p, sha), mode=cfg.mode, lock=lock, log=log,
-                       fields=fingerprint_fields(p, sha), entry_coords={"checkpoint_sha256": sha})
+    fields = fingerprint_fields(p, sha)
+    return StoreWriter(cfg.out, fingerprint_of(fields), mode=cfg.mode, lock=lock, log=log, fields=fields,
+                       entry_coords={"checkpoint_sha256": sha})
 
 
 def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):

@@ -41,10 +41,11 @@ def _set(name: str, values) -> frozenset | None:
     if values is None:
         return None
     words = FILTER_WORDS.get(name)
-    single = isinstance(values, str) if words else isinstance(values, numbers.Integral) and not isinstance(values, bool)
-    values = frozenset([values] if single else values) if single or hasattr(values, "__iter__") else values
-    if not isinstance(values, frozenset):
+    if isinstance(values, str) if words else isinstance(values, numbers.Integral) and not isinstance(values, bool):
+        values = [values]  # one value alone
+    if not hasattr(values, "__iter__"):
         raise ModelInputError(f"CallFilter {name}={values!r}: give a set of {'words' if words else 'ints'}")
+    values = frozenset(values)
     if words:
         bad = sorted(str(v) for v in values if v not in words)
         allowed = f"one of {list(words)}"

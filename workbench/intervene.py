@@ -18,7 +18,6 @@ mapping or a flag, parsed into an `Entry`), in workbench/intervene_entries.py.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shlex
 from pathlib import Path
@@ -131,7 +130,9 @@ def entry_dataset(e: Entry, samples, per_sample: list[dict], attrs: dict, num_fr
     key_frame] with `layout`, the captured steps and layers as an attention store lays them out)."""
     import xarray as xr
 
-    ids = [f"p{i:04d}-s{seed}" for i, _, seed in samples]
+    from workbench.store import sample_id
+
+    ids = [sample_id(i, seed) for i, _, seed in samples]
     layer, head = e.target
     data = {}
     for name in per_sample[0]:
@@ -163,12 +164,15 @@ def entry_dataset(e: Entry, samples, per_sample: list[dict], attrs: dict, num_fr
     return xr.Dataset(data, coords=coords, attrs=attrs)
 
 
-def fingerprint_of(fields: dict) -> str:
-    """'layout:model', the hashes of the two halves of `fields` (as an attention store's)."""
-    def h(d):
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def entry_bounds(p) -> dict:
+    """What a plan's entries are checked against (`parse_entry`'s bounds): the model's layers and heads, the
+    rollout's frames, steps of the per-chunk schedule and chunks."""
+    from workbench.chunking import block_sizes_of
 
-    return f"{h(fields['layout'])}:{h(fields['model'])}"
+    mc = p.model_config
+    chunks = 1 if p.cfg.sampler == "bidirectional" else len(block_sizes_of(p.cfg))
+    return dict(num_layers=mc.num_layers, num_heads=mc.num_heads, num_frames=p.geometry[0],
+                num_steps=len(p.schedule), num_chunks=chunks)
 
 
 # ------------------------------------------------------------------------------------------------------ running
@@ -184,7 +188,7 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str = "",
     probe of `extract`, attached after the edit)."""
     from models.wan.checkpoint import weights_sha256
     from models.wan.text_encoder import check_encoder_files, wan_dir_encoder_identity
-    from workbench.extract import plan
+    from workbench.extract import fingerprint_of, plan
     from workbench.store import SCHEMA_VERSION, StoreLock, StoreWriter
 
     if world not in ("auto", "on", "off"):
@@ -193,14 +197,9 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str = "",
     check_encoder_files(p.wan_dir)  # (before the store is touched)
     cfg = p.cfg  # the weights spelled out (a zoo model's checkpoint and use_ema)
     if any(not isinstance(e, Entry) for e in entries):  # spec dicts (as in a --spec file), checked against the plan
-        from workbench.chunking import block_sizes_of
         from workbench.intervene_entries import parse_entry
 
-        mc = p.model_config
-        chunks = 1 if cfg.sampler == "bidirectional" else len(block_sizes_of(cfg))
-        entries = [e if isinstance(e, Entry) else parse_entry(e, mc.num_layers, mc.num_heads, num_frames=p.geometry[0],
-                                                              num_steps=len(p.schedule), num_chunks=chunks)
-                   for e in entries]
+        entries = [e if isinstance(e, Entry) else parse_entry(e, **entry_bounds(p)) for e in entries]
     check_entries(entries, cfg.sampler)
     F, h, w = p.geometry
     px_h, px_w = h * 8, w * 8

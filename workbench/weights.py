@@ -59,12 +59,12 @@ def resolve_model(cfg):
 def wan_dir_hint(given_wan_dir: str | None, checkpoint: str | None):
     """Around loading a run's weights: when a checkpoint does not fit a model built from the embedded folder
     because no --wan-dir was given (the commonest cause), the error says so."""
-    from models.errors import CheckpointError
+    from models.errors import WeightsMismatchError
 
     try:
         yield
-    except CheckpointError as e:
-        if checkpoint and not given_wan_dir and "does not fit the model" in str(e):
+    except WeightsMismatchError as e:
+        if checkpoint and not given_wan_dir:
             raise WorkbenchError(f"{e}. No --wan-dir was given, so the model was built from the embedded toy model's "
                                  "config.json: give --wan-dir with the Wan2.1 folder the checkpoint was trained on"
                                  ) from None

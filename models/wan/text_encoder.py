@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 from models.errors import CheckpointError, ModelInputError, ModelInputWarning
-from models.files import MEMO_DIR, atomic_write_bytes, check_tensor_shapes, load_state_dict_file, sha256_file
+from models.files import atomic_write_bytes, check_tensor_shapes, load_state_dict_file, sha256_file
 
 WEIGHTS_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_SUBDIR = Path("google") / "umt5-xxl"
@@ -225,14 +225,15 @@ def text_len_of(wan_dir) -> int:
         raise CheckpointError(f"cannot read text_len from {cfg}: {e}") from e
 
 
-def encoder_identity(weights_path, tokenizer_dir, text_len: int, memo_dir=MEMO_DIR) -> str:
+def encoder_identity(weights_path, tokenizer_dir, text_len: int) -> str:
     """What a text encoder's embeddings depend on, as one sha256: the weights file, every tokenizer file (name +
-    sha256), text_len and the cleaning mode. Files only (nothing is loaded); each file's hash is remembered."""
+    sha256), text_len and the cleaning mode. Files only (nothing is loaded); each file's hash is remembered once
+    per machine (models/files.py `sha256_file`), so an 11 GB umT5 file is read once, whoever asks."""
     tokenizer_dir = Path(tokenizer_dir)
     h = hashlib.sha256()
-    h.update(f"{_IDENTITY_VERSION}\0weights={sha256_file(weights_path, memo_dir)}\0".encode())
+    h.update(f"{_IDENTITY_VERSION}\0weights={sha256_file(weights_path)}\0".encode())
     for f in sorted(p for p in tokenizer_dir.rglob("*") if p.is_file()):
-        h.update(f"tokenizer:{f.relative_to(tokenizer_dir).as_posix()}={sha256_file(f, memo_dir)}\0".encode())
+        h.update(f"tokenizer:{f.relative_to(tokenizer_dir).as_posix()}={sha256_file(f)}\0".encode())
     h.update(f"text_len={text_len}\0clean={CLEAN_MODE}\0".encode())
     return h.hexdigest()
 
@@ -324,8 +325,7 @@ class TextEncoder:
         if self._identity is None:
             if self.weights_path is None or self.tokenizer_dir is None:
                 raise ModelInputError("this encoder was built from memory and has no file identity")
-            self._identity = encoder_identity(self.weights_path, self.tokenizer_dir, self.text_len,
-                                              **({} if self.cache_dir is None else {"memo_dir": self.cache_dir}))
+            self._identity = encoder_identity(self.weights_path, self.tokenizer_dir, self.text_len)
         return self._identity
 
     def _cache_path(self, prompt: str) -> Path:

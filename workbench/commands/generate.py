@@ -154,15 +154,14 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from models.family import check_fits_cache, family_of
     from models.files import atomic_write, check_writable_dir
     from models.video import ensure_writable_dir, mp4_available, read_prompts, write_mp4, write_png_grid
-    from models.wan.checkpoint import load_wan
+    from models.wan.checkpoint import load_wan, wan_weights_file
     from models.wan.checkpoint import weights_sha256 as weights_sha256_of
     from models.wan.embedded import EMBEDDED_DIR
     from models.wan.text_encoder import TextEncoder, check_encoder_files, wan_dir_encoder_identity
     from models.wan.vae import WanVAE, resolve_decoder
     from workbench.commands import resolve_model, world_prompt_note
     from workbench.errors import WorkbenchError
-    from workbench.extract import (_dtype, _rank_device, _weights_file, check_device, default_prompts, parse_int_list,
-                                   rank_share)
+    from workbench.extract import _dtype, _rank_device, check_device, default_prompts, parse_int_list, rank_share
     from workbench.store import StoreLock, sample_id
     from workbench.weights import check_wan_dir, wan_dir_hint
 
@@ -227,7 +226,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
         capture = live_plan(args, prompts, seeds, device, args.dtype or ("bfloat16" if device.type == "cuda"
                                                                          else "float32"), h, w)
     # another run's files under this run's names are replaced only when asked (--overwrite)
-    weights_sha256 = weights_sha256_of(Path(args.checkpoint) if args.checkpoint else _weights_file(wan_dir))
+    weights_sha256 = weights_sha256_of(Path(args.checkpoint) if args.checkpoint else wan_weights_file(wan_dir))
     text_encoder = wan_dir_encoder_identity(wan_dir)
     wanted = {sample_id(i, s): dict(prompt=prompts[i], seed=str(s), sampler=args.sampler,
                                     weights_sha256=weights_sha256, text_encoder=text_encoder,

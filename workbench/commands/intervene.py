@@ -129,11 +129,10 @@ def run(args) -> int:
     import torch
 
     from models.wan.embedded import ZOO
-    from workbench.chunking import block_sizes_of
     from workbench.commands import resolve_model
     from workbench.errors import WorkbenchError
     from workbench.extract import ExtractConfig, default_prompts, parse_int_list, plan
-    from workbench.intervene import run_intervene
+    from workbench.intervene import entry_bounds, run_intervene
 
     if args.model and ZOO.get(args.model) is not None and ZOO[args.model].sampler != "causal_few_step":
         few_step = ", ".join(n for n, m in ZOO.items() if m.sampler == "causal_few_step")
@@ -160,10 +159,7 @@ def run(args) -> int:
                         out=args.out, mode="overwrite" if args.overwrite else "resume", progress=not args.no_progress,
                         stats=["attn_mass"], layers=parse_int_list(args.capture, what="layer") if args.capture else None)
     p = plan(cfg)  # every check of the rollout before the entries are read
-    mc = p.model_config
-    chunks = 1 if p.cfg.sampler == "bidirectional" else len(block_sizes_of(p.cfg))
-    entries = entries_from_args(args, mc.num_layers, mc.num_heads, num_frames=p.geometry[0],
-                                num_steps=len(p.schedule), num_chunks=chunks)
+    entries = entries_from_args(args, **entry_bounds(p))
     command = shlex.join(args.argv)
     run_intervene(cfg, entries, world=args.world, command=command, capture=bool(args.capture),
                   save_videos=args.save_videos)
