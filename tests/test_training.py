@@ -360,6 +360,7 @@ def test_ctrl_c_finishes_the_step_then_saves_it(tmp_path):
     a = make(tmp_path / "a", *over)
     a.train(3)
     a.save()
+    assert not a.interrupted
     b = make(tmp_path / "b", *over)
     step = b.train_step
 
@@ -369,8 +370,9 @@ def test_ctrl_c_finishes_the_step_then_saves_it(tmp_path):
         return step()
 
     b.train_step = interrupted_midway
+    assert not b.interrupted
     b.train(10)
-    assert b.step == 3 and sorted(p.name for p in (tmp_path / "b").glob("checkpoint_model_*")) == [
+    assert b.interrupted and b.step == 3 and sorted(p.name for p in (tmp_path / "b").glob("checkpoint_model_*")) == [
         "checkpoint_model_000003"]
     fa = load_tensors(tmp_path / "a" / "checkpoint_model_000003" / "model.pt")
     fb = load_tensors(tmp_path / "b" / "checkpoint_model_000003" / "model.pt")
@@ -388,7 +390,7 @@ def test_ctrl_c_finishes_the_step_then_saves_it(tmp_path):
 
     c.train_step = twice
     c.train(10)
-    assert not list((tmp_path / "c").glob("checkpoint_model_*"))  # a half-done step is never saved
+    assert c.interrupted and not list((tmp_path / "c").glob("checkpoint_model_*"))  # a half-done step is never saved
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler put back
 
 

@@ -120,8 +120,9 @@ def test_benchmark_script_runs(tmp_path):
 
 
 def test_an_interrupt_before_the_first_step_claims_no_files(tmp_path, capsys, monkeypatch):
-    """Ctrl-C before any step finished: a clean stop (exit 0, as for max_steps 0) that says nothing was saved and
-    names no losses file or checkpoint folder, since none exists."""
+    """Ctrl-C before any step finished: a clean stop that says nothing was saved and names no losses file or
+    checkpoint folder, since none exists; the exit status is 130 (a stopped run is not a finished one, so a
+    script's `train && evaluate` does not go on)."""
     from training.trainer import Trainer
 
     def interrupted(self):
@@ -130,8 +131,9 @@ def test_an_interrupt_before_the_first_step_claims_no_files(tmp_path, capsys, mo
     monkeypatch.setattr(Trainer, "iteration", interrupted)
     log = tmp_path / "dmd"
     assert train("--config", "configs/tiny_dmd.yaml", "--logdir", log, "--max-steps", 2, "--set",
-                 f"generator_ckpt={EMBEDDED_DIR / 'checkpoints' / 'ode_init.pt'}", "device=cpu") == 0
-    out = capsys.readouterr().out
+                 f"generator_ckpt={EMBEDDED_DIR / 'checkpoints' / 'ode_init.pt'}", "device=cpu") == 130
+    out, err = capsys.readouterr()
+    assert "stopped by Ctrl-C at step 0; the same command with --resume" in err
     assert "interrupted at step 0; no finished step to save" in out and "saving a checkpoint" not in out
     assert "step 0: no step finished in this run" in out and "no losses written; no checkpoint saved" in out
     assert not list(log.glob("checkpoint_model_*")) and "checkpoint_model_000000" not in out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import sys
 
 HELP = ("train Self-Forcing models (ODE init, DMD, SiD, GAN; text- or image-to-video) or a teacher (diffusion), "
         "probing attention on the way")
@@ -135,6 +136,9 @@ def _train(args, cfg, sets_sid_alpha) -> int:
             from studies.training import table
 
             print(table(trainer.probes.path))
+        if trainer.interrupted:  # a stopped run is not a finished one: a script's `train && evaluate` stops here
+            print(f"stopped by Ctrl-C at step {trainer.step}; the same command with --resume goes on from the last "
+                  "checkpoint", file=sys.stderr)
     if dist.get_world_size() > 1:
         trainer.d.barrier()
-    return 0
+    return 130 if trainer.interrupted else 0

@@ -110,6 +110,7 @@ class Trainer(Steps, Checkpoints):
         self.ema: EMA | None = None
         self.step = 0
         self.last_saved = None
+        self.interrupted = False  # set by train(): stopped by Ctrl-C before its last step
         self.history: list[dict] = []  # every logged row (all ranks), for tests and notebooks
         resume_step = None
         if resume is not None:
@@ -238,6 +239,7 @@ class Trainer(Steps, Checkpoints):
                          + ("saving a checkpoint" if due else "no finished step to save since the last checkpoint"))
         if due:
             self.save()
+        self.interrupted = interrupted
         return self.history
 
     def close(self) -> None:
