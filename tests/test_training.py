@@ -397,7 +397,8 @@ def test_ctrl_c_finishes_the_step_then_saves_it(tmp_path):
 def test_a_resume_that_changes_the_runs_settings_is_refused(tmp_path):
     """--resume with --set lr=... or seed=... would keep the checkpoint's learning rate (in its optimiser state) and
     seed while config.yaml claimed the new ones: refused, naming each key with both values; max_steps and the
-    logging settings may change. A truncated training_state.pt is named, not a zip-reader traceback."""
+    logging settings may change. A truncated training_state.pt is named, not a zip-reader traceback, and so is a
+    model.pt whose bytes changed after it was written (torch.load reads it without complaint)."""
     over = ["dfake_gen_update_ratio=1", "log_iters=2", "total_batch_size=2"]
     a = make(tmp_path, *over)
     a.train(2)
@@ -409,4 +410,12 @@ def test_a_resume_that_changes_the_runs_settings_is_refused(tmp_path):
     state = ck / "training_state.pt"
     state.write_bytes(state.read_bytes()[:1000])
     with pytest.raises(TrainingError, match="cannot read .*training_state.pt .* a truncated or corrupt checkpoint"):
+        make(tmp_path, *over, resume=ck)
+    a.save()  # (step 2 again, whole)
+    model = ck / "model.pt"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x40  # one bit of a weight
+    model.write_bytes(bytes(data))
+    torch.load(model, map_location="cpu", weights_only=True)  # (loads as if nothing happened)
+    with pytest.raises(TrainingError, match=r"model.pt is corrupt: its record '.*' does not match the checksum"):
         make(tmp_path, *over, resume=ck)

@@ -58,6 +58,8 @@ class Checkpoints:
         model_pt, state_pt = folder / "model.pt", folder / "training_state.pt"
         if not model_pt.is_file() or not state_pt.is_file():
             raise TrainingError(f"{str(folder)!r} is not a complete checkpoint (model.pt and training_state.pt)")
+        for pt in (model_pt, state_pt):
+            check_checksums(pt)
         blob = load_tensors(model_pt)
         try:
             state = torch.load(state_pt, map_location="cpu", weights_only=True)
@@ -81,6 +83,22 @@ class Checkpoints:
         if self.d.main:
             self.log(f"resumed from {folder} at step {self.step}")
         return self.step
+
+
+def check_checksums(path) -> None:
+    """torch.save writes a zip whose every record carries a CRC-32; torch.load does not check them, so a file whose
+    bytes changed after it was written (a bad disk, a partial copy over an old file) loads and trains on wrong
+    weights. Reading it once against its checksums (about 1 GB/s) names such a file before a run resumes from it."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except zipfile.BadZipFile:
+        return  # not a zip: load_tensors / torch.load say what it is
+    if bad is not None:
+        raise TrainingError(f"{path} is corrupt: its record {bad!r} does not match the checksum written with it; "
+                            "resume from an earlier checkpoint_model_* folder")
 
 
 def latest_checkpoint(logdir) -> Path | None:
