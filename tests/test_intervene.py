@@ -244,16 +244,21 @@ def test_the_effect_curve_png_has_round_ticks_ending_on_the_axis_top():
 
 def test_the_api_takes_spec_dicts_and_the_cfg_samplers(tmp_path):
     """run_intervene in Python: entries as a --spec file's dicts (checked against the model: a layer it lacks is
-    named), and the teacher's bidirectional CFG sampler (both branches under the same edit)."""
+    named), Entry objects checked the same way (a key frame past the video would knock out nothing), and the
+    teacher's bidirectional CFG sampler (both branches under the same edit)."""
     import xarray as xr
 
     from workbench.extract import ExtractConfig
     from workbench.intervene import run_intervene
+    from workbench.intervene_entries import Entry
 
     cfg = ExtractConfig(model="teacher", sampler="bidirectional", num_inference_steps=2, num_frames=3, seeds=[0],
                         out=str(tmp_path / "fx.zarr"), progress=False)
     with pytest.raises(WorkbenchError, match=r"layer \[9\]"):
         run_intervene(cfg, [dict(kind="ablate", layers=9, heads=0)], world="off", log=lambda *a: None)
+    with pytest.raises(WorkbenchError, match=r"frame \[5\] out of range: the rollout has frames 0-2"):
+        run_intervene(cfg, [Entry(kind="knockout", label="k", frames=[0, 5])], world="off", log=lambda *a: None)
+    assert not (tmp_path / "fx.zarr").exists()
     run_intervene(cfg, [dict(kind="ablate", layers=1, heads=0)], world="off", log=lambda *a: None)
     ds = xr.open_zarr(tmp_path / "fx.zarr", consolidated=False)
     effect = ds.latent_distance_rel.mean(["sample", "frame"])

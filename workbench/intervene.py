@@ -196,10 +196,15 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str = "",
     p = plan(cfg)
     check_encoder_files(p.wan_dir)  # (before the store is touched)
     cfg = p.cfg  # the weights spelled out (a zoo model's checkpoint and use_ema)
-    if any(not isinstance(e, Entry) for e in entries):  # spec dicts (as in a --spec file), checked against the plan
-        from workbench.intervene_entries import parse_entry
+    from workbench.intervene_entries import parse_entry
 
-        entries = [e if isinstance(e, Entry) else parse_entry(e, **entry_bounds(p)) for e in entries]
+    # spec dicts (as in a --spec file) parsed, and Entry objects checked the same way, against the plan: a frame,
+    # layer or head the rollout lacks would otherwise edit nothing, silently
+    bounds = entry_bounds(p)
+    for e in entries:
+        if isinstance(e, Entry):
+            parse_entry(e.spec(), **bounds)
+    entries = [e if isinstance(e, Entry) else parse_entry(e, **bounds) for e in entries]
     check_entries(entries, cfg.sampler)
     F, h, w = p.geometry
     px_h, px_w = h * 8, w * 8
