@@ -110,8 +110,9 @@ def write_png_grid(video, path, ncols: int = 8, frames: list[int] | None = None,
 
 
 def read_prompts(path) -> list[str]:
-    """One prompt per line (the researchers' files): strip each line, skip empty ones. A missing file, or one
-    with no prompt in it, is a ModelInputError naming the file."""
+    """One prompt per line (the researchers' files): strip each line, skip empty ones (with a warning naming them
+    when a prompt follows: indices then count prompts, where the researchers' inference.py counts lines). A
+    missing file, or one with no prompt in it, is a ModelInputError naming the file."""
     path = Path(path)
     if not path.is_file():
         where = "" if path.is_absolute() else f" (a relative path: read from the current folder, {os.getcwd()})"
@@ -120,10 +121,22 @@ def read_prompts(path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ModelInputError(f"prompt file {path} is not UTF-8 text: {e}") from e
-    prompts = [line.strip() for line in text.splitlines()]
-    prompts = [p for p in prompts if p]
+    lines = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in lines if p]
     if not prompts:
         raise ModelInputError(f"prompt file {path} has no prompts (one prompt per line expected)")
+    last = max(i for i, p in enumerate(lines) if p)
+    blank = [i + 1 for i in range(last) if not lines[i]]  # (trailing blank lines move no index)
+    if blank:
+        import warnings
+
+        from models.errors import ModelInputWarning
+
+        shown = ", ".join(map(str, blank[:5])) + (f" and {len(blank) - 5} more" if len(blank) > 5 else "")
+        warnings.warn(f"prompt file {path}: blank line{'s' if len(blank) > 1 else ''} {shown} skipped, so a prompt's "
+                      "index (p<index> in file names, prompt_index in stores) counts prompts, not lines; the "
+                      "researchers' inference.py counts lines (a blank line is an empty prompt there)",
+                      ModelInputWarning, stacklevel=2)
     return prompts
 
 

@@ -119,3 +119,15 @@ def test_bad_shift_and_steps():
         FlowMatchScheduler(0)
     with pytest.raises(ModelInputError, match="1001"):
         FlowMatchScheduler(5).warp([1001])
+    with pytest.raises(ModelInputError, match=r"\[-1\.0\] must lie in 0..1000"):
+        FlowMatchScheduler(5).denoising_timesteps([-1], warp=False)
+
+
+def test_a_step_list_ending_in_0_and_unwarped_steps():
+    """Their configs may end the list in 0 (the 0 appended after the grid, t = 0: `cat(timesteps, [0])[1000 - s]`);
+    unwarped (`warp_denoising_step: false`, default_config.yaml's value) the steps are the timesteps."""
+    s = FlowMatchScheduler(5.0)
+    assert s.warp([1000, 750, 500, 250, 0]).tolist() == s.warp([1000, 750, 500, 250]).tolist() + [0.0]
+    unwarped = s.denoising_timesteps([1000, 750, 500, 250], warp=False)
+    assert unwarped.dtype == torch.float32 and unwarped.tolist() == [1000.0, 750.0, 500.0, 250.0]
+    assert torch.equal(s.denoising_timesteps([1000, 500]), s.warp([1000, 500]))

@@ -188,3 +188,15 @@ def test_gan_steps_on_cuda(tmp_path, world_set, mixed_precision):
     assert all(np.isfinite(r["critic_loss"]) for r in tr.history)
     assert any(not torch.equal(v, g0[k]) for k, v in tr.generator.state_dict().items())
     assert tr.ema is not None and len(tr.ema.shadow) == len(list(tr.generator.named_parameters()))
+
+
+def test_loss_scale_multiplies_what_is_back_propagated(tmp_path, world_set):
+    """Their trainer/gan.py's loss_scale: both losses' gradients scale with it (the clipped-before norms double),
+    the logged losses do not (the critic's after Adam's nearly scale-free generator step: to float rounding)."""
+    over = ["dfake_gen_update_ratio=1", "gan_g_weight=1.0", "gan_d_weight=1.0", "log_iters=100"]
+    one = gan_trainer(tmp_path / "one", world_set, *over).train(1, save_at_end=False)[0]
+    two = gan_trainer(tmp_path / "two", world_set, *over, "loss_scale=2.0").train(1, save_at_end=False)[0]
+    assert two["generator_loss"] == one["generator_loss"]
+    assert two["generator_grad_norm"] == pytest.approx(2 * one["generator_grad_norm"], rel=1e-5)
+    assert two["critic_loss"] == pytest.approx(one["critic_loss"], rel=1e-4)
+    assert two["critic_grad_norm"] == pytest.approx(2 * one["critic_grad_norm"], rel=1e-3)

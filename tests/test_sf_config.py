@@ -53,3 +53,49 @@ def test_shipped_training_configs_pass_the_checks(name):
         check_files(cfg, plan)
     if name == "embedded_teacher":  # how data/embedded's DiT was trained: the causal model on 21 frames
         assert plan.trainer == "diffusion" and cfg.causal and cfg.image_or_video_shape[1] == 21
+
+
+def test_keys_their_code_reads_with_a_default(tmp_path):
+    """Keys their code reads with getattr defaults load in any config: num_frame_per_block (1, frame by frame, when a
+    file does not set it) and timestep_shift (1.0), loss_scale, max_pair, and the CausVid keys; workbench train
+    runs the defaults of the CausVid keys and names any other value before any work."""
+    from training.checks import check_config
+    from training.errors import TrainingError
+
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("trainer: ode\n")
+    cfg = load_config(bare)
+    assert cfg.num_frame_per_block == 1 and cfg.timestep_shift == 1.0  # their `getattr(args, ..., 1)` defaults
+    dmd = tmp_path / "dmd.yaml"
+    text = open("configs/tiny_dmd.yaml").read()
+    dmd.write_text(text + "\nteacher_forcing: false\nnoise_augmentation_max_timestep: 0\nloss_scale: 1.0\n"
+                          "max_pair: 100\nbackward_simulation: true\n")
+    cfg = load_config(dmd)
+    check_config(cfg, world=1)
+    for key, value, match in (("teacher_forcing", "true", "teacher_forcing: True: CausVid's teacher forcing is not"),
+                              ("noise_augmentation_max_timestep", "100", "noise augmentation"),
+                              ("backward_simulation", "false", "backward_simulation: False"),
+                              ("loss_scale", "2.0", "loss_scale is read by the GAN trainer only"),
+                              ("max_pair", "0", "max_pair 0 must be >= 1")):
+        with pytest.raises(TrainingError, match=match):
+            check_config(load_config(dmd, overrides=[f"{key}={value}"]), world=1)
+
+
+def test_max_pair_reads_the_first_pairs(tmp_path):
+    """The ODE trainer reads the first max_pair pairs of its file (their trainer/ode.py: min(len, max_pair))."""
+    import torch
+
+    from training.checks import check_config
+    from training.build import read_data
+    from training.data import save_latent_dataset
+
+    pairs = tmp_path / "pairs.pt"
+    latents = torch.randn(5, 4, 3, 16, 4, 6)  # [pair, kept steps, F, C, H, W]
+    save_latent_dataset(pairs, [f"p{i}" for i in range(5)], latents, "ode_pairs")
+    over = ["trainer=ode", f"data_path={pairs}", "image_or_video_shape=[1,3,16,4,6]", "num_training_frames=3",
+            "total_batch_size=1"]
+    cfg = load_config("configs/tiny_ode.yaml", overrides=over + ["max_pair=3"])
+    data = read_data(cfg, check_config(cfg, world=1), seed=0)
+    assert data.prompts == ["p0", "p1", "p2"] and torch.equal(data.latents, latents[:3])
+    cfg = load_config("configs/tiny_ode.yaml", overrides=over)
+    assert len(read_data(cfg, check_config(cfg, world=1), seed=0)) == 5

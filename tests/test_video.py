@@ -66,9 +66,20 @@ def test_png_grid_size_and_layout(tmp_path):
 
 
 def test_read_prompts_strips_and_skips_empty_lines(tmp_path):
+    """Blank lines before a prompt are named in a warning (indices count prompts; the researchers' count lines);
+    trailing ones move no index and pass quietly."""
+    import warnings
+
+    from models.errors import ModelInputWarning
+
     f = tmp_path / "prompts.txt"
     f.write_text("  A cat on a beach.  \n\n\t\nA dog in the snow\r\n   \nlast line without newline")
-    assert read_prompts(f) == ["A cat on a beach.", "A dog in the snow", "last line without newline"]
+    with pytest.warns(ModelInputWarning, match=r"blank lines 2, 3, 5 skipped, so a prompt's index"):
+        assert read_prompts(f) == ["A cat on a beach.", "A dog in the snow", "last line without newline"]
+    f.write_text("a cat\na dog\n\n  \n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_prompts(f) == ["a cat", "a dog"]
 
 
 def test_empty_or_missing_prompt_file_is_named(tmp_path):

@@ -78,6 +78,8 @@ def read_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None = None):
         return PromptSource.from_file(cfg.data_path, seed)
     if plan.trainer == "ode":
         data = LatentDataset.from_file(cfg.data_path, seed, "ode_pairs")
+        if cfg.max_pair < len(data):  # their ODE trainer reads the first max_pair pairs
+            data = LatentDataset(data.prompts[:cfg.max_pair], data.latents[:cfg.max_pair], data.kind, seed)
         F, C, H, W = plan.shape
         if tuple(data.latents.shape[2:]) != (F, C, H, W):
             raise TrainingError(f"ODE pairs of shape {tuple(data.latents.shape[2:])}; image_or_video_shape asks "

@@ -128,7 +128,11 @@ def check_resumed_config(cfg, saved_yaml: str | None, folder) -> None:
         return out
 
     now = flat(OmegaConf.to_container(cfg, resolve=True))
-    then = flat(OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True))
+    # a key the checkpoint's config lacks was added to the schema since: that run had its default
+    from training.config import SelfForcingConfig
+
+    defaults = flat(OmegaConf.to_container(OmegaConf.structured(SelfForcingConfig), resolve=True))
+    then = defaults | flat(OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True))
     changed = sorted(k for k in now.keys() | then.keys()
                      if now.get(k) != then.get(k) and k.split(".")[0] not in CHANGEABLE_ON_RESUME)
     if changed:

@@ -126,6 +126,16 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
         raise TrainingError(f"prompt_dropout is for diffusion training (trainer {cfg.trainer!r} does not use it)")
     if cfg.timestep_weighting not in TIMESTEP_WEIGHTINGS:
         raise TrainingError(f"timestep_weighting {cfg.timestep_weighting!r}; use one of {list(TIMESTEP_WEIGHTINGS)}")
+    for key, default, what in (("teacher_forcing", False, "CausVid's teacher forcing"),
+                               ("noise_augmentation_max_timestep", 0, "CausVid's noise augmentation of clean context"),
+                               ("backward_simulation", True, "training without backward simulation")):
+        if cfg[key] != default:  # (their code reads these keys; none of their Self-Forcing configs sets them)
+            raise TrainingError(f"{key}: {cfg[key]}: {what} is not implemented in workbench train (it runs "
+                                f"{key}: {default}, as every Self-Forcing config does)")
+    if cfg.max_pair < 1:
+        raise TrainingError(f"max_pair {cfg.max_pair} must be >= 1 (the ODE trainer reads the first max_pair pairs)")
+    if cfg.loss_scale != 1.0 and cfg.trainer != "gan":
+        raise TrainingError(f"loss_scale is read by the GAN trainer only (trainer {cfg.trainer!r} does not use it)")
     if cfg.timestep_weighting != "bump" and cfg.trainer != "diffusion":
         raise TrainingError(f"timestep_weighting is for diffusion training (trainer {cfg.trainer!r} does not use it)")
     if cfg.data_path == "world" and cfg.trainer not in ("diffusion", "gan"):
@@ -137,10 +147,7 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
     check_loggers(list(cfg.loggers))
     scheduler = FlowMatchScheduler(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep)
     try:
-        if cfg.warp_denoising_step:
-            timesteps = scheduler.warp(list(cfg.denoising_step_list))
-        else:
-            timesteps = torch.tensor(list(cfg.denoising_step_list), dtype=torch.float32)
+        timesteps = scheduler.denoising_timesteps(list(cfg.denoising_step_list), cfg.warp_denoising_step)
     except Exception as err:
         raise TrainingError(f"denoising_step_list: {err}") from None
     if len(timesteps) == 0:

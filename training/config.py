@@ -11,7 +11,8 @@ during training), `prompt_dropout` and `world` (diffusion and GAN training on th
 and the gradient semantics `score_timestep_shift`, `kv_cache_gradient`, `text_kv_gradient` and
 `unused_param_grads`, whose defaults reproduce the researchers' code (docs/training.md). Keys their code reads
 with a default (`ts_schedule` True, `ts_schedule_max`, `min_score_timestep`, `real_guidance_scale`,
-`fake_guidance_scale`, `sid_alpha`) have that default here.
+`fake_guidance_scale`, `sid_alpha`, `num_frame_per_block` 1, `timestep_shift` 1.0, `loss_scale`, `teacher_forcing`,
+`noise_augmentation_max_timestep`, `max_pair`, `backward_simulation`) have that default here.
 """
 
 from __future__ import annotations
@@ -111,12 +112,12 @@ class SelfForcingConfig:
     ts_schedule: bool = True  # their getattr default; the shipped configs set false
     ts_schedule_max: bool = False
     num_train_timestep: int = 1000
-    timestep_shift: float = 5.0
+    timestep_shift: float = 1.0  # their getattr default (every Self-Forcing config sets 5.0)
     guidance_scale: float = 3.0
     fake_guidance_scale: float = 0.0
     negative_prompt: str = ""
     image_or_video_shape: list[int] = field(default_factory=lambda: [1, 21, 16, 60, 104])
-    num_frame_per_block: int = 3
+    num_frame_per_block: int = 1  # their getattr default: frame by frame (every Self-Forcing config sets 3)
     model_kwargs: ModelKwargs = field(default_factory=ModelKwargs)
     # --- training
     trainer: str = "score_distillation"
@@ -166,6 +167,14 @@ class SelfForcingConfig:
     num_class: int = 1
     concat_time_embeddings: bool = False
     critic_timestep_shift: Optional[float] = None  # None: timestep_shift
+    loss_scale: float = 1.0  # their trainer/gan.py: both GAN losses multiplied by it
+    # --- keys their code reads with these defaults; workbench train runs the defaults and refuses other values
+    # (training/checks.py): CausVid's teacher forcing and its noise augmentation, the ODE set's cap, and the
+    # backward simulation every Self-Forcing run uses
+    teacher_forcing: bool = False
+    noise_augmentation_max_timestep: int = 0
+    max_pair: int = 100000000
+    backward_simulation: bool = True
     # --- workbench train (not in the researchers' files)
     model_root: str = "wan_models"  # folders named real_name / fake_name / model_kwargs.model_name live here
     max_steps: int = 0  # 0: until interrupted (as the researchers' loop)

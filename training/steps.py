@@ -162,7 +162,9 @@ class Steps:
             with record_function(f"{prefix}/loss"):  # named ranges: bench/bench_zoo_step.py --profile reads them
                 loss, logs = loss_fn(m)
             with record_function(f"{prefix}/backward"):
-                (loss / accum).backward()
+                # (their GAN trainer's loss_scale multiplies what is back-propagated, not what is logged)
+                scaled = loss * self.cfg.loss_scale if self.plan.trainer == "gan" and self.cfg.loss_scale != 1 else loss
+                (scaled / accum).backward()
             total += float(loss.detach()) / accum
             for k, v in logs.items():
                 extras[k] = extras.get(k, 0.0) + float(v) / accum

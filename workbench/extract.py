@@ -75,8 +75,10 @@ class ExtractConfig:
     use_ema: bool = False
     trust_pickle: bool = False
     sampler: str = "causal_few_step"
+    # the few-step sampler's schedule, as the researchers' inference configs set it (their keys; --config reads one)
     denoising_step_list: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
-    timestep_shift: float = 5.0
+    warp_denoising_step: bool = True  # the steps mapped onto the shifted grid (1000, 937.5, 833.3, 625); False: as given
+    timestep_shift: float = 5.0  # their model_kwargs.timestep_shift
     context_noise: float = 0.0
     num_inference_steps: int = 50  # multi-step samplers
     guidance_scale: float = 5.0  # multi-step samplers
@@ -287,7 +289,8 @@ def plan(cfg: ExtractConfig) -> Plan:
 
 def _schedule(cfg: ExtractConfig) -> list:
     if cfg.sampler == "causal_few_step":
-        timesteps = FlowMatchScheduler(cfg.timestep_shift).warp(cfg.denoising_step_list)
+        timesteps = FlowMatchScheduler(cfg.timestep_shift).denoising_timesteps(cfg.denoising_step_list,
+                                                                               cfg.warp_denoising_step)
         return few_step_schedule(timesteps, cfg.context_noise)
     solver = MultiStepSolver("unipc", cfg.num_inference_steps, cfg.timestep_shift)
     return multistep_schedule(solver.timesteps, cfg=True, context_pass=cfg.sampler == "causal_multi_step_cfg",
@@ -567,7 +570,8 @@ def sample_rollout(model, p: Plan, emb, negative, seed: int, device, dtype, on_f
     noise, gen = seeded_noise(seed, (1, F, model.config.in_dim, h, w), device, dtype)
     negative_context = None if negative is None else negative.context.to(device, dtype)
     return sample(model, cfg.sampler, noise, emb.context.to(device, dtype), negative_context, generator=gen,
-                  denoising_step_list=cfg.denoising_step_list, timestep_shift=cfg.timestep_shift,
+                  denoising_step_list=cfg.denoising_step_list, warp_denoising_step=cfg.warp_denoising_step,
+                  timestep_shift=cfg.timestep_shift,
                   context_noise=cfg.context_noise, num_inference_steps=cfg.num_inference_steps,
                   guidance_scale=cfg.guidance_scale, on_forward=on_forward, initial_latent=initial_latent,
                   cache_policy=cache_policy)

@@ -224,6 +224,10 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str = "",
                                  text_encoder=wan_dir_encoder_identity(p.wan_dir)))
         if capture:  # (absent without capture: stores made before the option still resume)
             fields["layout"]["capture_layers"] = list(p.spec.layers)
+        schedule = dict(warp=cfg.warp_denoising_step, shift=cfg.timestep_shift, context_noise=cfg.context_noise,
+                        nfpb=cfg.num_frame_per_block)
+        if schedule != dict(warp=True, shift=5.0, context_noise=0.0, nfpb=3):  # (absent at the defaults, likewise)
+            fields["model"]["schedule"] = schedule
         writer = StoreWriter(cfg.out, fingerprint_of(fields), mode=cfg.mode, append_dim="intervention", lock=lock,
                              fields=fields, log=log)
     except BaseException:

@@ -467,19 +467,22 @@ SAMPLERS = ("causal_few_step", "causal_multi_step_cfg", "bidirectional")
 
 def sample(model, sampler: str, noise, context, negative_context=None, *, generator=None,
            denoising_step_list=(1000, 750, 500, 250), timestep_shift: float = 5.0, context_noise: float = 0.0,
-           num_inference_steps: int = 50, guidance_scale: float = 5.0, on_forward: OnForward | None = None,
-           on_chunk: OnChunk | None = None, initial_latent: torch.Tensor | None = None,
-           last_context_pass: bool = True, cache_policy=None):
+           warp_denoising_step: bool = True, num_inference_steps: int = 50, guidance_scale: float = 5.0,
+           on_forward: OnForward | None = None, on_chunk: OnChunk | None = None,
+           initial_latent: torch.Tensor | None = None, last_context_pass: bool = True, cache_policy=None):
     """Run the named sampler: `causal_few_step` (Self-Forcing inference), `causal_multi_step_cfg` (causal
     model, multi-step solver with CFG) or `bidirectional` (the Wan baseline). noise [B, F, C, H, W];
     initial_latent [B, 1, C, H, W]: image-to-video (causal samplers, independent_first_frame layout).
     last_context_pass=False skips the few-step rollout's context pass after its last chunk: it only writes the
-    KV cache, so the latents are the same bits (one forward fewer, nothing of it to observe)."""
+    KV cache, so the latents are the same bits (one forward fewer, nothing of it to observe).
+    warp_denoising_step=False: the few-step sampler's steps are its timesteps as given (FlowMatchScheduler
+    `denoising_timesteps`)."""
     if initial_latent is not None and sampler == "bidirectional":
         raise ModelInputError("image-to-video runs the causal samplers (the image is the first chunk of the cache)")
     if sampler == "causal_few_step":
         sched = FlowMatchScheduler(timestep_shift)
-        return causal_few_step(model, noise, context, timesteps=sched.warp(denoising_step_list), scheduler=sched,
+        timesteps = sched.denoising_timesteps(denoising_step_list, warp_denoising_step)
+        return causal_few_step(model, noise, context, timesteps=timesteps, scheduler=sched,
                                context_noise=context_noise, generator=generator, on_forward=on_forward,
                                on_chunk=on_chunk, initial_latent=initial_latent, last_context_pass=last_context_pass,
                                cache_policy=cache_policy)

@@ -33,13 +33,26 @@ class FlowMatchScheduler:
         self._on_device: dict = {}
 
     def warp(self, denoising_step_list) -> torch.Tensor:
-        """Self-Forcing's `warp_denoising_step`: config steps -> grid timesteps (float32, as the DiT sees them)."""
+        """Self-Forcing's `warp_denoising_step`: config steps -> grid timesteps (float32, as the DiT sees them).
+        Step s is grid point 1000 - s; step 0 is the 0 appended after the grid, as their code appends it (their
+        training pipeline then drops a trailing 0; their inference runs it, a forward at t = 0)."""
         steps = torch.as_tensor(list(denoising_step_list), dtype=torch.long)
         n = self.num_train_timesteps
-        if ((steps < 1) | (steps > n)).any():
-            raise ModelInputError(f"denoising steps {steps.tolist()} must lie in 1..{n} to be warped")
+        if ((steps < 0) | (steps > n)).any():
+            raise ModelInputError(f"denoising steps {steps.tolist()} must lie in 0..{n} to be warped")
         grid = torch.cat([self.timesteps, torch.zeros(1, dtype=torch.float64)])
         return grid[n - steps].to(torch.float32)
+
+    def denoising_timesteps(self, denoising_step_list, warp: bool = True) -> torch.Tensor:
+        """The few-step sampler's timesteps from a config's `denoising_step_list`: warped onto the shifted grid
+        (`warp_denoising_step: true`, every Self-Forcing config) or, unwarped, the steps themselves as timesteps
+        (float32 [S])."""
+        if warp:
+            return self.warp(denoising_step_list)
+        steps = torch.as_tensor(list(denoising_step_list), dtype=torch.float32)
+        if ((steps < 0) | (steps > self.num_train_timesteps)).any():
+            raise ModelInputError(f"denoising steps {steps.tolist()} must lie in 0..{self.num_train_timesteps}")
+        return steps
 
     def _grid(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(timesteps, sigmas) on a device, copied once (a host-to-device copy per call would stall the GPU)."""

@@ -1,5 +1,7 @@
 """The CLI's commands, one module each (`register(subparsers)` + `run(args)`), and the arguments they share."""
 
+import argparse
+
 # --attention-kernel's choices: models.common.attention_kernels.ATTENTION_KERNELS, written out here so that the
 # CLI's --help imports no torch (tests/test_statistics.py checks that the two agree)
 ATTENTION_KERNELS = ["auto", "triton", "cudnn", "cudnn-balanced"]
@@ -39,6 +41,74 @@ def add_chunk_arguments(group) -> None:
     group.add_argument("--independent-first-frame", action="store_true",
                        help="frame 0 is a chunk of its own, then chunks of 3: 19 frames give chunks "
                             "[1, 3, 3, 3, 3, 3, 3], the researchers' extraction layout (frames must be 1 + 3k)")
+
+
+def add_schedule_arguments(group) -> None:
+    """The few-step sampler's schedule and chunk size, as the researchers' inference configs set them: --config
+    reads one of their YAML files as their inference.py does, the other flags set one key each and win over it."""
+    group.add_argument("--config", metavar="YAML",
+                       help="the researchers' config (e.g. their configs/self_forcing_dmd.yaml, unchanged), merged onto "
+                            "configs/default_config.yaml as their inference.py merges it; it sets denoising_step_list, "
+                            "warp_denoising_step, model_kwargs.timestep_shift, context_noise, num_frame_per_block, "
+                            "independent_first_frame and model_kwargs.local_attn_size / sink_size (flags given on "
+                            "the command line win)")
+    group.add_argument("--denoising-step-list", metavar="T,T,...",
+                       help="the few-step sampler's steps (default: 1000,750,500,250, every Self-Forcing config's)")
+    group.add_argument("--warp-denoising-step", action=argparse.BooleanOptionalAction, default=None,
+                       help="map the steps onto the shifted grid (1000,750,500,250 -> t 1000, 937.5, 833.3, 625), as "
+                            "every Self-Forcing config does (default: on; --no-warp-denoising-step runs them as given)")
+    group.add_argument("--timestep-shift", type=float, metavar="S",
+                       help="the flow-matching shift (default: 5.0, their model_kwargs.timestep_shift)")
+    group.add_argument("--context-noise", type=float, metavar="T",
+                       help="the timestep of the context pass that writes each chunk into the KV cache (default: 0)")
+    group.add_argument("--num-frame-per-block", type=int, metavar="N",
+                       help="latent frames per chunk of the causal samplers (default: 3; 1 is frame by frame)")
+
+
+SCHEDULE_DEFAULTS = dict(denoising_step_list=[1000, 750, 500, 250], warp_denoising_step=True, timestep_shift=5.0,
+                         context_noise=0.0, num_frame_per_block=3, local_attn_size=-1, sink_size=0)
+
+
+def apply_schedule(args) -> None:
+    """Fill in the schedule settings the command line left unset (None): from --config's file when given, else
+    SCHEDULE_DEFAULTS; --denoising-step-list parsed; the config's independent_first_frame turns the flag on.
+    Errors (a missing file, an unknown key, a step out of 0..1000) before any work."""
+    from workbench.errors import WorkbenchError
+
+    from_file = {}
+    if args.config:
+        from training.config import load_config
+
+        c = load_config(args.config)  # (the ModelInputError of a missing file or an unknown key: one line)
+        from_file = dict(denoising_step_list=list(c.denoising_step_list), warp_denoising_step=c.warp_denoising_step,
+                         timestep_shift=c.model_kwargs.timestep_shift, context_noise=c.context_noise,
+                         num_frame_per_block=c.num_frame_per_block, local_attn_size=c.model_kwargs.local_attn_size,
+                         sink_size=c.model_kwargs.sink_size)
+        if c.independent_first_frame and not hasattr(args, "independent_first_frame"):
+            raise WorkbenchError(f"--config {args.config}: independent_first_frame is true; this command runs chunks "
+                                 "of equal size only")
+        if c.independent_first_frame:
+            args.independent_first_frame = True
+    if isinstance(args.denoising_step_list, str):
+        steps = []
+        for part in args.denoising_step_list.split(","):
+            try:
+                steps.append(int(part))
+            except ValueError:
+                raise WorkbenchError(f"--denoising-step-list {args.denoising_step_list!r}: give timesteps in "
+                                     "0..1000 separated by commas, e.g. 1000,750,500,250") from None
+        args.denoising_step_list = steps
+    for key, default in SCHEDULE_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, from_file.get(key, default))
+    if not all(0 <= t <= 1000 for t in args.denoising_step_list) or not args.denoising_step_list:
+        raise WorkbenchError(f"--denoising-step-list {args.denoising_step_list}: give timesteps in 0..1000, e.g. "
+                             "1000,750,500,250")
+
+
+def schedule_settings(args) -> dict:
+    """The ExtractConfig fields of `apply_schedule`'s settings."""
+    return {key: getattr(args, key) for key in SCHEDULE_DEFAULTS}
 
 
 def latent_frames(args) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from workbench.commands import (ATTENTION_KERNELS, PROMPT_HELP, add_chunk_arguments, add_model_arguments,
-                                add_size_arguments, latent_frames)
+                                add_schedule_arguments, add_size_arguments, latent_frames)
 from workbench.statistics import DEFAULT_STATS, stats_help
 
 HELP = "capture per-layer, per-head, frame-by-frame attention of a rollout into a zarr store"
@@ -20,6 +20,7 @@ examples:
   workbench extract --layer 3 --sampler bidirectional --wan-dir wan_models/Wan2.1-T2V-1.3B --out runs/wan.zarr
   torchrun --nproc_per_node=4 -m workbench.cli extract --layers all --prompts prompts.txt ...
   workbench extract --layer 3 --independent-first-frame      # 19 frames in chunks [1, 3, 3, 3, 3, 3, 3]
+  workbench extract --layer 3 --config configs/self_forcing_dmd.yaml --num-frame-per-block 1  # frame by frame
 
 what is stored (docs/store.md): attn_mass[sample, step, layer, head, query_frame, key_frame] (the softmax
 mass each query frame puts on each key frame; rows sum to 1), attn_logit (the mean pre-softmax logit of a
@@ -71,10 +72,11 @@ def register(subparsers) -> None:
                      help="default: the --model's (causal_few_step for the students, bidirectional for the teacher); "
                           "causal_few_step for --wan-dir, with or without --checkpoint (as the researchers' "
                           "extraction runs the base weights)")
-    job.add_argument("--local-attn-size", type=int, default=-1, help="KV window in latent frames (-1: global)")
-    job.add_argument("--sink-size", type=int, default=0, help="sink frames kept in the KV cache")
+    job.add_argument("--local-attn-size", type=int, help="KV window in latent frames (default: -1, global)")
+    job.add_argument("--sink-size", type=int, help="sink frames kept in the KV cache (default: 0)")
     job.add_argument("--num-inference-steps", type=int, help="multi-step samplers (default: the --model's, else 50)")
     job.add_argument("--guidance-scale", type=float, help="multi-step samplers (default: the --model's, else 5.0)")
+    add_schedule_arguments(p.add_argument_group("schedule (the researchers' inference config)"))
     model = p.add_argument_group("which model (default: the embedded default)")
     add_model_arguments(model)
     out = p.add_argument_group("output")
@@ -91,11 +93,12 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
-    from workbench.commands import resolve_model, world_prompt_note
+    from workbench.commands import apply_schedule, resolve_model, schedule_settings, world_prompt_note
     from workbench.errors import WorkbenchError
     from workbench.extract import ExtractConfig, parse_int_list, run_extract
 
     resolve_model(args)
+    apply_schedule(args)
     if args.layer is not None and args.layers is not None:
         raise WorkbenchError("give --layer N or --layers LIST, not both")
     layers = [args.layer] if args.layer is not None else parse_int_list(args.layers, what="layer")
@@ -109,8 +112,7 @@ def run(args) -> int:
         token_layers=parse_int_list(args.token_layers, what="layer") or [],
         seeds=parse_int_list(args.seed, what="seed"),
         num_frames=latent_frames(args), independent_first_frame=args.independent_first_frame or bool(args.image),
-        image=args.image, height=args.height, width=args.width, sampler=args.sampler,
-        local_attn_size=args.local_attn_size, sink_size=args.sink_size,
+        image=args.image, height=args.height, width=args.width, sampler=args.sampler, **schedule_settings(args),
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         model=args.model, wan_dir=args.wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema,
         trust_pickle=args.trust_pickle,

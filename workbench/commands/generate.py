@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from workbench.commands import (ATTENTION_KERNELS, PROMPT_HELP, add_chunk_arguments, add_model_arguments,
-                                add_size_arguments, latent_frames)
+                                add_schedule_arguments, add_size_arguments, latent_frames)
 
 HELP = "generate videos (latents, mp4, PNG grid) from prompts"
 
@@ -60,8 +60,9 @@ def register(subparsers) -> None:
     p.add_argument("--num-inference-steps", type=int, help="multi-step samplers (default: the --model's, else 50)")
     p.add_argument("--guidance-scale", type=float, help="multi-step samplers (default: the --model's, else 5.0)")
     p.add_argument("--negative-prompt", help="for the CFG samplers (default: \"\", what the zoo was trained with)")
-    p.add_argument("--local-attn-size", type=int, default=-1, help="KV window in latent frames (-1: global)")
-    p.add_argument("--sink-size", type=int, default=0, help="sink frames kept in the KV cache")
+    p.add_argument("--local-attn-size", type=int, help="KV window in latent frames (default: -1, global)")
+    p.add_argument("--sink-size", type=int, help="sink frames kept in the KV cache (default: 0)")
+    add_schedule_arguments(p.add_argument_group("schedule (the researchers' inference config)"))
     add_model_arguments(p)
     p.add_argument("--low-memory", choices=["auto", "on", "off"], default="auto",
                    help="move the text encoder off the GPU before the rollout (auto: < 40 GB free)")
@@ -142,6 +143,7 @@ def _differences(path: Path, want: dict) -> list[str] | None:
 def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     import contextlib
     import gc
+    import json
     import sys
     from pathlib import Path
 
@@ -159,7 +161,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from models.wan.embedded import EMBEDDED_DIR
     from models.wan.text_encoder import TextEncoder, check_encoder_files, wan_dir_encoder_identity
     from models.wan.vae import WanVAE, resolve_decoder
-    from workbench.commands import resolve_model, world_prompt_note
+    from workbench.commands import apply_schedule, resolve_model, world_prompt_note
     from workbench.errors import WorkbenchError
     from workbench.extract import _dtype, _rank_device, check_device, default_prompts, parse_int_list, rank_share
     from workbench.store import StoreLock, sample_id
@@ -167,6 +169,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
 
     # --- everything that can be wrong, before any work
     resolve_model(args)
+    apply_schedule(args)
     resolve_decoder(args.vae_decoder)  # a bad WORKBENCH_VAE_DECODER included
     check_writable_dir(args.out)  # (made once every check has passed, below)
     prompts = read_prompts(args.prompts) if args.prompts else (args.prompt or default_prompts(args.wan_dir))
@@ -187,7 +190,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
         from models.wan.config import VideoGeometry
 
         try:  # frames that do not fit the family's chunk layout are refused here
-            VideoGeometry(num_frames=args.frames, num_frame_per_block=family.frames_per_chunk,
+            VideoGeometry(num_frames=args.frames, num_frame_per_block=args.num_frame_per_block,
                           independent_first_frame=args.independent_first_frame)
         except ModelInputError as err:
             raise WorkbenchError(f"{err}{' (--image makes frame 0 a chunk of its own)' if args.image else ''}") from None
@@ -228,9 +231,13 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     # another run's files under this run's names are replaced only when asked (--overwrite)
     weights_sha256 = weights_sha256_of(Path(args.checkpoint) if args.checkpoint else wan_weights_file(wan_dir))
     text_encoder = wan_dir_encoder_identity(wan_dir)
+    # the few-step sampler's schedule and chunking (a file made with another is not this run's)
+    schedule = json.dumps(dict(denoising_step_list=list(args.denoising_step_list), warp=args.warp_denoising_step,
+                               shift=args.timestep_shift, context_noise=args.context_noise,
+                               num_frame_per_block=args.num_frame_per_block)) if args.sampler == "causal_few_step" else ""
     wanted = {sample_id(i, s): dict(prompt=prompts[i], seed=str(s), sampler=args.sampler,
                                     weights_sha256=weights_sha256, text_encoder=text_encoder,
-                                    use_ema=str(bool(args.use_ema)), shape=[args.frames, h, w])
+                                    use_ema=str(bool(args.use_ema)), schedule=schedule, shape=[args.frames, h, w])
               for i in range(len(prompts)) for s in seeds}
     # how each file already there under this run's names differs from what this run would write (None: no file)
     existing = {name: _differences(Path(args.out) / f"{name}.safetensors", want) for name, want in wanted.items()}
@@ -272,7 +279,8 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
         torch.cuda.empty_cache()
     with wan_dir_hint(args.wan_dir, args.checkpoint):
         model = load_wan(wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema,
-                         causal=args.sampler != "bidirectional", local_attn_size=args.local_attn_size,
+                         causal=args.sampler != "bidirectional", num_frame_per_block=args.num_frame_per_block,
+                         local_attn_size=args.local_attn_size,
                          sink_size=args.sink_size, device=device, dtype=dtype, trust_pickle=args.trust_pickle)
     model.attention_kernel = args.attention_kernel
     model.independent_first_frame = args.independent_first_frame
@@ -294,7 +302,8 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
         name = sample_id(i, seed)
         noise, gen = seeded_noise(seed, (1, args.frames, model.config.in_dim, h, w), device, dtype)
         chunks = len(model.chunk_spans(args.frames)) if args.sampler != "bidirectional" else 1
-        per_chunk = 5 if args.sampler == "causal_few_step" else 2 * args.num_inference_steps + (2 if cfg_sampler and args.sampler != "bidirectional" else 0)
+        per_chunk = (len(args.denoising_step_list) + 1 if args.sampler == "causal_few_step" else
+                     2 * args.num_inference_steps + (2 if args.sampler != "bidirectional" else 0))
         # each finished chunk is decoded right away (the VAE decodes causally, chunk by chunk), on CUDA on a side
         # stream while the next chunk is denoised, and, with --live, streamed with its attention
         decoder = None if vae is None else vae.stream_decoder(overlap=True)
@@ -316,13 +325,15 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
             latents = sample(model, args.sampler, noise, contexts[i].to(device, dtype),
                              None if negative is None else negative.to(device, dtype), generator=gen,
                              num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                             denoising_step_list=args.denoising_step_list, timestep_shift=args.timestep_shift,
+                             warp_denoising_step=args.warp_denoising_step, context_noise=args.context_noise,
                              on_forward=lambda *_: bar.update(1), on_chunk=on_chunk, initial_latent=initial,
                              last_context_pass=not skip_last)
         tensors = {"latents": latents[0].float().cpu().contiguous()}
         # recorded beside each video, as a store records them, so that `workbench view` can tell whose video it is
         metadata = {"prompt": prompts[i], "seed": str(seed), "sampler": args.sampler,
                     "checkpoint": args.checkpoint or str(wan_dir), "use_ema": str(bool(args.use_ema)),
-                    "weights_sha256": weights_sha256, "text_encoder": text_encoder}
+                    "weights_sha256": weights_sha256, "text_encoder": text_encoder, "schedule": schedule}
         # the latents, which say whose files these are, go last; an earlier run's go first, so that a kill in
         # between never leaves new videos beside old latents
         (out / f"{name}.safetensors").unlink(missing_ok=True)

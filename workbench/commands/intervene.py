@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.commands import PROMPT_HELP, add_model_arguments, add_size_arguments
+from workbench.commands import PROMPT_HELP, add_model_arguments, add_schedule_arguments, add_size_arguments
 
 HELP = "ablate heads, knock out key frames, change temperatures or cache policies: what changes in the video"
 
@@ -65,12 +65,13 @@ def register(subparsers) -> None:
     job.add_argument("--seeds", default="0", help="seeds: 0, 0-2 or 1,5 (default: %(default)s)")
     job.add_argument("--frames", type=int, default=21, help="latent frames (default: %(default)s)")
     add_size_arguments(job)
-    job.add_argument("--local-attn-size", type=int, default=-1,
-                     help="the baseline's KV window in latent frames (-1: global; needed past 21 frames)")
-    job.add_argument("--sink-size", type=int, default=0, help="the baseline's sink frames")
+    job.add_argument("--local-attn-size", type=int,
+                     help="the baseline's KV window in latent frames (default: -1, global; needed past 21 frames)")
+    job.add_argument("--sink-size", type=int, help="the baseline's sink frames (default: 0)")
     job.add_argument("--world", default="auto", choices=["auto", "on", "off"],
                      help="decode and score with the miniature world's tracker: auto = when the model folder has a "
                           "VAE, the video is 96 x 128 and every prompt is a world prompt (default: %(default)s)")
+    add_schedule_arguments(p.add_argument_group("schedule (the researchers' inference config)"))
     model = p.add_argument_group("which model (default: the embedded default)")
     add_model_arguments(model)
     out = p.add_argument_group("output")
@@ -129,7 +130,7 @@ def run(args) -> int:
     import torch
 
     from models.wan.embedded import ZOO
-    from workbench.commands import resolve_model
+    from workbench.commands import apply_schedule, resolve_model, schedule_settings
     from workbench.errors import WorkbenchError
     from workbench.extract import ExtractConfig, default_prompts, parse_int_list, plan
     from workbench.intervene import entry_bounds, run_intervene
@@ -139,6 +140,7 @@ def run(args) -> int:
         raise WorkbenchError(f"--model {args.model}: its sampler is {ZOO[args.model].sampler}; intervene runs the "
                              f"causal few-step rollout (models {few_step})")
     resolve_model(args)  # --model NAME, or the zoo's default (the DMD student), as extract and generate do
+    apply_schedule(args)
     seeds = parse_int_list(args.seeds, what="seed")
     if not seeds:
         raise WorkbenchError("--seeds needs numbers, e.g. 0 or 0-2")
@@ -152,7 +154,7 @@ def run(args) -> int:
         prompts = args.prompt or default_prompts(args.wan_dir)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = ExtractConfig(prompts=prompts, seeds=seeds, num_frames=args.frames, height=args.height, width=args.width,
-                        local_attn_size=args.local_attn_size, sink_size=args.sink_size, model=args.model,
+                        **schedule_settings(args), model=args.model,
                         wan_dir=args.wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema,
                         trust_pickle=args.trust_pickle,
                         device=device, dtype=args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"),

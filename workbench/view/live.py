@@ -22,6 +22,7 @@ import torch
 from models.video import to_uint8_frames
 from models.wan.config import VAE_STRIDE
 from models.wan.vae import pixel_frames
+from workbench.commands import schedule_settings
 from workbench.errors import WorkbenchError
 from workbench.extract import ExtractConfig, Plan, make_probe, parse_int_list, plan
 from workbench.hooks import attach
@@ -38,7 +39,7 @@ def live_plan(args, prompts: list[str], seeds: list[int], device: torch.device, 
         model=args.model, wan_dir=args.wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema,
         trust_pickle=args.trust_pickle, sampler=args.sampler, num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
-        local_attn_size=args.local_attn_size, sink_size=args.sink_size, height=h * VAE_STRIDE, width=w * VAE_STRIDE,
+        **schedule_settings(args), height=h * VAE_STRIDE, width=w * VAE_STRIDE,
         device=str(device), dtype=dtype, out=str(args.out), attention_kernel=args.attention_kernel)
     return plan(cfg)
 

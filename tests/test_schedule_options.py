@@ -1,0 +1,83 @@
+"""The few-step sampler's schedule as the researchers' inference configs set it, on the command line of extract,
+generate and intervene: `--config` reads one of their YAML files unchanged (merged onto
+configs/default_config.yaml, as their inference.py merges it), and --denoising-step-list,
+--[no-]warp-denoising-step, --timestep-shift, --context-noise and --num-frame-per-block set one key each. A run
+with these settings equals the Python API's run with the same ExtractConfig, and what ran is in the labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from models.common.scheduler import FlowMatchScheduler
+from workbench.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--layer", "1", "--stats", "attn_mass", "--no-progress"]
+
+
+def _store(path):
+    return xr.open_zarr(path, consolidated=False)
+
+
+def test_their_config_and_frame_by_frame_chunks_equal_the_api(tmp_path, monkeypatch):
+    """--config with their DMD file (warped steps, shift 5) and --num-frame-per-block 1 (a flag wins over the file):
+    chunks of one frame, the warped timesteps in the labels, and the numbers of ExtractConfig's run."""
+    from workbench.extract import ExtractConfig, run_extract
+
+    monkeypatch.chdir(tmp_path)
+    cli = tmp_path / "cli.zarr"
+    assert main(["extract", *FAST, "--frames", "4", "--config", str(REPO / "configs/self_forcing_dmd.yaml"),
+                 "--num-frame-per-block", "1", "--out", str(cli)]) == 0
+    api = tmp_path / "api.zarr"
+    run_extract(ExtractConfig(layers=[1], stats=["attn_mass"], num_frames=4, num_frame_per_block=1, out=str(api),
+                              progress=False))
+    a, b = _store(cli), _store(api)
+    assert int(a.attrs["num_frame_per_block"]) == 1 and list(a.query_chunk.values) == [0, 1, 2, 3]
+    assert a.timestep.values.tolist() == [1000.0, 937.5, pytest.approx(833.3333), 625.0, 0.0]
+    np.testing.assert_array_equal(a.attn_mass.values, b.attn_mass.values)
+    # a query frame's own chunk is its frame: later frames are not attended (NaN, docs/store.md), rows sum to 1
+    m = a.attn_mass.isel(sample=0, step=0, layer=0).values  # [head, query_frame, key_frame]
+    later = np.triu(np.ones((4, 4), bool), k=1)
+    assert np.isnan(m[:, later]).all() and np.allclose(np.nansum(m, -1), 1, atol=1e-5)
+
+
+def test_unwarped_steps_and_a_list_ending_in_0(tmp_path, monkeypatch):
+    """--no-warp-denoising-step runs the steps as timesteps (default_config.yaml's warp_denoising_step: false);
+    a list ending in 0 with warping (their `cat(timesteps, [0])[1000 - s]`) adds a denoising forward at t = 0."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["extract", *FAST, "--frames", "3", "--no-warp-denoising-step", "--context-noise", "20",
+                 "--out", str(tmp_path / "u.zarr")]) == 0
+    u = _store(tmp_path / "u.zarr")
+    assert u.timestep.values.tolist() == [1000.0, 750.0, 500.0, 250.0, 20.0]
+    assert list(u.phase.values) == ["denoise"] * 4 + ["context"]
+    assert main(["extract", *FAST, "--frames", "3", "--denoising-step-list", "1000,750,500,250,0",
+                 "--out", str(tmp_path / "z.zarr")]) == 0
+    z = _store(tmp_path / "z.zarr")
+    warped = FlowMatchScheduler(5.0).warp([1000, 750, 500, 250]).tolist()
+    assert z.timestep.values.tolist() == warped + [0.0, 0.0] and list(z.phase.values) == ["denoise"] * 5 + ["context"]
+
+
+def test_generate_and_intervene_take_the_schedule_and_tell_runs_apart(tmp_path, monkeypatch):
+    """generate runs the schedule it is given (two steps: other latents than four) and records it, so a run with
+    another schedule is refused before it replaces the files; intervene's store is keyed by it too."""
+    from safetensors import safe_open
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "g"
+    common = ["generate", "--frames", "3", "--no-video", "--no-progress", "--out", str(out)]
+    assert main([*common, "--denoising-step-list", "1000,500"]) == 0
+    with safe_open(out / "p0000-s0.safetensors", "pt") as f:
+        two = f.get_tensor("latents")
+        assert '"denoising_step_list": [1000, 500]' in f.metadata()["schedule"]
+    assert main(common) == 2  # four steps would replace the two-step run's files
+    assert main([*common, "--overwrite"]) == 0
+    with safe_open(out / "p0000-s0.safetensors", "pt") as f:
+        assert (f.get_tensor("latents") - two).abs().max() > 1e-3
+    fx = tmp_path / "fx.zarr"
+    argv = ["intervene", "--frames", "3", "--ablate", "1:0", "--world", "off", "--no-progress", "--out", str(fx)]
+    assert main([*argv, "--timestep-shift", "3"]) == 0
+    assert main(argv) == 2  # another schedule: another store
