@@ -66,6 +66,7 @@ class Comparison:
     query_frames: list[int] = field(default_factory=list)
     tolerance: float = 20.0
     pair_by: str = "seed"  # how the samples were paired: "seed" (prompt and seed) or "prompt"
+    thresholds: metrics.TaxonomyThresholds | None = None  # what class_a / class_b were classified with
 
 
 # --------------------------------------------------------------------------------------------------- samples
@@ -257,23 +258,24 @@ def compare_stores(
         metrics_a=metrics_a, metrics_b=metrics_b, diff=diff, js_bits=js,
         class_a=metrics.classify_heads(metrics_a, thresholds), class_b=metrics.classify_heads(metrics_b, thresholds),
         query_frames=frames, tolerance=tolerance,
-        pair_by=pairs.attrs["pair_by"],
+        pair_by=pairs.attrs["pair_by"], thresholds=thresholds,
     )
 
 
 def rank_heads(c: Comparison, *, by: str = "js_bits", match: int | None = None) -> pd.DataFrame:
     """Heads ordered by change, largest first: one row per (layer, head) with the JS divergence (bits) and the
-    metric differences B - A, averaged over matched steps (or at one `match`), and each side's class at the first
-    matched step (or at `match`). `by` is 'js_bits' or a metric name (ranked by its absolute difference)."""
+    metric differences B - A, averaged over matched steps (or at one `match`), and each side's class: that of its
+    metrics averaged over the matched steps, as the other columns are (or at `match`). `by` is 'js_bits' or a metric
+    name (ranked by its absolute difference)."""
     if by != "js_bits" and by not in c.diff:
         raise WorkbenchError(f"cannot rank by {by!r}; choose 'js_bits' or one of {list(c.diff.data_vars)}")
     pick = (lambda x: x.mean("match")) if match is None else (lambda x: x.sel(match=match))
     table = pick(c.js_bits).to_dataframe(name="js_bits")[["js_bits"]]
     for name in c.diff.data_vars:
         table[f"d_{name}"] = pick(c.diff[name]).to_dataframe(name="v")["v"]
-    first = 0 if match is None else match
-    table["class_a"] = c.class_a.sel(match=first).to_dataframe(name="v")["v"]
-    table["class_b"] = c.class_b.sel(match=first).to_dataframe(name="v")["v"]
+    for side, hm, cls in (("a", c.metrics_a, c.class_a), ("b", c.metrics_b, c.class_b)):
+        cls = metrics.classify_heads(hm.mean("match"), c.thresholds) if match is None else cls.sel(match=match)
+        table[f"class_{side}"] = cls.to_dataframe(name="v")["v"]
     key = table["js_bits"] if by == "js_bits" else table[f"d_{by}"].abs()
     order = key.sort_values(ascending=False, kind="stable").index
     table = table.loc[order].reset_index()

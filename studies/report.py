@@ -228,11 +228,13 @@ def _training_report(ds: xr.Dataset, source: str, out_html, *, layer, sample, st
 
 def compare_summary(c, ranking, name_a: str, name_b: str, rows: int = 5) -> str:
     """A few lines for the terminal: the matched samples and steps, then the `rows` heads whose attention over key
-    frames moved most (JS divergence in bits, mean over matched steps) with each side's head class."""
+    frames moved most (JS divergence in bits, mean over matched steps) with each side's head class (of its metrics
+    averaged over the matched steps)."""
     lines = [f"A = {name_a.removeprefix('A: ')}, B = {name_b.removeprefix('B: ')}: {len(c.pairs)} sample pair(s) "
              f"paired by {'prompt and seed' if c.pair_by == 'seed' else 'prompt'}, "
              f"{c.js_bits.sizes['match']} matched step(s), query frames {c.query_frames}",
-             "heads whose attention over key frames changed most (Jensen-Shannon, bits; 0 = same, 1 = disjoint):",
+             "heads whose attention over key frames changed most (Jensen-Shannon, bits; 0 = same, 1 = disjoint; "
+             "means over the matched steps, the classes too):",
              f"{'layer':>6}{'head':>6}{'js_bits':>9}  class A -> class B"]
     for _, row in ranking.head(rows).iterrows():
         lines.append(f"{int(row['layer']):>6}{int(row['head']):>6}{row['js_bits']:>9.3f}  "

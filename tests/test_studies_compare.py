@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from studies import compare, load_store, synthetic
+from studies import compare, load_store, metrics, synthetic
 from workbench.errors import WorkbenchError
 
 
@@ -156,3 +156,20 @@ def test_chunk_metrics_left_out_against_one_chunk_sampler(stores):
     c = compare.compare_stores(stores["sf"], stores["wan"])
     assert "own_chunk_mass" not in c.diff and "local_mass" in c.diff
     assert "own_chunk_mass" in compare.compare_stores(stores["sf"], stores["sf_changed"]).diff
+
+
+def test_rank_heads_classes_are_those_of_the_step_averaged_metrics(stores):
+    """The ranking's class columns describe the same thing as its other columns, the matched steps' average (they
+    were the first matched step's: a head that is a sink at that step only was listed as a sink beside averages)."""
+    c = compare.compare_stores(stores["sf"], stores["sf_changed"])
+    assert c.metrics_a.sizes["match"] >= 4
+    before = str(c.class_a.sel(match=1, layer=1, head=1).values)
+    assert before != "sink"
+    sink = c.metrics_a.sink_mass.copy()
+    sink.loc[dict(match=0, layer=1, head=1)] = 1.0  # a sink at the first matched step only
+    c.metrics_a = c.metrics_a.assign(sink_mass=sink)
+    c.class_a = metrics.classify_heads(c.metrics_a)
+    assert str(c.class_a.sel(match=0, layer=1, head=1).values) == "sink"
+    row = compare.rank_heads(c).set_index(["layer", "head"]).loc[(1, 1)]
+    assert row.class_a == before
+    assert compare.rank_heads(c, match=0).set_index(["layer", "head"]).loc[(1, 1)].class_a == "sink"
