@@ -181,13 +181,14 @@ def build_effects_report(store, out_html: str | Path) -> Path:
     if len(heads) > 1:
         grid = heads.pivot_table(index="layer", columns="head", values="effect")
         page.h("Single-head effects (layer x head)")
-        page.figure(layer_head_map(_layer_head_array(grid, "effect", "ratio"), title="effect of zeroing one head"),
+        page.figure(layer_head_map(_layer_head_array(grid, "effect", "ratio"), zmin=0,
+                                   title="effect of zeroing one head (relative latent distance to the baseline)"),
                     "fig-heads")
         if "motion_change" in heads:
             motion = heads.pivot_table(index="layer", columns="head", values="motion_change")
             top = float(np.nanmax(np.abs(motion.values))) or 1.0
-            page.p("motion_change of zeroing each head (negative: the video changes less from frame to frame):")
-            page.figure(layer_head_map(_layer_head_array(motion, "motion_change", "ratio"), colorscale="RdBu",
+            page.p("motion_change of zeroing each head (red: the video changes more from frame to frame, blue: less):")
+            page.figure(layer_head_map(_layer_head_array(motion, "motion_change", "ratio"), colorscale="RdBu_r",
                                        zmin=-top, zmax=top, title="motion_change of zeroing one head"),
                         "fig-heads-motion")
     top = [x for x in table.index if x != "baseline"][:TOP]
@@ -330,24 +331,37 @@ def curve_png(ds: xr.Dataset, labels: list[str], size=(900, 520)):
 
 
 def grid_png(grid: pd.DataFrame, cell: int = 56):
-    """A layer x head map of single-head effects, the value written in each cell (darker = larger)."""
+    """A layer x head map of single-head effects, the value written in each cell (white = 0, darker = larger, a
+    scale strip below), the last layer on top as in the report's map."""
     from PIL import Image, ImageDraw
 
     rows, cols = grid.shape
     left, top = 60, 40
-    img = Image.new("RGB", (left + cols * cell + 20, top + rows * cell + 20), "white")
+    title = "effect of zeroing one head (rows: layers, columns: heads)"
+    width = max(left + cols * cell + 20, int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title)) + 16)
+    img = Image.new("RGB", (width, top + rows * cell + 60), "white")
     d = ImageDraw.Draw(img)
-    d.text((8, 8), "effect of zeroing one head (rows: layers, columns: heads)", fill="black")
+    d.text((8, 8), title, fill="black")
     vmax = float(np.nanmax(grid.values)) or 1.0
-    for i, layer in enumerate(grid.index):
+
+    def shade(v):
+        return 255 - int(200 * (v / vmax if np.isfinite(v) else 0))
+
+    for i, layer in enumerate(grid.index[::-1]):  # the last layer in the first row
+        values = grid.loc[layer].values
         d.text((10, top + i * cell + cell // 2 - 6), f"L{layer}", fill="black")
         for j, head in enumerate(grid.columns):
-            v = grid.values[i, j]
-            shade = 255 - int(200 * (v / vmax if np.isfinite(v) else 0))
+            v = values[j]
             box = [left + j * cell, top + i * cell, left + (j + 1) * cell - 2, top + (i + 1) * cell - 2]
-            d.rectangle(box, fill=(shade, shade, 255))
+            d.rectangle(box, fill=(shade(v), shade(v), 255))
             d.text((box[0] + 6, box[1] + cell // 2 - 8), f"{v:.3f}" if np.isfinite(v) else "-",
-                   fill="black" if shade > 120 else "white")
+                   fill="black" if shade(v) > 120 else "white")
             if i == 0:
                 d.text((box[0] + cell // 2 - 8, top - 14), f"h{head}", fill="black")
+    y = top + rows * cell + 14  # the scale: 0 (white) to the largest effect
+    for x in range(left, width - 60):
+        c = shade(vmax * (x - left) / max(1, width - 61 - left))
+        d.line([(x, y), (x, y + 10)], fill=(c, c, 255))
+    d.text((left, y + 14), "0", fill="black")
+    d.text((width - 60 - 30, y + 14), f"{vmax:.3f}", fill="black")
     return img
