@@ -295,3 +295,32 @@ def test_effect_figures_name_an_entry_the_store_lacks():
     assert curve_png(ds, "a").size == (900, 520)  # one label alone
     with pytest.raises(WorkbenchError, match="segment 0: give a positive number"):
         drift_table(ds, segment=0)
+
+
+def test_entries_that_would_fail_midway_or_do_nothing_are_refused_up_front(tmp_path, capsys):
+    """Found by trying the CLI: a policy window too small for a chunk, a knockout that leaves the first chunk
+    nothing to attend to, history_only on a sink entry (it ignored it), fields past a flag's form (ignored), a fifo
+    policy with a sink (ignored), and --capture of a knockout of some heads (the capture read the call's mask, so
+    the knocked-out heads' mass showed the frames they never saw): each one line, before the baseline runs."""
+    out = tmp_path / "fx.zarr"
+    base = ["intervene", "--frames", "6", "--world", "off", "--no-progress", "--out", str(out)]
+    spec = tmp_path / "spec.yaml"
+    cases = [
+        (["--policy", "fifo:2"], "policy window 2: it must hold the 0 sink frame(s) and a chunk of 3: at least 3"),
+        (["--policy", "sink:4:2"], "at least 5"),
+        (["--policy", "fifo:6:1"], "a fifo policy keeps no sink (sink_frames 1); use the sink policy"),
+        (["--ablate", "3:0:zero:extra"], "--ablate '3:0:zero:extra': use LAYERS:HEADS"),
+        ("- {kind: knockout, frames: 0-2, history_only: false}", "the first chunk's query frames 0-2 would attend"),
+        ("- {kind: sink, frames: 0, value: 0, history_only: true}", "history_only is a knockout setting"),
+        (["--capture", "2", "--spec", str(spec)], "--capture with a knockout of some heads only"),
+    ]
+    for args, message in cases:
+        if isinstance(args, str):
+            spec.write_text("interventions:\n  " + args + "\n")
+            args = ["--spec", str(spec)]
+        else:
+            spec.write_text("interventions:\n  - {kind: knockout, frames: 0-2, layers: 2, heads: 0}\n")
+        assert main(base + args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("workbench intervene: error: ") and message in err, err
+        assert not out.exists()

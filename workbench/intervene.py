@@ -170,9 +170,10 @@ def entry_bounds(p) -> dict:
     from workbench.chunking import block_sizes_of
 
     mc = p.model_config
-    chunks = 1 if p.cfg.sampler == "bidirectional" else len(block_sizes_of(p.cfg))
+    sizes = [p.geometry[0]] if p.cfg.sampler == "bidirectional" else block_sizes_of(p.cfg)
     return dict(num_layers=mc.num_layers, num_heads=mc.num_heads, num_frames=p.geometry[0],
-                num_steps=len(p.schedule), num_chunks=chunks)
+                num_steps=len(p.schedule), num_chunks=len(sizes), chunk_frames=p.cfg.num_frame_per_block,
+                first_chunk_frames=sizes[0])
 
 
 # ------------------------------------------------------------------------------------------------------ running
@@ -206,6 +207,10 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str = "",
             parse_entry(e.spec(), **bounds)
     entries = [e if isinstance(e, Entry) else parse_entry(e, **bounds) for e in entries]
     check_entries(entries, cfg.sampler)
+    partial = [e.label for e in entries if e.kind == "knockout" and e.heads is not None]
+    if capture and partial:  # (the captured call carries one key frame mask for all its heads)
+        raise WorkbenchError(f"--capture with a knockout of some heads only ({', '.join(partial)}): the capture would "
+                             "read the call's mask, not those heads'; capture without it, or knock out all heads")
     F, h, w = p.geometry
     px_h, px_w = h * 8, w * 8
     scored = is_world(p.wan_dir, cfg.prompts, px_h, px_w) if world == "auto" else world == "on"

@@ -103,10 +103,12 @@ def _number(value, what: str, integer: bool = False) -> float:
 
 
 def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | None = None,
-                num_steps: int | None = None, num_chunks: int | None = None) -> Entry:
+                num_steps: int | None = None, num_chunks: int | None = None, chunk_frames: int | None = None,
+                first_chunk_frames: int | None = None) -> Entry:
     """A spec entry (YAML or flags) -> an `Entry`, every value checked (a WorkbenchError names the bad one): layers
     and heads against the model, and, when given, frames, steps and chunks against the rollout (an entry that no
-    call can match would change nothing)."""
+    call can match would change nothing), a policy's window against the chunk size (`chunk_frames`) and a knockout
+    that would leave the first chunk (`first_chunk_frames`) nothing to attend to."""
     if not isinstance(d, dict):
         raise WorkbenchError(f"an intervention entry must be a mapping with a kind, got {d!r}")
     unknown = sorted(set(d) - ENTRY_KEYS)
@@ -136,7 +138,15 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
         e.frames = _ints(d.get("frames", [0] if kind == "sink" else None), "frame", num_frames, "the rollout") or []
         if not e.frames:
             raise WorkbenchError(f"a {kind} entry needs frames (absolute latent frames, e.g. 0 or 0-2)")
+        if kind == "sink" and "history_only" in d:
+            raise WorkbenchError("history_only is a knockout setting; a sink entry scales the chosen frames' logits in "
+                                 "every selected call (choose the calls with steps, chunks and layers)")
         e.history_only = bool(d.get("history_only", True))
+        if kind == "knockout" and not e.history_only and first_chunk_frames and \
+                set(range(first_chunk_frames)) <= set(e.frames):
+            raise WorkbenchError(f"knockout of frames {e.frames} with history_only false: the first chunk's query "
+                                 f"frames 0-{first_chunk_frames - 1} would attend to no key frame; keep one of them, or "
+                                 "leave history_only true (later chunks then never see the frames)")
     if kind in ("temperature", "sink"):
         if "value" not in d:
             raise WorkbenchError(f"a {kind} entry needs value (the {'temperature' if kind == 'temperature' else 'factor'})")
@@ -163,6 +173,12 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
             _check_attention_store(e.store)
         if e.window < 1 or not 0 <= e.sink_frames < e.window:
             raise WorkbenchError(f"window {e.window} with sink_frames {e.sink_frames}: use 0 <= sink_frames < window")
+        if e.policy == "fifo" and e.sink_frames:
+            raise WorkbenchError(f"a fifo policy keeps no sink (sink_frames {e.sink_frames}); use the sink policy, "
+                                 f"e.g. sink:{e.window}:{e.sink_frames}")
+        if chunk_frames and e.window < e.sink_frames + chunk_frames:
+            raise WorkbenchError(f"policy window {e.window}: it must hold the {e.sink_frames} sink frame(s) and a "
+                                 f"chunk of {chunk_frames}: at least {e.sink_frames + chunk_frames}")
     e.label = str(d.get("label") or default_label(e))
     return e
 
@@ -188,6 +204,8 @@ def default_label(e: Entry) -> str:
 def parse_flag(kind: str, text: str) -> dict:
     """The short flag forms (see the CLI's help) -> a spec entry dict."""
     parts = text.split(":")
+    if len(parts) > {"ablate": 3, "temperature": 3, "knockout": 2, "sink": 3, "policy": 4}.get(kind, 0):
+        return _too_many(kind, text)  # (a field more than the form has would be ignored)
     try:
         if kind == "ablate":  # LAYERS:HEADS[:MODE]
             d = dict(kind="ablate", layers=parts[0], heads=parts[1])
@@ -212,6 +230,10 @@ def parse_flag(kind: str, text: str) -> dict:
             return d
     except (IndexError, ValueError):
         pass
+    return _too_many(kind, text)
+
+
+def _too_many(kind: str, text: str):
     forms = {"ablate": "LAYERS:HEADS[:zero|mean|resample]", "temperature": "LAYERS:HEADS:T",
              "knockout": "FRAMES[:LAYERS]", "sink": "FACTOR[:FRAMES[:LAYERS]]", "policy": "NAME:WINDOW[:SINK[:STORE]]"}
     raise WorkbenchError(f"--{kind} {text!r}: use {forms[kind]}")

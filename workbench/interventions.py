@@ -187,6 +187,9 @@ class KeyFrameKnockout(Intervention):
         self.frames = frozenset(int(f) for f in frames)
         self.history_only = bool(history_only)
         self.edits = frozenset({"mask"}) if heads is None else frozenset({"out"})
+        # some heads only: those heads are recomputed with the mask, which the call (one mask for all heads) does
+        # not carry, so an observer cannot read what they attended to (`attend` refuses observers then)
+        self.observed_exactly = heads is None
         super().__init__(filter, heads, label or f"knockout:{','.join(map(str, sorted(self.frames)))}")
 
     @property
