@@ -324,3 +324,15 @@ def test_entries_that_would_fail_midway_or_do_nothing_are_refused_up_front(tmp_p
         err = capsys.readouterr().err
         assert err.startswith("workbench intervene: error: ") and message in err, err
         assert not out.exists()
+
+
+def test_an_entry_of_the_same_label_with_other_settings_is_refused(tmp_path, capsys):
+    """A resample ablation's default label leaves out its source prompt: a re-run with another --resample-prompt
+    took the store's entry as done; refused, naming it."""
+    out = tmp_path / "fx.zarr"
+    run = ["intervene", "--frames", "3", "--world", "off", "--no-progress", "--out", str(out), "--ablate",
+           "1:0:resample"]
+    assert main([*run, "--resample-prompt", "a blue circle moving up"]) == 0
+    assert main([*run, "--resample-prompt", "a green square moving left"]) == 2
+    assert "holds entries ['ablate-resample:L1.H0'] made with other settings" in capsys.readouterr().err
+    assert main([*run, "--resample-prompt", "a blue circle moving up"]) == 0  # the same: nothing to do

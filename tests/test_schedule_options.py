@@ -63,7 +63,7 @@ def test_unwarped_steps_and_a_list_ending_in_0(tmp_path, monkeypatch):
 
 def test_generate_and_intervene_take_the_schedule_and_tell_runs_apart(tmp_path, monkeypatch):
     """generate runs the schedule it is given (two steps: other latents than four) and records it, so a run with
-    another schedule is refused before it replaces the files; intervene's store is keyed by it too."""
+    another schedule (or KV window) is refused before it replaces the files; intervene's store is keyed by it too."""
     from safetensors import safe_open
 
     monkeypatch.chdir(tmp_path)
@@ -77,6 +77,7 @@ def test_generate_and_intervene_take_the_schedule_and_tell_runs_apart(tmp_path, 
     assert main([*common, "--overwrite"]) == 0
     with safe_open(out / "p0000-s0.safetensors", "pt") as f:
         assert (f.get_tensor("latents") - two).abs().max() > 1e-3
+    assert main([*common, "--local-attn-size", "6", "--sink-size", "3"]) == 2  # another KV window: not resumed
     fx = tmp_path / "fx.zarr"
     argv = ["intervene", "--frames", "3", "--ablate", "1:0", "--world", "off", "--no-progress", "--out", str(fx)]
     assert main([*argv, "--timestep-shift", "3"]) == 0

@@ -135,6 +135,14 @@ def test_a_held_store_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"{str(out)!r} is being written by another process (pid {os.getpid()} on " in err
     assert not out.exists() and not (tmp_path / ".held.zarr.lock.json").exists()  # the holder's record goes with it
+    # the same store through a symlink (to the store, or to its folder) is the same store: one writer
+    out.mkdir()
+    (tmp_path / "link.zarr").symlink_to(out)
+    (tmp_path / "folder").symlink_to(tmp_path)
+    for alias in (tmp_path / "link.zarr", tmp_path / "folder" / "held.zarr"):
+        with StoreLock(out):
+            assert cli_main(["extract", "--layer", "0", "--out", str(alias), "--no-progress"]) == 2
+        assert "is being written by another process" in capsys.readouterr().err
 
 
 def damaged_copy(reference: Path, path: Path, order: list[int], completed: list[str]) -> None:
@@ -303,3 +311,17 @@ def test_an_append_that_fails_midway_is_taken_back(tmp_path, reference, monkeypa
     assert "No space left on device" in capsys.readouterr().err
     monkeypatch.undo()
     xr.testing.assert_identical(loaded(tmp_path / "s.zarr"), loaded(reference))
+
+
+def test_a_resume_with_other_prompts_under_the_same_ids_is_refused(tmp_path, capsys):
+    """Sample ids count the prompts in their order: a re-run with another first prompt would have taken the
+    store's p0000-s42 (another prompt's) as done, or mixed prompts; refused, naming both prompts. A run that lists
+    the store's prompt first and a new one after it resumes."""
+    out = tmp_path / "p.zarr"
+    run = ["extract", "--layer", "0", "--steps", "0", "--frames", "3", "--no-progress", "--out", str(out)]
+    assert cli_main([*run, "--prompt", "a red square moving right"]) == 0
+    assert cli_main([*run, "--prompt", "a blue circle moving up", "--prompt", "a red square moving right"]) == 2
+    err = capsys.readouterr().err
+    assert "p0000-s42 holds 'a red square moving right', this run's 'a blue circle moving up'" in err
+    assert cli_main([*run, "--prompt", "a red square moving right", "--prompt", "a blue circle moving up"]) == 0
+    assert list(open_store(out).prompt.values) == ["a red square moving right", "a blue circle moving up"]

@@ -427,6 +427,19 @@ def open_writer(p: Plan, log=print) -> StoreWriter:
                        entry_coords={"checkpoint_sha256": sha})
 
 
+def check_resumed_prompts(writer: StoreWriter, samples, out) -> None:
+    """A sample's id is p<prompt index>-s<seed>: a store's sample of this id made from another prompt (the prompts
+    given in another order, or others) is refused, naming it, before it is taken as done or mixed in."""
+    stored = writer.stored("prompt")
+    clash = [f"{sid} holds {stored[sid]!r}, this run's {prompt!r}" for i, prompt, seed in samples
+             if (sid := sample_id(i, seed)) in stored and stored[sid] != prompt]
+    if clash:
+        raise WorkbenchError(f"{out} holds samples of other prompts under this run's sample ids ({'; '.join(clash[:2])}"
+                             f"{f' and {len(clash) - 2} more' if len(clash) > 2 else ''}): ids count the prompts in "
+                             "their order, so list the store's prompts first and new ones after them, or choose "
+                             "another --out (or --overwrite)")
+
+
 def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
     device, dtype = _rank_device(cfg.device, world), _dtype(cfg.dtype)
     if rank == 0 and p.capture_mode == "indicator" and len(p.spec.layers) > 8:
@@ -438,6 +451,7 @@ def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
     if rank == 0:
         try:
             writer = open_writer(p, log)
+            check_resumed_prompts(writer, samples, cfg.out)
             todo = [s for s in samples if not writer.done(sample_id(s[0], s[2]))]
             fp, sha = writer.fingerprint, writer.fields["model"]["weights"]
             if todo and len(todo) < len(samples):
@@ -445,6 +459,9 @@ def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
                     f"computing the other {len(todo)}")
         except ModelInputError as err:  # (WorkbenchError included)
             error = str(err)
+            if writer is not None:
+                writer.close()
+                writer = None
     if world > 1:  # every rank learns the work list, or rank 0's error (so no rank waits forever)
         import torch.distributed as dist
 

@@ -275,6 +275,12 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     from workbench.interventions import HeadOutputs
     from workbench.store import SCHEMA_VERSION
 
+    stored = writer.stored("intervention_spec")  # an entry of the same label made with other settings: refused
+    clash = [e.label for e in entries if e.label in stored and stored[e.label] != json.dumps(e.spec(), sort_keys=True)]
+    if clash:
+        raise WorkbenchError(f"{cfg.out} holds entries {clash} made with other settings (intervention_spec): give "
+                             "this run's entries their own labels (label: in a --spec file), or choose another --out "
+                             "(or --overwrite)")
     todo = [e for e in [BASELINE, *entries] if not writer.done(e.label)]
     samples = [(i, prompt, seed) for i, prompt in enumerate(cfg.prompts) for seed in cfg.seeds]
     if not todo:

@@ -237,8 +237,9 @@ def sample_dataset(layout: StoreLayout, sample: dict, arrays: dict[str, np.ndarr
 
 
 def lock_file(path: str | Path) -> Path:
-    """The lock file of a store: `.NAME.lock` beside it (the store folder itself is replaced as a whole)."""
-    path = Path(path)
+    """The lock file of a store: `.NAME.lock` beside it (the store folder itself is replaced as a whole), NAME the
+    store's real path: a symlink to a store, or a path through a symlinked folder, takes the same lock."""
+    path = Path(path).resolve()
     return path.with_name(f".{path.name}.lock")
 
 
@@ -479,6 +480,17 @@ class StoreWriter:
 
     def done(self, key) -> bool:
         return key in self.completed
+
+    def stored(self, var: str) -> dict[str, str]:
+        """{key: the value of the 1-D variable `var` along the append dim} of the finished entries, as text (a
+        resumed run checks that an entry of the same key was made from the same request)."""
+        if not self.completed:
+            return {}
+        ds = xr.open_zarr(self.path, consolidated=False)
+        if var not in ds.variables:
+            return {}
+        keys = [str(x) for x in ds[self.append_dim].values]
+        return {key: str(value) for key, value in zip(keys, ds[var].values) if key in self.completed}
 
     def write(self, ds: xr.Dataset, key=None) -> None:
         """Append one entry: a Dataset with a length-1 append dim (a sample built by `sample_dataset`); its key

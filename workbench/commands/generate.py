@@ -235,9 +235,17 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     schedule = json.dumps(dict(denoising_step_list=list(args.denoising_step_list), warp=args.warp_denoising_step,
                                shift=args.timestep_shift, context_noise=args.context_noise,
                                num_frame_per_block=args.num_frame_per_block)) if args.sampler == "causal_few_step" else ""
+    # the KV window and sink, and an image-to-video run's image by its bytes
+    window = f"{args.local_attn_size}+sink{args.sink_size}" if args.sampler != "bidirectional" else ""
+    image_sha = ""
+    if args.image:
+        from models.files import sha256_file
+
+        image_sha = sha256_file(args.image)
     wanted = {sample_id(i, s): dict(prompt=prompts[i], seed=str(s), sampler=args.sampler,
                                     weights_sha256=weights_sha256, text_encoder=text_encoder,
-                                    use_ema=str(bool(args.use_ema)), schedule=schedule, shape=[args.frames, h, w])
+                                    use_ema=str(bool(args.use_ema)), schedule=schedule, window=window,
+                                    image_sha256=image_sha, shape=[args.frames, h, w])
               for i in range(len(prompts)) for s in seeds}
     # how each file already there under this run's names differs from what this run would write (None: no file)
     existing = {name: _differences(Path(args.out) / f"{name}.safetensors", want) for name, want in wanted.items()}
@@ -333,7 +341,8 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
         # recorded beside each video, as a store records them, so that `workbench view` can tell whose video it is
         metadata = {"prompt": prompts[i], "seed": str(seed), "sampler": args.sampler,
                     "checkpoint": args.checkpoint or str(wan_dir), "use_ema": str(bool(args.use_ema)),
-                    "weights_sha256": weights_sha256, "text_encoder": text_encoder, "schedule": schedule}
+                    "weights_sha256": weights_sha256, "text_encoder": text_encoder, "schedule": schedule,
+                    "window": window, "image_sha256": image_sha}
         # the latents, which say whose files these are, go last; an earlier run's go first, so that a kill in
         # between never leaves new videos beside old latents
         (out / f"{name}.safetensors").unlink(missing_ok=True)
