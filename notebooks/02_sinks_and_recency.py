@@ -68,11 +68,13 @@ at = rows.sel(step=step0).mean("sample").isel(layer=0)
 figures.metric_by_query_frame(at.sink_mass, title=f"mass on frame 0 · layer {layer} · {metrics.step_label(ds, step0)}")
 
 # %%
-figures.metric_by_query_frame(at.own_chunk_mass, title=f"mass on the query's own chunk · layer {layer}")
+figures.metric_by_query_frame(at.own_chunk_mass,
+                              title=f"mass on the query's own chunk · layer {layer} · {metrics.step_label(ds, step0)}")
 
 # %%
 # signed: query_frame - key_frame, negative where keys lie ahead of the query (a bidirectional store)
-figures.metric_by_query_frame(at.mean_distance, title=f"mass-weighted mean query_frame - key_frame · layer {layer}")
+figures.metric_by_query_frame(at.mean_distance, title=f"mass-weighted mean query_frame - key_frame · layer {layer} · "
+                                                     f"{metrics.step_label(ds, step0)}")
 
 # %% [markdown]
 # ## Recency profile
@@ -84,10 +86,12 @@ figures.recency_lines(profile.sel(step=step0).mean("sample").isel(layer=0),
 
 # %% [markdown]
 # ## Across denoising steps
-# Do sinks strengthen or fade as the queries get less noisy? Head metrics over the last chunk, per step.
+# Do sinks strengthen or fade as the queries get less noisy? Head metrics over the last chunk, per denoising step
+# (the context pass, which refreshes the KV cache at the context noise, is not one and is left out).
 
 # %%
-hm = metrics.head_metrics(sub)
+denoising = sub.sel(step=sub.phase == "denoise") if "phase" in sub.coords else sub
+hm = metrics.head_metrics(denoising)
 figures.metric_by_step(hm.sink_mass.isel(layer=0), title=f"mass on frame 0 (last chunk) · layer {layer}")
 
 # %%
