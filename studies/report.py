@@ -51,7 +51,7 @@ def _detail_layers(ds: xr.Dataset, layers) -> list[int]:
     return [have[i] for i in idx]
 
 
-def _store_summary(page: Page, ds: xr.Dataset, source: str):
+def _store_summary(page: Page, ds: xr.Dataset, source: str, sample: str | None = None):
     first = ds.isel(sample=0)
     facts = {
         "store": source,
@@ -71,11 +71,14 @@ def _store_summary(page: Page, ds: xr.Dataset, source: str):
     }
     page.table(pd.DataFrame({"": list(facts.values())}, index=list(facts)), index=True)
     page.h("Samples", 3)
-    page.table(pd.DataFrame({
+    samples = pd.DataFrame({
         "sample": [str(s) for s in ds.sample.values],
         "prompt": [str(p) for p in ds["prompt"].values],
         "seed": [int(s) for s in ds["seed"].values],
-    }), index=False)
+    })
+    if sample is not None:  # (--sample: the report's maps and metrics read that one)
+        samples["in this report"] = ["yes" if s == sample else "" for s in samples["sample"]]
+    page.table(samples, index=False)
     page.h("Steps", 3)
     page.table(steps_table(ds), index=False)
 
@@ -146,7 +149,7 @@ def build_report(
     page = Page(f"Attention report: {Path(source).name}")
     page.p(f"Made {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by <code>studies.report.build_report</code>. "
            "Metrics are defined in <code>studies/metrics.py</code>; the store layout in <code>docs/store.md</code>.")
-    _store_summary(page, ds, source)
+    _store_summary(page, ds, source, sample)
     page.h("Checks")
     page.table(checks_table(ds), index=False)
 
@@ -202,7 +205,7 @@ def _training_report(ds: xr.Dataset, source: str, out_html, *, layer, sample, st
     page.p(f"Made {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by <code>studies.report.build_report</code>. A training "
            "probe store: the probe set's attention, captured every few training steps along <code>train_step</code> "
            "(<code>docs/store.md</code>, Training probe stores).")
-    _store_summary(page, ds, source)
+    _store_summary(page, ds, source, sample)
     how = f" ({ds.attrs['trainer']} training, loss {ds.attrs['loss']})" if {"trainer", "loss"} <= set(ds.attrs) else ""
     page.p(f"Train steps: {', '.join(str(t) for t in train_steps)}{how}.")
     page.h("Checks")

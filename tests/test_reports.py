@@ -133,6 +133,8 @@ def test_report_layer_and_sample_options(stores, tmp_path):
     slider = parser.figures["fig-steps-layer1"]
     assert "p0000-s2" in slider["layout"]["title"]["text"] and "t=833.333" in slider["layout"]["title"]["text"]
     assert slider["layout"]["sliders"][0]["active"] == 2  # it opens at the step asked for
+    text = out.read_text()
+    assert "<th>in this report</th>" in text and "<td>p0000-s2</td>" in text  # the samples table says which one
     ds = load_store(stores["sf"])
     np.testing.assert_allclose(array(slider["data"][3]["z"]),
                                ds["attn_mass"].sel(sample="p0000-s2", layer=1, step=2, head=3).values, atol=1e-6)

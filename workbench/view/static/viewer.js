@@ -322,7 +322,7 @@ function drawColorbar() {
     : [0, 0.25, 0.5, 0.75, 1].map((u) => [u, (u * scaleTop()).toPrecision(2)]);
   ticks.forEach(([u, text]) => { ctx.fillRect(10 + u * (barW - 1), 16, 1, 3); ctx.fillText(text, Math.min(w - 14, Math.max(14, 10 + u * (barW - 1))), 20); });
   $("colorbar-label").textContent = V.scale === "video"
-    ? `attn_mass; one scale for every time, head and chunk of this layer and step (max ${V.attn && V.attn.vmax !== null ? V.attn.vmax.toFixed(3) : "–"}${V.meta.live ? " so far" : ""})`
+    ? `attn_mass; one scale for every time, head and chunk of this layer and step (max ${V.attn && V.attn.vmax !== null ? V.attn.vmax.toFixed(3) : "–"}${V.meta.live && V.meta.status === "running" ? " so far" : ""})`
     : V.scale === "unit" ? "attn_mass (probability), 0 to 1" : "attn_mass, log scale (values under 10⁻⁴ at the bottom)";
 }
 
