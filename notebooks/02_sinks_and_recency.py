@@ -68,8 +68,8 @@ at = rows.sel(step=step0).mean("sample").isel(layer=0)
 figures.metric_by_query_frame(at.sink_mass, title=f"mass on frame 0 · layer {layer} · {metrics.step_label(ds, step0)}")
 
 # %%
-figures.metric_by_query_frame(at.own_chunk_mass,
-                              title=f"mass on the query's own chunk · layer {layer} · {metrics.step_label(ds, step0)}")
+figures.metric_by_query_frame(at.own_chunk_mass, title=f"mass on the query's own chunk · layer {layer} · "
+                                                      f"{metrics.step_label(ds, step0)}")
 
 # %%
 # signed: query_frame - key_frame, negative where keys lie ahead of the query (a bidirectional store)

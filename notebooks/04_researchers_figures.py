@@ -17,7 +17,8 @@
 # # 04 · The researchers' figures, from a store
 #
 # The figures of the researchers' attention-extraction fork (their notebook `extract_all_attention.ipynb`):
-# the grid of per-head query x key frame heatmaps (3 x 4 for Wan's 12 heads; one row of 4 for the embedded default) of the **mean pre-softmax logit** (`attn_logit`, their
+# the grid of per-head query x key frame heatmaps (3 x 4 for Wan's 12 heads; one row of 4 for the embedded
+# default) of the **mean pre-softmax logit** (`attn_logit`, their
 # `full_frame_attention`; RdBu_r, symmetric, origin lower), the per-head bars of the last chunk's attention over key
 # frames (their `last_block_frame_attention`) titled `sink = v[0] - mean(v[1:-1])` (their score: a head whose spike is
 # on frame 1, not 0, scores below zero), and the diagonal and

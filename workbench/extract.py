@@ -77,7 +77,7 @@ class ExtractConfig:
     sampler: str = "causal_few_step"
     # the few-step sampler's schedule, as the researchers' inference configs set it (their keys; --config reads one)
     denoising_step_list: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
-    warp_denoising_step: bool = True  # the steps mapped onto the shifted grid (1000, 937.5, 833.3, 625); False: as given
+    warp_denoising_step: bool = True  # steps mapped onto the shifted grid (1000, 937.5, 833.3, 625); False: as given
     timestep_shift: float = 5.0  # their model_kwargs.timestep_shift
     context_noise: float = 0.0
     num_inference_steps: int = 50  # multi-step samplers

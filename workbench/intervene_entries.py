@@ -145,8 +145,8 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
         if kind == "knockout" and not e.history_only and first_chunk_frames and \
                 set(range(first_chunk_frames)) <= set(e.frames):
             raise WorkbenchError(f"knockout of frames {e.frames} with history_only false: the first chunk's query "
-                                 f"frames 0-{first_chunk_frames - 1} would attend to no key frame; keep one of them, or "
-                                 "leave history_only true (later chunks then never see the frames)")
+                                 f"frames 0-{first_chunk_frames - 1} would attend to no key frame; keep one of them, "
+                                 "or leave history_only true (later chunks then never see the frames)")
     if kind in ("temperature", "sink"):
         if "value" not in d:
             raise WorkbenchError(f"a {kind} entry needs value (the {'temperature' if kind == 'temperature' else 'factor'})")

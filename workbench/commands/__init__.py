@@ -47,11 +47,11 @@ def add_schedule_arguments(group) -> None:
     """The few-step sampler's schedule and chunk size, as the researchers' inference configs set them: --config
     reads one of their YAML files as their inference.py does, the other flags set one key each and win over it."""
     group.add_argument("--config", metavar="YAML",
-                       help="the researchers' config (e.g. their configs/self_forcing_dmd.yaml, unchanged), merged onto "
-                            "configs/default_config.yaml as their inference.py merges it; it sets denoising_step_list, "
-                            "warp_denoising_step, model_kwargs.timestep_shift, context_noise, num_frame_per_block, "
-                            "independent_first_frame and model_kwargs.local_attn_size / sink_size (flags given on "
-                            "the command line win)")
+                       help="the researchers' config (e.g. their configs/self_forcing_dmd.yaml, unchanged), merged "
+                            "onto configs/default_config.yaml as their inference.py merges it; it sets "
+                            "denoising_step_list, warp_denoising_step, model_kwargs.timestep_shift, context_noise, "
+                            "num_frame_per_block, independent_first_frame and model_kwargs.local_attn_size / "
+                            "sink_size (flags given on the command line win)")
     group.add_argument("--denoising-step-list", metavar="T,T,...",
                        help="the few-step sampler's steps (default: 1000,750,500,250, every Self-Forcing config's)")
     group.add_argument("--warp-denoising-step", action=argparse.BooleanOptionalAction, default=None,

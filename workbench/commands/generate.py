@@ -234,7 +234,8 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     # the few-step sampler's schedule and chunking (a file made with another is not this run's)
     schedule = json.dumps(dict(denoising_step_list=list(args.denoising_step_list), warp=args.warp_denoising_step,
                                shift=args.timestep_shift, context_noise=args.context_noise,
-                               num_frame_per_block=args.num_frame_per_block)) if args.sampler == "causal_few_step" else ""
+                               num_frame_per_block=args.num_frame_per_block))
+    schedule = schedule if args.sampler == "causal_few_step" else ""
     # the KV window and sink, and an image-to-video run's image by its bytes
     window = f"{args.local_attn_size}+sink{args.sink_size}" if args.sampler != "bidirectional" else ""
     image_sha = ""
