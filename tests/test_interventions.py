@@ -212,17 +212,18 @@ def test_mask_edit_is_what_probes_see(one_thread):
 
 
 def test_observers_are_refused_beside_a_knockout_of_some_heads(one_thread):
-    """Those heads are recomputed with a mask the call (one mask for all heads) does not carry: a probe would read
-    the call's mask, so the knocked-out heads' mass showed the frames they never saw. Refused, naming why; the
-    knockout of all heads (the call's own mask) is observed as it ran (test_mask_edit_is_what_probes_see)."""
+    """Those heads are recomputed with a mask the call (one mask for all heads) does not carry: a statistics probe
+    would read the call's mask, so the knocked-out heads' mass showed the frames they never saw. Refused, naming
+    why; an observer of the output alone still sees it (tests/test_intervention_kinds.py), and the knockout of all
+    heads (the call's own mask) is captured as it ran (test_mask_edit_is_what_probes_see)."""
     from models.errors import ModelInputError
     from workbench.interventions import KeyFrameKnockout
 
     model = tiny_model()
     partial = KeyFrameKnockout([0], CallFilter(layers={0}), heads=[1])
     assert few_step(model, 6, partial).shape[1] == 6  # (unobserved, it runs)
-    with pytest.raises(ModelInputError, match="observers would read the mask, not those heads'"):
-        few_step(model, 6, partial, RecordingProbe(CallFilter(layers={0}, kinds={"self"})))
+    with pytest.raises(ModelInputError, match="statistics would read the mask, not those heads'"):
+        few_step(model, 6, partial, probe_for(model, 6))
 
 
 def test_v_and_head_output_edits_are_what_probes_see(one_thread):

@@ -121,12 +121,12 @@ def attend(q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] 
     if editing:
         call = dataclasses.replace(call, edits=call.edits + tuple(iv.label for iv in editing))
     interested = [obs for obs in observers if obs.wants(call)] if observers else ()
-    if interested and any(not getattr(iv, "observed_exactly", True) for iv in editing):
-        from models.errors import ModelInputError
+    if any(obs.needs_lse for obs in interested) and any(not getattr(iv, "observed_exactly", True) for iv in editing):
+        from models.errors import ModelInputError  # (statistics from the log-sum-exp read the call's mask)
 
         raise ModelInputError(f"layer {call.layer}: {', '.join(iv.label for iv in editing)} changes what some heads "
-                              "attend to beyond what the call's one key frame mask says; observers would read the "
-                              "mask, not those heads' attention: observe without it")
+                              "attend to beyond what the call's one key frame mask says; attention statistics would "
+                              "read the mask, not those heads' attention: capture without it")
     mask, fsl, kernel = call.frame_mask, call.frame_seq_len, call.kernel
     if not interested and not editing:
         return compute(q, k, v, frame_mask=mask, frame_seq_len=fsl, kernel=kernel)[0]
