@@ -189,7 +189,7 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str = "",
     probe of `extract`, attached after the edit)."""
     from models.wan.checkpoint import weights_sha256
     from models.wan.text_encoder import check_encoder_files, wan_dir_encoder_identity
-    from workbench.extract import fingerprint_of, plan
+    from workbench.extract import ExtractConfig, fingerprint_of, plan
     from workbench.store import SCHEMA_VERSION, StoreLock, StoreWriter
 
     if world not in ("auto", "on", "off"):
@@ -229,10 +229,10 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str = "",
                                  text_encoder=wan_dir_encoder_identity(p.wan_dir)))
         if capture:  # (absent without capture: stores made before the option still resume)
             fields["layout"]["capture_layers"] = list(p.spec.layers)
-        schedule = dict(warp=cfg.warp_denoising_step, shift=cfg.timestep_shift, context_noise=cfg.context_noise,
-                        nfpb=cfg.num_frame_per_block)
-        if schedule != dict(warp=True, shift=5.0, context_noise=0.0, nfpb=3):  # (absent at the defaults, likewise)
-            fields["model"]["schedule"] = schedule
+        schedule = {key: getattr(cfg, key) for key in ("warp_denoising_step", "timestep_shift", "context_noise",
+                                                       "num_frame_per_block")}
+        if schedule != {key: getattr(ExtractConfig(), key) for key in schedule}:  # (absent at the defaults:
+            fields["model"]["schedule"] = schedule  # stores made before the schedule flags still resume)
         writer = StoreWriter(cfg.out, fingerprint_of(fields), mode=cfg.mode, append_dim="intervention", lock=lock,
                              fields=fields, log=log)
     except BaseException:

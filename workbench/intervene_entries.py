@@ -201,11 +201,16 @@ def default_label(e: Entry) -> str:
     return f"policy-{e.policy}{e.window}{extra}"
 
 
+# the short flag forms (--help shows them)
+FLAG_FORMS = {"ablate": "LAYERS:HEADS[:zero|mean|resample]", "temperature": "LAYERS:HEADS:T",
+              "knockout": "FRAMES[:LAYERS]", "sink": "FACTOR[:FRAMES[:LAYERS]]", "policy": "NAME:WINDOW[:SINK[:STORE]]"}
+
+
 def parse_flag(kind: str, text: str) -> dict:
     """The short flag forms (see the CLI's help) -> a spec entry dict."""
     parts = text.split(":")
-    if len(parts) > {"ablate": 3, "temperature": 3, "knockout": 2, "sink": 3, "policy": 4}.get(kind, 0):
-        return _too_many(kind, text)  # (a field more than the form has would be ignored)
+    if len(parts) > FLAG_FORMS[kind].count(":") + 1:
+        raise _bad_form(kind, text)  # (a field more than the form has would be ignored)
     try:
         if kind == "ablate":  # LAYERS:HEADS[:MODE]
             d = dict(kind="ablate", layers=parts[0], heads=parts[1])
@@ -230,13 +235,12 @@ def parse_flag(kind: str, text: str) -> dict:
             return d
     except (IndexError, ValueError):
         pass
-    return _too_many(kind, text)
+    raise _bad_form(kind, text)
 
 
-def _too_many(kind: str, text: str):
-    forms = {"ablate": "LAYERS:HEADS[:zero|mean|resample]", "temperature": "LAYERS:HEADS:T",
-             "knockout": "FRAMES[:LAYERS]", "sink": "FACTOR[:FRAMES[:LAYERS]]", "policy": "NAME:WINDOW[:SINK[:STORE]]"}
-    raise WorkbenchError(f"--{kind} {text!r}: use {forms[kind]}")
+def _bad_form(kind: str, text: str) -> WorkbenchError:
+    """The error of a flag that does not have its form (too few fields, too many, or a value not a number)."""
+    return WorkbenchError(f"--{kind} {text!r}: use {FLAG_FORMS[kind]}")
 
 
 def sweep_entries(layers: list[int], num_heads: int, mode: str = "zero") -> list[dict]:

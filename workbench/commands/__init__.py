@@ -65,15 +65,17 @@ def add_schedule_arguments(group) -> None:
                        help="latent frames per chunk of the causal samplers (default: 3; 1 is frame by frame)")
 
 
-SCHEDULE_DEFAULTS = dict(denoising_step_list=[1000, 750, 500, 250], warp_denoising_step=True, timestep_shift=5.0,
-                         context_noise=0.0, num_frame_per_block=3, local_attn_size=-1, sink_size=0)
+# the settings of the schedule flags (ExtractConfig's fields of these names, and their defaults)
+SCHEDULE_KEYS = ("denoising_step_list", "warp_denoising_step", "timestep_shift", "context_noise", "num_frame_per_block",
+                 "local_attn_size", "sink_size")
 
 
 def apply_schedule(args) -> None:
     """Fill in the schedule settings the command line left unset (None): from --config's file when given, else
-    SCHEDULE_DEFAULTS; --denoising-step-list parsed; the config's independent_first_frame turns the flag on.
+    ExtractConfig's defaults; --denoising-step-list parsed; the config's independent_first_frame turns the flag on.
     Errors (a missing file, an unknown key, a step out of 0..1000) before any work."""
     from workbench.errors import WorkbenchError
+    from workbench.extract import ExtractConfig
 
     from_file = {}
     if args.config:
@@ -98,9 +100,10 @@ def apply_schedule(args) -> None:
                 raise WorkbenchError(f"--denoising-step-list {args.denoising_step_list!r}: give timesteps in "
                                      "0..1000 separated by commas, e.g. 1000,750,500,250") from None
         args.denoising_step_list = steps
-    for key, default in SCHEDULE_DEFAULTS.items():
+    defaults = ExtractConfig()
+    for key in SCHEDULE_KEYS:
         if getattr(args, key) is None:
-            setattr(args, key, from_file.get(key, default))
+            setattr(args, key, from_file.get(key, getattr(defaults, key)))
     if not all(0 <= t <= 1000 for t in args.denoising_step_list) or not args.denoising_step_list:
         raise WorkbenchError(f"--denoising-step-list {args.denoising_step_list}: give timesteps in 0..1000, e.g. "
                              "1000,750,500,250")
@@ -108,7 +111,7 @@ def apply_schedule(args) -> None:
 
 def schedule_settings(args) -> dict:
     """The ExtractConfig fields of `apply_schedule`'s settings."""
-    return {key: getattr(args, key) for key in SCHEDULE_DEFAULTS}
+    return {key: getattr(args, key) for key in SCHEDULE_KEYS}
 
 
 def latent_frames(args) -> int:

@@ -232,10 +232,10 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     weights_sha256 = weights_sha256_of(Path(args.checkpoint) if args.checkpoint else wan_weights_file(wan_dir))
     text_encoder = wan_dir_encoder_identity(wan_dir)
     # the few-step sampler's schedule and chunking (a file made with another is not this run's)
-    schedule = json.dumps(dict(denoising_step_list=list(args.denoising_step_list), warp=args.warp_denoising_step,
-                               shift=args.timestep_shift, context_noise=args.context_noise,
-                               num_frame_per_block=args.num_frame_per_block))
-    schedule = schedule if args.sampler == "causal_few_step" else ""
+    steps = dict(denoising_step_list=list(args.denoising_step_list), warp=args.warp_denoising_step,
+                 shift=args.timestep_shift, context_noise=args.context_noise,
+                 num_frame_per_block=args.num_frame_per_block)
+    schedule = json.dumps(steps) if args.sampler == "causal_few_step" else ""
     # the KV window and sink, and an image-to-video run's image by its bytes
     window = f"{args.local_attn_size}+sink{args.sink_size}" if args.sampler != "bidirectional" else ""
     image_sha = ""
@@ -340,10 +340,8 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
                              last_context_pass=not skip_last)
         tensors = {"latents": latents[0].float().cpu().contiguous()}
         # recorded beside each video, as a store records them, so that `workbench view` can tell whose video it is
-        metadata = {"prompt": prompts[i], "seed": str(seed), "sampler": args.sampler,
-                    "checkpoint": args.checkpoint or str(wan_dir), "use_ema": str(bool(args.use_ema)),
-                    "weights_sha256": weights_sha256, "text_encoder": text_encoder, "schedule": schedule,
-                    "window": window, "image_sha256": image_sha}
+        metadata = {**{k: v for k, v in wanted[name].items() if k != "shape"},  # (what a later run compares)
+                    "checkpoint": args.checkpoint or str(wan_dir)}
         # the latents, which say whose files these are, go last; an earlier run's go first, so that a kill in
         # between never leaves new videos beside old latents
         (out / f"{name}.safetensors").unlink(missing_ok=True)
