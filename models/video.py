@@ -81,16 +81,22 @@ def write_mp4(video, path, fps: int = 16, quality: int = 8) -> Path:
 
 
 def write_png_grid(video, path, ncols: int = 8, frames: list[int] | None = None, pad: int = 2,
-                   pad_value: int = 255) -> Path:
+                   pad_value: int = 255, title: str | None = None, label_frames: bool = False,
+                   temporal_stride: int = 4) -> Path:
     """Write the chosen frames (default: all) as one PNG grid, row by row, `ncols` per row, separated by `pad`
     pixels of `pad_value`. Size: width = ncols W + (ncols - 1) pad, height = rows H + (rows - 1) pad,
-    with ncols = min(ncols, number of frames) and rows = ceil(frames / ncols)."""
-    from PIL import Image
+    with ncols = min(ncols, number of frames) and rows = ceil(frames / ncols).
+
+    `label_frames` puts a strip of `label_height(H)` pixels above each frame naming it ("frame 20 = latent 5":
+    pixel frame i comes from latent frame ceil(i / temporal_stride), the VAE's causal layout, 4 for Wan's and the
+    miniature world's), so that a frame can be found in the attention maps, whose frames are latent frames.
+    `title` (e.g. the model, the seed and the prompt) goes in a strip above the grid, wrapped to its width
+    (three lines at most). The frames' pixels are never drawn on."""
+    from PIL import Image, ImageDraw
 
     all_frames = to_uint8_frames(video)                                 # [T, H, W, 3]
     t, h, w, _ = all_frames.shape
-    if frames is None:
-        frames = list(range(t))
+    frames = list(range(t)) if frames is None else list(frames)
     bad = [i for i in frames if not isinstance(i, (int, np.integer)) or not -t <= i < t]
     if not frames or bad:
         raise ModelInputError(f"frames must be a non-empty list of indices in [0, {t}), got bad {bad[:10]}")
@@ -100,13 +106,78 @@ def write_png_grid(video, path, ncols: int = 8, frames: list[int] | None = None,
         raise ModelInputError(f"pad must be >= 0, got {pad}")
     ncols = min(ncols, len(frames))
     nrows = -(-len(frames) // ncols)
-    grid = np.full((nrows * h + (nrows - 1) * pad, ncols * w + (ncols - 1) * pad, 3), pad_value, dtype=np.uint8)
+    label = label_height(h) if label_frames else 0
+    cell_h = label + h
+    width = ncols * w + (ncols - 1) * pad
+    font = _font(int((label_height(h) - 2) / 1.2))  # (a line's glyphs reach 1.2 x the font size)
+    lines = _wrap(title, font, width - 8)[:3] if title else []
+    top = (len(lines) * label_height(h) + pad) if lines else 0
+    grid = np.full((top + nrows * cell_h + (nrows - 1) * pad, width, 3), pad_value, dtype=np.uint8)
     for n, i in enumerate(frames):
         r, c = divmod(n, ncols)
-        grid[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = all_frames[i]
+        y, x = top + r * (cell_h + pad) + label, c * (w + pad)
+        grid[y:y + h, x:x + w] = all_frames[i]
+    image = Image.fromarray(grid)
+    draw = ImageDraw.Draw(image)
+    ink = (0, 0, 0) if pad_value > 127 else (255, 255, 255)
+    for k, line in enumerate(lines):
+        draw.text((4, k * label_height(h)), line, fill=ink, font=font)
+    for n, i in enumerate(frames if label else []):
+        r, c = divmod(n, ncols)
+        i = i % t
+        text = f"frame {i} = latent {-(-i // temporal_stride)}"
+        if draw.textlength(text, font=font) > w - 2:
+            text = f"{i} = lat {-(-i // temporal_stride)}"
+        draw.text((c * (w + pad) + 1, top + r * (cell_h + pad)), text, fill=ink, font=_fit(text, font, w - 2))
     path = Path(path)
-    atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
     return path
+
+
+def label_height(frame_height: int) -> int:
+    """Pixels of the strip that names a frame in `write_png_grid` (and of each title line): 16 to 32."""
+    return max(16, min(32, frame_height // 8))
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=max(8, size))
+
+
+def _fit(text: str, font, width: int):
+    """`font`, made smaller until `text` fits `width` pixels (8 px at the least)."""
+    from PIL import ImageDraw, Image
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    while font.size > 8 and draw.textlength(text, font=font) > width:
+        font = _font(font.size - 1)
+    return font
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """`text` in lines of at most `width` pixels, broken at spaces (a word longer than a line is cut); the third
+    line ends in an ellipsis when more would follow."""
+    from PIL import ImageDraw, Image
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines, line = [], ""
+    for word in text.split():
+        while draw.textlength(word, font=font) > width:  # (a word wider than the grid: cut it)
+            word = word[:-1]
+        trial = f"{line} {word}".strip()
+        if draw.textlength(trial, font=font) <= width:
+            line = trial
+        else:
+            lines.append(line)
+            line = word
+    lines.append(line)
+    if len(lines) > 3:
+        third = lines[2]
+        while third and draw.textlength(third + " …", font=font) > width:
+            third = third[:-1]
+        lines = lines[:2] + [third.rstrip() + " …"]
+    return lines
 
 
 def read_prompts(path) -> list[str]:

@@ -65,6 +65,30 @@ def test_png_grid_size_and_layout(tmp_path):
     assert Image.open(sub).size == (3 * w, h)
 
 
+def test_png_grid_labels_frames_and_titles_without_touching_pixels(tmp_path):
+    """label_frames: a strip above each frame names it (pixel frame i = latent ceil(i / 4)); a title goes above
+    the grid in at most three lines; the frames' pixels are those of the unlabelled grid."""
+    from models.video import label_height
+
+    t, h, w = 9, 32, 160
+    video = torch.stack([torch.full((h, w), -1 + 2 * i / (t - 1)) for i in range(t)])[None].expand(3, t, h, w)
+    strip = label_height(h)
+    img = np.asarray(Image.open(write_png_grid(video, tmp_path / "l.png", ncols=4, pad=2, label_frames=True,
+                                               title="model · seed 0 · " + "long words " * 200)).convert("RGB"))
+    top = 3 * strip + 2                                                   # the title wrapped to three lines
+    assert img.shape == (top + 3 * (strip + h) + 2 * 2, 4 * w + 3 * 2, 3)
+    for i in range(t):
+        r, c = divmod(i, 4)
+        y, x = top + r * (strip + h + 2) + strip, c * (w + 2)
+        assert np.all(img[y:y + h, x:x + w] == round(i / (t - 1) * 255))  # untouched frame
+        assert (img[y - strip:y, x:x + w] < 128).any()                    # its label is drawn
+    for line in range(3):
+        assert (img[line * strip:(line + 1) * strip] < 128).any()
+    assert (img[3 * strip:top] == 255).all()                             # the pad below the title
+    plain = np.asarray(Image.open(write_png_grid(video, tmp_path / "p.png", ncols=4, pad=2)).convert("RGB"))
+    assert plain.shape == (3 * h + 2 * 2, 4 * w + 3 * 2, 3)               # no labels unless asked
+
+
 def test_read_prompts_strips_and_skips_empty_lines(tmp_path):
     """Blank lines before a prompt are named in a warning (indices count prompts; the researchers' count lines);
     trailing ones move no index and pass quietly."""

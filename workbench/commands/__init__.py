@@ -168,6 +168,19 @@ def resolve_model(args) -> None:
         args.model_note = BASE_WAN_FEW_STEP_NOTE
 
 
+def model_label(args) -> str:
+    """A short name of the model a command ran, for titles: the zoo model's name, else the checkpoint's file name
+    (with "EMA" for --use-ema) on the Wan folder's name."""
+    from pathlib import Path
+
+    if getattr(args, "model", None):
+        return f"zoo model {args.model}"
+    base = Path(args.wan_dir).name if getattr(args, "wan_dir", None) else "embedded Wan"
+    if not getattr(args, "checkpoint", None):
+        return base
+    return f"{base} + {Path(args.checkpoint).name}{' (EMA)' if getattr(args, 'use_ema', False) else ''}"
+
+
 PROMPT_HELP = ("a prompt (repeat for several; default: \"a red square moving right\" on the embedded zoo, which knows "
                "only its miniature world of one coloured shape moving one way; the researchers' eagle prompt with "
                "--wan-dir)")

@@ -226,7 +226,7 @@ def run(args) -> int:
     from models.video import ensure_writable_dir, mp4_available
     from workbench.errors import WorkbenchError
     from workbench.extract import parse_int_list
-    from workbench.store import StoreLock
+    from workbench.store import StoreLock, sample_id
 
     # --- everything that can be wrong, before any work (the output folder is made once all of it passed)
     check_writable_dir(args.out)
@@ -309,7 +309,8 @@ def _run(args, out, choices, plans, skipped, prompts, seeds, compare, device, dt
                             continue
                         video = _one_video(model, p, vae, contexts[i], negative, seed, device, dtype)
                         if args.save_videos:
-                            _save_video(video, _video_path(out, *job))
+                            _save_video(video, _video_path(out, *job), f"{c.label} · {key[1]} latent frames · "
+                                        f"{sample_id(i, seed)} · \"{prompt}\"")
                         if pool:
                             pending.append((job, pool.submit(world_metrics.score_video, video, prompt)))
                             _wait_for_room([f for _, f in pending], 2 * workers)
@@ -478,10 +479,11 @@ def _video_path(out: Path, label: str, frames: int, prompt_index: int, seed: int
     return Path(out) / "videos" / label / f"f{frames}" / f"{sample_id(prompt_index, seed)}.mp4"
 
 
-def _save_video(video, path: Path) -> None:
+def _save_video(video, path: Path, title: str) -> None:
     """The PNG grid first and the mp4 last (each atomic): an mp4 on disk means both are there."""
     from models.video import write_mp4, write_png_grid
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_png_grid(video, path.with_suffix(".png"), ncols=9, frames=list(range(0, video.shape[1], 10)))
+    write_png_grid(video, path.with_suffix(".png"), ncols=9, frames=list(range(0, video.shape[1], 10)),
+                   label_frames=True, title=title)
     write_mp4(video, path, fps=16)

@@ -161,7 +161,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from models.wan.embedded import EMBEDDED_DIR
     from models.wan.text_encoder import TextEncoder, check_encoder_files, wan_dir_encoder_identity
     from models.wan.vae import WanVAE, resolve_decoder
-    from workbench.commands import apply_schedule, resolve_model, world_prompt_note
+    from workbench.commands import apply_schedule, model_label, resolve_model, world_prompt_note
     from workbench.errors import WorkbenchError
     from workbench.extract import _dtype, _rank_device, check_device, default_prompts, parse_int_list, rank_share
     from workbench.store import StoreLock, sample_id
@@ -349,7 +349,8 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
             video = torch.cat([p.get() for p in pieces], dim=2)[0]  # [3, T, H, W] in [-1, 1]
             if mp4:
                 write_mp4(video, out / f"{name}.mp4", fps=16)
-            write_png_grid(video, out / f"{name}.png", ncols=9, frames=range(0, video.shape[1], 5))
+            write_png_grid(video, out / f"{name}.png", ncols=9, frames=range(0, video.shape[1], 5), label_frames=True,
+                           title=f"{model_label(args)} · seed {seed} · {name} · \"{prompts[i]}\"")
         atomic_write(out / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata))
     if live is not None:
         live.close()
@@ -360,7 +361,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     if rank == 0:
         total = len(prompts) * len(seeds)  # (every rank's, the kept ones included)
         kinds = ["latents (.safetensors)"] + (["videos (.mp4, 16 fps)"] * mp4) + \
-            (["frame grids (.png, every 5th frame)"] * (not args.no_video))
+            (["frame grids (.png, every 5th frame, each named with its latent frame)"] * (not args.no_video))
         made = (f"wrote {len(jobs)} sample(s) to {out} ({len(kept)} more were there already)" if kept and world == 1
                 else f"wrote {total} sample(s) to {out}")
         print(made + (f" ({world} processes)" if world > 1 else "")
