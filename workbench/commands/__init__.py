@@ -73,7 +73,8 @@ SCHEDULE_KEYS = ("denoising_step_list", "warp_denoising_step", "timestep_shift",
 def apply_schedule(args) -> None:
     """Fill in the schedule settings the command line left unset (None): from --config's file when given, else
     ExtractConfig's defaults; --denoising-step-list parsed; the config's independent_first_frame turns the flag on.
-    Errors (a missing file, an unknown key, a step out of 0..1000) before any work."""
+    Errors (a missing file, an unknown key, a step or context noise out of 0..1000, a shift <= 0) before any
+    work."""
     from workbench.errors import WorkbenchError
     from workbench.extract import ExtractConfig
 
@@ -107,6 +108,12 @@ def apply_schedule(args) -> None:
     if not all(0 <= t <= 1000 for t in args.denoising_step_list) or not args.denoising_step_list:
         raise WorkbenchError(f"--denoising-step-list {args.denoising_step_list}: give timesteps in 0..1000, e.g. "
                              "1000,750,500,250")
+    if not 0 <= args.context_noise <= 1000:
+        raise WorkbenchError(f"--context-noise {args.context_noise:g}: give a timestep in 0..1000 (the noise level at "
+                             "which each finished chunk is written to the KV cache; 0 = clean, as the researchers' "
+                             "configs)")
+    if not args.timestep_shift > 0:
+        raise WorkbenchError(f"--timestep-shift {args.timestep_shift:g}: give a number > 0 (Wan2.1 and Self Forcing: 5)")
 
 
 def schedule_settings(args) -> dict:
