@@ -300,7 +300,8 @@ def test_effect_figures_name_an_entry_the_store_lacks():
 def test_entries_that_would_fail_midway_or_do_nothing_are_refused_up_front(tmp_path, capsys):
     """Found by trying the CLI: a policy window too small for a chunk, a knockout that leaves the first chunk
     nothing to attend to, history_only on a sink entry (it ignored it), fields past a flag's form (ignored), a fifo
-    policy with a sink (ignored), and --capture of a knockout of some heads (the capture read the call's mask, so
+    policy with a sink (ignored), a knockout of frames no later chunk sees (it changed nothing, silently), and
+    --capture of a knockout of some heads (the capture read the call's mask, so
     the knocked-out heads' mass showed the frames they never saw): each one line, before the baseline runs."""
     out = tmp_path / "fx.zarr"
     base = ["intervene", "--frames", "6", "--world", "off", "--no-progress", "--out", str(out)]
@@ -312,6 +313,9 @@ def test_entries_that_would_fail_midway_or_do_nothing_are_refused_up_front(tmp_p
         (["--ablate", "3:0:zero:extra"], "--ablate '3:0:zero:extra': use LAYERS:HEADS"),
         ("- {kind: knockout, frames: 0-2, history_only: false}", "the first chunk's query frames 0-2 would attend"),
         ("- {kind: sink, frames: 0, value: 0, history_only: true}", "history_only is a knockout setting"),
+        (["--knockout", "3-5"], "knockout of frames 3-5 with history_only true changes nothing: it hides a frame "
+                                "from the chunks that start after it, and the last chunk (1) starts at frame 3"),
+        ("- {kind: knockout, frames: 1, chunks: 0}", "the last chosen chunk (0) starts at frame 0"),
         (["--capture", "2", "--spec", str(spec)], "--capture with a knockout of some heads only"),
     ]
     for args, message in cases:

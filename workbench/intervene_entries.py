@@ -147,6 +147,19 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
             raise WorkbenchError(f"knockout of frames {e.frames} with history_only false: the first chunk's query "
                                  f"frames 0-{first_chunk_frames - 1} would attend to no key frame; keep one of them, "
                                  "or leave history_only true (later chunks then never see the frames)")
+        if kind == "knockout" and e.history_only and num_chunks and first_chunk_frames:
+            starts = [0] + [first_chunk_frames + c * (chunk_frames or 0) for c in range(num_chunks - 1)]
+            chosen = e.chunks or range(num_chunks)
+            if starts[max(chosen)] <= min(e.frames):
+                from workbench.summary import format_int_list
+
+                last = max(chosen)
+                where = "the rollout is one chunk (all frames denoised together)" if num_chunks == 1 else \
+                    f"the last {'chosen ' if e.chunks else ''}chunk ({last}) starts at frame {starts[last]}"
+                raise WorkbenchError(f"knockout of frames {format_int_list(e.frames)} with history_only true changes "
+                                     f"nothing: it hides a frame from the chunks that start after it, and {where}; "
+                                     "knock out earlier frames, choose later chunks, or set history_only false "
+                                     "(the frames' own chunk then loses them too)")
     if kind in ("temperature", "sink"):
         if "value" not in d:
             raise WorkbenchError(f"a {kind} entry needs value (the {'temperature' if kind == 'temperature' else 'factor'})")
