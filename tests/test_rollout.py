@@ -1,6 +1,8 @@
 """The causal model: KV-cache rollout == block-causal full-sequence forward, absolute RoPE across chunks,
 sink + window eviction (the window rule of models/common/window.py), labels of every forward, and input errors."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -190,6 +192,70 @@ def test_skipping_the_last_context_pass_keeps_the_latents(one_thread):
     assert fa[-1] == (2, "context") and fb == fa[:-1]
 
 
+@pytest.mark.parametrize("sampler", ["causal_few_step", "causal_multi_step_cfg", "image"])
+def test_a_context_pass_stops_once_the_last_block_wrote_its_keys(sampler, one_thread, monkeypatch):
+    """A context pass runs for what it writes in the KV cache (`cache_only`): the last block stops after its keys
+    and values, and the head does not run. The latents and every layer's final cache (a window that evicts) are
+    bitwise those of the whole forward; the last block's FFN runs once fewer per chunk; with an observer attached
+    the whole forward runs, so the observer still sees the last layer's context-pass calls."""
+    from models.common.rollout import sample
+    from models.wan import model as wan
+
+    model = tiny_model(local_attn_size=6, sink_size=1)
+    last = model.blocks[-1]
+    g = torch.Generator().manual_seed(0)
+    noise, ctx, neg = (torch.randn(1, 12, C, H, W, generator=g), torch.randn(1, 16, 32, generator=g),
+                       torch.randn(1, 16, 32, generator=g))
+    image = torch.randn(1, 1, C, H, W, generator=g) if sampler == "image" else None
+    model.independent_first_frame = image is not None
+    noise = noise[:, :10] if image is not None else noise  # 1 + 3k frames with the image's chunk
+
+    def run(short, probe=None):
+        monkeypatch.setattr(wan, "CACHE_ONLY_SKIPS_LAST_BLOCK", short)
+        ffn = []
+        handle = last.ffn.register_forward_hook(lambda *_: ffn.append(1))
+        with attach(model, probe) if probe is not None else contextlib.nullcontext():
+            out = sample(model, "causal_few_step" if image is not None else sampler, noise, ctx, neg,
+                         generator=torch.Generator().manual_seed(1), num_inference_steps=2, initial_latent=image)
+        handle.remove()
+        return out, len(ffn)
+
+    whole, ffn_whole = run(False)
+    short, ffn_short = run(True)
+    assert torch.equal(short, whole)
+    chunks = len(model.chunk_spans(noise.shape[1]))
+    cfg = 2 if sampler == "causal_multi_step_cfg" else 1  # (two caches, two context passes a chunk)
+    # the image's context pass is the rollout's first forward: it fills the cross-attention cache, so it runs whole
+    assert ffn_whole - ffn_short == cfg * (chunks - (image is not None))
+    probe = RecordingProbe(CallFilter(layers={len(model.blocks) - 1}, kinds={"self"}))
+    observed, ffn_observed = run(True, probe)
+    assert torch.equal(observed, whole) and ffn_observed == ffn_whole
+    assert sum(r[0].labels.phase == "context" for r in probe.records) == cfg * chunks
+
+
+def test_a_cache_only_forward_writes_the_cache_of_the_whole_forward():
+    """model(..., cache_only=True) returns None and leaves every layer's cache as the whole forward does; without
+    a cache it is refused."""
+    from models.wan import model as wan
+
+    model = tiny_model(local_attn_size=6, sink_size=1)
+    x, t, ctx = inputs(9)
+    caches = []
+    for cache_only in (False, True):
+        cache = RolloutCache.allocate(model.config, B, 9, (H // 2) * (W // 2), dtype=x.dtype, device="cpu")
+        with torch.no_grad():
+            for start in (0, 3, 6):
+                out = model(x[:, :, start:start + 3], t[:, start:start + 3], ctx, cache=cache, start_frame=start,
+                            cache_only=cache_only)
+                assert (out is None) == cache_only
+        caches.append(cache)
+    assert wan.CACHE_ONLY_SKIPS_LAST_BLOCK
+    for a, b in zip(*(c.kv for c in caches)):
+        assert a.frames == b.frames and torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+    with pytest.raises(ModelInputError, match="cache_only=True needs a cache"):
+        model(x[:, :, :3], t[:, :3], ctx, cache_only=True)
+
+
 def test_attention_calls_carry_layer_kind_and_frames():
     model = tiny_model(local_attn_size=6, sink_size=1)
     probe = RecordingProbe()
@@ -283,10 +349,12 @@ def test_cuda_graph_rollout_equals_eager_rollout():
     # 2 records chunk 0's and replays the rest, 3 replays only
     torch.testing.assert_close(run(True), eager, rtol=0, atol=0, msg="graphed rollout 1")
     graphs = model._rollout_graphs
-    assert graphs is not None and sorted(graphs.graphs) == [(c, f) for c in (1, 2, 3) for f in (False, True)]
+    # a graph per (chunk, first forward, context pass): the first, the other denoising steps, the context pass
+    assert graphs is not None and sorted(graphs.graphs) == [(c, f, p) for c in (1, 2, 3)
+                                                            for f, p in ((False, False), (False, True), (True, False))]
     for i in range(1, 3):
         torch.testing.assert_close(run(True), eager, rtol=0, atol=0, msg=f"graphed rollout {i + 1}")
-    assert model._rollout_graphs is graphs and len(graphs.graphs) == 2 * 4  # (chunk, first) for 4 chunks
+    assert model._rollout_graphs is graphs and len(graphs.graphs) == 3 * 4  # for 4 chunks
     # another prompt reuses the graphs (the context is copied in, the cross cache refilled)
     g = torch.Generator(device="cuda").manual_seed(5)
     noise = torch.randn(1, 12, C, H, W, generator=g, device="cuda").to(torch.bfloat16)

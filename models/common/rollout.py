@@ -111,7 +111,8 @@ class RolloutGraphs:
     outlives a replay, its output buffer, is cloned right after it. They are recorded on the model's own capture
     stream (models/common/graph_streams.py), so their GEMMs' cuBLAS workspace is theirs alone: the VAE decoder's
     graphs replay beside them on the decode stream. The first forward of a chunk gets its own graph
-    because it may evict from a windowed cache; the others overwrite the same slots. Graphs are used only
+    because it may evict from a windowed cache; the others overwrite the same slots (the context pass, which
+    stops short, `cache_only`, has one of its own). Graphs are used only
     on CUDA and without gradients, and are dropped when the model's parameters, the rollout's shape or the
     attached observers change. Replays run exactly the recorded kernels, so a graphed rollout equals the eager
     one bitwise (tests/test_rollout.py, on a GPU).
@@ -173,10 +174,12 @@ class RolloutGraphs:
             return False
         return True
 
-    def forward(self, model, x, t, start: int, chunk: int, first: bool, labels: ForwardLabels):
+    def forward(self, model, x, t, start: int, chunk: int, first: bool, labels: ForwardLabels,
+                cache_only: bool = False):
+        run = dict(cache=self.cache, start_frame=start, labels=labels, cache_only=cache_only)
         if self._warm_up(model, x, chunk):  # warm-up: eager on the graphs' cache
-            return model(x, t, self.context, cache=self.cache, start_frame=start, labels=labels)
-        key = (chunk, first, labels) if self.observers or self.interventions else (chunk, first)
+            return model(x, t, self.context, **run)
+        key = (chunk, first, cache_only) + ((labels,) if self.observers or self.interventions else ())
         if key not in self.graphs:
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
@@ -190,7 +193,7 @@ class RolloutGraphs:
                 obs.begin_recording()
             try:
                 with torch.cuda.graph(graph, pool=self.pool, stream=capture_stream(model, xs.device)):
-                    out = model(xs, ts, self.context, cache=self.cache, start_frame=start, labels=labels)
+                    out = model(xs, ts, self.context, **run)
             except Exception:
                 if self.rollouts > 1 or not self.eager_first:
                     raise  # every kernel ran in the warm-up: a real error
@@ -202,7 +205,7 @@ class RolloutGraphs:
                 for kv, kv_state in zip(self.cache.kv, before):
                     kv.restore(kv_state)
                 self.warm, self._cold = False, True
-                return model(x, t, self.context, cache=self.cache, start_frame=start, labels=labels)
+                return model(x, t, self.context, **run)
             finally:
                 seen = [obs.end_recording() for obs in self.observers]
             state = [kv.state() for kv in self.cache.kv]
@@ -219,7 +222,7 @@ class RolloutGraphs:
         if replayed:
             for obs, calls in zip(self.observers, seen):
                 obs.replay_recorded(calls)
-        return out.clone()  # the graph's output buffer is rewritten by its next replay
+        return None if out is None else out.clone()  # the graph's output buffer is rewritten by its next replay
 
 
 def _rollout_graphs(model, noise, context, cuda_graphs, extra_key, devices=("cuda",), policy=None) -> RolloutGraphs | None:
@@ -304,9 +307,10 @@ def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timest
         def forward(x_in, t, labels, start=start, n=n):
             if on_forward:
                 on_forward(labels, start, n)
+            cache_only = labels.phase == "context"  # (its flow feeds nothing: the model may stop short)
             if graphs is not None:  # step 0 is the chunk's first forward, the one that places it in the cache
-                return graphs.forward(model, x_in, t, start, chunk, labels.step == 0, labels)
-            return model(x_in, t, context, cache=cache, start_frame=start, labels=labels)
+                return graphs.forward(model, x_in, t, start, chunk, labels.step == 0, labels, cache_only)
+            return model(x_in, t, context, cache=cache, start_frame=start, labels=labels, cache_only=cache_only)
 
         if chunk == 0 and initial_latent is not None:  # image-to-video: frame 0 is the image's latent
             x0 = initial_latent.to(noise.dtype)
@@ -420,7 +424,8 @@ def causal_multi_step(model, noise, context, negative_context, *, steps: int = 5
             t = torch.full((B, n), float(context_noise), device=noise.device, dtype=torch.float32)
             if on_forward:
                 on_forward(labels, start, n)
-            model(_to_model(x), t, texts[base.cfg], cache=caches[base.cfg], start_frame=start, labels=labels)
+            model(_to_model(x), t, texts[base.cfg], cache=caches[base.cfg], start_frame=start, labels=labels,
+                  cache_only=True)
         if on_chunk:
             on_chunk(chunk, start, x)
     return output

@@ -94,6 +94,10 @@ DIRECT_KV_WRITES = True  # the chunk's keys/values made in the KV cache's slots 
 # is a channel-major view (strides C*L, 1, L); without the copy that layout runs through the residual stream and every
 # norm reduces along a strided dim (three kernels each on CUDA; bench/RESULTS.md, sessions 21-22).
 CONTIGUOUS_TOKENS = True
+# A forward run only for what it writes in the KV cache (`cache_only`: a rollout's context pass) stops the last block
+# once its keys/values are written: its attention, cross-attention and FFN and the head feed nothing (~85% of one
+# block of the 30, ~0.5% of a 1.3B rollout); not when observers or interventions are attached (they see every call).
+CACHE_ONLY_SKIPS_LAST_BLOCK = True
 
 
 def through_cache(cache, start_frame: int, k, v):
@@ -113,7 +117,13 @@ class SelfAttention(nn.Module):
         self.attend = Attend()
 
     def forward(self, x, ctx: ForwardContext, cache: KVCache | None):
-        # x [B, L, dim] -> q, k, v [B, L, heads, head_dim]; q, k after RMSNorm and RoPE
+        # x [B, L, dim] -> [B, L, dim]
+        q, k, v = self.project(x, ctx, cache)
+        out = self.attention(q, k, v, ctx, cache)  # [B, L, heads, head_dim]
+        return self.o(out.flatten(2))
+
+    def project(self, x, ctx: ForwardContext, cache: KVCache | None):
+        """x [B, L, dim] -> q, k, v [B, L, heads, head_dim]; q, k after RMSNorm and RoPE."""
         slots = self.cache_slots(x, ctx, cache)  # the chunk's KV-cache slots, when k and v can be made in them
         q, k = fused.qk_norm_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight, *ctx.rope,
                                   self.num_heads, self.norm_q.eps, k_out=None if slots is None else slots[0])
@@ -122,8 +132,13 @@ class SelfAttention(nn.Module):
         else:  # the same GEMM as nn.Linear's (addmm on the token rows), into the cache
             v = slots[1]
             torch.addmm(self.v.bias, x.reshape(-1, x.shape[-1]), self.v.weight.t(), out=v.view(-1, x.shape[-1]))
-        out = self.attention(q, k, v, ctx, cache)  # [B, L, heads, head_dim]
-        return self.o(out.flatten(2))
+        return q, k, v
+
+    def write_cache(self, x, ctx: ForwardContext, cache: KVCache) -> None:
+        """Only the chunk's keys and values into the cache (what `forward` writes there, by the same kernels),
+        without the attention: x [B, L, dim]."""
+        _, k, v = self.project(x, ctx, cache)
+        cache.write(ctx.start_frame, k, v)
 
     def cache_slots(self, x, ctx: ForwardContext, cache):
         """(k, v) [B, L, heads, head_dim]: the chunk's slots of the KV cache, so that the q/k kernel and the v
@@ -222,6 +237,13 @@ class WanBlock(nn.Module):
         x, h = fused.add_norm_modulate(x, self.cross_attn(self.norm3(x), text, ctx, cross), shift_ff, scale_ff,
                                        self.norm2.eps)
         return fused.gated_residual(x, self.ffn(h), gate_ff)
+
+    def write_cache(self, x, e0, ctx: ForwardContext, kv: KVCache) -> None:
+        """What `forward` leaves in the KV cache, and nothing else (the block's output is not computed): the
+        self-attention's keys and values of the chunk. x [B, F*fsl, dim]; e0 [B, F, 6, dim]."""
+        mod = (self.modulation.float().unsqueeze(1) + e0).unsqueeze(3)  # [B, F, 6, 1, dim], as `forward`
+        shift_sa, scale_sa = mod.unbind(2)[:2]
+        self.self_attn.write_cache(fused.norm_modulate(x, shift_sa, scale_sa, self.norm1.eps), ctx, kv)
 
 
 class Head(nn.Module):
@@ -347,16 +369,22 @@ class WanModel(nn.Module):
     # --- forward -----------------------------------------------------------------------------------------
 
     def forward(self, x, t, context, *, cache: RolloutCache | None = None, start_frame: int = 0,
-                labels: ForwardLabels | None = None):
+                labels: ForwardLabels | None = None, cache_only: bool = False):
         """Flow prediction for a latent video.
 
-        x        [B, 16, F, H, W] latents (with a cache: the current chunk only)
-        t        [B] or [B, F] timesteps in [0, 1000] (per-frame for the causal model)
-        context  [B, text_len, text_dim] text embeddings
-        cache    a `RolloutCache` for KV-cache inference (causal only); start_frame = absolute frame of x[:, :, 0]
-        labels   what the caller knows about this forward (step, timestep, chunk), passed to attention observers
-        returns  [B, 16, F, H, W] flow prediction
+        x           [B, 16, F, H, W] latents (with a cache: the current chunk only)
+        t           [B] or [B, F] timesteps in [0, 1000] (per-frame for the causal model)
+        context     [B, text_len, text_dim] text embeddings
+        cache       a `RolloutCache` for KV-cache inference (causal only); start_frame = absolute frame of x[:, :, 0]
+        labels      what the caller knows about this forward (step, timestep, chunk), passed to attention observers
+        cache_only  the forward is run for what it writes in the cache (a rollout's context pass): returns None.
+                    Without gradients, observers and interventions, the last block stops once its keys and
+                    values are written and the head does not run (CACHE_ONLY_SKIPS_LAST_BLOCK); the cache holds
+                    exactly what the whole forward writes
+        returns     [B, 16, F, H, W] flow prediction (None with cache_only)
         """
+        if cache_only and cache is None:
+            raise ModelInputError("cache_only=True needs a cache (the forward is run for what it writes there)")
         grid = self.grid_of(x)
         frames, h, w = grid
         fsl = h * w
@@ -394,8 +422,14 @@ class WanModel(nn.Module):
             fill_cross=fill_cross,
             kernel=self.attention_kernel,
         )
+        # a context pass nobody observes: the last block only writes its keys/values, and the head is not run
+        short = cache_only and CACHE_ONLY_SKIPS_LAST_BLOCK and not grad and not fill_cross and \
+            not self.observers and not self.interventions
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else cache.kv[i]
+            if short and i == len(self.blocks) - 1:
+                block.write_cache(tokens, e0, ctx, kv)
+                return None
             if kv is not None and grad:  # training: this chunk's k/v keep their gradient
                 kv = GradWindow(kv, start_frame, frames, inplace=cache.kv_gradient == "inplace")
             cross = None if (cache is None or fresh_text) else cache.cross[i]  # None: text k/v from `text`
@@ -403,7 +437,7 @@ class WanModel(nn.Module):
                 tokens = checkpoint(block, tokens, e0, text, ctx, kv, cross, use_reentrant=False)
             else:
                 tokens = block(tokens, e0, text, ctx, kv, cross)
-        return self.unpatchify(self.head(tokens, e), grid)
+        return None if cache_only else self.unpatchify(self.head(tokens, e), grid)
 
 
 def CausalWanModel(config: WanConfig, num_frame_per_block: int = 3, independent_first_frame: bool = False) -> WanModel:
