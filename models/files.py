@@ -229,6 +229,22 @@ def atomic_write_bytes(path, data: bytes) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """`safetensors.torch.save`, with the metadata keys of the header in sorted order: the library writes them in
+    the order of a hash map, which changes from process to process, so two runs storing the same values gave
+    files of other bytes (and sha256). Tensors, offsets and values are the library's."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # (the data starts 8-aligned, as the library pads it)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+
+
 def atomic_write_text(path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 

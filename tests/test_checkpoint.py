@@ -240,3 +240,24 @@ def test_ddp_prefix_is_stripped_and_an_lfs_pointer_is_named(tmp_path, sd):
     pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 5678908928\n")
     with pytest.raises(CheckpointError, match="is a Git LFS pointer .* not the weights: fetch the file itself"):
         load_tensors(pointer)
+
+
+def test_safetensors_bytes_do_not_depend_on_the_metadata_order(tmp_path):
+    """The safetensors library writes a header's metadata in a hash map's order, which changed between processes,
+    so two generate runs of the same sample gave files of other sha256. `safetensors_bytes`: sorted keys, the
+    same bytes for any insertion order, and a file the library reads back (tensors and metadata)."""
+    from safetensors import safe_open
+
+    from models.files import safetensors_bytes
+
+    tensors = {"latents": torch.arange(24, dtype=torch.float32).view(2, 3, 4), "b": torch.ones(3, dtype=torch.int64)}
+    meta = {f"key{i}": f"value {i} ü" for i in range(12)}
+    a = safetensors_bytes(tensors, meta)
+    b = safetensors_bytes(tensors, dict(reversed(list(meta.items()))))
+    assert a == b
+    header = int.from_bytes(a[:8], "little")
+    assert header % 8 == 0 and a[8 + header - 1:8 + header] in (b"}", b" ")
+    (tmp_path / "x.safetensors").write_bytes(a)
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert f.metadata() == meta
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())

@@ -148,13 +148,12 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from pathlib import Path
 
     import torch
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from models.common.rollout import sample, seeded_noise
     from models.errors import ModelInputError
     from models.family import check_fits_cache, family_of
-    from models.files import atomic_write, check_writable_dir
+    from models.files import atomic_write_bytes, check_writable_dir, safetensors_bytes
     from models.video import ensure_writable_dir, mp4_available, read_prompts, write_mp4, write_png_grid
     from models.wan.checkpoint import load_wan, wan_weights_file
     from models.wan.checkpoint import weights_sha256 as weights_sha256_of
@@ -351,7 +350,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
                 write_mp4(video, out / f"{name}.mp4", fps=16)
             write_png_grid(video, out / f"{name}.png", ncols=9, frames=range(0, video.shape[1], 5), label_frames=True,
                            title=f"{model_label(args)} · seed {seed} · {name} · \"{prompts[i]}\"")
-        atomic_write(out / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        atomic_write_bytes(out / f"{name}.safetensors", safetensors_bytes(tensors, metadata))
     if live is not None:
         live.close()
     if world > 1:
