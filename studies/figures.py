@@ -303,9 +303,7 @@ def _grid_slider(data: xr.DataArray, dim: str, labels: dict, marks: dict, start,
 
 def metric_over_training(da: xr.DataArray, *, title: str | None = None) -> go.Figure:
     """A head metric (dims train_step, layer, head) against the train step: a panel per layer, a line per head."""
-    extra = [d for d in da.dims if d not in ("train_step", "layer", "head")]
-    if extra:
-        raise WorkbenchError(f"metric_over_training needs dims (train_step, layer, head); select or average {extra} first")
+    _needs_dims(da, ("train_step", "layer", "head"), "metric_over_training")
     layers = [int(v) for v in da.layer.values]
     fig = make_subplots(rows=1, cols=len(layers), shared_yaxes=True, subplot_titles=[f"layer {x}" for x in layers],
                         horizontal_spacing=0.03)
@@ -347,10 +345,19 @@ def _map_height(layers: int, per_layer: int = 28) -> int:
     return 140 + max(MIN_MAP_ROWS_PX, per_layer * layers) + 80
 
 
+def _needs_dims(da, dims: tuple[str, ...], who: str) -> None:
+    """A clear error unless `da` is a DataArray with exactly `dims` (in any order)."""
+    want = f"an xarray DataArray with dims ({', '.join(dims)})"
+    if not isinstance(da, xr.DataArray):
+        raise WorkbenchError(f"{who} needs {want}, got {type(da).__name__}")
+    extra, missing = [d for d in da.dims if d not in dims], [d for d in dims if d not in da.dims]
+    if extra or missing:
+        raise WorkbenchError(f"{who} needs {want}; it has {da.dims}: "
+                             + (f"select or average {extra} first" if extra else f"it lacks {missing}"))
+
+
 def _layer_head(da: xr.DataArray) -> xr.DataArray:
-    extra = [d for d in da.dims if d not in ("layer", "head")]
-    if extra:
-        raise WorkbenchError(f"a layer x head map needs dims (layer, head); select or average {extra} first")
+    _needs_dims(da, ("layer", "head"), "a layer x head map")
     return da.transpose("layer", "head")
 
 
@@ -434,9 +441,7 @@ def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = (
 
 def recency_lines(profile: xr.DataArray, *, title: str | None = None) -> go.Figure:
     """One line per head of a recency profile (dims head, distance; select layer/step/sample first)."""
-    extra = [d for d in profile.dims if d not in ("head", "distance")]
-    if extra:
-        raise WorkbenchError(f"recency_lines needs dims (head, distance); select or average {extra} first")
+    _needs_dims(profile, ("head", "distance"), "recency_lines")
     profile = profile.dropna("distance", how="all")  # e.g. future distances of a causal store
     fig = go.Figure()
     for h in profile["head"].values:
@@ -466,9 +471,7 @@ def _fixed_range(da: xr.DataArray) -> list[float] | None:
 
 def metric_by_query_frame(rows: xr.DataArray, *, title: str | None = None) -> go.Figure:
     """A row metric (dims head, query_frame; select the rest first) against the query frame, one line per head."""
-    extra = [d for d in rows.dims if d not in ("head", "query_frame")]
-    if extra:
-        raise WorkbenchError(f"metric_by_query_frame needs dims (head, query_frame); select or average {extra} first")
+    _needs_dims(rows, ("head", "query_frame"), "metric_by_query_frame")
     fig = go.Figure()
     for h in rows["head"].values:
         y = rows.sel(head=h)
@@ -483,9 +486,7 @@ def metric_by_query_frame(rows: xr.DataArray, *, title: str | None = None) -> go
 def metric_by_step(da: xr.DataArray, *, title: str | None = None) -> go.Figure:
     """A head metric (dims step, head; select the rest first) across steps, one line per head; the x axis lists
     each step with its timestep (and phase / CFG branch when not a plain denoising step)."""
-    extra = [d for d in da.dims if d not in ("head", "step")]
-    if extra:
-        raise WorkbenchError(f"metric_by_step needs dims (step, head); select or average {extra} first")
+    _needs_dims(da, ("step", "head"), "metric_by_step")
     labels = []
     for s in da.step.values:
         t = float(da["timestep"].sel(step=s)) if "timestep" in da.coords else float("nan")

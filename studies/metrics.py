@@ -127,6 +127,9 @@ def default_layer(ds: xr.Dataset) -> int:
 
 def step_label(ds: xr.Dataset, step: int) -> str:
     """'step 0 (t=1000, denoise)' with the CFG branch when there is one."""
+    steps = [int(v) for v in ds.step.values]
+    if step not in steps:
+        raise WorkbenchError(f"step {step!r} is not in the store; it has steps {steps}")
     s = ds.sel(step=step)
     cfg = str(s.cfg.values) if "cfg" in ds.coords else "none"
     phase = str(s.phase.values) if "phase" in ds.coords else "denoise"

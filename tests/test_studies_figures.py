@@ -89,6 +89,12 @@ def test_layer_head_and_taxonomy_maps(ds):
     assert tax.data[0].text[0][0] == synthetic.planted_role(0, 0)
     with pytest.raises(WorkbenchError, match=r"select or average \['step'\]"):
         figures.layer_head_map(hm.sink_mass)
+    with pytest.raises(WorkbenchError, match=r"needs an xarray DataArray with dims \(layer, head\), got Dataset"):
+        figures.layer_head_map(hm)  # (the Dataset of every metric, not one of them)
+    with pytest.raises(WorkbenchError, match=r"it lacks \['layer'\]"):
+        figures.layer_head_map(hm.sink_mass.sel(step=0, layer=0))
+    with pytest.raises(WorkbenchError, match=r"step 99 is not in the store; it has steps \[0, 1, 2, 3, 4\]"):
+        metrics.step_label(ds, 99)
 
 
 def test_compare_maps_show_a_b_and_difference(ds, wan):
