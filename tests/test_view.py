@@ -10,6 +10,7 @@ moves, and a live stream's chunks appear as they are written.
 
 import json
 import shutil
+import threading
 import urllib.error
 import urllib.request
 
@@ -158,6 +159,38 @@ def test_bad_requests_say_what_is_allowed(store_server, path, status, words):
     assert got == status and all(w in body["error"] for w in words), body
 
 
+def test_failures_and_a_deleted_store_are_errors_not_blank_maps(runs, tmp_path, monkeypatch, capsys):
+    """Anything that fails in an answer is a 500 naming it (it was an empty reply, and the page showed nothing);
+    a store deleted while the viewer runs is an error (zarr read its chunks as NaN: every cell "not attended");
+    a server started before its source (view --wait) says what it waits for."""
+    from workbench.view.server import ViewerServer
+
+    shutil.copytree(runs / "x.zarr", tmp_path / "c.zarr")
+    source = open_source(tmp_path / "c.zarr")
+    server, _ = start(source, port=0)
+    try:
+        monkeypatch.setattr(source, "frame", lambda *a: 1 / 0)
+        status, body = get(server, "/api/frame?sample=p0000-s0&t=0")
+        assert status == 500 and body["error"] == "the viewer failed to answer /api/frame: ZeroDivisionError: " \
+            "division by zero"
+        assert "ZeroDivisionError" in capsys.readouterr().err  # the traceback, on the terminal
+        shutil.rmtree(tmp_path / "c.zarr")
+        status, body = get(server, "/api/attn?sample=p0000-s0&layer=0&step=0")
+        assert status == 400 and "c.zarr' is gone (deleted or moved while the viewer ran)" in body["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    waiting = ViewerServer(None, port=0, waiting_for="runs/live/live.json")
+    threading.Thread(target=waiting.serve_forever, daemon=True).start()
+    try:
+        assert get(waiting, "/api/meta") == (200, {"waiting": "runs/live/live.json"})
+        status, body = get(waiting, "/api/state?sample=p0000-s0")
+        assert status == 400 and "waiting for runs/live/live.json" in body["error"]
+    finally:
+        waiting.shutdown()
+        waiting.server_close()
+
+
 @needs_mp4
 def test_finding_videos(runs, tmp_path, capsys):
     store = runs / "x.zarr"
@@ -252,18 +285,26 @@ def test_live_options_are_checked_first(tmp_path, capsys):
 
 
 class Replay:
-    """Writes a copy of stream folder src chunk by chunk, as `generate --live` did (its first sample only)."""
+    """Writes a copy of stream folder src chunk by chunk, as `generate --live` did (its first sample, then with
+    `next_sample` its second)."""
 
     def __init__(self, src, dst):
         self.src, manifest = src, stream.read_manifest(src)
-        self.entry = manifest["samples"][0]
+        self.entries = manifest["samples"]
         self.writer = stream.StreamWriter(dst, num_frames=manifest["num_frames"],
                                           pixel_frames=manifest["pixel_frames"], fps=manifest["fps"],
                                           layers=manifest["layers"], heads=manifest["heads"], steps=[],
                                           command="replay")
         self.writer.manifest["steps"] = manifest["steps"]
-        e = self.entry
+        self.begin(self.entries[0])
+
+    def begin(self, e) -> None:
+        self.entry = e
         self.writer.begin_sample(e["sample"], prompt=e["prompt"], prompt_index=e["prompt_index"], seed=e["seed"])
+
+    def next_sample(self) -> None:
+        self.writer.end_sample(self.entry["sample"])
+        self.begin(self.entries[self.entries.index(self.entry) + 1])
 
     def chunk(self, i: int) -> None:
         c = self.entry["chunks"][i]
@@ -378,8 +419,57 @@ def test_browser_shows_a_live_stream_as_its_chunks_arrive(runs, tmp_path):
                 assert f"chunk {i}: latent frames {3 * i}–{3 * i + 2}" in page.inner_text("#where")
             page.screenshot(path=str(tmp_path / "live.png"))
             assert (maps_a != png_pixels(page.locator("#maps").screenshot())).any(axis=-1).mean() > 0.05
+            replay.next_sample()  # the run goes on to its next sample: the page follows it
+            replay.chunk(0)
+            page.wait_for_function("viewer.sample === 'p0000-s1' && Number(document.body.dataset.framesLoaded) === 9")
+            assert page.input_value("#sample") == "p0000-s1" and "seed 1" in page.inner_text("#prompt")
             replay.finish()
             page.wait_for_function("document.getElementById('status').textContent.startsWith('done')")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@needs_mp4
+def test_browser_shows_an_effects_store_entry_by_entry(tmp_path):
+    """`intervene --capture --save-videos` then `view`: each entry's rollout is an item of the sample menu with its
+    own video and maps (key frames 0-2 knocked out: grey for later chunks, attended in the baseline); a menu item
+    without a video shows an empty frame (the last sample's frame stayed under the text); the arrow keys on the
+    focused time slider step one frame (two, before: the slider's own step and the page's)."""
+    out = tmp_path / "fx.zarr"
+    assert main(["intervene", "--knockout", "0-2", "--frames", str(F), "--capture", "0-1", "--save-videos",
+                 "--world", "off", "--out", str(out), "--no-progress"]) == 0
+    source = open_source(out)
+    items = ["baseline · p0000-s0", "knockout0-2:all · p0000-s0"]
+    assert [s["sample"] for s in source.samples()] == items and set(source.videos) == set(items)
+    assert [s["intervention"] for s in source.samples()] == ["baseline", "knockout0-2:all"]
+    source.videos.pop(items[1])  # as if --save-videos had not written this one
+    server, _ = start(source, port=0)
+    try:
+        with chromium() as browser:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda err: errors.append(str(err)))
+            page.goto(server.url)
+            page.wait_for_function(f"Number(document.body.dataset.framesLoaded) === {T}")
+            page.locator("#time").fill("12")  # chunk 1: query frames 3-5
+            assert page.evaluate("viewer.current().chunk.chunk") == 1
+            assert cell_rgb(page, 0, 0, 0) != GREY  # the baseline attends to frame 0
+            page.locator("#time").focus()
+            page.keyboard.press("ArrowRight")
+            assert page.evaluate("viewer.t") == 13
+            page.keyboard.press("ArrowLeft")
+            assert page.evaluate("viewer.t") == 12
+            page.select_option("#sample", items[1])
+            page.wait_for_function(f"document.body.dataset.attnLoaded.startsWith({items[1]!r})")
+            assert cell_rgb(page, 0, 0, 0) == GREY and cell_rgb(page, 0, 0, 3) != GREY  # knocked out, own chunk
+            assert "no video of this entry: `workbench intervene ... --save-videos`" in page.inner_text("#no-video")
+            drawn = page.evaluate("(() => { const c = document.getElementById('frame');"
+                                  " return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)"
+                                  ".some((v) => v !== 0); })()")
+            assert not drawn
+            page.screenshot(path=str(tmp_path / "effects.png"))
+            assert not errors
     finally:
         server.shutdown()
         server.server_close()

@@ -14,6 +14,8 @@ examples:
   workbench view runs/sf.zarr --video videos/sf      # a folder of generate outputs: pPPPP-sS.mp4 per sample
   workbench generate --prompt "a red kite" --live --layers 0-5 --out runs/live &   # and meanwhile:
   workbench view runs/live --wait                   # waits for generate to start writing
+  workbench intervene --knockout 0-2 --capture 0-5 --save-videos --out runs/fx.zarr
+  workbench view runs/fx.zarr                       # each entry's attention (and the baseline's) beside its video
 
 The page (http://127.0.0.1:8765/ by default) plays the pixel frames; beside them, one map per head of the
 current chunk's query frames x key frames (attn_mass, docs/store.md), with layer, head, step and sample
@@ -41,43 +43,48 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    import threading
+    import time
+    from pathlib import Path
+
     from workbench.errors import WorkbenchError
     from workbench.view.server import ViewerServer
     from workbench.view.sources import open_source
+    from workbench.view.stream import MANIFEST
 
-    if args.wait:
-        import time
-        from pathlib import Path
-
-        from workbench.view.stream import MANIFEST
-
-        path = Path(args.path)
-        if not ((path / MANIFEST).is_file() or (path / "zarr.json").is_file()):
-            print(f"waiting for {path / MANIFEST} (`workbench generate --live --out {path}`); Ctrl-C stops", flush=True)
-            try:
-                while not ((path / MANIFEST).is_file() or (path / "zarr.json").is_file()):
-                    time.sleep(0.5)
-            except KeyboardInterrupt:
-                return 130
-    source = open_source(args.path, video=args.video, sample=args.sample)
-    try:
-        server = ViewerServer(source, args.host, args.port)
+    path = Path(args.path)
+    ready = lambda: (path / MANIFEST).is_file() or (path / "zarr.json").is_file()  # noqa: E731
+    waiting = args.wait and not ready()
+    source = None if waiting else open_source(args.path, video=args.video, sample=args.sample)
+    try:  # bound before any wait, so that the page answers (and says it waits) from the start
+        server = ViewerServer(source, args.host, args.port, waiting_for=str(path / MANIFEST))
     except OSError as err:
         raise WorkbenchError(f"cannot serve on {args.host}:{args.port} ({err.strerror or err}); "
                              "choose another --port (0: any free one)") from None
-    videos = getattr(source, "videos", None)
-    what = f"{len(videos)} video(s)" if videos is not None else "a live stream"
-    print(f"serving {args.path} ({what}) at {server.url}  (Ctrl-C stops)", flush=True)
-    for sample, why in getattr(source, "video_errors", {}).items():  # videos of another run, left out
-        print(f"note: {sample} is shown without its video: {why}", flush=True)
-    if args.open:
-        import webbrowser
-
-        webbrowser.open(server.url)
+    thread = threading.Thread(target=server.serve_forever, name="workbench-view", daemon=True)
+    thread.start()
     try:
-        server.serve_forever()
+        if waiting:
+            print(f"waiting for {path / MANIFEST} (`workbench generate --live --out {path}`); the page at "
+                  f"{server.url} says so until it is there; Ctrl-C stops", flush=True)
+            while not ready():
+                time.sleep(0.5)
+            server.source = open_source(args.path, video=args.video, sample=args.sample)
+        source = server.source
+        videos = getattr(source, "videos", None)
+        what = f"{len(videos)} video(s)" if videos is not None else "a live stream"
+        print(f"serving {args.path} ({what}) at {server.url}  (Ctrl-C stops)", flush=True)
+        for sample, why in getattr(source, "video_errors", {}).items():  # videos of another run, left out
+            print(f"note: {sample} is shown without its video: {why}", flush=True)
+        if args.open:
+            import webbrowser
+
+            webbrowser.open(server.url)
+        while thread.is_alive():
+            thread.join(0.5)
     except KeyboardInterrupt:
-        pass
+        return 130 if server.source is None else 0
     finally:
+        server.shutdown()
         server.server_close()
     return 0

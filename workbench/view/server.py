@@ -7,7 +7,9 @@
                                             largest value over every head and chunk: one colour scale for the video
     GET /api/frame?sample=ID&t=T            pixel frame T as a JPEG
 
-Bad parameters answer 400 with {"error": "..."} naming the value and what is allowed; a frame not made yet, 404.
+Bad parameters answer 400 with {"error": "..."} naming the value and what is allowed; a frame not made yet, 404;
+anything else that fails, 500 with the error (and its traceback on the terminal). Started before its source
+exists (`workbench view --wait`), /api/meta answers {"waiting": PATH} until the source is set.
 The page polls /api/state while a live stream runs. Bound to 127.0.0.1 unless told otherwise: it serves files of
 the user's runs, so reach it from another machine through an SSH tunnel rather than an open port.
 """
@@ -58,8 +60,9 @@ def jpeg(frame: np.ndarray, quality: int = 92) -> bytes:
 class ViewerServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, source: Source, host: str = "127.0.0.1", port: int = 8765):
-        self.source = source
+    def __init__(self, source: Source | None, host: str = "127.0.0.1", port: int = 8765, waiting_for: str = ""):
+        self.source = source  # None until what `waiting_for` names exists (then set by the caller)
+        self.waiting_for = waiting_for
         self.lock = threading.Lock()  # sources cache decoded videos and chunk files: one request at a time reads
         super().__init__((host, port), Handler)
 
@@ -103,6 +106,12 @@ class Handler(BaseHTTPRequestHandler):
             self._json({"error": str(err)}, HTTPStatus.BAD_REQUEST)
         except (BrokenPipeError, ConnectionResetError):  # the page went away mid-answer
             pass
+        except Exception as err:  # a bug or an unreadable file: said on the page and on the terminal
+            import traceback
+
+            traceback.print_exc()
+            self._json({"error": f"the viewer failed to answer {url.path}: {type(err).__name__}: {err}"},
+                       HTTPStatus.INTERNAL_SERVER_ERROR)
 
     def _static(self, name: str) -> None:
         path = resources.files("workbench.view") / "static" / name
@@ -119,6 +128,10 @@ class Handler(BaseHTTPRequestHandler):
                 raise WorkbenchError(f"/api/{name} needs the parameter {key!r}")
             return q[key]
 
+        if source is None:  # --wait: the run has not started writing yet
+            if name == "meta":
+                return self._json({"waiting": self.server.waiting_for})
+            raise WorkbenchError(f"nothing to show yet: waiting for {self.server.waiting_for}")
         with self.server.lock:
             if name == "meta":
                 return self._json(source.meta())

@@ -132,7 +132,11 @@ class Source:
 
 
 class StoreSource(Source):
-    """A finished store (docs/store.md) and the videos generate wrote for its samples (any may be missing)."""
+    """A finished store (docs/store.md) and the videos generate wrote for its samples (any may be missing).
+
+    An effects store (`workbench intervene --capture LAYERS`, dim intervention) shows each entry's rollout of
+    each sample as one item of the sample menu, id "LABEL · SAMPLE" (the baseline's too), with the video that
+    `--save-videos` wrote for it (NAME_videos/LABEL/SAMPLE.mp4)."""
 
     kind = "store"
 
@@ -145,10 +149,16 @@ class StoreSource(Source):
         if "train_step" in ds.dims:
             raise WorkbenchError(f"{str(self.path)!r} is a training probe store (a train_step dim); make one store of "
                                  "a train step first: open_store(path).sel(train_step=N).to_zarr(...)")
+        effects = "intervention" in ds.dims
         if "attn_mass" not in ds:
-            raise WorkbenchError(f"{str(self.path)!r} has no attn_mass (its statistics: {list(ds.data_vars)}); "
-                                 "capture it with `workbench extract --stats attn_mass`")
+            how = ("run `workbench intervene` with --capture LAYERS (each entry's attention, beside its effects)"
+                   if effects else "capture it with `workbench extract --stats attn_mass`")
+            raise WorkbenchError(f"{str(self.path)!r} has no attn_mass (its variables: {sorted(ds.data_vars)}); "
+                                 f"{how}")
         self.ds = ds
+        # menu item id -> (intervention label or None, sample id)
+        self.items = {(f"{e} · {s}" if effects else s): (e if effects else None, s)
+                      for e in (ds["intervention"].values if effects else [None]) for s in ds["sample"].values}
         self.layers = [int(v) for v in ds["layer"].values]
         self.heads = [int(v) for v in ds["head"].values]
         self.steps = [dict(step=int(s), timestep=float(t), phase=str(p), cfg=str(c), denoise_index=int(d))
@@ -156,7 +166,7 @@ class StoreSource(Source):
                                                ds["cfg"].values, ds["denoise_index"].values)]
         self.num_frames = int(ds.sizes["query_frame"])
         self.query_chunk = {int(f): int(c) for f, c in zip(ds["query_frame"].values, ds["query_chunk"].values)}
-        self.ids = [str(s) for s in ds["sample"].values]
+        self.ids = list(self.items)
         self._frames: OrderedDict[str, np.ndarray] = OrderedDict()  # decoded videos, the most recent few
         self._cache = cache
         self.video_errors: dict[str, str] = {}  # sample -> why its video is left out
@@ -168,10 +178,14 @@ class StoreSource(Source):
                 self.videos[sample] = path
 
     def samples(self) -> list[dict]:
-        ds = self.ds
-        return [dict(sample=s, prompt=str(ds["prompt"].values[i]), seed=int(ds["seed"].values[i]),
-                     prompt_index=int(ds["prompt_index"].values[i]), video=s in self.videos)
-                for i, s in enumerate(self.ids)]
+        ds, out = self.ds, []
+        for item, (entry, s) in self.items.items():
+            row = ds.sel(sample=s)
+            index = int(row["prompt_index"].values) if "prompt_index" in ds.coords else int(s[1:s.index("-")])
+            out.append(dict(sample=item, prompt=str(row["prompt"].values), seed=int(row["seed"].values),
+                            prompt_index=index, video=item in self.videos,  # (effects stores: the id's pPPPP)
+                            **({} if entry is None else {"intervention": str(entry)})))
+        return out
 
     def video(self, sample: str) -> np.ndarray | None:
         """The sample's decoded video [T, H, W, 3] (kept for the last few samples), None if it has none."""
@@ -192,14 +206,21 @@ class StoreSource(Source):
             ready = 0 if self.video(sample) is None else self.pixel_frames
         except WorkbenchError as err:
             ready, error = 0, str(err)
+        if ready == 0 and error is None and self.items[sample][0] is not None:
+            error = ("no video of this entry: `workbench intervene ... --save-videos` writes one per entry and "
+                     "sample beside the store")
         chunks = [dict(c, ready=True) for c in chunk_table(self.query_chunk)]
         return dict(sample=sample, status="finished", done=True, chunks=chunks, frames_ready=ready,
                     video=ready > 0, video_error=error, samples=len(self.ids))
 
     def attn(self, sample, layer, step) -> np.ndarray:
-        sample = self.check_sample(sample)
+        entry, sample = self.items[self.check_sample(sample)]
         self.check(layer, step)
-        values = self.ds.attn_mass.sel(sample=sample, layer=int(layer), step=int(step))
+        if not (self.path / "zarr.json").is_file():  # (zarr reads a deleted store's chunks as NaN: "not attended")
+            raise WorkbenchError(f"the store {str(self.path)!r} is gone (deleted or moved while the viewer ran); "
+                                 "start the viewer again on a store")
+        where = dict(sample=sample, layer=int(layer), step=int(step)) | ({} if entry is None else {"intervention": entry})
+        values = self.ds.attn_mass.sel(where)
         return np.asarray(values.transpose("head", "query_frame", "key_frame").values, dtype=np.float32)
 
     def frame(self, sample, t) -> np.ndarray | None:
@@ -370,7 +391,18 @@ def open_source(path, video: str | None = None, sample: str | None = None) -> So
                              "a live run that is still starting, add --wait")
     from workbench.store import open_store
 
-    ids = [str(s) for s in open_store(path)["sample"].values]
+    ds = open_store(path)
+    if "intervention" in ds.dims:  # an effects store: the videos --save-videos wrote, per entry and sample
+        if video is not None or sample is not None:
+            raise WorkbenchError(f"{str(path)!r} is an effects store (workbench intervene): its videos are those "
+                                 "--save-videos wrote beside it, one per entry and sample; drop --video and --sample "
+                                 "(the page's menu picks them)")
+        from workbench.intervene import video_file
+
+        found = {f"{e} · {s}": video_file(path, str(e), str(s), ".mp4")
+                 for e in ds["intervention"].values for s in ds["sample"].values}
+        return StoreSource(path, {k: v for k, v in found.items() if v.is_file()})
+    ids = [str(s) for s in ds["sample"].values]
     source = StoreSource(path, find_videos(path, video, ids, sample))
     if video is not None:  # a video the user named: refused if it is another run's, its frame count checked now
         if not source.videos:

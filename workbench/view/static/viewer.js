@@ -48,13 +48,24 @@ function fill(select, items, value) {
   select.value = value !== undefined ? value : (items.some(([v]) => String(v) === old) ? old : items[0][0]);
 }
 
+function shorten(text, n) {  // at most n characters, cut at a word, "…" where cut
+  if (text.length <= n) return text;
+  const cut = text.slice(0, n - 1), space = cut.lastIndexOf(" ");
+  return `${space > n / 2 ? cut.slice(0, space) : cut}…`;
+}
 function fillSamples() {
-  fill($("sample"), V.meta.samples.map((s) => [s.sample, `${s.sample} · seed ${s.seed} · ${s.prompt.slice(0, 40)}`]),
+  fill($("sample"), V.meta.samples.map((s) => [s.sample, `${s.sample} · seed ${s.seed} · ${shorten(s.prompt, 48)}`]),
        V.sample || V.meta.samples[0].sample);
+  Array.from($("sample").options).forEach((o, i) => { o.title = V.meta.samples[i].prompt; });  // whole, on hover
 }
 
 async function init() {
   V.meta = await api("/api/meta");
+  if (V.meta.waiting) {  // workbench view --wait, before the run writes anything: ask again in a second
+    showError(`waiting for ${V.meta.waiting} (the run has not started writing yet); this page reloads itself`);
+    setTimeout(() => location.reload(), 1000);
+    return;
+  }
   const m = V.meta;
   $("source-name").textContent = `· ${m.name}`;
   if (!m.samples.length) { showError("no sample yet: waiting for the first chunk"); }
@@ -73,6 +84,7 @@ async function init() {
   $("play").onclick = () => (V.playing ? pause() : play());
   document.addEventListener("keydown", (e) => {
     if (e.target.tagName === "SELECT") return;
+    if (e.target.id === "time" && e.key.startsWith("Arrow")) return;  // the slider steps itself (oninput)
     if (e.key === " ") { e.preventDefault(); V.playing ? pause() : play(); }
     if (e.key === "ArrowRight") setTime(Math.min(V.t + 1, lastTime()));
     if (e.key === "ArrowLeft") setTime(Math.max(V.t - 1, 0));
@@ -112,8 +124,9 @@ function loadFrames() {
 async function loadAttn() {
   try {
     V.attn = await api(`/api/attn?${q({ sample: V.sample, layer: V.layer, step: V.step })}`);
+    V.attnError = null;
     showError(null);
-  } catch (err) { showError(err); }
+  } catch (err) { V.attn = null; V.attnError = err; showError(err); }  // no stale maps under an error
   document.body.dataset.attnLoaded = `${V.sample}/${V.layer}/${V.step}/${V.state ? V.state.chunks.length : 0}`;
 }
 
@@ -121,9 +134,17 @@ async function poll() {
   try {
     const meta = await api("/api/meta");
     const newSamples = meta.samples.length !== (V.meta.samples || []).length;
+    const had = V.meta.samples || [], wasNewest = had.length > 0 && V.sample === had[had.length - 1].sample;
     V.meta = meta;
     if (!V.sample && meta.samples.length) { fillSamples(); await selectSample($("sample").value); return; }
     if (newSamples) fillSamples();
+    const newest = meta.samples.length ? meta.samples[meta.samples.length - 1].sample : null;
+    if (newSamples && $("follow").checked && wasNewest && newest !== V.sample) {
+      $("sample").value = newest;  // following the run (on its newest sample): on to the one it makes now
+      await selectSample(newest);
+      render();
+      return;
+    }
     if (!V.sample) return;
     const st = await api(`/api/state?${q({ sample: V.sample })}`);
     const grew = st.chunks.length !== V.state.chunks.length || st.frames_ready !== V.state.frames_ready;
@@ -204,6 +225,7 @@ function drawFrame() {
     none.hidden = true;
   } else {
     const st = V.state;
+    canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);  // never another frame under the text
     none.hidden = false;
     none.textContent = st.video_error ? st.video_error
       : V.meta.live && V.t >= st.frames_ready ? `pixel frame ${V.t} is not decoded yet`
@@ -276,7 +298,9 @@ function drawMap(canvas, hi, chunk, latent, attn) {
   ctx.clearRect(0, 0, width, height);
   ctx.font = "11px system-ui, sans-serif"; ctx.textBaseline = "middle";
   if (!chunk || !attn) {
-    ctx.fillStyle = "#777"; ctx.fillText(chunk ? "loading…" : "this chunk is not made yet", left, top + cell / 2);
+    ctx.fillStyle = "#777";
+    ctx.fillText(!chunk ? "this chunk is not made yet" : V.attnError ? "no data: see the error above" : "loading…",
+                 left, top + cell / 2);
     return;
   }
   const values = attn.values[hi];
@@ -313,14 +337,22 @@ function hover(e) {
   tip.style.left = `${e.clientX + 12}px`; tip.style.top = `${e.clientY + 12}px`; tip.hidden = false;
 }
 
+function tickDecimals(top) {  // the same decimals on every tick: 3 significant digits of the top value
+  return Math.max(0, Math.min(6, 2 - Math.floor(Math.log10(top))));
+}
 function drawColorbar() {
   const [ctx, w] = sizeCanvas($("colorbar"), 34), barW = w - 20;
   ctx.clearRect(0, 0, w, 34);
   for (let i = 0; i < barW; i++) { ctx.fillStyle = viridis(i / (barW - 1)); ctx.fillRect(10 + i, 2, 1, 14); }
   ctx.fillStyle = "#333"; ctx.font = "11px system-ui, sans-serif"; ctx.textBaseline = "top"; ctx.textAlign = "center";
   const ticks = V.scale === "log" ? [1e-4, 1e-3, 1e-2, 1e-1, 1].map((v) => [unitOf(v), v === 1 ? "1" : `1e${Math.log10(v)}`])
-    : [0, 0.25, 0.5, 0.75, 1].map((u) => [u, (u * scaleTop()).toPrecision(2)]);
-  ticks.forEach(([u, text]) => { ctx.fillRect(10 + u * (barW - 1), 16, 1, 3); ctx.fillText(text, Math.min(w - 14, Math.max(14, 10 + u * (barW - 1))), 20); });
+    : [0, 0.25, 0.5, 0.75, 1].map((u) => [u, (u * scaleTop()).toFixed(tickDecimals(scaleTop()))]);
+  ticks.forEach(([u, text], i) => {  // the end labels aligned inwards, so that none is cut at the canvas edge
+    const x = 10 + u * (barW - 1);
+    ctx.fillRect(x, 16, 1, 3);
+    ctx.textAlign = i === 0 ? "left" : i === ticks.length - 1 ? "right" : "center";
+    ctx.fillText(text, i === 0 ? Math.max(0, x - 4) : i === ticks.length - 1 ? Math.min(w, x + 4) : x, 20);
+  });
   $("colorbar-label").textContent = V.scale === "video"
     ? `attn_mass; one scale for every time, head and chunk of this layer and step (max ${V.attn && V.attn.vmax !== null ? V.attn.vmax.toFixed(3) : "–"}${V.meta.live && V.meta.status === "running" ? " so far" : ""})`
     : V.scale === "unit" ? "attn_mass (probability), 0 to 1" : "attn_mass, log scale (values under 10⁻⁴ at the bottom)";
