@@ -25,13 +25,22 @@ def test_sid_config_keeps_its_quirks():
 
 
 def test_unknown_key_and_bad_type(tmp_path):
+    """A typo names the closest known keys, and the file or the --set override it came from (an override's typo
+    was blamed on the file); a bad value is one line naming its key."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("denoising_step_lst: [1000]\n")
-    with pytest.raises(ModelInputError, match="denoising_step_lst"):
+    with pytest.raises(ModelInputError, match=r"bad.yaml: unknown config key 'denoising_step_lst'; did you mean "
+                                              r"denoising_step_list or"):
         load_config(bad)
     bad.write_text("lr: fast\n")
-    with pytest.raises(ModelInputError, match="lr"):
+    with pytest.raises(ModelInputError, match=r"^[^\n]*bad.yaml: lr: Value 'fast' of type 'str' could not be "
+                                              r"converted to Float$"):
         load_config(bad)
+    with pytest.raises(ModelInputError, match=r"^--set probe.evry=3: unknown config key 'probe.evry'; did you mean "
+                                              r"probe.every"):
+        load_config("configs/tiny_dmd.yaml", overrides=["lr=1e-4", "probe.evry=3"])
+    with pytest.raises(ModelInputError, match=r"^--set lr=abc: lr: Value 'abc'"):
+        load_config("configs/tiny_dmd.yaml", overrides=["lr=abc"])
     with pytest.raises(ModelInputError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
 
@@ -76,7 +85,11 @@ def test_keys_their_code_reads_with_a_default(tmp_path):
                               ("noise_augmentation_max_timestep", "100", "noise augmentation"),
                               ("backward_simulation", "false", "backward_simulation: False"),
                               ("loss_scale", "2.0", "loss_scale is read by the GAN trainer only"),
-                              ("max_pair", "0", "max_pair 0 must be >= 1")):
+                              ("max_pair", "0", "max_pair 0 must be >= 1"),
+                              ("lr", "-1e-4", "lr -0.0001 must be >= 0"),  # (AdamW raised it in the first step)
+                              ("lr_critic", "-1", "lr_critic -1.0 must be >= 0"),
+                              ("beta2", "1.0", r"beta2 1.0 must lie in \[0, 1\)"),
+                              ("batch_size", "0", "batch_size 0 must be >= 1")):
         with pytest.raises(TrainingError, match=match):
             check_config(load_config(dmd, overrides=[f"{key}={value}"]), world=1)
 

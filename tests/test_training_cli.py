@@ -139,6 +139,72 @@ def test_an_interrupt_before_the_first_step_claims_no_files(tmp_path, capsys, mo
     assert not list(log.glob("checkpoint_model_*")) and "checkpoint_model_000000" not in out
 
 
+def test_sigterm_stops_after_the_step_and_saves(tmp_path, capsys, monkeypatch):
+    """SIGTERM (kill, timeout, SLURM, Kubernetes) is a Ctrl-C: the step under way finishes, a checkpoint is saved,
+    the exit status is 143 (128 + 15); it killed the run at once, every step since the last checkpoint lost."""
+    import os
+    import signal
+
+    from training.trainer import Trainer
+
+    step = Trainer.iteration
+
+    def term_in_step_1(self):
+        if self.step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "iteration", term_in_step_1)
+    log = tmp_path / "dmd"
+    assert train("--config", "configs/tiny_dmd.yaml", "--logdir", log, "--max-steps", 3, "--no-progress", "--set",
+                 f"generator_ckpt={EMBEDDED_DIR / 'checkpoints' / 'ode_init.pt'}", "device=cpu", "log_iters=10") == 143
+    out, err = capsys.readouterr()
+    assert "SIGTERM: stopping after this step and saving a checkpoint" in out
+    assert "stopped by SIGTERM at step 1; the same command with --resume" in err
+    assert (log / "checkpoint_model_000001" / "model.pt").is_file()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGINT) is \
+        signal.default_int_handler  # (given back)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_goes_on_with_resume(tmp_path, capsys, monkeypatch):
+    """A run killed before its first checkpoint left losses.csv (and probes) but nothing to resume: a new run was
+    refused (the files of an earlier run) and so was --resume (no checkpoint). --resume now starts from step 0,
+    replacing those files; a config other than that run's is refused, as on any resume."""
+    import csv
+
+    from training.trainer import Trainer
+    from workbench.store import open_store
+
+    step = Trainer.iteration
+
+    def killed_in_step_2(self):
+        if self.step == 1:
+            raise KeyboardInterrupt  # (a second Ctrl-C in a step: nothing saved, as after a kill)
+        return step(self)
+
+    log = tmp_path / "dmd"
+    argv = ["--config", "configs/tiny_dmd.yaml", "--logdir", log, "--max-steps", 2, "--no-progress", "--set",
+            f"generator_ckpt={EMBEDDED_DIR / 'checkpoints' / 'ode_init.pt'}", "device=cpu", "log_iters=10",
+            "probe.every=1"]
+    monkeypatch.setattr(Trainer, "iteration", killed_in_step_2)
+    assert train(*argv) == 130
+    assert (log / "losses.csv").is_file() and not list(log.glob("checkpoint_model_*"))
+    monkeypatch.setattr(Trainer, "iteration", step)
+    with pytest.raises(TrainingError, match="losses.csv exists from an earlier run; use --resume"):
+        train(*argv)
+    with pytest.raises(TrainingError, match="config differs from this one .*lr: 0.0001 in the checkpoint"):
+        train(*argv, "lr=1e-3", "--resume")
+    capsys.readouterr()
+    assert train(*argv, "--resume") == 0
+    out = capsys.readouterr().out
+    assert "holds no complete checkpoint (the run there stopped before its first one): starting from step 0, " \
+           "replacing its losses and probes" in out
+    with open(log / "losses.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2]
+    assert list(open_store(log / "probes.zarr").train_step.values) == [0, 1, 2]
+    assert (log / "checkpoint_model_000002" / "model.pt").is_file()
+
+
 def test_one_training_run_per_logdir_and_a_killed_writes_part_goes_at_once(tmp_path, capsys, monkeypatch):
     """A second `train` on a logdir another process trains into is refused at once, naming the holder; the run
     that holds the lock removes what a killed write left there, however recent (no other writer can be there),

@@ -21,11 +21,11 @@ from models.common.scheduler import FlowMatchScheduler
 from models.errors import ModelInputError
 from models.family import WAN, check_fits_cache
 from training import distributed as fsdp
-from training.checkpoints import latest_checkpoint
+from training.checkpoints import check_resumed_config, latest_checkpoint
 from training.checks import Plan, check_config, check_files, model_folder, world_vae_path
 from training.data import LatentDataset, PromptSource, synthetic_latents
 from training.errors import TrainingError
-from training.trainer import Models, Trainer
+from training.trainer import RESTART, Models, Trainer
 
 
 def build_models(cfg, plan: Plan, device="cpu") -> tuple[Models, Path]:
@@ -221,8 +221,14 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
     check_files(cfg, plan)
     if resume == "latest":
         resume = latest_checkpoint(logdir)
-        if resume is None:
-            raise TrainingError(f"--resume: {logdir} has no complete checkpoint_model_* folder")
+        if resume is None:  # nothing to continue (a run stopped before its first checkpoint, or none ran): step 0
+            saved = Path(logdir) / "config.yaml"  # (an earlier run's, written at its start)
+            check_resumed_config(cfg, saved.read_text() if saved.is_file() else None, logdir)
+            resume = RESTART
+            if d.main:
+                log(f"--resume: {logdir} holds no complete checkpoint" + (
+                    " (the run there stopped before its first one)" if saved.is_file() else "")
+                    + ": starting from step 0" + (", replacing its losses and probes" if saved.is_file() else ""))
     elif resume is None and latest_checkpoint(logdir) is not None:
         raise TrainingError(f"{logdir} already holds checkpoints; pass --resume to continue or use a new --logdir")
     if d.main and Path(logdir).is_dir():  # what a write killed midway left (a checkpoint's part can be gigabytes)

@@ -109,8 +109,11 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
                             "not implemented")
     if cfg.trainer != "diffusion" or cfg.causal:
         chunk_layout(frames, nfpb, bool(cfg.independent_first_frame))
+    for key in ("batch_size", "total_batch_size"):
+        if cfg[key] < 1:
+            raise TrainingError(f"{key} {cfg[key]} must be >= 1")
     per_step = cfg.batch_size * world
-    if cfg.batch_size < 1 or cfg.total_batch_size < 1 or cfg.total_batch_size % per_step:
+    if cfg.total_batch_size % per_step:
         raise TrainingError(f"total_batch_size {cfg.total_batch_size} does not divide into batch_size "
                             f"{cfg.batch_size} x {world} rank(s); use a multiple of {per_step}")
     accum = cfg.total_batch_size // per_step
@@ -118,6 +121,12 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
         raise TrainingError(f"log_iters {cfg.log_iters} must be >= 1")
     if cfg.max_steps < 0:
         raise TrainingError(f"max_steps {cfg.max_steps} must be >= 0 (0: until interrupted)")
+    for key in ("lr", "lr_critic", "weight_decay"):  # (AdamW's own check raised inside the first step, unnamed)
+        if not cfg[key] >= 0:
+            raise TrainingError(f"{key} {cfg[key]} must be >= 0")
+    for key in ("beta1", "beta2", "beta1_critic", "beta2_critic"):
+        if not 0 <= cfg[key] < 1:
+            raise TrainingError(f"{key} {cfg[key]} must lie in [0, 1) (AdamW's betas)")
     if cfg.ema_weight < 0 or cfg.ema_weight >= 1:
         raise TrainingError(f"ema_weight {cfg.ema_weight} must lie in [0, 1) (0: no EMA)")
     if not 0 <= cfg.prompt_dropout < 1:

@@ -53,7 +53,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-steps", type=int, help="stop after this many steps (default: the config's max_steps; "
                                                  "0 = until interrupted)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-                   help="continue from a checkpoint folder (default: the latest in --logdir)")
+                   help="continue from a checkpoint folder (default: the latest in --logdir; with none there, e.g. "
+                        "a run stopped before its first checkpoint, from step 0: a job script may always pass it)")
     p.add_argument("--device", help="cpu or cuda (default: the config's device, else cuda if available)")
     p.add_argument("--tensorboard", action="store_true", help="also log to logdir/tensorboard")
     p.add_argument("--wandb", action="store_true", help="also log to wandb (needs the wandb package)")
@@ -137,8 +138,9 @@ def _train(args, cfg, sets_sid_alpha) -> int:
 
             print(table(trainer.probes.path))
         if trainer.interrupted:  # a stopped run is not a finished one: a script's `train && evaluate` stops here
-            print(f"stopped by Ctrl-C at step {trainer.step}; the same command with --resume goes on from the last "
+            how = "Ctrl-C" if trainer.stop_signal == 2 else "SIGTERM"
+            print(f"stopped by {how} at step {trainer.step}; the same command with --resume goes on from the last "
                   "checkpoint", file=sys.stderr)
     if dist.get_world_size() > 1:
         trainer.d.barrier()
-    return 130 if trainer.interrupted else 0
+    return 128 + trainer.stop_signal if trainer.interrupted else 0  # (130 Ctrl-C, 143 SIGTERM: as the shell says)

@@ -211,12 +211,35 @@ def load_config(path: str | Path, *, default: str | Path | None = DEFAULT_CONFIG
     if default is not None:
         layers.append(OmegaConf.load(default))
     layers.append(OmegaConf.load(path))
-    if overrides:
-        layers.append(OmegaConf.from_dotlist(overrides))
     try:
-        return OmegaConf.merge(*layers)
-    except ConfigKeyError as err:
-        raise ModelInputError(f"{path}: unknown config key {err.key!r} (see training/config.py for the known "
-                              "keys)") from err
-    except ValidationError as err:
-        raise ModelInputError(f"{path}: {err.msg}") from err
+        merged = OmegaConf.merge(*layers)
+    except (ConfigKeyError, ValidationError) as err:
+        raise ModelInputError(f"{path}: {_config_error(err)}") from err
+    if overrides:
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+        except (ConfigKeyError, ValidationError) as err:
+            key = str(err.full_key or err.key)
+            given = [o for o in overrides if o.split("=", 1)[0] == key]
+            raise ModelInputError(f"--set {given[0] if given else key}: {_config_error(err)}") from err
+    return merged
+
+
+def _config_error(err) -> str:
+    """An OmegaConf merge error in words: an unknown key with the known keys closest to it, or a bad value."""
+    if not isinstance(err, ConfigKeyError):
+        msg = str(err.msg).splitlines()[0]  # (OmegaConf appends full_key and object_type lines)
+        return f"{err.full_key}: {msg}" if err.full_key else msg
+    import difflib
+
+    def keys(node, prefix=""):
+        out = []
+        for k, v in node.items():
+            out += keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+        return out
+
+    known = keys(OmegaConf.to_container(OmegaConf.structured(SelfForcingConfig)))
+    key = str(err.full_key or err.key)
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"unknown config key {key!r}{hint} (training/config.py lists the known keys)"

@@ -55,6 +55,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# `resume` when --resume finds no checkpoint: start from step 0, replacing the losses and probes an earlier start
+# (stopped before its first checkpoint) left
+RESTART = "restart from step 0"
+
+
 @dataclass
 class Models:
     generator: torch.nn.Module  # causal for score distillation and ODE; any for diffusion
@@ -110,10 +115,13 @@ class Trainer(Steps, Checkpoints):
         self.ema: EMA | None = None
         self.step = 0
         self.last_saved = None
-        self.interrupted = False  # set by train(): stopped by Ctrl-C before its last step
+        self.interrupted = False  # set by train(): stopped by Ctrl-C or SIGTERM before its last step
+        self.stop_signal: int | None = None  # which: 2 (SIGINT) or 15 (SIGTERM)
         self.history: list[dict] = []  # every logged row (all ranks), for tests and notebooks
         resume_step = None
-        if resume is not None:
+        if resume == RESTART:  # --resume where no checkpoint was made: from step 0, an earlier start's files replaced
+            resume_step = -1
+        elif resume is not None:
             resume_step = self.resume(resume)
             self.ema_init = None  # a resumed run's EMA comes from the checkpoint or from the weights then
         self.uncond = None
@@ -225,6 +233,7 @@ class Trainer(Steps, Checkpoints):
                         break
         except KeyboardInterrupt:  # raised inside a step (a second Ctrl-C): its updates may be partly applied
             interrupted = broken = True
+            stop.signum = stop.signum or 2
         finally:
             bar.close()
         due = save_at_end and self.last_saved != self.step and self.step > 0 and not broken
@@ -240,6 +249,7 @@ class Trainer(Steps, Checkpoints):
         if due:
             self.save()
         self.interrupted = interrupted
+        self.stop_signal = (stop.signum or 2) if interrupted else None  # 2 SIGINT (Ctrl-C), 15 SIGTERM
         return self.history
 
     def close(self) -> None:
@@ -263,19 +273,23 @@ class Trainer(Steps, Checkpoints):
 
 
 class _StopAfterStep:
-    """While training runs in the main thread, the first Ctrl-C (SIGINT) only asks to stop: the step under way
-    finishes (a step's optimizer updates are never left half applied), then the loop saves and stops; a second
-    Ctrl-C raises KeyboardInterrupt at once (then nothing is saved)."""
+    """While training runs in the main thread, the first Ctrl-C (SIGINT) or SIGTERM (what `kill`, `timeout`, SLURM
+    and Kubernetes send) only asks to stop: the step under way finishes (a step's optimizer updates are never left
+    half applied), then the loop saves and stops; a second one raises KeyboardInterrupt at once (then nothing is
+    saved). `signum` says which signal asked."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self, log=None):
-        self.requested, self.log, self._old = False, log, None
+        self.requested, self.signum, self.log, self._old = False, None, log, {}
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
         if self.log is not None:
-            self.log("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again stops at once, saving "
+            name = "Ctrl-C" if signum == 2 else "SIGTERM"
+            self.log(f"{name}: stopping after this step and saving a checkpoint ({name} again stops at once, saving "
                      "nothing)")
 
     def __enter__(self):
@@ -283,11 +297,11 @@ class _StopAfterStep:
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {name: signal.signal(getattr(signal, name), self._handle) for name in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
         import signal
 
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for name, old in self._old.items():
+            signal.signal(getattr(signal, name), old)
