@@ -112,3 +112,21 @@ def test_max_pair_reads_the_first_pairs(tmp_path):
     assert data.prompts == ["p0", "p1", "p2"] and torch.equal(data.latents, latents[:3])
     cfg = load_config("configs/tiny_ode.yaml", overrides=over)
     assert len(read_data(cfg, check_config(cfg, world=1), seed=0)) == 5
+
+
+def test_a_training_size_other_than_the_model_folders_is_a_warning():
+    """The researchers' configs train Wan2.1's 60 x 104 latents; on the embedded zoo (video_size 96 x 128 pixels in
+    its config.json) that ran with no word of the size the model was made for."""
+    from training.checks import check_config, check_files
+
+    over = ["model_kwargs.model_name=embedded", "real_name=embedded", "fake_name=embedded", "model_root=data",
+            "data_path=data/prompts/tiny.txt", "generator_ckpt=data/embedded/checkpoints/ode_init.pt", "device=cpu"]
+    plan = check_config(load_config("configs/self_forcing_dmd.yaml", overrides=over), world=1)
+    check_files(load_config("configs/self_forcing_dmd.yaml", overrides=over), plan)
+    assert any("trains 60 x 104 latents; the model folder data/embedded records video_size 96 x 128 pixels "
+               "(12 x 16 latents)" in w for w in plan.warnings), plan.warnings
+    tiny = load_config("configs/tiny_dmd.yaml", overrides=["model_root=data", "data_path=data/prompts/tiny.txt",
+                                                         "generator_ckpt=data/embedded/checkpoints/ode_init.pt"])
+    plan = check_config(tiny, world=1)
+    check_files(tiny, plan)
+    assert not any("image_or_video_shape" in w for w in plan.warnings)

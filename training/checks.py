@@ -11,6 +11,7 @@ a run from a checked config; training/trainer.py runs it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,8 +204,18 @@ def world_vae_path(cfg) -> Path:
 
 
 def check_files(cfg, plan: Plan) -> None:
-    """Model folders, generator_ckpt and data files exist (before any weights are read)."""
-    model_folder(cfg, cfg.model_kwargs.model_name)
+    """Model folders, generator_ckpt and data files exist (before any weights are read). A training size other than
+    the one the generator's folder records (config.json `video_size`, e.g. the embedded zoo's 96 x 128) is a warning:
+    the researchers' configs are for Wan2.1's 480 x 832."""
+    from models.wan.config import VAE_STRIDE, default_video_size
+
+    folder = model_folder(cfg, cfg.model_kwargs.model_name)
+    if "video_size" in json.loads((folder / "config.json").read_text()):
+        own = tuple(x // VAE_STRIDE for x in default_video_size(folder))  # its latent height, width
+        if tuple(plan.shape[2:]) != own:
+            plan.warnings.append(f"image_or_video_shape trains {plan.shape[2]} x {plan.shape[3]} latents; the model "
+                                 f"folder {folder} records video_size {own[0] * VAE_STRIDE} x {own[1] * VAE_STRIDE} "
+                                 f"pixels ({own[0]} x {own[1]} latents), the size it was made for")
     if plan.trainer == "score_distillation":
         model_folder(cfg, cfg.real_name)
         model_folder(cfg, cfg.fake_name)
