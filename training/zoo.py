@@ -369,6 +369,11 @@ class Zoo:
         while trainer.step < end:
             t0, s0 = time.perf_counter(), trainer.step
             trainer.train(max_steps=min(end, s0 + chunk), save_at_end=False)
+            if trainer.interrupted:  # Ctrl-C or SIGTERM stopped the trainer after a step (saved): stop the driver
+                trainer.close()
+                if trainer.stop_signal == signal.SIGTERM:
+                    sys.exit(128 + signal.SIGTERM)  # (as the driver's own SIGTERM handler exits)
+                raise KeyboardInterrupt
             per_step = (time.perf_counter() - t0) / max(1, trainer.step - s0)
             if deadline is not None and trainer.step < end and time.perf_counter() + per_step * chunk > deadline:
                 stopped_early = True
