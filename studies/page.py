@@ -18,7 +18,7 @@ h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 4px
 table { border-collapse: collapse; font-size: 0.85em; margin: 8px 0; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; } th { background: #f4f4f4; }
 .note { color: #555; font-size: 0.9em; max-width: 60em; } .ok { color: #1a7f37; } .bad { color: #c62828; }
-.figure { margin: 12px 0 28px 0; } .tablewrap { overflow-x: auto; max-width: 100%; }
+.figure { margin: 12px 0 28px 0; overflow-x: auto; max-width: 100%; } .tablewrap { overflow-x: auto; max-width: 100%; }
 code { background: #f4f4f4; padding: 1px 4px; }
 """
 
@@ -36,6 +36,8 @@ class Page:
         self.parts.append(f'<p class="{cls}">{text}</p>')
 
     def table(self, df: pd.DataFrame, *, index: bool = True, float_format: str = "{:.4g}"):
+        if index and any(n is not None for n in df.index.names):  # a named index: its names in the one header row
+            df, index = df.reset_index(), False                     # (to_html gives them a second, mostly empty row)
         self.parts.append('<div class="tablewrap">' + df.to_html(  # a table wider than the page scrolls alone
             index=index, float_format=float_format.format, border=0, na_rep="NaN", classes="table") + "</div>")
 

@@ -312,7 +312,7 @@ def build_compare_report(
     page.p(f"Query frames compared: {c.query_frames}, the frames both stores select ({query_frames!r} of each, "
            "intersected). A store of one chunk (the bidirectional sampler) selects every frame as its last chunk, "
            "so its metrics and classes here can differ from its own report's, which average over all its frames.")
-    page.table(ranking, float_format="{:.4f}")
+    page.table(ranking.set_axis(ranking.index + 1).rename_axis("rank"), float_format="{:.4f}")  # (ranks from 1)
     # one colour scale for the mean and every step, so that the maps can be compared by eye
     finite = c.js_bits.values[np.isfinite(c.js_bits.values)]
     top_js = float(finite.max()) if finite.size and finite.max() > 0 else 1.0

@@ -109,7 +109,7 @@ def test_intervene_writes_an_effects_store_and_resumes(tmp_path, capsys):
     assert main(["report", str(out), "--out", str(html_path)]) == 0
     text = html_path.read_text()
     assert "Ranked by effect" in text and "temperature2:L1.H0" in text and (tmp_path / "fx.png").stat().st_size > 0
-    rows = re.findall(r"<th>(ablate-zero:L2.H1|baseline|policy-sink6\+sink3|temperature2:L1.H0)</th>", text)
+    rows = re.findall(r"<t[hd]>(ablate-zero:L2.H1|baseline|policy-sink6\+sink3|temperature2:L1.H0)</t[hd]>", text)
     assert rows[-1] in ("baseline", "policy-sink6+sink3")  # ranked: the zero-effect entries last
 
 

@@ -161,6 +161,10 @@ def test_compare_report(compare_report):
     assert "937.5" in text and "bits" in text
     sink_map = parser.figures["fig-compare-sink_mass"]
     assert [a["text"] for a in sink_map["layout"]["annotations"]] == ["A: wan.zarr", "B: sf.zarr", "B - A"]
+    ranked = text.split("Heads ranked by change")[1].split("</table>")[0]
+    assert ranked.split("</thead>")[0].count("<tr") == 1  # one header row (an index name made a second, empty one)
+    first = ranked.split("</thead>")[1].split("<tr")[1]
+    assert "<th>rank</th>" in ranked and first.split("<td>")[1].startswith("1<")  # ranks count from 1
 
 
 def cli():

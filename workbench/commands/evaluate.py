@@ -226,7 +226,7 @@ def run(args) -> int:
     from models.video import ensure_writable_dir, mp4_available
     from workbench.errors import WorkbenchError
     from workbench.extract import parse_int_list
-    from workbench.store import StoreLock, sample_id
+    from workbench.store import StoreLock
 
     # --- everything that can be wrong, before any work (the output folder is made once all of it passed)
     check_writable_dir(args.out)
@@ -262,6 +262,7 @@ def _run(args, out, choices, plans, skipped, prompts, seeds, compare, device, dt
 
     from studies import world_metrics, world_report
     from workbench import scores
+    from workbench.store import sample_id
 
     # --- what an earlier run of the same models and settings already scored (workbench/scores.py)
     keys = {k: scores.run_key(p) for k, p in plans.items()}
