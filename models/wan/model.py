@@ -422,8 +422,10 @@ class WanModel(nn.Module):
             fill_cross=fill_cross,
             kernel=self.attention_kernel,
         )
-        # a context pass nobody observes: the last block only writes its keys/values, and the head is not run
-        short = cache_only and CACHE_ONLY_SKIPS_LAST_BLOCK and not grad and not fill_cross and \
+        # a context pass nobody observes: the last block only writes its keys/values, and the head is not run (not
+        # for a torch.compile'd block, whose keys may round otherwise than the eager `write_cache`'s)
+        compiled = getattr(self.blocks[-1], "_compiled_call_impl", None) is not None  # (nn.Module.compile's)
+        short = cache_only and CACHE_ONLY_SKIPS_LAST_BLOCK and not grad and not fill_cross and not compiled and \
             not self.observers and not self.interventions
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else cache.kv[i]
