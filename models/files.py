@@ -47,6 +47,7 @@ def load_tensors(path, *, trust_pickle: bool = False):
     if not _looks_like_torch_save(path):
         raise CheckpointError(f"{str(path)!r} is not a PyTorch checkpoint: neither torch.save's zip format nor a "
                               "pickle (a truncated or corrupt file, or another kind of file)")
+    verify_checksums(path)  # (a changed byte would load silently)
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -107,12 +108,11 @@ def check_tensor_shapes(expected: dict, state_dict: dict, what: str) -> None:
         raise WeightsMismatchError(f"{what} ({'; '.join(parts)})")
 
 
-def sha256_file(path, memo_dir: Path | None = MEMO_DIR) -> str:
-    """sha256 of a file's bytes; remembered by (real path, size, mtime) in memo_dir, so an 11 GB file is
-    hashed once per machine."""
-    path = Path(path)
+def _memo(path: Path, kind: str, memo_dir: Path | None, compute):
+    """compute(), remembered by (kind, real path, size, mtime) in memo_dir/file_hashes.json: what a read of a whole
+    file found (its sha256, its checksums checked) is worked out once per machine, not per run (an 11 GB file)."""
     st = path.stat()
-    key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{'' if kind == 'sha256' else kind + '|'}{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
     memo_file = Path(memo_dir) / "file_hashes.json" if memo_dir is not None else None
     memo = {}
     if memo_file is not None and memo_file.is_file():
@@ -122,18 +122,87 @@ def sha256_file(path, memo_dir: Path | None = MEMO_DIR) -> str:
             memo = {}
         if key in memo:
             return memo[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    digest = h.hexdigest()
+    value = compute()
     if memo_file is not None:
         try:
-            memo[key] = digest
+            memo[key] = value
             atomic_write_bytes(memo_file, json.dumps(memo, indent=1, sort_keys=True).encode())
-        except OSError:  # an unwritable cache only costs a re-hash next time
+        except OSError:  # an unwritable cache only costs a re-read next time
             pass
-    return digest
+    return value
+
+
+def sha256_file(path, memo_dir: Path | None = MEMO_DIR) -> str:
+    """sha256 of a file's bytes; remembered by (real path, size, mtime) in memo_dir, so an 11 GB file is
+    hashed once per machine."""
+    path = Path(path)
+
+    def digest():
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+        return h.hexdigest()
+
+    return _memo(path, "sha256", memo_dir, digest)
+
+
+def verify_checksums(path, memo_dir: Path | None = MEMO_DIR) -> None:
+    """torch.save writes a zip whose every record carries a CRC-32, and torch.load does not check them: a file whose
+    bytes changed after it was written (a bad disk or copy) loads, and its weights are silently wrong. Read once
+    against its checksums (about 1 GB/s; remembered per file as `sha256_file` is, memo_dir None: read every time);
+    a CheckpointError names the bad record. Files that are not zips pass (their loaders say what they are)."""
+    import zipfile
+
+    path = Path(path)
+
+    def bad_record():
+        try:
+            with zipfile.ZipFile(path) as z:
+                return z.testzip()
+        except zipfile.BadZipFile:
+            return None
+
+    bad = _memo(path, "zip-crc", memo_dir, bad_record)
+    if bad is not None:
+        raise CheckpointError(f"{str(path)!r} is corrupt: its record {bad!r} does not match the checksum written "
+                              "with it (the file changed after it was saved: copy or download it again)")
+
+
+def check_weights_file(path, what: str) -> Path:
+    """A weights file that can be opened, said before any work (cheap: no tensor is read): it exists, is not a Git
+    LFS pointer, and its container is whole: torch.save's zip still has its central directory, at its end (a
+    truncated file has lost it), and a safetensors file is as long as its header says. Returns the path."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {str(path)!r} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(max(8, len(LFS_POINTER)))
+    if head.startswith(LFS_POINTER):
+        raise CheckpointError(f"{what} {str(path)!r} is a Git LFS pointer ({path.stat().st_size} bytes), not the "
+                              "weights: fetch the file itself (git lfs pull, or download it again)")
+    size = path.stat().st_size
+    if path.suffix == ".safetensors":
+        n = int.from_bytes(head[:8], "little")
+        try:
+            with open(path, "rb") as f:
+                f.seek(8)
+                header = json.loads(f.read(n)) if 8 + n <= size else None
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            header, end = None, 0
+        if header is None or 8 + n + end > size:
+            raise CheckpointError(f"{what} {str(path)!r} is not a whole safetensors file ({size} bytes; truncated or "
+                                  "another kind of file): copy or download it again")
+    elif head[:2] == b"PK":  # torch.save's zip
+        try:
+            zipfile.ZipFile(path).close()
+        except zipfile.BadZipFile:
+            raise CheckpointError(f"{what} {str(path)!r} is a truncated or damaged zip ({size} bytes; torch.save "
+                                  "writes one): copy or download it again") from None
+    return path
 
 
 def ensure_writable_dir(path) -> Path:

@@ -51,16 +51,31 @@ def _detail_layers(ds: xr.Dataset, layers) -> list[int]:
     return [have[i] for i in idx]
 
 
-def _store_summary(page: Page, ds: xr.Dataset, source: str, sample: str | None = None):
+WEIGHTS_KEY = {"ema": "generator_ema (EMA)", "gen": "generator"}  # fingerprint_fields.model.key -> the entry loaded
+
+
+def model_facts(ds: xr.Dataset) -> dict[str, str]:
+    """What names the model a store holds (its samples carry one): family, sampler, checkpoint, which entry of it
+    ran (EMA or not), the weights' sha256 (first 12 hex) and the attention window."""
     first = ds.isel(sample=0)
-    facts = {
-        "store": source,
-        "created": ds.attrs.get("created_utc", "?"),
+    model = (ds.attrs.get("fingerprint_fields") or {}).get("model", {})
+    sha = str(first["checkpoint_sha256"].values) if "checkpoint_sha256" in ds.coords else model.get("weights", "?")
+    return {
         "model family": str(first["model_family"].values) if "model_family" in ds.coords else "?",
         "sampler": str(first["sampler"].values) if "sampler" in ds.coords else "?",
         "checkpoint": str(first["checkpoint"].values) if "checkpoint" in ds.coords else "?",
+        "weights entry": WEIGHTS_KEY.get(model.get("key"), "the folder's DiT" if model else "?"),
+        "weights sha256": sha[:12] + ("..." if len(sha) > 12 else ""),
         "attention window (frames, -1 = global) / sink frames":
             f"{int(first['local_attn_size'])} / {int(first['sink_size'])}" if "local_attn_size" in ds.coords else "?",
+    }
+
+
+def _store_summary(page: Page, ds: xr.Dataset, source: str, sample: str | None = None):
+    facts = {
+        "store": source,
+        "created": ds.attrs.get("created_utc", "?"),
+        **model_facts(ds),
         "frames / frames per chunk": f"{ds.sizes['query_frame']} / " + (
             str(chunk_sizes(ds["query_chunk"].values)) if "query_chunk" in ds.coords
             else str(ds.attrs.get("num_frame_per_block", "?"))),
@@ -229,22 +244,30 @@ def _training_report(ds: xr.Dataset, source: str, out_html, *, layer, sample, st
     return write_atomic(page.render(), out_html)
 
 
-def compare_summary(c, ranking, name_a: str, name_b: str, rows: int = 5) -> str:
-    """A few lines for the terminal: the matched samples and steps, then the `rows` heads whose attention over key
-    frames moved most (JS divergence in bits, mean over matched steps) with each side's head class (of its metrics
-    averaged over the matched steps)."""
-    lines = [f"A = {name_a.removeprefix('A: ')}, B = {name_b.removeprefix('B: ')}: {len(c.pairs)} sample pair(s) "
-             f"paired by {'prompt and seed' if c.pair_by == 'seed' else 'prompt'}, "
-             f"{c.js_bits.sizes['match']} matched step(s), query frames {c.query_frames}",
-             "heads whose attention over key frames changed most (Jensen-Shannon, bits; 0 = same, 1 = disjoint; "
-             "means over the matched steps, the classes too):",
-             f"{'layer':>6}{'head':>6}{'js_bits':>9}  class A -> class B"]
+def compare_summary(c, ranking, name_a: str, name_b: str, rows: int = 5, stores=None) -> str:
+    """A few lines for the terminal: the models (`stores`: the two stores, when given), the matched samples and
+    steps, then the `rows` heads whose attention over key frames moved most (JS divergence in bits, mean over
+    matched steps) with each side's head class (of its metrics averaged over the matched steps)."""
+    lines = [f"{side} = {name.removeprefix(side + ': ')}: {_model_line(ds)}"
+             for side, name, ds in zip("AB", (name_a, name_b), stores or ())]
+    who = "" if stores else f"A = {name_a.removeprefix('A: ')}, B = {name_b.removeprefix('B: ')}: "
+    lines += [f"{who}{len(c.pairs)} sample pair(s) paired by {'prompt and seed' if c.pair_by == 'seed' else 'prompt'}, "
+              f"{c.js_bits.sizes['match']} matched step(s), query frames {c.query_frames}",
+              "heads whose attention over key frames changed most (Jensen-Shannon, bits; 0 = same, 1 = disjoint; "
+              "means over the matched steps, the classes too):",
+              f"{'layer':>6}{'head':>6}{'js_bits':>9}  class A -> class B"]
     for _, row in ranking.head(rows).iterrows():
         lines.append(f"{int(row['layer']):>6}{int(row['head']):>6}{row['js_bits']:>9.3f}  "
                      f"{row['class_a']} -> {row['class_b']}")
     median = float(ranking["js_bits"].median())
     lines.append(f"median over the {len(ranking)} heads: {median:.3f} bits")
     return "\n".join(lines)
+
+
+def _model_line(ds: xr.Dataset) -> str:
+    f = model_facts(ds)
+    return (f"{f['checkpoint']} ({f['weights entry']}, sha256 {f['weights sha256']}), {f['model family']}, "
+            f"{f['sampler']}")
 
 
 def _distinct_names(src_a: str, src_b: str) -> tuple[str, str]:
@@ -285,12 +308,15 @@ def build_compare_report(
                                    thresholds=thresholds, name_a=name_a, name_b=name_b, pair_by=pair_by)
     ranking = compare_mod.rank_heads(c)
     if log is not None:
-        log(compare_summary(c, ranking, name_a, name_b))
+        log(compare_summary(c, ranking, name_a, name_b, stores=(a, b)))
 
     page = Page(f"Comparison: {name_a} vs {name_b}")
     page.p(f"A = <code>{html.escape(src_a)}</code>, B = <code>{html.escape(src_b)}</code>. Differences are B - A. "
            "Jensen-Shannon divergence between the key-frame distributions of each query row, in bits (0 = same, "
            f"1 = disjoint), averaged over sample pairs and query frames {c.query_frames}.")
+    page.h("Models")
+    page.table(pd.DataFrame({f"A: {name_a.removeprefix('A: ')}": model_facts(a),
+                             f"B: {name_b.removeprefix('B: ')}": model_facts(b)}))
     page.h("Matched samples")
     if c.pair_by == "prompt":
         page.p("The stores share no (prompt, seed), so every sample of A is paired with every sample of B of the same "

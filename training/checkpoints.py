@@ -86,19 +86,15 @@ class Checkpoints:
 
 
 def check_checksums(path) -> None:
-    """torch.save writes a zip whose every record carries a CRC-32; torch.load does not check them, so a file whose
-    bytes changed after it was written (a bad disk, a partial copy over an old file) loads and trains on wrong
-    weights. Reading it once against its checksums (about 1 GB/s) names such a file before a run resumes from it."""
-    import zipfile
+    """The checkpoint's bytes against the CRC-32s torch.save wrote (models/files.py `verify_checksums`, read every
+    time: a resume is where a bad disk would show), before a run resumes from it."""
+    from models.errors import CheckpointError
+    from models.files import verify_checksums
 
     try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-    except zipfile.BadZipFile:
-        return  # not a zip: load_tensors / torch.load say what it is
-    if bad is not None:
-        raise TrainingError(f"{path} is corrupt: its record {bad!r} does not match the checksum written with it; "
-                            "resume from an earlier checkpoint_model_* folder")
+        verify_checksums(path, memo_dir=None)
+    except CheckpointError as err:
+        raise TrainingError(f"{err}; resume from an earlier checkpoint_model_* folder") from None
 
 
 def latest_checkpoint(logdir) -> Path | None:

@@ -203,8 +203,8 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str = "",
     # layer or head the rollout lacks would otherwise edit nothing, silently
     bounds = entry_bounds(p)
     for e in entries:
-        if isinstance(e, Entry):
-            parse_entry(e.spec(), **bounds)
+        if isinstance(e, Entry):  # (history_only: a field of every Entry, a setting of knockouts alone)
+            parse_entry({k: v for k, v in e.spec().items() if k != "history_only" or e.kind == "knockout"}, **bounds)
     entries = [e if isinstance(e, Entry) else parse_entry(e, **bounds) for e in entries]
     check_entries(entries, cfg.sampler)
     partial = [e.label for e in entries if e.kind == "knockout" and e.heads is not None]
@@ -219,6 +219,10 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str = "",
                              "prompts naming one colour, shape and direction (models/world.py)")
     if save_videos and not (p.wan_dir / "Wan2.1_VAE.pth").is_file():
         raise WorkbenchError(f"--save-videos decodes with the model folder's VAE; {p.wan_dir} has no Wan2.1_VAE.pth")
+    if save_videos or scored:
+        from workbench.weights import check_model_files
+
+        check_model_files(p.wan_dir, vae=True)  # (whole, before the baseline runs)
     lock = StoreLock(cfg.out).acquire()
     try:
         sha = weights_sha256(p.weights_file)

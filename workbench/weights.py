@@ -31,6 +31,9 @@ def check_weights_args(checkpoint: str | None, use_ema: bool, model: str | None 
                              "checkpoint_model_N/ folder holds model.pt)")
     if not path.is_file():
         raise WorkbenchError(f"--checkpoint {checkpoint!r} does not exist")
+    from models.files import check_weights_file
+
+    check_weights_file(path, "--checkpoint")  # truncated or a Git LFS pointer: said before any work
 
 
 def resolve_model(cfg):
@@ -79,4 +82,21 @@ def check_wan_dir(wan_dir: Path) -> None:
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} is a file; give the Wan2.1 folder (config.json, "
                              "diffusion_pytorch_model.safetensors, ...)")
     if not (wan_dir / "config.json").is_file():
-        raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)")
+        hint = (f"; a diffusers pipeline folder holds the transformer in {str(wan_dir / 'transformer')!r} "
+                "(docs/modes.md: its text encoder and VAE files)" if (wan_dir / "model_index.json").is_file() else "")
+        raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)"
+                             + hint)
+    check_model_files(wan_dir)
+
+
+def check_model_files(wan_dir: Path, vae: bool = False) -> None:
+    """The DiT weights of a model folder (the file, or every shard its index names) and, with `vae`, its
+    Wan2.1_VAE.pth: there and whole (models/files.py `check_weights_file`), before any work."""
+    from models.files import check_weights_file
+    from models.wan.checkpoint import shard_files, wan_weights_file
+
+    weights = wan_weights_file(wan_dir)
+    for path in shard_files(weights) if weights.name.endswith(".index.json") else [weights]:
+        check_weights_file(path, "DiT weights")
+    if vae:
+        check_weights_file(wan_dir / "Wan2.1_VAE.pth", "the VAE")

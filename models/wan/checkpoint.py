@@ -112,7 +112,7 @@ def wan_weights_file(folder: str | Path) -> Path:
                           f"its shards ({INDEX_NAME})")
 
 
-def _shards(index: Path) -> list[Path]:
+def shard_files(index: Path) -> list[Path]:
     """The shard files a `...safetensors.index.json` names (each checked to exist)."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -128,7 +128,7 @@ def weights_sha256(path: str | Path) -> str:
     if not path.name.endswith(".index.json"):
         return sha256_file(path)
     h = hashlib.sha256(f"shards\0index={sha256_file(path)}\0".encode())
-    for shard in _shards(path):
+    for shard in shard_files(path):
         h.update(f"{shard.name}={sha256_file(shard)}\0".encode())
     return h.hexdigest()
 
@@ -143,7 +143,7 @@ def read_wan_folder(folder: str | Path) -> tuple[WanConfig, dict]:
     if weights.name == WEIGHTS_NAME:
         return config, load_tensors(weights)
     state_dict = {}
-    for shard in _shards(weights):
+    for shard in shard_files(weights):
         state_dict.update(load_tensors(shard))
     return config, state_dict
 

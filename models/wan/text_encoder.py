@@ -240,11 +240,14 @@ def encoder_identity(weights_path, tokenizer_dir, text_len: int) -> str:
 
 def check_encoder_files(wan_dir) -> None:
     """The text encoder's files of a Wan folder are there (the umT5 weights and the tokenizer folder), or a clear
-    error naming the missing one; cheap (nothing is read), so commands call it before any work."""
+    error naming the missing (or truncated) one; cheap (no tensor is read), so commands call it before any work."""
+    from models.files import check_weights_file
+
     wan_dir = Path(wan_dir)
     if not (wan_dir / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"text encoder weights {str(wan_dir / WEIGHTS_NAME)!r} do not exist (the Wan folder's "
                               f"umT5 encoder, {WEIGHTS_NAME})")
+    check_weights_file(wan_dir / WEIGHTS_NAME, "text encoder weights")  # (a truncated or LFS file: said now)
     if not (wan_dir / TOKENIZER_SUBDIR).is_dir():
         raise TokenizerNotFoundError(
             f"tokenizer folder not found: {wan_dir / TOKENIZER_SUBDIR} (expected the Wan folder's google/umt5-xxl/ "
