@@ -80,6 +80,11 @@ CASES = [
      "--context-noise -5: give a timestep in 0..1000"),
     (["intervene", "--ablate", "3:0", "--timestep-shift", "0", "--out", "{tmp}/x.zarr"],
      "--timestep-shift 0: give a number > 0"),
+    (["generate", "--prompt", "x", "--seed", "all", "--out", "{tmp}/g"], "seed 'all': give numbers"),
+    (["intervene", "--spec", "{tmp}/none.yaml", "--out", "{tmp}/x.zarr"],
+     "--spec {tmp}/none.yaml: No such file or directory"),
+    (["intervene", "--policy", "fifo:21", "--frames", "9", "--out", "{tmp}/x.zarr"],
+     "policy window 21 holds all 9 frames of the rollout: it never evicts or moves a frame, so it changes nothing"),
     (["extract", "--layer", "3", "--out", "{blocked}/x.zarr"], "output folder '{blocked}' is not writable"),
     (["generate", "--prompt", "x", "--out", "{blocked}/g"], "output folder '{blocked}/g' is not writable"),
     (["report", "{store}", "--out", "{blocked}/r.html"], "output folder '{blocked}' is not writable"),
@@ -107,6 +112,16 @@ def test_bad_input_is_one_line_before_any_work(argv, message, tmp_path, store, c
     assert err.startswith(f"workbench {argv[0]}: error: ") and err.count("\n") == 1, err
     assert message.format(**fill) in err and "Traceback" not in err
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "g").exists()  # no output folder made
+
+
+@pytest.mark.parametrize("command", ["extract", "generate", "intervene", "info"])
+def test_frames_must_be_positive(command, capsys):
+    """--frames 0 or -3 is refused by the parser, naming the flag (it said "num_frames 0", or ran into the
+    rollout's geometry checks)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([command, "--frames", "-3"])
+    assert exit_.value.code == 2
+    assert "argument --frames: '-3': give a positive number of latent frames, e.g. 21" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")

@@ -307,11 +307,11 @@ def test_every_kind_runs_from_flags_a_spec_and_entry_objects(tmp_path, capsys):
     from workbench.extract import ExtractConfig
     from workbench.intervene import run_intervene
 
-    flags = ["--ablate", "1:0", "--knockout", "0-2", "--temperature", "1:0:2", "--sink", "0.5", "--policy", "fifo:6"]
+    flags = ["--ablate", "1:0", "--knockout", "0-2", "--temperature", "1:0:2", "--sink", "0.5", "--policy", "fifo:3"]
     out = tmp_path / "fx.zarr"
     assert main(["intervene", "--frames", "6", "--world", "off", "--no-progress", "--out", str(out), *flags]) == 0
     labels = ["baseline", "ablate-zero:L1.H0", "knockout0-2:all", "temperature2:L1.H0", "sink0x0.5:all",
-              "policy-fifo6"]
+              "policy-fifo3"]
     assert list(xr.open_zarr(out, consolidated=False).intervention.values) == labels
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({"interventions": [{"kind": "sink", "frames": 0, "value": 0.5},

@@ -82,3 +82,19 @@ def test_generate_and_intervene_take_the_schedule_and_tell_runs_apart(tmp_path, 
     argv = ["intervene", "--frames", "3", "--ablate", "1:0", "--world", "off", "--no-progress", "--out", str(fx)]
     assert main([*argv, "--timestep-shift", "3"]) == 0
     assert main(argv) == 2  # another schedule: another store
+
+
+def test_a_sink_without_a_window_is_named(tmp_path, capsys):
+    """--sink-size with global attention (no --local-attn-size) changes nothing: the KV cache evicts nothing, so a
+    run with it equals one without; said in a warning (a researchers' config may carry a sink with a global cache)."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for extra in ([], ["--sink-size", "3"]):
+        out = tmp_path / f"g{len(extra)}"
+        assert main(["generate", "--prompt", "a blue circle moving up", "--frames", "6", "--no-video", "--no-progress",
+                     "--out", str(out), *extra]) == 0
+        runs[len(extra)] = load_file(str(out / "p0000-s0.safetensors"))["latents"]
+        err = capsys.readouterr().err
+        assert ("warning: --sink-size 3 does nothing with global attention" in err) == bool(extra)
+    assert np.array_equal(runs[0].numpy(), runs[2].numpy())

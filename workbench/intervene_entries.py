@@ -189,6 +189,10 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
         if e.policy == "fifo" and e.sink_frames:
             raise WorkbenchError(f"a fifo policy keeps no sink (sink_frames {e.sink_frames}); use the sink policy, "
                                  f"e.g. sink:{e.window}:{e.sink_frames}")
+        if num_frames and num_frames <= e.window:
+            raise WorkbenchError(f"policy window {e.window} holds all {num_frames} frames of the rollout: it never "
+                                 "evicts or moves a frame, so it changes nothing; give more --frames than the window "
+                                 f"(e.g. --frames {3 * (e.window // 3 + 2)}) or a smaller window")
         if chunk_frames and e.window < e.sink_frames + chunk_frames:
             raise WorkbenchError(f"policy window {e.window}: it must hold the {e.sink_frames} sink frame(s) and a "
                                  f"chunk of {chunk_frames}: at least {e.sink_frames + chunk_frames}")

@@ -34,9 +34,22 @@ def _add_weight_options(group) -> None:
                        help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
 
 
+def latent_frame_count(text: str) -> int:
+    """argparse type of --frames: a positive int, or one line naming the value."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of latent frames, e.g. 21")
+    return value
+
+
 def add_chunk_arguments(group) -> None:
     """--frames and --independent-first-frame: how many latent frames and how a causal rollout chunks them."""
-    group.add_argument("--frames", type=int, default=None,
+    group.add_argument("--frames", type=latent_frame_count, default=None,
                        help="latent frames (default: 21 -> 81 video frames; 19 with --independent-first-frame)")
     group.add_argument("--independent-first-frame", action="store_true",
                        help="frame 0 is a chunk of its own, then chunks of 3: 19 frames give chunks "
@@ -114,6 +127,14 @@ def apply_schedule(args) -> None:
                              "configs)")
     if not args.timestep_shift > 0:
         raise WorkbenchError(f"--timestep-shift {args.timestep_shift:g}: give a number > 0 (Wan2.1 and Self Forcing: 5)")
+    if args.sink_size and args.local_attn_size == -1:  # (the researchers' configs may carry one: a warning)
+        import warnings
+
+        from models.errors import ModelInputWarning
+
+        warnings.warn(f"--sink-size {args.sink_size} does nothing with global attention (--local-attn-size -1: the "
+                      "KV cache holds every frame, nothing is evicted); give --local-attn-size for a window",
+                      ModelInputWarning, stacklevel=2)
 
 
 def schedule_settings(args) -> dict:

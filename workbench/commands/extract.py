@@ -111,7 +111,7 @@ def run(args) -> int:
         steps=parse_int_list(args.steps, what="step"),
         stats=[s.strip() for s in args.stats.split(",") if s.strip()],
         token_layers=parse_int_list(args.token_layers, what="layer") or [],
-        seeds=parse_int_list(args.seed, what="seed"),
+        seeds=parse_int_list(args.seed, what="seed", all_ok=False),
         num_frames=latent_frames(args), independent_first_frame=args.independent_first_frame or bool(args.image),
         image=args.image, height=args.height, width=args.width, sampler=args.sampler, **schedule_settings(args),
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,

@@ -172,7 +172,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     resolve_decoder(args.vae_decoder)  # a bad WORKBENCH_VAE_DECODER included
     check_writable_dir(args.out)  # (made once every check has passed, below)
     prompts = read_prompts(args.prompts) if args.prompts else (args.prompt or default_prompts(args.wan_dir))
-    seeds = parse_int_list(args.seed, what="seed")
+    seeds = parse_int_list(args.seed, what="seed", all_ok=False)
     if not seeds:
         raise WorkbenchError("--seed needs numbers, e.g. 0 or 0-3")
     wan_dir = Path(args.wan_dir) if args.wan_dir else EMBEDDED_DIR

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.commands import PROMPT_HELP, add_model_arguments, add_schedule_arguments, add_size_arguments
+from workbench.commands import (PROMPT_HELP, add_model_arguments, add_schedule_arguments, add_size_arguments,
+                                latent_frame_count)
 
 HELP = "ablate heads, knock out key frames, change temperatures or cache policies: what changes in the video"
 
@@ -36,7 +37,7 @@ a spec file (--spec FILE.yaml) lists entries with every option (steps, chunks, c
     - {kind: knockout, frames: 0-2, layers: all, label: no-first-chunk}
     - {kind: temperature, layers: 2, heads: 0, value: 2.0, steps: 0}
     - {kind: sink, frames: 0, value: 0.5}
-    - {kind: policy, policy: deepsink, window: 21, sink_frames: 10}
+    - {kind: policy, policy: deepsink, window: 12, sink_frames: 6}     # (a rollout longer than the window)
   sweep: {layers: 0-5, mode: zero}
 
 examples:
@@ -63,7 +64,7 @@ def register(subparsers) -> None:
     job.add_argument("--prompt", action="append", metavar="TEXT", help=PROMPT_HELP)
     job.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
     job.add_argument("--seeds", default="0", help="seeds: 0, 0-2 or 1,5 (default: %(default)s)")
-    job.add_argument("--frames", type=int, default=21, help="latent frames (default: %(default)s)")
+    job.add_argument("--frames", type=latent_frame_count, default=21, help="latent frames (default: %(default)s)")
     add_size_arguments(job)
     job.add_argument("--local-attn-size", type=int,
                      help="the baseline's KV window in latent frames (default: -1, global; needed past 21 frames)")
@@ -104,6 +105,9 @@ def entries_from_args(args, num_layers: int, num_heads: int, **rollout):
                 spec = yaml.safe_load(f) or {}
         except yaml.YAMLError as err:
             raise WorkbenchError(f"--spec {args.spec}: not YAML ({str(err).splitlines()[0]})") from None
+        except OSError as err:
+            raise WorkbenchError(f"--spec {args.spec}: {err.strerror or err} (give a YAML file of interventions; "
+                                 "see --help)") from None
         if not isinstance(spec, dict) or set(spec) - {"interventions", "sweep"}:
             raise WorkbenchError(f"--spec {args.spec}: a mapping with interventions: (a list) and/or sweep: "
                                  "{layers, mode}")
@@ -141,7 +145,7 @@ def run(args) -> int:
                              f"causal few-step rollout (models {few_step})")
     resolve_model(args)  # --model NAME, or the zoo's default (the DMD student), as extract and generate do
     apply_schedule(args)
-    seeds = parse_int_list(args.seeds, what="seed")
+    seeds = parse_int_list(args.seeds, what="seed", all_ok=False)
     if not seeds:
         raise WorkbenchError("--seeds needs numbers, e.g. 0 or 0-2")
     if args.prompt and args.prompts:
