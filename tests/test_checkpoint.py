@@ -261,3 +261,38 @@ def test_safetensors_bytes_do_not_depend_on_the_metadata_order(tmp_path):
     with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
         assert f.metadata() == meta
         assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+
+
+def test_damaged_weights_files_are_named_before_any_work_or_at_load(tmp_path, sd):
+    """`check_weights_file` (cheap, before any work): a truncated torch.save zip, a truncated safetensors file and
+    a Git LFS pointer are named; whole files pass. `load_tensors` checks the zip's CRC-32s, which torch.load does
+    not: a checkpoint with changed bytes loaded silently, with wrong weights."""
+    import zipfile
+
+    from safetensors.torch import save_file
+
+    from models.files import check_weights_file, load_tensors
+
+    pt, st = tmp_path / "sf.pt", tmp_path / "dit.safetensors"
+    torch.save({"generator": {f"model.{k}": v for k, v in sd.items()}}, pt)
+    save_file(sd, str(st))
+    for path in (pt, st):
+        assert check_weights_file(path, "x") == path
+    data = pt.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "cut.safetensors").write_bytes(st.read_bytes()[:-100])
+    (tmp_path / "lfs.pt").write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 5\n")
+    for name, words in (("cut.pt", "is a truncated or damaged zip"), ("cut.safetensors", "is not a whole safetensors"),
+                        ("lfs.pt", "is a Git LFS pointer")):
+        with pytest.raises(CheckpointError, match=f"--checkpoint '.*{name}' {words}"):
+            check_weights_file(tmp_path / name, "--checkpoint")
+    with zipfile.ZipFile(pt) as z:  # flip bytes inside one tensor's record: the zip stays readable
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    bad, h = bytearray(data), info.header_offset  # the record's data follows its local header (30 bytes, name, extra)
+    start = h + 30 + int.from_bytes(data[h + 26:h + 28], "little") + int.from_bytes(data[h + 28:h + 30], "little")
+    bad[start:start + 16] = bytes(b ^ 0xFF for b in bad[start:start + 16])
+    (tmp_path / "bad.pt").write_bytes(bytes(bad))
+    check_weights_file(tmp_path / "bad.pt", "x")  # (its structure is whole)
+    with pytest.raises(CheckpointError, match=r"bad.pt' is corrupt: its record '.*' does not match the checksum"):
+        load_tensors(tmp_path / "bad.pt")
+    assert "generator" in load_tensors(pt)

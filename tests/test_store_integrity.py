@@ -220,6 +220,8 @@ def test_append_of_another_models_samples_is_refused(tmp_path, reference, other_
         assert err.count("\n") == 0
         assert "holds samples of another model or sampler setting (model.weights: " in err
         assert f"{store_sha} in the store, {sha256_file(other_checkpoint)} in this run" in err
+        assert f"; the store's samples: {before.checkpoint.values[0]} (generator_ema), this run's: " \
+               f"{other_checkpoint} (generator_ema))" in err  # (the files, not only their hashes)
         assert "write these samples to another --out and compare the stores" in err
     xr.testing.assert_identical(loaded(store), before)
 

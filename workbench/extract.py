@@ -423,8 +423,9 @@ def open_writer(p: Plan, log=print) -> StoreWriter:
         lock.release()
         raise
     fields = fingerprint_fields(p, sha)
+    entry = "" if not cfg.checkpoint else " (generator_ema)" if cfg.use_ema else " (generator)"
     return StoreWriter(cfg.out, fingerprint_of(fields), mode=cfg.mode, lock=lock, log=log, fields=fields,
-                       entry_coords={"checkpoint_sha256": sha})
+                       entry_coords={"checkpoint_sha256": sha}, made_by=f"{p.checkpoint_label}{entry}")
 
 
 def check_resumed_prompts(writer: StoreWriter, samples, out) -> None:

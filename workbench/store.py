@@ -324,11 +324,12 @@ class StoreWriter:
                  completed_attr: str = "completed",
                  hint: str = "pass --overwrite to replace it, or choose another --out",
                  fields: dict | None = None, entry_coords: dict | None = None, lock: StoreLock | None = None,
-                 log=print):
+                 log=print, made_by: str | None = None):
         if mode not in ("resume", "append", "overwrite"):
             raise WorkbenchError(f"unknown store mode {mode!r}; use resume, append or overwrite")
         self.path = Path(path)
         self.fingerprint, self.fields = fingerprint, fields
+        self.made_by = made_by  # this run's weights in words (a refusal names them beside the store's)
         self.append_dim, self.completed_attr, self.hint, self.log = append_dim, completed_attr, hint, log
         self.completed: list = []
         self._tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -366,6 +367,15 @@ class StoreWriter:
             if leftover.exists():
                 shutil.rmtree(leftover)
 
+    def _whose(self, group, attrs) -> str:
+        """'; the store's samples: CHECKPOINT (ENTRY), this run's: ...' when both are known, else ''."""
+        if self.made_by is None or "checkpoint" not in group or group["checkpoint"].shape[0] == 0:
+            return ""
+        key = ((attrs.get("fingerprint_fields") or {}).get("model") or {}).get("key")
+        entry = {"ema": " (generator_ema)", "gen": " (generator)"}.get(key, "")
+        theirs = np.asarray(group["checkpoint"][:1]).tolist()[0]
+        return f"; the store's samples: {theirs}{entry}, this run's: {self.made_by}"
+
     def _open_existing(self, entry_coords: dict) -> None:
         import zarr
 
@@ -378,7 +388,7 @@ class StoreWriter:
             raise WorkbenchError(f"{str(self.path)!r} is not a store of schema_version {SCHEMA_VERSION} with "
                                  f"{self.completed_attr!r}; {self.hint}")
         if attrs.get("fingerprint") != self.fingerprint:
-            what = describe_differences(attrs.get("fingerprint_fields"), self.fields)
+            what = describe_differences(attrs.get("fingerprint_fields"), self.fields) + self._whose(group, attrs)
             if self.append_dim == "sample" and attrs.get("layout_fingerprint") == self.fingerprint.split(":")[0]:
                 raise WorkbenchError(
                     f"{str(self.path)!r} holds samples of another model or sampler setting ({what}); a store holds "

@@ -82,8 +82,9 @@ def check_wan_dir(wan_dir: Path) -> None:
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} is a file; give the Wan2.1 folder (config.json, "
                              "diffusion_pytorch_model.safetensors, ...)")
     if not (wan_dir / "config.json").is_file():
-        hint = (f"; a diffusers pipeline folder holds the transformer in {str(wan_dir / 'transformer')!r} "
-                "(docs/modes.md: its text encoder and VAE files)" if (wan_dir / "model_index.json").is_file() else "")
+        hint = (f"; a diffusers pipeline folder holds the DiT in {str(wan_dir / 'transformer')!r}, which takes "
+                "the official folder's text encoder, tokenizer and VAE linked beside its config.json (README, "
+                "'Formats read as they are')" if (wan_dir / "model_index.json").is_file() else "")
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)"
                              + hint)
     check_model_files(wan_dir)

@@ -166,7 +166,9 @@ def read_self_forcing(path: str | Path, key: str = "generator", *, trust_pickle:
                     f"{sorted(blob)[:3]}); a Self-Forcing checkpoint holds one under 'generator' (and "
                     "'generator_ema', 'critic'): save it as {'generator': state_dict}, or put it in a Wan folder")
             why = (" (a training run writes it in the checkpoints after step ema_start_step)"
-                   if key == "generator_ema" and "generator" in blob else "")
+                   if key == "generator_ema" and "generator" in blob else
+                   " (its weights are the EMA's: pass --use-ema, use_ema=True)" if key == "generator" and
+                   "generator_ema" in blob else "")
             raise CheckpointError(f"{str(path)!r} has no {key!r} entry{why}; it has {entries or sorted(blob)[:10]}")
     return strip_prefixes(blob[key])
 

@@ -245,8 +245,12 @@ def check_encoder_files(wan_dir) -> None:
 
     wan_dir = Path(wan_dir)
     if not (wan_dir / WEIGHTS_NAME).is_file():
+        diffusers = "WanTransformer3DModel" in (wan_dir / "config.json").read_text() \
+            if (wan_dir / "config.json").is_file() else False
+        hint = ("; this is a diffusers transformer folder: link the official Wan2.1 folder's "
+                f"{WEIGHTS_NAME}, Wan2.1_VAE.pth and google/ beside its config.json" if diffusers else "")
         raise CheckpointError(f"text encoder weights {str(wan_dir / WEIGHTS_NAME)!r} do not exist (the Wan folder's "
-                              f"umT5 encoder, {WEIGHTS_NAME})")
+                              f"umT5 encoder, {WEIGHTS_NAME}){hint}")
     check_weights_file(wan_dir / WEIGHTS_NAME, "text encoder weights")  # (a truncated or LFS file: said now)
     if not (wan_dir / TOKENIZER_SUBDIR).is_dir():
         raise TokenizerNotFoundError(
