@@ -50,7 +50,8 @@ def register(subparsers) -> None:
     report.add_argument("store", help="the store to report on (a *.zarr folder written by `workbench extract`)")
     report.add_argument("--out", default=None,
                         help="HTML file to write (default: the store path with .html, e.g. runs/embedded.html); for an "
-                             "effects store also the same name with .png (the per-frame curves) and, for a sweep, _heads.png")
+                             "effects store also the same name with .png (the per-frame curves) and, for a sweep, "
+                             "_heads.png")
     report.add_argument("--layer", type=int, action="append", metavar="N",
                         help="layer to show in detail; repeat for several (default: every captured layer, at most 8)")
     report.add_argument("--sample", metavar="ID", help="one sample id, e.g. p0000-s42 (default: mean over samples)")

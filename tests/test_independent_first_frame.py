@@ -170,7 +170,8 @@ def test_store_and_export_legacy_on_the_13b_layout(tmp_path):
     folder = tmp_path / "wan13b"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(preset("wan2.1-t2v-1.3b").to_json_dict()))
-    (folder / "diffusion_pytorch_model.safetensors").touch()  # (plan checks the weights are there; reads none)
+    # (plan checks the weights file is there and whole; reads no tensor: a safetensors file of none)
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"\x08" + b"\0" * 7 + b"{}      ")
     p = plan(ExtractConfig(wan_dir=str(folder), num_frames=19, independent_first_frame=True, layers=[3], steps=[0],
                            stats=["attn_mass", "attn_logit"]))
     layout = store_layout(p, {"frame_seq_len": p.frame_seq_len, "num_frame_per_block": 3, "fingerprint": "a:b"})

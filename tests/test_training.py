@@ -417,5 +417,5 @@ def test_a_resume_that_changes_the_runs_settings_is_refused(tmp_path):
     data[len(data) // 2] ^= 0x40  # one bit of a weight
     model.write_bytes(bytes(data))
     torch.load(model, map_location="cpu", weights_only=True)  # (loads as if nothing happened)
-    with pytest.raises(TrainingError, match=r"model.pt is corrupt: its record '.*' does not match the checksum"):
+    with pytest.raises(TrainingError, match=r"model.pt' is corrupt: its record '.*' does not match the checksum"):
         make(tmp_path, *over, resume=ck)

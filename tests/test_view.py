@@ -345,15 +345,21 @@ def cell_rgb(page, head: int, row: int, key_frame: int) -> list[int]:
 GREY = [0xE2, 0xE2, 0xDE]  # cells that were not attended
 
 
+def open_page(browser, url: str, frames: int):
+    """A new page at url, once its first `frames` pixel frames are loaded; and the list its script errors go to."""
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.goto(url)
+    page.wait_for_function(f"Number(document.body.dataset.framesLoaded) === {frames}")
+    return page, errors
+
+
 @needs_mp4
 def test_browser_plays_a_store_and_its_maps_change_with_time(runs, store_server, tmp_path):
     ds = open_store(runs / "x.zarr")
     with chromium() as browser:
-        page = browser.new_page()
-        errors = []
-        page.on("pageerror", lambda err: errors.append(str(err)))
-        page.goto(store_server.url)
-        page.wait_for_function(f"Number(document.body.dataset.framesLoaded) === {T}")
+        page, errors = open_page(browser, store_server.url, T)
         slider = page.locator("#time")
         shots = {}
         for t, latent, chunk in ((4, 1, 0), (25, 7, 2)):  # moved as a user moves the slider
@@ -447,11 +453,7 @@ def test_browser_shows_an_effects_store_entry_by_entry(tmp_path):
     server, _ = start(source, port=0)
     try:
         with chromium() as browser:
-            page = browser.new_page()
-            errors = []
-            page.on("pageerror", lambda err: errors.append(str(err)))
-            page.goto(server.url)
-            page.wait_for_function(f"Number(document.body.dataset.framesLoaded) === {T}")
+            page, errors = open_page(browser, server.url, T)
             page.locator("#time").fill("12")  # chunk 1: query frames 3-5
             assert page.evaluate("viewer.current().chunk.chunk") == 1
             assert cell_rgb(page, 0, 0, 0) != GREY  # the baseline attends to frame 0

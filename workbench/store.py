@@ -368,13 +368,13 @@ class StoreWriter:
                 shutil.rmtree(leftover)
 
     def _whose(self, group, attrs) -> str:
-        """'; the store's samples: CHECKPOINT (ENTRY), this run's: ...' when both are known, else ''."""
+        """'; the store's samples: CHECKPOINT (ENTRY), this run's: ...' when both are known and differ, else ''."""
         if self.made_by is None or "checkpoint" not in group or group["checkpoint"].shape[0] == 0:
             return ""
         key = ((attrs.get("fingerprint_fields") or {}).get("model") or {}).get("key")
         entry = {"ema": " (generator_ema)", "gen": " (generator)"}.get(key, "")
-        theirs = np.asarray(group["checkpoint"][:1]).tolist()[0]
-        return f"; the store's samples: {theirs}{entry}, this run's: {self.made_by}"
+        theirs = f"{np.asarray(group['checkpoint'][:1]).tolist()[0]}{entry}"
+        return "" if theirs == self.made_by else f"; the store's samples: {theirs}, this run's: {self.made_by}"
 
     def _open_existing(self, entry_coords: dict) -> None:
         import zarr
@@ -388,8 +388,9 @@ class StoreWriter:
             raise WorkbenchError(f"{str(self.path)!r} is not a store of schema_version {SCHEMA_VERSION} with "
                                  f"{self.completed_attr!r}; {self.hint}")
         if attrs.get("fingerprint") != self.fingerprint:
-            what = describe_differences(attrs.get("fingerprint_fields"), self.fields) + self._whose(group, attrs)
+            what = describe_differences(attrs.get("fingerprint_fields"), self.fields)
             if self.append_dim == "sample" and attrs.get("layout_fingerprint") == self.fingerprint.split(":")[0]:
+                what += self._whose(group, attrs)  # (another model: named by its files too)
                 raise WorkbenchError(
                     f"{str(self.path)!r} holds samples of another model or sampler setting ({what}); a store holds "
                     "one model, so that no report or comparison mixes two: write these samples to another --out and "

@@ -126,7 +126,8 @@ def apply_schedule(args) -> None:
                              "which each finished chunk is written to the KV cache; 0 = clean, as the researchers' "
                              "configs)")
     if not args.timestep_shift > 0:
-        raise WorkbenchError(f"--timestep-shift {args.timestep_shift:g}: give a number > 0 (Wan2.1 and Self Forcing: 5)")
+        raise WorkbenchError(f"--timestep-shift {args.timestep_shift:g}: give a number > 0 (Wan2.1 and Self "
+                             "Forcing: 5)")
     if args.sink_size and args.local_attn_size == -1:  # (the researchers' configs may carry one: a warning)
         import warnings
 

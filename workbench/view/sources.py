@@ -219,7 +219,9 @@ class StoreSource(Source):
         if not (self.path / "zarr.json").is_file():  # (zarr reads a deleted store's chunks as NaN: "not attended")
             raise WorkbenchError(f"the store {str(self.path)!r} is gone (deleted or moved while the viewer ran); "
                                  "start the viewer again on a store")
-        where = dict(sample=sample, layer=int(layer), step=int(step)) | ({} if entry is None else {"intervention": entry})
+        where = dict(sample=sample, layer=int(layer), step=int(step))
+        if entry is not None:
+            where["intervention"] = entry
         values = self.ds.attn_mass.sel(where)
         return np.asarray(values.transpose("head", "query_frame", "key_frame").values, dtype=np.float32)
 
