@@ -211,8 +211,10 @@ def build_effects_report(store, out_html: str | Path) -> Path:
         page.figure(fig, f"fig-curve-{i}")
         if name == "world_curve_trajectory_error":
             page.p("Trajectory error per frame: the distance of the tracked object from the named motion fitted to "
-                   "the whole video (docs/world_metrics.md), so an edit that changes later frames moves the fit, "
-                   "and frames the edit left as they were can show a larger error too.")
+                   "its first 81 frames (the length the models are trained on) and extrapolated beyond "
+                   "(docs/world_metrics.md). An edit that changes frames within those 81 moves the fit, so frames "
+                   "it left as they were can show a larger error too; past them (a long rollout) the fit, and so "
+                   "`speed`, is the one of the first 81 frames.")
     _videos(page, ds, store, top)
     png = out_html.with_suffix(".png")
     write_png(curve_png(ds, top), png)

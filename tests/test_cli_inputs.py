@@ -81,6 +81,13 @@ CASES = [
     (["intervene", "--ablate", "3:0", "--timestep-shift", "0", "--out", "{tmp}/x.zarr"],
      "--timestep-shift 0: give a number > 0"),
     (["generate", "--prompt", "x", "--seed", "all", "--out", "{tmp}/g"], "seed 'all': give numbers"),
+    (["intervene", "--ablate", "3:0", "--frames", "0", "--out", "{tmp}/x.zarr"],
+     "--frames 0: give a positive number of latent frames"),
+    (["extract", "--layer", "3", "--frames", "-3"], "--frames -3: give a positive number of latent frames"),
+    (["generate", "--prompt", "x", "--frames", "0", "--out", "{tmp}/g"], "--frames 0: give a positive number"),
+    (["info", "--frames", "0"], "--frames 0: give a positive number"),
+    (["generate", "--prompt", "x", "--frames", "12", "--local-attn-size", "4", "--sink-size", "3", "--out", "{tmp}/g"],
+     "--local-attn-size 4: the window must hold the sink (3 frames) and a chunk (3): at least 6"),
     (["intervene", "--spec", "{tmp}/none.yaml", "--out", "{tmp}/x.zarr"],
      "--spec {tmp}/none.yaml: No such file or directory"),
     (["intervene", "--policy", "fifo:21", "--frames", "9", "--out", "{tmp}/x.zarr"],
@@ -112,16 +119,6 @@ def test_bad_input_is_one_line_before_any_work(argv, message, tmp_path, store, c
     assert err.startswith(f"workbench {argv[0]}: error: ") and err.count("\n") == 1, err
     assert message.format(**fill) in err and "Traceback" not in err
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "g").exists()  # no output folder made
-
-
-@pytest.mark.parametrize("command", ["extract", "generate", "intervene", "info"])
-def test_frames_must_be_positive(command, capsys):
-    """--frames 0 or -3 is refused by the parser, naming the flag (it said "num_frames 0", or ran into the
-    rollout's geometry checks)."""
-    with pytest.raises(SystemExit) as exit_:
-        cli_main([command, "--frames", "-3"])
-    assert exit_.value.code == 2
-    assert "argument --frames: '-3': give a positive number of latent frames, e.g. 21" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
@@ -215,6 +212,22 @@ def test_a_wan_folder_runs_at_its_own_size_unless_told(tmp_path):
     assert cli_main(["generate", "--wan-dir", str(folder), "--height", "64", "--width", "96", "--frames", "3",
                      "--prompt", "x", "--no-video", "--out", str(tmp_path / "g"), "--no-progress"]) == 0
     assert load_file(str(tmp_path / "g" / "p0000-s0.safetensors"))["latents"].shape == (3, 16, 8, 12)
+
+
+def test_extract_summary_of_a_window_without_a_sink_sums_to_one(tmp_path):
+    """With a window and no sink frame 0 leaves the cache: its cells are NaN for later queries and count as 0. The
+    summary averaged frame 0 (and the rest) over the queries that still saw it only, so a planted sink head read
+    as 1.0 on frame 0 and the columns summed past 1."""
+    from workbench.summary import summary_table
+
+    store = synthetic.write_store(tmp_path / "w.zarr", "window", layers=(0,), num_heads=4, local_attn_size=9,
+                                  sink_size=0)
+    rows = [[float(v) for v in line.split()[2:5]] for line in summary_table(store).splitlines()
+            if line.split()[:1] and line.split()[0].isdigit()]
+    assert len(rows) == 4
+    for frame0, own, rest in rows:
+        assert frame0 + own + rest == pytest.approx(1.0, abs=2e-3)
+    assert max(r[0] for r in rows) < 0.5  # (frame 0 is attended by the first 9 frames' queries only)
 
 
 def test_extract_summary_is_per_layer_and_head(tmp_path):

@@ -134,6 +134,15 @@ def parse_int_list(text: str | None, *, what: str, upper: int | None = None, own
     return sorted(values)
 
 
+def check_window(local_attn_size: int, sink_size: int, chunk_frames: int) -> None:
+    """A KV window (-1: global) must hold the sink and a chunk: one line naming it otherwise (the cache could not
+    place the chunk)."""
+    if local_attn_size != -1 and local_attn_size < sink_size + chunk_frames:
+        raise WorkbenchError(f"--local-attn-size {local_attn_size}: the window must hold the sink ({sink_size} "
+                             f"frames) and a chunk ({chunk_frames}): at least {sink_size + chunk_frames}, or -1 "
+                             "(global)")
+
+
 def check_device(name: str) -> str:
     """`name` if it is a device this machine has (cpu, cuda, cuda:N), else a WorkbenchError saying what is."""
     try:
@@ -257,10 +266,7 @@ def plan(cfg: ExtractConfig) -> Plan:
             raise WorkbenchError(f"--image {cfg.image!r} does not exist")
     if cfg.sampler != "bidirectional":
         block_sizes_of(cfg)  # frames that do not fit the chunk layout
-        if mc.local_attn_size != -1 and mc.local_attn_size < mc.sink_size + cfg.num_frame_per_block:
-            raise WorkbenchError(f"--local-attn-size {mc.local_attn_size}: the window must hold the sink "
-                                 f"({mc.sink_size} frames) and a chunk ({cfg.num_frame_per_block}): at least "
-                                 f"{mc.sink_size + cfg.num_frame_per_block}, or -1 (global)")
+        check_window(mc.local_attn_size, mc.sink_size, cfg.num_frame_per_block)
         check_fits_cache(cfg.num_frames, mc.local_attn_size, arch.cache_frames, label=f"--frames {cfg.num_frames}")
     elif cfg.independent_first_frame:
         raise WorkbenchError("--independent-first-frame is a chunk layout of the causal samplers; the bidirectional "

@@ -30,7 +30,7 @@ def frame0_own_rest(mass: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray, xr.
     the store's `phase`, `query_chunk` and `key_chunk` coordinates; each summed over key frames, over the
     denoising steps and counted query frames only. NaN cells (frames a query did not attend) count as 0."""
     m = counted(mass)
-    first = m.sel(key_frame=0)
+    first = m.sel(key_frame=0).fillna(0)  # (evicted by a window without a sink: 0, not left out of the mean)
     own = m.where((m.key_chunk == m.query_chunk) & (m.key_frame > 0)).sum("key_frame")
     return first, own, m.sum("key_frame") - own - first
 

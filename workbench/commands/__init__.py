@@ -34,22 +34,17 @@ def _add_weight_options(group) -> None:
                        help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
 
 
-def latent_frame_count(text: str) -> int:
-    """argparse type of --frames: a positive int, or one line naming the value."""
-    import argparse
+def check_frames(frames) -> None:
+    """--frames (None: the default) must be a positive number: one line naming it otherwise."""
+    from workbench.errors import WorkbenchError
 
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of latent frames, e.g. 21")
-    return value
+    if frames is not None and frames < 1:
+        raise WorkbenchError(f"--frames {frames}: give a positive number of latent frames, e.g. 21")
 
 
 def add_chunk_arguments(group) -> None:
     """--frames and --independent-first-frame: how many latent frames and how a causal rollout chunks them."""
-    group.add_argument("--frames", type=latent_frame_count, default=None,
+    group.add_argument("--frames", type=int, default=None,
                        help="latent frames (default: 21 -> 81 video frames; 19 with --independent-first-frame)")
     group.add_argument("--independent-first-frame", action="store_true",
                        help="frame 0 is a chunk of its own, then chunks of 3: 19 frames give chunks "
@@ -148,6 +143,7 @@ def latent_frames(args) -> int:
     Wan2.1); with --independent-first-frame or --image the most 1 + 3k frames it holds (19)."""
     from models.family import WAN
 
+    check_frames(args.frames)
     if args.frames is not None:
         return args.frames
     if args.independent_first_frame or getattr(args, "image", None):

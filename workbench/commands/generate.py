@@ -162,7 +162,8 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from models.wan.vae import WanVAE, resolve_decoder
     from workbench.commands import apply_schedule, model_label, resolve_model, world_prompt_note
     from workbench.errors import WorkbenchError
-    from workbench.extract import _dtype, _rank_device, check_device, default_prompts, parse_int_list, rank_share
+    from workbench.extract import (_dtype, _rank_device, check_device, check_window, default_prompts, parse_int_list,
+                                   rank_share)
     from workbench.store import StoreLock, sample_id
     from workbench.weights import check_model_files, check_wan_dir, wan_dir_hint
 
@@ -193,6 +194,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
                           independent_first_frame=args.independent_first_frame)
         except ModelInputError as err:
             raise WorkbenchError(f"{err}{' (--image makes frame 0 a chunk of its own)' if args.image else ''}") from None
+        check_window(args.local_attn_size, args.sink_size, args.num_frame_per_block)
         check_fits_cache(args.frames, args.local_attn_size, family.cache_frames, label=f"--frames {args.frames}")
     elif args.independent_first_frame:
         raise WorkbenchError("--independent-first-frame is a chunk layout of the causal samplers; the bidirectional "

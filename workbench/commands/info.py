@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.commands import latent_frame_count
-
 HELP = "show a model's config, parameter count, token geometry and attention backend"
 
 EPILOG = """\
@@ -22,7 +20,7 @@ def register(subparsers) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--wan-dir", metavar="DIR", help="the official Wan2.1 folder (reads config.json only)")
     src.add_argument("--preset", help="a built-in size: wan2.1-t2v-1.3b, wan2.1-t2v-14b, tiny")
-    p.add_argument("--frames", type=latent_frame_count, default=21, help="latent frames (default: %(default)s)")
+    p.add_argument("--frames", type=int, default=21, help="latent frames (default: %(default)s)")
     p.add_argument("--height", type=int, help="pixel height (default: the model's own size: 96 for the embedded "
                                               "default, config.json's video_size, else 480)")
     p.add_argument("--width", type=int, help="pixel width (default: 128 for the embedded default, config.json's "
@@ -76,8 +74,10 @@ def run(args) -> int:
     from models.family import WAN, family_of
     from models.wan.config import default_video_size, preset
     from models.wan.embedded import EMBEDDED_DIR
+    from workbench.commands import check_frames
     from workbench.extract import check_device
 
+    check_frames(args.frames)
     if args.preset:
         config, name = preset(args.preset), args.preset
     else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from workbench.commands import (PROMPT_HELP, add_model_arguments, add_schedule_arguments, add_size_arguments,
-                                latent_frame_count)
+                                check_frames)
 
 HELP = "ablate heads, knock out key frames, change temperatures or cache policies: what changes in the video"
 
@@ -64,7 +64,7 @@ def register(subparsers) -> None:
     job.add_argument("--prompt", action="append", metavar="TEXT", help=PROMPT_HELP)
     job.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
     job.add_argument("--seeds", default="0", help="seeds: 0, 0-2 or 1,5 (default: %(default)s)")
-    job.add_argument("--frames", type=latent_frame_count, default=21, help="latent frames (default: %(default)s)")
+    job.add_argument("--frames", type=int, default=21, help="latent frames (default: %(default)s)")
     add_size_arguments(job)
     job.add_argument("--local-attn-size", type=int,
                      help="the baseline's KV window in latent frames (default: -1, global; needed past 21 frames)")
@@ -145,6 +145,7 @@ def run(args) -> int:
                              f"causal few-step rollout (models {few_step})")
     resolve_model(args)  # --model NAME, or the zoo's default (the DMD student), as extract and generate do
     apply_schedule(args)
+    check_frames(args.frames)
     seeds = parse_int_list(args.seeds, what="seed", all_ok=False)
     if not seeds:
         raise WorkbenchError("--seeds needs numbers, e.g. 0 or 0-2")
