@@ -164,9 +164,10 @@ def verify_checksums(path, memo_dir: Path | None = MEMO_DIR) -> None:
             return None
 
     bad = _memo(path, "zip-crc", memo_dir, bad_record)
-    if bad is not None:
-        raise CheckpointError(f"{str(path)!r} is corrupt: its record {bad!r} does not match the checksum written "
-                              "with it (the file changed after it was saved: copy or download it again)")
+    if bad is not None:  # (records are named FOLDER/data/N, FOLDER the name torch.save wrote it under)
+        raise CheckpointError(f"{str(path)!r} is corrupt: its record {bad.split('/', 1)[-1]!r} does not match the "
+                              "checksum written with it (the file changed after it was saved: copy or download it "
+                              "again)")
 
 
 def check_weights_file(path, what: str) -> Path:
@@ -194,7 +195,8 @@ def check_weights_file(path, what: str) -> Path:
         except (ValueError, TypeError, KeyError, AttributeError):
             header, end = None, 0
         if header is None or 8 + n + end > size:
-            raise CheckpointError(f"{what} {str(path)!r} is not a whole safetensors file ({size} bytes; truncated or "
+            raise CheckpointError(f"{what} {str(path)!r} is not a whole safetensors file ({size} bytes: its header "
+                                  "is unreadable or promises more data than the file holds; truncated, damaged or "
                                   "another kind of file): copy or download it again")
     elif head[:2] == b"PK":  # torch.save's zip
         try:

@@ -89,7 +89,8 @@ def write_png_grid(video, path, ncols: int = 8, frames: list[int] | None = None,
 
     `label_frames` puts a strip of `label_height(H)` pixels above each frame naming it ("frame 20 = latent 5":
     pixel frame i comes from latent frame ceil(i / temporal_stride), the VAE's causal layout, 4 for Wan's and the
-    miniature world's), so that a frame can be found in the attention maps, whose frames are latent frames.
+    miniature world's), so that a frame can be found in the attention maps, whose frames are latent frames; in
+    narrow tiles every label takes a shorter form ("20 = lat 5", "20:5", "20"), and none where none fits.
     `title` (e.g. the model, the seed and the prompt) goes in a strip above the grid, wrapped to its width
     (three lines at most). The frames' pixels are never drawn on."""
     from PIL import Image, ImageDraw
@@ -122,13 +123,18 @@ def write_png_grid(video, path, ncols: int = 8, frames: list[int] | None = None,
     ink = (0, 0, 0) if pad_value > 127 else (255, 255, 255)
     for k, line in enumerate(lines):
         draw.text((4, k * label_height(h)), line, fill=ink, font=font)
-    for n, i in enumerate(frames if label else []):
-        r, c = divmod(n, ncols)
-        i = i % t
-        text = f"frame {i} = latent {-(-i // temporal_stride)}"
-        if draw.textlength(text, font=font) > w - 2:
-            text = f"{i} = lat {-(-i // temporal_stride)}"
-        draw.text((c * (w + pad) + 1, top + r * (cell_h + pad)), text, fill=ink, font=_fit(text, font, w - 2))
+    # every tile's label in one form: the longest that fits every tile (8 px at the least), else none
+    forms = (lambda i, j: f"frame {i} = latent {j}", lambda i, j: f"{i} = lat {j}", lambda i, j: f"{i}:{j}",
+             lambda i, j: f"{i}")
+    labels = [(i % t, -(-(i % t) // temporal_stride)) for i in frames] if label else []
+    for form in forms if labels else ():
+        texts = [form(i, j) for i, j in labels]
+        small = _fit(max(texts, key=len), font, w - 2)
+        if all(draw.textlength(text, font=small) <= w - 2 for text in texts):
+            for n, text in enumerate(texts):
+                r, c = divmod(n, ncols)
+                draw.text((c * (w + pad) + 1, top + r * (cell_h + pad)), text, fill=ink, font=small)
+            break
     path = Path(path)
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
     return path

@@ -133,7 +133,7 @@ def test_an_interrupt_before_the_first_step_claims_no_files(tmp_path, capsys, mo
     assert train("--config", "configs/tiny_dmd.yaml", "--logdir", log, "--max-steps", 2, "--set",
                  f"generator_ckpt={EMBEDDED_DIR / 'checkpoints' / 'ode_init.pt'}", "device=cpu") == 130
     out, err = capsys.readouterr()
-    assert "stopped by Ctrl-C at step 0; the same command with --resume" in err
+    assert "stopped by Ctrl-C at step 0; the same command with --resume goes on from step 0 (no checkpoint yet)" in err
     assert "interrupted at step 0; no finished step to save" in out and "saving a checkpoint" not in out
     assert "step 0: no step finished in this run" in out and "no losses written; no checkpoint saved" in out
     assert not list(log.glob("checkpoint_model_*")) and "checkpoint_model_000000" not in out

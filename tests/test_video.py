@@ -87,6 +87,14 @@ def test_png_grid_labels_frames_and_titles_without_touching_pixels(tmp_path):
     assert (img[3 * strip:top] == 255).all()                             # the pad below the title
     plain = np.asarray(Image.open(write_png_grid(video, tmp_path / "p.png", ncols=4, pad=2)).convert("RGB"))
     assert plain.shape == (3 * h + 2 * 2, 4 * w + 3 * 2, 3)               # no labels unless asked
+    for small in (16, 32):  # narrow tiles: a shorter label, inside its own tile (they ran into each other)
+        tiny = torch.zeros(3, 21, small, small)
+        img = np.asarray(Image.open(write_png_grid(tiny, tmp_path / "t.png", ncols=5, pad=2, frames=range(0, 21, 5),
+                                                   label_frames=True)).convert("RGB"))
+        strip = img[:label_height(small)]
+        for c in range(1, 5):  # the pad columns between the tiles' labels stay blank
+            assert (strip[:, c * (small + 2) - 2:c * (small + 2)] == 255).all()
+        assert (strip < 128).any()
 
 
 def test_read_prompts_strips_and_skips_empty_lines(tmp_path):

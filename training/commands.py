@@ -117,6 +117,7 @@ def _train(args, cfg, sets_sid_alpha) -> int:
     import torch.distributed as dist
 
     from training.build import build_trainer, describe
+    from training.checkpoints import latest_checkpoint
 
     trainer = build_trainer(cfg, args.logdir, sets_sid_alpha=sets_sid_alpha, resume=args.resume,
                             progress=not args.no_progress,
@@ -139,8 +140,9 @@ def _train(args, cfg, sets_sid_alpha) -> int:
             print(table(trainer.probes.path))
         if trainer.interrupted:  # a stopped run is not a finished one: a script's `train && evaluate` stops here
             how = "Ctrl-C" if trainer.stop_signal == 2 else "SIGTERM"
-            print(f"stopped by {how} at step {trainer.step}; the same command with --resume goes on from the last "
-                  "checkpoint", file=sys.stderr)
+            since = "the last checkpoint" if latest_checkpoint(trainer.logdir) else "step 0 (no checkpoint yet)"
+            print(f"stopped by {how} at step {trainer.step}; the same command with --resume goes on from {since}",
+                  file=sys.stderr)
     if dist.get_world_size() > 1:
         trainer.d.barrier()
     return 128 + trainer.stop_signal if trainer.interrupted else 0  # (130 Ctrl-C, 143 SIGTERM: as the shell says)

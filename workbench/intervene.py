@@ -259,13 +259,14 @@ def video_file(store, label: str, sample: str, suffix: str = ".png") -> Path:
     return videos_dir(store) / safe / f"{sample}{suffix}"
 
 
-def _save_video(video: np.ndarray, store, label: str, sample: str, prompt: str) -> None:
+def _save_video(video: np.ndarray, store, label: str, sample: str, prompt: str, model: str) -> None:
     from models.video import mp4_available, write_mp4, write_png_grid
 
     path = video_file(store, label, sample)
     path.parent.mkdir(parents=True, exist_ok=True)
+    seed = sample.rsplit("-s", 1)[-1]
     write_png_grid(video, path, ncols=9, frames=list(range(0, video.shape[1], max(1, video.shape[1] // 9))),
-                   label_frames=True, title=f"{label} · {sample} · \"{prompt}\"")
+                   label_frames=True, title=f"{label} · {model} · seed {seed} · {sample} · \"{prompt}\"")
     if mp4_available():
         write_mp4(video, path.with_suffix(".mp4"), fps=16)
 
@@ -369,7 +370,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
             if scored:
                 row |= world_scores(video, base_video[s], s[1])
             if save_videos:
-                _save_video(video, cfg.out, e.label, f"p{s[0]:04d}-s{s[2]}", s[1])
+                _save_video(video, cfg.out, e.label, f"p{s[0]:04d}-s{s[2]}", s[1], p.checkpoint_label)
             per_sample.append(row)
             bar.update(1)
         held = policy.capacity(F, n) if policy is not None else window

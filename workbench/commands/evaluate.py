@@ -311,7 +311,7 @@ def _run(args, out, choices, plans, skipped, prompts, seeds, compare, device, dt
                         video = _one_video(model, p, vae, contexts[i], negative, seed, device, dtype)
                         if args.save_videos:
                             _save_video(video, _video_path(out, *job), f"{c.label} · {key[1]} latent frames · "
-                                        f"{sample_id(i, seed)} · \"{prompt}\"")
+                                        f"seed {seed} · {sample_id(i, seed)} · \"{prompt}\"")
                         if pool:
                             pending.append((job, pool.submit(world_metrics.score_video, video, prompt)))
                             _wait_for_room([f for _, f in pending], 2 * workers)
