@@ -338,7 +338,7 @@ def cell_rgb(page, head: int, row: int, key_frame: int) -> list[int]:
     """The colour drawn for (the chunk's row-th query frame, key frame) in head's map."""
     return page.evaluate("""([h, r, k]) => {
         const c = document.querySelectorAll('#maps canvas')[h], L = c.layout, s = c.width / c.clientWidth;
-        const x = (L.left + k * L.cell + L.cell / 2) * s, y = (L.rowY(r) + L.cell / 2) * s;
+        const x = (L.left + k * L.cell + L.cell / 2) * s, y = (L.rowY(r) + L.cellH / 2) * s;
         return Array.from(c.getContext('2d').getImageData(x, y, 1, 1).data.slice(0, 3)); }""", [head, row, key_frame])
 
 
@@ -382,9 +382,10 @@ def test_browser_plays_a_store_and_its_maps_change_with_time(runs, store_server,
         # the chunk's first query frame is the bottom row, as in the notebooks' heatmaps (origin lower)
         box, L = page.locator("#maps canvas").first.bounding_box(), page.evaluate(
             "(() => { const L = document.querySelector('#maps canvas').layout;"
-            " return {left: L.left, top: L.top, cell: L.cell, n: L.rows.length}; })()")
+            " return {left: L.left, top: L.top, cell: L.cell, cellH: L.cellH, n: L.rows.length}; })()")
+        assert L["cellH"] >= 14  # rows as tall as their labels, however thin the key-frame columns
         for row, query_frame in ((L["n"] - 1, 0), (0, 2)):  # screen rows from the top
-            page.mouse.move(box["x"] + L["left"] + 1.5 * L["cell"], box["y"] + L["top"] + (row + 0.5) * L["cell"])
+            page.mouse.move(box["x"] + L["left"] + 1.5 * L["cell"], box["y"] + L["top"] + (row + 0.5) * L["cellH"])
             assert f"query frame {query_frame} · key frame 1 ·" in page.inner_text("#tooltip")
         # selectors: another layer redraws the maps; one head gives one large map; another sample
         before = png_pixels(page.locator("#maps").screenshot())

@@ -290,17 +290,19 @@ function drawMap(canvas, hi, chunk, latent, attn) {
   const left = 40, top = 4, bottom = 18, right = 6;
   const width = canvas.clientWidth || 300;
   const cell = Math.max(4, Math.min(V.head === "all" ? 26 : 44, Math.floor((width - left - right) / F)));
-  const height = top + Math.max(rows.length, 1) * cell + bottom;
+  // rows at least as tall as their labels: with many key frames the columns get thin, the rows stay readable
+  const cellH = Math.max(cell, V.head === "all" ? 14 : 22);
+  const height = top + Math.max(rows.length, 1) * cellH + bottom;
   const [ctx] = sizeCanvas(canvas, height);
   // the chunk's first query frame at the bottom, as the notebooks' and reports' heatmaps draw it (origin lower)
-  const rowY = (r) => top + (rows.length - 1 - r) * cell;
-  canvas.layout = { left, top, cell, rows, hi, rowY };
+  const rowY = (r) => top + (rows.length - 1 - r) * cellH;
+  canvas.layout = { left, top, cell, cellH, rows, hi, rowY };
   ctx.clearRect(0, 0, width, height);
   ctx.font = "11px system-ui, sans-serif"; ctx.textBaseline = "middle";
   if (!chunk || !attn) {
     ctx.fillStyle = "#777";
     ctx.fillText(!chunk ? "this chunk is not made yet" : V.attnError ? "no data: see the error above" : "loading…",
-                 left, top + cell / 2);
+                 left, top + cellH / 2);
     return;
   }
   const values = attn.values[hi];
@@ -308,20 +310,20 @@ function drawMap(canvas, hi, chunk, latent, attn) {
     for (let kf = 0; kf < F; kf++) {
       const v = values[qf][kf];
       ctx.fillStyle = v === null ? "#e2e2de" : viridis(unitOf(v));
-      ctx.fillRect(left + kf * cell, rowY(r), cell, cell);
+      ctx.fillRect(left + kf * cell, rowY(r), cell, cellH);
     }
     ctx.fillStyle = qf === latent ? "#d0302a" : "#333"; ctx.textAlign = "right";
-    ctx.fillText(`q${qf}`, left - 6, rowY(r) + cell / 2);
+    ctx.fillText(`q${qf}`, left - 6, rowY(r) + cellH / 2);
   });
   const r = rows.indexOf(latent);  // the query frame on screen
   ctx.strokeStyle = "#d0302a"; ctx.lineWidth = 2;
-  ctx.strokeRect(left - 1, rowY(r) - 1, F * cell + 2, cell + 2);
+  ctx.strokeRect(left - 1, rowY(r) - 1, F * cell + 2, cellH + 2);
   // key frame ticks: every frame where two digits fit, else every 2nd or 5th; the chunk's own frames underlined
   const every = cell >= 19 || F <= 10 ? 1 : cell >= 10 ? 2 : 5;
   ctx.fillStyle = "#333"; ctx.textAlign = "center";
-  for (let kf = 0; kf < F; kf += every) ctx.fillText(`${kf}`, left + kf * cell + cell / 2, top + rows.length * cell + 10);
+  for (let kf = 0; kf < F; kf += every) ctx.fillText(`${kf}`, left + kf * cell + cell / 2, top + rows.length * cellH + 10);
   ctx.fillStyle = "#d0302a";
-  ctx.fillRect(left + rows[0] * cell, top + rows.length * cell + 1, rows.length * cell, 2);
+  ctx.fillRect(left + rows[0] * cell, top + rows.length * cellH + 1, rows.length * cell, 2);
 }
 
 function hover(e) {
@@ -329,7 +331,7 @@ function hover(e) {
   if (!L || !V.attn || !L.rows.length) return;
   const rect = canvas.getBoundingClientRect();
   const kf = Math.floor((e.clientX - rect.left - L.left) / L.cell);
-  const r = L.rows.length - 1 - Math.floor((e.clientY - rect.top - L.top) / L.cell);  // rows run upwards
+  const r = L.rows.length - 1 - Math.floor((e.clientY - rect.top - L.top) / L.cellH);  // rows run upwards
   if (kf < 0 || kf >= V.meta.num_frames || r < 0 || r >= L.rows.length) { tip.hidden = true; return; }
   const v = V.attn.values[L.hi][L.rows[r]][kf];
   tip.textContent = `head ${V.meta.heads[L.hi]} · query frame ${L.rows[r]} · key frame ${kf} · ` +
