@@ -321,7 +321,8 @@ function drawMap(canvas, hi, chunk, latent, attn) {
   // key frame ticks: every frame where two digits fit, else every 2nd or 5th; the chunk's own frames underlined
   const every = cell >= 19 || F <= 10 ? 1 : cell >= 10 ? 2 : 5;
   ctx.fillStyle = "#333"; ctx.textAlign = "center";
-  for (let kf = 0; kf < F; kf += every) ctx.fillText(`${kf}`, left + kf * cell + cell / 2, top + rows.length * cellH + 10);
+  const tickY = top + rows.length * cellH + 10;
+  for (let kf = 0; kf < F; kf += every) ctx.fillText(`${kf}`, left + kf * cell + cell / 2, tickY);
   ctx.fillStyle = "#d0302a";
   ctx.fillRect(left + rows[0] * cell, top + rows.length * cellH + 1, rows.length * cell, 2);
 }
