@@ -570,7 +570,7 @@ def describe_differences(stored: dict | None, wanted: dict | None) -> str:
         return ("the store records no setting by setting (made by an older workbench); its settings are in its "
                 "attr config_yaml")
     a, b = _flat(_plain(stored)), _flat(_plain(wanted))
-    names = [k for k in dict.fromkeys([*a, *b]) if a.get(k, "(none)") != b.get(k, "(none)")]
+    names = [k for k in dict.fromkeys([*a, *b]) if a.get(k, "(not set)") != b.get(k, "(not set)")]
     if not names:
         return "the settings agree but the fingerprints do not (made by another version of the workbench)"
 
@@ -578,7 +578,7 @@ def describe_differences(stored: dict | None, wanted: dict | None) -> str:
         text = str(v)
         return text if len(text) <= 80 else text[:77] + "..."
 
-    return "; ".join(f"{k}: {show(a.get(k, '(none)'))} in the store, {show(b.get(k, '(none)'))} in this run"
+    return "; ".join(f"{k}: {show(a.get(k, '(not set)'))} in the store, {show(b.get(k, '(not set)'))} in this run"
                      for k in names)
 
 

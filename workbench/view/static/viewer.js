@@ -212,7 +212,9 @@ function drawStatus() {
   const made = st.chunks.length, total = st.chunks.length && st.done ? made : null;
   s.className = `status ${m.status || st.status}`;
   s.textContent = m.live ? `${m.status === "running" ? "live" : m.status}: ${made} chunk(s)${total ? "" : " so far"}`
-                         : `store · ${m.samples.length} sample(s)`;
+                         : m.samples.some((x) => x.intervention !== undefined)
+                           ? `effects store · ${m.samples.length} rollout(s): entries × samples`
+                           : `store · ${m.samples.length} sample(s)`;
 }
 
 function drawFrame() {
