@@ -26,17 +26,13 @@ MEMO_DIR = Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "sf-w
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # how a Git LFS pointer file starts
 
 
-def load_tensors(path, *, trust_pickle: bool = False):
-    """Whatever a weights file holds (a state dict, or a dict of them), read safely."""
+def load_tensors(path, *, trust_pickle: bool = False, verify: bool = True):
+    """Whatever a weights file holds (a state dict, or a dict of them), read safely: the file checked whole first
+    (`check_weights_file`) and, a torch.save zip, against its CRC-32s (`verify_checksums`; verify=False: the caller
+    has just checked them)."""
     import torch  # (here: the file helpers below serve commands that never load a model)
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file {str(path)!r} does not exist")
-    with open(path, "rb") as f:
-        if f.read(len(LFS_POINTER)) == LFS_POINTER:
-            raise CheckpointError(f"{str(path)!r} is a Git LFS pointer ({path.stat().st_size} bytes), not the weights: "
-                                  "fetch the file itself (git lfs pull, or download it again)")
+    path = check_weights_file(path, "weights file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -47,7 +43,8 @@ def load_tensors(path, *, trust_pickle: bool = False):
     if not _looks_like_torch_save(path):
         raise CheckpointError(f"{str(path)!r} is not a PyTorch checkpoint: neither torch.save's zip format nor a "
                               "pickle (a truncated or corrupt file, or another kind of file)")
-    verify_checksums(path)  # (a changed byte would load silently)
+    if verify:
+        verify_checksums(path)  # (a changed byte would load silently)
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

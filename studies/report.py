@@ -51,9 +51,6 @@ def _detail_layers(ds: xr.Dataset, layers) -> list[int]:
     return [have[i] for i in idx]
 
 
-WEIGHTS_KEY = {"ema": "generator_ema (EMA)", "gen": "generator"}  # fingerprint_fields.model.key -> the entry loaded
-
-
 def model_facts(ds: xr.Dataset) -> dict[str, str]:
     """What names the model a store holds (its samples carry one): family, sampler, checkpoint, which entry of it
     ran (EMA or not), the weights' sha256 (first 12 hex) and the attention window."""
@@ -64,7 +61,8 @@ def model_facts(ds: xr.Dataset) -> dict[str, str]:
         "model family": str(first["model_family"].values) if "model_family" in ds.coords else "?",
         "sampler": str(first["sampler"].values) if "sampler" in ds.coords else "?",
         "checkpoint": str(first["checkpoint"].values) if "checkpoint" in ds.coords else "?",
-        "weights entry": WEIGHTS_KEY.get(model.get("key"), "the folder's DiT" if model else "?"),
+        "weights entry": ("?" if not model else "generator_ema (EMA)" if model.get("key") == "ema"
+                          else "generator, or the folder's own DiT"),
         "weights sha256": sha[:12] + ("..." if len(sha) > 12 else ""),
         "attention window (frames, -1 = global) / sink frames":
             f"{int(first['local_attn_size'])} / {int(first['sink_size'])}" if "local_attn_size" in ds.coords else "?",

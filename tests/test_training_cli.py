@@ -139,14 +139,18 @@ def test_an_interrupt_before_the_first_step_claims_no_files(tmp_path, capsys, mo
     assert not list(log.glob("checkpoint_model_*")) and "checkpoint_model_000000" not in out
 
 
-def test_sigterm_stops_after_the_step_and_saves(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("save_at_end", [True, False])
+def test_sigterm_stops_after_the_step_and_saves(tmp_path, capsys, monkeypatch, save_at_end):
     """SIGTERM (kill, timeout, SLURM, Kubernetes) is a Ctrl-C: the step under way finishes, a checkpoint is saved,
-    the exit status is 143 (128 + 15); it killed the run at once, every step since the last checkpoint lost."""
+    the exit status is 143 (128 + 15); it killed the run at once, every step since the last checkpoint lost. Also
+    with train(save_at_end=False), as the zoo driver trains in pieces (its interrupt saved nothing)."""
+    import functools
     import os
     import signal
 
     from training.trainer import Trainer
 
+    monkeypatch.setattr(Trainer, "train", functools.partialmethod(Trainer.train, save_at_end=save_at_end))
     step = Trainer.iteration
 
     def term_in_step_1(self):

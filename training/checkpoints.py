@@ -60,7 +60,7 @@ class Checkpoints:
             raise TrainingError(f"{str(folder)!r} is not a complete checkpoint (model.pt and training_state.pt)")
         for pt in (model_pt, state_pt):
             check_checksums(pt)
-        blob = load_tensors(model_pt)
+        blob = load_tensors(model_pt, verify=False)  # (its checksums: just read)
         try:
             state = torch.load(state_pt, map_location="cpu", weights_only=True)
         except Exception as e:  # (a truncated or corrupt file)
@@ -115,18 +115,10 @@ def check_resumed_config(cfg, saved_yaml: str | None, folder) -> None:
     how the run goes on (CHANGEABLE_ON_RESUME)."""
     if not saved_yaml:  # (checkpoints written before the config was kept)
         return
-
-    def flat(node, prefix=""):
-        out = {}
-        for k, v in node.items():
-            key = f"{prefix}{k}"
-            out |= flat(v, key + ".") if isinstance(v, dict) else {key: v}
-        return out
+    from training.config import SelfForcingConfig, flat
 
     now = flat(OmegaConf.to_container(cfg, resolve=True))
     # a key the checkpoint's config lacks was added to the schema since: that run had its default
-    from training.config import SelfForcingConfig
-
     defaults = flat(OmegaConf.to_container(OmegaConf.structured(SelfForcingConfig), resolve=True))
     then = defaults | flat(OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True))
     changed = sorted(k for k in now.keys() | then.keys()

@@ -225,6 +225,14 @@ def load_config(path: str | Path, *, default: str | Path | None = DEFAULT_CONFIG
     return merged
 
 
+def flat(node: dict, prefix: str = "") -> dict:
+    """A nested config as {"model_kwargs.timestep_shift": value, ...}."""
+    out = {}
+    for k, v in node.items():
+        out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
 def _config_error(err) -> str:
     """An OmegaConf merge error in words: an unknown key with the known keys closest to it, or a bad value."""
     if not isinstance(err, ConfigKeyError):
@@ -232,13 +240,7 @@ def _config_error(err) -> str:
         return f"{err.full_key}: {msg}" if err.full_key else msg
     import difflib
 
-    def keys(node, prefix=""):
-        out = []
-        for k, v in node.items():
-            out += keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
-        return out
-
-    known = keys(OmegaConf.to_container(OmegaConf.structured(SelfForcingConfig)))
+    known = list(flat(OmegaConf.to_container(OmegaConf.structured(SelfForcingConfig))))
     key = str(err.full_key or err.key)
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(close)}?" if close else ""

@@ -236,7 +236,8 @@ class Trainer(Steps, Checkpoints):
             stop.signum = stop.signum or 2
         finally:
             bar.close()
-        due = save_at_end and self.last_saved != self.step and self.step > 0 and not broken
+        # an interrupt saves its finished steps whatever save_at_end says (its message promises a checkpoint)
+        due = (save_at_end or interrupted) and self.last_saved != self.step and self.step > 0 and not broken
         if interrupted and self.d.main:
             if broken and self.last_saved != self.step and self.step > 0:
                 since = (f"resume from the last checkpoint, step {self.last_saved}" if self.last_saved is not None

@@ -39,7 +39,8 @@ from workbench.capture import CaptureSpec, Geometry, StatsProbe, resolve_mode
 from workbench.chunking import block_sizes_of, image_latent  # noqa: F401 (block_sizes_of: the nnsight recipe)
 from workbench.errors import WorkbenchError
 from workbench.statistics import DEFAULT_STATS, check_stats
-from workbench.store import SCHEMA_VERSION, StoreLayout, StoreLock, StoreWriter, sample_dataset, sample_id
+from workbench.store import (SCHEMA_VERSION, StoreLayout, StoreLock, StoreWriter, ema_suffix, sample_dataset,
+                             sample_id)
 from workbench.weights import (check_wan_dir, check_weights_args, resolve_model,  # noqa: F401 (resolve_model: the API)
                                wan_dir_hint)
 
@@ -429,9 +430,8 @@ def open_writer(p: Plan, log=print) -> StoreWriter:
         lock.release()
         raise
     fields = fingerprint_fields(p, sha)
-    entry = "" if not cfg.checkpoint else " (generator_ema)" if cfg.use_ema else " (generator)"
     return StoreWriter(cfg.out, fingerprint_of(fields), mode=cfg.mode, lock=lock, log=log, fields=fields,
-                       entry_coords={"checkpoint_sha256": sha}, made_by=f"{p.checkpoint_label}{entry}")
+                       entry_coords={"checkpoint_sha256": sha}, made_by=p.checkpoint_label + ema_suffix(cfg.use_ema))
 
 
 def check_resumed_prompts(writer: StoreWriter, samples, out) -> None:

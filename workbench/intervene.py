@@ -220,9 +220,9 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str = "",
     if save_videos and not (p.wan_dir / "Wan2.1_VAE.pth").is_file():
         raise WorkbenchError(f"--save-videos decodes with the model folder's VAE; {p.wan_dir} has no Wan2.1_VAE.pth")
     if save_videos or scored:
-        from workbench.weights import check_model_files
+        from workbench.weights import check_vae_file
 
-        check_model_files(p.wan_dir, vae=True)  # (whole, before the baseline runs)
+        check_vae_file(p.wan_dir)  # (whole, before the baseline runs)
     lock = StoreLock(cfg.out).acquire()
     try:
         sha = weights_sha256(p.weights_file)
@@ -259,14 +259,17 @@ def video_file(store, label: str, sample: str, suffix: str = ".png") -> Path:
     return videos_dir(store) / safe / f"{sample}{suffix}"
 
 
-def _save_video(video: np.ndarray, store, label: str, sample: str, prompt: str, model: str) -> None:
+def _save_video(video: np.ndarray, store, label: str, sample: tuple, model: str) -> None:
+    """sample: (prompt index, prompt, seed)."""
     from models.video import mp4_available, write_mp4, write_png_grid
+    from workbench.store import sample_id
 
-    path = video_file(store, label, sample)
+    index, prompt, seed = sample
+    name = sample_id(index, seed)
+    path = video_file(store, label, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    seed = sample.rsplit("-s", 1)[-1]
     write_png_grid(video, path, ncols=9, frames=list(range(0, video.shape[1], max(1, video.shape[1] // 9))),
-                   label_frames=True, title=f"{label} · {model} · seed {seed} · {sample} · \"{prompt}\"")
+                   label_frames=True, title=f"{label} · {model} · seed {seed} · {name} · \"{prompt}\"")
     if mp4_available():
         write_mp4(video, path.with_suffix(".mp4"), fps=16)
 
@@ -370,7 +373,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
             if scored:
                 row |= world_scores(video, base_video[s], s[1])
             if save_videos:
-                _save_video(video, cfg.out, e.label, f"p{s[0]:04d}-s{s[2]}", s[1], p.checkpoint_label)
+                _save_video(video, cfg.out, e.label, s, p.checkpoint_label)
             per_sample.append(row)
             bar.update(1)
         held = policy.capacity(F, n) if policy is not None else window

@@ -372,8 +372,7 @@ class StoreWriter:
         if self.made_by is None or "checkpoint" not in group or group["checkpoint"].shape[0] == 0:
             return ""
         key = ((attrs.get("fingerprint_fields") or {}).get("model") or {}).get("key")
-        entry = {"ema": " (generator_ema)", "gen": " (generator)"}.get(key, "")
-        theirs = f"{np.asarray(group['checkpoint'][:1]).tolist()[0]}{entry}"
+        theirs = f"{np.asarray(group['checkpoint'][:1]).tolist()[0]}{ema_suffix(key == 'ema')}"
         return "" if theirs == self.made_by else f"; the store's samples: {theirs}, this run's: {self.made_by}"
 
     def _open_existing(self, entry_coords: dict) -> None:
@@ -562,6 +561,12 @@ def _flat(value, prefix: str = "") -> dict:
             out.update(_flat(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: value}
+
+
+def ema_suffix(use_ema: bool) -> str:
+    """What a model's name gets when its weights are a checkpoint's EMA (`fingerprint_fields.model.key` "ema";
+    "gen" is a checkpoint's generator or a folder's own DiT alike, so it adds nothing)."""
+    return " (generator_ema)" if use_ema else ""
 
 
 def describe_differences(stored: dict | None, wanted: dict | None) -> str:

@@ -90,14 +90,19 @@ def check_wan_dir(wan_dir: Path) -> None:
     check_model_files(wan_dir)
 
 
-def check_model_files(wan_dir: Path, vae: bool = False) -> None:
-    """The DiT weights of a model folder (the file, or every shard its index names) and, with `vae`, its
-    Wan2.1_VAE.pth: there and whole (models/files.py `check_weights_file`), before any work."""
+def check_model_files(wan_dir: Path) -> None:
+    """The DiT weights of a model folder (the file, or every shard its index names): there and whole
+    (models/files.py `check_weights_file`), before any work."""
     from models.files import check_weights_file
     from models.wan.checkpoint import shard_files, wan_weights_file
 
     weights = wan_weights_file(wan_dir)
     for path in shard_files(weights) if weights.name.endswith(".index.json") else [weights]:
         check_weights_file(path, "DiT weights")
-    if vae:
-        check_weights_file(wan_dir / "Wan2.1_VAE.pth", "the VAE")
+
+
+def check_vae_file(wan_dir: Path) -> None:
+    """The folder's Wan2.1_VAE.pth there and whole, for the commands that decode (before any work)."""
+    from models.files import check_weights_file
+
+    check_weights_file(Path(wan_dir) / "Wan2.1_VAE.pth", "the VAE")

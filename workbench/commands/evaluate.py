@@ -358,7 +358,7 @@ def plan_runs(args, choices, prompts, seeds, lengths, device, dtype):
     from models import world
     from workbench.errors import WorkbenchError
     from workbench.extract import ExtractConfig, plan
-    from workbench.weights import check_model_files
+    from workbench.weights import check_vae_file
 
     plans, skipped = {}, []
     for c in choices:
@@ -381,7 +381,7 @@ def plan_runs(args, choices, prompts, seeds, lengths, device, dtype):
             if not vae_file.is_file():
                 raise WorkbenchError(f"model {c.label!r}: no VAE at {vae_file} (evaluate decodes with the model "
                                      "folder's Wan2.1_VAE.pth)")
-            check_model_files(plans[c.label, frames].wan_dir, vae=True)
+            check_vae_file(plans[c.label, frames].wan_dir)
     if not plans:
         raise WorkbenchError("nothing to run: " + "; ".join(skipped))
     return plans, skipped

@@ -165,7 +165,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from workbench.extract import (_dtype, _rank_device, check_device, check_window, default_prompts, parse_int_list,
                                    rank_share)
     from workbench.store import StoreLock, sample_id
-    from workbench.weights import check_model_files, check_wan_dir, wan_dir_hint
+    from workbench.weights import check_vae_file, check_wan_dir, wan_dir_hint
 
     # --- everything that can be wrong, before any work
     resolve_model(args)
@@ -208,7 +208,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
                              f"{' and encodes --image' if args.image else ''}; add it, or pass --no-video for the "
                              "latents alone")
     if not args.no_video or args.image:
-        check_model_files(wan_dir, vae=True)  # a truncated VAE (or LFS pointer) said now, not after the rollout
+        check_vae_file(wan_dir)  # a truncated VAE (or LFS pointer) said now, not after the rollout
     image = None
     if args.image:
         from models.video import read_image

@@ -176,16 +176,18 @@ class StoreSource(Source):
                 self.video_errors[sample] = why
             else:
                 self.videos[sample] = path
+        # the menu, made once (a finished store does not change; every request checks its sample against it)
+        ids = [str(v) for v in ds["sample"].values]
+        index = ([int(v) for v in ds["prompt_index"].values] if "prompt_index" in ds.coords
+                 else [int(s[1:s.index("-")]) for s in ids])  # (effects stores: the id's pPPPP)
+        about = {s: dict(prompt=str(prompt), seed=int(seed), prompt_index=i)
+                 for s, prompt, seed, i in zip(ids, ds["prompt"].values, ds["seed"].values, index)}
+        self._samples = [dict(sample=item, **about[str(s)], video=item in self.videos,
+                              **({} if entry is None else {"intervention": str(entry)}))
+                         for item, (entry, s) in self.items.items()]
 
     def samples(self) -> list[dict]:
-        ds, out = self.ds, []
-        for item, (entry, s) in self.items.items():
-            row = ds.sel(sample=s)
-            index = int(row["prompt_index"].values) if "prompt_index" in ds.coords else int(s[1:s.index("-")])
-            out.append(dict(sample=item, prompt=str(row["prompt"].values), seed=int(row["seed"].values),
-                            prompt_index=index, video=item in self.videos,  # (effects stores: the id's pPPPP)
-                            **({} if entry is None else {"intervention": str(entry)})))
-        return out
+        return self._samples
 
     def video(self, sample: str) -> np.ndarray | None:
         """The sample's decoded video [T, H, W, 3] (kept for the last few samples), None if it has none."""
