@@ -96,7 +96,8 @@ DIRECT_KV_WRITES = True  # the chunk's keys/values made in the KV cache's slots 
 CONTIGUOUS_TOKENS = True
 # A forward run only for what it writes in the KV cache (`cache_only`: a rollout's context pass) stops the last block
 # once its keys/values are written: its attention, cross-attention and FFN and the head feed nothing (~85% of one
-# block of the 30: -0.6% on a 1.3B rollout, bench/RESULTS.md session 31); not when observers or interventions are attached (they see every call).
+# block of the 30: -0.6% on a 1.3B rollout, bench/RESULTS.md session 31); not when observers or interventions are
+# attached (they see every call).
 CACHE_ONLY_SKIPS_LAST_BLOCK = True
 
 
