@@ -17,10 +17,10 @@ architecture.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from models.errors import ModelInputError
 from models.wan.config import VAE_STRIDE, WAN_VIDEO_SIZE, WanConfig, default_video_size, latent_size
+from models.wan.folder import dit_dir
 
 CACHE_FRAMES = 21  # latent frames the KV cache of a causal rollout holds with global attention (81 pixel frames)
 
@@ -42,7 +42,7 @@ class ModelFamily:
 
     def read_config(self, folder, **overrides) -> WanConfig:
         """The architecture a model folder's config.json describes (plus the attention window overrides)."""
-        return WanConfig.from_json(Path(folder) / "config.json", **overrides)
+        return WanConfig.from_json(dit_dir(folder) / "config.json", **overrides)
 
     def video_geometry(self, folder, height: int | None = None, width: int | None = None,
                        config: WanConfig | None = None) -> tuple[WanConfig, int, int, int]:
@@ -66,6 +66,7 @@ WAN = ModelFamily(
         "official Wan2.1 folder: config.json + diffusion_pytorch_model.safetensors (or its sharded index)",
         "Self-Forcing .pt: generator / generator_ema / critic state dicts with the wrapper's model. prefix",
         "diffusers WanTransformer3DModel state dict (models.wan.checkpoint.from_diffusers)",
+        "diffusers pipeline folder: model_index.json + transformer/, text_encoder/, tokenizer/, vae/",
     ),
 )
 

@@ -77,10 +77,48 @@ def _looks_like_torch_save(path: Path) -> bool:
     return zipfile.is_zipfile(path) or head[:1] == b"\x80"
 
 
+def shard_files(index: Path) -> list[Path]:
+    """The shard files a `...safetensors.index.json` names (each checked to exist), in name order."""
+    index = Path(index)
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot read the shard index {str(index)!r}: {type(e).__name__}: {e}") from None
+    shards = [index.parent / name for name in sorted(set(weight_map.values()))]
+    for shard in shards:
+        if not shard.is_file():
+            raise CheckpointError(f"weight shard {str(shard)!r} does not exist (named by {index.name})")
+    return shards
+
+
+def weight_files(path) -> list[Path]:
+    """The files that hold the weights `path` names: the shards of a `.index.json`, else the file itself."""
+    path = Path(path)
+    return shard_files(path) if path.name.endswith(".index.json") else [path]
+
+
+def weights_sha256(path) -> str:
+    """The sha256 that identifies the weights a file holds: the file's own, or for a shard index a hash over the
+    index and every shard it names (name and sha256), so that a changed shard is a changed model."""
+    path = Path(path)
+    if not path.name.endswith(".index.json"):
+        return sha256_file(path)
+    h = hashlib.sha256(f"shards\0index={sha256_file(path)}\0".encode())
+    for shard in shard_files(path):
+        h.update(f"{shard.name}={sha256_file(shard)}\0".encode())
+    return h.hexdigest()
+
+
 def load_state_dict_file(path, trust_pickle: bool = False) -> dict:
-    """A flat {name: tensor} state dict from .safetensors or .pth/.pt, read safely."""
+    """A flat {name: tensor} state dict from .safetensors or .pth/.pt, read safely; a `.index.json` (sharded
+    safetensors, as transformers and diffusers save large models) gives the union of its shards."""
     import torch
 
+    if Path(path).name.endswith(".index.json"):
+        merged = {}
+        for shard in shard_files(path):
+            merged.update(load_state_dict_file(shard, trust_pickle=trust_pickle))
+        return merged
     sd = load_tensors(path, trust_pickle=trust_pickle)
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         top = list(sd)[:8] if isinstance(sd, dict) else type(sd).__name__

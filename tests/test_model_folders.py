@@ -6,7 +6,9 @@ the store knows exactly which weights and text encoder made it.
 - a device this machine does not have, a --wan-dir that does not exist or holds no DiT weights, a folder without
   the VAE generate decodes with: one line, before any weights are read;
 - a checkpoint of another size without --wan-dir says that the embedded toy config was used;
-- the Wan folder's own weights in the default (few-step) sampler get a note saying so.
+- the Wan folder's own weights in the default (few-step) sampler get a note saying so;
+- a diffusers pipeline folder (written by diffusers' and transformers' own save_pretrained, the text encoder in
+  shards) runs as the official folder with the same weights does: the same attention, latents and frames.
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ def test_folders_without_what_a_command_reads_are_one_line(folder, tmp_path, cap
     (tmp_path / "t5.pth").rename(t5)
     (folder / "Wan2.1_VAE.pth").unlink()
     assert cli_main(["generate", "--wan-dir", str(folder), "--out", str(tmp_path / "g")]) == 2
-    assert "has no Wan2.1_VAE.pth: the VAE decodes the videos" in _error(capsys, "generate")
+    assert f"no VAE at '{folder / 'Wan2.1_VAE.pth'}' (the Wan folder's Wan2.1_VAE.pth): the VAE decodes the " \
+        "videos" in _error(capsys, "generate")
     (folder / "diffusion_pytorch_model.safetensors").unlink()
     assert cli_main(["extract", "--layer", "0", "--wan-dir", str(folder), "--out", str(tmp_path / "x.zarr")]) == 2
     assert "has no DiT weights: neither diffusion_pytorch_model.safetensors nor" in _error(capsys, "extract")
@@ -140,3 +143,95 @@ def test_info_gives_the_kv_cache_per_layer_and_in_all(capsys):
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("KV cache"))
     assert line.split(None, 3)[3] == ("32760 tokens per layer, 192 MiB of keys and values per layer in bf16, 5.62 GiB "
                                       "over the 30 layers")
+
+
+# a diffusers pipeline folder
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    """The embedded model as a diffusers pipeline folder, written by the libraries themselves (`WanPipeline`'s
+    save_pretrained: model_index.json, transformer/, text_encoder/, tokenizer/, vae/, scheduler/), its text encoder
+    re-saved in shards as the published Wan2.1-T2V-1.3B-Diffusers keeps it."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    from models.wan.checkpoint import read_wan_folder, to_diffusers
+    from models.wan.text_encoder import TextEncoder
+    from models.wan.vae import WanVAE
+
+    config, sd = read_wan_folder(EMBEDDED_DIR)
+    transformer = WanTransformer3DModel(
+        patch_size=tuple(config.patch_size), num_attention_heads=config.num_heads, attention_head_dim=config.head_dim,
+        in_channels=config.in_dim, out_channels=config.out_dim, text_dim=config.text_dim, freq_dim=config.freq_dim,
+        ffn_dim=config.ffn_dim, num_layers=config.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        eps=config.eps)
+    transformer.load_state_dict(to_diffusers(sd), strict=True)
+    encoder = TextEncoder.from_wan_dir(EMBEDDED_DIR)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    out = tmp_path_factory.mktemp("pipeline") / "Wan2.1-T2V-tiny-Diffusers"
+    WanPipeline(tokenizer=encoder.tokenizer, text_encoder=encoder.model, transformer=transformer,
+                vae=WanVAE.from_file(EMBEDDED_DIR / "Wan2.1_VAE.pth").model, scheduler=scheduler).save_pretrained(out)
+    shutil.rmtree(out / "text_encoder")
+    encoder.model.save_pretrained(out / "text_encoder", max_shard_size="100KB")
+    assert len(list((out / "text_encoder").glob("model-*-of-*.safetensors"))) > 1
+    return out
+
+
+def test_a_diffusers_pipeline_folder_runs_as_the_official_one(pipeline, tmp_path, capsys):
+    """extract and generate with --wan-dir PIPELINE give the official folder's attention and latents bit for bit
+    (the same weights under diffusers' and transformers' names); its VAE decodes the same frames; its text encoder
+    (other files) is another encoder to a store, whose refusal names both."""
+    import numpy as np
+    import xarray as xr
+    from safetensors.torch import load_file
+
+    from models.wan.folder import wan_parts
+    from models.wan.vae import WanVAE
+
+    parts = wan_parts(pipeline)
+    assert (parts.layout, parts.dit.name, parts.text_encoder.name, parts.vae.parent.name) == \
+        ("diffusers pipeline", "transformer", "model.safetensors.index.json", "vae")
+    size = ["--height", "96", "--width", "128"]  # (diffusers' config.json records no video size: Wan2.1's is used)
+    stores = {}
+    for name, wan_dir in (("pipeline", pipeline), ("official", EMBEDDED_DIR)):
+        stores[name] = str(tmp_path / f"{name}.zarr")
+        assert cli_main(["extract", *FAST, *size, "--wan-dir", str(wan_dir), "--out", stores[name]]) == 0
+        assert cli_main(["generate", "--frames", "3", *size, "--no-video", "--no-progress", "--wan-dir", str(wan_dir),
+                         "--prompt", "a red square moving right", "--out", str(tmp_path / name)]) == 0
+    a, b = (xr.open_zarr(stores[k], consolidated=False) for k in ("pipeline", "official"))
+    assert a.attn_mass.notnull().any() and np.array_equal(a.attn_mass.values, b.attn_mass.values, equal_nan=True)
+    assert torch.equal(load_file(tmp_path / "pipeline" / "p0000-s0.safetensors")["latents"],
+                       load_file(tmp_path / "official" / "p0000-s0.safetensors")["latents"])
+    z = torch.randn(1, 2, 16, 12, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(WanVAE.from_file(parts.vae).decode(z), WanVAE.from_file(EMBEDDED_DIR / "Wan2.1_VAE.pth").decode(z))
+    capsys.readouterr()
+    assert cli_main(["extract", *FAST, *size, "--wan-dir", str(pipeline), "--out", stores["official"],
+                     "--seed", "1"]) != 0
+    assert "text_encoder" in _error(capsys, "extract")
+
+
+def test_a_pipeline_without_a_part_is_one_line(pipeline, tmp_path, capsys):
+    """A pipeline folder missing its DiT config, a text-encoder shard or its VAE, or a two-expert (Wan2.2) one: one
+    line naming what is missing, before any weights are read."""
+    import json
+
+    broken = shutil.copytree(pipeline, tmp_path / "p")
+    shard = sorted((broken / "text_encoder").glob("model-*.safetensors"))[1]
+    shard.rename(tmp_path / shard.name)
+    assert cli_main(["extract", *FAST, "--wan-dir", str(broken), "--out", str(tmp_path / "x.zarr")]) == 2
+    assert f"weight shard '{shard}' does not exist (named by model.safetensors.index.json)" in _error(capsys, "extract")
+    (tmp_path / shard.name).rename(shard)
+    (broken / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    assert cli_main(["generate", "--wan-dir", str(broken), "--out", str(tmp_path / "g")]) == 2
+    assert "(the pipeline's vae/diffusion_pytorch_model.safetensors or vae/diffusion_pytorch_model.safetensors." \
+        "index.json): the VAE decodes the videos" in _error(capsys, "generate")
+    index = json.loads((broken / "model_index.json").read_text())
+    (broken / "model_index.json").write_text(json.dumps(index | {"transformer_2": ["diffusers",
+                                                                                     "WanTransformer3DModel"]}))
+    assert cli_main(["extract", *FAST, "--wan-dir", str(broken), "--out", str(tmp_path / "x.zarr")]) == 2
+    assert "is a two-expert pipeline (model_index.json names a transformer_2" in _error(capsys, "extract")
+    (broken / "model_index.json").write_text(json.dumps(index))
+    (broken / "transformer" / "config.json").unlink()
+    assert cli_main(["extract", *FAST, "--wan-dir", str(broken), "--out", str(tmp_path / "x.zarr")]) == 2
+    assert "without transformer/config.json: its DiT is missing" in _error(capsys, "extract")
+    assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "g").exists()

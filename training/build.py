@@ -238,9 +238,10 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
             path.unlink(missing_ok=True)
             log(f"removed {path}: the temporary file of a write that was killed")
     from models.wan.config import WanConfig
+    from models.wan.folder import dit_dir
 
     gen_dir = model_folder(cfg, cfg.model_kwargs.model_name)
-    gen_config = WanConfig.from_json(gen_dir / "config.json").replace(
+    gen_config = WanConfig.from_json(dit_dir(gen_dir) / "config.json").replace(
         local_attn_size=cfg.model_kwargs.local_attn_size, sink_size=cfg.model_kwargs.sink_size)
     weights = Path(cfg.generator_ckpt) if cfg.generator_ckpt else wan_weights_file(gen_dir)  # (or its shard index)
     sha = weights_sha256(weights)

@@ -191,16 +191,21 @@ def chunk_layout(frames: int, nfpb: int, independent_first_frame: bool) -> list[
 
 
 def model_folder(cfg, name: str) -> Path:
+    from models.wan.folder import dit_dir
+
     folder = Path(cfg.model_root) / name
-    if not (folder / "config.json").is_file():
+    if not (dit_dir(folder) / "config.json").is_file():
         raise TrainingError(f"model folder {str(folder)!r} (model_root {cfg.model_root!r} / {name!r}) has no "
-                            "config.json; set model_root to where the Wan folders live")
+                            "config.json (nor a diffusers pipeline's transformer/config.json); set model_root to "
+                            "where the Wan folders live")
     return folder
 
 
 def world_vae_path(cfg) -> Path:
-    """The VAE that encodes `data_path: world`: world.vae, else the generator folder's Wan2.1_VAE.pth."""
-    return Path(cfg.world.vae) if cfg.world.vae else Path(cfg.model_root) / cfg.model_kwargs.model_name / "Wan2.1_VAE.pth"
+    """The VAE that encodes `data_path: world`: world.vae, else the generator folder's (Wan2.1_VAE.pth)."""
+    from models.wan.folder import wan_parts
+
+    return Path(cfg.world.vae) if cfg.world.vae else wan_parts(Path(cfg.model_root) / cfg.model_kwargs.model_name).vae
 
 
 def check_files(cfg, plan: Plan) -> None:
@@ -208,9 +213,10 @@ def check_files(cfg, plan: Plan) -> None:
     the one the generator's folder records (config.json `video_size`, e.g. the embedded zoo's 96 x 128) is a warning:
     the researchers' configs are for Wan2.1's 480 x 832."""
     from models.wan.config import VAE_STRIDE, default_video_size
+    from models.wan.folder import dit_dir
 
     folder = model_folder(cfg, cfg.model_kwargs.model_name)
-    if "video_size" in json.loads((folder / "config.json").read_text()):
+    if "video_size" in json.loads((dit_dir(folder) / "config.json").read_text()):
         own = tuple(x // VAE_STRIDE for x in default_video_size(folder))  # its latent height, width
         if tuple(plan.shape[2:]) != own:
             plan.warnings.append(f"image_or_video_shape trains {plan.shape[2]} x {plan.shape[3]} latents; the model "

@@ -35,9 +35,10 @@ def image_latent(p, device, dtype) -> torch.Tensor | None:
         return None
     from models.family import family_of
     from models.video import read_image
+    from models.wan.folder import wan_parts
     from models.wan.vae import WanVAE
 
     _, h, w = p.geometry
     stride = family_of(p.wan_dir).vae_stride  # pixels per latent cell
-    vae = WanVAE.from_file(p.wan_dir / "Wan2.1_VAE.pth", device=device)
+    vae = WanVAE.from_file(wan_parts(p.wan_dir).vae, device=device)
     return vae.encode(read_image(p.cfg.image, stride * h, stride * w)[None, :, None]).to(device, dtype)

@@ -17,8 +17,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from models.files import atomic_write_bytes, sha256_file
+from models.files import atomic_write_bytes
 from models.wan.checkpoint import weights_sha256
+from models.wan.folder import wan_parts
 
 FOLDER = "scores"
 
@@ -30,7 +31,7 @@ def run_key(p) -> str:
 
     scorer = hashlib.sha256(Path(world_metrics.__file__).read_bytes()).hexdigest()
     fields = dict(rollout=fingerprint_fields(p, weights_sha256(p.weights_file)),
-                  vae=sha256_file(Path(p.wan_dir) / "Wan2.1_VAE.pth"), scorer=scorer)
+                  vae=weights_sha256(wan_parts(p.wan_dir).vae), scorer=scorer)
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

@@ -75,19 +75,38 @@ def wan_dir_hint(given_wan_dir: str | None, checkpoint: str | None):
 
 
 def check_wan_dir(wan_dir: Path) -> None:
-    """A --wan-dir that is not a model folder, said before any work: missing, not a folder, or without config.json."""
+    """A --wan-dir that is not a model folder, said before any work: missing, not a folder, or without config.json
+    (a diffusers pipeline folder: without transformer/config.json)."""
+    from models.wan.folder import is_pipeline
+
     if not wan_dir.exists():
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} does not exist")
     if not wan_dir.is_dir():
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} is a file; give the Wan2.1 folder (config.json, "
                              "diffusion_pytorch_model.safetensors, ...)")
-    if not (wan_dir / "config.json").is_file():
-        hint = (f"; a diffusers pipeline folder holds the DiT in {str(wan_dir / 'transformer')!r}, which takes "
-                "the official folder's text encoder, tokenizer and VAE linked beside its config.json (README, "
-                "'Formats read as they are')" if (wan_dir / "model_index.json").is_file() else "")
-        raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder)"
-                             + hint)
+    if is_pipeline(wan_dir):
+        check_pipeline(wan_dir)
+    elif not (wan_dir / "config.json").is_file():
+        raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder, "
+                             "or a diffusers pipeline folder with model_index.json)")
     check_model_files(wan_dir)
+
+
+def check_pipeline(wan_dir: Path) -> None:
+    """A diffusers pipeline folder of Wan2.1's text-to-video model: its transformer/config.json there, and one DiT
+    (a Wan2.2 pipeline's second expert, transformer_2, is refused: its denoising steps switch between two)."""
+    import json
+
+    try:
+        index = json.loads((wan_dir / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise WorkbenchError(f"--wan-dir {str(wan_dir)!r}: cannot read its model_index.json: {e}") from None
+    if any(index.get("transformer_2") or [None]):
+        raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} is a two-expert pipeline (model_index.json names a "
+                             "transformer_2, as Wan2.2's A14B models do); only Wan2.1's single DiT runs here")
+    if not (wan_dir / "transformer" / "config.json").is_file():
+        raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} is a diffusers pipeline folder (model_index.json) without "
+                             "transformer/config.json: its DiT is missing")
 
 
 def check_model_files(wan_dir: Path) -> None:
@@ -102,7 +121,10 @@ def check_model_files(wan_dir: Path) -> None:
 
 
 def check_vae_file(wan_dir: Path) -> None:
-    """The folder's Wan2.1_VAE.pth there and whole, for the commands that decode (before any work)."""
-    from models.files import check_weights_file
+    """The folder's VAE (Wan2.1_VAE.pth, or a pipeline's vae/) there and whole, for the commands that decode
+    (before any work)."""
+    from models.files import check_weights_file, weight_files
+    from models.wan.folder import wan_parts
 
-    check_weights_file(Path(wan_dir) / "Wan2.1_VAE.pth", "the VAE")
+    for path in weight_files(wan_parts(wan_dir).vae):
+        check_weights_file(path, "the VAE")

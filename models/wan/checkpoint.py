@@ -6,7 +6,8 @@ Formats read (and written, for tests and the embedded default):
 - Self-Forcing `.pt`: a dict with `generator`, `generator_ema` and/or `critic` (ODE init: `generator` or
   `model`), each a state dict whose keys carry the wrapper's `model.` prefix; FSDP, activation-checkpoint
   and torch.compile prefixes are stripped;
-- diffusers `WanTransformer3DModel` state dicts (converted both ways by `to_diffusers` / `from_diffusers`).
+- diffusers `WanTransformer3DModel` state dicts (converted both ways by `to_diffusers` / `from_diffusers`), and
+  a diffusers pipeline folder's transformer/ (models/wan/folder.py says where each layout keeps its parts).
 
 Models are built on the meta device and loaded with `load_state_dict(..., assign=True)`, so a 1.3B model is
 never randomly initialised and its weights are never held twice. Checkpoints are untrusted input: `.pt`
@@ -16,15 +17,16 @@ unless `trust_pickle=True`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 
 from models.errors import CheckpointError
-from models.files import atomic_write, check_tensor_shapes, load_tensors, sha256_file  # noqa: F401 (sha256_file: re-exported)
+from models.files import (atomic_write, check_tensor_shapes, load_tensors, sha256_file,  # noqa: F401 (re-exported:
+                          shard_files, weight_files, weights_sha256)  # sha256_file, shard_files, weights_sha256)
 from models.wan.config import WanConfig
+from models.wan.folder import dit_dir
 from models.wan.model import WanModel
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -101,9 +103,9 @@ def _require_file(path: Path, what: str) -> Path:
 
 
 def wan_weights_file(folder: str | Path) -> Path:
-    """The file that names a Wan folder's DiT weights: `diffusion_pytorch_model.safetensors`, else the index of its
-    shards; a clear error when the folder has neither."""
-    folder = Path(folder)
+    """The file that names a Wan folder's DiT weights (a diffusers pipeline's in transformer/):
+    `diffusion_pytorch_model.safetensors`, else the index of its shards; a clear error when the folder has neither."""
+    folder = dit_dir(folder)
     if (folder / WEIGHTS_NAME).is_file():
         return folder / WEIGHTS_NAME
     if (folder / INDEX_NAME).is_file():
@@ -112,39 +114,16 @@ def wan_weights_file(folder: str | Path) -> Path:
                           f"its shards ({INDEX_NAME})")
 
 
-def shard_files(index: Path) -> list[Path]:
-    """The shard files a `...safetensors.index.json` names (each checked to exist)."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"cannot read the shard index {str(index)!r}: {type(e).__name__}: {e}") from None
-    return [_require_file(index.parent / name, "weight shard") for name in sorted(set(weight_map.values()))]
-
-
-def weights_sha256(path: str | Path) -> str:
-    """The sha256 that identifies the weights a file holds: the file's own, or for a shard index a hash over the
-    index and every shard it names (name and sha256), so that a changed shard is a changed model."""
-    path = Path(path)
-    if not path.name.endswith(".index.json"):
-        return sha256_file(path)
-    h = hashlib.sha256(f"shards\0index={sha256_file(path)}\0".encode())
-    for shard in shard_files(path):
-        h.update(f"{shard.name}={sha256_file(shard)}\0".encode())
-    return h.hexdigest()
-
-
 def read_wan_folder(folder: str | Path) -> tuple[WanConfig, dict]:
-    """(config, state dict) of an official Wan2.1 folder (single or sharded safetensors)."""
-    folder = Path(folder)
-    if not folder.is_dir():
+    """(config, state dict) of an official Wan2.1 folder, or a diffusers pipeline's transformer/ (single or sharded
+    safetensors)."""
+    if not Path(folder).is_dir():
         raise CheckpointError(f"Wan folder {str(folder)!r} does not exist")
+    folder = dit_dir(folder)
     config = WanConfig.from_json(_require_file(folder / "config.json", "Wan config"))
-    weights = wan_weights_file(folder)
-    if weights.name == WEIGHTS_NAME:
-        return config, load_tensors(weights)
     state_dict = {}
-    for shard in shard_files(weights):
-        state_dict.update(load_tensors(shard))
+    for path in weight_files(wan_weights_file(folder)):
+        state_dict.update(load_tensors(path))
     return config, state_dict
 
 

@@ -144,7 +144,9 @@ class WanConfig:
 def default_video_size(folder) -> tuple[int, int]:
     """The pixel size (height, width) a model folder runs at unless told otherwise: its config.json's optional
     `video_size` [height, width] (the embedded default records [96, 128]), else Wan2.1's 480 x 832."""
-    path = Path(folder) / "config.json"
+    from models.wan.folder import dit_dir
+
+    path = dit_dir(folder) / "config.json"
     try:
         size = json.loads(path.read_text()).get("video_size")
     except (OSError, ValueError) as err:

@@ -4,8 +4,9 @@ How it fits: the DiT reads `PromptEmbeddings.context`; the workbench reads `toke
 text keys of cross-attention. It knows nothing of the DiT.
 
 What it loads: the official Wan folder's `models_t5_umt5-xxl-enc-bf16.pth` (a plain state dict in Wan's own T5
-naming, `wan/modules/t5.py`) and its tokenizer folder `google/umt5-xxl/`. The network is transformers'
-`UMT5EncoderModel`; a key map renames Wan's tensors onto it:
+naming, `wan/modules/t5.py`) and its tokenizer folder `google/umt5-xxl/`, or a diffusers pipeline's text_encoder/
+(transformers' own names, one file or shards) and tokenizer/ (models/wan/folder.py). The network is transformers'
+`UMT5EncoderModel`; a key map renames Wan's tensors onto it (and transformers' names to Wan's on the way in):
 
     token_embedding.weight                     -> shared.weight (= encoder.embed_tokens.weight, tied)
     blocks.N.norm1.weight                      -> encoder.block.N.layer.0.layer_norm.weight
@@ -49,10 +50,10 @@ from pathlib import Path
 import torch
 
 from models.errors import CheckpointError, ModelInputError, ModelInputWarning
-from models.files import atomic_write_bytes, check_tensor_shapes, load_state_dict_file, sha256_file
-
-WEIGHTS_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
-TOKENIZER_SUBDIR = Path("google") / "umt5-xxl"
+from models.files import (atomic_write_bytes, check_tensor_shapes, check_weights_file, load_state_dict_file,
+                          sha256_file, weight_files, weights_sha256)
+from models.wan.folder import T5_NAME as WEIGHTS_NAME  # noqa: F401 (the official file names, re-exported)
+from models.wan.folder import TOKENIZER_SUBDIR, dit_dir, wan_parts  # noqa: F401 (TOKENIZER_SUBDIR: re-exported)
 DEFAULT_TEXT_LEN = 512
 REL_MAX_DISTANCE = 128  # umT5 (and Wan's T5RelativeEmbedding default); not stored in the checkpoint
 _IDENTITY_VERSION = "wan-umt5-encoder/v1"
@@ -61,10 +62,6 @@ _IDENTITY_VERSION = "wan-umt5-encoder/v1"
 class TokenizerNotFoundError(CheckpointError):
     """The tokenizer folder is missing or unreadable."""
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Reading weight files safely (shared with models.wan.vae)
-# ----------------------------------------------------------------------------------------------------------
 
 # ----------------------------------------------------------------------------------------------------------
 # Key map Wan T5 <-> transformers UMT5EncoderModel
@@ -106,6 +103,17 @@ def hf_to_wan_key(key: str) -> str:
     if not m or m.group(2) not in _BLOCK_HF_TO_WAN:
         raise KeyError(f"not a UMT5EncoderModel key: {key!r}")
     return f"blocks.{m.group(1)}.{_BLOCK_HF_TO_WAN[m.group(2)]}"
+
+
+def to_wan_names(sd: dict[str, torch.Tensor], source: str = "state dict") -> dict[str, torch.Tensor]:
+    """A umT5 encoder state dict under Wan's names: as it is when it has them, renamed when it has transformers'
+    (a diffusers pipeline's text_encoder/; the tied embedding's two names give one tensor)."""
+    if not any(k == "shared.weight" or k.startswith("encoder.") for k in sd):
+        return sd
+    try:
+        return {hf_to_wan_key(k): v for k, v in sd.items()}
+    except KeyError as e:
+        raise CheckpointError(f"{source}: {e.args[0]}") from None
 
 
 def infer_umt5_config(sd: dict[str, torch.Tensor], source: str = "state dict"):
@@ -215,8 +223,9 @@ def load_tokenizer(tokenizer_dir):
 
 
 def text_len_of(wan_dir) -> int:
-    """The text length a Wan folder's encoder pads prompts to: `config.json`'s text_len, else 512."""
-    cfg = Path(wan_dir) / "config.json"
+    """The text length a Wan folder's encoder pads prompts to: `config.json`'s text_len (a pipeline's transformer/
+    config.json), else 512."""
+    cfg = dit_dir(wan_dir) / "config.json"
     if not cfg.is_file():
         return DEFAULT_TEXT_LEN
     try:
@@ -231,7 +240,7 @@ def encoder_identity(weights_path, tokenizer_dir, text_len: int) -> str:
     per machine (models/files.py `sha256_file`), so an 11 GB umT5 file is read once, whoever asks."""
     tokenizer_dir = Path(tokenizer_dir)
     h = hashlib.sha256()
-    h.update(f"{_IDENTITY_VERSION}\0weights={sha256_file(weights_path)}\0".encode())
+    h.update(f"{_IDENTITY_VERSION}\0weights={weights_sha256(weights_path)}\0".encode())
     for f in sorted(p for p in tokenizer_dir.rglob("*") if p.is_file()):
         h.update(f"tokenizer:{f.relative_to(tokenizer_dir).as_posix()}={sha256_file(f)}\0".encode())
     h.update(f"text_len={text_len}\0clean={CLEAN_MODE}\0".encode())
@@ -239,30 +248,30 @@ def encoder_identity(weights_path, tokenizer_dir, text_len: int) -> str:
 
 
 def check_encoder_files(wan_dir) -> None:
-    """The text encoder's files of a Wan folder are there (the umT5 weights and the tokenizer folder), or a clear
-    error naming the missing (or truncated) one; cheap (no tensor is read), so commands call it before any work."""
-    from models.files import check_weights_file
-
-    wan_dir = Path(wan_dir)
-    if not (wan_dir / WEIGHTS_NAME).is_file():
-        diffusers = "WanTransformer3DModel" in (wan_dir / "config.json").read_text() \
-            if (wan_dir / "config.json").is_file() else False
-        hint = ("; this is a diffusers transformer folder: link the official Wan2.1 folder's "
+    """The text encoder's files of a Wan folder are there (the umT5 weights, every shard, and the tokenizer folder),
+    or a clear error naming the missing (or truncated) one; cheap (no tensor is read), so commands call it before
+    any work."""
+    parts = wan_parts(wan_dir)
+    if not parts.text_encoder.is_file():
+        diffusers = "WanTransformer3DModel" in (parts.dit / "config.json").read_text() \
+            if parts.layout == "official" and (parts.dit / "config.json").is_file() else False
+        hint = ("; this is a diffusers transformer folder: give its pipeline folder (the one with "
+                "model_index.json) as --wan-dir, or link the official Wan2.1 folder's "
                 f"{WEIGHTS_NAME}, Wan2.1_VAE.pth and google/ beside its config.json" if diffusers else "")
-        raise CheckpointError(f"text encoder weights {str(wan_dir / WEIGHTS_NAME)!r} do not exist (the Wan folder's "
-                              f"umT5 encoder, {WEIGHTS_NAME}){hint}")
-    check_weights_file(wan_dir / WEIGHTS_NAME, "text encoder weights")  # (a truncated or LFS file: said now)
-    if not (wan_dir / TOKENIZER_SUBDIR).is_dir():
+        raise CheckpointError(f"text encoder weights {parts.describe('text_encoder')} do not exist{hint}")
+    for path in weight_files(parts.text_encoder):
+        check_weights_file(path, "text encoder weights")  # (a truncated or LFS file: said now)
+    if not parts.tokenizer.is_dir():
         raise TokenizerNotFoundError(
-            f"tokenizer folder not found: {wan_dir / TOKENIZER_SUBDIR} (expected the Wan folder's google/umt5-xxl/ "
-            "with tokenizer.json, tokenizer_config.json, spiece.model, special_tokens_map.json)")
+            f"tokenizer folder not found: {parts.describe('tokenizer')}, with tokenizer.json, tokenizer_config.json, "
+            "spiece.model, special_tokens_map.json")
 
 
 def wan_dir_encoder_identity(wan_dir) -> str:
     """`encoder_identity` of the text encoder `TextEncoder.from_wan_dir(wan_dir)` would load."""
-    wan_dir = Path(wan_dir)
     check_encoder_files(wan_dir)
-    return encoder_identity(wan_dir / WEIGHTS_NAME, wan_dir / TOKENIZER_SUBDIR, text_len_of(wan_dir))
+    parts = wan_parts(wan_dir)
+    return encoder_identity(parts.text_encoder, parts.tokenizer, text_len_of(wan_dir))
 
 
 class TextEncoder:
@@ -296,22 +305,25 @@ class TextEncoder:
     @classmethod
     def from_wan_dir(cls, wan_dir, device="cpu", dtype=torch.float32, cache_dir=None, text_len: int | None = None,
                      trust_pickle: bool = False) -> "TextEncoder":
-        """From an official-format Wan folder: `<wan_dir>/models_t5_umt5-xxl-enc-bf16.pth` and
-        `<wan_dir>/google/umt5-xxl/`. text_len: argument, else `config.json`'s text_len, else 512."""
+        """From a Wan folder: `<wan_dir>/models_t5_umt5-xxl-enc-bf16.pth` and `<wan_dir>/google/umt5-xxl/`, or a
+        diffusers pipeline's text_encoder/ and tokenizer/ (models/wan/folder.py). text_len: argument, else
+        `config.json`'s text_len, else 512."""
         wan_dir = Path(wan_dir)
         if not wan_dir.is_dir():
             raise CheckpointError(f"Wan model folder not found: {wan_dir}")
         if text_len is None:
             text_len = text_len_of(wan_dir)
-        return cls.from_files(wan_dir / WEIGHTS_NAME, wan_dir / TOKENIZER_SUBDIR, device=device, dtype=dtype,
+        parts = wan_parts(wan_dir)
+        return cls.from_files(parts.text_encoder, parts.tokenizer, device=device, dtype=dtype,
                               cache_dir=cache_dir, text_len=text_len, trust_pickle=trust_pickle)
 
     @classmethod
     def from_files(cls, weights, tokenizer_dir, device="cpu", dtype=torch.float32, cache_dir=None,
                    text_len: int = DEFAULT_TEXT_LEN, trust_pickle: bool = False) -> "TextEncoder":
-        """From a Wan-named umT5 weights file (.pth or .safetensors) and a tokenizer folder."""
+        """From a umT5 weights file (.pth or .safetensors, or the .index.json of safetensors shards; Wan's names or
+        transformers') and a tokenizer folder."""
         tokenizer = load_tokenizer(tokenizer_dir)  # checked first: cheap, and the commonest missing piece
-        sd = load_state_dict_file(weights, trust_pickle=trust_pickle)
+        sd = to_wan_names(load_state_dict_file(weights, trust_pickle=trust_pickle), str(weights))
         model = build_umt5_encoder(sd, source=str(weights))
         return cls(model, tokenizer, text_len=text_len, device=device, dtype=dtype, weights_path=Path(weights),
                    tokenizer_dir=Path(tokenizer_dir), cache_dir=cache_dir)

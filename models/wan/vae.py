@@ -1,4 +1,5 @@
-"""The Wan2.1 video VAE: Wan's own `Wan2.1_VAE.pth` loaded into diffusers' `AutoencoderKLWan`.
+"""The Wan2.1 video VAE: Wan's own `Wan2.1_VAE.pth` (or a diffusers pipeline's vae/) loaded into diffusers'
+`AutoencoderKLWan`.
 
 How it fits: the DiT denoises latents [B, F, 16, h, w] in a *normalised* latent space; this module turns them
 into pixels (decode, or chunk by chunk with `StreamDecoder` while a rollout is still running) and pixels back
@@ -23,7 +24,7 @@ decoded.
 
 Key map: Wan names (`encoder.downsamples.K.residual.2.weight`, `decoder.upsamples.K...`, `conv1`, `conv2`)
 <-> diffusers names (`encoder.down_blocks.K.conv1.weight`, `decoder.up_blocks.i.resnets.j...`, `quant_conv`,
-`post_quant_conv`). The layout (base_dim, z_dim, dim_mult, num_res_blocks, temporal downsampling) is read from
+`post_quant_conv`); a file with diffusers' names is renamed to Wan's on the way in. The layout (base_dim, z_dim, dim_mult, num_res_blocks, temporal downsampling) is read from
 the tensor shapes, so the real VAE and small test VAEs load through the same path; every tensor of the file
 must be used and every parameter of the model filled, or loading fails with the lists of keys.
 """
@@ -196,6 +197,19 @@ def diffusers_to_wan_key(key: str, num_res_blocks: int) -> str:
     return f"decoder.upsamples.{k}.{_res(inner, _RES_DIFF_TO_WAN, key)}"
 
 
+def to_wan_names(sd: dict[str, torch.Tensor], source: str = "state dict") -> dict[str, torch.Tensor]:
+    """A VAE state dict under Wan's names: as it is when it has them, renamed when it has diffusers' (a pipeline's
+    vae/diffusion_pytorch_model.safetensors). num_res_blocks, which the renaming of the decoder needs, is the
+    count of the first up block's residual blocks less one (the decoder's levels hold one more than the encoder's)."""
+    resnets = {m.group(1) for k in sd if (m := re.match(r"decoder\.up_blocks\.0\.resnets\.(\d+)\.", k))}
+    if not resnets:
+        return sd
+    try:
+        return {diffusers_to_wan_key(k, len(resnets) - 1): v for k, v in sd.items()}
+    except KeyError as e:
+        raise CheckpointError(f"{source}: {e.args[0]}") from None
+
+
 def infer_layout(sd: dict[str, torch.Tensor], source: str = "state dict") -> VAELayout:
     """Read the VAE sizes from a Wan-named state dict's shapes (see `VAELayout`)."""
     need = ["conv2.weight", "encoder.conv1.weight", "decoder.conv1.weight"]
@@ -290,9 +304,9 @@ class WanVAE:
     @classmethod
     def from_file(cls, path, device="cpu", dtype=torch.float32, trust_pickle: bool = False,
                   decoder: str = "auto") -> "WanVAE":
-        """Load Wan's `Wan2.1_VAE.pth` (or a .safetensors with the same names)."""
+        """Load Wan's `Wan2.1_VAE.pth` (or a .safetensors with Wan's names or diffusers', as a pipeline's vae/)."""
         resolve_decoder(decoder)  # a bad setting is refused before the file is read
-        sd = load_state_dict_file(path, trust_pickle=trust_pickle)
+        sd = to_wan_names(load_state_dict_file(path, trust_pickle=trust_pickle), str(path))
         return cls.from_state_dict(sd, device=device, dtype=dtype, source=str(path), decoder=decoder)
 
     @classmethod

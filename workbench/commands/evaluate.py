@@ -356,6 +356,7 @@ def plan_runs(args, choices, prompts, seeds, lengths, device, dtype):
     """extract's plan of every (model, length), validated without loading weights: {(label, frames): Plan}, and
     the notes of what is skipped (bidirectional samplers past 21 latent frames)."""
     from models import world
+    from models.wan.folder import wan_parts
     from workbench.errors import WorkbenchError
     from workbench.extract import ExtractConfig, plan
     from workbench.weights import check_vae_file
@@ -377,10 +378,10 @@ def plan_runs(args, choices, prompts, seeds, lengths, device, dtype):
                 local_attn_size=args.local_attn_size if window else -1, sink_size=args.sink_size if window else 0,
                 height=world.HEIGHT, width=world.WIDTH, device=device, dtype=dtype)
             plans[c.label, frames] = plan(cfg)
-            vae_file = plans[c.label, frames].wan_dir / "Wan2.1_VAE.pth"
-            if not vae_file.is_file():
-                raise WorkbenchError(f"model {c.label!r}: no VAE at {vae_file} (evaluate decodes with the model "
-                                     "folder's Wan2.1_VAE.pth)")
+            vae_parts = wan_parts(plans[c.label, frames].wan_dir)
+            if not vae_parts.vae.is_file():
+                raise WorkbenchError(f"model {c.label!r}: no VAE at {vae_parts.describe('vae')} (evaluate decodes "
+                                     "with the model folder's VAE)")
             check_vae_file(plans[c.label, frames].wan_dir)
     if not plans:
         raise WorkbenchError("nothing to run: " + "; ".join(skipped))
@@ -433,6 +434,7 @@ def _load_text_and_vae(p, prompts, device, dtype):
     both from the model's folder."""
     import torch
 
+    from models.wan.folder import wan_parts
     from models.wan.text_encoder import TextEncoder
     from models.wan.vae import WanVAE
     from workbench.extract import _dtype
@@ -440,7 +442,7 @@ def _load_text_and_vae(p, prompts, device, dtype):
     encoder = TextEncoder.from_wan_dir(p.wan_dir, device=torch.device(device))
     contexts = [encoder.encode([prompt]) for prompt in prompts]
     negative = encoder.encode([p.cfg.negative_prompt]) if p.cfg.sampler != "causal_few_step" else None
-    vae = WanVAE.from_file(p.wan_dir / "Wan2.1_VAE.pth", device=device, dtype=_dtype(dtype))
+    vae = WanVAE.from_file(wan_parts(p.wan_dir).vae, device=device, dtype=_dtype(dtype))
     return vae, contexts, negative
 
 
