@@ -92,7 +92,8 @@ figures.recency_lines(profile.sel(step=step0).mean("sample").isel(layer=0),
 # %%
 denoising = sub.sel(step=sub.phase == "denoise") if "phase" in sub.coords else sub
 hm = metrics.head_metrics(denoising)
-figures.metric_by_step(hm.sink_mass.isel(layer=0), title=f"mass on frame 0 (last chunk) · layer {layer}")
+last = f"query frames {hm.attrs['query_frames'][0]}-{hm.attrs['query_frames'][-1]}"  # the last chunk's
+figures.metric_by_step(hm.sink_mass.isel(layer=0), title=f"mass on frame 0 ({last}) · layer {layer}")
 
 # %%
-figures.metric_by_step(hm.entropy_norm.isel(layer=0), title=f"normalised entropy (last chunk) · layer {layer}")
+figures.metric_by_step(hm.entropy_norm.isel(layer=0), title=f"normalised entropy ({last}) · layer {layer}")

@@ -69,8 +69,8 @@ c.steps
 # %%
 from IPython.display import display
 
-display(c.unmatched_a)  # samples of A without a partner in B (empty: every sample is paired)
-display(c.unmatched_b)  # and of B without one in A
+display(c.unmatched_a)  # steps of A with no step of B at the same timestep (within the tolerance): not compared
+display(c.unmatched_b)  # and of B with none in A
 
 # %% [markdown]
 # ## Heads ranked by change

@@ -55,8 +55,9 @@ def register(subparsers) -> None:
     report.add_argument("--layer", type=int, action="append", metavar="N",
                         help="layer to show in detail; repeat for several (default: every captured layer, at most 8)")
     report.add_argument("--sample", metavar="ID", help="one sample id, e.g. p0000-s42 (default: mean over samples)")
-    report.add_argument("--step", type=int, default=0,
-                        help="step of the overview maps and heatmaps (default 0: the first denoising step, t=1000)")
+    report.add_argument("--step", type=int, default=None,
+                        help="step of the overview maps and heatmaps (default: the first captured denoising step; "
+                             "step 0, t=1000, when it was captured)")
     report.add_argument("--query-frames", default="last_chunk", choices=["last_chunk", "history", "all"],
                         help=QUERY_FRAMES_HELP)
     report.set_defaults(func=run_report)

@@ -269,6 +269,10 @@ def rank_heads(c: Comparison, *, by: str = "js_bits", match: int | None = None) 
     name (ranked by its absolute difference)."""
     if by != "js_bits" and by not in c.diff:
         raise WorkbenchError(f"cannot rank by {by!r}; choose 'js_bits' or one of {list(c.diff.data_vars)}")
+    have = [int(m) for m in c.js_bits["match"].values]
+    if match is not None and (isinstance(match, bool) or match not in have):
+        raise WorkbenchError(f"match {match!r} is not a matched step pair; the comparison has matches {have} "
+                             "(c.steps lists them)")
     pick = (lambda x: x.mean("match")) if match is None else (lambda x: x.sel(match=match))
     table = pick(c.js_bits).to_dataframe(name="js_bits")[["js_bits"]]
     for name in c.diff.data_vars:

@@ -63,13 +63,14 @@ def _round(a) -> np.ndarray:
 def _frames(ds, var, layer, sample, steps=None):
     """ds[var] at one layer, averaged over samples unless one is named: [step, head, query_frame, key_frame]."""
     metrics.require_var(ds, var)
-    sub = metrics.select(ds, sample=sample, layer=layer, step=steps)
+    sub = metrics.select(ds, sample=sample, layer=metrics.one(layer, "layer"), step=steps)
     return sub[var].astype(np.float64).mean("sample", skipna=True).isel(layer=0).load()
 
 
 def _pick_heads(data: xr.DataArray, heads) -> xr.DataArray:
     if heads is None:
         return data
+    heads = [heads] if np.isscalar(heads) else list(heads)  # (one head)
     have = [int(h) for h in data["head"].values]
     bad = [h for h in heads if h not in have]
     if bad or not len(heads):
@@ -132,7 +133,7 @@ def head_grid(
     """Per-head query frame x key frame heatmaps of `var` at one layer and step; origin lower (query frame 0 at
     the bottom), one colour scale for all heads, NaN (not attended) left blank."""
     ds = metrics.attention_store(ds)
-    data = _frames(ds, var, layer, sample, step).isel(step=0)  # [head, query_frame, key_frame]
+    data = _frames(ds, var, layer, sample, metrics.one(step, "step")).isel(step=0)  # [head, query_frame, key_frame]
     data = _pick_heads(data, heads)
     head_list = [int(h) for h in data["head"].values]
     fig, cols = _head_subplots(head_list, cols, [f"head {h}" for h in head_list])
@@ -164,7 +165,8 @@ def head_pair(
     """One head's query frame x key frame heatmap in two stores side by side (A left, B right), each averaged over
     its samples, on one colour scale so that the two can be compared by eye; each panel names its store and step."""
     a, b = metrics.attention_store(a), metrics.attention_store(b)
-    maps = [_pick_heads(_frames(ds, var, layer, None, step).isel(step=0), [head]).sel(head=head)
+    maps = [_pick_heads(_frames(ds, var, layer, None, metrics.one(step, "step")).isel(step=0),
+                        [metrics.one(head, "head")]).sel(head=head)
             for ds, step in ((a, step_a), (b, step_b))]  # [query_frame, key_frame] each
     titles = [f"{name}<br><sub>{metrics.step_label(ds, step)} · {_who(ds, None)}</sub>"  # two lines: never overlap
               for name, ds, step in ((names[0], a, step_a), (names[1], b, step_b))]
@@ -196,7 +198,7 @@ def last_chunk_bars(
     """Per head, the last chunk's attention over key frames (v = the mean of the last chunk's query rows, the
     researchers' `last_block_frame_attention`) as bars plus a line, titled with sink = v[0] - mean(v[1:-1])."""
     ds = metrics.attention_store(ds)
-    sub = metrics.select(ds, sample=sample, layer=layer, step=step)
+    sub = metrics.select(ds, sample=sample, layer=metrics.one(layer, "layer"), step=metrics.one(step, "step"))
     v = metrics.frame_profile(sub, var=var).mean("sample", skipna=True).isel(layer=0, step=0)  # [head, key_frame]
     v = _pick_heads(v, heads)
     sink = metrics.sink_delta(v)  # [head]
@@ -239,7 +241,9 @@ def step_slider(
     ds = metrics.attention_store(ds)
     data = _frames(ds, var, layer, sample, None if steps is None else list(steps))  # [step, head, qf, kf]
     labels = {int(s): metrics.step_label(ds, int(s)) for s in data.step.values}
-    marks = {s: f"{s} · t={float(ds['timestep'].sel(step=s)):g}" for s in labels}
+    cfg = {s: str(ds["cfg"].sel(step=s).values) if "cfg" in ds.coords else "none" for s in labels}
+    marks = {s: f"{s} · t={float(ds['timestep'].sel(step=s)):g}" + ("" if cfg[s] == "none" else f" {cfg[s]}")
+             for s in labels}
     return _grid_slider(data, "step", labels, marks, start, heads, cols,
                         title=lambda s: f"{var} · layer {layer} · {labels[s]}", who=_who(ds, sample),
                         colorbar=_units(ds, var), var=var)
@@ -257,7 +261,7 @@ def train_step_slider(
 ) -> go.Figure:
     """The head grid of a training probe store at one step, across train steps (a slider over `train_step`,
     one colour scale over all of them); it opens at the last train step."""
-    data = _frames(ds, var, layer, sample, step).isel(step=0)  # [train_step, head, query_frame, key_frame]
+    data = _frames(ds, var, layer, sample, metrics.one(step, "step")).isel(step=0)  # [train_step, head, qf, kf]
     values = [int(t) for t in data.train_step.values]
     labels = {t: f"train step {t} · {metrics.step_label(ds, step)}" for t in values}
     return _grid_slider(data, "train_step", labels, {t: str(t) for t in values}, values[-1], heads, cols,
@@ -361,9 +365,31 @@ def _layer_head(da: xr.DataArray) -> xr.DataArray:
     return da.transpose("layer", "head")
 
 
+def selection_label(da: xr.DataArray) -> str:
+    """What a metric of `metrics.head_metrics` holds, from its coords and attrs: the step it was taken at (with its
+    t and CFG branch), the samples and the query frames it averages ('' when it records none of these)."""
+    parts = []
+    if "step" in da.coords and da["step"].ndim == 0:
+        t = f"t={float(da['timestep']):g}" if "timestep" in da.coords and da["timestep"].ndim == 0 else ""
+        cfg = str(da["cfg"].values) if "cfg" in da.coords and da["cfg"].ndim == 0 else "none"
+        extra = ", ".join(x for x in (t, "" if cfg == "none" else cfg) if x)
+        parts.append(f"step {int(da['step'])}" + (f" ({extra})" if extra else ""))
+    samples = list(da.attrs.get("samples", []))
+    if samples:
+        parts.append(f"sample {samples[0]}" if len(samples) == 1 else f"mean of {len(samples)} samples")
+    frames = [int(f) for f in da.attrs.get("query_frames", [])]
+    if frames:
+        contiguous = frames == list(range(frames[0], frames[-1] + 1))
+        parts.append(f"query frames {frames[0]}-{frames[-1]}" if contiguous and len(frames) > 1
+                     else f"query frame{'s' if len(frames) > 1 else ''} {', '.join(map(str, frames))}")
+    return " · ".join(parts)
+
+
 def layer_head_map(da: xr.DataArray, *, title: str | None = None, colorscale: str | None = None,
                    zmin: float | None = None, zmax: float | None = None, text: bool = True) -> go.Figure:
-    """Layer x head heatmap of a metric (dims layer, head), values written in the cells when `text`."""
+    """Layer x head heatmap of a metric (dims layer, head), values written in the cells when `text`; the default
+    title names the metric and what it holds (step, samples, query frames: `selection_label`)."""
+    what = selection_label(da)
     da = _layer_head(da)
     name = da.attrs.get("long_name", da.name or "value")
     units = da.attrs.get("units", "")
@@ -376,8 +402,9 @@ def layer_head_map(da: xr.DataArray, *, title: str | None = None, colorscale: st
     fig.update_xaxes(title_text="head", type="category")
     fig.update_yaxes(title_text="layer", type="category")
     width = max(640, 60 * da.sizes["head"] + 220)
-    fig.update_layout(title=wrap_title(title or f"{da.name or name}: {name}", width),
-                      height=_map_height(da.sizes["layer"]), width=width)
+    sub = f"<br><sub>{what}</sub>" if what and not title else ""
+    fig.update_layout(title=wrap_title(title or f"{da.name or name}: {name}", width) + sub,
+                      height=_map_height(da.sizes["layer"]) + (20 if sub else 0), width=width)
     return fig
 
 
@@ -409,8 +436,17 @@ def taxonomy_map(classes: xr.DataArray, *, title: str = "head classes") -> go.Fi
 def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = ("A", "B"),
                  title: str | None = None) -> go.Figure:
     """A metric (dims layer, head) for two stores and the difference B - A, stacked (A, B, B - A from the top);
-    A and B share one colour scale, the difference a symmetric red-blue one."""
-    a, b = xr.align(_layer_head(a), _layer_head(b), join="inner")
+    A and B share one colour scale, the difference a symmetric red-blue one. Only the layers and heads both hold
+    are drawn; the title says so when either holds more."""
+    a, b = _layer_head(a), _layer_head(b)
+    given = {k: {(int(lay), int(h)) for lay in x.layer.values for h in x["head"].values}
+             for k, x in (("a", a), ("b", b))}
+    a, b = xr.align(a, b, join="inner")
+    if not a.size:
+        raise WorkbenchError("compare_maps: A and B share no (layer, head); A has layers "
+                             f"{sorted({lay for lay, _ in given['a']})}, B {sorted({lay for lay, _ in given['b']})}")
+    shared = {(int(lay), int(h)) for lay in a.layer.values for h in a["head"].values}
+    dropped = [k.upper() for k in ("a", "b") if given[k] - shared]
     diff = b - a
     x = [str(int(h)) for h in a["head"].values]
     y = [str(int(v)) for v in a.layer.values]
@@ -427,8 +463,10 @@ def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = (
     finite = diff.values[np.isfinite(diff.values)]
     top = float(np.abs(finite).max()) if finite.size else 0.0
     width = max(600, min(1300, 62 * a.sizes["head"] + 260))
+    note = (f"<br><sub>drawn: the {len(a.layer)} layer(s) and {a.sizes['head']} head(s) both hold; "
+            f"{' and '.join(dropped)} {'have' if len(dropped) > 1 else 'has'} more</sub>") if dropped else ""
     fig.update_layout(
-        title=wrap_title(title or str(a.attrs.get("long_name", a.name or "metric")), width),
+        title=wrap_title(title or str(a.attrs.get("long_name", a.name or "metric")), width) + note,
         coloraxis=dict(colorscale="Viridis", cmin=float(both.min()) if both.size else 0,
                        cmax=float(both.max()) if both.size else 1,
                        colorbar=dict(y=0.68, len=0.62, title="A, B")),

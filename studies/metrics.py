@@ -77,6 +77,15 @@ def attention_store(ds, *, extra_dims: bool = False):
     return ds
 
 
+def one(value, dim: str):
+    """`value` where a function shows one layer, step or sample: a list (which would be cut to its first entry) or a
+    bool is refused, naming it."""
+    if isinstance(value, (bool, np.bool_)) or not (np.isscalar(value) or isinstance(value, str)):
+        raise WorkbenchError(f"{dim} {value!r}: give one {dim} (this shows one {dim} at a time; call it once per "
+                             f"{dim})")
+    return value
+
+
 def select(ds: xr.Dataset, *, sample=None, layer=None, step=None) -> xr.Dataset:
     """`ds` restricted to a sample id, layer(s) and step(s), each checked against the store (None keeps all).
     A scalar keeps the dim with one entry, so downstream code sees the same dims."""
@@ -84,6 +93,8 @@ def select(ds: xr.Dataset, *, sample=None, layer=None, step=None) -> xr.Dataset:
         if value is None:
             continue
         wanted = [value] if np.isscalar(value) or isinstance(value, str) else list(value)
+        if any(isinstance(v, (bool, np.bool_)) for v in wanted):
+            raise WorkbenchError(f"{dim} {value!r} is not a {dim}: give {dim} ids, e.g. {dim}={ds[dim].values[0]!r}")
         have = [v.item() if hasattr(v, "item") else v for v in ds[dim].values]
         missing = [v for v in wanted if v not in have]
         if missing:
@@ -97,9 +108,11 @@ def query_frames_for(ds: xr.Dataset, query_frames: str | Sequence[int] = "last_c
 
     `last_chunk`: frames of the highest chunk (18-20 for 21 frames in chunks of 3; every frame for the
     bidirectional sampler); `history`: frames whose chunk is not the first (every frame if there is one chunk);
-    `all`; or an explicit list of frame indices."""
+    `all`; or an explicit list of frame indices (or one frame)."""
     frames = [int(f) for f in ds.query_frame.values]
     chunk = np.asarray(ds["query_chunk"].values) if "query_chunk" in ds.coords else np.zeros(len(frames), dtype=int)
+    if np.isscalar(query_frames) and not isinstance(query_frames, str):
+        query_frames = [query_frames]  # one frame
     if isinstance(query_frames, str):
         if query_frames == "all":
             return frames
@@ -123,6 +136,14 @@ def num_chunks(ds: xr.Dataset) -> int:
 def default_layer(ds: xr.Dataset) -> int:
     """The first captured layer."""
     return int(ds.layer.values[0])
+
+
+def default_step(ds: xr.Dataset) -> int:
+    """The first captured denoising step (step 0, t = 1000, the researchers' choice, when it was captured); the
+    first captured step when every one is a context pass."""
+    steps = np.asarray(ds.step.values)
+    denoising = steps[np.asarray(ds.phase.values) == "denoise"] if "phase" in ds.coords else steps
+    return int((denoising if len(denoising) else steps)[0])
 
 
 def step_label(ds: xr.Dataset, step: int) -> str:
@@ -247,7 +268,10 @@ def head_metrics(
     rows = row_metrics(ds, local_window=local_window, early_fraction=early_fraction)
     dims = ["query_frame"] + (["sample"] if average_samples or sample is not None else [])
     out = rows.mean(dims, skipna=True, keep_attrs=True)
-    out.attrs.update(query_frames=frames, samples=[str(s) for s in ds.sample.values])
+    what = dict(query_frames=frames, samples=[str(s) for s in ds.sample.values])
+    out.attrs.update(what)
+    for var in out.data_vars:  # (also on each metric, so that one taken out still says what it averages)
+        out[var].attrs.update(what)
     return out
 
 
@@ -256,8 +280,7 @@ def recency_profile(ds: xr.Dataset | xr.DataArray, *, query_frames: str | Sequen
     head), the mean of attn_mass[qf, qf - d] over the query frames where that key frame was attended.
     NaN where no query frame has distance d available. New dim `distance` (int, frames)."""
     ds = attention_store(ds, extra_dims=True)
-    if isinstance(ds, xr.Dataset):
-        ds = ds.sel(query_frame=query_frames_for(ds, query_frames))
+    ds = ds.sel(query_frame=query_frames_for(ds, query_frames))
     mass = _mass(ds)
     dist = distance(mass)
     values = np.unique(dist.values)
@@ -349,7 +372,7 @@ def researcher_stats(
     `first` = v[0], `mid` = mean(v[1:-1]), `last` = v[-1], `sink` = first - mid."""
     ds = attention_store(ds, extra_dims=True)
     require_var(ds, var)
-    sub = select(ds, sample=sample, layer=layer, step=step)
+    sub = select(ds, sample=sample, layer=one(layer, "layer"), step=one(step, "step"))
     full = sub[var].astype(np.float64).mean("sample", skipna=True).isel(layer=0, step=0)  # [head, query_frame, key_frame]
     diag = full.where(full.query_frame == full.key_frame).mean(["query_frame", "key_frame"], skipna=True)
     col0 = full.isel(key_frame=0).mean("query_frame", skipna=True)

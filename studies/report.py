@@ -136,7 +136,7 @@ def build_report(
     *,
     layer: int | list[int] | None = None,
     sample: str | None = None,
-    step: int = 0,
+    step: int | None = None,
     query_frames="last_chunk",
     thresholds: metrics.TaxonomyThresholds | None = None,
 ) -> Path:
@@ -144,8 +144,9 @@ def build_report(
 
     `layer`: the layer(s) that get a detailed section (default: every captured layer, at most 8 evenly spaced);
     `sample`: one sample id (default: the mean over samples); `step`: the step of the overview maps and head grids
-    (default 0: the first denoising step, t = 1000, the researchers' choice)."""
+    (default: the first captured denoising step: step 0, t = 1000, the researchers' choice, when it was captured)."""
     ds, source = _open(store)
+    step = metrics.default_step(ds) if step is None and "step" in ds.dims else step
     from studies.effects_report import build_effects_report, is_effects_store
 
     if is_effects_store(ds):  # `workbench intervene`'s store: its own page

@@ -257,6 +257,9 @@ def test_capture_mode_must_match_the_attention_kernel():
     geo = Geometry(1, 3, FSL, TEXT_LEN)
     with pytest.raises(WorkbenchError, match="'fused'.*Triton.*--attention-kernel triton"):
         StatsProbe(spec, geo, "cpu", mode="fused")
+    with pytest.raises(WorkbenchError, match="kernel 'auto', whose statistics come with capture mode 'exact'. Use "
+                                             "--attention-kernel triton, or capture mode 'exact'$"):
+        resolve_mode("fused", "cpu", "auto")  # (on the CPU the stock kernel's statistics are exact's, not cuDNN's)
     with pytest.raises(WorkbenchError, match="'indicator'.*'triton'.*'fused'"):
         StatsProbe(spec, geo, "cuda", mode="indicator", kernel="triton")
     assert resolve_mode("auto", "cuda", "triton") == "fused"

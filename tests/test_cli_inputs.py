@@ -230,6 +230,22 @@ def test_extract_summary_of_a_window_without_a_sink_sums_to_one(tmp_path):
     assert max(r[0] for r in rows) < 0.5  # (frame 0 is attended by the first 9 frames' queries only)
 
 
+def test_a_store_of_context_passes_only_gets_no_table_and_its_own_report(tmp_path, capsys):
+    """`--steps 4` captures the causal sampler's context passes only: the summary averages denoising steps, so it
+    printed a table of nan and named heads from it; it says why there is none. The report opens at the first
+    captured step (its default was step 0, which such a store lacks)."""
+    from workbench.cli import main as cli_main
+
+    out = tmp_path / "c.zarr"
+    assert cli_main(["extract", "--layer", "3", "--steps", "4", "--frames", "6", "--out", str(out),
+                     "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "no summary: it averages denoising steps, and every step captured is a context pass" in text
+    assert "nan" not in text and "most local" not in text
+    assert cli_main(["report", str(out), "--out", str(tmp_path / "c.html")]) == 0
+    assert "step 4 (t=0, context)" in (tmp_path / "c.html").read_text()
+
+
 def test_extract_summary_is_per_layer_and_head(tmp_path):
     """Planted heads (studies.synthetic): layer 0 head 0 is a sink, layer 1 head 0 attends to its own frame, so a
     summary that averaged head 0 over the layers would print 0.5. A bidirectional store of 16 steps lists them as

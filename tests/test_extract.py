@@ -144,7 +144,8 @@ def test_store_equals_float64_reference(tmp_path, monkeypatch, dtype, window):
 
 
 def test_bidirectional_store_labels_and_values(tmp_path, monkeypatch):
-    """The Wan baseline sampler: one chunk of 21 frames, CFG branches as steps, every pair attended."""
+    """The Wan baseline sampler: one chunk of 21 frames, CFG branches as steps, every pair attended; the text keys
+    of cross_mass's uncond rows are the negative prompt's tokens, labelled as such."""
     recorders = []
     load = extract_mod.load_wan
 
@@ -156,8 +157,12 @@ def test_bidirectional_store_labels_and_values(tmp_path, monkeypatch):
 
     monkeypatch.setattr(extract_mod, "load_wan", load_and_record)
     out = tmp_path / "b.zarr"
-    run_extract(config(out, layers=[2], sampler="bidirectional", num_inference_steps=2), log=quiet)
+    run_extract(config(out, layers=[2], sampler="bidirectional", num_inference_steps=2, negative_prompt="a blurry video",
+                       stats=["attn_mass", "attn_logit", "cross_mass"]), log=quiet)
     ds = open_store(out)
+    words = lambda tokens, n: "".join(tokens[:n]).replace("\u2581", " ").strip()  # noqa: E731 (sentencepiece's space)
+    assert words(ds.token.values[0], int(ds.num_tokens[0])) == f"{ds.prompt.values[0]}</s>"
+    assert words(ds.uncond_token.values[0], int(ds.uncond_num_tokens[0])) == "a blurry video</s>"
     assert ds.step.values.tolist() == [0, 1, 2, 3] and ds.cfg.values.tolist() == ["cond", "uncond"] * 2
     assert ds.denoise_index.values.tolist() == [0, 0, 1, 1] and ds.phase.values.tolist() == ["denoise"] * 4
     assert ds.timestep.values[0] == ds.timestep.values[1] > ds.timestep.values[2] == ds.timestep.values[3]

@@ -150,6 +150,8 @@ def test_rank_heads_puts_the_changed_head_first(stores):
     assert (by_sink.layer[0], by_sink["head"][0]) == (0, 0)
     with pytest.raises(WorkbenchError, match="cannot rank by 'speed'"):
         compare.rank_heads(c, by="speed")
+    with pytest.raises(WorkbenchError, match=r"match 9 is not a matched step pair; the comparison has matches \[0, "):
+        compare.rank_heads(c, match=9)
 
 
 def test_chunk_metrics_left_out_against_one_chunk_sampler(stores):

@@ -84,6 +84,11 @@ def test_layer_head_and_taxonomy_maps(ds):
     assert fig.layout.xaxis.title.text == "head" and fig.layout.yaxis.title.text == "layer"
     assert list(fig.data[0].y) == ["0", "3"] and len(fig.data[0].x) == 12
     np.testing.assert_allclose(np.array(fig.data[0].z, dtype=float), hm.sink_mass.sel(step=0).values, atol=1e-6)
+    # the title says what the map holds: the step, the samples, the query frames averaged
+    assert "<sub>step 0 (t=1000) · mean of 2 samples · query frames 18-20</sub>" in fig.layout.title.text
+    one = metrics.head_metrics(ds, sample="p0000-s2", query_frames=[20])
+    assert "step 1 (t=937.5) · sample p0000-s2 · query frame 20" in \
+        figures.layer_head_map(one.sink_mass.sel(step=1)).layout.title.text
     classes = metrics.classify_heads(hm).sel(step=0)
     tax = figures.taxonomy_map(classes)
     assert tax.data[0].text[0][0] == synthetic.planted_role(0, 0)
@@ -106,6 +111,30 @@ def test_compare_maps_show_a_b_and_difference(ds, wan):
     assert (fig.layout.coloraxis.colorbar.title.text, fig.layout.coloraxis2.colorbar.title.text) == ("A, B", "B - A")
     np.testing.assert_allclose(np.array(fig.data[2].z, dtype=float), (b - a).values, atol=1e-6)
     assert fig.data[2].coloraxis == "coloraxis2" and fig.layout.coloraxis2.cmin == -fig.layout.coloraxis2.cmax
+    assert "both hold" not in fig.layout.title.text
+    fewer = figures.compare_maps(a, b.sel(layer=[3]))  # what is not in both is not drawn, and the title says so
+    assert [list(t.y) for t in fewer.data] == [["3"]] * 3
+    assert "drawn: the 1 layer(s) and 12 head(s) both hold; A has more" in fewer.layout.title.text
+    with pytest.raises(WorkbenchError, match=r"share no \(layer, head\); A has layers \[0\], B \[3\]"):
+        figures.compare_maps(a.sel(layer=[0]), b.sel(layer=[3]))
+
+
+def test_a_figure_of_one_layer_or_step_refuses_a_list(ds):
+    """A list where a figure or table shows one layer or step is refused (it was cut to its first entry, and the
+    title named the whole list); one head or query frame may be given as an int."""
+    calls = {"head_grid layer": lambda: figures.head_grid(ds, [0, 3]),
+             "head_grid step": lambda: figures.head_grid(ds, 0, step=[1, 2]),
+             "last_chunk_bars": lambda: figures.last_chunk_bars(ds, [0, 3]),
+             "step_slider": lambda: figures.step_slider(ds, [0, 3]),
+             "researcher_stats layer": lambda: metrics.researcher_stats(ds, layer=[0, 3]),
+             "researcher_stats step": lambda: metrics.researcher_stats(ds, layer=0, step=[3, 1])}
+    for name, call in calls.items():
+        with pytest.raises(WorkbenchError, match=r"(layer|step) \[\d, \d\]: give one (layer|step)"):
+            call()
+    with pytest.raises(WorkbenchError, match="layer True is not a layer"):
+        metrics.select(ds, layer=True)
+    assert [a.text for a in figures.head_grid(ds, 0, heads=1).layout.annotations] == ["head 1"]
+    assert metrics.query_frames_for(ds, 5) == [5]
 
 
 def test_line_figures(ds):

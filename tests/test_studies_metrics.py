@@ -147,6 +147,10 @@ def test_recency_profile_by_hand(causal, bidirectional):
     # bidirectional global head: uniform 1/21 at every distance
     prof_b = metrics.recency_profile(bidirectional).isel(sample=0, step=0, layer=0)
     np.testing.assert_allclose(prof_b.sel(head=head_of("global")), 1 / 21, rtol=1e-5)
+    # query_frames picks the rows from a Dataset and from its attn_mass alike
+    last = metrics.recency_profile(causal, query_frames="last_chunk")
+    assert last.identical(metrics.recency_profile(causal.attn_mass, query_frames="last_chunk"))
+    assert not last.identical(metrics.recency_profile(causal.attn_mass))
 
 
 def test_window_counts_evicted_frames_as_not_attended(window):

@@ -308,6 +308,8 @@ def resolve_mode(mode: str, device, kernel: str = "auto") -> str:
     if torch.device(device).type != "cuda" and mode in ("auto", "indicator"):
         return "exact"  # the widened call is bitwise the plain one on cuDNN only; elsewhere it would not be
     served = capture_mode_of(check_kernel(kernel))
+    if torch.device(device).type != "cuda" and served == "indicator":
+        served = "exact"  # (the stock kernels off CUDA: their statistics come by the exact path)
     if mode == "auto":
         return served or "exact"
     if mode != served:
@@ -318,5 +320,5 @@ def resolve_mode(mode: str, device, kernel: str = "auto") -> str:
         raise WorkbenchError(f"capture mode {mode!r} reads the statistics of {_MODE_READS[mode]}"
                              + (f" (--attention-kernel {needed})" if needed else "")
                              + f"; the model runs attention kernel {kernel!r}{runs}. Use {fix}capture mode "
-                             + (f"{served!r} or 'exact'" if served else "'exact'"))
+                             + (f"{served!r} or 'exact'" if served not in (None, "exact") else "'exact'"))
     return mode

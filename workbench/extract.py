@@ -520,6 +520,8 @@ def _extract(p: Plan, rank: int, world: int, todo, fp: str, weights_sha: str, de
                         checkpoint_sha256=weights_sha, model_family=p.family, sampler=cfg.sampler,
                         local_attn_size=cfg.local_attn_size, sink_size=cfg.sink_size, tokens=emb.tokens[0],
                         num_tokens=emb.lengths[0])
+            if negative is not None:  # (the uncond forwards' cross-attention keys are the negative prompt's tokens)
+                meta.update(uncond_tokens=negative.tokens[0], uncond_num_tokens=negative.lengths[0])
             result = (meta, arrays)
         if world == 1:
             finished = [result]

@@ -196,7 +196,8 @@ def _strings(values) -> np.ndarray:
 def sample_dataset(layout: StoreLayout, sample: dict, arrays: dict[str, np.ndarray]) -> xr.Dataset:
     """One sample as a Dataset with a length-1 `sample` dim. `sample` holds the per-sample coords
     (prompt_index, seed, prompt, checkpoint, checkpoint_sha256, model_family, sampler, local_attn_size,
-    sink_size, tokens (list of text_len strings), num_tokens); arrays are [S, L, H, F, ...] per statistic."""
+    sink_size, tokens (list of text_len strings), num_tokens, and with CFG the negative prompt's uncond_tokens and
+    uncond_num_tokens); arrays are [S, L, H, F, ...] per statistic."""
     F = layout.num_frames
     data_vars = {}
     for stat, values in arrays.items():
@@ -224,6 +225,9 @@ def sample_dataset(layout: StoreLayout, sample: dict, arrays: dict[str, np.ndarr
     if "text_token" in dims:
         coords["text_token"] = np.arange(layout.text_len, dtype=np.int64)
         coords["token"] = (("sample", "text_token"), _strings(sample["tokens"]).reshape(1, -1))
+        if "uncond_tokens" in sample:  # the keys of the cfg = uncond rows: the negative prompt's tokens
+            coords["uncond_token"] = (("sample", "text_token"), _strings(sample["uncond_tokens"]).reshape(1, -1))
+            coords["uncond_num_tokens"] = ("sample", np.array([sample["uncond_num_tokens"]], dtype=np.int64))
     if "key_token" in dims:
         h, w = layout.grid
         tok = np.arange(F * layout.frame_seq_len)

@@ -56,6 +56,13 @@ def summary_table(store_path, max_rows: int = 48) -> str:
     ds = open_store(store_path)
     if "attn_mass" not in ds:
         return f"wrote {store_path}"
+    wrote = (f"wrote {store_path}: {ds.sizes['sample']} sample(s), layers {format_int_list(ds.layer.values)}, "
+             f"steps {format_int_list(ds.step.values)}")
+    opening = (f"open it with xarray: xr.open_zarr({str(store_path)!r}, consolidated=False), or "
+               f"`workbench report {shlex.quote(str(store_path))}`")
+    if not bool((ds.phase == "denoise").any()):  # (a table of NaN otherwise, and heads named from it)
+        return "\n".join([wrote, "no summary: it averages denoising steps, and every step captured is a context pass "
+                          "(phase 'context': the KV cache rewritten at the context noise)", opening])
     chunked = bool((ds.query_chunk > 0).any())
     first, own, rest = frame0_own_rest(ds.attn_mass)
     dims = [d for d in ("sample", "step", "query_frame") if d in first.dims]
@@ -68,9 +75,7 @@ def summary_table(store_path, max_rows: int = 48) -> str:
     rows = "query frames after chunk 0" if chunked else "all query frames, the video being one chunk"
     cfg = sorted({str(c) for c in ds["cfg"].values} - {"none"}) if "cfg" in ds.coords else []
     steps = "denoising steps" + (f", both CFG branches {' and '.join(cfg)}" if len(cfg) > 1 else "")
-    lines = [f"wrote {store_path}: {ds.sizes['sample']} sample(s), layers {format_int_list(layers)}, "
-             f"steps {format_int_list(ds.step.values)}",
-             f"attention mass per layer and head (mean over samples; {steps}; {rows}):"]
+    lines = [wrote, f"attention mass per layer and head (mean over samples; {steps}; {rows}):"]
     own_name = "own chunk" if chunked else "other frames"
     if len(layers) * len(heads) <= max_rows:  # (one chunk: no "rest", every frame but 0 is "other frames")
         lines.append(f"{'layer':>6} {'head':>5} {'frame 0':>9} {own_name:>12}" + (f" {'rest':>8}" if chunked else "")
@@ -87,9 +92,7 @@ def summary_table(store_path, max_rows: int = 48) -> str:
             lines.append(f"mass on {name} (a row per layer, a column per head):")
             lines.append(f"{'layer':>6} " + " ".join(f"{'h' + str(h):>6}" for h in heads))
             lines += [f"{layer:>6} " + " ".join(f"{_fmt(v):>6}" for v in grid[i]) for i, layer in enumerate(layers)]
-    lines.append(reading(layers, heads, first, same, distance, uniform))
-    lines.append(f"open it with xarray: xr.open_zarr({str(store_path)!r}, consolidated=False), or "
-                 f"`workbench report {shlex.quote(str(store_path))}`")
+    lines += [reading(layers, heads, first, same, distance, uniform), opening]
     return "\n".join(lines)
 
 
