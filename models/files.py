@@ -212,6 +212,9 @@ def check_weights_file(path, what: str) -> Path:
     import zipfile
 
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"{what} {str(path)!r} is a broken link (to {os.readlink(path)!r}, which does not "
+                              "exist; in a Hugging Face cache: its blob is gone): download the file again")
     if not path.is_file():
         raise CheckpointError(f"{what} {str(path)!r} does not exist")
     with open(path, "rb") as f:

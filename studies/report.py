@@ -57,16 +57,32 @@ def model_facts(ds: xr.Dataset) -> dict[str, str]:
     first = ds.isel(sample=0)
     model = (ds.attrs.get("fingerprint_fields") or {}).get("model", {})
     sha = str(first["checkpoint_sha256"].values) if "checkpoint_sha256" in ds.coords else model.get("weights", "?")
+    text = str(model.get("text_encoder", "?"))
     return {
+        "model folder (--wan-dir)": _model_folder(ds),
         "model family": str(first["model_family"].values) if "model_family" in ds.coords else "?",
         "sampler": str(first["sampler"].values) if "sampler" in ds.coords else "?",
         "checkpoint": str(first["checkpoint"].values) if "checkpoint" in ds.coords else "?",
         "weights entry": ("?" if not model else "generator_ema (EMA)" if model.get("key") == "ema"
                           else "generator, or the folder's own DiT"),
         "weights sha256": sha[:12] + ("..." if len(sha) > 12 else ""),
+        "text encoder sha256 (weights, tokenizer, text_len)": text[:12] + ("..." if len(text) > 12 else ""),
         "attention window (frames, -1 = global) / sink frames":
             f"{int(first['local_attn_size'])} / {int(first['sink_size'])}" if "local_attn_size" in ds.coords else "?",
     }
+
+
+def _model_folder(ds: xr.Dataset) -> str:
+    """The model folder (--wan-dir) of the run that made the store, from its `config_yaml` attr (`extract:` or
+    another command's section): the embedded default's when it names none, '?' when the store records none."""
+    from omegaconf import OmegaConf
+
+    try:
+        config = OmegaConf.to_container(OmegaConf.create(ds.attrs["config_yaml"]))
+    except Exception:  # noqa: BLE001 - a store of another tool's making: nothing to show
+        return "?"
+    section = next((v for v in config.values() if isinstance(v, dict) and "wan_dir" in v), None)
+    return "?" if section is None else str(section["wan_dir"] or "the embedded default (data/embedded)")
 
 
 def _store_summary(page: Page, ds: xr.Dataset, source: str, sample: str | None = None):

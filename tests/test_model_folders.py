@@ -208,6 +208,16 @@ def test_a_diffusers_pipeline_folder_runs_as_the_official_one(pipeline, tmp_path
     assert cli_main(["extract", *FAST, *size, "--wan-dir", str(pipeline), "--out", stores["official"],
                      "--seed", "1"]) != 0
     assert "text_encoder" in _error(capsys, "extract")
+    # the report names the folder and the text encoder that ran; info names the layout and its parts
+    from studies.report import model_facts
+
+    facts = model_facts(a)
+    assert facts["model folder (--wan-dir)"] == str(pipeline)
+    assert facts["text encoder sha256 (weights, tokenizer, text_len)"] != model_facts(b)[
+        "text encoder sha256 (weights, tokenizer, text_len)"]
+    assert cli_main(["info", "--wan-dir", str(pipeline)]) == 0
+    assert f"layout: diffusers pipeline (DiT {pipeline / 'transformer'}, text encoder {parts.text_encoder}" in \
+        capsys.readouterr().out
 
 
 def test_a_pipeline_without_a_part_is_one_line(pipeline, tmp_path, capsys):
@@ -231,7 +241,48 @@ def test_a_pipeline_without_a_part_is_one_line(pipeline, tmp_path, capsys):
     assert cli_main(["extract", *FAST, "--wan-dir", str(broken), "--out", str(tmp_path / "x.zarr")]) == 2
     assert "is a two-expert pipeline (model_index.json names a transformer_2" in _error(capsys, "extract")
     (broken / "model_index.json").write_text(json.dumps(index))
+    config = json.loads((broken / "transformer" / "config.json").read_text())
+    (broken / "transformer" / "config.json").write_text(json.dumps(config | {"num_layers": 8}))
+    assert cli_main(["extract", *FAST, "--wan-dir", str(broken), "--out", str(tmp_path / "x.zarr")]) == 2
+    assert f"{broken / 'transformer' / 'diffusion_pytorch_model.safetensors'} does not fit the model" in \
+        _error(capsys, "extract")  # (the file that was read, in transformer/)
     (broken / "transformer" / "config.json").unlink()
     assert cli_main(["extract", *FAST, "--wan-dir", str(broken), "--out", str(tmp_path / "x.zarr")]) == 2
     assert "without transformer/config.json: its DiT is missing" in _error(capsys, "extract")
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "g").exists()
+
+
+def test_a_hugging_face_cache_snapshot_reads_as_its_pipeline(pipeline, tmp_path, capsys):
+    """The Hugging Face cache keeps a download as models--ORG--NAME/snapshots/HASH/ of links into blobs/: the
+    snapshot runs (titles name the repository, not the hash); the repository folder itself is refused naming its
+    snapshot; a link whose blob is gone is named as such; a text encoder without its tokenizer says where this
+    layout keeps it, also to the library's loader (training's path)."""
+    from models.errors import CheckpointError
+    from models.wan.folder import folder_name
+    from models.wan.text_encoder import TextEncoder
+
+    repo = tmp_path / "hub" / "models--Wan-AI--Wan2.1-T2V-tiny-Diffusers"
+    snapshot = repo / "snapshots" / "0123abcd"
+    blobs = repo / "blobs"
+    for path in sorted(p for p in pipeline.rglob("*") if p.is_file()):
+        blob = blobs / f"{abs(hash(str(path))):x}"
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, blob)
+        link = snapshot / path.relative_to(pipeline)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+    assert folder_name(snapshot) == "Wan-AI/Wan2.1-T2V-tiny-Diffusers" and folder_name(str(pipeline) + "/") == \
+        pipeline.name
+    assert cli_main(["extract", *FAST, "--height", "96", "--width", "128", "--wan-dir", str(snapshot),
+                     "--out", str(tmp_path / "s.zarr")]) == 0
+    capsys.readouterr()
+    assert cli_main(["extract", *FAST, "--wan-dir", str(repo), "--out", str(tmp_path / "x.zarr")]) == 2
+    assert f"a Hugging Face cache's repository folder: give one of its snapshots, '{snapshot}'" in \
+        _error(capsys, "extract")
+    vae = snapshot / "vae" / "diffusion_pytorch_model.safetensors"
+    vae.resolve().unlink()
+    assert cli_main(["generate", "--wan-dir", str(snapshot), "--out", str(tmp_path / "g")]) == 2
+    assert f"the VAE '{vae}' is a broken link (to '{vae.readlink()}', which does not exist" in _error(capsys, "generate")
+    shutil.rmtree(snapshot / "tokenizer")
+    with pytest.raises(CheckpointError, match=r"tokenizer folder not found: '.*' \(the pipeline's tokenizer/\)"):
+        TextEncoder.from_wan_dir(snapshot)

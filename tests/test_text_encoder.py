@@ -8,6 +8,7 @@ A mutation test shows that the comparison would catch a wrong map (swapped tenso
 """
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -290,8 +291,22 @@ def test_missing_tokenizer_folder_names_the_expected_path(small_pth, tmp_path):
         TextEncoder.from_files(small_pth, tmp_path / "google" / "umt5-xxl")
     wan_dir = tmp_path / "wan"
     wan_dir.mkdir()
+    with pytest.raises(CheckpointError, match="models_t5_umt5-xxl-enc-bf16.pth' \\(the Wan folder's umT5 encoder"):
+        TextEncoder.from_wan_dir(wan_dir)  # (the weights are named first)
+    shutil.copyfile(small_pth, wan_dir / "models_t5_umt5-xxl-enc-bf16.pth")
     with pytest.raises(CheckpointError, match=str(wan_dir / "google" / "umt5-xxl")):
         TextEncoder.from_wan_dir(wan_dir)
+
+
+def test_a_tokenizer_folder_without_tokenizer_json_reads_spiece_model(tokenizer, tmp_path):
+    """A tokenizer folder as transformers < 5 saved it (spiece.model, special_tokens_map.json,
+    tokenizer_config.json; no tokenizer.json) tokenizes as the full folder does (transformers converts it through
+    protobuf, a dependency for this)."""
+    for name in ("spiece.model", "special_tokens_map.json", "tokenizer_config.json"):
+        shutil.copyfile(TOKENIZER / name, tmp_path / name)
+    old = load_tokenizer(tmp_path)
+    for prompt in ("a red square moving right", "A majestic eagle soaring, 2 clouds; cinematic!"):
+        assert old(prompt).input_ids == tokenizer(prompt).input_ids
 
 
 def test_missing_weights_file_is_named(tmp_path):

@@ -79,9 +79,9 @@ def world_scores(video: np.ndarray, base_video: np.ndarray, prompt: str) -> dict
 def is_world(wan_dir: Path, prompts: list[str], height: int, width: int) -> bool:
     """Whether the miniature world's metrics apply: a VAE in the folder, world-sized video, world prompts."""
     from models import world
-    from models.wan.folder import wan_parts
+    from models.wan.folder import present, wan_parts
 
-    if not wan_parts(wan_dir).vae.is_file() or (height, width) != (world.HEIGHT, world.WIDTH):
+    if not present(wan_parts(wan_dir).vae) or (height, width) != (world.HEIGHT, world.WIDTH):
         return False
     try:
         for p in prompts:
@@ -189,7 +189,7 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str = "",
     `capture`: also store `attn_mass` of the layers `cfg.layers` (every step) under each entry (the statistics
     probe of `extract`, attached after the edit)."""
     from models.wan.checkpoint import weights_sha256
-    from models.wan.folder import wan_parts
+    from models.wan.folder import present, wan_parts
     from models.wan.text_encoder import check_encoder_files, wan_dir_encoder_identity
     from workbench.extract import ExtractConfig, fingerprint_of, plan
     from workbench.store import SCHEMA_VERSION, StoreLock, StoreWriter
@@ -219,7 +219,7 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str = "",
     if world == "on" and not is_world(p.wan_dir, cfg.prompts, px_h, px_w):
         raise WorkbenchError("--world on needs the miniature world: a VAE in the model folder, 96 x 128 video and "
                              "prompts naming one colour, shape and direction (models/world.py)")
-    if save_videos and not wan_parts(p.wan_dir).vae.is_file():
+    if save_videos and not present(wan_parts(p.wan_dir).vae):
         raise WorkbenchError(f"--save-videos decodes with the model folder's VAE; there is none at "
                              f"{wan_parts(p.wan_dir).describe('vae')}")
     if save_videos or scored:

@@ -87,8 +87,12 @@ def check_wan_dir(wan_dir: Path) -> None:
     if is_pipeline(wan_dir):
         check_pipeline(wan_dir)
     elif not (wan_dir / "config.json").is_file():
+        snapshots = sorted(p.name for p in (wan_dir / "snapshots").glob("*") if p.is_dir())
+        hint = (f"; this is a Hugging Face cache's repository folder: give one of its snapshots, "
+                f"{str(wan_dir / 'snapshots' / snapshots[-1])!r}" + (f" (it has {len(snapshots)})" if len(snapshots) > 1
+                                                                   else "") if snapshots else "")
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder, "
-                             "or a diffusers pipeline folder with model_index.json)")
+                             "or a diffusers pipeline folder with model_index.json)" + hint)
     check_model_files(wan_dir)
 
 

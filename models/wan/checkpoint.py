@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from models.errors import CheckpointError
-from models.files import (atomic_write, check_tensor_shapes, load_tensors, sha256_file,  # noqa: F401 (re-exported:
+from models.files import (atomic_write, check_tensor_shapes, check_weights_file, load_tensors, sha256_file,  # noqa: F401 (re-exported:
                           shard_files, weight_files, weights_sha256)  # sha256_file, shard_files, weights_sha256)
 from models.wan.config import WanConfig
 from models.wan.folder import dit_dir
@@ -106,10 +106,11 @@ def wan_weights_file(folder: str | Path) -> Path:
     """The file that names a Wan folder's DiT weights (a diffusers pipeline's in transformer/):
     `diffusion_pytorch_model.safetensors`, else the index of its shards; a clear error when the folder has neither."""
     folder = dit_dir(folder)
-    if (folder / WEIGHTS_NAME).is_file():
-        return folder / WEIGHTS_NAME
-    if (folder / INDEX_NAME).is_file():
-        return folder / INDEX_NAME
+    for name in (WEIGHTS_NAME, INDEX_NAME):
+        if (folder / name).is_file():
+            return folder / name
+        if (folder / name).is_symlink():  # (a Hugging Face cache whose blob is gone)
+            return check_weights_file(folder / name, "DiT weights")  # (raises: a broken link)
     raise CheckpointError(f"Wan folder {str(folder)!r} has no DiT weights: neither {WEIGHTS_NAME} nor the index of "
                           f"its shards ({INDEX_NAME})")
 
@@ -199,7 +200,7 @@ def load_wan(folder: str | Path, *, checkpoint: str | Path | None = None, use_em
     """The model of a Wan folder, optionally with the weights of a Self-Forcing checkpoint on top."""
     config, state_dict = read_wan_folder(folder)
     config = config.replace(local_attn_size=local_attn_size, sink_size=sink_size)
-    source = f"{folder}/{WEIGHTS_NAME}"
+    source = str(wan_weights_file(folder))  # (a pipeline's transformer/..., or the shard index)
     if checkpoint is not None:
         key = key or ("generator_ema" if use_ema else "generator")
         state_dict = read_self_forcing(checkpoint, key, trust_pickle=trust_pickle)

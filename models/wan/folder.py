@@ -53,6 +53,12 @@ def is_pipeline(folder) -> bool:
     return (folder / PIPELINE_INDEX).is_file() and not (folder / "config.json").is_file()
 
 
+def present(path: Path) -> bool:
+    """A part's file is there: a file, or a link even if broken (its loader then says the link is broken, as a
+    Hugging Face cache whose blob is gone has it, rather than that the file is missing)."""
+    return path.is_file() or path.is_symlink()
+
+
 def wan_parts(folder) -> WanParts:
     """The paths of a model folder's parts, in whichever layout it has (nothing is checked to exist)."""
     folder = Path(folder)
@@ -66,7 +72,17 @@ def wan_parts(folder) -> WanParts:
 def _weights(part: Path, names: tuple[str, str]) -> Path:
     """A pipeline part's weights: its one file, else the index of its shards (the one file, named in errors,
     when there is neither)."""
-    return next((part / n for n in names if (part / n).is_file()), part / names[0])
+    return next((part / n for n in names if present(part / n)), part / names[0])
+
+
+def folder_name(folder) -> str:
+    """A model folder's name for titles: its own (resolved: `.` names the folder it is), or for a Hugging Face
+    cache snapshot (models--ORG--NAME/snapshots/HASH) the repository's ORG/NAME."""
+    folder = Path(folder).absolute()  # (pathlib drops a trailing slash and inner `.`s)
+    folder = folder.resolve() if folder.name == ".." else folder
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name[len("models--"):].replace("--", "/")
+    return folder.name
 
 
 def dit_dir(folder) -> Path:

@@ -53,7 +53,7 @@ from models.errors import CheckpointError, ModelInputError, ModelInputWarning
 from models.files import (atomic_write_bytes, check_tensor_shapes, check_weights_file, load_state_dict_file,
                           sha256_file, weight_files, weights_sha256)
 from models.wan.folder import T5_NAME as WEIGHTS_NAME  # noqa: F401 (the official file names, re-exported)
-from models.wan.folder import TOKENIZER_SUBDIR, dit_dir, wan_parts  # noqa: F401 (TOKENIZER_SUBDIR: re-exported)
+from models.wan.folder import TOKENIZER_SUBDIR, dit_dir, present, wan_parts  # noqa: F401 (TOKENIZER_SUBDIR: re-export)
 DEFAULT_TEXT_LEN = 512
 REL_MAX_DISTANCE = 128  # umT5 (and Wan's T5RelativeEmbedding default); not stored in the checkpoint
 _IDENTITY_VERSION = "wan-umt5-encoder/v1"
@@ -216,7 +216,11 @@ def load_tokenizer(tokenizer_dir):
     try:
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the folder name
-        raise TokenizerNotFoundError(f"cannot load the tokenizer in {tokenizer_dir}: {type(e).__name__}: {e}") from e
+        hint = ("; the folder has spiece.model but no tokenizer.json, which transformers makes from it with "
+                "protobuf and sentencepiece: pip install protobuf sentencepiece" if (tokenizer_dir / "spiece.model")
+                .is_file() and not (tokenizer_dir / "tokenizer.json").is_file() else "")
+        raise TokenizerNotFoundError(f"cannot load the tokenizer in {tokenizer_dir}: {type(e).__name__}: {e}{hint}"
+                                     ) from e
     if tok.pad_token_id is None or tok.eos_token_id is None:
         raise TokenizerNotFoundError(f"tokenizer in {tokenizer_dir} has no pad or eos token")
     return tok
@@ -252,7 +256,7 @@ def check_encoder_files(wan_dir) -> None:
     or a clear error naming the missing (or truncated) one; cheap (no tensor is read), so commands call it before
     any work."""
     parts = wan_parts(wan_dir)
-    if not parts.text_encoder.is_file():
+    if not present(parts.text_encoder):
         diffusers = "WanTransformer3DModel" in (parts.dit / "config.json").read_text() \
             if parts.layout == "official" and (parts.dit / "config.json").is_file() else False
         hint = ("; this is a diffusers transformer folder: give its pipeline folder (the one with "
@@ -311,6 +315,7 @@ class TextEncoder:
         wan_dir = Path(wan_dir)
         if not wan_dir.is_dir():
             raise CheckpointError(f"Wan model folder not found: {wan_dir}")
+        check_encoder_files(wan_dir)  # (what is missing, named where this layout keeps it)
         if text_len is None:
             text_len = text_len_of(wan_dir)
         parts = wan_parts(wan_dir)

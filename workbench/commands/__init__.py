@@ -201,7 +201,9 @@ def model_label(args) -> str:
 
     if getattr(args, "model", None):
         return f"zoo model {args.model}"
-    base = Path(args.wan_dir).name if getattr(args, "wan_dir", None) else "embedded Wan"
+    from models.wan.folder import folder_name
+
+    base = folder_name(args.wan_dir) if getattr(args, "wan_dir", None) else "embedded Wan"
     if not getattr(args, "checkpoint", None):
         return base
     return f"{base} + {Path(args.checkpoint).name}{' (EMA)' if getattr(args, 'use_ema', False) else ''}"

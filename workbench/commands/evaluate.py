@@ -356,7 +356,7 @@ def plan_runs(args, choices, prompts, seeds, lengths, device, dtype):
     """extract's plan of every (model, length), validated without loading weights: {(label, frames): Plan}, and
     the notes of what is skipped (bidirectional samplers past 21 latent frames)."""
     from models import world
-    from models.wan.folder import wan_parts
+    from models.wan.folder import present, wan_parts
     from workbench.errors import WorkbenchError
     from workbench.extract import ExtractConfig, plan
     from workbench.weights import check_vae_file
@@ -379,7 +379,7 @@ def plan_runs(args, choices, prompts, seeds, lengths, device, dtype):
                 height=world.HEIGHT, width=world.WIDTH, device=device, dtype=dtype)
             plans[c.label, frames] = plan(cfg)
             vae_parts = wan_parts(plans[c.label, frames].wan_dir)
-            if not vae_parts.vae.is_file():
+            if not present(vae_parts.vae):
                 raise WorkbenchError(f"model {c.label!r}: no VAE at {vae_parts.describe('vae')} (evaluate decodes "
                                      "with the model folder's VAE)")
             check_vae_file(plans[c.label, frames].wan_dir)

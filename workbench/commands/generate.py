@@ -158,7 +158,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from models.wan.checkpoint import load_wan, wan_weights_file
     from models.wan.checkpoint import weights_sha256 as weights_sha256_of
     from models.wan.embedded import EMBEDDED_DIR
-    from models.wan.folder import wan_parts
+    from models.wan.folder import present, wan_parts
     from models.wan.text_encoder import TextEncoder, check_encoder_files, wan_dir_encoder_identity
     from models.wan.vae import WanVAE, resolve_decoder
     from workbench.commands import apply_schedule, model_label, resolve_model, world_prompt_note
@@ -204,7 +204,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     dtype = _dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.fp8 and device.type == "cuda" and dtype != torch.bfloat16:
         raise WorkbenchError(f"--fp8 on CUDA computes in bfloat16; drop --dtype {args.dtype} or use --dtype bfloat16")
-    if (not args.no_video or args.image) and not wan_parts(wan_dir).vae.is_file():
+    if (not args.no_video or args.image) and not present(wan_parts(wan_dir).vae):
         raise WorkbenchError(f"no VAE at {wan_parts(wan_dir).describe('vae')}: the VAE decodes the videos"
                              f"{' and encodes --image' if args.image else ''}; add it, or pass --no-video for the "
                              "latents alone")

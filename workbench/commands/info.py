@@ -88,6 +88,12 @@ def run(args) -> int:
     width = own_w if args.width is None else args.width
     device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # (the backend is the GPU's)
     print(f"model: {name}")
+    if args.wan_dir:
+        from models.wan.folder import wan_parts
+
+        parts = wan_parts(args.wan_dir)
+        print(f"layout: {parts.layout} (DiT {parts.dit}, text encoder {parts.text_encoder}, tokenizer "
+              f"{parts.tokenizer}, VAE {parts.vae})")
     print(describe(config, frames=args.frames, height=height, width=width, nfpb=args.num_frame_per_block,
                    device=device))
     return 0
