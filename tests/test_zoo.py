@@ -551,7 +551,10 @@ def test_zoo_adds_the_inputs_a_stage_reads_when_missing():
 def test_zoo_trains_a_shipped_teacher_further_or_uses_it_as_it_is(tmp_path):
     """--init-from FOLDER starts the teacher from that folder's DiT (not the seeded init) and the report adds the
     steps and seconds its checkpoints/zoo_report.json records; --teacher FOLDER takes that teacher as it is,
-    without the data it would have trained on. Bad folders and both flags at once are refused before work."""
+    without the data it would have trained on. Bad folders and both flags at once are refused before work. The
+    driver's SIGTERM handling is its own: the caller's comes back when it returns."""
+    import signal
+
     from safetensors.torch import load_file
 
     from models.wan.checkpoint import save_wan_folder
@@ -567,7 +570,9 @@ def test_zoo_trains_a_shipped_teacher_further_or_uses_it_as_it_is(tmp_path):
         {"stages": {"teacher": {"steps": 100, "seconds": 40.0, "device": "cuda"}}}))
     base = ["--short", "--device", "cpu", "--no-progress", "--stages", "teacher", "--vae", str(ROOT / "data/zoo/Wan2.1_VAE.pth")]
     work = tmp_path / "continued"
+    before = signal.getsignal(signal.SIGTERM)
     assert main(base + ["--work", str(work), "--init-from", str(shipped)]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
     init = load_file(work / "init" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(init[k], v.to(torch.bfloat16).float()) for k, v in weights.items())
     st = json.loads((work / "zoo_report.json").read_text())["stages"]

@@ -523,10 +523,11 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     # `timeout` and job schedulers stop with SIGTERM: exit through the finally below, so that the log, the report
     # and the tars of what is done still reach --out (checkpoints are written atomically, so none is half-written)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         zoo.run(stages)
     finally:
+        signal.signal(signal.SIGTERM, previous)  # (a caller in the same process gets its own handling back)
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             (out / "zoo_log.txt").write_text("\n".join(lines) + "\n")
