@@ -87,7 +87,8 @@ def match_samples(a: xr.Dataset, b: xr.Dataset, pair_by: str = "auto") -> pd.Dat
     seed; `prompt`: every sample of A with every sample of B of the same prompt (stores made with different
     seeds; the divergence then includes the spread between seeds, which comparing a store with itself this
     way measures); `auto`: by seed when the stores share any (prompt, seed), else by prompt. The pairing used
-    is `pairs.attrs["pair_by"]`. WorkbenchError naming what each store has if nothing pairs."""
+    is `pairs.attrs["pair_by"]`; the samples in no pair (not compared) `pairs.attrs["unpaired_a"]` and
+    `["unpaired_b"]`. WorkbenchError naming what each store has if nothing pairs."""
     if pair_by not in PAIR_BY:
         raise WorkbenchError(f"pair_by {pair_by!r}; use one of {list(PAIR_BY)}")
     sa, sb = _samples_of(a), _samples_of(b)
@@ -106,6 +107,9 @@ def match_samples(a: xr.Dataset, b: xr.Dataset, pair_by: str = "auto") -> pd.Dat
         used = "prompt"
     pairs = pd.DataFrame(rows, columns=["prompt", "seed_a", "seed_b", "sample_a", "sample_b"])
     pairs.attrs["pair_by"] = used
+    for side, samples, column in (("a", sa, "sample_a"), ("b", sb, "sample_b")):
+        paired = set(pairs[column])
+        pairs.attrs[f"unpaired_{side}"] = [sample for _, _, sample in samples if sample not in paired]
     return pairs
 
 

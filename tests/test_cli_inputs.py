@@ -383,3 +383,22 @@ def test_a_checkpoint_on_a_full_disk_is_one_line_saying_so(tmp_path, monkeypatch
     monkeypatch.setattr(shutil_mod, "disk_usage", lambda p: usage(10**12, 0, 10**12))
     with pytest.raises(RuntimeError, match="unexpected pos"):
         atomic_torch_save({"x": 1}, tmp_path / "training_state.pt")
+
+
+def test_an_interrupted_command_leaves_no_progress_bar_to_be_drawn_again(monkeypatch, capsys):
+    """Ctrl-C in a command with a progress bar open: the bar is closed before the message, so the message is the
+    last line (tqdm drew the open bar again under it when the process exited)."""
+    from tqdm import tqdm
+
+    import workbench.commands.info as info
+    from workbench.cli import main as cli_main
+
+    def interrupted(args):
+        bar = tqdm(total=10, desc="work")
+        bar.update(3)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(info, "run", interrupted)
+    assert cli_main(["info"]) == 130
+    assert not list(tqdm._instances)
+    assert capsys.readouterr().err.rstrip().splitlines()[-1] == "workbench info: interrupted."

@@ -157,7 +157,9 @@ def test_compare_report(compare_report):
                         for fig in tops)  # A and B side by side on one colour scale
     for heading in ("Matched samples", "Matched steps", "Heads ranked by change"):
         assert heading in parser.headings
-    assert "p0000-s2" in text and "p0000-s3" not in text.split("Matched samples")[1].split("</table>")[0]
+    section = text.split("Matched samples")[1].split("</table>")[0]
+    assert "p0000-s2" in text and "p0000-s3" not in section.split("<table")[1]  # not in a pair, and named so:
+    assert "Not compared, in no pair: 1 sample(s) of A with no partner in B (p0000-s3)" in section
     assert "937.5" in text and "bits" in text
     sink_map = parser.figures["fig-compare-sink_mass"]
     assert [a["text"] for a in sink_map["layout"]["annotations"]] == ["A: wan.zarr", "B: sf.zarr", "B - A"]

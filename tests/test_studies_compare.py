@@ -84,6 +84,13 @@ def test_samples_pair_on_prompt_and_seed(stores):
     assert c.pair_by == "seed" and (c.pairs.seed_a == c.pairs.seed_b).all()
     assert sorted(zip(c.pairs.seed_a, c.pairs.sample_a, c.pairs.sample_b)) == [
         (7, "p0000-s7", "p0000-s7"), (42, "p0000-s42", "p0000-s42")]
+    # B's third seed pairs with nothing: named, in the terminal summary and on the page
+    assert (c.pairs.attrs["unpaired_a"], c.pairs.attrs["unpaired_b"]) == ([], ["p0000-s3"])
+    from studies.report import compare_summary
+
+    line = compare_summary(c, compare.rank_heads(c), "sf", "wan").splitlines()[0]
+    assert "2 sample pair(s) paired by prompt and seed (not compared: 1 sample(s) of B with no partner in A " \
+           "(p0000-s3)), 4 matched step(s)" in line
 
 
 def test_refuses_stores_without_shared_samples(stores):
