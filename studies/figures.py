@@ -14,6 +14,8 @@
     recency_lines    the recency profile (mean mass by query_frame - key_frame), one line per head
     metric_by_query_frame  a row metric against the query frame, one line per head
     metric_by_step   a head metric across steps (labelled with their timesteps), one line per head
+    cross_tokens     per-head query frame x prompt token heatmaps of the cross-attention (token texts as labels)
+    key_token_maps   where inside each key frame one query frame's attention lands: an image per key frame
 
 Axes carry the store's names (layer, head, query frame, key frame, step, timestep). Values are averaged over
 samples unless a `sample` id is given.
@@ -323,6 +325,122 @@ def metric_over_training(da: xr.DataArray, *, title: str | None = None) -> go.Fi
     fig.update_yaxes(title_text=f"{da.name} [{da.attrs.get('units', '')}]", row=1, col=1)
     fig.update_layout(title=title or f"{da.name}: {da.attrs.get('long_name', '')} across training", height=420,
                       width=max(800, 320 * len(layers) + 200))
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ tokens
+def _prompt_samples(ds: xr.Dataset, sample: str | None) -> tuple[list[str], str]:
+    """The samples a token figure averages (their token labels must agree): `sample`, else every sample of the first
+    sample's prompt; and how the title names them."""
+    if sample is not None:
+        return [sample], sample
+    prompt = str(ds["prompt"].values[0])
+    ids = [str(s) for s, p in zip(ds.sample.values, ds["prompt"].values) if str(p) == prompt]
+    short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+    return ids, f"mean over {len(ids)} sample(s) of the prompt {short!r}"
+
+
+def _piece(token: str) -> str:
+    """A sentencepiece token as text for a tick label: its word-start mark as nothing ('\u2581red' -> 'red'), '<' and
+    '>' escaped (plotly reads labels as HTML: '</s>' vanished)."""
+    return (token.replace("\u2581", " ").strip() or token).replace("<", "&lt;").replace(">", "&gt;")
+
+
+def cross_tokens(
+    ds: xr.Dataset,
+    layer: int,
+    *,
+    step: int = 0,
+    sample: str | None = None,
+    heads: Sequence[int] | None = None,
+    cols: int = 4,
+) -> go.Figure:
+    """Per head, how each query frame's cross-attention splits over the prompt (`cross_mass` at one layer and step):
+    query frame x token heatmaps, the tokens named by their text (the negative prompt's on a CFG uncond step), the
+    padding past the prompt summed into one last column; rows sum to 1. Averaged over the samples of one prompt
+    (the first sample's), or one `sample`."""
+    ds = metrics.attention_store(ds)
+    metrics.require_var(ds, "cross_mass")
+    ids, who = _prompt_samples(ds, sample)
+    sub = metrics.select(ds, sample=ids, layer=metrics.one(layer, "layer"), step=metrics.one(step, "step"))
+    uncond = "cfg" in sub.coords and str(sub["cfg"].values[0]) == "uncond" and "uncond_token" in sub.coords
+    token, count = ("uncond_token", "uncond_num_tokens") if uncond else ("token", "num_tokens")
+    n = int(sub[count].values[0])
+    mass = sub["cross_mass"].astype(np.float64).mean("sample").isel(layer=0, step=0)  # [head, query_frame, text_token]
+    mass = _pick_heads(mass, heads)
+    z = np.concatenate([mass.values[..., :n], mass.values[..., n:].sum(-1, keepdims=True)], -1)[..., : n + (
+        mass.sizes["text_token"] > n)]  # [head, query_frame, n (+ padding)]
+    x = [f"{i} {_piece(str(t))}" for i, t in enumerate(sub[token].values[0][:n])] + ["padding"] * (z.shape[-1] > n)
+    head_list = [int(h) for h in mass["head"].values]
+    cols = max(1, min(cols, 1500 // (80 + 16 * len(x))))
+    fig, cols = _head_subplots(head_list, cols, [f"head {h}" for h in head_list])
+    rows = math.ceil(len(head_list) / cols)
+    for i, h in enumerate(head_list):
+        fig.add_trace(go.Heatmap(z=_round(z[i]), x=x, y=[int(q) for q in mass.query_frame.values],
+                                 coloraxis="coloraxis", name=f"head {h}",
+                                 hovertemplate="query frame %{y}<br>token %{x}<br>mass %{z:.4g}<extra>head "
+                                               + str(h) + "</extra>"), row=i // cols + 1, col=i % cols + 1)
+    _label_axes(fig, rows, cols, "prompt token", "query frame")
+    fig.update_xaxes(type="category", tickangle=-60)
+    keys = "the negative prompt's tokens" if uncond else "the prompt's tokens"
+    fig.update_layout(
+        title=f"cross_mass · layer {layer} · {metrics.step_label(ds, step)} · {keys}<br><sub>{who}</sub>",
+        coloraxis=dict(**_colour("cross_mass", z), colorbar=dict(title=ds["cross_mass"].attrs.get("units", ""))),
+        height=260 * rows + 200, width=max(700, (80 + 16 * len(x)) * cols + 160), margin=dict(t=110),
+    )
+    return fig
+
+
+def key_token_maps(
+    ds: xr.Dataset,
+    token_layer: int,
+    *,
+    query_frame: int,
+    step: int = 0,
+    sample: str | None = None,
+    head: int | None = None,
+    cols: int = 7,
+) -> go.Figure:
+    """Where inside each key frame one query frame's self-attention lands (`attn_key_token`): an image of the latent
+    grid (token rows x columns) per key frame it attended, one colour scale; each image sums to that key frame's
+    `attn_mass`. One `head`, or the mean over heads (None); averaged over samples unless a `sample` is named."""
+    ds = metrics.attention_store(ds)
+    metrics.require_var(ds, "attn_key_token")
+    have = [int(t) for t in ds.token_layer.values]
+    if metrics.one(token_layer, "token layer") not in have:
+        raise WorkbenchError(f"token layer {token_layer!r} is not in the store; it has token layers {have}")
+    frames = [int(f) for f in ds.query_frame.values]
+    if metrics.one(query_frame, "query frame") not in frames:
+        raise WorkbenchError(f"query frame {query_frame!r} is not in the store; it has {frames[0]}-{frames[-1]}")
+    sub = metrics.select(ds, sample=sample, step=metrics.one(step, "step"))
+    data = sub["attn_key_token"].astype(np.float64).sel(token_layer=token_layer, query_frame=query_frame)
+    data = data.mean("sample").isel(step=0)  # [head, key_token]
+    data = data.mean("head") if head is None else _pick_heads(data, [metrics.one(head, "head")]).sel(head=head)
+    h, w = int(ds["key_token_h"].max()) + 1, int(ds["key_token_w"].max()) + 1
+    per_frame = data.values.reshape(-1, h, w)  # [key_frame, h, w]: key_token = f * h * w + row * w + col
+    seen = [f for f in range(per_frame.shape[0]) if np.isfinite(per_frame[f]).any()]
+    rows, cols = _grid(len(seen), cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"frame {f}: {np.nansum(per_frame[f]):.3f}" for f in seen],
+                        horizontal_spacing=0.02, vertical_spacing=min(0.08, 0.4 / rows))
+    for i, f in enumerate(seen):
+        fig.add_trace(go.Heatmap(z=_round(per_frame[f]), coloraxis="coloraxis", name=f"key frame {f}",
+                                 hovertemplate="row %{y}, column %{x}<br>mass %{z:.4g}<extra>key frame " + str(f)
+                                               + "</extra>"), row=i // cols + 1, col=i % cols + 1)
+    fig.update_yaxes(autorange="reversed", showticklabels=False)  # (row 0 at the top, as the video's)
+    fig.update_xaxes(showticklabels=False, constrain="domain")
+    for k in range(1, len(seen) + 1):  # square latent cells: each panel's y axis scaled to its x axis
+        fig.layout[f"yaxis{k if k > 1 else ''}"].update(scaleanchor=f"x{k if k > 1 else ''}", constrain="domain")
+    fig.update_annotations(font_size=12)
+    heads = "mean over heads" if head is None else f"head {head}"
+    panel = max(90, min(180, 1200 // cols))
+    fig.update_layout(
+        title=f"attn_key_token · layer {token_layer} · {heads} · query frame {query_frame} · "
+              f"{metrics.step_label(ds, step)}<br><sub>{_who(sub, sample)}; an image per key frame (latent rows x "
+              "columns), each summing to that key frame's attn_mass (in its title)</sub>",
+        coloraxis=dict(**_colour("attn_key_token", per_frame),
+                       colorbar=dict(title=ds["attn_key_token"].attrs.get("units", ""))),
+        height=int(panel * h / w) * rows + 70 * rows + 140, width=panel * cols + 200, margin=dict(t=110),
+    )
     return fig
 
 

@@ -213,6 +213,16 @@ def build_report(
         prof = prof.mean("sample", skipna=True).isel(layer=0, step=0)
         page.figure(figures.recency_lines(prof, title=f"recency profile · layer {lay} · {metrics.step_label(ds, step)}"),
                     f"fig-recency-layer{lay}")
+        if "cross_mass" in ds:
+            page.figure(figures.cross_tokens(ds, lay, step=step, sample=sample), f"fig-cross-layer{lay}")
+    if "attn_key_token" in ds:
+        last = int(ds.query_frame.values[-1])
+        page.h("Inside the key frames")
+        page.p("Where the last query frame's attention lands inside each key frame it attends (attn_key_token, "
+               "mean over heads; <code>studies.figures.key_token_maps</code> draws one head, or another query frame).")
+        for tl in (int(t) for t in ds.token_layer.values):
+            page.figure(figures.key_token_maps(ds, tl, query_frame=last, step=step, sample=sample),
+                        f"fig-key-tokens-layer{tl}")
     if len(detail) < ds.sizes["layer"]:
         page.p(f"Detailed sections for layers {detail} of {ds.sizes['layer']}; pass --layer N to choose others.")
     return write_atomic(page.render(), out_html)

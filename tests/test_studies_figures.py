@@ -187,3 +187,53 @@ def test_metrics_in_the_unit_interval_get_an_axis_from_zero(wan, ds):
     assert figures.metric_by_query_frame(sink).layout.yaxis.range[1] == pytest.approx(1.05 * max(top, 0.05))
     assert figures.metric_by_query_frame(rows.mean_distance).layout.yaxis.range is None
     assert figures.metric_by_step(metrics.head_metrics(ds).entropy_norm.isel(layer=0)).layout.yaxis.range is not None
+
+
+@pytest.fixture(scope="module")
+def tokens_store(tmp_path_factory):
+    """The embedded model's store with cross_mass and attn_key_token (layer 3), two samples of one prompt."""
+    from workbench.cli import main as cli_main
+
+    out = tmp_path_factory.mktemp("tok") / "tok.zarr"
+    assert cli_main(["extract", "--layer", "3", "--steps", "0", "--frames", "6", "--seed", "0,1", "--stats",
+                     "attn_mass,cross_mass,attn_key_token", "--token-layers", "3", "--out", str(out),
+                     "--no-progress"]) == 0
+    return load_store(out)
+
+
+def test_cross_tokens_shows_the_prompts_tokens_and_the_padding(tokens_store):
+    ds = tokens_store
+    fig = figures.cross_tokens(ds, 3, step=0)
+    n = int(ds.num_tokens[0])
+    words = [str(t).replace("\u2581", "") for t in ds.token.values[0][:n]]
+    assert list(fig.data[0].x) == [f"{i} {w}" for i, w in enumerate(words[:-1])] + [f"{n - 1} &lt;/s&gt;", "padding"]
+    mass = ds.cross_mass.sel(layer=3, step=0).mean("sample")  # [head, query_frame, text_token]
+    z = np.array(fig.data[1].z, dtype=float)  # head 1
+    np.testing.assert_allclose(z[:, :n], mass.sel(head=1).values[:, :n], atol=1e-6)
+    np.testing.assert_allclose(z[:, n], mass.sel(head=1).values[:, n:].sum(-1), atol=1e-5)
+    np.testing.assert_allclose(z.sum(-1), 1.0, atol=1e-5)  # every text key counted once
+    assert "the prompt's tokens" in fig.layout.title.text and "mean over 2 sample(s) of the prompt" in \
+        fig.layout.title.text
+    with pytest.raises(WorkbenchError, match="cross_mass"):
+        figures.cross_tokens(ds.drop_vars("cross_mass"), 3)
+
+
+def test_key_token_maps_sum_to_the_key_frames_mass(tokens_store):
+    ds = tokens_store
+    fig = figures.key_token_maps(ds, 3, query_frame=5, step=0, head=1)
+    mass = ds.attn_mass.sel(layer=3, step=0, head=1, query_frame=5).mean("sample")  # [key_frame]
+    attended = [int(f) for f in mass.key_frame.values if np.isfinite(mass.sel(key_frame=f))]
+    assert [a.text.split(":")[0] for a in fig.layout.annotations] == [f"frame {f}" for f in attended]
+    for trace, f in zip(fig.data, attended):
+        z = np.array(trace.z, dtype=float)  # [latent rows, columns]
+        assert z.shape == (int(ds.key_token_h.max()) + 1, int(ds.key_token_w.max()) + 1)
+        assert np.nansum(z) == pytest.approx(float(mass.sel(key_frame=f)), abs=1e-5)
+    with pytest.raises(WorkbenchError, match=r"token layer 2 is not in the store; it has token layers \[3\]"):
+        figures.key_token_maps(ds, 2, query_frame=5)
+
+
+def test_a_report_draws_the_token_statistics_it_has(tokens_store, tmp_path):
+    from studies.report import build_report
+
+    text = build_report(tokens_store, tmp_path / "r.html").read_text()
+    assert 'id="fig-cross-layer3"' in text and 'id="fig-key-tokens-layer3"' in text
