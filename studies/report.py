@@ -58,18 +58,29 @@ def model_facts(ds: xr.Dataset) -> dict[str, str]:
     model = (ds.attrs.get("fingerprint_fields") or {}).get("model", {})
     sha = str(first["checkpoint_sha256"].values) if "checkpoint_sha256" in ds.coords else model.get("weights", "?")
     text = str(model.get("text_encoder", "?"))
+    training = "train_step" in ds.dims  # (a probe store: the generator as it was trained, at each train step)
     return {
         "model folder (--wan-dir)": _model_folder(ds),
         "model family": str(first["model_family"].values) if "model_family" in ds.coords else "?",
         "sampler": str(first["sampler"].values) if "sampler" in ds.coords else "?",
-        "checkpoint": str(first["checkpoint"].values) if "checkpoint" in ds.coords else "?",
-        "weights entry": ("?" if not model else "generator_ema (EMA)" if model.get("key") == "ema"
-                          else "generator, or the folder's own DiT"),
-        "weights sha256": sha[:12] + ("..." if len(sha) > 12 else ""),
+        "checkpoint": (("training started from " if training else "") + str(first["checkpoint"].values))
+        if "checkpoint" in ds.coords else "?",
+        "weights entry": _weights_entry(model, training),
+        "weights sha256": sha[:12] + ("..." if len(sha) > 12 else "") + (" (training's start)" if training else ""),
         "text encoder sha256 (weights, tokenizer, text_len)": text[:12] + ("..." if len(text) > 12 else ""),
         "attention window (frames, -1 = global) / sink frames":
             f"{int(first['local_attn_size'])} / {int(first['sink_size'])}" if "local_attn_size" in ds.coords else "?",
     }
+
+
+def _weights_entry(model: dict, training: bool) -> str:
+    """Which state dict of the checkpoint ran, from the store's fingerprint fields (a probe store: the generator
+    as it was being trained)."""
+    if training:
+        return "the generator being trained, at each train step"
+    if not model:
+        return "?"
+    return "generator_ema (EMA)" if model.get("key") == "ema" else "generator, or the folder's own DiT"
 
 
 def _model_folder(ds: xr.Dataset) -> str:
@@ -81,6 +92,8 @@ def _model_folder(ds: xr.Dataset) -> str:
         config = OmegaConf.to_container(OmegaConf.create(ds.attrs["config_yaml"]))
     except Exception:  # noqa: BLE001 - a store of another tool's making: nothing to show
         return "?"
+    if "model_root" in config:  # a training run's: model_root / model_kwargs.model_name
+        return f"{config['model_root']}/{(config.get('model_kwargs') or {}).get('model_name', '?')}"
     section = next((v for v in config.values() if isinstance(v, dict) and "wan_dir" in v), None)
     return "?" if section is None else str(section["wan_dir"] or "the embedded default (data/embedded)")
 

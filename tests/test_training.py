@@ -138,8 +138,8 @@ def test_resumed_run_continues_identically(tmp_path, unused):
 def test_probes_grow_the_store_and_leave_training_unchanged(tmp_path):
     from workbench.store import open_store
 
-    probe = ["probe.every=2", "probe.prompts=[a cat on a sofa]", "probe.seeds=[0,1]", "probe.layers=[1]",
-             "dfake_gen_update_ratio=2"]
+    probe = ["probe.every=2", "probe.prompts=[a cat on a sofa]", "probe.seeds=[0,1,1]", "probe.layers=[1,1]",
+             "dfake_gen_update_ratio=2"]  # (a layer or seed given twice is captured once, as extract does)
     with_probe = make(tmp_path / "p", *probe, probe=True)
     with_probe.train(4, save_at_end=False)
     plain = make(tmp_path / "q", "dfake_gen_update_ratio=2")
@@ -149,6 +149,12 @@ def test_probes_grow_the_store_and_leave_training_unchanged(tmp_path):
     assert ds["train_step"].values.tolist() == [0, 2, 4]
     assert ds.attn_mass.dims == ("train_step", "sample", "step", "layer", "head", "query_frame", "key_frame")
     assert ds.sizes["sample"] == 2 and ds["layer"].values.tolist() == [1]
+    from studies.report import model_facts
+    from workbench.legacy import legacy_record
+
+    assert model_facts(ds)["weights entry"] == "the generator being trained, at each train step"
+    record = legacy_record(ds.sel(train_step=2), "p0000-s1", 1)  # export-legacy's file: which weights ran
+    assert (record["train_step"], record["use_ema"]) == (2, False)
     rows = ds.attn_mass.sum("key_frame", skipna=True).values
     assert abs(rows - 1).max() < 1e-4  # attention mass rows sum to 1
     first, last = ds.attn_mass.sel(train_step=0).values, ds.attn_mass.sel(train_step=4).values

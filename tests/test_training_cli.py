@@ -91,6 +91,9 @@ def test_clear_errors_before_any_work(tmp_path):
     with pytest.raises(TrainingError, match="probe layers"):
         train("--config", "configs/tiny_ode.yaml", "--logdir", tmp_path / "y", "--set", f"data_path={bad}",
               "probe.every=1", "probe.prompts=[x]", "probe.layers=[6]")
+    with pytest.raises(TrainingError, match="probe.heads is empty: give the heads to capture, or null for all"):
+        train("--config", "configs/tiny_ode.yaml", "--logdir", tmp_path / "y", "--set", f"data_path={bad}",
+              "probe.every=1", "probe.prompts=[x]", "probe.heads=[]")
     assert not (tmp_path / "x").exists()
 
 

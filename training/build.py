@@ -146,6 +146,10 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
         raise TrainingError("probe.every is set but the probe set has no prompts (probe.prompts or probe.prompt_file)")
     if not p.seeds:
         raise TrainingError("probe.seeds is empty")
+    for key in ("layers", "heads", "steps"):
+        if p[key] is not None and not len(p[key]):
+            raise TrainingError(f"probe.{key} is empty: give the {key} to capture, or null for all of them")
+    seeds = list(dict.fromkeys(int(s) for s in p.seeds))  # (a repeated seed is the same sample, once: as extract)
     mc = model_config
     frames = p.num_frames or plan.shape[0]
     iff = bool(cfg.independent_first_frame)
@@ -158,14 +162,15 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
                          label=f"probe.num_frames {frames}", remedy="set model_kwargs.local_attn_size")
     except ModelInputError as err:
         raise TrainingError(str(err)) from None
-    layers = list(p.layers) if p.layers is not None else list(range(mc.num_layers))
-    heads = list(p.heads) if p.heads is not None else list(range(mc.num_heads))
+    # each once, in order (as extract takes --layers 3,3): a layer twice was a second, empty row in the store
+    layers = sorted({int(x) for x in p.layers}) if p.layers is not None else list(range(mc.num_layers))
+    heads = sorted({int(x) for x in p.heads}) if p.heads is not None else list(range(mc.num_heads))
     for what, values, n in (("layer", layers, mc.num_layers), ("head", heads, mc.num_heads)):
         bad = sorted(v for v in values if not 0 <= v < n)
         if bad:
             raise TrainingError(f"probe {what}s {bad} out of range: the model has {what}s 0-{n - 1}")
     schedule = few_step_schedule(plan.timesteps, float(cfg.context_noise))
-    steps = list(p.steps) if p.steps is not None else [s.step for s in schedule]
+    steps = sorted({int(x) for x in p.steps}) if p.steps is not None else [s.step for s in schedule]
     bad = sorted(set(steps) - {s.step for s in schedule})
     if bad:
         raise TrainingError(f"probe steps {bad} out of range: the schedule has steps 0-{len(schedule) - 1}")
@@ -176,7 +181,7 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
     _, _, H, W = plan.shape
     fsl = mc.tokens_per_frame(H, W)
     layout_key = dict(spec=dataclasses.astuple(spec), schedule=[dataclasses.astuple(s) for s in schedule],
-                      prompts=prompts, seeds=list(p.seeds), frames=frames, hw=(H, W), weights=weights_sha,
+                      prompts=prompts, seeds=seeds, frames=frames, hw=(H, W), weights=weights_sha,
                       model=dataclasses.asdict(mc), nfpb=plan.nfpb)
     if iff:  # (absent otherwise: probe stores made before the option still resume)
         layout_key["independent_first_frame"] = True
@@ -201,7 +206,7 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
                  trainer=plan.trainer, loss=plan.loss)
     meta = dict(checkpoint=weights_label, checkpoint_sha256=weights_sha, model_family="self_forcing",
                 sampler="causal_few_step", local_attn_size=mc.local_attn_size, sink_size=mc.sink_size)
-    return TrainingProbes(spec=spec, schedule=schedule, prompts=prompts, seeds=list(p.seeds), num_frames=frames,
+    return TrainingProbes(spec=spec, schedule=schedule, prompts=prompts, seeds=seeds, num_frames=frames,
                           latent_hw=(H, W), channels=plan.shape[1], frame_seq_len=fsl, grid=mc.token_grid(H, W),
                           text_len=mc.text_len, nfpb=plan.nfpb, independent_first_frame=iff, timesteps=plan.timesteps,
                           scheduler=FlowMatchScheduler(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep),

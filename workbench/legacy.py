@@ -59,8 +59,10 @@ def legacy_record(ds, sample: str, layer: int, step: int = 0) -> dict:
         "timestep": float(ds["timestep"].sel(step=step).values),
         "head_indices": [int(h) for h in ds["head"].values],
         "checkpoint": str(ds["checkpoint"].sel(sample=sample).values),
-        # which of the checkpoint's state dicts ran: generator_ema (True) or generator (False); None if not recorded
-        "use_ema": {"ema": True, "gen": False}.get(_model_fields(ds).get("key")),
+        # which of the checkpoint's state dicts ran: generator_ema (True) or generator (False); None if not recorded;
+        # a training probe ran the generator being trained, at `train_step` (its checkpoint: where training started)
+        "use_ema": False if "train_step" in ds.coords else {"ema": True, "gen": False}.get(_model_fields(ds).get("key")),
+        **({"train_step": int(ds["train_step"])} if "train_step" in ds.coords else {}),
     }
 
 
