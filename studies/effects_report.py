@@ -17,6 +17,7 @@ PIL (no plotting library needed), so they can be pasted into notes and issues as
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +152,15 @@ def attention_delta_figure(delta: xr.DataArray, label: str, top: float, cols: in
     return fig
 
 
+def single_head_ablations(ds: xr.Dataset) -> list[str]:
+    """The entries the layer x head maps show: one head zeroed in self-attention at every step and chunk (others of
+    the same head, restricted to some steps or chunks, or in cross-attention, would share its cell: averaged in)."""
+    specs = {str(e): json.loads(str(s)) for e, s in zip(ds.intervention.values, ds.intervention_spec.values)}
+    return [e for e, sp in specs.items() if sp.get("kind") == "ablate" and sp.get("mode") == "zero"
+            and sp.get("attention", "self") == "self" and len(sp.get("layers") or []) == 1
+            and len(sp.get("heads") or []) == 1 and not sp.get("steps") and not sp.get("chunks")]
+
+
 def build_effects_report(store, out_html: str | Path) -> Path:
     from studies import load_store
     from workbench.intervene import ranking
@@ -176,7 +186,7 @@ def build_effects_report(store, out_html: str | Path) -> Path:
         page.p("effect a-b: the mean relative latent distance to the baseline over those latent frames; rms last/first: "
                "the latents' RMS in the last segment over the first (a rollout that fades or blows up moves it from 1).")
         page.table(drift_table(ds))
-    heads = table[(table["layer"] >= 0) & (table["head"] >= 0) & (table["kind"] == "ablate") & (table["mode"] == "zero")]
+    heads = table.loc[single_head_ablations(ds)]
     grid = None
     if len(heads) > 1:
         grid = heads.pivot_table(index="layer", columns="head", values="effect")

@@ -370,3 +370,23 @@ def test_an_entry_of_the_same_label_with_other_settings_is_refused(tmp_path, cap
     assert main([*run, "--resample-prompt", "a green square moving left"]) == 2
     assert "holds entries ['ablate-resample:L1.H0'] made with other settings" in capsys.readouterr().err
     assert main([*run, "--resample-prompt", "a blue circle moving up"]) == 0  # the same: nothing to do
+
+
+def test_the_head_maps_take_each_heads_plain_ablation_only():
+    """The report's layer x head maps show one head zeroed in self-attention at every step and chunk; ablations of
+    the same head in cross-attention or at some steps or chunks only were averaged into its cell."""
+    import json
+
+    import xarray as xr
+
+    from studies.effects_report import single_head_ablations
+    from workbench.intervene_entries import Entry
+
+    entries = [Entry("baseline", "baseline"), Entry("ablate", "a", layers=[4], heads=[3]),
+               Entry("ablate", "b", layers=[4], heads=[3], attention="cross"),
+               Entry("ablate", "c", layers=[4], heads=[3], steps=[0], chunks=[1]),
+               Entry("ablate", "d", layers=[4], heads=[2], mode="mean"), Entry("ablate", "e", layers=[4], heads=[0, 1]),
+               Entry("ablate", "f", layers=[2], heads=[1])]
+    ds = xr.Dataset(coords={"intervention": [e.label for e in entries],
+                            "intervention_spec": ("intervention", [json.dumps(e.spec()) for e in entries])})
+    assert single_head_ablations(ds) == ["a", "f"]
