@@ -420,7 +420,8 @@ def key_token_maps(
     per_frame = data.values.reshape(-1, h, w)  # [key_frame, h, w]: key_token = f * h * w + row * w + col
     seen = [f for f in range(per_frame.shape[0]) if np.isfinite(per_frame[f]).any()]
     rows, cols = _grid(len(seen), cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"frame {f}: {np.nansum(per_frame[f]):.3f}" for f in seen],
+    titles = [f"frame {f}: {np.nansum(per_frame[f]):.3f}" for f in seen]
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles,
                         horizontal_spacing=0.02, vertical_spacing=min(0.08, 0.4 / rows))
     for i, f in enumerate(seen):
         fig.add_trace(go.Heatmap(z=_round(per_frame[f]), coloraxis="coloraxis", name=f"key frame {f}",

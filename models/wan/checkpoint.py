@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from models.errors import CheckpointError
-from models.files import (atomic_write, check_tensor_shapes, check_weights_file, load_tensors, sha256_file,  # noqa: F401 (re-exported:
-                          shard_files, weight_files, weights_sha256)  # sha256_file, shard_files, weights_sha256)
+from models.files import (atomic_write, check_tensor_shapes, check_weights_file, load_tensors,  # noqa: F401
+                          sha256_file, shard_files, weight_files, weights_sha256)  # (the last four: also re-exported)
 from models.wan.config import WanConfig
 from models.wan.folder import dit_dir
 from models.wan.model import WanModel
