@@ -523,6 +523,10 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     # `timeout` and job schedulers stop with SIGTERM: exit through the finally below, so that the log, the report
     # and the tars of what is done still reach --out (checkpoints are written atomically, so none is half-written)
+    # (what the finally below imports, imported first: a SIGTERM inside a stage's first import of yaml, say, would
+    # leave that module half-initialised, and the finally's own import of it would fail instead of writing --out)
+    import training.checkpoints  # noqa: F401
+
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         zoo.run(stages)
