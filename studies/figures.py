@@ -73,6 +73,8 @@ def _pick_heads(data: xr.DataArray, heads) -> xr.DataArray:
     if heads is None:
         return data
     heads = [heads] if np.isscalar(heads) else list(heads)  # (one head)
+    if any(isinstance(h, (bool, np.bool_)) for h in heads):
+        raise WorkbenchError(f"heads {heads!r}: give head ids (ints), e.g. heads=[0, 1]")
     have = [int(h) for h in data["head"].values]
     bad = [h for h in heads if h not in have]
     if bad or not len(heads):
@@ -433,7 +435,7 @@ def key_token_maps(
         fig.layout[f"yaxis{k if k > 1 else ''}"].update(scaleanchor=f"x{k if k > 1 else ''}", constrain="domain")
     fig.update_annotations(font_size=12)
     heads = "mean over heads" if head is None else f"head {head}"
-    panel = max(90, min(180, 1200 // cols))
+    panel = max(80, min(180, 1000 // cols))  # (the figure within the report's 1200 px column, colour bar included)
     fig.update_layout(
         title=f"attn_key_token · layer {token_layer} · {heads} · query frame {query_frame} · "
               f"{metrics.step_label(ds, step)}<br><sub>{_who(sub, sample)}; an image per key frame (latent rows x "
@@ -557,15 +559,14 @@ def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = (
     """A metric (dims layer, head) for two stores and the difference B - A, stacked (A, B, B - A from the top);
     A and B share one colour scale, the difference a symmetric red-blue one. Only the layers and heads both hold
     are drawn; the title says so when either holds more."""
-    a, b = _layer_head(a), _layer_head(b)
-    given = {k: {(int(lay), int(h)) for lay in x.layer.values for h in x["head"].values}
-             for k, x in (("a", a), ("b", b))}
-    a, b = xr.align(a, b, join="inner")
+    given = dict(zip("AB", (_layer_head(a), _layer_head(b))))
+    a, b = xr.align(given["A"], given["B"], join="inner")
     if not a.size:
-        raise WorkbenchError("compare_maps: A and B share no (layer, head); A has layers "
-                             f"{sorted({lay for lay, _ in given['a']})}, B {sorted({lay for lay, _ in given['b']})}")
-    shared = {(int(lay), int(h)) for lay in a.layer.values for h in a["head"].values}
-    dropped = [k.upper() for k in ("a", "b") if given[k] - shared]
+        layers = {side: [int(v) for v in x.layer.values] for side, x in given.items()}
+        raise WorkbenchError(f"compare_maps: A and B share no (layer, head); A has layers {layers['A']}, "
+                             f"B {layers['B']}")
+    left = [f"{side}'s {dim}s {sorted(gone)}" for side, x in given.items() for dim in ("layer", "head")
+            if (gone := {int(v) for v in x[dim].values} - {int(v) for v in a[dim].values})]
     diff = b - a
     x = [str(int(h)) for h in a["head"].values]
     y = [str(int(v)) for v in a.layer.values]
@@ -582,8 +583,7 @@ def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = (
     finite = diff.values[np.isfinite(diff.values)]
     top = float(np.abs(finite).max()) if finite.size else 0.0
     width = max(600, min(1300, 62 * a.sizes["head"] + 260))
-    note = (f"<br><sub>drawn: the {len(a.layer)} layer(s) and {a.sizes['head']} head(s) both hold; "
-            f"{' and '.join(dropped)} {'have' if len(dropped) > 1 else 'has'} more</sub>") if dropped else ""
+    note = f"<br><sub>not drawn, in one store only: {'; '.join(left)}</sub>" if left else ""
     fig.update_layout(
         title=wrap_title(title or str(a.attrs.get("long_name", a.name or "metric")), width) + note,
         coloraxis=dict(colorscale="Viridis", cmin=float(both.min()) if both.size else 0,

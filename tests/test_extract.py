@@ -157,8 +157,8 @@ def test_bidirectional_store_labels_and_values(tmp_path, monkeypatch):
 
     monkeypatch.setattr(extract_mod, "load_wan", load_and_record)
     out = tmp_path / "b.zarr"
-    run_extract(config(out, layers=[2], sampler="bidirectional", num_inference_steps=2, negative_prompt="a blurry video",
-                       stats=["attn_mass", "attn_logit", "cross_mass"]), log=quiet)
+    run_extract(config(out, layers=[2], sampler="bidirectional", num_inference_steps=2,
+                       negative_prompt="a blurry video", stats=["attn_mass", "attn_logit", "cross_mass"]), log=quiet)
     ds = open_store(out)
     words = lambda tokens, n: "".join(tokens[:n]).replace("\u2581", " ").strip()  # noqa: E731 (sentencepiece's space)
     assert words(ds.token.values[0], int(ds.num_tokens[0])) == f"{ds.prompt.values[0]}</s>"
@@ -465,3 +465,21 @@ def test_the_api_reads_a_researchers_values_or_names_the_bad_one():
                         (dict(num_frames=6, local_attn_size=2), "--local-attn-size 2: the window must hold")]:
         with pytest.raises(WorkbenchError, match=message):
             extract_mod.plan(ExtractConfig(**kw))
+
+
+def test_a_cfg_sample_appends_to_a_store_made_before_the_uncond_token_labels(tmp_path, monkeypatch):
+    """A CFG store made before `uncond_token` existed takes new samples without those labels (appending them to a
+    store that lacks them crashed half-way and left it unreadable until the next run)."""
+    from workbench.store import LATER_LABELS
+
+    out = tmp_path / "old.zarr"
+    run = lambda seed: run_extract(config(out, layers=[2], sampler="bidirectional", num_inference_steps=2,  # noqa: E731
+                                          seeds=[seed], stats=["attn_mass", "cross_mass"], mode="append"), log=quiet)
+    made = extract_mod.sample_dataset
+    monkeypatch.setattr(extract_mod, "sample_dataset", lambda *a: made(*a).drop_vars(list(LATER_LABELS)))
+    run(1)  # (the store as an older workbench wrote it)
+    monkeypatch.undo()
+    run(2)
+    ds = open_store(out)
+    assert ds.sample.values.tolist() == ["p0000-s1", "p0000-s2"] and "uncond_token" not in ds
+    assert ds.cross_mass.notnull().all()

@@ -152,9 +152,13 @@ def test_probes_grow_the_store_and_leave_training_unchanged(tmp_path):
     from studies.report import model_facts
     from workbench.legacy import legacy_record
 
-    assert model_facts(ds)["weights entry"] == "the generator being trained, at each train step"
+    facts = model_facts(ds)
+    assert facts["weights entry"] == "the generator being trained, at each train step"
     record = legacy_record(ds.sel(train_step=2), "p0000-s1", 1)  # export-legacy's file: which weights ran
     assert (record["train_step"], record["use_ema"]) == (2, False)
+    from workbench.legacy import _one_train_step
+
+    assert int(_one_train_step(ds.isel(train_step=[2]), "s", None)["train_step"]) == 4  # one train step: no choice
     rows = ds.attn_mass.sum("key_frame", skipna=True).values
     assert abs(rows - 1).max() < 1e-4  # attention mass rows sum to 1
     first, last = ds.attn_mass.sel(train_step=0).values, ds.attn_mass.sel(train_step=4).values

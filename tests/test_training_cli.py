@@ -54,6 +54,9 @@ def test_ode_then_dmd_with_probes_then_resume(tmp_path, capsys):
     assert [r["step"] for r in rows] == [1, 2, 3] and "generator_loss" in rows[0] and "generator_loss" not in rows[1]
     ds = open_store(tmp_path / "dmd" / "probes.zarr")
     assert ds["train_step"].values.tolist() == [0, 2] and ds["layer"].values.tolist() == [0]
+    from models.wan.text_encoder import wan_dir_encoder_identity
+
+    assert ds.attrs["fingerprint_fields"]["model"]["text_encoder"] == wan_dir_encoder_identity("data/embedded")
     with pytest.raises(TrainingError, match="--resume"):  # a logdir with checkpoints is not overwritten
         train(*dmd, "--max-steps", 4)
     assert train(*dmd, "--max-steps", 4, "--resume") == 0  # from the latest, step 3

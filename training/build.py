@@ -123,6 +123,18 @@ def world_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None) -> LatentDataset
     return LatentDataset.from_file(path, seed, "latents")
 
 
+def _encoder_identity(cfg) -> str:
+    """The text encoder's identity (models/wan/text_encoder.py `encoder_identity`) of the generator's model folder,
+    '?' without one (a trainer built from models in memory)."""
+    from models.errors import CheckpointError
+    from models.wan.text_encoder import wan_dir_encoder_identity
+
+    try:
+        return wan_dir_encoder_identity(model_folder(cfg, cfg.model_kwargs.model_name))
+    except (CheckpointError, TrainingError):
+        return "?"
+
+
 def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, weights_sha: str,
                  command: str = "workbench train"):
     """The probe set of cfg.probe, checked against the model (None when probes are off)."""
@@ -203,7 +215,9 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
                  num_frames=frames, text_len=mc.text_len, head_dim=mc.head_dim, num_layers=mc.num_layers,
                  num_heads=mc.num_heads, versions=dict(torch=torch.__version__, xarray=xarray.__version__,
                                                        zarr=zarr.__version__, python=platform.python_version()),
-                 trainer=plan.trainer, loss=plan.loss)
+                 trainer=plan.trainer, loss=plan.loss,
+                 # what a report names (studies/report.py model_facts): the start weights and the text encoder
+                 fingerprint_fields=dict(model=dict(weights=weights_sha, text_encoder=_encoder_identity(cfg))))
     meta = dict(checkpoint=weights_label, checkpoint_sha256=weights_sha, model_family="self_forcing",
                 sampler="causal_few_step", local_attn_size=mc.local_attn_size, sink_size=mc.sink_size)
     return TrainingProbes(spec=spec, schedule=schedule, prompts=prompts, seeds=seeds, num_frames=frames,

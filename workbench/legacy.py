@@ -61,7 +61,8 @@ def legacy_record(ds, sample: str, layer: int, step: int = 0) -> dict:
         "checkpoint": str(ds["checkpoint"].sel(sample=sample).values),
         # which of the checkpoint's state dicts ran: generator_ema (True) or generator (False); None if not recorded;
         # a training probe ran the generator being trained, at `train_step` (its checkpoint: where training started)
-        "use_ema": False if "train_step" in ds.coords else {"ema": True, "gen": False}.get(_model_fields(ds).get("key")),
+        "use_ema": False if "train_step" in ds.coords else {"ema": True, "gen": False}.get(
+            _model_fields(ds).get("key")),
         **({"train_step": int(ds["train_step"])} if "train_step" in ds.coords else {}),
     }
 
@@ -92,13 +93,16 @@ def _check(ds, store, layers, samples, step) -> tuple[list[int], list[str]]:
 
 
 def _one_train_step(ds, store, train_step: int | None):
-    """The store at one train step: a probe store needs `train_step` (one of its own), any other store none."""
+    """The store at one train step: a probe store needs `train_step` (one of its own; the only one when it holds
+    one), any other store none."""
     if "train_step" not in ds.dims:
         if train_step is not None:
             raise WorkbenchError(f"--train-step {train_step}: {store} is not a training probe store "
                                  "(no train_step dim)")
         return ds
     have = [int(t) for t in ds["train_step"].values]
+    if train_step is None and len(have) == 1:  # (one train step: nothing to choose)
+        train_step = have[0]
     if train_step not in have:
         what = "choose one" if train_step is None else f"train step {train_step} is not in it"
         raise WorkbenchError(f"{store} is a training probe store ({what}: --train-step N); it holds train steps {have}")
@@ -126,6 +130,7 @@ def export_legacy(store, out=None, *, layers=None, samples=None, step: int = 0, 
             record = legacy_record(ds, sample, layer, step)
             atomic_write(path, lambda tmp, record=record: torch.save(record, tmp))
             paths.append(path)
-    log(f"wrote {len(paths)} legacy file(s) under {out} (step {step}, t = {float(ds['timestep'].sel(step=step)):g}): "
-        f"{len(samples)} sample(s) x layers {layers}")
+    at = f"train step {int(ds['train_step'])}, " if "train_step" in ds.coords else ""
+    log(f"wrote {len(paths)} legacy file(s) under {out} ({at}step {step}, t = "
+        f"{float(ds['timestep'].sel(step=step)):g}): {len(samples)} sample(s) x layers {layers}")
     return paths

@@ -533,6 +533,8 @@ class StoreWriter:
             attrs[self.completed_attr] = list(self.completed)
             ds.attrs = attrs
             static = [name for name, v in ds.variables.items() if self.append_dim not in v.dims]
+            held = set(zarr.open_group(self.path, mode="r").array_keys())
+            static += [name for name in LATER_LABELS if name in ds.variables and name not in held]  # (an older store)
             try:
                 ds.drop_vars(static).to_zarr(self.path, mode="a", append_dim=self.append_dim, consolidated=False)
             except BaseException:  # a full disk, Ctrl-C: take back what got written (a kill is left to readers)
@@ -541,6 +543,11 @@ class StoreWriter:
                 raise
             zarr.open_group(self.path, mode="r+").attrs[self.completed_attr] = self.completed + [key]
         self.completed.append(key)
+
+
+# Per-sample labels added after stores were first made: a sample appended to a store made before them goes in
+# without them (the store keeps one layout; its earlier samples have none to give).
+LATER_LABELS = ("uncond_token", "uncond_num_tokens")
 
 
 def _alive(pid: int) -> bool:
