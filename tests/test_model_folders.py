@@ -277,7 +277,7 @@ def test_a_hugging_face_cache_snapshot_reads_as_its_pipeline(pipeline, tmp_path,
                      "--out", str(tmp_path / "s.zarr")]) == 0
     capsys.readouterr()
     assert cli_main(["extract", *FAST, "--wan-dir", str(repo), "--out", str(tmp_path / "x.zarr")]) == 2
-    assert f"a Hugging Face cache's repository folder: give one of its snapshots, '{snapshot}'" in \
+    assert f"a Hugging Face cache's repository folder: give a snapshot, '{snapshot}'" in \
         _error(capsys, "extract")
     vae = snapshot / "vae" / "diffusion_pytorch_model.safetensors"
     vae.resolve().unlink()

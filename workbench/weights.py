@@ -87,10 +87,11 @@ def check_wan_dir(wan_dir: Path) -> None:
     if is_pipeline(wan_dir):
         check_pipeline(wan_dir)
     elif not (wan_dir / "config.json").is_file():
-        snapshots = sorted(p.name for p in (wan_dir / "snapshots").glob("*") if p.is_dir())
-        hint = (f"; this is a Hugging Face cache's repository folder: give one of its snapshots, "
-                f"{str(wan_dir / 'snapshots' / snapshots[-1])!r}" + (f" (it has {len(snapshots)})" if len(snapshots) > 1
-                                                                   else "") if snapshots else "")
+        snapshots = sorted(p for p in (wan_dir / "snapshots").glob("*") if p.is_dir())
+        hint = ""
+        if snapshots:  # (the cache's models--ORG--NAME/: its downloads are in snapshots/HASH/)
+            more = f" (it has {len(snapshots)})" if len(snapshots) > 1 else ""
+            hint = f"; a Hugging Face cache's repository folder: give a snapshot, {str(snapshots[-1])!r}{more}"
         raise WorkbenchError(f"--wan-dir {str(wan_dir)!r} has no config.json (expected the official Wan2.1 folder, "
                              "or a diffusers pipeline folder with model_index.json)" + hint)
     check_model_files(wan_dir)
@@ -116,11 +117,10 @@ def check_pipeline(wan_dir: Path) -> None:
 def check_model_files(wan_dir: Path) -> None:
     """The DiT weights of a model folder (the file, or every shard its index names): there and whole
     (models/files.py `check_weights_file`), before any work."""
-    from models.files import check_weights_file
-    from models.wan.checkpoint import shard_files, wan_weights_file
+    from models.files import check_weights_file, weight_files
+    from models.wan.checkpoint import wan_weights_file
 
-    weights = wan_weights_file(wan_dir)
-    for path in shard_files(weights) if weights.name.endswith(".index.json") else [weights]:
+    for path in weight_files(wan_weights_file(wan_dir)):
         check_weights_file(path, "DiT weights")
 
 
