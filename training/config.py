@@ -45,10 +45,10 @@ class ProbeConfig:
     every: int = 0  # 0: no probes
     prompts: list[str] = field(default_factory=list)
     prompt_file: Optional[str] = None  # one prompt per line, after `prompts`
-    seeds: list[int] = field(default_factory=lambda: [0])
-    layers: Optional[list[int]] = None  # None: every layer
-    heads: Optional[list[int]] = None  # None: every head
-    steps: Optional[list[int]] = None  # positions in the per-chunk schedule; None: every step
+    seeds: list[int] = field(default_factory=lambda: [0])  # (one given twice is one sample: it runs once)
+    layers: Optional[list[int]] = None  # None: every layer (each captured once, in order, as extract's --layers)
+    heads: Optional[list[int]] = None  # None: every head (each once, in order)
+    steps: Optional[list[int]] = None  # positions in the per-chunk schedule; None: every step (each once)
     stats: list[str] = field(default_factory=lambda: ["attn_mass", "attn_logit"])
     num_frames: Optional[int] = None  # None: the training rollout's frame count
     store: str = "probes.zarr"  # relative to the logdir
