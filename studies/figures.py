@@ -365,30 +365,40 @@ def cross_tokens(
     metrics.require_var(ds, "cross_mass")
     ids, who = _prompt_samples(ds, sample)
     sub = metrics.select(ds, sample=ids, layer=metrics.one(layer, "layer"), step=metrics.one(step, "step"))
-    uncond = "cfg" in sub.coords and str(sub["cfg"].values[0]) == "uncond" and "uncond_token" in sub.coords
+    uncond = "cfg" in sub.coords and str(sub["cfg"].values[0]) == "uncond"
+    if uncond and "uncond_token" not in sub.coords:
+        raise WorkbenchError(f"step {step} is a CFG uncond step, whose text keys are the negative prompt's tokens, "
+                             "and this store (made before they were recorded) has no uncond_token labels: choose a "
+                             "cond step, or extract again")
     token, count = ("uncond_token", "uncond_num_tokens") if uncond else ("token", "num_tokens")
     n = int(sub[count].values[0])
     mass = sub["cross_mass"].astype(np.float64).mean("sample").isel(layer=0, step=0)  # [head, query_frame, text_token]
     mass = _pick_heads(mass, heads)
-    z = np.concatenate([mass.values[..., :n], mass.values[..., n:].sum(-1, keepdims=True)], -1)[..., : n + (
-        mass.sizes["text_token"] > n)]  # [head, query_frame, n (+ padding)]
-    x = [f"{i} {_piece(str(t))}" for i, t in enumerate(sub[token].values[0][:n])] + ["padding"] * (z.shape[-1] > n)
+    padding = mass.sizes["text_token"] > n
+    z = np.concatenate([mass.values[..., :n], mass.values[..., n:].sum(-1, keepdims=True)], -1)[..., : n + padding]
+    x = [f"{i} {_piece(str(t))}" for i, t in enumerate(sub[token].values[0][:n])] + ["padding"] * padding
     head_list = [int(h) for h in mass["head"].values]
-    cols = max(1, min(cols, 1500 // (80 + 16 * len(x))))
-    fig, cols = _head_subplots(head_list, cols, [f"head {h}" for h in head_list])
-    rows = math.ceil(len(head_list) / cols)
+    panel = 60 + 12 * len(x)  # px per head: 12 a token column
+    rows, cols = _grid(len(head_list), max(1, min(cols, 1040 // panel)))
+    height = 260 * rows + 160  # (a row: the heatmap and its head's rotated token labels)
+    fig, cols = _head_subplots(head_list, cols, [f"head {h}" for h in head_list],
+                               vertical_spacing=min(0.3, 95 / height))
     for i, h in enumerate(head_list):
         fig.add_trace(go.Heatmap(z=_round(z[i]), x=x, y=[int(q) for q in mass.query_frame.values],
                                  coloraxis="coloraxis", name=f"head {h}",
                                  hovertemplate="query frame %{y}<br>token %{x}<br>mass %{z:.4g}<extra>head "
                                                + str(h) + "</extra>"), row=i // cols + 1, col=i % cols + 1)
     _label_axes(fig, rows, cols, "prompt token", "query frame")
-    fig.update_xaxes(type="category", tickangle=-60)
+    fig.update_xaxes(type="category", tickangle=-60, showticklabels=True)  # (each head's tokens named under it)
     keys = "the negative prompt's tokens" if uncond else "the prompt's tokens"
+    # the colour scale of the tokens themselves: the summed padding (often most of the mass) would flatten them
+    scale = _colour("cross_mass", z[..., :n])
+    note = "<br><sub>the colour scale is the tokens'; the padding column (summed) saturates above it</sub>" \
+        if padding and np.nanmax(z[..., n:], initial=0) > scale["cmax"] else ""
     fig.update_layout(
-        title=f"cross_mass · layer {layer} · {metrics.step_label(ds, step)} · {keys}<br><sub>{who}</sub>",
-        coloraxis=dict(**_colour("cross_mass", z), colorbar=dict(title=ds["cross_mass"].attrs.get("units", ""))),
-        height=260 * rows + 200, width=max(700, (80 + 16 * len(x)) * cols + 160), margin=dict(t=110),
+        title=f"cross_mass · layer {layer} · {metrics.step_label(ds, step)} · {keys}<br><sub>{who}</sub>{note}",
+        coloraxis=dict(**scale, colorbar=dict(title=ds["cross_mass"].attrs.get("units", ""))),
+        height=height, width=min(1200, max(700, panel * cols + 160)), margin=dict(t=150 if note else 120),
     )
     return fig
 

@@ -217,6 +217,15 @@ def build_report(
     # the slider leaves out CFG's uncond forwards (half of a Wan store's steps, and the bulk of the HTML)
     slider_steps = [int(s) for s, c in zip(ds.step.values, ds["cfg"].values) if str(c) != "uncond" or int(s) == step] \
         if "cfg" in ds.coords else None
+    # cross-attention over the prompt's tokens: the samples of one prompt (token labels differ between prompts); a
+    # CFG uncond step of a store made before its negative prompt's tokens were recorded has no labels to show
+    cross = "cross_mass" in ds and not ("uncond_token" not in ds.coords and "cfg" in ds.coords
+                                        and str(ds["cfg"].sel(step=step).values) == "uncond")
+    prompts = sorted(set(map(str, ds["prompt"].values)))
+    if cross and sample is None and len(prompts) > 1:
+        page.p(html.escape(f"The cross-attention figures show the samples of the first prompt, "
+                           f"{str(ds['prompt'].values[0])!r}, of the store's {len(prompts)}: --sample ID shows "
+                           "another."))
     for lay in detail:
         page.h(f"Layer {lay}")
         # the per-head heatmaps once: the slider opens at `step` and moves through the others
@@ -226,7 +235,7 @@ def build_report(
         prof = prof.mean("sample", skipna=True).isel(layer=0, step=0)
         page.figure(figures.recency_lines(prof, title=f"recency profile · layer {lay} · {metrics.step_label(ds, step)}"),
                     f"fig-recency-layer{lay}")
-        if "cross_mass" in ds:
+        if cross:
             page.figure(figures.cross_tokens(ds, lay, step=step, sample=sample), f"fig-cross-layer{lay}")
     if "attn_key_token" in ds:
         last = int(ds.query_frame.values[-1])

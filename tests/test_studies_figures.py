@@ -216,6 +216,8 @@ def test_cross_tokens_shows_the_prompts_tokens_and_the_padding(tokens_store):
     np.testing.assert_allclose(z.sum(-1), 1.0, atol=1e-5)  # every text key counted once
     assert "the prompt's tokens" in fig.layout.title.text and "mean over 2 sample(s) of the prompt" in \
         fig.layout.title.text
+    assert fig.layout.width <= 1200 and fig.layout.coloraxis.cmax == pytest.approx(
+        float(mass.values[..., :n].max()), rel=1e-5)  # (the tokens' scale: the summed padding would flatten them)
     with pytest.raises(WorkbenchError, match="cross_mass"):
         figures.cross_tokens(ds.drop_vars("cross_mass"), 3)
 
