@@ -309,8 +309,9 @@ def compare_summary(c, ranking, name_a: str, name_b: str, rows: int = 5, stores=
     lines = [f"{side} = {name.removeprefix(side + ': ')}: {_model_line(ds)}"
              for side, name, ds in zip("AB", (name_a, name_b), stores or ())]
     who = "" if stores else f"A = {name_a.removeprefix('A: ')}, B = {name_b.removeprefix('B: ')}: "
+    unpaired = _unpaired(c)
     lines += [f"{who}{len(c.pairs)} sample pair(s) paired by {'prompt and seed' if c.pair_by == 'seed' else 'prompt'}"
-              + (f" (not compared: {_unpaired(c)})" if _unpaired(c) else "")
+              + (f" (not compared: {unpaired})" if unpaired else "")
               + f", {c.js_bits.sizes['match']} matched step(s), query frames {c.query_frames}",
               "heads whose attention over key frames changed most (Jensen-Shannon, bits; 0 = same, 1 = disjoint; "
               "means over the matched steps, the classes too):",
@@ -383,8 +384,8 @@ def build_compare_report(
                "<code>--pair-by prompt</code> measures that spread).")
     else:
         page.p("Samples paired by prompt and seed: the two models started from the same noise.")
-    if _unpaired(c):
-        page.p(html.escape(f"Not compared, in no pair: {_unpaired(c)}."))
+    if unpaired := _unpaired(c):
+        page.p(html.escape(f"Not compared, in no pair: {unpaired}."))
     page.table(c.pairs, index=False)
     page.h("Matched steps")
     page.p(f"Steps of A and B paired one to one by the nearest timestep, same phase, within {tolerance:g} (CFG "

@@ -205,7 +205,9 @@ def world_vae_path(cfg) -> Path:
     """The VAE that encodes `data_path: world`: world.vae, else the generator folder's (Wan2.1_VAE.pth)."""
     from models.wan.folder import wan_parts
 
-    return Path(cfg.world.vae) if cfg.world.vae else wan_parts(Path(cfg.model_root) / cfg.model_kwargs.model_name).vae
+    if cfg.world.vae:
+        return Path(cfg.world.vae)
+    return wan_parts(Path(cfg.model_root) / cfg.model_kwargs.model_name).vae
 
 
 def check_files(cfg, plan: Plan) -> None:

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from models.errors import CheckpointError
-from models.files import (atomic_write, check_tensor_shapes, check_weights_file, load_tensors,  # noqa: F401
-                          sha256_file, shard_files, weight_files, weights_sha256)  # (the last four: also re-exported)
+from models.files import (atomic_write, check_tensor_shapes, load_tensors, sha256_file,  # noqa: F401
+                          shard_files, weight_files, weights_sha256)  # (sha256_file and the last two: re-exported)
 from models.wan.config import WanConfig
-from models.wan.folder import dit_dir
+from models.wan.folder import dit_dir, present, weights_in
 from models.wan.model import WanModel
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -105,12 +105,9 @@ def _require_file(path: Path, what: str) -> Path:
 def wan_weights_file(folder: str | Path) -> Path:
     """The file that names a Wan folder's DiT weights (a diffusers pipeline's in transformer/):
     `diffusion_pytorch_model.safetensors`, else the index of its shards; a clear error when the folder has neither."""
-    folder = dit_dir(folder)
-    for name in (WEIGHTS_NAME, INDEX_NAME):
-        if (folder / name).is_file():
-            return folder / name
-        if (folder / name).is_symlink():  # (a Hugging Face cache whose blob is gone)
-            return check_weights_file(folder / name, "DiT weights")  # (raises: a broken link)
+    weights = weights_in(dit_dir(folder), (WEIGHTS_NAME, INDEX_NAME))
+    if present(weights):
+        return weights
     raise CheckpointError(f"Wan folder {str(folder)!r} has no DiT weights: neither {WEIGHTS_NAME} nor the index of "
                           f"its shards ({INDEX_NAME})")
 

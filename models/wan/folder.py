@@ -65,13 +65,13 @@ def wan_parts(folder) -> WanParts:
     if not is_pipeline(folder):
         return WanParts(folder, "official", folder, folder / T5_NAME, folder / TOKENIZER_SUBDIR, folder / VAE_NAME)
     return WanParts(folder, "diffusers pipeline", folder / "transformer",
-                    _weights(folder / "text_encoder", PIPELINE_T5), folder / "tokenizer",
-                    _weights(folder / "vae", PIPELINE_VAE))
+                    weights_in(folder / "text_encoder", PIPELINE_T5), folder / "tokenizer",
+                    weights_in(folder / "vae", PIPELINE_VAE))
 
 
-def _weights(part: Path, names: tuple[str, str]) -> Path:
-    """A pipeline part's weights: its one file, else the index of its shards (the one file, named in errors,
-    when there is neither)."""
+def weights_in(part: Path, names: tuple[str, str]) -> Path:
+    """A part's weights: its one file, else the index of its shards (the one file, named in errors, when there is
+    neither; a broken link counts as there, so that its loader names it)."""
     return next((part / n for n in names if present(part / n)), part / names[0])
 
 

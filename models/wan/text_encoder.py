@@ -216,9 +216,9 @@ def load_tokenizer(tokenizer_dir):
     try:
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the folder name
+        slow_only = (tokenizer_dir / "spiece.model").is_file() and not (tokenizer_dir / "tokenizer.json").is_file()
         hint = ("; the folder has spiece.model but no tokenizer.json, which transformers makes from it with "
-                "protobuf and sentencepiece: pip install protobuf sentencepiece" if (tokenizer_dir / "spiece.model")
-                .is_file() and not (tokenizer_dir / "tokenizer.json").is_file() else "")
+                "protobuf and sentencepiece: pip install protobuf sentencepiece" if slow_only else "")
         raise TokenizerNotFoundError(f"cannot load the tokenizer in {tokenizer_dir}: {type(e).__name__}: {e}{hint}"
                                      ) from e
     if tok.pad_token_id is None or tok.eos_token_id is None:

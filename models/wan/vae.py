@@ -25,8 +25,9 @@ decoded.
 Key map: Wan names (`encoder.downsamples.K.residual.2.weight`, `decoder.upsamples.K...`, `conv1`, `conv2`)
 <-> diffusers names (`encoder.down_blocks.K.conv1.weight`, `decoder.up_blocks.i.resnets.j...`, `quant_conv`,
 `post_quant_conv`); a file with diffusers' names is renamed to Wan's on the way in. The layout (base_dim, z_dim,
-dim_mult, num_res_blocks, temporal downsampling) is read from the tensor shapes, so the real VAE and small test VAEs load through the same path; every tensor of the file
-must be used and every parameter of the model filled, or loading fails with the lists of keys.
+dim_mult, num_res_blocks, temporal downsampling) is read from the tensor shapes, so the real VAE and small test
+VAEs load through the same path; every tensor of the file must be used and every parameter of the model filled,
+or loading fails with the lists of keys.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ def _add_model_option(group) -> None:
 
 
 def _add_weight_options(group) -> None:
-    group.add_argument("--wan-dir", metavar="DIR", help="the official Wan2.1 folder, or a diffusers Wan2.1 pipeline folder (model_index.json) "
-                       "(default: the embedded default)")
+    group.add_argument("--wan-dir", metavar="DIR", help="the official Wan2.1 folder, or a diffusers Wan2.1 pipeline "
+                       "folder (model_index.json) (default: the embedded default)")
     group.add_argument("--checkpoint", metavar="FILE",
                        help="a Self-Forcing .pt (generator / generator_ema) on top of the Wan folder's config")
     group.add_argument("--use-ema", action="store_true", help="load generator_ema instead of generator")

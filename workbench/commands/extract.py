@@ -49,8 +49,8 @@ def register(subparsers) -> None:
                            "call with key-frame indicator columns appended to V; ~+35%% for all 30 layers on an "
                            "H200), fused (the model's own Gluon or Triton forward also returns the statistics; "
                            "+1-3%% for all 30 layers on an H200); auto = fused with the Gluon/Triton kernels (auto "
-                           "on H100/H200), indicator with cuDNN's, exact on the CPU, where indicator runs exact too: the store's "
-                           "attr capture_mode says what ran (default: %(default)s; docs/store.md)")
+                           "on H100/H200), indicator with cuDNN's, exact on the CPU, where indicator runs exact "
+                           "too: the store's attr capture_mode says what ran (default: %(default)s; docs/store.md)")
     what.add_argument("--attention-kernel", default="auto", choices=ATTENTION_KERNELS,
                       help="the model's attention kernel: auto (on H100/H200 the Gluon FlashAttention-3-style "
                            "forward, whose frame statistics come free (capture mode fused); flash-attn / cuDNN / SDPA "
