@@ -14,7 +14,8 @@
     recency_lines    the recency profile (mean mass by query_frame - key_frame), one line per head
     metric_by_query_frame  a row metric against the query frame, one line per head
     metric_by_step   a head metric across steps (labelled with their timesteps), one line per head
-    cross_tokens     per-head query frame x prompt token heatmaps of the cross-attention (token texts as labels)
+    cross_tokens     per-head query frame x prompt token heatmaps of the cross-attention (token texts as labels),
+                     or for many heads one head x token map of the mean over query frames
     key_token_maps   where inside each key frame one query frame's attention lands: an image per key frame
 
 Axes carry the store's names (layer, head, query frame, key frame, step, timestep). Values are averaged over
@@ -356,11 +357,14 @@ def cross_tokens(
     sample: str | None = None,
     heads: Sequence[int] | None = None,
     cols: int = 4,
+    per_head: bool | None = None,
 ) -> go.Figure:
     """Per head, how each query frame's cross-attention splits over the prompt (`cross_mass` at one layer and step):
     query frame x token heatmaps, the tokens named by their text (the negative prompt's on a CFG uncond step), the
     padding past the prompt summed into one last column; rows sum to 1. Averaged over the samples of one prompt
-    (the first sample's), or one `sample`."""
+    (the first sample's), or one `sample`. `per_head=False` draws one head x token heatmap of the mean over query
+    frames instead, every head in one panel; None (the default) chooses it when the per-head panels would take
+    more than three rows (a long prompt's panels go one a row: 12 rows for the 1.3B model's heads)."""
     ds = metrics.attention_store(ds)
     metrics.require_var(ds, "cross_mass")
     ids, who = _prompt_samples(ds, sample)
@@ -378,8 +382,12 @@ def cross_tokens(
     z = np.concatenate([mass.values[..., :n], mass.values[..., n:].sum(-1, keepdims=True)], -1)[..., : n + padding]
     x = [f"{i} {_piece(str(t))}" for i, t in enumerate(sub[token].values[0][:n])] + ["padding"] * padding
     head_list = [int(h) for h in mass["head"].values]
+    keys = "the negative prompt's tokens" if uncond else "the prompt's tokens"
     panel = 60 + 12 * len(x)  # px per head: 12 a token column
     rows, cols = _grid(len(head_list), max(1, min(cols, 1040 // panel)))
+    if per_head is False or (per_head is None and rows > 3):
+        return _cross_token_map(z.mean(1), x, head_list, n, ds, layer, step, keys, who)
+    scale = _colour("cross_mass", z[..., :n])
     height = 260 * rows + 160  # (a row: the heatmap and its head's rotated token labels)
     fig, cols = _head_subplots(head_list, cols, [f"head {h}" for h in head_list],
                                vertical_spacing=min(0.3, 95 / height))
@@ -390,15 +398,37 @@ def cross_tokens(
                                                + str(h) + "</extra>"), row=i // cols + 1, col=i % cols + 1)
     _label_axes(fig, rows, cols, "prompt token", "query frame")
     fig.update_xaxes(type="category", tickangle=-60, showticklabels=True)  # (each head's tokens named under it)
-    keys = "the negative prompt's tokens" if uncond else "the prompt's tokens"
-    # the colour scale of the tokens themselves: the summed padding (often most of the mass) would flatten them
-    scale = _colour("cross_mass", z[..., :n])
-    note = "<br><sub>the colour scale is the tokens'; the padding column (summed) saturates above it</sub>" \
-        if padding and np.nanmax(z[..., n:], initial=0) > scale["cmax"] else ""
+    note = _padding_note(z, n, scale)
     fig.update_layout(
         title=f"cross_mass · layer {layer} · {metrics.step_label(ds, step)} · {keys}<br><sub>{who}</sub>{note}",
         coloraxis=dict(**scale, colorbar=dict(title=ds["cross_mass"].attrs.get("units", ""))),
         height=height, width=min(1200, max(700, panel * cols + 160)), margin=dict(t=150 if note else 120),
+    )
+    return fig
+
+
+def _padding_note(z: np.ndarray, n: int, scale: dict) -> str:
+    """The colour scale is the tokens' own (z[..., :n]): the summed padding, often most of the mass, would flatten
+    them; a subtitle says so when the padding column goes past it."""
+    return "<br><sub>the colour scale is the tokens'; the padding column (summed) saturates above it</sub>" \
+        if z.shape[-1] > n and np.nanmax(z[..., n:], initial=0) > scale["cmax"] else ""
+
+
+def _cross_token_map(z: np.ndarray, x: list[str], head_list: list[int], n: int, ds: xr.Dataset, layer: int,
+                     step: int, keys: str, who: str) -> go.Figure:
+    """cross_tokens' one-panel form: z [head, token column], the mean over query frames; a row per head."""
+    scale = _colour("cross_mass", z[:, :n])
+    fig = go.Figure(go.Heatmap(z=_round(z), x=x, y=[f"head {h}" for h in head_list], coloraxis="coloraxis",
+                               hovertemplate="%{y}<br>token %{x}<br>mass %{z:.4g}<extra></extra>"))
+    fig.update_xaxes(type="category", tickangle=-60, title_text="prompt token")
+    fig.update_yaxes(type="category", autorange="reversed")
+    note = _padding_note(z, n, scale)
+    fig.update_layout(
+        title=f"cross_mass · layer {layer} · {metrics.step_label(ds, step)} · {keys}, mean over query frames"
+              f"<br><sub>{who}</sub>{note}",
+        coloraxis=dict(**scale, colorbar=dict(title=ds["cross_mass"].attrs.get("units", ""))),
+        height=max(380, 22 * len(head_list) + 300), width=min(1200, max(700, 12 * len(x) + 260)),
+        margin=dict(t=150 if note else 120),
     )
     return fig
 
@@ -412,10 +442,14 @@ def key_token_maps(
     sample: str | None = None,
     head: int | None = None,
     cols: int = 7,
+    within_frame: bool = False,
 ) -> go.Figure:
     """Where inside each key frame one query frame's self-attention lands (`attn_key_token`): an image of the latent
     grid (token rows x columns) per key frame it attended, one colour scale; each image sums to that key frame's
-    `attn_mass`. One `head`, or the mean over heads (None); averaged over samples unless a `sample` is named."""
+    `attn_mass` (in its title). `within_frame=True` divides each image by that mass, so that it sums to 1: where
+    inside a frame the attention lands, for frames of little mass too (beside a sink frame of most of it, they
+    look flat otherwise). One `head`, or the mean over heads (None); averaged over samples unless a `sample` is
+    named."""
     ds = metrics.attention_store(ds)
     metrics.require_var(ds, "attn_key_token")
     have = [int(t) for t in ds.token_layer.values]
@@ -432,7 +466,11 @@ def key_token_maps(
     per_frame = data.values.reshape(-1, h, w)  # [key_frame, h, w]: key_token = f * h * w + row * w + col
     seen = [f for f in range(per_frame.shape[0]) if np.isfinite(per_frame[f]).any()]
     rows, cols = _grid(len(seen), cols)
-    titles = [f"frame {f}: {np.nansum(per_frame[f]):.3f}" for f in seen]
+    frame_mass = np.array([np.nansum(per_frame[f]) for f in range(per_frame.shape[0])])  # [key_frame]
+    titles = [f"frame {f}: {frame_mass[f]:.3f}" for f in seen]
+    if within_frame:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_frame = per_frame / np.where(frame_mass > 0, frame_mass, np.nan)[:, None, None]
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles,
                         horizontal_spacing=0.02, vertical_spacing=min(0.08, 0.4 / rows))
     for i, f in enumerate(seen):
@@ -445,13 +483,16 @@ def key_token_maps(
         fig.layout[f"yaxis{k if k > 1 else ''}"].update(scaleanchor=f"x{k if k > 1 else ''}", constrain="domain")
     fig.update_annotations(font_size=12)
     heads = "mean over heads" if head is None else f"head {head}"
+    sums = ("each divided by that key frame's attn_mass (in its title): shares of the frame's mass, summing to 1"
+            if within_frame else "each summing to that key frame's attn_mass (in its title)")
     panel = max(80, min(180, 1000 // cols))  # (the figure within the report's 1200 px column, colour bar included)
     fig.update_layout(
         title=f"attn_key_token · layer {token_layer} · {heads} · query frame {query_frame} · "
               f"{metrics.step_label(ds, step)}<br><sub>{_who(sub, sample)}; an image per key frame (latent rows x "
-              "columns), each summing to that key frame's attn_mass (in its title)</sub>",
+              f"columns), {sums}</sub>",
         coloraxis=dict(**_colour("attn_key_token", per_frame),
-                       colorbar=dict(title=ds["attn_key_token"].attrs.get("units", ""))),
+                       colorbar=dict(title="share of<br>the frame" if within_frame
+                                     else ds["attn_key_token"].attrs.get("units", ""))),
         height=int(panel * h / w) * rows + 70 * rows + 140, width=panel * cols + 200, margin=dict(t=110),
     )
     return fig
@@ -607,14 +648,28 @@ def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = (
 
 
 def recency_lines(profile: xr.DataArray, *, title: str | None = None) -> go.Figure:
-    """One line per head of a recency profile (dims head, distance; select layer/step/sample first)."""
+    """One line per head of a recency profile (dims head, distance; select layer/step/sample first). Distances
+    reached only by sink frames (the profile's `sink_only` coordinate, a rolling window's) are shaded and their
+    points drawn open: there the line is the sink's mass, not attention that far back."""
     _needs_dims(profile, ("head", "distance"), "recency_lines")
     profile = profile.dropna("distance", how="all")  # e.g. future distances of a causal store
+    distances = [int(d) for d in profile.distance.values]
+    sink_only = [bool(s) for s in profile["sink_only"].values] if "sink_only" in profile.coords \
+        else [False] * len(distances)
     fig = go.Figure()
     for h in profile["head"].values:
         y = profile.sel(head=h)
-        fig.add_trace(go.Scatter(x=[int(d) for d in y.distance.values], y=_round(y.values), mode="lines+markers",
-                                 name=f"head {int(h)}", connectgaps=False))
+        fig.add_trace(go.Scatter(x=distances, y=_round(y.values), mode="lines+markers", name=f"head {int(h)}",
+                                 connectgaps=False,
+                                 marker=dict(symbol=["circle-open" if s else "circle" for s in sink_only])))
+    runs = [d for i, d in enumerate(distances) if sink_only[i] and (i == 0 or not sink_only[i - 1])]
+    for start in runs:  # each run of sink-only distances, shaded, the first one labelled
+        end = start
+        while end + 1 in distances and sink_only[distances.index(end + 1)]:
+            end += 1
+        fig.add_vrect(x0=start - 0.5, x1=end + 0.5, fillcolor="grey", opacity=0.15, line_width=0, layer="below",
+                      annotation_text="sink frames only" if start == runs[0] else "",
+                      annotation_position="top left")
     fig.update_xaxes(title_text="distance = query frame - key frame (frames)")
     fig.update_yaxes(title_text="mean attention mass")
     fig.update_layout(title=title or "recency profile", height=420, width=800)

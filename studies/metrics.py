@@ -23,7 +23,8 @@ Row metrics (`row_metrics`, dims sample, step, layer, head, query_frame):
 
 `head_metrics` averages the row metrics over a choice of query frames (default: the last chunk, the rows the
 researchers plot as `last_block_frame_attention`) and over samples. `recency_profile` is the mean mass at each
-frame distance. `classify_heads` turns head metrics into a taxonomy, first rule that holds wins:
+frame distance; with a rolling window and sink frames, the distances past the window are reached only by the sink
+frames, and its `sink_only` coordinate says which. `classify_heads` turns head metrics into a taxonomy, first rule that holds wins:
 
     sink       sink_mass    >= sink_min            (default 0.5)
     local      local_mass   >= local_min           (default 0.5)
@@ -278,7 +279,10 @@ def head_metrics(
 def recency_profile(ds: xr.Dataset | xr.DataArray, *, query_frames: str | Sequence[int] = "all") -> xr.DataArray:
     """Mean attention mass at each frame distance d = query_frame - key_frame: for each (sample, step, layer,
     head), the mean of attn_mass[qf, qf - d] over the query frames where that key frame was attended.
-    NaN where no query frame has distance d available. New dim `distance` (int, frames)."""
+    NaN where no query frame has distance d available. New dim `distance` (int, frames), with the bool coordinate
+    `sink_only` when the samples kept sink frames in a rolling window: True at the distances where every attended
+    key frame is a sink frame (key_frame < sink_size; the frames between them and the window were evicted), so
+    that a far point there is the sink, not recall of the frames that far back."""
     ds = attention_store(ds, extra_dims=True)
     ds = ds.sel(query_frame=query_frames_for(ds, query_frames))
     mass = _mass(ds)
@@ -290,10 +294,30 @@ def recency_profile(ds: xr.Dataset | xr.DataArray, *, query_frames: str | Sequen
     total = xr.dot(mass.fillna(0.0), onehot, dim=pair_dims)
     count = xr.dot(valid, onehot, dim=pair_dims)
     out = (total / count.where(count > 0)).drop_vars([c for c in ("chunk", "key_chunk") if c in total.coords], errors="ignore")
+    sink_only = _sink_only(mass, dist, values)
+    if sink_only is not None:
+        out = out.assign_coords(sink_only=("distance", sink_only))
+        out["sink_only"].attrs.update(long_name="every key frame attended at this distance is a sink frame")
     out.name = "recency_profile"
     out.attrs.update(long_name="mean attention mass at distance query_frame - key_frame", units="probability")
     out["distance"].attrs.update(long_name="query_frame - key_frame", units="frames")
     return out
+
+
+def _sink_only(mass: xr.DataArray, dist: xr.DataArray, values: np.ndarray) -> list[bool] | None:
+    """Per distance in `values`: whether every attended (query frame, key frame) pair at that distance has a sink
+    frame as its key; None unless some sample kept sink frames in a rolling window (sink_size > 0 and
+    local_attn_size > 0: without a window, the first frames are attended like any other)."""
+    if not {"sink_size", "local_attn_size"} <= set(mass.coords) or "sample" not in mass.dims:
+        return None
+    windowed = (mass["sink_size"] > 0) & (mass["local_attn_size"] > 0)  # [sample]
+    if not bool(windowed.any()):
+        return None
+    other = [d for d in mass.dims if d not in ("sample", "query_frame", "key_frame")]
+    attended = mass.notnull().any(other)  # [sample, query_frame, key_frame]
+    sink = (mass.key_frame < mass["sink_size"]) & windowed  # [sample, key_frame]
+    at = [dist == d for d in values]
+    return [bool((attended & a).any()) and not bool((attended & ~sink & a).any()) for a in at]
 
 
 # -------------------------------------------------------------------------------------------------- taxonomy

@@ -241,9 +241,11 @@ def build_report(
         last = int(ds.query_frame.values[-1])
         page.h("Inside the key frames")
         page.p("Where the last query frame's attention lands inside each key frame it attends (attn_key_token, "
-               "mean over heads; <code>studies.figures.key_token_maps</code> draws one head, or another query frame).")
+               "mean over heads): each image is that frame's share of it, so that frames of little mass show their "
+               "pattern too; their masses are in the titles. <code>studies.figures.key_token_maps</code> draws the "
+               "masses themselves, one head, or another query frame.")
         for tl in (int(t) for t in ds.token_layer.values):
-            page.figure(figures.key_token_maps(ds, tl, query_frame=last, step=step, sample=sample),
+            page.figure(figures.key_token_maps(ds, tl, query_frame=last, step=step, sample=sample, within_frame=True),
                         f"fig-key-tokens-layer{tl}")
     if len(detail) < ds.sizes["layer"]:
         page.p(f"Detailed sections for layers {detail} of {ds.sizes['layer']}; pass --layer N to choose others.")

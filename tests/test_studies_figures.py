@@ -144,6 +144,16 @@ def test_line_figures(ds):
     fig = figures.recency_lines(prof)
     assert len(fig.data) == 12 and min(fig.data[0].x) == -2  # future distances of a causal store dropped
     assert "query frame - key frame" in fig.layout.xaxis.title.text
+    assert not fig.layout.shapes and set(fig.data[0].marker.symbol) == {"circle"}
+    # a window with sink frames: the distances only they reach shaded, their points open
+    win = synthetic.make_dataset("window", layers=(0,), num_heads=2)
+    wprof = metrics.recency_profile(win).isel(sample=0, step=0, layer=0)
+    wfig = figures.recency_lines(wprof)
+    sink_only = wprof.distance.values[wprof.sink_only.values].tolist()  # 6..20 (test_studies_metrics.py)
+    assert [(s.x0, s.x1) for s in wfig.layout.shapes] == [(sink_only[0] - 0.5, sink_only[-1] + 0.5)]
+    symbols = dict(zip(wfig.data[0].x, wfig.data[0].marker.symbol))
+    assert {d for d, s in symbols.items() if s == "circle-open"} == set(sink_only)
+    assert [a.text for a in wfig.layout.annotations] == ["sink frames only"]
     rows = metrics.row_metrics(ds).isel(sample=0, step=0, layer=0)
     assert figures.metric_by_query_frame(rows.sink_mass).layout.xaxis.title.text == "query frame"
     by_step = figures.metric_by_step(metrics.head_metrics(ds).sink_mass.isel(layer=0))
@@ -222,6 +232,22 @@ def test_cross_tokens_shows_the_prompts_tokens_and_the_padding(tokens_store):
         figures.cross_tokens(ds.drop_vars("cross_mass"), 3)
 
 
+def test_cross_tokens_of_many_heads_is_one_head_by_token_map(ds, tokens_store):
+    """Panels that would take more than three rows (12 heads, or a long prompt's one panel a row) become one
+    head x token map of the mean over query frames; the small model's four heads keep their panels."""
+    assert len(figures.cross_tokens(ds, 3, step=0).data) == 12  # a short prompt: 3 rows of 4 panels
+    fig = figures.cross_tokens(ds, 3, step=0, cols=3)  # 4 rows
+    mass = ds.cross_mass.sel(layer=3, step=0).astype(np.float64).mean("sample")  # [head, query_frame, text_token]
+    n = int(ds.num_tokens[0])
+    assert len(fig.data) == 1 and list(fig.data[0].y) == [f"head {h}" for h in range(12)]
+    z = np.array(fig.data[0].z, dtype=float)  # [head, token]
+    np.testing.assert_allclose(z[:, :n], mass.mean("query_frame").values[:, :n], atol=1e-6)
+    np.testing.assert_allclose(z.sum(-1), 1.0, atol=1e-5)
+    assert "mean over query frames" in fig.layout.title.text and fig.layout.height < 700
+    assert len(figures.cross_tokens(ds, 3, step=0, cols=3, per_head=True).data) == 12
+    assert len(figures.cross_tokens(tokens_store, 3, step=0).data) == 4
+
+
 def test_key_token_maps_sum_to_the_key_frames_mass(tokens_store):
     ds = tokens_store
     fig = figures.key_token_maps(ds, 3, query_frame=5, step=0, head=1)
@@ -233,6 +259,15 @@ def test_key_token_maps_sum_to_the_key_frames_mass(tokens_store):
         z = np.array(trace.z, dtype=float)  # [latent rows, columns]
         assert z.shape == (int(ds.key_token_h.max()) + 1, int(ds.key_token_w.max()) + 1)
         assert np.nansum(z) == pytest.approx(float(mass.sel(key_frame=f)), abs=1e-5)
+    # within each frame: every image sums to 1 and keeps its pattern (the raw image over its frame's mass)
+    shares = figures.key_token_maps(ds, 3, query_frame=5, step=0, head=1, within_frame=True)
+    assert [a.text for a in shares.layout.annotations] == [a.text for a in fig.layout.annotations]
+    for raw, share, f in zip(fig.data, shares.data, attended):
+        z = np.array(share.z, dtype=float)
+        assert np.nansum(z) == pytest.approx(1.0, abs=1e-5)
+        np.testing.assert_allclose(z * float(mass.sel(key_frame=f)), np.array(raw.z, dtype=float), rtol=1e-4,
+                                   atol=1e-7)
+    assert shares.layout.coloraxis.cmax > fig.layout.coloraxis.cmax and "shares" in shares.layout.title.text
     with pytest.raises(WorkbenchError, match=r"token layer 2 is not in the store; it has token layers \[3\]"):
         figures.key_token_maps(ds, 2, query_frame=5)
 

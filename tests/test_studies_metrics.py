@@ -153,6 +153,20 @@ def test_recency_profile_by_hand(causal, bidirectional):
     assert not last.identical(metrics.recency_profile(causal.attn_mass))
 
 
+def test_recency_profile_names_the_distances_only_sink_frames_reach(window, causal):
+    prof = metrics.recency_profile(window)
+    pairs = window.attn_mass.isel(sample=0, step=0, layer=0, head=0).notnull().values  # [query_frame, key_frame]
+    sink = int(window.sink_size[0])
+    expected = []
+    for d in prof.distance.values:  # by hand: the key frames attended at distance d
+        keys = [k for q in range(F) for k in range(F) if q - k == d and pairs[q, k]]
+        expected.append(bool(keys) and max(keys) < sink)
+    assert prof.sink_only.values.tolist() == expected
+    # the window of 9 keeps frames 0-2 and the 6 newest: past 5 frames back only the sink frames are left
+    assert prof.distance.values[prof.sink_only.values].tolist() == list(range(6, F))
+    assert "sink_only" not in metrics.recency_profile(causal).coords  # no window: frame 0 is a frame like any other
+
+
 def test_window_counts_evicted_frames_as_not_attended(window):
     rows = metrics.row_metrics(window).isel(sample=0, step=0, layer=0).sel(query_frame=[18, 19, 20])
     glob, deep = head_of("global"), head_of("deep_sink")
