@@ -128,7 +128,7 @@ def sample_datasets(
     if variant == "bidirectional" and independent_first_frame:
         raise WorkbenchError("independent_first_frame is a chunk layout of the causal variants")
     try:  # frames that do not fit the chunk layout (models/common/chunks.py)
-        causal_chunks = np.asarray(frame_chunks(num_frames, num_frame_per_block, independent_first_frame))
+        frame_chunks(num_frames, num_frame_per_block, independent_first_frame)
     except ModelInputError as err:
         raise WorkbenchError(str(err)) from None
     if not 0.0 <= noise <= 1.0:
@@ -149,7 +149,6 @@ def sample_datasets(
         phase = ["denoise"] * len(step_t)
         cfg = ["cond", "uncond"] * len(t)
         denoise_index = np.repeat(np.arange(len(t)), 2)
-        chunk = np.zeros(num_frames, dtype=np.int64)
         sampler, family = "bidirectional", model_family or "wan"
         local_attn_size, sink_size = -1, 0
     else:
@@ -158,7 +157,6 @@ def sample_datasets(
         phase = ["denoise"] * len(t) + ["context"]
         cfg = ["none"] * len(step_t)
         denoise_index = np.append(np.arange(len(t)), -1)
-        chunk = causal_chunks
         sampler, family = "causal_few_step", model_family or "self_forcing"
         if variant == "window":
             local_attn_size = 9 if local_attn_size is None else local_attn_size
