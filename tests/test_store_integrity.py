@@ -327,3 +327,45 @@ def test_a_resume_with_other_prompts_under_the_same_ids_is_refused(tmp_path, cap
     assert "p0000-s42 holds 'a red square moving right', this run's 'a blue circle moving up'" in err
     assert cli_main([*run, "--prompt", "a red square moving right", "--prompt", "a blue circle moving up"]) == 0
     assert list(open_store(out).prompt.values) == ["a red square moving right", "a blue circle moving up"]
+
+
+def _rewrite_fingerprint(store: Path, edit) -> None:
+    """Give a store the fingerprint fields `edit` makes of its own (and their fingerprint): a store as another
+    version of the workbench, or another run, would have written it."""
+    import zarr
+
+    group = zarr.open_group(store, mode="r+")
+    fields = json.loads(json.dumps(dict(group.attrs)["fingerprint_fields"]))
+    edit(fields)
+    group.attrs.update(fingerprint_fields=fields, fingerprint=extract_mod.fingerprint_of(fields))
+
+
+def test_a_store_made_before_the_text_encoder_was_recorded_takes_more_samples(tmp_path, capsys):
+    """Stores made before `text_encoder` joined the fingerprint (extract LATER_FIELDS) lack it: a run whose every
+    other setting agrees appends to them (with a note), and they keep their fingerprint; a store that records
+    another text encoder, or an old store with another setting, is refused, naming it."""
+    out = tmp_path / "old.zarr"
+    run = ["extract", "--layer", "0", "--steps", "0", "--frames", "3", "--no-progress", "--out", str(out)]
+    assert cli_main([*run, "--seed", "0"]) == 0
+    _rewrite_fingerprint(out, lambda f: f["model"].pop("text_encoder"))
+    before = xr.open_zarr(out, consolidated=False).load()
+    capsys.readouterr()
+    assert cli_main([*run, "--seed", "0,1"]) == 0
+    text = capsys.readouterr().out
+    assert "made by an older workbench that did not record its text encoder" in text
+    after = xr.open_zarr(out, consolidated=False).load()
+    assert list(after.sample.values) == ["p0000-s0", "p0000-s1"]
+    xr.testing.assert_identical(after.attn_mass.sel(sample=["p0000-s0"]), before.attn_mass)
+    assert after.attrs["fingerprint"] == before.attrs["fingerprint"]  # (the store's own, as made)
+    assert "text_encoder" not in after.attrs["fingerprint_fields"]["model"]
+
+    other = tmp_path / "other.zarr"
+    shutil.copytree(out, other)
+    _rewrite_fingerprint(other, lambda f: f["model"].update(text_encoder="umt5 of another folder"))
+    assert cli_main([*run[:-1], str(other), "--seed", "2"]) == 2
+    assert "model.text_encoder: umt5 of another folder in the store" in capsys.readouterr().err
+    _rewrite_fingerprint(out, lambda f: f["model"].update(dtype="bfloat16"))  # old, and another dtype
+    assert cli_main([*run, "--seed", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "model.dtype: bfloat16 in the store, float32 in this run" in err and "another model" in err
+    assert list(open_store(other).sample.values) == list(open_store(out).sample.values) == ["p0000-s0", "p0000-s1"]

@@ -338,6 +338,11 @@ def fingerprint_of(fields: dict) -> str:
     return f"{h(fields['layout'])}:{h(fields['model'])}"
 
 
+# Settings the fingerprint hashes that stores made before they were recorded lack, in words (StoreWriter `later`:
+# such a store takes this run's entries when every setting it did record agrees)
+LATER_FIELDS = {"model.text_encoder": "its text encoder"}
+
+
 # ------------------------------------------------------------------------------------------------------
 # Running
 
@@ -431,7 +436,8 @@ def open_writer(p: Plan, log=print) -> StoreWriter:
         raise
     fields = fingerprint_fields(p, sha)
     return StoreWriter(cfg.out, fingerprint_of(fields), mode=cfg.mode, lock=lock, log=log, fields=fields,
-                       entry_coords={"checkpoint_sha256": sha}, made_by=p.checkpoint_label + ema_suffix(cfg.use_ema))
+                       entry_coords={"checkpoint_sha256": sha}, made_by=p.checkpoint_label + ema_suffix(cfg.use_ema),
+                       later=LATER_FIELDS)
 
 
 def check_resumed_prompts(writer: StoreWriter, samples, out) -> None:

@@ -191,7 +191,7 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str = "",
     from models.wan.checkpoint import weights_sha256
     from models.wan.folder import present, wan_parts
     from models.wan.text_encoder import check_encoder_files, wan_dir_encoder_identity
-    from workbench.extract import ExtractConfig, fingerprint_of, plan
+    from workbench.extract import ExtractConfig, LATER_FIELDS, fingerprint_of, plan
     from workbench.store import SCHEMA_VERSION, StoreLock, StoreWriter
 
     if world not in ("auto", "on", "off"):
@@ -241,7 +241,7 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str = "",
         if schedule != {key: getattr(ExtractConfig(), key) for key in schedule}:  # (absent at the defaults:
             fields["model"]["schedule"] = schedule  # stores made before the schedule flags still resume)
         writer = StoreWriter(cfg.out, fingerprint_of(fields), mode=cfg.mode, append_dim="intervention", lock=lock,
-                             fields=fields, log=log)
+                             fields=fields, log=log, later=LATER_FIELDS)
     except BaseException:
         lock.release()
         raise

@@ -322,17 +322,20 @@ class StoreWriter:
     Attrs are those of the run that created the store; each later run that appends is listed once in `runs`.
     `fields` (nested dicts of the settings the fingerprint hashes) are stored as `fingerprint_fields`, so that a
     refusal can name the setting that differs; `entry_coords` ({coord: value}) must hold for every kept entry.
+    `later` ({flattened field name: in words}): fields added to the fingerprint after stores were made without
+    them; such a store takes this run's entries when every field it did record equals this run's (its fingerprint
+    may differ: an older workbench hashed them its way) and keeps its own, with a note of what is not checked.
     """
 
     def __init__(self, path: str | Path, fingerprint: str, *, mode: str = "resume", append_dim: str = "sample",
                  completed_attr: str = "completed",
                  hint: str = "pass --overwrite to replace it, or choose another --out",
                  fields: dict | None = None, entry_coords: dict | None = None, lock: StoreLock | None = None,
-                 log=print, made_by: str | None = None):
+                 log=print, made_by: str | None = None, later: dict[str, str] | None = None):
         if mode not in ("resume", "append", "overwrite"):
             raise WorkbenchError(f"unknown store mode {mode!r}; use resume, append or overwrite")
         self.path = Path(path)
-        self.fingerprint, self.fields = fingerprint, fields
+        self.fingerprint, self.fields, self.later = fingerprint, fields, later or {}
         self.made_by = made_by  # this run's weights in words (a refusal names them beside the store's)
         self.append_dim, self.completed_attr, self.hint, self.log = append_dim, completed_attr, hint, log
         self.completed: list = []
@@ -379,6 +382,16 @@ class StoreWriter:
         theirs = f"{np.asarray(group['checkpoint'][:1]).tolist()[0]}{ema_suffix(key == 'ema')}"
         return "" if theirs == self.made_by else f"; the store's samples: {theirs}, this run's: {self.made_by}"
 
+    def _unrecorded(self, stored: dict | None) -> str:
+        """The `later` fields (in words) a store's fingerprint fields lack when all they hold equal this run's; ''
+        when there are none, or when a field differs."""
+        if not stored or self.fields is None:
+            return ""
+        a, b = _flat(_plain(stored)), _flat(_plain(self.fields))
+        lacking = [k for k in self.later if k in b and k not in a]
+        same = a == {k: v for k, v in b.items() if k not in lacking}
+        return ", ".join(self.later[k] for k in lacking) if lacking and same else ""
+
     def _open_existing(self, entry_coords: dict) -> None:
         import zarr
 
@@ -390,7 +403,12 @@ class StoreWriter:
         if attrs.get("schema_version") != SCHEMA_VERSION or self.completed_attr not in attrs:
             raise WorkbenchError(f"{str(self.path)!r} is not a store of schema_version {SCHEMA_VERSION} with "
                                  f"{self.completed_attr!r}; {self.hint}")
-        if attrs.get("fingerprint") != self.fingerprint:
+        unrecorded = self._unrecorded(attrs.get("fingerprint_fields"))
+        if attrs.get("fingerprint") != self.fingerprint and unrecorded:
+            self.log(f"note: {str(self.path)!r} was made by an older workbench that did not record {unrecorded}; "
+                     "every setting it recorded agrees with this run's (the weights among them), so this run's "
+                     "entries join it; that one is not checked")
+        elif attrs.get("fingerprint") != self.fingerprint:
             what = describe_differences(attrs.get("fingerprint_fields"), self.fields)
             if self.append_dim == "sample" and attrs.get("layout_fingerprint") == self.fingerprint.split(":")[0]:
                 what += self._whose(group, attrs)  # (another model: named by its files too)
