@@ -256,6 +256,9 @@ def check_writable_dir(path, *, create: bool = False) -> Path:
     nothing). Without `create` nothing is made: the nearest existing ancestor must be a folder that takes a file.
     ModelInputError naming `path` otherwise."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ModelInputError(f"output folder {str(path)!r} is a file, not a folder; give a folder's path (new or "
+                              "existing)")
     try:
         if create:
             path.mkdir(parents=True, exist_ok=True)

@@ -191,6 +191,8 @@ def read_prompts(path) -> list[str]:
     when a prompt follows: indices then count prompts, where the researchers' inference.py counts lines). A
     missing file, or one with no prompt in it, is a ModelInputError naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelInputError(f"prompt file {path} is a folder; give a text file of one prompt per line")
     if not path.is_file():
         where = "" if path.is_absolute() else f" (a relative path: read from the current folder, {os.getcwd()})"
         raise ModelInputError(f"prompt file not found: {path}{where}")

@@ -106,13 +106,14 @@ def prompt_grid(template: int = 0) -> list[str]:
 def parse_prompt(prompt: str) -> tuple[str, str, str]:
     """(colour, shape, direction) named by a prompt; ValueError unless it names exactly one of each."""
     words = re.findall(r"[a-z]+", prompt.lower())
-    found = []
+    found, wrong = [], []
     for name, vocab in (("colour", COLOURS), ("shape", SHAPES), ("direction", DIRECTIONS)):
         hits = sorted({w for w in words if w in vocab})
+        found.append(hits[0] if hits else None)
         if len(hits) != 1:
-            raise ValueError(f"prompt {prompt!r} names {len(hits)} {name}s {hits}; the world needs exactly one "
-                             f"of {', '.join(vocab)}")
-        found.append(hits[0])
+            wrong.append(f"{len(hits)} {name}s {hits}; the world needs exactly one of {', '.join(vocab)}")
+    if wrong:
+        raise ValueError(f"prompt {prompt!r} names " + "; and ".join(wrong))
     return found[0], found[1], found[2]
 
 

@@ -89,7 +89,12 @@ def writable_output(path) -> Path:
     """The HTML file to write, its folder checked before any work (a clear error if it cannot be written)."""
     from models.files import check_writable_dir
 
+    from workbench.errors import WorkbenchError
+
     path = Path(path)
+    if path.is_dir():
+        raise WorkbenchError(f"--out {str(path)!r} is a folder; give the HTML file to write, e.g. "
+                             f"{str(path / 'report.html')!r}")
     check_writable_dir(path.parent)
     return path
 

@@ -286,11 +286,10 @@ def _videos(page: Page, ds: xr.Dataset, store, top: list[str], samples: int = 2)
 
 # ------------------------------------------------------------------------------------------------------- PNGs
 def write_png(image, path: Path) -> Path:
-    import os
+    """`image` (PIL) as a PNG at `path`, atomically (its folder made if need be)."""
+    from models.files import atomic_write
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    image.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
     return path
 
 

@@ -175,11 +175,17 @@ def build_report(
     `sample`: one sample id (default: the mean over samples); `step`: the step of the overview maps and head grids
     (default: the first captured denoising step: step 0, t = 1000, the researchers' choice, when it was captured)."""
     ds, source = _open(store)
-    step = metrics.default_step(ds) if step is None and "step" in ds.dims else step
     from studies.effects_report import build_effects_report, is_effects_store
 
     if is_effects_store(ds):  # `workbench intervene`'s store: its own page
+        given = [f"--{name}" for name, value in (("layer", layer), ("sample", sample), ("step", step))
+                 if value is not None]
+        if given:
+            raise WorkbenchError(f"{', '.join(given)}: an effects store's report (workbench intervene) shows every "
+                                 "entry's effect over all its samples and frames and takes none of these; they are "
+                                 "for attention stores")
         return build_effects_report(ds if not isinstance(store, (str, Path)) else store, out_html)
+    step = metrics.default_step(ds) if step is None and "step" in ds.dims else step
     if "train_step" in ds.dims:
         return _training_report(ds, source, out_html, layer=layer, sample=sample, step=step,
                                 query_frames=query_frames, thresholds=thresholds)

@@ -92,15 +92,30 @@ CASES = [
      "--spec {tmp}/none.yaml: No such file or directory"),
     (["intervene", "--policy", "fifo:21", "--frames", "9", "--out", "{tmp}/x.zarr"],
      "policy window 21 holds all 9 frames of the rollout: it never evicts or moves a frame, so it changes nothing"),
-    (["extract", "--layer", "3", "--out", "{blocked}/x.zarr"], "output folder '{blocked}' is not writable"),
+    (["extract", "--layer", "3", "--out", "{blocked}/x.zarr"], "output folder '{blocked}' is a file, not a folder"),
     (["generate", "--prompt", "x", "--out", "{blocked}/g"], "output folder '{blocked}/g' is not writable"),
-    (["report", "{store}", "--out", "{blocked}/r.html"], "output folder '{blocked}' is not writable"),
-    (["compare", "{store}", "{store}", "--out", "{blocked}/c.html"], "output folder '{blocked}' is not writable"),
+    (["report", "{store}", "--out", "{blocked}/r.html"], "output folder '{blocked}' is a file, not a folder"),
+    (["compare", "{store}", "{store}", "--out", "{blocked}/c.html"], "output folder '{blocked}' is a file, not a folder"),
     (["export-legacy", "{store}", "--out", "{blocked}/legacy"], "output folder '{blocked}/legacy' is not writable"),
     (["train", "--config", "configs/tiny_dmd.yaml", "--logdir", "{blocked}/log"],
      "output folder '{blocked}/log' is not writable"),
     (["train", "--config", "configs/tiny_ode.yaml", "--logdir", "{tmp}/log", "--make-ode-pairs", "--set",
-      "data_path={blocked}/pairs.pt"], "output folder '{blocked}' is not writable"),
+      "data_path={blocked}/pairs.pt"], "output folder '{blocked}' is a file, not a folder"),
+    (["generate", "--prompt", "x", "--sampler", "causal_multi_step_cfg", "--guidance-scale", "nan", "--out", "{tmp}/g"],
+     "--guidance-scale nan: give a finite number"),
+    (["extract", "--layer", "3", "--sampler", "causal_multi_step_cfg", "--num-inference-steps", "0"],
+     "--num-inference-steps 0: give 1 or more"),
+    (["generate", "--prompt", "x", "--sink-size", "-1", "--out", "{tmp}/g"], "--sink-size -1: give 0 or more frames"),
+    (["train", "--config", "{tmp}/broken.yaml", "--logdir", "{tmp}/log"],
+     "config file '{tmp}/broken.yaml' is not YAML (did not find expected node content, line 2)"),
+    (["generate", "--prompt", "x", "--config", "{tmp}/broken.yaml", "--out", "{tmp}/g"], "is not YAML"),
+    (["train", "--config", "configs/tiny_dmd.yaml", "--logdir", "{tmp}/log", "--set", "lr"],
+     "--set lr: give KEY=VALUE"),
+    (["intervene", "--spec", "{tmp}/spec.yaml", "--out", "{tmp}/x.zarr"],
+     "--spec {tmp}/spec.yaml: interventions: 5; give a list of mappings"),
+    (["view", "{store}", "--port", "99999"], "--port 99999: give a port in 0..65535"),
+    (["report", "{store}", "--out", "{tmp}"], "--out '{tmp}' is a folder; give the HTML file to write"),
+    (["extract", "--layer", "3", "--prompts", "{tmp}"], "prompt file {tmp} is a folder"),
 ]
 
 
@@ -109,6 +124,8 @@ def test_bad_input_is_one_line_before_any_work(argv, message, tmp_path, store, c
     monkeypatch.chdir(REPO)
     blocked = tmp_path / "a_file"
     blocked.write_text("not a folder")
+    (tmp_path / "broken.yaml").write_text("lr: [\n")
+    (tmp_path / "spec.yaml").write_text("interventions: 5\n")
     fill = dict(store=str(store), blocked=str(blocked), tmp=str(tmp_path))
     argv = [a.format(**fill) for a in argv]
     if argv[0] == "extract":

@@ -105,10 +105,15 @@ def test_intervene_writes_an_effects_store_and_resumes(tmp_path, capsys):
     again = xr.open_zarr(out, consolidated=False)
     np.testing.assert_array_equal(again.latent_distance.isel(intervention=slice(0, 3)), ds.latent_distance)
 
-    html_path = tmp_path / "fx.html"
+    html_path = tmp_path / "new" / "fx.html"  # (its folder made, the PNGs' too)
     assert main(["report", str(out), "--out", str(html_path)]) == 0
     text = html_path.read_text()
-    assert "Ranked by effect" in text and "temperature2:L1.H0" in text and (tmp_path / "fx.png").stat().st_size > 0
+    assert "Ranked by effect" in text and "temperature2:L1.H0" in text and html_path.with_suffix(".png").stat().st_size
+    capsys.readouterr()
+    assert main(["report", str(out), "--layer", "9", "--step", "0", "--out", str(tmp_path / "no.html")]) == 2
+    assert "--layer, --step: an effects store's report" in capsys.readouterr().err  # (not silently ignored)
+    assert main(["export-legacy", str(out)]) == 2
+    assert "is an effects store" in capsys.readouterr().err
     rows = re.findall(r"<t[hd]>(ablate-zero:L2.H1|baseline|policy-sink6\+sink3|temperature2:L1.H0)</t[hd]>", text)
     assert rows[-1] in ("baseline", "policy-sink6+sink3")  # ranked: the zero-effect entries last
 

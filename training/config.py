@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from models.errors import ModelInputError
@@ -210,7 +210,10 @@ def load_config(path: str | Path, *, default: str | Path | None = DEFAULT_CONFIG
     layers: list[Any] = [OmegaConf.structured(SelfForcingConfig)]
     if default is not None:
         layers.append(OmegaConf.load(default))
-    layers.append(OmegaConf.load(path))
+    layers.append(_load_yaml(path))
+    bare = [o for o in overrides or [] if "=" not in o]
+    if bare:
+        raise ModelInputError(f"--set {bare[0]}: give KEY=VALUE, e.g. --set lr=2e-6")
     try:
         merged = OmegaConf.merge(*layers)
     except (ConfigKeyError, ValidationError) as err:
@@ -223,6 +226,25 @@ def load_config(path: str | Path, *, default: str | Path | None = DEFAULT_CONFIG
             given = [o for o in overrides if o.split("=", 1)[0] == key]
             raise ModelInputError(f"--set {given[0] if given else key}: {_config_error(err)}") from err
     return merged
+
+
+def _load_yaml(path: Path):
+    """A config file as OmegaConf reads it: a mapping of settings; one line naming the file otherwise."""
+    import yaml
+
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise ModelInputError(f"config file {str(path)!r} is not YAML ({getattr(err, 'problem', None) or err}"
+                              f"{where})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelInputError(f"config file {str(path)!r} cannot be read ({err})") from None
+    if not isinstance(node, DictConfig):
+        raise ModelInputError(f"config file {str(path)!r} holds a list, not a mapping of settings "
+                              "(key: value lines, as configs/self_forcing_dmd.yaml)")
+    return node
 
 
 def flat(node: dict, prefix: str = "") -> dict:

@@ -124,6 +124,9 @@ def apply_schedule(args) -> None:
     if not args.timestep_shift > 0:
         raise WorkbenchError(f"--timestep-shift {args.timestep_shift:g}: give a number > 0 (Wan2.1 and Self "
                              "Forcing: 5)")
+    if args.sink_size < 0:
+        raise WorkbenchError(f"--sink-size {args.sink_size}: give 0 or more frames (the first frames the KV cache "
+                             "keeps when its window evicts the others)")
     if args.sink_size and args.local_attn_size == -1:  # (the researchers' configs may carry one: a warning)
         import warnings
 
@@ -190,8 +193,25 @@ def resolve_model(args) -> None:
     for key, value in SAMPLER_DEFAULTS.items():
         if getattr(args, key, value) is None:
             setattr(args, key, getattr(entry, key) if entry is not None else value)
+    check_sampler_numbers(args)
     if base_wan_as_student and args.sampler == "causal_few_step":
         args.model_note = BASE_WAN_FEW_STEP_NOTE
+
+
+def check_sampler_numbers(args) -> None:
+    """--guidance-scale finite (NaN ran a whole rollout of NaN) and --num-inference-steps at least 1, before any
+    work."""
+    import math
+
+    from workbench.errors import WorkbenchError
+
+    scale, steps = getattr(args, "guidance_scale", None), getattr(args, "num_inference_steps", None)
+    if scale is not None and not math.isfinite(scale):
+        raise WorkbenchError(f"--guidance-scale {scale}: give a finite number (classifier-free guidance's scale for "
+                             "the CFG samplers; Wan2.1: 5, 1 = the prompt alone)")
+    if steps is not None and steps < 1:
+        raise WorkbenchError(f"--num-inference-steps {steps}: give 1 or more (the multi-step samplers' denoising "
+                             "steps; Wan2.1: 50)")
 
 
 def model_label(args) -> str:

@@ -198,11 +198,12 @@ def select_prompts(args) -> list[str]:
     picked = []
     for what, text, vocab in (("colour", args.colours, world.COLOURS), ("shape", args.shapes, world.SHAPES),
                               ("direction", args.directions, world.DIRECTIONS)):
-        words = [w.strip() for w in text.split(",") if w.strip()] if text else list(vocab)
+        words = [w.strip() for w in text.split(",") if w.strip()] if text is not None else list(vocab)
         bad = [w for w in words if w not in vocab]
-        if bad or not words:
-            raise WorkbenchError(f"--{what}s {text!r}: unknown {what} {bad[0] if bad else '(none)'!r}; the world "
-                                 f"knows {', '.join(vocab)}")
+        if not words:
+            raise WorkbenchError(f"--{what}s {text!r}: give at least one of {', '.join(vocab)} (comma-separated)")
+        if bad:
+            raise WorkbenchError(f"--{what}s {text!r}: unknown {what} {bad[0]!r}; the world knows {', '.join(vocab)}")
         picked.append(words)
     return [world.prompt_for(c, s, d) for c in picked[0] for s in picked[1] for d in picked[2]]
 

@@ -111,9 +111,16 @@ def entries_from_args(args, num_layers: int, num_heads: int, **rollout):
         if not isinstance(spec, dict) or set(spec) - {"interventions", "sweep"}:
             raise WorkbenchError(f"--spec {args.spec}: a mapping with interventions: (a list) and/or sweep: "
                                  "{layers, mode}")
-        raw += list(spec.get("interventions") or [])
+        listed = spec.get("interventions") or []
+        if not isinstance(listed, list) or not all(isinstance(d, dict) for d in listed):
+            raise WorkbenchError(f"--spec {args.spec}: interventions: {listed!r}; give a list of mappings, each with "
+                                 "a kind, e.g. interventions: [{kind: ablate, layers: 3, heads: 0}] (see --help)")
+        raw += listed
         if spec.get("sweep"):
             sw = spec["sweep"]
+            if not isinstance(sw, dict):
+                raise WorkbenchError(f"--spec {args.spec}: sweep: {sw!r}; give a mapping, e.g. sweep: {{layers: "
+                                     "all, mode: zero}")
             layers = parse_int_list(str(sw.get("layers", "all")), what="layer", upper=num_layers)
             raw += sweep_entries(layers if layers is not None else list(range(num_layers)), num_heads,
                                  sw.get("mode", "zero"))

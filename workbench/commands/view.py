@@ -52,13 +52,15 @@ def run(args) -> int:
     from workbench.view.sources import open_source
     from workbench.view.stream import MANIFEST
 
+    if not 0 <= args.port <= 65535:
+        raise WorkbenchError(f"--port {args.port}: give a port in 0..65535 (0: any free one)")
     path = Path(args.path)
     ready = lambda: (path / MANIFEST).is_file() or (path / "zarr.json").is_file()  # noqa: E731
     waiting = args.wait and not ready()
     source = None if waiting else open_source(args.path, video=args.video, sample=args.sample)
     try:  # bound before any wait, so that the page answers (and says it waits) from the start
         server = ViewerServer(source, args.host, args.port, waiting_for=str(path / MANIFEST))
-    except OSError as err:
+    except (OSError, OverflowError) as err:
         raise WorkbenchError(f"cannot serve on {args.host}:{args.port} ({err.strerror or err}); "
                              "choose another --port (0: any free one)") from None
     thread = threading.Thread(target=server.serve_forever, name="workbench-view", daemon=True)

@@ -68,7 +68,9 @@ def read_video(path: Path, expected: int) -> tuple[np.ndarray, float]:
         frames = iio.imread(path)
         fps = float(iio.immeta(path).get("fps") or 16)
     except Exception as err:
-        raise WorkbenchError(f"cannot read video {str(path)!r}: {err}") from err
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise WorkbenchError(f"cannot read video {str(path)!r} (not a video file imageio can decode: {why[:120]}); "
+                             "give the mp4 `workbench generate` wrote for this store's sample") from None
     if frames.ndim == 3:  # greyscale
         frames = np.repeat(frames[..., None], 3, axis=-1)
     frames = frames[..., :3]
