@@ -455,6 +455,9 @@ def test_the_api_reads_a_researchers_values_or_names_the_bad_one():
                                        stats="attn_mass", num_frames=6))
     assert p.cfg.prompts == ["a red square moving right"] and p.cfg.seeds == [7] and p.cfg.stats == ["attn_mass"]
     assert p.spec.layers == (1, 3) and p.spec.heads == (0, 2)
+    every = dict(stats=["attn_mass", "attn_key_token"], num_frames=6, token_layers=None)  # (--token-layers all)
+    assert extract_mod.plan(ExtractConfig(layers=[1, 3], **every)).spec.token_layers == (1, 3)
+    assert extract_mod.plan(ExtractConfig(**every)).spec.token_layers == tuple(range(6))
     for kw, message in [(dict(layers="3"), "layers '3': give a list of ints"),
                         (dict(layers=[True]), r"layers \[True\]: \[True\] is not an int"),
                         (dict(seeds=[]), r"seeds \[\]: give one or more ints"),

@@ -63,7 +63,7 @@ class ExtractConfig:
     heads: list[int] | None = None  # None: every head
     steps: list[int] | None = None  # None: every step of the schedule
     stats: list[str] = field(default_factory=lambda: list(DEFAULT_STATS))
-    token_layers: list[int] = field(default_factory=list)
+    token_layers: list[int] | None = field(default_factory=list)  # None: every captured layer
     prompts: list[str] | None = None  # None: default_prompts(wan_dir), set at construction
     seeds: list[int] = field(default_factory=lambda: [42])
     num_frames: int = 21
@@ -231,7 +231,7 @@ def _check_request(cfg: ExtractConfig) -> ExtractConfig:
     return dataclasses.replace(
         cfg, prompts=list(prompts), stats=stats, seeds=list(dict.fromkeys(int(s) for s in seeds)),
         layers=_int_list(cfg.layers, "layer"), heads=_int_list(cfg.heads, "head"), steps=_int_list(cfg.steps, "step"),
-        token_layers=_int_list(cfg.token_layers, "token layer") or [],
+        token_layers=_int_list(cfg.token_layers, "token layer"),
         num_frames=positive_int(cfg.num_frames, "num_frames"),
         num_frame_per_block=positive_int(cfg.num_frame_per_block, "num_frame_per_block"),
         batch_size=positive_int(cfg.batch_size, "batch_size"))
@@ -285,7 +285,8 @@ def plan(cfg: ExtractConfig) -> Plan:
     bad = sorted(set(steps) - {s.step for s in schedule})
     if bad:
         raise WorkbenchError(f"step {bad} out of range: the {cfg.sampler} schedule has steps 0-{len(schedule) - 1}")
-    spec = CaptureSpec(tuple(layers), tuple(heads), tuple(sorted(steps)), tuple(cfg.stats), tuple(cfg.token_layers))
+    token_layers = layers if cfg.token_layers is None else cfg.token_layers
+    spec = CaptureSpec(tuple(layers), tuple(heads), tuple(sorted(steps)), tuple(cfg.stats), tuple(token_layers))
     family = "self_forcing" if cfg.checkpoint else "wan"
     # the weights by a name that means the same on every machine: a zoo model by its name, else the path as given
     weights = Path(cfg.checkpoint) if cfg.checkpoint else wan_weights_file(wan_dir)  # (or its shard index)

@@ -157,7 +157,7 @@ def get(name: str) -> Statistic:
 
 def check_stats(stats, token_layers=(), layers=None) -> tuple[str, ...]:
     """The statistics of a request, checked before any work: known, not none, and `--token-layers` (a subset of
-    the captured `layers`, when given) exactly when a token-layer statistic is asked for."""
+    the captured `layers`, when given; None: every captured layer) when a token-layer statistic is asked for."""
     stats = tuple(stats)
     unknown = [s for s in stats if s not in STATISTICS]
     if unknown:
@@ -165,9 +165,9 @@ def check_stats(stats, token_layers=(), layers=None) -> tuple[str, ...]:
     if not stats:
         raise WorkbenchError(f"no statistic to capture; choose from {list(STATISTICS)}")
     for name in stats:
-        if STATISTICS[name].layer_dim == "token_layer" and not token_layers:
+        if STATISTICS[name].layer_dim == "token_layer" and token_layers is not None and not token_layers:
             raise WorkbenchError(f"{name} needs --token-layers (which layers get per-key-token maps)")
-    if layers is not None:
+    if layers is not None and token_layers is not None:
         stray = sorted(set(token_layers) - set(layers))
         if stray:
             raise WorkbenchError(f"token layers {stray} are not among the captured layers {list(layers)}")

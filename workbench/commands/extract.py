@@ -42,7 +42,8 @@ def register(subparsers) -> None:
     what.add_argument("--heads", help="heads: 0-11, 0,5 or all (default: all)")
     what.add_argument("--steps", help="steps of the per-chunk schedule, e.g. 0 (t=1000) or 0-4 (default: all)")
     what.add_argument("--stats", default=",".join(DEFAULT_STATS), help=stats_help())
-    what.add_argument("--token-layers", help="layers that also get per-key-token maps (attn_key_token)")
+    what.add_argument("--token-layers", help="layers that also get per-key-token maps (attn_key_token): e.g. 3, "
+                                             "0,3 or all (every captured layer)")
     what.add_argument("--capture-mode", default="auto", choices=["auto", "exact", "indicator", "fused"],
                       help="how attn_mass is computed; every mode leaves the rollout bitwise unchanged: exact "
                            "(log-sum-exp + a recompute pass, float32), indicator (cuDNN kernels: one attention "
@@ -110,7 +111,7 @@ def run(args) -> int:
         heads=parse_int_list(args.heads, what="head"),
         steps=parse_int_list(args.steps, what="step"),
         stats=[s.strip() for s in args.stats.split(",") if s.strip()],
-        token_layers=parse_int_list(args.token_layers, what="layer") or [],
+        token_layers=parse_int_list(args.token_layers, what="layer") if args.token_layers else [],  # all: None
         seeds=parse_int_list(args.seed, what="seed", all_ok=False),
         num_frames=latent_frames(args), independent_first_frame=args.independent_first_frame or bool(args.image),
         image=args.image, height=args.height, width=args.width, sampler=args.sampler, **schedule_settings(args),
