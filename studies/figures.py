@@ -387,7 +387,7 @@ def cross_tokens(
     rows, cols = _grid(len(head_list), max(1, min(cols, 1040 // panel)))
     if per_head is False or (per_head is None and rows > 3):
         return _cross_token_map(z.mean(1), x, head_list, n, ds, layer, step, keys, who)
-    scale = _colour("cross_mass", z[..., :n])
+    scale, note = _token_scale(z, n)
     height = 260 * rows + 160  # (a row: the heatmap and its head's rotated token labels)
     fig, cols = _head_subplots(head_list, cols, [f"head {h}" for h in head_list],
                                vertical_spacing=min(0.3, 95 / height))
@@ -398,37 +398,46 @@ def cross_tokens(
                                                + str(h) + "</extra>"), row=i // cols + 1, col=i % cols + 1)
     _label_axes(fig, rows, cols, "prompt token", "query frame")
     fig.update_xaxes(type="category", tickangle=-60, showticklabels=True)  # (each head's tokens named under it)
-    note = _padding_note(z, n, scale)
     fig.update_layout(
         title=f"cross_mass · layer {layer} · {metrics.step_label(ds, step)} · {keys}<br><sub>{who}</sub>{note}",
         coloraxis=dict(**scale, colorbar=dict(title=ds["cross_mass"].attrs.get("units", ""))),
-        height=height, width=min(1200, max(700, panel * cols + 160)), margin=dict(t=150 if note else 120),
+        height=height, width=min(1200, max(700, panel * cols + 160)), margin=dict(t=130 + 34 * note.count("<sub>")),
     )
     return fig
 
 
-def _padding_note(z: np.ndarray, n: int, scale: dict) -> str:
-    """The colour scale is the tokens' own (z[..., :n]): the summed padding, often most of the mass, would flatten
-    them; a subtitle says so when the padding column goes past it."""
-    return "<br><sub>the colour scale is the tokens'; the padding column (summed) saturates above it</sub>" \
-        if z.shape[-1] > n and np.nanmax(z[..., n:], initial=0) > scale["cmax"] else ""
+def _token_scale(z: np.ndarray, n: int) -> tuple[dict, str]:
+    """The colour scale of cross_tokens and what its subtitle says of it: the tokens' own (z[..., :n]; the summed
+    padding, often most of the mass, would flatten them), ending at their 99th percentile when a few cells stand
+    far above it (one cell of 0.9 left every other head dark), so that the rest keep their contrast."""
+    scale = _colour("cross_mass", z[..., :n])
+    cells = z[..., :n][np.isfinite(z[..., :n])]
+    notes = []
+    if cells.size:
+        top, p99 = float(cells.max()), float(np.percentile(cells, 99))
+        if p99 > 0 and top > 1.5 * p99:
+            scale["cmax"] = p99
+            notes.append(f"the colour scale ends at the tokens' 99th percentile ({p99:.3g}); "
+                         f"{int((cells > p99).sum())} cells above it, up to {top:.3g}, saturate")
+    if z.shape[-1] > n and np.nanmax(z[..., n:], initial=0) > scale["cmax"]:
+        notes.append("the colour scale is the tokens'; the padding column (summed) saturates above it")
+    return scale, "".join(f"<br><sub>{text}</sub>" for text in notes)
 
 
 def _cross_token_map(z: np.ndarray, x: list[str], head_list: list[int], n: int, ds: xr.Dataset, layer: int,
                      step: int, keys: str, who: str) -> go.Figure:
     """cross_tokens' one-panel form: z [head, token column], the mean over query frames; a row per head."""
-    scale = _colour("cross_mass", z[:, :n])
+    scale, note = _token_scale(z, n)
     fig = go.Figure(go.Heatmap(z=_round(z), x=x, y=[f"head {h}" for h in head_list], coloraxis="coloraxis",
                                hovertemplate="%{y}<br>token %{x}<br>mass %{z:.4g}<extra></extra>"))
     fig.update_xaxes(type="category", tickangle=-60, title_text="prompt token")
     fig.update_yaxes(type="category", autorange="reversed")
-    note = _padding_note(z, n, scale)
     fig.update_layout(
         title=f"cross_mass · layer {layer} · {metrics.step_label(ds, step)} · {keys}, mean over query frames"
               f"<br><sub>{who}</sub>{note}",
         coloraxis=dict(**scale, colorbar=dict(title=ds["cross_mass"].attrs.get("units", ""))),
         height=max(380, 22 * len(head_list) + 300), width=min(1200, max(700, 12 * len(x) + 260)),
-        margin=dict(t=150 if note else 120),
+        margin=dict(t=130 + 34 * note.count("<sub>")),
     )
     return fig
 

@@ -248,6 +248,23 @@ def test_cross_tokens_of_many_heads_is_one_head_by_token_map(ds, tokens_store):
     assert len(figures.cross_tokens(tokens_store, 3, step=0).data) == 4
 
 
+def test_a_few_outlying_token_cells_do_not_set_the_colour_scale(ds):
+    """One cell far above the rest (a head's query frame 0 on one token) saturates instead of darkening every other
+    cell; the subtitle says where the scale ends and how many cells lie above it."""
+    plain = figures.cross_tokens(ds, 3, step=0, per_head=True)
+    n = int(ds.num_tokens[0])
+    spiked = ds.copy(deep=True)
+    spiked["cross_mass"].loc[dict(layer=3, step=0, head=1, query_frame=0, text_token=0)] = 0.9  # (every sample)
+    fig = figures.cross_tokens(spiked, 3, step=0, per_head=True)
+    cells = np.concatenate([np.array(t.z, dtype=float)[:, :n].ravel() for t in fig.data])
+    assert fig.layout.coloraxis.cmax == pytest.approx(np.percentile(cells, 99), rel=1e-5)
+    assert fig.layout.coloraxis.cmax < 0.9 / 1.5
+    assert "the colour scale ends at the tokens' 99th percentile" in fig.layout.title.text and "up to 0.9" in \
+        fig.layout.title.text
+    assert plain.layout.coloraxis.cmax == pytest.approx(cells[cells < 0.5].max(), rel=1e-5)
+    assert "99th percentile" not in plain.layout.title.text
+
+
 def test_key_token_maps_sum_to_the_key_frames_mass(tokens_store):
     ds = tokens_store
     fig = figures.key_token_maps(ds, 3, query_frame=5, step=0, head=1)
