@@ -577,7 +577,7 @@ def layer_head_map(da: xr.DataArray, *, title: str | None = None, colorscale: st
     fig = go.Figure(go.Heatmap(
         z=_round(da.values), x=[str(int(h)) for h in da["head"].values], y=[str(int(x)) for x in da.layer.values],
         colorscale=colorscale or "Viridis", zmin=zmin, zmax=zmax, colorbar=dict(title=f"{units}"),
-        texttemplate="%{z:.2f}" if text else None,
+        texttemplate="%{z:.3f}" if text else None,  # (3 places: 0.846 is not the 0.85 of a threshold)
         hovertemplate="layer %{y}<br>head %{x}<br>%{z:.4g}<extra></extra>",
     ))
     fig.update_xaxes(title_text="head", type="category")
@@ -634,7 +634,7 @@ def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = (
             for letter, name in zip("AB", names)]  # panel titles; the colour bars say only A, B and B - A
     fig = make_subplots(rows=3, cols=1, subplot_titles=[tags[0], tags[1], "B - A"], vertical_spacing=0.12)
     for row, (z, axis) in enumerate([(a, "coloraxis"), (b, "coloraxis"), (diff, "coloraxis2")], start=1):
-        fig.add_trace(go.Heatmap(z=_round(z.values), x=x, y=y, coloraxis=axis, texttemplate="%{z:.2f}",
+        fig.add_trace(go.Heatmap(z=_round(z.values), x=x, y=y, coloraxis=axis, texttemplate="%{z:.3f}",
                                  hovertemplate="layer %{y}<br>head %{x}<br>%{z:.4g}<extra></extra>"), row=row, col=1)
         fig.update_xaxes(title_text="head" if row == 3 else None, type="category", row=row, col=1)
         fig.update_yaxes(title_text="layer", type="category", row=row, col=1)
