@@ -121,8 +121,8 @@ def _render(head: list[str], rows: list[list[str]], markdown: bool) -> str:
 # ------------------------------------------------------------------------------------------------ compare
 def compare_models(videos: pd.DataFrame, a: str, b: str) -> tuple[pd.DataFrame, list[str]]:
     """Model b against model a, paired by (latent_frames, prompt, seed): per length and metric the means of a and
-    b, b - a, and the share of pairs where b is better (ties count half; metrics without a better direction get
-    none). Also one sentence per length on drift: which model's trajectory error grows less from the first to the
+    b, b - a and the share of pairs where b is better (columns named by the models: "sf - df", "sf better (share of
+    pairs)"; ties count half; metrics without a better direction get none). Also one sentence per length on drift: which model's trajectory error grows less from the first to the
     last quarter of the video (the Self-Forcing claim: less error accumulated over a long rollout)."""
     have = list(dict.fromkeys(videos["model"]))
     for name in (a, b):
@@ -144,8 +144,8 @@ def compare_models(videos: pd.DataFrame, a: str, b: str) -> tuple[pd.DataFrame, 
             rows.append({"latent_frames": frames, "metric": col, "label": label,
                          a: np.nanmean(va) * scale if np.isfinite(va).any() else np.nan,
                          b: np.nanmean(vb) * scale if np.isfinite(vb).any() else np.nan,
-                         "b - a": np.nanmean(vb[ok] - va[ok]) * scale if ok.any() else np.nan,
-                         "b better (share of pairs)": wins, "pairs": int(ok.sum())})
+                         f"{b} - {a}": np.nanmean(vb[ok] - va[ok]) * scale if ok.any() else np.nan,
+                         f"{b} better (share of pairs)": wins, "pairs": int(ok.sum())})
         da, db = p["trajectory_drift_a"].to_numpy(float), p["trajectory_drift_b"].to_numpy(float)
         ok = np.isfinite(da) & np.isfinite(db)
         if ok.any():
@@ -168,6 +168,25 @@ def compare_models(videos: pd.DataFrame, a: str, b: str) -> tuple[pd.DataFrame, 
         else:
             lines.append(f"{frames} latent frames: no paired video with a trajectory in both models")
     return pd.DataFrame(rows), lines
+
+
+def comparison_text(rows: pd.DataFrame, a: str, b: str, markdown: bool = False) -> str:
+    """compare_models' table as console text (or markdown), a block per length, each number in its metric's
+    format (TABLE); the share of pairs as a percentage."""
+    formats = {col: (fmt, scale) for col, _, scale, fmt, _ in TABLE}
+    blocks = []
+    for frames, part in rows.groupby("latent_frames", sort=True):
+        body = []
+        for _, r in part.iterrows():
+            fmt, _ = formats.get(r["metric"], ("{:.3g}", 1))
+            num = lambda v, f=fmt: "-" if not np.isfinite(v) else f.format(v)  # noqa: E731
+            share = r[f"{b} better (share of pairs)"]
+            signed = fmt if "+" in fmt else fmt.replace("{:", "{:+")  # (a difference shows its sign)
+            body.append([r["label"], num(r[a]), num(r[b]), num(r[f"{b} - {a}"], signed),
+                         "-" if not np.isfinite(share) else f"{share:.0%}", str(r["pairs"])])
+        blocks.append(_render([f"{frames} latent frames", a, b, f"{b} - {a}", f"{b} better", "pairs"], body,
+                              markdown))
+    return "\n\n".join(blocks)
 
 
 def sign_test(wins: int, losses: int) -> float:
@@ -227,7 +246,8 @@ def write_results(out_dir, results, *, title: str, notes: list[str] | None = Non
     compared = compare_models(videos, *compare) if compare else None
     md = [f"# {title}", "", *(notes or []), "", table_text(summ, markdown=True)]
     if compared:
-        md += ["", f"## {compare[1]} vs {compare[0]}", "", *[f"- {line}" for line in compared[1]]]
+        md += ["", f"## {compare[1]} vs {compare[0]}", "", *[f"- {line}" for line in compared[1]], "",
+               comparison_text(compared[0], *compare, markdown=True)]
     page = Page(title)
     for note in notes or []:
         page.p(html.escape(note))

@@ -74,7 +74,9 @@ def test_evaluate_long_rollout_and_two_models(tmp_path, capsys):
     curves = pd.read_csv(out / "curves.csv")
     assert len(curves) == 2 * (1 + 4 * 23)
     assert (out / "videos" / "a" / "f24" / "p0000-s3.mp4").stat().st_size > 0
-    assert "## b vs a" in (out / "summary.md").read_text()
+    md = (out / "summary.md").read_text()
+    assert "## b vs a" in md and "| 24 latent frames | a | b | b - a | b better | pairs |" in md  # (as the HTML's)
+    assert "| trajectory error vs the named motion (px, RMS) |" in md.split("## b vs a")[1]
 
 
 SCORE_VIDEO = wm.score_video
@@ -210,10 +212,13 @@ def test_compare_models_finds_who_accumulates_less_error():
                                                                                         [1, 1, 1, 1]))
     rows, lines = wr.compare_models(videos, "df", "sf")
     drift = rows[rows.metric == "trajectory_drift"].iloc[0]
-    assert drift["df"] == 4.0 and drift["sf"] == 1.75 and drift["b - a"] == -2.25
-    assert drift["b better (share of pairs)"] == 0.75 and drift["pairs"] == 4
+    assert drift["df"] == 4.0 and drift["sf"] == 1.75 and drift["sf - df"] == -2.25
+    assert drift["sf better (share of pairs)"] == 0.75 and drift["pairs"] == 4
     adherent = rows[rows.metric == "adherent"].iloc[0]
-    assert adherent["df"] == 75 and adherent["sf"] == 100 and adherent["b better (share of pairs)"] == 0.625
+    assert adherent["df"] == 75 and adherent["sf"] == 100 and adherent["sf better (share of pairs)"] == 0.625
+    text = wr.comparison_text(rows, "df", "sf", markdown=True).splitlines()
+    assert text[0] == "| 84 latent frames | df | sf | sf - df | sf better | pairs |"
+    assert "| adherent: colour, shape and direction right (%) | 75 | 100 | +25 | 62% | 4 |" in text
     assert lines == ["84 latent frames: the trajectory error changes by +4.00 px (df) and +1.75 px (sf) from the first "
                      "to the last quarter of the video: sf accumulates less error on average, less in 3 of 4 paired "
                      "videos (two-sided sign test p = 0.62: not significant at the 5% level, more prompts or seeds "

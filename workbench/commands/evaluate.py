@@ -344,9 +344,11 @@ def _run(args, out, choices, plans, skipped, prompts, seeds, compare, device, dt
     videos = world_report.videos_frame(results)
     print(world_report.table_text(world_report.summary(videos)))
     if compare:
+        rows, lines = world_report.compare_models(videos, *compare)
         print(f"\n{compare[1]} vs {compare[0]}:")
-        for line in world_report.compare_models(videos, *compare)[1]:
+        for line in lines:
             print(f"  {line}")
+        print("\n" + world_report.comparison_text(rows, *compare))
     for line in skipped:
         print(f"note: {line}")
     print(f"\nwrote {', '.join(p.name for p in paths.values())} to {out}")
