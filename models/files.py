@@ -362,17 +362,24 @@ def atomic_write_text(path, text: str) -> None:
 
 
 def atomic_torch_save(obj, path) -> None:
-    """torch.save, atomically (checkpoints, caches). A write that fails on a full disk (torch reports it as a
-    RuntimeError of its zip writer) is an OSError ENOSPC naming the file."""
-    import errno
-    import shutil
-
+    """torch.save, atomically (checkpoints, legacy files, caches), through a Python file: so the archive's records
+    are named archive/... whatever the temporary file is called (the same values give the same bytes; a path gave
+    each save the temporary name's records), and a write that fails (a full disk, a file size limit) is the
+    OSError that stopped it, naming `path`, where torch's zip writer reports a RuntimeError of its own."""
     import torch
 
+    def save(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
     try:
-        atomic_write(path, lambda tmp: torch.save(obj, tmp))
+        atomic_write(path, save)
     except RuntimeError as e:
-        free = shutil.disk_usage(Path(path).parent).free
-        if free < 256 * 2**20:  # (what is left is too little for the rest of a checkpoint)
-            raise OSError(errno.ENOSPC, f"No space left on device writing {path} ({free} bytes free)") from e
+        cause = e.__context__
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from e
+        raise
+    except OSError as e:  # (the last buffered write, when the file closes)
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise

@@ -75,9 +75,40 @@ def write_mp4(video, path, fps: int = 16, quality: int = 8) -> Path:
                 writer.append_data(frame)
         finally:
             writer.close()
+        if not mp4_complete(tmp):  # (ffmpeg that could not write its index, e.g. on a full disk: imageio says nothing)
+            import errno
+            import shutil
+
+            full = shutil.disk_usage(path.parent).free < 64 * 2**20
+            raise OSError(errno.ENOSPC if full else errno.EIO, "ffmpeg could not finish the mp4 (no index at its "
+                          "end)" if not full else "No space left on device (ffmpeg could not finish the mp4)", str(path))
 
     atomic_write(path, write)
     return path
+
+
+def mp4_complete(path) -> bool:
+    """Whether an mp4's top-level boxes fill the file exactly and hold its media ('mdat') and its index ('moov',
+    which ffmpeg writes last): a file whose writing stopped part way fails this."""
+    import os
+
+    size, pos, kinds = os.path.getsize(path), 0, set()
+    with open(path, "rb") as f:
+        while pos < size:
+            f.seek(pos)
+            head = f.read(16)
+            if len(head) < 8:
+                return False
+            n, kind = int.from_bytes(head[:4], "big"), head[4:8]
+            if n == 1:  # (a 64-bit size follows the type)
+                n = int.from_bytes(head[8:16], "big") if len(head) == 16 else 0
+            elif n == 0:  # (the box runs to the end of the file)
+                n = size - pos
+            if n < 8:
+                return False
+            kinds.add(kind)
+            pos += n
+    return pos == size and {b"moov", b"mdat"} <= kinds
 
 
 def write_png_grid(video, path, ncols: int = 8, frames: list[int] | None = None, pad: int = 2,
@@ -197,7 +228,7 @@ def read_prompts(path) -> list[str]:
         where = "" if path.is_absolute() else f" (a relative path: read from the current folder, {os.getcwd()})"
         raise ModelInputError(f"prompt file not found: {path}{where}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # (a byte order mark, as Windows editors write, is no text)
     except UnicodeDecodeError as e:
         raise ModelInputError(f"prompt file {path} is not UTF-8 text: {e}") from e
     lines = [line.strip() for line in text.splitlines()]

@@ -340,13 +340,20 @@ def _prompt_samples(ds: xr.Dataset, sample: str | None) -> tuple[list[str], str]
     prompt = str(ds["prompt"].values[0])
     ids = [str(s) for s, p in zip(ds.sample.values, ds["prompt"].values) if str(p) == prompt]
     short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
-    return ids, f"mean over {len(ids)} sample(s) of the prompt {short!r}"
+    return ids, f"mean over {len(ids)} sample(s) of the prompt {_text(repr(short))}"
+
+
+def _text(text: str) -> str:
+    """Text for a plotly title or label as written: plotly reads <b>, <br>, &amp; ... as markup, so escape them."""
+    import html
+
+    return html.escape(text, quote=False)
 
 
 def _piece(token: str) -> str:
     """A sentencepiece token as text for a tick label: its word-start mark as nothing ('\u2581red' -> 'red'), '<' and
     '>' escaped (plotly reads labels as HTML: '</s>' vanished)."""
-    return (token.replace("\u2581", " ").strip() or token).replace("<", "&lt;").replace(">", "&gt;")
+    return _text(token.replace("\u2581", " ").strip() or token)
 
 
 def cross_tokens(
@@ -383,25 +390,28 @@ def cross_tokens(
     x = [f"{i} {_piece(str(t))}" for i, t in enumerate(sub[token].values[0][:n])] + ["padding"] * padding
     head_list = [int(h) for h in mass["head"].values]
     keys = "the negative prompt's tokens" if uncond else "the prompt's tokens"
-    panel = 60 + 12 * len(x)  # px per head: 12 a token column
+    panel = 60 + 14 * len(x)  # px per head: 14 a token column (every token named, in 10 px type)
     rows, cols = _grid(len(head_list), max(1, min(cols, 1040 // panel)))
     if per_head is False or (per_head is None and rows > 3):
         return _cross_token_map(z.mean(1), x, head_list, n, ds, layer, step, keys, who)
     scale, note = _token_scale(z, n)
-    height = 260 * rows + 160  # (a row: the heatmap and its head's rotated token labels)
-    fig, cols = _head_subplots(head_list, cols, [f"head {h}" for h in head_list],
-                               vertical_spacing=min(0.3, 95 / height))
+    # under each row its rotated token labels (6 px a character at -60 degrees), then the next row's title
+    gap = int(6 * max(len(s) for s in x) * 0.87) + 50
+    top, area = 130 + 34 * note.count("<sub>"), 200 * rows + gap * (rows - 1)
+    fig, cols = _head_subplots(head_list, cols, [f"head {h}" for h in head_list], vertical_spacing=gap / area)
     for i, h in enumerate(head_list):
         fig.add_trace(go.Heatmap(z=_round(z[i]), x=x, y=[int(q) for q in mass.query_frame.values],
                                  coloraxis="coloraxis", name=f"head {h}",
                                  hovertemplate="query frame %{y}<br>token %{x}<br>mass %{z:.4g}<extra>head "
                                                + str(h) + "</extra>"), row=i // cols + 1, col=i % cols + 1)
     _label_axes(fig, rows, cols, "prompt token", "query frame")
-    fig.update_xaxes(type="category", tickangle=-60, showticklabels=True)  # (each head's tokens named under it)
+    fig.update_xaxes(type="category", tickangle=-60, showticklabels=True, dtick=1,  # (each head's tokens, all of
+                     tickfont=dict(size=10))  # them, named under it)
     fig.update_layout(
         title=f"cross_mass · layer {layer} · {metrics.step_label(ds, step)} · {keys}<br><sub>{who}</sub>{note}",
         coloraxis=dict(**scale, colorbar=dict(title=ds["cross_mass"].attrs.get("units", ""))),
-        height=height, width=min(1200, max(700, panel * cols + 160)), margin=dict(t=130 + 34 * note.count("<sub>")),
+        height=top + area + gap + 30, width=min(1200, max(700, panel * cols + 160)),
+        margin=dict(t=top, b=gap + 30),
     )
     return fig
 
@@ -430,14 +440,19 @@ def _cross_token_map(z: np.ndarray, x: list[str], head_list: list[int], n: int, 
     scale, note = _token_scale(z, n)
     fig = go.Figure(go.Heatmap(z=_round(z), x=x, y=[f"head {h}" for h in head_list], coloraxis="coloraxis",
                                hovertemplate="%{y}<br>token %{x}<br>mass %{z:.4g}<extra></extra>"))
-    fig.update_xaxes(type="category", tickangle=-60, title_text="prompt token")
+    width = min(1200, max(700, 14 * len(x) + 260))
+    every = max(1, math.ceil(14 * len(x) / (width - 260)))  # (a name every 14 px at most: they overlap closer)
+    fig.update_xaxes(type="category", tickangle=-60, title_text="prompt token", dtick=every, tickfont=dict(size=10))
     fig.update_yaxes(type="category", autorange="reversed")
+    title = wrap_title(f"cross_mass · layer {layer} · {metrics.step_label(ds, step)} · {keys}, mean over query "
+                       "frames", width)
+    top = 110 + 22 * title.count("<br>") + 34 * note.count("<sub>")
+    labels = int(6 * max(len(s) for s in x) * 0.87) + 50  # (the rotated names and the axis title under them)
     fig.update_layout(
-        title=f"cross_mass · layer {layer} · {metrics.step_label(ds, step)} · {keys}, mean over query frames"
-              f"<br><sub>{who}</sub>{note}",
+        title=f"{title}<br><sub>{who}</sub>{note}" + (f"<br><sub>one token in {every} named (hover for each)</sub>" if every > 1
+                                                     else ""),
         coloraxis=dict(**scale, colorbar=dict(title=ds["cross_mass"].attrs.get("units", ""))),
-        height=max(380, 22 * len(head_list) + 300), width=min(1200, max(700, 12 * len(x) + 260)),
-        margin=dict(t=130 + 34 * note.count("<sub>")),
+        height=top + 22 * len(head_list) + 60 + labels, width=width, margin=dict(t=top + 34 * (every > 1), b=labels),
     )
     return fig
 

@@ -110,7 +110,8 @@ def table_text(summ: pd.DataFrame, markdown: bool = False) -> str:
 
 
 def _render(head: list[str], rows: list[list[str]], markdown: bool) -> str:
-    if markdown:
+    if markdown:  # (a | in a cell would start another column)
+        head, rows = [c.replace("|", "\\|") for c in head], [[c.replace("|", "\\|") for c in r] for r in rows]
         lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
@@ -119,6 +120,9 @@ def _render(head: list[str], rows: list[list[str]], markdown: bool) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ compare
+COMPARE_COLUMNS = ("latent_frames", "metric", "label", "pairs", "ties")  # compare_models' own columns (not labels)
+
+
 def compare_models(videos: pd.DataFrame, a: str, b: str) -> tuple[pd.DataFrame, list[str]]:
     """Model b against model a, paired by (latent_frames, prompt, seed): per length and metric the means of a and
     b, b - a and the share of pairs where b is better (columns named by the models: "sf - df", "sf better (share of
@@ -138,6 +142,7 @@ def compare_models(videos: pd.DataFrame, a: str, b: str) -> tuple[pd.DataFrame, 
             va, vb = p[f"{col}_a"].to_numpy(float), p[f"{col}_b"].to_numpy(float)
             ok = np.isfinite(va) & np.isfinite(vb)
             wins = np.nan
+            ties = int((vb[ok] == va[ok]).sum())
             if better and ok.any():
                 d = better * (vb[ok] - va[ok])
                 wins = float(((d > 0) + 0.5 * (d == 0)).mean())
@@ -145,7 +150,7 @@ def compare_models(videos: pd.DataFrame, a: str, b: str) -> tuple[pd.DataFrame, 
                          a: np.nanmean(va) * scale if np.isfinite(va).any() else np.nan,
                          b: np.nanmean(vb) * scale if np.isfinite(vb).any() else np.nan,
                          f"{b} - {a}": np.nanmean(vb[ok] - va[ok]) * scale if ok.any() else np.nan,
-                         f"{b} better (share of pairs)": wins, "pairs": int(ok.sum())})
+                         f"{b} better (share of pairs)": wins, "pairs": int(ok.sum()), "ties": ties})
         da, db = p["trajectory_drift_a"].to_numpy(float), p["trajectory_drift_b"].to_numpy(float)
         ok = np.isfinite(da) & np.isfinite(db)
         if ok.any():
@@ -170,23 +175,29 @@ def compare_models(videos: pd.DataFrame, a: str, b: str) -> tuple[pd.DataFrame, 
     return pd.DataFrame(rows), lines
 
 
-def comparison_text(rows: pd.DataFrame, a: str, b: str, markdown: bool = False) -> str:
-    """compare_models' table as console text (or markdown), a block per length, each number in its metric's
-    format (TABLE); the share of pairs as a percentage."""
-    formats = {col: (fmt, scale) for col, _, scale, fmt, _ in TABLE}
+def comparison_blocks(rows: pd.DataFrame, a: str, b: str) -> list[tuple[list[str], list[list[str]]]]:
+    """compare_models' table as text, a (header, rows) block per length: each number in its metric's format
+    (TABLE), the difference signed, the share of pairs as a percentage ("all tie" when no pair differs: ties
+    count half, so 50% would read as "better half the time")."""
+    formats = {col: fmt for col, _, _, fmt, _ in TABLE}
     blocks = []
     for frames, part in rows.groupby("latent_frames", sort=True):
         body = []
         for _, r in part.iterrows():
-            fmt, _ = formats.get(r["metric"], ("{:.3g}", 1))
+            fmt = formats.get(r["metric"], "{:.3g}")
             num = lambda v, f=fmt: "-" if not np.isfinite(v) else f.format(v)  # noqa: E731
             share = r[f"{b} better (share of pairs)"]
             signed = fmt if "+" in fmt else fmt.replace("{:", "{:+")  # (a difference shows its sign)
-            body.append([r["label"], num(r[a]), num(r[b]), num(r[f"{b} - {a}"], signed),
-                         "-" if not np.isfinite(share) else f"{share:.0%}", str(r["pairs"])])
-        blocks.append(_render([f"{frames} latent frames", a, b, f"{b} - {a}", f"{b} better", "pairs"], body,
-                              markdown))
-    return "\n\n".join(blocks)
+            shown = ("-" if not np.isfinite(share) else
+                     "all tie" if r["pairs"] and r["ties"] == r["pairs"] else f"{share:.0%}")
+            body.append([r["label"], num(r[a]), num(r[b]), num(r[f"{b} - {a}"], signed), shown, str(r["pairs"])])
+        blocks.append(([f"{frames} latent frames", a, b, f"{b} - {a}", f"{b} better", "pairs"], body))
+    return blocks
+
+
+def comparison_text(rows: pd.DataFrame, a: str, b: str, markdown: bool = False) -> str:
+    """comparison_blocks as console text (or markdown)."""
+    return "\n\n".join(_render(head, body, markdown) for head, body in comparison_blocks(rows, a, b))
 
 
 def sign_test(wins: int, losses: int) -> float:
@@ -258,7 +269,8 @@ def write_results(out_dir, results, *, title: str, notes: list[str] | None = Non
         page.h(f"{compare[1]} vs {compare[0]}")
         for line in compared[1]:
             page.p(html.escape(line))
-        page.table(compared[0].drop(columns="metric").astype(object).fillna(""), index=False)
+        for head, body in comparison_blocks(compared[0], *compare):  # (as the console and summary.md show it)
+            page.table(pd.DataFrame(body, columns=head), index=False)
     page.h("Drift over the rollout")
     page.p("Mean over the prompt x seed grid at each pixel frame; frames where the object was not detected are left "
            "out of the error curves. Definitions and units: docs/world_metrics.md.")

@@ -376,30 +376,59 @@ def test_ctrl_c_is_one_line_that_says_what_is_kept(command, tmp_path, capsys, mo
     assert "Traceback" not in err and len(err.splitlines()) == 1
 
 
-def test_a_checkpoint_on_a_full_disk_is_one_line_saying_so(tmp_path, monkeypatch):
-    """torch.save reports a full disk as a RuntimeError of its zip writer ("unexpected pos ..."): with little space
-    left, atomic_torch_save makes it an OSError ENOSPC naming the file (the CLI's full-disk line), leaving no
-    temporary file; with space left the error stays what it was."""
-    import errno
-    import shutil as shutil_mod
-    from collections import namedtuple
+def test_a_write_the_disk_refuses_is_the_oserror_that_stopped_it(tmp_path):
+    """A write the kernel refuses part way (here a file size limit, as a full disk): torch.save's zip writer reports
+    it as a RuntimeError ("unexpected pos ..."), and ffmpeg's unfinished mp4 raised nothing through imageio.
+    atomic_torch_save gives the OSError behind it and write_mp4 finds the mp4 without its index, each naming the
+    file (the CLI's one line) and leaving neither the file nor a temporary one. In a child process with
+    RLIMIT_FSIZE set and SIGXFSZ ignored."""
+    import subprocess
+    import sys
 
+    from models.video import mp4_available
+
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))\n"
+        "import numpy as np, torch\n"
+        "from models.files import atomic_torch_save\n"
+        "from models.video import write_mp4, mp4_available\n"
+        "out = sys.argv[1]\n"
+        "try:\n"
+        "    atomic_torch_save({'x': torch.zeros(100_000)}, out + '/big.pt')\n"
+        "except OSError as e:\n"
+        "    print('pt', e.errno, e.filename)\n"
+        "atomic_torch_save({'x': torch.zeros(1000)}, out + '/small.pt')\n"
+        "if mp4_available():\n"
+        "    noise = np.random.default_rng(0).uniform(-1, 1, (3, 33, 256, 256)).astype('float32')\n"
+        "    try:\n"
+        "        write_mp4(noise, out + '/v.mp4')\n"
+        "    except OSError as e:\n"
+        "        print('mp4', e.errno, e.filename)\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    run = subprocess.run([sys.executable, str(child), str(out)], capture_output=True, text=True, timeout=300,
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert lines[0] == f"pt 27 {out / 'big.pt'}"  # EFBIG, the file named
+    if mp4_available():
+        assert lines[1] == f"mp4 5 {out / 'v.mp4'}"  # EIO: "ffmpeg could not finish the mp4 (no index at its end)"
+    assert [p.name for p in out.iterdir()] == ["small.pt"]  # no partial file, no temporary one
+    assert torch.load(out / "small.pt")["x"].shape == (1000,)
+
+
+def test_torch_files_are_the_same_bytes_for_the_same_values(tmp_path):
+    """atomic_torch_save writes through a Python file, so torch names the archive's records archive/... instead of
+    after each save's temporary file: the same values give byte-identical files (checkpoints, legacy files)."""
     from models.files import atomic_torch_save
 
-    def full(obj, f, *a, **kw):
-        Path(f).write_bytes(b"part")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5504768 vs 5504656")
-
-    monkeypatch.setattr(torch, "save", full)
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil_mod, "disk_usage", lambda p: usage(10**9, 10**9 - 4096, 4096))
-    with pytest.raises(OSError) as err:
-        atomic_torch_save({"x": 1}, tmp_path / "training_state.pt")
-    assert err.value.errno == errno.ENOSPC and "training_state.pt (4096 bytes free)" in str(err.value)
-    assert list(tmp_path.iterdir()) == []  # no temporary file left
-    monkeypatch.setattr(shutil_mod, "disk_usage", lambda p: usage(10**12, 0, 10**12))
-    with pytest.raises(RuntimeError, match="unexpected pos"):
-        atomic_torch_save({"x": 1}, tmp_path / "training_state.pt")
+    state = {"w": torch.arange(12.0).reshape(3, 4), "step": 3}
+    atomic_torch_save(state, tmp_path / "a.pt")
+    atomic_torch_save(state, tmp_path / "b.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
 
 
 def test_an_interrupted_command_leaves_no_progress_bar_to_be_drawn_again(monkeypatch, capsys):

@@ -179,6 +179,8 @@ def test_video_scores_round_trip_through_json():
      "'nothing-here' is no model name (embedded, teacher, df, ode, dmd, sid), Wan folder or checkpoint file"),
     (["--model", "embedded,fast"], "unknown option 'fast'"),
     (["--model", "../x=embedded"], "label '../x' names folders under --out"),
+    (["--model", "a|b=embedded"], "label 'a|b' names folders under --out and columns of the tables"),
+    (["--model", "pairs=embedded"], "label 'pairs' is a column of the comparison table"),
     (["--model", "embedded", "--model", "embedded"], "['embedded'] is given twice"),
     (["--compare", "a,b"], "give two different model labels"),
     (["--checkpoint", "missing.pt"], "--checkpoint 'missing.pt' does not exist"),
@@ -219,6 +221,7 @@ def test_compare_models_finds_who_accumulates_less_error():
     text = wr.comparison_text(rows, "df", "sf", markdown=True).splitlines()
     assert text[0] == "| 84 latent frames | df | sf | sf - df | sf better | pairs |"
     assert "| adherent: colour, shape and direction right (%) | 75 | 100 | +25 | 62% | 4 |" in text
+    assert "| jitter (px/frame^2, RMS) | 0.000 | 0.000 | +0.000 | all tie | 4 |" in text  # (not "50%")
     assert lines == ["84 latent frames: the trajectory error changes by +4.00 px (df) and +1.75 px (sf) from the first "
                      "to the last quarter of the video: sf accumulates less error on average, less in 3 of 4 paired "
                      "videos (two-sided sign test p = 0.62: not significant at the 5% level, more prompts or seeds "

@@ -21,6 +21,13 @@ def test_generate_writes_latents_video_and_grid(tmp_path, capsys):
     if mp4_available():
         frames = iio.imread(out / "p0000-s3.mp4")
         assert frames.shape == (1 + 4 * (6 - 1), 96, 128, 3)
+        # an mp4 cut short (ffmpeg's index never written: a full disk at its end) is made again by a resumed run
+        whole = (out / "p0000-s3.mp4").read_bytes()
+        (out / "p0000-s3.mp4").write_bytes(whole[: len(whole) // 2])
+        capsys.readouterr()
+        assert main(["generate", "--prompt", "a red kite over the sea", "--frames", "6", "--seed", "3",
+                     "--out", str(out), "--no-progress"]) == 0
+        assert "resuming" not in capsys.readouterr().out and (out / "p0000-s3.mp4").read_bytes() == whole
     else:  # an install without the video extra: the grid and latents, and a note saying how to get mp4
         assert not (out / "p0000-s3.mp4").exists() and "pip install -e '.[video]'" in capsys.readouterr().err
     assert (out / "p0000-s3.png").stat().st_size > 0

@@ -315,6 +315,27 @@ def test_an_append_that_fails_midway_is_taken_back(tmp_path, reference, monkeypa
     xr.testing.assert_identical(loaded(tmp_path / "s.zarr"), loaded(reference))
 
 
+def test_a_new_store_that_fails_midway_leaves_no_temporary_folder(tmp_path, monkeypatch, capsys):
+    """A full disk while the first sample is written (a new store goes to a temporary folder, then swaps in): the
+    half-written folder goes with the error, so the space it held is free when the user is told to free space;
+    no store is made."""
+    real = xr.Dataset.to_zarr
+
+    def full_disk(self, store, *args, mode=None, **kw):
+        if mode == "w-":
+            first = self[list(self.data_vars)[:1]]  # (the first array written)
+            real(first, store, *args, mode=mode, **{**kw, "encoding": {k: kw["encoding"][k] for k in first.data_vars}})
+            raise OSError(28, "No space left on device")
+        return real(self, store, *args, mode=mode, **kw)
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", full_disk)
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(ARGS) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".s.zarr.lock"]  # (no .s.zarr.tmp, no store; the lock
+    # file stays, as after every run)
+
+
 def test_a_resume_with_other_prompts_under_the_same_ids_is_refused(tmp_path, capsys):
     """Sample ids count the prompts in their order: a re-run with another first prompt would have taken the
     store's p0000-s42 (another prompt's) as done, or mixed prompts; refused, naming both prompts. A run that lists

@@ -248,6 +248,14 @@ def test_cross_tokens_of_many_heads_is_one_head_by_token_map(ds, tokens_store):
     assert len(figures.cross_tokens(tokens_store, 3, step=0).data) == 4
 
 
+def test_a_prompt_in_a_title_is_shown_as_written(ds):
+    """Plotly reads <b>, <br> and &...; as markup in titles: a prompt holding them is escaped, so that the title
+    shows what was typed (it showed 'red' in bold and the tags gone)."""
+    odd = ds.assign_coords(prompt=("sample", ['<b>red</b> & "x" <br>'] * ds.sizes["sample"]))
+    title = figures.cross_tokens(odd, 3, step=0, per_head=True).layout.title.text
+    assert """of the prompt '&lt;b&gt;red&lt;/b&gt; &amp; "x" &lt;br&gt;'""" in title
+
+
 def test_a_few_outlying_token_cells_do_not_set_the_colour_scale(ds):
     """One cell far above the rest (a head's query frame 0 on one token) saturates instead of darkening every other
     cell; the subtitle says where the scale ends and how many cells lie above it."""

@@ -112,6 +112,8 @@ def test_read_prompts_strips_and_skips_empty_lines(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert read_prompts(f) == ["a cat", "a dog"]
+    f.write_bytes("\ufeffa red square moving right\r\na blue circle\r\n".encode())  # (a Windows editor's BOM)
+    assert read_prompts(f) == ["a red square moving right", "a blue circle"]
 
 
 def test_empty_or_missing_prompt_file_is_named(tmp_path):

@@ -97,10 +97,10 @@ class LatentDataset:
 
 def save_latent_dataset(path, prompts: list[str], latents: torch.Tensor, kind: str, **meta) -> None:
     """Write a latent dataset atomically (temp file in the same folder, then rename)."""
-    from models.files import atomic_write
+    from models.files import atomic_torch_save
 
     blob = {"prompts": list(prompts), "latents": latents.contiguous().cpu(), "kind": kind, **meta}
-    atomic_write(path, lambda tmp: torch.save(blob, tmp))
+    atomic_torch_save(blob, path)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -207,9 +207,9 @@ def check(cfg: VAETrainConfig) -> None:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    from models.files import atomic_write
+    from models.files import atomic_torch_save
 
-    atomic_write(path, lambda p: torch.save(obj, p))
+    atomic_torch_save(obj, path)
 
 
 def train(cfg: VAETrainConfig, out: Path, resume: bool = False, log=print, deadline: float | None = None) -> dict:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.files import atomic_write, check_writable_dir
+from models.files import atomic_torch_save, check_writable_dir
 from workbench.errors import WorkbenchError
 from workbench.store import chunk_sizes, open_store
 
@@ -132,7 +132,7 @@ def export_legacy(store, out=None, *, layers=None, samples=None, step: int = 0, 
         for layer in layers:
             path = out / sample / f"layer{layer}.pt"
             record = legacy_record(ds, sample, layer, step)
-            atomic_write(path, lambda tmp, record=record: torch.save(record, tmp))
+            atomic_torch_save(record, path)
             paths.append(path)
     at = f"train step {int(ds['train_step'])}, " if "train_step" in ds.coords else ""
     log(f"wrote {len(paths)} legacy file(s) under {out} ({at}step {step}, t = "

@@ -479,8 +479,17 @@ class StoreWriter:
         for var in ds.variables.values():
             var.encoding = {}
         ds.attrs[self.completed_attr] = list(keys)
-        ds.to_zarr(self._tmp, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds))
+        self._write_tmp(ds)
         self._swap_in()
+
+    def _write_tmp(self, ds: xr.Dataset) -> None:
+        """`ds` as a new store in the temporary folder; a write that fails (a full disk, Ctrl-C) takes the folder
+        with it, so that the space it held is free again (a kill leaves it to the next run's `_recover`)."""
+        try:
+            ds.to_zarr(self._tmp, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds))
+        except BaseException:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise
 
     def _swap_in(self) -> None:
         """Put the temporary folder in the store's place; a kill at any point leaves the old or the new store
@@ -538,7 +547,7 @@ class StoreWriter:
             if self._tmp.exists():
                 shutil.rmtree(self._tmp)
             ds.attrs[self.completed_attr] = [key]
-            ds.to_zarr(self._tmp, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds))
+            self._write_tmp(ds)
             self._swap_in()
         else:
             # to_zarr(mode="a") replaces the group's attrs with ds.attrs: give it the store's own attrs with the

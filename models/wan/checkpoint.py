@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from models.errors import CheckpointError
-from models.files import (atomic_write, check_tensor_shapes, load_tensors, sha256_file,  # noqa: F401
+from models.files import (atomic_torch_save, atomic_write, check_tensor_shapes, load_tensors, sha256_file,  # noqa: F401
                           shard_files, weight_files, weights_sha256)  # (sha256_file and the last two: re-exported)
 from models.wan.config import WanConfig
 from models.wan.folder import dit_dir, present, weights_in
@@ -241,4 +241,4 @@ def save_self_forcing(path: str | Path, **state_dicts: dict) -> None:
         if name in SELF_FORCING_KEYS and value is not None:
             value = {f"model.{k}": v.detach().cpu() for k, v in value.items()}
         blob[name] = value
-    atomic_write(Path(path), lambda p: torch.save(blob, p))
+    atomic_torch_save(blob, Path(path))

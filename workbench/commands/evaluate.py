@@ -153,9 +153,16 @@ def parse_model_spec(spec: str, args) -> ModelChoice:
         else:
             raise WorkbenchError(f"--model {spec!r}: unknown option {opt!r}; use ema or sampler=NAME with NAME one of "
                                  f"{', '.join(SAMPLERS)}")
-    if label and (label.startswith(".") or any(ch in label for ch in '/\\:')):
-        raise WorkbenchError(f"--model {spec!r}: label {label!r} names folders under --out; use letters, digits, - "
-                             "or _ (no /, \\, : or leading .)")
+    import re
+
+    from studies.world_report import COMPARE_COLUMNS
+
+    if label and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", label):
+        raise WorkbenchError(f"--model {spec!r}: label {label!r} names folders under --out and columns of the "
+                             "tables; use letters, digits, ., - or _ (no leading .)")
+    if label in COMPARE_COLUMNS:
+        raise WorkbenchError(f"--model {spec!r}: label {label!r} is a column of the comparison table "
+                             f"({', '.join(COMPARE_COLUMNS)}); choose another")
     names = model_names()
     if source in names:
         from models.wan.embedded import ZOO

@@ -118,6 +118,13 @@ def run(args) -> int:
             dist.destroy_process_group()
 
 
+def _whole(path: Path) -> bool:
+    """A video file a resumed run keeps: there, and for an mp4 complete (one a full disk cut short is made again)."""
+    from models.video import mp4_complete
+
+    return path.is_file() and (path.suffix != ".mp4" or mp4_complete(path))
+
+
 def _differences(path: Path, want: dict) -> list[str] | None:
     """How the latents file at `path` differs from what this run would write there (`want`: the metadata it
     records, and `shape`, the latents' [frames, h, w]); None when there is no such file of generate's."""
@@ -276,7 +283,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     videos = [] if args.no_video else [".png"] + [".mp4"] * mp4
     kept = [] if args.overwrite or live is not None else [
         (i, s) for i, s in jobs if existing[sample_id(i, s)] == []
-        and all((out / f"{sample_id(i, s)}{suffix}").is_file() for suffix in videos)]
+        and all(_whole(out / f"{sample_id(i, s)}{suffix}") for suffix in videos)]
     jobs = [job for job in jobs if job not in kept]
     if kept and rank == 0:
         print(f"resuming: {len(kept)} sample(s) are already in {out}, made with the same prompt, seed, sampler, "
