@@ -239,20 +239,25 @@ def build_report(
         page.figure(figures.last_chunk_bars(ds, lay, step=step, sample=sample), f"fig-bars-layer{lay}")
         prof = metrics.recency_profile(metrics.select(ds, sample=sample, layer=lay, step=step))
         prof = prof.mean("sample", skipna=True).isel(layer=0, step=0)
-        page.figure(figures.recency_lines(prof, title=f"recency profile · layer {lay} · {metrics.step_label(ds, step)}"),
+        page.figure(figures.recency_lines(prof, title=f"recency profile · layer {lay} · {metrics.step_label(ds, step)}"
+                                                      " · every query frame"),
                     f"fig-recency-layer{lay}")
         if cross:
             page.figure(figures.cross_tokens(ds, lay, step=step, sample=sample), f"fig-cross-layer{lay}")
-    if "attn_key_token" in ds:
+    token_layers = [int(t) for t in ds.token_layer.values if int(t) in detail] if "attn_key_token" in ds else []
+    if token_layers:  # (the token layers among the detailed ones: --layer picks them too)
         last = int(ds.query_frame.values[-1])
         page.h("Inside the key frames")
         page.p("Where the last query frame's attention lands inside each key frame it attends (attn_key_token, "
                "mean over heads): each image is that frame's share of it, so that frames of little mass show their "
                "pattern too; their masses are in the titles. <code>studies.figures.key_token_maps</code> draws the "
                "masses themselves, one head, or another query frame.")
-        for tl in (int(t) for t in ds.token_layer.values):
+        for tl in token_layers:
             page.figure(figures.key_token_maps(ds, tl, query_frame=last, step=step, sample=sample, within_frame=True),
                         f"fig-key-tokens-layer{tl}")
+    elif "attn_key_token" in ds:
+        page.p(f"The store's key-token maps (attn_key_token) are of layers {[int(t) for t in ds.token_layer.values]}, "
+               "none of them detailed here: --layer N draws them.")
     if len(detail) < ds.sizes["layer"]:
         page.p(f"Detailed sections for layers {detail} of {ds.sizes['layer']}; pass --layer N to choose others.")
     return write_atomic(page.render(), out_html)

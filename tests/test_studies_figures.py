@@ -302,3 +302,11 @@ def test_a_report_draws_the_token_statistics_it_has(tokens_store, tmp_path):
 
     text = build_report(tokens_store, tmp_path / "r.html").read_text()
     assert 'id="fig-cross-layer3"' in text and 'id="fig-key-tokens-layer3"' in text
+    assert "denoise) \\u00b7 every query frame" in text  # (the recency title; plotly JSON escapes the dot)
+    # a store of two token layers, --layer picking one: that one's maps only (30 layers drew 30 figures)
+    two = tokens_store.isel(layer=[0, 0], token_layer=[0, 0])
+    two = two.assign_coords(layer=[2, 3], token_layer=[2, 3])
+    text = build_report(two, tmp_path / "one.html", layer=3).read_text()
+    assert 'id="fig-key-tokens-layer3"' in text and 'id="fig-key-tokens-layer2"' not in text
+    text = build_report(two.isel(token_layer=[0]), tmp_path / "none.html", layer=3).read_text()
+    assert "fig-key-tokens" not in text and "key-token maps (attn_key_token) are of layers [2]" in text
