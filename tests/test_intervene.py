@@ -395,3 +395,18 @@ def test_the_head_maps_take_each_heads_plain_ablation_only():
     ds = xr.Dataset(coords={"intervention": [e.label for e in entries],
                             "intervention_spec": ("intervention", [json.dumps(e.spec()) for e in entries])})
     assert single_head_ablations(ds) == ["a", "f"]
+
+
+def test_world_metrics_turned_off_by_a_prompt_are_named(tmp_path, capsys):
+    """--world auto scores a run's prompts all or none: a prompt outside the miniature world turns the metrics off
+    for the run, and a note names it (the report only said 'the model or the prompts are not the world's')."""
+    import xarray as xr
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red kite\na green circle moving down\n")
+    out = tmp_path / "fx.zarr"
+    assert main(["intervene", "--ablate", "3:0", "--prompts", str(prompts), "--frames", "3", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert ("note: no world metrics in this run: 1 of its 2 prompt(s) are not the miniature world's (one colour, "
+            "shape and direction), e.g. 'a red kite'") in capsys.readouterr().out
+    assert "trajectory_error" not in xr.open_zarr(out, consolidated=False)

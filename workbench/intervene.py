@@ -216,6 +216,11 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str = "",
     F, h, w = p.geometry
     px_h, px_w = h * 8, w * 8
     scored = is_world(p.wan_dir, cfg.prompts, px_h, px_w) if world == "auto" else world == "on"
+    if world == "auto" and not scored and is_world(p.wan_dir, [], px_h, px_w):  # (the prompts turned them off)
+        off = [q for q in cfg.prompts if not is_world(p.wan_dir, [q], px_h, px_w)]
+        log(f"note: no world metrics in this run: {len(off)} of its {len(cfg.prompts)} prompt(s) are not the "
+            f"miniature world's (one colour, shape and direction), e.g. {off[0]!r}; a run scores all its prompts "
+            "or none")
     if world == "on" and not is_world(p.wan_dir, cfg.prompts, px_h, px_w):
         raise WorkbenchError("--world on needs the miniature world: a VAE in the model folder, 96 x 128 video and "
                              "prompts naming one colour, shape and direction (models/world.py)")
