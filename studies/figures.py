@@ -431,6 +431,8 @@ def _token_scale(z: np.ndarray, n: int) -> tuple[dict, str]:
                          f"{int((cells > p99).sum())} cells above it, up to {top:.3g}, saturate")
     if z.shape[-1] > n and np.nanmax(z[..., n:], initial=0) > scale["cmax"]:
         notes.append("the colour scale is the tokens'; the padding column (summed) saturates above it")
+    if z.shape[-1] == n:  # (no padding column: the prompt filled the encoder's text length)
+        notes.append(f"the prompt fills all {n} text tokens: any words past them were cut (as Wan2.1 cuts them)")
     return scale, "".join(f"<br><sub>{text}</sub>" for text in notes)
 
 

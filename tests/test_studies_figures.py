@@ -244,6 +244,9 @@ def test_cross_tokens_of_many_heads_is_one_head_by_token_map(ds, tokens_store):
     np.testing.assert_allclose(z[:, :n], mass.mean("query_frame").values[:, :n], atol=1e-6)
     np.testing.assert_allclose(z.sum(-1), 1.0, atol=1e-5)
     assert "mean over query frames" in fig.layout.title.text and fig.layout.height < 700
+    # the synthetic prompt fills all of its store's text tokens (no padding): words past them would have been cut
+    assert f"the prompt fills all {n} text tokens" in fig.layout.title.text
+    assert "fills all" not in figures.cross_tokens(tokens_store, 3, step=0).layout.title.text
     assert len(figures.cross_tokens(ds, 3, step=0, cols=3, per_head=True).data) == 12
     assert len(figures.cross_tokens(tokens_store, 3, step=0).data) == 4
 
