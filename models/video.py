@@ -80,8 +80,9 @@ def write_mp4(video, path, fps: int = 16, quality: int = 8) -> Path:
             import shutil
 
             full = shutil.disk_usage(path.parent).free < 64 * 2**20
-            raise OSError(errno.ENOSPC if full else errno.EIO, "ffmpeg could not finish the mp4 (no index at its "
-                          "end)" if not full else "No space left on device (ffmpeg could not finish the mp4)", str(path))
+            why = ("No space left on device (ffmpeg could not finish the mp4)" if full else
+                   "ffmpeg could not finish the mp4 (no index at its end)")
+            raise OSError(errno.ENOSPC if full else errno.EIO, why, str(path))
 
     atomic_write(path, write)
     return path

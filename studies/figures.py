@@ -450,9 +450,9 @@ def _cross_token_map(z: np.ndarray, x: list[str], head_list: list[int], n: int, 
                        "frames", width)
     top = 110 + 22 * title.count("<br>") + 34 * note.count("<sub>")
     labels = int(6 * max(len(s) for s in x) * 0.87) + 50  # (the rotated names and the axis title under them)
+    thinned = f"<br><sub>one token in {every} named (hover for each)</sub>" if every > 1 else ""
     fig.update_layout(
-        title=f"{title}<br><sub>{who}</sub>{note}" + (f"<br><sub>one token in {every} named (hover for each)</sub>" if every > 1
-                                                     else ""),
+        title=f"{title}<br><sub>{who}</sub>{note}{thinned}",
         coloraxis=dict(**scale, colorbar=dict(title=ds["cross_mass"].attrs.get("units", ""))),
         height=top + 22 * len(head_list) + 60 + labels, width=width, margin=dict(t=top + 34 * (every > 1), b=labels),
     )

@@ -24,7 +24,8 @@ Row metrics (`row_metrics`, dims sample, step, layer, head, query_frame):
 `head_metrics` averages the row metrics over a choice of query frames (default: the last chunk, the rows the
 researchers plot as `last_block_frame_attention`) and over samples. `recency_profile` is the mean mass at each
 frame distance; with a rolling window and sink frames, the distances past the window are reached only by the sink
-frames, and its `sink_only` coordinate says which. `classify_heads` turns head metrics into a taxonomy, first rule that holds wins:
+frames, and its `sink_only` coordinate says which. `classify_heads` turns head metrics into a taxonomy, first rule
+that holds wins:
 
     sink       sink_mass    >= sink_min            (default 0.5)
     local      local_mass   >= local_min           (default 0.5)

@@ -239,8 +239,8 @@ def build_report(
         page.figure(figures.last_chunk_bars(ds, lay, step=step, sample=sample), f"fig-bars-layer{lay}")
         prof = metrics.recency_profile(metrics.select(ds, sample=sample, layer=lay, step=step))
         prof = prof.mean("sample", skipna=True).isel(layer=0, step=0)
-        page.figure(figures.recency_lines(prof, title=f"recency profile · layer {lay} · {metrics.step_label(ds, step)}"
-                                                      " · every query frame"),
+        title = f"recency profile · layer {lay} · {metrics.step_label(ds, step)} · every query frame"
+        page.figure(figures.recency_lines(prof, title=title),
                     f"fig-recency-layer{lay}")
         if cross:
             page.figure(figures.cross_tokens(ds, lay, step=step, sample=sample), f"fig-cross-layer{lay}")

@@ -126,8 +126,9 @@ COMPARE_COLUMNS = ("latent_frames", "metric", "label", "pairs", "ties")  # compa
 def compare_models(videos: pd.DataFrame, a: str, b: str) -> tuple[pd.DataFrame, list[str]]:
     """Model b against model a, paired by (latent_frames, prompt, seed): per length and metric the means of a and
     b, b - a and the share of pairs where b is better (columns named by the models: "sf - df", "sf better (share of
-    pairs)"; ties count half; metrics without a better direction get none). Also one sentence per length on drift: which model's trajectory error grows less from the first to the
-    last quarter of the video (the Self-Forcing claim: less error accumulated over a long rollout)."""
+    pairs)"; ties count half; metrics without a better direction get none). Also one sentence per length on drift:
+    which model's trajectory error grows less from the first to the last quarter of the video (the Self-Forcing
+    claim: less error accumulated over a long rollout)."""
     have = list(dict.fromkeys(videos["model"]))
     for name in (a, b):
         if name not in have:

@@ -168,8 +168,9 @@ def test_video_scores_round_trip_through_json():
 @pytest.mark.parametrize("argv, needle", [
     (["--colours", "purple"], "unknown colour 'purple'; the world knows red, green, blue, yellow"),
     (["--shapes", "square,star"], "unknown shape 'star'"),
-    (["--prompt", "a purple kite moving left"], "names 0 colours []; the world needs exactly one of red, green, blue, "
-                                                "yellow; and 0 shapes []; the world needs exactly one of square, circle"),
+    (["--prompt", "a purple kite moving left"],
+     "names 0 colours []; the world needs exactly one of red, green, blue, yellow; and 0 shapes []; the world needs "
+     "exactly one of square, circle"),
     (["--shapes", ""], "--shapes '': give at least one of square, circle"),
     (["--frames", "20"], "multiples of 3"),
     (["--seeds", "x"], "seed 'x'"),
