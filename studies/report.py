@@ -255,9 +255,10 @@ def build_report(
         for tl in token_layers:
             page.figure(figures.key_token_maps(ds, tl, query_frame=last, step=step, sample=sample, within_frame=True),
                         f"fig-key-tokens-layer{tl}")
-    elif "attn_key_token" in ds:
-        page.p(f"The store's key-token maps (attn_key_token) are of layers {[int(t) for t in ds.token_layer.values]}, "
-               "none of them detailed here: --layer N draws them.")
+    others = [int(t) for t in ds.token_layer.values if int(t) not in token_layers] if "attn_key_token" in ds else []
+    if others:
+        page.p(f"The store also holds key-token maps (attn_key_token) of layers {others}, not detailed here: "
+               "--layer N draws them.")
     if len(detail) < ds.sizes["layer"]:
         page.p(f"Detailed sections for layers {detail} of {ds.sizes['layer']}; pass --layer N to choose others.")
     return write_atomic(page.render(), out_html)

@@ -125,7 +125,8 @@ COMPARE_COLUMNS = ("latent_frames", "metric", "label", "pairs", "ties")  # compa
 
 def compare_models(videos: pd.DataFrame, a: str, b: str) -> tuple[pd.DataFrame, list[str]]:
     """Model b against model a, paired by (latent_frames, prompt, seed): per length and metric the means of a and
-    b, b - a and the share of pairs where b is better (columns named by the models: "sf - df", "sf better (share of
+    b over the pairs where both have a value (a video without its object has no trajectory), b - a and the share
+    of pairs where b is better (columns named by the models: "sf - df", "sf better (share of
     pairs)"; ties count half; metrics without a better direction get none). Also one sentence per length on drift:
     which model's trajectory error grows less from the first to the last quarter of the video (the Self-Forcing
     claim: less error accumulated over a long rollout)."""
@@ -147,10 +148,10 @@ def compare_models(videos: pd.DataFrame, a: str, b: str) -> tuple[pd.DataFrame, 
             if better and ok.any():
                 d = better * (vb[ok] - va[ok])
                 wins = float(((d > 0) + 0.5 * (d == 0)).mean())
-            rows.append({"latent_frames": frames, "metric": col, "label": label,
-                         a: np.nanmean(va) * scale if np.isfinite(va).any() else np.nan,
-                         b: np.nanmean(vb) * scale if np.isfinite(vb).any() else np.nan,
-                         f"{b} - {a}": np.nanmean(vb[ok] - va[ok]) * scale if ok.any() else np.nan,
+            rows.append({"latent_frames": frames, "metric": col, "label": label,  # (every number over the pairs
+                         a: va[ok].mean() * scale if ok.any() else np.nan,  # where both have a value, so that
+                         b: vb[ok].mean() * scale if ok.any() else np.nan,  # b - a is the difference of a and b)
+                         f"{b} - {a}": np.mean(vb[ok] - va[ok]) * scale if ok.any() else np.nan,
                          f"{b} better (share of pairs)": wins, "pairs": int(ok.sum()), "ties": ties})
         da, db = p["trajectory_drift_a"].to_numpy(float), p["trajectory_drift_b"].to_numpy(float)
         ok = np.isfinite(da) & np.isfinite(db)
@@ -196,9 +197,14 @@ def comparison_blocks(rows: pd.DataFrame, a: str, b: str) -> list[tuple[list[str
     return blocks
 
 
+COMPARISON_NOTE = ("each row is over its pairs (the same prompt and seed), those where both models have a value; "
+                   "in 'better' a tie counts half")
+
+
 def comparison_text(rows: pd.DataFrame, a: str, b: str, markdown: bool = False) -> str:
-    """comparison_blocks as console text (or markdown)."""
-    return "\n\n".join(_render(head, body, markdown) for head, body in comparison_blocks(rows, a, b))
+    """comparison_blocks as console text (or markdown), with COMPARISON_NOTE under them."""
+    blocks = [_render(head, body, markdown) for head, body in comparison_blocks(rows, a, b)]
+    return "\n\n".join(blocks + [f"({COMPARISON_NOTE})"])
 
 
 def sign_test(wins: int, losses: int) -> float:
@@ -272,6 +278,7 @@ def write_results(out_dir, results, *, title: str, notes: list[str] | None = Non
             page.p(html.escape(line))
         for head, body in comparison_blocks(compared[0], *compare):  # (as the console and summary.md show it)
             page.table(pd.DataFrame(body, columns=head), index=False)
+        page.p(html.escape(f"({COMPARISON_NOTE})"))
     page.h("Drift over the rollout")
     page.p("Mean over the prompt x seed grid at each pixel frame; frames where the object was not detected are left "
            "out of the error curves. Definitions and units: docs/world_metrics.md.")

@@ -219,6 +219,12 @@ def test_compare_models_finds_who_accumulates_less_error():
     assert drift["sf better (share of pairs)"] == 0.75 and drift["pairs"] == 4
     adherent = rows[rows.metric == "adherent"].iloc[0]
     assert adherent["df"] == 75 and adherent["sf"] == 100 and adherent["sf better (share of pairs)"] == 0.625
+    # a video without a value (its object lost): both means over the pairs that have one, so b - a is their difference
+    lost = videos.copy()
+    lost.loc[lost.model == "df", "trajectory_error"] = [8.0, 1.0, 1.0, 1.0]
+    lost.loc[(lost.model == "sf") & (lost.seed == 0), "trajectory_error"] = np.nan
+    row = wr.compare_models(lost, "df", "sf")[0].query("metric == 'trajectory_error'").iloc[0]
+    assert row["pairs"] == 3 and row["df"] == 1.0 and row["sf"] == 0.0 and row["sf - df"] == -1.0
     text = wr.comparison_text(rows, "df", "sf", markdown=True).splitlines()
     assert text[0] == "| 84 latent frames | df | sf | sf - df | sf better | pairs |"
     assert "| adherent: colour, shape and direction right (%) | 75 | 100 | +25 | 62% | 4 |" in text
