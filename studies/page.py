@@ -17,6 +17,7 @@ body { font-family: -apple-system, BlinkMacSystemFont, "Segoe UI", Helvetica, Ar
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 2em; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 8px 0; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; } th { background: #f4f4f4; }
+td:first-child, th:first-child { text-align: left; }  /* (the row names: metrics, heads, samples) */
 .note { color: #555; font-size: 0.9em; max-width: 60em; } .ok { color: #1a7f37; } .bad { color: #c62828; }
 .figure { margin: 12px 0 28px 0; overflow-x: auto; max-width: 100%; } .tablewrap { overflow-x: auto; max-width: 100%; }
 code { background: #f4f4f4; padding: 1px 4px; }
