@@ -313,3 +313,12 @@ def test_a_report_draws_the_token_statistics_it_has(tokens_store, tmp_path):
     assert 'id="fig-key-tokens-layer3"' in text and 'id="fig-key-tokens-layer2"' not in text and "of layers [2], not detailed" in text
     text = build_report(two.isel(token_layer=[0]), tmp_path / "none.html", layer=3).read_text()
     assert "fig-key-tokens" not in text and "key-token maps (attn_key_token) of layers [2], not detailed" in text
+
+
+def test_every_coordinate_says_what_it_is(tokens_store):
+    """A store read by xarray alone names each coordinate (long_name; units where it has some), as its data
+    variables (docs/store.md): an extract with every kind of coordinate (CFG's aside)."""
+    ds = tokens_store
+    assert {c for c in ds.coords if not ds[c].attrs.get("long_name")} == set()
+    assert ds.query_frame.attrs["units"] == ds.local_attn_size.attrs["units"] == "frames"
+    assert all(ds[v].attrs.get("long_name") and ds[v].attrs.get("units") for v in ds.data_vars)

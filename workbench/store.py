@@ -193,6 +193,43 @@ def _strings(values) -> np.ndarray:
     return np.array(list(values), dtype=object)
 
 
+# each coordinate's attrs (long_name, and units where it has some): docs/store.md's tables, in the store itself
+COORD_ATTRS = {
+    "sample": dict(long_name="one video: p<prompt_index>-s<seed>"),
+    "step": dict(long_name="kind of DiT forward in a chunk's schedule, in the order they run (see phase, cfg)"),
+    "layer": dict(long_name="transformer block index"),
+    "head": dict(long_name="attention head index"),
+    "query_frame": dict(long_name="latent frame of the query tokens", units="frames"),
+    "key_frame": dict(long_name="latent frame of the key tokens", units="frames"),
+    "timestep": dict(long_name="diffusion timestep the DiT saw (the context pass: context_noise)",
+                     units="timestep in [0, 1000]"),
+    "phase": dict(long_name="denoise, or context (the pass that writes a finished chunk to the KV cache)"),
+    "cfg": dict(long_name="classifier-free guidance branch: cond, uncond, or none (no CFG)"),
+    "denoise_index": dict(long_name="index into the denoising schedule; -1 for the context pass"),
+    "query_chunk": dict(long_name="chunk (generation block) of the query frame"),
+    "key_chunk": dict(long_name="chunk (generation block) of the key frame"),
+    "prompt": dict(long_name="prompt text"),
+    "prompt_index": dict(long_name="index of the prompt among the run's prompts"),
+    "seed": dict(long_name="seed of the noise"),
+    "checkpoint": dict(long_name="the weights that ran (a zoo model, a checkpoint path as given, a weights file)"),
+    "checkpoint_sha256": dict(long_name="sha256 of the weights file"),
+    "model_family": dict(long_name="wan (base weights) or self_forcing (a Self-Forcing checkpoint)"),
+    "sampler": dict(long_name="sampler: causal_few_step, causal_multi_step_cfg or bidirectional"),
+    "local_attn_size": dict(long_name="KV-cache window (-1: global)", units="frames"),
+    "sink_size": dict(long_name="sink frames kept at the front of the KV cache", units="frames"),
+    "num_tokens": dict(long_name="the prompt's token count, </s> included", units="tokens"),
+    "text_token": dict(long_name="position in the padded prompt token sequence"),
+    "token": dict(long_name="text of each prompt token ('' past the prompt)"),
+    "uncond_token": dict(long_name="text of each negative-prompt token (the keys of the cfg = uncond rows)"),
+    "uncond_num_tokens": dict(long_name="the negative prompt's token count", units="tokens"),
+    "token_layer": dict(long_name="transformer block index of attn_key_token"),
+    "key_token": dict(long_name="key token index: key_token_frame * frame_seq_len + key_token_h * W + key_token_w"),
+    "key_token_frame": dict(long_name="latent frame of the key token", units="frames"),
+    "key_token_h": dict(long_name="token row of the key token in its frame"),
+    "key_token_w": dict(long_name="token column of the key token in its frame"),
+}
+
+
 def sample_dataset(layout: StoreLayout, sample: dict, arrays: dict[str, np.ndarray]) -> xr.Dataset:
     """One sample as a Dataset with a length-1 `sample` dim. `sample` holds the per-sample coords
     (prompt_index, seed, prompt, checkpoint, checkpoint_sha256, model_family, sampler, local_attn_size,
@@ -237,7 +274,10 @@ def sample_dataset(layout: StoreLayout, sample: dict, arrays: dict[str, np.ndarr
         coords["key_token_h"] = ("key_token", (tok % layout.frame_seq_len) // w)
         coords["key_token_w"] = ("key_token", tok % w)
     attrs = {"schema_version": SCHEMA_VERSION, **layout.attrs, "stats": list(layout.stats), "completed": []}
-    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    for name in ds.coords:
+        ds[name].attrs.update(COORD_ATTRS.get(name, {}))
+    return ds
 
 
 def lock_file(path: str | Path) -> Path:
