@@ -169,6 +169,7 @@ def test_capture_under_intervention_holds_the_edited_attention(tmp_path):
     for name in ("timestep", "phase", "cfg", "denoise_index", "query_chunk", "key_chunk"):
         np.testing.assert_array_equal(ds[name].values, x[name].values)
     assert all(ds[v].attrs.get("units") and ds[v].attrs.get("long_name") for v in ds.data_vars)
+    assert {c for c in ds.coords if not ds[c].attrs.get("long_name")} == set()  # (the coordinates too)
     assert ds.attn_mass.attrs == x.attn_mass.attrs and ds.attrs["stats"] == ["attn_mass"]
     layout_half, model_half = ds.attrs["fingerprint"].split(":")
     assert layout_half != model_half

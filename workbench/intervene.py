@@ -131,7 +131,7 @@ def entry_dataset(e: Entry, samples, per_sample: list[dict], attrs: dict, num_fr
     key_frame] with `layout`, the captured steps and layers as an attention store lays them out)."""
     import xarray as xr
 
-    from workbench.store import sample_id
+    from workbench.store import COORD_ATTRS, sample_id
 
     ids = [sample_id(i, seed) for i, _, seed in samples]
     layer, head = e.target
@@ -162,7 +162,22 @@ def entry_dataset(e: Entry, samples, per_sample: list[dict], attrs: dict, num_fr
     if any(v.dims[-1:] == ("pixel_frame",) for v in data.values()):
         T = next(v.shape[-1] for v in data.values() if v.dims[-1:] == ("pixel_frame",))
         coords["pixel_frame"] = np.arange(T)
-    return xr.Dataset(data, coords=coords, attrs=attrs)
+    ds = xr.Dataset(data, coords=coords, attrs=attrs)
+    for name in ds.coords:  # (what each coordinate is, as an attention store's: workbench/store.py COORD_ATTRS)
+        ds[name].attrs.update(EFFECT_COORD_ATTRS.get(name) or COORD_ATTRS.get(name, {}))
+    return ds
+
+
+EFFECT_COORD_ATTRS = {
+    "intervention": dict(long_name="entry label (baseline first)"),
+    "frame": dict(long_name="latent frame", units="frames"),
+    "pixel_frame": dict(long_name="decoded pixel frame", units="frames"),
+    "intervention_kind": dict(long_name="baseline, ablate, knockout, temperature, sink or policy"),
+    "intervention_spec": dict(long_name="the entry's settings as JSON"),
+    "target_layer": dict(long_name="the one layer the entry acts on (-1: not exactly one)"),
+    "target_head": dict(long_name="the one head the entry acts on (-1: not exactly one)"),
+    "cache_frames": dict(long_name="latent frames each layer's KV cache holds at most", units="frames"),
+}
 
 
 def entry_bounds(p) -> dict:
