@@ -142,7 +142,10 @@ def test_info_gives_the_kv_cache_per_layer_and_in_all(capsys):
     assert cli_main(["info", "--preset", "wan2.1-t2v-1.3b", "--device", "cpu"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("KV cache"))
     assert line.split(None, 3)[3] == ("32760 tokens per layer, 192 MiB of keys and values per layer in bf16, 5.62 GiB "
-                                      "over the 30 layers")
+                                      "over the 30 layers (twice that in float32, the dtype on cpu)")
+    assert cli_main(["info", "--device", "cpu"]) == 0  # the embedded model's: no longer rounded to 0 MiB
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("KV cache"))
+    assert "1008 tokens per layer, 504 KiB of keys and values per layer in bf16, 2.95 MiB over the 6 layers" in line
 
 
 # a diffusers pipeline folder

@@ -46,6 +46,7 @@ def describe(config, *, frames: int, height: int, width: int, nfpb: int, device:
     geo = VideoGeometry(num_frames=frames, latent_height=lh, latent_width=lw, num_frame_per_block=nfpb)
     fsl = config.tokens_per_frame(geo.latent_height, geo.latent_width)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    kv_layer = 2 * frames * fsl * config.dim * 2  # bytes: bf16 keys and values of every frame, one layer
     rows = [
         ("dim / ffn_dim", f"{config.dim} / {config.ffn_dim}"),
         ("layers x heads x head_dim", f"{config.num_layers} x {config.num_heads} x {config.head_dim}"),
@@ -56,10 +57,10 @@ def describe(config, *, frames: int, height: int, width: int, nfpb: int, device:
                   f"{geo.latent_height}x{geo.latent_width}"),
         ("tokens", f"{fsl} per frame, {fsl * frames} in all, {fsl * nfpb} per chunk of {nfpb} frames "
                    f"({geo.num_chunks} chunks)"),
-        ("KV cache (global)", f"{frames * fsl} tokens per layer, {2 * frames * fsl * config.dim * 2 / 2**20:.0f} MiB "
-                              f"of keys and values per layer in bf16, "
-                              f"{2 * frames * fsl * config.dim * 2 * config.num_layers / 2**30:.2f} GiB over the "
-                              f"{config.num_layers} layers"),
+        ("KV cache (global)", f"{frames * fsl} tokens per layer, {_size(kv_layer)} of keys and values per layer in "
+                              f"bf16, {_size(kv_layer * config.num_layers)} over the {config.num_layers} layers"
+                              + (f" (twice that in float32, the dtype on {device})" if dtype != torch.bfloat16
+                                 else "")),
         ("attention window", "global" if config.local_attn_size == -1
          else f"{config.local_attn_size} frames, sink {config.sink_size}"),
         ("attention backend", f"{backend_name(device, dtype)} on {device}"),
@@ -97,3 +98,12 @@ def run(args) -> int:
     print(describe(config, frames=args.frames, height=height, width=width, nfpb=args.num_frame_per_block,
                    device=device))
     return 0
+
+
+def _size(n_bytes: float) -> str:
+    """'5.62 GiB', '192 MiB', '504 KiB': the largest unit that keeps the number 1 or more."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            v = n_bytes / scale
+            return f"{v:.0f} {unit}" if v >= 100 else f"{v:.3g} {unit}"
+    return f"{n_bytes:.0f} B"
