@@ -430,7 +430,8 @@ def _token_scale(z: np.ndarray, n: int) -> tuple[dict, str]:
             notes.append(f"the colour scale ends at the tokens' 99th percentile ({p99:.3g}); "
                          f"{int((cells > p99).sum())} cells above it, up to {top:.3g}, saturate")
     if z.shape[-1] > n and np.nanmax(z[..., n:], initial=0) > scale["cmax"]:
-        notes.append("the colour scale is the tokens'; the padding column (summed) saturates above it")
+        notes.append("the padding column (summed) saturates too" if notes else
+                     "the colour scale is the tokens'; the padding column (summed) saturates above it")
     if z.shape[-1] == n:  # (no padding column: the prompt filled the encoder's text length)
         notes.append(f"the prompt fills all {n} text tokens: any words past them were cut (as Wan2.1 cuts them)")
     return scale, "".join(f"<br><sub>{text}</sub>" for text in notes)

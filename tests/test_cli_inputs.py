@@ -117,6 +117,7 @@ CASES = [
     (["view", "{store}", "--port", "99999"], "--port 99999: give a port in 0..65535"),
     (["report", "{store}", "--out", "{tmp}"], "--out '{tmp}' is a folder; give the HTML file to write"),
     (["extract", "--layer", "3", "--prompts", "{tmp}"], "prompt file {tmp} is a folder"),
+    (["extract", "--layer", "3", "--token-layers", "all"], "--token-layers all names the layers of attn_key_token"),
 ]
 
 

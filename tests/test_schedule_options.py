@@ -98,3 +98,21 @@ def test_a_sink_without_a_window_is_named(tmp_path, capsys):
         err = capsys.readouterr().err
         assert ("warning: --sink-size 3 does nothing with global attention" in err) == bool(extra)
     assert np.array_equal(runs[0].numpy(), runs[2].numpy())
+
+
+def test_multi_step_flags_on_the_few_step_sampler_are_named(tmp_path, capsys):
+    """--guidance-scale and --num-inference-steps change nothing in the causal few-step sampler (no CFG; its steps
+    are --denoising-step-list): a run with them equals one without, and a warning says so (the flags were taken
+    silently, and a store then refused the next run for a 'guidance' that had done nothing)."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for extra in ([], ["--guidance-scale", "3", "--num-inference-steps", "8"]):
+        out = tmp_path / f"g{len(extra)}"
+        assert main(["generate", "--prompt", "a blue circle moving up", "--frames", "3", "--no-video", "--no-progress",
+                     "--out", str(out), *extra]) == 0
+        runs[len(extra)] = load_file(str(out / "p0000-s0.safetensors"))["latents"]
+        err = capsys.readouterr().err
+        assert ("warning: --num-inference-steps 8 and --guidance-scale 3 do nothing with the causal few-step "
+                "sampler" in err) == bool(extra)
+    assert np.array_equal(runs[0].numpy(), runs[4].numpy())

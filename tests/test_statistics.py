@@ -65,6 +65,8 @@ def test_cli_help_and_store_follow_the_registry(capsys):
     ((), (), "no statistic to capture; choose from"),
     (("attn_key_token",), (), "attn_key_token needs --token-layers"),
     (("attn_key_token",), (5,), r"token layers \[5\] are not among the captured layers \[0, 1\]"),
+    (("attn_mass",), (1,), r"--token-layers \[1\] names the layers of attn_key_token, which --stats attn_mass does "
+                           r"not ask for: add it \(e.g. --stats attn_mass,attn_key_token\)"),  # (it was ignored)
 ])
 def test_one_validation(stats, token_layers, message):
     with pytest.raises(WorkbenchError, match=message):

@@ -164,9 +164,15 @@ def check_stats(stats, token_layers=(), layers=None) -> tuple[str, ...]:
         raise WorkbenchError(f"unknown statistic(s) {unknown}; known: {list(STATISTICS)}")
     if not stats:
         raise WorkbenchError(f"no statistic to capture; choose from {list(STATISTICS)}")
-    for name in stats:
-        if STATISTICS[name].layer_dim == "token_layer" and token_layers is not None and not token_layers:
+    token_stats = [name for name in stats if STATISTICS[name].layer_dim == "token_layer"]
+    for name in token_stats:
+        if token_layers is not None and not token_layers:
             raise WorkbenchError(f"{name} needs --token-layers (which layers get per-key-token maps)")
+    if not token_stats and (token_layers is None or len(token_layers)):
+        names = [s.name for s in STATISTICS.values() if s.layer_dim == "token_layer"]
+        raise WorkbenchError(f"--token-layers {'all' if token_layers is None else list(token_layers)} names the "
+                             f"layers of {' and '.join(names)}, which --stats {','.join(stats)} does not ask for: "
+                             f"add it (e.g. --stats {','.join(stats + tuple(names))})")
     if layers is not None and token_layers is not None:
         stray = sorted(set(token_layers) - set(layers))
         if stray:

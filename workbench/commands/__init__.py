@@ -190,10 +190,20 @@ def resolve_model(args) -> None:
     teacher_weights_as_student = entry is None and not explicit and (EMBEDDED_DIR / ZOO_MARKER).is_file()
     args.model_note = ZOO_TEACHER_ONLY_NOTE if teacher_weights_as_student else None
     base_wan_as_student = bool(args.wan_dir) and not args.checkpoint and getattr(args, "sampler", "") is None
+    given = [key for key in ("num_inference_steps", "guidance_scale") if getattr(args, key, None) is not None]
     for key, value in SAMPLER_DEFAULTS.items():
         if getattr(args, key, value) is None:
             setattr(args, key, getattr(entry, key) if entry is not None else value)
     check_sampler_numbers(args)
+    if given and args.sampler == "causal_few_step":  # (the researchers' configs may carry them: a warning)
+        import warnings
+
+        from models.errors import ModelInputWarning
+
+        flags = " and ".join(f"--{key.replace('_', '-')} {getattr(args, key):g}" for key in given)
+        warnings.warn(f"{flags} {'do' if len(given) > 1 else 'does'} nothing with the causal few-step sampler (its steps are --denoising-step-list; "
+                      "it has no CFG); it is for the multi-step samplers (--sampler causal_multi_step_cfg or "
+                      "bidirectional)", ModelInputWarning, stacklevel=2)
     if base_wan_as_student and args.sampler == "causal_few_step":
         args.model_note = BASE_WAN_FEW_STEP_NOTE
 
