@@ -92,6 +92,15 @@ def _colour(var: str, values: np.ndarray) -> dict:
     return dict(colorscale="Viridis", cmin=0.0, cmax=top or 1.0)
 
 
+def _head_colour(i: int, n: int) -> str:
+    """The colour of the i-th of n heads' lines: plotly's ten below 11 heads, else 24 distinct ones (with ten, the
+    1.3B model's heads 10 and 11 took heads 0 and 1's colours)."""
+    from plotly.colors import qualitative
+
+    palette = qualitative.Plotly if n <= len(qualitative.Plotly) else qualitative.Dark24
+    return palette[i % len(palette)]
+
+
 def _grid(n: int, cols: int) -> tuple[int, int]:
     cols = max(1, min(cols, n))
     return math.ceil(n / cols), cols
@@ -219,7 +228,8 @@ def last_chunk_bars(
                              hovertemplate="key frame %{x}<br>%{y:.4g}<extra>head " + str(h) + "</extra>"), row=r, col=c)
         fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", line=dict(color="#e45756", width=1),
                                  marker=dict(size=3), showlegend=False, hoverinfo="skip"), row=r, col=c)
-    _label_axes(fig, rows, cols, "key frame", _units(ds, var))
+    # each row's y axis named by the unit alone: the long name, once a row, ran into the next row's (the title has it)
+    _label_axes(fig, rows, cols, "key frame", ds[var].attrs.get("units", var) if rows > 1 else _units(ds, var))
     frames = metrics.query_frames_for(sub, "last_chunk")
     fig.update_layout(
         title=f"{var} of the last chunk (query frames {frames[0]}-{frames[-1]}) over key frames · layer {layer} · "
@@ -317,13 +327,12 @@ def metric_over_training(da: xr.DataArray, *, title: str | None = None) -> go.Fi
     fig = make_subplots(rows=1, cols=len(layers), shared_yaxes=True, subplot_titles=[f"layer {x}" for x in layers],
                         horizontal_spacing=0.03)
     x = [int(t) for t in da.train_step.values]
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-               "#17becf"]
+    n = da.sizes["head"]
     for col, layer in enumerate(layers, start=1):
         for i, h in enumerate(da["head"].values):
             fig.add_trace(go.Scatter(x=x, y=_round(da.sel(layer=layer, head=h).values), mode="lines+markers",
                                      name=f"head {int(h)}", legendgroup=f"head {int(h)}", showlegend=col == 1,
-                                     line=dict(color=palette[i % len(palette)])), row=1, col=col)
+                                     line=dict(color=_head_colour(i, n))), row=1, col=col)
         fig.update_xaxes(title_text="train step", row=1, col=col)
     fig.update_yaxes(title_text=f"{da.name} [{da.attrs.get('units', '')}]", row=1, col=1)
     fig.update_layout(title=title or f"{da.name}: {da.attrs.get('long_name', '')} across training", height=420,
@@ -684,11 +693,13 @@ def recency_lines(profile: xr.DataArray, *, title: str | None = None) -> go.Figu
     sink_only = [bool(s) for s in profile["sink_only"].values] if "sink_only" in profile.coords \
         else [False] * len(distances)
     fig = go.Figure()
-    for h in profile["head"].values:
+    for i, h in enumerate(profile["head"].values):
         y = profile.sel(head=h)
+        colour = _head_colour(i, profile.sizes["head"])
         fig.add_trace(go.Scatter(x=distances, y=_round(y.values), mode="lines+markers", name=f"head {int(h)}",
-                                 connectgaps=False,
-                                 marker=dict(symbol=["circle-open" if s else "circle" for s in sink_only])))
+                                 connectgaps=False, line=dict(color=colour),
+                                 marker=dict(color=colour,
+                                             symbol=["circle-open" if s else "circle" for s in sink_only])))
     runs = [d for i, d in enumerate(distances) if sink_only[i] and (i == 0 or not sink_only[i - 1])]
     for start in runs:  # each run of sink-only distances, shaded, the first one labelled
         end = start
@@ -722,10 +733,10 @@ def metric_by_query_frame(rows: xr.DataArray, *, title: str | None = None) -> go
     """A row metric (dims head, query_frame; select the rest first) against the query frame, one line per head."""
     _needs_dims(rows, ("head", "query_frame"), "metric_by_query_frame")
     fig = go.Figure()
-    for h in rows["head"].values:
+    for i, h in enumerate(rows["head"].values):
         y = rows.sel(head=h)
         fig.add_trace(go.Scatter(x=[int(q) for q in y.query_frame.values], y=_round(y.values), mode="lines+markers",
-                                 name=f"head {int(h)}"))
+                                 name=f"head {int(h)}", line=dict(color=_head_colour(i, rows.sizes["head"]))))
     fig.update_xaxes(title_text="query frame")
     fig.update_yaxes(title_text=f"{rows.name} [{rows.attrs.get('units', '')}]", range=_fixed_range(rows))
     fig.update_layout(title=title or f"{rows.name}: {rows.attrs.get('long_name', '')}", height=420, width=800)
@@ -743,8 +754,9 @@ def metric_by_step(da: xr.DataArray, *, title: str | None = None) -> go.Figure:
         tags = [x for x in tags if x not in ("denoise", "none")]
         labels.append(f"{int(s)} · t={t:g}" + (f" ({', '.join(tags)})" if tags else ""))
     fig = go.Figure()
-    for h in da["head"].values:
-        fig.add_trace(go.Scatter(x=labels, y=_round(da.sel(head=h).values), mode="lines+markers", name=f"head {int(h)}"))
+    for i, h in enumerate(da["head"].values):
+        fig.add_trace(go.Scatter(x=labels, y=_round(da.sel(head=h).values), mode="lines+markers", name=f"head {int(h)}",
+                                 line=dict(color=_head_colour(i, da.sizes["head"]))))
     fig.update_xaxes(title_text="step · timestep", type="category")
     fig.update_yaxes(title_text=f"{da.name} [{da.attrs.get('units', '')}]", range=_fixed_range(da))
     fig.update_layout(title=title or f"{da.name} across steps", height=420, width=800)

@@ -62,7 +62,8 @@ def test_last_chunk_bars_carry_the_sink_statistic(ds):
         vh = v.sel(head=h).values
         np.testing.assert_allclose(np.array(bar.y, dtype=float), vh, atol=1e-6)
         assert title.text == f"head {h}: sink = {vh[0] - vh[1:-1].mean():.3g}"
-    assert axis_titles(fig, "yaxis") == {"self-attention mass per key frame [probability]"}  # the store's attrs
+    assert axis_titles(fig, "yaxis") == {"probability"}  # the store's units (3 rows: the long name ran together)
+    assert "attn_mass of the last chunk" in fig.layout.title.text
 
 
 def test_step_slider_has_one_frame_per_step(ds, wan):
