@@ -201,7 +201,8 @@ def resolve_model(args) -> None:
         from models.errors import ModelInputWarning
 
         flags = " and ".join(f"--{key.replace('_', '-')} {getattr(args, key):g}" for key in given)
-        warnings.warn(f"{flags} {'do' if len(given) > 1 else 'does'} nothing with the causal few-step sampler (its steps are --denoising-step-list; "
+        verb = "do" if len(given) > 1 else "does"
+        warnings.warn(f"{flags} {verb} nothing with the causal few-step sampler (its steps are --denoising-step-list; "
                       "it has no CFG); it is for the multi-step samplers (--sampler causal_multi_step_cfg or "
                       "bidirectional)", ModelInputWarning, stacklevel=2)
     if base_wan_as_student and args.sampler == "causal_few_step":
