@@ -404,8 +404,7 @@ def cross_tokens(
     if per_head is False or (per_head is None and rows > 3):
         return _cross_token_map(z.mean(1), x, head_list, n, ds, layer, step, keys, who)
     scale, note = _token_scale(z, n)
-    # under each row its rotated token labels (6 px a character at -60 degrees), then the next row's title
-    gap = int(6 * max(len(s) for s in x) * 0.87) + 50
+    gap = _label_room(x)  # under each row its token names, then the next row's title
     top, area = 130 + 34 * note.count("<sub>"), 200 * rows + gap * (rows - 1)
     fig, cols = _head_subplots(head_list, cols, [f"head {h}" for h in head_list], vertical_spacing=gap / area)
     for i, h in enumerate(head_list):
@@ -423,6 +422,12 @@ def cross_tokens(
         margin=dict(t=top, b=gap + 30),
     )
     return fig
+
+
+def _label_room(x: list[str]) -> int:
+    """Pixels under a token axis for its names rotated -60 degrees (6 px a character of 10 px type) and 50 more
+    (an axis title, or the next row's panel title)."""
+    return int(6 * max(len(s) for s in x) * 0.87) + 50
 
 
 def _token_scale(z: np.ndarray, n: int) -> tuple[dict, str]:
@@ -459,7 +464,7 @@ def _cross_token_map(z: np.ndarray, x: list[str], head_list: list[int], n: int, 
     title = wrap_title(f"cross_mass · layer {layer} · {metrics.step_label(ds, step)} · {keys}, mean over query "
                        "frames", width)
     top = 110 + 22 * title.count("<br>") + 34 * note.count("<sub>")
-    labels = int(6 * max(len(s) for s in x) * 0.87) + 50  # (the rotated names and the axis title under them)
+    labels = _label_room(x)  # (the names and the axis title under them)
     thinned = f"<br><sub>one token in {every} named (hover for each)</sub>" if every > 1 else ""
     fig.update_layout(
         title=f"{title}<br><sub>{who}</sub>{note}{thinned}",

@@ -244,7 +244,8 @@ def build_report(
                     f"fig-recency-layer{lay}")
         if cross:
             page.figure(figures.cross_tokens(ds, lay, step=step, sample=sample), f"fig-cross-layer{lay}")
-    token_layers = [int(t) for t in ds.token_layer.values if int(t) in detail] if "attn_key_token" in ds else []
+    held = [int(t) for t in ds.token_layer.values] if "attn_key_token" in ds else []
+    token_layers, others = [t for t in held if t in detail], [t for t in held if t not in detail]
     if token_layers:  # (the token layers among the detailed ones: --layer picks them too)
         last = int(ds.query_frame.values[-1])
         page.h("Inside the key frames")
@@ -255,7 +256,6 @@ def build_report(
         for tl in token_layers:
             page.figure(figures.key_token_maps(ds, tl, query_frame=last, step=step, sample=sample, within_frame=True),
                         f"fig-key-tokens-layer{tl}")
-    others = [int(t) for t in ds.token_layer.values if int(t) not in token_layers] if "attn_key_token" in ds else []
     if others:
         page.p(f"The store also holds key-token maps (attn_key_token) of layers {others}, not detailed here: "
                "--layer N draws them.")

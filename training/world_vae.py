@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from models import world
+from models.files import atomic_torch_save
 from models.wan.vae import SPATIAL_STRIDE, VAELayout, WanVAE
 from training.world_vae_model import (WORLD_VAE, decode_unclamped, encode_moments, fold_latent_stats,
                                       set_posterior_width, start_model, trained_parameters, wan_state_dict)
@@ -206,12 +207,6 @@ def check(cfg: VAETrainConfig) -> None:
         raise SystemExit(f"--eval-frames {cfg.eval_frames}: held-out videos need 1 + 4k pixel frames (5, ..., 81)")
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    from models.files import atomic_torch_save
-
-    atomic_torch_save(obj, path)
-
-
 def train(cfg: VAETrainConfig, out: Path, resume: bool = False, log=print, deadline: float | None = None) -> dict:
     """Train, fold the statistics, write Wan2.1_VAE.pth and vae_metrics.json into `out`; returns the metrics.
     `deadline` (time.perf_counter() seconds): stop then; the learning-rate schedule follows the time."""
@@ -272,11 +267,11 @@ def train(cfg: VAETrainConfig, out: Path, resume: bool = False, log=print, deadl
             bar.set_postfix(psnr=f"{row['train_psnr_db']:.2f}", kl=f"{k:.3g}")
             log(f"step {step}: mse {m:.5f} (PSNR {row['train_psnr_db']:.2f} dB) kl {k:.4g} lr {row['lr']:.2e}")
         if step % cfg.save_every == 0 and step < cfg.steps:
-            _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+            atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                 "history": history, "seconds": spent + time.perf_counter() - t0}, state_path)
     bar.close()
     seconds = spent + time.perf_counter() - t0
-    _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+    atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                         "history": history, "seconds": seconds}, state_path)
     return finish(model, cfg, out, history, seconds, log, steps=step)
 
@@ -300,7 +295,7 @@ def finish(model, cfg: VAETrainConfig, out: Path, history: list, seconds: float,
         set_posterior_width(model, cfg.latent_noise * std)
         fold_latent_stats(model, mean, std)
     sd = wan_state_dict(model, layout)
-    _atomic_torch_save(sd, out / "Wan2.1_VAE.pth")
+    atomic_torch_save(sd, out / "Wan2.1_VAE.pth")
     vae = WanVAE.from_file(out / "Wan2.1_VAE.pth", device=device)
     # a second held-out set for the reported numbers (the statistics were fitted on the first)
     _, test_videos = held_out_videos(2 * cfg.eval_videos, cfg.eval_frames)

@@ -443,8 +443,9 @@ class StoreWriter:
         if attrs.get("schema_version") != SCHEMA_VERSION or self.completed_attr not in attrs:
             raise WorkbenchError(f"{str(self.path)!r} is not a store of schema_version {SCHEMA_VERSION} with "
                                  f"{self.completed_attr!r}; {self.hint}")
-        unrecorded = self._unrecorded(attrs.get("fingerprint_fields"))
-        if attrs.get("fingerprint") != self.fingerprint and unrecorded:
+        unrecorded = "" if attrs.get("fingerprint") == self.fingerprint else \
+            self._unrecorded(attrs.get("fingerprint_fields"))
+        if unrecorded:
             self.log(f"note: {str(self.path)!r} was made by an older workbench that did not record {unrecorded}; "
                      "every setting it recorded agrees with this run's (the weights among them), so this run's "
                      "entries join it; that one is not checked")

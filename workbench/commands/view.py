@@ -60,7 +60,7 @@ def run(args) -> int:
     source = None if waiting else open_source(args.path, video=args.video, sample=args.sample)
     try:  # bound before any wait, so that the page answers (and says it waits) from the start
         server = ViewerServer(source, args.host, args.port, waiting_for=str(path / MANIFEST))
-    except (OSError, OverflowError) as err:
+    except OSError as err:
         raise WorkbenchError(f"cannot serve on {args.host}:{args.port} ({err.strerror or err}); "
                              "choose another --port (0: any free one)") from None
     thread = threading.Thread(target=server.serve_forever, name="workbench-view", daemon=True)
