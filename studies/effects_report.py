@@ -26,7 +26,7 @@ import plotly.graph_objects as go
 import xarray as xr
 
 from studies.figures import layer_head_map
-from studies.page import Page, write_atomic
+from studies.page import TABLE_ROWS, Page, write_atomic
 
 TOP = 10  # entries drawn in the curves (the baseline is the zero line)
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -180,7 +180,7 @@ def build_effects_report(store, out_html: str | Path) -> Path:
               "against the baseline (docs/world_metrics.md)." if "world_trajectory_error" in ds else
               "No world metrics: the model or the prompts are not the miniature world's."))
     page.h("Ranked by effect")
-    page.table(display_ranking(table))
+    page.table(display_ranking(table), shown=TABLE_ROWS)
     if ds.sizes["frame"] > 21:
         page.h("Drift over the rollout (segments of 21 latent frames)")
         page.p("effect a-b: the mean relative latent distance to the baseline over those latent frames; rms last/first: "

@@ -22,7 +22,7 @@ import xarray as xr
 
 from studies import compare as compare_mod
 from studies import figures, metrics
-from studies.page import Page, write_atomic
+from studies.page import TABLE_ROWS, Page, write_atomic
 from workbench.errors import WorkbenchError
 from workbench.store import chunk_sizes
 
@@ -218,7 +218,7 @@ def build_report(
                                                title=f"{name}: {at[name].attrs.get('long_name', '')}"),
                         f"fig-overview-{name}")
     page.h("Head metrics and classes", 3)
-    page.table(_head_table(at, classes.sel(step=step)))
+    page.table(_head_table(at, classes.sel(step=step)), shown=TABLE_ROWS)
 
     # the slider leaves out CFG's uncond forwards (half of a Wan store's steps, and the bulk of the HTML)
     slider_steps = [int(s) for s, c in zip(ds.step.values, ds["cfg"].values) if str(c) != "uncond" or int(s) == step] \
@@ -296,7 +296,7 @@ def _training_report(ds: xr.Dataset, source: str, out_html, *, layer, sample, st
     page.h(f"Head classes at train step {last}", 3)
     page.figure(figures.taxonomy_map(classes.sel(train_step=last), title=f"head classes · train step {last} · "
                                      f"{metrics.step_label(ds, step)}"), "fig-taxonomy")
-    page.table(_head_table(hm.sel(train_step=last), classes.sel(train_step=last)))
+    page.table(_head_table(hm.sel(train_step=last), classes.sel(train_step=last)), shown=TABLE_ROWS)
     for lay in detail:
         page.h(f"Layer {lay}")
         page.figure(figures.train_step_slider(ds, lay, step=step, sample=sample), f"fig-train-steps-layer{lay}")
@@ -414,7 +414,8 @@ def build_compare_report(
     page.p(f"Query frames compared: {c.query_frames}, the frames both stores select ({query_frames!r} of each, "
            "intersected). A store of one chunk (the bidirectional sampler) selects every frame as its last chunk, "
            "so its metrics and classes here can differ from its own report's, which average over all its frames.")
-    page.table(ranking.set_axis(ranking.index + 1).rename_axis("rank"), float_format="{:.4f}")  # (ranks from 1)
+    page.table(ranking.set_axis(ranking.index + 1).rename_axis("rank"), float_format="{:.4f}",  # (ranks from 1)
+               shown=TABLE_ROWS)
     # one colour scale for the mean and every step, so that the maps can be compared by eye
     finite = c.js_bits.values[np.isfinite(c.js_bits.values)]
     top_js = float(finite.max()) if finite.size and finite.max() > 0 else 1.0

@@ -333,3 +333,19 @@ def test_checks_table_says_n_a_for_a_statistic_the_store_lacks(stores):
     table = report.checks_table(ds.drop_vars("attn_logit"))
     row = table[table.check.str.startswith("attn_logit")].iloc[0]
     assert (row["value"], row["holds"]) == ("no attn_logit in the store", "n/a")
+
+
+def test_a_long_table_shows_its_first_rows_and_folds_every_other_row():
+    import pandas as pd
+
+    from studies.page import FOLD_SLACK, Page
+
+    page = Page("t")
+    df = pd.DataFrame({"layer": np.arange(100) // 12, "head": np.arange(100) % 12, "js_bits": np.arange(100) / 1e3})
+    page.table(df, index=False, shown=30)
+    shown, folded = page.parts[-1].split("<details>")
+    assert shown.count("<tr") == 1 + 30 and "the other 70 of 100 rows" in folded
+    assert folded.count("<tr") == 1 + 70 and folded.endswith("</details>")  # each row once, under its header
+    assert "0.099" in folded and "0.099" not in shown and "0.029" in shown
+    page.table(df.head(30 + FOLD_SLACK), index=False, shown=30)  # a few rows over are not worth a fold
+    assert "<details>" not in page.parts[-1] and page.parts[-1].count("<tr") == 1 + 30 + FOLD_SLACK
