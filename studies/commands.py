@@ -58,8 +58,8 @@ def register(subparsers) -> None:
     report.add_argument("--step", type=int, default=None,
                         help="step of the overview maps and heatmaps (default: the first captured denoising step; "
                              "step 0, t=1000, when it was captured)")
-    report.add_argument("--query-frames", default="last_chunk", choices=["last_chunk", "history", "all"],
-                        help=QUERY_FRAMES_HELP)
+    report.add_argument("--query-frames", default=None, choices=["last_chunk", "history", "all"],
+                        help=QUERY_FRAMES_HELP)  # (None: last_chunk, and a given one is refused for effects stores)
     report.set_defaults(func=run_report)
 
     compare = subparsers.add_parser("compare", help=COMPARE_HELP, description=COMPARE_DESCRIPTION,

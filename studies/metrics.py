@@ -281,9 +281,9 @@ def recency_profile(ds: xr.Dataset | xr.DataArray, *, query_frames: str | Sequen
     """Mean attention mass at each frame distance d = query_frame - key_frame: for each (sample, step, layer,
     head), the mean of attn_mass[qf, qf - d] over the query frames where that key frame was attended.
     NaN where no query frame has distance d available. New dim `distance` (int, frames), with the bool coordinate
-    `sink_only` when the samples kept sink frames in a rolling window: True at the distances where every attended
-    key frame is a sink frame (key_frame < sink_size; the frames between them and the window were evicted), so
-    that a far point there is the sink, not recall of the frames that far back."""
+    `sink_only` when the samples kept sink frames in a rolling window that evicted frames: True at the distances
+    where every attended key frame is a sink frame (key_frame < sink_size; the frames between them and the window
+    were evicted), so that a far point there is the sink, not recall of the frames that far back."""
     ds = attention_store(ds, extra_dims=True)
     ds = ds.sel(query_frame=query_frames_for(ds, query_frames))
     mass = _mass(ds)
@@ -307,15 +307,17 @@ def recency_profile(ds: xr.Dataset | xr.DataArray, *, query_frames: str | Sequen
 
 def _sink_only(mass: xr.DataArray, dist: xr.DataArray, values: np.ndarray) -> list[bool] | None:
     """Per distance in `values`: whether every attended (query frame, key frame) pair at that distance has a sink
-    frame as its key; None unless some sample kept sink frames in a rolling window (sink_size > 0 and
-    local_attn_size > 0: without a window, the first frames are attended like any other)."""
+    frame as its key; None unless some sample kept sink frames in a rolling window that evicted frames
+    (sink_size > 0, local_attn_size > 0 and some key frame at or before its query frame not attended: without a
+    window, or in one that held every frame, the first frames are attended like any other)."""
     if not {"sink_size", "local_attn_size"} <= set(mass.coords) or "sample" not in mass.dims:
-        return None
-    windowed = (mass["sink_size"] > 0) & (mass["local_attn_size"] > 0)  # [sample]
-    if not bool(windowed.any()):
         return None
     other = [d for d in mass.dims if d not in ("sample", "query_frame", "key_frame")]
     attended = mass.notnull().any(other)  # [sample, query_frame, key_frame]
+    evicted = ((mass.key_frame <= mass.query_frame) & ~attended).any(["query_frame", "key_frame"])  # [sample]
+    windowed = (mass["sink_size"] > 0) & (mass["local_attn_size"] > 0) & evicted  # [sample]
+    if not bool(windowed.any()):
+        return None
     sink = (mass.key_frame < mass["sink_size"]) & windowed  # [sample, key_frame]
     at = [dist == d for d in values]
     return [bool((attended & a).any()) and not bool((attended & ~sink & a).any()) for a in at]

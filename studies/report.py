@@ -166,26 +166,28 @@ def build_report(
     layer: int | list[int] | None = None,
     sample: str | None = None,
     step: int | None = None,
-    query_frames="last_chunk",
+    query_frames=None,
     thresholds: metrics.TaxonomyThresholds | None = None,
 ) -> Path:
     """Write an HTML report of one store (a path or an opened Dataset) to `out_html`; returns the path.
 
     `layer`: the layer(s) that get a detailed section (default: every captured layer, at most 8 evenly spaced);
     `sample`: one sample id (default: the mean over samples); `step`: the step of the overview maps and head grids
-    (default: the first captured denoising step: step 0, t = 1000, the researchers' choice, when it was captured)."""
+    (default: the first captured denoising step: step 0, t = 1000, the researchers' choice, when it was captured);
+    `query_frames`: the rows the head metrics average over (default "last_chunk", `metrics.query_frames_for`)."""
     ds, source = _open(store)
     from studies.effects_report import build_effects_report, is_effects_store
 
     if is_effects_store(ds):  # `workbench intervene`'s store: its own page
-        given = [f"--{name}" for name, value in (("layer", layer), ("sample", sample), ("step", step))
-                 if value is not None]
+        given = [f"--{name}" for name, value in (("layer", layer), ("sample", sample), ("step", step),
+                                                 ("query-frames", query_frames)) if value is not None]
         if given:
             raise WorkbenchError(f"{', '.join(given)}: an effects store's report (workbench intervene) shows every "
                                  "entry's effect over all its samples and frames and takes none of these; they are "
                                  "for attention stores")
         return build_effects_report(ds if not isinstance(store, (str, Path)) else store, out_html)
     step = metrics.default_step(ds) if step is None and "step" in ds.dims else step
+    query_frames = "last_chunk" if query_frames is None else query_frames
     if "train_step" in ds.dims:
         return _training_report(ds, source, out_html, layer=layer, sample=sample, step=step,
                                 query_frames=query_frames, thresholds=thresholds)

@@ -182,6 +182,7 @@ def test_video_scores_round_trip_through_json():
     (["--model", "../x=embedded"], "label '../x' names folders under --out"),
     (["--model", "a|b=embedded"], "label 'a|b' names folders under --out and columns of the tables"),
     (["--model", "pairs=embedded"], "label 'pairs' is a column of the comparison table"),
+    (["--guidance-scale", "nan"], "--guidance-scale nan: give a finite number"),
     (["--model", "embedded", "--model", "embedded"], "['embedded'] is given twice"),
     (["--compare", "a,b"], "give two different model labels"),
     (["--checkpoint", "missing.pt"], "--checkpoint 'missing.pt' does not exist"),
@@ -192,6 +193,17 @@ def test_evaluate_refuses_bad_input_before_work(tmp_path, capsys, argv, needle):
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "o").exists()  # nothing made: the output folder comes after every check
+
+
+def test_evaluate_refuses_a_file_named_as_a_comparison_column(tmp_path, capsys):
+    """A checkpoint's file name is its label when none is typed: ties.pt would have put the tie count in model
+    A's column of the comparison table."""
+    (tmp_path / "ties.pt").write_bytes(b"")
+    assert main(["evaluate", "--model", str(tmp_path / "ties.pt"), "--model", "embedded", "--out",
+                 str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "label 'ties' is a column of the comparison table" in err and "--model LABEL=SOURCE" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_evaluate_refuses_an_unwritable_output(tmp_path, capsys):

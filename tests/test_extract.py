@@ -465,6 +465,7 @@ def test_the_api_reads_a_researchers_values_or_names_the_bad_one():
                         (dict(num_frames="6"), "num_frames '6': give a positive int"),
                         (dict(prompts=[1]), "prompts \\[1\\]: give a list of strings"),
                         (dict(denoising_step_list=[]), "denoising_step_list is empty"),
+                        (dict(guidance_scale=float("nan")), "guidance_scale nan: give a finite number"),
                         (dict(num_frames=6, local_attn_size=2), "--local-attn-size 2: the window must hold")]:
         with pytest.raises(WorkbenchError, match=message):
             extract_mod.plan(ExtractConfig(**kw))

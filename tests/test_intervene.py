@@ -112,6 +112,8 @@ def test_intervene_writes_an_effects_store_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(out), "--layer", "9", "--step", "0", "--out", str(tmp_path / "no.html")]) == 2
     assert "--layer, --step: an effects store's report" in capsys.readouterr().err  # (not silently ignored)
+    assert main(["report", str(out), "--query-frames", "history", "--out", str(tmp_path / "no.html")]) == 2
+    assert "--query-frames: an effects store's report" in capsys.readouterr().err
     assert main(["export-legacy", str(out)]) == 2
     assert "is an effects store" in capsys.readouterr().err
     rows = re.findall(r"<t[hd]>(ablate-zero:L2.H1|baseline|policy-sink6\+sink3|temperature2:L1.H0)</t[hd]>", text)

@@ -165,6 +165,10 @@ def test_recency_profile_names_the_distances_only_sink_frames_reach(window, caus
     # the window of 9 keeps frames 0-2 and the 6 newest: past 5 frames back only the sink frames are left
     assert prof.distance.values[prof.sink_only.values].tolist() == list(range(6, F))
     assert "sink_only" not in metrics.recency_profile(causal).coords  # no window: frame 0 is a frame like any other
+    # a window that holds every frame evicts nothing: its far distances are frames like any other, not the sink's
+    whole = synthetic.make_dataset("window", local_attn_size=F, sink_size=3)
+    assert (whole.attn_mass.notnull() | (whole.key_frame > whole.query_frame)).all()  # every past frame attended
+    assert "sink_only" not in metrics.recency_profile(whole).coords
 
 
 def test_window_counts_evicted_frames_as_not_attended(window):

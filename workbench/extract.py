@@ -226,6 +226,8 @@ def _check_request(cfg: ExtractConfig) -> ExtractConfig:
                              "[1000, 750, 500, 250]")
     if not 0 <= cfg.context_noise <= 1000:
         raise WorkbenchError(f"context_noise {cfg.context_noise!r}: a timestep in 0 .. 1000")
+    if not np.isfinite(cfg.guidance_scale):  # (NaN runs a whole rollout of NaN)
+        raise WorkbenchError(f"guidance_scale {cfg.guidance_scale!r}: give a finite number (the CFG samplers' scale)")
     _dtype(cfg.dtype)  # (a name it knows)
     stats = [x.strip() for x in cfg.stats.split(",") if x.strip()] if isinstance(cfg.stats, str) else list(cfg.stats)
     return dataclasses.replace(

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from workbench.commands import add_model_arguments
+from workbench.commands import add_model_arguments, check_sampler_numbers
 
 HELP = "score models on the miniature world: prompt adherence, trajectory error, consistency, drift"
 
@@ -128,7 +128,13 @@ def select_models(args) -> list[ModelChoice]:
         label = (Path(args.checkpoint).stem if args.checkpoint else Path(args.wan_dir).name if args.wan_dir
                  else "embedded") + ("-ema" if args.use_ema else "")
         return [ModelChoice(label, args.wan_dir, args.checkpoint, args.use_ema, args.sampler)]
+    from studies.world_report import COMPARE_COLUMNS
+
     choices = [parse_model_spec(spec, args) for spec in args.model]
+    for spec, c in zip(args.model, choices):  # (typed, or a file's or folder's name)
+        if c.label in COMPARE_COLUMNS:
+            raise WorkbenchError(f"--model {spec!r}: label {c.label!r} is a column of the comparison table "
+                                 f"({', '.join(COMPARE_COLUMNS)}); give it another: --model LABEL=SOURCE")
     labels = [c.label for c in choices]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
@@ -155,14 +161,9 @@ def parse_model_spec(spec: str, args) -> ModelChoice:
                                  f"{', '.join(SAMPLERS)}")
     import re
 
-    from studies.world_report import COMPARE_COLUMNS
-
     if label and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", label):
         raise WorkbenchError(f"--model {spec!r}: label {label!r} names folders under --out and columns of the "
                              "tables; use letters, digits, ., - or _ (no leading .)")
-    if label in COMPARE_COLUMNS:
-        raise WorkbenchError(f"--model {spec!r}: label {label!r} is a column of the comparison table "
-                             f"({', '.join(COMPARE_COLUMNS)}); choose another")
     names = model_names()
     if source in names:
         from models.wan.embedded import ZOO
@@ -238,6 +239,7 @@ def run(args) -> int:
 
     # --- everything that can be wrong, before any work (the output folder is made once all of it passed)
     check_writable_dir(args.out)
+    check_sampler_numbers(args)
     if args.save_videos and not mp4_available():
         raise WorkbenchError("--save-videos writes mp4 files, which need the video extra: pip install -e '.[video]'")
     prompts = select_prompts(args)
