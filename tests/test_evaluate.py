@@ -183,6 +183,7 @@ def test_video_scores_round_trip_through_json():
     (["--model", "a|b=embedded"], "label 'a|b' names folders under --out and columns of the tables"),
     (["--model", "pairs=embedded"], "label 'pairs' is a column of the comparison table"),
     (["--guidance-scale", "nan"], "--guidance-scale nan: give a finite number"),
+    (["--sink-size", "-1"], "--sink-size -1: give 0 or more"),
     (["--model", "embedded", "--model", "embedded"], "['embedded'] is given twice"),
     (["--compare", "a,b"], "give two different model labels"),
     (["--checkpoint", "missing.pt"], "--checkpoint 'missing.pt' does not exist"),

@@ -240,6 +240,9 @@ def run(args) -> int:
     # --- everything that can be wrong, before any work (the output folder is made once all of it passed)
     check_writable_dir(args.out)
     check_sampler_numbers(args)
+    if args.sink_size < 0:  # (a length without a window would not read it)
+        raise WorkbenchError(f"--sink-size {args.sink_size}: give 0 or more (the first frames a long run's KV window "
+                             "keeps)")
     if args.save_videos and not mp4_available():
         raise WorkbenchError("--save-videos writes mp4 files, which need the video extra: pip install -e '.[video]'")
     prompts = select_prompts(args)
