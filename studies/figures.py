@@ -93,12 +93,16 @@ def _colour(var: str, values: np.ndarray) -> dict:
 
 
 def _head_colour(i: int, n: int) -> str:
-    """The colour of the i-th of n heads' lines: plotly's ten below 11 heads, else 24 distinct ones (with ten, the
-    1.3B model's heads 10 and 11 took heads 0 and 1's colours)."""
-    from plotly.colors import qualitative
+    """The colour of the i-th of n heads' lines: plotly's ten below 11 heads, 24 distinct ones up to 24 (with ten,
+    the 1.3B model's heads 10 and 11 took heads 0 and 1's colours), else n evenly spaced along Turbo (the 14B
+    model's 40 heads: no two alike)."""
+    from plotly.colors import qualitative, sample_colorscale, sequential
 
-    palette = qualitative.Plotly if n <= len(qualitative.Plotly) else qualitative.Dark24
-    return palette[i % len(palette)]
+    if n <= len(qualitative.Plotly):
+        return qualitative.Plotly[i]
+    if n <= len(qualitative.Dark24):
+        return qualitative.Dark24[i]
+    return sample_colorscale(sequential.Turbo, [i / (n - 1)])[0]
 
 
 def _grid(n: int, cols: int) -> tuple[int, int]:

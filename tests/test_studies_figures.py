@@ -324,3 +324,9 @@ def test_every_coordinate_says_what_it_is(tokens_store):
     assert {c for c in ds.coords if not ds[c].attrs.get("long_name")} == set()
     assert ds.query_frame.attrs["units"] == ds.local_attn_size.attrs["units"] == "frames"
     assert all(ds[v].attrs.get("long_name") and ds[v].attrs.get("units") for v in ds.data_vars)
+
+
+@pytest.mark.parametrize("n", [4, 12, 40])
+def test_every_head_of_a_layer_gets_a_colour_of_its_own(n):
+    """(with plotly's ten, the 1.3B model's heads 10 and 11 took heads 0 and 1's colours; with 24, the 14B's 40)"""
+    assert len({figures._head_colour(i, n) for i in range(n)}) == n
