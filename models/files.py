@@ -322,6 +322,11 @@ def stale_temporaries(folder, *, now: float | None = None, older_than_s: float =
     return sorted(stale)
 
 
+def relative_note(path) -> str:
+    """What a "does not exist" error adds for a relative path: the folder it was read from."""
+    return "" if Path(path).is_absolute() else f" (a relative path: read from the current folder, {os.getcwd()})"
+
+
 def atomic_write(path, write) -> None:
     """Call write(tmp_path) on a temporary path beside `path`, then rename it into place, with the permissions of
     any new file (some writers, safetensors' among them, create theirs owner-only)."""

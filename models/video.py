@@ -11,14 +11,14 @@ All writes are atomic (`models.files.atomic_write`: temp file in the same folder
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from models.errors import ModelInputError
-from models.files import atomic_write, ensure_writable_dir  # noqa: F401 (ensure_writable_dir: re-exported)
+from models.files import ensure_writable_dir  # noqa: F401 (re-exported)
+from models.files import atomic_write, relative_note
 
 
 def mp4_available() -> bool:
@@ -226,8 +226,7 @@ def read_prompts(path) -> list[str]:
     if path.is_dir():
         raise ModelInputError(f"prompt file {path} is a folder; give a text file of one prompt per line")
     if not path.is_file():
-        where = "" if path.is_absolute() else f" (a relative path: read from the current folder, {os.getcwd()})"
-        raise ModelInputError(f"prompt file not found: {path}{where}")
+        raise ModelInputError(f"prompt file not found: {path}{relative_note(path)}")
     try:
         text = path.read_text(encoding="utf-8-sig")  # (a byte order mark, as Windows editors write, is no text)
     except UnicodeDecodeError as e:

@@ -38,6 +38,7 @@ examples:
   workbench compare runs/wan.zarr runs/self_forcing.zarr --out runs/wan_vs_sf.html
   workbench compare runs/a.zarr runs/b.zarr --out runs/c.html --tolerance 5 --layer 0 --layer 4
   workbench compare runs/seed0.zarr runs/seed1.zarr --pair-by prompt       # stores of different seeds
+  workbench compare runs/train/probes.zarr runs/train/probes.zarr --train-step 0 --train-step 500   # training
 """
 
 QUERY_FRAMES_HELP = ("query frames the head metrics average over: last_chunk (the researchers' last block, "
@@ -76,6 +77,9 @@ def register(subparsers) -> None:
                          help="restrict to this layer; repeat for several (default: every layer both stores hold)")
     compare.add_argument("--query-frames", default="last_chunk", choices=["last_chunk", "history", "all"],
                          help=QUERY_FRAMES_HELP)
+    compare.add_argument("--train-step", type=int, action="append", metavar="N",
+                         help="the train step of a training probe store (workbench train's probes.zarr) to compare; "
+                              "once: for every probe store among A and B, twice: A's then B's")
     compare.add_argument("--top", type=int, default=4, help="heads shown as heatmaps, most changed first (default 4)")
     compare.add_argument("--pair-by", default="auto", choices=["auto", "seed", "prompt"],
                          help="seed: samples with the same prompt and seed; prompt: every sample of A with every "
@@ -114,6 +118,6 @@ def run_compare(args) -> int:
 
     path = build_compare_report(args.store_a, args.store_b, writable_output(args.out), tolerance=args.tolerance, cfg=args.cfg,
                                 layers=args.layer, query_frames=args.query_frames, top=args.top,
-                                pair_by=args.pair_by, log=print)
+                                pair_by=args.pair_by, train_steps=args.train_step or (), log=print)
     print(f"wrote {path}")
     return 0

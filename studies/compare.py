@@ -67,6 +67,7 @@ class Comparison:
     tolerance: float = 20.0
     pair_by: str = "seed"  # how the samples were paired: "seed" (prompt and seed) or "prompt"
     thresholds: metrics.TaxonomyThresholds | None = None  # what class_a / class_b were classified with
+    notes: list[str] = field(default_factory=list)  # what a reader should know: lengths that differ, layers left out
 
 
 # --------------------------------------------------------------------------------------------------- samples
@@ -222,6 +223,7 @@ def compare_stores(
                              "frames both hold: --query-frames all (query_frames='all') compares every frame they "
                              "share")
     key_frames = sorted({int(k) for k in a.key_frame.values} | {int(k) for k in b.key_frame.values})
+    notes = _notes(a, b, la, lb, ha, hb, shared_layers if layers is None else None, heads, pairs.attrs["pair_by"])
 
     match_coords = {
         "step_a": ("match", steps.step_a.to_numpy()), "step_b": ("match", steps.step_b.to_numpy()),
@@ -262,8 +264,24 @@ def compare_stores(
         metrics_a=metrics_a, metrics_b=metrics_b, diff=diff, js_bits=js,
         class_a=metrics.classify_heads(metrics_a, thresholds), class_b=metrics.classify_heads(metrics_b, thresholds),
         query_frames=frames, tolerance=tolerance,
-        pair_by=pairs.attrs["pair_by"], thresholds=thresholds,
+        pair_by=pairs.attrs["pair_by"], thresholds=thresholds, notes=notes,
     )
+
+
+def _notes(a, b, la, lb, ha, hb, shared_layers, heads, pair_by: str) -> list[str]:
+    """What the comparison leaves out or cannot hold equal: rollouts of different lengths (the same seed then
+    draws different noise from the first re-noising on), layers or heads only one store holds (`shared_layers`
+    None: the caller chose the layers)."""
+    notes = []
+    fa, fb = a.sizes["query_frame"], b.sizes["query_frame"]
+    if fa != fb:
+        notes.append(f"the rollouts have different lengths (A {fa} latent frames, B {fb})"
+                     + (": the same seed draws the same noise for the first frames only, and different noise from "
+                        "the first re-noising on, so the divergences include that" if pair_by == "seed" else ""))
+    for what, xa, xb, shared in (("layer", la, lb, shared_layers), ("head", ha, hb, heads)):
+        if shared is not None and (set(xa) - set(shared) or set(xb) - set(shared)):
+            notes.append(f"{what}s compared: {shared}, the ones both stores hold (A has {xa}, B has {xb})")
+    return notes
 
 
 def rank_heads(c: Comparison, *, by: str = "js_bits", match: int | None = None) -> pd.DataFrame:

@@ -53,34 +53,44 @@ def _detail_layers(ds: xr.Dataset, layers) -> list[int]:
 
 def model_facts(ds: xr.Dataset) -> dict[str, str]:
     """What names the model a store holds (its samples carry one): family, sampler, checkpoint, which entry of it
-    ran (EMA or not), the weights' sha256 (first 12 hex) and the attention window."""
+    ran (EMA or not), the weights' sha256 (first 12 hex), the rollout's length and the attention window. A probe
+    store's checkpoint and sha256 are the training's start; one train step of it (`ds.sel(train_step=N)`) is named
+    by that step."""
     first = ds.isel(sample=0)
     model = (ds.attrs.get("fingerprint_fields") or {}).get("model", {})
     sha = str(first["checkpoint_sha256"].values) if "checkpoint_sha256" in ds.coords else model.get("weights", "?")
     text = str(model.get("text_encoder", "?"))
+    family = str(first["model_family"].values) if "model_family" in ds.coords else "?"
     training = "train_step" in ds.dims  # (a probe store: the generator as it was trained, at each train step)
+    at_step = int(ds["train_step"]) if "train_step" in ds.coords and ds["train_step"].ndim == 0 else None
+    start = ("training started from " if training else
+             f"train step {at_step} of the training that started from " if at_step is not None else "")
     return {
         "model folder (--wan-dir)": _model_folder(ds),
-        "model family": str(first["model_family"].values) if "model_family" in ds.coords else "?",
+        "model family": family,
         "sampler": str(first["sampler"].values) if "sampler" in ds.coords else "?",
-        "checkpoint": (("training started from " if training else "") + str(first["checkpoint"].values))
-        if "checkpoint" in ds.coords else "?",
-        "weights entry": _weights_entry(model, training),
-        "weights sha256": sha[:12] + ("..." if len(sha) > 12 else "") + (" (training's start)" if training else ""),
+        "checkpoint": start + str(first["checkpoint"].values) if "checkpoint" in ds.coords else "?",
+        "weights entry": _weights_entry(model, training, at_step, family),
+        "weights sha256": sha[:12] + ("..." if len(sha) > 12 else "") + (" (training's start)" if start else ""),
+        "latent frames": str(ds.sizes["query_frame"]) if "query_frame" in ds.dims else "?",
         "text encoder sha256 (weights, tokenizer, text_len)": text[:12] + ("..." if len(text) > 12 else ""),
         "attention window (frames, -1 = global) / sink frames":
             f"{int(first['local_attn_size'])} / {int(first['sink_size'])}" if "local_attn_size" in ds.coords else "?",
     }
 
 
-def _weights_entry(model: dict, training: bool) -> str:
-    """Which state dict of the checkpoint ran, from the store's fingerprint fields (a probe store: the generator
-    as it was being trained)."""
+def _weights_entry(model: dict, training: bool, at_step: int | None, family: str) -> str:
+    """Which state dict ran, from the store's fingerprint fields and model family (a checkpoint ran: self_forcing;
+    a Wan folder's own DiT: wan); a probe store: the generator as it was being trained."""
     if training:
         return "the generator being trained, at each train step"
+    if at_step is not None:
+        return f"the generator being trained, at train step {at_step}"
     if not model:
         return "?"
-    return "generator_ema (EMA)" if model.get("key") == "ema" else "generator, or the folder's own DiT"
+    if model.get("key") == "ema":
+        return "generator_ema (EMA)"
+    return {"self_forcing": "generator", "wan": "the folder's own DiT"}.get(family, "generator, or the folder's own DiT")
 
 
 def _model_folder(ds: xr.Dataset) -> str:
@@ -329,6 +339,7 @@ def compare_summary(c, ranking, name_a: str, name_b: str, rows: int = 5, stores=
     lines += [f"{who}{len(c.pairs)} sample pair(s) paired by {'prompt and seed' if c.pair_by == 'seed' else 'prompt'}"
               + (f" (not compared: {unpaired})" if unpaired else "")
               + f", {c.js_bits.sizes['match']} matched step(s), query frames {c.query_frames}",
+              *[f"note: {n}" for n in c.notes],
               "heads whose attention over key frames changed most (Jensen-Shannon, bits; 0 = same, 1 = disjoint; "
               "means over the matched steps, the classes too):",
               f"{'layer':>6}{'head':>6}{'js_bits':>9}  class A -> class B"]
@@ -344,6 +355,32 @@ def _model_line(ds: xr.Dataset) -> str:
     f = model_facts(ds)
     return (f"{f['checkpoint']} ({f['weights entry']}, sha256 {f['weights sha256']}), {f['model family']}, "
             f"{f['sampler']}")
+
+
+def _train_steps(sides, steps: list[int]) -> list[tuple[xr.Dataset, str]]:
+    """Each (store, name, source) of a comparison with its train step selected when it is a training probe store
+    (`steps`: one for every probe store, or A's and B's), the name saying which; a WorkbenchError when a probe
+    store has no step or a step names no probe store's."""
+    probes = ["train_step" in ds.dims for ds, _, _ in sides]
+    if len(steps) > 2:
+        raise WorkbenchError(f"--train-step given {len(steps)} times: give it once (every probe store) or twice "
+                             "(A's, then B's)")
+    if steps and not any(probes):
+        raise WorkbenchError(f"--train-step {steps[0]}: neither store is a training probe store (workbench train's "
+                             "probes.zarr, with a train_step dim)")
+    per_side = [steps[0] if p else None for p in probes] if len(steps) == 1 else steps or [None, None]
+    out = []
+    for side, (ds, name, src), probe, step in zip("AB", sides, probes, per_side):
+        have = [int(s) for s in ds["train_step"].values] if probe else []
+        if probe and step is None:
+            raise WorkbenchError(f"{side} ({src}) is a training probe store (train steps {have}): choose one with "
+                                 "--train-step N (twice for A and B, e.g. --train-step 0 --train-step 500)")
+        if step is not None and not probe:
+            raise WorkbenchError(f"--train-step {step} for {side}: {src} is not a training probe store")
+        if step is not None and step not in have:
+            raise WorkbenchError(f"--train-step {step}: {side} ({src}) holds train steps {have}")
+        out.append((ds, name) if step is None else (ds.sel(train_step=step), f"{name} (train step {step})"))
+    return out
 
 
 def _distinct_names(src_a: str, src_b: str) -> tuple[str, str]:
@@ -370,16 +407,19 @@ def build_compare_report(
     top: int = 4,
     thresholds: metrics.TaxonomyThresholds | None = None,
     pair_by: str = "auto",
+    train_steps=(),
     log=None,
 ) -> Path:
     """Write an HTML comparison of two stores (paths or opened Datasets) to `out_html`; returns the path.
     Alignment and divergence as in `studies.compare.compare_stores`; `top` heads get side-by-side heatmaps.
+    `train_steps`: the train step of each training probe store (one: for every probe store; two: A's, B's).
     `log` (e.g. print) also gets a short summary: what was matched and the most-changed heads."""
     if top < 0:
         raise WorkbenchError(f"top {top} must be 0 or more (the number of most-changed heads to draw)")
     a, src_a = _open(store_a)
     b, src_b = _open(store_b)
     name_a, name_b = _distinct_names(src_a, src_b)
+    (a, name_a), (b, name_b) = _train_steps([(a, name_a, src_a), (b, name_b, src_b)], list(train_steps))
     c = compare_mod.compare_stores(a, b, tolerance=tolerance, cfg=cfg, query_frames=query_frames, layers=layers,
                                    thresholds=thresholds, name_a=name_a, name_b=name_b, pair_by=pair_by)
     ranking = compare_mod.rank_heads(c)
@@ -398,8 +438,10 @@ def build_compare_report(
         page.p("The stores share no (prompt, seed), so every sample of A is paired with every sample of B of the same "
                "prompt: the divergences include the spread between seeds (comparing a store with itself with "
                "<code>--pair-by prompt</code> measures that spread).")
-    else:
+    elif a.sizes["query_frame"] == b.sizes["query_frame"]:  # (else a note says what differs)
         page.p("Samples paired by prompt and seed: the two models started from the same noise.")
+    for note in c.notes:
+        page.p(html.escape(f"Note: {note}."))
     if unpaired := _unpaired(c):
         page.p(html.escape(f"Not compared, in no pair: {unpaired}."))
     page.table(c.pairs, index=False)

@@ -349,3 +349,43 @@ def test_a_long_table_shows_its_first_rows_and_folds_every_other_row():
     assert "0.099" in folded and "0.099" not in shown and "0.029" in shown
     page.table(df.head(30 + FOLD_SLACK), index=False, shown=30)  # a few rows over are not worth a fold
     assert "<details>" not in page.parts[-1] and page.parts[-1].count("<tr") == 1 + 30 + FOLD_SLACK
+
+
+def test_compare_two_train_steps_of_a_probe_store(tmp_path, capsys):
+    """--train-step picks a probe store's train step on each side, and the steps name the weights (a slice of a
+    probe store was labelled as the training's starting checkpoint, the same on both sides)."""
+    from workbench.cli import main
+
+    store = probe_store(tmp_path / "probes.zarr")
+    out = tmp_path / "c.html"
+    assert main(["compare", str(store), str(store), "--train-step", "0", "--train-step", "4", "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "A = probes.zarr (train step 0): train step 0 of the training that started from" in log
+    assert "B = probes.zarr (train step 4): train step 4 of the training that started from" in log
+    _, text = parse(out)
+    assert "the generator being trained, at train step 4" in text and "probes.zarr (train step 0)" in text
+    top_js = lambda log: [float(line.split()[2]) for line in log.split("changed most")[1].splitlines()[2:7]]  # noqa: E731
+    assert min(top_js(log)) > 0.1  # the planted roles blurred from step 0 to 4 (noise 0 -> 0.4)
+    assert main(["compare", str(store), str(store), "--train-step", "2", "--out", str(out)]) == 0  # both sides
+    assert max(top_js(capsys.readouterr().out)) == 0  # one step against itself
+    for argv, needle in [([], "A (" + str(store) + ") is a training probe store (train steps [0, 2, 4]): choose one"),
+                         (["--train-step", "3"], "--train-step 3: A (" + str(store) + ") holds train steps [0, 2, 4]"),
+                         (["--train-step", "0"] * 3, "--train-step given 3 times")]:
+        assert main(["compare", str(store), str(store), *argv, "--out", str(out)]) == 2
+        assert needle in capsys.readouterr().err
+
+
+def test_compare_says_when_the_rollouts_differ_in_length_or_layers(tmp_path, capsys):
+    """Stores of 21 and 12 latent frames share a seed but not the noise after the first re-noising, and layers one
+    store alone holds are left out: both said, on the console and the page (the page claimed the same noise)."""
+    a = synthetic.write_store(tmp_path / "a.zarr", "causal", layers=(0, 1), num_heads=4, seeds=(1,))
+    b = synthetic.write_store(tmp_path / "b.zarr", "causal", layers=(1, 2), num_heads=4, seeds=(1,), num_frames=12)
+    out = report.build_compare_report(a, b, tmp_path / "c.html", query_frames="all", log=print)
+    log = capsys.readouterr().out
+    assert "note: the rollouts have different lengths (A 21 latent frames, B 12): the same seed draws" in log
+    assert "note: layers compared: [1], the ones both stores hold (A has [0, 1], B has [1, 2])" in log
+    _, text = parse(out)
+    assert "the same noise for the first frames only" in text and "started from the same noise" not in text
+    assert "<th>latent frames</th>" in text and "<td>21</td>" in text and "<td>12</td>" in text
+    same = report.build_compare_report(a, a, tmp_path / "s.html", log=print)
+    assert "note:" not in capsys.readouterr().out and "started from the same noise" in parse(same)[1]

@@ -83,7 +83,8 @@ def test_clear_errors_before_any_work(tmp_path):
     bad.write_text("trainer: score_distillation\ndenoise_steps: [1000]\n")
     with pytest.raises(TrainingError, match="denoise_steps"):
         train("--config", bad, "--logdir", tmp_path / "x")
-    with pytest.raises(TrainingError, match=r"generator_ckpt 'missing/ode_init.pt' does not exist"):
+    with pytest.raises(TrainingError, match=r"generator_ckpt 'missing/ode_init.pt' does not exist \(a relative path: "
+                                            r"read from the current folder, "):
         train("--config", "configs/tiny_dmd.yaml", "--logdir", tmp_path / "x", "--set", "generator_ckpt=missing/ode_init.pt")
     with pytest.raises(TrainingError, match=r"total_batch_size 3 does not divide into batch_size 2 x 1 rank"):
         train("--config", "configs/tiny_dmd.yaml", "--logdir", tmp_path / "x", "--set", "total_batch_size=3",

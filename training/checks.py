@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from models.common.chunks import block_sizes
 from models.common.scheduler import FlowMatchScheduler
 from models.errors import ModelInputError
+from models.files import relative_note
 from training import distributed as fsdp
 from training.errors import TrainingError
 
@@ -228,23 +229,27 @@ def check_files(cfg, plan: Plan) -> None:
         model_folder(cfg, cfg.real_name)
         model_folder(cfg, cfg.fake_name)
     if cfg.generator_ckpt and not Path(cfg.generator_ckpt).is_file():
-        raise TrainingError(f"generator_ckpt {cfg.generator_ckpt!r} does not exist (a Self-Forcing .pt with a "
-                            "'generator' or 'model' entry, e.g. the output of ODE regression)")
+        raise TrainingError(f"generator_ckpt {cfg.generator_ckpt!r} does not exist{relative_note(cfg.generator_ckpt)} "
+                            "(a Self-Forcing .pt with a 'generator' or 'model' entry, e.g. the output of ODE "
+                            "regression)")
     if plan.trainer == "ode" and not Path(cfg.data_path).is_file():
-        raise TrainingError(f"data_path {cfg.data_path!r} (ODE pairs) does not exist; make it with "
-                            "`workbench train --config CONFIG --make-ode-pairs`")
+        raise TrainingError(f"data_path {cfg.data_path!r} (ODE pairs) does not exist{relative_note(cfg.data_path)}; "
+                            "make it with `workbench train --config CONFIG --make-ode-pairs`")
     if plan.trainer == "gan":
         model_folder(cfg, cfg.fake_name)
         if cfg.data_path not in ("synthetic", "world") and not Path(cfg.data_path).is_file():
-            raise TrainingError(f"data_path {cfg.data_path!r} does not exist (a latent dataset .pt of real videos: "
-                                "python -m training.i2v --frames F makes one from the miniature world; 'world': "
+            raise TrainingError(f"data_path {cfg.data_path!r} does not exist{relative_note(cfg.data_path)} (a latent "
+                                "dataset .pt of real videos: python -m training.i2v --frames F makes one from the "
+                                "miniature world; 'world': "
                                 "the miniature world's videos encoded by the generator folder's VAE; or 'synthetic')")
     if plan.trainer == "diffusion" and cfg.data_path not in ("synthetic", "world") and not Path(cfg.data_path).is_file():
-        raise TrainingError(f"data_path {cfg.data_path!r} does not exist (a latent dataset .pt, 'synthetic' or 'world')")
+        raise TrainingError(f"data_path {cfg.data_path!r} does not exist{relative_note(cfg.data_path)} (a latent "
+                            "dataset .pt, 'synthetic' or 'world')")
     if plan.trainer in ("diffusion", "gan") and cfg.data_path == "world":
         vae = world_vae_path(cfg)
         if not vae.is_file():
             raise TrainingError(f"data_path: world encodes world videos with {str(vae)!r}, which does not exist "
                                 "(set world.vae, or put Wan2.1_VAE.pth in the generator's folder)")
     if plan.trainer == "score_distillation" and not Path(cfg.data_path).is_file():
-        raise TrainingError(f"data_path {cfg.data_path!r} ({'text-image pairs: python -m training.i2v makes them' if cfg.i2v else 'the prompt file'}) does not exist")
+        what = "text-image pairs: python -m training.i2v makes them" if cfg.i2v else "the prompt file"
+        raise TrainingError(f"data_path {cfg.data_path!r} ({what}) does not exist{relative_note(cfg.data_path)}")
