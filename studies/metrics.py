@@ -29,9 +29,13 @@ that holds wins:
 
     sink       sink_mass    >= sink_min            (default 0.5)
     local      local_mass   >= local_min           (default 0.5)
-    global     entropy_norm >= global_min_entropy  (default 0.85)
     deep_sink  early_mass   >= deep_min            (default 0.6; uniform attention gives ~0.5)
+    global     entropy_norm >= global_min_entropy  (default 0.85)
     mixed      none of the above
+
+deep_sink comes before global: a head spread over the oldest frames can have a high entropy (uniform over the
+first 9 of 21 frames, mixed 70:30 with uniform over all 21: entropy_norm 0.89, early_mass 0.86), yet it is not
+uniform over the video; uniform attention (early_mass ~0.5) never meets the deep_sink rule.
 
 Also here: the researchers' statistics (`sink_delta` = v[0] - mean(v[1:-1]), `researcher_stats` with the
 diagonal and column-0 means the researchers' extraction notebook prints) and the store invariants the notebooks assert
@@ -350,8 +354,8 @@ def classify_heads(hm: xr.Dataset, thresholds: TaxonomyThresholds | None = None)
     rules = [
         ("sink", hm.sink_mass >= th.sink_min),
         ("local", hm.local_mass >= th.local_min),
+        ("deep_sink", hm.early_mass >= th.deep_min),  # (before global: module docstring)
         ("global", hm.entropy_norm >= th.global_min_entropy),
-        ("deep_sink", hm.early_mass >= th.deep_min),
     ]
     label = xr.full_like(hm.sink_mass, "mixed", dtype=object)
     for name, cond in reversed(rules):  # the first rule wins, so apply it last

@@ -217,8 +217,8 @@ def build_report(
     page.h(f"Overview at {metrics.step_label(ds, step)}")
     page.p(f"Head metrics averaged over query frames {frames[0]}-{frames[-1]} ({query_frames}) and "
            f"{'sample ' + sample if sample else 'all samples'}. Classes: sink (mass on frame 0 &ge; threshold), local "
-           "(mass on keys less than a chunk's length from the query), global (normalised entropy high), deep_sink "
-           "(mass on the oldest half of the attended frames), mixed (none). Thresholds: "
+           "(mass on keys less than a chunk's length from the query), deep_sink (mass on the oldest half of the "
+           "attended frames), global (normalised entropy high), mixed (none); the first that holds. Thresholds: "
            + ", ".join(f"{k}={v}" for k, v in classes.attrs.items() if k.endswith(("_min", "_entropy"))) + ".")
     at = hm.sel(step=step)
     page.figure(figures.taxonomy_map(classes.sel(step=step), title=f"head classes · {metrics.step_label(ds, step)}"),

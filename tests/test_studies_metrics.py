@@ -65,6 +65,20 @@ def test_taxonomy_recovers_planted_roles(variant, causal, window, bidirectional)
     assert set(np.unique(classes.values.astype(str))) == set(synthetic.HEAD_ROLES)  # the same at every step
 
 
+def test_a_deep_sink_head_is_not_global_for_its_entropy():
+    """A head spread over the oldest frames has a high normalised entropy once mixed with noise; it was classed
+    global (the rule came first) though it keeps most of its mass on the oldest half."""
+    ds = synthetic.make_dataset("causal", layers=tuple(range(8)), num_heads=4, noise=0.3)
+    hm = metrics.head_metrics(ds).sel(step=0)
+    classes = metrics.classify_heads(hm)
+    planted = lambda role: [(l, h) for l in range(8) for h in range(4) if synthetic.planted_role(l, h) == role]  # noqa: E731
+    both = [(l, h) for l, h in planted("deep_sink")
+            if float(hm.entropy_norm.sel(layer=l, head=h)) >= 0.85 and float(hm.early_mass.sel(layer=l, head=h)) >= 0.6]
+    assert len(both) >= 4  # (of 8: the noise lifts their entropy past the global rule's threshold)
+    assert all(str(classes.sel(layer=l, head=h).values) == "deep_sink" for l, h in planted("deep_sink"))
+    assert all(str(classes.sel(layer=l, head=h).values) == "global" for l, h in planted("global"))  # still global
+
+
 def test_sink_and_chunk_masses_by_hand(causal):
     rows = metrics.row_metrics(causal).isel(sample=0, step=0, layer=0)
     chunk = np.arange(F) // 3
