@@ -72,7 +72,9 @@ hm = metrics.head_metrics(ds, sample=sample)
 classes = metrics.classify_heads(hm)
 assert set(np.unique(classes.values.astype(str))) <= set(metrics.CLASSES)
 assert float(hm.sink_mass.min()) >= 0 and float(hm.sink_mass.max()) <= 1 + 1e-3
-figures.taxonomy_map(classes.sel(step=step0), title=f"head classes · {metrics.step_label(ds, step0)}")
+frames = hm.attrs["query_frames"]
+figures.taxonomy_map(classes.sel(step=step0), title=f"head classes · {metrics.step_label(ds, step0)} · query frames "
+                                                   f"{frames[0]}-{frames[-1]} · {figures.samples_label(ds, sample)}")
 
 # %%
 classes.sel(step=step0).to_pandas()

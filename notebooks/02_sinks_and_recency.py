@@ -36,6 +36,7 @@ ds = load_store(store)
 layer = metrics.default_layer(ds) if layer is None else layer
 step0 = int(ds.step.values[0])
 sub = metrics.select(ds, sample=sample, layer=layer)
+who = figures.samples_label(ds, sample)  # (in every title: which sample, or how many a mean is over)
 rows = metrics.row_metrics(sub)  # (sample, step, layer, head, query_frame)
 rows
 
@@ -65,24 +66,28 @@ assert np.nanmin(profile.values) >= -1e-6 and np.nanmax(profile.values) <= 1 + 1
 
 # %%
 at = rows.sel(step=step0).mean("sample").isel(layer=0)
-figures.metric_by_query_frame(at.sink_mass, title=f"mass on frame 0 · layer {layer} · {metrics.step_label(ds, step0)}")
+figures.metric_by_query_frame(at.sink_mass,
+                              title=f"mass on frame 0 · layer {layer} · {metrics.step_label(ds, step0)} · {who}")
 
 # %%
 figures.metric_by_query_frame(at.own_chunk_mass, title=f"mass on the query's own chunk · layer {layer} · "
-                                                      f"{metrics.step_label(ds, step0)}")
+                                                      f"{metrics.step_label(ds, step0)} · {who}")
 
 # %%
 # signed: query_frame - key_frame, negative where keys lie ahead of the query (a bidirectional store)
 figures.metric_by_query_frame(at.mean_distance, title=f"mass-weighted mean query_frame - key_frame · layer {layer} · "
-                                                     f"{metrics.step_label(ds, step0)}")
+                                                     f"{metrics.step_label(ds, step0)} · {who}")
 
 # %% [markdown]
 # ## Recency profile
-# Mean attention mass at each distance, averaged over the query frames that could attend that far back.
+# Mean attention mass at each distance, averaged over the query frames that could attend that far back. The
+# largest distances are reached only from the last frames to the first chunk's (shaded, points open; with a
+# window and sink frames: the distances only the sink frames reach): a head that keeps mass on frame 0, the sink,
+# lifts the tail there, which is not attention that far back in general.
 
 # %%
 figures.recency_lines(profile.sel(step=step0).mean("sample").isel(layer=0),
-                      title=f"recency profile · layer {layer} · {metrics.step_label(ds, step0)}")
+                      title=f"recency profile · layer {layer} · {metrics.step_label(ds, step0)} · {who}")
 
 # %% [markdown]
 # ## Across denoising steps
@@ -93,7 +98,7 @@ figures.recency_lines(profile.sel(step=step0).mean("sample").isel(layer=0),
 denoising = sub.sel(step=sub.phase == "denoise") if "phase" in sub.coords else sub
 hm = metrics.head_metrics(denoising)
 last = f"query frames {hm.attrs['query_frames'][0]}-{hm.attrs['query_frames'][-1]}"  # the last chunk's
-figures.metric_by_step(hm.sink_mass.isel(layer=0), title=f"mass on frame 0 ({last}) · layer {layer}")
+figures.metric_by_step(hm.sink_mass.isel(layer=0), title=f"mass on frame 0 ({last}) · layer {layer} · {who}")
 
 # %%
-figures.metric_by_step(hm.entropy_norm.isel(layer=0), title=f"normalised entropy ({last}) · layer {layer}")
+figures.metric_by_step(hm.entropy_norm.isel(layer=0), title=f"normalised entropy ({last}) · layer {layer} · {who}")

@@ -50,6 +50,9 @@ if sample is not None:
     b = metrics.select(b, sample=sample)
 c = compare.compare_stores(a, b, tolerance=tolerance, name_a="A", name_b="B")
 layer = int(c.metrics_a.layer.values[0]) if layer is None else layer
+for note in [compare.unpaired(c), *c.notes]:  # samples in no pair, lengths or layers that differ
+    if note:
+        print(f"note: {note}")
 c.pairs
 
 # %% [markdown]

@@ -284,6 +284,17 @@ def _notes(a, b, la, lb, ha, hb, shared_layers, heads, pair_by: str) -> list[str
     return notes
 
 
+def unpaired(c: Comparison) -> str:
+    """'24 sample(s) of B with no partner in A (p0000-s1, ...)' (both sides, when both have some), or '' when every
+    sample is in a pair."""
+    return "; ".join(f"{len(ids)} sample(s) of {side.upper()} with no partner in {other} ({_ids(ids)})"
+                     for side, other in (("a", "B"), ("b", "A")) if (ids := c.pairs.attrs.get(f"unpaired_{side}")))
+
+
+def _ids(ids: list[str], n: int = 4) -> str:
+    return ", ".join(ids[:n]) + (f", ... ({len(ids)} in all)" if len(ids) > n else "")
+
+
 def rank_heads(c: Comparison, *, by: str = "js_bits", match: int | None = None) -> pd.DataFrame:
     """Heads ordered by change, largest first: one row per (layer, head) with the JS divergence (bits) and the
     metric differences B - A, averaged over matched steps (or at one `match`), and each side's class: that of its

@@ -115,7 +115,8 @@ def _units(ds, var) -> str:
     return f"{attrs.get('long_name', var)} [{attrs.get('units', '')}]"
 
 
-def _who(ds, sample) -> str:
+def samples_label(ds, sample=None) -> str:
+    """What a figure of `ds` shows: the one `sample` named, or the mean over all its samples."""
     return sample if sample is not None else f"mean over {ds.sizes['sample']} sample(s)"
 
 
@@ -162,7 +163,7 @@ def head_grid(
                       row=i // cols + 1, col=i % cols + 1)
     _label_axes(fig, rows, cols, "key frame", "query frame")
     fig.update_layout(
-        title=f"{var} · layer {layer} · {metrics.step_label(ds, step)} · {_who(ds, sample)}",
+        title=f"{var} · layer {layer} · {metrics.step_label(ds, step)} · {samples_label(ds, sample)}",
         coloraxis=dict(**_colour(var, data.values), colorbar=dict(title=_units(ds, var))),
         height=260 * rows + 120, width=max(700, 240 * cols + 160),
     )
@@ -186,7 +187,7 @@ def head_pair(
     maps = [_pick_heads(_frames(ds, var, layer, None, metrics.one(step, "step")).isel(step=0),
                         [metrics.one(head, "head")]).sel(head=head)
             for ds, step in ((a, step_a), (b, step_b))]  # [query_frame, key_frame] each
-    titles = [f"{name}<br><sub>{metrics.step_label(ds, step)} · {_who(ds, None)}</sub>"  # two lines: never overlap
+    titles = [f"{name}<br><sub>{metrics.step_label(ds, step)} · {samples_label(ds)}</sub>"  # two lines: never overlap
               for name, ds, step in ((names[0], a, step_a), (names[1], b, step_b))]
     fig = make_subplots(rows=1, cols=2, subplot_titles=titles, horizontal_spacing=0.12)
     for col, (z, name) in enumerate(zip(maps, names), start=1):
@@ -264,7 +265,7 @@ def step_slider(
     marks = {s: f"{s} · t={float(ds['timestep'].sel(step=s)):g}" + ("" if cfg[s] == "none" else f" {cfg[s]}")
              for s in labels}
     return _grid_slider(data, "step", labels, marks, start, heads, cols,
-                        title=lambda s: f"{var} · layer {layer} · {labels[s]}", who=_who(ds, sample),
+                        title=lambda s: f"{var} · layer {layer} · {labels[s]}", who=samples_label(ds, sample),
                         colorbar=_units(ds, var), var=var)
 
 
@@ -284,7 +285,7 @@ def train_step_slider(
     values = [int(t) for t in data.train_step.values]
     labels = {t: f"train step {t} · {metrics.step_label(ds, step)}" for t in values}
     return _grid_slider(data, "train_step", labels, {t: str(t) for t in values}, values[-1], heads, cols,
-                        title=lambda t: f"{var} · layer {layer} · {labels[t]}", who=_who(ds, sample),
+                        title=lambda t: f"{var} · layer {layer} · {labels[t]}", who=samples_label(ds, sample),
                         colorbar=_units(ds, var), var=var)
 
 
@@ -533,7 +534,8 @@ def key_token_maps(
     panel = max(80, min(180, 1000 // cols))  # (the figure within the report's 1200 px column, colour bar included)
     fig.update_layout(
         title=f"attn_key_token · layer {token_layer} · {heads} · query frame {query_frame} · "
-              f"{metrics.step_label(ds, step)}<br><sub>{_who(sub, sample)}; an image per key frame (latent rows x "
+              f"{metrics.step_label(ds, step)}<br><sub>{samples_label(sub, sample)}; an image per key frame "
+              "(latent rows x "
               f"columns), {sums}</sub>",
         coloraxis=dict(**_colour("attn_key_token", per_frame),
                        colorbar=dict(title="share of<br>the frame" if within_frame
@@ -694,13 +696,15 @@ def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = (
 
 def recency_lines(profile: xr.DataArray, *, title: str | None = None) -> go.Figure:
     """One line per head of a recency profile (dims head, distance; select layer/step/sample first). Distances
-    reached only by sink frames (the profile's `sink_only` coordinate, a rolling window's) are shaded and their
-    points drawn open: there the line is the sink's mass, not attention that far back."""
+    reached only by sink frames (the profile's `sink_only` coordinate, a rolling window's), or else only by the
+    first chunk's frames (`first_chunk_only`), are shaded and their points drawn open: there the line is the sink's
+    or the first frames' mass, not attention that far back in general."""
     _needs_dims(profile, ("head", "distance"), "recency_lines")
     profile = profile.dropna("distance", how="all")  # e.g. future distances of a causal store
     distances = [int(d) for d in profile.distance.values]
-    sink_only = [bool(s) for s in profile["sink_only"].values] if "sink_only" in profile.coords \
-        else [False] * len(distances)
+    marked = next((c for c in ("sink_only", "first_chunk_only") if c in profile.coords), None)
+    sink_only = [bool(s) for s in profile[marked].values] if marked else [False] * len(distances)
+    label = {"sink_only": "sink frames only", "first_chunk_only": "first chunk only"}.get(marked, "")
     fig = go.Figure()
     for i, h in enumerate(profile["head"].values):
         y = profile.sel(head=h)
@@ -715,7 +719,7 @@ def recency_lines(profile: xr.DataArray, *, title: str | None = None) -> go.Figu
         while end + 1 in distances and sink_only[distances.index(end + 1)]:
             end += 1
         fig.add_vrect(x0=start - 0.5, x1=end + 0.5, fillcolor="grey", opacity=0.15, line_width=0, layer="below",
-                      annotation_text="sink frames only" if start == runs[0] else "",
+                      annotation_text=label if start == runs[0] else "",
                       annotation_position="top left")
     fig.update_xaxes(title_text="distance = query frame - key frame (frames)")
     fig.update_yaxes(title_text="mean attention mass")

@@ -287,7 +287,9 @@ def recency_profile(ds: xr.Dataset | xr.DataArray, *, query_frames: str | Sequen
     NaN where no query frame has distance d available. New dim `distance` (int, frames), with the bool coordinate
     `sink_only` when the samples kept sink frames in a rolling window that evicted frames: True at the distances
     where every attended key frame is a sink frame (key_frame < sink_size; the frames between them and the window
-    were evicted), so that a far point there is the sink, not recall of the frames that far back."""
+    were evicted), so that a far point there is the sink, not recall of the frames that far back. Otherwise, in a
+    store of several chunks, the bool coordinate `first_chunk_only`: True at the distances reached only from the
+    last frames to the first chunk's (frame 0 as a sink lifts the tail there)."""
     ds = attention_store(ds, extra_dims=True)
     ds = ds.sel(query_frame=query_frames_for(ds, query_frames))
     mass = _mass(ds)
@@ -303,6 +305,10 @@ def recency_profile(ds: xr.Dataset | xr.DataArray, *, query_frames: str | Sequen
     if sink_only is not None:
         out = out.assign_coords(sink_only=("distance", sink_only))
         out["sink_only"].attrs.update(long_name="every key frame attended at this distance is a sink frame")
+    elif (first := _first_chunk_only(mass, dist, values)) is not None:
+        out = out.assign_coords(first_chunk_only=("distance", first))
+        out["first_chunk_only"].attrs.update(long_name="every key frame attended at this distance is in the first "
+                                                       "chunk")
     out.name = "recency_profile"
     out.attrs.update(long_name="mean attention mass at distance query_frame - key_frame", units="probability")
     out["distance"].attrs.update(long_name="query_frame - key_frame", units="frames")
@@ -325,6 +331,20 @@ def _sink_only(mass: xr.DataArray, dist: xr.DataArray, values: np.ndarray) -> li
     sink = (mass.key_frame < mass["sink_size"]) & windowed  # [sample, key_frame]
     at = [dist == d for d in values]
     return [bool((attended & a).any()) and not bool((attended & ~sink & a).any()) for a in at]
+
+
+def _first_chunk_only(mass: xr.DataArray, dist: xr.DataArray, values: np.ndarray) -> list[bool] | None:
+    """Per distance in `values`: whether every attended pair at that distance (> 0) has a key frame of the first
+    chunk (key_chunk 0); None for a store of one chunk or without key_chunk labels. The largest distances of a
+    video are reached only from its last frames to its first: there the line is the first chunk's mass (frame 0
+    often draws attention as a sink), not recency."""
+    if "key_chunk" not in mass.coords or int(mass["key_chunk"].max()) < 1:
+        return None
+    other = [d for d in mass.dims if d not in ("query_frame", "key_frame")]
+    attended = mass.notnull().any(other)  # [query_frame, key_frame]
+    first = mass["key_chunk"] == 0  # [key_frame]
+    return [bool(d > 0) and bool((attended & (dist == d)).any()) and not bool((attended & ~first & (dist == d)).any())
+            for d in values]
 
 
 # -------------------------------------------------------------------------------------------------- taxonomy

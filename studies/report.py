@@ -317,17 +317,6 @@ def _training_report(ds: xr.Dataset, source: str, out_html, *, layer, sample, st
     return write_atomic(page.render(), out_html)
 
 
-def _unpaired(c) -> str:
-    """'24 sample(s) of B with no partner in A (p0000-s1, ...)' (both sides, when both have some), or '' when every
-    sample is in a pair."""
-    return "; ".join(f"{len(ids)} sample(s) of {side.upper()} with no partner in {other} ({_ids(ids)})"
-                     for side, other in (("a", "B"), ("b", "A")) if (ids := c.pairs.attrs.get(f"unpaired_{side}")))
-
-
-def _ids(ids: list[str], n: int = 4) -> str:
-    return ", ".join(ids[:n]) + (f", ... ({len(ids)} in all)" if len(ids) > n else "")
-
-
 def compare_summary(c, ranking, name_a: str, name_b: str, rows: int = 5, stores=None) -> str:
     """A few lines for the terminal: the models (`stores`: the two stores, when given), the matched samples and
     steps, then the `rows` heads whose attention over key frames moved most (JS divergence in bits, mean over
@@ -335,7 +324,7 @@ def compare_summary(c, ranking, name_a: str, name_b: str, rows: int = 5, stores=
     lines = [f"{side} = {name.removeprefix(side + ': ')}: {_model_line(ds)}"
              for side, name, ds in zip("AB", (name_a, name_b), stores or ())]
     who = "" if stores else f"A = {name_a.removeprefix('A: ')}, B = {name_b.removeprefix('B: ')}: "
-    unpaired = _unpaired(c)
+    unpaired = compare_mod.unpaired(c)
     lines += [f"{who}{len(c.pairs)} sample pair(s) paired by {'prompt and seed' if c.pair_by == 'seed' else 'prompt'}"
               + (f" (not compared: {unpaired})" if unpaired else "")
               + f", {c.js_bits.sizes['match']} matched step(s), query frames {c.query_frames}",
@@ -442,7 +431,7 @@ def build_compare_report(
         page.p("Samples paired by prompt and seed: the two models started from the same noise.")
     for note in c.notes:
         page.p(html.escape(f"Note: {note}."))
-    if unpaired := _unpaired(c):
+    if unpaired := compare_mod.unpaired(c):
         page.p(html.escape(f"Not compared, in no pair: {unpaired}."))
     page.table(c.pairs, index=False)
     page.h("Matched steps")

@@ -145,7 +145,12 @@ def test_line_figures(ds):
     fig = figures.recency_lines(prof)
     assert len(fig.data) == 12 and min(fig.data[0].x) == -2  # future distances of a causal store dropped
     assert "query frame - key frame" in fig.layout.xaxis.title.text
-    assert not fig.layout.shapes and set(fig.data[0].marker.symbol) == {"circle"}
+    # no window: distances 18-20 reach only the first chunk's frames (frame 0 as a sink lifts the tail there)
+    assert prof.distance.values[prof.first_chunk_only.values].tolist() == [18, 19, 20]
+    assert "sink_only" not in prof.coords
+    assert [(s.x0, s.x1) for s in fig.layout.shapes] == [(17.5, 20.5)]
+    assert [a.text for a in fig.layout.annotations] == ["first chunk only"]
+    assert {d for d, s in zip(fig.data[0].x, fig.data[0].marker.symbol) if s == "circle-open"} == {18, 19, 20}
     # a window with sink frames: the distances only they reach shaded, their points open
     win = synthetic.make_dataset("window", layers=(0,), num_heads=2)
     wprof = metrics.recency_profile(win).isel(sample=0, step=0, layer=0)

@@ -179,6 +179,9 @@ def test_recency_profile_names_the_distances_only_sink_frames_reach(window, caus
     # the window of 9 keeps frames 0-2 and the 6 newest: past 5 frames back only the sink frames are left
     assert prof.distance.values[prof.sink_only.values].tolist() == list(range(6, F))
     assert "sink_only" not in metrics.recency_profile(causal).coords  # no window: frame 0 is a frame like any other
+    assert "first_chunk_only" not in prof.coords  # (a window's sink frames are the marking there)
+    first = metrics.recency_profile(causal)  # no window: the far distances reach the first chunk's frames only
+    assert first.distance.values[first.first_chunk_only.values].tolist() == [F - 3, F - 2, F - 1]
     # a window that holds every frame evicts nothing: its far distances are frames like any other, not the sink's
     whole = synthetic.make_dataset("window", local_attn_size=F, sink_size=3)
     assert (whole.attn_mass.notnull() | (whole.key_frame > whole.query_frame)).all()  # every past frame attended
