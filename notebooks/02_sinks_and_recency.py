@@ -90,6 +90,16 @@ figures.recency_lines(profile.sel(step=step0).mean("sample").isel(layer=0),
                       title=f"recency profile · layer {layer} · {metrics.step_label(ds, step0)} · {who}")
 
 # %% [markdown]
+# The same without key frame 0: at distance d it is one of the (frames - d) pairs averaged, yet a sink head's mass there
+# lifts their mean well before the shaded distances. Left out, the lines show how attention decays with distance.
+
+# %%
+no_sink = metrics.recency_profile(sub, exclude_key_frames=[0])
+figures.recency_lines(no_sink.sel(step=step0).mean("sample").isel(layer=0),
+                      title=f"recency profile without key frame 0 · layer {layer} · {metrics.step_label(ds, step0)} · "
+                            f"{who}")
+
+# %% [markdown]
 # ## Across denoising steps
 # Do sinks strengthen or fade as the queries get less noisy? Head metrics over the last chunk, per denoising step
 # (the context pass, which refreshes the KV cache at the context noise, is not one and is left out).

@@ -281,7 +281,8 @@ def head_metrics(
     return out
 
 
-def recency_profile(ds: xr.Dataset | xr.DataArray, *, query_frames: str | Sequence[int] = "all") -> xr.DataArray:
+def recency_profile(ds: xr.Dataset | xr.DataArray, *, query_frames: str | Sequence[int] = "all",
+                    exclude_key_frames: Sequence[int] = ()) -> xr.DataArray:
     """Mean attention mass at each frame distance d = query_frame - key_frame: for each (sample, step, layer,
     head), the mean of attn_mass[qf, qf - d] over the query frames where that key frame was attended.
     NaN where no query frame has distance d available. New dim `distance` (int, frames), with the bool coordinate
@@ -289,10 +290,14 @@ def recency_profile(ds: xr.Dataset | xr.DataArray, *, query_frames: str | Sequen
     where every attended key frame is a sink frame (key_frame < sink_size; the frames between them and the window
     were evicted), so that a far point there is the sink, not recall of the frames that far back. Otherwise, in a
     store of several chunks, the bool coordinate `first_chunk_only`: True at the distances reached only from the
-    last frames to the first chunk's (frame 0 as a sink lifts the tail there)."""
+    last frames to the first chunk's (frame 0 as a sink lifts the tail there).
+    `exclude_key_frames`: key frames left out, as if not attended (e.g. (0,): the decay with distance without the
+    sink frame, which at distance d is one of the 21 - d pairs averaged yet lifts their mean where a head sinks)."""
     ds = attention_store(ds, extra_dims=True)
     ds = ds.sel(query_frame=query_frames_for(ds, query_frames))
     mass = _mass(ds)
+    if len(exclude_key_frames):
+        mass = mass.where(~mass.key_frame.isin(list(exclude_key_frames)))
     dist = distance(mass)
     values = np.unique(dist.values)
     onehot = (dist == xr.DataArray(values, dims="distance", coords={"distance": values})).astype(np.float64)

@@ -153,6 +153,11 @@ def test_recency_profile_by_hand(causal, bidirectional):
     d = np.arange(0, F)
     # sink head: of the 21 - d query frames with distance d available, only qf = d puts its mass there
     np.testing.assert_allclose(prof.sel(head=sink, distance=d), 1 / (F - d), rtol=1e-5)
+    # without key frame 0 the sink head puts nothing anywhere else, and distance 20 (only frame 0) has no pair
+    no_sink = metrics.recency_profile(causal, exclude_key_frames=[0]).isel(sample=0, step=0, layer=0)
+    np.testing.assert_allclose(no_sink.sel(head=sink, distance=d[:-1]), 0.0, atol=1e-7)
+    assert np.isnan(no_sink.sel(distance=F - 1)).all()
+    np.testing.assert_allclose(no_sink.sel(head=local), prof.sel(head=local).where(prof.distance < F - 1), atol=1e-7)
     np.testing.assert_allclose(prof.sel(head=local, distance=0), 1.0, rtol=1e-6)
     np.testing.assert_allclose(prof.sel(head=local, distance=d[1:]), 0.0, atol=1e-7)
     # within a chunk a query sees up to 2 frames ahead, never 3
