@@ -670,7 +670,10 @@ def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = (
     y = [str(int(v)) for v in a.layer.values]
     tags = [name if name == letter or name.startswith(f"{letter}: ") else f"{letter}: {name}"
             for letter, name in zip("AB", names)]  # panel titles; the colour bars say only A, B and B - A
-    fig = make_subplots(rows=3, cols=1, subplot_titles=[tags[0], tags[1], "B - A"], vertical_spacing=0.12)
+    finite = diff.values[np.isfinite(diff.values)]
+    top = float(np.abs(finite).max()) if finite.size else 0.0  # (the colour scale's end: it says how small a change is)
+    fig = make_subplots(rows=3, cols=1, subplot_titles=[tags[0], tags[1], f"B - A (largest |B - A|: {top:.3g})"],
+                        vertical_spacing=0.12)
     for row, (z, axis) in enumerate([(a, "coloraxis"), (b, "coloraxis"), (diff, "coloraxis2")], start=1):
         fig.add_trace(go.Heatmap(z=_round(z.values), x=x, y=y, coloraxis=axis, texttemplate="%{z:.3f}",
                                  hovertemplate="layer %{y}<br>head %{x}<br>%{z:.4g}<extra></extra>"), row=row, col=1)
@@ -678,8 +681,6 @@ def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = (
         fig.update_yaxes(title_text="layer", type="category", row=row, col=1)
     both = np.concatenate([a.values.ravel(), b.values.ravel()])
     both = both[np.isfinite(both)]
-    finite = diff.values[np.isfinite(diff.values)]
-    top = float(np.abs(finite).max()) if finite.size else 0.0
     width = max(600, min(1300, 62 * a.sizes["head"] + 260))
     note = f"<br><sub>not drawn, in one store only: {'; '.join(left)}</sub>" if left else ""
     fig.update_layout(

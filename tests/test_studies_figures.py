@@ -107,7 +107,8 @@ def test_compare_maps_show_a_b_and_difference(ds, wan):
     c = compare.compare_stores(wan, ds)
     a, b = c.metrics_a.local_mass.sel(match=0), c.metrics_b.local_mass.sel(match=0)
     fig = figures.compare_maps(a, b, names=("wan", "sf"))
-    assert [t.text for t in fig.layout.annotations] == ["A: wan", "B: sf", "B - A"]
+    top = float(np.abs((b - a).values).max())
+    assert [t.text for t in fig.layout.annotations] == ["A: wan", "B: sf", f"B - A (largest |B - A|: {top:.3g})"]
     # the colour bars' titles stay short, so that they never run into the panel titles beside them
     assert (fig.layout.coloraxis.colorbar.title.text, fig.layout.coloraxis2.colorbar.title.text) == ("A, B", "B - A")
     np.testing.assert_allclose(np.array(fig.data[2].z, dtype=float), (b - a).values, atol=1e-6)
