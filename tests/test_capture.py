@@ -455,3 +455,21 @@ def test_gpu_fused_store_path_matches_exact_and_replays():
         assert torch.equal(out, out0)
         for name in again:
             np.testing.assert_array_equal(again[name], fused[name])
+
+
+def test_a_probe_is_any_object_with_wants_and_observe():
+    """workbench/hooks.py's promise: an object with wants and observe alone is a probe (it got an AttributeError for
+    needs_lse); lse is None unless it asks for it."""
+    seen = []
+
+    class Duck:
+        def wants(self, call):
+            return call.layer == 1 and call.kind == "self"
+
+        def observe(self, call, q, k, v, out, lse):
+            seen.append((call.layer, tuple(q.shape), lse))
+
+    model = tiny_model()
+    plain = few_step(model, 6, torch.float32)
+    assert torch.equal(few_step(model, 6, torch.float32, Duck()), plain)
+    assert seen and all(layer == 1 and lse is None for layer, _, lse in seen)

@@ -450,3 +450,42 @@ def test_an_interrupted_command_leaves_no_progress_bar_to_be_drawn_again(monkeyp
     assert cli_main(["info"]) == 130
     assert not list(tqdm._instances)
     assert capsys.readouterr().err.rstrip().splitlines()[-1] == "workbench info: interrupted."
+
+
+PLUGIN = '''"""A user's statistic, registered from outside the workbench: twice the self-attention mass."""
+from workbench import statistics as S
+
+S.register(S.Statistic("test_plugin_mass2", S.FRAME_PAIR, "self", needs_lse=True,
+                       reduce=lambda t: 2 * S.get("attn_mass").reduce(t), long_name="twice the mass",
+                       units="probability", description="2 x attn_mass", help="twice attn_mass"))
+'''
+
+
+def test_workbench_plugins_register_statistics_the_command_line_takes(tmp_path, monkeypatch, capsys):
+    """WORKBENCH_PLUGINS names modules imported before the command line is read: a statistic they register is a
+    --stats choice of extract (it was 'unknown statistic'), stored with its own attributes."""
+    import sys
+
+    from workbench import statistics
+    from workbench.store import open_store
+
+    (tmp_path / "my_plugin_stat.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("WORKBENCH_PLUGINS", "my_plugin_stat")
+    out = tmp_path / "p.zarr"
+    try:
+        assert cli_main(["extract", "--layer", "0", "--frames", "6", "--steps", "0", "--stats",
+                         "attn_mass,test_plugin_mass2", "--out", str(out), "--no-progress"]) == 0
+    finally:  # (the registry is the process's: leave it as the other tests know it)
+        statistics.STATISTICS.pop("test_plugin_mass2", None)
+        sys.modules.pop("my_plugin_stat", None)
+    ds = open_store(out)
+    assert np.isnan(ds.attn_mass).any()  # (the future chunks' cells: the NaN pattern is compared too)
+    np.testing.assert_allclose(ds.test_plugin_mass2, 2 * ds.attn_mass, rtol=1e-6)
+    assert ds.test_plugin_mass2.attrs["long_name"] == "twice the mass"
+    monkeypatch.setenv("WORKBENCH_PLUGINS", "no_such_module_here")
+    capsys.readouterr()
+    assert cli_main(["extract", "--out", str(tmp_path / "q.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert "WORKBENCH_PLUGINS: module 'no_such_module_here' failed to import: ModuleNotFoundError" in err
+    assert not (tmp_path / "q.zarr").exists()

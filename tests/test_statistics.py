@@ -42,7 +42,6 @@ def test_docs_list_exactly_the_registry():
 
 def test_cli_help_and_store_follow_the_registry(capsys):
     from workbench.cli import build_parser
-    from workbench.store import STAT_ATTRS, STAT_DIMS
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["extract", "--help"])
@@ -51,7 +50,6 @@ def test_cli_help_and_store_follow_the_registry(capsys):
         assert name in text
     assert " ".join(stats_help().split()) in text and "default: attn_mass,attn_logit" in text
     assert DEFAULT_STATS == ("attn_mass", "attn_logit")
-    assert STAT_DIMS == {n: s.dims for n, s in STATISTICS.items()} and set(STAT_ATTRS) == set(STATISTICS)
     extract = build_parser()._subparsers._group_actions[0].choices["extract"]
     choices = {a.dest: a.choices for a in extract._actions if a.choices}
     assert tuple(choices["capture_mode"]) == CAPTURE_MODES

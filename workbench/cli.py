@@ -68,6 +68,44 @@ def kept_after_interrupt(args) -> str:
     return f"{out} holds {n} finished {what}: the same command, run again, resumes there."
 
 
+PLUGINS_ENV = "WORKBENCH_PLUGINS"
+PLUGINS_GROUP = "workbench.plugins"
+
+
+def load_plugins() -> list[str]:
+    """Import the user's modules that extend the workbench, before the command line is read (so that `--stats`
+    takes the statistics they `workbench.statistics.register` and `--help` lists them): the modules named in the
+    environment variable WORKBENCH_PLUGINS (comma-separated, importable from the current folder or PYTHONPATH) and
+    the `workbench.plugins` entry points of installed packages. Returns their names; a module that fails to import
+    is a WorkbenchError naming it."""
+    import importlib
+    import os
+    from importlib.metadata import entry_points
+
+    from workbench.errors import WorkbenchError
+
+    loaded = []
+    for ep in entry_points(group=PLUGINS_GROUP):
+        try:
+            ep.load()
+        except Exception as err:  # noqa: BLE001 - any failure of the user's code: one line naming it
+            raise WorkbenchError(f"the {PLUGINS_GROUP} entry point {ep.name!r} ({ep.value}) failed to load: "
+                                 f"{type(err).__name__}: {err}") from err
+        loaded.append(ep.value)
+    names = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
+    if names and not {"", ".", os.getcwd()} & set(sys.path):  # (a console script's path lacks the current folder)
+        sys.path.append(os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001 - as above
+            raise WorkbenchError(f"{PLUGINS_ENV}: module {name!r} failed to import: {type(err).__name__}: {err} "
+                                 "(give module names importable from the current folder or PYTHONPATH, "
+                                 "comma-separated)") from err
+        loaded.append(name)
+    return loaded
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="workbench", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -88,6 +126,13 @@ def close_progress_bars() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from workbench.errors import WorkbenchError
+
+    try:
+        load_plugins()
+    except WorkbenchError as err:
+        print(f"workbench: error: {err}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     # the command as it was given, for a store's `command` attr: from a shell or from main([...]) in a notebook

@@ -2,8 +2,9 @@
 
 A model built by `models/` passes every attention call through `models.common.attention.attend` together with an
 `AttentionCall` (layer, self/cross, step, timestep, chunk, phase, CFG branch, the absolute frames of its
-queries and keys). A probe is any object with `wants(call)` and `observe(call, q, k, v, out, lse)`;
-`attach(model, probe)` subscribes it for the duration of a `with` block:
+queries and keys). A probe is any object with `wants(call)` and `observe(call, q, k, v, out, lse)` (and
+`needs_lse = True` to get the log-sum-exp; lse is None without it); `attach(model, probe)` subscribes it for the
+duration of a `with` block:
 
     probe = Probe(CallFilter(layers={3}, kinds={"self"}, steps={0}), heads=[0, 5], fn=my_function)
     with attach(model, probe):

@@ -110,12 +110,12 @@ EFFECT_ATTRS = {
 def effect_attrs(name: str) -> dict:
     """long_name, units and description of an effects store's variable."""
     from studies.world_metrics import CURVES, NUMBERS
-    from workbench.store import STAT_ATTRS
+    from workbench.statistics import STATISTICS
 
     if name in EFFECT_ATTRS:
         return EFFECT_ATTRS[name]
-    if name in STAT_ATTRS:
-        return STAT_ATTRS[name]
+    if name in STATISTICS:
+        return STATISTICS[name].attrs
     if name.startswith("world_curve_"):
         k = name.removeprefix("world_curve_")
         return dict(long_name=f"world tracker: {k} per pixel frame", units=CURVES[k],

@@ -142,9 +142,6 @@ def check_one_model(ds: xr.Dataset, path) -> None:
 # Writing
 
 
-# Every statistic's store dims and attributes, from the statistics registry (workbench/statistics.py).
-STAT_DIMS = {name: stat.dims for name, stat in STATISTICS.items()}
-STAT_ATTRS = {name: stat.attrs for name, stat in STATISTICS.items()}
 
 
 @dataclass
@@ -238,7 +235,8 @@ def sample_dataset(layout: StoreLayout, sample: dict, arrays: dict[str, np.ndarr
     F = layout.num_frames
     data_vars = {}
     for stat, values in arrays.items():
-        data_vars[stat] = xr.Variable(STAT_DIMS[stat], values[None].astype(np.float32), attrs=STAT_ATTRS[stat])
+        data_vars[stat] = xr.Variable(STATISTICS[stat].dims, values[None].astype(np.float32),  # (the registry's,
+                                      attrs=STATISTICS[stat].attrs)                           # plugins' included)
     steps = layout.steps
     coords = {
         "sample": _strings([sample_id(sample["prompt_index"], sample["seed"])]),
@@ -258,7 +256,7 @@ def sample_dataset(layout: StoreLayout, sample: dict, arrays: dict[str, np.ndarr
         coords[name] = ("sample", _strings([sample[name]]))
     for name in ("prompt_index", "seed", "local_attn_size", "sink_size", "num_tokens"):
         coords[name] = ("sample", np.array([sample[name]], dtype=np.int64))
-    dims = {d for stat in arrays for d in STAT_DIMS[stat]}
+    dims = {d for stat in arrays for d in STATISTICS[stat].dims}
     if "text_token" in dims:
         coords["text_token"] = np.arange(layout.text_len, dtype=np.int64)
         coords["token"] = (("sample", "text_token"), _strings(sample["tokens"]).reshape(1, -1))

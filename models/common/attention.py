@@ -75,7 +75,7 @@ class AttentionCall:
 class AttentionObserver(Protocol):
     """What the model needs from an observer (the workbench's probes implement this)."""
 
-    needs_lse: bool  # ask the entry point for the log-sum-exp of every query row
+    needs_lse: bool  # ask the entry point for the log-sum-exp of every query row (an observer without it: False)
 
     def wants(self, call: AttentionCall) -> bool: ...
 
@@ -121,7 +121,8 @@ def attend(q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] 
     if editing:
         call = dataclasses.replace(call, edits=call.edits + tuple(iv.label for iv in editing))
     interested = [obs for obs in observers if obs.wants(call)] if observers else ()
-    if any(obs.needs_lse for obs in interested) and any(not getattr(iv, "observed_exactly", True) for iv in editing):
+    needs_lse = any(getattr(obs, "needs_lse", False) for obs in interested)
+    if needs_lse and any(not getattr(iv, "observed_exactly", True) for iv in editing):
         from models.errors import ModelInputError  # (statistics from the log-sum-exp read the call's mask)
 
         raise ModelInputError(f"layer {call.layer}: {', '.join(iv.label for iv in editing)} changes what some heads "
@@ -134,7 +135,6 @@ def attend(q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] 
     if not any("out" in iv.edits for iv in editing):  # (else every observer must see the edited output)
         out, computed_by = _computed_by_observer(interested, call, q, k, v)
     if out is None:
-        needs_lse = any(obs.needs_lse for obs in interested)
         out, lse, _ = compute(q, k, v, frame_mask=mask, frame_seq_len=fsl, kernel=kernel, lse=needs_lse)
     for iv in editing:
         if "out" in iv.edits:
