@@ -280,7 +280,9 @@ def test_readers_show_the_finished_samples_of_a_store_stopped_mid_write(tmp_path
     refuses such a store) or every array longer than `completed` says: open_store, and so `workbench report` and
     the studies, show exactly the finished samples, with a warning that says why."""
     whole = open_store(reference).load()
-    for case, names in (("some", {"attn_mass", "seed", "prompt"}), ("all", None)):
+    for case, names in (("some", {"attn_mass", "seed", "prompt"}), ("all", None), ("index", {"sample"}),
+                        ("labels", {"sample", "seed", "prompt", "checkpoint"})):  # (no statistic longer: the
+        # step and frame labels of that group opened as data variables, and the merge failed)
         store = tmp_path / f"{case}.zarr"
         shutil.copytree(reference, store)
         _grow(store, names)
@@ -390,3 +392,64 @@ def test_a_store_made_before_the_text_encoder_was_recorded_takes_more_samples(tm
     err = capsys.readouterr().err
     assert "model.dtype: bfloat16 in the store, float32 in this run" in err and "another model" in err
     assert list(open_store(other).sample.values) == list(open_store(out).sample.values) == ["p0000-s0", "p0000-s1"]
+
+
+def test_readers_open_a_store_while_its_arrays_grow_one_by_one(tmp_path, reference):
+    """An append lengthens the arrays one at a time: a reader opening the store meanwhile sees the finished samples
+    every time (it failed now and then with a MergeError or 'conflicting sizes', lengths moving under its open:
+    it opens again, after a short wait, when they moved)."""
+    import threading
+    import warnings
+
+    import zarr
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(reference, store)
+    names = [name for name, a in zarr.open_group(store, mode="r").arrays() if "sample" in (a.metadata.dimension_names or ())]
+    stop = threading.Event()
+
+    def writer():  # appends: every array one sample longer, one at a time in any order, then the next sample's work
+        while not stop.is_set():
+            for name in random.sample(names, len(names)):
+                _grow(store, {name})
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (each open warns of the unfinished samples it leaves out)
+            seen = [list(open_store(store).sample.values) for _ in range(60)]
+    finally:
+        stop.set()
+        thread.join()
+    assert all(ids == IDS for ids in seen)
+
+
+def test_a_reader_refuses_values_of_a_store_replaced_or_cut_after_it_opened(tmp_path, reference):
+    """A lazily opened store read after another run replaced its folder (--overwrite) gave the new folder's values
+    under its old labels, and after a resumed run cut its entries, NaN for samples it listed as finished: both are a
+    StoreChanged error now; an append (entries past the ones shown) is read as before."""
+    import zarr
+
+    from workbench.store_guard import StoreChanged
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(reference, store)
+    whole = open_store(reference).attn_mass.values
+    ds = open_store(store)
+    np.testing.assert_array_equal(ds.attn_mass.isel(sample=0).values, whole[0])
+    _grow(store)  # an append going on: readers of the finished samples are not disturbed
+    np.testing.assert_array_equal(ds.attn_mass.isel(sample=5).values, whole[5])
+    group = zarr.open_group(store, mode="r+")
+    group.attrs["completed"] = IDS[:4]  # a resumed run cut the last two, to compute them again
+    with pytest.raises(StoreChanged, match=r"no longer lists 2 of the entries it showed when opened \(p0000-s4, "
+                                           r"p0000-s5: a resumed run is computing them again\); open it again"):
+        ds.attn_mass.isel(sample=1).values
+    group.attrs["completed"] = IDS  # computed again: the same entries
+    np.testing.assert_array_equal(ds.attn_mass.isel(sample=5).values, whole[5])
+    os.replace(store, tmp_path / "old.zarr")  # another run's --overwrite swaps a new folder in
+    shutil.copytree(reference, store)
+    with pytest.raises(StoreChanged, match="was replaced after it was opened"):
+        ds.attn_mass.isel(sample=2).values
+    np.testing.assert_array_equal(open_store(store).attn_mass.values, whole)  # opened again: fine

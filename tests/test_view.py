@@ -9,6 +9,7 @@ moves, and a live stream's chunks appear as they are written.
 """
 
 import json
+import os
 import shutil
 import threading
 import urllib.error
@@ -174,6 +175,11 @@ def test_failures_and_a_deleted_store_are_errors_not_blank_maps(runs, tmp_path, 
         assert status == 500 and body["error"] == "the viewer failed to answer /api/frame: ZeroDivisionError: " \
             "division by zero"
         assert "ZeroDivisionError" in capsys.readouterr().err  # the traceback, on the terminal
+        os.replace(tmp_path / "c.zarr", tmp_path / "old.zarr")  # another run's --overwrite: a new folder swapped in
+        shutil.copytree(runs / "x.zarr", tmp_path / "c.zarr")
+        status, body = get(server, "/api/attn?sample=p0000-s1&layer=0&step=0")
+        assert status == 409 and "c.zarr was replaced after it was opened" in body["error"]
+        assert body["error"].endswith("(stop this `workbench view` and start it again)")
         shutil.rmtree(tmp_path / "c.zarr")
         status, body = get(server, "/api/attn?sample=p0000-s0&layer=0&step=0")
         assert status == 400 and "c.zarr' is gone (deleted or moved while the viewer ran)" in body["error"]

@@ -24,6 +24,7 @@ import xarray as xr
 from models.common.chunks import frame_chunks
 from workbench.errors import WorkbenchError
 from workbench.statistics import STATISTICS
+from workbench.store_guard import GuardedStore
 
 SCHEMA_VERSION = 1
 
@@ -36,11 +37,21 @@ def open_store(path: str | Path) -> xr.Dataset:
     path = Path(path)
     if not path.exists():
         raise WorkbenchError(f"no store at {str(path)!r}: run `workbench extract --out {path}` to make one")
-    try:
-        ds = xr.open_zarr(path, consolidated=False)
-    except Exception as err:  # zarr raises several types for "not a zarr group"
-        ds = _open_cut(path, err)
+    for attempt in range(OPEN_ATTEMPTS):  # (a writer appending meanwhile can change lengths under the open)
+        guard = GuardedStore(path=path)  # (reads checked against a swap or cut of the folder: store_guard.py)
+        try:
+            try:
+                ds = xr.open_zarr(guard, consolidated=False)
+            except Exception as err:  # zarr raises several types for "not a zarr group"
+                ds = _open_cut(path, guard, err, last=attempt == OPEN_ATTEMPTS - 1)
+            break
+        except _Moving:
+            time.sleep(0.05 * (attempt + 1))
+    ds.encoding["source"] = str(path)
     ds = _finished_only(ds, path)
+    dim, attr = append_dim_of(ds.attrs)
+    if attr in ds.attrs and dim in ds.coords:
+        guard.watch.shown(attr, ds[dim].values.tolist())
     version = ds.attrs.get("schema_version")
     if version != SCHEMA_VERSION:
         raise WorkbenchError(
@@ -71,10 +82,18 @@ def lengths_along(group, dim: str) -> dict[str, int]:
     return lengths
 
 
-def _open_cut(path: Path, err: Exception) -> xr.Dataset:
-    """A store whose arrays disagree on the append dim's length (a write stopped midway: some arrays got the new
-    entry, others not), which xr.open_zarr refuses: each group of arrays of one length opened on its own and cut
-    to the length every array has. Anything else unreadable is a WorkbenchError."""
+OPEN_ATTEMPTS = 8  # (waits 0.05, 0.1, ... s between: an append lengthens its arrays in a fraction of a second)
+
+
+class _Moving(Exception):
+    """The store's arrays changed length while they were opened (a writer is appending): open it again."""
+
+
+def _open_cut(path: Path, guard, err: Exception, last: bool) -> xr.Dataset:
+    """A store whose arrays disagree on the append dim's length (a write stopped midway, or going on: some arrays
+    got the new entry, others not), which xr.open_zarr refuses: each group of arrays of one length opened on its
+    own and cut to the length every array has. Lengths that move while it opens are `_Moving` (unless `last`);
+    anything else unreadable is a WorkbenchError."""
     import zarr
 
     unreadable = WorkbenchError(f"{str(path)!r} is not a zarr store readable by xarray ({err})")
@@ -82,15 +101,28 @@ def _open_cut(path: Path, err: Exception) -> xr.Dataset:
         group = zarr.open_group(path, mode="r")
         dim, _ = append_dim_of(dict(group.attrs))
         lengths = lengths_along(group, dim)
+        # which arrays are coordinates: the data variables name them (a group of only coordinates, e.g. the
+        # labels a killed append lengthened before any statistic, would otherwise open them as data variables)
+        coords = {c for _, a in group.arrays() for c in str(a.attrs.get("coordinates", "")).split()}
     except Exception:
         raise unreadable from err
     if len(set(lengths.values())) < 2:
-        raise unreadable from err
+        if last:
+            raise unreadable from err
+        raise _Moving from err  # (lengths that agree now: they moved since xarray read them)
     n = min(lengths.values())
-    parts = [xr.open_zarr(path, consolidated=False, drop_variables=[k for k, v in lengths.items() if v != size])
-             .isel({dim: slice(0, n)}) for size in sorted(set(lengths.values()))]
+    try:
+        parts = []
+        for size in sorted(set(lengths.values())):
+            part = xr.open_zarr(guard, consolidated=False, drop_variables=[k for k, v in lengths.items() if v != size])
+            parts.append(part.set_coords([v for v in part.data_vars if v in coords]).isel({dim: slice(0, n)}))
+        ds = xr.merge(parts, compat="override", join="outer", combine_attrs="override")
+    except Exception as moved:
+        if last:
+            raise unreadable from moved
+        raise _Moving from moved
     _warn_unfinished(path, dim, max(lengths.values()) - n, n)
-    return xr.merge(parts, compat="override", join="outer", combine_attrs="override")
+    return ds
 
 
 def _warn_unfinished(path, dim: str, left_out: int, kept: int) -> None:
@@ -550,8 +582,10 @@ class StoreWriter:
         elif keep == list(range(len(keep))):
             import zarr
 
-            self.truncate(len(keep))
+            # the list first: a reader holding the store then sees entries it was shown go (store_guard.py) before
+            # their arrays do, and a kill between the two leaves arrays longer than the list, which readers cut
             zarr.open_group(self.path, mode="r+").attrs[self.completed_attr] = kept
+            self.truncate(len(keep))
         else:
             self._rewrite(keep, kept)
         self.completed = kept

@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 
 from workbench.errors import WorkbenchError
+from workbench.store_guard import StoreChanged
 from workbench.view.sources import Source
 
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -102,6 +103,8 @@ class Handler(BaseHTTPRequestHandler):
             if url.path.startswith("/api/"):
                 return self._api(url.path[len("/api/"):], query)
             self._json({"error": f"no page {url.path!r}; the viewer is at /"}, HTTPStatus.NOT_FOUND)
+        except StoreChanged as err:  # another run replaced or cut the store the page shows
+            self._json({"error": f"{err} (stop this `workbench view` and start it again)"}, HTTPStatus.CONFLICT)
         except WorkbenchError as err:
             self._json({"error": str(err)}, HTTPStatus.BAD_REQUEST)
         except (BrokenPipeError, ConnectionResetError):  # the page went away mid-answer
