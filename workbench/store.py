@@ -174,8 +174,6 @@ def check_one_model(ds: xr.Dataset, path) -> None:
 # Writing
 
 
-
-
 @dataclass
 class StoreLayout:
     """Everything about a store that does not change from sample to sample."""
