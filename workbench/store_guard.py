@@ -51,11 +51,14 @@ class Watch:
         if self.attr is None:
             return
         meta = self.path / "zarr.json"
-        st = os.stat(meta)
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if stamp == self._seen:
-            return
-        listed = {str(e) for e in json.loads(meta.read_text()).get("attributes", {}).get(self.attr, [])}
+        try:
+            st = os.stat(meta)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if stamp == self._seen:
+                return
+            listed = {str(e) for e in json.loads(meta.read_text()).get("attributes", {}).get(self.attr, [])}
+        except FileNotFoundError:  # (gone between the two looks: replaced or deleted)
+            raise StoreChanged(f"{self.path} was replaced or deleted after it was opened; open it again") from None
         gone = self.entries - listed
         if gone:
             raise StoreChanged(f"{self.path} no longer lists {len(gone)} of the entries it showed when opened "
