@@ -80,31 +80,32 @@ display(c.unmatched_b)  # and of B with none in A
 
 # %%
 ranking = compare.rank_heads(c)
-ranking.head(12).round(4)
+ranking.set_axis(ranking.index + 1).rename_axis("rank").head(12).round(4)  # (ranked from 1, as the report does)
 
 # %%
 figures.layer_head_map(c.js_bits.mean("match"), zmin=0, title="JS divergence (bits), mean over matched steps")
 
 # %% [markdown]
-# ## Metrics side by side (the first matched step: its timesteps in A and B are the first row of `c.steps`)
+# ## Metrics side by side (means over the matched steps, as in the ranking; `.sel(match=m)` for one step pair)
 
 # %%
-figures.compare_maps(c.metrics_a.sink_mass.sel(match=0), c.metrics_b.sink_mass.sel(match=0),
-                     title="mass on frame 0")
+mean_a, mean_b = c.metrics_a.mean("match", keep_attrs=True), c.metrics_b.mean("match", keep_attrs=True)
+figures.compare_maps(mean_a.sink_mass, mean_b.sink_mass, title="mass on frame 0 · mean over the matched steps")
 
 # %%
-figures.compare_maps(c.metrics_a.local_mass.sel(match=0), c.metrics_b.local_mass.sel(match=0),
-                     title=c.metrics_a.local_mass.attrs["long_name"])
+figures.compare_maps(mean_a.local_mass, mean_b.local_mass,
+                     title=f"{mean_a.local_mass.attrs['long_name']} · mean over the matched steps")
 
 # %%
-figures.compare_maps(c.metrics_a.mean_abs_distance.sel(match=0), c.metrics_b.mean_abs_distance.sel(match=0),
+figures.compare_maps(mean_a.mean_abs_distance, mean_b.mean_abs_distance,
                      title="how far a head looks: mass-weighted mean |query_frame - key_frame| (frames)")
 
 # %%
-figures.taxonomy_map(c.class_a.sel(match=0), title="head classes · A")
+class_a, class_b = compare.mean_classes(c)  # (the ranking's classes)
+figures.taxonomy_map(class_a, title="head classes · A · mean over the matched steps")
 
 # %%
-figures.taxonomy_map(c.class_b.sel(match=0), title="head classes · B")
+figures.taxonomy_map(class_b, title="head classes · B · mean over the matched steps")
 
 # %% [markdown]
 # ## The most changed head of the chosen layer, in both stores

@@ -245,6 +245,7 @@ def compare_stores(
 
     mass_a = prepare(a, list(pairs.sample_a), list(steps.step_a))
     mass_b = prepare(b, list(pairs.sample_b), list(steps.step_b))
+    notes = _unseen_notes(mass_a, mass_b, query_frames) + notes
     window_a = metrics.default_local_window(a if a.attrs.get("num_frame_per_block") else b)
 
     def summarise(mass):
@@ -266,6 +267,31 @@ def compare_stores(
         query_frames=frames, tolerance=tolerance,
         pair_by=pairs.attrs["pair_by"], thresholds=thresholds, notes=notes,
     )
+
+
+UNSEEN_NOTE = 0.02  # a side's mass on key frames the other does not attend, above which a note says so
+
+
+def _unseen_notes(mass_a: xr.DataArray, mass_b: xr.DataArray, query_frames) -> list[str]:
+    """A note for each side that puts a share of its mass on key frames the other side's same row does not attend
+    (a bidirectional model's frames after a causal one's chunk; frames outside a window): the divergences then
+    measure that as much as a change of attention."""
+    notes = []
+    for side, m, other, name in (("A", mass_a, mass_b, "B"), ("B", mass_b, mass_a, "A")):
+        share = float(m.where(other.isnull()).sum("key_frame").mean())  # (mean over the compared rows)
+        if share > UNSEEN_NOTE:
+            notes.append(f"{side} puts {share:.0%} of its mass (mean over the compared rows) on key frames {name} "
+                         f"does not attend in the same rows (frames after the query's chunk of a causal model, or "
+                         f"outside a window): the divergences include that"
+                         + ("; --query-frames last_chunk compares the rows where both see the same frames"
+                            if query_frames != "last_chunk" else ""))
+    return notes
+
+
+def mean_classes(c: Comparison) -> tuple[xr.DataArray, xr.DataArray]:
+    """The head classes of A and B (layer, head) from their metrics averaged over the matched steps: what the
+    ranking (`rank_heads`), the report's maps and the console show."""
+    return tuple(metrics.classify_heads(hm.mean("match"), c.thresholds) for hm in (c.metrics_a, c.metrics_b))
 
 
 def _notes(a, b, la, lb, ha, hb, shared_layers, heads, pair_by: str) -> list[str]:
@@ -310,8 +336,8 @@ def rank_heads(c: Comparison, *, by: str = "js_bits", match: int | None = None) 
     table = pick(c.js_bits).to_dataframe(name="js_bits")[["js_bits"]]
     for name in c.diff.data_vars:
         table[f"d_{name}"] = pick(c.diff[name]).to_dataframe(name="v")["v"]
-    for side, hm, cls in (("a", c.metrics_a, c.class_a), ("b", c.metrics_b, c.class_b)):
-        cls = metrics.classify_heads(hm.mean("match"), c.thresholds) if match is None else cls.sel(match=match)
+    means = mean_classes(c) if match is None else (c.class_a.sel(match=match), c.class_b.sel(match=match))
+    for side, cls in zip("ab", means):
         table[f"class_{side}"] = cls.to_dataframe(name="v")["v"]
     key = table["js_bits"] if by == "js_bits" else table[f"d_{by}"].abs()
     order = key.sort_values(ascending=False, kind="stable").index

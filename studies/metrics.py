@@ -35,7 +35,9 @@ that holds wins:
 
 deep_sink comes before global: a head spread over the oldest frames can have a high entropy (uniform over the
 first 9 of 21 frames, mixed 70:30 with uniform over all 21: entropy_norm 0.89, early_mass 0.86), yet it is not
-uniform over the video; uniform attention (early_mass ~0.5) never meets the deep_sink rule.
+uniform over the video; uniform attention stays below the deep_sink rule (early_mass ~0.5: 11/21 = 0.52 over the
+last chunk of 21 frames), and a near-uniform head just past 0.6 is a borderline case either way (its metrics, beside
+its class, say how far past).
 
 Also here: the researchers' statistics (`sink_delta` = v[0] - mean(v[1:-1]), `researcher_stats` with the
 diagonal and column-0 means the researchers' extraction notebook prints) and the store invariants the notebooks assert

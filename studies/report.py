@@ -217,13 +217,20 @@ def build_report(
     page.h(f"Overview at {metrics.step_label(ds, step)}")
     page.p(f"Head metrics averaged over query frames {frames[0]}-{frames[-1]} ({query_frames}) and "
            f"{'sample ' + sample if sample else 'all samples'}. Classes: sink (mass on frame 0 &ge; threshold), local "
-           "(mass on keys less than a chunk's length from the query), deep_sink (mass on the oldest half of the "
-           "attended frames), global (normalised entropy high), mixed (none); the first that holds. Thresholds: "
+           f"(mass on keys less than {metrics.default_local_window(ds)} frames from the query), deep_sink (mass on the "
+           "oldest half of the attended frames), global (normalised entropy high), mixed (none); the first that "
+           "holds. Thresholds: "
            + ", ".join(f"{k}={v}" for k, v in classes.attrs.items() if k.endswith(("_min", "_entropy"))) + ".")
+    one_chunk = metrics.num_chunks(ds) == 1
+    if one_chunk:
+        page.p("One chunk (every frame denoised together, as the bidirectional sampler does): own_chunk_mass and "
+               "sink_chunk_mass are 1 by definition and not drawn.")
     at = hm.sel(step=step)
     page.figure(figures.taxonomy_map(classes.sel(step=step), title=f"head classes · {metrics.step_label(ds, step)}"),
                 "fig-taxonomy")
     for name in OVERVIEW_METRICS:
+        if one_chunk and name in ("own_chunk_mass", "sink_chunk_mass"):
+            continue
         if name in at and bool(at[name].notnull().any()):
             zmax = 1.0 if at[name].attrs.get("units") in figures.UNIT_INTERVAL else None
             page.figure(figures.layer_head_map(at[name], zmin=0 if zmax else None, zmax=zmax,
@@ -460,22 +467,27 @@ def build_compare_report(
                                            title=f"JS divergence (bits) · t_A={c.steps.timestep_a[m]:g} "
                                                  f"t_B={c.steps.timestep_b[m]:g}"), f"fig-js-match{m}")
 
-    page.h("Metrics: A, B and B - A (first matched step)")
-    page.figure(figures.taxonomy_map(c.class_a.sel(match=0), title=f"head classes · {name_a}"), "fig-taxonomy-a")
-    page.figure(figures.taxonomy_map(c.class_b.sel(match=0), title=f"head classes · {name_b}"), "fig-taxonomy-b")
+    n_match = c.js_bits.sizes["match"]
+    over = f"mean over the {n_match} matched steps" if n_match > 1 else "the matched step"
+    page.h(f"Metrics: A, B and B - A ({over}, as in the ranking)")
+    class_a, class_b = compare_mod.mean_classes(c)
+    page.figure(figures.taxonomy_map(class_a, title=f"head classes · {name_a} · {over}"), "fig-taxonomy-a")
+    page.figure(figures.taxonomy_map(class_b, title=f"head classes · {name_b} · {over}"), "fig-taxonomy-b")
     for name in c.diff.data_vars:
-        ma, mb = c.metrics_a[name].sel(match=0), c.metrics_b[name].sel(match=0)
+        ma, mb = c.metrics_a[name].mean("match", keep_attrs=True), c.metrics_b[name].mean("match", keep_attrs=True)
         if bool(ma.notnull().any()) and bool(mb.notnull().any()):
             page.figure(figures.compare_maps(ma, mb, names=(name_a, name_b),
-                                             title=f"{name}: {ma.attrs.get('long_name', '')} · t={c.steps.timestep_a[0]:g}"),
+                                             title=f"{name}: {ma.attrs.get('long_name', '')} · {over}"),
                         f"fig-compare-{name}")
 
-    page.h(f"Top {min(top, len(ranking))} heads: query x key frame heatmaps (first matched step)")
+    page.h(f"Top {min(top, len(ranking))} heads: query x key frame heatmaps (first matched step: "
+           f"t_A={c.steps.timestep_a[0]:g}, t_B={c.steps.timestep_b[0]:g})")
     sa, sb = int(c.steps.step_a[0]), int(c.steps.step_b[0])
     samples_a, samples_b = list(dict.fromkeys(c.pairs.sample_a)), list(dict.fromkeys(c.pairs.sample_b))
     for row in ranking.head(top).itertuples():  # A left, B right, one colour scale
         fig = figures.head_pair(a.sel(sample=samples_a), b.sel(sample=samples_b), row.layer, row.head, step_a=sa,
                                 step_b=sb, names=(name_a, name_b))
-        fig.update_layout(title=f"attn_mass · layer {row.layer} head {row.head} · JS {row.js_bits:.3f} bits")
+        fig.update_layout(title=f"attn_mass · layer {row.layer} head {row.head} · JS {row.js_bits:.3f} bits (mean "
+                                f"over the matched steps and query frames {c.query_frames[0]}-{c.query_frames[-1]})")
         page.figure(fig, f"fig-top-L{row.layer}H{row.head}")
     return write_atomic(page.render(), out_html)

@@ -390,3 +390,13 @@ def test_compare_says_when_the_rollouts_differ_in_length_or_layers(tmp_path, cap
     assert "<th>latent frames</th>" in text and "<td>21</td>" in text and "<td>12</td>" in text
     same = report.build_compare_report(a, a, tmp_path / "s.html", log=print)
     assert "note:" not in capsys.readouterr().out and "started from the same noise" in parse(same)[1]
+
+
+def test_a_one_chunk_store_draws_no_chunk_maps_and_names_its_local_window(stores, store_report, tmp_path):
+    """A bidirectional store is one chunk: its own-chunk mass is 1 everywhere (a map of one colour, shown before
+    without a word); and local means keys less than the store's window from the query, not 'a chunk's length'."""
+    parser, text = parse(report.build_report(stores["wan"], tmp_path / "wan.html"))
+    assert "fig-overview-own_chunk_mass" not in parser.figures and "are 1 by definition and not drawn" in text
+    assert "local (mass on keys less than 3 frames from the query)" in text
+    causal, _ = parse(store_report)
+    assert "fig-overview-own_chunk_mass" in causal.figures

@@ -182,3 +182,27 @@ def test_rank_heads_classes_are_those_of_the_step_averaged_metrics(stores):
     row = compare.rank_heads(c).set_index(["layer", "head"]).loc[(1, 1)]
     assert row.class_a == before
     assert compare.rank_heads(c, match=0).set_index(["layer", "head"]).loc[(1, 1)].class_a == "sink"
+
+
+def test_a_note_says_when_one_side_attends_frames_the_other_cannot(stores):
+    """A bidirectional store's queries before the video's end attend frames after their chunk, which a causal store
+    never sees: compared there (--query-frames all), the divergences are mostly that, and a note says how much; on
+    the last chunk both attend the same frames and no note is made."""
+    every = compare.compare_stores(stores["wan"], stores["sf"], query_frames="all")
+    note = next(n for n in every.notes if n.startswith("A puts "))
+    share = float(note.split()[2].rstrip("%")) / 100
+    a = stores["wan"].attn_mass.sel(sample=list(every.pairs.sample_a), step=list(every.steps.step_a))
+    unseen = stores["sf"].attn_mass.isel(sample=0, step=0).isnull()  # (by hand: the causal side's unattended keys)
+    future = a.where(unseen)
+    assert share == pytest.approx(float(future.sum("key_frame").mean()), abs=0.006)  # (printed as a whole percent)
+    assert "the divergences include that; --query-frames last_chunk compares" in note
+    assert not any(n.startswith(("A puts", "B puts")) for n in compare.compare_stores(stores["wan"], stores["sf"]).notes)
+
+
+def test_the_ranking_and_the_mean_classes_agree(stores):
+    c = compare.compare_stores(stores["wan"], stores["sf"])
+    ranking = compare.rank_heads(c).set_index(["layer", "head"])
+    class_a, class_b = compare.mean_classes(c)
+    for (layer, head), row in ranking.iterrows():
+        assert (row.class_a, row.class_b) == (str(class_a.sel(layer=layer, head=head).values),
+                                              str(class_b.sel(layer=layer, head=head).values))
