@@ -451,9 +451,12 @@ def build_compare_report(
         page.table(pd.concat({name_a: c.unmatched_a, name_b: c.unmatched_b}, names=["store", "row"]))
 
     page.h("Heads ranked by change")
+    one_chunk = [side for side, ds in (("A", a), ("B", b)) if metrics.num_chunks(ds) == 1]
     page.p(f"Query frames compared: {c.query_frames}, the frames both stores select ({query_frames!r} of each, "
-           "intersected). A store of one chunk (the bidirectional sampler) selects every frame as its last chunk, "
-           "so its metrics and classes here can differ from its own report's, which average over all its frames.")
+           "intersected)." + (f" {' and '.join(one_chunk)} is one chunk (the bidirectional sampler), whose last chunk "
+                              "is every frame: compared here on the other's last chunk only, its metrics and classes "
+                              "can differ from its own report's, which average over all its frames."
+                              if query_frames == "last_chunk" and len(one_chunk) == 1 else ""))
     page.table(ranking.set_axis(ranking.index + 1).rename_axis("rank"), float_format="{:.4f}",  # (ranks from 1)
                shown=TABLE_ROWS)
     # one colour scale for the mean and every step, so that the maps can be compared by eye
