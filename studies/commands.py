@@ -76,7 +76,9 @@ def register(subparsers) -> None:
     compare.add_argument("--layer", type=int, action="append", metavar="N",
                          help="restrict to this layer; repeat for several (default: every layer both stores hold)")
     compare.add_argument("--query-frames", default="last_chunk", choices=["last_chunk", "history", "all"],
-                         help=QUERY_FRAMES_HELP)
+                         help=QUERY_FRAMES_HELP + "; a bidirectional store's earlier rows attend frames a causal "
+                              "store's cannot (a note says how much of their mass goes there), its last chunk's the "
+                              "same frames")
     compare.add_argument("--train-step", type=int, action="append", metavar="N",
                          help="the train step of a training probe store (workbench train's probes.zarr) to compare; "
                               "once: for every probe store among A and B, twice: A's then B's")
