@@ -11,8 +11,10 @@ Row metrics (`row_metrics`, dims sample, step, layer, head, query_frame):
     own_chunk_mass   mass on the key frames of the query's own chunk (key_chunk == query_chunk)
     local_mass       mass on key frames with |query_frame - key_frame| < local_window (default: the store's
                      num_frame_per_block, else 3): recency that means the same for causal and bidirectional samplers
-    early_mass       mass on the oldest early_fraction (default 0.5) of the frames the row attended (rank <
-                     early_fraction * n_attended): the "deep sink" of Deep Forcing lives there
+    early_mass       mass on the oldest early_fraction (default 0.5) of the frames the row attended, the frame on
+                     the boundary counted by its share inside (the frame of rank r, oldest 0, weighs
+                     clip(early_fraction * n_attended - r, 0, 1)), so uniform attention gives early_fraction
+                     exactly, for any number of frames: the "deep sink" of Deep Forcing lives there
     mean_distance    mass-weighted mean of query_frame - key_frame, in frames (normalised by the row's mass)
     mean_abs_distance  the same of |query_frame - key_frame|: how far a head looks, back or ahead (in a causal
                      rollout only the query's own chunk lies ahead; in a bidirectional one the signed mean can
@@ -29,15 +31,15 @@ that holds wins:
 
     sink       sink_mass    >= sink_min            (default 0.5)
     local      local_mass   >= local_min           (default 0.5)
-    deep_sink  early_mass   >= deep_min            (default 0.6; uniform attention gives ~0.5)
+    deep_sink  early_mass   >= deep_min            (default 0.6; uniform attention gives 0.5)
     global     entropy_norm >= global_min_entropy  (default 0.85)
     mixed      none of the above
 
 deep_sink comes before global: a head spread over the oldest frames can have a high entropy (uniform over the
 first 9 of 21 frames, mixed 70:30 with uniform over all 21: entropy_norm 0.89, early_mass 0.86), yet it is not
-uniform over the video; uniform attention stays below the deep_sink rule (early_mass ~0.5: 11/21 = 0.52 over the
-last chunk of 21 frames), and a near-uniform head just past 0.6 is a borderline case either way (its metrics, beside
-its class, say how far past).
+uniform over the video; uniform attention stays below the deep_sink rule (early_mass 0.5 for any number of
+attended frames), and a near-uniform head just past 0.6 is a borderline case either way (its metrics, beside its
+class, say how far past).
 
 Also here: the researchers' statistics (`sink_delta` = v[0] - mean(v[1:-1]), `researcher_stats` with the
 diagonal and column-0 means the researchers' extraction notebook prints) and the store invariants the notebooks assert
@@ -229,7 +231,8 @@ def row_metrics(
         "sink_chunk_mass": on(mass["key_chunk"] == 0) if "key_chunk" in mass.coords else np.nan,
         "own_chunk_mass": on(mass["key_chunk"] == mass["query_chunk"]) if "query_chunk" in mass.coords else np.nan,
         "local_mass": on(abs(dist) < local_window),
-        "early_mass": on(attended & (rank < early_fraction * n)),
+        "early_mass": (m * (early_fraction * n - rank).clip(0, 1).where(attended, 0.0)).sum("key_frame")
+        .where(captured),  # (the boundary frame by its share: uniform rows give early_fraction exactly)
         "mean_distance": ((m * dist).sum("key_frame") / total.where(total > 0)).where(captured),
         "mean_abs_distance": ((m * abs(dist)).sum("key_frame") / total.where(total > 0)).where(captured),
         "entropy": entropy.where(captured),
@@ -297,9 +300,8 @@ def recency_profile(ds: xr.Dataset | xr.DataArray, *, query_frames: str | Sequen
     sink frame, which at distance d is one of the 21 - d pairs averaged yet lifts their mean where a head sinks)."""
     ds = attention_store(ds, extra_dims=True)
     ds = ds.sel(query_frame=query_frames_for(ds, query_frames))
-    mass = _mass(ds)
-    if len(exclude_key_frames):
-        mass = mass.where(~mass.key_frame.isin(list(exclude_key_frames)))
+    whole = _mass(ds)  # (what was attended and evicted: the markings below read the store, not the exclusion)
+    mass = whole.where(~whole.key_frame.isin(list(exclude_key_frames))) if len(exclude_key_frames) else whole
     dist = distance(mass)
     values = np.unique(dist.values)
     onehot = (dist == xr.DataArray(values, dims="distance", coords={"distance": values})).astype(np.float64)
@@ -308,11 +310,11 @@ def recency_profile(ds: xr.Dataset | xr.DataArray, *, query_frames: str | Sequen
     total = xr.dot(mass.fillna(0.0), onehot, dim=pair_dims)
     count = xr.dot(valid, onehot, dim=pair_dims)
     out = (total / count.where(count > 0)).drop_vars([c for c in ("chunk", "key_chunk") if c in total.coords], errors="ignore")
-    sink_only = _sink_only(mass, dist, values)
+    sink_only = _sink_only(whole, dist, values)
     if sink_only is not None:
         out = out.assign_coords(sink_only=("distance", sink_only))
         out["sink_only"].attrs.update(long_name="every key frame attended at this distance is a sink frame")
-    elif (first := _first_chunk_only(mass, dist, values)) is not None:
+    elif (first := _first_chunk_only(whole, dist, values)) is not None:
         out = out.assign_coords(first_chunk_only=("distance", first))
         out["first_chunk_only"].attrs.update(long_name="every key frame attended at this distance is in the first "
                                                        "chunk")

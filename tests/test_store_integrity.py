@@ -453,3 +453,23 @@ def test_a_reader_refuses_values_of_a_store_replaced_or_cut_after_it_opened(tmp_
     with pytest.raises(StoreChanged, match="was replaced after it was opened"):
         ds.attn_mass.isel(sample=2).values
     np.testing.assert_array_equal(open_store(store).attn_mass.values, whole)  # opened again: fine
+
+
+def test_the_guard_follows_the_folder_opened_not_the_current_one(tmp_path, reference, monkeypatch):
+    """A store opened by a relative path reads on after a change of folder (a notebook's %cd: every read was a
+    false StoreChanged); a store made again in its place is refused even where the freed inode is reused (the run
+    that made it, created_utc and fingerprint, is part of what the guard compares)."""
+    import zarr
+
+    from workbench.store_guard import StoreChanged
+
+    shutil.copytree(reference, tmp_path / "s.zarr")
+    monkeypatch.chdir(tmp_path)
+    ds = open_store("s.zarr")
+    monkeypatch.chdir(REPO)
+    whole = open_store(reference).attn_mass.values
+    np.testing.assert_array_equal(ds.attn_mass.values, whole)
+    again = open_store(tmp_path / "s.zarr")
+    zarr.open_group(tmp_path / "s.zarr", mode="r+").attrs["created_utc"] = "2030-01-01T00:00:00+00:00"  # (as a
+    with pytest.raises(StoreChanged, match="was replaced after it was opened"):  # new run's store, same inode)
+        again.attn_mass.isel(sample=0).values

@@ -290,3 +290,28 @@ def test_studies_take_a_path_or_a_dataset_and_refuse_other_kinds_of_store(tmp_pa
         compare.compare_stores(causal, causal, layers="0")
     with pytest.raises(WorkbenchError, match="expected an attention store .* got a list"):
         metrics.head_metrics([1, 2])
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 21])
+def test_uniform_attention_has_early_mass_one_half_for_any_number_of_frames(n):
+    """The frame on the boundary of the oldest half counts by its share inside: uniform rows gave 2/3 over 3
+    frames and 3/5 over 5 (at the deep_sink threshold, which now comes before global)."""
+    import xarray as xr
+
+    mass = xr.DataArray(np.full((1, n), 1 / n), dims=("query_frame", "key_frame"),
+                        coords={"query_frame": [n - 1], "key_frame": np.arange(n)})
+    rows = metrics.row_metrics(mass)
+    assert rows.early_mass.item() == pytest.approx(0.5)
+    assert metrics.row_metrics(mass, early_fraction=0.25).early_mass.item() == pytest.approx(0.25)
+    oldest = mass * 0 + (np.arange(n) == 0)  # all on the oldest frame: all early
+    assert metrics.row_metrics(oldest).early_mass.item() == pytest.approx(1.0)
+
+
+def test_excluding_key_frames_keeps_the_markings_of_what_was_attended():
+    """Key frames left out of the profile are not 'evicted': a window that holds every frame keeps its
+    first_chunk_only marking (it became an all-False sink_only)."""
+    whole = synthetic.make_dataset("window", local_attn_size=F, sink_size=3)
+    plain = metrics.recency_profile(whole)
+    without = metrics.recency_profile(whole, exclude_key_frames=[0])
+    assert "sink_only" not in without.coords
+    assert without.first_chunk_only.values.tolist() == plain.first_chunk_only.values.tolist()

@@ -106,10 +106,15 @@ def _open_cut(path: Path, guard, err: Exception, last: bool) -> xr.Dataset:
         coords = {c for _, a in group.arrays() for c in str(a.attrs.get("coordinates", "")).split()}
     except Exception:
         raise unreadable from err
-    if len(set(lengths.values())) < 2:
-        if last:
+    if len(set(lengths.values())) < 2:  # lengths that agree: they moved since xarray read them, or the store is
+        if not lengths or last:            # unreadable for another reason, which a second look tells
             raise unreadable from err
-        raise _Moving from err  # (lengths that agree now: they moved since xarray read them)
+        try:
+            return xr.open_zarr(guard, consolidated=False)
+        except Exception:
+            if lengths_along(zarr.open_group(path, mode="r"), dim) == lengths:
+                raise unreadable from err
+            raise _Moving from err
     n = min(lengths.values())
     try:
         parts = []
@@ -514,14 +519,14 @@ class StoreWriter:
                   [f"{key} (marked complete, but its arrays are missing)" for key in lost]
         if len(damaged) == len(unfinished):  # only what a killed run leaves at the end: no damage
             damaged = []
+        self.completed = [ids[i] for i in keep]
         if keep == list(range(len(keep))):
+            if self.completed != completed:  # (the list before the arrays, as keep_only does)
+                zarr.open_group(self.path, mode="r+").attrs[self.completed_attr] = self.completed
             self.truncate(len(keep))
         else:
             self.truncate(n)
-            self._rewrite(keep, [ids[i] for i in keep])
-        self.completed = [ids[i] for i in keep]
-        if self.completed != completed:
-            zarr.open_group(self.path, mode="r+").attrs[self.completed_attr] = self.completed
+            self._rewrite(keep, self.completed)
         if damaged:
             self.log(f"warning: {self.path} held entries that are not whole {self.append_dim}s of it: "
                      f"{_short(damaged)}; kept the first copy of each finished {self.append_dim} and dropped the "
