@@ -278,7 +278,8 @@ def _unseen_notes(mass_a: xr.DataArray, mass_b: xr.DataArray, query_frames) -> l
     measure that as much as a change of attention."""
     notes = []
     for side, m, other, name in (("A", mass_a, mass_b, "B"), ("B", mass_b, mass_a, "A")):
-        share = float(m.where(other.isnull()).sum("key_frame").mean())  # (mean over the compared rows)
+        rows = m.notnull().any("key_frame") & other.notnull().any("key_frame")  # (rows both captured)
+        share = float(m.where(other.isnull()).sum("key_frame").where(rows).mean())
         if share > UNSEEN_NOTE:
             notes.append(f"{side} puts {share:.0%} of its mass (mean over the compared rows) on key frames {name} "
                          f"does not attend in the same rows (frames after the query's chunk of a causal model, or "
