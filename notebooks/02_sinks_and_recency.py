@@ -96,8 +96,8 @@ figures.recency_lines(profile.sel(step=step0).mean("sample").isel(layer=0),
 # %%
 no_sink = metrics.recency_profile(sub, exclude_key_frames=[0])
 figures.recency_lines(no_sink.sel(step=step0).mean("sample").isel(layer=0),
-                      title=f"recency profile without key frame 0 · layer {layer} · {metrics.step_label(ds, step0)} · "
-                            f"{who}")
+                      title=f"recency profile without key frame 0 · layer {layer} · "
+                            f"{metrics.step_label(ds, step0)} · {who}")
 
 # %% [markdown]
 # ## Across denoising steps
