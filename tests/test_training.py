@@ -75,6 +75,16 @@ def test_a_dmd_and_a_sid_step_change_the_generator(tmp_path, loss):
     assert logs["generator_grad_norm"] > 0 and logs["exit_index"] in range(4)
 
 
+def test_a_step_is_counted_before_its_checkpoint_is_saved(tmp_path, monkeypatch):
+    """The progress bar (`done`) counts a step before the step's checkpoint message ("saved ..." came on the
+    previous count's line)."""
+    tr = make(tmp_path, "log_iters=1")
+    order = []
+    monkeypatch.setattr(tr, "save", lambda: order.append(("save", tr.step)))
+    tr.iteration(done=lambda: order.append(("done", tr.step)))
+    assert order == [("done", 1), ("save", 1)]
+
+
 def test_generator_trains_every_ratio_steps_and_the_critic_every_step(tmp_path):
     tr = make(tmp_path, "dfake_gen_update_ratio=3")
     snaps, rows = [params(tr.generator)], []

@@ -196,11 +196,14 @@ class Trainer(Steps, Checkpoints):
                 self.ema.load_full(self.ema_init)
             self.ema_init = None
 
-    def iteration(self) -> dict:
-        """One iteration: the updates at self.step, then step += 1, EMA creation, checkpoint, log row, probe."""
+    def iteration(self, done=None) -> dict:
+        """One iteration: the updates at self.step, then step += 1 (and `done()`: the progress bar counts the step
+        before the checkpoint and probe messages of it), EMA creation, checkpoint, log row, probe."""
         t0 = time.perf_counter()
         logs = self.train_step()
         self.step += 1
+        if done is not None:
+            done()
         self.maybe_create_ema()
         logs["seconds"] = time.perf_counter() - t0
         if self.step % self.cfg.log_iters == 0:
@@ -224,8 +227,7 @@ class Trainer(Steps, Checkpoints):
         try:
             with stop:
                 while not end or self.step < end:
-                    logs = self.iteration()
-                    bar.update(1)
+                    logs = self.iteration(done=lambda: bar.update(1))
                     bar.set_postfix({k.replace("_loss", ""): f"{v:.4g}" for k, v in logs.items()
                                      if k.endswith("_loss")})
                     if self.d.broadcast_list([int(stop.requested)])[0]:  # (every rank stops after the same step)
