@@ -483,9 +483,40 @@ def test_workbench_plugins_register_statistics_the_command_line_takes(tmp_path, 
     assert np.isnan(ds.attn_mass).any()  # (the future chunks' cells: the NaN pattern is compared too)
     np.testing.assert_allclose(ds.test_plugin_mass2, 2 * ds.attn_mass, rtol=1e-6)
     assert ds.test_plugin_mass2.attrs["long_name"] == "twice the mass"
-    monkeypatch.setenv("WORKBENCH_PLUGINS", "no_such_module_here")
+    # a plugin that is missing or raises is left out with a warning, and the commands go on without it (one
+    # broken plugin stopped every command, `report` and `--help` included)
+    (tmp_path / "my_dup_stat.py").write_text('from workbench import statistics as S\n'
+                                             'S.register(S.get("attn_mass"))\n')  # (a name already taken)
+    monkeypatch.setenv("WORKBENCH_PLUGINS", "no_such_module_here,my_dup_stat")
     capsys.readouterr()
-    assert cli_main(["extract", "--out", str(tmp_path / "q.zarr")]) == 2
+    assert cli_main(["report", str(out), "--out", str(tmp_path / "r.html")]) == 0
     err = capsys.readouterr().err
-    assert "WORKBENCH_PLUGINS: module 'no_such_module_here' failed to import: ModuleNotFoundError" in err
+    assert "workbench: warning: WORKBENCH_PLUGINS: no module 'no_such_module_here' (give module names importable" in err
+    assert ("workbench: warning: WORKBENCH_PLUGINS: module 'my_dup_stat' raised ValueError while importing, so it is "
+            "left out: statistic 'attn_mass' is registered already") in err
+    assert cli_main(["extract", "--stats", "attn_mass,test_plugin_mass2", "--out", str(tmp_path / "q.zarr")]) == 2
+    assert "unknown statistic(s) ['test_plugin_mass2']" in capsys.readouterr().err
     assert not (tmp_path / "q.zarr").exists()
+
+
+def test_a_broken_entry_point_plugin_is_left_out_with_a_warning(tmp_path, monkeypatch, capsys):
+    """A `workbench.plugins` entry point of an installed package (here a dist-info folder on the path) is loaded
+    before the command line; one that raises is named in a warning and the command goes on;
+    WORKBENCH_NO_ENTRY_POINTS=1 skips them."""
+    from workbench.cli import load_plugins
+
+    (tmp_path / "qa_broken_plugin.py").write_text('raise RuntimeError("boom on import")\n')
+    info = tmp_path / "qa_broken_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: qa-broken-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[workbench.plugins]\nbroken = qa_broken_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("WORKBENCH_PLUGINS", raising=False)
+    said = []
+    assert load_plugins(warn=said.append) == []
+    assert said == ["workbench: warning: the workbench.plugins entry point 'broken' (qa_broken_plugin) failed to load, "
+                    "so it is left out: RuntimeError: boom on import (WORKBENCH_NO_ENTRY_POINTS=1 skips the entry "
+                    "points)"]
+    monkeypatch.setenv("WORKBENCH_NO_ENTRY_POINTS", "1")
+    said.clear()
+    assert load_plugins(warn=said.append) == [] and not said

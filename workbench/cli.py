@@ -72,25 +72,30 @@ PLUGINS_ENV = "WORKBENCH_PLUGINS"
 PLUGINS_GROUP = "workbench.plugins"
 
 
-def load_plugins() -> list[str]:
+def load_plugins(warn=None) -> list[str]:
     """Import the user's modules that extend the workbench, before the command line is read (so that `--stats`
     takes the statistics they `workbench.statistics.register` and `--help` lists them): the modules named in the
     environment variable WORKBENCH_PLUGINS (comma-separated, importable from the current folder or PYTHONPATH) and
-    the `workbench.plugins` entry points of installed packages. Returns their names; a module that fails to import
-    is a WorkbenchError naming it."""
+    the `workbench.plugins` entry points of installed packages (WORKBENCH_NO_ENTRY_POINTS=1 skips them). Returns the
+    names loaded. One that fails is left out with a line to `warn` (default: stderr) naming it and why, and the
+    command goes on: a broken plugin must not stop the commands that do not need it (`report` reads a store
+    without it; `extract --stats` of its statistic then says the statistic is unknown)."""
     import importlib
     import os
     from importlib.metadata import entry_points
 
-    from workbench.errors import WorkbenchError
+    def say(text):
+        (warn or (lambda t: print(t, file=sys.stderr)))(f"workbench: warning: {text}")
 
     loaded = []
-    for ep in entry_points(group=PLUGINS_GROUP):
+    groups = () if os.environ.get("WORKBENCH_NO_ENTRY_POINTS") else entry_points(group=PLUGINS_GROUP)
+    for ep in groups:
         try:
             ep.load()
         except Exception as err:  # noqa: BLE001 - any failure of the user's code: one line naming it
-            raise WorkbenchError(f"the {PLUGINS_GROUP} entry point {ep.name!r} ({ep.value}) failed to load: "
-                                 f"{type(err).__name__}: {err}") from err
+            say(f"the {PLUGINS_GROUP} entry point {ep.name!r} ({ep.value}) failed to load, so it is left out: "
+                f"{type(err).__name__}: {err} (WORKBENCH_NO_ENTRY_POINTS=1 skips the entry points)")
+            continue
         loaded.append(ep.value)
     names = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
     if names and not {"", ".", os.getcwd()} & set(sys.path):  # (a console script's path lacks the current folder)
@@ -98,10 +103,17 @@ def load_plugins() -> list[str]:
     for name in names:
         try:
             importlib.import_module(name)
-        except Exception as err:  # noqa: BLE001 - as above
-            raise WorkbenchError(f"{PLUGINS_ENV}: module {name!r} failed to import: {type(err).__name__}: {err} "
-                                 "(give module names importable from the current folder or PYTHONPATH, "
-                                 "comma-separated)") from err
+        except ModuleNotFoundError as err:
+            if err.name != name.split(".")[0] and err.name != name:
+                say(f"{PLUGINS_ENV}: module {name!r} failed to import, so it is left out: {type(err).__name__}: {err}")
+            else:
+                say(f"{PLUGINS_ENV}: no module {name!r} (give module names importable from the current folder or "
+                    "PYTHONPATH, comma-separated), so it is left out")
+            continue
+        except Exception as err:  # noqa: BLE001 - the module raised: its own error, named
+            say(f"{PLUGINS_ENV}: module {name!r} raised {type(err).__name__} while importing, so it is left out: "
+                f"{err}")
+            continue
         loaded.append(name)
     return loaded
 
@@ -126,13 +138,7 @@ def close_progress_bars() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from workbench.errors import WorkbenchError
-
-    try:
-        load_plugins()
-    except WorkbenchError as err:
-        print(f"workbench: error: {err}", file=sys.stderr)
-        return 2
+    load_plugins()
     parser = build_parser()
     args = parser.parse_args(argv)
     # the command as it was given, for a store's `command` attr: from a shell or from main([...]) in a notebook
