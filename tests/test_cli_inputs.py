@@ -305,7 +305,12 @@ def test_extract_summary_is_per_layer_and_head(tmp_path):
     header = next(line for line in one.splitlines() if line.split()[:2] == ["layer", "head"])
     assert "rest" not in header and "other frames" in header  # one chunk: every frame but 0 is "other"
     assert len(next(line for line in one.splitlines() if line.split()[:2] == ["0", "0"]).split()) == 6
-    assert "denoising steps, both CFG branches cond and uncond; all query frames, the video being one chunk" in one
+    assert "denoising steps, CFG branch cond (the prompt's); all query frames, the video being one chunk" in one
+    from workbench.store import open_store
+    from workbench.summary import counted
+
+    cfg = open_store(tmp_path / "one.zarr").attn_mass
+    assert set(counted(cfg).cfg.values.tolist()) == {"cond"} and (cfg.cfg == "uncond").any()  # (uncond left out)
     bidi = synthetic.write_store(tmp_path / "b.zarr", "bidirectional", layers=tuple(range(10)), num_heads=12)
     text += summary_table(bidi)
     assert "steps 0-15" in text and "layers 0-9" in text and "-0.000" not in text

@@ -3,12 +3,12 @@ local it is (the share on the query's own frame, the mean distance in frames to 
 `workbench extract` prints when it finishes, per layer and head, with a line that names the most local head,
 the widest and the one most drawn to frame 0.
 
-The regions are defined once here for every summary printed or logged after a run: `summary_table` below,
-the training probes' logged means (training/probes.py) and the across-training study (studies/training.py).
-Only denoising steps count (context passes re-encode clean frames), and only query frames after the first
-chunk when the store has several chunks (the first chunk's frame 0 is its own chunk, so it would count twice).
-A store of one chunk (bidirectional) has no "own chunk" apart from the whole video: its second region is every
-frame other than frame 0. Reads stores only (workbench/store.py).
+The regions are defined once here for every summary printed or logged after a run: `summary_table` below, the
+training probes' logged means (training/probes.py) and the across-training study (studies/training.py). Only
+denoising steps count (context passes re-encode clean frames; of a CFG store, the cond branch), and only query
+frames after the first chunk when the store has several chunks (the first chunk's frame 0 is its own chunk, so it
+would count twice). A store of one chunk (bidirectional) has no "own chunk" apart from the whole video: its second
+region is every frame other than frame 0. Reads stores only (workbench/store.py).
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ import xarray as xr
 
 
 def counted(mass: xr.DataArray) -> xr.DataArray:
-    """`attn_mass` at the steps and query frames every summary counts: denoising steps only, and the query frames
-    after the first chunk when the store has several chunks."""
+    """`attn_mass` at the steps and query frames every summary counts: denoising steps only (of a CFG store, its
+    cond branch: the prompt's forward, as `workbench compare` takes by default; the uncond one attends under the
+    negative prompt), and the query frames after the first chunk when the store has several chunks."""
     m = mass.where(mass.phase == "denoise", drop=True)
+    if "cfg" in m.coords and bool((m.cfg == "uncond").any()):
+        m = m.where(m.cfg != "uncond", drop=True)
     return m.where(m.query_chunk > 0, drop=True) if bool((mass.query_chunk > 0).any()) else m
 
 
@@ -74,7 +77,7 @@ def summary_table(store_path, max_rows: int = 48) -> str:
     layers, heads = [int(v) for v in ds.layer.values], [int(v) for v in ds["head"].values]
     rows = "query frames after chunk 0" if chunked else "all query frames, the video being one chunk"
     cfg = sorted({str(c) for c in ds["cfg"].values} - {"none"}) if "cfg" in ds.coords else []
-    steps = "denoising steps" + (f", both CFG branches {' and '.join(cfg)}" if len(cfg) > 1 else "")
+    steps = "denoising steps" + (", CFG branch cond (the prompt's)" if "uncond" in cfg else "")
     lines = [wrote, f"attention mass per layer and head (mean over samples; {steps}; {rows}):"]
     own_name = "own chunk" if chunked else "other frames"
     if len(layers) * len(heads) <= max_rows:  # (one chunk: no "rest", every frame but 0 is "other frames")
