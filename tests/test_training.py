@@ -81,7 +81,8 @@ def test_a_step_is_counted_before_its_checkpoint_is_saved(tmp_path, monkeypatch)
     tr = make(tmp_path, "log_iters=1")
     order = []
     monkeypatch.setattr(tr, "save", lambda: order.append(("save", tr.step)))
-    tr.iteration(done=lambda: order.append(("done", tr.step)))
+    tr.step_done = lambda: order.append(("done", tr.step))
+    tr.iteration()
     assert order == [("done", 1), ("save", 1)]
 
 

@@ -115,6 +115,7 @@ class Trainer(Steps, Checkpoints):
         self.ema: EMA | None = None
         self.step = 0
         self.last_saved = None
+        self.step_done = None  # called after each step's counter moves (train's progress bar)
         self.interrupted = False  # set by train(): stopped by Ctrl-C or SIGTERM before its last step
         self.stop_signal: int | None = None  # which: 2 (SIGINT) or 15 (SIGTERM)
         self.history: list[dict] = []  # every logged row (all ranks), for tests and notebooks
@@ -196,14 +197,15 @@ class Trainer(Steps, Checkpoints):
                 self.ema.load_full(self.ema_init)
             self.ema_init = None
 
-    def iteration(self, done=None) -> dict:
-        """One iteration: the updates at self.step, then step += 1 (and `done()`: the progress bar counts the step
-        before the checkpoint and probe messages of it), EMA creation, checkpoint, log row, probe."""
+    def iteration(self) -> dict:
+        """One iteration: the updates at self.step, then step += 1 (and `self.step_done()`, set by `train`: its
+        progress bar counts the step before the step's checkpoint and probe messages), EMA creation, checkpoint,
+        log row, probe."""
         t0 = time.perf_counter()
         logs = self.train_step()
         self.step += 1
-        if done is not None:
-            done()
+        if self.step_done is not None:
+            self.step_done()
         self.maybe_create_ema()
         logs["seconds"] = time.perf_counter() - t0
         if self.step % self.cfg.log_iters == 0:
@@ -224,10 +226,11 @@ class Trainer(Steps, Checkpoints):
                    disable=not (self.progress and self.d.main))
         interrupted = broken = False
         stop = _StopAfterStep(self.log if self.d.main else None)  # Ctrl-C: finish this step, then save and stop
+        self.step_done = lambda: bar.update(1)
         try:
             with stop:
                 while not end or self.step < end:
-                    logs = self.iteration(done=lambda: bar.update(1))
+                    logs = self.iteration()
                     bar.set_postfix({k.replace("_loss", ""): f"{v:.4g}" for k, v in logs.items()
                                      if k.endswith("_loss")})
                     if self.d.broadcast_list([int(stop.requested)])[0]:  # (every rank stops after the same step)
@@ -237,6 +240,7 @@ class Trainer(Steps, Checkpoints):
             interrupted = broken = True
             stop.signum = stop.signum or 2
         finally:
+            self.step_done = None
             bar.close()
         # an interrupt saves its finished steps whatever save_at_end says (its message promises a checkpoint)
         due = (save_at_end or interrupted) and self.last_saved != self.step and self.step > 0 and not broken
