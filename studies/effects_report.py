@@ -172,7 +172,9 @@ def build_effects_report(store, out_html: str | Path) -> Path:
     page.p(html.escape(f"{ds.sizes['intervention'] - 1} intervention(s) against the baseline, "
                        f"{ds.sizes['sample']} sample(s) (prompts: {', '.join(sorted(set(map(str, ds.prompt.values))))}; "
                        f"seeds {', '.join(map(str, sorted(set(ds.seed.values.tolist()))))}), "
-                       f"{ds.sizes['frame']} latent frames. command: {ds.attrs.get('command', '?')}"))
+                       f"{ds.sizes['frame']} latent frames. command: {ds.attrs.get('command', '?')}"
+                       + "".join(f"; then: {run['command']}" for run in ds.attrs.get("runs", [])
+                                 if isinstance(run, dict) and run.get("command"))))
     page.p("effect = the RMS distance of the latents to the baseline's, divided by the baseline's RMS, averaged over "
            "samples and latent frames (effect_last_chunk: the last chunk's frames only); motion_change = the mean "
            "frame-to-frame latent change (latent_motion) over the baseline's, minus 1. "

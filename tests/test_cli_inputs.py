@@ -311,6 +311,10 @@ def test_extract_summary_is_per_layer_and_head(tmp_path):
 
     cfg = open_store(tmp_path / "one.zarr").attn_mass
     assert set(counted(cfg).cfg.values.tolist()) == {"cond"} and (cfg.cfg == "uncond").any()  # (uncond left out)
+    uncond = open_store(tmp_path / "one.zarr")  # a store of uncond steps alone (extract --steps 1,3): those
+    uncond.isel(step=(uncond.cfg == "uncond").values).to_zarr(tmp_path / "unc.zarr", consolidated=False)
+    alone = summary_table(tmp_path / "unc.zarr")
+    assert "CFG branch uncond (the negative prompt's: the only one captured)" in alone and "nan" not in alone
     bidi = synthetic.write_store(tmp_path / "b.zarr", "bidirectional", layers=tuple(range(10)), num_heads=12)
     text += summary_table(bidi)
     assert "steps 0-15" in text and "layers 0-9" in text and "-0.000" not in text

@@ -109,6 +109,7 @@ def test_intervene_writes_an_effects_store_and_resumes(tmp_path, capsys):
     assert main(["report", str(out), "--out", str(html_path)]) == 0
     text = html_path.read_text()
     assert "Ranked by effect" in text and "temperature2:L1.H0" in text and html_path.with_suffix(".png").stat().st_size
+    assert "--policy sink:6:3; then: workbench intervene" in text and "--temperature 1:0:2" in text  # (both runs)
     capsys.readouterr()
     assert main(["report", str(out), "--layer", "9", "--step", "0", "--out", str(tmp_path / "no.html")]) == 2
     assert "--layer, --step: an effects store's report" in capsys.readouterr().err  # (not silently ignored)

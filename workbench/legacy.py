@@ -75,8 +75,8 @@ def _model_fields(ds) -> dict:
 def _check(ds, store, layers, samples, step) -> tuple[list[int], list[str]]:
     if ds.attrs.get("store_kind") == "effects":
         raise WorkbenchError(f"{store} is an effects store (workbench intervene: what each intervention changed in "
-                             "the video), which holds no attention; export-legacy writes an attention store's mean "
-                             "logits (workbench extract)")
+                             "the video, and with --capture each entry's attention mass, not the mean logits); "
+                             "export-legacy writes an attention store's mean logits (workbench extract)")
     if "attn_logit" not in ds:
         raise WorkbenchError(f"{store} has no attn_logit (stats: {ds.attrs.get('stats')}); the legacy files hold mean "
                              "logits: extract with --stats attn_logit (the default includes it)")

@@ -21,10 +21,11 @@ import xarray as xr
 def counted(mass: xr.DataArray) -> xr.DataArray:
     """`attn_mass` at the steps and query frames every summary counts: denoising steps only (of a CFG store, its
     cond branch: the prompt's forward, as `workbench compare` takes by default; the uncond one attends under the
-    negative prompt), and the query frames after the first chunk when the store has several chunks."""
+    negative prompt; a store of uncond steps alone: those), and the query frames after the first chunk when the
+    store has several chunks."""
     m = mass.where(mass.phase == "denoise", drop=True)
-    if "cfg" in m.coords and bool((m.cfg == "uncond").any()):
-        m = m.where(m.cfg != "uncond", drop=True)
+    if "cfg" in m.coords and bool((m.cfg == "uncond").any()) and bool((m.cfg != "uncond").any()):
+        m = m.where(m.cfg != "uncond", drop=True)  # (a store of uncond steps alone: those)
     return m.where(m.query_chunk > 0, drop=True) if bool((mass.query_chunk > 0).any()) else m
 
 
@@ -77,7 +78,10 @@ def summary_table(store_path, max_rows: int = 48) -> str:
     layers, heads = [int(v) for v in ds.layer.values], [int(v) for v in ds["head"].values]
     rows = "query frames after chunk 0" if chunked else "all query frames, the video being one chunk"
     cfg = sorted({str(c) for c in ds["cfg"].values} - {"none"}) if "cfg" in ds.coords else []
-    steps = "denoising steps" + (", CFG branch cond (the prompt's)" if "uncond" in cfg else "")
+    branches = sorted({str(c) for c in counted(ds.attn_mass).cfg.values}) if "cfg" in ds.coords else []
+    steps = "denoising steps" + (", CFG branch cond (the prompt's)" if "uncond" in cfg and branches == ["cond"] else
+                                 ", CFG branch uncond (the negative prompt's: the only one captured)"
+                                 if branches == ["uncond"] else "")
     lines = [wrote, f"attention mass per layer and head (mean over samples; {steps}; {rows}):"]
     own_name = "own chunk" if chunked else "other frames"
     if len(layers) * len(heads) <= max_rows:  # (one chunk: no "rest", every frame but 0 is "other frames")
