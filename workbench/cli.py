@@ -104,11 +104,11 @@ def load_plugins(warn=None) -> list[str]:
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as err:
-            if err.name != name.split(".")[0] and err.name != name:
-                say(f"{PLUGINS_ENV}: module {name!r} failed to import, so it is left out: {type(err).__name__}: {err}")
-            else:
+            if err.name and (name == err.name or name.startswith(err.name + ".")):  # (the named module is missing)
                 say(f"{PLUGINS_ENV}: no module {name!r} (give module names importable from the current folder or "
                     "PYTHONPATH, comma-separated), so it is left out")
+            else:  # (a module it imports is missing)
+                say(f"{PLUGINS_ENV}: module {name!r} failed to import, so it is left out: {type(err).__name__}: {err}")
             continue
         except Exception as err:  # noqa: BLE001 - the module raised: its own error, named
             say(f"{PLUGINS_ENV}: module {name!r} raised {type(err).__name__} while importing, so it is left out: "

@@ -77,11 +77,11 @@ def summary_table(store_path, max_rows: int = 48) -> str:
                                         for x in (first, own, rest, same, distance))
     layers, heads = [int(v) for v in ds.layer.values], [int(v) for v in ds["head"].values]
     rows = "query frames after chunk 0" if chunked else "all query frames, the video being one chunk"
-    cfg = sorted({str(c) for c in ds["cfg"].values} - {"none"}) if "cfg" in ds.coords else []
-    branches = sorted({str(c) for c in counted(ds.attn_mass).cfg.values}) if "cfg" in ds.coords else []
-    steps = "denoising steps" + (", CFG branch cond (the prompt's)" if "uncond" in cfg and branches == ["cond"] else
-                                 ", CFG branch uncond (the negative prompt's: the only one captured)"
-                                 if branches == ["uncond"] else "")
+    captured = {str(c) for c in ds["cfg"].values} if "cfg" in ds.coords else set()
+    branches = {str(c) for c in m.cfg.values} if "cfg" in m.coords else set()  # (what counted kept)
+    steps = "denoising steps" + (", CFG branch cond (the prompt's)" if "uncond" in captured and branches == {"cond"}
+                                 else ", CFG branch uncond (the negative prompt's: the only one captured)"
+                                 if branches == {"uncond"} else "")
     lines = [wrote, f"attention mass per layer and head (mean over samples; {steps}; {rows}):"]
     own_name = "own chunk" if chunked else "other frames"
     if len(layers) * len(heads) <= max_rows:  # (one chunk: no "rest", every frame but 0 is "other frames")
