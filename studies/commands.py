@@ -21,6 +21,9 @@ REPORT_EPILOG = """\
 examples:
   workbench report runs/embedded.zarr --out runs/embedded.html
   workbench report runs/layer3.zarr --out runs/l3.html --layer 3 --sample p0000-s42 --step 0
+  workbench extract --layer 5 --stats attn_mass,attn_key_token --token-layers 5 --out runs/k.zarr
+  workbench generate --seed 42 --out runs/k       # the same sample's video: its frames go under the key-token maps
+  workbench report runs/k.zarr
 """
 
 COMPARE_HELP = "what changed between two stores (e.g. Wan vs Self-Forcing), as an HTML report"
@@ -61,6 +64,10 @@ def register(subparsers) -> None:
                              "step 0, t=1000, when it was captured)")
     report.add_argument("--query-frames", default=None, choices=["last_chunk", "history", "all"],
                         help=QUERY_FRAMES_HELP)  # (None: last_chunk, and a given one is refused for effects stores)
+    report.add_argument("--video", metavar="MP4|FOLDER",
+                        help="the sample's video (or a folder of `workbench generate` outputs, pPPPP-sS.mp4): its "
+                             "frames go under the key-token maps (attn_key_token); default: found beside the store "
+                             "as `workbench view` finds it (STORE.mp4, or STORE/pPPPP-sS.mp4)")
     report.set_defaults(func=run_report)
 
     compare = subparsers.add_parser("compare", help=COMPARE_HELP, description=COMPARE_DESCRIPTION,
@@ -110,7 +117,7 @@ def run_report(args) -> int:
 
     out = writable_output(args.out if args.out else Path(args.store.rstrip("/")).with_suffix(".html"))
     path = build_report(args.store, out, layer=args.layer, sample=args.sample, step=args.step,
-                        query_frames=args.query_frames)
+                        query_frames=args.query_frames, video=args.video)
     print(f"wrote {path}")
     return 0
 

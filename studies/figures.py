@@ -489,27 +489,38 @@ def key_token_maps(
     head: int | None = None,
     cols: int = 7,
     within_frame: bool = False,
+    frames: np.ndarray | None = None,
 ) -> go.Figure:
     """Where inside each key frame one query frame's self-attention lands (`attn_key_token`): an image of the latent
     grid (token rows x columns) per key frame it attended, one colour scale; each image sums to that key frame's
     `attn_mass` (in its title). `within_frame=True` divides each image by that mass, so that it sums to 1: where
     inside a frame the attention lands, for frames of little mass too (beside a sink frame of most of it, they
     look flat otherwise). One `head`, or the mean over heads (None); averaged over samples unless a `sample` is
-    named."""
+    named. `frames` (uint8 [key_frame, H, W, 3], one pixel frame per latent frame of the sample's video, e.g. from
+    `key_frame_images`) draws each key frame's picture under its map, the map half transparent, so that one sees
+    what the attended tokens show (a token covers H / rows x W / columns pixels)."""
     ds = metrics.attention_store(ds)
     metrics.require_var(ds, "attn_key_token")
     have = [int(t) for t in ds.token_layer.values]
     if metrics.one(token_layer, "token layer") not in have:
         raise WorkbenchError(f"token layer {token_layer!r} is not in the store; it has token layers {have}")
-    frames = [int(f) for f in ds.query_frame.values]
-    if metrics.one(query_frame, "query frame") not in frames:
-        raise WorkbenchError(f"query frame {query_frame!r} is not in the store; it has {frames[0]}-{frames[-1]}")
+    queries = [int(f) for f in ds.query_frame.values]
+    if metrics.one(query_frame, "query frame") not in queries:
+        raise WorkbenchError(f"query frame {query_frame!r} is not in the store; it has {queries[0]}-{queries[-1]}")
     sub = metrics.select(ds, sample=sample, step=metrics.one(step, "step"))
     data = sub["attn_key_token"].astype(np.float64).sel(token_layer=token_layer, query_frame=query_frame)
     data = data.mean("sample").isel(step=0)  # [head, key_token]
     data = data.mean("head") if head is None else _pick_heads(data, [metrics.one(head, "head")]).sel(head=head)
     h, w = int(ds["key_token_h"].max()) + 1, int(ds["key_token_w"].max()) + 1
     per_frame = data.values.reshape(-1, h, w)  # [key_frame, h, w]: key_token = f * h * w + row * w + col
+    if frames is not None:
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[0] < per_frame.shape[0] or frames.shape[-1] != 3 \
+                or frames.shape[1] % h or frames.shape[2] % w:
+            raise WorkbenchError(f"frames of shape {tuple(frames.shape)} do not fit the store's key frames: want "
+                                 f"[{per_frame.shape[0]}, H, W, 3] with H a multiple of {h} token rows and W of {w} "
+                                 "token columns (one pixel frame per latent frame)")
+        sy, sx = frames.shape[1] // h, frames.shape[2] // w  # pixels per token
     seen = [f for f in range(per_frame.shape[0]) if np.isfinite(per_frame[f]).any()]
     rows, cols = _grid(len(seen), cols)
     frame_mass = np.array([np.nansum(per_frame[f]) for f in range(per_frame.shape[0])])  # [key_frame]
@@ -520,9 +531,15 @@ def key_token_maps(
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles,
                         horizontal_spacing=0.02, vertical_spacing=min(0.08, 0.4 / rows))
     for i, f in enumerate(seen):
+        place = dict(row=i // cols + 1, col=i % cols + 1)
+        cells = {}
+        if frames is not None:  # the picture, then the map over it: token (r, c) covers pixels r*sy.., c*sx..
+            fig.add_trace(go.Image(z=frames[f], hoverinfo="skip", name=f"frame {f}"), **place)
+            cells = dict(x0=(sx - 1) / 2, dx=sx, y0=(sy - 1) / 2, dy=sy, opacity=0.55)
         fig.add_trace(go.Heatmap(z=_round(per_frame[f]), coloraxis="coloraxis", name=f"key frame {f}",
-                                 hovertemplate="row %{y}, column %{x}<br>mass %{z:.4g}<extra>key frame " + str(f)
-                                               + "</extra>"), row=i // cols + 1, col=i % cols + 1)
+                                 customdata=np.indices((h, w)).transpose(1, 2, 0), **cells,
+                                 hovertemplate="row %{customdata[0]}, column %{customdata[1]}<br>mass %{z:.4g}"
+                                               "<extra>key frame " + str(f) + "</extra>"), **place)
     fig.update_yaxes(autorange="reversed", showticklabels=False)  # (row 0 at the top, as the video's)
     fig.update_xaxes(showticklabels=False, constrain="domain")
     for k in range(1, len(seen) + 1):  # square latent cells: each panel's y axis scaled to its x axis
@@ -531,6 +548,8 @@ def key_token_maps(
     heads = "mean over heads" if head is None else f"head {head}"
     sums = ("each divided by that key frame's attn_mass (in its title): shares of the frame's mass, summing to 1"
             if within_frame else "each summing to that key frame's attn_mass (in its title)")
+    if frames is not None:
+        sums += "; over the frame's picture"
     panel = max(80, min(180, 1000 // cols))  # (the figure within the report's 1200 px column, colour bar included)
     fig.update_layout(
         title=f"attn_key_token · layer {token_layer} · {heads} · query frame {query_frame} · "

@@ -178,19 +178,23 @@ def build_report(
     step: int | None = None,
     query_frames=None,
     thresholds: metrics.TaxonomyThresholds | None = None,
+    video: str | Path | None = None,
 ) -> Path:
     """Write an HTML report of one store (a path or an opened Dataset) to `out_html`; returns the path.
 
     `layer`: the layer(s) that get a detailed section (default: every captured layer, at most 8 evenly spaced);
     `sample`: one sample id (default: the mean over samples); `step`: the step of the overview maps and head grids
     (default: the first captured denoising step: step 0, t = 1000, the researchers' choice, when it was captured);
-    `query_frames`: the rows the head metrics average over (default "last_chunk", `metrics.query_frames_for`)."""
+    `query_frames`: the rows the head metrics average over (default "last_chunk", `metrics.query_frames_for`);
+    `video`: the sample's mp4 (or a folder of `workbench generate` outputs) whose frames go under the key-token
+    maps (default: found beside the store as `workbench view` finds it)."""
     ds, source = _open(store)
     from studies.effects_report import build_effects_report, is_effects_store
 
     if is_effects_store(ds):  # `workbench intervene`'s store: its own page
         given = [f"--{name}" for name, value in (("layer", layer), ("sample", sample), ("step", step),
-                                                 ("query-frames", query_frames)) if value is not None]
+                                                 ("query-frames", query_frames), ("video", video))
+                 if value is not None]
         if given:
             raise WorkbenchError(f"{', '.join(given)}: an effects store's report (workbench intervene) shows every "
                                  "entry's effect over all its samples and frames and takes none of these; they are "
@@ -267,20 +271,63 @@ def build_report(
     token_layers, others = [t for t in held if t in detail], [t for t in held if t not in detail]
     if token_layers:  # (the token layers among the detailed ones: --layer picks them too)
         last = int(ds.query_frame.values[-1])
+        pictures, where = key_frame_pictures(ds, source, sample, video)
         page.h("Inside the key frames")
         page.p("Where the last query frame's attention lands inside each key frame it attends (attn_key_token, "
                "mean over heads): each image is that frame's share of it, so that frames of little mass show their "
                "pattern too; their masses are in the titles. <code>studies.figures.key_token_maps</code> draws the "
-               "masses themselves, one head, or another query frame.")
+               "masses themselves, one head, or another query frame. " + where)
         for tl in token_layers:
-            page.figure(figures.key_token_maps(ds, tl, query_frame=last, step=step, sample=sample, within_frame=True),
-                        f"fig-key-tokens-layer{tl}")
+            page.figure(figures.key_token_maps(ds, tl, query_frame=last, step=step, sample=sample, within_frame=True,
+                                               frames=pictures), f"fig-key-tokens-layer{tl}")
     if others:
         page.p(f"The store also holds key-token maps (attn_key_token) of layers {others}, not detailed here: "
                "--layer N draws them.")
     if len(detail) < ds.sizes["layer"]:
         page.p(f"Detailed sections for layers {detail} of {ds.sizes['layer']}; pass --layer N to choose others.")
     return write_atomic(page.render(), out_html)
+
+
+def key_frame_pictures(ds: xr.Dataset, source: str, sample: str | None, video=None) -> tuple[np.ndarray | None, str]:
+    """One picture per latent frame of a sample's video (uint8 [key_frame, H, W, 3]: the last of the pixel frames
+    the VAE decodes from it) for the key-token maps, and a sentence for the page saying where they come from, or
+    why there are none and how to get them. The video is found as `workbench view` finds it (workbench/view/
+    sources.py: `video`, else STORE.mp4 or pPPPP-sS.mp4 beside the store or in the folder named like it) and
+    checked against the store's run; a named `video` that does not fit is an error, a found one a sentence."""
+    from workbench.view.sources import find_videos, pixel_span, read_video, video_mismatch
+
+    ids = [str(s) for s in ds["sample"].values]
+    if sample is None and len(ids) > 1:
+        if video is not None:
+            raise WorkbenchError(f"--video: the maps are a mean over the store's {len(ids)} samples; name the "
+                                 "video's sample with --sample")
+        return None, "(--sample ID draws one sample's maps over the frames of its video.)"
+    chosen = sample or ids[0]
+    store = Path(source)
+    if video is None and not (store / "zarr.json").is_file():  # (an in-memory Dataset: nothing to look beside)
+        return None, ""
+    i = ids.index(chosen)
+    make = (f"`workbench generate` with the store's model, --prompt {str(ds['prompt'].values[i])!r} --seed "
+            f"{int(ds['seed'].values[i])} --out {store.with_suffix('')}")
+    found = find_videos(store, None if video is None else str(video), ids, chosen).get(chosen)
+    if found is None:
+        return None, f"(To see each key frame's picture under its map, make the sample's video: {make}.)"
+    if why := video_mismatch(ds, chosen, found):
+        if video is not None:
+            raise WorkbenchError(why)
+        return None, f"(The video found, {found}, is not this store's sample: {why.split(': ', 1)[-1]})"
+    F = ds.sizes["key_frame"]
+    try:
+        frames, _ = read_video(found, pixel_span(F - 1)[1])  # [T, H, W, 3], T = 1 + 4 (F - 1)
+    except ImportError:
+        return None, "(Reading the sample's video needs the video extra: pip install -e '.[video]'.)"
+    except WorkbenchError as err:
+        if video is not None:
+            raise
+        return None, f"({err})"
+    pictures = frames[[pixel_span(f)[1] - 1 for f in range(F)]]
+    return pictures, (f"Under each map, the key frame's picture: the last of its pixel frames in {found} (sample "
+                      f"{chosen}).")
 
 
 def _training_report(ds: xr.Dataset, source: str, out_html, *, layer, sample, step, query_frames,

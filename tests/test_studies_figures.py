@@ -8,7 +8,10 @@ import plotly.graph_objects as go
 import pytest
 
 from studies import compare, figures, load_store, metrics, synthetic
+from models.video import mp4_available
 from workbench.errors import WorkbenchError
+
+needs_mp4 = pytest.mark.skipif(not mp4_available(), reason="mp4 needs the video extra: pip install -e '.[video]'")
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +212,7 @@ def test_metrics_in_the_unit_interval_get_an_axis_from_zero(wan, ds):
 
 
 @pytest.fixture(scope="module")
-def tokens_store(tmp_path_factory):
+def tokens_path(tmp_path_factory):
     """The embedded model's store with cross_mass and attn_key_token (layer 3), two samples of one prompt."""
     from workbench.cli import main as cli_main
 
@@ -217,7 +220,12 @@ def tokens_store(tmp_path_factory):
     assert cli_main(["extract", "--layer", "3", "--steps", "0", "--frames", "6", "--seed", "0,1", "--stats",
                      "attn_mass,cross_mass,attn_key_token", "--token-layers", "3", "--out", str(out),
                      "--no-progress"]) == 0
-    return load_store(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokens_store(tokens_path):
+    return load_store(tokens_path)
 
 
 def test_cross_tokens_shows_the_prompts_tokens_and_the_padding(tokens_store):
@@ -305,6 +313,61 @@ def test_key_token_maps_sum_to_the_key_frames_mass(tokens_store):
     assert shares.layout.coloraxis.cmax > fig.layout.coloraxis.cmax and "shares" in shares.layout.title.text
     with pytest.raises(WorkbenchError, match=r"token layer 2 is not in the store; it has token layers \[3\]"):
         figures.key_token_maps(ds, 2, query_frame=5)
+
+
+def test_key_token_maps_over_the_frames_pictures(tokens_store):
+    """`frames` puts each key frame's picture under its map: the picture as an image trace, the map over it with
+    each token's cell covering its pixels (16 x 16 for the embedded model's 96 x 128 video of 6 x 8 tokens)."""
+    ds = tokens_store
+    h, w = int(ds.key_token_h.max()) + 1, int(ds.key_token_w.max()) + 1
+    pictures = np.random.default_rng(0).integers(0, 256, (ds.sizes["key_frame"], 16 * h, 16 * w, 3), dtype=np.uint8)
+    plain = figures.key_token_maps(ds, 3, query_frame=5, step=0, head=1)
+    fig = figures.key_token_maps(ds, 3, query_frame=5, step=0, head=1, frames=pictures)
+    images, maps = fig.data[0::2], fig.data[1::2]
+    assert len(images) == len(maps) == len(plain.data) and all(isinstance(t, go.Image) for t in images)
+    for image, heat, raw, note in zip(images, maps, plain.data, fig.layout.annotations):
+        f = int(note.text.split(":")[0].split()[1])
+        np.testing.assert_array_equal(np.array(image.z, dtype=np.uint8), pictures[f])
+        np.testing.assert_array_equal(np.array(heat.z, dtype=float), np.array(raw.z, dtype=float))
+        assert (heat.x0, heat.dx, heat.y0, heat.dy) == (7.5, 16, 7.5, 16) and 0 < heat.opacity < 1
+        assert (image.xaxis, image.yaxis) == (heat.xaxis, heat.yaxis)
+    assert "over the frame's picture" in fig.layout.title.text
+    with pytest.raises(WorkbenchError, match=r"frames of shape \(6, 91, 128, 3\) do not fit"):
+        figures.key_token_maps(ds, 3, query_frame=5, frames=pictures[:, :91])
+
+
+@needs_mp4
+def test_a_report_draws_the_samples_pictures_under_its_key_token_maps(tokens_path, tmp_path):
+    """The report finds a sample's video as `workbench view` does (STORE/pPPPP-sS.mp4) and puts its frames under
+    the key-token maps; without one it says how to make it, and a video of another run is not drawn."""
+    import shutil
+
+    from studies.report import build_report
+    from workbench.cli import main as cli_main
+
+    store = tmp_path / "tok.zarr"
+    shutil.copytree(tokens_path, store)
+    text = build_report(store, tmp_path / "none.html", sample="p0000-s0").read_text()
+    assert "make the sample's video: `workbench generate` with the store's model" in text and "--seed 0 --out" in text
+    assert "--sample ID draws one sample" in build_report(store, tmp_path / "mean.html").read_text()
+    assert cli_main(["generate", "--seed", "0,1", "--frames", "6", "--out", str(tmp_path / "tok"),
+                     "--no-progress"]) == 0
+    text = build_report(store, tmp_path / "r.html", sample="p0000-s0").read_text()
+    assert "Under each map, the key frame's picture" in text and "p0000-s0.mp4" in text
+    assert text.count('"type":"image"') == ds_frames(store)  # one picture per attended key frame of query frame 5
+    # seed 1's video under seed 0's name: left out with the reason, or an error when named
+    for suffix in (".mp4", ".safetensors"):
+        shutil.copy(tmp_path / "tok" / f"p0000-s1{suffix}", tmp_path / "tok" / f"p0000-s0{suffix}")
+    text = build_report(store, tmp_path / "other.html", sample="p0000-s0").read_text()
+    assert '"type":"image"' not in text and "is not this store's sample" in text
+    with pytest.raises(WorkbenchError, match="was not made by this store's run of sample p0000-s0"):
+        build_report(store, tmp_path / "named.html", sample="p0000-s0", video=tmp_path / "tok" / "p0000-s0.mp4")
+    with pytest.raises(WorkbenchError, match="name the video's sample with --sample"):
+        build_report(store, tmp_path / "mean.html", video=tmp_path / "tok")
+
+
+def ds_frames(store) -> int:
+    return int(np.isfinite(load_store(store).attn_mass.sel(layer=3, step=0, query_frame=5).isel(sample=0, head=0)).sum())
 
 
 def test_a_report_draws_the_token_statistics_it_has(tokens_store, tmp_path):
