@@ -408,6 +408,22 @@ def test_appending_runs_keep_the_creating_run_and_are_listed(tmp_path):
     assert attrs["completed"] == ["p0000-s1", "p0000-s2"]
 
 
+def test_one_model_keeps_one_checkpoint_label_in_a_store(tmp_path):
+    """The zoo's DMD student by name, then by its file: the same weights (the store's fingerprint), so the second
+    run's sample keeps the store's label (two labels split one model in a groupby), and says so."""
+    from models.wan.embedded import EMBEDDED_DIR, ZOO
+
+    out, notes = tmp_path / "s.zarr", []
+    small = dict(layers=[0], steps=[0], prompts=["a"], num_frames=3, out=str(out), progress=False)
+    run_extract(ExtractConfig(seeds=[1], **small), log=quiet)
+    by_file = ExtractConfig(seeds=[1, 2], **small, wan_dir=str(EMBEDDED_DIR),
+                            checkpoint=str(ZOO["dmd"].checkpoint_path()), use_ema=True)
+    run_extract(by_file, log=notes.append)
+    ds = open_store(out)
+    assert list(ds.checkpoint.values) == ["embedded:dmd", "embedded:dmd"]
+    assert any("labels these weights 'embedded:dmd'" in str(n) for n in notes)
+
+
 def test_capture_mode_is_chosen_recorded_and_checked(tmp_path, capsys, uninterrupted, no_work):
     """--capture-mode reaches the probe and the store's attrs (and fingerprint); on the CPU `auto` is exact; an
     unknown mode is refused before work. (Values of every mode against the float64 reference:

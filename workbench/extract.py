@@ -470,6 +470,13 @@ def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
             check_resumed_prompts(writer, samples, cfg.out)
             todo = [s for s in samples if not writer.done(sample_id(s[0], s[2]))]
             fp, sha = writer.fingerprint, writer.fields["model"]["weights"]
+            # the same weights (the fingerprint holds their sha256) keep the store's one label, however named now
+            # (`--model dmd` and the path of its file made two labels of one model in a store)
+            labels = sorted(set(writer.stored("checkpoint").values()))
+            if labels and p.checkpoint_label not in labels:
+                log(f"note: {cfg.out} labels these weights {labels[0]!r} (checkpoint); this run's samples keep that "
+                    f"label (given as {p.checkpoint_label!r})")
+                p = dataclasses.replace(p, checkpoint_label=labels[0])
             if todo and len(todo) < len(samples):
                 log(f"resuming: {len(samples) - len(todo)} of {len(samples)} samples are already in {cfg.out}; "
                     f"computing the other {len(todo)}")
@@ -541,6 +548,7 @@ def _extract(p: Plan, rank: int, world: int, todo, fp: str, weights_sha: str, de
             dist.gather_object(result, finished, dst=0)
         if rank == 0:
             for meta, arrays in finished[: len(batch)]:
+                meta["checkpoint"] = p.checkpoint_label  # (rank 0's: the store's label, see _run)
                 writer.write(sample_dataset(layout, meta, arrays))
     bar.close()
     if rank == 0:
