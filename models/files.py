@@ -20,7 +20,20 @@ from pathlib import Path
 
 from models.errors import CheckpointError, ModelInputError, WeightsMismatchError
 
-MEMO_DIR = Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "sf-workbench"))
+
+
+def default_memo_dir() -> Path | None:
+    """Where `_memo` remembers what whole-file reads found: $WORKBENCH_CACHE, else ~/.cache/sf-workbench; None (read
+    every time) where there is no home directory (a container's user with no passwd entry and no HOME)."""
+    if os.environ.get("WORKBENCH_CACHE"):
+        return Path(os.environ["WORKBENCH_CACHE"])
+    try:
+        return Path.home() / ".cache" / "sf-workbench"
+    except RuntimeError:
+        return None
+
+
+DEFAULT = "default"  # a memo_dir argument's default: `default_memo_dir()`, looked up at the call
 
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # how a Git LFS pointer file starts
@@ -167,7 +180,7 @@ def _memo(path: Path, kind: str, memo_dir: Path | None, compute):
     return value
 
 
-def sha256_file(path, memo_dir: Path | None = MEMO_DIR) -> str:
+def sha256_file(path, memo_dir: Path | None | str = DEFAULT) -> str:
     """sha256 of a file's bytes; remembered by (real path, size, mtime) in memo_dir, so an 11 GB file is
     hashed once per machine."""
     path = Path(path)
@@ -179,10 +192,10 @@ def sha256_file(path, memo_dir: Path | None = MEMO_DIR) -> str:
                 h.update(block)
         return h.hexdigest()
 
-    return _memo(path, "sha256", memo_dir, digest)
+    return _memo(path, "sha256", default_memo_dir() if memo_dir == DEFAULT else memo_dir, digest)
 
 
-def verify_checksums(path, memo_dir: Path | None = MEMO_DIR) -> None:
+def verify_checksums(path, memo_dir: Path | None | str = DEFAULT) -> None:
     """torch.save writes a zip whose every record carries a CRC-32, and torch.load does not check them: a file whose
     bytes changed after it was written (a bad disk or copy) loads, and its weights are silently wrong. Read once
     against its checksums (about 1 GB/s; remembered per file as `sha256_file` is, memo_dir None: read every time);
@@ -198,7 +211,7 @@ def verify_checksums(path, memo_dir: Path | None = MEMO_DIR) -> None:
         except zipfile.BadZipFile:
             return None
 
-    bad = _memo(path, "zip-crc", memo_dir, bad_record)
+    bad = _memo(path, "zip-crc", default_memo_dir() if memo_dir == DEFAULT else memo_dir, bad_record)
     if bad is not None:  # (records are named FOLDER/data/N, FOLDER the name torch.save wrote it under)
         raise CheckpointError(f"{str(path)!r} is corrupt: its record {bad.split('/', 1)[-1]!r} does not match the "
                               "checksum written with it (the file changed after it was saved: copy or download it "

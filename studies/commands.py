@@ -115,7 +115,9 @@ def writable_output(path) -> Path:
 def run_report(args) -> int:
     from studies.report import build_report
 
-    out = writable_output(args.out if args.out else Path(args.store.rstrip("/")).with_suffix(".html"))
+    from workbench.store import named
+
+    out = writable_output(args.out if args.out else named(args.store).with_suffix(".html"))
     path = build_report(args.store, out, layer=args.layer, sample=args.sample, step=args.step,
                         query_frames=args.query_frames, video=args.video)
     print(f"wrote {path}")

@@ -161,6 +161,18 @@ def single_head_ablations(ds: xr.Dataset) -> list[str]:
             and len(sp.get("heads") or []) == 1 and not sp.get("steps") and not sp.get("chunks")]
 
 
+def _cache_words(ds: xr.Dataset) -> str:
+    """'; the baseline's KV cache: a window of 12 latent frames, 3 of them sink frames' (attrs of stores made since
+    they were recorded; a policy entry's own cache is in its spec)."""
+    window, sink = ds.attrs.get("local_attn_size"), ds.attrs.get("sink_size")
+    if window is None:
+        return ""
+    if int(window) == -1:
+        return "; the baseline's KV cache: every frame (no window)"
+    return (f"; the baseline's KV cache (and every entry's but a policy's): a window of {int(window)} latent frames, "
+            f"{int(sink or 0)} of them sink frames")
+
+
 def build_effects_report(store, out_html: str | Path) -> Path:
     from studies import load_store
     from workbench.intervene import ranking
@@ -172,7 +184,7 @@ def build_effects_report(store, out_html: str | Path) -> Path:
     page.p(html.escape(f"{ds.sizes['intervention'] - 1} intervention(s) against the baseline, "
                        f"{ds.sizes['sample']} sample(s) (prompts: {', '.join(sorted(set(map(str, ds.prompt.values))))}; "
                        f"seeds {', '.join(map(str, sorted(set(ds.seed.values.tolist()))))}), "
-                       f"{ds.sizes['frame']} latent frames. command: {ds.attrs.get('command', '?')}"
+                       f"{ds.sizes['frame']} latent frames{_cache_words(ds)}. command: {ds.attrs.get('command', '?')}"
                        + "".join(f"; then: {run['command']}" for run in ds.attrs.get("runs", [])
                                  if isinstance(run, dict) and run.get("command"))))
     page.p("effect = the RMS distance of the latents to the baseline's, divided by the baseline's RMS, averaged over "

@@ -24,7 +24,7 @@ from studies import compare as compare_mod
 from studies import figures, metrics
 from studies.page import TABLE_ROWS, Page, write_atomic
 from workbench.errors import WorkbenchError
-from workbench.store import chunk_sizes
+from workbench.store import chunk_sizes, named
 
 MAX_DETAIL_LAYERS = 8  # per-layer sections when no layer is named: evenly spaced, first and last included
 OVERVIEW_METRICS = ("sink_mass", "own_chunk_mass", "local_mass", "early_mass", "mean_distance", "entropy_norm")
@@ -303,7 +303,7 @@ def key_frame_pictures(ds: xr.Dataset, source: str, sample: str | None, video=No
                                  "video's sample with --sample")
         return None, "(--sample ID draws one sample's maps over the frames of its video.)"
     chosen = sample or ids[0]
-    store = Path(source)
+    store = named(source)
     if video is None and not (store / "zarr.json").is_file():  # (an in-memory Dataset: nothing to look beside)
         return None, ""
     i = ids.index(chosen)

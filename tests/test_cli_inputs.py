@@ -159,6 +159,78 @@ def test_a_read_only_folder_is_one_line_before_any_work(command, tmp_path, store
     assert err.startswith(f"workbench {command}: error: ") and err.count("\n") == 1 and "not writable" in err
 
 
+@pytest.mark.parametrize("command", ["extract", "generate", "info", "intervene", "evaluate", "extract --model ode",
+                                     "train"])
+def test_an_install_without_the_repositorys_data_says_so(command, tmp_path, capsys, no_work, monkeypatch):
+    """`pip install` without -e copies the packages, not data/embedded or configs/: each command says that, and how
+    to install or where to point, in one line (it said --wan-dir '.../site-packages/data/embedded' does not exist,
+    a flag nobody gave)."""
+    import models.wan.embedded as embedded
+    import training.config
+
+    monkeypatch.setattr(embedded, "EMBEDDED_DIR", tmp_path / "site-packages" / "data" / "embedded")
+    monkeypatch.setitem(training.config.load_config.__kwdefaults__, "default",
+                        tmp_path / "site-packages" / "configs" / "default_config.yaml")
+    argv = {"evaluate": ["evaluate", "--model", "embedded", "--out", str(tmp_path / "e")],
+            "train": ["train", "--config", str(REPO / "configs" / "tiny_dmd.yaml"), "--logdir", str(tmp_path / "t")],
+            "intervene": ["intervene", "--knockout", "0", "--out", str(tmp_path / "i.zarr")],
+            }.get(command, command.split() + ["--out", str(tmp_path / "x")] * (command != "info"))
+    assert cli_main(argv + ["--no-progress"] * (command not in ("info", "train"))) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "`pip install` without -e does not copy" in err, err
+    assert ("WORKBENCH_EMBEDDED_DIR" in err) == (command != "train")
+
+
+def test_a_store_named_dot_and_a_folder_that_is_no_store(tmp_path, store, capsys, monkeypatch):
+    """`workbench report .` inside a store writes the report beside it (it crashed: Path('.') has no name); a folder
+    that holds no store is said to be one, not "replaced after it was opened"."""
+    shutil.copytree(store, tmp_path / "x.zarr")
+    monkeypatch.chdir(tmp_path / "x.zarr")
+    assert cli_main(["report", "."]) == 0 and (tmp_path / "x.html").is_file()
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / "p0000-s0.safetensors").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    for folder, what in (("gen", "a folder of `workbench generate` outputs"), ("empty", "a folder")):
+        assert cli_main(["report", str(tmp_path / folder)]) != 0
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"is {what}, not a store (no zarr.json)" in err, err
+
+
+def test_a_lock_file_of_another_user_is_named_with_its_owner(tmp_path, capsys, no_work, monkeypatch):
+    """Two users of a shared folder under umask 022: the second may not write the first's lock file, and was told
+    'Permission denied (.../.x.zarr.lock)'; now whose it is and what to do."""
+    import filelock
+
+    def refused(self, *args, **kw):
+        raise PermissionError(13, "Permission denied", self.lock_file)
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", refused)
+    (tmp_path / ".x.zarr.lock").write_bytes(b"")
+    assert cli_main(["extract", "--layer", "3", "--out", str(tmp_path / "x.zarr"), "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "its lock file" in err and "belongs to user" in err and "g+w" in err, err
+
+
+def test_no_home_directory_only_costs_the_memo_of_file_hashes(tmp_path, monkeypatch):
+    """A container's user without a passwd entry or HOME: Path.home() raises, and importing models.files did too
+    (every command failed); now the whole-file reads are just not remembered."""
+    from models import files
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("WORKBENCH_CACHE", raising=False)
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    assert files.default_memo_dir() is None
+    (tmp_path / "w.bin").write_bytes(b"abc")
+    assert files.sha256_file(tmp_path / "w.bin").startswith("ba7816bf")
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    assert files.default_memo_dir() == tmp_path / "cache"
+    files.sha256_file(tmp_path / "w.bin")
+    assert (tmp_path / "cache" / "file_hashes.json").is_file()
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_outputs_have_the_permissions_of_new_files(umask, tmp_path, store):
     """Atomic writes create their temporary file the ordinary way, so the umask decides (not mkstemp's 0600)."""

@@ -336,9 +336,32 @@ def test_every_kind_runs_from_flags_a_spec_and_entry_objects(tmp_path, capsys):
                                   xr.open_zarr(out, consolidated=False).latent_distance.values)
 
 
+def test_an_entry_stores_the_settings_of_its_kind_and_older_specs_still_resume():
+    """intervention_spec holds what the entry's kind means (a knockout carried a policy window of 21 and 0 sink
+    frames, the baseline too, whatever the run's cache): the run's cache is in the store's attributes. A spec of an
+    older store (every field) reads as the same entry, except a sink entry's: it scaled every call, the sink
+    frames' own chunk's too, and is now history-only by default, so that store's entry is another's."""
+    import dataclasses
+
+    from workbench.intervene_entries import Entry, same_settings
+
+    knock = parse_entry(parse_flag("knockout", "0-2"), 6, 4, num_frames=6)
+    sink = parse_entry(parse_flag("sink", "0"), 6, 4, num_frames=6)
+    assert knock.spec() == dict(kind="knockout", label="knockout0-2:all", frames=[0, 1, 2], history_only=True,
+                                attention="self")
+    assert sink.spec()["history_only"] is True and "window" not in sink.spec()
+    assert parse_entry(parse_flag("policy", "sink:6:2"), 6, 4).spec() == dict(
+        kind="policy", label="policy-sink6+sink2", policy="sink", window=6, sink_frames=2)
+    assert Entry(kind="baseline", label="baseline").spec() == dict(kind="baseline", label="baseline")
+    old = lambda e: {k: v for k, v in dataclasses.asdict(e).items() if v is not None}  # noqa: E731  (every field)
+    assert same_settings(old(knock), knock) and same_settings(knock.spec(), knock)
+    assert not same_settings(old(sink), sink) and same_settings(sink.spec(), sink)
+    assert not same_settings(dict(knock.spec(), frames=[0]), knock)
+
+
 def test_entries_that_would_fail_midway_or_do_nothing_are_refused_up_front(tmp_path, capsys):
     """Found by trying the CLI: a policy window too small for a chunk, a knockout that leaves the first chunk
-    nothing to attend to, history_only on a sink entry (it ignored it), fields past a flag's form (ignored), a fifo
+    nothing to attend to, a sink entry of frames no later chunk sees, fields past a flag's form (ignored), a fifo
     policy with a sink (ignored), a knockout of frames no later chunk sees (it changed nothing, silently), and
     --capture of a knockout of some heads (the capture read the call's mask, so
     the knocked-out heads' mass showed the frames they never saw): each one line, before the baseline runs."""
@@ -351,7 +374,8 @@ def test_entries_that_would_fail_midway_or_do_nothing_are_refused_up_front(tmp_p
         (["--policy", "fifo:6:1"], "a fifo policy keeps no sink (sink_frames 1); use the sink policy"),
         (["--ablate", "3:0:zero:extra"], "--ablate '3:0:zero:extra': use LAYERS:HEADS"),
         ("- {kind: knockout, frames: 0-2, history_only: false}", "the first chunk's query frames 0-2 would attend"),
-        ("- {kind: sink, frames: 0, value: 0, history_only: true}", "history_only is a knockout setting"),
+        ("- {kind: sink, frames: 3-5, value: 0}", "sink of frames 3-5 with history_only true changes nothing: it "
+                                                  "scales a frame's logits in the chunks that start after it"),
         (["--knockout", "3-5"], "knockout of frames 3-5 with history_only true changes nothing: it hides a frame "
                                 "from the chunks that start after it, and the last chunk (1) starts at frame 3"),
         ("- {kind: knockout, frames: 1, chunks: 0}", "the last chosen chunk (0) starts at frame 0"),

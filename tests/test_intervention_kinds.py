@@ -124,6 +124,22 @@ def test_temperature_equals_scaled_q_norm_weights(one_thread):
     assert (edited - few_step(tiny_model(), 6)).abs().max() > 1e-3
 
 
+def test_a_history_only_sink_scaling_leaves_the_sink_frames_own_chunk_as_it_was(one_thread):
+    """`history_only` (workbench intervene's default for sink entries, as for knockouts): the chunk that generates
+    the sink frames runs as in the baseline, bit for bit, and only the later chunks see the scaled logits; without
+    it the sink frames' own chunk changes too (the store's spec said history_only true while it did)."""
+    model = tiny_model()
+    plain = few_step(model, 9)  # [1, F, C, H, W], chunks of 3
+    later = few_step(model, 9, SinkScaling(0.0, frames=[0, 1, 2], history_only=True))
+    every = few_step(model, 9, SinkScaling(0.0, frames=[0, 1, 2]))
+    assert torch.equal(later[:, :3], plain[:, :3])
+    assert (later[:, 3:] - plain[:, 3:]).abs().max() > 1e-3
+    assert (every[:, :3] - plain[:, :3]).abs().max() > 1e-3
+    seen = RecordingProbe(CallFilter(kinds={"self"}))
+    few_step(model, 9, SinkScaling(0.5, frames=[0], history_only=True), seen)
+    assert {min(r[0].query_frames) for r in seen.records if r[0].edits} == {3, 6}
+
+
 def test_sink_scaling_equals_a_dense_softmax_with_scaled_logits(one_thread):
     model = tiny_model()
     c = 3.0

@@ -338,6 +338,25 @@ def test_a_new_store_that_fails_midway_leaves_no_temporary_folder(tmp_path, monk
     # file stays, as after every run)
 
 
+def test_a_store_reached_through_a_symlink_is_replaced_where_it_lives(tmp_path, reference, monkeypatch):
+    """runs/s.zarr a symlink to scratch space (clusters): --overwrite replaces the store in scratch and keeps the
+    link (it made the link a new folder beside the old store and left a link .s.zarr.old that every later run
+    failed on)."""
+    scratch, home = tmp_path / "scratch", tmp_path / "home"
+    scratch.mkdir()
+    home.mkdir()
+    shutil.copytree(reference, scratch / "s.zarr")
+    (home / "s.zarr").symlink_to(scratch / "s.zarr")
+    made = json.loads((scratch / "s.zarr" / "zarr.json").read_text())["attributes"]["created_utc"]
+    monkeypatch.chdir(home)
+    assert cli_main(ARGS + ["--overwrite"]) == 0
+    assert (home / "s.zarr").is_symlink() and sorted(p.name for p in home.iterdir()) == ["s.zarr"]
+    assert json.loads((scratch / "s.zarr" / "zarr.json").read_text())["attributes"]["created_utc"] != made
+    assert sorted(p.name for p in scratch.iterdir()) == [".s.zarr.lock", "s.zarr"]
+    assert cli_main(ARGS) == 0  # (a resume through the link: nothing to do)
+    assert loaded(home / "s.zarr").equals(loaded(reference))
+
+
 def test_a_resume_with_other_prompts_under_the_same_ids_is_refused(tmp_path, capsys):
     """Sample ids count the prompts in their order: a re-run with another first prompt would have taken the
     store's p0000-s42 (another prompt's) as done, or mixed prompts; refused, naming both prompts. A run that lists

@@ -209,6 +209,10 @@ def load_config(path: str | Path, *, default: str | Path | None = DEFAULT_CONFIG
         raise ModelInputError(f"config file {str(path)!r} does not exist")
     layers: list[Any] = [OmegaConf.structured(SelfForcingConfig)]
     if default is not None:
+        if not Path(default).is_file():  # (an install without -e copies the packages, not the repository's configs/)
+            raise ModelInputError(f"the defaults every config is read over, {str(default)!r}, are not there: they live "
+                                  "in the repository's configs/, which `pip install` without -e does not copy; "
+                                  "install from a checkout with `pip install -e .`")
         layers.append(OmegaConf.load(default))
     layers.append(_load_yaml(path))
     bare = [o for o in overrides or [] if "=" not in o]

@@ -33,7 +33,7 @@ from models.common.rollout import SAMPLERS, MultiStepSolver, few_step_schedule, 
 from models.common.scheduler import FlowMatchScheduler
 from models.errors import ModelInputError
 from models.wan.checkpoint import load_wan, sha256_file, wan_weights_file, weights_sha256
-from models.wan.embedded import EMBEDDED_DIR
+from models.wan.embedded import require_embedded_dir
 from models.wan.text_encoder import check_encoder_files, wan_dir_encoder_identity
 from workbench.capture import CaptureSpec, Geometry, StatsProbe, resolve_mode
 from workbench.chunking import block_sizes_of, image_latent  # noqa: F401 (block_sizes_of: the nnsight recipe)
@@ -253,7 +253,7 @@ def plan(cfg: ExtractConfig) -> Plan:
     check_kernel(cfg.attention_kernel)
     check_device(cfg.device)
     capture_mode = resolve_mode(cfg.capture_mode, cfg.device, cfg.attention_kernel)
-    wan_dir = Path(cfg.wan_dir) if cfg.wan_dir else EMBEDDED_DIR
+    wan_dir = Path(cfg.wan_dir) if cfg.wan_dir else require_embedded_dir()
     check_wan_dir(wan_dir)
     from models.family import check_fits_cache, family_of
 
@@ -353,6 +353,10 @@ LATER_FIELDS = {"model.text_encoder": "its text encoder"}
 def _git_commit() -> str:
     try:
         root = Path(__file__).resolve().parents[1]
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True,
+                             timeout=5)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root:  # (an install inside another repository:
+            return "unknown"  # its commit says nothing of this code)
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=5)
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if sha.returncode == 0 else "unknown"

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.intervene_entries import Entry, build, build_policy, check_entries
+from workbench.intervene_entries import Entry, build, build_policy, check_entries, same_settings
 
 WORLD_NUMBERS = ("adherent", "direction_ok", "detected", "confidence", "trajectory_error", "speed", "colour_error",
                  "trajectory_drift", "confidence_drift")
@@ -220,8 +220,8 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str = "",
     # layer or head the rollout lacks would otherwise edit nothing, silently
     bounds = entry_bounds(p)
     for e in entries:
-        if isinstance(e, Entry):  # (history_only: a field of every Entry, a setting of knockouts alone)
-            parse_entry({k: v for k, v in e.spec().items() if k != "history_only" or e.kind == "knockout"}, **bounds)
+        if isinstance(e, Entry):
+            parse_entry(e.spec(), **bounds)
     entries = [e if isinstance(e, Entry) else parse_entry(e, **bounds) for e in entries]
     check_entries(entries, cfg.sampler)
     partial = [e.label for e in entries if e.kind == "knockout" and e.heads is not None]
@@ -308,7 +308,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     from workbench.store import SCHEMA_VERSION
 
     stored = writer.stored("intervention_spec")  # an entry of the same label made with other settings: refused
-    clash = [e.label for e in entries if e.label in stored and stored[e.label] != json.dumps(e.spec(), sort_keys=True)]
+    clash = [e.label for e in entries if e.label in stored and not same_settings(json.loads(stored[e.label]), e)]
     if clash:
         raise WorkbenchError(f"{cfg.out} holds entries {clash} made with other settings (intervention_spec): give "
                              "this run's entries their own labels (label: in a --spec file), or choose another --out "
@@ -339,7 +339,9 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     window = cfg.local_attn_size if cfg.local_attn_size != -1 else F
     attrs = _attrs(p, writer.fingerprint, shlex.split(command) or ["workbench", "intervene"])
     attrs.update(store_kind=STORE_KIND, world_metrics=scored, schema_version=SCHEMA_VERSION,
-                 stats=["attn_mass"] if capture else [])
+                 stats=["attn_mass"] if capture else [],
+                 # the cache of the baseline and of every entry that is not a policy (a policy's: its spec)
+                 local_attn_size=cfg.local_attn_size, sink_size=cfg.sink_size)
     layout = store_layout(p, attrs) if capture else None  # (the captured steps, layers and chunks)
     if save_videos:
         attrs["videos_dir"] = videos_dir(cfg.out).name

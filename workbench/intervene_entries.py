@@ -9,7 +9,8 @@ An entry is a mapping (an item of a YAML spec's list, or made from a flag by `pa
     attention: self | cross (ablate, temperature; default self)
     mode: zero | mean | resample (ablate); resample_prompt, resample_seed: the source rollout (default: the
         sample's own seed, the prompt given)
-    frames: absolute latent frames (knockout, sink; sink default [0]); history_only (knockout, default true)
+    frames: absolute latent frames (knockout, sink; sink default [0]); history_only (knockout, sink; default true:
+        only the chunks after a frame's own see the change, the frames themselves are generated as in the baseline)
     value: the temperature T (temperature) or the logit factor c (sink)
     policy: fifo | sink | deepsink | attention | headwise, window, sink_frames, store and threshold (headwise:
         static heads from a store's attention mass), static_recent (headwise)
@@ -26,6 +27,24 @@ from pathlib import Path
 from workbench.errors import WorkbenchError
 
 KINDS = ("ablate", "knockout", "temperature", "sink", "policy")
+CALLS = ("layers", "heads", "steps", "chunks", "attention")  # which calls an intervention acts on
+SPEC_FIELDS = {  # an entry's settings per kind, beside kind and label
+    "baseline": (),
+    "ablate": CALLS + ("mode", "resample_prompt", "resample_seed"),
+    "knockout": CALLS + ("frames", "history_only"),
+    "temperature": CALLS + ("value",),
+    "sink": CALLS + ("frames", "history_only", "value"),
+    "policy": ("policy", "window", "sink_frames", "store", "threshold", "static_recent"),
+}
+
+
+def same_settings(stored: dict, entry: Entry) -> bool:
+    """Whether a stored intervention_spec is `entry`'s: equal on the entry's kind's settings. A store made before
+    specs kept only those (every field written) reads the same, except a sink entry: it scaled the frames' logits
+    in every call, its own chunk's too, where a sink entry is now history-only by default."""
+    if entry.kind == "sink" and "window" in stored:  # (the old spec's every field; its sink scaled every call)
+        return False
+    return {k: v for k, v in stored.items() if k in entry.fields()} == entry.spec()
 POLICIES = ("fifo", "sink", "deepsink", "attention", "headwise")
 ENTRY_KEYS = {"kind", "layers", "heads", "steps", "chunks", "attention", "mode", "resample_prompt", "resample_seed",
               "frames", "history_only", "value", "policy", "window", "sink_frames", "store", "threshold",
@@ -57,7 +76,18 @@ class Entry:
     static_recent: int = 6
 
     def spec(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """The entry's settings that mean something for its kind (stored as intervention_spec: a knockout carries no
+        policy window, the baseline nothing but its name; the run's own cache is the store's local_attn_size and
+        sink_size attributes)."""
+        keep = self.fields()
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k in keep}
+
+    def fields(self) -> set[str]:
+        """The names of the settings of this entry's kind (and policy)."""
+        keep = {"kind", "label", *SPEC_FIELDS[self.kind]}
+        if self.kind == "policy" and self.policy != "headwise":  # (the head split's settings)
+            keep -= {"store", "threshold", "static_recent"}
+        return keep
 
     @property
     def target(self) -> tuple[int, int]:
@@ -138,16 +168,13 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
         e.frames = _ints(d.get("frames", [0] if kind == "sink" else None), "frame", num_frames, "the rollout") or []
         if not e.frames:
             raise WorkbenchError(f"a {kind} entry needs frames (absolute latent frames, e.g. 0 or 0-2)")
-        if kind == "sink" and "history_only" in d:
-            raise WorkbenchError("history_only is a knockout setting; a sink entry scales the chosen frames' logits in "
-                                 "every selected call (choose the calls with steps, chunks and layers)")
         e.history_only = bool(d.get("history_only", True))
         if kind == "knockout" and not e.history_only and first_chunk_frames and \
                 set(range(first_chunk_frames)) <= set(e.frames):
             raise WorkbenchError(f"knockout of frames {e.frames} with history_only false: the first chunk's query "
                                  f"frames 0-{first_chunk_frames - 1} would attend to no key frame; keep one of them, "
                                  "or leave history_only true (later chunks then never see the frames)")
-        if kind == "knockout" and e.history_only and num_chunks and first_chunk_frames:
+        if e.history_only and num_chunks and first_chunk_frames:
             starts = [0] + [first_chunk_frames + c * (chunk_frames or 0) for c in range(num_chunks - 1)]
             chosen = e.chunks or range(num_chunks)
             if starts[max(chosen)] <= min(e.frames):
@@ -156,10 +183,11 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
                 last = max(chosen)
                 where = "the rollout is one chunk (all frames denoised together)" if num_chunks == 1 else \
                     f"the last {'chosen ' if e.chunks else ''}chunk ({last}) starts at frame {starts[last]}"
-                raise WorkbenchError(f"knockout of frames {format_int_list(e.frames)} with history_only true changes "
-                                     f"nothing: it hides a frame from the chunks that start after it, and {where}; "
-                                     "knock out earlier frames, choose later chunks, or set history_only false "
-                                     "(the frames' own chunk then loses them too)")
+                does = "hides a frame from" if kind == "knockout" else "scales a frame's logits in"
+                raise WorkbenchError(f"{kind} of frames {format_int_list(e.frames)} with history_only true changes "
+                                     f"nothing: it {does} the chunks that start after it, and {where}; choose "
+                                     "earlier frames or later chunks, or set history_only false (the frames' own "
+                                     "chunk then sees the change too)")
     if kind in ("temperature", "sink"):
         if "value" not in d:
             raise WorkbenchError(f"a {kind} entry needs value (the {'temperature' if kind == 'temperature' else 'factor'})")
@@ -279,7 +307,7 @@ def build(e: Entry, sources: dict):
     if e.kind == "temperature":
         return iv.HeadTemperature(e.value, filt, e.heads, label=e.label)
     if e.kind == "sink":
-        return iv.SinkScaling(e.value, e.frames, filt, e.heads, label=e.label)
+        return iv.SinkScaling(e.value, e.frames, filt, e.heads, label=e.label, history_only=e.history_only)
     return None
 
 

@@ -259,28 +259,36 @@ class HeadTemperature(Intervention):
 class SinkScaling(Intervention):
     """Multiply the logits of absolute key frames `frames` (by default frame 0, the sink) by `factor` for `heads`
     in the selected self-attention calls: those frames' keys scaled by `factor` in a copy of k (the KV cache
-    keeps its keys). factor 0 gives those frames logit 0; a factor > 1 sharpens what they already draw."""
+    keeps its keys). factor 0 gives those frames logit 0; a factor > 1 sharpens what they already draw.
+    `history_only` (as a knockout's): only for query frames after the frame, so the sink frames themselves are
+    generated as in the baseline and the change is what later chunks make of them."""
 
     edits = frozenset({"k"})
 
     def __init__(self, factor: float, frames: Iterable[int] = (0,), filter: CallFilter | None = None,
-                 heads: Iterable[int] | None = None, label: str | None = None):
+                 heads: Iterable[int] | None = None, label: str | None = None, history_only: bool = False):
         self.factor, self.frames = float(factor), frozenset(int(f) for f in frames)
+        self.history_only = bool(history_only)
         super().__init__(filter, heads, label or f"sink:{','.join(map(str, sorted(self.frames)))}x{factor:g}")
 
     @property
     def key(self):
-        return super().key + (self.factor, tuple(sorted(self.frames)))
+        return super().key + (self.factor, tuple(sorted(self.frames)), self.history_only)
+
+    def _scaled(self, call: AttentionCall) -> set:
+        first = min(call.query_frames) if self.history_only else None
+        return {f for f in call.key_frames if f in self.frames and (first is None or f < first)}
 
     def wants(self, call: AttentionCall) -> bool:
-        return call.kind == "self" and call.key_frames is not None and \
-            not self.frames.isdisjoint(call.key_frames) and self.filter.matches(call)
+        return call.kind == "self" and call.key_frames is not None and bool(self._scaled(call)) and \
+            self.filter.matches(call)
 
     def edit_inputs(self, call, q, k, v):
         k = k.clone()  # [B, Lk, H, D]: k is a view of the KV cache
         fsl = call.frame_seq_len
+        scaled = self._scaled(call)
         for j, f in enumerate(call.key_frames):
-            if f in self.frames:
+            if f in scaled:
                 for h in _heads_of(self, call):
                     k[:, j * fsl : (j + 1) * fsl, h] *= self.factor
         return call, q, k, v

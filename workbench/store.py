@@ -29,6 +29,13 @@ from workbench.store_guard import GuardedStore
 SCHEMA_VERSION = 1
 
 
+def named(path: str | Path) -> Path:
+    """`path` with a name of its own: `.` and `..` (a command run inside the store) made absolute, so that the
+    files named after the store (its report, its videos' folder) can be found."""
+    path = Path(path)
+    return path.resolve() if path.name in ("", "..") else path
+
+
 def open_store(path: str | Path) -> xr.Dataset:
     """Open a store lazily, check its schema version, and load the small non-index coords into memory
     (so `groupby("chunk")` and string selections work without dask). Only finished entries are shown: what a run
@@ -37,6 +44,10 @@ def open_store(path: str | Path) -> xr.Dataset:
     path = Path(path)
     if not path.exists():
         raise WorkbenchError(f"no store at {str(path)!r}: run `workbench extract --out {path}` to make one")
+    if path.is_dir() and not (path / "zarr.json").is_file() and not (path / ".zgroup").is_file():
+        what = "a folder of `workbench generate` outputs" if any(path.glob("p*-s*.safetensors")) else "a folder"
+        raise WorkbenchError(f"{str(path)!r} is {what}, not a store (no zarr.json): give a *.zarr folder written by "
+                             "`workbench extract`, `intervene` or `train`")
     for attempt in range(OPEN_ATTEMPTS):  # (a writer appending meanwhile can change lengths under the open)
         guard = GuardedStore(path=path)  # (reads checked against a swap or cut of the folder: store_guard.py)
         try:
@@ -343,6 +354,19 @@ class StoreLock:
         lock = FileLock(str(self.file))
         try:
             lock.acquire(timeout=0)
+        except PermissionError:  # (a lock file another user made, read-only to this one: umask 022)
+            try:
+                owner = f"user id {self.file.stat().st_uid}"
+                with contextlib.suppress(ImportError, KeyError):
+                    import pwd
+
+                    owner = f"user {pwd.getpwuid(self.file.stat().st_uid).pw_name!r}"
+            except OSError:
+                owner = "another user"
+            raise WorkbenchError(
+                f"cannot take the lock of {str(self.path)!r}: its lock file {str(self.file)!r} belongs to {owner} and "
+                "this user may not write it; ask them to make it group-writable (chmod g+w; a umask of 002 makes it "
+                f"so), or choose another {self.option}") from None
         except Timeout:
             raise WorkbenchError(
                 f"{str(self.path)!r} is being written by another process ({self.holder()}); {self.what} takes one "
@@ -407,7 +431,9 @@ class StoreWriter:
                  log=print, made_by: str | None = None, later: dict[str, str] | None = None):
         if mode not in ("resume", "append", "overwrite"):
             raise WorkbenchError(f"unknown store mode {mode!r}; use resume, append or overwrite")
-        self.path = Path(path)
+        # the real folder: a store reached through a symlink (to scratch space) is replaced there, the link kept
+        # (replaced by path, the link became a new folder beside the old store, and a link left as .NAME.old)
+        self.path = Path(path).resolve()
         self.fingerprint, self.fields, self.later = fingerprint, fields, later or {}
         self.made_by = made_by  # this run's weights in words (a refusal names them beside the store's)
         self.append_dim, self.completed_attr, self.hint, self.log = append_dim, completed_attr, hint, log
@@ -444,7 +470,9 @@ class StoreWriter:
         if not self.path.exists() and self._old.exists():
             os.replace(self._old, self.path)
         for leftover in (self._old, self._tmp):
-            if leftover.exists():
+            if leftover.is_symlink():  # (left by a workbench that replaced a symlinked store as a folder)
+                leftover.unlink()
+            elif leftover.exists():
                 shutil.rmtree(leftover)
 
     def _whose(self, group, attrs) -> str:

@@ -20,6 +20,7 @@ the zoo ship beside it as Self-Forcing checkpoints. The seeded init the zoo star
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,20 @@ import torch
 from models.errors import ModelInputError
 from models.wan.config import VideoGeometry, WanConfig
 
-EMBEDDED_DIR = Path(__file__).resolve().parents[2] / "data" / "embedded"
+# the repository's data/embedded (an install without -e, which copies only the packages, can name a checkout's with
+# WORKBENCH_EMBEDDED_DIR)
+EMBEDDED_DIR = Path(os.environ.get("WORKBENCH_EMBEDDED_DIR") or Path(__file__).resolve().parents[2] / "data" / "embedded")
+NOT_INSTALLED = ("the embedded default model is not where this install looks for it ({}): it lives in the "
+                 "repository's data/embedded, which `pip install` without -e does not copy; install from a checkout "
+                 "with `pip install -e .`, or set WORKBENCH_EMBEDDED_DIR to a checkout's data/embedded, or name a "
+                 "model folder with --wan-dir")
+
+
+def require_embedded_dir() -> Path:
+    """EMBEDDED_DIR, or a clear error (before any work) when this install has no data/embedded."""
+    if not (EMBEDDED_DIR / "config.json").is_file():
+        raise ModelInputError(NOT_INSTALLED.format(EMBEDDED_DIR))
+    return EMBEDDED_DIR
 EMBEDDED_CONFIG = WanConfig(dim=128, ffn_dim=384, num_heads=4, num_layers=6, text_dim=64)
 EMBEDDED_GEOMETRY = VideoGeometry(num_frames=21, latent_height=12, latent_width=16, num_frame_per_block=3)
 EMBEDDED_VIDEO_SIZE = (96, 128)  # pixels; recorded in config.json as video_size (models.wan.config.default_video_size)
@@ -65,6 +79,7 @@ class ZooModel:
 
     def require_shipped(self) -> None:
         """A clear error, before any work, when the embedded folder does not hold this model."""
+        require_embedded_dir()
         if not self.shipped():
             missing = self.checkpoint_path() or EMBEDDED_DIR / ZOO_MARKER
             raise ModelInputError(f"the zoo's {self.name!r} model is not in data/embedded yet ({missing} is "
@@ -108,6 +123,8 @@ def pick(name: str | None, weights_named: bool) -> ZooModel | None:
     """The zoo model a request means: the one called `name`; without a name, the default when no weights are
     named otherwise (`weights_named`: a folder, checkpoint or EMA flag), else None. Clear errors, before any work,
     for an unknown name or a model the embedded folder does not hold."""
+    if not weights_named:
+        require_embedded_dir()
     entry = zoo_model(name) if name else None if weights_named else default_model()
     if entry is not None:
         entry.require_shipped()

@@ -178,9 +178,9 @@ def parse_model_spec(spec: str, args) -> ModelChoice:
                            sampler if "sampler=" in rest else base.sampler, base.num_inference_steps,
                            base.guidance_scale, source)
     if source == "embedded":  # the folder's own DiT (in the zoo: the teacher's weights), named as a folder
-        from models.wan.embedded import EMBEDDED_DIR
+        from models.wan.embedded import require_embedded_dir
 
-        return ModelChoice(label or "embedded", str(EMBEDDED_DIR), None, use_ema, sampler)
+        return ModelChoice(label or "embedded", str(require_embedded_dir()), None, use_ema, sampler)
     path = Path(source)
     if path.is_dir():
         return ModelChoice(label or path.name, str(path), None, use_ema, sampler)

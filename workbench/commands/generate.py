@@ -164,7 +164,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from models.video import ensure_writable_dir, mp4_available, read_prompts, write_mp4, write_png_grid
     from models.wan.checkpoint import load_wan, wan_weights_file
     from models.wan.checkpoint import weights_sha256 as weights_sha256_of
-    from models.wan.embedded import EMBEDDED_DIR
+    from models.wan.embedded import require_embedded_dir
     from models.wan.folder import present, wan_parts
     from models.wan.text_encoder import TextEncoder, check_encoder_files, wan_dir_encoder_identity
     from models.wan.vae import WanVAE, resolve_decoder
@@ -184,7 +184,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     seeds = parse_int_list(args.seed, what="seed", all_ok=False)
     if not seeds:
         raise WorkbenchError("--seed needs numbers, e.g. 0 or 0-3")
-    wan_dir = Path(args.wan_dir) if args.wan_dir else EMBEDDED_DIR
+    wan_dir = Path(args.wan_dir) if args.wan_dir else require_embedded_dir()
     check_wan_dir(wan_dir)
     check_encoder_files(wan_dir)
     if args.image:

@@ -74,7 +74,7 @@ def run(args) -> int:
 
     from models.family import WAN, family_of
     from models.wan.config import default_video_size, preset
-    from models.wan.embedded import EMBEDDED_DIR
+    from models.wan.embedded import require_embedded_dir
     from workbench.commands import check_frames
     from workbench.extract import check_device
 
@@ -82,9 +82,9 @@ def run(args) -> int:
     if args.preset:
         config, name = preset(args.preset), args.preset
     else:
-        folder = args.wan_dir or EMBEDDED_DIR
+        folder = args.wan_dir or require_embedded_dir()
         config, name = family_of(folder).read_config(folder), ("embedded default" if not args.wan_dir else folder)
-    own_h, own_w = WAN.video_size if args.preset else default_video_size(args.wan_dir or EMBEDDED_DIR)
+    own_h, own_w = WAN.video_size if args.preset else default_video_size(args.wan_dir or require_embedded_dir())
     height = own_h if args.height is None else args.height
     width = own_w if args.width is None else args.width
     device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # (the backend is the GPU's)

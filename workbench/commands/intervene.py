@@ -23,7 +23,8 @@ flags (repeat any; LAYERS/HEADS/FRAMES take 3, 0-3 or 0,2,5):
                                    rollouts of this run), resample (from --resample-prompt's rollout, same seed)
   --knockout FRAMES[:LAYERS]       later chunks never see these key frames (self-attention; all layers by default)
   --temperature LAYERS:HEADS:T     divide heads' logits by T (T > 1 flattens, T < 1 sharpens)
-  --sink FACTOR[:FRAMES[:LAYERS]]  multiply the logits of key frames (default frame 0) by FACTOR
+  --sink FACTOR[:FRAMES[:LAYERS]]  multiply the logits of key frames (default frame 0) by FACTOR in the chunks
+                                   after them (as --knockout; a spec entry's history_only: false, in every call)
   --policy NAME:WINDOW[:SINK[:STORE]]  a KV-cache policy: fifo, sink (window + sink), deepsink (a deep sink with
                                    temporal RoPE re-alignment; SINK defaults to half the window), attention
                                    (keep what the chunk's queries attend to most), headwise (static heads from

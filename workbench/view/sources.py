@@ -358,6 +358,9 @@ def find_videos(store: Path, video: str | None, samples: list[str], sample: str 
     such files beside the store or in the folder of the store's name (runs/x.zarr -> runs/x/)."""
     if sample is not None and sample not in samples:
         raise WorkbenchError(f"--sample {sample!r} is not in {str(store)!r}; it holds {samples}")
+    from workbench.store import named
+
+    store = named(store)  # (`view .` inside the store)
     if video is not None:
         path = Path(video)
         if path.is_file():
