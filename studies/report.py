@@ -396,8 +396,11 @@ def compare_summary(c, ranking, name_a: str, name_b: str, rows: int = 5, stores=
 
 def _model_line(ds: xr.Dataset) -> str:
     f = model_facts(ds)
+    window = f["attention window (frames, -1 = global) / sink frames"]
+    cache = ("" if window == "?" else ", global attention" if window.startswith("-1 ") else
+             ", window {} latent frames, {} sink".format(*window.split(" / ")))
     return (f"{f['checkpoint']} ({f['weights entry']}, sha256 {f['weights sha256']}), {f['model family']}, "
-            f"{f['sampler']}")
+            f"{f['sampler']}, {f['latent frames']} latent frames{cache}")
 
 
 def _train_steps(sides, steps: list[int]) -> list[tuple[xr.Dataset, str]]:

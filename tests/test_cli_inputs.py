@@ -319,6 +319,14 @@ def test_extract_summary_of_a_window_without_a_sink_sums_to_one(tmp_path):
     for frame0, own, rest in rows:
         assert frame0 + own + rest == pytest.approx(1.0, abs=2e-3)
     assert max(r[0] for r in rows) < 0.5  # (frame 0 is attended by the first 9 frames' queries only)
+    # uniform attention's share of frame 0 counted the same way (0 where evicted): it took 1/n of every row, frame
+    # 0 attended or not, and so called a head drawn to frame 0 at 4x its fair share barely above chance
+    from workbench.store import open_store
+
+    ds = open_store(store)
+    m = ds.attn_mass.where(ds.phase == "denoise", drop=True).values[..., ds.query_chunk.values > 0, :]
+    uniform = (~np.isnan(m[..., 0]) / (~np.isnan(m)).sum(-1)).mean()
+    assert uniform < 0.05 and f"uniform attention would give it {uniform:.2f})" in summary_table(store)
 
 
 def test_a_store_of_context_passes_only_gets_no_table_and_its_own_report(tmp_path, capsys):
@@ -377,7 +385,13 @@ def test_extract_summary_is_per_layer_and_head(tmp_path):
     header = next(line for line in one.splitlines() if line.split()[:2] == ["layer", "head"])
     assert "rest" not in header and "other frames" in header  # one chunk: every frame but 0 is "other"
     assert len(next(line for line in one.splitlines() if line.split()[:2] == ["0", "0"]).split()) == 6
-    assert "denoising steps, CFG branch cond (the prompt's); all query frames, the video being one chunk" in one
+    assert ("denoising steps 0,2,4,6,8,10,12,14, CFG branch cond (the prompt's); all query frames, the video being "
+            "one chunk") in one
+    # the steps counted, named: a store of some steps (--steps 0,4) said "denoising steps" over step 0 alone
+    causal = open_store(tmp_path / "c.zarr")
+    assert "(mean over samples; denoising steps 0-3; query frames" in text
+    causal.isel(step=[0, 4]).to_zarr(tmp_path / "c04.zarr", consolidated=False)
+    assert "(mean over samples; denoising step 0; query frames" in summary_table(tmp_path / "c04.zarr")
     from workbench.store import open_store
     from workbench.summary import counted
 

@@ -187,6 +187,7 @@ def test_commands(stores, tmp_path, capsys):
     assert "fig-js" in parse(tmp_path / "c.html")[0].figures
     out = capsys.readouterr().out.splitlines()  # each side's model named, as the page's Models table does
     assert out[0].startswith("A = wan.zarr: ") and out[1].startswith("B = sf.zarr: ") and "sha256" in out[0]
+    assert out[1].endswith(" latent frames, global attention")  # (the cache: two windows read alike before)
     assert "<h2>Models</h2>" in (tmp_path / "c.html").read_text()
     args = parser.parse_args(["report", str(stores["sf"]), "--layer", "9"])
     with pytest.raises(WorkbenchError, match="layer 9"):

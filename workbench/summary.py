@@ -72,16 +72,22 @@ def summary_table(store_path, max_rows: int = 48) -> str:
     dims = [d for d in ("sample", "step", "query_frame") if d in first.dims]
     same, distance = locality(ds.attn_mass)
     m = counted(ds.attn_mass)
-    uniform = float((1.0 / m.notnull().sum("key_frame")).mean())  # frame 0's share under uniform attention
+    # frame 0's share under uniform attention, counted as the frame 0 column counts it: 0 in rows that do not
+    # attend frame 0 (a window without a sink evicted it)
+    uniform = float((m.isel(key_frame=0).notnull() / m.notnull().sum("key_frame")).mean())
     first, own, rest, same, distance = (x.mean(dims).transpose("layer", "head").values
                                         for x in (first, own, rest, same, distance))
     layers, heads = [int(v) for v in ds.layer.values], [int(v) for v in ds["head"].values]
     rows = "query frames after chunk 0" if chunked else "all query frames, the video being one chunk"
     captured = {str(c) for c in ds["cfg"].values} if "cfg" in ds.coords else set()
     branches = {str(c) for c in m.cfg.values} if "cfg" in m.coords else set()  # (what counted kept)
-    steps = "denoising steps" + (", CFG branch cond (the prompt's)" if "uncond" in captured and branches == {"cond"}
-                                 else ", CFG branch uncond (the negative prompt's: the only one captured)"
-                                 if branches == {"uncond"} else "")
+    counted_steps = sorted({int(s) for s in m.step.values})  # (the denoising steps captured: --steps may pick some)
+    listed = format_int_list(counted_steps)
+    steps = (("denoising step " + listed if len(counted_steps) == 1 else "denoising steps " + listed
+              if len(listed) <= 24 else f"{len(counted_steps)} denoising steps ({counted_steps[0]}-{counted_steps[-1]})")
+             + (", CFG branch cond (the prompt's)" if "uncond" in captured and branches == {"cond"}
+                else ", CFG branch uncond (the negative prompt's: the only one captured)" if branches == {"uncond"}
+                else ""))
     lines = [wrote, f"attention mass per layer and head (mean over samples; {steps}; {rows}):"]
     own_name = "own chunk" if chunked else "other frames"
     if len(layers) * len(heads) <= max_rows:  # (one chunk: no "rest", every frame but 0 is "other frames")
