@@ -90,13 +90,16 @@ figures.recency_lines(profile.sel(step=step0).mean("sample").isel(layer=0),
                       title=f"recency profile · layer {layer} · {metrics.step_label(ds, step0)} · {who}")
 
 # %% [markdown]
-# The same without key frame 0: at distance d it is one of the (frames - d) pairs averaged, yet a sink head's mass there
-# lifts their mean well before the shaded distances. Left out, the lines show how attention decays with distance.
+# The same without the sink frames (frame 0, or the cache's sink frames of a store made with `--sink-size`): at
+# distance d such a frame is one of the (frames - d) pairs averaged, yet a sink head's mass there lifts their mean
+# well before the shaded distances. Left out, the lines show how attention decays with distance.
 
 # %%
-no_sink = metrics.recency_profile(sub, exclude_key_frames=[0])
+sinks = list(range(max(1, int(ds.sink_size.values.max())))) if "sink_size" in ds.coords else [0]
+no_sink = metrics.recency_profile(sub, exclude_key_frames=sinks)
 figures.recency_lines(no_sink.sel(step=step0).mean("sample").isel(layer=0),
-                      title=f"recency profile without key frame 0 · layer {layer} · "
+                      title=f"recency profile without key frame{'s' if len(sinks) > 1 else ''} "
+                            f"{sinks[0]}{'-' + str(sinks[-1]) if len(sinks) > 1 else ''} · layer {layer} · "
                             f"{metrics.step_label(ds, step0)} · {who}")
 
 # %% [markdown]

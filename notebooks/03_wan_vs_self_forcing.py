@@ -83,18 +83,20 @@ ranking = compare.rank_heads(c)
 ranking.set_axis(ranking.index + 1).rename_axis("rank").head(12).round(4)  # (ranked from 1, as the report does)
 
 # %%
-figures.layer_head_map(c.js_bits.mean("match"), zmin=0, title="JS divergence (bits), mean over matched steps")
+over = compare.over_steps_words(c)  # (the denoising steps: a context pass is another kind of forward)
+figures.layer_head_map(compare.over_steps(c, c.js_bits), zmin=0, title=f"JS divergence (bits), {over}")
 
 # %% [markdown]
-# ## Metrics side by side (means over the matched steps, as in the ranking; `.sel(match=m)` for one step pair)
+# ## Metrics side by side (means over the matched denoising steps, as in the ranking; `.sel(match=m)` for one step
+# pair)
 
 # %%
-mean_a, mean_b = c.metrics_a.mean("match", keep_attrs=True), c.metrics_b.mean("match", keep_attrs=True)
-figures.compare_maps(mean_a.sink_mass, mean_b.sink_mass, title="mass on frame 0 · mean over the matched steps")
+mean_a, mean_b = (compare.over_steps(c, m, keep_attrs=True) for m in (c.metrics_a, c.metrics_b))
+figures.compare_maps(mean_a.sink_mass, mean_b.sink_mass, title=f"mass on frame 0 · {over}")
 
 # %%
 figures.compare_maps(mean_a.local_mass, mean_b.local_mass,
-                     title=f"{mean_a.local_mass.attrs['long_name']} · mean over the matched steps")
+                     title=f"{mean_a.local_mass.attrs['long_name']} · {over}")
 
 # %%
 figures.compare_maps(mean_a.mean_abs_distance, mean_b.mean_abs_distance,
@@ -102,10 +104,10 @@ figures.compare_maps(mean_a.mean_abs_distance, mean_b.mean_abs_distance,
 
 # %%
 class_a, class_b = compare.mean_classes(c)  # (the ranking's classes)
-figures.taxonomy_map(class_a, title="head classes · A · mean over the matched steps")
+figures.taxonomy_map(class_a, title=f"head classes · A · {over}")
 
 # %%
-figures.taxonomy_map(class_b, title="head classes · B · mean over the matched steps")
+figures.taxonomy_map(class_b, title=f"head classes · B · {over}")
 
 # %% [markdown]
 # ## The most changed head of the chosen layer, in both stores

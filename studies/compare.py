@@ -289,10 +289,31 @@ def _unseen_notes(mass_a: xr.DataArray, mass_b: xr.DataArray, query_frames) -> l
     return notes
 
 
+def averaged_matches(c: Comparison) -> list[int]:
+    """The matched step pairs that means over steps take: the denoising steps' (a context pass, the clean frames
+    written into the cache at t = 0, is another kind of forward, as docs/store.md says), or every match when none
+    is a denoising step."""
+    denoise = [m for m, phase in enumerate(c.steps["phase"]) if phase == "denoise"]
+    return denoise or list(range(len(c.steps)))
+
+
+def over_steps(c: Comparison, x: xr.DataArray | xr.Dataset, **kw):
+    """`x` averaged over the matched steps the means take (`averaged_matches`)."""
+    return x.sel(match=averaged_matches(c)).mean("match", **kw)
+
+
+def over_steps_words(c: Comparison) -> str:
+    """'mean over the 4 matched denoising steps' (and what it leaves out), for titles and tables."""
+    n, total = len(averaged_matches(c)), len(c.steps)
+    kind = "denoising " if n < total else ""
+    what = f"mean over the {n} matched {kind}steps" if n > 1 else f"the matched {kind}step"
+    return what + (f" (not the {total - n} context pass{'es' if total - n > 1 else ''})" if n < total else "")
+
+
 def mean_classes(c: Comparison) -> tuple[xr.DataArray, xr.DataArray]:
-    """The head classes of A and B (layer, head) from their metrics averaged over the matched steps: what the
-    ranking (`rank_heads`), the report's maps and the console show."""
-    return tuple(metrics.classify_heads(hm.mean("match"), c.thresholds) for hm in (c.metrics_a, c.metrics_b))
+    """The head classes of A and B (layer, head) from their metrics averaged over the matched denoising steps
+    (`over_steps`): what the ranking (`rank_heads`), the report's maps and the console show."""
+    return tuple(metrics.classify_heads(over_steps(c, hm), c.thresholds) for hm in (c.metrics_a, c.metrics_b))
 
 
 def _notes(a, b, la, lb, ha, hb, shared_layers, heads, pair_by: str) -> list[str]:
@@ -324,8 +345,8 @@ def _ids(ids: list[str], n: int = 4) -> str:
 
 def rank_heads(c: Comparison, *, by: str = "js_bits", match: int | None = None) -> pd.DataFrame:
     """Heads ordered by change, largest first: one row per (layer, head) with the JS divergence (bits) and the
-    metric differences B - A, averaged over matched steps (or at one `match`), and each side's class: that of its
-    metrics averaged over the matched steps, as the other columns are (or at `match`). `by` is 'js_bits' or a metric
+    metric differences B - A, averaged over the matched denoising steps (`over_steps`; or at one `match`), and each
+    side's class: that of its metrics averaged over the same steps, as the other columns are (or at `match`). `by` is 'js_bits' or a metric
     name (ranked by its absolute difference)."""
     if by != "js_bits" and by not in c.diff:
         raise WorkbenchError(f"cannot rank by {by!r}; choose 'js_bits' or one of {list(c.diff.data_vars)}")
@@ -333,7 +354,7 @@ def rank_heads(c: Comparison, *, by: str = "js_bits", match: int | None = None) 
     if match is not None and (isinstance(match, bool) or match not in have):
         raise WorkbenchError(f"match {match!r} is not a matched step pair; the comparison has matches {have} "
                              "(c.steps lists them)")
-    pick = (lambda x: x.mean("match")) if match is None else (lambda x: x.sel(match=match))
+    pick = (lambda x: over_steps(c, x)) if match is None else (lambda x: x.sel(match=match))
     table = pick(c.js_bits).to_dataframe(name="js_bits")[["js_bits"]]
     for name in c.diff.data_vars:
         table[f"d_{name}"] = pick(c.diff[name]).to_dataframe(name="v")["v"]

@@ -384,7 +384,7 @@ def compare_summary(c, ranking, name_a: str, name_b: str, rows: int = 5, stores=
               + f", {c.js_bits.sizes['match']} matched step(s), query frames {c.query_frames}",
               *[f"note: {n}" for n in c.notes],
               "heads whose attention over key frames changed most (Jensen-Shannon, bits; 0 = same, 1 = disjoint; "
-              "means over the matched steps, the classes too):",
+              f"{compare_mod.over_steps_words(c)}, the classes too):",
               f"{'layer':>6}{'head':>6}{'js_bits':>9}  class A -> class B"]
     for _, row in ranking.head(rows).iterrows():
         lines.append(f"{int(row['layer']):>6}{int(row['head']):>6}{row['js_bits']:>9.3f}  "
@@ -512,22 +512,22 @@ def build_compare_report(
     # one colour scale for the mean and every step, so that the maps can be compared by eye
     finite = c.js_bits.values[np.isfinite(c.js_bits.values)]
     top_js = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-    page.figure(figures.layer_head_map(c.js_bits.mean("match"), zmin=0, zmax=top_js,
-                                       title="Jensen-Shannon divergence (bits), mean over matched steps"), "fig-js")
+    page.figure(figures.layer_head_map(compare_mod.over_steps(c, c.js_bits), zmin=0, zmax=top_js,
+                                       title=f"Jensen-Shannon divergence (bits), {compare_mod.over_steps_words(c)}"),
+                "fig-js")
     page.p(f"Per matched step, on the same colour scale (0 to {top_js:.3g} bits):")
     for m in range(len(c.steps)):
         page.figure(figures.layer_head_map(c.js_bits.sel(match=m), zmin=0, zmax=top_js,
                                            title=f"JS divergence (bits) · t_A={c.steps.timestep_a[m]:g} "
                                                  f"t_B={c.steps.timestep_b[m]:g}"), f"fig-js-match{m}")
 
-    n_match = c.js_bits.sizes["match"]
-    over = f"mean over the {n_match} matched steps" if n_match > 1 else "the matched step"
+    over = compare_mod.over_steps_words(c)
     page.h(f"Metrics: A, B and B - A ({over}, as in the ranking)")
     class_a, class_b = compare_mod.mean_classes(c)
     page.figure(figures.taxonomy_map(class_a, title=f"head classes · {name_a} · {over}"), "fig-taxonomy-a")
     page.figure(figures.taxonomy_map(class_b, title=f"head classes · {name_b} · {over}"), "fig-taxonomy-b")
     for name in c.diff.data_vars:
-        ma, mb = c.metrics_a[name].mean("match", keep_attrs=True), c.metrics_b[name].mean("match", keep_attrs=True)
+        ma, mb = (compare_mod.over_steps(c, m[name], keep_attrs=True) for m in (c.metrics_a, c.metrics_b))
         if bool(ma.notnull().any()) and bool(mb.notnull().any()):
             page.figure(figures.compare_maps(ma, mb, names=(name_a, name_b),
                                              title=f"{name}: {ma.attrs.get('long_name', '')} · {over}"),

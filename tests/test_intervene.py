@@ -357,6 +357,8 @@ def test_an_entry_stores_the_settings_of_its_kind_and_older_specs_still_resume()
     assert same_settings(old(knock), knock) and same_settings(knock.spec(), knock)
     assert not same_settings(old(sink), sink) and same_settings(sink.spec(), sink)
     assert not same_settings(dict(knock.spec(), frames=[0]), knock)
+    fifo = parse_entry(parse_flag("policy", "fifo:6"), 6, 4)
+    assert same_settings(old(fifo), fifo)
 
 
 def test_entries_that_would_fail_midway_or_do_nothing_are_refused_up_front(tmp_path, capsys):

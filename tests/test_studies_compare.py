@@ -184,6 +184,30 @@ def test_rank_heads_classes_are_those_of_the_step_averaged_metrics(stores):
     assert compare.rank_heads(c, match=0).set_index(["layer", "head"]).loc[(1, 1)].class_a == "sink"
 
 
+def test_means_over_steps_leave_the_context_passes_out(stores):
+    """The ranking, classes and maps average the matched denoising steps: a context pass (t = 0, clean frames
+    written into the cache) is another kind of forward (docs/store.md), and mixed in it made compare call heads
+    other classes than the report and the extract summary did."""
+    c = compare.compare_stores(stores["sf"], stores["sf_changed"])
+    phases = list(c.steps["phase"])
+    assert "context" in phases and "denoise" in phases
+    denoise = [m for m, p in enumerate(phases) if p == "denoise"]
+    assert compare.averaged_matches(c) == denoise
+    js = c.js_bits.sel(match=denoise).mean("match")
+    table = compare.rank_heads(c).set_index(["layer", "head"])
+    for (layer, head), row in table.iterrows():
+        assert row.js_bits == pytest.approx(float(js.sel(layer=layer, head=head)), abs=1e-12)
+    context = c.metrics_a.sink_mass.copy()
+    context.loc[dict(match=phases.index("context"))] = 1.0  # every head a sink at the context pass alone
+    c.metrics_a = c.metrics_a.assign(sink_mass=context)
+    ours = compare.mean_classes(c)[0]
+    assert (ours == metrics.classify_heads(c.metrics_a.sel(match=denoise).mean("match"))).all()
+    kept = compare.over_steps(c, c.metrics_a.sink_mass)
+    np.testing.assert_array_equal(kept.values, c.metrics_a.sink_mass.sel(match=denoise).mean("match").values)
+    assert float((c.metrics_a.sink_mass.mean("match") - kept).max()) > 0.1  # (what averaging it in would add)
+    assert compare.over_steps_words(c) == f"mean over the {len(denoise)} matched denoising steps (not the 1 context pass)"
+
+
 def test_a_note_says_when_one_side_attends_frames_the_other_cannot(stores):
     """A bidirectional store's queries before the video's end attend frames after their chunk, which a causal store
     never sees: compared there (--query-frames all), the divergences are mostly that, and a note says how much; on

@@ -40,9 +40,11 @@ SPEC_FIELDS = {  # an entry's settings per kind, beside kind and label
 
 def same_settings(stored: dict, entry: Entry) -> bool:
     """Whether a stored intervention_spec is `entry`'s: equal on the entry's kind's settings. A store made before
-    specs kept only those (every field written) reads the same, except a sink entry: it scaled the frames' logits
-    in every call, its own chunk's too, where a sink entry is now history-only by default."""
-    if entry.kind == "sink" and "window" in stored:  # (the old spec's every field; its sink scaled every call)
+    specs kept only those (every field written) reads the same, except a sink entry (it scaled the frames' logits
+    in every call, its own chunk's too, where a sink entry is now history-only by default) and a headwise policy
+    (its head split counted frame 0 alone as the sink, where it now counts the policy's sink frames)."""
+    older = any(k not in entry.fields() for k in stored)  # (a spec of every field)
+    if older and (entry.kind == "sink" or entry.policy == "headwise"):
         return False
     return {k: v for k, v in stored.items() if k in entry.fields()} == entry.spec()
 POLICIES = ("fifo", "sink", "deepsink", "attention", "headwise")
@@ -322,7 +324,9 @@ def build_policy(e: Entry):
         return kp.DeepSink(e.window, e.sink_frames)
     if e.policy == "attention":
         return kp.AttentionGuided(e.window, e.sink_frames)
-    return kp.HeadWise(e.window, e.sink_frames, kp.static_heads_from_store(e.store, e.threshold), e.static_recent)
+    # (the split counts the frames a static head keeps: its sink frames and its newest static_recent)
+    static = kp.static_heads_from_store(e.store, e.threshold, e.static_recent, sink_frames=e.sink_frames)
+    return kp.HeadWise(e.window, e.sink_frames, static, e.static_recent)
 
 
 def check_entries(entries: list[Entry], sampler: str) -> None:

@@ -207,10 +207,11 @@ class HeadWise(WindowSink):
         return Keep(kept, head_mask=mask)
 
 
-def static_heads_from_store(path, threshold: float = 0.8, span: int = 6) -> dict[int, list[int]]:
+def static_heads_from_store(path, threshold: float = 0.8, span: int = 6, sink_frames: int = 1) -> dict[int, list[int]]:
     """Forcing-KV's head taxonomy from a store's `attn_mass`: a head is static when, on average over samples,
     denoising steps and the query frames after the first chunk, at least `threshold` of its attention falls on
-    frame 0 and the `span` frames up to its own query frame (the frames a static head keeps); else dynamic."""
+    the first `sink_frames` frames and the `span` frames up to its own query frame (the frames a static head of
+    `HeadWise(window, sink_frames, ..., static_recent=span)` keeps); else dynamic."""
     from workbench.store import open_store
 
     ds = open_store(path)
@@ -218,7 +219,7 @@ def static_heads_from_store(path, threshold: float = 0.8, span: int = 6) -> dict
         raise ValueError(f"{path}: the store has no attn_mass (extract it with --stats attn_mass)")
     m = ds.attn_mass.where(ds.phase == "denoise", drop=True)
     m = m.where(m.query_chunk > 0, drop=True)
-    near = (m.key_frame == 0) | ((m.key_frame <= m.query_frame) & (m.key_frame > m.query_frame - span))
+    near = (m.key_frame < sink_frames) | ((m.key_frame <= m.query_frame) & (m.key_frame > m.query_frame - span))
     local = m.where(near).sum("key_frame").mean([d for d in ("sample", "step", "query_frame") if d in m.dims])
     local = local.transpose("layer", "head")
     out: dict[int, list[int]] = {}
