@@ -440,3 +440,27 @@ def test_world_metrics_turned_off_by_a_prompt_are_named(tmp_path, capsys):
     assert ("note: no world metrics in this run: 1 of its 2 prompt(s) are not the miniature world's (one colour, "
             "shape and direction), e.g. 'a red kite'") in capsys.readouterr().out
     assert "trajectory_error" not in xr.open_zarr(out, consolidated=False)
+
+
+def test_the_world_numbers_keep_the_parts_of_adherence(tmp_path):
+    """adherent is colour_ok and shape_ok and direction_ok: the store keeps all three parts (direction_ok alone was
+    kept, so a drop in adherence could not be explained); a store made before them takes new entries without."""
+    import shutil
+
+    import xarray as xr
+    import zarr
+
+    out = tmp_path / "fx.zarr"
+    assert main(["intervene", "--frames", "6", "--ablate", "3:0", "--out", str(out), "--no-progress"]) == 0
+    ds = xr.open_zarr(out, consolidated=False)
+    parts = [ds[f"world_{k}"] for k in ("colour_ok", "shape_ok", "direction_ok")]
+    np.testing.assert_array_equal(ds.world_adherent.values, (parts[0] * parts[1] * parts[2]).values)
+    assert ds.world_shape_ok.attrs["units"] == "0/1"
+    for name in ("world_colour_ok", "world_shape_ok"):  # a store from before: without them
+        shutil.rmtree(out / name)
+    meta = zarr.open_group(out, mode="r").attrs.asdict()
+    assert main(["intervene", "--frames", "6", "--ablate", "3:0", "--knockout", "0-2", "--out", str(out),
+                 "--no-progress"]) == 0
+    older = xr.open_zarr(out, consolidated=False)
+    assert list(older.intervention.values)[-1] == "knockout0-2:all" and "world_shape_ok" not in older
+    assert meta["completed"] == ["baseline", "ablate-zero:L3.H0"]

@@ -27,8 +27,8 @@ import numpy as np
 from workbench.errors import WorkbenchError
 from workbench.intervene_entries import Entry, build, build_policy, check_entries, same_settings
 
-WORLD_NUMBERS = ("adherent", "direction_ok", "detected", "confidence", "trajectory_error", "speed", "colour_error",
-                 "trajectory_drift", "confidence_drift")
+WORLD_NUMBERS = ("adherent", "colour_ok", "shape_ok", "direction_ok", "detected", "confidence", "trajectory_error",
+                 "speed", "colour_error", "trajectory_drift", "confidence_drift")
 WORLD_CURVES = ("trajectory_error", "confidence")
 STORE_KIND = "effects"
 

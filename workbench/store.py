@@ -676,9 +676,9 @@ class StoreWriter:
         self.completed.append(key)
 
 
-# Per-sample labels added after stores were first made: a sample appended to a store made before them goes in
-# without them (the store keeps one layout; its earlier samples have none to give).
-LATER_LABELS = ("uncond_token", "uncond_num_tokens")
+# Per-entry labels and numbers added after stores were first made: an entry appended to a store made before them
+# goes in without them (the store keeps one layout; its earlier entries have none to give).
+LATER_LABELS = ("uncond_token", "uncond_num_tokens", "world_colour_ok", "world_shape_ok")
 
 
 def _alive(pid: int) -> bool:
