@@ -432,8 +432,10 @@ class StoreWriter:
         if mode not in ("resume", "append", "overwrite"):
             raise WorkbenchError(f"unknown store mode {mode!r}; use resume, append or overwrite")
         # the real folder: a store reached through a symlink (to scratch space) is replaced there, the link kept
-        # (replaced by path, the link became a new folder beside the old store, and a link left as .NAME.old)
-        self.path = Path(path).resolve()
+        # (replaced by path, the link became a new folder beside the old store, and a link left as .NAME.old);
+        # other paths stay as given (the messages name them so)
+        real = Path(path).resolve()
+        self.path = real if real != Path(path).absolute() else Path(path)
         self.fingerprint, self.fields, self.later = fingerprint, fields, later or {}
         self.made_by = made_by  # this run's weights in words (a refusal names them beside the store's)
         self.append_dim, self.completed_attr, self.hint, self.log = append_dim, completed_attr, hint, log
