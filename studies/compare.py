@@ -346,8 +346,8 @@ def _ids(ids: list[str], n: int = 4) -> str:
 def rank_heads(c: Comparison, *, by: str = "js_bits", match: int | None = None) -> pd.DataFrame:
     """Heads ordered by change, largest first: one row per (layer, head) with the JS divergence (bits) and the
     metric differences B - A, averaged over the matched denoising steps (`over_steps`; or at one `match`), and each
-    side's class: that of its metrics averaged over the same steps, as the other columns are (or at `match`). `by` is 'js_bits' or a metric
-    name (ranked by its absolute difference)."""
+    side's class: that of its metrics averaged over the same steps, as the other columns are (or at `match`).
+    `by` is 'js_bits' or a metric name (ranked by its absolute difference)."""
     if by != "js_bits" and by not in c.diff:
         raise WorkbenchError(f"cannot rank by {by!r}; choose 'js_bits' or one of {list(c.diff.data_vars)}")
     have = [int(m) for m in c.js_bits["match"].values]

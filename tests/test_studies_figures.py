@@ -367,7 +367,8 @@ def test_a_report_draws_the_samples_pictures_under_its_key_token_maps(tokens_pat
 
 
 def ds_frames(store) -> int:
-    return int(np.isfinite(load_store(store).attn_mass.sel(layer=3, step=0, query_frame=5).isel(sample=0, head=0)).sum())
+    mass = load_store(store).attn_mass.sel(layer=3, step=0, query_frame=5).isel(sample=0, head=0)
+    return int(np.isfinite(mass).sum())
 
 
 def test_a_report_draws_the_token_statistics_it_has(tokens_store, tmp_path):

@@ -84,7 +84,8 @@ def summary_table(store_path, max_rows: int = 48) -> str:
     counted_steps = sorted({int(s) for s in m.step.values})  # (the denoising steps captured: --steps may pick some)
     listed = format_int_list(counted_steps)
     steps = (("denoising step " + listed if len(counted_steps) == 1 else "denoising steps " + listed
-              if len(listed) <= 24 else f"{len(counted_steps)} denoising steps ({counted_steps[0]}-{counted_steps[-1]})")
+              if len(listed) <= 24 else
+              f"{len(counted_steps)} denoising steps ({counted_steps[0]}-{counted_steps[-1]})")
              + (", CFG branch cond (the prompt's)" if "uncond" in captured and branches == {"cond"}
                 else ", CFG branch uncond (the negative prompt's: the only one captured)" if branches == {"uncond"}
                 else ""))

@@ -31,7 +31,8 @@ from models.wan.config import VideoGeometry, WanConfig
 
 # the repository's data/embedded (an install without -e, which copies only the packages, can name a checkout's with
 # WORKBENCH_EMBEDDED_DIR)
-EMBEDDED_DIR = Path(os.environ.get("WORKBENCH_EMBEDDED_DIR") or Path(__file__).resolve().parents[2] / "data" / "embedded")
+EMBEDDED_DIR = Path(os.environ.get("WORKBENCH_EMBEDDED_DIR")
+                    or Path(__file__).resolve().parents[2] / "data" / "embedded")
 NOT_INSTALLED = ("the embedded default model is not where this install looks for it ({}): it lives in the "
                  "repository's data/embedded, which `pip install` without -e does not copy; install from a checkout "
                  "with `pip install -e .`, or set WORKBENCH_EMBEDDED_DIR to a checkout's data/embedded, or name a "
