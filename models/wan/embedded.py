@@ -41,7 +41,7 @@ NOT_INSTALLED = ("the embedded default model is not where this install looks for
 
 def require_embedded_dir() -> Path:
     """EMBEDDED_DIR, or a clear error (before any work) when this install has no data/embedded."""
-    if not (EMBEDDED_DIR / "config.json").is_file():
+    if not EMBEDDED_DIR.is_dir():
         raise ModelInputError(NOT_INSTALLED.format(EMBEDDED_DIR))
     return EMBEDDED_DIR
 EMBEDDED_CONFIG = WanConfig(dim=128, ffn_dim=384, num_heads=4, num_layers=6, text_dim=64)
