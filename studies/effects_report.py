@@ -195,6 +195,10 @@ def build_effects_report(store, out_html: str | Path) -> Path:
               "No world metrics: the model or the prompts are not the miniature world's."))
     page.h("Ranked by effect")
     page.table(display_ranking(table), shown=TABLE_ROWS)
+    if "intervention_detail" in ds.coords:  # (what a policy decided as it ran: a head-wise cache's static heads)
+        decided = [(str(e), str(d)) for e, d in zip(ds.intervention.values, ds.intervention_detail.values) if str(d)]
+        if decided:
+            page.p("As they ran: " + "; ".join(html.escape(f"{e}: {d}") for e, d in decided) + ".")
     if ds.sizes["frame"] > 21:
         page.h("Drift over the rollout (segments of 21 latent frames)")
         page.p("effect a-b: the mean relative latent distance to the baseline over those latent frames; rms last/first: "

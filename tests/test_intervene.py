@@ -464,3 +464,27 @@ def test_the_world_numbers_keep_the_parts_of_adherence(tmp_path):
     older = xr.open_zarr(out, consolidated=False)
     assert list(older.intervention.values)[-1] == "knockout0-2:all" and "world_shape_ok" not in older
     assert meta["completed"] == ["baseline", "ablate-zero:L3.H0"]
+
+
+def test_what_a_policy_decided_is_stored_and_reported(tmp_path):
+    """A head-wise cache's static heads (from its store) and a deep sink's moved positions are in the effects
+    store (intervention_detail) and its report: they were only in a Python call or the code."""
+    import xarray as xr
+
+    from studies.report import build_report
+    from workbench.kv_policies import static_heads_from_store
+
+    heads = tmp_path / "heads.zarr"
+    assert main(["extract", "--layers", "all", "--frames", "9", "--steps", "0", "--out", str(heads),
+                 "--no-progress"]) == 0
+    out = tmp_path / "fx.zarr"
+    assert main(["intervene", "--frames", "9", "--world", "off", "--policy", f"headwise:6:1:{heads}",
+                 "--policy", "deepsink:6:3", "--out", str(out), "--no-progress"]) == 0
+    ds = xr.open_zarr(out, consolidated=False)
+    detail = dict(zip(ds.intervention.values.tolist(), ds.intervention_detail.values.tolist()))
+    static = static_heads_from_store(heads, 0.8, 6, sink_frames=1)
+    want = "; ".join(f"layer {layer}: {', '.join(map(str, h))}" for layer, h in sorted(static.items())) or "none"
+    assert detail["baseline"] == "" and detail[ds.intervention.values[1]].endswith(want)
+    assert detail[ds.intervention.values[2]].startswith("sink frames 0-2 kept, their temporal RoPE positions moved")
+    text = build_report(out, tmp_path / "fx.html").read_text()
+    assert "As they ran: " in text and want in text

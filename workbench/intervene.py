@@ -126,7 +126,7 @@ def effect_attrs(name: str) -> dict:
 
 
 def entry_dataset(e: Entry, samples, per_sample: list[dict], attrs: dict, num_frames: int, cache_frames: int,
-                  layout=None):
+                  layout=None, detail: str = ""):
     """One store entry: dims (intervention: 1, sample, frame[, pixel_frame][, step, layer, head, query_frame,
     key_frame] with `layout`, the captured steps and layers as an attention store lays them out)."""
     import xarray as xr
@@ -148,7 +148,7 @@ def entry_dataset(e: Entry, samples, per_sample: list[dict], attrs: dict, num_fr
                   intervention_kind=("intervention", text([e.kind])),
                   intervention_spec=("intervention", text([json.dumps(e.spec(), sort_keys=True)])),
                   target_layer=("intervention", [layer]), target_head=("intervention", [head]),
-                  cache_frames=("intervention", [cache_frames]),
+                  cache_frames=("intervention", [cache_frames]), intervention_detail=("intervention", text([detail])),
                   prompt=("sample", text(p for _, p, _ in samples)), seed=("sample", [s for *_, s in samples]))
     if layout is not None:  # the coordinates of an attention store's steps, layers and frames
         steps, frames = layout.steps, np.arange(num_frames)
@@ -174,6 +174,8 @@ EFFECT_COORD_ATTRS = {
     "pixel_frame": dict(long_name="decoded pixel frame", units="frames"),
     "intervention_kind": dict(long_name="baseline, ablate, knockout, temperature, sink or policy"),
     "intervention_spec": dict(long_name="the entry's settings as JSON"),
+    "intervention_detail": dict(long_name="what the entry decided as it ran (a head-wise cache's static heads, a "
+                                          "deep sink's positions); empty for the others"),
     "target_layer": dict(long_name="the one layer the entry acts on (-1: not exactly one)"),
     "target_head": dict(long_name="the one head the entry acts on (-1: not exactly one)"),
     "cache_frames": dict(long_name="latent frames each layer's KV cache holds at most", units="frames"),
@@ -403,7 +405,8 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
             per_sample.append(row)
             bar.update(1)
         held = policy.capacity(F, n) if policy is not None else window
-        writer.write(entry_dataset(e, samples, per_sample, attrs, F, held, layout), key=e.label)
+        detail = policy.describe() if hasattr(policy, "describe") else ""
+        writer.write(entry_dataset(e, samples, per_sample, attrs, F, held, layout, detail), key=e.label)
     bar.close()
     log(ranking_text(cfg.out))
     return Path(cfg.out)

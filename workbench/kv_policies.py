@@ -104,6 +104,10 @@ class DeepSink(WindowSink):
     def name(self) -> str:
         return f"deepsink{self.sink}/{self.window}" + ("" if self.realign else "-norealign")
 
+    def describe(self) -> str:
+        return (f"sink frames 0-{self.sink - 1} kept" + (", their temporal RoPE positions moved to just before the "
+                "oldest other frame held (contiguous with the window)" if self.realign else ", at their own positions"))
+
     @property
     def key(self):
         return super().key + (self.realign,)
@@ -188,6 +192,11 @@ class HeadWise(WindowSink):
     def name(self) -> str:
         n = sum(len(h) for h in self.static.values())
         return f"headwise{self.window}+sink{self.sink}:{n}static/recent{self.static_recent}"
+
+    def describe(self) -> str:
+        heads = "; ".join(f"layer {layer}: {', '.join(map(str, h))}" for layer, h in sorted(self.static.items()))
+        return (f"static heads (attend to the {self.sink} sink frame(s) and the newest {self.static_recent} only): "
+                + (heads or "none"))
 
     @property
     def key(self):

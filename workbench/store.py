@@ -680,7 +680,7 @@ class StoreWriter:
 
 # Per-entry labels and numbers added after stores were first made: an entry appended to a store made before them
 # goes in without them (the store keeps one layout; its earlier entries have none to give).
-LATER_LABELS = ("uncond_token", "uncond_num_tokens", "world_colour_ok", "world_shape_ok")
+LATER_LABELS = ("uncond_token", "uncond_num_tokens", "world_colour_ok", "world_shape_ok", "intervention_detail")
 
 
 def _alive(pid: int) -> bool:
