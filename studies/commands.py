@@ -67,7 +67,7 @@ def register(subparsers) -> None:
     report.add_argument("--video", metavar="MP4|FOLDER",
                         help="the sample's video (or a folder of `workbench generate` outputs, pPPPP-sS.mp4): its "
                              "frames go under the key-token maps (attn_key_token); default: found beside the store "
-                             "as `workbench view` finds it (STORE.mp4, or STORE/pPPPP-sS.mp4)")
+                             "as `workbench view` finds it (runs/x.mp4, or runs/x/pPPPP-sS.mp4 for runs/x.zarr)")
     report.set_defaults(func=run_report)
 
     compare = subparsers.add_parser("compare", help=COMPARE_HELP, description=COMPARE_DESCRIPTION,

@@ -116,8 +116,10 @@ def _units(ds, var) -> str:
 
 
 def samples_label(ds, sample=None) -> str:
-    """What a figure of `ds` shows: the one `sample` named, or the mean over all its samples."""
-    return sample if sample is not None else f"mean over {ds.sizes['sample']} sample(s)"
+    """What a figure of `ds` shows: the one `sample` named (or the store's only one), or the mean over its samples."""
+    if sample is None and ds.sizes["sample"] == 1:
+        sample = f"sample {ds['sample'].values[0]}"
+    return sample if sample is not None else f"mean over {ds.sizes['sample']} samples"
 
 
 def _heatmap(z, x, y, name, coloraxis="coloraxis"):
@@ -496,9 +498,11 @@ def key_token_maps(
     `attn_mass` (in its title). `within_frame=True` divides each image by that mass, so that it sums to 1: where
     inside a frame the attention lands, for frames of little mass too (beside a sink frame of most of it, they
     look flat otherwise). One `head`, or the mean over heads (None); averaged over samples unless a `sample` is
-    named. `frames` (uint8 [key_frame, H, W, 3], one pixel frame per latent frame of the sample's video, e.g. from
-    `key_frame_images`) draws each key frame's picture under its map, the map half transparent, so that one sees
-    what the attended tokens show (a token covers H / rows x W / columns pixels)."""
+    named. `frames` draws each key frame's picture under its map, the map half transparent, so that one sees what
+    the attended tokens show (a token covers H / rows x W / columns pixels): uint8 [key_frame, H, W, 3], one
+    picture per latent frame (`studies.report.key_frame_pictures`), or the sample's whole video [1 + 4 (F - 1), H,
+    W, 3] (read from its mp4), of which latent frame f's picture is pixel frame 4f, the last it decodes to. Pictures
+    are one sample's: name it (`sample`) when the store holds several."""
     ds = metrics.attention_store(ds)
     metrics.require_var(ds, "attn_key_token")
     have = [int(t) for t in ds.token_layer.values]
@@ -514,12 +518,21 @@ def key_token_maps(
     h, w = int(ds["key_token_h"].max()) + 1, int(ds["key_token_w"].max()) + 1
     per_frame = data.values.reshape(-1, h, w)  # [key_frame, h, w]: key_token = f * h * w + row * w + col
     if frames is not None:
+        from models.wan.vae import TEMPORAL_STRIDE  # (here: it imports torch, which the figures need not)
+
         frames = np.asarray(frames)
-        if frames.ndim != 4 or frames.shape[0] < per_frame.shape[0] or frames.shape[-1] != 3 \
+        F = per_frame.shape[0]
+        if sample is None and sub.sizes["sample"] > 1:
+            raise WorkbenchError(f"frames are one sample's pictures and the maps a mean over {sub.sizes['sample']} "
+                                 "samples: name the sample (sample=...)")
+        if frames.ndim == 4 and frames.shape[0] == 1 + TEMPORAL_STRIDE * (F - 1) and F > 1:  # (a whole video)
+            frames = frames[[TEMPORAL_STRIDE * f for f in range(F)]]
+        if frames.ndim != 4 or frames.shape[0] != F or frames.shape[-1] != 3 \
                 or frames.shape[1] % h or frames.shape[2] % w:
             raise WorkbenchError(f"frames of shape {tuple(frames.shape)} do not fit the store's key frames: want "
-                                 f"[{per_frame.shape[0]}, H, W, 3] with H a multiple of {h} token rows and W of {w} "
-                                 "token columns (one pixel frame per latent frame)")
+                                 f"[{F}, H, W, 3] (one picture per latent frame) or the whole video "
+                                 f"[{1 + TEMPORAL_STRIDE * (F - 1)}, H, W, 3], with H a multiple of {h} token rows "
+                                 f"and W of {w} token columns")
         sy, sx = frames.shape[1] // h, frames.shape[2] // w  # pixels per token
     seen = [f for f in range(per_frame.shape[0]) if np.isfinite(per_frame[f]).any()]
     rows, cols = _grid(len(seen), cols)

@@ -203,9 +203,16 @@ def build_report(
     step = metrics.default_step(ds) if step is None and "step" in ds.dims else step
     query_frames = "last_chunk" if query_frames is None else query_frames
     if "train_step" in ds.dims:
+        if video is not None:
+            raise WorkbenchError("--video: a training probe store's report draws no key-token maps to put frames under")
         return _training_report(ds, source, out_html, layer=layer, sample=sample, step=step,
                                 query_frames=query_frames, thresholds=thresholds)
     detail = _detail_layers(ds, layer)
+    held = [int(t) for t in ds.token_layer.values] if "attn_key_token" in ds else []
+    if video is not None and not set(held) & set(detail):  # (it would be read for nothing, and said nothing)
+        why = (f"its key-token layers {held} are not among the layers shown ({detail}): add --layer N" if held else
+               "the store has no attn_key_token (extract with --stats ...,attn_key_token --token-layers N)")
+        raise WorkbenchError(f"--video puts each key frame's picture under its key-token map, and {why}")
     metrics.select(ds, sample=sample, step=step)  # fail early on a bad sample or step
     hm = metrics.head_metrics(metrics.select(ds, step=step), query_frames=query_frames, sample=sample)
     classes = metrics.classify_heads(hm, thresholds)
@@ -267,7 +274,6 @@ def build_report(
                     f"fig-recency-layer{lay}")
         if cross:
             page.figure(figures.cross_tokens(ds, lay, step=step, sample=sample), f"fig-cross-layer{lay}")
-    held = [int(t) for t in ds.token_layer.values] if "attn_key_token" in ds else []
     token_layers, others = [t for t in held if t in detail], [t for t in held if t not in detail]
     if token_layers:  # (the token layers among the detailed ones: --layer picks them too)
         last = int(ds.query_frame.values[-1])
@@ -288,12 +294,47 @@ def build_report(
     return write_atomic(page.render(), out_html)
 
 
+def generate_command(ds: xr.Dataset, i: int, out) -> str:
+    """The `workbench generate` command that makes the video of the store's sample at position `i`: the options of
+    the store's own command (attr `command`) that generate takes too (the model, frames, size, window, schedule),
+    with that sample's prompt and seed and `--out out`."""
+    import argparse
+    import shlex
+
+    from workbench.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    made_by = shlex.split(str(ds.attrs.get("command", "")))
+    own = sub.get(made_by[1]) if len(made_by) > 1 and Path(made_by[0]).name == "workbench" else None
+    known = {o: a for a in own._actions for o in a.option_strings} if own is not None else {}
+    takes = {o for a in sub["generate"]._actions for o in a.option_strings}
+    skip = {"--out", "--seed", "--no-progress", "--overwrite", "--live", "--layers", "--steps", "--heads"}
+    kept, args, j = [], made_by[2:] if own is not None else [], 0
+    while j < len(args):
+        name, eq, _ = args[j].partition("=")
+        action = known.get(name)
+        n = 0 if action is None or eq or action.nargs == 0 else 1  # (the value that follows it)
+        if name in takes and name not in skip:
+            kept += args[j : j + 1 + n]
+        j += 1 + n
+    if not any(a.partition("=")[0] == "--frames" for a in kept) and "key_frame" in ds.dims:  # (an API-made store)
+        kept += ["--frames", str(ds.sizes["key_frame"])]
+    if not any(a.partition("=")[0] in ("--prompt", "--prompts") for a in kept):  # (every prompt, in the store's
+        # order: generate names its files by prompt index, as the store its samples)
+        index = ds["prompt_index"].values if "prompt_index" in ds.coords else np.zeros(ds.sizes["sample"], int)
+        prompts = dict(sorted(zip((int(x) for x in index), (str(p) for p in ds["prompt"].values))))
+        kept += [a for p in prompts.values() for a in ("--prompt", p)]
+    return shlex.join(["workbench", "generate", *kept, "--seed", str(int(ds["seed"].values[i])), "--out", str(out)])
+
+
 def key_frame_pictures(ds: xr.Dataset, source: str, sample: str | None, video=None) -> tuple[np.ndarray | None, str]:
     """One picture per latent frame of a sample's video (uint8 [key_frame, H, W, 3]: the last of the pixel frames
     the VAE decodes from it) for the key-token maps, and a sentence for the page saying where they come from, or
     why there are none and how to get them. The video is found as `workbench view` finds it (workbench/view/
     sources.py: `video`, else STORE.mp4 or pPPPP-sS.mp4 beside the store or in the folder named like it) and
     checked against the store's run; a named `video` that does not fit is an error, a found one a sentence."""
+    from models.video import mp4_available
+    from models.wan.vae import SPATIAL_STRIDE
     from workbench.view.sources import find_videos, pixel_span, read_video, video_mismatch
 
     ids = [str(s) for s in ds["sample"].values]
@@ -307,27 +348,42 @@ def key_frame_pictures(ds: xr.Dataset, source: str, sample: str | None, video=No
     if video is None and not (store / "zarr.json").is_file():  # (an in-memory Dataset: nothing to look beside)
         return None, ""
     i = ids.index(chosen)
-    make = (f"`workbench generate` with the store's model, --prompt {str(ds['prompt'].values[i])!r} --seed "
-            f"{int(ds['seed'].values[i])} --out {store.with_suffix('')}")
+    out = store.with_suffix("")
+    make = f"`{generate_command(ds, i, out)}`"
     found = find_videos(store, None if video is None else str(video), ids, chosen).get(chosen)
     if found is None:
+        if video is not None:  # (a folder without this sample's video)
+            raise WorkbenchError(f"--video {str(video)!r} holds no {chosen}.mp4, the video of sample {chosen}")
         return None, f"(To see each key frame's picture under its map, make the sample's video: {make}.)"
+    redo = f"make this sample's with {make[:-1]} --overwrite`" if found.parent == out else f"make it with {make}"
     if why := video_mismatch(ds, chosen, found):
         if video is not None:
             raise WorkbenchError(why)
-        return None, f"(The video found, {found}, is not this store's sample: {why.split(': ', 1)[-1]})"
+        return None, f"(The video found, {found}, is not this store's sample: {why.split(': ', 1)[-1]}; {redo}.)"
+    if not mp4_available():
+        return None, ("(Reading the sample's video needs the video extra (ffmpeg): pip install -e '.[video]'; "
+                      "`workbench generate` writes mp4 files with it too.)")
     F = ds.sizes["key_frame"]
     try:
         frames, _ = read_video(found, pixel_span(F - 1)[1])  # [T, H, W, 3], T = 1 + 4 (F - 1)
-    except ImportError:
-        return None, "(Reading the sample's video needs the video extra: pip install -e '.[video]'.)"
     except WorkbenchError as err:
         if video is not None:
             raise
-        return None, f"({err})"
+        return None, f"({err}; {redo}.)"
+    geometry = ((ds.attrs.get("fingerprint_fields") or {}).get("layout") or {}).get("geometry")
+    size = None if geometry is None else (SPATIAL_STRIDE * geometry[1], SPATIAL_STRIDE * geometry[2])  # (H, W)
+    if size is not None and tuple(frames.shape[1:3]) != size:
+        why = (f"{found} is {frames.shape[2]} x {frames.shape[1]} pixels, the store's rollout {size[1]} x {size[0]}: "
+               "another run's video")
+        if video is not None:
+            raise WorkbenchError(why)
+        return None, f"({why}.)"
     pictures = frames[[pixel_span(f)[1] - 1 for f in range(F)]]
+    checked = found.with_suffix(".safetensors").is_file()
     return pictures, (f"Under each map, the key frame's picture: the last of its pixel frames in {found} (sample "
-                      f"{chosen}).")
+                      f"{chosen}" + ("" if checked else f"; not checked against the store's run: no "
+                                     f"{found.with_suffix('.safetensors').name} beside it, as `workbench generate` "
+                                     "writes") + ").")
 
 
 def _training_report(ds: xr.Dataset, source: str, out_html, *, layer, sample, step, query_frames,

@@ -343,7 +343,7 @@ def test_an_entry_stores_the_settings_of_its_kind_and_older_specs_still_resume()
     frames' own chunk's too, and is now history-only by default, so that store's entry is another's."""
     import dataclasses
 
-    from workbench.intervene_entries import Entry, same_settings
+    from workbench.intervene_entries import Entry, older_differs, same_settings
 
     knock = parse_entry(parse_flag("knockout", "0-2"), 6, 4, num_frames=6)
     sink = parse_entry(parse_flag("sink", "0"), 6, 4, num_frames=6)
@@ -356,9 +356,16 @@ def test_an_entry_stores_the_settings_of_its_kind_and_older_specs_still_resume()
     old = lambda e: {k: v for k, v in dataclasses.asdict(e).items() if v is not None}  # noqa: E731  (every field)
     assert same_settings(old(knock), knock) and same_settings(knock.spec(), knock)
     assert not same_settings(old(sink), sink) and same_settings(sink.spec(), sink)
+    assert "a spec entry with history_only: false is that" in older_differs(old(sink), sink)
+    every_call = parse_entry(dict(kind="sink", frames=0, value=0, history_only=False), 6, 4)
+    assert same_settings(old(sink), every_call)  # (what the old entry ran; its spec said history_only true)
     assert not same_settings(dict(knock.spec(), frames=[0]), knock)
     fifo = parse_entry(parse_flag("policy", "fifo:6"), 6, 4)
-    assert same_settings(old(fifo), fifo)
+    assert same_settings(old(fifo), fifo) and older_differs(old(fifo), fifo) is None
+    split = dict(kind="policy", policy="headwise", window=6, store="s.zarr")
+    for sinks, same in ((1, True), (2, False)):
+        e = Entry(**{**split, "sink_frames": sinks}, label="h")
+        assert same_settings(old(e), e) is same
 
 
 def test_entries_that_would_fail_midway_or_do_nothing_are_refused_up_front(tmp_path, capsys):

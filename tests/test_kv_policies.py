@@ -298,13 +298,14 @@ def test_write_finds_keys_made_in_their_slots():
 def test_the_head_split_counts_the_frames_a_static_head_keeps(tmp_path):
     """static_heads_from_store counts a head's mass on the policy's sink frames and its newest `span` frames (it
     counted frame 0 alone, while a HeadWise policy of 3 sink frames keeps three): every frame counted, every head is
-    static; frame 0 and the query's own frame only, the planted sink and local heads are, and no other."""
+    static; frame 0 and the query's chunk only (span 3, up to the chunk's end: what a static head sees), the planted
+    sink and local heads are, and not every head."""
     from studies import synthetic
     from workbench.kv_policies import static_heads_from_store
 
     store = synthetic.write_store(tmp_path / "s.zarr", "causal", layers=(0, 1), num_heads=4)
     every = static_heads_from_store(store, 0.8, span=1, sink_frames=21)
     assert every == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
-    few = static_heads_from_store(store, 0.8, span=1, sink_frames=1)
+    few = static_heads_from_store(store, 0.8, span=3, sink_frames=1)  # (frame 0 and the query's chunk)
     assert few and all(set(h) < set(every[layer]) for layer, h in few.items())
     assert 0 in few.get(0, []) and 0 in few.get(1, [])  # (the planted sink head of layer 0, local head of layer 1)

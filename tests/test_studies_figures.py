@@ -75,7 +75,7 @@ def test_step_slider_has_one_frame_per_step(ds, wan):
     labels = [s.label for s in fig.layout.sliders[0].steps]
     assert labels == ["0 · t=1000", "1 · t=937.5", "2 · t=833.333", "3 · t=625", "4 · t=0"]
     assert "context" in fig.frames[4].layout.title.text
-    assert all(f.layout.title.text.endswith("mean over 2 sample(s)") for f in fig.frames)  # as the first title
+    assert all(f.layout.title.text.endswith("mean over 2 samples") for f in fig.frames)  # as the first title
     z = np.array(fig.frames[2].data[7].z, dtype=float)
     np.testing.assert_allclose(z, ds["attn_mass"].sel(layer=0, step=2, head=7).mean("sample").values, atol=1e-6)
     fig_w = figures.step_slider(wan, 3, heads=[0, 1], steps=[0, 1])
@@ -318,7 +318,7 @@ def test_key_token_maps_sum_to_the_key_frames_mass(tokens_store):
 def test_key_token_maps_over_the_frames_pictures(tokens_store):
     """`frames` puts each key frame's picture under its map: the picture as an image trace, the map over it with
     each token's cell covering its pixels (16 x 16 for the embedded model's 96 x 128 video of 6 x 8 tokens)."""
-    ds = tokens_store
+    ds = tokens_store.isel(sample=[0])  # (pictures are one sample's)
     h, w = int(ds.key_token_h.max()) + 1, int(ds.key_token_w.max()) + 1
     pictures = np.random.default_rng(0).integers(0, 256, (ds.sizes["key_frame"], 16 * h, 16 * w, 3), dtype=np.uint8)
     plain = figures.key_token_maps(ds, 3, query_frame=5, step=0, head=1)
@@ -340,6 +340,9 @@ def test_key_token_maps_over_the_frames_pictures(tokens_store):
 def test_a_report_draws_the_samples_pictures_under_its_key_token_maps(tokens_path, tmp_path):
     """The report finds a sample's video as `workbench view` does (STORE/pPPPP-sS.mp4) and puts its frames under
     the key-token maps; without one it says how to make it, and a video of another run is not drawn."""
+    import html
+    import re
+    import shlex
     import shutil
 
     from studies.report import build_report
@@ -348,13 +351,14 @@ def test_a_report_draws_the_samples_pictures_under_its_key_token_maps(tokens_pat
     store = tmp_path / "tok.zarr"
     shutil.copytree(tokens_path, store)
     text = build_report(store, tmp_path / "none.html", sample="p0000-s0").read_text()
-    assert "make the sample's video: `workbench generate` with the store's model" in text and "--seed 0 --out" in text
+    hint = re.search(r"make the sample's video: `workbench (generate [^`]*)`", text).group(1)
+    assert "--frames 6" in hint and "--seed 0 --out" in hint and "--stats" not in hint  # (extract's options only)
     assert "--sample ID draws one sample" in build_report(store, tmp_path / "mean.html").read_text()
-    assert cli_main(["generate", "--seed", "0,1", "--frames", "6", "--out", str(tmp_path / "tok"),
-                     "--no-progress"]) == 0
+    assert cli_main([*shlex.split(html.unescape(hint)), "--no-progress"]) == 0  # (the hint, followed as written)
     text = build_report(store, tmp_path / "r.html", sample="p0000-s0").read_text()
     assert "Under each map, the key frame's picture" in text and "p0000-s0.mp4" in text
     assert text.count('"type":"image"') == ds_frames(store)  # one picture per attended key frame of query frame 5
+    assert cli_main(["generate", "--seed", "1", "--frames", "6", "--out", str(tmp_path / "tok"), "--no-progress"]) == 0
     # seed 1's video under seed 0's name: left out with the reason, or an error when named
     for suffix in (".mp4", ".safetensors"):
         shutil.copy(tmp_path / "tok" / f"p0000-s1{suffix}", tmp_path / "tok" / f"p0000-s0{suffix}")
@@ -364,6 +368,13 @@ def test_a_report_draws_the_samples_pictures_under_its_key_token_maps(tokens_pat
         build_report(store, tmp_path / "named.html", sample="p0000-s0", video=tmp_path / "tok" / "p0000-s0.mp4")
     with pytest.raises(WorkbenchError, match="name the video's sample with --sample"):
         build_report(store, tmp_path / "mean.html", video=tmp_path / "tok")
+    (tmp_path / "one").mkdir()  # (a folder of sample p0000-s0's video only)
+    shutil.copy(tmp_path / "tok" / "p0000-s1.mp4", tmp_path / "one" / "p0000-s0.mp4")
+    with pytest.raises(WorkbenchError, match=r"--video .*one' holds no p0000-s1.mp4, the video of sample p0000-s1"):
+        build_report(store, tmp_path / "e.html", sample="p0000-s1", video=tmp_path / "one")
+    shutil.copy(tmp_path / "tok" / "p0000-s1.mp4", tmp_path / "tok.mp4")  # (STORE.mp4: no latents file to check)
+    text = build_report(store, tmp_path / "u.html", sample="p0000-s1").read_text()
+    assert "tok.mp4 (sample p0000-s1; not checked against the store's run: no tok.safetensors beside it" in text
 
 
 def ds_frames(store) -> int:
@@ -400,3 +411,62 @@ def test_every_coordinate_says_what_it_is(tokens_store):
 def test_every_head_of_a_layer_gets_a_colour_of_its_own(n):
     """(with plotly's ten, the 1.3B model's heads 10 and 11 took heads 0 and 1's colours; with 24, the 14B's 40)"""
     assert len({figures._head_colour(i, n) for i in range(n)}) == n
+
+
+def test_a_video_of_another_window_schedule_or_image_is_not_the_stores(tokens_path, tmp_path):
+    """The check of a video against the store (workbench view, report) read prompt, seed, sampler and weights; a
+    video that `workbench generate` made with another KV window, few-step schedule or first image passed, and the
+    report drew another rollout's frames under the maps."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from workbench.view.sources import video_mismatch
+
+    ds = load_store(tokens_path)
+    schedule = dict(denoising_step_list=[1000, 750, 500, 250], warp=True, shift=5.0, context_noise=0,
+                    num_frame_per_block=3)
+    base = dict(prompt=str(ds.prompt.values[0]), seed=str(int(ds.seed.values[0])), window="-1+sink0",
+                schedule=json.dumps(schedule), image_sha256="")
+
+    def why(**changed):
+        save_file({"latents": np.zeros(1, np.float32)}, str(tmp_path / "v.safetensors"), metadata={**base, **changed})
+        return video_mismatch(ds, str(ds.sample.values[0]), tmp_path / "v.mp4")
+
+    assert why() is None  # (the store's own settings: extract's defaults)
+    assert "window '9+sink3' (the store's: '-1+sink0')" in why(window="9+sink3")
+    assert "schedule" in why(schedule=json.dumps(dict(schedule, denoising_step_list=[1000, 500])))
+    assert "chunks of 3" in why(schedule=json.dumps(dict(schedule, num_frame_per_block=1)))
+    assert "image_sha256" in why(image_sha256="ab" * 32)
+
+
+def test_a_video_for_a_report_without_key_token_maps_is_refused(tmp_path, tokens_path):
+    """--video only goes under key-token maps: a report that draws none (the store has no attn_key_token, or --layer
+    leaves its token layers out) said nothing and drew nothing."""
+    from studies.report import build_report
+
+    plain = synthetic.write_store(tmp_path / "p.zarr", "causal", layers=(0,), num_heads=4)
+    with pytest.raises(WorkbenchError, match="--video .* the store has no attn_key_token"):
+        build_report(plain, tmp_path / "p.html", video=tmp_path / "v.mp4")
+    two = load_store(tokens_path).isel(layer=[0, 0]).assign_coords(layer=[2, 3])  # (token layer 3 only)
+    with pytest.raises(WorkbenchError, match=r"its key-token layers \[3\] are not among the layers shown \(\[2\]\)"):
+        build_report(two, tmp_path / "t.html", layer=2, video=tmp_path / "v.mp4")
+
+
+def test_pictures_from_a_whole_video_or_of_another_sample(tokens_store):
+    """The obvious call, the mp4's every frame as `frames`, put pixel frame f under latent frame f (the object a
+    token and more away); it takes latent frame f's own picture, pixel frame 4f. Pictures are one sample's: under a
+    mean over samples they are refused."""
+    ds = tokens_store.isel(sample=[0])
+    F = ds.sizes["key_frame"]
+    video = np.zeros((1 + 4 * (F - 1), 96, 128, 3), np.uint8)
+    video[:, 0, 0, 0] = np.arange(video.shape[0])  # (each pixel frame marked with its index)
+    fig = figures.key_token_maps(ds, 3, query_frame=5, step=0, frames=video)
+    marks = [int(np.array(t.z)[0, 0, 0]) for t in fig.data if isinstance(t, go.Image)]
+    titles = [int(a.text.split(":")[0].split()[1]) for a in fig.layout.annotations]
+    assert marks == [4 * f for f in titles] and "sample p0000-s0" in fig.layout.title.text
+    with pytest.raises(WorkbenchError, match="frames are one sample's pictures and the maps a mean over 2 samples"):
+        figures.key_token_maps(tokens_store, 3, query_frame=5, frames=video)
+    assert figures.key_token_maps(tokens_store, 3, query_frame=5, frames=video, sample="p0000-s1").data
+    with pytest.raises(WorkbenchError, match=r"want \[6, H, W, 3\] .* or the whole video \[21, H, W, 3\]"):
+        figures.key_token_maps(ds, 3, query_frame=5, frames=video[:20])

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.intervene_entries import Entry, build, build_policy, check_entries, same_settings
+from workbench.intervene_entries import Entry, build, build_policy, check_entries, older_differs, same_settings
 
 WORLD_NUMBERS = ("adherent", "colour_ok", "shape_ok", "direction_ok", "detected", "confidence", "trajectory_error",
                  "speed", "colour_error", "trajectory_drift", "confidence_drift")
@@ -310,11 +310,13 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     from workbench.store import SCHEMA_VERSION
 
     stored = writer.stored("intervention_spec")  # an entry of the same label made with other settings: refused
-    clash = [e.label for e in entries if e.label in stored and not same_settings(json.loads(stored[e.label]), e)]
+    clash = [e for e in entries if e.label in stored and not same_settings(json.loads(stored[e.label]), e)]
     if clash:
-        raise WorkbenchError(f"{cfg.out} holds entries {clash} made with other settings (intervention_spec): give "
-                             "this run's entries their own labels (label: in a --spec file), or choose another --out "
-                             "(or --overwrite)")
+        why = [f"{e.label}: {w}" for e in clash if (w := older_differs(json.loads(stored[e.label]), e))]
+        raise WorkbenchError(f"{cfg.out} holds entries {[e.label for e in clash]} made with other settings "
+                             f"(intervention_spec{'; made by an older workbench, ' + '; '.join(why) if why else ''}): "
+                             "give this run's entries their own labels (label: in a --spec file), or choose another "
+                             "--out (or --overwrite)")
     todo = [e for e in [BASELINE, *entries] if not writer.done(e.label)]
     samples = [(i, prompt, seed) for i, prompt in enumerate(cfg.prompts) for seed in cfg.seeds]
     if not todo:

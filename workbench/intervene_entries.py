@@ -40,13 +40,35 @@ SPEC_FIELDS = {  # an entry's settings per kind, beside kind and label
 
 def same_settings(stored: dict, entry: Entry) -> bool:
     """Whether a stored intervention_spec is `entry`'s: equal on the entry's kind's settings. A store made before
-    specs kept only those (every field written) reads the same, except a sink entry (it scaled the frames' logits
-    in every call, its own chunk's too, where a sink entry is now history-only by default) and a headwise policy
-    (its head split counted frame 0 alone as the sink, where it now counts the policy's sink frames)."""
-    older = any(k not in entry.fields() for k in stored)  # (a spec of every field)
-    if older and (entry.kind == "sink" or entry.policy == "headwise"):
+    specs kept only those (every field written) reads the same, except where what ran then differs from what the
+    same settings run now (`older_differs`)."""
+    if older_differs(stored, entry):
         return False
-    return {k: v for k, v in stored.items() if k in entry.fields()} == entry.spec()
+    # (an older sink spec's history_only is the default every entry carried then, not what ran)
+    keep = entry.fields() - ({"history_only"} if older(stored) and entry.kind == "sink" else set())
+    return {k: v for k, v in stored.items() if k in keep} == {k: v for k, v in entry.spec().items() if k in keep}
+
+
+def older(stored: dict) -> bool:
+    """Whether a stored spec is of a store made before specs kept their kind's settings only (it has every field)."""
+    return "window" in stored and stored.get("kind") != "policy" or "frames" in stored and stored.get("kind") == "policy"
+
+
+def older_differs(stored: dict, entry: Entry) -> str | None:
+    """Why an older store's entry of these settings ran otherwise than `entry` runs, or None: its sink entries
+    scaled the frames' logits in every call, their own chunk's too (history_only false now; true is the default),
+    and its head-wise split counted frame 0 and the 6 newest frames (sink_frames 1, static_recent 6 now)."""
+    if not older(stored):
+        return None
+    if entry.kind == "sink" and entry.history_only:
+        return ("its sink entries scaled the frames' logits in every call, the frames' own chunk's too: a spec entry "
+                "with history_only: false is that; sink entries are history-only by default now")
+    if entry.kind == "policy" and entry.policy == "headwise" and (entry.sink_frames, entry.static_recent) != (1, 6):
+        return ("its head-wise split counted frame 0 and the 6 newest frames as a static head's: sink_frames 1 and "
+                "static_recent 6 are that; the split now counts the policy's own")
+    return None
+
+
 POLICIES = ("fifo", "sink", "deepsink", "attention", "headwise")
 ENTRY_KEYS = {"kind", "layers", "heads", "steps", "chunks", "attention", "mode", "resample_prompt", "resample_seed",
               "frames", "history_only", "value", "policy", "window", "sink_frames", "store", "threshold",

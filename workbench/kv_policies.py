@@ -219,8 +219,10 @@ class HeadWise(WindowSink):
 def static_heads_from_store(path, threshold: float = 0.8, span: int = 6, sink_frames: int = 1) -> dict[int, list[int]]:
     """Forcing-KV's head taxonomy from a store's `attn_mass`: a head is static when, on average over samples,
     denoising steps and the query frames after the first chunk, at least `threshold` of its attention falls on
-    the first `sink_frames` frames and the `span` frames up to its own query frame (the frames a static head of
-    `HeadWise(window, sink_frames, ..., static_recent=span)` keeps); else dynamic."""
+    the first `sink_frames` frames and the newest `span` frames when its chunk runs (up to the chunk's last frame):
+    the frames a static head of `HeadWise(window, sink_frames, ..., static_recent=span)` sees; else dynamic."""
+    import xarray as xr
+
     from workbench.store import open_store
 
     ds = open_store(path)
@@ -228,7 +230,11 @@ def static_heads_from_store(path, threshold: float = 0.8, span: int = 6, sink_fr
         raise ValueError(f"{path}: the store has no attn_mass (extract it with --stats attn_mass)")
     m = ds.attn_mass.where(ds.phase == "denoise", drop=True)
     m = m.where(m.query_chunk > 0, drop=True)
-    near = (m.key_frame < sink_frames) | ((m.key_frame <= m.query_frame) & (m.key_frame > m.query_frame - span))
+    # a static head sees the sink and the newest `span` frames held when its chunk runs: those up to its chunk's end
+    chunk = m.query_chunk.values
+    end = xr.DataArray([m.query_frame.values[chunk == c].max() for c in chunk], dims="query_frame",
+                       coords={"query_frame": m.query_frame})
+    near = (m.key_frame < sink_frames) | ((m.key_frame <= end) & (m.key_frame > end - span))
     local = m.where(near).sum("key_frame").mean([d for d in ("sample", "step", "query_frame") if d in m.dims])
     local = local.transpose("layer", "head")
     out: dict[int, list[int]] = {}

@@ -12,6 +12,7 @@ import os
 import shlex
 import shutil
 import socket
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -363,10 +364,16 @@ class StoreLock:
                     owner = f"user {pwd.getpwuid(self.file.stat().st_uid).pw_name!r}"
             except OSError:
                 owner = "another user"
+            try:  # a sticky folder (/tmp, shared scratch) refuses to open another user's file, writable or not
+                sticky = bool(self.file.parent.stat().st_mode & stat.S_ISVTX) or os.access(self.file, os.W_OK)
+            except OSError:
+                sticky = False
+            advice = ("in this folder only its owner may open it: ask them to remove it (no run holds it once their "
+                      "run ended)" if sticky else
+                      "ask them to make it group-writable (chmod g+w; a umask of 002 makes it so)")
             raise WorkbenchError(
                 f"cannot take the lock of {str(self.path)!r}: its lock file {str(self.file)!r} belongs to {owner} and "
-                "this user may not write it; ask them to make it group-writable (chmod g+w; a umask of 002 makes it "
-                f"so), or choose another {self.option}") from None
+                f"this user may not open it; {advice}, or choose another {self.option}") from None
         except Timeout:
             raise WorkbenchError(
                 f"{str(self.path)!r} is being written by another process ({self.holder()}); {self.what} takes one "

@@ -20,6 +20,7 @@ refused when named with --video, and otherwise left out with the reason shown on
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from pathlib import Path
 
@@ -342,14 +343,39 @@ def video_mismatch(ds, sample: str, video: Path) -> str | None:
     store_key = {"ema": "True", "gen": "False"}.get(model.get("key"))
     wanted = dict(prompt=str(ds["prompt"].values[i]), seed=str(int(ds["seed"].values[i])),
                   sampler=layout.get("sampler"), weights_sha256=model.get("weights"), use_ema=store_key,
-                  text_encoder=model.get("text_encoder"))
+                  text_encoder=model.get("text_encoder"), image_sha256=model.get("image", ""))
+    if "local_attn_size" in ds.coords and layout.get("sampler") != "bidirectional":  # (generate's "W+sinkS")
+        wanted["window"] = f"{int(ds['local_attn_size'].values[i])}+sink{int(ds['sink_size'].values[i])}"
     differ = [f"{k} {made[k]!r} (the store's: {v!r})" for k, v in wanted.items()
               if v is not None and k in made and str(made[k]) != str(v)]
+    if made.get("schedule") and layout.get("schedule") and layout.get("sampler") == "causal_few_step":
+        if (why := _other_schedule(json.loads(made["schedule"]), layout)) is not None:
+            differ.append(why)
     if not differ:
         return None
     return (f"{video} was not made by this store's run of sample {sample}: generate made it with "
             + "; ".join(differ) + f" ({side.name}). Make the video with `workbench generate` and the store's "
             "model, prompt and seed, or name the right one with --video")
+
+
+def _other_schedule(made: dict, layout: dict) -> str | None:
+    """How generate's few-step schedule (its metadata: denoising_step_list, warp, shift, context_noise,
+    num_frame_per_block) differs from the store's (its steps' timesteps and chunk size), or None."""
+    import dataclasses
+
+    from workbench.extract import ExtractConfig, _schedule
+
+    try:
+        steps = _schedule(ExtractConfig(denoising_step_list=made["denoising_step_list"],
+                                        warp_denoising_step=made["warp"], timestep_shift=made["shift"],
+                                        context_noise=made["context_noise"]))
+    except (KeyError, TypeError, ValueError):
+        return None  # (a file that records it otherwise: nothing to compare)
+    theirs = json.loads(json.dumps([dataclasses.astuple(s) for s in steps]))
+    if theirs != layout["schedule"] or made.get("num_frame_per_block", layout.get("nfpb")) != layout.get("nfpb"):
+        return (f"schedule {made} (timesteps {[round(s[1], 1) for s in theirs]}; the store's: "
+                f"{[round(s[1], 1) for s in layout['schedule']]}, chunks of {layout.get('nfpb')})")
+    return None
 
 
 def find_videos(store: Path, video: str | None, samples: list[str], sample: str | None = None) -> dict[str, Path]:
