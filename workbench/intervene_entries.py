@@ -51,7 +51,8 @@ def same_settings(stored: dict, entry: Entry) -> bool:
 
 def older(stored: dict) -> bool:
     """Whether a stored spec is of a store made before specs kept their kind's settings only (it has every field)."""
-    return "window" in stored and stored.get("kind") != "policy" or "frames" in stored and stored.get("kind") == "policy"
+    policy = stored.get("kind") == "policy"
+    return "frames" in stored if policy else "window" in stored
 
 
 def older_differs(stored: dict, entry: Entry) -> str | None:

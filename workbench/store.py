@@ -12,12 +12,12 @@ import os
 import shlex
 import shutil
 import socket
-import stat
 import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from stat import S_ISVTX
 
 import numpy as np
 import xarray as xr
@@ -365,7 +365,7 @@ class StoreLock:
             except OSError:
                 owner = "another user"
             try:  # a sticky folder (/tmp, shared scratch) refuses to open another user's file, writable or not
-                sticky = bool(self.file.parent.stat().st_mode & stat.S_ISVTX) or os.access(self.file, os.W_OK)
+                sticky = bool(self.file.parent.stat().st_mode & S_ISVTX) or os.access(self.file, os.W_OK)
             except OSError:
                 sticky = False
             advice = ("in this folder only its owner may open it: ask them to remove it (no run holds it once their "
