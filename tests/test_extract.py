@@ -395,6 +395,35 @@ def test_incompatible_existing_store_fails_before_weights(tmp_path, capsys, monk
     assert "nothing to do" in capsys.readouterr().out
 
 
+def test_a_zoo_model_by_name_samples_as_its_table_says_in_python_too():
+    """ExtractConfig(model="teacher") ran the teacher's weights in the students' 4-step sampler under the label
+    embedded:teacher (only the CLI filled the zoo's sampler in); now the settings left unset are the model's own, and
+    the ones given stay."""
+    from models.wan.embedded import ZOO
+
+    for name in ("teacher", "df", "dmd"):
+        c = extract_mod.plan(ExtractConfig(model=name)).cfg
+        z = ZOO[name]
+        assert (c.sampler, c.num_inference_steps, c.guidance_scale) == (z.sampler, z.num_inference_steps,
+                                                                         z.guidance_scale)
+    c = extract_mod.plan(ExtractConfig(model="teacher", sampler="causal_few_step", guidance_scale=3.0)).cfg
+    assert (c.sampler, c.num_inference_steps, c.guidance_scale) == ("causal_few_step", 40, 3.0)
+    c = extract_mod.plan(ExtractConfig(wan_dir=str(extract_mod.require_embedded_dir()))).cfg  # (no zoo model)
+    assert (c.sampler, c.num_inference_steps, c.guidance_scale) == ("causal_few_step", 50, 5.0)
+
+
+def test_a_python_run_records_what_it_was_called_with(tmp_path):
+    """The store's `command`: a string as a shell splits it (it was recorded letter by letter), and with none the
+    program and the API function (it was the process's arguments: a Jupyter kernel's connection file)."""
+    words = extract_mod.command_words
+    assert words("analysis notebook", "f") == ["analysis", "notebook"]
+    assert words(["workbench", "extract", "--prompt", "a b"], "f") == ["workbench", "extract", "--prompt", "a b"]
+    assert words(None, "workbench.extract.run_extract")[:2] == ["workbench.extract.run_extract", "from"]
+    out = tmp_path / "s.zarr"
+    run_extract(ExtractConfig(layers=[0], steps=[0], num_frames=3, out=str(out), progress=False), log=quiet)
+    assert xr.open_zarr(out, consolidated=False).attrs["command"].startswith("workbench.extract.run_extract from ")
+
+
 def test_appending_runs_keep_the_creating_run_and_are_listed(tmp_path):
     out = tmp_path / "s.zarr"
     run_extract(ExtractConfig(layers=[0], steps=[0], prompts=["a"], seeds=[1], out=str(out), progress=False),

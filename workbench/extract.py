@@ -75,14 +75,14 @@ class ExtractConfig:
     checkpoint: str | None = None  # a Self-Forcing .pt
     use_ema: bool = False
     trust_pickle: bool = False
-    sampler: str = "causal_few_step"
+    sampler: str | None = None  # None: the model's own (a zoo model's, its table's), else causal_few_step
     # the few-step sampler's schedule, as the researchers' inference configs set it (their keys; --config reads one)
     denoising_step_list: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
     warp_denoising_step: bool = True  # steps mapped onto the shifted grid (1000, 937.5, 833.3, 625); False: as given
     timestep_shift: float = 5.0  # their model_kwargs.timestep_shift
     context_noise: float = 0.0
-    num_inference_steps: int = 50  # multi-step samplers
-    guidance_scale: float = 5.0  # multi-step samplers
+    num_inference_steps: int | None = None  # multi-step samplers; None: the model's own, else 50
+    guidance_scale: float | None = None  # multi-step samplers; None: the model's own, else 5.0
     negative_prompt: str = ""
     local_attn_size: int = -1
     sink_size: int = 0
@@ -242,7 +242,7 @@ def _check_request(cfg: ExtractConfig) -> ExtractConfig:
 def plan(cfg: ExtractConfig) -> Plan:
     """Validate the request against the model's config, without loading weights."""
     check_weights_args(cfg.checkpoint, cfg.use_ema, cfg.model)
-    cfg = resolve_model(_check_request(cfg))
+    cfg = _check_request(resolve_model(cfg))
     if cfg.sampler not in SAMPLERS:
         raise WorkbenchError(f"sampler {cfg.sampler!r}; use one of {list(SAMPLERS)}")
     check_stats(cfg.stats, cfg.token_layers)
@@ -364,6 +364,19 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def command_words(command, api: str) -> list[str]:
+    """A run's command as words for the store's `command` attribute: a list as given, a string as a shell splits it
+    (a whole command line, or words such as "analysis notebook"); None (a Python call that named none): the API
+    function and the program, e.g. `workbench.extract.run_extract from ipykernel_launcher.py`, not the process's
+    own arguments (a Jupyter kernel's were its connection file)."""
+    if command is None or command == "" or command == []:
+        program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+        return [api, "from", program or "python"]
+    if isinstance(command, str):
+        return shlex.split(command)
+    return [str(w) for w in command]
+
+
 def _attrs(p: Plan, fp: str, command: list[str]) -> dict:
     import xarray
     import zarr
@@ -417,8 +430,9 @@ def _rank_device(device: str, world: int) -> torch.device:
     return torch.device(device)
 
 
-def run_extract(cfg: ExtractConfig, command: list[str] | None = None, log=print):
-    """Run an extraction; returns the store path. Validation happens before any model weights are read."""
+def run_extract(cfg: ExtractConfig, command: list[str] | str | None = None, log=print):
+    """Run an extraction; returns the store path. Validation happens before any model weights are read. `command`:
+    what the store records as the command that made it (`command_words`)."""
     p = plan(cfg)
     check_encoder_files(p.wan_dir)  # (the rollout's text encoder: its files, before the store is touched)
     rank, world, initialised = _dist()
@@ -521,7 +535,7 @@ def _extract(p: Plan, rank: int, world: int, todo, fp: str, weights_sha: str, de
     initial = image_latent(p, device, dtype)
     encoder = TextEncoder.from_wan_dir(p.wan_dir, device=device)
     negative = encoder.encode([cfg.negative_prompt]) if cfg.sampler != "causal_few_step" else None
-    layout = store_layout(p, _attrs(p, fp, command or sys.argv))
+    layout = store_layout(p, _attrs(p, fp, command_words(command, "workbench.extract.run_extract")))
     # Rounds of `world` samples: rank r runs sample r of each round, and rank 0 writes the round's samples in
     # the order of a single-process run as soon as the round ends (a killed run keeps every finished round).
     rounds = [todo[i : i + world] for i in range(0, len(todo), world)]

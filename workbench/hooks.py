@@ -129,7 +129,8 @@ class Probe:
 
 
 class RecordingProbe(Probe):
-    """Keeps a detached host copy of every matching call's (call, q, k) - for small models, tests, notebooks."""
+    """Keeps a detached host copy of every matching call as `records`: (call, q, k, out), out None unless
+    `keep_out` - for small models, tests, notebooks."""
 
     def __init__(self, filter: CallFilter | None = None, heads=None, keep_out: bool = False):
         super().__init__(filter, heads)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shlex
 from pathlib import Path
 
 import numpy as np
@@ -198,8 +197,8 @@ def entry_bounds(p) -> dict:
 BASELINE = Entry(kind="baseline", label="baseline")
 
 
-def run_intervene(cfg, entries: list, *, world: str = "auto", command: str = "", capture: bool = False,
-                  save_videos: bool = False, log=print) -> Path:
+def run_intervene(cfg, entries: list, *, world: str = "auto", command: str | list | None = None,
+                  capture: bool = False, save_videos: bool = False, log=print) -> Path:
     """Run the baseline and every entry not yet in the store `cfg.out` (an ExtractConfig: model, prompts, seeds,
     frames, sampler, device, out, mode); returns the store path. `entries`: `Entry` objects or spec dicts as a
     --spec file holds them (`{"kind": "ablate", "layers": 3, "heads": 0}`), checked against the model first.
@@ -304,7 +303,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     from tqdm.auto import tqdm
 
     from models.wan.text_encoder import TextEncoder
-    from workbench.extract import _attrs, _dtype, load_model, make_probe, sample_rollout, store_layout
+    from workbench.extract import _attrs, _dtype, command_words, load_model, make_probe, sample_rollout, store_layout
     from workbench.hooks import CallFilter, attach
     from workbench.interventions import HeadOutputs
     from workbench.store import SCHEMA_VERSION
@@ -341,7 +340,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     n = model.num_frame_per_block
     F = p.geometry[0]
     window = cfg.local_attn_size if cfg.local_attn_size != -1 else F
-    attrs = _attrs(p, writer.fingerprint, shlex.split(command) or ["workbench", "intervene"])
+    attrs = _attrs(p, writer.fingerprint, command_words(command, "workbench.intervene.run_intervene"))
     attrs.update(store_kind=STORE_KIND, world_metrics=scored, schema_version=SCHEMA_VERSION,
                  stats=["attn_mass"] if capture else [],
                  # the cache of the baseline and of every entry that is not a policy (a policy's: its spec)

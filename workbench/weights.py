@@ -36,10 +36,15 @@ def check_weights_args(checkpoint: str | None, use_ema: bool, model: str | None 
     check_weights_file(path, "--checkpoint")  # truncated or a Git LFS pointer: said before any work
 
 
+SAMPLER_DEFAULTS = dict(sampler="causal_few_step", num_inference_steps=50, guidance_scale=5.0)  # (no zoo model's)
+
+
 def resolve_model(cfg):
     """`cfg` with its zoo model (`model`, or the zoo's default when no weights are named) spelled out as the
-    checkpoint and use_ema it means; unchanged when wan_dir, checkpoint or use_ema name the weights, and when the
-    embedded folder ships no default (then its own DiT runs)."""
+    checkpoint and use_ema it means, and the sampler settings it left unset (None) as the model's own (the zoo
+    table's: `ExtractConfig(model="teacher")` samples bidirectionally, 40 steps, CFG 4, as `--model teacher` does);
+    the weights unchanged when wan_dir, checkpoint or use_ema name them, and when the embedded folder ships no
+    default (then its own DiT runs)."""
     from models.errors import ModelInputError
     from models.wan.embedded import pick
 
@@ -48,6 +53,10 @@ def resolve_model(cfg):
         entry = pick(cfg.model, explicit)
     except ModelInputError as e:
         raise WorkbenchError(str(e)) from None
+    # the sampler settings left unset (None): the zoo model's own, as its table gives them (ZOO), else the defaults
+    unset = {k: getattr(entry, k) if entry is not None else v for k, v in SAMPLER_DEFAULTS.items()
+             if getattr(cfg, k) is None}
+    cfg = dataclasses.replace(cfg, **unset)
     if entry is None:
         return cfg
     checkpoint = str(entry.checkpoint_path()) if entry.checkpoint else None
