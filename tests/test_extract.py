@@ -511,6 +511,11 @@ def test_the_api_reads_a_researchers_values_or_names_the_bad_one():
                         (dict(prompts=[1]), "prompts \\[1\\]: give a list of strings"),
                         (dict(denoising_step_list=[]), "denoising_step_list is empty"),
                         (dict(guidance_scale=float("nan")), "guidance_scale nan: give a finite number"),
+                        (dict(num_inference_steps="40", sampler="bidirectional"), "num_inference_steps '40': give"),
+                        (dict(context_noise="0"), "context_noise '0': give a number"),
+                        (dict(denoising_step_list="1000,750"), "denoising_step_list '1000,750': give a list"),
+                        (dict(out=None), "out None: give the store's path"),
+                        (dict(height="96"), "height '96': give an int"),
                         (dict(num_frames=6, local_attn_size=2), "--local-attn-size 2: the window must hold")]:
         with pytest.raises(WorkbenchError, match=message):
             extract_mod.plan(ExtractConfig(**kw))

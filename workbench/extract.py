@@ -220,7 +220,25 @@ def _check_request(cfg: ExtractConfig) -> ExtractConfig:
     if bad or not seeds:
         raise WorkbenchError(f"seeds {cfg.seeds!r}: give one or more ints in 0 .. 2**63 - 1"
                              + (f" ({bad[:3]} {'is' if len(bad) == 1 else 'are'} not)" if bad else ""))
-    steps_list = list(cfg.denoising_step_list)
+    def number(value, what: str, integer: bool = False):
+        ok = isinstance(value, (int, np.integer)) if integer else isinstance(value, (int, float, np.number))
+        if isinstance(value, bool) or not ok:
+            raise WorkbenchError(f"{what} {value!r}: give {'an int' if integer else 'a number'}")
+        return value
+
+    for what in ("height", "width"):
+        if getattr(cfg, what) is not None:
+            number(getattr(cfg, what), what, integer=True)
+    if not isinstance(cfg.out, (str, os.PathLike)):
+        raise WorkbenchError(f"out {cfg.out!r}: give the store's path, e.g. 'runs/extract.zarr'")
+    number(cfg.context_noise, "context_noise")
+    number(cfg.guidance_scale, "guidance_scale")
+    positive_int(cfg.num_inference_steps, "num_inference_steps")
+    given = cfg.denoising_step_list
+    if isinstance(given, str) or not hasattr(given, "__iter__") or \
+            not all(isinstance(t, (int, float, np.number)) and not isinstance(t, bool) for t in given):
+        raise WorkbenchError(f"denoising_step_list {given!r}: give a list of timesteps, e.g. [1000, 750, 500, 250]")
+    steps_list = list(given)
     if not steps_list:
         raise WorkbenchError("denoising_step_list is empty: give the few-step sampler's timesteps, e.g. "
                              "[1000, 750, 500, 250]")
