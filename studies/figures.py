@@ -525,7 +525,8 @@ def key_token_maps(
         if sample is None and sub.sizes["sample"] > 1:
             raise WorkbenchError(f"frames are one sample's pictures and the maps a mean over {sub.sizes['sample']} "
                                  "samples: name the sample (sample=...)")
-        if frames.ndim == 4 and frames.shape[0] == 1 + TEMPORAL_STRIDE * (F - 1) and F > 1:  # (a whole video)
+        whole = frames.ndim == 4 and frames.shape[0] == 1 + TEMPORAL_STRIDE * (F - 1) and F > 1  # (a whole video)
+        if whole:
             frames = frames[[TEMPORAL_STRIDE * f for f in range(F)]]
         if frames.ndim != 4 or frames.shape[0] != F or frames.shape[-1] != 3 \
                 or frames.shape[1] % h or frames.shape[2] % w:
@@ -562,7 +563,8 @@ def key_token_maps(
     sums = ("each divided by that key frame's attn_mass (in its title): shares of the frame's mass, summing to 1"
             if within_frame else "each summing to that key frame's attn_mass (in its title)")
     if frames is not None:
-        sums += "; over the frame's picture"
+        sums += "; over each key frame's picture" + (" (latent frame f: pixel frame 4f, the last it decodes to)"
+                                                      if whole else "")
     panel = max(80, min(180, 1000 // cols))  # (the figure within the report's 1200 px column, colour bar included)
     fig.update_layout(
         title=f"attn_key_token · layer {token_layer} · {heads} · query frame {query_frame} · "

@@ -331,7 +331,7 @@ def test_key_token_maps_over_the_frames_pictures(tokens_store):
         np.testing.assert_array_equal(np.array(heat.z, dtype=float), np.array(raw.z, dtype=float))
         assert (heat.x0, heat.dx, heat.y0, heat.dy) == (7.5, 16, 7.5, 16) and 0 < heat.opacity < 1
         assert (image.xaxis, image.yaxis) == (heat.xaxis, heat.yaxis)
-    assert "over the frame's picture" in fig.layout.title.text
+    assert "over each key frame's picture" in fig.layout.title.text
     with pytest.raises(WorkbenchError, match=r"frames of shape \(6, 91, 128, 3\) do not fit"):
         figures.key_token_maps(ds, 3, query_frame=5, frames=pictures[:, :91])
 
