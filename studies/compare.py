@@ -302,12 +302,14 @@ def over_steps(c: Comparison, x: xr.DataArray | xr.Dataset, **kw):
     return x.sel(match=averaged_matches(c)).mean("match", **kw)
 
 
-def over_steps_words(c: Comparison) -> str:
-    """'mean over the 4 matched denoising steps' (and what it leaves out), for titles and tables."""
+def over_steps_words(c: Comparison, short: bool = True) -> str:
+    """'mean of 4 matched denoising steps', for titles; `short=False` adds what it leaves out ('..., not the 1
+    context pass'), for the page's text."""
     n, total = len(averaged_matches(c)), len(c.steps)
     kind = "denoising " if n < total else ""
-    what = f"mean over the {n} matched {kind}steps" if n > 1 else f"the matched {kind}step"
-    return what + (f" (not the {total - n} context pass{'es' if total - n > 1 else ''})" if n < total else "")
+    what = f"mean of {n} matched {kind}steps" if n > 1 else f"the matched {kind}step"
+    left = total - n
+    return what + (f", not the {left} context pass{'es' if left > 1 else ''}" if left and not short else "")
 
 
 def mean_classes(c: Comparison) -> tuple[xr.DataArray, xr.DataArray]:

@@ -681,8 +681,10 @@ def taxonomy_map(classes: xr.DataArray, *, title: str = "head classes") -> go.Fi
                                  marker=dict(symbol="square", size=14, color=CLASS_COLOURS[name])))
     fig.update_xaxes(title_text="head", type="category")
     fig.update_yaxes(title_text="layer", type="category")
-    fig.update_layout(title=title, height=_map_height(classes.sizes["layer"]),
-                      width=max(640, 70 * classes.sizes["head"] + 220), legend=dict(title="class"))
+    width = max(640, 70 * classes.sizes["head"] + 220)
+    text = wrap_title(title, width)
+    fig.update_layout(title=text, height=_map_height(classes.sizes["layer"]) + 24 * text.count("<br>"),
+                      margin=dict(t=80 + 24 * text.count("<br>")), width=width, legend=dict(title="class"))
     return fig
 
 
@@ -717,14 +719,17 @@ def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = (
     both = both[np.isfinite(both)]
     width = max(600, min(1300, 62 * a.sizes["head"] + 260))
     note = f"<br><sub>not drawn, in one store only: {'; '.join(left)}</sub>" if left else ""
+    text = wrap_title(title or str(a.attrs.get("long_name", a.name or "metric")), width) + note
+    units = f"<br>[{a.attrs['units']}]" if a.attrs.get("units") else ""
+    lines = text.count("<br>")  # (each line more pushes the plots down: the first panel's title stays clear of it)
     fig.update_layout(
-        title=wrap_title(title or str(a.attrs.get("long_name", a.name or "metric")), width) + note,
+        title=text, margin=dict(t=80 + 24 * lines),
         coloraxis=dict(colorscale="Viridis", cmin=float(both.min()) if both.size else 0,
                        cmax=float(both.max()) if both.size else 1,
-                       colorbar=dict(y=0.68, len=0.62, title="A, B")),
+                       colorbar=dict(y=0.68, len=0.62, title="A, B" + units)),
         coloraxis2=dict(colorscale="RdBu_r", cmin=-(top or 1.0), cmax=top or 1.0,
-                        colorbar=dict(y=0.14, len=0.3, title="B - A")),
-        height=3 * (max(120, 26 * a.sizes["layer"]) + 110) + 80, width=width,
+                        colorbar=dict(y=0.14, len=0.3, title="B - A" + units)),
+        height=3 * (max(120, 26 * a.sizes["layer"]) + 110) + 80 + 24 * lines, width=width,
     )
     return fig
 

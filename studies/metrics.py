@@ -239,8 +239,10 @@ def row_metrics(
         "entropy_norm": (entropy / np.log(n.where(n > 1))).where(captured),
         "n_attended": n.where(captured),
     })
-    for name, (long_name, units) in ROW_METRIC_INFO.items():
-        out[name].attrs.update(long_name=long_name, units=units)
+    for name, (long_name, units) in ROW_METRIC_INFO.items():  # (its own attrs: not attn_mass's, which `on` kept)
+        out[name].attrs = dict(long_name=long_name, units=units,
+                               description=f"{long_name}, of each row of attn_mass (one query frame's attention "
+                                           "over key frames; studies/metrics.py row_metrics)")
     out["local_mass"].attrs["long_name"] = (f"mass on keys less than {local_window} frames from the query "
                                             f"(|query - key| < {local_window})")
     out.attrs.update(local_window=local_window, early_fraction=early_fraction)

@@ -440,7 +440,7 @@ def compare_summary(c, ranking, name_a: str, name_b: str, rows: int = 5, stores=
               + f", {c.js_bits.sizes['match']} matched step(s), query frames {c.query_frames}",
               *[f"note: {n}" for n in c.notes],
               "heads whose attention over key frames changed most (Jensen-Shannon, bits; 0 = same, 1 = disjoint; "
-              f"{compare_mod.over_steps_words(c)}, the classes too):",
+              f"{compare_mod.over_steps_words(c, short=False)}, the classes too):",
               f"{'layer':>6}{'head':>6}{'js_bits':>9}  class A -> class B"]
     for _, row in ranking.head(rows).iterrows():
         lines.append(f"{int(row['layer']):>6}{int(row['head']):>6}{row['js_bits']:>9.3f}  "
@@ -578,7 +578,7 @@ def build_compare_report(
                                                  f"t_B={c.steps.timestep_b[m]:g}"), f"fig-js-match{m}")
 
     over = compare_mod.over_steps_words(c)
-    page.h(f"Metrics: A, B and B - A ({over}, as in the ranking)")
+    page.h(f"Metrics: A, B and B - A ({compare_mod.over_steps_words(c, short=False)}, as in the ranking)")
     class_a, class_b = compare_mod.mean_classes(c)
     page.figure(figures.taxonomy_map(class_a, title=f"head classes · {name_a} · {over}"), "fig-taxonomy-a")
     page.figure(figures.taxonomy_map(class_b, title=f"head classes · {name_b} · {over}"), "fig-taxonomy-b")

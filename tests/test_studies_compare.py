@@ -205,8 +205,8 @@ def test_means_over_steps_leave_the_context_passes_out(stores):
     kept = compare.over_steps(c, c.metrics_a.sink_mass)
     np.testing.assert_array_equal(kept.values, c.metrics_a.sink_mass.sel(match=denoise).mean("match").values)
     assert float((c.metrics_a.sink_mass.mean("match") - kept).max()) > 0.1  # (what averaging it in would add)
-    assert compare.over_steps_words(c) == \
-        f"mean over the {len(denoise)} matched denoising steps (not the 1 context pass)"
+    assert compare.over_steps_words(c) == f"mean of {len(denoise)} matched denoising steps"
+    assert compare.over_steps_words(c, short=False).endswith("denoising steps, not the 1 context pass")
 
 
 def test_a_note_says_when_one_side_attends_frames_the_other_cannot(stores):

@@ -113,7 +113,8 @@ def test_compare_maps_show_a_b_and_difference(ds, wan):
     top = float(np.abs((b - a).values).max())
     assert [t.text for t in fig.layout.annotations] == ["A: wan", "B: sf", f"B - A (largest |B - A|: {top:.3g})"]
     # the colour bars' titles stay short, so that they never run into the panel titles beside them
-    assert (fig.layout.coloraxis.colorbar.title.text, fig.layout.coloraxis2.colorbar.title.text) == ("A, B", "B - A")
+    assert (fig.layout.coloraxis.colorbar.title.text, fig.layout.coloraxis2.colorbar.title.text) == \
+        ("A, B<br>[probability]", "B - A<br>[probability]")  # (the metric's unit on both)
     np.testing.assert_allclose(np.array(fig.data[2].z, dtype=float), (b - a).values, atol=1e-6)
     assert fig.data[2].coloraxis == "coloraxis2" and fig.layout.coloraxis2.cmin == -fig.layout.coloraxis2.cmax
     assert "not drawn" not in fig.layout.title.text

@@ -366,9 +366,9 @@ def _other_schedule(made: dict, layout: dict) -> str | None:
     from workbench.extract import ExtractConfig, _schedule
 
     try:
-        steps = _schedule(ExtractConfig(denoising_step_list=made["denoising_step_list"],
+        steps = _schedule(ExtractConfig(sampler="causal_few_step", denoising_step_list=made["denoising_step_list"],
                                         warp_denoising_step=made["warp"], timestep_shift=made["shift"],
-                                        context_noise=made["context_noise"]))
+                                        context_noise=made["context_noise"]))  # (its own sampler: few-step)
     except (KeyError, TypeError, ValueError):
         return None  # (a file that records it otherwise: nothing to compare)
     theirs = json.loads(json.dumps([dataclasses.astuple(s) for s in steps]))
