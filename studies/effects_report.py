@@ -176,11 +176,12 @@ def _cache_words(ds: xr.Dataset) -> str:
 def build_effects_report(store, out_html: str | Path) -> Path:
     from studies import load_store
     from workbench.intervene import ranking
+    from workbench.store import named
 
     ds = load_store(store) if not isinstance(store, xr.Dataset) else store
     out_html = Path(out_html)
     table = ranking(ds)
-    page = Page(f"Effects: {Path(str(store)).name}")
+    page = Page(f"Effects: {named(str(store)).name}")
     page.p(html.escape(f"{ds.sizes['intervention'] - 1} intervention(s) against the baseline, "
                        f"{ds.sizes['sample']} sample(s) (prompts: {', '.join(sorted(set(map(str, ds.prompt.values))))}; "
                        f"seeds {', '.join(map(str, sorted(set(ds.seed.values.tolist()))))}), "

@@ -218,7 +218,7 @@ def build_report(
     classes = metrics.classify_heads(hm, thresholds)
     frames = hm.attrs["query_frames"]
 
-    page = Page(f"Attention report: {Path(source).name}")
+    page = Page(f"Attention report: {named(source).name}")
     page.p(f"Made {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by <code>studies.report.build_report</code>. "
            "Metrics are defined in <code>studies/metrics.py</code>; the store layout in <code>docs/store.md</code>.")
     _store_summary(page, ds, source, sample)
@@ -295,36 +295,49 @@ def build_report(
 
 
 def generate_command(ds: xr.Dataset, i: int, out) -> str:
-    """The `workbench generate` command that makes the video of the store's sample at position `i`: the options of
-    the store's own command (attr `command`) that generate takes too (the model, frames, size, window, schedule),
-    with that sample's prompt and seed and `--out out`."""
-    import argparse
+    """The `workbench generate` command that makes the video of the store's sample at position `i`: the settings of
+    the run that made the store (its `config_yaml`, as resolved: model, sampler, schedule, window, size, frames) as
+    generate's flags, every prompt of the store in order (generate names its files by prompt index, as the store
+    its samples), the sample's seed and `--out out`."""
     import shlex
 
-    from workbench.cli import build_parser
+    import yaml
 
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
-    made_by = shlex.split(str(ds.attrs.get("command", "")))
-    own = sub.get(made_by[1]) if len(made_by) > 1 and Path(made_by[0]).name == "workbench" else None
-    known = {o: a for a in own._actions for o in a.option_strings} if own is not None else {}
-    takes = {o for a in sub["generate"]._actions for o in a.option_strings}
-    skip = {"--out", "--seed", "--no-progress", "--overwrite", "--live", "--layers", "--steps", "--heads"}
-    kept, args, j = [], made_by[2:] if own is not None else [], 0
-    while j < len(args):
-        name, eq, _ = args[j].partition("=")
-        action = known.get(name)
-        n = 0 if action is None or eq or action.nargs == 0 else 1  # (the value that follows it)
-        if name in takes and name not in skip:
-            kept += args[j : j + 1 + n]
-        j += 1 + n
-    if not any(a.partition("=")[0] == "--frames" for a in kept) and "key_frame" in ds.dims:  # (an API-made store)
-        kept += ["--frames", str(ds.sizes["key_frame"])]
-    if not any(a.partition("=")[0] in ("--prompt", "--prompts") for a in kept):  # (every prompt, in the store's
-        # order: generate names its files by prompt index, as the store its samples)
-        index = ds["prompt_index"].values if "prompt_index" in ds.coords else np.zeros(ds.sizes["sample"], int)
-        prompts = dict(sorted(zip((int(x) for x in index), (str(p) for p in ds["prompt"].values))))
-        kept += [a for p in prompts.values() for a in ("--prompt", p)]
-    return shlex.join(["workbench", "generate", *kept, "--seed", str(int(ds["seed"].values[i])), "--out", str(out)])
+    from workbench.extract import ExtractConfig
+    from workbench.weights import SAMPLER_DEFAULTS
+
+    c = (yaml.safe_load(str(ds.attrs.get("config_yaml", ""))) or {}).get("extract") or {}
+    flags = []
+    if c.get("model"):  # (a zoo model: its name sets the weights and the sampler defaults)
+        from models.wan.embedded import ZOO
+
+        flags += ["--model", str(c["model"])]
+        own = ZOO.get(str(c["model"]))
+        ref = {k: getattr(own, k) for k in SAMPLER_DEFAULTS} if own is not None else dict(SAMPLER_DEFAULTS)
+    else:
+        flags += ["--wan-dir", str(c["wan_dir"])] if c.get("wan_dir") else []
+        flags += ["--checkpoint", str(c["checkpoint"])] if c.get("checkpoint") else []
+        flags += ["--use-ema"] if c.get("use_ema") else []
+        ref = dict(SAMPLER_DEFAULTS)
+    defaults = ExtractConfig(prompts=["x"])
+    for key, default in [*ref.items(), *((k, getattr(defaults, k)) for k in (
+            "negative_prompt", "timestep_shift", "context_noise", "num_frame_per_block", "local_attn_size",
+            "sink_size", "height", "width", "image"))]:
+        if key in c and c[key] is not None and c[key] != default:
+            flags += [f"--{key.replace('_', '-')}", str(c[key])]
+    if c.get("denoising_step_list") and list(c["denoising_step_list"]) != defaults.denoising_step_list:
+        flags += ["--denoising-step-list", ",".join(str(t) for t in c["denoising_step_list"])]
+    if c.get("warp_denoising_step") is False:
+        flags += ["--no-warp-denoising-step"]
+    if c.get("independent_first_frame"):
+        flags += ["--independent-first-frame"]
+    if c.get("trust_pickle"):
+        flags += ["--trust-pickle"]
+    flags += ["--frames", str(ds.sizes["key_frame"])] if "key_frame" in ds.dims else []
+    index = ds["prompt_index"].values if "prompt_index" in ds.coords else np.zeros(ds.sizes["sample"], int)
+    prompts = dict(sorted(zip((int(x) for x in index), (str(p) for p in ds["prompt"].values))))
+    flags += [a for p in prompts.values() for a in ("--prompt", p)]
+    return shlex.join(["workbench", "generate", *flags, "--seed", str(int(ds["seed"].values[i])), "--out", str(out)])
 
 
 def key_frame_pictures(ds: xr.Dataset, source: str, sample: str | None, video=None) -> tuple[np.ndarray | None, str]:
@@ -348,7 +361,7 @@ def key_frame_pictures(ds: xr.Dataset, source: str, sample: str | None, video=No
     if video is None and not (store / "zarr.json").is_file():  # (an in-memory Dataset: nothing to look beside)
         return None, ""
     i = ids.index(chosen)
-    out = store.with_suffix("")
+    out = store.with_suffix("") if store.suffix else store.parent  # (a store named without .zarr: beside it)
     make = f"`{generate_command(ds, i, out)}`"
     found = find_videos(store, None if video is None else str(video), ids, chosen).get(chosen)
     if found is None:
@@ -399,7 +412,7 @@ def _training_report(ds: xr.Dataset, source: str, out_html, *, layer, sample, st
     classes = metrics.classify_heads(hm, thresholds)
     frames = hm.attrs["query_frames"]
 
-    page = Page(f"Attention report: {Path(source).name} (training probes)")
+    page = Page(f"Attention report: {named(source).name} (training probes)")
     page.p(f"Made {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by <code>studies.report.build_report</code>. A training "
            "probe store: the probe set's attention, captured every few training steps along <code>train_step</code> "
            "(<code>docs/store.md</code>, Training probe stores).")
@@ -454,7 +467,7 @@ def _model_line(ds: xr.Dataset) -> str:
     f = model_facts(ds)
     window = f["attention window (frames, -1 = global) / sink frames"]
     cache = ("" if window == "?" else ", global attention" if window.startswith("-1 ") else
-             ", window {} latent frames, {} sink".format(*window.split(" / ")))
+             ", window {} latent frames, {} sink frames".format(*window.split(" / ")))
     return (f"{f['checkpoint']} ({f['weights entry']}, sha256 {f['weights sha256']}), {f['model family']}, "
             f"{f['sampler']}, {f['latent frames']} latent frames{cache}")
 

@@ -516,6 +516,11 @@ def test_the_api_reads_a_researchers_values_or_names_the_bad_one():
                         (dict(denoising_step_list="1000,750"), "denoising_step_list '1000,750': give a list"),
                         (dict(out=None), "out None: give the store's path"),
                         (dict(height="96"), "height '96': give an int"),
+                        (dict(timestep_shift="5"), "timestep_shift '5': give a number"),
+                        (dict(local_attn_size="6"), "local_attn_size '6': give an int"),
+                        (dict(sink_size=None), "sink_size None: give an int"),
+                        (dict(warp_denoising_step="no"), "warp_denoising_step 'no': give True or False"),
+                        (dict(image=3), "image 3: give the path"),
                         (dict(num_frames=6, local_attn_size=2), "--local-attn-size 2: the window must hold")]:
         with pytest.raises(WorkbenchError, match=message):
             extract_mod.plan(ExtractConfig(**kw))

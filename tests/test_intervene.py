@@ -356,16 +356,16 @@ def test_an_entry_stores_the_settings_of_its_kind_and_older_specs_still_resume()
     old = lambda e: {k: v for k, v in dataclasses.asdict(e).items() if v is not None}  # noqa: E731  (every field)
     assert same_settings(old(knock), knock) and same_settings(knock.spec(), knock)
     assert not same_settings(old(sink), sink) and same_settings(sink.spec(), sink)
-    assert "a spec entry with history_only: false is that" in older_differs(old(sink), sink)
+    assert "a spec entry with history_only: false and label: sink0x0:all is that" in older_differs(old(sink), sink)
     every_call = parse_entry(dict(kind="sink", frames=0, value=0, history_only=False), 6, 4)
-    assert same_settings(old(sink), every_call)  # (what the old entry ran; its spec said history_only true)
+    assert every_call.label == "sink0x0:all.every-call"  # (not the default entry's label)
+    as_old = parse_entry(dict(kind="sink", frames=0, value=0, history_only=False, label="sink0x0:all"), 6, 4)
+    assert same_settings(old(sink), as_old)  # (what the old entry ran; its spec said history_only true)
     assert not same_settings(dict(knock.spec(), frames=[0]), knock)
     fifo = parse_entry(parse_flag("policy", "fifo:6"), 6, 4)
     assert same_settings(old(fifo), fifo) and older_differs(old(fifo), fifo) is None
-    split = dict(kind="policy", policy="headwise", window=6, store="s.zarr")
-    for sinks, same in ((1, True), (2, False)):
-        e = Entry(**{**split, "sink_frames": sinks}, label="h")
-        assert same_settings(old(e), e) is same
+    split = Entry(kind="policy", policy="headwise", window=6, store="s.zarr", sink_frames=1, label="h")
+    assert not same_settings(old(split), split) and "head-wise split counted" in older_differs(old(split), split)
 
 
 def test_entries_that_would_fail_midway_or_do_nothing_are_refused_up_front(tmp_path, capsys):
@@ -383,6 +383,7 @@ def test_entries_that_would_fail_midway_or_do_nothing_are_refused_up_front(tmp_p
         (["--policy", "fifo:6:1"], "a fifo policy keeps no sink (sink_frames 1); use the sink policy"),
         (["--ablate", "3:0:zero:extra"], "--ablate '3:0:zero:extra': use LAYERS:HEADS"),
         ("- {kind: knockout, frames: 0-2, history_only: false}", "the first chunk's query frames 0-2 would attend"),
+        (["--policy", "deepsink:6:0"], "a deep sink of 0 sink frames is a fifo window"),
         ("- {kind: sink, frames: 3-5, value: 0}", "sink of frames 3-5 with history_only true changes nothing: it "
                                                   "scales a frame's logits in the chunks that start after it"),
         (["--knockout", "3-5"], "knockout of frames 3-5 with history_only true changes nothing: it hides a frame "

@@ -471,3 +471,22 @@ def test_pictures_from_a_whole_video_or_of_another_sample(tokens_store):
     assert figures.key_token_maps(tokens_store, 3, query_frame=5, frames=video, sample="p0000-s1").data
     with pytest.raises(WorkbenchError, match=r"want \[6, H, W, 3\] .* or the whole video \[21, H, W, 3\]"):
         figures.key_token_maps(ds, 3, query_frame=5, frames=video[:20])
+
+
+def test_the_generate_hint_is_made_from_the_runs_own_settings(tokens_store):
+    """The hint rebuilds generate's flags from the store's resolved config (config_yaml): a Python-made store (whose
+    command is no command line) of the teacher with 2 steps, a window and a sink got a hint of its prompts alone, and
+    the video it made was another model's."""
+    import yaml
+
+    from studies.report import generate_command
+
+    ds = tokens_store.copy()
+    c = yaml.safe_load(ds.attrs["config_yaml"])
+    c["extract"].update(model="teacher", sampler="bidirectional", num_inference_steps=2, guidance_scale=4.0,
+                        local_attn_size=9, sink_size=3, checkpoint=None)
+    ds.attrs.update(config_yaml=yaml.safe_dump(c), command="workbench.extract.run_extract from notebook.py")
+    hint = generate_command(ds, 1, "runs/tok")
+    assert hint.startswith("workbench generate --model teacher --num-inference-steps 2 --local-attn-size 9 "
+                           "--sink-size 3 --frames 6 --prompt ")
+    assert hint.endswith(f"--seed {int(ds.seed.values[1])} --out runs/tok") and "--sampler" not in hint  # (the zoo's)

@@ -232,6 +232,14 @@ def _check_request(cfg: ExtractConfig) -> ExtractConfig:
     if not isinstance(cfg.out, (str, os.PathLike)):
         raise WorkbenchError(f"out {cfg.out!r}: give the store's path, e.g. 'runs/extract.zarr'")
     number(cfg.context_noise, "context_noise")
+    number(cfg.timestep_shift, "timestep_shift")
+    number(cfg.local_attn_size, "local_attn_size", integer=True)
+    number(cfg.sink_size, "sink_size", integer=True)
+    for what in ("warp_denoising_step", "independent_first_frame", "use_ema"):
+        if not isinstance(getattr(cfg, what), bool):
+            raise WorkbenchError(f"{what} {getattr(cfg, what)!r}: give True or False")
+    if cfg.image is not None and not isinstance(cfg.image, (str, os.PathLike)):
+        raise WorkbenchError(f"image {cfg.image!r}: give the path of an image file")
     number(cfg.guidance_scale, "guidance_scale")
     positive_int(cfg.num_inference_steps, "num_inference_steps")
     given = cfg.denoising_step_list

@@ -58,15 +58,16 @@ def older(stored: dict) -> bool:
 def older_differs(stored: dict, entry: Entry) -> str | None:
     """Why an older store's entry of these settings ran otherwise than `entry` runs, or None: its sink entries
     scaled the frames' logits in every call, their own chunk's too (history_only false now; true is the default),
-    and its head-wise split counted frame 0 and the 6 newest frames (sink_frames 1, static_recent 6 now)."""
+    and its head-wise split counted other frames than a static head sees (frame 0 and the 6 up to the query)."""
     if not older(stored):
         return None
     if entry.kind == "sink" and entry.history_only:
         return ("its sink entries scaled the frames' logits in every call, the frames' own chunk's too: a spec entry "
-                "with history_only: false is that; sink entries are history-only by default now")
-    if entry.kind == "policy" and entry.policy == "headwise" and (entry.sink_frames, entry.static_recent) != (1, 6):
-        return ("its head-wise split counted frame 0 and the 6 newest frames as a static head's: sink_frames 1 and "
-                "static_recent 6 are that; the split now counts the policy's own")
+                f"with history_only: false and label: {entry.label} is that; sink entries are history-only by "
+                "default now")
+    if entry.kind == "policy" and entry.policy == "headwise":
+        return ("its head-wise split counted frame 0 and the 6 frames up to each query as a static head's; the split "
+                "now counts the policy's sink frames and its newest static_recent frames up to the query's chunk end")
     return None
 
 
@@ -242,6 +243,10 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
         if e.policy == "fifo" and e.sink_frames:
             raise WorkbenchError(f"a fifo policy keeps no sink (sink_frames {e.sink_frames}); use the sink policy, "
                                  f"e.g. sink:{e.window}:{e.sink_frames}")
+        if e.policy == "deepsink" and not e.sink_frames:
+            raise WorkbenchError(f"a deep sink of 0 sink frames is a fifo window: give sink frames (e.g. "
+                                 f"deepsink:{e.window}:{e.window // 2}, or leave them out: half the window), or use "
+                                 f"fifo:{e.window}")
         if num_frames and num_frames <= e.window:
             raise WorkbenchError(f"policy window {e.window} holds all {num_frames} frames of the rollout: it never "
                                  "evicts or moves a frame, so it changes nothing; give more --frames than the window "
@@ -261,6 +266,8 @@ def default_label(e: Entry) -> str:
     where = where + ("" if e.attention == "self" else ".cross")
     if e.kind == "ablate":
         return f"ablate-{e.mode}:{where or 'all'}"
+    if e.kind in ("knockout", "sink") and not e.history_only:  # (its own chunk too: another entry than the default)
+        where = (where or "all") + ".every-call"
     if e.kind == "knockout":
         return f"knockout{format_int_list(e.frames)}:{where or 'all'}"
     if e.kind == "temperature":
