@@ -333,10 +333,12 @@ def generate_command(ds: xr.Dataset, i: int, out) -> str:
         flags += ["--independent-first-frame"]
     if c.get("trust_pickle"):
         flags += ["--trust-pickle"]
-    flags += ["--frames", str(ds.sizes["key_frame"])] if "key_frame" in ds.dims else []
+    frames = c.get("num_frames") or (ds.sizes["key_frame"] if "key_frame" in ds.dims else None)
+    flags += ["--frames", str(frames)] if frames else []
     index = ds["prompt_index"].values if "prompt_index" in ds.coords else np.zeros(ds.sizes["sample"], int)
     prompts = dict(sorted(zip((int(x) for x in index), (str(p) for p in ds["prompt"].values))))
-    flags += [a for p in prompts.values() for a in ("--prompt", p)]
+    for p in prompts.values():  # (a prompt that starts with '-' as --prompt=..., or argparse takes it for a flag)
+        flags += [f"--prompt={p}"] if p.startswith("-") else ["--prompt", p]
     return shlex.join(["workbench", "generate", *flags, "--seed", str(int(ds["seed"].values[i])), "--out", str(out)])
 
 

@@ -419,6 +419,7 @@ def test_a_python_run_records_what_it_was_called_with(tmp_path):
     assert words("analysis notebook", "f") == ["analysis", "notebook"]
     assert words(["workbench", "extract", "--prompt", "a b"], "f") == ["workbench", "extract", "--prompt", "a b"]
     assert words(None, "workbench.extract.run_extract")[:2] == ["workbench.extract.run_extract", "from"]
+    assert words("my notebook's run", "f") == ["my notebook's run"]  # (an unbalanced quote: as given)
     out = tmp_path / "s.zarr"
     run_extract(ExtractConfig(layers=[0], steps=[0], num_frames=3, out=str(out), progress=False), log=quiet)
     assert xr.open_zarr(out, consolidated=False).attrs["command"].startswith("workbench.extract.run_extract from ")
@@ -503,6 +504,8 @@ def test_the_api_reads_a_researchers_values_or_names_the_bad_one():
     every = dict(stats=["attn_mass", "attn_key_token"], num_frames=6, token_layers=None)  # (--token-layers all)
     assert extract_mod.plan(ExtractConfig(layers=[1, 3], **every)).spec.token_layers == (1, 3)
     assert extract_mod.plan(ExtractConfig(**every)).spec.token_layers == tuple(range(6))
+    numpy = extract_mod.plan(ExtractConfig(warp_denoising_step=np.True_, height=np.int64(96), num_frames=6)).cfg
+    assert numpy.warp_denoising_step is True and type(numpy.height) is int  # (numpy's as Python's)
     for kw, message in [(dict(layers="3"), "layers '3': give a list of ints"),
                         (dict(layers=[True]), r"layers \[True\]: \[True\] is not an int"),
                         (dict(seeds=[]), r"seeds \[\]: give one or more ints"),

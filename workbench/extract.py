@@ -236,7 +236,7 @@ def _check_request(cfg: ExtractConfig) -> ExtractConfig:
     number(cfg.local_attn_size, "local_attn_size", integer=True)
     number(cfg.sink_size, "sink_size", integer=True)
     for what in ("warp_denoising_step", "independent_first_frame", "use_ema"):
-        if not isinstance(getattr(cfg, what), bool):
+        if not isinstance(getattr(cfg, what), (bool, np.bool_)):
             raise WorkbenchError(f"{what} {getattr(cfg, what)!r}: give True or False")
     if cfg.image is not None and not isinstance(cfg.image, (str, os.PathLike)):
         raise WorkbenchError(f"image {cfg.image!r}: give the path of an image file")
@@ -262,6 +262,11 @@ def _check_request(cfg: ExtractConfig) -> ExtractConfig:
         token_layers=_int_list(cfg.token_layers, "token layer"),
         num_frames=positive_int(cfg.num_frames, "num_frames"),
         num_frame_per_block=positive_int(cfg.num_frame_per_block, "num_frame_per_block"),
+        # (numpy's numbers and bools as Python's, which the model's config checks take; Python's as given, so that
+        # the fingerprints of the stores they made stay theirs)
+        **{k: getattr(cfg, k).item() for k in ("height", "width", "local_attn_size", "sink_size", "timestep_shift",
+                                               "context_noise", "warp_denoising_step", "independent_first_frame",
+                                               "use_ema") if isinstance(getattr(cfg, k), np.generic)},
         batch_size=positive_int(cfg.batch_size, "batch_size"))
 
 
@@ -399,7 +404,10 @@ def command_words(command, api: str) -> list[str]:
         program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
         return [api, "from", program or "python"]
     if isinstance(command, str):
-        return shlex.split(command)
+        try:
+            return shlex.split(command)
+        except ValueError:  # (an unbalanced quote: "my notebook's run") the words as given
+            return [command]
     return [str(w) for w in command]
 
 

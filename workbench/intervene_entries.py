@@ -27,6 +27,7 @@ from pathlib import Path
 from workbench.errors import WorkbenchError
 
 KINDS = ("ablate", "knockout", "temperature", "sink", "policy")
+HEAD_SPLIT = "chunk_end"  # the head-wise split's rule, in its spec: an entry made by another rule is another's
 CALLS = ("layers", "heads", "steps", "chunks", "attention")  # which calls an intervention acts on
 SPEC_FIELDS = {  # an entry's settings per kind, beside kind and label
     "baseline": (),
@@ -34,7 +35,7 @@ SPEC_FIELDS = {  # an entry's settings per kind, beside kind and label
     "knockout": CALLS + ("frames", "history_only"),
     "temperature": CALLS + ("value",),
     "sink": CALLS + ("frames", "history_only", "value"),
-    "policy": ("policy", "window", "sink_frames", "store", "threshold", "static_recent"),
+    "policy": ("policy", "window", "sink_frames", "store", "threshold", "static_recent", "split"),
 }
 
 
@@ -58,23 +59,23 @@ def older(stored: dict) -> bool:
 def older_differs(stored: dict, entry: Entry) -> str | None:
     """Why an older store's entry of these settings ran otherwise than `entry` runs, or None: its sink entries
     scaled the frames' logits in every call, their own chunk's too (history_only false now; true is the default),
-    and its head-wise split counted other frames than a static head sees (frame 0 and the 6 up to the query)."""
-    if not older(stored):
+    and a head-wise split made without `split` in its spec counted other frames than a static head sees."""
+    if not older(stored) and not (entry.policy == "headwise" and stored.get("split") != HEAD_SPLIT):
         return None
     if entry.kind == "sink" and entry.history_only:
         return ("its sink entries scaled the frames' logits in every call, the frames' own chunk's too: a spec entry "
                 f"with history_only: false and label: {entry.label} is that; sink entries are history-only by "
                 "default now")
-    if entry.kind == "policy" and entry.policy == "headwise":
-        return ("its head-wise split counted frame 0 and the 6 frames up to each query as a static head's; the split "
-                "now counts the policy's sink frames and its newest static_recent frames up to the query's chunk end")
+    if entry.kind == "policy" and entry.policy == "headwise" and stored.get("split") != HEAD_SPLIT:
+        return ("its head-wise split chose the static heads by the frames up to each query frame; the split now "
+                "counts the policy's sink frames and its newest static_recent frames up to the query's chunk end")
     return None
 
 
 POLICIES = ("fifo", "sink", "deepsink", "attention", "headwise")
 ENTRY_KEYS = {"kind", "layers", "heads", "steps", "chunks", "attention", "mode", "resample_prompt", "resample_seed",
               "frames", "history_only", "value", "policy", "window", "sink_frames", "store", "threshold",
-              "static_recent", "label"}
+              "static_recent", "split", "label"}
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Entry:
     store: str | None = None
     threshold: float = 0.8
     static_recent: int = 6
+    split: str = HEAD_SPLIT  # how a headwise policy's static heads are chosen (kv_policies.static_heads_from_store)
 
     def spec(self) -> dict:
         """The entry's settings that mean something for its kind (stored as intervention_spec: a knockout carries no
@@ -112,7 +114,7 @@ class Entry:
         """The names of the settings of this entry's kind (and policy)."""
         keep = {"kind", "label", *SPEC_FIELDS[self.kind]}
         if self.kind == "policy" and self.policy != "headwise":  # (the head split's settings)
-            keep -= {"store", "threshold", "static_recent"}
+            keep -= {"store", "threshold", "static_recent", "split"}
         return keep
 
     @property
@@ -232,6 +234,9 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
             e.sink_frames = e.window // 2
         e.store, e.threshold = d.get("store"), _number(d.get("threshold", 0.8), "policy threshold")
         e.static_recent = int(_number(d.get("static_recent", 6), "policy static_recent", integer=True))
+        if d.get("split", HEAD_SPLIT) != HEAD_SPLIT:
+            raise WorkbenchError(f"split {d['split']!r}: the head-wise split is {HEAD_SPLIT!r} (the sink frames and "
+                                 "the newest static_recent frames up to the query's chunk end)")
         if e.policy == "headwise" and not e.store:
             raise WorkbenchError("a headwise policy needs store (an extract store whose attn_mass splits the heads)")
         if e.store and not Path(e.store).exists():
