@@ -92,6 +92,12 @@ def _colour(var: str, values: np.ndarray) -> dict:
     return dict(colorscale="Viridis", cmin=0.0, cmax=top or 1.0)
 
 
+def _scale(colour: dict, zmin: float | None, zmax: float | None, colorscale: str | None) -> dict:
+    """`_colour`'s axis with the ends and colours a caller gave in its place."""
+    given = dict(cmin=zmin, cmax=zmax, colorscale=colorscale)
+    return colour | {k: v for k, v in given.items() if v is not None}
+
+
 def _head_colour(i: int, n: int) -> str:
     """The colour of the i-th of n heads' lines: plotly's ten below 11 heads, 24 distinct ones up to 24 (with ten,
     the 1.3B model's heads 10 and 11 took heads 0 and 1's colours), else n evenly spaced along Turbo (the 14B
@@ -150,9 +156,14 @@ def head_grid(
     var: str = "attn_mass",
     heads: Sequence[int] | None = None,
     cols: int = 4,
+    zmin: float | None = None,
+    zmax: float | None = None,
+    colorscale: str | None = None,
 ) -> go.Figure:
     """Per-head query frame x key frame heatmaps of `var` at one layer and step; origin lower (query frame 0 at
-    the bottom), one colour scale for all heads, NaN (not attended) left blank."""
+    the bottom), one colour scale for all heads, NaN (not attended) left blank. `zmin`, `zmax`, `colorscale`: the
+    colour scale's ends and colours (default: 0 to the largest value drawn, Viridis; a logit symmetric RdBu_r), so
+    that figures of several layers or stores can share one."""
     ds = metrics.attention_store(ds)
     data = _frames(ds, var, layer, sample, metrics.one(step, "step")).isel(step=0)  # [head, query_frame, key_frame]
     data = _pick_heads(data, heads)
@@ -166,7 +177,8 @@ def head_grid(
     _label_axes(fig, rows, cols, "key frame", "query frame")
     fig.update_layout(
         title=f"{var} · layer {layer} · {metrics.step_label(ds, step)} · {samples_label(ds, sample)}",
-        coloraxis=dict(**_colour(var, data.values), colorbar=dict(title=_units(ds, var))),
+        coloraxis=dict(**_scale(_colour(var, data.values), zmin, zmax, colorscale),
+                       colorbar=dict(title=_units(ds, var))),
         height=260 * rows + 120, width=max(700, 240 * cols + 160),
     )
     return fig
@@ -182,9 +194,13 @@ def head_pair(
     step_b: int = 0,
     names: tuple[str, str] = ("A", "B"),
     var: str = "attn_mass",
+    zmin: float | None = None,
+    zmax: float | None = None,
+    colorscale: str | None = None,
 ) -> go.Figure:
     """One head's query frame x key frame heatmap in two stores side by side (A left, B right), each averaged over
-    its samples, on one colour scale so that the two can be compared by eye; each panel names its store and step."""
+    its samples, on one colour scale so that the two can be compared by eye; each panel names its store and step.
+    `zmin`, `zmax`, `colorscale` as `head_grid`'s."""
     a, b = metrics.attention_store(a), metrics.attention_store(b)
     maps = [_pick_heads(_frames(ds, var, layer, None, metrics.one(step, "step")).isel(step=0),
                         [metrics.one(head, "head")]).sel(head=head)
@@ -198,8 +214,8 @@ def head_pair(
     fig.update_yaxes(title_text="query frame", row=1, col=2)
     fig.update_layout(
         title=f"{var} · layer {layer} head {head}",
-        coloraxis=dict(**_colour(var, np.concatenate([m.values.ravel() for m in maps])),
-                       colorbar=dict(title=_units(a, var))),
+        coloraxis=dict(**_scale(_colour(var, np.concatenate([m.values.ravel() for m in maps])), zmin, zmax,
+                                colorscale), colorbar=dict(title=_units(a, var))),
         height=520, width=1100, margin=dict(t=130),
     )
     return fig

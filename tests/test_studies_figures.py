@@ -490,3 +490,14 @@ def test_the_generate_hint_is_made_from_the_runs_own_settings(tokens_store):
     assert hint.startswith("workbench generate --model teacher --num-inference-steps 2 --local-attn-size 9 "
                            "--sink-size 3 --frames 6 --prompt ")
     assert hint.endswith(f"--seed {int(ds.seed.values[1])} --out runs/tok") and "--sampler" not in hint  # (the zoo's)
+
+
+def test_head_grids_take_a_colour_scale_to_share(ds):
+    """Two layers' grids (or two stores') on one scale, for figures side by side in a paper: zmin, zmax and
+    colorscale replace the default 0 .. largest value drawn."""
+    own = figures.head_grid(ds, 0, step=0).layout.coloraxis
+    fig = figures.head_grid(ds, 0, step=0, zmin=0.0, zmax=1.0, colorscale="Greys")
+    assert (fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax) == (0.0, 1.0) and own.cmax != 1.0
+    assert fig.layout.coloraxis.colorscale[0][1] != own.colorscale[0][1]  # (Greys, not Viridis)
+    pair = figures.head_pair(ds, ds, 0, 1, zmax=0.5)
+    assert pair.layout.coloraxis.cmax == 0.5 and pair.layout.coloraxis.cmin == 0.0
