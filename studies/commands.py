@@ -118,9 +118,15 @@ def run_report(args) -> int:
     from workbench.store import named
 
     out = writable_output(args.out if args.out else named(args.store).with_suffix(".html"))
+    import time
+
+    start = time.time()
     path = build_report(args.store, out, layer=args.layer, sample=args.sample, step=args.step,
                         query_frames=args.query_frames, video=args.video)
     print(f"wrote {path}")
+    for png in (path.with_suffix(".png"), path.with_name(path.stem + "_heads.png")):  # (an effects store's images)
+        if png.is_file() and png.stat().st_mtime >= start - 1:
+            print(f"wrote {png}")
     return 0
 
 

@@ -129,8 +129,11 @@ def test_a_sweep_ranks_every_head(tmp_path, capsys):
                  "--no-progress"]) == 0
     ds = xr.open_zarr(out, consolidated=False)
     assert list(ds.target_head.values) == [-1, 0, 1, 2, 3] and set(ds.target_layer.values[1:]) == {5}
+    capsys.readouterr()
     assert main(["report", str(out), "--out", str(tmp_path / "sweep.html")]) == 0
     assert (tmp_path / "sweep_heads.png").is_file()
+    said = capsys.readouterr().out  # (every file it wrote: the PNGs were written without a word)
+    assert all(f"wrote {tmp_path / name}" in said for name in ("sweep.html", "sweep.png", "sweep_heads.png"))
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -246,3 +246,15 @@ def test_one_training_run_per_logdir_and_a_killed_writes_part_goes_at_once(tmp_p
     assert train(*argv) == 0
     assert f"removed {killed}" in capsys.readouterr().out
     assert not killed.exists() and alive.exists()
+
+
+def test_set_repeated_keeps_every_override():
+    """`--set A=1 --set B=2` kept only B (argparse's store), silently: a prompt file given first was not found."""
+    import argparse
+
+    from training.commands import register
+
+    parser = argparse.ArgumentParser(prog="workbench")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--config", "c.yaml", "--set", "lr=1e-5", "--set", "a.b=2", "c=3"])
+    assert args.set == ["lr=1e-5", "a.b=2", "c=3"]

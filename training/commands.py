@@ -48,8 +48,9 @@ def register(subparsers) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, metavar="YAML", help="a training config (researchers' format)")
     p.add_argument("--logdir", required=True, metavar="DIR", help="where checkpoints, losses and probes go")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override config keys, e.g. lr=1e-5 probe.every=10 (OmegaConf dot-list)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. lr=1e-5 probe.every=10 (OmegaConf dot-list; repeat --set or "
+                        "list several)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (default: the config's max_steps; "
                                                  "0 = until interrupted)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",

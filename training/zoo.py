@@ -471,7 +471,7 @@ def main(argv=None) -> int:
     ap.add_argument("--text-len", type=int, metavar="N",
                     help="pad the umT5 context to N text positions instead of the embedded config's 512 (written "
                          "into every folder's config.json; a world prompt is 6 tokens)")
-    ap.add_argument("--set", nargs="+", default=[], metavar="[STAGE:]KEY=VALUE",
+    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="[STAGE:]KEY=VALUE",
                     help="config overrides for every stage, or for one (teacher:max_steps=500)")
     ap.add_argument("--continue", dest="more", default="", metavar="STAGES",
                     help="comma-separated training stages (teacher, df, ode, dmd, sid) to train further from their "

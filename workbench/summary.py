@@ -60,8 +60,12 @@ def summary_table(store_path, max_rows: int = 48) -> str:
     ds = open_store(store_path)
     if "attn_mass" not in ds:
         return f"wrote {store_path}"
+    context = [int(s) for s, ph in zip(ds.step.values, ds.phase.values) if str(ph) == "context"] \
+        if "phase" in ds.coords else []
+    passes = f" ({format_int_list(context)}: the context pass{'es' if len(context) > 1 else ''})" \
+        if context and len(context) < ds.sizes["step"] else ""
     wrote = (f"wrote {store_path}: {ds.sizes['sample']} sample(s), layers {format_int_list(ds.layer.values)}, "
-             f"steps {format_int_list(ds.step.values)}")
+             f"steps {format_int_list(ds.step.values)}{passes}")
     opening = (f"open it with xarray: xr.open_zarr({str(store_path)!r}, consolidated=False), or "
                f"`workbench report {shlex.quote(str(store_path))}`")
     if not bool((ds.phase == "denoise").any()):  # (a table of NaN otherwise, and heads named from it)
