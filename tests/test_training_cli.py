@@ -256,5 +256,6 @@ def test_set_repeated_keeps_every_override():
 
     parser = argparse.ArgumentParser(prog="workbench")
     register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["train", "--config", "c.yaml", "--set", "lr=1e-5", "--set", "a.b=2", "c=3"])
+    args = parser.parse_args(["train", "--config", "c.yaml", "--logdir", "x", "--set", "lr=1e-5", "--set", "a.b=2",
+                              "c=3"])
     assert args.set == ["lr=1e-5", "a.b=2", "c=3"]
