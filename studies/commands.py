@@ -7,6 +7,7 @@ COMMANDS). xarray and plotly are imported inside the run functions, so `workbenc
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 REPORT_HELP = "an HTML report of a store: checks, head metrics and classes, per-head heatmaps; of an effects store (workbench intervene): ranked effects and per-frame curves"
@@ -118,8 +119,6 @@ def run_report(args) -> int:
     from workbench.store import named
 
     out = writable_output(args.out if args.out else named(args.store).with_suffix(".html"))
-    import time
-
     start = time.time()
     path = build_report(args.store, out, layer=args.layer, sample=args.sample, step=args.step,
                         query_frames=args.query_frames, video=args.video)
