@@ -538,7 +538,8 @@ def test_a_cfg_sample_appends_to_a_store_made_before_the_uncond_token_labels(tmp
     run = lambda seed: run_extract(config(out, layers=[2], sampler="bidirectional", num_inference_steps=2,  # noqa: E731
                                           seeds=[seed], stats=["attn_mass", "cross_mass"], mode="append"), log=quiet)
     made = extract_mod.sample_dataset
-    monkeypatch.setattr(extract_mod, "sample_dataset", lambda *a: made(*a).drop_vars(list(LATER_LABELS), errors="ignore"))
+    monkeypatch.setattr(extract_mod, "sample_dataset",
+                        lambda *a: made(*a).drop_vars(list(LATER_LABELS), errors="ignore"))
     run(1)  # (the store as an older workbench wrote it)
     monkeypatch.undo()
     run(2)
