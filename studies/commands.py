@@ -75,7 +75,9 @@ def register(subparsers) -> None:
                                     epilog=COMPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     compare.add_argument("store_a", metavar="A.zarr", help="the reference store (differences are B - A)")
     compare.add_argument("store_b", metavar="B.zarr", help="the store compared with it")
-    compare.add_argument("--out", default="runs/compare.html", help="HTML file to write (default: %(default)s)")
+    compare.add_argument("--out", default="runs/compare.html",
+                         help="HTML file to write (default: %(default)s), and beside it the ranked heads as CSV "
+                              "(runs/compare.csv)")
     compare.add_argument("--tolerance", type=float, default=20.0,
                          help="largest |timestep_A - timestep_B| of a matched step, in timestep units of [0, 1000] "
                               "(default 20)")
@@ -135,5 +137,5 @@ def run_compare(args) -> int:
     path = build_compare_report(args.store_a, args.store_b, writable_output(args.out), tolerance=args.tolerance, cfg=args.cfg,
                                 layers=args.layer, query_frames=args.query_frames, top=args.top,
                                 pair_by=args.pair_by, train_steps=args.train_step or (), log=print)
-    print(f"wrote {path}")
+    print(f"wrote {path} and {path.with_suffix('.csv')} (the ranked heads)")
     return 0

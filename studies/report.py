@@ -526,8 +526,11 @@ def build_compare_report(
     pair_by: str = "auto",
     train_steps=(),
     log=None,
+    csv: bool = True,
 ) -> Path:
-    """Write an HTML comparison of two stores (paths or opened Datasets) to `out_html`; returns the path.
+    """Write an HTML comparison of two stores (paths or opened Datasets) to `out_html`; returns the path. `csv`: the
+    ranked heads also as a CSV file beside it (the same name with .csv; js_bits in bits, d_METRIC = B - A in the
+    metric's unit, class_a / class_b the head classes).
     Alignment and divergence as in `studies.compare.compare_stores`; `top` heads get side-by-side heatmaps.
     `train_steps`: the train step of each training probe store (one: for every probe store; two: A's, B's).
     `log` (e.g. print) also gets a short summary: what was matched and the most-changed heads."""
@@ -580,6 +583,8 @@ def build_compare_report(
                               if query_frames == "last_chunk" and len(one_chunk) == 1 else ""))
     page.table(ranking.set_axis(ranking.index + 1).rename_axis("rank"), float_format="{:.4f}",  # (ranks from 1)
                shown=TABLE_ROWS)
+    if csv:
+        page.p(f"The whole table as CSV: <code>{html.escape(Path(out_html).with_suffix('.csv').name)}</code>.")
     # one colour scale for the mean and every step, so that the maps can be compared by eye
     finite = c.js_bits.values[np.isfinite(c.js_bits.values)]
     top_js = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
@@ -611,7 +616,13 @@ def build_compare_report(
     for row in ranking.head(top).itertuples():  # A left, B right, one colour scale
         fig = figures.head_pair(a.sel(sample=samples_a), b.sel(sample=samples_b), row.layer, row.head, step_a=sa,
                                 step_b=sb, names=(name_a, name_b))
-        fig.update_layout(title=f"attn_mass · layer {row.layer} head {row.head} · JS {row.js_bits:.3f} bits (mean "
-                                f"over the matched steps and query frames {c.query_frames[0]}-{c.query_frames[-1]})")
+        fig.update_layout(title=f"attn_mass · layer {row.layer} head {row.head} · JS {row.js_bits:.3f} bits "
+                                f"({compare_mod.over_steps_words(c)}, query frames "
+                                f"{c.query_frames[0]}-{c.query_frames[-1]})")
         page.figure(fig, f"fig-top-L{row.layer}H{row.head}")
+    if csv:  # (the ranking as a table for a paper or a spreadsheet: ranks from 1, as the page's)
+        from models.files import atomic_write_text
+
+        table = ranking.set_axis(ranking.index + 1).rename_axis("rank")
+        atomic_write_text(Path(out_html).with_suffix(".csv"), table.to_csv(float_format="%.6g"))
     return write_atomic(page.render(), out_html)

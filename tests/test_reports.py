@@ -13,6 +13,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from studies import commands, load_store, report, synthetic
@@ -188,6 +189,10 @@ def test_commands(stores, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()  # each side's model named, as the page's Models table does
     assert out[0].startswith("A = wan.zarr: ") and out[1].startswith("B = sf.zarr: ") and "sha256" in out[0]
     assert out[1].endswith(" latent frames, global attention")  # (the cache: two windows read alike before)
+    table = pd.read_csv(tmp_path / "c.csv", index_col="rank")  # (the ranked heads for a paper: ranks from 1)
+    assert list(table.index[:3]) == [1, 2, 3] and {"layer", "head", "js_bits", "class_a", "class_b"} <= set(table)
+    assert table.js_bits.is_monotonic_decreasing and f"wrote {tmp_path / 'c.html'} and {tmp_path / 'c.csv'}" in \
+        "\n".join(out)
     assert "<h2>Models</h2>" in (tmp_path / "c.html").read_text()
     args = parser.parse_args(["report", str(stores["sf"]), "--layer", "9"])
     with pytest.raises(WorkbenchError, match="layer 9"):
