@@ -55,8 +55,8 @@ def register(subparsers) -> None:
     report.add_argument("store", help="the store to report on (a *.zarr folder written by `workbench extract`)")
     report.add_argument("--out", default=None,
                         help="HTML file to write (default: the store path with .html, e.g. runs/embedded.html); for an "
-                             "effects store also the same name with .png (the per-frame curves) and, for a sweep, "
-                             "_heads.png")
+                             "attention store also the same name with .csv (the head metrics and classes), for an "
+                             "effects store with .png (the per-frame curves) and, for a sweep, _heads.png")
     report.add_argument("--layer", type=int, action="append", metavar="N",
                         help="layer to show in detail; repeat for several (default: every captured layer, at most 8)")
     report.add_argument("--sample", metavar="ID", help="one sample id, e.g. p0000-s42 (default: mean over samples)")
@@ -125,9 +125,9 @@ def run_report(args) -> int:
     path = build_report(args.store, out, layer=args.layer, sample=args.sample, step=args.step,
                         query_frames=args.query_frames, video=args.video)
     print(f"wrote {path}")
-    for png in (path.with_suffix(".png"), path.with_name(path.stem + "_heads.png")):  # (an effects store's images)
-        if png.is_file() and png.stat().st_mtime >= start - 1:
-            print(f"wrote {png}")
+    for extra in (path.with_suffix(".csv"), path.with_suffix(".png"), path.with_name(path.stem + "_heads.png")):
+        if extra.is_file() and extra.stat().st_mtime >= start - 1:  # (the head table; an effects store's images)
+            print(f"wrote {extra}")
     return 0
 
 

@@ -248,7 +248,15 @@ def build_report(
                                                title=f"{name}: {at[name].attrs.get('long_name', '')}"),
                         f"fig-overview-{name}")
     page.h("Head metrics and classes", 3)
-    page.table(_head_table(at, classes.sel(step=step)), shown=TABLE_ROWS)
+    heads_table = _head_table(at, classes.sel(step=step))
+    page.table(heads_table, shown=TABLE_ROWS)
+    # the same table as CSV beside the page, for a paper or a spreadsheet (units: the long names above and
+    # docs/store.md; probabilities, frames, nats)
+    from models.files import atomic_write_text
+
+    atomic_write_text(Path(out_html).with_suffix(".csv"), heads_table.to_csv(float_format="%.6g"))
+    page.p(f"The table as CSV: <code>{html.escape(Path(out_html).with_suffix('.csv').name)}</code> (step {step}, "
+           f"query frames {frames[0]}-{frames[-1]}, {'sample ' + sample if sample else 'all samples'}).")
 
     # the slider leaves out CFG's uncond forwards (half of a Wan store's steps, and the bulk of the HTML)
     slider_steps = [int(s) for s, c in zip(ds.step.values, ds["cfg"].values) if str(c) != "uncond" or int(s) == step] \

@@ -181,7 +181,11 @@ def test_commands(stores, tmp_path, capsys):
     parser = cli()
     args = parser.parse_args(["report", str(stores["sf"]), "--out", str(tmp_path / "r.html"), "--layer", "0"])
     assert args.func(args) == 0 and (tmp_path / "r.html").exists()
-    assert "wrote" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'r.html'}" in said and f"wrote {tmp_path / 'r.csv'}" in said
+    heads = pd.read_csv(tmp_path / "r.csv")  # (the head table beside the page: a row per layer and head)
+    assert {"layer", "head", "sink_mass", "class"} <= set(heads) and len(heads) == len(load_store(stores["sf"]).layer) \
+        * len(load_store(stores["sf"])["head"])
     args = parser.parse_args(["compare", str(stores["wan"]), str(stores["sf"]), "--out", str(tmp_path / "c.html"),
                               "--tolerance", "5", "--cfg", "uncond"])
     assert args.func(args) == 0
