@@ -21,7 +21,6 @@ from pathlib import Path
 from models.errors import CheckpointError, ModelInputError, WeightsMismatchError
 
 
-
 def default_memo_dir() -> Path | None:
     """Where `_memo` remembers what whole-file reads found: $WORKBENCH_CACHE, else ~/.cache/sf-workbench; None (read
     every time) where there is no home directory (a container's user with no passwd entry and no HOME)."""
@@ -156,9 +155,11 @@ def check_tensor_shapes(expected: dict, state_dict: dict, what: str) -> None:
         raise WeightsMismatchError(f"{what} ({'; '.join(parts)})")
 
 
-def _memo(path: Path, kind: str, memo_dir: Path | None, compute):
-    """compute(), remembered by (kind, real path, size, mtime) in memo_dir/file_hashes.json: what a read of a whole
-    file found (its sha256, its checksums checked) is worked out once per machine, not per run (an 11 GB file)."""
+def _memo(path: Path, kind: str, memo_dir: Path | None | str, compute):
+    """compute(), remembered by (kind, real path, size, mtime) in memo_dir/file_hashes.json (DEFAULT:
+    `default_memo_dir()`; None: not remembered): what a read of a whole file found (its sha256, its checksums
+    checked) is worked out once per machine, not per run (an 11 GB file)."""
+    memo_dir = default_memo_dir() if memo_dir == DEFAULT else memo_dir
     st = path.stat()
     key = f"{'' if kind == 'sha256' else kind + '|'}{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
     memo_file = Path(memo_dir) / "file_hashes.json" if memo_dir is not None else None
@@ -192,7 +193,7 @@ def sha256_file(path, memo_dir: Path | None | str = DEFAULT) -> str:
                 h.update(block)
         return h.hexdigest()
 
-    return _memo(path, "sha256", default_memo_dir() if memo_dir == DEFAULT else memo_dir, digest)
+    return _memo(path, "sha256", memo_dir, digest)
 
 
 def verify_checksums(path, memo_dir: Path | None | str = DEFAULT) -> None:
@@ -211,7 +212,7 @@ def verify_checksums(path, memo_dir: Path | None | str = DEFAULT) -> None:
         except zipfile.BadZipFile:
             return None
 
-    bad = _memo(path, "zip-crc", default_memo_dir() if memo_dir == DEFAULT else memo_dir, bad_record)
+    bad = _memo(path, "zip-crc", memo_dir, bad_record)
     if bad is not None:  # (records are named FOLDER/data/N, FOLDER the name torch.save wrote it under)
         raise CheckpointError(f"{str(path)!r} is corrupt: its record {bad.split('/', 1)[-1]!r} does not match the "
                               "checksum written with it (the file changed after it was saved: copy or download it "

@@ -534,22 +534,22 @@ def key_token_maps(
     h, w = int(ds["key_token_h"].max()) + 1, int(ds["key_token_w"].max()) + 1
     per_frame = data.values.reshape(-1, h, w)  # [key_frame, h, w]: key_token = f * h * w + row * w + col
     if frames is not None:
-        from models.wan.vae import TEMPORAL_STRIDE  # (here: it imports torch, which the figures need not)
+        # (the VAE's frame rule, where the viewer reads it; imported here: it imports torch, which figures need not)
+        from workbench.view.sources import pixel_span
 
         frames = np.asarray(frames)
-        F = per_frame.shape[0]
+        F, T = per_frame.shape[0], pixel_span(per_frame.shape[0] - 1)[1]  # latent frames, the pixel frames of them
         if sample is None and sub.sizes["sample"] > 1:
             raise WorkbenchError(f"frames are one sample's pictures and the maps a mean over {sub.sizes['sample']} "
                                  "samples: name the sample (sample=...)")
-        whole = frames.ndim == 4 and frames.shape[0] == 1 + TEMPORAL_STRIDE * (F - 1) and F > 1  # (a whole video)
+        whole = frames.ndim == 4 and frames.shape[0] == T and F > 1  # (a whole video: latent frame f's last)
         if whole:
-            frames = frames[[TEMPORAL_STRIDE * f for f in range(F)]]
+            frames = frames[[pixel_span(f)[1] - 1 for f in range(F)]]
         if frames.ndim != 4 or frames.shape[0] != F or frames.shape[-1] != 3 \
                 or frames.shape[1] % h or frames.shape[2] % w:
             raise WorkbenchError(f"frames of shape {tuple(frames.shape)} do not fit the store's key frames: want "
-                                 f"[{F}, H, W, 3] (one picture per latent frame) or the whole video "
-                                 f"[{1 + TEMPORAL_STRIDE * (F - 1)}, H, W, 3], with H a multiple of {h} token rows "
-                                 f"and W of {w} token columns")
+                                 f"[{F}, H, W, 3] (one picture per latent frame) or the whole video [{T}, H, W, 3], "
+                                 f"with H a multiple of {h} token rows and W of {w} token columns")
         sy, sx = frames.shape[1] // h, frames.shape[2] // w  # pixels per token
     seen = [f for f in range(per_frame.shape[0]) if np.isfinite(per_frame[f]).any()]
     rows, cols = _grid(len(seen), cols)

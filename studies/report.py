@@ -329,8 +329,8 @@ def generate_command(ds: xr.Dataset, i: int, out) -> str:
         ref = dict(SAMPLER_DEFAULTS)
     defaults = ExtractConfig(prompts=["x"])
     for key, default in [*ref.items(), *((k, getattr(defaults, k)) for k in (
-            "negative_prompt", "timestep_shift", "context_noise", "num_frame_per_block", "local_attn_size",
-            "sink_size", "height", "width", "image"))]:
+            "timestep_shift", "context_noise", "num_frame_per_block", "local_attn_size", "sink_size", "height",
+            "width", "image"))]:
         if key in c and c[key] is not None and c[key] != default:
             flags += [f"--{key.replace('_', '-')}", str(c[key])]
     if c.get("denoising_step_list") and list(c["denoising_step_list"]) != defaults.denoising_step_list:
@@ -589,8 +589,8 @@ def build_compare_report(
                               "is every frame: compared here on the other's last chunk only, its metrics and classes "
                               "can differ from its own report's, which average over all its frames."
                               if query_frames == "last_chunk" and len(one_chunk) == 1 else ""))
-    page.table(ranking.set_axis(ranking.index + 1).rename_axis("rank"), float_format="{:.4f}",  # (ranks from 1)
-               shown=TABLE_ROWS)
+    ranked = ranking.set_axis(ranking.index + 1).rename_axis("rank")  # (ranks from 1, the page's and the CSV's)
+    page.table(ranked, float_format="{:.4f}", shown=TABLE_ROWS)
     if csv:
         page.p(f"The whole table as CSV: <code>{html.escape(Path(out_html).with_suffix('.csv').name)}</code>.")
     # one colour scale for the mean and every step, so that the maps can be compared by eye
@@ -628,9 +628,8 @@ def build_compare_report(
                                 f"({compare_mod.over_steps_words(c)}, query frames "
                                 f"{c.query_frames[0]}-{c.query_frames[-1]})")
         page.figure(fig, f"fig-top-L{row.layer}H{row.head}")
-    if csv:  # (the ranking as a table for a paper or a spreadsheet: ranks from 1, as the page's)
+    if csv:  # (the ranking as a table for a paper or a spreadsheet)
         from models.files import atomic_write_text
 
-        table = ranking.set_axis(ranking.index + 1).rename_axis("rank")
-        atomic_write_text(Path(out_html).with_suffix(".csv"), table.to_csv(float_format="%.6g"))
+        atomic_write_text(Path(out_html).with_suffix(".csv"), ranked.to_csv(float_format="%.6g"))
     return write_atomic(page.render(), out_html)

@@ -406,7 +406,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
             per_sample.append(row)
             bar.update(1)
         held = policy.capacity(F, n) if policy is not None else window
-        detail = policy.describe() if hasattr(policy, "describe") else ""
+        detail = policy.describe() if policy is not None else ""
         writer.write(entry_dataset(e, samples, per_sample, attrs, F, held, layout, detail), key=e.label)
     bar.close()
     log(ranking_text(cfg.out))

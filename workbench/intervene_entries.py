@@ -60,13 +60,11 @@ def older_differs(stored: dict, entry: Entry) -> str | None:
     """Why an older store's entry of these settings ran otherwise than `entry` runs, or None: its sink entries
     scaled the frames' logits in every call, their own chunk's too (history_only false now; true is the default),
     and a head-wise split made without `split` in its spec counted other frames than a static head sees."""
-    if not older(stored) and not (entry.policy == "headwise" and stored.get("split") != HEAD_SPLIT):
-        return None
-    if entry.kind == "sink" and entry.history_only:
+    if entry.kind == "sink" and entry.history_only and older(stored):
         return ("its sink entries scaled the frames' logits in every call, the frames' own chunk's too: a spec entry "
                 f"with history_only: false and label: {entry.label} is that; sink entries are history-only by "
                 "default now")
-    if entry.kind == "policy" and entry.policy == "headwise" and stored.get("split") != HEAD_SPLIT:
+    if entry.policy == "headwise" and stored.get("split") != HEAD_SPLIT:
         return ("its head-wise split chose the static heads by the frames up to each query frame; the split now "
                 "counts the policy's sink frames and its newest static_recent frames up to the query's chunk end")
     return None

@@ -90,6 +90,13 @@ def _call_key(call: AttentionCall) -> tuple:
     return (call.layer, call.kind) + ((None,) * 4 if lab is None else (lab.step, lab.chunk, lab.phase, lab.cfg))
 
 
+def _frames_of(frames: frozenset, history_only: bool, call: AttentionCall) -> set:
+    """The call's key frames among `frames`; `history_only`: those before the call's first query frame only (the
+    frames' own chunk, and any before it, left as they ran)."""
+    first = min(call.query_frames) if history_only else None
+    return {f for f in call.key_frames if f in frames and (first is None or f < first)}
+
+
 def _heads_of(iv: Intervention, call: AttentionCall) -> tuple[int, ...]:
     heads = tuple(range(call.num_heads)) if iv.heads is None else iv.heads
     bad = [h for h in heads if not 0 <= h < call.num_heads]
@@ -197,8 +204,7 @@ class KeyFrameKnockout(Intervention):
         return super().key + (tuple(sorted(self.frames)), self.history_only)
 
     def _gone(self, call: AttentionCall) -> set:
-        first = min(call.query_frames) if self.history_only else None
-        return {f for f in call.key_frames if f in self.frames and (first is None or f < first)}
+        return _frames_of(self.frames, self.history_only, call)
 
     def wants(self, call: AttentionCall) -> bool:
         return call.kind == "self" and call.key_frames is not None and bool(self._gone(call)) and \
@@ -276,8 +282,7 @@ class SinkScaling(Intervention):
         return super().key + (self.factor, tuple(sorted(self.frames)), self.history_only)
 
     def _scaled(self, call: AttentionCall) -> set:
-        first = min(call.query_frames) if self.history_only else None
-        return {f for f in call.key_frames if f in self.frames and (first is None or f < first)}
+        return _frames_of(self.frames, self.history_only, call)
 
     def wants(self, call: AttentionCall) -> bool:
         return call.kind == "self" and call.key_frames is not None and bool(self._scaled(call)) and \

@@ -57,6 +57,10 @@ class WindowSink:
     def name(self) -> str:
         return f"window{self.window}+sink{self.sink}"
 
+    def describe(self) -> str:
+        """What the policy decided as it ran, beyond its name (an effects store's intervention_detail): "" here."""
+        return ""
+
     @property
     def key(self):
         return type(self).__name__, self.window, self.sink

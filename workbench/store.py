@@ -356,20 +356,19 @@ class StoreLock:
         try:
             lock.acquire(timeout=0)
         except PermissionError:  # (a lock file another user made, read-only to this one: umask 022)
-            try:
-                owner = f"user id {self.file.stat().st_uid}"
-                with contextlib.suppress(ImportError, KeyError):
-                    import pwd
+            owner = "another user"
+            with contextlib.suppress(OSError, ImportError, KeyError):
+                uid = self.file.stat().st_uid
+                owner = f"user id {uid}"
+                import pwd
 
-                    owner = f"user {pwd.getpwuid(self.file.stat().st_uid).pw_name!r}"
-            except OSError:
-                owner = "another user"
+                owner = f"user {pwd.getpwuid(uid).pw_name!r}"
             try:  # a sticky folder (/tmp, shared scratch) refuses to open another user's file, writable or not
-                sticky = bool(self.file.parent.stat().st_mode & S_ISVTX) or os.access(self.file, os.W_OK)
+                owner_only = bool(self.file.parent.stat().st_mode & S_ISVTX) or os.access(self.file, os.W_OK)
             except OSError:
-                sticky = False
+                owner_only = False
             advice = ("in this folder only its owner may open it: ask them to remove it (no run holds it once their "
-                      "run ended)" if sticky else
+                      "run ended)" if owner_only else
                       "ask them to make it group-writable (chmod g+w; a umask of 002 makes it so)")
             raise WorkbenchError(
                 f"cannot take the lock of {str(self.path)!r}: its lock file {str(self.file)!r} belongs to {owner} and "

@@ -87,12 +87,16 @@ def summary_table(store_path, max_rows: int = 48) -> str:
     branches = {str(c) for c in m.cfg.values} if "cfg" in m.coords else set()  # (what counted kept)
     counted_steps = sorted({int(s) for s in m.step.values})  # (the denoising steps captured: --steps may pick some)
     listed = format_int_list(counted_steps)
-    steps = (("denoising step " + listed if len(counted_steps) == 1 else "denoising steps " + listed
-              if len(listed) <= 24 else
-              f"{len(counted_steps)} denoising steps ({counted_steps[0]}-{counted_steps[-1]})")
-             + (", CFG branch cond (the prompt's)" if "uncond" in captured and branches == {"cond"}
-                else ", CFG branch uncond (the negative prompt's: the only one captured)" if branches == {"uncond"}
-                else ""))
+    if len(counted_steps) == 1:
+        steps = f"denoising step {listed}"
+    elif len(listed) <= 24:
+        steps = f"denoising steps {listed}"
+    else:  # (a 40-step CFG store's 0,2,4,...: the count and the range)
+        steps = f"{len(counted_steps)} denoising steps ({counted_steps[0]}-{counted_steps[-1]})"
+    if "uncond" in captured and branches == {"cond"}:
+        steps += ", CFG branch cond (the prompt's)"
+    elif branches == {"uncond"}:
+        steps += ", CFG branch uncond (the negative prompt's: the only one captured)"
     lines = [wrote, f"attention mass per layer and head (mean over samples; {steps}; {rows}):"]
     own_name = "own chunk" if chunked else "other frames"
     if len(layers) * len(heads) <= max_rows:  # (one chunk: no "rest", every frame but 0 is "other frames")

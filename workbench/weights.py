@@ -36,7 +36,8 @@ def check_weights_args(checkpoint: str | None, use_ema: bool, model: str | None 
     check_weights_file(path, "--checkpoint")  # truncated or a Git LFS pointer: said before any work
 
 
-SAMPLER_DEFAULTS = dict(sampler="causal_few_step", num_inference_steps=50, guidance_scale=5.0)  # (no zoo model's)
+# the sampler settings of a model that is not the zoo's (a zoo model's: its table's, models/wan/embedded.py ZOO)
+SAMPLER_DEFAULTS = dict(sampler="causal_few_step", num_inference_steps=50, guidance_scale=5.0, negative_prompt="")
 
 
 def resolve_model(cfg):
@@ -54,6 +55,7 @@ def resolve_model(cfg):
     except ModelInputError as e:
         raise WorkbenchError(str(e)) from None
     # the sampler settings left unset (None): the zoo model's own, as its table gives them (ZOO), else the defaults
+    # (negative_prompt is never None: "" is every zoo model's too)
     unset = {k: getattr(entry, k) if entry is not None else v for k, v in SAMPLER_DEFAULTS.items()
              if getattr(cfg, k) is None}
     cfg = dataclasses.replace(cfg, **unset)

@@ -121,7 +121,7 @@ def attend(q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] 
     if editing:
         call = dataclasses.replace(call, edits=call.edits + tuple(iv.label for iv in editing))
     interested = [obs for obs in observers if obs.wants(call)] if observers else ()
-    needs_lse = bool(interested) and any(getattr(obs, "needs_lse", False) for obs in interested)
+    needs_lse = any(getattr(obs, "needs_lse", False) for obs in interested)
     if needs_lse and any(not getattr(iv, "observed_exactly", True) for iv in editing):
         from models.errors import ModelInputError  # (statistics from the log-sum-exp read the call's mask)
 

@@ -44,6 +44,8 @@ def require_embedded_dir() -> Path:
     if not EMBEDDED_DIR.is_dir():
         raise ModelInputError(NOT_INSTALLED.format(EMBEDDED_DIR))
     return EMBEDDED_DIR
+
+
 EMBEDDED_CONFIG = WanConfig(dim=128, ffn_dim=384, num_heads=4, num_layers=6, text_dim=64)
 EMBEDDED_GEOMETRY = VideoGeometry(num_frames=21, latent_height=12, latent_width=16, num_frame_per_block=3)
 EMBEDDED_VIDEO_SIZE = (96, 128)  # pixels; recorded in config.json as video_size (models.wan.config.default_video_size)

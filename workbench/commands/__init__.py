@@ -2,10 +2,11 @@
 
 import argparse
 
+from workbench.weights import SAMPLER_DEFAULTS  # (the settings a model not of the zoo samples with)
+
 # --attention-kernel's choices: models.common.attention_kernels.ATTENTION_KERNELS, written out here so that the
 # CLI's --help imports no torch (tests/test_statistics.py checks that the two agree)
 ATTENTION_KERNELS = ["auto", "triton", "cudnn", "cudnn-balanced"]
-SAMPLER_DEFAULTS = dict(sampler="causal_few_step", num_inference_steps=50, guidance_scale=5.0, negative_prompt="")
 
 
 def add_model_arguments(group, model_option: bool = True) -> None:
