@@ -84,6 +84,32 @@ def test_discriminator_learns_world_videos_from_generated_ones(tmp_path, world_s
     assert torch.equal(tr.critic.blocks[0].ffn[0].weight, b0)  # the backbone is frozen in warm-up
 
 
+def test_the_discriminator_optimiser_is_theirs(tmp_path, world_set):
+    """Their trainer/gan.py: the faster group and the warm-up's trainables are `_gan_ca_blocks` and
+    `_cls_pred_branch` (the register tokens stay with the backbone, at critic_lr, frozen in warm-up); with a warm-up
+    AdamW's betas are (0.9, beta2_critic) throughout and its moments restart when the warm-up ends."""
+    tr = gan_trainer(tmp_path / "w", world_set, "discriminator_warmup_steps=2", "critic_lr=1e-3",
+                     "discriminator_lr_multiplier=5.0", "beta1_critic=0.0", "dfake_gen_update_ratio=100")
+    names = {id(p): n for n, p in tr.critic.named_parameters()}
+    slow, fast = ([names[id(p)] for p in g["params"]] for g in tr.critic_opt.param_groups)
+    assert [g["lr"] for g in tr.critic_opt.param_groups] == [1e-3, 5e-3]
+    assert any(n.startswith("_register_tokens.") for n in slow) and not any("_register_tokens" in n for n in fast)
+    assert fast and all(n.startswith(("_gan_ca_blocks.", "_cls_pred_branch.")) for n in fast)
+    assert all(g["betas"] == (0.9, 0.999) for g in tr.critic_opt.param_groups)
+    tokens = tr.critic._register_tokens.register_tokens.detach().clone()
+    head = tr.critic._cls_pred_branch[1].weight.detach().clone()
+    tr.train(2, save_at_end=False)  # the warm-up
+    assert torch.equal(tr.critic._register_tokens.register_tokens, tokens)
+    assert not torch.equal(tr.critic._cls_pred_branch[1].weight, head)
+    p = tr.critic._cls_pred_branch[1].weight
+    assert int(tr.critic_opt.state[p]["step"]) == 2
+    tr.train(3, save_at_end=False)  # step 2: the moments restart, every parameter trains
+    assert int(tr.critic_opt.state[p]["step"]) == 1
+    assert not torch.equal(tr.critic._register_tokens.register_tokens, tokens)
+    none = gan_trainer(tmp_path / "n", world_set, "beta1_critic=0.0")
+    assert all(g["betas"] == (0.0, 0.999) for g in none.critic_opt.param_groups)
+
+
 def test_generator_steps_and_bitwise_resume(tmp_path, world_set):
     over = ["dfake_gen_update_ratio=2", "log_iters=2", "gan_g_weight=1.0", "gan_d_weight=1.0", "r1_weight=0.1",
             "r2_weight=0.1"]

@@ -24,6 +24,39 @@ def test_sid_config_keeps_its_quirks():
     assert cfg.distribution_loss == "dmd"  # as shipped: the SiD config's distribution_loss is dmd, so it trains DMD
 
 
+def test_a_config_without_lr_critic_trains_the_critic_at_lr(tmp_path):
+    """Their trainer: `config.lr_critic if hasattr(config, "lr_critic") else config.lr` (a schema default of 4e-7
+    trained such a config's critic 5x slower than theirs, silently); an override of lr moves it too, an explicit
+    lr_critic stays."""
+    text = open("configs/self_forcing_sid.yaml").read()
+    assert "lr_critic: 2.0e-06\n" in text
+    no_critic = tmp_path / "no_lr_critic.yaml"
+    no_critic.write_text(text.replace("lr_critic: 2.0e-06\n", ""))
+    assert load_config(no_critic).lr_critic == 2e-6
+    assert load_config(no_critic, overrides=["lr=3e-5"]).lr_critic == 3e-5
+    assert load_config(no_critic, overrides=["lr=3e-5", "lr_critic=1e-7"]).lr_critic == 1e-7
+    assert load_config("configs/self_forcing_dmd.yaml", overrides=["lr=3e-5"]).lr_critic == 4e-7
+
+
+def test_a_checkpoint_of_a_trainer_without_a_critic_resumes_over_the_old_lr_critic_default():
+    """Checkpoints written when lr_critic defaulted to 4e-7 hold that value; an ODE run now reads lr there, and a
+    run without a critic resumes (one with a critic is refused, naming the key)."""
+    from omegaconf import OmegaConf
+
+    from training.checkpoints import check_resumed_config
+    from training.errors import TrainingError
+
+    for trainer, refused in (("ode", False), ("diffusion", False), ("score_distillation", True)):
+        cfg = load_config("configs/self_forcing_dmd.yaml", overrides=[f"trainer={trainer}", "lr_critic=2e-6"])
+        saved = OmegaConf.to_yaml(cfg).replace("lr_critic: 2.0e-06", "lr_critic: 4.0e-07")
+        assert "lr_critic: 4.0e-07" in saved
+        if refused:
+            with pytest.raises(TrainingError, match="lr_critic: 4e-07 in the checkpoint, 2e-06 now"):
+                check_resumed_config(cfg, saved, "runs/x")
+        else:
+            check_resumed_config(cfg, saved, "runs/x")
+
+
 def test_unknown_key_and_bad_type(tmp_path):
     """A typo names the closest known keys, and the file or the --set override it came from (an override's typo
     was blamed on the file); a bad value is one line naming its key."""

@@ -108,6 +108,15 @@ def latest_checkpoint(logdir) -> Path | None:
 CHANGEABLE_ON_RESUME = ("max_steps", "log_iters", "loggers", "device", "gradient_checkpointing", "data_on_device")
 
 
+def unread_keys(cfg) -> set[str]:
+    """Keys the run's trainer does not read, so a checkpoint's value may differ: `lr_critic` without a critic (ODE
+    and diffusion training) or under a GAN's own `critic_lr` (checkpoints before lr_critic defaulted to lr hold the
+    old 4e-7 there)."""
+    if cfg.trainer in ("ode", "diffusion") or (cfg.trainer == "gan" and cfg.get("critic_lr") is not None):
+        return {"lr_critic"}
+    return set()
+
+
 def check_resumed_config(cfg, saved_yaml: str | None, folder) -> None:
     """A resumed run continues the checkpoint's run: its optimiser state holds the learning rates, its state the
     seed, and every other setting shapes what the steps compute. A config that differs from the checkpoint's
@@ -121,8 +130,9 @@ def check_resumed_config(cfg, saved_yaml: str | None, folder) -> None:
     # a key the checkpoint's config lacks was added to the schema since: that run had its default
     defaults = flat(OmegaConf.to_container(OmegaConf.structured(SelfForcingConfig), resolve=True))
     then = defaults | flat(OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True))
-    changed = sorted(k for k in now.keys() | then.keys()
-                     if now.get(k) != then.get(k) and k.split(".")[0] not in CHANGEABLE_ON_RESUME)
+    unread = unread_keys(cfg)
+    changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k)
+                     and k.split(".")[0] not in CHANGEABLE_ON_RESUME and k not in unread)
     if changed:
         shown = "; ".join(f"{k}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in changed[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""

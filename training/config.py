@@ -12,7 +12,8 @@ and the gradient semantics `score_timestep_shift`, `kv_cache_gradient`, `text_kv
 `unused_param_grads`, whose defaults reproduce the researchers' code (docs/training.md). Keys their code reads
 with a default (`ts_schedule` True, `ts_schedule_max`, `min_score_timestep`, `real_guidance_scale`,
 `fake_guidance_scale`, `sid_alpha`, `num_frame_per_block` 1, `timestep_shift` 1.0, `loss_scale`, `teacher_forcing`,
-`noise_augmentation_max_timestep`, `max_pair`, `backward_simulation`) have that default here.
+`noise_augmentation_max_timestep`, `max_pair`, `backward_simulation`) have that default here; `lr_critic`, which
+their trainer reads as `lr` where a config leaves it out, is set to `lr` by `load_config` after every override.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ class SelfForcingConfig:
     text_encoder_fsdp_wrap_strategy: str = "size"
     text_encoder_cpu_offload: bool = False
     lr: float = 2e-6
-    lr_critic: float = 4e-7
+    lr_critic: Optional[float] = None  # None: lr (their trainer's fallback for a config without lr_critic)
     beta1: float = 0.0
     beta2: float = 0.999
     beta1_critic: float = 0.0
@@ -229,6 +230,8 @@ def load_config(path: str | Path, *, default: str | Path | None = DEFAULT_CONFIG
             key = str(err.full_key or err.key)
             given = [o for o in overrides if o.split("=", 1)[0] == key]
             raise ModelInputError(f"--set {given[0] if given else key}: {_config_error(err)}") from err
+    if merged.lr_critic is None:  # their trainer: config.lr_critic if hasattr(config, "lr_critic") else config.lr
+        merged.lr_critic = merged.lr
     return merged
 
 

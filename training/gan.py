@@ -21,9 +21,16 @@ One iteration at `step` (warm-up: `discriminator_warmup_steps`, only the branch 
         loss = gan_d_weight * (mean softplus(-real) + mean softplus(fake))   (relativistic: softplus(-(real -
         fake))) + 0.5 (r1 + r2), with r1 = r1_weight * mean(((D(real_t + s e) - D(real_t)) / s)^2), s =
         r1_sigma (a finite-difference gradient penalty; r2 the same on the fake side); both off by default
-Optimisers: generator AdamW(gen_lr, beta1, beta2); discriminator AdamW with two groups, the backbone at
-critic_lr and the branch at critic_lr x discriminator_lr_multiplier. Everything else (accumulation, EMA,
-checkpoints, resume, probes, logging) is `training.trainer.Trainer`'s.
+Optimisers: generator AdamW(gen_lr, beta1, beta2); discriminator AdamW with two groups, as theirs: the
+discriminator's cross-attention blocks and head (`_gan_ca_blocks`, `_cls_pred_branch`; the parameters the warm-up
+trains) at critic_lr x discriminator_lr_multiplier, everything else, the register tokens among it, at critic_lr.
+With a warm-up its betas are (0.9, beta2_critic) and its moments restart when the warm-up ends; their trainer
+builds a new AdamW there with beta1_critic, but over the same parameter-group dicts, which the first AdamW has
+already given betas (0.9, ...), so 0.9 is what runs on (torch's `add_param_group` keeps a group's own values).
+Without a warm-up: (beta1_critic, beta2_critic). Both optimisers take the config's `weight_decay`; their GAN trainer
+passes none, so AdamW's own 0.01 applies there whatever a config says (the default config's value, so the two
+differ only where a config sets another). Everything else
+(accumulation, EMA, checkpoints, resume, probes, logging) is `training.trainer.Trainer`'s.
 """
 
 from __future__ import annotations
@@ -41,6 +48,12 @@ from training.losses import score_timestep
 from training.trainer import Trainer
 
 BRANCH = ("_register_tokens", "_gan_ca_blocks", "_cls_pred_branch")  # parameter-name prefixes of the branch
+DISCRIMINATOR = ("_gan_ca_blocks", "_cls_pred_branch")  # theirs: the faster group, and what the warm-up trains
+
+
+def discriminator_param(name: str) -> bool:
+    """Their test (trainer/gan.py): a parameter of the faster group, the one the warm-up trains."""
+    return any(part in name for part in DISCRIMINATOR)
 
 
 def gan_layers(num_layers: int) -> tuple[int, int, int]:
@@ -163,13 +176,14 @@ class GanTrainer(Trainer):
                               lr=cfg.gen_lr if cfg.gen_lr is not None else cfg.lr,
                               betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         lr = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr_critic
-        backbone = [p for n, p in self.critic_params if not n.startswith(BRANCH)]
-        branch = [p for n, p in self.critic_params if n.startswith(BRANCH)]
+        backbone = [p for n, p in self.critic_params if not discriminator_param(n)]
+        branch = [p for n, p in self.critic_params if discriminator_param(n)]
         if not branch:
             raise TrainingError("the critic has no classification branch (training.gan.add_classification_branch)")
+        beta1 = 0.9 if cfg.discriminator_warmup_steps > 0 else cfg.beta1_critic  # (module docstring)
         critic = fsdp.ShardAdamW([{"params": backbone, "lr": lr},
                                   {"params": branch, "lr": lr * cfg.discriminator_lr_multiplier}], impl=cfg.adamw_impl,
-                                 betas=(cfg.beta1_critic, cfg.beta2_critic), weight_decay=cfg.weight_decay)
+                                 betas=(beta1, cfg.beta2_critic), weight_decay=cfg.weight_decay)
         return gen, critic
 
     def real_batch(self, role: int, indices):
@@ -227,6 +241,8 @@ class GanTrainer(Trainer):
 
     def train_step(self) -> dict:
         cfg, logs = self.cfg, {}
+        if cfg.discriminator_warmup_steps > 0 and self.step == cfg.discriminator_warmup_steps:
+            self.critic_opt.state.clear()  # the warm-up's moments and step counts go (their new AdamW)
         if not self.warming_up() and self.step % cfg.dfake_gen_update_ratio == 0:
             trainable(self.critic, lambda name: False)
             trainable(self.generator, lambda name: True)
@@ -236,8 +252,8 @@ class GanTrainer(Trainer):
             if self.ema is not None:
                 self.ema.update()
         trainable(self.generator, lambda name: False)
-        warm = self.warming_up()  # warm-up: only the classification branch
-        trainable(self.critic, lambda name: not warm or name.startswith(BRANCH))
+        warm = self.warming_up()  # warm-up: only the discriminator's blocks and head (not the register tokens)
+        trainable(self.critic, lambda name: not warm or discriminator_param(name))
         logs.update(self.update(self.critic, self.critic_opt, self.critic_loss, cfg.max_grad_norm_critic, "critic"))
         trainable(self.generator, lambda name: True)
         trainable(self.critic, lambda name: True)
