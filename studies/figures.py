@@ -705,10 +705,13 @@ def taxonomy_map(classes: xr.DataArray, *, title: str = "head classes") -> go.Fi
 
 
 def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = ("A", "B"),
-                 title: str | None = None) -> go.Figure:
+                 title: str | None = None, zmin: float | None = None, zmax: float | None = None,
+                 colorscale: str = "Viridis", dmax: float | None = None) -> go.Figure:
     """A metric (dims layer, head) for two stores and the difference B - A, stacked (A, B, B - A from the top);
     A and B share one colour scale, the difference a symmetric red-blue one. Only the layers and heads both hold
-    are drawn; the title says so when either holds more."""
+    are drawn; the title says so when either holds more. `zmin`, `zmax`, `colorscale`: A and B's scale (default:
+    the smallest to the largest value drawn, Viridis); `dmax`: the difference's scale runs from -dmax to dmax
+    (default: the largest |B - A|), so that several comparisons can share scales."""
     given = dict(zip("AB", (_layer_head(a), _layer_head(b))))
     a, b = xr.align(given["A"], given["B"], join="inner")
     if not a.size:
@@ -740,10 +743,11 @@ def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = (
     lines = text.count("<br>")  # (each line more pushes the plots down: the first panel's title stays clear of it)
     fig.update_layout(
         title=text, margin=dict(t=80 + 24 * lines),
-        coloraxis=dict(colorscale="Viridis", cmin=float(both.min()) if both.size else 0,
-                       cmax=float(both.max()) if both.size else 1,
+        coloraxis=dict(colorscale=colorscale,
+                       cmin=zmin if zmin is not None else float(both.min()) if both.size else 0,
+                       cmax=zmax if zmax is not None else float(both.max()) if both.size else 1,
                        colorbar=dict(y=0.68, len=0.62, title="A, B" + units)),
-        coloraxis2=dict(colorscale="RdBu_r", cmin=-(top or 1.0), cmax=top or 1.0,
+        coloraxis2=dict(colorscale="RdBu_r", cmin=-(dmax or top or 1.0), cmax=dmax or top or 1.0,
                         colorbar=dict(y=0.14, len=0.3, title="B - A" + units)),
         height=3 * (max(120, 26 * a.sizes["layer"]) + 110) + 80 + 24 * lines, width=width,
     )

@@ -130,11 +130,19 @@ def test_another_runs_files_are_replaced_only_when_asked(tmp_path, capsys):
              "--no-progress", "--no-video"]
     assert main(other) == 2
     err = capsys.readouterr().err
-    assert (f"{out} holds files of another run under this run's names: p0000-s1 (prompt 'a red square moving left', "
-            "this run's 'a blue circle moving up')"
+    assert (f"{out} holds files of another run under this run's names: p0000-s1 (prompt: 'a red square moving "
+            "left' there, 'a blue circle moving up' now)"
             in err and "pass --overwrite to replace them" in err)
     assert main(first[:4] + ["6"] + first[5:]) == 2  # the same prompt at another length
-    assert "p0000-s0 (3 latent frames of 12x16, this run's 6 of 12x16)" in capsys.readouterr().err
+    assert "p0000-s0 (size: 3 latent frames of 12x16 there, 6 of 12x16 now)" in capsys.readouterr().err
+    # settings in words (their records are JSON and 'SIZE+sinkN'), each difference its own clause
+    assert main(first + ["--local-attn-size", "6", "--sink-size", "1"]) == 2
+    assert ("p0000-s0 (window: global attention there, a 6-frame window, 1 sink frame(s) now)"
+            in capsys.readouterr().err)
+    assert main(first + ["--sampler", "causal_multi_step_cfg", "--num-inference-steps", "2"]) == 2
+    assert ("(sampler: 'causal_few_step' there, 'causal_multi_step_cfg' now; schedule: [1000, 750, 500, 250] warped, "
+            "shift 5.0, 3 frames a chunk, context noise 0.0 there, none (a multi-step sampler) now)"
+            in capsys.readouterr().err)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == before  # nothing touched
     assert main(first) == 0  # the same run again: its own files, kept (a stopped run resumes this way)
     assert "resuming: 2 sample(s) are already in" in capsys.readouterr().out

@@ -123,6 +123,10 @@ def test_compare_maps_show_a_b_and_difference(ds, wan):
     assert "not drawn, in one store only: A's layers [0]</sub>" in fewer.layout.title.text
     with pytest.raises(WorkbenchError, match=r"share no \(layer, head\); A has layers \[0\], B \[3\]"):
         figures.compare_maps(a.sel(layer=[0]), b.sel(layer=[3]))
+    shared = figures.compare_maps(a, b, zmin=0, zmax=1, colorscale="Greys", dmax=0.5)  # scales shared by figures
+    assert (shared.layout.coloraxis.cmin, shared.layout.coloraxis.cmax) == (0, 1)
+    assert shared.layout.coloraxis.colorscale[0][1] == "rgb(255,255,255)"  # Greys from white
+    assert (shared.layout.coloraxis2.cmin, shared.layout.coloraxis2.cmax) == (-0.5, 0.5)
 
 
 def test_a_figure_of_one_layer_or_step_refuses_a_list(ds):

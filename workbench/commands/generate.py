@@ -125,6 +125,27 @@ def _whole(path: Path) -> bool:
     return path.is_file() and (path.suffix != ".mp4" or mp4_complete(path))
 
 
+def _shown(key: str, value: str) -> str:
+    """A recorded value of generate's metadata in words: the few-step schedule and the KV window as a reader
+    knows them (their records are JSON and 'SIZE+sinkN'), a hash cut short, anything else quoted."""
+    import json
+
+    if key == "schedule":
+        if not value:
+            return "none (a multi-step sampler)"
+        s = json.loads(value)
+        return (f"{s['denoising_step_list']}{' warped' if s.get('warp') else ''}, shift {s.get('shift')}, "
+                f"{s.get('num_frame_per_block')} frames a chunk, context noise {s.get('context_noise')}")
+    if key == "window":
+        size, _, sink = value.partition("+sink")
+        if not value:
+            return "none (the bidirectional sampler)"
+        return "global attention" if int(size) < 0 else f"a {size}-frame window, {sink} sink frame(s)"
+    if key.endswith("sha256") and len(value) > 12:
+        return value[:12]
+    return repr(value)
+
+
 def _differences(path: Path, want: dict) -> list[str] | None:
     """How the latents file at `path` differs from what this run would write there (`want`: the metadata it
     records, and `shape`, the latents' [frames, h, w]); None when there is no such file of generate's."""
@@ -138,12 +159,12 @@ def _differences(path: Path, want: dict) -> list[str] | None:
             shape = list(f.get_slice("latents").get_shape())
     except Exception:  # not a file of generate's
         return None
-    differ = [f"{k} {made[k]!r}, this run's {v!r}" for k, v in want.items()
+    differ = [f"{k}: {_shown(k, made[k])} there, {_shown(k, v)} now" for k, v in want.items()
               if k != "shape" and k in made and made[k] != v]
     differ += [f"no {k} recorded" for k in want if k != "shape" and k not in made]
     if [shape[0], *shape[-2:]] != want["shape"]:
         f, h, w = want["shape"]
-        differ.append(f"{shape[0]} latent frames of {shape[-2]}x{shape[-1]}, this run's {f} of {h}x{w}")
+        differ.append(f"size: {shape[0]} latent frames of {shape[-2]}x{shape[-1]} there, {f} of {h}x{w} now")
     return differ
 
 
@@ -261,7 +282,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
               for i in range(len(prompts)) for s in seeds}
     # how each file already there under this run's names differs from what this run would write (None: no file)
     existing = {name: _differences(Path(args.out) / f"{name}.safetensors", want) for name, want in wanted.items()}
-    clash = [f"{name} ({', '.join(differ)})" for name, differ in existing.items()  # (an older file records less)
+    clash = [f"{name} ({'; '.join(differ)})" for name, differ in existing.items()  # (an older file records less)
              if differ and not all(d.startswith("no ") for d in differ)]
     if rank == 0 and not args.overwrite and clash:
         more = f" and {len(clash) - 3} more" if len(clash) > 3 else ""
