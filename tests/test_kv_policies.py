@@ -163,11 +163,17 @@ def test_attention_guided_keeps_what_the_chunk_attended_to_most(one_thread):
         fixed = {key_frames[0], *key_frames[-1:]}
         others = sorted((f for f in key_frames if f not in fixed), key=lambda f: -float(mass[key_frames.index(f)]))
         expected = sorted(fixed | set(others[: room - len(fixed)])) if len(key_frames) > room else list(key_frames)
+        if len(key_frames) > room:  # what the policy records of its choice (the effects store's detail)
+            assert (c, 0, tuple(sorted(others[: room - len(fixed)]))) in policy.chosen
         nxt = by_chunk[c + 1][0][0].key_frames
         assert list(nxt[:-3]) == expected, c
         chosen += [f for f in expected if f not in fixed]
         assert nxt[-3:] == tuple(range(3 * (c + 1), 3 * (c + 2)))
     assert len(set(chosen)) > 2  # attention chose, not a fixed rule
+    text = policy.describe()
+    layer0 = {c: f for c, layer, f in policy.chosen if layer == 0}
+    assert text.startswith("frames kept by attention, besides the sink and the newest: chunk 2: ")
+    assert all(f"chunk {c + 1}: " in text for c in layer0) and "layer rollouts" in text
 
 
 def test_head_groups_equal_per_head_masked_attention():

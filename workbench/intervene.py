@@ -174,7 +174,8 @@ EFFECT_COORD_ATTRS = {
     "intervention_kind": dict(long_name="baseline, ablate, knockout, temperature, sink or policy"),
     "intervention_spec": dict(long_name="the entry's settings as JSON"),
     "intervention_detail": dict(long_name="what the entry decided as it ran (a head-wise cache's static heads, a "
-                                          "deep sink's positions); empty for the others"),
+                                          "deep sink's positions, the frames an attention-guided cache kept); "
+                                          "empty for the others"),
     "target_layer": dict(long_name="the one layer the entry acts on (-1: not exactly one)"),
     "target_head": dict(long_name="the one head the entry acts on (-1: not exactly one)"),
     "cache_frames": dict(long_name="latent frames each layer's KV cache holds at most", units="frames"),

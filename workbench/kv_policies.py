@@ -31,6 +31,7 @@ through one masked call per group of heads (models/common/attention.py), and cap
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Iterable
 
 import torch
@@ -139,10 +140,24 @@ class AttentionGuided(WindowSink):
         self.recent = recent
         self.filter = filter or CallFilter(kinds={"self"})
         self.mass: dict[int, dict[int, float]] = {}  # layer -> key frame -> attention mass since the last chunk
+        self.chosen: list[tuple[int, int, tuple[int, ...]]] = []  # (chunk, layer, frames kept by their attention)
 
     @property
     def name(self) -> str:
         return f"attention{self.window}+sink{self.sink}"
+
+    def describe(self) -> str:
+        """The frames each chunk found kept for their attention (besides the sink and the newest frames), over the
+        layers and the rollouts this policy ran: the commonest choice per chunk, and how often others were made."""
+        by_chunk: dict[int, Counter] = {}
+        for chunk, _, frames in self.chosen:
+            by_chunk.setdefault(chunk, Counter())[frames] += 1
+        parts = []
+        for chunk, counts in sorted(by_chunk.items()):
+            (frames, n), total = counts.most_common(1)[0], sum(counts.values())
+            others = f"; {len(counts) - 1} other choice(s) in the rest" if len(counts) > 1 else ""
+            parts.append(f"chunk {chunk + 1}: {list(frames)} ({n} of {total} layer rollouts{others})")
+        return ("frames kept by attention, besides the sink and the newest: " + "; ".join(parts)) if parts else ""
 
     @property
     def key(self):
@@ -175,7 +190,9 @@ class AttentionGuided(WindowSink):
             raise RuntimeError(f"{self.name}: no attention was observed in layer {layer}; attach the policy to the "
                                "model for its rollout (attach(model, policy))")
         ranked = sorted(others, key=lambda f: (-mass.get(f, 0.0), -f))  # ties: the newer frame
-        chosen = fixed | set(ranked[: max(0, room - len(fixed))])
+        picked = ranked[: max(0, room - len(fixed))]
+        self.chosen.append((chunk, layer, tuple(sorted(picked))))
+        chosen = fixed | set(picked)
         return Keep([f for f in held if f in chosen])
 
 
