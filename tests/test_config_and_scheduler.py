@@ -131,3 +131,22 @@ def test_a_step_list_ending_in_0_and_unwarped_steps():
     unwarped = s.denoising_timesteps([1000, 750, 500, 250], warp=False)
     assert unwarped.dtype == torch.float32 and unwarped.tolist() == [1000.0, 750.0, 500.0, 250.0]
     assert torch.equal(s.denoising_timesteps([1000, 500]), s.warp([1000, 500]))
+
+
+def test_the_multi_step_solver_runs_on_wans_sigmas():
+    """Wan's FlowUniPCMultistepScheduler (wan/utils/fm_solvers_unipc.py, set_timesteps(N, shift=s) as the
+    researchers' multi-step pipelines and Wan's text2video call it) spaces its sigmas from 0.999 (its training
+    grid's largest, in float32), not diffusers' 1.0: its 4 steps at shift 5 are 999, 937, 833, 624 (diffusers'
+    default grid: ..., 625). The values and a 6-step solve of a linear flow were taken from Wan's scheduler."""
+    import torch
+
+    from models.common.rollout import MultiStepSolver
+
+    s = MultiStepSolver("unipc", 4, 5.0)
+    assert s.timesteps == [999.0, 937.0, 833.0, 624.0]
+    assert s._s.sigmas.tolist() == [0.9997998476028442, 0.9372654557228088, 0.8330553770065308, 0.6246873736381531, 0.0]
+    s = MultiStepSolver("unipc", 6, 3.0)
+    x = torch.tensor([1.0, -0.5, 0.25, 2.0]).reshape(1, 1, 4)
+    for i in range(6):
+        x = s.step(i, 0.3 * x - 0.2, x)
+    assert x.flatten().tolist() == [0.9119299650192261, -0.1917549967765808, 0.360087513923645, 1.647720217704773]

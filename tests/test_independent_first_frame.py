@@ -336,3 +336,49 @@ def test_training_config_errors_name_the_layout():
     cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", BASE + ["independent_first_frame=true"])
     with pytest.raises(TrainingError, match=r"6 latent frames do not fit independent_first_frame.*e.g. 4 or 7"):
         check_config(cfg, 1)
+
+
+def test_the_image_enters_the_cache_at_t0_whatever_context_noise(one_thread):
+    """The researchers' pipeline pushes the image (image-to-video) into the KV cache at t = 0 whatever
+    context_noise (pipeline/causal_inference.py); ours ran it at context_noise. So the chunk after the image comes
+    out the same with context_noise 0 and 100 (its cache holds the image alone), the next one not."""
+    model = tiny_model()
+    model.independent_first_frame = True
+    g = torch.Generator().manual_seed(0)
+    noise, ctx, image = torch.randn(1, 7, C, H, W, generator=g), torch.randn(1, 16, 32), torch.randn(1, 1, C, H, W)
+    seen = []
+    forward = model.forward
+
+    def spy(x, t, *args, **kw):
+        seen.append((kw["labels"].chunk, kw["labels"].phase, float(t.flatten()[0]), kw["labels"].timestep))
+        return forward(x, t, *args, **kw)
+
+    model.forward = spy
+    runs = {cn: sample(model, "causal_few_step", noise, ctx, generator=torch.Generator().manual_seed(1),
+                       initial_latent=image, context_noise=cn) for cn in (0.0, 100.0)}
+    assert seen[len(seen) // 2] == (0, "context", 0.0, 0.0)  # the second run's image pass: at 0, labelled 0
+    assert (1, "context", 100.0, 100.0) in seen[len(seen) // 2:]
+    assert torch.equal(runs[0.0][:, :4], runs[100.0][:, :4]) and not torch.equal(runs[0.0][:, 4:], runs[100.0][:, 4:])
+
+
+def test_context_noise_where_it_would_not_run_as_given_is_refused(tmp_path):
+    """The multi-step CFG sampler's context passes run at t = 0 (their causal_diffusion_inference.py never reads
+    context_noise; ours ran them at it), and an image's pass at 0 beside other chunks' context_noise would put two
+    timesteps in one of a store's steps: both refused before any work, naming the setting."""
+    model = tiny_model()
+    x, ctx = torch.randn(1, 3, C, H, W), torch.randn(1, 16, 32)
+    with pytest.raises(ModelInputError, match="context_noise 100 sets the few-step sampler's context passes"):
+        sample(model, "causal_multi_step_cfg", x, ctx, ctx, num_inference_steps=2, context_noise=100.0)
+    out = tmp_path / "s.zarr"
+    with pytest.raises(Exception, match="multi-step CFG sampler's run at t = 0"):
+        plan(ExtractConfig(sampler="causal_multi_step_cfg", context_noise=100.0, num_frames=3, out=str(out)))
+    assert cli_main(["generate", "--sampler", "causal_multi_step_cfg", "--context-noise", "100", "--frames", "3",
+                     "--out", str(tmp_path / "g"), "--no-progress"]) == 2
+    image = tmp_path / "i.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), "red").save(image)
+    with pytest.raises(Exception, match="an image with context_noise 100: the image's context pass runs at t = 0"):
+        plan(ExtractConfig(image=str(image), independent_first_frame=True, context_noise=100.0, num_frames=4,
+                           out=str(out)))
+    assert not out.exists() and not (tmp_path / "g").exists()

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from models.common.attention_kernels import check_kernel, describe
-from models.common.rollout import SAMPLERS, MultiStepSolver, few_step_schedule, multistep_schedule, sample, seeded_noise
+from models.common.rollout import (CONTEXT_NOISE_MULTI_STEP, IMAGE_CONTEXT_NOISE, SAMPLERS, MultiStepSolver,
+                                   few_step_schedule, multistep_schedule, sample, seeded_noise)
 from models.common.scheduler import FlowMatchScheduler
 from models.errors import ModelInputError
 from models.wan.checkpoint import load_wan, sha256_file, wan_weights_file, weights_sha256
@@ -298,6 +299,7 @@ def plan(cfg: ExtractConfig) -> Plan:
                                  "and the independent-first-frame layout")
         if not Path(cfg.image).is_file():
             raise WorkbenchError(f"--image {cfg.image!r} does not exist")
+    check_context_noise(cfg.sampler, cfg.context_noise, cfg.image is not None, captured=True)
     if cfg.sampler != "bidirectional":
         block_sizes_of(cfg)  # frames that do not fit the chunk layout
         check_window(mc.local_attn_size, mc.sink_size, cfg.num_frame_per_block)
@@ -328,14 +330,23 @@ def plan(cfg: ExtractConfig) -> Plan:
     return Plan(cfg, mc, wan_dir, weights, spec, schedule, (cfg.num_frames, h, w), fsl, family, label, capture_mode)
 
 
+def check_context_noise(sampler: str, context_noise: float, image: bool, captured: bool) -> None:
+    """context_noise where it would not run as given: the multi-step CFG sampler's context passes are at t = 0,
+    and an image's (image-to-video) is at t = 0 beside the other chunks' context_noise, two timesteps in one of a
+    store's steps (models/common/rollout.py says why)."""
+    if context_noise and sampler == "causal_multi_step_cfg":
+        raise WorkbenchError(CONTEXT_NOISE_MULTI_STEP.format(context_noise))
+    if context_noise and image and captured:
+        raise WorkbenchError(IMAGE_CONTEXT_NOISE.format(context_noise, context_noise))
+
+
 def _schedule(cfg: ExtractConfig) -> list:
     if cfg.sampler == "causal_few_step":
         timesteps = FlowMatchScheduler(cfg.timestep_shift).denoising_timesteps(cfg.denoising_step_list,
                                                                                cfg.warp_denoising_step)
         return few_step_schedule(timesteps, cfg.context_noise)
     solver = MultiStepSolver("unipc", cfg.num_inference_steps, cfg.timestep_shift)
-    return multistep_schedule(solver.timesteps, cfg=True, context_pass=cfg.sampler == "causal_multi_step_cfg",
-                              context_noise=cfg.context_noise)
+    return multistep_schedule(solver.timesteps, cfg=True, context_pass=cfg.sampler == "causal_multi_step_cfg")
 
 
 def fingerprint_fields(p: Plan, weights_sha: str) -> dict:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+import numpy as np
 import torch
 
 from models.common.attention import ForwardLabels
@@ -81,6 +82,20 @@ def check_initial_latent(model, noise: torch.Tensor, initial_latent: torch.Tenso
 
 # ------------------------------------------------------------------------------------------------------
 # Few-step causal rollout
+
+
+CONTEXT_NOISE_MULTI_STEP = ("context_noise {:g} sets the few-step sampler's context passes (the researchers' "
+                            "causal_inference.py); the multi-step CFG sampler's run at t = 0, as their "
+                            "causal_diffusion_inference.py: leave context_noise at 0 for it")
+IMAGE_CONTEXT_NOISE = ("an image with context_noise {:g}: the image's context pass runs at t = 0 (as the researchers' "
+                       "pipeline) and the other chunks' at {:g}, while a store holds one timestep per step: capture "
+                       "with context_noise 0, or run it without capture")
+
+
+def image_labels(context: ForwardLabels) -> ForwardLabels:
+    """The labels of an image's context pass (image-to-video: chunk 0), at t = 0 whatever context_noise, as the
+    researchers' pipeline pushes the image (an observer refuses a step at two timesteps: IMAGE_CONTEXT_NOISE)."""
+    return ForwardLabels(context.step, 0.0, 0, context.phase, context.cfg, context.denoise_index)
 
 
 def few_step_schedule(timesteps: torch.Tensor, context_noise: float) -> list[ForwardLabels]:
@@ -277,8 +292,8 @@ def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timest
     """noise [B, F, C, H, W], context [B, text_len, text_dim] -> clean latents [B, F, C, H, W].
 
     initial_latent [B, 1, C, H, W] (image-to-video; the model's independent_first_frame layout): chunk 0 is not
-    denoised: the image's latent is frame 0 of the output and only its context pass runs (t = context_noise, 0
-    in every shipped config, as the researchers' pipeline pushes the image into the cache at t = 0).
+    denoised: the image's latent is frame 0 of the output and only its context pass runs, at t = 0 whatever
+    context_noise (the researchers' pipeline pushes the image into the cache at t = 0).
 
     timesteps: the warped denoising steps (float32, e.g. [1000, 937.5, 833.33, 625]). cuda_graphs: replay the
     forwards from CUDA graphs recorded by an earlier rollout of the same shape (`RolloutGraphs`; CUDA, no
@@ -315,8 +330,8 @@ def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timest
 
         if chunk == 0 and initial_latent is not None:  # image-to-video: frame 0 is the image's latent
             x0 = initial_latent.to(noise.dtype)
-            t = torch.full((B, 1), float(context_noise), device=noise.device, dtype=torch.float32)
-            forward(_to_model(x0), t, _with_chunk(schedule[-1], 0))  # its context pass only
+            t = torch.zeros((B, 1), device=noise.device, dtype=torch.float32)  # at 0 whatever context_noise, as theirs
+            forward(_to_model(x0), t, image_labels(schedule[-1]))  # its context pass only
         else:
             for k, base in enumerate(schedule[:-1]):
                 t = torch.full((B, n), base.timestep, device=noise.device, dtype=torch.float32)
@@ -345,7 +360,13 @@ def _with_chunk(labels: ForwardLabels, chunk: int) -> ForwardLabels:
 
 
 class MultiStepSolver:
-    """A fresh multi-step flow solver: 'unipc' (diffusers' UniPC in flow mode, as Wan uses) or 'euler'."""
+    """A fresh multi-step flow solver: 'unipc' (diffusers' UniPC in flow mode on Wan's sigmas) or 'euler'.
+
+    Wan's own FlowUniPCMultistepScheduler (wan/utils/fm_solvers_unipc.py, which the researchers' multi-step
+    pipelines and Wan's text2video run) spaces the unshifted sigmas as linspace(sigma_max, 0, N + 1)[:-1], sigma_max
+    the largest of its 1000-step training grid (0.999 in float32), then shifts them; diffusers' default flow grid is
+    linspace(1, 1/1000, N + 1)[:-1] (4 steps at shift 5: timesteps 999, 937, 833, 625 against Wan's 624). So the
+    sigmas are given to diffusers' solver (the same UniPC update) as Wan makes them."""
 
     def __init__(self, kind: str, steps: int, shift: float, device="cpu"):
         if kind not in ("unipc", "euler"):
@@ -358,7 +379,8 @@ class MultiStepSolver:
 
             self._s = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
                                               use_flow_sigmas=True, flow_shift=shift)
-            self._s.set_timesteps(steps, device=device)
+            sigma_max = float(np.float32(1 - 1 / 1000))  # Wan's: 1 - alphas[0] of its grid, held in float32
+            self._s.set_timesteps(device=device, sigmas=np.linspace(sigma_max, 0.0, steps + 1)[:-1])
             self.timesteps = [float(t) for t in self._s.timesteps]
         else:
             s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
@@ -371,7 +393,7 @@ class MultiStepSolver:
         return (x.double() + (self.sigmas[i + 1] - self.sigmas[i]) * flow.double()).to(x.dtype)
 
 
-def multistep_schedule(timesteps: list[float], cfg: bool, context_pass: bool, context_noise: float = 0.0):
+def multistep_schedule(timesteps: list[float], cfg: bool, context_pass: bool):
     branches = ["cond", "uncond"] if cfg else ["none"]
     labels = []
     for i, t in enumerate(timesteps):
@@ -379,14 +401,14 @@ def multistep_schedule(timesteps: list[float], cfg: bool, context_pass: bool, co
             labels.append(ForwardLabels(step=len(labels), timestep=t, chunk=0, phase="denoise", cfg=b, denoise_index=i))
     if context_pass:
         for b in branches:
-            labels.append(ForwardLabels(step=len(labels), timestep=float(context_noise), chunk=0, phase="context",
+            labels.append(ForwardLabels(step=len(labels), timestep=0.0, chunk=0, phase="context",
                                         cfg=b, denoise_index=-1))
     return labels
 
 
 @torch.no_grad()
 def causal_multi_step(model, noise, context, negative_context, *, steps: int = 50, shift: float = 5.0,
-                      guidance_scale: float = 5.0, solver: str = "unipc", context_noise: float = 0.0,
+                      guidance_scale: float = 5.0, solver: str = "unipc",
                       cache_frames: int = CACHE_FRAMES, on_forward: OnForward | None = None,
                       on_chunk: OnChunk | None = None,
                       initial_latent: torch.Tensor | None = None):
@@ -404,7 +426,7 @@ def causal_multi_step(model, noise, context, negative_context, *, steps: int = 5
     for chunk, (start, n) in enumerate(spans):
         x = noise[:, start : start + n]
         solve = MultiStepSolver(solver, steps, shift, noise.device)
-        schedule = multistep_schedule(solve.timesteps, True, True, context_noise)
+        schedule = multistep_schedule(solve.timesteps, True, True)
         image = chunk == 0 and initial_latent is not None  # image-to-video: no denoising, x is the image
         if image:
             x = initial_latent.to(noise.dtype)
@@ -422,7 +444,7 @@ def causal_multi_step(model, noise, context, negative_context, *, steps: int = 5
         output[:, start : start + n] = x
         for base in schedule[2 * steps :]:
             labels = _with_chunk(base, chunk)
-            t = torch.full((B, n), float(context_noise), device=noise.device, dtype=torch.float32)
+            t = torch.zeros((B, n), device=noise.device, dtype=torch.float32)  # t = 0, as theirs (no context_noise)
             if on_forward:
                 on_forward(labels, start, n)
             model(_to_model(x), t, texts[base.cfg], cache=caches[base.cfg], start_frame=start, labels=labels,
@@ -498,9 +520,11 @@ def sample(model, sampler: str, noise, context, negative_context=None, *, genera
         raise ModelInputError(f"unknown sampler {sampler!r}; use one of {list(SAMPLERS)}")
     if negative_context is None:
         raise ModelInputError(f"the {sampler} sampler uses classifier-free guidance: give a negative context")
+    if context_noise and sampler == "causal_multi_step_cfg":
+        raise ModelInputError(CONTEXT_NOISE_MULTI_STEP.format(context_noise))
     if sampler == "causal_multi_step_cfg":
         return causal_multi_step(model, noise, context, negative_context, steps=num_inference_steps,
-                                 shift=timestep_shift, guidance_scale=guidance_scale, context_noise=context_noise,
+                                 shift=timestep_shift, guidance_scale=guidance_scale,
                                  on_forward=on_forward, on_chunk=on_chunk, initial_latent=initial_latent)
     return bidirectional(model, noise, context, negative_context, steps=num_inference_steps, shift=timestep_shift,
                          guidance_scale=guidance_scale, on_forward=on_forward, on_chunk=on_chunk)

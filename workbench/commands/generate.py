@@ -191,8 +191,8 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from models.wan.vae import WanVAE, resolve_decoder
     from workbench.commands import apply_schedule, model_label, resolve_model, world_prompt_note
     from workbench.errors import WorkbenchError
-    from workbench.extract import (_dtype, _rank_device, check_device, check_window, default_prompts, parse_int_list,
-                                   rank_share)
+    from workbench.extract import (_dtype, _rank_device, check_context_noise, check_device, check_window,
+                                   default_prompts, parse_int_list, rank_share)
     from workbench.store import StoreLock, sample_id
     from workbench.weights import check_vae_file, check_wan_dir, wan_dir_hint
 
@@ -212,6 +212,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
         if args.sampler == "bidirectional":
             raise WorkbenchError("--image runs the causal samplers (the image is the first chunk of the KV cache)")
         args.independent_first_frame = True  # the image's latent is a chunk of its own
+    check_context_noise(args.sampler, args.context_noise, bool(args.image), captured=args.live)
     args.frames = latent_frames(args)
     family = family_of(wan_dir)
     _, h, w, _ = family.video_geometry(wan_dir, args.height, args.width)
