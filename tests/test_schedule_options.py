@@ -116,3 +116,26 @@ def test_multi_step_flags_on_the_few_step_sampler_are_named(tmp_path, capsys):
         assert ("warning: --num-inference-steps 8 and --guidance-scale 3 do nothing with the causal few-step "
                 "sampler" in err) == bool(extra)
     assert np.array_equal(runs[0].numpy(), runs[4].numpy())
+
+
+def test_their_config_gives_a_cfg_sampler_its_guidance_and_negative_prompt(tmp_path):
+    """Their multi-step pipeline (causal_diffusion_inference.py) reads guidance_scale and negative_prompt from the
+    config; with --config and a CFG sampler ours takes them from the file where the command line leaves them unset
+    (they were the zoo's 5.0 and ""); a flag wins; the few-step sampler (no CFG) keeps its own."""
+    import argparse
+
+    from workbench.commands import resolve_model
+
+    def resolved(**given):
+        args = argparse.Namespace(model=None, wan_dir=None, checkpoint=None, use_ema=False, sampler=None,
+                                  num_inference_steps=None, guidance_scale=None, negative_prompt=None,
+                                  config=str(REPO / "configs" / "self_forcing_dmd.yaml"))
+        vars(args).update(given)
+        resolve_model(args)
+        return args.guidance_scale, args.negative_prompt
+
+    scale, negative = resolved(sampler="causal_multi_step_cfg")
+    assert scale == 3.0 and negative.startswith("色调艳丽")
+    assert resolved(sampler="bidirectional", guidance_scale=4.5, negative_prompt="blur") == (4.5, "blur")
+    assert resolved(sampler="causal_few_step") == (5.0, "")
+    assert resolved(sampler="causal_multi_step_cfg", config=None) == (5.0, "")

@@ -61,7 +61,8 @@ def add_schedule_arguments(group) -> None:
                             "onto configs/default_config.yaml as their inference.py merges it; it sets "
                             "denoising_step_list, warp_denoising_step, model_kwargs.timestep_shift, context_noise, "
                             "num_frame_per_block, independent_first_frame and model_kwargs.local_attn_size / "
-                            "sink_size (flags given on the command line win)")
+                            "sink_size, and for a CFG sampler guidance_scale and negative_prompt (flags given on the "
+                            "command line win)")
     group.add_argument("--denoising-step-list", metavar="T,T,...",
                        help="the few-step sampler's steps (default: 1000,750,500,250, every Self-Forcing config's)")
     group.add_argument("--warp-denoising-step", action=argparse.BooleanOptionalAction, default=None,
@@ -194,6 +195,7 @@ def resolve_model(args) -> None:
     args.model_note = ZOO_TEACHER_ONLY_NOTE if teacher_weights_as_student else None
     base_wan_as_student = bool(args.wan_dir) and not args.checkpoint and getattr(args, "sampler", "") is None
     given = [key for key in ("num_inference_steps", "guidance_scale") if getattr(args, key, None) is not None]
+    config_cfg_settings(args, entry)
     for key, value in SAMPLER_DEFAULTS.items():
         if getattr(args, key, value) is None:
             setattr(args, key, getattr(entry, key) if entry is not None else value)
@@ -210,6 +212,28 @@ def resolve_model(args) -> None:
                       "bidirectional)", ModelInputWarning, stacklevel=2)
     if base_wan_as_student and args.sampler == "causal_few_step":
         args.model_note = BASE_WAN_FEW_STEP_NOTE
+
+
+def config_cfg_settings(args, entry) -> None:
+    """With --config and a CFG sampler, the guidance scale and negative prompt the command line left unset come
+    from the file (or configs/default_config.yaml under it), as the researchers' multi-step pipeline reads them
+    (causal_diffusion_inference.py: args.guidance_scale, args.negative_prompt); the few-step sampler has no CFG,
+    so its runs keep them as they were (a store's fingerprint holds them)."""
+    if not getattr(args, "config", None):
+        return
+    sampler = getattr(args, "sampler", None) or (entry.sampler if entry is not None else SAMPLER_DEFAULTS["sampler"])
+    wanted = [key for key in ("guidance_scale", "negative_prompt") if getattr(args, key, "") is None]
+    if sampler == "causal_few_step" or not wanted:
+        return
+    from omegaconf import OmegaConf
+
+    from training.config import DEFAULT_CONFIG, load_config
+
+    load_config(args.config)  # (a missing file, bad YAML or an unknown key: the one-line error apply_schedule gives)
+    raw = OmegaConf.merge(OmegaConf.load(DEFAULT_CONFIG), OmegaConf.load(args.config))
+    for key in wanted:
+        if key in raw:
+            setattr(args, key, raw[key])
 
 
 def check_sampler_numbers(args) -> None:
