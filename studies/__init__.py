@@ -66,3 +66,18 @@ def load_store(path: str | Path):
     if found != Path(path):
         print(f"opened {found}")  # (not the working directory's: a notebook names the store it shows)
     return open_store(found)
+
+
+def unfinished_note(attrs: dict) -> str:
+    """A sentence when a store holds fewer samples (an effects store: entries) than its runs were asked for (attrs
+    `requested` against `completed`, docs/store.md): the run was stopped midway, or is still writing; '' otherwise
+    and for stores made before `requested` was recorded."""
+    asked = list(attrs.get("requested") or [])
+    done = set(attrs.get("completed") or [])
+    missing = [k for k in asked if k not in done]
+    if not missing:
+        return ""
+    what = "entries" if attrs.get("store_kind") == "effects" else "samples"
+    shown = ", ".join(map(str, missing[:4])) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+    return (f"This store holds {len(asked) - len(missing)} of the {len(asked)} {what} its runs asked for (not there: "
+            f"{shown}): a run was stopped midway, or is still writing; the same command, run again, finishes it.")

@@ -10,6 +10,8 @@ import argparse
 import time
 from pathlib import Path
 
+from studies import unfinished_note
+
 REPORT_HELP = "an HTML report of a store: checks, head metrics and classes, per-head heatmaps; of an effects store (workbench intervene): ranked effects and per-frame curves"
 REPORT_DESCRIPTION = """\
 Write a self-contained HTML report (plotly.js inlined: it opens offline) of one attention store:
@@ -128,7 +130,21 @@ def run_report(args) -> int:
     for extra in (path.with_suffix(".csv"), path.with_suffix(".png"), path.with_name(path.stem + "_heads.png")):
         if extra.is_file() and extra.stat().st_mtime >= start - 1:  # (the head table; an effects store's images)
             print(f"wrote {extra}")
+    if note := unfinished_note(_attrs(args.store)):
+        print(f"note: {note}")
     return 0
+
+
+def _attrs(store) -> dict:
+    """A store's attributes (its zarr group's), {} where they cannot be read."""
+    try:
+        import zarr
+
+        from studies import find_store
+
+        return dict(zarr.open_group(str(find_store(store)), mode="r").attrs)
+    except Exception:  # (the report itself has said what is wrong with the store)
+        return {}
 
 
 def run_compare(args) -> int:

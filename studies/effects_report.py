@@ -25,6 +25,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import xarray as xr
 
+from studies import unfinished_note
 from studies.figures import layer_head_map
 from studies.page import TABLE_ROWS, Page, write_atomic
 
@@ -182,6 +183,8 @@ def build_effects_report(store, out_html: str | Path) -> Path:
     out_html = Path(out_html)
     table = ranking(ds)
     page = Page(f"Effects: {named(str(store)).name}")
+    if note := unfinished_note(ds.attrs):
+        page.p(f"<b>Unfinished:</b> {html.escape(note)}")
     page.p(html.escape(f"{ds.sizes['intervention'] - 1} intervention(s) against the baseline, "
                        f"{ds.sizes['sample']} sample(s) (prompts: {', '.join(sorted(set(map(str, ds.prompt.values))))}; "
                        f"seeds {', '.join(map(str, sorted(set(ds.seed.values.tolist()))))}), "

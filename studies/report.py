@@ -21,7 +21,7 @@ import pandas as pd
 import xarray as xr
 
 from studies import compare as compare_mod
-from studies import figures, metrics
+from studies import figures, metrics, unfinished_note
 from studies.page import TABLE_ROWS, Page, write_atomic
 from workbench.errors import WorkbenchError
 from workbench.store import chunk_sizes, named
@@ -221,6 +221,8 @@ def build_report(
     page = Page(f"Attention report: {named(source).name}")
     page.p(f"Made {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by <code>studies.report.build_report</code>. "
            "Metrics are defined in <code>studies/metrics.py</code>; the store layout in <code>docs/store.md</code>.")
+    if note := unfinished_note(ds.attrs):
+        page.p(f"<b>Unfinished:</b> {html.escape(note)}")
     _store_summary(page, ds, source, sample)
     page.h("Checks")
     page.table(checks_table(ds), index=False)

@@ -463,16 +463,112 @@ def test_ctrl_c_is_one_line_that_says_what_is_kept(command, tmp_path, capsys, mo
     assert main([command, *argv, "--out", str(out)]) == 130
     err = capsys.readouterr().err.strip()
     assert err == f"workbench {command}: interrupted. Nothing was finished, so nothing is kept."
-    if command == "generate":  # two samples finished: their latents, written last, are there
-        out.mkdir()
-        for name in ("p0000-s0", "p0000-s1"):
-            (out / f"{name}.safetensors").write_bytes(b"x")
-    else:  # a store with two finished entries
-        synthetic.write_store(out, "causal", seeds=(1, 2))
+    synthetic.write_store(out, "causal", seeds=(1, 2))  # another run's output, there before this one
     assert main([command, *argv, "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip()  # (it was counted as this run's, finished and resumable)
+    assert err == f"workbench {command}: interrupted. Nothing of this run was finished; {out} is as it was."
+
+
+@pytest.mark.parametrize("command", ["extract", "intervene", "generate"])
+def test_an_interrupted_run_counts_its_own_finished_work(command, tmp_path, capsys, monkeypatch):
+    """Stopped after two finished samples (entries): the line counts this run's, says the same command resumes;
+    with --overwrite, that the same command starts over and without it resumes, and before its first entry that the
+    store is as it was (the old one goes when the first new entry is swapped in). It counted whatever the folder
+    held (another run's files, the store being replaced) and promised a resume that --overwrite never made."""
+    import models.common.rollout as rollout_module
+    from workbench.cli import main
+    from workbench.store import StoreWriter
+
+    sample, write = rollout_module.sample, StoreWriter.write
+
+    def stop_after(n):
+        calls = {"n": 0}
+        if command == "generate":  # each sample's latents are written after its rollout: stop the third rollout
+            def stopping(*a, **kw):
+                calls["n"] += 1
+                if calls["n"] > n:
+                    raise KeyboardInterrupt
+                return sample(*a, **kw)
+
+            monkeypatch.setattr(rollout_module, "sample", stopping)
+        else:
+            def stopping(self, *a, **kw):
+                calls["n"] += 1
+                if calls["n"] > n:
+                    raise KeyboardInterrupt
+                return write(self, *a, **kw)
+
+            monkeypatch.setattr(StoreWriter, "write", stopping)
+
+    out = tmp_path / "o"
+    argv = {"intervene": ["--ablate", "1:0", "--ablate", "2:0", "--seeds", "0", "--world", "off"],
+            "extract": ["--layer", "1", "--stats", "attn_mass", "--seed", "0-2"],
+            "generate": ["--seed", "0-2", "--no-video"]}[command]
+    run = [command, *argv, "--frames", "3", "--out", str(out), "--no-progress"]
+    what = {"extract": "sample(s)", "intervene": "entries (baseline included)"}.get(command)
+    stop_after(2)
+    assert main(run) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    if command == "generate":
+        assert err == (f"workbench generate: interrupted. {out} holds 2 of this run's 3 sample(s), finished: the "
+                       "same command, run again, makes only the others.")
+    else:
+        assert err == (f"workbench {command}: interrupted. {out} holds 2 finished {what}: the same command, run "
+                       "again, resumes there.")
+        # the store says what its run asked for, and the report that a part is missing
+        import zarr
+
+        from studies import unfinished_note
+
+        attrs = dict(zarr.open_group(str(out), mode="r").attrs)
+        asked = (["p0000-s0", "p0000-s1", "p0000-s2"] if command == "extract" else
+                 ["baseline", "ablate-zero:L1.H0", "ablate-zero:L2.H0"])
+        assert attrs["requested"] == asked and attrs["completed"] == asked[:2]
+        noun = "samples" if command == "extract" else "entries"
+        assert unfinished_note(attrs) == (f"This store holds 2 of the 3 {noun} its runs asked for (not there: "
+                                          f"{asked[2]}): a run was stopped midway, or is still writing; the same "
+                                          "command, run again, finishes it.")
+        assert main(["report", str(out), "--out", str(tmp_path / "r.html")]) == 0
+        assert f"note: {unfinished_note(attrs)}" in capsys.readouterr().out
+        assert "<b>Unfinished:</b> This store holds 2 of the 3" in (tmp_path / "r.html").read_text()
+    stop_after(1 if command == "generate" else 0)  # --overwrite: every sample again
+    assert main(run + ["--overwrite"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    if command == "generate":
+        assert err == (f"workbench generate: interrupted. {out} holds 1 of this run's 3 sample(s), finished: the "
+                       "same command without --overwrite makes only the others (with it, all of them again).")
+        return
+    assert err == (f"workbench {command}: interrupted. Nothing of this run was finished; {out} is as it was "
+                   "(--overwrite replaces it once this run's first entry is done).")
+    stop_after(1)
+    assert main(run + ["--overwrite"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"workbench {command}: interrupted. {out} holds this run's 1 finished {what}: the same command "
+                   "without --overwrite resumes there (with it, it starts over).")
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
+    """SIGTERM (kill, timeout, a batch system's walltime) printed nothing after a half-drawn bar and left the run's
+    temporary files; now it stops the command where it is, as Ctrl-C: one line, exit status 143, the handler put
+    back afterwards."""
+    import os
+    import signal
+    import time
+
+    import workbench.commands.generate as generate
+    from workbench.cli import main
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(generate, "run", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["generate", "--out", str(tmp_path / "g")]) == 143
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"workbench {command}: interrupted. {out} holds 2 finished ") and "run again" in err
-    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert err == "workbench generate: terminated (SIGTERM). Nothing was finished, so nothing is kept."
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_a_write_the_disk_refuses_is_the_oserror_that_stopped_it(tmp_path):
@@ -617,3 +713,24 @@ def test_a_broken_entry_point_plugin_is_left_out_with_a_warning(tmp_path, monkey
     monkeypatch.setenv("WORKBENCH_NO_ENTRY_POINTS", "1")
     said.clear()
     assert load_plugins(warn=said.append) == [] and not said
+
+
+def test_progress_bars_redraw_rarely_into_a_log_file(monkeypatch):
+    """Bars redrew ~10 times a second into a redirected stderr (1-2 MB of a batch job's log an hour); with no
+    terminal (and no Jupyter) they redraw every LOG_INTERVAL seconds, on a terminal as tqdm does."""
+    import io
+    import sys
+
+    from workbench import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    for stream, interval in ((io.StringIO(), progress.LOG_INTERVAL), (Terminal(), 0.1)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        bar = progress.progress_bar(total=3, file=stream)
+        assert bar.mininterval == interval
+        bar.close()
+    assert progress.progress_bar(total=3, disable=True).disable  # (--no-progress)

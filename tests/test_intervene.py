@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from studies import synthetic
 from workbench.cli import main
 from workbench.errors import WorkbenchError
 from workbench.intervene_entries import parse_entry, parse_flag
@@ -58,6 +59,12 @@ def test_a_headwise_policy_reads_an_attention_store_only(tmp_path):
     probes = probe_store(tmp_path / "probes.zarr")
     with pytest.raises(WorkbenchError, match="has a train_step dim .* a headwise policy splits the heads"):
         parse_entry(dict(kind="policy", policy="headwise", store=str(probes)), 6, 4)
+    # static_recent under a chunk: a static head saw its whole chunk anyway (3 frames where 2 were asked for)
+    attention = synthetic.write_store(tmp_path / "a.zarr", "causal", layers=[0, 1], num_heads=4)
+    spec = dict(kind="policy", policy="headwise", store=str(attention), window=9, sink_frames=1, static_recent=2)
+    with pytest.raises(WorkbenchError, match="static_recent 2 is less than a chunk of 3 frames"):
+        parse_entry(spec, 6, 4, chunk_frames=3)
+    assert parse_entry({**spec, "static_recent": 3}, 6, 4, chunk_frames=3).static_recent == 3
 
 
 def test_intervene_writes_an_effects_store_and_resumes(tmp_path, capsys):

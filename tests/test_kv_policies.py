@@ -95,6 +95,11 @@ def test_frames_positions_and_memory_held_after_each_chunk():
     assert frames[4] == [0, 1, 2, 3, 13, 14] and positions[4] == [9, 10, 11, 12, 13, 14]
     assert frames[5] == [0, 1, 2, 3, 13, 14, 15, 16, 17] and positions[5] == list(range(9, 18))
     assert nbytes[5] == 9 * per_frame
+    # window = sink + chunk: the sink alone beside the next chunk moves to just before it (it never moved, so the
+    # rollout was bitwise the plain window + sink one while the store said the positions moved)
+    tight, _ = drive(DeepSink(6, 3))
+    assert [f for f, _, _ in tight][1:4] == [[0, 1, 2]] * 3
+    assert [p for _, p, _ in tight][:4] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
 
 
 def test_deep_sink_realignment_rotates_temporal_channels_only():
@@ -124,6 +129,38 @@ def test_deep_sink_realignment_rotates_temporal_channels_only():
             t = table.split[0]
             assert torch.equal(got[..., t:], at(f, f)[..., t:])
     assert cache.positions[:4] != cache.frames[:4]  # they did move
+
+
+def test_a_sink_moved_many_times_is_rotated_once_from_its_keys_as_written():
+    """Each move rotated the keys from their last rotation, so the rounding compounded: in bf16 ~2e-3 a move,
+    3e-2 after 100. Now every move rotates the keys as they were written, once: after 40 moves a bf16 sink is as far
+    from the float64 keys at its position as one rounding (and bitwise the same as after its first move's path)."""
+    heads, d, n = 2, 12, 3
+    table = RopeTable((d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)))
+    torch.manual_seed(0)
+    chunks = 42
+    base = torch.randn(1, chunks * n * FSL, heads, d, dtype=torch.float64)
+
+    def at(frame, position):
+        cos, sin = rope_cos_sin(table.angles(1, 2, 3, position), "cpu", torch.float64)
+        return rope(base[:, frame * FSL : (frame + 1) * FSL], cos, sin)
+
+    policy = DeepSink(9, 4)
+    cache = KVCache(1, 9, FSL, heads, d, dtype=torch.bfloat16)
+    cache.temporal_freqs = table.tables[0][1]
+    for c in range(chunks):
+        k = torch.cat([at(f, f) for f in range(c * n, c * n + n)], 1).bfloat16()
+        cache.write(c * n, k, k)
+        keep = policy.after_chunk(0, cache, c, n)
+        if keep is not None:
+            cache.keep(keep.frames, keep.positions)
+    assert cache.positions[:4] == [cache.positions[4] - 4 + i for i in range(4)] and cache.positions[0] > 100
+    for slot, (f, p) in enumerate(zip(cache.frames[:4], cache.positions[:4])):
+        want = at(f, p)
+        got = cache.k[:, slot * FSL : (slot + 1) * FSL].double()
+        err = float((got - want).norm() / want.norm())
+        assert err < 3e-3  # one bf16 rounding (~2e-3; 40 of them: 5.4e-3)
+    assert sorted(cache.unmoved) == [0, 1, 2, 3]  # what they are rotated from: the sink's keys as written
 
 
 def test_a_cache_that_never_held_frames_equals_their_knockout(one_thread):

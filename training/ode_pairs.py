@@ -16,13 +16,12 @@ from training.errors import TrainingError
 def build_ode_pairs(cfg, *, log=print, progress: bool = True) -> Path:
     """`--make-ode-pairs`: the teacher (`model_root/real_name`, bidirectional, float32) makes `ode_pairs.num_pairs`
     trajectories for the prompts of `ode_pairs.prompt_file` (cycled), written to `data_path`. Rank 0 works."""
-    from tqdm.auto import tqdm
-
     from models.video import read_prompts
     from models.wan.checkpoint import load_wan
     from models.wan.text_encoder import TextEncoder
     from training.data import save_latent_dataset
     from training.rollout import make_ode_pairs
+    from workbench.progress import progress_bar
 
     d = fsdp.setup(cfg.device)
     plan = check_config(cfg, 1)
@@ -47,7 +46,7 @@ def build_ode_pairs(cfg, *, log=print, progress: bool = True) -> Path:
         context = encoder.encode(chosen).context.to(d.device, torch.float32)
         negative = encoder.encode([cfg.negative_prompt]).context.to(d.device, torch.float32)
         batches = -(-op.num_pairs // op.batch_size)
-        bar = tqdm(total=batches * op.steps * 2, desc="ODE pairs", unit="fwd", disable=not progress)
+        bar = progress_bar(total=batches * op.steps * 2, desc="ODE pairs", unit="fwd", disable=not progress)
         latents = make_ode_pairs(teacher, context, negative, shape=plan.shape, steps=op.steps, shift=op.shift,
                                  guidance_scale=op.guidance_scale, keep=tuple(op.keep), seed=op.seed,
                                  batch_size=op.batch_size, on_forward=lambda *_: bar.update(1))

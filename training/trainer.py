@@ -217,12 +217,12 @@ class Trainer(Steps, Checkpoints):
     def train(self, max_steps: int | None = None, *, save_at_end: bool = True) -> list[dict]:
         """Train until step `max_steps` (default: cfg.max_steps; 0 = until interrupted, then a checkpoint is
         saved). Returns the logged rows."""
-        from tqdm.auto import tqdm
+        from workbench.progress import progress_bar
 
         end = self.cfg.max_steps if max_steps is None else max_steps
         self.maybe_create_ema()
         self.maybe_probe()
-        bar = tqdm(total=(end - self.step) if end else None, desc=f"train ({self.plan.loss})", unit="step",
+        bar = progress_bar(total=(end - self.step) if end else None, desc=f"train ({self.plan.loss})", unit="step",
                    disable=not (self.progress and self.d.main))
         interrupted = broken = False
         stop = _StopAfterStep(self.log if self.d.main else None)  # Ctrl-C: finish this step, then save and stop

@@ -89,14 +89,13 @@ def make_world_latents(vae, num_videos: int, seed: int, latent_frames: int, *, b
                        progress: bool = True) -> tuple[list[str], torch.Tensor]:
     """(prompts, latents [N, F, 16, 12, 16] float32 on the CPU): items 0..N-1 of the world set, encoded by the
     `models.wan.vae.WanVAE` `vae` on its device."""
-    from tqdm.auto import tqdm
-
     from models.wan.vae import pixel_frames
+    from workbench.progress import progress_bar
 
     T = pixel_frames(latent_frames)
     items = [world.dataset_item(i, seed) for i in range(num_videos)]
     out = torch.empty((num_videos, latent_frames, 16, world.HEIGHT // 8, world.WIDTH // 8), dtype=torch.float32)
-    with tqdm(total=num_videos, desc="world latents", unit="video", disable=not progress) as bar:
+    with progress_bar(total=num_videos, desc="world latents", unit="video", disable=not progress) as bar:
         for first in range(0, num_videos, batch):
             chunk = items[first:first + batch]
             scenes = [world.scene_for(p, s) for p, s in chunk]

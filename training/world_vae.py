@@ -210,7 +210,7 @@ def check(cfg: VAETrainConfig) -> None:
 def train(cfg: VAETrainConfig, out: Path, resume: bool = False, log=print, deadline: float | None = None) -> dict:
     """Train, fold the statistics, write Wan2.1_VAE.pth and vae_metrics.json into `out`; returns the metrics.
     `deadline` (time.perf_counter() seconds): stop then; the learning-rate schedule follows the time."""
-    from tqdm.auto import tqdm
+    from workbench.progress import progress_bar
 
     check(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,7 +229,7 @@ def train(cfg: VAETrainConfig, out: Path, resume: bool = False, log=print, deadl
         log(f"resumed at step {step}")
     amp = device.type == "cuda"
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=step, desc="train VAE", unit="step")
+    bar = progress_bar(total=cfg.steps, initial=step, desc="train VAE", unit="step")
     running = []
     while step < cfg.steps:
         rng = np.random.default_rng([cfg.seed, step, 0x7AE])  # a step's clips do not depend on resuming

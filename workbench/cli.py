@@ -16,6 +16,7 @@ import sys
 from studies import commands as study_commands
 from training import commands as training_commands
 from workbench.commands import evaluate, export_legacy, extract, generate, info, intervene, view
+from workbench.errors import Terminated
 
 # subcommand modules, in the order `workbench --help` lists them
 COMMANDS = (info, generate, extract, evaluate, intervene, export_legacy, view, study_commands, training_commands)
@@ -44,28 +45,31 @@ checkpoint on top of it; info takes --wan-dir or --preset (it reads the config o
 """
 
 
-def kept_after_interrupt(args) -> str:
-    """What a command stopped by Ctrl-C left, read from its output (evaluate, train and view say their own): the
-    finished samples or entries a store lists, or the samples whose latents (written last) generate left."""
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def kept_after_interrupt(args, err: BaseException | None = None) -> str:
+    """What a command stopped by Ctrl-C or SIGTERM left of its own work (evaluate, train and view say their own):
+    the note its store writer attached to the interruption (`StoreWriter.kept_note`: the store's finished samples
+    or entries, and whether --overwrite starts over), or generate's finished samples of this run."""
     from pathlib import Path
 
+    if getattr(err, "kept", None):
+        return err.kept
     if args.command not in ("extract", "intervene", "generate"):
         return ""
     out = getattr(args, "out", None)
-    if not out or not Path(out).exists():
+    finished = getattr(args, "finished_samples", None)  # (generate's, once it knows its samples)
+    if not out or not Path(out).exists() or finished == []:
         return "Nothing was finished, so nothing is kept."
-    if args.command == "generate":
-        n = len(list(Path(out).glob("p[0-9][0-9][0-9][0-9]-s*.safetensors")))
-        return (f"{out} holds {n} finished sample(s): the same command, run again, makes only the others."
-                if n else "Nothing was finished, so nothing is kept.")
-    try:
-        import zarr
-
-        n = len(zarr.open_group(out, mode="r").attrs.get("completed", []))
-    except Exception:
-        return ""
-    what = "sample(s)" if args.command == "extract" else "entries (baseline included)"
-    return f"{out} holds {n} finished {what}: the same command, run again, resumes there."
+    if finished is None:  # stopped before the command had its store or samples: nothing of this run is there
+        return f"Nothing of this run was finished; {out} is as it was."
+    own = f"{len(finished)} of this run's {args.own_samples} sample(s)"
+    if getattr(args, "overwrite", False):
+        return (f"{out} holds {own}, finished: the same command without --overwrite makes only the others (with it, "
+                "all of them again).")
+    return f"{out} holds {own}, finished: the same command, run again, makes only the others."
 
 
 PLUGINS_ENV = "WORKBENCH_PLUGINS"
@@ -159,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
             show(message, category, *rest, **kw)
 
     warnings.showwarning = one_line
+    import signal
+
+    try:  # SIGTERM stops a command as Ctrl-C does (train installs its own handler while it runs)
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # (not the main thread: main() called from another thread)
+        previous = None
     try:
         try:
             return args.func(args) or 0
@@ -175,11 +185,14 @@ def main(argv: list[str] | None = None) -> int:
                 if err.errno == errno.ENOSPC else "")
         print(f"workbench {args.command}: error: {err.strerror or err}{where}{full}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; what a command finished is on disk
-        print(f"\nworkbench {args.command}: interrupted. {kept_after_interrupt(args)}".rstrip(), file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line, no traceback; what a command finished is on disk
+        how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"\nworkbench {args.command}: {how}. {kept_after_interrupt(args, err)}".rstrip(), file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
     finally:
         warnings.showwarning = show
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -9,3 +9,9 @@ from models.errors import ModelInputError
 
 class WorkbenchError(ModelInputError):
     """Bad input to a workbench command, found before any work started."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a batch system's walltime), raised where a command is (workbench/cli.py installs
+    the handler), so that it stops as on Ctrl-C: a write under way undone, its lock released, one line saying what
+    is kept (exit status 143)."""

@@ -532,6 +532,7 @@ def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
             writer = open_writer(p, log)
             check_resumed_prompts(writer, samples, cfg.out)
             todo = [s for s in samples if not writer.done(sample_id(s[0], s[2]))]
+            writer.requested = [sample_id(i, seed) for i, _, seed in samples]
             fp, sha = writer.fingerprint, writer.fields["model"]["weights"]
             # the same weights (the fingerprint holds their sha256) keep the store's one label, however named now
             # (`--model dmd` and the path of its file made two labels of one model in a store)
@@ -562,6 +563,10 @@ def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
                 log(f"{cfg.out}: all {len(samples)} samples are already there; nothing to do")
             return Path(cfg.out)
         return _extract(p, rank, world, todo, fp, sha, device, dtype, command, log, writer)
+    except KeyboardInterrupt as err:  # (Ctrl-C, SIGTERM: the command line says what is kept)
+        if writer is not None:
+            err.kept = writer.kept_note("sample(s)", cfg.mode)
+        raise
     finally:
         if writer is not None:
             writer.close()
@@ -570,9 +575,8 @@ def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
 def _extract(p: Plan, rank: int, world: int, todo, fp: str, weights_sha: str, device, dtype, command, log,
              writer: StoreWriter | None):
     """Run the samples of `todo` (dealt out to the ranks) and write them with rank 0's `writer`."""
-    from tqdm.auto import tqdm
-
     from models.wan.text_encoder import TextEncoder
+    from workbench.progress import progress_bar
 
     cfg = p.cfg
     causal = cfg.sampler != "bidirectional"
@@ -585,7 +589,7 @@ def _extract(p: Plan, rank: int, world: int, todo, fp: str, weights_sha: str, de
     # the order of a single-process run as soon as the round ends (a killed run keeps every finished round).
     rounds = [todo[i : i + world] for i in range(0, len(todo), world)]
     forwards = len(p.schedule) * (len(block_sizes_of(cfg)) if causal else 1)
-    bar = tqdm(total=len(rank_share(todo, rank, world)) * forwards,
+    bar = progress_bar(total=len(rank_share(todo, rank, world)) * forwards,
                desc=f"extract (rank {rank})" if world > 1 else "extract", unit="fwd",
                disable=not cfg.progress or rank != 0)
     probe = make_probe(model, p, device)

@@ -269,6 +269,9 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str | lis
         raise
     try:
         return _run(p, cfg, entries, writer, scored, command, log, capture, save_videos)
+    except KeyboardInterrupt as err:  # (Ctrl-C, SIGTERM: the command line says what is kept)
+        err.kept = writer.kept_note("entries (baseline included)", cfg.mode)
+        raise
     finally:
         writer.close()
 
@@ -301,12 +304,12 @@ def _save_video(video: np.ndarray, store, label: str, sample: tuple, model: str)
 
 def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_videos=False):
     import torch
-    from tqdm.auto import tqdm
 
     from models.wan.text_encoder import TextEncoder
     from workbench.extract import _attrs, _dtype, command_words, load_model, make_probe, sample_rollout, store_layout
     from workbench.hooks import CallFilter, attach
     from workbench.interventions import HeadOutputs
+    from workbench.progress import progress_bar
     from workbench.store import SCHEMA_VERSION
 
     stored = writer.stored("intervention_spec")  # an entry of the same label made with other settings: refused
@@ -318,6 +321,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
                              "give this run's entries their own labels (label: in a --spec file), or choose another "
                              "--out (or --overwrite)")
     todo = [e for e in [BASELINE, *entries] if not writer.done(e.label)]
+    writer.requested = [e.label for e in [BASELINE, *entries]]
     samples = [(i, prompt, seed) for i, prompt in enumerate(cfg.prompts) for seed in cfg.seeds]
     if not todo:
         log(f"{cfg.out}: all {len(entries) + 1} entries are already there; nothing to do")
@@ -349,7 +353,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     layout = store_layout(p, attrs) if capture else None  # (the captured steps, layers and chunks)
     if save_videos:
         attrs["videos_dir"] = videos_dir(cfg.out).name
-    bar = tqdm(total=len(todo) * len(samples), desc="intervene", unit="rollout", disable=not cfg.progress)
+    bar = progress_bar(total=len(todo) * len(samples), desc="intervene", unit="rollout", disable=not cfg.progress)
 
     probe = make_probe(model, p, device) if capture else None
 

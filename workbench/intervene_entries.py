@@ -257,6 +257,9 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
         if chunk_frames and e.window < e.sink_frames + chunk_frames:
             raise WorkbenchError(f"policy window {e.window}: it must hold the {e.sink_frames} sink frame(s) and a "
                                  f"chunk of {chunk_frames}: at least {e.sink_frames + chunk_frames}")
+        if chunk_frames and e.policy == "headwise" and e.static_recent < chunk_frames:
+            raise WorkbenchError(f"static_recent {e.static_recent} is less than a chunk of {chunk_frames} frames: a "
+                                 f"static head sees its own chunk whole, so give at least {chunk_frames}")
     e.label = str(d.get("label") or default_label(e))
     return e
 

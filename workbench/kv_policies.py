@@ -15,8 +15,9 @@ included. The policies here decide:
     AttentionGuided(window, sink)   keep what the recent queries attend to most: per layer, the attention mass of
                                     the chunk's queries (every head, every step of the chunk, exact: computed
                                     from the kernel's log-sum-exp while the rollout runs) on each held frame; the
-                                    newest chunk and the sink always stay. An observer: attach it (`attach(model,
-                                    policy)`) to the same rollout
+                                    sink always stays, and the newest chunk where the window has room for it
+                                    beside the sink. An observer: attach it (`attach(model, policy)`) to the same
+                                    rollout
     HeadWise(window, static, ...)   Forcing-KV's split: "static" heads (per layer) attend only to the sink and the
                                     newest `static_recent` frames, the other ("dynamic") heads to the whole window;
                                     `static_heads_from_store` reads the split from a store's attention mass
@@ -98,8 +99,9 @@ class FifoWindow(WindowSink):
 
 class DeepSink(WindowSink):
     """A deep sink (`sink` frames, Deep Forcing keeps 40-60% of the window) with its temporal RoPE re-aligned:
-    sink frame i sits at position p0 - sink + i, p0 = the position of the oldest non-sink frame held, so the sink
-    is contiguous in time with the newest frames (before the window slides, p0 = sink: nothing moves)."""
+    sink frame i sits at position p0 - sink + i, p0 = the position of the oldest non-sink frame held (the next
+    chunk's first frame when the window keeps the sink alone beside it, window = sink + chunk), so the sink is
+    contiguous in time with the newest frames (before the window slides, p0 = sink: nothing moves)."""
 
     def __init__(self, window: int, sink: int, realign: bool = True):
         super().__init__(window, sink)
@@ -119,10 +121,12 @@ class DeepSink(WindowSink):
 
     def after_chunk(self, layer: int, cache: KVCache, chunk: int, next_frames: int) -> Keep | None:
         kept = self.kept_frames(cache, next_frames)
-        if not self.realign or len(kept) <= self.sink:
+        if not self.realign or len(kept) < self.sink:  # (the sink not yet full: nothing to move)
             return None if kept == cache.frames else Keep(kept)
         pos = dict(zip(cache.frames, cache.positions))
-        first_recent = pos[kept[self.sink]]
+        # the oldest other frame kept, or with none (the sink alone beside the next chunk) that chunk's first frame,
+        # one after the newest frame held (the frames after the sink sit at their own frame index)
+        first_recent = pos[kept[self.sink]] if len(kept) > self.sink else pos[cache.frames[-1]] + 1
         positions = [first_recent - self.sink + i if i < self.sink else pos[f] for i, f in enumerate(kept)]
         return None if kept == cache.frames and positions == cache.positions else Keep(kept, positions)
 
@@ -222,6 +226,13 @@ class HeadWise(WindowSink):
     @property
     def key(self):
         return super().key + (tuple(sorted(self.static.items())), self.static_recent)
+
+    def capacity(self, num_frames: int, chunk_frames: int) -> int:
+        if self.static_recent < chunk_frames:  # (a chunk's queries always see their own chunk)
+            raise ValueError(f"{self.name}: static_recent {self.static_recent} is less than a chunk of "
+                             f"{chunk_frames} frames; a static head sees its own chunk whole, so give at least "
+                             f"{chunk_frames}")
+        return super().capacity(num_frames, chunk_frames)
 
     def after_chunk(self, layer: int, cache: KVCache, chunk: int, next_frames: int) -> Keep | None:
         kept = self.kept_frames(cache, next_frames)

@@ -446,6 +446,7 @@ class StoreWriter:
         self.made_by = made_by  # this run's weights in words (a refusal names them beside the store's)
         self.append_dim, self.completed_attr, self.hint, self.log = append_dim, completed_attr, hint, log
         self.completed: list = []
+        self.requested: list = []  # the entries this run was asked for (the store's `requested`, with earlier runs')
         self._tmp = self.path.with_name(f".{self.path.name}.tmp")
         self._old = self.path.with_name(f".{self.path.name}.old")
         self.lock = StoreLock(self.path).acquire() if lock is None else lock
@@ -464,6 +465,20 @@ class StoreWriter:
     def close(self) -> None:
         """Release the store's lock."""
         self.lock.release()
+
+    def kept_note(self, what: str, mode: str) -> str:
+        """What a run stopped midway leaves (the line `workbench` prints): the store's finished `what` (e.g.
+        'sample(s)') and how to go on; with --overwrite, that the same command starts over, and before its first
+        entry that the store is as it was (the old store goes when the first new entry is swapped in)."""
+        n = len(self.completed)
+        if not n:
+            return (f"Nothing of this run was finished; {self.path} is as it was (--overwrite replaces it once this "
+                    "run's first entry is done)." if mode == "overwrite" and self.path.exists()
+                    else "Nothing was finished, so nothing is kept.")
+        if mode == "overwrite":
+            return (f"{self.path} holds this run's {n} finished {what}: the same command without --overwrite resumes "
+                    "there (with it, it starts over).")
+        return f"{self.path} holds {n} finished {what}: the same command, run again, resumes there."
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -659,6 +674,8 @@ class StoreWriter:
             if self._tmp.exists():
                 shutil.rmtree(self._tmp)
             ds.attrs[self.completed_attr] = [key]
+            if self.requested:
+                ds.attrs["requested"] = list(self.requested)
             self._write_tmp(ds)
             self._swap_in()
         else:
@@ -670,6 +687,7 @@ class StoreWriter:
             if run and run != {k: attrs.get(k) for k in run} and run not in attrs.get("runs", []):
                 attrs["runs"] = attrs.get("runs", []) + [run]
             attrs[self.completed_attr] = list(self.completed)
+            asked = list(attrs.get("requested", []))
             ds.attrs = attrs
             static = [name for name, v in ds.variables.items() if self.append_dim not in v.dims]
             held = set(zarr.open_group(self.path, mode="r").array_keys())
@@ -680,7 +698,10 @@ class StoreWriter:
                 with contextlib.suppress(Exception):
                     self.truncate(len(self.completed))
                 raise
-            zarr.open_group(self.path, mode="r+").attrs[self.completed_attr] = self.completed + [key]
+            marks = {self.completed_attr: self.completed + [key]}
+            if self.requested:  # (with the mark: an append taken back leaves the attrs as they were)
+                marks["requested"] = asked + [k for k in self.requested if k not in asked]
+            zarr.open_group(self.path, mode="r+").attrs.update(marks)
         self.completed.append(key)
 
 

@@ -102,6 +102,9 @@ class KVCache:
         self.head_mask: torch.Tensor | None = None  # [heads, filled slots] bool: which heads attend to which
         self.end_frame = 0  # one past the newest absolute frame written
         self.temporal_freqs: torch.Tensor | None = None  # [rope_split[0] / 2] float64: `keep` re-rotates with it
+        # frame -> (the position its keys were written at, their temporal channels then [B, fsl, H, 2t]): a frame
+        # moved again is rotated from these, once, not from its last rotation (in bf16 each rotation rounds)
+        self.unmoved: dict[int, tuple[int, torch.Tensor]] = {}
 
     def write(self, start_frame: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Write the keys/values of frames [start_frame, start_frame + n) (k_new [B, n * fsl, H, D]). Keys or
@@ -143,6 +146,8 @@ class KVCache:
                 raise ModelInputError(f"frames {frames} were evicted from the KV cache and cannot be rewritten")
             slot = self.frames.index(start_frame)
             self.stamps[slot : slot + n] = [next(_STAMPS) for _ in range(n)]
+            for f in frames:  # (new keys: rotated at their frame by the model)
+                self.unmoved.pop(f, None)
         else:
             if start_frame != self.end_frame:
                 raise ModelInputError(
@@ -175,6 +180,8 @@ class KVCache:
         dst = slice(self.sink * self.fsl, used - count * self.fsl)
         self.k[:, dst] = self.k[:, src].clone()
         self.v[:, dst] = self.v[:, src].clone()
+        for f in self.frames[self.sink : keep_from]:
+            self.unmoved.pop(f, None)
         del self.frames[self.sink : keep_from]
         del self.positions[self.sink : keep_from]
         del self.stamps[self.sink : keep_from]
@@ -205,10 +212,14 @@ class KVCache:
             if dst != i:
                 self.k[:, dst * fsl : (dst + 1) * fsl] = self.k[:, i * fsl : (i + 1) * fsl].clone()
                 self.v[:, dst * fsl : (dst + 1) * fsl] = self.v[:, i * fsl : (i + 1) * fsl].clone()
-            delta = positions[dst] - self.positions[i]
-            if delta:
-                self._retime(slice(dst * fsl, (dst + 1) * fsl), delta)
+            if positions[dst] != self.positions[i]:
+                tokens, f = slice(dst * fsl, (dst + 1) * fsl), frames[dst]
+                if f not in self.unmoved:
+                    self.unmoved[f] = (self.positions[i], self.k[:, tokens, :, : 2 * self._temporal_pairs()].clone())
+                written_at, channels = self.unmoved[f]
+                self._retime(tokens, positions[dst] - written_at, channels)
                 stamps[dst] = next(_STAMPS)
+        self.unmoved = {f: v for f, v in self.unmoved.items() if f in frames}
         if head_mask is not None and tuple(head_mask.shape) != (self.k.shape[2], len(frames)):
             raise ModelInputError(f"cache policy head mask of shape {tuple(head_mask.shape)}; expected "
                                   f"[{self.k.shape[2]}, {len(frames)}]")
@@ -216,30 +227,37 @@ class KVCache:
         self._own_version = self._k_version()
         self.head_mask = None if head_mask is None or bool(head_mask.all()) else head_mask.to(torch.bool).cpu()
 
-    def _retime(self, tokens: slice, delta: int) -> None:
-        """Rotate the temporal RoPE channel pairs of the keys in `tokens` by the angle of `delta` positions."""
+    def _temporal_pairs(self) -> int:
         if self.temporal_freqs is None:
             raise ModelInputError("this cache cannot move RoPE positions (no temporal frequencies were given)")
+        return self.temporal_freqs.numel()
+
+    def _retime(self, tokens: slice, delta: int, channels: torch.Tensor) -> None:
+        """The temporal RoPE channel pairs of the keys in `tokens`: `channels` (the same keys' temporal channels
+        [B, n, H, 2t] as written) rotated by the angle of `delta` positions."""
         k = self.k[:, tokens]  # [B, n, H, D]
         work = torch.float64 if k.dtype == torch.float64 else torch.float32
-        t = self.temporal_freqs.numel()
+        t = self._temporal_pairs()
         angle = (delta * self.temporal_freqs).to(k.device)  # float64 [t]
         cos, sin = angle.cos().to(work), angle.sin().to(work)
-        pairs = k[..., : 2 * t].to(work).unflatten(-1, (t, 2))
+        pairs = channels.to(work).unflatten(-1, (t, 2))
         x0, x1 = pairs[..., 0], pairs[..., 1]
         k[..., : 2 * t] = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2).to(k.dtype)
 
     def clear(self) -> None:
         """Empty (the next rollout rewrites every slot before reading it; the tensors keep their addresses)."""
         self.frames, self.positions, self.stamps, self.head_mask, self.end_frame = [], [], [], None, 0
+        self.unmoved = {}
 
     def state(self) -> tuple:
         """The slot bookkeeping (what `restore` puts back: a CUDA graph replay writes the tensors, not this)."""
-        return list(self.frames), list(self.positions), list(self.stamps), self.head_mask, self.end_frame
+        return (list(self.frames), list(self.positions), list(self.stamps), self.head_mask, self.end_frame,
+                dict(self.unmoved))
 
     def restore(self, state: tuple) -> None:
-        frames, positions, stamps, self.head_mask, self.end_frame = state
-        self.frames, self.positions, self.stamps = list(frames), list(positions), list(stamps)
+        frames, positions, stamps, self.head_mask, self.end_frame, unmoved = state
+        self.frames, self.positions, self.stamps, self.unmoved = list(frames), list(positions), list(stamps), \
+            dict(unmoved)
 
     def held_bytes(self) -> int:
         """Bytes of keys and values in filled slots (what the held frames take, not the allocation)."""

@@ -271,10 +271,10 @@ def _run(args, out, choices, plans, skipped, prompts, seeds, compare, device, dt
     import shlex
     import time
 
-    from tqdm.auto import tqdm
-
     from studies import world_metrics, world_report
     from workbench import scores
+    from workbench.errors import Terminated
+    from workbench.progress import progress_bar
     from workbench.store import sample_id
 
     # --- what an earlier run of the same models and settings already scored (workbench/scores.py)
@@ -304,7 +304,7 @@ def _run(args, out, choices, plans, skipped, prompts, seeds, compare, device, dt
 
     pool = _pool(workers) if len(done) < len(jobs) else None
     pending, started, new = [], time.time(), len(jobs) - len(done)
-    bar = tqdm(total=len(jobs), initial=len(done), desc="evaluate", unit="video", disable=args.no_progress)
+    bar = progress_bar(total=len(jobs), initial=len(done), desc="evaluate", unit="video", disable=args.no_progress)
     try:
         for c in choices:
             todo = [k for k in plans if k[0] == c.label and any((*k, i, s) not in done for i in range(len(prompts))
@@ -333,14 +333,16 @@ def _run(args, out, choices, plans, skipped, prompts, seeds, compare, device, dt
                             keep(job, world_metrics.score_video(video, prompt))
                         bar.update(1)
                 del model
-        for job, future in tqdm(pending, desc="track", unit="video", disable=args.no_progress or not pending):
+        for job, future in progress_bar(pending, desc="track", unit="video", disable=args.no_progress or not pending):
             keep(job, future.result())
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # (Ctrl-C, or SIGTERM: Terminated)
         if pool:
             _keep_finished(pending, keep)
-        print(f"\ninterrupted: {len(done)} of {len(jobs)} video(s) scored and kept in {out / scores.FOLDER}; run "
-              "the same command again to go on from there", file=sys.stderr)
-        return 130
+        bar.close()  # (before the message: a bar closed after it is drawn again under it)
+        sigterm = isinstance(err, Terminated)
+        print(f"\n{'terminated (SIGTERM)' if sigterm else 'interrupted'}: {len(done)} of {len(jobs)} video(s) scored "
+              f"and kept in {out / scores.FOLDER}; run the same command again to go on from there", file=sys.stderr)
+        return 143 if sigterm else 130
     finally:
         bar.close()
         if pool:

@@ -176,7 +176,6 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from pathlib import Path
 
     import torch
-    from tqdm.auto import tqdm
 
     from models.common.rollout import sample, seeded_noise
     from models.errors import ModelInputError
@@ -193,6 +192,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from workbench.errors import WorkbenchError
     from workbench.extract import (_dtype, _rank_device, check_context_noise, check_device, check_window,
                                    default_prompts, parse_int_list, rank_share)
+    from workbench.progress import progress_bar
     from workbench.store import StoreLock, sample_id
     from workbench.weights import check_vae_file, check_wan_dir, wan_dir_hint
 
@@ -307,12 +307,14 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
         (i, s) for i, s in jobs if existing[sample_id(i, s)] == []
         and all(_whole(out / f"{sample_id(i, s)}{suffix}") for suffix in videos)]
     jobs = [job for job in jobs if job not in kept]
+    args.own_samples = len(wanted)  # (what an interruption reports: this run's samples finished, kept ones first)
+    args.finished_samples = [sample_id(i, s) for i, s in kept]
     if kept and rank == 0:
         print(f"resuming: {len(kept)} sample(s) are already in {out}, made with the same prompt, seed, sampler, "
               f"weights and size; generating the other {len(jobs)}" + (" on this process" if world > 1 else "")
               + " (--overwrite makes them all again)", flush=True)
     contexts = {i: encoder.encode([prompts[i]]).context
-                for i in tqdm(sorted({i for i, _ in jobs}), desc="encode", disable=quiet)}
+                for i in progress_bar(sorted({i for i, _ in jobs}), desc="encode", disable=quiet)}
     cfg_sampler = args.sampler != "causal_few_step"
     negative = encoder.encode([args.negative_prompt]).context if cfg_sampler else None
     if low_memory:
@@ -362,7 +364,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
                                                                             prompt_index=i, seed=seed)
         # the last chunk's context pass only writes the cache (same latents): skipped unless --live shows it
         skip_last = args.sampler == "causal_few_step" and live is None
-        with watched, tqdm(total=chunks * per_chunk - skip_last, desc=f"rollout {name}", unit="fwd",
+        with watched, progress_bar(total=chunks * per_chunk - skip_last, desc=f"rollout {name}", unit="fwd",
                            disable=quiet) as bar:
             latents = sample(model, args.sampler, noise, contexts[i].to(device, dtype),
                              None if negative is None else negative.to(device, dtype), generator=gen,
@@ -385,6 +387,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
             write_png_grid(video, out / f"{name}.png", ncols=9, frames=range(0, video.shape[1], 5), label_frames=True,
                            title=f"{model_label(args)} · seed {seed} · {name} · \"{prompts[i]}\"")
         atomic_write_bytes(out / f"{name}.safetensors", safetensors_bytes(tensors, metadata))
+        args.finished_samples.append(name)
     if live is not None:
         live.close()
     if world > 1:

@@ -1,0 +1,30 @@
+"""Progress bars for long work: tqdm's (`tqdm.auto`), drawn as usual on a terminal and in Jupyter; when stderr goes
+to a file (a batch job's log, `2> run.log`), redrawn at most every LOG_INTERVAL seconds, so that an hour's run
+writes a hundred or so short updates there, not megabytes of redraws. `--no-progress` (disable=True) still hides
+them. Every command's bars come from `progress_bar`."""
+
+from __future__ import annotations
+
+import sys
+
+LOG_INTERVAL = 30.0  # seconds between redraws when nobody watches a terminal
+
+
+def progress_bar(*args, **kw):
+    """tqdm.auto.tqdm(*args, **kw), redrawn every LOG_INTERVAL seconds at most when stderr is not a terminal."""
+    from tqdm.auto import tqdm
+
+    if not interactive():
+        kw.setdefault("mininterval", LOG_INTERVAL)
+    return tqdm(*args, **kw)
+
+
+def interactive(stream=None) -> bool:
+    """Whether a person watches the bars: stderr is a terminal, or this is a Jupyter kernel (tqdm's widget)."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        if stream.isatty():
+            return True
+    except (AttributeError, ValueError):  # (a closed or replaced stream)
+        pass
+    return "ipykernel" in sys.modules
