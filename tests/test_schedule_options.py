@@ -139,3 +139,23 @@ def test_their_config_gives_a_cfg_sampler_its_guidance_and_negative_prompt(tmp_p
     assert resolved(sampler="bidirectional", guidance_scale=4.5, negative_prompt="blur") == (4.5, "blur")
     assert resolved(sampler="causal_few_step") == (5.0, "")
     assert resolved(sampler="causal_multi_step_cfg", config=None) == (5.0, "")
+
+
+def test_their_config_shifts_a_cfg_sampler_by_its_top_level_timestep_shift(tmp_path):
+    """Their few-step pipeline shifts with model_kwargs.timestep_shift, their multi-step one with the top-level
+    timestep_shift (causal_diffusion_inference.py: args.timestep_shift)."""
+    import argparse
+
+    from workbench.commands import apply_schedule
+
+    text = (REPO / "configs" / "self_forcing_dmd.yaml").read_text()
+    text = text.replace("\ntimestep_shift: 5.0", "\ntimestep_shift: 3.0")  # (the top-level key only)
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    for sampler, shift in (("causal_multi_step_cfg", 3.0), ("bidirectional", 3.0), ("causal_few_step", 5.0)):
+        args = argparse.Namespace(config=str(config), sampler=sampler, denoising_step_list=None,
+                                  warp_denoising_step=None, timestep_shift=None, context_noise=None,
+                                  num_frame_per_block=None, local_attn_size=None, sink_size=None,
+                                  independent_first_frame=False)
+        apply_schedule(args)
+        assert args.timestep_shift == shift, sampler

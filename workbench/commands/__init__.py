@@ -61,8 +61,8 @@ def add_schedule_arguments(group) -> None:
                             "onto configs/default_config.yaml as their inference.py merges it; it sets "
                             "denoising_step_list, warp_denoising_step, model_kwargs.timestep_shift, context_noise, "
                             "num_frame_per_block, independent_first_frame and model_kwargs.local_attn_size / "
-                            "sink_size, and for a CFG sampler guidance_scale and negative_prompt (flags given on the "
-                            "command line win)")
+                            "sink_size, and for a CFG sampler guidance_scale, negative_prompt and the top-level "
+                            "timestep_shift, as their multi-step pipeline (flags given on the command line win)")
     group.add_argument("--denoising-step-list", metavar="T,T,...",
                        help="the few-step sampler's steps (default: 1000,750,500,250, every Self-Forcing config's)")
     group.add_argument("--warp-denoising-step", action=argparse.BooleanOptionalAction, default=None,
@@ -96,8 +96,13 @@ def apply_schedule(args) -> None:
         from training.config import load_config
 
         c = load_config(args.config)  # (the ModelInputError of a missing file or an unknown key: one line)
+        # their few-step pipeline shifts with the model's model_kwargs.timestep_shift, their multi-step one with the
+        # top-level timestep_shift (causal_diffusion_inference.py: args.timestep_shift); both 5.0 in their configs
+        cfg_sampler = getattr(args, "sampler", None) not in (None, "causal_few_step")
+        shift = c.timestep_shift if cfg_sampler and "timestep_shift" in _as_written(args.config) else \
+            c.model_kwargs.timestep_shift
         from_file = dict(denoising_step_list=list(c.denoising_step_list), warp_denoising_step=c.warp_denoising_step,
-                         timestep_shift=c.model_kwargs.timestep_shift, context_noise=c.context_noise,
+                         timestep_shift=shift, context_noise=c.context_noise,
                          num_frame_per_block=c.num_frame_per_block, local_attn_size=c.model_kwargs.local_attn_size,
                          sink_size=c.model_kwargs.sink_size)
         if c.independent_first_frame and not hasattr(args, "independent_first_frame"):
@@ -214,6 +219,15 @@ def resolve_model(args) -> None:
         args.model_note = BASE_WAN_FEW_STEP_NOTE
 
 
+def _as_written(path):
+    """A config file merged onto configs/default_config.yaml alone (not the schema): the keys the files set."""
+    from omegaconf import OmegaConf
+
+    from training.config import DEFAULT_CONFIG
+
+    return OmegaConf.merge(OmegaConf.load(DEFAULT_CONFIG), OmegaConf.load(path))
+
+
 def config_cfg_settings(args, entry) -> None:
     """With --config and a CFG sampler, the guidance scale and negative prompt the command line left unset come
     from the file (or configs/default_config.yaml under it), as the researchers' multi-step pipeline reads them
@@ -225,12 +239,10 @@ def config_cfg_settings(args, entry) -> None:
     wanted = [key for key in ("guidance_scale", "negative_prompt") if getattr(args, key, "") is None]
     if sampler == "causal_few_step" or not wanted:
         return
-    from omegaconf import OmegaConf
-
-    from training.config import DEFAULT_CONFIG, load_config
+    from training.config import load_config
 
     load_config(args.config)  # (a missing file, bad YAML or an unknown key: the one-line error apply_schedule gives)
-    raw = OmegaConf.merge(OmegaConf.load(DEFAULT_CONFIG), OmegaConf.load(args.config))
+    raw = _as_written(args.config)
     for key in wanted:
         if key in raw:
             setattr(args, key, raw[key])
