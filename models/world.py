@@ -103,8 +103,15 @@ def prompt_grid(template: int = 0) -> list[str]:
     return [prompt_for(c, s, d, template) for c, s, d in itertools.product(COLOURS, SHAPES, DIRECTIONS)]
 
 
+# words that say the object does not move the named way, or is still: such a prompt names no video of the world
+NEGATIONS = ("not", "no", "never", "nor", "without", "isn", "doesn", "don", "still", "static", "stationary",
+             "motionless", "stop", "stops", "stopped", "stopping")
+
+
 def parse_prompt(prompt: str) -> tuple[str, str, str]:
-    """(colour, shape, direction) named by a prompt; ValueError unless it names exactly one of each."""
+    """(colour, shape, direction) named by a prompt; ValueError unless it names exactly one of each, each once
+    (a colour or shape named twice is two objects), and says nothing against the motion (`NEGATIONS`: "not
+    moving left" was read as moving left)."""
     words = re.findall(r"[a-z]+", prompt.lower())
     found, wrong = [], []
     for name, vocab in (("colour", COLOURS), ("shape", SHAPES), ("direction", DIRECTIONS)):
@@ -112,6 +119,12 @@ def parse_prompt(prompt: str) -> tuple[str, str, str]:
         found.append(hits[0] if hits else None)
         if len(hits) != 1:
             wrong.append(f"{len(hits)} {name}s {hits}; the world needs exactly one of {', '.join(vocab)}")
+        elif words.count(hits[0]) > 1 and name != "direction":
+            wrong.append(f"the {name} {hits[0]!r} {words.count(hits[0])} times; the world has one object")
+    negated = [w for w in words if w in NEGATIONS]
+    if negated:
+        wrong.append(f"a negation or no motion ({negated[0]!r}); the world's videos are one object moving the way "
+                     "its prompt names")
     if wrong:
         raise ValueError(f"prompt {prompt!r} names " + "; and ".join(wrong))
     return found[0], found[1], found[2]

@@ -20,7 +20,7 @@ The tracker, per video (`track`):
   3. a first position: the maximum of the saliency summed over a BOX x BOX (23 x 23) box on the torus.
   4. a window of 2 HALF_WINDOW + 1 = 69 px square about it (indices modulo the frame, so wrap-around costs
      nothing): the object's pixels are the salient ones widened by 2 px; its colour the median of its interior
-     (the salient pixels 2 px inside the edge, which a one-pixel edge ramp never reaches); its coverage alpha the
+     (the salient pixels 3 px inside the edge, which a one-pixel edge ramp never reaches); its coverage alpha the
      projection of r onto (colour - bg), clipped to [0, 1]; its centre the alpha-weighted mean of the window's
      offsets (the circular mean on the torus of a compact object), the window then re-centred on it once; its
      area the sum of alpha.
@@ -242,7 +242,8 @@ def _track_batch(frames: np.ndarray, design: np.ndarray, prev, background: np.nd
     flat_r, flat_bg = smooth.reshape(-1, 3), bg.reshape(-1, 3)
     dot = (flat_r @ PALETTE.T - (flat_r * flat_bg).sum(-1, keepdims=True)).reshape(B, H, W, -1)  # [B, H, W, 4]
     dist2 = ((PALETTE ** 2).sum(-1) - 2 * flat_bg @ PALETTE.T + (flat_bg ** 2).sum(-1, keepdims=True)).reshape(dot.shape)
-    explained = (np.maximum(dot, 0) ** 2 / dist2).max(-1)  # [B, H, W]
+    # (a background equal to a vocabulary colour explains nothing of it: 0, not 0 / 0)
+    explained = np.divide(np.maximum(dot, 0) ** 2, dist2, out=np.zeros_like(dot), where=dist2 > 0).max(-1)  # [B, H, W]
     salient = explained > tau[:, None, None] ** 2
     mask = _widen(salient, WIDEN)
     interior = ~_widen(~salient, WIDEN + 1)  # 3 px in: past the edge ramp, and the 1 px the smoothing adds

@@ -68,6 +68,11 @@ def test_every_template_parses_back():
     ("a red square moving", "0 directions"),
     ("a red square moving up and left", "2 directions"),
     ("", "0 colours"),
+    # a negated or still object, and two objects named alike, were read as the one object moving that way
+    ("a red square that is not moving left", "a negation or no motion \\('not'\\)"),
+    ("a red square that isn't moving left", "a negation or no motion"),
+    ("a red square standing still on the left", "a negation or no motion \\('still'\\)"),
+    ("a red square and a red square moving left", "the colour 'red' 2 times; the world has one object"),
 ])
 def test_prompt_errors_name_what_is_missing(prompt, needle):
     with pytest.raises(ValueError, match=needle):

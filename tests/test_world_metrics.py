@@ -250,3 +250,19 @@ def test_jitter_and_slowing_are_caught():
     err = s.curves["trajectory_error"]
     assert s.numbers["direction_ok"] == 1 and err[:81].max() < 0.05 and s.numbers["trajectory_drift"] > 30
     assert np.all(np.diff(err[100:]) > 0)  # falling behind more with every frame
+
+
+def test_a_frame_of_a_vocabulary_colour_detects_nothing_without_warnings():
+    """A background equal to a vocabulary colour (a model that paints the frame red) explains nothing of that
+    colour: no object, and no 0 / 0 RuntimeWarning from the tracker."""
+    import warnings
+
+    from models import world
+    from studies import world_metrics
+
+    red = np.asarray(world.COLOURS["red"]) * 2 - 1  # the vocabulary's red, in [-1, 1]
+    video = np.broadcast_to(red[:, None, None, None], (3, 81, 96, 128)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        score = world_metrics.score_video(video, "a red square moving left")
+    assert score.found[:2] == ("none", "none") and score.numbers["detected"] == 0.0
