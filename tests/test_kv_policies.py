@@ -102,58 +102,52 @@ def test_frames_positions_and_memory_held_after_each_chunk():
     assert [p for _, p, _ in tight][:4] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
 
 
-def test_deep_sink_realignment_rotates_temporal_channels_only():
-    """Keys made by RoPE at their frame, moved by the policy, equal the same keys made by RoPE at the new position
-    (float64); height and width channels are untouched bitwise."""
-    heads, d, n = 2, 12, 3
+def deep_sink_rollout(chunks: int, dtype, after_chunk=None, heads=2, d=12, n=3):
+    """DeepSink(9, 4) driving a cache of `dtype` over `chunks` chunks of keys made by RoPE at their frame (float64,
+    then `dtype`); `after_chunk(cache, at)` after each. Returns the cache and at(frame, position): the float64 keys
+    of a frame made by RoPE at a position."""
     table = RopeTable((d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)))
     torch.manual_seed(0)
-    base = torch.randn(1, 18 * FSL, heads, d, dtype=torch.float64)  # un-rotated keys of 18 frames
+    base = torch.randn(1, chunks * n * FSL, heads, d, dtype=torch.float64)  # un-rotated keys
 
     def at(frame, position):
         cos, sin = rope_cos_sin(table.angles(1, 2, 3, position), "cpu", torch.float64)
         return rope(base[:, frame * FSL : (frame + 1) * FSL], cos, sin)
 
     policy = DeepSink(9, 4)
-    cache = KVCache(1, 9, FSL, heads, d, dtype=torch.float64)
+    cache = KVCache(1, 9, FSL, heads, d, dtype=dtype)
     cache.temporal_freqs = table.tables[0][1]
-    for c in range(6):
-        k = torch.cat([at(f, f) for f in range(c * n, c * n + n)], 1)
+    for c in range(chunks):
+        k = torch.cat([at(f, f) for f in range(c * n, c * n + n)], 1).to(dtype)
         cache.write(c * n, k, k)
         keep = policy.after_chunk(0, cache, c, n)
         if keep is not None:
             cache.keep(keep.frames, keep.positions)
+        if after_chunk is not None:
+            after_chunk(cache, at)
+    return cache, at
+
+
+def test_deep_sink_realignment_rotates_temporal_channels_only():
+    """Keys made by RoPE at their frame, moved by the policy, equal the same keys made by RoPE at the new position
+    (float64); height and width channels are untouched bitwise."""
+    t = RopeTable((12 - 4 * 2, 4, 4)).split[0]
+
+    def check(cache, at):
         for slot, (f, p) in enumerate(zip(cache.frames, cache.positions)):
             got = cache.k[:, slot * FSL : (slot + 1) * FSL]
             torch.testing.assert_close(got, at(f, p), rtol=0, atol=1e-12)
-            t = table.split[0]
             assert torch.equal(got[..., t:], at(f, f)[..., t:])
+
+    cache, _ = deep_sink_rollout(6, torch.float64, check)
     assert cache.positions[:4] != cache.frames[:4]  # they did move
 
 
 def test_a_sink_moved_many_times_is_rotated_once_from_its_keys_as_written():
     """Each move rotated the keys from their last rotation, so the rounding compounded: in bf16 ~2e-3 a move,
     3e-2 after 100. Now every move rotates the keys as they were written, once: after 40 moves a bf16 sink is as far
-    from the float64 keys at its position as one rounding (and bitwise the same as after its first move's path)."""
-    heads, d, n = 2, 12, 3
-    table = RopeTable((d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)))
-    torch.manual_seed(0)
-    chunks = 42
-    base = torch.randn(1, chunks * n * FSL, heads, d, dtype=torch.float64)
-
-    def at(frame, position):
-        cos, sin = rope_cos_sin(table.angles(1, 2, 3, position), "cpu", torch.float64)
-        return rope(base[:, frame * FSL : (frame + 1) * FSL], cos, sin)
-
-    policy = DeepSink(9, 4)
-    cache = KVCache(1, 9, FSL, heads, d, dtype=torch.bfloat16)
-    cache.temporal_freqs = table.tables[0][1]
-    for c in range(chunks):
-        k = torch.cat([at(f, f) for f in range(c * n, c * n + n)], 1).bfloat16()
-        cache.write(c * n, k, k)
-        keep = policy.after_chunk(0, cache, c, n)
-        if keep is not None:
-            cache.keep(keep.frames, keep.positions)
+    from the float64 keys at its position as one rounding."""
+    cache, at = deep_sink_rollout(42, torch.bfloat16)
     assert cache.positions[:4] == [cache.positions[4] - 4 + i for i in range(4)] and cache.positions[0] > 100
     for slot, (f, p) in enumerate(zip(cache.frames[:4], cache.positions[:4])):
         want = at(f, p)
