@@ -492,3 +492,16 @@ def test_the_guard_follows_the_folder_opened_not_the_current_one(tmp_path, refer
     zarr.open_group(tmp_path / "s.zarr", mode="r+").attrs["created_utc"] = "2030-01-01T00:00:00+00:00"  # (as a
     with pytest.raises(StoreChanged, match="was replaced after it was opened"):  # new run's store, same inode)
         again.attn_mass.isel(sample=0).values
+
+
+def test_a_refusal_names_where_two_long_settings_part():
+    """A long setting (a store's schedule of forwards) was cut to its first 77 characters on both sides, so a
+    refusal showed two identical beginnings; it now names the first item that differs."""
+    from workbench.store import describe_differences
+
+    steps = lambda last: [[i, t, 0, "denoise", "cond", i] for i, t in enumerate([999.0, 937.0, 833.0, last])]  # noqa: E731
+    text = describe_differences({"layout": {"schedule": steps(625.0), "layers": [1]}},
+                                {"layout": {"schedule": steps(624.0), "layers": [2]}})
+    assert text == ("layout.layers: [1] in the store, [2] in this run; layout.schedule (4 items in the store, 4 in "
+                    "this run), first differing at item 3: [3, 625.0, 0, 'denoise', 'cond', 3] in the store, "
+                    "[3, 624.0, 0, 'denoise', 'cond', 3] in this run")

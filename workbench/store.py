@@ -754,8 +754,16 @@ def describe_differences(stored: dict | None, wanted: dict | None) -> str:
         text = str(v)
         return text if len(text) <= 80 else text[:77] + "..."
 
-    return "; ".join(f"{k}: {show(a.get(k, '(not set)'))} in the store, {show(b.get(k, '(not set)'))} in this run"
-                     for k in names)
+    def differ(k):
+        x, y = a.get(k, "(not set)"), b.get(k, "(not set)")
+        if isinstance(x, list) and isinstance(y, list) and len(str(x)) > 80:  # (long lists: where they part)
+            i = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+            at = (f"item {i}: {show(x[i]) if i < len(x) else '(none)'} in the store, "
+                  f"{show(y[i]) if i < len(y) else '(none)'} in this run")
+            return f"{k} ({len(x)} items in the store, {len(y)} in this run), first differing at {at}"
+        return f"{k}: {show(x)} in the store, {show(y)} in this run"
+
+    return "; ".join(differ(k) for k in names)
 
 
 def _short(values, n: int = 6) -> str:
