@@ -103,9 +103,30 @@ def prompt_grid(template: int = 0) -> list[str]:
     return [prompt_for(c, s, d, template) for c, s, d in itertools.product(COLOURS, SHAPES, DIRECTIONS)]
 
 
-# words that say the object does not move the named way, or is still: such a prompt names no video of the world
+# words that say the object does not move the named way, or is still: such a prompt names no video of the world.
+# Not where they say it keeps moving: "still" before a motion word ("still moving left"), a negation before a stop
+# word ("without stopping", "never stops")
 NEGATIONS = ("not", "no", "never", "nor", "without", "isn", "doesn", "don", "still", "static", "stationary",
              "motionless", "stop", "stops", "stopped", "stopping")
+MOTION_WORDS = ("moving", "moves", "move", "slides", "sliding", "slide", "going", "goes", "heading", "heads",
+                "travelling", "traveling", "travels", "drifting", "drifts", "gliding", "glides")
+STOP_WORDS = ("stop", "stops", "stopped", "stopping", "pausing", "pauses", "halting", "halts")
+
+
+def _negations(words: list[str]) -> list[str]:
+    """The words of `NEGATIONS` that say the object does not move (see there)."""
+    found, skip = [], False
+    for i, w in enumerate(words):
+        after = words[i + 1] if i + 1 < len(words) else ""
+        if skip:  # (the stop word a negation before it turned round)
+            skip = False
+        elif w == "still" and after in MOTION_WORDS:
+            continue
+        elif w in ("not", "never", "without", "no") and after in STOP_WORDS:
+            skip = True
+        elif w in NEGATIONS:
+            found.append(w)
+    return found
 
 
 def parse_prompt(prompt: str) -> tuple[str, str, str]:
@@ -121,7 +142,7 @@ def parse_prompt(prompt: str) -> tuple[str, str, str]:
             wrong.append(f"{len(hits)} {name}s {hits}; the world needs exactly one of {', '.join(vocab)}")
         elif words.count(hits[0]) > 1 and name != "direction":
             wrong.append(f"the {name} {hits[0]!r} {words.count(hits[0])} times; the world has one object")
-    negated = [w for w in words if w in NEGATIONS]
+    negated = _negations(words)
     if negated:
         wrong.append(f"a negation or no motion ({negated[0]!r}); the world's videos are one object moving the way "
                      "its prompt names")

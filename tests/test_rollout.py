@@ -589,3 +589,63 @@ def test_window_rule_is_what_the_kv_cache_holds(local, sink):
     rows = attended_key_frames(24, 3, local, sink)
     for i, row in enumerate(rows):
         assert tuple(j for j, a in enumerate(row) if a) == expected_key_frames(i // 3, 3, local, sink)
+
+
+def test_graph_replays_of_a_deep_sink_rollout_equal_its_eager_rollouts_on_other_data(monkeypatch):
+    """`RolloutGraphs` on the CPU with a fake CUDA graph (its replay runs the recorded forward again on the same
+    tensors): a deep sink's rollouts replayed from graphs equal their eager rollouts for other seeds than the
+    recording's. The cache's keys as written (`KVCache.unmoved`, what a moved sink is rotated from) were part of
+    the bookkeeping a replay puts back, so every later sample's sink was rotated from the first sample's keys."""
+    import contextlib
+
+    from models.common import rollout as ro
+    from workbench.kv_policies import DeepSink
+
+    recording = []
+
+    class FakeGraph:
+        def replay(self):
+            self.again()
+
+    @contextlib.contextmanager
+    def fake_graph(graph, pool=None, stream=None):
+        recording.append(graph)
+        try:
+            yield
+        finally:
+            recording.pop()
+
+    real = ro._rollout_graphs
+    monkeypatch.setattr(ro, "_rollout_graphs", lambda *a, **k: real(*a, **{**k, "devices": ("cpu",)}))
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    model = tiny_model()
+    forward = model.forward
+
+    def recorded(x, t, ctx, **kw):
+        out = forward(x, t, ctx, **kw)
+        if recording:
+            def again(x=x, t=t, ctx=ctx, kw=kw, out=out):
+                o = forward(x, t, ctx, **kw)
+                if out is not None:
+                    out.copy_(o)
+            recording[-1].again = again
+        return out
+
+    monkeypatch.setattr(model, "forward", recorded)
+    s = FlowMatchScheduler(5.0)
+
+    def go(seed, graphs):
+        g = torch.Generator().manual_seed(seed)
+        noise, ctx = torch.randn(1, 18, C, H, W, generator=g), torch.randn(1, 16, 32, generator=g)
+        return causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s,
+                               generator=g, cuda_graphs=graphs, cache_policy=DeepSink(9, 4))
+
+    with torch.no_grad():
+        eager = {seed: go(seed, False) for seed in (0, 1, 2)}
+        for seed in (0, 1, 2, 0):
+            assert torch.equal(go(seed, True), eager[seed]), seed
+        assert model._rollout_graphs.graphs  # (replayed: the graphs were recorded)

@@ -499,7 +499,9 @@ def test_a_refusal_names_where_two_long_settings_part():
     refusal showed two identical beginnings; it now names the first item that differs."""
     from workbench.store import describe_differences
 
-    steps = lambda last: [[i, t, 0, "denoise", "cond", i] for i, t in enumerate([999.0, 937.0, 833.0, last])]  # noqa: E731
+    def steps(last):
+        return [[i, t, 0, "denoise", "cond", i] for i, t in enumerate([999.0, 937.0, 833.0, last])]
+
     text = describe_differences({"layout": {"schedule": steps(625.0), "layers": [1]}},
                                 {"layout": {"schedule": steps(624.0), "layers": [2]}})
     assert text == ("layout.layers: [1] in the store, [2] in this run; layout.schedule (4 items in the store, 4 in "

@@ -58,6 +58,9 @@ def test_every_template_parses_back():
             assert world.prompt_for(c, s, d, template) == prompt
     assert world.parse_prompt("A Blue CIRCLE, moving up!") == ("blue", "circle", "up")
     assert world.parse_prompt("up goes the yellow square") == ("yellow", "square", "up")
+    for moving in ("a red square still moving left", "a red square moving left without stopping",
+                   "a red square moving left, never stopping"):  # (not negations: it keeps moving)
+        assert world.parse_prompt(moving) == ("red", "square", "left")
 
 
 @pytest.mark.parametrize("prompt, needle", [
@@ -73,6 +76,7 @@ def test_every_template_parses_back():
     ("a red square that isn't moving left", "a negation or no motion"),
     ("a red square standing still on the left", "a negation or no motion \\('still'\\)"),
     ("a red square and a red square moving left", "the colour 'red' 2 times; the world has one object"),
+    ("a red square moving left, then it stops", "a negation or no motion \\('stops'\\)"),
 ])
 def test_prompt_errors_name_what_is_missing(prompt, needle):
     with pytest.raises(ValueError, match=needle):

@@ -11,7 +11,8 @@ attributes of that model under the researchers' names (so the critic's checkpoin
                        concat_time_embeddings, 10 x the time embedding is a fourth token
 The backbone's own flow output is not used; its block outputs reach the branch through forward hooks.
 
-One iteration at `step` (warm-up: `discriminator_warmup_steps`, only the branch trains, no generator step):
+One iteration at `step` (warm-up: `discriminator_warmup_steps`, only the branch's cross-attention blocks and head
+train, no generator step):
     if not warm-up and step % dfake_gen_update_ratio == 0:    generator, discriminator frozen:
         x = self-forcing rollout (gradient at the exit step); real = a batch of real latents (another batch of
         the latent set than the discriminator's); t = critic timestep (uniform, shifted by critic_timestep_shift,
@@ -47,7 +48,6 @@ from training.errors import TrainingError
 from training.losses import score_timestep
 from training.trainer import Trainer
 
-BRANCH = ("_register_tokens", "_gan_ca_blocks", "_cls_pred_branch")  # parameter-name prefixes of the branch
 DISCRIMINATOR = ("_gan_ca_blocks", "_cls_pred_branch")  # theirs: the faster group, and what the warm-up trains
 
 

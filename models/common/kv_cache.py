@@ -103,7 +103,8 @@ class KVCache:
         self.end_frame = 0  # one past the newest absolute frame written
         self.temporal_freqs: torch.Tensor | None = None  # [rope_split[0] / 2] float64: `keep` re-rotates with it
         # frame -> (the position its keys were written at, their temporal channels then [B, fsl, H, 2t]): a frame
-        # moved again is rotated from these, once, not from its last rotation (in bf16 each rotation rounds)
+        # moved again is rotated from these, once, not from its last rotation (in bf16 each rotation rounds). Data
+        # of this rollout's, so not part of `state` (a graph replay puts the bookkeeping back, not the keys)
         self.unmoved: dict[int, tuple[int, torch.Tensor]] = {}
 
     def write(self, start_frame: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
@@ -134,6 +135,7 @@ class KVCache:
         keys they describe."""
         if self._k_version() != self._own_version:
             self.stamps = [next(_STAMPS) for _ in self.stamps]
+            self.unmoved = {}  # (the keys as written may be edited: a later move rotates what is there)
             self._own_version = self._k_version()
 
     def place(self, start_frame: int, n: int) -> tuple[int, int]:
@@ -251,13 +253,11 @@ class KVCache:
 
     def state(self) -> tuple:
         """The slot bookkeeping (what `restore` puts back: a CUDA graph replay writes the tensors, not this)."""
-        return (list(self.frames), list(self.positions), list(self.stamps), self.head_mask, self.end_frame,
-                dict(self.unmoved))
+        return list(self.frames), list(self.positions), list(self.stamps), self.head_mask, self.end_frame
 
     def restore(self, state: tuple) -> None:
-        frames, positions, stamps, self.head_mask, self.end_frame, unmoved = state
-        self.frames, self.positions, self.stamps, self.unmoved = list(frames), list(positions), list(stamps), \
-            dict(unmoved)
+        frames, positions, stamps, self.head_mask, self.end_frame = state
+        self.frames, self.positions, self.stamps = list(frames), list(positions), list(stamps)
 
     def held_bytes(self) -> int:
         """Bytes of keys and values in filled slots (what the held frames take, not the allocation)."""
