@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.errors import ModelInputError
+from models.errors import ModelInputError, ModelInputWarning
 from models.files import ensure_writable_dir  # noqa: F401 (re-exported)
 from models.files import atomic_write, relative_note
 
@@ -240,8 +240,6 @@ def read_prompts(path) -> list[str]:
     if blank:
         import warnings
 
-        from models.errors import ModelInputWarning
-
         shown = ", ".join(map(str, blank[:5])) + (f" and {len(blank) - 5} more" if len(blank) > 5 else "")
         warnings.warn(f"prompt file {path}: blank line{'s' if len(blank) > 1 else ''} {shown} skipped, so a prompt's "
                       "index (p<index> in file names, prompt_index in stores) counts prompts, not lines; the "
@@ -252,17 +250,34 @@ def read_prompts(path) -> list[str]:
 
 def read_image(path, height: int, width: int) -> torch.Tensor:
     """An image file as the first frame of an image-to-video run: RGB, resized (bilinear) to height x width
-    pixels as the researchers' I2V transform does, [3, H, W] float32 in [-1, 1]. Its latent is
-    `vae.encode(image[None, :, None])` [1, 1, 16, H/8, W/8]. A missing or unreadable file is a ModelInputError."""
+    pixels as the researchers' I2V transform does (stretched, not cropped, to the video's aspect), [3, H, W]
+    float32 in [-1, 1]. Its latent is `vae.encode(image[None, :, None])` [1, 1, 16, H/8, W/8]. 16-bit images are
+    scaled to 8 bits (PIL's RGB conversion clips them to white); an alpha channel is dropped and another aspect
+    ratio stretched, each with a warning. A missing or unreadable file is a ModelInputError."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    if path.is_dir():
+        raise ModelInputError(f"image {str(path)!r} is a folder; give an image file (PNG, JPEG, ...)")
     if not path.is_file():
         raise ModelInputError(f"image {str(path)!r} does not exist")
     try:
         with Image.open(path) as img:
+            if img.mode in ("I", "F") or img.mode.startswith("I;16"):  # 16-bit (or float) grey levels
+                grey = np.asarray(img, dtype=np.float64)
+                top = 1.0 if img.mode == "F" and grey.max() <= 1 else 65535.0 if grey.max() > 255 else 255.0
+                img = Image.fromarray(np.clip(np.rint(grey / top * 255), 0, 255).astype(np.uint8), "L")
+            if "A" in img.getbands() or "transparency" in img.info:
+                warnings.warn(f"image {str(path)!r}: its transparency is dropped (the colours under it are used)",
+                              ModelInputWarning, stacklevel=2)
+            if abs(img.width / img.height - width / height) > 0.02 * width / height:
+                warnings.warn(f"image {str(path)!r} is {img.width} x {img.height}: stretched to the video's {width} "
+                              f"x {height} (not cropped, as the researchers' transform)", ModelInputWarning,
+                              stacklevel=2)
             rgb = img.convert("RGB").resize((width, height), Image.BILINEAR)
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ModelInputError(f"cannot read image {str(path)!r}: {err}") from None
     pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0)  # [H, W, 3]
     return pixels.permute(2, 0, 1).contiguous()

@@ -76,6 +76,9 @@ def model_facts(ds: xr.Dataset) -> dict[str, str]:
         "text encoder sha256 (weights, tokenizer, text_len)": text[:12] + ("..." if len(text) > 12 else ""),
         "attention window (frames, -1 = global) / sink frames":
             f"{int(first['local_attn_size'])} / {int(first['sink_size'])}" if "local_attn_size" in ds.coords else "?",
+        **({"image (image-to-video: frame 0, its context pass only)":
+            f"{ds.attrs.get('image', '?')} (sha256 {str(ds.attrs.get('image_sha256', '?'))[:12]}...)"}
+           if metrics.image_store(ds) else {}),
     }
 
 

@@ -121,6 +121,32 @@ def test_generate_image_first_latent_is_the_encoded_image(tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert main(["generate", "--prompt", "x", "--image", str(tmp_path / "none.png"), "--out", str(tmp_path / "b")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--image", str(image), "--frames", "1", "--out", str(tmp_path / "b")]) == 2
+    assert "--frames 1 with --image: frame 0 is the image, so nothing would be generated" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--image", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    assert "is a folder; give an image file" in capsys.readouterr().err
+
+
+def test_images_are_read_as_a_user_gives_them(tmp_path):
+    """A 16-bit grey PNG is scaled to 8 bits (PIL's RGB conversion clipped it to a white frame, silently); an alpha
+    channel and another aspect ratio are said (the image is stretched, as the researchers' transform does)."""
+    import numpy as np
+    from PIL import Image
+
+    from models.errors import ModelInputWarning
+    from models.video import read_image
+
+    grey = (np.arange(96 * 128).reshape(96, 128) % 256).astype(np.uint8)
+    Image.fromarray(grey, "L").save(tmp_path / "g8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "g16.png")  # (PIL: mode I;16 or I)
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    assert torch.equal(read_image(tmp_path / "g16.png", 96, 128), read_image(tmp_path / "g8.png", 96, 128))
+    Image.fromarray(np.dstack([grey] * 3 + [grey]), "RGBA").save(tmp_path / "a.png")
+    with pytest.warns(ModelInputWarning, match="transparency is dropped"):
+        read_image(tmp_path / "a.png", 96, 128)
+    Image.fromarray(np.zeros((96, 384, 3), np.uint8)).save(tmp_path / "wide.png")
+    with pytest.warns(ModelInputWarning, match="is 384 x 96: stretched to the video's 128 x 96"):
+        read_image(tmp_path / "wide.png", 96, 128)
 
 
 def test_extract_image_stores_the_i2v_rollout(tmp_path):
@@ -137,6 +163,21 @@ def test_extract_image_stores_the_i2v_rollout(tmp_path):
     assert bool(mass.sel(step=0, query_frame=0).isnull().all())  # frame 0 was never denoised: the image
     assert not bool(mass.sel(step=4, query_frame=0).isnull().all())  # its context pass is captured
     assert float(mass.sel(step=0, query_frame=1, key_frame=0).min()) > 0  # chunk 1 attends to the image
+    # the image is named (attrs, the report's facts, the viewer), and the report's NaN check knows its rows
+    from studies import metrics
+    from studies.report import checks_table, model_facts
+    from workbench.view.sources import StoreSource
+
+    assert ds.attrs["image"] == str(image) and len(ds.attrs["image_sha256"]) == 64
+    assert metrics.nan_pattern_mismatches(ds) == 0 and bool(checks_table(ds)["holds"].all())
+    assert any(str(image) in v for v in model_facts(ds).values())
+    assert StoreSource(out).meta()["image"] == str(image)
+    assert metrics.nan_pattern_mismatches(ds.assign_attrs(image_sha256="", fingerprint_fields={})) == 16
+    from workbench.errors import WorkbenchError
+    from workbench.extract import plan
+
+    with pytest.raises(WorkbenchError, match="--frames 1 with --image: frame 0 is the image"):
+        plan(ExtractConfig(image=str(image), independent_first_frame=True, num_frames=1, out=str(tmp_path / "x")))
     plain = tmp_path / "t2v.zarr"
     run_extract(ExtractConfig(layers=[1], num_frames=7, independent_first_frame=True, out=str(plain),
                               prompts=["a red square moving left"], progress=False), log=lambda *a: None)

@@ -23,7 +23,8 @@ def block_sizes_of(cfg) -> list[int]:
         return block_sizes(F, n, cfg.independent_first_frame)
     except ModelInputError as err:
         if cfg.independent_first_frame:
-            raise WorkbenchError(f"--frames {F}: {err}") from None
+            image = " (--image makes frame 0 a chunk of its own)" if getattr(cfg, "image", None) else ""
+            raise WorkbenchError(f"--frames {F}: {err}{image}") from None
         raise WorkbenchError(f"--frames {F} does not divide into chunks of {n}; use a multiple of {n} (e.g. 21)"
                              + (", or --independent-first-frame" if (F - 1) % n == 0 else "")) from None
 

@@ -299,6 +299,9 @@ def plan(cfg: ExtractConfig) -> Plan:
                                  "and the independent-first-frame layout")
         if not Path(cfg.image).is_file():
             raise WorkbenchError(f"--image {cfg.image!r} does not exist")
+        if cfg.num_frames <= 1:
+            raise WorkbenchError(f"--frames {cfg.num_frames} with --image: frame 0 is the image, so nothing would be "
+                                 f"generated; give 1 + a multiple of {cfg.num_frame_per_block} (e.g. 19)")
     check_context_noise(cfg.sampler, cfg.context_noise, cfg.image is not None, captured=True)
     if cfg.sampler != "bidirectional":
         block_sizes_of(cfg)  # frames that do not fit the chunk layout
@@ -430,6 +433,7 @@ def _attrs(p: Plan, fp: str, command: list[str]) -> dict:
     from workbench import __version__
 
     c = p.cfg
+    image = dict(image=str(c.image), image_sha256=sha256_file(c.image)) if c.image is not None else {}
     return dict(  # the command quoted as a shell takes it back (a prompt with spaces stays one argument)
         workbench_version=__version__, git_commit=_git_commit(), command=shlex.join(command),
         created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -444,6 +448,7 @@ def _attrs(p: Plan, fp: str, command: list[str]) -> dict:
         attn_backend=describe(c.device, _dtype(c.dtype), c.attention_kernel),
         capture_mode=p.capture_mode,
         fingerprint=fp,
+        **image,  # image-to-video: the image that is frame 0 (absent otherwise)
     )
 
 

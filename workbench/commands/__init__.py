@@ -72,8 +72,8 @@ def add_schedule_arguments(group) -> None:
                        help="the flow-matching shift (default: 5.0, their model_kwargs.timestep_shift)")
     group.add_argument("--context-noise", type=float, metavar="T",
                        help="the timestep of the few-step sampler's context pass, which writes each chunk into the KV "
-                            "cache (default: 0; the multi-step CFG sampler's and an --image's run at 0, as the "
-                            "researchers' pipelines)")
+                            "cache (default: 0; the multi-step CFG sampler's and an image's, in image-to-video, run "
+                            "at 0, as the researchers' pipelines)")
     group.add_argument("--num-frame-per-block", type=int, metavar="N",
                        help="latent frames per chunk of the causal samplers (default: 3; 1 is frame by frame)")
 

@@ -210,10 +210,15 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     check_encoder_files(wan_dir)
     if args.image:
         if args.sampler == "bidirectional":
-            raise WorkbenchError("--image runs the causal samplers (the image is the first chunk of the KV cache)")
+            raise WorkbenchError("--image runs the causal samplers (the image is the first chunk of the KV cache), "
+                                 "and this run's sampler is bidirectional (a --model's own may be): add --sampler "
+                                 "causal_multi_step_cfg or causal_few_step")
         args.independent_first_frame = True  # the image's latent is a chunk of its own
     check_context_noise(args.sampler, args.context_noise, bool(args.image), captured=args.live)
     args.frames = latent_frames(args)
+    if args.image and args.frames <= 1:
+        raise WorkbenchError(f"--frames {args.frames} with --image: frame 0 is the image, so nothing would be "
+                             f"generated; give 1 + a multiple of {args.num_frame_per_block} (e.g. 19)")
     family = family_of(wan_dir)
     _, h, w, _ = family.video_geometry(wan_dir, args.height, args.width)
     if args.sampler != "bidirectional":
@@ -311,7 +316,8 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     args.finished_samples = [sample_id(i, s) for i, s in kept]
     if kept and rank == 0:
         print(f"resuming: {len(kept)} sample(s) are already in {out}, made with the same prompt, seed, sampler, "
-              f"weights and size; generating the other {len(jobs)}" + (" on this process" if world > 1 else "")
+              f"weights{', image' if image_sha else ''} and size; generating the other {len(jobs)}"
+              + (" on this process" if world > 1 else "")
               + " (--overwrite makes them all again)", flush=True)
     contexts = {i: encoder.encode([prompts[i]]).context
                 for i in progress_bar(sorted({i for i, _ in jobs}), desc="encode", disable=quiet)}
@@ -401,7 +407,8 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
         made = (f"wrote {len(jobs)} sample(s) to {out} ({len(kept)} more were there already)" if kept and world == 1
                 else f"wrote {total} sample(s) to {out}")
         print(made + (f" ({world} processes)" if world > 1 else "")
-              + f": {', '.join(kinds)}, named p<prompt>-s<seed> (e.g. p0000-s{seeds[0]})")
+              + f": {', '.join(kinds)}, named p<prompt>-s<seed> (e.g. p0000-s{seeds[0]})"
+              + (f"; frame 0 of each is the image {args.image}" if args.image else ""))
         if args.model_note:
             print(args.model_note)
         if note := world_prompt_note(args, prompts):

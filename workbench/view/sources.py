@@ -92,6 +92,7 @@ class Source:
     steps: list[dict]
     num_frames: int
     fps: float = 16.0
+    image: str | None = None  # image-to-video: the image that is frame 0 (its chunk has a context pass only)
 
     @property
     def pixel_frames(self) -> int:
@@ -104,7 +105,7 @@ class Source:
         return dict(kind=self.kind, live=self.live, name=self.name, num_frames=self.num_frames,
                     pixel_frames=self.pixel_frames, fps=self.fps,
                     pixel_to_latent=[latent_of_pixel(t) for t in range(self.pixel_frames)],
-                    layers=self.layers, heads=self.heads,
+                    layers=self.layers, heads=self.heads, image=self.image,
                     steps=[dict(s, label=step_label(s)) for s in self.steps], samples=self.samples())
 
     # --- argument checks: a clear error naming the bad value and what is allowed
@@ -159,6 +160,8 @@ class StoreSource(Source):
             raise WorkbenchError(f"{str(self.path)!r} has no attn_mass (its variables: {sorted(ds.data_vars)}); "
                                  f"{how}")
         self.ds = ds
+        given = ((ds.attrs.get("fingerprint_fields") or {}).get("model") or {}).get("image")  # (older stores)
+        self.image = ds.attrs.get("image") or ("an image" if given else None)
         # menu item id -> (intervention label or None, sample id)
         self.items = {(f"{e} · {s}" if effects else s): (e if effects else None, s)
                       for e in (ds["intervention"].values if effects else [None]) for s in ds["sample"].values}
@@ -346,7 +349,8 @@ def video_mismatch(ds, sample: str, video: Path) -> str | None:
                   text_encoder=model.get("text_encoder"), image_sha256=model.get("image", ""))
     if "local_attn_size" in ds.coords and layout.get("sampler") != "bidirectional":  # (generate's "W+sinkS")
         wanted["window"] = f"{int(ds['local_attn_size'].values[i])}+sink{int(ds['sink_size'].values[i])}"
-    differ = [f"{k} {made[k]!r} (the store's: {v!r})" for k, v in wanted.items()
+    shown = lambda k, v: f"no {k.replace('_sha256', '')}" if v == "" else repr(v)  # noqa: E731 ('' = none)
+    differ = [f"{k} {shown(k, made[k])} (the store's: {shown(k, v)})" for k, v in wanted.items()
               if v is not None and k in made and str(made[k]) != str(v)]
     if made.get("schedule") and layout.get("schedule") and layout.get("sampler") == "causal_few_step":
         if (why := _other_schedule(json.loads(made["schedule"]), layout)) is not None:
