@@ -159,3 +159,20 @@ def test_their_config_shifts_a_cfg_sampler_by_its_top_level_timestep_shift(tmp_p
                                   independent_first_frame=False)
         apply_schedule(args)
         assert args.timestep_shift == shift, sampler
+
+
+def test_an_i2v_training_config_says_where_an_inference_image_comes_from(tmp_path):
+    """`i2v: true` (their training key) in a --config file was read without a word, and the run made text-to-video."""
+    import argparse
+
+    from models.errors import ModelInputWarning
+    from workbench.commands import apply_schedule
+
+    config = tmp_path / "c.yaml"
+    config.write_text((REPO / "configs" / "self_forcing_dmd.yaml").read_text() + "\ni2v: true\n")
+    args = argparse.Namespace(config=str(config), sampler="causal_few_step", denoising_step_list=None,
+                              warp_denoising_step=None, timestep_shift=None, context_noise=None,
+                              num_frame_per_block=None, local_attn_size=None, sink_size=None,
+                              independent_first_frame=False, image=None)
+    with pytest.warns(ModelInputWarning, match="i2v is true, which trains from text-image pairs"):
+        apply_schedule(args)
