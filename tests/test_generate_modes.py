@@ -121,7 +121,8 @@ def test_generate_image_first_latent_is_the_encoded_image(tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert main(["generate", "--prompt", "x", "--image", str(tmp_path / "none.png"), "--out", str(tmp_path / "b")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["generate", "--prompt", "x", "--image", str(image), "--frames", "1", "--out", str(tmp_path / "b")]) == 2
+    assert main(["generate", "--prompt", "x", "--image", str(image), "--frames", "1",
+                 "--out", str(tmp_path / "b")]) == 2
     assert "--frames 1 with --image: frame 0 is the image, so nothing would be generated" in capsys.readouterr().err
     assert main(["generate", "--prompt", "x", "--image", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
     assert "is a folder; give an image file" in capsys.readouterr().err

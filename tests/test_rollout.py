@@ -510,8 +510,6 @@ def test_a_failed_recording_in_the_first_rollout_falls_back_to_eager(monkeypatch
     capture fails at its end (global attention, so writing a chunk's keys twice is harmless)."""
     import contextlib
 
-    from models.common import rollout as ro
-
     model = tiny_model()
     s = FlowMatchScheduler(5.0)
     g = torch.Generator().manual_seed(0)
@@ -535,13 +533,7 @@ def test_a_failed_recording_in_the_first_rollout_falls_back_to_eager(monkeypatch
                 kv.stamps.append(0)
             raise RuntimeError("operation not permitted when stream is capturing")
 
-        real = ro._rollout_graphs
-        monkeypatch.setattr(ro, "_rollout_graphs", lambda *a, **k: real(*a, **{**k, "devices": ("cpu",)}))
-        monkeypatch.setattr(torch.cuda, "graph", failing_graph)
-        monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
-        monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
-        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-        monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+        cuda_graphs_on_the_cpu(monkeypatch, failing_graph, object)
         out = run(True)
         graphs = model._rollout_graphs
         assert len(recordings) == 1 and graphs._cold and not graphs.graphs  # chunk 1's first forward, then eager
@@ -555,6 +547,20 @@ class FakeStream:
 
     def __init__(self, device=None, priority=0):
         self.device, self.priority = device, priority
+
+
+def cuda_graphs_on_the_cpu(monkeypatch, graph_context, graph_class) -> None:
+    """`RolloutGraphs` on the CPU: CUDA graph recording is `graph_context` (torch.cuda.graph's signature), graphs are
+    `graph_class`, streams `FakeStream`."""
+    from models.common import rollout as ro
+
+    real = ro._rollout_graphs
+    monkeypatch.setattr(ro, "_rollout_graphs", lambda *a, **k: real(*a, **{**k, "devices": ("cpu",)}))
+    monkeypatch.setattr(torch.cuda, "graph", graph_context)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", graph_class)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
 
 
 def test_graph_owners_keep_streams_of_their_own(monkeypatch):
@@ -598,7 +604,6 @@ def test_graph_replays_of_a_deep_sink_rollout_equal_its_eager_rollouts_on_other_
     the bookkeeping a replay puts back, so every later sample's sink was rotated from the first sample's keys."""
     import contextlib
 
-    from models.common import rollout as ro
     from workbench.kv_policies import DeepSink
 
     recording = []
@@ -615,13 +620,7 @@ def test_graph_replays_of_a_deep_sink_rollout_equal_its_eager_rollouts_on_other_
         finally:
             recording.pop()
 
-    real = ro._rollout_graphs
-    monkeypatch.setattr(ro, "_rollout_graphs", lambda *a, **k: real(*a, **{**k, "devices": ("cpu",)}))
-    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    cuda_graphs_on_the_cpu(monkeypatch, fake_graph, FakeGraph)
     model = tiny_model()
     forward = model.forward
 

@@ -268,11 +268,13 @@ function drawWhere() {
 function drawMaps() {
   const box = $("maps"), { latent, chunk } = current(), m = V.meta, attn = V.attn;
   const step = m.steps.find((s) => s.step === V.step);
+  const q = chunk ? chunk.query_frames : [];
   $("maps-title").textContent = `layer ${V.layer} · step ${step ? step.label : V.step}` +
-    (chunk ? ` · chunk ${chunk.chunk}: query frames ${chunk.query_frames[0]}–${chunk.query_frames[chunk.query_frames.length - 1]} × key frames 0–${m.num_frames - 1}` : "") +
+    (chunk ? ` · chunk ${chunk.chunk}: query frames ${q[0]}–${q[q.length - 1]} × key frames 0–${m.num_frames - 1}` : "") +
     // image-to-video: frame 0 is the given image, written to the cache by a context pass and never denoised
-    (m.image && chunk && chunk.query_frames.includes(0) && step && step.phase !== "context"
-      ? ` · frame 0 is the image ${m.image}: it is not denoised, only its context pass attends (choose the context step)` : "");
+    (m.image && q.includes(0) && step && step.phase !== "context"
+      ? ` · frame 0 is the image ${m.image}: it is not denoised, only its context pass attends ` +
+        "(choose the context step)" : "");
   const heads = V.head === "all" ? m.heads.map((h, i) => i) : [m.heads.indexOf(Number(V.head))];
   box.classList.toggle("single", V.head !== "all");
   while (box.children.length > heads.length) box.removeChild(box.lastChild);
