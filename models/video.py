@@ -252,8 +252,8 @@ def read_image(path, height: int, width: int) -> torch.Tensor:
     """An image file as the first frame of an image-to-video run: RGB, resized (bilinear) to height x width
     pixels as the researchers' I2V transform does (stretched, not cropped, to the video's aspect), [3, H, W]
     float32 in [-1, 1]. Its latent is `vae.encode(image[None, :, None])` [1, 1, 16, H/8, W/8]. 16-bit images are
-    scaled to 8 bits (PIL's RGB conversion clips them to white); an alpha channel is dropped and another aspect
-    ratio stretched, each with a warning. A missing or unreadable file is a ModelInputError."""
+    scaled to 8 bits (PIL's RGB conversion clips them to white); an alpha channel is dropped, another aspect
+    ratio stretched and an EXIF orientation not applied (as theirs), each with a warning. A missing or unreadable file is a ModelInputError."""
     import warnings
 
     from PIL import Image, UnidentifiedImageError
@@ -265,13 +265,18 @@ def read_image(path, height: int, width: int) -> torch.Tensor:
         raise ModelInputError(f"image {str(path)!r} does not exist")
     try:
         with Image.open(path) as img:
-            if img.mode in ("I", "F") or img.mode.startswith("I;16"):  # 16-bit (or float) grey levels
-                grey = np.asarray(img, dtype=np.float64)
-                top = 1.0 if img.mode == "F" and grey.max() <= 1 else 65535.0 if grey.max() > 255 else 255.0
-                img = Image.fromarray(np.clip(np.rint(grey / top * 255), 0, 255).astype(np.uint8), "L")
             if "A" in img.getbands() or "transparency" in img.info:
                 warnings.warn(f"image {str(path)!r}: its transparency is dropped (the colours under it are used)",
                               ModelInputWarning, stacklevel=2)
+            if img.getexif().get(0x0112, 1) != 1:  # (EXIF Orientation: how a viewer turns it for display)
+                warnings.warn(f"image {str(path)!r}: its EXIF orientation (turned for display) is not applied, as "
+                              "the researchers' transform does not; save it turned to use it so", ModelInputWarning,
+                              stacklevel=2)
+            if img.mode in ("I", "F") or img.mode.startswith("I;16"):  # 16-bit (or float) grey levels
+                grey = np.asarray(img, dtype=np.float64)
+                top = (65535.0 if img.mode.startswith("I;16") or grey.max() > 255 else
+                       1.0 if img.mode == "F" and grey.max() <= 1 else 255.0)  # ("I": 8-bit values held wide)
+                img = Image.fromarray(np.clip(np.rint(grey / top * 255), 0, 255).astype(np.uint8), "L")
             if abs(img.width / img.height - width / height) > 0.02 * width / height:
                 warnings.warn(f"image {str(path)!r} is {img.width} x {img.height}: stretched to the video's {width} "
                               f"x {height} (not cropped, as the researchers' transform)", ModelInputWarning,

@@ -106,15 +106,17 @@ def prompt_grid(template: int = 0) -> list[str]:
 # words that say the object does not move the named way, or is still: such a prompt names no video of the world.
 # Not where they say it keeps moving: "still" before a motion word ("still moving left"), a negation before a stop
 # word ("without stopping", "never stops")
-NEGATIONS = ("not", "no", "never", "nor", "without", "isn", "doesn", "don", "still", "static", "stationary",
-             "motionless", "stop", "stops", "stopped", "stopping")
+NEGATORS = ("not", "no", "never", "nor", "without", "isn", "doesn", "don", "won", "cannot")
+STOP_WORDS = ("stop", "stops", "stopped", "stopping", "pause", "pauses", "paused", "pausing", "halt", "halts",
+              "halted", "halting")
+NEGATIONS = NEGATORS + STOP_WORDS + ("still", "static", "stationary", "motionless")
 MOTION_WORDS = ("moving", "moves", "move", "slides", "sliding", "slide", "going", "goes", "heading", "heads",
                 "travelling", "traveling", "travels", "drifting", "drifts", "gliding", "glides")
-STOP_WORDS = ("stop", "stops", "stopped", "stopping", "pausing", "pauses", "halting", "halts")
 
 
 def _negations(words: list[str]) -> list[str]:
     """The words of `NEGATIONS` that say the object does not move (see there)."""
+    words = [w for w in words if w != "t"]  # ("doesn't" reads as doesn, t)
     found, skip = [], False
     for i, w in enumerate(words):
         after = words[i + 1] if i + 1 < len(words) else ""
@@ -122,7 +124,7 @@ def _negations(words: list[str]) -> list[str]:
             skip = False
         elif w == "still" and after in MOTION_WORDS:
             continue
-        elif w in ("not", "never", "without", "no") and after in STOP_WORDS:
+        elif w in NEGATORS and after in STOP_WORDS:
             skip = True
         elif w in NEGATIONS:
             found.append(w)

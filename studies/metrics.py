@@ -490,10 +490,10 @@ def expected_attended(ds: xr.Dataset) -> xr.DataArray:
 
 
 def image_store(ds: xr.Dataset) -> bool:
-    """Whether frame 0 of the store's rollouts is a given image (image-to-video: attr `image_sha256`, or in stores
-    made before it, the fingerprint's `model.image`)."""
-    model = (ds.attrs.get("fingerprint_fields") or {}).get("model") or {}
-    return bool(ds.attrs.get("image_sha256") or model.get("image"))
+    """Whether frame 0 of the store's rollouts is a given image (image-to-video: `workbench.store.image_of`)."""
+    from workbench.store import image_of
+
+    return image_of(ds.attrs) is not None
 
 
 def nan_pattern_mismatches(ds: xr.Dataset) -> int:

@@ -24,7 +24,7 @@ from studies import compare as compare_mod
 from studies import figures, metrics, unfinished_note
 from studies.page import TABLE_ROWS, Page, write_atomic
 from workbench.errors import WorkbenchError
-from workbench.store import chunk_sizes, named
+from workbench.store import chunk_sizes, image_of, named
 
 MAX_DETAIL_LAYERS = 8  # per-layer sections when no layer is named: evenly spaced, first and last included
 OVERVIEW_METRICS = ("sink_mass", "own_chunk_mass", "local_mass", "early_mass", "mean_distance", "entropy_norm")
@@ -76,9 +76,8 @@ def model_facts(ds: xr.Dataset) -> dict[str, str]:
         "text encoder sha256 (weights, tokenizer, text_len)": text[:12] + ("..." if len(text) > 12 else ""),
         "attention window (frames, -1 = global) / sink frames":
             f"{int(first['local_attn_size'])} / {int(first['sink_size'])}" if "local_attn_size" in ds.coords else "?",
-        **({"image (image-to-video: frame 0, its context pass only)":
-            f"{ds.attrs.get('image', '?')} (sha256 {str(ds.attrs.get('image_sha256', '?'))[:12]}...)"}
-           if metrics.image_store(ds) else {}),
+        **({"image (image-to-video: frame 0, its context pass only)": f"{image[0]} (sha256 {image[1][:12]}...)"}
+           if (image := image_of(ds.attrs)) else {}),
     }
 
 

@@ -148,6 +148,14 @@ def test_images_are_read_as_a_user_gives_them(tmp_path):
     Image.fromarray(np.zeros((96, 384, 3), np.uint8)).save(tmp_path / "wide.png")
     with pytest.warns(ModelInputWarning, match="is 384 x 96: stretched to the video's 128 x 96"):
         read_image(tmp_path / "wide.png", 96, 128)
+    Image.fromarray(np.full((96, 128), 200, np.uint16)).save(tmp_path / "dark16.png")  # nearly black in 16 bits
+    assert float(read_image(tmp_path / "dark16.png", 96, 128).max()) < -0.99  # (not 200 / 255)
+    turned = Image.new("RGB", (128, 96), "red")
+    exif = turned.getexif()
+    exif[0x0112] = 6  # Orientation: a viewer turns it 90 degrees
+    turned.save(tmp_path / "turned.jpg", exif=exif)
+    with pytest.warns(ModelInputWarning, match="EXIF orientation \\(turned for display\\) is not applied"):
+        read_image(tmp_path / "turned.jpg", 96, 128)
 
 
 def test_extract_image_stores_the_i2v_rollout(tmp_path):

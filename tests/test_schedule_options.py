@@ -176,3 +176,12 @@ def test_an_i2v_training_config_says_where_an_inference_image_comes_from(tmp_pat
                               independent_first_frame=False, image=None)
     with pytest.warns(ModelInputWarning, match="i2v is true, which trains from text-image pairs"):
         apply_schedule(args)
+    import warnings
+
+    del args.image  # a command without --image (intervene): no word about it
+    for key in ("denoising_step_list", "warp_denoising_step", "timestep_shift", "context_noise", "num_frame_per_block",
+                "local_attn_size", "sink_size"):
+        setattr(args, key, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_schedule(args)

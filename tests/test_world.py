@@ -59,7 +59,8 @@ def test_every_template_parses_back():
     assert world.parse_prompt("A Blue CIRCLE, moving up!") == ("blue", "circle", "up")
     assert world.parse_prompt("up goes the yellow square") == ("yellow", "square", "up")
     for moving in ("a red square still moving left", "a red square moving left without stopping",
-                   "a red square moving left, never stopping"):  # (not negations: it keeps moving)
+                   "a red square moving left, never stopping", "a red square moving left that doesn't stop",
+                   "a red square moving left, does not stop"):  # (not negations: it keeps moving)
         assert world.parse_prompt(moving) == ("red", "square", "left")
 
 
@@ -77,6 +78,7 @@ def test_every_template_parses_back():
     ("a red square standing still on the left", "a negation or no motion \\('still'\\)"),
     ("a red square and a red square moving left", "the colour 'red' 2 times; the world has one object"),
     ("a red square moving left, then it stops", "a negation or no motion \\('stops'\\)"),
+    ("a red square moving left, then it halts", "a negation or no motion \\('halts'\\)"),
 ])
 def test_prompt_errors_name_what_is_missing(prompt, needle):
     with pytest.raises(ValueError, match=needle):

@@ -12,6 +12,13 @@ import torch
 from workbench.errors import WorkbenchError
 
 
+def check_image_frames(frames: int, per_chunk: int) -> None:
+    """With --image frame 0 is the image: a rollout of it alone generates nothing."""
+    if frames <= 1:
+        raise WorkbenchError(f"--frames {frames} with --image: frame 0 is the image, so nothing would be generated; "
+                             f"give 1 + a multiple of {per_chunk} (e.g. {1 + per_chunk * max(1, 18 // per_chunk)})")
+
+
 def block_sizes_of(cfg) -> list[int]:
     """Frames per chunk of an `ExtractConfig`'s causal rollout (models/common/chunks.py), or a WorkbenchError naming
     --frames."""

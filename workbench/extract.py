@@ -38,6 +38,7 @@ from models.wan.embedded import require_embedded_dir
 from models.wan.text_encoder import check_encoder_files, wan_dir_encoder_identity
 from workbench.capture import CaptureSpec, Geometry, StatsProbe, resolve_mode
 from workbench.chunking import block_sizes_of, image_latent  # noqa: F401 (block_sizes_of: the nnsight recipe)
+from workbench.chunking import check_image_frames
 from workbench.errors import WorkbenchError
 from workbench.statistics import DEFAULT_STATS, check_stats
 from workbench.store import (SCHEMA_VERSION, StoreLayout, StoreLock, StoreWriter, ema_suffix, sample_dataset,
@@ -297,11 +298,11 @@ def plan(cfg: ExtractConfig) -> Plan:
         if cfg.sampler == "bidirectional" or not cfg.independent_first_frame:
             raise WorkbenchError("--image puts the image's latent in a chunk of its own: it needs a causal sampler "
                                  "and the independent-first-frame layout")
+        if Path(cfg.image).is_dir():
+            raise WorkbenchError(f"--image {cfg.image!r} is a folder; give an image file (PNG, JPEG, ...)")
         if not Path(cfg.image).is_file():
             raise WorkbenchError(f"--image {cfg.image!r} does not exist")
-        if cfg.num_frames <= 1:
-            raise WorkbenchError(f"--frames {cfg.num_frames} with --image: frame 0 is the image, so nothing would be "
-                                 f"generated; give 1 + a multiple of {cfg.num_frame_per_block} (e.g. 19)")
+        check_image_frames(cfg.num_frames, cfg.num_frame_per_block)
     check_context_noise(cfg.sampler, cfg.context_noise, cfg.image is not None, captured=True)
     if cfg.sampler != "bidirectional":
         block_sizes_of(cfg)  # frames that do not fit the chunk layout

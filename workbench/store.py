@@ -740,6 +740,13 @@ def ema_suffix(use_ema: bool) -> str:
     return " (generator_ema)" if use_ema else ""
 
 
+def image_of(attrs: dict) -> tuple[str, str] | None:
+    """(path, sha256) of the image an image-to-video store's frame 0 is (attrs `image`, `image_sha256`; a store made
+    before them holds the sha256 in its fingerprint's `model.image`, the path "(not recorded)"); None otherwise."""
+    sha = attrs.get("image_sha256") or ((attrs.get("fingerprint_fields") or {}).get("model") or {}).get("image")
+    return (str(attrs.get("image") or "(its path not recorded)"), str(sha)) if sha else None
+
+
 def describe_differences(stored: dict | None, wanted: dict | None) -> str:
     """'layers: [3] in the store, [2] in this run; ...' for the settings two fingerprints were made of."""
     if not stored or wanted is None:

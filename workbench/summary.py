@@ -64,7 +64,7 @@ def summary_table(store_path, max_rows: int = 48) -> str:
         if "phase" in ds.coords else []
     passes = f" ({format_int_list(context)}: the context pass{'es' if len(context) > 1 else ''})" \
         if context and len(context) < ds.sizes["step"] else ""
-    image = (f"; frame 0 is the image {ds.attrs['image']} (its chunk has its context pass only)"
+    image = (f"; frame 0 is the image {str(ds.attrs['image'])!r} (its chunk has its context pass only)"
              if ds.attrs.get("image") else "")
     wrote = (f"wrote {store_path}: {ds.sizes['sample']} sample(s), layers {format_int_list(ds.layer.values)}, "
              f"steps {format_int_list(ds.step.values)}{passes}{image}")

@@ -105,17 +105,16 @@ def apply_schedule(args) -> None:
                          timestep_shift=shift, context_noise=c.context_noise,
                          num_frame_per_block=c.num_frame_per_block, local_attn_size=c.model_kwargs.local_attn_size,
                          sink_size=c.model_kwargs.sink_size)
-        if c.i2v and not getattr(args, "image", None):  # (their training key: the images come with the data)
+        if c.independent_first_frame and not hasattr(args, "independent_first_frame"):
+            raise WorkbenchError(f"--config {args.config}: independent_first_frame is true; this command runs chunks "
+                                 "of equal size only")
+        if c.i2v and hasattr(args, "image") and not args.image:  # (their training key: images come with the data)
             import warnings
 
             from models.errors import ModelInputWarning
 
             warnings.warn(f"--config {args.config}: i2v is true, which trains from text-image pairs; an inference "
-                          "run takes its first frame from --image (generate, extract)", ModelInputWarning,
-                          stacklevel=2)
-        if c.independent_first_frame and not hasattr(args, "independent_first_frame"):
-            raise WorkbenchError(f"--config {args.config}: independent_first_frame is true; this command runs chunks "
-                                 "of equal size only")
+                          "run takes its first frame from --image", ModelInputWarning, stacklevel=2)
         if c.independent_first_frame:
             args.independent_first_frame = True
     if isinstance(args.denoising_step_list, str):

@@ -193,6 +193,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from workbench.extract import (_dtype, _rank_device, check_context_noise, check_device, check_window,
                                    default_prompts, parse_int_list, rank_share)
     from workbench.progress import progress_bar
+    from workbench.chunking import check_image_frames
     from workbench.store import StoreLock, sample_id
     from workbench.weights import check_vae_file, check_wan_dir, wan_dir_hint
 
@@ -216,9 +217,8 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
         args.independent_first_frame = True  # the image's latent is a chunk of its own
     check_context_noise(args.sampler, args.context_noise, bool(args.image), captured=args.live)
     args.frames = latent_frames(args)
-    if args.image and args.frames <= 1:
-        raise WorkbenchError(f"--frames {args.frames} with --image: frame 0 is the image, so nothing would be "
-                             f"generated; give 1 + a multiple of {args.num_frame_per_block} (e.g. 19)")
+    if args.image:
+        check_image_frames(args.frames, args.num_frame_per_block)
     family = family_of(wan_dir)
     _, h, w, _ = family.video_geometry(wan_dir, args.height, args.width)
     if args.sampler != "bidirectional":

@@ -28,6 +28,7 @@ import numpy as np
 
 from models.wan.vae import TEMPORAL_STRIDE, pixel_frames
 from workbench.errors import WorkbenchError
+from workbench.store import image_of
 from workbench.view import stream
 
 
@@ -160,8 +161,7 @@ class StoreSource(Source):
             raise WorkbenchError(f"{str(self.path)!r} has no attn_mass (its variables: {sorted(ds.data_vars)}); "
                                  f"{how}")
         self.ds = ds
-        given = ((ds.attrs.get("fingerprint_fields") or {}).get("model") or {}).get("image")  # (older stores)
-        self.image = ds.attrs.get("image") or ("an image" if given else None)
+        self.image = image[0] if (image := image_of(ds.attrs)) else None
         # menu item id -> (intervention label or None, sample id)
         self.items = {(f"{e} · {s}" if effects else s): (e if effects else None, s)
                       for e in (ds["intervention"].values if effects else [None]) for s in ds["sample"].values}

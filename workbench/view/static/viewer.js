@@ -273,8 +273,8 @@ function drawMaps() {
     (chunk ? ` · chunk ${chunk.chunk}: query frames ${q[0]}–${q[q.length - 1]} × key frames 0–${m.num_frames - 1}` : "") +
     // image-to-video: frame 0 is the given image, written to the cache by a context pass and never denoised
     (m.image && q.includes(0) && step && step.phase !== "context"
-      ? ` · frame 0 is the image ${m.image}: it is not denoised, only its context pass attends ` +
-        "(choose the context step)" : "");
+      ? ` · frame 0 is the image ${m.image}: it is not denoised, only its context pass ` +
+        "attends (choose the context step)" : "");
   const heads = V.head === "all" ? m.heads.map((h, i) => i) : [m.heads.indexOf(Number(V.head))];
   box.classList.toggle("single", V.head !== "all");
   while (box.children.length > heads.length) box.removeChild(box.lastChild);
