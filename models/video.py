@@ -253,7 +253,8 @@ def read_image(path, height: int, width: int) -> torch.Tensor:
     pixels as the researchers' I2V transform does (stretched, not cropped, to the video's aspect), [3, H, W]
     float32 in [-1, 1]. Its latent is `vae.encode(image[None, :, None])` [1, 1, 16, H/8, W/8]. 16-bit images are
     scaled to 8 bits (PIL's RGB conversion clips them to white); an alpha channel is dropped, another aspect
-    ratio stretched and an EXIF orientation not applied (as theirs), each with a warning. A missing or unreadable file is a ModelInputError."""
+    ratio stretched and an EXIF orientation not applied (as theirs), each with a warning. A missing or unreadable
+    file is a ModelInputError."""
     import warnings
 
     from PIL import Image, UnidentifiedImageError

@@ -270,7 +270,8 @@ function drawMaps() {
   const step = m.steps.find((s) => s.step === V.step);
   const q = chunk ? chunk.query_frames : [];
   $("maps-title").textContent = `layer ${V.layer} · step ${step ? step.label : V.step}` +
-    (chunk ? ` · chunk ${chunk.chunk}: query frames ${q[0]}–${q[q.length - 1]} × key frames 0–${m.num_frames - 1}` : "") +
+    (chunk ? ` · chunk ${chunk.chunk}: query frames ${q[0]}–${q[q.length - 1]} × key frames 0–${m.num_frames - 1}`
+      : "") +
     // image-to-video: frame 0 is the given image, written to the cache by a context pass and never denoised
     (m.image && q.includes(0) && step && step.phase !== "context"
       ? ` · frame 0 is the image ${m.image}: it is not denoised, only its context pass ` +
