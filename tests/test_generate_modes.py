@@ -201,6 +201,9 @@ def test_generate_image_with_live_view(tmp_path):
     assert main(["generate", "--prompt", "a red square moving left", "--image", str(image), "--frames", "4",
                  "--live", "--layers", "0", "--no-progress", "--out", str(out)]) == 0
     assert (out / "live.json").is_file() and (out / "p0000-s0.safetensors").is_file()
+    from workbench.view.sources import open_source
+
+    assert open_source(out).meta()["image"] == str(image)  # (the live viewer explains frame 0's maps too)
 
 
 @pytest.mark.gpu

@@ -55,7 +55,8 @@ class LiveRun:
         steps = [s for s in p.schedule if s.step in p.spec.steps]
         self.writer = StreamWriter(out, num_frames=F, pixel_frames=pixel_frames(F), fps=fps, layers=p.spec.layers,
                                    heads=p.spec.heads, steps=steps,
-                                   command=shlex.join(command or sys.argv))
+                                   command=shlex.join(command or sys.argv),
+                                   image=None if p.cfg.image is None else str(p.cfg.image))
         self.sample_name: str | None = None
         atexit.register(self._abandoned)  # a run that dies before close() leaves a "failed" stream, not "running"
 

@@ -262,6 +262,7 @@ class StreamSource(Source):
             self.manifest, self._stamp = m, stamp
             self.layers, self.heads, self.steps = m["layers"], m["heads"], m["steps"]
             self.num_frames, self.fps = int(m["num_frames"]), float(m["fps"])
+            self.image = m.get("image")  # (image-to-video; absent in streams written before it was recorded)
         return self.manifest
 
     def _entry(self, sample) -> dict:

@@ -13,7 +13,7 @@ live.json:
      "steps": [{"step", "timestep", "phase", "cfg", "denoise_index"}, ...],          # as the store's coords
      "samples": [{"sample": "p0000-s0", "prompt", "prompt_index", "seed", "done": bool,
                   "chunks": [{"chunk": c, "query_frames": [...], "pixel_frames": [first, stop], "file": ...}]}],
-     "command", "created_utc", "updated_utc"}
+     "command", "created_utc", "updated_utc", "image": the image-to-video image (frame 0) or null}
 
 A chunk's `chunk` and `query_frames` are the rollout's own labels (the `on_chunk` callback of models/common/rollout.py),
 the pixel range is what the streaming VAE decoder returned for it. A chunk file is in place before the manifest
@@ -56,12 +56,13 @@ def step_labels(steps) -> list[dict]:
 class StreamWriter:
     """Writes one live stream folder. Use: begin_sample, write_chunk per finished chunk, end_sample; close."""
 
-    def __init__(self, out, *, num_frames: int, pixel_frames: int, fps: int, layers, heads, steps, command: str):
+    def __init__(self, out, *, num_frames: int, pixel_frames: int, fps: int, layers, heads, steps, command: str,
+                 image: str | None = None):
         self.out = Path(out)
         self.manifest = dict(format=FORMAT, version=VERSION, status="running", num_frames=int(num_frames),
                              pixel_frames=int(pixel_frames), fps=int(fps), layers=[int(v) for v in layers],
                              heads=[int(v) for v in heads], steps=step_labels(steps), samples=[], command=command,
-                             created_utc=_now())
+                             created_utc=_now(), image=image)  # (image-to-video: the image that is frame 0)
         self._save()
 
     def _save(self) -> None:
