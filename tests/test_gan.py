@@ -110,6 +110,25 @@ def test_the_discriminator_optimiser_is_theirs(tmp_path, world_set):
     assert all(g["betas"] == (0.0, 0.999) for g in none.critic_opt.param_groups)
 
 
+def test_a_checkpoint_of_other_betas_does_not_resume(tmp_path, world_set):
+    """A GAN checkpoint from before the discriminator's betas followed theirs (beta1_critic 0.0 through a warm-up,
+    now 0.9): resuming put the old betas back silently, a run of neither rule; it is refused, naming both."""
+    from training.errors import TrainingError
+
+    over = ["discriminator_warmup_steps=4", "beta1_critic=0.0", "dfake_gen_update_ratio=100"]
+    gan_trainer(tmp_path, world_set, *over).train(2)
+    state_pt = tmp_path / "checkpoint_model_000002" / "training_state.pt"
+    state = torch.load(state_pt, weights_only=True)
+    assert state["critic_optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert gan_trainer(tmp_path, world_set, *over, resume=state_pt.parent).step == 2
+    for group in state["critic_optimizer"]["param_groups"]:
+        group["betas"] = (0.0, 0.999)  # what the old rule saved
+    torch.save(state, state_pt)
+    with pytest.raises(TrainingError, match=r"critic optimiser ran AdamW betas \(0.0, 0.999\), this run's are "
+                                            r"\(0.9, 0.999\)"):
+        gan_trainer(tmp_path, world_set, *over, resume=state_pt.parent)
+
+
 def test_generator_steps_and_bitwise_resume(tmp_path, world_set):
     over = ["dfake_gen_update_ratio=2", "log_iters=2", "gan_g_weight=1.0", "gan_d_weight=1.0", "r1_weight=0.1",
             "r2_weight=0.1"]

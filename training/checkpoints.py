@@ -67,6 +67,7 @@ class Checkpoints:
             raise TrainingError(f"cannot read {state_pt} ({type(e).__name__}: {str(e).splitlines()[0]}): a truncated "
                                 "or corrupt checkpoint; resume from an earlier checkpoint_model_* folder") from None
         check_resumed_config(self.cfg, state.get("config_yaml"), folder)
+        check_resumed_betas(state, self.gen_opt, self.critic_opt if self.critic is not None else None, folder)
         fsdp.load_full(self.generator, strip_prefixes(blob["generator"]))
         fsdp.load_optimizer_state(self.gen_params, self.gen_opt, state["generator_optimizer"])
         if self.critic is not None:
@@ -108,6 +109,24 @@ def latest_checkpoint(logdir) -> Path | None:
 CHANGEABLE_ON_RESUME = ("max_steps", "log_iters", "loggers", "device", "gradient_checkpointing", "data_on_device")
 
 
+def check_resumed_betas(state: dict, gen_opt, critic_opt, folder) -> None:
+    """A checkpoint's AdamW betas are what this run's optimisers are made with (the same config gives the same
+    betas, except where the rule changed: the GAN discriminator's runs (0.9, beta2_critic) through a warm-up since
+    2026-12-05, as the researchers' trainer); a resume would otherwise put the old ones back silently."""
+    for name, opt in (("generator", gen_opt), ("critic", critic_opt)):
+        saved = (state.get(f"{name}_optimizer") or {}).get("param_groups") or []
+        if opt is None or not saved:
+            continue
+        then = [tuple(g.get("betas", ())) for g in saved]
+        now = [tuple(g["betas"]) for g in opt.param_groups]
+        if then != now:
+            raise TrainingError(f"--resume: {folder}'s {name} optimiser ran AdamW betas {then[0]}, this run's are "
+                                f"{now[0]} (a GAN discriminator's betas with a warm-up follow the researchers' trainer "
+                                "since 2026-12-05: (0.9, beta2_critic)); its moments were made under the old ones, so "
+                                "it does not resume: start a new --logdir (--set generator_ckpt=...model.pt starts "
+                                "from its weights)")
+
+
 def unread_keys(cfg) -> set[str]:
     """Keys the run's trainer does not read, so a checkpoint's value may differ: `lr_critic` without a critic (ODE
     and diffusion training) or under a GAN's own `critic_lr` (checkpoints before lr_critic defaulted to lr hold the
@@ -133,6 +152,11 @@ def check_resumed_config(cfg, saved_yaml: str | None, folder) -> None:
     unread = unread_keys(cfg)
     changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k)
                      and k.split(".")[0] not in CHANGEABLE_ON_RESUME and k not in unread)
+    if changed == ["lr_critic"] and then.get("lr_critic") == 4e-7 and now.get("lr_critic") == now.get("lr"):
+        raise TrainingError(f"--resume continues the run of {folder}, whose critic trained at lr_critic 4e-07, the "
+                            "default before 2026-12-05 for a config without lr_critic; such a config now trains the "
+                            f"critic at lr ({now.get('lr')!r}), as the researchers' trainer does: give --set "
+                            "lr_critic=4e-7 to go on as it ran, or start a new --logdir")
     if changed:
         shown = "; ".join(f"{k}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in changed[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""

@@ -28,6 +28,9 @@ from workbench.errors import WorkbenchError
 
 KINDS = ("ablate", "knockout", "temperature", "sink", "policy")
 HEAD_SPLIT = "chunk_end"  # the head-wise split's rule, in its spec: an entry made by another rule is another's
+# the deep sink's rule, in its spec (since 2026-12-05: the sink alone beside the next chunk moves too, and a move
+# rotates the keys as written once); an entry made before is another's
+DEEP_SINK_RULE = "sink_alone_moves"
 CALLS = ("layers", "heads", "steps", "chunks", "attention")  # which calls an intervention acts on
 SPEC_FIELDS = {  # an entry's settings per kind, beside kind and label
     "baseline": (),
@@ -35,7 +38,7 @@ SPEC_FIELDS = {  # an entry's settings per kind, beside kind and label
     "knockout": CALLS + ("frames", "history_only"),
     "temperature": CALLS + ("value",),
     "sink": CALLS + ("frames", "history_only", "value"),
-    "policy": ("policy", "window", "sink_frames", "store", "threshold", "static_recent", "split"),
+    "policy": ("policy", "window", "sink_frames", "store", "threshold", "static_recent", "split", "sink_rule"),
 }
 
 
@@ -59,11 +62,16 @@ def older(stored: dict) -> bool:
 def older_differs(stored: dict, entry: Entry) -> str | None:
     """Why an older store's entry of these settings ran otherwise than `entry` runs, or None: its sink entries
     scaled the frames' logits in every call, their own chunk's too (history_only false now; true is the default),
-    and a head-wise split made without `split` in its spec counted other frames than a static head sees."""
+    a head-wise split made without `split` in its spec counted other frames than a static head sees, and a deep
+    sink without `sink_rule` moved its sink otherwise."""
     if entry.kind == "sink" and entry.history_only and older(stored):
         return ("its sink entries scaled the frames' logits in every call, the frames' own chunk's too: a spec entry "
                 f"with history_only: false and label: {entry.label} is that; sink entries are history-only by "
                 "default now")
+    if entry.policy == "deepsink" and stored.get("sink_rule") != DEEP_SINK_RULE:
+        return ("its deep sink left the sink where it was when the window kept it alone beside the next chunk (window "
+                "= sink + chunk: the plain window and sink) and rotated each move from the last; the deep sink now "
+                "moves it there too and rotates the keys as written once")
     if entry.policy == "headwise" and stored.get("split") != HEAD_SPLIT:
         return ("its head-wise split chose the static heads by the frames up to each query frame; the split now "
                 "counts the policy's sink frames and its newest static_recent frames up to the query's chunk end")
@@ -73,7 +81,7 @@ def older_differs(stored: dict, entry: Entry) -> str | None:
 POLICIES = ("fifo", "sink", "deepsink", "attention", "headwise")
 ENTRY_KEYS = {"kind", "layers", "heads", "steps", "chunks", "attention", "mode", "resample_prompt", "resample_seed",
               "frames", "history_only", "value", "policy", "window", "sink_frames", "store", "threshold",
-              "static_recent", "split", "label"}
+              "static_recent", "split", "sink_rule", "label"}
 
 
 @dataclass
@@ -100,6 +108,7 @@ class Entry:
     threshold: float = 0.8
     static_recent: int = 6
     split: str = HEAD_SPLIT  # how a headwise policy's static heads are chosen (kv_policies.static_heads_from_store)
+    sink_rule: str = DEEP_SINK_RULE  # how a deep sink moves its sink (workbench/kv_policies.py DeepSink)
 
     def spec(self) -> dict:
         """The entry's settings that mean something for its kind (stored as intervention_spec: a knockout carries no
@@ -113,6 +122,8 @@ class Entry:
         keep = {"kind", "label", *SPEC_FIELDS[self.kind]}
         if self.kind == "policy" and self.policy != "headwise":  # (the head split's settings)
             keep -= {"store", "threshold", "static_recent", "split"}
+        if self.kind == "policy" and self.policy != "deepsink":
+            keep -= {"sink_rule"}
         return keep
 
     @property
@@ -232,6 +243,8 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
             e.sink_frames = e.window // 2
         e.store, e.threshold = d.get("store"), _number(d.get("threshold", 0.8), "policy threshold")
         e.static_recent = int(_number(d.get("static_recent", 6), "policy static_recent", integer=True))
+        if d.get("sink_rule", DEEP_SINK_RULE) != DEEP_SINK_RULE:
+            raise WorkbenchError(f"sink_rule {d['sink_rule']!r}: the deep sink's rule is {DEEP_SINK_RULE!r}")
         if d.get("split", HEAD_SPLIT) != HEAD_SPLIT:
             raise WorkbenchError(f"split {d['split']!r}: the head-wise split is {HEAD_SPLIT!r} (the sink frames and "
                                  "the newest static_recent frames up to the query's chunk end)")
