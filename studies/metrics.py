@@ -489,19 +489,14 @@ def expected_attended(ds: xr.Dataset) -> xr.DataArray:
     return out.drop_vars([c for c in out.coords if c not in out.dims])
 
 
-def image_store(ds: xr.Dataset) -> bool:
-    """Whether frame 0 of the store's rollouts is a given image (image-to-video: `workbench.store.image_of`)."""
-    from workbench.store import image_of
-
-    return image_of(ds.attrs) is not None
-
-
 def nan_pattern_mismatches(ds: xr.Dataset) -> int:
     """How many attn_mass entries are NaN where `expected_attended` says attended, or the other way round; in an
     image-to-video store the image's chunk (0) has its context pass only, so its rows of the other steps are NaN."""
+    from workbench.store import image_of
+
     attended = ds["attn_mass"].notnull()
     expected = expected_attended(ds)
-    if image_store(ds):
+    if image_of(ds.attrs) is not None:
         expected = expected & ~((ds["phase"] != "context") & (ds["query_chunk"] == 0))
     return int((attended != expected).sum())
 

@@ -137,9 +137,9 @@ def _shown(key: str, value: str) -> str:
         return (f"{s['denoising_step_list']}{' warped' if s.get('warp') else ''}, shift {s.get('shift')}, "
                 f"{s.get('num_frame_per_block')} frames a chunk, context noise {s.get('context_noise')}")
     if key == "window":
-        size, _, sink = value.partition("+sink")
         if not value:
             return "none (the bidirectional sampler)"
+        size, _, sink = value.partition("+sink")
         return "global attention" if int(size) < 0 else f"a {size}-frame window, {sink} sink frame(s)"
     if key.endswith("sha256") and len(value) > 12:
         return value[:12]
@@ -192,8 +192,8 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from workbench.errors import WorkbenchError
     from workbench.extract import (_dtype, _rank_device, check_context_noise, check_device, check_window,
                                    default_prompts, parse_int_list, rank_share)
-    from workbench.progress import progress_bar
     from workbench.chunking import check_image_frames
+    from workbench.progress import progress_bar
     from workbench.store import StoreLock, sample_id
     from workbench.weights import check_vae_file, check_wan_dir, wan_dir_hint
 
