@@ -182,6 +182,13 @@ def test_extract_image_stores_the_i2v_rollout(tmp_path):
     assert any(str(image) in v for v in model_facts(ds).values())
     assert StoreSource(out).meta()["image"] == str(image)
     assert metrics.nan_pattern_mismatches(ds.assign_attrs(image_sha256="", fingerprint_fields={})) == 16
+    # a store made before the `image` attr: the path as its command line gave it
+    from workbench.store import image_of
+
+    older = {k: v for k, v in ds.attrs.items() if k not in ("image", "image_sha256")}
+    assert image_of(older) == (str(image), ds.attrs["fingerprint_fields"]["model"]["image"])
+    assert image_of({**older, "command": "workbench extract --image=a.png"})[0] == "a.png"
+    assert image_of({**older, "command": "workbench extract"})[0] == "(its path not recorded)"
     from workbench.errors import WorkbenchError
     from workbench.extract import plan
 

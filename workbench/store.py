@@ -742,9 +742,25 @@ def ema_suffix(use_ema: bool) -> str:
 
 def image_of(attrs: dict) -> tuple[str, str] | None:
     """(path, sha256) of the image an image-to-video store's frame 0 is (attrs `image`, `image_sha256`; a store made
-    before them holds the sha256 in its fingerprint's `model.image`, the path "(not recorded)"); None otherwise."""
+    before them holds the sha256 in its fingerprint's `model.image` and the path in its `command` attr as written);
+    None otherwise."""
     sha = attrs.get("image_sha256") or ((attrs.get("fingerprint_fields") or {}).get("model") or {}).get("image")
-    return (str(attrs.get("image") or "(its path not recorded)"), str(sha)) if sha else None
+    return (str(attrs.get("image") or _image_in_command(attrs.get("command")) or "(its path not recorded)"),
+            str(sha)) if sha else None
+
+
+def _image_in_command(command) -> str | None:
+    """The path after `--image` (or `--image=`) in a command line as shlex.join wrote it, or None."""
+    try:
+        words = shlex.split(str(command or ""))
+    except ValueError:
+        return None
+    for i, word in enumerate(words):
+        if word == "--image" and i + 1 < len(words):
+            return words[i + 1]
+        if word.startswith("--image="):
+            return word.split("=", 1)[1]
+    return None
 
 
 def describe_differences(stored: dict | None, wanted: dict | None) -> str:
