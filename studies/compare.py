@@ -209,7 +209,7 @@ def compare_stores(
         bad = [x for x in layers if x not in shared_layers]
         if bad:
             raise WorkbenchError(f"layer {bad[0]} is not in both stores; A has layers {la}, B has {lb}")
-        shared_layers = [int(x) for x in layers]
+        shared_layers = list(dict.fromkeys(int(x) for x in layers))  # (a layer named twice is compared once)
     if not shared_layers:
         raise WorkbenchError(f"the stores share no layer: A has layers {la}, B has {lb}")
     ha, hb = [int(x) for x in a["head"].values], [int(x) for x in b["head"].values]

@@ -240,7 +240,8 @@ def last_chunk_bars(
     v = _pick_heads(v, heads)
     sink = metrics.sink_delta(v)  # [head]
     head_list = [int(h) for h in v["head"].values]
-    titles = [f"head {h}: sink = {float(sink.sel(head=h)):.3g}" for h in head_list]
+    titles = [f"head {h}: sink = {float(sink.sel(head=h)):.3g}" if v.sizes["key_frame"] >= 3
+              else f"head {h}: sink n/a (under 3 key frames)" for h in head_list]
     fig, cols = _head_subplots(head_list, cols, titles, shared=False)
     rows = math.ceil(len(head_list) / cols)
     x = [int(k) for k in v.key_frame.values]

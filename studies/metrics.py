@@ -10,7 +10,9 @@ Row metrics (`row_metrics`, dims sample, step, layer, head, query_frame):
     sink_chunk_mass  mass on the first chunk (key_chunk == 0; every frame for the bidirectional sampler)
     own_chunk_mass   mass on the key frames of the query's own chunk (key_chunk == query_chunk)
     local_mass       mass on key frames with |query_frame - key_frame| < local_window (default: the store's
-                     num_frame_per_block, else 3): recency that means the same for causal and bidirectional samplers
+                     num_frame_per_block, else 3): recency that means the same for causal and bidirectional samplers;
+                     NaN for a row that attended no key frame outside the window (in a video of no more frames than
+                     the window, every head's would be 1, local or not)
     early_mass       mass on the oldest early_fraction (default 0.5) of the frames the row attended, the frame on
                      the boundary counted by its share inside (the frame of rank r, oldest 0, weighs
                      clip(early_fraction * n_attended - r, 0, 1)), so uniform attention gives early_fraction
@@ -230,7 +232,7 @@ def row_metrics(
         "sink_mass": on(mass.key_frame == 0),
         "sink_chunk_mass": on(mass["key_chunk"] == 0) if "key_chunk" in mass.coords else np.nan,
         "own_chunk_mass": on(mass["key_chunk"] == mass["query_chunk"]) if "query_chunk" in mass.coords else np.nan,
-        "local_mass": on(abs(dist) < local_window),
+        "local_mass": on(abs(dist) < local_window).where((attended & (abs(dist) >= local_window)).any("key_frame")),
         "early_mass": (m * (early_fraction * n - rank).clip(0, 1).where(attended, 0.0)).sum("key_frame")
         .where(captured),  # (the boundary frame by its share: uniform rows give early_fraction exactly)
         "mean_distance": ((m * dist).sum("key_frame") / total.where(total > 0)).where(captured),
@@ -412,16 +414,18 @@ def frame_profile(
 
 
 def sink_delta(v: xr.DataArray | np.ndarray, dim: str = "key_frame"):
-    """The researchers' sink statistic `v[0] - mean(v[1:-1])` along `dim` (NaN entries skipped in the mean)."""
+    """The researchers' sink statistic `v[0] - mean(v[1:-1])` along `dim` (NaN entries skipped in the mean). NaN
+    where v has fewer than 3 values (a video of 1 or 2 key frames): mean(v[1:-1]) is then the mean of nothing."""
     if isinstance(v, xr.DataArray):
         n = v.sizes[dim]
         if n < 3:
-            raise WorkbenchError(f"sink = v[0] - mean(v[1:-1]) needs at least 3 {dim}s, got {n}")
-        out = v.isel({dim: 0}) - v.isel({dim: slice(1, n - 1)}).mean(dim, skipna=True)
+            out = xr.full_like(v.isel({dim: 0}), np.nan, dtype=np.float64)
+        else:
+            out = v.isel({dim: 0}) - v.isel({dim: slice(1, n - 1)}).mean(dim, skipna=True)
         return out.drop_vars([c for c in out.coords if c not in out.dims], errors="ignore")
     v = np.asarray(v, dtype=np.float64)
     if v.shape[-1] < 3:
-        raise WorkbenchError(f"sink = v[0] - mean(v[1:-1]) needs at least 3 values, got {v.shape[-1]}")
+        return np.full(v.shape[:-1], np.nan)
     return v[..., 0] - np.nanmean(v[..., 1:-1], axis=-1)
 
 
@@ -440,11 +444,12 @@ def researcher_stats(
     col0 = full.isel(key_frame=0).mean("query_frame", skipna=True)
     v = frame_profile(sub, var=var).mean("sample", skipna=True).isel(layer=0, step=0)  # [head, key_frame]
     n = v.sizes["key_frame"]
+    first = v.isel(key_frame=0, drop=True)
     out = xr.Dataset({
         "diag_mean": diag,
         "col0_mean": col0,
-        "first": v.isel(key_frame=0, drop=True),
-        "mid": v.isel(key_frame=slice(1, n - 1)).mean("key_frame", skipna=True),
+        "first": first,
+        "mid": v.isel(key_frame=slice(1, n - 1)).mean("key_frame", skipna=True) if n >= 3 else first * np.nan,
         "last": v.isel(key_frame=n - 1, drop=True),
         "sink": sink_delta(v),
     })

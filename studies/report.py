@@ -44,7 +44,7 @@ def _detail_layers(ds: xr.Dataset, layers) -> list[int]:
         bad = [x for x in layers if x not in have]
         if bad:
             raise WorkbenchError(f"layer {bad[0]} is not in the store; it has layers {have}")
-        return [int(x) for x in layers]
+        return list(dict.fromkeys(int(x) for x in layers))  # (a layer named twice is shown once)
     if len(have) <= MAX_DETAIL_LAYERS:
         return have
     idx = np.unique(np.linspace(0, len(have) - 1, MAX_DETAIL_LAYERS).round().astype(int))
@@ -256,9 +256,7 @@ def build_report(
     page.table(heads_table, shown=TABLE_ROWS)
     # the same table as CSV beside the page, for a paper or a spreadsheet (units: the long names above and
     # docs/store.md; probabilities, frames, nats)
-    from models.files import atomic_write_text
-
-    atomic_write_text(Path(out_html).with_suffix(".csv"), heads_table.to_csv(float_format="%.6g"))
+    csv_text = heads_table.to_csv(float_format="%.6g")  # (written after the page: a failed report leaves neither)
     page.p(f"The table as CSV: <code>{html.escape(Path(out_html).with_suffix('.csv').name)}</code> (step {step}, "
            f"query frames {frames[0]}-{frames[-1]}, {'sample ' + sample if sample else 'all samples'}).")
 
@@ -303,7 +301,11 @@ def build_report(
                "--layer N draws them.")
     if len(detail) < ds.sizes["layer"]:
         page.p(f"Detailed sections for layers {detail} of {ds.sizes['layer']}; pass --layer N to choose others.")
-    return write_atomic(page.render(), out_html)
+    written = write_atomic(page.render(), out_html)
+    from models.files import atomic_write_text
+
+    atomic_write_text(Path(out_html).with_suffix(".csv"), csv_text)
+    return written
 
 
 def generate_command(ds: xr.Dataset, i: int, out) -> str:
@@ -361,7 +363,7 @@ def key_frame_pictures(ds: xr.Dataset, source: str, sample: str | None, video=No
     sources.py: `video`, else STORE.mp4 or pPPPP-sS.mp4 beside the store or in the folder named like it) and
     checked against the store's run; a named `video` that does not fit is an error, a found one a sentence."""
     from models.video import mp4_available
-    from models.wan.vae import SPATIAL_STRIDE
+    from models.wan.config import VAE_STRIDE as SPATIAL_STRIDE
     from workbench.view.sources import find_videos, pixel_span, read_video, video_mismatch
 
     ids = [str(s) for s in ds["sample"].values]

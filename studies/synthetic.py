@@ -135,6 +135,8 @@ def sample_datasets(
         raise WorkbenchError(f"noise {noise} must be in [0, 1]")
     if not prompts or not seeds:
         raise WorkbenchError("a synthetic store needs at least one prompt and one seed")
+    if len(set(int(x) for x in layers)) != len(list(layers)):
+        raise WorkbenchError(f"layers {list(layers)} name a layer twice; give each once")
     layers = sorted(int(x) for x in layers)
     role_of = roles if callable(roles) else (lambda l, h: (roles or {}).get((l, h), planted_role(l, h)))
     for l in layers:

@@ -381,8 +381,10 @@ def test_extract_summary_is_per_layer_and_head(tmp_path):
 
     below = np.array([[0.01, 0.05]])  # no head above uniform attention's share: none is called drawn to frame 0
     assert reading([3], [0, 1], below, below, below, uniform=0.09).endswith(
-        "no head is drawn to frame 0: each gives it less than uniform attention would (0.09; the most, layer 3 "
+        "no head is drawn to frame 0: each gives it no more than uniform attention would (0.09; the most, layer 3 "
         "head 1, 0.05)")
+    assert reading([3], [0, 1], below + 1, below, below, uniform=1.0).endswith(  # one key frame: 1.00 is everyone's
+        "frame 0 is the only key frame the rows attend, so no head can be told drawn to it")
     one = summary_table(synthetic.write_store(tmp_path / "one.zarr", "bidirectional", layers=(0,), num_heads=4))
     header = next(line for line in one.splitlines() if line.split()[:2] == ["layer", "head"])
     assert "rest" not in header and "other frames" in header  # one chunk: every frame but 0 is "other"

@@ -106,6 +106,43 @@ def test_no_import_cycle():
     assert _cycles(graph) == []
 
 
+# The layers, bottom up: models <- workbench <- training, studies (design: studies read stores, training uses models
+# and workbench probes). The imports that go against that order, each for a reason (docs/architecture.md):
+UPWARD = {
+    # the command line dispatches to every layer's commands
+    "workbench.cli": {"studies", "studies.commands", "training", "training.commands"},
+    "workbench.commands": {"training.config"},  # --config reads the researchers' training YAML
+    "workbench.commands.evaluate": {"studies", "studies.world_metrics", "studies.world_report"},
+    # the miniature world's video scores (a pixel tracker over decoded frames, no model) of intervene's effects
+    "workbench.intervene": {"studies.world_metrics"},
+    "workbench.scores": {"studies", "studies.world_metrics"},
+    "training.commands": {"studies.training"},  # the probes' table after a run
+}
+# what the studies take from models/: file writing, video reading, chunk/label/window arithmetic, the world's
+# definition, the zoo's names, the VAE's stride: helpers and constants, never a module that builds or runs a model
+STUDIES_FROM_MODELS = {"models", "models.files", "models.video", "models.errors", "models.world",
+                       "models.common.chunks", "models.common.labels", "models.common.window", "models.wan.embedded",
+                       "models.wan.config"}
+LAYER = {"models": 0, "workbench": 1, "training": 2, "studies": 2}
+
+
+def test_the_layers_import_downwards():
+    graph = _graph(_modules())
+    up = {}
+    for m, targets in graph.items():
+        if m in OLD_PATHS:
+            continue
+        for t in targets:
+            a, b = m.split(".")[0], t.split(".")[0]
+            if LAYER[b] > LAYER[a] or (LAYER[b] == LAYER[a] and a != b):  # (training, studies: not each other)
+                up.setdefault(m, set()).add(t)
+    extra = {m: ts - UPWARD.get(m, set()) for m, ts in up.items() if ts - UPWARD.get(m, set())}
+    assert extra == {}, "imports against the layering; move the code down, or add the edge with its reason"
+    studies_models = {t for m, ts in graph.items() if m.startswith("studies") for t in ts if t.startswith("models")}
+    assert studies_models <= STUDIES_FROM_MODELS, studies_models - STUDIES_FROM_MODELS
+    assert {"models.wan.model", "models.common.rollout", "models.wan.vae"}.isdisjoint(STUDIES_FROM_MODELS)
+
+
 def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 

@@ -410,3 +410,32 @@ def test_a_one_chunk_store_draws_no_chunk_maps_and_names_its_local_window(stores
     assert "local (mass on keys less than 3 frames from the query)" in text
     causal, _ = parse(store_report)
     assert "fig-overview-own_chunk_mass" in causal.figures
+
+
+def test_reports_of_videos_shorter_than_the_sink_statistic_and_the_local_window(stores, tmp_path):
+    """A video of 1 or 2 key frames has no sink statistic (v[0] - mean(v[1:-1]) is over nothing): the report says
+    n/a instead of refusing (and leaving its CSV behind); in a video no longer than the local window every key is
+    local, so no head is called local; a layer named twice is drawn once."""
+    from studies import metrics
+
+    two = synthetic.write_store(tmp_path / "two.zarr", "causal", layers=(0,), num_heads=2, num_frames=2,
+                                num_frame_per_block=1)
+    parser, text = parse(report.build_report(two, tmp_path / "two.html"))
+    titles = [a["text"] for a in parser.figures["fig-bars-layer0"]["layout"]["annotations"]]
+    assert "head 0: sink n/a (under 3 key frames)" in titles and (tmp_path / "two.csv").exists()
+    stats = metrics.researcher_stats(load_store(two), layer=0)
+    assert bool(stats.sink.isnull().all()) and bool(stats.mid.isnull().all()) and bool(stats["first"].notnull().all())
+    three = synthetic.write_store(tmp_path / "three.zarr", "causal", layers=(0,), num_heads=4, num_frames=3)
+    hm = metrics.head_metrics(load_store(three), query_frames="all")
+    assert bool(hm.local_mass.isnull().all())  # keys 0-2, window 3 (the chunk): nothing outside it
+    assert "local" not in set(metrics.classify_heads(hm).values.ravel().tolist())
+    parser, _ = parse(report.build_report(three, tmp_path / "three.html"))
+    assert "fig-overview-local_mass" not in parser.figures and "fig-overview-sink_mass" in parser.figures
+    # a store of 21 frames: local_mass counts the rows with keys outside the window (the first chunk's have none)
+    rows = metrics.row_metrics(load_store(stores["sf"]))
+    assert bool(rows.local_mass.sel(query_frame=[0, 1, 2]).isnull().all())
+    assert bool(rows.local_mass.sel(query_frame=list(range(3, 21))).notnull().all())
+    # a layer named twice: shown once (it failed on a duplicate figure id)
+    parser, _ = parse(report.build_report(stores["sf"], tmp_path / "twice.html", layer=[1, 1]))
+    assert [d for d in parser.divs if d == "fig-steps-layer1"] == ["fig-steps-layer1"]
+    report.build_compare_report(stores["wan"], stores["sf"], tmp_path / "cmp2.html", layers=[1, 1])

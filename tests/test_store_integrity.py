@@ -507,3 +507,22 @@ def test_a_refusal_names_where_two_long_settings_part():
     assert text == ("layout.layers: [1] in the store, [2] in this run; layout.schedule (4 items in the store, 4 in "
                     "this run), first differing at item 3: [3, 625.0, 0, 'denoise', 'cond', 3] in the store, "
                     "[3, 624.0, 0, 'denoise', 'cond', 3] in this run")
+
+
+def test_a_store_holding_a_label_twice_is_refused_on_opening(tmp_path):
+    """Labels select by value: a store concatenated by hand with a layer twice read as one layer, or failed deep in
+    pandas in every study; it is refused, naming the dim and the label. (The synthetic writer refuses them too.)"""
+    from studies import synthetic
+    from workbench.errors import WorkbenchError
+
+    with pytest.raises(WorkbenchError, match=r"layers \[2, 2\] name a layer twice"):
+        synthetic.write_store(tmp_path / "a.zarr", "causal", layers=[2, 2], num_heads=2)
+    one = xr.open_zarr(synthetic.write_store(tmp_path / "b.zarr", "causal", layers=[2], num_heads=2),
+                       consolidated=False)
+    twice = xr.concat([one, one], "layer", combine_attrs="override")
+    for var in twice.variables.values():
+        var.encoding.clear()
+    twice.to_zarr(tmp_path / "c.zarr", consolidated=False)
+    with pytest.raises(WorkbenchError, match=r"the same label twice along a dim \(\{'layer': \[2\]\}\)"):
+        open_store(tmp_path / "c.zarr")
+    assert open_store(tmp_path / "b.zarr").sizes["layer"] == 1

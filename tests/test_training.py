@@ -160,6 +160,7 @@ def test_probes_grow_the_store_and_leave_training_unchanged(tmp_path):
     assert ds["train_step"].values.tolist() == [0, 2, 4]
     assert ds.attn_mass.dims == ("train_step", "sample", "step", "layer", "head", "query_frame", "key_frame")
     assert ds.sizes["sample"] == 2 and ds["layer"].values.tolist() == [1]
+    assert {c for c in ds.coords if not ds[c].attrs.get("long_name")} == set()  # train_step's too
     from studies.report import model_facts
     from workbench.legacy import legacy_record
 

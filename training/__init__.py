@@ -20,7 +20,13 @@
     probes.py       attention probes every N steps into a store along `train_step`
     logger.py       losses.csv (+ TensorBoard, wandb)
     commands.py     `workbench train`
+    errors.py       TrainingError: a bad config or request, one clear line before any work
     world_data.py   `data_path: world`: latents of the miniature world's videos (models/world.py), cached
     world_vae.py    the embedded zoo's VAE, trained on the miniature world (Wan2.1's layout)
+    world_vae_model.py  that VAE's model pieces (toy widths of Wan2.1's VAE, its start, its state dict)
+    word_check.py   does each prompt word steer a model (flow-matching error with one word swapped)
     zoo.py          the embedded zoo: every configs/zoo_*.yaml in order, under a time budget, shipped as data/embedded
+    zoo_check.py    the zoo's quick check: each model samples the prompt grid, a pixel tracker reads it back
+    zoo_ship.py     the zoo's outputs: the data/embedded folder, its ZOO.md, the tar parts of a run
+    study.py        an old path of studies/training.py, kept for user scripts
 """

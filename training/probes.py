@@ -25,7 +25,7 @@ import xarray as xr
 
 from training.errors import TrainingError
 from workbench.errors import WorkbenchError
-from workbench.store import StoreLayout, StoreWriter, sample_dataset
+from workbench.store import COORD_ATTRS, StoreLayout, StoreWriter, sample_dataset
 
 
 @contextlib.contextmanager
@@ -139,6 +139,7 @@ class TrainingProbes:
             ds = xr.concat(samples, dim="sample", data_vars="all", coords="different", compat="equals",
                            combine_attrs="override")
             ds = ds.expand_dims(train_step=np.array([step], dtype=np.int64))
+            ds["train_step"].attrs.update(COORD_ATTRS["train_step"])
             for name in list(ds.data_vars):  # expand_dims puts train_step first for data variables only
                 ds[name].attrs = samples[0][name].attrs
             ds.attrs.pop("completed", None)

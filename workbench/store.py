@@ -1,7 +1,9 @@
 """Attention stores: labelled xarray Datasets in zarr v3, laid out as `docs/store.md` defines.
 
-This module is the only place that knows the on-disk layout. Writers (the `extract` command, training
-probes) hand it whole samples; readers (studies, notebooks) call `open_store`.
+This module knows the attention store's on-disk layout (`sample_dataset`, `COORD_ATTRS`) and writes every store
+(`StoreWriter`). Writers hand it whole samples: the `extract` command, training probes (training/probes.py adds
+the `train_step` dim), `workbench intervene` (its effects entries: workbench/intervene.py `entry_dataset`);
+readers (studies, notebooks) call `open_store`.
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ def open_store(path: str | Path) -> xr.Dataset:
         )
     small = [name for name, coord in ds.coords.items() if name not in ds.dims]
     ds = ds.assign_coords({name: ds[name].load() for name in small})
+    twice = {dim: ds.indexes[dim][ds.indexes[dim].duplicated()].tolist()[:3]
+             for dim in ds.dims if dim in ds.indexes and not ds.indexes[dim].is_unique}
+    if twice:  # (labels select by value: a layer held twice would be read as one, or fail deep in pandas)
+        raise WorkbenchError(f"store {str(path)!r} holds the same label twice along a dim ({twice}); it was not "
+                             "written by the workbench's writer, or was concatenated by hand")
     check_one_model(ds, path)
     return ds
 
@@ -268,6 +275,7 @@ COORD_ATTRS = {
     "uncond_num_tokens": dict(long_name="the negative prompt's token count", units="tokens"),
     "token_layer": dict(long_name="transformer block index of attn_key_token"),
     "key_token": dict(long_name="key token index: key_token_frame * frame_seq_len + key_token_h * W + key_token_w"),
+    "train_step": dict(long_name="completed training iterations when the probe ran (0: before any update)"),
     "key_token_frame": dict(long_name="latent frame of the key token", units="frames"),
     "key_token_h": dict(long_name="token row of the key token in its frame"),
     "key_token_w": dict(long_name="token column of the key token in its frame"),

@@ -132,8 +132,10 @@ def reading(layers: list[int], heads: list[int], first, same, distance, uniform:
     sink, si = name(first, lambda g: g.argmax())
     start = (f"reading: most local {local} ({_fmt(same[li], 2)} of its attention on its own frame); widest {wide} "
              f"(keys {_fmt(distance[wi], 1)} frames away on average); ")
+    if uniform is not None and uniform >= 1:  # (a video of one key frame)
+        return start + "frame 0 is the only key frame the rows attend, so no head can be told drawn to it"
     if uniform is not None and first[si] <= uniform:  # then no head is drawn to frame 0
-        return start + (f"no head is drawn to frame 0: each gives it less than uniform attention would "
+        return start + (f"no head is drawn to frame 0: each gives it no more than uniform attention would "
                         f"({_fmt(uniform, 2)}; the most, {sink}, {_fmt(first[si], 2)})")
     return (start + f"most drawn to frame 0: {sink} ({_fmt(first[si], 2)}"
             + (f"; uniform attention would give it {_fmt(uniform, 2)}" if uniform is not None else "") + ")")

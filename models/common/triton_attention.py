@@ -130,8 +130,8 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
     `FUSED_WS_CANDIDATES` in models/common/triton_attention_plan.py; unmasked, TMA, no mass or means; its bits
     differ from WS=False by rounding), GLUON (None: the Gluon forward of models/common/gluon_attention.py where
     it applies; False: never; True: required), MEANS (the Gluon path's frame means: "triton", the default since
-    session 20: `frame_means_into`, or "torch": torch's mean; the same numbers to float32 rounding) and
-    MEANS_TILE (a dict updating `MEANS_TILE`).
+    bench/RESULTS.md's session 20: `frame_means_into`, or "torch": torch's mean; the same numbers to float32
+    rounding) and MEANS_TILE (a dict updating `MEANS_TILE`).
     use_tma: None = on where usable (sm90+), or force False/True.
     """
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:

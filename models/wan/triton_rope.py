@@ -3,8 +3,8 @@
 Each program takes one token row of q or k ([C] = heads x head_dim, contiguous), computes the RMS in float32,
 normalises, casts to the input dtype and multiplies by the norm weight (Wan's order), then rotates each
 channel pair (2i, 2i+1) of every head by the token's angles. The row is loaded and stored as one contiguous
-vector and split into its even and odd channels in registers (session 22; before, two stride-2 loads and stores
-moved the row at about 1.5 TB/s). It reads and writes each tensor once; `models.wan.fused` uses it
+vector and split into its even and odd channels in registers (bench/RESULTS.md, session 22; before, two stride-2
+loads and stores moved the row at about 1.5 TB/s). It reads and writes each tensor once; `models.wan.fused` uses it
 for CUDA tensors and the plain PyTorch version everywhere else (and as the reference in tests).
 """
 

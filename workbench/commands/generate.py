@@ -28,8 +28,9 @@ examples:
                                                        # prompts dealt over 8 GPUs, the same file names
 
 Writes, per prompt index P and seed S, into --out: pPPPP-sS.safetensors (latents [F, 16, h, w] under
-"latents"; its metadata records the prompt, seed, sampler, checkpoint, use_ema and the weights' sha256, which
-`workbench view` checks against a store's before it shows the video beside the store's attention),
+"latents"; its metadata records the prompt, seed, sampler, checkpoint, use_ema, the weights' sha256, the text
+encoder, schedule, window and image (docs/store.md "Generated videos"), which `workbench view` checks against a
+store's before it shows the video beside the store's attention),
 pPPPP-sS.mp4 (16 fps; needs the video extra: pip install -e ".[video]") and pPPPP-sS.png (a grid of every 5th
 frame). With less than 40 GB of free GPU memory the text encoder leaves the GPU before the DiT is loaded
 (low-memory mode).
