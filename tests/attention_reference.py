@@ -18,11 +18,12 @@ import torch
 
 
 class AttendRecorder:
-    """Records (layer, visit, q, k, call) of every self-attention call of the given layers, by module path."""
+    """Records (layer, visit, q, k, call) of every self-attention call (`kind="cross"`: cross-attention call) of the
+    given layers, by module path."""
 
-    def __init__(self, model, layers):
+    def __init__(self, model, layers, kind: str = "self"):
         self.records: dict[int, list] = {layer: [] for layer in layers}
-        self._handles = [model.blocks[layer].self_attn.attend.register_forward_pre_hook(self._hook(layer))
+        self._handles = [getattr(model.blocks[layer], f"{kind}_attn").attend.register_forward_pre_hook(self._hook(layer))
                          for layer in layers]
 
     def _hook(self, layer):
@@ -87,6 +88,29 @@ def dense_frame_stats(q, k, frame_seq_len: int, frame_mask=None):
         mass = mass.masked_fill(~frame_mask, float("nan"))
         logit = logit.masked_fill(~frame_mask, float("nan"))
     return mass, logit
+
+
+def dense_key_token_mass(q, k, frame_seq_len: int, frame_mask=None):
+    """attn_key_token [B, H, nqf, Lk] float64: per query frame, the mean over its query tokens of the softmax
+    probability of each key token (dense, over the keys of the call); NaN on the tokens of masked key frames."""
+    B, Lq, H, D = q.shape
+    fsl = frame_seq_len
+    nqf, Lk = Lq // fsl, k.shape[1]
+    s = q.double().transpose(1, 2) @ k.double().transpose(1, 2).transpose(-1, -2) / math.sqrt(D)  # [B, H, Lq, Lk]
+    if frame_mask is not None:
+        s = s.masked_fill(~frame_mask.repeat_interleave(fsl, 0).repeat_interleave(fsl, 1), float("-inf"))
+    p = torch.softmax(s, dim=-1).reshape(B, H, nqf, fsl, Lk).mean(dim=3)
+    if frame_mask is not None:
+        p = p.masked_fill(~frame_mask.repeat_interleave(fsl, 1), float("nan"))
+    return p
+
+
+def dense_cross_mass(q, k_text, frame_seq_len: int):
+    """cross_mass [B, H, nqf, T] float64: per query frame, the mean over its tokens of the softmax over the text
+    tokens, from q [B, Lq, H, D] and the text keys [B, T, H, D]."""
+    B, Lq, H, D = q.shape
+    s = q.double().transpose(1, 2) @ k_text.double().transpose(1, 2).transpose(-1, -2) / math.sqrt(D)  # [B, H, Lq, T]
+    return torch.softmax(s, dim=-1).reshape(B, H, Lq // frame_seq_len, frame_seq_len, -1).mean(dim=3)
 
 
 def nan_equal(a, b) -> bool:

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from attention_reference import AttendRecorder, dense_frame_stats, expected_key_frames, max_abs_diff
+from attention_reference import (AttendRecorder, dense_cross_mass, dense_frame_stats, dense_key_token_mass,
+                                 expected_key_frames, max_abs_diff)
 from conftest import tiny_model
 from models.common.attention import ForwardLabels
 from models.common.rollout import bidirectional, causal_few_step
@@ -179,12 +180,14 @@ def test_block_causal_forward_is_nan_exactly_outside_the_mask(window):
     x = torch.randn(1, C, frames, H, W, generator=torch.Generator().manual_seed(1))
     t = torch.full((1, frames), 500.0)
     ctx = torch.randn(1, TEXT_LEN, 32, generator=torch.Generator().manual_seed(2))
-    spec = CaptureSpec(layers=(0, 1), heads=(0, 1, 2, 3), steps=(0,))
+    spec = CaptureSpec(layers=(0, 1), heads=(0, 1, 2, 3), steps=(0,),
+                       stats=("attn_mass", "attn_logit", "attn_key_token", "cross_mass"), token_layers=(0, 1))
     probe = StatsProbe(spec, Geometry(1, frames, FSL, TEXT_LEN), "cpu")
-    rec = AttendRecorder(model, [0, 1])
+    rec, cross = AttendRecorder(model, [0, 1]), AttendRecorder(model, [0, 1], kind="cross")
     with attach(model, probe):
         model(x, t, ctx, labels=ForwardLabels(step=0, timestep=500.0, chunk=0, phase="train"))
     rec.remove()
+    cross.remove()
     got = probe.results()
     allowed = model.block_causal_mask(frames)
     # the mask itself, written out (chunks of 3, causal across chunks, window end - local .. end)
@@ -199,7 +202,16 @@ def test_block_causal_forward_is_nan_exactly_outside_the_mask(window):
         mass, logit = dense_frame_stats(q, k, FSL, frame_mask=allowed)
         assert max_abs_diff(got["attn_mass"][0, 0, layer], mass[0].numpy()) <= 1e-6
         assert max_abs_diff(got["attn_logit"][0, 0, layer], logit[0].numpy()) <= 1e-5
+        # token by token (a mirrored token order inside a frame, or NaN on the wrong tokens, would show)
+        tokens = dense_key_token_mass(q, k, FSL, frame_mask=allowed)[0].numpy()  # [H, F, F * FSL]
+        assert max_abs_diff(got["attn_key_token"][0, 0, layer], tokens) <= 1e-6
+        in_frames = tokens.reshape(4, frames, frames, FSL)[:, allowed.numpy()]  # [H, attended pairs, FSL]
+        assert in_frames.std(-1).max() > 1e-3  # (a frame's tokens differ: their order matters)
+        (qc, kc, call), = cross.records[layer]
+        assert call.kind == "cross" and kc.shape[1] == TEXT_LEN
+        assert max_abs_diff(got["cross_mass"][0, 0, layer], dense_cross_mass(qc, kc, FSL)[0].numpy()) <= 1e-6
     np.testing.assert_allclose(np.nansum(got["attn_mass"], -1), 1.0, atol=1e-3)
+    assert np.abs(np.diff(got["cross_mass"][0, 0], axis=-2)).max() > 1e-3  # (query frames' text mass differs)
 
 
 def test_head_layer_and_step_subsets_land_in_their_cells():

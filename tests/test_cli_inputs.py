@@ -389,6 +389,10 @@ def test_extract_summary_is_per_layer_and_head(tmp_path):
     header = next(line for line in one.splitlines() if line.split()[:2] == ["layer", "head"])
     assert "rest" not in header and "other frames" in header  # one chunk: every frame but 0 is "other"
     assert len(next(line for line in one.splitlines() if line.split()[:2] == ["0", "0"]).split()) == 6
+    rows = [line.split() for line in one.splitlines() if line.split()[:1] == ["0"]]
+    assert len(rows) == 4 and all(abs(float(r[2]) + float(r[3]) - 1) < 2e-3 for r in rows)  # frame 0 + other = 1
+    distance = [float(r[5]) for r in rows]  # the widest head is the one of the largest mean |q-k|
+    assert f"widest layer 0 head {int(np.argmax(distance))} (keys {max(distance):.1f} frames away" in one
     assert ("denoising steps 0,2,4,6,8,10,12,14, CFG branch cond (the prompt's); all query frames, the video being "
             "one chunk") in one
     # the steps counted, named: a store of some steps (--steps 0,4) said "denoising steps" over step 0 alone

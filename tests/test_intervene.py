@@ -492,7 +492,7 @@ def test_the_world_numbers_keep_the_parts_of_adherence(tmp_path):
     assert meta["completed"] == ["baseline", "ablate-zero:L3.H0"]
 
 
-def test_what_a_policy_decided_is_stored_and_reported(tmp_path):
+def test_what_a_policy_decided_is_stored_and_reported(tmp_path, monkeypatch, capsys):
     """A head-wise cache's static heads (from its store) and a deep sink's moved positions are in the effects
     store (intervention_detail) and its report: they were only in a Python call or the code."""
     import xarray as xr
@@ -514,3 +514,22 @@ def test_what_a_policy_decided_is_stored_and_reported(tmp_path):
     assert detail[ds.intervention.values[2]].startswith("sink frames 0-2 kept, their temporal RoPE positions moved")
     text = build_report(out, tmp_path / "fx.html").read_text()
     assert "As they ran: " in text and want in text
+    # the entry is known by the static heads its store gave, not by the path that named the store: a copy of the
+    # store, named relative to another folder, resumes it; another threshold is refused, saying so
+    import json
+    import shutil
+
+    spec = json.loads(str(ds.intervention_spec.values[1]))
+    assert spec["static_heads"] == [[layer, h] for layer, hs in sorted(static.items()) for h in hs]
+    shutil.copytree(heads, tmp_path / "moved" / "copy.zarr")
+    monkeypatch.chdir(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["intervene", "--frames", "9", "--world", "off", "--policy", "headwise:6:1:copy.zarr",
+                 "--policy", "deepsink:6:3", "--out", str(out), "--no-progress"]) == 0
+    assert "all 3 entries are already there; nothing to do" in capsys.readouterr().out
+    spec_file = tmp_path / "t.yaml"
+    spec_file.write_text(f"interventions:\n- {{kind: policy, policy: headwise, window: 6, sink_frames: 1, "
+                         f"store: copy.zarr, threshold: 0.5, label: {ds.intervention.values[1]}}}\n")
+    assert main(["intervene", "--frames", "9", "--world", "off", "--spec", str(spec_file), "--out", str(out),
+                 "--no-progress"]) == 2
+    assert "threshold: 0.8 in the store, 0.5 in this run" in capsys.readouterr().err

@@ -96,13 +96,13 @@ def test_knockout_of_some_heads_equals_a_dense_masked_softmax(one_thread):
     model = tiny_model()
     records, handle = record_inputs(model, 0)
     seen = RecordingProbe(CallFilter(layers={0}, kinds={"self"}), keep_out=True)
-    few_step(model, 6, KeyFrameKnockout([0], filter=CallFilter(layers={0}), heads=[2]), seen)
+    few_step(model, 6, KeyFrameKnockout([0], filter=CallFilter(layers={0}), heads=[1, 3]), seen)
     handle.remove()
     call, _, _, out = seen.records[5]  # chunk 1, step 0: frames 3-5 attend to 0-5
     assert call.key_frames == tuple(range(6)) and call.edits == ("knockout:0",) and call.frame_mask is None
 
     def knock(h, s):
-        if h == 2:
+        if h in (1, 3):
             s[:, :FSL] = -math.inf
         return s
 
@@ -161,6 +161,26 @@ def test_sink_scaling_equals_a_dense_softmax_with_scaled_logits(one_thread):
     assert torch.equal(k_seen[:, :, 0], k_in[:, :, 0])
 
 
+def test_sink_scaling_in_a_rolling_window_scales_the_frame_in_its_cache_slot(one_thread):
+    """With a window the cache slot of a frame is not its index: frame 7 sits in slot 1 behind the sink when chunk 3
+    (frames 9-11) attends to frames (0, 7, 8, 9, 10, 11)."""
+    model = tiny_model(local_attn_size=6, sink_size=1)
+    c = 2.0
+    records, handle = record_inputs(model, 1)
+    seen = RecordingProbe(CallFilter(layers={1}, kinds={"self"}), keep_out=True)
+    few_step(model, 12, SinkScaling(c, frames=[7], filter=CallFilter(layers={1}), heads=[2]), seen)
+    handle.remove()
+    i = next(i for i, (call, *_) in enumerate(seen.records) if call.key_frames == (0, 7, 8, 9, 10, 11))
+
+    def scale(h, s):
+        if h == 2:
+            s[:, FSL : 2 * FSL] *= c  # slot 1
+        return s
+
+    torch.testing.assert_close(seen.records[i][3][0].double(), dense(*records[i], scale), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(seen.records[i][3][0].double(), dense(*records[i], lambda h, s: s), atol=1e-4)
+
+
 def test_mean_ablation_writes_the_recorded_mean(one_thread):
     model = tiny_model()
     ref, one, two = (HeadOutputs(CallFilter(layers={1}, kinds={"self"})) for _ in range(3))
@@ -178,6 +198,25 @@ def test_mean_ablation_writes_the_recorded_mean(one_thread):
                                        rtol=0)
     with pytest.raises(ValueError, match="needs a source"):
         HeadAblation(mode="mean")
+
+
+def test_the_recorded_mean_of_a_batched_reference_averages_over_its_videos(one_thread):
+    """A reference batch of two videos in one rollout (as an API user runs it): the mean is over both videos'
+    query tokens, the same as the mean of two one-video rollouts' calls."""
+    from models.common.rollout import causal_few_step
+    from models.common.scheduler import FlowMatchScheduler
+
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    noise, ctx = torch.randn(2, 6, C, H, W, generator=g), torch.randn(2, TEXT_LEN, 32, generator=g)
+    ref = HeadOutputs(CallFilter(layers={1}, kinds={"self"}))
+    s = FlowMatchScheduler(5.0)
+    with attach(model, ref):
+        causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s, generator=g)
+    calls = list(ref.by_call.values())
+    assert calls[0].shape[0] == 2
+    expected = torch.stack([o.double().mean(dim=(0, 1)) for o in calls]).mean(0)  # [H, D]
+    torch.testing.assert_close(ref.mean()[(1, "self")].double(), expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.gpu

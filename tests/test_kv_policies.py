@@ -5,6 +5,7 @@ chunk's queries attended to most (dense float64 reference); head-wise groups equ
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -346,3 +347,37 @@ def test_the_head_split_counts_the_frames_a_static_head_keeps(tmp_path):
     few = static_heads_from_store(store, 0.8, span=3, sink_frames=1)  # (frame 0 and the query's chunk)
     assert few and all(set(h) < set(every[layer]) for layer, h in few.items())
     assert 0 in few.get(0, []) and 0 in few.get(1, [])  # (the planted sink head of layer 0, local head of layer 1)
+
+
+def test_the_head_split_equals_its_definition_written_out(tmp_path):
+    """static_heads_from_store against numpy: the mass on frame 0 and on the `span` newest frames up to the query's
+    chunk end (end - span < key <= end), over samples, denoising steps and the query frames after chunk 0; every
+    threshold between two heads' fractions splits the heads where the fractions say (an off-by-one in the span,
+    counting span + 1 frames, moves some head across one of them)."""
+    from studies import synthetic
+    from workbench.kv_policies import static_heads_from_store
+    from workbench.store import open_store
+
+    store = synthetic.write_store(tmp_path / "s.zarr", "causal", layers=(0, 1), num_heads=4, noise=0.3)
+    ds = open_store(store)
+    denoise = (ds.phase == "denoise").values
+    m = np.nan_to_num(ds.attn_mass.values[:, denoise].astype(np.float64))  # [sample, step, layer, head, q, k]
+    chunk = ds.query_chunk.values
+    span = 2
+
+    def fractions(span):
+        out = np.zeros(m.shape[2:4])
+        qs = [q for q in range(m.shape[4]) if chunk[q] > 0]
+        for q in qs:
+            end = max(f for f in range(m.shape[4]) if chunk[f] == chunk[q])
+            near = np.array([k < 1 or end - span < k <= end for k in range(m.shape[5])])
+            out += m[..., q, :][..., near].sum(-1).mean((0, 1)) / len(qs)
+        return out  # [layer, head]
+
+    frac, wider = fractions(span), fractions(span + 1)
+    levels = np.sort(frac.ravel())
+    cuts = [(a + b) / 2 for a, b in zip(levels[:-1], levels[1:]) if b - a > 1e-6]
+    assert any(((frac >= t) != (wider >= t)).any() for t in cuts)  # (the span's boundary decides some head)
+    for t in cuts:
+        want = {layer: [h for h in range(4) if frac[i, h] >= t] for i, layer in enumerate((0, 1))}
+        assert static_heads_from_store(store, float(t), span=span, sink_frames=1) == {k: v for k, v in want.items() if v}

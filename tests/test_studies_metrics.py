@@ -232,6 +232,8 @@ def test_noise_keeps_the_classes(tmp_path):
 def test_researchers_sink_statistic():
     assert metrics.sink_delta(np.array([3.0, 1.0, 2.0, 0.0, 9.0])) == pytest.approx(3.0 - 1.0)
     assert metrics.sink_delta(np.array([3.0, np.nan, 1.0, 9.0])) == pytest.approx(2.0)  # NaN skipped
+    profile = xr.DataArray([[3.0, 1.0, 2.0, 0.0, 9.0]], dims=("head", "key_frame"))  # the last value left out
+    assert float(metrics.sink_delta(profile).sel(head=0)) == pytest.approx(3.0 - 1.0)
     assert np.isnan(metrics.sink_delta(np.array([1.0, 2.0])))  # mean(v[1:-1]) of nothing
     assert np.isnan(metrics.sink_delta(xr.DataArray([1.0], dims="key_frame"))).all()
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.intervene_entries import Entry, build, build_policy, check_entries, older_differs, same_settings
+from workbench.intervene_entries import (Entry, build, build_policy, check_entries, older_differs, same_settings,
+                                         spec_differences)
 
 WORLD_NUMBERS = ("adherent", "colour_ok", "shape_ok", "direction_ok", "detected", "confidence", "trajectory_error",
                  "speed", "colour_error", "trajectory_drift", "confidence_drift")
@@ -222,8 +223,9 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str | lis
     # layer or head the rollout lacks would otherwise edit nothing, silently
     bounds = entry_bounds(p)
     for e in entries:
-        if isinstance(e, Entry):
-            parse_entry(e.spec(), **bounds)
+        if isinstance(e, Entry):  # (a headwise entry takes the static heads its store gives, as a parsed one)
+            e.static_heads = parse_entry({k: v for k, v in e.spec().items() if k != "static_heads"},
+                                         **bounds).static_heads
     entries = [e if isinstance(e, Entry) else parse_entry(e, **bounds) for e in entries]
     check_entries(entries, cfg.sampler)
     partial = [e.label for e in entries if e.kind == "knockout" and e.heads is not None]
@@ -316,8 +318,10 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     clash = [e for e in entries if e.label in stored and not same_settings(json.loads(stored[e.label]), e)]
     if clash:
         why = [f"{e.label}: {w}" for e in clash if (w := older_differs(json.loads(stored[e.label]), e))]
+        differ = [f"{e.label}: {'; '.join(d)}" for e in clash if (d := spec_differences(json.loads(stored[e.label]), e))]
         raise WorkbenchError(f"{cfg.out} holds entries {[e.label for e in clash]} made with other settings "
-                             f"(intervention_spec{'; made by an older workbench, ' + '; '.join(why) if why else ''}): "
+                             f"(intervention_spec{': ' + '; '.join(differ) if differ else ''}"
+                             f"{'; made by an older workbench, ' + '; '.join(why) if why else ''}): "
                              "give this run's entries their own labels (label: in a --spec file), or choose another "
                              "--out (or --overwrite)")
     todo = [e for e in [BASELINE, *entries] if not writer.done(e.label)]

@@ -38,7 +38,8 @@ SPEC_FIELDS = {  # an entry's settings per kind, beside kind and label
     "knockout": CALLS + ("frames", "history_only"),
     "temperature": CALLS + ("value",),
     "sink": CALLS + ("frames", "history_only", "value"),
-    "policy": ("policy", "window", "sink_frames", "store", "threshold", "static_recent", "split", "sink_rule"),
+    "policy": ("policy", "window", "sink_frames", "store", "threshold", "static_recent", "split", "static_heads",
+               "sink_rule"),
 }
 
 
@@ -48,9 +49,20 @@ def same_settings(stored: dict, entry: Entry) -> bool:
     same settings run now (`older_differs`)."""
     if older_differs(stored, entry):
         return False
+    return not spec_differences(stored, entry)
+
+
+def spec_differences(stored: dict, entry: Entry) -> list[str]:
+    """The settings of `entry`'s kind on which a stored intervention_spec differs, as 'name: stored vs this run'.
+    A head-wise policy is its static heads, not the path its store was given by (a store moved, copied, or named
+    relative to another folder is the same store; a spec made before the heads were recorded compares paths)."""
     # (an older sink spec's history_only is the default every entry carried then, not what ran)
     keep = entry.fields() - ({"history_only"} if older(stored) and entry.kind == "sink" else set())
-    return {k: v for k, v in stored.items() if k in keep} == {k: v for k, v in entry.spec().items() if k in keep}
+    keep -= {"store"} if "static_heads" in stored else {"static_heads"}
+    a, b = {k: v for k, v in stored.items() if k in keep}, {k: v for k, v in entry.spec().items() if k in keep}
+    show = lambda v: str(v) if len(str(v)) <= 80 else str(v)[:77] + "..."  # noqa: E731
+    return [f"{k}: {show(a.get(k, '(not set)'))} in the store, {show(b.get(k, '(not set)'))} in this run"
+            for k in sorted(keep) if a.get(k) != b.get(k)]
 
 
 def older(stored: dict) -> bool:
@@ -81,7 +93,7 @@ def older_differs(stored: dict, entry: Entry) -> str | None:
 POLICIES = ("fifo", "sink", "deepsink", "attention", "headwise")
 ENTRY_KEYS = {"kind", "layers", "heads", "steps", "chunks", "attention", "mode", "resample_prompt", "resample_seed",
               "frames", "history_only", "value", "policy", "window", "sink_frames", "store", "threshold",
-              "static_recent", "split", "sink_rule", "label"}
+              "static_recent", "split", "sink_rule", "label"}  # (static_heads: found from the store, not given)
 
 
 @dataclass
@@ -108,6 +120,7 @@ class Entry:
     threshold: float = 0.8
     static_recent: int = 6
     split: str = HEAD_SPLIT  # how a headwise policy's static heads are chosen (kv_policies.static_heads_from_store)
+    static_heads: list | None = None  # headwise: the [layer, head] pairs that split chose from the store
     sink_rule: str = DEEP_SINK_RULE  # how a deep sink moves its sink (workbench/kv_policies.py DeepSink)
 
     def spec(self) -> dict:
@@ -121,7 +134,7 @@ class Entry:
         """The names of the settings of this entry's kind (and policy)."""
         keep = {"kind", "label", *SPEC_FIELDS[self.kind]}
         if self.kind == "policy" and self.policy != "headwise":  # (the head split's settings)
-            keep -= {"store", "threshold", "static_recent", "split"}
+            keep -= {"store", "threshold", "static_recent", "split", "static_heads"}
         if self.kind == "policy" and self.policy != "deepsink":
             keep -= {"sink_rule"}
         return keep
@@ -273,6 +286,8 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
         if chunk_frames and e.policy == "headwise" and e.static_recent < chunk_frames:
             raise WorkbenchError(f"static_recent {e.static_recent} is less than a chunk of {chunk_frames} frames: a "
                                  f"static head sees its own chunk whole, so give at least {chunk_frames}")
+        if e.policy == "headwise":
+            static_heads_of(e)  # (the entry's identity: the heads its store gives, whatever path named the store)
     e.label = str(d.get("label") or default_label(e))
     return e
 
@@ -373,9 +388,22 @@ def build_policy(e: Entry):
         return kp.DeepSink(e.window, e.sink_frames)
     if e.policy == "attention":
         return kp.AttentionGuided(e.window, e.sink_frames)
-    # (the split counts the frames a static head keeps: its sink frames and its newest static_recent)
-    static = kp.static_heads_from_store(e.store, e.threshold, e.static_recent, sink_frames=e.sink_frames)
-    return kp.HeadWise(e.window, e.sink_frames, static, e.static_recent)
+    return kp.HeadWise(e.window, e.sink_frames, static_heads_of(e), e.static_recent)
+
+
+def static_heads_of(e: Entry) -> dict[int, list[int]]:
+    """A headwise entry's static heads, layer -> heads: those its store's attn_mass gives (the split counts the
+    frames a static head keeps: its sink frames and its newest static_recent), found once and kept in the entry's
+    spec (`static_heads`, [layer, head] pairs) so that the entry is known by them, not by its store's path."""
+    from workbench import kv_policies as kp
+
+    if e.static_heads is None:
+        static = kp.static_heads_from_store(e.store, e.threshold, e.static_recent, sink_frames=e.sink_frames)
+        e.static_heads = [[int(layer), int(h)] for layer in sorted(static) for h in static[layer]]
+    out: dict[int, list[int]] = {}
+    for layer, h in e.static_heads:
+        out.setdefault(layer, []).append(h)
+    return out
 
 
 def check_entries(entries: list[Entry], sampler: str) -> None:
