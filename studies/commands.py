@@ -118,11 +118,19 @@ def writable_output(path) -> Path:
 
 
 def run_report(args) -> int:
+    from models.errors import ModelInputError
     from studies.report import build_report
 
+    from workbench.errors import WorkbenchError
     from workbench.store import named
 
-    out = writable_output(args.out if args.out else named(args.store).with_suffix(".html"))
+    try:
+        out = writable_output(args.out if args.out else named(args.store).with_suffix(".html"))
+    except ModelInputError as err:
+        if args.out:
+            raise
+        raise WorkbenchError(f"{err}; the report goes beside the store unless --out FILE names another place, e.g. "
+                             f"--out {Path(named(args.store).stem + '.html')}") from None
     start = time.time()
     path = build_report(args.store, out, layer=args.layer, sample=args.sample, step=args.step,
                         query_frames=args.query_frames, video=args.video)

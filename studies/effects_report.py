@@ -291,15 +291,21 @@ def _videos(page: Page, ds: xr.Dataset, store, top: list[str], samples: int = 2)
     """The saved frame grids (`intervene --save-videos`) of the baseline and the top entries, one row each."""
     import base64
 
-    from workbench.intervene import video_file
+    from workbench.intervene import video_file, videos_dir
 
     if "videos_dir" not in ds.attrs or isinstance(store, xr.Dataset):
         return
     page.h("Videos (every ninth pixel frame; the baseline first)")
+    folder = videos_dir(store, ds.attrs)
+    if not folder.is_dir():
+        page.p(html.escape(f"No videos: the run saved them in {ds.attrs['videos_dir']}/ beside the store, and neither "
+                           f"that folder nor {Path(store).stem}_videos/ is beside {Path(store).name} now (a store "
+                           "copied without its videos?)."))
+        return
     for sample in list(map(str, ds.sample.values))[:samples]:
         page.p(html.escape(f"sample {sample}"))
         for label in ["baseline", *top[:5]]:
-            path = video_file(store, label, sample)
+            path = video_file(store, label, sample, attrs=ds.attrs)
             if path.is_file():
                 data = base64.b64encode(path.read_bytes()).decode()
                 page.parts.append(f'<div><code>{html.escape(label)}</code><br>'

@@ -297,3 +297,13 @@ def test_model_specs_name_weights_and_samplers(tmp_path):
     # without --model, the shared model arguments name one model
     args = build_parser().parse_args(["evaluate", "--checkpoint", str(ck), "--use-ema"])
     assert select_models(args) == [ModelChoice("dmd-ema", None, str(ck), True, "causal_few_step")]
+    # --sampler reaches the zoo's models too (it was the zoo model's own, silently): the default, and a named one
+    from workbench.commands.evaluate import model_names
+
+    def sampler_of(*argv):
+        return [c.sampler for c in select_models(build_parser().parse_args(["evaluate", *argv]))]
+
+    assert sampler_of() == ["causal_few_step"] and sampler_of("--sampler", "bidirectional") == ["bidirectional"]
+    assert sampler_of("--model", "teacher") == [model_names()["teacher"].sampler] == ["bidirectional"]
+    assert sampler_of("--model", "dmd", "--model", "ode,sampler=causal_few_step", "--sampler", "bidirectional") == [
+        "bidirectional", "causal_few_step"]

@@ -242,6 +242,16 @@ def test_saved_videos_are_shown_beside_the_baseline(tmp_path):
     assert grids == ["v_videos/ablate-zero_L0.H0/p0000-s0.png", "v_videos/baseline/p0000-s0.png"]
     assert main(["report", str(out), "--out", str(tmp_path / "v.html")]) == 0
     assert (tmp_path / "v.html").read_text().count('<img src="data:image/png;base64,') == 2
+    # the store renamed, its folder not: found by the store's attr videos_dir (the report showed a heading and no video)
+    out.rename(tmp_path / "v_first_try.zarr")
+    assert main(["report", str(tmp_path / "v_first_try.zarr"), "--out", str(tmp_path / "w.html")]) == 0
+    assert (tmp_path / "w.html").read_text().count('<img src="data:image/png;base64,') == 2
+    import shutil
+
+    shutil.rmtree(tmp_path / "v_videos")  # and without it: the page says so
+    assert main(["report", str(tmp_path / "v_first_try.zarr"), "--out", str(tmp_path / "x.html")]) == 0
+    assert ("the run saved them in v_videos/ beside the store, and neither that folder nor v_first_try_videos/ is "
+            "beside v_first_try.zarr now") in (tmp_path / "x.html").read_text()
 
 
 def test_the_effect_curve_png_has_round_ticks_ending_on_the_axis_top():

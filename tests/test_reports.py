@@ -439,3 +439,24 @@ def test_reports_of_videos_shorter_than_the_sink_statistic_and_the_local_window(
     parser, _ = parse(report.build_report(stores["sf"], tmp_path / "twice.html", layer=[1, 1]))
     assert [d for d in parser.divs if d == "fig-steps-layer1"] == ["fig-steps-layer1"]
     report.build_compare_report(stores["wan"], stores["sf"], tmp_path / "cmp2.html", layers=[1, 1])
+
+
+def test_a_report_of_a_store_on_a_read_only_disk_says_where_else_to_write(stores, tmp_path, monkeypatch, capsys):
+    """The report goes beside the store by default; where that folder takes no file (a shared read-only disk), the
+    error says that --out names another place (it said only that the folder was not writable)."""
+    import models.files
+    from models.errors import ModelInputError
+    from workbench.cli import main
+
+    real = models.files.check_writable_dir
+
+    def read_only(path, **kw):
+        if Path(path).resolve() == Path(stores["root"]).resolve():
+            raise ModelInputError(f"output folder {str(path)!r} is not writable: Read-only file system")
+        return real(path, **kw)
+
+    monkeypatch.setattr(models.files, "check_writable_dir", read_only)
+    assert main(["report", str(stores["sf"])]) == 2
+    assert "is not writable: Read-only file system; the report goes beside the store unless --out FILE names " \
+           "another place, e.g. --out sf.html" in capsys.readouterr().err
+    assert main(["report", str(stores["sf"]), "--out", str(tmp_path / "sf.html")]) == 0

@@ -472,6 +472,8 @@ def test_a_reader_refuses_values_of_a_store_replaced_or_cut_after_it_opened(tmp_
     group.attrs["completed"] = IDS  # computed again: the same entries
     np.testing.assert_array_equal(ds.attn_mass.isel(sample=5).values, whole[5])
     os.replace(store, tmp_path / "old.zarr")  # another run's --overwrite swaps a new folder in
+    with pytest.raises(StoreChanged, match="s.zarr is no longer there .moved, deleted, or in the middle of another"):
+        ds.attn_mass.isel(sample=2).values  # (the moment between: not "replaced", which a moved store is not)
     shutil.copytree(reference, store)
     with pytest.raises(StoreChanged, match="was replaced after it was opened"):
         ds.attn_mass.isel(sample=2).values
@@ -530,3 +532,21 @@ def test_a_store_holding_a_label_twice_is_refused_on_opening(tmp_path):
     with pytest.raises(WorkbenchError, match=r"the same label twice along a dim \(\{'layer': \[2\]\}\)"):
         open_store(tmp_path / "c.zarr")
     assert open_store(tmp_path / "b.zarr").sizes["layer"] == 1
+
+
+def test_a_zipped_store_or_a_store_object_is_refused_saying_how_to_read_it(tmp_path, reference, capsys):
+    """A store shared as a zip: the workbench said xarray could not read it (xarray can, through zarr's ZipStore);
+    it names the way, and the studies take the Dataset xarray opens."""
+    import zarr
+
+    from studies import metrics
+    from workbench.errors import WorkbenchError
+
+    shutil.make_archive(str(tmp_path / "s"), "zip", reference)
+    assert cli_main(["report", str(tmp_path / "s.zip")]) == 2
+    assert "s.zip' is a zip file: unzip it and give the *.zarr folder" in capsys.readouterr().err
+    zipped = zarr.storage.ZipStore(tmp_path / "s.zip", mode="r")
+    with pytest.raises(WorkbenchError, match="open_store takes a store's path, not ZipStore"):
+        open_store(zipped)
+    ds = xr.open_zarr(zipped, consolidated=False)
+    xr.testing.assert_identical(metrics.head_metrics(ds), metrics.head_metrics(open_store(reference)))

@@ -456,6 +456,9 @@ def test_browser_shows_an_effects_store_entry_by_entry(tmp_path):
     items = ["baseline · p0000-s0", "knockout0-2:all · p0000-s0"]
     assert [s["sample"] for s in source.samples()] == items and set(source.videos) == set(items)
     assert [s["intervention"] for s in source.samples()] == ["baseline", "knockout0-2:all"]
+    (tmp_path / "fx.zarr").rename(tmp_path / "fx_renamed.zarr")  # (its videos found by its attr videos_dir)
+    assert set(open_source(tmp_path / "fx_renamed.zarr").videos) == set(items)
+    (tmp_path / "fx_renamed.zarr").rename(out)
     source.videos.pop(items[1])  # as if --save-videos had not written this one
     server, _ = start(source, port=0)
     try:

@@ -278,15 +278,19 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str | lis
         writer.close()
 
 
-def videos_dir(store) -> Path:
-    """Where `--save-videos` writes: beside the store, `NAME_videos/<label>/<sample>.png`."""
+def videos_dir(store, attrs: dict | None = None) -> Path:
+    """Where `--save-videos` writes: beside the store, `NAME_videos/<label>/<sample>.png`. A reader passes the
+    store's attrs: a store renamed without its folder still finds the folder its attr `videos_dir` names."""
     store = Path(store)
-    return store.with_name(store.stem + "_videos")
+    named = store.with_name(store.stem + "_videos")
+    if attrs and attrs.get("videos_dir") and not named.is_dir():
+        return store.parent / str(attrs["videos_dir"])
+    return named
 
 
-def video_file(store, label: str, sample: str, suffix: str = ".png") -> Path:
+def video_file(store, label: str, sample: str, suffix: str = ".png", attrs: dict | None = None) -> Path:
     safe = "".join(c if c.isalnum() or c in ".+-=" else "_" for c in label)
-    return videos_dir(store) / safe / f"{sample}{suffix}"
+    return videos_dir(store, attrs) / safe / f"{sample}{suffix}"
 
 
 def _save_video(video: np.ndarray, store, label: str, sample: tuple, model: str) -> None:

@@ -44,9 +44,21 @@ def open_store(path: str | Path) -> xr.Dataset:
     (so `groupby("chunk")` and string selections work without dask). Only finished entries are shown: what a run
     that is writing, or was stopped while writing (a kill, a full disk), has added past them is left out with a
     note (`_finished_only`), however far that write got."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise WorkbenchError(f"open_store takes a store's path, not {type(path).__name__}; a zarr store object opens "
+                             "with xarray.open_zarr(store, consolidated=False), and the studies take that Dataset")
     path = Path(path)
     if not path.exists():
         raise WorkbenchError(f"no store at {str(path)!r}: run `workbench extract --out {path}` to make one")
+    if path.is_file():
+        import zipfile
+
+        if zipfile.is_zipfile(path):
+            raise WorkbenchError(f"{str(path)!r} is a zip file: unzip it and give the *.zarr folder (plain xarray "
+                                 "reads a zipped store in place: xarray.open_zarr(zarr.storage.ZipStore(PATH, "
+                                 "mode='r'), consolidated=False), a Dataset the studies take)")
+        raise WorkbenchError(f"{str(path)!r} is a file, not a store: give a *.zarr folder written by `workbench "
+                             "extract`, `intervene` or `train`")
     if path.is_dir() and not (path / "zarr.json").is_file() and not (path / ".zgroup").is_file():
         what = "a folder of `workbench generate` outputs" if any(path.glob("p*-s*.safetensors")) else "a folder"
         raise WorkbenchError(f"{str(path)!r} is {what}, not a store (no zarr.json): give a *.zarr folder written by "

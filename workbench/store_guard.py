@@ -62,6 +62,9 @@ class Watch:
         replaced = StoreChanged(f"{self.path} was replaced after it was opened (another run's --overwrite or "
                                 "rewrite of it, or a new store made in its place): its values now belong to other "
                                 "entries; open it again")
+        if inode is None:
+            raise StoreChanged(f"{self.path} is no longer there (moved, deleted, or in the middle of another run's "
+                               "--overwrite): open it again where it is now")
         if inode != self.inode:
             raise replaced
         meta = self.path / "zarr.json"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,9 +94,10 @@ def register(subparsers) -> None:
                            help="KV window in latent frames for rollouts longer than 21 (default: %(default)s)")
     run_group.add_argument("--sink-size", type=int, default=3,
                            help="sink frames kept at the front of that window (default: %(default)s)")
-    run_group.add_argument("--sampler", default="causal_few_step",
+    run_group.add_argument("--sampler", default=None,
                            choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"],
-                           help="the default sampler of every model (default: %(default)s)")
+                           help="the sampler of every model whose --model names none (,sampler=NAME) (default: a zoo "
+                                "model's own, e.g. the embedded default's causal_few_step; else causal_few_step)")
     run_group.add_argument("--num-inference-steps", type=int,
                            help="multi-step samplers (default: a zoo model's own, else 50)")
     run_group.add_argument("--guidance-scale", type=float, help="multi-step samplers (default: a zoo model's own, else 5.0)")
@@ -123,11 +125,12 @@ def select_models(args) -> list[ModelChoice]:
         from models.wan.embedded import default_model
 
         zoo = default_model() if not (args.wan_dir or args.checkpoint or args.use_ema) else None
-        if zoo is not None:  # the embedded default: the zoo's DMD student
-            return [model_names()[zoo.name]]
+        if zoo is not None:  # the embedded default: the zoo's DMD student (with --sampler: under that sampler)
+            own = model_names()[zoo.name]
+            return [dataclasses.replace(own, sampler=args.sampler or own.sampler)]
         label = (Path(args.checkpoint).stem if args.checkpoint else Path(args.wan_dir).name if args.wan_dir
                  else "embedded") + ("-ema" if args.use_ema else "")
-        return [ModelChoice(label, args.wan_dir, args.checkpoint, args.use_ema, args.sampler)]
+        return [ModelChoice(label, args.wan_dir, args.checkpoint, args.use_ema, args.sampler or "causal_few_step")]
     from studies.world_report import COMPARE_COLUMNS
 
     choices = [parse_model_spec(spec, args) for spec in args.model]
@@ -150,7 +153,7 @@ def parse_model_spec(spec: str, args) -> ModelChoice:
 
     label, _, rest = spec.partition("=") if "=" in spec.split(",")[0] else ("", "", spec)
     source, *options = [x.strip() for x in rest.split(",")]
-    use_ema, sampler = False, args.sampler
+    use_ema, sampler = False, args.sampler or "causal_few_step"
     for opt in options:
         if opt == "ema":
             use_ema = True
@@ -175,7 +178,7 @@ def parse_model_spec(spec: str, args) -> ModelChoice:
         if use_ema and not base.use_ema:
             raise WorkbenchError(f"--model {spec!r}: the zoo's {source!r} model has no EMA weights; drop ',ema'")
         return ModelChoice(label or source, base.wan_dir, base.checkpoint, base.use_ema,
-                           sampler if "sampler=" in rest else base.sampler, base.num_inference_steps,
+                           sampler if "sampler=" in rest else args.sampler or base.sampler, base.num_inference_steps,
                            base.guidance_scale, source)
     if source == "embedded":  # the folder's own DiT (in the zoo: the teacher's weights), named as a folder
         from models.wan.embedded import require_embedded_dir

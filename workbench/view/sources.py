@@ -439,7 +439,7 @@ def open_source(path, video: str | None = None, sample: str | None = None) -> So
                                  "(the page's menu picks them)")
         from workbench.intervene import video_file
 
-        found = {f"{e} · {s}": video_file(path, str(e), str(s), ".mp4")
+        found = {f"{e} · {s}": video_file(path, str(e), str(s), ".mp4", ds.attrs)
                  for e in ds["intervention"].values for s in ds["sample"].values}
         return StoreSource(path, {k: v for k, v in found.items() if v.is_file()})
     ids = [str(s) for s in ds["sample"].values]
