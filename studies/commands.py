@@ -59,8 +59,9 @@ def register(subparsers) -> None:
                         help="HTML file to write (default: the store path with .html, e.g. runs/embedded.html); for an "
                              "attention store also the same name with .csv (the head metrics and classes), for an "
                              "effects store with .png (the per-frame curves) and, for a sweep, _heads.png")
-    report.add_argument("--layer", type=int, action="append", metavar="N",
-                        help="layer to show in detail; repeat for several (default: every captured layer, at most 8)")
+    report.add_argument("--layer", "--layers", action="append", metavar="N",
+                        help="layers to show in detail: 3, 0-5, 0,4 or all; repeatable (default: every captured layer, "
+                             "at most 8)")
     report.add_argument("--sample", metavar="ID", help="one sample id, e.g. p0000-s42 (default: mean over samples)")
     report.add_argument("--step", type=int, default=None,
                         help="step of the overview maps and heatmaps (default: the first captured denoising step; "
@@ -85,8 +86,9 @@ def register(subparsers) -> None:
                               "(default 20)")
     compare.add_argument("--cfg", default="cond", choices=["cond", "uncond"],
                          help="the CFG branch a CFG store contributes (default: cond)")
-    compare.add_argument("--layer", type=int, action="append", metavar="N",
-                         help="restrict to this layer; repeat for several (default: every layer both stores hold)")
+    compare.add_argument("--layer", "--layers", action="append", metavar="N",
+                         help="restrict to these layers: 3, 0-5, 0,4 or all; repeatable (default: every layer both "
+                              "stores hold)")
     compare.add_argument("--query-frames", default="last_chunk", choices=["last_chunk", "history", "all"],
                          help=QUERY_FRAMES_HELP + "; a bidirectional store's earlier rows attend frames a causal "
                               "store's cannot (a note says how much of their mass goes there), its last chunk's the "
@@ -101,6 +103,18 @@ def register(subparsers) -> None:
                               "then includes the spread between seeds); auto: seed when the stores share a "
                               "(prompt, seed), else prompt (default: auto)")
     compare.set_defaults(func=run_compare)
+
+
+def layer_list(given) -> list[int] | None:
+    """--layer as given, once or repeated, each 3, 0-5, 0,4 or all -> the layers in order, once each (None: all)."""
+    from workbench.extract import parse_int_list
+
+    if not given:
+        return None
+    parsed = [parse_int_list(str(g), what="layer") for g in given]
+    if any(p is None for p in parsed):  # (all)
+        return None
+    return list(dict.fromkeys(x for p in parsed for x in p))
 
 
 def writable_output(path) -> Path:
@@ -132,7 +146,7 @@ def run_report(args) -> int:
         raise WorkbenchError(f"{err}; the report goes beside the store unless --out FILE names another place, e.g. "
                              f"--out {Path(named(args.store).stem + '.html')}") from None
     start = time.time()
-    path = build_report(args.store, out, layer=args.layer, sample=args.sample, step=args.step,
+    path = build_report(args.store, out, layer=layer_list(args.layer), sample=args.sample, step=args.step,
                         query_frames=args.query_frames, video=args.video)
     print(f"wrote {path}")
     for extra in (path.with_suffix(".csv"), path.with_suffix(".png"), path.with_name(path.stem + "_heads.png")):
@@ -159,7 +173,7 @@ def run_compare(args) -> int:
     from studies.report import build_compare_report
 
     path = build_compare_report(args.store_a, args.store_b, writable_output(args.out), tolerance=args.tolerance, cfg=args.cfg,
-                                layers=args.layer, query_frames=args.query_frames, top=args.top,
+                                layers=layer_list(args.layer), query_frames=args.query_frames, top=args.top,
                                 pair_by=args.pair_by, train_steps=args.train_step or (), log=print)
     print(f"wrote {path} and {path.with_suffix('.csv')} (the ranked heads)")
     return 0

@@ -460,3 +460,22 @@ def test_a_report_of_a_store_on_a_read_only_disk_says_where_else_to_write(stores
     assert "is not writable: Read-only file system; the report goes beside the store unless --out FILE names " \
            "another place, e.g. --out sf.html" in capsys.readouterr().err
     assert main(["report", str(stores["sf"]), "--out", str(tmp_path / "sf.html")]) == 0
+
+
+def test_layer_options_take_lists_and_both_spellings(stores, tmp_path):
+    """report and compare take --layer as extract's --layers does (3, 0-5, 0,4, all; repeatable) and under both
+    names, and the seed options answer to --seed and --seeds in every command (one spelling failed with the
+    top-level usage line, or was read as another option's prefix)."""
+    from studies.commands import layer_list
+    from workbench.cli import build_parser, main
+
+    assert layer_list(None) is None and layer_list(["all"]) is None and layer_list(["1", "0-1", "3,1"]) == [1, 0, 3]
+    assert main(["report", str(stores["sf"]), "--layers", "0-1", "--out", str(tmp_path / "r.html")]) == 0
+    parser, _ = parse(tmp_path / "r.html")
+    assert {"fig-steps-layer0", "fig-steps-layer1"} <= set(parser.figures)
+    assert main(["compare", str(stores["wan"]), str(stores["sf"]), "--layer", "1", "--layer", "1",
+                 "--out", str(tmp_path / "c.html")]) == 0
+    p = build_parser()
+    for command, dest in (("extract", "seed"), ("generate", "seed"), ("intervene", "seeds"), ("evaluate", "seeds")):
+        for spelling in ("--seed", "--seeds"):
+            assert getattr(p.parse_args([command, spelling, "7"]), dest) == "7"

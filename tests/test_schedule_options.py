@@ -185,3 +185,18 @@ def test_an_i2v_training_config_says_where_an_inference_image_comes_from(tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         apply_schedule(args)
+
+
+def test_extract_takes_the_negative_prompt_as_generate_does(monkeypatch):
+    """docs/modes.md lists --negative-prompt among the flags of generate and extract; extract lacked it, and with
+    --config its CFG samplers never read the file's negative_prompt."""
+    import workbench.extract
+    from workbench.cli import main
+
+    seen = []
+    monkeypatch.setattr(workbench.extract, "run_extract", lambda cfg, **kw: seen.append(cfg))
+    config = str(REPO / "configs" / "self_forcing_dmd.yaml")
+    for argv in (["--negative-prompt", "blur"], ["--config", config], []):
+        assert main(["extract", "--layer", "0", "--sampler", "causal_multi_step_cfg", *argv]) == 0
+    assert seen[0].negative_prompt == "blur" and seen[1].negative_prompt.startswith("色调艳丽")
+    assert seen[2].negative_prompt == ""

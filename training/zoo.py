@@ -481,7 +481,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-going", action="store_true",
                     help="a stage that fails is logged and the later stages still run (those that need its output "
                          "fail in turn); for unattended GPU runs")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     stages = ([s for s in STAGES if s not in ON_REQUEST] if args.stages == "all"
               else [s.strip() for s in args.stages.split(",") if s.strip()])

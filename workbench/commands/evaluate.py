@@ -86,7 +86,7 @@ def register(subparsers) -> None:
     grid.add_argument("--prompt", action="append", metavar="TEXT",
                       help="a prompt instead of the grid (repeat for several); it must name one colour, shape and "
                            "direction of the world")
-    grid.add_argument("--seeds", default="0-2", help="seeds: 0, 0-2 or 1,5,9 (default: %(default)s)")
+    grid.add_argument("--seeds", "--seed", default="0-2", help="seeds: 0, 0-2 or 1,5,9 (default: %(default)s)")
     run_group = p.add_argument_group("the rollouts")
     run_group.add_argument("--frames", default=str(LONG),
                            help="latent frame counts, comma list, multiples of 3, e.g. 21,84,168 (default: %(default)s)")
@@ -112,7 +112,7 @@ def register(subparsers) -> None:
     out.add_argument("--save-videos", action="store_true", help="also write each video (mp4 + PNG grid) under videos/")
     out.add_argument("--workers", type=int, default=None,
                      help="processes that track videos while the model runs (default: 0 on the CPU, up to 8 on a GPU)")
-    out.add_argument("--no-progress", action="store_true")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 

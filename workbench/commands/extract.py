@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("extract", help=HELP, description=HELP, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to capture")
-    what.add_argument("--layer", type=int, help="one layer (0-based)")
+    what.add_argument("--layer", help="one layer (0-based), or as --layers")
     what.add_argument("--layers", help="layers: 3, 0-29, 0,4,8 or all (default: all)")
     what.add_argument("--heads", help="heads: 0-11, 0,5 or all (default: all)")
     what.add_argument("--steps", help="steps of the per-chunk schedule, e.g. 0 (t=1000) or 0-4 (default: all)")
@@ -67,7 +67,7 @@ def register(subparsers) -> None:
     job.add_argument("--image", metavar="PATH",
                      help="image-to-video: the image's VAE latent is frame 0, a chunk of its own (implies "
                           "--independent-first-frame; 19 frames by default)")
-    job.add_argument("--seed", default="42", help="seed(s): 42, 0-3 or 1,2,3 (default: %(default)s)")
+    job.add_argument("--seed", "--seeds", default="42", help="seed(s): 42, 0-3 or 1,2,3 (default: %(default)s)")
     add_chunk_arguments(job)
     add_size_arguments(job)
     job.add_argument("--sampler", choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"],
@@ -78,6 +78,8 @@ def register(subparsers) -> None:
     job.add_argument("--sink-size", type=int, help="sink frames kept in the KV cache (default: 0)")
     job.add_argument("--num-inference-steps", type=int, help="multi-step samplers (default: the --model's, else 50)")
     job.add_argument("--guidance-scale", type=float, help="multi-step samplers (default: the --model's, else 5.0)")
+    job.add_argument("--negative-prompt", help="the CFG samplers' unconditional prompt (default: \"\", what the zoo "
+                                               "was trained with; with --config, the file's)")
     add_schedule_arguments(p.add_argument_group("schedule (the researchers' inference config)"))
     model = p.add_argument_group("which model (default: the embedded default)")
     add_model_arguments(model)
@@ -103,7 +105,7 @@ def run(args) -> int:
     apply_schedule(args)
     if args.layer is not None and args.layers is not None:
         raise WorkbenchError("give --layer N or --layers LIST, not both")
-    layers = [args.layer] if args.layer is not None else parse_int_list(args.layers, what="layer")
+    layers = parse_int_list(args.layer if args.layer is not None else args.layers, what="layer")
     if args.prompt and args.prompts:
         raise WorkbenchError("give --prompt TEXT or --prompts FILE, not both")
     cfg = ExtractConfig(
@@ -116,7 +118,7 @@ def run(args) -> int:
         num_frames=latent_frames(args), independent_first_frame=args.independent_first_frame or bool(args.image),
         image=args.image, height=args.height, width=args.width, sampler=args.sampler, **schedule_settings(args),
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-        model=args.model, wan_dir=args.wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema,
+        negative_prompt=args.negative_prompt, model=args.model, wan_dir=args.wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema,
         trust_pickle=args.trust_pickle,
         progress=not args.no_progress, capture_mode=args.capture_mode, attention_kernel=args.attention_kernel,
         mode="append" if args.append else "overwrite" if args.overwrite else "resume",

@@ -47,7 +47,7 @@ def register(subparsers) -> None:
     src.add_argument("--prompt", action="append", metavar="TEXT",
                      help=PROMPT_HELP)
     src.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
-    p.add_argument("--seed", default="0", help="seed(s): 0, 0-3 or 1,2,3 (default: %(default)s)")
+    p.add_argument("--seed", "--seeds", default="0", help="seed(s): 0, 0-3 or 1,2,3 (default: %(default)s)")
     p.add_argument("--image", metavar="PATH",
                    help="image-to-video: the image (resized to the video's size) is encoded by the VAE as latent "
                         "frame 0, a chunk of its own (implies --independent-first-frame: 19 frames by default), "
@@ -91,7 +91,7 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the files of another run in --out that have this run's names (p<prompt>-s<seed>); "
                         "without it such a run is refused before any work")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     live = p.add_argument_group("live view (watch the run with `workbench view OUT`)")
     live.add_argument("--live", action="store_true",
                       help="write each finished chunk's frames and attention into --out for `workbench view`")

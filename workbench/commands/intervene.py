@@ -64,7 +64,7 @@ def register(subparsers) -> None:
     job = p.add_argument_group("the rollouts")
     job.add_argument("--prompt", action="append", metavar="TEXT", help=PROMPT_HELP)
     job.add_argument("--prompts", metavar="FILE", help="a prompt file, one prompt per line")
-    job.add_argument("--seeds", default="0", help="seeds: 0, 0-2 or 1,5 (default: %(default)s)")
+    job.add_argument("--seeds", "--seed", default="0", help="seeds: 0, 0-2 or 1,5 (default: %(default)s)")
     job.add_argument("--frames", type=int, default=21, help="latent frames (default: %(default)s)")
     add_size_arguments(job)
     job.add_argument("--local-attn-size", type=int,
