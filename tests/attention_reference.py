@@ -23,8 +23,8 @@ class AttendRecorder:
 
     def __init__(self, model, layers, kind: str = "self"):
         self.records: dict[int, list] = {layer: [] for layer in layers}
-        self._handles = [getattr(model.blocks[layer], f"{kind}_attn").attend.register_forward_pre_hook(self._hook(layer))
-                         for layer in layers]
+        attends = [getattr(model.blocks[layer], f"{kind}_attn").attend for layer in layers]
+        self._handles = [a.register_forward_pre_hook(self._hook(layer)) for a, layer in zip(attends, layers)]
 
     def _hook(self, layer):
         def hook(module, args):

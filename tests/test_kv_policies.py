@@ -380,4 +380,5 @@ def test_the_head_split_equals_its_definition_written_out(tmp_path):
     assert any(((frac >= t) != (wider >= t)).any() for t in cuts)  # (the span's boundary decides some head)
     for t in cuts:
         want = {layer: [h for h in range(4) if frac[i, h] >= t] for i, layer in enumerate((0, 1))}
-        assert static_heads_from_store(store, float(t), span=span, sink_frames=1) == {k: v for k, v in want.items() if v}
+        got = static_heads_from_store(store, float(t), span=span, sink_frames=1)
+        assert got == {k: v for k, v in want.items() if v}

@@ -322,7 +322,8 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     clash = [e for e in entries if e.label in stored and not same_settings(json.loads(stored[e.label]), e)]
     if clash:
         why = [f"{e.label}: {w}" for e in clash if (w := older_differs(json.loads(stored[e.label]), e))]
-        differ = [f"{e.label}: {'; '.join(d)}" for e in clash if (d := spec_differences(json.loads(stored[e.label]), e))]
+        differ = [f"{e.label}: {'; '.join(d)}" for e in clash
+                  if (d := spec_differences(json.loads(stored[e.label]), e))]
         raise WorkbenchError(f"{cfg.out} holds entries {[e.label for e in clash]} made with other settings "
                              f"(intervention_spec{': ' + '; '.join(differ) if differ else ''}"
                              f"{'; made by an older workbench, ' + '; '.join(why) if why else ''}): "
