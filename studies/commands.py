@@ -105,15 +105,16 @@ def register(subparsers) -> None:
     compare.set_defaults(func=run_compare)
 
 
-def layer_list(given) -> list[int] | None:
-    """--layer as given, once or repeated, each 3, 0-5, 0,4 or all -> the layers in order, once each (None: all)."""
+def layer_list(given) -> list[int] | str | None:
+    """--layer as given, once or repeated, each 3, 0-5, 0,4 or all -> the layers in order, once each; "all"; None
+    when not given (the command's default)."""
     from workbench.extract import parse_int_list
 
     if not given:
         return None
     parsed = [parse_int_list(str(g), what="layer") for g in given]
-    if any(p is None for p in parsed):  # (all)
-        return None
+    if any(p is None for p in parsed):
+        return "all"
     return list(dict.fromkeys(x for p in parsed for x in p))
 
 
@@ -173,7 +174,8 @@ def run_compare(args) -> int:
     from studies.report import build_compare_report
 
     path = build_compare_report(args.store_a, args.store_b, writable_output(args.out), tolerance=args.tolerance, cfg=args.cfg,
-                                layers=layer_list(args.layer), query_frames=args.query_frames, top=args.top,
+                                layers=None if layer_list(args.layer) == "all" else layer_list(args.layer),
+                                query_frames=args.query_frames, top=args.top,
                                 pair_by=args.pair_by, train_steps=args.train_step or (), log=print)
     print(f"wrote {path} and {path.with_suffix('.csv')} (the ranked heads)")
     return 0

@@ -12,7 +12,8 @@ Row metrics (`row_metrics`, dims sample, step, layer, head, query_frame):
     local_mass       mass on key frames with |query_frame - key_frame| < local_window (default: the store's
                      num_frame_per_block, else 3): recency that means the same for causal and bidirectional samplers;
                      NaN for a row that attended no key frame outside the window (in a video of no more frames than
-                     the window, every head's would be 1, local or not)
+                     the window, every head's would be 1, local or not; so with query frames `all` a causal store's
+                     mean leaves its first chunk out, while every row of a bidirectional store counts)
     early_mass       mass on the oldest early_fraction (default 0.5) of the frames the row attended, the frame on
                      the boundary counted by its share inside (the frame of rank r, oldest 0, weighs
                      clip(early_fraction * n_attended - r, 0, 1)), so uniform attention gives early_fraction
@@ -419,13 +420,13 @@ def sink_delta(v: xr.DataArray | np.ndarray, dim: str = "key_frame"):
     if isinstance(v, xr.DataArray):
         n = v.sizes[dim]
         if n < 3:
-            out = xr.full_like(v.isel({dim: 0}), np.nan, dtype=np.float64)
+            out = v.isel({dim: 0}).astype(np.float64) * np.nan
         else:
             out = v.isel({dim: 0}) - v.isel({dim: slice(1, n - 1)}).mean(dim, skipna=True)
         return out.drop_vars([c for c in out.coords if c not in out.dims], errors="ignore")
     v = np.asarray(v, dtype=np.float64)
     if v.shape[-1] < 3:
-        return np.full(v.shape[:-1], np.nan)
+        return v[..., 0] * np.nan
     return v[..., 0] - np.nanmean(v[..., 1:-1], axis=-1)
 
 

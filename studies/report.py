@@ -39,6 +39,8 @@ def _open(store) -> tuple[xr.Dataset, str]:
 
 def _detail_layers(ds: xr.Dataset, layers) -> list[int]:
     have = [int(x) for x in ds.layer.values]
+    if isinstance(layers, str) and layers == "all":
+        return have
     if layers is not None:
         layers = [layers] if np.isscalar(layers) else list(layers)
         bad = [x for x in layers if x not in have]
@@ -175,7 +177,7 @@ def build_report(
     store,
     out_html: str | Path,
     *,
-    layer: int | list[int] | None = None,
+    layer: int | list[int] | str | None = None,
     sample: str | None = None,
     step: int | None = None,
     query_frames=None,
@@ -184,7 +186,8 @@ def build_report(
 ) -> Path:
     """Write an HTML report of one store (a path or an opened Dataset) to `out_html`; returns the path.
 
-    `layer`: the layer(s) that get a detailed section (default: every captured layer, at most 8 evenly spaced);
+    `layer`: the layer(s) that get a detailed section, or "all" (default: every captured layer, at most 8 evenly
+    spaced);
     `sample`: one sample id (default: the mean over samples); `step`: the step of the overview maps and head grids
     (default: the first captured denoising step: step 0, t = 1000, the researchers' choice, when it was captured);
     `query_frames`: the rows the head metrics average over (default "last_chunk", `metrics.query_frames_for`);

@@ -543,3 +543,28 @@ def test_what_a_policy_decided_is_stored_and_reported(tmp_path, monkeypatch, cap
     assert main(["intervene", "--frames", "9", "--world", "off", "--spec", str(spec_file), "--out", str(out),
                  "--no-progress"]) == 2
     assert "threshold: 0.8 in the store, 0.5 in this run" in capsys.readouterr().err
+
+
+def test_a_headwise_spec_round_trips_with_its_static_heads(tmp_path):
+    """A stored headwise spec pasted into a --spec file parses (static_heads was an unknown key); static_heads alone
+    is a hand-picked split; given beside a store, they must be the store's."""
+    from studies import synthetic
+    from workbench.intervene_entries import build_policy, parse_entry, static_heads_of
+    from workbench.kv_policies import HeadWise
+
+    store = synthetic.write_store(tmp_path / "s.zarr", "causal", layers=(0, 1), num_heads=4)
+    made = parse_entry(dict(kind="policy", policy="headwise", window=9, sink_frames=1, store=str(store)), 6, 4)
+    again = parse_entry(made.spec(), 6, 4)
+    assert again.static_heads == made.static_heads and again.spec() == made.spec()
+    hand = parse_entry(dict(kind="policy", policy="headwise", window=9, sink_frames=1, static_heads=[[2, 1], [0, 3]]),
+                       6, 4)
+    assert hand.static_heads == [[0, 3], [2, 1]] and static_heads_of(hand) == {0: [3], 2: [1]}
+    assert isinstance(build_policy(hand), HeadWise)
+    moved = dict(made.spec(), store=str(tmp_path / "gone.zarr"))  # (the store moved away: the heads suffice)
+    assert parse_entry(moved, 6, 4).static_heads == made.static_heads
+    for bad, message in (([[0, 3]], "differ from the heads store"), ([[6, 0]], r"static_heads \[\[6, 0\]\] out of "
+                         "range"), ("0:3", "give \\[layer, head\\] pairs")):
+        with pytest.raises(WorkbenchError, match=message):
+            parse_entry(dict(made.spec(), static_heads=bad), 6, 4)
+    with pytest.raises(WorkbenchError, match="static_heads is a headwise policy's setting"):
+        parse_entry(dict(kind="policy", policy="fifo", window=9, static_heads=[[0, 0]]), 6, 4)

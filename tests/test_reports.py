@@ -469,7 +469,7 @@ def test_layer_options_take_lists_and_both_spellings(stores, tmp_path):
     from studies.commands import layer_list
     from workbench.cli import build_parser, main
 
-    assert layer_list(None) is None and layer_list(["all"]) is None and layer_list(["1", "0-1", "3,1"]) == [1, 0, 3]
+    assert layer_list(None) is None and layer_list(["all"]) == "all" and layer_list(["1", "0-1", "3,1"]) == [1, 0, 3]
     assert main(["report", str(stores["sf"]), "--layers", "0-1", "--out", str(tmp_path / "r.html")]) == 0
     parser, _ = parse(tmp_path / "r.html")
     assert {"fig-steps-layer0", "fig-steps-layer1"} <= set(parser.figures)
@@ -479,3 +479,16 @@ def test_layer_options_take_lists_and_both_spellings(stores, tmp_path):
     for command, dest in (("extract", "seed"), ("generate", "seed"), ("intervene", "seeds"), ("evaluate", "seeds")):
         for spelling in ("--seed", "--seeds"):
             assert getattr(p.parse_args([command, spelling, "7"]), dest) == "7"
+
+
+def test_report_layer_all_details_every_layer(tmp_path):
+    """--layer all details every layer, past the default's 8 (it meant the default); a list shows those alone."""
+    from workbench.cli import main
+
+    store = synthetic.write_store(tmp_path / "ten.zarr", "causal", layers=range(10), num_heads=2, num_frames=6)
+    for given, want in ((["all"], list(range(10))), (["0-1", "7"], [0, 1, 7]), ([], [0, 1, 3, 4, 5, 6, 8, 9])):
+        argv = [x for g in given for x in ("--layers", g)]
+        assert main(["report", str(store), *argv, "--out", str(tmp_path / "r.html")]) == 0
+        parser, _ = parse(tmp_path / "r.html")
+        assert sorted(int(f.removeprefix("fig-steps-layer")) for f in parser.figures
+                      if f.startswith("fig-steps-layer")) == want

@@ -224,8 +224,7 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str | lis
     bounds = entry_bounds(p)
     for e in entries:
         if isinstance(e, Entry):  # (a headwise entry takes the static heads its store gives, as a parsed one)
-            e.static_heads = parse_entry({k: v for k, v in e.spec().items() if k != "static_heads"},
-                                         **bounds).static_heads
+            e.static_heads = parse_entry(e.spec(), **bounds).static_heads
     entries = [e if isinstance(e, Entry) else parse_entry(e, **bounds) for e in entries]
     check_entries(entries, cfg.sampler)
     partial = [e.label for e in entries if e.kind == "knockout" and e.heads is not None]

@@ -13,7 +13,8 @@ An entry is a mapping (an item of a YAML spec's list, or made from a flag by `pa
         only the chunks after a frame's own see the change, the frames themselves are generated as in the baseline)
     value: the temperature T (temperature) or the logit factor c (sink)
     policy: fifo | sink | deepsink | attention | headwise, window, sink_frames, store and threshold (headwise:
-        static heads from a store's attention mass), static_recent (headwise)
+        static heads from a store's attention mass), static_recent (headwise); static_heads (headwise: the
+        [layer, head] pairs, as a stored spec records them; given without store, or with a store that gives them)
     label: the name in the store (default: made from the settings)
 """
 
@@ -93,7 +94,7 @@ def older_differs(stored: dict, entry: Entry) -> str | None:
 POLICIES = ("fifo", "sink", "deepsink", "attention", "headwise")
 ENTRY_KEYS = {"kind", "layers", "heads", "steps", "chunks", "attention", "mode", "resample_prompt", "resample_seed",
               "frames", "history_only", "value", "policy", "window", "sink_frames", "store", "threshold",
-              "static_recent", "split", "sink_rule", "label"}  # (static_heads: found from the store, not given)
+              "static_recent", "split", "static_heads", "sink_rule", "label"}
 
 
 @dataclass
@@ -144,6 +145,19 @@ class Entry:
         """(layer, head) when the entry acts on exactly one head (sweeps rank these), else -1 for what is not one."""
         one = lambda xs: xs[0] if xs is not None and len(xs) == 1 else -1  # noqa: E731
         return one(self.layers), one(self.heads)
+
+
+def _pairs(value, num_layers: int, num_heads: int) -> list[list[int]]:
+    """static_heads: [[layer, head], ...] -> the pairs in order, each checked against the model."""
+    ok = isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2
+                                                  and all(isinstance(x, int) for x in p) for p in value)
+    if not ok:
+        raise WorkbenchError(f"static_heads {value!r}: give [layer, head] pairs, e.g. [[0, 1], [3, 2]]")
+    bad = [list(p) for p in value if not (0 <= p[0] < num_layers and 0 <= p[1] < num_heads)]
+    if bad:
+        raise WorkbenchError(f"static_heads {bad} out of range: the model has layers 0-{num_layers - 1} and heads "
+                             f"0-{num_heads - 1}")
+    return sorted(list(map(int, p)) for p in {tuple(p) for p in value})
 
 
 def _ints(value, what: str, upper: int | None = None, owner: str = "the model") -> list[int] | None:
@@ -261,11 +275,16 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
         if d.get("split", HEAD_SPLIT) != HEAD_SPLIT:
             raise WorkbenchError(f"split {d['split']!r}: the head-wise split is {HEAD_SPLIT!r} (the sink frames and "
                                  "the newest static_recent frames up to the query's chunk end)")
-        if e.policy == "headwise" and not e.store:
-            raise WorkbenchError("a headwise policy needs store (an extract store whose attn_mass splits the heads)")
-        if e.store and not Path(e.store).exists():
+        if "static_heads" in d:  # (the split as a stored spec records it, or chosen by hand)
+            if e.policy != "headwise":
+                raise WorkbenchError(f"static_heads is a headwise policy's setting, not a {e.policy} policy's")
+            e.static_heads = _pairs(d["static_heads"], num_layers, num_heads)
+        if e.policy == "headwise" and not e.store and e.static_heads is None:
+            raise WorkbenchError("a headwise policy needs store (an extract store whose attn_mass splits the heads) "
+                                 "or static_heads (its [layer, head] pairs)")
+        if e.store and not Path(e.store).exists() and e.static_heads is None:
             raise WorkbenchError(f"store {e.store!r} does not exist")
-        if e.policy == "headwise":
+        if e.policy == "headwise" and e.store and Path(e.store).exists():
             _check_attention_store(e.store)
         if e.window < 1 or not 0 <= e.sink_frames < e.window:
             raise WorkbenchError(f"window {e.window} with sink_frames {e.sink_frames}: use 0 <= sink_frames < window")
@@ -286,8 +305,13 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
         if chunk_frames and e.policy == "headwise" and e.static_recent < chunk_frames:
             raise WorkbenchError(f"static_recent {e.static_recent} is less than a chunk of {chunk_frames} frames: a "
                                  f"static head sees its own chunk whole, so give at least {chunk_frames}")
-        if e.policy == "headwise":
+        if e.policy == "headwise" and e.store and Path(e.store).exists():
+            given, e.static_heads = e.static_heads, None
             static_heads_of(e)  # (the entry's identity: the heads its store gives, whatever path named the store)
+            if given is not None and given != e.static_heads:
+                raise WorkbenchError(f"static_heads {given} differ from the heads store {e.store!r} gives "
+                                     f"({e.static_heads}, threshold {e.threshold:g}, static_recent {e.static_recent}); "
+                                     "give one of them")
     e.label = str(d.get("label") or default_label(e))
     return e
 

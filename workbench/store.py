@@ -86,12 +86,12 @@ def open_store(path: str | Path) -> xr.Dataset:
         )
     small = [name for name, coord in ds.coords.items() if name not in ds.dims]
     ds = ds.assign_coords({name: ds[name].load() for name in small})
+    check_one_model(ds, path)  # (first: an older store appended by another model names its samples twice)
     twice = {dim: ds.indexes[dim][ds.indexes[dim].duplicated()].tolist()[:3]
              for dim in ds.dims if dim in ds.indexes and not ds.indexes[dim].is_unique}
     if twice:  # (labels select by value: a layer held twice would be read as one, or fail deep in pandas)
         raise WorkbenchError(f"store {str(path)!r} holds the same label twice along a dim ({twice}); it was not "
                              "written by the workbench's writer, or was concatenated by hand")
-    check_one_model(ds, path)
     return ds
 
 

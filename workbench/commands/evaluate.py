@@ -16,9 +16,9 @@ docs/world_metrics.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
