@@ -27,7 +27,7 @@ import xarray as xr
 
 from studies import unfinished_note
 from studies.figures import layer_head_map
-from studies.page import TABLE_ROWS, Page, write_atomic
+from studies.page import TABLE_ROWS, Page, html_out, write_atomic
 
 TOP = 10  # entries drawn in the curves (the baseline is the zero line)
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -179,8 +179,8 @@ def build_effects_report(store, out_html: str | Path) -> Path:
     from workbench.intervene import ranking
     from workbench.store import named
 
+    out_html = html_out(out_html)
     ds = load_store(store) if not isinstance(store, xr.Dataset) else store
-    out_html = Path(out_html)
     table = ranking(ds)
     page = Page(f"Effects: {named(str(store)).name}")
     if note := unfinished_note(ds.attrs):

@@ -109,6 +109,10 @@ def select(ds: xr.Dataset, *, sample=None, layer=None, step=None) -> xr.Dataset:
         if any(isinstance(v, (bool, np.bool_)) for v in wanted):
             raise WorkbenchError(f"{dim} {value!r} is not a {dim}: give {dim} ids, e.g. {dim}={ds[dim].values[0]!r}")
         have = [v.item() if hasattr(v, "item") else v for v in ds[dim].values]
+        if dim != "sample" and any(isinstance(v, str) for v in wanted):  # (a widget's or a CLI string: "3")
+            if not all(isinstance(v, str) and v.strip().isdigit() for v in wanted if isinstance(v, str)):
+                raise WorkbenchError(f"{dim} {value!r}: give int {dim}s, e.g. {dim}={have[0]!r}")
+            wanted = [int(v) if isinstance(v, str) else v for v in wanted]
         missing = [v for v in wanted if v not in have]
         if missing:
             raise WorkbenchError(f"{dim} {missing[0]!r} is not in the store; it has {dim}s {_short(have)}")
@@ -180,8 +184,14 @@ def _mass(ds_or_mass: xr.Dataset | xr.DataArray) -> xr.DataArray:
 
 
 def require_var(ds: xr.Dataset, var: str) -> None:
-    """WorkbenchError naming the store's statistics if `var` is not one of them."""
+    """WorkbenchError naming the store's statistics if `var` is not one of them (and, for a name that is no
+    statistic at all, the ones there are)."""
     if var not in ds:
+        from workbench.statistics import STATISTICS
+
+        if var not in STATISTICS:
+            raise WorkbenchError(f"{var!r} is no statistic of a store; the store holds {list(ds.data_vars)}, and "
+                                 f"`workbench extract --stats` takes {sorted(STATISTICS)}")
         raise WorkbenchError(f"the store has no {var!r} (its stats: {list(ds.data_vars)}); "
                              f"extract with `--stats {var},...` to get it")
 
@@ -517,4 +527,4 @@ def logit_nan_matches_mass(ds: xr.Dataset) -> bool:
 def _short(values, n: int = 12) -> str:
     values = list(values)
     text = ", ".join(str(v) for v in values[:n])
-    return f"[{text}{', ...' if len(values) > n else ''}] ({len(values)})"
+    return f"[{text}{', ...' if len(values) > n else ''}]" + (f" ({len(values)} in all)" if len(values) > n else "")

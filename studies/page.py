@@ -83,6 +83,18 @@ class Page:
         )
 
 
+def html_out(out: str | Path) -> Path:
+    """The HTML file a report writes, refused up front when it names a folder (it failed after the work, with the
+    OS's words and a temporary file's name)."""
+    from workbench.errors import WorkbenchError
+
+    out = Path(out)
+    if out.is_dir():
+        raise WorkbenchError(f"out {str(out)!r} is a folder; give the HTML file to write, e.g. "
+                             f"{str(out / 'report.html')!r}")
+    return out
+
+
 def write_atomic(text: str, out: str | Path) -> Path:
     """Write `text` to `out` atomically (models/files.py); returns `out`."""
     from models.files import atomic_write_text

@@ -22,7 +22,7 @@ import xarray as xr
 
 from studies import compare as compare_mod
 from studies import figures, metrics, unfinished_note
-from studies.page import TABLE_ROWS, Page, write_atomic
+from studies.page import TABLE_ROWS, Page, html_out, write_atomic
 from workbench.errors import WorkbenchError
 from workbench.store import chunk_sizes, image_of, named
 
@@ -193,6 +193,7 @@ def build_report(
     `query_frames`: the rows the head metrics average over (default "last_chunk", `metrics.query_frames_for`);
     `video`: the sample's mp4 (or a folder of `workbench generate` outputs) whose frames go under the key-token
     maps (default: found beside the store as `workbench view` finds it)."""
+    out_html = html_out(out_html)
     ds, source = _open(store)
     from studies.effects_report import build_effects_report, is_effects_store
 
@@ -553,6 +554,7 @@ def build_compare_report(
     `log` (e.g. print) also gets a short summary: what was matched and the most-changed heads."""
     if top < 0:
         raise WorkbenchError(f"top {top} must be 0 or more (the number of most-changed heads to draw)")
+    out_html = html_out(out_html)
     a, src_a = _open(store_a)
     b, src_b = _open(store_b)
     name_a, name_b = _distinct_names(src_a, src_b)

@@ -180,8 +180,8 @@ def test_bad_selections_are_named(ds):
         figures.head_grid(ds, 5)
     with pytest.raises(WorkbenchError, match="head 12 is not in the store"):
         figures.head_grid(ds, 0, heads=[12])
-    with pytest.raises(WorkbenchError, match="no .attn_entropy. .its stats"):
-        figures.head_grid(ds, 0, var="attn_entropy")
+    with pytest.raises(WorkbenchError, match="no .attn_frame_entropy. .its stats"):
+        figures.head_grid(ds, 0, var="attn_frame_entropy")
 
 
 def test_head_pair_puts_two_stores_on_one_colour_scale(ds, wan):

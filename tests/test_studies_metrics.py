@@ -318,3 +318,20 @@ def test_excluding_key_frames_keeps_the_markings_of_what_was_attended():
     without = metrics.recency_profile(whole, exclude_key_frames=[0])
     assert "sink_only" not in without.coords
     assert without.first_chunk_only.values.tolist() == plain.first_chunk_only.values.tolist()
+
+
+def test_a_layer_given_as_text_and_a_misspelt_statistic_get_plain_answers(causal, tmp_path):
+    """A layer as a widget or a command line gives it ("0") selects it (it was 'not in the store' of layer 0); a
+    statistic's name misspelt is named as no statistic, with the ones there are (the message advised extracting
+    the misspelt name); a report whose output is a folder is refused before the work."""
+    from studies import figures, report
+
+    assert metrics.select(causal, layer="0").layer.values.tolist() == [0]
+    with pytest.raises(WorkbenchError, match="layer 'x': give int layers, e.g. layer=0"):
+        metrics.select(causal, layer="x")
+    with pytest.raises(WorkbenchError, match=r"'attn_mas' is no statistic of a store; the store holds \["):
+        figures.head_grid(causal, 0, var="attn_mas")
+    with pytest.raises(WorkbenchError, match="the store has no 'attn_key_token'"):
+        figures.head_grid(causal, 0, var="attn_key_token")
+    with pytest.raises(WorkbenchError, match="is a folder; give the HTML file to write"):
+        report.build_report(causal, tmp_path)

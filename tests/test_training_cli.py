@@ -98,7 +98,10 @@ def test_clear_errors_before_any_work(tmp_path):
     with pytest.raises(TrainingError, match="probe.heads is empty: give the heads to capture, or null for all"):
         train("--config", "configs/tiny_ode.yaml", "--logdir", tmp_path / "y", "--set", f"data_path={bad}",
               "probe.every=1", "probe.prompts=[x]", "probe.heads=[]")
+    with pytest.raises(TrainingError, match=r"--resume '.*nope' does not exist: give a checkpoint folder"):
+        train("--config", "configs/tiny_teacher.yaml", "--logdir", tmp_path / "x", "--resume", tmp_path / "nope")
     assert not (tmp_path / "x").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # (no lock files of the refused runs either)
 
 
 def test_help_teaches():

@@ -53,6 +53,9 @@ class Checkpoints:
         from models.wan.checkpoint import load_tensors, strip_prefixes
 
         folder = Path(path)
+        if not folder.exists():
+            raise TrainingError(f"--resume {str(path)!r} does not exist: give a checkpoint folder (LOGDIR/"
+                                "checkpoint_model_NNNNNN) or latest (the newest in --logdir)")
         if folder.is_file():
             folder = folder.parent
         model_pt, state_pt = folder / "model.pt", folder / "training_state.pt"

@@ -80,6 +80,7 @@ def run(args) -> int:
 def _run(args) -> int:
     from pathlib import Path
 
+    from models.errors import ModelInputError
     from training.checks import load_train_config
     from training.ode_pairs import build_ode_pairs
 
@@ -109,6 +110,12 @@ def _run(args) -> int:
             print(f"removed {path}: the temporary file of a write that was killed")
     try:
         return _train(args, cfg, sets_sid_alpha)
+    except ModelInputError:
+        # a refusal (a check of build_trainer: device, resume, config) before the log folder was made leaves no lock
+        # file beside it either (removed while held: no other run can hold it meanwhile)
+        if lock is not None and not Path(args.logdir).exists():
+            lock.file.unlink(missing_ok=True)
+        raise
     finally:
         if lock is not None:
             lock.release()

@@ -80,7 +80,8 @@ def setup(device: str | None = None) -> Dist:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {device!r}: CUDA is not available here; use device: cpu")
+        raise TrainingError(f"device {device!r}: CUDA is not available here; use --device cpu (or device: cpu in "
+                            "the config)")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank if dev.index is None else dev.index)

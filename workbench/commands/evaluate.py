@@ -421,8 +421,12 @@ def _compare_pair(text: str | None, labels: list[str]):
     if text is None:
         return tuple(labels) if len(labels) == 2 else None
     pair = [x.strip() for x in text.split(",")]
-    if len(pair) != 2 or any(x not in labels for x in pair) or pair[0] == pair[1]:
-        raise WorkbenchError(f"--compare {text!r}: give two different model labels A,B of {labels}")
+    unknown = [x for x in pair if x not in labels]
+    if len(pair) != 2 or unknown or pair[0] == pair[1]:
+        why = (f"{unknown[0]!r} is not a model of this run" if unknown and len(pair) == 2 else
+               "the same model twice" if len(pair) == 2 and pair[0] == pair[1] else "not two labels")
+        raise WorkbenchError(f"--compare {text!r}: {why}; give two different model labels A,B of {labels} (--model "
+                             "LABEL=SOURCE names them)")
     return tuple(pair)
 
 
