@@ -295,12 +295,14 @@ def _videos(page: Page, ds: xr.Dataset, store, top: list[str], samples: int = 2)
 
     if "videos_dir" not in ds.attrs or isinstance(store, xr.Dataset):
         return
-    page.h("Videos (every ninth pixel frame; the baseline first)")
+    page.h("Videos (nine pixel frames, evenly spaced; the baseline first)")
     folder = videos_dir(store, ds.attrs)
     if not folder.is_dir():
-        page.p(html.escape(f"No videos: the run saved them in {ds.attrs['videos_dir']}/ beside the store, and neither "
-                           f"that folder nor {Path(store).stem}_videos/ is beside {Path(store).name} now (a store "
-                           "copied without its videos?)."))
+        own = f"{Path(store).stem}_videos"
+        where = (f"and there is no {own}/ beside {Path(store).name} now" if ds.attrs["videos_dir"] == own else
+                 f"and neither that folder nor {own}/ is beside {Path(store).name} now")
+        page.p(html.escape(f"No videos: the run saved them in {ds.attrs['videos_dir']}/ beside the store, {where} (a "
+                           "store copied without its videos?)."))
         return
     for sample in list(map(str, ds.sample.values))[:samples]:
         page.p(html.escape(f"sample {sample}"))

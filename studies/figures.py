@@ -144,6 +144,11 @@ def _label_axes(fig, rows, cols, x_title, y_title):
         fig.update_xaxes(title_text=x_title, row=rows, col=c)
     for r in range(1, rows + 1):
         fig.update_yaxes(title_text=y_title, row=r, col=1)
+    # frame axes of a short video: a tick per frame (plotly's own ticks fell on half frames, -0.5, 0, 0.5, ...)
+    for title, axis, update in ((x_title, "x", fig.update_xaxes), (y_title, "y", fig.update_yaxes)):
+        values = [v for tr in fig.data if getattr(tr, axis, None) is not None for v in getattr(tr, axis)]
+        if title.endswith("frame") and values and len(set(values)) <= 15:
+            update(tick0=0, dtick=1)
 
 
 # ------------------------------------------------------------------------------------------ the head grid
@@ -240,8 +245,9 @@ def last_chunk_bars(
     v = _pick_heads(v, heads)
     sink = metrics.sink_delta(v)  # [head]
     head_list = [int(h) for h in v["head"].values]
-    titles = [f"head {h}: sink = {float(sink.sel(head=h)):.3g}" if v.sizes["key_frame"] >= 3
-              else f"head {h}: sink n/a (under 3 key frames)" for h in head_list]
+    short = v.sizes["key_frame"] < 3  # (then sink is the mean of nothing: said once, in the figure's title)
+    titles = [f"head {h}: sink = {float(sink.sel(head=h)):.3g}" if not short else f"head {h}: sink n/a"
+              for h in head_list]
     fig, cols = _head_subplots(head_list, cols, titles, shared=False)
     rows = math.ceil(len(head_list) / cols)
     x = [int(k) for k in v.key_frame.values]
@@ -257,7 +263,7 @@ def last_chunk_bars(
     frames = metrics.query_frames_for(sub, "last_chunk")
     fig.update_layout(
         title=f"{var} of the last chunk (query frames {frames[0]}-{frames[-1]}) over key frames · layer {layer} · "
-              f"{metrics.step_label(ds, step)} · {SINK_FORMULA}",
+              f"{metrics.step_label(ds, step)} · {SINK_FORMULA}" + (" (n/a under 3 key frames)" if short else ""),
         height=220 * rows + 120, width=max(700, 260 * cols + 100), bargap=0.15,
     )
     return fig

@@ -32,9 +32,15 @@ class Page:
 
     def __init__(self, title: str):
         self.title, self.parts, self.ids = title, [], set()
+        self.sections: list[tuple[str, str]] = []  # (anchor, text) of each <h2>, for the contents line
 
     def h(self, text: str, level: int = 2):
-        self.parts.append(f"<h{level}>{html.escape(text)}</h{level}>")
+        if level != 2:
+            self.parts.append(f"<h{level}>{html.escape(text)}</h{level}>")
+            return
+        anchor = f"s{len(self.sections)}"
+        self.sections.append((anchor, text))
+        self.parts.append(f'<h2 id="{anchor}">{html.escape(text)}</h2>')
 
     def p(self, text: str, cls: str = "note"):
         self.parts.append(f'<p class="{cls}">{text}</p>')
@@ -65,6 +71,13 @@ class Page:
             f'<script type="application/json" id="{fig_id}-json">{payload}</script></div>'
         )
 
+    def _contents(self) -> str:
+        """A line of links to the sections, on a page of more than four (a report of every layer is long)."""
+        if len(self.sections) <= 4:
+            return ""
+        links = " · ".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in self.sections)
+        return f'<p class="note">Sections: {links}</p>\n'
+
     def render(self) -> str:
         from plotly.offline import get_plotlyjs
 
@@ -78,7 +91,7 @@ class Page:
             "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(self.title)}</title><style>{CSS}</style>"
             f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>'
-            f"<h1>{html.escape(self.title)}</h1>\n" + "\n".join(self.parts)
+            f"<h1>{html.escape(self.title)}</h1>\n" + self._contents() + "\n".join(self.parts)
             + f"\n<script>{loader}</script></body></html>\n"
         )
 

@@ -242,11 +242,19 @@ def build_report(
            + ", ".join(f"{k}={v}" for k, v in classes.attrs.items() if k.endswith(("_min", "_entropy"))) + ".")
     one_chunk = metrics.num_chunks(ds) == 1
     if one_chunk:
-        page.p("One chunk (every frame denoised together, as the bidirectional sampler does): own_chunk_mass and "
-               "sink_chunk_mass are 1 by definition and not drawn.")
+        how = ("every frame denoised together, as the bidirectional sampler does" if "bidirectional" in
+               set(map(str, ds["sampler"].values)) else f"a video of {ds.sizes['key_frame']} frame(s), one chunk")
+        page.p(f"One chunk ({how}): own_chunk_mass and sink_chunk_mass are 1 by definition and not drawn.")
     at = hm.sel(step=step)
     page.figure(figures.taxonomy_map(classes.sel(step=step), title=f"head classes · {metrics.step_label(ds, step)}"),
                 "fig-taxonomy")
+    empty = [name for name in OVERVIEW_METRICS if name in at and not bool(at[name].notnull().any())
+             and not (one_chunk and name in ("own_chunk_mass", "sink_chunk_mass"))]
+    if empty:  # (a map of nothing is left out: say which, and why)
+        why = {"local_mass": f"no row attended a key {metrics.default_local_window(ds)} or more frames away",
+               "entropy_norm": "every row attended one key frame"}
+        page.p("Not drawn, having no value at this step for these query frames: "
+               + "; ".join(f"{name} ({why.get(name, 'no attended rows')})" for name in empty) + ".")
     for name in OVERVIEW_METRICS:
         if one_chunk and name in ("own_chunk_mass", "sink_chunk_mass"):
             continue

@@ -124,7 +124,7 @@ def test_report_tables(store_report):
     assert parser.tables >= 5  # facts, samples, steps, checks, head metrics
     for word in ("p0000-s1", "833.3", "context", "rows sum to 1", "deep_sink", "entropy_norm", "sink_mass"):
         assert word in text
-    assert "False" not in text.split("Checks")[1].split("</table>")[0]  # every check holds
+    assert "False" not in text.split(">Checks</h2>")[1].split("</table>")[0]  # every check holds
 
 
 def test_report_layer_and_sample_options(stores, tmp_path):
@@ -158,14 +158,14 @@ def test_compare_report(compare_report):
                         for fig in tops)  # A and B side by side on one colour scale
     for heading in ("Matched samples", "Matched steps", "Heads ranked by change"):
         assert heading in parser.headings
-    section = text.split("Matched samples")[1].split("</table>")[0]
+    section = text.split(">Matched samples</h2>")[1].split("</table>")[0]
     assert "p0000-s2" in text and "p0000-s3" not in section.split("<table")[1]  # not in a pair, and named so:
     assert "Not compared, in no pair: 1 sample(s) of A with no partner in B (p0000-s3)" in section
     assert "937.5" in text and "bits" in text
     sink_map = parser.figures["fig-compare-sink_mass"]
     assert [a["text"] for a in sink_map["layout"]["annotations"]][:2] == ["A: wan.zarr", "B: sf.zarr"]
     assert sink_map["layout"]["annotations"][2]["text"].startswith("B - A (largest |B - A|: ")
-    ranked = text.split("Heads ranked by change")[1].split("</table>")[0]
+    ranked = text.split(">Heads ranked by change</h2>")[1].split("</table>")[0]
     assert ranked.split("</thead>")[0].count("<tr") == 1  # one header row (an index name made a second, empty one)
     first = ranked.split("</thead>")[1].split("<tr")[1]
     assert "<th>rank</th>" in ranked and first.split("<td>")[1].startswith("1<")  # ranks count from 1
@@ -197,7 +197,7 @@ def test_commands(stores, tmp_path, capsys):
     assert list(table.index[:3]) == [1, 2, 3] and {"layer", "head", "js_bits", "class_a", "class_b"} <= set(table)
     assert table.js_bits.is_monotonic_decreasing and f"wrote {tmp_path / 'c.html'} and {tmp_path / 'c.csv'}" in \
         "\n".join(out)
-    assert "<h2>Models</h2>" in (tmp_path / "c.html").read_text()
+    assert ">Models</h2>" in (tmp_path / "c.html").read_text()
     args = parser.parse_args(["report", str(stores["sf"]), "--layer", "9"])
     with pytest.raises(WorkbenchError, match="layer 9"):
         args.func(args)
@@ -421,16 +421,29 @@ def test_reports_of_videos_shorter_than_the_sink_statistic_and_the_local_window(
     two = synthetic.write_store(tmp_path / "two.zarr", "causal", layers=(0,), num_heads=2, num_frames=2,
                                 num_frame_per_block=1)
     parser, text = parse(report.build_report(two, tmp_path / "two.html"))
-    titles = [a["text"] for a in parser.figures["fig-bars-layer0"]["layout"]["annotations"]]
-    assert "head 0: sink n/a (under 3 key frames)" in titles and (tmp_path / "two.csv").exists()
+    bars = parser.figures["fig-bars-layer0"]["layout"]
+    assert "head 0: sink n/a" in [a["text"] for a in bars["annotations"]] and (tmp_path / "two.csv").exists()
+    assert bars["title"]["text"].endswith("(n/a under 3 key frames)") and bars["xaxis"]["dtick"] == 1
     stats = metrics.researcher_stats(load_store(two), layer=0)
     assert bool(stats.sink.isnull().all()) and bool(stats.mid.isnull().all()) and bool(stats["first"].notnull().all())
     three = synthetic.write_store(tmp_path / "three.zarr", "causal", layers=(0,), num_heads=4, num_frames=3)
     hm = metrics.head_metrics(load_store(three), query_frames="all")
     assert bool(hm.local_mass.isnull().all())  # keys 0-2, window 3 (the chunk): nothing outside it
     assert "local" not in set(metrics.classify_heads(hm).values.ravel().tolist())
-    parser, _ = parse(report.build_report(three, tmp_path / "three.html"))
+    parser, text = parse(report.build_report(three, tmp_path / "three.html"))
     assert "fig-overview-local_mass" not in parser.figures and "fig-overview-sink_mass" in parser.figures
+    assert ("Not drawn, having no value at this step for these query frames: local_mass (no row attended a key 3 or "
+            "more frames away)") in text  # (a map left out is said)
+    # one key frame, or two attended alike: no head is a sink for reaching sink_min, uniform attention's share
+    uniform = synthetic.write_store(tmp_path / "uniform.zarr", "causal", layers=(0,), num_heads=4, num_frames=2,
+                                    num_frame_per_block=1, roles=lambda layer, head: "global")
+    one = synthetic.write_store(tmp_path / "one.zarr", "causal", layers=(0,), num_heads=4, num_frames=1,
+                                num_frame_per_block=1)
+    for short in (uniform, one):
+        hm = metrics.head_metrics(load_store(short))  # (the last chunk's rows)
+        assert float(hm.sink_mass.min()) >= 0.5 and "sink" not in set(metrics.classify_heads(hm).values.ravel())
+    assert "sink" in set(metrics.classify_heads(metrics.head_metrics(load_store(two))).values.ravel())
+    assert "sink" in set(metrics.classify_heads(metrics.head_metrics(load_store(stores["sf"]))).values.ravel())
     # a store of 21 frames: local_mass counts the rows with keys outside the window (the first chunk's have none)
     rows = metrics.row_metrics(load_store(stores["sf"]))
     assert bool(rows.local_mass.sel(query_frame=[0, 1, 2]).isnull().all())
@@ -489,6 +502,7 @@ def test_report_layer_all_details_every_layer(tmp_path):
     for given, want in ((["all"], list(range(10))), (["0-1", "7"], [0, 1, 7]), ([], [0, 1, 3, 4, 5, 6, 8, 9])):
         argv = [x for g in given for x in ("--layers", g)]
         assert main(["report", str(store), *argv, "--out", str(tmp_path / "r.html")]) == 0
-        parser, _ = parse(tmp_path / "r.html")
+        parser, text = parse(tmp_path / "r.html")
         assert sorted(int(f.removeprefix("fig-steps-layer")) for f in parser.figures
                       if f.startswith("fig-steps-layer")) == want
+        assert text.count('<a href="#s') == len(parser.headings) - 1 - text.count("<h3")  # (a link to each section)

@@ -301,7 +301,8 @@ def _save_video(video: np.ndarray, store, label: str, sample: tuple, model: str)
     name = sample_id(index, seed)
     path = video_file(store, label, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_png_grid(video, path, ncols=9, frames=list(range(0, video.shape[1], max(1, video.shape[1] // 9))),
+    last = video.shape[1] - 1  # nine pixel frames, first to last, evenly spaced (a stride of T // 9 gave 9 to 17)
+    write_png_grid(video, path, ncols=9, frames=sorted({round(i * last / 8) for i in range(9)}),
                    label_frames=True, title=f"{label} · {model} · seed {seed} · {name} · \"{prompt}\"")
     if mp4_available():
         write_mp4(video, path.with_suffix(".mp4"), fps=16)
