@@ -145,7 +145,9 @@ def test_another_runs_files_are_replaced_only_when_asked(tmp_path, capsys):
             in capsys.readouterr().err)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == before  # nothing touched
     assert main(first) == 0  # the same run again: its own files, kept (a stopped run resumes this way)
-    assert "resuming: 2 sample(s) are already in" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "resuming: 2 sample(s) are already in" in said and "size; nothing to do (--overwrite" in said
+    assert f"all 2 sample(s) were already in {out}" in said  # (it said "generating the other 0", "wrote 0")
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == before
     (out / "p0000-s1.safetensors").unlink()  # as if the run had been stopped before its second sample
     assert main(first) == 0

@@ -388,6 +388,9 @@ def test_an_entry_stores_the_settings_of_its_kind_and_older_specs_still_resume()
     assert not same_settings(old(split), split) and "head-wise split chose" in older_differs(old(split), split)
     unsplit = {k: v for k, v in split.spec().items() if k != "split"}  # (a spec of its kind, before `split`)
     assert not same_settings(unsplit, split) and older_differs(unsplit, split) and same_settings(split.spec(), split)
+    import os  # a spec before static_heads: its store path, the same store named another way, is the same
+    assert same_settings(dict(split.spec(), store=os.path.abspath("s.zarr")), split)
+    assert not same_settings(dict(split.spec(), store=os.path.abspath("t.zarr")), split)
     # a deep sink of a store made before its rule (the sink alone beside the next chunk never moved) is another's
     deep = parse_entry(parse_flag("policy", "deepsink:6"), 6, 4, chunk_frames=3)
     assert deep.spec()["sink_rule"] == "sink_alone_moves" and "sink_rule" not in fifo.spec()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,11 +57,14 @@ def same_settings(stored: dict, entry: Entry) -> bool:
 def spec_differences(stored: dict, entry: Entry) -> list[str]:
     """The settings of `entry`'s kind on which a stored intervention_spec differs, as 'name: stored vs this run'.
     A head-wise policy is its static heads, not the path its store was given by (a store moved, copied, or named
-    relative to another folder is the same store; a spec made before the heads were recorded compares paths)."""
+    relative to another folder is the same store; a spec made before the heads were recorded compares
+    the paths, resolved)."""
     # (an older sink spec's history_only is the default every entry carried then, not what ran)
     keep = entry.fields() - ({"history_only"} if older(stored) and entry.kind == "sink" else set())
     keep -= {"store"} if "static_heads" in stored else {"static_heads"}
     a, b = {k: v for k, v in stored.items() if k in keep}, {k: v for k, v in entry.spec().items() if k in keep}
+    if "store" in a and "store" in b and os.path.realpath(a["store"]) == os.path.realpath(b["store"]):
+        b["store"] = a["store"]  # (an older spec's path: the same store named relatively, or through a link)
     show = lambda v: str(v) if len(str(v)) <= 80 else str(v)[:77] + "..."  # noqa: E731
     return [f"{k}: {show(a.get(k, '(not set)'))} in the store, {show(b.get(k, '(not set)'))} in this run"
             for k in sorted(keep) if a.get(k) != b.get(k)]

@@ -317,8 +317,9 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     args.finished_samples = [sample_id(i, s) for i, s in kept]
     if kept and rank == 0:
         print(f"resuming: {len(kept)} sample(s) are already in {out}, made with the same prompt, seed, sampler, "
-              f"weights{', image' if image_sha else ''} and size; generating the other {len(jobs)}"
-              + (" on this process" if world > 1 else "")
+              f"weights{', image' if image_sha else ''} and size; "
+              + (f"generating the other {len(jobs)}" + (" on this process" if world > 1 else "") if jobs or world > 1
+                 else "nothing to do")
               + " (--overwrite makes them all again)", flush=True)
     contexts = {i: encoder.encode([prompts[i]]).context
                 for i in progress_bar(sorted({i for i, _ in jobs}), desc="encode", disable=quiet)}
@@ -405,7 +406,8 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
         total = len(prompts) * len(seeds)  # (every rank's, the kept ones included)
         kinds = ["latents (.safetensors)"] + (["videos (.mp4, 16 fps)"] * mp4) + \
             (["frame grids (.png, every 5th frame, each named with its latent frame)"] * (not args.no_video))
-        made = (f"wrote {len(jobs)} sample(s) to {out} ({len(kept)} more were there already)" if kept and world == 1
+        made = (f"all {len(kept)} sample(s) were already in {out}" if kept and not jobs and world == 1 else
+                f"wrote {len(jobs)} sample(s) to {out} ({len(kept)} more were there already)" if kept and world == 1
                 else f"wrote {total} sample(s) to {out}")
         print(made + (f" ({world} processes)" if world > 1 else "")
               + f": {', '.join(kinds)}, named p<prompt>-s<seed> (e.g. p0000-s{seeds[0]})"
