@@ -64,8 +64,9 @@ steps_table(ds)
 # %% [markdown]
 # ## Head taxonomy
 # Head metrics averaged over the last chunk's query frames (the researchers' `last_block`). First rule that holds:
-# sink (mass on frame 0 at least 0.5), local (mass on keys less than 3 frames away at least 0.5), deep_sink (mass on
-# the oldest half of the attended frames at least 0.6), global (normalised entropy at least 0.85), else mixed.
+# sink (mass on frame 0 at least 0.5, and above uniform attention's share), local (mass on keys less than 3 frames
+# away at least 0.5), deep_sink (mass on the oldest half of the attended frames at least 0.6), global (normalised
+# entropy at least 0.85), else mixed (studies/metrics.py says each rule).
 
 # %%
 hm = metrics.head_metrics(ds, sample=sample)

@@ -17,8 +17,9 @@ REPORT_DESCRIPTION = """\
 Write a self-contained HTML report (plotly.js inlined: it opens offline) of one attention store:
 the store's samples and steps, its invariants checked (rows sum to 1, NaN exactly outside the key window),
 layer x head maps of the head metrics (sink mass, own-chunk mass, local mass, mean distance, entropy),
-the head taxonomy (sink, local, global, deep_sink, mixed) and, per layer, the per-head query x key frame
-heatmaps, the last chunk's bars with sink = v[0] - mean(v[1:-1]), a step slider and the recency profile.
+the head taxonomy (sink, local, global, deep_sink, mixed: the first rule that holds, each stated on the page
+and in studies/metrics.py) and, per layer, the per-head query x key frame heatmaps, the last chunk's bars with
+sink = v[0] - mean(v[1:-1]), a step slider and the recency profile.
 """
 REPORT_EPILOG = """\
 examples:

@@ -32,7 +32,9 @@ frame distance; with a rolling window and sink frames, the distances past the wi
 frames, and its `sink_only` coordinate says which. `classify_heads` turns head metrics into a taxonomy, first rule
 that holds wins:
 
-    sink       sink_mass    >= sink_min            (default 0.5), and above 1 / n_attended, uniform attention's
+    sink       sink_mass    >= sink_min            (default 0.5), and sink_mass * n_attended > 1: above uniform
+                                                   attention's share (both means over the rows; in a video of one
+                                                   or two frames every head reached sink_min)
     local      local_mass   >= local_min           (default 0.5)
     deep_sink  early_mass   >= deep_min            (default 0.6; uniform attention gives 0.5)
     global     entropy_norm >= global_min_entropy  (default 0.85)
@@ -391,13 +393,13 @@ def classify_heads(hm: xr.Dataset, thresholds: TaxonomyThresholds | None = None)
     """One class per head (and step, sample if present): sink, local, global, deep_sink or mixed, by the rules
     of the module docstring applied to `head_metrics` output."""
     th = thresholds or TaxonomyThresholds()
-    needed = ["sink_mass", "local_mass", "entropy_norm", "early_mass", "n_attended"]
+    needed = ["sink_mass", "local_mass", "entropy_norm", "early_mass"]
     missing = [v for v in needed if v not in hm]
     if missing:
         raise WorkbenchError(f"classify_heads needs head_metrics output; missing {missing}")
     rules = [
-        # (above uniform attention's share: in a video of one or two frames every head reached sink_min)
-        ("sink", (hm.sink_mass >= th.sink_min) & (hm.sink_mass * hm.n_attended > 1)),
+        # (above uniform attention's share, where the metrics hold n_attended: head_metrics' do)
+        ("sink", (hm.sink_mass >= th.sink_min) & ((hm.sink_mass * hm.n_attended > 1) if "n_attended" in hm else True)),
         ("local", hm.local_mass >= th.local_min),
         ("deep_sink", hm.early_mass >= th.deep_min),  # (before global: module docstring)
         ("global", hm.entropy_norm >= th.global_min_entropy),

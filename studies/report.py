@@ -41,6 +41,8 @@ def _detail_layers(ds: xr.Dataset, layers) -> list[int]:
     have = [int(x) for x in ds.layer.values]
     if isinstance(layers, str) and layers == "all":
         return have
+    if isinstance(layers, str) and layers.strip().isdigit():  # (a layer as text: "3")
+        layers = int(layers)
     if layers is not None:
         layers = [layers] if np.isscalar(layers) else list(layers)
         bad = [x for x in layers if x not in have]
@@ -235,15 +237,17 @@ def build_report(
 
     page.h(f"Overview at {metrics.step_label(ds, step)}")
     page.p(f"Head metrics averaged over query frames {frames[0]}-{frames[-1]} ({query_frames}) and "
-           f"{'sample ' + sample if sample else 'all samples'}. Classes: sink (mass on frame 0 &ge; threshold), local "
-           f"(mass on keys less than {metrics.default_local_window(ds)} frames from the query), deep_sink (mass on the "
+           f"{'sample ' + sample if sample else 'all samples'}. Classes: sink (mass on frame 0 &ge; threshold and above "
+           f"uniform attention's share), local (mass on keys less than {metrics.default_local_window(ds)} frame(s) from "
+           "the query, of rows that attended keys farther), deep_sink (mass on the "
            "oldest half of the attended frames), global (normalised entropy high), mixed (none); the first that "
            "holds. Thresholds: "
            + ", ".join(f"{k}={v}" for k, v in classes.attrs.items() if k.endswith(("_min", "_entropy"))) + ".")
     one_chunk = metrics.num_chunks(ds) == 1
     if one_chunk:
-        how = ("every frame denoised together, as the bidirectional sampler does" if "bidirectional" in
-               set(map(str, ds["sampler"].values)) else f"a video of {ds.sizes['key_frame']} frame(s), one chunk")
+        bidirectional = "sampler" in ds.coords and "bidirectional" in set(map(str, ds["sampler"].values))
+        how = ("every frame denoised together, as the bidirectional sampler does" if bidirectional else
+               f"a video of {ds.sizes['key_frame']} frame(s), as short as a chunk")
         page.p(f"One chunk ({how}): own_chunk_mass and sink_chunk_mass are 1 by definition and not drawn.")
     at = hm.sel(step=step)
     page.figure(figures.taxonomy_map(classes.sel(step=step), title=f"head classes · {metrics.step_label(ds, step)}"),

@@ -37,6 +37,16 @@ def test_torchrun_two_cpu_processes_write_the_single_process_files(tmp_path):
         assert torch.equal(a["latents"], b["latents"]), name
     first = [load_file(str(tmp_path / "one" / n))["latents"] for n in names[:2]]
     assert not torch.equal(first[0], first[1])  # the samples differ (a mix-up would show)
+    # stopped midway: the run's counts, not rank 0's share (it said "2 already there; generating the other 0")
+    for name in names[1:3]:
+        (tmp_path / "dist" / name).unlink()
+    again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "workbench.cli", *common, "--out", str(tmp_path / "dist")],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming: 4 sample(s) are already in" in again.stdout and "generating the other 2 (2 processes)" in \
+        again.stdout and "wrote 2 sample(s) to" in again.stdout and "(4 more were there already)" in again.stdout
+    assert sorted(p.name for p in (tmp_path / "dist").glob("*.safetensors")) == names
 
 
 def test_live_is_refused_under_torchrun(tmp_path, monkeypatch, capsys):

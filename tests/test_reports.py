@@ -407,7 +407,7 @@ def test_a_one_chunk_store_draws_no_chunk_maps_and_names_its_local_window(stores
     without a word); and local means keys less than the store's window from the query, not 'a chunk's length'."""
     parser, text = parse(report.build_report(stores["wan"], tmp_path / "wan.html"))
     assert "fig-overview-own_chunk_mass" not in parser.figures and "are 1 by definition and not drawn" in text
-    assert "local (mass on keys less than 3 frames from the query)" in text
+    assert "local (mass on keys less than 3 frame(s) from the query" in text
     causal, _ = parse(store_report)
     assert "fig-overview-own_chunk_mass" in causal.figures
 

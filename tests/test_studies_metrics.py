@@ -335,3 +335,4 @@ def test_a_layer_given_as_text_and_a_misspelt_statistic_get_plain_answers(causal
         figures.head_grid(causal, 0, var="attn_key_token")
     with pytest.raises(WorkbenchError, match="is a folder; give the HTML file to write"):
         report.build_report(causal, tmp_path)
+    assert "fig-steps-layer0" in report.build_report(causal, tmp_path / "r.html", layer="0").read_text()

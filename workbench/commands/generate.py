@@ -305,20 +305,24 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
 
     # --- text first; in low-memory mode the encoder leaves the GPU before the DiT arrives
     encoder = TextEncoder.from_wan_dir(wan_dir, device=device, cache_dir=out / ".prompt_cache")
-    jobs = rank_share([(i, s) for i in range(len(prompts)) for s in seeds], rank, world)  # this rank's samples
+    every = [(i, s) for i in range(len(prompts)) for s in seeds]
     # a run stopped midway resumes: the samples already there as this run would make them (their latents, written
-    # last, with this run's metadata and size, and the video files asked for) are kept
+    # last, with this run's metadata and size, and the video files asked for) are kept; every rank reads them all
+    # (the run's counts, said once), and makes what is missing of its own share
     videos = [] if args.no_video else [".png"] + [".mp4"] * mp4
-    kept = [] if args.overwrite or live is not None else [
-        (i, s) for i, s in jobs if existing[sample_id(i, s)] == []
+    kept_all = [] if args.overwrite or live is not None else [
+        (i, s) for i, s in every if existing[sample_id(i, s)] == []
         and all(_whole(out / f"{sample_id(i, s)}{suffix}") for suffix in videos)]
+    jobs = rank_share(every, rank, world)  # this rank's samples
+    kept = [job for job in jobs if job in kept_all]
     jobs = [job for job in jobs if job not in kept]
     args.own_samples = len(wanted)  # (what an interruption reports: this run's samples finished, kept ones first)
     args.finished_samples = [sample_id(i, s) for i, s in kept]
-    if kept and rank == 0:
-        print(f"resuming: {len(kept)} sample(s) are already in {out}, made with the same prompt, seed, sampler, "
+    todo_all = len(every) - len(kept_all)
+    if kept_all and rank == 0:
+        print(f"resuming: {len(kept_all)} sample(s) are already in {out}, made with the same prompt, seed, sampler, "
               f"weights{', image' if image_sha else ''} and size; "
-              + (f"generating the other {len(jobs)}" + (" on this process" if world > 1 else "") if jobs or world > 1
+              + (f"generating the other {todo_all}" + (f" ({world} processes)" if world > 1 else "") if todo_all
                  else "nothing to do")
               + " (--overwrite makes them all again)", flush=True)
     contexts = {i: encoder.encode([prompts[i]]).context
@@ -406,8 +410,8 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
         total = len(prompts) * len(seeds)  # (every rank's, the kept ones included)
         kinds = ["latents (.safetensors)"] + (["videos (.mp4, 16 fps)"] * mp4) + \
             (["frame grids (.png, every 5th frame, each named with its latent frame)"] * (not args.no_video))
-        made = (f"all {len(kept)} sample(s) were already in {out}" if kept and not jobs and world == 1 else
-                f"wrote {len(jobs)} sample(s) to {out} ({len(kept)} more were there already)" if kept and world == 1
+        made = (f"all {len(kept_all)} sample(s) were already in {out}" if kept_all and not todo_all else
+                f"wrote {todo_all} sample(s) to {out} ({len(kept_all)} more were there already)" if kept_all
                 else f"wrote {total} sample(s) to {out}")
         print(made + (f" ({world} processes)" if world > 1 else "")
               + f": {', '.join(kinds)}, named p<prompt>-s<seed> (e.g. p0000-s{seeds[0]})"

@@ -39,7 +39,10 @@ a spec file (--spec FILE.yaml) lists entries with every option (steps, chunks, c
     - {kind: temperature, layers: 2, heads: 0, value: 2.0, steps: 0}
     - {kind: sink, frames: 0, value: 0.5}
     - {kind: policy, policy: deepsink, window: 12, sink_frames: 6}     # (a rollout longer than the window)
+    - {kind: policy, policy: headwise, window: 12, sink_frames: 3, store: runs/layers.zarr, threshold: 0.8,
+       static_recent: 6}   # or static_heads: [[2, 1], [3, 0]] in place of store and threshold
   sweep: {layers: 0-5, mode: zero}
+  (every key an entry takes: workbench/intervene_entries.py's docstring)
 
 examples:
   workbench intervene --ablate 3:0 --ablate 3:1:mean --knockout 0-2 --seeds 0,1 --out runs/effects.zarr
