@@ -745,6 +745,12 @@ def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = (
     both = both[np.isfinite(both)]
     width = max(600, min(1300, 62 * a.sizes["head"] + 260))
     note = f"<br><sub>not drawn, in one store only: {'; '.join(left)}</sub>" if left else ""
+    # what each side averages (head_metrics' attrs): once if the same, else both (a bidirectional store's default
+    # rows are every frame, a causal one's the last chunk)
+    picked = [selection_label(given[side]) for side in "AB"]
+    if any(picked):
+        note += (f"<br><sub>{picked[0]}</sub>" if picked[0] == picked[1] else
+                 f"<br><sub>A: {picked[0] or 'not recorded'}</sub><br><sub>B: {picked[1] or 'not recorded'}</sub>")
     text = wrap_title(title or str(a.attrs.get("long_name", a.name or "metric")), width) + note
     units = f"<br>[{a.attrs['units']}]" if a.attrs.get("units") else ""
     lines = text.count("<br>")  # (each line more pushes the plots down: the first panel's title stays clear of it)
