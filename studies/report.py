@@ -272,7 +272,9 @@ def build_report(
     page.table(heads_table, shown=TABLE_ROWS)
     # the same table as CSV beside the page, for a paper or a spreadsheet (units: the long names above and
     # docs/store.md; probabilities, frames, nats)
-    csv_text = heads_table.to_csv(float_format="%.6g")  # (written after the page: a failed report leaves neither)
+    # (written after the page: a failed report leaves neither); each row says what it averages, as the page does
+    csv_text = heads_table.assign(step=step, query_frames=f"{frames[0]}-{frames[-1]}",
+                                  samples=sample or "all").to_csv(float_format="%.6g")
     page.p(f"The table as CSV: <code>{html.escape(Path(out_html).with_suffix('.csv').name)}</code> (step {step}, "
            f"query frames {frames[0]}-{frames[-1]}, {'sample ' + sample if sample else 'all samples'}).")
 

@@ -283,7 +283,9 @@ def describe(trainer: Trainer) -> str:
     F, C, H, W = plan.shape
     return (f"{what} training from step {trainer.step}: {F} latent frames of {H}x{W}, global batch "
             f"{cfg.total_batch_size} = {d.world} rank(s) x {plan.accum} micro-batch(es) x {cfg.batch_size}, "
-            f"steps {[round(float(t), 2) for t in plan.timesteps]}, seed {trainer.seed}, device {d.device}, "
+            + (f"steps {[round(float(t), 2) for t in plan.timesteps]}, " if plan.loss != "diffusion" else
+               "t drawn from the whole training schedule, ")
+            + f"seed {trainer.seed}, device {d.device}, "
             f"compute {str(trainer.dtype).replace('torch.', '')}"
             + (f", AdamW {cfg.adamw_impl} (may differ from loop in the last bit)" if cfg.adamw_impl != "loop" else "")
             + schedule(cfg, plan) + semantics(cfg, plan))
