@@ -514,11 +514,11 @@ def test_what_a_policy_decided_is_stored_and_reported(tmp_path, monkeypatch, cap
     from workbench.kv_policies import static_heads_from_store
 
     heads = tmp_path / "heads.zarr"
-    assert main(["extract", "--layers", "all", "--frames", "9", "--steps", "0", "--out", str(heads),
+    assert main(["extract", "--layers", "all", "--frames", "12", "--steps", "0", "--out", str(heads),
                  "--no-progress"]) == 0
     out = tmp_path / "fx.zarr"
-    assert main(["intervene", "--frames", "9", "--world", "off", "--policy", f"headwise:6:1:{heads}",
-                 "--policy", "deepsink:6:3", "--out", str(out), "--no-progress"]) == 0
+    assert main(["intervene", "--frames", "12", "--world", "off", "--policy", f"headwise:9:1:{heads}",
+                 "--policy", "deepsink:9:3", "--out", str(out), "--no-progress"]) == 0
     ds = xr.open_zarr(out, consolidated=False)
     detail = dict(zip(ds.intervention.values.tolist(), ds.intervention_detail.values.tolist()))
     static = static_heads_from_store(heads, 0.8, 6, sink_frames=1)
@@ -528,7 +528,7 @@ def test_what_a_policy_decided_is_stored_and_reported(tmp_path, monkeypatch, cap
     text = build_report(out, tmp_path / "fx.html").read_text()
     assert "As they ran: " in text and want in text
     # the entry is known by the static heads its store gave, not by the path that named the store: a copy of the
-    # store, named relative to another folder, resumes it; another threshold is refused, saying so
+    # store, named relative to another folder, resumes it; another static_recent is refused, saying so
     import json
     import shutil
 
@@ -537,15 +537,20 @@ def test_what_a_policy_decided_is_stored_and_reported(tmp_path, monkeypatch, cap
     shutil.copytree(heads, tmp_path / "moved" / "copy.zarr")
     monkeypatch.chdir(tmp_path / "moved")
     capsys.readouterr()
-    assert main(["intervene", "--frames", "9", "--world", "off", "--policy", "headwise:6:1:copy.zarr",
-                 "--policy", "deepsink:6:3", "--out", str(out), "--no-progress"]) == 0
+    assert main(["intervene", "--frames", "12", "--world", "off", "--policy", "headwise:9:1:copy.zarr",
+                 "--policy", "deepsink:9:3", "--out", str(out), "--no-progress"]) == 0
     assert "all 3 entries are already there; nothing to do" in capsys.readouterr().out
     spec_file = tmp_path / "t.yaml"
-    spec_file.write_text(f"interventions:\n- {{kind: policy, policy: headwise, window: 6, sink_frames: 1, "
-                         f"store: copy.zarr, threshold: 0.5, label: {ds.intervention.values[1]}}}\n")
-    assert main(["intervene", "--frames", "9", "--world", "off", "--spec", str(spec_file), "--out", str(out),
+    spec_file.write_text(f"interventions:\n- {{kind: policy, policy: headwise, window: 9, sink_frames: 1, "
+                         f"store: copy.zarr, static_recent: 3, label: {ds.intervention.values[1]}}}\n")
+    assert main(["intervene", "--frames", "12", "--world", "off", "--spec", str(spec_file), "--out", str(out),
                  "--no-progress"]) == 2
-    assert "threshold: 0.8 in the store, 0.5 in this run" in capsys.readouterr().err
+    assert "static_recent: 6 in the store, 3 in this run" in capsys.readouterr().err
+    # a split that changes nothing (static heads keeping every frame the window holds) is refused
+    assert main(["intervene", "--frames", "12", "--world", "off", "--policy", "headwise:7:1:copy.zarr",
+                 "--out", str(tmp_path / "none.zarr"), "--no-progress"]) == 2
+    assert "static_recent 6 keeps every frame a window of 7 holds beside its 1 sink frame(s)" in \
+        capsys.readouterr().err
 
 
 def test_a_headwise_spec_round_trips_with_its_static_heads(tmp_path):
@@ -565,9 +570,12 @@ def test_a_headwise_spec_round_trips_with_its_static_heads(tmp_path):
     assert isinstance(build_policy(hand), HeadWise)
     moved = dict(made.spec(), store=str(tmp_path / "gone.zarr"))  # (the store moved away: the heads suffice)
     assert parse_entry(moved, 6, 4).static_heads == made.static_heads
+    pairs = "give \\[layer, head\\] pairs"
     for bad, message in (([[0, 3]], "differ from the heads store"), ([[6, 0]], r"static_heads \[\[6, 0\]\] out of "
-                         "range"), ("0:3", "give \\[layer, head\\] pairs")):
+                         "range"), ("0:3", pairs), ([[True, 0]], pairs)):  # (a boolean is no layer)
         with pytest.raises(WorkbenchError, match=message):
             parse_entry(dict(made.spec(), static_heads=bad), 6, 4)
-    with pytest.raises(WorkbenchError, match="static_heads is a headwise policy's setting"):
-        parse_entry(dict(kind="policy", policy="fifo", window=9, static_heads=[[0, 0]]), 6, 4)
+    assert parse_entry(dict(hand.spec(), static_heads=[[np.int64(1), 2]]), 6, 4).static_heads == [[1, 2]]
+    for other in (dict(kind="policy", policy="fifo", window=9), dict(kind="ablate", layers=0, heads=1)):
+        with pytest.raises(WorkbenchError, match="static_heads is a headwise policy's setting"):
+            parse_entry(dict(other, static_heads=[[0, 0]]), 6, 4)

@@ -26,6 +26,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from workbench.errors import WorkbenchError
 
 KINDS = ("ablate", "knockout", "temperature", "sink", "policy")
@@ -61,7 +63,8 @@ def spec_differences(stored: dict, entry: Entry) -> list[str]:
     the paths, resolved)."""
     # (an older sink spec's history_only is the default every entry carried then, not what ran)
     keep = entry.fields() - ({"history_only"} if older(stored) and entry.kind == "sink" else set())
-    keep -= {"store"} if "static_heads" in stored else {"static_heads"}
+    # (the heads known, the store and the threshold that chose them say nothing more)
+    keep -= {"store", "threshold"} if "static_heads" in stored else {"static_heads"}
     a, b = {k: v for k, v in stored.items() if k in keep}, {k: v for k, v in entry.spec().items() if k in keep}
     if "store" in a and "store" in b and os.path.realpath(a["store"]) == os.path.realpath(b["store"]):
         b["store"] = a["store"]  # (an older spec's path: the same store named relatively, or through a link)
@@ -153,15 +156,16 @@ class Entry:
 
 def _pairs(value, num_layers: int, num_heads: int) -> list[list[int]]:
     """static_heads: [[layer, head], ...] -> the pairs in order, each checked against the model."""
-    ok = isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2
-                                                  and all(isinstance(x, int) for x in p) for p in value)
+    ok = isinstance(value, (list, tuple)) and all(
+        isinstance(p, (list, tuple)) and len(p) == 2
+        and all(isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) for x in p) for p in value)
     if not ok:
         raise WorkbenchError(f"static_heads {value!r}: give [layer, head] pairs, e.g. [[0, 1], [3, 2]]")
     bad = [list(p) for p in value if not (0 <= p[0] < num_layers and 0 <= p[1] < num_heads)]
     if bad:
         raise WorkbenchError(f"static_heads {bad} out of range: the model has layers 0-{num_layers - 1} and heads "
                              f"0-{num_heads - 1}")
-    return sorted(list(map(int, p)) for p in {tuple(p) for p in value})
+    return sorted(list(p) for p in {(int(a), int(b)) for a, b in value})
 
 
 def _ints(value, what: str, upper: int | None = None, owner: str = "the model") -> list[int] | None:
@@ -184,7 +188,8 @@ def _check_attention_store(path) -> None:
     ds = open_store(path)
     other = [d for d in ("intervention", "train_step") if d in ds.dims]
     if other or "attn_mass" not in ds:
-        what = f"has a {other[0]} dim (not a store of `workbench extract`)" if other else "has no attn_mass"
+        article = "an" if other and other[0][0] in "aeiou" else "a"
+        what = f"has {article} {other[0]} dim (not a store of `workbench extract`)" if other else "has no attn_mass"
         raise WorkbenchError(f"store {str(path)!r} {what}; a headwise policy splits the heads by the attn_mass of "
                              "an attention store: workbench extract --stats attn_mass ...")
 
@@ -215,6 +220,8 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
     kind = d.get("kind")
     if kind not in KINDS:
         raise WorkbenchError(f"intervention kind {kind!r}; use one of {list(KINDS)}")
+    if "static_heads" in d and kind != "policy":
+        raise WorkbenchError(f"static_heads is a headwise policy's setting, not a {kind} entry's")
     e = Entry(kind=kind, label="")
     e.layers = _ints(d.get("layers"), "layer", num_layers)
     e.heads = _ints(d.get("heads"), "head", num_heads)
@@ -287,7 +294,8 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
             raise WorkbenchError("a headwise policy needs store (an extract store whose attn_mass splits the heads) "
                                  "or static_heads (its [layer, head] pairs)")
         if e.store and not Path(e.store).exists() and e.static_heads is None:
-            raise WorkbenchError(f"store {e.store!r} does not exist")
+            raise WorkbenchError(f"store {e.store!r} does not exist (an entry already in an effects store goes on "
+                                 "without it: its intervention_spec, static_heads included, as a --spec entry)")
         if e.policy == "headwise" and e.store and Path(e.store).exists():
             _check_attention_store(e.store)
         if e.window < 1 or not 0 <= e.sink_frames < e.window:
@@ -306,6 +314,13 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
         if chunk_frames and e.window < e.sink_frames + chunk_frames:
             raise WorkbenchError(f"policy window {e.window}: it must hold the {e.sink_frames} sink frame(s) and a "
                                  f"chunk of {chunk_frames}: at least {e.sink_frames + chunk_frames}")
+        if e.policy == "headwise" and e.static_recent >= e.window - e.sink_frames:
+            raise WorkbenchError(f"static_recent {e.static_recent} keeps every frame a window of {e.window} holds "
+                                 f"beside its {e.sink_frames} sink frame(s): a static head would see what a dynamic "
+                                 f"one sees, so the split changes nothing; give a window above "
+                                 f"{e.sink_frames + e.static_recent} (--policy headwise:WINDOW:SINK:STORE keeps "
+                                 f"static_recent {Entry.static_recent}; a --spec entry sets it), or static_recent "
+                                 f"below {e.window - e.sink_frames}")
         if chunk_frames and e.policy == "headwise" and e.static_recent < chunk_frames:
             raise WorkbenchError(f"static_recent {e.static_recent} is less than a chunk of {chunk_frames} frames: a "
                                  f"static head sees its own chunk whole, so give at least {chunk_frames}")
