@@ -754,8 +754,8 @@ def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = (
     text = wrap_title(title or str(a.attrs.get("long_name", a.name or "metric")), width) + note
     units = f"<br>[{a.attrs['units']}]" if a.attrs.get("units") else ""
     lines = text.count("<br>")  # (each line more pushes the plots down: the first panel's title stays clear of it)
-    fig.update_layout(
-        title=text, margin=dict(t=80 + 24 * lines),
+    fig.update_layout(  # (the title from the top down, its lines above the first panel's title)
+        title=dict(text=text, y=1, yref="container", yanchor="top", pad=dict(t=14)), margin=dict(t=84 + 26 * lines),
         coloraxis=dict(colorscale=colorscale,
                        cmin=zmin if zmin is not None else float(both.min()) if both.size else 0,
                        cmax=zmax if zmax is not None else float(both.max()) if both.size else 1,

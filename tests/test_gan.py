@@ -245,3 +245,15 @@ def test_loss_scale_multiplies_what_is_back_propagated(tmp_path, world_set):
     assert two["generator_grad_norm"] == pytest.approx(2 * one["generator_grad_norm"], rel=1e-5)
     assert two["critic_loss"] == pytest.approx(one["critic_loss"], rel=1e-4)
     assert two["critic_grad_norm"] == pytest.approx(2 * one["critic_grad_norm"], rel=1e-3)
+
+
+def test_the_run_line_names_the_gan_rates():
+    """`workbench train`'s first line gave a GAN run's unused `lr`; it names the generator's and the
+    discriminator's rates, as GanTrainer's optimisers read them."""
+    from training.build import schedule
+    from training.checks import check_config
+    from training.config import load_config
+
+    cfg = load_config("configs/world_gan.yaml")
+    line = schedule(cfg, check_config(cfg, 1))
+    assert f"generator lr {cfg.gen_lr:g}, discriminator lr {cfg.critic_lr:g}" in line and "; lr " not in line

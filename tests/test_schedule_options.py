@@ -200,3 +200,16 @@ def test_extract_takes_the_negative_prompt_as_generate_does(monkeypatch):
         assert main(["extract", "--layer", "0", "--sampler", "causal_multi_step_cfg", *argv]) == 0
     assert seen[0].negative_prompt == "blur" and seen[1].negative_prompt.startswith("色调艳丽")
     assert seen[2].negative_prompt == ""
+
+
+def test_a_negative_prompt_without_cfg_is_said_and_not_kept(monkeypatch, capsys):
+    """The few-step sampler has no CFG: --negative-prompt is said to do nothing and is not kept (it entered the
+    store's fingerprint, so the same command without it was refused on the next run)."""
+    import workbench.extract
+    from workbench.cli import main
+
+    seen = []
+    monkeypatch.setattr(workbench.extract, "run_extract", lambda cfg, **kw: seen.append(cfg))
+    assert main(["extract", "--layer", "0", "--negative-prompt", "blurry"]) == 0
+    assert seen[0].negative_prompt == "" and "--negative-prompt 'blurry' does nothing with the causal few-step" in \
+        capsys.readouterr().err

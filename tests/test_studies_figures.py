@@ -123,8 +123,10 @@ def test_compare_maps_show_a_b_and_difference(ds, wan):
     assert "not drawn, in one store only: A's layers [0]</sub>" in fewer.layout.title.text
     # each side's rows named: a bidirectional store's default is every frame, a causal one's the last chunk
     wan_hm, sf_hm = (metrics.head_metrics(x).sel(step=0).sink_mass for x in (wan, ds))
-    sides = figures.compare_maps(wan_hm, sf_hm).layout.title.text
-    assert "<sub>A: step 0" in sides and "query frames 0-20</sub><br><sub>B: step 0" in sides and "18-20" in sides
+    sides = figures.compare_maps(wan_hm, sf_hm).layout
+    assert "<sub>A: step 0" in sides.title.text and "query frames 0-20</sub><br><sub>B: step 0" in sides.title.text
+    same = figures.compare_maps(wan_hm, wan_hm).layout  # (each title line more: the panels further down)
+    assert sides.margin.t - same.margin.t == 26 and sides.title.yanchor == "top"
     with pytest.raises(WorkbenchError, match=r"share no \(layer, head\); A has layers \[0\], B \[3\]"):
         figures.compare_maps(a.sel(layer=[0]), b.sel(layer=[3]))
     shared = figures.compare_maps(a, b, zmin=0, zmax=1, colorscale="Greys", dmax=0.5)  # scales shared by figures

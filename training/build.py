@@ -294,6 +294,10 @@ def describe(trainer: Trainer) -> str:
 def schedule(cfg, plan: Plan) -> str:
     """The run's optimisation settings in one clause: learning rates, the critic's update ratio, guidance, EMA."""
     parts = [f"lr {cfg.lr:g}"]
+    if plan.trainer == "gan":  # (its own rates, as training/gan.py GanTrainer.make_optimizers reads them)
+        critic = cfg.critic_lr if cfg.critic_lr is not None else cfg.lr_critic
+        parts = [f"generator lr {cfg.gen_lr if cfg.gen_lr is not None else cfg.lr:g}",
+                 f"discriminator lr {critic:g} (its branch x{cfg.discriminator_lr_multiplier:g})"]
     if plan.trainer == "score_distillation":
         parts += [f"critic lr {cfg.lr_critic:g}", f"generator updated every {cfg.dfake_gen_update_ratio} steps",
                   f"guidance {cfg.guidance_scale:g} (real = c + g (c - u))"]

@@ -794,7 +794,7 @@ def describe_differences(stored: dict | None, wanted: dict | None) -> str:
         return "the settings agree but the fingerprints do not (made by another version of the workbench)"
 
     def show(v):
-        text = str(v)
+        text = str(v) if v != "" else '""'  # (an empty setting, shown as one)
         return text if len(text) <= 80 else text[:77] + "..."
 
     def differ(k):

@@ -207,6 +207,7 @@ def resolve_model(args) -> None:
     args.model_note = ZOO_TEACHER_ONLY_NOTE if teacher_weights_as_student else None
     base_wan_as_student = bool(args.wan_dir) and not args.checkpoint and getattr(args, "sampler", "") is None
     given = [key for key in ("num_inference_steps", "guidance_scale") if getattr(args, key, None) is not None]
+    negative = getattr(args, "negative_prompt", None)
     config_cfg_settings(args, entry)
     for key, value in SAMPLER_DEFAULTS.items():
         if getattr(args, key, value) is None:
@@ -222,6 +223,14 @@ def resolve_model(args) -> None:
         warnings.warn(f"{flags} {verb} nothing with the causal few-step sampler (its steps are --denoising-step-list; "
                       "it has no CFG); it is for the multi-step samplers (--sampler causal_multi_step_cfg or "
                       "bidirectional)", ModelInputWarning, stacklevel=2)
+    if negative and args.sampler == "causal_few_step":  # (no CFG: nothing reads it, so the run does not keep it)
+        import warnings
+
+        from models.errors import ModelInputWarning
+
+        warnings.warn(f"--negative-prompt {negative!r} does nothing with the causal few-step sampler (it has no CFG); "
+                      "it is for --sampler causal_multi_step_cfg or bidirectional", ModelInputWarning, stacklevel=2)
+        args.negative_prompt = SAMPLER_DEFAULTS["negative_prompt"]
     if base_wan_as_student and args.sampler == "causal_few_step":
         args.model_note = BASE_WAN_FEW_STEP_NOTE
 
