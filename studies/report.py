@@ -237,9 +237,9 @@ def build_report(
 
     page.h(f"Overview at {metrics.step_label(ds, step)}")
     page.p(f"Head metrics averaged over query frames {frames[0]}-{frames[-1]} ({query_frames}) and "
-           f"{'sample ' + sample if sample else 'all samples'}. Classes: sink (mass on frame 0 &ge; threshold and above "
-           f"uniform attention's share), local (mass on keys less than {metrics.default_local_window(ds)} frame(s) from "
-           "the query, of rows that attended keys farther), deep_sink (mass on the "
+           f"{'sample ' + sample if sample else 'all samples'}. Classes: sink (mass on frame 0 &ge; threshold and "
+           f"above uniform attention's share), local (mass on keys less than {metrics.default_local_window(ds)} "
+           "frame(s) from the query, of rows that attended keys farther), deep_sink (mass on the "
            "oldest half of the attended frames), global (normalised entropy high), mixed (none); the first that "
            "holds. Thresholds: "
            + ", ".join(f"{k}={v}" for k, v in classes.attrs.items() if k.endswith(("_min", "_entropy"))) + ".")
