@@ -720,3 +720,30 @@ def test_gan_stage_without_an_ode_student_is_refused_before_work(tmp_path):
     with pytest.raises(SystemExit, match=r"starts from the ODE student, and .*ode_init.pt is missing"):
         zoo.run(["gan"])
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_no_progress_reaches_the_world_latents_bar(tmp_path, monkeypatch):
+    """`workbench train --no-progress` with data_path: world: the bar of the world's latent set is off too (it
+    was drawn whatever the flag)."""
+    import training.build as build
+    import training.world_data as world_data
+    from training.checks import check_config, load_train_config
+    from training.data import save_latent_dataset
+
+    seen = []
+
+    def fake(path, vae_path, num_videos, seed, latent_frames, **kw):
+        seen.append(kw["progress"])
+        save_latent_dataset(path, ["a red square moving right"], torch.zeros(1, latent_frames, 16, 12, 16), "latents")
+        return path
+
+    (tmp_path / "vae.pth").write_bytes(b"vae")
+    monkeypatch.setattr(world_data, "make_world_dataset", fake)
+    monkeypatch.setattr(build, "world_vae_path", lambda cfg: tmp_path / "vae.pth")
+    cfg, _ = load_train_config(ROOT / "configs/zoo_teacher.yaml", [f"world.cache_dir={tmp_path}"])
+    plan = check_config(cfg, 1)
+    for progress in (False, True):
+        for f in tmp_path.glob("world-*.pt"):
+            f.unlink()
+        build.build_data(cfg, plan, 0, progress=progress)
+    assert seen == [False, True]

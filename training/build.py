@@ -58,15 +58,15 @@ def build_models(cfg, plan: Plan, device="cpu") -> tuple[Models, Path]:
     return Models(generator, critic, teacher, ema_init), gen_dir
 
 
-def build_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None = None):
+def build_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None = None, *, progress: bool = True):
     """The trainer's data: prompts, or a latent set (kept on d.device with `data_on_device`)."""
-    data = read_data(cfg, plan, seed, d)
+    data = read_data(cfg, plan, seed, d, progress=progress)
     if cfg.data_on_device and d is not None and isinstance(data, LatentDataset):
         data.to(d.device)
     return data
 
 
-def read_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None = None):
+def read_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None = None, *, progress: bool = True):
     if cfg.i2v:
         data = LatentDataset.from_file(cfg.data_path, seed, "image_latents")
         F, C, H, W = plan.shape
@@ -93,7 +93,7 @@ def read_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None = None):
         prompts, latents = synthetic_latents(64, F, C, H, W, seed=0)
         return LatentDataset(prompts, latents, "latents", seed)
     if cfg.data_path == "world":
-        return world_data(cfg, plan, seed, d)
+        return world_data(cfg, plan, seed, d, progress=progress)
     data = LatentDataset.from_file(cfg.data_path, seed, "latents")
     if plan.trainer == "gan" and tuple(data.latents.shape[1:]) != tuple(plan.shape):
         raise TrainingError(f"real latents of shape {tuple(data.latents.shape[1:])} in {cfg.data_path!r}; the "
@@ -102,7 +102,7 @@ def read_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None = None):
     return data
 
 
-def world_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None) -> LatentDataset:
+def world_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None, *, progress: bool = True) -> LatentDataset:
     """`data_path: world`: the cached latent set of training/world_data.py (rank 0 makes it when missing)."""
     from training.world_data import make_world_dataset, world_dataset_path
 
@@ -117,7 +117,7 @@ def world_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None) -> LatentDataset
     vae = world_vae_path(cfg)
     path = world_dataset_path(vae, w.num_videos, w.seed, F, w.cache_dir)
     if d is None or d.main:
-        make_world_dataset(path, vae, w.num_videos, w.seed, F, device=device, batch=w.batch)
+        make_world_dataset(path, vae, w.num_videos, w.seed, F, device=device, batch=w.batch, progress=progress)
     if d is not None:
         d.barrier()
     return LatentDataset.from_file(path, seed, "latents")
@@ -273,7 +273,7 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
         from training.gan import GanTrainer as cls
     trainer = cls(cfg, models, encoder, logdir, d=d, plan=plan, data=None, probes=probes, resume=resume, log=log,
                       progress=progress, seed=cfg.seed)
-    trainer.data = build_data(cfg, plan, trainer.seed, d)
+    trainer.data = build_data(cfg, plan, trainer.seed, d, progress=progress)  # (--no-progress: no bar there either)
     return trainer
 
 
