@@ -122,13 +122,9 @@ def layer_list(given) -> list[int] | str | None:
 def writable_output(path) -> Path:
     """The HTML file to write, its folder checked before any work (a clear error if it cannot be written)."""
     from models.files import check_writable_dir
+    from studies.page import html_out
 
-    from workbench.errors import WorkbenchError
-
-    path = Path(path)
-    if path.is_dir():
-        raise WorkbenchError(f"--out {str(path)!r} is a folder; give the HTML file to write, e.g. "
-                             f"{str(path / 'report.html')!r}")
+    path = html_out(path, "--out")
     check_writable_dir(path.parent)
     return path
 
@@ -175,7 +171,7 @@ def run_compare(args) -> int:
     from studies.report import build_compare_report
 
     path = build_compare_report(args.store_a, args.store_b, writable_output(args.out), tolerance=args.tolerance, cfg=args.cfg,
-                                layers=None if layer_list(args.layer) == "all" else layer_list(args.layer),
+                                layers=None if (layers := layer_list(args.layer)) == "all" else layers,
                                 query_frames=args.query_frames, top=args.top,
                                 pair_by=args.pair_by, train_steps=args.train_step or (), log=print)
     print(f"wrote {path} and {path.with_suffix('.csv')} (the ranked heads)")

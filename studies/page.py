@@ -96,14 +96,14 @@ class Page:
         )
 
 
-def html_out(out: str | Path) -> Path:
+def html_out(out: str | Path, what: str = "out") -> Path:
     """The HTML file a report writes, refused up front when it names a folder (it failed after the work, with the
-    OS's words and a temporary file's name)."""
+    OS's words and a temporary file's name); `what`: its name in the message (the command line's --out)."""
     from workbench.errors import WorkbenchError
 
     out = Path(out)
     if out.is_dir():
-        raise WorkbenchError(f"out {str(out)!r} is a folder; give the HTML file to write, e.g. "
+        raise WorkbenchError(f"{what} {str(out)!r} is a folder; give the HTML file to write, e.g. "
                              f"{str(out / 'report.html')!r}")
     return out
 

@@ -314,8 +314,9 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
         (i, s) for i, s in every if existing[sample_id(i, s)] == []
         and all(_whole(out / f"{sample_id(i, s)}{suffix}") for suffix in videos)]
     jobs = rank_share(every, rank, world)  # this rank's samples
-    kept = [job for job in jobs if job in kept_all]
-    jobs = [job for job in jobs if job not in kept]
+    done = set(kept_all)
+    kept = [job for job in jobs if job in done]
+    jobs = [job for job in jobs if job not in done]
     args.own_samples = len(wanted)  # (what an interruption reports: this run's samples finished, kept ones first)
     args.finished_samples = [sample_id(i, s) for i, s in kept]
     todo_all = len(every) - len(kept_all)
