@@ -25,7 +25,7 @@ examples:
   workbench train --config configs/tiny_dmd.yaml --logdir runs/tiny_dmd                    # DMD, with probes
   workbench train --config configs/tiny_teacher.yaml --logdir runs/tiny_teacher            # diffusion teacher
   workbench train --config configs/world_gan.yaml --logdir runs/world_gan     # GAN on world videos (see the file)
-  workbench train --config configs/world_i2v_dmd.yaml --logdir runs/world_i2v # image-to-video DMD (see the file)
+  workbench train --config configs/world_i2v_dmd.yaml --logdir runs/world_i2v  # image-to-video DMD (see the file)
 
   # the released recipe (Wan2.1 folders under wan_models/, 8 GPUs):
   torchrun --nproc_per_node 8 -m workbench.cli train --config configs/self_forcing_dmd.yaml \\

@@ -57,7 +57,9 @@ def make_world_image_pairs(out, vae_path, num: int, seed: int = 0, device="cpu",
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from workbench.help_text import HelpFormatter  # (--help fitted to the terminal)
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--vae", required=True, help="a Wan VAE file (Wan2.1_VAE.pth)")
     ap.add_argument("--num", type=int, default=256, help="pairs (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0)

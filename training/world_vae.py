@@ -313,9 +313,11 @@ def finish(model, cfg: VAETrainConfig, out: Path, history: list, seconds: float,
 
 
 def main(argv=None) -> int:
+    from workbench.help_text import HelpFormatter  # (--help fitted to the terminal)
+
     d = VAETrainConfig()
     ap = argparse.ArgumentParser(prog="python -m training.world_vae", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--out", required=True, help="output folder")
     for name, value in asdict(d).items():
         ap.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,

@@ -449,8 +449,10 @@ def loss_summary(history: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
+    from workbench.help_text import HelpFormatter  # (--help fitted to the terminal)
+
     ap = argparse.ArgumentParser(prog="python3 -m training.zoo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--stages", default="all",
                     help=f"comma-separated, or all ({', '.join(s for s in STAGES if s not in ON_REQUEST)}; "
                          f"on request: {', '.join(ON_REQUEST)})")

@@ -16,6 +16,7 @@ import sys
 from studies import commands as study_commands
 from training import commands as training_commands
 from workbench.commands import evaluate, export_legacy, extract, generate, info, intervene, view
+from workbench import help_text
 from workbench.errors import Terminated
 
 # subcommand modules, in the order `workbench --help` lists them
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS:
         module.register(subparsers)
-    return parser
+    return help_text.apply(parser)
 
 
 def close_progress_bars() -> None:

@@ -73,7 +73,7 @@ def register(subparsers) -> None:
                         "triton (the Gluon forward on H100/H200, a frame-tiled Triton forward on other GPUs), "
                         "cudnn-balanced (cuDNN on a wave-balanced schedule) or cudnn (one cuDNN call per "
                         "attention); outputs differ between kernels by bf16 rounding (default: %(default)s)")
-    speed = p.add_argument_group("speed (bench/RESULTS.md: what they buy on an H200 and how far they move the latents)")
+    speed = p.add_argument_group("speed (bench/RESULTS.md: time saved on an H200, change to the latents)")
     speed.add_argument("--compile", nargs="?", const="default", choices=["default", "max-autotune-no-cudagraphs"],
                        metavar="MODE", help="torch.compile every DiT block (the first rollout compiles; CUDA-graph "
                                             "replay stays on); MODE default or max-autotune-no-cudagraphs "
