@@ -25,6 +25,7 @@ Row metrics (`row_metrics`, dims sample, step, layer, head, query_frame):
     entropy          -sum p ln p over the attended key frames, in nats (p = the row normalised to sum 1)
     entropy_norm     entropy / ln(n_attended): 1 for uniform attention, 0 for one frame (NaN if n_attended = 1)
     n_attended       number of attended (non-NaN) key frames
+    uniform_mass     1 / n_attended: the mass uniform attention would put on each attended key frame (on frame 0)
 
 `head_metrics` averages the row metrics over a choice of query frames (default: the last chunk, the rows the
 researchers plot as `last_block_frame_attention`) and over samples. `recency_profile` is the mean mass at each
@@ -32,9 +33,9 @@ frame distance; with a rolling window and sink frames, the distances past the wi
 frames, and its `sink_only` coordinate says which. `classify_heads` turns head metrics into a taxonomy, first rule
 that holds wins:
 
-    sink       sink_mass    >= sink_min            (default 0.5), and sink_mass * n_attended > 1: above uniform
-                                                   attention's share (both means over the rows; in a video of one
-                                                   or two frames every head reached sink_min)
+    sink       sink_mass    >= sink_min            (default 0.5), and sink_mass > uniform_mass: above uniform
+                                                   attention's share, row by row on average (in a video of one or
+                                                   two frames every head reaches sink_min)
     local      local_mass   >= local_min           (default 0.5)
     deep_sink  early_mass   >= deep_min            (default 0.6; uniform attention gives 0.5)
     global     entropy_norm >= global_min_entropy  (default 0.85)
@@ -253,6 +254,7 @@ def row_metrics(
         "entropy": entropy.where(captured),
         "entropy_norm": (entropy / np.log(n.where(n > 1))).where(captured),
         "n_attended": n.where(captured),
+        "uniform_mass": (1.0 / n.where(n > 0)).where(captured),
     })
     for name, (long_name, units) in ROW_METRIC_INFO.items():  # (its own attrs: not attn_mass's, which `on` kept)
         out[name].attrs = dict(long_name=long_name, units=units,
@@ -275,6 +277,7 @@ ROW_METRIC_INFO = {
     "entropy": ("entropy over key frames", "nats"),
     "entropy_norm": ("entropy / ln(attended key frames): 0 one key frame, 1 uniform", "ratio"),
     "n_attended": ("attended key frames", "frames"),
+    "uniform_mass": ("1 / attended key frames: uniform attention's mass on each", "probability"),
 }
 
 
@@ -389,6 +392,15 @@ class TaxonomyThresholds:
                 raise WorkbenchError(f"threshold {name}={value} must be in [0, 1] (or just above 1 to switch it off)")
 
 
+def _above_uniform(hm: xr.Dataset):
+    """Where sink_mass is above uniform attention's share: mean(sink_mass - 1 / n_attended) > 0 over the rows the
+    metrics average (a uniform head's difference is 0 up to rounding, hence the margin). Head metrics of older
+    code hold n_attended only (the product of the two means, nearly the same), hand-made ones may hold neither."""
+    if "uniform_mass" in hm:
+        return hm.sink_mass - hm.uniform_mass > 1e-6
+    return hm.sink_mass * hm.n_attended > 1 if "n_attended" in hm else True
+
+
 def classify_heads(hm: xr.Dataset, thresholds: TaxonomyThresholds | None = None) -> xr.DataArray:
     """One class per head (and step, sample if present): sink, local, global, deep_sink or mixed, by the rules
     of the module docstring applied to `head_metrics` output."""
@@ -398,8 +410,7 @@ def classify_heads(hm: xr.Dataset, thresholds: TaxonomyThresholds | None = None)
     if missing:
         raise WorkbenchError(f"classify_heads needs head_metrics output; missing {missing}")
     rules = [
-        # (above uniform attention's share, where the metrics hold n_attended: head_metrics' do)
-        ("sink", (hm.sink_mass >= th.sink_min) & ((hm.sink_mass * hm.n_attended > 1) if "n_attended" in hm else True)),
+        ("sink", (hm.sink_mass >= th.sink_min) & _above_uniform(hm)),
         ("local", hm.local_mass >= th.local_min),
         ("deep_sink", hm.early_mass >= th.deep_min),  # (before global: module docstring)
         ("global", hm.entropy_norm >= th.global_min_entropy),

@@ -442,6 +442,15 @@ def test_reports_of_videos_shorter_than_the_sink_statistic_and_the_local_window(
     for short in (uniform, one):
         hm = metrics.head_metrics(load_store(short))  # (the last chunk's rows)
         assert float(hm.sink_mass.min()) >= 0.5 and "sink" not in set(metrics.classify_heads(hm).values.ravel())
+    # rows of 1, 2 and 3 key frames attended alike: sink_mass 11/18 and n_attended 2 on average, whose product
+    # (the rule's share before) is above 1; row by row the share is uniform's, so no sink
+    uniform3 = synthetic.write_store(tmp_path / "uniform3.zarr", "causal", layers=(0,), num_heads=2, num_frames=3,
+                                     num_frame_per_block=1, roles=lambda layer, head: "global")
+    hm = metrics.head_metrics(load_store(uniform3), query_frames="all")
+    np.testing.assert_allclose(hm.sink_mass, 11 / 18, rtol=1e-6)
+    np.testing.assert_allclose(hm.uniform_mass, 11 / 18, rtol=1e-6)
+    assert float((hm.sink_mass * hm.n_attended).min()) > 1 and set(metrics.classify_heads(hm).values.ravel()) == {
+        "global"}
     assert "sink" in set(metrics.classify_heads(metrics.head_metrics(load_store(two))).values.ravel())
     assert "sink" in set(metrics.classify_heads(metrics.head_metrics(load_store(stores["sf"]))).values.ravel())
     # a store of 21 frames: local_mass counts the rows with keys outside the window (the first chunk's have none)

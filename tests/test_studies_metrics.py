@@ -92,6 +92,7 @@ def test_sink_and_chunk_masses_by_hand(causal):
     np.testing.assert_allclose(rows.own_chunk_mass.sel(head=glob), 1 / (chunk + 1), rtol=1e-5)
     np.testing.assert_allclose(rows.own_chunk_mass.sel(head=local), 1.0, atol=1e-6)
     np.testing.assert_allclose(rows.n_attended.sel(head=glob), 3 * (chunk + 1))
+    np.testing.assert_allclose(rows.uniform_mass.sel(head=local), 1 / (3 * (chunk + 1)))  # (whatever the head does)
 
 
 def test_mean_distance_and_entropy_by_hand(causal):
