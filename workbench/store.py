@@ -721,7 +721,11 @@ class StoreWriter:
             marks = {self.completed_attr: self.completed + [key]}
             if self.requested:  # (with the mark: an append taken back leaves the attrs as they were)
                 marks["requested"] = asked + [k for k in self.requested if k not in asked]
-            zarr.open_group(self.path, mode="r+").attrs.update(marks)
+            group = zarr.open_group(self.path, mode="r+")
+            for name in set(ds.coords) & held:  # (a store begun by older code: coordinate attrs added since)
+                if missing := {k: v for k, v in ds[name].attrs.items() if k not in group[name].attrs}:
+                    group[name].attrs.update(_plain(missing))
+            group.attrs.update(marks)
         self.completed.append(key)
 
 
