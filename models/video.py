@@ -11,6 +11,8 @@ All writes are atomic (`models.files.atomic_write`: temp file in the same folder
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +145,8 @@ def write_png_grid(video, path, ncols: int = 8, frames: list[int] | None = None,
     cell_h = label + h
     width = ncols * w + (ncols - 1) * pad
     font = _font(int((label_height(h) - 2) / 1.2))  # (a line's glyphs reach 1.2 x the font size)
-    lines = _wrap(title, font, width - 8)[:3] if title else []
+    title_font = font_for(title, font.size) if title else font  # (a prompt may hold more than ASCII)
+    lines = _wrap(title, title_font, width - 8)[:3] if title else []
     top = (len(lines) * label_height(h) + pad) if lines else 0
     grid = np.full((top + nrows * cell_h + (nrows - 1) * pad, width, 3), pad_value, dtype=np.uint8)
     for n, i in enumerate(frames):
@@ -154,7 +157,7 @@ def write_png_grid(video, path, ncols: int = 8, frames: list[int] | None = None,
     draw = ImageDraw.Draw(image)
     ink = (0, 0, 0) if pad_value > 127 else (255, 255, 255)
     for k, line in enumerate(lines):
-        draw.text((4, k * label_height(h)), line, fill=ink, font=font)
+        draw.text((4, k * label_height(h)), line, fill=ink, font=title_font)
     # every tile's label in one form: the longest that fits every tile (8 px at the least), else none
     forms = (lambda i, j: f"frame {i} = latent {j}", lambda i, j: f"{i} = lat {j}", lambda i, j: f"{i}:{j}",
              lambda i, j: f"{i}")
@@ -181,6 +184,33 @@ def _font(size: int):
     from PIL import ImageFont
 
     return ImageFont.load_default(size=max(8, size))
+
+
+def font_for(text: str, size: int):
+    """A font of `size` pixels that has a glyph for every character of `text`: Pillow's own (Latin letters and
+    digits only: no accents, Cyrillic or CJK), else the font fontconfig (`fc-match`) names for the characters it
+    lacks where that one has them, else Pillow's own (those characters drawn as boxes)."""
+    from PIL import ImageFont
+
+    font = _font(size)
+    missing = sorted({ch for ch in text if not ch.isspace() and not _has_glyph(font, ch)})
+    if not missing or not shutil.which("fc-match"):
+        return font
+    charset = " ".join(f"{ord(ch):x}" for ch in missing)
+    try:
+        path = subprocess.run(["fc-match", "-f", "%{file}", f":charset={charset}"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        other = ImageFont.truetype(path, max(8, size)) if path else None
+    except (OSError, subprocess.SubprocessError):
+        return font
+    return other if other is not None and all(_has_glyph(other, ch) for ch in missing) else font
+
+
+def _has_glyph(font, ch: str) -> bool:
+    """Whether `font` draws `ch` as something other than its missing-glyph box."""
+    missing = font.getmask("\U0010fffd")  # (a private-use code point: no font has it)
+    mask = font.getmask(ch)
+    return mask.size != missing.size or bytes(mask) != bytes(missing)
 
 
 def _fit(text: str, font, width: int):

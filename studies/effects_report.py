@@ -338,6 +338,8 @@ def curve_png(ds: xr.Dataset, labels: list[str], size=(900, 520)):
     """Per-frame relative latent distance (mean over samples) of `labels`, one coloured line each, with a legend."""
     from PIL import Image, ImageDraw
 
+    from models.video import font_for  # (labels are the user's: a font that has their letters)
+
     labels = entry_labels(ds, labels)
     W, H = size
     left, right, top, bottom = 84, 260, 30, 50
@@ -367,7 +369,7 @@ def curve_png(ds: xr.Dataset, labels: list[str], size=(900, 520)):
         if len(pts) > 1:
             d.line(pts, fill=c, width=2)
         d.line([W - right + 12, top + 14 + 18 * j, W - right + 32, top + 14 + 18 * j], fill=c, width=3)
-        d.text((W - right + 38, top + 8 + 18 * j), lab[:34], fill="black")
+        d.text((W - right + 38, top + 8 + 18 * j), lab[:34], fill="black", font=font_for(lab[:34], 10))
     return img
 
 

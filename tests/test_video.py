@@ -97,6 +97,26 @@ def test_png_grid_labels_frames_and_titles_without_touching_pixels(tmp_path):
         assert (strip < 128).any()
 
 
+def test_a_title_beyond_ascii_is_drawn_in_a_font_that_has_its_letters(tmp_path, monkeypatch):
+    """Pillow's own font has no accents, Cyrillic or CJK ("café" came out "caf" and a box): a title it cannot draw
+    is drawn in the font fontconfig names for those letters, where one on the machine has them."""
+    import models.video as video_mod
+    from models.video import _font, _has_glyph, font_for
+
+    own = _font(14)
+    assert _has_glyph(own, "a") and not _has_glyph(own, "é") and not _has_glyph(own, "с")  # (the check itself)
+    assert not isinstance(font_for("a red square moving right", 14).path, str)  # ASCII: Pillow's own (in memory)
+    other = font_for("a café, синий круг", 14)
+    if not isinstance(other.path, str):
+        pytest.skip("no font on this machine has é and Cyrillic (fontconfig: none, or fc-match missing)")
+    assert all(_has_glyph(other, ch) for ch in "a café, синий круг" if not ch.isspace())
+    video = torch.zeros(3, 2, 32, 160)
+    img = np.asarray(Image.open(write_png_grid(video, tmp_path / "c.png", title="синий круг")).convert("RGB"))
+    monkeypatch.setattr(video_mod, "font_for", lambda text, size: _font(size))  # (as before: boxes)
+    boxes = np.asarray(Image.open(write_png_grid(video, tmp_path / "b.png", title="синий круг")).convert("RGB"))
+    assert img.shape == boxes.shape and not np.array_equal(img, boxes)
+
+
 def test_read_prompts_strips_and_skips_empty_lines(tmp_path):
     """Blank lines before a prompt are named in a warning (indices count prompts; the researchers' count lines);
     trailing ones move no index and pass quietly."""
