@@ -711,6 +711,9 @@ def taxonomy_map(classes: xr.DataArray, *, title: str = "head classes") -> go.Fi
     return fig
 
 
+DIFF_FLOOR = 1e-3  # compare_maps' difference scale spans at least this fraction of the largest |value| drawn
+
+
 def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = ("A", "B"),
                  title: str | None = None, zmin: float | None = None, zmax: float | None = None,
                  colorscale: str = "Viridis", dmax: float | None = None) -> go.Figure:
@@ -718,7 +721,9 @@ def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = (
     A and B share one colour scale, the difference a symmetric red-blue one. Only the layers and heads both hold
     are drawn; the title says so when either holds more. `zmin`, `zmax`, `colorscale`: A and B's scale (default:
     the smallest to the largest value drawn, Viridis); `dmax`: the difference's scale runs from -dmax to dmax
-    (default: the largest |B - A|), so that several comparisons can share scales."""
+    (default: the largest |B - A|, but at least `DIFF_FLOOR` of the largest |A| or |B|, so that rounding-sized
+    differences of two nearly equal stores stay white instead of filling the scale), so that several comparisons
+    can share scales."""
     given = dict(zip("AB", (_layer_head(a), _layer_head(b))))
     a, b = xr.align(given["A"], given["B"], join="inner")
     if not a.size:
@@ -734,15 +739,18 @@ def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = (
             for letter, name in zip("AB", names)]  # panel titles; the colour bars say only A, B and B - A
     finite = diff.values[np.isfinite(diff.values)]
     top = float(np.abs(finite).max()) if finite.size else 0.0  # (the colour scale's end: it says how small a change is)
-    fig = make_subplots(rows=3, cols=1, subplot_titles=[tags[0], tags[1], f"B - A (largest |B - A|: {top:.3g})"],
+    both = np.concatenate([a.values.ravel(), b.values.ravel()])
+    both = both[np.isfinite(both)]
+    floor = DIFF_FLOOR * float(np.abs(both).max()) if both.size else 0.0
+    end = dmax or max(top, floor) or 1.0
+    said = f"largest |B - A|: {top:.3g}" + (f"; the colours span ±{end:.3g}" if end != top else "")
+    fig = make_subplots(rows=3, cols=1, subplot_titles=[tags[0], tags[1], f"B - A ({said})"],
                         vertical_spacing=0.12)
     for row, (z, axis) in enumerate([(a, "coloraxis"), (b, "coloraxis"), (diff, "coloraxis2")], start=1):
         fig.add_trace(go.Heatmap(z=_round(z.values), x=x, y=y, coloraxis=axis, texttemplate="%{z:.3f}",
                                  hovertemplate="layer %{y}<br>head %{x}<br>%{z:.4g}<extra></extra>"), row=row, col=1)
         fig.update_xaxes(title_text="head" if row == 3 else None, type="category", row=row, col=1)
         fig.update_yaxes(title_text="layer", type="category", row=row, col=1)
-    both = np.concatenate([a.values.ravel(), b.values.ravel()])
-    both = both[np.isfinite(both)]
     width = max(600, min(1300, 62 * a.sizes["head"] + 260))
     note = f"<br><sub>not drawn, in one store only: {'; '.join(left)}</sub>" if left else ""
     # what each side averages (head_metrics' attrs): once if the same, else both (a bidirectional store's default
@@ -760,7 +768,7 @@ def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = (
                        cmin=zmin if zmin is not None else float(both.min()) if both.size else 0,
                        cmax=zmax if zmax is not None else float(both.max()) if both.size else 1,
                        colorbar=dict(y=0.68, len=0.62, title="A, B" + units)),
-        coloraxis2=dict(colorscale="RdBu_r", cmin=-(dmax or top or 1.0), cmax=dmax or top or 1.0,
+        coloraxis2=dict(colorscale="RdBu_r", cmin=-end, cmax=end,
                         colorbar=dict(y=0.14, len=0.3, title="B - A" + units)),
         height=3 * (max(120, 26 * a.sizes["layer"]) + 110) + 80 + 24 * lines, width=width,
     )

@@ -133,6 +133,12 @@ def test_compare_maps_show_a_b_and_difference(ds, wan):
     assert (shared.layout.coloraxis.cmin, shared.layout.coloraxis.cmax) == (0, 1)
     assert shared.layout.coloraxis.colorscale[0][1] == "rgb(255,255,255)"  # Greys from white
     assert (shared.layout.coloraxis2.cmin, shared.layout.coloraxis2.cmax) == (-0.5, 0.5)
+    # two nearly equal stores: rounding-sized differences stay white (they filled the scale, red and blue as for
+    # a real change), and the panel says how far the colours reach
+    near = figures.compare_maps(a, a + 1e-7 * np.sign(np.sin(np.arange(a.size))).reshape(a.shape))
+    span, scale = float(np.abs(a.values).max()) * figures.DIFF_FLOOR, near.layout.coloraxis2
+    assert scale.cmax == pytest.approx(span) and scale.cmin == -scale.cmax
+    assert near.layout.annotations[2].text == f"B - A (largest |B - A|: 1e-07; the colours span ±{span:.3g})"
 
 
 def test_a_figure_of_one_layer_or_step_refuses_a_list(ds):
