@@ -237,7 +237,7 @@ def build_report(
 
     page.h(f"Overview at {metrics.step_label(ds, step)}")
     page.p(f"Head metrics averaged over query frames {frames[0]}-{frames[-1]} ({query_frames}) and "
-           f"{'sample ' + sample if sample else 'all samples'}. Classes: sink (mass on frame 0 &ge; threshold and "
+           f"{'sample ' + html.escape(sample) if sample else 'all samples'}. Classes: sink (mass on frame 0 &ge; threshold and "
            f"above uniform attention's share), local (mass on keys less than {metrics.default_local_window(ds)} "
            "frame(s) from the query, of rows that attended keys farther), deep_sink (mass on the "
            "oldest half of the attended frames), global (normalised entropy high), mixed (none); the first that "
@@ -276,7 +276,7 @@ def build_report(
     csv_text = heads_table.assign(step=step, query_frames=f"{frames[0]}-{frames[-1]}",
                                   samples=sample or "all").to_csv(float_format="%.6g")
     page.p(f"The table as CSV: <code>{html.escape(Path(out_html).with_suffix('.csv').name)}</code> (step {step}, "
-           f"query frames {frames[0]}-{frames[-1]}, {'sample ' + sample if sample else 'all samples'}).")
+           f"query frames {frames[0]}-{frames[-1]}, {'sample ' + html.escape(sample) if sample else 'all samples'}).")
 
     # the slider leaves out CFG's uncond forwards (half of a Wan store's steps, and the bulk of the HTML)
     slider_steps = [int(s) for s, c in zip(ds.step.values, ds["cfg"].values) if str(c) != "uncond" or int(s) == step] \
@@ -451,14 +451,15 @@ def _training_report(ds: xr.Dataset, source: str, out_html, *, layer, sample, st
            "probe store: the probe set's attention, captured every few training steps along <code>train_step</code> "
            "(<code>docs/store.md</code>, Training probe stores).")
     _store_summary(page, ds, source, sample)
-    how = f" ({ds.attrs['trainer']} training, loss {ds.attrs['loss']})" if {"trainer", "loss"} <= set(ds.attrs) else ""
+    how = (html.escape(f" ({ds.attrs['trainer']} training, loss {ds.attrs['loss']})")  # (a shared store's attrs)
+           if {"trainer", "loss"} <= set(ds.attrs) else "")
     page.p(f"Train steps: {', '.join(str(t) for t in train_steps)}{how}.")
     page.h("Checks")
     page.table(checks_table(ds), index=False)
 
     page.h(f"Attention across training at {metrics.step_label(ds, step)}")
     page.p(f"Head metrics averaged over query frames {frames[0]}-{frames[-1]} ({query_frames}) and "
-           f"{'sample ' + sample if sample else 'all samples'}, at each train step; a panel per layer, a line per head.")
+           f"{'sample ' + html.escape(sample) if sample else 'all samples'}, at each train step; a panel per layer, a line per head.")
     for name in ("sink_mass", "own_chunk_mass", "local_mass", "mean_distance", "entropy_norm"):
         if bool(hm[name].notnull().any()):
             page.figure(figures.metric_over_training(hm[name].sel(layer=detail)), f"fig-training-{name}")

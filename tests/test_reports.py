@@ -515,3 +515,22 @@ def test_report_layer_all_details_every_layer(tmp_path):
         assert sorted(int(f.removeprefix("fig-steps-layer")) for f in parser.figures
                       if f.startswith("fig-steps-layer")) == want
         assert text.count('<a href="#s') == len(parser.headings) - 1 - text.count("<h3")  # (a link to each section)
+
+
+def test_a_shared_stores_sample_ids_and_attrs_reach_the_page_as_text(tmp_path):
+    """A colleague's store may hold any text in its sample ids and attrs: `report --sample ID` put the id into the
+    page as HTML (a tag in it ran its script), and a probe store's trainer and loss attrs likewise."""
+    import xarray as xr
+    import zarr
+
+    path = synthetic.write_store(tmp_path / "s.zarr", "causal", layers=(0,), num_heads=2, num_frames=6)
+    evil = '<img src=x onerror=alert("sid")>'
+    ds = xr.open_zarr(path, consolidated=False).load()
+    first = str(ds.sample.values[0])
+    ds = ds.assign_coords(sample=[evil if str(s) == first else str(s) for s in ds.sample.values])
+    ds.attrs["completed"] = [str(s) for s in ds.sample.values]
+    shutil.rmtree(path)
+    ds.to_zarr(path, consolidated=False)
+    assert str(zarr.open_group(path, mode="r").attrs["completed"][0]) == evil
+    text = Path(report.build_report(path, tmp_path / "s.html", sample=evil)).read_text()
+    assert evil not in text and "&lt;img src=x onerror=alert(&quot;sid&quot;)&gt;" in text
