@@ -389,7 +389,14 @@ def test_incompatible_existing_store_fails_before_weights(tmp_path, capsys, monk
     not_a_store = tmp_path / "folder"
     (not_a_store / "sub").mkdir(parents=True)
     assert cli_main(["extract", "--layer", "3", "--out", str(not_a_store), "--no-progress"]) == 2
-    assert "is not a store" in capsys.readouterr().err
+    assert "is not a store (it holds sub); choose another --out" in capsys.readouterr().err
+    (not_a_store / "thesis.tex").write_text("years of work")  # --overwrite replaces stores only (it replaced this)
+    assert cli_main(["extract", "--layer", "3", "--out", str(not_a_store), "--overwrite", "--no-progress"]) == 2
+    assert "never another folder" in capsys.readouterr().err and (not_a_store / "thesis.tex").exists()
+    from workbench.store import StoreWriter
+
+    (tmp_path / "empty").mkdir()
+    StoreWriter(tmp_path / "empty", "fp", mode="overwrite").close()  # (an empty folder is replaced)
     # the same request resumes (nothing to do) and --overwrite replaces
     assert cli_main(["extract", "--layer", "3", "--out", str(out), "--no-progress"]) == 0
     assert "nothing to do" in capsys.readouterr().out

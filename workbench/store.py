@@ -476,6 +476,8 @@ class StoreWriter:
                 from models.files import ensure_writable_dir
 
                 ensure_writable_dir(self.path)
+                if mode == "overwrite" and not _replaceable(self.path):  # (a mistyped --out: not someone's folder)
+                    raise WorkbenchError(_not_a_store(self.path, self.hint))
                 if mode != "overwrite":  # (overwrite: the old store goes when the first new entry is swapped in)
                     self._open_existing(entry_coords or {})
         except BaseException:
@@ -539,6 +541,8 @@ class StoreWriter:
     def _open_existing(self, entry_coords: dict) -> None:
         import zarr
 
+        if not _replaceable(self.path):
+            raise WorkbenchError(_not_a_store(self.path, self.hint))
         try:
             group = zarr.open_group(self.path, mode="r+")
         except Exception as err:
@@ -732,6 +736,20 @@ class StoreWriter:
 # Per-entry labels and numbers added after stores were first made: an entry appended to a store made before them
 # goes in without them (the store keeps one layout; its earlier entries have none to give).
 LATER_LABELS = ("uncond_token", "uncond_num_tokens", "world_colour_ok", "world_shape_ok", "intervention_detail")
+
+
+def _replaceable(path: Path) -> bool:
+    """Whether a writer may replace the folder `path`: a zarr group (zarr.json, or v2's .zgroup) or an empty folder;
+    never another folder, whatever the flags (`--overwrite` with a mistyped --out deleted a folder of papers)."""
+    return path.is_dir() and ((path / "zarr.json").exists() or (path / ".zgroup").exists() or not any(path.iterdir()))
+
+
+def _not_a_store(path: Path, hint: str) -> str:
+    names = sorted(p.name for p in list(path.iterdir())[:50]) if path.is_dir() else []
+    held = f" (it holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else ""
+    how = ("choose another --out (--overwrite replaces a store, never another folder: to write there, move the "
+           "folder away yourself)" if "--overwrite" in hint else hint)
+    return f"{str(path)!r} exists and is not a store{held}; {how}"
 
 
 def _alive(pid: int) -> bool:
