@@ -579,3 +579,23 @@ def test_a_headwise_spec_round_trips_with_its_static_heads(tmp_path):
     for other in (dict(kind="policy", policy="fifo", window=9), dict(kind="ablate", layers=0, heads=1)):
         with pytest.raises(WorkbenchError, match="static_heads is a headwise policy's setting"):
             parse_entry(dict(other, static_heads=[[0, 0]]), 6, 4)
+
+
+def test_entry_labels_name_video_folders_inside_the_videos_folder(tmp_path, capsys):
+    """An entry's videos go to a folder named after its label: `..` wrote them beside the store (where generate's
+    files of the same names live), `.x` into a hidden folder, and `a/b` and `a_b` shared one folder; now the first
+    two stay inside, and labels sharing a folder are refused before any rollout."""
+    from workbench.intervene import video_file, video_folder_name
+
+    assert [video_folder_name(x) for x in (".", "..", ".x", "a/b", "ablate:3:0", "")] == \
+        ["_", "_.", "_x", "a_b", "ablate_3_0", "_"]
+    store = tmp_path / "fx.zarr"
+    for label in (".", "..", "../../etc"):
+        assert video_file(store, label, "p0000-s0").parent.parent == tmp_path / "fx_videos"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("interventions:\n  - {kind: ablate, layers: 0, heads: 0, label: a/b}\n"
+                    "  - {kind: ablate, layers: 0, heads: 1, label: a_b}\n")
+    assert main(["intervene", "--frames", "3", "--world", "off", "--save-videos", "--spec", str(spec),
+                 "--out", str(store), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the labels [['a/b', 'a_b']] would keep their videos in one folder" in err and not store.exists()
