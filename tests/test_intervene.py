@@ -599,3 +599,14 @@ def test_entry_labels_name_video_folders_inside_the_videos_folder(tmp_path, caps
                  "--out", str(store), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "the labels [['a/b', 'a_b']] would keep their videos in one folder" in err and not store.exists()
+
+
+def test_labels_with_escape_sequences_are_shown_not_obeyed(tmp_path, capsys):
+    """The table intervene prints lists every entry of the store, a colleague's labels too: a label holding a
+    terminal's escape sequences retitled and cleared the screen; it is printed with them escaped."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text('interventions:\n  - {kind: ablate, layers: 0, heads: 0, label: "\\e]0;PWNED\\a\\e[2Jred"}\n')
+    assert main(["intervene", "--frames", "3", "--world", "off", "--spec", str(spec), "--out", str(tmp_path / "e.zarr"),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b]0;PWNED\\x07\\x1b[2Jred" in out

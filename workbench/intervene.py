@@ -469,10 +469,12 @@ def ranking(ds):
 
 
 def ranking_text(path, top: int = 20) -> str:
+    from workbench.progress import printable
     from workbench.store import open_store
 
     ds = open_store(path)
     table = ranking(ds)
+    table.index = [printable(label) for label in table.index]  # (a shared store's labels: shown, never obeyed)
     lines = [f"wrote {path}: {ds.sizes['intervention']} entries (baseline included) x {ds.sizes['sample']} "
              f"sample(s) x {ds.sizes['frame']} latent frames",
              "effect = mean over samples and frames of the latent RMS distance to the baseline / the baseline's RMS",

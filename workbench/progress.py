@@ -1,13 +1,22 @@
 """Progress bars for long work: tqdm's (`tqdm.auto`), drawn as usual on a terminal and in Jupyter; when stderr goes
 to a file (a batch job's log, `2> run.log`), redrawn at most every LOG_INTERVAL seconds, so that an hour's run
 writes a hundred or so short updates there, not megabytes of redraws. `--no-progress` (disable=True) still hides
-them. Every command's bars come from `progress_bar`."""
+them. Every command's bars come from `progress_bar`.
+
+Also here, for every line a command prints: `printable`, which writes a text's control characters as escapes (a
+label or prompt from a shared store or spec can hold a terminal's escape sequences)."""
 
 from __future__ import annotations
 
 import sys
 
 LOG_INTERVAL = 30.0  # seconds between redraws when nobody watches a terminal
+
+
+def printable(text) -> str:
+    """`text` (made a str) with each character a terminal would act on (ESC, BEL, newlines, ...) written as its
+    Python escape (`\\x1b`, `\\n`): shown, never obeyed (an escape sequence can clear a screen or retitle it)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def progress_bar(*args, **kw):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.commands import add_model_arguments, check_sampler_numbers
+from workbench.progress import printable
 
 HELP = "score models on the miniature world: prompt adherence, trajectory error, consistency, drift"
 
@@ -354,7 +355,7 @@ def _run(args, out, choices, plans, skipped, prompts, seeds, compare, device, dt
     reused = len(jobs) - new
     notes = [setup, f"{new} video(s) in {time.time() - started:.0f} s" + (f", {reused} kept from an earlier run."
                                                                          if reused else "."),
-             *skipped, f"command: {command}"]
+             *skipped, f"command: {printable(command)}"]  # (prompts as given: their control characters escaped)
     paths = world_report.write_results(out, results, title=title, notes=notes, compare=compare)
 
     # --- what a user reads
