@@ -160,6 +160,22 @@ def test_bad_requests_say_what_is_allowed(store_server, path, status, words):
     assert got == status and all(w in body["error"] for w in words), body
 
 
+def test_a_viewer_on_this_machine_answers_its_own_names_only(store_server):
+    """DNS rebinding: a page of another site whose name resolves to 127.0.0.1 reached /api/ with its own name in
+    the Host header; the viewer (bound to 127.0.0.1) answers 127.0.0.1 and localhost only."""
+    port = store_server.server_address[1]
+    for host, status in ((f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200), (f"attacker.example:{port}", 403),
+                         ("127.0.0.1.attacker.example", 403)):
+        request = urllib.request.Request(store_server.url + "api/meta", headers={"Host": host})
+        try:
+            with urllib.request.urlopen(request) as r:
+                got, body = r.status, json.loads(r.read())
+        except urllib.error.HTTPError as err:
+            got, body = err.code, json.loads(err.read())
+        assert got == status, (host, body)
+        assert status == 200 or "the viewer serves this machine's own names only" in body["error"]
+
+
 def test_failures_and_a_deleted_store_are_errors_not_blank_maps(runs, tmp_path, monkeypatch, capsys):
     """Anything that fails in an answer is a 500 naming it (it was an empty reply, and the page showed nothing);
     a store deleted while the viewer runs is an error (zarr read its chunks as NaN: every cell "not attended");

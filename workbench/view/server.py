@@ -58,6 +58,9 @@ def jpeg(frame: np.ndarray, quality: int = 92) -> bytes:
     return buffer.getvalue()
 
 
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}  # the names a viewer bound to this machine alone answers to
+
+
 class ViewerServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -93,6 +96,10 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 (the standard library's name)
         url = urlparse(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        if not self._host_allowed():
+            return self._json({"error": f"the viewer serves this machine's own names only (127.0.0.1, localhost), "
+                                        f"not Host {self.headers.get('Host')!r}: start it with --host to serve others"},
+                              HTTPStatus.FORBIDDEN)
         try:
             if url.path == "/favicon.ico":
                 return self._send(HTTPStatus.NO_CONTENT, b"", "image/x-icon")
@@ -115,6 +122,15 @@ class Handler(BaseHTTPRequestHandler):
             traceback.print_exc()
             self._json({"error": f"the viewer failed to answer {url.path}: {type(err).__name__}: {err}"},
                        HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    def _host_allowed(self) -> bool:
+        """A viewer bound to a loopback address answers requests addressed to a loopback name only: a web page of
+        another site whose name a DNS rebinding points at 127.0.0.1 would otherwise read its /api/ answers."""
+        bound = str(self.server.server_address[0])
+        if bound not in LOOPBACK:
+            return True  # (--host 0.0.0.0 or a named interface: served to whatever name reaches it)
+        host = urlparse(f"//{self.headers.get('Host', '')}").hostname or ""
+        return host in LOOPBACK
 
     def _static(self, name: str) -> None:
         path = resources.files("workbench.view") / "static" / name
