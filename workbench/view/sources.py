@@ -113,7 +113,7 @@ class Source:
     def check_sample(self, sample) -> str:
         ids = [s["sample"] for s in self.samples()]
         if sample not in ids:
-            raise WorkbenchError(f"sample {sample!r} is not in {self.name}; it holds {ids}")
+            raise WorkbenchError(f"sample {sample!r} is not in {self.name}; it holds {[str(i) for i in ids]}")
         return sample
 
     def check(self, layer, step) -> tuple[int, int]:
@@ -388,7 +388,7 @@ def find_videos(store: Path, video: str | None, samples: list[str], sample: str 
     folder of generate outputs (pPPPP-sS.mp4 per sample); without it: the store's name with .mp4 (one sample), or
     such files beside the store or in the folder of the store's name (runs/x.zarr -> runs/x/)."""
     if sample is not None and sample not in samples:
-        raise WorkbenchError(f"--sample {sample!r} is not in {str(store)!r}; it holds {samples}")
+        raise WorkbenchError(f"--sample {sample!r} is not in {str(store)!r}; it holds {[str(s) for s in samples]}")
     from workbench.store import named
 
     store = named(store)  # (`view .` inside the store)
