@@ -209,6 +209,8 @@ def test_a_prompt_outside_the_miniature_world_is_named_in_a_note(tmp_path, capsy
     assert world_prompt_note(embedded, ["a red square moving left", "the blue circle moves up across the frame"]) \
         is None
     assert world_prompt_note(folder, ["an eagle"]) is None
+    long = world_prompt_note(embedded, ["an eagle " * 500])  # (the note quoted all 4,500 characters)
+    assert f"{('an eagle ' * 9)[:77]!r}"[:-1] + "...'" in long and len(long) < 400
     two_colours = world_prompt_note(embedded, ["a red and blue square moving left"])  # one colour, not two
     assert "'a red and blue square moving left' is not among" in two_colours
     assert "'x', 'y' and 1 more are not among" in world_prompt_note(embedded, ["x", "y", "a red square moving up", "z"])

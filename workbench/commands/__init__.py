@@ -327,7 +327,8 @@ def world_prompt_note(args, prompts: list[str]) -> str | None:
             unread.append(prompt)
     if not unread:
         return None
-    shown = ", ".join(repr(p) for p in unread[:2]) + (f" and {len(unread) - 2} more" if len(unread) > 2 else "")
+    cut = [p if len(p) <= 80 else p[:77] + "..." for p in unread[:2]]  # (a long prompt: its start is enough here)
+    shown = ", ".join(map(repr, cut)) + (f" and {len(unread) - 2} more" if len(unread) > 2 else "")
     return (f"note: the embedded models know only their miniature world, one {'/'.join(world.COLOURS)} "
             f"{'/'.join(world.SHAPES)} moving {'/'.join(world.DIRECTIONS)} (models/world.py); {shown} "
             f"{'is' if len(unread) == 1 else 'are'} not among its prompts, so the model draws no clear object. "
