@@ -237,7 +237,8 @@ def build_report(
 
     page.h(f"Overview at {metrics.step_label(ds, step)}")
     page.p(f"Head metrics averaged over query frames {frames[0]}-{frames[-1]} ({query_frames}) and "
-           f"{'sample ' + html.escape(sample) if sample else 'all samples'}. Classes: sink (mass on frame 0 &ge; threshold and "
+           f"{'sample ' + html.escape(sample) if sample else 'all samples'}. Classes: sink (mass on frame 0 &ge; "
+           "threshold and "
            f"above uniform attention's share), local (mass on keys less than {metrics.default_local_window(ds)} "
            "frame(s) from the query, of rows that attended keys farther), deep_sink (mass on the "
            "oldest half of the attended frames), global (normalised entropy high), mixed (none); the first that "
@@ -459,7 +460,8 @@ def _training_report(ds: xr.Dataset, source: str, out_html, *, layer, sample, st
 
     page.h(f"Attention across training at {metrics.step_label(ds, step)}")
     page.p(f"Head metrics averaged over query frames {frames[0]}-{frames[-1]} ({query_frames}) and "
-           f"{'sample ' + html.escape(sample) if sample else 'all samples'}, at each train step; a panel per layer, a line per head.")
+           f"{'sample ' + html.escape(sample) if sample else 'all samples'}, at each train step; a panel per layer, "
+           "a line per head.")
     for name in ("sink_mass", "own_chunk_mass", "local_mass", "mean_distance", "entropy_norm"):
         if bool(hm[name].notnull().any()):
             page.figure(figures.metric_over_training(hm[name].sel(layer=detail)), f"fig-training-{name}")

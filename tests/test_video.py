@@ -113,7 +113,8 @@ def test_a_title_beyond_ascii_is_drawn_in_a_font_that_has_its_letters(tmp_path, 
     video = torch.zeros(3, 2, 32, 160)
     img = np.asarray(Image.open(write_png_grid(video, tmp_path / "c.png", title="синий круг")).convert("RGB"))
     monkeypatch.setattr(video_mod, "font_for", lambda text, size: _font(size))  # (as before: boxes)
-    boxes = np.asarray(Image.open(write_png_grid(video, tmp_path / "b.png", title="синий круг")).convert("RGB"))
+    boxes = np.asarray(Image.open(write_png_grid(video, tmp_path / "b.png", title="синий круг"))
+                       .convert("RGB"))
     assert img.shape == boxes.shape and not np.array_equal(img, boxes)
 
 
