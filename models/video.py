@@ -157,7 +157,7 @@ def write_png_grid(video, path, ncols: int = 8, frames: list[int] | None = None,
     draw = ImageDraw.Draw(image)
     ink = (0, 0, 0) if pad_value > 127 else (255, 255, 255)
     for k, line in enumerate(lines):
-        draw.text((4, k * label_height(h)), line, fill=ink, font=title_font)
+        draw.text((4, k * label_height(h) + 1), line, fill=ink, font=title_font)  # (+1: a ring above Å stays in)
     # every tile's label in one form: the longest that fits every tile (8 px at the least), else none
     forms = (lambda i, j: f"frame {i} = latent {j}", lambda i, j: f"{i} = lat {j}", lambda i, j: f"{i}:{j}",
              lambda i, j: f"{i}")

@@ -720,10 +720,9 @@ def compare_maps(a: xr.DataArray, b: xr.DataArray, *, names: tuple[str, str] = (
     """A metric (dims layer, head) for two stores and the difference B - A, stacked (A, B, B - A from the top);
     A and B share one colour scale, the difference a symmetric red-blue one. Only the layers and heads both hold
     are drawn; the title says so when either holds more. `zmin`, `zmax`, `colorscale`: A and B's scale (default:
-    the smallest to the largest value drawn, Viridis); `dmax`: the difference's scale runs from -dmax to dmax
-    (default: the largest |B - A|, but at least `DIFF_FLOOR` of the largest |A| or |B|, so that rounding-sized
-    differences of two nearly equal stores stay white instead of filling the scale), so that several comparisons
-    can share scales."""
+    the smallest to the largest value drawn, Viridis); `dmax`: the difference's scale runs from -dmax to dmax, so
+    that several comparisons can share scales (default: the largest |B - A|, but at least `DIFF_FLOOR` of the
+    largest |A| or |B|: rounding-sized differences of two nearly equal stores stay white, not filling the scale)."""
     given = dict(zip("AB", (_layer_head(a), _layer_head(b))))
     a, b = xr.align(given["A"], given["B"], join="inner")
     if not a.size:

@@ -25,7 +25,8 @@ Row metrics (`row_metrics`, dims sample, step, layer, head, query_frame):
     entropy          -sum p ln p over the attended key frames, in nats (p = the row normalised to sum 1)
     entropy_norm     entropy / ln(n_attended): 1 for uniform attention, 0 for one frame (NaN if n_attended = 1)
     n_attended       number of attended (non-NaN) key frames
-    uniform_mass     1 / n_attended: the mass uniform attention would put on each attended key frame (on frame 0)
+    uniform_mass     1 / n_attended: the mass uniform attention puts on each attended key frame (the share the sink
+                     rule compares sink_mass with)
 
 `head_metrics` averages the row metrics over a choice of query frames (default: the last chunk, the rows the
 researchers plot as `last_block_frame_attention`) and over samples. `recency_profile` is the mean mass at each
@@ -392,12 +393,16 @@ class TaxonomyThresholds:
                 raise WorkbenchError(f"threshold {name}={value} must be in [0, 1] (or just above 1 to switch it off)")
 
 
+SINK_MARGIN = 2e-3  # how far above uniform attention's share a sink's mass on frame 0 must be (rounding aside)
+
+
 def _above_uniform(hm: xr.Dataset):
-    """Where sink_mass is above uniform attention's share: mean(sink_mass - 1 / n_attended) > 0 over the rows the
-    metrics average (a uniform head's difference is 0 up to rounding, hence the margin). Head metrics of older
-    code hold n_attended only (the product of the two means, nearly the same), hand-made ones may hold neither."""
+    """Where sink_mass is above uniform attention's share: mean(sink_mass - 1 / n_attended) > SINK_MARGIN over the
+    rows the metrics average (a uniform head's difference is 0 up to the capture's rounding, 1e-4 to 1e-3 in
+    indicator and fused modes: docs/store.md). Head metrics of older code hold n_attended only (the product of the
+    two means, nearly the same), hand-made ones may hold neither."""
     if "uniform_mass" in hm:
-        return hm.sink_mass - hm.uniform_mass > 1e-6
+        return hm.sink_mass - hm.uniform_mass > SINK_MARGIN
     return hm.sink_mass * hm.n_attended > 1 if "n_attended" in hm else True
 
 

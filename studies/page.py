@@ -98,17 +98,18 @@ class Page:
 
 def html_out(out: str | Path, what: str = "out") -> Path:
     """The HTML file a report writes, refused up front when it names a folder (it failed after the work, with the
-    OS's words and a temporary file's name) or a .csv file (the report's table goes beside the page with that suffix:
-    one of the two was lost); `what`: its name in the message (the command line's --out)."""
+    OS's words and a temporary file's name) or a .csv or .png file (a report's table and an effects report's figure
+    go beside the page under its name with those suffixes: one of the two was lost); `what`: its name in the
+    message (the command line's --out)."""
     from workbench.errors import WorkbenchError
 
     out = Path(out)
     if out.is_dir():
         raise WorkbenchError(f"{what} {str(out)!r} is a folder; give the HTML file to write, e.g. "
                              f"{str(out / 'report.html')!r}")
-    if out.suffix.lower() == ".csv":
-        raise WorkbenchError(f"{what} {str(out)!r} names the HTML page, whose table goes beside it as a .csv file of "
-                             f"the same name; give e.g. {str(out.with_suffix('.html'))!r} (its table: {str(out)!r})")
+    if out.suffix.lower() in (".csv", ".png"):
+        raise WorkbenchError(f"{what} {str(out)!r} names the HTML page, whose table or figure goes beside it as a "
+                             f"{out.suffix.lower()} file of the same name; give e.g. {str(out.with_suffix('.html'))!r}")
     return out
 
 

@@ -599,6 +599,21 @@ def test_entry_labels_name_video_folders_inside_the_videos_folder(tmp_path, caps
                  "--out", str(store), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "the labels [['a/b', 'a_b']] would keep their videos in one folder" in err and not store.exists()
+    # videos an older workbench kept in a hidden folder (label .x) are still found there
+    (tmp_path / "fx_videos" / ".x").mkdir(parents=True)
+    (tmp_path / "fx_videos" / ".x" / "p0000-s0.png").write_bytes(b"png")
+    assert video_file(store, ".x", "p0000-s0") == tmp_path / "fx_videos" / ".x" / "p0000-s0.png"
+    assert video_file(store, ".y", "p0000-s0") == tmp_path / "fx_videos" / "_y" / "p0000-s0.png"
+    # entries of the store saved without videos share no folder: a later run's videos are not refused for them
+    assert main(["intervene", "--frames", "3", "--world", "off", "--spec", str(spec), "--out", str(store),
+                 "--no-progress"]) == 0
+    assert main(["intervene", "--frames", "3", "--world", "off", "--save-videos", "--ablate", "0:2", "--out",
+                 str(store), "--no-progress"]) == 0
+    spec.write_text("interventions:\n  - {kind: ablate, layers: 0, heads: 3, label: Ablate-zero_L0.H2}\n")
+    capsys.readouterr()  # (one folder on a case-blind disk as the stored entry's, whose videos are there)
+    assert main(["intervene", "--frames", "3", "--world", "off", "--save-videos", "--spec", str(spec), "--out",
+                 str(store), "--no-progress"]) == 2
+    assert "[['Ablate-zero_L0.H2', 'ablate-zero:L0.H2']]" in capsys.readouterr().err
 
 
 def test_labels_with_escape_sequences_are_shown_not_obeyed(tmp_path, capsys):

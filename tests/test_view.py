@@ -164,8 +164,8 @@ def test_a_viewer_on_this_machine_answers_its_own_names_only(store_server):
     """DNS rebinding: a page of another site whose name resolves to 127.0.0.1 reached /api/ with its own name in
     the Host header; the viewer (bound to 127.0.0.1) answers 127.0.0.1 and localhost only."""
     port = store_server.server_address[1]
-    for host, status in ((f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200), (f"attacker.example:{port}", 403),
-                         ("127.0.0.1.attacker.example", 403)):
+    for host, status in ((f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200), ("LOCALHOST.", 200),
+                         (f"[::1]:{port}", 200), (f"attacker.example:{port}", 403), ("127.0.0.1.attacker.example", 403)):
         request = urllib.request.Request(store_server.url + "api/meta", headers={"Host": host})
         try:
             with urllib.request.urlopen(request) as r:
@@ -174,6 +174,13 @@ def test_a_viewer_on_this_machine_answers_its_own_names_only(store_server):
             got, body = err.code, json.loads(err.read())
         assert got == status, (host, body)
         assert status == 200 or "the viewer serves this machine's own names only" in body["error"]
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port)  # an HTTP/1.0-style request without a Host header
+    conn.putrequest("GET", "/api/meta", skip_host=True)
+    conn.endheaders()
+    assert conn.getresponse().status == 200
+    conn.close()
 
 
 def test_failures_and_a_deleted_store_are_errors_not_blank_maps(runs, tmp_path, monkeypatch, capsys):

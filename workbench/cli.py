@@ -15,8 +15,8 @@ import sys
 
 from studies import commands as study_commands
 from training import commands as training_commands
-from workbench.commands import evaluate, export_legacy, extract, generate, info, intervene, view
 from workbench import help_text
+from workbench.commands import evaluate, export_legacy, extract, generate, info, intervene, view
 from workbench.errors import Terminated
 
 # subcommand modules, in the order `workbench --help` lists them

@@ -290,12 +290,24 @@ def videos_dir(store, attrs: dict | None = None) -> Path:
 def video_folder_name(label: str) -> str:
     """The folder of an entry's videos under the videos folder: its label with every character but letters, digits
     and `.+-=` made `_`, and a leading `.` too (`..` named the folder above, `.x` a hidden one)."""
-    safe = "".join(c if c.isalnum() or c in ".+-=" else "_" for c in label)
+    safe = _kept_characters(label)
     return "_" + safe[1:] if safe.startswith(".") or not safe else safe
 
 
+def _kept_characters(label: str) -> str:
+    return "".join(c if c.isalnum() or c in ".+-=" else "_" for c in label)
+
+
 def video_file(store, label: str, sample: str, suffix: str = ".png", attrs: dict | None = None) -> Path:
-    return videos_dir(store, attrs) / video_folder_name(label) / f"{sample}{suffix}"
+    """Where the video of entry `label` and `sample` is (or goes). An entry whose label starts with `.` kept its
+    videos in a hidden folder of that name before (`.x`, not `.` or `..`): found there when only that one exists."""
+    folder = videos_dir(store, attrs)
+    path = folder / video_folder_name(label) / f"{sample}{suffix}"
+    older = _kept_characters(label)
+    if not path.exists() and older not in (".", "..") and older != video_folder_name(label):
+        if (folder / older / f"{sample}{suffix}").exists():
+            return folder / older / f"{sample}{suffix}"
+    return path
 
 
 def _save_video(video: np.ndarray, store, label: str, sample: tuple, model: str) -> None:
@@ -335,13 +347,18 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
                              f"{'; made by an older workbench, ' + '; '.join(why) if why else ''}): "
                              "give this run's entries their own labels (label: in a --spec file), or choose another "
                              "--out (or --overwrite)")
-    if save_videos:  # (two labels, of this run or the store, whose videos would go into one folder)
+    if save_videos:  # (two labels whose videos would go into one folder: this run's, or one of them the store's)
         folders: dict[str, set] = {}
-        for label in [*map(str, writer.completed), BASELINE.label, *(e.label for e in entries)]:
-            folders.setdefault(video_folder_name(label), set()).add(label)
+        saved = videos_dir(cfg.out)
+        for label in {BASELINE.label, *(e.label for e in entries)} - set(map(str, writer.completed)):
+            folders.setdefault(video_folder_name(label).lower(), set()).add(label)  # (A and a: one on macOS)
+        for label in map(str, writer.completed):
+            if (folder := video_folder_name(label)).lower() in folders and (saved / folder).is_dir():
+                folders[folder.lower()].add(label)
         if shared := [sorted(labels) for labels in folders.values() if len(labels) > 1]:
             raise WorkbenchError(f"the labels {shared} would keep their videos in one folder (a label's folder keeps "
-                                 "its letters, digits and .+-=, the rest become _): give them labels that differ there")
+                                 "its letters, digits and .+-=, the rest become _; case aside): give this run's "
+                                 "entries labels that differ there")
     todo = [e for e in [BASELINE, *entries] if not writer.done(e.label)]
     writer.requested = [e.label for e in [BASELINE, *entries]]
     samples = [(i, prompt, seed) for i, prompt in enumerate(cfg.prompts) for seed in cfg.seeds]

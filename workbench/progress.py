@@ -3,8 +3,9 @@ to a file (a batch job's log, `2> run.log`), redrawn at most every LOG_INTERVAL 
 writes a hundred or so short updates there, not megabytes of redraws. `--no-progress` (disable=True) still hides
 them. Every command's bars come from `progress_bar`.
 
-Also here, for every line a command prints: `printable`, which writes a text's control characters as escapes (a
-label or prompt from a shared store or spec can hold a terminal's escape sequences)."""
+Also here: `printable`, which writes a text's control characters as escapes, for the lines that print text a
+shared store or a spec file gave (intervene's table of entry labels, evaluate's command line): such text can hold
+a terminal's escape sequences."""
 
 from __future__ import annotations
 

@@ -550,7 +550,8 @@ class StoreWriter:
         attrs = dict(group.attrs)
         if attrs.get("schema_version") != SCHEMA_VERSION or self.completed_attr not in attrs:
             raise WorkbenchError(f"{str(self.path)!r} is not a store of schema_version {SCHEMA_VERSION} with "
-                                 f"{self.completed_attr!r}; {self.hint}")
+                                 f"{self.completed_attr!r} (a store of schema_version "
+                                 f"{attrs.get('schema_version')}); {self.hint}")
         unrecorded = "" if attrs.get("fingerprint") == self.fingerprint else \
             self._unrecorded(attrs.get("fingerprint_fields"))
         if unrecorded:
@@ -739,9 +740,19 @@ LATER_LABELS = ("uncond_token", "uncond_num_tokens", "world_colour_ok", "world_s
 
 
 def _replaceable(path: Path) -> bool:
-    """Whether a writer may replace the folder `path`: a zarr group (zarr.json, or v2's .zgroup) or an empty folder;
-    never another folder, whatever the flags (`--overwrite` with a mistyped --out deleted a folder of papers)."""
-    return path.is_dir() and ((path / "zarr.json").exists() or (path / ".zgroup").exists() or not any(path.iterdir()))
+    """Whether a writer may replace the folder `path`: a store of this workbench (a zarr group whose attrs hold a
+    schema_version, of any version) or an empty folder; never another folder or zarr group, whatever the flags
+    (`--overwrite` with a mistyped --out deleted a folder of papers)."""
+    if not path.is_dir():
+        return False
+    if not any(path.iterdir()):
+        return True
+    import zarr
+
+    try:
+        return "schema_version" in zarr.open_group(path, mode="r").attrs
+    except Exception:  # noqa: BLE001 - no zarr group there (or a damaged one): not this workbench's to replace
+        return False
 
 
 def _not_a_store(path: Path, hint: str) -> str:

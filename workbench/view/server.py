@@ -58,7 +58,14 @@ def jpeg(frame: np.ndarray, quality: int = 92) -> bytes:
     return buffer.getvalue()
 
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}  # the names a viewer bound to this machine alone answers to
+def _loopback(host: str) -> bool:
+    """Whether `host` is a loopback address (127.0.0.0/8, ::1) or localhost."""
+    import ipaddress
+
+    try:
+        return host.lower() == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ViewerServer(ThreadingHTTPServer):
@@ -98,7 +105,8 @@ class Handler(BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         if not self._host_allowed():
             return self._json({"error": f"the viewer serves this machine's own names only (127.0.0.1, localhost), "
-                                        f"not Host {self.headers.get('Host')!r}: start it with --host to serve others"},
+                                        f"not Host {self.headers.get('Host')!r}: to serve others, start it with "
+                                        "--host 0.0.0.0 (every interface) or this machine's address"},
                               HTTPStatus.FORBIDDEN)
         try:
             if url.path == "/favicon.ico":
@@ -126,11 +134,12 @@ class Handler(BaseHTTPRequestHandler):
     def _host_allowed(self) -> bool:
         """A viewer bound to a loopback address answers requests addressed to a loopback name only: a web page of
         another site whose name a DNS rebinding points at 127.0.0.1 would otherwise read its /api/ answers."""
-        bound = str(self.server.server_address[0])
-        if bound not in LOOPBACK:
+        if not _loopback(str(self.server.server_address[0])):
             return True  # (--host 0.0.0.0 or a named interface: served to whatever name reaches it)
-        host = urlparse(f"//{self.headers.get('Host', '')}").hostname or ""
-        return host in LOOPBACK
+        if "Host" not in self.headers:
+            return True  # (an HTTP/1.0 client: browsers, whose pages a rebinding would use, always send one)
+        host = (urlparse(f"//{self.headers['Host']}").hostname or "").rstrip(".")
+        return _loopback(host)
 
     def _static(self, name: str) -> None:
         path = resources.files("workbench.view") / "static" / name
