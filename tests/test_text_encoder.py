@@ -298,6 +298,20 @@ def test_missing_tokenizer_folder_names_the_expected_path(small_pth, tmp_path):
         TextEncoder.from_wan_dir(wan_dir)
 
 
+def test_a_tokenizer_folder_without_its_vocabulary_is_refused(tmp_path):
+    """With its config files and no vocabulary (tokenizer.json, spiece.model), transformers loaded a tokenizer of
+    the 4 special tokens: every prompt word became <unk> and the video came out without a word of error."""
+    from models.wan.text_encoder import load_tokenizer
+
+    folder = tmp_path / "umt5-xxl"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "data" / "embedded" / "google" / "umt5-xxl", folder)
+    for name in ("tokenizer.json", "spiece.model"):
+        (folder / name).unlink()
+    with pytest.raises(TokenizerNotFoundError, match=r"has no vocabulary file \(one of tokenizer.json, spiece.model, "
+                                                     r"tokenizer.model\); it holds \['special_tokens_map.json'"):
+        load_tokenizer(folder)
+
+
 def test_a_tokenizer_folder_without_tokenizer_json_reads_spiece_model(tokenizer, tmp_path):
     """A tokenizer folder as transformers < 5 saved it (spiece.model, special_tokens_map.json,
     tokenizer_config.json; no tokenizer.json) tokenizes as the full folder does (transformers converts it through

@@ -205,6 +205,9 @@ class PromptEmbeddings:
     lengths: list[int]          # number of real tokens per prompt (including the closing '</s>')
 
 
+VOCABULARY_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model")  # what a umT5 tokenizer folder reads words from
+
+
 def load_tokenizer(tokenizer_dir):
     """transformers' AutoTokenizer from a local folder (the Wan folder's google/umt5-xxl), with clear errors."""
     tokenizer_dir = Path(tokenizer_dir)
@@ -212,6 +215,11 @@ def load_tokenizer(tokenizer_dir):
         raise TokenizerNotFoundError(
             f"tokenizer folder not found: {tokenizer_dir} (expected the Wan folder's google/umt5-xxl/ with "
             "tokenizer.json, tokenizer_config.json, spiece.model, special_tokens_map.json)")
+    vocab = [name for name in VOCABULARY_FILES if (tokenizer_dir / name).is_file()]
+    if not vocab:  # (transformers then loads a tokenizer of its special tokens alone: every word became <unk>)
+        held = sorted(p.name for p in tokenizer_dir.iterdir())
+        raise TokenizerNotFoundError(f"tokenizer folder {tokenizer_dir} has no vocabulary file (one of "
+                                     f"{', '.join(VOCABULARY_FILES)}); it holds {held}")
     from transformers import AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
