@@ -27,6 +27,7 @@ from models.wan.embedded import EMBEDDED_DIR
 from models.wan.vae import WanVAE
 from browser import chromium, png_pixels
 from workbench.cli import main
+from workbench.errors import WorkbenchError
 from workbench.store import open_store
 from workbench.view import stream
 from workbench.view.server import start
@@ -357,6 +358,21 @@ def test_a_stream_in_progress(runs, tmp_path):
     assert source.frame("p0000-s0", 8) is not None and source.frame("p0000-s0", 9) is None
     with pytest.raises(Exception, match="drop --video"):
         open_source(tmp_path / "s", video="x.mp4")
+
+
+def test_a_stream_reads_its_own_chunk_files_only(runs, tmp_path):
+    """A live.json from elsewhere may name any path as a chunk's file: one outside the folder was read and shown,
+    and a pipe hung the viewer (every later request waited on its lock)."""
+    Replay(runs / "x", tmp_path / "s").chunk(0)
+    manifest = json.loads((tmp_path / "s" / "live.json").read_text())
+    outside = tmp_path / "outside.npz"
+    shutil.copyfile(tmp_path / "s" / manifest["samples"][0]["chunks"][0]["file"], outside)
+    os.mkfifo(tmp_path / "s" / "pipe.npz")
+    for name in (str(outside), "../outside.npz", "pipe.npz"):
+        manifest["samples"][0]["chunks"][0]["file"] = name
+        (tmp_path / "s" / "live.json").write_text(json.dumps(manifest))
+        with pytest.raises(WorkbenchError, match=f"names the chunk file {name!r}, which is not a file inside"):
+            open_source(tmp_path / "s").attn("p0000-s0", 1, 0)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -271,7 +271,7 @@ class StreamSource(Source):
         return next(s for s in self.manifest["samples"] if s["sample"] == sample)
 
     def _arrays(self, entry: dict) -> dict:
-        st = (self.folder / entry["file"]).stat()  # a new run into the same folder rewrites the same names
+        st = stream.chunk_path(self.folder, entry).stat()  # a new run into the same folder rewrites the same names
         key = (entry["file"], st.st_ino, st.st_mtime_ns)
         if key not in self._chunks:
             self._chunks[key] = stream.read_chunk(self.folder, entry)

@@ -133,8 +133,19 @@ def read_manifest(folder) -> dict:
     return manifest
 
 
+def chunk_path(folder, entry: dict) -> Path:
+    """The file of one chunk named by a manifest entry, refused unless it is a regular file inside the stream's
+    folder (a live.json from elsewhere named files outside it, or a pipe, whose read hung the viewer)."""
+    folder = Path(folder).resolve()
+    path = (folder / str(entry.get("file", ""))).resolve()
+    if not path.is_relative_to(folder) or (path.exists() and not path.is_file()):
+        raise WorkbenchError(f"{folder / 'live.json'} names the chunk file {entry.get('file')!r}, which is not a "
+                             "file inside that folder; a stream's chunks are its own pPPPP-sS.live/chunk-CCC.npz")
+    return path
+
+
 def read_chunk(folder, entry: dict) -> dict[str, np.ndarray]:
     """The arrays of one chunk named by a manifest entry: attn_mass and, when decoded, frames."""
-    with np.load(Path(folder) / entry["file"]) as data:
+    with np.load(chunk_path(folder, entry)) as data:
         return {name: data[name] for name in data.files}
 
