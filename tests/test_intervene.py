@@ -604,6 +604,17 @@ def test_entry_labels_name_video_folders_inside_the_videos_folder(tmp_path, caps
     (tmp_path / "fx_videos" / ".x" / "p0000-s0.png").write_bytes(b"png")
     assert video_file(store, ".x", "p0000-s0") == tmp_path / "fx_videos" / ".x" / "p0000-s0.png"
     assert video_file(store, ".y", "p0000-s0") == tmp_path / "fx_videos" / "_y" / "p0000-s0.png"
+    from workbench.intervene import videos_dir
+
+    other = tmp_path / "renamed.zarr"  # a renamed store finds its folder by its attr, a folder beside it only
+    assert videos_dir(other, {"videos_dir": "fx_videos"}) == tmp_path / "fx_videos"
+    for given in ("/etc", "../elsewhere", "a/b", ".."):
+        assert videos_dir(other, {"videos_dir": given}) == tmp_path / "renamed_videos"
+    assert video_file(store, "a", "../../x") == tmp_path / "fx_videos" / "a" / "_._.._x.png"  # (a store's sample id)
+    from workbench.view.sources import find_videos
+
+    (tmp_path / "x.mp4").write_bytes(b"mp4")
+    assert find_videos(tmp_path / "sub" / "s.zarr", None, ["../x", "p0000-s0"]) == {}  # (not followed out)
     # entries of the store saved without videos share no folder: a later run's videos are not refused for them
     assert main(["intervene", "--frames", "3", "--world", "off", "--spec", str(spec), "--out", str(store),
                  "--no-progress"]) == 0

@@ -279,11 +279,13 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str | lis
 
 def videos_dir(store, attrs: dict | None = None) -> Path:
     """Where `--save-videos` writes: beside the store, `NAME_videos/<label>/<sample>.png`. A reader passes the
-    store's attrs: a store renamed without its folder still finds the folder its attr `videos_dir` names."""
+    store's attrs: a store renamed without its folder still finds the folder its attr `videos_dir` names, a folder
+    beside the store (a name with a path in it, from a store made elsewhere, is not followed)."""
     store = Path(store)
     named = store.with_name(store.stem + "_videos")
-    if attrs and attrs.get("videos_dir") and not named.is_dir():
-        return store.parent / str(attrs["videos_dir"])
+    given = str((attrs or {}).get("videos_dir") or "")
+    if given and Path(given).name == given and given not in (".", "..") and not named.is_dir():
+        return store.parent / given
     return named
 
 
@@ -302,6 +304,7 @@ def video_file(store, label: str, sample: str, suffix: str = ".png", attrs: dict
     """Where the video of entry `label` and `sample` is (or goes). An entry whose label starts with `.` kept its
     videos in a hidden folder of that name before (`.x`, not `.` or `..`): found there when only that one exists."""
     folder = videos_dir(store, attrs)
+    sample = video_folder_name(sample)  # (a plain name as it is: pPPPP-sS; a store's `../x` stays inside)
     path = folder / video_folder_name(label) / f"{sample}{suffix}"
     older = _kept_characters(label)
     if not path.exists() and older not in (".", "..") and older != video_folder_name(label):

@@ -383,6 +383,11 @@ def _other_schedule(made: dict, layout: dict) -> str | None:
     return None
 
 
+def _plain(sample: str) -> bool:
+    """Whether a sample id is a plain file name (a store made elsewhere may hold `../x` or `a/b`: never followed)."""
+    return Path(sample).name == sample and sample not in (".", "..")
+
+
 def find_videos(store: Path, video: str | None, samples: list[str], sample: str | None = None) -> dict[str, Path]:
     """Which mp4 shows which sample. `video` is a file (the video of `sample`, or of the store's only sample) or a
     folder of generate outputs (pPPPP-sS.mp4 per sample); without it: the store's name with .mp4 (one sample), or
@@ -401,7 +406,7 @@ def find_videos(store: Path, video: str | None, samples: list[str], sample: str 
                                      "generate outputs (pPPPP-sS.mp4 per sample)")
             return {sample or samples[0]: path}
         if path.is_dir():
-            found = {s: path / f"{s}.mp4" for s in samples if (path / f"{s}.mp4").is_file()}
+            found = {s: path / f"{s}.mp4" for s in samples if _plain(s) and (path / f"{s}.mp4").is_file()}
             if not found:
                 raise WorkbenchError(f"--video folder {video!r} has no video of this store's samples (looked for "
                                      f"{', '.join(f'{s}.mp4' for s in samples[:3])}...)")
@@ -413,7 +418,7 @@ def find_videos(store: Path, video: str | None, samples: list[str], sample: str 
     found = {}
     for folder in (store.with_suffix(""), store.parent):
         for s in samples:
-            if s not in found and (folder / f"{s}.mp4").is_file():
+            if s not in found and _plain(s) and (folder / f"{s}.mp4").is_file():
                 found[s] = folder / f"{s}.mp4"
     return found
 
