@@ -3,6 +3,7 @@ of the official Wan2.1 configs (`wan/configs/wan_t2v_1_3B.py`: 1,418,996,800 par
 Self-Forcing's warped timesteps."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -68,6 +69,26 @@ def test_config_json_round_trip_and_unknown_key(tmp_path):
     raw = cfg.to_json_dict() | {"num_layerz": 3}
     path.write_text(json.dumps(raw))
     with pytest.raises(ModelInputError, match="num_layerz"):
+        WanConfig.from_json(path)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"num_layers": 100_000_000}, "num_layers 100000000: give a whole number from 1 to 1024"),  # (it built for minutes)
+    ({"dim": 1_000_000_000}, "dim 1000000000: give a whole number from 1 to 65536"),  # (a traceback from torch)
+    ({"num_heads": 0}, "num_heads 0: give a whole number"), ({"dim": "abc"}, "dim 'abc': give a whole number"),
+    ({"num_layers": True}, "num_layers True"), ({"patch_size": [0, 0, 0]}, "patch_size [0, 0, 0]: give 3 whole"),
+    ({"patch_size": 2}, "patch_size 2: give 3"), ({"eps": "x"}, "eps 'x'"),
+    ({"dim": 65536, "ffn_dim": 1 << 20, "num_layers": 1024}, "parameters, past the 200B"),
+])
+def test_a_config_json_of_impossible_sizes_is_one_line_naming_the_file(tmp_path, change, words):
+    """A config.json from elsewhere: each impossible or absurd size is refused before anything is built, naming
+    the file and the setting (some gave tracebacks, 10^8 layers built until memory ran out)."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(preset("tiny").to_json_dict() | change))
+    with pytest.raises(ModelInputError, match=re.escape(f"{path}: ") + ".*" + re.escape(words)):
+        WanConfig.from_json(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(ModelInputError, match="a config holds a JSON object"):
         WanConfig.from_json(path)
 
 
@@ -150,3 +171,16 @@ def test_the_multi_step_solver_runs_on_wans_sigmas():
     for i in range(6):
         x = s.step(i, 0.3 * x - 0.2, x)
     assert x.flatten().tolist() == [0.9119299650192261, -0.1917549967765808, 0.360087513923645, 1.647720217704773]
+
+
+def test_video_sizes_past_any_model_are_refused_before_allocating(tmp_path):
+    """A config.json's video_size of 32000 x 32000 made generate allocate 21 GB of noise before failing."""
+    from models.wan.config import default_video_size, latent_size
+
+    with pytest.raises(ModelInputError, match="--height 32000: at most 4096 pixels"):
+        latent_size(32000, 832, preset("tiny"))
+    assert latent_size(720, 1280, preset("tiny")) == (90, 160)
+    (tmp_path / "config.json").write_text(json.dumps(preset("tiny").to_json_dict() | {"video_size": [32000, 32000]}))
+    with pytest.raises(ModelInputError, match=r"video_size \[32000, 32000\] must be \[height, width\] in pixels, each "
+                                              "at most 4096"):
+        default_video_size(tmp_path)

@@ -23,6 +23,11 @@ from models.errors import ModelInputError
 ROPE_MAX_POSITIONS = 1024  # rows of the RoPE table on every axis (t, h, w)
 VAE_STRIDE = 8  # pixels per latent cell, on both axes (the Wan2.1 VAE)
 WAN_VIDEO_SIZE = (480, 832)  # pixels (height, width) Wan2.1-T2V-1.3B and Self-Forcing run at
+# the largest value each size of a config may take (Wan2.1-14B: dim 5120, ffn_dim 13824, 40 layers, 40 heads)
+SIZE_LIMITS = dict(dim=65536, ffn_dim=1 << 20, freq_dim=65536, in_dim=4096, out_dim=4096, num_heads=4096,
+                   num_layers=1024, text_len=1 << 16, text_dim=65536)
+MAX_VIDEO_SIDE = 4096  # pixels: a video's height or width (Wan2.1 runs at 480 x 832 and 720 x 1280)
+MAX_PARAMETERS = 200e9  # a config of more (by the rough count in `WanConfig`) is refused before anything is built
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,20 @@ class WanConfig:
     sink_size: int = 0
 
     def __post_init__(self):
+        for name, top in SIZE_LIMITS.items():  # (a config.json from elsewhere: a string, 0 or 10^8 layers)
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+                raise ModelInputError(f"{name} {value!r}: give a whole number from 1 to {top}")
+        patch = tuple(self.patch_size) if isinstance(self.patch_size, (list, tuple)) else ()
+        if len(patch) != 3 or any(isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= 64 for p in patch):
+            raise ModelInputError(f"patch_size {self.patch_size!r}: give 3 whole numbers from 1 to 64 (t, h, w)")
+        if not isinstance(self.eps, (int, float)) or not 0 < self.eps < 1:
+            raise ModelInputError(f"eps {self.eps!r}: give a number between 0 and 1")
+        params = self.num_layers * (8 * self.dim**2 + 2 * self.dim * self.ffn_dim)  # (attention, FFN: a rough count)
+        if params > MAX_PARAMETERS:
+            raise ModelInputError(f"{self.num_layers} layers of width {self.dim} (FFN {self.ffn_dim}) are about "
+                                  f"{params / 1e9:.0f}B parameters, past the {MAX_PARAMETERS / 1e9:.0f}B any Wan2.1 "
+                                  "model has by far: a config to check")
         if self.model_type != "t2v":
             raise ModelInputError(f"model_type {self.model_type!r}: only Wan2.1's text-to-video DiT ('t2v') is built "
                                   "here; the i2v, flf2v and vace models take image inputs it has no layers for "
@@ -99,7 +118,12 @@ class WanConfig:
         path = Path(path)
         if not path.is_file():
             raise ModelInputError(f"config file {str(path)!r} does not exist")
-        raw = json.loads(path.read_text())
+        try:
+            raw = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ModelInputError(f"{path} is not JSON: {err}") from None
+        if not isinstance(raw, dict):
+            raise ModelInputError(f"{path}: a config holds a JSON object of settings, not {type(raw).__name__}")
         if raw.get("_class_name") == "WanTransformer3DModel":  # diffusers' transformer/ folder
             raw = _from_diffusers_config(raw, path)
         ignored = {"_class_name", "_diffusers_version", "_name_or_path", "window_size", "qk_norm", "cross_attn_norm",
@@ -109,9 +133,10 @@ class WanConfig:
         if unknown:
             raise ModelInputError(f"{path}: unknown config keys {sorted(unknown)}; known: {sorted(known)}")
         kwargs = {k: v for k, v in raw.items() if k in known}
-        if "patch_size" in kwargs:
-            kwargs["patch_size"] = tuple(kwargs["patch_size"])
-        return cls(**kwargs).replace(**overrides) if overrides else cls(**kwargs)
+        try:
+            return cls(**kwargs).replace(**overrides) if overrides else cls(**kwargs)
+        except ModelInputError as err:
+            raise ModelInputError(f"{path}: {err}") from None
 
     def to_json_dict(self) -> dict:
         """The official `config.json` content for this config (causal-window keys omitted)."""
@@ -153,8 +178,10 @@ def default_video_size(folder) -> tuple[int, int]:
         raise ModelInputError(f"cannot read {path}: {err}") from err
     if size is None:
         return WAN_VIDEO_SIZE
-    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
-        raise ModelInputError(f"{path}: video_size {size!r} must be [height, width] in pixels")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and 0 < v <= MAX_VIDEO_SIDE
+                                                               for v in size)):
+        raise ModelInputError(f"{path}: video_size {size!r} must be [height, width] in pixels, each at most "
+                              f"{MAX_VIDEO_SIDE}")
     return size[0], size[1]
 
 
@@ -163,6 +190,8 @@ def latent_size(height: int, width: int, config: WanConfig) -> tuple[int, int]:
     out = []
     for name, px, patch in (("height", height, config.patch_size[1]), ("width", width, config.patch_size[2])):
         step = VAE_STRIDE * patch
+        if isinstance(px, int) and px > MAX_VIDEO_SIDE:  # (a video of 32000 x 32000: 21 GB of noise, then a traceback)
+            raise ModelInputError(f"--{name} {px}: at most {MAX_VIDEO_SIDE} pixels")
         if not isinstance(px, int) or px < step or px % step:
             raise ModelInputError(f"--{name} {px}: use a positive multiple of {step} pixels (the VAE's {VAE_STRIDE} "
                                   f"pixels per latent cell x the patch's {patch} cells), e.g. "
