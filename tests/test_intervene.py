@@ -636,3 +636,13 @@ def test_labels_with_escape_sequences_are_shown_not_obeyed(tmp_path, capsys):
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "\\x1b]0;PWNED\\x07\\x1b[2Jred" in out
+
+
+def test_a_refusal_of_many_repeated_labels_names_ten():
+    """A spec of 100,000 entries whose labels repeat: the refusal listed every label, 500 KB on one line."""
+    from workbench.intervene_entries import Entry, check_entries
+
+    entries = [Entry(kind="ablate", label=f"e{i % 500}") for i in range(1000)]
+    with pytest.raises(WorkbenchError, match=r"labels \['e0', 'e1', 'e10', .*'e106'\] and 490 more are used twice") as err:
+        check_entries(entries, "causal_few_step")
+    assert len(str(err.value)) < 300

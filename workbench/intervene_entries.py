@@ -453,7 +453,8 @@ def check_entries(entries: list[Entry], sampler: str) -> None:
     labels = [e.label for e in entries]
     dup = sorted({x for x in labels if labels.count(x) > 1} | ({"baseline"} & set(labels)))
     if dup:
-        raise WorkbenchError(f"intervention labels {dup} are used twice (or 'baseline', the store's reference); "
+        named = f"{dup[:10]}" + (f" and {len(dup) - 10} more" if len(dup) > 10 else "")
+        raise WorkbenchError(f"intervention labels {named} are used twice (or 'baseline', the store's reference); "
                              "give each entry its own label")
     if not entries:
         raise WorkbenchError("no intervention to run: give --spec FILE or flags such as --ablate 3:0 (see --help)")
