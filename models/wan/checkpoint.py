@@ -187,6 +187,11 @@ def build_model(config: WanConfig, state_dict: dict | None = None, *, causal: bo
     if any(k.startswith("condition_embedder.") for k in state_dict):
         state_dict = from_diffusers(state_dict)
     check_state_dict(model, state_dict, source)
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # (else a whole rollout ran before a video of NaN was refused, naming no file)
+        raise CheckpointError(f"{source} holds NaN or infinite values in {len(bad)} of its tensors ("
+                              f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): damaged weights, or a training "
+                              "run that diverged")
     model.load_state_dict(state_dict, assign=True)
     return model.to(device=device, dtype=dtype).eval()
 
