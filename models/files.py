@@ -66,7 +66,8 @@ def load_tensors(path, *, trust_pickle: bool = False, verify: bool = True):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if not trust_pickle:
-            m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n\n|$)", str(err), re.S)
+            m = (re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n\n|$)", str(err), re.S)  # (what was blocked:
+                 or re.search(r"(Trying to load unsupported GLOBAL [^\n]*?)\.?\n", str(err)))  # torch's two forms)
             detail = " ".join(m.group(1).split()) if m else str(err).splitlines()[0]
             raise CheckpointError(
                 f"{str(path)!r} needs arbitrary unpickling, which can run code ({detail}). Load it only if you trust "

@@ -104,11 +104,22 @@ class Evil:
         return (print, ("this file ran code",))
 
 
+class EvilSystem:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))
+
+
 def test_pickled_code_is_refused_without_trust(tmp_path, sd):
     path = tmp_path / "evil.pt"
     torch.save({"generator": {f"model.{k}": v for k, v in sd.items()}, "extra": Evil()}, path)
-    with pytest.raises(CheckpointError, match="evil.pt.*--trust-pickle"):
+    with pytest.raises(CheckpointError, match=r"evil.pt' needs arbitrary unpickling, which can run code \(Unsupported "
+                                              r"global: GLOBAL print .*\).*--trust-pickle"):
         read_self_forcing(path)
+    torch.save({"generator": EvilSystem()}, tmp_path / "system.pt")  # (what it would run is named: it was torch's
+    with pytest.raises(CheckpointError, match=r"can run code \(Trying to load unsupported GLOBAL posix.system"):
+        read_self_forcing(tmp_path / "system.pt")  # paragraph on its defaults)
     assert read_self_forcing(path, trust_pickle=True).keys() == sd.keys()
 
 
