@@ -66,12 +66,7 @@ def load_tensors(path, *, trust_pickle: bool = False, verify: bool = True):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if not trust_pickle:
-            m = (re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n\n|$)", str(err), re.S)  # (what was blocked:
-                 or re.search(r"(Trying to load unsupported GLOBAL [^\n]*?)\.?\n", str(err)))  # torch's two forms)
-            detail = " ".join(m.group(1).split()) if m else str(err).splitlines()[0]
-            raise CheckpointError(
-                f"{str(path)!r} needs arbitrary unpickling, which can run code ({detail}). Load it only if you trust "
-                "its source, with --trust-pickle (trust_pickle=True)") from err
+            raise _unpickling_refused(path, err) from err
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err2:
@@ -218,6 +213,28 @@ def verify_checksums(path, memo_dir: Path | None | str = DEFAULT) -> None:
         raise CheckpointError(f"{str(path)!r} is corrupt: its record {bad.split('/', 1)[-1]!r} does not match the "
                               "checksum written with it (the file changed after it was saved: copy or download it "
                               "again)")
+
+
+def _unpickling_refused(path, err: Exception) -> CheckpointError:
+    """The refusal of a file whose unpickling could run code, naming what it would call."""
+    m = (re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n\n|$)", str(err), re.S)  # (what was blocked, in
+         or re.search(r"(Trying to load unsupported GLOBAL [^\n]*?)\.?\n", str(err)))  # torch's two wordings)
+    detail = " ".join(m.group(1).split()) if m else str(err).splitlines()[0]
+    return CheckpointError(f"{str(path)!r} needs arbitrary unpickling, which can run code ({detail}). Load it only if "
+                           "you trust its source, with --trust-pickle (trust_pickle=True)")
+
+
+def check_unpickling(path) -> None:
+    """Refuse, before any work, a torch.save file whose unpickling could run code: its pickle is read with
+    torch's safe unpickler, its tensors memory-mapped, not read (cheap for a file of any size)."""
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise _unpickling_refused(path, err) from err
+    except Exception:  # noqa: BLE001 - anything else (a legacy format mmap cannot read...): said by the load itself
+        pass
 
 
 def check_weights_file(path, what: str) -> Path:

@@ -744,3 +744,25 @@ def test_progress_bars_redraw_rarely_into_a_log_file(monkeypatch):
         assert bar.mininterval == interval
         bar.close()
     assert progress.progress_bar(total=3, disable=True).disable  # (--no-progress)
+
+
+@pytest.mark.parametrize("command", ["generate", "extract"])
+def test_a_checkpoint_that_would_run_code_is_refused_before_any_work(command, tmp_path, capsys, no_work, monkeypatch):
+    """A .pt whose unpickling calls a function (os.system) was refused only when the DiT loaded, after the text
+    encoder had run; its safe unpickling (tensors memory-mapped, not read) now comes with the other checks."""
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    torch.save({"generator": Evil()}, tmp_path / "evil.pt")
+    encoded = []
+    import models.wan.text_encoder as te
+
+    monkeypatch.setattr(te.TextEncoder, "from_wan_dir", classmethod(lambda *a, **kw: encoded.append(1)))
+    argv = [command, "--checkpoint", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "o")]
+    assert cli_main(argv + (["--layer", "3"] if command == "extract" else [])) == 2
+    err = capsys.readouterr().err
+    assert "needs arbitrary unpickling, which can run code (Trying to load unsupported GLOBAL posix.system" in err
+    assert not encoded and err.count("\n") == 1

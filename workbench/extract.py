@@ -274,7 +274,7 @@ def _check_request(cfg: ExtractConfig) -> ExtractConfig:
 
 def plan(cfg: ExtractConfig) -> Plan:
     """Validate the request against the model's config, without loading weights."""
-    check_weights_args(cfg.checkpoint, cfg.use_ema, cfg.model)
+    check_weights_args(cfg.checkpoint, cfg.use_ema, cfg.model, trust_pickle=cfg.trust_pickle)
     cfg = _check_request(resolve_model(cfg))
     if cfg.sampler not in SAMPLERS:
         raise WorkbenchError(f"sampler {cfg.sampler!r}; use one of {list(SAMPLERS)}")

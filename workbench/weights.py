@@ -15,10 +15,11 @@ USE_EMA_ALONE = ("--use-ema picks the generator_ema weights of a Self-Forcing ch
                  "--checkpoint FILE (the embedded default, the zoo's DMD student, already runs its EMA weights)")
 
 
-def check_weights_args(checkpoint: str | None, use_ema: bool, model: str | None = None) -> None:
+def check_weights_args(checkpoint: str | None, use_ema: bool, model: str | None = None,
+                       trust_pickle: bool = False) -> None:
     """The checkpoint a user named, checked before any work: --use-ema needs a --checkpoint (alone it would name no
     weights of its own), and the checkpoint must be a file (a training run's checkpoint_model_N/ folder holds it as
-    model.pt)."""
+    model.pt), and unless `trust_pickle`, one whose unpickling could run code is refused."""
     if use_ema and not checkpoint and model is None:
         raise WorkbenchError(USE_EMA_ALONE)
     if not checkpoint:
@@ -31,9 +32,11 @@ def check_weights_args(checkpoint: str | None, use_ema: bool, model: str | None 
                              "checkpoint_model_N/ folder holds model.pt)")
     if not path.is_file():
         raise WorkbenchError(f"--checkpoint {checkpoint!r} does not exist")
-    from models.files import check_weights_file
+    from models.files import check_unpickling, check_weights_file
 
     check_weights_file(path, "--checkpoint")  # truncated or a Git LFS pointer: said before any work
+    if not trust_pickle:
+        check_unpickling(path)  # (and a pickle that would run code: it was said after the text encoder had run)
 
 
 # the sampler settings of a model that is not the zoo's (a zoo model's: its table's, models/wan/embedded.py ZOO)

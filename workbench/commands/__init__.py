@@ -192,7 +192,8 @@ def resolve_model(args) -> None:
     from workbench.weights import check_weights_args
 
     if not args.model:
-        check_weights_args(args.checkpoint, args.use_ema)  # --use-ema alone, a folder or missing file as --checkpoint
+        check_weights_args(args.checkpoint, args.use_ema,  # --use-ema alone, a folder or missing file as --checkpoint
+                           trust_pickle=getattr(args, "trust_pickle", False))
     explicit = args.wan_dir or args.checkpoint or args.use_ema
     if args.model and explicit:
         raise WorkbenchError("--model NAME picks a model of the embedded zoo; give it without --wan-dir, --checkpoint "
