@@ -252,6 +252,9 @@ def test_weights_of_another_size_say_so(sd):
     with pytest.raises(CheckpointError) as err:  # same size, a key missing: no size hint
         build_model(c, {k: v for k, v in sd.items() if k != "head.head.bias"}, source="x.pt")
     assert "the weights are a model of" not in str(err.value)
+    with pytest.raises(CheckpointError) as err:  # one tensor of another shape: that tensor, not 'a model of width 7'
+        build_model(c, sd | {"patch_embedding.weight": torch.zeros(7, 7)}, source="x.pt")
+    assert "the weights are a model of" not in str(err.value) and "patch_embedding.weight: (7, 7)" in str(err.value)
 
 
 def test_ddp_prefix_is_stripped_and_an_lfs_pointer_is_named(tmp_path, sd):

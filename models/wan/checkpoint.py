@@ -166,7 +166,8 @@ def _size_hint(model: WanModel, state_dict: dict) -> str:
         return f"{layers} layers of width {dim} (FFN {ffn})"
 
     blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.") and k.split(".")[1].isdigit()}
-    embed, ffn = state_dict.get("patch_embedding.weight"), state_dict.get("blocks.0.ffn.0.weight")
+    embed = state_dict.get("blocks.0.self_attn.q.weight")  # [dim, dim]: the width, whatever one other tensor says
+    ffn = state_dict.get("blocks.0.ffn.0.weight")
     if embed is None or ffn is None or not blocks:
         return ""
     c = model.config
