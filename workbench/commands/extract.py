@@ -89,7 +89,8 @@ def register(subparsers) -> None:
     mode.add_argument("--append", action="store_true",
                       help="add samples (new prompts or seeds) to a store of the same model and configuration, as a "
                            "plain re-run does; another model's samples are refused (a store holds one model)")
-    mode.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="replace an existing store (of this workbench; never another folder)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

@@ -88,7 +88,8 @@ def register(subparsers) -> None:
                      help="decode every rollout and write a PNG grid of its frames (and an mp4 with the video extra) "
                           "per intervention and sample beside the store (NAME_videos/); the report shows them side by "
                           "side with the baseline")
-    out.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace an existing store (of this workbench; never another folder)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
