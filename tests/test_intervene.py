@@ -604,6 +604,11 @@ def test_entry_labels_name_video_folders_inside_the_videos_folder(tmp_path, caps
     (tmp_path / "fx_videos" / ".x" / "p0000-s0.png").write_bytes(b"png")
     assert video_file(store, ".x", "p0000-s0") == tmp_path / "fx_videos" / ".x" / "p0000-s0.png"
     assert video_file(store, ".y", "p0000-s0") == tmp_path / "fx_videos" / "_y" / "p0000-s0.png"
+    (tmp_path / "secret.txt").write_text("a key")  # a store from elsewhere whose video is a link out of its folder
+    (tmp_path / "fx_videos" / "l").mkdir()
+    (tmp_path / "fx_videos" / "l" / "p0000-s0.png").symlink_to(tmp_path / "secret.txt")
+    with pytest.raises(WorkbenchError, match="is a link out of the videos folder"):
+        video_file(store, "l", "p0000-s0")
     from workbench.intervene import videos_dir
 
     other = tmp_path / "renamed.zarr"  # a renamed store finds its folder by its attr, a folder beside it only

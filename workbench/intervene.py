@@ -302,14 +302,18 @@ def _kept_characters(label: str) -> str:
 
 def video_file(store, label: str, sample: str, suffix: str = ".png", attrs: dict | None = None) -> Path:
     """Where the video of entry `label` and `sample` is (or goes). An entry whose label starts with `.` kept its
-    videos in a hidden folder of that name before (`.x`, not `.` or `..`): found there when only that one exists."""
+    videos in a hidden folder of that name before (`.x`, not `.` or `..`): read from there when it holds the file (a
+    later entry `_x` has the new name's folder). A file there that is a link out of the videos folder (a store from
+    elsewhere) is refused."""
     folder = videos_dir(store, attrs)
     sample = video_folder_name(sample)  # (a plain name as it is: pPPPP-sS; a store's `../x` stays inside)
     path = folder / video_folder_name(label) / f"{sample}{suffix}"
     older = _kept_characters(label)
-    if not path.exists() and older not in (".", "..") and older != video_folder_name(label):
-        if (folder / older / f"{sample}{suffix}").exists():
-            return folder / older / f"{sample}{suffix}"
+    if older not in (".", "..") and older != video_folder_name(label) and (folder / older / path.name).exists():
+        path = folder / older / path.name
+    if path.exists() and (not path.resolve().is_relative_to(folder.resolve()) or not path.resolve().is_file()):
+        raise WorkbenchError(f"{path} is a link out of the videos folder {folder} (or not a file): a store's videos "
+                             "are files of its own, never followed elsewhere")
     return path
 
 
@@ -355,13 +359,14 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
         saved = videos_dir(cfg.out)
         for label in {BASELINE.label, *(e.label for e in entries)} - set(map(str, writer.completed)):
             folders.setdefault(video_folder_name(label).lower(), set()).add(label)  # (A and a: one on macOS)
-        for label in map(str, writer.completed):
-            if (folder := video_folder_name(label)).lower() in folders and (saved / folder).is_dir():
-                folders[folder.lower()].add(label)
+        for label in map(str, writer.completed):  # (a stored entry's folder, by the new name or an older one)
+            for folder in {video_folder_name(label), _kept_characters(label)} - {".", ".."}:
+                if folder.lower() in folders and (saved / folder).is_dir():
+                    folders[folder.lower()].add(label)
         if shared := [sorted(labels) for labels in folders.values() if len(labels) > 1]:
             raise WorkbenchError(f"the labels {shared} would keep their videos in one folder (a label's folder keeps "
-                                 "its letters, digits and .+-=, the rest become _; case aside): give this run's "
-                                 "entries labels that differ there")
+                                 "its letters, digits and .+-=, the rest become _; on a disk blind to case, as macOS' "
+                                 "and Windows' are, A and a are one): give this run's entries labels that differ there")
     todo = [e for e in [BASELINE, *entries] if not writer.done(e.label)]
     writer.requested = [e.label for e in [BASELINE, *entries]]
     samples = [(i, prompt, seed) for i, prompt in enumerate(cfg.prompts) for seed in cfg.seeds]
