@@ -226,14 +226,17 @@ def _unpickling_refused(path, err: Exception) -> CheckpointError:
 
 def check_unpickling(path) -> None:
     """Refuse, before any work, a torch.save file whose unpickling could run code: its pickle is read with
-    torch's safe unpickler, its tensors memory-mapped, not read (cheap for a file of any size)."""
+    torch's safe unpickler, its tensors memory-mapped, not read (cheap for a file of any size); a file of the legacy
+    (non-zip) format, which cannot be memory-mapped, is read whole (rare)."""
     import torch
 
+    with open(path, "rb") as f:
+        zipped = f.read(2) == b"PK"
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as err:
         raise _unpickling_refused(path, err) from err
-    except Exception:  # noqa: BLE001 - anything else (a legacy format mmap cannot read...): said by the load itself
+    except Exception:  # noqa: BLE001 - anything else (not a torch file...): said by the load itself, in its words
         pass
 
 

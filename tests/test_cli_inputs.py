@@ -766,3 +766,17 @@ def test_a_checkpoint_that_would_run_code_is_refused_before_any_work(command, tm
     err = capsys.readouterr().err
     assert "needs arbitrary unpickling, which can run code (Trying to load unsupported GLOBAL posix.system" in err
     assert not encoded and err.count("\n") == 1
+    from workbench.weights import check_weights_args
+
+    torch.save({"generator": Evil()}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(Exception, match="legacy.pt' needs arbitrary unpickling"):  # (the old format: read whole)
+        check_weights_args(str(tmp_path / "legacy.pt"), False)
+    import models.files
+
+    checked = []  # --trust-pickle: the command goes on to its work, unchecked
+    monkeypatch.setattr(models.files, "check_unpickling", lambda path: checked.append(path))
+    try:
+        cli_main(argv + ["--trust-pickle"] + (["--layer", "3"] if command == "extract" else []))
+    except BaseException:  # noqa: BLE001 - (past the checks, the fixtures stop the work one way or another)
+        pass
+    assert checked == [] and "needs arbitrary unpickling" not in capsys.readouterr().err

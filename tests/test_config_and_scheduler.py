@@ -79,6 +79,7 @@ def test_config_json_round_trip_and_unknown_key(tmp_path):
     ({"num_layers": True}, "num_layers True"), ({"patch_size": [0, 0, 0]}, "patch_size [0, 0, 0]: give 3 whole"),
     ({"patch_size": 2}, "patch_size 2: give 3"), ({"eps": "x"}, "eps 'x'"),
     ({"dim": 65536, "ffn_dim": 1 << 20, "num_layers": 1024}, "parameters, past the 200B"),
+    ({"sink_size": "x"}, "sink_size 'x': give a whole number of frames"), ({"local_attn_size": 2.5}, "local_attn_size"),
 ])
 def test_a_config_json_of_impossible_sizes_is_one_line_naming_the_file(tmp_path, change, words):
     """A config.json from elsewhere: each impossible or absurd size is refused before anything is built, naming
@@ -89,6 +90,11 @@ def test_a_config_json_of_impossible_sizes_is_one_line_naming_the_file(tmp_path,
         WanConfig.from_json(path)
     path.write_text("[1, 2]")
     with pytest.raises(ModelInputError, match="a config holds a JSON object"):
+        WanConfig.from_json(path)
+    diffusers = dict(_class_name="WanTransformer3DModel", num_attention_heads=40.0, attention_head_dim=128,
+                     in_channels=16)  # (its sizes are checked before dim = heads x head_dim is made of them)
+    path.write_text(json.dumps(diffusers))
+    with pytest.raises(ModelInputError, match="num_attention_heads 40.0: give a whole number from 1 to 65536"):
         WanConfig.from_json(path)
 
 

@@ -393,6 +393,13 @@ def test_incompatible_existing_store_fails_before_weights(tmp_path, capsys, monk
     (not_a_store / "thesis.tex").write_text("years of work")  # --overwrite replaces stores only (it replaced this)
     assert cli_main(["extract", "--layer", "3", "--out", str(not_a_store), "--overwrite", "--no-progress"]) == 2
     assert "never another folder" in capsys.readouterr().err and (not_a_store / "thesis.tex").exists()
+    import zarr
+
+    foreign = zarr.open_group(tmp_path / "theirs.zarr", mode="w")  # another program's zarr group: not ours to replace
+    foreign.create_array("data", shape=(3,), dtype="f4")[:] = 1.0
+    assert cli_main(["extract", "--layer", "3", "--out", str(tmp_path / "theirs.zarr"), "--overwrite",
+                     "--no-progress"]) == 2
+    assert "never another folder" in capsys.readouterr().err and (tmp_path / "theirs.zarr" / "data").is_dir()
     from workbench.store import StoreWriter
 
     (tmp_path / "empty").mkdir()

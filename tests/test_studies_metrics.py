@@ -337,3 +337,15 @@ def test_a_layer_given_as_text_and_a_misspelt_statistic_get_plain_answers(causal
     with pytest.raises(WorkbenchError, match="is a folder; give the HTML file to write"):
         report.build_report(causal, tmp_path)
     assert "fig-steps-layer0" in report.build_report(causal, tmp_path / "r.html", layer="0").read_text()
+
+
+def test_a_head_within_rounding_of_uniform_attention_is_no_sink():
+    """Stored masses are exact to 1e-4-1e-3 in the indicator and fused capture modes (docs/store.md): a uniform
+    head of a short video (uniform_mass 11/18, above sink_min) must not turn sink on that rounding; a head clearly
+    above uniform attention's share is one."""
+    uniform = 11 / 18
+    sink = xr.DataArray([uniform + 1e-3, uniform + 2e-2], dims="head")
+    hm = xr.Dataset({"sink_mass": sink, "uniform_mass": xr.full_like(sink, uniform),
+                     "local_mass": xr.full_like(sink, np.nan), "early_mass": xr.full_like(sink, 0.5),
+                     "entropy_norm": xr.full_like(sink, 0.99)})
+    assert list(metrics.classify_heads(hm).values) == ["global", "sink"]

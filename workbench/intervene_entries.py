@@ -450,8 +450,10 @@ def static_heads_of(e: Entry) -> dict[int, list[int]]:
 
 
 def check_entries(entries: list[Entry], sampler: str) -> None:
-    labels = [e.label for e in entries]
-    dup = sorted({x for x in labels if labels.count(x) > 1} | ({"baseline"} & set(labels)))
+    from collections import Counter
+
+    counts = Counter(e.label for e in entries)
+    dup = sorted({x for x, n in counts.items() if n > 1} | ({"baseline"} & set(counts)))
     if dup:
         named = f"{dup[:10]}" + (f" and {len(dup) - 10} more" if len(dup) > 10 else "")
         raise WorkbenchError(f"intervention labels {named} are used twice (or 'baseline', the store's reference); "

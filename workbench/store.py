@@ -549,9 +549,11 @@ class StoreWriter:
             raise WorkbenchError(f"{str(self.path)!r} exists and is not a store; {self.hint}") from err
         attrs = dict(group.attrs)
         if attrs.get("schema_version") != SCHEMA_VERSION or self.completed_attr not in attrs:
+            listed = next((k for k in ("completed", "completed_train_steps") if k in attrs), None)
+            what = (f"schema_version {attrs.get('schema_version')}" if attrs.get("schema_version") != SCHEMA_VERSION
+                    else f"its entries listed under {listed!r}: another kind of store" if listed else "no entry list")
             raise WorkbenchError(f"{str(self.path)!r} is not a store of schema_version {SCHEMA_VERSION} with "
-                                 f"{self.completed_attr!r} (a store of schema_version "
-                                 f"{attrs.get('schema_version')}); {self.hint}")
+                                 f"{self.completed_attr!r} ({what}); {self.hint}")
         unrecorded = "" if attrs.get("fingerprint") == self.fingerprint else \
             self._unrecorded(attrs.get("fingerprint_fields"))
         if unrecorded:

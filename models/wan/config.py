@@ -56,6 +56,9 @@ class WanConfig:
         patch = tuple(self.patch_size) if isinstance(self.patch_size, (list, tuple)) else ()
         if len(patch) != 3 or any(isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= 64 for p in patch):
             raise ModelInputError(f"patch_size {self.patch_size!r}: give 3 whole numbers from 1 to 64 (t, h, w)")
+        for name in ("local_attn_size", "sink_size"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ModelInputError(f"{name} {getattr(self, name)!r}: give a whole number of frames")
         if not isinstance(self.eps, (int, float)) or not 0 < self.eps < 1:
             raise ModelInputError(f"eps {self.eps!r}: give a number between 0 and 1")
         params = self.num_layers * (8 * self.dim**2 + 2 * self.dim * self.ffn_dim)  # (attention, FFN: a rough count)
@@ -265,6 +268,10 @@ def _from_diffusers_config(raw: dict, path) -> dict:
         heads, head_dim, in_dim = raw["num_attention_heads"], raw["attention_head_dim"], raw["in_channels"]
     except KeyError as e:
         raise ModelInputError(f"{path}: a WanTransformer3DModel config without {e.args[0]!r}") from None
+    for name in ("num_attention_heads", "attention_head_dim", "in_channels"):  # (before dim = heads x head_dim)
+        value = raw[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65536:
+            raise ModelInputError(f"{path}: {name} {value!r}: give a whole number from 1 to 65536")
     out = dict(dim=heads * head_dim, num_heads=heads, in_dim=in_dim, out_dim=raw.get("out_channels") or in_dim)
     out.update({k: raw[k] for k in ("patch_size", "text_dim", "freq_dim", "ffn_dim", "num_layers", "eps") if k in raw})
     return out

@@ -218,8 +218,9 @@ def load_tokenizer(tokenizer_dir):
     vocab = [name for name in VOCABULARY_FILES if (tokenizer_dir / name).is_file()]
     if not vocab:  # (transformers then loads a tokenizer of its special tokens alone: every word became <unk>)
         held = sorted(p.name for p in tokenizer_dir.iterdir())
+        shown = f"{held[:10]}" + (f" and {len(held) - 10} more" if len(held) > 10 else "")
         raise TokenizerNotFoundError(f"tokenizer folder {tokenizer_dir} has no vocabulary file (one of "
-                                     f"{', '.join(VOCABULARY_FILES)}); it holds {held}")
+                                     f"{', '.join(VOCABULARY_FILES)}); it holds {shown}")
     from transformers import AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
