@@ -200,7 +200,7 @@ def build_model(config: WanConfig, state_dict: dict | None = None, *, causal: bo
 def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
     """The names of the parameters holding NaN or inf: one float32 sum per tensor, on the model's device, read back
     once (a sum is finite when every value is, barring overflow, which the exact check of those tensors rules out).
-    For the 1.3B model on a 2-core CPU: 0.24 s in float32, 1.1 s in bfloat16 (a GPU's few milliseconds)."""
+    For the 1.3B model on a 2-core CPU: 0.24 s in float32, 1.1 s in bfloat16 (on a GPU, 825 small reductions)."""
     named = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
     if not named:
         return []
