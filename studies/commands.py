@@ -37,6 +37,7 @@ by (prompt, seed), or, for stores made with different seeds, every sample of A w
 the same prompt (--pair-by); steps one to one by the nearest timestep (same phase, within --tolerance; a
 step is in one pair at most), because the Wan sampler and the few-step rollout do not share step indices; a
 CFG store contributes its --cfg branch.
+
 The report lists the matched samples and steps, ranks heads by the Jensen-Shannon divergence (bits)
 between their key-frame distributions, and shows each metric for A, B and B - A.
 """

@@ -369,7 +369,7 @@ def curve_png(ds: xr.Dataset, labels: list[str], size=(900, 520)):
         if len(pts) > 1:
             d.line(pts, fill=c, width=2)
         d.line([W - right + 12, top + 14 + 18 * j, W - right + 32, top + 14 + 18 * j], fill=c, width=3)
-        d.text((W - right + 38, top + 8 + 18 * j), lab[:34], fill="black", font=font_for(lab[:34], 10))
+        d.text((W - right + 38, top + 8 + 18 * j), lab[:34], fill="black", font=font_for(lab[:34], 12))
     return img
 
 

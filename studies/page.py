@@ -108,8 +108,8 @@ def html_out(out: str | Path, what: str = "out") -> Path:
         raise WorkbenchError(f"{what} {str(out)!r} is a folder; give the HTML file to write, e.g. "
                              f"{str(out / 'report.html')!r}")
     if out.suffix.lower() in (".csv", ".png"):
-        raise WorkbenchError(f"{what} {str(out)!r} names the HTML page, whose table or figure goes beside it as a "
-                             f"{out.suffix.lower()} file of the same name; give e.g. {str(out.with_suffix('.html'))!r}")
+        raise WorkbenchError(f"{what} {str(out)!r} names the HTML page, beside which a report writes its table (.csv) "
+                             f"or figure (.png) under the page's name; give e.g. {str(out.with_suffix('.html'))!r}")
     return out
 
 

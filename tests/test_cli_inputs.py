@@ -117,9 +117,9 @@ CASES = [
     (["view", "{store}", "--port", "99999"], "--port 99999: give a port in 0..65535"),
     (["report", "{store}", "--out", "{tmp}"], "--out '{tmp}' is a folder; give the HTML file to write"),
     (["compare", "{store}", "{store}", "--out", "{tmp}/c.csv"],  # (the page and its table: one file, one lost)
-     "--out '{tmp}/c.csv' names the HTML page, whose table or figure goes beside it as a .csv file of the same name; "
-     "give e.g. '{tmp}/c.html'"),
-    (["report", "{store}", "--out", "{tmp}/r.PNG"], "a .png file of the same name; give e.g. '{tmp}/r.html'"),
+     "--out '{tmp}/c.csv' names the HTML page, beside which a report writes its table (.csv) or figure (.png) under "
+     "the page's name; give e.g. '{tmp}/c.html'"),
+    (["report", "{store}", "--out", "{tmp}/r.PNG"], "or figure (.png) under the page's name; give e.g. '{tmp}/r.html'"),
     (["extract", "--layer", "3", "--prompts", "{tmp}"], "prompt file {tmp} is a folder"),
     (["extract", "--layer", "3", "--token-layers", "all"], "--token-layers all names the layers of attn_key_token"),
 ]

@@ -607,8 +607,15 @@ def test_entry_labels_name_video_folders_inside_the_videos_folder(tmp_path, caps
     (tmp_path / "secret.txt").write_text("a key")  # a store from elsewhere whose video is a link out of its folder
     (tmp_path / "fx_videos" / "l").mkdir()
     (tmp_path / "fx_videos" / "l" / "p0000-s0.png").symlink_to(tmp_path / "secret.txt")
-    with pytest.raises(WorkbenchError, match="is a link out of the videos folder"):
+    with pytest.raises(WorkbenchError, match="is a link out of the videos folder .* which is no PNG file"):
         video_file(store, "l", "p0000-s0")
+    (tmp_path / "annex.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20))  # git-annex, cp -rs: links to videos
+    (tmp_path / "fx_videos" / "l" / "p0000-s0.png").unlink()
+    (tmp_path / "fx_videos" / "l" / "p0000-s0.png").symlink_to(tmp_path / "annex.png")
+    assert video_file(store, "l", "p0000-s0") == tmp_path / "fx_videos" / "l" / "p0000-s0.png"
+    (tmp_path / "elsewhere").mkdir()  # a link to the store itself: its videos beside the store
+    (tmp_path / "elsewhere" / "fx.zarr").symlink_to(store)
+    assert video_file(tmp_path / "elsewhere" / "fx.zarr", "l", "p0000-s0").parent.parent == tmp_path / "fx_videos"
     from workbench.intervene import videos_dir
 
     other = tmp_path / "renamed.zarr"  # a renamed store finds its folder by its attr, a folder beside it only
@@ -641,6 +648,9 @@ def test_labels_with_escape_sequences_are_shown_not_obeyed(tmp_path, capsys):
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "\\x1b]0;PWNED\\x07\\x1b[2Jred" in out
+    from workbench.progress import printable
+
+    assert printable("温度\u3000T=2, no\xa0break, é\n\u202e") == "温度\u3000T=2, no\xa0break, é\\n\\u202e"  # (spaces kept)
 
 
 def test_a_refusal_of_many_repeated_labels_names_ten():

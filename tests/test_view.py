@@ -161,6 +161,15 @@ def test_bad_requests_say_what_is_allowed(store_server, path, status, words):
     assert got == status and all(w in body["error"] for w in words) and "np.str_" not in body["error"], body
 
 
+def test_a_port_or_host_that_cannot_serve_names_the_flag_to_change(runs, store_server, capsys):
+    """A port in use: another --port; a host this machine cannot bind (it said to change the port for both)."""
+    port = store_server.server_address[1]
+    assert main(["view", str(runs / "x.zarr"), "--port", str(port)]) == 2
+    assert "choose another --port (0: any free one)" in capsys.readouterr().err
+    assert main(["view", str(runs / "x.zarr"), "--host", "192.0.2.1", "--port", "0"]) == 2  # (TEST-NET: not ours)
+    assert "choose another --host" in capsys.readouterr().err
+
+
 def test_a_viewer_on_this_machine_answers_its_own_names_only(store_server):
     """DNS rebinding: a page of another site whose name resolves to 127.0.0.1 reached /api/ with its own name in
     the Host header; the viewer (bound to 127.0.0.1) answers 127.0.0.1 and localhost only."""

@@ -283,6 +283,10 @@ def videos_dir(store, attrs: dict | None = None) -> Path:
     beside the store (a name with a path in it, from a store made elsewhere, is not followed)."""
     store = Path(store)
     named = store.with_name(store.stem + "_videos")
+    if not named.is_dir() and store.is_symlink():  # (a link to the store: its folder is beside the store itself)
+        real = store.resolve()
+        if real.with_name(real.stem + "_videos").is_dir():
+            named = real.with_name(real.stem + "_videos")
     given = str((attrs or {}).get("videos_dir") or "")
     if given and Path(given).name == given and given not in (".", "..") and not named.is_dir():
         return store.parent / given
@@ -303,18 +307,27 @@ def _kept_characters(label: str) -> str:
 def video_file(store, label: str, sample: str, suffix: str = ".png", attrs: dict | None = None) -> Path:
     """Where the video of entry `label` and `sample` is (or goes). An entry whose label starts with `.` kept its
     videos in a hidden folder of that name before (`.x`, not `.` or `..`): read from there when it holds the file (a
-    later entry `_x` has the new name's folder). A file there that is a link out of the videos folder (a store from
-    elsewhere) is refused."""
+    later entry `_x` has the new name's folder). A file there that is a link out of the videos folder (git-annex,
+    `cp -rs`) is followed only to a PNG or MP4 file: a store from elsewhere may link to any file."""
     folder = videos_dir(store, attrs)
     sample = video_folder_name(sample)  # (a plain name as it is: pPPPP-sS; a store's `../x` stays inside)
     path = folder / video_folder_name(label) / f"{sample}{suffix}"
     older = _kept_characters(label)
     if older not in (".", "..") and older != video_folder_name(label) and (folder / older / path.name).exists():
         path = folder / older / path.name
-    if path.exists() and (not path.resolve().is_relative_to(folder.resolve()) or not path.resolve().is_file()):
-        raise WorkbenchError(f"{path} is a link out of the videos folder {folder} (or not a file): a store's videos "
-                             "are files of its own, never followed elsewhere")
+    if path.exists() and not path.resolve().is_relative_to(folder.resolve()) and not _is_video(path.resolve()):
+        raise WorkbenchError(f"{path} is a link out of the videos folder {folder} to {path.resolve()}, which is no "
+                             f"{path.suffix[1:].upper()} file: a store's links are followed to its videos only")
     return path
+
+
+def _is_video(path: Path) -> bool:
+    """Whether `path` is a regular file that starts as a PNG or an MP4 does (its signature, its `ftyp` box)."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        head = f.read(12)
+    return head.startswith(b"\x89PNG\r\n\x1a\n") or head[4:8] == b"ftyp"
 
 
 def _save_video(video: np.ndarray, store, label: str, sample: tuple, model: str) -> None:

@@ -15,9 +15,12 @@ LOG_INTERVAL = 30.0  # seconds between redraws when nobody watches a terminal
 
 
 def printable(text) -> str:
-    """`text` (made a str) with each character a terminal would act on (ESC, BEL, newlines, ...) written as its
-    Python escape (`\\x1b`, `\\n`): shown, never obeyed (an escape sequence can clear a screen or retitle it)."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    """`text` (made a str) with each control character (Unicode's Cc and Cf: ESC, BEL, newlines, a right-to-left
+    override, ...) written as its Python escape (`\\x1b`, `\\n`): shown, never obeyed (an escape sequence can clear a
+    screen or retitle it). Every other character, wide spaces included, stays as it is."""
+    import unicodedata
+
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Cf") else c for c in str(text))
 
 
 def progress_bar(*args, **kw):

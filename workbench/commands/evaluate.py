@@ -96,8 +96,9 @@ def register(subparsers) -> None:
     run_group.add_argument("--sink-size", type=int, default=3,
                            help="sink frames kept at the front of that window (default: %(default)s)")
     run_group.add_argument("--sampler", default=None,
-                           choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"],
-                           help="the sampler of every model whose --model names none (,sampler=NAME) (default: a zoo "
+                           choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"], metavar="NAME",
+                           help="causal_few_step, causal_multi_step_cfg or bidirectional: the sampler of every "
+                                "model whose --model names none (,sampler=NAME) (default: a zoo "
                                 "model's own, e.g. the embedded default's causal_few_step; else causal_few_step)")
     run_group.add_argument("--num-inference-steps", type=int,
                            help="multi-step samplers (default: a zoo model's own, else 50)")

@@ -52,7 +52,7 @@ def register(subparsers) -> None:
                            "+1-3%% for all 30 layers on an H200); auto = fused with the Gluon/Triton kernels (auto "
                            "on H100/H200), indicator with cuDNN's, exact on the CPU, where indicator runs exact "
                            "too: the store's attr capture_mode says what ran (default: %(default)s; docs/store.md)")
-    what.add_argument("--attention-kernel", default="auto", choices=ATTENTION_KERNELS,
+    what.add_argument("--attention-kernel", default="auto", choices=ATTENTION_KERNELS, metavar="KERNEL",
                       help="the model's attention kernel: auto (on H100/H200 the Gluon FlashAttention-3-style "
                            "forward, whose frame statistics come free (capture mode fused); flash-attn / cuDNN / SDPA "
                            "elsewhere), triton (the Gluon forward on H100/H200, a frame-tiled Triton forward on "
@@ -70,8 +70,9 @@ def register(subparsers) -> None:
     job.add_argument("--seed", "--seeds", default="42", help="seed(s): 42, 0-3 or 1,2,3 (default: %(default)s)")
     add_chunk_arguments(job)
     add_size_arguments(job)
-    job.add_argument("--sampler", choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"],
-                     help="default: the --model's (causal_few_step for the students, bidirectional for the teacher); "
+    job.add_argument("--sampler", choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"], metavar="NAME",
+                     help="causal_few_step, causal_multi_step_cfg or bidirectional; default: the --model's "
+                          "(causal_few_step for the students, bidirectional for the teacher); "
                           "causal_few_step for --wan-dir, with or without --checkpoint (as the researchers' "
                           "extraction runs the base weights)")
     job.add_argument("--local-attn-size", type=int, help="KV window in latent frames (default: -1, global)")

@@ -54,8 +54,9 @@ def register(subparsers) -> None:
                         "and the rollout continues from it; with every prompt")
     add_chunk_arguments(p)
     add_size_arguments(p)
-    p.add_argument("--sampler", choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"],
-                   help="default: the --model's (causal_few_step for the students, bidirectional for the teacher); "
+    p.add_argument("--sampler", choices=["causal_few_step", "causal_multi_step_cfg", "bidirectional"], metavar="NAME",
+                   help="causal_few_step, causal_multi_step_cfg or bidirectional; default: the --model's "
+                        "(causal_few_step for the students, bidirectional for the teacher); "
                         "causal_few_step for --wan-dir, with or without --checkpoint (as the researchers' "
                         "extraction runs the base weights)")
     p.add_argument("--num-inference-steps", type=int, help="multi-step samplers (default: the --model's, else 50)")
@@ -67,7 +68,7 @@ def register(subparsers) -> None:
     add_model_arguments(p)
     p.add_argument("--low-memory", choices=["auto", "on", "off"], default="auto",
                    help="move the text encoder off the GPU before the rollout (auto: < 40 GB free)")
-    p.add_argument("--attention-kernel", default="auto", choices=ATTENTION_KERNELS,
+    p.add_argument("--attention-kernel", default="auto", choices=ATTENTION_KERNELS, metavar="KERNEL",
                    help="the DiT's attention kernel: auto (on H100/H200 the Gluon FlashAttention-3-style forward, "
                         "the one `workbench extract` captures from by default; flash-attn / cuDNN / SDPA elsewhere), "
                         "triton (the Gluon forward on H100/H200, a frame-tiled Triton forward on other GPUs), "

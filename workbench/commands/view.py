@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 
 HELP = "play a video beside its per-head attention maps in a local web page (a store + its mp4, or a live run)"
 
@@ -61,8 +62,9 @@ def run(args) -> int:
     try:  # bound before any wait, so that the page answers (and says it waits) from the start
         server = ViewerServer(source, args.host, args.port, waiting_for=str(path / MANIFEST))
     except OSError as err:
-        raise WorkbenchError(f"cannot serve on {args.host}:{args.port} ({err.strerror or err}); "
-                             "choose another --port (0: any free one)") from None
+        how = ("choose another --port (0: any free one)" if err.errno == errno.EADDRINUSE else
+               "choose another --host (this machine's names and addresses: 127.0.0.1, 0.0.0.0 for every interface)")
+        raise WorkbenchError(f"cannot serve on {args.host}:{args.port} ({err.strerror or err}); {how}") from None
     thread = threading.Thread(target=server.serve_forever, name="workbench-view", daemon=True)
     thread.start()
     try:
