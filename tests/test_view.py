@@ -377,11 +377,17 @@ def test_a_stream_reads_its_own_chunk_files_only(runs, tmp_path):
     outside = tmp_path / "outside.npz"
     shutil.copyfile(tmp_path / "s" / manifest["samples"][0]["chunks"][0]["file"], outside)
     os.mkfifo(tmp_path / "s" / "pipe.npz")
-    for name in (str(outside), "../outside.npz", "pipe.npz"):
+    (tmp_path / "secret.txt").write_text("a key")
+    (tmp_path / "s" / "secret.npz").symlink_to(tmp_path / "secret.txt")
+    for name in (str(outside), "../outside.npz", "pipe.npz", "secret.npz"):
         manifest["samples"][0]["chunks"][0]["file"] = name
         (tmp_path / "s" / "live.json").write_text(json.dumps(manifest))
         with pytest.raises(WorkbenchError, match=f"names the chunk file {name!r}, which is not a file inside"):
             open_source(tmp_path / "s").attn("p0000-s0", 1, 0)
+    (tmp_path / "s" / "linked.npz").symlink_to(outside)  # cp -rs of a stream: its chunks are links to .npz files
+    manifest["samples"][0]["chunks"][0]["file"] = "linked.npz"
+    (tmp_path / "s" / "live.json").write_text(json.dumps(manifest))
+    assert np.isfinite(open_source(tmp_path / "s").attn("p0000-s0", 1, 0)[:, :3, :3]).all()
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -134,14 +135,23 @@ def read_manifest(folder) -> dict:
 
 
 def chunk_path(folder, entry: dict) -> Path:
-    """The file of one chunk named by a manifest entry, refused unless it is a regular file inside the stream's
-    folder (a live.json from elsewhere named files outside it, or a pipe, whose read hung the viewer)."""
-    folder = Path(folder).resolve()
-    path = (folder / str(entry.get("file", ""))).resolve()
-    if not path.is_relative_to(folder) or (path.exists() and not path.is_file()):
+    """The file of one chunk named by a manifest entry, refused unless its name stays inside the stream's folder
+    and it is a regular file (a live.json from elsewhere named files outside it, or a pipe, whose read hung the
+    viewer); a chunk that is a link (`cp -rs` of a stream) is followed to an .npz file (a zip) only."""
+    folder = Path(folder).absolute()
+    path = Path(os.path.normpath(folder / str(entry.get("file", ""))))
+    inside = path.is_relative_to(folder) and (not path.is_symlink() or _is_zip(path.resolve()))
+    if not inside or (path.exists() and not path.resolve().is_file()):
         raise WorkbenchError(f"{folder / 'live.json'} names the chunk file {entry.get('file')!r}, which is not a "
                              "file inside that folder; a stream's chunks are its own pPPPP-sS.live/chunk-CCC.npz")
     return path
+
+
+def _is_zip(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def read_chunk(folder, entry: dict) -> dict[str, np.ndarray]:
