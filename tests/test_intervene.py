@@ -658,6 +658,7 @@ def test_a_refusal_of_many_repeated_labels_names_ten():
     from workbench.intervene_entries import Entry, check_entries
 
     entries = [Entry(kind="ablate", label=f"e{i % 500}") for i in range(1000)]
-    with pytest.raises(WorkbenchError, match=r"labels \['e0', 'e1', 'e10', .*'e106'\] and 490 more are used twice") as err:
+    words = r"labels \['e0', 'e1', 'e10', .*'e106'\] and 490 more are used twice"
+    with pytest.raises(WorkbenchError, match=words) as err:
         check_entries(entries, "causal_few_step")
     assert len(str(err.value)) < 300

@@ -175,7 +175,8 @@ def test_a_viewer_on_this_machine_answers_its_own_names_only(store_server):
     the Host header; the viewer (bound to 127.0.0.1) answers 127.0.0.1 and localhost only."""
     port = store_server.server_address[1]
     for host, status in ((f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200), ("LOCALHOST.", 200),
-                         (f"[::1]:{port}", 200), (f"attacker.example:{port}", 403), ("127.0.0.1.attacker.example", 403)):
+                         (f"[::1]:{port}", 200), (f"attacker.example:{port}", 403),
+                         ("127.0.0.1.attacker.example", 403)):
         request = urllib.request.Request(store_server.url + "api/meta", headers={"Host": host})
         try:
             with urllib.request.urlopen(request) as r:

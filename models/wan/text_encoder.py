@@ -205,7 +205,8 @@ class PromptEmbeddings:
     lengths: list[int]          # number of real tokens per prompt (including the closing '</s>')
 
 
-VOCABULARY_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model")  # what a umT5 tokenizer folder reads words from
+# the files a umT5 tokenizer folder reads its words from (one is enough)
+VOCABULARY_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model")
 
 
 def load_tokenizer(tokenizer_dir):
