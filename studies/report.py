@@ -469,12 +469,21 @@ def _training_report(ds: xr.Dataset, source: str, out_html, *, layer, sample, st
     page.figure(figures.taxonomy_map(classes.sel(train_step=last), title=f"head classes · train step {last} · "
                                      f"{metrics.step_label(ds, step)}"), "fig-taxonomy")
     page.table(_head_table(hm.sel(train_step=last), classes.sel(train_step=last)), shown=TABLE_ROWS)
+    # every train step's table as CSV beside the page (an attention store's report writes its one step's)
+    csv_text = pd.concat([_head_table(hm.sel(train_step=t), classes.sel(train_step=t)).assign(train_step=t)
+                          for t in train_steps]).assign(step=step, query_frames=f"{frames[0]}-{frames[-1]}",
+                                                        samples=sample or "all").to_csv(float_format="%.6g")
+    page.p(f"The table at every train step as CSV: <code>{html.escape(Path(out_html).with_suffix('.csv').name)}"
+           f"</code> (step {step}, query frames {frames[0]}-{frames[-1]}, "
+           f"{'sample ' + html.escape(sample) if sample else 'all samples'}).")
     for lay in detail:
         page.h(f"Layer {lay}")
         page.figure(figures.train_step_slider(ds, lay, step=step, sample=sample), f"fig-train-steps-layer{lay}")
     if len(detail) < ds.sizes["layer"]:
         page.p(f"Detailed sections for layers {detail} of {ds.sizes['layer']}; pass --layer N to choose others.")
-    return write_atomic(page.render(), out_html)
+    path = write_atomic(page.render(), out_html)
+    write_atomic(csv_text, Path(out_html).with_suffix(".csv"))  # (after the page: a failed report leaves neither)
+    return path
 
 
 def compare_summary(c, ranking, name_a: str, name_b: str, rows: int = 5, stores=None) -> str:

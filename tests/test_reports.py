@@ -335,6 +335,10 @@ def test_report_of_a_training_probe_store(tmp_path):
     slider = parser.figures["fig-train-steps-layer1"]
     assert [s["label"] for s in slider["layout"]["sliders"][0]["steps"]] == ["0", "2", "4"]
     assert slider["layout"]["sliders"][0]["active"] == 2  # opens at the last train step
+    table = pd.read_csv(tmp_path / "p.csv")  # every train step's head table beside the page (none was written)
+    assert sorted(set(table.train_step)) == [0, 2, 4] and len(table) == 3 * ds.sizes["layer"] * ds.sizes["head"]
+    row = table[(table.train_step == 0) & (table.layer == 0) & (table["head"] == 0)].iloc[0]
+    assert row.sink_mass == pytest.approx(expected[0], rel=1e-5) and row["class"] == "sink"
 
 
 def test_checks_table_says_n_a_for_a_statistic_the_store_lacks(stores):
