@@ -193,7 +193,7 @@ def font_for(text: str, size: int):
     from PIL import ImageFont
 
     font = _font(size)
-    missing = sorted({ch for ch in text if not ch.isspace() and not _has_glyph(font, ch)})
+    missing = _lacks(font, text)
     if not missing or not shutil.which("fc-match"):
         return font
     charset = " ".join(f"{ord(ch):x}" for ch in missing)
@@ -203,14 +203,14 @@ def font_for(text: str, size: int):
         other = ImageFont.truetype(path, max(8, size)) if path else None
     except (OSError, subprocess.SubprocessError):
         return font
-    return other if other is not None and all(_has_glyph(other, ch) for ch in missing) else font
+    return other if other is not None and not _lacks(other, "".join(missing)) else font
 
 
-def _has_glyph(font, ch: str) -> bool:
-    """Whether `font` draws `ch` as something other than its missing-glyph box."""
-    missing = font.getmask("\U0010fffd")  # (a private-use code point: no font has it)
-    mask = font.getmask(ch)
-    return mask.size != missing.size or bytes(mask) != bytes(missing)
+def _lacks(font, text: str) -> list[str]:
+    """The characters of `text` (spaces aside) that `font` draws as its missing-glyph box, sorted."""
+    box = font.getmask("\U0010fffd")  # (a private-use code point: no font has it)
+    box = (box.size, bytes(box))
+    return sorted(ch for ch in set(text) if not ch.isspace() and ((m := font.getmask(ch)).size, bytes(m)) == box)
 
 
 def _fit(text: str, font, width: int):

@@ -101,15 +101,15 @@ def test_a_title_beyond_ascii_is_drawn_in_a_font_that_has_its_letters(tmp_path, 
     """Pillow's own font has no accents, Cyrillic or CJK ("café" came out "caf" and a box): a title it cannot draw
     is drawn in the font fontconfig names for those letters, where one on the machine has them."""
     import models.video as video_mod
-    from models.video import _font, _has_glyph, font_for
+    from models.video import _font, _lacks, font_for
 
     own = _font(14)
-    assert _has_glyph(own, "a") and not _has_glyph(own, "é") and not _has_glyph(own, "с")  # (the check itself)
+    assert _lacks(own, "aéс") == ["é", "с"]  # (the check itself: a has its glyph, é and Cyrillic с not)
     assert not isinstance(font_for("a red square moving right", 14).path, str)  # ASCII: Pillow's own (in memory)
     other = font_for("a café, синий круг", 14)
     if not isinstance(other.path, str):
         pytest.skip("no font on this machine has é and Cyrillic (fontconfig: none, or fc-match missing)")
-    assert all(_has_glyph(other, ch) for ch in "a café, синий круг" if not ch.isspace())
+    assert _lacks(other, "a café, синий круг") == []
     video = torch.zeros(3, 2, 32, 160)
     img = np.asarray(Image.open(write_png_grid(video, tmp_path / "c.png", title="синий круг")).convert("RGB"))
     monkeypatch.setattr(video_mod, "font_for", lambda text, size: _font(size))  # (as before: boxes)
