@@ -291,7 +291,7 @@ def _videos(page: Page, ds: xr.Dataset, store, top: list[str], samples: int = 2)
     """The saved frame grids (`intervene --save-videos`) of the baseline and the top entries, one row each."""
     import base64
 
-    from workbench.intervene import video_file, videos_dir
+    from workbench.intervene import saved_videos, video_file, videos_dir
 
     if "videos_dir" not in ds.attrs or isinstance(store, xr.Dataset):
         return
@@ -308,7 +308,7 @@ def _videos(page: Page, ds: xr.Dataset, store, top: list[str], samples: int = 2)
         page.p(html.escape(f"sample {sample}"))
         for label in ["baseline", *top[:5]]:
             path = video_file(store, label, sample, attrs=ds.attrs)
-            if path.is_file():
+            if saved_videos(ds.attrs, label) and path.is_file():
                 data = base64.b64encode(path.read_bytes()).decode()
                 page.parts.append(f'<div><code>{html.escape(label)}</code><br>'
                                   f'<img src="data:image/png;base64,{data}" style="max-width:100%"></div>')

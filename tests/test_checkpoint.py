@@ -74,15 +74,17 @@ def test_wrong_keys_and_shapes_are_listed(sd):
     assert "head.head.weight: (3, 3) != (64, 64)" in msg and "test.pt" in msg
 
 
-def test_weights_holding_nan_are_named_at_load(sd):
+@pytest.mark.parametrize("device, dtype", [("cpu", torch.float32),
+                                           pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)])
+def test_weights_holding_nan_are_named_at_load(sd, device, dtype):
     """A checkpoint of NaN ran a whole rollout before 'video contains NaN or infinite values', naming no file."""
     bad = dict(sd)
     bad["blocks.1.ffn.0.weight"] = bad["blocks.1.ffn.0.weight"].clone().index_fill_(0, torch.tensor([2]), float("nan"))
     bad["head.head.bias"] = torch.full_like(bad["head.head.bias"], float("inf"))
     with pytest.raises(CheckpointError, match=r"test.pt\['generator'\] holds NaN or infinite values in 2 of its "
                                               r"tensors \(blocks.1.ffn.0.weight, head.head.bias\)"):
-        build_model(preset("tiny"), bad, source="test.pt['generator']")
-    build_model(preset("tiny"), sd)  # (finite weights load)
+        build_model(preset("tiny"), bad, source="test.pt['generator']", device=device, dtype=dtype)
+    build_model(preset("tiny"), sd, device=device, dtype=dtype)  # (finite weights load)
 
 
 def test_missing_files_and_keys(tmp_path, sd):

@@ -346,6 +346,27 @@ def _save_video(video: np.ndarray, store, label: str, sample: tuple, model: str)
         write_mp4(video, path.with_suffix(".mp4"), fps=16)
 
 
+def _record_videos(store: Path, folder: str, label: str) -> None:
+    """List entry `label` under the store's attr `video_entries` (and its folder under `videos_dir`, for a store
+    begun without --save-videos): readers show the videos of the entries listed there only. The folder may hold
+    files of the same labels and samples that are not this store's: a store replaced with --overwrite by a run
+    without --save-videos kept them, or an entry of the old store that this store lacks."""
+    import zarr
+
+    group = zarr.open_group(store, mode="r+")
+    listed = list(group.attrs.get("video_entries", []))
+    if group.attrs.get("videos_dir") != folder or label not in listed:
+        group.attrs.update(videos_dir=folder, video_entries=[*listed, label])
+
+
+def saved_videos(attrs: dict, label: str) -> bool:
+    """Whether the run that made entry `label` saved its videos: listed in `video_entries`; for a store made before
+    that attr, whether its attrs name a videos folder at all."""
+    if "video_entries" in attrs:
+        return str(label) in map(str, attrs["video_entries"])
+    return "videos_dir" in attrs
+
+
 def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_videos=False):
     import torch
 
@@ -473,6 +494,8 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
         held = policy.capacity(F, n) if policy is not None else window
         detail = policy.describe() if policy is not None else ""
         writer.write(entry_dataset(e, samples, per_sample, attrs, F, held, layout, detail), key=e.label)
+        if save_videos:  # (after the entry: its videos, all written, are now the store's)
+            _record_videos(writer.path, attrs["videos_dir"], e.label)
     bar.close()
     log(ranking_text(cfg.out))
     return Path(cfg.out)

@@ -442,10 +442,11 @@ def open_source(path, video: str | None = None, sample: str | None = None) -> So
             raise WorkbenchError(f"{str(path)!r} is an effects store (workbench intervene): its videos are those "
                                  "--save-videos wrote beside it, one per entry and sample; drop --video and --sample "
                                  "(the page's menu picks them)")
-        from workbench.intervene import video_file
+        from workbench.intervene import saved_videos, video_file
 
         found = {f"{e} · {s}": video_file(path, str(e), str(s), ".mp4", ds.attrs)
-                 for e in ds["intervention"].values for s in ds["sample"].values}
+                 for e in ds["intervention"].values for s in ds["sample"].values
+                 if saved_videos(ds.attrs, e)}  # (files of other entries there may be an older store's)
         return StoreSource(path, {k: v for k, v in found.items() if v.is_file()})
     ids = [str(s) for s in ds["sample"].values]
     source = StoreSource(path, find_videos(path, video, ids, sample))
