@@ -653,6 +653,23 @@ def test_labels_with_escape_sequences_are_shown_not_obeyed(tmp_path, capsys):
     assert printable("温度\u3000T=2, no\xa0break, é\n\u202e") == "温度\u3000T=2, no\xa0break, é\\n\\u202e"  # (spaces kept)
 
 
+def test_the_table_keeps_its_columns_under_wide_labels(tmp_path, capsys):
+    """A label in CJK letters takes two terminal columns a letter: padded by characters, its row's numbers stood
+    left of the other rows'. Every row's number columns now end where the header's do, in terminal columns."""
+    from workbench.progress import columns
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("interventions:\n  - {kind: ablate, layers: 0, heads: 0, label: 温度を下げた頭}\n"
+                    "  - {kind: ablate, layers: 0, heads: 1, label: plain}\n"
+                    f"  - {{kind: ablate, layers: 0, heads: 2, label: {'長' * 30}}}\n")
+    assert main(["intervene", "--frames", "3", "--world", "off", "--spec", str(spec), "--out", str(tmp_path / "w.zarr"),
+                 "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index(next(x for x in lines if x.startswith("intervention "))):][:5]
+    assert {columns(line) for line in table} == {columns(table[0])}, table
+    assert any(line.startswith("温度を下げた頭 ") for line in table) and any("長" * 18 + " " in line for line in table)
+
+
 def test_a_refusal_of_many_repeated_labels_names_ten():
     """A spec of 100,000 entries whose labels repeat: the refusal listed every label, 500 KB on one line."""
     from workbench.intervene_entries import Entry, check_entries

@@ -530,7 +530,7 @@ def ranking(ds):
 
 
 def ranking_text(path, top: int = 20) -> str:
-    from workbench.progress import printable
+    from workbench.progress import columns, fit, printable
     from workbench.store import open_store
 
     ds = open_store(path)
@@ -544,11 +544,11 @@ def ranking_text(path, top: int = 20) -> str:
                         "adherent", "speed") if c in table]
     shown = table.head(top)
     # columns as wide as their names: the table fits a terminal of ~120 columns
-    name = min(36, max([12, *(len(str(x)) for x in shown.index)]))
+    name = min(36, max([12, *(columns(str(x)) for x in shown.index)]))  # (terminal columns: 温度 takes 4)
     width = {c: max(8, len(c)) + 2 for c in cols}
     lines.append(f"{'intervention':<{name}}" + "".join(f"{c:>{width[c]}}" for c in cols))
     for label, r in shown.iterrows():
-        lines.append(f"{label[:name]:<{name}}" + "".join(f"{r[c]:>{width[c]}.4f}" for c in cols))
+        lines.append(fit(label, name) + "".join(f"{r[c]:>{width[c]}.4f}" for c in cols))
     if len(table) > top:
         lines.append(f"... {len(table) - top} more (workbench report {path})")
     lines.append(f"render it: workbench report {path}")

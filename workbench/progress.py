@@ -5,7 +5,8 @@ them. Every command's bars come from `progress_bar`.
 
 Also here: `printable`, which writes a text's control characters as escapes, for the lines that print text a
 shared store or a spec file gave (intervene's table of entry labels, evaluate's command line): such text can hold
-a terminal's escape sequences."""
+a terminal's escape sequences; and `fit`, which pads or cuts a text to a number of terminal columns (a CJK
+character takes two), for the columns of those tables."""
 
 from __future__ import annotations
 
@@ -21,6 +22,28 @@ def printable(text) -> str:
     import unicodedata
 
     return "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Cf") else c for c in str(text))
+
+
+def columns(text: str) -> int:
+    """How many terminal columns `text` takes: two for each wide (East Asian W/F) character, none for a combining
+    mark, one for the rest."""
+    import unicodedata
+
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def fit(text: str, width: int) -> str:
+    """`text` cut to at most `width` terminal columns (a wide character that would cross the edge left out) and
+    padded with spaces to exactly `width`: `f"{label:<{n}}"` counts characters, so a CJK label pushed its row's
+    numbers out of their columns."""
+    out, used = [], 0
+    for c in text:
+        w = columns(c)
+        if used + w > width:
+            break
+        out.append(c)
+        used += w
+    return "".join(out) + " " * (width - used)
 
 
 def progress_bar(*args, **kw):
