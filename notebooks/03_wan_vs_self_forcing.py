@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -80,7 +80,7 @@ display(c.unmatched_b)  # and of B with none in A
 
 # %%
 ranking = compare.rank_heads(c)
-ranking.set_axis(ranking.index + 1).rename_axis("rank").head(12).round(4)  # (ranked from 1, as the report does)
+ranking.head(12).round(4)
 
 # %%
 over = compare.over_steps_words(c)  # (the denoising steps: a context pass is another kind of forward)

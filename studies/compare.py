@@ -346,9 +346,10 @@ def _ids(ids: list[str], n: int = 4) -> str:
 
 
 def rank_heads(c: Comparison, *, by: str = "js_bits", match: int | None = None) -> pd.DataFrame:
-    """Heads ordered by change, largest first: one row per (layer, head) with the JS divergence (bits) and the
-    metric differences B - A, averaged over the matched denoising steps (`over_steps`; or at one `match`), and each
-    side's class: that of its metrics averaged over the same steps, as the other columns are (or at `match`).
+    """Heads ordered by change, largest first, indexed by `rank` from 1: one row per (layer, head) with the JS
+    divergence (bits) and the metric differences B - A, averaged over the matched denoising steps (`over_steps`; or
+    at one `match`), and each side's class: that of its metrics averaged over the same steps, as the other columns
+    are (or at `match`).
     `by` is 'js_bits' or a metric name (ranked by its absolute difference)."""
     if by != "js_bits" and by not in c.diff:
         raise WorkbenchError(f"cannot rank by {by!r}; choose 'js_bits' or one of {list(c.diff.data_vars)}")
@@ -366,5 +367,5 @@ def rank_heads(c: Comparison, *, by: str = "js_bits", match: int | None = None) 
     key = table["js_bits"] if by == "js_bits" else table[f"d_{by}"].abs()
     order = key.sort_values(ascending=False, kind="stable").index
     table = table.loc[order].reset_index()
-    table.index.name = "rank"
+    table.index = pd.RangeIndex(1, len(table) + 1, name="rank")  # (1 = the head that changed most, as the report)
     return table

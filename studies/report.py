@@ -626,8 +626,7 @@ def build_compare_report(
                               "is every frame: compared here on the other's last chunk only, its metrics and classes "
                               "can differ from its own report's, which average over all its frames."
                               if query_frames == "last_chunk" and len(one_chunk) == 1 else ""))
-    ranked = ranking.set_axis(ranking.index + 1).rename_axis("rank")  # (ranks from 1, the page's and the CSV's)
-    page.table(ranked, float_format="{:.4f}", shown=TABLE_ROWS)
+    page.table(ranking, float_format="{:.4f}", shown=TABLE_ROWS)
     if csv:
         page.p(f"The whole table as CSV: <code>{html.escape(Path(out_html).with_suffix('.csv').name)}</code>.")
     # one colour scale for the mean and every step, so that the maps can be compared by eye
@@ -668,5 +667,5 @@ def build_compare_report(
     if csv:  # (the ranking as a table for a paper or a spreadsheet)
         from models.files import atomic_write_text
 
-        atomic_write_text(Path(out_html).with_suffix(".csv"), ranked.to_csv(float_format="%.6g"))
+        atomic_write_text(Path(out_html).with_suffix(".csv"), ranking.to_csv(float_format="%.6g"))
     return write_atomic(page.render(), out_html)
