@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -251,14 +252,19 @@ def _wrap(text: str, font, width: int) -> list[str]:
 def read_prompts(path) -> list[str]:
     """One prompt per line (the researchers' files): strip each line, skip empty ones (with a warning naming them
     when a prompt follows: indices then count prompts, where the researchers' inference.py counts lines). A
-    missing file, or one with no prompt in it, is a ModelInputError naming the file."""
-    path = Path(path)
-    if path.is_dir():
-        raise ModelInputError(f"prompt file {path} is a folder; give a text file of one prompt per line")
-    if not path.is_file():
-        raise ModelInputError(f"prompt file not found: {path}{relative_note(path)}")
+    missing file, or one with no prompt in it, is a ModelInputError naming the file. `-` reads standard input, and
+    a pipe is read as a file is (`--prompts <(grep circle prompts.txt)`), once."""
+    if str(path) == "-":
+        path, data = Path("<standard input>"), sys.stdin.buffer.read()
+    else:
+        path = Path(path)
+        if path.is_dir():
+            raise ModelInputError(f"prompt file {path} is a folder; give a text file of one prompt per line")
+        if not path.exists():
+            raise ModelInputError(f"prompt file not found: {path}{relative_note(path)}")
+        data = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8-sig")  # (a byte order mark, as Windows editors write, is no text)
+        text = data.decode("utf-8-sig")  # (a byte order mark, as Windows editors write, is no text)
     except UnicodeDecodeError as e:
         raise ModelInputError(f"prompt file {path} is not UTF-8 text: {e}") from e
     lines = [line.strip() for line in text.splitlines()]

@@ -132,13 +132,14 @@ def writable_output(path) -> Path:
 
 def run_report(args) -> int:
     from models.errors import ModelInputError
+    from studies import find_store
     from studies.report import build_report
 
     from workbench.errors import WorkbenchError
     from workbench.store import named
 
-    try:
-        out = writable_output(args.out if args.out else named(args.store).with_suffix(".html"))
+    try:  # (beside the store it opens: one found in a folder above the working directory too)
+        out = writable_output(args.out if args.out else find_store(named(args.store)).with_suffix(".html"))
     except ModelInputError as err:
         if args.out:
             raise

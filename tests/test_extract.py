@@ -53,7 +53,7 @@ def store_contents(path):
     ds = xr.open_zarr(path, consolidated=False).load()
     values = {name: ds[name].values for name in ds.variables}
     attrs = dict(ds.attrs)
-    for volatile in ("created_utc", "command", "runs"):  # `runs`: the provenance of resuming runs
+    for volatile in ("created_utc", "command", "working_dir", "runs"):  # `runs`: the provenance of resuming runs
         attrs.pop(volatile, None)
     attrs["config_yaml"] = "\n".join(l for l in attrs["config_yaml"].splitlines() if not l.strip().startswith("out:"))
     return values, attrs
@@ -450,6 +450,8 @@ def test_appending_runs_keep_the_creating_run_and_are_listed(tmp_path):
     assert attrs["command"] == "workbench extract --prompt a"
     assert [r["command"] for r in attrs["runs"]] == ["workbench extract --prompt 'a red kite' --seed 1,2"]
     assert attrs["completed"] == ["p0000-s1", "p0000-s2"]
+    # where each ran: what their relative paths (a --checkpoint's, the config's wan_dir) start from
+    assert attrs["working_dir"] == attrs["runs"][0]["working_dir"] == os.getcwd()
 
 
 def test_one_model_keeps_one_checkpoint_label_in_a_store(tmp_path):

@@ -539,7 +539,7 @@ def test_what_a_policy_decided_is_stored_and_reported(tmp_path, monkeypatch, cap
     capsys.readouterr()
     assert main(["intervene", "--frames", "12", "--world", "off", "--policy", "headwise:9:1:copy.zarr",
                  "--policy", "deepsink:9:3", "--out", str(out), "--no-progress"]) == 0
-    assert "all 3 entries are already there; nothing to do" in capsys.readouterr().out
+    assert "all 3 entries of this run (baseline included) are already there; nothing to do" in capsys.readouterr().out
     spec_file = tmp_path / "t.yaml"
     spec_file.write_text(f"interventions:\n- {{kind: policy, policy: headwise, window: 9, sink_frames: 1, "
                          f"store: copy.zarr, static_recent: 3, label: {ds.intervention.values[1]}}}\n")
@@ -679,3 +679,16 @@ def test_a_refusal_of_many_repeated_labels_names_ten():
     with pytest.raises(WorkbenchError, match=words) as err:
         check_entries(entries, "causal_few_step")
     assert len(str(err.value)) < 300
+
+
+def test_a_refusal_names_only_the_schedule_setting_that_differs(tmp_path, capsys):
+    """A store made at the default schedule records none of it; a run with --context-noise 50 was refused naming
+    all four schedule settings as 'not set' in the store. A setting left out at its default is that default."""
+    common = ["intervene", "--frames", "3", "--world", "off", "--ablate", "0:0", "--out", str(tmp_path / "fx.zarr"),
+              "--no-progress"]
+    assert main(common) == 0
+    capsys.readouterr()
+    assert main([*common, "--context-noise", "50"]) == 2
+    err = capsys.readouterr().err
+    assert "model.schedule.context_noise: 0.0 in the store, 50.0 in this run" in err, err
+    assert "timestep_shift" not in err and "num_frame_per_block" not in err and "warp_denoising_step" not in err

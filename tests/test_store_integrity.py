@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 # a small job of the embedded model: one layer, 6 frames (2 chunks), step 0 captured, 6 samples
 ARGS = ["extract", "--layer", "0", "--frames", "6", "--steps", "0", "--seed", "0-5", "--out", "s.zarr", "--no-progress"]
 IDS = [f"p0000-s{s}" for s in range(6)]
-VOLATILE = ("created_utc", "runs")  # when the creating run started; the runs that resumed it
+VOLATILE = ("created_utc", "working_dir", "runs")  # when and where the creating run started; the runs that resumed it
 
 
 def env() -> dict:

@@ -282,10 +282,11 @@ def test_a_video_of_another_run_is_never_shown_beside_the_store(runs, tmp_path, 
 
 
 @needs_mp4
-def test_an_effects_store_shows_the_videos_its_own_runs_saved(tmp_path, one_thread):
+def test_an_effects_store_shows_the_videos_its_own_runs_saved(tmp_path, one_thread, capsys):
     """An effects store replaced with --overwrite by a run without --save-videos kept the old run's videos beside
     it, and the viewer showed them as the new entries' (same labels, same samples: another rollout). A store whose
-    attrs name no videos folder shows none; a resumed run that saves videos names it, so they show."""
+    attrs name no videos folder shows none; a resumed run that saves videos lists its entries' and the baseline's
+    (rolled out again anyway), and says which stored entries stay without."""
     out = tmp_path / "fx.zarr"
     common = ["--frames", "3", "--capture", "0", "--world", "off", "--out", str(out), "--no-progress"]
     assert main(["intervene", "--ablate", "0:0", "--save-videos", *common]) == 0
@@ -293,10 +294,16 @@ def test_an_effects_store_shows_the_videos_its_own_runs_saved(tmp_path, one_thre
     assert main(["intervene", "--ablate", "0:0", "--overwrite", "--timestep-shift", "3", *common]) == 0
     assert (tmp_path / "fx_videos" / "baseline" / "p0000-s0.mp4").is_file()  # (left there: not the store's)
     assert "videos_dir" not in open_store(out).attrs and open_source(out).videos == {}
-    assert main(["intervene", "--ablate", "0:1", "--save-videos", "--timestep-shift", "3", *common]) == 0
+    capsys.readouterr()
+    assert main(["intervene", "--ablate", "0:0", "--ablate", "0:1", "--save-videos", "--timestep-shift", "3",
+                 *common]) == 0
+    assert "note: ablate-zero:L0.H0 is in " in capsys.readouterr().out
     attrs = open_store(out).attrs
-    assert attrs["videos_dir"] == "fx_videos" and attrs["video_entries"] == ["ablate-zero:L0.H1"]
-    assert set(open_source(out).videos) == {"ablate-zero:L0.H1 · p0000-s0"}  # (the others: the old store's files)
+    assert attrs["videos_dir"] == "fx_videos" and attrs["video_entries"] == ["baseline", "ablate-zero:L0.H1"]
+    assert set(open_source(out).videos) == {"baseline · p0000-s0", "ablate-zero:L0.H1 · p0000-s0"}  # (not L0.H0's:
+    # the files there are the old store's)
+    assert main(["intervene", "--ablate", "0:0", "--save-videos", "--timestep-shift", "3", *common]) == 0
+    assert "nothing to do" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------------

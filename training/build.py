@@ -206,8 +206,9 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
     from workbench import __version__
 
     import datetime
+    import os
 
-    attrs = dict(workbench_version=__version__, git_commit=_git_commit(), command=command,
+    attrs = dict(workbench_version=__version__, git_commit=_git_commit(), command=command, working_dir=os.getcwd(),
                  created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  capture_mode="exact",  # (the probes' StatsProbe; dtype and attn_backend: set by the first probe)
                  config_yaml=OmegaConf.to_yaml(cfg), frame_seq_len=fsl, num_frame_per_block=plan.nfpb,

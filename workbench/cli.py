@@ -46,6 +46,36 @@ checkpoint on top of it; info takes --wan-dir or --preset (it reads the config o
 """
 
 
+# the options that name files and folders: a leading ~ is the home folder, as a shell would expand it (bash leaves
+# `--out=~/x` as it is; the store's own files then went to ./~/ and xarray's to the real home, and the run failed)
+PATH_OPTIONS = ("checkpoint", "config", "image", "logdir", "out", "path", "prompts", "resume", "spec", "store",
+                "store_a", "store_b", "video", "wan_dir")
+
+
+def _expand_home(args) -> None:
+    import os
+
+    for name in PATH_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v
+                                 for v in value])
+
+
+def _escaping_output() -> None:
+    """Make stdout and stderr write what their encoding lacks as escapes: with PYTHONIOENCODING=ascii (or a latin-1
+    terminal) a finished run's summary naming 'é' ended in a traceback and exit status 1."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if encoding and encoding != "utf8" and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # (a detached or closed stream: left as it is)
+                pass
+
+
 def _terminate(signum, frame):
     raise Terminated()
 
@@ -146,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     load_plugins()
     parser = build_parser()
     args = parser.parse_args(argv)
+    _expand_home(args)
+    _escaping_output()
     # the command as it was given, for a store's `command` attr: from a shell or from main([...]) in a notebook
     args.argv = ["workbench", *(sys.argv[1:] if argv is None else argv)]
     if not getattr(args, "func", None):
@@ -178,6 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     except ModelInputError as err:  # bad input (WorkbenchError included): one clear line, no traceback
         print(f"workbench {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `workbench info | head -1`: the reader has gone; quiet, as `cat` would be
+        import os
+
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush fails no more)
+        except (OSError, ValueError, AttributeError):  # (stdout with no file descriptor: a notebook's)
+            pass
+        return 141  # 128 + SIGPIPE, a shell's status for a writer whose pipe closed
     except OSError as err:  # a file the command could not read or write (checked up front where it can be)
         where = f" ({err.filename})" if err.filename and str(err.filename) not in str(err.strerror) else ""
         out = getattr(args, "out", None) or getattr(args, "logdir", None) or "its output"

@@ -437,6 +437,7 @@ def _attrs(p: Plan, fp: str, command: list[str]) -> dict:
     image = dict(image=str(c.image), image_sha256=sha256_file(c.image)) if c.image is not None else {}
     return dict(  # the command quoted as a shell takes it back (a prompt with spaces stays one argument)
         workbench_version=__version__, git_commit=_git_commit(), command=shlex.join(command),
+        working_dir=os.getcwd(),  # (what the command's relative paths, --checkpoint's among them, start from)
         created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         config_yaml=OmegaConf.to_yaml(OmegaConf.create({"extract": dataclasses.asdict(c),
                                                         "model": dataclasses.asdict(p.model_config)})),

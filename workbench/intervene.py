@@ -261,10 +261,12 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str | lis
             fields["layout"]["capture_layers"] = list(p.spec.layers)
         schedule = {key: getattr(cfg, key) for key in ("warp_denoising_step", "timestep_shift", "context_noise",
                                                        "num_frame_per_block")}
-        if schedule != {key: getattr(ExtractConfig(), key) for key in schedule}:  # (absent at the defaults:
-            fields["model"]["schedule"] = schedule  # stores made before the schedule flags still resume)
+        defaults = {key: getattr(ExtractConfig(), key) for key in schedule}
+        if schedule != defaults:  # (absent at the defaults: stores made before the schedule flags still resume)
+            fields["model"]["schedule"] = schedule
         writer = StoreWriter(cfg.out, fingerprint_of(fields), mode=cfg.mode, append_dim="intervention", lock=lock,
-                             fields=fields, log=log, later=LATER_FIELDS)
+                             fields=fields, log=log, later=LATER_FIELDS,
+                             absent={f"model.schedule.{key}": value for key, value in defaults.items()})
     except BaseException:
         lock.release()
         raise
@@ -359,6 +361,12 @@ def _record_videos(store: Path, folder: str, label: str) -> None:
         group.attrs.update(videos_dir=folder, video_entries=[*listed, label])
 
 
+def _short_list(labels: list[str], n: int = 5) -> str:
+    from workbench.progress import printable
+
+    return ", ".join(map(printable, labels[:n])) + (f" and {len(labels) - n} more" if len(labels) > n else "")
+
+
 def saved_videos(attrs: dict, label: str) -> bool:
     """Whether the run that made entry `label` saved its videos: listed in `video_entries`; for a store made before
     that attr, whether its attrs name a videos folder at all."""
@@ -388,10 +396,16 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
                              f"{'; made by an older workbench, ' + '; '.join(why) if why else ''}): "
                              "give this run's entries their own labels (label: in a --spec file), or choose another "
                              "--out (or --overwrite)")
+    import zarr
+
+    stored_attrs = dict(zarr.open_group(writer.path, mode="r").attrs) if writer.completed else {}
+    # a store begun without --save-videos: the baseline, rolled out again anyway, gets its videos now
+    late_baseline = save_videos and writer.done(BASELINE.label) and not saved_videos(stored_attrs, BASELINE.label)
     if save_videos:  # (two labels whose videos would go into one folder: this run's, or one of them the store's)
         folders: dict[str, set] = {}
         saved = videos_dir(cfg.out)
-        for label in {BASELINE.label, *(e.label for e in entries)} - set(map(str, writer.completed)):
+        ours = set(map(str, writer.completed)) - ({BASELINE.label} if late_baseline else set())
+        for label in {BASELINE.label, *(e.label for e in entries)} - ours:
             folders.setdefault(video_folder_name(label).lower(), set()).add(label)  # (A and a: one on macOS)
         for label in map(str, writer.completed):  # (a stored entry's folder, by the new name or an older one)
             for folder in {video_folder_name(label), _kept_characters(label)} - {".", ".."}:
@@ -404,8 +418,14 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     todo = [e for e in [BASELINE, *entries] if not writer.done(e.label)]
     writer.requested = [e.label for e in [BASELINE, *entries]]
     samples = [(i, prompt, seed) for i, prompt in enumerate(cfg.prompts) for seed in cfg.seeds]
-    if not todo:
-        log(f"{cfg.out}: all {len(entries) + 1} entries are already there; nothing to do")
+    without = [e.label for e in entries if writer.done(e.label) and not saved_videos(stored_attrs, e.label)]
+    if save_videos and without:
+        log(f"note: {_short_list(without)} {'is' if len(without) == 1 else 'are'} in {cfg.out} without videos (made "
+            "by a run without --save-videos); a run saves the videos of the entries it computes: --overwrite, or "
+            "another --out, makes them again with theirs")
+    if not todo and not late_baseline:
+        log(f"{cfg.out}: all {len(entries) + 1} entries of this run (baseline included) are already there; nothing "
+            "to do")
         return Path(cfg.out)
     if len(todo) < len(entries) + 1:
         log(f"resuming: {len(entries) + 1 - len(todo)} of {len(entries) + 1} entries (baseline included) are already "
@@ -462,6 +482,10 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
         if scored or save_videos:
             base_video[s] = decode(vae, base[s], n)
     means = reference.mean() if reference else {}
+    if late_baseline:
+        for s in samples:
+            _save_video(base_video[s], cfg.out, BASELINE.label, s, p.checkpoint_label)
+        _record_videos(writer.path, attrs["videos_dir"], BASELINE.label)
 
     for e in todo:
         per_sample = []
@@ -530,7 +554,7 @@ def ranking(ds):
 
 
 def ranking_text(path, top: int = 20) -> str:
-    from workbench.progress import columns, fit, printable
+    from workbench.progress import columns, fit, printable, shell_word
     from workbench.store import open_store
 
     ds = open_store(path)
@@ -550,6 +574,6 @@ def ranking_text(path, top: int = 20) -> str:
     for label, r in shown.iterrows():
         lines.append(fit(label, name) + "".join(f"{r[c]:>{width[c]}.4f}" for c in cols))
     if len(table) > top:
-        lines.append(f"... {len(table) - top} more (workbench report {path})")
-    lines.append(f"render it: workbench report {path}")
+        lines.append(f"... {len(table) - top} more (workbench report {printable(shell_word(path))})")
+    lines.append(f"render it: workbench report {printable(shell_word(path))}")
     return "\n".join(lines)

@@ -5,8 +5,9 @@ them. Every command's bars come from `progress_bar`.
 
 Also here: `printable`, which writes a text's control characters as escapes, for the lines that print text a
 shared store or a spec file gave (intervene's table of entry labels, evaluate's command line): such text can hold
-a terminal's escape sequences; and `fit`, which pads or cuts a text to a number of terminal columns (a CJK
-character takes two), for the columns of those tables."""
+a terminal's escape sequences; `fit`, which pads or cuts a text to a number of terminal columns (a CJK
+character takes two), for the columns of those tables; and `shell_word`, a path as a command line to copy takes
+it."""
 
 from __future__ import annotations
 
@@ -22,6 +23,15 @@ def printable(text) -> str:
     import unicodedata
 
     return "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Cf") else c for c in str(text))
+
+
+def shell_word(path) -> str:
+    """`path` as one word of a command to copy and run: quoted where a shell would split or expand it, and `./` in
+    front of a relative name that starts with `-` (`workbench report -x.zarr` read it as an option)."""
+    import shlex
+
+    text = str(path)
+    return shlex.quote("./" + text if text.startswith("-") else text)
 
 
 def columns(text: str) -> int:

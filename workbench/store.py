@@ -30,6 +30,7 @@ from workbench.statistics import STATISTICS
 from workbench.store_guard import GuardedStore
 
 SCHEMA_VERSION = 1
+NAME_MAX = 255  # bytes in one file name on Linux's disks (ext4, xfs, btrfs) and most others
 
 
 def named(path: str | Path) -> Path:
@@ -49,7 +50,9 @@ def open_store(path: str | Path) -> xr.Dataset:
                              "with xarray.open_zarr(store, consolidated=False), and the studies take that Dataset")
     path = Path(path)
     if not path.exists():
-        raise WorkbenchError(f"no store at {str(path)!r}: run `workbench extract --out {path}` to make one")
+        from workbench.progress import shell_word
+
+        raise WorkbenchError(f"no store at {str(path)!r}: run `workbench extract --out {shell_word(path)}` to make one")
     if path.is_file():
         import zipfile
 
@@ -371,6 +374,7 @@ class StoreLock:
 
         from models.files import atomic_write_bytes, ensure_writable_dir
 
+        self._check_name()
         ensure_writable_dir(self.path.parent)  # the store's folder must take the lock file and the store
         lock = FileLock(str(self.file))
         try:
@@ -403,6 +407,24 @@ class StoreLock:
                   since=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         atomic_write_bytes(self.holder_file, json.dumps(me).encode())
         return self
+
+    def _check_name(self) -> None:
+        """Refuse, before any file is made, a path no writer could finish: a file where the folder goes (its lock
+        file was left beside it), a name with `::` (zarr reads it as a chain of URLs: the run failed at its first
+        write), a name too long for the hidden files beside it (`.NAME.lock.json.PID-XXXXXXXX.tmp.json`: 38 bytes
+        more; a name the disk allows failed after the work, naming one of those)."""
+        room = NAME_MAX - 38
+        if self.path.exists() and not self.path.is_dir():
+            raise WorkbenchError(f"{self.option} {str(self.path)!r} is a file, not {self.what}: give a folder's "
+                                 "path (new or existing)")
+        if "::" in str(self.path):
+            raise WorkbenchError(f"{self.option} {str(self.path)!r} holds '::', which zarr reads as a chain of URLs "
+                                 "(its writes would fail): choose a path without it")
+        name = self.file.name[1:-len(".lock")]  # (the real folder's name: a symlink's target)
+        if len(name.encode()) > room:
+            raise WorkbenchError(f"{self.option} {str(self.path)!r}: its name is {len(name.encode())} bytes, at most "
+                                 f"{room} here (the hidden files beside it add 38 to a name's {NAME_MAX}): choose a "
+                                 "shorter name")
 
     def holder(self, wait: float = 1.0) -> str:
         """Who holds the lock, from its holder file. A holder that has just taken the lock may not have written
@@ -448,13 +470,16 @@ class StoreWriter:
     `later` ({flattened field name: in words}): fields added to the fingerprint after stores were made without
     them; such a store takes this run's entries when every field it did record equals this run's (its fingerprint
     may differ: an older workbench hashed them its way) and keeps its own, with a note of what is not checked.
+    `absent` ({flattened field name: value}): what a field means where a fingerprint leaves it out (a setting
+    recorded only when it is not at its default), so that a refusal names only the settings that differ.
     """
 
     def __init__(self, path: str | Path, fingerprint: str, *, mode: str = "resume", append_dim: str = "sample",
                  completed_attr: str = "completed",
                  hint: str = "pass --overwrite to replace it, or choose another --out",
                  fields: dict | None = None, entry_coords: dict | None = None, lock: StoreLock | None = None,
-                 log=print, made_by: str | None = None, later: dict[str, str] | None = None):
+                 log=print, made_by: str | None = None, later: dict[str, str] | None = None,
+                 absent: dict | None = None):
         if mode not in ("resume", "append", "overwrite"):
             raise WorkbenchError(f"unknown store mode {mode!r}; use resume, append or overwrite")
         # the real folder: a store reached through a symlink (to scratch space) is replaced there, the link kept
@@ -463,6 +488,7 @@ class StoreWriter:
         real = Path(path).resolve()
         self.path = real if real != Path(path).absolute() else Path(path)
         self.fingerprint, self.fields, self.later = fingerprint, fields, later or {}
+        self.absent = absent or {}  # {flattened field: what it means where a fingerprint leaves it out}
         self.made_by = made_by  # this run's weights in words (a refusal names them beside the store's)
         self.append_dim, self.completed_attr, self.hint, self.log = append_dim, completed_attr, hint, log
         self.completed: list = []
@@ -561,7 +587,7 @@ class StoreWriter:
                      "every setting it recorded agrees with this run's (the weights among them), so this run's "
                      "entries join it; that one is not checked")
         elif attrs.get("fingerprint") != self.fingerprint:
-            what = describe_differences(attrs.get("fingerprint_fields"), self.fields)
+            what = describe_differences(attrs.get("fingerprint_fields"), self.fields, self.absent)
             if self.append_dim == "sample" and attrs.get("layout_fingerprint") == self.fingerprint.split(":")[0]:
                 what += self._whose(group, attrs)  # (another model: named by its files too)
                 raise WorkbenchError(
@@ -710,7 +736,7 @@ class StoreWriter:
             # current `completed` list (a run killed between the arrays and the new mark leaves a partial entry that
             # the next open drops), and list this run once under `runs`
             attrs = dict(zarr.open_group(self.path, mode="r").attrs)
-            run = {k: ds.attrs[k] for k in ("command", "created_utc", "git_commit") if k in ds.attrs}
+            run = {k: ds.attrs[k] for k in ("command", "working_dir", "created_utc", "git_commit") if k in ds.attrs}
             if run and run != {k: attrs.get(k) for k in run} and run not in attrs.get("runs", []):
                 attrs["runs"] = attrs.get("runs", []) + [run]
             attrs[self.completed_attr] = list(self.completed)
@@ -818,12 +844,15 @@ def _image_in_command(command) -> str | None:
     return None
 
 
-def describe_differences(stored: dict | None, wanted: dict | None) -> str:
-    """'layers: [3] in the store, [2] in this run; ...' for the settings two fingerprints were made of."""
+def describe_differences(stored: dict | None, wanted: dict | None, absent: dict | None = None) -> str:
+    """'layers: [3] in the store, [2] in this run; ...' for the settings two fingerprints were made of. `absent`
+    {flattened field: value}: what a field one of them leaves out means (a setting left out at its default), so
+    that only the settings that differ are named."""
     if not stored or wanted is None:
         return ("the store records no setting by setting (made by an older workbench); its settings are in its "
                 "attr config_yaml")
     a, b = _flat(_plain(stored)), _flat(_plain(wanted))
+    a, b = {**_plain(absent or {}), **a}, {**_plain(absent or {}), **b}
     names = [k for k in dict.fromkeys([*a, *b]) if a.get(k, "(not set)") != b.get(k, "(not set)")]
     if not names:
         return "the settings agree but the fingerprints do not (made by another version of the workbench)"

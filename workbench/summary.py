@@ -13,9 +13,9 @@ region is every frame other than frame 0. Reads stores only (workbench/store.py)
 
 from __future__ import annotations
 
-import shlex
-
 import xarray as xr
+
+from workbench.progress import shell_word
 
 
 def counted(mass: xr.DataArray) -> xr.DataArray:
@@ -69,7 +69,7 @@ def summary_table(store_path, max_rows: int = 48) -> str:
     wrote = (f"wrote {store_path}: {ds.sizes['sample']} sample(s), layers {format_int_list(ds.layer.values)}, "
              f"steps {format_int_list(ds.step.values)}{passes}{image}")
     opening = (f"open it with xarray: xr.open_zarr({str(store_path)!r}, consolidated=False), or "
-               f"`workbench report {shlex.quote(str(store_path))}`")
+               f"`workbench report {shell_word(store_path)}`")
     if not bool((ds.phase == "denoise").any()):  # (a table of NaN otherwise, and heads named from it)
         return "\n".join([wrote, "no summary: it averages denoising steps, and every step captured is a context pass "
                           "(phase 'context': the KV cache rewritten at the context noise)", opening])

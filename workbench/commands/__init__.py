@@ -222,8 +222,10 @@ def resolve_model(args) -> None:
         flags = " and ".join(f"--{key.replace('_', '-')} {getattr(args, key):g}" for key in given)
         verb = "do" if len(given) > 1 else "does"
         warnings.warn(f"{flags} {verb} nothing with the causal few-step sampler (its steps are --denoising-step-list; "
-                      "it has no CFG); it is for the multi-step samplers (--sampler causal_multi_step_cfg or "
-                      "bidirectional)", ModelInputWarning, stacklevel=2)
+                      "it has no CFG), so the run does not keep it; it is for the multi-step samplers (--sampler "
+                      "causal_multi_step_cfg or bidirectional)", ModelInputWarning, stacklevel=2)
+        for key in given:  # (as if not given: a store made without the flag resumes, its settings say what ran)
+            setattr(args, key, getattr(entry, key) if entry is not None else SAMPLER_DEFAULTS[key])
     if negative and args.sampler == "causal_few_step":  # (no CFG: nothing reads it, so the run does not keep it)
         import warnings
 

@@ -51,6 +51,7 @@ def run(args) -> int:
     from workbench.errors import WorkbenchError
     from workbench.view.server import ViewerServer
     from workbench.view.sources import open_source
+    from workbench.progress import shell_word
     from workbench.view.stream import MANIFEST
 
     if not 0 <= args.port <= 65535:
@@ -69,7 +70,7 @@ def run(args) -> int:
     thread.start()
     try:
         if waiting:
-            print(f"waiting for {path / MANIFEST} (`workbench generate --live --out {path}`); the page at "
+            print(f"waiting for {path / MANIFEST} (`workbench generate --live --out {shell_word(path)}`); the page at "
                   f"{server.url} says so until it is there; Ctrl-C stops", flush=True)
             while not ready():
                 time.sleep(0.5)
