@@ -27,6 +27,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def caches_outside_home(tmp_path_factory):
+    """The file-hash memo (models/files.py, ~/.cache/sf-workbench) and the notebook kernels' IPython profile
+    (~/.ipython) go to this run's temporary folder, not the user's home. Set in os.environ, so the CLI subprocesses
+    and notebook kernels that tests start inherit them (each xdist worker runs this fixture itself); a test that
+    needs another value sets its own with monkeypatch."""
+    names = {"WORKBENCH_CACHE": "workbench-cache", "IPYTHONDIR": "ipython"}
+    saved = {name: os.environ.get(name) for name in names}
+    for name, folder in names.items():
+        os.environ[name] = str(tmp_path_factory.mktemp(folder))
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "data" / "embedded"
 # a small Wan2.1 VAE with the real layout (4 base channels instead of 96)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -144,13 +145,41 @@ def test_bad_input_is_one_line_before_any_work(argv, message, tmp_path, store, c
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "g").exists()  # no output folder made
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def refuse_writes_into(folder: Path, monkeypatch) -> None:
+    """Make creating a file or folder directly in `folder` fail with EACCES, as the kernel does for a read-only
+    folder to anyone but root: root ignores the mode bits, and CI runs the tests as root."""
+    folder = os.path.abspath(folder)
+
+    def in_folder(path) -> bool:
+        return os.path.dirname(os.path.abspath(os.fsdecode(path))) == folder
+
+    def refused(path):
+        return PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+
+    real_mkdir, real_open = os.mkdir, os.open
+
+    def mkdir(path, *args, **kwargs):
+        if in_folder(path):
+            raise refused(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    def open_(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and in_folder(path):
+            raise refused(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)  # (Path.mkdir and os.makedirs call it)
+    monkeypatch.setattr(os, "open", open_)  # (tempfile.mkstemp, the write probe, calls it)
+
+
 @pytest.mark.parametrize("command", ["extract", "report", "export-legacy", "train"])
 def test_a_read_only_folder_is_one_line_before_any_work(command, tmp_path, store, capsys, no_work, monkeypatch):
     monkeypatch.chdir(REPO)
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o555)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # (any other user meets the kernel's own refusal)
+        refuse_writes_into(folder, monkeypatch)
     argv = {"extract": ["extract", "--layer", "3", "--out", str(folder / "x.zarr"), "--no-progress"],
             "report": ["report", str(store), "--out", str(folder / "r.html")],
             "export-legacy": ["export-legacy", str(store), "--out", str(folder / "legacy")],
@@ -773,10 +802,19 @@ def test_a_checkpoint_that_would_run_code_is_refused_before_any_work(command, tm
         check_weights_args(str(tmp_path / "legacy.pt"), False)
     import models.files
 
-    checked = []  # --trust-pickle: the command goes on to its work, unchecked
-    monkeypatch.setattr(models.files, "check_unpickling", lambda path: checked.append(path))
-    try:
-        cli_main(argv + ["--trust-pickle"] + (["--layer", "3"] if command == "extract" else []))
-    except BaseException:  # noqa: BLE001 - (past the checks, the fixtures stop the work one way or another)
+    class WorkStarted(Exception):
         pass
-    assert checked == [] and "needs arbitrary unpickling" not in capsys.readouterr().err
+
+    def work_started(*a, **kw):
+        raise WorkStarted
+
+    # --trust-pickle: the command goes on, unchecked, to its first step of work (generate: the text encoder;
+    # extract: the weights' hash for the store), where the test stops it
+    checked = []
+    monkeypatch.setattr(models.files, "check_unpickling", lambda path: checked.append(path))
+    monkeypatch.setattr(te.TextEncoder, "from_wan_dir", classmethod(work_started))
+    monkeypatch.setattr(extract_mod, "weights_sha256", work_started)
+    with pytest.raises(WorkStarted):
+        cli_main(argv + ["--trust-pickle"] + (["--layer", "3"] if command == "extract" else []))
+    err = capsys.readouterr().err
+    assert checked == [] and "error:" not in err and "needs arbitrary unpickling" not in err, err

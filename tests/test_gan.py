@@ -20,8 +20,13 @@ def world_set():
     from training.data import LatentDataset
     from training.i2v import world_latents
 
-    torch.set_num_threads(1)
-    prompts, latents = world_latents(WanVAE.from_file(EMBEDDED_DIR / "Wan2.1_VAE.pth"), 16, seed=0, latent_frames=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread, as the tests run (one_thread), for the encoding only
+    try:
+        prompts, latents = world_latents(WanVAE.from_file(EMBEDDED_DIR / "Wan2.1_VAE.pth"), 16, seed=0,
+                                         latent_frames=3)
+    finally:
+        torch.set_num_threads(threads)
     return LatentDataset(prompts, latents, "latents", seed=7)
 
 

@@ -123,17 +123,14 @@ def test_the_rules_on_small_texts():
     assert h.fit(text, 200) == [line.rstrip() for line in text.expandtabs(8).splitlines()]  # all fits: as written
 
 
-def test_group_titles_fit():
+def test_group_titles_fit(monkeypatch):
     import argparse
 
     parser = argparse.ArgumentParser(prog="x", formatter_class=h.HelpFormatter)
     group = parser.add_argument_group("the prompt x seed grid (default: every colour x shape x direction, seeds 0-2)")
     group.add_argument("--seeds")
-    os.environ["COLUMNS"] = "40"
-    try:
-        out = parser.format_help()
-    finally:
-        del os.environ["COLUMNS"]
+    monkeypatch.setenv("COLUMNS", "40")  # (restored after the test, set or not before it)
+    out = parser.format_help()
     assert "the prompt x seed grid (default:\nevery colour x shape x direction,\nseeds 0-2):" in out
     assert max(map(len, out.splitlines())) <= 40
 

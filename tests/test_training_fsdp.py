@@ -189,8 +189,8 @@ def test_single_rank_fast_path_checks_the_private_hook_before_use(monkeypatch):
     assert not _BlockInputs.works()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: only there is FSDP's default mesh "
-                    "on another device than the run's")
+# (only where CUDA is available is FSDP's default mesh on another device than the run's: without it, it can't fail)
+@pytest.mark.gpu
 @pytest.mark.parametrize("per_block", [False, True])
 def test_shard_keeps_a_cpu_run_on_the_cpu(per_block):
     """`device: cpu` shards on a CPU mesh even where CUDA is available (FSDP's default mesh is the accelerator's:

@@ -24,8 +24,7 @@ def _pair(sd, dtype, device="cpu"):
 
 
 @pytest.mark.parametrize("B,F,h,w", [(1, 1, 2, 2), (2, 5, 3, 5), (1, 6, 4, 3)])
-def test_fast_decoder_equals_reference_in_float64(small_sd, B, F, h, w):
-    torch.set_num_threads(1)
+def test_fast_decoder_equals_reference_in_float64(small_sd, B, F, h, w, one_thread):
     ref, fast = _pair(small_sd, torch.float64)
     torch.manual_seed(B * 100 + F)
     z = torch.randn(B, F, 16, h, w)
@@ -35,8 +34,7 @@ def test_fast_decoder_equals_reference_in_float64(small_sd, B, F, h, w):
     assert torch.equal(a, b)
 
 
-def test_fast_decoder_float32_within_rounding(small_sd):
-    torch.set_num_threads(1)
+def test_fast_decoder_float32_within_rounding(small_sd, one_thread):
     ref, fast = _pair(small_sd, torch.float32)
     torch.manual_seed(1)
     z = torch.randn(1, 5, 16, 3, 4)
@@ -44,8 +42,7 @@ def test_fast_decoder_float32_within_rounding(small_sd):
 
 
 @pytest.mark.parametrize("chunks", [[3, 3, 1], [1] * 7, [2, 5], [7]])
-def test_fast_stream_equals_fast_whole_bitwise(small_sd, chunks):
-    torch.set_num_threads(1)
+def test_fast_stream_equals_fast_whole_bitwise(small_sd, chunks, one_thread):
     _, fast = _pair(small_sd, torch.float32)
     torch.manual_seed(2)
     latents = torch.randn(1, sum(chunks), 16, 3, 4)
@@ -161,13 +158,12 @@ KERNEL_CHECK = textwrap.dedent("""
 """)
 
 
-def test_temporal_taps_compute_the_3d_convolution(small_sd, monkeypatch):
+def test_temporal_taps_compute_the_3d_convolution(small_sd, monkeypatch, one_thread):
     """A 3x3x3 convolution as three 2D taps over frame views of its buffer (what the fast decoder runs on the CPU,
     and on CUDA for 64-127 channels): the reference's function in float64, and a stream still gives a whole
     decode's bits; with the taps off, the fast decoder is the reference's bits."""
     import models.wan.vae_fast as vae_fast
 
-    torch.set_num_threads(1)
     monkeypatch.setitem(vae_fast.TAPS_CHANNELS, "cpu", range(0))
     ref, fast = _pair(small_sd, torch.float64)
     torch.manual_seed(6)
