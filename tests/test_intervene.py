@@ -692,3 +692,22 @@ def test_a_refusal_names_only_the_schedule_setting_that_differs(tmp_path, capsys
     err = capsys.readouterr().err
     assert "model.schedule.context_noise: 0.0 in the store, 50.0 in this run" in err, err
     assert "timestep_shift" not in err and "num_frame_per_block" not in err and "warp_denoising_step" not in err
+
+
+def test_a_store_of_an_older_workbench_keeps_showing_its_videos(tmp_path):
+    """A store made before the attr video_entries named its videos folder only (every entry saved its videos); a
+    resumed run that lists its own entry there lists the older entries too, so theirs still show."""
+    import zarr
+
+    from workbench.intervene import saved_videos
+
+    out = tmp_path / "fx.zarr"
+    common = ["intervene", "--frames", "3", "--world", "off", "--save-videos", "--out", str(out), "--no-progress"]
+    assert main([*common, "--ablate", "0:0"]) == 0
+    group = zarr.open_group(out, mode="r+")
+    assert group.attrs["video_entries"] == ["baseline", "ablate-zero:L0.H0"]
+    del group.attrs["video_entries"]  # (as an older workbench left it)
+    assert main([*common, "--ablate", "0:1"]) == 0
+    attrs = dict(zarr.open_group(out, mode="r").attrs)
+    assert attrs["video_entries"] == ["baseline", "ablate-zero:L0.H0", "ablate-zero:L0.H1"]
+    assert all(saved_videos(attrs, label) for label in attrs["completed"])

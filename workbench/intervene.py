@@ -356,8 +356,12 @@ def _record_videos(store: Path, folder: str, label: str) -> None:
     import zarr
 
     group = zarr.open_group(store, mode="r+")
-    listed = list(group.attrs.get("video_entries", []))
-    if group.attrs.get("videos_dir") != folder or label not in listed:
+    attrs = dict(group.attrs)
+    if "video_entries" in attrs:
+        listed = list(attrs["video_entries"])
+    else:  # (a store of an older workbench naming its videos folder: all its entries saved theirs)
+        listed = [str(e) for e in attrs.get("completed", []) if str(e) != label] if "videos_dir" in attrs else []
+    if attrs.get("videos_dir") != folder or label not in listed:
         group.attrs.update(videos_dir=folder, video_entries=[*listed, label])
 
 
