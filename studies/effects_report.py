@@ -125,6 +125,9 @@ def attention_delta(ds: xr.Dataset, label: str) -> xr.DataArray:
                                                                                         "key_frame")
 
 
+NOT_ATTENDED = "#9e9e9e"  # a difference map's cells that neither the entry nor the baseline attends
+
+
 def attention_delta_figure(delta: xr.DataArray, label: str, top: float, cols: int = 4) -> go.Figure:
     """One entry's query frame x key frame change of attn_mass against the baseline (`delta`, what
     `attention_delta` returns: [layer, query_frame, key_frame]), a panel per captured layer, `cols` to a row (so
@@ -147,8 +150,14 @@ def attention_delta_figure(delta: xr.DataArray, label: str, top: float, cols: in
                                  f"%{{z:.4g}}<extra>layer {layer}</extra>"), row=i, col=j)
         fig.update_xaxes(title_text="key frame" if n + cols >= len(layers) else None, row=i, col=j)
         fig.update_yaxes(title_text="query frame" if j == 1 else None, row=i, col=j)
-    fig.update_layout(title=f"{label}: attn_mass minus the baseline's",
-                      coloraxis=dict(colorscale="RdBu_r", cmin=-top, cmax=top, colorbar=dict(title="change")),
+    # cells neither attends (future frames) in mid grey, off the red-blue scale (plotly's pale blue background
+    # read as a small decrease), with no grid lines across the map
+    fig.update_xaxes(showgrid=False, zeroline=False)
+    fig.update_yaxes(showgrid=False, zeroline=False)
+    fig.update_layout(title=f"{label}: attn_mass minus the baseline's (grey: attended in neither)",
+                      plot_bgcolor=NOT_ATTENDED,
+                      coloraxis=dict(colorscale="RdBu_r", cmin=-top, cmax=top,
+                                     colorbar=dict(title="change [probability]")),
                       height=270 * rows + 110, width=230 * cols + 230, margin=dict(t=80, r=120))
     return fig
 
@@ -279,7 +288,7 @@ def _attention_section(page: Page, ds: xr.Dataset, top: list[str], drawn: int = 
     if shown:
         page.p("Where the mass moved: each entry's attn_mass minus the baseline's, averaged over samples, steps and "
                "heads, on one colour scale for every entry (red: more than the baseline; a frame the entry no "
-               "longer attends counts as 0).")
+               "longer attends counts as 0; grey: a key frame neither attends, e.g. a later one).")
         deltas = {label: attention_delta(ds, label).load() for label in shown}
         top_change = max([float(np.nanmax(np.abs(d.values))) for d in deltas.values() if np.isfinite(d.values).any()]
                          + [0.0]) or 1.0
@@ -310,8 +319,9 @@ def _videos(page: Page, ds: xr.Dataset, store, top: list[str], samples: int = 2)
             path = video_file(store, label, sample, attrs=ds.attrs)
             if saved_videos(ds.attrs, label) and path.is_file():
                 data = base64.b64encode(path.read_bytes()).decode()
+                alt = html.escape(f"{label}, sample {sample}: nine pixel frames, first to last", quote=True)
                 page.parts.append(f'<div><code>{html.escape(label)}</code><br>'
-                                  f'<img src="data:image/png;base64,{data}" style="max-width:100%"></div>')
+                                  f'<img src="data:image/png;base64,{data}" alt="{alt}" style="max-width:100%"></div>')
 
 
 # ------------------------------------------------------------------------------------------------------- PNGs

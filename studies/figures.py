@@ -98,17 +98,29 @@ def _scale(colour: dict, zmin: float | None, zmax: float | None, colorscale: str
     return colour | {k: v for k, v in given.items() if v is not None}
 
 
-def _head_colour(i: int, n: int) -> str:
-    """The colour of the i-th of n heads' lines: plotly's ten below 11 heads, 24 distinct ones up to 24 (with ten,
-    the 1.3B model's heads 10 and 11 took heads 0 and 1's colours), else n evenly spaced along Turbo (the 14B
-    model's 40 heads: no two alike)."""
-    from plotly.colors import qualitative, sample_colorscale, sequential
+# Okabe and Ito's colours that a reader with a red-green colour deficiency still tells apart (their yellow left out:
+# too pale a line on white); plotly's own put heads 0 and 3 (blue and purple) in one blue for such a reader
+HEAD_COLOURS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#000000")
+HEAD_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "triangle-down", "star")
+HEAD_DASHES = ("solid", "dash", "dot", "dashdot")
 
-    if n <= len(qualitative.Plotly):
-        return qualitative.Plotly[i]
-    if n <= len(qualitative.Dark24):
-        return qualitative.Dark24[i]
-    return sample_colorscale(sequential.Turbo, [i / (n - 1)])[0]
+
+def _head_style(i: int, n: int) -> dict:
+    """How the i-th of n heads' line looks: a colour and a marker of its own among the first seven, then the same
+    seven dashed, dotted, dash-dotted (28 heads: the 1.3B model's 12 and more); above 28 heads (the 14B model's
+    40) colours evenly spaced along Turbo, dashes cycling. Colour, marker and dash together: no two heads alike, in
+    grey print too. {"color", "symbol", "dash"}."""
+    from plotly.colors import sample_colorscale, sequential
+
+    k = len(HEAD_COLOURS)
+    colour = HEAD_COLOURS[i % k] if n <= k * len(HEAD_DASHES) else sample_colorscale(sequential.Turbo, [i / (n - 1)])[0]
+    return dict(color=colour, symbol=HEAD_SYMBOLS[i % k], dash=HEAD_DASHES[(i // k) % len(HEAD_DASHES)])
+
+
+def _head_line(i: int, n: int) -> dict:
+    """Scatter keywords of the i-th of n heads' line (`_head_style`)."""
+    s = _head_style(i, n)
+    return dict(line=dict(color=s["color"], dash=s["dash"]), marker=dict(color=s["color"], symbol=s["symbol"]))
 
 
 def _grid(n: int, cols: int) -> tuple[int, int]:
@@ -362,7 +374,7 @@ def metric_over_training(da: xr.DataArray, *, title: str | None = None) -> go.Fi
         for i, h in enumerate(da["head"].values):
             fig.add_trace(go.Scatter(x=x, y=_round(da.sel(layer=layer, head=h).values), mode="lines+markers",
                                      name=f"head {int(h)}", legendgroup=f"head {int(h)}", showlegend=col == 1,
-                                     line=dict(color=_head_colour(i, n))), row=1, col=col)
+                                     **_head_line(i, n)), row=1, col=col)
         fig.update_xaxes(title_text="train step", row=1, col=col)
     fig.update_yaxes(title_text=f"{da.name} [{da.attrs.get('units', '')}]", row=1, col=1)
     fig.update_layout(title=title or f"{da.name}: {da.attrs.get('long_name', '')} across training", height=420,
@@ -788,11 +800,11 @@ def recency_lines(profile: xr.DataArray, *, title: str | None = None) -> go.Figu
     fig = go.Figure()
     for i, h in enumerate(profile["head"].values):
         y = profile.sel(head=h)
-        colour = _head_colour(i, profile.sizes["head"])
+        style = _head_style(i, profile.sizes["head"])
         fig.add_trace(go.Scatter(x=distances, y=_round(y.values), mode="lines+markers", name=f"head {int(h)}",
-                                 connectgaps=False, line=dict(color=colour),
-                                 marker=dict(color=colour,
-                                             symbol=["circle-open" if s else "circle" for s in sink_only])))
+                                 connectgaps=False, line=dict(color=style["color"], dash=style["dash"]),
+                                 marker=dict(color=style["color"], symbol=[style["symbol"] + ("-open" if s else "")
+                                                                           for s in sink_only])))
     runs = [d for i, d in enumerate(distances) if sink_only[i] and (i == 0 or not sink_only[i - 1])]
     for start in runs:  # each run of sink-only distances, shaded, the first one labelled
         end = start
@@ -829,7 +841,7 @@ def metric_by_query_frame(rows: xr.DataArray, *, title: str | None = None) -> go
     for i, h in enumerate(rows["head"].values):
         y = rows.sel(head=h)
         fig.add_trace(go.Scatter(x=[int(q) for q in y.query_frame.values], y=_round(y.values), mode="lines+markers",
-                                 name=f"head {int(h)}", line=dict(color=_head_colour(i, rows.sizes["head"]))))
+                                 name=f"head {int(h)}", **_head_line(i, rows.sizes["head"])))
     fig.update_xaxes(title_text="query frame")
     fig.update_yaxes(title_text=f"{rows.name} [{rows.attrs.get('units', '')}]", range=_fixed_range(rows))
     fig.update_layout(title=title or f"{rows.name}: {rows.attrs.get('long_name', '')}", height=420, width=800)
@@ -849,7 +861,7 @@ def metric_by_step(da: xr.DataArray, *, title: str | None = None) -> go.Figure:
     fig = go.Figure()
     for i, h in enumerate(da["head"].values):
         fig.add_trace(go.Scatter(x=labels, y=_round(da.sel(head=h).values), mode="lines+markers", name=f"head {int(h)}",
-                                 line=dict(color=_head_colour(i, da.sizes["head"]))))
+                                 **_head_line(i, da.sizes["head"])))
     fig.update_xaxes(title_text="step · timestep", type="category")
     fig.update_yaxes(title_text=f"{da.name} [{da.attrs.get('units', '')}]", range=_fixed_range(da))
     fig.update_layout(title=title or f"{da.name} across steps", height=420, width=800)

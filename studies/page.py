@@ -7,6 +7,7 @@ page of `workbench intervene` (studies/effects_report.py) and `workbench evaluat
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +23,15 @@ td:first-child, th:first-child { text-align: left; }  /* (the row names: metrics
 .figure { margin: 12px 0 28px 0; overflow-x: auto; max-width: 100%; } .tablewrap { overflow-x: auto; max-width: 100%; }
 code { background: #f4f4f4; padding: 1px 4px; }
 details summary { cursor: pointer; color: #1565c0; font-size: 0.9em; margin: 4px 0 12px 0; }
+@page { size: A4 landscape; margin: 10mm; }
+@media print {  /* (printed, a figure or table wider than the page was cut at its edge: its data seemed to end there) */
+  body { max-width: none; margin: 0; padding: 0; }
+  .figure, .tablewrap { overflow: visible; zoom: var(--print-zoom, 1); }
+  .figure, tr { break-inside: avoid; } h2, h3 { break-after: avoid; }
+  .modebar-container { display: none; }
+}
 """
+PRINT_WIDTH = 1040  # CSS pixels across an A4 landscape page inside its margins: wider figures and tables shrink to it
 TABLE_ROWS = 30  # rows the reports' long tables (heads ranked, head metrics) show before folding the rest
 FOLD_SLACK = 10  # a table of at most this many rows more than `shown` is shown whole (folding a few saves nothing)
 
@@ -66,8 +75,10 @@ class Page:
             raise ValueError(f"duplicate figure id {fig_id}")
         self.ids.add(fig_id)
         payload = fig.to_json().replace("</", "<\\/")  # a JSON string cannot close the script element
+        title = fig.layout.title.text or fig_id  # (a screen reader's name for the figure: its title as text)
+        name = html.escape(" ".join(re.sub(r"<[^>]*>", " ", title).split()), quote=True)
         self.parts.append(
-            f'<div class="figure"><div id="{fig_id}" class="plotly-graph-div"></div>'
+            f'<div class="figure" role="figure" aria-label="{name}"><div id="{fig_id}" class="plotly-graph-div"></div>'
             f'<script type="application/json" id="{fig_id}-json">{payload}</script></div>'
         )
 
@@ -81,11 +92,17 @@ class Page:
     def render(self) -> str:
         from plotly.offline import get_plotlyjs
 
+        # each figure plotted from its JSON (no "share to the cloud" button: the page works offline); a figure or
+        # table wider than a printed page gets the zoom that fits it there (--print-zoom, used by the print CSS)
         loader = (
+            "function fitPrint(el) { var w = el.scrollWidth;"
+            f" if (w > {PRINT_WIDTH}) el.style.setProperty('--print-zoom', ({PRINT_WIDTH} / w).toFixed(3)); }}"
+            " document.querySelectorAll('.tablewrap').forEach(fitPrint);"
             "document.querySelectorAll('script[type=\"application/json\"][id$=\"-json\"]').forEach(function (el) {"
             " var fig = JSON.parse(el.textContent); var div = document.getElementById(el.id.slice(0, -5));"
             " Plotly.newPlot(div, {data: fig.data, layout: fig.layout, frames: fig.frames || [],"
-            " config: {responsive: true, displaylogo: false}}); });"
+            " config: {responsive: true, displaylogo: false, showSendToCloud: false}})"
+            ".then(function () { fitPrint(div.parentNode); }); });"
         )
         return (
             "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

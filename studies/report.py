@@ -128,7 +128,7 @@ def _store_summary(page: Page, ds: xr.Dataset, source: str, sample: str | None =
         "git commit / workbench": f"{ds.attrs.get('git_commit', '?')} / {ds.attrs.get('workbench_version', '?')}",
     }
     page.table(pd.DataFrame({"": list(facts.values())}, index=list(facts)), index=True)
-    page.h("Samples", 3)
+    page.h("Samples")  # (a heading of the level after the page's h1: a screen reader's outline has no gap)
     samples = pd.DataFrame({
         "sample": [str(s) for s in ds.sample.values],
         "prompt": [str(p) for p in ds["prompt"].values],
@@ -137,7 +137,7 @@ def _store_summary(page: Page, ds: xr.Dataset, source: str, sample: str | None =
     if sample is not None:  # (--sample: the report's maps and metrics read that one)
         samples["in this report"] = ["yes" if s == sample else "" for s in samples["sample"]]
     page.table(samples, index=False)
-    page.h("Steps", 3)
+    page.h("Steps")
     page.table(steps_table(ds), index=False)
 
 

@@ -252,6 +252,36 @@ def test_report_renders_in_headless_chromium(compare_report):
     assert dom.count('class="main-svg"') >= len(parser.figures)
 
 
+def test_a_printed_report_keeps_its_figures_and_tables_whole(store_report, tmp_path):
+    """Printed (to PDF too), a figure or table wider than the page was cut at its edge: a heatmap's colour bar and
+    the head table's last columns were gone, with nothing to say so. Each gets the zoom that fits it on an A4
+    landscape page; every figure has a name a screen reader reads (its title) and no 'share to the cloud' button."""
+    from browser import chromium
+
+    from studies.page import PRINT_WIDTH
+
+    with chromium() as browser:
+        page = browser.new_page()
+        page.goto(store_report.as_uri())
+        page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length === "
+                               "document.querySelectorAll('.plotly-graph-div').length")
+        boxes = page.evaluate("""[...document.querySelectorAll('.figure, .tablewrap')].map(el => ({
+            width: el.scrollWidth, name: el.getAttribute('aria-label'), figure: el.classList.contains('figure')}))""")
+        page.emulate_media(media="print")  # (the widths as drawn on screen; the zoom the print gives each)
+        zooms = page.evaluate("[...document.querySelectorAll('.figure, .tablewrap')].map(el => "
+                              "Number(getComputedStyle(el).zoom))")
+        for b, zoom in zip(boxes, zooms):
+            b["zoom"] = zoom
+        wide = [b for b in boxes if b["width"] * b["zoom"] > PRINT_WIDTH + 2]
+        assert not wide, wide
+        assert any(b["zoom"] < 1 for b in boxes)  # (the report has boxes wider than the page: they shrank)
+        assert all(b["name"] for b in boxes if b["figure"])
+        assert page.locator("[data-title='Share chart']").count() == 0
+        pdf = page.pdf(path=str(tmp_path / "report.pdf"))
+    assert pdf[:5] == b"%PDF-"
+    assert "<h2 id=\"s0\">Samples</h2>" in store_report.read_text()  # (h1 then h2: an outline with no gap)
+
+
 def test_report_of_a_cfg_store(stores, tmp_path):
     out = report.build_report(stores["wan"], tmp_path / "wan.html", layer=0)
     parser, text = parse(out)

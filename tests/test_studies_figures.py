@@ -425,9 +425,33 @@ def test_every_coordinate_says_what_it_is(tokens_store):
 
 
 @pytest.mark.parametrize("n", [4, 12, 40])
-def test_every_head_of_a_layer_gets_a_colour_of_its_own(n):
-    """(with plotly's ten, the 1.3B model's heads 10 and 11 took heads 0 and 1's colours; with 24, the 14B's 40)"""
-    assert len({figures._head_colour(i, n) for i in range(n)}) == n
+def test_every_head_of_a_layer_gets_a_line_of_its_own(n):
+    """(with plotly's ten colours, the 1.3B model's heads 10 and 11 took heads 0 and 1's; with 24, the 14B's 40)"""
+    styles = [tuple(figures._head_style(i, n).values()) for i in range(n)]
+    assert len(set(styles)) == n
+
+
+def test_the_first_heads_differ_for_a_reader_with_a_red_green_colour_deficiency():
+    """Plotly's palette drew heads 0 and 3 (#636EFA, #AB63FA) in one blue under a deuteranope's or protanope's
+    simulated vision. The first seven heads' colours, so simulated (Machado et al. 2009, severity 1), stay apart
+    by at least 0.1 in linear RGB distance; their markers differ besides."""
+    import numpy as np
+
+    machado = {"deuteranopia": [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413],
+                                [-0.011820, 0.042940, 0.968881]],
+               "protanopia": [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216],
+                              [-0.003882, -0.048116, 1.051998]]}
+
+    def linear(colour):
+        rgb = np.array([int(colour[k:k + 2], 16) / 255 for k in (1, 3, 5)])
+        return np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+
+    colours = [figures._head_style(i, 12)["color"] for i in range(7)]
+    for matrix in machado.values():
+        seen = [np.clip(np.array(matrix) @ linear(c), 0, 1) for c in colours]
+        gaps = [np.linalg.norm(a - b) for j, a in enumerate(seen) for b in seen[j + 1:]]
+        assert min(gaps) > 0.1, (matrix, min(gaps))
+    assert len({figures._head_style(i, 12)["symbol"] for i in range(7)}) == 7
 
 
 def test_a_video_of_another_window_schedule_or_image_is_not_the_stores(tokens_path, tmp_path):

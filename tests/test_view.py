@@ -465,6 +465,12 @@ def test_browser_plays_a_store_and_its_maps_change_with_time(runs, store_server,
         assert cell_rgb(page, 0, 0, 8) != GREY
         slider.fill("4")
         assert cell_rgb(page, 0, 0, 8) == GREY and cell_rgb(page, 0, 0, 1) != GREY
+        # what a screen reader gets of a map (a canvas): the on-screen query frame's largest key frames, in order
+        label = page.get_attribute("#maps canvas", "aria-label")
+        row = ds.attn_mass.sel(sample="p0000-s0", layer=0, step=0).isel(head=0).sel(query_frame=1).values
+        first = int(np.nanargmax(row))
+        assert label.startswith(f"head 0, query frame 1: key frame {first} {row[first]:.3f}, key frame "), label
+        assert page.get_attribute("#time", "aria-valuetext").startswith("pixel frame 4 (of 0–32) · latent frame 1")
         # the chunk's first query frame is the bottom row, as in the notebooks' heatmaps (origin lower)
         box, L = page.locator("#maps canvas").first.bounding_box(), page.evaluate(
             "(() => { const L = document.querySelector('#maps canvas').layout;"
@@ -516,6 +522,12 @@ def test_browser_shows_a_live_stream_as_its_chunks_arrive(runs, tmp_path):
             replay.chunk(0)
             page.wait_for_function("viewer.sample === 'p0000-s1' && Number(document.body.dataset.framesLoaded) === 9")
             assert page.input_value("#sample") == "p0000-s1" and "seed 1" in page.inner_text("#prompt")
+            page.focus("#follow")  # the follow box from the keyboard: space ticks it off (it played the video)
+            page.keyboard.press(" ")
+            assert page.evaluate("document.getElementById('follow').checked") is False
+            assert page.evaluate("viewer.playing") is False
+            page.keyboard.press(" ")
+            assert page.evaluate("document.getElementById('follow').checked") is True
             replay.finish()
             page.wait_for_function("document.getElementById('status').textContent.startsWith('done')")
     finally:

@@ -84,6 +84,8 @@ async function init() {
   $("play").onclick = () => (V.playing ? pause() : play());
   document.addEventListener("keydown", (e) => {
     if (e.target.tagName === "SELECT") return;
+    // a focused checkbox or button takes its own space (the follow box could not be ticked from the keyboard)
+    if (e.key === " " && (e.target.tagName === "BUTTON" || e.target.type === "checkbox")) return;
     if (e.target.id === "time" && e.key.startsWith("Arrow")) return;  // the slider steps itself (oninput)
     if (e.key === " ") { e.preventDefault(); V.playing ? pause() : play(); }
     if (e.key === "ArrowRight") setTime(Math.min(V.t + 1, lastTime()));
@@ -265,6 +267,7 @@ function drawWhere() {
     text += ` · chunk ${chunk.chunk}: latent frames ${f[0]}–${f[f.length - 1]}, pixel frames ${chunk.pixel_first}–${chunk.pixel_stop - 1}`;
   } else text += " · its chunk is not made yet";
   $("where").textContent = text;
+  $("time").setAttribute("aria-valuetext", text);
 }
 
 function drawMaps() {
@@ -283,7 +286,7 @@ function drawMaps() {
   while (box.children.length > heads.length) box.removeChild(box.lastChild);
   while (box.children.length < heads.length) {
     const fig = document.createElement("figure");
-    fig.innerHTML = "<figcaption></figcaption><canvas></canvas>";
+    fig.innerHTML = '<figcaption></figcaption><canvas role="img"></canvas>';
     fig.querySelector("canvas").addEventListener("mousemove", hover);
     fig.querySelector("canvas").addEventListener("mouseleave", () => { $("tooltip").hidden = true; });
     box.appendChild(fig);
@@ -316,6 +319,7 @@ function drawMap(canvas, hi, chunk, latent, attn) {
     return;
   }
   const values = attn.values[hi];
+  canvas.setAttribute("aria-label", mapText(hi, latent, values[latent] || []));
   rows.forEach((qf, r) => {
     for (let kf = 0; kf < F; kf++) {
       const v = values[qf][kf];
@@ -335,6 +339,13 @@ function drawMap(canvas, hi, chunk, latent, attn) {
   for (let kf = 0; kf < F; kf += every) ctx.fillText(`${kf}`, left + kf * cell + cell / 2, tickY);
   ctx.fillStyle = "#d0302a";
   ctx.fillRect(left + rows[0] * cell, top + rows.length * cellH + 1, rows.length * cell, 2);
+}
+
+function mapText(hi, latent, row) {
+  // what a screen reader says of a map: the on-screen query frame's three largest key frames (the canvas is a picture)
+  const top = row.map((v, kf) => [v, kf]).filter(([v]) => v !== null).sort((a, b) => b[0] - a[0]).slice(0, 3);
+  return `head ${V.meta.heads[hi]}, query frame ${latent}: ` +
+    (top.length ? top.map(([v, kf]) => `key frame ${kf} ${v.toFixed(3)}`).join(", ") : "no key frame attended");
 }
 
 function hover(e) {
