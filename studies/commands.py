@@ -110,7 +110,7 @@ def register(subparsers) -> None:
 def layer_list(given) -> list[int] | str | None:
     """--layer as given, once or repeated, each 3, 0-5, 0,4 or all -> the layers in order, once each; "all"; None
     when not given (the command's default)."""
-    from workbench.extract import parse_int_list
+    from workbench.inputs import parse_int_list
 
     if not given:
         return None

@@ -178,10 +178,23 @@ def test_light_modules_do_not_import_torch():
     """What the CLI's --help, the studies and the family description import stays torch-free (the moves did not
     change that: models/wan/__init__.py reads the old module's names lazily)."""
     light = ["models.family", "models.wan.config", "models.common.chunks", "models.common.window",
-             "models.common.labels", "models.world", "workbench.cli", "studies", "models.config"]
-    res = _run(f"import sys\nfor m in {light!r}:\n    __import__(m)\nprint('torch' in sys.modules)")
+             "models.common.labels", "models.world", "workbench.cli", "studies", "models.config", "workbench.inputs"]
+    res = _run(f"import sys\nfor m in {light!r}:\n    __import__(m)\n"
+               "from studies.commands import layer_list\nassert layer_list(['0-3', '5']) == [0, 1, 2, 3, 5]\n"
+               "print('torch' in sys.modules)")  # (report and compare read --layer: it imported the extract stack)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
+
+
+def test_a_model_built_on_meta_imports_no_compiler():
+    """`workbench info` builds the model on the meta device; the blocks' random initial modulation went through
+    torch's reference ops there, which import torch._dynamo and sympy: 3 of its 5 s on a 2-core CPU."""
+    res = _run("import sys, torch\nfrom models.wan.config import preset\nfrom models.wan.model import WanModel\n"
+               "with torch.device('meta'):\n    model = WanModel(preset('tiny'), causal=True)\n"
+               "assert model.blocks[0].modulation.is_meta\n"
+               "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
 
 
 # -------------------------------------------------------------------------------------------- the old paths

@@ -169,7 +169,7 @@ def _pairs(value, num_layers: int, num_heads: int) -> list[list[int]]:
 
 
 def _ints(value, what: str, upper: int | None = None, owner: str = "the model") -> list[int] | None:
-    from workbench.extract import parse_int_list
+    from workbench.inputs import parse_int_list
 
     if value is None or value == "all":
         return None

@@ -101,6 +101,15 @@ CONTIGUOUS_TOKENS = True
 CACHE_ONLY_SKIPS_LAST_BLOCK = True
 
 
+def scaled_randn(shape: tuple[int, ...], divisor: float) -> torch.Tensor:
+    """torch.randn(shape) / divisor, Wan's initial modulation; under `torch.device("meta")` (a model built before
+    its weights are loaded) an empty tensor: randn and division on meta go through torch's reference ops, which
+    import torch._dynamo and sympy (3 s of `workbench info` on a 2-core CPU), for values nobody reads."""
+    if torch.get_default_device().type == "meta":
+        return torch.empty(shape)
+    return torch.randn(shape) / divisor
+
+
 def through_cache(cache, start_frame: int, k, v):
     """Write a chunk's keys/values into a layer's KV cache and return the window its queries attend to: sink +
     window, own chunk included, with the frames each slot holds. Python bookkeeping, run inside
@@ -227,7 +236,7 @@ class WanBlock(nn.Module):
         self.cross_attn = CrossAttention(layer, dim, cfg.num_heads, cfg.eps)
         self.norm2 = LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
         self.ffn = FeedForward(dim, cfg.ffn_dim)
-        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.modulation = nn.Parameter(scaled_randn((1, 6, dim), dim**0.5))
 
     def forward(self, x, e0, text, ctx: ForwardContext, kv: KVCache | None, cross: CrossCache | None):
         # x [B, F*fsl, dim]; e0 [B, F, 6, dim] float32 (per-frame modulation)
@@ -252,7 +261,7 @@ class Head(nn.Module):
         super().__init__()
         self.norm = LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
         self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
-        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+        self.modulation = nn.Parameter(scaled_randn((1, 2, cfg.dim), cfg.dim**0.5))
 
     def forward(self, x, e):
         # x [B, F*fsl, dim]; e [B, F, dim] float32 (the time embedding itself, not e0)

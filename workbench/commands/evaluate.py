@@ -223,7 +223,7 @@ def select_prompts(args) -> list[str]:
 
 def parse_lengths(text: str) -> list[int]:
     from workbench.errors import WorkbenchError
-    from workbench.extract import parse_int_list
+    from workbench.inputs import parse_int_list
 
     lengths = parse_int_list(text, what="--frames value")
     if not lengths or any(f < 3 or f % 3 for f in lengths):
@@ -239,7 +239,7 @@ def run(args) -> int:
     from models.files import check_writable_dir
     from models.video import ensure_writable_dir, mp4_available
     from workbench.errors import WorkbenchError
-    from workbench.extract import parse_int_list
+    from workbench.inputs import parse_int_list
     from workbench.store import StoreLock
 
     # --- everything that can be wrong, before any work (the output folder is made once all of it passed)

@@ -45,7 +45,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from workbench.extract import parse_int_list
+    from workbench.inputs import parse_int_list
     from workbench.legacy import export_legacy
 
     layers = parse_int_list(args.layers, what="layer")

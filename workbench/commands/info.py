@@ -76,7 +76,7 @@ def run(args) -> int:
     from models.wan.config import default_video_size, preset
     from models.wan.embedded import require_embedded_dir
     from workbench.commands import check_frames
-    from workbench.extract import check_device
+    from workbench.inputs import check_device
 
     check_frames(args.frames)
     if args.preset:

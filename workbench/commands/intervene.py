@@ -98,7 +98,7 @@ def entries_from_args(args, num_layers: int, num_heads: int, **rollout):
     """The entries of --spec and the flags, each checked (`parse_entry`; `rollout`: num_frames, num_steps and
     num_chunks, the bounds of frames, steps and chunks)."""
     from workbench.errors import WorkbenchError
-    from workbench.extract import parse_int_list
+    from workbench.inputs import parse_int_list
     from workbench.intervene_entries import parse_entry, parse_flag, sweep_entries
 
     raw = []
