@@ -62,7 +62,8 @@ def load_store(path: str | Path):
         folders = store_folders()
         where = ", ".join(str(f) for f in folders[:4]) + (", ..." if len(folders) > 4 else "")
         raise WorkbenchError(f"no store at {str(path)!r}: looked in the working directory and the folders above it "
-                             f"and the repository ({where}); make it first (`workbench extract --out {shell_word(path)}`; a "
+                             f"and the repository ({where}); make it first "
+                             f"(`workbench extract --out {shell_word(path)}`; a "
                              "notebook names its command above the cell that opens it), or give an absolute path")
     if found != Path(path):
         print(f"opened {found}")  # (not the working directory's: a notebook names the store it shows)

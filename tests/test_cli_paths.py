@@ -68,7 +68,8 @@ def test_prompts_from_standard_input_and_a_pipe(tmp_path, monkeypatch):
     file)."""
     import io
 
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\ufeffa blue circle moving up\n\nun café\n".encode())))
+    text = "\ufeffa blue circle moving up\n\nun café\n"  # (a byte order mark, a blank line, a letter beyond ASCII)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
     with pytest.warns(UserWarning, match="blank line 2 skipped"):
         assert read_prompts("-") == ["a blue circle moving up", "un café"]
     fifo = tmp_path / "fifo"

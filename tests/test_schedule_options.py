@@ -116,7 +116,8 @@ def test_multi_step_flags_on_the_few_step_sampler_are_named(tmp_path, capsys):
         assert ("warning: --num-inference-steps 8 and --guidance-scale 3 do nothing with the causal few-step "
                 "sampler" in err) == bool(extra)
     assert np.array_equal(runs[0].numpy(), runs[4].numpy())
-    store = ["extract", "--layer", "0", "--steps", "0", "--frames", "3", "--out", str(tmp_path / "s.zarr"), "--no-progress"]
+    store = ["extract", "--layer", "0", "--steps", "0", "--frames", "3", "--out", str(tmp_path / "s.zarr"),
+             "--no-progress"]
     assert main(store) == 0
     assert main([*store, "--seed", "42,43", "--guidance-scale", "3"]) == 0  # (it was refused: 'model.guidance: 5.0
     assert "does nothing" in capsys.readouterr().err  # in the store, 3.0 in this run')
