@@ -93,9 +93,11 @@ class Page:
         from plotly.offline import get_plotlyjs
 
         # each figure plotted from its JSON (no "share to the cloud" button: the page works offline); a figure or
-        # table wider than a printed page gets the zoom that fits it there (--print-zoom, used by the print CSS)
+        # table drawn wider than a printed page gets the zoom that fits it there (--print-zoom, used by the print
+        # CSS); a narrower one keeps its size
         loader = (
-            "function fitPrint(el) { var w = el.scrollWidth;"
+            "function fitPrint(el) { var w = 0; el.querySelectorAll('.svg-container, table').forEach(function (c) {"
+            " w = Math.max(w, c.getBoundingClientRect().width); });"  # (the drawing's width, not its box's)
             f" if (w > {PRINT_WIDTH}) el.style.setProperty('--print-zoom', ({PRINT_WIDTH} / w).toFixed(3)); }}"
             " document.querySelectorAll('.tablewrap').forEach(fitPrint);"
             "document.querySelectorAll('script[type=\"application/json\"][id$=\"-json\"]').forEach(function (el) {"

@@ -40,6 +40,8 @@ def test_a_leading_tilde_is_the_home_folder(tmp_path, monkeypatch, capsys):
     assert main(["extract", "--layer", "0", "--out=~/afile"]) == 2  # (refused before any work, under its real name)
     assert f"--out {str(home / 'afile')!r} is a file, not a store" in capsys.readouterr().err
     assert not (tmp_path / "~").exists() and not (home / ".afile.lock").exists()
+    assert main(["evaluate", "--model=x=~/missing.pt,ema", "--out", str(tmp_path / "e")]) == 2  # (a SOURCE after =)
+    assert f"{str(home / 'missing.pt')!r} is no model name" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name, words", [("a::b.zarr", "holds '::', which zarr reads as a chain of URLs"),
@@ -51,6 +53,11 @@ def test_a_store_name_no_writer_could_finish_is_refused_first(name, words, tmp_p
     assert main(["extract", "--layer", "0", "--out", str(tmp_path / name), "--no-progress"]) == 2
     assert words in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+    if "::" in name:  # (behind a symlink too: the writer writes beside the real folder)
+        (tmp_path / "real::dir").mkdir()
+        (tmp_path / "link").symlink_to(tmp_path / "real::dir")
+        assert main(["extract", "--layer", "0", "--out", str(tmp_path / "link" / "x.zarr"), "--no-progress"]) == 2
+        assert "(its real path " in capsys.readouterr().err and list((tmp_path / "real::dir").iterdir()) == []
 
 
 def test_a_report_goes_beside_the_store_it_opened(tmp_path, monkeypatch):
@@ -93,7 +100,9 @@ def test_an_ascii_terminal_and_a_closed_pipe_end_cleanly(tmp_path):
     done = cli("report", "café.zarr", cwd=tmp_path, PYTHONIOENCODING="ascii")
     assert done.returncode == 0 and "wrote caf\\xe9.html" in done.stdout, done.stderr
     environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    info = subprocess.Popen([sys.executable, "-m", "workbench.cli", "info"], cwd=tmp_path, env=environ,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    info.stdout.close()  # (before the process has printed anything: its first line meets a closed pipe)
-    assert info.wait(timeout=300) == 141 and info.stderr.read() == b""
+    environ.pop("PYTHONUNBUFFERED", None)  # (buffered, as a pipe's stdout is: its lines are written at the end)
+    for command in (["info"], ["report", "café.zarr"]):
+        run = subprocess.Popen([sys.executable, "-m", "workbench.cli", *command], cwd=tmp_path, env=environ,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        run.stdout.close()  # (before the process has printed anything: its output meets a closed pipe)
+        assert run.wait(timeout=300) == 141 and run.stderr.read() == b"", command

@@ -266,7 +266,9 @@ def test_a_printed_report_keeps_its_figures_and_tables_whole(store_report, tmp_p
         page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length === "
                                "document.querySelectorAll('.plotly-graph-div').length")
         boxes = page.evaluate("""[...document.querySelectorAll('.figure, .tablewrap')].map(el => ({
-            width: el.scrollWidth, name: el.getAttribute('aria-label'), figure: el.classList.contains('figure')}))""")
+            width: Math.max(...[...el.querySelectorAll('.svg-container, table')].map(
+                c => c.getBoundingClientRect().width)),
+            name: el.getAttribute('aria-label'), figure: el.classList.contains('figure')}))""")
         page.emulate_media(media="print")  # (the widths as drawn on screen; the zoom the print gives each)
         zooms = page.evaluate("[...document.querySelectorAll('.figure, .tablewrap')].map(el => "
                               "Number(getComputedStyle(el).zoom))")
@@ -275,6 +277,8 @@ def test_a_printed_report_keeps_its_figures_and_tables_whole(store_report, tmp_p
         wide = [b for b in boxes if b["width"] * b["zoom"] > PRINT_WIDTH + 2]
         assert not wide, wide
         assert any(b["zoom"] < 1 for b in boxes)  # (the report has boxes wider than the page: they shrank)
+        assert all(b["zoom"] == 1 for b in boxes if b["width"] <= PRINT_WIDTH)  # (narrower ones keep their size)
+        assert any(b["width"] <= PRINT_WIDTH for b in boxes)
         assert all(b["name"] for b in boxes if b["figure"])
         assert page.locator("[data-title='Share chart']").count() == 0
         pdf = page.pdf(path=str(tmp_path / "report.pdf"))

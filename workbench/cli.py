@@ -62,6 +62,15 @@ def _expand_home(args) -> None:
         elif isinstance(value, list):
             setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v
                                  for v in value])
+    if isinstance(getattr(args, "model", None), list):  # evaluate's [LABEL=]SOURCE[,...]: the SOURCE a path
+        args.model = [_expand_source(spec) for spec in args.model]
+
+
+def _expand_source(spec: str) -> str:
+    import os
+
+    label, eq, rest = spec.partition("=") if "=" in spec.split(",")[0] else ("", "", spec)
+    return label + eq + (os.path.expanduser(rest) if rest.startswith("~") else rest)
 
 
 def _escaping_output() -> None:
@@ -74,6 +83,18 @@ def _escaping_output() -> None:
                 stream.reconfigure(errors="backslashreplace")
             except (ValueError, OSError):  # (a detached or closed stream: left as it is)
                 pass
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll says POLLERR for such a write end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # (no file descriptor, no poll on this system)
+        return False
 
 
 def _terminate(signum, frame):
@@ -204,13 +225,18 @@ def main(argv: list[str] | None = None) -> int:
         previous = None
     try:
         try:
-            return args.func(args) or 0
+            status = args.func(args) or 0
+            sys.stdout.flush()  # (a short output waits in the pipe's buffer: a reader gone fails here, not at exit)
+            return status
         finally:
             close_progress_bars()
     except ModelInputError as err:  # bad input (WorkbenchError included): one clear line, no traceback
         print(f"workbench {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `workbench info | head -1`: the reader has gone; quiet, as `cat` would be
+    except BrokenPipeError as err:  # `workbench info | head -1`: the reader has gone; quiet, as `cat` would be
+        if not _stdout_reader_gone():  # (another pipe broke, e.g. ffmpeg's: an error like any other)
+            print(f"workbench {args.command}: error: {err.strerror or err}", file=sys.stderr)
+            return 1
         import os
 
         try:

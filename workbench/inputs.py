@@ -37,7 +37,6 @@ def parse_int_list(text: str | None, *, what: str, upper: int | None = None, own
     return sorted(values)
 
 
-
 def check_device(name: str) -> str:
     """`name` if it is a device this machine has (cpu, cuda, cuda:N), else a WorkbenchError saying what is."""
     import torch

@@ -433,7 +433,8 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
         return Path(cfg.out)
     if len(todo) < len(entries) + 1:
         log(f"resuming: {len(entries) + 1 - len(todo)} of {len(entries) + 1} entries (baseline included) are already "
-            f"in {cfg.out}; computing the other {len(todo)}")
+            f"in {cfg.out}; computing the other {len(todo)}"
+            + ("; the baseline is rolled out again for its videos" if late_baseline else ""))
     device, dtype = torch.device(cfg.device), _dtype(cfg.dtype)
     model = load_model(p, device, dtype)
     encoder = TextEncoder.from_wan_dir(p.wan_dir, device=device)
@@ -456,8 +457,8 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
                  # the cache of the baseline and of every entry that is not a policy (a policy's: its spec)
                  local_attn_size=cfg.local_attn_size, sink_size=cfg.sink_size)
     layout = store_layout(p, attrs) if capture else None  # (the captured steps, layers and chunks)
-    if save_videos:
-        attrs["videos_dir"] = videos_dir(cfg.out).name
+    if save_videos:  # (a new store lists its entries' videos from its first write on: one without the list is older)
+        attrs.update(videos_dir=videos_dir(cfg.out).name, video_entries=[])
     bar = progress_bar(total=len(todo) * len(samples), desc="intervene", unit="rollout", disable=not cfg.progress)
 
     probe = make_probe(model, p, device) if capture else None
@@ -521,9 +522,12 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
             bar.update(1)
         held = policy.capacity(F, n) if policy is not None else window
         detail = policy.describe() if policy is not None else ""
+        if save_videos:  # (listed before the entry is: a kill between the two leaves it listed and unfinished,
+            if writer.completed:  # which readers do not show; its videos, all written, are this entry's)
+                _record_videos(writer.path, attrs["videos_dir"], e.label)
+            else:  # (the first write makes the store, with these attrs)
+                attrs["video_entries"] = [e.label]
         writer.write(entry_dataset(e, samples, per_sample, attrs, F, held, layout, detail), key=e.label)
-        if save_videos:  # (after the entry: its videos, all written, are now the store's)
-            _record_videos(writer.path, attrs["videos_dir"], e.label)
     bar.close()
     log(ranking_text(cfg.out))
     return Path(cfg.out)

@@ -417,9 +417,11 @@ class StoreLock:
         if self.path.exists() and not self.path.is_dir():
             raise WorkbenchError(f"{self.option} {str(self.path)!r} is a file, not {self.what}: give a folder's "
                                  "path (new or existing)")
-        if "::" in str(self.path):
-            raise WorkbenchError(f"{self.option} {str(self.path)!r} holds '::', which zarr reads as a chain of URLs "
-                                 "(its writes would fail): choose a path without it")
+        real = self.path.resolve()  # (a writer writes beside the real folder: a symlink's target)
+        if "::" in str(real):
+            where = "" if "::" in str(self.path) else f" (its real path {str(real)!r})"
+            raise WorkbenchError(f"{self.option} {str(self.path)!r}{where} holds '::', which zarr reads as a chain of "
+                                 "URLs (its writes would fail): choose a path without it")
         name = self.file.name[1:-len(".lock")]  # (the real folder's name: a symlink's target)
         if len(name.encode()) > room:
             raise WorkbenchError(f"{self.option} {str(self.path)!r}: its name is {len(name.encode())} bytes, at most "

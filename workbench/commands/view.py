@@ -49,9 +49,9 @@ def run(args) -> int:
     from pathlib import Path
 
     from workbench.errors import WorkbenchError
+    from workbench.progress import shell_word
     from workbench.view.server import ViewerServer
     from workbench.view.sources import open_source
-    from workbench.progress import shell_word
     from workbench.view.stream import MANIFEST
 
     if not 0 <= args.port <= 65535:

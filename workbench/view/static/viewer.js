@@ -313,9 +313,10 @@ function drawMap(canvas, hi, chunk, latent, attn) {
   ctx.clearRect(0, 0, width, height);
   ctx.font = "11px system-ui, sans-serif"; ctx.textBaseline = "middle";
   if (!chunk || !attn) {
+    const text = !chunk ? "this chunk is not made yet" : V.attnError ? "no data: see the error above" : "loading…";
     ctx.fillStyle = "#777";
-    ctx.fillText(!chunk ? "this chunk is not made yet" : V.attnError ? "no data: see the error above" : "loading…",
-                 left, top + cellH / 2);
+    ctx.fillText(text, left, top + cellH / 2);
+    canvas.setAttribute("aria-label", `head ${V.meta.heads[hi]}: ${text}`);  // (not the last frame's key frames)
     return;
   }
   const values = attn.values[hi];
