@@ -315,13 +315,23 @@ def _videos(page: Page, ds: xr.Dataset, store, top: list[str], samples: int = 2)
         return
     for sample in list(map(str, ds.sample.values))[:samples]:
         page.p(html.escape(f"sample {sample}"))
+        unsaved, gone = [], []  # (said, not left out unseen: no video beside the others reads as a broken page)
         for label in ["baseline", *top[:5]]:
             path = video_file(store, label, sample, attrs=ds.attrs)
-            if saved_videos(ds.attrs, label) and path.is_file():
+            if not saved_videos(ds.attrs, label):
+                unsaved.append(label)
+            elif not path.is_file():
+                gone.append(label)
+            else:
                 data = base64.b64encode(path.read_bytes()).decode()
                 alt = html.escape(f"{label}, sample {sample}: nine pixel frames, first to last", quote=True)
                 page.parts.append(f'<div><code>{html.escape(label)}</code><br>'
                                   f'<img src="data:image/png;base64,{data}" alt="{alt}" style="max-width:100%"></div>')
+        if unsaved:
+            page.p(html.escape(f"No video of {', '.join(unsaved)}: made by a run without --save-videos."))
+        if gone:
+            page.p(html.escape(f"No video of {', '.join(gone)}: saved as {Path(folder).name}/LABEL/{sample}.png, "
+                               "which is no longer there (moved or deleted)."))
 
 
 # ------------------------------------------------------------------------------------------------------- PNGs
@@ -344,15 +354,17 @@ def nice_ticks(top_value: float, n: int = 5) -> list[float]:
     return [round(k * step, 12) for k in range(int(np.ceil(top_value * 1.02 / step)) + 1)]
 
 
-def curve_png(ds: xr.Dataset, labels: list[str], size=(900, 520)):
-    """Per-frame relative latent distance (mean over samples) of `labels`, one coloured line each, with a legend."""
+def curve_png(ds: xr.Dataset, labels: list[str], size=(1100, 620)):
+    """Per-frame relative latent distance (mean over samples) of `labels`, one coloured line each, with a legend;
+    its text 15 pixels high (Pillow's 10-pixel bitmap font was too small to read in a shared copy)."""
     from PIL import Image, ImageDraw
 
     from models.video import font_for  # (labels are the user's: a font that has their letters)
 
     labels = entry_labels(ds, labels)
     W, H = size
-    left, right, top, bottom = 84, 260, 30, 50
+    left, right, top, bottom = 96, 320, 44, 64
+    font = font_for("0123456789.e-+ relative latent distance frame", 15)
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     x = ds.frame.values
@@ -363,58 +375,73 @@ def curve_png(ds: xr.Dataset, labels: list[str], size=(900, 520)):
     py = lambda v: H - bottom - v / ymax * (H - top - bottom)  # noqa: E731
     d.rectangle([left, top, W - right, H - bottom], outline="black")
     for v in ticks:
-        d.line([left - 4, py(v), left, py(v)], fill="black")
-        d.text((28, py(v) - 6), f"{v:.4g}", fill="black")
-    label = Image.new("RGB", (H - top - bottom, 14), "white")  # the y axis's name, written upright
-    ImageDraw.Draw(label).text((label.width // 2 - 70, 1), "relative latent distance", fill="black")
-    img.paste(label.rotate(90, expand=True), (6, top))
+        d.line([left - 5, py(v), left, py(v)], fill="black")
+        d.text((left - 8, py(v)), f"{v:.4g}", fill="black", font=font, anchor="rm")
+    name = "relative latent distance"  # the y axis's name, written upright
+    label = Image.new("RGB", (H - top - bottom, 20), "white")
+    ImageDraw.Draw(label).text((label.width // 2, 10), name, fill="black", font=font, anchor="mm")
+    img.paste(label.rotate(90, expand=True), (8, top))
     for f in x[:: max(1, len(x) // 10)]:
-        d.line([px(f), H - bottom, px(f), H - bottom + 4], fill="black")
-        d.text((px(f) - 6, H - bottom + 8), str(int(f)), fill="black")
-    d.text((left + (W - left - right) // 2 - 40, H - 20), "latent frame", fill="black")
-    d.text((left, 8), "relative latent distance to the baseline (mean over samples)", fill="black")
+        d.line([px(f), H - bottom, px(f), H - bottom + 5], fill="black")
+        d.text((px(f), H - bottom + 8), str(int(f)), fill="black", font=font, anchor="mt")
+    d.text((left + (W - left - right) // 2, H - 10), "latent frame", fill="black", font=font, anchor="mb")
+    d.text((left, 12), "relative latent distance to the baseline (mean over samples)", fill="black",
+           font=font_for("relative latent distance to the baseline", 17))
     for j, (lab, y) in enumerate(ys.items()):
         c = COLOURS[j % len(COLOURS)]
         pts = [(px(f), py(v)) for f, v in zip(x, y) if np.isfinite(v)]
         if len(pts) > 1:
-            d.line(pts, fill=c, width=2)
-        d.line([W - right + 12, top + 14 + 18 * j, W - right + 32, top + 14 + 18 * j], fill=c, width=3)
-        d.text((W - right + 38, top + 8 + 18 * j), lab[:34], fill="black", font=font_for(lab[:34], 12))
+            d.line(pts, fill=c, width=3)
+        row = top + 16 + 24 * j
+        d.line([W - right + 14, row, W - right + 38, row], fill=c, width=4)
+        d.text((W - right + 46, row), lab[:30], fill="black", font=font_for(lab[:30], 15), anchor="lm")
     return img
 
 
-def grid_png(grid: pd.DataFrame, cell: int = 56):
-    """A layer x head map of single-head effects, the value written in each cell (white = 0, darker = larger, a
-    scale strip below), the last layer on top as in the report's map."""
+def grid_png(grid: pd.DataFrame, cell: int = 72):
+    """A layer x head map of single-head effects, the value written in each cell, in the report's colours (viridis
+    from 0 to the largest effect, a scale strip below), the last layer on top as in the report's map; its text 14
+    pixels high."""
     from PIL import Image, ImageDraw
+    from plotly.colors import sample_colorscale
+
+    from models.video import font_for
 
     rows, cols = grid.shape
-    left, top = 60, 40
+    left, top = 64, 56
+    font, small = font_for("0123456789.-Lh", 14), font_for("0123456789.-", 13)
     title = "effect of zeroing one head (rows: layers, columns: heads)"
-    width = max(left + cols * cell + 20, int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title)) + 16)
-    img = Image.new("RGB", (width, top + rows * cell + 60), "white")
+    title_font = font_for(title, 16)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max(left + cols * cell + 24, int(measure.textlength(title, font=title_font)) + 24)
+    img = Image.new("RGB", (width, top + rows * cell + 76), "white")
     d = ImageDraw.Draw(img)
-    d.text((8, 8), title, fill="black")
+    d.text((10, 10), title, fill="black", font=title_font)
     vmax = float(np.nanmax(grid.values)) or 1.0
 
-    def shade(v):
-        return 255 - int(200 * (v / vmax if np.isfinite(v) else 0))
+    def colour(v):  # (the rgb(r, g, b) plotly gives, as a tuple; NaN: light grey)
+        if not np.isfinite(v):
+            return (226, 226, 222)
+        rgb = sample_colorscale("Viridis", [min(max(v / vmax, 0.0), 1.0)])[0]
+        return tuple(int(float(c)) for c in rgb[rgb.index("(") + 1:-1].split(","))
+
+    def ink(rgb):  # (black on the light end of viridis, white on the dark)
+        return "black" if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 140 else "white"
 
     for i, layer in enumerate(grid.index[::-1]):  # the last layer in the first row
         values = grid.loc[layer].values
-        d.text((10, top + i * cell + cell // 2 - 6), f"L{layer}", fill="black")
+        d.text((left - 10, top + i * cell + cell // 2), f"L{layer}", fill="black", font=font, anchor="rm")
         for j, head in enumerate(grid.columns):
-            v = values[j]
-            box = [left + j * cell, top + i * cell, left + (j + 1) * cell - 2, top + (i + 1) * cell - 2]
-            d.rectangle(box, fill=(shade(v), shade(v), 255))
-            d.text((box[0] + 6, box[1] + cell // 2 - 8), f"{v:.3f}" if np.isfinite(v) else "-",
-                   fill="black" if shade(v) > 120 else "white")
+            v, box = values[j], [left + j * cell, top + i * cell, left + (j + 1) * cell - 2, top + (i + 1) * cell - 2]
+            fill = colour(v)
+            d.rectangle(box, fill=fill)
+            d.text(((box[0] + box[2]) // 2, (box[1] + box[3]) // 2), f"{v:.3f}" if np.isfinite(v) else "-",
+                   fill=ink(fill), font=small, anchor="mm")
             if i == 0:
-                d.text((box[0] + cell // 2 - 8, top - 14), f"h{head}", fill="black")
-    y = top + rows * cell + 14  # the scale: 0 (white) to the largest effect
-    for x in range(left, width - 60):
-        c = shade(vmax * (x - left) / max(1, width - 61 - left))
-        d.line([(x, y), (x, y + 10)], fill=(c, c, 255))
-    d.text((left, y + 14), "0", fill="black")
-    d.text((width - 60 - 30, y + 14), f"{vmax:.3f}", fill="black")
+                d.text((left + j * cell + cell // 2, top - 8), f"h{head}", fill="black", font=font, anchor="mb")
+    y = top + rows * cell + 16  # the scale: 0 to the largest effect
+    for x in range(left, width - 70):
+        d.line([(x, y), (x, y + 12)], fill=colour(vmax * (x - left) / max(1, width - 71 - left)))
+    d.text((left, y + 18), "0", fill="black", font=font)
+    d.text((width - 70, y + 18), f"{vmax:.3f}", fill="black", font=font, anchor="ra")
     return img

@@ -268,7 +268,9 @@ def test_the_effect_curve_png_has_round_ticks_ending_on_the_axis_top():
     ds = xr.Dataset({"latent_distance_rel": (("intervention", "sample", "frame"), values)},
                     coords={"intervention": ["a", "b"], "frame": np.arange(4)})
     img = np.asarray(curve_png(ds, ["a", "b"]).convert("L"))
-    assert img.shape == (520, 900) and (img[:, 6:22] < 128).any()  # the upright axis name left of the tick labels
+    assert img.shape == (620, 1100) and (img[:, 8:28] < 128).any()  # the upright axis name left of the tick labels
+    title = np.flatnonzero((img[:40, 96:600] < 128).any(axis=1))  # (Pillow's bitmap font was 10 pixels high:
+    assert title.max() - title.min() >= 13  # too small to read in a shared copy)
 
 
 def test_the_api_takes_spec_dicts_and_the_cfg_samplers(tmp_path):
@@ -321,7 +323,7 @@ def test_effect_figures_name_an_entry_the_store_lacks():
                     coords={"intervention": ["baseline", "a"], "frame": np.arange(4)})
     with pytest.raises(WorkbenchError, match=r"entries \['b'\] are not in the store; it has \['baseline', 'a'\]"):
         curve_png(ds, ["a", "b"])
-    assert curve_png(ds, "a").size == (900, 520)  # one label alone
+    assert curve_png(ds, "a").size == (1100, 620)  # one label alone
     with pytest.raises(WorkbenchError, match="segment 0: give a positive number"):
         drift_table(ds, segment=0)
 

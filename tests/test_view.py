@@ -304,6 +304,11 @@ def test_an_effects_store_shows_the_videos_its_own_runs_saved(tmp_path, one_thre
     # the files there are the old store's)
     assert main(["intervene", "--ablate", "0:0", "--save-videos", "--timestep-shift", "3", *common]) == 0
     assert "nothing to do" in capsys.readouterr().out
+    (tmp_path / "fx_videos" / "baseline" / "p0000-s0.png").unlink()
+    assert main(["report", str(out), "--out", str(tmp_path / "fx.html")]) == 0  # (each missing video said, and why)
+    page = (tmp_path / "fx.html").read_text()
+    assert "No video of ablate-zero:L0.H0: made by a run without --save-videos." in page
+    assert "No video of baseline: saved as fx_videos/LABEL/p0000-s0.png, which is no longer there" in page
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -382,11 +382,12 @@ def saved_videos(attrs: dict, label: str) -> bool:
 def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_videos=False):
     import torch
 
+    from models.video import mp4_available
     from models.wan.text_encoder import TextEncoder
     from workbench.extract import _attrs, _dtype, command_words, load_model, make_probe, sample_rollout, store_layout
     from workbench.hooks import CallFilter, attach
     from workbench.interventions import HeadOutputs
-    from workbench.progress import progress_bar
+    from workbench.progress import printable, progress_bar, shell_word
     from workbench.store import SCHEMA_VERSION
 
     stored = writer.stored("intervention_spec")  # an entry of the same label made with other settings: refused
@@ -530,6 +531,10 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
         writer.write(entry_dataset(e, samples, per_sample, attrs, F, held, layout, detail), key=e.label)
     bar.close()
     log(ranking_text(cfg.out))
+    if save_videos:
+        log(f"videos: {printable(shell_word(videos_dir(cfg.out)))}/LABEL/pPPPP-sS.png"
+            + (" and .mp4" if mp4_available() else "") + " (LABEL with characters other than letters, digits and "
+            ".+-= as _)")
     return Path(cfg.out)
 
 
