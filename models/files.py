@@ -151,30 +151,43 @@ def check_tensor_shapes(expected: dict, state_dict: dict, what: str) -> None:
         raise WeightsMismatchError(f"{what} ({'; '.join(parts)})")
 
 
-def _memo(path: Path, kind: str, memo_dir: Path | None | str, compute):
-    """compute(), remembered by (kind, real path, size, mtime) in memo_dir/file_hashes.json (DEFAULT:
-    `default_memo_dir()`; None: not remembered): what a read of a whole file found (its sha256, its checksums
-    checked) is worked out once per machine, not per run (an 11 GB file)."""
+def _memo(path: Path, kind: str, memo_dir: Path | None | str, compute, keep=lambda value: True):
+    """compute(), remembered in memo_dir/file_hashes.json (DEFAULT: `default_memo_dir()`; None: not remembered):
+    what a read of a whole file found (its sha256, its checksums checked) is worked out once per machine, not per
+    run (an 11 GB file). The key is (kind, real path, size, mtime, inode, ctime): `cp -p`, `rsync -a` and `tar x`
+    give a replaced file its old size and mtime, and a store then took samples of other weights under the old
+    sha256; no tool sets a ctime. A value `keep` refuses (a failed check) is not remembered: a file copied again is
+    read again. Several processes update the file under a lock, each adding its key to what is there (they lost
+    each other's keys)."""
     memo_dir = default_memo_dir() if memo_dir == DEFAULT else memo_dir
     st = path.stat()
-    key = f"{'' if kind == 'sha256' else kind + '|'}{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    key = (f"{'' if kind == 'sha256' else kind + '|'}{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+           f"|{st.st_ino}|{st.st_ctime_ns}")
     memo_file = Path(memo_dir) / "file_hashes.json" if memo_dir is not None else None
-    memo = {}
-    if memo_file is not None and memo_file.is_file():
-        try:
-            memo = json.loads(memo_file.read_text())
-        except (OSError, ValueError):
-            memo = {}
-        if key in memo:
-            return memo[key]
+    if memo_file is not None and key in (memo := _read_memo(memo_file)):
+        return memo[key]
     value = compute()
-    if memo_file is not None:
+    if memo_file is not None and keep(value):
         try:
-            memo[key] = value
-            atomic_write_bytes(memo_file, json.dumps(memo, indent=1, sort_keys=True).encode())
-        except OSError:  # an unwritable cache only costs a re-read next time
+            from filelock import FileLock, Timeout
+
+            with FileLock(str(memo_file) + ".lock", timeout=10):
+                memo = _read_memo(memo_file)
+                memo[key] = value
+                atomic_write_bytes(memo_file, json.dumps(memo, indent=1, sort_keys=True).encode())
+        except (OSError, Timeout):  # an unwritable or busy cache only costs a re-read next time
             pass
     return value
+
+
+def _read_memo(memo_file: Path) -> dict:
+    """The remembered values; {} for a missing, unreadable or damaged file (a truncated one, or JSON that is no
+    object: `null` made every run fail), which the next write replaces."""
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
 
 
 def sha256_file(path, memo_dir: Path | None | str = DEFAULT) -> str:
@@ -208,7 +221,7 @@ def verify_checksums(path, memo_dir: Path | None | str = DEFAULT) -> None:
         except zipfile.BadZipFile:
             return None
 
-    bad = _memo(path, "zip-crc", memo_dir, bad_record)
+    bad = _memo(path, "zip-crc", memo_dir, bad_record, keep=lambda bad: bad is None)
     if bad is not None:  # (records are named FOLDER/data/N, FOLDER the name torch.save wrote it under)
         raise CheckpointError(f"{str(path)!r} is corrupt: its record {bad.split('/', 1)[-1]!r} does not match the "
                               "checksum written with it (the file changed after it was saved: copy or download it "

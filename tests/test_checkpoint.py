@@ -2,6 +2,10 @@
 (keys both ways, and equality of the forward with diffusers' WanTransformer3DModel), and clear errors."""
 
 
+import json
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -323,3 +327,32 @@ def test_damaged_weights_files_are_named_before_any_work_or_at_load(tmp_path, sd
     with pytest.raises(CheckpointError, match=r"bad.pt' is corrupt: its record '.*' does not match the checksum"):
         load_tensors(tmp_path / "bad.pt")
     assert "generator" in load_tensors(pt)
+    old = (tmp_path / "bad.pt").stat()
+    shutil.copyfile(pt, tmp_path / "bad.pt")  # copied again, with the old file's mtime (`cp -p`, `rsync -a`):
+    os.utime(tmp_path / "bad.pt", ns=(old.st_atime_ns, old.st_mtime_ns))  # read again, not "corrupt" from memory
+    assert "generator" in load_tensors(tmp_path / "bad.pt")
+
+
+def test_the_memo_of_file_hashes_sees_a_replaced_file_and_keeps_every_writers_keys(tmp_path):
+    """The memo keyed files by (path, size, mtime): a file replaced with one of the same size and mtime (`cp -p`,
+    `rsync -a`) kept its old sha256, and a store then took samples of other weights under it. Its file holding
+    JSON that is no object (`null`) failed every run; processes updating it at once lost each other's keys."""
+    import multiprocessing
+
+    memo, weights = tmp_path / "memo", tmp_path / "w.bin"
+    weights.write_bytes(b"a" * 1000)
+    stat = weights.stat()
+    first = sha256_file(weights, memo)
+    weights.write_bytes(b"b" * 1000)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # (same size, same mtime: another file)
+    assert sha256_file(weights, memo) != first and sha256_file(weights, memo) == sha256_file(weights, None)
+    (memo / "file_hashes.json").write_text("null")
+    assert sha256_file(weights, memo) == sha256_file(weights, None)  # (and the file is an object again)
+    assert isinstance(json.loads((memo / "file_hashes.json").read_text()), dict)
+    files = [tmp_path / f"f{i}.bin" for i in range(24)]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * 100)
+    with multiprocessing.get_context("spawn").Pool(3) as pool:  # (three writers at once, eight files each)
+        pool.starmap(sha256_file, [(f, memo) for f in files])
+    kept = json.loads((memo / "file_hashes.json").read_text())
+    assert all(any(k.startswith(f"{os.path.realpath(f)}|") for k in kept) for f in files)

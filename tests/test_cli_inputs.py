@@ -773,6 +773,17 @@ def test_progress_bars_redraw_rarely_into_a_log_file(monkeypatch):
         assert bar.mininterval == interval
         bar.close()
     assert progress.progress_bar(total=3, disable=True).disable  # (--no-progress)
+    log = io.StringIO()  # a log: each drawing a line of ASCII; a new postfix (a training loss) forces none
+    monkeypatch.setattr(sys, "stderr", log)
+    bar = progress.progress_bar(total=40, desc="train")
+    for step in range(40):
+        bar.set_postfix(loss=f"{1 / (step + 1):.4g}")
+        bar.set_postfix_str("a video")
+        bar.update(1)
+    bar.close()
+    lines = log.getvalue().split("\n")
+    assert "\r" not in log.getvalue() and all(line.isascii() for line in lines) and lines[-1] == ""
+    assert 1 <= len(lines) - 1 <= 3 and lines[-2].startswith("train: 100%"), lines
 
 
 @pytest.mark.parametrize("command", ["generate", "extract"])

@@ -149,7 +149,8 @@ def _train(args, cfg, sets_sid_alpha) -> int:
         if trainer.interrupted:  # a stopped run is not a finished one: a script's `train && evaluate` stops here
             how = "Ctrl-C" if trainer.stop_signal == 2 else "SIGTERM"
             since = "the last checkpoint" if latest_checkpoint(trainer.logdir) else "step 0 (no checkpoint yet)"
-            print(f"stopped by {how} at step {trainer.step}; the same command with --resume goes on from {since}",
+            print(f"workbench train: stopped by {how} at step {trainer.step}; the same command with --resume goes on "
+                  f"from {since}",
                   file=sys.stderr)
     if dist.get_world_size() > 1:
         trainer.d.barrier()

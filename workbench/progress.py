@@ -57,12 +57,46 @@ def fit(text: str, width: int) -> str:
 
 
 def progress_bar(*args, **kw):
-    """tqdm.auto.tqdm(*args, **kw), redrawn every LOG_INTERVAL seconds at most when stderr is not a terminal."""
+    """tqdm.auto.tqdm(*args, **kw); when stderr is not a terminal (a batch job's log), a line at most every
+    LOG_INTERVAL seconds: each drawing its own line of ASCII (a bar redrawn with a carriage return made one line of
+    megabytes, a message printed meanwhile was glued to its end), and a new postfix (a loss, a video's name) waits
+    for the next drawing (it forced one each step)."""
     from tqdm.auto import tqdm
 
-    if not interactive():
-        kw.setdefault("mininterval", LOG_INTERVAL)
-    return tqdm(*args, **kw)
+    if interactive():
+        return tqdm(*args, **kw)
+    kw.setdefault("mininterval", LOG_INTERVAL)
+    kw.setdefault("ascii", True)
+    kw["file"] = _Lines(kw.get("file") or sys.stderr)
+    return _log_bar_class(tqdm)(*args, **kw)
+
+
+class _Lines:
+    """A stream for a bar drawn into a log: each drawing (tqdm's carriage return and the bar) written as a line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _log_bar_class(tqdm):
+    class LogBar(tqdm):
+        """A bar whose postfix waits for the next drawing."""
+
+        def set_postfix(self, ordered_dict=None, refresh=False, **kwargs):
+            super().set_postfix(ordered_dict, refresh=refresh, **kwargs)
+
+        def set_postfix_str(self, s="", refresh=False):
+            super().set_postfix_str(s, refresh=refresh)
+
+    return LogBar
 
 
 def interactive(stream=None) -> bool:

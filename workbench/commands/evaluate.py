@@ -345,7 +345,8 @@ def _run(args, out, choices, plans, skipped, prompts, seeds, compare, device, dt
             _keep_finished(pending, keep)
         bar.close()  # (before the message: a bar closed after it is drawn again under it)
         sigterm = isinstance(err, Terminated)
-        print(f"\n{'terminated (SIGTERM)' if sigterm else 'interrupted'}: {len(done)} of {len(jobs)} video(s) scored "
+        print(f"\nworkbench evaluate: {'terminated (SIGTERM)' if sigterm else 'interrupted'}: {len(done)} of "
+              f"{len(jobs)} video(s) scored "
               f"and kept in {out / scores.FOLDER}; run the same command again to go on from there", file=sys.stderr)
         return 143 if sigterm else 130
     finally:
