@@ -191,7 +191,7 @@ def _read_memo(memo_file: Path) -> dict:
 
 
 def sha256_file(path, memo_dir: Path | None | str = DEFAULT) -> str:
-    """sha256 of a file's bytes; remembered by (real path, size, mtime) in memo_dir, so an 11 GB file is
+    """sha256 of a file's bytes; remembered by (real path, size, mtime, inode, ctime) in memo_dir, so an 11 GB file is
     hashed once per machine."""
     path = Path(path)
 
