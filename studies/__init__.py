@@ -25,28 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def store_folders() -> list[Path]:
-    """Where a relative store path is looked for, in order: the working directory, each folder above it (a
-    notebook runs in its own folder, e.g. `notebooks/`, next to the `runs/` its commands wrote), and the
-    repository root."""
-    cwd = Path.cwd()
-    return list(dict.fromkeys([cwd, *cwd.parents, REPO_ROOT]))
-
-
-def find_store(path: str | Path) -> Path:
-    """Resolve a store path: as given (absolute, or relative to the working directory), else relative to the first
-    folder above the working directory that has it, else to the repository root (`store_folders`); a path found
-    nowhere comes back as given."""
-    path = Path(path)
-    if path.is_absolute() or path.exists():
-        return path
-    for folder in store_folders():
-        if (folder / path).exists():
-            return folder / path
-    return path
+from workbench.inputs import REPO_ROOT, find_store, store_folders  # noqa: F401 (re-exported: they were here)
 
 
 def load_store(path: str | Path):

@@ -60,7 +60,7 @@ def test_a_store_name_no_writer_could_finish_is_refused_first(name, words, tmp_p
         assert "(its real path " in capsys.readouterr().err and list((tmp_path / "real::dir").iterdir()) == []
 
 
-def test_a_report_goes_beside_the_store_it_opened(tmp_path, monkeypatch):
+def test_a_report_goes_beside_the_store_it_opened(tmp_path, monkeypatch, capsys):
     """`report s.zarr` in a folder below the store's opens the store above (studies.find_store), and wrote its page
     into the working directory, where the docs say it goes beside the store."""
     synthetic.write_store(tmp_path / "s.zarr", "causal", layers=(0,), num_heads=2)
@@ -68,6 +68,9 @@ def test_a_report_goes_beside_the_store_it_opened(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "sub")
     assert main(["report", "s.zarr"]) == 0
     assert (tmp_path / "s.html").is_file() and not (tmp_path / "sub" / "s.html").exists()
+    capsys.readouterr()  # export-legacy finds it too (it said 'no store' and to make one there)
+    assert main(["export-legacy", "s.zarr", "--out", "legacy"]) == 0
+    assert f"opened {tmp_path / 's.zarr'}" in capsys.readouterr().out and any((tmp_path / "sub" / "legacy").iterdir())
 
 
 def test_prompts_from_standard_input_and_a_pipe(tmp_path, monkeypatch):

@@ -1,14 +1,18 @@
-"""Checks of command-line values that need no model: lists of layers, heads, steps or seeds (`parse_int_list`) and
-devices (`check_device`). Light to import (no torch at import time), so that `workbench report --layer 3`, `compare`
-and `info` do not load the extract machinery (torch, transformers, zarr) to read a number: 2 s of `report`'s 4 on a
-2-core CPU. workbench/extract.py re-exports both.
+"""Command-line values that need no model: lists of layers, heads, steps or seeds (`parse_int_list`), devices
+(`check_device`) and where a store given by a relative path is (`find_store`: the working directory, the folders
+above it, the repository). Light to import (no torch at import time), so that `workbench report --layer 3`,
+`compare` and `info` do not load the extract machinery (torch, transformers, zarr) to read a number: 2 s of
+`report`'s 4 on a 2-core CPU. workbench/extract.py re-exports the first two, studies/__init__.py the last.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from workbench.errors import WorkbenchError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_int_list(text: str | None, *, what: str, upper: int | None = None, owner: str = "the model",
@@ -54,3 +58,24 @@ def check_device(name: str) -> str:
     elif dev.type != "cpu":
         raise WorkbenchError(f"device {name!r}: use cpu, cuda or cuda:N")
     return name
+
+
+def store_folders() -> list[Path]:
+    """Where a relative store path is looked for, in order: the working directory, each folder above it (a
+    notebook runs in its own folder, e.g. `notebooks/`, next to the `runs/` its commands wrote), and the
+    repository root."""
+    cwd = Path.cwd()
+    return list(dict.fromkeys([cwd, *cwd.parents, REPO_ROOT]))
+
+
+def find_store(path: str | Path) -> Path:
+    """Resolve a store path: as given (absolute, or relative to the working directory), else relative to the first
+    folder above the working directory that has it, else to the repository root (`store_folders`); a path found
+    nowhere comes back as given."""
+    path = Path(path)
+    if path.is_absolute() or path.exists():
+        return path
+    for folder in store_folders():
+        if (folder / path).exists():
+            return folder / path
+    return path

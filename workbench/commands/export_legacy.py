@@ -45,9 +45,15 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from workbench.inputs import parse_int_list
+    from pathlib import Path
+
+    from workbench.inputs import find_store, parse_int_list
     from workbench.legacy import export_legacy
 
+    store = find_store(args.store)  # (a store above the working directory too, as report finds it)
+    if store != Path(args.store):
+        print(f"opened {store}")
+    args.store = str(store)
     layers = parse_int_list(args.layers, what="layer")
     samples = None if args.samples in (None, "all") else [s.strip() for s in args.samples.split(",") if s.strip()]
     export_legacy(args.store, args.out, layers=layers, samples=samples, step=args.step, train_step=args.train_step)

@@ -49,6 +49,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from workbench.errors import WorkbenchError
+    from workbench.inputs import find_store
     from workbench.progress import shell_word
     from workbench.view.server import ViewerServer
     from workbench.view.sources import open_source
@@ -56,7 +57,10 @@ def run(args) -> int:
 
     if not 0 <= args.port <= 65535:
         raise WorkbenchError(f"--port {args.port}: give a port in 0..65535 (0: any free one)")
-    path = Path(args.path)
+    path = find_store(args.path)  # (a store above the working directory too, as report finds it)
+    if path != Path(args.path):
+        print(f"opened {path}", flush=True)
+    args.path = str(path)
     ready = lambda: (path / MANIFEST).is_file() or (path / "zarr.json").is_file()  # noqa: E731
     waiting = args.wait and not ready()
     source = None if waiting else open_source(args.path, video=args.video, sample=args.sample)
