@@ -419,11 +419,11 @@ def grid_png(grid: pd.DataFrame, cell: int = 72):
     d.text((10, 10), title, fill="black", font=title_font)
     vmax = float(np.nanmax(grid.values)) or 1.0
 
-    def colour(v):  # (the rgb(r, g, b) plotly gives, as a tuple; NaN: light grey)
+    def colour(v):  # (0-255 RGB; NaN: light grey)
         if not np.isfinite(v):
             return (226, 226, 222)
-        rgb = sample_colorscale("Viridis", [min(max(v / vmax, 0.0), 1.0)])[0]
-        return tuple(int(float(c)) for c in rgb[rgb.index("(") + 1:-1].split(","))
+        rgb = sample_colorscale("Viridis", [min(max(v / vmax, 0.0), 1.0)], colortype="tuple")[0]
+        return tuple(round(255 * c) for c in rgb)
 
     def ink(rgb):  # (black on the light end of viridis, white on the dark)
         return "black" if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 140 else "white"

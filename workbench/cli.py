@@ -47,7 +47,8 @@ checkpoint on top of it; info takes --wan-dir or --preset (it reads the config o
 
 
 # the options that name files and folders: a leading ~ is the home folder, as a shell would expand it (bash leaves
-# `--out=~/x` as it is; the store's own files then went to ./~/ and xarray's to the real home, and the run failed)
+# `--out=~/x` as it is; the store's own files then went to ./~/ and xarray's to the real home, and the run failed);
+# evaluate's --model SOURCE is expanded where its spec is parsed (workbench/commands/evaluate.py)
 PATH_OPTIONS = ("checkpoint", "config", "image", "logdir", "out", "path", "prompts", "resume", "spec", "store",
                 "store_a", "store_b", "video", "wan_dir")
 
@@ -62,15 +63,6 @@ def _expand_home(args) -> None:
         elif isinstance(value, list):
             setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v
                                  for v in value])
-    if isinstance(getattr(args, "model", None), list):  # evaluate's [LABEL=]SOURCE[,...]: the SOURCE a path
-        args.model = [_expand_source(spec) for spec in args.model]
-
-
-def _expand_source(spec: str) -> str:
-    import os
-
-    label, eq, rest = spec.partition("=") if "=" in spec.split(",")[0] else ("", "", spec)
-    return label + eq + (os.path.expanduser(rest) if rest.startswith("~") else rest)
 
 
 def _escaping_output() -> None:

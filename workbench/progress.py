@@ -11,6 +11,7 @@ it."""
 
 from __future__ import annotations
 
+import functools
 import sys
 
 LOG_INTERVAL = 30.0  # seconds between redraws when nobody watches a terminal
@@ -86,6 +87,7 @@ class _Lines:
         self.stream.flush()
 
 
+@functools.cache  # (one class, made on the first bar)
 def _log_bar_class(tqdm):
     class LogBar(tqdm):
         """A bar whose postfix waits for the next drawing."""

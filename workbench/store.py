@@ -422,7 +422,7 @@ class StoreLock:
             where = "" if "::" in str(self.path) else f" (its real path {str(real)!r})"
             raise WorkbenchError(f"{self.option} {str(self.path)!r}{where} holds '::', which zarr reads as a chain of "
                                  "URLs (its writes would fail): choose a path without it")
-        name = self.file.name[1:-len(".lock")]  # (the real folder's name: a symlink's target)
+        name = real.name  # (the real folder's name, a symlink's target: the hidden files go beside it)
         if len(name.encode()) > room:
             raise WorkbenchError(f"{self.option} {str(self.path)!r}: its name is {len(name.encode())} bytes, at most "
                                  f"{room} here (the hidden files beside it add 38 to a name's {NAME_MAX}): choose a "

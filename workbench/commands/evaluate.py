@@ -155,6 +155,7 @@ def parse_model_spec(spec: str, args) -> ModelChoice:
 
     label, _, rest = spec.partition("=") if "=" in spec.split(",")[0] else ("", "", spec)
     source, *options = [x.strip() for x in rest.split(",")]
+    source = os.path.expanduser(source) if source.startswith("~") else source  # (a path, as workbench/cli.py's)
     use_ema, sampler = False, args.sampler or "causal_few_step"
     for opt in options:
         if opt == "ema":
