@@ -8,9 +8,10 @@ are written; session 30). The flag must be part of the rollout graphs' key (mode
 each setting records its own graphs. The two settings alternate for `--rounds` rounds of `--repeats` timed
 rollouts each, so that the GPU's drift (its clock under the 700 W limit, bench/gpu_power.py) falls on both;
 every round prints its clock and power, and the latents of the two are compared. Optionally (`--capture`) the
-same for an all-layer fused capture.
+same for an all-layer fused capture (`--skip-plain`: only it, for a flag of the capture's own work, such as
+`models.common.triton_attention:MEANS_FIRST` or `MEANS_PAIRED`, the frame means' order and launches, session 39).
 
-    python bench/bench_flag_ab.py [--flag MODULE:NAME] [--rounds 3] [--repeats 3] [--capture]
+    python bench/bench_flag_ab.py [--flag MODULE:NAME] [--rounds 3] [--repeats 3] [--capture [--skip-plain]]
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--capture", action="store_true", help="also alternate an all-layer fused capture")
+    ap.add_argument("--skip-plain", action="store_true", help="with --capture: only the capture")
     ap.add_argument("--flag", default="models.wan.model:DIRECT_KV_WRITES",
                     help="MODULE:NAME of the boolean flag to alternate (part of the rollout graphs' key)")
     args = ap.parse_args()
@@ -56,7 +58,8 @@ def main():
     noise, context, g = rollout_inputs()
     spec = CaptureSpec(tuple(range(30)), tuple(range(12)), (0, 1, 2, 3, 4), ("attn_mass", "attn_logit"))
     geo = Geometry(batch=1, num_frames=21, frame_seq_len=1560, text_len=512)
-    setups = [("plain", None)] + ([("fused capture, all 30 layers", "fused")] if args.capture else [])
+    setups = ([] if args.skip_plain and args.capture else [("plain", None)]) + \
+        ([("fused capture, all 30 layers", "fused")] if args.capture else [])
     for name, mode in setups:
         model.attention_kernel = "auto" if mode is None else "triton"
         times = {True: [], False: []}

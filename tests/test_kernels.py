@@ -267,6 +267,31 @@ def test_frame_means_kernels_match_float64(fa, tile):
             frame_means_into(x, fsl, out, bad)
 
 
+def test_frame_means_of_several_tensors_in_one_pass_are_the_bits_of_each_alone(fa):
+    """frame_means_many_into (a capture's q and its new keys, two to a launch): every job's frames land in its own
+    output's slots from its first_frame, bitwise what frame_means_into gives each alone, for tensors of other
+    batch strides and frame counts, and an odd number of jobs; a bad job is refused before any output is written."""
+    from models.common.triton_attention import frame_means_into, frame_means_many_into
+
+    B, H, D, fsl = 2, 3, 16, 70
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(B, 2 * fsl, H, D, generator=g).to(DEV, dtype)
+    cache = torch.randn(B, 6 * fsl, H, D, generator=g).to(DEV, dtype)
+    k_new, x3 = cache[:, 3 * fsl : 6 * fsl], torch.randn(B, fsl, H, D, generator=g).to(DEV, dtype)
+    outs = [torch.full((B, H, n, D), float("nan"), device=DEV) for n in (2, 7, 1)]
+    frame_means_many_into([(q, outs[0], 0), (k_new, outs[1], 4), (x3, outs[2], 0)], fsl)
+    alone = [frame_means_into(x, fsl, torch.full_like(o, float("nan")), first_frame=f)
+             for x, o, f in ((q, outs[0], 0), (k_new, outs[1], 4), (x3, outs[2], 0))]
+    for got, want in zip(outs, alone):
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert outs[1][:, :, :4].isnan().all() and not outs[1][:, :, 4:].isnan().any()
+    fresh = [torch.full_like(o, float("nan")) for o in outs[:2]]
+    with pytest.raises(ModelInputError, match="allowed is a contiguous float32"):
+        frame_means_many_into([(q, fresh[0], 0), (k_new, fresh[1], 5)], fsl)  # 3 frames from slot 5 of 7
+    assert fresh[0].isnan().all()
+
+
 @pytest.mark.parametrize("split", [1, 2])
 def test_fused_into_writes_the_buffer_cells(fa, split):
     """frame_forward_into_store writes attn_mass and attn_logit (float64 references) into the given cells of
@@ -577,21 +602,20 @@ def test_model_on_triton_kernel_fused_capture_changes_nothing(fa, monkeypatch):
     plain = rollout()
     fused = StatsProbe(spec, geo, DEV, mode="fused", kernel="triton")
     rec = AttendRecorder(model, [0, 1])
-    averaged, means_into = [], fa.frame_means_into  # (frames, first_frame) of every frame-means pass
+    averaged, means_into = [], fa.frame_means_many_into  # [(frames, first_frame) of q, of k's runs] every call
 
-    def spy(x, frame_seq_len, out, tile=None, first_frame=None):
-        averaged.append((x.shape[1] // frame_seq_len, first_frame))
-        return means_into(x, frame_seq_len, out, tile, first_frame or 0)
+    def spy(jobs, frame_seq_len, tile=None):
+        averaged.append([(x.shape[1] // frame_seq_len, first) for x, _, first in jobs])
+        return means_into(jobs, frame_seq_len, tile)
 
-    monkeypatch.setattr(fa, "frame_means_into", spy)
+    monkeypatch.setattr(fa, "frame_means_many_into", spy)
     assert torch.equal(rollout(fused), plain)
     monkeypatch.undo()
     rec.remove()
     assert fused.last_path == "fused-store"  # the kernel wrote the cells itself
-    calls = 2 * (frames // nfpb) * steps
-    assert averaged.count((nfpb, None)) == calls  # q: every call
-    assert sorted(a for a in averaged if a[1] is not None) == sorted((nfpb, c * nfpb) for c in range(frames // nfpb)
-                                                                   for _ in range(2 * steps))  # k: the new chunk
+    # q (all its frames, from slot 0) and the new chunk's keys (their absolute frames), in one pass a call
+    assert sorted(averaged) == sorted([(nfpb, 0), (nfpb, c * nfpb)] for c in range(frames // nfpb)
+                                      for _ in range(2 * steps))
     exact = StatsProbe(spec, geo, DEV, mode="exact", kernel="triton")
     assert torch.equal(rollout(exact), plain)
     tol = 1e-3 if CUDA else 1e-5

@@ -196,8 +196,9 @@ def test_skipping_the_last_context_pass_keeps_the_latents(one_thread):
 def test_a_context_pass_stops_once_the_last_block_wrote_its_keys(sampler, one_thread, monkeypatch):
     """A context pass runs for what it writes in the KV cache (`cache_only`): the last block stops after its keys
     and values, and the head does not run. The latents and every layer's final cache (a window that evicts) are
-    bitwise those of the whole forward; the last block's FFN runs once fewer per chunk; with an observer attached
-    the whole forward runs, so the observer still sees the last layer's context-pass calls."""
+    bitwise those of the whole forward; the last block's FFN runs once fewer per chunk. With an observer of the
+    last layer's self-attention it runs as far as that call, which the observer sees, and no further; with one of
+    its cross-attention (or of both kinds) the whole forward runs."""
     from models.common.rollout import sample
     from models.wan import model as wan
 
@@ -227,10 +228,14 @@ def test_a_context_pass_stops_once_the_last_block_wrote_its_keys(sampler, one_th
     cfg = 2 if sampler == "causal_multi_step_cfg" else 1  # (two caches, two context passes a chunk)
     # the image's context pass is the rollout's first forward: it fills the cross-attention cache, so it runs whole
     assert ffn_whole - ffn_short == cfg * (chunks - (image is not None))
-    probe = RecordingProbe(CallFilter(layers={len(model.blocks) - 1}, kinds={"self"}))
-    observed, ffn_observed = run(True, probe)
-    assert torch.equal(observed, whole) and ffn_observed == ffn_whole
-    assert sum(r[0].labels.phase == "context" for r in probe.records) == cfg * chunks
+    last_layer = len(model.blocks) - 1
+    for kinds, ffn_expected in (({"self"}, ffn_short), ({"cross"}, ffn_whole), (None, ffn_whole)):
+        probe = RecordingProbe(CallFilter(layers={last_layer}, kinds=kinds))
+        observed, ffn_observed = run(True, probe)
+        assert torch.equal(observed, whole) and ffn_observed == ffn_expected, kinds
+        seen = [(r[0].kind, r[0].labels.phase) for r in probe.records]
+        for kind in kinds or ("self", "cross"):
+            assert seen.count((kind, "context")) == cfg * chunks, (kinds, kind)
 
 
 def test_a_cache_only_forward_writes_the_cache_of_the_whole_forward():

@@ -60,6 +60,12 @@ def runs_on(device: str, dtype: torch.dtype) -> bool:
 # CUDA graphs): 29 ms of GPU time per rollout for q and k, 2.6 TB/s (torch's mean 43 ms, session 19's 64-row
 # blocks 45 ms; bench/RESULTS.md session 20)
 MEANS_TILE = dict(block_r=512, block_c=128, sub=64, num_warps=4)
+# The frame means of q and k computed before the attention kernel rather than after it: q and the chunk's keys were
+# just written by the q/k kernel and may still be in L2, which the attention's sweep over the whole KV window
+# evicts (the same bits either way; bench/bench_flag_ab.py --capture --flag
+# models.common.triton_attention:MEANS_FIRST times the two orders)
+MEANS_FIRST = True
+MEANS_PAIRED = True  # frame_means_many_into runs two tensors to a launch (False: one each; the same bits)
 
 
 def frame_means_into(x: torch.Tensor, frame_seq_len: int, out: torch.Tensor, tile: dict | None = None,
@@ -70,30 +76,56 @@ def frame_means_into(x: torch.Tensor, frame_seq_len: int, out: torch.Tensor, til
     A frame's mean depends on its own rows only (rows counted from the frame's start), so a frame's mean is the
     same bits whichever frames are averaged with it. tile: `MEANS_TILE` updated by these keys
     (bench/bench_frame_means.py times the choices)."""
+    frame_means_many_into([(x, out, first_frame)], frame_seq_len, tile)
+    return out
+
+
+def frame_means_many_into(jobs, frame_seq_len: int, tile: dict | None = None) -> None:
+    """`frame_means_into(x, frame_seq_len, out, tile, first_frame)` for each (x, out, first_frame) of jobs, two
+    tensors to a launch (a capture's q and the new frames of its k: one pass over both, half the launches), every
+    frame's mean the same bits as alone. Every job is checked before any work."""
     t = {**MEANS_TILE, **(tile or {})}
     if tile and (set(t) != set(MEANS_TILE) or t["sub"] > t["block_r"]
                  or not all(isinstance(v, int) and v > 0 and not v & (v - 1) for v in t.values())):
         raise ModelInputError(f"frame_means_into tile {tile}: allowed keys are {sorted(MEANS_TILE)}, each a power of "
                               f"two, sub <= block_r")
+    fsl = int(frame_seq_len)
+    for x, out, first_frame in jobs:
+        B, L, H, D = x.shape
+        nf = L // fsl
+        if (out.dim() != 4 or tuple(out.shape[:2]) != (B, H) or out.shape[3] != D or not 0 <= first_frame
+                or first_frame + nf > out.shape[2] or not out.is_contiguous() or out.dtype != torch.float32):
+            raise ModelInputError(f"frame_means_into out {out.dtype} {tuple(out.shape)} (contiguous: "
+                                  f"{out.is_contiguous()}) for frames {first_frame}..{first_frame + nf - 1} of x "
+                                  f"{tuple(x.shape)}: allowed is a contiguous float32 "
+                                  f"[{B}, {H}, >= {first_frame + nf}, {D}]")
+        if x.shape[2:] != jobs[0][0].shape[2:] or x.device != jobs[0][0].device:
+            raise ModelInputError(f"frame_means_many_into: x {tuple(x.shape)} on {x.device} beside "
+                                  f"{tuple(jobs[0][0].shape)} on {jobs[0][0].device}: allowed are tensors of one "
+                                  "[heads, head_dim] on one device")
+    step = 2 if MEANS_PAIRED else 1
+    for i in range(0, len(jobs), step):
+        _frame_means_launch(jobs[i], jobs[i + 1] if step == 2 and i + 1 < len(jobs) else None, fsl, t)
+
+
+def _frame_means_launch(job, job2, fsl: int, t: dict) -> None:
+    """The two passes of `frame_means_many_into` for one or two checked jobs."""
+    (x, out, f0), (x2, out2, f02) = job, job2 or job
     B, L, H, D = x.shape
+    nf, nf2 = L // fsl, (x2.shape[1] // fsl if job2 else 0)
+    nbf1, nbf = B * nf, B * nf + x2.shape[0] * nf2
     # column blocks: the largest power of two dividing both block_c and the H * D columns
-    nf, block_r, block_c, sub = L // frame_seq_len, t["block_r"], math.gcd(t["block_c"], H * D), t["sub"]
-    if (out.dim() != 4 or tuple(out.shape[:2]) != (B, H) or out.shape[3] != D or not 0 <= first_frame
-            or first_frame + nf > out.shape[2] or not out.is_contiguous() or out.dtype != torch.float32):
-        raise ModelInputError(f"frame_means_into out {out.dtype} {tuple(out.shape)} (contiguous: {out.is_contiguous()}) "
-                              f"for frames {first_frame}..{first_frame + nf - 1} of x {tuple(x.shape)}: allowed is a "
-                              f"contiguous float32 [{B}, {H}, >= {first_frame + nf}, {D}]")
-    n_r = triton.cdiv(frame_seq_len, block_r)
-    part = torch.empty((B * nf, n_r, H * D), dtype=torch.float32, device=x.device)
+    block_r, block_c, sub = t["block_r"], math.gcd(t["block_c"], H * D), t["sub"]
+    n_r = triton.cdiv(fsl, block_r)
+    part = torch.empty((nbf, n_r, H * D), dtype=torch.float32, device=x.device)
     with on_device(x):
-        _frame_row_sums_kernel[(B * nf, n_r, H * D // block_c)](
-            x, part, x.stride(0), x.stride(1), x.stride(2), L, FSL=int(frame_seq_len), HEAD_DIM=D, BLOCK_R=block_r,
-            BLOCK_C=block_c, SUB=sub, num_warps=t["num_warps"])
+        _frame_row_sums_kernel[(nbf, n_r, H * D // block_c)](
+            x, x2, part, x.stride(0), x.stride(1), x.stride(2), x2.stride(0), x2.stride(1), x2.stride(2), nf,
+            max(nf2, 1), nbf1, FSL=fsl, HEAD_DIM=D, BLOCK_R=block_r, BLOCK_C=block_c, SUB=sub, num_warps=t["num_warps"])
         fin_c = math.gcd(128, H * D)
-        _frame_means_finish_kernel[(B * nf, H * D // fin_c)](
-            part, out, H, nf, n_r, out.shape[2], int(first_frame), FSL=int(frame_seq_len), HEAD_DIM=D,
-            BLOCK_C=fin_c, num_warps=4)
-    return out
+        _frame_means_finish_kernel[(nbf, H * D // fin_c)](
+            part, out, out2, H, nf, max(nf2, 1), nbf1, n_r, out.shape[2], out2.shape[2], int(f0), int(f02), FSL=fsl,
+            HEAD_DIM=D, BLOCK_C=fin_c, num_warps=4)
 
 
 def applies(q, k, v, frame_seq_len: int) -> bool:
@@ -245,13 +277,16 @@ def frame_attention(q, k, v, *, frame_seq_len, scale=None, allowed=None, with_ma
         else:
             pacc = pm = pl = f32_any
         if gluon:
+            # the Gluon forward has no frame means: two passes over q and k together (no float32 temporary as
+            # torch's mean's, copied transposed: 0.12 GiB less peak in all-layer capture)
+            means_jobs = [(q, qsum, 0), (k, ksum, 0)] if frame_means and means == "triton" else []
+            if MEANS_FIRST and means_jobs:
+                frame_means_many_into(means_jobs, fsl, means_tile)
             gluon_attention.launch(q, k, v, out, lse, rs, rm, pacc, pm, pl, scale, n_full, split, nkf, fsl,
                                    with_mass, with_lse)
-            if frame_means and means == "triton":  # the Gluon forward has no frame means: two passes each (no
-                # float32 temporary as torch's mean's, copied transposed: 0.12 GiB less peak in all-layer capture)
-                frame_means_into(q, fsl, qsum, means_tile)
-                frame_means_into(k, fsl, ksum, means_tile)
-            elif frame_means:  # torch's mean over the middle dim
+            if means_jobs and not MEANS_FIRST:
+                frame_means_many_into(means_jobs, fsl, means_tile)
+            elif frame_means and not means_jobs:  # torch's mean over the middle dim
                 qsum.copy_(q.reshape(B, nqf, fsl, H, D).mean(2, dtype=torch.float32).transpose(1, 2))
                 ksum.copy_(k.reshape(B, nkf, fsl, H, D).mean(2, dtype=torch.float32).transpose(1, 2))
         else:

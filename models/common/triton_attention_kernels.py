@@ -188,44 +188,58 @@ def _frame_mean(X, stride_x, row0, out_ptr, FSL: tl.constexpr, HEAD_DIM: tl.cons
 
 
 @triton.jit
-def _frame_row_sums_kernel(X, Part, stride_xb, stride_xl, stride_xh, L, FSL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SUB: tl.constexpr):
+def _frame_row_sums_kernel(X, X2, Part, stride_xb, stride_xl, stride_xh, stride_2b, stride_2l, stride_2h, NF, NF2,
+                           NBF1, FSL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+                           BLOCK_C: tl.constexpr, SUB: tl.constexpr):
     """First pass of the frame means (the Gluon path's, launched by triton_attention's `frame_means_into`):
     program (b * nf + f, row block r, column block c) sums rows [r BLOCK_R, (r + 1) BLOCK_R) of frame f of
     X [B, L, H, HEAD_DIM] over BLOCK_C of its H * HEAD_DIM columns in float32 into
     Part [B * nf, cdiv(FSL, BLOCK_R), H * HEAD_DIM], SUB rows at a time (elementwise float32 adds in row order,
     then one sum over the SUB lanes). Blocks of a few hundred rows (bench/bench_frame_means.py timed 48 tilings;
     512 rows of 64-row steps were the fastest), so that hundreds of programs share the reading (a program a
-    frame summing 1560 rows in series measured slower than torch's mean)."""
+    frame summing 1560 rows in series measured slower than torch's mean).
+    Two tensors in one launch: programs bf < NBF1 (= B * NF) take the NF frames a batch row of X, the rest
+    (bf - NBF1 = b * NF2 + f) the NF2 of X2 (strides stride_2*), their sums after X's in Part; a frame's sum is
+    the same bits either way."""
     bf = tl.program_id(0)
-    nf = L // FSL
-    b = bf // nf
-    f = bf % nf
+    if bf < NBF1:
+        b, f = bf // NF, bf % NF
+        base = X + b.to(tl.int64) * stride_xb + (f * FSL).to(tl.int64) * stride_xl
+        sl, sh = stride_xl, stride_xh
+    else:
+        b, f = (bf - NBF1) // NF2, (bf - NBF1) % NF2
+        base = X2 + b.to(tl.int64) * stride_2b + (f * FSL).to(tl.int64) * stride_2l
+        sl, sh = stride_2l, stride_2h
     r = tl.program_id(1)
     cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)  # h * HEAD_DIM + d
-    col_off = ((cols // HEAD_DIM) * stride_xh + cols % HEAD_DIM)[None, :]
+    col_off = ((cols // HEAD_DIM) * sh + cols % HEAD_DIM)[None, :]
     acc = tl.zeros([SUB, BLOCK_C], dtype=tl.float32)
     for r0 in tl.static_range(0, BLOCK_R, SUB):
         rows = r * BLOCK_R + r0 + tl.arange(0, SUB)
-        ptr = X + b.to(tl.int64) * stride_xb + (f * FSL + rows).to(tl.int64)[:, None] * stride_xl + col_off
+        ptr = base + rows.to(tl.int64)[:, None] * sl + col_off
         acc += tl.load(ptr, mask=(rows < FSL)[:, None], other=0.0).to(tl.float32)
     n_r = tl.num_programs(1)
     tl.store(Part + (bf * n_r + r).to(tl.int64) * tl.num_programs(2) * BLOCK_C + cols, tl.sum(acc, 0))
 
 
 @triton.jit
-def _frame_means_finish_kernel(Part, Out, H, NF, N_R, NF_OUT, F0, FSL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                               BLOCK_C: tl.constexpr):
+def _frame_means_finish_kernel(Part, Out, Out2, H, NF, NF2, NBF1, N_R, NF_OUT, NF_OUT2, F0, F02, FSL: tl.constexpr,
+                               HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr):
     """Second pass: Out[:, :, F0 + f] (Out [B, H, NF_OUT, HEAD_DIM] float32) = frame f's N_R partial sums, added in
-    order, / FSL. Program (b * NF + f, column block)."""
+    order, / FSL. Program (b * NF + f, column block); programs bf >= NBF1 write X2's frames into Out2 (NF2 frames a
+    batch row, NF_OUT2 slots, from F02)."""
     bf = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for r in range(0, N_R):
         acc += tl.load(Part + (bf * N_R + r).to(tl.int64) * (H * HEAD_DIM) + cols)
-    b = bf // NF
-    f = bf % NF
-    tl.store(Out + ((b * H + cols // HEAD_DIM) * NF_OUT + F0 + f) * HEAD_DIM + cols % HEAD_DIM, acc * (1.0 / FSL))
+    if bf < NBF1:
+        b, f = bf // NF, bf % NF
+        dst = Out + ((b * H + cols // HEAD_DIM) * NF_OUT + F0 + f) * HEAD_DIM + cols % HEAD_DIM
+    else:
+        b, f = (bf - NBF1) // NF2, (bf - NBF1) % NF2
+        dst = Out2 + ((b * H + cols // HEAD_DIM) * NF_OUT2 + F02 + f) * HEAD_DIM + cols % HEAD_DIM
+    tl.store(dst, acc * (1.0 / FSL))
 
 
 @triton.jit

@@ -96,8 +96,9 @@ DIRECT_KV_WRITES = True  # the chunk's keys/values made in the KV cache's slots 
 CONTIGUOUS_TOKENS = True
 # A forward run only for what it writes in the KV cache (`cache_only`: a rollout's context pass) stops the last block
 # once its keys/values are written: its attention, cross-attention and FFN and the head feed nothing (~85% of one
-# block of the 30: -0.6% on a 1.3B rollout, bench/RESULTS.md session 31); not when observers or interventions are
-# attached (they see every call).
+# block of the 30: -0.6% on a 1.3B rollout, bench/RESULTS.md session 31). With observers or interventions attached
+# the last block runs its self-attention (they see that call), and its cross-attention and FFN only when one of them
+# wants the last layer's cross-attention call of this forward.
 CACHE_ONLY_SKIPS_LAST_BLOCK = True
 
 
@@ -203,9 +204,19 @@ class CrossAttention(nn.Module):
     def attention(self, q, k, v, ctx: ForwardContext):
         """The labelled attention call: q [B, L, heads, head_dim], k, v [B, text_len, heads, head_dim] ->
         [B, L, heads, head_dim]. Eager in a torch.compile'd block, as `SelfAttention.attention`."""
-        call = AttentionCall(self.layer, "cross", ctx.labels, ctx.query_frames, None, ctx.frame_seq_len,
+        return self.attend(q, k, v, self.call(ctx), ctx.observers, interventions=ctx.interventions)
+
+    def call(self, ctx: ForwardContext) -> AttentionCall:
+        """This layer's cross-attention call of the forward `ctx` describes (what observers are shown)."""
+        return AttentionCall(self.layer, "cross", ctx.labels, ctx.query_frames, None, ctx.frame_seq_len,
                              ctx.grid, None, self.num_heads, self.head_dim, ctx.kernel)
-        return self.attend(q, k, v, call, ctx.observers, interventions=ctx.interventions)
+
+    def seen(self, ctx: ForwardContext) -> bool:
+        """Whether an observer or intervention of the forward wants this layer's cross-attention call."""
+        if not ctx.observers and not ctx.interventions:
+            return False
+        call = self.call(ctx)
+        return any(s.wants(call) for s in (*ctx.observers, *ctx.interventions))
 
     def text_kv(self, text):
         """Keys and values of the text tokens: text [B, text_len, dim] -> k, v [B, text_len, heads, head_dim]."""
@@ -254,6 +265,13 @@ class WanBlock(nn.Module):
         mod = (self.modulation.float().unsqueeze(1) + e0).unsqueeze(3)  # [B, F, 6, 1, dim], as `forward`
         shift_sa, scale_sa = mod.unbind(2)[:2]
         self.self_attn.write_cache(fused.norm_modulate(x, shift_sa, scale_sa, self.norm1.eps), ctx, kv)
+
+    def self_attention_only(self, x, e0, ctx: ForwardContext, kv: KVCache) -> None:
+        """The block as far as its self-attention (keys and values into the cache, the observed attention call),
+        and no further: a context pass whose observers want nothing after it. x [B, F*fsl, dim]; e0 [B, F, 6, dim]."""
+        mod = (self.modulation.float().unsqueeze(1) + e0).unsqueeze(3)  # [B, F, 6, 1, dim], as `forward`
+        shift_sa, scale_sa = mod.unbind(2)[:2]
+        self.self_attn(fused.norm_modulate(x, shift_sa, scale_sa, self.norm1.eps), ctx, kv)
 
 
 class Head(nn.Module):
@@ -388,9 +406,10 @@ class WanModel(nn.Module):
         cache       a `RolloutCache` for KV-cache inference (causal only); start_frame = absolute frame of x[:, :, 0]
         labels      what the caller knows about this forward (step, timestep, chunk), passed to attention observers
         cache_only  the forward is run for what it writes in the cache (a rollout's context pass): returns None.
-                    Without gradients, observers and interventions, the last block stops once its keys and
-                    values are written and the head does not run (CACHE_ONLY_SKIPS_LAST_BLOCK); the cache holds
-                    exactly what the whole forward writes
+                    Without gradients, the last block stops once its keys and values are written (after its
+                    self-attention when observers or interventions are attached; whole when one of them wants
+                    its cross-attention call) and the head does not run (CACHE_ONLY_SKIPS_LAST_BLOCK); the cache
+                    holds exactly what the whole forward writes
         returns     [B, 16, F, H, W] flow prediction (None with cache_only)
         """
         if cache_only and cache is None:
@@ -435,12 +454,14 @@ class WanModel(nn.Module):
         # a context pass nobody observes: the last block only writes its keys/values, and the head is not run (not
         # for a torch.compile'd block, whose keys may round otherwise than the eager `write_cache`'s)
         compiled = getattr(self.blocks[-1], "_compiled_call_impl", None) is not None  # (nn.Module.compile's)
-        short = cache_only and CACHE_ONLY_SKIPS_LAST_BLOCK and not grad and not fill_cross and not compiled and \
-            not self.observers and not self.interventions
+        short = cache_only and CACHE_ONLY_SKIPS_LAST_BLOCK and not grad and not fill_cross and not compiled
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else cache.kv[i]
-            if short and i == len(self.blocks) - 1:
-                block.write_cache(tokens, e0, ctx, kv)
+            if short and i == len(self.blocks) - 1 and not block.cross_attn.seen(ctx):
+                if self.observers or self.interventions:  # they see the self-attention call
+                    block.self_attention_only(tokens, e0, ctx, kv)
+                else:
+                    block.write_cache(tokens, e0, ctx, kv)
                 return None
             if kv is not None and grad:  # training: this chunk's k/v keep their gradient
                 kv = GradWindow(kv, start_frame, frames, inplace=cache.kv_gradient == "inplace")

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from models.common import triton_attention  # the model's forward: its public API (frame_attention)
-from models.common.triton_attention import frame_means_into
+from models.common.triton_attention import frame_means_many_into
 from models.common.triton_common import (INTERPRET, LOG2E, allowed_arg, check_device_and_dtype, int32_ok,
                                   last_dim_contiguous, on_device)
 from workbench.errors import WorkbenchError
@@ -106,16 +106,20 @@ def _launch_frame_forward(q, k, v, *, frame_seq_len, scale=None, allowed=None, c
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     kept = store is not None and store.get("key_means") is not None  # the means are made below, not in the forward
     q, k, v = last_dim_contiguous(q, k, v)
+    means_jobs = []
+    if kept and frame_means:  # the kept key means: q's and the new frames', in one pass (before the attention
+        # kernel while q and the new keys may still be in L2: triton_attention.MEANS_FIRST)
+        q_means, k_means = torch.empty((B, H, nqf, D), dtype=torch.float32, device=q.device), store["key_means"]
+        means_jobs = [(q, q_means, 0)] + [(k[:, a * fsl : b * fsl], k_means, first) for a, b, first in store["fresh"]]
+        if triton_attention.MEANS_FIRST:
+            frame_means_many_into(means_jobs, fsl)
     r = triton_attention.frame_attention(q, k, v, frame_seq_len=fsl, scale=scale, allowed=allowed, with_mass=with_mass,
                             frame_means=frame_means and not kept, config=config, use_tma=use_tma)
     if store is not None:
-        q_means, k_means = r.q_means, r.k_means
-        if kept and frame_means:  # the kept key means: q's and the new frames'
-            q_means = torch.empty((B, H, nqf, D), dtype=torch.float32, device=q.device)
-            frame_means_into(q, fsl, q_means)
-            k_means = store["key_means"]
-            for a, b, first in store["fresh"]:
-                frame_means_into(k[:, a * fsl : b * fsl], fsl, k_means, first_frame=first)
+        if means_jobs and not triton_attention.MEANS_FIRST:
+            frame_means_many_into(means_jobs, fsl)
+        if not means_jobs:
+            q_means, k_means = r.q_means, r.k_means
         _store_frame_stats(store, r.row_mass, q_means, k_means, B, H, Lq, nqf, nkf, fsl, D, scale)
         return r.out, None
     mass = None
