@@ -147,7 +147,7 @@ def test_evaluate_refuses_a_folder_another_run_writes(tmp_path, capsys):
 
     out = tmp_path / "eval"
     with StoreLock(out, what="an evaluate folder"):
-        assert main([*GRID, "--out", str(out)]) == 2
+        assert main([*GRID, "--out", str(out)]) == 75
     err = capsys.readouterr().err
     assert f"{str(out)!r} is being written by another process (pid " in err
     assert "an evaluate folder takes one writer at a time" in err

@@ -163,7 +163,7 @@ def test_a_folder_another_generate_writes_is_refused(tmp_path, capsys):
     out = tmp_path / "gen"
     with StoreLock(out, what="a generate folder"):
         assert main(["generate", "--prompt", "a red kite", "--frames", "3", "--out", str(out), "--no-progress",
-                     "--no-video"]) == 2
+                     "--no-video"]) == 75
     err = capsys.readouterr().err
     assert f"{str(out)!r} is being written by another process (pid " in err
     assert "a generate folder takes one writer at a time" in err

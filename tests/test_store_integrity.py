@@ -106,7 +106,7 @@ def test_racing_writers_killed_at_random_then_a_plain_resume_equal_an_uninterrup
             if p.returncode in (-signal.SIGKILL, 0):
                 continue
             lines = err.strip().splitlines()
-            assert p.returncode == 2 and len(lines) == 1, err[-2000:]
+            assert p.returncode == 75 and len(lines) == 1, err[-2000:]  # (try again later)
             m = REFUSED.match(lines[0])
             assert m, lines[0]
             assert int(m.group(1)) in pids - {p.pid}, lines[0]  # it names the process that held the store
@@ -130,8 +130,8 @@ def test_a_held_store_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(extract_mod, "weights_sha256", refuse)
     monkeypatch.setattr(extract_mod, "load_wan", refuse)
     out = tmp_path / "held.zarr"
-    with StoreLock(out):
-        assert cli_main(["extract", "--layer", "0", "--out", str(out), "--no-progress"]) == 2
+    with StoreLock(out):  # 75 (try again later), not bad input's 2: a batch script can tell them apart
+        assert cli_main(["extract", "--layer", "0", "--out", str(out), "--no-progress"]) == 75
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"{str(out)!r} is being written by another process (pid {os.getpid()} on " in err
     assert not out.exists() and not (tmp_path / ".held.zarr.lock.json").exists()  # the holder's record goes with it
@@ -141,8 +141,23 @@ def test_a_held_store_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     (tmp_path / "folder").symlink_to(tmp_path)
     for alias in (tmp_path / "link.zarr", tmp_path / "folder" / "held.zarr"):
         with StoreLock(out):
-            assert cli_main(["extract", "--layer", "0", "--out", str(alias), "--no-progress"]) == 2
+            assert cli_main(["extract", "--layer", "0", "--out", str(alias), "--no-progress"]) == 75
         assert "is being written by another process" in capsys.readouterr().err
+
+
+def test_every_writer_held_by_another_run_exits_75_and_bad_input_2(tmp_path, capsys):
+    """A busy output is "try again later" (75, sysexits' EX_TEMPFAIL) for every command that writes one, bad input
+    is 2: a batch script can retry the one and fix the other."""
+    runs = {"intervene": ["intervene", "--frames", "6", "--world", "off", "--knockout", "0", "--no-progress"],
+            "train": ["train", "--config", "configs/tiny_dmd.yaml", "--max-steps", "0", "--set", "device=cpu"]}
+    for name, argv in runs.items():
+        out = tmp_path / name
+        option = "--logdir" if name == "train" else "--out"
+        with StoreLock(out, option=option):
+            assert cli_main([*argv, option, str(out)]) == 75, name
+        assert "is being written by another process" in capsys.readouterr().err
+        assert cli_main([*argv, option, str(out), "--frames" if name == "intervene" else "--max-steps", "-1"]) == 2
+        assert capsys.readouterr().err.count("error:") == 1
 
 
 def damaged_copy(reference: Path, path: Path, order: list[int], completed: list[str]) -> None:

@@ -74,7 +74,7 @@ def run(args) -> int:
     except TrainingError:
         raise
     except ModelInputError as err:  # missing files, bad checkpoints: one clear line (a WorkbenchError)
-        raise TrainingError(str(err)) from None
+        raise TrainingError.of(err) from None
 
 
 def _run(args) -> int:

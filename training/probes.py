@@ -51,7 +51,7 @@ class ProbeStoreWriter(StoreWriter):
         except TrainingError:
             raise
         except WorkbenchError as err:
-            raise TrainingError(str(err)) from err
+            raise TrainingError.of(err) from err
         self.completed = [int(s) for s in self.completed]
 
     def keep_until(self, step: int) -> None:

@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             close_progress_bars()
     except ModelInputError as err:  # bad input (WorkbenchError included): one clear line, no traceback
         print(f"workbench {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_status", 2)  # (a store another run is writing: 75, try again later)
     except BrokenPipeError as err:  # `workbench info | head -1`: the reader has gone; quiet, as `cat` would be
         if not _stdout_reader_gone():  # (another pipe broke, e.g. ffmpeg's: an error like any other)
             print(f"workbench {args.command}: error: {err.strerror or err}", file=sys.stderr)

@@ -10,6 +10,15 @@ from models.errors import ModelInputError
 class WorkbenchError(ModelInputError):
     """Bad input to a workbench command, found before any work started."""
 
+    exit_status = 2  # the CLI's exit status (workbench/store.py's StoreBusy: 75, try again later)
+
+    @classmethod
+    def of(cls, err: Exception) -> "WorkbenchError":
+        """err's message as this class, keeping its exit status."""
+        wrapped = cls(str(err))
+        wrapped.exit_status = getattr(err, "exit_status", 2)
+        return wrapped
+
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, `timeout`, a batch system's walltime), raised where a command is (workbench/cli.py installs

@@ -508,8 +508,8 @@ def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
             if todo and len(todo) < len(samples):
                 log(f"resuming: {len(samples) - len(todo)} of {len(samples)} samples are already in {cfg.out}; "
                     f"computing the other {len(todo)}")
-        except ModelInputError as err:  # (WorkbenchError included)
-            error = str(err)
+        except ModelInputError as err:  # (WorkbenchError included; as a plain one, which any rank can unpickle)
+            error = WorkbenchError.of(err)
             if writer is not None:
                 writer.close()
                 writer = None
@@ -520,7 +520,7 @@ def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
         dist.broadcast_object_list(box, src=0)
         error, todo, fp, sha = box[0]
     if error is not None:
-        raise WorkbenchError(error)
+        raise error  # (its exit status kept: a store another run writes exits 75)
     try:
         if not todo:
             if rank == 0:

@@ -348,6 +348,14 @@ def sample_dataset(layout: StoreLayout, sample: dict, arrays: dict[str, np.ndarr
     return ds
 
 
+class StoreBusy(WorkbenchError):
+    """Another process holds the store's lock: a refusal to try again later, not bad input. The CLI exits with
+    `exit_status` (75, sysexits' EX_TEMPFAIL: "try again later"), so that a batch script can tell it from a bad
+    command line (2) and retry."""
+
+    exit_status = 75
+
+
 def lock_file(path: str | Path) -> Path:
     """The lock file of a store: `.NAME.lock` beside it (the store folder itself is replaced as a whole), NAME the
     store's real path: a symlink to a store, or a path through a symlinked folder, takes the same lock."""
@@ -398,7 +406,7 @@ class StoreLock:
                 f"cannot take the lock of {str(self.path)!r}: its lock file {str(self.file)!r} belongs to {owner} and "
                 f"this user may not open it; {advice}, or choose another {self.option}") from None
         except Timeout:
-            raise WorkbenchError(
+            raise StoreBusy(
                 f"{str(self.path)!r} is being written by another process ({self.holder()}); {self.what} takes one "
                 "writer at a time: wait for that run to end (a later run resumes where it stopped), or choose "
                 f"another {self.option}") from None
