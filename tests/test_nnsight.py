@@ -102,3 +102,34 @@ def test_nnsight_reads_reproduce_a_windowed_bf16_store(tmp_path, monkeypatch):
     r = run_script(script, tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "reproduced" in r.stdout
+
+
+def test_the_last_layer_is_visited_once_per_forward_under_nnsight(tmp_path):
+    """docs/nnsight.md: every `Attend` module is visited once per DiT forward. The last layer's too: a context pass
+    stops its last block early only while nothing watches that block (models/wan/model.py `watched`), and nnsight's
+    tracing installs its controller on the modules it reads (7 context passes of 35 forwards were missed)."""
+    script = tmp_path / "last.py"
+    script.write_text(textwrap.dedent("""
+        from workbench.nnsight_recipe import extract_rollout, import_nnsight
+
+        nnsight = import_nnsight()
+        from workbench.extract import ExtractConfig
+
+        model, drive, forwards = extract_rollout(ExtractConfig(layers=[0]))
+        wrapped = nnsight.NNsight(model)
+        last = len(model.blocks) - 1
+        for kind in ("self_attn", "cross_attn"):
+            attend = getattr(wrapped.blocks[last], kind).attend
+            with wrapped.trace(42, fn=drive) as tracer:
+                phases = nnsight.save([])
+                for _ in tracer.iter[:forwards]:
+                    phases.append(attend.inputs[0][3].labels.phase)
+            print(kind, last, forwards, len(phases), phases.count("context"))
+    """))
+    r = run_script(script, tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    lines = r.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["self_attn", "cross_attn"]
+    for line in lines:
+        last, forwards, visits, context = map(int, line.split()[1:])
+        assert last > 0 and visits == forwards == 35 and context == 7, line

@@ -198,7 +198,8 @@ def test_a_context_pass_stops_once_the_last_block_wrote_its_keys(sampler, one_th
     and values, and the head does not run. The latents and every layer's final cache (a window that evicts) are
     bitwise those of the whole forward; the last block's FFN runs once fewer per chunk. With an observer of the
     last layer's self-attention it runs as far as that call, which the observer sees, and no further; with one of
-    its cross-attention (or of both kinds) the whole forward runs."""
+    its cross-attention (or of both kinds) the whole forward runs, and so it does while anything watches the last
+    block's modules from outside (a forward hook; a forward set on the instance, as nnsight's tracing does)."""
     from models.common.rollout import sample
     from models.wan import model as wan
 
@@ -211,15 +212,21 @@ def test_a_context_pass_stops_once_the_last_block_wrote_its_keys(sampler, one_th
     model.independent_first_frame = image is not None
     noise = noise[:, :10] if image is not None else noise  # 1 + 3k frames with the image's chunk
 
+    ffn, feed_forward = [], wan.FeedForward.forward  # the last block's FFN runs, counted without a hook
+
+    def counted(self, x):
+        ffn.append(self is last.ffn)
+        return feed_forward(self, x)
+
+    monkeypatch.setattr(wan.FeedForward, "forward", counted)
+
     def run(short, probe=None):
         monkeypatch.setattr(wan, "CACHE_ONLY_SKIPS_LAST_BLOCK", short)
-        ffn = []
-        handle = last.ffn.register_forward_hook(lambda *_: ffn.append(1))
+        ffn.clear()
         with attach(model, probe) if probe is not None else contextlib.nullcontext():
             out = sample(model, "causal_few_step" if image is not None else sampler, noise, ctx, neg,
                          generator=torch.Generator().manual_seed(1), num_inference_steps=2, initial_latent=image)
-        handle.remove()
-        return out, len(ffn)
+        return out, sum(ffn)
 
     whole, ffn_whole = run(False)
     short, ffn_short = run(True)
@@ -236,6 +243,16 @@ def test_a_context_pass_stops_once_the_last_block_wrote_its_keys(sampler, one_th
         seen = [(r[0].kind, r[0].labels.phase) for r in probe.records]
         for kind in kinds or ("self", "cross"):
             assert seen.count((kind, "context")) == cfg * chunks, (kinds, kind)
+    # watched from outside: a forward hook on the last layer's cross-attention, or a forward set on the instance
+    calls = []
+    handle = last.cross_attn.attend.register_forward_hook(lambda m, args, out: calls.append(args[3].labels.phase))
+    hooked, ffn_hooked = run(True)
+    handle.remove()
+    assert torch.equal(hooked, whole) and ffn_hooked == ffn_whole and calls.count("context") == cfg * chunks
+    last.norm3.forward = last.norm3.forward  # (what a tool that wraps a module's forward leaves on the instance)
+    patched, ffn_patched = run(True)
+    del last.norm3.forward
+    assert torch.equal(patched, whole) and ffn_patched == ffn_whole
 
 
 def test_a_cache_only_forward_writes_the_cache_of_the_whole_forward():

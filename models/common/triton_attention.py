@@ -99,10 +99,12 @@ def frame_means_many_into(jobs, frame_seq_len: int, tile: dict | None = None) ->
                                   f"{out.is_contiguous()}) for frames {first_frame}..{first_frame + nf - 1} of x "
                                   f"{tuple(x.shape)}: allowed is a contiguous float32 "
                                   f"[{B}, {H}, >= {first_frame + nf}, {D}]")
-        if x.shape[2:] != jobs[0][0].shape[2:] or x.device != jobs[0][0].device:
-            raise ModelInputError(f"frame_means_many_into: x {tuple(x.shape)} on {x.device} beside "
-                                  f"{tuple(jobs[0][0].shape)} on {jobs[0][0].device}: allowed are tensors of one "
-                                  "[heads, head_dim] on one device")
+        check_device_and_dtype(x, D)
+        x0 = jobs[0][0]
+        if x.shape[2:] != x0.shape[2:] or x.device != x0.device or x.dtype != x0.dtype:
+            raise ModelInputError(f"frame_means_many_into: x {x.dtype} {tuple(x.shape)} on {x.device} beside "
+                                  f"{x0.dtype} {tuple(x0.shape)} on {x0.device}: allowed are tensors of one dtype "
+                                  "and [heads, head_dim] on one device")
     step = 2 if MEANS_PAIRED else 1
     for i in range(0, len(jobs), step):
         _frame_means_launch(jobs[i], jobs[i + 1] if step == 2 and i + 1 < len(jobs) else None, fsl, t)

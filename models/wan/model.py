@@ -98,8 +98,21 @@ CONTIGUOUS_TOKENS = True
 # once its keys/values are written: its attention, cross-attention and FFN and the head feed nothing (~85% of one
 # block of the 30: -0.6% on a 1.3B rollout, bench/RESULTS.md session 31). With observers or interventions attached
 # the last block runs its self-attention (they see that call), and its cross-attention and FFN only when one of them
-# wants the last layer's cross-attention call of this forward.
+# wants the last layer's cross-attention call of this forward. Never while anything watches the last block's modules
+# from outside (`watched`: forward hooks, or a forward replaced on the instance, as nnsight's tracing does): they see
+# every call of the whole forward.
 CACHE_ONLY_SKIPS_LAST_BLOCK = True
+
+
+def watched(module: nn.Module) -> bool:
+    """Whether something outside the model watches the calls of `module` or of a module in it: a forward hook or
+    pre-hook (its own or torch's global ones), or a `forward` set on the instance (nnsight installs its controller
+    so; a monkeypatch). Then the model runs every call whole."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in module.modules())
 
 
 def scaled_randn(shape: tuple[int, ...], divisor: float) -> torch.Tensor:
@@ -454,7 +467,8 @@ class WanModel(nn.Module):
         # a context pass nobody observes: the last block only writes its keys/values, and the head is not run (not
         # for a torch.compile'd block, whose keys may round otherwise than the eager `write_cache`'s)
         compiled = getattr(self.blocks[-1], "_compiled_call_impl", None) is not None  # (nn.Module.compile's)
-        short = cache_only and CACHE_ONLY_SKIPS_LAST_BLOCK and not grad and not fill_cross and not compiled
+        short = cache_only and CACHE_ONLY_SKIPS_LAST_BLOCK and not grad and not fill_cross and not compiled and \
+            not watched(self.blocks[-1])
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else cache.kv[i]
             if short and i == len(self.blocks) - 1 and not block.cross_attn.seen(ctx):
