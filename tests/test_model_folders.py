@@ -148,6 +148,42 @@ def test_info_gives_the_kv_cache_per_layer_and_in_all(capsys):
     assert "1008 tokens per layer, 504 KiB of keys and values per layer in bf16, 2.95 MiB over the 6 layers" in line
 
 
+def test_info_says_what_a_checkpoint_holds_and_which_config_it_fits(tmp_path, capsys):
+    """`info --checkpoint`: each state dict of a Self-Forcing .pt (model.-prefixed), its sizes and dtypes, which
+    built-in config it fits shape for shape (not another size, not a VAE), other entries, and the extract command
+    that loads it; a bare or diffusers-named state dict as well; a missing file is one line, status 2."""
+    from models.wan.checkpoint import to_diffusers
+    from models.wan.config import preset
+    from models.wan.model import WanModel
+
+    sd = WanModel(preset("tiny"), causal=True).to(torch.bfloat16).state_dict()
+    n = sum(v.numel() for v in sd.values())
+    ck = tmp_path / "run" / "checkpoint model 000100.pt"
+    ck.parent.mkdir()
+    save_self_forcing(ck, generator=sd, generator_ema=sd, critic=sd, step=100)
+    assert cli_main(["info", "--checkpoint", str(ck)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"checkpoint: {ck} (")
+    for line, name in zip(lines[1:4], ("generator", "generator_ema", "critic")):
+        assert line.split() == [name, str(len(sd)), "tensors,", f"{n:,}", "parameters", "(bfloat16);", "a", "Wan", "DiT",
+                                "of", "2", "layers", "of", "width", "64", "(FFN", "128);", "fits", "tiny"], line
+    assert lines[4] == "  other entries: step"
+    assert lines[5] == f"load it: workbench extract --wan-dir WAN_DIR --checkpoint '{ck}' (--use-ema: its generator_ema)"
+    assert cli_main(["info", "--checkpoint", str(ck), "--preset", "wan2.1-t2v-1.3b"]) == 0
+    out = capsys.readouterr().out
+    assert "fits none of wan2.1-t2v-1.3b" in out and "model: wan2.1-t2v-1.3b" in out  # then the preset's table
+    bare = tmp_path / "bare.pt"
+    torch.save(to_diffusers({k: v.float() for k, v in sd.items()}), bare)
+    assert cli_main(["info", "--checkpoint", str(bare)]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    assert "(the top level: a bare state dict)" in line and "(float32)" in line and line.endswith("fits tiny")
+    assert cli_main(["info", "--checkpoint", str(EMBEDDED_DIR / "Wan2.1_VAE.pth")]) == 0
+    assert capsys.readouterr().out.splitlines()[1].endswith("not a Wan DiT state dict (no blocks.N.self_attn / ffn "
+                                                            "tensors)")
+    assert cli_main(["info", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "does not exist" in _error(capsys, "info")
+
+
 # a diffusers pipeline folder
 
 

@@ -1,16 +1,19 @@
-"""`workbench info`: what model would run, how big it is, its token geometry and attention backend."""
+"""`workbench info`: what model would run, how big it is, its token geometry and attention backend; with
+--checkpoint, what a weights file holds (its entries, their sizes, which model config each fits)."""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "show a model's config, parameter count, token geometry and attention backend"
+HELP = ("show a model's config, parameter count, token geometry and attention backend, or what a checkpoint "
+        "holds")
 
 EPILOG = """\
 examples:
   workbench info                                   # the embedded default
   workbench info --preset wan2.1-t2v-1.3b          # built on the meta device: no weights needed
   workbench info --wan-dir wan_models/Wan2.1-T2V-1.3B --frames 21 --height 480 --width 832
+  workbench info --checkpoint checkpoints/self_forcing_dmd.pt  # what it holds, which config it fits
 """
 
 
@@ -28,6 +31,12 @@ def register(subparsers) -> None:
     p.add_argument("--num-frame-per-block", type=int, default=3, help="frames per chunk (default: %(default)s)")
     p.add_argument("--device", default=None,
                    help="device whose attention backend to report (default: cuda if available)")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="a weights file (a Self-Forcing .pt, a state dict, .safetensors): list its entries, tensor "
+                        "and parameter counts, dtypes and the model size their shapes say, and whether each fits "
+                        "the --wan-dir or --preset config (without them: the built-in sizes and the embedded "
+                        "default); reads tensor shapes, not values")
+    p.add_argument("--trust-pickle", action="store_true", help="allow a checkpoint that needs full unpickling")
     p.set_defaults(func=run)
 
 
@@ -69,16 +78,99 @@ def describe(config, *, frames: int, height: int, width: int, nfpb: int, device:
     return "\n".join(f"{k:<{width_}}  {v}" for k, v in rows)
 
 
+def describe_checkpoint(path: str, configs: dict, trust_pickle: bool = False, wan_dir: str | None = None) -> str:
+    """What the weights file at `path` holds: one line per state dict in it (a Self-Forcing .pt's generator,
+    generator_ema, critic; a bare state dict's top level) with its tensor and parameter counts, dtypes, the model
+    size its shapes say and which of `configs` ({label: WanConfig}) it fits, key for key and shape for shape; then
+    the extract command that loads it (with `wan_dir`, the folder its config came from)."""
+    from collections import Counter
+    from pathlib import Path
+
+    import torch
+
+    from models.files import load_tensors
+    from models.wan.checkpoint import from_diffusers, strip_prefixes
+    from models.wan.model import WanModel
+
+    blob = load_tensors(path, trust_pickle=trust_pickle)
+    if not isinstance(blob, dict):
+        return f"checkpoint: {path} holds a {type(blob).__name__}, not a state dict or a dict of them"
+    if blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
+        entries, others = {"(the top level: a bare state dict)": blob}, []
+    else:
+        entries = {str(k): v for k, v in blob.items() if isinstance(v, dict)}
+        others = sorted(str(k) for k, v in blob.items() if not isinstance(v, dict))
+    shapes = {}
+    for label, config in configs.items():
+        with torch.device("meta"):
+            shapes[label] = {k: tuple(v.shape) for k, v in WanModel(config, causal=True).state_dict().items()}
+    lines = [f"checkpoint: {path} ({_size(Path(path).stat().st_size)})"]
+    width = max([len(k) for k in entries] + [5])
+    fitting = {}  # entry -> the configs it fits
+    for name, sd in entries.items():
+        sd = {k: v for k, v in strip_prefixes(sd).items() if isinstance(v, torch.Tensor)}
+        if any(k.startswith("condition_embedder.") for k in sd):
+            sd = from_diffusers(sd)
+        params = sum(v.numel() for v in sd.values())
+        dtypes = ", ".join(str(d).removeprefix("torch.") for d, _ in Counter(v.dtype for v in sd.values()).most_common())
+        size = _model_size(sd)
+        got = {k: tuple(v.shape) for k, v in sd.items()}
+        fits = fitting[name] = [label for label, want in shapes.items() if want == got]
+        if not sd:
+            verdict = "holds no tensors"
+        elif fits:
+            verdict = f"fits {' and '.join(fits)}"
+        elif size:
+            verdict = "fits none of " + ", ".join(shapes) + " (give --wan-dir the folder of its size to check it there)"
+        else:
+            verdict = "not a Wan DiT state dict (no blocks.N.self_attn / ffn tensors)"
+        lines.append(f"  {name:<{width}}  {len(sd)} tensors, {params:,} parameters ({dtypes or '-'})"
+                     f"{'; ' + size if size else ''}; {verdict}")
+    if not entries:
+        lines.append("  no state dict in it (top-level entries: " + ", ".join(others[:10]) + ")")
+    elif others:
+        lines.append(f"  other entries: {', '.join(others[:10])}{' ...' if len(others) > 10 else ''}")
+    main = next((k for k in ("generator", "model", "generator_ema") if k in entries), None)
+    if main is not None:
+        from workbench.progress import shell_word
+
+        where = "" if "the embedded default" in fitting[main] else \
+            f" --wan-dir {shell_word(wan_dir)}" if wan_dir else " --wan-dir WAN_DIR"
+        lines.append(f"load it: workbench extract{where} --checkpoint {shell_word(str(path))}"
+                     + (" (--use-ema: its generator_ema)" if "generator_ema" in entries else ""))
+    return "\n".join(lines)
+
+
+def _model_size(sd: dict) -> str:
+    """'30 layers of width 1536 (FFN 8960)' from a Wan state dict's shapes, or '' for another kind of dict."""
+    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    q, ffn = sd.get("blocks.0.self_attn.q.weight"), sd.get("blocks.0.ffn.0.weight")  # [dim, dim], [ffn, dim]
+    if q is None or ffn is None or not blocks:
+        return ""
+    return f"a Wan DiT of {len(blocks)} layers of width {q.shape[0]} (FFN {ffn.shape[0]})"
+
+
 def run(args) -> int:
     import torch
 
     from models.family import WAN, family_of
-    from models.wan.config import default_video_size, preset
+    from models.wan.config import PRESETS, default_video_size, preset
     from models.wan.embedded import require_embedded_dir
     from workbench.commands import check_frames
     from workbench.inputs import check_device
 
     check_frames(args.frames)
+    if args.checkpoint:
+        if args.preset:
+            configs = {args.preset: preset(args.preset)}
+        elif args.wan_dir:
+            configs = {args.wan_dir: family_of(args.wan_dir).read_config(args.wan_dir)}
+        else:
+            folder = require_embedded_dir()
+            configs = {"the embedded default": family_of(folder).read_config(folder), **PRESETS}
+        print(describe_checkpoint(args.checkpoint, configs, args.trust_pickle, args.wan_dir))
+        if not (args.preset or args.wan_dir):
+            return 0  # (the model table below: of the config given with it)
     if args.preset:
         config, name = preset(args.preset), args.preset
     else:
