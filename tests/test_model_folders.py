@@ -13,6 +13,7 @@ the store knows exactly which weights and text encoder made it.
 
 from __future__ import annotations
 
+import argparse
 import shutil
 from pathlib import Path
 
@@ -150,8 +151,10 @@ def test_info_gives_the_kv_cache_per_layer_and_in_all(capsys):
 
 def test_info_says_what_a_checkpoint_holds_and_which_config_it_fits(tmp_path, capsys):
     """`info --checkpoint`: each state dict of a Self-Forcing .pt (model.-prefixed), its sizes and dtypes, which
-    built-in config it fits shape for shape (not another size, not a VAE), other entries, and the extract command
-    that loads it; a bare or diffusers-named state dict as well; a missing file is one line, status 2."""
+    config it fits shape for shape (the one asked for first, then the built-in sizes), an optimiser's nested state
+    counted but not fitted, other entries, and the extract commands that load it (runnable as printed: --use-ema on
+    a line of its own, --trust-pickle where it was needed); a bare or diffusers-named state dict as well; a VAE is
+    no DiT; a folder or a missing file is one line, status 2; lines fit 100 columns."""
     from models.wan.checkpoint import to_diffusers
     from models.wan.config import preset
     from models.wan.model import WanModel
@@ -160,26 +163,46 @@ def test_info_says_what_a_checkpoint_holds_and_which_config_it_fits(tmp_path, ca
     n = sum(v.numel() for v in sd.values())
     ck = tmp_path / "run" / "checkpoint model 000100.pt"
     ck.parent.mkdir()
-    save_self_forcing(ck, generator=sd, generator_ema=sd, critic=sd, step=100)
+    save_self_forcing(ck, generator=sd, generator_ema=sd, critic=sd, step=100,
+                      optimizer={"state": {0: {"exp_avg": torch.zeros(3, 4)}}, "param_groups": [{"lr": 1e-5}]})
     assert cli_main(["info", "--checkpoint", str(ck)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"checkpoint: {ck} (")
-    for line, name in zip(lines[1:4], ("generator", "generator_ema", "critic")):
-        assert line.split() == [name, str(len(sd)), "tensors,", f"{n:,}", "parameters", "(bfloat16);", "a", "Wan", "DiT",
-                                "of", "2", "layers", "of", "width", "64", "(FFN", "128);", "fits", "tiny"], line
-    assert lines[4] == "  other entries: step"
-    assert lines[5] == f"load it: workbench extract --wan-dir WAN_DIR --checkpoint '{ck}' (--use-ema: its generator_ema)"
+    assert lines[0].startswith(f"checkpoint: {ck} (") and max(len(x) for x in lines if str(ck) not in x) <= 100
+    for i, name in enumerate(("generator", "generator_ema", "critic")):
+        assert lines[1 + 2 * i].split() == [name, str(len(sd)), "tensors,", f"{n:,}", "parameters", "(bfloat16)"]
+        assert lines[2 + 2 * i].strip() == "Wan DiT, 2 layers, width 64, FFN 128: fits tiny"
+    assert lines[7].split()[:2] == ["optimizer", "1"] and lines[8].strip().startswith("nested state")
+    assert lines[9] == "  other entries: step"
+    assert lines[10:] == [f"load it: workbench extract --checkpoint '{ck}' --wan-dir WAN_DIR",
+                          "         (WAN_DIR: the Wan2.1 folder of tiny)",
+                          "its EMA weights (generator_ema): the same with --use-ema"]
     assert cli_main(["info", "--checkpoint", str(ck), "--preset", "wan2.1-t2v-1.3b"]) == 0
     out = capsys.readouterr().out
-    assert "fits none of wan2.1-t2v-1.3b" in out and "model: wan2.1-t2v-1.3b" in out  # then the preset's table
+    assert "FFN 128: does not fit wan2.1-t2v-1.3b; fits tiny" in out and "model: wan2.1-t2v-1.3b" in out
+    zoo = EMBEDDED_DIR / "checkpoints" / "self_forcing_dmd.pt"
+    assert cli_main(["info", "--checkpoint", str(zoo)]) == 0
+    assert f"load it: workbench extract --checkpoint {zoo}\n" in capsys.readouterr().out  # (the default folder's)
     bare = tmp_path / "bare.pt"
     torch.save(to_diffusers({k: v.float() for k, v in sd.items()}), bare)
     assert cli_main(["info", "--checkpoint", str(bare)]) == 0
-    line = capsys.readouterr().out.splitlines()[1]
-    assert "(the top level: a bare state dict)" in line and "(float32)" in line and line.endswith("fits tiny")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith(": a bare state dict") and "(float32)" in lines[1] and lines[2].endswith("fits tiny")
+    assert lines[3].startswith("load it: as the diffusion_pytorch_model.safetensors of a Wan folder")
+    assert cli_main(["info", "--checkpoint", str(EMBEDDED_DIR / "diffusion_pytorch_model.safetensors")]) == 0
+    lines = capsys.readouterr().out.splitlines()  # (read from its header: shapes and dtypes)
+    assert "(bfloat16)" in lines[1] and lines[2].endswith("FFN 384: fits the embedded default")
     assert cli_main(["info", "--checkpoint", str(EMBEDDED_DIR / "Wan2.1_VAE.pth")]) == 0
-    assert capsys.readouterr().out.splitlines()[1].endswith("not a Wan DiT state dict (no blocks.N.self_attn / ffn "
-                                                            "tensors)")
+    assert capsys.readouterr().out.splitlines()[2].strip() == ("not a Wan DiT state dict (no blocks.N.self_attn / "
+                                                               "ffn tensors)")
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"generator": {f"model.{k}": v for k, v in sd.items()}, "args": argparse.Namespace(lr=1)}, pickled)
+    assert cli_main(["info", "--checkpoint", str(pickled)]) == 2
+    assert "--trust-pickle" in _error(capsys, "info")
+    assert cli_main(["info", "--checkpoint", str(pickled), "--trust-pickle"]) == 0
+    assert f"load it: workbench extract --checkpoint {pickled} --trust-pickle --wan-dir WAN_DIR\n" in \
+        capsys.readouterr().out  # (the flag it needed, in the command)
+    assert cli_main(["info", "--checkpoint", str(ck.parent)]) == 2
+    assert "is a directory; it holds checkpoint model 000100.pt" in _error(capsys, "info")
     assert cli_main(["info", "--checkpoint", str(tmp_path / "none.pt")]) == 2
     assert "does not exist" in _error(capsys, "info")
 

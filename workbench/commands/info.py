@@ -78,11 +78,14 @@ def describe(config, *, frames: int, height: int, width: int, nfpb: int, device:
     return "\n".join(f"{k:<{width_}}  {v}" for k, v in rows)
 
 
-def describe_checkpoint(path: str, configs: dict, trust_pickle: bool = False, wan_dir: str | None = None) -> str:
-    """What the weights file at `path` holds: one line per state dict in it (a Self-Forcing .pt's generator,
-    generator_ema, critic; a bare state dict's top level) with its tensor and parameter counts, dtypes, the model
-    size its shapes say and which of `configs` ({label: WanConfig}) it fits, key for key and shape for shape; then
-    the extract command that loads it (with `wan_dir`, the folder its config came from)."""
+def describe_checkpoint(path: str, configs: dict, trust_pickle: bool = False, wan_dir: str | None = None,
+                        asked: str | None = None) -> str:
+    """What the weights file at `path` holds: per state dict in it (a Self-Forcing .pt's generator, generator_ema,
+    critic; a bare state dict's top level) its tensor and parameter counts and dtypes, then the model size its
+    shapes say and which of `configs` ({label: WanConfig}) it fits, key for key and shape for shape (`asked`: the
+    config the user named, said first); then the extract commands that load it (with `wan_dir`, the folder the
+    asked config came from). Other entries (an optimiser's state) are counted, not fitted."""
+    import re
     from collections import Counter
     from pathlib import Path
 
@@ -91,63 +94,121 @@ def describe_checkpoint(path: str, configs: dict, trust_pickle: bool = False, wa
     from models.files import load_tensors
     from models.wan.checkpoint import from_diffusers, strip_prefixes
     from models.wan.model import WanModel
+    from workbench.progress import shell_word
+    from workbench.weights import check_weights_args
 
-    blob = load_tensors(path, trust_pickle=trust_pickle)
+    check_weights_args(path, False, trust_pickle=trust_pickle)  # (a folder, a missing or damaged file: one line)
+    head = f"checkpoint: {path} ({_size(Path(path).stat().st_size)})"
+    shard = re.search(r"-(\d+)-of-(\d+)\.safetensors$", Path(path).name)
+    if shard:  # (its tensors are some of a model's: no size or fit to say)
+        return (f"{head}\n  shard {int(shard.group(1))} of {int(shard.group(2))} of a model split over files: the "
+                f"model is its folder,\n  --wan-dir {shell_word(str(Path(path).parent))}")
+    # shapes and dtypes only: a .safetensors file's header (tensors on the meta device), a .pt memory-mapped
+    blob = _safetensors_header(path) if Path(path).suffix == ".safetensors" else \
+        load_tensors(path, trust_pickle=trust_pickle)
     if not isinstance(blob, dict):
-        return f"checkpoint: {path} holds a {type(blob).__name__}, not a state dict or a dict of them"
-    if blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
-        entries, others = {"(the top level: a bare state dict)": blob}, []
-    else:
-        entries = {str(k): v for k, v in blob.items() if isinstance(v, dict)}
-        others = sorted(str(k) for k, v in blob.items() if not isinstance(v, dict))
+        return f"{head}\n  a {type(blob).__name__}, not a state dict or a dict of them"
+    bare = bool(blob) and all(isinstance(v, torch.Tensor) for v in blob.values())
+    entries = {"(top level)": blob} if bare else {str(k): v for k, v in blob.items() if isinstance(v, dict)}
+    others = [] if bare else sorted(str(k) for k, v in blob.items() if not isinstance(v, dict))
     shapes = {}
     for label, config in configs.items():
         with torch.device("meta"):
             shapes[label] = {k: tuple(v.shape) for k, v in WanModel(config, causal=True).state_dict().items()}
-    lines = [f"checkpoint: {path} ({_size(Path(path).stat().st_size)})"]
+    lines = [head + (": a bare state dict" if bare else "")]
     width = max([len(k) for k in entries] + [5])
     fitting = {}  # entry -> the configs it fits
     for name, sd in entries.items():
-        sd = {k: v for k, v in strip_prefixes(sd).items() if isinstance(v, torch.Tensor)}
-        if any(k.startswith("condition_embedder.") for k in sd):
-            sd = from_diffusers(sd)
-        params = sum(v.numel() for v in sd.values())
-        dtypes = ", ".join(str(d).removeprefix("torch.") for d, _ in Counter(v.dtype for v in sd.values()).most_common())
-        size = _model_size(sd)
-        got = {k: tuple(v.shape) for k, v in sd.items()}
+        flat = {k: v for k, v in strip_prefixes(sd).items() if isinstance(v, torch.Tensor)}
+        if any(k.startswith("condition_embedder.") for k in flat):
+            flat = from_diffusers(flat)
+        nested = _tensors(sd)
+        params = sum(v.numel() for v in nested)
+        dtypes = ", ".join(str(d).removeprefix("torch.") for d, _ in Counter(v.dtype for v in nested).most_common())
+        lines.append(f"  {name:<{width}}  {len(nested)} tensors, {params:,} parameters ({dtypes or '-'})")
+        got = {k: tuple(v.shape) for k, v in flat.items()}
         fits = fitting[name] = [label for label, want in shapes.items() if want == got]
-        if not sd:
-            verdict = "holds no tensors"
-        elif fits:
-            verdict = f"fits {' and '.join(fits)}"
-        elif size:
-            verdict = "fits none of " + ", ".join(shapes) + " (give --wan-dir the folder of its size to check it there)"
-        else:
+        size = _model_size(flat)
+        if len(flat) < len(nested):
+            verdict = "nested state (an optimiser's, say), not model weights"
+        elif not nested:
+            verdict = "no tensors"
+        elif not size:
             verdict = "not a Wan DiT state dict (no blocks.N.self_attn / ffn tensors)"
-        lines.append(f"  {name:<{width}}  {len(sd)} tensors, {params:,} parameters ({dtypes or '-'})"
-                     f"{'; ' + size if size else ''}; {verdict}")
+        elif asked and asked not in fits:
+            verdict = f"{size}: does not fit {asked}" + (f"; fits {' and '.join(fits)}" if fits else "")
+        else:
+            verdict = f"{size}: " + (f"fits {' and '.join(fits)}" if fits else "fits none of the built-in sizes "
+                                     "(give --wan-dir the folder it belongs to, to check it there)")
+        lines.append(f"  {'':<{width}}  {verdict}")
     if not entries:
-        lines.append("  no state dict in it (top-level entries: " + ", ".join(others[:10]) + ")")
-    elif others:
+        lines.append("  no state dict in it")
+    if others:
         lines.append(f"  other entries: {', '.join(others[:10])}{' ...' if len(others) > 10 else ''}")
-    main = next((k for k in ("generator", "model", "generator_ema") if k in entries), None)
-    if main is not None:
-        from workbench.progress import shell_word
-
-        where = "" if "the embedded default" in fitting[main] else \
-            f" --wan-dir {shell_word(wan_dir)}" if wan_dir else " --wan-dir WAN_DIR"
-        lines.append(f"load it: workbench extract{where} --checkpoint {shell_word(str(path))}"
-                     + (" (--use-ema: its generator_ema)" if "generator_ema" in entries else ""))
+    main = next((k for k in ("generator", "model", "generator_ema", "(top level)") if k in entries), None)
+    fits = fitting.get(main, [])
+    if main is None or not fits:
+        return "\n".join(lines)
+    if asked in fits and wan_dir:
+        where = f" --wan-dir {shell_word(wan_dir)}"
+    elif "the embedded default" in fits:
+        where = ""
+    else:
+        where = f" --wan-dir WAN_DIR (the Wan2.1 folder of {fits[0]})"
+    if main == "(top level)":
+        lines.append("load it: as the diffusion_pytorch_model.safetensors of a Wan folder (beside its "
+                     "config.json),\n         or saved as {'generator': state_dict} for --checkpoint")
+        return "\n".join(lines)
+    command = f"workbench extract --checkpoint {shell_word(str(path))}{' --trust-pickle' if trust_pickle else ''}"
+    if where.startswith(" --wan-dir WAN_DIR"):
+        lines.append(f"load it: {command} --wan-dir WAN_DIR")
+        lines.append(f"         (WAN_DIR: the Wan2.1 folder of {fits[0]})")
+    else:
+        lines.append(f"load it: {command}{where}")
+    if main != "generator_ema" and "generator_ema" in entries:
+        lines.append("its EMA weights (generator_ema): the same with --use-ema")
     return "\n".join(lines)
 
 
+def _safetensors_header(path) -> dict:
+    """{name: an empty tensor on the meta device of the file's shape and dtype} from a .safetensors header."""
+    import torch
+    from safetensors import safe_open
+
+    from models.errors import CheckpointError
+
+    dtypes = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), dtype=dtypes.get(f.get_slice(k).get_dtype(),
+                                                                                 torch.uint8), device="meta")
+                    for k in f.keys()}
+    except Exception as err:
+        raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {err}") from err
+
+
+def _tensors(x) -> list:
+    """Every tensor in x, however deep in dicts and lists (an optimiser state nests them)."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        x = list(x.values())
+    if isinstance(x, (list, tuple)):
+        return [t for item in x for t in _tensors(item)]
+    return []
+
+
 def _model_size(sd: dict) -> str:
-    """'30 layers of width 1536 (FFN 8960)' from a Wan state dict's shapes, or '' for another kind of dict."""
+    """'Wan DiT, 30 layers, width 1536, FFN 8960' from a Wan state dict's shapes, or '' for another dict."""
     blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()}
     q, ffn = sd.get("blocks.0.self_attn.q.weight"), sd.get("blocks.0.ffn.0.weight")  # [dim, dim], [ffn, dim]
     if q is None or ffn is None or not blocks:
         return ""
-    return f"a Wan DiT of {len(blocks)} layers of width {q.shape[0]} (FFN {ffn.shape[0]})"
+    return f"Wan DiT, {len(blocks)} layers, width {q.shape[0]}, FFN {ffn.shape[0]}"
 
 
 def run(args) -> int:
@@ -161,14 +222,12 @@ def run(args) -> int:
 
     check_frames(args.frames)
     if args.checkpoint:
-        if args.preset:
-            configs = {args.preset: preset(args.preset)}
-        elif args.wan_dir:
-            configs = {args.wan_dir: family_of(args.wan_dir).read_config(args.wan_dir)}
-        else:
-            folder = require_embedded_dir()
-            configs = {"the embedded default": family_of(folder).read_config(folder), **PRESETS}
-        print(describe_checkpoint(args.checkpoint, configs, args.trust_pickle, args.wan_dir))
+        folder = require_embedded_dir()
+        configs = {"the embedded default": family_of(folder).read_config(folder), **PRESETS}
+        asked = args.preset or args.wan_dir
+        if args.wan_dir:
+            configs = {args.wan_dir: family_of(args.wan_dir).read_config(args.wan_dir), **configs}
+        print(describe_checkpoint(args.checkpoint, configs, args.trust_pickle, args.wan_dir, asked))
         if not (args.preset or args.wan_dir):
             return 0  # (the model table below: of the config given with it)
     if args.preset:
