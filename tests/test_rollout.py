@@ -212,13 +212,15 @@ def test_a_context_pass_stops_once_the_last_block_wrote_its_keys(sampler, one_th
     model.independent_first_frame = image is not None
     noise = noise[:, :10] if image is not None else noise  # 1 + 3k frames with the image's chunk
 
-    ffn, feed_forward = [], wan.FeedForward.forward  # the last block's FFN runs, counted without a hook
+    # the blocks' cross-attention residuals (one a block: the last block's runs only in a whole forward), counted
+    # through the function module the blocks call, which no check of the model's modules sees
+    ffn, add_norm = [], wan.fused.add_norm_modulate
 
-    def counted(self, x):
-        ffn.append(self is last.ffn)
-        return feed_forward(self, x)
+    def counted(*args, **kwargs):
+        ffn.append(True)
+        return add_norm(*args, **kwargs)
 
-    monkeypatch.setattr(wan.FeedForward, "forward", counted)
+    monkeypatch.setattr(wan.fused, "add_norm_modulate", counted)
 
     def run(short, probe=None):
         monkeypatch.setattr(wan, "CACHE_ONLY_SKIPS_LAST_BLOCK", short)
@@ -253,6 +255,36 @@ def test_a_context_pass_stops_once_the_last_block_wrote_its_keys(sampler, one_th
     patched, ffn_patched = run(True)
     del last.norm3.forward
     assert torch.equal(patched, whole) and ffn_patched == ffn_whole
+    # a class's forward replaced, the attention entry point replaced, or a block wrapped in another module
+    from models.common import attention
+    from models.common.attention import Attend
+
+    seen, attend_forward, entry = [], Attend.forward, attention.attend
+    for where, name, fn in ((Attend, "forward", lambda self, q, k, v, call, *a, **kw: seen.append(call.layer) or
+                             attend_forward(self, q, k, v, call, *a, **kw)),
+                            (attention, "attend", lambda q, k, v, call, *a, **kw: seen.append(call.layer) or
+                             entry(q, k, v, call, *a, **kw))):
+        seen.clear()
+        with monkeypatch.context() as m:
+            m.setattr(where, name, fn)
+            out, ffn_out = run(True)
+        assert torch.equal(out, whole) and ffn_out == ffn_whole, name
+        assert seen.count(last.self_attn.layer) == seen.count(0), name  # every call of the last layer too
+
+    class Wrapper(torch.nn.Module):  # (a residual-stream recorder around a block)
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, *args):
+            self.calls += 1
+            return self.inner(*args)
+
+    model.blocks[-1] = wrapper = Wrapper(last)
+    wrapped, ffn_wrapped = run(True)
+    model.blocks[-1] = last
+    assert torch.equal(wrapped, whole) and ffn_wrapped == ffn_whole
+    assert wrapper.calls == ffn_whole // len(model.blocks)  # every forward of the rollout
 
 
 def test_a_cache_only_forward_writes_the_cache_of_the_whole_forward():

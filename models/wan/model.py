@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from models.common.attention import AttentionCall, Attend, ForwardLabels, ObserverList
+from models.common import attention as attention_entry
+from models.common.attention import AttentionCall, Attend, ForwardLabels, ObserverList, attend as ATTEND
 from models.common.attention_kernels import check_kernel
 from models.common.chunks import chunk_spans
 from models.common.kv_cache import CrossCache, GradWindow, KeyStamps, KVCache, RolloutCache
@@ -99,20 +100,27 @@ CONTIGUOUS_TOKENS = True
 # block of the 30: -0.6% on a 1.3B rollout, bench/RESULTS.md session 31). With observers or interventions attached
 # the last block runs its self-attention (they see that call), and its cross-attention and FFN only when one of them
 # wants the last layer's cross-attention call of this forward. Never while anything watches the last block's modules
-# from outside (`watched`: forward hooks, or a forward replaced on the instance, as nnsight's tracing does): they see
-# every call of the whole forward.
+# from outside (`watched`: forward hooks, a forward replaced on the instance, as nnsight's tracing does, or on the
+# class, a module of another class, the attention entry point replaced): they see every call of the whole forward.
 CACHE_ONLY_SKIPS_LAST_BLOCK = True
+# the module classes of a block and their forwards as defined (filled below the classes; models/wan/accel.py adds
+# its FP8 linear layer): a block made of anything else, or one whose class's forward was replaced, runs whole
+OWN_FORWARDS: dict = {}
 
 
 def watched(module: nn.Module) -> bool:
-    """Whether something outside the model watches the calls of `module` or of a module in it: a forward hook or
-    pre-hook (its own or torch's global ones), or a `forward` set on the instance (nnsight installs its controller
-    so; a monkeypatch). Then the model runs every call whole."""
+    """Whether something outside the model may watch the calls of `module` or of a module in it: a forward hook or
+    pre-hook (its own or torch's global ones), a `forward` set on the instance (nnsight installs its controller so;
+    a monkeypatch) or on the class, a module of a class not in `OWN_FORWARDS` (a wrapper around a block), or the
+    attention entry point `models.common.attention.attend` replaced. Then the model runs every call whole."""
     from torch.nn.modules import module as torch_module
 
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in module.modules())
+    if attention_entry.attend is not ATTEND:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
+               or OWN_FORWARDS.get(type(m)) is not type(m).forward for m in module.modules())
 
 
 def scaled_randn(shape: tuple[int, ...], divisor: float) -> torch.Tensor:
@@ -485,6 +493,10 @@ class WanModel(nn.Module):
             else:
                 tokens = block(tokens, e0, text, ctx, kv, cross)
         return None if cache_only else self.unpatchify(self.head(tokens, e), grid)
+
+
+OWN_FORWARDS.update({cls: cls.forward for cls in (WanBlock, LayerNorm, SelfAttention, RMSNorm, Attend, CrossAttention,
+                                                  FeedForward, nn.Linear, nn.GELU)})
 
 
 def CausalWanModel(config: WanConfig, num_frame_per_block: int = 3, independent_first_frame: bool = False) -> WanModel:
