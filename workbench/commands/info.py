@@ -149,22 +149,17 @@ def describe_checkpoint(path: str, configs: dict, trust_pickle: bool = False, wa
     fits = fitting.get(main, [])
     if main is None or not fits:
         return "\n".join(lines)
-    if asked in fits and wan_dir:
-        where = f" --wan-dir {shell_word(wan_dir)}"
-    elif "the embedded default" in fits:
-        where = ""
-    else:
-        where = f" --wan-dir WAN_DIR (the Wan2.1 folder of {fits[0]})"
     if main == "(top level)":
         lines.append("load it: as the diffusion_pytorch_model.safetensors of a Wan folder (beside its "
                      "config.json),\n         or saved as {'generator': state_dict} for --checkpoint")
         return "\n".join(lines)
     command = f"workbench extract --checkpoint {shell_word(str(path))}{' --trust-pickle' if trust_pickle else ''}"
-    if where.startswith(" --wan-dir WAN_DIR"):
-        lines.append(f"load it: {command} --wan-dir WAN_DIR")
-        lines.append(f"         (WAN_DIR: the Wan2.1 folder of {fits[0]})")
+    if asked in fits and wan_dir:  # the folder the user named
+        lines.append(f"load it: {command} --wan-dir {shell_word(wan_dir)}")
+    elif "the embedded default" in fits:  # (extract's default folder)
+        lines.append(f"load it: {command}")
     else:
-        lines.append(f"load it: {command}{where}")
+        lines.append(f"load it: {command} --wan-dir WAN_DIR\n         (WAN_DIR: the Wan2.1 folder of {fits[0]})")
     if main != "generator_ema" and "generator_ema" in entries:
         lines.append("its EMA weights (generator_ema): the same with --use-ema")
     return "\n".join(lines)
