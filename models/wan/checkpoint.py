@@ -160,19 +160,25 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, source: str) -> N
     check_tensor_shapes(expected, state_dict, f"{source} does not fit the model{_size_hint(model, state_dict)}")
 
 
+def weights_size(state_dict: dict) -> tuple[int, int, int] | None:
+    """(layers, width, FFN width) of a Wan DiT state dict, read from its tensors' names and shapes; None for a dict
+    that has no blocks.N.self_attn / ffn tensors (not a Wan DiT)."""
+    blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    embed = state_dict.get("blocks.0.self_attn.q.weight")  # [dim, dim]: the width, whatever one other tensor says
+    ffn = state_dict.get("blocks.0.ffn.0.weight")  # [ffn_dim, dim]
+    if embed is None or ffn is None or not blocks:
+        return None
+    return len(blocks), embed.shape[0], ffn.shape[0]
+
+
 def _size_hint(model: WanModel, state_dict: dict) -> str:
     """Where the weights' own shapes say they belong to another size of model than the config's: both sizes."""
     def size(layers, dim, ffn):
         return f"{layers} layers of width {dim} (FFN {ffn})"
 
-    blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.") and k.split(".")[1].isdigit()}
-    embed = state_dict.get("blocks.0.self_attn.q.weight")  # [dim, dim]: the width, whatever one other tensor says
-    ffn = state_dict.get("blocks.0.ffn.0.weight")
-    if embed is None or ffn is None or not blocks:
-        return ""
     c = model.config
-    theirs, ours = (len(blocks), embed.shape[0], ffn.shape[0]), (c.num_layers, c.dim, c.ffn_dim)
-    if theirs == ours:
+    theirs, ours = weights_size(state_dict), (c.num_layers, c.dim, c.ffn_dim)
+    if theirs is None or theirs == ours:
         return ""
     return (f": the weights are a model of {size(*theirs)}, the config.json it was built from says {size(*ours)}; "
             "load them with the Wan folder (config.json) they belong to")

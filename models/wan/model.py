@@ -113,9 +113,7 @@ def watched(module: nn.Module) -> bool:
     pre-hook (its own or torch's global ones), a `forward` set on the instance (nnsight installs its controller so;
     a monkeypatch) or on the class, a module of a class not in `OWN_FORWARDS` (a wrapper around a block), or the
     attention entry point `models.common.attention.attend` replaced. Then the model runs every call whole."""
-    from torch.nn.modules import module as torch_module
-
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return True
     if attention_entry.attend is not ATTEND:
         return True
@@ -283,16 +281,18 @@ class WanBlock(nn.Module):
     def write_cache(self, x, e0, ctx: ForwardContext, kv: KVCache) -> None:
         """What `forward` leaves in the KV cache, and nothing else (the block's output is not computed): the
         self-attention's keys and values of the chunk. x [B, F*fsl, dim]; e0 [B, F, 6, dim]."""
-        mod = (self.modulation.float().unsqueeze(1) + e0).unsqueeze(3)  # [B, F, 6, 1, dim], as `forward`
-        shift_sa, scale_sa = mod.unbind(2)[:2]
-        self.self_attn.write_cache(fused.norm_modulate(x, shift_sa, scale_sa, self.norm1.eps), ctx, kv)
+        self.self_attn.write_cache(self._self_attn_input(x, e0), ctx, kv)
 
     def self_attention_only(self, x, e0, ctx: ForwardContext, kv: KVCache) -> None:
         """The block as far as its self-attention (keys and values into the cache, the observed attention call),
         and no further: a context pass whose observers want nothing after it. x [B, F*fsl, dim]; e0 [B, F, 6, dim]."""
+        self.self_attn(self._self_attn_input(x, e0), ctx, kv)
+
+    def _self_attn_input(self, x, e0):
+        """The self-attention's input as `forward` makes it: norm1(x) modulated. [B, F*fsl, dim]."""
         mod = (self.modulation.float().unsqueeze(1) + e0).unsqueeze(3)  # [B, F, 6, 1, dim], as `forward`
         shift_sa, scale_sa = mod.unbind(2)[:2]
-        self.self_attn(fused.norm_modulate(x, shift_sa, scale_sa, self.norm1.eps), ctx, kv)
+        return fused.norm_modulate(x, shift_sa, scale_sa, self.norm1.eps)
 
 
 class Head(nn.Module):

@@ -177,9 +177,9 @@ def _safetensors_header(path) -> dict:
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: torch.empty(f.get_slice(k).get_shape(), dtype=dtypes.get(f.get_slice(k).get_dtype(),
-                                                                                 torch.uint8), device="meta")
-                    for k in f.keys()}
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            return {k: torch.empty(s.get_shape(), dtype=dtypes.get(s.get_dtype(), torch.uint8), device="meta")
+                    for k, s in slices.items()}
     except Exception as err:
         raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {err}") from err
 
@@ -199,11 +199,10 @@ def _tensors(x) -> list:
 
 def _model_size(sd: dict) -> str:
     """'Wan DiT, 30 layers, width 1536, FFN 8960' from a Wan state dict's shapes, or '' for another dict."""
-    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()}
-    q, ffn = sd.get("blocks.0.self_attn.q.weight"), sd.get("blocks.0.ffn.0.weight")  # [dim, dim], [ffn, dim]
-    if q is None or ffn is None or not blocks:
-        return ""
-    return f"Wan DiT, {len(blocks)} layers, width {q.shape[0]}, FFN {ffn.shape[0]}"
+    from models.wan.checkpoint import weights_size
+
+    size = weights_size(sd)
+    return "" if size is None else "Wan DiT, {} layers, width {}, FFN {}".format(*size)
 
 
 def run(args) -> int:
@@ -217,8 +216,11 @@ def run(args) -> int:
 
     check_frames(args.frames)
     if args.checkpoint:
-        folder = require_embedded_dir()
-        configs = {"the embedded default": family_of(folder).read_config(folder), **PRESETS}
+        from models.wan.embedded import EMBEDDED_DIR
+
+        configs = dict(PRESETS)  # (and the embedded default's, where this install has data/embedded)
+        if EMBEDDED_DIR.is_dir():
+            configs = {"the embedded default": family_of(EMBEDDED_DIR).read_config(EMBEDDED_DIR), **configs}
         asked = args.preset or args.wan_dir
         if args.wan_dir:
             configs = {args.wan_dir: family_of(args.wan_dir).read_config(args.wan_dir), **configs}

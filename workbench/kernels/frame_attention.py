@@ -107,8 +107,7 @@ def _launch_frame_forward(q, k, v, *, frame_seq_len, scale=None, allowed=None, c
     kept = store is not None and store.get("key_means") is not None  # the means are made below, not in the forward
     q, k, v = last_dim_contiguous(q, k, v)
     means_jobs = []
-    check_device_and_dtype(q, D)  # (frame_attention checks these too, but the means below come first)
-    int32_ok(q, k, v)
+    int32_ok(q, k, v)  # (frame_attention checks it too, but the means below come first; they check device and dtype)
     if kept and frame_means:  # the kept key means: q's and the new frames', in one pass (before the attention
         # kernel while q and the new keys may still be in L2: triton_attention.MEANS_FIRST)
         q_means, k_means = torch.empty((B, H, nqf, D), dtype=torch.float32, device=q.device), store["key_means"]
