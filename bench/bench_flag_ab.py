@@ -4,7 +4,8 @@ models.wan.model:DIRECT_KV_WRITES` (the chunk's keys/values made in the KV cache
 the path before session 21); the others in the key: `models.wan.model:CONTIGUOUS_TOKENS` (the tokens made row-major
 once per forward) and `models.wan.fused:NORM_KERNELS` (the LayerNorms as one-pass Triton row kernels), both session
 22, and `models.wan.model:CACHE_ONLY_SKIPS_LAST_BLOCK` (the context pass stops the last block once its keys/values
-are written; session 30). The flag must be part of the rollout graphs' key (models/common/rollout.py), so that
+are written; session 30), `models.wan.fused:RESIDUAL_NORMS` (the gated residuals added in the passes of the norms
+after them; session 40). The flag must be part of the rollout graphs' key (models/common/rollout.py), so that
 each setting records its own graphs. The two settings alternate for `--rounds` rounds of `--repeats` timed
 rollouts each, so that the GPU's drift (its clock under the 700 W limit, bench/gpu_power.py) falls on both;
 every round prints its clock and power, and the latents of the two are compared. Optionally (`--capture`) the

@@ -55,8 +55,8 @@ NORMS = textwrap.dedent("""
     for dtype in ((torch.float32,) if device == "cpu" else (torch.float32, torch.bfloat16)):
         x = (torch.randn(B, F * fsl, C, device=device) * 3 + 1).to(dtype)
         y = torch.randn(B, F * fsl, C, device=device).to(dtype)
-        mod = torch.randn(B, F, 6, 1, C, device=device)  # the block's layout: shift/scale are strided views
-        shift, scale = mod[:, :, 0], mod[:, :, 1]
+        mod = torch.randn(B, F, 6, 1, C, device=device)  # the block's layout: shift/scale/gate are strided views
+        shift, scale, gate = mod[:, :, 0], mod[:, :, 1], mod[:, :, 2]
         w, b = (torch.rand(C, device=device) + 0.5).to(dtype), torch.randn(C, device=device).to(dtype)
         cases = [
             ("norm_modulate", tn.norm_modulate(x, shift, scale, 1e-6), fused.norm_modulate.eager(x, shift, scale, 1e-6),
@@ -69,6 +69,21 @@ NORMS = textwrap.dedent("""
         assert torch.equal(total, want_total), "the residual sum must be x + y rounded as PyTorch rounds it"
         ref = fused.norm_modulate.eager(want_total.double(), shift.double(), scale.double(), 1e-6)
         cases.append(("add_norm_modulate", h, want_h, ref))
+        # the gated residuals (x + y * gate, rounded as models/wan/fused.py's gated_residual rounds it: compiled on a
+        # GPU, eager on the CPU) with the norm after them, modulated or affine
+        want_total = fused.gated_residual(x, y, gate)
+        for name, (total, h), ref in (
+                ("gated_residual_norm_modulate", tn.gated_residual_norm_modulate(x, y, gate, shift, scale, 1e-6),
+                 fused.norm_modulate.eager(want_total.double(), shift.double(), scale.double(), 1e-6)),
+                ("gated_residual_norm_affine", tn.gated_residual_norm_affine(x, y, gate, w, b, 1e-6),
+                 fused.layer_norm_affine.eager(want_total.double(), w.double(), b.double(), 1e-6))):
+            assert torch.equal(total, want_total), (name, dtype, (total.double() - want_total.double()).abs().max())
+            eager = (fused.norm_modulate.eager(want_total, shift, scale, 1e-6) if "modulate" in name
+                     else fused.layer_norm_affine.eager(want_total, w, b, 1e-6))
+            cases.append((name, h, eager, ref))
+        gate_copy = gate.contiguous()  # other strides than shift/scale: all three made contiguous
+        total, h = tn.gated_residual_norm_modulate(x, y, gate_copy, shift, scale, 1e-6)
+        assert torch.equal(h, tn.gated_residual_norm_modulate(x, y, gate, shift, scale, 1e-6)[1])
         for name, got, eager, ref in cases:
             assert got.shape == eager.shape and got.dtype == dtype, (name, got.shape, got.dtype)
             err = (got.double() - ref).abs().max().item()

@@ -125,11 +125,19 @@ def test_the_last_layer_is_visited_once_per_forward_under_nnsight(tmp_path):
                 for _ in tracer.iter[:forwards]:
                     phases.append(attend.inputs[0][3].labels.phase)
             print(kind, last, forwards, len(phases), phases.count("context"))
+        # the cross-attention's norm, whose pass also adds the self-attention's residual while nothing watches it
+        with wrapped.trace(42, fn=drive) as tracer:
+            rows = nnsight.save([])
+            for _ in tracer.iter[:forwards]:
+                rows.append(wrapped.blocks[last].norm3.output.shape[1])
+        print("norm3", last, forwards, len(rows), rows.count(rows[0]) if len(set(rows)) == 1 else -1)
     """))
     r = run_script(script, tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     lines = r.stdout.strip().splitlines()
-    assert [line.split()[0] for line in lines] == ["self_attn", "cross_attn"]
+    assert [line.split()[0] for line in lines] == ["self_attn", "cross_attn", "norm3"]
+    last, forwards, visits, same = map(int, lines.pop().split()[1:])
+    assert visits == forwards == same == 35, lines
     for line in lines:
         last, forwards, visits, context = map(int, line.split()[1:])
         assert last > 0 and visits == forwards == 35 and context == 7, line

@@ -349,6 +349,47 @@ def test_schedule_labels():
                       ForwardLabels(2, 0.0, 0, "context", "none", -1)]
 
 
+def test_folded_residuals_leave_outputs_and_cache_as_the_blocks_one_by_one(monkeypatch):
+    """Where models/wan/triton_norms.py runs (CUDA inference), a block's FFN residual is added in the pass of the next
+    block's norm1 (the head's norm after the last block; the short context pass's last block too). Forced here on the
+    CPU, where each folded function is its two parts, the outputs and every layer's cache are bitwise those of the
+    blocks run one by one, and the fold happens once per block boundary and in the head. While a forward hook
+    watches a block nothing is folded, and the hook sees the block's whole output."""
+    from models.wan import model as wan
+
+    model = tiny_model(local_attn_size=6, sink_size=1)
+    x, t, ctx = inputs(9)
+    folds, fold = [], wan.fused.gated_residual_norm_modulate
+    monkeypatch.setattr(wan.fused, "gated_residual_norm_modulate", lambda *a: folds.append(1) or fold(*a))
+
+    def run(on, hook=None):
+        monkeypatch.setattr(wan.fused, "residual_norms", lambda x: on)
+        folds.clear()
+        seen = []
+        handle = model.blocks[0].register_forward_hook(lambda m, a, out: seen.append(out.clone())) if hook else None
+        cache = RolloutCache.allocate(model.config, B, 9, (H // 2) * (W // 2), dtype=x.dtype, device="cpu")
+        outs = []
+        with torch.no_grad():
+            for start in (0, 3, 6):
+                chunk = x[:, :, start:start + 3], t[:, start:start + 3], ctx
+                outs += [model(*chunk, cache=cache, start_frame=start) for _ in range(2)]
+                model(*chunk, cache=cache, start_frame=start, cache_only=True)
+        if handle is not None:
+            handle.remove()
+        return outs, cache, len(folds), seen
+
+    plain, plain_cache, plain_folds, _ = run(False)
+    folded, folded_cache, n, _ = run(True)
+    assert plain_folds == 0 and n == 3 * (2 * len(model.blocks) + len(model.blocks) - 1)
+    assert all(torch.equal(a, b) for a, b in zip(plain, folded))
+    for a, b in zip(plain_cache.kv, folded_cache.kv):
+        assert a.frames == b.frames and torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+    _, _, _, want = run(False, hook=True)
+    hooked, _, n, seen = run(True, hook=True)
+    assert n == 0 and all(torch.equal(a, b) for a, b in zip(plain, hooked))
+    assert len(seen) == len(want) == 9 and all(torch.equal(a, b) for a, b in zip(seen, want))
+
+
 @pytest.mark.gpu
 def test_kv_made_in_the_cache_slots_equals_the_copied_kv(monkeypatch):
     """The chunk's keys/values made directly in the KV cache's slots (models/wan/model.py `cache_slots`: the q/k
@@ -409,6 +450,30 @@ def test_the_short_context_pass_is_bitwise_in_graphed_rollouts(monkeypatch):
     for short in (True, False, True):
         for i in range(3):  # warm-up, record, replay
             assert torch.equal(run(short, True), whole), (short, i)
+
+
+@pytest.mark.gpu
+def test_folded_residuals_are_bitwise_in_graphed_rollouts(monkeypatch):
+    """On CUDA (bf16, the norm row kernels): the gated residuals added in the norms' passes (fused.RESIDUAL_NORMS)
+    give the latents of the separate residual kernels bit for bit, eager and graphed (warm-up, record, replay)."""
+    from models.wan import fused
+
+    model = tiny_model(local_attn_size=6, sink_size=1).cuda().to(torch.bfloat16)
+    s = FlowMatchScheduler(5.0)
+
+    def run(on, graphs):
+        monkeypatch.setattr(fused, "RESIDUAL_NORMS", on)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        noise = torch.randn(1, 12, C, H, W, generator=g, device="cuda").to(torch.bfloat16)
+        ctx = torch.randn(1, 16, 32, generator=g, device="cuda").to(torch.bfloat16)
+        return causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s, generator=g,
+                               cuda_graphs=graphs)
+
+    separate = run(False, False)
+    assert torch.equal(run(True, False), separate)
+    for on in (True, False, True):
+        for i in range(3):  # warm-up, record, replay
+            assert torch.equal(run(on, True), separate), (on, i)
 
 
 @pytest.mark.gpu

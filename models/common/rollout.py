@@ -257,8 +257,8 @@ def _rollout_graphs(model, noise, context, cuda_graphs, extra_key, devices=("cud
     fsl = model.config.tokens_per_frame(*noise.shape[3:])  # noise [B, F, C, h, w]
     params = tuple(p.data_ptr() for p in model.parameters())
     key = (tuple(noise.shape), noise.dtype, str(noise.device), tuple(context.shape), context.dtype, params,
-           fused.GELU_EPILOGUE, fused.COMPILE, fused.NORM_KERNELS, wan.DIRECT_KV_WRITES, wan.CONTIGUOUS_TOKENS,
-           wan.CACHE_ONLY_SKIPS_LAST_BLOCK,
+           fused.GELU_EPILOGUE, fused.COMPILE, fused.NORM_KERNELS, fused.RESIDUAL_NORMS, wan.DIRECT_KV_WRITES,
+           wan.CONTIGUOUS_TOKENS, wan.CACHE_ONLY_SKIPS_LAST_BLOCK,
            getattr(model, "attention_kernel", "auto"),
            tuple(iv.key for iv in model.interventions), model.num_frame_per_block, model.independent_first_frame,
            extra_key, None if policy is None else policy.key)

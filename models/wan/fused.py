@@ -27,6 +27,9 @@ import torch.nn.functional as F
 COMPILE = os.environ.get("WORKBENCH_COMPILE", "1") != "0"
 GELU_EPILOGUE = os.environ.get("WORKBENCH_GELU_EPILOGUE", "1") != "0"
 NORM_KERNELS = True  # the LayerNorms as one-pass Triton row kernels on CUDA inference (models/wan/triton_norms.py)
+# with them, a block's gated residuals added in the pass of the norm after each (models/wan/model.py: the
+# self-attention's into norm3, the FFN's into the next block's norm1 or the head's norm)
+RESIDUAL_NORMS = True
 
 
 def gelu_epilogue_applies(x) -> bool:
@@ -121,6 +124,30 @@ def gated_residual(x, y, gate):
     frames = gate.shape[1]
     out = x.float().view(B, frames, L // frames, C) + y.float().view(B, frames, L // frames, C) * gate
     return out.view(B, L, C).to(x.dtype)
+
+
+def residual_norms(x) -> bool:
+    """Whether the two functions below take one pass for this x (RESIDUAL_NORMS and models/wan/triton_norms.py's
+    kernels apply); else they are the two functions they are made of, each its own pass."""
+    return RESIDUAL_NORMS and norm_kernels(x) is not None
+
+
+def gated_residual_norm_affine(x, y, gate, weight, bias, eps: float):
+    """(x + y * gate, affine LayerNorm of it): the self-attention's residual and the cross-attention's input.
+    x, y [B, L, C]; gate [B, F, 1, C] float32; weight, bias [C]."""
+    if residual_norms(x) and norm_kernels(y):
+        return norm_kernels(x).gated_residual_norm_affine(x, y, gate, weight, bias, eps)
+    x = gated_residual(x, y, gate)
+    return x, layer_norm_affine(x, weight, bias, eps)
+
+
+def gated_residual_norm_modulate(x, y, gate, shift, scale, eps: float):
+    """(x + y * gate, norm_modulate of it): the previous block's FFN residual and this block's self-attention
+    input (or the head's). x, y [B, L, C]; gate, shift, scale [B, F, 1, C] float32."""
+    if residual_norms(x) and norm_kernels(y):
+        return norm_kernels(x).gated_residual_norm_modulate(x, y, gate, shift, scale, eps)
+    x = gated_residual(x, y, gate)
+    return x, norm_modulate(x, shift, scale, eps)
 
 
 @one_kernel

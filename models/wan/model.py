@@ -268,31 +268,43 @@ class WanBlock(nn.Module):
         self.ffn = FeedForward(dim, cfg.ffn_dim)
         self.modulation = nn.Parameter(scaled_randn((1, 6, dim), dim**0.5))
 
-    def forward(self, x, e0, text, ctx: ForwardContext, kv: KVCache | None, cross: CrossCache | None):
-        # x [B, F*fsl, dim]; e0 [B, F, 6, dim] float32 (per-frame modulation)
+    def forward(self, x, e0, text, ctx: ForwardContext, kv: KVCache | None, cross: CrossCache | None,
+                residual=None, defer: bool = False):
+        # x [B, F*fsl, dim]; e0 [B, F, 6, dim] float32 (per-frame modulation). Folded residuals (`WanModel.forward`
+        # when nothing watches the blocks): `residual` = the previous block's (ffn output, gate) not yet in x, added
+        # in norm1's pass; `defer` returns (x, (ffn output, gate)) for the next block's norm to add
         mod = (self.modulation.float().unsqueeze(1) + e0).unsqueeze(3)  # [B, F, 6, 1, dim]
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unbind(2)  # [B, F, 1, dim] each
-        y = self.self_attn(fused.norm_modulate(x, shift_sa, scale_sa, self.norm1.eps), ctx, kv)
-        x = fused.gated_residual(x, y, gate_sa)
-        x, h = fused.add_norm_modulate(x, self.cross_attn(self.norm3(x), text, ctx, cross), shift_ff, scale_ff,
-                                       self.norm2.eps)
-        return fused.gated_residual(x, self.ffn(h), gate_ff)
+        x, h = self._self_attn_input(x, e0, residual, mod)
+        y = self.self_attn(h, ctx, kv)
+        if torch.compiler.is_compiling() or watched(self.norm3):  # norm3 called as a module, seen by its watchers
+            x = fused.gated_residual(x, y, gate_sa)
+            h = self.norm3(x)
+        else:  # the residual and the norm in one pass on CUDA
+            x, h = fused.gated_residual_norm_affine(x, y, gate_sa, self.norm3.weight, self.norm3.bias, self.norm3.eps)
+        x, h = fused.add_norm_modulate(x, self.cross_attn(h, text, ctx, cross), shift_ff, scale_ff, self.norm2.eps)
+        y = self.ffn(h)
+        return (x, (y, gate_ff)) if defer else fused.gated_residual(x, y, gate_ff)
 
-    def write_cache(self, x, e0, ctx: ForwardContext, kv: KVCache) -> None:
+    def write_cache(self, x, e0, ctx: ForwardContext, kv: KVCache, residual=None) -> None:
         """What `forward` leaves in the KV cache, and nothing else (the block's output is not computed): the
-        self-attention's keys and values of the chunk. x [B, F*fsl, dim]; e0 [B, F, 6, dim]."""
-        self.self_attn.write_cache(self._self_attn_input(x, e0), ctx, kv)
+        self-attention's keys and values of the chunk. x [B, F*fsl, dim]; e0 [B, F, 6, dim]; residual as `forward`."""
+        self.self_attn.write_cache(self._self_attn_input(x, e0, residual)[1], ctx, kv)
 
-    def self_attention_only(self, x, e0, ctx: ForwardContext, kv: KVCache) -> None:
+    def self_attention_only(self, x, e0, ctx: ForwardContext, kv: KVCache, residual=None) -> None:
         """The block as far as its self-attention (keys and values into the cache, the observed attention call),
         and no further: a context pass whose observers want nothing after it. x [B, F*fsl, dim]; e0 [B, F, 6, dim]."""
-        self.self_attn(self._self_attn_input(x, e0), ctx, kv)
+        self.self_attn(self._self_attn_input(x, e0, residual)[1], ctx, kv)
 
-    def _self_attn_input(self, x, e0):
-        """The self-attention's input as `forward` makes it: norm1(x) modulated. [B, F*fsl, dim]."""
-        mod = (self.modulation.float().unsqueeze(1) + e0).unsqueeze(3)  # [B, F, 6, 1, dim], as `forward`
+    def _self_attn_input(self, x, e0, residual=None, mod=None):
+        """(x, the self-attention's input) as `forward` makes them: the previous block's residual added to x when
+        `residual` holds it, and norm1(x) modulated. [B, F*fsl, dim] each."""
+        if mod is None:
+            mod = (self.modulation.float().unsqueeze(1) + e0).unsqueeze(3)  # [B, F, 6, 1, dim], as `forward`
         shift_sa, scale_sa = mod.unbind(2)[:2]
-        return fused.norm_modulate(x, shift_sa, scale_sa, self.norm1.eps)
+        if residual is None:
+            return x, fused.norm_modulate(x, shift_sa, scale_sa, self.norm1.eps)
+        return fused.gated_residual_norm_modulate(x, *residual, shift_sa, scale_sa, self.norm1.eps)
 
 
 class Head(nn.Module):
@@ -302,10 +314,13 @@ class Head(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
         self.modulation = nn.Parameter(scaled_randn((1, 2, cfg.dim), cfg.dim**0.5))
 
-    def forward(self, x, e):
-        # x [B, F*fsl, dim]; e [B, F, dim] float32 (the time embedding itself, not e0)
+    def forward(self, x, e, residual=None):
+        # x [B, F*fsl, dim]; e [B, F, dim] float32 (the time embedding itself, not e0); residual: the last block's
+        # (ffn output, gate) not yet in x (WanBlock.forward's `defer`), added in the norm's pass
         shift, scale = (self.modulation.float().unsqueeze(1) + e.unsqueeze(2)).unsqueeze(3).unbind(2)  # [B,F,1,dim]
-        return self.head(fused.norm_modulate(x, shift, scale, self.norm.eps))
+        if residual is None:
+            return self.head(fused.norm_modulate(x, shift, scale, self.norm.eps))
+        return self.head(fused.gated_residual_norm_modulate(x, *residual, shift, scale, self.norm.eps)[1])
 
 
 class WanModel(nn.Module):
@@ -477,26 +492,33 @@ class WanModel(nn.Module):
         compiled = getattr(self.blocks[-1], "_compiled_call_impl", None) is not None  # (nn.Module.compile's)
         short = cache_only and CACHE_ONLY_SKIPS_LAST_BLOCK and not grad and not fill_cross and not compiled and \
             not watched(self.blocks[-1])
+        # each block's FFN residual added in the pass of the next block's norm1 (the head's norm after the last);
+        # not while anything may watch a block's output
+        fold = fused.residual_norms(tokens) and not grad and not compiled and \
+            not any(watched(module) for module in (*self.blocks, self.head))
+        residual = None  # the previous block's (ffn output, gate) not yet in tokens
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else cache.kv[i]
             if short and i == len(self.blocks) - 1 and not block.cross_attn.seen(ctx):
                 if self.observers or self.interventions:  # they see the self-attention call
-                    block.self_attention_only(tokens, e0, ctx, kv)
+                    block.self_attention_only(tokens, e0, ctx, kv, residual)
                 else:
-                    block.write_cache(tokens, e0, ctx, kv)
+                    block.write_cache(tokens, e0, ctx, kv, residual)
                 return None
             if kv is not None and grad:  # training: this chunk's k/v keep their gradient
                 kv = GradWindow(kv, start_frame, frames, inplace=cache.kv_gradient == "inplace")
             cross = None if (cache is None or fresh_text) else cache.cross[i]  # None: text k/v from `text`
             if self.gradient_checkpointing and grad:
                 tokens = checkpoint(block, tokens, e0, text, ctx, kv, cross, use_reentrant=False)
+            elif fold:
+                tokens, residual = block(tokens, e0, text, ctx, kv, cross, residual, defer=True)
             else:
                 tokens = block(tokens, e0, text, ctx, kv, cross)
-        return None if cache_only else self.unpatchify(self.head(tokens, e), grid)
+        return None if cache_only else self.unpatchify(self.head(tokens, e, residual), grid)
 
 
 OWN_FORWARDS.update({cls: cls.forward for cls in (WanBlock, LayerNorm, SelfAttention, RMSNorm, Attend, CrossAttention,
-                                                  FeedForward, nn.Linear, nn.GELU)})
+                                                  FeedForward, nn.Linear, nn.GELU, Head)})
 
 
 def CausalWanModel(config: WanConfig, num_frame_per_block: int = 3, independent_first_frame: bool = False) -> WanModel:
