@@ -2,6 +2,7 @@
 initialisation, DMD from that checkpoint with probes, resume; and the clear errors before any work."""
 
 import argparse
+import os
 
 import pytest
 import torch
@@ -264,3 +265,27 @@ def test_set_repeated_keeps_every_override():
     args = parser.parse_args(["train", "--config", "c.yaml", "--logdir", "x", "--set", "lr=1e-5", "--set", "a.b=2",
                               "c=3"])
     assert args.set == ["lr=1e-5", "a.b=2", "c=3"]
+
+
+def test_torchrun_two_cpu_processes_train_and_end_their_group(tmp_path):
+    """`python -m torch.distributed.run --nproc_per_node=2 -m workbench.cli train` (gloo, the tiny teacher, 2 steps):
+    one global batch over both ranks, rank 0 alone prints and writes the losses and the checkpoint, and each rank
+    ends the process group itself before its interpreter's teardown (where NCCL warns and a rank may abort)."""
+    import subprocess
+    import sys
+
+    from training.logger import read_losses
+
+    script = tmp_path / "run.py"  # the CLI with a line saying whether the group is still there at its end
+    script.write_text("import sys, torch.distributed as dist\nfrom workbench.cli import main\n"
+                      "status = main(sys.argv[1:])\nprint('group left:', dist.is_initialized(), file=sys.stderr)\n"
+                      "sys.exit(status)\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), "train", "--no-progress", "--config", "configs/tiny_teacher.yaml", "--logdir",
+                        str(tmp_path / "t"), "--max-steps", "2", "--set", "device=cpu"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "global batch 4 = 2 rank(s)" in r.stdout and r.stdout.count("step 2: generator_loss") == 1, r.stdout
+    assert [row["step"] for row in read_losses(tmp_path / "t")] == [1, 2]
+    assert (tmp_path / "t" / "checkpoint_model_000002" / "model.pt").is_file()
+    assert r.stderr.count("group left: False") == 2, r.stderr[-3000:]

@@ -152,6 +152,7 @@ def _train(args, cfg, sets_sid_alpha) -> int:
             print(f"workbench train: stopped by {how} at step {trainer.step}; the same command with --resume goes on "
                   f"from {since}",
                   file=sys.stderr)
-    if dist.get_world_size() > 1:
-        trainer.d.barrier()
+    if dist.get_world_size() > 1:  # torchrun's group, ended here rather than in the interpreter's teardown (where
+        trainer.d.barrier()        # NCCL warns, and a rank may abort: 'terminate called without an active exception')
+        dist.destroy_process_group()
     return 128 + trainer.stop_signal if trainer.interrupted else 0  # (130 Ctrl-C, 143 SIGTERM: as the shell says)
