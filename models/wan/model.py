@@ -490,12 +490,13 @@ class WanModel(nn.Module):
         # a context pass nobody observes: the last block only writes its keys/values, and the head is not run (not
         # for a torch.compile'd block, whose keys may round otherwise than the eager `write_cache`'s)
         compiled = getattr(self.blocks[-1], "_compiled_call_impl", None) is not None  # (nn.Module.compile's)
-        short = cache_only and CACHE_ONLY_SKIPS_LAST_BLOCK and not grad and not fill_cross and not compiled and \
-            not watched(self.blocks[-1])
         # each block's FFN residual added in the pass of the next block's norm1 (the head's norm after the last);
-        # not while anything may watch a block's output
-        fold = fused.residual_norms(tokens) and not grad and not compiled and \
-            not any(watched(module) for module in (*self.blocks, self.head))
+        # not while anything may watch a block's output (one look at every block, kept for the short pass)
+        fold = fused.residual_norms(tokens) and not grad and not compiled and not torch.compiler.is_compiling()
+        seen = [watched(module) for module in (*self.blocks, self.head)] if fold else None  # [blocks..., head]
+        fold = fold and not any(seen)
+        short = cache_only and CACHE_ONLY_SKIPS_LAST_BLOCK and not grad and not fill_cross and not compiled and \
+            not (seen[-2] if seen is not None else watched(self.blocks[-1]))
         residual = None  # the previous block's (ffn output, gate) not yet in tokens
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else cache.kv[i]
