@@ -562,3 +562,35 @@ def test_a_cfg_sample_appends_to_a_store_made_before_the_uncond_token_labels(tmp
     ds = open_store(out)
     assert ds.sample.values.tolist() == ["p0000-s1", "p0000-s2"] and "uncond_token" not in ds
     assert ds.cross_mass.notnull().all()
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_stopped_or_failed_extract_closes_its_progress_bar(tmp_path, monkeypatch, stop, one_thread):
+    """run_extract stopped midway (Ctrl-C; a notebook's stop button) or failing closes its progress bar: a bar left
+    open is drawn again under every later output of the session. `main([...])` closes the bars its command left open,
+    and only those: a notebook's own bar around its calls goes on."""
+    from tqdm import tqdm
+
+    def stopped(model, p, emb, negative, seed, device, dtype, bar, *rest):
+        bar.update(1)
+        raise stop("stopped")
+
+    monkeypatch.setattr(extract_mod, "_one_sample", stopped)
+    cfg = config(tmp_path / "a.zarr", num_frames=3)
+    cfg.progress = True
+    before = set(tqdm._instances)
+    with pytest.raises(stop) as caught:  # (kept, with its frames, as Jupyter keeps the last one: sys.last_value)
+        run_extract(cfg, log=lambda *a: None)
+    assert set(tqdm._instances) == before, caught
+    sweep = tqdm(total=2, desc="my sweep")
+    try:
+        argv = ["extract", "--frames", "3", "--out", str(tmp_path / "b.zarr")]
+        if stop is KeyboardInterrupt:
+            assert cli_main(argv) == 130
+        else:  # (an error of the code, not of the input: its traceback)
+            with pytest.raises(stop):
+                cli_main(argv)
+        sweep.update(1)
+        assert not sweep.disable and sweep in tqdm._instances and sweep.n == 1
+    finally:
+        sweep.close()

@@ -713,3 +713,24 @@ def test_a_store_of_an_older_workbench_keeps_showing_its_videos(tmp_path):
     attrs = dict(zarr.open_group(out, mode="r").attrs)
     assert attrs["video_entries"] == ["baseline", "ablate-zero:L0.H0", "ablate-zero:L0.H1"]
     assert all(saved_videos(attrs, label) for label in attrs["completed"])
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_stopped_or_failed_run_closes_its_progress_bar(tmp_path, monkeypatch, stop):
+    """run_intervene stopped midway (Ctrl-C; a notebook's stop button) or failing closes its progress bar: a bar left
+    open is drawn again under every later output of the session."""
+    from tqdm import tqdm
+
+    import workbench.extract as extract_mod
+    from workbench.extract import ExtractConfig
+    from workbench.intervene import run_intervene
+
+    def stopped(*args, **kw):
+        raise stop("stopped")
+
+    monkeypatch.setattr(extract_mod, "sample_rollout", stopped)
+    cfg = ExtractConfig(num_inference_steps=2, num_frames=3, seeds=[0], out=str(tmp_path / "fx.zarr"), progress=True)
+    before = set(tqdm._instances)
+    with pytest.raises(stop) as caught:  # (kept, with its frames, as Jupyter keeps the last one: sys.last_value)
+        run_intervene(cfg, [dict(kind="ablate", layers=1, heads=0)], world="off", log=lambda *a: None)
+    assert set(tqdm._instances) == before, caught

@@ -47,10 +47,12 @@ def build_ode_pairs(cfg, *, log=print, progress: bool = True) -> Path:
         negative = encoder.encode([cfg.negative_prompt]).context.to(d.device, torch.float32)
         batches = -(-op.num_pairs // op.batch_size)
         bar = progress_bar(total=batches * op.steps * 2, desc="ODE pairs", unit="fwd", disable=not progress)
-        latents = make_ode_pairs(teacher, context, negative, shape=plan.shape, steps=op.steps, shift=op.shift,
-                                 guidance_scale=op.guidance_scale, keep=tuple(op.keep), seed=op.seed,
-                                 batch_size=op.batch_size, on_forward=lambda *_: bar.update(1))
-        bar.close()
+        try:
+            latents = make_ode_pairs(teacher, context, negative, shape=plan.shape, steps=op.steps, shift=op.shift,
+                                     guidance_scale=op.guidance_scale, keep=tuple(op.keep), seed=op.seed,
+                                     batch_size=op.batch_size, on_forward=lambda *_: bar.update(1))
+        finally:  # (also when stopped or failed: an open bar is drawn again under later output)
+            bar.close()
         save_latent_dataset(out, chosen, latents, "ode_pairs", teacher=str(folder), steps=op.steps, shift=op.shift,
                             guidance_scale=op.guidance_scale, keep=list(op.keep))
         log(f"wrote {out}: {op.num_pairs} ODE pairs of shape {tuple(latents.shape[1:])} "

@@ -176,13 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
     return help_text.apply(parser)
 
 
-def close_progress_bars() -> None:
+def open_progress_bars() -> set[int]:
+    """The ids of the tqdm bars open in this process now (none before tqdm is imported)."""
+    tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)
+    return {id(bar) for bar in list(getattr(tqdm, "_instances", ()))}
+
+
+def close_progress_bars(keep: set[int] = frozenset()) -> None:
     """Close the progress bars a command left open (stopped by Ctrl-C or an error), so that the message about it is
-    the last line (tqdm draws an open bar again when the process exits, under that message)."""
+    the last line (tqdm draws an open bar again when the process exits, under that message); not those in `keep`
+    (`open_progress_bars()` before the command: a notebook's own bar around its calls of `main`)."""
     from tqdm import tqdm
 
     for bar in list(getattr(tqdm, "_instances", ())):
-        bar.close()
+        if id(bar) not in keep:
+            bar.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,13 +223,14 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # (not the main thread: main() called from another thread)
         previous = None
+    callers_bars = open_progress_bars()
     try:
         try:
             status = args.func(args) or 0
             sys.stdout.flush()  # (a short output waits in the pipe's buffer: a reader gone fails here, not at exit)
             return status
         finally:
-            close_progress_bars()
+            close_progress_bars(keep=callers_bars)
     except ModelInputError as err:  # bad input (WorkbenchError included): one clear line, no traceback
         print(f"workbench {args.command}: error: {err}", file=sys.stderr)
         return getattr(err, "exit_status", 2)  # (a store another run is writing: 75, try again later)

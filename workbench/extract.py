@@ -556,32 +556,34 @@ def _extract(p: Plan, rank: int, world: int, todo, fp: str, weights_sha: str, de
     bar = progress_bar(total=len(rank_share(todo, rank, world)) * forwards,
                desc=f"extract (rank {rank})" if world > 1 else "extract", unit="fwd",
                disable=not cfg.progress or rank != 0)
-    probe = make_probe(model, p, device)
-    for batch in rounds:
-        result = None
-        if rank < len(batch):
-            prompt_index, prompt, seed = batch[rank]
-            emb = encoder.encode([prompt])
-            arrays = _one_sample(model, p, emb, negative, seed, device, dtype, bar, probe, initial)
-            meta = dict(prompt_index=prompt_index, seed=seed, prompt=prompt, checkpoint=p.checkpoint_label,
-                        checkpoint_sha256=weights_sha, model_family=p.family, sampler=cfg.sampler,
-                        local_attn_size=cfg.local_attn_size, sink_size=cfg.sink_size, tokens=emb.tokens[0],
-                        num_tokens=emb.lengths[0])
-            if negative is not None:  # (the uncond forwards' cross-attention keys are the negative prompt's tokens)
-                meta.update(uncond_tokens=negative.tokens[0], uncond_num_tokens=negative.lengths[0])
-            result = (meta, arrays)
-        if world == 1:
-            finished = [result]
-        else:
-            import torch.distributed as dist
+    try:
+        probe = make_probe(model, p, device)
+        for batch in rounds:
+            result = None
+            if rank < len(batch):
+                prompt_index, prompt, seed = batch[rank]
+                emb = encoder.encode([prompt])
+                arrays = _one_sample(model, p, emb, negative, seed, device, dtype, bar, probe, initial)
+                meta = dict(prompt_index=prompt_index, seed=seed, prompt=prompt, checkpoint=p.checkpoint_label,
+                            checkpoint_sha256=weights_sha, model_family=p.family, sampler=cfg.sampler,
+                            local_attn_size=cfg.local_attn_size, sink_size=cfg.sink_size, tokens=emb.tokens[0],
+                            num_tokens=emb.lengths[0])
+                if negative is not None:  # (the uncond forwards' cross-attention keys are the negative prompt's tokens)
+                    meta.update(uncond_tokens=negative.tokens[0], uncond_num_tokens=negative.lengths[0])
+                result = (meta, arrays)
+            if world == 1:
+                finished = [result]
+            else:
+                import torch.distributed as dist
 
-            finished = [None] * world if rank == 0 else None
-            dist.gather_object(result, finished, dst=0)
-        if rank == 0:
-            for meta, arrays in finished[: len(batch)]:
-                meta["checkpoint"] = p.checkpoint_label  # (rank 0's: the store's label, see _run)
-                writer.write(sample_dataset(layout, meta, arrays))
-    bar.close()
+                finished = [None] * world if rank == 0 else None
+                dist.gather_object(result, finished, dst=0)
+            if rank == 0:
+                for meta, arrays in finished[: len(batch)]:
+                    meta["checkpoint"] = p.checkpoint_label  # (rank 0's: the store's label, see _run)
+                    writer.write(sample_dataset(layout, meta, arrays))
+    finally:  # (also when stopped or failed: an open bar is drawn again under later output)
+        bar.close()
     if rank == 0:
         from workbench.summary import summary_table
 

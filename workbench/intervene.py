@@ -462,74 +462,76 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
         attrs.update(videos_dir=videos_dir(cfg.out).name, video_entries=[])
     bar = progress_bar(total=len(todo) * len(samples), desc="intervene", unit="rollout", disable=not cfg.progress)
 
-    probe = make_probe(model, p, device) if capture else None
+    try:
+        probe = make_probe(model, p, device) if capture else None
 
-    def rollout(prompt, seed, *subscribers, policy=None):
-        with attach(model, *subscribers):
-            return sample_rollout(model, p, embs[prompt], negative, seed, device, dtype, cache_policy=policy)
+        def rollout(prompt, seed, *subscribers, policy=None):
+            with attach(model, *subscribers):
+                return sample_rollout(model, p, embs[prompt], negative, seed, device, dtype, cache_policy=policy)
 
-    def captured(entry, prompt, seed, *subscribers, policy=None):
-        """(latents, attn_mass [step, layer, head, F, F] or None) of a rollout, the probe after the edits."""
-        if probe is None:
-            return rollout(prompt, seed, *subscribers, policy=policy), None
-        if entry.kind == "policy" and entry.policy == "headwise":  # its grouped calls take no observer
-            return rollout(prompt, seed, *subscribers, policy=policy), None
-        probe.reset()
-        x = rollout(prompt, seed, *subscribers, probe, policy=policy)
-        return x, probe.results()["attn_mass"][0]
+        def captured(entry, prompt, seed, *subscribers, policy=None):
+            """(latents, attn_mass [step, layer, head, F, F] or None) of a rollout, the probe after the edits."""
+            if probe is None:
+                return rollout(prompt, seed, *subscribers, policy=policy), None
+            if entry.kind == "policy" and entry.policy == "headwise":  # its grouped calls take no observer
+                return rollout(prompt, seed, *subscribers, policy=policy), None
+            probe.reset()
+            x = rollout(prompt, seed, *subscribers, probe, policy=policy)
+            return x, probe.results()["attn_mass"][0]
 
-    # the baseline of every sample (and the reference batch of the "mean" ablations)
-    mean_layers = sorted({layer for e in entries if e.kind == "ablate" and e.mode == "mean"
-                          for layer in (e.layers or range(model.config.num_layers))})
-    reference = HeadOutputs(CallFilter(layers=mean_layers), keep_calls=False) if mean_layers else None
-    base, base_video, base_mass = {}, {}, {}
-    for s in samples:
-        base[s], base_mass[s] = captured(BASELINE, s[1], s[2], *([reference] if reference else []))
-        if scored or save_videos:
-            base_video[s] = decode(vae, base[s], n)
-    means = reference.mean() if reference else {}
-    if late_baseline:
+        # the baseline of every sample (and the reference batch of the "mean" ablations)
+        mean_layers = sorted({layer for e in entries if e.kind == "ablate" and e.mode == "mean"
+                              for layer in (e.layers or range(model.config.num_layers))})
+        reference = HeadOutputs(CallFilter(layers=mean_layers), keep_calls=False) if mean_layers else None
+        base, base_video, base_mass = {}, {}, {}
         for s in samples:
-            _save_video(base_video[s], cfg.out, BASELINE.label, s, p.checkpoint_label)
-        _record_videos(writer.path, attrs["videos_dir"], BASELINE.label)
+            base[s], base_mass[s] = captured(BASELINE, s[1], s[2], *([reference] if reference else []))
+            if scored or save_videos:
+                base_video[s] = decode(vae, base[s], n)
+        means = reference.mean() if reference else {}
+        if late_baseline:
+            for s in samples:
+                _save_video(base_video[s], cfg.out, BASELINE.label, s, p.checkpoint_label)
+            _record_videos(writer.path, attrs["videos_dir"], BASELINE.label)
 
-    for e in todo:
-        per_sample = []
-        policy = build_policy(e) if e.kind == "policy" else None
-        for s in samples:
-            if e is BASELINE:
-                x, mass = base[s], base_mass[s]
-            else:
-                sources = {e.label: means}
-                if e.kind == "ablate" and e.mode == "resample":
-                    src = HeadOutputs(CallFilter(layers=e.layers, kinds={e.attention}))
-                    rollout(e.resample_prompt, s[2] if e.resample_seed is None else e.resample_seed, src)
-                    sources[e.label] = src
-                subs = [build(e, sources)] if policy is None else \
-                    ([policy] if hasattr(policy, "observe") else [])
-                x, mass = captured(e, s[1], s[2], *subs, policy=policy)
-            dist, rel = latent_distance(x, base[s])
-            row = dict(latent_distance=dist, latent_distance_rel=rel, latent_rms=latent_rms(x),
-                       latent_motion=latent_motion(x))
-            if capture:  # NaN where the entry takes no observer (a head-wise cache)
-                shape = (len(p.spec.steps), len(p.spec.layers), len(p.spec.heads), F, F)
-                row["attn_mass"] = mass if mass is not None else np.full(shape, np.nan, np.float32)
-            video = (decode(vae, x, n) if e is not BASELINE else base_video[s]) if vae is not None else None
-            if scored:
-                row |= world_scores(video, base_video[s], s[1])
-            if save_videos:
-                _save_video(video, cfg.out, e.label, s, p.checkpoint_label)
-            per_sample.append(row)
-            bar.update(1)
-        held = policy.capacity(F, n) if policy is not None else window
-        detail = policy.describe() if policy is not None else ""
-        if save_videos:  # (listed before the entry is: a kill between the two leaves it listed and unfinished,
-            if writer.completed:  # which readers do not show; its videos, all written, are this entry's)
-                _record_videos(writer.path, attrs["videos_dir"], e.label)
-            else:  # (the first write makes the store, with these attrs)
-                attrs["video_entries"] = [e.label]
-        writer.write(entry_dataset(e, samples, per_sample, attrs, F, held, layout, detail), key=e.label)
-    bar.close()
+        for e in todo:
+            per_sample = []
+            policy = build_policy(e) if e.kind == "policy" else None
+            for s in samples:
+                if e is BASELINE:
+                    x, mass = base[s], base_mass[s]
+                else:
+                    sources = {e.label: means}
+                    if e.kind == "ablate" and e.mode == "resample":
+                        src = HeadOutputs(CallFilter(layers=e.layers, kinds={e.attention}))
+                        rollout(e.resample_prompt, s[2] if e.resample_seed is None else e.resample_seed, src)
+                        sources[e.label] = src
+                    subs = [build(e, sources)] if policy is None else \
+                        ([policy] if hasattr(policy, "observe") else [])
+                    x, mass = captured(e, s[1], s[2], *subs, policy=policy)
+                dist, rel = latent_distance(x, base[s])
+                row = dict(latent_distance=dist, latent_distance_rel=rel, latent_rms=latent_rms(x),
+                           latent_motion=latent_motion(x))
+                if capture:  # NaN where the entry takes no observer (a head-wise cache)
+                    shape = (len(p.spec.steps), len(p.spec.layers), len(p.spec.heads), F, F)
+                    row["attn_mass"] = mass if mass is not None else np.full(shape, np.nan, np.float32)
+                video = (decode(vae, x, n) if e is not BASELINE else base_video[s]) if vae is not None else None
+                if scored:
+                    row |= world_scores(video, base_video[s], s[1])
+                if save_videos:
+                    _save_video(video, cfg.out, e.label, s, p.checkpoint_label)
+                per_sample.append(row)
+                bar.update(1)
+            held = policy.capacity(F, n) if policy is not None else window
+            detail = policy.describe() if policy is not None else ""
+            if save_videos:  # (listed before the entry is: a kill between the two leaves it listed and unfinished,
+                if writer.completed:  # which readers do not show; its videos, all written, are this entry's)
+                    _record_videos(writer.path, attrs["videos_dir"], e.label)
+                else:  # (the first write makes the store, with these attrs)
+                    attrs["video_entries"] = [e.label]
+            writer.write(entry_dataset(e, samples, per_sample, attrs, F, held, layout, detail), key=e.label)
+    finally:  # (also when stopped or failed: an open bar is drawn again under later output)
+        bar.close()
     log(ranking_text(cfg.out))
     if save_videos:
         log(f"videos: {printable(shell_word(videos_dir(cfg.out)))}/LABEL/pPPPP-sS.png"
