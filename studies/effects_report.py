@@ -90,9 +90,14 @@ WORLD_COLUMNS = ("trajectory_error", "adherent", "speed", "confidence")
 
 
 def display_ranking(table: pd.DataFrame) -> pd.DataFrame:
-    """The ranked table as the page shows it: numbers to 4 significant digits, and each world column with its
-    change against the baseline in brackets ("8.06 (+6.08)") instead of a d_ column of its own, so it fits a page."""
+    """The ranked table as the page shows it: numbers to 4 significant digits, each world column with its change
+    against the baseline in brackets ("8.06 (+6.08)") instead of a d_ column of its own, so it fits a page, and the
+    layer and head left blank where the entry acts on no single one (the store's -1: the baseline, a knockout, a
+    policy, an ablation of several; its label says what it acts on)."""
     shown = table.copy()
+    for k in ("layer", "head"):
+        if k in shown:
+            shown[k] = ["" if int(v) == -1 else str(int(v)) for v in table[k]]
     for k in WORLD_COLUMNS:
         if k in shown and f"d_{k}" in shown:
             shown[k] = [f"{v:.4g} ({d:+.3g})" if np.isfinite(v) else "NaN" for v, d in zip(table[k], table[f"d_{k}"])]

@@ -829,3 +829,24 @@ def test_a_checkpoint_that_would_run_code_is_refused_before_any_work(command, tm
         cli_main(argv + ["--trust-pickle"] + (["--layer", "3"] if command == "extract" else []))
     err = capsys.readouterr().err
     assert checked == [] and "error:" not in err and "needs arbitrary unpickling" not in err, err
+
+
+def test_the_cli_keeps_idle_cpu_threads_from_spinning(monkeypatch):
+    """`workbench` sets OMP_WAIT_POLICY=PASSIVE before torch is imported, unless the environment sets it; after torch
+    is imported (a notebook calling main) it leaves the environment alone (too late for OpenMP to read it)."""
+    import os
+    import subprocess
+    import sys
+
+    from workbench import cli
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    cli.passive_cpu_threads()
+    assert "OMP_WAIT_POLICY" not in os.environ  # (torch is imported in this process)
+    script = ("import os, sys\nfrom workbench.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit:\n"
+              "    pass\nassert 'torch' not in sys.modules\nprint(os.environ.get('OMP_WAIT_POLICY'))\n")
+    for given, want in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        env |= {"OMP_WAIT_POLICY": given} if given else {}
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0 and r.stdout.split()[-1] == want, (given, r.stdout, r.stderr[-2000:])

@@ -734,3 +734,17 @@ def test_a_stopped_or_failed_run_closes_its_progress_bar(tmp_path, monkeypatch, 
     with pytest.raises(stop) as caught:  # (kept, with its frames, as Jupyter keeps the last one: sys.last_value)
         run_intervene(cfg, [dict(kind="ablate", layers=1, heads=0)], world="off", log=lambda *a: None)
     assert set(tqdm._instances) == before, caught
+
+
+def test_the_page_leaves_layer_and_head_blank_for_entries_on_no_single_one():
+    """The report's ranked table: the store's -1 (the baseline, a knockout, several layers) shows as a blank cell,
+    a single layer and head as their numbers."""
+    import pandas as pd
+
+    from studies.effects_report import display_ranking
+
+    table = pd.DataFrame({"kind": ["ablate", "knockout", "baseline"], "layer": [3, -1, -1], "head": [0, -1, -1],
+                          "effect": [0.2, 0.5, 0.0]}, index=["ablate-zero:L3.H0", "knockout0-2:all", "baseline"])
+    shown = display_ranking(table)
+    assert shown["layer"].tolist() == ["3", "", ""] and shown["head"].tolist() == ["0", "", ""]
+    assert table["layer"].tolist() == [3, -1, -1]  # (the table itself unchanged)

@@ -289,7 +289,12 @@ def test_frame_means_of_several_tensors_in_one_pass_are_the_bits_of_each_alone(f
     fresh = [torch.full_like(o, float("nan")) for o in outs[:2]]
     with pytest.raises(ModelInputError, match="allowed is a contiguous float32"):
         frame_means_many_into([(q, fresh[0], 0), (k_new, fresh[1], 5)], fsl)  # 3 frames from slot 5 of 7
-    assert fresh[0].isnan().all()
+    with pytest.raises(ModelInputError, match="allowed is a contiguous float32"):
+        frame_means_many_into([(q, fresh[0], 0), (k_new, fresh[1], -1)], fsl)  # a slot before the output's first
+    other = torch.float16  # (a dtype the kernels take, beside q of another)
+    with pytest.raises(ModelInputError, match="allowed are tensors of one dtype"):
+        frame_means_many_into([(q, fresh[0], 0), (k_new.to(other), fresh[1], 4)], fsl)
+    assert fresh[0].isnan().all() and fresh[1].isnan().all()
 
 
 @pytest.mark.parametrize("split", [1, 2])

@@ -182,6 +182,15 @@ def test_info_says_what_a_checkpoint_holds_and_which_config_it_fits(tmp_path, ca
     zoo = EMBEDDED_DIR / "checkpoints" / "self_forcing_dmd.pt"
     assert cli_main(["info", "--checkpoint", str(zoo)]) == 0
     assert f"load it: workbench extract --checkpoint {zoo}\n" in capsys.readouterr().out  # (the default folder's)
+    # a folder asked for: named first, in the command where the weights fit it, else the folder they fit asked for
+    assert cli_main(["info", "--checkpoint", str(zoo), "--wan-dir", str(EMBEDDED_DIR)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].strip().endswith(f"FFN 384: fits {EMBEDDED_DIR}")
+    assert lines[7] == f"load it: workbench extract --checkpoint {zoo} --wan-dir {EMBEDDED_DIR}"
+    assert cli_main(["info", "--checkpoint", str(ck), "--wan-dir", str(EMBEDDED_DIR)]) == 0
+    out = capsys.readouterr().out
+    assert f"FFN 128: does not fit {EMBEDDED_DIR}; fits tiny" in out and f"--wan-dir {EMBEDDED_DIR}" not in out
+    assert f"load it: workbench extract --checkpoint '{ck}' --wan-dir WAN_DIR\n" in out
     bare = tmp_path / "bare.pt"
     torch.save(to_diffusers({k: v.float() for k, v in sd.items()}), bare)
     assert cli_main(["info", "--checkpoint", str(bare)]) == 0

@@ -353,23 +353,34 @@ def test_folded_residuals_leave_outputs_and_cache_as_the_blocks_one_by_one(monke
     """Where models/wan/triton_norms.py runs (CUDA inference), a block's FFN residual is added in the pass of the next
     block's norm1 (the head's norm after the last block; the short context pass's last block too). Forced here on the
     CPU, where each folded function is its two parts, the outputs and every layer's cache are bitwise those of the
-    blocks run one by one, and the fold happens once per block boundary and in the head. While a forward hook
-    watches a block nothing is folded, and the hook sees the block's whole output."""
+    blocks run one by one, and the fold happens once per block boundary and in the head; an observer of the last
+    layer's self-attention (a context pass then runs that block as far as its attention) sees the same calls. While
+    anything watches a block or the head (a forward hook or pre-hook, a global pre-hook) nothing is folded, and
+    what it sees is what it sees without the fold: a block's whole output, the head's whole input, every call."""
     from models.wan import model as wan
 
     model = tiny_model(local_attn_size=6, sink_size=1)
     x, t, ctx = inputs(9)
     folds, fold = [], wan.fused.gated_residual_norm_modulate
     monkeypatch.setattr(wan.fused, "gated_residual_norm_modulate", lambda *a: folds.append(1) or fold(*a))
+    last = len(model.blocks) - 1
 
-    def run(on, hook=None):
+    def run(on, watch=None, probe=None):
         monkeypatch.setattr(wan.fused, "residual_norms", lambda x: on)
         folds.clear()
         seen = []
-        handle = model.blocks[0].register_forward_hook(lambda m, a, out: seen.append(out.clone())) if hook else None
+        def keep(*args):  # a forward hook's output, a pre-hook's first input
+            seen.append(args[-1][0].clone() if isinstance(args[-1], tuple) else args[-1].clone())
+        handle = {"block 0": lambda: model.blocks[0].register_forward_hook(keep),
+                  "last block": lambda: model.blocks[last].register_forward_hook(keep),
+                  "block 1 pre": lambda: model.blocks[1].register_forward_pre_hook(keep),
+                  "head pre": lambda: model.head.register_forward_pre_hook(keep),
+                  "global pre": lambda: torch.nn.modules.module.register_module_forward_pre_hook(
+                      lambda m, args: seen.append(1) if m is model.head else None),
+                  None: lambda: None}[watch]()
         cache = RolloutCache.allocate(model.config, B, 9, (H // 2) * (W // 2), dtype=x.dtype, device="cpu")
         outs = []
-        with torch.no_grad():
+        with torch.no_grad(), attach(model, probe) if probe is not None else contextlib.nullcontext():
             for start in (0, 3, 6):
                 chunk = x[:, :, start:start + 3], t[:, start:start + 3], ctx
                 outs += [model(*chunk, cache=cache, start_frame=start) for _ in range(2)]
@@ -378,16 +389,29 @@ def test_folded_residuals_leave_outputs_and_cache_as_the_blocks_one_by_one(monke
             handle.remove()
         return outs, cache, len(folds), seen
 
+    def same(a, b):
+        return len(a) == len(b) and all(torch.equal(u, v) if torch.is_tensor(u) else u == v for u, v in zip(a, b))
+
     plain, plain_cache, plain_folds, _ = run(False)
     folded, folded_cache, n, _ = run(True)
     assert plain_folds == 0 and n == 3 * (2 * len(model.blocks) + len(model.blocks) - 1)
-    assert all(torch.equal(a, b) for a, b in zip(plain, folded))
+    assert same(plain, folded)
     for a, b in zip(plain_cache.kv, folded_cache.kv):
         assert a.frames == b.frames and torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
-    _, _, _, want = run(False, hook=True)
-    hooked, _, n, seen = run(True, hook=True)
-    assert n == 0 and all(torch.equal(a, b) for a, b in zip(plain, hooked))
-    assert len(seen) == len(want) == 9 and all(torch.equal(a, b) for a, b in zip(seen, want))
+    records = []
+    for on in (False, True):
+        probe = RecordingProbe(CallFilter(layers={last}, kinds={"self"}))
+        outs, cache, n, _ = run(on, probe=probe)
+        assert same(outs, plain) and (n > 0) == on
+        assert all(torch.equal(a.k, b.k) and torch.equal(a.v, b.v) for a, b in zip(cache.kv, plain_cache.kv))
+        records.append([(r[0].query_frames, r[1], r[2]) for r in probe.records])
+    assert len(records[0]) == 9 and all(p == q and torch.equal(a, c) and torch.equal(b, d)
+                                        for (p, a, b), (q, c, d) in zip(*records))
+    for watch in ("block 0", "last block", "block 1 pre", "head pre", "global pre"):
+        _, _, _, want = run(False, watch)
+        outs, _, n, seen = run(True, watch)
+        assert n == 0 and same(outs, plain), watch
+        assert len(seen) == len(want) > 0 and same(seen, want), watch
 
 
 @pytest.mark.gpu

@@ -289,3 +289,26 @@ def test_torchrun_two_cpu_processes_train_and_end_their_group(tmp_path):
     assert [row["step"] for row in read_losses(tmp_path / "t")] == [1, 2]
     assert (tmp_path / "t" / "checkpoint_model_000002" / "model.pt").is_file()
     assert r.stderr.count("group left: False") == 2, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_stopped_ode_pairs_close_their_progress_bar(tmp_path, monkeypatch, stop):
+    """build_ode_pairs stopped midway (Ctrl-C; a notebook's stop button) or failing closes its progress bar (an open
+    one is drawn again under every later output of the session) and writes no data set."""
+    from tqdm import tqdm
+
+    import training.rollout
+    from training.config import load_config
+    from training.ode_pairs import build_ode_pairs
+
+    def stopped(*args, on_forward, **kw):
+        on_forward()
+        raise stop("stopped")
+
+    monkeypatch.setattr(training.rollout, "make_ode_pairs", stopped)
+    cfg = load_config("configs/tiny_ode.yaml", overrides=[f"data_path={tmp_path / 'pairs.pt'}", *FAST_ODE])
+    before = set(tqdm._instances)
+    with pytest.raises(stop) as caught:  # (kept, with its frames, as Jupyter keeps the last one)
+        build_ode_pairs(cfg, log=lambda *a: None, progress=True)
+    assert set(tqdm._instances) == before, caught
+    assert not (tmp_path / "pairs.pt").exists()

@@ -22,7 +22,7 @@ examples:
       --checkpoint checkpoints/self_forcing_dmd.pt --use-ema --out videos/sf_dmd
   workbench generate --prompt "..." --sampler bidirectional --wan-dir wan_models/Wan2.1-T2V-1.3B   # Wan baseline
   workbench generate --prompt "a red square moving left" --image first.png   # image-to-video, 19 frames
-  workbench generate --prompt "a red kite" --live --layers 0-5 --out runs/live &  # and meanwhile:
+  workbench generate --prompt "a green square moving right" --live --layers 0-5 --out runs/live &  # meanwhile:
   workbench view runs/live --wait                                   # frames and attention, chunk by chunk
   torchrun --nproc_per_node=8 -m workbench.cli generate --prompts prompts.txt --wan-dir ... --out videos/x
                                                        # prompts dealt over 8 GPUs, the same file names

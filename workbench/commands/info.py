@@ -216,10 +216,13 @@ def run(args) -> int:
 
     check_frames(args.frames)
     if args.checkpoint:
+        from pathlib import Path
+
         from models.wan.embedded import EMBEDDED_DIR
 
-        configs = dict(PRESETS)  # (and the embedded default's, where this install has data/embedded)
-        if EMBEDDED_DIR.is_dir():
+        configs = dict(PRESETS)  # (and the embedded default's, where this install has data/embedded and it is not
+        # the folder asked for: "fits data/embedded and the embedded default" named one folder twice)
+        if EMBEDDED_DIR.is_dir() and not (args.wan_dir and Path(args.wan_dir).resolve() == EMBEDDED_DIR.resolve()):
             configs = {"the embedded default": family_of(EMBEDDED_DIR).read_config(EMBEDDED_DIR), **configs}
         asked = args.preset or args.wan_dir
         if args.wan_dir:

@@ -13,7 +13,7 @@ examples:
   workbench view runs/x.zarr                        # finds runs/x/p0000-s0.mp4 (generate's name for the sample)
   workbench view runs/x.zarr --video runs/x/p0000-s0.mp4
   workbench view runs/sf.zarr --video videos/sf      # a folder of generate outputs: pPPPP-sS.mp4 per sample
-  workbench generate --prompt "a red kite" --live --layers 0-5 --out runs/live &   # and meanwhile:
+  workbench generate --prompt "a green square moving right" --live --layers 0-5 --out runs/live &  # meanwhile:
   workbench view runs/live --wait                   # waits for generate to start writing
   workbench intervene --knockout 0-2 --capture 0-5 --save-videos --out runs/fx.zarr
   workbench view runs/fx.zarr                       # each entry's attention (and the baseline's) beside its video
