@@ -796,7 +796,7 @@ def recency_lines(profile: xr.DataArray, *, title: str | None = None) -> go.Figu
     distances = [int(d) for d in profile.distance.values]
     marked = next((c for c in ("sink_only", "first_chunk_only") if c in profile.coords), None)
     sink_only = [bool(s) for s in profile[marked].values] if marked else [False] * len(distances)
-    label = {"sink_only": "sink frames only", "first_chunk_only": "first chunk only"}.get(marked, "")
+    label = {"sink_only": "sink keys only", "first_chunk_only": "first-chunk keys only"}.get(marked, "")
     fig = go.Figure()
     for i, h in enumerate(profile["head"].values):
         y = profile.sel(head=h)

@@ -170,7 +170,7 @@ def test_line_figures(ds):
     assert prof.distance.values[prof.first_chunk_only.values].tolist() == [18, 19, 20]
     assert "sink_only" not in prof.coords
     assert [(s.x0, s.x1) for s in fig.layout.shapes] == [(17.5, 20.5)]
-    assert [a.text for a in fig.layout.annotations] == ["first chunk only"]
+    assert [a.text for a in fig.layout.annotations] == ["first-chunk keys only"]
     assert {d for d, s in zip(fig.data[0].x, fig.data[0].marker.symbol) if s == "circle-open"} == {18, 19, 20}
     # a window with sink frames: the distances only they reach shaded, their points open
     win = synthetic.make_dataset("window", layers=(0,), num_heads=2)
@@ -180,7 +180,7 @@ def test_line_figures(ds):
     assert [(s.x0, s.x1) for s in wfig.layout.shapes] == [(sink_only[0] - 0.5, sink_only[-1] + 0.5)]
     symbols = dict(zip(wfig.data[0].x, wfig.data[0].marker.symbol))
     assert {d for d, s in symbols.items() if s == "circle-open"} == set(sink_only)
-    assert [a.text for a in wfig.layout.annotations] == ["sink frames only"]
+    assert [a.text for a in wfig.layout.annotations] == ["sink keys only"]
     rows = metrics.row_metrics(ds).isel(sample=0, step=0, layer=0)
     assert figures.metric_by_query_frame(rows.sink_mass).layout.xaxis.title.text == "query frame"
     by_step = figures.metric_by_step(metrics.head_metrics(ds).sink_mass.isel(layer=0))
