@@ -452,52 +452,32 @@ def test_kv_made_in_the_cache_slots_equals_the_copied_kv(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_the_short_context_pass_is_bitwise_in_graphed_rollouts(monkeypatch):
-    """On CUDA (bf16, the Triton/cuDNN kernels, direct KV writes, CUDA graphs with a graph of its own for the context
-    pass): the rollout with the context pass stopped after the last block's keys/values equals the whole forward's,
-    eager and graphed (warm-up, record, replay), with a window that evicts."""
-    from models.wan import model as wan
+@pytest.mark.parametrize("flag", ["models.wan.model:CACHE_ONLY_SKIPS_LAST_BLOCK", "models.wan.fused:RESIDUAL_NORMS"])
+def test_the_rollouts_shortcuts_are_bitwise_in_graphed_rollouts(monkeypatch, flag):
+    """On CUDA (bf16, the Triton/cuDNN kernels and norm row kernels, direct KV writes, CUDA graphs with a graph of its
+    own for the context pass), with a window that evicts, each shortcut gives the latents of the path without it bit
+    for bit, eager and graphed (warm-up, record, replay): the context pass stopped after the last block's keys and
+    values (CACHE_ONLY_SKIPS_LAST_BLOCK), the gated residuals added in the norms' passes (RESIDUAL_NORMS)."""
+    import importlib
 
-    model = tiny_model(local_attn_size=6, sink_size=1).cuda().to(torch.bfloat16)
-    s = FlowMatchScheduler(5.0)
-
-    def run(short, graphs):
-        monkeypatch.setattr(wan, "CACHE_ONLY_SKIPS_LAST_BLOCK", short)
-        g = torch.Generator(device="cuda").manual_seed(0)
-        noise = torch.randn(1, 12, C, H, W, generator=g, device="cuda").to(torch.bfloat16)
-        ctx = torch.randn(1, 16, 32, generator=g, device="cuda").to(torch.bfloat16)
-        return causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s, generator=g,
-                               cuda_graphs=graphs)
-
-    whole = run(False, False)
-    assert torch.equal(run(True, False), whole)
-    for short in (True, False, True):
-        for i in range(3):  # warm-up, record, replay
-            assert torch.equal(run(short, True), whole), (short, i)
-
-
-@pytest.mark.gpu
-def test_folded_residuals_are_bitwise_in_graphed_rollouts(monkeypatch):
-    """On CUDA (bf16, the norm row kernels): the gated residuals added in the norms' passes (fused.RESIDUAL_NORMS)
-    give the latents of the separate residual kernels bit for bit, eager and graphed (warm-up, record, replay)."""
-    from models.wan import fused
-
+    module_name, name = flag.split(":")
+    module = importlib.import_module(module_name)
     model = tiny_model(local_attn_size=6, sink_size=1).cuda().to(torch.bfloat16)
     s = FlowMatchScheduler(5.0)
 
     def run(on, graphs):
-        monkeypatch.setattr(fused, "RESIDUAL_NORMS", on)
+        monkeypatch.setattr(module, name, on)
         g = torch.Generator(device="cuda").manual_seed(0)
         noise = torch.randn(1, 12, C, H, W, generator=g, device="cuda").to(torch.bfloat16)
         ctx = torch.randn(1, 16, 32, generator=g, device="cuda").to(torch.bfloat16)
         return causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s, generator=g,
                                cuda_graphs=graphs)
 
-    separate = run(False, False)
-    assert torch.equal(run(True, False), separate)
+    without = run(False, False)
+    assert torch.equal(run(True, False), without)
     for on in (True, False, True):
         for i in range(3):  # warm-up, record, replay
-            assert torch.equal(run(on, True), separate), (on, i)
+            assert torch.equal(run(on, True), without), (on, i)
 
 
 @pytest.mark.gpu
