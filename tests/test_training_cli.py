@@ -267,10 +267,12 @@ def test_set_repeated_keeps_every_override():
     assert args.set == ["lr=1e-5", "a.b=2", "c=3"]
 
 
-def test_torchrun_two_cpu_processes_train_and_end_their_group(tmp_path):
+@pytest.mark.parametrize("own_group", [False, True])
+def test_torchrun_two_cpu_processes_train_and_end_their_group(tmp_path, own_group):
     """`python -m torch.distributed.run --nproc_per_node=2 -m workbench.cli train` (gloo, the tiny teacher, 2 steps):
     one global batch over both ranks, rank 0 alone prints and writes the losses and the checkpoint, and each rank
-    ends the process group itself before its interpreter's teardown (where NCCL warns and a rank may abort)."""
+    ends the process group itself before its interpreter's teardown (where NCCL warns and a rank may abort); a
+    group the script made before calling the CLI stays the script's."""
     import subprocess
     import sys
 
@@ -278,7 +280,8 @@ def test_torchrun_two_cpu_processes_train_and_end_their_group(tmp_path):
 
     script = tmp_path / "run.py"  # the CLI with a line saying whether the group is still there at its end
     script.write_text("import sys, torch.distributed as dist\nfrom workbench.cli import main\n"
-                      "status = main(sys.argv[1:])\nprint('group left:', dist.is_initialized(), file=sys.stderr)\n"
+                      + ("dist.init_process_group('gloo')\n" if own_group else "")
+                      + "status = main(sys.argv[1:])\nprint('group left:', dist.is_initialized(), file=sys.stderr)\n"
                       "sys.exit(status)\n")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script), "train", "--no-progress", "--config", "configs/tiny_teacher.yaml", "--logdir",
@@ -288,7 +291,7 @@ def test_torchrun_two_cpu_processes_train_and_end_their_group(tmp_path):
     assert "global batch 4 = 2 rank(s)" in r.stdout and r.stdout.count("step 2: generator_loss") == 1, r.stdout
     assert [row["step"] for row in read_losses(tmp_path / "t")] == [1, 2]
     assert (tmp_path / "t" / "checkpoint_model_000002" / "model.pt").is_file()
-    assert r.stderr.count("group left: False") == 2, r.stderr[-3000:]
+    assert r.stderr.count(f"group left: {own_group}") == 2, r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])

@@ -130,29 +130,32 @@ def _train(args, cfg, sets_sid_alpha) -> int:
     trainer = build_trainer(cfg, args.logdir, sets_sid_alpha=sets_sid_alpha, resume=args.resume,
                             progress=not args.no_progress,
                             command=shlex.join(getattr(args, "argv", None) or ["workbench", "train"]))
-    if trainer.d.main:
-        print(describe(trainer))
-    trainer.train()
-    trainer.close()
-    if trainer.d.main:
-        last = trainer.history[-1] if trainer.history else {}
-        losses = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.endswith("_loss"))
-        print(f"step {trainer.step}: " + (losses or "no step finished in this run"))
-        # only what is on disk: an interrupt before the first step leaves no losses and no checkpoint
-        csv, ckpt = trainer.logdir / "losses.csv", trainer.logdir / f"checkpoint_model_{trainer.step:06d}"
-        print("; ".join([f"losses: {csv}" if csv.is_file() else "no losses written",
-                         f"checkpoint: {ckpt}" if ckpt.is_dir() else "no checkpoint saved"]))
-        if trainer.probes is not None and trainer.probes.path.exists():
-            from studies.training import table
+    try:
+        if trainer.d.main:
+            print(describe(trainer))
+        trainer.train()
+        trainer.close()
+        if trainer.d.main:
+            last = trainer.history[-1] if trainer.history else {}
+            losses = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.endswith("_loss"))
+            print(f"step {trainer.step}: " + (losses or "no step finished in this run"))
+            # only what is on disk: an interrupt before the first step leaves no losses and no checkpoint
+            csv, ckpt = trainer.logdir / "losses.csv", trainer.logdir / f"checkpoint_model_{trainer.step:06d}"
+            print("; ".join([f"losses: {csv}" if csv.is_file() else "no losses written",
+                             f"checkpoint: {ckpt}" if ckpt.is_dir() else "no checkpoint saved"]))
+            if trainer.probes is not None and trainer.probes.path.exists():
+                from studies.training import table
 
-            print(table(trainer.probes.path))
-        if trainer.interrupted:  # a stopped run is not a finished one: a script's `train && evaluate` stops here
-            how = "Ctrl-C" if trainer.stop_signal == 2 else "SIGTERM"
-            since = "the last checkpoint" if latest_checkpoint(trainer.logdir) else "step 0 (no checkpoint yet)"
-            print(f"workbench train: stopped by {how} at step {trainer.step}; the same command with --resume goes on "
-                  f"from {since}",
-                  file=sys.stderr)
-    if dist.get_world_size() > 1:  # torchrun's group, ended here rather than in the interpreter's teardown (where
-        trainer.d.barrier()        # NCCL warns, and a rank may abort: 'terminate called without an active exception')
-        dist.destroy_process_group()
-    return 128 + trainer.stop_signal if trainer.interrupted else 0  # (130 Ctrl-C, 143 SIGTERM: as the shell says)
+                print(table(trainer.probes.path))
+            if trainer.interrupted:  # a stopped run is not a finished one: a script's `train && evaluate` stops here
+                how = "Ctrl-C" if trainer.stop_signal == 2 else "SIGTERM"
+                since = "the last checkpoint" if latest_checkpoint(trainer.logdir) else "step 0 (no checkpoint yet)"
+                print(f"workbench train: stopped by {how} at step {trainer.step}; the same command with --resume "
+                      f"goes on from {since}", file=sys.stderr)
+        if dist.get_world_size() > 1:
+            trainer.d.barrier()
+        return 128 + trainer.stop_signal if trainer.interrupted else 0  # (130 Ctrl-C, 143 SIGTERM: as the shell says)
+    finally:  # torchrun's group, ended here rather than in the interpreter's teardown (where NCCL warns, and a rank
+        # may abort: 'terminate called without an active exception'); a group the caller made stays the caller's
+        if trainer.d.owns_group and trainer.d.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()

@@ -38,6 +38,7 @@ class Dist:
     world: int
     local_rank: int
     device: torch.device
+    owns_group: bool = False  # `setup` made the process group (a caller's own group is left to the caller)
 
     @property
     def main(self) -> bool:
@@ -86,13 +87,14 @@ def setup(device: str | None = None) -> Dist:
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns_group=owns)
 
 
 def check_strategies(cfg) -> None:

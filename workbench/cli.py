@@ -176,26 +176,27 @@ def build_parser() -> argparse.ArgumentParser:
     return help_text.apply(parser)
 
 
-def open_progress_bars() -> set[int]:
-    """The ids of the tqdm bars open in this process now (none before tqdm is imported)."""
+def open_progress_bars() -> list:
+    """The tqdm bars open in this process now (none before tqdm is imported)."""
     tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)
-    return {id(bar) for bar in list(getattr(tqdm, "_instances", ()))}
+    return list(getattr(tqdm, "_instances", ()))
 
 
-def close_progress_bars(keep: set[int] = frozenset()) -> None:
+def close_progress_bars(keep=()) -> None:
     """Close the progress bars a command left open (stopped by Ctrl-C or an error), so that the message about it is
     the last line (tqdm draws an open bar again when the process exits, under that message); not those in `keep`
     (`open_progress_bars()` before the command: a notebook's own bar around its calls of `main`)."""
     from tqdm import tqdm
 
     for bar in list(getattr(tqdm, "_instances", ())):
-        if id(bar) not in keep:
+        if not any(bar is kept for kept in keep):
             bar.close()
 
 
 def passive_cpu_threads() -> None:
     """OpenMP's idle threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE) unless the environment says
-    otherwise, set before torch is imported (its OpenMP runtime reads it once). With the CPU shared (another run, a
+    otherwise, set before torch is imported (its OpenMP runtime reads it once; so `main([...])` called in a notebook
+    before torch is imported sets it for that process and what it starts). With the CPU shared (another run, a
     test suite, a browser), spinning threads took the cores the working ones waited for: the default `generate` took
     16.4 s instead of 8.8 s beside one busy torch process on this 2-core machine, 43 s instead of 7 s beside a
     test suite; on an idle machine PASSIVE costs 2-4%. No number changes (the thread count is torch's as before)."""
