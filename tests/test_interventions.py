@@ -312,3 +312,61 @@ def test_a_filter_or_an_edit_aimed_at_nothing_is_refused():
             with attach(model, edit):
                 pass
     assert not model.interventions  # nothing left attached
+
+
+# ------------------------------------------------------------------------------------------------------
+# Extensions written wrong are refused, naming the intervention, before they change anything silently
+
+
+class _InPlaceKeys(Intervention):  # (k may be the KV cache's own memory)
+    edits = frozenset({"k"})
+
+    def edit_inputs(self, call, q, k, v):
+        k.mul_(2)
+        return call, q, k, v
+
+
+class _FirstFrameDropped(Intervention):  # (key frames go with the call's mask, not by slicing)
+    edits = frozenset({"k", "v"})
+
+    def edit_inputs(self, call, q, k, v):
+        return call, q, k[:, call.frame_seq_len:], v[:, call.frame_seq_len:]
+
+
+class _HalfOutput(Intervention):
+    edits = frozenset({"out"})
+
+    def edit_output(self, call, q, k, v, out):
+        return out[:, : out.shape[1] // 2]
+
+
+class _NoEditsListed(Intervention):  # (edits left at the class default: attend would never call edit_output)
+    def edit_output(self, call, q, k, v, out):
+        return out.flip(2)
+
+
+def test_a_wrongly_written_intervention_is_refused_by_name(one_thread):
+    """An edit in place of k or v (the KV cache's memory: every later call would read the changed keys), edited
+    shapes (a key frame sliced away: observers read the call's key frames), an output of another shape, an
+    intervention listing no edit, and an object that is neither probe nor intervention: each a ModelInputError
+    naming it, the first three at the first call they edit (the rollout stops there), the last two at attach."""
+    from models.errors import ModelInputError
+
+    model = tiny_model(local_attn_size=6, sink_size=1)
+    plain = few_step(model, 6)
+    layer1 = CallFilter(layers={1}, kinds={"self"})
+    for iv, message in ((_InPlaceKeys(layer1, label="keys x2"), "'keys x2': edit_inputs changed k in place"),
+                        (_FirstFrameDropped(layer1, label="drop"), "'drop': edit_inputs returned as k a tensor"),
+                        (_HalfOutput(layer1, label="half"), "'half': edit_output returned a tensor of shape")):
+        with pytest.raises(ModelInputError, match=message):
+            few_step(model, 6, iv)
+    assert torch.equal(few_step(model, 6), plain)  # (nothing kept from the refused runs)
+    with pytest.raises(ModelInputError, match="flip: overrides edit_output but its edits \\[\\] name nothing"):
+        few_step(model, 6, _NoEditsListed(layer1, label="flip"))
+
+    class Duck:
+        def wants(self, call):
+            return True
+
+    with pytest.raises(ModelInputError, match="Duck: neither a probe .* nor an intervention"):
+        few_step(model, 6, Duck())

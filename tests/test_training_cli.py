@@ -279,10 +279,10 @@ def test_torchrun_two_cpu_processes_train_and_end_their_group(tmp_path, own_grou
     from training.logger import read_losses
 
     script = tmp_path / "run.py"  # the CLI with a line saying whether the group is still there at its end
-    script.write_text("import sys, torch.distributed as dist\nfrom workbench.cli import main\n"
+    script.write_text("import os, sys, torch.distributed as dist\nfrom workbench.cli import main\n"
                       + ("dist.init_process_group('gloo')\n" if own_group else "")
-                      + "status = main(sys.argv[1:])\nprint('group left:', dist.is_initialized(), file=sys.stderr)\n"
-                      "sys.exit(status)\n")
+                      + "status = main(sys.argv[1:])\n"  # (one write: the two ranks' lines never interleave)
+                      "os.write(2, f'group left: {dist.is_initialized()}\\n'.encode())\nsys.exit(status)\n")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script), "train", "--no-progress", "--config", "configs/tiny_teacher.yaml", "--logdir",
                         str(tmp_path / "t"), "--max-steps", "2", "--set", "device=cpu"],

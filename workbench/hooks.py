@@ -149,6 +149,8 @@ def check_subscribers(model, subscribers) -> None:
     probe or an edit aimed at layer 99 of a 6-layer model would otherwise see or change nothing, silently."""
     from models.errors import ModelInputError
 
+    for sub in subscribers:
+        check_kind(sub)
     config = getattr(model, "config", None)
     if config is None:
         return
@@ -161,6 +163,37 @@ def check_subscribers(model, subscribers) -> None:
             if bad:
                 raise ModelInputError(f"{type(sub).__name__}: {what} {bad} out of range: the model has {what} "
                                       f"0-{n - 1}")
+
+
+EDITABLE = frozenset({"q", "k", "v", "mask", "out"})  # what an intervention may change (workbench/interventions.py)
+
+
+def check_kind(sub) -> None:
+    """A subscriber is a probe (`wants` and `observe`) or an intervention (`wants`, `edits`, `edit_inputs` /
+    `edit_output`). An Intervention subclass that overrides an edit method but lists no edit (the class default),
+    or overrides only `edit_output` without "out" (`attend` calls it only then), is refused rather than attached to
+    do nothing."""
+    from models.errors import ModelInputError
+
+    name = getattr(sub, "label", None) or type(sub).__name__
+    probe_or_edit = hasattr(sub, "edits") or callable(getattr(sub, "observe", None))
+    if not callable(getattr(sub, "wants", None)) or not probe_or_edit:
+        raise ModelInputError(f"{name}: neither a probe (wants, observe: workbench.hooks.Probe) nor an intervention "
+                              "(wants, edits, edit_inputs / edit_output: workbench.interventions.Intervention)")
+    if not hasattr(sub, "edits"):
+        return
+    edits = set(sub.edits)
+    if edits - EDITABLE:
+        raise ModelInputError(f"{name}: edits {sorted(edits - EDITABLE)}; an intervention edits {sorted(EDITABLE)}")
+    base = next((c for c in type(sub).__mro__ if c.__module__ == "workbench.interventions"
+                 and c.__name__ == "Intervention"), None)  # (workbench/interventions.py's, which imports this module)
+    own = [m for m in ("edit_inputs", "edit_output")
+           if base is not None and getattr(type(sub), m) is not getattr(base, m)]
+    if own and (not edits or own == ["edit_output"] and "out" not in edits):
+        raise ModelInputError(f"{name}: overrides {' and '.join(own)} but its edits {sorted(edits)} name "
+                              f"{'nothing' if not edits else 'no out'}: attend calls edit_output only with 'out' in "
+                              "edits, and records an edit by what edits says; list what it changes "
+                              "(q, k, v, mask, out)")
 
 
 @contextlib.contextmanager

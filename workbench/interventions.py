@@ -36,9 +36,7 @@ from typing import Iterable
 import torch
 
 from models.common.attention import AttentionCall
-from workbench.hooks import CallFilter, Probe
-
-EDITABLE = frozenset({"q", "k", "v", "mask", "out"})
+from workbench.hooks import EDITABLE, CallFilter, Probe
 
 
 class Intervention:

@@ -99,8 +99,9 @@ class AttentionIntervention(Protocol):
 
     def edit_inputs(self, call: AttentionCall, q, k, v) -> tuple[AttentionCall, torch.Tensor, torch.Tensor,
                                                                   torch.Tensor]:
-        """(call, q, k, v) the kernel gets: q [B, Lq, H, D], k/v [B, Lk, H, D]; a changed key frame mask is a
-        call with another `frame_mask` [nqf, nkf] (e.g. `dataclasses.replace(call, frame_mask=m)`)."""
+        """(call, q, k, v) the kernel gets: q [B, Lq, H, D], k/v [B, Lk, H, D], each of its shape as given; a
+        changed key frame mask is a call with another `frame_mask` [nqf, nkf] (e.g. `dataclasses.replace(call,
+        frame_mask=m)`). k and v may be the KV cache's own memory: edit copies (`attend` refuses an in-place edit)."""
 
     def edit_output(self, call: AttentionCall, q, k, v, out) -> torch.Tensor:
         """out [B, Lq, H, D] after the kernel (e.g. one head's output zeroed)."""
@@ -117,7 +118,9 @@ def attend(q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] 
         return _attend_by_head_groups(q, k, v, call, observers, interventions)
     editing = [iv for iv in interventions if iv.wants(call)] if interventions else ()
     for iv in editing:  # in order: each edit sees the one before it
+        before = q, k, v, _version(k), _version(v)
         call, q, k, v = iv.edit_inputs(call, q, k, v)
+        _check_edit(iv, "edit_inputs", before, (q, k, v))
     if editing:
         call = dataclasses.replace(call, edits=call.edits + tuple(iv.label for iv in editing))
     interested = [obs for obs in observers if obs.wants(call)] if observers else ()
@@ -138,11 +141,44 @@ def attend(q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] 
         out, lse, _ = compute(q, k, v, frame_mask=mask, frame_seq_len=fsl, kernel=kernel, lse=needs_lse)
     for iv in editing:
         if "out" in iv.edits:
+            shape = out.shape
             out = iv.edit_output(call, q, k, v, out)
+            if not isinstance(out, torch.Tensor) or out.shape != shape:
+                _refuse(iv, f"edit_output returned {_described(out)}; it returns the output's shape {list(shape)}")
     for obs in interested:
         if obs is not computed_by:
             obs.observe(call, q, k, v, out, lse)
     return out
+
+
+def _check_edit(iv, what: str, before, after) -> None:
+    """An intervention's edit_inputs leaves k and v as they were (they are the KV cache's or the text cache's
+    memory: an in-place edit would change every later call's keys) and keeps the shapes of q, k, v (a key frame is
+    taken out with the call's frame mask, not by slicing k and v: observers read the call's key frames)."""
+    q0, k0, v0, k_version, v_version = before
+    if _version(k0) != k_version or _version(v0) != v_version:
+        name = "k" if _version(k0) != k_version else "v"
+        _refuse(iv, f"{what} changed {name} in place ({name} may be the KV cache's own memory, which every later "
+                    f"call reads): edit a copy ({name} = {name} * c, or {name}.clone() first)")
+    for name, old, new in zip("qkv", (q0, k0, v0), after):
+        if not isinstance(new, torch.Tensor) or new.shape != old.shape:
+            _refuse(iv, f"{what} returned as {name} {_described(new)}; it keeps {name}'s shape {list(old.shape)} (take "
+                        "key frames out with the call's frame_mask: dataclasses.replace(call, frame_mask=m))")
+
+
+def _version(t):
+    """t's in-place write counter (None for a tensor made under torch.inference_mode, which keeps none)."""
+    return None if t.is_inference() else t._version
+
+
+def _described(x) -> str:
+    return f"a tensor of shape {list(x.shape)}" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+
+
+def _refuse(iv, message: str) -> None:
+    from models.errors import ModelInputError
+
+    raise ModelInputError(f"intervention {getattr(iv, 'label', type(iv).__name__)!r}: {message}")
 
 
 def _attend_by_head_groups(q, k, v, call: AttentionCall, observers, interventions) -> torch.Tensor:
