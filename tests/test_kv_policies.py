@@ -382,3 +382,17 @@ def test_the_head_split_equals_its_definition_written_out(tmp_path):
         want = {layer: [h for h in range(4) if frac[i, h] >= t] for i, layer in enumerate((0, 1))}
         got = static_heads_from_store(store, float(t), span=span, sink_frames=1)
         assert got == {k: v for k, v in want.items() if v}
+
+
+def test_a_policy_returning_something_else_than_a_keep_is_named(one_thread):
+    """A user's policy whose after_chunk returns a list of frames (not a Keep) is refused after the first chunk
+    with a message naming the policy and what to return (it was an AttributeError on 'frames' deep in the cache)."""
+    from models.errors import ModelInputError
+
+    class FirstAndRecent(WindowSink):
+        def after_chunk(self, layer, cache, chunk, next_frames):
+            return [0, *cache.frames[-6:]]
+
+    model = tiny_model(local_attn_size=9)
+    with pytest.raises(ModelInputError, match=r"after_chunk returned list \[0, .*; it returns None .* or a Keep"):
+        run(model, 12, policy=FirstAndRecent(9, 1))

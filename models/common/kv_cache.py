@@ -391,12 +391,17 @@ class RolloutCache:
         """Apply the policy (if any) to every layer's cache after chunk `chunk`."""
         if self.policy is None:
             return
+        name = getattr(self.policy, "key", type(self.policy).__name__)
         for layer, kv in enumerate(self.kv):
             keep = self.policy.after_chunk(layer, kv, chunk, next_frames)
+            if keep is not None and not all(hasattr(keep, a) for a in ("frames", "positions", "head_mask")):
+                raise ModelInputError(f"cache policy {name!r}: after_chunk returned {type(keep).__name__} "
+                                      f"{str(keep)[:80]}; it returns None (the cache as it is) or a Keep(frames=[...], "
+                                      "positions=None, head_mask=None) of models/common/kv_cache.py")
             if keep is not None:
                 kv.keep(keep.frames, keep.positions, keep.head_mask)
             if len(kv.frames) + next_frames > kv.capacity and next_frames:
-                raise ModelInputError(f"cache policy {self.policy.key!r} left {len(kv.frames)} frames in layer "
+                raise ModelInputError(f"cache policy {name!r} left {len(kv.frames)} frames in layer "
                                       f"{layer}; the next {next_frames} do not fit its {kv.capacity} frames")
 
     def held_bytes(self) -> int:
