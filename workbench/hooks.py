@@ -170,9 +170,8 @@ EDITABLE = frozenset({"q", "k", "v", "mask", "out"})  # what an intervention may
 
 def check_kind(sub) -> None:
     """A subscriber is a probe (`wants` and `observe`) or an intervention (`wants`, `edits`, `edit_inputs` /
-    `edit_output`). An Intervention subclass that overrides an edit method but lists no edit (the class default),
-    or overrides only `edit_output` without "out" (`attend` calls it only then), is refused rather than attached to
-    do nothing."""
+    `edit_output`), whose `edits` name only what may be edited; one with a `check_edits` (workbench/interventions.py's
+    `Intervention`) also checks its edit methods against its `edits`."""
     from models.errors import ModelInputError
 
     name = getattr(sub, "label", None) or type(sub).__name__
@@ -185,15 +184,8 @@ def check_kind(sub) -> None:
     edits = set(sub.edits)
     if edits - EDITABLE:
         raise ModelInputError(f"{name}: edits {sorted(edits - EDITABLE)}; an intervention edits {sorted(EDITABLE)}")
-    base = next((c for c in type(sub).__mro__ if c.__module__ == "workbench.interventions"
-                 and c.__name__ == "Intervention"), None)  # (workbench/interventions.py's, which imports this module)
-    own = [m for m in ("edit_inputs", "edit_output")
-           if base is not None and getattr(type(sub), m) is not getattr(base, m)]
-    if own and (not edits or own == ["edit_output"] and "out" not in edits):
-        raise ModelInputError(f"{name}: overrides {' and '.join(own)} but its edits {sorted(edits)} name "
-                              f"{'nothing' if not edits else 'no out'}: attend calls edit_output only with 'out' in "
-                              "edits, and records an edit by what edits says; list what it changes "
-                              "(q, k, v, mask, out)")
+    if callable(getattr(sub, "check_edits", None)):
+        sub.check_edits()
 
 
 @contextlib.contextmanager

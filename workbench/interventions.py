@@ -70,6 +70,19 @@ class Intervention:
         """out [B, Lq, H, D] after the kernel."""
         return out
 
+    def check_edits(self) -> None:
+        """Refuse (at attach) a subclass that overrides an edit method but lists no edit (the class default), or
+        overrides only `edit_output` without "out" (`attend` calls it only then): it would be attached to do nothing
+        while `call.edits` recorded it."""
+        from models.errors import ModelInputError
+
+        own = [m for m in ("edit_inputs", "edit_output") if getattr(type(self), m) is not getattr(Intervention, m)]
+        if own and (not self.edits or own == ["edit_output"] and "out" not in self.edits):
+            raise ModelInputError(f"{self.label}: overrides {' and '.join(own)} but its edits {sorted(self.edits)} "
+                                  f"name {'nothing' if not self.edits else 'no out'}: attend calls edit_output only "
+                                  "with 'out' in edits, and records an edit by what edits says; list what it "
+                                  "changes (q, k, v, mask, out)")
+
 
 class Identity(Intervention):
     """Changes nothing, through the whole edit path: it claims every edit (so `attend` runs the path an editing

@@ -135,8 +135,8 @@ def residual_norms(x) -> bool:
 def gated_residual_norm_affine(x, y, gate, weight, bias, eps: float):
     """(x + y * gate, affine LayerNorm of it): the self-attention's residual and the cross-attention's input.
     x, y [B, L, C]; gate [B, F, 1, C] float32; weight, bias [C]."""
-    if residual_norms(x) and norm_kernels(y):
-        return norm_kernels(x).gated_residual_norm_affine(x, y, gate, weight, bias, eps)
+    if RESIDUAL_NORMS and (kernels := norm_kernels(x)) and norm_kernels(y):
+        return kernels.gated_residual_norm_affine(x, y, gate, weight, bias, eps)
     x = gated_residual(x, y, gate)
     return x, layer_norm_affine(x, weight, bias, eps)
 
@@ -144,8 +144,8 @@ def gated_residual_norm_affine(x, y, gate, weight, bias, eps: float):
 def gated_residual_norm_modulate(x, y, gate, shift, scale, eps: float):
     """(x + y * gate, norm_modulate of it): the previous block's FFN residual and this block's self-attention
     input (or the head's). x, y [B, L, C]; gate, shift, scale [B, F, 1, C] float32."""
-    if residual_norms(x) and norm_kernels(y):
-        return norm_kernels(x).gated_residual_norm_modulate(x, y, gate, shift, scale, eps)
+    if RESIDUAL_NORMS and (kernels := norm_kernels(x)) and norm_kernels(y):
+        return kernels.gated_residual_norm_modulate(x, y, gate, shift, scale, eps)
     x = gated_residual(x, y, gate)
     return x, norm_modulate(x, shift, scale, eps)
 
