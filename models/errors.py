@@ -9,6 +9,21 @@ class ModelInputError(ValueError):
     """Bad input: the message names the offending value and what would be accepted."""
 
 
+def check_takes(fn, args: str, what: str, caller: str) -> None:
+    """Refuse a method of the user's (`what`, e.g. "MyProbe.observe") that cannot be called with the arguments
+    `args` ("call, q, k, v": their names) as `caller` calls it: named before any work, not a TypeError mid-rollout."""
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # (no signature to read: a builtin)
+        return
+    try:
+        sig.bind(*range(args.count(",") + 1))
+    except TypeError:
+        raise ModelInputError(f"{what}{sig} must take ({args}), as {caller} calls it") from None
+
+
 class CheckpointError(ModelInputError):
     """A checkpoint that cannot be loaded as asked: missing file, wrong keys or shapes, unsafe pickle."""
 

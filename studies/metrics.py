@@ -64,7 +64,6 @@ import xarray as xr
 
 from workbench.errors import WorkbenchError
 
-ROW_DIMS = ("sample", "step", "layer", "head", "query_frame")
 QUERY_FRAME_CHOICES = ("last_chunk", "history", "all")
 CLASSES = ("sink", "local", "global", "deep_sink", "mixed")
 

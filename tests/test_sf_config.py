@@ -123,9 +123,43 @@ def test_keys_their_code_reads_with_a_default(tmp_path):
                               ("lr", "-1e-4", "lr -0.0001 must be >= 0"),  # (AdamW raised it in the first step)
                               ("lr_critic", "-1", "lr_critic -1.0 must be >= 0"),
                               ("beta2", "1.0", r"beta2 1.0 must lie in \[0, 1\)"),
-                              ("batch_size", "0", "batch_size 0 must be >= 1")):
+                              ("batch_size", "0", "batch_size 0 must be >= 1"),
+                              ("max_grad_norm", "1.0", "max_grad_norm 1.0 is not read.*max_grad_norm_generator"),
+                              ("load_raw_video", "true", "load_raw_video: true .* not implemented")):
         with pytest.raises(TrainingError, match=match):
             check_config(load_config(dmd, overrides=[f"{key}={value}"]), world=1)
+
+
+def test_their_wandb_and_text_encoder_keys_take_effect(tmp_path, monkeypatch):
+    """wandb_host / wandb_key / wandb_entity / wandb_project reach wandb's login and init when set (the
+    placeholders of their files, WANDB_PROJECT..., and empty values leave wandb's own settings), and
+    text_encoder_cpu_offload keeps the text encoder on the CPU."""
+    import sys
+    import types
+
+    import torch
+
+    from training.build import text_encoder_device
+    from training.logger import Logger
+
+    calls = []
+    fake = types.ModuleType("wandb")
+    fake.login = lambda **kw: calls.append(("login", kw))
+    fake.init = lambda **kw: calls.append(("init", kw)) or types.SimpleNamespace(log=None, finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = load_config("configs/self_forcing_dmd.yaml")
+    assert cfg.wandb_project == "WANDB_PROJECT"  # their placeholders, as shipped
+    Logger(tmp_path / "a", ["csv", "wandb"], config=cfg)
+    assert calls[0][0] == "init" and not {"entity", "project"} & set(calls[0][1]) and len(calls) == 1
+    calls.clear()
+    cfg = load_config("configs/self_forcing_dmd.yaml", overrides=["wandb_project=attn", "wandb_entity=lab",
+                                                                  "wandb_key=k123", "wandb_host=''"])
+    Logger(tmp_path / "b", ["csv", "wandb"], config=cfg)
+    assert calls[0] == ("login", {"key": "k123"})
+    assert calls[1][0] == "init" and calls[1][1]["project"] == "attn" and calls[1][1]["entity"] == "lab"
+    assert text_encoder_device(cfg, "cuda:1") == torch.device("cuda:1")
+    offload = load_config("configs/self_forcing_dmd.yaml", overrides=["text_encoder_cpu_offload=true"])
+    assert text_encoder_device(offload, "cuda:1") == torch.device("cpu")
 
 
 def test_max_pair_reads_the_first_pairs(tmp_path):

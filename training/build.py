@@ -123,6 +123,12 @@ def world_data(cfg, plan: Plan, seed: int, d: fsdp.Dist | None, *, progress: boo
     return LatentDataset.from_file(path, seed, "latents")
 
 
+def text_encoder_device(cfg, device):
+    """Where the text encoder lives and runs: the training device, or the CPU with `text_encoder_cpu_offload`
+    (its weights out of GPU memory; each prompt is encoded once and kept, training/text.py `PromptCache`)."""
+    return torch.device("cpu") if cfg.text_encoder_cpu_offload else torch.device(device)
+
+
 def _encoder_identity(cfg) -> str:
     """The text encoder's identity (models/wan/text_encoder.py `encoder_identity`) of the generator's model folder,
     '?' without one (a trainer built from models in memory)."""
@@ -268,7 +274,7 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
     probes = build_probes(cfg, plan, gen_config, logdir, weights_label=str(weights), weights_sha=sha,
                           command=command)  # checks first
     models, _ = build_models(cfg, plan, d.device)
-    encoder = TextEncoder.from_wan_dir(gen_dir, device=d.device)
+    encoder = TextEncoder.from_wan_dir(gen_dir, device=text_encoder_device(cfg, d.device))
     cls = Trainer
     if plan.trainer == "gan":
         from training.gan import GanTrainer as cls

@@ -143,6 +143,12 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
         if cfg[key] != default:  # (their code reads these keys; none of their Self-Forcing configs sets them)
             raise TrainingError(f"{key}: {cfg[key]}: {what} is not implemented in workbench train (it runs "
                                 f"{key}: {default}, as every Self-Forcing config does)")
+    if cfg.max_grad_norm != 10.0:  # (CausVid's one clip norm; Self-Forcing's trainers read the two below)
+        raise TrainingError(f"max_grad_norm {cfg.max_grad_norm} is not read by the trainers; set "
+                            "max_grad_norm_generator and max_grad_norm_critic (both 10.0 by default)")
+    if cfg.load_raw_video:
+        raise TrainingError("load_raw_video: true (VAE-encoding raw videos while training) is not implemented in "
+                            "workbench train; it reads prompt files, ODE pairs (ode_pairs) or the world's latents")
     if cfg.max_pair < 1:
         raise TrainingError(f"max_pair {cfg.max_pair} must be >= 1 (the ODE trainer reads the first max_pair pairs)")
     if cfg.loss_scale != 1.0 and cfg.trainer != "gan":

@@ -133,14 +133,14 @@ class SelfForcingConfig:
     real_score_fsdp_wrap_strategy: str = "size"
     fake_score_fsdp_wrap_strategy: str = "size"
     text_encoder_fsdp_wrap_strategy: str = "size"
-    text_encoder_cpu_offload: bool = False
+    text_encoder_cpu_offload: bool = False  # True: the text encoder stays in CPU memory and runs there
     lr: float = 2e-6
     lr_critic: Optional[float] = None  # None: lr (their trainer's fallback for a config without lr_critic)
     beta1: float = 0.0
     beta2: float = 0.999
     beta1_critic: float = 0.0
     beta2_critic: float = 0.999
-    max_grad_norm: float = 10.0
+    max_grad_norm: float = 10.0  # CausVid's; other values are refused (the two norms below are read)
     data_path: str = "prompts/vidprom_filtered_extended.txt"
     batch_size: int = 1
     total_batch_size: int = 64
@@ -149,7 +149,9 @@ class SelfForcingConfig:
     log_iters: int = 50
     dfake_gen_update_ratio: int = 5
     gradient_checkpointing: bool = True
-    load_raw_video: bool = False
+    load_raw_video: bool = False  # True is refused (not implemented)
+    # wandb (`loggers: [..., wandb]` or --wandb): login and init take those set; empty or the placeholders of
+    # their files (wandb_project: WANDB_PROJECT) leave wandb's environment and `wandb login` in charge
     wandb_host: str = ""
     wandb_key: str = ""
     wandb_entity: str = ""

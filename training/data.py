@@ -109,10 +109,6 @@ def save_latent_dataset(path, prompts: list[str], latents: torch.Tensor, kind: s
 DIRECTIONS = {"right": (0.0, 1.0), "left": (0.0, -1.0), "down": (1.0, 0.0), "up": (-1.0, 0.0)}
 
 
-def synthetic_prompts() -> list[str]:
-    return [f"a bright blob moving {d}" for d in DIRECTIONS]
-
-
 def synthetic_latents(num: int, frames: int, channels: int, height: int, width: int, seed: int = 0):
     """(prompts, latents [num, F, C, H, W]): sample i is a Gaussian blob with a fixed channel profile that moves
     one pixel a frame in the direction its prompt names, from a random start. Values are about unit scale."""

@@ -29,6 +29,22 @@ def check_loggers(names) -> None:
                 raise TrainingError(f"logger {name!r} needs the {pkg} package (pip install {pkg}): {err}") from None
 
 
+def wandb_settings(config) -> dict[str, str]:
+    """The config's wandb_host / wandb_key / wandb_entity / wandb_project that are set: empty values and the
+    placeholders of the researchers' configs (`wandb_project: WANDB_PROJECT`) leave wandb's own settings
+    (environment, `wandb login`) in charge."""
+    out = {}
+    for name in ("host", "key", "entity", "project"):
+        value = str(getattr(config, f"wandb_{name}", "") or "") if config is not None else ""
+        if value and value != f"WANDB_{name.upper()}":
+            out[name] = value
+    return out
+
+
+def own_of(settings: dict, *names: str) -> dict:
+    return {n: settings[n] for n in names if n in settings}
+
+
 class Logger:
     def __init__(self, logdir, names, *, resume_step: int | None = None, config=None, run_name: str = "train"):
         self.path = Path(logdir) / "losses.csv"
@@ -52,8 +68,11 @@ class Logger:
 
             from omegaconf import OmegaConf
 
+            own = wandb_settings(config)
+            if "key" in own or "host" in own:
+                wandb.login(**own_of(own, "key", "host"))
             self.wandb = wandb.init(config=OmegaConf.to_container(config, resolve=True) if config is not None else None,
-                                    name=run_name, dir=str(logdir))
+                                    name=run_name, dir=str(logdir), **own_of(own, "entity", "project"))
 
     def _rewrite(self) -> None:
         buffer = io.StringIO(newline="")

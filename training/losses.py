@@ -150,7 +150,8 @@ def diffusion_loss(model, x0: torch.Tensor, context, *, scheduler: FlowMatchSche
     noise = rng.randn(gens, x0.shape[1:], device=x0.device, dtype=x0.dtype)
     x_t = scheduler.add_noise(x0, noise, t)
     flow = _from_model(model(_to_model(x_t), t if model.causal else t[:, 0], context))
-    per_frame = F.mse_loss(flow.float(), (noise - x0).float(), reduction="none").mean(dim=(2, 3, 4))  # [B, F]
+    target = scheduler.training_target(x0, noise)  # the flow: noise - x0
+    per_frame = F.mse_loss(flow.float(), target.float(), reduction="none").mean(dim=(2, 3, 4))  # [B, F]
     if weighting == "uniform":
         return per_frame.mean()
     weight = scheduler.training_weight(t.cpu()).to(per_frame)

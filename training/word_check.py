@@ -108,7 +108,7 @@ def flow_word_errors(model, encode: Callable[[list[str]], torch.Tensor], prompts
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device)  # the same on every device
     x0 = x0.float()
-    target = noise - x0  # [N, F, C, H, W]
+    target = scheduler.training_target(x0, noise)  # [N, F, C, H, W]
     B, Fr = x0.shape[:2]
     out = {}
     for requested in timesteps:

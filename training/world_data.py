@@ -131,11 +131,4 @@ def make_world_dataset(path: Path, vae_path, num_videos: int, seed: int, latent_
     return path
 
 
-def describe_prompts(prompts: list[str]) -> str:
-    """How many items name each colour, shape and direction (a check that the set is balanced)."""
-    counts: dict[str, int] = {}
-    for p in prompts:
-        for w in world.parse_prompt(p):
-            counts[w] = counts.get(w, 0) + 1
-    return ", ".join(f"{k} {v}" for k, v in counts.items())
 

@@ -22,7 +22,6 @@ from workbench.errors import WorkbenchError
 from workbench.hooks import CallFilter, Probe
 from workbench.statistics import DEFAULT_STATS, STATISTICS, CallTensors, check_stats
 
-STATS = tuple(STATISTICS)
 CAPTURE_MODES = ("auto", "exact", "indicator", "fused")
 FORWARD_STORE_STATS = ("attn_mass", "attn_logit")  # the cells `frame_forward_into_store` writes itself
 

@@ -172,13 +172,17 @@ def check_kind(sub) -> None:
     """A subscriber is a probe (`wants` and `observe`) or an intervention (`wants`, `edits`, `edit_inputs` /
     `edit_output`), whose `edits` name only what may be edited; one with a `check_edits` (workbench/interventions.py's
     `Intervention`) also checks its edit methods against its `edits`."""
-    from models.errors import ModelInputError
+    from models.errors import ModelInputError, check_takes
 
     name = getattr(sub, "label", None) or type(sub).__name__
     probe_or_edit = hasattr(sub, "edits") or callable(getattr(sub, "observe", None))
     if not callable(getattr(sub, "wants", None)) or not probe_or_edit:
         raise ModelInputError(f"{name}: neither a probe (wants, observe: workbench.hooks.Probe) nor an intervention "
                               "(wants, edits, edit_inputs / edit_output: workbench.interventions.Intervention)")
+    for method, args in (("wants", "call"), ("observe", "call, q, k, v, out, lse"), ("edit_inputs", "call, q, k, v"),
+                         ("edit_output", "call, q, k, v, out")):
+        if callable(fn := getattr(sub, method, None)):
+            check_takes(fn, args, f"{name}: {type(sub).__name__}.{method}", "models/common/attention.py `attend`")
     if not hasattr(sub, "edits"):
         return
     edits = set(sub.edits)

@@ -523,7 +523,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
                 per_sample.append(row)
                 bar.update(1)
             held = policy.capacity(F, n) if policy is not None else window
-            detail = policy.describe() if policy is not None else ""
+            detail = str(policy.describe()) if hasattr(policy, "describe") else ""  # (a policy's decisions)
             if save_videos:  # (listed before the entry is: a kill between the two leaves it listed and unfinished,
                 if writer.completed:  # which readers do not show; its videos, all written, are this entry's)
                     _record_videos(writer.path, attrs["videos_dir"], e.label)

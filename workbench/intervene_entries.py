@@ -16,15 +16,25 @@ An entry is a mapping (an item of a YAML spec's list, or made from a flag by `pa
         static heads from a store's attention mass), static_recent (headwise); static_heads (headwise: the
         [layer, head] pairs, as a stored spec records them; given without store, or with a store that gives them)
     label: the name in the store (default: made from the settings)
+    settings: a kind or policy of your own (`register`): its settings, over the defaults it registered
+
+Kinds and policies of your own: `register(EntryKind(name, build, settings))` in a plugin module (named by
+WORKBENCH_PLUGINS, as statistics are: docs/architecture.md); `kind: NAME` (or `kind: policy, policy: NAME`) then
+takes the calls' keys above and `settings:`, and the entry is built, checked and stored like the built-in ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
 import math
+import numbers
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -101,7 +111,115 @@ def older_differs(stored: dict, entry: Entry) -> str | None:
 POLICIES = ("fifo", "sink", "deepsink", "attention", "headwise")
 ENTRY_KEYS = {"kind", "layers", "heads", "steps", "chunks", "attention", "mode", "resample_prompt", "resample_seed",
               "frames", "history_only", "value", "policy", "window", "sink_frames", "store", "threshold",
-              "static_recent", "split", "static_heads", "sink_rule", "label"}
+              "static_recent", "split", "static_heads", "sink_rule", "label", "settings"}
+
+
+# ------------------------------------------------------------------------------------------ kinds of your own
+@dataclass(frozen=True)
+class EntryKind:
+    """An intervention or a KV-cache policy of your own, as `workbench intervene` takes it.
+
+    An intervention (`policy=False`; a spec entry `kind: NAME`): `build(filter, heads, label, **settings)` returns
+    an intervention (workbench/interventions.py `Intervention`: `edits`, `edit_inputs` / `edit_output`) acting on
+    the calls `filter` selects (a `CallFilter` of the entry's layers, steps, chunks and attention) and on `heads`
+    (a tuple, or None for all), named `label`. A cache policy (`policy=True`; `kind: policy, policy: NAME`):
+    `build(window, sink_frames, **settings)` returns a `CachePolicy` (models/common/kv_cache.py: `key`,
+    `graph_safe`, `capacity`, `after_chunk`; optionally `describe()` and, as an observer, `wants` / `observe`).
+    `settings`: the names of its own settings and their defaults (JSON values: numbers, text, booleans, lists);
+    an entry's `settings:` mapping overrides them, and the store records them all in its intervention_spec."""
+
+    name: str
+    build: Callable
+    settings: dict = field(default_factory=dict)
+    policy: bool = False
+    about: str = ""  # one line for `workbench intervene --help`
+
+
+OWN_KINDS: dict[str, EntryKind] = {}  # interventions of your own, by kind
+OWN_POLICIES: dict[str, EntryKind] = {}  # cache policies of your own, by policy name
+
+
+def register(kind: EntryKind, *, replace: bool = False) -> EntryKind:
+    """Make `kind` an entry of `workbench intervene` (call it in a plugin module; docs/architecture.md).
+    `replace`: a kind of your own registered before under this name gives way (a notebook cell run again)."""
+    taken, table = (POLICIES, OWN_POLICIES) if kind.policy else (KINDS + ("baseline",), OWN_KINDS)
+    what = "cache policy" if kind.policy else "intervention kind"
+    if not isinstance(kind.name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", kind.name):
+        raise WorkbenchError(f"{what} name {kind.name!r}: use lower-case letters, digits and _ (e.g. my_edit)")
+    if kind.name in taken or kind.name in table and not replace:
+        raise WorkbenchError(f"{what} {kind.name!r} exists already; give yours another name")
+    if not callable(kind.build):
+        raise WorkbenchError(f"{what} {kind.name!r}: build must be callable, not {kind.build!r}")
+    _check_setting_values(kind.settings, f"{what} {kind.name!r}'s settings")
+    table[kind.name] = kind
+    return kind
+
+
+def _check_setting_values(values, what: str) -> None:
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        raise WorkbenchError(f"{what}: {values!r}; give a mapping of names to values")
+    for k, v in values.items():
+        if not _plain(v):
+            raise WorkbenchError(f"{what}: {k} {v!r}: give a number, text, true/false or a list of them (what a "
+                                 "store's intervention_spec can record)")
+
+
+def _plain(v) -> bool:
+    """Whether v is a value a store's spec records as it is: a number, text, a boolean, None, or a list of them."""
+    one = lambda x: x is None or isinstance(x, (bool, int, str)) or isinstance(x, float) and math.isfinite(x)  # noqa
+    return one(v) or isinstance(v, (list, tuple)) and all(one(x) for x in v)
+
+
+def own_kind(kind: str, policy: str | None = None) -> EntryKind | None:
+    """The registered kind of an entry's kind (and policy), or None for a built-in one."""
+    return OWN_POLICIES.get(policy) if kind == "policy" else OWN_KINDS.get(kind)
+
+
+def _own_settings(d: dict, kind: EntryKind) -> dict:
+    given = d.get("settings") or {}
+    what = f"the {'policy' if kind.policy else 'kind'} {kind.name!r}"
+    _check_setting_values(given, f"settings of {what}")
+    unknown = sorted(set(given) - set(kind.settings))
+    if unknown:
+        raise WorkbenchError(f"settings {unknown}: {what} takes "
+                             f"{sorted(kind.settings) if kind.settings else 'no settings'}")
+    return json.loads(json.dumps({**kind.settings, **given}))  # (as the store will record them: lists, not tuples)
+
+
+def _built(kind: EntryKind, args: tuple, settings: dict):
+    """kind.build(*args, **settings), its signature checked first; what it raises, as a WorkbenchError naming it."""
+    what = f"{'cache policy' if kind.policy else 'intervention kind'} {kind.name!r}"
+    try:
+        inspect.signature(kind.build).bind(*args, **settings)
+    except TypeError as err:
+        wants = "(window, sink_frames, **settings)" if kind.policy else "(filter, heads, label, **settings)"
+        raise WorkbenchError(f"{what}: its build{inspect.signature(kind.build)} does not take {wants} with the "
+                             f"settings {sorted(settings)}: {err}") from None
+    except ValueError:  # (a builtin without a signature: called as it is)
+        pass
+    try:
+        return kind.build(*args, **settings)
+    except Exception as err:  # noqa: BLE001 - the user's code: its own error, named
+        raise WorkbenchError(f"{what} with settings {settings}: {type(err).__name__}: {err}") from None
+
+
+def _check_policy_object(obj, kind: EntryKind, num_frames, chunk_frames) -> None:
+    """What its build returned is a cache policy (models/common/kv_cache.py `check_policy`) holding a chunk."""
+    from models.common.kv_cache import check_policy
+
+    try:
+        check_policy(obj)
+    except ValueError as err:
+        raise WorkbenchError(f"cache policy {kind.name!r}: its build returned {err}") from None
+    if num_frames and chunk_frames:
+        try:
+            held = obj.capacity(num_frames, chunk_frames)
+        except Exception as err:  # noqa: BLE001 - the user's code
+            raise WorkbenchError(f"cache policy {kind.name!r}: capacity({num_frames}, {chunk_frames}): "
+                                 f"{type(err).__name__}: {err}") from None
+        if not isinstance(held, numbers.Integral) or held < chunk_frames:
+            raise WorkbenchError(f"cache policy {kind.name!r}: capacity({num_frames}, {chunk_frames}) is {held!r}; "
+                                 f"the cache must hold at least a chunk of {chunk_frames} frames")
 
 
 @dataclass
@@ -130,6 +248,7 @@ class Entry:
     split: str = HEAD_SPLIT  # how a headwise policy's static heads are chosen (kv_policies.static_heads_from_store)
     static_heads: list | None = None  # headwise: the [layer, head] pairs that split chose from the store
     sink_rule: str = DEEP_SINK_RULE  # how a deep sink moves its sink (workbench/kv_policies.py DeepSink)
+    settings: dict | None = None  # a kind or policy of your own (`register`): all its settings
 
     def spec(self) -> dict:
         """The entry's settings that mean something for its kind (stored as intervention_spec: a knockout carries no
@@ -140,6 +259,9 @@ class Entry:
 
     def fields(self) -> set[str]:
         """The names of the settings of this entry's kind (and policy)."""
+        if own_kind(self.kind, self.policy) is not None:  # (one of your own: its calls or window, and its settings)
+            return {"kind", "label", "settings", *(("policy", "window", "sink_frames") if self.kind == "policy"
+                                                   else CALLS)}
         keep = {"kind", "label", *SPEC_FIELDS[self.kind]}
         if self.kind == "policy" and self.policy != "headwise":  # (the head split's settings)
             keep -= {"store", "threshold", "static_recent", "split", "static_heads"}
@@ -218,8 +340,17 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
     if unknown:
         raise WorkbenchError(f"intervention entry {d}: unknown keys {unknown}; allowed: {sorted(ENTRY_KEYS)}")
     kind = d.get("kind")
-    if kind not in KINDS:
-        raise WorkbenchError(f"intervention kind {kind!r}; use one of {list(KINDS)}")
+    if kind not in KINDS and kind not in OWN_KINDS:
+        raise WorkbenchError(f"intervention kind {kind!r}; use one of {list(KINDS) + list(OWN_KINDS)}"
+                             f"{OWN_HINT if not OWN_KINDS else ''}")
+    own = own_kind(kind, d.get("policy"))
+    if "settings" in d and own is None:
+        raise WorkbenchError(f"settings: is for a kind or policy of your own (registered: "
+                             f"{sorted(OWN_KINDS) + sorted(OWN_POLICIES) or 'none'}), not a built-in "
+                             f"{kind if kind != 'policy' else str(d.get('policy')) + ' policy'}'s")
+    if own is not None:
+        return _parse_own(d, own, num_layers, num_heads, num_frames=num_frames, num_steps=num_steps,
+                          num_chunks=num_chunks, chunk_frames=chunk_frames)
     if "static_heads" in d and kind != "policy":
         raise WorkbenchError(f"static_heads is a headwise policy's setting, not a {kind} entry's")
     e = Entry(kind=kind, label="")
@@ -274,7 +405,8 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
     if kind == "policy":
         e.policy = d.get("policy")
         if e.policy not in POLICIES:
-            raise WorkbenchError(f"cache policy {e.policy!r}; use one of {list(POLICIES)}")
+            raise WorkbenchError(f"cache policy {e.policy!r}; use one of {list(POLICIES) + list(OWN_POLICIES)}"
+                                 f"{OWN_HINT if not OWN_POLICIES else ''}")
         e.window = int(_number(d.get("window", 21), "policy window", integer=True))
         e.sink_frames = int(_number(d.get("sink_frames", 0), "policy sink_frames", integer=True))
         if e.policy in ("deepsink",) and "sink_frames" not in d:
@@ -335,12 +467,68 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
     return e
 
 
+OWN_HINT = (" (a kind or policy of your own: register it in a module named by WORKBENCH_PLUGINS, "
+            "docs/architecture.md)")
+
+
+def _short(v) -> str:
+    """A setting's value in a label: numbers as %g, lists joined by -."""
+    if isinstance(v, list):
+        return "-".join(_short(x) for x in v)
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _parse_own(d: dict, own: EntryKind, num_layers: int, num_heads: int, *, num_frames, num_steps, num_chunks,
+               chunk_frames) -> Entry:
+    """An entry of a kind or policy of your own: the calls (an intervention) or the window (a policy) as the
+    built-in ones take them, its settings over its defaults, and the object built once to check it."""
+    from workbench.hooks import CallFilter, check_kind
+
+    allowed = {"kind", "label", "settings", *(("policy", "window", "sink_frames") if own.policy else CALLS)}
+    if unknown := sorted(set(d) - allowed):
+        what = f"a {own.name} policy" if own.policy else f"a {own.name} entry"
+        raise WorkbenchError(f"{unknown}: {what} takes {sorted(allowed - {'kind'})} (its own settings under "
+                             "settings:)")
+    e = Entry(kind=d["kind"], label="", settings=_own_settings(d, own))
+    if own.policy:
+        e.policy = own.name
+        e.window = int(_number(d.get("window", 21), "policy window", integer=True))
+        e.sink_frames = int(_number(d.get("sink_frames", 0), "policy sink_frames", integer=True))
+        if e.window < 1 or not 0 <= e.sink_frames < e.window:
+            raise WorkbenchError(f"window {e.window} with sink_frames {e.sink_frames}: use 0 <= sink_frames < window")
+        _check_policy_object(_built(own, (e.window, e.sink_frames), e.settings), own, num_frames, chunk_frames)
+    else:
+        e.layers = _ints(d.get("layers"), "layer", num_layers)
+        e.heads = _ints(d.get("heads"), "head", num_heads)
+        e.steps = _ints(d.get("steps"), "step", num_steps, "the per-chunk schedule")
+        e.chunks = _ints(d.get("chunks"), "chunk", num_chunks, "the rollout")
+        e.attention = d.get("attention", "self")
+        if e.attention not in ("self", "cross"):
+            raise WorkbenchError(f"attention {e.attention!r}; use self or cross")
+    e.label = str(d.get("label") or default_label(e))
+    if not own.policy:
+        filt = CallFilter(layers=e.layers, kinds={e.attention}, steps=e.steps, chunks=e.chunks)
+        obj = _built(own, (filt, None if e.heads is None else tuple(e.heads), e.label), e.settings)
+        try:
+            check_kind(obj)
+        except ValueError as err:
+            raise WorkbenchError(f"intervention kind {own.name!r}: {err}") from None
+        if not hasattr(obj, "edits"):
+            raise WorkbenchError(f"intervention kind {own.name!r}: its build returned a probe ({type(obj).__name__}), "
+                                 "not an intervention (edits, edit_inputs / edit_output)")
+    return e
+
+
 def default_label(e: Entry) -> str:
     from workbench.summary import format_int_list
 
     sel = lambda name, xs: "" if xs is None else f"{name}{format_int_list(xs)}"  # noqa: E731
     where = ".".join(x for x in (sel("L", e.layers), sel("H", e.heads), sel("s", e.steps), sel("c", e.chunks)) if x)
     where = where + ("" if e.attention == "self" else ".cross")
+    if (own := own_kind(e.kind, e.policy)) is not None:  # its name and the settings that differ from its defaults
+        changed = ",".join(f"{k}={_short(v)}" for k, v in e.settings.items() if v != own.settings.get(k))
+        name = f"policy-{e.policy}{e.window}+sink{e.sink_frames}" if own.policy else e.kind
+        return name + (f"({changed})" if changed else "") + ("" if own.policy else f":{where or 'all'}")
     if e.kind == "ablate":
         return f"ablate-{e.mode}:{where or 'all'}"
     if e.kind in ("knockout", "sink") and not e.history_only:  # (its own chunk too: another entry than the default)
@@ -417,12 +605,16 @@ def build(e: Entry, sources: dict):
         return iv.HeadTemperature(e.value, filt, e.heads, label=e.label)
     if e.kind == "sink":
         return iv.SinkScaling(e.value, e.frames, filt, e.heads, label=e.label, history_only=e.history_only)
+    if (own := own_kind(e.kind, e.policy)) is not None and not own.policy:
+        return _built(own, (filt, None if e.heads is None else tuple(e.heads), e.label), e.settings)
     return None
 
 
 def build_policy(e: Entry):
     from workbench import kv_policies as kp
 
+    if (own := own_kind(e.kind, e.policy)) is not None:
+        return _built(own, (e.window, e.sink_frames), e.settings)
     if e.policy == "fifo":
         return kp.FifoWindow(e.window)
     if e.policy == "sink":

@@ -277,7 +277,3 @@ def static_heads_from_store(path, threshold: float = 0.8, span: int = 6, sink_fr
     return out
 
 
-def held_frames_per_head(cache: KVCache) -> int:
-    """(frame, head) pairs the cache's heads attend to: frames x heads, less what a head-wise mask takes out."""
-    heads = cache.k.shape[2]
-    return len(cache.frames) * heads if cache.head_mask is None else int(cache.head_mask.sum())

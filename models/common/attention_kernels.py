@@ -204,11 +204,6 @@ class Kernel:
         return (torch.device(device).type in self.devices and (self.dtypes is None or dtype in self.dtypes)
                 and (self.on_device is None or self.on_device(device)))
 
-    def takes_call(self, q, k, v, frame_seq_len: int) -> bool:
-        if self.takes is not None:
-            return self.takes(q, k, v, frame_seq_len)
-        return self.runs_on(q.device, q.dtype)
-
 
 KERNELS: dict[str, Kernel] = {}
 _CANDIDATES: dict[tuple, tuple[Kernel, ...]] = {}  # (choice, masked or not, device, dtype) -> kernels to try

@@ -45,12 +45,13 @@ when an exit forward computes them afresh (with gradient) instead:
 from __future__ import annotations
 
 import itertools
+import numbers
 from dataclasses import dataclass
 from typing import Hashable, Protocol
 
 import torch
 
-from models.errors import ModelInputError
+from models.errors import ModelInputError, check_takes
 
 KV_GRADIENTS = ("inplace", "detached")
 TEXT_KV_GRADIENTS = ("follows_checkpointing", "every_exit", "first_forward")
@@ -338,6 +339,19 @@ class CachePolicy(Protocol):
         `next_frames` frames of the next chunk (None: keep everything)."""
 
 
+def check_policy(policy) -> None:
+    """A cache policy has what a rollout uses, callable as the rollout calls it (ModelInputError naming what not)."""
+    name = type(policy).__name__
+    missing = [a for a in ("key", "graph_safe", "capacity", "after_chunk") if not hasattr(policy, a)]
+    if missing:
+        raise ModelInputError(f"cache policy {name} lacks {missing}: a CachePolicy (models/common/kv_cache.py) has "
+                              "key, graph_safe, capacity(num_frames, chunk_frames) and after_chunk(layer, cache, "
+                              "chunk, next_frames)")
+    check_takes(policy.capacity, "num_frames, chunk_frames", f"cache policy {name}.capacity", "the rollout")
+    check_takes(policy.after_chunk, "layer, cache, chunk, next_frames", f"cache policy {name}.after_chunk",
+                "the rollout")
+
+
 @dataclass
 class CrossCache:
     """One layer's cross-attention keys/values, computed from the text once per video."""
@@ -358,6 +372,8 @@ class RolloutCache:
     policy: CachePolicy | None = None  # decides what stays after each chunk (None: the window and sink above)
 
     def __post_init__(self):
+        if self.policy is not None:
+            check_policy(self.policy)
         if self.kv_gradient not in KV_GRADIENTS:
             raise ModelInputError(f"kv_gradient {self.kv_gradient!r}; use one of {list(KV_GRADIENTS)}")
         if self.text_kv_gradient not in TEXT_KV_GRADIENTS:
@@ -372,7 +388,11 @@ class RolloutCache:
         `policy`, its capacity, and nothing evicted but what it drops after each chunk."""
         local = config.local_attn_size
         if policy is not None:
+            check_policy(policy)
             capacity, evict = policy.capacity(num_frames, chunk_frames), False
+            if not isinstance(capacity, numbers.Integral) or capacity < min(chunk_frames, num_frames):
+                raise ModelInputError(f"cache policy {type(policy).__name__}: capacity({num_frames}, {chunk_frames}) "
+                                      f"is {capacity!r}; a cache holds at least a chunk ({chunk_frames} frames)")
         elif local == -1:
             capacity, evict = num_frames, False
         else:
@@ -414,6 +434,3 @@ class RolloutCache:
             return True
         return self.text_kv_gradient == "follows_checkpointing" and checkpointing
 
-    def reset_cross(self) -> None:
-        for c in self.cross:
-            c.k = c.v = None

@@ -521,8 +521,3 @@ class WanModel(nn.Module):
 OWN_FORWARDS.update({cls: cls.forward for cls in (WanBlock, LayerNorm, SelfAttention, RMSNorm, Attend, CrossAttention,
                                                   FeedForward, nn.Linear, nn.GELU, Head)})
 
-
-def CausalWanModel(config: WanConfig, num_frame_per_block: int = 3, independent_first_frame: bool = False) -> WanModel:
-    """The block-causal Wan model of Self-Forcing / CausVid (same parameters as `WanModel`)."""
-    return WanModel(config, causal=True, num_frame_per_block=num_frame_per_block,
-                    independent_first_frame=independent_first_frame)

@@ -44,6 +44,10 @@ a spec file (--spec FILE.yaml) lists entries with every option (steps, chunks, c
   sweep: {layers: 0-5, mode: zero}
   (every key an entry takes: workbench/intervene_entries.py's docstring)
 
+your own intervention or cache policy: `register(EntryKind(NAME, build, settings))` (workbench/intervene_entries.py)
+in a module named by WORKBENCH_PLUGINS, then {kind: NAME, layers: 3, heads: 0, settings: {...}} in a spec (a
+policy: {kind: policy, policy: NAME, window: 12, sink_frames: 3, settings: {...}}; docs/architecture.md)
+
 examples:
   workbench intervene --ablate 3:0 --ablate 3:1:mean --knockout 0-2 --seeds 0,1 --out runs/effects.zarr
   workbench intervene --sweep-heads 0-5 --prompt "a red square moving right" --out runs/sweep.zarr
@@ -52,8 +56,17 @@ examples:
   workbench report runs/sweep.zarr           # ranked table and per-frame effect curves (HTML + PNG)
 """
 
+def own_kinds_text() -> str:
+    """The kinds and policies of your own that plugins registered, for --help ("" when none)."""
+    from workbench.intervene_entries import OWN_KINDS, OWN_POLICIES
+
+    lines = [f"  {'kind' if not k.policy else 'policy'} {k.name}: {k.about or '(no description)'}; settings "
+             f"{k.settings or '(none)'}" for k in (*OWN_KINDS.values(), *OWN_POLICIES.values())]
+    return "\nregistered by plugins:\n" + "\n".join(lines) + "\n" if lines else ""
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser("intervene", help=HELP, description=HELP, epilog=EPILOG,
+    p = subparsers.add_parser("intervene", help=HELP, description=HELP, epilog=EPILOG + own_kinds_text(),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to change (see below)")
     what.add_argument("--spec", metavar="FILE", help="a YAML file of entries (interventions:, sweep:)")

@@ -1,0 +1,226 @@
+"""Interventions and KV-cache policies of a user's own, registered by a plugin module (workbench/intervene_entries.py
+`register`), run by `workbench intervene` into an effects store like the built-in ones; and methods of a user's probe,
+intervention or policy that cannot be called as the rollout calls them are refused before any work."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from workbench import intervene_entries as ie
+from workbench.cli import main as cli_main
+from workbench.errors import WorkbenchError
+
+PLUGIN = '''"""Two entries of a user's own: a head's output scaled, and the window + sink policy written again."""
+from workbench.intervene_entries import EntryKind, register
+from workbench.interventions import Intervention
+from workbench.kv_policies import WindowSink
+
+
+class HeadScale(Intervention):
+    edits = frozenset({"out"})
+
+    def __init__(self, filter, heads, label, factor=1.0):
+        super().__init__(filter, heads, label)
+        self.factor = factor
+
+    @property
+    def key(self):
+        return super().key + (self.factor,)
+
+    def edit_output(self, call, q, k, v, out):
+        out = out.clone()
+        h = list(self.heads) if self.heads is not None else slice(None)
+        out[:, :, h] = out[:, :, h] * self.factor
+        return out
+
+
+class MySink(WindowSink):
+    def __init__(self, window, sink_frames, spare=0):
+        super().__init__(window, sink_frames)
+
+
+register(EntryKind("head_scale", HeadScale, {"factor": 1.0}, about="heads' outputs times factor"))
+register(EntryKind("my_sink", MySink, {"spare": 0}, policy=True, about="the window and sink again"))
+'''
+
+SPEC = """interventions:
+  - {kind: head_scale, layers: 1, heads: 0, settings: {factor: 0.0}}
+  - {kind: ablate, layers: 1, heads: 0}
+  - {kind: head_scale, layers: 1, heads: 0-1}
+  - {kind: policy, policy: my_sink, window: 6, sink_frames: 3}
+  - {kind: policy, policy: sink, window: 6, sink_frames: 3}
+"""
+
+
+@pytest.fixture
+def own_registry(monkeypatch):
+    """Empty registries of one's own kinds for the test (the process's are left as the other tests know them)."""
+    monkeypatch.setattr(ie, "OWN_KINDS", {})
+    monkeypatch.setattr(ie, "OWN_POLICIES", {})
+
+
+def test_a_plugins_intervention_and_policy_run_into_an_effects_store(tmp_path, monkeypatch, capsys, own_registry):
+    """A plugin's kind and policy are spec entries: their effects are the built-in ones' where the math is the same
+    (a head scaled by 0 is its zero ablation, bitwise; the policy written again is the sink policy), the store
+    records their settings, `--help` lists them, a rerun resumes, and other settings under the same label are
+    refused naming them."""
+    from workbench.store import open_store
+
+    (tmp_path / "my_entries.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("WORKBENCH_PLUGINS", "my_entries")
+    monkeypatch.delitem(sys.modules, "my_entries", raising=False)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    out = tmp_path / "e.zarr"
+    run = ["intervene", "--spec", str(spec), "--frames", "9", "--world", "off", "--out", str(out), "--no-progress"]
+    try:
+        with pytest.raises(SystemExit):
+            cli_main(["intervene", "--help"])
+        assert "kind head_scale: heads' outputs times factor; settings {'factor': 1.0}" in capsys.readouterr().out
+        assert cli_main(run) == 0
+        assert "head_scale(factor=0):L1.H0" in capsys.readouterr().out
+        ds = open_store(out)
+        d = ds.latent_distance.isel(sample=0)
+        assert float(d.sel(intervention="ablate-zero:L1.H0").max()) > 0
+        np.testing.assert_array_equal(d.sel(intervention="head_scale(factor=0):L1.H0"),
+                                      d.sel(intervention="ablate-zero:L1.H0"))
+        assert float(np.abs(d.sel(intervention="head_scale:L1.H0-1")).max()) == 0  # (factor 1: nothing changes)
+        assert float(d.sel(intervention="policy-sink6+sink3").max()) > 0  # (the baseline holds all 9 frames)
+        np.testing.assert_array_equal(d.sel(intervention="policy-my_sink6+sink3"),
+                                      d.sel(intervention="policy-sink6+sink3"))
+        kinds = dict(zip(ds.intervention.values, ds.intervention_kind.values))
+        assert kinds["head_scale(factor=0):L1.H0"] == "head_scale" and kinds["policy-my_sink6+sink3"] == "policy"
+        import json
+
+        specs = {str(k): json.loads(str(v)) for k, v in zip(ds.intervention.values, ds.intervention_spec.values)}
+        assert specs["head_scale(factor=0):L1.H0"]["settings"] == {"factor": 0.0}
+        assert specs["policy-my_sink6+sink3"] == {"kind": "policy", "label": "policy-my_sink6+sink3",
+                                                  "policy": "my_sink", "window": 6, "sink_frames": 3,
+                                                  "settings": {"spare": 0}}
+        assert cli_main(run) == 0
+        assert "already there; nothing to do" in capsys.readouterr().out
+        spec.write_text("interventions:\n  - {kind: head_scale, layers: 1, heads: 0, settings: {factor: 0.5}, "
+                        "label: 'head_scale(factor=0):L1.H0'}\n")
+        assert cli_main(run) == 2
+        assert "settings: {'factor': 0.0} in the store, {'factor': 0.5} in this run" in capsys.readouterr().err
+    finally:
+        sys.modules.pop("my_entries", None)
+
+
+def test_a_plugins_kinds_are_checked_when_registered_and_when_given(own_registry):
+    """Every mistake in a kind of one's own, or in an entry of it, is named before any rollout: a registration that
+    takes a built-in name or has settings a store cannot record; settings the kind lacks or a built-in kind given
+    settings; a build whose signature does not take the entry's settings, that raises, or that returns something
+    other than an intervention; a policy whose cache cannot hold a chunk or whose after_chunk takes other arguments."""
+    from workbench.hooks import Probe
+    from workbench.interventions import Intervention
+    from workbench.kv_policies import WindowSink
+
+    class Scale(Intervention):
+        edits = frozenset({"out"})
+
+        def __init__(self, filter, heads, label, factor=1.0):
+            super().__init__(filter, heads, label)
+
+        def edit_output(self, call, q, k, v, out):
+            return out
+
+    class TwoArgs(Scale):
+        def edit_output(self, call, out):
+            return out
+
+    class Tiny(WindowSink):
+        def capacity(self, num_frames, chunk_frames):
+            return 1
+
+    class OldAfter(WindowSink):
+        def after_chunk(self, layer, cache):
+            return None
+
+    def raising(filter, heads, label):
+        raise RuntimeError("no GPU here")
+
+    for kind, match in ((ie.EntryKind("ablate", Scale), "intervention kind 'ablate' exists already"),
+                        (ie.EntryKind("sink", WindowSink, policy=True), "cache policy 'sink' exists already"),
+                        (ie.EntryKind("My Scale", Scale), "use lower-case letters"),
+                        (ie.EntryKind("scale2", "Scale"), "build must be callable"),
+                        (ie.EntryKind("scale3", Scale, {"factor": torch.ones(2)}), "factor tensor.*give a number")):
+        with pytest.raises(WorkbenchError, match=match):
+            ie.register(kind)
+    ie.register(ie.EntryKind("scale", Scale, {"factor": 1.0}))
+    with pytest.raises(WorkbenchError, match="'scale' exists already"):
+        ie.register(ie.EntryKind("scale", Scale, {"factor": 1.0}))
+    ie.register(ie.EntryKind("scale", Scale, {"factor": 2.0}), replace=True)  # (a notebook cell run again)
+    for name, build in (("two_args", TwoArgs), ("raising", raising), ("a_probe", lambda f, h, label: Probe(f))):
+        ie.register(ie.EntryKind(name, build, {"factor": 1.0} if name == "two_args" else {}))
+    for name, build in (("tiny", Tiny), ("old_after", OldAfter), ("bad_sig", lambda window: WindowSink(window))):
+        ie.register(ie.EntryKind(name, build, policy=True))
+    bounds = dict(num_layers=4, num_heads=2, num_frames=9, chunk_frames=3)
+    e = ie.parse_entry({"kind": "scale", "layers": [1], "heads": 0}, **bounds)
+    assert e.settings == {"factor": 2.0} and e.label == "scale:L1.H0"
+    assert ie.build(e, {}).label == "scale:L1.H0" and ie.build(e, {}).heads == (0,)
+    for entry, match in (
+            ({"kind": "scale", "settings": {"fator": 3}}, r"settings \['fator'\]: the kind 'scale' takes \['factor'\]"),
+            ({"kind": "scale", "frames": 1}, r"\['frames'\]: a scale entry takes"),
+            ({"kind": "scale", "layers": 4}, "layer"),
+            ({"kind": "ablate", "layers": 1, "heads": 0, "settings": {}}, "settings: is for a kind or policy of your"),
+            ({"kind": "policy", "policy": "fifo", "window": 6, "settings": {}}, "not a built-in fifo policy's"),
+            ({"kind": "scale_it"}, r"intervention kind 'scale_it'; use one of \[.*'scale'"),
+            ({"kind": "raising"}, "intervention kind 'raising' with settings {}: RuntimeError: no GPU here"),
+            ({"kind": "a_probe"}, "returned a probe"),
+            ({"kind": "two_args"}, r"TwoArgs.edit_output\(call, out\) must take \(call, q, k, v, out\)"),
+            ({"kind": "policy", "policy": "tiny", "window": 6}, r"capacity\(9, 3\) is 1; the cache must hold"),
+            ({"kind": "policy", "policy": "old_after", "window": 6}, r"after_chunk\(layer, cache\) must take"),
+            ({"kind": "policy", "policy": "bad_sig", "window": 6}, r"build\(window\) does not take \(window, "
+                                                                   r"sink_frames, \*\*settings\)")):
+        with pytest.raises(WorkbenchError, match=match):
+            ie.parse_entry(entry, **bounds)
+
+
+def test_user_methods_that_cannot_take_the_rollouts_arguments_are_refused_before_the_rollout():
+    """A probe's observe, an intervention's edit methods and a cache policy's capacity / after_chunk with other
+    arguments than the rollout passes are refused at attach / before the first forward (they failed with a plain
+    TypeError at their first call, in the middle of the rollout), and a policy whose cache cannot hold a chunk."""
+    from conftest import tiny_model
+    from models.common.rollout import causal_few_step
+    from models.common.scheduler import FlowMatchScheduler
+    from models.errors import ModelInputError
+    from workbench.hooks import CallFilter, Probe, attach
+    from workbench.interventions import Intervention
+    from workbench.kv_policies import WindowSink
+
+    model = tiny_model()
+
+    class OldProbe(Probe):
+        def observe(self, call, q, k, v):
+            raise AssertionError("never called")
+
+    class OldEdit(Intervention):
+        edits = frozenset({"q"})
+
+        def edit_inputs(self, call, q):
+            raise AssertionError("never called")
+
+    class OldPolicy(WindowSink):
+        def after_chunk(self, layer, cache, chunk):
+            raise AssertionError("never called")
+
+    class Tiny(WindowSink):
+        def capacity(self, num_frames, chunk_frames):
+            return 2
+
+    for sub, match in ((OldProbe(CallFilter()), r"OldProbe.observe\(call, q, k, v\) must take \(call, q, k, v, "
+                                                r"out, lse\)"),
+                       (OldEdit(), r"OldEdit.edit_inputs\(call, q\) must take \(call, q, k, v\)")):
+        with pytest.raises(ModelInputError, match=match):
+            with attach(model, sub):
+                raise AssertionError("attached")
+    noise, context = torch.randn(1, 6, 16, 4, 6), torch.randn(1, 16, 32)
+    s = FlowMatchScheduler(5.0)
+    for policy, match in ((OldPolicy(6, 3), r"OldPolicy.after_chunk\(layer, cache, chunk\) must take"),
+                          (Tiny(6, 3), r"capacity\(6, 3\) is 2; a cache holds at least a chunk")):
+        with pytest.raises(ModelInputError, match=match):
+            causal_few_step(model, noise, context, timesteps=s.warp([1000, 500]), scheduler=s, cache_policy=policy)
