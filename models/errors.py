@@ -18,10 +18,14 @@ def check_takes(fn, args: str, what: str, caller: str) -> None:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):  # (no signature to read: a builtin)
         return
+    n = args.count(",") + 1
     try:
-        sig.bind(*range(args.count(",") + 1))
+        sig.bind(*range(n))
     except TypeError:
-        raise ModelInputError(f"{what}{sig} must take ({args}), as {caller} calls it") from None
+        try:  # (a decorator that changes the arguments keeps the wrapped function's signature: its own decides)
+            inspect.signature(fn, follow_wrapped=False).bind(*range(n))
+        except (TypeError, ValueError):
+            raise ModelInputError(f"{what}{sig} must take ({args}), as {caller} calls it") from None
 
 
 class CheckpointError(ModelInputError):

@@ -210,6 +210,7 @@ def build_effects_report(store, out_html: str | Path) -> Path:
            "frame-to-frame latent change (latent_motion) over the baseline's, minus 1. "
            + ("The world columns are the miniature world's tracker on the decoded video, with in brackets the change "
               "against the baseline (docs/world_metrics.md)." if "world_trajectory_error" in ds else
+              "No world metrics: the run was made with --world off." if ds.attrs.get("world_asked") == "off" else
               "No world metrics: the model or the prompts are not the miniature world's."))
     page.h("Ranked by effect")
     page.table(display_ranking(table), shown=TABLE_ROWS)
@@ -370,7 +371,13 @@ def curve_png(ds: xr.Dataset, labels: list[str], size=(1100, 620)):
     W, H = size
     left, right, top, bottom = 96, 320, 44, 64
     font = font_for("0123456789.e-+ relative latent distance frame", 15)
-    img = Image.new("RGB", size, "white")
+    # the legend as wide as its longest label (to 640 pixels; a longer one loses its middle, not its end)
+    fonts = {lab: font_for(lab, 15) for lab in labels}
+    shown = {lab: _fit(lab, fonts[lab], LEGEND_MAX_PX) for lab in labels}
+    wide = max([fonts[lab].getlength(shown[lab]) for lab in labels] + [0])
+    right = max(right, int(wide) + 60)
+    W += right - 320
+    img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     x = ds.frame.values
     ys = {lab: ds.latent_distance_rel.sel(intervention=lab).mean("sample").values for lab in labels}
@@ -399,8 +406,21 @@ def curve_png(ds: xr.Dataset, labels: list[str], size=(1100, 620)):
             d.line(pts, fill=c, width=3)
         row = top + 16 + 24 * j
         d.line([W - right + 14, row, W - right + 38, row], fill=c, width=4)
-        d.text((W - right + 46, row), lab[:30], fill="black", font=font_for(lab[:30], 15), anchor="lm")
+        d.text((W - right + 46, row), shown[lab], fill="black", font=fonts[lab], anchor="lm")
     return img
+
+
+LEGEND_MAX_PX = 640
+
+
+def _fit(text: str, font, width: float) -> str:
+    """text, or its start and end around an ellipsis, in at most `width` pixels of `font`."""
+    if font.getlength(text) <= width:
+        return text
+    keep = len(text)
+    while keep > 2 and font.getlength(text[: keep // 2] + "..." + text[len(text) - (keep - keep // 2):]) > width:
+        keep -= 1
+    return text[: keep // 2] + "..." + text[len(text) - (keep - keep // 2):]
 
 
 def grid_png(grid: pd.DataFrame, cell: int = 72):

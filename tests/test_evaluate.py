@@ -149,7 +149,7 @@ def test_evaluate_refuses_a_folder_another_run_writes(tmp_path, capsys):
     with StoreLock(out, what="an evaluate folder"):
         assert main([*GRID, "--out", str(out)]) == 75
     err = capsys.readouterr().err
-    assert f"{str(out)!r} is being written by another process (pid " in err
+    assert f"{str(out)!r} is being written by this process itself (another call of this Python session" in err
     assert "an evaluate folder takes one writer at a time" in err
     assert not (out / "scores").exists()
 

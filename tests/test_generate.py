@@ -165,7 +165,7 @@ def test_a_folder_another_generate_writes_is_refused(tmp_path, capsys):
         assert main(["generate", "--prompt", "a red kite", "--frames", "3", "--out", str(out), "--no-progress",
                      "--no-video"]) == 75
     err = capsys.readouterr().err
-    assert f"{str(out)!r} is being written by another process (pid " in err
+    assert f"{str(out)!r} is being written by this process itself (another call of this Python session" in err
     assert "a generate folder takes one writer at a time" in err
 
 

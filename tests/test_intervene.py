@@ -271,6 +271,20 @@ def test_the_effect_curve_png_has_round_ticks_ending_on_the_axis_top():
     assert img.shape == (620, 1100) and (img[:, 8:28] < 128).any()  # the upright axis name left of the tick labels
     title = np.flatnonzero((img[:40, 96:600] < 128).any(axis=1))  # (Pillow's bitmap font was 10 pixels high:
     assert title.max() - title.min() >= 13  # too small to read in a shared copy)
+    # a long label widens the legend and is shown whole (labels were cut at 30 characters: a plugin's kind with its
+    # settings, policy-first_newest6+sink0(fir); past 640 pixels its middle gives way, not its end
+    from models.video import font_for
+    from studies.effects_report import LEGEND_MAX_PX, _fit
+
+    long = "head_scale(factor=0.25,sizes=1-2):L1.H0-1"
+    ds = ds.assign_coords(intervention=[long, "b"])
+    wide = curve_png(ds, [long, "b"])
+    font = font_for(long, 15)
+    assert wide.size[0] >= 1100 - 320 + font.getlength(long) + 46 and _fit(long, font, LEGEND_MAX_PX) == long
+    legend = np.asarray(wide.convert("L"))[44:80, wide.size[0] - 60:]
+    assert (legend < 128).any()  # (the label's end, drawn near the right edge)
+    cut = _fit("L" * 40 + "middle" * 40 + "END", font, LEGEND_MAX_PX)
+    assert cut.startswith("LLLL") and cut.endswith("END") and "..." in cut and font.getlength(cut) <= LEGEND_MAX_PX
 
 
 def test_the_api_takes_spec_dicts_and_the_cfg_samplers(tmp_path):

@@ -2,6 +2,8 @@
 `register`), run by `workbench intervene` into an effects store like the built-in ones; and methods of a user's probe,
 intervention or policy that cannot be called as the rollout calls them are refused before any work."""
 
+import functools
+import json
 import sys
 
 import numpy as np
@@ -89,23 +91,33 @@ def test_a_plugins_intervention_and_policy_run_into_an_effects_store(tmp_path, m
                                       d.sel(intervention="ablate-zero:L1.H0"))
         assert float(np.abs(d.sel(intervention="head_scale:L1.H0-1")).max()) == 0  # (factor 1: nothing changes)
         assert float(d.sel(intervention="policy-sink6+sink3").max()) > 0  # (the baseline holds all 9 frames)
-        np.testing.assert_array_equal(d.sel(intervention="policy-my_sink6+sink3"),
+        np.testing.assert_array_equal(d.sel(intervention="policy-my_sink:6+sink3"),
                                       d.sel(intervention="policy-sink6+sink3"))
         kinds = dict(zip(ds.intervention.values, ds.intervention_kind.values))
-        assert kinds["head_scale(factor=0):L1.H0"] == "head_scale" and kinds["policy-my_sink6+sink3"] == "policy"
-        import json
-
+        assert kinds["head_scale(factor=0):L1.H0"] == "head_scale" and kinds["policy-my_sink:6+sink3"] == "policy"
         specs = {str(k): json.loads(str(v)) for k, v in zip(ds.intervention.values, ds.intervention_spec.values)}
         assert specs["head_scale(factor=0):L1.H0"]["settings"] == {"factor": 0.0}
-        assert specs["policy-my_sink6+sink3"] == {"kind": "policy", "label": "policy-my_sink6+sink3",
+        assert specs["policy-my_sink:6+sink3"] == {"kind": "policy", "label": "policy-my_sink:6+sink3",
                                                   "policy": "my_sink", "window": 6, "sink_frames": 3,
                                                   "settings": {"spare": 0}}
+        assert cli_main(["report", str(out), "--out", str(tmp_path / "r.html")]) == 0  # (no plugin needed to read)
+        assert "No world metrics: the run was made with --world off." in (tmp_path / "r.html").read_text()
         assert cli_main(run) == 0
         assert "already there; nothing to do" in capsys.readouterr().out
         spec.write_text("interventions:\n  - {kind: head_scale, layers: 1, heads: 0, settings: {factor: 0.5}, "
                         "label: 'head_scale(factor=0):L1.H0'}\n")
         assert cli_main(run) == 2
-        assert "settings: {'factor': 0.0} in the store, {'factor': 0.5} in this run" in capsys.readouterr().err
+        assert "settings.factor: 0.0 in the store, 0.5 in this run" in capsys.readouterr().err
+        # in Python, an Entry object of a plugin's kind takes its settings' defaults, as a spec entry does
+        from workbench.extract import ExtractConfig
+        from workbench.intervene import run_intervene
+
+        cfg = ExtractConfig(prompts=["a red square moving right"], seeds=[0], num_frames=9, out=str(out))
+        run_intervene(cfg, [ie.Entry(kind="head_scale", label="api", layers=[1], heads=[0])], world="off",
+                      log=lambda *a: None)
+        ds = open_store(out)
+        assert json.loads(str(ds.intervention_spec.sel(intervention="api").values))["settings"] == {"factor": 1.0}
+        assert float(np.abs(ds.latent_distance.sel(intervention="api")).max()) == 0
     finally:
         sys.modules.pop("my_entries", None)
 
@@ -122,7 +134,7 @@ def test_a_plugins_kinds_are_checked_when_registered_and_when_given(own_registry
     class Scale(Intervention):
         edits = frozenset({"out"})
 
-        def __init__(self, filter, heads, label, factor=1.0):
+        def __init__(self, filter, heads, label, factor=1.0, sizes=()):
             super().__init__(filter, heads, label)
 
         def edit_output(self, call, q, k, v, out):
@@ -140,6 +152,10 @@ def test_a_plugins_kinds_are_checked_when_registered_and_when_given(own_registry
         def after_chunk(self, layer, cache):
             return None
 
+    class Watching(WindowSink):  # an observer without wants
+        def observe(self, call, q, k, v, out, lse):
+            pass
+
     def raising(filter, heads, label):
         raise RuntimeError("no GPU here")
 
@@ -147,24 +163,30 @@ def test_a_plugins_kinds_are_checked_when_registered_and_when_given(own_registry
                         (ie.EntryKind("sink", WindowSink, policy=True), "cache policy 'sink' exists already"),
                         (ie.EntryKind("My Scale", Scale), "use lower-case letters"),
                         (ie.EntryKind("scale2", "Scale"), "build must be callable"),
-                        (ie.EntryKind("scale3", Scale, {"factor": torch.ones(2)}), "factor tensor.*give a number")):
+                        (ie.EntryKind("scale3", Scale, {"factor": torch.ones(2)}), "factor tensor.*give a number"),
+                        (ie.EntryKind("temperature2", Scale), "names beginning with a built-in kind's")):
         with pytest.raises(WorkbenchError, match=match):
             ie.register(kind)
     ie.register(ie.EntryKind("scale", Scale, {"factor": 1.0}))
     with pytest.raises(WorkbenchError, match="'scale' exists already"):
         ie.register(ie.EntryKind("scale", Scale, {"factor": 1.0}))
-    ie.register(ie.EntryKind("scale", Scale, {"factor": 2.0}), replace=True)  # (a notebook cell run again)
+    ie.register(ie.EntryKind("scale", Scale, {"factor": 2.0, "sizes": (1, 2)}), replace=True)  # (a cell run again)
     for name, build in (("two_args", TwoArgs), ("raising", raising), ("a_probe", lambda f, h, label: Probe(f))):
         ie.register(ie.EntryKind(name, build, {"factor": 1.0} if name == "two_args" else {}))
-    for name, build in (("tiny", Tiny), ("old_after", OldAfter), ("bad_sig", lambda window: WindowSink(window))):
+    for name, build in (("tiny", Tiny), ("old_after", OldAfter), ("bad_sig", lambda window: WindowSink(window)),
+                        ("watching", Watching)):
         ie.register(ie.EntryKind(name, build, policy=True))
     bounds = dict(num_layers=4, num_heads=2, num_frames=9, chunk_frames=3)
     e = ie.parse_entry({"kind": "scale", "layers": [1], "heads": 0}, **bounds)
-    assert e.settings == {"factor": 2.0} and e.label == "scale:L1.H0"
+    assert e.settings == {"factor": 2.0, "sizes": [1, 2]} and e.label == "scale:L1.H0"  # (defaults: no changes)
     assert ie.build(e, {}).label == "scale:L1.H0" and ie.build(e, {}).heads == (0,)
+    e = ie.parse_entry({"kind": "scale", "layers": [1], "settings": {"factor": 3}}, **bounds)
+    assert e.settings["factor"] == 3.0 and isinstance(e.settings["factor"], float)  # (built as stored)
+    assert e.label == "scale(factor=3):L1" and ie.build(e, {}).heads is None
     for entry, match in (
-            ({"kind": "scale", "settings": {"fator": 3}}, r"settings \['fator'\]: the kind 'scale' takes \['factor'\]"),
-            ({"kind": "scale", "frames": 1}, r"\['frames'\]: a scale entry takes"),
+            ({"kind": "scale", "settings": {"fator": 3}},
+             r"settings \['fator'\]: the kind 'scale' takes \['factor', 'sizes'\]"),
+            ({"kind": "scale", "frames": 1}, r"\['frames'\]: an entry of kind 'scale' takes"),
             ({"kind": "scale", "layers": 4}, "layer"),
             ({"kind": "ablate", "layers": 1, "heads": 0, "settings": {}}, "settings: is for a kind or policy of your"),
             ({"kind": "policy", "policy": "fifo", "window": 6, "settings": {}}, "not a built-in fifo policy's"),
@@ -174,6 +196,7 @@ def test_a_plugins_kinds_are_checked_when_registered_and_when_given(own_registry
             ({"kind": "two_args"}, r"TwoArgs.edit_output\(call, out\) must take \(call, q, k, v, out\)"),
             ({"kind": "policy", "policy": "tiny", "window": 6}, r"capacity\(9, 3\) is 1; the cache must hold"),
             ({"kind": "policy", "policy": "old_after", "window": 6}, r"after_chunk\(layer, cache\) must take"),
+            ({"kind": "policy", "policy": "watching", "window": 6}, "neither a probe .* nor an intervention"),
             ({"kind": "policy", "policy": "bad_sig", "window": 6}, r"build\(window\) does not take \(window, "
                                                                    r"sink_frames, \*\*settings\)")):
         with pytest.raises(WorkbenchError, match=match):
@@ -204,6 +227,22 @@ def test_user_methods_that_cannot_take_the_rollouts_arguments_are_refused_before
         def edit_inputs(self, call, q):
             raise AssertionError("never called")
 
+    class Duck:  # an intervention by its edits alone: no label, no edit_inputs
+        edits = frozenset({"out"})
+        graph_safe = False
+
+        def wants(self, call):
+            return True
+
+        def edit_output(self, call, q, k, v, out):
+            return out
+
+    class Tensorish(Intervention):  # edit_inputs returns q alone
+        edits = frozenset({"q"})
+
+        def edit_inputs(self, call, q, k, v):
+            return q
+
     class OldPolicy(WindowSink):
         def after_chunk(self, layer, cache, chunk):
             raise AssertionError("never called")
@@ -212,14 +251,33 @@ def test_user_methods_that_cannot_take_the_rollouts_arguments_are_refused_before
         def capacity(self, num_frames, chunk_frames):
             return 2
 
+    def packed(fn):  # a decorator that changes the arguments (functools.wraps keeps fn's signature)
+        @functools.wraps(fn)
+        def wrapper(self, *args):
+            return fn(self, args)
+        return wrapper
+
+    class PackedProbe(Probe):
+        @packed
+        def observe(self, args):
+            self.seen = len(args)
+
+    with attach(model, PackedProbe(CallFilter())) as seen:  # (its wrapper takes what attend passes)
+        seen.observe(*range(6))
+    assert seen.seen == 6
     for sub, match in ((OldProbe(CallFilter()), r"OldProbe.observe\(call, q, k, v\) must take \(call, q, k, v, "
                                                 r"out, lse\)"),
-                       (OldEdit(), r"OldEdit.edit_inputs\(call, q\) must take \(call, q, k, v\)")):
+                       (OldEdit(), r"OldEdit.edit_inputs\(call, q\) must take \(call, q, k, v\)"),
+                       (Duck(), r"an intervention \(it has edits\) without \['label', 'edit_inputs'\]")):
         with pytest.raises(ModelInputError, match=match):
             with attach(model, sub):
                 raise AssertionError("attached")
     noise, context = torch.randn(1, 6, 16, 4, 6), torch.randn(1, 16, 32)
     s = FlowMatchScheduler(5.0)
+    with pytest.raises(ModelInputError, match=r"'Tensorish': edit_inputs returned a tensor of shape .*; it returns "
+                                              r"\(call, q, k, v\)"):
+        with attach(model, Tensorish()):
+            causal_few_step(model, noise, context, timesteps=s.warp([1000, 500]), scheduler=s)
     for policy, match in ((OldPolicy(6, 3), r"OldPolicy.after_chunk\(layer, cache, chunk\) must take"),
                           (Tiny(6, 3), r"capacity\(6, 3\) is 2; a cache holds at least a chunk")):
         with pytest.raises(ModelInputError, match=match):

@@ -157,6 +157,17 @@ def test_their_wandb_and_text_encoder_keys_take_effect(tmp_path, monkeypatch):
     Logger(tmp_path / "b", ["csv", "wandb"], config=cfg)
     assert calls[0] == ("login", {"key": "k123"})
     assert calls[1][0] == "init" and calls[1][1]["project"] == "attn" and calls[1][1]["entity"] == "lab"
+    # the key logs in; it is never written down or uploaded (config.yaml, checkpoints, probe stores, wandb's config)
+    from omegaconf import OmegaConf
+
+    from training.config import recorded
+
+    assert "k123" not in str(calls[1][1]["config"]) and calls[1][1]["config"]["wandb_project"] == "attn"
+    assert "k123" not in OmegaConf.to_yaml(recorded(cfg)) and cfg.wandb_key == "k123"
+    assert recorded(load_config("configs/self_forcing_dmd.yaml")).wandb_key == "WANDB_KEY"  # (their placeholder)
+    from training.checkpoints import check_resumed_config
+
+    check_resumed_config(cfg, OmegaConf.to_yaml(recorded(cfg)), tmp_path)  # (a resume may log elsewhere)
     assert text_encoder_device(cfg, "cuda:1") == torch.device("cuda:1")
     offload = load_config("configs/self_forcing_dmd.yaml", overrides=["text_encoder_cpu_offload=true"])
     assert text_encoder_device(offload, "cuda:1") == torch.device("cpu")

@@ -243,7 +243,7 @@ def test_one_training_run_per_logdir_and_a_killed_writes_part_goes_at_once(tmp_p
     argv = ("--config", "configs/tiny_dmd.yaml", "--logdir", log, "--max-steps", 0, "--set",
             f"generator_ckpt={EMBEDDED_DIR / 'checkpoints' / 'ode_init.pt'}", "device=cpu")
     with StoreLock(log, what="a training log folder", option="--logdir"):
-        with pytest.raises(TrainingError, match="is being written by another process .* choose another --logdir") \
+        with pytest.raises(TrainingError, match="is being written by this process itself .* choose another --logdir") \
                 as refused:
             train(*argv)
     assert refused.value.exit_status == 75  # (the CLI's exit status: try again later, not bad input's 2)

@@ -23,6 +23,7 @@ from models.family import WAN, check_fits_cache
 from training import distributed as fsdp
 from training.checkpoints import check_resumed_config, latest_checkpoint
 from training.checks import Plan, check_config, check_files, model_folder, world_vae_path
+from training.config import recorded
 from training.data import LatentDataset, PromptSource, synthetic_latents
 from training.errors import TrainingError
 from training.trainer import RESTART, Models, Trainer
@@ -217,7 +218,7 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
     attrs = dict(workbench_version=__version__, git_commit=_git_commit(), command=command, working_dir=os.getcwd(),
                  created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  capture_mode="exact",  # (the probes' StatsProbe; dtype and attn_backend: set by the first probe)
-                 config_yaml=OmegaConf.to_yaml(cfg), frame_seq_len=fsl, num_frame_per_block=plan.nfpb,
+                 config_yaml=OmegaConf.to_yaml(recorded(cfg)), frame_seq_len=fsl, num_frame_per_block=plan.nfpb,
                  independent_first_frame=iff,
                  num_frames=frames, text_len=mc.text_len, head_dim=mc.head_dim, num_layers=mc.num_layers,
                  num_heads=mc.num_heads, versions=dict(torch=torch.__version__, xarray=xarray.__version__,

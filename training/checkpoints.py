@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from models.files import atomic_torch_save
 from training import distributed as fsdp
+from training.config import recorded
 from training.ema import EMA
 from training.errors import TrainingError
 
@@ -40,7 +41,7 @@ class Checkpoints:
         if self.critic is not None:
             state["critic_optimizer"] = fsdp.optimizer_state(self.critic_params, self.critic_opt)
         if self.d.main:
-            state["config_yaml"] = OmegaConf.to_yaml(self.cfg)
+            state["config_yaml"] = OmegaConf.to_yaml(recorded(self.cfg))
             atomic_torch_save(state, folder / "training_state.pt")
             save_self_forcing(folder / "model.pt", **models)  # last: a folder with model.pt is complete
             self.log(f"saved {folder / 'model.pt'}")
@@ -109,7 +110,8 @@ def latest_checkpoint(logdir) -> Path | None:
 
 
 # what a resumed run may set otherwise than the run it continues: how long and how it logs, where it runs
-CHANGEABLE_ON_RESUME = ("max_steps", "log_iters", "loggers", "device", "gradient_checkpointing", "data_on_device")
+CHANGEABLE_ON_RESUME = ("max_steps", "log_iters", "loggers", "device", "gradient_checkpointing", "data_on_device",
+                        "wandb_host", "wandb_key", "wandb_entity", "wandb_project")
 
 
 def check_resumed_betas(state: dict, gen_opt, critic_opt, folder) -> None:

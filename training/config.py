@@ -18,6 +18,7 @@ their trainer reads as `lr` where a config leaves it out, is set to `lr` by `loa
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -254,6 +255,19 @@ def _load_yaml(path: Path):
         raise ModelInputError(f"config file {str(path)!r} holds a list, not a mapping of settings "
                               "(key: value lines, as configs/self_forcing_dmd.yaml)")
     return node
+
+
+SECRET_KEYS = ("wandb_key",)  # what logs in, never written down: config.yaml, checkpoints, stores, wandb's run config
+
+
+def recorded(cfg):
+    """A copy of the config to write down or upload, its SECRET_KEYS blanked where set (the placeholders of the
+    researchers' files, WANDB_KEY, are kept as they are)."""
+    out = copy.deepcopy(cfg)
+    for key in SECRET_KEYS:
+        if out.get(key) and out.get(key) != key.upper():
+            out[key] = "(given; not recorded)"
+    return out
 
 
 def flat(node: dict, prefix: str = "") -> dict:

@@ -42,6 +42,7 @@ def wandb_settings(config) -> dict[str, str]:
 
 
 def own_of(settings: dict, *names: str) -> dict:
+    """The items of `settings` named, for wandb.login / wandb.init."""
     return {n: settings[n] for n in names if n in settings}
 
 
@@ -68,10 +69,13 @@ class Logger:
 
             from omegaconf import OmegaConf
 
+            from training.config import recorded
+
             own = wandb_settings(config)
             if "key" in own or "host" in own:
                 wandb.login(**own_of(own, "key", "host"))
-            self.wandb = wandb.init(config=OmegaConf.to_container(config, resolve=True) if config is not None else None,
+            public = OmegaConf.to_container(recorded(config), resolve=True) if config is not None else None
+            self.wandb = wandb.init(config=public,
                                     name=run_name, dir=str(logdir), **own_of(own, "entity", "project"))
 
     def _rewrite(self) -> None:

@@ -34,6 +34,7 @@ from models.files import atomic_write_text
 from training import distributed as fsdp
 from training.checkpoints import Checkpoints
 from training.checks import Plan
+from training.config import recorded
 from training.ema import EMA
 from training.errors import TrainingError
 from training.steps import Steps
@@ -133,7 +134,7 @@ class Trainer(Steps, Checkpoints):
             self.logdir.mkdir(parents=True, exist_ok=True)
             self.logger = Logger(self.logdir, list(cfg.loggers), resume_step=resume_step, config=cfg,
                                  run_name=self.logdir.name)
-            atomic_write_text(self.logdir / "config.yaml", OmegaConf.to_yaml(cfg))
+            atomic_write_text(self.logdir / "config.yaml", OmegaConf.to_yaml(recorded(cfg)))
         self.probes = probes
         if probes is not None:
             probes.open(d.main, resume_step)

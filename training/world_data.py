@@ -129,6 +129,3 @@ def make_world_dataset(path: Path, vae_path, num_videos: int, seed: int, latent_
     log(f"wrote {path}: {num_videos} world videos as latents {tuple(latents.shape[1:])}, per-channel std "
         f"{float(std.min()):.2f}-{float(std.max()):.2f}, mean |mean| {float(latents.mean(dim=(0, 1, 3, 4)).abs().mean()):.3f}")
     return path
-
-
-

@@ -159,8 +159,8 @@ def load_plugins(warn=None) -> list[str]:
                 say(f"{PLUGINS_ENV}: module {name!r} failed to import, so it is left out: {type(err).__name__}: {err}")
             continue
         except Exception as err:  # noqa: BLE001 - the module raised: its own error, named
-            say(f"{PLUGINS_ENV}: module {name!r} raised {type(err).__name__} while importing, so it is left out: "
-                f"{err}")
+            say(f"{PLUGINS_ENV}: module {name!r} raised {type(err).__name__} while importing, so the rest of it is "
+                f"left out (what it registered before that stays): {err}")
             continue
         loaded.append(name)
     return loaded

@@ -169,9 +169,10 @@ EDITABLE = frozenset({"q", "k", "v", "mask", "out"})  # what an intervention may
 
 
 def check_kind(sub) -> None:
-    """A subscriber is a probe (`wants` and `observe`) or an intervention (`wants`, `edits`, `edit_inputs` /
-    `edit_output`), whose `edits` name only what may be edited; one with a `check_edits` (workbench/interventions.py's
-    `Intervention`) also checks its edit methods against its `edits`."""
+    """A subscriber is a probe (`wants` and `observe`) or an intervention (`wants`, `edits`, `label`, `edit_inputs`
+    and `edit_output`; `key` where it is `graph_safe`: the rollout graphs' key), whose `edits` name only what may be
+    edited; one with a `check_edits` (workbench/interventions.py's `Intervention`) also checks its edit methods
+    against its `edits`."""
     from models.errors import ModelInputError, check_takes
 
     name = getattr(sub, "label", None) or type(sub).__name__
@@ -185,6 +186,11 @@ def check_kind(sub) -> None:
             check_takes(fn, args, f"{name}: {type(sub).__name__}.{method}", "models/common/attention.py `attend`")
     if not hasattr(sub, "edits"):
         return
+    lacks = [a for a in ("label", "edit_inputs", "edit_output") if not hasattr(sub, a)]
+    lacks += ["key"] if getattr(sub, "graph_safe", False) and not hasattr(sub, "key") else []
+    if lacks:
+        raise ModelInputError(f"{name}: an intervention (it has edits) without {lacks}; attend and the rollout use "
+                              "them (subclass workbench.interventions.Intervention: it has them all)")
     edits = set(sub.edits)
     if edits - EDITABLE:
         raise ModelInputError(f"{name}: edits {sorted(edits - EDITABLE)}; an intervention edits {sorted(EDITABLE)}")

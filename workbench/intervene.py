@@ -172,7 +172,7 @@ EFFECT_COORD_ATTRS = {
     "intervention": dict(long_name="entry label (baseline first)"),
     "frame": dict(long_name="latent frame", units="frames"),
     "pixel_frame": dict(long_name="decoded pixel frame", units="frames"),
-    "intervention_kind": dict(long_name="baseline, ablate, knockout, temperature, sink or policy"),
+    "intervention_kind": dict(long_name="baseline, ablate, knockout, temperature, sink, policy, or a plugin's kind"),
     "intervention_spec": dict(long_name="the entry's settings as JSON"),
     "intervention_detail": dict(long_name="what the entry decided as it ran (a head-wise cache's static heads, a "
                                           "deep sink's positions, the frames an attention-guided cache kept); "
@@ -223,8 +223,9 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str | lis
     # layer or head the rollout lacks would otherwise edit nothing, silently
     bounds = entry_bounds(p)
     for e in entries:
-        if isinstance(e, Entry):  # (a headwise entry takes the static heads its store gives, as a parsed one)
-            e.static_heads = parse_entry(e.spec(), **bounds).static_heads
+        if isinstance(e, Entry):  # (a headwise entry takes the static heads its store gives, as a parsed one;
+            parsed = parse_entry(e.spec(), **bounds)  # a plugin's kind, its settings over the defaults)
+            e.static_heads, e.settings = parsed.static_heads, parsed.settings
     entries = [e if isinstance(e, Entry) else parse_entry(e, **bounds) for e in entries]
     check_entries(entries, cfg.sampler)
     partial = [e.label for e in entries if e.kind == "knockout" and e.heads is not None]
@@ -271,7 +272,7 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str | lis
         lock.release()
         raise
     try:
-        return _run(p, cfg, entries, writer, scored, command, log, capture, save_videos)
+        return _run(p, cfg, entries, writer, scored, command, log, capture, save_videos, world)
     except KeyboardInterrupt as err:  # (Ctrl-C, SIGTERM: the command line says what is kept)
         err.kept = writer.kept_note("entries (baseline included)", cfg.mode)
         raise
@@ -379,7 +380,7 @@ def saved_videos(attrs: dict, label: str) -> bool:
     return "videos_dir" in attrs
 
 
-def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_videos=False):
+def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_videos=False, world="auto"):
     import torch
 
     from models.video import mp4_available
@@ -453,7 +454,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     F = p.geometry[0]
     window = cfg.local_attn_size if cfg.local_attn_size != -1 else F
     attrs = _attrs(p, writer.fingerprint, command_words(command, "workbench.intervene.run_intervene"))
-    attrs.update(store_kind=STORE_KIND, world_metrics=scored, schema_version=SCHEMA_VERSION,
+    attrs.update(store_kind=STORE_KIND, world_metrics=scored, world_asked=world, schema_version=SCHEMA_VERSION,
                  stats=["attn_mass"] if capture else [],
                  # the cache of the baseline and of every entry that is not a policy (a policy's: its spec)
                  local_attn_size=cfg.local_attn_size, sink_size=cfg.sink_size)
@@ -473,7 +474,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
             """(latents, attn_mass [step, layer, head, F, F] or None) of a rollout, the probe after the edits."""
             if probe is None:
                 return rollout(prompt, seed, *subscribers, policy=policy), None
-            if entry.kind == "policy" and entry.policy == "headwise":  # its grouped calls take no observer
+            if getattr(policy, "heads_differ", False):  # (a head-wise cache: its grouped calls take no observer)
                 return rollout(prompt, seed, *subscribers, policy=policy), None
             probe.reset()
             x = rollout(prompt, seed, *subscribers, probe, policy=policy)

@@ -76,11 +76,22 @@ def spec_differences(stored: dict, entry: Entry) -> list[str]:
     # (the heads known, the store and the threshold that chose them say nothing more)
     keep -= {"store", "threshold"} if "static_heads" in stored else {"static_heads"}
     a, b = {k: v for k, v in stored.items() if k in keep}, {k: v for k, v in entry.spec().items() if k in keep}
+    if "settings" in keep:  # (a plugin's kind: setting by setting)
+        a, b = _each_setting(a), _each_setting(b)
+        keep = (keep - {"settings"}) | {k for k in (*a, *b) if k.startswith("settings.")}
     if "store" in a and "store" in b and os.path.realpath(a["store"]) == os.path.realpath(b["store"]):
         b["store"] = a["store"]  # (an older spec's path: the same store named relatively, or through a link)
     show = lambda v: str(v) if len(str(v)) <= 80 else str(v)[:77] + "..."  # noqa: E731
     return [f"{k}: {show(a.get(k, '(not set)'))} in the store, {show(b.get(k, '(not set)'))} in this run"
             for k in sorted(keep) if a.get(k) != b.get(k)]
+
+
+def _each_setting(spec: dict) -> dict:
+    """A spec with its `settings` mapping spread into settings.NAME items."""
+    out = {k: v for k, v in spec.items() if k != "settings"}
+    settings = spec.get("settings")
+    out.update({f"settings.{k}": v for k, v in settings.items()} if isinstance(settings, dict) else {})
+    return out
 
 
 def older(stored: dict) -> bool:
@@ -124,7 +135,8 @@ class EntryKind:
     the calls `filter` selects (a `CallFilter` of the entry's layers, steps, chunks and attention) and on `heads`
     (a tuple, or None for all), named `label`. A cache policy (`policy=True`; `kind: policy, policy: NAME`):
     `build(window, sink_frames, **settings)` returns a `CachePolicy` (models/common/kv_cache.py: `key`,
-    `graph_safe`, `capacity`, `after_chunk`; optionally `describe()` and, as an observer, `wants` / `observe`).
+    `graph_safe`, `capacity`, `after_chunk`; optionally `describe()`, `wants` / `observe` as an observer, and
+    `heads_differ = True` when its Keep gives heads different frames: `--capture` then stores NaN under it).
     `settings`: the names of its own settings and their defaults (JSON values: numbers, text, booleans, lists);
     an entry's `settings:` mapping overrides them, and the store records them all in its intervention_spec."""
 
@@ -147,7 +159,11 @@ def register(kind: EntryKind, *, replace: bool = False) -> EntryKind:
     if not isinstance(kind.name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", kind.name):
         raise WorkbenchError(f"{what} name {kind.name!r}: use lower-case letters, digits and _ (e.g. my_edit)")
     if kind.name in taken or kind.name in table and not replace:
-        raise WorkbenchError(f"{what} {kind.name!r} exists already; give yours another name")
+        again = "" if kind.name in taken else " (or register(..., replace=True): a notebook cell run again)"
+        raise WorkbenchError(f"{what} {kind.name!r} exists already; give yours another name{again}")
+    if not kind.policy and kind.name.startswith(taken):  # (its labels could be theirs: temperature2:L1)
+        raise WorkbenchError(f"{what} {kind.name!r}: names beginning with a built-in kind's ({', '.join(taken)}) are "
+                             f"kept for the labels those make; give yours another, e.g. my_{kind.name}")
     if not callable(kind.build):
         raise WorkbenchError(f"{what} {kind.name!r}: build must be callable, not {kind.build!r}")
     _check_setting_values(kind.settings, f"{what} {kind.name!r}'s settings")
@@ -183,7 +199,28 @@ def _own_settings(d: dict, kind: EntryKind) -> dict:
     if unknown:
         raise WorkbenchError(f"settings {unknown}: {what} takes "
                              f"{sorted(kind.settings) if kind.settings else 'no settings'}")
-    return json.loads(json.dumps({**kind.settings, **given}))  # (as the store will record them: lists, not tuples)
+    for k, v in given.items():  # (a default of None takes anything plain)
+        if kind.settings[k] is not None and _sort(v) != _sort(kind.settings[k]) and not (
+                _sort(v) == "an integer" and _sort(kind.settings[k]) == "a number"):
+            raise WorkbenchError(f"settings: {k} {v!r} for {what}: give {_sort(kind.settings[k])} (its default is "
+                                 f"{kind.settings[k]!r})")
+    given = {k: float(v) if isinstance(kind.settings[k], float) and isinstance(v, int) and not isinstance(v, bool)
+             else v for k, v in given.items()}  # (1 where the default is 1.0: built with the float, as stored)
+    return _recorded({**kind.settings, **given})
+
+
+def _sort(v) -> str:
+    """What sort of value a setting is: true/false, an integer, a number, text, a list."""
+    if isinstance(v, bool):
+        return "true/false"
+    if isinstance(v, int):
+        return "an integer"
+    return "a number" if isinstance(v, float) else "text" if isinstance(v, str) else "a list"
+
+
+def _recorded(settings: dict) -> dict:
+    """Settings as a store records and reads them back (lists, not tuples)."""
+    return json.loads(json.dumps(settings))
 
 
 def _built(kind: EntryKind, args: tuple, settings: dict):
@@ -207,8 +244,12 @@ def _check_policy_object(obj, kind: EntryKind, num_frames, chunk_frames) -> None
     """What its build returned is a cache policy (models/common/kv_cache.py `check_policy`) holding a chunk."""
     from models.common.kv_cache import check_policy
 
+    from workbench.hooks import check_kind
+
     try:
         check_policy(obj)
+        if hasattr(obj, "observe"):  # (an observer too: attached beside the rollout)
+            check_kind(obj)
     except ValueError as err:
         raise WorkbenchError(f"cache policy {kind.name!r}: its build returned {err}") from None
     if num_frames and chunk_frames:
@@ -486,7 +527,7 @@ def _parse_own(d: dict, own: EntryKind, num_layers: int, num_heads: int, *, num_
 
     allowed = {"kind", "label", "settings", *(("policy", "window", "sink_frames") if own.policy else CALLS)}
     if unknown := sorted(set(d) - allowed):
-        what = f"a {own.name} policy" if own.policy else f"a {own.name} entry"
+        what = f"the policy {own.name!r}" if own.policy else f"an entry of kind {own.name!r}"
         raise WorkbenchError(f"{unknown}: {what} takes {sorted(allowed - {'kind'})} (its own settings under "
                              "settings:)")
     e = Entry(kind=d["kind"], label="", settings=_own_settings(d, own))
@@ -526,8 +567,9 @@ def default_label(e: Entry) -> str:
     where = ".".join(x for x in (sel("L", e.layers), sel("H", e.heads), sel("s", e.steps), sel("c", e.chunks)) if x)
     where = where + ("" if e.attention == "self" else ".cross")
     if (own := own_kind(e.kind, e.policy)) is not None:  # its name and the settings that differ from its defaults
-        changed = ",".join(f"{k}={_short(v)}" for k, v in e.settings.items() if v != own.settings.get(k))
-        name = f"policy-{e.policy}{e.window}+sink{e.sink_frames}" if own.policy else e.kind
+        defaults = _recorded(own.settings)
+        changed = ",".join(f"{k}={_short(v)}" for k, v in e.settings.items() if v != defaults.get(k))
+        name = f"policy-{e.policy}:{e.window}+sink{e.sink_frames}" if own.policy else e.kind  # (':' none of theirs has)
         return name + (f"({changed})" if changed else "") + ("" if own.policy else f":{where or 'all'}")
     if e.kind == "ablate":
         return f"ablate-{e.mode}:{where or 'all'}"

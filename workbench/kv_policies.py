@@ -207,6 +207,7 @@ class HeadWise(WindowSink):
     on the host."""
 
     graph_safe = False
+    heads_differ = True  # its heads attend to different frames (Keep.head_mask): observers are refused under it
 
     def __init__(self, window: int, sink: int, static: dict[int, Iterable[int]], static_recent: int = 6):
         super().__init__(window, sink)
@@ -275,5 +276,3 @@ def static_heads_from_store(path, threshold: float = 0.8, span: int = 6, sink_fr
         if heads:
             out[int(layer)] = heads
     return out
-
-

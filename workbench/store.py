@@ -406,10 +406,13 @@ class StoreLock:
                 f"cannot take the lock of {str(self.path)!r}: its lock file {str(self.file)!r} belongs to {owner} and "
                 f"this user may not open it; {advice}, or choose another {self.option}") from None
         except Timeout:
+            holder = self.holder()
+            by = ("this process itself (another call of this Python session: a notebook cell or a thread still "
+                  f"running; {holder})" if holder.startswith(f"pid {os.getpid()} on {socket.gethostname()},")
+                  else f"another process ({holder})")
             raise StoreBusy(
-                f"{str(self.path)!r} is being written by another process ({self.holder()}); {self.what} takes one "
-                "writer at a time: wait for that run to end (a later run resumes where it stopped), or choose "
-                f"another {self.option}") from None
+                f"{str(self.path)!r} is being written by {by}; {self.what} takes one writer at a time: wait for that "
+                f"run to end (a later run resumes where it stopped), or choose another {self.option}") from None
         self._lock = lock
         me = dict(pid=os.getpid(), host=socket.gethostname(), command=shlex.join(sys.argv)[:200],
                   since=datetime.now(timezone.utc).isoformat(timespec="seconds"))

@@ -119,7 +119,10 @@ def attend(q, k, v, call: AttentionCall, observers: Sequence[AttentionObserver] 
     editing = [iv for iv in interventions if iv.wants(call)] if interventions else ()
     for iv in editing:  # in order: each edit sees the one before it
         before = q, k, v, _version(k), _version(v)
-        call, q, k, v = iv.edit_inputs(call, q, k, v)
+        edited = iv.edit_inputs(call, q, k, v)
+        if not (isinstance(edited, tuple) and len(edited) == 4):
+            _refuse(iv, f"edit_inputs returned {_described(edited)}; it returns (call, q, k, v)")
+        call, q, k, v = edited
         _check_edit(iv, "edit_inputs", before, (q, k, v))
     if editing:
         call = dataclasses.replace(call, edits=call.edits + tuple(iv.label for iv in editing))

@@ -411,7 +411,7 @@ class RolloutCache:
         """Apply the policy (if any) to every layer's cache after chunk `chunk`."""
         if self.policy is None:
             return
-        name = getattr(self.policy, "key", type(self.policy).__name__)
+        name = type(self.policy).__name__
         for layer, kv in enumerate(self.kv):
             keep = self.policy.after_chunk(layer, kv, chunk, next_frames)
             if keep is not None and not all(hasattr(keep, a) for a in ("frames", "positions", "head_mask")):
@@ -419,7 +419,10 @@ class RolloutCache:
                                       f"{str(keep)[:80]}; it returns None (the cache as it is) or a Keep(frames=[...], "
                                       "positions=None, head_mask=None) of models/common/kv_cache.py")
             if keep is not None:
-                kv.keep(keep.frames, keep.positions, keep.head_mask)
+                try:
+                    kv.keep(keep.frames, keep.positions, keep.head_mask)
+                except ModelInputError as err:  # (named: which policy, which layer, after which chunk)
+                    raise ModelInputError(f"cache policy {name!r}, layer {layer} after chunk {chunk}: {err}") from None
             if len(kv.frames) + next_frames > kv.capacity and next_frames:
                 raise ModelInputError(f"cache policy {name!r} left {len(kv.frames)} frames in layer "
                                       f"{layer}; the next {next_frames} do not fit its {kv.capacity} frames")
@@ -433,4 +436,3 @@ class RolloutCache:
         if self.text_kv_gradient == "every_exit":
             return True
         return self.text_kv_gradient == "follows_checkpointing" and checkpointing
-

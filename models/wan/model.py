@@ -520,4 +520,3 @@ class WanModel(nn.Module):
 
 OWN_FORWARDS.update({cls: cls.forward for cls in (WanBlock, LayerNorm, SelfAttention, RMSNorm, Attend, CrossAttention,
                                                   FeedForward, nn.Linear, nn.GELU, Head)})
-

@@ -56,6 +56,7 @@ examples:
   workbench report runs/sweep.zarr           # ranked table and per-frame effect curves (HTML + PNG)
 """
 
+
 def own_kinds_text() -> str:
     """The kinds and policies of your own that plugins registered, for --help ("" when none)."""
     from workbench.intervene_entries import OWN_KINDS, OWN_POLICIES
