@@ -190,6 +190,16 @@ def test_capture_under_intervention_holds_the_edited_attention(tmp_path):
     assert bool(knocked.sel(query_frame=slice(3, None), key_frame=0).isnull().all())
     np.testing.assert_allclose(knocked.sel(query_frame=slice(3, None)).sum("key_frame"), 1, atol=1e-5)
     assert float(knocked.sel(query_frame=slice(0, 2), key_frame=0).min()) > 0  # chunk 0 still sees its own frame
+    # a cache whose heads keep different frames (heads_differ) takes no observer: its entry's attention is NaN
+    spec = tmp_path / "headwise.yaml"
+    spec.write_text("interventions:\n  - {kind: policy, policy: headwise, window: 8, sink_frames: 2, "
+                    "static_recent: 3, static_heads: [[1, 0]]}\n")
+    assert main(["intervene", "--frames", "9", "--world", "off", "--capture", "1", "--spec", str(spec), "--out",
+                 str(out), "--no-progress", "--prompt", "a red square moving right"]) == 0
+    ds = xr.open_zarr(out, consolidated=False).load()
+    label = str(ds.intervention.values[-1])
+    assert label.startswith("policy-headwise") and bool(ds.attn_mass.sel(intervention=label).isnull().all())
+    assert float(ds.latent_distance.sel(intervention=label).max()) > 0
 
     # the report: how far the knockout moved the captured attention, and where
     from studies.effects_report import attention_change, attention_delta

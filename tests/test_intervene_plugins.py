@@ -42,6 +42,9 @@ class MySink(WindowSink):
     def __init__(self, window, sink_frames, spare=0):
         super().__init__(window, sink_frames)
 
+    def describe(self):  # (not text: the store keeps its str)
+        return {"spare": 0}
+
 
 register(EntryKind("head_scale", HeadScale, {"factor": 1.0}, about="heads' outputs times factor"))
 register(EntryKind("my_sink", MySink, {"spare": 0}, policy=True, about="the window and sink again"))
@@ -93,6 +96,7 @@ def test_a_plugins_intervention_and_policy_run_into_an_effects_store(tmp_path, m
         assert float(d.sel(intervention="policy-sink6+sink3").max()) > 0  # (the baseline holds all 9 frames)
         np.testing.assert_array_equal(d.sel(intervention="policy-my_sink:6+sink3"),
                                       d.sel(intervention="policy-sink6+sink3"))
+        assert str(ds.intervention_detail.sel(intervention="policy-my_sink:6+sink3").values) == "{'spare': 0}"
         kinds = dict(zip(ds.intervention.values, ds.intervention_kind.values))
         assert kinds["head_scale(factor=0):L1.H0"] == "head_scale" and kinds["policy-my_sink:6+sink3"] == "policy"
         specs = {str(k): json.loads(str(v)) for k, v in zip(ds.intervention.values, ds.intervention_spec.values)}
@@ -156,6 +160,20 @@ def test_a_plugins_kinds_are_checked_when_registered_and_when_given(own_registry
         def observe(self, call, q, k, v, out, lse):
             pass
 
+    class FloatCap(WindowSink):
+        def capacity(self, num_frames, chunk_frames):
+            return 6.0
+
+    class CapRaises(WindowSink):
+        def capacity(self, num_frames, chunk_frames):
+            raise RuntimeError("capacity unknown")
+
+    class NoAfter:
+        key, graph_safe = "no_after", True
+
+        def capacity(self, num_frames, chunk_frames):
+            return 6
+
     def raising(filter, heads, label):
         raise RuntimeError("no GPU here")
 
@@ -164,7 +182,10 @@ def test_a_plugins_kinds_are_checked_when_registered_and_when_given(own_registry
                         (ie.EntryKind("My Scale", Scale), "use lower-case letters"),
                         (ie.EntryKind("scale2", "Scale"), "build must be callable"),
                         (ie.EntryKind("scale3", Scale, {"factor": torch.ones(2)}), "factor tensor.*give a number"),
-                        (ie.EntryKind("temperature2", Scale), "names beginning with a built-in kind's")):
+                        (ie.EntryKind("temperature2", Scale), "names beginning with a built-in kind's"),
+                        (ie.EntryKind("scale4", Scale, {"factor": float("nan")}), "factor nan: give a number"),
+                        (ie.EntryKind("scale5", Scale, {"sizes": [torch.ones(1)]}), "sizes .*: give a number"),
+                        (ie.EntryKind("scale6", Scale, {1: 0}), "give a mapping of names to values")):
         with pytest.raises(WorkbenchError, match=match):
             ie.register(kind)
     ie.register(ie.EntryKind("scale", Scale, {"factor": 1.0}))
@@ -173,8 +194,10 @@ def test_a_plugins_kinds_are_checked_when_registered_and_when_given(own_registry
     ie.register(ie.EntryKind("scale", Scale, {"factor": 2.0, "sizes": (1, 2)}), replace=True)  # (a cell run again)
     for name, build in (("two_args", TwoArgs), ("raising", raising), ("a_probe", lambda f, h, label: Probe(f))):
         ie.register(ie.EntryKind(name, build, {"factor": 1.0} if name == "two_args" else {}))
+    ie.register(ie.EntryKind("any_factor", Scale, {"factor": None}))  # (a default of None takes any plain value)
     for name, build in (("tiny", Tiny), ("old_after", OldAfter), ("bad_sig", lambda window: WindowSink(window)),
-                        ("watching", Watching)):
+                        ("watching", Watching), ("float_cap", FloatCap), ("cap_raises", CapRaises),
+                        ("no_after", lambda window, sink_frames: NoAfter())):
         ie.register(ie.EntryKind(name, build, policy=True))
     bounds = dict(num_layers=4, num_heads=2, num_frames=9, chunk_frames=3)
     e = ie.parse_entry({"kind": "scale", "layers": [1], "heads": 0}, **bounds)
@@ -183,6 +206,10 @@ def test_a_plugins_kinds_are_checked_when_registered_and_when_given(own_registry
     e = ie.parse_entry({"kind": "scale", "layers": [1], "settings": {"factor": 3}}, **bounds)
     assert e.settings["factor"] == 3.0 and isinstance(e.settings["factor"], float)  # (built as stored)
     assert e.label == "scale(factor=3):L1" and ie.build(e, {}).heads is None
+    assert ie.parse_entry({"kind": "any_factor", "settings": {"factor": 3}}, **bounds).settings == {"factor": 3}
+    ie.register(ie.EntryKind("plain", lambda window, sink_frames: WindowSink(window, sink_frames), policy=True))
+    e = ie.parse_entry({"kind": "policy", "policy": "plain", "sink_frames": 3}, **bounds)
+    assert e.window == 21 and e.label == "policy-plain:21+sink3"  # (the window of the built-in policies' default)
     for entry, match in (
             ({"kind": "scale", "settings": {"fator": 3}},
              r"settings \['fator'\]: the kind 'scale' takes \['factor', 'sizes'\]"),
@@ -197,6 +224,13 @@ def test_a_plugins_kinds_are_checked_when_registered_and_when_given(own_registry
             ({"kind": "policy", "policy": "tiny", "window": 6}, r"capacity\(9, 3\) is 1; the cache must hold"),
             ({"kind": "policy", "policy": "old_after", "window": 6}, r"after_chunk\(layer, cache\) must take"),
             ({"kind": "policy", "policy": "watching", "window": 6}, "neither a probe .* nor an intervention"),
+            ({"kind": "policy", "policy": "float_cap", "window": 6}, r"capacity\(9, 3\) is 6.0; the cache must"),
+            ({"kind": "policy", "policy": "cap_raises", "window": 6}, r"capacity\(9, 3\): RuntimeError: capacity "),
+            ({"kind": "policy", "policy": "no_after", "window": 6}, r"NoAfter lacks \['after_chunk'\]"),
+            ({"kind": "policy", "policy": "tiny", "window": 6, "sink_frames": 6}, "use 0 <= sink_frames < window"),
+            ({"kind": "scale", "attention": "crosss"}, "attention 'crosss'; use self or cross"),
+            ({"kind": "scale", "settings": {"factor": "big"}}, "factor 'big' for the kind 'scale': give a number"),
+            ({"kind": "scale", "settings": {"factor": True}}, "factor True .*: give a number"),
             ({"kind": "policy", "policy": "bad_sig", "window": 6}, r"build\(window\) does not take \(window, "
                                                                    r"sink_frames, \*\*settings\)")):
         with pytest.raises(WorkbenchError, match=match):
@@ -208,6 +242,7 @@ def test_user_methods_that_cannot_take_the_rollouts_arguments_are_refused_before
     arguments than the rollout passes are refused at attach / before the first forward (they failed with a plain
     TypeError at their first call, in the middle of the rollout), and a policy whose cache cannot hold a chunk."""
     from conftest import tiny_model
+    from models.common.kv_cache import Keep
     from models.common.rollout import causal_few_step
     from models.common.scheduler import FlowMatchScheduler
     from models.errors import ModelInputError
@@ -237,6 +272,16 @@ def test_user_methods_that_cannot_take_the_rollouts_arguments_are_refused_before
         def edit_output(self, call, q, k, v, out):
             return out
 
+    class KeylessDuck(Duck):  # graph-safe, so the rollout graphs need its key
+        graph_safe, label = True, "keyless"
+
+        def edit_inputs(self, call, q, k, v):
+            return call, q, k, v
+
+    class Blind(Probe):  # wants without the call
+        def wants(self):
+            return True
+
     class Tensorish(Intervention):  # edit_inputs returns q alone
         edits = frozenset({"q"})
 
@@ -250,6 +295,14 @@ def test_user_methods_that_cannot_take_the_rollouts_arguments_are_refused_before
     class Tiny(WindowSink):
         def capacity(self, num_frames, chunk_frames):
             return 2
+
+    class FloatCap(WindowSink):
+        def capacity(self, num_frames, chunk_frames):
+            return 6.0
+
+    class Stray(WindowSink):  # keeps a frame the cache never held
+        def after_chunk(self, layer, cache, chunk, next_frames):
+            return Keep([99])
 
     def packed(fn):  # a decorator that changes the arguments (functools.wraps keeps fn's signature)
         @functools.wraps(fn)
@@ -268,7 +321,9 @@ def test_user_methods_that_cannot_take_the_rollouts_arguments_are_refused_before
     for sub, match in ((OldProbe(CallFilter()), r"OldProbe.observe\(call, q, k, v\) must take \(call, q, k, v, "
                                                 r"out, lse\)"),
                        (OldEdit(), r"OldEdit.edit_inputs\(call, q\) must take \(call, q, k, v\)"),
-                       (Duck(), r"an intervention \(it has edits\) without \['label', 'edit_inputs'\]")):
+                       (Duck(), r"an intervention \(it has edits\) without \['label', 'edit_inputs'\]"),
+                       (KeylessDuck(), r"without \['key'\]"),
+                       (Blind(CallFilter()), r"Blind.wants\(\) must take \(call\)")):
         with pytest.raises(ModelInputError, match=match):
             with attach(model, sub):
                 raise AssertionError("attached")
@@ -279,6 +334,9 @@ def test_user_methods_that_cannot_take_the_rollouts_arguments_are_refused_before
         with attach(model, Tensorish()):
             causal_few_step(model, noise, context, timesteps=s.warp([1000, 500]), scheduler=s)
     for policy, match in ((OldPolicy(6, 3), r"OldPolicy.after_chunk\(layer, cache, chunk\) must take"),
-                          (Tiny(6, 3), r"capacity\(6, 3\) is 2; a cache holds at least a chunk")):
+                          (Tiny(6, 3), r"capacity\(6, 3\) is 2; a cache holds at least a chunk"),
+                          (FloatCap(6, 3), r"capacity\(6, 3\) is 6.0; a cache holds"),
+                          (Stray(6, 3), r"cache policy 'Stray', layer 0 after chunk 0: a cache policy kept frames "
+                                        r"\[99\]; the cache holds \[0, 1, 2\]")):
         with pytest.raises(ModelInputError, match=match):
             causal_few_step(model, noise, context, timesteps=s.warp([1000, 500]), scheduler=s, cache_policy=policy)

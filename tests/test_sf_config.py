@@ -155,7 +155,7 @@ def test_their_wandb_and_text_encoder_keys_take_effect(tmp_path, monkeypatch):
     cfg = load_config("configs/self_forcing_dmd.yaml", overrides=["wandb_project=attn", "wandb_entity=lab",
                                                                   "wandb_key=k123", "wandb_host=''"])
     Logger(tmp_path / "b", ["csv", "wandb"], config=cfg)
-    assert calls[0] == ("login", {"key": "k123"})
+    assert calls[0] == ("login", {"key": "k123"})  # (the placeholder WANDB_HOST is not a host)
     assert calls[1][0] == "init" and calls[1][1]["project"] == "attn" and calls[1][1]["entity"] == "lab"
     # the key logs in; it is never written down or uploaded (config.yaml, checkpoints, probe stores, wandb's config)
     from omegaconf import OmegaConf
@@ -168,6 +168,10 @@ def test_their_wandb_and_text_encoder_keys_take_effect(tmp_path, monkeypatch):
     from training.checkpoints import check_resumed_config
 
     check_resumed_config(cfg, OmegaConf.to_yaml(recorded(cfg)), tmp_path)  # (a resume may log elsewhere)
+    calls.clear()
+    Logger(tmp_path / "c", ["csv", "wandb"], config=load_config("configs/self_forcing_dmd.yaml",
+                                                                overrides=["wandb_host=https://wandb.lab"]))
+    assert calls[0] == ("login", {"host": "https://wandb.lab"})  # (a host alone logs in there, as theirs does)
     assert text_encoder_device(cfg, "cuda:1") == torch.device("cuda:1")
     offload = load_config("configs/self_forcing_dmd.yaml", overrides=["text_encoder_cpu_offload=true"])
     assert text_encoder_device(offload, "cuda:1") == torch.device("cpu")

@@ -47,7 +47,7 @@ def test_ode_then_dmd_with_probes_then_resume(tmp_path, capsys):
 
     dmd = ["--config", "configs/tiny_dmd.yaml", "--logdir", tmp_path / "dmd", "--set", f"generator_ckpt={init}",
            "dfake_gen_update_ratio=2", "ema_start_step=1", "log_iters=2", "probe.every=2", "probe.layers=[0]",
-           "device=cpu"]
+           "device=cpu", "wandb_key=k123secret"]
     assert train(*dmd, "--max-steps", 3) == 0
     out = capsys.readouterr().out
     assert "DMD training" in out and "attention across training" in out
@@ -60,7 +60,12 @@ def test_ode_then_dmd_with_probes_then_resume(tmp_path, capsys):
     assert ds.attrs["fingerprint_fields"]["model"]["text_encoder"] == wan_dir_encoder_identity("data/embedded")
     with pytest.raises(TrainingError, match="--resume"):  # a logdir with checkpoints is not overwritten
         train(*dmd, "--max-steps", 4)
-    assert train(*dmd, "--max-steps", 4, "--resume") == 0  # from the latest, step 3
+    # the wandb key logs in; it is written nowhere (config.yaml, the checkpoint's state, the probe store)
+    state = torch.load(tmp_path / "dmd" / "checkpoint_model_000003" / "training_state.pt", weights_only=False)
+    for text in ((tmp_path / "dmd" / "config.yaml").read_text(), state["config_yaml"], ds.attrs["config_yaml"]):
+        assert "k123secret" not in text and "wandb_key: (given; not recorded)" in text
+    # from the latest, step 3; where it logs may change (another wandb project)
+    assert train(*dmd, "--max-steps", 4, "--resume", "--set", "wandb_project=elsewhere", "wandb_host=h") == 0
     assert [r["step"] for r in read_losses(tmp_path / "dmd")] == [1, 2, 3, 4]
     ds = open_store(tmp_path / "dmd" / "probes.zarr")
     assert ds["train_step"].values.tolist() == [0, 2, 4]
