@@ -38,3 +38,18 @@ def test_the_cache_check():
     with pytest.raises(ModelInputError, match=r"--frames 24: more than the KV cache holds \(21 frames\)"):
         check_fits_cache(24, -1, label="--frames 24")
     check_fits_cache(24, -1, 24)
+
+
+def test_an_older_torch_is_named_when_the_models_are_imported():
+    """pyproject's torch bound is checked at import (an older torch failed on the first CUDA forward with an
+    AttributeError on dynamo's config, or when training began with an ImportError), from torch's metadata."""
+    from models import TORCH_NEEDED, check_torch
+
+    assert TORCH_NEEDED == (2, 7)
+    with pytest.raises(ImportError, match=r"needs torch >= 2\.7 \(found 2\.5\.1\).*pip install 'torch>=2\.7'"):
+        check_torch("2.5.1")
+    with pytest.raises(ImportError, match=r"found 2\.6\.0\+cu124"):
+        check_torch("2.6.0+cu124")
+    for fine in ("2.7.0", "2.11.0+cu130", "2.13.0+cpu", "3.0.0.dev20270101"):
+        check_torch(fine)
+    check_torch()  # (the installed one)
