@@ -368,6 +368,17 @@ def _number(value, what: str, integer: bool = False) -> float:
     return x
 
 
+def _read_calls(e: Entry, d: dict, num_layers: int, num_heads: int, num_steps, num_chunks) -> None:
+    """An entry's calls (layers, heads, steps, chunks, attention), each checked against the model and rollout."""
+    e.layers = _ints(d.get("layers"), "layer", num_layers)
+    e.heads = _ints(d.get("heads"), "head", num_heads)
+    e.steps = _ints(d.get("steps"), "step", num_steps, "the per-chunk schedule")
+    e.chunks = _ints(d.get("chunks"), "chunk", num_chunks, "the rollout")
+    e.attention = d.get("attention", "self")
+    if e.attention not in ("self", "cross"):
+        raise WorkbenchError(f"attention {e.attention!r}; use self or cross")
+
+
 def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | None = None,
                 num_steps: int | None = None, num_chunks: int | None = None, chunk_frames: int | None = None,
                 first_chunk_frames: int | None = None) -> Entry:
@@ -395,13 +406,7 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
     if "static_heads" in d and kind != "policy":
         raise WorkbenchError(f"static_heads is a headwise policy's setting, not a {kind} entry's")
     e = Entry(kind=kind, label="")
-    e.layers = _ints(d.get("layers"), "layer", num_layers)
-    e.heads = _ints(d.get("heads"), "head", num_heads)
-    e.steps = _ints(d.get("steps"), "step", num_steps, "the per-chunk schedule")
-    e.chunks = _ints(d.get("chunks"), "chunk", num_chunks, "the rollout")
-    e.attention = d.get("attention", "self")
-    if e.attention not in ("self", "cross"):
-        raise WorkbenchError(f"attention {e.attention!r}; use self or cross")
+    _read_calls(e, d, num_layers, num_heads, num_steps, num_chunks)
     if kind == "ablate":
         e.mode = d.get("mode", "zero")
         if e.mode not in ("zero", "mean", "resample"):
@@ -539,13 +544,7 @@ def _parse_own(d: dict, own: EntryKind, num_layers: int, num_heads: int, *, num_
             raise WorkbenchError(f"window {e.window} with sink_frames {e.sink_frames}: use 0 <= sink_frames < window")
         _check_policy_object(_built(own, (e.window, e.sink_frames), e.settings), own, num_frames, chunk_frames)
     else:
-        e.layers = _ints(d.get("layers"), "layer", num_layers)
-        e.heads = _ints(d.get("heads"), "head", num_heads)
-        e.steps = _ints(d.get("steps"), "step", num_steps, "the per-chunk schedule")
-        e.chunks = _ints(d.get("chunks"), "chunk", num_chunks, "the rollout")
-        e.attention = d.get("attention", "self")
-        if e.attention not in ("self", "cross"):
-            raise WorkbenchError(f"attention {e.attention!r}; use self or cross")
+        _read_calls(e, d, num_layers, num_heads, num_steps, num_chunks)
     e.label = str(d.get("label") or default_label(e))
     if not own.policy:
         filt = CallFilter(layers=e.layers, kinds={e.attention}, steps=e.steps, chunks=e.chunks)
