@@ -101,9 +101,11 @@ def test_a_plugins_intervention_and_policy_run_into_an_effects_store(tmp_path, m
         assert kinds["head_scale(factor=0):L1.H0"] == "head_scale" and kinds["policy-my_sink:6+sink3"] == "policy"
         specs = {str(k): json.loads(str(v)) for k, v in zip(ds.intervention.values, ds.intervention_spec.values)}
         assert specs["head_scale(factor=0):L1.H0"]["settings"] == {"factor": 0.0}
+        code = specs["policy-my_sink:6+sink3"].pop("code")
         assert specs["policy-my_sink:6+sink3"] == {"kind": "policy", "label": "policy-my_sink:6+sink3",
                                                   "policy": "my_sink", "window": 6, "sink_frames": 3,
                                                   "settings": {"spare": 0}}
+        assert code.startswith("MySink (source ") and specs["head_scale:L1.H0-1"]["code"].startswith("HeadScale")
         assert cli_main(["report", str(out), "--out", str(tmp_path / "r.html")]) == 0  # (no plugin needed to read)
         assert "No world metrics: the run was made with --world off." in (tmp_path / "r.html").read_text()
         assert cli_main(run) == 0
@@ -117,11 +119,39 @@ def test_a_plugins_intervention_and_policy_run_into_an_effects_store(tmp_path, m
         from workbench.intervene import run_intervene
 
         cfg = ExtractConfig(prompts=["a red square moving right"], seeds=[0], num_frames=9, out=str(out))
-        run_intervene(cfg, [ie.Entry(kind="head_scale", label="api", layers=[1], heads=[0])], world="off",
-                      log=lambda *a: None)
+        run_intervene(cfg, [ie.Entry(kind="head_scale", label="api", layers=[1], heads=[0]),
+                            ie.Entry(kind="head_scale", layers=[2])], world="off", log=lambda *a: None)
         ds = open_store(out)
         assert json.loads(str(ds.intervention_spec.sel(intervention="api").values))["settings"] == {"factor": 1.0}
         assert float(np.abs(ds.latent_distance.sel(intervention="api")).max()) == 0
+        assert "head_scale:L2" in ds.intervention.values  # (an Entry without a label: the default one)
+        # the class edited (a notebook cell run again, or the module changed): the store's results of the old code
+        # are not resumed as this code's under the same label and settings
+        ie.OWN_KINDS.clear()
+        ie.OWN_POLICIES.clear()
+        sys.modules.pop("my_entries", None)
+        (tmp_path / "my_entries.py").write_text(PLUGIN.replace("out[:, :, h] * self.factor",
+                                                               "out[:, :, h] + self.factor"))
+        spec.write_text(SPEC)
+        assert cli_main(run) == 2
+        err = capsys.readouterr().err
+        assert "holds entries ['head_scale(factor=0):L1.H0', 'head_scale:L1.H0-1'] made with other settings" in err
+        assert "code: HeadScale (source " in err and "policy-my_sink" not in err  # (MySink is as it was)
+        # an error of the plugin's own code mid-run says which entry and sample it came from; what finished stays
+        from workbench.interventions import Intervention
+
+        class Boom(Intervention):
+            edits = frozenset({"out"})
+
+            def edit_output(self, call, q, k, v, out):
+                raise RuntimeError("boom in the user's code")
+
+        ie.register(ie.EntryKind("boom", Boom))
+        cfg.out = str(tmp_path / "boom.zarr")
+        with pytest.raises(RuntimeError, match="boom in the user's code") as failed:
+            run_intervene(cfg, [{"kind": "boom", "layers": 1}], world="off", log=lambda *a: None)
+        assert failed.value.__notes__ == ["while running entry 'boom:L1' on sample p0000-s0 of workbench intervene"]
+        assert list(open_store(cfg.out).intervention.values) == ["baseline"]
     finally:
         sys.modules.pop("my_entries", None)
 
@@ -218,6 +248,8 @@ def test_a_plugins_kinds_are_checked_when_registered_and_when_given(own_registry
             ({"kind": "ablate", "layers": 1, "heads": 0, "settings": {}}, "settings: is for a kind or policy of your"),
             ({"kind": "policy", "policy": "fifo", "window": 6, "settings": {}}, "not a built-in fifo policy's"),
             ({"kind": "scale_it"}, r"intervention kind 'scale_it'; use one of \[.*'scale'"),
+            ({"kind": "tiny", "window": 6}, r"\(tiny is a cache policy: \{kind: policy, policy: tiny, window"),
+            ({"kind": "ablate", "layers": 1, "heads": 0, "code": "x"}, "code: is what a store records"),
             ({"kind": "raising"}, "intervention kind 'raising' with settings {}: RuntimeError: no GPU here"),
             ({"kind": "a_probe"}, "returned a probe"),
             ({"kind": "two_args"}, r"TwoArgs.edit_output\(call, out\) must take \(call, q, k, v, out\)"),
@@ -318,7 +350,8 @@ def test_user_methods_that_cannot_take_the_rollouts_arguments_are_refused_before
     with attach(model, PackedProbe(CallFilter())) as seen:  # (its wrapper takes what attend passes)
         seen.observe(*range(6))
     assert seen.seen == 6
-    for sub, match in ((OldProbe(CallFilter()), r"OldProbe.observe\(call, q, k, v\) must take \(call, q, k, v, "
+    for sub, match in ((OldProbe, "OldProbe is a class; attach an instance of it"),
+                       (OldProbe(CallFilter()), r"OldProbe.observe\(call, q, k, v\) must take \(call, q, k, v, "
                                                 r"out, lse\)"),
                        (OldEdit(), r"OldEdit.edit_inputs\(call, q\) must take \(call, q, k, v\)"),
                        (Duck(), r"an intervention \(it has edits\) without \['label', 'edit_inputs'\]"),

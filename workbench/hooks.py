@@ -175,6 +175,9 @@ def check_kind(sub) -> None:
     against its `edits`."""
     from models.errors import ModelInputError, check_takes
 
+    if isinstance(sub, type):
+        raise ModelInputError(f"{sub.__name__} is a class; attach an instance of it (e.g. {sub.__name__}(...) with "
+                              "its filter and settings)")
     name = getattr(sub, "label", None) or type(sub).__name__
     probe_or_edit = hasattr(sub, "edits") or callable(getattr(sub, "observe", None))
     if not callable(getattr(sub, "wants", None)) or not probe_or_edit:

@@ -224,8 +224,9 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str | lis
     bounds = entry_bounds(p)
     for e in entries:
         if isinstance(e, Entry):  # (a headwise entry takes the static heads its store gives, as a parsed one;
-            parsed = parse_entry(e.spec(), **bounds)  # a plugin's kind, its settings over the defaults)
-            e.static_heads, e.settings = parsed.static_heads, parsed.settings
+            parsed = parse_entry(e.spec(), **bounds)  # a plugin's kind, its settings over the defaults and its
+            e.static_heads, e.settings, e.code = parsed.static_heads, parsed.settings, parsed.code  # code)
+            e.label = e.label or parsed.label  # (none given: made from the settings)
     entries = [e if isinstance(e, Entry) else parse_entry(e, **bounds) for e in entries]
     check_entries(entries, cfg.sampler)
     partial = [e.label for e in entries if e.kind == "knockout" and e.heads is not None]
@@ -389,7 +390,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     from workbench.hooks import CallFilter, attach
     from workbench.interventions import HeadOutputs
     from workbench.progress import printable, progress_bar, shell_word
-    from workbench.store import SCHEMA_VERSION
+    from workbench.store import SCHEMA_VERSION, sample_id
 
     stored = writer.stored("intervention_spec")  # an entry of the same label made with other settings: refused
     clash = [e for e in entries if e.label in stored and not same_settings(json.loads(stored[e.label]), e)]
@@ -462,6 +463,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     if save_videos:  # (a new store lists its entries' videos from its first write on: one without the list is older)
         attrs.update(videos_dir=videos_dir(cfg.out).name, video_entries=[])
     bar = progress_bar(total=len(todo) * len(samples), desc="intervene", unit="rollout", disable=not cfg.progress)
+    running = None  # what the loop below is doing, for an error's note
 
     try:
         probe = make_probe(model, p, device) if capture else None
@@ -499,6 +501,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
             per_sample = []
             policy = build_policy(e) if e.kind == "policy" else None
             for s in samples:
+                running = f"while running entry {e.label!r} on sample {sample_id(s[0], s[2])} of workbench intervene"
                 if e is BASELINE:
                     x, mass = base[s], base_mass[s]
                 else:
@@ -531,6 +534,10 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
                 else:  # (the first write makes the store, with these attrs)
                     attrs["video_entries"] = [e.label]
             writer.write(entry_dataset(e, samples, per_sample, attrs, F, held, layout, detail), key=e.label)
+    except Exception as err:  # (an error of a plugin's code: which entry and sample, in its traceback)
+        if running and hasattr(err, "add_note") and not isinstance(err, WorkbenchError):
+            err.add_note(running)
+        raise
     finally:  # (also when stopped or failed: an open bar is drawn again under later output)
         bar.close()
     log(ranking_text(cfg.out))

@@ -26,6 +26,7 @@ takes the calls' keys above and `settings:`, and the entry is built, checked and
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -122,7 +123,7 @@ def older_differs(stored: dict, entry: Entry) -> str | None:
 POLICIES = ("fifo", "sink", "deepsink", "attention", "headwise")
 ENTRY_KEYS = {"kind", "layers", "heads", "steps", "chunks", "attention", "mode", "resample_prompt", "resample_seed",
               "frames", "history_only", "value", "policy", "window", "sink_frames", "store", "threshold",
-              "static_recent", "split", "static_heads", "sink_rule", "label", "settings"}
+              "static_recent", "split", "static_heads", "sink_rule", "label", "settings", "code"}
 
 
 # ------------------------------------------------------------------------------------------ kinds of your own
@@ -268,7 +269,7 @@ class Entry:
     """One intervention or policy of a run, resolved (lists of ints, None = all)."""
 
     kind: str
-    label: str
+    label: str = ""  # "" : made from the settings when the entry is checked (`default_label`)
     layers: list[int] | None = None
     heads: list[int] | None = None
     steps: list[int] | None = None
@@ -290,6 +291,7 @@ class Entry:
     static_heads: list | None = None  # headwise: the [layer, head] pairs that split chose from the store
     sink_rule: str = DEEP_SINK_RULE  # how a deep sink moves its sink (workbench/kv_policies.py DeepSink)
     settings: dict | None = None  # a kind or policy of your own (`register`): all its settings
+    code: str | None = None  # a kind or policy of your own: its code's names and source hash (`code_of`)
 
     def spec(self) -> dict:
         """The entry's settings that mean something for its kind (stored as intervention_spec: a knockout carries no
@@ -301,8 +303,8 @@ class Entry:
     def fields(self) -> set[str]:
         """The names of the settings of this entry's kind (and policy)."""
         if own_kind(self.kind, self.policy) is not None:  # (one of your own: its calls or window, and its settings)
-            return {"kind", "label", "settings", *(("policy", "window", "sink_frames") if self.kind == "policy"
-                                                   else CALLS)}
+            return {"kind", "label", "settings", "code", *(("policy", "window", "sink_frames")
+                                                           if self.kind == "policy" else CALLS)}
         keep = {"kind", "label", *SPEC_FIELDS[self.kind]}
         if self.kind == "policy" and self.policy != "headwise":  # (the head split's settings)
             keep -= {"store", "threshold", "static_recent", "split", "static_heads"}
@@ -393,9 +395,13 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
         raise WorkbenchError(f"intervention entry {d}: unknown keys {unknown}; allowed: {sorted(ENTRY_KEYS)}")
     kind = d.get("kind")
     if kind not in KINDS and kind not in OWN_KINDS:
+        policy = kind in OWN_POLICIES or kind in POLICIES
         raise WorkbenchError(f"intervention kind {kind!r}; use one of {list(KINDS) + list(OWN_KINDS)}"
-                             f"{OWN_HINT if not OWN_KINDS else ''}")
+                             + (f" ({kind} is a cache policy: {{kind: policy, policy: {kind}, window: ..., "
+                                "sink_frames: ...}})" if policy else OWN_HINT if not OWN_KINDS else ""))
     own = own_kind(kind, d.get("policy"))
+    if "code" in d and own is None:
+        raise WorkbenchError("code: is what a store records of a plugin's kind or policy, not a built-in entry's")
     if "settings" in d and own is None:
         raise WorkbenchError(f"settings: is for a kind or policy of your own (registered: "
                              f"{sorted(OWN_KINDS) + sorted(OWN_POLICIES) or 'none'}), not a built-in "
@@ -530,10 +536,11 @@ def _parse_own(d: dict, own: EntryKind, num_layers: int, num_heads: int, *, num_
     built-in ones take them, its settings over its defaults, and the object built once to check it."""
     from workbench.hooks import CallFilter, check_kind
 
-    allowed = {"kind", "label", "settings", *(("policy", "window", "sink_frames") if own.policy else CALLS)}
+    # (code: as a store's intervention_spec records it, given back as an entry: what runs now is compared instead)
+    allowed = {"kind", "label", "settings", "code", *(("policy", "window", "sink_frames") if own.policy else CALLS)}
     if unknown := sorted(set(d) - allowed):
         what = f"the policy {own.name!r}" if own.policy else f"an entry of kind {own.name!r}"
-        raise WorkbenchError(f"{unknown}: {what} takes {sorted(allowed - {'kind'})} (its own settings under "
+        raise WorkbenchError(f"{unknown}: {what} takes {sorted(allowed - {'kind', 'code'})} (its own settings under "
                              "settings:)")
     e = Entry(kind=d["kind"], label="", settings=_own_settings(d, own))
     if own.policy:
@@ -542,7 +549,8 @@ def _parse_own(d: dict, own: EntryKind, num_layers: int, num_heads: int, *, num_
         e.sink_frames = int(_number(d.get("sink_frames", 0), "policy sink_frames", integer=True))
         if e.window < 1 or not 0 <= e.sink_frames < e.window:
             raise WorkbenchError(f"window {e.window} with sink_frames {e.sink_frames}: use 0 <= sink_frames < window")
-        _check_policy_object(_built(own, (e.window, e.sink_frames), e.settings), own, num_frames, chunk_frames)
+        obj = _built(own, (e.window, e.sink_frames), e.settings)
+        _check_policy_object(obj, own, num_frames, chunk_frames)
     else:
         _read_calls(e, d, num_layers, num_heads, num_steps, num_chunks)
     e.label = str(d.get("label") or default_label(e))
@@ -556,7 +564,27 @@ def _parse_own(d: dict, own: EntryKind, num_layers: int, num_heads: int, *, num_
         if not hasattr(obj, "edits"):
             raise WorkbenchError(f"intervention kind {own.name!r}: its build returned a probe ({type(obj).__name__}), "
                                  "not an intervention (edits, edit_inputs / edit_output)")
+    e.code = code_of(own, obj)
     return e
+
+
+def code_of(own: EntryKind, obj) -> str:
+    """What identifies the code an entry of a plugin's kind runs, for its store: the names of its build and of the
+    classes of what the build returned (those of the user's, not the workbench's or torch's), and a hash of their
+    source. An edited class (a notebook cell run again) is other code: a store holding the entry's results from
+    before refuses to resume it under the same label, as it refuses other settings."""
+    mine = [c for c in type(obj).__mro__ if c.__module__.split(".")[0] not in ("workbench", "models", "torch",
+                                                                                 "builtins")]
+    things = list(dict.fromkeys([own.build, *mine]))
+    names, sources = [], []
+    for thing in things:
+        names.append(getattr(thing, "__qualname__", type(thing).__name__))
+        try:
+            sources.append(inspect.getsource(thing))
+        except (OSError, TypeError):  # (no source to read: a builtin, code made by exec)
+            sources.append(names[-1])
+    digest = hashlib.sha256("\0".join(sources).encode()).hexdigest()[:12]
+    return f"{', '.join(dict.fromkeys(names))} (source {digest})"
 
 
 def default_label(e: Entry) -> str:
