@@ -105,7 +105,7 @@ def test_a_plugins_intervention_and_policy_run_into_an_effects_store(tmp_path, m
         assert specs["policy-my_sink:6+sink3"] == {"kind": "policy", "label": "policy-my_sink:6+sink3",
                                                   "policy": "my_sink", "window": 6, "sink_frames": 3,
                                                   "settings": {"spare": 0}}
-        assert code.startswith("MySink (source ") and specs["head_scale:L1.H0-1"]["code"].startswith("HeadScale")
+        assert code.startswith("MySink (code ") and specs["head_scale:L1.H0-1"]["code"].startswith("HeadScale")
         assert cli_main(["report", str(out), "--out", str(tmp_path / "r.html")]) == 0  # (no plugin needed to read)
         assert "No world metrics: the run was made with --world off." in (tmp_path / "r.html").read_text()
         assert cli_main(run) == 0
@@ -119,8 +119,10 @@ def test_a_plugins_intervention_and_policy_run_into_an_effects_store(tmp_path, m
         from workbench.intervene import run_intervene
 
         cfg = ExtractConfig(prompts=["a red square moving right"], seeds=[0], num_frames=9, out=str(out))
-        run_intervene(cfg, [ie.Entry(kind="head_scale", label="api", layers=[1], heads=[0]),
-                            ie.Entry(kind="head_scale", layers=[2])], world="off", log=lambda *a: None)
+        mine = [ie.Entry(kind="head_scale", label="api", layers=[1], heads=[0]),
+                ie.Entry(kind="head_scale", layers=[2])]
+        run_intervene(cfg, mine, world="off", log=lambda *a: None)
+        assert mine[1].label == "" and mine[1].settings is None and mine[1].code is None  # (the caller's, as given)
         ds = open_store(out)
         assert json.loads(str(ds.intervention_spec.sel(intervention="api").values))["settings"] == {"factor": 1.0}
         assert float(np.abs(ds.latent_distance.sel(intervention="api")).max()) == 0
@@ -136,7 +138,7 @@ def test_a_plugins_intervention_and_policy_run_into_an_effects_store(tmp_path, m
         assert cli_main(run) == 2
         err = capsys.readouterr().err
         assert "holds entries ['head_scale(factor=0):L1.H0', 'head_scale:L1.H0-1'] made with other settings" in err
-        assert "code: HeadScale (source " in err and "policy-my_sink" not in err  # (MySink is as it was)
+        assert "code: HeadScale (code " in err and "policy-my_sink" not in err  # (MySink is as it was)
         # an error of the plugin's own code mid-run says which entry and sample it came from; what finished stays
         from workbench.interventions import Intervention
 
@@ -210,18 +212,22 @@ def test_a_plugins_kinds_are_checked_when_registered_and_when_given(own_registry
     for kind, match in ((ie.EntryKind("ablate", Scale), "intervention kind 'ablate' exists already"),
                         (ie.EntryKind("sink", WindowSink, policy=True), "cache policy 'sink' exists already"),
                         (ie.EntryKind("My Scale", Scale), "use lower-case letters"),
-                        (ie.EntryKind("scale2", "Scale"), "build must be callable"),
+                        (ie.EntryKind("scale2", "Scale"), "build must be a class or a function, not .Scale."),
                         (ie.EntryKind("scale3", Scale, {"factor": torch.ones(2)}), "factor tensor.*give a number"),
                         (ie.EntryKind("temperature2", Scale), "names beginning with a built-in kind's"),
                         (ie.EntryKind("scale4", Scale, {"factor": float("nan")}), "factor nan: give a number"),
                         (ie.EntryKind("scale5", Scale, {"sizes": [torch.ones(1)]}), "sizes .*: give a number"),
-                        (ie.EntryKind("scale6", Scale, {1: 0}), "give a mapping of names to values")):
+                        (ie.EntryKind("scale6", Scale, {1: 0}), "give a mapping of names to values"),
+                        (ie.EntryKind("scale7", functools.partial(Scale, factor=2.0)),
+                         "build must be a class or a function, not functools.partial")):
         with pytest.raises(WorkbenchError, match=match):
             ie.register(kind)
     ie.register(ie.EntryKind("scale", Scale, {"factor": 1.0}))
     with pytest.raises(WorkbenchError, match="'scale' exists already"):
         ie.register(ie.EntryKind("scale", Scale, {"factor": 1.0}))
     ie.register(ie.EntryKind("scale", Scale, {"factor": 2.0, "sizes": (1, 2)}), replace=True)  # (a cell run again)
+    assert ie.parse_entry({"kind": "scale", "settings": {"factor": "1e-3"}}, 4, 2).settings["factor"] == 1e-3  # (YAML
+    # reads 1e-3 as text)
     for name, build in (("two_args", TwoArgs), ("raising", raising), ("a_probe", lambda f, h, label: Probe(f))):
         ie.register(ie.EntryKind(name, build, {"factor": 1.0} if name == "two_args" else {}))
     ie.register(ie.EntryKind("any_factor", Scale, {"factor": None}))  # (a default of None takes any plain value)
@@ -263,10 +269,48 @@ def test_a_plugins_kinds_are_checked_when_registered_and_when_given(own_registry
             ({"kind": "scale", "attention": "crosss"}, "attention 'crosss'; use self or cross"),
             ({"kind": "scale", "settings": {"factor": "big"}}, "factor 'big' for the kind 'scale': give a number"),
             ({"kind": "scale", "settings": {"factor": True}}, "factor True .*: give a number"),
+            ({"kind": "scale", "settings": {"sizes": None}}, "sizes None .*: give a list"),
             ({"kind": "policy", "policy": "bad_sig", "window": 6}, r"build\(window\) does not take \(window, "
                                                                    r"sink_frames, \*\*settings\)")):
         with pytest.raises(WorkbenchError, match=match):
             ie.parse_entry(entry, **bounds)
+
+
+CELL = '''
+from workbench.interventions import Intervention
+
+
+class Scale(Intervention):
+    """A head's output times factor."""
+    edits = frozenset({"out", "q"})
+
+    def edit_output(self, call, q, k, v, out):
+        return out * 2.0  # twice
+'''
+
+
+def test_a_plugins_code_is_known_by_what_runs_in_every_process():
+    """The code an entry records is its compiled code: a class defined in a notebook cell (no source file) edited and
+    run again is other code; its comments, docstrings or place are not; and every process gives the same text
+    (no addresses, set orders or hash seeds in it)."""
+    import subprocess
+
+    def code(cell):
+        ns = {}
+        exec(compile(cell, "<cell>", "exec"), ns)
+        kind = ie.EntryKind("scale", ns["Scale"])
+        return ie.code_of(kind, kind.build(None, None, "x"))
+
+    same = CELL.replace("# twice", "# two times").replace("A head's output", "The output") + "\n\n# moved\n"
+    assert code(CELL) == code(same) != code(CELL.replace("out * 2.0", "out + 2.0"))
+    assert code(CELL).startswith("Scale (code ")
+    script = ("import sys; sys.path.insert(0, '.'); from tests.test_intervene_plugins import CELL, ie\n"
+              "ns = {}; exec(compile(CELL, '<cell>', 'exec'), ns); k = ie.EntryKind('scale', ns['Scale'])\n"
+              "print(ie.code_of(k, k.build(None, None, 'x')))")
+    for seed in ("1", "2"):
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             env={**__import__("os").environ, "PYTHONHASHSEED": seed})
+        assert run.stdout.strip() == code(CELL), run.stderr[-500:]
 
 
 def test_user_methods_that_cannot_take_the_rollouts_arguments_are_refused_before_the_rollout():

@@ -165,6 +165,10 @@ def test_their_wandb_and_text_encoder_keys_take_effect(tmp_path, monkeypatch):
     assert "k123" not in str(calls[1][1]["config"]) and calls[1][1]["config"]["wandb_project"] == "attn"
     assert "k123" not in OmegaConf.to_yaml(recorded(cfg)) and cfg.wandb_key == "k123"
     assert recorded(load_config("configs/self_forcing_dmd.yaml")).wandb_key == "WANDB_KEY"  # (their placeholder)
+    from models.files import without_secrets  # (the command line a store or a lock records)
+
+    assert without_secrets(["--set", "wandb_key=k123", "--set=wandb_key=k123", "my_wandb_key=x", "lr=1"]) == [
+        "--set", "wandb_key=(given; not recorded)", "--set=wandb_key=(given; not recorded)", "my_wandb_key=x", "lr=1"]
     from training.checkpoints import check_resumed_config
 
     check_resumed_config(cfg, OmegaConf.to_yaml(recorded(cfg)), tmp_path)  # (a resume may log elsewhere)

@@ -64,6 +64,7 @@ def test_ode_then_dmd_with_probes_then_resume(tmp_path, capsys):
     state = torch.load(tmp_path / "dmd" / "checkpoint_model_000003" / "training_state.pt", weights_only=False)
     for text in ((tmp_path / "dmd" / "config.yaml").read_text(), state["config_yaml"], ds.attrs["config_yaml"]):
         assert "k123secret" not in text and "wandb_key: (given; not recorded)" in text
+    assert "k123secret" not in ds.attrs["command"] and "'wandb_key=(given; not recorded)'" in ds.attrs["command"]
     # from the latest, step 3; where it logs may change (another wandb project)
     assert train(*dmd, "--max-steps", 4, "--resume", "--set", "wandb_project=elsewhere", "wandb_host=h") == 0
     assert [r["step"] for r in read_losses(tmp_path / "dmd")] == [1, 2, 3, 4]

@@ -124,12 +124,13 @@ def _run(args) -> int:
 def _train(args, cfg, sets_sid_alpha) -> int:
     import torch.distributed as dist
 
+    from models.files import without_secrets
     from training.build import build_trainer, describe
     from training.checkpoints import latest_checkpoint
 
     trainer = build_trainer(cfg, args.logdir, sets_sid_alpha=sets_sid_alpha, resume=args.resume,
                             progress=not args.no_progress,
-                            command=shlex.join(getattr(args, "argv", None) or ["workbench", "train"]))
+                            command=shlex.join(without_secrets(getattr(args, "argv", None) or ["workbench", "train"])))
     try:
         if trainer.d.main:
             print(describe(trainer))

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from models.errors import ModelInputError
+from models.files import SECRET_SETTINGS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default_config.yaml"
 
@@ -257,7 +258,7 @@ def _load_yaml(path: Path):
     return node
 
 
-SECRET_KEYS = ("wandb_key",)  # what logs in, never written down: config.yaml, checkpoints, stores, wandb's run config
+SECRET_KEYS = SECRET_SETTINGS  # what logs in, never written down: config.yaml, checkpoints, stores, wandb's config
 
 
 def recorded(cfg):

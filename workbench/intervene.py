@@ -222,12 +222,16 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str | lis
     # spec dicts (as in a --spec file) parsed, and Entry objects checked the same way, against the plan: a frame,
     # layer or head the rollout lacks would otherwise edit nothing, silently
     bounds = entry_bounds(p)
-    for e in entries:
-        if isinstance(e, Entry):  # (a headwise entry takes the static heads its store gives, as a parsed one;
-            parsed = parse_entry(e.spec(), **bounds)  # a plugin's kind, its settings over the defaults and its
-            e.static_heads, e.settings, e.code = parsed.static_heads, parsed.settings, parsed.code  # code)
-            e.label = e.label or parsed.label  # (none given: made from the settings)
-    entries = [e if isinstance(e, Entry) else parse_entry(e, **bounds) for e in entries]
+    def checked(e):
+        """An entry parsed; an Entry object, a copy as a parsed one (a headwise entry with the static heads its store
+        gives; a plugin's kind with its settings over the defaults, its code, and the default label if it had none)."""
+        if not isinstance(e, Entry):
+            return parse_entry(e, **bounds)
+        parsed = parse_entry(e.spec(), **bounds)
+        return dataclasses.replace(e, static_heads=parsed.static_heads, settings=parsed.settings, code=parsed.code,
+                                   label=e.label or parsed.label)
+
+    entries = [checked(e) for e in entries]
     check_entries(entries, cfg.sampler)
     partial = [e.label for e in entries if e.kind == "knockout" and e.heads is not None]
     if capture and partial:  # (the captured call carries one key frame mask for all its heads)

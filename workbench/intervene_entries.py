@@ -33,6 +33,7 @@ import math
 import numbers
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -165,8 +166,9 @@ def register(kind: EntryKind, *, replace: bool = False) -> EntryKind:
     if not kind.policy and kind.name.startswith(taken):  # (its labels could be theirs: temperature2:L1)
         raise WorkbenchError(f"{what} {kind.name!r}: names beginning with a built-in kind's ({', '.join(taken)}) are "
                              f"kept for the labels those make; give yours another, e.g. my_{kind.name}")
-    if not callable(kind.build):
-        raise WorkbenchError(f"{what} {kind.name!r}: build must be callable, not {kind.build!r}")
+    if not (inspect.isfunction(kind.build) or inspect.isclass(kind.build)):  # (its code is the entry's identity)
+        raise WorkbenchError(f"{what} {kind.name!r}: build must be a class or a function, not {kind.build!r} (a "
+                             "functools.partial's or an object's bound values: make them settings)")
     _check_setting_values(kind.settings, f"{what} {kind.name!r}'s settings")
     table[kind.name] = kind
     return kind
@@ -200,6 +202,7 @@ def _own_settings(d: dict, kind: EntryKind) -> dict:
     if unknown:
         raise WorkbenchError(f"settings {unknown}: {what} takes "
                              f"{sorted(kind.settings) if kind.settings else 'no settings'}")
+    given = {k: _number_text(v) if isinstance(kind.settings[k], float) else v for k, v in given.items()}
     for k, v in given.items():  # (a default of None takes anything plain)
         if kind.settings[k] is not None and _sort(v) != _sort(kind.settings[k]) and not (
                 _sort(v) == "an integer" and _sort(kind.settings[k]) == "a number"):
@@ -211,12 +214,25 @@ def _own_settings(d: dict, kind: EntryKind) -> dict:
 
 
 def _sort(v) -> str:
-    """What sort of value a setting is: true/false, an integer, a number, text, a list."""
+    """What sort of value a setting is: true/false, an integer, a number, text, a list, null."""
+    if v is None:
+        return "null"
     if isinstance(v, bool):
         return "true/false"
     if isinstance(v, int):
         return "an integer"
     return "a number" if isinstance(v, float) else "text" if isinstance(v, str) else "a list"
+
+
+def _number_text(v):
+    """A number written as text (YAML reads 1e-3 as text), as the number; anything else as it is."""
+    if isinstance(v, str):
+        try:
+            x = float(v)
+        except ValueError:
+            return v
+        return x if math.isfinite(x) else v
+    return v
 
 
 def _recorded(settings: dict) -> dict:
@@ -568,23 +584,58 @@ def _parse_own(d: dict, own: EntryKind, num_layers: int, num_heads: int, *, num_
     return e
 
 
+NOT_USERS = ("workbench", "models", "torch", "numpy", *sys.stdlib_module_names)  # (classes not of the user's)
+
+
 def code_of(own: EntryKind, obj) -> str:
     """What identifies the code an entry of a plugin's kind runs, for its store: the names of its build and of the
-    classes of what the build returned (those of the user's, not the workbench's or torch's), and a hash of their
-    source. An edited class (a notebook cell run again) is other code: a store holding the entry's results from
-    before refuses to resume it under the same label, as it refuses other settings."""
-    mine = [c for c in type(obj).__mro__ if c.__module__.split(".")[0] not in ("workbench", "models", "torch",
-                                                                                 "builtins")]
+    user's classes of what the build returned (not the workbench's, torch's or Python's), and a hash of their
+    compiled code (functions' bytecode and constants, classes' simple attributes: the code that runs, wherever it
+    was defined, a notebook cell included; not its comments or docstrings). An edited class (a cell run again) is
+    other code: a store holding the entry's results from before refuses to resume it under the same label, as it
+    refuses other settings. The same code gives the same identity in every process of one Python version."""
+    mine = [c for c in type(obj).__mro__ if c.__module__.split(".")[0] not in NOT_USERS]
     things = list(dict.fromkeys([own.build, *mine]))
-    names, sources = [], []
+    digest = hashlib.sha256()
     for thing in things:
-        names.append(getattr(thing, "__qualname__", type(thing).__name__))
-        try:
-            sources.append(inspect.getsource(thing))
-        except (OSError, TypeError):  # (no source to read: a builtin, code made by exec)
-            sources.append(names[-1])
-    digest = hashlib.sha256("\0".join(sources).encode()).hexdigest()[:12]
-    return f"{', '.join(dict.fromkeys(names))} (source {digest})"
+        for part in _compiled(thing):
+            digest.update(part.encode() + b"\0")
+    names = dict.fromkeys(getattr(t, "__qualname__", type(t).__name__) for t in things)
+    return f"{', '.join(names)} (code {digest.hexdigest()[:12]})"
+
+
+def _compiled(thing) -> list[str]:
+    """A function's or a class's compiled code as text that is the same in every process."""
+    if inspect.isclass(thing):
+        out = [thing.__qualname__]
+        for name, value in sorted(vars(thing).items()):
+            if name in ("__doc__", "__module__", "__qualname__", "__dict__", "__weakref__", "__firstlineno__",
+                        "__static_attributes__"):
+                continue
+            value = getattr(value, "__func__", value)  # (static and class methods)
+            funcs = [f for f in (getattr(value, "fget", None), getattr(value, "fset", None)) if f] \
+                if isinstance(value, property) else [value]
+            for f in funcs:
+                out += [name] + (_code_text(f.__code__) + [_const_text(f.__defaults__)] if hasattr(f, "__code__")
+                                 else [_const_text(f)])
+        return out
+    return _code_text(thing.__code__) + [_const_text(thing.__defaults__)]
+
+
+def _code_text(code) -> list[str]:
+    consts = [("\n".join(_code_text(c)) if inspect.iscode(c) else _const_text(c)) for c in code.co_consts]
+    return [code.co_code.hex(), repr(code.co_names), repr(code.co_varnames), *consts]
+
+
+def _const_text(value) -> str:
+    """A constant's text, the same in every process (a set's items sorted: their order follows the hash seed)."""
+    if isinstance(value, (set, frozenset)):
+        return f"{type(value).__name__}({sorted(map(_const_text, value))})"
+    if isinstance(value, tuple):
+        return f"({', '.join(map(_const_text, value))})"
+    if isinstance(value, (bool, int, float, complex, str, bytes, type(None))):
+        return repr(value)
+    return type(value).__name__  # (an object: its kind only, not its address)
 
 
 def default_label(e: Entry) -> str:

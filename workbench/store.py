@@ -380,7 +380,7 @@ class StoreLock:
         """Take the lock now or raise WorkbenchError naming the store and its holder (never waits)."""
         from filelock import FileLock, Timeout
 
-        from models.files import atomic_write_bytes, ensure_writable_dir
+        from models.files import atomic_write_bytes, ensure_writable_dir, without_secrets
 
         self._check_name()
         ensure_writable_dir(self.path.parent)  # the store's folder must take the lock file and the store
@@ -414,7 +414,7 @@ class StoreLock:
                 f"{str(self.path)!r} is being written by {by}; {self.what} takes one writer at a time: wait for that "
                 f"run to end (a later run resumes where it stopped), or choose another {self.option}") from None
         self._lock = lock
-        me = dict(pid=os.getpid(), host=socket.gethostname(), command=shlex.join(sys.argv)[:200],
+        me = dict(pid=os.getpid(), host=socket.gethostname(), command=shlex.join(without_secrets(sys.argv))[:200],
                   since=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         atomic_write_bytes(self.holder_file, json.dumps(me).encode())
         return self
