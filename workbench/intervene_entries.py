@@ -175,6 +175,7 @@ def register(kind: EntryKind, *, replace: bool = False) -> EntryKind:
 
 
 def _check_setting_values(values, what: str) -> None:
+    """Settings (a registered kind's defaults, or an entry's) are a mapping of names to values a store records."""
     if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
         raise WorkbenchError(f"{what}: {values!r}; give a mapping of names to values")
     for k, v in values.items():
@@ -195,6 +196,8 @@ def own_kind(kind: str, policy: str | None = None) -> EntryKind | None:
 
 
 def _own_settings(d: dict, kind: EntryKind) -> dict:
+    """An entry's `settings:` over its kind's defaults, each of the sort of its default (an integer where a number
+    is, a number written as text read as one), as the store records them."""
     given = d.get("settings") or {}
     what = f"the {'policy' if kind.policy else 'kind'} {kind.name!r}"
     _check_setting_values(given, f"settings of {what}")
