@@ -20,15 +20,6 @@ from pathlib import Path
 
 from models.errors import CheckpointError, ModelInputError, WeightsMismatchError
 
-SECRET_SETTINGS = ("wandb_key",)  # settings whose values log in somewhere: never written into a file
-
-
-def without_secrets(words: list[str]) -> list[str]:
-    """Command-line words to write down (a store's or a lock's `command`), the values of SECRET_SETTINGS given on
-    it (`--set wandb_key=...`) hidden."""
-    pattern = re.compile(rf"((?:^|[=\s.]){'|'.join(SECRET_SETTINGS)}=).*")
-    return [pattern.sub(r"\1(given; not recorded)", str(w)) for w in words]
-
 
 def default_memo_dir() -> Path | None:
     """Where `_memo` remembers what whole-file reads found: $WORKBENCH_CACHE, else ~/.cache/sf-workbench; None (read

@@ -1,6 +1,8 @@
 """The researchers' YAML files load unchanged through the structured config (training/config.py, merged
 onto configs/default_config.yaml as their `train.py` does)."""
 
+import json
+
 import pytest
 
 from models.errors import ModelInputError
@@ -165,10 +167,14 @@ def test_their_wandb_and_text_encoder_keys_take_effect(tmp_path, monkeypatch):
     assert "k123" not in str(calls[1][1]["config"]) and calls[1][1]["config"]["wandb_project"] == "attn"
     assert "k123" not in OmegaConf.to_yaml(recorded(cfg)) and cfg.wandb_key == "k123"
     assert recorded(load_config("configs/self_forcing_dmd.yaml")).wandb_key == "WANDB_KEY"  # (their placeholder)
-    from models.files import without_secrets  # (the command line a store or a lock records)
+    from training.config import without_secrets  # (the command line a store or a lock records)
 
     assert without_secrets(["--set", "wandb_key=k123", "--set=wandb_key=k123", "my_wandb_key=x", "lr=1"]) == [
         "--set", "wandb_key=(given; not recorded)", "--set=wandb_key=(given; not recorded)", "my_wandb_key=x", "lr=1"]
+    from workbench.store import StoreLock  # (train's lock names its holder by that command line, not sys.argv)
+
+    with StoreLock(tmp_path / "log", command="workbench train --set 'wandb_key=(given; not recorded)'") as lock:
+        assert json.loads(lock.holder_file.read_text())["command"].endswith("'wandb_key=(given; not recorded)'")
     from training.checkpoints import check_resumed_config
 
     check_resumed_config(cfg, OmegaConf.to_yaml(recorded(cfg)), tmp_path)  # (a resume may log elsewhere)

@@ -102,9 +102,11 @@ def _run(args) -> int:
     lock = None
     if int(os.environ.get("RANK", "0")) == 0:  # one training run per logdir (refused at once, naming the holder)
         from models.files import stale_temporaries
+        from training.config import without_secrets
         from workbench.store import StoreLock
 
-        lock = StoreLock(args.logdir, what="a training log folder", option="--logdir").acquire()
+        lock = StoreLock(args.logdir, what="a training log folder", option="--logdir",
+                         command=shlex.join(without_secrets(sys.argv))).acquire()
         for path in stale_temporaries(args.logdir, older_than_s=0) if Path(args.logdir).is_dir() else []:
             path.unlink(missing_ok=True)  # with the lock held, no other writer is there: a killed write's part
             print(f"removed {path}: the temporary file of a write that was killed")
@@ -124,8 +126,8 @@ def _run(args) -> int:
 def _train(args, cfg, sets_sid_alpha) -> int:
     import torch.distributed as dist
 
-    from models.files import without_secrets
     from training.build import build_trainer, describe
+    from training.config import without_secrets
     from training.checkpoints import latest_checkpoint
 
     trainer = build_trainer(cfg, args.logdir, sets_sid_alpha=sets_sid_alpha, resume=args.resume,

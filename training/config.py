@@ -19,6 +19,7 @@ their trainer reads as `lr` where a config leaves it out, is set to `lr` by `loa
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -27,7 +28,6 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from models.errors import ModelInputError
-from models.files import SECRET_SETTINGS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default_config.yaml"
 
@@ -258,7 +258,14 @@ def _load_yaml(path: Path):
     return node
 
 
-SECRET_KEYS = SECRET_SETTINGS  # what logs in, never written down: config.yaml, checkpoints, stores, wandb's config
+SECRET_KEYS = ("wandb_key",)  # what logs in, never written down: config.yaml, checkpoints, stores, wandb's config
+
+
+def without_secrets(words: list[str]) -> list[str]:
+    """Command-line words to write down (a probe store's or the log folder lock's `command`), the values of
+    SECRET_KEYS given on it (`--set wandb_key=...`) hidden."""
+    pattern = re.compile(rf"((?:^|[=\s.]){'|'.join(SECRET_KEYS)}=).*")
+    return [pattern.sub(r"\1(given; not recorded)", str(w)) for w in words]
 
 
 def recorded(cfg):

@@ -205,15 +205,16 @@ def _own_settings(d: dict, kind: EntryKind) -> dict:
     if unknown:
         raise WorkbenchError(f"settings {unknown}: {what} takes "
                              f"{sorted(kind.settings) if kind.settings else 'no settings'}")
-    given = {k: _number_text(v) if isinstance(kind.settings[k], float) else v for k, v in given.items()}
-    for k, v in given.items():  # (a default of None takes anything plain)
-        if kind.settings[k] is not None and _sort(v) != _sort(kind.settings[k]) and not (
-                _sort(v) == "an integer" and _sort(kind.settings[k]) == "a number"):
-            raise WorkbenchError(f"settings: {k} {v!r} for {what}: give {_sort(kind.settings[k])} (its default is "
-                                 f"{kind.settings[k]!r})")
-    given = {k: float(v) if isinstance(kind.settings[k], float) and isinstance(v, int) and not isinstance(v, bool)
-             else v for k, v in given.items()}  # (1 where the default is 1.0: built with the float, as stored)
-    return _recorded({**kind.settings, **given})
+    out = {}
+    for k, v in given.items():
+        default = kind.settings[k]
+        if isinstance(default, float):  # (1 or "1e-3" where the default is a number: built with the float, as stored)
+            v = _number_text(v)
+            v = float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+        if default is not None and _sort(v) != _sort(default):  # (a default of None takes anything plain)
+            raise WorkbenchError(f"settings: {k} {v!r} for {what}: give {_sort(default)} (its default is {default!r})")
+        out[k] = v
+    return _recorded({**kind.settings, **out})
 
 
 def _sort(v) -> str:
@@ -389,6 +390,14 @@ def _number(value, what: str, integer: bool = False) -> float:
     return x
 
 
+def _read_window(e: Entry, d: dict, deep: bool = False) -> None:
+    """A policy entry's window (default 21) and sink frames (default 0; a deep sink's, half the window), checked."""
+    e.window = int(_number(d.get("window", 21), "policy window", integer=True))
+    e.sink_frames = int(_number(d.get("sink_frames", e.window // 2 if deep else 0), "policy sink_frames", integer=True))
+    if e.window < 1 or not 0 <= e.sink_frames < e.window:
+        raise WorkbenchError(f"window {e.window} with sink_frames {e.sink_frames}: use 0 <= sink_frames < window")
+
+
 def _read_calls(e: Entry, d: dict, num_layers: int, num_heads: int, num_steps, num_chunks) -> None:
     """An entry's calls (layers, heads, steps, chunks, attention), each checked against the model and rollout."""
     e.layers = _ints(d.get("layers"), "layer", num_layers)
@@ -478,10 +487,7 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
         if e.policy not in POLICIES:
             raise WorkbenchError(f"cache policy {e.policy!r}; use one of {list(POLICIES) + list(OWN_POLICIES)}"
                                  f"{OWN_HINT if not OWN_POLICIES else ''}")
-        e.window = int(_number(d.get("window", 21), "policy window", integer=True))
-        e.sink_frames = int(_number(d.get("sink_frames", 0), "policy sink_frames", integer=True))
-        if e.policy in ("deepsink",) and "sink_frames" not in d:
-            e.sink_frames = e.window // 2
+        _read_window(e, d, deep=e.policy == "deepsink")
         e.store, e.threshold = d.get("store"), _number(d.get("threshold", 0.8), "policy threshold")
         e.static_recent = int(_number(d.get("static_recent", 6), "policy static_recent", integer=True))
         if d.get("sink_rule", DEEP_SINK_RULE) != DEEP_SINK_RULE:
@@ -501,8 +507,6 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
                                  "without it: its intervention_spec, static_heads included, as a --spec entry)")
         if e.policy == "headwise" and e.store and Path(e.store).exists():
             _check_attention_store(e.store)
-        if e.window < 1 or not 0 <= e.sink_frames < e.window:
-            raise WorkbenchError(f"window {e.window} with sink_frames {e.sink_frames}: use 0 <= sink_frames < window")
         if e.policy == "fifo" and e.sink_frames:
             raise WorkbenchError(f"a fifo policy keeps no sink (sink_frames {e.sink_frames}); use the sink policy, "
                                  f"e.g. sink:{e.window}:{e.sink_frames}")
@@ -564,10 +568,7 @@ def _parse_own(d: dict, own: EntryKind, num_layers: int, num_heads: int, *, num_
     e = Entry(kind=d["kind"], label="", settings=_own_settings(d, own))
     if own.policy:
         e.policy = own.name
-        e.window = int(_number(d.get("window", 21), "policy window", integer=True))
-        e.sink_frames = int(_number(d.get("sink_frames", 0), "policy sink_frames", integer=True))
-        if e.window < 1 or not 0 <= e.sink_frames < e.window:
-            raise WorkbenchError(f"window {e.window} with sink_frames {e.sink_frames}: use 0 <= sink_frames < window")
+        _read_window(e, d)
         obj = _built(own, (e.window, e.sink_frames), e.settings)
         _check_policy_object(obj, own, num_frames, chunk_frames)
     else:

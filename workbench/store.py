@@ -368,8 +368,9 @@ class StoreLock:
     (`filelock`), which the kernel releases when the process ends, even by SIGKILL. The holder writes who it is
     (pid, host, command, since when) to `.NAME.lock.json`, so that a refused writer can say who holds the store."""
 
-    def __init__(self, path: str | Path, what: str = "a store", option: str = "--out"):
+    def __init__(self, path: str | Path, what: str = "a store", option: str = "--out", command: str | None = None):
         self.path = Path(path)
+        self.command = command  # who holds it, for a refused writer (None: this process's command line)
         self.what = what  # what it guards, for the refusal: "a store", "an evaluate folder"
         self.option = option  # the command line's name for the path, for the refusal
         self.file = lock_file(self.path)
@@ -380,7 +381,7 @@ class StoreLock:
         """Take the lock now or raise WorkbenchError naming the store and its holder (never waits)."""
         from filelock import FileLock, Timeout
 
-        from models.files import atomic_write_bytes, ensure_writable_dir, without_secrets
+        from models.files import atomic_write_bytes, ensure_writable_dir
 
         self._check_name()
         ensure_writable_dir(self.path.parent)  # the store's folder must take the lock file and the store
@@ -414,7 +415,7 @@ class StoreLock:
                 f"{str(self.path)!r} is being written by {by}; {self.what} takes one writer at a time: wait for that "
                 f"run to end (a later run resumes where it stopped), or choose another {self.option}") from None
         self._lock = lock
-        me = dict(pid=os.getpid(), host=socket.gethostname(), command=shlex.join(without_secrets(sys.argv))[:200],
+        me = dict(pid=os.getpid(), host=socket.gethostname(), command=(self.command or shlex.join(sys.argv))[:200],
                   since=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         atomic_write_bytes(self.holder_file, json.dumps(me).encode())
         return self

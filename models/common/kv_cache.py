@@ -372,8 +372,6 @@ class RolloutCache:
     policy: CachePolicy | None = None  # decides what stays after each chunk (None: the window and sink above)
 
     def __post_init__(self):
-        if self.policy is not None:
-            check_policy(self.policy)
         if self.kv_gradient not in KV_GRADIENTS:
             raise ModelInputError(f"kv_gradient {self.kv_gradient!r}; use one of {list(KV_GRADIENTS)}")
         if self.text_kv_gradient not in TEXT_KV_GRADIENTS:
