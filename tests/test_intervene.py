@@ -772,3 +772,20 @@ def test_the_page_leaves_layer_and_head_blank_for_entries_on_no_single_one():
     shown = display_ranking(table)
     assert shown["layer"].tolist() == ["3", "", ""] and shown["head"].tolist() == ["0", "", ""]
     assert table["layer"].tolist() == [3, -1, -1]  # (the table itself unchanged)
+
+
+def test_an_entry_built_once_gives_each_sample_what_it_gives_alone(tmp_path):
+    """An entry's intervention is built once for all its samples (its CUDA graphs then replay) and a resample
+    ablation's source of each sample is held in the first one's tensors: each sample's numbers are those of a run
+    of that sample alone."""
+    import xarray as xr
+
+    run = ["intervene", "--frames", "6", "--world", "off", "--no-progress", "--ablate", "1:0:resample", "--ablate",
+           "2:1"]
+    assert main([*run, "--seeds", "0-1", "--out", str(tmp_path / "both.zarr")]) == 0
+    assert main([*run, "--seeds", "1", "--out", str(tmp_path / "one.zarr")]) == 0
+    both = xr.open_zarr(tmp_path / "both.zarr", consolidated=False).latent_distance_rel
+    one = xr.open_zarr(tmp_path / "one.zarr", consolidated=False).latent_distance_rel
+    assert both.sizes["sample"] == 2 and one.sizes["sample"] == 1
+    np.testing.assert_array_equal(both.isel(sample=[1]).values, one.values)
+    assert (both.isel(sample=1).values > 0).any()

@@ -254,3 +254,28 @@ def test_gpu_graphed_rollout_with_each_graph_safe_intervention_equals_eager():
 
     with attach(model, KeyFrameKnockout([0], filter=sel)):  # not graph-safe: the rollout runs eagerly
         assert _rollout_graphs(model, plain, torch.zeros(1, TEXT_LEN, 32, device="cuda"), True, "k") is None
+
+
+def test_a_resample_source_recorded_again_is_new_settings_for_the_graphs(one_thread):
+    """CUDA graphs read a resample source's outputs in place: recorded again into new tensors, the ablation's key
+    changes (graphs made again, not replayed on freed memory); `workbench intervene` holds an entry's source of
+    each sample in the first sample's tensors (`held_in_place`), so the key stays and its later samples replay."""
+    from workbench.intervene import held_in_place
+
+    model = tiny_model()
+    src = HeadOutputs(CallFilter(layers={1}))
+    few_step(model, 6, src, seed=1)
+    ablation = HeadAblation(CallFilter(layers={1}), heads=[0], mode="resample", source=src)
+    key, old = ablation.key, dict(src.by_call)  # (the old tensors kept: their addresses stay taken)
+    assert ablation.key == key and len(old) == 2 * 5 * 2  # (2 chunks x 5 forwards x self/cross)
+    src.by_call.clear()
+    few_step(model, 6, src, seed=2)
+    assert ablation.key != key
+    key, addresses = ablation.key, {k: out.data_ptr() for k, out in src.by_call.items()}
+    other = HeadOutputs(CallFilter(layers={1}))
+    few_step(model, 6, other, seed=3)
+    assert held_in_place(src, other) is src and ablation.key == key
+    assert {k: out.data_ptr() for k, out in src.by_call.items()} == addresses
+    assert all(torch.equal(src.by_call[k], out) for k, out in other.by_call.items())
+    assert not all(torch.equal(old[k], out) for k, out in other.by_call.items())  # (the comparison can fail)
+    assert held_in_place(None, other) is other

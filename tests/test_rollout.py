@@ -708,7 +708,7 @@ def test_graph_owners_keep_streams_of_their_own(monkeypatch):
     assert len(graph_streams._STREAMS) == held - 1
 
 
-@pytest.mark.parametrize("local,sink", [(-1, 0), (9, 3), (6, 0), (12, 3), (3, 1)])
+@pytest.mark.parametrize("local,sink", [(-1, 0), (9, 3), (6, 0), (12, 3), (4, 1)])
 def test_window_rule_is_what_the_kv_cache_holds(local, sink):
     """models/common/window.py (the full-sequence mask, the synthetic stores) against the frames the KV cache holds
     when each chunk attends (tests/attention_reference.py), 8 chunks of 3."""
@@ -720,14 +720,13 @@ def test_window_rule_is_what_the_kv_cache_holds(local, sink):
         assert tuple(j for j, a in enumerate(row) if a) == expected_key_frames(i // 3, 3, local, sink)
 
 
-def test_graph_replays_of_a_deep_sink_rollout_equal_its_eager_rollouts_on_other_data(monkeypatch):
-    """`RolloutGraphs` on the CPU with a fake CUDA graph (its replay runs the recorded forward again on the same
-    tensors): a deep sink's rollouts replayed from graphs equal their eager rollouts for other seeds than the
-    recording's. The cache's keys as written (`KVCache.unmoved`, what a moved sink is rotated from) were part of
-    the bookkeeping a replay puts back, so every later sample's sink was rotated from the first sample's keys."""
+def replays_on_the_cpu(monkeypatch) -> None:
+    """`RolloutGraphs` on the CPU with a fake CUDA graph: a recording notes the DiT forward it saw, a replay runs
+    that forward again on the same tensors (what a graph's replay computes; the host's bookkeeping is the
+    rollout's own). The model class's forward is wrapped, not an instance's: an instance's would be a watcher."""
     import contextlib
 
-    from workbench.kv_policies import DeepSink
+    from models.wan.model import WanModel
 
     recording = []
 
@@ -744,20 +743,127 @@ def test_graph_replays_of_a_deep_sink_rollout_equal_its_eager_rollouts_on_other_
             recording.pop()
 
     cuda_graphs_on_the_cpu(monkeypatch, fake_graph, FakeGraph)
-    model = tiny_model()
-    forward = model.forward
+    forward = WanModel.forward
 
-    def recorded(x, t, ctx, **kw):
-        out = forward(x, t, ctx, **kw)
+    def recorded(model, x, t, ctx, **kw):
+        out = forward(model, x, t, ctx, **kw)
         if recording:
             def again(x=x, t=t, ctx=ctx, kw=kw, out=out):
-                o = forward(x, t, ctx, **kw)
+                o = forward(model, x, t, ctx, **kw)
                 if out is not None:
                     out.copy_(o)
             recording[-1].again = again
         return out
 
-    monkeypatch.setattr(model, "forward", recorded)
+    monkeypatch.setattr(WanModel, "forward", recorded)
+
+
+def few_step_on(model, seed: int, graphs: bool, frames: int = 12, policy=None):
+    s = FlowMatchScheduler(5.0)
+    g = torch.Generator().manual_seed(seed)
+    noise, ctx = torch.randn(1, frames, C, H, W, generator=g), torch.randn(1, 16, 32, generator=g)
+    with torch.no_grad():
+        return causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s,
+                               generator=g, cuda_graphs=graphs, cache_policy=policy)
+
+
+def test_graphs_follow_the_model_config_compiled_blocks_and_watchers(monkeypatch):
+    """What a forward depends on beyond the rollout's shape is in the graphs' key, or turns them off: the model's
+    config (a window set on a model that ran without one: the old cache never evicted, so later rollouts ran
+    global attention under a windowed config), blocks compiled later, and anything watching the modules (a
+    forward hook or pre-hook anywhere, a forward set on an instance as nnsight does: a replay runs none of it)."""
+    from models.common.rollout import _rollout_graphs
+
+    model = tiny_model()
+    noise, ctx = torch.randn(1, 12, C, H, W), torch.randn(1, 16, 32)
+    get = lambda: _rollout_graphs(model, noise, ctx, True, "k", devices=("cpu",))  # noqa: E731
+    with torch.no_grad():
+        first = get()
+        assert get() is first and not first.cache.kv[0].evict
+        model.config = model.config.replace(local_attn_size=6, sink_size=0)
+        windowed = get()
+        assert windowed is not first and windowed.cache.kv[0].evict and windowed.cache.kv[0].capacity == 6
+        model.blocks[1]._compiled_call_impl = model.blocks[1]._call_impl  # (what Module.compile sets)
+        assert get() is not windowed
+        model.blocks[1]._compiled_call_impl = None
+        for module in (model, model.blocks[0].self_attn.norm_q, model.head, model.patch_embedding):
+            for hook in (module.register_forward_hook(lambda *a: None),
+                         module.register_forward_pre_hook(lambda *a: None)):
+                assert get() is None
+                hook.remove()
+            assert get() is not None
+        model.blocks[1].ffn.forward = model.blocks[1].ffn.forward
+        assert get() is None
+        del model.blocks[1].ffn.forward
+        assert get() is not None
+
+    replays_on_the_cpu(monkeypatch)  # the rollouts: a window set on a model that ran without one is honoured
+    model = tiny_model()
+    few_step_on(model, 0, True)
+    few_step_on(model, 0, True)
+    model.config = model.config.replace(local_attn_size=6, sink_size=0)
+    assert torch.equal(few_step_on(model, 1, True), few_step_on(model, 1, False))
+
+
+def test_a_graphed_rollout_runs_its_own_cache_policy(monkeypatch):
+    """A cache policy of the same key as the graphs' (the same settings) is the one the rollout applies and whose
+    decisions it records (`describe`), not the one the graphs were first made with."""
+    from workbench.kv_policies import WindowSink
+
+    class Counted(WindowSink):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.chunks = []
+
+        def after_chunk(self, layer, cache, chunk, next_frames):
+            self.chunks.append(chunk)
+            return super().after_chunk(layer, cache, chunk, next_frames)
+
+    replays_on_the_cpu(monkeypatch)
+    model = tiny_model()
+    first, second = Counted(6, 1), Counted(6, 1)
+    ran = few_step_on(model, 0, True, policy=first)
+    n = len(first.chunks)
+    assert n and torch.equal(ran, few_step_on(model, 0, False, policy=Counted(6, 1)))
+    assert torch.equal(few_step_on(model, 1, True, policy=second), few_step_on(model, 1, False, policy=Counted(6, 1)))
+    assert len(first.chunks) == n and second.chunks == first.chunks and model._rollout_graphs.graphs
+
+
+def test_a_window_without_room_for_the_sink_and_a_chunk_is_refused_before_any_work():
+    """A window smaller than sink + chunk: the rollout failed in its first forward ("cannot evict 1 frames from a
+    cache holding 0"), while the full-sequence mask let frame 0 attend frames 1-2 and not itself; the rule, the
+    mask, the rollout and a training config now refuse it, naming the least window."""
+    from models.common.window import attended_key_frames
+    from test_training import BASE
+    from training.checks import check_config, load_train_config
+    from training.errors import TrainingError
+
+    with pytest.raises(ModelInputError, match=r"local_attn_size 2: the window must hold the sink \(0 frames\) and a "
+                                              r"chunk \(3 frames\): at least 3"):
+        attended_key_frames(6, 3, 2, 0)
+    model = tiny_model(local_attn_size=4, sink_size=2)
+    probe = RecordingProbe()
+    with pytest.raises(ModelInputError, match="at least 5"), attach(model, probe):
+        rollout(model, frames=6)
+    assert not probe.records  # (before any forward)
+    with pytest.raises(ModelInputError, match="at least 5"):
+        model.block_causal_mask(6)
+    assert attended_key_frames(6, 3, 5, 2)[3] == [True, True, False, True, True, True]  # the sink and its chunk
+    cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", BASE + ["model_kwargs.local_attn_size=4",
+                                                                         "model_kwargs.sink_size=2"])
+    with pytest.raises(TrainingError, match=r"model_kwargs.local_attn_size 4: .* at least 5"):
+        check_config(cfg, 1)
+
+
+def test_graph_replays_of_a_deep_sink_rollout_equal_its_eager_rollouts_on_other_data(monkeypatch):
+    """`RolloutGraphs` on the CPU with a fake CUDA graph (its replay runs the recorded forward again on the same
+    tensors): a deep sink's rollouts replayed from graphs equal their eager rollouts for other seeds than the
+    recording's. The cache's keys as written (`KVCache.unmoved`, what a moved sink is rotated from) were part of
+    the bookkeeping a replay puts back, so every later sample's sink was rotated from the first sample's keys."""
+    from workbench.kv_policies import DeepSink
+
+    replays_on_the_cpu(monkeypatch)
+    model = tiny_model()
     s = FlowMatchScheduler(5.0)
 
     def go(seed, graphs):
@@ -771,3 +877,49 @@ def test_graph_replays_of_a_deep_sink_rollout_equal_its_eager_rollouts_on_other_
         for seed in (0, 1, 2, 0):
             assert torch.equal(go(seed, True), eager[seed]), seed
         assert model._rollout_graphs.graphs  # (replayed: the graphs were recorded)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_graphed_rollouts_honour_hooks_a_new_window_and_a_source_recorded_again():
+    """Graphed rollouts (warm-up, record, replay) equal eager ones after what the graphs did not see at first: a
+    forward hook on a block (a replay runs no hook), a window set on a model that ran without one, and a resample
+    ablation whose source was recorded again into new tensors (the graphs read the old ones in place)."""
+    from workbench.interventions import HeadAblation, HeadOutputs
+
+    s = FlowMatchScheduler(5.0)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    noise = torch.randn(1, 12, C, H, W, generator=g, device="cuda")
+    ctx = torch.randn(1, 16, 32, generator=g, device="cuda")
+
+    def run(model, graphs, *subscribers, seed=1, x=noise):
+        with attach(model, *subscribers):
+            return causal_few_step(model, x, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s,
+                                   cuda_graphs=graphs, generator=torch.Generator(device="cuda").manual_seed(seed))
+
+    model = tiny_model().cuda()
+    run(model, True), run(model, True)
+    hook = model.blocks[0].register_forward_hook(lambda module, args, out: out * 0.5)
+    hooked = run(model, False)
+    assert torch.equal(run(model, True), hooked)
+    hook.remove()
+    assert not torch.equal(run(model, True), hooked)
+
+    model = tiny_model().cuda()
+    run(model, True), run(model, True)
+    model.config = model.config.replace(local_attn_size=6, sink_size=0)
+    assert torch.equal(run(model, True), run(model, False))
+
+    model = tiny_model().cuda()
+    sel = CallFilter(layers={0}, kinds={"self"})
+    source = HeadOutputs(sel)
+    run(model, False, source, x=torch.randn_like(noise))
+    ablation = HeadAblation(sel, heads=[0], mode="resample", source=source)
+    for _ in range(3):
+        run(model, True, ablation)
+    source.by_call.clear()
+    run(model, False, source, x=torch.randn_like(noise))
+    torch.cuda.empty_cache()
+    junk = [torch.randn(1 << 16, device="cuda") for _ in range(64)]  # (what the freed outputs' memory now holds)
+    assert torch.equal(run(model, True, ablation), run(model, False, ablation))
+    del junk

@@ -504,6 +504,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
         for e in todo:
             per_sample = []
             policy = build_policy(e) if e.kind == "policy" else None
+            edit, source = None, None  # the entry's intervention and resample source, kept across its samples
             for s in samples:
                 running = f"while running entry {e.label!r} on sample {sample_id(s[0], s[2])} of workbench intervene"
                 if e is BASELINE:
@@ -513,9 +514,10 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
                     if e.kind == "ablate" and e.mode == "resample":
                         src = HeadOutputs(CallFilter(layers=e.layers, kinds={e.attention}))
                         rollout(e.resample_prompt, s[2] if e.resample_seed is None else e.resample_seed, src)
-                        sources[e.label] = src
-                    subs = [build(e, sources)] if policy is None else \
-                        ([policy] if hasattr(policy, "observe") else [])
+                        sources[e.label] = source = held_in_place(source, src)
+                    if policy is None and (edit is None or not getattr(edit, "graph_safe", False)):
+                        edit = build(e, sources)  # (a graph-safe one is built once: its CUDA graphs replay)
+                    subs = [edit] if policy is None else ([policy] if hasattr(policy, "observe") else [])
                     x, mass = captured(e, s[1], s[2], *subs, policy=policy)
                 dist, rel = latent_distance(x, base[s])
                 row = dict(latent_distance=dist, latent_distance_rel=rel, latent_rms=latent_rms(x),
@@ -550,6 +552,23 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
             + (" and .mp4" if mp4_available() else "") + " (LABEL with characters other than letters, digits and "
             ".+-= as _)")
     return Path(cfg.out)
+
+
+def held_in_place(held, recorded):
+    """A resample source (workbench/interventions.py `HeadOutputs`) holding `recorded`'s outputs in `held`'s
+    tensors where they match (the first time `recorded` itself): an ablation's CUDA graphs read its tensors in
+    place, so the entry's later samples replay the graphs of its first ones."""
+    if held is None:
+        return recorded
+    for key, out in recorded.by_call.items():
+        mine = held.by_call.get(key)
+        if mine is not None and (mine.shape, mine.dtype, mine.device) == (out.shape, out.dtype, out.device):
+            mine.copy_(out)
+        else:
+            held.by_call[key] = out
+    for key in set(held.by_call) - set(recorded.by_call):
+        del held.by_call[key]
+    return held
 
 
 def ranking(ds):

@@ -162,7 +162,9 @@ class HeadAblation(Intervention):
 
     @property
     def key(self):
-        return super().key + (self.mode, id(self.source))
+        # the graphs read a resample source's outputs in place: one recorded again (new tensors) is new settings
+        held = tuple((k, out.data_ptr()) for k, out in self.source.by_call.items()) if self.mode == "resample" else ()
+        return super().key + (self.mode, id(self.source), held)
 
     def edit_output(self, call, q, k, v, out):
         heads = _heads_of(self, call)

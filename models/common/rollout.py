@@ -33,6 +33,7 @@ from models.common.attention import ForwardLabels
 from models.common.graph_streams import capture_stream
 from models.common.kv_cache import RolloutCache
 from models.common.scheduler import FlowMatchScheduler
+from models.common.window import check_window_room
 from models.errors import ModelInputError
 from models.family import CACHE_FRAMES, check_fits_cache
 
@@ -59,6 +60,7 @@ def seeded_noise(seed: int, shape, device, dtype) -> tuple[torch.Tensor, torch.G
 def check_causal_geometry(model, num_frames: int, cache_frames: int) -> list[tuple[int, int]]:
     """Frame-count errors of a causal rollout, raised before any work; returns its chunks (start, count)."""
     spans = model.chunk_spans(num_frames)  # frames that do not fit the chunk layout (models/common/chunks.py)
+    check_window_room(model.config.local_attn_size, model.config.sink_size, model.num_frame_per_block)
     check_fits_cache(num_frames, model.config.local_attn_size, cache_frames, remedy="set local_attn_size (a "
                      "rolling window, optionally with sink_size) or a larger cache_frames")
     if num_frames > 1024:
@@ -128,8 +130,9 @@ class RolloutGraphs:
     graphs replay beside them on the decode stream. The first forward of a chunk gets its own graph
     because it may evict from a windowed cache; the others overwrite the same slots (the context pass, which
     stops short, `cache_only`, has one of its own). Graphs are used only
-    on CUDA and without gradients, and are dropped when the model's parameters, the rollout's shape or the
-    attached observers change. Replays run exactly the recorded kernels, so a graphed rollout equals the eager
+    on CUDA, without gradients and while nothing outside the model watches its modules (a forward hook, nnsight:
+    `_watched`), and are dropped when the model's parameters or config (its window, sink), the rollout's shape or
+    the attached observers change. Replays run exactly the recorded kernels, so a graphed rollout equals the eager
     one bitwise (tests/test_rollout.py, on a GPU).
 
     Observers: graphs are used only when every attached observer is `graph_safe`, i.e. its per-call work is
@@ -160,10 +163,12 @@ class RolloutGraphs:
         self._warm_chunk = None  # the chunk whose eager forwards are the warm-up
         self._cold = False  # a recording of this rollout failed: the rest of it runs eagerly
 
-    def begin(self, model, context: torch.Tensor) -> None:
+    def begin(self, model, context: torch.Tensor, policy=None) -> None:
         """Start a rollout: new context and cross-attention keys/values, an empty cache (slots are rewritten
-        before they are read)."""
+        before they are read), this rollout's cache policy (one of an equal key: its decisions are the same, and
+        what it records of them, `describe()`, is its own)."""
         self.context.copy_(context)
+        self.cache.policy = policy
         for kv in self.cache.kv:
             kv.clear()
         self.rollouts += 1
@@ -254,9 +259,14 @@ def _rollout_graphs(model, noise, context, cuda_graphs, extra_key, devices=("cud
     from models.wan import fused
     from models.wan import model as wan
 
+    if _watched(model, wan.watched):
+        return None  # a replay would run none of the watchers' Python
+
     fsl = model.config.tokens_per_frame(*noise.shape[3:])  # noise [B, F, C, h, w]
     params = tuple(p.data_ptr() for p in model.parameters())
+    compiled = tuple(getattr(b, "_compiled_call_impl", None) is not None for b in model.blocks)  # compile_blocks
     key = (tuple(noise.shape), noise.dtype, str(noise.device), tuple(context.shape), context.dtype, params,
+           model.config, compiled,
            fused.GELU_EPILOGUE, fused.COMPILE, fused.NORM_KERNELS, fused.RESIDUAL_NORMS, wan.DIRECT_KV_WRITES,
            wan.CONTIGUOUS_TOKENS, wan.CACHE_ONLY_SKIPS_LAST_BLOCK,
            getattr(model, "attention_kernel", "auto"),
@@ -270,6 +280,16 @@ def _rollout_graphs(model, noise, context, cuda_graphs, extra_key, devices=("cud
         current = model._rollout_graphs = RolloutGraphs(key, model, noise.shape[0], noise.shape[1], fsl, context,
                                                         noise.dtype, policy)
     return current
+
+
+def _watched(model, blocks_watched) -> bool:
+    """Whether something outside the model watches it: a forward hook or pre-hook on it or on a module in it, a
+    `forward` set on an instance (nnsight, a monkeypatch), or what `blocks_watched` (models/wan/model.py
+    `watched`) finds in a block or the head. A graph's replay runs none of their Python, so such a rollout runs
+    eagerly."""
+    if any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in model.modules()):
+        return True
+    return any(blocks_watched(m) for m in (*model.blocks, model.head))
 
 
 def _same(held: tuple, attached) -> bool:
@@ -314,7 +334,7 @@ def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timest
         cache = RolloutCache.allocate(model.config, B, Fr, fsl, dtype=noise.dtype, device=noise.device,
                                       policy=cache_policy, chunk_frames=model.num_frame_per_block)
     else:
-        graphs.begin(model, context)
+        graphs.begin(model, context, cache_policy)
         cache = graphs.cache
     output = torch.zeros_like(noise)
     for chunk, (start, n) in enumerate(spans):
