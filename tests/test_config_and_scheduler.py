@@ -70,6 +70,18 @@ def test_config_json_round_trip_and_unknown_key(tmp_path):
     path.write_text(json.dumps(raw))
     with pytest.raises(ModelInputError, match="num_layerz"):
         WanConfig.from_json(path)
+    # Wan's own WanModel keys: at Wan2.1's values read, at others refused (they loaded and did nothing: a token
+    # window of [1, 1] ran global attention, norms said off stayed on)
+    path.write_text(json.dumps(cfg.to_json_dict() | {"window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True}))
+    assert WanConfig.from_json(path) == cfg
+    for key, value, words in [("window_size", [1, 1], "window_size [1, 1]: this model is Wan2.1's with window_size "
+                                                      "[-1, -1] only (a token window"),
+                              ("qk_norm", False, "qk_norm False: this model is Wan2.1's with qk_norm True only"),
+                              ("cross_attn_norm", False, "cross_attn_norm False: this model is Wan2.1's with "
+                                                         "cross_attn_norm True only (false: no LayerNorm (norm3)")]:
+        path.write_text(json.dumps(cfg.to_json_dict() | {key: value}))
+        with pytest.raises(ModelInputError, match=re.escape(f"{path}: {words}")):
+            WanConfig.from_json(path)
 
 
 @pytest.mark.parametrize("change, words", [

@@ -7,7 +7,9 @@ GELU and `fc1` the linear branch, padding masked, final norm), then Self-Forcing
 A mutation test shows that the comparison would catch a wrong map (swapped tensors).
 """
 
+import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -339,6 +341,31 @@ def test_a_tokenizer_folder_without_tokenizer_json_reads_spiece_model(tokenizer,
 def test_missing_weights_file_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="nothere.pth"):
         TextEncoder.from_files(tmp_path / "nothere.pth", TOKENIZER)
+
+
+def test_a_config_json_beside_the_weights_must_hold_umt5s_settings(small_sd, small_pth, tmp_path):
+    """A transformers config.json beside safetensors weights (a diffusers pipeline's text_encoder/): settings the
+    weights do not record and the encoder does not read (epsilon, the far bucket distance, the activation) are
+    refused unless umT5-XXL's (another epsilon gave embeddings 3e-3 off, gated-relu 0.76, without a word); beside
+    a .pth (a Wan folder: the DiT's config.json) it is not read."""
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in small_sd.items()}, str(weights))
+    umt5 = {"layer_norm_epsilon": 1e-06, "relative_attention_max_distance": 128, "feed_forward_proj": "gated-gelu",
+            "d_model": 32}
+    (tmp_path / "config.json").write_text(json.dumps(umt5))
+    expected = TextEncoder.from_files(small_pth, TOKENIZER).encode(PROMPTS).context
+    assert torch.equal(TextEncoder.from_files(weights, TOKENIZER).encode(PROMPTS).context, expected)
+    for change in ({"layer_norm_epsilon": 1e-3}, {"feed_forward_proj": "gated-relu"},
+                   {"relative_attention_max_distance": 64}):
+        (tmp_path / "config.json").write_text(json.dumps(umt5 | change))
+        [(key, value)] = change.items()
+        with pytest.raises(CheckpointError, match=re.escape(f"config.json: {key} {value!r} (umT5-XXL: ")):
+            TextEncoder.from_files(weights, TOKENIZER)
+    pth = tmp_path / "t5.pth"
+    pth.write_bytes(small_pth.read_bytes())
+    assert torch.equal(TextEncoder.from_files(pth, TOKENIZER).encode(PROMPTS).context, expected)
 
 
 def test_wrong_keys_and_shapes_are_listed(small_sd, tmp_path):

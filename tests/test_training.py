@@ -230,6 +230,10 @@ def test_ode_regression_on_teacher_pairs_reduces_its_loss(tmp_path):
     pairs = make_ode_pairs(teacher, enc.encode(prompts).context, enc.encode(["blurry"]).context, shape=(6, 16, 4, 6),
                            steps=12, shift=8.0, guidance_scale=6.0, keep=(0, 3, 6, 9), seed=0)
     assert pairs.shape == (4, 5, 6, 16, 4, 6)
+    for keep in ((3, 0), (0, 0), (12,)):  # (a trajectory in step order under keep's labels; a step past the last)
+        with pytest.raises(ValueError, match=r"in \[0, 12\), increasing, each once"):
+            make_ode_pairs(teacher, enc.encode(prompts).context, enc.encode(["blurry"]).context, shape=(6, 16, 4, 6),
+                           steps=12, keep=keep)
     data = LatentDataset(prompts, pairs, "ode_pairs", seed=7)
     tr = make(tmp_path, "trainer=ode", "total_batch_size=2", "lr=2e-3", data=data)
     ctx = enc.encode(prompts).context
@@ -441,3 +445,20 @@ def test_a_resume_that_changes_the_runs_settings_is_refused(tmp_path):
     torch.load(model, map_location="cpu", weights_only=True)  # (loads as if nothing happened)
     with pytest.raises(TrainingError, match=r"model.pt' is corrupt: its record '.*' does not match the checksum"):
         make(tmp_path, *over, resume=ck)
+
+
+def test_the_prompt_cache_encodes_each_prompt_once_and_survives_filling_up():
+    """training/text.py `PromptCache`: a prompt is encoded once; a batch that fills the cache empties it and
+    encodes the batch again (a prompt cached before and dropped by the emptying was a KeyError)."""
+    from training.text import HashTextEncoder, PromptCache
+
+    encoder = HashTextEncoder(8, 4)
+    calls = []
+    encode = encoder.encode
+    encoder.encode = lambda prompts: calls.append(list(prompts)) or encode(prompts)
+    cache = PromptCache(encoder, "cpu", torch.float32, max_items=2)
+    both = cache(["a", "b"])
+    assert cache(["b", "a"]).equal(both.flip(0)) and calls == [["a", "b"]]
+    mixed = cache(["a", "c"])  # 2 cached + 1 new > 2: emptied, both encoded again
+    assert calls[-1] == ["a", "c"] and mixed[0].equal(both[0]) and mixed.shape == (2, 8, 4)
+    assert not mixed[1].equal(both[1])

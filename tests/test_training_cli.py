@@ -41,6 +41,9 @@ def test_ode_then_dmd_with_probes_then_resume(tmp_path, capsys):
     assert blob["kind"] == "ode_pairs" and blob["latents"].shape == (2, 5, 6, 16, 12, 16)
     with pytest.raises(TrainingError, match="already exists"):
         train(*ode, "--make-ode-pairs")
+    for keep in ("[2,0,4,6]", "[0,2,2,6]"):  # (the trajectory came in step order under keep's labels)
+        with pytest.raises(TrainingError, match=r"keep \[.*\] must lie in \[0, 8\), increasing, each once"):
+            train(*ode, "--set", f"ode_pairs.keep={keep}", f"data_path={tmp_path / 'other.pt'}", "--make-ode-pairs")
     assert train(*ode, "--max-steps", 4) == 0
     init = tmp_path / "ode" / "checkpoint_model_000004" / "model.pt"
     assert sorted(torch.load(init, weights_only=True)) == ["generator"]

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from models.common.chunks import block_sizes
 from models.common.scheduler import FlowMatchScheduler
+from models.common.window import check_window_room
 from models.errors import ModelInputError
 from models.files import relative_note
 from training import distributed as fsdp
@@ -111,6 +112,10 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
                             "not implemented")
     if cfg.trainer != "diffusion" or cfg.causal:
         chunk_layout(frames, nfpb, bool(cfg.independent_first_frame))
+        try:
+            check_window_room(cfg.model_kwargs.local_attn_size, cfg.model_kwargs.sink_size, nfpb)
+        except ModelInputError as err:
+            raise TrainingError(f"model_kwargs.{err} (num_frame_per_block {nfpb}, model_kwargs.sink_size)") from None
     for key in ("batch_size", "total_batch_size"):
         if cfg[key] < 1:
             raise TrainingError(f"{key} {cfg[key]} must be >= 1")

@@ -32,9 +32,11 @@ def build_ode_pairs(cfg, *, log=print, progress: bool = True) -> Path:
         prompts = read_prompts(op.prompt_file)
     except Exception as err:
         raise TrainingError(f"ode_pairs.prompt_file: {err}") from None
-    if op.num_pairs < 1 or op.steps < 1 or op.batch_size < 1 or any(not 0 <= k < op.steps for k in op.keep):
+    keep = list(op.keep)
+    if op.num_pairs < 1 or op.steps < 1 or op.batch_size < 1 or any(not 0 <= k < op.steps for k in keep) \
+            or keep != sorted(set(keep)):
         raise TrainingError(f"ode_pairs: num_pairs {op.num_pairs}, steps {op.steps} and batch_size {op.batch_size} "
-                            f"must be >= 1 and keep {list(op.keep)} must lie in [0, {op.steps})")
+                            f"must be >= 1 and keep {keep} must lie in [0, {op.steps}), increasing, each once")
     out = Path(cfg.data_path)
     if out.exists():
         raise TrainingError(f"data_path {str(out)!r} already exists; remove it to make new ODE pairs")

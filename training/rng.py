@@ -19,7 +19,7 @@ import torch
 
 
 def key(seed: int, step: int, stream: str, index: int = 0) -> int:
-    """A 63-bit seed for one (seed, step, stream, index)."""
+    """A 60-bit seed (15 hex digits of a SHA-256) for one (seed, step, stream, index)."""
     digest = hashlib.sha256(f"{seed}/{step}/{stream}/{index}".encode()).hexdigest()
     return int(digest[:15], 16)
 

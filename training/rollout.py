@@ -140,6 +140,10 @@ def make_ode_pairs(teacher, contexts: torch.Tensor, negative: torch.Tensor, *, s
     depend on `batch_size` (the pairs sampled together) beyond the float rounding of batched kernels."""
     if teacher.causal:
         raise ValueError("ODE pairs come from the bidirectional teacher (causal=False)")
+    keep = list(keep)
+    if keep != sorted(set(keep)) or not all(0 <= k < steps for k in keep):
+        raise ValueError(f"keep {keep}: steps in [0, {steps}), increasing, each once (the trajectory comes in step "
+                         "order)")
     out = []
     for first in range(0, contexts.shape[0], batch_size):
         idx = range(first, min(first + batch_size, contexts.shape[0]))

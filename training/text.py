@@ -45,7 +45,8 @@ class PromptCache:
         todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if todo:
             if len(self._cache) + len(todo) > self.max_items:
-                self._cache.clear()
+                self._cache.clear()  # (full: this batch's prompts all encoded again)
+                todo = list(dict.fromkeys(prompts))
             with torch.no_grad():
                 emb = self.encoder.encode(todo)
             for p, c in zip(todo, emb.context):

@@ -13,12 +13,25 @@ independently. Importing this module does not import torch.
 from __future__ import annotations
 
 from models.common.chunks import chunk_spans
+from models.errors import ModelInputError
+
+
+def check_window_room(local_attn_size: int, sink_size: int, frames_per_chunk: int) -> None:
+    """A window (local_attn_size frames; -1: global) holds the sink and a whole chunk, as the KV cache needs to
+    place a chunk beside the sink: ModelInputError naming the least window otherwise (a smaller one would let a
+    query frame miss itself, or see frames after its chunk's, in the rule below)."""
+    if local_attn_size != -1 and local_attn_size < sink_size + frames_per_chunk:
+        raise ModelInputError(f"local_attn_size {local_attn_size}: the window must hold the sink ({sink_size} frames) "
+                              f"and a chunk ({frames_per_chunk} frames): at least {sink_size + frames_per_chunk}, "
+                              "or -1 (global attention)")
 
 
 def attended_key_frames(num_frames: int, frames_per_chunk: int, local_attn_size: int = -1, sink_size: int = 0,
                         independent_first_frame: bool = False) -> list[list[bool]]:
     """[query_frame][key_frame] bool: whether the query frame attends the key frame (local_attn_size -1:
-    global attention). Frames that do not fit the chunk layout raise ModelInputError (models/common/chunks.py)."""
+    global attention). Frames that do not fit the chunk layout raise ModelInputError (models/common/chunks.py), as
+    does a window without room for the sink and a chunk (`check_window_room`)."""
+    check_window_room(local_attn_size, sink_size, frames_per_chunk)
     ends = [start + size for start, size in chunk_spans(num_frames, frames_per_chunk, independent_first_frame)
             for _ in range(size)]  # [query_frame] one past the last frame of its chunk
     rows = []

@@ -129,6 +129,10 @@ class WanConfig:
             raise ModelInputError(f"{path}: a config holds a JSON object of settings, not {type(raw).__name__}")
         if raw.get("_class_name") == "WanTransformer3DModel":  # diffusers' transformer/ folder
             raw = _from_diffusers_config(raw, path)
+        for key, wan, means in WAN_ONLY:  # (keys of Wan's own WanModel that this model does not take)
+            if key in raw and raw[key] != wan and not (isinstance(raw[key], list) and tuple(raw[key]) == wan):
+                raise ModelInputError(f"{path}: {key} {raw[key]!r}: this model is Wan2.1's with {key} "
+                                      f"{list(wan) if isinstance(wan, tuple) else wan} only ({means})")
         ignored = {"_class_name", "_diffusers_version", "_name_or_path", "window_size", "qk_norm", "cross_attn_norm",
                    "video_size"}  # (video_size: read by `default_video_size`)
         known = {f.name for f in dataclasses.fields(cls)}
@@ -254,6 +258,14 @@ class VideoGeometry:
     def shape(self) -> tuple[int, int, int, int]:
         """[F, C, h, w], the Self-Forcing `image_or_video_shape` without the batch."""
         return (self.num_frames, self.channels, self.latent_height, self.latent_width)
+
+
+# Wan's WanModel settings that its released models leave at the default, the only value built here: (key, value,
+# what another value would mean)
+WAN_ONLY = (("window_size", (-1, -1), "a token window in Wan's self-attention; a window of frames here is "
+             "local_attn_size / sink_size"),
+            ("qk_norm", True, "false: no RMSNorm of q and k"),
+            ("cross_attn_norm", True, "false: no LayerNorm (norm3) before the cross-attention"))
 
 
 def _from_diffusers_config(raw: dict, path) -> dict:

@@ -56,6 +56,9 @@ from models.wan.folder import T5_NAME as WEIGHTS_NAME  # noqa: F401 (the officia
 from models.wan.folder import TOKENIZER_SUBDIR, dit_dir, present, wan_parts  # noqa: F401 (TOKENIZER_SUBDIR: re-export)
 DEFAULT_TEXT_LEN = 512
 REL_MAX_DISTANCE = 128  # umT5 (and Wan's T5RelativeEmbedding default); not stored in the checkpoint
+# umT5-XXL's settings that its weights do not record, the only ones built here (`infer_umt5_config`)
+UMT5_FIXED = (("layer_norm_epsilon", 1e-6), ("relative_attention_max_distance", REL_MAX_DISTANCE),
+              ("feed_forward_proj", "gated-gelu"))
 _IDENTITY_VERSION = "wan-umt5-encoder/v1"
 
 
@@ -114,6 +117,25 @@ def to_wan_names(sd: dict[str, torch.Tensor], source: str = "state dict") -> dic
         return {hf_to_wan_key(k): v for k, v in sd.items()}
     except KeyError as e:
         raise CheckpointError(f"{source}: {e.args[0]}") from None
+
+
+def check_encoder_config(weights) -> None:
+    """A transformers config.json beside the weights (a diffusers pipeline's text_encoder/, a umT5 folder): its
+    settings that the weights do not record must be umT5-XXL's (`UMT5_FIXED`), or CheckpointError names them (they
+    were not read: another epsilon or activation would have given other embeddings without a word). The config.json
+    beside a Wan folder's .pth is the DiT's and is not looked at."""
+    weights = Path(weights)
+    path = weights.parent / "config.json"
+    if weights.suffix == ".pth" or not path.is_file():
+        return
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from None
+    bad = [f"{k} {raw[k]!r} (umT5-XXL: {v!r})" for k, v in UMT5_FIXED if isinstance(raw, dict) and k in raw
+           and raw[k] != v]
+    if bad:
+        raise CheckpointError(f"{path}: {', '.join(bad)}: the text encoder is built with umT5-XXL's settings only")
 
 
 def infer_umt5_config(sd: dict[str, torch.Tensor], source: str = "state dict"):
@@ -338,6 +360,7 @@ class TextEncoder:
         """From a umT5 weights file (.pth or .safetensors, or the .index.json of safetensors shards; Wan's names or
         transformers') and a tokenizer folder."""
         tokenizer = load_tokenizer(tokenizer_dir)  # checked first: cheap, and the commonest missing piece
+        check_encoder_config(weights)
         sd = to_wan_names(load_state_dict_file(weights, trust_pickle=trust_pickle), str(weights))
         model = build_umt5_encoder(sd, source=str(weights))
         return cls(model, tokenizer, text_len=text_len, device=device, dtype=dtype, weights_path=Path(weights),
