@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import embedded_maker
-from models.errors import CheckpointError, ModelInputError
+from models.errors import CheckpointError, ModelInputError, ModelInputWarning
 from models.wan.text_encoder import (PromptEmbeddings, TextEncoder, TokenizerNotFoundError, build_umt5_encoder,
                                  clean_prompt, hf_to_wan_key, load_tokenizer, wan_to_hf_key)
 
@@ -278,6 +278,32 @@ def test_cache_encodes_each_prompt_once_per_encoder(small_pth, tmp_path):
     assert other.identity != again.identity
     assert other.encode(PROMPTS[:1]).context.shape == (1, 64, SMALL["d_model"])
     assert len(sorted(cache.rglob("*.safetensors"))) == len(PROMPTS) + 1
+
+
+def test_the_prompt_cache_is_off_once_the_weights_are_not_the_files_as_loaded(small_sd, small_pth, tmp_path):
+    """The cache's entries are named by the weights file's identity, worked out at first use: a file replaced after
+    loading stored the old weights' embeddings under the new file's name, for every later process to read; weights
+    changed in memory read the old embeddings. Either way the cache is now neither read nor written (one warning)."""
+    weights, cache = tmp_path / "t5.pth", tmp_path / "cache"
+    weights.write_bytes(small_pth.read_bytes())
+    other_sd = {k: v * 1.5 if k == "norm.weight" else v for k, v in small_sd.items()}
+    truth = {w: TextEncoder.from_state_dict(sd, TOKENIZER).encode(PROMPTS[:1]).context for w, sd in
+             (("old", small_sd), ("new", other_sd))}
+    assert not torch.equal(truth["old"], truth["new"])  # (the comparison can fail)
+
+    loaded = TextEncoder.from_files(weights, TOKENIZER, cache_dir=cache)
+    torch.save(dict(other_sd), tmp_path / "new.pth")
+    (tmp_path / "new.pth").replace(weights)  # replaced before the first encode (a new file: the loaded one may be mapped)
+    with pytest.warns(ModelInputWarning, match="no longer those of .*t5.pth as loaded"):
+        assert torch.equal(loaded.encode(PROMPTS[:1]).context, truth["old"])
+    assert not list(cache.rglob("*.safetensors"))  # nothing stored under the new file's identity
+    assert torch.equal(TextEncoder.from_files(weights, TOKENIZER, cache_dir=cache).encode(PROMPTS[:1]).context,
+                       truth["new"])
+
+    fresh = TextEncoder.from_files(weights, TOKENIZER, cache_dir=cache)  # (its prompt is in the cache now)
+    fresh.model.load_state_dict(TextEncoder.from_state_dict(small_sd, TOKENIZER).model.state_dict())
+    with pytest.warns(ModelInputWarning, match="changed in memory"):
+        assert torch.equal(fresh.encode(PROMPTS[:1]).context, truth["old"])
 
 
 def test_identity_changes_with_weights_and_tokenizer_files(small_sd, small_pth, tmp_path):

@@ -41,6 +41,20 @@ def test_fast_decoder_float32_within_rounding(small_sd, one_thread):
     torch.testing.assert_close(fast.decode(z), ref.decode(z), rtol=0, atol=2e-5)
 
 
+def test_the_fast_decoder_follows_weights_loaded_into_the_model(small_sd, one_thread):
+    """The fast decoder holds copies of the weights: after a `load_state_dict` into the VAE's model it decoded
+    with a mix of old and new weights (0.28 off); it is made again from the new ones."""
+    ref, fast = _pair(small_sd, torch.float64)
+    torch.manual_seed(2)
+    z = torch.randn(1, 3, 16, 3, 4)
+    before = fast.decode(z)
+    other = {k: v * 0.9 if v.is_floating_point() else v for k, v in fast.model.state_dict().items()}
+    for vae in (ref, fast):
+        vae.model.load_state_dict(other)
+    after = fast.decode(z)
+    assert not torch.equal(after, before) and torch.equal(after, ref.decode(z))
+
+
 @pytest.mark.parametrize("chunks", [[3, 3, 1], [1] * 7, [2, 5], [7]])
 def test_fast_stream_equals_fast_whole_bitwise(small_sd, chunks, one_thread):
     _, fast = _pair(small_sd, torch.float32)

@@ -29,6 +29,7 @@ from browser import chromium, png_pixels
 from workbench.cli import main
 from workbench.errors import WorkbenchError
 from workbench.store import open_store
+from workbench.store_guard import StoreChanged
 from workbench.view import stream
 from workbench.view.server import start
 from workbench.view.sources import StoreSource, StreamSource, latent_of_pixel, open_source, pixel_span
@@ -249,6 +250,18 @@ def test_finding_videos(runs, tmp_path, capsys):
     assert "--sample" in capsys.readouterr().err
     assert main(["view", str(tmp_path)]) == 2
     assert "neither a store" in capsys.readouterr().err
+    # a video replaced after the store was opened (another run's --save-videos): said, never shown as this store's
+    copy = tmp_path / "y.zarr"
+    shutil.copytree(store, copy)
+    shutil.copytree(runs / "x", tmp_path / "y", ignore=shutil.ignore_patterns("*.live", "live.json"))
+    source = open_source(copy)
+    first = source.frame("p0000-s0", 3).copy()
+    shutil.copy(runs / "x" / "p0000-s1.mp4", tmp_path / "new.mp4")
+    (tmp_path / "new.mp4").replace(tmp_path / "y" / "p0000-s0.mp4")
+    with pytest.raises(StoreChanged, match="p0000-s0.mp4 was replaced or removed after the store was opened"):
+        source.frame("p0000-s0", 3)
+    assert "was replaced or removed" in source.state("p0000-s0")["video_error"]
+    assert open_source(copy).frame("p0000-s0", 3) is not None and first.any()
 
 
 @needs_mp4

@@ -144,8 +144,10 @@ class HeadOutputs(Probe):
 
 class HeadAblation(Intervention):
     """Replace the output of `heads` in the selected calls: mode "zero" (0), "mean" (`source`: the dict of
-    `HeadOutputs.mean()`, (layer, kind) -> [H, D]) or "resample" (`source`: a `HeadOutputs` of another rollout
-    of the same shape; the same call's output there)."""
+    `HeadOutputs.mean()`, (layer, kind) -> [H, D], or a function returning it) or "resample" (`source`: a
+    `HeadOutputs` of another rollout of the same shape; the same call's output there). A mean is read from the
+    source at the first call of its layer that this ablation edits and held (CUDA graphs read it in place): for the
+    means of another reference, make another HeadAblation."""
 
     edits = frozenset({"out"})
     MODES = ("zero", "mean", "resample")

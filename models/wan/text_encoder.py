@@ -336,6 +336,8 @@ class TextEncoder:
                                   "pass cache_dir=None for an encoder built from an in-memory state dict")
         self._identity: str | None = None
         self._warned: set[str] = set()  # prompts already warned about (truncation)
+        self._as_loaded = self._weights_state()  # what the prompt cache's entries are entries of
+        self._cache_off = False  # (warned once: the weights are no longer the file's as loaded)
 
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -384,6 +386,27 @@ class TextEncoder:
                 raise ModelInputError("this encoder was built from memory and has no file identity")
             self._identity = encoder_identity(self.weights_path, self.tokenizer_dir, self.text_len)
         return self._identity
+
+    def _weights_state(self) -> tuple:
+        """The weights file's (size, mtime, inode, ctime) and each parameter's address and version counter (an
+        in-place write, e.g. `load_state_dict`, bumps it)."""
+        st = self.weights_path.stat() if self.weights_path is not None and self.weights_path.exists() else None
+        file = None if st is None else (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+        return file, tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+
+    def _cache_usable(self) -> bool:
+        """Whether the prompt cache holds this encoder's embeddings: its identity is the weights file's, so once the
+        file was replaced after loading, or the weights changed in memory, the cache is neither read nor written
+        (a ModelInputWarning says so once; entries of other weights were stored under the new file's identity)."""
+        if self._weights_state() == self._as_loaded:
+            return True
+        if not self._cache_off:
+            self._cache_off = True
+            warnings.warn(f"text encoder: its weights are no longer those of {self.weights_path} as loaded (the file "
+                          "was replaced, or the weights were changed in memory): the prompt cache in "
+                          f"{self.cache_dir} is not used; load the encoder again to use it", ModelInputWarning,
+                          stacklevel=3)
+        return False
 
     def _cache_path(self, prompt: str) -> Path:
         dtype_name = str(self.dtype).replace("torch.", "")
@@ -471,8 +494,9 @@ class TextEncoder:
         self.warn_if_truncated(prompts)
         results: dict[str, tuple] = {}
         todo = []
+        cached = self.cache_dir is not None and self._cache_usable()
         for p in dict.fromkeys(prompts):  # unique, in order
-            hit = self._cache_get(p) if self.cache_dir is not None else None
+            hit = self._cache_get(p) if cached else None
             if hit is not None:
                 results[p] = hit
             else:
@@ -482,7 +506,7 @@ class TextEncoder:
             context, tokens, lengths = self._encode_uncached(chunk)
             for i, p in enumerate(chunk):
                 results[p] = (context[i], tokens[i], lengths[i])
-                if self.cache_dir is not None:
+                if cached:
                     self._cache_put(p, context[i], tokens[i], lengths[i])
         return PromptEmbeddings(context=torch.stack([results[p][0] for p in prompts]),
                                 tokens=[list(results[p][1]) for p in prompts],

@@ -298,6 +298,7 @@ class WanVAE:
         self.device = torch.device(device)
         self.dtype = dtype
         self._fast = None  # the FastDecoder (buffers, graphs), made on first use
+        self._fast_weights = None  # the weights it copied (`fast_decoder`)
         self.mean = torch.tensor(LATENTS_MEAN, dtype=torch.float32, device=device).view(1, 1, Z_DIM, 1, 1)
         self.std = torch.tensor(LATENTS_STD, dtype=torch.float32, device=device).view(1, 1, Z_DIM, 1, 1)
         self._decoder_takes_first_chunk = "first_chunk" in inspect.signature(self.model.decoder.forward).parameters
@@ -350,10 +351,14 @@ class WanVAE:
         return StreamDecoder(self, overlap=overlap, priority=priority)
 
     def fast_decoder(self):
-        """The `FastDecoder` of this VAE (models/wan/vae_fast.py), made on first use."""
-        if self._fast is None:
+        """The `FastDecoder` of this VAE (models/wan/vae_fast.py), made on first use and again once the model's
+        weights changed (it holds copies of them: a `load_state_dict` into `self.model` decoded with a mix of old and
+        new weights): each parameter's address and version counter, which an in-place write bumps."""
+        weights = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        if self._fast is None or self._fast_weights != weights:
             from models.wan.vae_fast import FastDecoder
 
+            self._fast, self._fast_weights = None, weights  # (the old one's buffers and graphs freed first)
             self._fast = FastDecoder(self)
         return self._fast
 

@@ -29,6 +29,7 @@ import numpy as np
 from models.wan.vae import TEMPORAL_STRIDE, pixel_frames
 from workbench.errors import WorkbenchError
 from workbench.store import image_of
+from workbench.store_guard import StoreChanged
 from workbench.view import stream
 
 
@@ -182,6 +183,7 @@ class StoreSource(Source):
                 self.video_errors[sample] = why
             else:
                 self.videos[sample] = path
+        self._video_stamps = {sample: _stamp(path) for sample, path in self.videos.items()}  # (as opened)
         # the menu, made once (a finished store does not change; every request checks its sample against it)
         ids = [str(v) for v in ds["sample"].values]
         index = ([int(v) for v in ds["prompt_index"].values] if "prompt_index" in ds.coords
@@ -199,6 +201,9 @@ class StoreSource(Source):
         """The sample's decoded video [T, H, W, 3] (kept for the last few samples), None if it has none."""
         if sample not in self.videos:
             return None
+        if _stamp(self.videos[sample]) != self._video_stamps[sample]:  # (the store's guard does not see videos)
+            raise StoreChanged(f"{self.videos[sample]} was replaced or removed after the store was opened (another "
+                               "run's --save-videos or --overwrite): its frames may not be this store's")
         if sample not in self._frames:
             frames, self.fps = read_video(self.videos[sample], self.pixel_frames)
             self._frames[sample] = frames
@@ -324,6 +329,15 @@ class StreamSource(Source):
 
 # ------------------------------------------------------------------------------------------------------
 # Opening what the user named
+
+
+def _stamp(path) -> tuple | None:
+    """A file's (size, mtime, inode), None when it is gone: what says it is the file that was opened."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def video_mismatch(ds, sample: str, video: Path) -> str | None:
