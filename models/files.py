@@ -105,6 +105,37 @@ def weight_files(path) -> list[Path]:
     return shard_files(path) if path.name.endswith(".index.json") else [path]
 
 
+def file_stamps(*paths) -> dict[str, tuple | None]:
+    """Each file's (size, mtime, inode, ctime), None for one that is gone; a shard index stands for its shards too,
+    a folder for its files. Taken before files are hashed for a store's labels and compared after they are loaded
+    (`check_unchanged`), they say the bytes loaded are the bytes hashed: a replace changes the inode, a rewrite in
+    place the ctime (no tool sets it back, as `cp -p` and `rsync -a` do the mtime)."""
+    files = []
+    for path in (Path(p) for p in paths if p is not None):
+        files += sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
+        if path.name.endswith(".index.json") and path.is_file():
+            files += shard_files(path)
+    stamps = {}
+    for f in files:
+        try:
+            st = f.stat()
+            stamps[str(f)] = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+        except OSError:
+            stamps[str(f)] = None
+    return stamps
+
+
+def check_unchanged(stamps: dict[str, tuple | None], what: str) -> None:
+    """CheckpointError naming the files of `file_stamps` that changed since (`what`: what the run was doing)."""
+    now = file_stamps(*stamps)
+    changed = [path for path, stamp in stamps.items() if now.get(path) != stamp]
+    if changed:
+        shown = ", ".join(repr(p) for p in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise CheckpointError(f"{shown} changed {what} (replaced or rewritten: a training run saving into that "
+                              "folder, a copy still running?), so the weights loaded may not be those hashed for the "
+                              "store's labels; nothing was written: run again once the files are final")
+
+
 def weights_sha256(path) -> str:
     """The sha256 that identifies the weights a file holds: the file's own, or for a shard index a hash over the
     index and every shard it names (name and sha256), so that a changed shard is a changed model."""

@@ -77,6 +77,7 @@ def test_config_json_round_trip_and_unknown_key(tmp_path):
     for key, value, words in [("window_size", [1, 1], "window_size [1, 1]: this model is Wan2.1's with window_size "
                                                       "[-1, -1] only (a token window"),
                               ("qk_norm", False, "qk_norm False: this model is Wan2.1's with qk_norm True only"),
+                              ("qk_norm", None, "qk_norm None: this model is Wan2.1's with qk_norm True only"),
                               ("cross_attn_norm", False, "cross_attn_norm False: this model is Wan2.1's with "
                                                          "cross_attn_norm True only (false: no LayerNorm (norm3)")]:
         path.write_text(json.dumps(cfg.to_json_dict() | {key: value}))

@@ -774,15 +774,21 @@ def test_the_page_leaves_layer_and_head_blank_for_entries_on_no_single_one():
     assert table["layer"].tolist() == [3, -1, -1]  # (the table itself unchanged)
 
 
-def test_an_entry_built_once_gives_each_sample_what_it_gives_alone(tmp_path):
+def test_an_entry_built_once_gives_each_sample_what_it_gives_alone(tmp_path, monkeypatch):
     """An entry's intervention is built once for all its samples (its CUDA graphs then replay) and a resample
     ablation's source of each sample is held in the first one's tensors: each sample's numbers are those of a run
     of that sample alone."""
     import xarray as xr
 
+    import workbench.intervene as intervene_mod
+
+    built = []
+    monkeypatch.setattr(intervene_mod, "build", lambda e, sources, real=intervene_mod.build: built.append(e.label)
+                        or real(e, sources))
     run = ["intervene", "--frames", "6", "--world", "off", "--no-progress", "--ablate", "1:0:resample", "--ablate",
            "2:1"]
     assert main([*run, "--seeds", "0-1", "--out", str(tmp_path / "both.zarr")]) == 0
+    assert built == ["ablate-resample:L1.H0", "ablate-zero:L2.H1"]  # (once each, for both samples)
     assert main([*run, "--seeds", "1", "--out", str(tmp_path / "one.zarr")]) == 0
     both = xr.open_zarr(tmp_path / "both.zarr", consolidated=False).latent_distance_rel
     one = xr.open_zarr(tmp_path / "one.zarr", consolidated=False).latent_distance_rel

@@ -279,3 +279,12 @@ def test_a_resample_source_recorded_again_is_new_settings_for_the_graphs(one_thr
     assert all(torch.equal(src.by_call[k], out) for k, out in other.by_call.items())
     assert not all(torch.equal(old[k], out) for k, out in other.by_call.items())  # (the comparison can fail)
     assert held_in_place(None, other) is other
+    # a call the new recording lacks goes, one it adds comes, one of another dtype takes the new tensor
+    gone, changed = list(src.by_call)[:2]
+    partial = HeadOutputs(CallFilter(layers={1}))
+    partial.by_call = {k: out.clone() for k, out in other.by_call.items() if k != gone}
+    partial.by_call[changed] = partial.by_call[changed].double()
+    partial.by_call["new"] = torch.ones(2)
+    assert held_in_place(src, partial) is src
+    assert set(src.by_call) == set(partial.by_call) and src.by_call[changed].dtype == torch.float64
+    assert src.by_call["new"] is partial.by_call["new"] and ablation.key != key

@@ -787,14 +787,32 @@ def test_graphs_follow_the_model_config_compiled_blocks_and_watchers(monkeypatch
         assert get() is not windowed
         model.blocks[1]._compiled_call_impl = None
         for module in (model, model.blocks[0].self_attn.norm_q, model.head, model.patch_embedding):
-            for hook in (module.register_forward_hook(lambda *a: None),
-                         module.register_forward_pre_hook(lambda *a: None)):
+            for register in (module.register_forward_hook, module.register_forward_pre_hook):
+                hook = register(lambda *a: None)
                 assert get() is None
                 hook.remove()
+                assert get() is not None
+        for module in (model.blocks[1].ffn, model.patch_embedding):  # (nnsight's way: a forward on the instance)
+            module.forward = module.forward
+            assert get() is None
+            del module.forward
             assert get() is not None
-        model.blocks[1].ffn.forward = model.blocks[1].ffn.forward
+        hook = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)  # (every module's)
         assert get() is None
-        del model.blocks[1].ffn.forward
+        hook.remove()
+
+        class Wrapper(torch.nn.Module):  # (a module of its own around the head's projection)
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):
+                return self.inner(x)
+
+        inner = model.head.head
+        model.head.head = Wrapper(inner)
+        assert get() is None
+        model.head.head = inner
         assert get() is not None
 
     replays_on_the_cpu(monkeypatch)  # the rollouts: a window set on a model that ran without one is honoured
@@ -841,6 +859,8 @@ def test_a_window_without_room_for_the_sink_and_a_chunk_is_refused_before_any_wo
     with pytest.raises(ModelInputError, match=r"local_attn_size 2: the window must hold the sink \(0 frames\) and a "
                                               r"chunk \(3 frames\): at least 3"):
         attended_key_frames(6, 3, 2, 0)
+    with pytest.raises(ModelInputError, match="local_attn_size 0: the window must hold"):
+        attended_key_frames(6, 3, 0, 0)
     model = tiny_model(local_attn_size=4, sink_size=2)
     probe = RecordingProbe()
     with pytest.raises(ModelInputError, match="at least 5"), attach(model, probe):

@@ -575,3 +575,61 @@ def test_a_zipped_store_or_a_store_object_is_refused_saying_how_to_read_it(tmp_p
         open_store(zipped)
     ds = xr.open_zarr(zipped, consolidated=False)
     xr.testing.assert_identical(metrics.head_metrics(ds), metrics.head_metrics(open_store(reference)))
+
+
+def test_weights_replaced_between_their_hash_and_their_load_are_refused(tmp_path, capsys, monkeypatch):
+    """A run's labels hash its files (the checkpoint, the text encoder) before the weights load; a file replaced in
+    between (a training run saving into the folder a run reads, a copy still going) made a store labelled with one
+    file and filled from another. extract, intervene and generate now refuse it after the loads, before anything
+    is written (models/files.py `file_stamps`, `check_unchanged`)."""
+    import models.wan.checkpoint as checkpoint_mod
+
+    zoo = REPO / "data" / "embedded" / "checkpoints"
+    ck = tmp_path / "checkpoint_model_000100" / "model.pt"
+    ck.parent.mkdir()
+    real = checkpoint_mod.weights_sha256
+
+    def hashed_then_replaced(path):
+        sha = real(path)
+        if Path(path) == ck:  # (an atomic replace, as training's checkpoint writes are)
+            shutil.copy(zoo / "self_forcing_dmd.pt", tmp_path / "new.pt")
+            (tmp_path / "new.pt").replace(ck)
+        return sha
+
+    monkeypatch.setattr(checkpoint_mod, "weights_sha256", hashed_then_replaced)
+    monkeypatch.setattr(extract_mod, "weights_sha256", hashed_then_replaced)
+    common = ["--frames", "3", "--checkpoint", str(ck), "--use-ema", "--no-progress"]
+    runs = {"extract": (["--layer", "0", "--steps", "0", "--out", str(tmp_path / "x.zarr")], tmp_path / "x.zarr"),
+            "intervene": (["--ablate", "0:0", "--world", "off", "--out", str(tmp_path / "i.zarr")],
+                          tmp_path / "i.zarr"),
+            "generate": (["--prompt", "a red square moving right", "--no-video", "--out", str(tmp_path / "g")],
+                         tmp_path / "g" / "p0000-s0.safetensors")}
+    for command, (argv, out) in runs.items():
+        shutil.copy(zoo / "self_forcing_dmd.pt", ck)
+        assert cli_main([command, *common, *argv]) == 2, command
+        err = capsys.readouterr().err
+        assert f"'{ck}' changed between the hashing of the" in err and "nothing was written" in err, (command, err)
+        assert not out.exists(), command
+    shutil.copy(zoo / "ode_init.pt", ck)  # a training run's probe store labels its initial weights the same way
+    assert cli_main(["train", "--config", "configs/tiny_dmd.yaml", "--logdir", str(tmp_path / "log"), "--max-steps", "1",
+                     "--no-progress", "--set", f"generator_ckpt={ck}"]) == 2
+    assert f"'{ck}' changed between the hashing of the probe store's labels" in capsys.readouterr().err
+    monkeypatch.setattr(checkpoint_mod, "weights_sha256", real)
+    monkeypatch.setattr(extract_mod, "weights_sha256", real)
+    assert cli_main(["extract", *common, *runs["extract"][0]]) == 0  # (the same run, the file left alone)
+
+
+def test_file_stamps_see_a_replace_and_a_rewrite_in_place_that_keeps_size_and_mtime(tmp_path):
+    from models.errors import CheckpointError
+    from models.files import check_unchanged, file_stamps
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 10)
+    stamps = file_stamps(f, tmp_path / "gone.bin")
+    check_unchanged(stamps, "while loading")  # (unchanged; a file still gone is unchanged too)
+    st = f.stat()
+    time.sleep(0.02)
+    f.write_bytes(b"b" * 10)  # in place, the old size and mtime put back (as `cp -p` / `rsync -a` keep them)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(CheckpointError, match=r"w\.bin' changed while loading"):
+        check_unchanged(stamps, "while loading")

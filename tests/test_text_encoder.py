@@ -378,10 +378,14 @@ def test_a_config_json_beside_the_weights_must_hold_umt5s_settings(small_sd, sma
 
     weights = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in small_sd.items()}, str(weights))
+    expected = TextEncoder.from_files(small_pth, TOKENIZER).encode(PROMPTS).context
+    assert torch.equal(TextEncoder.from_files(weights, TOKENIZER).encode(PROMPTS).context, expected)  # (none beside)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="cannot read .*config.json"):
+        TextEncoder.from_files(weights, TOKENIZER)
     umt5 = {"layer_norm_epsilon": 1e-06, "relative_attention_max_distance": 128, "feed_forward_proj": "gated-gelu",
             "d_model": 32}
     (tmp_path / "config.json").write_text(json.dumps(umt5))
-    expected = TextEncoder.from_files(small_pth, TOKENIZER).encode(PROMPTS).context
     assert torch.equal(TextEncoder.from_files(weights, TOKENIZER).encode(PROMPTS).context, expected)
     for change in ({"layer_norm_epsilon": 1e-3}, {"feed_forward_proj": "gated-relu"},
                    {"relative_attention_max_distance": 64}):
@@ -389,6 +393,10 @@ def test_a_config_json_beside_the_weights_must_hold_umt5s_settings(small_sd, sma
         [(key, value)] = change.items()
         with pytest.raises(CheckpointError, match=re.escape(f"config.json: {key} {value!r} (umT5-XXL: ")):
             TextEncoder.from_files(weights, TOKENIZER)
+    index = tmp_path / "model.safetensors.index.json"  # (the sharded layout of a pipeline's text_encoder/)
+    index.write_text(json.dumps({"weight_map": {k: weights.name for k in small_sd}}))
+    with pytest.raises(CheckpointError, match="relative_attention_max_distance 64"):
+        TextEncoder.from_files(index, TOKENIZER)
     pth = tmp_path / "t5.pth"
     pth.write_bytes(small_pth.read_bytes())
     assert torch.equal(TextEncoder.from_files(pth, TOKENIZER).encode(PROMPTS).context, expected)

@@ -264,18 +264,22 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
         for path in stale_temporaries(logdir):
             path.unlink(missing_ok=True)
             log(f"removed {path}: the temporary file of a write that was killed")
+    from models.files import check_unchanged
     from models.wan.config import WanConfig
     from models.wan.folder import dit_dir
+    from workbench.weights import run_files
 
     gen_dir = model_folder(cfg, cfg.model_kwargs.model_name)
     gen_config = WanConfig.from_json(dit_dir(gen_dir) / "config.json").replace(
         local_attn_size=cfg.model_kwargs.local_attn_size, sink_size=cfg.model_kwargs.sink_size)
     weights = Path(cfg.generator_ckpt) if cfg.generator_ckpt else wan_weights_file(gen_dir)  # (or its shard index)
+    stamps = run_files(gen_dir, weights)  # (before the probe store's label is hashed; checked after the loads)
     sha = weights_sha256(weights)
     probes = build_probes(cfg, plan, gen_config, logdir, weights_label=str(weights), weights_sha=sha,
                           command=command)  # checks first
     models, _ = build_models(cfg, plan, d.device)
     encoder = TextEncoder.from_wan_dir(gen_dir, device=text_encoder_device(cfg, d.device))
+    check_unchanged(stamps, "between the hashing of the probe store's labels and the loading of the weights")
     cls = Trainer
     if plan.trainer == "gan":
         from training.gan import GanTrainer as cls

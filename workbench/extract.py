@@ -32,6 +32,7 @@ from models.common.rollout import (CONTEXT_NOISE_MULTI_STEP, IMAGE_CONTEXT_NOISE
                                    few_step_schedule, multistep_schedule, sample, seeded_noise)
 from models.common.scheduler import FlowMatchScheduler
 from models.errors import ModelInputError
+from models.files import check_unchanged
 from models.wan.checkpoint import load_wan, sha256_file, wan_weights_file, weights_sha256
 from models.wan.embedded import require_embedded_dir
 from models.wan.text_encoder import check_encoder_files, wan_dir_encoder_identity
@@ -44,7 +45,7 @@ from workbench.statistics import DEFAULT_STATS, check_stats
 from workbench.store import (SCHEMA_VERSION, StoreLayout, StoreLock, StoreWriter, ema_suffix, sample_dataset,
                              sample_id)
 from workbench.weights import (check_wan_dir, check_weights_args, resolve_model,  # noqa: F401 (resolve_model: the API)
-                               wan_dir_hint)
+                               run_files, wan_dir_hint)
 
 DEFAULT_PROMPT = "A majestic eagle soaring through a cloudy sky, cinematic lighting"  # the researchers' scripts'
 WORLD_PROMPT = "a red square moving right"  # the embedded zoo's default: a prompt of its world (models/world.py)
@@ -491,6 +492,7 @@ def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
             "(~+15% over the default's; bench/RESULTS.md)")
     samples = [(i, prompt, seed) for i, prompt in enumerate(cfg.prompts) for seed in cfg.seeds]
     writer, todo, error, fp, sha = None, samples, None, None, None
+    stamps = run_files(p.wan_dir, p.weights_file, cfg.image)  # (before the labels are hashed; checked after the loads)
     if rank == 0:
         try:
             writer = open_writer(p, log)
@@ -526,7 +528,7 @@ def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
             if rank == 0:
                 log(f"{cfg.out}: all {len(samples)} samples are already there; nothing to do")
             return Path(cfg.out)
-        return _extract(p, rank, world, todo, fp, sha, device, dtype, command, log, writer)
+        return _extract(p, rank, world, todo, fp, sha, device, dtype, command, log, writer, stamps)
     except KeyboardInterrupt as err:  # (Ctrl-C, SIGTERM: the command line says what is kept)
         if writer is not None:
             err.kept = writer.kept_note("sample(s)", cfg.mode)
@@ -537,8 +539,9 @@ def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
 
 
 def _extract(p: Plan, rank: int, world: int, todo, fp: str, weights_sha: str, device, dtype, command, log,
-             writer: StoreWriter | None):
-    """Run the samples of `todo` (dealt out to the ranks) and write them with rank 0's `writer`."""
+             writer: StoreWriter | None, stamps: dict):
+    """Run the samples of `todo` (dealt out to the ranks) and write them with rank 0's `writer`; `stamps`: the
+    run's files as they were when their labels were hashed (`run_files`)."""
     from models.wan.text_encoder import TextEncoder
     from workbench.progress import progress_bar
 
@@ -547,6 +550,7 @@ def _extract(p: Plan, rank: int, world: int, todo, fp: str, weights_sha: str, de
     model = load_model(p, device, dtype)
     initial = image_latent(p, device, dtype)
     encoder = TextEncoder.from_wan_dir(p.wan_dir, device=device)
+    check_unchanged(stamps, "between the hashing of the store's labels and the loading of the weights")
     negative = encoder.encode([cfg.negative_prompt]) if cfg.sampler != "causal_few_step" else None
     layout = store_layout(p, _attrs(p, fp, command_words(command, "workbench.extract.run_extract")))
     # Rounds of `world` samples: rank r runs sample r of each round, and rank 0 writes the round's samples in

@@ -182,7 +182,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from models.common.rollout import sample, seeded_noise
     from models.errors import ModelInputError
     from models.family import check_fits_cache, family_of
-    from models.files import atomic_write_bytes, check_writable_dir, safetensors_bytes
+    from models.files import atomic_write_bytes, check_unchanged, check_writable_dir, safetensors_bytes
     from models.video import ensure_writable_dir, mp4_available, read_prompts, write_mp4, write_png_grid
     from models.wan.checkpoint import load_wan, wan_weights_file
     from models.wan.checkpoint import weights_sha256 as weights_sha256_of
@@ -197,7 +197,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from workbench.chunking import check_image_frames
     from workbench.progress import progress_bar
     from workbench.store import StoreLock, sample_id
-    from workbench.weights import check_vae_file, check_wan_dir, wan_dir_hint
+    from workbench.weights import check_vae_file, check_wan_dir, run_files, wan_dir_hint
 
     # --- everything that can be wrong, before any work
     resolve_model(args)
@@ -246,6 +246,8 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
                              "latents alone")
     if not args.no_video or args.image:
         check_vae_file(wan_dir)  # a truncated VAE (or LFS pointer) said now, not after the rollout
+    weights_path = Path(args.checkpoint) if args.checkpoint else wan_weights_file(wan_dir)
+    stamps = run_files(wan_dir, weights_path, args.image)  # (before the files' labels; checked once they are loaded)
     image = None
     if args.image:
         from models.video import read_image
@@ -269,7 +271,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
         capture = live_plan(args, prompts, seeds, device, args.dtype or ("bfloat16" if device.type == "cuda"
                                                                          else "float32"), h, w)
     # another run's files under this run's names are replaced only when asked (--overwrite)
-    weights_sha256 = weights_sha256_of(Path(args.checkpoint) if args.checkpoint else wan_weights_file(wan_dir))
+    weights_sha256 = weights_sha256_of(weights_path)
     text_encoder = wan_dir_encoder_identity(wan_dir)
     # the few-step sampler's schedule and chunking (a file made with another is not this run's)
     steps = dict(denoising_step_list=list(args.denoising_step_list), warp=args.warp_denoising_step,
@@ -340,6 +342,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
                          causal=args.sampler != "bidirectional", num_frame_per_block=args.num_frame_per_block,
                          local_attn_size=args.local_attn_size,
                          sink_size=args.sink_size, device=device, dtype=dtype, trust_pickle=args.trust_pickle)
+    check_unchanged(stamps, "between the hashing of the files' labels and the loading of the weights")
     model.attention_kernel = args.attention_kernel
     model.independent_first_frame = args.independent_first_frame
     if args.fp8 or args.compile:
