@@ -112,6 +112,15 @@ def test_clear_errors_before_any_work(tmp_path):
         train("--config", "configs/tiny_teacher.yaml", "--logdir", tmp_path / "x", "--resume", tmp_path / "nope")
     assert not (tmp_path / "x").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # (no lock files of the refused runs either)
+    logdir = tmp_path / "rolled"  # a resume from an earlier checkpoint would write over the later ones
+    for step in (2, 4, 6):
+        (logdir / f"checkpoint_model_{step:06d}").mkdir(parents=True)
+        for name in ("model.pt", "training_state.pt"):
+            (logdir / f"checkpoint_model_{step:06d}" / name).write_bytes(b"")
+    with pytest.raises(TrainingError, match=r"holds later checkpoints \(checkpoint_model_000004, checkpoint_model_000006\) "
+                                            r"that this run would write over"):
+        train("--config", "configs/tiny_teacher.yaml", "--logdir", logdir, "--resume",
+              logdir / "checkpoint_model_000002" / "model.pt")
 
 
 def test_help_teaches():

@@ -104,9 +104,31 @@ def check_checksums(path) -> None:
 
 def latest_checkpoint(logdir) -> Path | None:
     """The newest complete checkpoint folder in a logdir."""
-    folders = sorted(Path(logdir).glob("checkpoint_model_*"))
-    complete = [f for f in folders if (f / "model.pt").is_file() and (f / "training_state.pt").is_file()]
+    complete = complete_checkpoints(logdir)
     return complete[-1] if complete else None
+
+
+def complete_checkpoints(logdir) -> list[Path]:
+    """The complete checkpoint folders of a logdir (model.pt and training_state.pt), oldest first."""
+    folders = sorted(Path(logdir).glob("checkpoint_model_*"))
+    return [f for f in folders if (f / "model.pt").is_file() and (f / "training_state.pt").is_file()]
+
+
+def check_no_later_checkpoints(logdir, resume) -> None:
+    """A resume from an earlier checkpoint of a logdir that holds later ones would write over them (in place: an
+    `extract` reading one would mix files) and append its probes under train steps the store holds: refused,
+    naming them. (A checkpoint folder's step is in its name, checkpoint_model_NNNNNN.)"""
+    folder = Path(resume)
+    folder = folder.parent if folder.suffix == ".pt" else folder
+    try:
+        step = int(folder.name.rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        return  # (not a folder `save` named: nothing to compare)
+    later = [f.name for f in complete_checkpoints(logdir) if int(f.name.rsplit("_", 1)[1]) > step]
+    if later:
+        raise TrainingError(f"--resume {str(resume)!r}: {logdir} holds later checkpoints ({', '.join(later[:3])}"
+                            f"{' ...' if len(later) > 3 else ''}) that this run would write over, with their losses "
+                            "and probes; resume the latest (--resume latest), or continue this one in a new --logdir")
 
 
 # what a resumed run may set otherwise than the run it continues: how long and how it logs, where it runs
