@@ -107,9 +107,9 @@ def weight_files(path) -> list[Path]:
 
 def file_stamps(*paths) -> dict[str, tuple | None]:
     """Each file's (size, mtime, inode, ctime), None for one that is gone; a shard index stands for its shards too,
-    a folder for its files. Taken before files are hashed for a store's labels and compared after they are loaded
-    (`check_unchanged`), they say the bytes loaded are the bytes hashed: a replace changes the inode, a rewrite in
-    place the ctime (no tool sets it back, as `cp -p` and `rsync -a` do the mtime)."""
+    a folder for its top-level files. Taken before files are hashed for a store's labels and compared after they
+    are loaded (`check_unchanged`), they say the bytes loaded are the bytes hashed: a replace changes the inode, a
+    rewrite in place the ctime (no tool sets it back, as `cp -p` and `rsync -a` do the mtime)."""
     files = []
     for path in (Path(p) for p in paths if p is not None):
         files += sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
@@ -133,7 +133,7 @@ def check_unchanged(stamps: dict[str, tuple | None], what: str) -> None:
         shown = ", ".join(repr(p) for p in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
         raise CheckpointError(f"{shown} changed {what} (replaced or rewritten: a training run saving into that "
                               "folder, a copy still running?), so the weights loaded may not be those hashed for the "
-                              "store's labels; nothing was written: run again once the files are final")
+                              "labels; no result was written: run again once the files are final")
 
 
 def weights_sha256(path) -> str:

@@ -72,7 +72,8 @@ def test_config_json_round_trip_and_unknown_key(tmp_path):
         WanConfig.from_json(path)
     # Wan's own WanModel keys: at Wan2.1's values read, at others refused (they loaded and did nothing: a token
     # window of [1, 1] ran global attention, norms said off stayed on)
-    path.write_text(json.dumps(cfg.to_json_dict() | {"window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True}))
+    wan = {"window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True}
+    path.write_text(json.dumps(cfg.to_json_dict() | wan))
     assert WanConfig.from_json(path) == cfg
     for key, value, words in [("window_size", [1, 1], "window_size [1, 1]: this model is Wan2.1's with window_size "
                                                       "[-1, -1] only (a token window"),

@@ -292,9 +292,9 @@ def test_a_diffusers_pipeline_folder_runs_as_the_official_one(pipeline, tmp_path
         capsys.readouterr().out
 
 
-def test_a_pipeline_without_a_part_is_one_line(pipeline, tmp_path, capsys):
-    """A pipeline folder missing its DiT config, a text-encoder shard or its VAE, or a two-expert (Wan2.2) one: one
-    line naming what is missing, before any weights are read."""
+def test_a_pipeline_without_a_part_is_one_line(pipeline, tmp_path, capsys, monkeypatch):
+    """A pipeline folder missing its DiT config, a text-encoder shard or its VAE, a text encoder config of settings
+    not built, or a two-expert (Wan2.2) one: one line naming what is wrong, before any weights are read."""
     import json
 
     broken = shutil.copytree(pipeline, tmp_path / "p")
@@ -303,6 +303,14 @@ def test_a_pipeline_without_a_part_is_one_line(pipeline, tmp_path, capsys):
     assert cli_main(["extract", *FAST, "--wan-dir", str(broken), "--out", str(tmp_path / "x.zarr")]) == 2
     assert f"weight shard '{shard}' does not exist (named by model.safetensors.index.json)" in _error(capsys, "extract")
     (tmp_path / shard.name).rename(shard)
+    encoder_config = json.loads((broken / "text_encoder" / "config.json").read_text())
+    (broken / "text_encoder" / "config.json").write_text(json.dumps(encoder_config | {"layer_norm_epsilon": 1e-5}))
+    monkeypatch.setattr("workbench.extract.load_wan", None)  # (refused before any weights load)
+    assert cli_main(["extract", *FAST, "--wan-dir", str(broken), "--out", str(tmp_path / "x.zarr")]) == 2
+    assert "config.json: layer_norm_epsilon 1e-05 (umT5-XXL: 1e-06): the text encoder is built with umT5-XXL's " \
+        "settings only" in _error(capsys, "extract")
+    monkeypatch.undo()
+    (broken / "text_encoder" / "config.json").write_text(json.dumps(encoder_config))
     (broken / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     assert cli_main(["generate", "--wan-dir", str(broken), "--out", str(tmp_path / "g")]) == 2
     assert "(the pipeline's vae/diffusion_pytorch_model.safetensors or vae/diffusion_pytorch_model.safetensors." \

@@ -608,11 +608,11 @@ def test_weights_replaced_between_their_hash_and_their_load_are_refused(tmp_path
         shutil.copy(zoo / "self_forcing_dmd.pt", ck)
         assert cli_main([command, *common, *argv]) == 2, command
         err = capsys.readouterr().err
-        assert f"'{ck}' changed between the hashing of the" in err and "nothing was written" in err, (command, err)
+        assert f"'{ck}' changed between the hashing of the" in err and "no result was written" in err, (command, err)
         assert not out.exists(), command
     shutil.copy(zoo / "ode_init.pt", ck)  # a training run's probe store labels its initial weights the same way
-    assert cli_main(["train", "--config", "configs/tiny_dmd.yaml", "--logdir", str(tmp_path / "log"), "--max-steps", "1",
-                     "--no-progress", "--set", f"generator_ckpt={ck}"]) == 2
+    assert cli_main(["train", "--config", "configs/tiny_dmd.yaml", "--logdir", str(tmp_path / "log"), "--max-steps",
+                     "1", "--no-progress", "--set", f"generator_ckpt={ck}"]) == 2
     assert f"'{ck}' changed between the hashing of the probe store's labels" in capsys.readouterr().err
     monkeypatch.setattr(checkpoint_mod, "weights_sha256", real)
     monkeypatch.setattr(extract_mod, "weights_sha256", real)

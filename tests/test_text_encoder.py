@@ -293,7 +293,7 @@ def test_the_prompt_cache_is_off_once_the_weights_are_not_the_files_as_loaded(sm
 
     loaded = TextEncoder.from_files(weights, TOKENIZER, cache_dir=cache)
     torch.save(dict(other_sd), tmp_path / "new.pth")
-    (tmp_path / "new.pth").replace(weights)  # replaced before the first encode (a new file: the loaded one may be mapped)
+    (tmp_path / "new.pth").replace(weights)  # replaced before the first encode (a new file: the old may be mapped)
     with pytest.warns(ModelInputWarning, match="no longer those of .*t5.pth as loaded"):
         assert torch.equal(loaded.encode(PROMPTS[:1]).context, truth["old"])
     assert not list(cache.rglob("*.safetensors"))  # nothing stored under the new file's identity

@@ -230,7 +230,7 @@ def test_ode_regression_on_teacher_pairs_reduces_its_loss(tmp_path):
     pairs = make_ode_pairs(teacher, enc.encode(prompts).context, enc.encode(["blurry"]).context, shape=(6, 16, 4, 6),
                            steps=12, shift=8.0, guidance_scale=6.0, keep=(0, 3, 6, 9), seed=0)
     assert pairs.shape == (4, 5, 6, 16, 4, 6)
-    for keep in ((3, 0), (0, 0), (12,), (-1, 3)):  # (a trajectory in step order under keep's labels; a step past the last)
+    for keep in ((3, 0), (0, 0), (12,), (-1, 3)):  # (out of order: a trajectory under other labels; out of range)
         with pytest.raises(ValueError, match=r"in \[0, 12\), increasing, each once"):
             make_ode_pairs(teacher, enc.encode(prompts).context, enc.encode(["blurry"]).context, shape=(6, 16, 4, 6),
                            steps=12, keep=keep)

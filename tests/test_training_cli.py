@@ -117,8 +117,8 @@ def test_clear_errors_before_any_work(tmp_path):
         (logdir / f"checkpoint_model_{step:06d}").mkdir(parents=True)
         for name in ("model.pt", "training_state.pt"):
             (logdir / f"checkpoint_model_{step:06d}" / name).write_bytes(b"")
-    with pytest.raises(TrainingError, match=r"holds later checkpoints \(checkpoint_model_000004, checkpoint_model_000006\) "
-                                            r"that this run would write over"):
+    with pytest.raises(TrainingError, match=r"holds later checkpoints \(checkpoint_model_000004, "
+                                            r"checkpoint_model_000006\) that this run would write over"):
         train("--config", "configs/tiny_teacher.yaml", "--logdir", logdir, "--resume",
               logdir / "checkpoint_model_000002" / "model.pt")
 

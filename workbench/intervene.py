@@ -258,7 +258,7 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str | lis
         check_vae_file(p.wan_dir)  # (whole, before the baseline runs)
     lock = StoreLock(cfg.out).acquire()
     try:  # (the files' stamps before their labels are hashed: checked once they are loaded)
-        stamps = run_files(p.wan_dir, p.weights_file, wan_parts(p.wan_dir).vae if save_videos or scored else None)
+        stamps = run_files(p.wan_dir, p.weights_file)
         sha = weights_sha256(p.weights_file)
         fields = dict(layout=dict(kind=STORE_KIND, schema=SCHEMA_VERSION, geometry=p.geometry, sampler=cfg.sampler,
                                   prompts=cfg.prompts, seeds=cfg.seeds, world=scored),
@@ -279,7 +279,7 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str | lis
         lock.release()
         raise
     try:
-        return _run(p, cfg, entries, writer, scored, command, log, capture, save_videos, world, stamps)
+        return _run(p, cfg, entries, writer, scored, command, log, capture, save_videos, world, stamps=stamps)
     except KeyboardInterrupt as err:  # (Ctrl-C, SIGTERM: the command line says what is kept)
         err.kept = writer.kept_note("entries (baseline included)", cfg.mode)
         raise
@@ -387,8 +387,8 @@ def saved_videos(attrs: dict, label: str) -> bool:
     return "videos_dir" in attrs
 
 
-def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_videos=False, world="auto",
-         stamps=None):
+def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_videos=False, world="auto", *,
+         stamps: dict):
     import torch
 
     from models.files import check_unchanged
@@ -455,7 +455,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
         from models.wan.vae import WanVAE
 
         vae = WanVAE.from_file(wan_parts(p.wan_dir).vae, device=device, dtype=dtype)
-    check_unchanged(stamps or {}, "between the hashing of the store's labels and the loading of the weights")
+    check_unchanged(stamps, "between the hashing of the store's labels and the loading of the weights")
     embs = {prompt: encoder.encode([prompt]) for prompt in
             {*cfg.prompts, *(e.resample_prompt for e in entries if e.resample_prompt)}}
     # the CFG samplers' negative prompt (both branches run under the same interventions)

@@ -17,14 +17,15 @@ USE_EMA_ALONE = ("--use-ema picks the generator_ema weights of a Self-Forcing ch
 
 def run_files(wan_dir, weights_file, *extra) -> dict:
     """The stamps (models/files.py `file_stamps`) of the files a run's numbers come from and its store's labels
-    hash: the weights (a checkpoint, or the folder's DiT), the DiT's config.json, the text encoder's weights and
-    tokenizer, and `extra` (an image, the VAE). Taken before the labels are hashed; `check_unchanged` after the
+    hash: the weights (a checkpoint, or the folder's DiT), the DiT's config.json, the text encoder's weights, config
+    and tokenizer, and `extra` (an image). Taken before the labels are hashed; `check_unchanged` after the
     loads refuses a run whose files changed in between (a store labelled with one file and filled from another)."""
     from models.files import file_stamps
     from models.wan.folder import wan_parts
 
     parts = wan_parts(wan_dir)
-    return file_stamps(weights_file, Path(parts.dit) / "config.json", parts.text_encoder, parts.tokenizer, *extra)
+    return file_stamps(weights_file, Path(parts.dit) / "config.json", parts.text_encoder,
+                       Path(parts.text_encoder).parent / "config.json", parts.tokenizer, *extra)
 
 
 def check_weights_args(checkpoint: str | None, use_ema: bool, model: str | None = None,

@@ -31,7 +31,7 @@ import torch
 
 from models.common.attention import ForwardLabels
 from models.common.graph_streams import capture_stream
-from models.common.kv_cache import RolloutCache
+from models.common.kv_cache import RolloutCache, check_policy
 from models.common.scheduler import FlowMatchScheduler
 from models.common.window import check_window_room
 from models.errors import ModelInputError
@@ -168,6 +168,8 @@ class RolloutGraphs:
         before they are read), this rollout's cache policy (one of an equal key: its decisions are the same, and
         what it records of them, `describe()`, is its own)."""
         self.context.copy_(context)
+        if policy is not None:
+            check_policy(policy)
         self.cache.policy = policy
         for kv in self.cache.kv:
             kv.clear()
@@ -245,7 +247,8 @@ class RolloutGraphs:
         return None if out is None else out.clone()  # the graph's output buffer is rewritten by its next replay
 
 
-def _rollout_graphs(model, noise, context, cuda_graphs, extra_key, devices=("cuda",), policy=None) -> RolloutGraphs | None:
+def _rollout_graphs(model, noise, context, cuda_graphs, extra_key, devices=("cuda",),
+                    policy=None) -> RolloutGraphs | None:
     """The model's `RolloutGraphs` for this rollout's shape, or None when the rollout runs eagerly. (`devices`
     lets the CPU tests check which rollouts share graphs.)"""
     if cuda_graphs is None:

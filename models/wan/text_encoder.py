@@ -50,8 +50,8 @@ from pathlib import Path
 import torch
 
 from models.errors import CheckpointError, ModelInputError, ModelInputWarning
-from models.files import (atomic_write_bytes, check_tensor_shapes, check_weights_file, load_state_dict_file,
-                          sha256_file, weight_files, weights_sha256)
+from models.files import (atomic_write_bytes, check_tensor_shapes, check_weights_file, file_stamps,
+                          load_state_dict_file, sha256_file, weight_files, weights_sha256)
 from models.wan.folder import T5_NAME as WEIGHTS_NAME  # noqa: F401 (the official file names, re-exported)
 from models.wan.folder import TOKENIZER_SUBDIR, dit_dir, present, wan_parts  # noqa: F401 (TOKENIZER_SUBDIR: re-export)
 DEFAULT_TEXT_LEN = 512
@@ -297,6 +297,7 @@ def check_encoder_files(wan_dir) -> None:
         raise CheckpointError(f"text encoder weights {parts.describe('text_encoder')} do not exist{hint}")
     for path in weight_files(parts.text_encoder):
         check_weights_file(path, "text encoder weights")  # (a truncated or LFS file: said now)
+    check_encoder_config(parts.text_encoder)
     if not parts.tokenizer.is_dir():
         raise TokenizerNotFoundError(
             f"tokenizer folder not found: {parts.describe('tokenizer')}, with tokenizer.json, tokenizer_config.json, "
@@ -388,11 +389,10 @@ class TextEncoder:
         return self._identity
 
     def _weights_state(self) -> tuple:
-        """The weights file's (size, mtime, inode, ctime) and each parameter's address and version counter (an
-        in-place write, e.g. `load_state_dict`, bumps it)."""
-        st = self.weights_path.stat() if self.weights_path is not None and self.weights_path.exists() else None
-        file = None if st is None else (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-        return file, tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        """The weights files' stamps (models/files.py `file_stamps`) and each parameter's address and version counter
+        (an in-place write, e.g. `load_state_dict`, bumps it)."""
+        files = file_stamps(self.weights_path)  # (a shard index: its shards too)
+        return files, tuple((p.data_ptr(), p._version) for p in self.model.parameters())
 
     def _cache_usable(self) -> bool:
         """Whether the prompt cache holds this encoder's embeddings: its identity is the weights file's, so once the
