@@ -416,6 +416,9 @@ def test_extract_summary_is_per_layer_and_head(tmp_path):
     assert reading([3], [0, 1], below, below, below, uniform=0.09).endswith(
         "no head is drawn to frame 0: each gives it no more than uniform attention would (0.09; the most, layer 3 "
         "head 1, 0.05)")
+    near = np.array([[0.1302, 0.05]])  # a hair above uniform: more digits, not "0.13; ... would give it 0.13"
+    assert reading([3], [0, 1], near, below, below, uniform=0.1298).endswith(
+        "most drawn to frame 0: layer 3 head 0 (0.1302; uniform attention would give it 0.1298)")
     assert reading([3], [0, 1], below + 1, below, below, uniform=1.0).endswith(  # one key frame: 1.00 is everyone's
         "frame 0 is the only key frame the rows attend, so no head can be told drawn to it")
     one = summary_table(synthetic.write_store(tmp_path / "one.zarr", "bidirectional", layers=(0,), num_heads=4))

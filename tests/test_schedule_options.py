@@ -219,3 +219,18 @@ def test_a_negative_prompt_without_cfg_is_said_and_not_kept(monkeypatch, capsys)
     assert main(["extract", "--layer", "0", "--negative-prompt", "blurry"]) == 0
     assert seen[0].negative_prompt == "" and "--negative-prompt 'blurry' does nothing with the causal few-step" in \
         capsys.readouterr().err
+
+
+def test_a_window_with_the_bidirectional_sampler_is_said_and_not_kept(monkeypatch, capsys):
+    """The bidirectional sampler attends every frame: --local-attn-size (and its sink) did nothing, without a word,
+    and entered the store's settings; now said, and not kept."""
+    import workbench.extract
+    from workbench.cli import main
+
+    seen = []
+    monkeypatch.setattr(workbench.extract, "run_extract", lambda cfg, **kw: seen.append(cfg))
+    assert main(["extract", "--layer", "0", "--model", "teacher", "--local-attn-size", "6", "--sink-size", "1"]) == 0
+    assert (seen[0].sampler, seen[0].local_attn_size, seen[0].sink_size) == ("bidirectional", -1, 0)
+    assert "--local-attn-size 6 does nothing with the bidirectional sampler" in capsys.readouterr().err
+    assert main(["extract", "--layer", "0", "--local-attn-size", "6", "--sink-size", "1"]) == 0  # (a causal one)
+    assert (seen[1].local_attn_size, seen[1].sink_size) == (6, 1) and "does nothing" not in capsys.readouterr().err

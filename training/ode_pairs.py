@@ -32,11 +32,13 @@ def build_ode_pairs(cfg, *, log=print, progress: bool = True) -> Path:
         prompts = read_prompts(op.prompt_file)
     except Exception as err:
         raise TrainingError(f"ode_pairs.prompt_file: {err}") from None
+    for key in ("num_pairs", "steps", "batch_size"):
+        if op[key] < 1:
+            raise TrainingError(f"ode_pairs.{key} {op[key]} must be >= 1")
     keep = list(op.keep)
-    if op.num_pairs < 1 or op.steps < 1 or op.batch_size < 1 or any(not 0 <= k < op.steps for k in keep) \
-            or keep != sorted(set(keep)):
-        raise TrainingError(f"ode_pairs: num_pairs {op.num_pairs}, steps {op.steps} and batch_size {op.batch_size} "
-                            f"must be >= 1 and keep {keep} must lie in [0, {op.steps}), increasing, each once")
+    if any(not 0 <= k < op.steps for k in keep) or keep != sorted(set(keep)):
+        raise TrainingError(f"ode_pairs.keep {keep}: give steps in [0, {op.steps}) (ode_pairs.steps {op.steps}), "
+                            "increasing, each once (the pairs hold the latents in step order)")
     out = Path(cfg.data_path)
     if out.exists():
         raise TrainingError(f"data_path {str(out)!r} already exists; remove it to make new ODE pairs")

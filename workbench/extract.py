@@ -117,8 +117,8 @@ def check_window(local_attn_size: int, sink_size: int, chunk_frames: int) -> Non
     place the chunk)."""
     if local_attn_size != -1 and local_attn_size < sink_size + chunk_frames:
         raise WorkbenchError(f"--local-attn-size {local_attn_size}: the window must hold the sink ({sink_size} "
-                             f"frames) and a chunk ({chunk_frames}): at least {sink_size + chunk_frames}, or -1 "
-                             "(global)")
+                             f"frame{'' if sink_size == 1 else 's'}) and a chunk ({chunk_frames}): at least "
+                             f"{sink_size + chunk_frames}, or -1 (global)")
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -134,11 +134,14 @@ def reading(layers: list[int], heads: list[int], first, same, distance, uniform:
              f"(keys {_fmt(distance[wi], 1)} frames away on average); ")
     if uniform is not None and uniform >= 1:  # (a video of one key frame)
         return start + "frame 0 is the only key frame the rows attend, so no head can be told drawn to it"
+    digits = 2  # (more where the two would print the same: "0.13; uniform attention would give it 0.13")
+    while uniform is not None and digits < 5 and _fmt(first[si], digits) == _fmt(uniform, digits):
+        digits += 1
     if uniform is not None and first[si] <= uniform:  # then no head is drawn to frame 0
         return start + (f"no head is drawn to frame 0: each gives it no more than uniform attention would "
-                        f"({_fmt(uniform, 2)}; the most, {sink}, {_fmt(first[si], 2)})")
-    return (start + f"most drawn to frame 0: {sink} ({_fmt(first[si], 2)}"
-            + (f"; uniform attention would give it {_fmt(uniform, 2)}" if uniform is not None else "") + ")")
+                        f"({_fmt(uniform, digits)}; the most, {sink}, {_fmt(first[si], digits)})")
+    return (start + f"most drawn to frame 0: {sink} ({_fmt(first[si], digits)}"
+            + (f"; uniform attention would give it {_fmt(uniform, digits)}" if uniform is not None else "") + ")")
 
 
 def format_int_list(values) -> str:

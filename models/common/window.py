@@ -21,8 +21,9 @@ def check_window_room(local_attn_size: int, sink_size: int, frames_per_chunk: in
     place a chunk beside the sink: ModelInputError naming the least window otherwise (a smaller one would let a
     query frame miss itself, or see frames after its chunk's, in the rule below)."""
     if local_attn_size != -1 and local_attn_size < sink_size + frames_per_chunk:
-        raise ModelInputError(f"local_attn_size {local_attn_size}: the window must hold the sink ({sink_size} frames) "
-                              f"and a chunk ({frames_per_chunk} frames): at least {sink_size + frames_per_chunk}, "
+        frames = lambda n: f"{n} frame{'' if n == 1 else 's'}"  # noqa: E731
+        raise ModelInputError(f"local_attn_size {local_attn_size}: the window must hold the sink ({frames(sink_size)}) "
+                              f"and a chunk ({frames(frames_per_chunk)}): at least {sink_size + frames_per_chunk}, "
                               "or -1 (global attention)")
 
 

@@ -234,6 +234,15 @@ def resolve_model(args) -> None:
         warnings.warn(f"--negative-prompt {negative!r} does nothing with the causal few-step sampler (it has no CFG); "
                       "it is for --sampler causal_multi_step_cfg or bidirectional", ModelInputWarning, stacklevel=2)
         args.negative_prompt = SAMPLER_DEFAULTS["negative_prompt"]
+    window = getattr(args, "local_attn_size", None)
+    if getattr(args, "sampler", None) == "bidirectional" and window not in (None, -1):  # (nothing reads it: not kept)
+        import warnings
+
+        from models.errors import ModelInputWarning
+
+        warnings.warn(f"--local-attn-size {window} does nothing with the bidirectional sampler (every frame attends "
+                      "every frame; a window is the causal samplers' KV cache)", ModelInputWarning, stacklevel=2)
+        args.local_attn_size, args.sink_size = -1, 0
     if base_wan_as_student and args.sampler == "causal_few_step":
         args.model_note = BASE_WAN_FEW_STEP_NOTE
 

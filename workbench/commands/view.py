@@ -51,6 +51,7 @@ def run(args) -> int:
     from workbench.errors import WorkbenchError
     from workbench.inputs import find_store
     from workbench.progress import shell_word
+    from workbench.store import named
     from workbench.view.server import ViewerServer
     from workbench.view.sources import open_source
     from workbench.view.stream import MANIFEST
@@ -85,6 +86,14 @@ def run(args) -> int:
         print(f"serving {args.path} ({what}) at {server.url}  (Ctrl-C stops)", flush=True)
         for sample, why in getattr(source, "video_errors", {}).items():  # videos of another run, left out
             print(f"note: {sample} is shown without its video: {why}", flush=True)
+        ds = getattr(source, "ds", None)
+        if videos == {} and not getattr(source, "video_errors", None) and args.video is None and ds is not None \
+                and "intervention" not in ds.dims:  # (where they were looked for, and how one is made)
+            first = str(ds["sample"].values[0])
+            folder = named(path).with_suffix("")  # (`view .` inside the store: its name)
+            print(f"note: no video of its samples was found ({shell_word(folder / (first + '.mp4'))}, or beside the "
+                  f"store; `workbench generate` writes pPPPP-sS.mp4 with the store's prompts and seeds, e.g. --seed "
+                  f"{int(ds['seed'].values[0])} --out {shell_word(folder)}); --video PATH names one", flush=True)
         if args.open:
             import webbrowser
 
