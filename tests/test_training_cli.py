@@ -42,8 +42,8 @@ def test_ode_then_dmd_with_probes_then_resume(tmp_path, capsys):
     with pytest.raises(TrainingError, match="already exists"):
         train(*ode, "--make-ode-pairs")
     for keep in ("[2,0,4,6]", "[0,2,2,6]"):  # (the trajectory came in step order under keep's labels)
-        with pytest.raises(TrainingError, match=r"^ode_pairs.keep \[.*\]: give steps in \[0, 8\) \(ode_pairs.steps 8\), "
-                                                r"increasing, each once"):
+        with pytest.raises(TrainingError, match=r"^ode_pairs.keep \[.*\]: give steps in \[0, 8\) "
+                                                r"\(ode_pairs.steps 8\), increasing, each once"):
             train(*ode, "--set", f"ode_pairs.keep={keep}", f"data_path={tmp_path / 'other.pt'}", "--make-ode-pairs")
     assert train(*ode, "--max-steps", 4) == 0
     init = tmp_path / "ode" / "checkpoint_model_000004" / "model.pt"
