@@ -32,7 +32,9 @@ def block_sizes_of(cfg) -> list[int]:
         if cfg.independent_first_frame:
             image = " (--image makes frame 0 a chunk of its own)" if getattr(cfg, "image", None) else ""
             raise WorkbenchError(f"--frames {F}: {err}{image}") from None
-        raise WorkbenchError(f"--frames {F} does not divide into chunks of {n}; use a multiple of {n} (e.g. 21)"
+        near = [m for m in (F // n * n, F // n * n + n) if m > 0]  # (the multiples around F)
+        raise WorkbenchError(f"--frames {F} does not divide into chunks of {n}; use a multiple of {n} (e.g. "
+                             f"{' or '.join(map(str, near))})"
                              + (", or --independent-first-frame" if (F - 1) % n == 0 else "")) from None
 
 

@@ -249,6 +249,8 @@ def plan(cfg: ExtractConfig) -> Plan:
     from models.family import check_fits_cache, family_of
 
     arch = family_of(wan_dir)  # the architecture's family (the store's model_family says how it was trained)
+    if cfg.sampler != "bidirectional":  # (the flags named, before the config they override says it of its file)
+        check_window(cfg.local_attn_size, cfg.sink_size, cfg.num_frame_per_block)
     mc = arch.read_config(wan_dir, local_attn_size=cfg.local_attn_size, sink_size=cfg.sink_size)
     embedded = cfg.wan_dir is None
     mc, h, w, fsl = arch.video_geometry(wan_dir, cfg.height, cfg.width, mc)
