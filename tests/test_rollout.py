@@ -943,3 +943,26 @@ def test_gpu_graphed_rollouts_honour_hooks_a_new_window_and_a_source_recorded_ag
     junk = [torch.randn(1 << 16, device="cuda") for _ in range(64)]  # (what the freed outputs' memory now holds)
     assert torch.equal(run(model, True, ablation), run(model, False, ablation))
     del junk
+
+
+def test_a_float64_rollout_is_the_float32_rollouts_reference(one_thread):
+    """A float64 rollout draws the float32 rollout's noise between steps (the CPU's float64 randn is another
+    stream past 16 numbers, so float64 runs differed from float32 by up to 5 in latents, 0.1 in attention mass), so
+    the two differ by float32 rounding only; a bfloat16 run keeps drawing in its own dtype."""
+    from models.common.rollout import seeded_noise
+
+    model = tiny_model(local_attn_size=6, sink_size=1)
+    s = FlowMatchScheduler(5.0)
+
+    def run(dtype):
+        m = tiny_model(local_attn_size=6, sink_size=1).to(dtype)
+        m.load_state_dict(model.state_dict())
+        noise, g = seeded_noise(3, (1, 9, C, H, W), "cpu", dtype)
+        ctx = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(4)).to(dtype)
+        with torch.no_grad():
+            return causal_few_step(m, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s, generator=g,
+                                   cuda_graphs=False).double()
+
+    f32, f64 = run(torch.float32), run(torch.float64)
+    assert (f64 - f32).abs().max() < 1e-4 * f64.abs().max()
+    assert (run(torch.bfloat16) - f64).abs().max() < 0.2 * f64.abs().max()

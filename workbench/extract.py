@@ -95,7 +95,7 @@ class ExtractConfig:
     height: int | None = None  # pixels; None: the model folder's own size (models.wan.config.default_video_size):
     width: int | None = None  # 96 x 128 for the embedded default, 480 x 832 for Wan2.1
     device: str = "cpu"
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "float32"  # float32 | bfloat16 (bf16) | float16 | float64
     out: str = "runs/extract.zarr"
     mode: str = "resume"  # resume | append | overwrite
     batch_size: int = 1

@@ -361,7 +361,10 @@ def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timest
                 flow = _from_model(forward(_to_model(x), t, _with_chunk(base, chunk)))
                 x0 = scheduler.x0_from_flow(flow, x, t)
                 if k + 1 < len(timesteps):
-                    fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                    # a float64 run draws float32's noise (its randn is another stream), so that it is the float32
+                    # run's reference; other dtypes draw in their own, as the researchers' pipeline does
+                    draw = torch.float32 if x0.dtype == torch.float64 else x0.dtype
+                    fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=draw).to(x0.dtype)
                     x = scheduler.add_noise(x0, fresh, torch.full((B, n), schedule[k + 1].timestep, device=x0.device))
             if last_context_pass or chunk < len(spans) - 1:
                 t = torch.full((B, n), float(context_noise), device=noise.device, dtype=torch.float32)
