@@ -33,8 +33,8 @@ def _add_weight_options(group) -> None:
     group.add_argument("--trust-pickle", action="store_true", help="allow a checkpoint that needs full unpickling")
     group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     group.add_argument("--dtype", default=None,
-                       help="float32 | bfloat16 (bf16) | float16 | float64 (default: bfloat16 on cuda, float32 on cpu; a float64 "
-                       "run draws float32's noise: the float32 run's reference)")
+                       help="float32 | bfloat16 (bf16) | float16 | float64 (default: bfloat16 on cuda, float32 on cpu; "
+                       "a float64 run draws float32's noise: the float32 run's reference)")
 
 
 def check_frames(frames) -> None:
