@@ -88,7 +88,7 @@ CASES = [
     (["generate", "--prompt", "x", "--frames", "0", "--out", "{tmp}/g"], "--frames 0: give a positive number"),
     (["info", "--frames", "0"], "--frames 0: give a positive number"),
     (["generate", "--prompt", "x", "--frames", "12", "--local-attn-size", "4", "--sink-size", "3", "--out", "{tmp}/g"],
-     "--local-attn-size 4: the window must hold the sink (3 frames) and a chunk (3): at least 6"),
+     "--local-attn-size 4: the window must hold the sink (3 frames) and a chunk (3 frames): at least 6"),
     (["intervene", "--spec", "{tmp}/none.yaml", "--out", "{tmp}/x.zarr"],
      "--spec {tmp}/none.yaml: No such file or directory"),
     (["intervene", "--policy", "fifo:21", "--frames", "9", "--out", "{tmp}/x.zarr"],

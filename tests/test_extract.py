@@ -338,7 +338,7 @@ def no_work(monkeypatch):
     (["--frames", "20"], "--frames 20 does not divide into chunks of 3; use a multiple of 3 (e.g. 18 or 21)"),
     (["--frames", "10", "--num-frame-per-block", "4"], "use a multiple of 4 (e.g. 8 or 12)"),  # (not "e.g. 21")
     (["--local-attn-size", "1", "--sink-size", "1"],  # (the flags named, not the model folder's config.json)
-     "--local-attn-size 1: the window must hold the sink (1 frame) and a chunk (3): at least 4"),
+     "--local-attn-size 1: the window must hold the sink (1 frame) and a chunk (3 frames): at least 4"),
     (["--frames", "24"], "more than the KV cache holds"),
     (["--layers", "x"], "use a number, a range like 0-29"),
     (["--stats", "attn_key_token"], "attn_key_token needs --token-layers"),

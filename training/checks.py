@@ -113,9 +113,10 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
     if cfg.trainer != "diffusion" or cfg.causal:
         chunk_layout(frames, nfpb, bool(cfg.independent_first_frame))
         try:
-            check_window_room(cfg.model_kwargs.local_attn_size, cfg.model_kwargs.sink_size, nfpb)
+            check_window_room(cfg.model_kwargs.local_attn_size, cfg.model_kwargs.sink_size, nfpb,
+                              name="model_kwargs.local_attn_size")
         except ModelInputError as err:
-            raise TrainingError(f"model_kwargs.{err} (num_frame_per_block {nfpb}, model_kwargs.sink_size)") from None
+            raise TrainingError(f"{err} (num_frame_per_block {nfpb}, model_kwargs.sink_size)") from None
     for key in ("batch_size", "total_batch_size"):
         if cfg[key] < 1:
             raise TrainingError(f"{key} {cfg[key]} must be >= 1")

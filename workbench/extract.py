@@ -31,6 +31,7 @@ from models.common.attention_kernels import check_kernel, describe
 from models.common.rollout import (CONTEXT_NOISE_MULTI_STEP, IMAGE_CONTEXT_NOISE, SAMPLERS, MultiStepSolver,
                                    few_step_schedule, multistep_schedule, sample, seeded_noise)
 from models.common.scheduler import FlowMatchScheduler
+from models.common.window import check_window_room
 from models.errors import ModelInputError
 from models.files import check_unchanged
 from models.wan.checkpoint import load_wan, sha256_file, wan_weights_file, weights_sha256
@@ -113,12 +114,12 @@ class ExtractConfig:
 
 
 def check_window(local_attn_size: int, sink_size: int, chunk_frames: int) -> None:
-    """A KV window (-1: global) must hold the sink and a chunk: one line naming it otherwise (the cache could not
-    place the chunk)."""
-    if local_attn_size != -1 and local_attn_size < sink_size + chunk_frames:
-        raise WorkbenchError(f"--local-attn-size {local_attn_size}: the window must hold the sink ({sink_size} "
-                             f"frame{'' if sink_size == 1 else 's'}) and a chunk ({chunk_frames}): at least "
-                             f"{sink_size + chunk_frames}, or -1 (global)")
+    """A KV window (-1: global) must hold the sink and a chunk (models/common/window.py `check_window_room`): one
+    line naming the flag otherwise (the cache could not place the chunk)."""
+    try:
+        check_window_room(local_attn_size, sink_size, chunk_frames, name="--local-attn-size")
+    except ModelInputError as err:
+        raise WorkbenchError(str(err)) from None
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -265,8 +266,7 @@ def plan(cfg: ExtractConfig) -> Plan:
         check_image_frames(cfg.num_frames, cfg.num_frame_per_block)
     check_context_noise(cfg.sampler, cfg.context_noise, cfg.image is not None, captured=True)
     if cfg.sampler != "bidirectional":
-        block_sizes_of(cfg)  # frames that do not fit the chunk layout
-        check_window(mc.local_attn_size, mc.sink_size, cfg.num_frame_per_block)
+        block_sizes_of(cfg)  # frames that do not fit the chunk layout (the window: checked above)
         check_fits_cache(cfg.num_frames, mc.local_attn_size, arch.cache_frames, label=f"--frames {cfg.num_frames}")
     elif cfg.independent_first_frame:
         raise WorkbenchError("--independent-first-frame is a chunk layout of the causal samplers; the bidirectional "

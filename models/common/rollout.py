@@ -168,7 +168,7 @@ class RolloutGraphs:
         before they are read), this rollout's cache policy (one of an equal key: its decisions are the same, and
         what it records of them, `describe()`, is its own)."""
         self.context.copy_(context)
-        if policy is not None:
+        if policy is not None and policy is not self.cache.policy:  # (the allocation checked the first)
             check_policy(policy)
         self.cache.policy = policy
         for kv in self.cache.kv:

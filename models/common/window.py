@@ -16,15 +16,17 @@ from models.common.chunks import chunk_spans
 from models.errors import ModelInputError
 
 
-def check_window_room(local_attn_size: int, sink_size: int, frames_per_chunk: int) -> None:
+def check_window_room(local_attn_size: int, sink_size: int, frames_per_chunk: int,
+                      name: str = "local_attn_size") -> None:
     """A window (local_attn_size frames; -1: global) holds the sink and a whole chunk, as the KV cache needs to
     place a chunk beside the sink: ModelInputError naming the least window otherwise (a smaller one would let a
-    query frame miss itself, or see frames after its chunk's, in the rule below)."""
+    query frame miss itself, or see frames after its chunk's, in the rule below). `name`: the setting as the caller
+    knows it (a flag, a config key)."""
     if local_attn_size != -1 and local_attn_size < sink_size + frames_per_chunk:
         frames = lambda n: f"{n} frame{'' if n == 1 else 's'}"  # noqa: E731
-        raise ModelInputError(f"local_attn_size {local_attn_size}: the window must hold the sink ({frames(sink_size)}) "
-                              f"and a chunk ({frames(frames_per_chunk)}): at least {sink_size + frames_per_chunk}, "
-                              "or -1 (global attention)")
+        raise ModelInputError(f"{name} {local_attn_size}: the window must hold the sink ({frames(sink_size)}) and a "
+                              f"chunk ({frames(frames_per_chunk)}): at least {sink_size + frames_per_chunk}, or -1 "
+                              "(global attention)")
 
 
 def attended_key_frames(num_frames: int, frames_per_chunk: int, local_attn_size: int = -1, sink_size: int = 0,
