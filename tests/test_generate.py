@@ -143,6 +143,8 @@ def test_another_runs_files_are_replaced_only_when_asked(tmp_path, capsys):
     assert ("(sampler: 'causal_few_step' there, 'causal_multi_step_cfg' now; schedule: [1000, 750, 500, 250] warped, "
             "shift 5.0, 3 frames a chunk, context noise 0.0 there, none (a multi-step sampler) now)"
             in capsys.readouterr().err)
+    assert main(first + ["--dtype", "bf16"]) == 2  # (recorded under torch's name)
+    assert "p0000-s0 (dtype: 'float32' there, 'bfloat16' now)" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == before  # nothing touched
     assert main(first) == 0  # the same run again: its own files, kept (a stopped run resumes this way)
     said = capsys.readouterr().out

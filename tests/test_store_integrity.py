@@ -442,6 +442,30 @@ def test_a_store_made_before_the_text_encoder_was_recorded_takes_more_samples(tm
     assert list(open_store(other).sample.values) == list(open_store(out).sample.values) == ["p0000-s0", "p0000-s1"]
 
 
+def test_bf16_and_bfloat16_are_one_dtype_in_new_stores_and_old(tmp_path, capsys):
+    """`--dtype bf16` is recorded as "bfloat16" (it was stored as typed, so a store of one refused a resume with
+    the other); a store made so before (its fingerprint of "bf16") takes samples of either name and keeps its
+    fingerprint, and still refuses another dtype, naming it."""
+    out = tmp_path / "bf.zarr"
+    run = ["extract", "--layer", "0", "--steps", "0", "--frames", "3", "--no-progress", "--out", str(out)]
+    assert cli_main([*run, "--dtype", "bf16", "--seed", "0"]) == 0
+    ds = open_store(out)
+    assert ds.attrs["fingerprint_fields"]["model"]["dtype"] == ds.attrs["dtype"] == "bfloat16"
+    assert cli_main([*run, "--dtype", "bfloat16", "--seed", "0,1"]) == 0
+    assert list(open_store(out).sample.values) == ["p0000-s0", "p0000-s1"]
+
+    _rewrite_fingerprint(out, lambda f: f["model"].update(dtype="bf16"))  # as the workbench made it before
+    old = open_store(out).attrs["fingerprint"]
+    capsys.readouterr()
+    assert cli_main([*run, "--dtype", "bfloat16", "--seed", "0,1,2"]) == 0
+    assert cli_main([*run, "--dtype", "bf16", "--seed", "0,1,2,3"]) == 0
+    after = open_store(out)
+    assert list(after.sample.values) == ["p0000-s0", "p0000-s1", "p0000-s2", "p0000-s3"]
+    assert after.attrs["fingerprint"] == old
+    assert cli_main([*run, "--dtype", "float32", "--seed", "4"]) == 2
+    assert "model.dtype: bf16 in the store, float32 in this run" in capsys.readouterr().err
+
+
 def test_readers_open_a_store_while_its_arrays_grow_one_by_one(tmp_path, reference):
     """An append lengthens the arrays one at a time: a reader opening the store meanwhile sees the finished samples
     every time (it failed now and then with a MergeError or 'conflicting sizes', lengths moving under its open:

@@ -122,12 +122,20 @@ def check_window(local_attn_size: int, sink_size: int, chunk_frames: int) -> Non
         raise WorkbenchError(str(err)) from None
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+
 def _dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-             "float64": torch.float64}
-    if name not in table:
-        raise WorkbenchError(f"dtype {name!r}: use one of {sorted(table)}")
-    return table[name]
+    if name not in DTYPES:
+        raise WorkbenchError(f"dtype {name!r}: use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(name: str) -> str:
+    """torch's name of a dtype given by one of DTYPES' names ("bf16" is "bfloat16"), so that a store records one
+    name for one dtype; a WorkbenchError naming the allowed ones otherwise."""
+    return str(_dtype(name)).removeprefix("torch.")
 
 
 @dataclass
@@ -215,7 +223,6 @@ def _check_request(cfg: ExtractConfig) -> ExtractConfig:
         raise WorkbenchError(f"context_noise {cfg.context_noise!r}: a timestep in 0 .. 1000")
     if not np.isfinite(cfg.guidance_scale):  # (NaN runs a whole rollout of NaN)
         raise WorkbenchError(f"guidance_scale {cfg.guidance_scale!r}: give a finite number (the CFG samplers' scale)")
-    _dtype(cfg.dtype)  # (a name it knows)
     stats = [x.strip() for x in cfg.stats.split(",") if x.strip()] if isinstance(cfg.stats, str) else list(cfg.stats)
     return dataclasses.replace(
         cfg, prompts=list(prompts), stats=stats, seeds=list(dict.fromkeys(int(s) for s in seeds)),
@@ -228,7 +235,7 @@ def _check_request(cfg: ExtractConfig) -> ExtractConfig:
         **{k: getattr(cfg, k).item() for k in ("height", "width", "local_attn_size", "sink_size", "timestep_shift",
                                                "context_noise", "warp_denoising_step", "independent_first_frame",
                                                "use_ema") if isinstance(getattr(cfg, k), np.generic)},
-        batch_size=positive_int(cfg.batch_size, "batch_size"))
+        batch_size=positive_int(cfg.batch_size, "batch_size"), dtype=dtype_name(cfg.dtype))
 
 
 def plan(cfg: ExtractConfig) -> Plan:
@@ -350,6 +357,9 @@ def fingerprint_of(fields: dict) -> str:
 # Settings the fingerprint hashes that stores made before they were recorded lack, in words (StoreWriter `later`:
 # such a store takes this run's entries when every setting it did record agrees)
 LATER_FIELDS = {"model.text_encoder": "its text encoder"}
+# values that stores made before a setting's name was made one recorded for what this run records otherwise
+# ({flattened field: {their value: this run's}}): `--dtype bf16` was stored as typed
+SAME_VALUES = {"model.dtype": {"bf16": "bfloat16"}}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -470,7 +480,7 @@ def open_writer(p: Plan, log=print) -> StoreWriter:
     fields = fingerprint_fields(p, sha)
     return StoreWriter(cfg.out, fingerprint_of(fields), mode=cfg.mode, lock=lock, log=log, fields=fields,
                        entry_coords={"checkpoint_sha256": sha}, made_by=p.checkpoint_label + ema_suffix(cfg.use_ema),
-                       later=LATER_FIELDS)
+                       later=LATER_FIELDS, same_values=SAME_VALUES)
 
 
 def check_resumed_prompts(writer: StoreWriter, samples, out) -> None:

@@ -486,6 +486,8 @@ class StoreWriter:
     may differ: an older workbench hashed them its way) and keeps its own, with a note of what is not checked.
     `absent` ({flattened field name: value}): what a field means where a fingerprint leaves it out (a setting
     recorded only when it is not at its default), so that a refusal names only the settings that differ.
+    `same_values` ({flattened field name: {value: this run's value}}): values older stores recorded for what this
+    run records another way (`--dtype bf16` as typed, now "bfloat16"); such a store takes this run's entries.
     """
 
     def __init__(self, path: str | Path, fingerprint: str, *, mode: str = "resume", append_dim: str = "sample",
@@ -493,7 +495,7 @@ class StoreWriter:
                  hint: str = "pass --overwrite to replace it, or choose another --out",
                  fields: dict | None = None, entry_coords: dict | None = None, lock: StoreLock | None = None,
                  log=print, made_by: str | None = None, later: dict[str, str] | None = None,
-                 absent: dict | None = None):
+                 absent: dict | None = None, same_values: dict[str, dict] | None = None):
         if mode not in ("resume", "append", "overwrite"):
             raise WorkbenchError(f"unknown store mode {mode!r}; use resume, append or overwrite")
         # the real folder: a store reached through a symlink (to scratch space) is replaced there, the link kept
@@ -503,6 +505,7 @@ class StoreWriter:
         self.path = real if real != Path(path).absolute() else Path(path)
         self.fingerprint, self.fields, self.later = fingerprint, fields, later or {}
         self.absent = absent or {}  # {flattened field: what it means where a fingerprint leaves it out}
+        self.same_values = same_values or {}  # {flattened field: {an older store's value: this run's}}
         self.made_by = made_by  # this run's weights in words (a refusal names them beside the store's)
         self.append_dim, self.completed_attr, self.hint, self.log = append_dim, completed_attr, hint, log
         self.completed: list = []
@@ -573,10 +576,15 @@ class StoreWriter:
         when there are none, or when a field differs."""
         if not stored or self.fields is None:
             return ""
-        a, b = _flat(_plain(stored)), _flat(_plain(self.fields))
+        a, b = self._as_now(stored), _flat(_plain(self.fields))
         lacking = [k for k in self.later if k in b and k not in a]
         same = a == {k: v for k, v in b.items() if k not in lacking}
         return ", ".join(self.later[k] for k in lacking) if lacking and same else ""
+
+    def _as_now(self, stored: dict) -> dict:
+        """A store's fingerprint fields, flattened, with the values `same_values` maps given as this run's."""
+        flat = _flat(_plain(stored))
+        return {k: self.same_values.get(k, {}).get(v, v) if isinstance(v, str) else v for k, v in flat.items()}
 
     def _open_existing(self, entry_coords: dict) -> None:
         import zarr
@@ -594,13 +602,16 @@ class StoreWriter:
                     else f"its entries listed under {listed!r}: another kind of store" if listed else "no entry list")
             raise WorkbenchError(f"{str(self.path)!r} is not a store of schema_version {SCHEMA_VERSION} with "
                                  f"{self.completed_attr!r} ({what}); {self.hint}")
-        unrecorded = "" if attrs.get("fingerprint") == self.fingerprint else \
-            self._unrecorded(attrs.get("fingerprint_fields"))
+        stored = attrs.get("fingerprint_fields")
+        agrees = attrs.get("fingerprint") == self.fingerprint or bool(
+            self.same_values and stored and self.fields is not None
+            and self._as_now(stored) == _flat(_plain(self.fields)))
+        unrecorded = "" if agrees else self._unrecorded(stored)
         if unrecorded:
             self.log(f"note: {str(self.path)!r} was made by an older workbench that did not record {unrecorded}; "
                      "every setting it recorded agrees with this run's (the weights among them), so this run's "
                      "entries join it; that one is not checked")
-        elif attrs.get("fingerprint") != self.fingerprint:
+        elif not agrees:
             what = describe_differences(attrs.get("fingerprint_fields"), self.fields, self.absent)
             if self.append_dim == "sample" and attrs.get("layout_fingerprint") == self.fingerprint.split(":")[0]:
                 what += self._whose(group, attrs)  # (another model: named by its files too)

@@ -29,7 +29,7 @@ examples:
 
 Writes, per prompt index P and seed S, into --out: pPPPP-sS.safetensors (latents [F, 16, h, w] under
 "latents"; its metadata records the prompt, seed, sampler, checkpoint, use_ema, the weights' sha256, the text
-encoder, schedule, window and image (docs/store.md "Generated videos"), which `workbench view` checks against a
+encoder, schedule, window, image and dtype (docs/store.md "Generated videos"), which `workbench view` checks against a
 store's before it shows the video beside the store's attention),
 pPPPP-sS.mp4 (16 fps; needs the video extra: pip install -e ".[video]") and pPPPP-sS.png (a grid of every 5th
 frame). With less than 40 GB of free GPU memory the text encoder leaves the GPU before the DiT is loaded
@@ -288,7 +288,8 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     wanted = {sample_id(i, s): dict(prompt=prompts[i], seed=str(s), sampler=args.sampler,
                                     weights_sha256=weights_sha256, text_encoder=text_encoder,
                                     use_ema=str(bool(args.use_ema)), schedule=schedule, window=window,
-                                    image_sha256=image_sha, shape=[args.frames, h, w])
+                                    image_sha256=image_sha, dtype=str(dtype).removeprefix("torch."),
+                                    shape=[args.frames, h, w])
               for i in range(len(prompts)) for s in seeds}
     # how each file already there under this run's names differs from what this run would write (None: no file)
     existing = {name: _differences(Path(args.out) / f"{name}.safetensors", want) for name, want in wanted.items()}
@@ -324,8 +325,8 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     args.finished_samples = [sample_id(i, s) for i, s in kept]
     todo_all = len(every) - len(kept_all)
     if kept_all and rank == 0:
-        print(f"resuming: {len(kept_all)} sample(s) are already in {out}, made with the same prompt, seed, sampler, "
-              f"weights{', image' if image_sha else ''} and size; "
+        print(f"resuming: {len(kept_all)} sample(s) are already in {out}, made with the same prompt, seed, "
+              f"sampler, dtype, weights{', image' if image_sha else ''} and size; "
               + (f"generating the other {todo_all}" + (f" ({world} processes)" if world > 1 else "") if todo_all
                  else "nothing to do")
               + " (--overwrite makes them all again)", flush=True)
