@@ -191,6 +191,18 @@ def test_info_says_what_a_checkpoint_holds_and_which_config_it_fits(tmp_path, ca
     out = capsys.readouterr().out
     assert f"FFN 128: does not fit {EMBEDDED_DIR}; fits tiny" in out and f"--wan-dir {EMBEDDED_DIR}" not in out
     assert f"load it: workbench extract --checkpoint '{ck}' --wan-dir WAN_DIR\n" in out
+    # a GAN run's critic holds its discriminator's branch beside the DiT (training/gan.py): still a DiT of its size
+    from training.gan import add_classification_branch
+
+    critic = WanModel(preset("tiny"), causal=False).to(torch.bfloat16)
+    add_classification_branch(critic)
+    gan = tmp_path / "gan.pt"
+    save_self_forcing(gan, generator=sd, critic=critic.state_dict())
+    assert cli_main(["info", "--checkpoint", str(gan)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3].split()[0] == "critic" and lines[4].strip().startswith(
+        "Wan DiT, 2 layers, width 64, FFN 128: fits tiny; with a GAN discriminator's branch (")
+    assert lines[4].endswith("tensors: _register_tokens, _gan_ca_blocks, _cls_pred_branch)")
     bare = tmp_path / "bare.pt"
     torch.save(to_diffusers({k: v.float() for k, v in sd.items()}), bare)
     assert cli_main(["info", "--checkpoint", str(bare)]) == 0

@@ -298,6 +298,10 @@ def test_batch_that_does_not_divide_across_ranks():
         check_config(cfg, 2)
     cfg, _ = load_train_config("configs/self_forcing_dmd.yaml")  # the shipped config: 64 = 8 ranks x 8 micro-batches
     assert check_config(cfg, 8).accum == 8 and check_config(cfg, 1).accum == 64
+    with pytest.raises(TrainingError) as err:  # (3 GPUs: the way to the nearest multiples, and to their trainer's step)
+        check_config(cfg, 3)
+    assert ("use a multiple of 3 (63 or 66), or --set total_batch_size=3 for a step of batch_size x ranks"
+            in str(err.value))
 
 
 def test_shipped_configs_and_the_sid_quirks():

@@ -122,8 +122,12 @@ def check_config(cfg, world: int, *, sets_sid_alpha: bool = False) -> Plan:
             raise TrainingError(f"{key} {cfg[key]} must be >= 1")
     per_step = cfg.batch_size * world
     if cfg.total_batch_size % per_step:
+        below = cfg.total_batch_size // per_step * per_step
         raise TrainingError(f"total_batch_size {cfg.total_batch_size} does not divide into batch_size "
-                            f"{cfg.batch_size} x {world} rank(s); use a multiple of {per_step}")
+                            f"{cfg.batch_size} x {world} rank(s); use a multiple of {per_step} ("
+                            + (f"{below} or " if below else "") + f"{below + per_step}), or --set total_batch_size="
+                            f"{per_step} for a step of batch_size x ranks, as the researchers' DMD, SiD and GAN "
+                            "trainers take whatever their configs say (docs/training.md)")
     accum = cfg.total_batch_size // per_step
     if cfg.log_iters < 1:
         raise TrainingError(f"log_iters {cfg.log_iters} must be >= 1")

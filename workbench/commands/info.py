@@ -16,6 +16,10 @@ examples:
   workbench info --checkpoint checkpoints/self_forcing_dmd.pt  # what it holds, which config it fits
 """
 
+# the attributes a GAN critic adds to its Wan DiT (saved in its state dict beside the DiT's keys; the researchers'
+# names, training/gan.py): a critic with them is still a Wan DiT of its size
+GAN_BRANCH = ("_register_tokens", "_gan_ca_blocks", "_cls_pred_branch")
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("info", help=HELP, description=HELP, epilog=EPILOG,
@@ -120,6 +124,8 @@ def describe_checkpoint(path: str, configs: dict, trust_pickle: bool = False, wa
     fitting = {}  # entry -> the configs it fits
     for name, sd in entries.items():
         flat = {k: v for k, v in strip_prefixes(sd).items() if isinstance(v, torch.Tensor)}
+        gan = {k: v for k, v in flat.items() if k.split(".")[0] in GAN_BRANCH}
+        flat = {k: v for k, v in flat.items() if k not in gan}
         if any(k.startswith("condition_embedder.") for k in flat):
             flat = from_diffusers(flat)
         nested = _tensors(sd)
@@ -129,7 +135,7 @@ def describe_checkpoint(path: str, configs: dict, trust_pickle: bool = False, wa
         got = {k: tuple(v.shape) for k, v in flat.items()}
         fits = fitting[name] = [label for label, want in shapes.items() if want == got]
         size = _model_size(flat)
-        if len(flat) < len(nested):
+        if len(flat) + len(gan) < len(nested):
             verdict = "nested state (an optimiser's, say), not model weights"
         elif not nested:
             verdict = "no tensors"
@@ -140,6 +146,9 @@ def describe_checkpoint(path: str, configs: dict, trust_pickle: bool = False, wa
         else:
             verdict = f"{size}: " + (f"fits {' and '.join(fits)}" if fits else "fits none of the built-in sizes "
                                      "(give --wan-dir the folder it belongs to, to check it there)")
+        if gan and size:
+            verdict += (f"; with a GAN discriminator's branch ({len(gan)} tensors: "
+                        f"{', '.join(p for p in GAN_BRANCH if any(k.split('.')[0] == p for k in gan))})")
         lines.append(f"  {'':<{width}}  {verdict}")
     if not entries:
         lines.append("  no state dict in it")
