@@ -100,9 +100,13 @@ def test_missing_files_and_keys(tmp_path, sd):
     with pytest.raises(CheckpointError, match="no 'generator_ema' entry \\(a training run writes it in the "
                                               "checkpoints after step ema_start_step\\); it has \\['generator'\\]"):
         read_self_forcing(tmp_path / "gen_only.pt", "generator_ema")
-    torch.save(sd, tmp_path / "bare.pt")  # a state dict alone, not under 'generator'
-    with pytest.raises(CheckpointError, match="is a bare state dict .* holds one under 'generator'"):
-        read_self_forcing(tmp_path / "bare.pt")
+    # a state dict alone, not under 'generator': the generator, as the researchers' trainers read generator_ckpt
+    torch.save({f"model.{k}": v for k, v in sd.items()}, tmp_path / "bare.pt")
+    got = read_self_forcing(tmp_path / "bare.pt")
+    assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd)
+    with pytest.raises(CheckpointError, match="is a bare state dict .*, read as the generator, with no "
+                                              "'generator_ema' entry"):
+        read_self_forcing(tmp_path / "bare.pt", "generator_ema")
 
 
 class Evil:

@@ -208,7 +208,10 @@ def test_info_says_what_a_checkpoint_holds_and_which_config_it_fits(tmp_path, ca
     assert cli_main(["info", "--checkpoint", str(bare)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith(": a bare state dict") and "(float32)" in lines[1] and lines[2].endswith("fits tiny")
-    assert lines[3].startswith("load it: as the diffusion_pytorch_model.safetensors of a Wan folder")
+    assert lines[3:] == [f"load it: workbench extract --checkpoint {bare} --wan-dir WAN_DIR",
+                         "         (WAN_DIR: the Wan2.1 folder of tiny)",
+                         "         (a bare state dict is read as the generator; it can also be a Wan folder's",
+                         "         diffusion_pytorch_model.safetensors, beside its config.json)"]
     assert cli_main(["info", "--checkpoint", str(EMBEDDED_DIR / "diffusion_pytorch_model.safetensors")]) == 0
     lines = capsys.readouterr().out.splitlines()  # (read from its header: shapes and dtypes)
     assert "(bfloat16)" in lines[1] and lines[2].endswith("FFN 384: fits the embedded default")

@@ -126,7 +126,9 @@ def read_wan_folder(folder: str | Path) -> tuple[WanConfig, dict]:
 
 
 def read_self_forcing(path: str | Path, key: str = "generator", *, trust_pickle: bool = False) -> dict:
-    """The Wan state dict stored under `key` of a Self-Forcing `.pt` (prefixes stripped)."""
+    """The Wan state dict stored under `key` of a Self-Forcing `.pt` (prefixes stripped). A file without that
+    entry holding "model" (ODE-init checkpoints) gives that for "generator"; a bare state dict (tensors at its top
+    level) is the generator, as the researchers' trainers read `generator_ckpt`."""
     blob = load_tensors(path, trust_pickle=trust_pickle)
     if not isinstance(blob, dict):
         raise CheckpointError(f"{str(path)!r} holds a {type(blob).__name__}, not a dict of state dicts")
@@ -138,10 +140,12 @@ def read_self_forcing(path: str | Path, key: str = "generator", *, trust_pickle:
 
             entries = sorted(k for k in blob if isinstance(blob[k], dict))
             if not entries and blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
+                if key == "generator":
+                    return strip_prefixes(blob)
                 raise CheckpointError(
                     f"{str(path)!r} is a bare state dict ({len(blob)} tensors at its top level, e.g. "
-                    f"{sorted(blob)[:3]}); a Self-Forcing checkpoint holds one under 'generator' (and "
-                    "'generator_ema', 'critic'): save it as {'generator': state_dict}, or put it in a Wan folder")
+                    f"{sorted(blob)[:3]}): one model's weights, read as the generator, with no {key!r} entry "
+                    "(a Self-Forcing checkpoint holds 'generator', 'generator_ema' and 'critic')")
             why = (" (a training run writes it in the checkpoints after step ema_start_step)"
                    if key == "generator_ema" and "generator" in blob else
                    " (its weights are the EMA's: pass --use-ema, use_ema=True)" if key == "generator" and

@@ -158,10 +158,6 @@ def describe_checkpoint(path: str, configs: dict, trust_pickle: bool = False, wa
     fits = fitting.get(main, [])
     if main is None or not fits:
         return "\n".join(lines)
-    if main == "(top level)":
-        lines.append("load it: as the diffusion_pytorch_model.safetensors of a Wan folder (beside its "
-                     "config.json),\n         or saved as {'generator': state_dict} for --checkpoint")
-        return "\n".join(lines)
     command = f"workbench extract --checkpoint {shell_word(str(path))}{' --trust-pickle' if trust_pickle else ''}"
     if asked in fits and wan_dir:  # the folder the user named
         lines.append(f"load it: {command} --wan-dir {shell_word(wan_dir)}")
@@ -171,6 +167,9 @@ def describe_checkpoint(path: str, configs: dict, trust_pickle: bool = False, wa
         lines.append(f"load it: {command} --wan-dir WAN_DIR\n         (WAN_DIR: the Wan2.1 folder of {fits[0]})")
     if main != "generator_ema" and "generator_ema" in entries:
         lines.append("its EMA weights (generator_ema): the same with --use-ema")
+    if main == "(top level)":
+        lines.append("         (a bare state dict is read as the generator; it can also be a Wan folder's\n"
+                     "         diffusion_pytorch_model.safetensors, beside its config.json)")
     return "\n".join(lines)
 
 
