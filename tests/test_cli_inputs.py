@@ -71,6 +71,7 @@ CASES = [
     (["extract", "--layer", "3", "--checkpoint", "{tmp}"], "--checkpoint '{tmp}' is a directory"),
     (["generate", "--prompt", "x", "--checkpoint", "{tmp}", "--out", "{tmp}/g"], "--checkpoint '{tmp}' is a directory"),
     (["generate", "--prompt", "x", "--checkpoint", "{tmp}/no.pt", "--out", "{tmp}/g"], "'{tmp}/no.pt' does not exist"),
+    (["extract", "--layer", "3", "--checkpoint", "/dev/null"], "'/dev/null' is not a regular file (give a .pt or"),
     (["export-legacy", "{store}", "--layers", "0-"], "layer '0-': use a number"),
     (["extract", "--layer", "3", "--config", "{tmp}/no.yaml"], "config file '{tmp}/no.yaml' does not exist"),
     (["generate", "--config", "configs/self_forcing_dmd.yaml", "--denoising-step-list", "1000,x", "--out", "{tmp}/g"],
