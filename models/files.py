@@ -105,30 +105,57 @@ def weight_files(path) -> list[Path]:
     return shard_files(path) if path.name.endswith(".index.json") else [path]
 
 
+SMALL_FILE = 1 << 20  # bytes: a file up to this size has its sha256 in its stamp (a config: cheap to hash)
+
+
 def file_stamps(*paths) -> dict[str, tuple | None]:
-    """Each file's (size, mtime, inode, ctime), None for one that is gone; a shard index stands for its shards too,
-    a folder for its top-level files. Taken before files are hashed for a store's labels and compared after they
-    are loaded (`check_unchanged`), they say the bytes loaded are the bytes hashed: a replace changes the inode, a
-    rewrite in place the ctime (no tool sets it back, as `cp -p` and `rsync -a` do the mtime)."""
+    """Each file's (size, mtime, inode, ctime, sha256 of a file up to SMALL_FILE bytes else None), None for one that
+    is gone; a shard index stands for its shards too, a folder for its top-level files (hidden ones left out). Taken before files are
+    hashed for a store's labels and compared after they are loaded (`check_unchanged`), they say the bytes loaded
+    are the bytes hashed: a replace changes the inode, a rewrite in place the ctime (no tool sets it back, as
+    `cp -p` and `rsync -a` do the mtime)."""
     files = []
     for path in (Path(p) for p in paths if p is not None):
-        files += sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
+        files += sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith(".")) \
+            if path.is_dir() else [path]
         if path.name.endswith(".index.json") and path.is_file():
             files += shard_files(path)
     stamps = {}
     for f in files:
         try:
             st = f.stat()
-            stamps[str(f)] = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+            small = sha256_file(f, memo_dir=None) if st.st_size <= SMALL_FILE else None
+            stamps[str(f)] = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, small)
         except OSError:
             stamps[str(f)] = None
     return stamps
 
 
-def check_unchanged(stamps: dict[str, tuple | None], what: str) -> None:
-    """CheckpointError naming the files of `file_stamps` that changed since (`what`: what the run was doing)."""
+def changed_files(stamps: dict[str, tuple | None]) -> list[str]:
+    """The files of `file_stamps` whose bytes may have changed since: gone, or of another size, mtime or inode. A
+    file whose ctime alone moved (chmod, a hard link, `touch -a`, a backup keeping atimes: its metadata) is one of
+    them unless its sha256 now is the one it had as stamped: a small file's, in its stamp, a large one's as
+    `sha256_file` remembered it for those stamps (a large file never hashed then counts as changed)."""
     now = file_stamps(*stamps)
-    changed = [path for path, stamp in stamps.items() if now.get(path) != stamp]
+    changed = []
+    for path, stamp in stamps.items():
+        new = now.get(path)
+        if new == stamp:
+            continue
+        if stamp is not None and new is not None and new[:3] == stamp[:3]:
+            before = stamp[4]
+            if before is None and (memo_dir := default_memo_dir()) is not None:
+                before = _read_memo(memo_dir / "file_hashes.json").get(_memo_key(Path(path), "sha256", stamp[:4]))
+            if before is not None and before == (new[4] or sha256_file(path)):
+                continue
+        changed.append(path)
+    return changed
+
+
+def check_unchanged(stamps: dict[str, tuple | None], what: str) -> None:
+    """CheckpointError naming the files of `file_stamps` that changed since (`changed_files`; `what`: what the run
+    was doing)."""
+    changed = changed_files(stamps)
     if changed:
         shown = ", ".join(repr(p) for p in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
         raise CheckpointError(f"{shown} changed {what} (replaced or rewritten: a training run saving into that "
@@ -192,8 +219,7 @@ def _memo(path: Path, kind: str, memo_dir: Path | None | str, compute, keep=lamb
     each other's keys)."""
     memo_dir = default_memo_dir() if memo_dir == DEFAULT else memo_dir
     st = path.stat()
-    key = (f"{'' if kind == 'sha256' else kind + '|'}{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
-           f"|{st.st_ino}|{st.st_ctime_ns}")
+    key = _memo_key(path, kind, (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
     memo_file = Path(memo_dir) / "file_hashes.json" if memo_dir is not None else None
     if memo_file is not None and key in (memo := _read_memo(memo_file)):
         return memo[key]
@@ -209,6 +235,12 @@ def _memo(path: Path, kind: str, memo_dir: Path | None | str, compute, keep=lamb
         except (OSError, Timeout):  # an unwritable or busy cache only costs a re-read next time
             pass
     return value
+
+
+def _memo_key(path: Path, kind: str, stamp: tuple) -> str:
+    """The memo's key of a file of `stamp` (size, mtime, inode, ctime: `file_stamps`' order)."""
+    size, mtime, inode, ctime = stamp
+    return f"{'' if kind == 'sha256' else kind + '|'}{os.path.realpath(path)}|{size}|{mtime}|{inode}|{ctime}"
 
 
 def _read_memo(memo_file: Path) -> dict:

@@ -1,6 +1,8 @@
 """`workbench generate` end to end on the embedded default: latents, an mp4 with 1 + 4 (F - 1) frames at the
 VAE's size, and a PNG grid; clear errors before any work."""
 
+import shutil
+
 import imageio.v3 as iio
 import torch
 from safetensors import safe_open
@@ -156,6 +158,30 @@ def test_another_runs_files_are_replaced_only_when_asked(tmp_path, capsys):
     assert f"wrote 1 sample(s) to {out} (1 more were there already)" in capsys.readouterr().out
     assert main(other + ["--overwrite"]) == 0
     with safe_open(str(out / "p0000-s1.safetensors"), "pt") as f:
+        assert f.metadata()["prompt"] == "a blue circle moving up"
+
+
+def test_files_another_run_wrote_while_this_one_took_the_folder_are_refused(tmp_path, capsys, monkeypatch):
+    """The names are checked again once the folder's lock is held: a run that wrote the folder between this run's
+    first look and its lock (it held the lock then) had its files replaced without a word."""
+    from workbench.store import StoreLock
+
+    out, other = tmp_path / "gen", tmp_path / "other"
+    run = ["--frames", "3", "--seed", "0", "--no-progress", "--no-video"]
+    assert main(["generate", "--prompt", "a blue circle moving up", *run, "--out", str(other)]) == 0
+    real = StoreLock.acquire
+
+    def acquire(self):  # (the other run finishes while this one reaches the lock)
+        if self.path == out:
+            shutil.copy(other / "p0000-s0.safetensors", out / "p0000-s0.safetensors")
+        return real(self)
+
+    monkeypatch.setattr(StoreLock, "acquire", acquire)
+    capsys.readouterr()
+    assert main(["generate", "--prompt", "a red square moving left", *run, "--out", str(out)]) == 2
+    assert "holds files of another run under this run's names: p0000-s0 (prompt: 'a blue circle moving up' there" \
+        in capsys.readouterr().err
+    with safe_open(str(out / "p0000-s0.safetensors"), "pt") as f:
         assert f.metadata()["prompt"] == "a blue circle moving up"
 
 

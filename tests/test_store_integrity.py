@@ -657,3 +657,38 @@ def test_file_stamps_see_a_replace_and_a_rewrite_in_place_that_keeps_size_and_mt
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(CheckpointError, match=r"w\.bin' changed while loading"):
         check_unchanged(stamps, "while loading")
+
+
+def test_a_change_of_metadata_alone_is_no_change_of_the_files(tmp_path, monkeypatch):
+    """chmod, a hard link, `touch -a` or times set again move a file's ctime and nothing else: no refusal (the run
+    was refused, blaming a replace) when its bytes are those stamped: a small file's sha256 is in its stamp, a large
+    one's as `sha256_file` remembered it. A large file's bytes rewritten under its old size and mtime still count,
+    and so does a large file never hashed (nothing says what its bytes were)."""
+    from models.errors import CheckpointError
+    from models.files import SMALL_FILE, changed_files, check_unchanged, file_stamps, sha256_file
+
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    small, big, unhashed = tmp_path / "config.json", tmp_path / "w.pt", tmp_path / "other.pt"
+    small.write_text('{"dim": 64}')
+    big.write_bytes(b"a" * (SMALL_FILE + 1))
+    unhashed.write_bytes(b"c" * (SMALL_FILE + 1))
+    sha256_file(big)  # (the labels' hash: remembered for these stamps)
+    stamps = file_stamps(small, big, unhashed)
+
+    def metadata_only():
+        time.sleep(0.02)
+        for f in (small, big, unhashed):
+            os.chmod(f, 0o644 if f.stat().st_mode & 0o777 != 0o644 else 0o640)
+        os.link(big, tmp_path / "w-link.pt")
+        st = small.stat()
+        os.utime(small, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    metadata_only()
+    assert all(file_stamps(f)[str(f)][3] != stamps[str(f)][3] for f in (small, big, unhashed))  # (ctimes moved)
+    assert changed_files(stamps) == [str(unhashed)]
+    check_unchanged({k: v for k, v in stamps.items() if k != str(unhashed)}, "while loading")
+    st = big.stat()
+    big.write_bytes(b"b" * (SMALL_FILE + 1))  # in place, its old size and mtime put back
+    os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(CheckpointError, match=r"w\.pt' changed while loading"):
+        check_unchanged({k: v for k, v in stamps.items() if k != str(unhashed)}, "while loading")

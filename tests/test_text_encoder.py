@@ -291,7 +291,16 @@ def test_the_prompt_cache_is_off_once_the_weights_are_not_the_files_as_loaded(sm
              (("old", small_sd), ("new", other_sd))}
     assert not torch.equal(truth["old"], truth["new"])  # (the comparison can fail)
 
+    import os
+    import warnings
+
     loaded = TextEncoder.from_files(weights, TOKENIZER, cache_dir=cache)
+    os.chmod(weights, 0o600)  # its metadata alone (the ctime moves): the same bytes, the cache stays on
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ModelInputWarning)
+        assert torch.equal(loaded.encode(PROMPTS[:1]).context, truth["old"])
+    assert len(list(cache.rglob("*.safetensors"))) == 1
+    shutil.rmtree(cache)
     torch.save(dict(other_sd), tmp_path / "new.pth")
     (tmp_path / "new.pth").replace(weights)  # replaced before the first encode (a new file: the old may be mapped)
     with pytest.warns(ModelInputWarning, match="no longer those of .*t5.pth as loaded"):
@@ -318,6 +327,10 @@ def test_identity_changes_with_weights_and_tokenizer_files(small_sd, small_pth, 
     tok_copy.mkdir()
     for f in TOKENIZER.iterdir():
         (tok_copy / f.name).write_bytes(f.read_bytes())
+    assert TextEncoder.from_files(small_pth, tok_copy).identity == base
+    (tok_copy / ".tokenizer.json.swp").write_text("an editor's")  # hidden files: no tokenizer reads them
+    (tok_copy / ".cache" / "huggingface").mkdir(parents=True)
+    (tok_copy / ".cache" / "huggingface" / "tokenizer.json.metadata").write_text("a download tool's")
     assert TextEncoder.from_files(small_pth, tok_copy).identity == base
     (tok_copy / "tokenizer_config.json").write_text((TOKENIZER / "tokenizer_config.json").read_text() + "\n")
     assert TextEncoder.from_files(small_pth, tok_copy).identity != base

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from models.errors import CheckpointError, ModelInputError, ModelInputWarning
-from models.files import (atomic_write_bytes, check_tensor_shapes, check_weights_file, file_stamps,
+from models.files import (atomic_write_bytes, check_tensor_shapes, changed_files, check_weights_file, file_stamps,
                           load_state_dict_file, sha256_file, weight_files, weights_sha256)
 from models.wan.folder import T5_NAME as WEIGHTS_NAME  # noqa: F401 (the official file names, re-exported)
 from models.wan.folder import TOKENIZER_SUBDIR, dit_dir, present, wan_parts  # noqa: F401 (TOKENIZER_SUBDIR: re-export)
@@ -272,12 +272,13 @@ def text_len_of(wan_dir) -> int:
 
 def encoder_identity(weights_path, tokenizer_dir, text_len: int) -> str:
     """What a text encoder's embeddings depend on, as one sha256: the weights file, every tokenizer file (name +
-    sha256), text_len and the cleaning mode. Files only (nothing is loaded); each file's hash is remembered once
+    sha256; hidden ones left out: an editor's swap file, a download tool's .cache/, which no tokenizer reads),
+    text_len and the cleaning mode. Files only (nothing is loaded); each file's hash is remembered once
     per machine (models/files.py `sha256_file`), so an 11 GB umT5 file is read once, whoever asks."""
     tokenizer_dir = Path(tokenizer_dir)
     h = hashlib.sha256()
     h.update(f"{_IDENTITY_VERSION}\0weights={weights_sha256(weights_path)}\0".encode())
-    for f in sorted(p for p in tokenizer_dir.rglob("*") if p.is_file()):
+    for f in sorted(p for p in tokenizer_dir.rglob("*") if p.is_file() and not _hidden(p, tokenizer_dir)):
         h.update(f"tokenizer:{f.relative_to(tokenizer_dir).as_posix()}={sha256_file(f)}\0".encode())
     h.update(f"text_len={text_len}\0clean={CLEAN_MODE}\0".encode())
     return h.hexdigest()
@@ -302,6 +303,10 @@ def check_encoder_files(wan_dir) -> None:
         raise TokenizerNotFoundError(
             f"tokenizer folder not found: {parts.describe('tokenizer')}, with tokenizer.json, tokenizer_config.json, "
             "spiece.model, special_tokens_map.json")
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def wan_dir_encoder_identity(wan_dir) -> str:
@@ -398,7 +403,8 @@ class TextEncoder:
         """Whether the prompt cache holds this encoder's embeddings: its identity is the weights file's, so once the
         file was replaced after loading, or the weights changed in memory, the cache is neither read nor written
         (a ModelInputWarning says so once; entries of other weights were stored under the new file's identity)."""
-        if self._weights_state() == self._as_loaded:
+        files, params = self._as_loaded
+        if self._weights_state()[1] == params and not changed_files(files):
             return True
         if not self._cache_off:
             self._cache_off = True

@@ -291,18 +291,25 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
                                     image_sha256=image_sha, dtype=str(dtype).removeprefix("torch."),
                                     shape=[args.frames, h, w])
               for i in range(len(prompts)) for s in seeds}
-    # how each file already there under this run's names differs from what this run would write (None: no file)
-    existing = {name: _differences(Path(args.out) / f"{name}.safetensors", want) for name, want in wanted.items()}
-    clash = [f"{name} ({'; '.join(differ)})" for name, differ in existing.items()  # (an older file records less)
-             if differ and not all(d.startswith("no ") for d in differ)]
-    if rank == 0 and not args.overwrite and clash:
-        more = f" and {len(clash) - 3} more" if len(clash) > 3 else ""
-        raise WorkbenchError(f"{args.out} holds files of another run under this run's names: {'; '.join(clash[:3])}"
-                             f"{more}. generate names its files p<prompt index>-s<seed>, so this run would replace "
-                             "them: choose another --out, or pass --overwrite to replace them")
+    def look() -> dict:
+        """How each file already there under this run's names differs from what this run would write (None: no
+        file); another run's files are refused unless --overwrite."""
+        existing = {name: _differences(Path(args.out) / f"{name}.safetensors", want) for name, want in wanted.items()}
+        clash = [f"{name} ({'; '.join(differ)})" for name, differ in existing.items()  # (an older file records less)
+                 if differ and not all(d.startswith("no ") for d in differ)]
+        if rank == 0 and not args.overwrite and clash:
+            more = f" and {len(clash) - 3} more" if len(clash) > 3 else ""
+            raise WorkbenchError(f"{args.out} holds files of another run under this run's names: "
+                                 f"{'; '.join(clash[:3])}{more}. generate names its files p<prompt index>-s<seed>, so "
+                                 "this run would replace them: choose another --out, or pass --overwrite to replace "
+                                 "them")
+        return existing
+
+    existing = look()
     out = ensure_writable_dir(args.out)  # every check passed: the output folder is made now
     if rank == 0 and locks is not None:  # one run writes a folder at a time (refused at once, naming the holder)
         locks.append(StoreLock(out, what="a generate folder").acquire())
+        existing = look()  # (again, the folder now this run's: a run that held it may have written meanwhile)
     if args.live:
         # live.json now: `workbench view OUT` can start waiting
         live = LiveRun(capture, out, device, fps=16, command=args.argv)
