@@ -721,16 +721,19 @@ def test_workbench_plugins_register_statistics_the_command_line_takes(tmp_path, 
     assert ds.test_plugin_mass2.attrs["long_name"] == "twice the mass"
     # a plugin that is missing or raises is left out with a warning, and the commands go on without it (one
     # broken plugin stopped every command, `report` and `--help` included)
-    (tmp_path / "my_dup_stat.py").write_text('from workbench import statistics as S\n'
-                                             'S.register(S.get("attn_mass"))\n')  # (a name already taken)
+    (tmp_path / "my_dup_stat.py").write_text(  # (a statistic of its own, then a name already taken)
+        'import dataclasses\nfrom workbench import statistics as S\n'
+        'S.register(dataclasses.replace(S.get("attn_mass"), name="test_half_registered"))\n'
+        'S.register(S.get("attn_mass"))\n')
     monkeypatch.setenv("WORKBENCH_PLUGINS", "no_such_module_here,my_dup_stat")
     capsys.readouterr()
     assert cli_main(["report", str(out), "--out", str(tmp_path / "r.html")]) == 0
     err = capsys.readouterr().err
     assert "workbench: warning: WORKBENCH_PLUGINS: no module 'no_such_module_here' (give module names importable" in err
-    assert ("workbench: warning: WORKBENCH_PLUGINS: module 'my_dup_stat' raised ValueError while importing, so the "
-            "rest of it is left out (what it registered before that stays): statistic 'attn_mass' is registered "
+    assert ("workbench: warning: WORKBENCH_PLUGINS: module 'my_dup_stat' raised ValueError while importing, so it "
+            "is left out (what it registered before that is taken back): statistic 'attn_mass' is registered "
             "already") in err
+    assert "test_half_registered" not in statistics.STATISTICS  # (taken back: half a plugin is no plugin)
     assert cli_main(["extract", "--stats", "attn_mass,test_plugin_mass2", "--out", str(tmp_path / "q.zarr")]) == 2
     assert "unknown statistic(s) ['test_plugin_mass2']" in capsys.readouterr().err
     assert not (tmp_path / "q.zarr").exists()

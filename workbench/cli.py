@@ -125,8 +125,8 @@ def load_plugins(warn=None) -> list[str]:
     takes the statistics they `workbench.statistics.register` and `--help` lists them): the modules named in the
     environment variable WORKBENCH_PLUGINS (comma-separated, importable from the current folder or PYTHONPATH) and
     the `workbench.plugins` entry points of installed packages (WORKBENCH_NO_ENTRY_POINTS=1 skips them). Returns the
-    names loaded. One that fails is left out with a line to `warn` (default: stderr) naming it and why, and the
-    command goes on: a broken plugin must not stop the commands that do not need it (`report` reads a store
+    names loaded. One that fails is left out with a line to `warn` (default: stderr) naming it and why, what it
+    registered before it failed taken back (`_registries`), and the command goes on: a broken plugin must not stop the commands that do not need it (`report` reads a store
     without it; `extract --stats` of its statistic then says the statistic is unknown)."""
     import importlib
     import os
@@ -137,21 +137,32 @@ def load_plugins(warn=None) -> list[str]:
 
     loaded = []
     groups = () if os.environ.get("WORKBENCH_NO_ENTRY_POINTS") else entry_points(group=PLUGINS_GROUP)
+    names = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
+    tables = _registries() if groups or names else []
+    before = [dict(table) for table in tables]
+
+    def take_back():  # (what the plugin registered before it failed: the registries as before it)
+        for table, kept in zip(tables, before):
+            table.clear()
+            table.update(kept)
+
     for ep in groups:
         try:
             ep.load()
         except Exception as err:  # noqa: BLE001 - any failure of the user's code: one line naming it
+            take_back()
             say(f"the {PLUGINS_GROUP} entry point {ep.name!r} ({ep.value}) failed to load, so it is left out: "
                 f"{type(err).__name__}: {err} (WORKBENCH_NO_ENTRY_POINTS=1 skips the entry points)")
             continue
         loaded.append(ep.value)
-    names = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
+        before = [dict(table) for table in tables]
     if names and not {"", ".", os.getcwd()} & set(sys.path):  # (a console script's path lacks the current folder)
         sys.path.append(os.getcwd())
     for name in names:
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as err:
+            take_back()
             if err.name and (name == err.name or name.startswith(err.name + ".")):  # (the named module is missing)
                 say(f"{PLUGINS_ENV}: no module {name!r} (give module names importable from the current folder or "
                     "PYTHONPATH, comma-separated), so it is left out")
@@ -159,11 +170,20 @@ def load_plugins(warn=None) -> list[str]:
                 say(f"{PLUGINS_ENV}: module {name!r} failed to import, so it is left out: {type(err).__name__}: {err}")
             continue
         except Exception as err:  # noqa: BLE001 - the module raised: its own error, named
-            say(f"{PLUGINS_ENV}: module {name!r} raised {type(err).__name__} while importing, so the rest of it is "
-                f"left out (what it registered before that stays): {err}")
+            take_back()
+            say(f"{PLUGINS_ENV}: module {name!r} raised {type(err).__name__} while importing, so it is left out "
+                f"(what it registered before that is taken back): {err}")
             continue
         loaded.append(name)
+        before = [dict(table) for table in tables]
     return loaded
+
+
+def _registries() -> list[dict]:
+    """The tables a plugin registers into: statistics, intervention kinds, cache policies."""
+    from workbench import intervene_entries, statistics
+
+    return [statistics.STATISTICS, intervene_entries.OWN_KINDS, intervene_entries.OWN_POLICIES]
 
 
 def build_parser() -> argparse.ArgumentParser:
