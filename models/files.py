@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import secrets
+import stat
 import tempfile
 from pathlib import Path
 
@@ -109,11 +110,11 @@ SMALL_FILE = 1 << 20  # bytes: a file up to this size has its sha256 in its stam
 
 
 def file_stamps(*paths) -> dict[str, tuple | None]:
-    """Each file's (size, mtime, inode, ctime, sha256 of a file up to SMALL_FILE bytes else None), None for one that
-    is gone; a shard index stands for its shards too, a folder for its top-level files (hidden ones left out). Taken before files are
-    hashed for a store's labels and compared after they are loaded (`check_unchanged`), they say the bytes loaded
-    are the bytes hashed: a replace changes the inode, a rewrite in place the ctime (no tool sets it back, as
-    `cp -p` and `rsync -a` do the mtime)."""
+    """Each file's (size, mtime, inode, ctime, sha256 of a regular file up to SMALL_FILE bytes else None, whether it
+    is a regular file), None for one that is gone; a shard index stands for its shards too, a folder for its
+    top-level files (hidden ones left out). Taken before files are hashed for a store's labels and compared after
+    they are loaded (`check_unchanged`), they say the bytes loaded are the bytes hashed: a replace changes the
+    inode, a rewrite in place the ctime (no tool sets it back, as `cp -p` and `rsync -a` do the mtime)."""
     files = []
     for path in (Path(p) for p in paths if p is not None):
         files += sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith(".")) \
@@ -124,8 +125,9 @@ def file_stamps(*paths) -> dict[str, tuple | None]:
     for f in files:
         try:
             st = f.stat()
-            small = sha256_file(f, memo_dir=None) if st.st_size <= SMALL_FILE else None
-            stamps[str(f)] = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, small)
+            regular = stat.S_ISREG(st.st_mode)  # (a pipe is never read here: it would wait for a writer)
+            small = sha256_file(f, memo_dir=None) if regular and st.st_size <= SMALL_FILE else None
+            stamps[str(f)] = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, small, regular)
         except OSError:
             stamps[str(f)] = None
     return stamps
@@ -142,7 +144,7 @@ def changed_files(stamps: dict[str, tuple | None]) -> list[str]:
         new = now.get(path)
         if new == stamp:
             continue
-        if stamp is not None and new is not None and new[:3] == stamp[:3]:
+        if stamp is not None and new is not None and new[:3] == stamp[:3] and new[5] and stamp[5]:
             before = stamp[4]
             if before is None and (memo_dir := default_memo_dir()) is not None:
                 before = _read_memo(memo_dir / "file_hashes.json").get(_memo_key(Path(path), "sha256", stamp[:4]))

@@ -141,6 +141,9 @@ def test_generator_steps_and_bitwise_resume(tmp_path, world_set):
     a.train(4)
     rows = a.history
     assert [("generator_loss" in r) for r in rows] == [True, False, True, False]
+    # the generator's logit under its own name (the critic's, logged after it, took gan_fake_logit's place)
+    assert [("generator_fake_logit" in r) for r in rows] == [True, False, True, False]
+    assert all("gan_fake_logit" in r and "gan_real_logit" in r for r in rows)
     assert all("r1_loss" in r and "r2_loss" in r for r in rows)
     b = gan_trainer(tmp_path / "b", world_set, *over)
     b.train(2)
@@ -160,7 +163,9 @@ def test_gan_config_errors():
     from training.errors import TrainingError
 
     for over, message in ((["num_class=0"], "num_class"), (["r1_sigma=0"], "r1_sigma 0.0 must be positive"),
-                          (["data_path=prompts.txt"], "real latents")):
+                          (["data_path=prompts.txt"], "real latents"),  # (0: a ZeroDivisionError after warm-up)
+                          (["dfake_gen_update_ratio=0"], "dfake_gen_update_ratio 0 must be >= 1"),
+                          (["critic_timestep_shift=0"], "critic_timestep_shift 0.0 must be positive")):
         cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", BASE + ["trainer=gan", *over])
         with pytest.raises(TrainingError, match=message):
             check_config(cfg, 1)

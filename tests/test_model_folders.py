@@ -203,6 +203,11 @@ def test_info_says_what_a_checkpoint_holds_and_which_config_it_fits(tmp_path, ca
     assert lines[3].split()[0] == "critic" and lines[4].strip().startswith(
         "Wan DiT, 2 layers, width 64, FFN 128: fits tiny; with a GAN discriminator's branch (")
     assert lines[4].endswith("tensors: _register_tokens, _gan_ca_blocks, _cls_pred_branch)")
+    torch.save(critic.state_dict(), gan)  # a critic alone, as a bare state dict: no command that would fail
+    assert cli_main(["info", "--checkpoint", str(gan)]) == 0
+    out = capsys.readouterr().out
+    assert "a GAN critic's weights (a Wan DiT with a discriminator's branch): no generator to load" in out
+    assert "load it" not in out
     bare = tmp_path / "bare.pt"
     torch.save(to_diffusers({k: v.float() for k, v in sd.items()}), bare)
     assert cli_main(["info", "--checkpoint", str(bare)]) == 0

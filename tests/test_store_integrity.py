@@ -463,7 +463,47 @@ def test_bf16_and_bfloat16_are_one_dtype_in_new_stores_and_old(tmp_path, capsys)
     assert list(after.sample.values) == ["p0000-s0", "p0000-s1", "p0000-s2", "p0000-s3"]
     assert after.attrs["fingerprint"] == old
     assert cli_main([*run, "--dtype", "float32", "--seed", "4"]) == 2
-    assert "model.dtype: bf16 in the store, float32 in this run" in capsys.readouterr().err
+    assert "model.dtype: bfloat16 in the store, float32 in this run" in capsys.readouterr().err  # (in today's word)
+    assert cli_main([*run, "--dtype", "bf16", "--timestep-shift", "3", "--seed", "4"]) == 2  # (another setting:
+    err = capsys.readouterr().err  # named alone, the dtype's two names being one)
+    assert "layout.schedule (5 items in the store" in err and "dtype" not in err
+    _rewrite_fingerprint(out, lambda f: f["model"].pop("text_encoder"))  # older still: no text encoder recorded
+    assert cli_main([*run, "--dtype", "bfloat16", "--seed", "4"]) == 0
+    assert "did not record its text encoder" in capsys.readouterr().out
+
+    fx = tmp_path / "fx.zarr"  # an effects store the same way
+    effects = ["intervene", "--ablate", "0:0", "--frames", "3", "--capture", "0", "--world", "off", "--no-progress",
+               "--out", str(fx)]
+    assert cli_main([*effects, "--dtype", "bf16"]) == 0
+    _rewrite_fingerprint(fx, lambda f: f["model"].update(dtype="bf16"))
+    assert cli_main([*effects, "--ablate", "0:1", "--dtype", "bfloat16"]) == 0
+    assert list(open_store(fx).intervention.values)[-1] == "ablate-zero:L0.H1"
+
+
+def test_stores_whose_text_encoder_was_hashed_with_hidden_tokenizer_files_resume(tmp_path, capsys):
+    """The text encoder's identity leaves the tokenizer folder's hidden files out (an editor's swap file changed
+    it); a store made before, when it hashed them, takes this run's samples and keeps its own fingerprint."""
+    from models.wan.folder import wan_parts
+    from models.wan.text_encoder import earlier_identities, encoder_identity, wan_dir_encoder_identity
+
+    wan = tmp_path / "wan"
+    shutil.copytree(REPO / "data" / "embedded", wan, ignore=shutil.ignore_patterns("checkpoints"))
+    assert earlier_identities(wan) == {}
+    parts = wan_parts(wan)
+    (parts.tokenizer / ".gitattributes").write_text("*.json filter=lfs\n")
+    now = wan_dir_encoder_identity(wan)
+    old = encoder_identity(parts.text_encoder, parts.tokenizer, 512, hidden=True)
+    assert old != now and earlier_identities(wan) == {old: now}
+    out = tmp_path / "s.zarr"
+    run = ["extract", "--wan-dir", str(wan), "--layer", "0", "--steps", "0", "--frames", "3", "--no-progress",
+           "--out", str(out)]
+    assert cli_main([*run, "--seed", "0"]) == 0
+    _rewrite_fingerprint(out, lambda f: f["model"].update(text_encoder=old))  # as the workbench made it before
+    assert cli_main([*run, "--seed", "0,1"]) == 0
+    assert list(open_store(out).sample.values) == ["p0000-s0", "p0000-s1"]
+    _rewrite_fingerprint(out, lambda f: f["model"].update(text_encoder="0" * 64))  # another encoder: refused
+    assert cli_main([*run, "--seed", "2"]) == 2
+    assert "model.text_encoder: 000" in capsys.readouterr().err
 
 
 def test_readers_open_a_store_while_its_arrays_grow_one_by_one(tmp_path, reference):
@@ -692,3 +732,6 @@ def test_a_change_of_metadata_alone_is_no_change_of_the_files(tmp_path, monkeypa
     os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(CheckpointError, match=r"w\.pt' changed while loading"):
         check_unchanged({k: v for k, v in stamps.items() if k != str(unhashed)}, "while loading")
+    small.unlink()
+    os.mkfifo(small)  # (a pipe under the name: changed, and never opened, which would wait for a writer)
+    assert str(small) in changed_files(stamps)

@@ -332,6 +332,12 @@ def test_identity_changes_with_weights_and_tokenizer_files(small_sd, small_pth, 
     (tok_copy / ".cache" / "huggingface").mkdir(parents=True)
     (tok_copy / ".cache" / "huggingface" / "tokenizer.json.metadata").write_text("a download tool's")
     assert TextEncoder.from_files(small_pth, tok_copy).identity == base
+    from models.files import file_stamps
+
+    assert set(file_stamps(tok_copy)) == {str(tok_copy / f.name) for f in TOKENIZER.iterdir() if f.is_file()}
+    under_hidden = tmp_path / ".cache" / "tok"  # (a folder under a hidden one: only names inside it count)
+    shutil.copytree(TOKENIZER, under_hidden)
+    assert TextEncoder.from_files(small_pth, under_hidden).identity == base
     (tok_copy / "tokenizer_config.json").write_text((TOKENIZER / "tokenizer_config.json").read_text() + "\n")
     assert TextEncoder.from_files(small_pth, tok_copy).identity != base
 

@@ -302,6 +302,9 @@ def test_batch_that_does_not_divide_across_ranks():
         check_config(cfg, 3)
     assert ("use a multiple of 3 (63 or 66), or --set total_batch_size=3 for a step of batch_size x ranks"
             in str(err.value))
+    cfg, _ = load_train_config("configs/self_forcing_dmd.yaml", ["total_batch_size=2", "batch_size=1"])
+    with pytest.raises(TrainingError, match=r"use a multiple of 3 \(3\), or"):  # (none below: not "0 or 3")
+        check_config(cfg, 3)
 
 
 def test_shipped_configs_and_the_sid_quirks():

@@ -308,6 +308,9 @@ def test_a_video_of_another_run_is_never_shown_beside_the_store(runs, tmp_path, 
     beside = tmp_path / "other.zarr"  # found beside the store by name: left out, with the reason
     shutil.copytree(store, beside)
     assert set(open_source(beside).videos) == {"p0000-s1"}
+    save_file(load_file(str(side)), str(side), metadata=dict(metadata, dtype="float64"))  # (only the dtype differs)
+    assert main(["view", str(store), "--video", str(other / "p0000-s0.mp4"), "--sample", "p0000-s0"]) == 2
+    assert "dtype 'float64' (the store's: 'float32')" in capsys.readouterr().err
 
 
 @needs_mp4

@@ -51,7 +51,9 @@ def build_models(cfg, plan: Plan, device="cpu") -> tuple[Models, Path]:
         from training.gan import add_classification_branch
 
         critic = load_wan(model_folder(cfg, cfg.fake_name), causal=False, dtype=torch.float32)
-        add_classification_branch(critic, cfg.num_class, bool(cfg.concat_time_embeddings))
+        with torch.random.fork_rng(devices=[]):  # (its initial weights: the config's seed, on every rank alike)
+            torch.manual_seed(cfg.seed)
+            add_classification_branch(critic, cfg.num_class, bool(cfg.concat_time_embeddings))
     if plan.trainer == "score_distillation":
         critic = load_wan(model_folder(cfg, cfg.fake_name), causal=False, dtype=torch.float32)
         teacher_dtype = torch.bfloat16 if (cfg.mixed_precision and torch.device(device).type == "cuda") else torch.float32

@@ -194,6 +194,12 @@ def check_gan_config(cfg) -> None:
     for key in ("r1_sigma", "r2_sigma"):
         if cfg[key] <= 0:
             raise TrainingError(f"{key} {cfg[key]} must be positive")
+    if cfg.dfake_gen_update_ratio < 1:
+        raise TrainingError(f"dfake_gen_update_ratio {cfg.dfake_gen_update_ratio} must be >= 1 (the generator "
+                            "trains every that many steps)")
+    if cfg.critic_timestep_shift is not None and cfg.critic_timestep_shift <= 0:
+        raise TrainingError(f"critic_timestep_shift {cfg.critic_timestep_shift} must be positive (or null: "
+                            "timestep_shift)")
     if cfg.data_path.endswith(".txt"):
         raise TrainingError(f"data_path {cfg.data_path!r}: GAN training needs real latents (a latent dataset .pt of "
                             "clean latents, e.g. encoded world videos), not a prompt file")

@@ -213,7 +213,8 @@ class GanTrainer(Trainer):
         real_t = self.scheduler.add_noise(real, self.noise(gens), t)
         fake, real_logit = self.logits(fake_t, real_t, t, self.encode(prompts))
         loss = generator_gan_loss(fake, real_logit, cfg.gan_g_weight, cfg.relativistic_discriminator)
-        return loss, {"gan_fake_logit": fake.float().mean().detach()}
+        # (its own name: a step that trains both logs the critic's after, under gan_fake_logit)
+        return loss, {"generator_fake_logit": fake.float().mean().detach()}
 
     def critic_loss(self, m: int):
         cfg, idx = self.cfg, self.micro_indices(m)

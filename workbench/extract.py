@@ -36,7 +36,7 @@ from models.errors import ModelInputError
 from models.files import check_unchanged
 from models.wan.checkpoint import load_wan, sha256_file, wan_weights_file, weights_sha256
 from models.wan.embedded import require_embedded_dir
-from models.wan.text_encoder import check_encoder_files, wan_dir_encoder_identity
+from models.wan.text_encoder import check_encoder_files, earlier_identities, wan_dir_encoder_identity
 from workbench.capture import CaptureSpec, Geometry, StatsProbe, resolve_mode
 from workbench.chunking import block_sizes_of, image_latent  # noqa: F401 (block_sizes_of: the nnsight recipe)
 from workbench.inputs import check_device, parse_int_list  # noqa: F401 (re-exported: they were here)
@@ -362,6 +362,13 @@ LATER_FIELDS = {"model.text_encoder": "its text encoder"}
 SAME_VALUES = {"model.dtype": {"bf16": "bfloat16"}}
 
 
+def same_values(p: Plan) -> dict:
+    """SAME_VALUES, with the identities earlier workbenches gave this run's text encoder (models/wan/text_encoder.py
+    `earlier_identities`: its tokenizer folder's hidden files hashed too)."""
+    earlier = earlier_identities(p.wan_dir)
+    return {**SAME_VALUES, "model.text_encoder": earlier} if earlier else SAME_VALUES
+
+
 # ------------------------------------------------------------------------------------------------------
 # Running
 
@@ -480,7 +487,7 @@ def open_writer(p: Plan, log=print) -> StoreWriter:
     fields = fingerprint_fields(p, sha)
     return StoreWriter(cfg.out, fingerprint_of(fields), mode=cfg.mode, lock=lock, log=log, fields=fields,
                        entry_coords={"checkpoint_sha256": sha}, made_by=p.checkpoint_label + ema_suffix(cfg.use_ema),
-                       later=LATER_FIELDS, same_values=SAME_VALUES)
+                       later=LATER_FIELDS, same_values=same_values(p))
 
 
 def check_resumed_prompts(writer: StoreWriter, samples, out) -> None:

@@ -209,7 +209,7 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str | lis
     from models.wan.checkpoint import weights_sha256
     from models.wan.folder import present, wan_parts
     from models.wan.text_encoder import check_encoder_files, wan_dir_encoder_identity
-    from workbench.extract import ExtractConfig, LATER_FIELDS, SAME_VALUES, fingerprint_of, plan
+    from workbench.extract import ExtractConfig, LATER_FIELDS, fingerprint_of, plan, same_values
     from workbench.store import SCHEMA_VERSION, StoreLock, StoreWriter
     from workbench.weights import run_files
 
@@ -273,7 +273,7 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str | lis
         if schedule != defaults:  # (absent at the defaults: stores made before the schedule flags still resume)
             fields["model"]["schedule"] = schedule
         writer = StoreWriter(cfg.out, fingerprint_of(fields), mode=cfg.mode, append_dim="intervention", lock=lock,
-                             fields=fields, log=log, later=LATER_FIELDS, same_values=SAME_VALUES,
+                             fields=fields, log=log, later=LATER_FIELDS, same_values=same_values(p),
                              absent={f"model.schedule.{key}": value for key, value in defaults.items()})
     except BaseException:
         lock.release()

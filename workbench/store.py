@@ -612,7 +612,8 @@ class StoreWriter:
                      "every setting it recorded agrees with this run's (the weights among them), so this run's "
                      "entries join it; that one is not checked")
         elif not agrees:
-            what = describe_differences(attrs.get("fingerprint_fields"), self.fields, self.absent)
+            what = describe_differences(self._as_now(stored) if isinstance(stored, dict) else stored, self.fields,
+                                        self.absent)
             if self.append_dim == "sample" and attrs.get("layout_fingerprint") == self.fingerprint.split(":")[0]:
                 what += self._whose(group, attrs)  # (another model: named by its files too)
                 raise WorkbenchError(

@@ -270,15 +270,16 @@ def text_len_of(wan_dir) -> int:
         raise CheckpointError(f"cannot read text_len from {cfg}: {e}") from e
 
 
-def encoder_identity(weights_path, tokenizer_dir, text_len: int) -> str:
+def encoder_identity(weights_path, tokenizer_dir, text_len: int, *, hidden: bool = False) -> str:
     """What a text encoder's embeddings depend on, as one sha256: the weights file, every tokenizer file (name +
-    sha256; hidden ones left out: an editor's swap file, a download tool's .cache/, which no tokenizer reads),
-    text_len and the cleaning mode. Files only (nothing is loaded); each file's hash is remembered once
-    per machine (models/files.py `sha256_file`), so an 11 GB umT5 file is read once, whoever asks."""
+    sha256; hidden ones left out: an editor's swap file, a download tool's .cache/, which no tokenizer reads;
+    `hidden`: with them, as stores made before 2026-12-06 hashed them), text_len and the cleaning mode. Files only
+    (nothing is loaded); each file's hash is remembered once per machine (models/files.py `sha256_file`), so an
+    11 GB umT5 file is read once, whoever asks."""
     tokenizer_dir = Path(tokenizer_dir)
     h = hashlib.sha256()
     h.update(f"{_IDENTITY_VERSION}\0weights={weights_sha256(weights_path)}\0".encode())
-    for f in sorted(p for p in tokenizer_dir.rglob("*") if p.is_file() and not _hidden(p, tokenizer_dir)):
+    for f in sorted(p for p in tokenizer_dir.rglob("*") if p.is_file() and (hidden or not _hidden(p, tokenizer_dir))):
         h.update(f"tokenizer:{f.relative_to(tokenizer_dir).as_posix()}={sha256_file(f)}\0".encode())
     h.update(f"text_len={text_len}\0clean={CLEAN_MODE}\0".encode())
     return h.hexdigest()
@@ -314,6 +315,17 @@ def wan_dir_encoder_identity(wan_dir) -> str:
     check_encoder_files(wan_dir)
     parts = wan_parts(wan_dir)
     return encoder_identity(parts.text_encoder, parts.tokenizer, text_len_of(wan_dir))
+
+
+def earlier_identities(wan_dir) -> dict[str, str]:
+    """{an identity earlier workbenches gave this text encoder: `wan_dir_encoder_identity`'s}: the one that hashed
+    the tokenizer folder's hidden files too, when it has any (empty otherwise), so that their stores resume."""
+    parts = wan_parts(wan_dir)
+    if not any(_hidden(p, parts.tokenizer) for p in parts.tokenizer.rglob("*") if p.is_file()):
+        return {}
+    text_len = text_len_of(wan_dir)
+    return {encoder_identity(parts.text_encoder, parts.tokenizer, text_len, hidden=True):
+            encoder_identity(parts.text_encoder, parts.tokenizer, text_len)}
 
 
 class TextEncoder:

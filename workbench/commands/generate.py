@@ -148,9 +148,10 @@ def _shown(key: str, value: str) -> str:
     return repr(value)
 
 
-def _differences(path: Path, want: dict) -> list[str] | None:
+def _differences(path: Path, want: dict, earlier: dict | None = None) -> list[str] | None:
     """How the latents file at `path` differs from what this run would write there (`want`: the metadata it
-    records, and `shape`, the latents' [frames, h, w]); None when there is no such file of generate's."""
+    records, and `shape`, the latents' [frames, h, w]); None when there is no such file of generate's. `earlier`:
+    {an identity earlier workbenches gave this run's text encoder: this run's} (the same encoder)."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -161,6 +162,8 @@ def _differences(path: Path, want: dict) -> list[str] | None:
             shape = list(f.get_slice("latents").get_shape())
     except Exception:  # not a file of generate's
         return None
+    if made.get("text_encoder") in (earlier or {}):
+        made["text_encoder"] = earlier[made["text_encoder"]]
     differ = [f"{k}: {_shown(k, made[k])} there, {_shown(k, v)} now" for k, v in want.items()
               if k != "shape" and k in made and made[k] != v]
     differ += [f"no {k} recorded" for k in want if k != "shape" and k not in made]
@@ -188,7 +191,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from models.wan.checkpoint import weights_sha256 as weights_sha256_of
     from models.wan.embedded import require_embedded_dir
     from models.wan.folder import present, wan_parts
-    from models.wan.text_encoder import TextEncoder, check_encoder_files, wan_dir_encoder_identity
+    from models.wan.text_encoder import TextEncoder, check_encoder_files, earlier_identities, wan_dir_encoder_identity
     from models.wan.vae import WanVAE, resolve_decoder
     from workbench.commands import apply_schedule, model_label, resolve_model, world_prompt_note
     from workbench.errors import WorkbenchError
@@ -272,7 +275,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
                                                                          else "float32"), h, w)
     # another run's files under this run's names are replaced only when asked (--overwrite)
     weights_sha256 = weights_sha256_of(weights_path)
-    text_encoder = wan_dir_encoder_identity(wan_dir)
+    text_encoder, earlier = wan_dir_encoder_identity(wan_dir), earlier_identities(wan_dir)
     # the few-step sampler's schedule and chunking (a file made with another is not this run's)
     steps = dict(denoising_step_list=list(args.denoising_step_list), warp=args.warp_denoising_step,
                  shift=args.timestep_shift, context_noise=args.context_noise,
@@ -294,7 +297,8 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     def look() -> dict:
         """How each file already there under this run's names differs from what this run would write (None: no
         file); another run's files are refused unless --overwrite."""
-        existing = {name: _differences(Path(args.out) / f"{name}.safetensors", want) for name, want in wanted.items()}
+        existing = {name: _differences(Path(args.out) / f"{name}.safetensors", want, earlier)
+                    for name, want in wanted.items()}
         clash = [f"{name} ({'; '.join(differ)})" for name, differ in existing.items()  # (an older file records less)
                  if differ and not all(d.startswith("no ") for d in differ)]
         if rank == 0 and not args.overwrite and clash:

@@ -122,6 +122,7 @@ def describe_checkpoint(path: str, configs: dict, trust_pickle: bool = False, wa
     lines = [head + (": a bare state dict" if bare else "")]
     width = max([len(k) for k in entries] + [5])
     fitting = {}  # entry -> the configs it fits
+    critics = set()  # entries with a GAN discriminator's branch: a critic, no generator to load
     for name, sd in entries.items():
         flat = {k: v for k, v in strip_prefixes(sd).items() if isinstance(v, torch.Tensor)}
         gan = {k: v for k, v in flat.items() if k.split(".")[0] in GAN_BRANCH}
@@ -147,6 +148,7 @@ def describe_checkpoint(path: str, configs: dict, trust_pickle: bool = False, wa
             verdict = f"{size}: " + (f"fits {' and '.join(fits)}" if fits else "fits none of the built-in sizes "
                                      "(give --wan-dir the folder it belongs to, to check it there)")
         if gan and size:
+            critics.add(name)
             verdict += (f"; with a GAN discriminator's branch ({len(gan)} tensors: "
                         f"{', '.join(p for p in GAN_BRANCH if any(k.split('.')[0] == p for k in gan))})")
         lines.append(f"  {'':<{width}}  {verdict}")
@@ -157,6 +159,10 @@ def describe_checkpoint(path: str, configs: dict, trust_pickle: bool = False, wa
     main = next((k for k in ("generator", "model", "generator_ema", "(top level)") if k in entries), None)
     fits = fitting.get(main, [])
     if main is None or not fits:
+        return "\n".join(lines)
+    if main in critics:
+        lines.append("a GAN critic's weights (a Wan DiT with a discriminator's branch): no generator to load; a GAN "
+                     "run's\n         checkpoint holds its generator beside it")
         return "\n".join(lines)
     command = f"workbench extract --checkpoint {shell_word(str(path))}{' --trust-pickle' if trust_pickle else ''}"
     if asked in fits and wan_dir:  # the folder the user named

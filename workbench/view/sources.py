@@ -342,9 +342,10 @@ def _stamp(path) -> tuple | None:
 
 def video_mismatch(ds, sample: str, video: Path) -> str | None:
     """Why `video` is not the video of the store's `sample`, or None. Read from the latents file `workbench generate`
-    wrote beside it (same name, .safetensors): its prompt, seed, sampler, and the weights' sha256 and key (generator
-    or generator_ema), against the store's sample and its fingerprint (docs/store.md). A video without that file (or
-    a file from before generate recorded the weights) is checked on what it has."""
+    wrote beside it (same name, .safetensors): its prompt, seed, sampler, the weights' sha256 and key (generator or
+    generator_ema), the text encoder, image, window, schedule and dtype, against the store's sample and its
+    fingerprint (docs/store.md). A video without that file (or a file from before generate recorded the weights) is
+    checked on what it has."""
     side = Path(video).with_suffix(".safetensors")
     if not side.is_file():
         return None
@@ -361,7 +362,8 @@ def video_mismatch(ds, sample: str, video: Path) -> str | None:
     store_key = {"ema": "True", "gen": "False"}.get(model.get("key"))
     wanted = dict(prompt=str(ds["prompt"].values[i]), seed=str(int(ds["seed"].values[i])),
                   sampler=layout.get("sampler"), weights_sha256=model.get("weights"), use_ema=store_key,
-                  text_encoder=model.get("text_encoder"), image_sha256=model.get("image", ""))
+                  text_encoder=model.get("text_encoder"), image_sha256=model.get("image", ""),
+                  dtype={"bf16": "bfloat16"}.get(model.get("dtype"), model.get("dtype")))
     if "local_attn_size" in ds.coords and layout.get("sampler") != "bidirectional":  # (generate's "W+sinkS")
         wanted["window"] = f"{int(ds['local_attn_size'].values[i])}+sink{int(ds['sink_size'].values[i])}"
     shown = lambda k, v: f"no {k.replace('_sha256', '')}" if v == "" else repr(v)  # noqa: E731 ('' = none)
