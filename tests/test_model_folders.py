@@ -172,7 +172,7 @@ def test_info_says_what_a_checkpoint_holds_and_which_config_it_fits(tmp_path, ca
         assert lines[1 + 2 * i].split() == [name, str(len(sd)), "tensors,", f"{n:,}", "parameters", "(bfloat16)"]
         assert lines[2 + 2 * i].strip() == "Wan DiT, 2 layers, width 64, FFN 128: fits tiny"
     assert lines[7].split()[:2] == ["optimizer", "1"] and lines[8].strip().startswith("nested state")
-    assert lines[9] == "  other entries: step"
+    assert lines[9] == "  other entries: step 100"  # (the train step it was saved at)
     assert lines[10:] == [f"load it: workbench extract --checkpoint '{ck}' --wan-dir WAN_DIR",
                           "         (WAN_DIR: the Wan2.1 folder of tiny)",
                           "its EMA weights (generator_ema): the same with --use-ema"]
@@ -191,6 +191,13 @@ def test_info_says_what_a_checkpoint_holds_and_which_config_it_fits(tmp_path, ca
     out = capsys.readouterr().out
     assert f"FFN 128: does not fit {EMBEDDED_DIR}; fits tiny" in out and f"--wan-dir {EMBEDDED_DIR}" not in out
     assert f"load it: workbench extract --checkpoint '{ck}' --wan-dir WAN_DIR\n" in out
+    run = tmp_path / "logdir" / "checkpoint_model_000040"  # a training run's folder: its step said
+    run.mkdir(parents=True)
+    save_self_forcing(run / "model.pt", generator=sd)
+    torch.save({"step": 40}, run / "training_state.pt")
+    assert cli_main(["info", "--checkpoint", str(run / "model.pt")]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == ("  saved by a training run at train step 40 "
+                                                       "(training_state.pt beside it resumes the run)")
     # a GAN run's critic holds its discriminator's branch beside the DiT (training/gan.py): still a DiT of its size
     from training.gan import add_classification_branch
 

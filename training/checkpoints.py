@@ -151,7 +151,7 @@ def check_resumed_betas(state: dict, gen_opt, critic_opt, folder) -> None:
                                 f"{now[0]} (a GAN discriminator's betas with a warm-up follow the researchers' trainer "
                                 "since 2026-12-05: (0.9, beta2_critic)); its moments were made under the old ones, so "
                                 "it does not resume: start a new --logdir (--set generator_ckpt=...model.pt starts "
-                                "from its weights)")
+                                "from its generator's weights; the critic starts anew)")
 
 
 def unread_keys(cfg) -> set[str]:
@@ -190,5 +190,6 @@ def check_resumed_config(cfg, saved_yaml: str | None, folder) -> None:
         raise TrainingError(f"--resume continues the run of {folder}, whose config differs from this one ({shown}"
                             f"{more}); a resumed run keeps the checkpoint's settings (its optimiser state holds the "
                             f"learning rates, its state the seed): drop those overrides, or start a new --logdir "
-                            f"(--set generator_ckpt=...model.pt starts from its weights). Only "
+                            f"(--set generator_ckpt=...model.pt starts from its generator's weights; a critic starts "
+                            f"anew). Only "
                             f"{', '.join(CHANGEABLE_ON_RESUME)} may change")

@@ -114,12 +114,17 @@ def describe_checkpoint(path: str, configs: dict, trust_pickle: bool = False, wa
         return f"{head}\n  a {type(blob).__name__}, not a state dict or a dict of them"
     bare = bool(blob) and all(isinstance(v, torch.Tensor) for v in blob.values())
     entries = {"(top level)": blob} if bare else {str(k): v for k, v in blob.items() if isinstance(v, dict)}
-    others = [] if bare else sorted(str(k) for k, v in blob.items() if not isinstance(v, dict))
+    others = [] if bare else sorted(f"{k} {v}" if isinstance(v, int) and not isinstance(v, bool) else str(k)
+                                    for k, v in blob.items() if not isinstance(v, dict))  # (a step: its number)
     shapes = {}
     for label, config in configs.items():
         with torch.device("meta"):
             shapes[label] = {k: tuple(v.shape) for k, v in WanModel(config, causal=True).state_dict().items()}
     lines = [head + (": a bare state dict" if bare else "")]
+    saved = re.fullmatch(r"checkpoint_model_(\d+)", Path(path).resolve().parent.name)
+    if saved and (Path(path).resolve().parent / "training_state.pt").is_file():  # (a training run's: its step)
+        lines.append(f"  saved by a training run at train step {int(saved.group(1))} (training_state.pt beside it "
+                     "resumes the run)")
     width = max([len(k) for k in entries] + [5])
     fitting = {}  # entry -> the configs it fits
     critics = set()  # entries with a GAN discriminator's branch: a critic, no generator to load
