@@ -209,7 +209,8 @@ def build_effects_report(store, out_html: str | Path) -> Path:
            "samples and latent frames (effect_last_chunk: the last chunk's frames only); motion_change = the mean "
            "frame-to-frame latent change (latent_motion) over the baseline's, minus 1. "
            + ("The world columns are the miniature world's tracker on the decoded video, with in brackets the change "
-              "against the baseline (docs/world_metrics.md)." if "world_trajectory_error" in ds else
+              "against the baseline (docs/world_metrics.md); missed: which of adherent's three checks (colour, shape, "
+              "direction) failed, in how many samples." if "world_trajectory_error" in ds else
               "No world metrics: the run was made with --world off." if ds.attrs.get("world_asked") == "off" else
               "No world metrics: the model or the prompts are not the miniature world's."))
     page.h("Ranked by effect")

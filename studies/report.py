@@ -512,7 +512,8 @@ def compare_summary(c, ranking, name_a: str, name_b: str, rows: int = 5, stores=
 def _model_line(ds: xr.Dataset) -> str:
     f = model_facts(ds)
     window = f["attention window (frames, -1 = global) / sink frames"]
-    cache = ("" if window == "?" else ", global attention" if window.startswith("-1 ") else
+    every = "every frame" if f["sampler"] == "bidirectional" else "every earlier frame"  # (no window: what it sees)
+    cache = ("" if window == "?" else f", no KV window ({every} attended)" if window.startswith("-1 ") else
              ", window {} latent frames, {} sink frames".format(*window.split(" / ")))
     return (f"{f['checkpoint']} ({f['weights entry']}, sha256 {f['weights sha256']}), {f['model family']}, "
             f"{f['sampler']}, {f['latent frames']} latent frames{cache}")

@@ -548,7 +548,7 @@ def test_an_interrupted_run_counts_its_own_finished_work(command, tmp_path, caps
             "extract": ["--layer", "1", "--stats", "attn_mass", "--seed", "0-2"],
             "generate": ["--seed", "0-2", "--no-video"]}[command]
     run = [command, *argv, "--frames", "3", "--out", str(out), "--no-progress"]
-    what = {"extract": "sample(s)", "intervene": "entries (baseline included)"}.get(command)
+    what = {"extract": "sample(s)", "intervene": "entry(ies) (baseline included)"}.get(command)
     stop_after(2)
     assert main(run) == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -521,6 +521,17 @@ def test_the_world_numbers_keep_the_parts_of_adherence(tmp_path):
     parts = [ds[f"world_{k}"] for k in ("colour_ok", "shape_ok", "direction_ok")]
     np.testing.assert_array_equal(ds.world_adherent.values, (parts[0] * parts[1] * parts[2]).values)
     assert ds.world_shape_ok.attrs["units"] == "0/1"
+    from workbench.intervene import ranking  # (the ranked table says which check an entry's samples missed)
+
+    missed = ranking(ds)["missed"]
+    for label in ds.intervention.values:
+        want = [f"{k} {int((ds[f'world_{k}_ok'].sel(intervention=label) < 1).sum())}/1"
+                for k in ("colour", "shape", "direction") if ds[f"world_{k}_ok"].sel(intervention=label).item() < 1]
+        assert missed[label] == "; ".join(want), label
+    edited = ds.load().copy(deep=True)
+    edited["world_shape_ok"].loc[dict(intervention="baseline")] = 0.0
+    edited["world_direction_ok"].loc[dict(intervention="baseline")] = 0.0
+    assert ranking(edited)["missed"]["baseline"] == "shape 1/1; direction 1/1"
     for name in ("world_colour_ok", "world_shape_ok"):  # a store from before: without them
         shutil.rmtree(out / name)
     meta = zarr.open_group(out, mode="r").attrs.asdict()

@@ -192,7 +192,8 @@ def test_commands(stores, tmp_path, capsys):
     assert "fig-js" in parse(tmp_path / "c.html")[0].figures
     out = capsys.readouterr().out.splitlines()  # each side's model named, as the page's Models table does
     assert out[0].startswith("A = wan.zarr: ") and out[1].startswith("B = sf.zarr: ") and "sha256" in out[0]
-    assert out[1].endswith(" latent frames, global attention")  # (the cache: two windows read alike before)
+    assert out[1].endswith(" latent frames, no KV window (every earlier frame attended)")  # (a causal model: it
+    # read "global attention" beside the bidirectional teacher's; two windows read alike before)
     table = pd.read_csv(tmp_path / "c.csv", index_col="rank")  # (the ranked heads for a paper: ranks from 1)
     assert list(table.index[:3]) == [1, 2, 3] and {"layer", "head", "js_bits", "class_a", "class_b"} <= set(table)
     assert table.js_bits.is_monotonic_decreasing and f"wrote {tmp_path / 'c.html'} and {tmp_path / 'c.csv'}" in \

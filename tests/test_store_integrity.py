@@ -242,7 +242,7 @@ def test_append_of_another_models_samples_is_refused(tmp_path, reference, other_
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0
         assert "holds samples of another model or sampler setting (model.weights: " in err
-        assert f"{store_sha} in the store, {sha256_file(other_checkpoint)} in this run" in err
+        assert f"{store_sha[:12]}... in the store, {sha256_file(other_checkpoint)[:12]}... in this run" in err
         assert f"; the store's samples: {before.checkpoint.values[0]} (generator_ema), this run's: " \
                f"{other_checkpoint} (generator_ema))" in err  # (the files, not only their hashes)
         assert "write these samples to another --out and compare the stores" in err
@@ -478,6 +478,20 @@ def test_bf16_and_bfloat16_are_one_dtype_in_new_stores_and_old(tmp_path, capsys)
     _rewrite_fingerprint(fx, lambda f: f["model"].update(dtype="bf16"))
     assert cli_main([*effects, "--ablate", "0:1", "--dtype", "bfloat16"]) == 0
     assert list(open_store(fx).intervention.values)[-1] == "ablate-zero:L0.H1"
+
+
+def test_a_store_of_another_model_and_other_settings_is_named_by_its_model_first(tmp_path, capsys):
+    """Another zoo model (another sampler, schedule and weights): the refusal leads with the two models in words,
+    then the settings, hashes cut to 12 digits (it was one line of schedule tuples and two whole sha256s)."""
+    out = tmp_path / "s.zarr"
+    run = ["extract", "--layer", "0", "--steps", "0", "--frames", "3", "--no-progress", "--out", str(out)]
+    assert cli_main(run) == 0
+    assert cli_main([*run, "--model", "teacher"]) == 2
+    err = capsys.readouterr().err
+    assert (f"'{out}' holds another model's samples (the store's samples: embedded:dmd (generator_ema), this "
+            "run's: embedded:teacher), made with other settings too (layout.sampler: causal_few_step") in err
+    assert re.search(r"model\.weights: [0-9a-f]{12}\.\.\. in the store, [0-9a-f]{12}\.\.\. in this run", err)
+    assert "write this run to another --out (or pass --overwrite" in err
 
 
 def test_stores_whose_text_encoder_was_hashed_with_hidden_tokenizer_files_resume(tmp_path, capsys):

@@ -281,7 +281,7 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str | lis
     try:
         return _run(p, cfg, entries, writer, scored, command, log, capture, save_videos, world, stamps=stamps)
     except KeyboardInterrupt as err:  # (Ctrl-C, SIGTERM: the command line says what is kept)
-        err.kept = writer.kept_note("entries (baseline included)", cfg.mode)
+        err.kept = writer.kept_note("entry(ies) (baseline included)", cfg.mode)
         raise
     finally:
         writer.close()
@@ -578,7 +578,8 @@ def held_in_place(held, recorded):
 
 def ranking(ds):
     """Entries ranked by effect: a pandas DataFrame with the mean relative latent distance (over samples and
-    frames), its last-chunk mean, and the world's numbers minus the baseline's where present."""
+    frames), its last-chunk mean, and the world's numbers minus the baseline's where present, with `missed`: which
+    of adherent's checks (colour, shape, direction) failed, in how many samples ("shape 1/2")."""
     import pandas as pd
 
     rel = ds.latent_distance_rel
@@ -601,6 +602,12 @@ def ranking(ds):
             rows[k] = v.values
             if base is not None:
                 rows[f"d_{k}"] = (v - base[f"world_{k}"].mean("sample")).values
+        checks = [c for c in ("colour", "shape", "direction") if f"world_{c}_ok" in ds]
+        if checks:  # which of adherent's checks failed, in how many samples (a miss is not always the prompt's)
+            failed = {c: (ds[f"world_{c}_ok"] < 1).sum("sample").values for c in checks}
+            count = ds.sizes["sample"]
+            rows["missed"] = ["; ".join(f"{c} {int(failed[c][i])}/{count}" for c in checks if failed[c][i])
+                              for i in range(ds.sizes["intervention"])]
     return rows.sort_values("effect", ascending=False)
 
 
@@ -624,6 +631,9 @@ def ranking_text(path, top: int = 20) -> str:
     lines.append(f"{'intervention':<{name}}" + "".join(f"{c:>{width[c]}}" for c in cols))
     for label, r in shown.iterrows():
         lines.append(fit(label, name) + "".join(f"{r[c]:>{width[c]}.4f}" for c in cols))
+    if "missed" in shown and any(shown["missed"]):  # (adherent 0 is not always the prompt's colour or direction)
+        lines.append("adherent's checks that failed (in how many samples): " + "; ".join(
+            f"{fit(label, name).rstrip()}: {missed}" for label, missed in shown["missed"].items() if missed))
     if len(table) > top:
         lines.append(f"... {len(table) - top} more (workbench report {printable(shell_word(path))})")
     lines.append(f"render it: workbench report {printable(shell_word(path))}")

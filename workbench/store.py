@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shlex
+import re
 import shutil
 import socket
 import sys
@@ -620,6 +621,11 @@ class StoreWriter:
                     f"{str(self.path)!r} holds samples of another model or sampler setting ({what}); a store holds "
                     "one model, so that no report or comparison mixes two: write these samples to another --out and "
                     "compare the stores with `workbench compare` (or pass --overwrite to replace this one)")
+            whose = self._whose(group, attrs)
+            if whose:  # (another model, and other settings besides: the model first, in words)
+                raise WorkbenchError(f"{str(self.path)!r} holds another model's samples ({whose.removeprefix('; ')}), "
+                                     f"made with other settings too ({what}); a store holds one model: write this "
+                                     f"run to another --out (or pass --overwrite to replace this store)")
             raise WorkbenchError(f"{str(self.path)!r} was made with another configuration ({what}); {self.hint}")
         lengths = lengths_along(group, self.append_dim)
         n = min(lengths.values(), default=0)  # entries that every array holds
@@ -884,6 +890,8 @@ def describe_differences(stored: dict | None, wanted: dict | None, absent: dict 
         return "the settings agree but the fingerprints do not (made by another version of the workbench)"
 
     def show(v):
+        if isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v):  # (a sha256: its first 12 digits say which)
+            return v[:12] + "..."
         text = str(v) if v != "" else '""'  # (an empty setting, shown as one)
         return text if len(text) <= 80 else text[:77] + "..."
 

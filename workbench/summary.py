@@ -104,7 +104,7 @@ def summary_table(store_path, max_rows: int = 48) -> str:
     if len(layers) * len(heads) <= max_rows:  # (one chunk: no "rest", every frame but 0 is "other frames")
         lines.append(f"{'layer':>6} {'head':>5} {'frame 0':>9} {own_name:>12}" + (f" {'rest':>8}" if chunked else "")
                      + f" {'same frame':>11} {'mean |q-k|':>11}"
-                     + ("   (own chunk: the query's chunk but frame 0; rest: earlier chunks' frames but 0)"
+                     + ("   (own chunk: the query's chunk, frame 0 excepted; rest: earlier chunks' frames, frame 0 excepted)"
                         if chunked else ""))
         for i, layer in enumerate(layers):
             for j, head in enumerate(heads):
