@@ -60,6 +60,27 @@ def test_a_checkpoint_of_a_trainer_without_a_critic_resumes_over_the_old_lr_crit
             check_resumed_config(cfg, saved, "runs/x")
 
 
+def test_gradient_checkpointing_changes_on_resume_only_where_it_changes_no_gradient():
+    """Under text_kv_gradient follows_checkpointing (the default, the researchers') activation checkpointing decides
+    whether the text keys/values carry gradient: a resume that turned it on or off trained another gradient without
+    a word; it is refused there, and changes freely under every_exit."""
+    from omegaconf import OmegaConf
+
+    from training.checkpoints import check_resumed_config
+    from training.errors import TrainingError
+
+    for mode, refused in (("follows_checkpointing", True), ("every_exit", False)):
+        then = load_config("configs/self_forcing_dmd.yaml", overrides=["gradient_checkpointing=true",
+                                                                        f"text_kv_gradient={mode}"])
+        now = load_config("configs/self_forcing_dmd.yaml", overrides=["gradient_checkpointing=false",
+                                                                       f"text_kv_gradient={mode}"])
+        if refused:
+            with pytest.raises(TrainingError, match="gradient_checkpointing: True in the checkpoint, False now"):
+                check_resumed_config(now, OmegaConf.to_yaml(then), "runs/x")
+        else:
+            check_resumed_config(now, OmegaConf.to_yaml(then), "runs/x")
+
+
 def test_unknown_key_and_bad_type(tmp_path):
     """A typo names the closest known keys, and the file or the --set override it came from (an override's typo
     was blamed on the file); a bad value is one line naming its key."""

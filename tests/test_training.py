@@ -442,8 +442,9 @@ def test_a_resume_that_changes_the_runs_settings_is_refused(tmp_path):
     assert make(tmp_path, *over, "max_steps=9", "log_iters=3", resume=ck).step == 2
     state = ck / "training_state.pt"
     state.write_bytes(state.read_bytes()[:1000])
-    with pytest.raises(TrainingError, match="cannot read .*training_state.pt .* a truncated or corrupt checkpoint"):
-        make(tmp_path, *over, resume=ck)
+    with pytest.raises(TrainingError, match="cannot read .*training_state.pt .* a truncated or corrupt checkpoint; "
+                                            r"move that checkpoint folder out of the logdir \(--resume latest then"):
+        make(tmp_path, *over, resume=ck)  # (it said: resume an earlier one, which the logdir's later ones refuse)
     a.save()  # (step 2 again, whole)
     model = ck / "model.pt"
     data = bytearray(model.read_bytes())

@@ -87,6 +87,14 @@ def test_ode_then_dmd_with_probes_then_resume(tmp_path, capsys):
         video = causal_few_step(model, torch.randn(1, 6, 16, 12, 16), torch.randn(1, 512, 64),
                                 timesteps=s.warp([1000, 750, 500, 250]), scheduler=s)
         assert torch.isfinite(video).all()
+    # a checkpoint of this run resumed into a logdir that holds another run: refused (the steps were appended to
+    # that run's losses and probes, rc 0)
+    other = [tmp_path / "other" if a == tmp_path / "dmd" else a for a in dmd]
+    assert train(*other, "--max-steps", 1, "--set", "seed=5") == 0
+    before = read_losses(tmp_path / "other")
+    with pytest.raises(TrainingError, match=r"holds another run \(seed: 5 here, .* there\); its losses and probes"):
+        train(*other, "--max-steps", 5, "--resume", tmp_path / "dmd" / "checkpoint_model_000004")
+    assert read_losses(tmp_path / "other") == before
 
 
 def test_clear_errors_before_any_work(tmp_path):

@@ -21,7 +21,7 @@ from models.common.scheduler import FlowMatchScheduler
 from models.errors import ModelInputError
 from models.family import WAN, check_fits_cache
 from training import distributed as fsdp
-from training.checkpoints import check_no_later_checkpoints, check_resumed_config, latest_checkpoint
+from training.checkpoints import check_no_later_checkpoints, check_resumed_config, check_same_run, latest_checkpoint
 from training.checks import Plan, check_config, check_files, model_folder, world_vae_path
 from training.config import recorded
 from training.data import LatentDataset, PromptSource, synthetic_latents
@@ -262,6 +262,7 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
         raise TrainingError(f"{logdir} already holds checkpoints; pass --resume to continue or use a new --logdir")
     elif resume is not None and resume != RESTART:
         check_no_later_checkpoints(logdir, resume)
+        check_same_run(logdir, resume)
     if d.main and Path(logdir).is_dir():  # what a write killed midway left (a checkpoint's part can be gigabytes)
         from models.files import stale_temporaries
 

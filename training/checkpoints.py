@@ -69,7 +69,7 @@ class Checkpoints:
             state = torch.load(state_pt, map_location="cpu", weights_only=True)
         except Exception as e:  # (a truncated or corrupt file)
             raise TrainingError(f"cannot read {state_pt} ({type(e).__name__}: {str(e).splitlines()[0]}): a truncated "
-                                "or corrupt checkpoint; resume from an earlier checkpoint_model_* folder") from None
+                                f"or corrupt checkpoint; {CORRUPT_ADVICE}") from None
         check_resumed_config(self.cfg, state.get("config_yaml"), folder)
         check_resumed_betas(state, self.gen_opt, self.critic_opt if self.critic is not None else None, folder)
         fsdp.load_full(self.generator, strip_prefixes(blob["generator"]))
@@ -90,6 +90,11 @@ class Checkpoints:
         return self.step
 
 
+# (an earlier checkpoint resumed in the logdir would write over the later ones: check_no_later_checkpoints)
+CORRUPT_ADVICE = ("move that checkpoint folder out of the logdir (--resume latest then takes the one before it), or "
+                  "continue an earlier one in a new --logdir")
+
+
 def check_checksums(path) -> None:
     """The checkpoint's bytes against the CRC-32s torch.save wrote (models/files.py `verify_checksums`, read every
     time: a resume is where a bad disk would show), before a run resumes from it."""
@@ -99,7 +104,7 @@ def check_checksums(path) -> None:
     try:
         verify_checksums(path, memo_dir=None)
     except CheckpointError as err:
-        raise TrainingError(f"{err}; resume from an earlier checkpoint_model_* folder") from None
+        raise TrainingError(f"{err}; {CORRUPT_ADVICE}") from None
 
 
 def latest_checkpoint(logdir) -> Path | None:
@@ -154,6 +159,29 @@ def check_resumed_betas(state: dict, gen_opt, critic_opt, folder) -> None:
                                 "from its generator's weights; the critic starts anew)")
 
 
+def check_same_run(logdir, resume) -> None:
+    """A resume from another logdir's checkpoint continues that run here: a logdir holding another run (its
+    config.yaml, written at its start, differs from the checkpoint's run's in a setting that shapes the steps) would
+    get the checkpoint's steps appended to its own losses and probes (two runs in one file): refused, naming the
+    settings."""
+    from training.config import flat
+
+    folder = Path(resume)
+    folder = folder.parent if folder.suffix == ".pt" else folder
+    mine, theirs = Path(logdir) / "config.yaml", folder.parent / "config.yaml"
+    if folder.parent.resolve() == Path(logdir).resolve() or not mine.is_file() or not theirs.is_file():
+        return
+    a, b = (flat(OmegaConf.to_container(OmegaConf.create(p.read_text()), resolve=True)) for p in (mine, theirs))
+    differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k.split(".")[0] not in
+                    CHANGEABLE_ON_RESUME)
+    if differ:
+        shown = "; ".join(f"{k}: {a.get(k)!r} here, {b.get(k)!r} there" for k in differ[:4])
+        more = " ..." if len(differ) > 4 else ""
+        raise TrainingError(f"--resume {str(resume)!r}: {logdir} holds another run ({shown}{more}); its losses "
+                            "and probes would take that run's steps: continue it in its own logdir "
+                            f"({folder.parent}) or a new --logdir")
+
+
 def unread_keys(cfg) -> set[str]:
     """Keys the run's trainer does not read, so a checkpoint's value may differ: `lr_critic` without a critic (ODE
     and diffusion training) or under a GAN's own `critic_lr` (checkpoints before lr_critic defaulted to lr hold the
@@ -177,8 +205,11 @@ def check_resumed_config(cfg, saved_yaml: str | None, folder) -> None:
     defaults = flat(OmegaConf.to_container(OmegaConf.structured(SelfForcingConfig), resolve=True))
     then = defaults | flat(OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True))
     unread = unread_keys(cfg)
+    # gradient_checkpointing changes only memory and time, unless the text keys/values' gradient follows it (the
+    # researchers' text_kv_gradient: models/common/kv_cache.py): then it changes the gradient
+    shaping = {"gradient_checkpointing"} if now.get("text_kv_gradient") == "follows_checkpointing" else set()
     changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k)
-                     and k.split(".")[0] not in CHANGEABLE_ON_RESUME and k not in unread)
+                     and (k.split(".")[0] not in CHANGEABLE_ON_RESUME or k in shaping) and k not in unread)
     if changed == ["lr_critic"] and then.get("lr_critic") == 4e-7 and now.get("lr_critic") == now.get("lr"):
         raise TrainingError(f"--resume continues the run of {folder}, whose critic trained at lr_critic 4e-07, the "
                             "default before 2026-12-05 for a config without lr_critic; such a config now trains the "
