@@ -3,6 +3,7 @@ initialisation, DMD from that checkpoint with probes, resume; and the clear erro
 
 import argparse
 import os
+import shutil
 
 import pytest
 import torch
@@ -95,6 +96,13 @@ def test_ode_then_dmd_with_probes_then_resume(tmp_path, capsys):
     with pytest.raises(TrainingError, match=r"holds another run \(seed: 5 here, .* there\); its losses and probes"):
         train(*other, "--max-steps", 5, "--resume", tmp_path / "dmd" / "checkpoint_model_000004")
     assert read_losses(tmp_path / "other") == before
+    capsys.readouterr()
+    assert train(*dmd, "--max-steps", 2, "--resume") == 0  # (already past: said, not "no step finished")
+    assert "step 4: nothing to train: max_steps 2 is not past the checkpoint's step 4" in capsys.readouterr().out
+    shutil.copy("data/embedded/checkpoints/ode_init.pt", init)  # the start weights replaced since the run began
+    with pytest.raises(TrainingError, match=r"probes.zarr holds the probes of a run that started from weights of "
+                                            r"sha256 [0-9a-f]{12}\.\.\.; this run's start weights .* hash"):
+        train(*dmd, "--max-steps", 5, "--resume")
 
 
 def test_clear_errors_before_any_work(tmp_path):
@@ -234,8 +242,9 @@ def test_a_run_stopped_before_its_first_checkpoint_goes_on_with_resume(tmp_path,
     monkeypatch.setattr(Trainer, "iteration", step)
     with pytest.raises(TrainingError, match="losses.csv exists from an earlier run; use --resume"):
         train(*argv)
-    with pytest.raises(TrainingError, match="config differs from this one .*lr: 0.0001 in the checkpoint"):
-        train(*argv, "lr=1e-3", "--resume")
+    with pytest.raises(TrainingError, match=r"holds a run of another config that stopped before its first checkpoint "
+                                            r"\(lr: 0.0001 there, 0.001 now\); drop those overrides"):
+        train(*argv, "lr=1e-3", "--resume")  # (it spoke of a checkpoint, which there is not)
     capsys.readouterr()
     assert train(*argv, "--resume") == 0
     out = capsys.readouterr().out

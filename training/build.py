@@ -252,7 +252,7 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
         resume = latest_checkpoint(logdir)
         if resume is None:  # nothing to continue (a run stopped before its first checkpoint, or none ran): step 0
             saved = Path(logdir) / "config.yaml"  # (an earlier run's, written at its start)
-            check_resumed_config(cfg, saved.read_text() if saved.is_file() else None, logdir)
+            check_resumed_config(cfg, saved.read_text() if saved.is_file() else None, logdir, started=True)
             resume = RESTART
             if d.main:
                 log(f"--resume: {logdir} holds no complete checkpoint" + (

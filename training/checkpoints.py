@@ -191,11 +191,12 @@ def unread_keys(cfg) -> set[str]:
     return set()
 
 
-def check_resumed_config(cfg, saved_yaml: str | None, folder) -> None:
+def check_resumed_config(cfg, saved_yaml: str | None, folder, *, started: bool = False) -> None:
     """A resumed run continues the checkpoint's run: its optimiser state holds the learning rates, its state the
     seed, and every other setting shapes what the steps compute. A config that differs from the checkpoint's
     (--set lr=..., seed=...) is refused, naming each key with both values, unless the key only says how long or
-    how the run goes on (CHANGEABLE_ON_RESUME)."""
+    how the run goes on (CHANGEABLE_ON_RESUME). `started`: `saved_yaml` is the config.yaml of a logdir whose run
+    stopped before its first checkpoint (a restart from step 0 replaces its losses and probes)."""
     if not saved_yaml:  # (checkpoints written before the config was kept)
         return
     from training.config import SelfForcingConfig, flat
@@ -215,6 +216,12 @@ def check_resumed_config(cfg, saved_yaml: str | None, folder) -> None:
                             "default before 2026-12-05 for a config without lr_critic; such a config now trains the "
                             f"critic at lr ({now.get('lr')!r}), as the researchers' trainer does: give --set "
                             "lr_critic=4e-7 to go on as it ran, or start a new --logdir")
+    if changed and started:
+        shown = "; ".join(f"{k}: {then.get(k)!r} there, {now.get(k)!r} now" for k in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise TrainingError(f"--resume: {folder} holds a run of another config that stopped before its first "
+                            f"checkpoint ({shown}{more}); drop those overrides to start it again from step 0, or "
+                            "use a new --logdir (or remove that run's losses.csv, probes and config.yaml)")
     if changed:
         shown = "; ".join(f"{k}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in changed[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""

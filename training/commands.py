@@ -141,7 +141,11 @@ def _train(args, cfg, sets_sid_alpha) -> int:
         if trainer.d.main:
             last = trainer.history[-1] if trainer.history else {}
             losses = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.endswith("_loss"))
-            print(f"step {trainer.step}: " + (losses or "no step finished in this run"))
+            end = trainer.cfg.max_steps
+            idle = (f"nothing to train: max_steps {end} is not past the checkpoint's step {trainer.step} (give a "
+                    "larger --max-steps to go on)" if end and trainer.step >= end and not trainer.history
+                    else "no step finished in this run")
+            print(f"step {trainer.step}: " + (losses or idle))
             # only what is on disk: an interrupt before the first step leaves no losses and no checkpoint
             csv, ckpt = trainer.logdir / "losses.csv", trainer.logdir / f"checkpoint_model_{trainer.step:06d}"
             print("; ".join([f"losses: {csv}" if csv.is_file() else "no losses written",

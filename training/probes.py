@@ -82,11 +82,29 @@ class TrainingProbes:
 
     def open(self, main: bool, resume_step: int | None) -> None:
         if main:
+            self._check_start_weights()
             self.writer = ProbeStoreWriter(self.path, self.fingerprint)
             if resume_step is not None:
                 self.writer.keep_until(resume_step)
             elif self.writer.completed:
                 raise TrainingError(f"{self.path} already holds probes of an earlier run; use --resume or a new logdir")
+
+    def _check_start_weights(self) -> None:
+        """A probe store of a run that started from other weights (generator_ckpt replaced since the run began, or
+        another run's logdir) is named so, before the store's generic refusal (a fingerprint: no setting named)."""
+        import zarr
+
+        try:
+            attrs = dict(zarr.open_group(self.path, mode="r").attrs)
+        except Exception:  # (no store yet, or not one: the writer says)
+            return
+        stored = ((attrs.get("fingerprint_fields") or {}).get("model") or {}).get("weights")
+        mine = self.sample_meta["checkpoint_sha256"]
+        if attrs.get("fingerprint") != self.fingerprint and isinstance(stored, str) and stored != mine:
+            raise TrainingError(f"{self.path} holds the probes of a run that started from weights of sha256 "
+                                f"{stored[:12]}...; this run's start weights ({self.sample_meta['checkpoint']}) hash "
+                                f"{mine[:12]}...: the file was replaced since that run started, or the logdir is "
+                                "another run's; give the file it started from, or use a new logdir")
 
     def close(self) -> None:
         """Release the store (its writer holds the store's lock while training runs)."""
