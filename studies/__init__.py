@@ -61,4 +61,6 @@ def unfinished_note(attrs: dict) -> str:
     what = "entries" if attrs.get("store_kind") == "effects" else "samples"
     shown = ", ".join(map(str, missing[:4])) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
     return (f"This store holds {len(asked) - len(missing)} of the {len(asked)} {what} its runs asked for (not there: "
-            f"{shown}): a run was stopped midway, or is still writing; the same command, run again, finishes it.")
+            f"{shown}): a run was stopped midway, or is still writing; the command that asked for them, run again, "
+            "finishes it (each run's command is in the store's attrs `command` and `runs`). A store kept as it is "
+            "needs nothing: its finished entries are whole.")

@@ -408,6 +408,8 @@ def test_extract_summary_is_per_layer_and_head(tmp_path):
         want_dist = (mh * dist).sum(-1) / mh.sum(-1)
         np.testing.assert_allclose(got[3:], [same.mean(), want_dist.mean()], atol=6e-3)
     assert "reading: most local layer 0 head 1 (1.00 of its attention on its own frame)" in text
+    assert text.rstrip().endswith("(its head table reads the last chunk's query frames at one step: sink_mass is "
+                                  "frame 0's share there, mean_abs_distance the mean |q-k|)")  # (other numbers: why)
     attended = ~np.isnan(ds.attn_mass.where(ds.phase == "denoise", drop=True).values[..., counted, :])
     uniform = (1.0 / attended.sum(-1)).mean()  # frame 0's share if each counted row spread its mass evenly
     assert f"most drawn to frame 0: layer 0 head 0 (1.00; uniform attention would give it {uniform:.2f})" in text
@@ -569,8 +571,10 @@ def test_an_interrupted_run_counts_its_own_finished_work(command, tmp_path, caps
         assert attrs["requested"] == asked and attrs["completed"] == asked[:2]
         noun = "samples" if command == "extract" else "entries"
         assert unfinished_note(attrs) == (f"This store holds 2 of the 3 {noun} its runs asked for (not there: "
-                                          f"{asked[2]}): a run was stopped midway, or is still writing; the same "
-                                          "command, run again, finishes it.")
+                                          f"{asked[2]}): a run was stopped midway, or is still writing; the "
+                                          "command that asked for them, run again, finishes it (each run's command "
+                                          "is in the store's attrs `command` and `runs`). A store kept as it is "
+                                          "needs nothing: its finished entries are whole.")
         assert main(["report", str(out), "--out", str(tmp_path / "r.html")]) == 0
         assert f"note: {unfinished_note(attrs)}" in capsys.readouterr().out
         assert "<b>Unfinished:</b> This store holds 2 of the 3" in (tmp_path / "r.html").read_text()

@@ -116,7 +116,9 @@ def summary_table(store_path, max_rows: int = 48) -> str:
             lines.append(f"mass on {name} (a row per layer, a column per head):")
             lines.append(f"{'layer':>6} " + " ".join(f"{'h' + str(h):>6}" for h in heads))
             lines += [f"{layer:>6} " + " ".join(f"{_fmt(v):>6}" for v in grid[i]) for i, layer in enumerate(layers)]
-    lines += [reading(layers, heads, first, same, distance, uniform), opening]
+    lines += [reading(layers, heads, first, same, distance, uniform),
+              opening + " (its head table reads the last chunk's query frames at one step: sink_mass is frame 0's "
+              "share there, mean_abs_distance the mean |q-k|)"]
     return "\n".join(lines)
 
 
