@@ -47,6 +47,15 @@ def test_torchrun_two_cpu_processes_write_the_single_process_files(tmp_path):
     assert "resuming: 4 sample(s) are already in" in again.stdout and "generating the other 2 (2 processes)" in \
         again.stdout and "wrote 2 sample(s) to" in again.stdout and "(4 more were there already)" in again.stdout
     assert sorted(p.name for p in (tmp_path / "dist").glob("*.safetensors")) == names
+    # another run's files under these names (another length): refused on every rank, none written over (rank 1
+    # went on with its share while rank 0 refused)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "dist").glob("*.safetensors")}
+    other = [a if a != "6" else "3" for a in common]
+    clash = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "workbench.cli", *other, "--out", str(tmp_path / "dist")],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert clash.returncode != 0 and "holds files of another run under this run's names" in clash.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "dist").glob("*.safetensors")} == before
 
 
 def test_live_is_refused_under_torchrun(tmp_path, monkeypatch, capsys):

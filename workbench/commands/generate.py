@@ -301,7 +301,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
                     for name, want in wanted.items()}
         clash = [f"{name} ({'; '.join(differ)})" for name, differ in existing.items()  # (an older file records less)
                  if differ and not all(d.startswith("no ") for d in differ)]
-        if rank == 0 and not args.overwrite and clash:
+        if not args.overwrite and clash:  # (every rank: none writes into another run's names meanwhile)
             more = f" and {len(clash) - 3} more" if len(clash) > 3 else ""
             raise WorkbenchError(f"{args.out} holds files of another run under this run's names: "
                                  f"{'; '.join(clash[:3])}{more}. generate names its files p<prompt index>-s<seed>, so "
