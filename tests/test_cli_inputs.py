@@ -749,7 +749,10 @@ def test_a_broken_entry_point_plugin_is_left_out_with_a_warning(tmp_path, monkey
     WORKBENCH_NO_ENTRY_POINTS=1 skips them."""
     from workbench.cli import load_plugins
 
-    (tmp_path / "qa_broken_plugin.py").write_text('raise RuntimeError("boom on import")\n')
+    (tmp_path / "qa_broken_plugin.py").write_text(  # (it registers a statistic, then raises: taken back)
+        'import dataclasses\nfrom workbench import statistics as S\n'
+        'S.register(dataclasses.replace(S.get("attn_mass"), name="qa_half_registered"))\n'
+        'raise RuntimeError("boom on import")\n')
     info = tmp_path / "qa_broken_plugin-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: qa-broken-plugin\nVersion: 0.1\n")
@@ -761,6 +764,9 @@ def test_a_broken_entry_point_plugin_is_left_out_with_a_warning(tmp_path, monkey
     assert said == ["workbench: warning: the workbench.plugins entry point 'broken' (qa_broken_plugin) failed to load, "
                     "so it is left out: RuntimeError: boom on import (WORKBENCH_NO_ENTRY_POINTS=1 skips the entry "
                     "points)"]
+    from workbench import statistics
+
+    assert "qa_half_registered" not in statistics.STATISTICS
     monkeypatch.setenv("WORKBENCH_NO_ENTRY_POINTS", "1")
     said.clear()
     assert load_plugins(warn=said.append) == [] and not said

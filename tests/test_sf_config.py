@@ -75,10 +75,42 @@ def test_gradient_checkpointing_changes_on_resume_only_where_it_changes_no_gradi
         now = load_config("configs/self_forcing_dmd.yaml", overrides=["gradient_checkpointing=false",
                                                                        f"text_kv_gradient={mode}"])
         if refused:
-            with pytest.raises(TrainingError, match="gradient_checkpointing: True in the checkpoint, False now"):
+            with pytest.raises(TrainingError, match="gradient_checkpointing: True in the checkpoint, False now") as err:
                 check_resumed_config(now, OmegaConf.to_yaml(then), "runs/x")
+            assert "gradient_checkpointing" not in str(err.value).split("Only ")[1]  # (not among what may change)
         else:
             check_resumed_config(now, OmegaConf.to_yaml(then), "runs/x")
+
+
+def test_a_logdir_of_another_run_takes_no_steps_of_a_resumed_checkpoint(tmp_path):
+    """A checkpoint resumed into a logdir whose config.yaml is another run's is refused wherever the checkpoint lies
+    (copied out of its logdir, or reached through a link in this one); the same run continued (its config.yaml
+    written by an earlier try, or an older one without keys added since) goes on; an unreadable one is named."""
+    from omegaconf import OmegaConf
+
+    from training.checkpoints import check_same_run
+    from training.config import recorded
+    from training.errors import TrainingError
+
+    cfg = load_config("configs/self_forcing_dmd.yaml")
+    logdir, ck = tmp_path / "b", tmp_path / "copied" / "checkpoint_model_000004"
+    logdir.mkdir()
+    ck.mkdir(parents=True)
+    check_same_run(cfg, logdir, ck)  # (no run there yet)
+    mine = OmegaConf.to_yaml(recorded(cfg))
+    (logdir / "config.yaml").write_text(mine)
+    check_same_run(cfg, logdir, ck / "model.pt")  # (this run, stopped before its first checkpoint here)
+    (logdir / "config.yaml").write_text(mine.replace("text_kv_gradient: follows_checkpointing\n", ""))
+    check_same_run(cfg, logdir, ck)  # (an older config.yaml: the key at its default)
+    other = load_config("configs/self_forcing_dmd.yaml", overrides=["seed=5"])
+    (logdir / "config.yaml").write_text(OmegaConf.to_yaml(recorded(other)))
+    (logdir / "from_a").symlink_to(ck)
+    for resume in (ck, ck / "model.pt", logdir / "from_a"):
+        with pytest.raises(TrainingError, match=r"holds another run \(seed: 5 here, 0 in the resumed run\)"):
+            check_same_run(cfg, logdir, resume)
+    (logdir / "config.yaml").write_text("- not\n- a config\n")
+    with pytest.raises(TrainingError, match="config.yaml cannot be read as a config"):
+        check_same_run(cfg, logdir, ck)
 
 
 def test_unknown_key_and_bad_type(tmp_path):

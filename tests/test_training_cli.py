@@ -93,12 +93,12 @@ def test_ode_then_dmd_with_probes_then_resume(tmp_path, capsys):
     other = [tmp_path / "other" if a == tmp_path / "dmd" else a for a in dmd]
     assert train(*other, "--max-steps", 1, "--set", "seed=5") == 0
     before = read_losses(tmp_path / "other")
-    with pytest.raises(TrainingError, match=r"holds another run \(seed: 5 here, .* there\); its losses and probes"):
+    with pytest.raises(TrainingError, match=r"holds another run \(seed: 5 here, .* in the resumed run\); its losses and probes"):
         train(*other, "--max-steps", 5, "--resume", tmp_path / "dmd" / "checkpoint_model_000004")
     assert read_losses(tmp_path / "other") == before
     capsys.readouterr()
-    assert train(*dmd, "--max-steps", 2, "--resume") == 0  # (already past: said, not "no step finished")
-    assert "step 4: nothing to train: max_steps 2 is not past the checkpoint's step 4" in capsys.readouterr().out
+    assert train(*dmd, "--max-steps", 4, "--resume") == 0  # (already there: said, not "no step finished")
+    assert "step 4: nothing to train: max_steps 4 is not past the checkpoint's step 4" in capsys.readouterr().out
     shutil.copy("data/embedded/checkpoints/ode_init.pt", init)  # the start weights replaced since the run began
     with pytest.raises(TrainingError, match=r"probes.zarr holds the probes of a run that started from weights of "
                                             r"sha256 [0-9a-f]{12}\.\.\.; this run's start weights .* hash"):

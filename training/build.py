@@ -262,7 +262,7 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
         raise TrainingError(f"{logdir} already holds checkpoints; pass --resume to continue or use a new --logdir")
     elif resume is not None and resume != RESTART:
         check_no_later_checkpoints(logdir, resume)
-        check_same_run(logdir, resume)
+        check_same_run(cfg, logdir, resume)
     if d.main and Path(logdir).is_dir():  # what a write killed midway left (a checkpoint's part can be gigabytes)
         from models.files import stale_temporaries
 

@@ -159,24 +159,25 @@ def check_resumed_betas(state: dict, gen_opt, critic_opt, folder) -> None:
                                 "from its generator's weights; the critic starts anew)")
 
 
-def check_same_run(logdir, resume) -> None:
-    """A resume from another logdir's checkpoint continues that run here: a logdir holding another run (its
-    config.yaml, written at its start, differs from the checkpoint's run's in a setting that shapes the steps) would
+def check_same_run(cfg, logdir, resume) -> None:
+    """A resume from another logdir's checkpoint continues that run here (the checkpoint's config is this run's:
+    `check_resumed_config`): a logdir holding a run of other settings (its config.yaml, written at its start) would
     get the checkpoint's steps appended to its own losses and probes (two runs in one file): refused, naming the
     settings."""
-    from training.config import flat
-
-    folder = Path(resume)
+    folder = Path(resume).resolve()  # (through a link: the logdir it is in)
     folder = folder.parent if folder.suffix == ".pt" else folder
-    mine, theirs = Path(logdir) / "config.yaml", folder.parent / "config.yaml"
-    if folder.parent.resolve() == Path(logdir).resolve() or not mine.is_file() or not theirs.is_file():
+    mine = Path(logdir) / "config.yaml"
+    if folder.parent == Path(logdir).resolve() or not mine.is_file():
         return
-    a, b = (flat(OmegaConf.to_container(OmegaConf.create(p.read_text()), resolve=True)) for p in (mine, theirs))
-    differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k.split(".")[0] not in
-                    CHANGEABLE_ON_RESUME)
-    if differ:
-        shown = "; ".join(f"{k}: {a.get(k)!r} here, {b.get(k)!r} there" for k in differ[:4])
-        more = " ..." if len(differ) > 4 else ""
+    try:
+        changed = config_changes(cfg, mine.read_text())
+    except Exception as err:  # (not YAML, or not a config)
+        raise TrainingError(f"--resume {str(resume)!r}: {mine} cannot be read as a config ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}); {logdir} may hold another run: "
+                            "use a new --logdir") from None
+    if changed:
+        shown = "; ".join(f"{k}: {then!r} here, {now!r} in the resumed run" for k, then, now in changed[:4])
+        more = " ..." if len(changed) > 4 else ""
         raise TrainingError(f"--resume {str(resume)!r}: {logdir} holds another run ({shown}{more}); its losses "
                             "and probes would take that run's steps: continue it in its own logdir "
                             f"({folder.parent}) or a new --logdir")
@@ -191,6 +192,28 @@ def unread_keys(cfg) -> set[str]:
     return set()
 
 
+def changeable(cfg) -> list[str]:
+    """The keys a resume may change (CHANGEABLE_ON_RESUME), less gradient_checkpointing where the text keys/values'
+    gradient follows it (the researchers' text_kv_gradient: models/common/kv_cache.py): there it changes the
+    gradient, elsewhere only memory and time."""
+    follows = cfg.get("text_kv_gradient") == "follows_checkpointing"
+    return [k for k in CHANGEABLE_ON_RESUME if not (follows and k == "gradient_checkpointing")]
+
+
+def config_changes(cfg, saved_yaml: str) -> list[tuple[str, object, object]]:
+    """(key, saved value, this run's) for each setting that shapes the steps and differs: the keys a saved config
+    lacks (added to the schema since) at their defaults, keys the trainer does not read and `changeable` ones left
+    out."""
+    from training.config import SelfForcingConfig, flat
+
+    now = flat(OmegaConf.to_container(cfg, resolve=True))
+    defaults = flat(OmegaConf.to_container(OmegaConf.structured(SelfForcingConfig), resolve=True))
+    then = defaults | flat(OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True))
+    free, unread = set(changeable(cfg)), unread_keys(cfg)
+    return [(k, then.get(k), now.get(k)) for k in sorted(now.keys() | then.keys())
+            if now.get(k) != then.get(k) and k.split(".")[0] not in free and k not in unread]
+
+
 def check_resumed_config(cfg, saved_yaml: str | None, folder, *, started: bool = False) -> None:
     """A resumed run continues the checkpoint's run: its optimiser state holds the learning rates, its state the
     seed, and every other setting shapes what the steps compute. A config that differs from the checkpoint's
@@ -199,22 +222,13 @@ def check_resumed_config(cfg, saved_yaml: str | None, folder, *, started: bool =
     stopped before its first checkpoint (a restart from step 0 replaces its losses and probes)."""
     if not saved_yaml:  # (checkpoints written before the config was kept)
         return
-    from training.config import SelfForcingConfig, flat
-
-    now = flat(OmegaConf.to_container(cfg, resolve=True))
-    # a key the checkpoint's config lacks was added to the schema since: that run had its default
-    defaults = flat(OmegaConf.to_container(OmegaConf.structured(SelfForcingConfig), resolve=True))
-    then = defaults | flat(OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True))
-    unread = unread_keys(cfg)
-    # gradient_checkpointing changes only memory and time, unless the text keys/values' gradient follows it (the
-    # researchers' text_kv_gradient: models/common/kv_cache.py): then it changes the gradient
-    shaping = {"gradient_checkpointing"} if now.get("text_kv_gradient") == "follows_checkpointing" else set()
-    changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k)
-                     and (k.split(".")[0] not in CHANGEABLE_ON_RESUME or k in shaping) and k not in unread)
-    if changed == ["lr_critic"] and then.get("lr_critic") == 4e-7 and now.get("lr_critic") == now.get("lr"):
+    diffs = config_changes(cfg, saved_yaml)
+    changed = [k for k, _, _ in diffs]
+    then, now = {k: a for k, a, _ in diffs}, {k: b for k, _, b in diffs}
+    if changed == ["lr_critic"] and then.get("lr_critic") == 4e-7 and now.get("lr_critic") == cfg.get("lr"):
         raise TrainingError(f"--resume continues the run of {folder}, whose critic trained at lr_critic 4e-07, the "
                             "default before 2026-12-05 for a config without lr_critic; such a config now trains the "
-                            f"critic at lr ({now.get('lr')!r}), as the researchers' trainer does: give --set "
+                            f"critic at lr ({cfg.get('lr')!r}), as the researchers' trainer does: give --set "
                             "lr_critic=4e-7 to go on as it ran, or start a new --logdir")
     if changed and started:
         shown = "; ".join(f"{k}: {then.get(k)!r} there, {now.get(k)!r} now" for k in changed[:6])
@@ -230,4 +244,4 @@ def check_resumed_config(cfg, saved_yaml: str | None, folder, *, started: bool =
                             f"learning rates, its state the seed): drop those overrides, or start a new --logdir "
                             f"(--set generator_ckpt=...model.pt starts from its generator's weights; a critic starts "
                             f"anew). Only "
-                            f"{', '.join(CHANGEABLE_ON_RESUME)} may change")
+                            f"{', '.join(changeable(cfg))} may change")
