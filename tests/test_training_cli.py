@@ -93,7 +93,8 @@ def test_ode_then_dmd_with_probes_then_resume(tmp_path, capsys):
     other = [tmp_path / "other" if a == tmp_path / "dmd" else a for a in dmd]
     assert train(*other, "--max-steps", 1, "--set", "seed=5") == 0
     before = read_losses(tmp_path / "other")
-    with pytest.raises(TrainingError, match=r"holds another run \(seed: 5 here, .* in the resumed run\); its losses and probes"):
+    with pytest.raises(TrainingError, match=r"holds another run \(seed: 5 here, .* in the resumed run\); its "
+                                            r"losses and probes"):
         train(*other, "--max-steps", 5, "--resume", tmp_path / "dmd" / "checkpoint_model_000004")
     assert read_losses(tmp_path / "other") == before
     capsys.readouterr()
