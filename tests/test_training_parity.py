@@ -357,7 +357,8 @@ def test_a_gan_run_starts_its_discriminator_branch_from_the_configs_seed(tmp_pat
     from training.build import build_models
 
     base = ["trainer=gan", "model_root=data", "model_kwargs.model_name=embedded", "fake_name=embedded",
-            "generator_ckpt=data/embedded/checkpoints/ode_init.pt", "data_path=latents.pt", "image_or_video_shape=[1,6,16,12,16]",
+            "generator_ckpt=data/embedded/checkpoints/ode_init.pt", "data_path=latents.pt",
+            "image_or_video_shape=[1,6,16,12,16]",
             "num_training_frames=6", "model_kwargs.timestep_shift=5.0"]
     branches = []
     for seed, noise in ((1, 3), (1, 4), (2, 3)):

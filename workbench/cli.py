@@ -126,8 +126,9 @@ def load_plugins(warn=None) -> list[str]:
     environment variable WORKBENCH_PLUGINS (comma-separated, importable from the current folder or PYTHONPATH) and
     the `workbench.plugins` entry points of installed packages (WORKBENCH_NO_ENTRY_POINTS=1 skips them). Returns the
     names loaded. One that fails is left out with a line to `warn` (default: stderr) naming it and why, what it
-    registered before it failed taken back (`_registries`), and the command goes on: a broken plugin must not stop the commands that do not need it (`report` reads a store
-    without it; `extract --stats` of its statistic then says the statistic is unknown)."""
+    registered before it failed taken back (`_registries`), and the command goes on: a broken plugin must not stop
+    the commands that do not need it (`report` reads a store without it; `extract --stats` of its statistic then
+    says the statistic is unknown)."""
     import importlib
     import os
     from importlib.metadata import entry_points

@@ -104,8 +104,8 @@ def summary_table(store_path, max_rows: int = 48) -> str:
     if len(layers) * len(heads) <= max_rows:  # (one chunk: no "rest", every frame but 0 is "other frames")
         lines.append(f"{'layer':>6} {'head':>5} {'frame 0':>9} {own_name:>12}" + (f" {'rest':>8}" if chunked else "")
                      + f" {'same frame':>11} {'mean |q-k|':>11}"
-                     + ("   (own chunk: the query's chunk, frame 0 excepted; rest: earlier chunks' frames, frame 0 excepted)"
-                        if chunked else ""))
+                     + ("   (own chunk: the query's chunk, frame 0 excepted; rest: earlier chunks' frames, frame 0 "
+                        "excepted)" if chunked else ""))
         for i, layer in enumerate(layers):
             for j, head in enumerate(heads):
                 lines.append(f"{layer:>6} {head:>5} {_fmt(first[i, j]):>9} {_fmt(own[i, j]):>12}"

@@ -44,8 +44,8 @@ def check_weights_args(checkpoint: str | None, use_ema: bool, model: str | None 
         raise WorkbenchError(f"--checkpoint {checkpoint!r} is a directory{hint} (a training run's "
                              "checkpoint_model_N/ folder holds model.pt)")
     if not path.is_file():
-        raise WorkbenchError(f"--checkpoint {checkpoint!r} " + ("is not a regular file (give a .pt or .safetensors file)"
-                                                                 if path.exists() else "does not exist"))
+        raise WorkbenchError(f"--checkpoint {checkpoint!r} " + (
+            "is not a regular file (give a .pt or .safetensors file)" if path.exists() else "does not exist"))
     from models.files import check_unpickling, check_weights_file
 
     check_weights_file(path, "--checkpoint")  # truncated or a Git LFS pointer: said before any work
