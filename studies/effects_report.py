@@ -183,7 +183,9 @@ def _cache_words(ds: xr.Dataset) -> str:
     if window is None:
         return ""
     if int(window) == -1:
-        return "; the baseline's KV cache: every frame (no window)"
+        sampler = ((ds.attrs.get("fingerprint_fields") or {}).get("layout") or {}).get("sampler")
+        every = "every frame" if sampler == "bidirectional" else "every earlier frame"
+        return f"; the baseline's KV cache: no window ({every} attended)"
     return (f"; the baseline's KV cache (and every entry's but a policy's): a window of {int(window)} latent frames, "
             f"{int(sink or 0)} of them sink frames")
 

@@ -78,11 +78,22 @@ def model_facts(ds: xr.Dataset) -> dict[str, str]:
         "weights sha256": sha[:12] + ("..." if len(sha) > 12 else "") + (" (training's start)" if start else ""),
         "latent frames": str(ds.sizes["query_frame"]) if "query_frame" in ds.dims else "?",
         "text encoder sha256 (weights, tokenizer, text_len)": text[:12] + ("..." if len(text) > 12 else ""),
-        "attention window (frames, -1 = global) / sink frames":
-            f"{int(first['local_attn_size'])} / {int(first['sink_size'])}" if "local_attn_size" in ds.coords else "?",
+        "KV cache": _cache_words(ds, first),
         **({"image (image-to-video: frame 0, its context pass only)": f"{image[0]} (sha256 {image[1][:12]}...)"}
            if (image := image_of(ds.attrs)) else {}),
     }
+
+
+def _cache_words(ds: xr.Dataset, first) -> str:
+    """The attention window in words: "no KV window (every earlier frame attended)" (a causal model without one;
+    the bidirectional: every frame), else "window W latent frames, S sink frames" ("-1 / 0" read alike for both)."""
+    if "local_attn_size" not in ds.coords:
+        return "?"
+    size, sink = int(first["local_attn_size"]), int(first["sink_size"])
+    if size < 0:
+        bidirectional = "sampler" in ds.coords and str(first["sampler"].values) == "bidirectional"
+        return f"no KV window ({'every frame' if bidirectional else 'every earlier frame'} attended)"
+    return f"window {size} latent frames, {sink} sink frames"
 
 
 def _weights_entry(model: dict, training: bool, at_step: int | None, family: str) -> str:
@@ -511,10 +522,7 @@ def compare_summary(c, ranking, name_a: str, name_b: str, rows: int = 5, stores=
 
 def _model_line(ds: xr.Dataset) -> str:
     f = model_facts(ds)
-    window = f["attention window (frames, -1 = global) / sink frames"]
-    every = "every frame" if f["sampler"] == "bidirectional" else "every earlier frame"  # (no window: what it sees)
-    cache = ("" if window == "?" else f", no KV window ({every} attended)" if window.startswith("-1 ") else
-             ", window {} latent frames, {} sink frames".format(*window.split(" / ")))
+    cache = "" if f["KV cache"] == "?" else f", {f['KV cache']}"
     return (f"{f['checkpoint']} ({f['weights entry']}, sha256 {f['weights sha256']}), {f['model family']}, "
             f"{f['sampler']}, {f['latent frames']} latent frames{cache}")
 

@@ -199,6 +199,8 @@ def test_commands(stores, tmp_path, capsys):
     assert table.js_bits.is_monotonic_decreasing and f"wrote {tmp_path / 'c.html'} and {tmp_path / 'c.csv'}" in \
         "\n".join(out)
     assert ">Models</h2>" in (tmp_path / "c.html").read_text()
+    assert "<td>no KV window (every earlier frame attended)</td>" in (tmp_path / "c.html").read_text()  # (in words:
+    # "-1 / 0" read alike for a causal and a bidirectional model)
     args = parser.parse_args(["report", str(stores["sf"]), "--layer", "9"])
     with pytest.raises(WorkbenchError, match="layer 9"):
         args.func(args)
