@@ -102,6 +102,8 @@ def display_ranking(table: pd.DataFrame) -> pd.DataFrame:
         if k in shown and f"d_{k}" in shown:
             shown[k] = [f"{v:.4g} ({d:+.3g})" if np.isfinite(v) else "NaN" for v, d in zip(table[k], table[f"d_{k}"])]
             shown = shown.drop(columns=f"d_{k}")
+    if "missed" in shown:  # (an empty cell read as missing data: every check passed)
+        shown["missed"] = [m or "none" for m in table["missed"]]
     return shown
 
 

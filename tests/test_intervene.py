@@ -779,8 +779,10 @@ def test_the_page_leaves_layer_and_head_blank_for_entries_on_no_single_one():
     from studies.effects_report import display_ranking
 
     table = pd.DataFrame({"kind": ["ablate", "knockout", "baseline"], "layer": [3, -1, -1], "head": [0, -1, -1],
-                          "effect": [0.2, 0.5, 0.0]}, index=["ablate-zero:L3.H0", "knockout0-2:all", "baseline"])
+                          "effect": [0.2, 0.5, 0.0], "missed": ["shape 1/2", "", ""]},
+                         index=["ablate-zero:L3.H0", "knockout0-2:all", "baseline"])
     shown = display_ranking(table)
+    assert shown["missed"].tolist() == ["shape 1/2", "none", "none"]  # (a blank read as missing data)
     assert shown["layer"].tolist() == ["3", "", ""] and shown["head"].tolist() == ["0", "", ""]
     assert table["layer"].tolist() == [3, -1, -1]  # (the table itself unchanged)
 
