@@ -244,4 +244,6 @@ def check_resumed_config(cfg, saved_yaml: str | None, folder, *, started: bool =
                             f"learning rates, its state the seed): drop those overrides, or start a new --logdir "
                             f"(--set generator_ckpt=...model.pt starts from its generator's weights; a critic starts "
                             f"anew). Only "
-                            f"{', '.join(changeable(cfg))} may change")
+                            f"{', '.join(changeable(cfg))} may change"
+                            + ("" if "gradient_checkpointing" in changeable(cfg) else " (gradient_checkpointing "
+                               "too where text_kv_gradient is every_exit or first_forward)"))
