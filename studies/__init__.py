@@ -49,6 +49,11 @@ def load_store(path: str | Path):
     return open_store(found)
 
 
+def no_window_words(bidirectional: bool) -> str:
+    """A KV cache without a window in words, as every page says it: what such a model's queries attend."""
+    return f"no KV window ({'every frame' if bidirectional else 'every earlier frame'} attended)"
+
+
 def unfinished_note(attrs: dict) -> str:
     """A sentence when a store holds fewer samples (an effects store: entries) than its runs were asked for (attrs
     `requested` against `completed`, docs/store.md): the run was stopped midway, or is still writing; '' otherwise

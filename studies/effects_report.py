@@ -25,7 +25,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import xarray as xr
 
-from studies import unfinished_note
+from studies import no_window_words, unfinished_note
 from studies.figures import layer_head_map
 from studies.page import TABLE_ROWS, Page, html_out, write_atomic
 
@@ -186,8 +186,7 @@ def _cache_words(ds: xr.Dataset) -> str:
         return ""
     if int(window) == -1:
         sampler = ((ds.attrs.get("fingerprint_fields") or {}).get("layout") or {}).get("sampler")
-        every = "every frame" if sampler == "bidirectional" else "every earlier frame"
-        return f"; the baseline's KV cache: no window ({every} attended)"
+        return f"; the baseline's KV cache: {no_window_words(sampler == 'bidirectional')}"
     return (f"; the baseline's KV cache (and every entry's but a policy's): a window of {int(window)} latent frames, "
             f"{int(sink or 0)} of them sink frames")
 

@@ -21,7 +21,7 @@ import pandas as pd
 import xarray as xr
 
 from studies import compare as compare_mod
-from studies import figures, metrics, unfinished_note
+from studies import figures, metrics, no_window_words, unfinished_note
 from studies.page import TABLE_ROWS, Page, html_out, write_atomic
 from workbench.errors import WorkbenchError
 from workbench.store import chunk_sizes, image_of, named
@@ -92,7 +92,7 @@ def _cache_words(ds: xr.Dataset, first) -> str:
     size, sink = int(first["local_attn_size"]), int(first["sink_size"])
     if size < 0:
         bidirectional = "sampler" in ds.coords and str(first["sampler"].values) == "bidirectional"
-        return f"no KV window ({'every frame' if bidirectional else 'every earlier frame'} attended)"
+        return no_window_words(bidirectional)
     return f"window {size} latent frames, {sink} sink frames"
 
 

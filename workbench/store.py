@@ -565,12 +565,12 @@ class StoreWriter:
                 shutil.rmtree(leftover)
 
     def _whose(self, group, attrs) -> str:
-        """'; the store's samples: CHECKPOINT (ENTRY), this run's: ...' when both are known and differ, else ''."""
+        """"the store's samples: CHECKPOINT (ENTRY), this run's: ..." when both are known and differ, else ''."""
         if self.made_by is None or "checkpoint" not in group or group["checkpoint"].shape[0] == 0:
             return ""
         key = ((attrs.get("fingerprint_fields") or {}).get("model") or {}).get("key")
         theirs = f"{np.asarray(group['checkpoint'][:1]).tolist()[0]}{ema_suffix(key == 'ema')}"
-        return "" if theirs == self.made_by else f"; the store's samples: {theirs}, this run's: {self.made_by}"
+        return "" if theirs == self.made_by else f"the store's samples: {theirs}, this run's: {self.made_by}"
 
     def _unrecorded(self, stored: dict | None) -> str:
         """The `later` fields (in words) a store's fingerprint fields lack when all they hold equal this run's; ''
@@ -616,14 +616,15 @@ class StoreWriter:
             what = describe_differences(self._as_now(stored) if isinstance(stored, dict) else stored, self.fields,
                                         self.absent)
             if self.append_dim == "sample" and attrs.get("layout_fingerprint") == self.fingerprint.split(":")[0]:
-                what += self._whose(group, attrs)  # (another model: named by its files too)
+                whose = self._whose(group, attrs)  # (another model: named by its files too)
+                what += f"; {whose}" if whose else ""
                 raise WorkbenchError(
                     f"{str(self.path)!r} holds samples of another model or sampler setting ({what}); a store holds "
                     "one model, so that no report or comparison mixes two: write these samples to another --out and "
                     "compare the stores with `workbench compare` (or pass --overwrite to replace this one)")
             whose = self._whose(group, attrs)
             if whose:  # (another model, and other settings besides: the model first, in words)
-                raise WorkbenchError(f"{str(self.path)!r} holds another model's samples ({whose.removeprefix('; ')}), "
+                raise WorkbenchError(f"{str(self.path)!r} holds another model's samples ({whose}), "
                                      f"made with other settings too ({what}); a store holds one model: write this "
                                      f"run to another --out (or pass --overwrite to replace this store)")
             raise WorkbenchError(f"{str(self.path)!r} was made with another configuration ({what}); {self.hint}")

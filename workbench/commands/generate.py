@@ -195,7 +195,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from models.wan.vae import WanVAE, resolve_decoder
     from workbench.commands import apply_schedule, model_label, resolve_model, world_prompt_note
     from workbench.errors import WorkbenchError
-    from workbench.extract import (_dtype, _rank_device, check_context_noise, check_device, check_window,
+    from workbench.extract import (_dtype, _rank_device, dtype_name, check_context_noise, check_device, check_window,
                                    default_prompts, parse_int_list, rank_share)
     from workbench.chunking import check_image_frames
     from workbench.progress import progress_bar
@@ -240,7 +240,8 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
         raise WorkbenchError("--independent-first-frame is a chunk layout of the causal samplers; the bidirectional "
                              "sampler denoises every frame together")
     device = _rank_device(check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), world)
-    dtype = _dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype_label = dtype_name(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))  # ("bf16" too)
+    dtype = _dtype(dtype_label)
     if args.fp8 and device.type == "cuda" and dtype != torch.bfloat16:
         raise WorkbenchError(f"--fp8 on CUDA computes in bfloat16; drop --dtype {args.dtype} or use --dtype bfloat16")
     if (not args.no_video or args.image) and not present(wan_parts(wan_dir).vae):
@@ -271,8 +272,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     if args.live:  # what to capture, checked (layers, heads, steps) before any weights are read
         from workbench.view.live import LiveRun, live_plan
 
-        capture = live_plan(args, prompts, seeds, device, args.dtype or ("bfloat16" if device.type == "cuda"
-                                                                         else "float32"), h, w)
+        capture = live_plan(args, prompts, seeds, device, dtype_label, h, w)
     # another run's files under this run's names are replaced only when asked (--overwrite)
     weights_sha256 = weights_sha256_of(weights_path)
     text_encoder, earlier = wan_dir_encoder_identity(wan_dir), earlier_identities(wan_dir)
@@ -291,7 +291,7 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     wanted = {sample_id(i, s): dict(prompt=prompts[i], seed=str(s), sampler=args.sampler,
                                     weights_sha256=weights_sha256, text_encoder=text_encoder,
                                     use_ema=str(bool(args.use_ema)), schedule=schedule, window=window,
-                                    image_sha256=image_sha, dtype=str(dtype).removeprefix("torch."),
+                                    image_sha256=image_sha, dtype=dtype_label,
                                     shape=[args.frames, h, w])
               for i in range(len(prompts)) for s in seeds}
     def look() -> dict:

@@ -351,6 +351,8 @@ def video_mismatch(ds, sample: str, video: Path) -> str | None:
         return None
     from safetensors import safe_open
 
+    from workbench.extract import SAME_VALUES  # (a store made before may record "bf16")
+
     try:
         with safe_open(str(side), "np") as f:
             made = f.metadata() or {}
@@ -363,7 +365,7 @@ def video_mismatch(ds, sample: str, video: Path) -> str | None:
     wanted = dict(prompt=str(ds["prompt"].values[i]), seed=str(int(ds["seed"].values[i])),
                   sampler=layout.get("sampler"), weights_sha256=model.get("weights"), use_ema=store_key,
                   text_encoder=model.get("text_encoder"), image_sha256=model.get("image", ""),
-                  dtype={"bf16": "bfloat16"}.get(model.get("dtype"), model.get("dtype")))
+                  dtype=SAME_VALUES["model.dtype"].get(model.get("dtype"), model.get("dtype")))
     if "local_attn_size" in ds.coords and layout.get("sampler") != "bidirectional":  # (generate's "W+sinkS")
         wanted["window"] = f"{int(ds['local_attn_size'].values[i])}+sink{int(ds['sink_size'].values[i])}"
     shown = lambda k, v: f"no {k.replace('_sha256', '')}" if v == "" else repr(v)  # noqa: E731 ('' = none)
