@@ -111,3 +111,59 @@ def test_attend_runs_the_table_and_the_model_records_its_choice():
     assert model.attention_kernel == "triton"
     with pytest.raises(ModelInputError, match="attention kernel 'flex'"):
         model.attention_kernel = "flex"  # a kernel of the table is not a choice
+
+
+@pytest.mark.parametrize("takes_small", [False, True])
+def test_the_store_names_the_kernel_that_runs_the_models_calls(table, tmp_path, takes_small):
+    """`describe` with a model's geometry is the kernel `select` picks for its calls, the kernels' shape rules
+    applied: a kernel meant for the device that does not take the model's head_dim is not the one the store names
+    (the Gluon forward on sm90 takes head_dim 128 only: a small model's stores named it while cuDNN's ran them)."""
+    import xarray as xr
+
+    from workbench.extract import ExtractConfig, run_extract
+
+    ran = []
+
+    def run(q, k, v, scale, mask, fsl, lse):
+        ran.append(q.shape[-1])
+        return ak._run_sdpa(q, k, v, scale, mask, fsl, lse)
+
+    wide = {32, 128} if takes_small else {128}  # (the embedded default model: 4 heads of 32)
+    table(ak.Kernel("wide", run, ("cpu",), None, ("unmasked",), capture_mode="fused",
+                    takes=lambda q, k, v, fsl: q.shape[-1] in wide))
+    assert ak.describe("cpu", torch.float32, "auto") == "wide"  # where it is meant to run: a fingerprint's device
+    small, big = dict(heads=4, head_dim=32, frame_seq_len=48), dict(heads=12, head_dim=128, frame_seq_len=1560)
+    assert ak.describe("cpu", torch.float32, "auto", **big) == "wide"
+    assert ak.describe("cpu", torch.float32, "auto", **small) == ("wide" if takes_small else "sdpa")
+    assert ak.capture_mode_of("auto", "cpu", torch.float32, **small) == ("fused" if takes_small else None)
+    out = tmp_path / "s.zarr"
+    run_extract(ExtractConfig(layers=[0], steps=[0], num_frames=3, out=str(out), progress=False),
+                log=lambda *a: None)
+    assert xr.open_zarr(out, consolidated=False).attrs["attn_backend"] == ("wide" if takes_small else "sdpa")
+    assert bool(ran) == takes_small and set(ran) <= {32}
+
+
+@pytest.mark.gpu
+def test_a_small_model_on_a_gpu_records_the_kernel_and_capture_mode_that_ran(tmp_path):
+    """On a GPU the capture mode follows the kernel that runs the model's calls: a small model's head_dim is not
+    the Gluon forward's, so on sm90 its calls run cuDNN (wave-balanced) and capture reads them in indicator mode
+    (the store said gluon and fused, and every call took the exact path); float32 runs SDPA: exact."""
+    import xarray as xr
+
+    from workbench.capture import resolve_mode
+    from workbench.extract import ExtractConfig, run_extract
+
+    small, big = dict(heads=4, head_dim=32, frame_seq_len=48), dict(heads=12, head_dim=128, frame_seq_len=1560)
+    backend = ak.describe("cuda", torch.bfloat16, "auto", **small)
+    assert backend in ("cudnn-balanced", "cudnn", "flash-attn") and backend != "gluon"
+    assert resolve_mode("auto", "cuda", "auto", dtype=torch.bfloat16, **small) == ak.KERNELS[backend].capture_mode
+    assert resolve_mode("auto", "cuda", "auto", dtype=torch.float32, **small) == "exact"
+    assert resolve_mode("auto", "cuda", "triton", dtype=torch.bfloat16, **small) == "fused"  # Triton takes 32
+    if ak.KERNELS["gluon"].runs_on("cuda", torch.bfloat16):
+        assert ak.describe("cuda", torch.bfloat16, "auto", **big) == "gluon"
+        assert resolve_mode("auto", "cuda", "auto", dtype=torch.bfloat16, **big) == "fused"
+    out = tmp_path / "s.zarr"
+    run_extract(ExtractConfig(layers=[0], steps=[0], num_frames=3, out=str(out), progress=False, device="cuda"),
+                log=lambda *a: None)
+    attrs = xr.open_zarr(out, consolidated=False).attrs
+    assert attrs["attn_backend"] == backend and attrs["capture_mode"] == (ak.KERNELS[backend].capture_mode or "exact")

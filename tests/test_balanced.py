@@ -214,7 +214,7 @@ def test_stores_record_the_balanced_kernel_in_their_fingerprint(monkeypatch):
     from workbench import extract as ex
 
     def fields(kernel, backend):
-        monkeypatch.setattr(ex, "describe", lambda device, dtype, choice: backend)
+        monkeypatch.setattr(ex, "describe", lambda device, dtype, choice, **geometry: backend)
         return ex.fingerprint_fields(ex.plan(ex.ExtractConfig(layers=[3], attention_kernel=kernel)), "sha")["model"]
 
     old = fields("auto", "cudnn")  # what "auto" ran on Hopper before the balanced kernel, and runs on other GPUs

@@ -149,9 +149,10 @@ class TrainingProbes:
         if self.writer is not None:
             from models.common.attention_kernels import describe
 
-            kernel = getattr(model, "attention_kernel", "auto")
-            self.layout.attrs.update(dtype=str(dtype).removeprefix("torch."),
-                                     attn_backend=describe(str(device), dtype, kernel))
+            kernel, mc = getattr(model, "attention_kernel", "auto"), model.config
+            backend = describe(str(device), dtype, kernel, heads=mc.num_heads, head_dim=mc.head_dim,
+                               frame_seq_len=self.frame_seq_len)  # (the probe rollouts run without autograd)
+            self.layout.attrs.update(dtype=str(dtype).removeprefix("torch."), attn_backend=backend)
             samples = [sample_dataset(self.layout, meta, {s: per_stat[s][j] for s in per_stat})
                        for j, meta in enumerate(metas)]
             ds = xr.concat(samples, dim="sample", data_vars="all", coords="different", compat="equals",

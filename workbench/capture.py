@@ -44,6 +44,8 @@ class Geometry:
     num_frames: int
     frame_seq_len: int
     text_len: int
+    heads: int | None = None  # the model's heads and head_dim: which kernel runs a call depends on them (the Gluon
+    head_dim: int | None = None  # forward takes head_dim 128 only); None: where the kernel is meant to run
 
 
 class StatsProbe(Probe):
@@ -77,11 +79,12 @@ class StatsProbe(Probe):
     graph_safe = True
     reuse_key_means = True  # the fused store path keeps each key frame's mean between calls (`_kept_key_means`)
 
-    def __init__(self, spec: CaptureSpec, geometry: Geometry, device, mode: str = "exact", kernel: str = "auto"):
+    def __init__(self, spec: CaptureSpec, geometry: Geometry, device, mode: str = "exact", kernel: str = "auto",
+                 dtype: torch.dtype = torch.bfloat16):
         self.stats = [STATISTICS[name] for name in spec.stats]
         kinds = {s.kind for s in self.stats}
         super().__init__(CallFilter(layers=spec.layers, steps=spec.steps, kinds=kinds), heads=spec.heads)
-        mode = resolve_mode(mode, device, kernel)
+        mode = resolve_mode(mode, device, kernel, dtype=dtype, **geometry_of(geometry))
         self.spec, self.geo, self.mode = spec, geometry, mode
         self.computes_output = mode != "exact"
         self.needs_lse = any(s.needs_lse for s in self.stats)
@@ -295,18 +298,30 @@ def _select(x, heads):
 _MODE_READS = {"fused": "the model's own Triton forward", "indicator": "the stock cuDNN kernel with a widened value tensor"}
 
 
-def resolve_mode(mode: str, device, kernel: str = "auto") -> str:
+def geometry_of(geo: Geometry) -> dict:
+    """The model geometry `describe` picks a call's kernel by ({} when the heads are not given)."""
+    if geo.heads is None or geo.head_dim is None:
+        return {}
+    return dict(heads=geo.heads, head_dim=geo.head_dim, frame_seq_len=geo.frame_seq_len)
+
+
+def resolve_mode(mode: str, device, kernel: str = "auto", *, dtype: torch.dtype = torch.bfloat16, **geometry) -> str:
     """The capture mode that runs for a model with this attention kernel choice. "auto" is the mode of the
-    choice's kernel in the kernel table ("fused" for "triton", "indicator" for the stock kernels' cuDNN) on
-    CUDA, and "exact" on the CPU, where "indicator" is "exact" too. A mode that reads another kernel than the
-    model's is refused, naming the fix."""
+    kernel that runs the choice's calls in the kernel table ("fused" for "triton" and "gluon", "indicator" for the
+    stock kernels' cuDNN) on CUDA, and "exact" on the CPU, where "indicator" is "exact" too. `dtype` and the model's
+    geometry (heads, head_dim, frame_seq_len: `describe`) say which kernel that is: a small model's head_dim is not
+    the Gluon forward's, and float32 runs SDPA. A mode that reads another kernel than the model's is refused,
+    naming the fix."""
     if mode not in CAPTURE_MODES:
         raise WorkbenchError(f"capture mode {mode!r}; use one of {list(CAPTURE_MODES)}")
     if mode == "exact":
         return mode
     if torch.device(device).type != "cuda" and mode in ("auto", "indicator"):
         return "exact"  # the widened call is bitwise the plain one on cuDNN only; elsewhere it would not be
-    served = capture_mode_of(check_kernel(kernel))
+    # (off CUDA: the kernel the choice runs on a GPU in bf16, where no tensor can be made for its shape rules)
+    on_gpu = torch.device(device).type == "cuda"
+    here, geometry = ((device, dtype), geometry) if on_gpu else (("cuda", torch.bfloat16), {})
+    served = capture_mode_of(check_kernel(kernel), *here, **geometry)
     if torch.device(device).type != "cuda" and served == "indicator":
         served = "exact"  # (the stock kernels off CUDA: their statistics come by the exact path)
     if mode == "auto":
@@ -314,7 +329,7 @@ def resolve_mode(mode: str, device, kernel: str = "auto") -> str:
     if mode != served:
         needed = next((c for c in CHOICES if capture_mode_of(c) == mode), None)
         runs = f", whose statistics come with capture mode {served!r}" if served else \
-            f" ({describe('cuda', torch.bfloat16, kernel)}: no capture mode reads it)"
+            f" ({describe(*here, kernel, **geometry)}: no capture mode reads it)"
         fix = f"--attention-kernel {needed}, or " if needed else ""
         raise WorkbenchError(f"capture mode {mode!r} reads the statistics of {_MODE_READS[mode]}"
                              + (f" (--attention-kernel {needed})" if needed else "")

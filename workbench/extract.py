@@ -262,6 +262,10 @@ def plan(cfg: ExtractConfig) -> Plan:
     mc = arch.read_config(wan_dir, local_attn_size=cfg.local_attn_size, sink_size=cfg.sink_size)
     embedded = cfg.wan_dir is None
     mc, h, w, fsl = arch.video_geometry(wan_dir, cfg.height, cfg.width, mc)
+    # the mode of the kernel that runs this model's calls (a small model's head_dim is not the Gluon forward's),
+    # decided on the device this rank runs on
+    capture_mode = resolve_mode(cfg.capture_mode, _rank_device(cfg.device, int(os.environ.get("WORLD_SIZE", "1"))),
+                                cfg.attention_kernel, dtype=_dtype(cfg.dtype), **kernel_geometry(mc, fsl))
     if cfg.image is not None:
         if cfg.sampler == "bidirectional" or not cfg.independent_first_frame:
             raise WorkbenchError("--image puts the image's latent in a chunk of its own: it needs a causal sampler "
@@ -337,7 +341,8 @@ def fingerprint_fields(p: Plan, weights_sha: str) -> dict:
     # the stores "auto" made there before (one cuDNN call) resume with --attention-kernel cudnn.
     if c.attention_kernel not in ("auto", "cudnn"):
         model["attention_kernel"] = c.attention_kernel
-    backend = describe(c.device, _dtype(c.dtype), c.attention_kernel)
+    backend = describe(_rank_device(c.device, 1), _dtype(c.dtype), c.attention_kernel,
+                       **kernel_geometry(p.model_config, p.frame_seq_len))
     if backend == "cudnn-balanced":
         model["attn_backend"] = backend
     if c.image is not None:
@@ -424,11 +429,17 @@ def _attrs(p: Plan, fp: str, command: list[str]) -> dict:
         independent_first_frame=bool(c.independent_first_frame),
         text_len=p.model_config.text_len, head_dim=p.model_config.head_dim, num_layers=p.model_config.num_layers,
         num_heads=p.model_config.num_heads, dtype=c.dtype,
-        attn_backend=describe(c.device, _dtype(c.dtype), c.attention_kernel),
+        attn_backend=describe(_rank_device(c.device, 1), _dtype(c.dtype), c.attention_kernel,
+                              **kernel_geometry(p.model_config, p.frame_seq_len)),
         capture_mode=p.capture_mode,
         fingerprint=fp,
         **image,  # image-to-video: the image that is frame 0 (absent otherwise)
     )
+
+
+def kernel_geometry(mc, frame_seq_len: int) -> dict:
+    """What decides which attention kernel runs a model's calls besides device and dtype (`describe`)."""
+    return dict(heads=mc.num_heads, head_dim=mc.head_dim, frame_seq_len=frame_seq_len)
 
 
 def _dist():
@@ -642,8 +653,10 @@ def load_model(p: Plan, device, dtype) -> torch.nn.Module:
 def make_probe(model, p: Plan, device) -> StatsProbe:
     """The statistics probe of a plan; one serves every sample of a run (`reset()` between samples), so that
     a CUDA run replays the rollout graphs recorded for its first samples."""
-    geo = Geometry(batch=1, num_frames=p.geometry[0], frame_seq_len=p.frame_seq_len, text_len=model.config.text_len)
-    return StatsProbe(p.spec, geo, device, mode=p.capture_mode, kernel=p.cfg.attention_kernel)
+    geo = Geometry(batch=1, num_frames=p.geometry[0], frame_seq_len=p.frame_seq_len, text_len=model.config.text_len,
+                   heads=model.config.num_heads, head_dim=model.config.head_dim)
+    return StatsProbe(p.spec, geo, device, mode=p.capture_mode, kernel=p.cfg.attention_kernel,
+                      dtype=_dtype(p.cfg.dtype))
 
 
 def _one_sample(model, p: Plan, emb, negative, seed, device, dtype, bar, probe: StatsProbe,

@@ -341,10 +341,23 @@ def attention_with_lse(q, k, v, *, frame_mask=None, frame_seq_len=1, scale=None,
     return out, lse
 
 
-def describe(device="cpu", dtype: torch.dtype = torch.bfloat16, kernel: str = "auto") -> str:
-    """The name of the kernel that runs unmasked calls for the choice `kernel` on this device and dtype, from
-    where each kernel is meant to run (the store's `attn_backend`; one shape's refusal does not change it)."""
+def describe(device="cpu", dtype: torch.dtype = torch.bfloat16, kernel: str = "auto", *, heads: int | None = None,
+             head_dim: int | None = None, frame_seq_len: int | None = None) -> str:
+    """The name of the kernel that runs unmasked calls for the choice `kernel` on this device and dtype. With a
+    model's geometry (heads, head_dim, frame_seq_len) it is the kernel `select` picks for such a call, the kernels'
+    shape rules applied (the store's `attn_backend`: e.g. `cudnn-balanced` where the Gluon forward does not take
+    a small model's head_dim); without, it is where each kernel is meant to run (a store's fingerprint). A refusal
+    that a CUDA library op makes at run time (`refuse`: warned) does not change it."""
     dev = torch.device(device).type
+    if head_dim is not None and frame_seq_len is not None:
+        # one query frame against one key frame, as the model's calls are laid out (contiguous [B, L, heads, D]),
+        # without autograd (the rollouts' calls; a training forward's run the next kernel, see `_balanced_takes`)
+        with torch.no_grad():
+            x = torch.empty(1, frame_seq_len, heads or 1, head_dim, dtype=dtype, device=device)
+            try:
+                return select(x, x, x, frame_seq_len=frame_seq_len, kernel=kernel).name
+            except ModelInputError:
+                return "sdpa"
     for name in CHOICES[check_kernel(kernel)]:
         kern = KERNELS[name]
         if "unmasked" in kern.calls and kern.runs_on(dev, dtype):
@@ -352,7 +365,8 @@ def describe(device="cpu", dtype: torch.dtype = torch.bfloat16, kernel: str = "a
     return "sdpa"
 
 
-def capture_mode_of(kernel: str) -> str | None:
-    """The capture mode that reads frame statistics from the choice's kernel on a GPU in bf16 (where capture
-    modes matter): "indicator" for the stock kernels (cuDNN), "fused" for "triton"; None when none does."""
-    return KERNELS[describe("cuda", torch.bfloat16, kernel)].capture_mode
+def capture_mode_of(kernel: str, device="cuda", dtype: torch.dtype = torch.bfloat16, **geometry) -> str | None:
+    """The capture mode that reads frame statistics from the kernel that runs the choice's unmasked calls (`describe`:
+    for a model of this geometry when given), by default on a GPU in bf16, where capture modes matter: "indicator"
+    for the stock kernels (cuDNN), "fused" for "triton" and "gluon"; None when none does."""
+    return KERNELS[describe(device, dtype, kernel, **geometry)].capture_mode
