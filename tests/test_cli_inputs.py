@@ -93,7 +93,8 @@ CASES = [
     (["intervene", "--spec", "{tmp}/none.yaml", "--out", "{tmp}/x.zarr"],
      "--spec {tmp}/none.yaml: No such file or directory"),
     (["intervene", "--policy", "fifo:21", "--frames", "9", "--out", "{tmp}/x.zarr"],
-     "policy window 21 holds all 9 frames of the rollout: it never evicts or moves a frame, so it changes nothing"),
+     "cache policy fifo (window 21, sink_frames 0) holds 21 frames: all 9 frames of the rollout fit, and it never "
+     "evicts or moves a frame, so it changes nothing"),
     (["extract", "--layer", "3", "--out", "{blocked}/x.zarr"], "output folder '{blocked}' is a file, not a folder"),
     (["generate", "--prompt", "x", "--out", "{blocked}/g"], "output folder '{blocked}/g' is not writable"),
     (["report", "{store}", "--out", "{blocked}/r.html"], "output folder '{blocked}' is a file, not a folder"),

@@ -163,6 +163,7 @@ def test_a_plugins_kinds_are_checked_when_registered_and_when_given(own_registry
     takes a built-in name or has settings a store cannot record; settings the kind lacks or a built-in kind given
     settings; a build whose signature does not take the entry's settings, that raises, or that returns something
     other than an intervention; a policy whose cache cannot hold a chunk or whose after_chunk takes other arguments."""
+    from models.errors import ModelInputWarning
     from workbench.hooks import Probe
     from workbench.interventions import Intervention
     from workbench.kv_policies import WindowSink
@@ -244,7 +245,8 @@ def test_a_plugins_kinds_are_checked_when_registered_and_when_given(own_registry
     assert e.label == "scale(factor=3):L1" and ie.build(e, {}).heads is None
     assert ie.parse_entry({"kind": "any_factor", "settings": {"factor": 3}}, **bounds).settings == {"factor": 3}
     ie.register(ie.EntryKind("plain", lambda window, sink_frames: WindowSink(window, sink_frames), policy=True))
-    e = ie.parse_entry({"kind": "policy", "policy": "plain", "sink_frames": 3}, **bounds)
+    with pytest.warns(ModelInputWarning, match="holds 21 frames: all 9 frames of the rollout fit"):  # (full_cache)
+        e = ie.parse_entry({"kind": "policy", "policy": "plain", "sink_frames": 3}, **bounds)
     assert e.window == 21 and e.label == "policy-plain:21+sink3"  # (the window of the built-in policies' default)
     for entry, match in (
             ({"kind": "scale", "settings": {"fator": 3}},
@@ -274,6 +276,56 @@ def test_a_plugins_kinds_are_checked_when_registered_and_when_given(own_registry
                                                                    r"sink_frames, \*\*settings\)")):
         with pytest.raises(WorkbenchError, match=match):
             ie.parse_entry(entry, **bounds)
+
+
+def test_a_policy_whose_cache_holds_every_frame_is_named_built_in_or_own(own_registry):
+    """A cache policy whose cache holds every frame of the rollout never has to evict one. A built-in policy then
+    changes nothing (it drops frames only to make room): refused. One of one's own (registered, or an Entry object
+    as the Python API takes it) may still drop, move or mask frames by its own choice (its Keep): the same message,
+    naming the policy, its capacity, the rollout's frames and what to change, as a warning; a capacity below the
+    rollout's frames says nothing."""
+    import warnings
+
+    from models.common.kv_cache import Keep
+    from models.errors import ModelInputWarning
+    from workbench.kv_policies import WindowSink
+
+    class Drop:  # evicts by its own choice with room for the whole rollout (tests/test_kv_policies.py's Drop)
+        graph_safe, key = True, "drop"
+
+        def __init__(self, window, sink_frames):
+            pass
+
+        def capacity(self, num_frames, chunk_frames):
+            return num_frames
+
+        def after_chunk(self, layer, cache, chunk, next_frames):
+            return Keep([f for f in cache.frames if f != 1])
+
+    ie.register(ie.EntryKind("my_window", lambda window, sink_frames: WindowSink(window, sink_frames), policy=True))
+    ie.register(ie.EntryKind("drop", Drop, policy=True))
+    bounds = dict(num_layers=4, num_heads=2, num_frames=9, chunk_frames=3)
+    for policy in ("sink", "fifo", "deepsink", "attention"):
+        sink = 0 if policy == "fifo" else 3
+        with pytest.raises(WorkbenchError, match=rf"cache policy {policy} \(window 12, sink_frames {sink}\) holds 12 "
+                           r"frames: all 9 frames of the rollout fit, and it never evicts or moves a frame, so it "
+                           r"changes nothing .*; give more --frames than 12 \(e.g. --frames 18\) or a window below 9"):
+            ie.parse_entry({"kind": "policy", "policy": policy, "window": 12, "sink_frames": sink}, **bounds)
+    own = (r"cache policy '{}' \(capacity\(9, 3\) = {}\) holds {} frames: all 9 frames of the rollout fit, and its "
+           r"cache never has to evict a frame, so unless its after_chunk drops, moves or masks frames of its own "
+           r"accord the entry changes nothing; give more --frames than {} \(e.g. --frames {}\) or a window below 9")
+    with pytest.warns(ModelInputWarning, match=own.format("my_window", 12, 12, 12, 18)):
+        e = ie.parse_entry({"kind": "policy", "policy": "my_window", "window": 12, "sink_frames": 3}, **bounds)
+    assert e.label == "policy-my_window:12+sink3"  # (not refused: a warning)
+    with pytest.warns(ModelInputWarning, match=own.format("my_window", 9, 9, 9, 15)):  # (exactly every frame)
+        ie.parse_entry(ie.Entry(kind="policy", policy="my_window", window=9, sink_frames=3).spec(), **bounds)
+    with pytest.warns(ModelInputWarning, match=own.format("drop", 9, 9, 9, 15)):  # (a legitimate one: warned only)
+        ie.parse_entry({"kind": "policy", "policy": "drop", "window": 6}, **bounds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a window that evicts: nothing said)
+        ie.parse_entry({"kind": "policy", "policy": "my_window", "window": 6, "sink_frames": 3}, **bounds)
+        ie.parse_entry({"kind": "policy", "policy": "sink", "window": 6, "sink_frames": 3}, **bounds)
+        ie.parse_entry({"kind": "policy", "policy": "my_window", "window": 12, "sink_frames": 3}, 4, 2)  # (no rollout)
 
 
 CELL = '''

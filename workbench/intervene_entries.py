@@ -34,6 +34,7 @@ import numbers
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -282,6 +283,25 @@ def _check_policy_object(obj, kind: EntryKind, num_frames, chunk_frames) -> None
         if not isinstance(held, numbers.Integral) or held < chunk_frames:
             raise WorkbenchError(f"cache policy {kind.name!r}: capacity({num_frames}, {chunk_frames}) is {held!r}; "
                                  f"the cache must hold at least a chunk of {chunk_frames} frames")
+        if held >= num_frames:  # (a warning, not a refusal: see full_cache)
+            from models.errors import ModelInputWarning
+
+            warnings.warn(full_cache(f"{kind.name!r} (capacity({num_frames}, {chunk_frames}) = {held})", held,
+                                     num_frames, chunk_frames, own=True), ModelInputWarning, stacklevel=2)
+
+
+def full_cache(name: str, held: int, num_frames: int, chunk_frames: int | None, own: bool = False) -> str:
+    """Why cache policy `name`, whose cache holds `held` frames, changes nothing on a rollout of `num_frames`
+    frames that all fit, and what to change. A built-in policy only ever drops frames to make room (and moves
+    none that stay put), so the entry would be a rollout without eviction labelled as a cache-policy experiment:
+    refused. A policy of one's own may still drop frames by its own choice (capacity is what the cache allocates),
+    move them or mask heads (its Keep's positions, head_mask), so for it this is a warning, not a refusal."""
+    c = chunk_frames or 3
+    does = ("its cache never has to evict a frame, so unless its after_chunk drops, moves or masks frames of its "
+            "own accord the entry changes nothing" if own else "it never evicts or moves a frame, so it changes "
+            "nothing (a rollout without eviction, labelled as a cache policy)")
+    return (f"cache policy {name} holds {held} frames: all {num_frames} frames of the rollout fit, and {does}; "
+            f"give more --frames than {held} (e.g. --frames {c * (held // c + 2)}) or a window below {num_frames}")
 
 
 @dataclass
@@ -514,10 +534,9 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
             raise WorkbenchError(f"a deep sink of 0 sink frames is a fifo window: give sink frames (e.g. "
                                  f"deepsink:{e.window}:{e.window // 2}, or leave them out: half the window), or use "
                                  f"fifo:{e.window}")
-        if num_frames and num_frames <= e.window:
-            raise WorkbenchError(f"policy window {e.window} holds all {num_frames} frames of the rollout: it never "
-                                 "evicts or moves a frame, so it changes nothing; give more --frames than the window "
-                                 f"(e.g. --frames {3 * (e.window // 3 + 2)}) or a smaller window")
+        if num_frames and num_frames <= e.window:  # (a built-in policy's capacity is its window)
+            raise WorkbenchError(full_cache(f"{e.policy} (window {e.window}, sink_frames {e.sink_frames})", e.window,
+                                            num_frames, chunk_frames))
         if chunk_frames and e.window < e.sink_frames + chunk_frames:
             raise WorkbenchError(f"policy window {e.window}: it must hold the {e.sink_frames} sink frame(s) and a "
                                  f"chunk of {chunk_frames}: at least {e.sink_frames + chunk_frames}")
