@@ -106,6 +106,63 @@ def test_ode_then_dmd_with_probes_then_resume(tmp_path, capsys):
         train(*dmd, "--max-steps", 5, "--resume")
 
 
+def test_a_resume_needs_only_its_checkpoint(tmp_path, capsys):
+    """A resume reads the generator's weights from its checkpoint; of generator_ckpt it read only the sha256 the
+    probe store's labels hash, yet refused once the file was moved or deleted. Checkpoints now record the start
+    weights' sha256 and a resume goes on from it; a start from step 0 still needs the file, and a checkpoint saved
+    before the record resumes as before: with the file there (its checkpoints then record it)."""
+    from models.files import weights_sha256
+    from training.logger import read_losses
+    from workbench.store import open_store
+
+    init = tmp_path / "ode_init.pt"
+    shutil.copy(EMBEDDED_DIR / "checkpoints" / "ode_init.pt", init)
+    sha = weights_sha256(init)
+    log = tmp_path / "dmd"
+    argv = ["--config", "configs/tiny_dmd.yaml", "--logdir", log, "--set", f"generator_ckpt={init}", "device=cpu",
+            "log_iters=1", "probe.every=1", "probe.layers=[0]"]
+    assert train(*argv, "--max-steps", 1) == 0
+
+    def recorded(step):
+        state = torch.load(log / f"checkpoint_model_{step:06d}" / "training_state.pt", weights_only=True)
+        return state.get("start_weights")
+
+    init.unlink()  # (moved, deleted, or a resume on another machine)
+    assert train(*argv, "--max-steps", 2, "--resume") == 0
+    assert [r["step"] for r in read_losses(log)] == [1, 2]
+    assert recorded(1) == recorded(2) == {"file": str(init), "sha256": sha}
+    ds = open_store(log / "probes.zarr")  # (the same fingerprint: the store goes on)
+    assert ds["train_step"].values.tolist() == [0, 1, 2] and ds.attrs["fingerprint_fields"]["model"]["weights"] == sha
+    missing = r"generator_ckpt '.*ode_init.pt' does not exist \(a Self-Forcing .pt"
+    with pytest.raises(TrainingError, match=missing):  # a start from step 0 reads the file
+        train(*[tmp_path / "new" if a == log else a for a in argv], "--max-steps", 1)
+    with pytest.raises(TrainingError, match=missing):  # (--resume with no checkpoint: from step 0)
+        train(*[tmp_path / "new" if a == log else a for a in argv], "--max-steps", 1, "--resume")
+    # a checkpoint saved before checkpoints recorded the start weights: the file is needed, as before
+    state_pt = log / "checkpoint_model_000002" / "training_state.pt"
+    state = torch.load(state_pt, weights_only=True)
+    del state["start_weights"]
+    torch.save(state, state_pt)
+    with pytest.raises(TrainingError, match=r"generator_ckpt '.*ode_init.pt' does not exist, and --resume "
+                                            r"'.*checkpoint_model_000002' records no sha256 of the run's start"):
+        train(*argv, "--max-steps", 3, "--resume")
+    shutil.copy(EMBEDDED_DIR / "checkpoints" / "ode_init.pt", init)
+    assert train(*argv, "--max-steps", 3, "--resume") == 0
+    assert [r["step"] for r in read_losses(log)] == [1, 2, 3] and recorded(3) == {"file": str(init), "sha256": sha}
+    # another file at that path, in a run without probes: the resume goes on (its weights are the checkpoint's)
+    # and says so
+    log = tmp_path / "plain"
+    plain = [log if a == tmp_path / "dmd" else a for a in argv[:-2]] + ["--set", "probe.every=0"]
+    assert train(*plain, "--max-steps", 1) == 0
+    blob = torch.load(init, weights_only=True)
+    torch.save({"generator": {k: v + 1 for k, v in blob["generator"].items()}}, init)
+    capsys.readouterr()
+    assert train(*plain, "--max-steps", 2, "--resume") == 0
+    said = capsys.readouterr().out
+    assert f"note: generator_ckpt {init} is not the file this run started from" in said and sha[:12] in said
+    assert recorded(2) == {"file": str(init), "sha256": sha}  # (the run's start, as recorded)
+
+
 def test_clear_errors_before_any_work(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer: score_distillation\ndenoise_steps: [1000]\n")

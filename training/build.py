@@ -2,6 +2,8 @@
 
     build_trainer(cfg, logdir) --> checks (training/checks.py), then the models from `model_root/<name>`
                                    (+ generator_ckpt), the text encoder, the probes and the data --> Trainer
+                                   (a resume: the weights from its checkpoint; of generator_ckpt only the sha256,
+                                   the checkpoint's record where the file is gone)
     describe(trainer)          --> the run in one line, with its gradient semantics (docs/training.md)
 
 Checks come first: nothing here reads weights before every config and file error has been raised.
@@ -21,7 +23,8 @@ from models.common.scheduler import FlowMatchScheduler
 from models.errors import ModelInputError
 from models.family import WAN, check_fits_cache
 from training import distributed as fsdp
-from training.checkpoints import check_no_later_checkpoints, check_resumed_config, check_same_run, latest_checkpoint
+from training.checkpoints import (check_no_later_checkpoints, check_resumed_config, check_same_run, latest_checkpoint,
+                                  resumed_start_weights)
 from training.checks import Plan, check_config, check_files, model_folder, world_vae_path
 from training.config import recorded
 from training.data import LatentDataset, PromptSource, synthetic_latents
@@ -29,20 +32,22 @@ from training.errors import TrainingError
 from training.trainer import RESTART, Models, Trainer
 
 
-def build_models(cfg, plan: Plan, device="cpu") -> tuple[Models, Path]:
+def build_models(cfg, plan: Plan, device="cpu", *, read_generator_ckpt: bool = True) -> tuple[Models, Path]:
     """The models a config names, on the CPU in float32 (teacher: bf16 on CUDA with mixed precision, where its
     frozen weights are only ever used in bf16), and with ema_start_step <= 0 the generator folder's own weights
-    for the EMA to start from. Returns (models, generator folder)."""
+    for the EMA to start from. `read_generator_ckpt` False: the generator's weights are the folder's (a resume
+    whose checkpoint then loads its own, generator_ckpt's file gone). Returns (models, generator folder)."""
     from models.wan.checkpoint import load_wan
 
     kw = cfg.model_kwargs
     gen_dir = model_folder(cfg, kw.model_name)
     causal = plan.trainer != "diffusion" or bool(cfg.causal)
-    generator = load_wan(gen_dir, checkpoint=cfg.generator_ckpt or None, causal=causal, num_frame_per_block=cfg.num_frame_per_block,
+    ckpt = (cfg.generator_ckpt or None) if read_generator_ckpt else None
+    generator = load_wan(gen_dir, checkpoint=ckpt, causal=causal, num_frame_per_block=cfg.num_frame_per_block,
                          local_attn_size=kw.local_attn_size, sink_size=kw.sink_size, dtype=torch.float32)
     generator.independent_first_frame = causal and bool(cfg.independent_first_frame)
     ema_init = None
-    if cfg.generator_ckpt and cfg.ema_weight > 0 and cfg.ema_start_step <= 0:
+    if ckpt and cfg.ema_weight > 0 and cfg.ema_start_step <= 0:
         from models.wan.checkpoint import read_wan_folder
 
         ema_init = read_wan_folder(gen_dir)[1]
@@ -247,7 +252,9 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
 
     d = fsdp.setup(cfg.device)
     plan = check_config(cfg, d.world, sets_sid_alpha=sets_sid_alpha)
-    check_files(cfg, plan)
+    # a resume whose generator_ckpt is gone: the start weights' sha256 its checkpoint recorded (None otherwise)
+    start = resumed_start_weights(cfg, logdir, resume)
+    check_files(cfg, plan, start_recorded=start is not None)
     if resume == "latest":
         resume = latest_checkpoint(logdir)
         if resume is None:  # nothing to continue (a run stopped before its first checkpoint, or none ran): step 0
@@ -279,17 +286,17 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
         local_attn_size=cfg.model_kwargs.local_attn_size, sink_size=cfg.model_kwargs.sink_size)
     weights = Path(cfg.generator_ckpt) if cfg.generator_ckpt else wan_weights_file(gen_dir)  # (or its shard index)
     stamps = run_files(gen_dir, weights)  # (before the probe store's label is hashed; checked after the loads)
-    sha = weights_sha256(weights)
+    sha = start["sha256"] if start is not None else weights_sha256(weights)  # (a file there: hashed, as at the start)
     probes = build_probes(cfg, plan, gen_config, logdir, weights_label=str(weights), weights_sha=sha,
                           command=command)  # checks first
-    models, _ = build_models(cfg, plan, d.device)
+    models, _ = build_models(cfg, plan, d.device, read_generator_ckpt=start is None)
     encoder = TextEncoder.from_wan_dir(gen_dir, device=text_encoder_device(cfg, d.device))
     check_unchanged(stamps, "between the hashing of the probe store's labels and the loading of the weights")
     cls = Trainer
     if plan.trainer == "gan":
         from training.gan import GanTrainer as cls
     trainer = cls(cfg, models, encoder, logdir, d=d, plan=plan, data=None, probes=probes, resume=resume, log=log,
-                      progress=progress, seed=cfg.seed)
+                  progress=progress, seed=cfg.seed, start_weights=dict(file=str(weights), sha256=sha))
     trainer.data = build_data(cfg, plan, trainer.seed, d, progress=progress)  # (--no-progress: no bar there either)
     return trainer
 

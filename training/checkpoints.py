@@ -3,8 +3,12 @@
 
 `logdir/checkpoint_model_{step:06d}/model.pt` in the researchers' format (`generator`, `critic`,
 `generator_ema` once step > ema_start_step; keys `model.`-prefixed) and `training_state.pt` beside it (step,
-seed, optimiser states) for `--resume`. A resumed run continues exactly as the uninterrupted one. Both files are
-written atomically, model.pt last: a folder with both is complete.
+seed, optimiser states, the config, and `start_weights`: the file the run started from and its sha256) for
+`--resume`. A resumed run continues exactly as the uninterrupted one. Both files are written atomically, model.pt
+last: a folder with both is complete.
+
+A resume reads the generator's weights from the checkpoint; of `generator_ckpt` it needs only the sha256 (the probe
+store's labels hash it), so `resumed_start_weights` lets it go on from the recorded one once the file is gone.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class Checkpoints:
                  "generator_optimizer": fsdp.optimizer_state(self.gen_params, self.gen_opt)}
         if self.critic is not None:
             state["critic_optimizer"] = fsdp.optimizer_state(self.critic_params, self.critic_opt)
+        if self.start_weights is not None:  # (a resume without generator_ckpt's file reads its sha256 here)
+            state["start_weights"] = dict(self.start_weights)
         if self.d.main:
             state["config_yaml"] = OmegaConf.to_yaml(recorded(self.cfg))
             atomic_torch_save(state, folder / "training_state.pt")
@@ -81,6 +87,13 @@ class Checkpoints:
             fsdp.load_optimizer_state(self.critic_params, self.critic_opt, state["critic_optimizer"])
         self.step, self.seed = int(state["step"]), int(state["seed"])
         self.last_saved = self.step
+        # the run's start weights as its start recorded them (checkpoints before the record: this resume's hash)
+        recorded, now = state.get("start_weights"), self.start_weights
+        if recorded and now and recorded.get("sha256") != now.get("sha256") and self.d.main:
+            self.log(f"note: generator_ckpt {now.get('file')} is not the file this run started from (sha256 "
+                     f"{str(now.get('sha256'))[:12]}, the run's start {str(recorded.get('sha256'))[:12]}); the "
+                     "generator's weights come from the checkpoint, so training goes on as it would have")
+        self.start_weights = recorded or now
         if "generator_ema" in blob:
             self.ema = EMA(self.gen_params, self.cfg.ema_weight)
             self.ema.load_full(strip_prefixes(blob["generator_ema"]))
@@ -111,6 +124,34 @@ def latest_checkpoint(logdir) -> Path | None:
     """The newest complete checkpoint folder in a logdir."""
     complete = complete_checkpoints(logdir)
     return complete[-1] if complete else None
+
+
+def resumed_start_weights(cfg, logdir, resume) -> dict | None:
+    """On a resume (`resume`: a checkpoint folder or file, or "latest") whose `generator_ckpt` file is gone (moved,
+    deleted, another machine): the start weights its checkpoint recorded ({"file", "sha256"}), so that the resume
+    needs only the checkpoint. None where the file is there (hashed as at the start) or for a start from step 0
+    (`check_files` then refuses the missing file); a checkpoint saved before the record is refused, naming it."""
+    ckpt = cfg.generator_ckpt
+    if resume is None or not ckpt or Path(ckpt).is_file():
+        return None
+    folder = latest_checkpoint(logdir) if resume == "latest" else Path(resume)
+    if folder is None or not folder.exists():  # (a restart from step 0, or a --resume check_files' error precedes)
+        return None
+    folder = folder.parent if folder.is_file() else folder
+    state_pt = folder / "training_state.pt"
+    if not state_pt.is_file():  # (not a complete checkpoint: check_files names the missing file, as before)
+        return None
+    try:  # (mmap: the optimiser states are not read)
+        state = torch.load(state_pt, map_location="cpu", weights_only=True, mmap=True)
+        start = state.get("start_weights")
+    except Exception:  # (truncated or corrupt: Trainer.resume names it once the file is back)
+        start = None
+    if not (isinstance(start, dict) and isinstance(start.get("sha256"), str)):
+        raise TrainingError(f"generator_ckpt {ckpt!r} does not exist, and --resume {str(folder)!r} records no "
+                            "sha256 of the run's start weights (saved before checkpoints recorded it, or unreadable), "
+                            "which the probe store's labels hash: put the file the run started from back at that "
+                            "path for this resume (the checkpoints it saves record it)")
+    return start
 
 
 def complete_checkpoints(logdir) -> list[Path]:

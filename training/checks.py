@@ -3,7 +3,8 @@ and every check that needs no weights, before any work starts.
 
     load_train_config(path, overrides) --> (cfg, sets_sid_alpha)
     check_config(cfg, world)           --> Plan: trainer, loss, micro-batches per rank, latent shape, timesteps
-    check_files(cfg, plan)             --> model folders, generator_ckpt and data files exist
+    check_files(cfg, plan)             --> model folders, generator_ckpt (unless a resume's checkpoint records
+                                           its sha256) and data files exist
 
 Every error is a TrainingError naming the config key, its value and what is allowed. training/build.py builds
 a run from a checked config; training/trainer.py runs it.
@@ -233,10 +234,11 @@ def world_vae_path(cfg) -> Path:
     return wan_parts(Path(cfg.model_root) / cfg.model_kwargs.model_name).vae
 
 
-def check_files(cfg, plan: Plan) -> None:
+def check_files(cfg, plan: Plan, *, start_recorded: bool = False) -> None:
     """Model folders, generator_ckpt and data files exist (before any weights are read). A training size other than
     the one the generator's folder records (config.json `video_size`, e.g. the embedded zoo's 96 x 128) is a warning:
-    the researchers' configs are for Wan2.1's 480 x 832."""
+    the researchers' configs are for Wan2.1's 480 x 832. `start_recorded`: a resume whose checkpoint records the
+    start weights (training/checkpoints.py `resumed_start_weights`), which needs no generator_ckpt file."""
     from models.wan.config import VAE_STRIDE, default_video_size
     from models.wan.folder import dit_dir
 
@@ -250,7 +252,7 @@ def check_files(cfg, plan: Plan) -> None:
     if plan.trainer == "score_distillation":
         model_folder(cfg, cfg.real_name)
         model_folder(cfg, cfg.fake_name)
-    if cfg.generator_ckpt and not Path(cfg.generator_ckpt).is_file():
+    if cfg.generator_ckpt and not start_recorded and not Path(cfg.generator_ckpt).is_file():
         raise TrainingError(f"generator_ckpt {cfg.generator_ckpt!r} does not exist{relative_note(cfg.generator_ckpt)} "
                             "(a Self-Forcing .pt with a 'generator' or 'model' entry, e.g. the output of ODE "
                             "regression)")

@@ -76,8 +76,11 @@ class Trainer(Steps, Checkpoints):
 
     def __init__(self, cfg, models: Models, encoder, logdir, *, d: fsdp.Dist, plan: Plan, data=None,
                  probes=None, resume: str | Path | None = None, log=print, progress: bool = True,
-                 seed: int | None = None):
+                 seed: int | None = None, start_weights: dict | None = None):
         self.cfg, self.plan, self.d, self.log, self.progress = cfg, plan, d, log, progress
+        # {"file", "sha256"} of the weights the run started from (generator_ckpt, or the folder's), saved with each
+        # checkpoint: a resume goes on from the record once that file is gone (training/checkpoints.py)
+        self.start_weights = start_weights
         self.logdir = Path(logdir)
         self.device = d.device
         # the compute dtype: FSDP's (bf16 with mixed_precision on a GPU)
