@@ -163,6 +163,29 @@ def test_a_resume_needs_only_its_checkpoint(tmp_path, capsys):
     assert recorded(2) == {"file": str(init), "sha256": sha}  # (the run's start, as recorded)
 
 
+def test_a_resume_may_change_what_it_probes(tmp_path, capsys):
+    """Probes change nothing the steps compute, so a resume may probe otherwise (they were refused as a change of
+    the run's config). A probe store of other probe settings is refused before any weights load, naming what
+    differs; another probe.store starts at the resume's steps; probe.every may change in the same store."""
+    from training.errors import TrainingError
+    from workbench.store import open_store
+
+    log = tmp_path / "dmd"
+    argv = ["--config", "configs/tiny_dmd.yaml", "--logdir", log, "--set",
+            f"generator_ckpt={EMBEDDED_DIR / 'checkpoints' / 'ode_init.pt'}", "device=cpu", "probe.every=1"]
+    assert train(*argv, "probe.layers=[0]", "--max-steps", 1) == 0
+    capsys.readouterr()
+    with pytest.raises(TrainingError, match=r"probes.zarr holds probes of other settings \(layout.layers: \[0\] in "
+                                            r"the store, \[1\] in this run\); use a new logdir, or name another "
+                                            r"probe.store"):
+        train(*argv, "probe.layers=[1]", "--max-steps", 2, "--resume")
+    assert "resumed from" not in capsys.readouterr().out  # (refused before the weights load)
+    assert train(*argv, "probe.layers=[1]", "probe.store=layer1.zarr", "--max-steps", 2, "--resume") == 0
+    assert open_store(log / "layer1.zarr")["train_step"].values.tolist() == [1, 2]
+    assert train(*argv, "probe.layers=[0]", "probe.every=2", "--max-steps", 4, "--resume") == 0
+    assert open_store(log / "probes.zarr")["train_step"].values.tolist() == [0, 1, 2, 4]
+
+
 def test_clear_errors_before_any_work(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer: score_distillation\ndenoise_steps: [1000]\n")

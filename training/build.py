@@ -230,9 +230,13 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
                  num_frames=frames, text_len=mc.text_len, head_dim=mc.head_dim, num_layers=mc.num_layers,
                  num_heads=mc.num_heads, versions=dict(torch=torch.__version__, xarray=xarray.__version__,
                                                        zarr=zarr.__version__, python=platform.python_version()),
-                 trainer=plan.trainer, loss=plan.loss,
-                 # what a report names (studies/report.py model_facts): the start weights and the text encoder
-                 fingerprint_fields=dict(model=dict(weights=weights_sha, text_encoder=_encoder_identity(cfg))))
+                 trainer=plan.trainer, loss=plan.loss)
+    # the settings the fingerprint hashes, by name, so that a store of other ones names them (and what a report
+    # names, studies/report.py model_facts: the start weights and the text encoder)
+    fields = dict(layout=dict(layers=layers, heads=heads, steps=spec.steps, stats=spec.stats, prompts=prompts,
+                              seeds=seeds, frames=frames, hw=[H, W], nfpb=plan.nfpb, independent_first_frame=iff,
+                              schedule=layout_key["schedule"]),
+                  model=dict(weights=weights_sha, text_encoder=_encoder_identity(cfg), config=layout_key["model"]))
     meta = dict(checkpoint=weights_label, checkpoint_sha256=weights_sha, model_family="self_forcing",
                 sampler="causal_few_step", local_attn_size=mc.local_attn_size, sink_size=mc.sink_size)
     return TrainingProbes(spec=spec, schedule=schedule, prompts=prompts, seeds=seeds, num_frames=frames,
@@ -240,7 +244,7 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
                           text_len=mc.text_len, nfpb=plan.nfpb, independent_first_frame=iff, timesteps=plan.timesteps,
                           scheduler=FlowMatchScheduler(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep),
                           context_noise=float(cfg.context_noise), every=int(p.every),
-                          path=Path(logdir) / p.store, attrs=attrs, fingerprint=fp, sample_meta=meta)
+                          path=Path(logdir) / p.store, attrs=attrs, fingerprint=fp, fields=fields, sample_meta=meta)
 
 
 def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log=print, progress=True,
@@ -289,6 +293,8 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
     sha = start["sha256"] if start is not None else weights_sha256(weights)  # (a file there: hashed, as at the start)
     probes = build_probes(cfg, plan, gen_config, logdir, weights_label=str(weights), weights_sha=sha,
                           command=command)  # checks first
+    if probes is not None and d.main:
+        probes.check_store()  # (a store of other start weights or probe settings: named before the weights load)
     models, _ = build_models(cfg, plan, d.device, read_generator_ckpt=start is None)
     encoder = TextEncoder.from_wan_dir(gen_dir, device=text_encoder_device(cfg, d.device))
     check_unchanged(stamps, "between the hashing of the probe store's labels and the loading of the weights")

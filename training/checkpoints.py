@@ -178,8 +178,10 @@ def check_no_later_checkpoints(logdir, resume) -> None:
 
 
 # what a resumed run may set otherwise than the run it continues: how long and how it logs, where it runs
+# and what it probes (probes change nothing the steps compute; the probe store refuses settings that change its
+# layout, naming them)
 CHANGEABLE_ON_RESUME = ("max_steps", "log_iters", "loggers", "device", "gradient_checkpointing", "data_on_device",
-                        "wandb_host", "wandb_key", "wandb_entity", "wandb_project")
+                        "wandb_host", "wandb_key", "wandb_entity", "wandb_project", "probe")
 
 
 def check_resumed_betas(state: dict, gen_opt, critic_opt, folder) -> None:

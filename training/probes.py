@@ -41,13 +41,16 @@ def preserved_rng(device: torch.device):
             torch.cuda.set_rng_state_all(cuda)
 
 
+OTHER_STORE = "use a new logdir, or name another probe.store (its probes then start at this run's steps)"
+
+
 class ProbeStoreWriter(StoreWriter):
     """Appends one probe (all samples of one train step) at a time along `train_step`."""
 
-    def __init__(self, path, fingerprint: str):
+    def __init__(self, path, fingerprint: str, fields: dict | None = None):
         try:
             super().__init__(path, fingerprint, append_dim="train_step", completed_attr="completed_train_steps",
-                             hint="use a new logdir or remove it")
+                             hint=OTHER_STORE, fields=fields)
         except TrainingError:
             raise
         except WorkbenchError as err:
@@ -65,7 +68,7 @@ class TrainingProbes:
     def __init__(self, *, spec, schedule, prompts: list[str], seeds: list[int], num_frames: int, latent_hw,
                  channels: int, frame_seq_len: int, grid, text_len: int, nfpb: int, timesteps: torch.Tensor,
                  scheduler, context_noise: float, every: int, path, attrs: dict, fingerprint: str,
-                 sample_meta: dict, independent_first_frame: bool = False):
+                 sample_meta: dict, independent_first_frame: bool = False, fields: dict | None = None):
         self.spec, self.schedule, self.prompts, self.seeds = spec, schedule, prompts, seeds
         self.num_frames, self.latent_hw, self.channels = num_frames, tuple(latent_hw), channels
         self.timesteps, self.scheduler, self.context_noise, self.every = timesteps, scheduler, context_noise, every
@@ -76,18 +79,35 @@ class TrainingProbes:
                                   independent_first_frame=independent_first_frame)
         self.frame_seq_len, self.text_len = frame_seq_len, text_len
         self.sample_meta = sample_meta
-        self.path, self.fingerprint = Path(path), fingerprint
+        self.path, self.fingerprint, self.fields = Path(path), fingerprint, fields  # (fields: by name, for messages)
         self.writer: ProbeStoreWriter | None = None
         self.embeddings = None
 
     def open(self, main: bool, resume_step: int | None) -> None:
         if main:
             self._check_start_weights()
-            self.writer = ProbeStoreWriter(self.path, self.fingerprint)
+            self.writer = ProbeStoreWriter(self.path, self.fingerprint, self.fields)
             if resume_step is not None:
                 self.writer.keep_until(resume_step)
             elif self.writer.completed:
                 raise TrainingError(f"{self.path} already holds probes of an earlier run; use --resume or a new logdir")
+
+    def check_store(self) -> None:
+        """Before any weights load: a probe store of a run that started from other weights, or of other probe
+        settings (they may change on a resume: training/checkpoints.py CHANGEABLE_ON_RESUME), is refused, naming
+        what differs. The writer checks again when it opens the store (`open`)."""
+        import zarr
+
+        from workbench.store import describe_differences
+
+        self._check_start_weights()
+        try:
+            attrs = dict(zarr.open_group(self.path, mode="r").attrs)
+        except Exception:  # (no store yet, or not one: the writer says)
+            return
+        if "completed_train_steps" in attrs and attrs.get("fingerprint") != self.fingerprint:
+            what = describe_differences(attrs.get("fingerprint_fields"), self.fields)
+            raise TrainingError(f"{self.path} holds probes of other settings ({what}); {OTHER_STORE}")
 
     def _check_start_weights(self) -> None:
         """A probe store of a run that started from other weights (generator_ckpt replaced since the run began, or

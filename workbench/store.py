@@ -885,6 +885,9 @@ def describe_differences(stored: dict | None, wanted: dict | None, absent: dict 
         return ("the store records no setting by setting (made by an older workbench); its settings are in its "
                 "attr config_yaml")
     a, b = _flat(_plain(stored)), _flat(_plain(wanted))
+    # (the sections both record: a store made before a section was recorded names no setting of it as not set)
+    both = {k.split(".")[0] for k in a} & {k.split(".")[0] for k in b}
+    a, b = ({k: v for k, v in d.items() if k.split(".")[0] in both} for d in (a, b))
     a, b = {**_plain(absent or {}), **a}, {**_plain(absent or {}), **b}
     names = [k for k in dict.fromkeys([*a, *b]) if a.get(k, "(not set)") != b.get(k, "(not set)")]
     if not names:
