@@ -27,7 +27,7 @@ import xarray as xr
 
 from studies import no_window_words, unfinished_note
 from studies.figures import layer_head_map
-from studies.page import TABLE_ROWS, Page, html_out, write_atomic
+from studies.page import TABLE_ROWS, Page, html_out, number, write_atomic
 
 TOP = 10  # entries drawn in the curves (the baseline is the zero line)
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -76,7 +76,7 @@ def drift_table(ds: xr.Dataset, segment: int = 21) -> pd.DataFrame:
 def markdown(table: pd.DataFrame, digits: int = 3) -> str:
     """A DataFrame as a markdown table (index first), numbers rounded: for bench/RESULTS.md and notes."""
     cols = [table.index.name or "", *map(str, table.columns)]
-    cell = lambda v: f"{v:.{digits}f}" if isinstance(v, (float, np.floating)) else str(v)  # noqa: E731
+    cell = lambda v: number(v, f"{{:.{digits}f}}") if isinstance(v, (float, np.floating)) else str(v)  # noqa: E731
     rows = [f"| {' | '.join(cols)} |", f"|{'---|' * len(cols)}"]
     rows += [f"| {r[0]} | {' | '.join(cell(v) for v in r[1:])} |" for r in table.itertuples()]
     return "\n".join(rows)
@@ -100,7 +100,8 @@ def display_ranking(table: pd.DataFrame) -> pd.DataFrame:
             shown[k] = ["" if int(v) == -1 else str(int(v)) for v in table[k]]
     for k in WORLD_COLUMNS:
         if k in shown and f"d_{k}" in shown:
-            shown[k] = [f"{v:.4g} ({d:+.3g})" if np.isfinite(v) else "NaN" for v, d in zip(table[k], table[f"d_{k}"])]
+            shown[k] = [f"{number(v)} ({number(d, '{:+.3g}')})" if np.isfinite(v) else "NaN"
+                        for v, d in zip(table[k], table[f"d_{k}"])]
             shown = shown.drop(columns=f"d_{k}")
     if "missed" in shown:  # (an empty cell read as missing data: every check passed)
         shown["missed"] = [m or "none" for m in table["missed"]]
@@ -250,16 +251,8 @@ def build_effects_report(store, out_html: str | Path) -> Path:
     if "pixel_distance" in ds:
         curves["pixel_distance"] = ("pixel_frame", "pixel frame", "pixel RMS distance")
         curves["world_curve_trajectory_error"] = ("pixel_frame", "pixel frame", "trajectory error (px)")
-    for i, (name, (dim, xlabel, ylabel)) in enumerate(curves.items()):
-        fig = go.Figure()
-        labels = top + (["baseline"] if name.startswith("world") else [])
-        for j, label in enumerate(labels):
-            y = ds[name].sel(intervention=label).mean("sample").values
-            fig.add_trace(go.Scatter(x=ds[dim].values, y=y, name=label, mode="lines",
-                                     line=dict(color=COLOURS[j % len(COLOURS)] if label != "baseline" else "black")))
-        fig.update_layout(xaxis_title=xlabel, yaxis_title=ylabel, height=420, legend=dict(font=dict(size=10)),
-                          margin=dict(t=30))
-        page.figure(fig, f"fig-curve-{i}")
+    for i, name in enumerate(curves):
+        page.figure(per_frame_figure(ds, name, top, *curves[name]), f"fig-curve-{i}")
         if name == "world_curve_trajectory_error":
             page.p("Trajectory error per frame: the distance of the tracked object from the named motion fitted to "
                    "its first 81 frames (the length the models are trained on) and extrapolated beyond "
@@ -275,6 +268,78 @@ def build_effects_report(store, out_html: str | Path) -> Path:
         pngs.append(out_html.stem + "_heads.png")
     page.p("PNG copies: " + ", ".join(f"<code>{html.escape(n)}</code>" for n in pngs))
     return write_atomic(page.render(), out_html)
+
+
+CURVE_TITLES = {  # each per-frame chart's title: what is plotted, per what frame
+    "latent_distance_rel": "Relative latent distance to the baseline per latent frame",
+    "pixel_distance": "Pixel RMS distance to the baseline per pixel frame",
+    "world_curve_trajectory_error": "Trajectory error per pixel frame (px; black: the baseline)",
+}
+SAME_PIXELS = "same pixels as the baseline there: the error moved with the motion fit"  # (the paragraph below)
+
+
+def per_frame_figure(ds: xr.Dataset, name: str, labels: list[str], dim: str, xlabel: str, ylabel: str) -> go.Figure:
+    """The per-frame chart of variable `name` (over `dim`): a line per entry of `labels` (and the baseline, black,
+    for a world curve), each the mean over samples, as its title says; the frames a knockout among them knocks out
+    shaded and named (`knockout_runs`). A trajectory error on frames whose pixels equal the baseline's (a
+    knockout's own frames, which only later frames stop seeing) is not the entry's doing: their hover and the band's
+    name say so (SAME_PIXELS)."""
+    fig = go.Figure()
+    pixel = dim == "pixel_frame"
+    same = _same_pixels(ds) if name == "world_curve_trajectory_error" else {}
+    for j, label in enumerate(labels + (["baseline"] if name.startswith("world") else [])):
+        y = ds[name].sel(intervention=label).mean("sample").values
+        note = ["<br>" + SAME_PIXELS if label in same and same[label][k] else "" for k in range(len(y))]
+        fig.add_trace(go.Scatter(x=ds[dim].values, y=y, name=label, mode="lines", customdata=note,
+                                 hovertemplate=f"{xlabel} %{{x}}<br>{ylabel} %{{y:.4g}}%{{customdata}}<extra>"
+                                               f"{html.escape(label)}</extra>",
+                                 line=dict(color=COLOURS[j % len(COLOURS)] if label != "baseline" else "black")))
+    lines = 0  # (the bands' names, a line each above the plot, the last one's first)
+    for label, (runs, later) in knockout_runs(ds, labels).items():
+        for a, b in runs:
+            x0, x1 = (_pixel_span(a)[0], _pixel_span(b)[1] - 1) if pixel else (a, b)
+            text = (f"{label}: later frames do not see latent frames {a}-{b}" if later else
+                    f"{label}: latent frames {a}-{b} knocked out") + (f" (pixel frames {x0}-{x1})" if pixel else "")
+            if label in same and same[label][x0:x1 + 1].all():
+                text += f";\n{SAME_PIXELS}"
+            fig.add_vrect(x0=x0 - 0.5, x1=x1 + 0.5, fillcolor="grey", opacity=0.15, line_width=0, layer="below")
+            fig.add_annotation(x=x0 - 0.5, xref="x", xanchor="left", y=1, yref="paper", yanchor="bottom",
+                               yshift=2 + 15 * lines, text=html.escape(text).replace("\n", "<br>"),
+                               showarrow=False, align="left", font=dict(size=11, color="#555"))
+            lines += 1 + text.count("\n")
+    n = ds.sizes["sample"]
+    title = f"{CURVE_TITLES.get(name, name)}, mean over {n} sample{'s' if n != 1 else ''}"
+    fig.update_layout(title=dict(text=title, font=dict(size=15)), xaxis_title=xlabel, yaxis_title=ylabel,
+                      height=420 + 15 * lines, legend=dict(font=dict(size=10)), margin=dict(t=60 + 15 * lines))
+    return fig
+
+
+def knockout_runs(ds: xr.Dataset, labels: list[str]) -> dict[str, tuple[list[tuple[int, int]], bool]]:
+    """{label: ([(first, last) latent frame of each run of consecutive frames it knocks out], history_only)} for
+    the knockouts among `labels` (their stored specs; history_only: only later frames stop seeing them)."""
+    out = {}
+    for label, spec in zip(map(str, ds.intervention.values), map(str, ds.intervention_spec.values)):
+        spec = json.loads(spec)
+        if label in labels and spec.get("kind") == "knockout" and spec.get("frames"):
+            runs = []
+            for f in sorted(int(x) for x in spec["frames"]):
+                if runs and f == runs[-1][1] + 1:
+                    runs[-1] = (runs[-1][0], f)
+                else:
+                    runs.append((f, f))
+            out[label] = runs, bool(spec.get("history_only", True))
+    return out
+
+
+def _pixel_span(f: int, stride: int = 4) -> tuple[int, int]:
+    """[first, stop) of the pixel frames decoded from latent frame f (workbench/view/sources.py `pixel_span`)."""
+    return (0, 1) if f == 0 else (stride * (f - 1) + 1, stride * f + 1)
+
+
+def _same_pixels(ds: xr.Dataset) -> dict[str, np.ndarray]:
+    """{entry: [pixel_frame] True where its pixels equal the baseline's in every sample (pixel_distance 0)}."""
+    same = (ds.pixel_distance == 0).all("sample")
+    return {str(e): same.sel(intervention=e).values for e in ds.intervention.values if str(e) != "baseline"}
 
 
 def _layer_head_array(grid: pd.DataFrame, name: str, units: str) -> xr.DataArray:

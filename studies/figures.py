@@ -140,6 +140,12 @@ def samples_label(ds, sample=None) -> str:
     return sample if sample is not None else f"mean over {ds.sizes['sample']} samples"
 
 
+def _colorbar(title: str) -> dict:
+    """A colour bar titled `title` along its right side: written across its top, a long units name ("self-attention
+    mass per key frame [probability]", 280 px) took that much width from the heatmaps beside it."""
+    return dict(title=dict(text=title, side="right"))
+
+
 def _heatmap(z, x, y, name, coloraxis="coloraxis"):
     return go.Heatmap(z=_round(z), x=list(x), y=list(y), coloraxis=coloraxis, name=name,
                       hovertemplate="query frame %{y}<br>key frame %{x}<br>value %{z:.4g}<extra>" + name + "</extra>")
@@ -195,7 +201,7 @@ def head_grid(
     fig.update_layout(
         title=f"{var} · layer {layer} · {metrics.step_label(ds, step)} · {samples_label(ds, sample)}",
         coloraxis=dict(**_scale(_colour(var, data.values), zmin, zmax, colorscale),
-                       colorbar=dict(title=_units(ds, var))),
+                       colorbar=_colorbar(_units(ds, var))),
         height=260 * rows + 120, width=max(700, 240 * cols + 160),
     )
     return fig
@@ -232,7 +238,7 @@ def head_pair(
     fig.update_layout(
         title=f"{var} · layer {layer} head {head}",
         coloraxis=dict(**_scale(_colour(var, np.concatenate([m.values.ravel() for m in maps])), zmin, zmax,
-                                colorscale), colorbar=dict(title=_units(a, var))),
+                                colorscale), colorbar=_colorbar(_units(a, var))),
         height=520, width=1100, margin=dict(t=130),
     )
     return fig
@@ -278,6 +284,7 @@ def last_chunk_bars(
               f"{metrics.step_label(ds, step)} · {SINK_FORMULA}" + (" (n/a under 3 key frames)" if short else ""),
         height=220 * rows + 120, width=max(700, 260 * cols + 100), bargap=0.15,
     )
+    fig.update_annotations(font_size=12)  # (the panel titles: at a narrow window's width, 15 px ran into each other)
     return fig
 
 
@@ -356,7 +363,7 @@ def _grid_slider(data: xr.DataArray, dim: str, labels: dict, marks: dict, start,
     _label_axes(fig, rows, cols, "key frame", "query frame")
     fig.update_layout(
         title=f"{title(start)} · {who}",
-        coloraxis=dict(**_colour(var, data.values), colorbar=dict(title=colorbar)),
+        coloraxis=dict(**_colour(var, data.values), colorbar=_colorbar(colorbar)),
         sliders=[slider], height=260 * rows + 200, width=max(700, 240 * cols + 160),
     )
     return fig

@@ -31,9 +31,71 @@ details summary { cursor: pointer; color: #1565c0; font-size: 0.9em; margin: 4px
   .modebar-container { display: none; }
 }
 """
+MIN_FIGURE_PX = 560  # a figure drawn narrower than its own width to fit a window keeps at least this much of it...
+MIN_FIGURE_SHARE = 0.6  # ...and this share of its own width: a narrower window scrolls it (squashed, unreadable)
 PRINT_WIDTH = 1040  # CSS pixels across an A4 landscape page inside its margins: wider figures and tables shrink to it
 TABLE_ROWS = 30  # rows the reports' long tables (heads ranked, head metrics) show before folding the rest
 FOLD_SLACK = 10  # a table of at most this many rows more than `shown` is shown whole (folding a few saves nothing)
+
+
+def number(value, spec: str = "{:.4g}") -> str:
+    """`value` formatted by `spec` ("{:.4f}", "{:+.3g}"), a value that rounds to zero written without its minus
+    ("-0.0000" in a table of changes read as a small decrease): "0.0000", or "+0.0000" where `spec` signs."""
+    text = spec.format(value)
+    if re.fullmatch(r"-0(\.0*)?(e[+-]?\d+)?%?", text):
+        return ("+" if "{:+" in spec else "") + text[1:]
+    return text
+
+
+# The page's figures fitted to the window (plotly keeps a figure's fixed `width`, so at 800 px a 1120-px heatmap
+# row lost its last head and colour bar behind a scroll bar): a figure with a width is drawn at the smaller of it and
+# its box's width, not below its data-min-width; its title rewrapped for that width as figures.wrap_title does
+# (lines of (width - 120) / 9 characters at most, the top margin and height grown by a line each) and kept as many
+# pixels from the left edge (not closer, over the y axis's name), so no title runs past the edge, also after a
+# slider's step sets another; a figure without a width fills its box (plotly's autosize).
+FIT_JS = """
+function wrapTitle(text, width) { var limit = Math.max(20, Math.floor((width - 120) / 9));
+  return text.split('<br>').map(function (line) { var out = [], cur = '';
+    (line.match(/(?:<[^>]*>|[^\\s<])+/g) || []).forEach(function (word) { var next = cur ? cur + ' ' + word : word;
+      if (cur && next.replace(/<[^>]*>/g, '').length > limit) { out.push(cur); cur = word; } else { cur = next; } });
+    return out.concat([cur]).join('<br>'); }).join('<br>'); }
+function fitted(div) { var own = div._own, room = div.parentNode.clientWidth;
+  var width = Math.max(own.min, Math.min(own.width, room)), title = own.title, extra = 0;
+  if (title && width < own.width) { title = wrapTitle(title, width);
+    extra = title.split('<br>').length - own.title.split('<br>').length; }
+  return {width: width, height: own.height + 22 * extra, top: own.top + 22 * extra, title: title,
+          x: Math.min(0.5, own.x * own.width / width)}; }
+function titleOf(layout) { var t = layout.title; return (t && (typeof t === 'string' ? t : t.text)) || ''; }
+function fitFirst(div, layout) { if (!layout.width || !div.dataset.minWidth) return layout;
+  var title = titleOf(layout), t = typeof layout.title === 'object' ? layout.title : {};
+  var x = (typeof t.x === 'number' && t.xref !== 'paper') ? t.x : (t.xref === 'paper' || t.x != null) ? null : 0.05;
+  div._own = {width: layout.width, min: Math.min(layout.width, Number(div.dataset.minWidth)), title: title,
+              height: layout.height || 450, top: (layout.margin && layout.margin.t != null) ? layout.margin.t : 100,
+              x: x};
+  var f = fitted(div); layout.width = f.width; layout.height = f.height;
+  layout.margin = Object.assign({}, layout.margin, {t: f.top});
+  if (title) layout.title = Object.assign({}, t, {text: f.title}, x === null ? {} : {x: f.x});
+  div._shown = f.title;
+  return layout; }
+function refit(div) { var f = fitted(div); div._shown = f.title;
+  var keys = {width: f.width, height: f.height, 'margin.t': f.top};
+  if (div._own.title) keys['title.text'] = f.title;
+  if (div._own.title && div._own.x !== null) keys['title.x'] = f.x;
+  return Plotly.relayout(div, keys).then(function () { fitPrint(div.parentNode); }); }
+function onAnimated(div) { div.on('plotly_animated', function () { var now = titleOf(div.layout);
+  if (div._own && now !== div._shown) { div._own.title = now; refit(div); } }); }
+var refitTimer = null;
+function refitAll() { clearTimeout(refitTimer); refitTimer = setTimeout(function () {
+  document.querySelectorAll('.plotly-graph-div').forEach(function (div) { if (!div._own) return;
+    var f = fitted(div); if (f.width !== div._fullLayout.width || f.height !== div._fullLayout.height) refit(div); });
+}, 150); }
+"""
+
+
+def min_figure_width(width: int) -> int:
+    """The narrowest a figure made `width` pixels wide is drawn to fit a window (MIN_FIGURE_PX, MIN_FIGURE_SHARE):
+    its panels and colour bar stay readable; a narrower window scrolls it."""
+    return min(int(width), max(MIN_FIGURE_PX, round(MIN_FIGURE_SHARE * width)))
 
 
 class Page:
@@ -62,7 +124,8 @@ class Page:
 
         def rows(part):  # a table wider than the page scrolls alone
             return '<div class="tablewrap">' + part.to_html(
-                index=index, float_format=float_format.format, border=0, na_rep="NaN", classes="table") + "</div>"
+                index=index, float_format=lambda v: number(v, float_format), border=0, na_rep="NaN",
+                classes="table") + "</div>"
 
         if shown is None or len(df) <= shown + FOLD_SLACK:
             self.parts.append(rows(df))
@@ -70,15 +133,21 @@ class Page:
         self.parts.append(rows(df.iloc[:shown]) + f"<details><summary>the other {len(df) - shown} of {len(df)} "
                           f"rows</summary>{rows(df.iloc[shown:])}</details>")
 
-    def figure(self, fig, fig_id: str):
+    def figure(self, fig, fig_id: str, min_width: int | None = None):
+        """Append plotly figure `fig` (div id `fig_id`). A figure made `width` pixels wide is drawn that wide where
+        the page has room and at the page's width where it has not, but never below `min_width` (default
+        `min_figure_width`): below that it scrolls."""
         if fig_id in self.ids:
             raise ValueError(f"duplicate figure id {fig_id}")
         self.ids.add(fig_id)
         payload = fig.to_json().replace("</", "<\\/")  # a JSON string cannot close the script element
         title = fig.layout.title.text or fig_id  # (a screen reader's name for the figure: its title as text)
         name = html.escape(" ".join(re.sub(r"<[^>]*>", " ", title).split()), quote=True)
+        width = fig.layout.width
+        fit = f' data-min-width="{int(min_width or min_figure_width(width))}"' if width else ""
         self.parts.append(
-            f'<div class="figure" role="figure" aria-label="{name}"><div id="{fig_id}" class="plotly-graph-div"></div>'
+            f'<div class="figure" role="figure" aria-label="{name}"><div id="{fig_id}" class="plotly-graph-div"{fit}>'
+            '</div>'
             f'<script type="application/json" id="{fig_id}-json">{payload}</script></div>'
         )
 
@@ -92,19 +161,22 @@ class Page:
     def render(self) -> str:
         from plotly.offline import get_plotlyjs
 
-        # each figure plotted from its JSON (no "share to the cloud" button: the page works offline); a figure or
-        # table drawn wider than a printed page gets the zoom that fits it there (--print-zoom, used by the print
-        # CSS); a narrower one keeps its size
+        # each figure plotted from its JSON (no "share to the cloud" button: the page works offline), fitted to the
+        # window's width (FIT_JS) and refitted when it changes; a figure or table drawn wider than a printed page
+        # gets the zoom that fits it there (--print-zoom, used by the print CSS); a narrower one keeps its size
         loader = (
             "function fitPrint(el) { var w = 0; el.querySelectorAll('.svg-container, table').forEach(function (c) {"
             " w = Math.max(w, c.getBoundingClientRect().width); });"  # (the drawing's width, not its box's)
+            " el.style.removeProperty('--print-zoom');"
             f" if (w > {PRINT_WIDTH}) el.style.setProperty('--print-zoom', ({PRINT_WIDTH} / w).toFixed(3)); }}"
-            " document.querySelectorAll('.tablewrap').forEach(fitPrint);"
+            " document.querySelectorAll('.tablewrap').forEach(fitPrint);" + FIT_JS +
             "document.querySelectorAll('script[type=\"application/json\"][id$=\"-json\"]').forEach(function (el) {"
             " var fig = JSON.parse(el.textContent); var div = document.getElementById(el.id.slice(0, -5));"
-            " Plotly.newPlot(div, {data: fig.data, layout: fig.layout, frames: fig.frames || [],"
+            " var layout = fitFirst(div, fig.layout);"
+            " Plotly.newPlot(div, {data: fig.data, layout: layout, frames: fig.frames || [],"
             " config: {responsive: true, displaylogo: false, showSendToCloud: false}})"
-            ".then(function () { fitPrint(div.parentNode); }); });"
+            ".then(function () { fitPrint(div.parentNode); onAnimated(div); }); });"
+            "window.addEventListener('resize', refitAll);"
         )
         return (
             "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -24,6 +24,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from studies import world_metrics as wm
+from studies.page import number
 
 # The table's rows: (column of videos.csv, label with units, scale, format, better: +1 higher, -1 lower, 0 neither)
 TABLE = [
@@ -97,7 +98,7 @@ def table_blocks(summ: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
         cells = {"videos": [str(int(v)) for v in block["videos"]]}
         for col, label, scale, fmt, _ in TABLE:
             if col in block:
-                cells[label] = ["-" if not np.isfinite(v) else fmt.format(v * scale) for v in block[col]]
+                cells[label] = ["-" if not np.isfinite(v) else number(v * scale, fmt) for v in block[col]]
         table = pd.DataFrame(cells, index=[m for m, _ in block.index]).T
         blocks.append((f"{frames} latent frames ({1 + 4 * (frames - 1)} px frames)", table))
     return blocks
@@ -187,7 +188,7 @@ def comparison_blocks(rows: pd.DataFrame, a: str, b: str) -> list[tuple[list[str
         body = []
         for _, r in part.iterrows():
             fmt = formats.get(r["metric"], "{:.3g}")
-            num = lambda v, f=fmt: "-" if not np.isfinite(v) else f.format(v)  # noqa: E731
+            num = lambda v, f=fmt: "-" if not np.isfinite(v) else number(v, f)  # noqa: E731
             share = r[f"{b} better (share of pairs)"]
             signed = fmt if "+" in fmt else fmt.replace("{:", "{:+")  # (a difference shows its sign)
             shown = ("-" if not np.isfinite(share) else

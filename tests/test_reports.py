@@ -575,3 +575,50 @@ def test_a_shared_stores_sample_ids_and_attrs_reach_the_page_as_text(tmp_path):
     assert str(zarr.open_group(path, mode="r").attrs["completed"][0]) == evil
     text = Path(report.build_report(path, tmp_path / "s.html", sample=evil)).read_text()
     assert evil not in text and "&lt;img src=x onerror=alert(&quot;sid&quot;)&gt;" in text
+
+
+def test_numbers_that_round_to_zero_have_no_minus(compare_report):
+    """'-0.0000' in the ranked table (d_sink_mass) read as a small decrease."""
+    from studies.page import Page, number
+
+    assert [number(v, "{:.4f}") for v in (-1e-6, -0.0, 0.0, -0.2, float("-inf"))] == \
+        ["0.0000", "0.0000", "0.0000", "-0.2000", "-inf"]
+    assert [number(v, "{:+.3g}") for v in (-1e-9, 1e-9)] == ["-1e-09", "+1e-09"]
+    assert [number(v, s) for v, s in ((-0.0, "{:+.3g}"), (-0.004, "{:+.2f}"), (-0.001, "{:.0%}"))] == \
+        ["+0", "+0.00", "0%"]
+    page = Page("t")
+    page.table(pd.DataFrame({"d": [-1e-7, -0.5]}), float_format="{:.4f}")
+    assert ">0.0000<" in page.parts[0] and "-0.0000" not in page.parts[0] and ">-0.5000<" in page.parts[0]
+    assert "-0.0000" not in compare_report.read_text()
+
+
+@pytest.mark.parametrize("width", [800, 1280])
+def test_figures_fit_the_window(store_report, compare_report, width):
+    """At 800 px the heatmap and bar rows (1120-1140 px wide) hid their last head and colour bar behind a scroll
+    bar, with a title cut: each figure is drawn at most as wide as its box, its title inside it; a window narrower
+    than a figure's minimum scrolls it rather than squash it."""
+    from browser import chromium
+
+    from studies.page import min_figure_width
+
+    fit = """[...document.querySelectorAll('.figure')].map(f => { const b = f.getBoundingClientRect();
+        const s = f.querySelector('.svg-container').getBoundingClientRect(), t = f.querySelector('.gtitle');
+        const tb = t ? t.getBoundingClientRect() : b;
+        return {id: f.firstChild.id, box: b.width, fig: s.width, scrolls: f.scrollWidth > f.clientWidth + 1,
+                title: tb.left >= b.left - 1 && tb.right <= b.right + 1}; })"""
+    with chromium(viewport=(width, 900)) as browser:
+        page = browser.new_page()
+        for path in (store_report, compare_report):
+            page.goto(path.as_uri())
+            page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length === "
+                                   "document.querySelectorAll('.plotly-graph-div').length")
+            boxes = page.evaluate(fit)
+            assert boxes and not [b for b in boxes if b["fig"] > b["box"] + 1 or b["scrolls"] or not b["title"]]
+            if width == 800:
+                assert any(json.loads(page.evaluate(f"document.getElementById('{b['id']}-json').textContent"))
+                           ["layout"].get("width", 0) > 800 for b in boxes)  # (there were figures to fit)
+        page.set_viewport_size({"width": 420, "height": 900})  # (narrower than the minimum: it scrolls)
+        page.wait_for_timeout(600)
+        figure = parse(compare_report)[0].figures["fig-js"]["layout"]["width"]
+        drawn = page.evaluate("document.querySelector('#fig-js .svg-container').getBoundingClientRect().width")
+        assert abs(drawn - min_figure_width(figure)) <= 1
