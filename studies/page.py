@@ -7,9 +7,11 @@ page of `workbench intervene` (studies/effects_report.py) and `workbench evaluat
 from __future__ import annotations
 
 import html
+import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 CSS = """
@@ -42,9 +44,12 @@ def number(value, spec: str = "{:.4g}") -> str:
     """`value` formatted by `spec` ("{:.4f}", "{:+.3g}"), a value that rounds to zero written without its minus
     ("-0.0000" in a table of changes read as a small decrease): "0.0000", or "+0.0000" where `spec` signs."""
     text = spec.format(value)
-    if re.fullmatch(r"-0(\.0*)?(e[+-]?\d+)?%?", text):
-        return ("+" if "{:+" in spec else "") + text[1:]
-    return text
+    if isinstance(value, (int, np.integer)) or not isinstance(value, (float, np.floating)):
+        return text  # (an integer has no negative zero)
+    if not math.isfinite(value) or math.copysign(1.0, value) > 0:
+        return text
+    mantissa = re.split(r"[eE][+-]", spec.format(-float(value)))[0]  # (its digits before any exponent)
+    return spec.format(0.0) if not re.search(r"[1-9]", mantissa) else text  # (padding, sign and units as the spec's)
 
 
 # The page's figures fitted to the window (plotly keeps a figure's fixed `width`, so at 800 px a 1120-px heatmap
@@ -56,7 +61,7 @@ def number(value, spec: str = "{:.4g}") -> str:
 FIT_JS = """
 function wrapTitle(text, width) { var limit = Math.max(20, Math.floor((width - 120) / 9));
   return text.split('<br>').map(function (line) { var out = [], cur = '';
-    (line.match(/(?:<[^>]*>|[^\\s<])+/g) || []).forEach(function (word) { var next = cur ? cur + ' ' + word : word;
+    (line.match(/(?:<[^>]*>|<|[^\\s<])+/g) || []).forEach(function (word) { var next = cur ? cur + ' ' + word : word;
       if (cur && next.replace(/<[^>]*>/g, '').length > limit) { out.push(cur); cur = word; } else { cur = next; } });
     return out.concat([cur]).join('<br>'); }).join('<br>'); }
 function fitted(div) { var own = div._own, room = div.parentNode.clientWidth;

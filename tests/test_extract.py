@@ -597,3 +597,21 @@ def test_a_stopped_or_failed_extract_closes_its_progress_bar(tmp_path, monkeypat
         assert not sweep.disable and sweep in tqdm._instances and sweep.n == 1
     finally:
         sweep.close()
+
+
+def test_under_torchrun_each_rank_describes_its_kernel_on_its_own_gpu(monkeypatch):
+    """`describe` makes a small tensor for the kernels' shape rules: under torchrun a bare 'cuda' is this rank's
+    GPU (LOCAL_RANK), not GPU 0 (every rank opened a context there)."""
+    import dataclasses
+
+    seen = []
+    monkeypatch.setattr(extract_mod, "describe", lambda device, *a, **k: seen.append(torch.device(device)) or "sdpa")
+    p = extract_mod.plan(ExtractConfig(layers=[3]))
+    p = dataclasses.replace(p, cfg=dataclasses.replace(p.cfg, device="cuda"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    extract_mod.fingerprint_fields(p, "sha")
+    extract_mod._attrs(p, "fp", ["workbench", "extract"])
+    assert seen == [torch.device("cuda", 1)] * 2
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert extract_mod.rank_device("cuda") == torch.device("cuda") and extract_mod.rank_device("cpu").type == "cpu"

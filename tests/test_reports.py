@@ -586,6 +586,8 @@ def test_numbers_that_round_to_zero_have_no_minus(compare_report):
     assert [number(v, "{:+.3g}") for v in (-1e-9, 1e-9)] == ["-1e-09", "+1e-09"]
     assert [number(v, s) for v, s in ((-0.0, "{:+.3g}"), (-0.004, "{:+.2f}"), (-0.001, "{:.0%}"))] == \
         ["+0", "+0.00", "0%"]
+    assert [number(v, s) for v, s in ((-0.001, "{:>8.2f}"), (-0.01, "{:.1f} s"), (-0.001, "{: .2f}"), (-3, "{:d}"),
+                                      (-0.0, "{:.2e}"))] == ["    0.00", "0.0 s", " 0.00", "-3", "0.00e+00"]
     page = Page("t")
     page.table(pd.DataFrame({"d": [-1e-7, -0.5]}), float_format="{:.4f}")
     assert ">0.0000<" in page.parts[0] and "-0.0000" not in page.parts[0] and ">-0.5000<" in page.parts[0]

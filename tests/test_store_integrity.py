@@ -749,3 +749,14 @@ def test_a_change_of_metadata_alone_is_no_change_of_the_files(tmp_path, monkeypa
     small.unlink()
     os.mkfifo(small)  # (a pipe under the name: changed, and never opened, which would wait for a writer)
     assert str(small) in changed_files(stamps)
+
+
+def test_a_refusal_names_only_the_sections_both_fingerprints_record():
+    """A store made before a section of settings was recorded (a probe store's `layout`) names no setting of it
+    as '(not set)'; a setting left out of a section both record is named."""
+    from workbench.store import describe_differences
+
+    stored = {"model": {"weights": "a"}}
+    wanted = {"layout": {"layers": [1]}, "model": {"weights": "b", "image": "c"}}
+    assert describe_differences(stored, wanted) == ("model.weights: a in the store, b in this run; "
+                                                    "model.image: (not set) in the store, c in this run")

@@ -180,6 +180,14 @@ def test_a_resume_may_change_what_it_probes(tmp_path, capsys):
                                             r"probe.store"):
         train(*argv, "probe.layers=[1]", "--max-steps", 2, "--resume")
     assert "resumed from" not in capsys.readouterr().out  # (refused before the weights load)
+    import zarr  # a probe store of an older workbench, its settings not recorded by name: its config's probe settings
+
+    attrs = zarr.open_group(log / "probes.zarr", mode="r+").attrs
+    fields = attrs["fingerprint_fields"]
+    attrs["fingerprint_fields"] = {"model": {k: fields["model"][k] for k in ("weights", "text_encoder")}}
+    with pytest.raises(TrainingError, match=r"other settings \(probe.layers: \[0\] in the store, \[1\] in this "
+                                            r"run\); use a new logdir"):
+        train(*argv, "probe.layers=[1]", "--max-steps", 2, "--resume")
     assert train(*argv, "probe.layers=[1]", "probe.store=layer1.zarr", "--max-steps", 2, "--resume") == 0
     assert open_store(log / "layer1.zarr")["train_step"].values.tolist() == [1, 2]
     assert train(*argv, "probe.layers=[0]", "probe.every=2", "--max-steps", 4, "--resume") == 0

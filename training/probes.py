@@ -62,6 +62,22 @@ class ProbeStoreWriter(StoreWriter):
         self.keep_only([s for s in self.completed if s <= step])
 
 
+def _probe_differences(stored_yaml: str | None, yaml: str | None) -> str:
+    """'probe.layers: [0] in the store, [1] in this run' from two runs' config_yaml; the generic words where
+    they agree or one is missing (the start weights, checked before, or the model differ)."""
+    from omegaconf import OmegaConf
+
+    from workbench.store import describe_differences
+
+    try:
+        a, b = (OmegaConf.to_container(OmegaConf.create(y or "")) or {} for y in (stored_yaml, yaml))
+    except Exception:
+        a = b = None
+    probe = lambda cfg: {"probe": (cfg or {}).get("probe") or {}}  # noqa: E731
+    what = describe_differences(probe(a), probe(b)) if a is not None and probe(a) != probe(b) else ""
+    return what or "the probe settings agree; the model or its schedule differ: see the store's attr config_yaml"
+
+
 class TrainingProbes:
     """The probe set of a training run and its store."""
 
@@ -106,7 +122,10 @@ class TrainingProbes:
         except Exception:  # (no store yet, or not one: the writer says)
             return
         if "completed_train_steps" in attrs and attrs.get("fingerprint") != self.fingerprint:
-            what = describe_differences(attrs.get("fingerprint_fields"), self.fields)
+            stored = attrs.get("fingerprint_fields") or {}
+            # (a store made before its settings were recorded by name: the probe settings of its config)
+            what = (describe_differences(stored, self.fields) if "layout" in stored else
+                    _probe_differences(attrs.get("config_yaml"), self.layout.attrs.get("config_yaml")))
             raise TrainingError(f"{self.path} holds probes of other settings ({what}); {OTHER_STORE}")
 
     def _check_start_weights(self) -> None:

@@ -264,8 +264,8 @@ def plan(cfg: ExtractConfig) -> Plan:
     mc, h, w, fsl = arch.video_geometry(wan_dir, cfg.height, cfg.width, mc)
     # the mode of the kernel that runs this model's calls (a small model's head_dim is not the Gluon forward's),
     # decided on the device this rank runs on
-    capture_mode = resolve_mode(cfg.capture_mode, _rank_device(cfg.device, int(os.environ.get("WORLD_SIZE", "1"))),
-                                cfg.attention_kernel, dtype=_dtype(cfg.dtype), **kernel_geometry(mc, fsl))
+    capture_mode = resolve_mode(cfg.capture_mode, rank_device(cfg.device), cfg.attention_kernel,
+                                dtype=_dtype(cfg.dtype), **kernel_geometry(mc, fsl))
     if cfg.image is not None:
         if cfg.sampler == "bidirectional" or not cfg.independent_first_frame:
             raise WorkbenchError("--image puts the image's latent in a chunk of its own: it needs a causal sampler "
@@ -341,7 +341,7 @@ def fingerprint_fields(p: Plan, weights_sha: str) -> dict:
     # the stores "auto" made there before (one cuDNN call) resume with --attention-kernel cudnn.
     if c.attention_kernel not in ("auto", "cudnn"):
         model["attention_kernel"] = c.attention_kernel
-    backend = describe(_rank_device(c.device, 1), _dtype(c.dtype), c.attention_kernel,
+    backend = describe(rank_device(c.device), _dtype(c.dtype), c.attention_kernel,
                        **kernel_geometry(p.model_config, p.frame_seq_len))
     if backend == "cudnn-balanced":
         model["attn_backend"] = backend
@@ -429,7 +429,7 @@ def _attrs(p: Plan, fp: str, command: list[str]) -> dict:
         independent_first_frame=bool(c.independent_first_frame),
         text_len=p.model_config.text_len, head_dim=p.model_config.head_dim, num_layers=p.model_config.num_layers,
         num_heads=p.model_config.num_heads, dtype=c.dtype,
-        attn_backend=describe(_rank_device(c.device, 1), _dtype(c.dtype), c.attention_kernel,
+        attn_backend=describe(rank_device(c.device), _dtype(c.dtype), c.attention_kernel,
                               **kernel_geometry(p.model_config, p.frame_seq_len)),
         capture_mode=p.capture_mode,
         fingerprint=fp,
@@ -461,6 +461,12 @@ def rank_share(items: list, rank: int, world: int) -> list:
     """The items rank `rank` of `world` runs: items rank, rank + world, ... (round r of `world` items gives its
     item `rank` to this rank; `workbench generate` deals its samples the same way)."""
     return items[rank::world]
+
+
+def rank_device(device: str) -> torch.device:
+    """This process's device: its own GPU under torchrun (`_rank_device`; the kernel table's shape rules make a
+    small tensor there, which on a bare 'cuda' would open a context on GPU 0 from every rank)."""
+    return _rank_device(device, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def _rank_device(device: str, world: int) -> torch.device:
