@@ -163,7 +163,8 @@ def test_a_small_model_on_a_gpu_records_the_kernel_and_capture_mode_that_ran(tmp
         assert ak.describe("cuda", torch.bfloat16, "auto", **big) == "gluon"
         assert resolve_mode("auto", "cuda", "auto", dtype=torch.bfloat16, **big) == "fused"
     out = tmp_path / "s.zarr"
-    run_extract(ExtractConfig(layers=[0], steps=[0], num_frames=3, out=str(out), progress=False, device="cuda"),
+    run_extract(ExtractConfig(layers=[0], steps=[0], num_frames=3, out=str(out), progress=False, device="cuda",
+                              dtype="bfloat16"),
                 log=lambda *a: None)
     attrs = xr.open_zarr(out, consolidated=False).attrs
     assert attrs["attn_backend"] == backend and attrs["capture_mode"] == (ak.KERNELS[backend].capture_mode or "exact")
