@@ -192,6 +192,15 @@ def test_a_resume_may_change_what_it_probes(tmp_path, capsys):
     assert open_store(log / "layer1.zarr")["train_step"].values.tolist() == [1, 2]
     assert train(*argv, "probe.layers=[0]", "probe.every=2", "--max-steps", 4, "--resume") == 0
     assert open_store(log / "probes.zarr")["train_step"].values.tolist() == [0, 1, 2, 4]
+    # a --resume from step 0 (a run stopped before its first checkpoint) replaces that run's probes, whatever
+    # settings they had (they were refused as a store of other settings)
+    import shutil
+
+    for folder in log.glob("checkpoint_model_*"):
+        shutil.rmtree(folder)
+    assert train(*argv, "probe.layers=[1]", "--max-steps", 1, "--resume") == 0
+    ds = open_store(log / "probes.zarr")
+    assert ds["train_step"].values.tolist() == [0, 1] and ds["layer"].values.tolist() == [1]
 
 
 def test_clear_errors_before_any_work(tmp_path):

@@ -294,7 +294,8 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
     probes = build_probes(cfg, plan, gen_config, logdir, weights_label=str(weights), weights_sha=sha,
                           command=command)  # checks first
     if probes is not None and d.main:
-        probes.check_store()  # (a store of other start weights or probe settings: named before the weights load)
+        # (a store of other start weights or probe settings: named before the weights load)
+        probes.check_store(restart=resume == RESTART)
     models, _ = build_models(cfg, plan, d.device, read_generator_ckpt=start is None)
     encoder = TextEncoder.from_wan_dir(gen_dir, device=text_encoder_device(cfg, d.device))
     check_unchanged(stamps, "between the hashing of the probe store's labels and the loading of the weights")

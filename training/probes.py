@@ -47,10 +47,10 @@ OTHER_STORE = "use a new logdir, or name another probe.store (its probes then st
 class ProbeStoreWriter(StoreWriter):
     """Appends one probe (all samples of one train step) at a time along `train_step`."""
 
-    def __init__(self, path, fingerprint: str, fields: dict | None = None):
+    def __init__(self, path, fingerprint: str, fields: dict | None = None, mode: str = "resume"):
         try:
             super().__init__(path, fingerprint, append_dim="train_step", completed_attr="completed_train_steps",
-                             hint=OTHER_STORE, fields=fields)
+                             hint=OTHER_STORE, fields=fields, mode=mode)
         except TrainingError:
             raise
         except WorkbenchError as err:
@@ -101,6 +101,10 @@ class TrainingProbes:
 
     def open(self, main: bool, resume_step: int | None) -> None:
         if main:
+            if resume_step == -1:  # a restart from step 0 (no checkpoint was made): the stopped run's probes go,
+                # whatever settings they had, when this run's first probe is in (the old store stays until then)
+                self.writer = ProbeStoreWriter(self.path, self.fingerprint, self.fields, mode="overwrite")
+                return
             self._check_start_weights()
             self.writer = ProbeStoreWriter(self.path, self.fingerprint, self.fields)
             if resume_step is not None:
@@ -108,14 +112,17 @@ class TrainingProbes:
             elif self.writer.completed:
                 raise TrainingError(f"{self.path} already holds probes of an earlier run; use --resume or a new logdir")
 
-    def check_store(self) -> None:
+    def check_store(self, restart: bool = False) -> None:
         """Before any weights load: a probe store of a run that started from other weights, or of other probe
         settings (they may change on a resume: training/checkpoints.py CHANGEABLE_ON_RESUME), is refused, naming
-        what differs. The writer checks again when it opens the store (`open`)."""
+        what differs. The writer checks again when it opens the store (`open`). `restart`: a --resume from step 0
+        (no checkpoint was made), which replaces the stopped run's probes: nothing to check."""
         import zarr
 
         from workbench.store import describe_differences
 
+        if restart:
+            return
         self._check_start_weights()
         try:
             attrs = dict(zarr.open_group(self.path, mode="r").attrs)
