@@ -284,6 +284,8 @@ def per_frame_figure(ds: xr.Dataset, name: str, labels: list[str], dim: str, xla
     shaded and named (`knockout_runs`). A trajectory error on frames whose pixels equal the baseline's (a
     knockout's own frames, which only later frames stop seeing) is not the entry's doing: their hover and the band's
     name say so (SAME_PIXELS)."""
+    from workbench.view.sources import pixel_span  # (latent frame -> its pixel frames, as the viewer shows them)
+
     fig = go.Figure()
     pixel = dim == "pixel_frame"
     same = _same_pixels(ds) if name == "world_curve_trajectory_error" else {}
@@ -297,7 +299,7 @@ def per_frame_figure(ds: xr.Dataset, name: str, labels: list[str], dim: str, xla
     lines = 0  # (the bands' names, a line each above the plot, the last one's first)
     for label, (runs, later) in knockout_runs(ds, labels).items():
         for a, b in runs:
-            x0, x1 = (_pixel_span(a)[0], _pixel_span(b)[1] - 1) if pixel else (a, b)
+            x0, x1 = (pixel_span(a)[0], pixel_span(b)[1] - 1) if pixel else (a, b)
             text = (f"{label}: later frames do not see latent frames {a}-{b}" if later else
                     f"{label}: latent frames {a}-{b} knocked out") + (f" (pixel frames {x0}-{x1})" if pixel else "")
             if label in same and same[label][x0:x1 + 1].all():
@@ -329,11 +331,6 @@ def knockout_runs(ds: xr.Dataset, labels: list[str]) -> dict[str, tuple[list[tup
                     runs.append((f, f))
             out[label] = runs, bool(spec.get("history_only", True))
     return out
-
-
-def _pixel_span(f: int, stride: int = 4) -> tuple[int, int]:
-    """[first, stop) of the pixel frames decoded from latent frame f (workbench/view/sources.py `pixel_span`)."""
-    return (0, 1) if f == 0 else (stride * (f - 1) + 1, stride * f + 1)
 
 
 def _same_pixels(ds: xr.Dataset) -> dict[str, np.ndarray]:

@@ -63,8 +63,7 @@ class Checkpoints:
         if not folder.exists():
             raise TrainingError(f"--resume {str(path)!r} does not exist: give a checkpoint folder (LOGDIR/"
                                 "checkpoint_model_NNNNNN) or latest (the newest in --logdir)")
-        if folder.is_file():
-            folder = folder.parent
+        folder = checkpoint_folder(folder)
         model_pt, state_pt = folder / "model.pt", folder / "training_state.pt"
         if not model_pt.is_file() or not state_pt.is_file():
             raise TrainingError(f"{str(folder)!r} is not a complete checkpoint (model.pt and training_state.pt)")
@@ -137,7 +136,7 @@ def resumed_start_weights(cfg, logdir, resume) -> dict | None:
     folder = latest_checkpoint(logdir) if resume == "latest" else Path(resume)
     if folder is None or not folder.exists():  # (a restart from step 0, or a --resume check_files' error precedes)
         return None
-    folder = folder.parent if folder.is_file() else folder
+    folder = checkpoint_folder(folder)
     state_pt = folder / "training_state.pt"
     if not state_pt.is_file():  # (not a complete checkpoint: check_files names the missing file, as before)
         return None
@@ -154,6 +153,12 @@ def resumed_start_weights(cfg, logdir, resume) -> dict | None:
     return start
 
 
+def checkpoint_folder(path) -> Path:
+    """The checkpoint folder a --resume path names: the folder, or the one a file of it (model.pt) is in."""
+    path = Path(path)
+    return path.parent if path.is_file() or path.suffix == ".pt" else path
+
+
 def complete_checkpoints(logdir) -> list[Path]:
     """The complete checkpoint folders of a logdir (model.pt and training_state.pt), oldest first."""
     folders = sorted(Path(logdir).glob("checkpoint_model_*"))
@@ -164,8 +169,7 @@ def check_no_later_checkpoints(logdir, resume) -> None:
     """A resume from an earlier checkpoint of a logdir that holds later ones would write over them (in place: an
     `extract` reading one would mix files) and append its probes under train steps the store holds: refused,
     naming them. (A checkpoint folder's step is in its name, checkpoint_model_NNNNNN.)"""
-    folder = Path(resume)
-    folder = folder.parent if folder.suffix == ".pt" else folder
+    folder = checkpoint_folder(resume)
     try:
         step = int(folder.name.rsplit("_", 1)[1])
     except (IndexError, ValueError):
@@ -207,8 +211,7 @@ def check_same_run(cfg, logdir, resume) -> None:
     `check_resumed_config`): a logdir holding a run of other settings (its config.yaml, written at its start) would
     get the checkpoint's steps appended to its own losses and probes (two runs in one file): refused, naming the
     settings."""
-    folder = Path(resume).resolve()  # (through a link: the logdir it is in)
-    folder = folder.parent if folder.suffix == ".pt" else folder
+    folder = checkpoint_folder(Path(resume).resolve())  # (through a link: the logdir it is in)
     mine = Path(logdir) / "config.yaml"
     if folder.parent == Path(logdir).resolve() or not mine.is_file():
         return

@@ -316,13 +316,13 @@ def resolve_mode(mode: str, device, kernel: str = "auto", *, dtype: torch.dtype 
         raise WorkbenchError(f"capture mode {mode!r}; use one of {list(CAPTURE_MODES)}")
     if mode == "exact":
         return mode
-    if torch.device(device).type != "cuda" and mode in ("auto", "indicator"):
+    on_gpu = torch.device(device).type == "cuda"
+    if not on_gpu and mode in ("auto", "indicator"):
         return "exact"  # the widened call is bitwise the plain one on cuDNN only; elsewhere it would not be
     # (off CUDA: the kernel the choice runs on a GPU in bf16, where no tensor can be made for its shape rules)
-    on_gpu = torch.device(device).type == "cuda"
     here, geometry = ((device, dtype), geometry) if on_gpu else (("cuda", torch.bfloat16), {})
     served = capture_mode_of(check_kernel(kernel), *here, **geometry)
-    if torch.device(device).type != "cuda" and served == "indicator":
+    if not on_gpu and served == "indicator":
         served = "exact"  # (the stock kernels off CUDA: their statistics come by the exact path)
     if mode == "auto":
         return served or "exact"

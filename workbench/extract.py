@@ -251,7 +251,6 @@ def plan(cfg: ExtractConfig) -> Plan:
         raise WorkbenchError(f"mode {cfg.mode!r}; use resume, append or overwrite")
     check_kernel(cfg.attention_kernel)
     check_device(cfg.device)
-    capture_mode = resolve_mode(cfg.capture_mode, cfg.device, cfg.attention_kernel)
     wan_dir = Path(cfg.wan_dir) if cfg.wan_dir else require_embedded_dir()
     check_wan_dir(wan_dir)
     from models.family import check_fits_cache, family_of

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shlex
 import re
+import shlex
 import shutil
 import socket
 import sys
