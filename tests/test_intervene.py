@@ -618,6 +618,38 @@ def test_a_headwise_spec_round_trips_with_its_static_heads(tmp_path):
             parse_entry(dict(other, static_heads=[[0, 0]]), 6, 4)
 
 
+def test_a_headwise_policy_whose_window_holds_every_frame_still_masks_its_static_heads():
+    """A window + sink policy whose window holds every frame of the rollout changes nothing and is refused; a
+    headwise one then still masks its static heads (they see the sink and the newest static_recent frames), so it
+    runs, unless it has no static head or static_recent lets a static head see every frame the rollout holds. A
+    split with no static head is the sink policy: said so."""
+    import warnings
+
+    from models.errors import ModelInputWarning
+    from workbench.intervene_entries import parse_entry
+
+    bounds = dict(num_layers=6, num_heads=4, num_frames=12, chunk_frames=3)
+    hand = dict(kind="policy", policy="headwise", window=21, sink_frames=1, static_recent=3, static_heads=[[0, 1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert parse_entry(hand, **bounds).static_heads == [[0, 1]]  # (window 21 > 12 frames: not refused)
+    with pytest.raises(WorkbenchError, match=r"static_heads is empty, and cache policy headwise \(window 21, "
+                       r"sink_frames 1\) holds 21 frames: all 12 frames of the rollout fit"):
+        parse_entry(dict(hand, static_heads=[]), **bounds)
+    with pytest.raises(WorkbenchError, match=r"static_recent 11 keeps every frame the rollout's 12 frames hold beside "
+                       r"its 1 sink frame\(s\).*; give more --frames than 12 \(.*\), or static_recent below 11"):
+        parse_entry(dict(hand, static_recent=11), **bounds)
+    parse_entry(dict(hand, static_recent=10), **bounds)  # (a static head sees 11 of the 12)
+    with pytest.raises(WorkbenchError, match=r"every frame a window of 9 holds .*; give a window above 9 \("):
+        parse_entry(dict(hand, window=9, static_recent=8), **bounds)
+    with pytest.raises(WorkbenchError, match=r"every frame a window of 12 holds .*; give a window above 12 and more "
+                       r"--frames than 12 \("):
+        parse_entry(dict(hand, window=12, static_recent=11), **bounds)
+    with pytest.warns(ModelInputWarning, match=r"static_heads is empty: this headwise policy is the sink policy "
+                      r"sink:9:1; lower the threshold"):
+        parse_entry(dict(hand, window=9, static_heads=[]), **bounds)  # (an evicting window: it runs, as sink:9:1)
+
+
 def test_entry_labels_name_video_folders_inside_the_videos_folder(tmp_path, capsys):
     """An entry's videos go to a folder named after its label: `..` wrote them beside the store (where generate's
     files of the same names live), `.x` into a hidden folder, and `a/b` and `a_b` shared one folder; now the first

@@ -237,6 +237,10 @@ def test_head_wise_policy_masks_the_static_heads(one_thread):
     allowed = [f for f, m in zip(keep.frames, keep.head_mask[1].tolist()) if m]
     assert allowed == [0, 10, 11] and bool(keep.head_mask[0].all())  # sink + the 2 newest (+ 3 to come = 5)
     assert not torch.equal(run(model, 18, policy=HeadWise(9, 1, {0: [1], 1: [0, 2]}, static_recent=3)), base)
+    # a window that holds every frame evicts none, but the static heads still see only the sink and the newest
+    full = run(model, 12)
+    assert torch.equal(run(model, 12, policy=HeadWise(12, 1, {})), full)
+    assert not torch.equal(run(model, 12, policy=HeadWise(12, 1, {0: [1]}, static_recent=3)), full)
 
 
 def test_policies_are_part_of_the_graph_key(one_thread):

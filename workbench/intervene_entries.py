@@ -534,19 +534,24 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
             raise WorkbenchError(f"a deep sink of 0 sink frames is a fifo window: give sink frames (e.g. "
                                  f"deepsink:{e.window}:{e.window // 2}, or leave them out: half the window), or use "
                                  f"fifo:{e.window}")
-        if num_frames and num_frames <= e.window:  # (a built-in policy's capacity is its window)
+        # (a built-in policy's capacity is its window; a headwise one's static heads mask even then: below)
+        if num_frames and num_frames <= e.window and e.policy != "headwise":
             raise WorkbenchError(full_cache(f"{e.policy} (window {e.window}, sink_frames {e.sink_frames})", e.window,
                                             num_frames, chunk_frames))
         if chunk_frames and e.window < e.sink_frames + chunk_frames:
             raise WorkbenchError(f"policy window {e.window}: it must hold the {e.sink_frames} sink frame(s) and a "
                                  f"chunk of {chunk_frames}: at least {e.sink_frames + chunk_frames}")
-        if e.policy == "headwise" and e.static_recent >= e.window - e.sink_frames:
-            raise WorkbenchError(f"static_recent {e.static_recent} keeps every frame a window of {e.window} holds "
-                                 f"beside its {e.sink_frames} sink frame(s): a static head would see what a dynamic "
-                                 f"one sees, so the split changes nothing; give a window above "
-                                 f"{e.sink_frames + e.static_recent} (--policy headwise:WINDOW:SINK:STORE keeps "
-                                 f"static_recent {Entry.static_recent}; a --spec entry sets it), or static_recent "
-                                 f"below {e.window - e.sink_frames}")
+        seen = min(e.window, num_frames or e.window)  # the most frames a dynamic head sees at once
+        if e.policy == "headwise" and e.static_recent >= seen - e.sink_frames:
+            held = f"a window of {e.window} holds" if seen == e.window else f"the rollout's {num_frames} frames hold"
+            least = e.sink_frames + e.static_recent
+            more = [f"a window above {least}"] * (e.window <= least) + \
+                [f"more --frames than {least}"] * bool(num_frames and num_frames <= least)
+            raise WorkbenchError(f"static_recent {e.static_recent} keeps every frame {held} beside its "
+                                 f"{e.sink_frames} sink frame(s): a static head would see what a dynamic one sees, so "
+                                 f"the split changes nothing; give {' and '.join(more)} (--policy "
+                                 f"headwise:WINDOW:SINK:STORE keeps static_recent {Entry.static_recent}; a --spec "
+                                 f"entry sets it), or static_recent below {seen - e.sink_frames}")
         if chunk_frames and e.policy == "headwise" and e.static_recent < chunk_frames:
             raise WorkbenchError(f"static_recent {e.static_recent} is less than a chunk of {chunk_frames} frames: a "
                                  f"static head sees its own chunk whole, so give at least {chunk_frames}")
@@ -557,6 +562,19 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
                 raise WorkbenchError(f"static_heads {given} differ from the heads store {e.store!r} gives "
                                      f"({e.static_heads}, threshold {e.threshold:g}, static_recent {e.static_recent}); "
                                      "give one of them")
+        if e.policy == "headwise" and not e.static_heads:
+            none = (f"no head of store {e.store!r} is static (keeps {e.threshold:g} of its attention on the "
+                    f"{e.sink_frames} sink frame(s) and the newest {e.static_recent})" if e.store else
+                    "static_heads is empty")
+            if num_frames and num_frames <= e.window:  # neither an eviction nor a mask: nothing changes
+                raise WorkbenchError(f"{none}, and " + full_cache(f"headwise (window {e.window}, sink_frames "
+                                                                   f"{e.sink_frames})", e.window, num_frames,
+                                                                   chunk_frames))
+            from models.errors import ModelInputWarning
+
+            warnings.warn(f"{none}: this headwise policy is the sink policy sink:{e.window}:{e.sink_frames}; lower "
+                          "the threshold (a --spec entry sets it) or name static_heads for a split",
+                          ModelInputWarning, stacklevel=2)
     e.label = str(d.get("label") or default_label(e))
     return e
 
