@@ -575,6 +575,48 @@ def test_which_rollouts_share_recorded_graphs():
     assert get() is None  # autograd on
 
 
+def test_an_eager_rollout_lets_the_graphs_go_when_the_gpu_has_no_room_for_both():
+    """An eager rollout beside the model's recorded graphs (a rollout's cache and the graphs' pool: GiBs at full
+    size) keeps them for the next graphed rollout while the device has room for it; it lets them go first when
+    its cache does not fit (an out-of-memory error, then the same allocation again) or when what is left after
+    it is less than the graphs' pool. (The rule, checked on the CPU with graphs kept for CPU tensors and a room
+    of the test's own; tests/test_rollout.py's GPU test runs it on a GPU.)"""
+    from models.common.rollout import _rollout_graphs, eager_cache
+
+    model = tiny_model()
+    cpu = torch.device("cpu")
+    noise, ctx = torch.randn(1, 6, C, H, W), torch.randn(1, 16, 32)
+    calls = []
+
+    def allocate(fail=0):
+        calls.append(fail)
+        if len(calls) <= fail:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB")
+        return RolloutCache.allocate(model.config, 1, 6, model.config.tokens_per_frame(H, W), dtype=torch.float32,
+                                     device=cpu)
+
+    def eager(room, fail=0, device=cpu, devices=("cpu",)):
+        calls.clear()
+        return eager_cache(model, device, lambda: allocate(fail), devices=devices, room=lambda: room)
+
+    with torch.no_grad():
+        held = _rollout_graphs(model, noise, ctx, True, "k", devices=("cpu",))
+        held.pool_bytes = 1000
+        cache = eager(1000)
+        assert model._rollout_graphs is held and cache is not held.cache
+        assert cache.kv[0].k.shape == held.cache.kv[0].k.shape
+        eager(0, devices=("cuda",))  # (by default only graphs of a GPU are let go)
+        eager(0, device=torch.device("meta"), devices=("cpu", "meta"))  # (nor graphs of another device)
+        assert model._rollout_graphs is held
+        eager(999)
+        assert model._rollout_graphs is None  # no room for a forward beside them
+        held = _rollout_graphs(model, noise, ctx, True, "k", devices=("cpu",))
+        assert eager(10**12, fail=1) is not None and calls == [1, 1]  # its cache out of memory: let go, then again
+        assert model._rollout_graphs is None
+        with pytest.raises(torch.cuda.OutOfMemoryError):  # (with nothing to let go, the error is the caller's)
+            eager(10**12, fail=1)
+
+
 @pytest.mark.parametrize("independent_first_frame", [False, True])
 def test_first_rollout_warms_up_on_its_first_full_size_chunk(independent_first_frame):
     """Which forwards of a shape's first rollout run eagerly (`RolloutGraphs._warm_up`; the host-side rule, on the
@@ -943,6 +985,55 @@ def test_gpu_graphed_rollouts_honour_hooks_a_new_window_and_a_source_recorded_ag
     junk = [torch.randn(1 << 16, device="cuda") for _ in range(64)]  # (what the freed outputs' memory now holds)
     assert torch.equal(run(model, True, ablation), run(model, False, ablation))
     del junk
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_an_eager_rollout_lets_the_graphs_go_when_there_is_no_room(monkeypatch):
+    """On a GPU: the graphs' pool is measured, the room an eager rollout has counts a memory fraction set for the
+    process, and graphs let go for an eager rollout (no room left, or its cache out of memory) are recorded again
+    by the next graphed rollout, which still equals the eager one bitwise."""
+    from models.common import rollout as rollout_mod
+
+    s = FlowMatchScheduler(5.0)
+    model = tiny_model(local_attn_size=6, sink_size=1).cuda()
+
+    def run(graphs):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        noise = torch.randn(1, 12, C, H, W, generator=g, device="cuda")
+        ctx = torch.randn(1, 16, 32, generator=g, device="cuda")
+        return causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s, generator=g,
+                               cuda_graphs=graphs)
+
+    graphed = [run(True) for _ in range(2)]
+    held = model._rollout_graphs
+    assert held.pool_bytes > 0
+    assert torch.equal(run(False), graphed[1]) and model._rollout_graphs is held  # room for both: kept
+    device = torch.device("cuda", torch.cuda.current_device())
+    total = torch.cuda.mem_get_info(device)[1]
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(device) + (64 << 20)) / total, device)
+    try:
+        room = rollout_mod._room(device, held.pool_bytes)
+        assert 64 << 20 <= room <= (64 << 20) + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    monkeypatch.setattr(rollout_mod, "_room", lambda device, pool_bytes: pool_bytes - 1)
+    assert torch.equal(run(False), graphed[1]) and model._rollout_graphs is None
+    assert torch.equal(run(True), graphed[1]) and torch.equal(run(True), graphed[1])  # recorded again, replayed
+    monkeypatch.undo()
+    held, allocate = model._rollout_graphs, RolloutCache.allocate
+    failed = []
+
+    def out_of_memory_once(*args, **kw):
+        if not failed:
+            failed.append(1)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return allocate(*args, **kw)
+
+    monkeypatch.setattr(RolloutCache, "allocate", out_of_memory_once)
+    assert torch.equal(run(False), graphed[1]) and failed and model._rollout_graphs is None
+    monkeypatch.undo()
+    assert torch.equal(run(True), graphed[1]) and model._rollout_graphs is not held
 
 
 def test_a_float64_rollout_is_the_float32_rollouts_reference(one_thread):

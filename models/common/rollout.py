@@ -23,6 +23,7 @@ Randomness comes only from `noise` and `generator`, so a seed reproduces a rollo
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable
 
@@ -158,6 +159,7 @@ class RolloutGraphs:
         #                                                         the RoPE tables it reads)
         self.observers = tuple(model.observers)  # held, so that their buffers outlive the graphs that write them
         self.interventions = tuple(model.interventions)  # likewise (their tensors are read by the graphs)
+        self.pool_bytes = 0  # what its recordings reserved for their pool (a forward's working memory, ~)
         self.rollouts = 0
         self.warm = False  # this rollout's eager warm-up is over (set once its first full-size chunk has run)
         self._warm_chunk = None  # the chunk whose eager forwards are the warm-up
@@ -213,6 +215,7 @@ class RolloutGraphs:
             before = [kv.state() for kv in self.cache.kv]
             for obs in self.observers:
                 obs.begin_recording()
+            reserved = torch.cuda.memory_reserved(xs.device)
             try:
                 with torch.cuda.graph(graph, pool=self.pool, stream=capture_stream(model, xs.device)):
                     out = model(xs, ts, self.context, **run)
@@ -230,6 +233,7 @@ class RolloutGraphs:
                 return model(x, t, self.context, **run)
             finally:
                 seen = [obs.end_recording() for obs in self.observers]
+            self.pool_bytes += torch.cuda.memory_reserved(xs.device) - reserved
             state = [kv.state() for kv in self.cache.kv]
             self.graphs[key] = (graph, xs, ts, out, state, seen, rope)
             replayed = False  # the calls were seen (and their bookkeeping done) while recording
@@ -305,6 +309,40 @@ def release_graphs(model) -> None:
     model._rollout_graphs = None
 
 
+def eager_cache(model, device: torch.device, allocate: Callable[[], RolloutCache], devices=("cuda",),
+                room: Callable[[], int] | None = None) -> RolloutCache:
+    """The cache of a rollout on `device` that runs eagerly, from `allocate()`. The model's recorded graphs
+    (`model._rollout_graphs`: a rollout's cache and the graphs' memory pool, ~6 GiB for the 1.3B model at 21
+    latent frames) stay for the next graphed rollout to replay while the GPU has room for this rollout beside
+    them; they are let go first (recorded again when next needed) when it has not: when this cache does not fit,
+    or when what is free after it is less than the graphs' pool (about a forward's working memory). `room()`:
+    the bytes this rollout's forwards can still allocate (default: the device's; the CPU tests give their own)."""
+    held = getattr(model, "_rollout_graphs", None)
+    if held is None or held.context.device != device or device.type not in devices:
+        return allocate()
+    try:
+        cache = allocate()
+    except torch.cuda.OutOfMemoryError:
+        release_graphs(model)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # (the graphs' pool goes back to the device)
+        return allocate()
+    if (room or functools.partial(_room, device, held.pool_bytes))() < held.pool_bytes:
+        release_graphs(model)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return cache
+
+
+def _room(device, pool_bytes: int) -> int:
+    """The bytes an eager forward on `device` can still allocate: the device's free memory (within a memory
+    fraction set for this process) and what the allocator holds unused outside the graphs' pool."""
+    free, total = torch.cuda.mem_get_info(device)
+    reserved = torch.cuda.memory_reserved(device)
+    limit = int(torch.cuda.get_per_process_memory_fraction(device) * total) - reserved
+    return min(free, max(0, limit)) + max(0, reserved - torch.cuda.memory_allocated(device) - pool_bytes)
+
+
 @torch.no_grad()
 def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timesteps: torch.Tensor,
                     scheduler: FlowMatchScheduler, context_noise: float = 0.0, generator: torch.Generator | None = None,
@@ -334,8 +372,9 @@ def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timest
                               initial_latent is not None),
                              policy=cache_policy)
     if graphs is None:
-        cache = RolloutCache.allocate(model.config, B, Fr, fsl, dtype=noise.dtype, device=noise.device,
-                                      policy=cache_policy, chunk_frames=model.num_frame_per_block)
+        allocate = functools.partial(RolloutCache.allocate, model.config, B, Fr, fsl, dtype=noise.dtype,
+                                     device=noise.device, policy=cache_policy, chunk_frames=model.num_frame_per_block)
+        cache = eager_cache(model, noise.device, allocate)
     else:
         graphs.begin(model, context, cache_policy)
         cache = graphs.cache
