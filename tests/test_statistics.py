@@ -132,6 +132,20 @@ def test_frame_entropy_equals_float64_reference(dtype, tol, masked, kernel_lse, 
     if masked:
         assert want[:, :, 2].abs().max() <= 1e-12  # one attended key frame: no spread
         assert (want[:, :, :2] <= np.log(3) + 1e-9).all()
+        assert (got[:, :, 2] >= 0).all()  # (never below 0 by rounding either)
+
+
+def test_frame_entropy_is_never_below_zero_by_rounding():
+    """A query frame whose tokens attend to one key frame has entropy 0, but in float32 a token's summed mass
+    can round to 1 + 1e-7, and -p ln p then to -1e-7: each token's entropy is held at 0 or above."""
+    from workbench import reductions
+
+    fsl, nkf = 64, 3
+    q, k = _qkv(1, 12, 16, fsl, 1, nkf, torch.float32, seed=3)
+    mask = torch.zeros(1, nkf, dtype=torch.bool)
+    mask[0, 1] = True
+    got = reductions.frame_entropy(q, k, None, fsl, mask)  # [B, H, 1]
+    assert (got >= 0).all() and got.max() <= 1e-6
 
 
 def test_entropy_is_not_the_entropy_of_the_mean():

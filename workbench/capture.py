@@ -257,7 +257,7 @@ class StatsProbe(Probe):
             cells = self.buffers[stat.name][:, s, layer]  # [B, H, F(, key dim)]
             values = stat.reduce(t)  # [B, h, nqf(, n)]
             if stat.key_dim in (None, "text_token"):  # every column of the query frames' rows
-                cells[:, :, qf] = values
+                cells[:, :, qf] = values.to(cells.dtype)  # (a float64 run: float32 cells)
                 continue
             kf = self._index(call.key_frames, dev)
             if stat.key_dim == "key_frame":

@@ -157,7 +157,8 @@ def frame_mass_reference(q, k, *, frame_seq_len, scale=None, allowed=None, lse=N
 def frame_entropy_reference(q, k, *, frame_seq_len, scale=None, allowed=None, lse=None) -> torch.Tensor:
     """ent[b, h, qf]: [B, H, nqf] float32 (float64 for float64 inputs), in nats; each query token's entropy over
     key frames (its probability summed per key frame), averaged over the query frame's tokens. Disallowed key
-    frames hold probability 0 and add nothing; a query frame with no allowed key frame gets 0."""
+    frames hold probability 0 and add nothing; a query frame with no allowed key frame gets 0; a token's entropy
+    is never below 0 (not even by rounding)."""
     B, Lq, H, D, Lk, nqf, nkf = check_frame_inputs(q, k, frame_seq_len=frame_seq_len, allowed=allowed, lse=lse)
     fsl, cdt = int(frame_seq_len), _compute_dtype(q)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -171,7 +172,8 @@ def frame_entropy_reference(q, k, *, frame_seq_len, scale=None, allowed=None, ls
                 continue
             p = _probabilities(q, k, lse, qf, f0, f1, fsl, scale, allowed, cdt)  # [B, H, fsl, n]
             rows[..., f0:f1] = p.reshape(B, H, fsl, f1 - f0, fsl).sum(dim=-1)
-        ent[:, :, qf] = -torch.special.xlogy(rows, rows).sum(dim=-1).mean(dim=-1)
+        # (each token's entropy is at least 0: a token whose one key frame holds mass 1 + 1e-7 by rounding gets 0)
+        ent[:, :, qf] = (-torch.special.xlogy(rows, rows).sum(dim=-1)).clamp_min(0).mean(dim=-1)
     return ent if cdt == torch.float64 else ent.float()
 
 
