@@ -862,8 +862,8 @@ def test_the_cli_keeps_idle_cpu_threads_from_spinning(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     cli.passive_cpu_threads()
     assert "OMP_WAIT_POLICY" not in os.environ  # (torch is imported in this process)
-    script = ("import os, sys\nfrom workbench.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit:\n"
-              "    pass\nassert 'torch' not in sys.modules\nprint(os.environ.get('OMP_WAIT_POLICY'))\n")
+    script = ("import os, sys\nfrom workbench.cli import main\nassert main(['--version']) == 0\n"
+              "assert 'torch' not in sys.modules\nprint(os.environ.get('OMP_WAIT_POLICY'))\n")
     for given, want in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
         env |= {"OMP_WAIT_POLICY": given} if given else {}

@@ -158,7 +158,6 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
     from models.video import read_prompts
     from training.probes import TrainingProbes
     from workbench.capture import CaptureSpec
-    from workbench.extract import _git_commit
 
     p = cfg.probe
     if not p.every:
@@ -217,12 +216,12 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
     import xarray
     import zarr
 
-    from workbench import __version__
+    from workbench import __version__, git_commit
 
     import datetime
     import os
 
-    attrs = dict(workbench_version=__version__, git_commit=_git_commit(), command=command, working_dir=os.getcwd(),
+    attrs = dict(workbench_version=__version__, git_commit=git_commit(), command=command, working_dir=os.getcwd(),
                  created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  capture_mode="exact",  # (the probes' StatsProbe; dtype and attn_backend: set by the first probe)
                  config_yaml=OmegaConf.to_yaml(recorded(cfg)), frame_seq_len=fsl, num_frame_per_block=plan.nfpb,

@@ -10,3 +10,22 @@
 """
 
 __version__ = "0.1.0"
+
+
+def git_commit() -> str:
+    """The commit of this code's git checkout ("-dirty" with uncommitted changes), "unknown" for an install that
+    is not a checkout of its own (what stores record as `git_commit`, and `workbench --version` prints)."""
+    import subprocess
+    from pathlib import Path
+
+    try:
+        root = Path(__file__).resolve().parents[1]
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True,
+                             timeout=5)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root:  # (an install inside another repository:
+            return "unknown"  # its commit says nothing of this code)
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=5)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if sha.returncode == 0 else "unknown"
+    except Exception:
+        return "unknown"

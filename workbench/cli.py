@@ -187,10 +187,25 @@ def _registries() -> list[dict]:
     return [statistics.STATISTICS, intervene_entries.OWN_KINDS, intervene_entries.OWN_POLICIES]
 
 
+class _Version(argparse.Action):
+    """`workbench --version`: the version and the commit of this checkout (what a store records), found only
+    when asked (git runs)."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from workbench import __version__, git_commit
+
+        print(f"workbench {__version__} (git commit {git_commit()})")  # (on stdout, as argparse's own version)
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="workbench", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action=_Version, help="print the workbench's version and git commit, and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS:
         module.register(subparsers)
@@ -231,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     passive_cpu_threads()
     load_plugins()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help (0) or a flag argparse refused (2, its usage line said why): a status,
+        return done.code if isinstance(done.code, int) else 2  # as for any other bad input, from main([...]) too
     _expand_home(args)
     _escaping_output()
     # the command as it was given, for a store's `command` attr: from a shell or from main([...]) in a notebook

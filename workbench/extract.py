@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -377,20 +376,6 @@ def same_values(p: Plan) -> dict:
 # Running
 
 
-def _git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True,
-                             timeout=5)
-        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root:  # (an install inside another repository:
-            return "unknown"  # its commit says nothing of this code)
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=5)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if sha.returncode == 0 else "unknown"
-    except Exception:
-        return "unknown"
-
-
 def command_words(command, api: str) -> list[str]:
     """A run's command as words for the store's `command` attribute: a list as given, a string as a shell splits it
     (a whole command line, or words such as "analysis notebook"); None (a Python call that named none): the API
@@ -412,12 +397,12 @@ def _attrs(p: Plan, fp: str, command: list[str]) -> dict:
     import zarr
     from omegaconf import OmegaConf
 
-    from workbench import __version__
+    from workbench import __version__, git_commit
 
     c = p.cfg
     image = dict(image=str(c.image), image_sha256=sha256_file(c.image)) if c.image is not None else {}
     return dict(  # the command quoted as a shell takes it back (a prompt with spaces stays one argument)
-        workbench_version=__version__, git_commit=_git_commit(), command=shlex.join(command),
+        workbench_version=__version__, git_commit=git_commit(), command=shlex.join(command),
         working_dir=os.getcwd(),  # (what the command's relative paths, --checkpoint's among them, start from)
         created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         config_yaml=OmegaConf.to_yaml(OmegaConf.create({"extract": dataclasses.asdict(c),
