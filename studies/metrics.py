@@ -193,8 +193,9 @@ def require_var(ds: xr.Dataset, var: str) -> None:
         from workbench.statistics import STATISTICS
 
         if var not in STATISTICS:
-            raise WorkbenchError(f"{var!r} is no statistic of a store; the store holds {list(ds.data_vars)}, and "
-                                 f"`workbench extract --stats` takes {sorted(STATISTICS)}")
+            raise WorkbenchError(f"{var!r} is not in this store ({list(ds.data_vars)}) nor a built-in statistic "
+                                 f"(`workbench extract --stats` takes {sorted(STATISTICS)}; a plugin's is in the "
+                                 "stores made with it)")
         raise WorkbenchError(f"the store has no {var!r} (its stats: {list(ds.data_vars)}); "
                              f"extract with `--stats {var},...` to get it")
 

@@ -744,6 +744,63 @@ def test_workbench_plugins_register_statistics_the_command_line_takes(tmp_path, 
     assert not (tmp_path / "q.zarr").exists()
 
 
+def test_a_statistic_of_ones_own_is_checked_and_its_store_refuses_it_changed(tmp_path, capsys):
+    """A plugin's statistic is checked where it is registered (a name, dims the probe can place, the texts that
+    define its store variable), its name against the store's coordinates before any work, and its reduce's
+    result shape at its first call (a wrong one was broadcast into the cells). A store made with it records its
+    definition and code: the statistic changed (a notebook cell run again) is refused by name, not mixed in with
+    the old one's samples (it resumed silently)."""
+    import dataclasses
+
+    import torch
+
+    from workbench import statistics as S
+    from workbench.statistics import identity as statistics_identity
+    from workbench.store import open_store
+
+    mass = S.get("attn_mass")
+    own = dataclasses.replace(mass, name="test_own_mass", reduce=lambda t: 2 * mass.reduce(t), from_kernel=(),
+                              default=False, description="2 x attn_mass")
+    for bad, match in ((dict(name="my stat"), "use a Python identifier"),
+                       (dict(dims=S.FRAME_PAIR[:4]), r"dims \('sample', 'step', 'layer', 'head'\); a self-attention "
+                        r"statistic has \(sample, step, layer or token_layer, head, query_frame\) and optionally a "
+                        "key dim, key_frame or key_token"),
+                       (dict(dims=(*S.FRAME_PAIR[:5], "my_dim")), "dims"), (dict(kind="cross"), "text_token"),
+                       (dict(description=" "), "give description"), (dict(name="attn_mass"), "registered already")):
+        with pytest.raises(ValueError, match=match):
+            S.register(dataclasses.replace(own, **bad))
+    out = tmp_path / "own.zarr"
+    run = ["extract", "--layer", "0", "--frames", "6", "--steps", "0", "--stats", "attn_mass,{}", "--out", str(out),
+           "--no-progress"]
+    try:
+        S.register(dataclasses.replace(own, name="timestep"))
+        assert cli_main([w.format("timestep") for w in run]) == 2
+        assert "statistic(s) ['timestep'] share a name with a store coordinate" in capsys.readouterr().err
+        S.register(dataclasses.replace(own, name="test_own_flat", reduce=lambda t: torch.zeros(3)))
+        assert cli_main([w.format("test_own_flat") for w in run]) == 2
+        assert ("statistic 'test_own_flat': its reduce returned Tensor of shape (3,) for layer 0's self-attention "
+                "call; its dims ('sample', 'step', 'layer', 'head', 'query_frame', 'key_frame') want [B, heads, "
+                "query frames(, keys)] = [1, 4, 3, 3]") in capsys.readouterr().err
+        assert not out.exists()
+        S.register(own)
+        assert cli_main([w.format("test_own_mass") for w in run]) == 0
+        stored = open_store(out).attrs["fingerprint_fields"]["model"]["own_stats"]["test_own_mass"]
+        assert stored["description"] == "2 x attn_mass" and "<lambda> (code " in stored["code"]
+        S.STATISTICS["test_own_mass"] = dataclasses.replace(own, reduce=lambda t: 3 * mass.reduce(t))  # (edited)
+        assert cli_main([w.format("test_own_mass") for w in run] + ["--seeds", "42,43"]) == 2
+        err = capsys.readouterr().err  # (the two codes' hashes shown: the end of a long value is kept)
+        codes = [open_store(out).attrs["fingerprint_fields"]["model"]["own_stats"]["test_own_mass"]["code"],
+                 statistics_identity("test_own_mass")["code"]]
+        assert codes[0] != codes[1] and all(c[-26:] in err for c in codes)
+        assert "model.own_stats.test_own_mass.code: test_a_statistic_of_ones_own_is_checke..." in err
+        S.STATISTICS["test_own_mass"] = own  # (the same code again: it resumes)
+        assert cli_main([w.format("test_own_mass") for w in run] + ["--seeds", "42,43"]) == 0
+    finally:  # (the registry is the process's: leave it as the other tests know it)
+        for name in ("timestep", "test_own_flat", "test_own_mass"):
+            S.STATISTICS.pop(name, None)
+    assert open_store(out).sizes["sample"] == 2
+
+
 def test_a_broken_entry_point_plugin_is_left_out_with_a_warning(tmp_path, monkeypatch, capsys):
     """A `workbench.plugins` entry point of an installed package (here a dist-info folder on the path) is loaded
     before the command line; one that raises is named in a warning and the command goes on;

@@ -640,14 +640,32 @@ def test_a_headwise_policy_whose_window_holds_every_frame_still_masks_its_static
                        r"its 1 sink frame\(s\).*; give more --frames than 12 \(.*\), or static_recent below 11"):
         parse_entry(dict(hand, static_recent=11), **bounds)
     parse_entry(dict(hand, static_recent=10), **bounds)  # (a static head sees 11 of the 12)
+    with pytest.raises(WorkbenchError, match=r"static_heads is empty, and cache policy headwise \(window 12, "):
+        parse_entry(dict(hand, window=12, static_heads=[]), **bounds)  # (a window of exactly the rollout's frames)
+    with pytest.raises(WorkbenchError, match=r"static_recent 3 keeps every frame a window of 4 holds beside its 1 "
+                       r"sink frame\(s\).*; a --spec entry sets it\)$"):  # (no static_recent below 3: a chunk is 3)
+        parse_entry(dict(hand, window=4), **bounds)
     with pytest.raises(WorkbenchError, match=r"every frame a window of 9 holds .*; give a window above 9 \("):
         parse_entry(dict(hand, window=9, static_recent=8), **bounds)
     with pytest.raises(WorkbenchError, match=r"every frame a window of 12 holds .*; give a window above 12 and more "
                        r"--frames than 12 \("):
         parse_entry(dict(hand, window=12, static_recent=11), **bounds)
     with pytest.warns(ModelInputWarning, match=r"static_heads is empty: this headwise policy is the sink policy "
-                      r"sink:9:1; lower the threshold"):
+                      r"sink:9:1; name some \[layer, head\] pairs in static_heads for a split"):
         parse_entry(dict(hand, window=9, static_heads=[]), **bounds)  # (an evicting window: it runs, as sink:9:1)
+
+
+def test_the_command_line_says_an_entrys_warning_once(tmp_path, capsys):
+    """`workbench intervene` checks its entries when it reads them and again when the run plans them: a warning
+    (here: a head-wise split with no static head) is said once, not twice."""
+    from workbench.cli import main
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("interventions:\n  - {kind: policy, policy: headwise, window: 6, sink_frames: 1, static_recent: 3, "
+                    "static_heads: []}\n")
+    assert main(["intervene", "--frames", "9", "--world", "off", "--spec", str(spec), "--out", str(tmp_path / "w.zarr"),
+                 "--no-progress"]) == 0
+    assert capsys.readouterr().err.count("this headwise policy is the sink policy sink:6:1") == 1
 
 
 def test_entry_labels_name_video_folders_inside_the_videos_folder(tmp_path, capsys):

@@ -240,7 +240,10 @@ def test_head_wise_policy_masks_the_static_heads(one_thread):
     # a window that holds every frame evicts none, but the static heads still see only the sink and the newest
     full = run(model, 12)
     assert torch.equal(run(model, 12, policy=HeadWise(12, 1, {})), full)
-    assert not torch.equal(run(model, 12, policy=HeadWise(12, 1, {0: [1]}, static_recent=3)), full)
+    static = run(model, 12, policy=HeadWise(12, 1, {0: [1]}, static_recent=3))
+    assert not torch.equal(static, full)
+    longer = HeadWise(100, 1, {0: [1]}, static_recent=3)  # (a window longer than the rollout: its frames held)
+    assert longer.capacity(12, 3) == 12 and torch.equal(run(model, 12, policy=longer), static)
 
 
 def test_policies_are_part_of_the_graph_key(one_thread):

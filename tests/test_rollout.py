@@ -610,9 +610,22 @@ def test_an_eager_rollout_lets_the_graphs_go_when_the_gpu_has_no_room_for_both()
         assert model._rollout_graphs is held
         eager(999)
         assert model._rollout_graphs is None  # no room for a forward beside them
-        held = _rollout_graphs(model, noise, ctx, True, "k", devices=("cpu",))
+        import gc
+        import weakref
+
+        gone = weakref.ref(_rollout_graphs(model, noise, ctx, True, "k", devices=("cpu",)))
+        freed = []
+        allocate_once = allocate
+
+        def allocate(fail=0):  # (the retry finds the graphs freed, not only unset: nothing holds them then)
+            if len(calls) == 1:
+                gc.collect()
+                freed.append(gone() is None)
+            return allocate_once(fail)
+
         assert eager(10**12, fail=1) is not None and calls == [1, 1]  # its cache out of memory: let go, then again
-        assert model._rollout_graphs is None
+        assert model._rollout_graphs is None and freed == [True]
+        allocate = allocate_once
         with pytest.raises(torch.cuda.OutOfMemoryError):  # (with nothing to let go, the error is the caller's)
             eager(10**12, fail=1)
 

@@ -4,6 +4,7 @@ alone, `attn_frame_entropy`, equals a float64 reference: on random inputs (maske
 kernel's log-sum-exp or its own), and through a probe on windowed rollouts and the masked full-sequence
 forward, cell by cell with the labels read independently of the probe (tests/attention_reference.py)."""
 
+import math
 import re
 from pathlib import Path
 
@@ -139,6 +140,7 @@ def test_frame_entropy_is_never_below_zero_by_rounding():
     """A query frame whose tokens attend to one key frame has entropy 0, but in float32 a token's summed mass
     can round to 1 + 1e-7, and -p ln p then to -1e-7: each token's entropy is held at 0 or above."""
     from workbench import reductions
+    from workbench.kernels import reference
 
     fsl, nkf = 64, 3
     q, k = _qkv(1, 12, 16, fsl, 1, nkf, torch.float32, seed=3)
@@ -146,6 +148,9 @@ def test_frame_entropy_is_never_below_zero_by_rounding():
     mask[0, 1] = True
     got = reductions.frame_entropy(q, k, None, fsl, mask)  # [B, H, 1]
     assert (got >= 0).all() and got.max() <= 1e-6
+    lse = reference.row_lse_reference(q, k, frame_seq_len=fsl, allowed=mask)  # [B, H, Lq]
+    wrong = reductions.frame_entropy(q, k, lse - 0.5, fsl, mask)  # (a wrong log-sum-exp: mass e^0.5 on the frame)
+    torch.testing.assert_close(wrong, torch.full_like(wrong, -0.5 * math.exp(0.5)))  # (not hidden as 0)
 
 
 def test_entropy_is_not_the_entropy_of_the_mean():

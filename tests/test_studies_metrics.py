@@ -330,7 +330,7 @@ def test_a_layer_given_as_text_and_a_misspelt_statistic_get_plain_answers(causal
     assert metrics.select(causal, layer="0").layer.values.tolist() == [0]
     with pytest.raises(WorkbenchError, match="layer 'x': give int layers, e.g. layer=0"):
         metrics.select(causal, layer="x")
-    with pytest.raises(WorkbenchError, match=r"'attn_mas' is no statistic of a store; the store holds \["):
+    with pytest.raises(WorkbenchError, match=r"'attn_mas' is not in this store \(\["):
         figures.head_grid(causal, 0, var="attn_mas")
     with pytest.raises(WorkbenchError, match="the store has no 'attn_key_token'"):
         figures.head_grid(causal, 0, var="attn_key_token")

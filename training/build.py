@@ -210,6 +210,10 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
                       model=dataclasses.asdict(mc), nfpb=plan.nfpb)
     if iff:  # (absent otherwise: probe stores made before the option still resume)
         layout_key["independent_first_frame"] = True
+    from workbench.statistics import identity
+
+    if own := {name: ident for name in spec.stats if (ident := identity(name)) is not None}:
+        layout_key["own_stats"] = own  # a plugin's statistics: their definition and code (absent for built-in ones)
     fp = hashlib.sha256(json.dumps(layout_key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     import platform
 
@@ -236,6 +240,8 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
                               seeds=seeds, frames=frames, hw=[H, W], nfpb=plan.nfpb, independent_first_frame=iff,
                               schedule=layout_key["schedule"]),
                   model=dict(weights=weights_sha, text_encoder=_encoder_identity(cfg), config=layout_key["model"]))
+    if own:
+        fields["layout"]["own_stats"] = own
     meta = dict(checkpoint=weights_label, checkpoint_sha256=weights_sha, model_family="self_forcing",
                 sampler="causal_few_step", local_attn_size=mc.local_attn_size, sink_size=mc.sink_size)
     return TrainingProbes(spec=spec, schedule=schedule, prompts=prompts, seeds=seeds, num_frames=frames,

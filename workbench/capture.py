@@ -256,6 +256,7 @@ class StatsProbe(Probe):
             layer = self.layer_pos[call.layer] if stat.layer_dim == "layer" else self.token_pos[call.layer]
             cells = self.buffers[stat.name][:, s, layer]  # [B, H, F(, key dim)]
             values = stat.reduce(t)  # [B, h, nqf(, n)]
+            _check_values(stat, values, call, t)
             if stat.key_dim in (None, "text_token"):  # every column of the query frames' rows
                 cells[:, :, qf] = values.to(cells.dtype)  # (a float64 run: float32 cells)
                 continue
@@ -285,6 +286,18 @@ class StatsProbe(Probe):
                     if got != expected_frames - from_frame:
                         out.append((kind, step, layer))
         return out
+
+
+def _check_values(stat, values, call: AttentionCall, t: CallTensors) -> None:
+    """A reduction's result has the shape its dims say, [B, heads, query frames(, keys)], or a clear error (a
+    plugin's statistic: a wrong shape would be broadcast into the cells, or fail in the placement)."""
+    (B, Lq, h), Lk = t.q.shape[:3], t.k.shape[1]  # (keys: the call's key tokens, or text tokens)
+    keys = {None: (), "key_frame": (Lk // t.frame_seq_len,), "key_token": (Lk,), "text_token": (Lk,)}[stat.key_dim]
+    want = (B, h, Lq // t.frame_seq_len, *keys)
+    if tuple(getattr(values, "shape", ())) != want:
+        raise WorkbenchError(f"statistic {stat.name!r}: its reduce returned {type(values).__name__} of shape "
+                         f"{tuple(getattr(values, 'shape', ()))} for layer {call.layer}'s {call.kind}-attention call; "
+                         f"its dims {stat.dims} want [B, heads, query frames(, keys)] = {list(want)}")
 
 
 def _select(x, heads):

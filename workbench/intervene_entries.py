@@ -26,14 +26,12 @@ takes the calls' keys above and `settings:`, and the entry is built, checked and
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import json
 import math
 import numbers
 import os
 import re
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ from typing import Callable
 
 import numpy as np
 
+from workbench.code_identity import NOT_USERS, code_identity
 from workbench.errors import WorkbenchError
 
 KINDS = ("ablate", "knockout", "temperature", "sink", "policy")
@@ -547,11 +546,13 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
             least = e.sink_frames + e.static_recent
             more = [f"a window above {least}"] * (e.window <= least) + \
                 [f"more --frames than {least}"] * bool(num_frames and num_frames <= least)
+            below = seen - e.sink_frames  # (a static_recent that still holds a chunk, when there is one)
             raise WorkbenchError(f"static_recent {e.static_recent} keeps every frame {held} beside its "
                                  f"{e.sink_frames} sink frame(s): a static head would see what a dynamic one sees, so "
                                  f"the split changes nothing; give {' and '.join(more)} (--policy "
                                  f"headwise:WINDOW:SINK:STORE keeps static_recent {Entry.static_recent}; a --spec "
-                                 f"entry sets it), or static_recent below {seen - e.sink_frames}")
+                                 f"entry sets it)" + (f", or static_recent below {below}"
+                                                      if below > (chunk_frames or 0) else ""))
         if chunk_frames and e.policy == "headwise" and e.static_recent < chunk_frames:
             raise WorkbenchError(f"static_recent {e.static_recent} is less than a chunk of {chunk_frames} frames: a "
                                  f"static head sees its own chunk whole, so give at least {chunk_frames}")
@@ -572,9 +573,10 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
                                                                    chunk_frames))
             from models.errors import ModelInputWarning
 
-            warnings.warn(f"{none}: this headwise policy is the sink policy sink:{e.window}:{e.sink_frames}; lower "
-                          "the threshold (a --spec entry sets it) or name static_heads for a split",
-                          ModelInputWarning, stacklevel=2)
+            fix = "lower the threshold (a --spec entry sets it) or name static_heads" if e.store else \
+                "name some [layer, head] pairs in static_heads"
+            warnings.warn(f"{none}: this headwise policy is the sink policy sink:{e.window}:{e.sink_frames}; {fix} "
+                          "for a split", ModelInputWarning, stacklevel=2)
     e.label = str(d.get("label") or default_label(e))
     return e
 
@@ -625,9 +627,6 @@ def _parse_own(d: dict, own: EntryKind, num_layers: int, num_heads: int, *, num_
     return e
 
 
-NOT_USERS = ("workbench", "models", "torch", "numpy", *sys.stdlib_module_names)  # (classes not of the user's)
-
-
 def code_of(own: EntryKind, obj) -> str:
     """What identifies the code an entry of a plugin's kind runs, for its store: the names of its build and of the
     user's classes of what the build returned (not the workbench's, torch's or Python's), and a hash of their
@@ -636,47 +635,7 @@ def code_of(own: EntryKind, obj) -> str:
     other code: a store holding the entry's results from before refuses to resume it under the same label, as it
     refuses other settings. The same code gives the same identity in every process of one Python version."""
     mine = [c for c in type(obj).__mro__ if c.__module__.split(".")[0] not in NOT_USERS]
-    things = list(dict.fromkeys([own.build, *mine]))
-    digest = hashlib.sha256()
-    for thing in things:
-        for part in _compiled(thing):
-            digest.update(part.encode() + b"\0")
-    names = dict.fromkeys(getattr(t, "__qualname__", type(t).__name__) for t in things)
-    return f"{', '.join(names)} (code {digest.hexdigest()[:12]})"
-
-
-def _compiled(thing) -> list[str]:
-    """A function's or a class's compiled code as text that is the same in every process."""
-    if inspect.isclass(thing):
-        out = [thing.__qualname__]
-        for name, value in sorted(vars(thing).items()):
-            if name in ("__doc__", "__module__", "__qualname__", "__dict__", "__weakref__", "__firstlineno__",
-                        "__static_attributes__"):
-                continue
-            value = getattr(value, "__func__", value)  # (static and class methods)
-            funcs = [f for f in (getattr(value, "fget", None), getattr(value, "fset", None)) if f] \
-                if isinstance(value, property) else [value]
-            for f in funcs:
-                out += [name] + (_code_text(f.__code__) + [_const_text(f.__defaults__)] if hasattr(f, "__code__")
-                                 else [_const_text(f)])
-        return out
-    return _code_text(thing.__code__) + [_const_text(thing.__defaults__)]
-
-
-def _code_text(code) -> list[str]:
-    consts = [("\n".join(_code_text(c)) if inspect.iscode(c) else _const_text(c)) for c in code.co_consts]
-    return [code.co_code.hex(), repr(code.co_names), repr(code.co_varnames), *consts]
-
-
-def _const_text(value) -> str:
-    """A constant's text, the same in every process (a set's items sorted: their order follows the hash seed)."""
-    if isinstance(value, (set, frozenset)):
-        return f"{type(value).__name__}({sorted(map(_const_text, value))})"
-    if isinstance(value, tuple):
-        return f"({', '.join(map(_const_text, value))})"
-    if isinstance(value, (bool, int, float, complex, str, bytes, type(None))):
-        return repr(value)
-    return type(value).__name__  # (an object: its kind only, not its address)
+    return code_identity(own.build, *mine)
 
 
 def default_label(e: Entry) -> str:

@@ -233,7 +233,8 @@ class HeadWise(WindowSink):
             raise ValueError(f"{self.name}: static_recent {self.static_recent} is less than a chunk of "
                              f"{chunk_frames} frames; a static head sees its own chunk whole, so give at least "
                              f"{chunk_frames}")
-        return super().capacity(num_frames, chunk_frames)
+        # (its window may be longer than the rollout, whose static heads still mask: then the rollout's frames)
+        return min(super().capacity(num_frames, chunk_frames), num_frames)
 
     def after_chunk(self, layer: int, cache: KVCache, chunk: int, next_frames: int) -> Keep | None:
         kept = self.kept_frames(cache, next_frames)

@@ -108,12 +108,33 @@ FRAME_PAIR = ("sample", "step", "layer", "head", "query_frame", "key_frame")
 STATISTICS: dict[str, Statistic] = {}
 
 
+KEY_DIMS = {"self": ("key_frame", "key_token"), "cross": ("text_token",)}  # the key dims each kind's calls have
+
+
 def register(stat: Statistic) -> Statistic:
-    if stat.name in STATISTICS:
-        raise ValueError(f"statistic {stat.name!r} is registered already")
-    if stat.kind not in ("self", "cross"):
-        raise ValueError(f"statistic {stat.name!r}: kind {stat.kind!r} is not 'self' or 'cross'")
-    STATISTICS[stat.name] = stat
+    """Add a statistic (a plugin's too: docs/architecture.md, "Statistics registry"), checked first: its name is
+    new and a name, its kind is self or cross, its dims are the ones the module docstring allows (the probe sizes
+    and places values by them) and it has the texts that define its store variable."""
+    name = stat.name
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"statistic name {name!r}: use a Python identifier (it is a store variable, e.g. ds.{name})")
+    if name in STATISTICS:
+        raise ValueError(f"statistic {name!r} is registered already")
+    if stat.kind not in KEY_DIMS:
+        raise ValueError(f"statistic {name!r}: kind {stat.kind!r} is not 'self' or 'cross'")
+    dims = tuple(stat.dims)
+    head = ("sample", "step", dims[2] if len(dims) > 2 else "layer", "head", "query_frame")
+    if len(dims) not in (5, 6) or dims[:5] != head or head[2] not in ("layer", "token_layer") or \
+            (len(dims) == 6 and dims[5] not in KEY_DIMS[stat.kind]):
+        keys = " or ".join(KEY_DIMS[stat.kind])
+        raise ValueError(f"statistic {name!r}: dims {dims}; a {stat.kind}-attention statistic has (sample, step, layer "
+                         f"or token_layer, head, query_frame) and optionally a key dim, {keys} (its reduce returns "
+                         "[B, heads, query frames(, keys)])")
+    blank = [t for t in ("long_name", "units", "description", "help") if not str(getattr(stat, t) or "").strip()]
+    if blank:
+        raise ValueError(f"statistic {name!r}: give {', '.join(blank)} (a store variable's attributes and the --stats "
+                         "help are what define it to its readers)")
+    STATISTICS[name] = stat
     return stat
 
 
@@ -149,6 +170,20 @@ register(Statistic(
     help="entropy (nats) of each query token's mass over key frames, averaged per query frame"))
 
 DEFAULT_STATS = tuple(name for name, s in STATISTICS.items() if s.default)
+BUILT_IN = frozenset(STATISTICS)  # (the others are plugins': `identity`)
+
+
+def identity(name: str) -> dict | None:
+    """What identifies a plugin's statistic for the stores it goes into (their fingerprint): its definition and
+    its reduce's code (workbench/code_identity.py), so that a store of the old one refuses a changed one by name
+    instead of mixing the two; None for a built-in statistic (its definition is docs/store.md's, this version's)."""
+    if name in BUILT_IN:
+        return None
+    from workbench.code_identity import code_identity
+
+    s = STATISTICS[name]
+    return dict(dims=list(s.dims), kind=s.kind, needs_lse=s.needs_lse, from_kernel=list(s.from_kernel), **s.attrs,
+                code=code_identity(s.reduce))
 
 
 def get(name: str) -> Statistic:
@@ -161,7 +196,12 @@ def check_stats(stats, token_layers=(), layers=None) -> tuple[str, ...]:
     stats = tuple(stats)
     unknown = [s for s in stats if s not in STATISTICS]
     if unknown:
-        raise WorkbenchError(f"unknown statistic(s) {unknown}; known: {list(STATISTICS)}")
+        raise WorkbenchError(f"unknown statistic(s) {unknown}; known: {list(STATISTICS)} (a statistic of your own: "
+                             "name the module that registers it in WORKBENCH_PLUGINS, docs/architecture.md)")
+    from workbench.store import COORD_ATTRS
+
+    if taken := [s for s in stats if s in COORD_ATTRS]:  # (a plugin's name may clash with a store's coordinate)
+        raise WorkbenchError(f"statistic(s) {taken} share a name with a store coordinate; register it under another")
     if not stats:
         raise WorkbenchError(f"no statistic to capture; choose from {list(STATISTICS)}")
     token_stats = [name for name in stats if STATISTICS[name].layer_dim == "token_layer"]

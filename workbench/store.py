@@ -897,7 +897,7 @@ def describe_differences(stored: dict | None, wanted: dict | None, absent: dict 
         if isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v):  # (a sha256: its first 12 digits say which)
             return v[:12] + "..."
         text = str(v) if v != "" else '""'  # (an empty setting, shown as one)
-        return text if len(text) <= 80 else text[:77] + "..."
+        return text if len(text) <= 80 else text[:38] + "..." + text[-39:]  # (the end: e.g. a code's hash)
 
     def differ(k):
         x, y = a.get(k, "(not set)"), b.get(k, "(not set)")

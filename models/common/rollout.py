@@ -320,18 +320,17 @@ def eager_cache(model, device: torch.device, allocate: Callable[[], RolloutCache
     held = getattr(model, "_rollout_graphs", None)
     if held is None or held.context.device != device or device.type not in devices:
         return allocate()
+    pool_bytes = held.pool_bytes
+    del held  # (no reference here may keep the graphs alive once they are let go)
     try:
         cache = allocate()
     except torch.cuda.OutOfMemoryError:
+        cache = None  # (retried below, outside this block: its traceback holds the failed call's frames)
+    if cache is None or (room or functools.partial(_room, device, pool_bytes))() < pool_bytes:
         release_graphs(model)
         if device.type == "cuda":
-            torch.cuda.empty_cache()  # (the graphs' pool goes back to the device)
-        return allocate()
-    if (room or functools.partial(_room, device, held.pool_bytes))() < held.pool_bytes:
-        release_graphs(model)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return cache
+            torch.cuda.empty_cache()  # (the graphs' pool and cache go back to the device)
+    return allocate() if cache is None else cache
 
 
 def _room(device, pool_bytes: int) -> int:

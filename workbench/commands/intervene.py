@@ -151,7 +151,10 @@ def entries_from_args(args, num_layers: int, num_heads: int, **rollout):
     for d in raw:
         if d.get("kind") == "ablate" and d.get("mode") == "resample" and not d.get("resample_prompt"):
             d["resample_prompt"] = args.resample_prompt
-    return [parse_entry(d, num_layers, num_heads, **rollout) for d in raw]
+    entries = [parse_entry(d, num_layers, num_heads, **rollout) for d in raw]
+    for e in entries:
+        e.warned = True  # (run_intervene checks them again, quietly: one warning each)
+    return entries
 
 
 def run(args) -> int:

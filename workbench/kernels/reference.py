@@ -172,8 +172,10 @@ def frame_entropy_reference(q, k, *, frame_seq_len, scale=None, allowed=None, ls
                 continue
             p = _probabilities(q, k, lse, qf, f0, f1, fsl, scale, allowed, cdt)  # [B, H, fsl, n]
             rows[..., f0:f1] = p.reshape(B, H, fsl, f1 - f0, fsl).sum(dim=-1)
-        # (each token's entropy is at least 0: a token whose one key frame holds mass 1 + 1e-7 by rounding gets 0)
-        ent[:, :, qf] = (-torch.special.xlogy(rows, rows).sum(dim=-1)).clamp_min(0).mean(dim=-1)
+        # each token's entropy is at least 0: a token whose one key frame holds mass 1 + 1e-7 by rounding gets 0
+        # (only rounding's: a wrong log-sum-exp's larger negatives stay, to be seen)
+        token = -torch.special.xlogy(rows, rows).sum(dim=-1)  # [B, H, fsl]
+        ent[:, :, qf] = torch.where(token > -1e-5, token.clamp_min(0), token).mean(dim=-1)
     return ent if cdt == torch.float64 else ent.float()
 
 

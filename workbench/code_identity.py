@@ -1,0 +1,60 @@
+"""What identifies the code a plugin runs (an intervention, a cache policy, a statistic of one's own), for the
+stores its numbers go into: the names of its functions and classes and a hash of their compiled code (bytecode
+and constants, classes' simple attributes), wherever they were defined, a notebook cell included; not their
+comments or docstrings. Edited code (a cell run again) is other code, so a store holding results of the old code
+refuses to take the new code's under the same name (workbench/intervene_entries.py `code_of`,
+workbench/statistics.py `identity`). The same code gives the same identity in every process of one Python
+version."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import sys
+
+NOT_USERS = ("workbench", "models", "torch", "numpy", *sys.stdlib_module_names)  # (classes not of the user's)
+
+
+def code_identity(*things) -> str:
+    """'name, name (code <12 hex>)' of functions and classes `things` (duplicates counted once)."""
+    things = list(dict.fromkeys(things))
+    digest = hashlib.sha256()
+    for thing in things:
+        for part in _compiled(thing):
+            digest.update(part.encode() + b"\0")
+    names = dict.fromkeys(getattr(t, "__qualname__", type(t).__name__) for t in things)
+    return f"{', '.join(names)} (code {digest.hexdigest()[:12]})"
+
+
+def _compiled(thing) -> list[str]:
+    """A function's or a class's compiled code as text that is the same in every process."""
+    if inspect.isclass(thing):
+        out = [thing.__qualname__]
+        for name, value in sorted(vars(thing).items()):
+            if name in ("__doc__", "__module__", "__qualname__", "__dict__", "__weakref__", "__firstlineno__",
+                        "__static_attributes__"):
+                continue
+            value = getattr(value, "__func__", value)  # (static and class methods)
+            funcs = [f for f in (getattr(value, "fget", None), getattr(value, "fset", None)) if f] \
+                if isinstance(value, property) else [value]
+            for f in funcs:
+                out += [name] + (_code_text(f.__code__) + [_const_text(f.__defaults__)] if hasattr(f, "__code__")
+                                 else [_const_text(f)])
+        return out
+    return _code_text(thing.__code__) + [_const_text(thing.__defaults__)]
+
+
+def _code_text(code) -> list[str]:
+    consts = [("\n".join(_code_text(c)) if inspect.iscode(c) else _const_text(c)) for c in code.co_consts]
+    return [code.co_code.hex(), repr(code.co_names), repr(code.co_varnames), *consts]
+
+
+def _const_text(value) -> str:
+    """A constant's text, the same in every process (a set's items sorted: their order follows the hash seed)."""
+    if isinstance(value, (set, frozenset)):
+        return f"{type(value).__name__}({sorted(map(_const_text, value))})"
+    if isinstance(value, tuple):
+        return f"({', '.join(map(_const_text, value))})"
+    if isinstance(value, (bool, int, float, complex, str, bytes, type(None))):
+        return repr(value)
+    return type(value).__name__  # (an object: its kind only, not its address)
