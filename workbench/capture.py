@@ -36,6 +36,11 @@ class CaptureSpec:
 
     def __post_init__(self):
         check_stats(self.stats, self.token_layers, self.layers)
+        from workbench.store import COORD_ATTRS
+
+        if taken := [s for s in self.stats if s in COORD_ATTRS]:  # (a plugin's name may be a store's coordinate's)
+            raise WorkbenchError(f"statistic(s) {taken} share a name with a store coordinate; register it under "
+                                 "another")
 
 
 @dataclass

@@ -198,10 +198,6 @@ def check_stats(stats, token_layers=(), layers=None) -> tuple[str, ...]:
     if unknown:
         raise WorkbenchError(f"unknown statistic(s) {unknown}; known: {list(STATISTICS)} (a statistic of your own: "
                              "name the module that registers it in WORKBENCH_PLUGINS, docs/architecture.md)")
-    from workbench.store import COORD_ATTRS
-
-    if taken := [s for s in stats if s in COORD_ATTRS]:  # (a plugin's name may clash with a store's coordinate)
-        raise WorkbenchError(f"statistic(s) {taken} share a name with a store coordinate; register it under another")
     if not stats:
         raise WorkbenchError(f"no statistic to capture; choose from {list(STATISTICS)}")
     token_stats = [name for name in stats if STATISTICS[name].layer_dim == "token_layer"]
