@@ -795,8 +795,17 @@ def test_a_statistic_of_ones_own_is_checked_and_its_store_refuses_it_changed(tmp
         assert "model.own_stats.test_own_mass.code: test_a_statistic_of_ones_own_is_checke..." in err
         S.STATISTICS["test_own_mass"] = own  # (the same code again: it resumes)
         assert cli_main([w.format("test_own_mass") for w in run] + ["--seeds", "42,43"]) == 0
+
+        def own_frame(t):  # the mass on the query's own frame: the call's frame labels say which key frame that is
+            m = mass.reduce(t)  # [B, h, nqf, nkf]
+            return m[:, :, range(len(t.query_frames)), [t.key_frames.index(f) for f in t.query_frames]]
+
+        S.register(dataclasses.replace(own, name="test_own_frame", dims=S.FRAME_PAIR[:5], reduce=own_frame))
+        assert cli_main([w.format("test_own_frame") for w in run[:-3]] + ["--out", str(tmp_path / "f.zarr")]) == 0
+        ds = open_store(tmp_path / "f.zarr")
+        np.testing.assert_array_equal(ds.test_own_frame, np.diagonal(ds.attn_mass.values, axis1=-2, axis2=-1))
     finally:  # (the registry is the process's: leave it as the other tests know it)
-        for name in ("timestep", "test_own_flat", "test_own_mass"):
+        for name in ("timestep", "test_own_flat", "test_own_mass", "test_own_frame"):
             S.STATISTICS.pop(name, None)
     assert open_store(out).sizes["sample"] == 2
 

@@ -205,7 +205,8 @@ class StatsProbe(Probe):
             given = {name: _select(x, heads) for name, x in given.items()}
             q, k = q.index_select(2, heads), k.index_select(2, heads)
         self._claim(call)
-        self._place(call, CallTensors(q, k, None, fsl, call.frame_mask, given), here)
+        self._place(call, CallTensors(q, k, None, fsl, call.frame_mask, given, call.query_frames, call.key_frames),
+                    here)
         self.last_path = self.mode
         return out
 
@@ -244,7 +245,8 @@ class StatsProbe(Probe):
         """The exact path (`Probe.observe` selected the heads)."""
         self._claim(call)
         given = self.given(call, q, k, lse)
-        self._place(call, CallTensors(q, k, lse, call.frame_seq_len, call.frame_mask, given), self._stats_of(call))
+        self._place(call, CallTensors(q, k, lse, call.frame_seq_len, call.frame_mask, given, call.query_frames,
+                                      call.key_frames), self._stats_of(call))
         self.last_path = "exact"
 
     def given(self, call: AttentionCall, q, k, lse) -> dict:

@@ -35,6 +35,8 @@ class CallTensors:
     frame_seq_len: int
     frame_mask: Any = None  # [nqf, nkf] bool, True = attended; None = all
     given: dict = field(default_factory=dict)  # what the kernel's pass already computed (see `from_kernel`)
+    query_frames: tuple = ()  # the absolute latent frame of each query frame, in token order
+    key_frames: tuple | None = None  # the same of each key frame (None: cross-attention, whose keys are text)
 
 
 @dataclass(frozen=True)
