@@ -766,6 +766,8 @@ def test_a_statistic_of_ones_own_is_checked_and_its_store_refuses_it_changed(tmp
                         r"statistic has \(sample, step, layer or token_layer, head, query_frame\) and optionally a "
                         "key dim, key_frame or key_token"),
                        (dict(dims=(*S.FRAME_PAIR[:5], "my_dim")), "dims"), (dict(kind="cross"), "text_token"),
+                       (dict(dims=(*S.FRAME_PAIR, "key_frame")), "dims"), (dict(dims=("sample", "step", "block",
+                        *S.FRAME_PAIR[3:])), "dims"), (dict(help=""), "give help"),
                        (dict(description=" "), "give description"), (dict(name="attn_mass"), "registered already")):
         with pytest.raises(ValueError, match=match):
             S.register(dataclasses.replace(own, **bad))
@@ -804,10 +806,67 @@ def test_a_statistic_of_ones_own_is_checked_and_its_store_refuses_it_changed(tmp
         assert cli_main([w.format("test_own_frame") for w in run[:-3]] + ["--out", str(tmp_path / "f.zarr")]) == 0
         ds = open_store(tmp_path / "f.zarr")
         np.testing.assert_array_equal(ds.test_own_frame, np.diagonal(ds.attn_mass.values, axis1=-2, axis2=-1))
+        # on --token-layers only (a token_layer dim without key_token): labelled by the layers it was captured on
+        S.register(dataclasses.replace(own, name="test_own_tl", dims=("sample", "step", "token_layer", "head",
+                                                                      "query_frame"), reduce=own_frame))
+        tl = ["extract", "--layers", "0,1", "--token-layers", "1", "--frames", "6", "--steps", "0", "--stats",
+              "attn_mass,test_own_tl", "--out", str(tmp_path / "tl.zarr"), "--no-progress"]
+        assert cli_main(tl) == 0
+        ds = open_store(tmp_path / "tl.zarr")
+        assert ds.token_layer.values.tolist() == [1]
+        np.testing.assert_array_equal(ds.test_own_tl.isel(token_layer=0),
+                                      np.diagonal(ds.attn_mass.sel(layer=1).values, axis1=-2, axis2=-1))
     finally:  # (the registry is the process's: leave it as the other tests know it)
-        for name in ("timestep", "test_own_flat", "test_own_mass", "test_own_frame"):
+        for name in ("timestep", "test_own_flat", "test_own_mass", "test_own_frame", "test_own_tl"):
             S.STATISTICS.pop(name, None)
     assert open_store(out).sizes["sample"] == 2
+
+
+def test_a_plugin_statistics_identity_holds_the_values_its_code_reads(tmp_path, capsys, monkeypatch):
+    """The identity a store keeps of a plugin's statistic covers what its reduce reads besides its code: a
+    closure's values, a functools.partial's arguments (its reduce crashed the identity), a callable object's
+    settings and constant globals; a store made before identities were recorded takes the statistic with a note."""
+    import dataclasses
+    import functools
+
+    from workbench import statistics as S
+    from workbench.code_identity import callable_identity
+
+    def make(scale):
+        return lambda t: scale * t
+
+    def scaled(t, scale):
+        return scale * t
+
+    class Scale:
+        def __init__(self, scale):
+            self.scale = scale
+
+        def __call__(self, t):
+            return self.scale * t
+
+    same = callable_identity(make(0.1)) == callable_identity(make(0.1))
+    assert same and callable_identity(make(0.1)) != callable_identity(make(0.5))
+    assert callable_identity(functools.partial(scaled, scale=2)) != callable_identity(functools.partial(scaled, scale=3))
+    assert callable_identity(Scale(2)) != callable_identity(Scale(3)) and "Scale (code " in callable_identity(Scale(2))
+    mass = S.get("attn_mass")
+    own = dataclasses.replace(mass, name="test_own_partial", from_kernel=(), default=False,
+                              reduce=functools.partial(lambda t, f: f * mass.reduce(t), f=2))
+    out = tmp_path / "old.zarr"
+    run = ["extract", "--layer", "0", "--frames", "6", "--steps", "0", "--stats", "attn_mass,test_own_partial",
+           "--out", str(out), "--no-progress"]
+    try:
+        S.register(own)
+        with monkeypatch.context() as m:  # (a store made before the identities were recorded)
+            m.setattr(S, "identity", lambda name: None)
+            m.setattr("workbench.extract.stat_identity", lambda name: None)
+            assert cli_main(run) == 0
+        capsys.readouterr()
+        assert cli_main(run[:-3] + ["--seeds", "42,43", "--out", str(out), "--no-progress"]) == 0
+    finally:
+        S.STATISTICS.pop("test_own_partial", None)
+    assert ("did not record the definition and code of its own (plugins') statistics; every setting it recorded "
+            "agrees") in capsys.readouterr().out
 
 
 def test_a_broken_entry_point_plugin_is_left_out_with_a_warning(tmp_path, monkeypatch, capsys):

@@ -185,6 +185,33 @@ def test_probes_grow_the_store_and_leave_training_unchanged(tmp_path):
     assert "train_step" in table(tmp_path / "p" / "probes.zarr") and len(figure(tmp_path / "p" / "probes.zarr").data) > 0
 
 
+def test_a_probe_store_knows_a_plugin_statistic_by_its_definition_and_code(tmp_path):
+    """A plugin's statistic among the probes: the probe store's fingerprint holds its definition and code
+    (fingerprint_fields layout.own_stats), so a changed one is another probe set; built-in statistics alone add
+    nothing (probe stores made before keep their fingerprint)."""
+    import dataclasses
+
+    from workbench import statistics as S
+
+    mass = S.get("attn_mass")
+    over = ["probe.every=2", "probe.prompts=[a cat]", "probe.layers=[1]"]
+    plain = make(tmp_path / "a", *over, probe=True).probes
+    assert "own_stats" not in plain.fields["layout"]
+    own = ["probe.stats=[attn_mass,test_probe_own]"]
+    try:
+        S.register(dataclasses.replace(mass, name="test_probe_own", reduce=lambda t: 2 * mass.reduce(t),
+                                       from_kernel=(), default=False))
+        first = make(tmp_path / "b", *over, *own, probe=True).probes
+        S.STATISTICS["test_probe_own"] = dataclasses.replace(mass, name="test_probe_own", from_kernel=(),
+                                                             default=False, reduce=lambda t: 3 * mass.reduce(t))
+        second = make(tmp_path / "c", *over, *own, probe=True).probes
+    finally:
+        S.STATISTICS.pop("test_probe_own", None)
+    stored = first.fields["layout"]["own_stats"]["test_probe_own"]
+    assert stored["long_name"] == mass.long_name and "(code " in stored["code"]
+    assert first.fingerprint != second.fingerprint != plain.fingerprint
+
+
 def test_probes_resume_with_the_run(tmp_path):
     from workbench.store import open_store
 

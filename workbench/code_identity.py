@@ -26,6 +26,44 @@ def code_identity(*things) -> str:
     return f"{', '.join(names)} (code {digest.hexdigest()[:12]})"
 
 
+def callable_identity(fn) -> str:
+    """`code_identity` of any callable and the values it reads besides its code (a statistic's reduce): a
+    function's closure and the constants among the module globals it names (two lambdas of `make(0.1)` and
+    `make(0.5)` differ), a `functools.partial`'s function and arguments, a callable object's class and its simple
+    attributes."""
+    import functools
+
+    values = []
+    while isinstance(fn, functools.partial):
+        values += [_const_text(fn.args), _const_text(tuple(sorted(fn.keywords.items())))]
+        fn = fn.func
+    if inspect.ismethod(fn):
+        values.append(_const_text(tuple(sorted((k, v) for k, v in vars(fn.__self__).items()
+                                               if _simple(v)))) if hasattr(fn.__self__, "__dict__") else "")
+        fn = fn.__func__
+    if not (inspect.isfunction(fn) or inspect.isclass(fn)):  # a callable object: its class, its settings
+        values.append(_const_text(tuple(sorted((k, v) for k, v in getattr(fn, "__dict__", {}).items() if _simple(v)))))
+        fn = type(fn)
+    if inspect.isfunction(fn):
+        for cell in fn.__closure__ or ():
+            try:
+                values.append(_const_text(cell.cell_contents))
+            except ValueError:  # (an empty cell)
+                values.append("<empty>")
+        values += [f"{n}={_const_text(fn.__globals__[n])}" for n in fn.__code__.co_names
+                   if n in fn.__globals__ and _simple(fn.__globals__[n])]
+    name, code = code_identity(fn).rsplit(" (code ", 1)
+    digest = hashlib.sha256((code.rstrip(")") + "\0" + "\0".join(values)).encode()).hexdigest()[:12]
+    return f"{name} (code {digest})"
+
+
+def _simple(value) -> bool:
+    """A value `_const_text` writes out (a number, text, or a tuple or set of them)."""
+    if isinstance(value, (tuple, set, frozenset)):
+        return all(_simple(v) for v in value)
+    return isinstance(value, (bool, int, float, complex, str, bytes, type(None)))
+
+
 def _compiled(thing) -> list[str]:
     """A function's or a class's compiled code as text that is the same in every process."""
     if inspect.isclass(thing):

@@ -362,7 +362,8 @@ def fingerprint_of(fields: dict) -> str:
 
 # Settings the fingerprint hashes that stores made before they were recorded lack, in words (StoreWriter `later`:
 # such a store takes this run's entries when every setting it did record agrees)
-LATER_FIELDS = {"model.text_encoder": "its text encoder"}
+LATER_FIELDS = {"model.text_encoder": "its text encoder",
+                "model.own_stats": "the definition and code of its own (plugins') statistics"}
 # values that stores made before a setting's name was made one recorded for what this run records otherwise
 # ({flattened field: {their value: this run's}}): `--dtype bf16` was stored as typed
 SAME_VALUES = {"model.dtype": {"bf16": "bfloat16"}}

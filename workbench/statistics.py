@@ -181,11 +181,11 @@ def identity(name: str) -> dict | None:
     instead of mixing the two; None for a built-in statistic (its definition is docs/store.md's, this version's)."""
     if name in BUILT_IN:
         return None
-    from workbench.code_identity import code_identity
+    from workbench.code_identity import callable_identity
 
     s = STATISTICS[name]
     return dict(dims=list(s.dims), kind=s.kind, needs_lse=s.needs_lse, from_kernel=list(s.from_kernel), **s.attrs,
-                code=code_identity(s.reduce))
+                code=callable_identity(s.reduce))
 
 
 def get(name: str) -> Statistic:

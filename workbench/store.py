@@ -334,10 +334,11 @@ def sample_dataset(layout: StoreLayout, sample: dict, arrays: dict[str, np.ndarr
         if "uncond_tokens" in sample:  # the keys of the cfg = uncond rows: the negative prompt's tokens
             coords["uncond_token"] = (("sample", "text_token"), _strings(sample["uncond_tokens"]).reshape(1, -1))
             coords["uncond_num_tokens"] = ("sample", np.array([sample["uncond_num_tokens"]], dtype=np.int64))
+    if "token_layer" in dims:  # (a plugin's statistic may have it without key_token)
+        coords["token_layer"] = np.array(layout.token_layers, dtype=np.int64)
     if "key_token" in dims:
         h, w = layout.grid
         tok = np.arange(F * layout.frame_seq_len)
-        coords["token_layer"] = np.array(layout.token_layers, dtype=np.int64)
         coords["key_token"] = tok
         coords["key_token_frame"] = ("key_token", tok // layout.frame_seq_len)
         coords["key_token_h"] = ("key_token", (tok % layout.frame_seq_len) // w)
@@ -578,9 +579,13 @@ class StoreWriter:
         if not stored or self.fields is None:
             return ""
         a, b = self._as_now(stored), _flat(_plain(self.fields))
-        lacking = [k for k in self.later if k in b and k not in a]
+
+        def later(k):  # the `later` field that k is, or is inside (model.own_stats.NAME.code: model.own_stats)
+            return next((p for p in self.later if k == p or k.startswith(p + ".")), None)
+
+        lacking = [k for k in b if k not in a and later(k) and not any(later(x) == later(k) for x in a)]
         same = a == {k: v for k, v in b.items() if k not in lacking}
-        return ", ".join(self.later[k] for k in lacking) if lacking and same else ""
+        return ", ".join(dict.fromkeys(self.later[later(k)] for k in lacking)) if lacking and same else ""
 
     def _as_now(self, stored: dict) -> dict:
         """A store's fingerprint fields, flattened, with the values `same_values` maps given as this run's."""
