@@ -847,7 +847,8 @@ def test_a_plugin_statistics_identity_holds_the_values_its_code_reads(tmp_path, 
 
     same = callable_identity(make(0.1)) == callable_identity(make(0.1))
     assert same and callable_identity(make(0.1)) != callable_identity(make(0.5))
-    assert callable_identity(functools.partial(scaled, scale=2)) != callable_identity(functools.partial(scaled, scale=3))
+    two, three = (callable_identity(functools.partial(scaled, scale=x)) for x in (2, 3))
+    assert two != three
     assert callable_identity(Scale(2)) != callable_identity(Scale(3)) and "Scale (code " in callable_identity(Scale(2))
     mass = S.get("attn_mass")
     own = dataclasses.replace(mass, name="test_own_partial", from_kernel=(), default=False,
