@@ -198,6 +198,10 @@ def compare_stores(
 ) -> Comparison:
     """Align `a` and `b` (module docstring) and compare their attention head by head."""
     a, b = metrics.attention_store(a), metrics.attention_store(b)
+    for name, ds in ((name_a, a), (name_b, b)):  # (the comparison is of attn_mass, head by head)
+        if isinstance(ds, xr.Dataset) and "attn_mass" not in ds:
+            raise WorkbenchError(f"store {name} has no attn_mass (its statistics: {sorted(ds.data_vars)}): the "
+                                 "comparison reads it; extract both stores with attn_mass among --stats")
     pairs = match_samples(a, b, pair_by)
     steps, unmatched_a, unmatched_b = match_steps(a, b, tolerance=tolerance, cfg=cfg)
 

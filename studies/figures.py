@@ -65,7 +65,7 @@ def _round(a) -> np.ndarray:
 
 def _frames(ds, var, layer, sample, steps=None):
     """ds[var] at one layer, averaged over samples unless one is named: [step, head, query_frame, key_frame]."""
-    metrics.require_var(ds, var)
+    metrics.require_frame_pair(ds, var, "this figure (a head grid of query frame x key frame)")
     sub = metrics.select(ds, sample=sample, layer=metrics.one(layer, "layer"), step=steps)
     return sub[var].astype(np.float64).mean("sample", skipna=True).isel(layer=0).load()
 

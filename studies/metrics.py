@@ -200,6 +200,15 @@ def require_var(ds: xr.Dataset, var: str) -> None:
                              f"extract with `--stats {var},...` to get it")
 
 
+def require_frame_pair(ds: xr.Dataset, var: str, what: str) -> None:
+    """WorkbenchError unless `var` is in the store with query_frame and key_frame dims (what `what` draws)."""
+    require_var(ds, var)
+    if not {"query_frame", "key_frame"} <= set(ds[var].dims):
+        raise WorkbenchError(f"{what} draws a statistic per query frame and key frame (attn_mass, attn_logit); "
+                             f"{var} has dims {ds[var].dims}: draw it with figures.metric_by_query_frame or "
+                             "figures.layer_head_map (its mean per layer and head)")
+
+
 def default_local_window(ds: xr.Dataset | xr.DataArray) -> int:
     """The store's `num_frame_per_block` (frames per chunk), or 3 (the released config's) when it is missing
     or 0."""
@@ -439,7 +448,7 @@ def frame_profile(
     """`var` averaged over the chosen query rows, per key frame (NaN skipped): with the last chunk this is the
     researchers' `last_block_frame_attention` [head, key_frame] (their `var` was the mean logit)."""
     ds = attention_store(ds, extra_dims=True)
-    require_var(ds, var)
+    require_frame_pair(ds, var, "frame_profile")
     return ds[var].sel(query_frame=query_frames_for(ds, query_frames)).astype(np.float64).mean("query_frame", skipna=True)
 
 

@@ -784,6 +784,14 @@ def test_a_statistic_of_ones_own_is_checked_and_its_store_refuses_it_changed(tmp
                 "call; its dims ('sample', 'step', 'layer', 'head', 'query_frame', 'key_frame') want [B, heads, "
                 "query frames(, keys)] = [1, 4, 3, 3]") in capsys.readouterr().err
         assert not out.exists()
+        def raises(t):
+            raise ValueError("my bug")
+
+        S.register(dataclasses.replace(own, name="test_own_raises", reduce=raises))
+        assert cli_main([w.format("test_own_raises") for w in run]) == 2
+        assert ("statistic 'test_own_raises' (a plugin's): its reduce raised ValueError: my bug (layer 0's "
+                "self-attention call, step 0, chunk 0); what the run finished before is kept") in \
+            capsys.readouterr().err
         S.register(own)
         assert cli_main([w.format("test_own_mass") for w in run]) == 0
         stored = open_store(out).attrs["fingerprint_fields"]["model"]["own_stats"]["test_own_mass"]
@@ -795,6 +803,11 @@ def test_a_statistic_of_ones_own_is_checked_and_its_store_refuses_it_changed(tmp
                  statistics_identity("test_own_mass")["code"]]
         assert codes[0] != codes[1] and all(c[-26:] in err for c in codes)
         assert "model.own_stats.test_own_mass.code: test_a_statistic_of_ones_own_is_checke..." in err
+        assert cli_main(["extract", "--layer", "0", "--frames", "6", "--steps", "0", "--out", str(out),
+                         "--no-progress"]) == 2  # (without the plugin's statistic: its section named once)
+        err = capsys.readouterr().err
+        assert "model.own_stats: test_own_mass in the store, (not set) in this run" in err
+        assert "load the plugin code that made the store, WORKBENCH_PLUGINS, and give the same --stats" in err
         S.STATISTICS["test_own_mass"] = own  # (the same code again: it resumes)
         assert cli_main([w.format("test_own_mass") for w in run] + ["--seeds", "42,43"]) == 0
 
@@ -817,7 +830,7 @@ def test_a_statistic_of_ones_own_is_checked_and_its_store_refuses_it_changed(tmp
         np.testing.assert_array_equal(ds.test_own_tl.isel(token_layer=0),
                                       np.diagonal(ds.attn_mass.sel(layer=1).values, axis1=-2, axis2=-1))
     finally:  # (the registry is the process's: leave it as the other tests know it)
-        for name in ("timestep", "test_own_flat", "test_own_mass", "test_own_frame", "test_own_tl"):
+        for name in ("timestep", "test_own_flat", "test_own_mass", "test_own_frame", "test_own_tl", "test_own_raises"):
             S.STATISTICS.pop(name, None)
     assert open_store(out).sizes["sample"] == 2
 

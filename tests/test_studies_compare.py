@@ -231,3 +231,28 @@ def test_the_ranking_and_the_mean_classes_agree(stores):
     for (layer, head), row in ranking.iterrows():
         assert (row.class_a, row.class_b) == (str(class_a.sel(layer=layer, head=head).values),
                                               str(class_b.sel(layer=layer, head=head).values))
+
+
+def test_a_store_without_attn_mass_is_named_not_a_key_error(tmp_path):
+    """The comparison reads attn_mass: a store extracted without it (e.g. --stats attn_logit, or a plugin's
+    statistic alone) is refused naming the store and its statistics (a KeyError came out of the alignment)."""
+    a = load_store(synthetic.write_store(tmp_path / "a.zarr", "causal"))
+    b = a.drop_vars("attn_mass")
+    with pytest.raises(WorkbenchError, match=r"store B has no attn_mass \(its statistics: \['attn_logit', "
+                       r"'cross_mass'\]\): the comparison reads it"):
+        compare.compare_stores(a, b)
+
+
+def test_frame_pair_figures_name_a_statistic_without_key_frames(tmp_path):
+    """A head grid, step slider or last-chunk profile draws [query_frame, key_frame]: a statistic per query frame
+    only (attn_frame_entropy, a plugin's) is refused naming its dims and the figures that draw it (an
+    AttributeError on key_frame came out)."""
+    from studies import figures
+
+    ds = load_store(synthetic.write_store(tmp_path / "a.zarr", "causal"))
+    ds["per_frame"] = ds.attn_mass.sum("key_frame")
+    for draw in (figures.head_grid, figures.step_slider, figures.last_chunk_bars):
+        with pytest.raises(WorkbenchError, match=r"per_frame has dims \('sample', 'step', 'layer', 'head', "
+                           r"'query_frame'\): draw it with figures.metric_by_query_frame"):
+            draw(ds, int(ds.layer.values[0]), var="per_frame")
+    assert figures.head_grid(ds, int(ds.layer.values[0])).data  # (attn_mass as before)

@@ -20,7 +20,7 @@ from models.common.attention import AttentionCall
 from models.common.attention_kernels import CHOICES, capture_mode_of, check_kernel, describe, select
 from workbench.errors import WorkbenchError
 from workbench.hooks import CallFilter, Probe
-from workbench.statistics import DEFAULT_STATS, STATISTICS, CallTensors, check_stats
+from workbench.statistics import BUILT_IN, DEFAULT_STATS, STATISTICS, CallTensors, check_stats
 
 CAPTURE_MODES = ("auto", "exact", "indicator", "fused")
 FORWARD_STORE_STATS = ("attn_mass", "attn_logit")  # the cells `frame_forward_into_store` writes itself
@@ -262,7 +262,15 @@ class StatsProbe(Probe):
         for stat in stats:
             layer = self.layer_pos[call.layer] if stat.layer_dim == "layer" else self.token_pos[call.layer]
             cells = self.buffers[stat.name][:, s, layer]  # [B, H, F(, key dim)]
-            values = stat.reduce(t)  # [B, h, nqf(, n)]
+            try:
+                values = stat.reduce(t)  # [B, h, nqf(, n)]
+            except Exception as err:
+                if stat.name in BUILT_IN:
+                    raise
+                raise WorkbenchError(f"statistic {stat.name!r} (a plugin's): its reduce raised {type(err).__name__}: "
+                                     f"{err} (layer {call.layer}'s {call.kind}-attention call, step "
+                                     f"{call.labels.step}, chunk {call.labels.chunk}); what the run finished before "
+                                     "is kept: mend it and run the command again") from err
             _check_values(stat, values, call, t)
             if stat.key_dim in (None, "text_token"):  # every column of the query frames' rows
                 cells[:, :, qf] = values.to(cells.dtype)  # (a float64 run: float32 cells)

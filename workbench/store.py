@@ -898,13 +898,29 @@ def describe_differences(stored: dict | None, wanted: dict | None, absent: dict 
     if not names:
         return "the settings agree but the fingerprints do not (made by another version of the workbench)"
 
+    def under(d, p):  # the keys of flattened d at or under the dotted prefix p
+        return [x for x in d if x == p or x.startswith(p + ".")]
+
+    def whole(k):  # the section a setting is in that only one side records (named once, not field by field)
+        parts = k.split(".")
+        return next((p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if bool(under(a, p)) !=
+                     bool(under(b, p))), k)
+
+    names = list(dict.fromkeys(whole(k) for k in names))
+
     def show(v):
         if isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v):  # (a sha256: its first 12 digits say which)
             return v[:12] + "..."
         text = str(v) if v != "" else '""'  # (an empty setting, shown as one)
         return text if len(text) <= 80 else text[:38] + "..." + text[-39:]  # (the end: e.g. a code's hash)
 
+    def section(d, p):  # a section only one side records: the names in it
+        inner = dict.fromkeys(x[len(p) + 1:].split(".")[0] for x in under(d, p))
+        return ", ".join(inner) if inner else "(not set)"
+
     def differ(k):
+        if k not in a and k not in b:  # (a section: whole(k))
+            return f"{k}: {section(a, k)} in the store, {section(b, k)} in this run"
         x, y = a.get(k, "(not set)"), b.get(k, "(not set)")
         if isinstance(x, list) and isinstance(y, list) and len(str(x)) > 80:  # (long lists: where they part)
             i = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
@@ -913,7 +929,10 @@ def describe_differences(stored: dict | None, wanted: dict | None, absent: dict 
             return f"{k} ({len(x)} items in the store, {len(y)} in this run), first differing at {at}"
         return f"{k}: {show(x)} in the store, {show(y)} in this run"
 
-    return "; ".join(differ(k) for k in names)
+    own = any(k.split(".")[1:2] == ["own_stats"] for k in names)
+    return "; ".join(differ(k) for k in names) + (
+        " (own_stats: statistics of a plugin, known by their definition and code: load the plugin code that made "
+        "the store, WORKBENCH_PLUGINS, and give the same --stats)" if own else "")
 
 
 def _short(values, n: int = 6) -> str:
