@@ -83,6 +83,18 @@ def uninterrupted(tmp_path_factory):
 # Values and coordinates
 
 
+def test_the_order_of_stats_is_no_setting(tmp_path):
+    """A store resumed or appended with the same statistics in another order takes the run (it was refused as
+    another layout, offering only --overwrite); the store keeps its order. Other statistics are still refused."""
+    out = tmp_path / "s.zarr"
+    run_extract(config(out, num_frames=6, steps=[0], stats=["attn_mass", "attn_logit"]), log=quiet)
+    run_extract(config(out, num_frames=6, steps=[0], stats=["attn_logit", "attn_mass"], seeds=[42, 7]), log=quiet)
+    ds = open_store(out)
+    assert ds.sizes["sample"] == 2 and ds.attrs["stats"] == ["attn_mass", "attn_logit"]
+    with pytest.raises(WorkbenchError, match="layout.stats"):
+        run_extract(config(out, num_frames=6, steps=[0], stats=["attn_logit"], seeds=[3]), log=quiet)
+
+
 def test_a_float64_run_stores_every_statistic(tmp_path):
     """Every statistic in a float64 run (the reference runs): stored as float32 cells like any other run's, and
     close to the float32 run's (attn_frame_entropy's float64 values failed to enter its float32 cells)."""

@@ -467,7 +467,7 @@ def _rank_device(device: str, world: int) -> torch.device:
 def run_extract(cfg: ExtractConfig, command: list[str] | str | None = None, log=print):
     """Run an extraction; returns the store path. Validation happens before any model weights are read. `command`:
     what the store records as the command that made it (`command_words`)."""
-    p = plan(cfg)
+    p = in_store_order(plan(cfg))
     check_encoder_files(p.wan_dir)  # (the rollout's text encoder: its files, before the store is touched)
     rank, world, initialised = _dist()
     try:
@@ -506,6 +506,24 @@ def check_resumed_prompts(writer: StoreWriter, samples, out) -> None:
                              f"{f' and {len(clash) - 2} more' if len(clash) > 2 else ''}): ids count the prompts in "
                              "their order, so list the store's prompts first and new ones after them, or choose "
                              "another --out (or --overwrite)")
+
+
+def in_store_order(p: Plan) -> Plan:
+    """The plan with its statistics in the order of the store it goes on (`--out`, resumed or appended) when
+    they are the same ones: the order of `--stats` is no setting (`--stats attn_logit,attn_mass` was refused by a
+    store of attn_mass,attn_logit, with only --overwrite or another --out offered)."""
+    if p.cfg.mode == "overwrite" or not (Path(p.cfg.out) / "zarr.json").exists():
+        return p
+    try:
+        import zarr
+
+        stored = [str(s) for s in zarr.open_group(p.cfg.out, mode="r").attrs.get("stats") or []]
+    except Exception:  # (not a store: the writer says so)
+        return p
+    if stored == list(p.spec.stats) or sorted(stored) != sorted(p.spec.stats):
+        return p
+    return dataclasses.replace(p, spec=dataclasses.replace(p.spec, stats=tuple(stored)),
+                               cfg=dataclasses.replace(p.cfg, stats=stored))
 
 
 def _run(p: Plan, cfg: ExtractConfig, rank: int, world: int, command, log):
