@@ -338,7 +338,7 @@ def _room(device, pool_bytes: int) -> int:
     fraction set for this process) and what the allocator holds unused outside the graphs' pool."""
     free, total = torch.cuda.mem_get_info(device)
     reserved = torch.cuda.memory_reserved(device)
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(device)  # (not in every torch)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(device)  # (not in all)
     limit = int(fraction * total) - reserved
     return min(free, max(0, limit)) + max(0, reserved - torch.cuda.memory_allocated(device) - pool_bytes)
 
