@@ -156,6 +156,8 @@ def test_attention_and_frames_per_sample(runs, store_server):
     ("/api/attn?sample=p0000-s0&layer=0", 400, ["'step'"]),
     ("/api/frame?sample=p0000-s0&t=33", 400, ["pixel frame 33", "0-32"]),
     ("/api/nothing", 404, ["meta, state, attn or frame"]),
+    ("/api/attn?sample=p0000-s0&layer=0&step=0&stat=attn_logit", 400,  # (it served attn_mass, saying nothing)
+     ["/api/attn takes sample, layer, step, not ['stat'] (it serves attn_mass)"]),
 ])
 def test_bad_requests_say_what_is_allowed(store_server, path, status, words):
     got, body = get(store_server, path)

@@ -156,6 +156,10 @@ class Handler(BaseHTTPRequestHandler):
                 raise WorkbenchError(f"/api/{name} needs the parameter {key!r}")
             return q[key]
 
+        takes = {"meta": (), "state": ("sample",), "attn": ("sample", "layer", "step"), "frame": ("sample", "t")}
+        if name in takes and (unknown := sorted(set(q) - set(takes[name]))):  # (e.g. stat=: the viewer shows attn_mass)
+            raise WorkbenchError(f"/api/{name} takes {', '.join(takes[name]) or 'no parameter'}, not {unknown}"
+                                 + (" (it serves attn_mass)" if name == "attn" else ""))
         if source is None:  # --wait: the run has not started writing yet
             if name == "meta":
                 return self._json({"waiting": self.server.waiting_for})
