@@ -85,7 +85,8 @@ def main() -> int:
 
     d = fsdp.setup("cuda" if cuda else "cpu")
     root = Path(__file__).resolve().parents[1]
-    logdir = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    scratch = tempfile.TemporaryDirectory(prefix="bench_train_")  # (the trainer's logdir; removed at the end)
+    logdir = Path(scratch.name)
     size, (h, w), text = ("tiny", (4, 6), (16, 32)) if args.tiny else ("wan2.1-t2v-1.3b", (60, 104), (512, 4096))
     frames = 6 if args.tiny else args.frames
     overrides = [f"distribution_loss={args.loss}", f"total_batch_size={d.world}", "batch_size=1",
@@ -183,6 +184,7 @@ def main() -> int:
     if d.world > 1:
         d.barrier()
         torch.distributed.destroy_process_group()
+    scratch.cleanup()
     return 0 if not failures else 1
 
 
