@@ -873,7 +873,6 @@ def test_a_plugin_statistics_identity_holds_the_values_its_code_reads(tmp_path, 
         S.register(own)
         with monkeypatch.context() as m:  # (a store made before the identities were recorded)
             m.setattr(S, "identity", lambda name: None)
-            m.setattr("workbench.extract.stat_identity", lambda name: None)
             assert cli_main(run) == 0
         capsys.readouterr()
         assert cli_main(run[:-3] + ["--seeds", "42,43", "--out", str(out), "--no-progress"]) == 0

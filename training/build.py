@@ -210,9 +210,9 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
                       model=dataclasses.asdict(mc), nfpb=plan.nfpb)
     if iff:  # (absent otherwise: probe stores made before the option still resume)
         layout_key["independent_first_frame"] = True
-    from workbench.statistics import identity
+    from workbench.statistics import identities
 
-    if own := {name: ident for name in spec.stats if (ident := identity(name)) is not None}:
+    if own := identities(spec.stats):
         layout_key["own_stats"] = own  # a plugin's statistics: their definition and code (absent for built-in ones)
     fp = hashlib.sha256(json.dumps(layout_key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     import platform

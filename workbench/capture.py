@@ -311,8 +311,8 @@ def _check_values(stat, values, call: AttentionCall, t: CallTensors) -> None:
     want = (B, h, Lq // t.frame_seq_len, *keys)
     if tuple(getattr(values, "shape", ())) != want:
         raise WorkbenchError(f"statistic {stat.name!r}: its reduce returned {type(values).__name__} of shape "
-                         f"{tuple(getattr(values, 'shape', ()))} for layer {call.layer}'s {call.kind}-attention call; "
-                         f"its dims {stat.dims} want [B, heads, query frames(, keys)] = {list(want)}")
+                             f"{tuple(getattr(values, 'shape', ()))} for layer {call.layer}'s {call.kind}-attention "
+                             f"call; its dims {stat.dims} want [B, heads, query frames(, keys)] = {list(want)}")
 
 
 def _select(x, heads):

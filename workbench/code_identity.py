@@ -15,13 +15,16 @@ import sys
 NOT_USERS = ("workbench", "models", "torch", "numpy", *sys.stdlib_module_names)  # (classes not of the user's)
 
 
-def code_identity(*things) -> str:
-    """'name, name (code <12 hex>)' of functions and classes `things` (duplicates counted once)."""
+def code_identity(*things, values: tuple[str, ...] = ()) -> str:
+    """'name, name (code <12 hex>)' of functions and classes `things` (duplicates counted once), and of `values`
+    they read besides their code (texts; none for the intervention plugins' identities)."""
     things = list(dict.fromkeys(things))
     digest = hashlib.sha256()
     for thing in things:
         for part in _compiled(thing):
             digest.update(part.encode() + b"\0")
+    for value in values:
+        digest.update(value.encode() + b"\0")
     names = dict.fromkeys(getattr(t, "__qualname__", type(t).__name__) for t in things)
     return f"{', '.join(names)} (code {digest.hexdigest()[:12]})"
 
@@ -37,12 +40,11 @@ def callable_identity(fn) -> str:
     while isinstance(fn, functools.partial):
         values += [_const_text(fn.args), _const_text(tuple(sorted(fn.keywords.items())))]
         fn = fn.func
-    if inspect.ismethod(fn):
-        values.append(_const_text(tuple(sorted((k, v) for k, v in vars(fn.__self__).items()
-                                               if _simple(v)))) if hasattr(fn.__self__, "__dict__") else "")
+    if inspect.ismethod(fn):  # a bound method: its object's settings, its function
+        values.append(_settings(fn.__self__))
         fn = fn.__func__
-    if not (inspect.isfunction(fn) or inspect.isclass(fn)):  # a callable object: its class, its settings
-        values.append(_const_text(tuple(sorted((k, v) for k, v in getattr(fn, "__dict__", {}).items() if _simple(v)))))
+    if not (inspect.isfunction(fn) or inspect.isclass(fn)):  # a callable object: its settings, its class
+        values.append(_settings(fn))
         fn = type(fn)
     if inspect.isfunction(fn):
         for cell in fn.__closure__ or ():
@@ -52,9 +54,12 @@ def callable_identity(fn) -> str:
                 values.append("<empty>")
         values += [f"{n}={_const_text(fn.__globals__[n])}" for n in fn.__code__.co_names
                    if n in fn.__globals__ and _simple(fn.__globals__[n])]
-    name, code = code_identity(fn).rsplit(" (code ", 1)
-    digest = hashlib.sha256((code.rstrip(")") + "\0" + "\0".join(values)).encode()).hexdigest()[:12]
-    return f"{name} (code {digest})"
+    return code_identity(fn, values=tuple(values))
+
+
+def _settings(obj) -> str:
+    """An object's simple attributes (numbers, text), as text in a fixed order."""
+    return _const_text(tuple(sorted((k, v) for k, v in getattr(obj, "__dict__", {}).items() if _simple(v))))
 
 
 def _simple(value) -> bool:

@@ -42,7 +42,7 @@ from workbench.inputs import check_device, parse_int_list  # noqa: F401 (re-expo
 from workbench.chunking import check_image_frames
 from workbench.errors import WorkbenchError
 from workbench.statistics import DEFAULT_STATS, check_stats
-from workbench.statistics import identity as stat_identity
+from workbench.statistics import identities as stat_identities
 from workbench.store import (SCHEMA_VERSION, StoreLayout, StoreLock, StoreWriter, ema_suffix, sample_dataset,
                              sample_id)
 from workbench.weights import (check_wan_dir, check_weights_args, resolve_model,  # noqa: F401 (resolve_model: the API)
@@ -346,7 +346,7 @@ def fingerprint_fields(p: Plan, weights_sha: str) -> dict:
         model["attn_backend"] = backend
     if c.image is not None:
         model["image"] = sha256_file(c.image)
-    if own := {name: ident for name in p.spec.stats if (ident := stat_identity(name)) is not None}:
+    if own := stat_identities(p.spec.stats):
         model["own_stats"] = own  # a plugin's statistics: their definition and code (absent for built-in ones)
     return dict(layout=layout, model=model)
 

@@ -228,14 +228,7 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str | lis
         gives; a plugin's kind with its settings over the defaults, its code, and the default label if it had none)."""
         if not isinstance(e, Entry):
             return parse_entry(e, **bounds)
-        import warnings
-
-        from models.errors import ModelInputWarning
-
-        with warnings.catch_warnings():
-            if getattr(e, "warned", False):  # (an entry `workbench intervene` parsed: its warnings were said then)
-                warnings.simplefilter("ignore", ModelInputWarning)
-            parsed = parse_entry(e.spec(), **bounds)
+        parsed = parse_entry(e.spec(), **bounds)
         return dataclasses.replace(e, static_heads=parsed.static_heads, settings=parsed.settings, code=parsed.code,
                                    label=e.label or parsed.label)
 

@@ -125,9 +125,8 @@ def register(stat: Statistic) -> Statistic:
     if stat.kind not in KEY_DIMS:
         raise ValueError(f"statistic {name!r}: kind {stat.kind!r} is not 'self' or 'cross'")
     dims = tuple(stat.dims)
-    head = ("sample", "step", dims[2] if len(dims) > 2 else "layer", "head", "query_frame")
-    if len(dims) not in (5, 6) or dims[:5] != head or head[2] not in ("layer", "token_layer") or \
-            (len(dims) == 6 and dims[5] not in KEY_DIMS[stat.kind]):
+    if not (len(dims) in (5, 6) and dims[:2] == ("sample", "step") and dims[2] in ("layer", "token_layer")
+            and dims[3:5] == ("head", "query_frame") and dims[5:] in ((), *((k,) for k in KEY_DIMS[stat.kind]))):
         keys = " or ".join(KEY_DIMS[stat.kind])
         raise ValueError(f"statistic {name!r}: dims {dims}; a {stat.kind}-attention statistic has (sample, step, layer "
                          f"or token_layer, head, query_frame) and optionally a key dim, {keys} (its reduce returns "
@@ -173,6 +172,12 @@ register(Statistic(
 
 DEFAULT_STATS = tuple(name for name, s in STATISTICS.items() if s.default)
 BUILT_IN = frozenset(STATISTICS)  # (the others are plugins': `identity`)
+
+
+def identities(stats) -> dict[str, dict]:
+    """{name: identity} of the plugins' statistics among `stats` (a store's fingerprint field `own_stats`; empty
+    for built-in statistics alone, so that their stores keep the fingerprint they had)."""
+    return {name: ident for name in stats if (ident := identity(name)) is not None}
 
 
 def identity(name: str) -> dict | None:

@@ -326,7 +326,7 @@ def eager_cache(model, device: torch.device, allocate: Callable[[], RolloutCache
         cache = allocate()
     except torch.cuda.OutOfMemoryError:
         cache = None  # (retried below, outside this block: its traceback holds the failed call's frames)
-    if cache is None or (room or functools.partial(_room, device, pool_bytes))() < pool_bytes:
+    if cache is None or (room() if room else _room(device, pool_bytes)) < pool_bytes:
         release_graphs(model)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # (the graphs' pool and cache go back to the device)

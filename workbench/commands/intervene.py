@@ -151,10 +151,13 @@ def entries_from_args(args, num_layers: int, num_heads: int, **rollout):
     for d in raw:
         if d.get("kind") == "ablate" and d.get("mode") == "resample" and not d.get("resample_prompt"):
             d["resample_prompt"] = args.resample_prompt
-    entries = [parse_entry(d, num_layers, num_heads, **rollout) for d in raw]
-    for e in entries:
-        e.warned = True  # (run_intervene checks them again, quietly: one warning each)
-    return entries
+    import warnings
+
+    from models.errors import ModelInputWarning
+
+    with warnings.catch_warnings():  # (run_intervene checks the entries again and says their warnings: once)
+        warnings.simplefilter("ignore", ModelInputWarning)
+        return [parse_entry(d, num_layers, num_heads, **rollout) for d in raw]
 
 
 def run(args) -> int:
