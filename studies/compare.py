@@ -39,6 +39,7 @@ import xarray as xr
 
 from studies import metrics
 from workbench.errors import WorkbenchError
+from workbench.statistics import DEFAULT_STATS
 
 METRICS_COMPARED = ("sink_mass", "sink_chunk_mass", "own_chunk_mass", "local_mass", "early_mass", "mean_abs_distance",
                     "mean_distance",
@@ -335,7 +336,21 @@ def _notes(a, b, la, lb, ha, hb, shared_layers, heads, pair_by: str) -> list[str
     for what, xa, xb, shared in (("layer", la, lb, shared_layers), ("head", ha, hb, heads)):
         if shared is not None and (set(xa) - set(shared) or set(xb) - set(shared)):
             notes.append(f"{what}s compared: {shared}, the ones both stores hold (A has {xa}, B has {xb})")
-    return notes
+    return notes + _other_stats_note(a, b)
+
+
+def _other_stats_note(a: xr.Dataset, b: xr.Dataset) -> list[str]:
+    """A note naming the statistics a run chose besides the default ones (a plugin's, or a built-in such as
+    attn_frame_entropy), which the comparison does not read, and which side holds each."""
+    held = [[s for s in ds.attrs.get("stats", list(ds.data_vars)) if s not in DEFAULT_STATS and s in ds.data_vars]
+            for ds in (a, b)]
+    names = list(dict.fromkeys(held[0] + held[1]))
+    if not names:
+        return []
+    where = {True: {True: "both", False: "A only"}, False: {True: "B only"}}
+    listed = ", ".join(f"{s} ({where[s in held[0]][s in held[1]]})" for s in names)
+    return [f"not compared: {listed}; the comparison reads attn_mass only (open a store with studies.load_store to "
+            f"read the others)"]
 
 
 def unpaired(c: Comparison) -> str:

@@ -256,3 +256,18 @@ def test_frame_pair_figures_name_a_statistic_without_key_frames(tmp_path):
                            r"'query_frame'\): draw it with figures.metric_by_query_frame"):
             draw(ds, int(ds.layer.values[0]), var="per_frame")
     assert figures.head_grid(ds, int(ds.layer.values[0])).data  # (attn_mass as before)
+
+
+def test_a_note_names_the_statistics_chosen_besides_the_defaults(tmp_path):
+    """The comparison reads attn_mass only: statistics a run chose besides the defaults (cross_mass, a plugin's)
+    are named with the side that holds them, so that nobody takes the page for a comparison of them."""
+    a = load_store(synthetic.write_store(tmp_path / "a.zarr", "causal"))
+    b = a.copy()
+    b["per_frame"] = b.attn_mass.sum("key_frame")
+    b.attrs["stats"] = [*a.attrs["stats"], "per_frame"]
+    notes = [n for n in compare.compare_stores(a, b).notes if n.startswith("not compared")]
+    assert notes == ["not compared: cross_mass (both), per_frame (B only); the comparison reads attn_mass only (open a "
+                     "store with studies.load_store to read the others)"]
+    plain = a.drop_vars("cross_mass")
+    plain.attrs["stats"] = ["attn_mass", "attn_logit"]
+    assert not any(n.startswith("not compared") for n in compare.compare_stores(plain, plain).notes)
