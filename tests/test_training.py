@@ -228,6 +228,19 @@ def test_probes_resume_with_the_run(tmp_path):
     assert [r["step"] for r in read_losses(tmp_path / "b")] == [1, 2, 3, 4]
 
 
+def test_probes_resume_with_their_statistics_in_another_order(tmp_path):
+    """probe.stats in another order than the probe store's goes on in the store's order (it was refused as other
+    probe settings, as extract's --stats was); other statistics are still refused by name."""
+    over = ["probe.every=1", "probe.prompts=[a red car]", "probe.layers=[0]", "log_iters=2", "dfake_gen_update_ratio=1"]
+    make(tmp_path, *over, "probe.stats=[attn_mass,attn_logit]", probe=True).train(2)
+    resume = tmp_path / "checkpoint_model_000002"
+    again = make(tmp_path, *over, "probe.stats=[attn_logit,attn_mass]", probe=True, resume=resume)
+    assert again.probes.spec.stats == ("attn_mass", "attn_logit") and again.probes.writer.completed == [0, 1, 2]
+    again.probes.close()
+    with pytest.raises(TrainingError, match="stats"):
+        make(tmp_path, *over, "probe.stats=[attn_mass]", probe=True, resume=resume)
+
+
 def test_checkpoints_load_in_the_inference_pipeline(tmp_path):
     tr = make(tmp_path, "ema_start_step=1", "dfake_gen_update_ratio=1")
     tr.train(2)

@@ -158,6 +158,7 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
     from models.video import read_prompts
     from training.probes import TrainingProbes
     from workbench.capture import CaptureSpec
+    from workbench.store import stats_in_store_order
 
     p = cfg.probe
     if not p.every:
@@ -200,7 +201,9 @@ def build_probes(cfg, plan: Plan, model_config, logdir, *, weights_label: str, w
     if bad:
         raise TrainingError(f"probe steps {bad} out of range: the schedule has steps 0-{len(schedule) - 1}")
     try:
-        spec = CaptureSpec(tuple(layers), tuple(heads), tuple(sorted(steps)), tuple(p.stats))
+        # (the same statistics in another order than the run's store holds go on in the store's order)
+        stats = stats_in_store_order(Path(logdir) / p.store, p.stats)
+        spec = CaptureSpec(tuple(layers), tuple(heads), tuple(sorted(steps)), tuple(stats))
     except Exception as err:
         raise TrainingError(f"probe: {err}") from None
     _, _, H, W = plan.shape

@@ -44,7 +44,7 @@ from workbench.errors import WorkbenchError
 from workbench.statistics import DEFAULT_STATS, check_stats
 from workbench.statistics import identities as stat_identities
 from workbench.store import (SCHEMA_VERSION, StoreLayout, StoreLock, StoreWriter, ema_suffix, sample_dataset,
-                             sample_id)
+                             sample_id, stats_in_store_order)
 from workbench.weights import (check_wan_dir, check_weights_args, resolve_model,  # noqa: F401 (resolve_model: the API)
                                run_files, wan_dir_hint)
 
@@ -512,15 +512,7 @@ def in_store_order(p: Plan) -> Plan:
     """The plan with its statistics in the order of the store it goes on (`--out`, resumed or appended) when
     they are the same ones: the order of `--stats` is no setting (`--stats attn_logit,attn_mass` was refused by a
     store of attn_mass,attn_logit, with only --overwrite or another --out offered)."""
-    if p.cfg.mode == "overwrite" or not (Path(p.cfg.out) / "zarr.json").exists():
-        return p
-    try:
-        import zarr
-
-        stored = [str(s) for s in zarr.open_group(p.cfg.out, mode="r").attrs.get("stats") or []]
-    except Exception:  # (not a store: the writer says so)
-        return p
-    if stored == list(p.spec.stats) or sorted(stored) != sorted(p.spec.stats):
+    if p.cfg.mode == "overwrite" or (stored := stats_in_store_order(p.cfg.out, p.spec.stats)) == list(p.spec.stats):
         return p
     return dataclasses.replace(p, spec=dataclasses.replace(p.spec, stats=tuple(stored)),
                                cfg=dataclasses.replace(p.cfg, stats=stored))

@@ -358,6 +358,22 @@ class StoreBusy(WorkbenchError):
     exit_status = 75
 
 
+def stats_in_store_order(path: str | Path, stats) -> list[str]:
+    """`stats` in the order of the store at `path` when it holds the same ones (as given otherwise, or when there
+    is no store): the order of a run's statistics is no setting, so the same ones in another order go on in the
+    store's order (extract's --stats, training's probe.stats)."""
+    stats = [str(s) for s in stats]
+    if not (Path(path) / "zarr.json").exists():
+        return stats
+    try:
+        import zarr
+
+        stored = [str(s) for s in zarr.open_group(str(path), mode="r").attrs.get("stats") or []]
+    except Exception:  # (not a store: the writer says so)
+        return stats
+    return stored if sorted(stored) == sorted(stats) else stats
+
+
 def lock_file(path: str | Path) -> Path:
     """The lock file of a store: `.NAME.lock` beside it (the store folder itself is replaced as a whole), NAME the
     store's real path: a symlink to a store, or a path through a symlinked folder, takes the same lock."""
