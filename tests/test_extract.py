@@ -95,6 +95,40 @@ def test_the_order_of_stats_is_no_setting(tmp_path):
         run_extract(config(out, num_frames=6, steps=[0], stats=["attn_logit"], seeds=[3]), log=quiet)
 
 
+def test_a_kernel_that_refuses_a_shape_at_run_time_is_recorded(tmp_path, monkeypatch):
+    """A kernel of the order that refuses a call shape at run time (as the CUDA library ops do; here a stand-in on
+    the CPU) is named with the shape in the store's `attn_refused`, once however many samples meet it; those calls
+    ran the next kernel (the numbers are the plain run's). `attn_backend` alone named the refusing kernel."""
+    from models.common import attention_kernels as K
+
+    sdpa = K.KERNELS["sdpa"]
+
+    def fussy(q, k, v, scale, mask, fsl, lse):
+        if k.shape[1] == 6 * FSL:  # (the second chunk's self-attention is refused)
+            raise RuntimeError("no kernel for this shape (stand-in)")
+        return sdpa.run(q, k, v, scale, mask, fsl, lse)
+
+    plain = tmp_path / "plain.zarr"
+    run_extract(config(plain, num_frames=6, steps=[0]), log=quiet)
+    assert "attn_refused" not in open_store(plain).attrs
+    monkeypatch.setitem(K.KERNELS, "fussy", K.Kernel("fussy", fussy, ("cpu",), None, ("unmasked",), refuses=True))
+    monkeypatch.setitem(K.CHOICES, "auto", ("fussy", *K.CHOICES["auto"]))
+    monkeypatch.setattr(K, "_REFUSED", {})
+    monkeypatch.setattr(K, "_CANDIDATES", {})
+    out = tmp_path / "s.zarr"
+    with pytest.warns(RuntimeWarning, match="attention kernel 'fussy' refused q"):
+        run_extract(config(out, num_frames=6, steps=[0], seeds=[42, 7]), log=quiet)
+    ds = open_store(out)
+    line = (f"fussy refused q [1, {3 * FSL}, {HEADS}, 32], k [1, {6 * FSL}, {HEADS}, 32], v [1, {6 * FSL}, {HEADS}, 32] "
+            "(no kernel for this shape (stand-in)); those calls ran the next kernel of the order ['fussy', ")
+    assert ds.attrs["attn_backend"] == "fussy" and len(ds.attrs["attn_refused"]) == 1
+    assert ds.attrs["attn_refused"][0].startswith(line)
+    run_extract(config(out, num_frames=6, steps=[0], seeds=[42, 7, 3]), log=quiet)  # (appended: still one line)
+    assert open_store(out).attrs["attn_refused"] == ds.attrs["attn_refused"]
+    first = open_store(plain).attn_mass.sel(sample="p0000-s42")
+    assert np.array_equal(first.values, ds.attn_mass.sel(sample="p0000-s42").values, equal_nan=True)
+
+
 def test_a_float64_run_stores_every_statistic(tmp_path):
     """Every statistic in a float64 run (the reference runs): stored as float32 cells like any other run's, and
     close to the float32 run's (attn_frame_entropy's float64 values failed to enter its float32 cells)."""
@@ -271,8 +305,8 @@ def test_kill_between_arrays_and_completed_mark_resumes(tmp_path, monkeypatch, u
     assert xr.open_zarr(out, consolidated=False).sizes["sample"] == 2
     written = []
     real_write = StoreWriter.write
-    monkeypatch.setattr(StoreWriter, "write", lambda self, ds: (written.append(str(ds["sample"].values[0])),
-                                                                 real_write(self, ds)))
+    monkeypatch.setattr(StoreWriter, "write", lambda self, ds, **kw: (written.append(str(ds["sample"].values[0])),
+                                                                       real_write(self, ds, **kw)))
     said = []
     run_extract(config(out, prompts=PROMPTS, seeds=[1, 2]), log=said.append)
     assert written == ["p0001-s1", "p0001-s2"]  # only the unfinished samples were recomputed

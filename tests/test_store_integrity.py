@@ -185,7 +185,8 @@ def test_resume_keeps_samples_by_id_and_repairs_a_damaged_store(tmp_path, refere
     written = []
     real_write = extract_mod.StoreWriter.write
     monkeypatch.setattr(extract_mod.StoreWriter, "write",
-                        lambda self, ds, key=None: (written.append(str(ds.sample.values[0])), real_write(self, ds, key)))
+                        lambda self, ds, key=None, **kw: (written.append(str(ds.sample.values[0])),
+                                                          real_write(self, ds, key, **kw)))
     assert cli_main(ARGS) == 0
     out = capsys.readouterr().out
     assert "warning: s.zarr held entries that are not whole samples of it: p0000-s0 (a second copy), p0000-s1 (a " \

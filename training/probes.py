@@ -193,7 +193,7 @@ class TrainingProbes:
                                       tokens=self.embeddings.tokens[i], num_tokens=self.embeddings.lengths[i]))
         summary = {}
         if self.writer is not None:
-            from models.common.attention_kernels import describe
+            from models.common.attention_kernels import describe, refusals
 
             kernel, mc = getattr(model, "attention_kernel", "auto"), model.config
             backend = describe(str(device), dtype, kernel, heads=mc.num_heads, head_dim=mc.head_dim,
@@ -208,7 +208,8 @@ class TrainingProbes:
             for name in list(ds.data_vars):  # expand_dims puts train_step first for data variables only
                 ds[name].attrs = samples[0][name].attrs
             ds.attrs.pop("completed", None)
-            self.writer.write(ds, step)
+            refused = refusals(kernel, device, dtype, heads=mc.num_heads, head_dim=mc.head_dim)
+            self.writer.write(ds, step, facts={"attn_refused": refused})
             if "attn_mass" in ds:
                 summary = mass_summary(ds.attn_mass)
         return summary

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.common.attention_kernels import check_kernel, describe
+from models.common.attention_kernels import check_kernel, describe, refusals
 from models.common.rollout import (CONTEXT_NOISE_MULTI_STEP, IMAGE_CONTEXT_NOISE, SAMPLERS, MultiStepSolver,
                                    few_step_schedule, multistep_schedule, sample, seeded_noise)
 from models.common.scheduler import FlowMatchScheduler
@@ -608,7 +608,8 @@ def _extract(p: Plan, rank: int, world: int, todo, fp: str, weights_sha: str, de
                             num_tokens=emb.lengths[0])
                 if negative is not None:  # (the uncond forwards' cross-attention keys are the negative prompt's tokens)
                     meta.update(uncond_tokens=negative.tokens[0], uncond_num_tokens=negative.lengths[0])
-                result = (meta, arrays)
+                result = (meta, arrays, refusals(cfg.attention_kernel, device, dtype, heads=model.config.num_heads,
+                                                 head_dim=model.config.head_dim))
             if world == 1:
                 finished = [result]
             else:
@@ -617,9 +618,9 @@ def _extract(p: Plan, rank: int, world: int, todo, fp: str, weights_sha: str, de
                 finished = [None] * world if rank == 0 else None
                 dist.gather_object(result, finished, dst=0)
             if rank == 0:
-                for meta, arrays in finished[: len(batch)]:
+                for meta, arrays, refused in finished[: len(batch)]:
                     meta["checkpoint"] = p.checkpoint_label  # (rank 0's: the store's label, see _run)
-                    writer.write(sample_dataset(layout, meta, arrays))
+                    writer.write(sample_dataset(layout, meta, arrays), facts={"attn_refused": refused})
     finally:  # (also when stopped or failed: an open bar is drawn again under later output)
         bar.close()
     if rank == 0:

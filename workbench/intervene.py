@@ -392,6 +392,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     import torch
 
     from models.files import check_unchanged
+    from models.common.attention_kernels import refusals
     from models.video import mp4_available
     from models.wan.text_encoder import TextEncoder
     from workbench.extract import _attrs, _dtype, command_words, load_model, make_probe, sample_rollout, store_layout
@@ -544,7 +545,10 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
                     _record_videos(writer.path, attrs["videos_dir"], e.label)
                 else:  # (the first write makes the store, with these attrs)
                     attrs["video_entries"] = [e.label]
-            writer.write(entry_dataset(e, samples, per_sample, attrs, F, held, layout, detail), key=e.label)
+            refused = refusals(cfg.attention_kernel, device, dtype, heads=model.config.num_heads,
+                               head_dim=model.config.head_dim)  # (a kernel's run-time refusals: docs/store.md)
+            writer.write(entry_dataset(e, samples, per_sample, attrs, F, held, layout, detail), key=e.label,
+                         facts={"attn_refused": refused})
     except Exception as err:  # (an error of a plugin's code: which entry and sample, in its traceback)
         if running and hasattr(err, "add_note") and not isinstance(err, WorkbenchError):
             err.add_note(running)

@@ -767,12 +767,22 @@ class StoreWriter:
         keys = [str(x) for x in ds[self.append_dim].values]
         return {key: str(value) for key, value in zip(keys, ds[var].values) if key in self.completed}
 
-    def write(self, ds: xr.Dataset, key=None) -> None:
+    def write(self, ds: xr.Dataset, key=None, *, facts: dict[str, list[str]] | None = None) -> None:
         """Append one entry: a Dataset with a length-1 append dim (a sample built by `sample_dataset`); its key
-        defaults to that dim's coordinate."""
+        defaults to that dim's coordinate. `facts`: {attr: lines} that the run learnt while making the entry (the
+        attention kernels' refusals, `attn_refused`), added to the store's lists of them with the entry's mark."""
         import zarr
 
         key = str(ds[self.append_dim].values[0]) if key is None else key
+
+        def grown(attrs: dict) -> dict:  # the facts' attrs that this entry adds lines to, with their lines
+            out = {}
+            for name, lines in (facts or {}).items():
+                held = [str(x) for x in attrs.get(name) or []]
+                if new := [x for x in lines if x not in held]:
+                    out[name] = held + new
+            return out
+
         ds.attrs["fingerprint"] = self.fingerprint
         ds.attrs["layout_fingerprint"] = self.fingerprint.split(":")[0]
         if self.fields is not None:
@@ -783,6 +793,7 @@ class StoreWriter:
             ds.attrs[self.completed_attr] = [key]
             if self.requested:
                 ds.attrs["requested"] = list(self.requested)
+            ds.attrs.update(grown(ds.attrs))
             self._write_tmp(ds)
             self._swap_in()
         else:
@@ -805,7 +816,7 @@ class StoreWriter:
                 with contextlib.suppress(Exception):
                     self.truncate(len(self.completed))
                 raise
-            marks = {self.completed_attr: self.completed + [key]}
+            marks = {self.completed_attr: self.completed + [key], **grown(attrs)}
             if self.requested:  # (with the mark: an append taken back leaves the attrs as they were)
                 marks["requested"] = asked + [k for k in self.requested if k not in asked]
             group = zarr.open_group(self.path, mode="r+")

@@ -278,6 +278,17 @@ def refused() -> dict[tuple, str]:
     return dict(_REFUSED)
 
 
+def refusals(kernel: str, device, dtype: torch.dtype, *, heads: int, head_dim: int) -> list[str]:
+    """One line per refusal so far (this process) that a model of this geometry running the choice `kernel` on
+    this device and dtype meets: a kernel of its order refused a call of its heads and head_dim; such calls ran the
+    next kernel of the order. (A store's `attn_refused`: `describe` names the kernel meant for its calls.)"""
+    order = CHOICES[check_kernel(kernel)]
+    return [f"{name} refused q {list(q)}, k {list(k)}, v {list(v)} ({reason}); those calls ran the next kernel of the "
+            f"order {list(order)}"
+            for (name, q, k, v, dt, dev), reason in _REFUSED.items()
+            if name in order and dev == torch.device(device).type and dt == dtype and q[2:] == (heads, head_dim)]
+
+
 def run_or_refuse(kernel: Kernel, q, k, v, scale: float):
     """(out, lse | None) of an unmasked call on this kernel, or None when it refuses the shape (recorded)."""
     try:
@@ -347,7 +358,7 @@ def describe(device="cpu", dtype: torch.dtype = torch.bfloat16, kernel: str = "a
     model's geometry (heads, head_dim, frame_seq_len) it is the kernel `select` picks for such a call, the kernels'
     shape rules applied (the store's `attn_backend`: e.g. `cudnn-balanced` where the Gluon forward does not take
     a small model's head_dim); without, it is where each kernel is meant to run (a store's fingerprint). A refusal
-    that a CUDA library op makes at run time (`refuse`: warned) does not change it."""
+    that a CUDA library op makes at run time (`refuse`: warned) does not change it: `refusals` lists those."""
     dev = torch.device(device).type
     if head_dim is not None and frame_seq_len is not None:
         # one query frame against one key frame, as the model's calls are laid out (contiguous [B, L, heads, D]),
