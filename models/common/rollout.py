@@ -215,6 +215,9 @@ class RolloutGraphs:
             before = [kv.state() for kv in self.cache.kv]
             for obs in self.observers:
                 obs.begin_recording()
+            # (the recording begins with empty_cache(): done first, so that the cached blocks it gives back are not
+            # taken from what the pool adds)
+            torch.cuda.empty_cache()
             reserved = torch.cuda.memory_reserved(xs.device)
             try:
                 with torch.cuda.graph(graph, pool=self.pool, stream=capture_stream(model, xs.device)):
@@ -233,7 +236,7 @@ class RolloutGraphs:
                 return model(x, t, self.context, **run)
             finally:
                 seen = [obs.end_recording() for obs in self.observers]
-            self.pool_bytes += torch.cuda.memory_reserved(xs.device) - reserved
+            self.pool_bytes += max(0, torch.cuda.memory_reserved(xs.device) - reserved)
             state = [kv.state() for kv in self.cache.kv]
             self.graphs[key] = (graph, xs, ts, out, state, seen, rope)
             replayed = False  # the calls were seen (and their bookkeeping done) while recording
@@ -339,7 +342,7 @@ def _room(device, pool_bytes: int) -> int:
     free, total = torch.cuda.mem_get_info(device)
     reserved = torch.cuda.memory_reserved(device)
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(device)  # (not in all)
-    limit = int(fraction * total) - reserved
+    limit = round(fraction * total) - reserved  # (the fraction a float: int() lost a byte of a whole limit)
     return min(free, max(0, limit)) + max(0, reserved - torch.cuda.memory_allocated(device) - pool_bytes)
 
 
