@@ -136,6 +136,7 @@ def _store_summary(page: Page, ds: xr.Dataset, source: str, sample: str | None =
         "layers captured (of num_layers)": f"{[int(x) for x in ds.layer.values]} (of {ds.attrs.get('num_layers', '?')})",
         "heads captured (of num_heads)": f"{ds.sizes['head']} (of {ds.attrs.get('num_heads', '?')})",
         "statistics": ", ".join(ds.attrs.get("stats", list(ds.data_vars))),
+        "computed with (dtype, attention kernel, capture mode)": _computed_with(ds.attrs),
         "git commit / workbench": f"{ds.attrs.get('git_commit', '?')} / {ds.attrs.get('workbench_version', '?')}",
     }
     page.table(pd.DataFrame({"": list(facts.values())}, index=list(facts)), index=True)
@@ -150,6 +151,15 @@ def _store_summary(page: Page, ds: xr.Dataset, source: str, sample: str | None =
     page.table(samples, index=False)
     page.h("Steps")
     page.table(steps_table(ds), index=False)
+
+
+def _computed_with(attrs: dict) -> str:
+    """'bfloat16, gluon, fused' (docs/store.md: dtype, attn_backend, capture_mode), with the call shapes a kernel
+    refused at run time when there were any (attr attn_refused)."""
+    words = ", ".join(str(attrs.get(k, "?")) for k in ("dtype", "attn_backend", "capture_mode"))
+    refused = attrs.get("attn_refused") or []
+    return words + (f"; {len(refused)} call shape(s) refused by a kernel at run time ran the next kernel of the "
+                    f"order (attr attn_refused): {refused[0]}{' ...' if len(refused) > 1 else ''}" if refused else "")
 
 
 def steps_table(ds: xr.Dataset) -> pd.DataFrame:

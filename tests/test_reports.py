@@ -627,3 +627,22 @@ def test_figures_fit_the_window(store_report, compare_report, width):
         figure = parse(compare_report)[0].figures["fig-js"]["layout"]["width"]
         drawn = page.evaluate("document.querySelector('#fig-js .svg-container').getBoundingClientRect().width")
         assert abs(drawn - min_figure_width(figure)) <= 1
+
+
+def test_the_report_says_what_computed_the_numbers(stores, store_report, tmp_path):
+    """The facts table names the dtype, attention kernel and capture mode the store records, and call shapes a
+    kernel refused at run time (attr attn_refused), which the page said nothing of."""
+    import shutil
+
+    import zarr
+
+    path = tmp_path / "s.zarr"
+    shutil.copytree(stores["sf"], path)
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs.update(capture_mode="indicator", attn_refused=["cudnn refused q [1, 4680, 12, 128], k ... (shape)",
+                                                               "cudnn refused q [1, 1560, 12, 128] ..."])
+    _, text = parse(report.build_report(path, tmp_path / "s.html"))
+    assert ("<td>float32, synthetic, indicator; 2 call shape(s) refused by a kernel at run time ran the next kernel "
+            "of the order (attr attn_refused): cudnn refused q [1, 4680, 12, 128], k ... (shape) ...</td>") in text
+    _, plain = parse(store_report)
+    assert "<td>float32, synthetic, ?</td>" in plain
