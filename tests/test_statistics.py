@@ -250,3 +250,34 @@ def test_entropy_request_takes_the_exact_path_in_a_kernel_mode(monkeypatch):
             assert asked == ["triton"]
         else:
             assert probe.compute(call, q, q, q) is None and not asked
+
+
+@pytest.mark.parametrize("rows", [5, 7, 24, 4096])
+def test_cross_mass_in_blocks_of_any_size_equals_float64_reference(rows):
+    """cross_mass reduces blocks of `rows` query tokens: blocks that cut frames, and frames after the first block,
+    keep their own frame index (the rollout's calls span several blocks; tests gave one)."""
+    from attention_reference import dense_cross_mass
+    from workbench.reductions import cross_mass
+
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 24, 3, 8, generator=g), torch.randn(2, 7, 3, 8, generator=g)  # 6 frames of 4 tokens
+    got = cross_mass(q, k, 4, rows=rows)  # [B, H, nqf, T]
+    assert got.shape == (2, 3, 6, 7)
+    assert (got.double() - dense_cross_mass(q, k, 4)).abs().max() < 1e-6
+
+
+def test_mean_logit_keeps_float64_where_the_means_cancel():
+    """attn_logit = mean_q . mean_k / sqrt(d) from float32 q, k whose means are large and nearly orthogonal: the
+    float64 means and dot products keep it to float32 rounding of the result (float32 arithmetic lost ~1e-3)."""
+    from workbench.reductions import mean_logit
+
+    g = torch.Generator().manual_seed(0)
+    d, fsl = 64, 16
+    sign = torch.tensor([1.0, -1.0]).repeat(d // 2)  # [d]: q and k means orthogonal up to the noise
+    q = (300.0 + torch.randn(1, 2 * fsl, 2, d, generator=g)).float()  # [B, Lq, H, D]
+    k = (300.0 * sign + torch.randn(1, 3 * fsl, 2, d, generator=g)).float()
+    qm = q.double().reshape(1, 2, fsl, 2, d).mean(2).permute(0, 2, 1, 3)  # [B, H, nqf, D], from the float32 inputs
+    km = k.double().reshape(1, 3, fsl, 2, d).mean(2).permute(0, 2, 1, 3)
+    want = qm @ km.transpose(-1, -2) / math.sqrt(d)
+    got = mean_logit(q, k, fsl)
+    assert got.dtype == torch.float32 and (got.double() - want).abs().max() < 1e-5 * max(1.0, want.abs().max())

@@ -4,6 +4,7 @@ from the planted distributions, for 21 frames in chunks of 3 (last chunk = query
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -349,3 +350,82 @@ def test_a_head_within_rounding_of_uniform_attention_is_no_sink():
                      "local_mass": xr.full_like(sink, np.nan), "early_mass": xr.full_like(sink, 0.5),
                      "entropy_norm": xr.full_like(sink, 0.99)})
     assert list(metrics.classify_heads(hm).values) == ["global", "sink"]
+
+
+def test_local_mass_is_nan_where_every_attended_frame_is_local(causal):
+    """A first-chunk row attends only frames within the local window: its local_mass is undefined (NaN, not 1),
+    and a head's mean over every query frame leaves those rows out rather than counting them as local."""
+    rows = metrics.row_metrics(causal)
+    assert bool(rows.local_mass.sel(query_frame=[0, 1, 2]).isnull().all())
+    assert bool(rows.local_mass.sel(query_frame=range(3, F)).notnull().all())
+    every = metrics.head_metrics(causal, query_frames="all")
+    later = rows.local_mass.sel(query_frame=range(3, F)).mean(["sample", "query_frame"])
+    assert np.allclose(every.local_mass, later, rtol=1e-12, atol=0)
+
+
+def _heads(**columns) -> xr.Dataset:
+    """Hand-made head metrics, one head per entry of each column (the others: nothing a rule takes)."""
+    n = len(next(iter(columns.values())))
+    base = dict(sink_mass=[0.0] * n, uniform_mass=[0.05] * n, local_mass=[0.0] * n, early_mass=[0.0] * n,
+                entropy_norm=[0.0] * n)
+    return xr.Dataset({name: xr.DataArray(np.array(columns.get(name, v), float), dims="head")
+                       for name, v in base.items()})
+
+
+@pytest.mark.parametrize("metric,edge,name", [("sink_mass", 0.5, "sink"), ("local_mass", 0.5, "local"),
+                                              ("early_mass", 0.6, "deep_sink"), ("entropy_norm", 0.85, "global")])
+def test_default_thresholds_by_hand(metric, edge, name):
+    """Each default threshold of the taxonomy (docs: sink 0.5, local 0.5, deep_sink 0.6, global 0.85) decides
+    between a head at it and one just under it."""
+    hm = _heads(**{metric: [edge, edge - 0.01, edge + 0.01]})
+    assert list(metrics.classify_heads(hm).values) == [name, "mixed", name]
+
+
+def test_older_head_metrics_count_a_sink_above_uniform_by_n_attended():
+    """Head metrics without uniform_mass (older code) hold n_attended: a sink's mass must be above 1/n of it
+    (0.25 of 4 frames is uniform attention's share, no sink)."""
+    hm = _heads(sink_mass=[0.25, 0.26]).drop_vars("uniform_mass")
+    hm["n_attended"] = xr.DataArray([4.0, 4.0], dims="head")
+    th = metrics.TaxonomyThresholds(sink_min=0.2)
+    assert list(metrics.classify_heads(hm, th).values) == ["mixed", "sink"]
+
+
+def test_default_local_window_is_three_frames_without_the_chunk_size(causal):
+    plain = causal.attn_mass.copy()
+    plain.attrs = {k: v for k, v in plain.attrs.items() if k != "num_frame_per_block"}
+    assert metrics.default_local_window(plain) == 3
+    assert metrics.row_metrics(plain).attrs["local_window"] == 3
+
+
+def test_frame_profile_is_the_nan_skipping_mean_over_the_chosen_rows(window):
+    """frame_profile (the researchers' last_block_frame_attention) averages each key frame over the query rows
+    that attend it: evicted cells (NaN) are skipped, not turned into NaN columns."""
+    got = metrics.frame_profile(window, query_frames="all")
+    values = window.attn_mass.astype(np.float64).values  # [sample, step, layer, head, query_frame, key_frame]
+    axis = window.attn_mass.dims.index("query_frame")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (a key frame no chosen row attends: its mean is NaN)
+        want = np.nanmean(values, axis=axis)
+    assert np.allclose(got.values, want, equal_nan=True, rtol=1e-12, atol=0)
+    assert bool(got.notnull().any()) and bool(window.attn_mass.isnull().any())
+
+
+def test_rows_that_do_not_sum_to_one_are_normalised_for_entropy_and_distance():
+    """A row whose stored masses do not sum to 1 (key frames left out of a selection): its entropy and mean
+    distance are those of the normalised row ([0.2, 0.2] -> ln 2, entropy_norm 1, distance 1.5)."""
+    mass = xr.DataArray(np.array([[[0.2, 0.2, np.nan]]]), dims=("sample", "query_frame", "key_frame"),
+                        coords={"query_frame": [2], "key_frame": [0, 1, 2]})
+    rows = metrics.row_metrics(mass, local_window=1)
+    assert rows.entropy.item() == pytest.approx(math.log(2), rel=1e-12)
+    assert rows.entropy_norm.item() == pytest.approx(1.0, rel=1e-12)
+    assert rows.mean_distance.item() == pytest.approx(1.5, rel=1e-12)
+
+
+def test_the_frame_after_the_sink_frames_is_no_sink_frame():
+    """sink_only marks the distances where every attended key is one of the sink_size sink frames (key frame <
+    sink_size): frame 1 of a one-frame sink, attended far back, is not a sink's."""
+    one = synthetic.make_dataset("window", sink_size=1)
+    mass = one.attn_mass.copy()
+    mass.loc[dict(query_frame=F - 1, key_frame=1)] = 0.01  # (frame 1, attended 19 frames back)
+    prof = metrics.recency_profile(one.assign(attn_mass=mass))
+    assert not bool(prof.sink_only.sel(distance=F - 2)) and bool(prof.sink_only.sel(distance=F - 1))
