@@ -151,6 +151,8 @@ def test_frame_entropy_is_never_below_zero_by_rounding():
     lse = reference.row_lse_reference(q, k, frame_seq_len=fsl, allowed=mask)  # [B, H, Lq]
     wrong = reductions.frame_entropy(q, k, lse - 0.5, fsl, mask)  # (a wrong log-sum-exp: mass e^0.5 on the frame)
     torch.testing.assert_close(wrong, torch.full_like(wrong, -0.5 * math.exp(0.5)))  # (not hidden as 0)
+    slightly = reductions.frame_entropy(q, k, lse - 1e-3, fsl, mask)  # (-1e-3: far beyond float32 rounding)
+    torch.testing.assert_close(slightly, torch.full_like(slightly, -1e-3 * math.exp(1e-3)), rtol=1e-3, atol=1e-7)
 
 
 def test_entropy_is_not_the_entropy_of_the_mean():

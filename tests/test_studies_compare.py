@@ -271,3 +271,58 @@ def test_a_note_names_the_statistics_chosen_besides_the_defaults(tmp_path):
     plain = a.drop_vars("cross_mass")
     plain.attrs["stats"] = ["attn_mass", "attn_logit"]
     assert not any(n.startswith("not compared") for n in compare.compare_stores(plain, plain).notes)
+
+
+def test_js_divergence_normalises_each_row_and_leaves_empty_rows_out():
+    """Rows are normalised first ([0.2, 0.2] is [0.5, 0.5]: JS 0, as with a row of key frames left out), and a row
+    with no mass on one side is NaN, not a divergence."""
+    p = xr.DataArray([[0.2, 0.2], [np.nan, np.nan], [0.3, 0.0]], dims=("row", "key_frame"))
+    q = xr.DataArray([[0.5, 0.5], [1.0, 0.0], [0.0, 0.6]], dims=("row", "key_frame"))
+    got = compare.js_divergence(p, q).values
+    assert got[0] == pytest.approx(0.0, abs=1e-12) and np.isnan(got[1]) and got[2] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_a_step_exactly_tolerance_away_is_matched(stores):
+    """|t_A - t_B| <= tolerance: 625 and 600, 25 apart, match at tolerance 25 and not at 24.9."""
+    steps, _, _ = compare.match_steps(stores["sf"], stores["coarse"], tolerance=25)
+    assert 625.0 in list(steps.timestep_a)
+    steps, _, _ = compare.match_steps(stores["sf"], stores["coarse"], tolerance=24.9)
+    assert 625.0 not in list(steps.timestep_a)
+
+
+def test_pairs_and_rows_are_compared_each_with_its_own_and_averaged(tmp_path):
+    """Samples that differ (noise): a store against itself diverges nowhere (each sample of A meets its own in B,
+    not another), and js_bits is the mean over sample pairs and query rows of each row's divergence (not their
+    largest), checked against the rows by hand."""
+    a = synthetic.make_dataset("causal", seeds=(42, 7, 3), noise=0.3)
+    b = synthetic.make_dataset("causal", seeds=(42, 7, 3), noise=0.3, roles={(0, 0): "global"})
+    itself = compare.compare_stores(a, a)
+    assert float(abs(itself.js_bits).max()) < 1e-12
+    c = compare.compare_stores(a, b)
+    rows = [int(f) for f in c.query_frames]
+    per_row = compare.js_divergence(a.attn_mass.sel(query_frame=rows), b.attn_mass.sel(query_frame=rows))
+    want = per_row.sel(step=c.steps.step_a.tolist()).mean(["sample", "query_frame"]).values
+    assert np.allclose(c.js_bits.values, want, rtol=1e-9, atol=1e-12)
+    assert float(c.js_bits.max()) > 0.01
+
+
+def test_steps_match_only_within_their_phase_and_are_listed_in_a_order(stores):
+    """A context pass (t = 0) does not pair with a denoising step of the same timestep, and the matches are listed
+    in the order of A's steps whatever their distances (the closest pairs are taken first)."""
+    a = stores["sf"]
+    relabelled = a.assign_coords(phase=("step", ["denoise"] * a.sizes["step"]))
+    steps, unmatched_a, _ = compare.match_steps(a, relabelled)
+    assert list(steps.step_a) == [0, 1, 2, 3] and list(unmatched_a.phase) == ["context"]
+    shifted = a.assign_coords(timestep=("step", a.timestep.values + np.array([10.0, 0, 0, 0, 0])))
+    steps, _, _ = compare.match_steps(a, shifted)
+    assert list(steps.step_a) == [0, 1, 2, 3, 4] and list(steps.abs_dt) == pytest.approx([10, 0, 0, 0, 0])
+
+
+def test_both_sides_are_measured_with_a_window_and_rows_of_undefined_metrics_are_skipped(stores):
+    """The local window is A's chunk size (B's only when A has none), the same for both sides; rows whose metric
+    is undefined (local_mass of first-chunk rows) are skipped in the means, not turned into NaN heads."""
+    a = stores["sf"].copy()
+    a.attrs["num_frame_per_block"] = 4
+    c = compare.compare_stores(a, stores["sf"], query_frames="all")
+    assert c.metrics_a.attrs["local_window"] == 4 and c.metrics_b.attrs["local_window"] == 4
+    assert bool(c.metrics_a.local_mass.notnull().all()) and bool(c.metrics_b.local_mass.notnull().all())

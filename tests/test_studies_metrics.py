@@ -429,3 +429,40 @@ def test_the_frame_after_the_sink_frames_is_no_sink_frame():
     mass.loc[dict(query_frame=F - 1, key_frame=1)] = 0.01  # (frame 1, attended 19 frames back)
     prof = metrics.recency_profile(one.assign(attn_mass=mass))
     assert not bool(prof.sink_only.sel(distance=F - 2)) and bool(prof.sink_only.sel(distance=F - 1))
+
+
+def test_researcher_stats_by_hand():
+    """researcher_stats against numpy on a window store without sink frames (frame 0 evicted from later rows:
+    col0_mean averages the rows that attended it, as the fork's "non-zero column-0 mean"): diag, col0, and the
+    last chunk's profile v's first, mid = mean(v[1:-1]), last = v[-1], sink = first - mid."""
+    ds = synthetic.make_dataset("window", sink_size=0, noise=0.3)  # (noise: no two key frames alike)
+    assert bool(ds.attn_mass.sel(key_frame=0, query_frame=F - 1).isnull().all())  # (frame 0 evicted there)
+    for var in ("attn_mass", "attn_logit"):
+        got = metrics.researcher_stats(ds, layer=0, step=0, var=var)
+        x = ds[var].sel(layer=0, step=0).astype(np.float64).values  # [sample, head, query_frame, key_frame]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            full = np.nanmean(x, axis=0)  # [head, query_frame, key_frame]
+            diag = np.nanmean(np.diagonal(full, axis1=1, axis2=2), axis=-1)
+            col0 = np.nanmean(full[:, :, 0], axis=1)
+            v = np.nanmean(np.nanmean(x[:, :, F - 3 :, :], axis=2), axis=0)  # [head, key_frame]
+            mid = np.nanmean(v[:, 1:-1], axis=1)
+        for name, want in (("diag_mean", diag), ("col0_mean", col0), ("first", v[:, 0]), ("mid", mid),
+                           ("last", v[:, -1]), ("sink", v[:, 0] - mid)):
+            assert np.allclose(got[name].values, want, rtol=1e-9, atol=1e-12, equal_nan=True), (var, name)
+
+
+def test_invariant_checks_by_hand(causal):
+    """row_sum_error is |sum - 1| (rows at 0.9 are 0.1 off, not -0.1); logit_nan_matches_mass fails on one cell
+    where attn_logit alone is NaN; default_step is the first denoising step, not a context pass."""
+    ds = causal.load().copy(deep=True)
+    ds["attn_mass"] = ds.attn_mass * 0.9
+    assert metrics.row_sum_error(ds) == pytest.approx(0.1, rel=1e-5)
+    assert metrics.logit_nan_matches_mass(causal)
+    logit = ds["attn_logit"].values
+    logit[0, 0, 0, 0, 5, 0] = np.nan  # (attended: frame 5 sees frame 0)
+    assert not metrics.logit_nan_matches_mass(ds)
+    phases = [str(p) for p in causal.phase.values]
+    assert metrics.default_step(causal) == int(causal.step.values[phases.index("denoise")])
+    assert phases[-1] == "context" and metrics.default_step(causal.sel(step=causal.step.values[-1:])) == int(
+        causal.step.values[-1])
