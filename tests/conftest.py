@@ -51,11 +51,22 @@ EMBEDDED = ROOT / "data" / "embedded"
 SMALL_VAE = dict(base_dim=4, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2, temperal_downsample=(False, True, True))
 
 
+def skip_unless_tested_triton() -> None:
+    """Skip (the whole module when called at import) unless triton is installed at a version the kernels were
+    tested with (models/common/triton_version.py; WORKBENCH_TRITON_UNTESTED=1 runs them on any)."""
+    pytest.importorskip("triton")
+    from models.common import triton_version
+
+    if not triton_version.usable():
+        pytest.skip(f"triton {triton_version.version()} is not a version the kernels were tested with "
+                    f"({triton_version.TESTED}); WORKBENCH_TRITON_UNTESTED=1 runs them", allow_module_level=True)
+
+
 def triton_module(name: str, *deps: str):
     """The Triton kernel module `name`, interpreted on a machine without CUDA: the test module set
     TRITON_INTERPRET=1 before importing it, but when an earlier test module imported it compiled, it (and its
     `deps`, in order) are decorated again."""
-    pytest.importorskip("triton")
+    skip_unless_tested_triton()
     common = importlib.import_module("models.common.triton_common")
     module = importlib.import_module(name)
     if not torch.cuda.is_available() and not common.INTERPRET:
@@ -69,7 +80,7 @@ def run_triton_check(script: str, device: str) -> None:
     """Run a kernel check script (`python -c script device`) in a fresh process from the repository root: on "cpu"
     under Triton's interpreter, on "cuda" compiled (TRITON_INTERPRET removed, even where a test module set it in
     this process). It must exit 0 and print "ok"."""
-    pytest.importorskip("triton")
+    skip_unless_tested_triton()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"

@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from models.common.triton_version import usable
 from workbench.kernels import reference
 
 
@@ -31,7 +32,7 @@ def _scale(q) -> float:
 def frame_mass(q, k, lse, frame_seq_len: int, frame_mask=None) -> torch.Tensor:
     """attn_mass: per query token, softmax probability summed per key frame, averaged per query frame.
     lse [B, H, Lq] is the log-sum-exp of the call's rows (natural log). Masked pairs come back as 0."""
-    if q.is_cuda:
+    if q.is_cuda and usable():
         from workbench.kernels import frame_attention
 
         return frame_attention.frame_mass_from_lse(q, k, lse, frame_seq_len=frame_seq_len, scale=_scale(q),
@@ -42,7 +43,7 @@ def frame_mass(q, k, lse, frame_seq_len: int, frame_mask=None) -> torch.Tensor:
 
 def key_token_mass(q, k, lse, frame_seq_len: int, frame_mask=None) -> torch.Tensor:
     """attn_key_token: per query frame, the mean over its query tokens of the probability of each key token."""
-    if q.is_cuda:
+    if q.is_cuda and usable():
         from workbench.kernels import frame_attention
 
         return frame_attention.key_token_mass_from_lse(q, k, lse, frame_seq_len=frame_seq_len, scale=_scale(q),

@@ -121,11 +121,9 @@ def _gpu(device) -> tuple[int, bool]:
     idx = torch.device(device).index
     idx = torch.cuda.current_device() if idx is None else idx
     if idx not in _GPUS:
-        try:
-            import triton  # noqa: F401
-            has_triton = True
-        except ImportError:
-            has_triton = False
+        from models.common.triton_version import usable
+
+        has_triton = usable()  # (installed, at a version the kernels were tested with)
         props = torch.cuda.get_device_properties(idx)
         _GPUS[idx] = (props.multi_processor_count, has_triton and props.major == 9)
     return _GPUS[idx]
@@ -145,10 +143,12 @@ def _balanced_takes(q, k, v, fsl) -> bool:
 
 
 def _triton_takes(q, k, v, fsl) -> bool:
-    try:
-        from models.common import triton_attention
-    except ImportError:  # triton not installed (the "kernels" extra): the next kernel of the order
+    from models.common.triton_version import usable
+
+    if not usable():  # triton not installed (the "kernels" extra), or untested: the next kernel of the order
         return False
+    from models.common import triton_attention
+
     return triton_attention.applies(q, k, v, fsl)  # (on CPU tensors under TRITON_INTERPRET=1 too: tests)
 
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from models.common.triton_version import usable
+
 TILE_M = 128  # query rows per CTA of the kernels this schedules (cuDNN's and FlashAttention-3's Hopper forward)
 # The cost model, in key rows swept by one wave of tiles (a call of Lk keys and w waves costs w * Lk):
 SEGMENT_KEYS = 500  # a round of tail segments pays this on top of its keys (q load, output write)
@@ -106,7 +108,7 @@ def balanced_attention(q, k, v, scale: float, run, *, slots: int, p: Plan | None
         out_m, lse_m = run(q[:, :m], k, v, scale)  # [B, m, H, Dv], [B, H, m]
     else:
         out_m, lse_m = out_s.new_empty(B, 0, H, Dv), lse_s.new_empty(B, H, 0)
-    if q.is_cuda:
+    if q.is_cuda and usable():
         from models.common.triton_balanced_merge import ROWS, assemble
 
         if m % ROWS == 0:  # (always with a planned schedule: main rows come in 128-row blocks)

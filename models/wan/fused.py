@@ -24,6 +24,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from models.common.triton_version import usable
+
 COMPILE = os.environ.get("WORKBENCH_COMPILE", "1") != "0"
 GELU_EPILOGUE = os.environ.get("WORKBENCH_GELU_EPILOGUE", "1") != "0"
 NORM_KERNELS = True  # the LayerNorms as one-pass Triton row kernels on CUDA inference (models/wan/triton_norms.py)
@@ -63,7 +65,7 @@ def one_kernel(fn):
 def norm_kernels(x):
     """models/wan/triton_norms.py, whose one-pass row kernels take the LayerNorms below for this x (CUDA,
     bf16/fp16, contiguous, no autograd), or None: the compiled functions (training; on the CPU: eager)."""
-    if not (NORM_KERNELS and COMPILE and x.is_cuda):
+    if not (NORM_KERNELS and COMPILE and x.is_cuda and usable()):
         return None
     from models.wan import triton_norms
 
@@ -187,7 +189,8 @@ def qk_norm_rope(q, k, wq, wk, cos, sin, heads: int, eps: float, k_out=None):
 
 def qk_norm_rope_kernel(q) -> bool:
     """Whether `qk_norm_rope` runs the Triton kernel for this q (and so takes k_out)."""
-    return COMPILE and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled()
+    return COMPILE and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled() \
+        and usable()
 
 
 qk_norm_rope.eager = _qk_norm_rope

@@ -129,11 +129,9 @@ def _combine(y: torch.Tensor, parts=(), bias: torch.Tensor | None = None,
 def _triton_ok() -> bool:
     if os.environ.get("WORKBENCH_COMPILE", "1") == "0":  # the switch models/wan/fused.py also reads
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from models.common.triton_version import usable
+
+    return usable()
 
 
 class _CausalConv:

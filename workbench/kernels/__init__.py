@@ -12,6 +12,7 @@ import importlib.util
 
 import torch
 
+from models.common.triton_version import usable
 from workbench.kernels.reference import (
     check_frame_inputs,
     frame_attention_reference,
@@ -45,7 +46,7 @@ def attention_with_frame_mass(q, k, v, *, frame_seq_len, scale=None, allowed=Non
     """(out [B, Lq, H, D], mass [B, H, nqf, nkf] float32): the Triton frame forward for bf16/fp16 CUDA
     tensors, the blockwise torch reference otherwise. frame_means: also return the per-frame mean vectors
     (q_means [B, H, nqf, D], k_means [B, H, nkf, D] float32; the Triton frame forward makes them on the way)."""
-    if HAS_TRITON and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and usable():
         from workbench.kernels.frame_attention import frame_forward_with_stats
 
         return frame_forward_with_stats(q, k, v, frame_seq_len=frame_seq_len, scale=scale, allowed=allowed,
