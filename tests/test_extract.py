@@ -119,8 +119,9 @@ def test_a_kernel_that_refuses_a_shape_at_run_time_is_recorded(tmp_path, monkeyp
     with pytest.warns(RuntimeWarning, match="attention kernel 'fussy' refused q"):
         run_extract(config(out, num_frames=6, steps=[0], seeds=[42, 7]), log=quiet)
     ds = open_store(out)
-    line = (f"fussy refused q [1, {3 * FSL}, {HEADS}, 32], k [1, {6 * FSL}, {HEADS}, 32], v [1, {6 * FSL}, {HEADS}, 32] "
-            "(no kernel for this shape (stand-in)); those calls ran the next kernel of the order ['fussy', ")
+    shape = lambda frames: f"[1, {frames * FSL}, {HEADS}, 32]"  # noqa: E731
+    line = (f"fussy refused q {shape(3)}, k {shape(6)}, v {shape(6)} (no kernel for this shape (stand-in)); those "
+            "calls ran the next kernel of the order ['fussy', ")
     assert ds.attrs["attn_backend"] == "fussy" and len(ds.attrs["attn_refused"]) == 1
     assert ds.attrs["attn_refused"][0].startswith(line)
     run_extract(config(out, num_frames=6, steps=[0], seeds=[42, 7, 3]), log=quiet)  # (appended: still one line)

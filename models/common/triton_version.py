@@ -1,13 +1,13 @@
 """Whether the repository's Triton and Gluon kernels run here: triton installed, at a version they were tested with.
 
-The kernels (models/common/triton_attention*.py, gluon_attention.py, triton_balanced_merge.py, models/wan/triton_*.py,
-workbench/kernels/frame_attention.py) use triton APIs that move between releases (Gluon, TMA descriptors, the
-interpreter), and were checked, bitwise and against float64, with triton 3.6 (the `kernels` extra; the triton of
-torch 2.11, which the GPU tests ran). A torch that brings another triton (torch 2.15's triton 3.9: its interpreter refuses one of
-the kernels' masks and its Gluon no longer compiles the forward; torch 2.7's triton 3.3 has no Gluon) runs the
-stock paths instead, with a warning once: cuDNN attention, PyTorch's norms and RoPE, the blockwise statistics
-(slower; the same definitions, so a store's numbers differ only by rounding). WORKBENCH_TRITON_UNTESTED=1 runs the
-kernels on any triton.
+The kernels (models/common/triton_attention*.py, gluon_attention.py, triton_balanced_merge.py,
+models/wan/triton_*.py, workbench/kernels/frame_attention.py) use triton APIs that move between releases (Gluon, TMA
+descriptors, the interpreter), and were checked, bitwise and against float64, with triton 3.6 (the `kernels` extra;
+the triton of torch 2.11, which the GPU tests ran). A torch that brings another triton (torch 2.15's triton 3.9:
+its interpreter refuses one of the kernels' masks and its Gluon no longer compiles the forward; torch 2.7's triton
+3.3 has no Gluon) runs the stock paths instead, with a warning once: cuDNN attention, PyTorch's norms and RoPE, the
+blockwise statistics (slower; the same definitions, so a store's numbers differ only by rounding).
+WORKBENCH_TRITON_UNTESTED=1 runs the kernels on any triton.
 
     usable()    True when the kernels run (read once per process)
 """
@@ -43,6 +43,6 @@ def usable() -> bool:
     warnings.warn(f"triton {found} is not a version the workbench's Triton kernels were tested with "
                   f"({', '.join(v + '.x' for v in TESTED)}): they are off, and the stock paths run (cuDNN attention, "
                   "PyTorch's norms and RoPE, blockwise statistics: slower, the same numbers up to rounding). Install "
-                  f"triton {TESTED[-1]} (pip install -e \".[kernels]\", with a torch that takes it: 2.11), or set {ENV}=1 "
-                  "to run them on this one", RuntimeWarning, stacklevel=2)
+                  f"triton {TESTED[-1]} (pip install -e \".[kernels]\", with a torch that takes it: 2.11), or set "
+                  f"{ENV}=1 to run them on this one", RuntimeWarning, stacklevel=2)
     return False
