@@ -17,7 +17,7 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the import of workbench.kernels.frame_attention
 
-from conftest import triton_module  # noqa: E402
+from conftest import skip_unless_tested_triton, triton_module  # noqa: E402
 from models.errors import ModelInputError  # noqa: E402  (the base of WorkbenchError: kernels in models/ raise it)
 from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.kernels import reference as ref  # noqa: E402
@@ -911,7 +911,7 @@ def test_kernels_compile_for_hopper_without_gpu():
     """Compile (not run) the kernels for sm_90 in a fresh process without the interpreter: catches what the
     interpreter cannot (constexpr rules, layouts, TMA lowering) and checks that the main loop uses wgmma and
     asynchronous (pipelined) loads, and that every TMA copy fills exactly the box of its descriptor."""
-    pytest.importorskip("triton")
+    skip_unless_tested_triton()
     res = _compile_in_subprocess(_AOT_SCRIPT)
     for name, info in res.items():
         assert info["wgmma"] >= 1, (name, info)  # Hopper tensor-core dots
@@ -959,6 +959,7 @@ def test_gluon_forward_compiles_for_hopper_without_gpu():
     without the frame sums: tensor-core wgmma, the producer's and consumers' register budgets (setmaxnreg), and
     its 3-stage ring within the 227 KB of shared memory a CTA may use. (Its outputs are checked on an H200 by
     bench/bench_gluon_attention.py and the GPU tests that run "auto".)"""
+    skip_unless_tested_triton()
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     for mass, info in _compile_in_subprocess(_GLUON_AOT).items():
         assert info["wgmma"] >= 16, (mass, info)

@@ -1026,7 +1026,7 @@ def test_gpu_an_eager_rollout_lets_the_graphs_go_when_there_is_no_room(monkeypat
     total = torch.cuda.mem_get_info(device)[1]
     torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(device) + (64 << 20)) / total, device)
     try:
-        room = rollout_mod._room(device, held.pool_bytes)  # (the fraction, a float, may cost the limit a byte)
+        room = rollout_mod._room(device, held.pool_bytes)  # (the fraction, a float, may cut the limit by a byte)
         assert (64 << 20) - 8 <= room <= (64 << 20) + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(
             device)
     finally:

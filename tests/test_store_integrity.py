@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 
 import workbench.extract as extract_mod
 from workbench.cli import main as cli_main
@@ -761,3 +762,22 @@ def test_a_refusal_names_only_the_sections_both_fingerprints_record():
     wanted = {"layout": {"layers": [1]}, "model": {"weights": "b", "image": "c"}}
     assert describe_differences(stored, wanted) == ("model.weights: a in the store, b in this run; "
                                                     "model.image: (not set) in the store, c in this run")
+
+
+def test_facts_a_run_learns_are_added_to_the_store_once_with_each_entry(tmp_path):
+    """`StoreWriter.write(facts=)`: lines (attn_refused) learnt with an entry join the store's list with its mark,
+    on the first write and on appends by the same or a later writer, each once; no facts, no attr."""
+    from studies import synthetic
+    from workbench.store import StoreWriter
+
+    parts = synthetic.sample_datasets("causal", seeds=(1, 2, 3, 4), layers=(0,))
+    path, fp = tmp_path / "s.zarr", parts[0].attrs["fingerprint"]
+    with StoreWriter(path, fp, mode="overwrite") as writer:
+        writer.write(parts[0], facts={"attn_refused": []})
+        assert "attn_refused" not in zarr.open_group(str(path), mode="r").attrs
+        writer.write(parts[1], facts={"attn_refused": ["a"]})
+        writer.write(parts[2], facts={"attn_refused": ["a", "b"]})
+    with StoreWriter(path, fp) as writer:  # (a later run appends)
+        writer.write(parts[3], facts={"attn_refused": ["c", "a"]})
+    attrs = zarr.open_group(str(path), mode="r").attrs
+    assert attrs["attn_refused"] == ["a", "b", "c"] and len(attrs["completed"]) == 4

@@ -17,9 +17,9 @@ def triton_at(monkeypatch):
     """Pretend the installed triton is at a given version (None: not installed); the answer is read anew."""
     def at(found):
         monkeypatch.setattr(triton_version, "version", lambda: found)
-        triton_version.usable.cache_clear()
+        triton_version.reset()
     yield at
-    triton_version.usable.cache_clear()
+    triton_version.reset()
 
 
 def test_an_untested_triton_turns_the_kernels_off_with_one_warning(triton_at, monkeypatch):
@@ -82,3 +82,13 @@ def test_gpu_an_untested_triton_runs_the_stock_paths(triton_at, monkeypatch):
         out = causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s, generator=g,
                               cuda_graphs=False)
     assert torch.isfinite(out.float()).all()
+
+
+def test_the_answer_is_a_constant_inside_compiled_code():
+    """The fused norms and RoPE ask `usable()` inside the blocks `generate --compile` compiles: the compiler takes
+    its answer without a warning or a graph break, decided there or before (a cache wrapper around it warned)."""
+    triton_version.reset()  # (undecided: the compiler meets the version check itself)
+    step = torch.compile(lambda x: x + 1 if triton_version.usable() else x - 1, backend="eager", fullgraph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(step(torch.ones(1))) == (2.0 if triton_version.usable() else 0.0)

@@ -279,9 +279,10 @@ def refused() -> dict[tuple, str]:
 
 
 def refusals(kernel: str, device, dtype: torch.dtype, *, heads: int, head_dim: int) -> list[str]:
-    """One line per refusal so far (this process) that a model of this geometry running the choice `kernel` on
-    this device and dtype meets: a kernel of its order refused a call of its heads and head_dim; such calls ran the
-    next kernel of the order. (A store's `attn_refused`: `describe` names the kernel meant for its calls.)"""
+    """One line per refusal so far in this process (earlier runs' and training forwards' included) that a model of
+    this geometry running the choice `kernel` on this device and dtype meets: a kernel of its order refused a call of
+    its heads and head_dim; such calls ran the next kernel of the order. (A store's `attn_refused`: `describe` names
+    the kernel meant for its calls.)"""
     order = CHOICES[check_kernel(kernel)]
     return [f"{name} refused q {list(q)}, k {list(k)}, v {list(v)} ({reason}); those calls ran the next kernel of the "
             f"order {list(order)}"

@@ -342,7 +342,7 @@ def _room(device, pool_bytes: int) -> int:
     free, total = torch.cuda.mem_get_info(device)
     reserved = torch.cuda.memory_reserved(device)
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(device)  # (not in all)
-    limit = round(fraction * total) - reserved  # (the fraction a float: int() lost a byte of a whole limit)
+    limit = int(fraction * total) - reserved  # (cut, as the allocator cuts it)
     return min(free, max(0, limit)) + max(0, reserved - torch.cuda.memory_allocated(device) - pool_bytes)
 
 

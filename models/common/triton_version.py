@@ -9,12 +9,11 @@ its interpreter refuses one of the kernels' masks and its Gluon no longer compil
 blockwise statistics (slower; the same definitions, so a store's numbers differ only by rounding).
 WORKBENCH_TRITON_UNTESTED=1 runs the kernels on any triton.
 
-    usable()    True when the kernels run (read once per process)
+    usable()    True when the kernels run (decided once per process; `reset()` decides again)
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
@@ -31,10 +30,25 @@ def version() -> str | None:
     return str(getattr(triton, "__version__", "0"))
 
 
-@functools.cache
+_USABLE: bool | None = None  # the answer, once decided
+
+
 def usable() -> bool:
     """Whether the repository's Triton kernels run: triton is installed at a tested version (`TESTED`), or
     WORKBENCH_TRITON_UNTESTED=1. An untested version warns once, naming what runs instead."""
+    global _USABLE
+    if _USABLE is None:
+        _USABLE = _decide()
+    return _USABLE
+
+
+def reset() -> None:
+    """Forget the answer: the next `usable()` decides again (tests)."""
+    global _USABLE
+    _USABLE = None
+
+
+def _decide() -> bool:
     found = version()
     if found is None:
         return False
