@@ -347,8 +347,8 @@ def _other_stats_note(a: xr.Dataset, b: xr.Dataset) -> list[str]:
     names = list(dict.fromkeys(held[0] + held[1]))
     if not names:
         return []
-    where = {True: {True: "both", False: "A only"}, False: {True: "B only"}}
-    listed = ", ".join(f"{s} ({where[s in held[0]][s in held[1]]})" for s in names)
+    listed = ", ".join(f"{s} ({'both' if s in held[0] and s in held[1] else 'A only' if s in held[0] else 'B only'})"
+                       for s in names)
     return [f"not compared: {listed}; the comparison reads attn_mass only (open a store with studies.load_store to "
             f"read the others)"]
 

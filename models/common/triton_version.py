@@ -58,5 +58,5 @@ def _decide() -> bool:
                   f"({', '.join(v + '.x' for v in TESTED)}): they are off, and the stock paths run (cuDNN attention, "
                   "PyTorch's norms and RoPE, blockwise statistics: slower, the same numbers up to rounding). Install "
                   f"triton {TESTED[-1]} (pip install -e \".[kernels]\", with a torch that takes it: 2.11), or set "
-                  f"{ENV}=1 to run them on this one", RuntimeWarning, stacklevel=2)
+                  f"{ENV}=1 to run them on this one", RuntimeWarning, stacklevel=3)  # (usable()'s caller)
     return False
