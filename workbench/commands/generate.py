@@ -7,10 +7,17 @@ latents [F, 16, h, w] --VAE (streamed chunk by chunk)--> 1 + 4 (F - 1) frames --
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from workbench.commands import (ATTENTION_KERNELS, PROMPT_HELP, add_chunk_arguments, add_model_arguments,
                                 add_schedule_arguments, add_size_arguments, latent_frames)
+
+if TYPE_CHECKING:  # (the CLI imports torch only once a command runs)
+    import torch
+
+    from workbench.extract import Plan as CapturePlan
 
 HELP = "generate videos (latents, mp4, PNG grid) from prompts"
 
@@ -174,39 +181,124 @@ def _differences(path: Path, want: dict, earlier: dict | None = None) -> list[st
 
 
 def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
-    import contextlib
     import gc
-    import json
-    import sys
-    from pathlib import Path
 
     import torch
 
-    from models.common.rollout import sample, seeded_noise
-    from models.errors import ModelInputError
-    from models.family import check_fits_cache, family_of
-    from models.files import atomic_write_bytes, check_unchanged, check_writable_dir, safetensors_bytes
-    from models.video import ensure_writable_dir, mp4_available, read_prompts, write_mp4, write_png_grid
-    from models.wan.checkpoint import load_wan, wan_weights_file
-    from models.wan.checkpoint import weights_sha256 as weights_sha256_of
-    from models.wan.embedded import require_embedded_dir
-    from models.wan.folder import present, wan_parts
-    from models.wan.text_encoder import TextEncoder, check_encoder_files, earlier_identities, wan_dir_encoder_identity
-    from models.wan.vae import WanVAE, resolve_decoder
-    from workbench.commands import apply_schedule, model_label, resolve_model, world_prompt_note
-    from workbench.errors import WorkbenchError
-    from workbench.extract import (_dtype, _rank_device, dtype_name, check_context_noise, check_device, check_window,
-                                   default_prompts, parse_int_list, rank_share)
-    from workbench.chunking import check_image_frames
+    from models.video import ensure_writable_dir
+    from models.wan.text_encoder import TextEncoder
+    from workbench.extract import rank_share
     from workbench.progress import progress_bar
     from workbench.store import StoreLock, sample_id
-    from workbench.weights import check_vae_file, check_wan_dir, run_files, wan_dir_hint
 
-    # --- everything that can be wrong, before any work
+    plan = _plan(args, world)  # everything that can be wrong, before any work
+    wanted = _wanted(args, plan)
+    existing = _look(args, wanted, plan.earlier)
+    out = ensure_writable_dir(args.out)  # every check passed: the output folder is made now
+    if rank == 0 and locks is not None:  # one run writes a folder at a time (refused at once, naming the holder)
+        locks.append(StoreLock(out, what="a generate folder").acquire())
+        existing = _look(args, wanted, plan.earlier)  # (again: a run that held the folder may have written meanwhile)
+    live = None
+    if plan.capture is not None:  # live.json now: `workbench view OUT` can start waiting
+        from workbench.view.live import LiveRun
+
+        live = LiveRun(plan.capture, out, plan.device, fps=16, command=args.argv)
+
+    # --- text first; in low-memory mode the encoder leaves the GPU before the DiT arrives
+    encoder = TextEncoder.from_wan_dir(plan.wan_dir, device=plan.device, cache_dir=out / ".prompt_cache")
+    every = [(i, s) for i in range(len(plan.prompts)) for s in plan.seeds]
+    # a run stopped midway resumes: the samples already there as this run would make them (their latents, written
+    # last, with this run's metadata and size, and the video files asked for) are kept; every rank reads them all
+    # (the run's counts, said once), and makes what is missing of its own share
+    videos = [] if args.no_video else [".png"] + [".mp4"] * plan.mp4
+    kept_all = [] if args.overwrite or live is not None else [
+        (i, s) for i, s in every if existing[sample_id(i, s)] == []
+        and all(_whole(out / f"{sample_id(i, s)}{suffix}") for suffix in videos)]
+    jobs = rank_share(every, rank, world)  # this rank's samples
+    done = set(kept_all)
+    kept = [job for job in jobs if job in done]
+    jobs = [job for job in jobs if job not in done]
+    args.own_samples = len(wanted)  # (what an interruption reports: this run's samples finished, kept ones first)
+    args.finished_samples = [sample_id(i, s) for i, s in kept]
+    todo_all = len(every) - len(kept_all)
+    if kept_all and rank == 0:
+        print(f"resuming: {len(kept_all)} sample(s) are already in {out}, made with the same prompt, seed, "
+              f"sampler, dtype, weights{', image' if args.image else ''} and size; "
+              + (f"generating the other {todo_all}" + (f" ({world} processes)" if world > 1 else "") if todo_all
+                 else "nothing to do")
+              + " (--overwrite makes them all again)", flush=True)
+    contexts = {i: encoder.encode([plan.prompts[i]]).context
+                for i in progress_bar(sorted({i for i, _ in jobs}), desc="encode", disable=args.no_progress)}
+    negative = encoder.encode([args.negative_prompt]).context if args.sampler != "causal_few_step" else None
+    if plan.low_memory:
+        del encoder
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    # --- the DiT and the VAE, then each of this rank's samples
+    model, vae, initial = _load(args, plan)
+    for i, seed in jobs:
+        name = sample_id(i, seed)
+        _sample(args, plan, model, vae, initial, live, out, name, wanted[name], i, seed, contexts[i], negative)
+        args.finished_samples.append(name)
+    if live is not None:
+        live.close()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank's files are written
+    if rank == 0:
+        _say_done(args, plan, out, kept_all, todo_all, world)
+    return 0
+
+
+@dataclass
+class _Plan:
+    """What a generate run was asked for, checked before any work (the files' hashes aside)."""
+    prompts: list[str]
+    seeds: list[int]
+    wan_dir: Path
+    h: int  # latent height and width
+    w: int
+    device: torch.device
+    dtype_label: str  # "bfloat16", "float32", ...
+    dtype: torch.dtype
+    weights_path: Path  # the checkpoint, or the folder's DiT
+    stamps: dict  # the files' stamps, checked once they are loaded (workbench/weights.py run_files)
+    image: torch.Tensor | None  # [3, H, W] in [-1, 1] (--image)
+    low_memory: bool  # the text encoder leaves the GPU before the DiT arrives
+    mp4: bool  # mp4 files are written
+    capture: CapturePlan | None  # what --live captures
+    text_encoder: str  # the text encoder's identity, and {an identity earlier workbenches gave it: this one}
+    earlier: dict
+
+
+def _plan(args, world: int) -> _Plan:
+    """Every check of the arguments and files that can be made before any weights are read."""
+    import sys
+
+    import torch
+
+    from models.errors import ModelInputError
+    from models.family import check_fits_cache, family_of
+    from models.files import check_writable_dir
+    from models.video import mp4_available, read_prompts
+    from models.wan.checkpoint import wan_weights_file
+    from models.wan.embedded import require_embedded_dir
+    from models.wan.folder import present, wan_parts
+    from models.wan.text_encoder import check_encoder_files, earlier_identities, wan_dir_encoder_identity
+    from models.wan.vae import resolve_decoder
+    from workbench.chunking import check_image_frames
+    from workbench.commands import apply_schedule, resolve_model
+    from workbench.errors import WorkbenchError
+    from workbench.extract import (_dtype, _rank_device, dtype_name, check_context_noise, check_device, check_window,
+                                   default_prompts, parse_int_list)
+    from workbench.weights import check_vae_file, check_wan_dir, run_files
+
     resolve_model(args)
     apply_schedule(args)
     resolve_decoder(args.vae_decoder)  # a bad WORKBENCH_VAE_DECODER included
-    check_writable_dir(args.out)  # (made once every check has passed, below)
+    check_writable_dir(args.out)  # (made once every check has passed)
     prompts = read_prompts(args.prompts) if args.prompts else (args.prompt or default_prompts(args.wan_dir))
     seeds = parse_int_list(args.seed, what="seed", all_ok=False)
     if not seeds:
@@ -259,23 +351,31 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
         image = read_image(args.image, family.vae_stride * h, family.vae_stride * w)  # [3, H, W] in [-1, 1]
     low_memory = args.low_memory == "on" or (
         args.low_memory == "auto" and device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 40 * 2**30)
-    quiet = args.no_progress
     mp4 = not args.no_video and mp4_available()
     if not args.no_video and not mp4:
         print("note: no mp4 files: mp4 needs the video extra (pip install -e '.[video]': ffmpeg, 165 MB); writing "
               "the latents and PNG grids", file=sys.stderr)
-    live = None
     if not args.live and (args.layers or args.heads or args.steps):
         raise WorkbenchError("--layers, --heads and --steps choose what --live captures; add --live")
     if args.live and world > 1:
         raise WorkbenchError("--live streams one process's run to `workbench view`; run it without torchrun")
+    capture = None
     if args.live:  # what to capture, checked (layers, heads, steps) before any weights are read
-        from workbench.view.live import LiveRun, live_plan
+        from workbench.view.live import live_plan
 
         capture = live_plan(args, prompts, seeds, device, dtype_label, h, w)
-    # another run's files under this run's names are replaced only when asked (--overwrite)
-    weights_sha256 = weights_sha256_of(weights_path)
-    text_encoder, earlier = wan_dir_encoder_identity(wan_dir), earlier_identities(wan_dir)
+    return _Plan(prompts, seeds, wan_dir, h, w, device, dtype_label, dtype, weights_path, stamps, image, low_memory,
+                 mp4, capture, wan_dir_encoder_identity(wan_dir), earlier_identities(wan_dir))
+
+
+def _wanted(args, plan: _Plan) -> dict:
+    """{sample name: the metadata its latents file records, and `shape`}: what makes a file this run's (another
+    run's files under this run's names are replaced only when asked, --overwrite)."""
+    import json
+
+    from models.wan.checkpoint import weights_sha256
+    from workbench.store import sample_id
+
     # the few-step sampler's schedule and chunking (a file made with another is not this run's)
     steps = dict(denoising_step_list=list(args.denoising_step_list), warp=args.warp_denoising_step,
                  shift=args.timestep_shift, context_noise=args.context_noise,
@@ -288,73 +388,45 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
         from models.files import sha256_file
 
         image_sha = sha256_file(args.image)
-    wanted = {sample_id(i, s): dict(prompt=prompts[i], seed=str(s), sampler=args.sampler,
-                                    weights_sha256=weights_sha256, text_encoder=text_encoder,
-                                    use_ema=str(bool(args.use_ema)), schedule=schedule, window=window,
-                                    image_sha256=image_sha, dtype=dtype_label,
-                                    shape=[args.frames, h, w])
-              for i in range(len(prompts)) for s in seeds}
-    def look() -> dict:
-        """How each file already there under this run's names differs from what this run would write (None: no
-        file); another run's files are refused unless --overwrite."""
-        existing = {name: _differences(Path(args.out) / f"{name}.safetensors", want, earlier)
-                    for name, want in wanted.items()}
-        clash = [f"{name} ({'; '.join(differ)})" for name, differ in existing.items()  # (an older file records less)
-                 if differ and not all(d.startswith("no ") for d in differ)]
-        if not args.overwrite and clash:  # (every rank: none writes into another run's names meanwhile)
-            more = f" and {len(clash) - 3} more" if len(clash) > 3 else ""
-            raise WorkbenchError(f"{args.out} holds files of another run under this run's names: "
-                                 f"{'; '.join(clash[:3])}{more}. generate names its files p<prompt index>-s<seed>, so "
-                                 "this run would replace them: choose another --out, or pass --overwrite to replace "
-                                 "them")
-        return existing
+    weights = weights_sha256(plan.weights_path)
+    return {sample_id(i, s): dict(prompt=plan.prompts[i], seed=str(s), sampler=args.sampler,
+                                  weights_sha256=weights, text_encoder=plan.text_encoder,
+                                  use_ema=str(bool(args.use_ema)), schedule=schedule, window=window,
+                                  image_sha256=image_sha, dtype=plan.dtype_label, shape=[args.frames, plan.h, plan.w])
+            for i in range(len(plan.prompts)) for s in plan.seeds}
 
-    existing = look()
-    out = ensure_writable_dir(args.out)  # every check passed: the output folder is made now
-    if rank == 0 and locks is not None:  # one run writes a folder at a time (refused at once, naming the holder)
-        locks.append(StoreLock(out, what="a generate folder").acquire())
-        existing = look()  # (again, the folder now this run's: a run that held it may have written meanwhile)
-    if args.live:
-        # live.json now: `workbench view OUT` can start waiting
-        live = LiveRun(capture, out, device, fps=16, command=args.argv)
 
-    # --- text first; in low-memory mode the encoder leaves the GPU before the DiT arrives
-    encoder = TextEncoder.from_wan_dir(wan_dir, device=device, cache_dir=out / ".prompt_cache")
-    every = [(i, s) for i in range(len(prompts)) for s in seeds]
-    # a run stopped midway resumes: the samples already there as this run would make them (their latents, written
-    # last, with this run's metadata and size, and the video files asked for) are kept; every rank reads them all
-    # (the run's counts, said once), and makes what is missing of its own share
-    videos = [] if args.no_video else [".png"] + [".mp4"] * mp4
-    kept_all = [] if args.overwrite or live is not None else [
-        (i, s) for i, s in every if existing[sample_id(i, s)] == []
-        and all(_whole(out / f"{sample_id(i, s)}{suffix}") for suffix in videos)]
-    jobs = rank_share(every, rank, world)  # this rank's samples
-    done = set(kept_all)
-    kept = [job for job in jobs if job in done]
-    jobs = [job for job in jobs if job not in done]
-    args.own_samples = len(wanted)  # (what an interruption reports: this run's samples finished, kept ones first)
-    args.finished_samples = [sample_id(i, s) for i, s in kept]
-    todo_all = len(every) - len(kept_all)
-    if kept_all and rank == 0:
-        print(f"resuming: {len(kept_all)} sample(s) are already in {out}, made with the same prompt, seed, "
-              f"sampler, dtype, weights{', image' if image_sha else ''} and size; "
-              + (f"generating the other {todo_all}" + (f" ({world} processes)" if world > 1 else "") if todo_all
-                 else "nothing to do")
-              + " (--overwrite makes them all again)", flush=True)
-    contexts = {i: encoder.encode([prompts[i]]).context
-                for i in progress_bar(sorted({i for i, _ in jobs}), desc="encode", disable=quiet)}
-    cfg_sampler = args.sampler != "causal_few_step"
-    negative = encoder.encode([args.negative_prompt]).context if cfg_sampler else None
-    if low_memory:
-        del encoder
-        gc.collect()
-        torch.cuda.empty_cache()
+def _look(args, wanted: dict, earlier: dict | None) -> dict:
+    """How each file already there under this run's names differs from what this run would write (None: no file);
+    another run's files are refused unless --overwrite (by every rank: none writes into another run's names)."""
+    from workbench.errors import WorkbenchError
+
+    existing = {name: _differences(Path(args.out) / f"{name}.safetensors", want, earlier)
+                for name, want in wanted.items()}
+    clash = [f"{name} ({'; '.join(differ)})" for name, differ in existing.items()  # (an older file records less)
+             if differ and not all(d.startswith("no ") for d in differ)]
+    if not args.overwrite and clash:
+        more = f" and {len(clash) - 3} more" if len(clash) > 3 else ""
+        raise WorkbenchError(f"{args.out} holds files of another run under this run's names: "
+                             f"{'; '.join(clash[:3])}{more}. generate names its files p<prompt index>-s<seed>, so "
+                             "this run would replace them: choose another --out, or pass --overwrite to replace them")
+    return existing
+
+
+def _load(args, plan: _Plan):
+    """(the DiT, the VAE or None, the image's latent [1, 1, 16, h, w] or None) on the run's device and dtype."""
+    from models.files import check_unchanged
+    from models.wan.checkpoint import load_wan
+    from models.wan.folder import wan_parts
+    from models.wan.vae import WanVAE
+    from workbench.weights import wan_dir_hint
+
     with wan_dir_hint(args.wan_dir, args.checkpoint):
-        model = load_wan(wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema,
+        model = load_wan(plan.wan_dir, checkpoint=args.checkpoint, use_ema=args.use_ema,
                          causal=args.sampler != "bidirectional", num_frame_per_block=args.num_frame_per_block,
-                         local_attn_size=args.local_attn_size,
-                         sink_size=args.sink_size, device=device, dtype=dtype, trust_pickle=args.trust_pickle)
-    check_unchanged(stamps, "between the hashing of the files' labels and the loading of the weights")
+                         local_attn_size=args.local_attn_size, sink_size=args.sink_size, device=plan.device,
+                         dtype=plan.dtype, trust_pickle=args.trust_pickle)
+    check_unchanged(plan.stamps, "between the hashing of the files' labels and the loading of the weights")
     model.attention_kernel = args.attention_kernel
     model.independent_first_frame = args.independent_first_frame
     if args.fp8 or args.compile:
@@ -364,77 +436,88 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
             quantize_fp8(model, args.fp8)
         if args.compile:
             compile_blocks(model, args.compile)
-    vae = None if args.no_video and image is None else WanVAE.from_file(wan_parts(wan_dir).vae, device=device,
-                                                                         dtype=dtype, decoder=args.vae_decoder)
+    vae = None
+    if not args.no_video or plan.image is not None:
+        vae = WanVAE.from_file(wan_parts(plan.wan_dir).vae, device=plan.device, dtype=plan.dtype,
+                               decoder=args.vae_decoder)
     # image-to-video: the image's latent [1, 1, 16, h, w] is frame 0 of every sample
-    initial = None if image is None else vae.encode(image[None, :, None]).to(device, dtype)
-    if args.no_video:
-        vae = None
+    initial = None if plan.image is None else vae.encode(plan.image[None, :, None]).to(plan.device, plan.dtype)
+    return model, (None if args.no_video else vae), initial
 
-    for i, seed in jobs:
-        name = sample_id(i, seed)
-        noise, gen = seeded_noise(seed, (1, args.frames, model.config.in_dim, h, w), device, dtype)
-        chunks = len(model.chunk_spans(args.frames)) if args.sampler != "bidirectional" else 1
-        per_chunk = (len(args.denoising_step_list) + 1 if args.sampler == "causal_few_step" else
-                     2 * args.num_inference_steps + (2 if args.sampler != "bidirectional" else 0))
-        # each finished chunk is decoded right away (the VAE decodes causally, chunk by chunk), on CUDA on a side
-        # stream while the next chunk is denoised, and, with --live, streamed with its attention
-        decoder = None if vae is None else vae.stream_decoder(overlap=True)
-        pieces = []
 
-        def on_chunk(chunk, start, x0):  # x0 [1, n, C, h, w], the chunk's clean latents
-            pending = None if decoder is None else decoder.push_async(x0)
-            if pending is not None:
-                pieces.append(pending)
-            if live is not None:
-                live.chunk(chunk, start, x0.shape[1], None if pending is None else pending.get())  # [1, 3, t, H, W]
+def _sample(args, plan: _Plan, model, vae, initial, live, out: Path, name: str, want: dict, i: int, seed: int,
+            context, negative) -> None:
+    """One (prompt, seed) sample: the rollout, each chunk decoded as it finishes, then its files (latents last)."""
+    import contextlib
 
-        watched = contextlib.nullcontext() if live is None else live.sample(model, name, prompt=prompts[i],
-                                                                            prompt_index=i, seed=seed)
-        # the last chunk's context pass only writes the cache (same latents): skipped unless --live shows it
-        skip_last = args.sampler == "causal_few_step" and live is None
-        with watched, progress_bar(total=chunks * per_chunk - skip_last, desc=f"rollout {name}", unit="fwd",
-                           disable=quiet) as bar:
-            latents = sample(model, args.sampler, noise, contexts[i].to(device, dtype),
-                             None if negative is None else negative.to(device, dtype), generator=gen,
-                             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                             denoising_step_list=args.denoising_step_list, timestep_shift=args.timestep_shift,
-                             warp_denoising_step=args.warp_denoising_step, context_noise=args.context_noise,
-                             on_forward=lambda *_: bar.update(1), on_chunk=on_chunk, initial_latent=initial,
-                             last_context_pass=not skip_last)
-        tensors = {"latents": latents[0].float().cpu().contiguous()}
-        # recorded beside each video, as a store records them, so that `workbench view` can tell whose video it is
-        metadata = {**{k: v for k, v in wanted[name].items() if k != "shape"},  # (what a later run compares)
-                    "checkpoint": args.checkpoint or str(wan_dir)}
-        # the latents, which say whose files these are, go last; an earlier run's go first, so that a kill in
-        # between never leaves new videos beside old latents
-        (out / f"{name}.safetensors").unlink(missing_ok=True)
-        if vae is not None:
-            video = torch.cat([p.get() for p in pieces], dim=2)[0]  # [3, T, H, W] in [-1, 1]
-            if mp4:
-                write_mp4(video, out / f"{name}.mp4", fps=16)
-            write_png_grid(video, out / f"{name}.png", ncols=9, frames=range(0, video.shape[1], 5), label_frames=True,
-                           title=f"{model_label(args)} · seed {seed} · {name} · \"{prompts[i]}\"")
-        atomic_write_bytes(out / f"{name}.safetensors", safetensors_bytes(tensors, metadata))
-        args.finished_samples.append(name)
-    if live is not None:
-        live.close()
-    if world > 1:
-        import torch.distributed as dist
+    import torch
 
-        dist.barrier()  # every rank's files are written
-    if rank == 0:
-        total = len(prompts) * len(seeds)  # (every rank's, the kept ones included)
-        kinds = ["latents (.safetensors)"] + (["videos (.mp4, 16 fps)"] * mp4) + \
-            (["frame grids (.png, every 5th frame, each named with its latent frame)"] * (not args.no_video))
-        made = (f"all {len(kept_all)} sample(s) were already in {out}" if kept_all and not todo_all else
-                f"wrote {todo_all} sample(s) to {out} ({len(kept_all)} more were there already)" if kept_all
-                else f"wrote {total} sample(s) to {out}")
-        print(made + (f" ({world} processes)" if world > 1 else "")
-              + f": {', '.join(kinds)}, named p<prompt>-s<seed> (e.g. p0000-s{seeds[0]})"
-              + (f"; frame 0 of each is the image {args.image}" if args.image else ""))
-        if args.model_note:
-            print(args.model_note)
-        if note := world_prompt_note(args, prompts):
-            print(note)
-    return 0
+    from models.common.rollout import sample, seeded_noise
+    from models.files import atomic_write_bytes, safetensors_bytes
+    from models.video import write_mp4, write_png_grid
+    from workbench.commands import model_label
+    from workbench.progress import progress_bar
+
+    device, dtype = plan.device, plan.dtype
+    noise, gen = seeded_noise(seed, (1, args.frames, model.config.in_dim, plan.h, plan.w), device, dtype)
+    chunks = len(model.chunk_spans(args.frames)) if args.sampler != "bidirectional" else 1
+    per_chunk = (len(args.denoising_step_list) + 1 if args.sampler == "causal_few_step" else
+                 2 * args.num_inference_steps + (2 if args.sampler != "bidirectional" else 0))
+    # each finished chunk is decoded right away (the VAE decodes causally, chunk by chunk), on CUDA on a side
+    # stream while the next chunk is denoised, and, with --live, streamed with its attention
+    decoder = None if vae is None else vae.stream_decoder(overlap=True)
+    pieces = []
+
+    def on_chunk(chunk, start, x0):  # x0 [1, n, C, h, w], the chunk's clean latents
+        pending = None if decoder is None else decoder.push_async(x0)
+        if pending is not None:
+            pieces.append(pending)
+        if live is not None:
+            live.chunk(chunk, start, x0.shape[1], None if pending is None else pending.get())  # [1, 3, t, H, W]
+
+    watched = contextlib.nullcontext() if live is None else live.sample(model, name, prompt=plan.prompts[i],
+                                                                        prompt_index=i, seed=seed)
+    # the last chunk's context pass only writes the cache (same latents): skipped unless --live shows it
+    skip_last = args.sampler == "causal_few_step" and live is None
+    with watched, progress_bar(total=chunks * per_chunk - skip_last, desc=f"rollout {name}", unit="fwd",
+                               disable=args.no_progress) as bar:
+        latents = sample(model, args.sampler, noise, context.to(device, dtype),
+                         None if negative is None else negative.to(device, dtype), generator=gen,
+                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                         denoising_step_list=args.denoising_step_list, timestep_shift=args.timestep_shift,
+                         warp_denoising_step=args.warp_denoising_step, context_noise=args.context_noise,
+                         on_forward=lambda *_: bar.update(1), on_chunk=on_chunk, initial_latent=initial,
+                         last_context_pass=not skip_last)
+    tensors = {"latents": latents[0].float().cpu().contiguous()}
+    # recorded beside each video, as a store records them, so that `workbench view` can tell whose video it is
+    metadata = {**{k: v for k, v in want.items() if k != "shape"},  # (what a later run compares)
+                "checkpoint": args.checkpoint or str(plan.wan_dir)}
+    # the latents, which say whose files these are, go last; an earlier run's go first, so that a kill in
+    # between never leaves new videos beside old latents
+    (out / f"{name}.safetensors").unlink(missing_ok=True)
+    if vae is not None:
+        video = torch.cat([p.get() for p in pieces], dim=2)[0]  # [3, T, H, W] in [-1, 1]
+        if plan.mp4:
+            write_mp4(video, out / f"{name}.mp4", fps=16)
+        write_png_grid(video, out / f"{name}.png", ncols=9, frames=range(0, video.shape[1], 5), label_frames=True,
+                       title=f"{model_label(args)} · seed {seed} · {name} · \"{plan.prompts[i]}\"")
+    atomic_write_bytes(out / f"{name}.safetensors", safetensors_bytes(tensors, metadata))
+
+
+def _say_done(args, plan: _Plan, out: Path, kept_all: list, todo_all: int, world: int) -> None:
+    """The run's one-paragraph summary: what was written where, under which names."""
+    from workbench.commands import world_prompt_note
+
+    total = len(plan.prompts) * len(plan.seeds)  # (every rank's, the kept ones included)
+    kinds = ["latents (.safetensors)"] + (["videos (.mp4, 16 fps)"] * plan.mp4) + \
+        (["frame grids (.png, every 5th frame, each named with its latent frame)"] * (not args.no_video))
+    made = (f"all {len(kept_all)} sample(s) were already in {out}" if kept_all and not todo_all else
+            f"wrote {todo_all} sample(s) to {out} ({len(kept_all)} more were there already)" if kept_all
+            else f"wrote {total} sample(s) to {out}")
+    print(made + (f" ({world} processes)" if world > 1 else "")
+          + f": {', '.join(kinds)}, named p<prompt>-s<seed> (e.g. p0000-s{plan.seeds[0]})"
+          + (f"; frame 0 of each is the image {args.image}" if args.image else ""))
+    if args.model_note:
+        print(args.model_note)
+    if note := world_prompt_note(args, plan.prompts):
+        print(note)
