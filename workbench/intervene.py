@@ -387,8 +387,43 @@ def saved_videos(attrs: dict, label: str) -> bool:
     return "videos_dir" in attrs
 
 
+def _refuse_relabelled(cfg, entries, writer) -> None:
+    """Refuses entries whose labels the store holds, made with other settings (their intervention_spec)."""
+    stored = writer.stored("intervention_spec")
+    clash = [e for e in entries if e.label in stored and not same_settings(json.loads(stored[e.label]), e)]
+    if clash:
+        why = [f"{e.label}: {w}" for e in clash if (w := older_differs(json.loads(stored[e.label]), e))]
+        differ = [f"{e.label}: {'; '.join(d)}" for e in clash
+                  if (d := spec_differences(json.loads(stored[e.label]), e))]
+        raise WorkbenchError(f"{cfg.out} holds entries {[e.label for e in clash]} made with other settings "
+                             f"(intervention_spec{': ' + '; '.join(differ) if differ else ''}"
+                             f"{'; made by an older workbench, ' + '; '.join(why) if why else ''}): "
+                             "give this run's entries their own labels (label: in a --spec file), or choose another "
+                             "--out (or --overwrite)")
+
+
+def _refuse_shared_video_folders(cfg, entries, writer, late_baseline: bool) -> None:
+    """Refuses two labels whose videos would go into one folder: two of this run's, or one of them the store's
+    (`late_baseline`: the stored baseline gets its videos in this run)."""
+    folders: dict[str, set] = {}
+    saved = videos_dir(cfg.out)
+    ours = set(map(str, writer.completed)) - ({BASELINE.label} if late_baseline else set())
+    for label in {BASELINE.label, *(e.label for e in entries)} - ours:
+        folders.setdefault(video_folder_name(label).lower(), set()).add(label)  # (A and a: one on macOS)
+    for label in map(str, writer.completed):  # (a stored entry's folder, by the new name or an older one)
+        for folder in {video_folder_name(label), _kept_characters(label)} - {".", ".."}:
+            if folder.lower() in folders and (saved / folder).is_dir():
+                folders[folder.lower()].add(label)
+    if shared := [sorted(labels) for labels in folders.values() if len(labels) > 1]:
+        raise WorkbenchError(f"the labels {shared} would keep their videos in one folder (a label's folder keeps "
+                             "its letters, digits and .+-=, the rest become _; on a disk blind to case, as macOS' "
+                             "and Windows' are, A and a are one): give this run's entries labels that differ there")
+
+
 def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_videos=False, world="auto", *,
          stamps: dict):
+    """The run after its checks: the baseline of every sample, then each entry not yet in the store, one store
+    entry each (its rows per sample: latent distances, world scores, and attn_mass with `capture`)."""
     import torch
 
     from models.files import check_unchanged
@@ -401,36 +436,14 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     from workbench.progress import printable, progress_bar, shell_word
     from workbench.store import SCHEMA_VERSION, sample_id
 
-    stored = writer.stored("intervention_spec")  # an entry of the same label made with other settings: refused
-    clash = [e for e in entries if e.label in stored and not same_settings(json.loads(stored[e.label]), e)]
-    if clash:
-        why = [f"{e.label}: {w}" for e in clash if (w := older_differs(json.loads(stored[e.label]), e))]
-        differ = [f"{e.label}: {'; '.join(d)}" for e in clash
-                  if (d := spec_differences(json.loads(stored[e.label]), e))]
-        raise WorkbenchError(f"{cfg.out} holds entries {[e.label for e in clash]} made with other settings "
-                             f"(intervention_spec{': ' + '; '.join(differ) if differ else ''}"
-                             f"{'; made by an older workbench, ' + '; '.join(why) if why else ''}): "
-                             "give this run's entries their own labels (label: in a --spec file), or choose another "
-                             "--out (or --overwrite)")
+    _refuse_relabelled(cfg, entries, writer)
     import zarr
 
     stored_attrs = dict(zarr.open_group(writer.path, mode="r").attrs) if writer.completed else {}
     # a store begun without --save-videos: the baseline, rolled out again anyway, gets its videos now
     late_baseline = save_videos and writer.done(BASELINE.label) and not saved_videos(stored_attrs, BASELINE.label)
-    if save_videos:  # (two labels whose videos would go into one folder: this run's, or one of them the store's)
-        folders: dict[str, set] = {}
-        saved = videos_dir(cfg.out)
-        ours = set(map(str, writer.completed)) - ({BASELINE.label} if late_baseline else set())
-        for label in {BASELINE.label, *(e.label for e in entries)} - ours:
-            folders.setdefault(video_folder_name(label).lower(), set()).add(label)  # (A and a: one on macOS)
-        for label in map(str, writer.completed):  # (a stored entry's folder, by the new name or an older one)
-            for folder in {video_folder_name(label), _kept_characters(label)} - {".", ".."}:
-                if folder.lower() in folders and (saved / folder).is_dir():
-                    folders[folder.lower()].add(label)
-        if shared := [sorted(labels) for labels in folders.values() if len(labels) > 1]:
-            raise WorkbenchError(f"the labels {shared} would keep their videos in one folder (a label's folder keeps "
-                                 "its letters, digits and .+-=, the rest become _; on a disk blind to case, as macOS' "
-                                 "and Windows' are, A and a are one): give this run's entries labels that differ there")
+    if save_videos:
+        _refuse_shared_video_folders(cfg, entries, writer, late_baseline)
     todo = [e for e in [BASELINE, *entries] if not writer.done(e.label)]
     writer.requested = [e.label for e in [BASELINE, *entries]]
     samples = [(i, prompt, seed) for i, prompt in enumerate(cfg.prompts) for seed in cfg.seeds]
