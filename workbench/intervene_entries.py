@@ -502,83 +502,90 @@ def parse_entry(d: dict, num_layers: int, num_heads: int, *, num_frames: int | N
     if kind in ("knockout", "sink") and e.attention != "self":
         raise WorkbenchError(f"a {kind} acts on self-attention key frames; attention must be self")
     if kind == "policy":
-        e.policy = d.get("policy")
-        if e.policy not in POLICIES:
-            raise WorkbenchError(f"cache policy {e.policy!r}; use one of {list(POLICIES) + list(OWN_POLICIES)}"
-                                 f"{OWN_HINT if not OWN_POLICIES else ''}")
-        _read_window(e, d, deep=e.policy == "deepsink")
-        e.store, e.threshold = d.get("store"), _number(d.get("threshold", 0.8), "policy threshold")
-        e.static_recent = int(_number(d.get("static_recent", 6), "policy static_recent", integer=True))
-        if d.get("sink_rule", DEEP_SINK_RULE) != DEEP_SINK_RULE:
-            raise WorkbenchError(f"sink_rule {d['sink_rule']!r}: the deep sink's rule is {DEEP_SINK_RULE!r}")
-        if d.get("split", HEAD_SPLIT) != HEAD_SPLIT:
-            raise WorkbenchError(f"split {d['split']!r}: the head-wise split is {HEAD_SPLIT!r} (the sink frames and "
-                                 "the newest static_recent frames up to the query's chunk end)")
-        if "static_heads" in d:  # (the split as a stored spec records it, or chosen by hand)
-            if e.policy != "headwise":
-                raise WorkbenchError(f"static_heads is a headwise policy's setting, not a {e.policy} policy's")
-            e.static_heads = _pairs(d["static_heads"], num_layers, num_heads)
-        if e.policy == "headwise" and not e.store and e.static_heads is None:
-            raise WorkbenchError("a headwise policy needs store (an extract store whose attn_mass splits the heads) "
-                                 "or static_heads (its [layer, head] pairs)")
-        if e.store and not Path(e.store).exists() and e.static_heads is None:
-            raise WorkbenchError(f"store {e.store!r} does not exist (an entry already in an effects store goes on "
-                                 "without it: its intervention_spec, static_heads included, as a --spec entry)")
-        if e.policy == "headwise" and e.store and Path(e.store).exists():
-            _check_attention_store(e.store)
-        if e.policy == "fifo" and e.sink_frames:
-            raise WorkbenchError(f"a fifo policy keeps no sink (sink_frames {e.sink_frames}); use the sink policy, "
-                                 f"e.g. sink:{e.window}:{e.sink_frames}")
-        if e.policy == "deepsink" and not e.sink_frames:
-            raise WorkbenchError(f"a deep sink of 0 sink frames is a fifo window: give sink frames (e.g. "
-                                 f"deepsink:{e.window}:{e.window // 2}, or leave them out: half the window), or use "
-                                 f"fifo:{e.window}")
-        # (a built-in policy's capacity is its window; a headwise one's static heads mask even then: below)
-        if num_frames and num_frames <= e.window and e.policy != "headwise":
-            raise WorkbenchError(full_cache(f"{e.policy} (window {e.window}, sink_frames {e.sink_frames})", e.window,
-                                            num_frames, chunk_frames))
-        if chunk_frames and e.window < e.sink_frames + chunk_frames:
-            raise WorkbenchError(f"policy window {e.window}: it must hold the {e.sink_frames} sink frame(s) and a "
-                                 f"chunk of {chunk_frames}: at least {e.sink_frames + chunk_frames}")
-        seen = min(e.window, num_frames or e.window)  # the most frames a dynamic head sees at once
-        if e.policy == "headwise" and e.static_recent >= seen - e.sink_frames:
-            held = f"a window of {e.window} holds" if seen == e.window else f"the rollout's {num_frames} frames hold"
-            least = e.sink_frames + e.static_recent
-            more = [f"a window above {least}"] * (e.window <= least) + \
-                [f"more --frames than {least}"] * bool(num_frames and num_frames <= least)
-            below = seen - e.sink_frames  # (a static_recent that still holds a chunk, when there is one)
-            raise WorkbenchError(f"static_recent {e.static_recent} keeps every frame {held} beside its "
-                                 f"{e.sink_frames} sink frame(s): a static head would see what a dynamic one sees, so "
-                                 f"the split changes nothing; give {' and '.join(more)} (--policy "
-                                 f"headwise:WINDOW:SINK:STORE keeps static_recent {Entry.static_recent}; a --spec "
-                                 f"entry sets it)" + (f", or static_recent below {below}"
-                                                      if below > (chunk_frames or 0) else ""))
-        if chunk_frames and e.policy == "headwise" and e.static_recent < chunk_frames:
-            raise WorkbenchError(f"static_recent {e.static_recent} is less than a chunk of {chunk_frames} frames: a "
-                                 f"static head sees its own chunk whole, so give at least {chunk_frames}")
-        if e.policy == "headwise" and e.store and Path(e.store).exists():
-            given, e.static_heads = e.static_heads, None
-            static_heads_of(e)  # (the entry's identity: the heads its store gives, whatever path named the store)
-            if given is not None and given != e.static_heads:
-                raise WorkbenchError(f"static_heads {given} differ from the heads store {e.store!r} gives "
-                                     f"({e.static_heads}, threshold {e.threshold:g}, static_recent {e.static_recent}); "
-                                     "give one of them")
-        if e.policy == "headwise" and not e.static_heads:
-            none = (f"no head of store {e.store!r} is static (keeps {e.threshold:g} of its attention on the "
-                    f"{e.sink_frames} sink frame(s) and the newest {e.static_recent})" if e.store else
-                    "static_heads is empty")
-            if num_frames and num_frames <= e.window:  # neither an eviction nor a mask: nothing changes
-                raise WorkbenchError(f"{none}, and " + full_cache(f"headwise (window {e.window}, sink_frames "
-                                                                   f"{e.sink_frames})", e.window, num_frames,
-                                                                   chunk_frames))
-            from models.errors import ModelInputWarning
-
-            fix = "lower the threshold (a --spec entry sets it) or name static_heads" if e.store else \
-                "name some [layer, head] pairs in static_heads"
-            warnings.warn(f"{none}: this headwise policy is the sink policy sink:{e.window}:{e.sink_frames}; {fix} "
-                          "for a split", ModelInputWarning, stacklevel=2)
+        _read_policy(e, d, num_layers, num_heads, num_frames, chunk_frames)
     e.label = str(d.get("label") or default_label(e))
     return e
+
+
+def _read_policy(e: Entry, d: dict, num_layers: int, num_heads: int, num_frames: int | None,
+                 chunk_frames: int | None) -> None:
+    """A cache-policy entry's settings into `e`, each checked against the model (layers, heads) and, when given,
+    the rollout (frames, chunk size): a policy that would evict nothing or hold no chunk is refused."""
+    e.policy = d.get("policy")
+    if e.policy not in POLICIES:
+        raise WorkbenchError(f"cache policy {e.policy!r}; use one of {list(POLICIES) + list(OWN_POLICIES)}"
+                             f"{OWN_HINT if not OWN_POLICIES else ''}")
+    _read_window(e, d, deep=e.policy == "deepsink")
+    e.store, e.threshold = d.get("store"), _number(d.get("threshold", 0.8), "policy threshold")
+    e.static_recent = int(_number(d.get("static_recent", 6), "policy static_recent", integer=True))
+    if d.get("sink_rule", DEEP_SINK_RULE) != DEEP_SINK_RULE:
+        raise WorkbenchError(f"sink_rule {d['sink_rule']!r}: the deep sink's rule is {DEEP_SINK_RULE!r}")
+    if d.get("split", HEAD_SPLIT) != HEAD_SPLIT:
+        raise WorkbenchError(f"split {d['split']!r}: the head-wise split is {HEAD_SPLIT!r} (the sink frames and "
+                             "the newest static_recent frames up to the query's chunk end)")
+    if "static_heads" in d:  # (the split as a stored spec records it, or chosen by hand)
+        if e.policy != "headwise":
+            raise WorkbenchError(f"static_heads is a headwise policy's setting, not a {e.policy} policy's")
+        e.static_heads = _pairs(d["static_heads"], num_layers, num_heads)
+    if e.policy == "headwise" and not e.store and e.static_heads is None:
+        raise WorkbenchError("a headwise policy needs store (an extract store whose attn_mass splits the heads) "
+                             "or static_heads (its [layer, head] pairs)")
+    if e.store and not Path(e.store).exists() and e.static_heads is None:
+        raise WorkbenchError(f"store {e.store!r} does not exist (an entry already in an effects store goes on "
+                             "without it: its intervention_spec, static_heads included, as a --spec entry)")
+    if e.policy == "headwise" and e.store and Path(e.store).exists():
+        _check_attention_store(e.store)
+    if e.policy == "fifo" and e.sink_frames:
+        raise WorkbenchError(f"a fifo policy keeps no sink (sink_frames {e.sink_frames}); use the sink policy, "
+                             f"e.g. sink:{e.window}:{e.sink_frames}")
+    if e.policy == "deepsink" and not e.sink_frames:
+        raise WorkbenchError(f"a deep sink of 0 sink frames is a fifo window: give sink frames (e.g. "
+                             f"deepsink:{e.window}:{e.window // 2}, or leave them out: half the window), or use "
+                             f"fifo:{e.window}")
+    # (a built-in policy's capacity is its window; a headwise one's static heads mask even then: below)
+    if num_frames and num_frames <= e.window and e.policy != "headwise":
+        raise WorkbenchError(full_cache(f"{e.policy} (window {e.window}, sink_frames {e.sink_frames})", e.window,
+                                        num_frames, chunk_frames))
+    if chunk_frames and e.window < e.sink_frames + chunk_frames:
+        raise WorkbenchError(f"policy window {e.window}: it must hold the {e.sink_frames} sink frame(s) and a "
+                             f"chunk of {chunk_frames}: at least {e.sink_frames + chunk_frames}")
+    seen = min(e.window, num_frames or e.window)  # the most frames a dynamic head sees at once
+    if e.policy == "headwise" and e.static_recent >= seen - e.sink_frames:
+        held = f"a window of {e.window} holds" if seen == e.window else f"the rollout's {num_frames} frames hold"
+        least = e.sink_frames + e.static_recent
+        more = [f"a window above {least}"] * (e.window <= least) + \
+            [f"more --frames than {least}"] * bool(num_frames and num_frames <= least)
+        below = seen - e.sink_frames  # (a static_recent that still holds a chunk, when there is one)
+        raise WorkbenchError(f"static_recent {e.static_recent} keeps every frame {held} beside its "
+                             f"{e.sink_frames} sink frame(s): a static head would see what a dynamic one sees, so "
+                             f"the split changes nothing; give {' and '.join(more)} (--policy "
+                             f"headwise:WINDOW:SINK:STORE keeps static_recent {Entry.static_recent}; a --spec "
+                             f"entry sets it)" + (f", or static_recent below {below}"
+                                                  if below > (chunk_frames or 0) else ""))
+    if chunk_frames and e.policy == "headwise" and e.static_recent < chunk_frames:
+        raise WorkbenchError(f"static_recent {e.static_recent} is less than a chunk of {chunk_frames} frames: a "
+                             f"static head sees its own chunk whole, so give at least {chunk_frames}")
+    if e.policy == "headwise" and e.store and Path(e.store).exists():
+        given, e.static_heads = e.static_heads, None
+        static_heads_of(e)  # (the entry's identity: the heads its store gives, whatever path named the store)
+        if given is not None and given != e.static_heads:
+            raise WorkbenchError(f"static_heads {given} differ from the heads store {e.store!r} gives "
+                                 f"({e.static_heads}, threshold {e.threshold:g}, static_recent {e.static_recent}); "
+                                 "give one of them")
+    if e.policy == "headwise" and not e.static_heads:
+        none = (f"no head of store {e.store!r} is static (keeps {e.threshold:g} of its attention on the "
+                f"{e.sink_frames} sink frame(s) and the newest {e.static_recent})" if e.store else
+                "static_heads is empty")
+        if num_frames and num_frames <= e.window:  # neither an eviction nor a mask: nothing changes
+            raise WorkbenchError(f"{none}, and " + full_cache(f"headwise (window {e.window}, sink_frames "
+                                                               f"{e.sink_frames})", e.window, num_frames,
+                                                               chunk_frames))
+        from models.errors import ModelInputWarning
+
+        fix = "lower the threshold (a --spec entry sets it) or name static_heads" if e.store else \
+            "name some [layer, head] pairs in static_heads"
+        warnings.warn(f"{none}: this headwise policy is the sink policy sink:{e.window}:{e.sink_frames}; {fix} "
+                      "for a split", ModelInputWarning, stacklevel=3)
 
 
 OWN_HINT = (" (a kind or policy of your own: register it in a module named by WORKBENCH_PLUGINS, "
