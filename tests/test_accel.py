@@ -37,8 +37,15 @@ def test_e4m3_quantization():
     assert scale.shape == () and q.float().abs().max() == 448.0
 
 
+@pytest.mark.parametrize("cpu_rowwise_scales", [True, False])
 @pytest.mark.parametrize("granularity", ["rowwise", "tensor"])
-def test_fp8_linear_equals_its_float64_emulation(granularity):
+def test_fp8_linear_equals_its_float64_emulation(granularity, cpu_rowwise_scales, monkeypatch):
+    """Also on a torch whose CPU `_scaled_mm` takes per-tensor scales only (2.11: the scales applied after)."""
+    import models.wan.accel as accel
+
+    if cpu_rowwise_scales and not accel.CPU_ROWWISE_SCALES:
+        pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes per-tensor scales only")
+    monkeypatch.setattr(accel, "CPU_ROWWISE_SCALES", cpu_rowwise_scales)
     g = torch.Generator().manual_seed(1)
     linear = torch.nn.Linear(64, 48)
     with torch.no_grad():

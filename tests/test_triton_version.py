@@ -10,6 +10,7 @@ import torch
 
 from models.common import attention_kernels as ak
 from models.common import triton_version
+from conftest import tiny_model
 
 
 @pytest.fixture
@@ -92,3 +93,23 @@ def test_the_answer_is_a_constant_inside_compiled_code():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert float(step(torch.ones(1))) == (2.0 if triton_version.usable() else 0.0)
+
+
+def test_an_untested_triton_met_first_inside_compiled_code_warns_outside(triton_at, monkeypatch):
+    """On an untested triton the check met first inside torch.compile's trace answers there without its warning
+    (torch 2.12's compiler cannot trace warnings.warn: `generate --compile` broke), and the next eager call warns
+    once; `compile_blocks` settles the check before it compiles."""
+    from models.wan.accel import compile_blocks
+
+    monkeypatch.delenv(triton_version.ENV, raising=False)
+    triton_at("3.7.1")
+    step = torch.compile(lambda x: x + 1 if triton_version.usable() else x - 1, backend="eager", fullgraph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(step(torch.ones(1))) == 0.0  # (the stock paths' answer, no warning in the trace)
+    with pytest.warns(RuntimeWarning, match=r"triton 3\.7\.1 is not a version"):
+        assert not triton_version.usable()
+    triton_at("3.7.1")
+    with pytest.warns(RuntimeWarning, match=r"triton 3\.7\.1 is not a version"):
+        compile_blocks(tiny_model(), backend="eager")
+    assert triton_version._USABLE is False

@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import warnings
 
+import torch
+
 TESTED = ("3.6",)  # major.minor of the triton releases the kernels were tested with
 ENV = "WORKBENCH_TRITON_UNTESTED"
 
@@ -38,6 +40,8 @@ def usable() -> bool:
     WORKBENCH_TRITON_UNTESTED=1. An untested version warns once, naming what runs instead."""
     global _USABLE
     if _USABLE is None:
+        if torch.compiler.is_compiling():  # (met first inside torch.compile's trace: answered there without the
+            return _decide(warn=False)     # warning, which not every torch's compiler traces; an eager call warns)
         _USABLE = _decide()
     return _USABLE
 
@@ -48,15 +52,20 @@ def reset() -> None:
     _USABLE = None
 
 
-def _decide() -> bool:
+def _decide(warn: bool = True) -> bool:
     found = version()
     if found is None:
         return False
     if ".".join(found.split(".")[:2]) in TESTED or os.environ.get(ENV) == "1":
         return True
+    if warn:
+        _warn(found)
+    return False
+
+
+def _warn(found: str) -> None:
     warnings.warn(f"triton {found} is not a version the workbench's Triton kernels were tested with "
                   f"({', '.join(v + '.x' for v in TESTED)}): they are off, and the stock paths run (cuDNN attention, "
                   "PyTorch's norms and RoPE, blockwise statistics: slower, the same numbers up to rounding). Install "
                   f"triton {TESTED[-1]} (pip install -e \".[kernels]\", with a torch that takes it: 2.11), or set "
-                  f"{ENV}=1 to run them on this one", RuntimeWarning, stacklevel=3)  # (usable()'s caller)
-    return False
+                  f"{ENV}=1 to run them on this one", RuntimeWarning, stacklevel=4)  # (usable()'s caller)

@@ -39,6 +39,9 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 FP8_GRANULARITIES = ("rowwise", "tensor")
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
+# torch 2.11's CPU `_scaled_mm` takes one scale per tensor only (row-wise scales came in 2.12): there the row-wise
+# product runs with unit scales into float32 and the scales are applied after (the same float32 accumulator)
+CPU_ROWWISE_SCALES = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 12)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -74,6 +77,9 @@ def compile_blocks(model, mode: str = "default", backend: str = "inductor") -> N
                               "own CUDA graphs would fight the rollout's CUDA graphs over the KV cache)")
     import torch._dynamo as dynamo
 
+    from models.common.triton_version import usable
+
+    usable()  # (the kernels' version check settled, and said, before the blocks are traced)
     leave_eager()
     # dynamo keeps one graph per variant of each piece of block code, up to recompile_limit (default 8), beyond which
     # the blocks would silently run eagerly
@@ -114,8 +120,13 @@ class Fp8Linear(nn.Module):
         # x [..., K] -> [..., N]
         lead = x.shape[:-1]
         x8, x_scale = quantize_e4m3(x.reshape(-1, self.in_features), self.granularity)  # [M, K], [M, 1] or []
-        y = torch._scaled_mm(x8, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
-                             out_dtype=self.out_dtype)  # [M, N]; weight_fp8.t() is column-major, as cuBLASLt wants
+        if self.granularity == "rowwise" and not x8.is_cuda and not CPU_ROWWISE_SCALES:
+            one = torch.ones((), device=x8.device)
+            y = torch._scaled_mm(x8, self.weight_fp8.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+            y = (y * x_scale * self.weight_scale).to(self.out_dtype)  # [M, N] * [M, 1] * [1, N]
+        else:
+            y = torch._scaled_mm(x8, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                                 out_dtype=self.out_dtype)  # [M, N]; weight_fp8.t() is column-major, as cuBLASLt wants
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features)

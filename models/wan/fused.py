@@ -54,6 +54,7 @@ def one_kernel(fn):
                 import torch._dynamo as dynamo
 
                 dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
+                usable()  # (the kernels' version check settled, and said, before `fn` is traced)
                 compiled = torch.compile(fn, fullgraph=True)
             return compiled(*args)
         return fn(*args)
