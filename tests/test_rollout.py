@@ -1070,10 +1070,10 @@ def test_a_float64_rollout_is_the_float32_rollouts_reference(one_thread):
 
     f32, f64 = run(torch.float32), run(torch.float64)
     assert (f64 - f32).abs().max() < 1e-4 * f64.abs().max()
-    # the bfloat16 run is near them where its draws are float32's rounded (torch 2.12 on; 2.11's CPU bfloat16 randn
-    # is another stream, so its run is another sample, not the same one rounded)
+    # the bfloat16 run is near them where its draws are float32's rounded (torch 2.12 on: all but about one in 4096,
+    # a rounding step apart; 2.11's CPU bfloat16 randn is another stream, so its run is another sample)
     one, other = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     drawn = torch.randn(4096, generator=one, dtype=torch.bfloat16)
-    if not torch.equal(drawn, torch.randn(4096, generator=other).bfloat16()):
+    if (drawn == torch.randn(4096, generator=other).bfloat16()).float().mean() < 0.99:
         pytest.skip(f"torch {torch.__version__}'s CPU bfloat16 randn is not float32's rounded")
     assert (run(torch.bfloat16) - f64).abs().max() < 0.2 * f64.abs().max()
