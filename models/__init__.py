@@ -10,7 +10,7 @@ import re
 from importlib import metadata
 
 # the oldest torch the tests pass on (pyproject.toml says why: 2.8's gloo doubled two-process CPU training's
-# gradients; 2.10 and older lack CPU fp8 row-wise scaling and round the CPU bf16 rollout further from float64)
+# gradients; 2.10 and older fail the CPU fp8 tests and round the CPU bf16 rollout further from float64)
 TORCH_NEEDED = (2, 11)
 
 
