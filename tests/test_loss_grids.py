@@ -7,27 +7,13 @@ import torch
 
 from models.common.scheduler import FlowMatchScheduler
 from training import rng
+from test_training_losses import Linear  # (a score network whose x0 is known in closed form)
 from training.losses import critic_flow_loss, diffusion_loss, dmd_loss, ode_regression_loss, score_timestep, sid_loss
 
 GEN, SCORE = FlowMatchScheduler(5.0), FlowMatchScheduler(8.0)
 B, F, C, H, W = 2, 6, 4, 2, 2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Linear(torch.nn.Module):
-    """flow prediction a * x + b * (context mean): x0 known in closed form."""
-
-    def __init__(self, a: float, b: float = 0.0, causal=False):
-        super().__init__()
-        self.a = torch.nn.Parameter(torch.tensor(a))
-        self.b = b
-        self.causal, self.num_frame_per_block = causal, 3
-        self.seen_t = []
-
-    def forward(self, x, t, context):
-        self.seen_t.append(t)
-        return self.a * x + self.b * context.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
 
 
 def grid_sigma(shift: float, t: torch.Tensor) -> torch.Tensor:
