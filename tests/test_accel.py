@@ -43,7 +43,7 @@ def test_fp8_linear_equals_its_float64_emulation(granularity, cpu_rowwise_scales
     """Also on a torch whose CPU `_scaled_mm` takes per-tensor scales only (2.11: the scales applied after)."""
     import models.wan.accel as accel
 
-    if cpu_rowwise_scales and not accel.CPU_ROWWISE_SCALES:
+    if cpu_rowwise_scales and not accel.cpu_rowwise_scales():
         pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes per-tensor scales only")
     monkeypatch.setattr(accel, "CPU_ROWWISE_SCALES", cpu_rowwise_scales)
     g = torch.Generator().manual_seed(1)

@@ -41,7 +41,20 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
 # torch 2.11's CPU `_scaled_mm` takes one scale per tensor only (row-wise scales came in 2.12): there the row-wise
 # product runs with unit scales into float32 and the scales are applied after (the same float32 accumulator)
-CPU_ROWWISE_SCALES = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 12)
+CPU_ROWWISE_SCALES: bool | None = None  # whether this torch's CPU `_scaled_mm` takes row-wise scales (tried once)
+
+
+def cpu_rowwise_scales() -> bool:
+    """Whether the CPU `_scaled_mm` takes row-wise scales, tried once on a 16 x 16 product."""
+    global CPU_ROWWISE_SCALES
+    if CPU_ROWWISE_SCALES is None:
+        a = torch.ones(16, 16).to(E4M3)
+        try:
+            torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+            CPU_ROWWISE_SCALES = True
+        except RuntimeError:
+            CPU_ROWWISE_SCALES = False
+    return CPU_ROWWISE_SCALES
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -120,8 +133,8 @@ class Fp8Linear(nn.Module):
         # x [..., K] -> [..., N]
         lead = x.shape[:-1]
         x8, x_scale = quantize_e4m3(x.reshape(-1, self.in_features), self.granularity)  # [M, K], [M, 1] or []
-        if self.granularity == "rowwise" and not x8.is_cuda and not CPU_ROWWISE_SCALES:
-            one = torch.ones((), device=x8.device)
+        if self.granularity == "rowwise" and not x8.is_cuda and not cpu_rowwise_scales():
+            one = torch.ones((), dtype=torch.float32, device=x8.device)
             y = torch._scaled_mm(x8, self.weight_fp8.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
             y = (y * x_scale * self.weight_scale).to(self.out_dtype)  # [M, N] * [M, 1] * [1, N]
         else:

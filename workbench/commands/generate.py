@@ -269,6 +269,7 @@ class _Plan:
     low_memory: bool  # the text encoder leaves the GPU before the DiT arrives
     mp4: bool  # mp4 files are written
     capture: CapturePlan | None  # what --live captures
+    weights_sha256: str
     text_encoder: str  # the text encoder's identity, and {an identity earlier workbenches gave it: this one}
     earlier: dict
 
@@ -283,7 +284,7 @@ def _plan(args, world: int) -> _Plan:
     from models.family import check_fits_cache, family_of
     from models.files import check_writable_dir
     from models.video import mp4_available, read_prompts
-    from models.wan.checkpoint import wan_weights_file
+    from models.wan.checkpoint import wan_weights_file, weights_sha256
     from models.wan.embedded import require_embedded_dir
     from models.wan.folder import present, wan_parts
     from models.wan.text_encoder import check_encoder_files, earlier_identities, wan_dir_encoder_identity
@@ -364,8 +365,10 @@ def _plan(args, world: int) -> _Plan:
         from workbench.view.live import live_plan
 
         capture = live_plan(args, prompts, seeds, device, dtype_label, h, w)
+    # (the files' labels: the weights' hash, then the text encoder's identities)
     return _Plan(prompts, seeds, wan_dir, h, w, device, dtype_label, dtype, weights_path, stamps, image, low_memory,
-                 mp4, capture, wan_dir_encoder_identity(wan_dir), earlier_identities(wan_dir))
+                 mp4, capture, weights_sha256(weights_path), wan_dir_encoder_identity(wan_dir),
+                 earlier_identities(wan_dir))
 
 
 def _wanted(args, plan: _Plan) -> dict:
@@ -373,7 +376,6 @@ def _wanted(args, plan: _Plan) -> dict:
     run's files under this run's names are replaced only when asked, --overwrite)."""
     import json
 
-    from models.wan.checkpoint import weights_sha256
     from workbench.store import sample_id
 
     # the few-step sampler's schedule and chunking (a file made with another is not this run's)
@@ -388,9 +390,8 @@ def _wanted(args, plan: _Plan) -> dict:
         from models.files import sha256_file
 
         image_sha = sha256_file(args.image)
-    weights = weights_sha256(plan.weights_path)
     return {sample_id(i, s): dict(prompt=plan.prompts[i], seed=str(s), sampler=args.sampler,
-                                  weights_sha256=weights, text_encoder=plan.text_encoder,
+                                  weights_sha256=plan.weights_sha256, text_encoder=plan.text_encoder,
                                   use_ema=str(bool(args.use_ema)), schedule=schedule, window=window,
                                   image_sha256=image_sha, dtype=plan.dtype_label, shape=[args.frames, plan.h, plan.w])
             for i in range(len(plan.prompts)) for s in plan.seeds}
