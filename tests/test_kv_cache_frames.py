@@ -1,9 +1,10 @@
 """models/common/kv_cache.py: a head mask follows its frames through an eviction that keeps the sink, and every
-newly written frame gets a stamp never seen before (the statistics probe keys its per-frame means by them)."""
+newly written frame gets a stamp never seen before (the statistics probe keys its per-frame means by them), and
+training's gradient follows a frame that an eviction moved."""
 
 import torch
 
-from models.common.kv_cache import KVCache
+from models.common.kv_cache import GradWindow, KVCache
 
 
 def test_head_mask_columns_follow_their_frames_through_eviction():
@@ -33,3 +34,30 @@ def test_every_newly_written_frame_gets_a_stamp_never_seen_before():
         assert len(set(new)) == 2 and not set(new) & seen, (start, c.stamps, seen)
         seen |= set(c.stamps)
         assert len(set(c.stamps)) == len(c.stamps)
+
+
+def test_gradient_follows_frames_that_an_eviction_moved():
+    """Training with a window ("inplace" kv_gradient): a later chunk's exit forward reads frame 1, which an eviction
+    in an earlier no-grad forward moved from slot 1 to slot 0; its gradient must reach frame 1's exit-step
+    keys/values (as in the researchers' cache, which never moves a frame), not frame 0's, which held slot 0."""
+    heads, fsl, dim = 2, 3, 4
+    c = KVCache(1, 2, fsl, heads, dim, evict=True)  # a window of 2 frames, no sink
+    exits = {}
+    for f in range(3):
+        with torch.no_grad():  # the chunk's first denoising step: places it (evicting frame 0 for frame 2)
+            c.write(f, torch.randn(1, fsl, heads, dim), torch.randn(1, fsl, heads, dim))
+        k, v = (torch.randn(1, fsl, heads, dim, requires_grad=True) for _ in range(2))
+        w = GradWindow(c, f, 1, inplace=True)  # the exit step, with gradient
+        w.write(f, k, v)
+        exits[f] = (k, v)
+        with torch.no_grad():  # the context pass overwrites the chunk's slots without gradient
+            c.write(f, torch.randn(1, fsl, heads, dim), torch.randn(1, fsl, heads, dim))
+    kw, vw, frames = w.window()
+    assert frames == (1, 2)
+    rk, rv = torch.randn_like(kw), torch.randn_like(vw)
+    ((kw * rk).sum() + (vw * rv).sum()).backward()
+    for t in exits[0]:  # frame 0 was evicted: read by nobody
+        assert t.grad is None or not t.grad.any()
+    torch.testing.assert_close(exits[1][0].grad, rk[:, :fsl], rtol=0, atol=0)
+    torch.testing.assert_close(exits[1][1].grad, rv[:, :fsl], rtol=0, atol=0)
+    torch.testing.assert_close(exits[2][0].grad, rk[:, fsl:], rtol=0, atol=0)

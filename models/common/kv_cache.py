@@ -180,9 +180,7 @@ class KVCache:
             raise ModelInputError(f"cannot evict {count} frames from a cache holding {len(self.frames)}")
         used = len(self.frames) * self.fsl
         src = slice(keep_from * self.fsl, used)
-        dst = slice(self.sink * self.fsl, used - count * self.fsl)
-        self.k[:, dst] = self.k[:, src].clone()
-        self.v[:, dst] = self.v[:, src].clone()
+        self._move(slice(self.sink * self.fsl, used - count * self.fsl), src)
         for f in self.frames[self.sink : keep_from]:
             self.unmoved.pop(f, None)
         del self.frames[self.sink : keep_from]
@@ -191,6 +189,15 @@ class KVCache:
         self._own_version = self._k_version()
         if self.head_mask is not None:
             self.head_mask = torch.cat([self.head_mask[:, : self.sink], self.head_mask[:, keep_from:]], 1)
+
+    def _move(self, dst: slice, src: slice) -> None:
+        """Copy the token slots `src` over `dst` in place. Where the cache carries gradient history (training's
+        "inplace" kv_gradient: exit forwards wrote their keys/values with gradient) autograd records the move, even
+        inside a no-grad forward, so a later reader's gradient follows each frame to its new slot and reaches the
+        forward that wrote that frame, not whichever frame held the slot before."""
+        with torch.set_grad_enabled(self.k.requires_grad or self.v.requires_grad):
+            self.k[:, dst] = self.k[:, src].clone()
+            self.v[:, dst] = self.v[:, src].clone()
 
     def keep(self, frames, positions=None, head_mask: torch.Tensor | None = None) -> None:
         """Keep exactly `frames` (held frames, in slot order) at temporal RoPE `positions` (default: where they
@@ -213,8 +220,7 @@ class KVCache:
         stamps = [self.stamps[i] for i in src]
         for dst, i in enumerate(src):  # left to right: a slot is read before anything is written over it
             if dst != i:
-                self.k[:, dst * fsl : (dst + 1) * fsl] = self.k[:, i * fsl : (i + 1) * fsl].clone()
-                self.v[:, dst * fsl : (dst + 1) * fsl] = self.v[:, i * fsl : (i + 1) * fsl].clone()
+                self._move(slice(dst * fsl, (dst + 1) * fsl), slice(i * fsl, (i + 1) * fsl))
             if positions[dst] != self.positions[i]:
                 tokens, f = slice(dst * fsl, (dst + 1) * fsl), frames[dst]
                 if f not in self.unmoved:
