@@ -40,6 +40,12 @@ IDS = [f"p0000-s{s}" for s in range(6)]
 VOLATILE = ("created_utc", "working_dir", "runs")  # when and where the creating run started; the runs that resumed it
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """In-process runs compute with one thread, as the subprocesses do (OMP_NUM_THREADS=1 in `env`): their
+    stores are compared with the reference bit for bit, whatever `-n` runs the tests."""
+
+
 def env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
             "OMP_NUM_THREADS": "1"}

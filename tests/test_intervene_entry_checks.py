@@ -1,0 +1,96 @@
+"""workbench/intervene_entries.py and workbench/intervene.py: the bounds an entry is
+checked against are exclusive, an entry that would edit nothing is refused when read, the built intervention acts
+on the calls the entry names (its attention kind, steps, chunks, heads, history_only), "baseline" is no entry's
+label, the relative latent distance is to the baseline's RMS, and a resample_seed of 0 is a seed."""
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from workbench.errors import WorkbenchError
+from workbench.extract import ExtractConfig
+from workbench.hooks import CallFilter
+from workbench.intervene import latent_distance, run_intervene
+from workbench.intervene_entries import Entry, build, check_entries, parse_entry
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread):
+    """Tiny models run fastest on one thread."""
+
+
+ROLLOUT = dict(num_frames=21, num_steps=5, num_chunks=7, chunk_frames=3, first_chunk_frames=3)
+
+
+def test_the_first_value_past_each_bound_is_refused():
+    """Layer 6 of 6 layers, head 4 of 4 heads, step 5 of 5 and chunk 7 of 7 are refused when the entry is read (a
+    filter on a step or chunk the rollout lacks would match no call: the entry would change nothing)."""
+    for d, message in [(dict(kind="ablate", layers=6), r"layer \[6\] out of range"),
+                       (dict(kind="ablate", heads=4), r"head \[4\] out of range"),
+                       (dict(kind="ablate", steps=5), r"step \[5\] out of range"),
+                       (dict(kind="ablate", chunks=7), r"chunk \[7\] out of range")]:
+        with pytest.raises(WorkbenchError, match=message):
+            parse_entry(d, 6, 4, **ROLLOUT)
+    e = parse_entry(dict(kind="ablate", layers=5, heads=3, steps=4, chunks=6), 6, 4, **ROLLOUT)
+    assert (e.layers, e.heads, e.steps, e.chunks) == ([5], [3], [4], [6])
+
+
+def test_key_frame_entries_on_cross_attention_or_the_last_chunks_start_are_refused():
+    """A knockout or sink entry on cross-attention (no key frames) and a history-only one of the frame the last
+    chunk starts at (no later chunk sees it) would edit no call: refused, naming why."""
+    for kind in ("knockout", "sink"):
+        with pytest.raises(WorkbenchError, match="attention must be self"):
+            parse_entry(dict(kind=kind, frames=0, value=2, attention="cross"), 6, 4, **ROLLOUT)
+    with pytest.raises(WorkbenchError, match="changes nothing"):
+        parse_entry(dict(kind="knockout", frames=18), 6, 4, **ROLLOUT)
+    assert parse_entry(dict(kind="knockout", frames=17), 6, 4, **ROLLOUT).frames == [17]
+
+
+def test_the_built_intervention_acts_on_the_calls_its_entry_names():
+    """build() hands the entry's layers, attention kind, steps, chunks, heads and history_only to the intervention
+    (a history-only knockout or sink that ran in every call would change the frames' own chunk too)."""
+    want = CallFilter(layers={2}, kinds={"self"}, steps={1}, chunks={3})
+    for d in (dict(kind="ablate"), dict(kind="temperature", value=2), dict(kind="knockout", frames=1),
+              dict(kind="sink", value=2, frames=1)):
+        e = parse_entry(dict(d, layers=2, heads=[0, 3], steps=1, chunks=3), 6, 4, **ROLLOUT)
+        iv = build(e, {})
+        assert iv.filter == want and iv.heads == (0, 3) and iv.label == e.label, e.label
+        if d["kind"] in ("knockout", "sink"):
+            assert iv.history_only is True
+            assert build(parse_entry(dict(d, history_only=False), 6, 4, **ROLLOUT), {}).history_only is False
+
+
+def test_baseline_is_no_entrys_label():
+    """An entry labelled "baseline" would be written over the store's reference: refused."""
+    with pytest.raises(WorkbenchError, match="'baseline'"):
+        check_entries([Entry(kind="ablate", label="baseline")], "causal_few_step")
+
+
+def test_the_relative_latent_distance_is_to_the_baselines_rms():
+    """latent_distance_rel = RMS(x - base) / RMS(base) per frame (not the entry's own RMS, not 1)."""
+    base = torch.ones(1, 2, 1, 2, 2) * torch.tensor([1.0, 2.0]).view(1, 2, 1, 1, 1)
+    x = base * 3
+    dist, rel = latent_distance(x, base)
+    np.testing.assert_allclose(dist, [2.0, 4.0], rtol=1e-6)
+    np.testing.assert_allclose(rel, [2.0, 2.0], rtol=1e-6)
+
+
+def test_a_resample_seed_of_zero_is_that_seed(tmp_path):
+    """resample_seed 0 takes the source from seed 0, not from the sample's own seed (which, with the same prompt,
+    would be the baseline bitwise)."""
+    prompt = "a red square moving right"
+    cfg = ExtractConfig(prompts=[prompt], seeds=[1], num_frames=3, out=str(tmp_path / "fx.zarr"), progress=False)
+    spec = dict(kind="ablate", layers=1, heads=0, mode="resample", resample_prompt=prompt)
+    run_intervene(cfg, [dict(spec, resample_seed=0, label="seed0"), dict(spec, resample_seed=1, label="own")],
+                  world="off", log=lambda *a: None)
+    d = xr.open_zarr(tmp_path / "fx.zarr", consolidated=False).latent_distance
+    assert float(d.sel(intervention="own").max()) == 0 and float(d.sel(intervention="seed0").max()) > 0
+
+
+def test_a_cross_attention_entrys_default_label_says_cross():
+    """The default label of an entry on cross-attention names it (`.cross`): the store's label of a cross-attention
+    ablation is not that of the self-attention one of the same layer and head."""
+    cross = parse_entry(dict(kind="ablate", layers=1, heads=0, attention="cross"), 6, 4)
+    assert cross.label == "ablate-zero:L1.H0.cross"
+    assert parse_entry(dict(kind="ablate", layers=1, heads=0), 6, 4).label == "ablate-zero:L1.H0"
