@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_model
 from models.common.attention import AttentionCall, ForwardLabels
-from models.common.rollout import causal_few_step, causal_multi_step, few_step_schedule
+from models.common.rollout import causal_few_step, causal_multi_step, few_step_schedule, multistep_schedule
 from models.common.scheduler import FlowMatchScheduler
 from models.errors import ModelInputError
 from workbench.capture import CaptureSpec, Geometry, StatsProbe
@@ -200,3 +200,15 @@ def test_multi_step_calls_carry_their_cfg_branch_and_chunk():
     per_chunk = [(0, "denoise", "cond"), (1, "denoise", "uncond"), (2, "denoise", "cond"), (3, "denoise", "uncond"),
                  (4, "context", "cond"), (5, "context", "uncond")]
     assert got == [(chunk, *rest) for chunk in (0, 1) for rest in per_chunk]
+
+
+def test_multistep_context_passes_are_no_denoising_step():
+    """Two solver steps with CFG and a context pass: steps 0-3 denoise (denoise_index 0, 0, 1, 1), steps 4-5 are
+    the context passes of each branch at t = 0 with denoise_index -1; without CFG, the branch is "none"."""
+    labels = multistep_schedule([900.0, 400.0], True, True)
+    assert [(l.step, l.phase, l.cfg, l.denoise_index, l.timestep) for l in labels] == [
+        (0, "denoise", "cond", 0, 900.0), (1, "denoise", "uncond", 0, 900.0),
+        (2, "denoise", "cond", 1, 400.0), (3, "denoise", "uncond", 1, 400.0),
+        (4, "context", "cond", -1, 0.0), (5, "context", "uncond", -1, 0.0)]
+    plain = multistep_schedule([900.0, 400.0], False, True)
+    assert [(l.cfg, l.denoise_index) for l in plain] == [("none", 0), ("none", 1), ("none", -1)]

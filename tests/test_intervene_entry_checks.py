@@ -1,7 +1,9 @@
-"""workbench/intervene_entries.py and workbench/intervene.py: the bounds an entry is
-checked against are exclusive, an entry that would edit nothing is refused when read, the built intervention acts
-on the calls the entry names (its attention kind, steps, chunks, heads, history_only), "baseline" is no entry's
-label, the relative latent distance is to the baseline's RMS, and a resample_seed of 0 is a seed."""
+"""workbench/intervene_entries.py and workbench/intervene.py: the bounds an entry is checked against are exclusive,
+an entry that would edit nothing is refused when read, the built intervention acts on the calls the entry names (its
+attention kind, steps, chunks, heads, history_only), "baseline" is no entry's label, the relative latent distance is
+to the baseline's RMS, a resample_seed of 0 is a seed, a policy that evicts nothing or runs under another sampler is
+refused, static heads are checked, a sink or temperature needs its value, default labels name what differs, an entry
+on several heads has no single target, and a --temperature flag is that temperature."""
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from workbench.errors import WorkbenchError
 from workbench.extract import ExtractConfig
 from workbench.hooks import CallFilter
 from workbench.intervene import latent_distance, run_intervene
-from workbench.intervene_entries import Entry, build, check_entries, parse_entry
+from workbench.intervene_entries import Entry, build, check_entries, parse_entry, parse_flag
 
 
 @pytest.fixture(autouse=True)
@@ -94,3 +96,63 @@ def test_a_cross_attention_entrys_default_label_says_cross():
     cross = parse_entry(dict(kind="ablate", layers=1, heads=0, attention="cross"), 6, 4)
     assert cross.label == "ablate-zero:L1.H0.cross"
     assert parse_entry(dict(kind="ablate", layers=1, heads=0), 6, 4).label == "ablate-zero:L1.H0"
+
+
+def test_a_policy_whose_window_holds_every_frame_is_refused():
+    """A fifo or sink window of exactly the rollout's 21 frames never evicts a frame: the entry would be the
+    baseline under a policy's label; refused. One frame less is a policy."""
+    for policy, sink in (("fifo", 0), ("sink", 3)):
+        with pytest.raises(WorkbenchError, match="all 21 frames of the rollout fit"):
+            parse_entry(dict(kind="policy", policy=policy, window=21, sink_frames=sink), 6, 4, **ROLLOUT)
+        kept = parse_entry(dict(kind="policy", policy=policy, window=20, sink_frames=sink), 6, 4, **ROLLOUT)
+        assert kept.window == 20
+
+
+def test_a_cache_policy_under_another_sampler_is_refused():
+    """Cache policies run with the causal_few_step sampler only: with another one the entry is refused."""
+    entries = [Entry(kind="policy", label="p", policy="fifo", window=6)]
+    check_entries(entries, "causal_few_step")
+    with pytest.raises(WorkbenchError, match="causal_few_step sampler only"):
+        check_entries(entries, "causal_multi_step")
+
+
+def test_static_heads_past_the_last_head_or_on_another_kind_are_refused():
+    """static_heads [0, 4] of a model of 4 heads names no head (refused, as [6, 0] is); static_heads on an ablate
+    entry would be ignored (refused)."""
+    for pairs in ([[0, 4]], [[6, 0]]):
+        with pytest.raises(WorkbenchError, match="out of range"):
+            parse_entry(dict(kind="policy", policy="headwise", window=9, static_heads=pairs), 6, 4)
+    assert parse_entry(dict(kind="policy", policy="headwise", window=9, static_heads=[[5, 3]]), 6, 4).static_heads \
+        == [[5, 3]]
+    with pytest.raises(WorkbenchError, match="headwise policy's setting"):
+        parse_entry(dict(kind="ablate", layers=1, heads=0, static_heads=[[1, 0]]), 6, 4)
+
+
+def test_a_sink_or_temperature_without_its_value_is_refused_by_name():
+    """A sink or temperature entry without value is a one-line refusal naming it (not a KeyError)."""
+    for kind in ("sink", "temperature"):
+        with pytest.raises(WorkbenchError, match=f"a {kind} entry needs value"):
+            parse_entry(dict(kind=kind), 6, 4)
+
+
+def test_a_sink_entrys_default_label_names_its_factor():
+    """Two sink entries of other factors get other default labels (sink0x0.5, sink0x2): the store tells them
+    apart."""
+    assert parse_entry(dict(kind="sink", value=0.5), 6, 4).label == "sink0x0.5:all"
+    assert parse_entry(dict(kind="sink", value=2, frames=[0, 1]), 6, 4).label == "sink0-1x2:all"
+
+
+def test_an_entry_on_several_heads_or_layers_has_no_single_target():
+    """Entry.target (the store's target_layer/target_head, which the sweep's head maps and the report read) is -1
+    for what names more than one: heads [0, 3] is no single head, layers [1, 2] no single layer."""
+    assert parse_entry(dict(kind="ablate", layers=2, heads=[0, 3]), 6, 4).target == (2, -1)
+    assert parse_entry(dict(kind="ablate", layers=[1, 2], heads=0), 6, 4).target == (-1, 0)
+    assert parse_entry(dict(kind="ablate", layers=2, heads=1), 6, 4).target == (2, 1)
+
+
+def test_a_temperature_flag_is_that_temperature():
+    """--temperature 1:0:2 is temperature 2 on layer 1 head 0 (label temperature2:L1.H0), as the spec entry
+    {kind: temperature, layers: 1, heads: 0, value: 2} is."""
+    e = parse_entry(parse_flag("temperature", "1:0:2"), 6, 4)
+    assert (e.layers, e.heads, e.value, e.label) == ([1], [0], 2.0, "temperature2:L1.H0")
+    assert e == parse_entry(dict(kind="temperature", layers=1, heads=0, value=2), 6, 4)

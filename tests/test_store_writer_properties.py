@@ -1,11 +1,17 @@
 """workbench/store.py and workbench/store_guard.py: what the writer promises about kills mid-write, repairs, the
-lists of finished and requested entries, refusals of other models and other kinds of store, and exact labels. Each
-test builds tiny stores with `StoreWriter` and `sample_dataset` directly (no model; CPU, well under a second)."""
+lists of finished and requested entries, refusals of other models and other kinds of store, exact labels, fields
+that later versions record, and the lock's holder. Each test builds tiny stores with `StoreWriter` and
+`sample_dataset` directly (no model; CPU, well under a second)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -15,7 +21,7 @@ import zarr
 import workbench.store as store_mod
 from models.common.labels import ForwardLabels
 from workbench.errors import WorkbenchError
-from workbench.store import StoreLayout, StoreWriter, open_store, sample_dataset
+from workbench.store import StoreLayout, StoreLock, StoreWriter, open_store, sample_dataset
 
 FP = "layoutfp:modelfp"
 
@@ -268,3 +274,61 @@ def test_a_store_of_another_schema_version_is_refused_by_readers(tmp_path):
     zarr.open_group(path, mode="r+").attrs["schema_version"] = 2
     with pytest.raises(WorkbenchError, match="has schema_version 2"):
         open_store(path)
+
+
+LATER = {"model.own_stats": "the definition and code of its own (plugins') statistics"}
+
+
+def _entry(seed):
+    steps = [ForwardLabels(step=0, timestep=1000.0, chunk=0)]
+    lay = StoreLayout(steps=steps, layers=[0], heads=[0], token_layers=[], num_frames=3, num_frame_per_block=3,
+                      frame_seq_len=8, grid=(2, 4), text_len=4, stats=["attn_mass"], attrs={})
+    sample = dict(prompt_index=0, seed=seed, prompt="p", checkpoint="ckpt", checkpoint_sha256="0" * 64,
+                  model_family="self_forcing", sampler="causal_few_step", local_attn_size=-1, sink_size=0,
+                  num_tokens=1, tokens=["a", "", "", ""])
+    return sample_dataset(lay, sample, {"attn_mass": np.full((1, 1, 1, 3, 3), float(seed), np.float32)})
+
+
+def _write(path, fp, fields, seed, log=lambda *a: None):
+    with StoreWriter(path, fp, fields=fields, later=LATER, log=log) as w:
+        w.write(_entry(seed))
+
+
+def test_a_store_recording_part_of_a_later_field_is_refused_not_joined(tmp_path):
+    """own_stats {A} in the store, {A, B} in this run: refused (B was not "unrecorded", the store's run had no B);
+    a store without own_stats at all joins, with the note."""
+    old = {"layout": {"x": 1}, "model": {"w": 1, "own_stats": {"A": {"code": "a1"}}}}
+    new = {"layout": {"x": 1}, "model": {"w": 1, "own_stats": {"A": {"code": "a1"}, "B": {"code": "b1"}}}}
+    _write(tmp_path / "part.zarr", "l:old", old, 0)
+    notes = []
+    with pytest.raises(WorkbenchError):
+        _write(tmp_path / "part.zarr", "l:new", new, 1, log=notes.append)
+    assert not any("older workbench" in str(n) for n in notes)
+    _write(tmp_path / "none.zarr", "l:older", {"layout": {"x": 1}, "model": {"w": 1}}, 0)
+    _write(tmp_path / "none.zarr", "l:new", new, 1, log=notes.append)
+    assert any("older workbench that did not record the definition and code" in str(n) for n in notes)
+
+
+def test_a_holder_file_of_an_ended_process_names_no_holder(tmp_path):
+    """holder() of a holder file whose pid (on this host) has ended is "holder unknown"; of this process, its pid."""
+    lock = StoreLock(tmp_path / "s.zarr")
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    me = dict(host=socket.gethostname(), since="t0", command="workbench extract")
+    lock.holder_file.write_text(json.dumps(dict(me, pid=ended.pid)))
+    assert lock.holder(wait=0.0) == "holder unknown"
+    lock.holder_file.write_text(json.dumps(dict(me, pid=os.getpid())))
+    assert lock.holder(wait=0.0).startswith(f"pid {os.getpid()} on {socket.gethostname()}")
+
+
+def test_a_holder_that_has_not_written_its_file_yet_is_waited_for(tmp_path):
+    """A holder that has just taken the lock writes its file a moment later: holder(wait) waits for it and names it
+    rather than answering "holder unknown" at once (the file still names an ended process, or is not there yet)."""
+    lock = StoreLock(tmp_path / "s.zarr")
+    me = dict(pid=os.getpid(), host=socket.gethostname(), since="t0", command="workbench extract")
+    timer = threading.Timer(0.2, lambda: lock.holder_file.write_text(json.dumps(me)))
+    timer.start()
+    try:
+        assert lock.holder(wait=3.0).startswith(f"pid {os.getpid()} on ")
+    finally:
+        timer.join()
