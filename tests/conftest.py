@@ -14,6 +14,10 @@ import torch
 from models.wan.config import preset
 from models.wan.model import WanModel
 
+# the subprocesses tests start (`python -m workbench.cli ...`) import this tree, not another installed copy
+_REPO = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p)
+
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: the N worker processes are the parallelism, one
     torch.set_num_threads(1)               # intra-op thread each (N x default threads oversubscribes the cores)
 
