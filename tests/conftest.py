@@ -20,6 +20,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, os.environ.get("PY
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: the N worker processes are the parallelism, one
     torch.set_num_threads(1)               # intra-op thread each (N x default threads oversubscribes the cores)
+    os.environ["OMP_NUM_THREADS"] = "1"    # and so do the processes tests start (whose numbers some compare bitwise)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,9 +2,11 @@
 newly written frame gets a stamp never seen before (the statistics probe keys its per-frame means by them), and
 training's gradient follows a frame that an eviction moved."""
 
+import pytest
 import torch
 
 from models.common.kv_cache import GradWindow, KVCache
+from models.errors import ModelInputError
 
 
 def test_head_mask_columns_follow_their_frames_through_eviction():
@@ -61,3 +63,27 @@ def test_gradient_follows_frames_that_an_eviction_moved():
     torch.testing.assert_close(exits[1][0].grad, rk[:, :fsl], rtol=0, atol=0)
     torch.testing.assert_close(exits[1][1].grad, rv[:, :fsl], rtol=0, atol=0)
     torch.testing.assert_close(exits[2][0].grad, rk[:, fsl:], rtol=0, atol=0)
+    torch.testing.assert_close(exits[2][1].grad, rv[:, fsl:], rtol=0, atol=0)
+
+
+def test_a_cache_holding_training_gradients_refuses_moves_autograd_cannot_see():
+    """Under torch.inference_mode an eviction's move would not be recorded (the gradient would go to the slot's old
+    frame), and a cache policy's re-rotation never is: both are refused once exit steps wrote the cache with
+    gradient; the same cache without gradient history evicts and compacts."""
+    for grad in (True, False):
+        c = KVCache(1, 2, 1, 1, 2, evict=True)
+        for f in range(2):
+            k = torch.randn(1, 1, 1, 2, requires_grad=grad)
+            GradWindow(c, f, 1, inplace=True).write(f, k, k)
+        with torch.inference_mode():
+            if grad:
+                with pytest.raises(ModelInputError, match="inference_mode"):
+                    c.write(2, torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
+            else:
+                c.write(2, torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
+        if grad:
+            with pytest.raises(ModelInputError, match="inference only"):
+                c.keep([1])
+        else:
+            c.keep([2])
+            assert c.frames == [2]

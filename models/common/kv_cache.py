@@ -194,7 +194,11 @@ class KVCache:
         """Copy the token slots `src` over `dst` in place. Where the cache carries gradient history (training's
         "inplace" kv_gradient: exit forwards wrote their keys/values with gradient) autograd records the move, even
         inside a no-grad forward, so a later reader's gradient follows each frame to its new slot and reaches the
-        forward that wrote that frame, not whichever frame held the slot before."""
+        forward that wrote that frame, not whichever frame held the slot before. (`torch.inference_mode` records
+        nothing, so such a cache is refused there: run the no-grad forwards under `torch.no_grad`.)"""
+        if (self.k.requires_grad or self.v.requires_grad) and torch.is_inference_mode_enabled():
+            raise ModelInputError("a KV cache holding training gradients cannot move frames under torch.inference_mode "
+                                  "(autograd would not see the move); run the no-grad forwards under torch.no_grad")
         with torch.set_grad_enabled(self.k.requires_grad or self.v.requires_grad):
             self.k[:, dst] = self.k[:, src].clone()
             self.v[:, dst] = self.v[:, src].clone()
@@ -203,7 +207,10 @@ class KVCache:
         """Keep exactly `frames` (held frames, in slot order) at temporal RoPE `positions` (default: where they
         are), with `head_mask` [heads, len(frames)] bool (None: every head attends to every kept frame).
         Slots are compacted to the left in place; a frame whose position changes has its keys' temporal
-        channels rotated by the angle of the change."""
+        channels rotated by the angle of the change. Inference only: a cache holding training gradients is refused
+        (the re-rotation is not recorded for autograd, and a training forward's `GradWindow` reads slots in place)."""
+        if self.k.requires_grad or self.v.requires_grad:
+            raise ModelInputError("cache policies run at inference only; this KV cache holds training gradients")
         self._check_foreign_writes()
         frames = [int(f) for f in frames]
         where = {f: i for i, f in enumerate(self.frames)}
