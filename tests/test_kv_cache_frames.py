@@ -1,6 +1,6 @@
 """models/common/kv_cache.py: a head mask follows its frames through an eviction that keeps the sink, and every
 newly written frame gets a stamp never seen before (the statistics probe keys its per-frame means by them), and
-training's gradient follows a frame that an eviction moved."""
+training's gradient follows a frame that an eviction moved (moves autograd cannot see are refused)."""
 
 import pytest
 import torch
