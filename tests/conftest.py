@@ -14,9 +14,10 @@ import torch
 from models.wan.config import preset
 from models.wan.model import WanModel
 
+ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED = ROOT / "data" / "embedded"
 # the subprocesses tests start (`python -m workbench.cli ...`) import this tree, not another installed copy
-_REPO = str(Path(__file__).resolve().parents[1])
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: the N worker processes are the parallelism, one
     torch.set_num_threads(1)               # intra-op thread each (N x default threads oversubscribes the cores)
@@ -50,8 +51,6 @@ def caches_outside_home(tmp_path_factory):
             os.environ[name] = value
 
 
-ROOT = Path(__file__).resolve().parents[1]
-EMBEDDED = ROOT / "data" / "embedded"
 # a small Wan2.1 VAE with the real layout (4 base channels instead of 96)
 SMALL_VAE = dict(base_dim=4, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2, temperal_downsample=(False, True, True))
 
@@ -89,7 +88,6 @@ def run_triton_check(script: str, device: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     r = subprocess.run([sys.executable, "-c", script, device], env=env, capture_output=True, text=True, cwd=ROOT,
                        timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

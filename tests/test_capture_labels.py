@@ -17,7 +17,21 @@ from workbench.errors import WorkbenchError
 from workbench.hooks import CallFilter, Probe, attach
 
 C, H, W = 16, 4, 6  # 2 x 3 = 6 tokens per frame
-FSL, TEXT_LEN, STEPS = 6, 16, 5
+FSL, TEXT_LEN = 6, 16
+STEPS = [1000, 750, 500, 250]  # the released few-step list, before the shift
+
+
+def _rollout(model, probe, frames=6, image=False, steps=STEPS, **kw) -> torch.Tensor:
+    """A seeded few-step rollout of `model` with `probe` attached (image: frame 0 given, image-to-video); returns
+    its timesteps."""
+    g = torch.Generator().manual_seed(0)
+    noise, ctx = torch.randn(1, frames, C, H, W, generator=g), torch.randn(1, TEXT_LEN, 32, generator=g)
+    initial = torch.randn(1, 1, C, H, W, generator=g) if image else None
+    s = FlowMatchScheduler(5.0)
+    timesteps = s.warp(steps)
+    with attach(model, probe):
+        causal_few_step(model, noise, ctx, timesteps=timesteps, scheduler=s, generator=g, initial_latent=initial, **kw)
+    return timesteps
 
 
 def test_probe_refuses_one_step_at_two_timesteps():
@@ -26,32 +40,14 @@ def test_probe_refuses_one_step_at_two_timesteps():
     naming both timesteps, instead of storing two timesteps' attention under one `timestep(step)`."""
     model = tiny_model()
     model.independent_first_frame = True
-    g = torch.Generator().manual_seed(0)
-    noise, ctx = torch.randn(1, 7, C, H, W, generator=g), torch.randn(1, TEXT_LEN, 32)
-    image = torch.randn(1, 1, C, H, W)
-    spec = CaptureSpec(layers=(0,), heads=(0,), steps=(4,))
-    probe = StatsProbe(spec, Geometry(1, 7, FSL, TEXT_LEN), "cpu")
-    s = FlowMatchScheduler(5.0)
-    with attach(model, probe), pytest.raises(WorkbenchError, match=r"step 4 ran at timestep 100.0 in chunk 1 but at "
-                                                                    r"0.0 before.*one timestep per step"):
-        causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s, generator=g,
-                        initial_latent=image, context_noise=100.0)
+    probe = StatsProbe(CaptureSpec(layers=(0,), heads=(0,), steps=(4,)), Geometry(1, 7, FSL, TEXT_LEN), "cpu")
+    with pytest.raises(WorkbenchError, match=r"step 4 ran at timestep 100.0 in chunk 1 but at 0.0 before.*one "
+                                             r"timestep per step"):
+        _rollout(model, probe, frames=7, image=True, context_noise=100.0)
     # the same rollout at context_noise 0 is one timestep per step and passes
     probe.reset()
-    with attach(model, probe):
-        causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s, generator=g,
-                        initial_latent=image, context_noise=0.0)
+    _rollout(model, probe, frames=7, image=True, context_noise=0.0)
     assert probe.timesteps == {4: 0.0} and not probe.missing_steps(7)
-
-
-def _i2v_rollout(model, probe, frames=7, context_noise=0.0):
-    g = torch.Generator().manual_seed(0)
-    noise, ctx = torch.randn(1, frames, C, H, W, generator=g), torch.randn(1, TEXT_LEN, 32, generator=g)
-    image = torch.randn(1, 1, C, H, W, generator=g)
-    s = FlowMatchScheduler(5.0)
-    with attach(model, probe):
-        causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s, generator=g,
-                        initial_latent=image, context_noise=context_noise)
 
 
 def test_missing_steps_names_a_step_that_missed_a_single_frame():
@@ -61,7 +57,7 @@ def test_missing_steps_names_a_step_that_missed_a_single_frame():
     model = tiny_model()
     model.independent_first_frame = True
     probe = StatsProbe(CaptureSpec(layers=(0, 1), heads=(0,), steps=(0, 3, 4)), Geometry(1, 7, FSL, TEXT_LEN), "cpu")
-    _i2v_rollout(model, probe)
+    _rollout(model, probe, frames=7, image=True)
     assert sorted(probe.missing_steps(7)) == [("self", s, l) for s in (0, 3) for l in (0, 1)]
     assert probe.missing_steps(7, from_frame=1) == []
     assert np.isnan(probe.results()["attn_mass"][0, 0, :, :, 0]).all()  # what the check guards: frame 0's rows
@@ -73,17 +69,11 @@ def test_missing_steps_of_a_cross_attention_only_capture():
     model = tiny_model()
     spec = CaptureSpec(layers=(1,), heads=(0, 2), steps=(0, 4), stats=("cross_mass",))
     probe = StatsProbe(spec, Geometry(1, 6, FSL, TEXT_LEN), "cpu")
-    g = torch.Generator().manual_seed(0)
-    noise, ctx = torch.randn(1, 6, C, H, W, generator=g), torch.randn(1, TEXT_LEN, 32, generator=g)
-    s = FlowMatchScheduler(5.0)
-    with attach(model, probe):
-        causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s, generator=g)
+    _rollout(model, probe)
     assert probe.missing_steps(6) == []
     assert not np.isnan(probe.results()["cross_mass"]).any()
     probe.reset()
-    with attach(model, probe):  # the last chunk's context pass skipped: step 4 misses frames 3-5
-        causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s, generator=g,
-                        last_context_pass=False)
+    _rollout(model, probe, last_context_pass=False)  # the last chunk's context pass skipped: step 4 misses frames 3-5
     assert probe.missing_steps(6) == [("cross", 4, 1)]
 
 
@@ -93,14 +83,9 @@ def test_reset_forgets_the_timesteps_of_the_last_rollout():
     timesteps), where without the reset it refuses it."""
     model = tiny_model()
     probe = StatsProbe(CaptureSpec(layers=(0,), heads=(1,), steps=(0, 1, 4)), Geometry(1, 6, FSL, TEXT_LEN), "cpu")
-    g = torch.Generator().manual_seed(0)
-    noise, ctx = torch.randn(1, 6, C, H, W, generator=g), torch.randn(1, TEXT_LEN, 32, generator=g)
-    s = FlowMatchScheduler(5.0)
-    for steps in ([1000, 750, 500, 250], [1000, 500, 400, 300]):
+    for steps in (STEPS, [1000, 500, 400, 300]):
         probe.reset()
-        timesteps = s.warp(steps)
-        with attach(model, probe):
-            causal_few_step(model, noise, ctx, timesteps=timesteps, scheduler=s, generator=g)
+        timesteps = _rollout(model, probe, steps=steps)
         assert probe.timesteps == {0: float(timesteps[0]), 1: float(timesteps[1]), 4: 0.0}
         assert probe.missing_steps(6) == []
 
@@ -133,8 +118,7 @@ def test_the_context_pass_is_labelled_with_the_timestep_it_ran_at():
     """The few-step schedule labels its context pass (the store's last `step`) with the context_noise the DiT
     sees there, and the probe records that timestep for the step: with context_noise 100 the store's
     `timestep(4)` is 100, not 0."""
-    s = FlowMatchScheduler(5.0)
-    timesteps = s.warp([1000, 750, 500, 250])
+    timesteps = FlowMatchScheduler(5.0).warp(STEPS)
     labels = few_step_schedule(timesteps, 100.0)
     assert [(l.step, l.phase, l.denoise_index) for l in labels] == [(0, "denoise", 0), (1, "denoise", 1),
                                                                     (2, "denoise", 2), (3, "denoise", 3),
@@ -150,10 +134,7 @@ def test_the_context_pass_is_labelled_with_the_timestep_it_ran_at():
 
     model.forward = spy
     probe = StatsProbe(CaptureSpec(layers=(0,), heads=(0,), steps=(4,)), Geometry(1, 6, FSL, TEXT_LEN), "cpu")
-    g = torch.Generator().manual_seed(0)
-    noise, ctx = torch.randn(1, 6, C, H, W, generator=g), torch.randn(1, TEXT_LEN, 32, generator=g)
-    with attach(model, probe):
-        causal_few_step(model, noise, ctx, timesteps=timesteps, scheduler=s, generator=g, context_noise=100.0)
+    _rollout(model, probe, context_noise=100.0)
     assert all(t == label for _, t, label in seen) and (4, 100.0, 100.0) in seen
     assert probe.timesteps == {4: 100.0}
 

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     """`workbench ARGS` in a fresh process (its stdout and stderr as text, escapes kept)."""
-    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **env}
+    environ = {**os.environ, **env}  # (tests/conftest.py put this tree on PYTHONPATH)
     return subprocess.run([sys.executable, "-m", "workbench.cli", *args], cwd=cwd, env=environ, capture_output=True,
                           text=True, encoding="utf-8", errors="backslashreplace", timeout=300)
 
@@ -102,7 +102,7 @@ def test_an_ascii_terminal_and_a_closed_pipe_end_cleanly(tmp_path):
     synthetic.write_store(tmp_path / "café.zarr", "causal", layers=(0,), num_heads=2)
     done = cli("report", "café.zarr", cwd=tmp_path, PYTHONIOENCODING="ascii")
     assert done.returncode == 0 and "wrote caf\\xe9.html" in done.stdout, done.stderr
-    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    environ = dict(os.environ)
     environ.pop("PYTHONUNBUFFERED", None)  # (buffered, as a pipe's stdout is: its lines are written at the end)
     for command in (["info"], ["report", "café.zarr"]):
         run = subprocess.Popen([sys.executable, "-m", "workbench.cli", *command], cwd=tmp_path, env=environ,

@@ -7,7 +7,6 @@ and no code of this repository imports through one."""
 import ast
 import importlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,8 +91,7 @@ def _cycles(graph) -> list[list[str]]:
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
 
 
 # ------------------------------------------------------------------------------------------------ the graph
@@ -235,8 +233,7 @@ def test_names_moved_out_of_the_trainer_still_import_from_it():
 
 
 def test_old_embedded_command_still_runs():
-    res = subprocess.run([sys.executable, "-m", "models.embedded", "--help"], cwd=ROOT, capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    res = subprocess.run([sys.executable, "-m", "models.embedded", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0 and "--from-checkpoint" in res.stdout, res.stderr
 
 

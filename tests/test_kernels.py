@@ -899,7 +899,6 @@ def _compile_in_subprocess(script: str) -> dict:
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
                           timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("AOT")]

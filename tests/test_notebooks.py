@@ -10,7 +10,6 @@ of the studies library live in test_studies_*.py.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -69,8 +68,8 @@ def inject_parameters(nb, params: dict):
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes(path, store_for_notebooks, wan_store_for_notebooks, tmp_path, monkeypatch):
-    # the kernel is a child process: it finds `studies` through PYTHONPATH and draws figures as small JSON
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    # the kernel is a child process: it finds `studies` through PYTHONPATH (tests/conftest.py) and draws figures as
+    # small JSON
     monkeypatch.setenv("PLOTLY_RENDERER", "json")
     nb = jupytext.read(path)
     nb = inject_parameters(nb, parameters_for(path.stem, store_for_notebooks, wan_store_for_notebooks))
@@ -115,7 +114,6 @@ def test_notebook_assertions_catch_a_broken_store(store_for_notebooks, tmp_path,
     broken = shutil.copytree(store_for_notebooks, tmp_path / "broken.zarr")
     mass = zarr.open_array(broken / "attn_mass", mode="r+")
     mass[0, 0, 0, 0, 4, 10] = 0.5  # query frame 4 (chunk 1) attending key frame 10 (chunk 3)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("PLOTLY_RENDERER", "json")
     nb = inject_parameters(jupytext.read(REPO / "notebooks" / "01_overview.py"), {"store": str(broken)})
     client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
@@ -133,7 +131,6 @@ def test_an_executed_notebook_converts_to_html_with_its_figures(store_for_notebo
     import subprocess
 
     exporter = pytest.importorskip("nbconvert").HTMLExporter()
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.delenv("PLOTLY_RENDERER", raising=False)  # as a user has it
     nb = inject_parameters(jupytext.read(REPO / "notebooks" / "01_overview.py"),
                            {"store": str(store_for_notebooks), "layer": 1})

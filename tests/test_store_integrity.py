@@ -47,8 +47,7 @@ def _one_thread(one_thread):
 
 
 def env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-            "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "OMP_NUM_THREADS": "1"}  # (tests/conftest.py put this tree on PYTHONPATH)
 
 
 def start(cwd: Path) -> subprocess.Popen:

@@ -279,19 +279,9 @@ def test_a_store_of_another_schema_version_is_refused_by_readers(tmp_path):
 LATER = {"model.own_stats": "the definition and code of its own (plugins') statistics"}
 
 
-def _entry(seed):
-    steps = [ForwardLabels(step=0, timestep=1000.0, chunk=0)]
-    lay = StoreLayout(steps=steps, layers=[0], heads=[0], token_layers=[], num_frames=3, num_frame_per_block=3,
-                      frame_seq_len=8, grid=(2, 4), text_len=4, stats=["attn_mass"], attrs={})
-    sample = dict(prompt_index=0, seed=seed, prompt="p", checkpoint="ckpt", checkpoint_sha256="0" * 64,
-                  model_family="self_forcing", sampler="causal_few_step", local_attn_size=-1, sink_size=0,
-                  num_tokens=1, tokens=["a", "", "", ""])
-    return sample_dataset(lay, sample, {"attn_mass": np.full((1, 1, 1, 3, 3), float(seed), np.float32)})
-
-
 def _write(path, fp, fields, seed, log=lambda *a: None):
     with StoreWriter(path, fp, fields=fields, later=LATER, log=log) as w:
-        w.write(_entry(seed))
+        w.write(entry(seed))
 
 
 def test_a_store_recording_part_of_a_later_field_is_refused_not_joined(tmp_path):

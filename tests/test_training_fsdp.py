@@ -29,8 +29,7 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
 
     from models.wan.checkpoint import load_tensors
 
-    root = str(Path(__file__).resolve().parents[1])  # first on the path, before what the environment adds
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # (tests/conftest.py put this tree first on PYTHONPATH)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
            str(tmp_path / "two")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])

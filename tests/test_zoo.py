@@ -4,7 +4,6 @@ the whole driver (training/zoo.py) shortened on the CPU: every zoo config trains
 
 import json
 import tarfile
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -623,9 +622,8 @@ def test_zoo_stopped_by_sigterm_still_writes_its_log_and_report(tmp_path):
     import time
 
     out, work = tmp_path / "out", tmp_path / "work"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     proc = subprocess.Popen([sys.executable, "-m", "training.zoo", "--short", "--device", "cpu", "--work", str(work),
-                             "--out", str(out), "--no-progress"], cwd=ROOT, env=env,
+                             "--out", str(out), "--no-progress"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while not (work / "vae").exists() and time.time() < deadline and proc.poll() is None:

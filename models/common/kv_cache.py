@@ -196,10 +196,11 @@ class KVCache:
         inside a no-grad forward, so a later reader's gradient follows each frame to its new slot and reaches the
         forward that wrote that frame, not whichever frame held the slot before. (`torch.inference_mode` records
         nothing, so such a cache is refused there: run the no-grad forwards under `torch.no_grad`.)"""
-        if (self.k.requires_grad or self.v.requires_grad) and torch.is_inference_mode_enabled():
+        tracked = self.k.requires_grad or self.v.requires_grad
+        if tracked and torch.is_inference_mode_enabled():
             raise ModelInputError("a KV cache holding training gradients cannot move frames under torch.inference_mode "
                                   "(autograd would not see the move); run the no-grad forwards under torch.no_grad")
-        with torch.set_grad_enabled(self.k.requires_grad or self.v.requires_grad):
+        with torch.set_grad_enabled(tracked):
             self.k[:, dst] = self.k[:, src].clone()
             self.v[:, dst] = self.v[:, src].clone()
 
