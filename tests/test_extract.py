@@ -24,6 +24,7 @@ import xarray as xr
 from models.wan.embedded import default_model
 import workbench.extract as extract_mod
 from attention_reference import AttendRecorder, dense_frame_stats, expected_key_frames
+from two_ranks import report, torchrun
 from workbench.cli import main as cli_main
 from workbench.errors import WorkbenchError
 from workbench.extract import ExtractConfig, run_extract
@@ -343,10 +344,8 @@ def test_torchrun_two_cpu_processes_give_the_single_process_store(tmp_path):
     prompts.write_text("\n".join(PROMPTS + ["a steam train crossing a bridge"]) + "\n")
     common = ["extract", "--layers", "1,4", "--prompts", str(prompts), "--seed", "7", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "workbench.cli", *common, "--out", str(tmp_path / "dist.zarr")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert dist.returncode == 0, dist.stderr[-3000:]
+    dist = torchrun(["-m", "workbench.cli", *common, "--out", tmp_path / "dist.zarr"], cwd=tmp_path, env=env)
+    assert dist.returncode == 0, report(dist)
     single = subprocess.run([sys.executable, "-m", "workbench.cli", *common, "--out", str(tmp_path / "one.zarr")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -359,12 +358,10 @@ def test_torchrun_refuses_an_incompatible_store_on_every_rank(tmp_path):
     """Rank 0's refusal reaches every rank (no rank left waiting in a collective)."""
     out = tmp_path / "s.zarr"
     run_extract(config(out, layers=[3]), log=quiet)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "workbench.cli", "extract", "--layer", "2", "--out", str(out), "--no-progress"],
-                       cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=120)
+    r = torchrun(["-m", "workbench.cli", "extract", "--layer", "2", "--out", out, "--no-progress"], cwd=tmp_path,
+                 env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert r.returncode != 0
-    assert r.stderr.count("was made with another configuration") == 2
+    assert r.stderr.count("was made with another configuration") == 2, report(r)
 
 
 def test_each_rank_takes_its_own_gpu(monkeypatch):

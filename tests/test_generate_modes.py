@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from two_ranks import report, torchrun
 from workbench.cli import main
 
 PROMPTS = ["a red circle moving left", "a blue square moving up", "a green triangle moving down"]
@@ -21,10 +22,9 @@ def test_torchrun_two_cpu_processes_write_the_single_process_files(tmp_path):
     prompts.write_text("\n".join(PROMPTS) + "\n")
     common = ["generate", "--prompts", str(prompts), "--seed", "3,4", "--frames", "6", "--no-video", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "workbench.cli", *common, "--out", str(tmp_path / "dist")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert dist.returncode == 0, dist.stderr[-3000:]
+    dist = torchrun(["-m", "workbench.cli", *common, "--out", tmp_path / "dist"], fresh=[tmp_path / "dist"],
+                    cwd=tmp_path, env=env)
+    assert dist.returncode == 0, report(dist)
     assert dist.stdout.count("wrote 6 sample(s)") == 1 and "(2 processes)" in dist.stdout  # rank 0 reports once
     single = subprocess.run([sys.executable, "-m", "workbench.cli", *common, "--out", str(tmp_path / "one")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -40,10 +40,8 @@ def test_torchrun_two_cpu_processes_write_the_single_process_files(tmp_path):
     # stopped midway: the run's counts, not rank 0's share (it said "2 already there; generating the other 0")
     for name in names[1:3]:
         (tmp_path / "dist" / name).unlink()
-    again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            "-m", "workbench.cli", *common, "--out", str(tmp_path / "dist")],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
+    again = torchrun(["-m", "workbench.cli", *common, "--out", tmp_path / "dist"], cwd=tmp_path, env=env)
+    assert again.returncode == 0, report(again)
     assert "resuming: 4 sample(s) are already in" in again.stdout and "generating the other 2 (2 processes)" in \
         again.stdout and "wrote 2 sample(s) to" in again.stdout and "(4 more were there already)" in again.stdout
     assert sorted(p.name for p in (tmp_path / "dist").glob("*.safetensors")) == names
@@ -51,10 +49,8 @@ def test_torchrun_two_cpu_processes_write_the_single_process_files(tmp_path):
     # went on with its share while rank 0 refused)
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "dist").glob("*.safetensors")}
     other = [a if a != "6" else "3" for a in common]
-    clash = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            "-m", "workbench.cli", *other, "--out", str(tmp_path / "dist")],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert clash.returncode != 0 and "holds files of another run under this run's names" in clash.stderr
+    clash = torchrun(["-m", "workbench.cli", *other, "--out", tmp_path / "dist"], cwd=tmp_path, env=env)
+    assert clash.returncode != 0 and "holds files of another run under this run's names" in clash.stderr, report(clash)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "dist").glob("*.safetensors")} == before
 
 

@@ -407,21 +407,18 @@ def test_torchrun_two_cpu_processes_train_and_end_their_group(tmp_path, own_grou
     one global batch over both ranks, rank 0 alone prints and writes the losses and the checkpoint, and each rank
     ends the process group itself before its interpreter's teardown (where NCCL warns and a rank may abort); a
     group the script made before calling the CLI stays the script's."""
-    import subprocess
-    import sys
-
     from training.logger import read_losses
+    from two_ranks import report, torchrun
 
     script = tmp_path / "run.py"  # the CLI with a line saying whether the group is still there at its end
     script.write_text("import os, sys, torch.distributed as dist\nfrom workbench.cli import main\n"
                       + ("dist.init_process_group('gloo')\n" if own_group else "")
                       + "status = main(sys.argv[1:])\n"  # (one write: the two ranks' lines never interleave)
                       "os.write(2, f'group left: {dist.is_initialized()}\\n'.encode())\nsys.exit(status)\n")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), "train", "--no-progress", "--config", "configs/tiny_teacher.yaml", "--logdir",
-                        str(tmp_path / "t"), "--max-steps", "2", "--set", "device=cpu"],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun([script, "train", "--no-progress", "--config", "configs/tiny_teacher.yaml", "--logdir", tmp_path / "t",
+                  "--max-steps", "2", "--set", "device=cpu"], fresh=[tmp_path / "t"],
+                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, report(r)
     assert "global batch 4 = 2 rank(s)" in r.stdout and r.stdout.count("step 2: generator_loss") == 1, r.stdout
     assert [row["step"] for row in read_losses(tmp_path / "t")] == [1, 2]
     assert (tmp_path / "t" / "checkpoint_model_000002" / "model.pt").is_file()

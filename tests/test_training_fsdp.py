@@ -11,7 +11,6 @@ state equal bit for bit those of the per-block units with torch's AdamW on the D
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,14 +25,14 @@ STEPS = 3
 def test_two_process_fsdp_matches_one_process(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_training import losses, make
+    from two_ranks import report, torchrun
 
     from models.wan.checkpoint import load_tensors
 
     env = dict(os.environ, OMP_NUM_THREADS="1")  # (tests/conftest.py put this tree first on PYTHONPATH)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-           str(tmp_path / "two")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = torchrun([__file__, tmp_path / "two"], fresh=[tmp_path / "two"], env=env, timeout=600,
+                    cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, report(done)
     two = json.loads((tmp_path / "two" / "history.json").read_text())
     assert two["world"] == 2 and two["accum"] == 1
     from workbench.store import open_store

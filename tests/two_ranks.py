@@ -1,0 +1,50 @@
+"""`python -m torch.distributed.run --standalone --nproc_per_node=2 ...` for the tests that run two CPU processes
+(gloo), with what a failure needs to be read.
+
+gloo's TCP transport aborts a process (SIGABRT, from a C++ exception in its own I/O thread) on some socket errors;
+once, in CI on a loaded 2-core machine, a rank of tests/test_training_cli.py's two-process training died so in the
+middle of a step, its peer reporting 'Connection reset by peer'. Our code cannot kill a rank by a signal (its errors
+are Python exceptions: exit status 1), so a run whose first failing rank was killed by a signal runs once more, after
+`fresh` (what the run writes) is removed, and the first attempt's report is kept as a warning. Any other failure, or
+a second signal, is the test's to judge. A failed run's message puts each rank's error lines before the tail, which
+alone showed only the peer's side."""
+
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+ERROR_LINES = re.compile(r"terminate called|what\(\)|Error|error:|Traceback|exitcode")
+
+
+def torchrun(args: list[str], *, fresh=(), timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run `args` (a script or `-m module ...`) under torchrun with 2 processes; subprocess.run's keyword arguments
+    (env, cwd) pass through, output captured as text."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+    signal = killed_by_signal(run.stderr) if run.returncode else None
+    if signal is None:
+        return run
+    warnings.warn(f"a rank was killed by signal {signal} (gloo's transport; not our code): run once more. "
+                  f"First attempt:\n{report(run)}")
+    for path in fresh:
+        shutil.rmtree(path, ignore_errors=True) if Path(path).is_dir() else Path(path).unlink(missing_ok=True)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def killed_by_signal(stderr: str) -> int | None:
+    """The signal that killed torchrun's first failing rank ('Root Cause' in its report; exitcode -N), or None."""
+    if "Root Cause" not in stderr:
+        return None
+    found = re.search(r"exitcode\s*:\s*-(\d+)", stderr.rpartition("Root Cause")[2])
+    return int(found.group(1)) if found else None
+
+
+def report(run: subprocess.CompletedProcess, tail: int = 3000) -> str:
+    """A failed run, readable: the first 40 error lines of every rank (stderr), then the tails of stdout and
+    stderr."""
+    lines = [line for line in run.stderr.splitlines() if ERROR_LINES.search(line)][:40]
+    return ("error lines:\n" + "\n".join(lines) + f"\n--- stdout tail:\n{run.stdout[-tail:]}"
+            f"\n--- stderr tail:\n{run.stderr[-tail:]}")
