@@ -62,11 +62,11 @@ def blurred(video, scene, sigma):
 
 # --------------------------------------------------------------------------------------------- the tracker
 def test_tracker_is_exact_on_rendered_ground_truth():
-    """Every colour x shape x direction, three seeds, every 8th frame: the centre within the coverage centroid's
+    """Every colour x shape x direction, two seeds, every 8th frame: the centre within the coverage centroid's
     bound of tests/test_world.py (0.4 / size px), the colour exact, the right names, full confidence."""
     failures, wrapped = [], 0
     for prompt in world.prompt_grid():
-        for seed in (0, 1, 2):
+        for seed in (0, 1):
             video, scene = world.world_video(prompt, seed)
             t = np.arange(0, world.NUM_FRAMES, 8)
             tr = wm.track(video[:, t])
