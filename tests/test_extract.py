@@ -345,7 +345,8 @@ def test_torchrun_two_cpu_processes_give_the_single_process_store(tmp_path, one_
     prompts.write_text("\n".join(PROMPTS + ["a steam train crossing a bridge"]) + "\n")
     common = ["extract", "--layers", "1,4", "--prompts", str(prompts), "--seed", "7", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    dist = torchrun(["-m", "workbench.cli", *common, "--out", tmp_path / "dist.zarr"], cwd=tmp_path, env=env)
+    dist = torchrun(["-m", "workbench.cli", *common, "--out", tmp_path / "dist.zarr"], fresh=[tmp_path / "dist.zarr"],
+                    cwd=tmp_path, env=env)
     assert dist.returncode == 0, report(dist)
     assert cli_main([*common, "--out", str(tmp_path / "one.zarr")]) == 0
     capsys.readouterr()

@@ -38,7 +38,8 @@ def test_torchrun_two_cpu_processes_write_the_single_process_files(tmp_path, one
     # stopped midway: the run's counts, not rank 0's share (it said "2 already there; generating the other 0")
     for name in names[1:3]:
         (tmp_path / "dist" / name).unlink()
-    again = torchrun(["-m", "workbench.cli", *common, "--out", tmp_path / "dist"], cwd=tmp_path, env=env)
+    again = torchrun(["-m", "workbench.cli", *common, "--out", tmp_path / "dist"], cwd=tmp_path, env=env,
+                     fresh=[tmp_path / "dist" / name for name in names[1:3]])  # (a retry finds them missing again)
     assert again.returncode == 0, report(again)
     assert "resuming: 4 sample(s) are already in" in again.stdout and "generating the other 2 (2 processes)" in \
         again.stdout and "wrote 2 sample(s) to" in again.stdout and "(4 more were there already)" in again.stdout

@@ -36,3 +36,19 @@ def test_a_rank_killed_by_a_signal_runs_once_more_and_a_python_error_does_not(tm
     raised = torchrun([script, marker, "raise"], timeout=120)
     assert raised.returncode != 0 and killed_by_signal(raised.stderr) is None
     assert "ValueError: rank 1's own error" in report(raised).partition("--- stdout tail")[0]
+
+
+def test_an_aborted_rank_is_seen_when_torchrun_names_its_peer_as_the_root_cause():
+    """torchrun names the failure of the earliest whole second, rank 0 first: a peer that exits with an error
+    (its collective's 'Connection reset by peer') in the second of the abort is the 'Root Cause'."""
+    def failures(*ranks):  # torchrun's report: the other failures, then the root cause
+        entry = "  [{0}]:\n    rank      : {0} (local_rank: {0})\n    exitcode  : {1} (pid: 10{0})\n"
+        others = "".join(entry.format(*r) for r in ranks[1:]) or "  <NO_OTHER_FAILURES>\n"
+        return f"ChildFailedError:\n  Failures:\n{others}  ----\n  Root Cause (first observed failure):\n" + \
+            entry.format(*ranks[0])
+
+    assert killed_by_signal(failures((0, 1), (1, -6))) == 6
+    assert killed_by_signal(failures((1, -6), (0, -15))) == 6
+    assert killed_by_signal(failures((0, 1), (1, -15))) is None  # (torchrun's own SIGTERM of the others)
+    assert killed_by_signal(failures((1, 1))) is None
+    assert killed_by_signal("exitcode  : -6 in a log line, no torchrun report") is None

@@ -4,8 +4,9 @@
 gloo's TCP transport aborts a process (SIGABRT, from a C++ exception in its own I/O thread) on some socket errors;
 once, in CI on a loaded 2-core machine, a rank of tests/test_training_cli.py's two-process training died so in the
 middle of a step, its peer reporting 'Connection reset by peer'. Our code cannot kill a rank by a signal (its errors
-are Python exceptions: exit status 1), so a run whose first failing rank was killed by a signal runs once more, after
-`fresh` (what the run writes) is removed, and the first attempt's report is kept as a warning. Any other failure, or
+are Python exceptions: exit status 1), so a run in which a rank was killed by a signal other than the SIGTERM
+torchrun sends the others runs once more, after `fresh` (what the run writes) is removed, and the first attempt's
+report is kept as a warning. Any other failure, or
 a second signal, is the test's to judge. A failed run's message puts each rank's error lines before the tail, which
 alone showed only the peer's side."""
 
@@ -35,11 +36,15 @@ def torchrun(args: list[str], *, fresh=(), timeout: int = 300, **kwargs) -> subp
 
 
 def killed_by_signal(stderr: str) -> int | None:
-    """The signal that killed torchrun's first failing rank ('Root Cause' in its report; exitcode -N), or None."""
+    """The signal that killed a rank (exitcode -N in torchrun's report of its failures), SIGTERM aside: torchrun
+    ends the other ranks with it. Any rank, not only the 'Root Cause': torchrun names the failure of the earliest
+    whole second, rank 0 first, so a peer that exits with an error in the same second as the aborted rank is named
+    instead."""
     if "Root Cause" not in stderr:
         return None
-    found = re.search(r"exitcode\s*:\s*-(\d+)", stderr.rpartition("Root Cause")[2])
-    return int(found.group(1)) if found else None
+    start = stderr.rfind("Failures:")
+    codes = re.findall(r"exitcode\s*:\s*-(\d+)", stderr[start if start >= 0 else stderr.rfind("Root Cause"):])
+    return next((int(c) for c in codes if int(c) != 15), None)
 
 
 def report(run: subprocess.CompletedProcess, tail: int = 3000) -> str:
