@@ -6,9 +6,8 @@ once, in CI on a loaded 2-core machine, a rank of tests/test_training_cli.py's t
 middle of a step, its peer reporting 'Connection reset by peer'. Our code cannot kill a rank by a signal (its errors
 are Python exceptions: exit status 1), so a run in which a rank was killed by a signal other than the SIGTERM
 torchrun sends the others runs once more, after `fresh` (what the run writes) is removed, and the first attempt's
-report is kept as a warning. Any other failure, or
-a second signal, is the test's to judge. A failed run's message puts each rank's error lines before the tail, which
-alone showed only the peer's side."""
+report is kept as a warning. Any other failure, or a second signal, is the test's to judge. A failed run's message
+(`report`) puts each rank's error lines before the tail, which alone showed only the peer's side."""
 
 import re
 import shutil
@@ -25,13 +24,16 @@ def torchrun(args: list[str], *, fresh=(), timeout: int = 300, **kwargs) -> subp
     (env, cwd) pass through, output captured as text."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
-    signal = killed_by_signal(run.stderr) if run.returncode else None
-    if signal is None:
+    sig = killed_by_signal(run.stderr) if run.returncode else None
+    if sig is None:
         return run
-    warnings.warn(f"a rank was killed by signal {signal} (gloo's transport; not our code): run once more. "
+    warnings.warn(f"a rank was killed by signal {sig} (gloo's transport; not our code): run once more. "
                   f"First attempt:\n{report(run)}")
-    for path in fresh:
-        shutil.rmtree(path, ignore_errors=True) if Path(path).is_dir() else Path(path).unlink(missing_ok=True)
+    for path in map(Path, fresh):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
