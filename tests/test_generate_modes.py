@@ -1,8 +1,6 @@
 """`workbench generate` beyond one process and one text prompt: torchrun sharding (the same files as a
 single-process run), --compile and --fp8, and image-to-video (--image)."""
 
-import os
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,9 +18,8 @@ def test_torchrun_two_cpu_processes_write_the_single_process_files(tmp_path, one
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     common = ["generate", "--prompts", str(prompts), "--seed", "3,4", "--frames", "6", "--no-video", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     dist = torchrun(["-m", "workbench.cli", *common, "--out", tmp_path / "dist"], fresh=[tmp_path / "dist"],
-                    cwd=tmp_path, env=env)
+                    cwd=tmp_path)
     assert dist.returncode == 0, report(dist)
     assert dist.stdout.count("wrote 6 sample(s)") == 1 and "(2 processes)" in dist.stdout  # rank 0 reports once
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
@@ -38,7 +35,7 @@ def test_torchrun_two_cpu_processes_write_the_single_process_files(tmp_path, one
     # stopped midway: the run's counts, not rank 0's share (it said "2 already there; generating the other 0")
     for name in names[1:3]:
         (tmp_path / "dist" / name).unlink()
-    again = torchrun(["-m", "workbench.cli", *common, "--out", tmp_path / "dist"], cwd=tmp_path, env=env,
+    again = torchrun(["-m", "workbench.cli", *common, "--out", tmp_path / "dist"], cwd=tmp_path,
                      fresh=[tmp_path / "dist" / name for name in names[1:3]])  # (a retry finds them missing again)
     assert again.returncode == 0, report(again)
     assert "resuming: 4 sample(s) are already in" in again.stdout and "generating the other 2 (2 processes)" in \
@@ -48,7 +45,7 @@ def test_torchrun_two_cpu_processes_write_the_single_process_files(tmp_path, one
     # went on with its share while rank 0 refused)
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "dist").glob("*.safetensors")}
     other = [a if a != "6" else "3" for a in common]
-    clash = torchrun(["-m", "workbench.cli", *other, "--out", tmp_path / "dist"], cwd=tmp_path, env=env)
+    clash = torchrun(["-m", "workbench.cli", *other, "--out", tmp_path / "dist"], cwd=tmp_path)
     assert clash.returncode != 0 and "holds files of another run under this run's names" in clash.stderr, report(clash)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "dist").glob("*.safetensors")} == before
 

@@ -590,7 +590,7 @@ def test_model_on_triton_kernel_fused_capture_changes_nothing(fa, monkeypatch):
     from workbench.hooks import attach
 
     dtype = torch.bfloat16 if CUDA else torch.float32
-    # (2 heads, not the preset's 4: the interpreter runs a kernel's programs one by one, one per head among others)
+    # (2 heads, not the preset's 4: the interpreter runs a kernel's programs one by one, and each head has its own)
     model = tiny_model(local_attn_size=6, sink_size=1, num_heads=2).to(DEV).to(dtype)
     model.attention_kernel = "triton"
     cfg, frames, fsl, nfpb, steps = model.config, 9, 6, 3, 3  # two denoising steps and the context pass

@@ -29,8 +29,8 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
 
     from models.wan.checkpoint import load_tensors
 
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # (tests/conftest.py put this tree first on PYTHONPATH)
-    done = torchrun([__file__, tmp_path / "two"], fresh=[tmp_path / "two"], env=env, timeout=600,
+    # (tests/conftest.py put this tree first on PYTHONPATH; two_ranks runs each rank on one thread)
+    done = torchrun([__file__, tmp_path / "two"], fresh=[tmp_path / "two"], timeout=600,
                     cwd=Path(__file__).parents[1])
     assert done.returncode == 0, report(done)
     two = json.loads((tmp_path / "two" / "history.json").read_text())

@@ -9,6 +9,7 @@ torchrun sends the others runs once more, after `fresh` (what the run writes) is
 report is kept as a warning. Any other failure, or a second signal, is the test's to judge. A failed run's message
 (`report`) puts each rank's error lines before the tail, which alone showed only the peer's side."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -20,9 +21,11 @@ ERROR_LINES = re.compile(r"terminate called|what\(\)|Error|error:|Traceback|exit
 
 
 def torchrun(args: list[str], *, fresh=(), timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
-    """Run `args` (a script or `-m module ...`) under torchrun with 2 processes; subprocess.run's keyword arguments
-    (env, cwd) pass through, output captured as text."""
+    """Run `args` (a script or `-m module ...`) under torchrun with 2 processes of one thread each (OMP_NUM_THREADS=1
+    in `env`, default this process's environment); subprocess.run's other keyword arguments (cwd) pass through,
+    output captured as text."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)]
+    kwargs["env"] = {**kwargs.get("env", os.environ), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
     sig = killed_by_signal(run.stderr) if run.returncode else None
     if sig is None:
