@@ -149,6 +149,30 @@ def test_info_gives_the_kv_cache_per_layer_and_in_all(capsys):
     assert "1008 tokens per layer, 504 KiB of keys and values per layer in bf16, 2.95 MiB over the 6 layers" in line
 
 
+def test_info_names_the_zoo_model_its_weights_and_its_sampler(capsys):
+    """`info` says which zoo model the default is, `info --model NAME` any other's weights and sampler (the
+    settings `extract --model NAME` runs with); an unknown name, or --model with a checkpoint to read, is one line."""
+    from models.wan.embedded import ZOO
+
+    assert cli_main(["info", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "model: dmd (the embedded default) - the Self-Forcing DMD student (EMA), 4 warped steps"
+    assert lines[1].endswith("checkpoints/self_forcing_dmd.pt (generator_ema)")
+    assert lines[2] == "sampler: causal_few_step"
+    for name, entry in ZOO.items():
+        assert cli_main(["info", "--model", name, "--device", "cpu"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == f"model: {name} - {entry.description}"
+        assert ("(generator_ema)" if entry.use_ema else "(generator)" if entry.checkpoint else "DiT)") in lines[1]
+        sampler = {"teacher": "bidirectional, 40 steps, CFG 4", "df": "causal_multi_step_cfg, 40 steps, CFG 4"}
+        assert lines[2] == f"sampler: {sampler.get(name, 'causal_few_step')}"
+        assert lines[3].startswith("dim / ffn_dim")
+    for argv, says in ((["--model", "techer"], "unknown model 'techer'; the embedded zoo has teacher, df, ode"),
+                       (["--model", "ode", "--checkpoint", "x.pt"], "--model ode names a model of the embedded zoo")):
+        assert cli_main(["info", *argv]) == 2
+        assert says in capsys.readouterr().err
+
+
 def test_info_says_what_a_checkpoint_holds_and_which_config_it_fits(tmp_path, capsys):
     """`info --checkpoint`: each state dict of a Self-Forcing .pt (model.-prefixed), its sizes and dtypes, which
     config it fits shape for shape (the one asked for first, then the built-in sizes), an optimiser's nested state

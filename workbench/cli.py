@@ -40,9 +40,9 @@ Self-Forcing attention workbench: see how autoregressive video diffusion models 
 With no model arguments every command runs on the embedded default: the zoo's Self-Forcing DMD student,
 a small causal Wan (6 layers, 4 heads; 21 latent frames in chunks of 3) trained here on a miniature world of
 one coloured shape moving the way its prompt says ("a blue circle moving up"), that runs on a CPU in
-seconds. generate, extract, evaluate and intervene take --model NAME for another model of the zoo, or
---wan-dir DIR for the official Wan2.1 folder and --checkpoint FILE [--use-ema] for a Self-Forcing
-checkpoint on top of it; info takes --wan-dir or --preset (it reads the config only).
+seconds. generate, extract, evaluate, intervene and info take --model NAME for another model of the zoo,
+or --wan-dir DIR for the official Wan2.1 folder and --checkpoint FILE [--use-ema] for a Self-Forcing
+checkpoint on top of it (info: --model, --wan-dir or --preset; it reads configs, not weights).
 """
 
 

@@ -10,7 +10,8 @@ HELP = ("show a model's config, parameter count, token geometry and attention ba
 
 EPILOG = """\
 examples:
-  workbench info                                   # the embedded default
+  workbench info                                   # the embedded default (the zoo's DMD student)
+  workbench info --model teacher                   # another model of the embedded zoo: its weights, its sampler
   workbench info --preset wan2.1-t2v-1.3b          # built on the meta device: no weights needed
   workbench info --wan-dir wan_models/Wan2.1-T2V-1.3B --frames 21 --height 480 --width 832
   workbench info --checkpoint checkpoints/self_forcing_dmd.pt  # what it holds, which config it fits
@@ -27,6 +28,8 @@ def register(subparsers) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--wan-dir", metavar="DIR", help="the official Wan2.1 folder (reads config.json only)")
     src.add_argument("--preset", help="a built-in size: wan2.1-t2v-1.3b, wan2.1-t2v-14b, tiny")
+    src.add_argument("--model", metavar="NAME", help="a model of the embedded zoo: teacher, df, ode, dmd (the "
+                                                     "default), sid; says which weights and sampler it runs with")
     p.add_argument("--frames", type=int, default=21, help="latent frames (default: %(default)s)")
     p.add_argument("--height", type=int, help="pixel height (default: the model's own size: 96 for the embedded "
                                               "default, config.json's video_size, else 480)")
@@ -234,6 +237,11 @@ def run(args) -> int:
     from workbench.inputs import check_device
 
     check_frames(args.frames)
+    if args.model and args.checkpoint:
+        from workbench.errors import WorkbenchError
+
+        raise WorkbenchError(f"--model {args.model} names a model of the embedded zoo and --checkpoint a file to "
+                             "read: give one of them")
     if args.checkpoint:
         from pathlib import Path
 
@@ -253,7 +261,8 @@ def run(args) -> int:
         config, name = preset(args.preset), args.preset
     else:
         folder = args.wan_dir or require_embedded_dir()
-        config, name = family_of(folder).read_config(folder), ("embedded default" if not args.wan_dir else folder)
+        config = family_of(folder).read_config(folder)
+        name = folder if args.wan_dir else zoo_model_lines(args.model)
     own_h, own_w = WAN.video_size if args.preset else default_video_size(args.wan_dir or require_embedded_dir())
     height = own_h if args.height is None else args.height
     width = own_w if args.width is None else args.width
@@ -268,6 +277,30 @@ def run(args) -> int:
     print(describe(config, frames=args.frames, height=height, width=width, nfpb=args.num_frame_per_block,
                    device=device))
     return 0
+
+
+def zoo_model_lines(name: str | None) -> str:
+    """The zoo model `name` (None: the default) in words: what it is, its weights, its sampler; a clear error for a
+    name the zoo lacks or a model the embedded folder does not hold."""
+    import os
+
+    from models.wan.embedded import EMBEDDED_DIR, pick
+
+    def shown(path) -> str:  # (relative to the working directory where it is inside it, as the user would type it)
+        rel = os.path.relpath(path)
+        return path if rel.startswith("..") else rel
+
+    entry = pick(name, False)
+    if entry is None:  # (a folder before the zoo ships its students)
+        return (f"embedded default: the DiT of {shown(str(EMBEDDED_DIR))} under the causal few-step sampler (the "
+                "zoo's students are not in it)")
+    weights = f"{shown(str(EMBEDDED_DIR))} (config, text encoder, VAE" + (
+        ", DiT)" if entry.checkpoint is None else
+        f") + {shown(str(entry.checkpoint_path()))} ({'generator_ema' if entry.use_ema else 'generator'})")
+    steps = ("" if entry.sampler == "causal_few_step" else
+             f", {entry.num_inference_steps} steps, CFG {entry.guidance_scale:g}")
+    return (f"{entry.name}{' (the embedded default)' if name is None else ''} - {entry.description}\n"
+            f"weights: {weights}\nsampler: {entry.sampler}{steps}")
 
 
 def _size(n_bytes: float) -> str:
