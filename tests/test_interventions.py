@@ -314,6 +314,42 @@ def test_a_filter_or_an_edit_aimed_at_nothing_is_refused():
     assert not model.interventions  # nothing left attached
 
 
+def test_steps_chunks_and_frames_the_rollout_lacks_are_refused_before_its_first_forward(one_thread):
+    """Steps, chunks, phases, CFG branches and key frames depend on the run, not the model: the sampler hands
+    each attached probe and intervention the run's extent before its first forward, and a selection the run lacks
+    (a 12-frame few-step rollout: steps 0-4, chunks 0-3, frames 0-11, no CFG) is refused naming it, with no
+    forward run; selections inside the run go through, and change the video as before."""
+    from models.errors import ModelInputError
+    from workbench.interventions import HeadAblation, KeyFrameKnockout, SinkScaling
+
+    model = tiny_model(local_attn_size=6, sink_size=1)
+    forwards = []
+    model.register_forward_pre_hook(lambda *a: forwards.append(1))
+    for sub, message in [
+            (KeyFrameKnockout([25]), r"knockout:25: frames \[25\] not in this rollout, whose frames are 0-11: it "
+                                     "would change nothing there"),
+            (SinkScaling(0.5, frames=[0, 12]), r"frames \[12\] not in this rollout"),
+            (HeadAblation(CallFilter(layers={1}, steps={5}), heads=[0]), r"steps \[5\] not in this rollout, whose "
+                                                                         "steps are 0-4"),
+            (HeadAblation(CallFilter(chunks={4}), heads=[0]), r"chunks \[4\] not in .* chunks are 0-3"),
+            (HeadAblation(CallFilter(cfgs={"uncond"}), heads=[0]), r"cfgs \['uncond'\] not in .* cfgs are none"),
+            (Probe(CallFilter(steps={0, 7})), r"Probe: steps \[7\] not in this rollout, .* would see nothing"),
+            (RecordingProbe(CallFilter(phases={"train"})), r"phases \['train'\] not in .* phases are context, "
+                                                           "denoise"),
+            (probe_for(model, 21), "StatsProbe: made for 21 latent frames .* but this rollout has 12"),
+            (StatsProbe(CaptureSpec(layers=(0,), heads=(0,), steps=(0, 5)), Geometry(1, 12, FSL, TEXT_LEN), "cpu"),
+             r"StatsProbe: steps \[5\] not in this rollout")]:
+        with pytest.raises(ModelInputError, match=message):
+            few_step(model, 12, sub)
+        assert not forwards and not model.interventions and not model.observers
+    plain = few_step(model, 12)
+    forwards.clear()
+    inside = [KeyFrameKnockout([0], history_only=True), HeadAblation(CallFilter(steps={4}, chunks={2}), heads=[0])]
+    for sub in inside:
+        assert not torch.equal(few_step(model, 12, sub), plain), sub.label
+    assert forwards
+
+
 # ------------------------------------------------------------------------------------------------------
 # Extensions written wrong are refused, naming the intervention, before they change anything silently
 

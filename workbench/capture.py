@@ -110,6 +110,16 @@ class StatsProbe(Probe):
         self._key_means: dict[int, torch.Tensor] = {}  # layer -> [B, H, F, D] float32: every key frame's mean
         self._key_stamps: dict[tuple[int, int], int] = {}  # (layer, frame) -> the KV-cache stamp its mean is of
 
+    def check_run(self, extent) -> None:
+        """Before the sampler's first forward: the run has the probe's frames (its buffers are the geometry's) and
+        the steps it captures (workbench/hooks.py `check_run_extent`)."""
+        from models.errors import ModelInputError
+
+        if extent.frames != self.geo.num_frames:
+            raise ModelInputError(f"StatsProbe: made for {self.geo.num_frames} latent frames (its Geometry), but this "
+                                  f"rollout has {extent.frames}: make the probe with the rollout's geometry")
+        super().check_run(extent)
+
     def reset(self) -> None:
         """Forget the last rollout: NaN buffers (in place, at the same addresses), no claimed cells."""
         for buf in self.buffers.values():

@@ -103,6 +103,10 @@ class Probe:
     def wants(self, call: AttentionCall) -> bool:
         return self.filter.matches(call)
 
+    def check_run(self, extent) -> None:
+        """Called by the sampler before its first forward (models/common/rollout.py): `check_run_extent`."""
+        check_run_extent(self, extent)
+
     def head_index(self, q) -> torch.Tensor | None:
         """The chosen heads as an index tensor on q's device, or None when they are all of q's heads
         (q [B, L, H, D]). Made once per device, never while a CUDA graph is being recorded."""
@@ -163,6 +167,41 @@ def check_subscribers(model, subscribers) -> None:
             if bad:
                 raise ModelInputError(f"{type(sub).__name__}: {what} {bad} out of range: the model has {what} "
                                       f"0-{n - 1}")
+
+
+def _spans(values) -> str:
+    """'0-4', '0-2, 5', 'context, denoise': sorted, ints as runs."""
+    values = sorted(values)
+    if not values or not isinstance(values[0], numbers.Integral):
+        return ", ".join(map(str, values))
+    runs, start = [], values[0]
+    for prev, cur in zip(values, values[1:] + [None]):
+        if cur is None or cur != prev + 1:
+            runs.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(runs)
+
+
+def check_run_extent(sub, extent) -> None:
+    """What a subscriber selects - its filter's steps, chunks, phases and CFG branches, an intervention's key
+    `frames` - exists in the run about to start (`extent`: models/common/labels.py `RunExtent`); a ModelInputError
+    naming what does not, before any work. (The layers and heads were checked at attach, `check_subscribers`.)"""
+    from models.errors import ModelInputError
+
+    name = getattr(sub, "label", None) or type(sub).__name__
+    filt = getattr(sub, "filter", None)
+    frames = getattr(sub, "frames", None)
+    for what, chosen, have in (("steps", getattr(filt, "steps", None), extent.steps),
+                               ("chunks", getattr(filt, "chunks", None), range(extent.chunks)),
+                               ("phases", getattr(filt, "phases", None), extent.phases),
+                               ("cfgs", getattr(filt, "cfgs", None), extent.cfgs),
+                               ("frames", frames if isinstance(frames, (set, frozenset, list, tuple)) else None,
+                                range(extent.frames))):
+        bad = [] if chosen is None else sorted(set(chosen) - set(have))  # (ints, or words: one sort a field)
+        if bad:
+            does = "change" if hasattr(sub, "edits") else "see"
+            raise ModelInputError(f"{name}: {what} {bad} not in this rollout, whose {what} are {_spans(have)}: it "
+                                  f"would {does} nothing there")
 
 
 EDITABLE = frozenset({"q", "k", "v", "mask", "out"})  # what an intervention may change (workbench/interventions.py)

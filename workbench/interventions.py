@@ -36,7 +36,7 @@ from typing import Iterable
 import torch
 
 from models.common.attention import AttentionCall
-from workbench.hooks import EDITABLE, CallFilter, Probe
+from workbench.hooks import EDITABLE, CallFilter, Probe, check_run_extent
 
 
 class Intervention:
@@ -56,6 +56,11 @@ class Intervention:
 
     def wants(self, call: AttentionCall) -> bool:
         return self.filter.matches(call)
+
+    def check_run(self, extent) -> None:
+        """Called by the sampler before its first forward: the steps, chunks, phases, CFG branches and key frames
+        it selects are in the run (workbench/hooks.py `check_run_extent`)."""
+        check_run_extent(self, extent)
 
     @property
     def key(self):

@@ -20,3 +20,23 @@ class ForwardLabels:
     phase: str = "denoise"  # "denoise" | "context" | "train"
     cfg: str = "none"  # "cond" | "uncond" | "none"
     denoise_index: int = 0  # index into the denoising schedule; -1 for the context pass
+
+
+@dataclass(frozen=True)
+class RunExtent:
+    """What one rollout's forwards will carry, known before the first: the step labels, phases and CFG branches
+    of its schedule, its number of chunks and of latent frames. A sampler hands it to each attached observer or
+    intervention that has `check_run(extent)` (models/common/rollout.py `check_run`), which can refuse a selection
+    the run does not have before any work (workbench/hooks.py)."""
+
+    steps: tuple[int, ...]
+    phases: tuple[str, ...]
+    cfgs: tuple[str, ...]
+    chunks: int
+    frames: int
+
+    @classmethod
+    def of(cls, schedule, chunks: int, frames: int) -> "RunExtent":
+        """From the labels of the forwards one chunk (or the bidirectional run) takes."""
+        return cls(tuple(sorted({lab.step for lab in schedule})), tuple(sorted({lab.phase for lab in schedule})),
+                   tuple(sorted({lab.cfg for lab in schedule})), chunks, frames)

@@ -33,6 +33,7 @@ import torch
 from models.common.attention import ForwardLabels
 from models.common.graph_streams import capture_stream
 from models.common.kv_cache import RolloutCache, check_policy
+from models.common.labels import RunExtent
 from models.common.scheduler import FlowMatchScheduler
 from models.common.window import check_window_room
 from models.errors import ModelInputError
@@ -99,6 +100,18 @@ def image_labels(context: ForwardLabels) -> ForwardLabels:
     """The labels of an image's context pass (image-to-video: chunk 0), at t = 0 whatever context_noise, as the
     researchers' pipeline pushes the image (an observer refuses a step at two timesteps: IMAGE_CONTEXT_NOISE)."""
     return ForwardLabels(context.step, 0.0, 0, context.phase, context.cfg, context.denoise_index)
+
+
+def check_run(model, schedule: list[ForwardLabels], chunks: int, frames: int) -> None:
+    """Before a sampler's first forward: each attached observer or intervention with a `check_run` (the
+    workbench's probes and interventions) gets the run's `RunExtent` (`schedule`: the labels of one chunk's
+    forwards) and refuses, with a ModelInputError, a step, chunk, frame, phase or CFG branch it selects that the run
+    does not have: it would otherwise see or change nothing there, silently."""
+    subscribers = (*getattr(model, "observers", ()), *getattr(model, "interventions", ()))
+    extent = RunExtent.of(schedule, chunks, frames) if subscribers else None
+    for sub in subscribers:
+        if callable(check := getattr(sub, "check_run", None)):
+            check(extent)
 
 
 def few_step_schedule(timesteps: torch.Tensor, context_noise: float) -> list[ForwardLabels]:
@@ -370,6 +383,7 @@ def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timest
     check_initial_latent(model, noise, initial_latent)
     fsl = model.config.tokens_per_frame(*noise.shape[3:])  # noise [B, F, C, h, w]
     schedule = few_step_schedule(timesteps, context_noise)
+    check_run(model, schedule if last_context_pass or len(spans) > 1 else schedule[:-1], len(spans), Fr)
     graphs = _rollout_graphs(model, noise, context, cuda_graphs,
                              (tuple(timesteps.tolist()), float(context_noise), last_context_pass, cache_frames,
                               initial_latent is not None),
@@ -487,6 +501,7 @@ def causal_multi_step(model, noise, context, negative_context, *, steps: int = 5
     spans = check_causal_geometry(model, Fr, cache_frames)
     check_initial_latent(model, noise, initial_latent)
     fsl = model.config.tokens_per_frame(*noise.shape[3:])  # noise [B, F, C, h, w]
+    check_run(model, multistep_schedule([0.0] * steps, True, True), len(spans), Fr)
     caches = {b: RolloutCache.allocate(model.config, B, Fr, fsl, dtype=noise.dtype, device=noise.device)
               for b in ("cond", "uncond")}
     texts = {"cond": context, "uncond": negative_context}
@@ -534,6 +549,7 @@ def bidirectional(model, noise, context, negative_context=None, *, steps: int = 
     solve = MultiStepSolver(solver, steps, shift, noise.device)
     cfg = negative_context is not None
     schedule = multistep_schedule(solve.timesteps, cfg, False)
+    check_run(model, schedule, 1, Fr)
     per_step = 2 if cfg else 1
     x, trajectory = noise, []
     for i in range(steps):
