@@ -258,7 +258,11 @@ def build_report(
 
     page.h(f"Overview at {metrics.step_label(ds, step)}")
     page.p(f"Head metrics averaged over query frames {frames[0]}-{frames[-1]} ({query_frames}) and "
-           f"{'sample ' + html.escape(sample) if sample else 'all samples'}. Classes: sink (mass on frame 0 &ge; "
+           f"{'sample ' + html.escape(sample) if sample else 'all samples'}, at this one step (the summary "
+           "<code>workbench extract</code> prints averages every denoising step and "
+           f"{'the query frames after chunk 0' if metrics.num_chunks(ds) > 1 else 'every query frame'}, so its "
+           "numbers differ; <code>--step N</code> and <code>--query-frames history</code> choose others "
+           "here). Classes: sink (mass on frame 0 &ge; "
            "threshold and "
            f"above uniform attention's share), local (mass on keys less than {metrics.default_local_window(ds)} "
            "frame(s) from the query, of rows that attended keys farther), deep_sink (mass on the "

@@ -169,8 +169,11 @@ def compare_models(videos: pd.DataFrame, a: str, b: str) -> tuple[pd.DataFrame, 
                 change += (f"the two accumulate the same error on average ({int((da == db)[ok].sum())} of "
                            f"{int(ok.sum())} paired videos tie)")
             else:
-                change += (f"{winner} accumulates less error on average, less in {wins} of {int(ok.sum())} paired "
-                           f"videos (two-sided sign test p = {p_value:.2g}{verdict})")
+                pairs = (f"less in {wins} of {int(ok.sum())} paired videos" if wins > losses else
+                         f"though less in only {wins} of {int(ok.sum())} paired videos and more in {losses}: the mean "
+                         "rests on a few large differences")
+                change += (f"{winner} accumulates less error on average, {pairs} (two-sided sign test p = "
+                           f"{p_value:.2g}{verdict})")
             lines.append(change + f"; adherent {np.nanmean(p['adherent_a']):.0%} ({a}), "
                                   f"{np.nanmean(p['adherent_b']):.0%} ({b})")
         else:

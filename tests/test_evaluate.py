@@ -252,6 +252,11 @@ def test_compare_models_finds_who_accumulates_less_error():
     _, (line,) = wr.compare_models(same, "df", "sf")  # a tie names no model
     assert "the two accumulate the same error on average (2 of 2 paired videos tie)" in line
     assert "accumulates less" not in line
+    few = pd.DataFrame(_videos("df", [1.0, 1.0, 1.0, 9.0], [1, 1, 1, 1]) + _videos("sf", [2.0, 2.0, 1.0, 1.0],
+                                                                                     [1, 1, 1, 1]))
+    _, (line,) = wr.compare_models(few, "df", "sf")  # sf less on average (1.5 against 3), yet more in 2 of 4 pairs
+    assert ("sf accumulates less error on average, though less in only 1 of 4 paired videos and more in 2: the mean "
+            "rests on a few large differences (two-sided sign test p = 1") in line
 
 
 def test_sign_test_by_hand():
