@@ -280,6 +280,57 @@ def test_cache_encodes_each_prompt_once_per_encoder(small_pth, tmp_path):
     assert len(sorted(cache.rglob("*.safetensors"))) == len(PROMPTS) + 1
 
 
+def test_prompts_in_the_cache_are_read_without_loading_the_encoder(small_pth, tmp_path, monkeypatch):
+    """An encoder made from files loads its tokenizer and weights at its first prompt the cache lacks: prompts the
+    cache holds come back bitwise as encoded, tokens and lengths too, with nothing loaded (in a fresh process
+    transformers is not even imported: the seconds a command's start saves); a cached prompt longer than text_len
+    still warns where it is cut. Weights replaced before that first load are refused, not loaded under the old
+    file's labels; a cache that cannot be written warns once and the encoding goes on."""
+    import subprocess
+    import sys
+    import warnings
+
+    cache, prompts = tmp_path / "cache", [PROMPTS[0], "ocean", "a red square moving right"]  # (the first: 12+ tokens)
+    with pytest.warns(ModelInputWarning, match="reads the first 12"):
+        first = TextEncoder.from_files(small_pth, TOKENIZER, cache_dir=cache, text_len=12).encode(prompts)
+    lazy = TextEncoder.from_files(small_pth, TOKENIZER, cache_dir=cache, text_len=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ModelInputWarning)
+        again = lazy.encode(prompts[1:][::-1])  # (both fit in 12 tokens)
+    assert lazy._model is None and lazy._tokenizer is None
+    assert torch.equal(again.context, first.context[1:].flip(0))
+    assert again.tokens == first.tokens[1:][::-1] and again.lengths == first.lengths[1:][::-1]
+    with pytest.warns(ModelInputWarning, match="reads the first 12"):
+        assert torch.equal(lazy.encode(prompts[:1]).context, first.context[:1])
+    code = (f"import sys; from models.wan.text_encoder import TextEncoder as T; e = T.from_files({str(small_pth)!r}, "
+            f"{str(TOKENIZER)!r}, cache_dir={str(cache)!r}, text_len=12); c = e.encode({prompts[1:]!r}).context; "
+            "print(c.shape[1], 'transformers' in sys.modules, e._model is None)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.stdout.split() == ["12", "False", "True"], run.stderr[-2000:]
+
+    weights = tmp_path / "t5.pth"
+    weights.write_bytes(small_pth.read_bytes())
+    made = TextEncoder.from_files(weights, TOKENIZER, cache_dir=cache)
+    (tmp_path / "new.pth").write_bytes(small_pth.read_bytes()[:-8] + b"\0" * 8)
+    (tmp_path / "new.pth").replace(weights)
+    with pytest.warns(ModelInputWarning, match="no longer those of"), \
+            pytest.raises(CheckpointError, match="t5.pth changed between the making of the encoder and the loading"):
+        made.encode(["ocean"])
+
+    import models.wan.text_encoder as te
+
+    def full(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(te, "atomic_write_bytes", full)
+    unwritable = TextEncoder.from_files(small_pth, TOKENIZER, cache_dir=tmp_path / "full")
+    with pytest.warns(ModelInputWarning, match="cannot write the prompt cache .*No space left on device.*goes on"):
+        out = unwritable.encode(["ocean", "a blue circle"])
+    uncached = TextEncoder.from_files(small_pth, TOKENIZER).encode(["ocean", "a blue circle"])
+    assert torch.equal(out.context, uncached.context)
+    assert not (tmp_path / "full").exists()
+
+
 def test_the_prompt_cache_is_off_once_the_weights_are_not_the_files_as_loaded(small_sd, small_pth, tmp_path):
     """The cache's entries are named by the weights file's identity, worked out at first use: a file replaced after
     loading stored the old weights' embeddings under the new file's name, for every later process to read; weights

@@ -576,14 +576,14 @@ def _extract(p: Plan, rank: int, world: int, todo, fp: str, weights_sha: str, de
              writer: StoreWriter | None, stamps: dict):
     """Run the samples of `todo` (dealt out to the ranks) and write them with rank 0's `writer`; `stamps`: the
     run's files as they were when their labels were hashed (`run_files`)."""
-    from models.wan.text_encoder import TextEncoder
+    from models.wan.text_encoder import TextEncoder, prompt_cache_dir
     from workbench.progress import progress_bar
 
     cfg = p.cfg
     causal = cfg.sampler != "bidirectional"
     model = load_model(p, device, dtype)
     initial = image_latent(p, device, dtype)
-    encoder = TextEncoder.from_wan_dir(p.wan_dir, device=device)
+    encoder = TextEncoder.from_wan_dir(p.wan_dir, device=device, cache_dir=prompt_cache_dir())
     check_unchanged(stamps, "between the hashing of the store's labels and the loading of the weights")
     negative = encoder.encode([cfg.negative_prompt]) if cfg.sampler != "causal_few_step" else None
     layout = store_layout(p, _attrs(p, fp, command_words(command, "workbench.extract.run_extract")))

@@ -429,7 +429,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     from models.files import check_unchanged
     from models.common.attention_kernels import refusals
     from models.video import mp4_available
-    from models.wan.text_encoder import TextEncoder
+    from models.wan.text_encoder import TextEncoder, prompt_cache_dir
     from workbench.extract import _attrs, _dtype, command_words, load_model, make_probe, sample_rollout, store_layout
     from workbench.hooks import CallFilter, attach
     from workbench.interventions import HeadOutputs
@@ -462,7 +462,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
             + ("; the baseline is rolled out again for its videos" if late_baseline else ""))
     device, dtype = torch.device(cfg.device), _dtype(cfg.dtype)
     model = load_model(p, device, dtype)
-    encoder = TextEncoder.from_wan_dir(p.wan_dir, device=device)
+    encoder = TextEncoder.from_wan_dir(p.wan_dir, device=device, cache_dir=prompt_cache_dir())
     vae = None
     if scored or save_videos:
         from models.wan.folder import wan_parts

@@ -47,7 +47,7 @@ def extract_rollout(cfg, *, prompt_index: int = 0, device=None, dtype=None):
     `drive(seed)` that runs the rollout extract runs for (cfg.prompts[prompt_index], seed) and returns the
     clean latents, and the number of DiT forwards of that rollout (35 for 21 frames in the few-step sampler):
     each `Attend` module is visited once per forward, which is the count `tracer.iter[:forwards]` needs."""
-    from models.wan.text_encoder import TextEncoder
+    from models.wan.text_encoder import TextEncoder, prompt_cache_dir
     from workbench.extract import _dtype, block_sizes_of, check_device, load_model, plan, sample_rollout
 
     p = plan(cfg)
@@ -57,7 +57,7 @@ def extract_rollout(cfg, *, prompt_index: int = 0, device=None, dtype=None):
     device = torch.device(check_device(str(device or cfg.device)))
     dtype = _dtype(dtype) if isinstance(dtype, str) else dtype or _dtype(cfg.dtype)
     model = load_model(p, device, dtype)
-    encoder = TextEncoder.from_wan_dir(p.wan_dir, device=device)
+    encoder = TextEncoder.from_wan_dir(p.wan_dir, device=device, cache_dir=prompt_cache_dir())
     emb = encoder.encode([cfg.prompts[prompt_index]])
     negative = encoder.encode([cfg.negative_prompt]) if cfg.sampler != "causal_few_step" else None
     chunks = len(block_sizes_of(cfg)) if cfg.sampler != "bidirectional" else 1

@@ -32,9 +32,13 @@ every other operation is per token, so the real rows are the same as with all te
 rounding: the matrix shapes change) and a 20-token prompt costs 20 tokens of work, not 512.
 Self-Forcing runs this encoder in float32 (bf16 weights upcast); that is the default dtype here.
 
-Cache: with `cache_dir`, each prompt's embedding is stored once per (prompt, encoder identity, dtype), where the
-identity is a sha256 over the weights file, every tokenizer file, text_len and the cleaning mode. Writes are
-atomic. Negative prompts are encoded by a second `encode` call, the same way.
+Cache: with `cache_dir`, each prompt's embedding is stored once per (prompt, encoder identity, dtype, device
+type, torch and transformers versions), where the identity is a sha256 over the weights file, every tokenizer file,
+text_len and the cleaning mode; the entry also keeps the prompt's token pieces and token count. Writes are atomic,
+and a write that fails (a full disk) only warns. An encoder made from files (`from_files`, `from_wan_dir`) loads its
+tokenizer and umT5 weights on first need: prompts its cache holds are read without them (for umT5-XXL, 11 GB of
+weights not loaded; for any size, transformers not imported: seconds of every command's start). Negative prompts
+are encoded by a second `encode` call, the same way. `prompt_cache_dir()` is the commands' shared cache.
 """
 
 from __future__ import annotations
@@ -231,8 +235,8 @@ class PromptEmbeddings:
 VOCABULARY_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model")
 
 
-def load_tokenizer(tokenizer_dir):
-    """transformers' AutoTokenizer from a local folder (the Wan folder's google/umt5-xxl), with clear errors."""
+def check_tokenizer_files(tokenizer_dir) -> None:
+    """The tokenizer folder is there with a vocabulary file, or a clear error (cheap: nothing is loaded)."""
     tokenizer_dir = Path(tokenizer_dir)
     if not tokenizer_dir.is_dir():
         raise TokenizerNotFoundError(
@@ -244,6 +248,12 @@ def load_tokenizer(tokenizer_dir):
         shown = f"{held[:10]}" + (f" and {len(held) - 10} more" if len(held) > 10 else "")
         raise TokenizerNotFoundError(f"tokenizer folder {tokenizer_dir} has no vocabulary file (one of "
                                      f"{', '.join(VOCABULARY_FILES)}); it holds {shown}")
+
+
+def load_tokenizer(tokenizer_dir):
+    """transformers' AutoTokenizer from a local folder (the Wan folder's google/umt5-xxl), with clear errors."""
+    check_tokenizer_files(tokenizer_dir)
+    tokenizer_dir = Path(tokenizer_dir)
     from transformers import AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
@@ -328,22 +338,28 @@ def earlier_identities(wan_dir) -> dict[str, str]:
             encoder_identity(parts.text_encoder, parts.tokenizer, text_len)}
 
 
+def prompt_cache_dir() -> Path | None:
+    """The prompt cache the commands share (`extract`, `intervene`, `evaluate`): prompts/ in the workbench's cache
+    folder ($WORKBENCH_CACHE, else ~/.cache/sf-workbench; models/files.py); None where there is none, or where
+    WORKBENCH_PROMPT_CACHE=0 turns it off."""
+    import os
+
+    from models.files import default_memo_dir
+
+    root = default_memo_dir()
+    return None if root is None or os.environ.get("WORKBENCH_PROMPT_CACHE") == "0" else root / "prompts"
+
+
 class TextEncoder:
-    """umT5 encoder + tokenizer; `encode(prompts)` gives the DiT's context. See the module docstring."""
+    """umT5 encoder + tokenizer; `encode(prompts)` gives the DiT's context. See the module docstring.
+
+    `model` and `tokenizer` are built, or given (`load`: a function returning both, called on first need)."""
 
     def __init__(self, model, tokenizer, *, text_len: int, device, dtype, weights_path: Path | None = None,
-                 tokenizer_dir: Path | None = None, cache_dir=None):
+                 tokenizer_dir: Path | None = None, cache_dir=None, load=None):
         if not isinstance(text_len, int) or text_len < 2:
             raise ModelInputError(f"text_len must be an int >= 2, got {text_len!r}")
-        vocab_rows = model.shared.weight.shape[0]
-        if len(tokenizer) > vocab_rows:
-            raise CheckpointError(
-                f"tokenizer {tokenizer_dir} has {len(tokenizer)} tokens but the encoder weights "
-                f"{weights_path} embed only {vocab_rows}: they do not belong together")
-        self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.tokenizer = tokenizer
         self.text_len = text_len
-        self.text_dim = int(model.config.d_model)
         self.device = torch.device(device)
         self.dtype = dtype
         self.weights_path = Path(weights_path) if weights_path is not None else None
@@ -354,8 +370,45 @@ class TextEncoder:
                                   "pass cache_dir=None for an encoder built from an in-memory state dict")
         self._identity: str | None = None
         self._warned: set[str] = set()  # prompts already warned about (truncation)
-        self._as_loaded = self._weights_state()  # what the prompt cache's entries are entries of
         self._cache_off = False  # (warned once: the weights are no longer the file's as loaded)
+        self._model = self._tokenizer = None
+        self._load = load
+        # what the prompt cache's entries are entries of: the weights files' stamps, and once loaded the parameters
+        self._as_loaded = (file_stamps(self.weights_path), None)
+        if model is not None:
+            self._adopt(model, tokenizer)
+
+    def _adopt(self, model, tokenizer) -> None:
+        vocab_rows = model.shared.weight.shape[0]
+        if len(tokenizer) > vocab_rows:
+            raise CheckpointError(
+                f"tokenizer {self.tokenizer_dir} has {len(tokenizer)} tokens but the encoder weights "
+                f"{self.weights_path} embed only {vocab_rows}: they do not belong together")
+        if changed := changed_files(self._as_loaded[0]):  # (what the caller hashed for its labels is not what loaded)
+            raise CheckpointError(f"text encoder weights {', '.join(changed)} changed between the making of the "
+                                  "encoder and the loading of its weights (at its first prompt not in the prompt "
+                                  "cache); run again")
+        self._model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self._tokenizer = tokenizer
+        self._as_loaded = self._weights_state()
+
+    @property
+    def model(self):
+        """transformers' UMT5EncoderModel, loaded on first use for an encoder made from files."""
+        if self._model is None:
+            self._adopt(*self._load())
+        return self._model
+
+    @property
+    def tokenizer(self):
+        """The umT5 tokenizer (transformers), loaded with the model."""
+        if self._tokenizer is None:
+            self._adopt(*self._load())
+        return self._tokenizer
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.model.config.d_model)
 
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -379,12 +432,21 @@ class TextEncoder:
                    text_len: int = DEFAULT_TEXT_LEN, trust_pickle: bool = False) -> "TextEncoder":
         """From a umT5 weights file (.pth or .safetensors, or the .index.json of safetensors shards; Wan's names or
         transformers') and a tokenizer folder."""
-        tokenizer = load_tokenizer(tokenizer_dir)  # checked first: cheap, and the commonest missing piece
+        check_tokenizer_files(tokenizer_dir)  # checked first: cheap, and the commonest missing piece
         check_encoder_config(weights)
-        sd = to_wan_names(load_state_dict_file(weights, trust_pickle=trust_pickle), str(weights))
-        model = build_umt5_encoder(sd, source=str(weights))
-        return cls(model, tokenizer, text_len=text_len, device=device, dtype=dtype, weights_path=Path(weights),
-                   tokenizer_dir=Path(tokenizer_dir), cache_dir=cache_dir)
+        for path in weight_files(weights):
+            check_weights_file(path, "text encoder weights")  # (a missing, truncated or LFS file: said now)
+
+        def load():
+            tokenizer = load_tokenizer(tokenizer_dir)
+            sd = to_wan_names(load_state_dict_file(weights, trust_pickle=trust_pickle), str(weights))
+            return build_umt5_encoder(sd, source=str(weights)), tokenizer
+
+        encoder = cls(None, None, text_len=text_len, device=device, dtype=dtype, weights_path=Path(weights),
+                      tokenizer_dir=Path(tokenizer_dir), cache_dir=cache_dir, load=load)
+        if cache_dir is None:  # (nothing to read instead: loaded now, where a bad file is said before any work)
+            encoder._adopt(*load())
+        return encoder
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor], tokenizer_dir, device="cpu", dtype=torch.float32,
@@ -407,9 +469,10 @@ class TextEncoder:
 
     def _weights_state(self) -> tuple:
         """The weights files' stamps (models/files.py `file_stamps`) and each parameter's address and version counter
-        (an in-place write, e.g. `load_state_dict`, bumps it)."""
+        (an in-place write, e.g. `load_state_dict`, bumps it); None for the parameters before they are loaded."""
         files = file_stamps(self.weights_path)  # (a shard index: its shards too)
-        return files, tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        params = None if self._model is None else tuple((p.data_ptr(), p._version) for p in self._model.parameters())
+        return files, params
 
     def _cache_usable(self) -> bool:
         """Whether the prompt cache holds this encoder's embeddings: its identity is the weights file's, so once the
@@ -427,12 +490,18 @@ class TextEncoder:
         return False
 
     def _cache_path(self, prompt: str) -> Path:
+        """One file per prompt, in a folder per encoder identity, dtype, device type and the torch and transformers
+        that computed it (another version may round otherwise: its entries are its own)."""
+        from importlib.metadata import version
+
         dtype_name = str(self.dtype).replace("torch.", "")
+        runtime = hashlib.sha256(f"torch={torch.__version__}\0transformers={version('transformers')}".encode())
         key = hashlib.sha256(prompt.encode("utf-8")).hexdigest()
-        return self.cache_dir / f"umt5-{self.identity[:32]}-{dtype_name}" / f"{key}.safetensors"
+        return (self.cache_dir / f"umt5-{self.identity[:32]}-{dtype_name}-{self.device.type}-"
+                                 f"{runtime.hexdigest()[:8]}" / f"{key}.safetensors")
 
     def _cache_get(self, prompt: str):
-        """(context [text_len, D] on device, tokens, length) or None."""
+        """(context [text_len, D] on device, tokens, length, token count before truncation) or None."""
         from safetensors import safe_open
         path = self._cache_path(prompt)
         if not path.is_file():
@@ -441,22 +510,27 @@ class TextEncoder:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata()
                 real = f.get_tensor("context")                       # [length, D]
-        except Exception:  # noqa: BLE001 - a damaged entry is recomputed and overwritten
+            if meta.get("prompt") != prompt or meta.get("identity") != self.identity:
+                return None
+            length, count, tokens = int(meta["length"]), int(meta["count"]), json.loads(meta["tokens"])
+        except Exception:  # noqa: BLE001 - a damaged (or older) entry is recomputed and overwritten
             return None
-        if meta.get("prompt") != prompt or meta.get("identity") != self.identity:
-            return None
-        length = int(meta["length"])
-        tokens = json.loads(meta["tokens"])
-        context = torch.zeros(self.text_len, self.text_dim, dtype=self.dtype, device=self.device)
+        context = torch.zeros(self.text_len, real.shape[-1], dtype=self.dtype, device=self.device)
         context[:length] = real.to(device=self.device, dtype=self.dtype)
-        return context, tokens, length
+        return context, tokens, length, count
 
-    def _cache_put(self, prompt: str, context: torch.Tensor, tokens: list[str], length: int) -> None:
+    def _cache_put(self, prompt: str, context: torch.Tensor, tokens: list[str], length: int, count: int) -> None:
         from safetensors.torch import save
         meta = {"prompt": prompt, "identity": self.identity, "length": str(length), "tokens": json.dumps(tokens),
-                "text_len": str(self.text_len)}
+                "text_len": str(self.text_len), "count": str(count)}
         data = save({"context": context[:length].detach().to("cpu").contiguous()}, metadata=meta)
-        atomic_write_bytes(self._cache_path(prompt), data)
+        try:
+            atomic_write_bytes(self._cache_path(prompt), data)
+        except OSError as err:  # (a full disk, a read-only cache: the run goes on without the entry)
+            if not self._cache_off:
+                self._cache_off = True
+                warnings.warn(f"text encoder: cannot write the prompt cache in {self.cache_dir} ({err}); encoding "
+                              "goes on without it", ModelInputWarning, stacklevel=4)
 
     # -- encoding --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -480,14 +554,17 @@ class TextEncoder:
                   for row, n in zip(ids, lengths)]
         return context, tokens, lengths
 
-    def warn_if_truncated(self, prompts: list[str]) -> list[int]:
+    def warn_if_truncated(self, prompts: list[str], known: dict[str, int] | None = None) -> list[int]:
         """Token counts (`</s>` included, before truncation) of the prompts; a ModelInputWarning for each one
         longer than text_len, saying where the encoder cuts it. A warning, not an error: Wan2.1 and Self-Forcing
         truncate such prompts the same way, so the model sees what the Wan2.1 and Self-Forcing
-        pipelines would show it."""
+        pipelines would show it. `known`: counts already known (the prompt cache's) of prompts that fit."""
         L = self.text_len
         counts = []
         for p in prompts:
+            if known and known.get(p, L + 1) <= L:
+                counts.append(known[p])
+                continue
             ids = self.tokenizer(clean_prompt(p), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
             counts.append(len(ids))
             if len(ids) > L and p not in self._warned:
@@ -509,7 +586,6 @@ class TextEncoder:
             raise ModelInputError(f"prompts must be strings; items {bad[:10]} are not")
         if batch_size < 1:
             raise ModelInputError(f"batch_size must be >= 1, got {batch_size}")
-        self.warn_if_truncated(prompts)
         results: dict[str, tuple] = {}
         todo = []
         cached = self.cache_dir is not None and self._cache_usable()
@@ -519,13 +595,14 @@ class TextEncoder:
                 results[p] = hit
             else:
                 todo.append(p)
+        counts = dict(zip(prompts, self.warn_if_truncated(prompts, {p: hit[3] for p, hit in results.items()})))
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             context, tokens, lengths = self._encode_uncached(chunk)
             for i, p in enumerate(chunk):
                 results[p] = (context[i], tokens[i], lengths[i])
-                if cached:
-                    self._cache_put(p, context[i], tokens[i], lengths[i])
+                if cached and not self._cache_off:
+                    self._cache_put(p, context[i], tokens[i], lengths[i], counts[p])
         return PromptEmbeddings(context=torch.stack([results[p][0] for p in prompts]),
                                 tokens=[list(results[p][1]) for p in prompts],
                                 lengths=[results[p][2] for p in prompts])

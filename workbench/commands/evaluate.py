@@ -463,11 +463,11 @@ def _load_text_and_vae(p, prompts, device, dtype):
     import torch
 
     from models.wan.folder import wan_parts
-    from models.wan.text_encoder import TextEncoder
+    from models.wan.text_encoder import TextEncoder, prompt_cache_dir
     from models.wan.vae import WanVAE
     from workbench.extract import _dtype
 
-    encoder = TextEncoder.from_wan_dir(p.wan_dir, device=torch.device(device))
+    encoder = TextEncoder.from_wan_dir(p.wan_dir, device=torch.device(device), cache_dir=prompt_cache_dir())
     contexts = [encoder.encode([prompt]) for prompt in prompts]
     negative = encoder.encode([p.cfg.negative_prompt]) if p.cfg.sampler != "causal_few_step" else None
     vae = WanVAE.from_file(wan_parts(p.wan_dir).vae, device=device, dtype=_dtype(dtype))
