@@ -406,7 +406,7 @@ def test_zoo_configs_load_and_check():
 def test_shipped_zoo_loads_and_meets_its_reported_numbers():
     """data/embedded as shipped: the teacher and every student checkpoint load through the normal loaders, the
     report and ZOO.md agree, the VAE is the one the zoo trained on (data/zoo) and its round trip of held-out
-    world videos meets the PSNR data/zoo/README.md reports."""
+    world videos meets the PSNR data/zoo/README.md reports (of the first)."""
     import re
 
     from models.wan.checkpoint import load_wan
@@ -431,9 +431,10 @@ def test_shipped_zoo_loads_and_meets_its_reported_numbers():
     teacher_steps = report["teacher"].get("steps_total", report["teacher"]["steps"])
     assert row.split("|")[5].strip() == str(teacher_steps)
     assert (EMBEDDED_DIR / "Wan2.1_VAE.pth").read_bytes() == (ROOT / "data/zoo/Wan2.1_VAE.pth").read_bytes()
-    reported = float(re.search(r"([\d.]+) dB over the first 4", (ROOT / "data/zoo/README.md").read_text()).group(1))
-    measured = evaluate(WanVAE.from_file(EMBEDDED_DIR / "Wan2.1_VAE.pth"), held_out_videos(4)[1])["psnr_db"]
-    assert measured >= reported - 0.05, (measured, reported)
+    # (the first held-out video's round trip: the four of the README's first figure take four times as long)
+    reported = float(re.search(r"([\d.]+) dB on the first alone", (ROOT / "data/zoo/README.md").read_text()).group(1))
+    measured = evaluate(WanVAE.from_file(EMBEDDED_DIR / "Wan2.1_VAE.pth"), held_out_videos(1)[1])["psnr_db"]
+    assert measured >= reported - 0.01, (measured, reported)
 
 
 # ------------------------------------------------------------------------------------------------------
