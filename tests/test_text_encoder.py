@@ -291,7 +291,7 @@ def test_prompts_in_the_cache_are_read_without_loading_the_encoder(small_pth, tm
     import warnings
 
     cache, prompts = tmp_path / "cache", [PROMPTS[0], "ocean", "a red square moving right"]  # (the first: 12+ tokens)
-    with pytest.warns(ModelInputWarning, match="reads the first 12"):
+    with pytest.warns(ModelInputWarning, match="reads the first 12") as said:
         first = TextEncoder.from_files(small_pth, TOKENIZER, cache_dir=cache, text_len=12).encode(prompts)
     lazy = TextEncoder.from_files(small_pth, TOKENIZER, cache_dir=cache, text_len=12)
     with warnings.catch_warnings():
@@ -300,8 +300,14 @@ def test_prompts_in_the_cache_are_read_without_loading_the_encoder(small_pth, tm
     assert lazy._model is None and lazy._tokenizer is None
     assert torch.equal(again.context, first.context[1:].flip(0))
     assert again.tokens == first.tokens[1:][::-1] and again.lengths == first.lengths[1:][::-1]
-    with pytest.warns(ModelInputWarning, match="reads the first 12"):
+    with pytest.warns(ModelInputWarning, match="reads the first 12") as again_said:
         assert torch.equal(lazy.encode(prompts[:1]).context, first.context[:1])
+    assert [str(w.message) for w in again_said] == [str(w.message) for w in said]  # (where it is cut, from the cache)
+    assert lazy._model is None and lazy._tokenizer is None
+    with torch.inference_mode():  # (the first load under a caller's inference mode)
+        inside = TextEncoder.from_files(small_pth, TOKENIZER, cache_dir=tmp_path / "c2", text_len=12)
+        inside = inside.encode(prompts[1:]).context
+    assert torch.equal(inside, TextEncoder.from_files(small_pth, TOKENIZER, text_len=12).encode(prompts[1:]).context)
     code = (f"import sys; from models.wan.text_encoder import TextEncoder as T; e = T.from_files({str(small_pth)!r}, "
             f"{str(TOKENIZER)!r}, cache_dir={str(cache)!r}, text_len=12); c = e.encode({prompts[1:]!r}).context; "
             "print(c.shape[1], 'transformers' in sys.modules, e._model is None)")
@@ -315,6 +321,13 @@ def test_prompts_in_the_cache_are_read_without_loading_the_encoder(small_pth, tm
     (tmp_path / "new.pth").replace(weights)
     with pytest.warns(ModelInputWarning, match="no longer those of"), \
             pytest.raises(CheckpointError, match="t5.pth changed between the making of the encoder and the loading"):
+        made.encode(["ocean"])
+    tokenizer = tmp_path / "tok"  # the same for the tokenizer's files: its identity is in the cache's names
+    shutil.copytree(TOKENIZER, tokenizer)
+    made = TextEncoder.from_files(small_pth, tokenizer, cache_dir=cache)
+    (tokenizer / "tokenizer_config.json").write_text((tokenizer / "tokenizer_config.json").read_text() + "\n")
+    with pytest.warns(ModelInputWarning, match="its tokenizer files are no longer those of .*tok as loaded"), \
+            pytest.raises(CheckpointError, match="tokenizer_config.json changed between the making of the encoder"):
         made.encode(["ocean"])
 
     import models.wan.text_encoder as te

@@ -32,13 +32,14 @@ every other operation is per token, so the real rows are the same as with all te
 rounding: the matrix shapes change) and a 20-token prompt costs 20 tokens of work, not 512.
 Self-Forcing runs this encoder in float32 (bf16 weights upcast); that is the default dtype here.
 
-Cache: with `cache_dir`, each prompt's embedding is stored once per (prompt, encoder identity, dtype, device
-type, torch and transformers versions), where the identity is a sha256 over the weights file, every tokenizer file,
-text_len and the cleaning mode; the entry also keeps the prompt's token pieces and token count. Writes are atomic,
-and a write that fails (a full disk) only warns. An encoder made from files (`from_files`, `from_wan_dir`) loads its
-tokenizer and umT5 weights on first need: prompts its cache holds are read without them (for umT5-XXL, 11 GB of
-weights not loaded; for any size, transformers not imported: seconds of every command's start). Negative prompts
-are encoded by a second `encode` call, the same way. `prompt_cache_dir()` is the commands' shared cache.
+Cache: with `cache_dir`, each prompt's embedding is stored once per (prompt, encoder identity, dtype, device - the
+GPU model or the CPU's instruction set -, torch and transformers versions), where the identity is a sha256 over the
+weights file, every tokenizer file, text_len and the cleaning mode; the entry also keeps the prompt's token pieces,
+its token count and where a long prompt is cut. Writes are atomic, and a write that fails (a full disk) only warns.
+An encoder made from files (`from_files`, `from_wan_dir`) loads its tokenizer and umT5 weights on first need:
+prompts its cache holds are read without them (for umT5-XXL, 11 GB of weights not loaded; for any size,
+transformers not imported: seconds of every command's start); files changed before that load are refused. Negative
+prompts are encoded by a second `encode` call, the same way. `prompt_cache_dir()` is the commands' shared cache.
 """
 
 from __future__ import annotations
@@ -373,8 +374,9 @@ class TextEncoder:
         self._cache_off = False  # (warned once: the weights are no longer the file's as loaded)
         self._model = self._tokenizer = None
         self._load = load
-        # what the prompt cache's entries are entries of: the weights files' stamps, and once loaded the parameters
-        self._as_loaded = (file_stamps(self.weights_path), None)
+        # what the prompt cache's entries are entries of: the weights' and tokenizer's files' stamps, and once loaded
+        # the parameters
+        self._as_loaded = (file_stamps(self.weights_path, self.tokenizer_dir), None)
         if model is not None:
             self._adopt(model, tokenizer)
 
@@ -385,25 +387,29 @@ class TextEncoder:
                 f"tokenizer {self.tokenizer_dir} has {len(tokenizer)} tokens but the encoder weights "
                 f"{self.weights_path} embed only {vocab_rows}: they do not belong together")
         if changed := changed_files(self._as_loaded[0]):  # (what the caller hashed for its labels is not what loaded)
-            raise CheckpointError(f"text encoder weights {', '.join(changed)} changed between the making of the "
-                                  "encoder and the loading of its weights (at its first prompt not in the prompt "
-                                  "cache); run again")
+            raise CheckpointError(f"text encoder files {', '.join(changed)} changed between the making of the "
+                                  "encoder and the loading of its weights and tokenizer (at its first prompt not in "
+                                  "the prompt cache); run again")
         self._model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self._tokenizer = tokenizer
         self._as_loaded = self._weights_state()
+
+    def _load_now(self) -> None:
+        with torch.inference_mode(False):  # (weights made under a caller's inference mode keep no version counter)
+            self._adopt(*self._load())
 
     @property
     def model(self):
         """transformers' UMT5EncoderModel, loaded on first use for an encoder made from files."""
         if self._model is None:
-            self._adopt(*self._load())
+            self._load_now()
         return self._model
 
     @property
     def tokenizer(self):
         """The umT5 tokenizer (transformers), loaded with the model."""
         if self._tokenizer is None:
-            self._adopt(*self._load())
+            self._load_now()
         return self._tokenizer
 
     @property
@@ -445,7 +451,7 @@ class TextEncoder:
         encoder = cls(None, None, text_len=text_len, device=device, dtype=dtype, weights_path=Path(weights),
                       tokenizer_dir=Path(tokenizer_dir), cache_dir=cache_dir, load=load)
         if cache_dir is None:  # (nothing to read instead: loaded now, where a bad file is said before any work)
-            encoder._adopt(*load())
+            encoder._load_now()
         return encoder
 
     @classmethod
@@ -468,9 +474,10 @@ class TextEncoder:
         return self._identity
 
     def _weights_state(self) -> tuple:
-        """The weights files' stamps (models/files.py `file_stamps`) and each parameter's address and version counter
-        (an in-place write, e.g. `load_state_dict`, bumps it); None for the parameters before they are loaded."""
-        files = file_stamps(self.weights_path)  # (a shard index: its shards too)
+        """The weights' and tokenizer's files' stamps (models/files.py `file_stamps`) and each parameter's address and
+        version counter (an in-place write, e.g. `load_state_dict`, bumps it); None for the parameters before they
+        are loaded."""
+        files = file_stamps(self.weights_path, self.tokenizer_dir)  # (a shard index: its shards too)
         params = None if self._model is None else tuple((p.data_ptr(), p._version) for p in self._model.parameters())
         return files, params
 
@@ -479,29 +486,37 @@ class TextEncoder:
         file was replaced after loading, or the weights changed in memory, the cache is neither read nor written
         (a ModelInputWarning says so once; entries of other weights were stored under the new file's identity)."""
         files, params = self._as_loaded
-        if self._weights_state()[1] == params and not changed_files(files):
+        changed = changed_files(files)
+        if self._weights_state()[1] == params and not changed:
             return True
         if not self._cache_off:
             self._cache_off = True
-            warnings.warn(f"text encoder: its weights are no longer those of {self.weights_path} as loaded (the file "
-                          "was replaced, or the weights were changed in memory): the prompt cache in "
-                          f"{self.cache_dir} is not used; load the encoder again to use it", ModelInputWarning,
-                          stacklevel=3)
+            what = (f"its tokenizer files are no longer those of {self.tokenizer_dir}" if changed and
+                    all(Path(f).parent == self.tokenizer_dir for f in changed) else
+                    f"its weights are no longer those of {self.weights_path}")
+            warnings.warn(f"text encoder: {what} as loaded (a file was replaced, or the weights were changed in "
+                          f"memory): the prompt cache in {self.cache_dir} is not used; load the encoder again to use "
+                          "it", ModelInputWarning, stacklevel=3)
         return False
 
     def _cache_path(self, prompt: str) -> Path:
-        """One file per prompt, in a folder per encoder identity, dtype, device type and the torch and transformers
-        that computed it (another version may round otherwise: its entries are its own)."""
+        """One file per prompt, in a folder per encoder identity, dtype, device type and the device, torch and
+        transformers that computed it (another GPU, CPU instruction set or version may round otherwise: its entries
+        are its own, in a cache folder that machines share)."""
         from importlib.metadata import version
 
         dtype_name = str(self.dtype).replace("torch.", "")
-        runtime = hashlib.sha256(f"torch={torch.__version__}\0transformers={version('transformers')}".encode())
+        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else \
+            torch.backends.cpu.get_cpu_capability() if self.device.type == "cpu" else self.device.type
+        runtime = hashlib.sha256(f"torch={torch.__version__}\0transformers={version('transformers')}\0"
+                                 f"device={device}".encode())
         key = hashlib.sha256(prompt.encode("utf-8")).hexdigest()
         return (self.cache_dir / f"umt5-{self.identity[:32]}-{dtype_name}-{self.device.type}-"
                                  f"{runtime.hexdigest()[:8]}" / f"{key}.safetensors")
 
     def _cache_get(self, prompt: str):
-        """(context [text_len, D] on device, tokens, length, token count before truncation) or None."""
+        """(context [text_len, D] on device, tokens, length, (token count before truncation, the text before the
+        cut)) or None."""
         from safetensors import safe_open
         path = self._cache_path(prompt)
         if not path.is_file():
@@ -512,17 +527,19 @@ class TextEncoder:
                 real = f.get_tensor("context")                       # [length, D]
             if meta.get("prompt") != prompt or meta.get("identity") != self.identity:
                 return None
-            length, count, tokens = int(meta["length"]), int(meta["count"]), json.loads(meta["tokens"])
+            length, tokens = int(meta["length"]), json.loads(meta["tokens"])
+            count = (int(meta["count"]), meta["cut_after"])
         except Exception:  # noqa: BLE001 - a damaged (or older) entry is recomputed and overwritten
             return None
         context = torch.zeros(self.text_len, real.shape[-1], dtype=self.dtype, device=self.device)
         context[:length] = real.to(device=self.device, dtype=self.dtype)
         return context, tokens, length, count
 
-    def _cache_put(self, prompt: str, context: torch.Tensor, tokens: list[str], length: int, count: int) -> None:
+    def _cache_put(self, prompt: str, context: torch.Tensor, tokens: list[str], length: int,
+                   count: tuple[int, str]) -> None:
         from safetensors.torch import save
         meta = {"prompt": prompt, "identity": self.identity, "length": str(length), "tokens": json.dumps(tokens),
-                "text_len": str(self.text_len), "count": str(count)}
+                "text_len": str(self.text_len), "count": str(count[0]), "cut_after": count[1]}
         data = save({"context": context[:length].detach().to("cpu").contiguous()}, metadata=meta)
         try:
             atomic_write_bytes(self._cache_path(prompt), data)
@@ -554,25 +571,27 @@ class TextEncoder:
                   for row, n in zip(ids, lengths)]
         return context, tokens, lengths
 
-    def warn_if_truncated(self, prompts: list[str], known: dict[str, int] | None = None) -> list[int]:
-        """Token counts (`</s>` included, before truncation) of the prompts; a ModelInputWarning for each one
-        longer than text_len, saying where the encoder cuts it. A warning, not an error: Wan2.1 and Self-Forcing
-        truncate such prompts the same way, so the model sees what the Wan2.1 and Self-Forcing
-        pipelines would show it. `known`: counts already known (the prompt cache's) of prompts that fit."""
+    def warn_if_truncated(self, prompts: list[str], known: dict[str, tuple[int, str]] | None = None) -> list[tuple]:
+        """(token count, `</s>` included, before truncation; the text before the cut, '' for a prompt that fits) of
+        each prompt; a ModelInputWarning for each one longer than text_len, saying where the encoder cuts it. A
+        warning, not an error: Wan2.1 and Self-Forcing truncate such prompts the same way, so the model sees what the
+        Wan2.1 and Self-Forcing pipelines would show it. `known`: what the prompt cache holds of some prompts (their
+        tokenizer is then not needed)."""
         L = self.text_len
-        counts = []
+        found = []
         for p in prompts:
-            if known and known.get(p, L + 1) <= L:
-                counts.append(known[p])
-                continue
-            ids = self.tokenizer(clean_prompt(p), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-            counts.append(len(ids))
-            if len(ids) > L and p not in self._warned:
+            if known and p in known:
+                count, tail = known[p]
+            else:
+                ids = self.tokenizer(clean_prompt(p), add_special_tokens=True, truncation=False,
+                                     verbose=False)["input_ids"]
+                count, tail = len(ids), self.tokenizer.decode(ids[max(0, L - 9):L - 1]).strip() if len(ids) > L else ""
+            found.append((count, tail))
+            if count > L and p not in self._warned:
                 self._warned.add(p)
-                tail = self.tokenizer.decode(ids[max(0, L - 9):L - 1]).strip()
-                warnings.warn(f"prompt {p[:40]!r}... has {len(ids)} tokens; the text encoder reads the first {L} "
+                warnings.warn(f"prompt {p[:40]!r}... has {count} tokens; the text encoder reads the first {L} "
                               f"(as Wan2.1 does), so it is cut after '...{tail}'", ModelInputWarning, stacklevel=3)
-        return counts
+        return found
 
     def encode(self, prompts: list[str], batch_size: int = 8) -> PromptEmbeddings:
         """prompts -> PromptEmbeddings(context [B, text_len, text_dim], tokens, lengths), in prompt order.
@@ -596,6 +615,7 @@ class TextEncoder:
             else:
                 todo.append(p)
         counts = dict(zip(prompts, self.warn_if_truncated(prompts, {p: hit[3] for p, hit in results.items()})))
+        results = {p: hit[:3] for p, hit in results.items()}
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             context, tokens, lengths = self._encode_uncached(chunk)
