@@ -169,19 +169,6 @@ def check_subscribers(model, subscribers) -> None:
                                       f"0-{n - 1}")
 
 
-def _spans(values) -> str:
-    """'0-4', '0-2, 5', 'context, denoise': sorted, ints as runs."""
-    values = sorted(values)
-    if not values or not isinstance(values[0], numbers.Integral):
-        return ", ".join(map(str, values))
-    runs, start = [], values[0]
-    for prev, cur in zip(values, values[1:] + [None]):
-        if cur is None or cur != prev + 1:
-            runs.append(str(start) if start == prev else f"{start}-{prev}")
-            start = cur
-    return ", ".join(runs)
-
-
 def check_run_extent(sub, extent) -> None:
     """What a subscriber selects - its filter's steps, chunks, phases and CFG branches, an intervention's key
     `frames` - exists in the run about to start (`extent`: models/common/labels.py `RunExtent`); a ModelInputError
@@ -199,9 +186,13 @@ def check_run_extent(sub, extent) -> None:
                                 range(extent.frames))):
         bad = [] if chosen is None else sorted(set(chosen) - set(have))  # (ints, or words: one sort a field)
         if bad:
+            from workbench.summary import format_int_list
+
             does = "change" if hasattr(sub, "edits") else "see"
-            raise ModelInputError(f"{name}: {what} {bad} not in this rollout, whose {what} are {_spans(have)}: it "
-                                  f"would {does} nothing there")
+            words = what in ("phases", "cfgs")
+            allowed = ", ".join(sorted(have)) if words else format_int_list(have)
+            raise ModelInputError(f"{name}: {what} {bad} not in this rollout, whose {what} are {allowed}: it would "
+                                  f"{does} nothing there")
 
 
 EDITABLE = frozenset({"q", "k", "v", "mask", "out"})  # what an intervention may change (workbench/interventions.py)

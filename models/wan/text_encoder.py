@@ -374,6 +374,7 @@ class TextEncoder:
         self._cache_off = False  # (warned once: the weights are no longer the file's as loaded)
         self._model = self._tokenizer = None
         self._load = load
+        self._cache_folder: Path | None = None  # (`_cache_path`'s folder, worked out once)
         # what the prompt cache's entries are entries of: the weights' and tokenizer's files' stamps, and once loaded
         # the parameters
         self._as_loaded = (file_stamps(self.weights_path, self.tokenizer_dir), None)
@@ -503,16 +504,17 @@ class TextEncoder:
         """One file per prompt, in a folder per encoder identity, dtype, device type and the device, torch and
         transformers that computed it (another GPU, CPU instruction set or version may round otherwise: its entries
         are its own, in a cache folder that machines share)."""
-        from importlib.metadata import version
+        if self._cache_folder is None:
+            from importlib.metadata import version
 
-        dtype_name = str(self.dtype).replace("torch.", "")
-        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else \
-            torch.backends.cpu.get_cpu_capability() if self.device.type == "cpu" else self.device.type
-        runtime = hashlib.sha256(f"torch={torch.__version__}\0transformers={version('transformers')}\0"
-                                 f"device={device}".encode())
-        key = hashlib.sha256(prompt.encode("utf-8")).hexdigest()
-        return (self.cache_dir / f"umt5-{self.identity[:32]}-{dtype_name}-{self.device.type}-"
-                                 f"{runtime.hexdigest()[:8]}" / f"{key}.safetensors")
+            dtype_name = str(self.dtype).replace("torch.", "")
+            device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else \
+                torch.backends.cpu.get_cpu_capability() if self.device.type == "cpu" else self.device.type
+            runtime = hashlib.sha256(f"torch={torch.__version__}\0transformers={version('transformers')}\0"
+                                     f"device={device}".encode())
+            self._cache_folder = self.cache_dir / (f"umt5-{self.identity[:32]}-{dtype_name}-{self.device.type}-"
+                                                   f"{runtime.hexdigest()[:8]}")
+        return self._cache_folder / f"{hashlib.sha256(prompt.encode('utf-8')).hexdigest()}.safetensors"
 
     def _cache_get(self, prompt: str):
         """(context [text_len, D] on device, tokens, length, (token count before truncation, the text before the
