@@ -658,7 +658,7 @@ def test_kept_key_means_follow_rerotation_and_in_place_edits(fa, monkeypatch, on
     dtype = torch.bfloat16 if CUDA else torch.float32
     model = tiny_model(num_heads=2).to(DEV).to(dtype)  # (2 heads: the interpreter's time goes with the programs)
     model.attention_kernel = "triton"
-    cfg, frames, fsl, steps = model.config, 9, 6, 2  # a denoising step and the context pass
+    cfg, frames, fsl, steps = model.config, 6, 6, 2  # a denoising step and the context pass
 
     def edit_sink(module, args):  # each chunk's context pass scales the sink frame's keys in the cache
         q, k, _v, call = args[:4]

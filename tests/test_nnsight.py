@@ -64,28 +64,29 @@ CHECKS = textwrap.dedent('''
     from workbench.store import open_store
 
     assert not hasattr({}, "save")  # PYMOUNT is off
-    cfg = ExtractConfig(layers=[0, 4], local_attn_size=9, sink_size=3, dtype="bfloat16", prompts=PROMPTS, seeds=[5])
+    cfg = ExtractConfig(layers=[0, 4], local_attn_size=9, sink_size=3, dtype="bfloat16", prompts=PROMPTS, seeds=[5],
+                        num_frames=15)
     model, drive, forwards = extract_rollout(cfg, prompt_index=1)
     plain = drive(5)
     wrapped = nnsight.NNsight(model)
-    frames = {layer: FrameMatrices(num_frames=21, num_steps=5) for layer in (0, 4)}
+    frames = {layer: FrameMatrices(num_frames=15, num_steps=5) for layer in (0, 4)}
     with wrapped.trace(5, fn=drive) as tracer:
         for _ in tracer.iter[:forwards]:
             for layer in (0, 4):
                 q, k, v, call, _ = wrapped.blocks[layer].self_attn.attend.inputs[0]
                 frames[layer].add(call, q, k, v)
         latents = nnsight.save(tracer.result)
-    assert forwards == 35
+    assert forwards == 25  # 5 chunks of 3 frames, 5 forwards each
     assert torch.equal(latents, plain)  # tracing changes nothing
     assert torch.equal(drive(5), plain)  # nor does the wrapper outside a trace
     store = open_store("w.zarr").sel(sample="p0001-s5")
     for layer in (0, 4):
         for name, values in frames[layer].arrays().items():
             np.testing.assert_array_equal(values, store[name].sel(layer=layer).values)
-    # the comparison tells layers apart, and the window really evicted frames 3-11 for the last chunk
+    # the comparison tells layers apart, and the window really evicted frames 3-8 for the last chunk
     assert np.nanmax(np.abs(frames[0].arrays()["attn_mass"] - store.attn_mass.sel(layer=4).values)) > 1e-2
-    seen = ~np.isnan(frames[4].arrays()["attn_mass"][0, 0, 20])
-    assert np.flatnonzero(seen).tolist() == [0, 1, 2] + list(range(15, 21))
+    seen = ~np.isnan(frames[4].arrays()["attn_mass"][0, 0, 14])
+    assert np.flatnonzero(seen).tolist() == [0, 1, 2] + list(range(9, 15))
     print("windowed bfloat16 layers 0 and 4 reproduced")
 ''')
 
@@ -96,7 +97,8 @@ def test_nnsight_reads_reproduce_a_windowed_bf16_store(tmp_path, monkeypatch):
     prompt_file.write_text("\n".join(prompts) + "\n")
     monkeypatch.chdir(tmp_path)
     assert cli_main(["extract", "--layers", "0,4", "--local-attn-size", "9", "--sink-size", "3", "--dtype",
-                     "bfloat16", "--prompts", str(prompt_file), "--seed", "5", "--out", "w.zarr", "--no-progress"]) == 0
+                     "bfloat16", "--prompts", str(prompt_file), "--seed", "5", "--frames", "15", "--out", "w.zarr",
+                     "--no-progress"]) == 0
     script = tmp_path / "checks.py"
     script.write_text(f"PROMPTS = {prompts!r}\n" + CHECKS)
     r = run_script(script, tmp_path)

@@ -444,3 +444,27 @@ def test_stopped_ode_pairs_close_their_progress_bar(tmp_path, monkeypatch, stop)
         build_ode_pairs(cfg, log=lambda *a: None, progress=True)
     assert set(tqdm._instances) == before, caught
     assert not (tmp_path / "pairs.pt").exists()
+
+
+def test_training_reads_its_prompts_from_the_prompt_cache(tmp_path, monkeypatch):
+    """`train` shares the commands' prompt cache (models/wan/text_encoder.py `prompt_cache_dir`): a second run whose
+    prompts the first encoded loads no text encoder (umT5-XXL's 11 GB and transformers' import at every start) and
+    trains bitwise as the first did; WORKBENCH_PROMPT_CACHE=0 loads it again."""
+    from models.wan.text_encoder import TextEncoder
+    from training.logger import read_losses
+
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))  # (empty: not the session's)
+    loads = []
+    real = TextEncoder._load_now
+    monkeypatch.setattr(TextEncoder, "_load_now", lambda self: (loads.append(self), real(self))[1])
+    argv = ["--config", "configs/tiny_teacher.yaml", "--max-steps", 1, "--set", "device=cpu"]
+
+    def run(name):
+        assert train(*argv, "--logdir", tmp_path / name) == 0
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in read_losses(tmp_path / name)]
+
+    first = run("a")
+    assert len(loads) == 1 and any((tmp_path / "cache" / "prompts").rglob("*"))
+    assert run("b") == first and len(loads) == 1
+    monkeypatch.setenv("WORKBENCH_PROMPT_CACHE", "0")
+    assert run("c") == first and len(loads) == 2

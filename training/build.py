@@ -260,7 +260,7 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
     """Everything a config names: checks first, then weights, text encoder, data, probes. `command`: the command
     line, as the probe store records it."""
     from models.wan.checkpoint import wan_weights_file, weights_sha256
-    from models.wan.text_encoder import TextEncoder
+    from models.wan.text_encoder import TextEncoder, prompt_cache_dir
 
     d = fsdp.setup(cfg.device)
     plan = check_config(cfg, d.world, sets_sid_alpha=sets_sid_alpha)
@@ -305,7 +305,8 @@ def build_trainer(cfg, logdir, *, sets_sid_alpha: bool = False, resume=None, log
         # (a store of other start weights or probe settings: named before the weights load)
         probes.check_store(restart=resume == RESTART)
     models, _ = build_models(cfg, plan, d.device, read_generator_ckpt=start is None)
-    encoder = TextEncoder.from_wan_dir(gen_dir, device=text_encoder_device(cfg, d.device))
+    # (the commands' shared prompt cache: a run whose prompts are all there loads no text encoder)
+    encoder = TextEncoder.from_wan_dir(gen_dir, device=text_encoder_device(cfg, d.device), cache_dir=prompt_cache_dir())
     check_unchanged(stamps, "between the hashing of the probe store's labels and the loading of the weights")
     cls = Trainer
     if plan.trainer == "gan":

@@ -18,7 +18,7 @@ def build_ode_pairs(cfg, *, log=print, progress: bool = True) -> Path:
     trajectories for the prompts of `ode_pairs.prompt_file` (cycled), written to `data_path`. Rank 0 works."""
     from models.video import read_prompts
     from models.wan.checkpoint import load_wan
-    from models.wan.text_encoder import TextEncoder
+    from models.wan.text_encoder import TextEncoder, prompt_cache_dir
     from training.data import save_latent_dataset
     from training.rollout import make_ode_pairs
     from workbench.progress import progress_bar
@@ -45,7 +45,7 @@ def build_ode_pairs(cfg, *, log=print, progress: bool = True) -> Path:
     folder = model_folder(cfg, cfg.real_name)
     if d.main:
         teacher = load_wan(folder, causal=False, dtype=torch.float32, device=d.device)
-        encoder = TextEncoder.from_wan_dir(folder, device=d.device)
+        encoder = TextEncoder.from_wan_dir(folder, device=d.device, cache_dir=prompt_cache_dir())
         chosen = [prompts[i % len(prompts)] for i in range(op.num_pairs)]
         context = encoder.encode(chosen).context.to(d.device, torch.float32)
         negative = encoder.encode([cfg.negative_prompt]).context.to(d.device, torch.float32)

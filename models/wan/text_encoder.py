@@ -340,9 +340,9 @@ def earlier_identities(wan_dir) -> dict[str, str]:
 
 
 def prompt_cache_dir() -> Path | None:
-    """The prompt cache the commands share (`extract`, `intervene`, `evaluate`): prompts/ in the workbench's cache
-    folder ($WORKBENCH_CACHE, else ~/.cache/sf-workbench; models/files.py); None where there is none, or where
-    WORKBENCH_PROMPT_CACHE=0 turns it off."""
+    """The prompt cache the commands share (`extract`, `intervene`, `evaluate`, `train` and its ODE pairs, the zoo's
+    check): prompts/ in the workbench's cache folder ($WORKBENCH_CACHE, else ~/.cache/sf-workbench; models/files.py);
+    None where there is none, or where WORKBENCH_PROMPT_CACHE=0 turns it off."""
     import os
 
     from models.files import default_memo_dir
