@@ -342,6 +342,25 @@ def test_steps_chunks_and_frames_the_rollout_lacks_are_refused_before_its_first_
         with pytest.raises(ModelInputError, match=message):
             few_step(model, 12, sub)
         assert not forwards and not model.interventions and not model.observers
+    # each value in the run, never together: the last chunk's context pass without last_context_pass, and the
+    # denoising of an image-to-video run's chunk 0 (the image: its context pass only)
+    s, g = FlowMatchScheduler(5.0), torch.Generator().manual_seed(0)
+    noise, ctx = torch.randn(1, 12, C, H, W, generator=g), torch.randn(1, TEXT_LEN, 32, generator=g)
+    late = HeadAblation(CallFilter(chunks={3}, phases={"context"}), heads=[0])
+    with pytest.raises(ModelInputError, match=r"chunks \[3\], phases \['context'\] select no forward of this rollout "
+                                              r"\(chunk 3: denoise step\(s\) 0-3\): it would change nothing"):
+        with attach(model, late):
+            causal_few_step(model, noise, ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s,
+                            last_context_pass=False)
+    image = tiny_model()
+    image.independent_first_frame = True
+    image.register_forward_pre_hook(lambda *a: forwards.append(1))
+    with pytest.raises(ModelInputError, match=r"chunks \[0\], steps \[0\] select no forward .*\(chunk 0: context "
+                                              r"step\(s\) 4\)"):
+        with attach(image, Probe(CallFilter(chunks={0}, steps={0}))):
+            causal_few_step(image, noise[:, :7], ctx, timesteps=s.warp([1000, 750, 500, 250]), scheduler=s,
+                            initial_latent=noise[:, :1])
+    assert not forwards and not model.interventions and not image.observers
     plain = few_step(model, 12)
     forwards.clear()
     inside = [KeyFrameKnockout([0], history_only=True), HeadAblation(CallFilter(steps={4}, chunks={2}), heads=[0])]

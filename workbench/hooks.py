@@ -193,6 +193,22 @@ def check_run_extent(sub, extent) -> None:
             allowed = ", ".join(sorted(have)) if words else format_int_list(have)
             raise ModelInputError(f"{name}: {what} {bad} not in this rollout, whose {what} are {allowed}: it would "
                                   f"{does} nothing there")
+    if filt is None or not extent.forwards:
+        return
+    fields = [("chunk", getattr(filt, "chunks", None)), ("step", getattr(filt, "steps", None)),
+              ("phase", getattr(filt, "phases", None)), ("cfg", getattr(filt, "cfgs", None))]
+    picked = lambda f: all(chosen is None or v in chosen for v, (_, chosen) in zip(f, fields))  # noqa: E731
+    if not any(picked(f) for f in extent.forwards):  # each in the run, but never together (a skipped forward)
+        from workbench.summary import format_int_list
+
+        sel = ", ".join(f"{what}s {sorted(chosen)}" for what, chosen in fields if chosen is not None)
+        chunks = sorted(set(fields[0][1] or range(extent.chunks)))[:3]
+        runs = "; ".join(f"chunk {c}: " + ", ".join(
+            f"{ph} step(s) {format_int_list(sorted({f[1] for f in extent.forwards if f[0] == c and f[2] == ph}))}"
+            for ph in sorted({f[2] for f in extent.forwards if f[0] == c})) for c in chunks)
+        does = "change" if hasattr(sub, "edits") else "see"
+        raise ModelInputError(f"{name}: {sel} select no forward of this rollout ({runs}): it would {does} nothing "
+                              "there")
 
 
 EDITABLE = frozenset({"q", "k", "v", "mask", "out"})  # what an intervention may change (workbench/interventions.py)

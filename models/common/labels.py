@@ -34,9 +34,15 @@ class RunExtent:
     cfgs: tuple[str, ...]
     chunks: int
     frames: int
+    forwards: frozenset = frozenset()  # (chunk, step, phase, cfg) of every forward the run takes
 
     @classmethod
-    def of(cls, schedule, chunks: int, frames: int) -> "RunExtent":
-        """From the labels of the forwards one chunk (or the bidirectional run) takes."""
-        return cls(tuple(sorted({lab.step for lab in schedule})), tuple(sorted({lab.phase for lab in schedule})),
-                   tuple(sorted({lab.cfg for lab in schedule})), chunks, frames)
+    def of(cls, schedule, chunks: int, frames: int, skipped=()) -> "RunExtent":
+        """From the labels of the forwards one chunk (or the bidirectional run) takes; `skipped`: (chunk, phase)
+        pairs of forwards the run leaves out (the last chunk's context pass with last_context_pass=False, the
+        denoising of an image-to-video run's chunk 0)."""
+        skipped = set(skipped)
+        forwards = frozenset((c, lab.step, lab.phase, lab.cfg) for c in range(chunks) for lab in schedule
+                             if (c, lab.phase) not in skipped)
+        return cls(tuple(sorted({f[1] for f in forwards})), tuple(sorted({f[2] for f in forwards})),
+                   tuple(sorted({f[3] for f in forwards})), chunks, frames, forwards)

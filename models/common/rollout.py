@@ -102,16 +102,24 @@ def image_labels(context: ForwardLabels) -> ForwardLabels:
     return ForwardLabels(context.step, 0.0, 0, context.phase, context.cfg, context.denoise_index)
 
 
-def check_run(model, schedule: list[ForwardLabels], chunks: int, frames: int) -> None:
+def check_run(model, schedule: list[ForwardLabels], chunks: int, frames: int, skipped=()) -> None:
     """Before a sampler's first forward: each attached observer or intervention with a `check_run` (the
     workbench's probes and interventions) gets the run's `RunExtent` (`schedule`: the labels of one chunk's
-    forwards) and refuses, with a ModelInputError, a step, chunk, frame, phase or CFG branch it selects that the run
-    does not have: it would otherwise see or change nothing there, silently."""
+    forwards; `skipped`: the (chunk, phase) pairs the run leaves out) and refuses, with a ModelInputError, a step,
+    chunk, frame, phase or CFG branch it selects that the run does not have: it would otherwise see or change
+    nothing there, silently."""
     subscribers = (*getattr(model, "observers", ()), *getattr(model, "interventions", ()))
-    extent = RunExtent.of(schedule, chunks, frames) if subscribers else None
+    extent = RunExtent.of(schedule, chunks, frames, skipped) if subscribers else None
     for sub in subscribers:
         if callable(check := getattr(sub, "check_run", None)):
             check(extent)
+
+
+def skipped_forwards(chunks: int, last_context_pass: bool, initial_latent) -> list[tuple[int, str]]:
+    """The (chunk, phase) pairs a causal rollout leaves out: the last chunk's context pass without
+    last_context_pass, the denoising of chunk 0 (the image) in image-to-video."""
+    return ([] if last_context_pass else [(chunks - 1, "context")]) + ([(0, "denoise")] if initial_latent is not None
+                                                                        else [])
 
 
 def few_step_schedule(timesteps: torch.Tensor, context_noise: float) -> list[ForwardLabels]:
@@ -383,7 +391,7 @@ def causal_few_step(model, noise: torch.Tensor, context: torch.Tensor, *, timest
     check_initial_latent(model, noise, initial_latent)
     fsl = model.config.tokens_per_frame(*noise.shape[3:])  # noise [B, F, C, h, w]
     schedule = few_step_schedule(timesteps, context_noise)
-    check_run(model, schedule if last_context_pass or len(spans) > 1 else schedule[:-1], len(spans), Fr)
+    check_run(model, schedule, len(spans), Fr, skipped=skipped_forwards(len(spans), last_context_pass, initial_latent))
     graphs = _rollout_graphs(model, noise, context, cuda_graphs,
                              (tuple(timesteps.tolist()), float(context_noise), last_context_pass, cache_frames,
                               initial_latent is not None),
@@ -501,7 +509,8 @@ def causal_multi_step(model, noise, context, negative_context, *, steps: int = 5
     spans = check_causal_geometry(model, Fr, cache_frames)
     check_initial_latent(model, noise, initial_latent)
     fsl = model.config.tokens_per_frame(*noise.shape[3:])  # noise [B, F, C, h, w]
-    check_run(model, multistep_schedule([0.0] * steps, True, True), len(spans), Fr)
+    check_run(model, multistep_schedule([0.0] * steps, True, True), len(spans), Fr,
+              skipped=skipped_forwards(len(spans), True, initial_latent))
     caches = {b: RolloutCache.allocate(model.config, B, Fr, fsl, dtype=noise.dtype, device=noise.device)
               for b in ("cond", "uncond")}
     texts = {"cond": context, "uncond": negative_context}
