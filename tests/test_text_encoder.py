@@ -515,13 +515,16 @@ def test_tokenizer_larger_than_embedding_is_refused(tokenizer, tmp_path):
 
 
 def test_pickle_needing_file_is_refused_unless_trusted(small_sd, tmp_path):
+    """Refused at the encoder's making, with a prompt cache too (whose encoder loads its weights later, at the first
+    prompt the cache lacks)."""
     path = tmp_path / "pickled.pth"
     torch.save(PickledDict(small_sd), path)
-    with pytest.raises(CheckpointError, match="trust_pickle") as err:
-        TextEncoder.from_files(path, TOKENIZER)
-    assert str(path) in str(err.value)
-    enc = TextEncoder.from_files(path, TOKENIZER, trust_pickle=True)
-    assert enc.text_dim == SMALL["d_model"]
+    for cache in (None, tmp_path / "cache"):
+        with pytest.raises(CheckpointError, match="trust_pickle") as err:
+            TextEncoder.from_files(path, TOKENIZER, cache_dir=cache)
+        assert str(path) in str(err.value)
+    enc = TextEncoder.from_files(path, TOKENIZER, trust_pickle=True, cache_dir=tmp_path / "cache")
+    assert enc._model is None and enc.text_dim == SMALL["d_model"]
 
 
 @pytest.mark.parametrize("bad", ["a single string", [], ["ok", 3]])

@@ -55,8 +55,8 @@ from pathlib import Path
 import torch
 
 from models.errors import CheckpointError, ModelInputError, ModelInputWarning
-from models.files import (atomic_write_bytes, check_tensor_shapes, changed_files, check_weights_file, file_stamps,
-                          load_state_dict_file, sha256_file, weight_files, weights_sha256)
+from models.files import (atomic_write_bytes, check_tensor_shapes, changed_files, check_unpickling, check_weights_file,
+                          file_stamps, load_state_dict_file, sha256_file, weight_files, weights_sha256)
 from models.wan.folder import T5_NAME as WEIGHTS_NAME  # noqa: F401 (the official file names, re-exported)
 from models.wan.folder import TOKENIZER_SUBDIR, dit_dir, present, wan_parts  # noqa: F401 (TOKENIZER_SUBDIR: re-export)
 DEFAULT_TEXT_LEN = 512
@@ -443,6 +443,8 @@ class TextEncoder:
         check_encoder_config(weights)
         for path in weight_files(weights):
             check_weights_file(path, "text encoder weights")  # (a missing, truncated or LFS file: said now)
+            if cache_dir is not None and not trust_pickle:  # (loaded later, at the first prompt the cache lacks: a
+                check_unpickling(path)  # file that needs --trust-pickle is said now, its tensors mapped, not read)
 
         def load():
             tokenizer = load_tokenizer(tokenizer_dir)
