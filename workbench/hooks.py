@@ -171,44 +171,40 @@ def check_subscribers(model, subscribers) -> None:
 
 def check_run_extent(sub, extent) -> None:
     """What a subscriber selects - its filter's steps, chunks, phases and CFG branches, an intervention's key
-    `frames` - exists in the run about to start (`extent`: models/common/labels.py `RunExtent`); a ModelInputError
-    naming what does not, before any work. (The layers and heads were checked at attach, `check_subscribers`.)"""
+    `frames` - exists in the run about to start (`extent`: models/common/labels.py `RunExtent`), and its filter's
+    choices meet in at least one forward; a ModelInputError naming what does not, before any work. (The layers and
+    heads were checked at attach, `check_subscribers`.)"""
     from models.errors import ModelInputError
 
     name = getattr(sub, "label", None) or type(sub).__name__
-    filt = getattr(sub, "filter", None)
-    frames = getattr(sub, "frames", None)
-    for what, chosen, have in (("steps", getattr(filt, "steps", None), extent.steps),
-                               ("chunks", getattr(filt, "chunks", None), range(extent.chunks)),
-                               ("phases", getattr(filt, "phases", None), extent.phases),
-                               ("cfgs", getattr(filt, "cfgs", None), extent.cfgs),
-                               ("frames", frames if isinstance(frames, (set, frozenset, list, tuple)) else None,
-                                range(extent.frames))):
-        bad = [] if chosen is None else sorted(set(chosen) - set(have))  # (ints, or words: one sort a field)
+    does = "change" if hasattr(sub, "edits") else "see"
+    filt, frames = getattr(sub, "filter", None), getattr(sub, "frames", None)
+    chosen = {what: getattr(filt, what, None) for what in ("chunks", "steps", "phases", "cfgs")}  # (a forward's order)
+    for what, pick, have in (("steps", chosen["steps"], extent.steps),
+                             ("chunks", chosen["chunks"], range(extent.chunks)),
+                             ("phases", chosen["phases"], extent.phases), ("cfgs", chosen["cfgs"], extent.cfgs),
+                             ("frames", frames if isinstance(frames, (set, frozenset, list, tuple)) else None,
+                              range(extent.frames))):
+        bad = [] if pick is None else sorted(set(pick) - set(have))  # (ints, or words: one sort a field)
         if bad:
             from workbench.summary import format_int_list
 
-            does = "change" if hasattr(sub, "edits") else "see"
-            words = what in ("phases", "cfgs")
-            allowed = ", ".join(sorted(have)) if words else format_int_list(have)
+            allowed = ", ".join(sorted(have)) if what in ("phases", "cfgs") else format_int_list(have)
             raise ModelInputError(f"{name}: {what} {bad} not in this rollout, whose {what} are {allowed}: it would "
                                   f"{does} nothing there")
-    if filt is None or not extent.forwards:
-        return
-    fields = [("chunk", getattr(filt, "chunks", None)), ("step", getattr(filt, "steps", None)),
-              ("phase", getattr(filt, "phases", None)), ("cfg", getattr(filt, "cfgs", None))]
-    picked = lambda f: all(chosen is None or v in chosen for v, (_, chosen) in zip(f, fields))  # noqa: E731
-    if not any(picked(f) for f in extent.forwards):  # each in the run, but never together (a skipped forward)
+    if not any(all(pick is None or v in pick for v, pick in zip(f, chosen.values())) for f in extent.forwards):
+        # each choice is in the run, but no forward has them together (a forward the run skips)
         from workbench.summary import format_int_list
 
-        sel = ", ".join(f"{what}s {sorted(chosen)}" for what, chosen in fields if chosen is not None)
-        chunks = sorted(set(fields[0][1] or range(extent.chunks)))[:3]
-        runs = "; ".join(f"chunk {c}: " + ", ".join(
-            f"{ph} step(s) {format_int_list(sorted({f[1] for f in extent.forwards if f[0] == c and f[2] == ph}))}"
-            for ph in sorted({f[2] for f in extent.forwards if f[0] == c})) for c in chunks)
-        does = "change" if hasattr(sub, "edits") else "see"
-        raise ModelInputError(f"{name}: {sel} select no forward of this rollout ({runs}): it would {does} nothing "
-                              "there")
+        def runs(c: int) -> str:  # e.g. 'chunk 3: denoise step(s) 0-3'
+            return f"chunk {c}: " + ", ".join(
+                f"{ph} step(s) {format_int_list(sorted(f[1] for f in extent.forwards if f[0] == c and f[2] == ph))}"
+                for ph in sorted({f[2] for f in extent.forwards if f[0] == c}))
+
+        picked = ", ".join(f"{what} {sorted(pick)}" for what, pick in chosen.items() if pick is not None)
+        shown = sorted(chosen["chunks"] or range(extent.chunks))[:3]
+        raise ModelInputError(f"{name}: {picked} select no forward of this rollout ({'; '.join(map(runs, shown))}): "
+                              f"it would {does} nothing there")
 
 
 EDITABLE = frozenset({"q", "k", "v", "mask", "out"})  # what an intervention may change (workbench/interventions.py)

@@ -24,17 +24,14 @@ class ForwardLabels:
 
 @dataclass(frozen=True)
 class RunExtent:
-    """What one rollout's forwards will carry, known before the first: the step labels, phases and CFG branches
-    of its schedule, its number of chunks and of latent frames. A sampler hands it to each attached observer or
+    """What one rollout's forwards will carry, known before the first: the (chunk, step, phase, cfg) of each
+    forward, its number of chunks and of latent frames. A sampler hands it to each attached observer or
     intervention that has `check_run(extent)` (models/common/rollout.py `check_run`), which can refuse a selection
     the run does not have before any work (workbench/hooks.py)."""
 
-    steps: tuple[int, ...]
-    phases: tuple[str, ...]
-    cfgs: tuple[str, ...]
+    forwards: frozenset  # (chunk, step, phase, cfg) of every forward the run takes
     chunks: int
     frames: int
-    forwards: frozenset = frozenset()  # (chunk, step, phase, cfg) of every forward the run takes
 
     @classmethod
     def of(cls, schedule, chunks: int, frames: int, skipped=()) -> "RunExtent":
@@ -42,7 +39,18 @@ class RunExtent:
         pairs of forwards the run leaves out (the last chunk's context pass with last_context_pass=False, the
         denoising of an image-to-video run's chunk 0)."""
         skipped = set(skipped)
-        forwards = frozenset((c, lab.step, lab.phase, lab.cfg) for c in range(chunks) for lab in schedule
-                             if (c, lab.phase) not in skipped)
-        return cls(tuple(sorted({f[1] for f in forwards})), tuple(sorted({f[2] for f in forwards})),
-                   tuple(sorted({f[3] for f in forwards})), chunks, frames, forwards)
+        return cls(frozenset((c, lab.step, lab.phase, lab.cfg) for c in range(chunks) for lab in schedule
+                             if (c, lab.phase) not in skipped), chunks, frames)
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        return tuple(sorted({f[1] for f in self.forwards}))
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        return tuple(sorted({f[2] for f in self.forwards}))
+
+    @property
+    def cfgs(self) -> tuple[str, ...]:
+        return tuple(sorted({f[3] for f in self.forwards}))
+

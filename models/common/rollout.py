@@ -118,8 +118,8 @@ def check_run(model, schedule: list[ForwardLabels], chunks: int, frames: int, sk
 def skipped_forwards(chunks: int, last_context_pass: bool, initial_latent) -> list[tuple[int, str]]:
     """The (chunk, phase) pairs a causal rollout leaves out: the last chunk's context pass without
     last_context_pass, the denoising of chunk 0 (the image) in image-to-video."""
-    return ([] if last_context_pass else [(chunks - 1, "context")]) + ([(0, "denoise")] if initial_latent is not None
-                                                                        else [])
+    skipped = [] if last_context_pass else [(chunks - 1, "context")]
+    return skipped + [(0, "denoise")] if initial_latent is not None else skipped
 
 
 def few_step_schedule(timesteps: torch.Tensor, context_noise: float) -> list[ForwardLabels]:
