@@ -35,6 +35,10 @@ SLOW_FILES = ("test_kernels.py", "test_zoo.py", "test_store_integrity.py", "test
 def pytest_configure(config):
     if hasattr(config.option, "loadscopereorder"):  # (pytest-xdist 3.6+; without xdist there is nothing to order)
         config.option.loadscopereorder = False
+    if getattr(config.option, "numprocesses", None):  # `-n N`: numpy's OpenBLAS takes its thread count when numpy
+        # loads, in a worker before this file sets OMP_NUM_THREADS (a plugin imports numpy first); the workers,
+        # started after this, inherit one BLAS thread (two per worker on 2 cores made the tracker test 2x slower)
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -449,7 +449,7 @@ def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path):
     from models.wan.checkpoint import load_wan
     from models.wan.text_encoder import TextEncoder
     from models.wan.vae import WanVAE
-    from training.zoo import STAGES, main
+    from training.zoo import SHORT_CHECK_FRAMES, STAGES, main
 
     work, out = tmp_path / "zoo", tmp_path / "out"
     argv = ["--short", "--device", "cpu", "--work", str(work), "--no-progress", "--out", str(out)]
@@ -463,6 +463,7 @@ def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path):
     for name in [*ZOO, "gan"]:  # the word check of every model, at the three timesteps, on 2 videos in short mode
         words = report["stages"]["check"][name]["words"]
         assert set(words["timesteps"]) == {"900", "700", "500"} and words["videos"] == 2, (name, words)
+        assert words["frames"] == SHORT_CHECK_FRAMES, (name, words)  # (the check's shortening: one chunk)
         assert all(np.isfinite(list(r["ratios"].values())).all() for r in words["timesteps"].values())
     assert "words: colour x" in (out / "zoo_log.txt").read_text()
     assert report["stages"]["vae"]["steps"] == 2 and np.isfinite(report["stages"]["vae"]["psnr_db"])
@@ -538,7 +539,7 @@ def test_zoo_short_chain_trains_every_config_and_ships_loadable_files(tmp_path):
     dmd = ZOO["dmd"].checkpoint_path(work / "teacher")
     blob = torch.load(dmd, weights_only=True)
     torch.save({k: v for k, v in blob.items() if k != "generator_ema"}, dmd)
-    result = check_models(work / "teacher", "cpu", frames=6, short=True, log=lines.append)
+    result = check_models(work / "teacher", "cpu", frames=3, short=True, log=lines.append)
     assert "generator_ema" in result["dmd"]["skipped"] and 0 <= result["ode"]["all"] <= 1, result.keys()
     assert set(result) == {"teacher", "ode", "dmd"}
 

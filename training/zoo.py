@@ -78,6 +78,7 @@ SHORT = {  # --short: every stage in seconds on a CPU (6 latent frames, batches 
     "gan": ["dfake_gen_update_ratio=2", "ema_start_step=1", "discriminator_warmup_steps=1", "world.num_videos=4",
             "world.batch=2"],
 }
+SHORT_CHECK_FRAMES = 3  # --short: the check stage samples and word-checks one chunk of latent frames (half the time)
 
 
 class Zoo:
@@ -255,7 +256,7 @@ class Zoo:
         cfg = VAETrainConfig(steps=20000, batch=64, frames=9, crop=64, lr=4e-4, log_every=100, save_every=1000,
                              device=self.device)  # on a GPU: until the time share runs out
         if self.short:
-            cfg = VAETrainConfig(steps=2, batch=2, frames=5, crop=32, eval_videos=1, eval_frames=9, log_every=1,
+            cfg = VAETrainConfig(steps=2, batch=2, frames=5, crop=32, eval_videos=1, eval_frames=5, log_every=1,
                                  device=self.device)
         metrics = train(cfg, self.work / "vae", log=self.log, deadline=deadline)
         return {k: metrics[k] for k in ("psnr_db", "psnr_db_worst", "train_seconds", "steps", "fit_psnr_db")}
@@ -326,7 +327,8 @@ class Zoo:
 
     def stage_check(self, deadline) -> dict:
         cfg, _ = self.config("teacher")
-        result = check_models(self.teacher_dir, self.device, frames=cfg.image_or_video_shape[1], short=self.short,
+        frames = SHORT_CHECK_FRAMES if self.short else cfg.image_or_video_shape[1]
+        result = check_models(self.teacher_dir, self.device, frames=frames, short=self.short,
                               log=self.log, shift=cfg.model_kwargs.timestep_shift, extra=(gan_model(),))
         from models.files import atomic_write
 
@@ -459,7 +461,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", help="work folder (default: runs/zoo, or runs/zoo_short with --short)")
     ap.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--budget", type=float, help="seconds for all the stages asked for (default: no limit)")
-    ap.add_argument("--short", action="store_true", help="every stage shortened (6 frames, 3 steps): a CPU test")
+    ap.add_argument("--short", action="store_true",
+                    help="every stage shortened (6 frames, 3 steps; the check samples 3 frames): a CPU test")
     ap.add_argument("--vae", help="use this Wan2.1_VAE.pth instead of training one (the vae stage)")
     ap.add_argument("--init-from", metavar="FOLDER",
                     help="start the teacher from the DiT of this Wan folder (a shipped zoo: data/embedded) instead of "
