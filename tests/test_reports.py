@@ -600,8 +600,8 @@ def test_numbers_that_round_to_zero_have_no_minus(compare_report):
 def test_figures_fit_the_window(store_report, compare_report):
     """At 800 px the heatmap and bar rows (1120-1140 px wide) hid their last head and colour bar behind a scroll
     bar, with a title cut: each figure is drawn at most as wide as its box, its title inside it; a window narrower
-    than a figure's minimum scrolls it rather than squash it. (One browser for both widths: each page is loaded
-    afresh at its width, so each is fitted as a window opened that wide fits it.)"""
+    than a figure's minimum scrolls it rather than squash it. (One browser serves both widths: each page is loaded
+    afresh at its width, so its figures are fitted as in a window opened that wide.)"""
     from browser import chromium
 
     from studies.page import min_figure_width
