@@ -204,7 +204,9 @@ def font_for(text: str, size: int):
         other = ImageFont.truetype(path, max(8, size)) if path else None
     except (OSError, subprocess.SubprocessError):
         return font
-    return other if other is not None and not _lacks(other, "".join(missing)) else font
+    # (the other font where it draws more of them: one character no font here has, an emoji say, leaves the others,
+    # é or 中, to the font that has them rather than to Pillow's own boxes)
+    return other if other is not None and len(_lacks(other, "".join(missing))) < len(missing) else font
 
 
 def _lacks(font, text: str) -> list[str]:
@@ -267,7 +269,9 @@ def read_prompts(path) -> list[str]:
         text = data.decode("utf-8-sig")  # (a byte order mark, as Windows editors write, is no text)
     except UnicodeDecodeError as e:
         raise ModelInputError(f"prompt file {path} is not UTF-8 text: {e}") from e
-    lines = [line.strip() for line in text.splitlines()]
+    # (lines end at \n, \r\n or \r only, as a text file read line by line: str.splitlines also ends them at a form
+    # feed, U+0085, U+2028 ..., which would split one line, and its prompt, in two and move every later index)
+    lines = [line.strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
     prompts = [p for p in lines if p]
     if not prompts:
         raise ModelInputError(f"prompt file {path} has no prompts (one prompt per line expected)")

@@ -162,7 +162,8 @@ def attention_delta_figure(delta: xr.DataArray, label: str, top: float, cols: in
     # read as a small decrease), with no grid lines across the map
     fig.update_xaxes(showgrid=False, zeroline=False)
     fig.update_yaxes(showgrid=False, zeroline=False)
-    fig.update_layout(title=f"{label}: attn_mass minus the baseline's (grey: attended in neither)",
+    fig.update_layout(title=f"{html.escape(label, quote=False)}: attn_mass minus the baseline's (grey: attended in "
+                            "neither)",  # (a label as written: plotly reads <b>, <br>, &amp; ... in it as markup)
                       plot_bgcolor=NOT_ATTENDED,
                       coloraxis=dict(colorscale="RdBu_r", cmin=-top, cmax=top,
                                      colorbar=dict(title="change [probability]")),
@@ -292,7 +293,8 @@ def per_frame_figure(ds: xr.Dataset, name: str, labels: list[str], dim: str, xla
     for j, label in enumerate(labels + (["baseline"] if name.startswith("world") else [])):
         y = ds[name].sel(intervention=label).mean("sample").values
         note = ["<br>" + SAME_PIXELS if label in same and same[label][k] else "" for k in range(len(y))]
-        fig.add_trace(go.Scatter(x=ds[dim].values, y=y, name=label, mode="lines", customdata=note,
+        fig.add_trace(go.Scatter(x=ds[dim].values, y=y, name=html.escape(label, quote=False), mode="lines",
+                                 customdata=note,
                                  hovertemplate=f"{xlabel} %{{x}}<br>{ylabel} %{{y:.4g}}%{{customdata}}<extra>"
                                                f"{html.escape(label)}</extra>",
                                  line=dict(color=COLOURS[j % len(COLOURS)] if label != "baseline" else "black")))

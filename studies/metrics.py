@@ -499,11 +499,12 @@ def researcher_stats(
 
 # -------------------------------------------------------------------------------------------------- invariants
 def row_sum_error(ds: xr.Dataset) -> float:
-    """max |sum over key frames of attn_mass - 1| over the captured rows (docs/store.md: 1 for every row)."""
+    """max |sum over key frames of attn_mass - 1| over the captured rows (docs/store.md: 1 for every row); NaN
+    when no row holds a number (attention that was not finite: no row sums to 1)."""
     mass = _mass(ds)
     captured = mass.notnull().any("key_frame")
     err = abs(mass.sum("key_frame", skipna=True) - 1.0).where(captured)
-    return float(err.max(skipna=True)) if bool(captured.any()) else 0.0
+    return float(err.max(skipna=True)) if bool(captured.any()) else float("nan")
 
 
 def expected_attended(ds: xr.Dataset) -> xr.DataArray:

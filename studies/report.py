@@ -283,6 +283,8 @@ def build_report(
     if empty:  # (a map of nothing is left out: say which, and why)
         why = {"local_mass": f"no row attended a key {metrics.default_local_window(ds)} or more frames away",
                "entropy_norm": "every row attended one key frame"}
+        if not bool(ds.attn_mass.sel(step=step).notnull().any()):  # (NaN rows: the checks above fail on them)
+            why = dict.fromkeys(empty, "every row of attn_mass is NaN: the attention was not finite")
         page.p("Not drawn, having no value at this step for these query frames: "
                + "; ".join(f"{name} ({why.get(name, 'no attended rows')})" for name in empty) + ".")
     for name in OVERVIEW_METRICS:

@@ -367,6 +367,16 @@ class VideoScore:
                    {k: np.array([num(x) for x in c], dtype=np.float64) for k, c in d["curves"].items()})
 
 
+def score_rollout_video(video, prompt: str) -> VideoScore:
+    """`score_video` of a decoded rollout, except that one holding NaN or inf (a rollout that diverged: its
+    activations overflowed) is scored as a blank video, in which the tracker finds nothing (adherent 0, detected 0,
+    its errors NaN). `workbench intervene` and `workbench evaluate` score videos so and say which diverged."""
+    v = np.asarray(video)
+    if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
+        return score_video(np.zeros_like(v), prompt)
+    return score_video(video, prompt)
+
+
 def score_video(video, prompt: str) -> VideoScore:
     """Track a video (or take a `Track`) and score it against the prompt (`world.parse_prompt` reads it)."""
     named = world.parse_prompt(prompt)

@@ -83,6 +83,7 @@ CASES = [
     (["intervene", "--ablate", "3:0", "--timestep-shift", "0", "--out", "{tmp}/x.zarr"],
      "--timestep-shift 0: give a number > 0"),
     (["generate", "--prompt", "x", "--seed", "all", "--out", "{tmp}/g"], "seed 'all': give numbers"),
+    (["generate", "--prompt", "  ", "--out", "{tmp}/g"], "no prompts to run (an empty prompt"),
     (["intervene", "--ablate", "3:0", "--frames", "0", "--out", "{tmp}/x.zarr"],
      "--frames 0: give a positive number of latent frames"),
     (["extract", "--layer", "3", "--frames", "-3"], "--frames -3: give a positive number of latent frames"),

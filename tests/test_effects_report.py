@@ -67,6 +67,20 @@ def test_a_knockouts_frames_are_shaded_and_their_trajectory_error_explained():
     assert not any(c for t in traj.data if t.name == "baseline" for c in t.customdata)
 
 
+def test_a_label_with_markup_is_shown_as_written():
+    """A spec's label is the user's text: plotly reads <b>, <br> and &amp; in a title or legend name as markup
+    ("<b>x</b> A&amp;B" was drawn bold as "x A&B"), so the figures escape it, as their hover text does."""
+    ds = effects_store()
+    label = "<b>x</b> A&amp;B"
+    ds = ds.assign_coords(intervention=["baseline", label, "knockout0-1:all"])
+    fig = effects_report.per_frame_figure(ds, "latent_distance_rel", [label], "frame", "f", "v")
+    assert fig.data[0].name == "&lt;b&gt;x&lt;/b&gt; A&amp;amp;B"
+    delta = xr.DataArray(np.zeros((1, 2, 2)), dims=("layer", "query_frame", "key_frame"),
+                         coords=dict(layer=[3], query_frame=[0, 1], key_frame=[0, 1]))
+    title = effects_report.attention_delta_figure(delta, label, 1.0).layout.title.text
+    assert title.startswith("&lt;b&gt;x&lt;/b&gt; A&amp;amp;B: attn_mass minus"), title
+
+
 def test_the_ranked_table_writes_no_negative_zero():
     table = pd.DataFrame({"trajectory_error": [1.0, 2.0], "d_trajectory_error": [0.0, -0.0]}, index=["a", "b"])
     assert list(effects_report.display_ranking(table)["trajectory_error"]) == ["1 (+0)", "2 (+0)"]

@@ -312,3 +312,20 @@ def test_model_specs_name_weights_and_samplers(tmp_path):
     assert sampler_of("--model", "teacher") == [model_names()["teacher"].sampler] == ["bidirectional"]
     assert sampler_of("--model", "dmd", "--model", "ode,sampler=causal_few_step", "--sampler", "bidirectional") == [
         "bidirectional", "causal_few_step"]
+
+
+def test_a_model_whose_rollouts_diverge_is_scored_as_blank_videos_and_named(tmp_path, capsys):
+    """Its videos are NaN: the tracker's "the video holds NaN or infinite values" ended the run in a traceback; now
+    each scores as a blank video (adherent 0), its saved frames draw NaN black, and a note names it."""
+    from conftest import diverging_checkpoint
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(diverging_checkpoint(tmp_path / "d.pt")), "--colours", "red",
+                 "--shapes", "square", "--directions", "left", "--seeds", "0", "--frames", "3", "--save-videos",
+                 "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "note: 1 rollout(s) were not finite (NaN or inf: the activations overflowed), each scored as a blank " \
+           "video" in printed and "at 3 latent frames, p0000-s0" in printed, printed
+    videos = pd.read_csv(out / "videos.csv")
+    assert len(videos) == 1 and videos.adherent[0] == 0 and videos.detected[0] == 0
+    assert len(list(out.rglob("*.png"))) == 1

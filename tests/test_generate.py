@@ -258,3 +258,18 @@ def test_the_default_prompt_is_one_the_model_knows(tmp_path, capsys):
     assert "note:" not in capsys.readouterr().out
     with safe_open(str(tmp_path / "g" / "p0000-s0.safetensors"), "pt") as f:
         assert f.metadata()["prompt"] == prompt
+
+
+def test_a_rollout_that_diverges_is_named_and_writes_nothing(tmp_path, capsys):
+    """A checkpoint whose activations overflow: its video was refused only when written ("video contains NaN or
+    infinite values", exit 2, as for bad input), naming no sample; now the sample and the first latent frame that
+    is not finite are named, nothing is written, and the exit status is 1 (the run failed)."""
+    from conftest import diverging_checkpoint
+
+    out = tmp_path / "g"
+    assert main(["generate", "--checkpoint", str(diverging_checkpoint(tmp_path / "d.pt")), "--frames", "3", "--seed",
+                 "5", "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "sample p0000-s5 (prompt 'a red square moving right', seed 5): the rollout's latents are not finite " \
+           "(NaN or inf) from latent frame 0 on" in err, err
+    assert not list(out.glob("p0000-s5*"))  # (the folder holds its lock and prompt cache)

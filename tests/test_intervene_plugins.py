@@ -468,3 +468,39 @@ def test_user_methods_that_cannot_take_the_rollouts_arguments_are_refused_before
                                         r"\[99\]; the cache holds \[0, 1, 2\]")):
         with pytest.raises(ModelInputError, match=match):
             causal_few_step(model, noise, context, timesteps=s.warp([1000, 500]), scheduler=s, cache_policy=policy)
+
+
+def test_an_entry_whose_rollout_diverges_is_kept_scored_as_a_blank_video_and_named(tmp_path, monkeypatch, capsys,
+                                                                                   own_registry):
+    """A head's output times 1e30 overflows the rollout: the sweep goes on, the entry's latent distances are NaN,
+    its world scores a blank video's (adherent 0: its score_video raised on NaN before, a traceback that lost the
+    run), its pixel distance NaN, its saved frames drawn with NaN black, and a note names it. A baseline that
+    diverges stops the run before anything is written."""
+    from conftest import diverging_checkpoint
+    from workbench.store import open_store
+
+    (tmp_path / "my_entries.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("WORKBENCH_PLUGINS", "my_entries")
+    monkeypatch.delitem(sys.modules, "my_entries", raising=False)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("interventions:\n  - {kind: head_scale, layers: 1, heads: 0, settings: {factor: 1.0e+30}}\n")
+    out, label = tmp_path / "e.zarr", "head_scale(factor=1e+30):L1.H0"
+    assert cli_main(["intervene", "--spec", str(spec), "--frames", "3", "--world", "on", "--save-videos", "--out",
+                     str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"note: under {label!r} the rollout is not finite (NaN or inf: the activations overflowed) for p0000-s0 " \
+           "from latent frame 0" in printed, printed
+    ds = open_store(out)
+    entry, base = ds.sel(intervention=label, sample="p0000-s0"), ds.sel(intervention="baseline", sample="p0000-s0")
+    assert bool(entry.latent_distance.isnull().all()) and bool(entry.pixel_distance.isnull().all())
+    assert float(entry.world_adherent) == 0 and float(entry.world_detected) == 0
+    assert float(base.world_adherent) == 1 and bool(np.isfinite(base.pixel_distance).all())
+    assert (tmp_path / "e_videos" / "head_scale_factor=1e+30__L1.H0" / "p0000-s0.png").exists()
+
+    bad = tmp_path / "b.zarr"
+    assert cli_main(["intervene", "--checkpoint", str(diverging_checkpoint(tmp_path / "d.pt")), "--ablate", "1:0",
+                     "--frames", "3", "--world", "off", "--out", str(bad), "--no-progress"]) == 1
+    assert "the baseline rollout (no intervention) of sample p0000-s0 (prompt 'a red square moving right', seed 0) " \
+           "is not finite" in capsys.readouterr().err
+    assert not bad.exists()

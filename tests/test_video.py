@@ -137,6 +137,26 @@ def test_read_prompts_strips_and_skips_empty_lines(tmp_path):
     assert read_prompts(f) == ["a red square moving right", "a blue circle"]
 
 
+def test_a_prompt_line_is_not_split_at_unicode_line_separators(tmp_path):
+    """One line, one prompt: a form feed, U+0085 or U+2028 inside a line (text pasted from a web page or PDF) is
+    not a line break for a file read line by line, as the researchers' reader reads it; str.splitlines made two
+    prompts of it and moved every later prompt's index."""
+    f = tmp_path / "prompts.txt"
+    f.write_text("a red square\u2028moving right\na blue circle\x0cmoving up\ra green\x85square\n", encoding="utf-8")
+    assert read_prompts(f) == ["a red square\u2028moving right", "a blue circle\x0cmoving up", "a green\x85square"]
+
+
+def test_a_title_character_no_font_has_leaves_the_others_to_a_font_that_has_them():
+    """An emoji no font on the machine draws must not send é (or Cyrillic) back to Pillow's own font, whose boxes
+    they would be."""
+    from models.video import _lacks, font_for
+
+    if not isinstance(font_for("café", 14).path, str):
+        pytest.skip("no font on this machine has é (fontconfig: none, or fc-match missing)")
+    title = "café синий \U0010fffd"  # (a private-use code point: no font has it)
+    assert _lacks(font_for(title, 14), title) == ["\U0010fffd"]
+
+
 def test_empty_or_missing_prompt_file_is_named(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text(" \n\n  \n")

@@ -20,6 +20,13 @@ class WorkbenchError(ModelInputError):
         return wrapped
 
 
+class Diverged(WorkbenchError):
+    """A rollout whose latents are not finite: the model's activations overflowed (its weights are finite, checked
+    at load), so there is no video to decode or score. Not bad input: the command ran and failed (exit status 1)."""
+
+    exit_status = 1
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, `timeout`, a batch system's walltime), raised where a command is (workbench/cli.py installs
     the handler), so that it stops as on Ctrl-C: a write under way undone, its lock released, one line saying what

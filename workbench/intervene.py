@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.errors import WorkbenchError
+from workbench.errors import Diverged, WorkbenchError
 from workbench.intervene_entries import (Entry, build, build_policy, check_entries, older_differs, same_settings,
                                          spec_differences)
 
@@ -66,13 +66,16 @@ def decode(vae, latents, step: int) -> np.ndarray:
 
 def world_scores(video: np.ndarray, base_video: np.ndarray, prompt: str) -> dict[str, np.ndarray]:
     """The miniature world's numbers and curves of one decoded video and its pixel distance to the baseline's."""
-    from studies.world_metrics import score_video
+    from studies.world_metrics import score_rollout_video
 
-    s = score_video(video, prompt)
+    s = score_rollout_video(video, prompt)  # (a rollout that diverged: scored as a blank video, its distance NaN)
     out = {f"world_{k}": np.float32(s.numbers[k]) for k in WORLD_NUMBERS}
     out |= {f"world_curve_{k}": s.curves[k].astype(np.float32) for k in WORLD_CURVES}
-    diff = (video.astype(np.float64) - base_video.astype(np.float64))
-    out["pixel_distance"] = np.sqrt((diff ** 2).mean(axis=(0, 2, 3))).astype(np.float32)  # [T]
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = (video.astype(np.float64) - base_video.astype(np.float64))
+        out["pixel_distance"] = np.sqrt((diff ** 2).mean(axis=(0, 2, 3))).astype(np.float32)  # [T]
+    if not np.isfinite(video).all():
+        out["pixel_distance"][:] = np.nan
     return out
 
 
@@ -350,8 +353,10 @@ def _save_video(video: np.ndarray, store, label: str, sample: tuple, model: str)
     path = video_file(store, label, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     last = video.shape[1] - 1  # nine pixel frames, first to last, evenly spaced (a stride of T // 9 gave 9 to 17)
-    write_png_grid(video, path, ncols=9, frames=sorted({round(i * last / 8) for i in range(9)}),
-                   label_frames=True, title=f"{label} · {model} · seed {seed} · {name} · \"{prompt}\"")
+    diverged = "" if np.isfinite(video).all() else " · not finite: NaN drawn black"
+    video = np.nan_to_num(video, nan=-1.0, posinf=1.0, neginf=-1.0)  # (a rollout that diverged: still shown)
+    write_png_grid(video, path, ncols=9, frames=sorted({round(i * last / 8) for i in range(9)}), label_frames=True,
+                   title=f"{label} · {model} · seed {seed} · {name}{diverged} · \"{prompt}\"")
     if mp4_available():
         write_mp4(video, path.with_suffix(".mp4"), fps=16)
 
@@ -428,6 +433,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
 
     from models.files import check_unchanged
     from models.common.attention_kernels import refusals
+    from models.common.rollout import nonfinite_frame
     from models.video import mp4_available
     from models.wan.text_encoder import TextEncoder, prompt_cache_dir
     from workbench.extract import _attrs, _dtype, command_words, load_model, make_probe, sample_rollout, store_layout
@@ -487,6 +493,7 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
         attrs.update(videos_dir=videos_dir(cfg.out).name, video_entries=[])
     bar = progress_bar(total=len(todo) * len(samples), desc="intervene", unit="rollout", disable=not cfg.progress)
     running = None  # what the loop below is doing, for an error's note
+    diverged = {}  # entry label -> its samples whose rollout is not finite, and from which latent frame
 
     try:
         probe = make_probe(model, p, device) if capture else None
@@ -512,6 +519,12 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
         base, base_video, base_mass = {}, {}, {}
         for s in samples:
             base[s], base_mass[s] = captured(BASELINE, s[1], s[2], *([reference] if reference else []))
+            if (bad := nonfinite_frame(base[s])) is not None:  # (every entry's effect would be measured from NaN)
+                raise Diverged(f"the baseline rollout (no intervention) of sample {sample_id(s[0], s[2])} (prompt "
+                               f"{s[1]!r}, seed {s[2]}) is not finite (NaN or inf) from latent frame {bad} on: the "
+                               "model's activations overflow without any intervention (its weights are finite, "
+                               f"checked at load); nothing is written. `workbench extract` with the same model, prompt "
+                               "and seed stores where its attention stops being finite")
             if scored or save_videos:
                 base_video[s] = decode(vae, base[s], n)
         means = reference.mean() if reference else {}
@@ -538,6 +551,8 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
                         edit = build(e, sources)  # (a graph-safe one is built once: its CUDA graphs replay)
                     subs = [edit] if policy is None else ([policy] if hasattr(policy, "observe") else [])
                     x, mass = captured(e, s[1], s[2], *subs, policy=policy)
+                if (bad := nonfinite_frame(x)) is not None:
+                    diverged.setdefault(e.label, []).append(f"{sample_id(s[0], s[2])} from latent frame {bad}")
                 dist, rel = latent_distance(x, base[s])
                 row = dict(latent_distance=dist, latent_distance_rel=rel, latent_rms=latent_rms(x),
                            latent_motion=latent_motion(x))
@@ -569,6 +584,11 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
     finally:  # (also when stopped or failed: an open bar is drawn again under later output)
         bar.close()
     log(ranking_text(cfg.out))
+    for label, where in diverged.items():
+        log(f"note: under {label!r} the rollout is not finite (NaN or inf: the activations overflowed) for "
+            f"{_short_list(where)}: its latent distances are NaN or inf, its world scores those of a blank video (the "
+            "tracker finds nothing: adherent 0, detected 0), its pixel distance NaN"
+            + (", and its saved frames draw NaN black" if save_videos else ""))
     if save_videos:
         log(f"videos: {printable(shell_word(videos_dir(cfg.out)))}/LABEL/pPPPP-sS.png"
             + (" and .mp4" if mp4_available() else "") + " (LABEL with characters other than letters, digits and "

@@ -74,9 +74,17 @@ def summary_table(store_path, max_rows: int = 48) -> str:
         return "\n".join([wrote, "no summary: it averages denoising steps, and every step captured is a context pass "
                           "(phase 'context': the KV cache rewritten at the context noise)", opening])
     chunked = bool((ds.query_chunk > 0).any())
-    first, own, rest = frame0_own_rest(ds.attn_mass)
+    # a counted row attends at least its own frame, so a row of NaN alone is attention that was not finite (a
+    # rollout whose activations overflowed): summed as NaN-skipped it would print as 0 mass, and name heads from it
+    rows_nan = ~counted(ds.attn_mass).notnull().any("key_frame")
+    if bool(rows_nan.all()):
+        return "\n".join([wrote, "no summary: every counted row of attn_mass is NaN (the attention was not finite: "
+                          "the rollout's activations overflowed, or its inputs were NaN)", opening])
+    warn = (f"warning: {int(rows_nan.sum())} of {rows_nan.size} counted rows of attn_mass are NaN (attention that was "
+            f"not finite); the table and the reading leave them out" if bool(rows_nan.any()) else None)
+    first, own, rest = (x.where(~rows_nan) for x in frame0_own_rest(ds.attn_mass))
     dims = [d for d in ("sample", "step", "query_frame") if d in first.dims]
-    same, distance = locality(ds.attn_mass)
+    same, distance = (x.where(~rows_nan) for x in locality(ds.attn_mass))
     m = counted(ds.attn_mass)
     # frame 0's share under uniform attention, counted as the frame 0 column counts it: 0 in rows that do not
     # attend frame 0 (a window without a sink evicted it)
@@ -99,7 +107,8 @@ def summary_table(store_path, max_rows: int = 48) -> str:
         steps += ", CFG branch cond (the prompt's)"
     elif branches == {"uncond"}:
         steps += ", CFG branch uncond (the negative prompt's: the only one captured)"
-    lines = [wrote, f"attention mass per layer and head (mean over samples; {steps}; {rows}):"]
+    lines = [wrote, *([warn] if warn else []),
+             f"attention mass per layer and head (mean over samples; {steps}; {rows}):"]
     own_name = "own chunk" if chunked else "other frames"
     if len(layers) * len(heads) <= max_rows:  # (one chunk: no "rest", every frame but 0 is "other frames")
         lines.append(f"{'layer':>6} {'head':>5} {'frame 0':>9} {own_name:>12}" + (f" {'rest':>8}" if chunked else "")

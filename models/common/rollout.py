@@ -51,6 +51,13 @@ def _from_model(x):
     return x.permute(0, 2, 1, 3, 4)
 
 
+def nonfinite_frame(latents: torch.Tensor) -> int | None:
+    """The first frame of latents [B, F, C, H, W] that holds NaN or inf in any sample (a rollout whose activations
+    overflowed: every later frame attends to it through the KV cache), or None when all are finite."""
+    bad = ~torch.isfinite(latents).flatten(2).all(dim=2).all(dim=0)  # [F]
+    return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
+
+
 def seeded_noise(seed: int, shape, device, dtype) -> tuple[torch.Tensor, torch.Generator]:
     """(noise, generator): noise [B, F, C, h, w] drawn in float32 from a generator on `device` seeded with `seed`,
     then cast to `dtype`; the generator goes on to the sampler (the fresh noise between denoising steps). The one

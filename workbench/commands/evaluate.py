@@ -277,6 +277,8 @@ def _run(args, out, choices, plans, skipped, prompts, seeds, compare, device, dt
     import shlex
     import time
 
+    import numpy as np
+
     from studies import world_metrics, world_report
     from workbench import scores
     from workbench.errors import Terminated
@@ -310,6 +312,7 @@ def _run(args, out, choices, plans, skipped, prompts, seeds, compare, device, dt
 
     pool = _pool(workers) if len(done) < len(jobs) else None
     pending, started, new = [], time.time(), len(jobs) - len(done)
+    diverged = []  # the videos of rollouts that were not finite (NaN or inf)
     bar = progress_bar(total=len(jobs), initial=len(done), desc="evaluate", unit="video", disable=args.no_progress)
     try:
         for c in choices:
@@ -328,15 +331,20 @@ def _run(args, out, choices, plans, skipped, prompts, seeds, compare, device, dt
                         if job in done:
                             continue
                         video = _one_video(model, p, vae, contexts[i], negative, seed, device, dtype)
-                        if args.save_videos:
-                            _save_video(video, _video_path(out, *job), f"{c.label} · {key[1]} latent frames · "
-                                        f"seed {seed} · {sample_id(i, seed)} · \"{prompt}\"")
+                        finite = bool(np.isfinite(video).all())
+                        if not finite:  # (its activations overflowed: scored as a blank video, and said)
+                            diverged.append(f"{c.label} at {key[1]} latent frames, {sample_id(i, seed)}")
+                        if args.save_videos:  # (NaN drawn black)
+                            note = "" if finite else " · not finite: NaN drawn black"
+                            _save_video(np.nan_to_num(video, nan=-1.0, posinf=1.0, neginf=-1.0),
+                                        _video_path(out, *job), f"{c.label} · {key[1]} latent frames · seed "
+                                        f"{seed} · {sample_id(i, seed)}{note} · \"{prompt}\"")
                         if pool:
-                            pending.append((job, pool.submit(world_metrics.score_video, video, prompt)))
+                            pending.append((job, pool.submit(world_metrics.score_rollout_video, video, prompt)))
                             _wait_for_room([f for _, f in pending], 2 * workers)
                             pending = _keep_finished(pending, keep)
                         else:
-                            keep(job, world_metrics.score_video(video, prompt))
+                            keep(job, world_metrics.score_rollout_video(video, prompt))
                         bar.update(1)
                 del model
         for job, future in progress_bar(pending, desc="track", unit="video", disable=args.no_progress or not pending):
@@ -358,7 +366,8 @@ def _run(args, out, choices, plans, skipped, prompts, seeds, compare, device, dt
     reused = len(jobs) - new
     notes = [setup, f"{new} video(s) in {time.time() - started:.0f} s" + (f", {reused} kept from an earlier run."
                                                                          if reused else "."),
-             *skipped, f"command: {printable(command)}"]  # (prompts as given: their control characters escaped)
+             *skipped, *diverged_notes(diverged),
+             f"command: {printable(command)}"]  # (prompts as given: their control characters escaped)
     paths = world_report.write_results(out, results, title=title, notes=notes, compare=compare)
 
     # --- what a user reads
@@ -370,10 +379,20 @@ def _run(args, out, choices, plans, skipped, prompts, seeds, compare, device, dt
         for line in lines:
             print(f"  {line}")
         print("\n" + world_report.comparison_text(rows, *compare))
-    for line in skipped:
+    for line in [*skipped, *diverged_notes(diverged)]:
         print(f"note: {line}")
     print(f"\nwrote {', '.join(p.name for p in paths.values())} to {out}")
     return 0
+
+
+def diverged_notes(videos: list[str]) -> list[str]:
+    """The note on the videos whose rollout was not finite, this run's (a later run that reuses their scores
+    keeps them as they were scored)."""
+    if not videos:
+        return []
+    return [f"{len(videos)} rollout(s) were not finite (NaN or inf: the activations overflowed), each scored as a "
+            f"blank video (the tracker finds nothing: adherent 0, detected 0): {'; '.join(videos[:5])}"
+            + (f" and {len(videos) - 5} more" if len(videos) > 5 else "")]
 
 
 def plan_runs(args, choices, prompts, seeds, lengths, device, dtype):
