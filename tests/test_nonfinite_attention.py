@@ -52,3 +52,13 @@ def test_a_diverged_sample_is_flagged_and_left_out_of_the_means(tmp_path):
     rows = _rows(text)
     for key, values in clean.items():
         np.testing.assert_allclose(rows[key], values, atol=1e-3)
+
+
+def test_the_reading_never_names_a_head_of_nan():
+    """numpy's argmax takes the first NaN: a head whose rows were all NaN was named the most local and widest."""
+    from workbench.summary import reading
+
+    first, same, distance = (np.array([[np.nan, v]]) for v in (0.2, 0.3, 4.0))
+    text = reading([3], [0, 1], first, same, distance, uniform=0.1)
+    assert "most local layer 3 head 1 (0.30" in text and "widest layer 3 head 1 (keys 4.0" in text
+    assert "most drawn to frame 0: layer 3 head 1 (0.20" in text

@@ -259,7 +259,8 @@ def test_finding_videos(runs, tmp_path, capsys):
     assert "(0 video(s))" in lines[0], lines
     assert lines[1].startswith(f"note: no video of its samples was found ({tmp_path / 'lone' / 'p0000-s0.mp4'}, "
                                "or beside the store; `workbench generate` writes pPPPP-sS.mp4 with the store's prompts "
-                               f"and seeds, e.g. --seed 0 --out {tmp_path / 'lone'}); --video PATH names one"), lines
+                               "and seeds, e.g. --prompt 'a red square moving right' --seed 0 --out "
+                               f"{tmp_path / 'lone'}); --video PATH names one"), lines
     # a video that does not fit the store's frames, one file for several samples, a path that is no store
     write_mp4(np.zeros((21, 16, 16, 3), np.uint8), tmp_path / "short.mp4")
     assert main(["view", str(store), "--video", str(tmp_path / "short.mp4"), "--sample", "p0000-s0"]) == 2

@@ -138,9 +138,11 @@ def reading(layers: list[int], heads: list[int], first, same, distance, uniform:
         i, j = divmod(int(pick(grid)), grid.shape[1])
         return f"layer {layers[i]} head {heads[j]}", (i, j)
 
-    local, li = name(same, lambda g: g.argmax())
-    wide, wi = name(distance, lambda g: g.argmax())
-    sink, si = name(first, lambda g: g.argmax())
+    import numpy as np
+
+    local, li = name(same, np.nanargmax)  # (a head of NaN rows alone is no pick: argmax would take its NaN)
+    wide, wi = name(distance, np.nanargmax)
+    sink, si = name(first, np.nanargmax)
     start = (f"reading: most local {local} ({_fmt(same[li], 2)} of its attention on its own frame); widest {wide} "
              f"(keys {_fmt(distance[wi], 1)} frames away on average); ")
     if uniform is not None and uniform >= 1:  # (a video of one key frame)

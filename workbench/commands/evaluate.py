@@ -169,7 +169,7 @@ def parse_model_spec(spec: str, args) -> ModelChoice:
 
     if label and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", label):
         raise WorkbenchError(f"--model {spec!r}: label {label!r} names folders under --out and columns of the "
-                             "tables; use letters, digits, ., - or _ (no leading .)")
+                             "tables; use ASCII letters, digits, ., - or _ (no leading .)")
     names = model_names()
     if source in names:
         from models.wan.embedded import ZOO

@@ -92,8 +92,9 @@ def run(args) -> int:
             first = str(ds["sample"].values[0])
             folder = named(path).with_suffix("")  # (`view .` inside the store: its name)
             print(f"note: no video of its samples was found ({shell_word(folder / (first + '.mp4'))}, or beside the "
-                  f"store; `workbench generate` writes pPPPP-sS.mp4 with the store's prompts and seeds, e.g. --seed "
-                  f"{int(ds['seed'].values[0])} --out {shell_word(folder)}); --video PATH names one", flush=True)
+                  f"store; `workbench generate` writes pPPPP-sS.mp4 with the store's prompts and seeds, e.g. --prompt "
+                  f"{shell_word(str(ds['prompt'].values[0]))} --seed {int(ds['seed'].values[0])} --out "
+                  f"{shell_word(folder)}); --video PATH names one", flush=True)
         if args.open:
             import webbrowser
 
