@@ -319,9 +319,9 @@ def read_image(path, height: int, width: int) -> torch.Tensor:
                        1.0 if img.mode == "F" and grey.max() <= 1 else 255.0)  # ("I": 8-bit values held wide)
                 img = Image.fromarray(np.clip(np.rint(grey / top * 255), 0, 255).astype(np.uint8), "L")
             if abs(img.width / img.height - width / height) > 0.02 * width / height:
-                warnings.warn(f"image {str(path)!r} is {img.width} x {img.height}: stretched to the video's {width} "
-                              f"x {height} (not cropped, as the researchers' transform)", ModelInputWarning,
-                              stacklevel=2)
+                warnings.warn(f"image {str(path)!r} is {img.height} x {img.width} (height x width): stretched to the "
+                              f"video's {height} x {width} (not cropped, as the researchers' transform)",
+                              ModelInputWarning, stacklevel=2)
             rgb = img.convert("RGB").resize((width, height), Image.BILINEAR)
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ModelInputError(f"cannot read image {str(path)!r}: {err}") from None

@@ -108,17 +108,28 @@ def display_ranking(table: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
+def not_finite_entries(ds: xr.Dataset) -> dict[str, list[str]]:
+    """The entries whose rollout was not finite (an edit that made the activations overflow: latent distances NaN
+    or inf, docs/store.md), each with the samples where it was not."""
+    bad = ~np.isfinite(ds.latent_distance).all("frame")  # [intervention, sample]
+    return {str(e): [str(s) for s in ds.sample.values[bad.sel(intervention=e).values]]
+            for e in ds.intervention.values if bool(bad.sel(intervention=e).any())}
+
+
 def attention_change(ds: xr.Dataset, labels: list[str]) -> pd.DataFrame:
     """With --capture: per entry (rows, `labels`) and captured layer (columns), the Jensen-Shannon divergence in bits
     between the entry's attention rows (attn_mass over key frames, per sample, step, head and query frame) and the
     baseline's, averaged over those rows (studies/compare.py `js_divergence`: 0 = unchanged, 1 = disjoint). NaN
-    where the entry has no capture (a head-wise cache policy)."""
+    where the entry has no capture (a head-wise cache policy) or its rollout was not finite (the mean of its few
+    finite rows, before the NaN, would read as unchanged)."""
     from studies.compare import js_divergence
 
     labels = entry_labels(ds, labels)
     base = ds.attn_mass.sel(intervention="baseline")
     rows = {label: js_divergence(ds.attn_mass.sel(intervention=label), base)
             .mean(["sample", "step", "head", "query_frame"]).values for label in labels}  # one entry at a time
+    for label in set(labels) & set(not_finite_entries(ds)):
+        rows[label] = np.full_like(rows[label], np.nan)
     return pd.DataFrame.from_dict(rows, orient="index", columns=[f"layer {int(x)}" for x in ds.layer.values])
 
 
@@ -210,6 +221,10 @@ def build_effects_report(store, out_html: str | Path) -> Path:
                        f"{ds.sizes['frame']} latent frames{_cache_words(ds)}. command: {ds.attrs.get('command', '?')}"
                        + "".join(f"; then: {run['command']}" for run in ds.attrs.get("runs", [])
                                  if isinstance(run, dict) and run.get("command"))))
+    for label, samples in not_finite_entries(ds).items():
+        page.p(html.escape(f"Not finite: under {label} the rollout's latents were NaN or inf (its activations "
+                           f"overflowed) in sample(s) {', '.join(samples)}: its effects are NaN, its world scores a "
+                           "blank video's (the tracker finds nothing), its captured attention n/a."))
     page.p("effect = the RMS distance of the latents to the baseline's, divided by the baseline's RMS, averaged over "
            "samples and latent frames (effect_last_chunk: the last chunk's frames only); motion_change = the mean "
            "frame-to-frame latent change (latent_motion) over the baseline's, minus 1. "
@@ -355,7 +370,8 @@ def _attention_section(page: Page, ds: xr.Dataset, top: list[str], drawn: int = 
            "averaged over samples, steps, heads and query frames: 0 = unchanged, 1 = disjoint. The capture reads "
            "what ran: a knocked-out frame has no mass; an ablated head still attends (its output is what changed), "
            "so the layers after it change in the same forward, and every layer can change through what later steps "
-           "and chunks see (the changed latents, through the KV cache). n/a: no capture (a head-wise cache policy).")
+           "and chunks see (the changed latents, through the KV cache). n/a: no capture (a head-wise cache policy), "
+           "or a rollout that was not finite.")
     change = attention_change(ds, top)
     page.table(change.map(lambda v: f"{v:.3g}" if np.isfinite(v) else "n/a"))
     shown = [label for label in top if np.isfinite(change.loc[label].values).any()][:drawn]

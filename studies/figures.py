@@ -37,7 +37,7 @@ from workbench.errors import WorkbenchError
 
 SINK_FORMULA = "sink = v[0] - mean(v[1:-1])"
 CLASS_COLOURS = {"sink": "#d62728", "local": "#1f77b4", "global": "#2ca02c", "deep_sink": "#9467bd",
-                 "mixed": "#7f7f7f"}
+                 "mixed": "#7f7f7f", "no_values": "#e0e0e0"}
 
 
 # -------------------------------------------------------------------------------------------------- helpers
@@ -578,6 +578,9 @@ def key_token_maps(
                                  f"with H a multiple of {h} token rows and W of {w} token columns")
         sy, sx = frames.shape[1] // h, frames.shape[2] // w  # pixels per token
     seen = [f for f in range(per_frame.shape[0]) if np.isfinite(per_frame[f]).any()]
+    if not seen:  # (a grid of no panels divided by zero)
+        raise WorkbenchError(f"attn_key_token of token layer {token_layer}, query frame {query_frame}, step {step} "
+                             "is NaN everywhere: the attention was not finite (the rollout's activations overflowed)")
     rows, cols = _grid(len(seen), cols)
     frame_mass = np.array([np.nansum(per_frame[f]) for f in range(per_frame.shape[0])])  # [key_frame]
     titles = [f"frame {f}: {frame_mass[f]:.3f}" for f in seen]
@@ -704,8 +707,9 @@ def layer_head_map(da: xr.DataArray, *, title: str | None = None, colorscale: st
 
 
 def taxonomy_map(classes: xr.DataArray, *, title: str = "head classes") -> go.Figure:
-    """Layer x head map of head classes (sink, local, global, deep_sink, mixed), one colour each, named in a
-    legend (one entry per class, so the names never crowd each other, however few layers there are)."""
+    """Layer x head map of head classes (sink, local, global, deep_sink, mixed; no_values where a head's attention
+    was not finite), one colour each, named in a legend (one entry per class, so the names never crowd each other,
+    however few layers there are; no_values only where a head has it)."""
     classes = _layer_head(classes)
     names = list(CLASS_COLOURS)
     code = np.vectorize(lambda c: names.index(str(c)))(classes.values)
@@ -718,7 +722,8 @@ def taxonomy_map(classes: xr.DataArray, *, title: str = "head classes") -> go.Fi
         text=classes.values.astype(str), texttemplate="%{text}", colorscale=scale, zmin=-0.5, zmax=n - 0.5,
         showscale=False, hovertemplate="layer %{y}<br>head %{x}<br>%{text}<extra></extra>",
     ))
-    for name in names:  # legend entries only: a marker of each class colour, no data
+    shown = [c for c in names if c != "no_values" or bool((classes == c).any())]  # (no_values: only when there)
+    for name in shown:  # legend entries only: a marker of each class colour, no data
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, showlegend=True, hoverinfo="skip",
                                  marker=dict(symbol="square", size=14, color=CLASS_COLOURS[name])))
     fig.update_xaxes(title_text="head", type="category")

@@ -41,6 +41,8 @@ that holds wins:
     deep_sink  early_mass   >= deep_min            (default 0.6; uniform attention gives 0.5)
     global     entropy_norm >= global_min_entropy  (default 0.85)
     mixed      none of the above
+    no_values  (before every rule) no row of the head holds a number: attention that was not finite (a rollout
+               whose activations overflowed stores NaN rows), which no rule may class
 
 deep_sink comes before global: a head spread over the oldest frames can have a high entropy (uniform over the
 first 9 of 21 frames, mixed 70:30 with uniform over all 21: entropy_norm 0.89, early_mass 0.86), yet it is not
@@ -65,7 +67,7 @@ import xarray as xr
 from workbench.errors import WorkbenchError
 
 QUERY_FRAME_CHOICES = ("last_chunk", "history", "all")
-CLASSES = ("sink", "local", "global", "deep_sink", "mixed")
+CLASSES = ("sink", "local", "global", "deep_sink", "mixed", "no_values")
 
 
 # ---------------------------------------------------------------------------------------------- selections
@@ -84,9 +86,9 @@ def attention_store(ds, *, extra_dims: bool = False):
     if extra_dims:
         return ds
     if "intervention" in ds.dims:
-        raise WorkbenchError("this is an effects store (dim intervention, from workbench intervene): select one "
-                             "entry first, e.g. ds.sel(intervention='baseline'), or read it with "
-                             "studies.effects_report")
+        raise WorkbenchError("this is an effects store (dim intervention, from workbench intervene): `workbench "
+                             "report STORE` renders it; in Python, select one entry first, e.g. "
+                             "ds.sel(intervention='baseline'), or read it with studies.effects_report")
     if "train_step" in ds.dims:
         raise WorkbenchError("this is a training probe store (dim train_step): select one train step first, e.g. "
                              "ds.sel(train_step=0), or read it with studies.training")
@@ -417,7 +419,8 @@ def _above_uniform(hm: xr.Dataset):
 
 def classify_heads(hm: xr.Dataset, thresholds: TaxonomyThresholds | None = None) -> xr.DataArray:
     """One class per head (and step, sample if present): sink, local, global, deep_sink or mixed, by the rules
-    of the module docstring applied to `head_metrics` output."""
+    of the module docstring applied to `head_metrics` output; no_values for a head none of whose rows holds a
+    number."""
     th = thresholds or TaxonomyThresholds()
     needed = ["sink_mass", "local_mass", "entropy_norm", "early_mass"]
     missing = [v for v in needed if v not in hm]
@@ -432,6 +435,8 @@ def classify_heads(hm: xr.Dataset, thresholds: TaxonomyThresholds | None = None)
     label = xr.full_like(hm.sink_mass, "mixed", dtype=object)
     for name, cond in reversed(rules):  # the first rule wins, so apply it last
         label = xr.where(cond, name, label)
+    # (NaN fails every rule: such a head would read as mixed, a result it is not)
+    label = xr.where(hm.sink_mass.isnull() & hm.early_mass.isnull(), "no_values", label)  # (NaN only uncaptured)
     label = label.astype(object)
     label.name = "head_class"
     label.attrs.update(long_name="head class", description=classify_heads.__doc__.split("\n")[0], **asdict(th))

@@ -266,7 +266,8 @@ def build_report(
            "threshold and "
            f"above uniform attention's share), local (mass on keys less than {metrics.default_local_window(ds)} "
            "frame(s) from the query, of rows that attended keys farther), deep_sink (mass on the "
-           "oldest half of the attended frames), global (normalised entropy high), mixed (none); the first that "
+           "oldest half of the attended frames), global (normalised entropy high), mixed (none; no_values: no "
+           "row of the head holds a number, attention that was not finite); the first that "
            "holds. Thresholds: "
            + ", ".join(f"{k}={v}" for k, v in classes.attrs.items() if k.endswith(("_min", "_entropy"))) + ".")
     one_chunk = metrics.num_chunks(ds) == 1
@@ -283,7 +284,7 @@ def build_report(
     if empty:  # (a map of nothing is left out: say which, and why)
         why = {"local_mass": f"no row attended a key {metrics.default_local_window(ds)} or more frames away",
                "entropy_norm": "every row attended one key frame"}
-        if not bool(ds.attn_mass.sel(step=step).notnull().any()):  # (NaN rows: the checks above fail on them)
+        if not bool(at["sink_mass"].notnull().any()):  # (no row holds a number: the checks above fail on them)
             why = dict.fromkeys(empty, "every row of attn_mass is NaN: the attention was not finite")
         page.p("Not drawn, having no value at this step for these query frames: "
                + "; ".join(f"{name} ({why.get(name, 'no attended rows')})" for name in empty) + ".")
@@ -340,6 +341,12 @@ def build_report(
                "pattern too; their masses are in the titles. <code>studies.figures.key_token_maps</code> draws the "
                "masses themselves, one head, or another query frame. " + where)
         for tl in token_layers:
+            tokens = metrics.select(ds, sample=sample, step=step)["attn_key_token"].sel(token_layer=tl,
+                                                                                       query_frame=last)
+            if not bool(tokens.notnull().any()):
+                page.p(f"Token layer {tl}: not drawn, every value of attn_key_token for query frame {last} is NaN "
+                       "(the attention was not finite: the rollout's activations overflowed).")
+                continue
             page.figure(figures.key_token_maps(ds, tl, query_frame=last, step=step, sample=sample, within_frame=True,
                                                frames=pictures), f"fig-key-tokens-layer{tl}")
     if others:

@@ -58,6 +58,11 @@ def no_work(monkeypatch):
 
 # {store}: a synthetic store; {blocked}: a path under a regular file, unwritable even for root
 CASES = [
+    # (the hint named --independent-first-frame, which intervene does not have)
+    (["intervene", "--ablate", "3:0", "--frames", "4", "--out", "{tmp}/x.zarr"],
+     "--frames 4 does not divide into chunks of 3; use a multiple of 3 (e.g. 3 or 6); intervene runs chunks of equal "
+     "size only"),
+    (["extract", "--layer", "3", "--model", "ckpts/dmd.pt"], "a checkpoint file is --checkpoint PATH"),
     (["extract", "--layers", "3-"], "layer '3-': use a number, a range like 0-29"),
     (["extract", "--layers", "1,,2"], "layer '1,,2': use a number"),
     (["extract", "--layer", "3", "--seed", "1-"], "seed '1-': use a number"),
@@ -1008,3 +1013,20 @@ def test_the_cli_keeps_idle_cpu_threads_from_spinning(monkeypatch):
         env |= {"OMP_WAIT_POLICY": given} if given else {}
         r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == 0 and r.stdout.split()[-1] == want, (given, r.stdout, r.stderr[-2000:])
+
+
+def test_a_commands_unknown_flag_gets_the_commands_usage(capsys):
+    """argparse refused it with the top-level usage ("usage: workbench [-h] [--version] COMMAND ..."), which names
+    none of the command's flags."""
+    assert cli_main(["generate", "--seeed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: workbench generate ") and "--seed SEED" in err
+    assert err.rstrip().endswith("workbench generate: error: unrecognized arguments: --seeed 1"), err
+    assert cli_main(["--bogus"]) == 2 and "usage: workbench [-h]" in capsys.readouterr().err
+
+
+def test_intervene_offers_only_the_models_it_runs(capsys):
+    assert cli_main(["intervene", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "ode (ODE init), dmd (Self-Forcing DMD, the default), sid (Self-Forcing SiD)" in text
+    assert "teacher (the bidirectional" not in text and "so not teacher or df" in text

@@ -157,7 +157,7 @@ def test_images_are_read_as_a_user_gives_them(tmp_path):
     with pytest.warns(ModelInputWarning, match="transparency is dropped"):
         read_image(tmp_path / "a.png", 96, 128)
     Image.fromarray(np.zeros((96, 384, 3), np.uint8)).save(tmp_path / "wide.png")
-    with pytest.warns(ModelInputWarning, match="is 384 x 96: stretched to the video's 128 x 96"):
+    with pytest.warns(ModelInputWarning, match=r"is 96 x 384 \(height x width\): stretched to the video's 96 x 128"):
         read_image(tmp_path / "wide.png", 96, 128)
     Image.fromarray(np.full((96, 128), 200, np.uint16)).save(tmp_path / "dark16.png")  # nearly black in 16 bits
     assert float(read_image(tmp_path / "dark16.png", 96, 128).max()) < -0.99  # (not 200 / 255)

@@ -19,6 +19,9 @@ def check_image_frames(frames: int, per_chunk: int) -> None:
                              f"give 1 + a multiple of {per_chunk} (e.g. {1 + per_chunk * max(1, 18 // per_chunk)})")
 
 
+FIRST_FRAME_HINT = ", or --independent-first-frame"  # (a command without that flag leaves it out of the error)
+
+
 def block_sizes_of(cfg) -> list[int]:
     """Frames per chunk of an `ExtractConfig`'s causal rollout (models/common/chunks.py), or a WorkbenchError naming
     --frames."""
@@ -35,7 +38,7 @@ def block_sizes_of(cfg) -> list[int]:
         near = [m for m in (F // n * n, F // n * n + n) if m > 0]  # (the multiples around F)
         raise WorkbenchError(f"--frames {F} does not divide into chunks of {n}; use a multiple of {n} (e.g. "
                              f"{' or '.join(map(str, near))})"
-                             + (", or --independent-first-frame" if (F - 1) % n == 0 else "")) from None
+                             + (FIRST_FRAME_HINT if (F - 1) % n == 0 else "")) from None
 
 
 def image_latent(p, device, dtype) -> torch.Tensor | None:

@@ -212,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     return help_text.apply(parser)
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> dict:
+    """{command name: its parser} of `build_parser`'s parser."""
+    return next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
 def open_progress_bars() -> list:
     """The tqdm bars open in this process now (none before tqdm is imported)."""
     tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)
@@ -247,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     load_plugins()
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
+        if extras:  # (refused by the command's own parser: its usage line, not the top-level one)
+            command = _subcommands(parser).get(getattr(args, "command", None), parser)
+            command.error(f"unrecognized arguments: {' '.join(extras)}")
     except SystemExit as done:  # --help (0) or a flag argparse refused (2, its usage line said why): a status,
         return done.code if isinstance(done.code, int) else 2  # as for any other bad input, from main([...]) too
     _expand_home(args)

@@ -7,7 +7,9 @@ One file per (sample, layer), `{out}/{sample}/layer{N}.pt`, holding only plain P
     layer_index                 int
     full_frame_attention        fp16 [heads, F, F]: attn_logit at the chosen step (default step 0, t = 1000: the
                                 fork's "first capture of each chunk"), 0 (not NaN) where the pair was not attended
-                                (above the block staircase, evicted frames), as the fork left it
+                                (above the block staircase, evicted frames), as the fork left it; a row of NaN
+                                alone (attention that was not finite: a rollout whose activations overflowed)
+                                stays NaN, as the fork's own capture of it would be, and the export says so
     last_block_frame_attention  fp16 [heads, F]: full_frame_attention averaged over the last chunk's query frames
                                 (computed in float32 from the zero-filled matrix, then cast, as the fork did)
     is_logits                   True
@@ -32,7 +34,8 @@ from workbench.store import chunk_sizes, open_store
 def legacy_record(ds, sample: str, layer: int, step: int = 0) -> dict:
     """The fork's dict for one (sample, layer) of an opened store (see the module docstring)."""
     logit = ds["attn_logit"].sel(sample=sample, layer=layer, step=step).values  # [heads, F, F] float32, NaN outside
-    full32 = torch.from_numpy(np.nan_to_num(logit, nan=0.0).astype(np.float32))
+    not_finite = np.isnan(logit).all(axis=-1, keepdims=True)  # [heads, F, 1]: rows that attended nothing finite
+    full32 = torch.from_numpy(np.where(not_finite, np.nan, np.nan_to_num(logit, nan=0.0)).astype(np.float32))
     sizes = chunk_sizes(ds["query_chunk"].values)
     num_frames = int(ds.sizes["query_frame"])
     last_start = num_frames - sizes[-1]
@@ -127,14 +130,19 @@ def export_legacy(store, out=None, *, layers=None, samples=None, step: int = 0, 
     ds = _one_train_step(open_store(store), store, train_step)
     layers, samples = _check(ds, store, layers, samples, step)
     out = check_writable_dir(out if out is not None else default_out(store))
-    paths = []
+    paths, nan_files = [], []
     for sample in samples:
         for layer in layers:
             path = out / sample / f"layer{layer}.pt"
             record = legacy_record(ds, sample, layer, step)
             atomic_torch_save(record, path)
             paths.append(path)
+            if bool(record["full_frame_attention"].isnan().any()):
+                nan_files.append(f"{sample}/layer{layer}.pt")
     at = f"train step {int(ds['train_step'])}, " if "train_step" in ds.coords else ""
     log(f"wrote {len(paths)} legacy file(s) under {out} ({at}step {step}, t = "
         f"{float(ds['timestep'].sel(step=step)):g}): {len(samples)} sample(s) x layers {layers}")
+    if nan_files:
+        log(f"note: {len(nan_files)} file(s) hold rows of NaN, where the store's attention was not finite (a rollout "
+            f"whose activations overflowed): {', '.join(nan_files[:5])}" + (" ..." if len(nan_files) > 5 else ""))
     return paths

@@ -9,19 +9,24 @@ from workbench.weights import SAMPLER_DEFAULTS  # (the settings a model not of t
 ATTENTION_KERNELS = ["auto", "triton", "cudnn", "cudnn-balanced"]
 
 
-def add_model_arguments(group, model_option: bool = True) -> None:
+def add_model_arguments(group, model_option: bool = True, causal_only: bool = False) -> None:
     """Which weights to run and where: the options `extract` and `generate` share (an argparse parser or group);
-    `evaluate` has a --model of its own (model_option=False)."""
+    `evaluate` has a --model of its own (model_option=False); `intervene` takes the causal few-step students only
+    (causal_only)."""
     if model_option:
-        _add_model_option(group)
+        _add_model_option(group, causal_only)
     _add_weight_options(group)
 
 
-def _add_model_option(group) -> None:
+def _add_model_option(group, causal_only: bool = False) -> None:
     group.add_argument("--model", metavar="NAME",
-                       help="a model of the embedded zoo (models/wan/embedded.py): teacher (the bidirectional 'Wan' "
-                            "teacher), df (diffusion forcing), ode (ODE init), dmd (Self-Forcing DMD, the default), "
-                            "sid (Self-Forcing SiD); it sets the checkpoint and the sampler defaults")
+                       help="a model of the embedded zoo (models/wan/embedded.py): "
+                            + ("" if causal_only else "teacher (the bidirectional 'Wan' teacher), df (diffusion "
+                               "forcing), ")
+                            + "ode (ODE init), dmd (Self-Forcing DMD, the default), sid (Self-Forcing SiD); it sets "
+                              "the checkpoint and the sampler defaults"
+                            + ("; this command runs the causal few-step rollout, so not teacher or df"
+                               if causal_only else ""))
 
 
 def _add_weight_options(group) -> None:
@@ -199,6 +204,12 @@ def resolve_model(args) -> None:
     if args.model and explicit:
         raise WorkbenchError("--model NAME picks a model of the embedded zoo; give it without --wan-dir, --checkpoint "
                              "and --use-ema")
+    from models.wan.embedded import ZOO
+
+    if args.model and args.model not in ZOO and (args.model.endswith((".pt", ".pth", ".safetensors"))
+                                                 or "/" in args.model):  # (a file where a zoo name belongs)
+        raise WorkbenchError(f"--model {args.model!r}: --model names a model of the embedded zoo ({', '.join(ZOO)}); "
+                             "a checkpoint file is --checkpoint PATH, a Wan2.1 folder --wan-dir DIR")
     entry = pick(args.model, bool(explicit))
     if entry is not None:
         args.model = entry.name  # (recorded in a store's config as what ran)

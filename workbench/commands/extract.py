@@ -13,7 +13,7 @@ HELP = "capture per-layer, per-head, frame-by-frame attention of a rollout into 
 EPILOG = """\
 examples:
   workbench extract --layer 3                                  # embedded default model, one prompt
-  workbench extract --layer 3 --model teacher --prompt "a red square moving left"   # the zoo's teacher
+  workbench extract --layer 3 --model teacher --out runs/teacher_layer3.zarr   # the zoo's teacher
   workbench extract --layers 0-29 --prompts prompts.txt --seed 0,1,2 \\
       --wan-dir wan_models/Wan2.1-T2V-1.3B --checkpoint checkpoints/self_forcing_dmd.pt --use-ema \\
       --device cuda --dtype bfloat16 --out runs/sf_dmd.zarr

@@ -92,7 +92,7 @@ def register(subparsers) -> None:
                           "VAE, the video is 96 x 128 and every prompt is a world prompt (default: %(default)s)")
     add_schedule_arguments(p.add_argument_group("schedule (the researchers' inference config)"))
     model = p.add_argument_group("which model (default: the embedded default)")
-    add_model_arguments(model)
+    add_model_arguments(model, causal_only=True)
     out = p.add_argument_group("output")
     out.add_argument("--out", default="runs/effects.zarr", help="effects store (default: %(default)s)")
     out.add_argument("--capture", metavar="LAYERS",
@@ -197,7 +197,15 @@ def run(args) -> int:
                         device=device, dtype=args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
                         out=args.out, mode="overwrite" if args.overwrite else "resume", progress=not args.no_progress,
                         stats=["attn_mass"], layers=parse_int_list(args.capture, what="layer") if args.capture else None)
-    p = plan(cfg)  # every check of the rollout before the entries are read
+    try:
+        p = plan(cfg)  # every check of the rollout before the entries are read
+    except WorkbenchError as err:  # (extract's hint names a flag this command does not have)
+        from workbench.chunking import FIRST_FRAME_HINT
+
+        if FIRST_FRAME_HINT not in str(err):
+            raise
+        raise WorkbenchError(str(err).replace(FIRST_FRAME_HINT, "; intervene runs chunks of equal size only")) \
+            from None
     entries = entries_from_args(args, **entry_bounds(p))
     command = shlex.join(args.argv)
     run_intervene(cfg, entries, world=args.world, command=command, capture=bool(args.capture),

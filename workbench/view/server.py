@@ -47,7 +47,19 @@ def attn_payload(source: Source, sample: str, layer, step) -> dict:
     values = source.attn(sample, layer, step)  # [head, query_frame, key_frame]
     finite = values[np.isfinite(values)]
     return dict(sample=sample, layer=int(layer), step=int(step), heads=source.heads,
-                vmax=float(finite.max()) if finite.size else None, values=_nested(values))
+                vmax=float(finite.max()) if finite.size else None, values=_nested(values),
+                not_finite=not_finite_rows(source, sample, values, step))
+
+
+def not_finite_rows(source: Source, sample: str, values: np.ndarray, step) -> list[int]:
+    """The query frames of chunks made so far whose row is NaN for every head: not "not attended" (every query frame
+    attends at least its own chunk) but attention that was not finite (a rollout whose activations overflowed).
+    An image-to-video run's frame 0 has a context pass only: its rows are NaN at the denoising steps by design."""
+    made = [int(f) for c in source.state(sample)["chunks"] for f in c["query_frames"]]
+    phase = next((s.get("phase") for s in source.steps if int(s["step"]) == int(step)), None)
+    if source.image and phase != "context":
+        made = [f for f in made if f != 0]
+    return [f for f in made if bool(np.isnan(values[:, f, :]).all())]
 
 
 def jpeg(frame: np.ndarray, quality: int = 92) -> bytes:

@@ -127,7 +127,9 @@ async function loadAttn() {
   try {
     V.attn = await api(`/api/attn?${q({ sample: V.sample, layer: V.layer, step: V.step })}`);
     V.attnError = null;
-    showError(null);
+    const bad = V.attn.not_finite || [];  // rows NaN for every head: the attention was not finite, not "not attended"
+    showError(bad.length ? `query frames ${bad.join(", ")}: every value of attn_mass is NaN at this layer and step ` +
+      "(the attention was not finite: the rollout's activations overflowed); drawn grey" : null);
   } catch (err) { V.attn = null; V.attnError = err; showError(err); }  // no stale maps under an error
   document.body.dataset.attnLoaded = `${V.sample}/${V.layer}/${V.step}/${V.state ? V.state.chunks.length : 0}`;
 }
@@ -346,7 +348,8 @@ function mapText(hi, latent, row) {
   // what a screen reader says of a map: the on-screen query frame's three largest key frames (the canvas is a picture)
   const top = row.map((v, kf) => [v, kf]).filter(([v]) => v !== null).sort((a, b) => b[0] - a[0]).slice(0, 3);
   return `head ${V.meta.heads[hi]}, query frame ${latent}: ` +
-    (top.length ? top.map(([v, kf]) => `key frame ${kf} ${v.toFixed(3)}`).join(", ") : "no key frame attended");
+    (top.length ? top.map(([v, kf]) => `key frame ${kf} ${v.toFixed(3)}`).join(", ")
+      : (V.attn.not_finite || []).includes(latent) ? "NaN: the attention was not finite" : "no key frame attended");
 }
 
 function hover(e) {
@@ -358,7 +361,8 @@ function hover(e) {
   if (kf < 0 || kf >= V.meta.num_frames || r < 0 || r >= L.rows.length) { tip.hidden = true; return; }
   const v = V.attn.values[L.hi][L.rows[r]][kf];
   tip.textContent = `head ${V.meta.heads[L.hi]} · query frame ${L.rows[r]} · key frame ${kf} · ` +
-                    (v === null ? "not attended" : `mass ${v.toFixed(4)}`);
+                    (v === null ? ((V.attn.not_finite || []).includes(L.rows[r]) ? "NaN (not finite)" : "not attended")
+                     : `mass ${v.toFixed(4)}`);
   tip.style.left = `${e.clientX + 12}px`; tip.style.top = `${e.clientY + 12}px`; tip.hidden = false;
 }
 
