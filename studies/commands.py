@@ -80,9 +80,8 @@ def register(subparsers) -> None:
                                     epilog=COMPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     compare.add_argument("store_a", metavar="A.zarr", help="the reference store (differences are B - A)")
     compare.add_argument("store_b", metavar="B.zarr", help="the store compared with it")
-    compare.add_argument("--out", default="runs/compare.html",
-                         help="HTML file to write (default: %(default)s), and beside it the ranked heads as CSV "
-                              "(runs/compare.csv)")
+    compare.add_argument("--out", help="HTML file to write (default: runs/compare_A_vs_B.html, A and B the stores' "
+                                       "names), and beside it the ranked heads as CSV (the same name, .csv)")
     compare.add_argument("--tolerance", type=float, default=20.0,
                          help="largest |timestep_A - timestep_B| of a matched step, in timestep units of [0, 1000] "
                               "(default 20)")
@@ -172,7 +171,11 @@ def _attrs(store) -> dict:
 def run_compare(args) -> int:
     from studies.report import build_compare_report
 
-    path = build_compare_report(args.store_a, args.store_b, writable_output(args.out), tolerance=args.tolerance, cfg=args.cfg,
+    from workbench.store import named
+
+    # (one default file for every pair was replaced, without a word, by the next compare)
+    out = args.out or f"runs/compare_{named(args.store_a).stem}_vs_{named(args.store_b).stem}.html"
+    path = build_compare_report(args.store_a, args.store_b, writable_output(out), tolerance=args.tolerance, cfg=args.cfg,
                                 layers=None if (layers := layer_list(args.layer)) == "all" else layers,
                                 query_frames=args.query_frames, top=args.top,
                                 pair_by=args.pair_by, train_steps=args.train_step or (), log=print)

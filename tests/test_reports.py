@@ -221,6 +221,16 @@ def test_report_default_out_path(stores, tmp_path):
     assert (tmp_path / "copy.html").exists()
 
 
+def test_compare_default_out_is_named_by_its_stores(stores, tmp_path, monkeypatch):
+    """Every compare wrote runs/compare.html by default: the next pair's report replaced the last one's."""
+    monkeypatch.chdir(tmp_path)
+    for a, b in (("wan", "sf"), ("sf", "wan")):
+        args = cli().parse_args(["compare", str(stores[a]), str(stores[b]), "--cfg", "uncond"])
+        assert args.func(args) == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        "compare_sf_vs_wan.csv", "compare_sf_vs_wan.html", "compare_wan_vs_sf.csv", "compare_wan_vs_sf.html"]
+
+
 def test_help_teaches(capsys):
     for command in ("report", "compare"):
         with pytest.raises(SystemExit):
