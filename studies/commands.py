@@ -170,13 +170,12 @@ def _attrs(store) -> dict:
 
 def run_compare(args) -> int:
     from studies.report import build_compare_report
-
     from workbench.store import named
 
     # (one default file for every pair was replaced, without a word, by the next compare)
     out = args.out or f"runs/compare_{named(args.store_a).stem}_vs_{named(args.store_b).stem}.html"
-    path = build_compare_report(args.store_a, args.store_b, writable_output(out), tolerance=args.tolerance, cfg=args.cfg,
-                                layers=None if (layers := layer_list(args.layer)) == "all" else layers,
+    path = build_compare_report(args.store_a, args.store_b, writable_output(out), tolerance=args.tolerance,
+                                cfg=args.cfg, layers=None if (layers := layer_list(args.layer)) == "all" else layers,
                                 query_frames=args.query_frames, top=args.top,
                                 pair_by=args.pair_by, train_steps=args.train_step or (), log=print)
     print(f"wrote {path} and {path.with_suffix('.csv')} (the ranked heads)")
