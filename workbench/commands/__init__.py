@@ -193,7 +193,7 @@ BASE_WAN_FEW_STEP_NOTE = ("note: the Wan folder's own weights (no --checkpoint) 
 def resolve_model(args) -> None:
     """Fill in what `--model NAME` (or, with no model arguments, the zoo's default) means: args.checkpoint and
     args.use_ema, and the sampler settings the command line left unset (None). Errors before any work."""
-    from models.wan.embedded import EMBEDDED_DIR, ZOO_MARKER, pick
+    from models.wan.embedded import EMBEDDED_DIR, ZOO, ZOO_MARKER, pick
     from workbench.errors import WorkbenchError
     from workbench.weights import check_weights_args
 
@@ -204,8 +204,6 @@ def resolve_model(args) -> None:
     if args.model and explicit:
         raise WorkbenchError("--model NAME picks a model of the embedded zoo; give it without --wan-dir, --checkpoint "
                              "and --use-ema")
-    from models.wan.embedded import ZOO
-
     if args.model and args.model not in ZOO and (args.model.endswith((".pt", ".pth", ".safetensors"))
                                                  or "/" in args.model):  # (a file where a zoo name belongs)
         raise WorkbenchError(f"--model {args.model!r}: --model names a model of the embedded zoo ({', '.join(ZOO)}); "
