@@ -32,6 +32,15 @@ def mp4_available() -> bool:
     return importlib.util.find_spec("imageio_ffmpeg") is not None
 
 
+def nan_drawn_black(video: np.ndarray) -> tuple[np.ndarray, str]:
+    """(video, note) for a float video [3, T, H, W] that may hold NaN or inf (a rollout that diverged), which
+    `to_uint8_frames` refuses: NaN drawn black (-1), +-inf clipped; the note (" · not finite: NaN drawn black", or ""
+    for a finite video) goes into its title."""
+    if np.isfinite(video).all():
+        return video, ""
+    return np.nan_to_num(video, nan=-1.0, posinf=1.0, neginf=-1.0), " · not finite: NaN drawn black"
+
+
 def to_uint8_frames(video) -> np.ndarray:
     """float [3, T, H, W] in [-1, 1] or uint8 [T, H, W, 3] (torch or numpy) -> uint8 numpy [T, H, W, 3]."""
     if isinstance(video, np.ndarray):

@@ -26,6 +26,14 @@ class Diverged(WorkbenchError):
 
     exit_status = 1
 
+    @classmethod
+    def rollout(cls, what: str, consequence: str) -> "Diverged":
+        """`what` ("the rollout of sample ... is not finite ... from latent frame 3 on"), why, `consequence`, and
+        where to look next: one message for every command that meets such a rollout."""
+        return cls(f"{what}: the model's activations overflowed (its weights are finite, checked at load); "
+                   f"{consequence}. `workbench extract` with the same model, prompt and seed stores where its "
+                   "attention stops being finite")
+
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, `timeout`, a batch system's walltime), raised where a command is (workbench/cli.py installs

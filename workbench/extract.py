@@ -39,6 +39,7 @@ from models.wan.text_encoder import check_encoder_files, earlier_identities, wan
 from workbench.capture import CaptureSpec, Geometry, StatsProbe, resolve_mode
 from workbench.chunking import block_sizes_of, image_latent  # noqa: F401 (block_sizes_of: the nnsight recipe)
 from workbench.inputs import check_device, parse_int_list  # noqa: F401 (re-exported: they were here)
+from workbench.inputs import check_prompts
 from workbench.chunking import check_image_frames
 from workbench.errors import WorkbenchError
 from workbench.statistics import DEFAULT_STATS, check_stats
@@ -245,8 +246,7 @@ def plan(cfg: ExtractConfig) -> Plan:
     if cfg.sampler not in SAMPLERS:
         raise WorkbenchError(f"sampler {cfg.sampler!r}; use one of {list(SAMPLERS)}")
     check_stats(cfg.stats, cfg.token_layers)
-    if not cfg.prompts or any(not p.strip() for p in cfg.prompts):
-        raise WorkbenchError("no prompts to run (an empty prompt or prompt file)")
+    check_prompts(cfg.prompts)
     if cfg.mode not in ("resume", "append", "overwrite"):
         raise WorkbenchError(f"mode {cfg.mode!r}; use resume, append or overwrite")
     check_kernel(cfg.attention_kernel)

@@ -1,8 +1,9 @@
 """Command-line values that need no model: lists of layers, heads, steps or seeds (`parse_int_list`), devices
-(`check_device`) and where a store given by a relative path is (`find_store`: the working directory, the folders
-above it, the repository). Light to import (no torch at import time), so that `workbench report --layer 3`,
-`compare` and `info` do not load the extract machinery (torch, transformers, zarr) to read a number: 2 s of
-`report`'s 4 on a 2-core CPU. workbench/extract.py re-exports the first two, studies/__init__.py the last.
+(`check_device`), prompts (`check_prompts`) and where a store given by a relative path is (`find_store`: the
+working directory, the folders above it, the repository). Light to import (no torch at import time), so that
+`workbench report --layer 3`, `compare` and `info` do not load the extract machinery (torch, transformers, zarr)
+to read a number: 2 s of `report`'s 4 on a 2-core CPU. workbench/extract.py re-exports the first two,
+studies/__init__.py the last.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def parse_int_list(text: str | None, *, what: str, upper: int | None = None, own
         if bad:
             raise WorkbenchError(f"{what} {bad} out of range: {owner} has {what}s 0-{upper - 1}")
     return sorted(values)
+
+
+def check_prompts(prompts) -> None:
+    """A WorkbenchError for no prompts, or an empty or blank one (`--prompt ""`, a prompt file of empty lines)."""
+    if not prompts or any(not p.strip() for p in prompts):
+        raise WorkbenchError("no prompts to run (an empty prompt or prompt file)")
 
 
 def check_device(name: str) -> str:

@@ -71,11 +71,11 @@ def world_scores(video: np.ndarray, base_video: np.ndarray, prompt: str) -> dict
     s = score_rollout_video(video, prompt)  # (a rollout that diverged: scored as a blank video, its distance NaN)
     out = {f"world_{k}": np.float32(s.numbers[k]) for k in WORLD_NUMBERS}
     out |= {f"world_curve_{k}": s.curves[k].astype(np.float32) for k in WORLD_CURVES}
-    with np.errstate(invalid="ignore", over="ignore"):
+    if np.isfinite(video).all():
         diff = (video.astype(np.float64) - base_video.astype(np.float64))
         out["pixel_distance"] = np.sqrt((diff ** 2).mean(axis=(0, 2, 3))).astype(np.float32)  # [T]
-    if not np.isfinite(video).all():
-        out["pixel_distance"][:] = np.nan
+    else:
+        out["pixel_distance"] = np.full(video.shape[1], np.nan, np.float32)
     return out
 
 
@@ -345,7 +345,7 @@ def _is_video(path: Path) -> bool:
 
 def _save_video(video: np.ndarray, store, label: str, sample: tuple, model: str) -> None:
     """sample: (prompt index, prompt, seed)."""
-    from models.video import mp4_available, write_mp4, write_png_grid
+    from models.video import mp4_available, nan_drawn_black, write_mp4, write_png_grid
     from workbench.store import sample_id
 
     index, prompt, seed = sample
@@ -353,8 +353,7 @@ def _save_video(video: np.ndarray, store, label: str, sample: tuple, model: str)
     path = video_file(store, label, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     last = video.shape[1] - 1  # nine pixel frames, first to last, evenly spaced (a stride of T // 9 gave 9 to 17)
-    diverged = "" if np.isfinite(video).all() else " · not finite: NaN drawn black"
-    video = np.nan_to_num(video, nan=-1.0, posinf=1.0, neginf=-1.0)  # (a rollout that diverged: still shown)
+    video, diverged = nan_drawn_black(video)  # (a rollout that diverged: still shown)
     write_png_grid(video, path, ncols=9, frames=sorted({round(i * last / 8) for i in range(9)}), label_frames=True,
                    title=f"{label} · {model} · seed {seed} · {name}{diverged} · \"{prompt}\"")
     if mp4_available():
@@ -520,11 +519,9 @@ def _run(p, cfg, entries, writer, scored, command, log, capture=False, save_vide
         for s in samples:
             base[s], base_mass[s] = captured(BASELINE, s[1], s[2], *([reference] if reference else []))
             if (bad := nonfinite_frame(base[s])) is not None:  # (every entry's effect would be measured from NaN)
-                raise Diverged(f"the baseline rollout (no intervention) of sample {sample_id(s[0], s[2])} (prompt "
-                               f"{s[1]!r}, seed {s[2]}) is not finite (NaN or inf) from latent frame {bad} on: the "
-                               "model's activations overflow without any intervention (its weights are finite, "
-                               f"checked at load); nothing is written. `workbench extract` with the same model, prompt "
-                               "and seed stores where its attention stops being finite")
+                raise Diverged.rollout(f"the baseline rollout (no intervention) of sample {sample_id(s[0], s[2])} "
+                                       f"(prompt {s[1]!r}, seed {s[2]}) is not finite (NaN or inf) from latent frame "
+                                       f"{bad} on", "nothing is written")
             if scored or save_videos:
                 base_video[s] = decode(vae, base[s], n)
         means = reference.mean() if reference else {}

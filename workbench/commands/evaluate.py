@@ -277,8 +277,7 @@ def _run(args, out, choices, plans, skipped, prompts, seeds, compare, device, dt
     import shlex
     import time
 
-    import numpy as np
-
+    from models.video import nan_drawn_black
     from studies import world_metrics, world_report
     from workbench import scores
     from workbench.errors import Terminated
@@ -331,13 +330,11 @@ def _run(args, out, choices, plans, skipped, prompts, seeds, compare, device, dt
                         if job in done:
                             continue
                         video = _one_video(model, p, vae, contexts[i], negative, seed, device, dtype)
-                        finite = bool(np.isfinite(video).all())
-                        if not finite:  # (its activations overflowed: scored as a blank video, and said)
+                        shown, note = nan_drawn_black(video)
+                        if note:  # (its activations overflowed: scored as a blank video, and said)
                             diverged.append(f"{c.label} at {key[1]} latent frames, {sample_id(i, seed)}")
-                        if args.save_videos:  # (NaN drawn black)
-                            note = "" if finite else " · not finite: NaN drawn black"
-                            _save_video(np.nan_to_num(video, nan=-1.0, posinf=1.0, neginf=-1.0),
-                                        _video_path(out, *job), f"{c.label} · {key[1]} latent frames · seed "
+                        if args.save_videos:
+                            _save_video(shown, _video_path(out, *job), f"{c.label} · {key[1]} latent frames · seed "
                                         f"{seed} · {sample_id(i, seed)}{note} · \"{prompt}\"")
                         if pool:
                             pending.append((job, pool.submit(world_metrics.score_rollout_video, video, prompt)))

@@ -294,6 +294,7 @@ def _plan(args, world: int) -> _Plan:
     from workbench.errors import WorkbenchError
     from workbench.extract import (_dtype, _rank_device, dtype_name, check_context_noise, check_device, check_window,
                                    default_prompts, parse_int_list)
+    from workbench.inputs import check_prompts
     from workbench.weights import check_vae_file, check_wan_dir, run_files
 
     resolve_model(args)
@@ -301,8 +302,7 @@ def _plan(args, world: int) -> _Plan:
     resolve_decoder(args.vae_decoder)  # a bad WORKBENCH_VAE_DECODER included
     check_writable_dir(args.out)  # (made once every check has passed)
     prompts = read_prompts(args.prompts) if args.prompts else (args.prompt or default_prompts(args.wan_dir))
-    if any(not p.strip() for p in prompts):  # (as extract and intervene refuse it: --prompt "" or "  ")
-        raise WorkbenchError("no prompts to run (an empty prompt or prompt file)")
+    check_prompts(prompts)  # (as extract and intervene refuse them: --prompt "" or "  ")
     seeds = parse_int_list(args.seed, what="seed", all_ok=False)
     if not seeds:
         raise WorkbenchError("--seed needs numbers, e.g. 0 or 0-3")
@@ -493,10 +493,8 @@ def _sample(args, plan: _Plan, model, vae, initial, live, out: Path, name: str, 
                          on_forward=lambda *_: bar.update(1), on_chunk=on_chunk, initial_latent=initial,
                          last_context_pass=not skip_last)
     if (bad := nonfinite_frame(latents)) is not None:  # (its video would be NaN: refused by every writer, after all)
-        raise Diverged(f"sample {name} (prompt {plan.prompts[i]!r}, seed {seed}): the rollout's latents are not finite "
-                       f"(NaN or inf) from latent frame {bad} on: the model's activations overflowed (its weights are "
-                       "finite, checked at load); nothing is written for it. `workbench extract` with the same model, "
-                       "prompt and seed stores where its attention stops being finite")
+        raise Diverged.rollout(f"sample {name} (prompt {plan.prompts[i]!r}, seed {seed}): the rollout's latents are "
+                               f"not finite (NaN or inf) from latent frame {bad} on", "nothing is written for it")
     tensors = {"latents": latents[0].float().cpu().contiguous()}
     # recorded beside each video, as a store records them, so that `workbench view` can tell whose video it is
     metadata = {**{k: v for k, v in want.items() if k != "shape"},  # (what a later run compares)

@@ -92,10 +92,9 @@ class LiveRun:
         if video is not None and not bool(torch.isfinite(video).all()):  # (to_uint8_frames: "bad input", exit 2)
             from workbench.errors import Diverged
 
-            raise Diverged(f"sample {self.sample_name}: the rollout is not finite (NaN or inf) in chunk {chunk} "
-                           f"(latent frames {frames[0]}-{frames[-1]}): the model's activations overflowed (its weights "
-                           "are finite, checked at load); the live stream stops before that chunk. `workbench extract` "
-                           "with the same model, prompt and seed stores where its attention stops being finite")
+            raise Diverged.rollout(f"sample {self.sample_name}: the rollout is not finite (NaN or inf) in chunk "
+                                   f"{chunk} (latent frames {frames[0]}-{frames[-1]})",
+                                   "the live stream stops before that chunk")
         pixels = None if video is None else to_uint8_frames(video[0])  # [t, H, W, 3]
         self.writer.write_chunk(self.sample_name, chunk, frames, np.ascontiguousarray(rows), pixels, first)
 
