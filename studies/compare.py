@@ -333,10 +333,22 @@ def _notes(a, b, la, lb, ha, hb, shared_layers, heads, pair_by: str) -> list[str
         notes.append(f"the rollouts have different lengths (A {fa} latent frames, B {fb})"
                      + (": the same seed draws the same noise for the first frames only, and different noise from "
                         "the first re-noising on, so the divergences include that" if pair_by == "seed" else ""))
+    ga, gb = latent_grid(a), latent_grid(b)
+    if ga and gb and ga != gb:
+        notes.append(f"the rollouts have different latent frame sizes (A {ga[0]} x {ga[1]}, B {gb[0]} x "
+                     f"{gb[1]}: different --height/--width)"
+                     + (": the same seed draws different noise at another size, so the divergences include that"
+                        if pair_by == "seed" else ""))
     for what, xa, xb, shared in (("layer", la, lb, shared_layers), ("head", ha, hb, heads)):
         if shared is not None and (set(xa) - set(shared) or set(xb) - set(shared)):
             notes.append(f"{what}s compared: {shared}, the ones both stores hold (A has {xa}, B has {xb})")
     return notes + _other_stats_note(a, b)
+
+
+def latent_grid(ds: xr.Dataset) -> tuple[int, int] | None:
+    """(height, width) of a latent frame (pixels / 8), from the store's fingerprint (None if unrecorded)."""
+    geometry = ((ds.attrs.get("fingerprint_fields") or {}).get("layout") or {}).get("geometry")
+    return None if not geometry or len(geometry) < 3 else (int(geometry[1]), int(geometry[2]))
 
 
 def _other_stats_note(a: xr.Dataset, b: xr.Dataset) -> list[str]:

@@ -57,7 +57,8 @@ def _detail_layers(ds: xr.Dataset, layers) -> list[int]:
 
 def model_facts(ds: xr.Dataset) -> dict[str, str]:
     """What names the model a store holds (its samples carry one): family, sampler, checkpoint, which entry of it
-    ran (EMA or not), the weights' sha256 (first 12 hex), the rollout's length and the attention window. A probe
+    ran (EMA or not), the checkpoint file's sha256 (first 12 hex; the same for its EMA and non-EMA entries), the
+    rollout's length and video size and the attention window. A probe
     store's checkpoint and sha256 are the training's start; one train step of it (`ds.sel(train_step=N)`) is named
     by that step."""
     first = ds.isel(sample=0)
@@ -75,13 +76,22 @@ def model_facts(ds: xr.Dataset) -> dict[str, str]:
         "sampler": str(first["sampler"].values) if "sampler" in ds.coords else "?",
         "checkpoint": start + str(first["checkpoint"].values) if "checkpoint" in ds.coords else "?",
         "weights entry": _weights_entry(model, training, at_step, family),
-        "weights sha256": sha[:12] + ("..." if len(sha) > 12 else "") + (" (training's start)" if start else ""),
+        "checkpoint file sha256": sha[:12] + ("..." if len(sha) > 12 else "") + (" (training's start)" if start else ""),
         "latent frames": str(ds.sizes["query_frame"]) if "query_frame" in ds.dims else "?",
+        "video size (height x width)": "?" if (size := pixel_size(ds)) is None else f"{size[0]} x {size[1]} pixels",
         "text encoder sha256 (weights, tokenizer, text_len)": text[:12] + ("..." if len(text) > 12 else ""),
         "KV cache": _cache_words(ds, first),
         **({"image (image-to-video: frame 0, its context pass only)": f"{image[0]} (sha256 {image[1][:12]}...)"}
            if (image := image_of(ds.attrs)) else {}),
     }
+
+
+def pixel_size(ds: xr.Dataset) -> tuple[int, int] | None:
+    """(height, width) in pixels of the store's rollout, from its latent frame size (None if unrecorded)."""
+    from models.wan.config import VAE_STRIDE as SPATIAL_STRIDE
+
+    grid = compare_mod.latent_grid(ds)
+    return None if grid is None else (SPATIAL_STRIDE * grid[0], SPATIAL_STRIDE * grid[1])
 
 
 def _cache_words(ds: xr.Dataset, first) -> str:
@@ -416,7 +426,6 @@ def key_frame_pictures(ds: xr.Dataset, source: str, sample: str | None, video=No
     sources.py: `video`, else STORE.mp4 or pPPPP-sS.mp4 beside the store or in the folder named like it) and
     checked against the store's run; a named `video` that does not fit is an error, a found one a sentence."""
     from models.video import mp4_available
-    from models.wan.config import VAE_STRIDE as SPATIAL_STRIDE
     from workbench.view.sources import find_videos, pixel_span, read_video, video_mismatch
 
     ids = [str(s) for s in ds["sample"].values]
@@ -452,8 +461,7 @@ def key_frame_pictures(ds: xr.Dataset, source: str, sample: str | None, video=No
         if video is not None:
             raise
         return None, f"({err}; {redo}.)"
-    geometry = ((ds.attrs.get("fingerprint_fields") or {}).get("layout") or {}).get("geometry")
-    size = None if geometry is None else (SPATIAL_STRIDE * geometry[1], SPATIAL_STRIDE * geometry[2])  # (H, W)
+    size = pixel_size(ds)  # (H, W)
     if size is not None and tuple(frames.shape[1:3]) != size:
         why = (f"{found} is {frames.shape[2]} x {frames.shape[1]} pixels, the store's rollout {size[1]} x {size[0]}: "
                "another run's video")
@@ -546,8 +554,8 @@ def compare_summary(c, ranking, name_a: str, name_b: str, rows: int = 5, stores=
 def _model_line(ds: xr.Dataset) -> str:
     f = model_facts(ds)
     cache = "" if f["KV cache"] == "?" else f", {f['KV cache']}"
-    return (f"{f['checkpoint']} ({f['weights entry']}, sha256 {f['weights sha256']}), {f['model family']}, "
-            f"{f['sampler']}, {f['latent frames']} latent frames{cache}")
+    return (f"{f['checkpoint']} ({f['weights entry']}, sha256 {f['checkpoint file sha256']}), {f['model family']}, "
+            f"{f['sampler']}, {f['latent frames']} latent frames of {f['video size (height x width)']}{cache}")
 
 
 def _train_steps(sides, steps: list[int]) -> list[tuple[xr.Dataset, str]]:
@@ -606,7 +614,8 @@ def build_compare_report(
 ) -> Path:
     """Write an HTML comparison of two stores (paths or opened Datasets) to `out_html`; returns the path. `csv`: the
     ranked heads also as a CSV file beside it (the same name with .csv; js_bits in bits, d_METRIC = B - A in the
-    metric's unit, class_a / class_b the head classes).
+    metric's unit, class_a / class_b the head classes, label_a / label_b the sides' names as the page gives them, store_a / store_b
+    the stores' paths).
     Alignment and divergence as in `studies.compare.compare_stores`; `top` heads get side-by-side heatmaps.
     `train_steps`: the train step of each training probe store (one: for every probe store; two: A's, B's).
     `log` (e.g. print) also gets a short summary: what was matched and the most-changed heads."""
@@ -635,7 +644,8 @@ def build_compare_report(
         page.p("The stores share no (prompt, seed), so every sample of A is paired with every sample of B of the same "
                "prompt: the divergences include the spread between seeds (comparing a store with itself with "
                "<code>--pair-by prompt</code> measures that spread).")
-    elif a.sizes["query_frame"] == b.sizes["query_frame"]:  # (else a note says what differs)
+    elif (a.sizes["query_frame"] == b.sizes["query_frame"]
+          and compare_mod.latent_grid(a) == compare_mod.latent_grid(b)):  # (else a note says what differs)
         page.p("Samples paired by prompt and seed: the two models started from the same noise.")
     for note in c.notes:
         page.p(html.escape(f"Note: {note}."))
@@ -699,5 +709,7 @@ def build_compare_report(
     if csv:  # (the ranking as a table for a paper or a spreadsheet)
         from models.files import atomic_write_text
 
-        atomic_write_text(Path(out_html).with_suffix(".csv"), ranking.to_csv(float_format="%.6g"))
+        table = ranking.assign(label_a=name_a.removeprefix("A: "), label_b=name_b.removeprefix("B: "),
+                               store_a=src_a, store_b=src_b)
+        atomic_write_text(Path(out_html).with_suffix(".csv"), table.to_csv(float_format="%.6g"))
     return write_atomic(page.render(), out_html)

@@ -1025,6 +1025,16 @@ def test_a_commands_unknown_flag_gets_the_commands_usage(capsys):
     assert cli_main(["--bogus"]) == 2 and "usage: workbench [-h]" in capsys.readouterr().err
 
 
+def test_python_dash_m_workbench_is_the_workbench_command():
+    """`python -m workbench` (a habit, and what works without the script on PATH) runs the same CLI, named so."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "workbench", "extract", "--seeed", "1"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("usage: workbench extract "), r.stderr[-2000:]
+
+
 def test_intervene_offers_only_the_models_it_runs(capsys):
     assert cli_main(["intervene", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())

@@ -457,6 +457,32 @@ def test_compare_says_when_the_rollouts_differ_in_length_or_layers(tmp_path, cap
     assert "started from the same noise" in parse(same)[1]
 
 
+def test_compare_says_when_the_rollouts_differ_in_video_size(tmp_path, capsys):
+    """Stores made at another --height/--width pair by seed but drew other noise: a note says so on the console and
+    the page, which then does not claim the same noise; the models table gives each side's video size, and the CSV
+    names the two stores."""
+    import zarr
+
+    made = []
+    for name, geometry in (("a", [21, 12, 16]), ("b", [21, 8, 12]), ("c", [21, 12, 16])):
+        path = synthetic.write_store(tmp_path / f"{name}.zarr", "causal", layers=(0,), num_heads=2, seeds=(1,))
+        zarr.open_group(str(path), mode="r+").attrs.update(fingerprint_fields={"layout": {"geometry": geometry}})
+        made.append(path)
+    out = report.build_compare_report(made[0], made[1], tmp_path / "ab.html", log=print)
+    log = capsys.readouterr().out
+    assert ("note: the rollouts have different latent frame sizes (A 12 x 16, B 8 x 12: different --height/--width): "
+            "the same seed draws different noise at another size, so the divergences include that") in log
+    _, text = parse(out)
+    assert "started from the same noise" not in text and "different latent frame sizes" in text
+    assert "<td>96 x 128 pixels</td>" in text and "<td>64 x 96 pixels</td>" in text
+    table = pd.read_csv(out.with_suffix(".csv"))
+    assert set(table.store_a) == {str(made[0])} and set(table.store_b) == {str(made[1])}
+    assert set(table.label_a) == {"a.zarr"} and set(table.label_b) == {"b.zarr"}
+    same = report.build_compare_report(made[0], made[2], tmp_path / "ac.html", log=print)
+    assert "different latent frame sizes" not in capsys.readouterr().out
+    assert "started from the same noise" in parse(same)[1]
+
+
 def test_a_one_chunk_store_draws_no_chunk_maps_and_names_its_local_window(stores, store_report, tmp_path):
     """A bidirectional store is one chunk: its own-chunk mass is 1 everywhere (a map of one colour, shown before
     without a word); and local means keys less than the store's window from the query, not 'a chunk's length'."""

@@ -42,7 +42,8 @@ a small causal Wan (6 layers, 4 heads; 21 latent frames in chunks of 3) trained 
 one coloured shape moving the way its prompt says ("a blue circle moving up"), that runs on a CPU in
 seconds. generate, extract, evaluate, intervene and info take --model NAME for another model of the zoo,
 or --wan-dir DIR for the official Wan2.1 folder and --checkpoint FILE [--use-ema] for a Self-Forcing
-checkpoint on top of it (info: --model, --wan-dir or --preset; it reads configs, not weights).
+checkpoint on top of it (info: --model, --wan-dir or --preset reads configs, not weights; --checkpoint FILE
+lists the file's entries and sizes).
 """
 
 

@@ -24,7 +24,8 @@ examples:
 
 what is stored (docs/store.md): attn_mass[sample, step, layer, head, query_frame, key_frame] (the softmax
 mass each query frame puts on each key frame; rows sum to 1), attn_logit (the mean pre-softmax logit of a
-frame pair), optional cross_mass (per prompt token) and attn_key_token (per key token, --token-layers).
+frame pair), optional cross_mass (per prompt token), attn_frame_entropy (per query frame, in nats) and
+attn_key_token (per key token, --token-layers).
 Steps of the few-step rollout (default schedule): 0-3 = t 1000, 937.5, 833.3, 625; 4 = the context
 (cache refresh) pass; --denoising-step-list, --config and the other schedule flags change them.
 Re-running the same command resumes (the finished samples are kept by id); one process writes a store at a

@@ -1,0 +1,7 @@
+"""`python -m workbench ...`: the same command line as the `workbench` script (workbench/cli.py)."""
+
+import sys
+
+from workbench.cli import main
+
+sys.exit(main())
