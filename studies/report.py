@@ -554,8 +554,9 @@ def compare_summary(c, ranking, name_a: str, name_b: str, rows: int = 5, stores=
 def _model_line(ds: xr.Dataset) -> str:
     f = model_facts(ds)
     cache = "" if f["KV cache"] == "?" else f", {f['KV cache']}"
+    size = "" if (s := f["video size (height x width)"]) == "?" else f" of {s}"
     return (f"{f['checkpoint']} ({f['weights entry']}, sha256 {f['checkpoint file sha256']}), {f['model family']}, "
-            f"{f['sampler']}, {f['latent frames']} latent frames of {f['video size (height x width)']}{cache}")
+            f"{f['sampler']}, {f['latent frames']} latent frames{size}{cache}")
 
 
 def _train_steps(sides, steps: list[int]) -> list[tuple[xr.Dataset, str]]:

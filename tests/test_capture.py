@@ -485,3 +485,16 @@ def test_a_probe_is_any_object_with_wants_and_observe():
     plain = few_step(model, 6, torch.float32)
     assert torch.equal(few_step(model, 6, torch.float32, Duck()), plain)
     assert seen and all(layer == 1 and lse is None for layer, _, lse in seen)
+
+
+def test_a_probes_heads_set_again_are_the_heads_it_selects():
+    """`Probe.head_index` kept its index tensor per device only: `probe.heads = [2, 3]` after a first call went on
+    selecting the first heads (a notebook cell that changes a probe's heads)."""
+    from workbench.hooks import Probe
+
+    probe, q = Probe(heads=[0, 1]), torch.zeros(1, 2, 4, 8)  # q [B, L, heads, head_dim]
+    assert probe.head_index(q).tolist() == [0, 1]
+    probe.heads = [2, 3]
+    assert probe.head_index(q).tolist() == [2, 3]
+    probe.heads = [0, 1, 2, 3]
+    assert probe.head_index(q) is None  # (every head: no index)

@@ -118,6 +118,38 @@ def test_generate_repeated_prompt_runs_every_prompt(tmp_path):
     assert not torch.equal(second, load_file(str(out / "p0000-s1.safetensors"))["latents"])
 
 
+def test_a_multi_step_runs_guidance_steps_shift_and_negative_prompt_are_its_own(tmp_path, capsys):
+    """A guidance sweep into one folder resumed the first run's files as if they were each run's ("nothing to do"):
+    the multi-step samplers' steps, guidance, shift and negative prompt are recorded (`guidance`) and compared; a
+    few-step file made before the record resumes as before."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    out = tmp_path / "gen"
+    run = ["generate", "--model", "teacher", "--frames", "3", "--num-inference-steps", "2", "--out", str(out),
+           "--no-progress", "--no-video"]
+    assert main(run + ["--guidance-scale", "3"]) == 0
+    capsys.readouterr()
+    for extra, said in ((["--guidance-scale", "7"], "guidance 3.0, shift 5.0, negative prompt '' there, 2 steps, "
+                                                     "guidance 7.0"),
+                        (["--guidance-scale", "3", "--num-inference-steps", "3"], "2 steps, guidance 3.0"),
+                        (["--guidance-scale", "3", "--timestep-shift", "2"], "shift 2.0, negative prompt '' now"),
+                        (["--guidance-scale", "3", "--negative-prompt", "blurry"], "negative prompt 'blurry' now")):
+        assert main(run + extra) == 2, extra
+        assert said in capsys.readouterr().err, extra
+    assert main(run + ["--guidance-scale", "3"]) == 0 and "nothing to do" in capsys.readouterr().out
+    few = tmp_path / "few"
+    assert main(["generate", "--frames", "3", "--out", str(few), "--no-progress", "--no-video"]) == 0
+    (path,) = few.glob("*.safetensors")
+    with safe_open(str(path), "np") as f:
+        meta, latents = f.metadata(), f.get_tensor("latents")
+    assert meta.pop("guidance") == ""
+    save_file({"latents": latents}, str(path), metadata=meta)  # (as a workbench before the record wrote it)
+    capsys.readouterr()
+    assert main(["generate", "--frames", "3", "--out", str(few), "--no-progress", "--no-video"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
 def test_another_runs_files_are_replaced_only_when_asked(tmp_path, capsys):
     """Files are named p<prompt index>-s<seed>: a second run into the same folder with another prompt (or size)
     would replace the first run's files under the same names. It is refused before any work, naming them, unless
@@ -143,7 +175,8 @@ def test_another_runs_files_are_replaced_only_when_asked(tmp_path, capsys):
             in capsys.readouterr().err)
     assert main(first + ["--sampler", "causal_multi_step_cfg", "--num-inference-steps", "2"]) == 2
     assert ("(sampler: 'causal_few_step' there, 'causal_multi_step_cfg' now; schedule: [1000, 750, 500, 250] warped, "
-            "shift 5.0, 3 frames a chunk, context noise 0.0 there, none (a multi-step sampler) now)"
+            "shift 5.0, 3 frames a chunk, context noise 0.0 there, none (a multi-step sampler) now; guidance: none "
+            "(the few-step sampler) there, 2 steps, guidance 5.0, shift 5.0, negative prompt '' now)"
             in capsys.readouterr().err)
     assert main(first + ["--dtype", "bf16"]) == 2  # (recorded under torch's name)
     assert "p0000-s0 (dtype: 'float32' there, 'bfloat16' now)" in capsys.readouterr().err

@@ -106,6 +106,47 @@ def test_nnsight_reads_reproduce_a_windowed_bf16_store(tmp_path, monkeypatch):
     assert "reproduced" in r.stdout
 
 
+def test_the_recipe_runs_an_image_to_video_rollout_as_extract_does(tmp_path):
+    """With `image` set, `extract_rollout`'s drive starts from the image's latent as frame 0 (it ran a text-to-video
+    rollout: other numbers than the store's, without a word), and `forwards` leaves out the image chunk's denoising
+    steps, which never run."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (40, 200, 60)).save(tmp_path / "first.png")
+    script = tmp_path / "i2v.py"
+    script.write_text(textwrap.dedent("""
+        import numpy as np
+        from workbench.nnsight_recipe import FrameMatrices, extract_rollout, import_nnsight
+
+        nnsight = import_nnsight()
+        from workbench.extract import ExtractConfig, run_extract
+        from workbench.store import open_store
+
+        cfg = ExtractConfig(layers=[3], image="first.png", independent_first_frame=True, num_frames=7,
+                            prompts=["a green circle moving up"], out="s.zarr", progress=False)
+        run_extract(cfg, log=lambda *a: None)
+        model, drive, forwards = extract_rollout(cfg)
+        wrapped = nnsight.NNsight(model)
+        attend = wrapped.blocks[3].self_attn.attend
+        frames = FrameMatrices(num_frames=7, num_steps=5)
+        with wrapped.trace(42, fn=drive) as tracer:
+            seen = nnsight.save([])
+            for _ in tracer.iter[:forwards]:
+                q, k, v, call, _o = attend.inputs[0]
+                frames.add(call, q, k, v)
+                seen.append(call.labels.phase)
+        store = open_store("s.zarr").sel(layer=3, sample="p0000-s42")
+        print("forwards", forwards, len(seen))
+        for name, value in frames.arrays().items():
+            print(name, np.array_equal(value, store[name].values, equal_nan=True))
+    """))
+    r = run_script(script, tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    lines = r.stdout.splitlines()
+    assert "forwards 11 11" in lines  # chunks [1, 3, 3]: the image's context pass, then 2 x (4 steps + context)
+    assert "attn_mass True" in lines and "attn_logit True" in lines, r.stdout
+
+
 def test_the_last_layer_is_visited_once_per_forward_under_nnsight(tmp_path):
     """docs/nnsight.md: every `Attend` module is visited once per DiT forward. The last layer's too: a context pass
     stops its last block early only while nothing watches that block (models/wan/model.py `watched`), and nnsight's

@@ -472,6 +472,7 @@ def test_compare_says_when_the_rollouts_differ_in_video_size(tmp_path, capsys):
     log = capsys.readouterr().out
     assert ("note: the rollouts have different latent frame sizes (A 12 x 16, B 8 x 12: different --height/--width): "
             "the same seed draws different noise at another size, so the divergences include that") in log
+    assert "21 latent frames of 96 x 128 pixels" in log and "21 latent frames of 64 x 96 pixels" in log
     _, text = parse(out)
     assert "started from the same noise" not in text and "different latent frame sizes" in text
     assert "<td>96 x 128 pixels</td>" in text and "<td>64 x 96 pixels</td>" in text

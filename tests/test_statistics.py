@@ -74,6 +74,28 @@ def test_one_validation(stats, token_layers, message):
         CaptureSpec(layers=(0, 1), heads=(0,), steps=(0,), stats=stats, token_layers=token_layers)
 
 
+def test_a_statistic_of_ones_own_registered_again_replaces_itself_only_when_asked():
+    """A notebook cell that registers a statistic, run again, raised "registered already" with no way on but a new
+    kernel: `replace=True` replaces one's own statistic (as intervention kinds allow); a built-in one never."""
+    import dataclasses
+
+    from workbench import statistics
+
+    mine = dataclasses.replace(statistics.get("attn_mass"), name="test_own_again", default=False)
+    try:
+        statistics.register(mine)
+        with pytest.raises(ValueError, match=r"'test_own_again' is registered already \(or register\(\.\.\., "
+                                             r"replace=True\)"):
+            statistics.register(dataclasses.replace(mine, long_name="changed"))
+        statistics.register(dataclasses.replace(mine, long_name="changed"), replace=True)
+        assert statistics.get("test_own_again").long_name == "changed"
+        with pytest.raises(ValueError, match=r"^statistic 'attn_mass' is registered already$"):
+            statistics.register(dataclasses.replace(statistics.get("attn_mass"), long_name="x"), replace=True)
+        assert statistics.get("attn_mass").long_name != "x"
+    finally:
+        statistics.STATISTICS.pop("test_own_again", None)
+
+
 def test_probe_buffers_and_store_variables_take_the_registry_dims():
     from workbench.store import StoreLayout, sample_dataset
 

@@ -280,6 +280,20 @@ def test_cache_encodes_each_prompt_once_per_encoder(small_pth, tmp_path):
     assert len(sorted(cache.rglob("*.safetensors"))) == len(PROMPTS) + 1
 
 
+def test_a_cpu_encoders_cache_entries_are_those_of_its_thread_count(small_pth, tmp_path):
+    """On the CPU the encoder's output rounds otherwise at another torch thread count (up to 1e-6 with umT5 on this
+    machine: 1e-4 in a rollout's latents): an entry made at one count is not read at another, so a prompt's
+    embedding does not depend on which run encoded it first."""
+    cache, threads = tmp_path / "cache", torch.get_num_threads()
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            TextEncoder.from_files(small_pth, TOKENIZER, cache_dir=cache).encode(PROMPTS[:1])
+    finally:
+        torch.set_num_threads(threads)
+    assert len(sorted(cache.rglob("*.safetensors"))) == 2  # one per thread count, the second 1-thread run read
+
+
 def test_prompts_in_the_cache_are_read_without_loading_the_encoder(small_pth, tmp_path, monkeypatch):
     """An encoder made from files loads its tokenizer and weights at its first prompt the cache lacks: prompts the
     cache holds come back bitwise as encoded, tokens and lengths too, with nothing loaded (in a fresh process

@@ -397,6 +397,8 @@ def command_words(command, api: str) -> list[str]:
 
 
 def _attrs(p: Plan, fp: str, command: list[str]) -> dict:
+    from importlib.metadata import version
+
     import xarray
     import zarr
     from omegaconf import OmegaConf
@@ -412,7 +414,7 @@ def _attrs(p: Plan, fp: str, command: list[str]) -> dict:
         config_yaml=OmegaConf.to_yaml(OmegaConf.create({"extract": dataclasses.asdict(c),
                                                         "model": dataclasses.asdict(p.model_config)})),
         versions=dict(torch=torch.__version__, xarray=xarray.__version__, zarr=zarr.__version__,
-                      python=platform.python_version()),
+                      python=platform.python_version(), transformers=version("transformers")),
         frame_seq_len=p.frame_seq_len, num_frame_per_block=c.num_frame_per_block, num_frames=c.num_frames,
         independent_first_frame=bool(c.independent_first_frame),
         text_len=p.model_config.text_len, head_dim=p.model_config.head_dim, num_layers=p.model_config.num_layers,

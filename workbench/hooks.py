@@ -109,15 +109,16 @@ class Probe:
 
     def head_index(self, q) -> torch.Tensor | None:
         """The chosen heads as an index tensor on q's device, or None when they are all of q's heads
-        (q [B, L, H, D]). Made once per device, never while a CUDA graph is being recorded."""
+        (q [B, L, H, D]). Made once per device and head list, never while a CUDA graph is being recorded."""
         if self.heads is None or self.heads == list(range(q.shape[2])):
             return None
-        idx = self._head_index.get(q.device)
+        key = (q.device, tuple(self.heads))  # (the heads too: `probe.heads` set again selects the new ones)
+        idx = self._head_index.get(key)
         if idx is None and q.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("a probe's head index was first needed while recording a CUDA graph; run the "
                                "rollout once eagerly with the probe attached first")
         if idx is None:
-            idx = self._head_index[q.device] = torch.tensor(self.heads, device=q.device)
+            idx = self._head_index[key] = torch.tensor(self.heads, device=q.device)
         return idx
 
     def observe(self, call: AttentionCall, q, k, v, out, lse) -> None:

@@ -48,7 +48,7 @@ def extract_rollout(cfg, *, prompt_index: int = 0, device=None, dtype=None):
     clean latents, and the number of DiT forwards of that rollout (35 for 21 frames in the few-step sampler):
     each `Attend` module is visited once per forward, which is the count `tracer.iter[:forwards]` needs."""
     from models.wan.text_encoder import TextEncoder, prompt_cache_dir
-    from workbench.extract import _dtype, block_sizes_of, check_device, load_model, plan, sample_rollout
+    from workbench.extract import _dtype, block_sizes_of, check_device, image_latent, load_model, plan, sample_rollout
 
     p = plan(cfg)
     cfg = p.cfg  # (its lists as plan reads them: a prompt alone is a list of one)
@@ -62,9 +62,12 @@ def extract_rollout(cfg, *, prompt_index: int = 0, device=None, dtype=None):
     negative = encoder.encode([cfg.negative_prompt]) if cfg.sampler != "causal_few_step" else None
     chunks = len(block_sizes_of(cfg)) if cfg.sampler != "bidirectional" else 1
     forwards = len(p.schedule) * chunks
+    initial = image_latent(p, device, dtype)  # image-to-video (cfg.image): frame 0, as extract runs it; else None
+    if initial is not None:  # chunk 0, the image, runs its context pass(es) only
+        forwards -= sum(1 for s in p.schedule if s.phase != "context")
 
     def drive(seed: int):
-        return sample_rollout(model, p, emb, negative, seed, device, dtype)
+        return sample_rollout(model, p, emb, negative, seed, device, dtype, initial_latent=initial)
 
     return model, drive, forwards
 

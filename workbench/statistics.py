@@ -113,15 +113,18 @@ STATISTICS: dict[str, Statistic] = {}
 KEY_DIMS = {"self": ("key_frame", "key_token"), "cross": ("text_token",)}  # the key dims each kind's calls have
 
 
-def register(stat: Statistic) -> Statistic:
+def register(stat: Statistic, *, replace: bool = False) -> Statistic:
     """Add a statistic (a plugin's too: docs/architecture.md, "Statistics registry"), checked first: its name is
     new and a name, its kind is self or cross, its dims are the ones the module docstring allows (the probe sizes
-    and places values by them) and it has the texts that define its store variable."""
+    and places values by them) and it has the texts that define its store variable. `replace`: a statistic of your
+    own registered before under this name gives way (a notebook cell run again; a built-in one never does)."""
     name = stat.name
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"statistic name {name!r}: use a Python identifier (it is a store variable, e.g. ds.{name})")
-    if name in STATISTICS:
-        raise ValueError(f"statistic {name!r} is registered already")
+    built_in = globals().get("BUILT_IN", frozenset())  # (empty while the built-in ones are registered)
+    if name in STATISTICS and (not replace or name in built_in):
+        again = "" if name in built_in else " (or register(..., replace=True): a notebook cell run again)"
+        raise ValueError(f"statistic {name!r} is registered already{again}")
     if stat.kind not in KEY_DIMS:
         raise ValueError(f"statistic {name!r}: kind {stat.kind!r} is not 'self' or 'cross'")
     dims = tuple(stat.dims)

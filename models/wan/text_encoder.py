@@ -33,7 +33,8 @@ rounding: the matrix shapes change) and a 20-token prompt costs 20 tokens of wor
 Self-Forcing runs this encoder in float32 (bf16 weights upcast); that is the default dtype here.
 
 Cache: with `cache_dir`, each prompt's embedding is stored once per (prompt, encoder identity, dtype, device - the
-GPU model or the CPU's instruction set -, torch and transformers versions), where the identity is a sha256 over the
+GPU model, or the CPU's instruction set and torch's thread count (the encoder's sums round otherwise at another
+count) -, torch and transformers versions), where the identity is a sha256 over the
 weights file, every tokenizer file, text_len and the cleaning mode; the entry also keeps the prompt's token pieces,
 its token count and where a long prompt is cut. Writes are atomic, and a write that fails (a full disk) only warns.
 An encoder made from files (`from_files`, `from_wan_dir`) loads its tokenizer and umT5 weights on first need:
@@ -504,14 +505,16 @@ class TextEncoder:
 
     def _cache_path(self, prompt: str) -> Path:
         """One file per prompt, in a folder per encoder identity, dtype, device type and the device, torch and
-        transformers that computed it (another GPU, CPU instruction set or version may round otherwise: its entries
-        are its own, in a cache folder that machines share)."""
+        transformers that computed it (another GPU, CPU instruction set, CPU thread count or version may round
+        otherwise: its entries are its own, in a cache folder that machines and runs share; a prompt's embedding is
+        then the same whichever run encoded it first)."""
         if self._cache_folder is None:
             from importlib.metadata import version
 
             dtype_name = str(self.dtype).replace("torch.", "")
             device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else \
-                torch.backends.cpu.get_cpu_capability() if self.device.type == "cpu" else self.device.type
+                f"{torch.backends.cpu.get_cpu_capability()} threads {torch.get_num_threads()}" \
+                if self.device.type == "cpu" else self.device.type
             runtime = hashlib.sha256(f"torch={torch.__version__}\0transformers={version('transformers')}\0"
                                      f"device={device}".encode())
             self._cache_folder = self.cache_dir / (f"umt5-{self.identity[:32]}-{dtype_name}-{self.device.type}-"

@@ -145,6 +145,12 @@ def _shown(key: str, value: str) -> str:
         s = json.loads(value)
         return (f"{s['denoising_step_list']}{' warped' if s.get('warp') else ''}, shift {s.get('shift')}, "
                 f"{s.get('num_frame_per_block')} frames a chunk, context noise {s.get('context_noise')}")
+    if key == "guidance":
+        if not value:
+            return "none (the few-step sampler)"
+        g = json.loads(value)
+        return (f"{g['num_inference_steps']} steps, guidance {g['guidance_scale']}, shift {g['shift']}, "
+                f"negative prompt {g['negative_prompt']!r}")
     if key == "window":
         if not value:
             return "none (the bidirectional sampler)"
@@ -173,7 +179,9 @@ def _differences(path: Path, want: dict, earlier: dict | None = None) -> list[st
         made["text_encoder"] = earlier[made["text_encoder"]]
     differ = [f"{k}: {_shown(k, made[k])} there, {_shown(k, v)} now" for k, v in want.items()
               if k != "shape" and k in made and made[k] != v]
-    differ += [f"no {k} recorded" for k in want if k != "shape" and k not in made]
+    # (a setting recorded later is missing from older files: refused, unless this run's value is empty, as the
+    # older run's was: e.g. no guidance for the few-step sampler)
+    differ += [f"no {k} recorded" for k in want if k != "shape" and k not in made and want[k] != ""]
     if [shape[0], *shape[-2:]] != want["shape"]:
         f, h, w = want["shape"]
         differ.append(f"size: {shape[0]} latent frames of {shape[-2]}x{shape[-1]} there, {f} of {h}x{w} now")
@@ -385,6 +393,11 @@ def _wanted(args, plan: _Plan) -> dict:
                  shift=args.timestep_shift, context_noise=args.context_noise,
                  num_frame_per_block=args.num_frame_per_block)
     schedule = json.dumps(steps) if args.sampler == "causal_few_step" else ""
+    # the multi-step samplers' solver and guidance (a file made with other steps, guidance, shift or negative
+    # prompt is not this run's: its latents differ)
+    multi = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                 shift=args.timestep_shift, negative_prompt=args.negative_prompt)
+    guidance = json.dumps(multi) if args.sampler != "causal_few_step" else ""
     # the KV window and sink, and an image-to-video run's image by its bytes
     window = f"{args.local_attn_size}+sink{args.sink_size}" if args.sampler != "bidirectional" else ""
     image_sha = ""
@@ -394,7 +407,7 @@ def _wanted(args, plan: _Plan) -> dict:
         image_sha = sha256_file(args.image)
     return {sample_id(i, s): dict(prompt=plan.prompts[i], seed=str(s), sampler=args.sampler,
                                   weights_sha256=plan.weights_sha256, text_encoder=plan.text_encoder,
-                                  use_ema=str(bool(args.use_ema)), schedule=schedule, window=window,
+                                  use_ema=str(bool(args.use_ema)), schedule=schedule, guidance=guidance, window=window,
                                   image_sha256=image_sha, dtype=plan.dtype_label, shape=[args.frames, plan.h, plan.w])
             for i in range(len(plan.prompts)) for s in plan.seeds}
 
