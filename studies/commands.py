@@ -142,8 +142,10 @@ def run_report(args) -> int:
     except ModelInputError as err:
         if args.out:
             raise
+        from workbench.progress import shell_word
+
         raise WorkbenchError(f"{err}; the report goes beside the store unless --out FILE names another place, e.g. "
-                             f"--out {Path(named(args.store).stem + '.html')}") from None
+                             f"--out {shell_word(Path(named(args.store).stem + '.html'))}") from None
     start = time.time()
     path = build_report(args.store, out, layer=layer_list(args.layer), sample=args.sample, step=args.step,
                         query_frames=args.query_frames, video=args.video)

@@ -426,7 +426,7 @@ def key_frame_pictures(ds: xr.Dataset, source: str, sample: str | None, video=No
     sources.py: `video`, else STORE.mp4 or pPPPP-sS.mp4 beside the store or in the folder named like it) and
     checked against the store's run; a named `video` that does not fit is an error, a found one a sentence."""
     from models.video import mp4_available
-    from workbench.view.sources import find_videos, pixel_span, read_video, video_mismatch
+    from workbench.view.sources import find_videos, pixel_span, read_video, video_mismatch, videos_folder
 
     ids = [str(s) for s in ds["sample"].values]
     if sample is None and len(ids) > 1:
@@ -439,7 +439,7 @@ def key_frame_pictures(ds: xr.Dataset, source: str, sample: str | None, video=No
     if video is None and not (store / "zarr.json").is_file():  # (an in-memory Dataset: nothing to look beside)
         return None, ""
     i = ids.index(chosen)
-    out = store.with_suffix("") if store.suffix else store.parent  # (a store named without .zarr: beside it)
+    out = videos_folder(store)  # (a store named without .zarr: beside it)
     make = f"`{generate_command(ds, i, out)}`"
     found = find_videos(store, None if video is None else str(video), ids, chosen).get(chosen)
     if found is None:

@@ -284,6 +284,31 @@ def test_finding_videos(runs, tmp_path, capsys):
 
 
 @needs_mp4
+def test_a_store_given_as_dot_through_a_link_or_without_zarr_finds_its_own_places(runs, tmp_path, monkeypatch):
+    """`export-legacy .`, `report .` and `view .` inside a store raised "has an empty name" (the legacy folder, an
+    effects store's videos folder) or gave the page an empty title; a store given through a link found no video; a
+    store named without .zarr, or with dots in its name, sent the user to a folder of another name (run.v1.5 ->
+    run.v1/) or into the store itself (`generate --out` the store's folder)."""
+    import argparse
+
+    from workbench import legacy
+    from workbench.commands.evaluate import parse_model_spec
+    from workbench.intervene import videos_dir
+    from workbench.view.sources import videos_folder
+
+    store = runs / "x.zarr"
+    assert videos_folder(store) == runs / "x" and videos_folder(tmp_path / "run.v1.5") == tmp_path
+    assert videos_folder(tmp_path / "ns") == tmp_path
+    (tmp_path / "alias.zarr").symlink_to(store)
+    assert set(open_source(tmp_path / "alias.zarr").videos) == {"p0000-s0", "p0000-s1"}
+    monkeypatch.chdir(store)
+    assert legacy.default_out(".") == runs / "x_legacy" and videos_dir(".") == runs / "x_videos"
+    assert open_source(".").name == "x.zarr"
+    monkeypatch.chdir(runs / "x")
+    assert parse_model_spec(".", argparse.Namespace(sampler=None, wan_dir=None)).label == "x"
+
+
+@needs_mp4
 def test_a_video_of_another_run_is_never_shown_beside_the_store(runs, tmp_path, capsys):
     """Videos pair with a store by file name; the latents file generate wrote beside each (its metadata: prompt,
     seed, sampler, the weights' sha256, use_ema) says which run made it. Another model's video is refused when

@@ -294,7 +294,9 @@ def videos_dir(store, attrs: dict | None = None) -> Path:
     """Where `--save-videos` writes: beside the store, `NAME_videos/<label>/<sample>.png`. A reader passes the
     store's attrs: a store renamed without its folder still finds the folder its attr `videos_dir` names, a folder
     beside the store (a name with a path in it, from a store made elsewhere, is not followed)."""
-    store = Path(store)
+    from workbench.store import named as own_name
+
+    store = own_name(store)  # (`.` inside the store: its own name)
     named = store.with_name(store.stem + "_videos")
     if not named.is_dir() and store.is_symlink():  # (a link to the store: its folder is beside the store itself)
         real = store.resolve()

@@ -189,7 +189,9 @@ def parse_model_spec(spec: str, args) -> ModelChoice:
         return ModelChoice(label or "embedded", str(require_embedded_dir()), None, use_ema, sampler)
     path = Path(source)
     if path.is_dir():
-        return ModelChoice(label or path.name, str(path), None, use_ema, sampler)
+        from workbench.store import named
+
+        return ModelChoice(label or named(path).name, str(path), None, use_ema, sampler)  # (`.`, `..`: its name)
     if path.is_file():
         return ModelChoice(label or path.stem, args.wan_dir, str(path), use_ema, sampler)
     names = ", ".join(["embedded", *names])

@@ -53,7 +53,7 @@ def run(args) -> int:
     from workbench.progress import shell_word
     from workbench.store import named
     from workbench.view.server import ViewerServer
-    from workbench.view.sources import open_source
+    from workbench.view.sources import open_source, videos_folder
     from workbench.view.stream import MANIFEST
 
     if not 0 <= args.port <= 65535:
@@ -90,7 +90,7 @@ def run(args) -> int:
         if videos == {} and not getattr(source, "video_errors", None) and args.video is None and ds is not None \
                 and "intervention" not in ds.dims:  # (where they were looked for, and how one is made)
             first = str(ds["sample"].values[0])
-            folder = named(path).with_suffix("")  # (`view .` inside the store: its name)
+            folder = videos_folder(named(path))  # (`view .` inside the store: its name)
             print(f"note: no video of its samples was found ({shell_word(folder / (first + '.mp4'))}, or beside the "
                   f"store; `workbench generate` writes pPPPP-sS.mp4 with the store's prompts and seeds, e.g. --prompt "
                   f"{shell_word(str(ds['prompt'].values[0]))} --seed {int(ds['seed'].values[0])} --out "

@@ -147,10 +147,10 @@ class StoreSource(Source):
     kind = "store"
 
     def __init__(self, path, videos: dict[str, Path] | None = None, cache: int = 4):
-        from workbench.store import open_store
+        from workbench.store import named, open_store
 
         self.path = Path(path)
-        self.name = self.path.name
+        self.name = named(self.path).name  # (`view .` inside the store: its own name)
         ds = open_store(self.path)
         if "train_step" in ds.dims:
             raise WorkbenchError(f"{str(self.path)!r} is a training probe store (a train_step dim); make one store of "
@@ -251,8 +251,10 @@ class StreamSource(Source):
     live = True
 
     def __init__(self, folder, cache: int = 32):
+        from workbench.store import named
+
         self.folder = Path(folder)
-        self.name = self.folder.name
+        self.name = named(self.folder).name  # (`view .` inside the folder: its own name)
         self._stamp = None
         self._chunks: OrderedDict[tuple, dict] = OrderedDict()  # (chunk file, inode, mtime) -> its arrays, recent
         self._cache = cache
@@ -406,6 +408,13 @@ def _plain(sample: str) -> bool:
     return Path(sample).name == sample and sample not in (".", "..")
 
 
+def videos_folder(store: Path) -> Path:
+    """Where `workbench generate` outputs of a store go: runs/x.zarr -> runs/x/; a store named without .zarr
+    (runs/x, runs/x.v1.5): beside it, never into the store or a folder of another name."""
+    store = Path(store)
+    return store.with_name(store.name[:-5]) if store.name.endswith(".zarr") and store.name != ".zarr" else store.parent
+
+
 def find_videos(store: Path, video: str | None, samples: list[str], sample: str | None = None) -> dict[str, Path]:
     """Which mp4 shows which sample. `video` is a file (the video of `sample`, or of the store's only sample) or a
     folder of generate outputs (pPPPP-sS.mp4 per sample); without it: the store's name with .mp4 (one sample), or
@@ -430,14 +439,18 @@ def find_videos(store: Path, video: str | None, samples: list[str], sample: str 
                                      f"{', '.join(f'{s}.mp4' for s in samples[:3])}...)")
             return found
         raise WorkbenchError(f"--video {video!r} does not exist (give an mp4, or a folder of generate outputs)")
-    own = store.with_suffix(".mp4")
-    if own.is_file() and (len(samples) == 1 or sample is not None):
-        return {sample or samples[0]: own}
     found = {}
-    for folder in (store.with_suffix(""), store.parent):
-        for s in samples:
-            if s not in found and _plain(s) and (folder / f"{s}.mp4").is_file():
-                found[s] = folder / f"{s}.mp4"
+    # (a link to the store: its videos beside the link, else beside the store itself, as videos_dir finds them)
+    for place in dict.fromkeys([store] + ([store.resolve()] if store.is_symlink() else [])):
+        own = place.with_suffix(".mp4")
+        if own.is_file() and (len(samples) == 1 or sample is not None):
+            return {sample or samples[0]: own}
+        for folder in dict.fromkeys((videos_folder(place), place.parent)):
+            for s in samples:
+                if s not in found and _plain(s) and (folder / f"{s}.mp4").is_file():
+                    found[s] = folder / f"{s}.mp4"
+        if found:
+            return found
     return found
 
 
