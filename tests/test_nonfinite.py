@@ -4,6 +4,8 @@ maps, the head classes, the effects report, `export-legacy` and `workbench gener
 evaluate on a diverging checkpoint: their own test files.)"""
 
 import numpy as np
+import pytest
+import torch
 
 from studies import synthetic
 from workbench.store import StoreWriter
@@ -91,6 +93,12 @@ def test_a_report_of_nan_key_token_maps_says_so_instead_of_failing(tmp_path):
                      "--out", str(store), "--no-progress"]) == 0
     assert cli_main(["report", str(store), "--out", str(tmp_path / "n.html")]) == 0
     assert "Token layer 3: not drawn, every value of attn_key_token" in (tmp_path / "n.html").read_text()
+    from studies import figures  # (called from Python, the figure refuses it by name: a grid of no panels)
+    from workbench.errors import WorkbenchError
+    from workbench.store import open_store
+
+    with pytest.raises(WorkbenchError, match="NaN everywhere: the attention was not finite"):
+        figures.key_token_maps(open_store(store), 3, query_frame=2)
 
 
 def test_live_generate_of_a_diverging_model_names_the_sample_and_chunk(tmp_path, capsys):
@@ -157,3 +165,118 @@ def test_export_legacy_keeps_rows_of_nan_and_says_so(tmp_path):
     nan_sample, clean_sample = sorted(full)[1], sorted(full)[0]
     assert bool(full[nan_sample].isnan().all()) and not bool(full[clean_sample].isnan().any())
     assert any(s.startswith("note: 1 file(s) hold rows of NaN") and nan_sample in s for s in said), said
+
+
+def test_nonfinite_frame_is_the_first_bad_frame_of_any_sample():
+    """Any sample, not all of them; the first frame, not the last (a diverging checkpoint is NaN from frame 0 on in
+    every frame, so the command tests could not tell)."""
+    from models.common.rollout import nonfinite_frame
+
+    latents = torch.zeros(2, 5, 2, 3, 3)
+    assert nonfinite_frame(latents) is None
+    latents[1, 2, 0, 1, 1] = float("nan")
+    latents[1, 4] = float("inf")
+    assert nonfinite_frame(latents) == 2
+
+
+def test_a_diverged_video_draws_nan_black_and_clips_inf():
+    from models.video import nan_drawn_black, to_uint8_frames
+
+    video = np.zeros((3, 2, 2, 2), np.float32)
+    same, note = nan_drawn_black(video)
+    assert same is video and note == ""
+    video[:, 0, 0, 0], video[:, 0, 0, 1], video[:, 0, 1, 0] = np.nan, np.inf, -np.inf
+    drawn, note = nan_drawn_black(video)
+    assert note == " · not finite: NaN drawn black"
+    pixels = to_uint8_frames(drawn)  # [T, H, W, 3]
+    assert (pixels[0, 0, 0] == 0).all() and (pixels[0, 0, 1] == 255).all() and (pixels[0, 1, 0] == 0).all()
+
+
+def test_a_title_whose_only_odd_character_no_font_has_keeps_pillows_font():
+    """Another font is taken only where it draws more of the missing characters: one that draws none of them is
+    no better than Pillow's own."""
+    import shutil
+
+    from models.video import font_for
+
+    if not shutil.which("fc-match"):
+        pytest.skip("no fc-match")
+    assert not isinstance(font_for("abc \U0010fffd", 14).path, str)
+
+
+@pytest.mark.parametrize("model", ["dmd.pt", "self_forcing.safetensors", "ckpts/dmd"])
+def test_model_given_a_file_points_to_checkpoint(model, capsys):
+    """Either sign of a path (an extension, or a slash) is enough: the repo's test gives one with both."""
+    from workbench.cli import main as cli_main
+
+    assert cli_main(["extract", "--layer", "3", "--model", model]) == 2
+    assert "a checkpoint file is --checkpoint PATH" in capsys.readouterr().err
+
+
+def test_the_effects_report_names_an_entry_that_diverged(tmp_path, monkeypatch, capsys):
+    """Its paragraph "Not finite: under LABEL ..." was untested: an intervene run with an entry that overflows."""
+    import sys
+
+    from studies.effects_report import build_effects_report
+    from workbench.cli import main as cli_main
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("interventions:\n  - {kind: ablate, layers: 1, heads: 0}\n")
+    out = tmp_path / "e.zarr"
+    assert cli_main(["intervene", "--spec", str(spec), "--frames", "3", "--world", "off", "--out", str(out),
+                     "--no-progress"]) == 0
+    import zarr  # make the entry's latent distances NaN, as a diverged rollout stores them
+
+    group = zarr.open_group(str(out), mode="r+")
+    dist = group["latent_distance"]
+    values = dist[...]
+    values[1, 0, 1:] = np.nan
+    dist[...] = values
+    text = build_effects_report(out, tmp_path / "e.html").read_text()
+    assert "Not finite: under ablate" in text and "in sample(s) p0000-s0" in text
+
+
+def test_a_report_of_an_all_nan_store_says_why_its_maps_are_not_drawn(tmp_path):
+    """The "Not drawn" paragraph gave a reason read from no rows ("no row attended a key ...")."""
+    from studies.report import build_report
+
+    text = build_report(_store(tmp_path / "n.zarr", {0, 1}), tmp_path / "n.html").read_text()
+    assert "every row of attn_mass is NaN: the attention was not finite" in text
+    assert "no row attended a key" not in text
+
+
+def test_an_image_to_video_stores_frame_0_is_not_called_not_finite(tmp_path):
+    """Frame 0 of an image-to-video run has its context pass only: NaN at the denoising steps by design, not a
+    rollout that overflowed."""
+    import zarr
+
+    from workbench.view.server import attn_payload
+    from workbench.view.sources import StoreSource
+
+    parts = synthetic.sample_datasets("causal", layers=(0,), num_heads=2, seeds=(0,), independent_first_frame=True,
+                                      num_frames=7)
+    part = parts[0].copy()
+    denoise = [int(s) for s, phase in zip(part.step.values, part.phase.values) if str(phase) != "context"]
+    for name in ("attn_mass", "attn_logit"):
+        part[name] = part[name].where(~(part.query_frame == 0) | ~part.step.isin(denoise))
+    path = tmp_path / "i.zarr"
+    with StoreWriter(path, part.attrs["fingerprint"], mode="overwrite") as writer:
+        writer.write(part)
+    assert attn_payload(StoreSource(path), "p0000-s0", denoise[0], 0)["not_finite"] == [0]  # (no image recorded)
+    zarr.open_group(str(path), mode="r+").attrs.update(image="first.png", image_sha256="ab" * 32)
+    source = StoreSource(path)
+    assert source.image == "first.png" and attn_payload(source, "p0000-s0", denoise[0], 0)["not_finite"] == []
+
+
+def test_a_head_with_one_metric_undefined_is_not_classed_no_values(tmp_path):
+    """no_values is for heads whose metrics are all NaN (a diverged rollout); one NaN metric (e.g. no early key
+    frame to put mass on) leaves the other rules to decide."""
+    from studies import metrics
+    from workbench.store import open_store
+
+    hm = metrics.head_metrics(open_store(_store(tmp_path / "h.zarr", set())))
+    for name in ("early_mass", "sink_mass"):
+        one = hm.copy()
+        one[name] = one[name].where(one["head"] != 0)
+        classes = metrics.classify_heads(one)
+        assert "no_values" not in set(np.unique(classes.sel(head=0).values.astype(str))), name
