@@ -50,6 +50,8 @@ WIDEN = 2  # px: how far the salient pixels are widened (and eroded for the inte
 TAU_MIN = 0.04  # RGB: the smallest residual that counts as the object (noise raises it to 4 sigma)
 AREA_REF = 0.5 * np.pi / 4 * world.SIZE_RANGE[0] ** 2  # px: half the area of the smallest circle the world draws
 DETECTED = 0.5  # confidence from which a frame counts as showing the object
+MIN_SHOWN = 0.5  # share of frames with the object detected from which a video can be adherent (one that loses its
+#                  object for most of its length does not show the prompt, however right its few frames are)
 MIN_SPEED = 0.25  # px / frame: slower than this is "static" (world.SPEED_RANGE: the objects move faster)
 BATCH = 64  # frames tracked at once (bounds memory on long videos)
 
@@ -411,7 +413,8 @@ def score_video(video, prompt: str) -> VideoScore:
 
     ok = dict(colour_ok=found_colour == colour, shape_ok=found_shape == shape, direction_ok=found_direction == direction)
     numbers = dict(
-        adherent=float(all(ok.values())), **{k: float(v) for k, v in ok.items()}, detected=n_det / T,
+        adherent=float(all(ok.values()) and n_det / T >= MIN_SHOWN), **{k: float(v) for k, v in ok.items()},
+        detected=n_det / T,
         confidence=float(tr.confidence.mean()), trajectory_error=_rms(traj), speed=speed,
         colour_error=_nanmean(colour_err), area=float(area_ref), area_change=_nanmean(area_change),
         colour_change=_nanmean(colour_change), background_change=_nanmean(bg_change),

@@ -28,7 +28,7 @@ from studies.page import number
 
 # The table's rows: (column of videos.csv, label with units, scale, format, better: +1 higher, -1 lower, 0 neither)
 TABLE = [
-    ("adherent", "adherent: colour, shape and direction right (%)", 100, "{:.0f}", 1),
+    ("adherent", "adherent: shown in half the frames, colour, shape, direction right (%)", 100, "{:.0f}", 1),
     ("colour_ok", "colour right (%)", 100, "{:.0f}", 1),
     ("shape_ok", "shape right (%)", 100, "{:.0f}", 1),
     ("direction_ok", "direction right (%)", 100, "{:.0f}", 1),

@@ -31,7 +31,7 @@ def test_evaluate_writes_table_curves_and_figure(tmp_path, capsys):
     assert main(["evaluate", "--colours", "red", "--shapes", "square", "--directions", "left,up", "--seeds", "0,1",
                  "--frames", "3", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "3 latent frames (9 px frames)" in printed and "adherent: colour, shape and direction right (%)" in printed
+    assert "3 latent frames (9 px frames)" in printed and "adherent: shown in half the frames, colour, shape, direction right (%)" in printed
     assert "wrote videos.csv, curves.csv, summary.csv, summary.md, evaluate.html" in printed
 
     videos = pd.read_csv(out / "videos.csv")
@@ -240,7 +240,7 @@ def test_compare_models_finds_who_accumulates_less_error():
     assert row["pairs"] == 3 and row["df"] == 1.0 and row["sf"] == 0.0 and row["sf - df"] == -1.0
     text = wr.comparison_text(rows, "df", "sf", markdown=True).splitlines()
     assert text[0] == "| 84 latent frames | df | sf | sf - df | sf better | pairs |"
-    assert "| adherent: colour, shape and direction right (%) | 75 | 100 | +25 | 62% | 4 |" in text
+    assert "| adherent: shown in half the frames, colour, shape, direction right (%) | 75 | 100 | +25 | 62% | 4 |" in text
     assert "| jitter (px/frame^2, RMS) | 0.000 | 0.000 | +0.000 | all tie | 4 |" in text  # (not "50%")
     assert lines == ["84 latent frames: the trajectory error changes by +4.00 px (df) and +1.75 px (sf) from the first "
                      "to the last quarter of the video: sf accumulates less error on average, less in 3 of 4 paired "
@@ -275,7 +275,7 @@ def test_table_and_curves_of_rendered_videos():
     summ = wr.summary(wr.videos_frame(results))
     assert summ.loc[("truth", 3), "videos"] == 4 and summ.loc[("truth", 3), "adherent"] == 1
     text = wr.table_text(summ)
-    assert re.search(r"adherent: colour, shape and direction right \(%\)\s+100\n", text)
+    assert re.search(r"adherent: shown in half the frames, colour, shape, direction right \(%\)\s+100\n", text)
     assert re.search(r"colour error \(RGB distance\)\s+0.000\n", text)
     curves = wr.curves_frame(results)
     assert len(curves) == 9 and (curves.confidence > 0.999).all() and (curves.detected == 1).all()

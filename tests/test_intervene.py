@@ -508,8 +508,9 @@ def test_world_metrics_turned_off_by_a_prompt_are_named(tmp_path, capsys):
 
 
 def test_the_world_numbers_keep_the_parts_of_adherence(tmp_path):
-    """adherent is colour_ok and shape_ok and direction_ok: the store keeps all three parts (direction_ok alone was
-    kept, so a drop in adherence could not be explained); a store made before them takes new entries without."""
+    """adherent is the object shown in half the frames (detected) and colour_ok and shape_ok and direction_ok: the
+    store keeps every part (direction_ok alone was kept, so a drop in adherence could not be explained); a store
+    made before them takes new entries without."""
     import shutil
 
     import xarray as xr
@@ -519,7 +520,8 @@ def test_the_world_numbers_keep_the_parts_of_adherence(tmp_path):
     assert main(["intervene", "--frames", "6", "--ablate", "3:0", "--out", str(out), "--no-progress"]) == 0
     ds = xr.open_zarr(out, consolidated=False)
     parts = [ds[f"world_{k}"] for k in ("colour_ok", "shape_ok", "direction_ok")]
-    np.testing.assert_array_equal(ds.world_adherent.values, (parts[0] * parts[1] * parts[2]).values)
+    shown = ds.world_detected >= 0.5
+    np.testing.assert_array_equal(ds.world_adherent.values, (parts[0] * parts[1] * parts[2] * shown).values)
     assert ds.world_shape_ok.attrs["units"] == "0/1"
     from workbench.intervene import ranking  # (the ranked table says which check an entry's samples missed)
 
@@ -527,11 +529,14 @@ def test_the_world_numbers_keep_the_parts_of_adherence(tmp_path):
     for label in ds.intervention.values:
         want = [f"{k} {int((ds[f'world_{k}_ok'].sel(intervention=label) < 1).sum())}/1"
                 for k in ("colour", "shape", "direction") if ds[f"world_{k}_ok"].sel(intervention=label).item() < 1]
+        want = ["shown 1/1"] * bool(ds.world_detected.sel(intervention=label).item() < 0.5) + want
         assert missed[label] == "; ".join(want), label
     edited = ds.load().copy(deep=True)
     edited["world_shape_ok"].loc[dict(intervention="baseline")] = 0.0
     edited["world_direction_ok"].loc[dict(intervention="baseline")] = 0.0
     assert ranking(edited)["missed"]["baseline"] == "shape 1/1; direction 1/1"
+    edited["world_detected"].loc[dict(intervention="baseline")] = 0.3
+    assert ranking(edited)["missed"]["baseline"] == "shown 1/1; shape 1/1; direction 1/1"
     for name in ("world_colour_ok", "world_shape_ok"):  # a store from before: without them
         shutil.rmtree(out / name)
     meta = zarr.open_group(out, mode="r").attrs.asdict()

@@ -615,7 +615,8 @@ def held_in_place(held, recorded):
 def ranking(ds):
     """Entries ranked by effect: a pandas DataFrame with the mean relative latent distance (over samples and
     frames), its last-chunk mean, and the world's numbers minus the baseline's where present, with `missed`: which
-    of adherent's checks (colour, shape, direction) failed, in how many samples ("shape 1/2")."""
+    of adherent's checks (the object shown in half the frames, colour, shape, direction) failed, in how many samples
+    ("shown 1/2; shape 1/2")."""
     import pandas as pd
 
     rel = ds.latent_distance_rel
@@ -641,6 +642,11 @@ def ranking(ds):
         checks = [c for c in ("colour", "shape", "direction") if f"world_{c}_ok" in ds]
         if checks:  # which of adherent's checks failed, in how many samples (a miss is not always the prompt's)
             failed = {c: (ds[f"world_{c}_ok"] < 1).sum("sample").values for c in checks}
+            if "world_detected" in ds:  # (studies/world_metrics.py MIN_SHOWN: the object in half the frames)
+                from studies.world_metrics import MIN_SHOWN
+
+                failed = {"shown": (ds.world_detected < MIN_SHOWN).sum("sample").values, **failed}
+                checks = ["shown", *checks]
             count = ds.sizes["sample"]
             rows["missed"] = ["; ".join(f"{c} {int(failed[c][i])}/{count}" for c in checks if failed[c][i])
                               for i in range(ds.sizes["intervention"])]
