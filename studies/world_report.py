@@ -83,11 +83,17 @@ def curves_frame(results) -> pd.DataFrame:
 
 
 def summary(videos: pd.DataFrame) -> pd.DataFrame:
-    """Mean of each number over the videos of each (model, latent_frames), NaN left out; `videos` counts them.
-    Models keep the order they first appear in."""
+    """Mean of each number over the videos of each (model, latent_frames), NaN left out; `videos` counts them, and
+    `NUMBER_videos` the videos each mean is over where that is fewer for some row (a video that lost its object
+    has no trajectory error: its mean is over the others). Models keep the order they first appear in."""
     cols = [c for c, *_ in TABLE if c in videos]
-    out = videos.groupby(["model", "latent_frames"], sort=False)[cols].mean()
-    out.insert(0, "videos", videos.groupby(["model", "latent_frames"], sort=False).size())
+    groups = videos.groupby(["model", "latent_frames"], sort=False)
+    out = groups[cols].mean()
+    out.insert(0, "videos", groups.size())
+    counts = groups[cols].count()
+    for c in cols:
+        if (counts[c] < out["videos"]).any():
+            out[f"{c}_videos"] = counts[c]
     return out
 
 
@@ -98,7 +104,10 @@ def table_blocks(summ: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
         cells = {"videos": [str(int(v)) for v in block["videos"]]}
         for col, label, scale, fmt, _ in TABLE:
             if col in block:
-                cells[label] = ["-" if not np.isfinite(v) else number(v * scale, fmt) for v in block[col]]
+                over = block.get(f"{col}_videos", block["videos"])  # (a mean over fewer videos says over how many)
+                cells[label] = ["-" if not np.isfinite(v) else number(v * scale, fmt)
+                                + ("" if n == total else f" ({int(n)} of {int(total)})")
+                                for v, n, total in zip(block[col], over, block["videos"])]
         table = pd.DataFrame(cells, index=[m for m, _ in block.index]).T
         blocks.append((f"{frames} latent frames ({1 + 4 * (frames - 1)} px frames)", table))
     return blocks

@@ -277,6 +277,16 @@ def test_table_and_curves_of_rendered_videos():
     text = wr.table_text(summ)
     assert re.search(r"adherent: shown in half the frames, colour, shape, direction right \(%\)\s+100\n", text)
     assert re.search(r"colour error \(RGB distance\)\s+0.000\n", text)
+    assert not [c for c in summ.columns if c.endswith("_videos")]  # (every mean is over all 4)
+    blank = wm.score_video(np.zeros_like(world.world_video("a red circle moving up", 0, num_frames=9)[0]),
+                           "a red circle moving up")
+    lost = wr.summary(wr.videos_frame(results + [("truth", 3, 2, blank)]))
+    assert lost.loc[("truth", 3), "videos"] == 5 and lost.loc[("truth", 3), "trajectory_error_videos"] == 4
+    assert lost.loc[("truth", 3), "trajectory_error"] == summ.loc[("truth", 3), "trajectory_error"]
+    assert "adherent_videos" not in lost  # (a blank video is not adherent: 0, a value)
+    text = wr.table_text(lost)
+    assert re.search(r"trajectory error vs the named motion \(px, RMS\)\s+0.\d\d \(4 of 5\)\n", text), text
+    assert re.search(r"adherent: shown in half the frames, colour, shape, direction right \(%\)\s+80\n", text)
     curves = wr.curves_frame(results)
     assert len(curves) == 9 and (curves.confidence > 0.999).all() and (curves.detected == 1).all()
     assert (curves.trajectory_error < 0.03).all()
