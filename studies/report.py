@@ -76,7 +76,8 @@ def model_facts(ds: xr.Dataset) -> dict[str, str]:
         "sampler": str(first["sampler"].values) if "sampler" in ds.coords else "?",
         "checkpoint": start + str(first["checkpoint"].values) if "checkpoint" in ds.coords else "?",
         "weights entry": _weights_entry(model, training, at_step, family),
-        "checkpoint file sha256": sha[:12] + ("..." if len(sha) > 12 else "") + (" (training's start)" if start else ""),
+        "checkpoint file sha256": sha[:12] + ("..." if len(sha) > 12 else "")
+                                  + (" (training's start)" if start else ""),
         "latent frames": str(ds.sizes["query_frame"]) if "query_frame" in ds.dims else "?",
         "video size (height x width)": "?" if (size := pixel_size(ds)) is None else f"{size[0]} x {size[1]} pixels",
         "text encoder sha256 (weights, tokenizer, text_len)": text[:12] + ("..." if len(text) > 12 else ""),
@@ -615,8 +616,8 @@ def build_compare_report(
 ) -> Path:
     """Write an HTML comparison of two stores (paths or opened Datasets) to `out_html`; returns the path. `csv`: the
     ranked heads also as a CSV file beside it (the same name with .csv; js_bits in bits, d_METRIC = B - A in the
-    metric's unit, class_a / class_b the head classes, label_a / label_b the sides' names as the page gives them, store_a / store_b
-    the stores' paths).
+    metric's unit, class_a / class_b the head classes, label_a / label_b the sides' names as the page gives them,
+    store_a / store_b the stores as they were named).
     Alignment and divergence as in `studies.compare.compare_stores`; `top` heads get side-by-side heatmaps.
     `train_steps`: the train step of each training probe store (one: for every probe store; two: A's, B's).
     `log` (e.g. print) also gets a short summary: what was matched and the most-changed heads."""

@@ -138,6 +138,10 @@ def test_a_multi_step_runs_guidance_steps_shift_and_negative_prompt_are_its_own(
         assert main(run + extra) == 2, extra
         assert said in capsys.readouterr().err, extra
     assert main(run + ["--guidance-scale", "3"]) == 0 and "nothing to do" in capsys.readouterr().out
+    causal = ["generate", "--model", "df", "--frames", "3", "--num-inference-steps", "2", "--out", str(tmp_path / "df"),
+              "--no-progress", "--no-video"]  # (the causal multi-step sampler's chunks change its latents too)
+    assert main(causal) == 0 and main(causal + ["--num-frame-per-block", "1"]) == 2
+    assert "3 frames a chunk there" in capsys.readouterr().err
     few = tmp_path / "few"
     assert main(["generate", "--frames", "3", "--out", str(few), "--no-progress", "--no-video"]) == 0
     (path,) = few.glob("*.safetensors")
@@ -176,7 +180,7 @@ def test_another_runs_files_are_replaced_only_when_asked(tmp_path, capsys):
     assert main(first + ["--sampler", "causal_multi_step_cfg", "--num-inference-steps", "2"]) == 2
     assert ("(sampler: 'causal_few_step' there, 'causal_multi_step_cfg' now; schedule: [1000, 750, 500, 250] warped, "
             "shift 5.0, 3 frames a chunk, context noise 0.0 there, none (a multi-step sampler) now; guidance: none "
-            "(the few-step sampler) there, 2 steps, guidance 5.0, shift 5.0, negative prompt '' now)"
+            "(the few-step sampler) there, 2 steps, guidance 5.0, shift 5.0, negative prompt '', 3 frames a chunk now)"
             in capsys.readouterr().err)
     assert main(first + ["--dtype", "bf16"]) == 2  # (recorded under torch's name)
     assert "p0000-s0 (dtype: 'float32' there, 'bfloat16' now)" in capsys.readouterr().err

@@ -535,7 +535,9 @@ def test_the_world_numbers_keep_the_parts_of_adherence(tmp_path):
     edited["world_shape_ok"].loc[dict(intervention="baseline")] = 0.0
     edited["world_direction_ok"].loc[dict(intervention="baseline")] = 0.0
     assert ranking(edited)["missed"]["baseline"] == "shape 1/1; direction 1/1"
-    edited["world_detected"].loc[dict(intervention="baseline")] = 0.3
+    edited["world_detected"].loc[dict(intervention="baseline")] = 0.3  # (a store scored before MIN_SHOWN: adherent)
+    assert ranking(edited)["missed"]["baseline"] == "shape 1/1; direction 1/1"
+    edited["world_adherent"].loc[dict(intervention="baseline")] = 0.0
     assert ranking(edited)["missed"]["baseline"] == "shown 1/1; shape 1/1; direction 1/1"
     for name in ("world_colour_ok", "world_shape_ok"):  # a store from before: without them
         shutil.rmtree(out / name)
@@ -545,6 +547,32 @@ def test_the_world_numbers_keep_the_parts_of_adherence(tmp_path):
     older = xr.open_zarr(out, consolidated=False)
     assert list(older.intervention.values)[-1] == "knockout0-2:all" and "world_shape_ok" not in older
     assert meta["completed"] == ["baseline", "ablate-zero:L3.H0"]
+
+
+def test_world_numbers_of_another_scorer_are_not_mixed_in(tmp_path, capsys):
+    """The store records the world scorer (studies/world_metrics.py's sha256): entries scored by another version of
+    the tracker or its rules (adherence before MIN_SHOWN) are refused, not appended beside this one's; a store made
+    before the record takes new entries with a note that says so."""
+    import zarr
+
+    from workbench.extract import fingerprint_of
+    from workbench.scores import scorer_sha256
+
+    out = tmp_path / "fx.zarr"
+    run = ["intervene", "--frames", "6", "--ablate", "3:0", "--out", str(out), "--no-progress"]
+    assert main(run) == 0
+    group = zarr.open_group(out, mode="r+")
+    fields = json.loads(json.dumps(dict(group.attrs)["fingerprint_fields"]))
+    assert fields["model"]["world_scorer"] == scorer_sha256()[:16]
+    fields["model"]["world_scorer"] = "0" * 16
+    group.attrs.update(fingerprint_fields=fields, fingerprint=fingerprint_of(fields))
+    capsys.readouterr()
+    assert main(run + ["--knockout", "0-2"]) == 2
+    assert "world_scorer" in capsys.readouterr().err
+    del fields["model"]["world_scorer"]
+    group.attrs.update(fingerprint_fields=fields, fingerprint=fingerprint_of(fields))
+    assert main(run + ["--knockout", "0-2"]) == 0
+    assert "did not record the world metrics' scorer (studies/world_metrics.py" in capsys.readouterr().out
 
 
 def test_what_a_policy_decided_is_stored_and_reported(tmp_path, monkeypatch, capsys):

@@ -299,6 +299,10 @@ def test_a_store_given_as_dot_through_a_link_or_without_zarr_finds_its_own_place
     store = runs / "x.zarr"
     assert videos_folder(store) == runs / "x" and videos_folder(tmp_path / "run.v1.5") == tmp_path
     assert videos_folder(tmp_path / "ns") == tmp_path
+    from workbench.view.sources import find_videos  # (nor another store's STORE.mp4: run.v1.5 is not run.v1)
+
+    (tmp_path / "run.v1.mp4").touch()
+    assert find_videos(tmp_path / "run.v1.5", None, ["p0000-s0"]) == {}
     (tmp_path / "alias.zarr").symlink_to(store)
     assert set(open_source(tmp_path / "alias.zarr").videos) == {"p0000-s0", "p0000-s1"}
     monkeypatch.chdir(store)

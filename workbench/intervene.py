@@ -270,13 +270,19 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str | lis
                                  text_encoder=wan_dir_encoder_identity(p.wan_dir)))
         if capture:  # (absent without capture: stores made before the option still resume)
             fields["layout"]["capture_layers"] = list(p.spec.layers)
+        if scored:  # (the tracker and its rules: entries scored by another version are not mixed in)
+            from workbench.scores import scorer_sha256
+
+            fields["model"]["world_scorer"] = scorer_sha256()[:16]
         schedule = {key: getattr(cfg, key) for key in ("warp_denoising_step", "timestep_shift", "context_noise",
                                                        "num_frame_per_block")}
         defaults = {key: getattr(ExtractConfig(), key) for key in schedule}
         if schedule != defaults:  # (absent at the defaults: stores made before the schedule flags still resume)
             fields["model"]["schedule"] = schedule
         writer = StoreWriter(cfg.out, fingerprint_of(fields), mode=cfg.mode, append_dim="intervention", lock=lock,
-                             fields=fields, log=log, later=LATER_FIELDS, same_values=same_values(p),
+                             fields=fields, log=log, same_values=same_values(p),
+                             later={**LATER_FIELDS, "model.world_scorer": "the world metrics' scorer (studies/"
+                                    "world_metrics.py; its world numbers may follow older rules)"},
                              absent={f"model.schedule.{key}": value for key, value in defaults.items()})
     except BaseException:
         lock.release()
@@ -645,7 +651,10 @@ def ranking(ds):
             if "world_detected" in ds:  # (studies/world_metrics.py MIN_SHOWN: the object in half the frames)
                 from studies.world_metrics import MIN_SHOWN
 
-                failed = {"shown": (ds.world_detected < MIN_SHOWN).sum("sample").values, **failed}
+                # (where the stored adherent agrees: a store scored before the rule holds such videos adherent)
+                lost = (ds.world_detected < MIN_SHOWN) & (ds.world_adherent < 1) if "world_adherent" in ds else \
+                    ds.world_detected < MIN_SHOWN
+                failed = {"shown": lost.sum("sample").values, **failed}
                 checks = ["shown", *checks]
             count = ds.sizes["sample"]
             rows["missed"] = ["; ".join(f"{c} {int(failed[c][i])}/{count}" for c in checks if failed[c][i])

@@ -24,14 +24,20 @@ from models.wan.folder import wan_parts
 FOLDER = "scores"
 
 
+def scorer_sha256() -> str:
+    """The world scorer's identity: the sha256 of its source (studies/world_metrics.py), so that numbers of another
+    version of the tracker or its rules are never taken for this one's (evaluate's kept scores, intervene's store)."""
+    from studies import world_metrics
+
+    return hashlib.sha256(Path(world_metrics.__file__).read_bytes()).hexdigest()
+
+
 def run_key(p) -> str:
     """The key of one (model, length) plan of evaluate (a workbench/extract.py Plan)."""
-    from studies import world_metrics
     from workbench.extract import fingerprint_fields
 
-    scorer = hashlib.sha256(Path(world_metrics.__file__).read_bytes()).hexdigest()
     fields = dict(rollout=fingerprint_fields(p, weights_sha256(p.weights_file)),
-                  vae=weights_sha256(wan_parts(p.wan_dir).vae), scorer=scorer)
+                  vae=weights_sha256(wan_parts(p.wan_dir).vae), scorer=scorer_sha256())
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

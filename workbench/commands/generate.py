@@ -150,7 +150,8 @@ def _shown(key: str, value: str) -> str:
             return "none (the few-step sampler)"
         g = json.loads(value)
         return (f"{g['num_inference_steps']} steps, guidance {g['guidance_scale']}, shift {g['shift']}, "
-                f"negative prompt {g['negative_prompt']!r}")
+                f"negative prompt {g['negative_prompt']!r}"
+                + (f", {g['num_frame_per_block']} frames a chunk" if "num_frame_per_block" in g else ""))
     if key == "window":
         if not value:
             return "none (the bidirectional sampler)"
@@ -398,6 +399,8 @@ def _wanted(args, plan: _Plan) -> dict:
     # prompt is not this run's: its latents differ)
     multi = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                  shift=args.timestep_shift, negative_prompt=args.negative_prompt)
+    if args.sampler == "causal_multi_step_cfg":  # (its chunks too: --num-frame-per-block changes its latents)
+        multi["num_frame_per_block"] = args.num_frame_per_block
     guidance = json.dumps(multi) if args.sampler != "causal_few_step" else ""
     # the KV window and sink, and an image-to-video run's image by its bytes
     window = f"{args.local_attn_size}+sink{args.sink_size}" if args.sampler != "bidirectional" else ""

@@ -442,7 +442,7 @@ def find_videos(store: Path, video: str | None, samples: list[str], sample: str 
     found = {}
     # (a link to the store: its videos beside the link, else beside the store itself, as videos_dir finds them)
     for place in dict.fromkeys([store] + ([store.resolve()] if store.is_symlink() else [])):
-        own = place.with_suffix(".mp4")
+        own = place.with_name(place.name.removesuffix(".zarr") + ".mp4")  # (run.v1.5 -> run.v1.5.mp4, not run.v1.mp4)
         if own.is_file() and (len(samples) == 1 or sample is not None):
             return {sample or samples[0]: own}
         for folder in dict.fromkeys((videos_folder(place), place.parent)):
