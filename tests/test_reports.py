@@ -687,3 +687,14 @@ def test_the_report_says_what_computed_the_numbers(stores, store_report, tmp_pat
             "of the order (attr attn_refused): cudnn refused q [1, 4680, 12, 128], k ... (shape) ...</td>") in text
     _, plain = parse(store_report)
     assert "<td>float32, synthetic, ?</td>" in plain
+
+
+def test_a_report_beside_a_store_with_dots_in_its_name_is_its_own(stores, tmp_path, capsys):
+    """runs/run.v1.5 (a store named without .zarr) got runs/run.v1.html: the name of another store's report."""
+    from workbench.cli import main
+
+    store = tmp_path / "run.v1.5"
+    shutil.copytree(stores["sf"], store)
+    assert main(["report", str(store)]) == 0
+    assert (tmp_path / "run.v1.5.html").is_file() and not (tmp_path / "run.v1.html").exists()
+    assert f"wrote {tmp_path / 'run.v1.5.html'}" in capsys.readouterr().out
