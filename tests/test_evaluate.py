@@ -31,7 +31,8 @@ def test_evaluate_writes_table_curves_and_figure(tmp_path, capsys):
     assert main(["evaluate", "--colours", "red", "--shapes", "square", "--directions", "left,up", "--seeds", "0,1",
                  "--frames", "3", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "3 latent frames (9 px frames)" in printed and "adherent: shown in half the frames, colour, shape, direction right (%)" in printed
+    assert "3 latent frames (9 px frames)" in printed
+    assert "adherent: shown in half the frames, colour, shape, direction right (%)" in printed
     assert "wrote videos.csv, curves.csv, summary.csv, summary.md, evaluate.html" in printed
 
     videos = pd.read_csv(out / "videos.csv")
@@ -240,7 +241,8 @@ def test_compare_models_finds_who_accumulates_less_error():
     assert row["pairs"] == 3 and row["df"] == 1.0 and row["sf"] == 0.0 and row["sf - df"] == -1.0
     text = wr.comparison_text(rows, "df", "sf", markdown=True).splitlines()
     assert text[0] == "| 84 latent frames | df | sf | sf - df | sf better | pairs |"
-    assert "| adherent: shown in half the frames, colour, shape, direction right (%) | 75 | 100 | +25 | 62% | 4 |" in text
+    assert ("| adherent: shown in half the frames, colour, shape, direction right (%) | 75 | 100 | +25 | 62% | 4 |"
+            in text)
     assert "| jitter (px/frame^2, RMS) | 0.000 | 0.000 | +0.000 | all tie | 4 |" in text  # (not "50%")
     assert lines == ["84 latent frames: the trajectory error changes by +4.00 px (df) and +1.75 px (sf) from the first "
                      "to the last quarter of the video: sf accumulates less error on average, less in 3 of 4 paired "

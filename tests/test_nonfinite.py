@@ -214,9 +214,8 @@ def test_model_given_a_file_points_to_checkpoint(model, capsys):
 
 
 def test_the_effects_report_names_an_entry_that_diverged(tmp_path, monkeypatch, capsys):
-    """Its paragraph "Not finite: under LABEL ..." was untested: an intervene run with an entry that overflows."""
-    import sys
-
+    """Its paragraph "Not finite: under LABEL ..." was untested: an intervene run whose entry's distances are made
+    NaN, as a diverged rollout stores them."""
     from studies.effects_report import build_effects_report
     from workbench.cli import main as cli_main
 
