@@ -135,17 +135,17 @@ def run_report(args) -> int:
     from studies.report import build_report
 
     from workbench.errors import WorkbenchError
-    from workbench.store import named
+    from workbench.store import beside, named
 
     try:  # (beside the store it opens: one found in a folder above the working directory too)
-        out = writable_output(args.out if args.out else _beside(find_store(named(args.store)), ".html"))
+        out = writable_output(args.out if args.out else beside(find_store(named(args.store)), ".html"))
     except ModelInputError as err:
         if args.out:
             raise
         from workbench.progress import shell_word
 
         raise WorkbenchError(f"{err}; the report goes beside the store unless --out FILE names another place, e.g. "
-                             f"--out {shell_word(_beside(Path(named(args.store).name), '.html'))}") from None
+                             f"--out {shell_word(beside(Path(named(args.store).name), '.html'))}") from None
     start = time.time()
     path = build_report(args.store, out, layer=layer_list(args.layer), sample=args.sample, step=args.step,
                         query_frames=args.query_frames, video=args.video)
@@ -156,11 +156,6 @@ def run_report(args) -> int:
     if note := unfinished_note(_attrs(args.store)):
         print(f"note: {note}")
     return 0
-
-
-def _beside(store: Path, suffix: str) -> Path:
-    """A file named after the store: runs/x.zarr -> runs/x.html, runs/run.v1.5 -> runs/run.v1.5.html (not run.v1's)."""
-    return store.with_name(store.name.removesuffix(".zarr") + suffix)
 
 
 def _attrs(store) -> dict:

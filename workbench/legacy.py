@@ -28,7 +28,7 @@ import torch
 
 from models.files import atomic_torch_save, check_writable_dir
 from workbench.errors import WorkbenchError
-from workbench.store import chunk_sizes, named, open_store
+from workbench.store import beside, chunk_sizes, open_store
 
 
 def legacy_record(ds, sample: str, layer: int, step: int = 0) -> dict:
@@ -118,8 +118,7 @@ def _one_train_step(ds, store, train_step: int | None):
 
 def default_out(store) -> Path:
     """runs/layer3.zarr -> runs/layer3_legacy (`.` inside the store: its own name)"""
-    store = named(store)
-    return store.with_name(f"{store.name.removesuffix('.zarr')}_legacy")
+    return beside(store, "_legacy")
 
 
 def export_legacy(store, out=None, *, layers=None, samples=None, step: int = 0, train_step: int | None = None,

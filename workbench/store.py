@@ -41,6 +41,13 @@ def named(path: str | Path) -> Path:
     return path.resolve() if path.name in ("", "..") else path
 
 
+def beside(store: str | Path, suffix: str) -> Path:
+    """A file or folder named after the store, beside it: runs/x.zarr + ".html" -> runs/x.html; a store named
+    without .zarr keeps its whole name (runs/run.v1.5 -> runs/run.v1.5.html, not run.v1's)."""
+    store = named(store)
+    return store.with_name(store.name.removesuffix(".zarr") + suffix)
+
+
 def open_store(path: str | Path) -> xr.Dataset:
     """Open a store lazily, check its schema version, and load the small non-index coords into memory
     (so `groupby("chunk")` and string selections work without dask). Only finished entries are shown: what a run

@@ -231,9 +231,11 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     args.finished_samples = [sample_id(i, s) for i, s in kept]
     todo_all = len(every) - len(kept_all)
     if kept_all and rank == 0:
-        settings = "schedule" if args.sampler == "causal_few_step" else "steps, guidance, shift, negative prompt"
+        settings = ("schedule, window" if args.sampler == "causal_few_step" else
+                    "steps, guidance, shift, negative prompt, chunk size, window"
+                    if args.sampler == "causal_multi_step_cfg" else "steps, guidance, shift, negative prompt")
         print(f"resuming: {len(kept_all)} sample(s) are already in {out}, made with the same prompt, seed, "
-              f"sampler, {settings}, window, dtype, weights{', image' if args.image else ''} and size; "
+              f"sampler, {settings}, dtype, weights{', image' if args.image else ''} and size; "
               + (f"generating the other {todo_all}" + (f" ({world} processes)" if world > 1 else "") if todo_all
                  else "nothing to do")
               + " (--overwrite makes them all again)", flush=True)

@@ -28,7 +28,7 @@ import numpy as np
 
 from models.wan.vae import TEMPORAL_STRIDE, pixel_frames
 from workbench.errors import WorkbenchError
-from workbench.store import image_of
+from workbench.store import beside, image_of, named
 from workbench.store_guard import StoreChanged
 from workbench.view import stream
 
@@ -147,7 +147,7 @@ class StoreSource(Source):
     kind = "store"
 
     def __init__(self, path, videos: dict[str, Path] | None = None, cache: int = 4):
-        from workbench.store import named, open_store
+        from workbench.store import open_store
 
         self.path = Path(path)
         self.name = named(self.path).name  # (`view .` inside the store: its own name)
@@ -251,8 +251,6 @@ class StreamSource(Source):
     live = True
 
     def __init__(self, folder, cache: int = 32):
-        from workbench.store import named
-
         self.folder = Path(folder)
         self.name = named(self.folder).name  # (`view .` inside the folder: its own name)
         self._stamp = None
@@ -410,9 +408,10 @@ def _plain(sample: str) -> bool:
 
 def videos_folder(store: Path) -> Path:
     """Where `workbench generate` outputs of a store go: runs/x.zarr -> runs/x/; a store named without .zarr
-    (runs/x, runs/x.v1.5): beside it, never into the store or a folder of another name."""
-    store = Path(store)
-    return store.with_name(store.name[:-5]) if store.name.endswith(".zarr") and store.name != ".zarr" else store.parent
+    (runs/x, runs/x.v1.5): beside it, never into the store or a folder of another name; `.` inside the store: its
+    own name."""
+    store = named(store)
+    return beside(store, "") if store.name.endswith(".zarr") and store.name != ".zarr" else store.parent
 
 
 def find_videos(store: Path, video: str | None, samples: list[str], sample: str | None = None) -> dict[str, Path]:
@@ -421,8 +420,6 @@ def find_videos(store: Path, video: str | None, samples: list[str], sample: str 
     such files beside the store or in the folder of the store's name (runs/x.zarr -> runs/x/)."""
     if sample is not None and sample not in samples:
         raise WorkbenchError(f"--sample {sample!r} is not in {str(store)!r}; it holds {[str(s) for s in samples]}")
-    from workbench.store import named
-
     store = named(store)  # (`view .` inside the store)
     if video is not None:
         path = Path(video)
@@ -442,7 +439,7 @@ def find_videos(store: Path, video: str | None, samples: list[str], sample: str 
     found = {}
     # (a link to the store: its videos beside the link, else beside the store itself, as videos_dir finds them)
     for place in dict.fromkeys([store] + ([store.resolve()] if store.is_symlink() else [])):
-        own = place.with_name(place.name.removesuffix(".zarr") + ".mp4")  # (run.v1.5 -> run.v1.5.mp4, not run.v1.mp4)
+        own = beside(place, ".mp4")  # (run.v1.5 -> run.v1.5.mp4, not run.v1.mp4)
         if own.is_file() and (len(samples) == 1 or sample is not None):
             return {sample or samples[0]: own}
         for folder in dict.fromkeys((videos_folder(place), place.parent)):
