@@ -1,5 +1,6 @@
 """The models: the causal Wan family (models/wan/), what every family shares (models/common/), the miniature world
-(models/world.py). Nothing here knows of the workbench, training or studies.
+(models/world.py). Nothing here knows of the workbench, training or studies (one old path aside:
+models/sf_config.py, kept for users' scripts, is an alias of training/config.py).
 
 Importing the package checks the installed torch's version from its metadata (torch itself is not imported):
 an older torch failed deep in a run, with an AttributeError on the first CUDA forward or an ImportError when

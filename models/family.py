@@ -3,12 +3,13 @@
 A family names the pixel size its models run at unless a model folder records its own, the VAE's strides
 (pixels per latent cell, pixel frames per latent frame), the latent frames per chunk of its causal rollout, the
 latent frames its KV cache holds with global attention, and the checkpoint layouts its loader reads. The CLI
-(`workbench extract`, `generate`, `info`) and the training probes read these instead of hard-coding 480 x 832
-pixels (60 x 104 latents), chunks of 3 or the 21-frame cache. Only Wan2.1 exists; a second video DiT is one
-more `ModelFamily` in FAMILIES (its model code in a package of its own beside models/wan/, its config reader
-in `read_config`), and nothing in workbench/ changes. Importing this module does not import torch. (A store's
-`model_family`, "wan" or "self_forcing", says how the weights were trained; the family here is the
-architecture.)
+(`workbench extract`, `generate`, `info`, and the chunk planner, workbench/chunking.py) read these instead of
+hard-coding 480 x 832 pixels (60 x 104 latents), chunks of 3 or the 21-frame cache. Only Wan2.1 exists, so
+`family_of` returns it without looking. A second video DiT is one more `ModelFamily` in FAMILIES (its model code
+in a package of its own beside models/wan/, its config reader in `read_config`) and the rule in `family_of`
+that recognises its folders (a key of their config.json); nothing in workbench/ changes. Importing this module
+does not import torch. (A store's `model_family`, "wan" or "self_forcing", says how the weights were trained;
+the family here is the architecture.)
 
     WAN.video_geometry(folder, height=None, width=None) -> (config, latent h, latent w, tokens per frame)
     check_fits_cache(num_frames, local_attn_size, ...) -> the one "more than the KV cache holds" check
@@ -19,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from models.errors import ModelInputError
-from models.wan.config import VAE_STRIDE, WAN_VIDEO_SIZE, WanConfig, default_video_size, latent_size
+from models.wan.config import VAE_STRIDE, VAE_TIME_STRIDE, WAN_VIDEO_SIZE, WanConfig, default_video_size, latent_size
 from models.wan.folder import dit_dir
 
 CACHE_FRAMES = 21  # latent frames the KV cache of a causal rollout holds with global attention (81 pixel frames)
@@ -59,7 +60,7 @@ WAN = ModelFamily(
     name="wan2.1",
     video_size=WAN_VIDEO_SIZE,
     vae_stride=VAE_STRIDE,
-    vae_time_stride=4,
+    vae_time_stride=VAE_TIME_STRIDE,
     frames_per_chunk=3,
     cache_frames=CACHE_FRAMES,
     checkpoint_layouts=(

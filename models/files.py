@@ -359,15 +359,15 @@ def ensure_writable_dir(path) -> Path:
 def check_writable_dir(path, *, create: bool = False) -> Path:
     """Check that the folder `path` can be written, by writing a file (as root, permission bits alone prove
     nothing). Without `create` nothing is made: the nearest existing ancestor must be a folder that takes a file.
-    ModelInputError naming `path` otherwise."""
+    ModelInputError naming `path` otherwise (and, when `path` is yet to be made, the folder that refused it)."""
     path = Path(path)
+    base = path
     if path.exists() and not path.is_dir():
         raise ModelInputError(f"output folder {str(path)!r} is a file, not a folder; give a folder's path (new or "
                               "existing)")
     try:
         if create:
             path.mkdir(parents=True, exist_ok=True)
-        base = path
         while not base.exists() and base != base.parent:
             base = base.parent
         if not base.is_dir():
@@ -376,7 +376,27 @@ def check_writable_dir(path, *, create: bool = False) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise ModelInputError(f"output folder {str(path)!r} is not writable: {e.strerror or e}") from e
+        made_in = next((p for p in path.parents if p.exists()), None) if not path.exists() else None
+        where = ("" if made_in is None else f" (it would be made in {str(made_in)!r}, which takes no new files)"
+                 if made_in.is_dir() else f" ({str(made_in)!r}, on its way, is a file)")
+        raise ModelInputError(f"output folder {str(path)!r} is not writable{where}: {e.strerror or e}") from e
+    return path
+
+
+def check_writable_tree(path) -> Path:
+    """Check that every folder inside the existing folder `path` (a store or an output folder a run appends to)
+    takes new files: a folder another user made without group write (umask 022), a `chmod g+w` without -R, or a
+    read-only mount would otherwise fail the first append after the model work. os.access counts a read-only
+    file system and, for root, nothing else. ModelInputError naming the first such folders otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    bad = [str(d) for d, _, _ in os.walk(path) if not os.access(d, os.W_OK | os.X_OK)]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ModelInputError(
+            f"output folder {str(path)!r} is not writable inside: {', '.join(repr(b) for b in bad[:3])}{more} "
+            f"cannot take new files; its owner can make it so (chmod -R g+w {str(path)!r}), or choose another --out")
     return path
 
 

@@ -102,7 +102,8 @@ CASES = [
      "cache policy fifo (window 21, sink_frames 0) holds 21 frames: all 9 frames of the rollout fit, and it never "
      "evicts or moves a frame, so it changes nothing"),
     (["extract", "--layer", "3", "--out", "{blocked}/x.zarr"], "output folder '{blocked}' is a file, not a folder"),
-    (["generate", "--prompt", "x", "--out", "{blocked}/g"], "output folder '{blocked}/g' is not writable"),
+    (["generate", "--prompt", "x", "--out", "{blocked}/g"],
+     "output folder '{blocked}/g' is not writable ('{blocked}', on its way, is a file)"),
     (["report", "{store}", "--out", "{blocked}/r.html"], "output folder '{blocked}' is a file, not a folder"),
     (["compare", "{store}", "{store}", "--out", "{blocked}/c.html"],
      "output folder '{blocked}' is a file, not a folder"),
@@ -198,6 +199,33 @@ def test_a_read_only_folder_is_one_line_before_any_work(command, tmp_path, store
         folder.chmod(0o755)
     err = capsys.readouterr().err
     assert err.startswith(f"workbench {command}: error: ") and err.count("\n") == 1 and "not writable" in err
+    if command in ("export-legacy", "train"):  # (a folder yet to be made: the one that refused it is named)
+        assert f"(it would be made in {str(folder)!r}, which takes no new files)" in err
+
+
+def test_a_store_whose_array_folders_take_no_files_is_refused_before_any_work(tmp_path, store, monkeypatch):
+    """A colleague's store made under umask 022 and opened up with `chmod g+w` on its top folder only: the lock
+    and the top folder take files, its arrays' folders do not. Resuming it failed at the first append, after the
+    model work, with a bare "Permission denied (.../zarr.HEX.partial)" and exit status 1; it is refused when the
+    store is opened, naming the folders and the fix (a read-only mount reads the same through os.access)."""
+    import models.files
+    from models.errors import ModelInputError
+    from workbench.store import StoreWriter
+    from workbench.store_lock import lock_file
+
+    copy = tmp_path / "s.zarr"
+    shutil.copytree(store, copy)
+    denied = copy / "attn_mass"
+    real_access = os.access
+    monkeypatch.setattr(models.files.os, "access",  # (root passes any permission bits: the folder is denied here)
+                        lambda p, mode, **kw: Path(p) != denied and real_access(p, mode, **kw))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(ModelInputError, match="not writable inside") as refused:
+        StoreWriter(copy, "another fingerprint", mode="resume", log=lambda *a: None)
+    assert repr(str(denied)) in str(refused.value) and "chmod -R g+w" in str(refused.value)
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p != lock_file(copy))
+    assert after == [b for b in before if tmp_path / b != lock_file(copy)]  # nothing written or rewritten
+    assert not (tmp_path / ".s.zarr.lock.json").exists()  # the lock let go
 
 
 @pytest.mark.parametrize("command", ["extract", "generate", "info", "intervene", "evaluate", "extract --model ode",
@@ -919,7 +947,8 @@ def test_a_broken_entry_point_plugin_is_left_out_with_a_warning(tmp_path, monkey
 
 def test_progress_bars_redraw_rarely_into_a_log_file(monkeypatch):
     """Bars redrew ~10 times a second into a redirected stderr (1-2 MB of a batch job's log an hour); with no
-    terminal (and no Jupyter) they redraw every LOG_INTERVAL seconds, on a terminal as tqdm does."""
+    terminal (and no Jupyter) they redraw every LOG_INTERVAL seconds, on a terminal as tqdm does. In a log tqdm's
+    monitor thread waits LOG_INTERVAL too (its default, 10 s, drew a line every 10 s of a slow bar)."""
     import io
     import sys
 
@@ -933,7 +962,7 @@ def test_progress_bars_redraw_rarely_into_a_log_file(monkeypatch):
     for stream, interval in ((io.StringIO(), progress.LOG_INTERVAL), (Terminal(), 0.1)):
         monkeypatch.setattr(sys, "stderr", stream)
         bar = progress.progress_bar(total=3, file=stream)
-        assert bar.mininterval == interval
+        assert bar.mininterval == interval and bar.maxinterval == (interval if interval > 1 else 10)
         bar.close()
     assert progress.progress_bar(total=3, disable=True).disable  # (--no-progress)
     log = io.StringIO()  # a log: each drawing a line of ASCII; a new postfix (a training loss) forces none
@@ -947,6 +976,20 @@ def test_progress_bars_redraw_rarely_into_a_log_file(monkeypatch):
     lines = log.getvalue().split("\n")
     assert "\r" not in log.getvalue() and all(line.isascii() for line in lines) and lines[-1] == ""
     assert 1 <= len(lines) - 1 <= 3 and lines[-2].startswith("train: 100%"), lines
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["extract", "--layer", "3", "--prompt", "a red caf\udce9 moving right"], "--prompt"),
+    (["generate", "--prompt", "a red caf\udce9", "--frames", "3"], "--prompt"),
+    (["extract", "--layer", "3", "--out", "runs/caf\udce9.zarr"], "--out"),
+])
+def test_an_argument_that_is_not_utf8_is_one_line_before_any_work(argv, flag, capsys, no_work):
+    """A latin-1 terminal or script sends 'é' as the byte 0xe9, which Python keeps as a lone surrogate: every
+    store, JSON and YAML writer refused it with a traceback (exit status 1), after the model work."""
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"workbench {argv[0]}: error: {flag} ") and err.count("\n") == 1
+    assert "caf\\xe9" in err and "is not UTF-8 text" in err
 
 
 @pytest.mark.parametrize("command", ["generate", "extract"])

@@ -37,6 +37,7 @@ def test_the_example_statistic_equals_a_float64_reference(examples, monkeypatch,
     from workbench.store import open_store
 
     ds = open_store(out)
+    assert ds.attrs["command"].startswith("WORKBENCH_PLUGINS=my_stats workbench extract --layers 3 ")  # (found by QA)
     assert ds.attn_key_max.dims == ("sample", "step", "layer", "head", "query_frame")
     assert ds.attn_key_max.attrs["long_name"] == "largest key-token probability"
     got = ds.attn_key_max.values
@@ -64,6 +65,7 @@ def test_the_example_intervention_runs_its_spec(examples, monkeypatch, tmp_path,
     out = tmp_path / "mine.zarr"
     assert cli_main(["intervene", "--spec", str(EXAMPLES / "my_spec.yaml"), "--frames", "9", "--world", "off",
                      "--out", str(out), "--no-progress"]) == 0
+    assert open_store(out).attrs["command"].startswith("WORKBENCH_PLUGINS=my_edits workbench intervene --spec ")
     d = open_store(out).latent_distance.isel(sample=0)
     assert float(d.sel(intervention="ablate-zero:L2.H3").max()) > 0
     zero = d.sel(intervention="ablate-zero:L2.H3")

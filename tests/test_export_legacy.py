@@ -154,3 +154,18 @@ def test_help_teaches(capsys):
     assert cli_main(["export-legacy", "--help"]) == 0
     text = capsys.readouterr().out
     assert "weights_only=True" in text and "full_frame_attention" in text and "examples:" in text
+
+
+def test_a_cfg_stores_files_name_their_branch(tmp_path):
+    """A CFG store's steps come in pairs at one timestep (cond, uncond): a file of either named only its step and
+    timestep, so two files differing in branch read the same (found by QA). Each records `phase` and `cfg`, and the
+    "wrote" line names the branch."""
+    from studies import synthetic
+
+    store = synthetic.write_store(tmp_path / "wan.zarr", "bidirectional", layers=(0,), num_heads=2, seeds=(2,))
+    said = []
+    for step, branch in ((0, "cond"), (1, "uncond")):
+        path, = export_legacy(store, tmp_path / f"step{step}", step=step, log=said.append)
+        data = torch.load(path, weights_only=True)
+        assert (data["step"], data["timestep"], data["phase"], data["cfg"]) == (step, 1000.0, "denoise", branch)
+        assert f"(step {step}, t = 1000, {branch} branch)" in said[-1]

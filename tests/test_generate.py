@@ -12,6 +12,18 @@ from models.video import mp4_available
 from workbench.cli import main
 
 
+def test_a_batch_of_samples_draws_one_bar_into_a_log(tmp_path, capsys, monkeypatch):
+    """Into a log (no terminal), the samples of a run share one bar, named by the sample it is on: a bar each
+    wrote two lines per sample (2000 lines for a 1000-prompt job). It counts every DiT forward of the run: 2
+    samples of one chunk of 4 steps, the last context pass skipped."""
+    monkeypatch.delitem(__import__("sys").modules, "ipykernel", raising=False)
+    assert main(["generate", "--prompt", "a red kite", "--frames", "3", "--seed", "0,1", "--height", "32",
+                 "--width", "32", "--out", str(tmp_path / "g"), "--no-video"]) == 0
+    bars = [line for line in capsys.readouterr().err.splitlines() if "%|" in line and not line.startswith("encode")]
+    assert 2 <= len(bars) <= 3 and all(line.startswith("generate: ") for line in bars), bars
+    assert bars[-1].startswith("generate: 100%") and "| 8/8 " in bars[-1] and bars[-1].endswith(", p0000-s1]"), bars
+
+
 def test_generate_writes_latents_video_and_grid(tmp_path, capsys):
     out = tmp_path / "gen"
     assert main(["generate", "--prompt", "a red kite over the sea", "--frames", "6", "--seed", "3",

@@ -224,6 +224,16 @@ def test_every_alias_module_is_listed_and_documented():
     assert "models/wan.py" in doc
 
 
+def test_every_long_module_is_named_with_its_reason():
+    """docs/architecture.md lists the modules over 500 lines and why each is long: a module that grows past 500
+    lines is named there (the list had gone stale: seven were missing and four counts were off by 70-300 lines)."""
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    section = doc[doc.index("Modules over 500 lines"):]
+    section = section[:section.index("\n\n")]
+    long = sorted(str(p.relative_to(ROOT)) for p in _modules().values() if len(p.read_text().splitlines()) > 500)
+    assert long and [p for p in long if p not in section] == []
+
+
 def test_names_moved_out_of_the_trainer_still_import_from_it():
     import training.trainer
 

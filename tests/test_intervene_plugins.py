@@ -355,6 +355,12 @@ def test_a_plugins_code_is_known_by_what_runs_in_every_process():
     same = CELL.replace("# twice", "# two times").replace("A head's output", "The output") + "\n\n# moved\n"
     assert code(CELL) == code(same) != code(CELL.replace("out * 2.0", "out + 2.0"))
     assert code(CELL).startswith("Scale (code ")
+    # a module constant it names, in its method or in a lambda there, is part of its code: SCALE edited from 2.0
+    # to 0.0 and run again kept the first run's results under the same label (found by QA)
+    for body in ("out * SCALE", "(lambda o: o * SCALE)(out)"):
+        const = CELL.replace("out * 2.0", body).replace("class Scale", "SCALE = 2.0\n\n\nclass Scale")
+        assert code(const) != code(const.replace("SCALE = 2.0", "SCALE = 0.0")), body
+        assert code(const) == code(const.replace("SCALE = 2.0", "SCALE = 2.0\nOTHER = 1"))  # (one it does not name)
     script = ("import sys; sys.path.insert(0, '.'); from tests.test_intervene_plugins import CELL, ie\n"
               "ns = {}; exec(compile(CELL, '<cell>', 'exec'), ns); k = ie.EntryKind('scale', ns['Scale'])\n"
               "print(ie.code_of(k, k.build(None, None, 'x')))")

@@ -267,6 +267,37 @@ def test_info_says_what_a_checkpoint_holds_and_which_config_it_fits(tmp_path, ca
     assert "does not exist" in _error(capsys, "info")
 
 
+def test_info_names_what_a_checkpoint_lacks_and_the_way_to_load_the_others(tmp_path, capsys):
+    """`info --checkpoint` on files researchers have (found by QA): an EMA-only file's command carries --use-ema
+    (without it extract refuses the file); a state dict of a built-in size missing a tensor says which one, not
+    "fits none of the built-in sizes"; a shard index and a model folder given as --checkpoint name --wan-dir."""
+    from models.wan.checkpoint import read_wan_folder
+
+    _, sd = read_wan_folder(EMBEDDED_DIR)
+    ema = tmp_path / "ema only.pt"
+    save_self_forcing(ema, generator_ema=sd)
+    assert cli_main(["info", "--checkpoint", str(ema)]) == 0
+    command = capsys.readouterr().out.splitlines()[-1]
+    assert command == f"load it: workbench extract --checkpoint '{ema}' --use-ema"
+    dropped = tmp_path / "dropped.pt"
+    save_self_forcing(dropped, generator={k: v for k, v in sd.items() if k != "blocks.0.cross_attn.k.bias"})
+    assert cli_main(["info", "--checkpoint", str(dropped)]) == 0
+    assert capsys.readouterr().out.splitlines()[2].strip() == (
+        "Wan DiT, 6 layers, width 128, FFN 384: the size of the embedded default, but not its tensors "
+        "(missing: blocks.0.cross_attn.k.bias)")
+    assert cli_main(["info", "--checkpoint", str(dropped), "--wan-dir", str(EMBEDDED_DIR)]) == 0
+    assert capsys.readouterr().out.splitlines()[2].strip().endswith(
+        f"does not fit {EMBEDDED_DIR} (missing: blocks.0.cross_attn.k.bias)")
+    index = tmp_path / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text('{"metadata": {}, "weight_map": {}}')
+    for command in ("info", "extract"):
+        assert cli_main([command, "--checkpoint", str(index)]) == 2
+        assert f"is the index of a model's weight shards, not a checkpoint file: give its folder as --wan-dir " \
+               f"{tmp_path}" in _error(capsys, command)
+    assert cli_main(["info", "--checkpoint", str(EMBEDDED_DIR)]) == 2
+    assert f"a model folder (config.json): give it as --wan-dir {EMBEDDED_DIR}" in _error(capsys, "info")
+
+
 # a diffusers pipeline folder
 
 

@@ -60,7 +60,8 @@ def seeds_in(path) -> list[int]:
 
 def test_a_swap_killed_after_the_old_store_moved_aside_keeps_the_old_store(tmp_path, monkeypatch):
     """--overwrite swaps its first entry in by renames only: killed between moving the old store aside and moving
-    the new one in, the old store is still on disk and the next writer puts it back (never deleted first)."""
+    the new one in, the old store is still on disk and the next writer puts it back (never deleted first); a reader
+    meanwhile is told where it is, not "no store: run extract to make one"."""
     path = tmp_path / "s.zarr"
     make_store(path, [0, 1])
     real_replace = os.replace
@@ -76,6 +77,9 @@ def test_a_swap_killed_after_the_old_store_moved_aside_keeps_the_old_store(tmp_p
         w.write(entry(7))
     w.close()
     monkeypatch.setattr(store_mod.os, "replace", real_replace)
+    with pytest.raises(WorkbenchError, match=f"no store at '{path}', but its previous version is beside it as "
+                                             f"'{tmp_path / '.s.zarr.old'}': a writer was stopped while replacing it"):
+        open_store(path)
     StoreWriter(path, FP, log=lambda *a: None).close()  # the next run's _recover
     assert seeds_in(path) == [0, 1]
 

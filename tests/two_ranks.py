@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,9 +24,15 @@ ERROR_LINES = re.compile(r"terminate called|what\(\)|Error|error:|Traceback|exit
 def torchrun(args: list[str], *, fresh=(), timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
     """Run `args` (a script or `-m module ...`) under torchrun with 2 processes of one thread each (OMP_NUM_THREADS=1
     in `env`, default this process's environment); subprocess.run's other keyword arguments (cwd) pass through,
-    output captured as text."""
+    output captured as text. torchrun's agent leaves a `torchelastic_*` folder in the temporary folder of every run:
+    the run gets a TMPDIR of its own, removed after it."""
+    with tempfile.TemporaryDirectory(prefix="torchrun-") as tmp:
+        return _torchrun(args, fresh=fresh, timeout=timeout, tmp=tmp, **kwargs)
+
+
+def _torchrun(args, *, fresh, timeout, tmp, **kwargs) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)]
-    kwargs["env"] = {**kwargs.get("env", os.environ), "OMP_NUM_THREADS": "1"}
+    kwargs["env"] = {**kwargs.get("env", os.environ), "OMP_NUM_THREADS": "1", "TMPDIR": tmp}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
     sig = killed_by_signal(run.stderr) if run.returncode else None
     if sig is None:

@@ -103,7 +103,7 @@ def _run(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # one training run per logdir (refused at once, naming the holder)
         from models.files import stale_temporaries
         from training.config import without_secrets
-        from workbench.store import StoreLock
+        from workbench.store_lock import StoreLock
 
         lock = StoreLock(args.logdir, what="a training log folder", option="--logdir",
                          command=shlex.join(without_secrets(sys.argv))).acquire()

@@ -19,7 +19,9 @@ shape word or from one that reads it but draws badly.
     ratio          error(variant) / error(true prompt): 1.0 = the model ignores the word; a model that reads it
                    predicts worse with the wrong word, so its ratio is above 1
 
-The result is a JSON-ready dict (`flow_word_errors`); `describe` gives the log line's words part.
+The result is a JSON-ready dict (`flow_word_errors`); `describe` gives the log line's words part. The zoo's check
+encodes the held-out videos once for all its models (`held_out_latents`); `word_sensitivity(model, text_encoder,
+vae)` is the same check of one model in one call (a notebook's).
 """
 
 from __future__ import annotations

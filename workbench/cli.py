@@ -78,6 +78,26 @@ def _escaping_output() -> None:
                 pass
 
 
+def _undecodable_arguments(args, parser) -> str | None:
+    """Why an argument is refused: bytes that are not UTF-8 (a terminal or script in latin-1 sends 'é' as 0xe9;
+    Python keeps such a byte as a lone surrogate, which every store, YAML and JSON writer refuses with a
+    traceback (a store's path too: its name is checked and recorded). None when all are text. `parser` (the
+    command's) names each value by its flag (a positional by its metavar)."""
+    names = {a.dest: max(a.option_strings, key=len) if a.option_strings else (a.metavar or a.dest.upper())
+             for a in parser._actions}
+    for name, value in vars(args).items():
+        for text in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                    return (f"{names.get(name, name)} '{shown}' is not UTF-8 text (a terminal or script in "
+                            "another encoding, e.g. latin-1?): give it in UTF-8 (a file or folder of that name: "
+                            "rename it; prompts: a UTF-8 file, --prompts FILE)")
+    return None
+
+
 def _stdout_reader_gone() -> bool:
     """Whether stdout is a pipe whose reader has closed it (poll says POLLERR for such a write end)."""
     import select
@@ -249,6 +269,8 @@ def passive_cpu_threads() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     passive_cpu_threads()
     load_plugins()
     parser = build_parser()
@@ -261,8 +283,16 @@ def main(argv: list[str] | None = None) -> int:
         return done.code if isinstance(done.code, int) else 2  # as for any other bad input, from main([...]) too
     _expand_home(args)
     _escaping_output()
+    # (a latin-1 terminal's 'é': a traceback at the first JSON or YAML write)
+    if bad := _undecodable_arguments(args, _subcommands(parser).get(getattr(args, "command", None), parser)):
+        print(f"workbench {args.command}: error: {bad}", file=sys.stderr)
+        return 2
     # the command as it was given, for a store's `command` attr: from a shell or from main([...]) in a notebook
     args.argv = ["workbench", *(sys.argv[1:] if argv is None else argv)]
+    # the modules that extended the command, named in what a store records (module names: no quoting, so that a
+    # shell takes the word as the variable's assignment), so that it runs again as recorded
+    if plugins := ",".join(n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()):
+        args.argv.insert(0, f"{PLUGINS_ENV}={plugins}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -17,7 +17,7 @@ NOT_USERS = ("workbench", "models", "torch", "numpy", *sys.stdlib_module_names) 
 
 def code_identity(*things, values: tuple[str, ...] = ()) -> str:
     """'name, name (code <12 hex>)' of functions and classes `things` (duplicates counted once), and of `values`
-    they read besides their code (texts; none for the intervention plugins' identities)."""
+    they read besides their code (texts: the module constants they name, `constants_read`; a reduce's closure)."""
     things = list(dict.fromkeys(things))
     digest = hashlib.sha256()
     for thing in things:
@@ -55,6 +55,32 @@ def callable_identity(fn) -> str:
         values += [f"{n}={_const_text(fn.__globals__[n])}" for n in fn.__code__.co_names
                    if n in fn.__globals__ and _simple(fn.__globals__[n])]
     return code_identity(fn, values=tuple(values))
+
+
+def constants_read(*things) -> tuple[str, ...]:
+    """'name=value' of the simple module constants (numbers, text) that the code of `things` (functions, and the
+    methods of classes, nested functions and lambdas included) names: a plugin's `SCALE = 0.5` edited to 0.0 is
+    other code, as for a statistic's reduce (`callable_identity`). Empty when they name none."""
+    def codes(code):
+        yield code
+        for c in code.co_consts:
+            if inspect.iscode(c):
+                yield from codes(c)
+
+    funcs = []
+    for thing in things:
+        if inspect.isclass(thing):
+            for value in vars(thing).values():
+                value = getattr(value, "__func__", value)  # (static and class methods)
+                funcs += [f for f in (value.fget, value.fset) if f] if isinstance(value, property) else [value]
+        else:
+            funcs.append(thing)
+    found = {}
+    for f in filter(inspect.isfunction, funcs):
+        for code in codes(f.__code__):
+            found.update({n: _const_text(f.__globals__[n]) for n in code.co_names
+                          if n in f.__globals__ and _simple(f.__globals__[n])})
+    return tuple(f"{n}={v}" for n, v in sorted(found.items()))
 
 
 def _settings(obj) -> str:

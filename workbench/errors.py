@@ -10,7 +10,7 @@ from models.errors import ModelInputError
 class WorkbenchError(ModelInputError):
     """Bad input to a workbench command, found before any work started."""
 
-    exit_status = 2  # the CLI's exit status (workbench/store.py's StoreBusy: 75, try again later)
+    exit_status = 2  # the CLI's exit status (workbench/store_lock.py's StoreBusy: 75, try again later)
 
     @classmethod
     def of(cls, err: Exception) -> "WorkbenchError":

@@ -44,8 +44,9 @@ from workbench.chunking import check_image_frames
 from workbench.errors import WorkbenchError
 from workbench.statistics import DEFAULT_STATS, check_stats
 from workbench.statistics import identities as stat_identities
-from workbench.store import (SCHEMA_VERSION, StoreLayout, StoreLock, StoreWriter, ema_suffix, sample_dataset,
-                             sample_id, stats_in_store_order)
+from workbench.store import (SCHEMA_VERSION, StoreLayout, StoreWriter, ema_suffix, sample_dataset, sample_id,
+                             stats_in_store_order)
+from workbench.store_lock import StoreLock
 from workbench.weights import (check_wan_dir, check_weights_args, resolve_model,  # noqa: F401 (resolve_model: the API)
                                run_files, wan_dir_hint)
 

@@ -213,7 +213,8 @@ def run_intervene(cfg, entries: list, *, world: str = "auto", command: str | lis
     from models.wan.folder import present, wan_parts
     from models.wan.text_encoder import check_encoder_files, wan_dir_encoder_identity
     from workbench.extract import ExtractConfig, LATER_FIELDS, fingerprint_of, plan, same_values
-    from workbench.store import SCHEMA_VERSION, StoreLock, StoreWriter
+    from workbench.store import SCHEMA_VERSION, StoreWriter
+    from workbench.store_lock import StoreLock
     from workbench.weights import run_files
 
     if world not in ("auto", "on", "off"):

@@ -39,7 +39,7 @@ from typing import Callable
 
 import numpy as np
 
-from workbench.code_identity import NOT_USERS, code_identity
+from workbench.code_identity import NOT_USERS, code_identity, constants_read
 from workbench.errors import WorkbenchError
 
 KINDS = ("ablate", "knockout", "temperature", "sink", "policy")
@@ -638,11 +638,13 @@ def code_of(own: EntryKind, obj) -> str:
     """What identifies the code an entry of a plugin's kind runs, for its store: the names of its build and of the
     user's classes of what the build returned (not the workbench's, torch's or Python's), and a hash of their
     compiled code (functions' bytecode and constants, classes' simple attributes: the code that runs, wherever it
-    was defined, a notebook cell included; not its comments or docstrings). An edited class (a cell run again) is
-    other code: a store holding the entry's results from before refuses to resume it under the same label, as it
-    refuses other settings. The same code gives the same identity in every process of one Python version."""
+    was defined, a notebook cell included; not its comments or docstrings) and of the module constants it names
+    (`SCALE = 0.5` edited to 0.0: an entry's results from before were kept as the new code's). An edited class (a
+    cell run again) is other code: a store holding the entry's results from before refuses to resume it under the
+    same label, as it refuses other settings. The same code gives the same identity in every process of one Python
+    version (code that names no module constant keeps the identity it had before constants counted)."""
     mine = [c for c in type(obj).__mro__ if c.__module__.split(".")[0] not in NOT_USERS]
-    return code_identity(own.build, *mine)
+    return code_identity(own.build, *mine, values=constants_read(own.build, *mine))
 
 
 def default_label(e: Entry) -> str:

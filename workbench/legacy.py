@@ -15,7 +15,8 @@ One file per (sample, layer), `{out}/{sample}/layer{N}.pt`, holding only plain P
     is_logits                   True
     prompt, num_frames, frame_seq_length, num_frame_per_block, num_heads (heads in the file), block_sizes,
     query_frames, key_frames (lists 0..F-1), last_block_query_frames
-plus provenance the fork did not have: extraction_method 'workbench-store', sample, seed, step, timestep,
+plus provenance the fork did not have: extraction_method 'workbench-store', sample, seed, step, timestep, phase
+("denoise" or "context") and cfg ("cond", "uncond" or "none": a CFG store's steps come in pairs at one timestep),
 head_indices (the model's head index of each row), checkpoint, use_ema (generator_ema or generator).
 """
 
@@ -60,6 +61,7 @@ def legacy_record(ds, sample: str, layer: int, step: int = 0) -> dict:
         "seed": int(ds["seed"].sel(sample=sample).values),
         "step": int(step),
         "timestep": float(ds["timestep"].sel(step=step).values),
+        **{what: str(ds[what].sel(step=step).values) for what in ("phase", "cfg") if what in ds.coords},
         "head_indices": [int(h) for h in ds["head"].values],
         "checkpoint": str(ds["checkpoint"].sel(sample=sample).values),
         # which of the checkpoint's state dicts ran: generator_ema (True) or generator (False); None if not recorded;
@@ -139,8 +141,10 @@ def export_legacy(store, out=None, *, layers=None, samples=None, step: int = 0, 
             if bool(record["full_frame_attention"].isnan().any()):
                 nan_files.append(f"{sample}/layer{layer}.pt")
     at = f"train step {int(ds['train_step'])}, " if "train_step" in ds.coords else ""
+    branch = f", {ds['cfg'].sel(step=step).values} branch" if "cfg" in ds.coords and \
+        str(ds["cfg"].sel(step=step).values) != "none" else ""  # (a CFG store's steps: pairs at one timestep)
     log(f"wrote {len(paths)} legacy file(s) under {out} ({at}step {step}, t = "
-        f"{float(ds['timestep'].sel(step=step)):g}): {len(samples)} sample(s) x layers {layers}")
+        f"{float(ds['timestep'].sel(step=step)):g}{branch}): {len(samples)} sample(s) x layers {layers}")
     if nan_files:
         log(f"note: {len(nan_files)} file(s) hold rows of NaN, where the store's attention was not finite (a rollout "
             f"whose activations overflowed): {', '.join(nan_files[:5])}" + (" ..." if len(nan_files) > 5 else ""))

@@ -67,6 +67,7 @@ def progress_bar(*args, **kw):
     if interactive():
         return tqdm(*args, **kw)
     kw.setdefault("mininterval", LOG_INTERVAL)
+    kw.setdefault("maxinterval", LOG_INTERVAL)  # (tqdm's monitor thread redrew a bar every 10 s, its default)
     kw.setdefault("ascii", True)
     kw["file"] = _Lines(kw.get("file") or sys.stderr)
     return _log_bar_class(tqdm)(*args, **kw)

@@ -37,10 +37,14 @@ def check_weights_args(checkpoint: str | None, use_ema: bool, model: str | None 
         raise WorkbenchError(USE_EMA_ALONE)
     if not checkpoint:
         return
+    from workbench.progress import shell_word
+
     path = Path(checkpoint)
     if path.is_dir():
         inside = [p.name for p in sorted(path.glob("*.pt"))[:3]]
         hint = f"; it holds {', '.join(inside)}: give one of them" if inside else " with no .pt file in it"
+        if not inside and any((path / name).is_file() for name in ("config.json", "model_index.json")):
+            hint += f"; a model folder (config.json): give it as --wan-dir {shell_word(str(path))}"
         raise WorkbenchError(f"--checkpoint {checkpoint!r} is a directory{hint} (a training run's "
                              "checkpoint_model_N/ folder holds model.pt)")
     if not path.is_file():
@@ -48,6 +52,10 @@ def check_weights_args(checkpoint: str | None, use_ema: bool, model: str | None 
             "is not a regular file (give a .pt or .safetensors file)" if path.exists() else "does not exist"))
     from models.files import check_unpickling, check_weights_file
 
+    if path.name.endswith(".index.json"):  # (a folder's shard index: the folder is the model)
+        raise WorkbenchError(f"--checkpoint {checkpoint!r} is the index of a model's weight shards, not a checkpoint "
+                             f"file: give its folder as --wan-dir {shell_word(str(path.parent))}, or one .pt or "
+                             ".safetensors file as --checkpoint")
     check_weights_file(path, "--checkpoint")  # truncated or a Git LFS pointer: said before any work
     if not trust_pickle:
         check_unpickling(path)  # (and a pickle that would run code: it was said after the text encoder had run)

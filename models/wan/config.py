@@ -22,6 +22,7 @@ from models.errors import ModelInputError
 
 ROPE_MAX_POSITIONS = 1024  # rows of the RoPE table on every axis (t, h, w)
 VAE_STRIDE = 8  # pixels per latent cell, on both axes (the Wan2.1 VAE)
+VAE_TIME_STRIDE = 4  # pixel frames per latent frame after the first (a causal first frame decodes to one)
 WAN_VIDEO_SIZE = (480, 832)  # pixels (height, width) Wan2.1-T2V-1.3B and Self-Forcing run at
 # the largest value each size of a config may take (Wan2.1-14B: dim 5120, ffn_dim 13824, 40 layers, 40 heads)
 SIZE_LIMITS = dict(dim=65536, ffn_dim=1 << 20, freq_dim=65536, in_dim=4096, out_dim=4096, num_heads=4096,
@@ -252,7 +253,7 @@ class VideoGeometry:
     @property
     def pixel_frames(self) -> int:
         """Frame-count law of the Wan VAE: 1 + 4 (T - 1); 21 latents -> 81 frames."""
-        return 1 + 4 * (self.num_frames - 1)
+        return 1 + VAE_TIME_STRIDE * (self.num_frames - 1)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

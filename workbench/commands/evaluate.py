@@ -239,14 +239,15 @@ def parse_lengths(text: str) -> list[int]:
 def run(args) -> int:
     import torch
 
-    from models.files import check_writable_dir
+    from models.files import check_writable_dir, check_writable_tree
     from models.video import ensure_writable_dir, mp4_available
     from workbench.errors import WorkbenchError
     from workbench.inputs import parse_int_list
-    from workbench.store import StoreLock
+    from workbench.store_lock import StoreLock
 
     # --- everything that can be wrong, before any work (the output folder is made once all of it passed)
     check_writable_dir(args.out)
+    check_writable_tree(args.out)  # (a resumed folder: its scores/ folders take each new score)
     check_sampler_numbers(args)
     if args.sink_size < 0:  # (a length without a window would not read it)
         raise WorkbenchError(f"--sink-size {args.sink_size}: give 0 or more (the first frames a long run's KV window "

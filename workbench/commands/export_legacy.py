@@ -24,8 +24,9 @@ and tensors only):
                               0 where the frame pair was not attended (above the block staircase, evicted)
   last_block_frame_attention  fp16 [heads, F]     the mean of full_frame_attention over the last chunk's queries
   is_logits True, layer_index, prompt, num_frames, frame_seq_length, num_frame_per_block, num_heads,
-  block_sizes, query_frames, key_frames, last_block_query_frames; plus sample, seed, step, timestep,
-  head_indices, checkpoint, use_ema (generator_ema or generator), extraction_method 'workbench-store'.
+  block_sizes, query_frames, key_frames, last_block_query_frames; plus sample, seed, step, timestep, phase,
+  cfg (cond, uncond or none), head_indices, checkpoint, use_ema (generator_ema or generator), extraction_method
+  'workbench-store'.
 One file per (sample, layer) under OUT/<sample>/layer<N>.pt; existing files are replaced.
 """
 

@@ -198,7 +198,8 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
     from models.wan.text_encoder import TextEncoder
     from workbench.extract import rank_share
     from workbench.progress import progress_bar
-    from workbench.store import StoreLock, sample_id
+    from workbench.store import sample_id
+    from workbench.store_lock import StoreLock
 
     plan = _plan(args, world)  # everything that can be wrong, before any work
     wanted = _wanted(args, plan)
@@ -249,10 +250,16 @@ def _run(args, rank: int = 0, world: int = 1, locks: list | None = None) -> int:
 
     # --- the DiT and the VAE, then each of this rank's samples
     model, vae, initial = _load(args, plan)
-    for i, seed in jobs:
-        name = sample_id(i, seed)
-        _sample(args, plan, model, vae, initial, live, out, name, wanted[name], i, seed, contexts[i], negative)
-        args.finished_samples.append(name)
+    # one bar for this run's samples (a bar each wrote two lines of a batch job's log per sample), named by the
+    # sample it is on
+    with progress_bar(total=len(jobs) * _forwards(args, model, live), desc="generate" if world == 1 else
+                      f"generate (rank {rank})", unit="fwd", disable=args.no_progress or rank != 0) as bar:
+        for i, seed in jobs:
+            name = sample_id(i, seed)
+            bar.set_postfix_str(name)
+            _sample(args, plan, model, vae, initial, live, out, name, wanted[name], i, seed, contexts[i], negative,
+                    bar)
+            args.finished_samples.append(name)
     if live is not None:
         live.close()
     if world > 1:
@@ -467,9 +474,24 @@ def _load(args, plan: _Plan):
     return model, (None if args.no_video else vae), initial
 
 
+def _forwards(args, model, live) -> int:
+    """The DiT forwards of one sample (what the bar counts): each chunk's denoising steps (both CFG branches of
+    a multi-step sampler) and its context pass, the last chunk's skipped unless --live shows it."""
+    chunks = len(model.chunk_spans(args.frames)) if args.sampler != "bidirectional" else 1
+    per_chunk = (len(args.denoising_step_list) + 1 if args.sampler == "causal_few_step" else
+                 2 * args.num_inference_steps + (2 if args.sampler != "bidirectional" else 0))
+    return chunks * per_chunk - _skips_last_context_pass(args, live)
+
+
+def _skips_last_context_pass(args, live) -> bool:
+    """The last chunk's context pass only writes the cache (the same latents): skipped unless --live shows it."""
+    return args.sampler == "causal_few_step" and live is None
+
+
 def _sample(args, plan: _Plan, model, vae, initial, live, out: Path, name: str, want: dict, i: int, seed: int,
-            context, negative) -> None:
-    """One (prompt, seed) sample: the rollout, each chunk decoded as it finishes, then its files (latents last)."""
+            context, negative, bar) -> None:
+    """One (prompt, seed) sample: the rollout (each forward a step of `bar`), each chunk decoded as it finishes,
+    then its files (latents last)."""
     import contextlib
 
     import torch
@@ -479,13 +501,9 @@ def _sample(args, plan: _Plan, model, vae, initial, live, out: Path, name: str, 
     from models.video import write_mp4, write_png_grid
     from workbench.commands import model_label
     from workbench.errors import Diverged
-    from workbench.progress import progress_bar
 
     device, dtype = plan.device, plan.dtype
     noise, gen = seeded_noise(seed, (1, args.frames, model.config.in_dim, plan.h, plan.w), device, dtype)
-    chunks = len(model.chunk_spans(args.frames)) if args.sampler != "bidirectional" else 1
-    per_chunk = (len(args.denoising_step_list) + 1 if args.sampler == "causal_few_step" else
-                 2 * args.num_inference_steps + (2 if args.sampler != "bidirectional" else 0))
     # each finished chunk is decoded right away (the VAE decodes causally, chunk by chunk), on CUDA on a side
     # stream while the next chunk is denoised, and, with --live, streamed with its attention
     decoder = None if vae is None else vae.stream_decoder(overlap=True)
@@ -500,17 +518,14 @@ def _sample(args, plan: _Plan, model, vae, initial, live, out: Path, name: str, 
 
     watched = contextlib.nullcontext() if live is None else live.sample(model, name, prompt=plan.prompts[i],
                                                                         prompt_index=i, seed=seed)
-    # the last chunk's context pass only writes the cache (same latents): skipped unless --live shows it
-    skip_last = args.sampler == "causal_few_step" and live is None
-    with watched, progress_bar(total=chunks * per_chunk - skip_last, desc=f"rollout {name}", unit="fwd",
-                               disable=args.no_progress) as bar:
+    with watched:
         latents = sample(model, args.sampler, noise, context.to(device, dtype),
                          None if negative is None else negative.to(device, dtype), generator=gen,
                          num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                          denoising_step_list=args.denoising_step_list, timestep_shift=args.timestep_shift,
                          warp_denoising_step=args.warp_denoising_step, context_noise=args.context_noise,
                          on_forward=lambda *_: bar.update(1), on_chunk=on_chunk, initial_latent=initial,
-                         last_context_pass=not skip_last)
+                         last_context_pass=not _skips_last_context_pass(args, live))
     if (bad := nonfinite_frame(latents)) is not None:  # (its video would be NaN: refused by every writer, after all)
         raise Diverged.rollout(f"sample {name} (prompt {plan.prompts[i]!r}, seed {seed}): the rollout's latents are "
                                f"not finite (NaN or inf) from latent frame {bad} on", "nothing is written for it")

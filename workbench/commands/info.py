@@ -119,10 +119,11 @@ def describe_checkpoint(path: str, configs: dict, trust_pickle: bool = False, wa
     entries = {"(top level)": blob} if bare else {str(k): v for k, v in blob.items() if isinstance(v, dict)}
     others = [] if bare else sorted(f"{k} {v}" if isinstance(v, int) and not isinstance(v, bool) else str(k)
                                     for k, v in blob.items() if not isinstance(v, dict))  # (a step: its number)
-    shapes = {}
+    shapes, sizes = {}, {}  # each config's {name: shape}, and its size line
     for label, config in configs.items():
         with torch.device("meta"):
-            shapes[label] = {k: tuple(v.shape) for k, v in WanModel(config, causal=True).state_dict().items()}
+            sd = WanModel(config, causal=True).state_dict()
+        shapes[label], sizes[label] = {k: tuple(v.shape) for k, v in sd.items()}, _model_size(sd)
     lines = [head + (": a bare state dict" if bare else "")]
     saved = re.fullmatch(r"checkpoint_model_(\d+)", Path(path).resolve().parent.name)
     if saved and (Path(path).resolve().parent / "training_state.pt").is_file():  # (a training run's: its step)
@@ -151,10 +152,18 @@ def describe_checkpoint(path: str, configs: dict, trust_pickle: bool = False, wa
         elif not size:
             verdict = "not a Wan DiT state dict (no blocks.N.self_attn / ffn tensors)"
         elif asked and asked not in fits:
-            verdict = f"{size}: does not fit {asked}" + (f"; fits {' and '.join(fits)}" if fits else "")
+            verdict = f"{size}: does not fit {asked}"
+            if fits:
+                verdict += f"; fits {' and '.join(fits)}"
+            elif sizes[asked] == size:  # (its size: which tensors differ)
+                verdict += _mismatch(shapes[asked], flat)
+        elif fits:
+            verdict = f"{size}: fits {' and '.join(fits)}"
+        elif near := [label for label in sizes if sizes[label] == size]:  # (a tensor missing, extra or re-shaped)
+            verdict = f"{size}: the size of {near[0]}, but not its tensors{_mismatch(shapes[near[0]], flat)}"
         else:
-            verdict = f"{size}: " + (f"fits {' and '.join(fits)}" if fits else "fits none of the built-in sizes "
-                                     "(give --wan-dir the folder it belongs to, to check it there)")
+            verdict = (f"{size}: fits none of the built-in sizes (give --wan-dir the folder it belongs to, to "
+                       "check it there)")
         if gan and size:
             critics.add(name)
             verdict += (f"; with a GAN discriminator's branch ({len(gan)} tensors: "
@@ -172,7 +181,8 @@ def describe_checkpoint(path: str, configs: dict, trust_pickle: bool = False, wa
         lines.append("a GAN critic's weights (a Wan DiT with a discriminator's branch): no generator to load; a GAN "
                      "run's\n         checkpoint holds its generator beside it")
         return "\n".join(lines)
-    command = f"workbench extract --checkpoint {shell_word(str(path))}{' --trust-pickle' if trust_pickle else ''}"
+    command = (f"workbench extract --checkpoint {shell_word(str(path))}"  # (an EMA-only file: its EMA, by name)
+               f"{' --use-ema' if main == 'generator_ema' else ''}{' --trust-pickle' if trust_pickle else ''}")
     if asked in fits and wan_dir:  # the folder the user named
         lines.append(f"load it: {command} --wan-dir {shell_word(wan_dir)}")
     elif "the embedded default" in fits:  # (extract's default folder)
@@ -185,6 +195,19 @@ def describe_checkpoint(path: str, configs: dict, trust_pickle: bool = False, wa
         lines.append("         (a bare state dict is read as the generator; it can also be a Wan folder's\n"
                      "         diffusion_pytorch_model.safetensors, beside its config.json)")
     return "\n".join(lines)
+
+
+def _mismatch(want: dict, flat: dict) -> str:
+    """' (missing: ...; unexpected: ...; wrong shape: ...)': how a state dict's tensors differ from a config's
+    {name: shape}; '' when they agree."""
+    from models.errors import WeightsMismatchError
+    from models.files import check_tensor_shapes
+
+    try:
+        check_tensor_shapes(want, flat, "")
+    except WeightsMismatchError as e:
+        return " " + str(e).strip()
+    return ""
 
 
 def _safetensors_header(path) -> dict:

@@ -2,7 +2,8 @@
 
 `reference` is plain torch and always importable. `frame_attention` needs triton and is imported lazily on
 first use of one of its names (so that TRITON_INTERPRET=1, when wanted, can be set before the kernels are
-decorated). `attention_with_frame_mass(q, k, v, ...)` picks the Triton frame forward on CUDA and the reference elsewhere.
+decorated). Captures pick between them through the kernel table (models/common/attention_kernels.py) and the
+capture's modes (workbench/capture.py), not here.
 """
 
 from __future__ import annotations
@@ -10,9 +11,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-import torch
-
-from models.common.triton_version import usable
 from workbench.kernels.reference import (
     check_frame_inputs,
     frame_attention_reference,
@@ -42,25 +40,9 @@ def __getattr__(name):
     raise AttributeError(f"module 'workbench.kernels' has no attribute {name!r}")
 
 
-def attention_with_frame_mass(q, k, v, *, frame_seq_len, scale=None, allowed=None, frame_means=False):
-    """(out [B, Lq, H, D], mass [B, H, nqf, nkf] float32): the Triton frame forward for bf16/fp16 CUDA
-    tensors, the blockwise torch reference otherwise. frame_means: also return the per-frame mean vectors
-    (q_means [B, H, nqf, D], k_means [B, H, nkf, D] float32; the Triton frame forward makes them on the way)."""
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and usable():
-        from workbench.kernels.frame_attention import frame_forward_with_stats
-
-        return frame_forward_with_stats(q, k, v, frame_seq_len=frame_seq_len, scale=scale, allowed=allowed,
-                                     frame_means=frame_means)
-    out, mass = frame_attention_reference(q, k, v, frame_seq_len=frame_seq_len, scale=scale, allowed=allowed)
-    if not frame_means:
-        return out, mass
-    return out, mass, frame_means_reference(q, frame_seq_len), frame_means_reference(k, frame_seq_len)
-
-
 __all__ = [
     "HAS_TRITON",
     "check_frame_inputs",
-    "attention_with_frame_mass",
     "frame_attention_reference",
     "frame_mass_reference",
     "frame_means_reference",
