@@ -4,6 +4,7 @@ work. And studies/world_report.py's table, comparison and figure on results whos
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -213,6 +214,25 @@ def test_evaluate_refuses_an_unwritable_output(tmp_path, capsys):
     blocker.write_text("x")
     assert main(["evaluate", "--out", str(blocker / "sub"), "--no-progress"]) == 2
     assert "is not writable" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_folder_whose_scores_take_no_files(tmp_path, capsys, monkeypatch):
+    """A colleague's evaluate folder opened up with `chmod g+w` on its top only: resuming it failed after 44 s of
+    scoring, at the first score's write (exit status 1); its folders are checked before any work (found by QA)."""
+    import os
+
+    import models.files
+
+    out = tmp_path / "ev"
+    (out / "scores" / "dmd").mkdir(parents=True)
+    denied = out / "scores" / "dmd"
+    real_access = os.access
+    monkeypatch.setattr(models.files.os, "access",  # (root passes any permission bits: the folder is denied here)
+                        lambda p, mode, **kw: Path(p) != denied and real_access(p, mode, **kw))
+    assert main(["evaluate", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"is not writable inside: {str(denied)!r} cannot take new files" in err and err.count("\n") == 1
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["scores", "scores/dmd"]
 
 
 # ------------------------------------------------------------------------------------------------ report
