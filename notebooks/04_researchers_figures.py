@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -20,8 +20,9 @@
 # the grid of per-head query x key frame heatmaps (3 x 4 for Wan's 12 heads; one row of 4 for the embedded
 # default) of the **mean pre-softmax logit** (`attn_logit`, their
 # `full_frame_attention`; RdBu_r, symmetric, origin lower), the per-head bars of the last chunk's attention over key
-# frames (their `last_block_frame_attention`) titled `sink = v[0] - mean(v[1:-1])` (their score: a head whose spike is
-# on frame 1, not 0, scores below zero), and the diagonal and
+# frames (their `last_block_frame_attention`) titled with their sink score, `sink_delta = v[0] - mean(v[1:-1])` (a
+# head whose spike is on frame 1, not 0, scores below zero; the head table's `sink_mass` is v[0] alone), and the
+# diagonal and
 # column-0 means. The fork used the first denoising step (t = 1000) only; the store has every step. The same
 # figures with the softmax mass (`attn_mass`) follow: that is what "sink" usually means.
 

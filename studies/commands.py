@@ -19,7 +19,7 @@ the store's samples and steps, its invariants checked (rows sum to 1, NaN exactl
 layer x head maps of the head metrics (sink mass, own-chunk mass, local mass, mean distance, entropy),
 the head taxonomy (sink, local, global, deep_sink, mixed: the first rule that holds, each stated on the page
 and in studies/metrics.py) and, per layer, the per-head query x key frame heatmaps, the last chunk's bars with
-sink = v[0] - mean(v[1:-1]), a step slider and the recency profile.
+sink_delta = v[0] - mean(v[1:-1]), a step slider and the recency profile.
 """
 REPORT_EPILOG = """\
 examples:

@@ -87,6 +87,9 @@ def is_effects_store(ds: xr.Dataset) -> bool:
 
 
 WORLD_COLUMNS = ("trajectory_error", "adherent", "speed", "confidence")
+# the page's headers of those columns, with their units (adherent: the share of samples that are)
+WORLD_HEADERS = {"trajectory_error": "trajectory_error (px)", "adherent": "adherent (share of samples)",
+                 "speed": "speed (px/frame)", "confidence": "confidence (0-1)"}
 
 
 def display_ranking(table: pd.DataFrame) -> pd.DataFrame:
@@ -173,12 +176,12 @@ def attention_delta_figure(delta: xr.DataArray, label: str, top: float, cols: in
     # read as a small decrease), with no grid lines across the map
     fig.update_xaxes(showgrid=False, zeroline=False)
     fig.update_yaxes(showgrid=False, zeroline=False)
-    fig.update_layout(title=f"{html.escape(label, quote=False)}: attn_mass minus the baseline's (grey: attended in "
-                            "neither)",  # (a label as written: plotly reads <b>, <br>, &amp; ... in it as markup)
-                      plot_bgcolor=NOT_ATTENDED,
+    fig.update_layout(title=f"{html.escape(label, quote=False)}<br><sup>attn_mass minus the baseline's (grey: "
+                            "attended in neither)</sup>",  # (two lines: one panel's width cut it; a label as
+                      plot_bgcolor=NOT_ATTENDED,  # written: plotly reads <b>, <br>, &amp; ... in it as markup)
                       coloraxis=dict(colorscale="RdBu_r", cmin=-top, cmax=top,
                                      colorbar=dict(title="change [probability]")),
-                      height=270 * rows + 110, width=230 * cols + 230, margin=dict(t=80, r=120))
+                      height=270 * rows + 130, width=230 * cols + 230, margin=dict(t=100, r=120))
     return fig
 
 
@@ -234,7 +237,7 @@ def build_effects_report(store, out_html: str | Path) -> Path:
               "No world metrics: the run was made with --world off." if ds.attrs.get("world_asked") == "off" else
               "No world metrics: the model or the prompts are not the miniature world's."))
     page.h("Ranked by effect")
-    page.table(display_ranking(table), shown=TABLE_ROWS)
+    page.table(display_ranking(table).rename(columns=WORLD_HEADERS), shown=TABLE_ROWS)
     if "intervention_detail" in ds.coords:  # (what a policy decided as it ran: a head-wise cache's static heads)
         decided = [(str(e), str(d)) for e, d in zip(ds.intervention.values, ds.intervention_detail.values) if str(d)]
         if decided:
@@ -263,10 +266,7 @@ def build_effects_report(store, out_html: str | Path) -> Path:
     if "attn_mass" in ds:
         _attention_section(page, ds, top)
     page.h("Per-frame effect")
-    curves = {"latent_distance_rel": ("frame", "latent frame", "relative latent distance")}
-    if "pixel_distance" in ds:
-        curves["pixel_distance"] = ("pixel_frame", "pixel frame", "pixel RMS distance")
-        curves["world_curve_trajectory_error"] = ("pixel_frame", "pixel frame", "trajectory error (px)")
+    curves = per_frame_curves(ds)
     for i, name in enumerate(curves):
         page.figure(per_frame_figure(ds, name, top, *curves[name]), f"fig-curve-{i}")
         if name == "world_curve_trajectory_error":
@@ -277,7 +277,7 @@ def build_effects_report(store, out_html: str | Path) -> Path:
                    "`speed`, is the one of the first 81 frames.")
     _videos(page, ds, store, top)
     png = out_html.with_suffix(".png")
-    write_png(curve_png(ds, top), png)
+    write_png(stack_png([curve_png(ds, top, name=name, curve=curve) for name, curve in curves.items()]), png)
     pngs = [png.name]
     if grid is not None:
         write_png(grid_png(grid), out_html.with_name(out_html.stem + "_heads.png"))
@@ -286,9 +286,19 @@ def build_effects_report(store, out_html: str | Path) -> Path:
     return write_atomic(page.render(), out_html)
 
 
+def per_frame_curves(ds: xr.Dataset) -> dict[str, tuple[str, str, str]]:
+    """The page's per-frame charts: {variable: (its frame dim, the x axis's name, the y axis's name and unit)}."""
+    curves = {"latent_distance_rel": ("frame", "latent frame", "relative latent distance (ratio)")}
+    if "pixel_distance" in ds:
+        curves["pixel_distance"] = ("pixel_frame", "pixel frame", "pixel RMS distance (RGB in [-1, 1])")
+    if "world_curve_trajectory_error" in ds:
+        curves["world_curve_trajectory_error"] = ("pixel_frame", "pixel frame", "trajectory error (px)")
+    return curves
+
+
 CURVE_TITLES = {  # each per-frame chart's title: what is plotted, per what frame
     "latent_distance_rel": "Relative latent distance to the baseline per latent frame",
-    "pixel_distance": "Pixel RMS distance to the baseline per pixel frame",
+    "pixel_distance": "Pixel RMS distance to the baseline per pixel frame (RGB in [-1, 1]: 2 is black to white)",
     "world_curve_trajectory_error": "Trajectory error per pixel frame (px; black: the baseline)",
 }
 SAME_PIXELS = "same pixels as the baseline there: the error moved with the motion fit"  # (the paragraph below)
@@ -305,14 +315,20 @@ def per_frame_figure(ds: xr.Dataset, name: str, labels: list[str], dim: str, xla
     fig = go.Figure()
     pixel = dim == "pixel_frame"
     same = _same_pixels(ds) if name == "world_curve_trajectory_error" else {}
+    drawn: dict[str, np.ndarray] = {}
     for j, label in enumerate(labels + (["baseline"] if name.startswith("world") else [])):
         y = ds[name].sel(intervention=label).mean("sample").values
         note = ["<br>" + SAME_PIXELS if label in same and same[label][k] else "" for k in range(len(y))]
-        fig.add_trace(go.Scatter(x=ds[dim].values, y=y, name=html.escape(label, quote=False), mode="lines",
-                                 customdata=note,
+        # a curve equal to one drawn before would hide it (or be hidden): dotted, its legend naming the other
+        twin = next((other for other, y2 in drawn.items() if np.array_equal(y, y2, equal_nan=True)), None)
+        drawn[label] = y
+        fig.add_trace(go.Scatter(x=ds[dim].values, y=y, mode="lines", customdata=note,
+                                 name=html.escape(label if twin is None else f"{label} (= {twin})", quote=False),
                                  hovertemplate=f"{xlabel} %{{x}}<br>{ylabel} %{{y:.4g}}%{{customdata}}<extra>"
                                                f"{html.escape(label)}</extra>",
-                                 line=dict(color=COLOURS[j % len(COLOURS)] if label != "baseline" else "black")))
+                                 line=dict(color=COLOURS[j % len(COLOURS)] if label != "baseline" else "black",
+                                           dash="dot" if twin is not None else None,
+                                           width=3 if twin is not None else 2)))
     lines = 0  # (the bands' names, a line each above the plot, the last one's first)
     for label, (runs, later) in knockout_runs(ds, labels).items():
         for a, b in runs:
@@ -330,6 +346,7 @@ def per_frame_figure(ds: xr.Dataset, name: str, labels: list[str], dim: str, xla
     title = f"{CURVE_TITLES.get(name, name)}, mean over {n} sample{'s' if n != 1 else ''}"
     fig.update_layout(title=dict(text=title, font=dict(size=15)), xaxis_title=xlabel, yaxis_title=ylabel,
                       height=420 + 15 * lines, legend=dict(font=dict(size=10)), margin=dict(t=60 + 15 * lines))
+    fig.update_yaxes(rangemode="tozero")  # (distances and errors: from 0, so that a small one looks small)
     return fig
 
 
@@ -444,17 +461,23 @@ def nice_ticks(top_value: float, n: int = 5) -> list[float]:
     return [round(k * step, 12) for k in range(int(np.ceil(top_value * 1.02 / step)) + 1)]
 
 
-def curve_png(ds: xr.Dataset, labels: list[str], size=(1100, 620)):
-    """Per-frame relative latent distance (mean over samples) of `labels`, one coloured line each, with a legend;
-    its text 15 pixels high (Pillow's 10-pixel bitmap font was too small to read in a shared copy)."""
+def curve_png(ds: xr.Dataset, labels: list[str], size=(1100, 620), name: str = "latent_distance_rel",
+              curve: tuple[str, str, str] = ("frame", "latent frame", "relative latent distance")):
+    """A per-frame chart of the page as a PNG: variable `name` (mean over samples) of `labels`, one coloured line
+    each (and the baseline, black, for a world curve, as on the page), with a legend; `curve`: (its frame dim, the
+    x axis's name, the y axis's name with its unit); its title the page's (CURVE_TITLES); text 15 pixels high
+    (Pillow's 10-pixel bitmap font was too small to read in a shared copy). A NaN (a frame where the tracker
+    found nothing) breaks the line."""
     from PIL import Image, ImageDraw
 
     from models.video import font_for  # (labels are the user's: a font that has their letters)
 
     labels = entry_labels(ds, labels)
+    dim, xlabel, ylabel = curve
+    labels = labels + (["baseline"] if name.startswith("world") and "baseline" in ds.intervention.values else [])
     W, H = size
     left, right, top, bottom = 96, 320, 44, 64
-    font = font_for("0123456789.e-+ relative latent distance frame", 15)
+    font = font_for("0123456789.e-+ " + ylabel + xlabel, 15)
     # the legend as wide as its longest label (to 640 pixels; a longer one loses its middle, not its end)
     fonts = {lab: font_for(lab, 15) for lab in labels}
     shown = {lab: _fit(lab, fonts[lab], LEGEND_MAX_PX) for lab in labels}
@@ -463,9 +486,9 @@ def curve_png(ds: xr.Dataset, labels: list[str], size=(1100, 620)):
     W, right = W + grow, right + grow
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    x = ds.frame.values
-    ys = {lab: ds.latent_distance_rel.sel(intervention=lab).mean("sample").values for lab in labels}
-    ticks = nice_ticks(max([float(np.nanmax(v)) for v in ys.values()] + [1e-6]))
+    x = ds[dim].values
+    ys = {lab: ds[name].sel(intervention=lab).mean("sample").values for lab in labels}
+    ticks = nice_ticks(max([float(np.nanmax(v)) for v in ys.values() if np.isfinite(v).any()] + [1e-6]))
     ymax = ticks[-1]
     px = lambda f: left + (f - x[0]) / max(1, x[-1] - x[0]) * (W - left - right)  # noqa: E731
     py = lambda v: H - bottom - v / ymax * (H - top - bottom)  # noqa: E731
@@ -473,21 +496,28 @@ def curve_png(ds: xr.Dataset, labels: list[str], size=(1100, 620)):
     for v in ticks:
         d.line([left - 5, py(v), left, py(v)], fill="black")
         d.text((left - 8, py(v)), f"{v:.4g}", fill="black", font=font, anchor="rm")
-    name = "relative latent distance"  # the y axis's name, written upright
-    label = Image.new("RGB", (H - top - bottom, 20), "white")
-    ImageDraw.Draw(label).text((label.width // 2, 10), name, fill="black", font=font, anchor="mm")
+    label = Image.new("RGB", (H - top - bottom, 20), "white")  # the y axis's name, written upright
+    ImageDraw.Draw(label).text((label.width // 2, 10), ylabel, fill="black", font=font, anchor="mm")
     img.paste(label.rotate(90, expand=True), (8, top))
     for f in x[:: max(1, len(x) // 10)]:
         d.line([px(f), H - bottom, px(f), H - bottom + 5], fill="black")
         d.text((px(f), H - bottom + 8), str(int(f)), fill="black", font=font, anchor="mt")
-    d.text((left + (W - left - right) // 2, H - 10), "latent frame", fill="black", font=font, anchor="mb")
-    d.text((left, 12), "relative latent distance to the baseline (mean over samples)", fill="black",
-           font=font_for("relative latent distance to the baseline", 17))
+    d.text((left + (W - left - right) // 2, H - 10), xlabel, fill="black", font=font, anchor="mb")
+    n = ds.sizes["sample"]
+    title = f"{CURVE_TITLES.get(name, name)}, mean over {n} sample{'s' if n != 1 else ''}"
+    d.text((left, 12), title, fill="black", font=font_for(title, 17))
     for j, (lab, y) in enumerate(ys.items()):
-        c = COLOURS[j % len(COLOURS)]
-        pts = [(px(f), py(v)) for f, v in zip(x, y) if np.isfinite(v)]
-        if len(pts) > 1:
-            d.line(pts, fill=c, width=3)
+        c = COLOURS[j % len(COLOURS)] if lab != "baseline" or not name.startswith("world") else "black"
+        run = []  # (the points since the last NaN: one line each)
+        for f, v in [*zip(x, y), (None, np.nan)]:
+            if np.isfinite(v):
+                run.append((px(f), py(v)))
+                continue
+            if len(run) > 1:
+                d.line(run, fill=c, width=3)
+            elif run:
+                d.ellipse([run[0][0] - 2, run[0][1] - 2, run[0][0] + 2, run[0][1] + 2], fill=c)
+            run = []
         row = top + 16 + 24 * j
         d.line([W - right + 14, row, W - right + 38, row], fill=c, width=4)
         d.text((W - right + 46, row), shown[lab], fill="black", font=fonts[lab], anchor="lm")
@@ -495,6 +525,18 @@ def curve_png(ds: xr.Dataset, labels: list[str], size=(1100, 620)):
 
 
 LEGEND_MAX_PX = 640
+
+
+def stack_png(images: list):
+    """PIL images one above the other, on white, as wide as the widest: the page's charts in one PNG copy."""
+    from PIL import Image
+
+    out = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), "white")
+    y = 0
+    for image in images:
+        out.paste(image, (0, y))
+        y += image.height
+    return out
 
 
 def _fit(text: str, font, width: float) -> str:
@@ -523,7 +565,7 @@ def grid_png(grid: pd.DataFrame, cell: int = 72):
     title_font = font_for(title, 16)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     width = max(left + cols * cell + 24, int(measure.textlength(title, font=title_font)) + 24)
-    img = Image.new("RGB", (width, top + rows * cell + 76), "white")
+    img = Image.new("RGB", (width, top + rows * cell + 96), "white")
     d = ImageDraw.Draw(img)
     d.text((10, 10), title, fill="black", font=title_font)
     vmax = float(np.nanmax(grid.values)) or 1.0
@@ -553,4 +595,6 @@ def grid_png(grid: pd.DataFrame, cell: int = 72):
         d.line([(x, y), (x, y + 12)], fill=colour(vmax * (x - left) / max(1, width - 71 - left)))
     d.text((left, y + 18), "0", fill="black", font=font)
     d.text((width - 70, y + 18), f"{vmax:.3f}", fill="black", font=font, anchor="ra")
+    label = "relative latent distance to the baseline [ratio]"  # (the page's map: its title and colour bar)
+    d.text((left, y + 40), label, fill="black", font=font_for(label, 13))
     return img

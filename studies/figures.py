@@ -4,7 +4,7 @@
                      scale shared by every head: 0..max for mass, symmetric RdBu_r for logits as in their Fig. 1)
     head_pair        one head's heatmap in two stores side by side (A, B) on one colour scale
     last_chunk_bars  per-head bars + line of the last chunk's attention over key frames, titled with the
-                     researchers' sink = v[0] - mean(v[1:-1])
+                     researchers' sink statistic, sink_delta = v[0] - mean(v[1:-1])
     step_slider      the head grid across steps (plotly frames and a slider, one frame per step)
     train_step_slider  the head grid of a training probe store across train steps
     metric_over_training  a head metric against the train step, a panel per layer, a line per head
@@ -35,7 +35,8 @@ from plotly.subplots import make_subplots
 from studies import metrics
 from workbench.errors import WorkbenchError
 
-SINK_FORMULA = "sink = v[0] - mean(v[1:-1])"
+# the researchers' sink statistic, named apart from the head table's sink_mass (v[0] alone, frame 0's share)
+SINK_FORMULA = "sink_delta = v[0] - mean(v[1:-1]), the researchers' sink statistic (sink_mass: v[0])"
 CLASS_COLOURS = {"sink": "#d62728", "local": "#1f77b4", "global": "#2ca02c", "deep_sink": "#9467bd",
                  "mixed": "#7f7f7f", "no_values": "#e0e0e0"}
 
@@ -256,7 +257,9 @@ def last_chunk_bars(
     cols: int = 4,
 ) -> go.Figure:
     """Per head, the last chunk's attention over key frames (v = the mean of the last chunk's query rows, the
-    researchers' `last_block_frame_attention`) as bars plus a line, titled with sink = v[0] - mean(v[1:-1])."""
+    researchers' `last_block_frame_attention`) as bars plus a line, each titled with their sink statistic,
+    sink_delta = v[0] - mean(v[1:-1]) (the head table's sink_mass is v[0] alone). Each y axis is named by the unit
+    alone: the long name ran into the next row's, or off a single row's plot (the title has it)."""
     ds = metrics.attention_store(ds)
     sub = metrics.select(ds, sample=sample, layer=metrics.one(layer, "layer"), step=metrics.one(step, "step"))
     v = metrics.frame_profile(sub, var=var).mean("sample", skipna=True).isel(layer=0, step=0)  # [head, key_frame]
@@ -264,7 +267,7 @@ def last_chunk_bars(
     sink = metrics.sink_delta(v)  # [head]
     head_list = [int(h) for h in v["head"].values]
     short = v.sizes["key_frame"] < 3  # (then sink is the mean of nothing: said once, in the figure's title)
-    titles = [f"head {h}: sink = {float(sink.sel(head=h)):.3g}" if not short else f"head {h}: sink n/a"
+    titles = [f"head {h}: sink_delta = {float(sink.sel(head=h)):.3g}" if not short else f"head {h}: sink_delta n/a"
               for h in head_list]
     fig, cols = _head_subplots(head_list, cols, titles, shared=False)
     rows = math.ceil(len(head_list) / cols)
@@ -276,13 +279,13 @@ def last_chunk_bars(
                              hovertemplate="key frame %{x}<br>%{y:.4g}<extra>head " + str(h) + "</extra>"), row=r, col=c)
         fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", line=dict(color="#e45756", width=1),
                                  marker=dict(size=3), showlegend=False, hoverinfo="skip"), row=r, col=c)
-    # each row's y axis named by the unit alone: the long name, once a row, ran into the next row's (the title has it)
-    _label_axes(fig, rows, cols, "key frame", ds[var].attrs.get("units", var) if rows > 1 else _units(ds, var))
+    _label_axes(fig, rows, cols, "key frame", ds[var].attrs.get("units", var))
     frames = metrics.query_frames_for(sub, "last_chunk")
-    fig.update_layout(
-        title=f"{var} of the last chunk (query frames {frames[0]}-{frames[-1]}) over key frames · layer {layer} · "
-              f"{metrics.step_label(ds, step)} · {SINK_FORMULA}" + (" (n/a under 3 key frames)" if short else ""),
-        height=220 * rows + 120, width=max(700, 260 * cols + 100), bargap=0.15,
+    fig.update_layout(  # (two lines: one ran off the figure)
+        title=dict(text=f"{var} of the last chunk (query frames {frames[0]}-{frames[-1]}) over key frames · layer "
+                        f"{layer} · {metrics.step_label(ds, step)}<br><sup>{SINK_FORMULA}"
+                        + (" (n/a under 3 key frames)" if short else "") + "</sup>"),
+        height=220 * rows + 140, width=max(700, 260 * cols + 100), bargap=0.15, margin=dict(t=110),
     )
     fig.update_annotations(font_size=12)  # (the panel titles: at a narrow window's width, 15 px ran into each other)
     return fig
@@ -306,7 +309,8 @@ def step_slider(
     data = _frames(ds, var, layer, sample, None if steps is None else list(steps))  # [step, head, qf, kf]
     labels = {int(s): metrics.step_label(ds, int(s)) for s in data.step.values}
     cfg = {s: str(ds["cfg"].sel(step=s).values) if "cfg" in ds.coords else "none" for s in labels}
-    marks = {s: f"{s} · t={float(ds['timestep'].sel(step=s)):g}" + ("" if cfg[s] == "none" else f" {cfg[s]}")
+    marks = {s: f"{s} · t={metrics.timestep_text(ds['timestep'].sel(step=s))}"
+             + ("" if cfg[s] == "none" else f" {cfg[s]}")
              for s in labels}
     return _grid_slider(data, "step", labels, marks, start, heads, cols,
                         title=lambda s: f"{var} · layer {layer} · {labels[s]}", who=samples_label(ds, sample),
@@ -611,15 +615,20 @@ def key_token_maps(
         sums += "; over each key frame's picture" + (" (latent frame f: pixel frame 4f, the last it decodes to)"
                                                       if whole else "")
     panel = max(80, min(180, 1000 // cols))  # (the figure within the report's 1200 px column, colour bar included)
+    width = panel * cols + 200
+    # (the subtitle in lines that fit the figure: plotly clips a long one at its edge; ~6.6 px a character at <sub>)
+    note = wrap_title(f"{samples_label(sub, sample)}; an image per key frame (latent rows x columns), {sums}", width,
+                      px_per_char=6.6)
+    extra = 16 * note.count("<br>")
+    height = int(panel * h / w) * rows + 70 * rows + 140 + extra
     fig.update_layout(
-        title=f"attn_key_token · layer {token_layer} · {heads} · query frame {query_frame} · "
-              f"{metrics.step_label(ds, step)}<br><sub>{samples_label(sub, sample)}; an image per key frame "
-              "(latent rows x "
-              f"columns), {sums}</sub>",
+        title=dict(text=f"attn_key_token · layer {token_layer} · {heads} · query frame {query_frame} · "
+                        f"{metrics.step_label(ds, step)}<br><sub>{note.replace('<br>', '</sub><br><sub>')}</sub>",
+                   y=1 - 28 / height, yref="container", yanchor="top"),  # (its top line in the figure, not cut)
         coloraxis=dict(**_colour("attn_key_token", per_frame),
                        colorbar=dict(title="share of<br>the frame" if within_frame
                                      else ds["attn_key_token"].attrs.get("units", ""))),
-        height=int(panel * h / w) * rows + 70 * rows + 140, width=panel * cols + 200, margin=dict(t=110),
+        height=height, width=width, margin=dict(t=110 + extra),
     )
     return fig
 
@@ -668,7 +677,7 @@ def selection_label(da: xr.DataArray) -> str:
     t and CFG branch), the samples and the query frames it averages ('' when it records none of these)."""
     parts = []
     if "step" in da.coords and da["step"].ndim == 0:
-        t = f"t={float(da['timestep']):g}" if "timestep" in da.coords and da["timestep"].ndim == 0 else ""
+        t = f"t={metrics.timestep_text(da['timestep'])}" if "timestep" in da.coords and da["timestep"].ndim == 0 else ""
         cfg = str(da["cfg"].values) if "cfg" in da.coords and da["cfg"].ndim == 0 else "none"
         extra = ", ".join(x for x in (t, "" if cfg == "none" else cfg) if x)
         parts.append(f"step {int(da['step'])}" + (f" ({extra})" if extra else ""))
@@ -691,6 +700,12 @@ def layer_head_map(da: xr.DataArray, *, title: str | None = None, colorscale: st
     da = _layer_head(da)
     name = da.attrs.get("long_name", da.name or "value")
     units = da.attrs.get("units", "")
+    if (zmin is None) != (zmax is None):  # plotly ignores a lone zmin or zmax: fill the other end from the data
+        finite = da.values[np.isfinite(da.values)]
+        if finite.size:
+            zmin = float(finite.min()) if zmin is None else zmin
+            zmax = float(finite.max()) if zmax is None else zmax
+            zmin, zmax = min(zmin, zmax), max(zmin, zmax)
     fig = go.Figure(go.Heatmap(
         z=_round(da.values), x=[str(int(h)) for h in da["head"].values], y=[str(int(x)) for x in da.layer.values],
         colorscale=colorscale or "Viridis", zmin=zmin, zmax=zmax, colorbar=dict(title=f"{units}"),
@@ -822,11 +837,17 @@ def recency_lines(profile: xr.DataArray, *, title: str | None = None) -> go.Figu
         end = start
         while end + 1 in distances and sink_only[distances.index(end + 1)]:
             end += 1
-        fig.add_vrect(x0=start - 0.5, x1=end + 0.5, fillcolor="grey", opacity=0.15, line_width=0, layer="below",
-                      annotation_text=label if start == runs[0] else "",
-                      annotation_position="top left")
+        fig.add_vrect(x0=start - 0.5, x1=end + 0.5, fillcolor="grey", opacity=0.15, line_width=0, layer="below")
+        if start == runs[0]:  # (its name above the plot, ending at the band's right edge: inside, it sat on a line)
+            fig.add_annotation(x=end + 0.5, xref="x", xanchor="right", y=1, yref="paper", yanchor="bottom",
+                               text=label, showarrow=False, font=dict(size=11, color="#555"))
     fig.update_xaxes(title_text="distance = query frame - key frame (frames)")
-    fig.update_yaxes(title_text="mean attention mass")
+    # (from 0, as the other line figures of masses: an autorange from the smallest mass made a flat profile, a
+    # bidirectional head's, look like a strong preference)
+    fig.update_yaxes(title_text=f"mean attention mass [{profile.attrs.get('units', 'probability')}]",
+                     rangemode="tozero")
+    if (y_range := _fixed_range(profile)) is not None:
+        fig.update_yaxes(range=y_range)
     fig.update_layout(title=title or "recency profile", height=420, width=800)
     return fig
 
@@ -869,7 +890,7 @@ def metric_by_step(da: xr.DataArray, *, title: str | None = None) -> go.Figure:
         t = float(da["timestep"].sel(step=s)) if "timestep" in da.coords else float("nan")
         tags = [str(da[c].sel(step=s).values) for c in ("phase", "cfg") if c in da.coords]
         tags = [x for x in tags if x not in ("denoise", "none")]
-        labels.append(f"{int(s)} · t={t:g}" + (f" ({', '.join(tags)})" if tags else ""))
+        labels.append(f"{int(s)} · t={metrics.timestep_text(t)}" + (f" ({', '.join(tags)})" if tags else ""))
     fig = go.Figure()
     for i, h in enumerate(da["head"].values):
         fig.add_trace(go.Scatter(x=labels, y=_round(da.sel(head=h).values), mode="lines+markers", name=f"head {int(h)}",

@@ -168,6 +168,11 @@ def default_step(ds: xr.Dataset) -> int:
     return int((denoising if len(denoising) else steps)[0])
 
 
+def timestep_text(t) -> str:
+    """A timestep as the pages write it: to one decimal, as the Steps table (833.3, not 833.333; 1000, 937.5)."""
+    return f"{round(float(t), 1):g}"
+
+
 def step_label(ds: xr.Dataset, step: int) -> str:
     """'step 0 (t=1000, denoise)' with the CFG branch when there is one."""
     steps = [int(v) for v in ds.step.values]
@@ -177,7 +182,7 @@ def step_label(ds: xr.Dataset, step: int) -> str:
     cfg = str(s.cfg.values) if "cfg" in ds.coords else "none"
     phase = str(s.phase.values) if "phase" in ds.coords else "denoise"
     extra = "" if cfg == "none" else f", {cfg}"
-    return f"step {step} (t={float(s.timestep.values):g}, {phase}{extra})"
+    return f"step {step} (t={timestep_text(s.timestep.values)}, {phase}{extra})"
 
 
 # ----------------------------------------------------------------------------------------------- row metrics

@@ -340,6 +340,13 @@ def build_report(
         title = f"recency profile · layer {lay} · {metrics.step_label(ds, step)} · every query frame"
         page.figure(figures.recency_lines(prof, title=title),
                     f"fig-recency-layer{lay}")
+        if "attn_frame_entropy" in ds:  # (per query token, then averaged: not the entropy of attn_mass's rows)
+            rows = metrics.select(ds, sample=sample, layer=lay, step=step)["attn_frame_entropy"]
+            rows = rows.mean("sample", skipna=True).isel(layer=0, step=0)
+            page.figure(figures.metric_by_query_frame(rows, title=(
+                f"attn_frame_entropy · layer {lay} · {metrics.step_label(ds, step)}<br><sup>each query token's "
+                "entropy over key frames, averaged over the frame's tokens (nat; ln n for uniform over n frames)"
+                "</sup>")), f"fig-entropy-layer{lay}")
         if cross:
             page.figure(figures.cross_tokens(ds, lay, step=step, sample=sample), f"fig-cross-layer{lay}")
     token_layers, others = [t for t in held if t in detail], [t for t in held if t not in detail]
@@ -365,59 +372,16 @@ def build_report(
                "--layer N draws them.")
     if len(detail) < ds.sizes["layer"]:
         page.p(f"Detailed sections for layers {detail} of {ds.sizes['layer']}; pass --layer N to choose others.")
+    drawn = {"attn_mass", "attn_logit", "cross_mass", "attn_key_token", "attn_frame_entropy"}
+    if rest := [str(v) for v in ds.data_vars if str(v) not in drawn]:  # (a plugin's statistic: said, not dropped)
+        page.p(html.escape("Also in the store, not drawn here: " + ", ".join(
+            f"{v} ({ds[v].attrs.get('long_name', 'no long_name')}, {ds[v].attrs.get('units', 'no unit')})"
+            for v in rest) + "; open it with xarray (xr.open_zarr(STORE, consolidated=False))."))
     written = write_atomic(page.render(), out_html)
     from models.files import atomic_write_text
 
     atomic_write_text(Path(out_html).with_suffix(".csv"), csv_text)
     return written
-
-
-def generate_command(ds: xr.Dataset, i: int, out) -> str:
-    """The `workbench generate` command that makes the video of the store's sample at position `i`: the settings of
-    the run that made the store (its `config_yaml`, as resolved: model, sampler, schedule, window, size, frames) as
-    generate's flags, every prompt of the store in order (generate names its files by prompt index, as the store
-    its samples), the sample's seed and `--out out`."""
-    import shlex
-
-    import yaml
-
-    from workbench.extract import ExtractConfig
-    from workbench.weights import SAMPLER_DEFAULTS
-
-    c = (yaml.safe_load(str(ds.attrs.get("config_yaml", ""))) or {}).get("extract") or {}
-    flags = []
-    if c.get("model"):  # (a zoo model: its name sets the weights and the sampler defaults)
-        from models.wan.embedded import ZOO
-
-        flags += ["--model", str(c["model"])]
-        own = ZOO.get(str(c["model"]))
-        ref = {k: getattr(own, k) for k in SAMPLER_DEFAULTS} if own is not None else dict(SAMPLER_DEFAULTS)
-    else:
-        flags += ["--wan-dir", str(c["wan_dir"])] if c.get("wan_dir") else []
-        flags += ["--checkpoint", str(c["checkpoint"])] if c.get("checkpoint") else []
-        flags += ["--use-ema"] if c.get("use_ema") else []
-        ref = dict(SAMPLER_DEFAULTS)
-    defaults = ExtractConfig(prompts=["x"])
-    for key, default in [*ref.items(), *((k, getattr(defaults, k)) for k in (
-            "timestep_shift", "context_noise", "num_frame_per_block", "local_attn_size", "sink_size", "height",
-            "width", "image"))]:
-        if key in c and c[key] is not None and c[key] != default:
-            flags += [f"--{key.replace('_', '-')}", str(c[key])]
-    if c.get("denoising_step_list") and list(c["denoising_step_list"]) != defaults.denoising_step_list:
-        flags += ["--denoising-step-list", ",".join(str(t) for t in c["denoising_step_list"])]
-    if c.get("warp_denoising_step") is False:
-        flags += ["--no-warp-denoising-step"]
-    if c.get("independent_first_frame"):
-        flags += ["--independent-first-frame"]
-    if c.get("trust_pickle"):
-        flags += ["--trust-pickle"]
-    frames = c.get("num_frames") or (ds.sizes["key_frame"] if "key_frame" in ds.dims else None)
-    flags += ["--frames", str(frames)] if frames else []
-    index = ds["prompt_index"].values if "prompt_index" in ds.coords else np.zeros(ds.sizes["sample"], int)
-    prompts = dict(sorted(zip((int(x) for x in index), (str(p) for p in ds["prompt"].values))))
-    for p in prompts.values():  # (a prompt that starts with '-' as --prompt=..., or argparse takes it for a flag)
-        flags += [f"--prompt={p}"] if p.startswith("-") else ["--prompt", p]
-    return shlex.join(["workbench", "generate", *flags, "--seed", str(int(ds["seed"].values[i])), "--out", str(out)])
 
 
 def key_frame_pictures(ds: xr.Dataset, source: str, sample: str | None, video=None) -> tuple[np.ndarray | None, str]:
@@ -427,7 +391,8 @@ def key_frame_pictures(ds: xr.Dataset, source: str, sample: str | None, video=No
     sources.py: `video`, else STORE.mp4 or pPPPP-sS.mp4 beside the store or in the folder named like it) and
     checked against the store's run; a named `video` that does not fit is an error, a found one a sentence."""
     from models.video import mp4_available
-    from workbench.view.sources import find_videos, pixel_span, read_video, video_mismatch, videos_folder
+    from workbench.view.sources import (find_videos, generate_command, pixel_span, read_video, video_mismatch,
+                                        videos_folder)
 
     ids = [str(s) for s in ds["sample"].values]
     if sample is None and len(ids) > 1:
@@ -682,8 +647,9 @@ def build_compare_report(
     page.p(f"Per matched step, on the same colour scale (0 to {top_js:.3g} bits):")
     for m in range(len(c.steps)):
         page.figure(figures.layer_head_map(c.js_bits.sel(match=m), zmin=0, zmax=top_js,
-                                           title=f"JS divergence (bits) · t_A={c.steps.timestep_a[m]:g} "
-                                                 f"t_B={c.steps.timestep_b[m]:g}"), f"fig-js-match{m}")
+                                           title=f"JS divergence (bits) · t_A="
+                                                 f"{metrics.timestep_text(c.steps.timestep_a[m])} t_B="
+                                                 f"{metrics.timestep_text(c.steps.timestep_b[m])}"), f"fig-js-match{m}")
 
     over = compare_mod.over_steps_words(c)
     page.h(f"Metrics: A, B and B - A ({compare_mod.over_steps_words(c, short=False)}, as in the ranking)")
@@ -698,7 +664,7 @@ def build_compare_report(
                         f"fig-compare-{name}")
 
     page.h(f"Top {min(top, len(ranking))} heads: query x key frame heatmaps (first matched step: "
-           f"t_A={c.steps.timestep_a[0]:g}, t_B={c.steps.timestep_b[0]:g})")
+           f"t_A={metrics.timestep_text(c.steps.timestep_a[0])}, t_B={metrics.timestep_text(c.steps.timestep_b[0])})")
     sa, sb = int(c.steps.step_a[0]), int(c.steps.step_b[0])
     samples_a, samples_b = list(dict.fromkeys(c.pairs.sample_a)), list(dict.fromkeys(c.pairs.sample_b))
     for row in ranking.head(top).itertuples():  # A left, B right, one colour scale

@@ -28,10 +28,10 @@ from studies.page import number
 
 # The table's rows: (column of videos.csv, label with units, scale, format, better: +1 higher, -1 lower, 0 neither)
 TABLE = [
-    ("adherent", "adherent: shown in half the frames, colour, shape, direction right (%)", 100, "{:.0f}", 1),
-    ("colour_ok", "colour right (%)", 100, "{:.0f}", 1),
-    ("shape_ok", "shape right (%)", 100, "{:.0f}", 1),
-    ("direction_ok", "direction right (%)", 100, "{:.0f}", 1),
+    ("adherent", "adherent: shown in half the frames, colour, shape, direction as prompted (%)", 100, "{:.0f}", 1),
+    ("colour_ok", "colour as prompted (%)", 100, "{:.0f}", 1),
+    ("shape_ok", "shape as prompted (%)", 100, "{:.0f}", 1),
+    ("direction_ok", "direction as prompted (%)", 100, "{:.0f}", 1),
     ("detected", "frames with the object detected (%)", 100, "{:.0f}", 1),
     ("confidence", "detection confidence (0-1)", 1, "{:.3f}", 1),
     ("trajectory_error", "trajectory error vs the named motion (px, RMS)", 1, "{:.2f}", -1),
@@ -47,8 +47,10 @@ TABLE = [
     ("colour_drift", "colour error drift, last - first quarter (RGB)", 1, "{:+.3f}", -1),
     ("trajectory_drift", "trajectory error drift, last - first quarter (px)", 1, "{:+.2f}", -1),
 ]
-FIGURE_CURVES = [("confidence", "detection confidence"), ("trajectory_error", "trajectory error (px)"),
-                 ("colour_error", "colour error (RGB)"), ("background_change", "background change (RGB)")]
+# the per-frame panels, named as the table's rows (TABLE) name the same numbers
+FIGURE_CURVES = [("confidence", "detection confidence (0-1)"), ("trajectory_error", "trajectory error (px)"),
+                 ("colour_error", "colour error (RGB distance)"),
+                 ("background_change", "background change per frame (RGB, RMS)")]
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 DASHES = ["solid", "dash", "dot", "dashdot"]
 
@@ -109,7 +111,7 @@ def table_blocks(summ: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
                                 + ("" if n == total else f" ({int(n)} of {int(total)})")
                                 for v, n, total in zip(block[col], over, block["videos"])]
         table = pd.DataFrame(cells, index=[m for m, _ in block.index]).T
-        blocks.append((f"{frames} latent frames ({1 + 4 * (frames - 1)} px frames)", table))
+        blocks.append((f"{frames} latent frames ({1 + 4 * (frames - 1)} pixel frames)", table))
     return blocks
 
 

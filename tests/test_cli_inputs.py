@@ -736,6 +736,28 @@ S.register(S.Statistic("test_plugin_mass2", S.FRAME_PAIR, "self", needs_lse=True
 '''
 
 
+def test_the_recorded_command_names_the_plugins_as_they_load(tmp_path, monkeypatch, capsys):
+    """The command a store records starts with WORKBENCH_PLUGINS as a shell takes it: the module names without the
+    spaces and empty items of the variable, in the order given (the order they load in: a later one's
+    `register(..., replace=True)` wins), none added or dropped; none: no assignment."""
+    import sys
+
+    from workbench.commands import info
+
+    for name in ("qa_first_plugin", "qa_second_plugin"):
+        (tmp_path / f"{name}.py").write_text("")
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    monkeypatch.setattr(info, "run", lambda args: seen.append(args.argv) or 0)
+    for value, first in ((" qa_second_plugin , ,qa_first_plugin,qa_second_plugin,",
+                          "WORKBENCH_PLUGINS=qa_second_plugin,qa_first_plugin,qa_second_plugin"),
+                         (" , ", "workbench")):
+        monkeypatch.setenv("WORKBENCH_PLUGINS", value)
+        assert cli_main(["info"]) == 0 and "warning" not in capsys.readouterr().err  # (each one loaded)
+        assert seen[-1][:2] == ([first, "workbench"] if first != "workbench" else ["workbench", "info"]), seen[-1]
+
+
 def test_workbench_plugins_register_statistics_the_command_line_takes(tmp_path, monkeypatch, capsys):
     """WORKBENCH_PLUGINS names modules imported before the command line is read: a statistic they register is a
     --stats choice of extract (it was 'unknown statistic'), stored with its own attributes."""
@@ -982,6 +1004,7 @@ def test_progress_bars_redraw_rarely_into_a_log_file(monkeypatch):
     (["extract", "--layer", "3", "--prompt", "a red caf\udce9 moving right"], "--prompt"),
     (["generate", "--prompt", "a red caf\udce9", "--frames", "3"], "--prompt"),
     (["extract", "--layer", "3", "--out", "runs/caf\udce9.zarr"], "--out"),
+    (["generate", "--seed", "caf\udce9"], "--seeds"),  # (a flag of two names: named by the longer)
 ])
 def test_an_argument_that_is_not_utf8_is_one_line_before_any_work(argv, flag, capsys, no_work):
     """A latin-1 terminal or script sends 'é' as the byte 0xe9, which Python keeps as a lone surrogate: every
@@ -990,6 +1013,22 @@ def test_an_argument_that_is_not_utf8_is_one_line_before_any_work(argv, flag, ca
     err = capsys.readouterr().err
     assert err.startswith(f"workbench {argv[0]}: error: {flag} ") and err.count("\n") == 1
     assert "caf\\xe9" in err and "is not UTF-8 text" in err
+
+
+def test_an_undecodable_value_is_named_by_its_long_flag_or_metavar():
+    """A value's flag in the message is its long form (`--out`, not `-o`); a positional's is its metavar."""
+    import argparse
+
+    from workbench.cli import _undecodable_arguments
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("-o", "--out")
+    parser.add_argument("store", metavar="STORE")
+    said = _undecodable_arguments(argparse.Namespace(out="caf\udce9", store="s"), parser)
+    assert said.startswith("--out 'caf\\xe9' is not UTF-8 text"), said
+    said = _undecodable_arguments(argparse.Namespace(out="o", store="caf\udce9"), parser)
+    assert said.startswith("STORE 'caf\\xe9' is not UTF-8 text"), said
+    assert _undecodable_arguments(argparse.Namespace(out="o", store="caf\u00e9"), parser) is None
 
 
 @pytest.mark.parametrize("command", ["generate", "extract"])

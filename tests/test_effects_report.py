@@ -78,10 +78,43 @@ def test_a_label_with_markup_is_shown_as_written():
     delta = xr.DataArray(np.zeros((1, 2, 2)), dims=("layer", "query_frame", "key_frame"),
                          coords=dict(layer=[3], query_frame=[0, 1], key_frame=[0, 1]))
     title = effects_report.attention_delta_figure(delta, label, 1.0).layout.title.text
-    assert title.startswith("&lt;b&gt;x&lt;/b&gt; A&amp;amp;B: attn_mass minus"), title
+    assert title.startswith("&lt;b&gt;x&lt;/b&gt; A&amp;amp;B<br><sup>attn_mass minus"), title
 
 
 def test_the_ranked_table_writes_no_negative_zero():
     table = pd.DataFrame({"trajectory_error": [1.0, 2.0], "d_trajectory_error": [0.0, -0.0]}, index=["a", "b"])
     assert list(effects_report.display_ranking(table)["trajectory_error"]) == ["1 (+0)", "2 (+0)"]
     assert "-0.000" not in effects_report.markdown(pd.DataFrame({"x": [-1e-6]}))
+
+
+def test_the_png_copy_holds_every_per_frame_chart_with_its_units():
+    """The report's PNG copy held the relative latent distance alone, beside a page of three charts: it now stacks
+    the page's charts (the world curve with the baseline's line, black), each axis named with its unit."""
+    ds = effects_store(samples=2)
+    curves = effects_report.per_frame_curves(ds)
+    assert [c[2] for c in curves.values()] == ["relative latent distance (ratio)",
+                                                "pixel RMS distance (RGB in [-1, 1])", "trajectory error (px)"]
+    top = ["ablate-zero:L0.H0", "knockout0-1:all"]
+    panels = [effects_report.curve_png(ds, top, name=name, curve=curve) for name, curve in curves.items()]
+    png = np.asarray(effects_report.stack_png(panels))
+    assert png.shape == (3 * 620, 1100, 3)
+    black = lambda a: ((a[47:-67, 99:-323] < 40).all(axis=-1)).sum()  # noqa: E731 (dark line pixels in the plot)
+    assert black(png[2 * 620:]) > 200 and black(png[:620]) < 50  # the baseline's line on the world chart alone
+    for i in range(3):  # each panel's own lines: the knockout's red where its values are not 0
+        assert (png[i * 620 + 44:(i + 1) * 620 - 64, 96:-320] != 255).any(axis=-1).sum() > 500
+    assert "pixel_distance" not in effects_report.per_frame_curves(ds.drop_vars(["pixel_distance"]))
+
+
+def test_a_curve_equal_to_another_is_dotted_and_named_with_it():
+    """Two entries with the same effect (sink:9:3 and attention:9:3, which has no frame to choose) drew one line
+    over the other: the legend named two entries, the chart showed one."""
+    ds = effects_store(samples=2)
+    ds["latent_distance_rel"].loc[dict(intervention="knockout0-1:all")] = \
+        ds["latent_distance_rel"].sel(intervention="ablate-zero:L0.H0").values
+    fig = effects_report.per_frame_figure(ds, "latent_distance_rel", ["ablate-zero:L0.H0", "knockout0-1:all"],
+                                          "frame", "latent frame", "relative latent distance")
+    assert [t.name for t in fig.data] == ["ablate-zero:L0.H0", "knockout0-1:all (= ablate-zero:L0.H0)"]
+    assert [t.line.dash for t in fig.data] == [None, "dot"]
+    apart = effects_report.per_frame_figure(ds, "pixel_distance", ["ablate-zero:L0.H0", "knockout0-1:all"],
+                                            "pixel_frame", "pixel frame", "pixel RMS distance")
+    assert [t.line.dash for t in apart.data] == [None, None]  # (their pixel curves differ)

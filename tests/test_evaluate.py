@@ -32,8 +32,8 @@ def test_evaluate_writes_table_curves_and_figure(tmp_path, capsys):
     assert main(["evaluate", "--colours", "red", "--shapes", "square", "--directions", "left,up", "--seeds", "0,1",
                  "--frames", "3", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "3 latent frames (9 px frames)" in printed
-    assert "adherent: shown in half the frames, colour, shape, direction right (%)" in printed
+    assert "3 latent frames (9 pixel frames)" in printed
+    assert "adherent: shown in half the frames, colour, shape, direction as prompted (%)" in printed
     assert "wrote videos.csv, curves.csv, summary.csv, summary.md, evaluate.html" in printed
 
     videos = pd.read_csv(out / "videos.csv")
@@ -51,7 +51,7 @@ def test_evaluate_writes_table_curves_and_figure(tmp_path, capsys):
     summary = pd.read_csv(out / "summary.csv")
     assert summary.loc[0, "videos"] == 4 and summary.loc[0, "adherent"] == videos.adherent.mean()
     md = (out / "summary.md").read_text()
-    assert f"| 3 latent frames (9 px frames) | {label} |" in md and "command: workbench evaluate" in md
+    assert f"| 3 latent frames (9 pixel frames) | {label} |" in md and "command: workbench evaluate" in md
 
     fig = figure_json((out / "evaluate.html").read_text())
     assert len(fig["data"]) == len(wr.FIGURE_CURVES)  # one model, one length: a line per panel
@@ -261,7 +261,8 @@ def test_compare_models_finds_who_accumulates_less_error():
     assert row["pairs"] == 3 and row["df"] == 1.0 and row["sf"] == 0.0 and row["sf - df"] == -1.0
     text = wr.comparison_text(rows, "df", "sf", markdown=True).splitlines()
     assert text[0] == "| 84 latent frames | df | sf | sf - df | sf better | pairs |"
-    assert ("| adherent: shown in half the frames, colour, shape, direction right (%) | 75 | 100 | +25 | 62% | 4 |"
+    assert ("| adherent: shown in half the frames, colour, shape, direction as prompted (%) | 75 | 100 | +25 | 62% "
+            "| 4 |"
             in text)
     assert "| jitter (px/frame^2, RMS) | 0.000 | 0.000 | +0.000 | all tie | 4 |" in text  # (not "50%")
     assert lines == ["84 latent frames: the trajectory error changes by +4.00 px (df) and +1.75 px (sf) from the first "
@@ -297,7 +298,7 @@ def test_table_and_curves_of_rendered_videos():
     summ = wr.summary(wr.videos_frame(results))
     assert summ.loc[("truth", 3), "videos"] == 4 and summ.loc[("truth", 3), "adherent"] == 1
     text = wr.table_text(summ)
-    assert re.search(r"adherent: shown in half the frames, colour, shape, direction right \(%\)\s+100\n", text)
+    assert re.search(r"adherent: shown in half the frames, colour, shape, direction as prompted \(%\)\s+100\n", text)
     assert re.search(r"colour error \(RGB distance\)\s+0.000\n", text)
     assert not [c for c in summ.columns if c.endswith("_videos")]  # (every mean is over all 4)
     blank = wm.score_video(np.zeros_like(world.world_video("a red circle moving up", 0, num_frames=9)[0]),
@@ -308,7 +309,7 @@ def test_table_and_curves_of_rendered_videos():
     assert "adherent_videos" not in lost  # (a blank video is not adherent: 0, a value)
     text = wr.table_text(lost)
     assert re.search(r"trajectory error vs the named motion \(px, RMS\)\s+0.\d\d \(4 of 5\)\n", text), text
-    assert re.search(r"adherent: shown in half the frames, colour, shape, direction right \(%\)\s+80\n", text)
+    assert re.search(r"adherent: shown in half the frames, colour, shape, direction as prompted \(%\)\s+80\n", text)
     curves = wr.curves_frame(results)
     assert len(curves) == 9 and (curves.confidence > 0.999).all() and (curves.detected == 1).all()
     assert (curves.trajectory_error < 0.03).all()

@@ -169,3 +169,23 @@ def test_a_cfg_stores_files_name_their_branch(tmp_path):
         data = torch.load(path, weights_only=True)
         assert (data["step"], data["timestep"], data["phase"], data["cfg"]) == (step, 1000.0, "denoise", branch)
         assert f"(step {step}, t = 1000, {branch} branch)" in said[-1]
+
+
+def test_a_few_step_stores_files_record_their_phase_and_no_branch(tmp_path, monkeypatch):
+    """A few-step store's context step (its last) records phase 'context' and cfg 'none', and the "wrote" line names
+    no branch there; a store made before phase and cfg were recorded exports as before, without them."""
+    from studies import synthetic
+    from workbench import legacy
+
+    store = synthetic.write_store(tmp_path / "sf.zarr", "causal", layers=(0,), num_heads=2, seeds=(2,))
+    said = []
+    for step, phase in ((0, "denoise"), (4, "context")):
+        path, = export_legacy(store, tmp_path / f"step{step}", step=step, log=said.append)
+        data = torch.load(path, weights_only=True)
+        assert (data["step"], data["phase"], data["cfg"]) == (step, phase, "none")
+        assert f"(step {step}, t = {data['timestep']:g}): 1 sample(s)" in said[-1] and "branch" not in said[-1]
+    real = legacy.open_store
+    monkeypatch.setattr(legacy, "open_store", lambda path: real(path).drop_vars(["phase", "cfg"]))
+    path, = export_legacy(store, tmp_path / "old", step=0, log=said.append)
+    data = torch.load(path, weights_only=True)
+    assert "phase" not in data and "cfg" not in data and data["step"] == 0 and "branch" not in said[-1]

@@ -682,3 +682,20 @@ def test_under_torchrun_each_rank_describes_its_kernel_on_its_own_gpu(monkeypatc
     assert seen == [torch.device("cuda", 1)] * 2
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert extract_mod.rank_device("cuda") == torch.device("cuda") and extract_mod.rank_device("cpu").type == "cpu"
+
+
+@pytest.mark.parametrize("extra, forwards", [([], 3 * (4 + 1)),  # 3 chunks of 4 steps and a context pass each
+                                              (["--image", "IMAGE"], 1 + 2 * (4 + 1))])  # chunk 0: its context only
+def test_the_extract_bar_ends_at_the_forwards_it_ran(extra, forwards, tmp_path, capsys, monkeypatch):
+    """The bar's total is the run's DiT forwards: with --image chunk 0 (the image) is not denoised (it ended at
+    11/15)."""
+    from PIL import Image
+
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp_path / "first.png")
+    extra = [str(tmp_path / "first.png") if a == "IMAGE" else a for a in extra]
+    frames = "7" if extra else "9"
+    assert cli_main(["extract", "--layer", "0", "--frames", frames, "--height", "32", "--width", "32", "--prompt",
+                     "a red kite", "--out", str(tmp_path / "s.zarr"), *extra]) == 0
+    bars = [line for line in capsys.readouterr().err.splitlines() if line.startswith("extract: ")]
+    assert bars and bars[-1].startswith("extract: 100%") and f"| {forwards}/{forwards} " in bars[-1], bars

@@ -322,3 +322,47 @@ def test_a_rollout_that_diverges_is_named_and_writes_nothing(tmp_path, capsys):
     assert "sample p0000-s5 (prompt 'a red square moving right', seed 5): the rollout's latents are not finite " \
            "(NaN or inf) from latent frame 0 on" in err, err
     assert not list(out.glob("p0000-s5*"))  # (the folder holds its lock and prompt cache)
+
+
+def test_the_bar_counts_every_samplers_forwards(tmp_path, capsys, monkeypatch):
+    """The bar's total is the DiT forwards the run makes, and it ends at 100%: a multi-step sampler's CFG pair per
+    step (and a causal one's two context passes per chunk), the last context pass kept with --live, and with
+    --image chunk 0 only passing its context (the bar stopped at 10/14)."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.delitem(__import__("sys").modules, "ipykernel", raising=False)
+    image = tmp_path / "first.png"
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(image)
+    cases = {  # name: (arguments, forwards)
+        "causal_cfg": (["--model", "df", "--frames", "6", "--num-inference-steps", "2"], 2 * (2 * 2 + 2)),
+        "bidirectional": (["--model", "teacher", "--frames", "3", "--num-inference-steps", "2"], 2 * 2),
+        "live": (["--frames", "3", "--live"], 4 + 1),
+        "few_step_image": (["--frames", "7", "--image", str(image)], 1 + (4 + 1) + 4),
+        "causal_cfg_image": (["--model", "df", "--frames", "7", "--num-inference-steps", "1", "--image", str(image)],
+                             2 + (2 + 2) + (2 + 2)),
+    }
+    for name, (extra, forwards) in cases.items():
+        capsys.readouterr()
+        assert main(["generate", "--prompt", "a red kite", "--seed", "0", "--height", "32", "--width", "32",
+                     "--out", str(tmp_path / name), "--no-video", *extra]) == 0, name
+        bars = [line for line in capsys.readouterr().err.splitlines() if line.startswith("generate: ")]
+        assert bars and bars[-1].startswith("generate: 100%") and f"| {forwards}/{forwards} " in bars[-1], (name, bars)
+
+
+def test_only_rank_0_draws_the_generate_bar(tmp_path, capsys, monkeypatch):
+    """Under torchrun every rank runs its share, and only rank 0 draws the bar (each rank's bar wrote over the
+    others' in one log)."""
+    import torch.distributed
+
+    import workbench.extract as extract_mod
+
+    monkeypatch.delitem(__import__("sys").modules, "ipykernel", raising=False)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: None)  # (no process group: one process)
+    for rank in (1, 0):
+        monkeypatch.setattr(extract_mod, "_dist", lambda rank=rank: (rank, 2, False))
+        capsys.readouterr()
+        assert main(["generate", "--prompt", "a red kite", "--frames", "3", "--seed", "0,1", "--height", "32",
+                     "--width", "32", "--out", str(tmp_path / f"r{rank}"), "--no-video"]) == 0
+        bars = [line for line in capsys.readouterr().err.splitlines() if line.startswith("generate")]
+        assert (bars == []) if rank else (bars and bars[-1].startswith("generate (rank 0): 100%")), (rank, bars)

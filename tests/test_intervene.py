@@ -523,7 +523,18 @@ def test_the_world_numbers_keep_the_parts_of_adherence(tmp_path):
     shown = ds.world_detected >= 0.5
     np.testing.assert_array_equal(ds.world_adherent.values, (parts[0] * parts[1] * parts[2] * shown).values)
     assert ds.world_shape_ok.attrs["units"] == "0/1"
-    from workbench.intervene import ranking  # (the ranked table says which check an entry's samples missed)
+    import re
+
+    from workbench.intervene import ranking, ranking_text  # (the printed table: units under the world columns)
+
+    text = ranking_text(out).splitlines()
+    header = next(i for i, line in enumerate(text) if line.startswith("intervention "))
+    assert text[header + 1].startswith("(units) ")
+    for name, unit in [("trajectory_error", "px"), ("d_trajectory_error", "px"), ("speed", "px/frame"),
+                       ("adherent", "share"), ("effect", "")]:  # (each right-aligned under its column's name)
+        start, end = re.search(rf"\b{name}\b", text[header]).span()
+        below = text[header + 1][:end]
+        assert below.endswith(f" {unit}") if unit else not below[start:].strip(), name
 
     missed = ranking(ds)["missed"]
     for label in ds.intervention.values:

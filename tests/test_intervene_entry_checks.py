@@ -156,3 +156,31 @@ def test_a_temperature_flag_is_that_temperature():
     e = parse_entry(parse_flag("temperature", "1:0:2"), 6, 4)
     assert (e.layers, e.heads, e.value, e.label) == ([1], [0], 2.0, "temperature2:L1.H0")
     assert e == parse_entry(dict(kind="temperature", layers=1, heads=0, value=2), 6, 4)
+
+
+def test_an_attention_policy_with_no_frame_to_choose_is_named():
+    """attention:W:S keeps the sink and the newest chunk beside the next one; with W <= S + 2 chunks no frame is
+    left for the attention to choose, so the entry is sink:W:S under another label (bitwise): a warning says so (as
+    for a head-wise split without static heads). One frame more leaves one to choose: no warning."""
+    import warnings
+
+    from models.errors import ModelInputWarning
+
+    with pytest.warns(ModelInputWarning, match=r"no frame to choose.*sink:9:3.*above 9"):
+        parse_entry(dict(kind="policy", policy="attention", window=9, sink_frames=3), 6, 4, **ROLLOUT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ModelInputWarning)
+        assert parse_entry(dict(kind="policy", policy="attention", window=10, sink_frames=3), 6, 4,
+                           **ROLLOUT).window == 10
+
+
+def test_a_head_split_setting_on_another_policy_is_refused(tmp_path):
+    """--policy fifo:9:0:STORE took the store and ignored it (only headwise splits heads by a store): a setting
+    that would change nothing is named, with the entry without it."""
+    for extra, words in [(dict(store=str(tmp_path)), r"store: a headwise policy's setting .* drop it "
+                                                     r"\(--policy fifo:9:0\)"),
+                         (dict(threshold=0.5, static_recent=3), "threshold, static_recent: a headwise policy's "
+                                                                "settings .* not a fifo policy's; drop them$")]:
+        with pytest.raises(WorkbenchError, match=words):
+            parse_entry(dict(kind="policy", policy="fifo", window=9, **extra), 6, 4, **ROLLOUT)
+    assert parse_entry(parse_flag("policy", "fifo:9"), 6, 4, **ROLLOUT).store is None

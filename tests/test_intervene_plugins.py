@@ -361,6 +361,26 @@ def test_a_plugins_code_is_known_by_what_runs_in_every_process():
         const = CELL.replace("out * 2.0", body).replace("class Scale", "SCALE = 2.0\n\n\nclass Scale")
         assert code(const) != code(const.replace("SCALE = 2.0", "SCALE = 0.0")), body
         assert code(const) == code(const.replace("SCALE = 2.0", "SCALE = 2.0\nOTHER = 1"))  # (one it does not name)
+    # ... read in a property, a static method, a class method, or a plain build function given as the kind's build
+    # (not a class): each is code of the entry
+    reads = {"property": ("    @property\n    def factor(self):\n        return SCALE\n\n", "out * self.factor"),
+             "staticmethod": ("    @staticmethod\n    def factor():\n        return SCALE\n\n", "out * self.factor()"),
+             "classmethod": ("    @classmethod\n    def factor(cls):\n        return SCALE\n\n",
+                             "out * type(self).factor()")}
+    for name, (method, body) in reads.items():
+        const = (CELL.replace("out * 2.0", body).replace("class Scale", "SCALE = 2.0\n\n\nclass Scale")
+                 .replace("    def edit_output", method + "    def edit_output"))
+        assert code(const) != code(const.replace("SCALE = 2.0", "SCALE = 0.0")), name
+
+    def built_by_function(cell):
+        ns = {}
+        exec(compile(cell + "\n\ndef make(filter, heads, label):\n    return Scale(filter, heads, label * LABELS)\n",
+                     "<cell>", "exec"), ns)
+        kind = ie.EntryKind("scale", ns["make"])
+        return ie.code_of(kind, kind.build(None, None, "x"))
+
+    function = CELL.replace("class Scale", "LABELS = 1\n\n\nclass Scale")
+    assert built_by_function(function) != built_by_function(function.replace("LABELS = 1", "LABELS = 2"))
     script = ("import sys; sys.path.insert(0, '.'); from tests.test_intervene_plugins import CELL, ie\n"
               "ns = {}; exec(compile(CELL, '<cell>', 'exec'), ns); k = ie.EntryKind('scale', ns['Scale'])\n"
               "print(ie.code_of(k, k.build(None, None, 'x')))")

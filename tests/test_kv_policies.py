@@ -403,3 +403,31 @@ def test_a_policy_returning_something_else_than_a_keep_is_named(one_thread):
     model = tiny_model(local_attn_size=9)
     with pytest.raises(ModelInputError, match=r"after_chunk returned list \[0, .*; it returns None .* or a Keep"):
         run(model, 12, policy=FirstAndRecent(9, 1))
+
+
+def test_a_head_split_from_a_store_whose_window_shows_only_kept_frames_is_refused(tmp_path):
+    """A store extracted with a KV window of 7 frames and 1 sink frame: its queries see frame 0 and their 6 newest
+    frames only, all of which a static head of 3 sink frames and static_recent 6 keeps, so every head would come
+    out static whatever its attention: a warning naming the store's window, and `workbench intervene` refuses the
+    entry; a global store splits without one."""
+    import warnings
+
+    from models.errors import ModelInputWarning
+    from studies import synthetic
+    from workbench.errors import WorkbenchError
+    from workbench.intervene_entries import parse_entry
+    from workbench.kv_policies import static_heads_from_store
+
+    windowed = synthetic.write_store(tmp_path / "w.zarr", "window", layers=(0, 1), num_heads=4, local_attn_size=7,
+                                     sink_size=1)
+    with pytest.warns(ModelInputWarning, match=r"window 7, sink 1.*every head would be static"):
+        static_heads_from_store(windowed, 0.8, span=6, sink_frames=3)
+    entry = dict(kind="policy", policy="headwise", window=12, sink_frames=3, static_recent=6)
+    rollout = dict(num_frames=24, num_steps=5, num_chunks=8, chunk_frames=3, first_chunk_frames=3)
+    with pytest.raises(WorkbenchError, match=r"headwise policy: store .*every head would be static"):
+        parse_entry(dict(entry, store=str(windowed)), 6, 4, **rollout)
+    whole = synthetic.write_store(tmp_path / "g.zarr", "causal", layers=(0, 1), num_heads=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ModelInputWarning)
+        static_heads_from_store(whole, 0.8, span=6, sink_frames=3)
+        parse_entry(dict(entry, store=str(whole)), 6, 4, **rollout)

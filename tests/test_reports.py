@@ -114,7 +114,7 @@ def test_report_holds_the_figures(stores, store_report):
     z = array(grid["data"][4]["z"])  # NaN where not attended
     np.testing.assert_allclose(z, expected, atol=1e-6)
     bars = parser.figures["fig-bars-layer0"]
-    assert "sink = v[0] - mean(v[1:-1])" in bars["layout"]["title"]["text"]
+    assert "sink_delta = v[0] - mean(v[1:-1])" in bars["layout"]["title"]["text"]
     assert len(parser.figures["fig-steps-layer0"]["frames"]) == 5
     assert "Layer 0" in parser.headings and "Checks" in parser.headings
 
@@ -132,7 +132,7 @@ def test_report_layer_and_sample_options(stores, tmp_path):
     parser, _ = parse(out)
     assert "fig-steps-layer1" in parser.figures and "fig-steps-layer0" not in parser.figures
     slider = parser.figures["fig-steps-layer1"]
-    assert "p0000-s2" in slider["layout"]["title"]["text"] and "t=833.333" in slider["layout"]["title"]["text"]
+    assert "p0000-s2" in slider["layout"]["title"]["text"] and "t=833.3" in slider["layout"]["title"]["text"]
     assert slider["layout"]["sliders"][0]["active"] == 2  # it opens at the step asked for
     text = out.read_text()
     assert "<th>in this report</th>" in text and "<td>p0000-s2</td>" in text  # the samples table says which one
@@ -504,8 +504,8 @@ def test_reports_of_videos_shorter_than_the_sink_statistic_and_the_local_window(
                                 num_frame_per_block=1)
     parser, text = parse(report.build_report(two, tmp_path / "two.html"))
     bars = parser.figures["fig-bars-layer0"]["layout"]
-    assert "head 0: sink n/a" in [a["text"] for a in bars["annotations"]] and (tmp_path / "two.csv").exists()
-    assert bars["title"]["text"].endswith("(n/a under 3 key frames)") and bars["xaxis"]["dtick"] == 1
+    assert "head 0: sink_delta n/a" in [a["text"] for a in bars["annotations"]] and (tmp_path / "two.csv").exists()
+    assert bars["title"]["text"].endswith("(n/a under 3 key frames)</sup>") and bars["xaxis"]["dtick"] == 1
     stats = metrics.researcher_stats(load_store(two), layer=0)
     assert bool(stats.sink.isnull().all()) and bool(stats.mid.isnull().all()) and bool(stats["first"].notnull().all())
     three = synthetic.write_store(tmp_path / "three.zarr", "causal", layers=(0,), num_heads=4, num_frames=3)
@@ -698,3 +698,20 @@ def test_a_report_beside_a_store_with_dots_in_its_name_is_its_own(stores, tmp_pa
     assert main(["report", str(store)]) == 0
     assert (tmp_path / "run.v1.5.html").is_file() and not (tmp_path / "run.v1.html").exists()
     assert f"wrote {tmp_path / 'run.v1.5.html'}" in capsys.readouterr().out
+
+
+def test_every_statistic_of_the_store_is_drawn_or_named(stores, tmp_path):
+    """attn_frame_entropy was captured but the report neither drew nor named it; a plugin's statistic is named with
+    its unit, never silently left out."""
+    ds = load_store(stores["sf"])
+    dims = ("sample", "step", "layer", "head", "query_frame")
+    entropy = np.full([ds.sizes[d] for d in dims], 0.5)
+    entropy[..., 1, :] = 1.25  # (head 1)
+    ds["attn_frame_entropy"] = (dims, entropy, {"long_name": "attention entropy over key frames", "units": "nat"})
+    ds["my_stat"] = (dims, entropy, {"long_name": "my statistic", "units": "bits"})
+    path = report.build_report(ds, tmp_path / "e.html", layer=1)
+    parser, text = parse(path)
+    fig = parser.figures["fig-entropy-layer1"]
+    assert [array(t["y"])[0] for t in fig["data"][:2]] == [0.5, 1.25] and "layer 1" in fig["layout"]["title"]["text"]
+    assert "Also in the store, not drawn here: my_stat (my statistic, bits)" in text
+    assert "not drawn here" not in parse(report.build_report(load_store(stores["sf"]), tmp_path / "p.html"))[1]

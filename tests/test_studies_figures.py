@@ -58,13 +58,13 @@ def test_last_chunk_bars_carry_the_sink_statistic(ds):
     fig = figures.last_chunk_bars(ds, 0, step=0)
     bars = [t for t in fig.data if isinstance(t, go.Bar)]
     assert len(bars) == 12 and len([t for t in fig.data if isinstance(t, go.Scatter)]) == 12
-    assert "sink = v[0] - mean(v[1:-1])" in fig.layout.title.text
+    assert "sink_delta = v[0] - mean(v[1:-1])" in fig.layout.title.text
     assert "query frames 18-20" in fig.layout.title.text
     v = ds["attn_mass"].sel(layer=0, step=0, query_frame=[18, 19, 20]).mean(["sample", "query_frame"])
     for h, (bar, title) in enumerate(zip(bars, fig.layout.annotations)):
         vh = v.sel(head=h).values
         np.testing.assert_allclose(np.array(bar.y, dtype=float), vh, atol=1e-6)
-        assert title.text == f"head {h}: sink = {vh[0] - vh[1:-1].mean():.3g}"
+        assert title.text == f"head {h}: sink_delta = {vh[0] - vh[1:-1].mean():.3g}"
     assert axis_titles(fig, "yaxis") == {"probability"}  # the store's units (3 rows: the long name ran together)
     assert "attn_mass of the last chunk" in fig.layout.title.text
 
@@ -73,7 +73,7 @@ def test_step_slider_has_one_frame_per_step(ds, wan):
     fig = figures.step_slider(ds, 0)
     assert [f.name for f in fig.frames] == ["0", "1", "2", "3", "4"]
     labels = [s.label for s in fig.layout.sliders[0].steps]
-    assert labels == ["0 · t=1000", "1 · t=937.5", "2 · t=833.333", "3 · t=625", "4 · t=0"]
+    assert labels == ["0 · t=1000", "1 · t=937.5", "2 · t=833.3", "3 · t=625", "4 · t=0"]  # (as the Steps table)
     assert "context" in fig.frames[4].layout.title.text
     assert all(f.layout.title.text.endswith("mean over 2 samples") for f in fig.frames)  # as the first title
     z = np.array(fig.frames[2].data[7].z, dtype=float)
@@ -104,6 +104,21 @@ def test_layer_head_and_taxonomy_maps(ds):
         figures.layer_head_map(hm.sink_mass.sel(step=0, layer=0))
     with pytest.raises(WorkbenchError, match=r"step 99 is not in the store; it has steps \[0, 1, 2, 3, 4\]"):
         metrics.step_label(ds, 99)
+
+
+def test_a_layer_head_map_from_zero_starts_at_zero():
+    """plotly ignores a zmin without a zmax (the colour scale stays the data's): the effects report's map of single-head
+    effects, drawn with zmin=0, coloured its smallest effect as if it were none, unlike its PNG copy (0 to the max)."""
+    import xarray as xr
+
+    da = xr.DataArray([[0.32, 0.71], [0.5, 0.36]], dims=("layer", "head"), coords={"layer": [2, 3], "head": [0, 1]},
+                      name="effect", attrs={"units": "ratio"})
+    trace = figures.layer_head_map(da, zmin=0).data[0]
+    assert (trace.zmin, trace.zmax) == (0, 0.71)
+    trace = figures.layer_head_map(-da, zmax=0).data[0]  # (the other end alone, as well)
+    assert (trace.zmin, trace.zmax) == (-0.71, 0)
+    trace = figures.layer_head_map(da).data[0]  # (neither: the data's range, as before)
+    assert trace.zmin is None and trace.zmax is None
 
 
 def test_compare_maps_show_a_b_and_difference(ds, wan):
@@ -166,11 +181,16 @@ def test_line_figures(ds):
     fig = figures.recency_lines(prof)
     assert len(fig.data) == 12 and min(fig.data[0].x) == -2  # future distances of a causal store dropped
     assert "query frame - key frame" in fig.layout.xaxis.title.text
+    # the mass axis from 0 with its unit, as the other line figures of masses (an autorange began at the smallest)
+    assert fig.layout.yaxis.title.text == "mean attention mass [probability]"
+    assert fig.layout.yaxis.range[0] <= 0 < fig.layout.yaxis.range[1]
     # no window: distances 18-20 reach only the first chunk's frames (frame 0 as a sink lifts the tail there)
     assert prof.distance.values[prof.first_chunk_only.values].tolist() == [18, 19, 20]
     assert "sink_only" not in prof.coords
     assert [(s.x0, s.x1) for s in fig.layout.shapes] == [(17.5, 20.5)]
     assert [a.text for a in fig.layout.annotations] == ["first-chunk keys only"]
+    note = fig.layout.annotations[0]  # above the plot, ending at the band's edge (inside, it sat on a head's line)
+    assert (note.yref, note.y, note.yanchor, note.x, note.xanchor) == ("paper", 1, "bottom", 20.5, "right")
     assert {d for d, s in zip(fig.data[0].x, fig.data[0].marker.symbol) if s == "circle-open"} == {18, 19, 20}
     # a window with sink frames: the distances only they reach shaded, their points open
     win = synthetic.make_dataset("window", layers=(0,), num_heads=2)
@@ -330,6 +350,17 @@ def test_key_token_maps_sum_to_the_key_frames_mass(tokens_store):
     assert shares.layout.coloraxis.cmax > fig.layout.coloraxis.cmax and "shares" in shares.layout.title.text
     with pytest.raises(WorkbenchError, match=r"token layer 2 is not in the store; it has token layers \[3\]"):
         figures.key_token_maps(ds, 2, query_frame=5)
+
+
+def test_key_token_maps_subtitle_fits_the_figure(tokens_store):
+    """The subtitle (what each image shows) is broken into lines that fit the figure's width: plotly clips a long one
+    at the edge, and in a report it ran past the figure ("... over each key frame'")."""
+    import re
+
+    fig = figures.key_token_maps(tokens_store, 3, query_frame=5, step=0, within_frame=True)
+    lines = [re.sub(r"<[^>]+>", "", x) for x in fig.layout.title.text.split("<br>")[1:]]
+    assert " ".join(lines).endswith("summing to 1"), lines
+    assert all(len(x) * 6.6 <= fig.layout.width - 120 for x in lines), (fig.layout.width, [len(x) for x in lines])
 
 
 def test_key_token_maps_over_the_frames_pictures(tokens_store):
@@ -519,7 +550,7 @@ def test_the_generate_hint_is_made_from_the_runs_own_settings(tokens_store):
     the video it made was another model's."""
     import yaml
 
-    from studies.report import generate_command
+    from workbench.view.sources import generate_command
 
     ds = tokens_store.copy()
     c = yaml.safe_load(ds.attrs["config_yaml"])
@@ -541,3 +572,16 @@ def test_head_grids_take_a_colour_scale_to_share(ds):
     assert fig.layout.coloraxis.colorscale[0][1] != own.colorscale[0][1]  # (Greys, not Viridis)
     pair = figures.head_pair(ds, ds, 0, 1, zmax=0.5)
     assert pair.layout.coloraxis.cmax == 0.5 and pair.layout.coloraxis.cmin == 0.0
+
+
+def test_the_png_of_single_head_effects_names_its_colour_scale():
+    """The PNG copy of a sweep's layer x head map (report's *_heads.png) labels its scale strip with the quantity and
+    unit, as the page's colour bar does; it had only the numbers 0 and the largest effect."""
+    import pandas as pd
+
+    from studies.effects_report import grid_png
+
+    grid = pd.DataFrame([[0.361, 0.321, 0.554, 0.586], [0.347, 0.711, 0.505, 0.359]], index=[2, 3], columns=range(4))
+    px = np.asarray(grid_png(grid, cell=72).convert("L"))
+    below_numbers = 56 + 2 * 72 + 54  # (top margin, the cells, then the strip and its numbers)
+    assert (px[below_numbers:below_numbers + 20] < 128).sum() > 50  # a line of text under the strip

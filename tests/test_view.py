@@ -10,6 +10,7 @@ moves, and a live stream's chunks appear as they are written.
 
 import json
 import os
+import shlex
 import shutil
 import threading
 import urllib.error
@@ -19,6 +20,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -257,10 +259,14 @@ def test_finding_videos(runs, tmp_path, capsys):
         proc.terminate()
         proc.wait(timeout=60)
     assert "(0 video(s))" in lines[0], lines
-    assert lines[1].startswith(f"note: no video of its samples was found ({tmp_path / 'lone' / 'p0000-s0.mp4'}, "
-                               "or beside the store; `workbench generate` writes pPPPP-sS.mp4 with the store's prompts "
-                               "and seeds, e.g. --prompt 'a red square moving right' --seed 0 --out "
-                               f"{tmp_path / 'lone'}); --video PATH names one"), lines
+    make = (f"workbench generate --model dmd --frames {F} --prompt 'a red square moving right' --seed 0 --out "
+            f"{tmp_path / 'lone'}")
+    assert lines[1] == (f"note: no video of its samples was found ({tmp_path / 'lone' / 'p0000-s0.mp4'}, or beside "
+                        f"the store); `{make}` makes p0000-s0's with the store's model and settings (another --seed, "
+                        "the others'); --video PATH names one\n"), lines
+    assert open_source(lone).state("p0000-s0")["make_video"] == make  # (the page says it too)
+    assert main([*shlex.split(make)[1:], "--no-progress"]) == 0  # as printed: the video the viewer then shows
+    assert set(open_source(lone).videos) == {"p0000-s0"} and open_source(lone).state("p0000-s0")["make_video"] is None
     # a video that does not fit the store's frames, one file for several samples, a path that is no store
     write_mp4(np.zeros((21, 16, 16, 3), np.uint8), tmp_path / "short.mp4")
     assert main(["view", str(store), "--video", str(tmp_path / "short.mp4"), "--sample", "p0000-s0"]) == 2
@@ -337,9 +343,22 @@ def test_a_video_of_another_run_is_never_shown_beside_the_store(runs, tmp_path, 
     assert list(mixed.videos) == ["p0000-s1"] and list(mixed.video_errors) == ["p0000-s0"]
     state = mixed.state("p0000-s0")
     assert state["frames_ready"] == 0 and "sampler 'bidirectional'" in state["video_error"]
+    assert state["video_error"].endswith(f"Make the video with `workbench generate --model dmd --frames {F} --prompt "
+                                         f"'a red square moving right' --seed 0 --out {runs / 'x'}`, or name the "
+                                         "right one with --video") and state["make_video"] is None  # (once: the error)
     beside = tmp_path / "other.zarr"  # found beside the store by name: left out, with the reason
     shutil.copytree(store, beside)
-    assert set(open_source(beside).videos) == {"p0000-s1"}
+    assert set(open_source(beside).videos) == {"p0000-s1"}  # (its command replaces the video there: --overwrite)
+    assert open_source(beside).video_errors["p0000-s0"].endswith(f"--out {other} --overwrite`, or name the right "
+                                                                 "one with --video")
+    # another model's store: the command names its model and sampler, or its video would be refused in turn
+    teacher = open_source(beside)
+    c = yaml.safe_load(teacher.ds.attrs["config_yaml"])
+    c["extract"].update(model="teacher", sampler="bidirectional", num_inference_steps=8, guidance_scale=4.0,
+                       checkpoint=None)
+    teacher.ds.attrs["config_yaml"] = yaml.safe_dump(c)
+    assert teacher.make_video("p0000-s1") == (f"workbench generate --model teacher --num-inference-steps 8 --frames "
+                                              f"{F} --prompt 'a red square moving right' --seed 1 --out {other}")
     save_file(load_file(str(side)), str(side), metadata=dict(metadata, dtype="float64"))  # (only the dtype differs)
     assert main(["view", str(store), "--video", str(other / "p0000-s0.mp4"), "--sample", "p0000-s0"]) == 2
     assert "dtype 'float64' (the store's: 'float32')" in capsys.readouterr().err

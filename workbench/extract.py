@@ -594,6 +594,8 @@ def _extract(p: Plan, rank: int, world: int, todo, fp: str, weights_sha: str, de
     # the order of a single-process run as soon as the round ends (a killed run keeps every finished round).
     rounds = [todo[i : i + world] for i in range(0, len(todo), world)]
     forwards = len(p.schedule) * (len(block_sizes_of(cfg)) if causal else 1)
+    if cfg.image is not None:  # image-to-video: chunk 0 (the image) runs its context pass only (the bar ended at 11/15)
+        forwards -= sum(s.phase == "denoise" for s in p.schedule)
     bar = progress_bar(total=len(rank_share(todo, rank, world)) * forwards,
                desc=f"extract (rank {rank})" if world > 1 else "extract", unit="fwd",
                disable=not cfg.progress or rank != 0)

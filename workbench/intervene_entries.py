@@ -523,6 +523,11 @@ def _read_policy(e: Entry, d: dict, num_layers: int, num_heads: int, num_frames:
     if d.get("split", HEAD_SPLIT) != HEAD_SPLIT:
         raise WorkbenchError(f"split {d['split']!r}: the head-wise split is {HEAD_SPLIT!r} (the sink frames and "
                              "the newest static_recent frames up to the query's chunk end)")
+    given = [k for k in ("store", "threshold", "static_recent") if d.get(k) is not None]
+    if given and e.policy != "headwise":  # (read by no other policy: a setting that changes nothing is refused)
+        raise WorkbenchError(f"{', '.join(given)}: a headwise policy's setting{'s' if len(given) > 1 else ''} (the "
+                             f"head split), not a {e.policy} policy's; drop {'them' if len(given) > 1 else 'it'}"
+                             + (f" (--policy {e.policy}:{e.window}:{e.sink_frames})" if "store" in given else ""))
     if "static_heads" in d:  # (the split as a stored spec records it, or chosen by hand)
         if e.policy != "headwise":
             raise WorkbenchError(f"static_heads is a headwise policy's setting, not a {e.policy} policy's")
@@ -549,6 +554,16 @@ def _read_policy(e: Entry, d: dict, num_layers: int, num_heads: int, num_frames:
     if chunk_frames and e.window < e.sink_frames + chunk_frames:
         raise WorkbenchError(f"policy window {e.window}: it must hold the {e.sink_frames} sink frame(s) and a "
                              f"chunk of {chunk_frames}: at least {e.sink_frames + chunk_frames}")
+    if e.policy == "attention" and chunk_frames and e.window <= e.sink_frames + 2 * chunk_frames:
+        # (beside the next chunk, the window keeps the sink and the newest chunk: no frame is left to choose; a
+        # warning, as for a head-wise split without static heads)
+        from models.errors import ModelInputWarning
+
+        warnings.warn(f"cache policy attention (window {e.window}, sink_frames {e.sink_frames}) has no frame to "
+                      f"choose: beside the next chunk ({chunk_frames}) its window keeps the {e.sink_frames} sink "
+                      f"frame(s) and the newest frames and nothing else, so this attention policy is the sink "
+                      f"policy sink:{e.window}:{e.sink_frames} (bitwise); give a window above "
+                      f"{e.sink_frames + 2 * chunk_frames} for a choice", ModelInputWarning, stacklevel=3)
     seen = min(e.window, num_frames or e.window)  # the most frames a dynamic head sees at once
     if e.policy == "headwise" and e.static_recent >= seen - e.sink_frames:
         held = f"a window of {e.window} holds" if seen == e.window else f"the rollout's {num_frames} frames hold"
@@ -762,7 +777,14 @@ def static_heads_of(e: Entry) -> dict[int, list[int]]:
     from workbench import kv_policies as kp
 
     if e.static_heads is None:
-        static = kp.static_heads_from_store(e.store, e.threshold, e.static_recent, sink_frames=e.sink_frames)
+        from models.errors import ModelInputWarning
+
+        with warnings.catch_warnings():  # (a store that cannot split the heads: refused before any rollout)
+            warnings.simplefilter("error", ModelInputWarning)
+            try:
+                static = kp.static_heads_from_store(e.store, e.threshold, e.static_recent, sink_frames=e.sink_frames)
+            except ModelInputWarning as err:
+                raise WorkbenchError(f"headwise policy: store {err}") from None
         e.static_heads = [[int(layer), int(h)] for layer in sorted(static) for h in static[layer]]
     out: dict[int, list[int]] = {}
     for layer, h in e.static_heads:

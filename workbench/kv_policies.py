@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable
 
+import numpy as np
 import torch
 
 from models.common.kv_cache import KVCache, Keep
@@ -269,6 +270,25 @@ def static_heads_from_store(path, threshold: float = 0.8, span: int = 6, sink_fr
     end = xr.DataArray([m.query_frame.values[chunk == c].max() for c in chunk], dims="query_frame",
                        coords={"query_frame": m.query_frame})
     near = (m.key_frame < sink_frames) | ((m.key_frame <= end) & (m.key_frame > end - span))
+    # a store whose queries saw nothing a static head would not keep (e.g. extracted with a KV window no wider than
+    # the static heads' frames) makes every head static whatever its attention: a warning (`workbench intervene`
+    # refuses such a split)
+    if not bool((m.notnull() & ~near).any()):
+        window = ""
+        if "local_attn_size" in ds.coords and "sink_size" in ds.coords:
+            sizes = sorted({(int(a), int(b)) for a, b in zip(np.atleast_1d(ds["local_attn_size"].values),
+                                                             np.atleast_1d(ds["sink_size"].values))})
+            window = " (its KV cache: " + ", ".join(f"window {a}, sink {b}" if a != -1 else "global attention"
+                                                     for a, b in sizes) + ")"
+        import warnings
+
+        from models.errors import ModelInputWarning
+
+        warnings.warn(f"{path}: its queries after chunk 0 attend to no key frame outside the first {sink_frames} "
+                      f"and the newest {span} up to their chunk's end{window}, so every head would be static "
+                      "whatever its attention; split the heads on a store whose queries saw more (a wider "
+                      "--local-attn-size, global attention or more --frames), or keep fewer frames per static "
+                      "head (sink frames, static_recent)", ModelInputWarning, stacklevel=2)
     local = m.where(near).sum("key_frame").mean([d for d in ("sample", "step", "query_frame") if d in m.dims])
     local = local.transpose("layer", "head")
     out: dict[int, list[int]] = {}

@@ -476,11 +476,13 @@ def _load(args, plan: _Plan):
 
 def _forwards(args, model, live) -> int:
     """The DiT forwards of one sample (what the bar counts): each chunk's denoising steps (both CFG branches of
-    a multi-step sampler) and its context pass, the last chunk's skipped unless --live shows it."""
+    a multi-step sampler) and its context pass, the last chunk's skipped unless --live shows it; with --image
+    chunk 0 (the image) runs its context pass only (the bar stopped at 10/14)."""
     chunks = len(model.chunk_spans(args.frames)) if args.sampler != "bidirectional" else 1
-    per_chunk = (len(args.denoising_step_list) + 1 if args.sampler == "causal_few_step" else
-                 2 * args.num_inference_steps + (2 if args.sampler != "bidirectional" else 0))
-    return chunks * per_chunk - _skips_last_context_pass(args, live)
+    denoise = (len(args.denoising_step_list) if args.sampler == "causal_few_step" else 2 * args.num_inference_steps)
+    context = 1 if args.sampler == "causal_few_step" else 2 if args.sampler != "bidirectional" else 0
+    image = denoise if args.image else 0  # (the image's chunk is not denoised)
+    return chunks * (denoise + context) - image - _skips_last_context_pass(args, live)
 
 
 def _skips_last_context_pass(args, live) -> bool:

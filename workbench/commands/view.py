@@ -92,9 +92,8 @@ def run(args) -> int:
             first = str(ds["sample"].values[0])
             folder = videos_folder(named(path))  # (`view .` inside the store: its name)
             print(f"note: no video of its samples was found ({shell_word(folder / (first + '.mp4'))}, or beside the "
-                  f"store; `workbench generate` writes pPPPP-sS.mp4 with the store's prompts and seeds, e.g. --prompt "
-                  f"{shell_word(str(ds['prompt'].values[0]))} --seed {int(ds['seed'].values[0])} --out "
-                  f"{shell_word(folder)}); --video PATH names one", flush=True)
+                  f"store); `{source.make_video(first)}` makes {first}'s with the store's model and settings "
+                  "(another --seed, the others'); --video PATH names one", flush=True)
         if args.open:
             import webbrowser
 

@@ -2,7 +2,8 @@
 
     GET /                                   the page (static/index.html; its script and style under /static/)
     GET /api/meta                           samples, layers, heads, steps, frame counts, pixel_to_latent [T]
-    GET /api/state?sample=ID                chunks made so far (labels, query frames, pixel range), frames_ready
+    GET /api/state?sample=ID                chunks made so far (labels, query frames, pixel range), frames_ready,
+                                            video_error, make_video (the generate command of a missing video)
     GET /api/attn?sample=ID&layer=L&step=S  attn_mass [head][query_frame][key_frame] (null: NaN) and vmax, its
                                             largest value over every head and chunk: one colour scale for the video
     GET /api/frame?sample=ID&t=T            pixel frame T as a JPEG

@@ -15,7 +15,9 @@ Videos of a store: `workbench generate` writes OUT/pPPPP-sS.mp4 for each prompt 
 sample ids, so a folder of generate outputs pairs with a store by name (`find_videos`). A name says nothing of the
 model, so each video is checked against the latents file generate wrote beside it (pPPPP-sS.safetensors, whose
 metadata records the prompt, seed, sampler and weights that made it; `video_mismatch`): a video of another run is
-refused when named with --video, and otherwise left out with the reason shown on the page.
+refused when named with --video, and otherwise left out with the reason shown on the page. A missing or refused
+video's message gives the command that makes it (`generate_command`: the store's model and settings as generate's
+flags), which `workbench report` gives too.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def chunk_table(labels: dict[int, int | None]) -> list[dict]:
 
 def step_label(s: dict) -> str:
     """'0 · t=1000 · denoise' (and the CFG branch where there is one)."""
-    text = f"{s['step']} · t={s['timestep']:g} · {s['phase']}"
+    text = f"{s['step']} · t={round(s['timestep'], 1):g} · {s['phase']}"  # (as the reports: 833.3)
     return text + (f" · {s['cfg']}" if s.get("cfg", "none") != "none" else "")
 
 
@@ -179,7 +181,7 @@ class StoreSource(Source):
         self.video_errors: dict[str, str] = {}  # sample -> why its video is left out
         self.videos = {}
         for sample, path in (videos or {}).items():
-            if why := video_mismatch(ds, sample, path):
+            if why := video_mismatch(ds, sample, path, make=self.make_video(sample, over=path)):
                 self.video_errors[sample] = why
             else:
                 self.videos[sample] = path
@@ -196,6 +198,17 @@ class StoreSource(Source):
 
     def samples(self) -> list[dict]:
         return self._samples
+
+    def make_video(self, sample: str, over: Path | None = None) -> str | None:
+        """The `workbench generate` command that makes the video of one of the store's samples where the viewer
+        looks for it (the run's model, sampler and size flags, from the store's config; `--overwrite` where `over`,
+        another run's video, sits in that folder); None for an effects store's entry (intervene makes those)."""
+        entry, sample = self.items.get(sample, (None, sample))
+        if entry is not None:
+            return None
+        folder = videos_folder(self.path)
+        command = generate_command(self.ds, [str(v) for v in self.ds["sample"].values].index(sample), folder)
+        return command + (" --overwrite" if over is not None and Path(over).parent == folder else "")
 
     def video(self, sample: str) -> np.ndarray | None:
         """The sample's decoded video [T, H, W, 3] (kept for the last few samples), None if it has none."""
@@ -222,9 +235,10 @@ class StoreSource(Source):
         if ready == 0 and error is None and self.items[sample][0] is not None:
             error = ("no video of this entry: `workbench intervene ... --save-videos` writes one per entry and "
                      "sample beside the store")
+        make = self.make_video(sample) if ready == 0 and error is None else None  # (how its video is made)
         chunks = [dict(c, ready=True) for c in chunk_table(self.query_chunk)]
         return dict(sample=sample, status="finished", done=True, chunks=chunks, frames_ready=ready,
-                    video=ready > 0, video_error=error, samples=len(self.ids))
+                    video=ready > 0, video_error=error, make_video=make, samples=len(self.ids))
 
     def attn(self, sample, layer, step) -> np.ndarray:
         entry, sample = self.items[self.check_sample(sample)]
@@ -340,12 +354,12 @@ def _stamp(path) -> tuple | None:
     return st.st_size, st.st_mtime_ns, st.st_ino
 
 
-def video_mismatch(ds, sample: str, video: Path) -> str | None:
+def video_mismatch(ds, sample: str, video: Path, make: str | None = None) -> str | None:
     """Why `video` is not the video of the store's `sample`, or None. Read from the latents file `workbench generate`
     wrote beside it (same name, .safetensors): its prompt, seed, sampler, the weights' sha256 and key (generator or
     generator_ema), the text encoder, image, window, schedule and dtype, against the store's sample and its
     fingerprint (docs/store.md). A video without that file (or a file from before generate recorded the weights) is
-    checked on what it has."""
+    checked on what it has. `make`: the generate command that makes the right one, named in the message."""
     side = Path(video).with_suffix(".safetensors")
     if not side.is_file():
         return None
@@ -377,8 +391,9 @@ def video_mismatch(ds, sample: str, video: Path) -> str | None:
     if not differ:
         return None
     return (f"{video} was not made by this store's run of sample {sample}: generate made it with "
-            + "; ".join(differ) + f" ({side.name}). Make the video with `workbench generate` and the store's "
-            "model, prompt and seed, or name the right one with --video")
+            + "; ".join(differ) + f" ({side.name}). Make the video with "
+            + (f"`{make}`" if make else "`workbench generate` and the store's model, prompt and seed")
+            + ", or name the right one with --video")
 
 
 def _other_schedule(made: dict, layout: dict) -> str | None:
@@ -399,6 +414,54 @@ def _other_schedule(made: dict, layout: dict) -> str | None:
         return (f"schedule {made} (timesteps {[round(s[1], 1) for s in theirs]}; the store's: "
                 f"{[round(s[1], 1) for s in layout['schedule']]}, chunks of {layout.get('nfpb')})")
     return None
+
+
+def generate_command(ds, i: int, out) -> str:
+    """The `workbench generate` command that makes the video of the store's sample at position `i`: the settings of
+    the run that made the store (its `config_yaml`, as resolved: model, sampler, schedule, window, size, frames) as
+    generate's flags, every prompt of the store in order (generate names its files by prompt index, as the store
+    its samples), the sample's seed and `--out out`."""
+    import shlex
+
+    import yaml
+
+    from workbench.extract import ExtractConfig
+    from workbench.weights import SAMPLER_DEFAULTS
+
+    c = (yaml.safe_load(str(ds.attrs.get("config_yaml", ""))) or {}).get("extract") or {}
+    flags = []
+    if c.get("model"):  # (a zoo model: its name sets the weights and the sampler defaults)
+        from models.wan.embedded import ZOO
+
+        flags += ["--model", str(c["model"])]
+        own = ZOO.get(str(c["model"]))
+        ref = {k: getattr(own, k) for k in SAMPLER_DEFAULTS} if own is not None else dict(SAMPLER_DEFAULTS)
+    else:
+        flags += ["--wan-dir", str(c["wan_dir"])] if c.get("wan_dir") else []
+        flags += ["--checkpoint", str(c["checkpoint"])] if c.get("checkpoint") else []
+        flags += ["--use-ema"] if c.get("use_ema") else []
+        ref = dict(SAMPLER_DEFAULTS)
+    defaults = ExtractConfig(prompts=["x"])
+    for key, default in [*ref.items(), *((k, getattr(defaults, k)) for k in (
+            "timestep_shift", "context_noise", "num_frame_per_block", "local_attn_size", "sink_size", "height",
+            "width", "image"))]:
+        if key in c and c[key] is not None and c[key] != default:
+            flags += [f"--{key.replace('_', '-')}", str(c[key])]
+    if c.get("denoising_step_list") and list(c["denoising_step_list"]) != defaults.denoising_step_list:
+        flags += ["--denoising-step-list", ",".join(str(t) for t in c["denoising_step_list"])]
+    if c.get("warp_denoising_step") is False:
+        flags += ["--no-warp-denoising-step"]
+    if c.get("independent_first_frame"):
+        flags += ["--independent-first-frame"]
+    if c.get("trust_pickle"):
+        flags += ["--trust-pickle"]
+    frames = c.get("num_frames") or (ds.sizes["key_frame"] if "key_frame" in ds.dims else None)
+    flags += ["--frames", str(frames)] if frames else []
+    index = ds["prompt_index"].values if "prompt_index" in ds.coords else np.zeros(ds.sizes["sample"], int)
+    prompts = dict(sorted(zip((int(x) for x in index), (str(p) for p in ds["prompt"].values))))
+    for p in prompts.values():  # (a prompt that starts with '-' as --prompt=..., or argparse takes it for a flag)
+        flags += [f"--prompt={p}"] if p.startswith("-") else ["--prompt", p]
+    return shlex.join(["workbench", "generate", *flags, "--seed", str(int(ds["seed"].values[i])), "--out", str(out)])
 
 
 def _plain(sample: str) -> bool:
