@@ -29,13 +29,17 @@ import torch
 
 from models.files import atomic_torch_save, check_writable_dir
 from workbench.errors import WorkbenchError
-from workbench.store import beside, chunk_sizes, open_store
+from workbench.store import beside, chunk_sizes, image_of, open_store
 
 
 def legacy_record(ds, sample: str, layer: int, step: int = 0) -> dict:
     """The fork's dict for one (sample, layer) of an opened store (see the module docstring)."""
     logit = ds["attn_logit"].sel(sample=sample, layer=layer, step=step).values  # [heads, F, F] float32, NaN outside
     not_finite = np.isnan(logit).all(axis=-1, keepdims=True)  # [heads, F, 1]: rows that attended nothing finite
+    if image_of(ds.attrs) is not None and str(ds["phase"].sel(step=step).values) == "denoise":
+        # image-to-video: the image's chunk (frame 0) is never denoised, so its rows at a denoising step ran no
+        # attention at all (the store's NaN by design, docs/modes.md): not attended (0), not an overflow
+        not_finite[:, np.asarray(ds["query_chunk"].values) == 0, :] = False
     full32 = torch.from_numpy(np.where(not_finite, np.nan, np.nan_to_num(logit, nan=0.0)).astype(np.float32))
     sizes = chunk_sizes(ds["query_chunk"].values)
     num_frames = int(ds.sizes["query_frame"])

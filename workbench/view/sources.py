@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.wan.vae import TEMPORAL_STRIDE, pixel_frames
+from models.wan.vae import SPATIAL_STRIDE, TEMPORAL_STRIDE, pixel_frames
 from workbench.errors import WorkbenchError
 from workbench.store import beside, image_of, named
 from workbench.store_guard import StoreChanged
@@ -370,6 +370,7 @@ def video_mismatch(ds, sample: str, video: Path, make: str | None = None) -> str
     try:
         with safe_open(str(side), "np") as f:
             made = f.metadata() or {}
+            shape = list(f.get_slice("latents").get_shape()) if "latents" in f.keys() else None
     except Exception:  # not a generate output: nothing to compare
         return None
     i = [str(v) for v in ds["sample"].values].index(sample)
@@ -385,6 +386,13 @@ def video_mismatch(ds, sample: str, video: Path, make: str | None = None) -> str
     shown = lambda k, v: f"no {k.replace('_sha256', '')}" if v == "" else repr(v)  # noqa: E731 ('' = none)
     differ = [f"{k} {shown(k, made[k])} (the store's: {shown(k, v)})" for k, v in wanted.items()
               if v is not None and k in made and str(made[k]) != str(v)]
+    geometry = layout.get("geometry")  # [latent frames, latent height, latent width] of the store's run
+    if shape is not None and len(shape) == 4 and isinstance(geometry, list) and len(geometry) == 3 \
+            and [shape[0], shape[2], shape[3]] != [int(g) for g in geometry]:
+        differ.append(f"latents of {shape[0]} frames x {shape[2]} x {shape[3]} (the store's: {geometry[0]} frames "
+                      f"x {geometry[1]} x {geometry[2]}, a video of {SPATIAL_STRIDE * int(geometry[1])} x "
+                      f"{SPATIAL_STRIDE * int(geometry[2])} "
+                      "pixels)")
     if made.get("schedule") and layout.get("schedule") and layout.get("sampler") == "causal_few_step":
         if (why := _other_schedule(json.loads(made["schedule"]), layout)) is not None:
             differ.append(why)
