@@ -25,7 +25,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import xarray as xr
 
-from studies import no_window_words, unfinished_note
+from studies import metrics, no_window_words, unfinished_note
 from studies.figures import layer_head_map
 from studies.page import TABLE_ROWS, Page, html_out, number, write_atomic
 
@@ -333,8 +333,9 @@ def per_frame_figure(ds: xr.Dataset, name: str, labels: list[str], dim: str, xla
     for label, (runs, later) in knockout_runs(ds, labels).items():
         for a, b in runs:
             x0, x1 = (pixel_span(a)[0], pixel_span(b)[1] - 1) if pixel else (a, b)
-            text = (f"{label}: later frames do not see latent frames {a}-{b}" if later else
-                    f"{label}: latent frames {a}-{b} knocked out") + (f" (pixel frames {x0}-{x1})" if pixel else "")
+            frames = metrics.span_text("latent frame", a, b)
+            text = (f"{label}: later frames do not see {frames}" if later else f"{label}: {frames} knocked out") \
+                + (f" ({metrics.span_text('pixel frame', x0, x1)})" if pixel else "")
             if label in same and same[label][x0:x1 + 1].all():
                 text += f";\n{SAME_PIXELS}"
             fig.add_vrect(x0=x0 - 0.5, x1=x1 + 0.5, fillcolor="grey", opacity=0.15, line_width=0, layer="below")

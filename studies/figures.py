@@ -282,7 +282,8 @@ def last_chunk_bars(
     _label_axes(fig, rows, cols, "key frame", ds[var].attrs.get("units", var))
     frames = metrics.query_frames_for(sub, "last_chunk")
     fig.update_layout(  # (two lines: one ran off the figure)
-        title=dict(text=f"{var} of the last chunk (query frames {frames[0]}-{frames[-1]}) over key frames · layer "
+        title=dict(text=f"{var} of the last chunk ({metrics.span_text('query frame', frames[0], frames[-1])}) over key "
+                        "frames · layer "
                         f"{layer} · {metrics.step_label(ds, step)}<br><sup>{SINK_FORMULA}"
                         + (" (n/a under 3 key frames)" if short else "") + "</sup>"),
         height=220 * rows + 140, width=max(700, 260 * cols + 100), bargap=0.15, margin=dict(t=110),

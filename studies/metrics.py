@@ -168,6 +168,11 @@ def default_step(ds: xr.Dataset) -> int:
     return int((denoising if len(denoising) else steps)[0])
 
 
+def span_text(what: str, first: int, last: int) -> str:
+    """'query frames 18-20', or 'query frame 0' for one (not 'frames 0-0'); `what` is singular."""
+    return f"{what} {first}" if first == last else f"{what}s {first}-{last}"
+
+
 def timestep_text(t) -> str:
     """A timestep as the pages write it: to one decimal, as the Steps table (833.3, not 833.333; 1000, 937.5)."""
     return f"{round(float(t), 1):g}"

@@ -268,7 +268,8 @@ def build_report(
     page.table(checks_table(ds), index=False)
 
     page.h(f"Overview at {metrics.step_label(ds, step)}")
-    page.p(f"Head metrics averaged over query frames {frames[0]}-{frames[-1]} ({query_frames}) and "
+    page.p(f"Head metrics averaged over {metrics.span_text('query frame', frames[0], frames[-1])} ({query_frames}) "
+           "and "
            f"{'sample ' + html.escape(sample) if sample else 'all samples'}, at this one step (the summary "
            "<code>workbench extract</code> prints averages every denoising step and "
            f"{'the query frames after chunk 0' if metrics.num_chunks(ds) > 1 else 'every query frame'}, so its "
@@ -316,7 +317,8 @@ def build_report(
     csv_text = heads_table.assign(step=step, query_frames=f"{frames[0]}-{frames[-1]}",
                                   samples=sample or "all").to_csv(float_format="%.6g")
     page.p(f"The table as CSV: <code>{html.escape(Path(out_html).with_suffix('.csv').name)}</code> (step {step}, "
-           f"query frames {frames[0]}-{frames[-1]}, {'sample ' + html.escape(sample) if sample else 'all samples'}).")
+           f"{metrics.span_text('query frame', frames[0], frames[-1])}, "
+           f"{'sample ' + html.escape(sample) if sample else 'all samples'}).")
 
     # the slider leaves out CFG's uncond forwards (half of a Wan store's steps, and the bulk of the HTML)
     slider_steps = [int(s) for s, c in zip(ds.step.values, ds["cfg"].values) if str(c) != "uncond" or int(s) == step] \
@@ -467,7 +469,8 @@ def _training_report(ds: xr.Dataset, source: str, out_html, *, layer, sample, st
     page.table(checks_table(ds), index=False)
 
     page.h(f"Attention across training at {metrics.step_label(ds, step)}")
-    page.p(f"Head metrics averaged over query frames {frames[0]}-{frames[-1]} ({query_frames}) and "
+    page.p(f"Head metrics averaged over {metrics.span_text('query frame', frames[0], frames[-1])} ({query_frames}) "
+           "and "
            f"{'sample ' + html.escape(sample) if sample else 'all samples'}, at each train step; a panel per layer, "
            "a line per head.")
     for name in ("sink_mass", "own_chunk_mass", "local_mass", "mean_distance", "entropy_norm"):
@@ -482,7 +485,7 @@ def _training_report(ds: xr.Dataset, source: str, out_html, *, layer, sample, st
                           for t in train_steps]).assign(step=step, query_frames=f"{frames[0]}-{frames[-1]}",
                                                         samples=sample or "all").to_csv(float_format="%.6g")
     page.p(f"The table at every train step as CSV: <code>{html.escape(Path(out_html).with_suffix('.csv').name)}"
-           f"</code> (step {step}, query frames {frames[0]}-{frames[-1]}, "
+           f"</code> (step {step}, {metrics.span_text('query frame', frames[0], frames[-1])}, "
            f"{'sample ' + html.escape(sample) if sample else 'all samples'}).")
     for lay in detail:
         page.h(f"Layer {lay}")

@@ -466,3 +466,9 @@ def test_invariant_checks_by_hand(causal):
     assert metrics.default_step(causal) == int(causal.step.values[phases.index("denoise")])
     assert phases[-1] == "context" and metrics.default_step(causal.sel(step=causal.step.values[-1:])) == int(
         causal.step.values[-1])
+
+
+def test_a_span_of_one_frame_is_named_as_one():
+    """'query frames 0-0' (a one-frame video's last chunk, a knockout of frame 0) read as a typo."""
+    assert metrics.span_text("query frame", 0, 0) == "query frame 0"
+    assert metrics.span_text("latent frame", 18, 20) == "latent frames 18-20"
