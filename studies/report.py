@@ -633,8 +633,12 @@ def build_compare_report(
 
     page.h("Heads ranked by change")
     one_chunk = [side for side, ds in (("A", a), ("B", b)) if metrics.num_chunks(ds) == 1]
+    steps = len(c.steps)
     page.p(f"Query frames compared: {c.query_frames}, the frames both stores select ({query_frames!r} of each, "
-           "intersected)." + (f" {' and '.join(one_chunk)} is one chunk (the bidirectional sampler), whose last chunk "
+           "intersected)." + (f" Each side's metrics and class are averaged over the {steps} matched steps, where "
+                              "a store's own report reads one step (its first denoising step unless --step says): "
+                              "a head's class here can differ from the one its report gives."
+                              if steps > 1 else "") + (f" {' and '.join(one_chunk)} is one chunk (the bidirectional sampler), whose last chunk "
                               "is every frame: compared here on the other's last chunk only, its metrics and classes "
                               "can differ from its own report's, which average over all its frames."
                               if query_frames == "last_chunk" and len(one_chunk) == 1 else ""))

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from studies import commands, load_store, report, synthetic
+from studies import commands, compare, load_store, report, synthetic
 from workbench.errors import WorkbenchError
 
 
@@ -158,6 +158,12 @@ def test_compare_report(compare_report):
                         for fig in tops)  # A and B side by side on one colour scale
     for heading in ("Matched samples", "Matched steps", "Heads ranked by change"):
         assert heading in parser.headings
+    # classes over the matched steps, not one step as each store's report: said (they differed unexplained)
+    import re
+
+    said = re.search(r"averaged over the (\d+) matched steps, where a store's own report reads one step", text)
+    assert said and int(said.group(1)) == len(compare.compare_stores(*(load_store(s) for s in (
+        compare_report.parent / "wan.zarr", compare_report.parent / "sf.zarr"))).steps), said
     section = text.split(">Matched samples</h2>")[1].split("</table>")[0]
     assert "p0000-s2" in text and "p0000-s3" not in section.split("<table")[1]  # not in a pair, and named so:
     assert "Not compared, in no pair: 1 sample(s) of A with no partner in B (p0000-s3)" in section
