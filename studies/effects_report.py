@@ -96,7 +96,8 @@ def display_ranking(table: pd.DataFrame) -> pd.DataFrame:
     """The ranked table as the page shows it: numbers to 4 significant digits, each world column with its change
     against the baseline in brackets ("8.06 (+6.08)") instead of a d_ column of its own, so it fits a page, and the
     layer and head left blank where the entry acts on no single one (the store's -1: the baseline, a knockout, a
-    policy, an ablation of several; its label says what it acts on)."""
+    policy, an ablation of several; its label says what it acts on); the world columns' headers name their units
+    (WORLD_HEADERS)."""
     shown = table.copy()
     for k in ("layer", "head"):
         if k in shown:
@@ -108,7 +109,7 @@ def display_ranking(table: pd.DataFrame) -> pd.DataFrame:
             shown = shown.drop(columns=f"d_{k}")
     if "missed" in shown:  # (an empty cell read as missing data: every check passed)
         shown["missed"] = [m or "none" for m in table["missed"]]
-    return shown
+    return shown.rename(columns=WORLD_HEADERS)  # (their units in their headers)
 
 
 def not_finite_entries(ds: xr.Dataset) -> dict[str, list[str]]:
@@ -237,7 +238,7 @@ def build_effects_report(store, out_html: str | Path) -> Path:
               "No world metrics: the run was made with --world off." if ds.attrs.get("world_asked") == "off" else
               "No world metrics: the model or the prompts are not the miniature world's."))
     page.h("Ranked by effect")
-    page.table(display_ranking(table).rename(columns=WORLD_HEADERS), shown=TABLE_ROWS)
+    page.table(display_ranking(table), shown=TABLE_ROWS)
     if "intervention_detail" in ds.coords:  # (what a policy decided as it ran: a head-wise cache's static heads)
         decided = [(str(e), str(d)) for e, d in zip(ds.intervention.values, ds.intervention_detail.values) if str(d)]
         if decided:

@@ -35,8 +35,9 @@ from plotly.subplots import make_subplots
 from studies import metrics
 from workbench.errors import WorkbenchError
 
-# the researchers' sink statistic, named apart from the head table's sink_mass (v[0] alone, frame 0's share)
-SINK_FORMULA = "sink_delta = v[0] - mean(v[1:-1]), the researchers' sink statistic (sink_mass: v[0])"
+# the researchers' sink statistic, named apart from the head table's sink_mass (v[0] alone, frame 0's share, when v
+# is attn_mass: last_chunk_bars says so then; a logit profile's v[0] is no mass)
+SINK_FORMULA = "sink_delta = v[0] - mean(v[1:-1]), the researchers' sink statistic"
 CLASS_COLOURS = {"sink": "#d62728", "local": "#1f77b4", "global": "#2ca02c", "deep_sink": "#9467bd",
                  "mixed": "#7f7f7f", "no_values": "#e0e0e0"}
 
@@ -285,6 +286,7 @@ def last_chunk_bars(
         title=dict(text=f"{var} of the last chunk ({metrics.span_text('query frame', frames[0], frames[-1])}) over key "
                         "frames · layer "
                         f"{layer} · {metrics.step_label(ds, step)}<br><sup>{SINK_FORMULA}"
+                        + (" (sink_mass: v[0])" if var == "attn_mass" else "")
                         + (" (n/a under 3 key frames)" if short else "") + "</sup>"),
         height=220 * rows + 140, width=max(700, 260 * cols + 100), bargap=0.15, margin=dict(t=110),
     )

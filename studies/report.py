@@ -374,11 +374,13 @@ def build_report(
                "--layer N draws them.")
     if len(detail) < ds.sizes["layer"]:
         page.p(f"Detailed sections for layers {detail} of {ds.sizes['layer']}; pass --layer N to choose others.")
-    drawn = {"attn_mass", "attn_logit", "cross_mass", "attn_key_token", "attn_frame_entropy"}
+    drawn = {"attn_mass", "attn_key_token", "attn_frame_entropy", *(["cross_mass"] if cross else [])}
     if rest := [str(v) for v in ds.data_vars if str(v) not in drawn]:  # (a plugin's statistic: said, not dropped)
         page.p(html.escape("Also in the store, not drawn here: " + ", ".join(
             f"{v} ({ds[v].attrs.get('long_name', 'no long_name')}, {ds[v].attrs.get('units', 'no unit')})"
-            for v in rest) + "; open it with xarray (xr.open_zarr(STORE, consolidated=False))."))
+            for v in rest) + "; studies.figures draws any of them (e.g. head_grid(ds, layer, var=NAME), the "
+            "researchers' logit grid with attn_logit), or open the store with xarray (xr.open_zarr(STORE, "
+            "consolidated=False))."))
     written = write_atomic(page.render(), out_html)
     from models.files import atomic_write_text
 

@@ -83,7 +83,9 @@ def test_a_label_with_markup_is_shown_as_written():
 
 def test_the_ranked_table_writes_no_negative_zero():
     table = pd.DataFrame({"trajectory_error": [1.0, 2.0], "d_trajectory_error": [0.0, -0.0]}, index=["a", "b"])
-    assert list(effects_report.display_ranking(table)["trajectory_error"]) == ["1 (+0)", "2 (+0)"]
+    shown = effects_report.display_ranking(table)
+    assert list(shown.columns) == ["trajectory_error (px)"]  # (its unit in its header; the change in brackets)
+    assert list(shown["trajectory_error (px)"]) == ["1 (+0)", "2 (+0)"]
     assert "-0.000" not in effects_report.markdown(pd.DataFrame({"x": [-1e-6]}))
 
 
@@ -118,3 +120,16 @@ def test_a_curve_equal_to_another_is_dotted_and_named_with_it():
     apart = effects_report.per_frame_figure(ds, "pixel_distance", ["ablate-zero:L0.H0", "knockout0-1:all"],
                                             "pixel_frame", "pixel frame", "pixel RMS distance")
     assert [t.line.dash for t in apart.data] == [None, None]  # (their pixel curves differ)
+
+
+def test_the_png_breaks_a_curve_where_it_has_no_value():
+    """A world curve is NaN where the tracker found nothing: the PNG joined the points on either side, drawing a
+    line across frames that have no value (the page's plotly line breaks there)."""
+    frames = 6
+    ds = effects_store(samples=1, frames=frames)
+    ds["latent_distance_rel"].loc[dict(intervention="ablate-zero:L0.H0")] = [[1.0, 1.0, np.nan, np.nan, 1.0, 1.0]]
+    png = np.asarray(effects_report.curve_png(ds, ["ablate-zero:L0.H0"]).convert("L"))
+    x = lambda f: 96 + f / (frames - 1) * (1100 - 96 - 320)  # noqa: E731 (the chart's frame -> pixel column)
+    inside = png[47:620 - 67]
+    assert (inside[:, int(x(0)) + 3:int(x(1)) - 3] < 250).any()  # the line between frames 0 and 1
+    assert not (inside[:, int(x(1)) + 3:int(x(4)) - 3] < 250).any()  # nothing across frames 2 and 3

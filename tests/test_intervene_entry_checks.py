@@ -184,3 +184,5 @@ def test_a_head_split_setting_on_another_policy_is_refused(tmp_path):
         with pytest.raises(WorkbenchError, match=words):
             parse_entry(dict(kind="policy", policy="fifo", window=9, **extra), 6, 4, **ROLLOUT)
     assert parse_entry(parse_flag("policy", "fifo:9"), 6, 4, **ROLLOUT).store is None
+    old = dict(kind="policy", policy="fifo", window=9, sink_frames=0, threshold=0.8, static_recent=6)  # (an older
+    assert parse_entry(old, 6, 4, **ROLLOUT).window == 9  # store's spec: every field, the split's at its defaults)

@@ -161,6 +161,8 @@ def test_compare_report(compare_report):
     # classes over the matched steps, not one step as each store's report: said (they differed unexplained)
     import re
 
+    assert not re.search(r"t_[AB]=\d+\.\d\d", text)  # timesteps to 0.1 (833.3), as the Steps tables
+    assert "t_A=833.3" in text or "t_B=833.3" in text
     said = re.search(r"averaged over the (\d+) matched steps, where a store's own report reads one step", text)
     assert said and int(said.group(1)) == len(compare.compare_stores(*(load_store(s) for s in (
         compare_report.parent / "wan.zarr", compare_report.parent / "sf.zarr"))).steps), said
@@ -719,5 +721,6 @@ def test_every_statistic_of_the_store_is_drawn_or_named(stores, tmp_path):
     parser, text = parse(path)
     fig = parser.figures["fig-entropy-layer1"]
     assert [array(t["y"])[0] for t in fig["data"][:2]] == [0.5, 1.25] and "layer 1" in fig["layout"]["title"]["text"]
-    assert "Also in the store, not drawn here: my_stat (my statistic, bits)" in text
-    assert "not drawn here" not in parse(report.build_report(load_store(stores["sf"]), tmp_path / "p.html"))[1]
+    assert "Also in the store, not drawn here: attn_logit (" in text and ", my_stat (my statistic, bits)" in text
+    plain = parse(report.build_report(load_store(stores["sf"]).drop_vars("attn_logit"), tmp_path / "p.html"))[1]
+    assert "not drawn here" not in plain

@@ -69,6 +69,14 @@ def test_last_chunk_bars_carry_the_sink_statistic(ds):
     assert "attn_mass of the last chunk" in fig.layout.title.text
 
 
+def test_the_bars_of_a_logit_profile_do_not_call_v0_a_mass(ds):
+    """sink_mass (the head table's mass on frame 0) is v[0] of the attn_mass profile only: the attn_logit bars (the
+    researchers' own figure, notebook 04) said '(sink_mass: v[0])' of a mean logit."""
+    assert "(sink_mass: v[0])" in figures.last_chunk_bars(ds, 0, step=0).layout.title.text
+    title = figures.last_chunk_bars(ds, 0, step=0, var="attn_logit").layout.title.text
+    assert "sink_delta = v[0] - mean(v[1:-1])" in title and "sink_mass" not in title, title
+
+
 def test_step_slider_has_one_frame_per_step(ds, wan):
     fig = figures.step_slider(ds, 0)
     assert [f.name for f in fig.frames] == ["0", "1", "2", "3", "4"]
@@ -205,6 +213,7 @@ def test_line_figures(ds):
     assert figures.metric_by_query_frame(rows.sink_mass).layout.xaxis.title.text == "query frame"
     by_step = figures.metric_by_step(metrics.head_metrics(ds).sink_mass.isel(layer=0))
     assert list(by_step.data[0].x)[-1] == "4 · t=0 (context)"
+    assert list(by_step.data[0].x)[2] == "2 · t=833.3"  # (as the Steps table, not 833.333)
 
 
 def test_bad_selections_are_named(ds):
@@ -561,6 +570,27 @@ def test_the_generate_hint_is_made_from_the_runs_own_settings(tokens_store):
     assert hint.startswith("workbench generate --model teacher --num-inference-steps 2 --local-attn-size 9 "
                            "--sink-size 3 --frames 6 --prompt ")
     assert hint.endswith(f"--seed {int(ds.seed.values[1])} --out runs/tok") and "--sampler" not in hint  # (the zoo's)
+
+
+def test_the_generate_hint_takes_a_folder_or_path_that_starts_with_a_dash(tokens_store):
+    """A store named -x.zarr (relative) has its videos in -x: `--out -x` is refused by argparse ('expected one
+    argument'), so such a value is written --out=-x (as a prompt that starts with '-' is); the view's note printed
+    ./-x before the note took this command."""
+    import shlex
+
+    import yaml
+
+    from workbench.cli import build_parser
+    from workbench.view.sources import generate_command
+
+    ds = tokens_store.copy()
+    c = yaml.safe_load(ds.attrs["config_yaml"])
+    c["extract"].update(model=None, checkpoint="-ckpt.pt")
+    ds.attrs.update(config_yaml=yaml.safe_dump(c))
+    hint = generate_command(ds, 0, "-x")
+    assert hint.endswith("--out=-x") and "--checkpoint=-ckpt.pt" in hint, hint
+    args = build_parser().parse_args(shlex.split(hint)[1:])
+    assert (args.out, args.checkpoint) == ("-x", "-ckpt.pt")
 
 
 def test_head_grids_take_a_colour_scale_to_share(ds):

@@ -523,8 +523,11 @@ def _read_policy(e: Entry, d: dict, num_layers: int, num_heads: int, num_frames:
     if d.get("split", HEAD_SPLIT) != HEAD_SPLIT:
         raise WorkbenchError(f"split {d['split']!r}: the head-wise split is {HEAD_SPLIT!r} (the sink frames and "
                              "the newest static_recent frames up to the query's chunk end)")
-    given = [k for k in ("store", "threshold", "static_recent") if d.get(k) is not None]
-    if given and e.policy != "headwise":  # (read by no other policy: a setting that changes nothing is refused)
+    # (read by no other policy: a setting that changes nothing is refused; an older store's spec of a fifo policy
+    # recorded every field, the head split's at their defaults: those go on)
+    given = [k for k, default in (("store", None), ("threshold", 0.8), ("static_recent", 6))
+             if d.get(k) is not None and d.get(k) != default]
+    if given and e.policy != "headwise":
         raise WorkbenchError(f"{', '.join(given)}: a headwise policy's setting{'s' if len(given) > 1 else ''} (the "
                              f"head split), not a {e.policy} policy's; drop {'them' if len(given) > 1 else 'it'}"
                              + (f" (--policy {e.policy}:{e.window}:{e.sink_frames})" if "store" in given else ""))

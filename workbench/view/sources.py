@@ -438,6 +438,8 @@ def generate_command(ds, i: int, out) -> str:
 
     c = (yaml.safe_load(str(ds.attrs.get("config_yaml", ""))) or {}).get("extract") or {}
     flags = []
+    # (a value that starts with '-', a prompt or a path such as -x: as --flag=value, or argparse takes it for a flag)
+    pair = lambda name, value: [f"{name}={value}"] if str(value).startswith("-") else [name, str(value)]  # noqa: E731
     if c.get("model"):  # (a zoo model: its name sets the weights and the sampler defaults)
         from models.wan.embedded import ZOO
 
@@ -445,8 +447,8 @@ def generate_command(ds, i: int, out) -> str:
         own = ZOO.get(str(c["model"]))
         ref = {k: getattr(own, k) for k in SAMPLER_DEFAULTS} if own is not None else dict(SAMPLER_DEFAULTS)
     else:
-        flags += ["--wan-dir", str(c["wan_dir"])] if c.get("wan_dir") else []
-        flags += ["--checkpoint", str(c["checkpoint"])] if c.get("checkpoint") else []
+        flags += pair("--wan-dir", c["wan_dir"]) if c.get("wan_dir") else []
+        flags += pair("--checkpoint", c["checkpoint"]) if c.get("checkpoint") else []
         flags += ["--use-ema"] if c.get("use_ema") else []
         ref = dict(SAMPLER_DEFAULTS)
     defaults = ExtractConfig(prompts=["x"])
@@ -454,7 +456,7 @@ def generate_command(ds, i: int, out) -> str:
             "timestep_shift", "context_noise", "num_frame_per_block", "local_attn_size", "sink_size", "height",
             "width", "image"))]:
         if key in c and c[key] is not None and c[key] != default:
-            flags += [f"--{key.replace('_', '-')}", str(c[key])]
+            flags += pair(f"--{key.replace('_', '-')}", c[key])
     if c.get("denoising_step_list") and list(c["denoising_step_list"]) != defaults.denoising_step_list:
         flags += ["--denoising-step-list", ",".join(str(t) for t in c["denoising_step_list"])]
     if c.get("warp_denoising_step") is False:
@@ -467,9 +469,9 @@ def generate_command(ds, i: int, out) -> str:
     flags += ["--frames", str(frames)] if frames else []
     index = ds["prompt_index"].values if "prompt_index" in ds.coords else np.zeros(ds.sizes["sample"], int)
     prompts = dict(sorted(zip((int(x) for x in index), (str(p) for p in ds["prompt"].values))))
-    for p in prompts.values():  # (a prompt that starts with '-' as --prompt=..., or argparse takes it for a flag)
-        flags += [f"--prompt={p}"] if p.startswith("-") else ["--prompt", p]
-    return shlex.join(["workbench", "generate", *flags, "--seed", str(int(ds["seed"].values[i])), "--out", str(out)])
+    for p in prompts.values():
+        flags += pair("--prompt", p)
+    return shlex.join(["workbench", "generate", *flags, "--seed", str(int(ds["seed"].values[i])), *pair("--out", out)])
 
 
 def _plain(sample: str) -> bool:
