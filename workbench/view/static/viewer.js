@@ -304,7 +304,7 @@ function drawMaps() {
 
 function drawMap(canvas, hi, chunk, latent, attn) {
   const F = V.meta.num_frames, rows = chunk ? chunk.query_frames : [];
-  const left = 40, top = 4, bottom = 18, right = 6;
+  const left = 40, top = 4, bottom = 31, right = 6;  // (below: the key frame ticks, then the axis's name)
   const width = canvas.clientWidth || 300;
   const cell = Math.max(4, Math.min(V.head === "all" ? 26 : 44, Math.floor((width - left - right) / F)));
   // rows at least as tall as their labels: with many key frames the columns get thin, the rows stay readable
@@ -342,6 +342,8 @@ function drawMap(canvas, hi, chunk, latent, attn) {
   ctx.fillStyle = "#333"; ctx.textAlign = "center";
   const tickY = top + rows.length * cellH + 10;
   for (let kf = 0; kf < F; kf += every) ctx.fillText(`${kf}`, left + kf * cell + cell / 2, tickY);
+  ctx.fillStyle = "#777";  // the columns' name on the map itself (the rows': q + the query frame)
+  ctx.fillText("key frame", left + (F * cell) / 2, tickY + 13);
   ctx.fillStyle = "#d0302a";
   ctx.fillRect(left + rows[0] * cell, top + rows.length * cellH + 1, rows.length * cell, 2);
 }
