@@ -44,6 +44,7 @@ def test_per_frame_charts_are_titled_means_over_samples():
         title = fig.layout.title.text
         assert title.startswith(words) and title.endswith("mean over 3 samples"), title
         assert fig.layout.margin.t >= 60  # (room for it)
+        assert fig.layout.yaxis.rangemode == "tozero"  # (a distance or error from 0: a small one looks small)
         np.testing.assert_allclose(fig.data[0].y, ds[name].sel(intervention=top[0]).mean("sample").values)
 
 
@@ -105,6 +106,9 @@ def test_the_png_copy_holds_every_per_frame_chart_with_its_units():
     for i in range(3):  # each panel's own lines: the knockout's red where its values are not 0
         assert (png[i * 620 + 44:(i + 1) * 620 - 64, 96:-320] != 255).any(axis=-1).sum() > 500
     assert "pixel_distance" not in effects_report.per_frame_curves(ds.drop_vars(["pixel_distance"]))
+    # (pixel distances without the tracker's curve: no world chart, which would read a variable the store lacks)
+    assert list(effects_report.per_frame_curves(ds.drop_vars(["world_curve_trajectory_error"]))) == [
+        "latent_distance_rel", "pixel_distance"]
 
 
 def test_a_curve_equal_to_another_is_dotted_and_named_with_it():
@@ -133,3 +137,23 @@ def test_the_png_breaks_a_curve_where_it_has_no_value():
     inside = png[47:620 - 67]
     assert (inside[:, int(x(0)) + 3:int(x(1)) - 3] < 250).any()  # the line between frames 0 and 1
     assert not (inside[:, int(x(1)) + 3:int(x(4)) - 3] < 250).any()  # nothing across frames 2 and 3
+
+
+def test_the_png_draws_a_lone_value_and_beside_a_curve_with_none():
+    """A frame with a value between two without is a dot (no line to draw); an entry with no value at all (a rollout
+    that diverged: its pixel distance NaN throughout), listed first, left the axis without a scale and the other
+    entries' lines undrawn."""
+    frames = 6
+    ds = effects_store(samples=1, frames=frames)
+    ds["latent_distance_rel"].loc[dict(intervention="ablate-zero:L0.H0")] = [[np.nan, np.nan, 1.0, np.nan, np.nan,
+                                                                              np.nan]]
+    png = np.asarray(effects_report.curve_png(ds, ["ablate-zero:L0.H0"]).convert("L"))
+    x = lambda f: 96 + f / (frames - 1) * (1100 - 96 - 320)  # noqa: E731 (the chart's frame -> pixel column)
+    inside = png[47:620 - 67]
+    assert (inside[:, int(x(2)) - 2:int(x(2)) + 3] < 250).any()  # the dot at frame 2
+    ds["pixel_distance"].loc[dict(intervention="knockout0-1:all")] = np.nan
+    curve = effects_report.per_frame_curves(ds)["pixel_distance"]
+    drawn = [np.asarray(effects_report.curve_png(ds, labels, name="pixel_distance", curve=curve))
+             for labels in (["ablate-zero:L0.H0", "knockout0-1:all"], ["knockout0-1:all", "ablate-zero:L0.H0"])]
+    ink = [(a[44:-64, 96:-320] != 255).any(axis=-1).sum() for a in drawn]
+    assert ink[0] > 2000 and abs(ink[1] - ink[0]) < 0.1 * ink[0]  # (the same line, whichever is listed first)

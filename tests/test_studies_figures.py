@@ -125,6 +125,8 @@ def test_a_layer_head_map_from_zero_starts_at_zero():
     assert (trace.zmin, trace.zmax) == (0, 0.71)
     trace = figures.layer_head_map(-da, zmax=0).data[0]  # (the other end alone, as well)
     assert (trace.zmin, trace.zmax) == (-0.71, 0)
+    trace = figures.layer_head_map(-da, zmin=0).data[0]  # (a zmin above every value: a scale still low to high)
+    assert (trace.zmin, trace.zmax) == (-0.32, 0)
     trace = figures.layer_head_map(da).data[0]  # (neither: the data's range, as before)
     assert trace.zmin is None and trace.zmax is None
 
@@ -192,6 +194,10 @@ def test_line_figures(ds):
     # the mass axis from 0 with its unit, as the other line figures of masses (an autorange began at the smallest)
     assert fig.layout.yaxis.title.text == "mean attention mass [probability]"
     assert fig.layout.yaxis.range[0] <= 0 < fig.layout.yaxis.range[1]
+    bare = prof.copy()
+    del bare.attrs["units"]  # (a profile computed by hand: no fixed range, the axis still from 0)
+    assert figures.recency_lines(bare).layout.yaxis.range is None
+    assert figures.recency_lines(bare).layout.yaxis.rangemode == "tozero"
     # no window: distances 18-20 reach only the first chunk's frames (frame 0 as a sink lifts the tail there)
     assert prof.distance.values[prof.first_chunk_only.values].tolist() == [18, 19, 20]
     assert "sink_only" not in prof.coords

@@ -34,7 +34,8 @@ from workbench.store import open_store
 from workbench.store_guard import StoreChanged
 from workbench.view import stream
 from workbench.view.server import start
-from workbench.view.sources import StoreSource, StreamSource, latent_of_pixel, open_source, pixel_span
+from workbench.view.sources import (StoreSource, StreamSource, latent_of_pixel, open_source, pixel_span,
+                                    step_label)
 
 F, T = 9, 33  # latent frames (3 chunks of 3), pixel frames 1 + 4 (F - 1)
 # a store's videos are generate's mp4s, which need the video extra (the README's CPU install leaves it out)
@@ -100,6 +101,12 @@ def test_pixel_frame_mapping_is_the_vae_decoders(one_thread):
 
 
 @needs_mp4
+def test_the_step_menu_writes_timesteps_to_one_decimal_as_the_reports():
+    """A shifted schedule's t=833.333 read 833.333 in the viewer's step menu and 833.3 in the reports."""
+    assert step_label(dict(step=1, timestep=833.3333, phase="denoise", cfg="none")) == "1 · t=833.3 · denoise"
+    assert step_label(dict(step=2, timestep=1000.0, phase="context", cfg="cond")) == "2 · t=1000 · context · cond"
+
+
 def test_meta_and_state_come_from_the_store(runs, store_server):
     ds = open_store(runs / "x.zarr")
     status, meta = get(store_server, "/api/meta")
@@ -374,6 +381,8 @@ def test_an_effects_store_shows_the_videos_its_own_runs_saved(tmp_path, one_thre
     common = ["--frames", "3", "--capture", "0", "--world", "off", "--out", str(out), "--no-progress"]
     assert main(["intervene", "--ablate", "0:0", "--save-videos", *common]) == 0
     assert set(open_source(out).videos) == {"baseline · p0000-s0", "ablate-zero:L0.H0 · p0000-s0"}
+    # (intervene makes an entry's video, not generate: no generate command for it, in a mismatch's message either)
+    assert open_source(out).make_video("ablate-zero:L0.H0 · p0000-s0") is None
     assert main(["intervene", "--ablate", "0:0", "--overwrite", "--timestep-shift", "3", *common]) == 0
     assert (tmp_path / "fx_videos" / "baseline" / "p0000-s0.mp4").is_file()  # (left there: not the store's)
     assert "videos_dir" not in open_store(out).attrs and open_source(out).videos == {}
