@@ -278,6 +278,11 @@ def test_cache_encodes_each_prompt_once_per_encoder(small_pth, tmp_path):
     assert other.identity != again.identity
     assert other.encode(PROMPTS[:1]).context.shape == (1, 64, SMALL["d_model"])
     assert len(sorted(cache.rglob("*.safetensors"))) == len(PROMPTS) + 1
+    # the same prompts cached again elsewhere: the same bytes (safetensors wrote its header's metadata keys in a
+    # hash map's order, which changes from map to map)
+    TextEncoder.from_files(small_pth, TOKENIZER, cache_dir=tmp_path / "twin").encode(PROMPTS)
+    for entry in entries:
+        assert (tmp_path / "twin" / entry.relative_to(cache)).read_bytes() == entry.read_bytes(), entry.name
 
 
 def test_a_cpu_encoders_cache_entries_are_those_of_its_thread_count(small_pth, tmp_path):

@@ -510,3 +510,86 @@ def test_the_prompt_cache_encodes_each_prompt_once_and_survives_filling_up():
     mixed = cache(["a", "c"])  # 2 cached + 1 new > 2: emptied, both encoded again
     assert calls[-1] == ["a", "c"] and mixed[0].equal(both[0]) and mixed.shape == (2, 8, 4)
     assert not mixed[1].equal(both[1])
+
+
+def test_losses_csv_row_cut_by_full_disk_is_undone(tmp_path, monkeypatch):
+    """A full disk while a row is appended to losses.csv (the disk fills as the step's checkpoint is saved): the
+    part of the row that got written is taken back, so --resume from that step's checkpoint (which keeps the rows
+    up to it) does not keep a cut row with its values truncated (0.5 read as 0.) and its other columns blank."""
+    import builtins
+    import errno
+
+    import training.logger as logger
+    from training.logger import Logger, read_losses
+
+    log = Logger(tmp_path, ["csv"])
+    log.log(1, {"generator_loss": 0.25, "critic_loss": 0.5})
+
+    class FullDisk:  # the file as a full disk leaves it: the row's first bytes written, then ENOSPC
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[:6])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(logger, "open", lambda *a, **kw: FullDisk(builtins.open(*a, **kw)), raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        log.log(2, {"generator_loss": 0.125, "critic_loss": 0.75})
+    monkeypatch.undo()
+    assert read_losses(tmp_path) == [{"step": 1.0, "generator_loss": 0.25, "critic_loss": 0.5}]
+    resumed = Logger(tmp_path, ["csv"], resume_step=2)  # the step-2 checkpoint was saved before its row
+    resumed.log(3, {"generator_loss": 1.0, "critic_loss": 2.0})
+    assert [r["step"] for r in read_losses(tmp_path)] == [1.0, 3.0]
+
+
+def test_a_checkpoint_that_fills_the_disk_keeps_its_steps_row(tmp_path, monkeypatch):
+    """The disk fills while step 2's checkpoint is saved: its loss row was written first, so losses.csv has every
+    finished step (a resume from the step-2 checkpoint of a run where the row came after the checkpoint lost it)."""
+    import errno
+
+    from training.trainer import Trainer
+
+    tr = make(tmp_path, "dfake_gen_update_ratio=1", "log_iters=2")
+
+    def full_disk(self, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Trainer, "save", full_disk)
+    tr.iteration()
+    with pytest.raises(OSError, match="No space left"):
+        tr.iteration()
+    assert [r["step"] for r in read_losses(tmp_path)] == [1, 2]
+
+
+def test_a_checkpoint_that_fails_midway_leaves_no_folder(tmp_path, monkeypatch):
+    """The disk fills on model.pt after training_state.pt (the optimiser states: twice the weights) was written: the
+    half checkpoint's folder held the space the error asks the user to free; it is removed, and the next save
+    works."""
+    import errno
+
+    import models.wan.checkpoint as ckpt
+
+    tr = make(tmp_path, "dfake_gen_update_ratio=1")
+    tr.iteration()
+    real = ckpt.save_self_forcing
+
+    def full_disk(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_self_forcing", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        tr.save()
+    assert not (tmp_path / f"checkpoint_model_{tr.step:06d}").exists()
+    monkeypatch.setattr(ckpt, "save_self_forcing", real)
+    assert (tr.save() / "model.pt").is_file()

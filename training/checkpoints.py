@@ -5,7 +5,8 @@
 `generator_ema` once step > ema_start_step; keys `model.`-prefixed) and `training_state.pt` beside it (step,
 seed, optimiser states, the config, and `start_weights`: the file the run started from and its sha256) for
 `--resume`. A resumed run continues exactly as the uninterrupted one. Both files are written atomically, model.pt
-last: a folder with both is complete.
+last: a folder with both is complete; a save that fails midway (a full disk) removes the folder it made. The step's
+row of losses.csv is written before its checkpoint (training/trainer.py), so a resume from it keeps the row.
 
 A resume reads the generator's weights from the checkpoint; of `generator_ckpt` it needs only the sha256 (the probe
 store's labels hash it), so `resumed_start_weights` lets it go on from the recorded one once the file is gone.
@@ -48,8 +49,16 @@ class Checkpoints:
             state["start_weights"] = dict(self.start_weights)
         if self.d.main:
             state["config_yaml"] = OmegaConf.to_yaml(recorded(self.cfg))
-            atomic_torch_save(state, folder / "training_state.pt")
-            save_self_forcing(folder / "model.pt", **models)  # last: a folder with model.pt is complete
+            new = not folder.exists()
+            try:
+                atomic_torch_save(state, folder / "training_state.pt")
+                save_self_forcing(folder / "model.pt", **models)  # last: a folder with model.pt is complete
+            except BaseException:  # (a full disk, Ctrl-C: no half checkpoint left holding the space asked for)
+                if new:
+                    import shutil
+
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
             self.log(f"saved {folder / 'model.pt'}")
         self.d.barrier()
         self.last_saved = self.step

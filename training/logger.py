@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from pathlib import Path
 
 from models.files import atomic_write_text
@@ -93,8 +94,17 @@ class Logger:
             self.columns += new
             self._rewrite()
         else:
-            with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=self.columns).writerow(row)
+            line = io.StringIO(newline="")
+            csv.DictWriter(line, fieldnames=self.columns).writerow(row)
+            data = memoryview(line.getvalue().encode("utf-8"))
+            with open(self.path, "ab", buffering=0) as f:  # (unbuffered: what failed is not written again later)
+                start = f.seek(0, os.SEEK_END)
+                try:
+                    while data:
+                        data = data[f.write(data):]
+                except BaseException:  # a full disk midway (or Ctrl-C): no half row for a resume to keep as a step
+                    os.ftruncate(f.fileno(), start)  # (truncating needs no space)
+                    raise
         numeric = {k: v for k, v in values.items() if isinstance(v, (int, float))}
         if self.tb is not None:
             for k, v in numeric.items():

@@ -203,8 +203,8 @@ class Trainer(Steps, Checkpoints):
 
     def iteration(self) -> dict:
         """One iteration: the updates at self.step, then step += 1 (and `self.step_done()`, set by `train`: its
-        progress bar counts the step before the step's checkpoint and probe messages), EMA creation, checkpoint,
-        log row, probe."""
+        progress bar counts the step before the step's checkpoint and probe messages), EMA creation, log row,
+        checkpoint, probe."""
         t0 = time.perf_counter()
         logs = self.train_step()
         self.step += 1
@@ -212,9 +212,9 @@ class Trainer(Steps, Checkpoints):
             self.step_done()
         self.maybe_create_ema()
         logs["seconds"] = time.perf_counter() - t0
-        if self.step % self.cfg.log_iters == 0:
+        self.record(logs)  # (before the checkpoint: a resume from it keeps its step's row; a row written then a
+        if self.step % self.cfg.log_iters == 0:  # failed checkpoint is dropped by the resume from the one before)
             self.save()
-        self.record(logs)
         self.maybe_probe()
         return logs
 

@@ -57,7 +57,8 @@ import torch
 
 from models.errors import CheckpointError, ModelInputError, ModelInputWarning
 from models.files import (atomic_write_bytes, check_tensor_shapes, changed_files, check_unpickling, check_weights_file,
-                          file_stamps, load_state_dict_file, sha256_file, weight_files, weights_sha256)
+                          file_stamps, load_state_dict_file, safetensors_bytes, sha256_file, weight_files,
+                          weights_sha256)
 from models.wan.folder import T5_NAME as WEIGHTS_NAME  # noqa: F401 (the official file names, re-exported)
 from models.wan.folder import TOKENIZER_SUBDIR, dit_dir, present, wan_parts  # noqa: F401 (TOKENIZER_SUBDIR: re-export)
 DEFAULT_TEXT_LEN = 512
@@ -544,10 +545,10 @@ class TextEncoder:
 
     def _cache_put(self, prompt: str, context: torch.Tensor, tokens: list[str], length: int,
                    count: tuple[int, str]) -> None:
-        from safetensors.torch import save
         meta = {"prompt": prompt, "identity": self.identity, "length": str(length), "tokens": json.dumps(tokens),
                 "text_len": str(self.text_len), "count": str(count[0]), "cut_after": count[1]}
-        data = save({"context": context[:length].detach().to("cpu").contiguous()}, metadata=meta)
+        # (the header's keys in sorted order: one prompt, one file's bytes, from run to run)
+        data = safetensors_bytes({"context": context[:length].detach().to("cpu").contiguous()}, metadata=meta)
         try:
             atomic_write_bytes(self._cache_path(prompt), data)
         except OSError as err:  # (a full disk, a read-only cache: the run goes on without the entry)
