@@ -236,7 +236,7 @@ function drawFrame() {
     none.textContent = st.video_error ? st.video_error
       : V.meta.live && V.t >= st.frames_ready ? `pixel frame ${V.t} is not decoded yet`
       : st.frames_ready === 0 && st.make_video ? `no video found for this sample: ${st.make_video} makes it ` +
-        "(then reload), or name one: workbench view STORE --video FILE.mp4"
+        `(then reload), or name one: workbench view ${V.meta.name} --video FILE.mp4`
       : st.frames_ready === 0 ? "no video found for this sample: workbench generate makes it (its prompt and seed, " +
         `--out ${V.meta.name.replace(/\.zarr$/, "")} beside the store; workbench report's page gives the command), ` +
         "or name one: workbench view STORE --video FILE.mp4"
