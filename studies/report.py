@@ -378,8 +378,8 @@ def build_report(
     if rest := [str(v) for v in ds.data_vars if str(v) not in drawn]:  # (a plugin's statistic: said, not dropped)
         page.p(html.escape("Also in the store, not drawn here: " + ", ".join(
             f"{v} ({ds[v].attrs.get('long_name', 'no long_name')}, {ds[v].attrs.get('units', 'no unit')})"
-            for v in rest) + "; studies.figures draws any of them (e.g. head_grid(ds, layer, var=NAME), the "
-            "researchers' logit grid with attn_logit), or open the store with xarray (xr.open_zarr(STORE, "
+            for v in rest) + "; studies.figures draws those over query and key frames (head_grid(ds, layer, "
+            "var=NAME): the researchers' logit grid with attn_logit); any opens with xarray (xr.open_zarr(STORE, "
             "consolidated=False))."))
     written = write_atomic(page.render(), out_html)
     from models.files import atomic_write_text
@@ -635,15 +635,17 @@ def build_compare_report(
 
     page.h("Heads ranked by change")
     one_chunk = [side for side, ds in (("A", a), ("B", b)) if metrics.num_chunks(ds) == 1]
-    steps = len(c.steps)
+    steps = len(compare_mod.averaged_matches(c))  # (the denoising ones: a context pass is left out of the means)
+    over = (f" Each side's metrics and class are averaged over the "
+            f"{compare_mod.over_steps_words(c, short=False).removeprefix('mean of ')}, where a store's own report "
+            "reads one step (its first denoising step unless --step says): a head's class here can differ from the "
+            "one its report gives." if steps > 1 else "")
+    single = (f" {' and '.join(one_chunk)} is one chunk (the bidirectional sampler), whose last chunk is every "
+              "frame: compared here on the other's last chunk only, its metrics and classes can differ from its own "
+              "report's, which average over all its frames." if query_frames == "last_chunk" and len(one_chunk) == 1
+              else "")
     page.p(f"Query frames compared: {c.query_frames}, the frames both stores select ({query_frames!r} of each, "
-           "intersected)." + (f" Each side's metrics and class are averaged over the {steps} matched steps, where "
-                              "a store's own report reads one step (its first denoising step unless --step says): "
-                              "a head's class here can differ from the one its report gives."
-                              if steps > 1 else "") + (f" {' and '.join(one_chunk)} is one chunk (the bidirectional sampler), whose last chunk "
-                              "is every frame: compared here on the other's last chunk only, its metrics and classes "
-                              "can differ from its own report's, which average over all its frames."
-                              if query_frames == "last_chunk" and len(one_chunk) == 1 else ""))
+           "intersected)." + over + single)
     page.table(ranking, float_format="{:.4f}", shown=TABLE_ROWS)
     if csv:
         page.p(f"The whole table as CSV: <code>{html.escape(Path(out_html).with_suffix('.csv').name)}</code>.")

@@ -163,9 +163,11 @@ def test_compare_report(compare_report):
 
     assert not re.search(r"t_[AB]=\d+\.\d\d", text)  # timesteps to 0.1 (833.3), as the Steps tables
     assert "t_A=833.3" in text or "t_B=833.3" in text
-    said = re.search(r"averaged over the (\d+) matched steps, where a store's own report reads one step", text)
-    assert said and int(said.group(1)) == len(compare.compare_stores(*(load_store(s) for s in (
-        compare_report.parent / "wan.zarr", compare_report.parent / "sf.zarr"))).steps), said
+    said = re.search(r"averaged over the (\d+) matched (?:denoising )?steps(?:, not the \d+ context pass(?:es)?)?, "
+                     r"where a store's own report reads one step", text)
+    c = compare.compare_stores(*(load_store(s) for s in (compare_report.parent / "wan.zarr",
+                                                          compare_report.parent / "sf.zarr")))
+    assert said and int(said.group(1)) == len(compare.averaged_matches(c)), said  # (the means leave out a context pass)
     section = text.split(">Matched samples</h2>")[1].split("</table>")[0]
     assert "p0000-s2" in text and "p0000-s3" not in section.split("<table")[1]  # not in a pair, and named so:
     assert "Not compared, in no pair: 1 sample(s) of A with no partner in B (p0000-s3)" in section
@@ -724,3 +726,16 @@ def test_every_statistic_of_the_store_is_drawn_or_named(stores, tmp_path):
     assert "Also in the store, not drawn here: attn_logit (" in text and ", my_stat (my statistic, bits)" in text
     plain = parse(report.build_report(load_store(stores["sf"]).drop_vars("attn_logit"), tmp_path / "p.html"))[1]
     assert "not drawn here" not in plain
+
+
+def test_compare_page_counts_the_steps_its_means_take(stores, tmp_path):
+    """A few-step store against itself matches its context pass too, which the means leave out ('mean of 4 matched
+    denoising steps, not the 1 context pass' in the same page): the note on classes said 'the 5 matched steps'."""
+    import re
+
+    path = report.build_compare_report(stores["sf"], stores["sf"], tmp_path / "self.html")
+    text = parse(path)[1]
+    c = compare.compare_stores(*(load_store(stores["sf"]) for _ in range(2)))
+    assert len(compare.averaged_matches(c)) < len(c.steps)  # (a context pass among the matches)
+    said = re.search(r"averaged over the (\d+) matched (denoising )?steps", text)
+    assert said and int(said.group(1)) == len(compare.averaged_matches(c)), said.group(0)

@@ -100,13 +100,13 @@ def test_pixel_frame_mapping_is_the_vae_decoders(one_thread):
 # JSON endpoints of a store and its videos
 
 
-@needs_mp4
 def test_the_step_menu_writes_timesteps_to_one_decimal_as_the_reports():
     """A shifted schedule's t=833.333 read 833.333 in the viewer's step menu and 833.3 in the reports."""
     assert step_label(dict(step=1, timestep=833.3333, phase="denoise", cfg="none")) == "1 · t=833.3 · denoise"
     assert step_label(dict(step=2, timestep=1000.0, phase="context", cfg="cond")) == "2 · t=1000 · context · cond"
 
 
+@needs_mp4
 def test_meta_and_state_come_from_the_store(runs, store_server):
     ds = open_store(runs / "x.zarr")
     status, meta = get(store_server, "/api/meta")

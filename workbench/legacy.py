@@ -9,7 +9,9 @@ One file per (sample, layer), `{out}/{sample}/layer{N}.pt`, holding only plain P
                                 fork's "first capture of each chunk"), 0 (not NaN) where the pair was not attended
                                 (above the block staircase, evicted frames), as the fork left it; a row of NaN
                                 alone (attention that was not finite: a rollout whose activations overflowed)
-                                stays NaN, as the fork's own capture of it would be, and the export says so
+                                stays NaN, as the fork's own capture of it would be, and the export says so;
+                                an image-to-video store's frame 0 (the image, never denoised) has rows of 0 at
+                                a denoising step (no attention ran there: not an overflow)
     last_block_frame_attention  fp16 [heads, F]: full_frame_attention averaged over the last chunk's query frames
                                 (computed in float32 from the zero-filled matrix, then cast, as the fork did)
     is_logits                   True

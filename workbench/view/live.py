@@ -84,8 +84,9 @@ class LiveRun:
         frames video [1, 3, t, H, W] in [-1, 1] (None without a VAE)."""
         frames = list(range(start, start + count))
         first, stop = pixel_span(frames[0])[0], pixel_span(frames[-1])[1]
+        named = f"latent frame {start}" if count == 1 else f"latent frames {frames[0]}-{frames[-1]}"
         if video is not None and video.shape[2] != stop - first:
-            raise WorkbenchError(f"chunk {chunk} (latent frames {frames[0]}-{frames[-1]}) decoded to {video.shape[2]} "
+            raise WorkbenchError(f"chunk {chunk} ({named}) decoded to {video.shape[2]} "
                                  f"pixel frames; the Wan VAE's frame mapping says {stop - first}")
         mass = self.probe.buffers["attn_mass"][0]  # [step, layer, head, query_frame, key_frame] on the device
         rows = mass[:, :, :, start : start + count].cpu().numpy()
@@ -93,7 +94,7 @@ class LiveRun:
             from workbench.errors import Diverged
 
             raise Diverged.rollout(f"sample {self.sample_name}: the rollout is not finite (NaN or inf) in chunk "
-                                   f"{chunk} (latent frames {frames[0]}-{frames[-1]})",
+                                   f"{chunk} ({named})",
                                    "the live stream stops before that chunk")
         pixels = None if video is None else to_uint8_frames(video[0])  # [t, H, W, 3]
         self.writer.write_chunk(self.sample_name, chunk, frames, np.ascontiguousarray(rows), pixels, first)
