@@ -34,6 +34,14 @@ COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
            "#17becf"]
 
 
+def subset_note(ds: xr.Dataset, labels) -> str:
+    """What a chart of `labels` leaves out (the per-frame charts draw the TOP entries of the ranking only): "the 10
+    largest effects of 24 entries"; nothing ("") when they are every entry of the store but the baseline."""
+    entries = [str(x) for x in ds.intervention.values if str(x) != "baseline"]
+    shown = [x for x in labels if x != "baseline"]
+    return "" if len(shown) >= len(entries) else f"the {len(shown)} largest effects of {len(entries)} entries"
+
+
 def entry_labels(ds: xr.Dataset, labels) -> list[str]:
     """`labels` (one label or a list) checked against the effects store's entries; a WorkbenchError names the
     unknown ones and lists the store's."""
@@ -267,6 +275,9 @@ def build_effects_report(store, out_html: str | Path) -> Path:
     if "attn_mass" in ds:
         _attention_section(page, ds, top)
     page.h("Per-frame effect")
+    if subset_note(ds, top):
+        page.p(f"The charts draw {subset_note(ds, top)} (the first {len(top)} rows of the ranked table, which has "
+               "them all).")
     curves = per_frame_curves(ds)
     for i, name in enumerate(curves):
         page.figure(per_frame_figure(ds, name, top, *curves[name]), f"fig-curve-{i}")
@@ -347,7 +358,8 @@ def per_frame_figure(ds: xr.Dataset, name: str, labels: list[str], dim: str, xla
     n = ds.sizes["sample"]
     title = f"{CURVE_TITLES.get(name, name)}, mean over {n} sample{'s' if n != 1 else ''}"
     fig.update_layout(title=dict(text=title, font=dict(size=15)), xaxis_title=xlabel, yaxis_title=ylabel,
-                      height=420 + 15 * lines, legend=dict(font=dict(size=10)), margin=dict(t=60 + 15 * lines))
+                      height=420 + 15 * lines, margin=dict(t=60 + 15 * lines),
+                      legend=dict(font=dict(size=10), title=dict(text=subset_note(ds, labels))))
     fig.update_yaxes(rangemode="tozero")  # (distances and errors: from 0, so that a small one looks small)
     return fig
 
@@ -479,6 +491,7 @@ def curve_png(ds: xr.Dataset, labels: list[str], size=(1100, 620), name: str = "
     labels = labels + (["baseline"] if name.startswith("world") and "baseline" in ds.intervention.values else [])
     W, H = size
     left, right, top, bottom = 96, 320, 44, 64
+    knocked = knockout_runs(ds, [x for x in labels if x != "baseline"]) if "intervention_spec" in ds.coords else {}
     font = font_for("0123456789.e-+ " + ylabel + xlabel, 15)
     # the legend as wide as its longest label (to 640 pixels; a longer one loses its middle, not its end)
     fonts = {lab: font_for(lab, 15) for lab in labels}
@@ -494,6 +507,19 @@ def curve_png(ds: xr.Dataset, labels: list[str], size=(1100, 620), name: str = "
     ymax = ticks[-1]
     px = lambda f: left + (f - x[0]) / max(1, x[-1] - x[0]) * (W - left - right)  # noqa: E731
     py = lambda v: H - bottom - v / ymax * (H - top - bottom)  # noqa: E731
+    # the frames a knockout among `labels` hides, shaded as on the page (per_frame_figure), named under the title
+    from workbench.view.sources import pixel_span
+
+    bands = []
+    for lab, (runs, later) in knocked.items():
+        for a, b in runs:
+            x0, x1 = (pixel_span(a)[0], pixel_span(b)[1] - 1) if dim == "pixel_frame" else (a, b)
+            d.rectangle([max(left, px(x0 - 0.5)), top, min(W - right, px(x1 + 0.5)), H - bottom], fill="#e4e4e4")
+            bands.append(f"{lab}: later frames do not see {metrics.span_text('latent frame', a, b)}" if later
+                         else f"{lab}: {metrics.span_text('latent frame', a, b)} knocked out")
+    if bands:
+        text = "grey: " + "; ".join(bands)
+        d.text((left + 6, top + 4), text, fill="#555555", font=font_for(text, 13))  # (inside the plot's top)
     d.rectangle([left, top, W - right, H - bottom], outline="black")
     for v in ticks:
         d.line([left - 5, py(v), left, py(v)], fill="black")
@@ -508,6 +534,9 @@ def curve_png(ds: xr.Dataset, labels: list[str], size=(1100, 620), name: str = "
     n = ds.sizes["sample"]
     title = f"{CURVE_TITLES.get(name, name)}, mean over {n} sample{'s' if n != 1 else ''}"
     d.text((left, 12), title, fill="black", font=font_for(title, 17))
+    note = subset_note(ds, labels)  # (a legend header when the chart leaves entries out)
+    if note:
+        d.text((W - right + 14, top + 16), note, fill="black", font=font_for(note, 13), anchor="lm")
     for j, (lab, y) in enumerate(ys.items()):
         c = COLOURS[j % len(COLOURS)] if lab != "baseline" or not name.startswith("world") else "black"
         run = []  # (the points since the last NaN: one line each)
@@ -520,7 +549,7 @@ def curve_png(ds: xr.Dataset, labels: list[str], size=(1100, 620), name: str = "
             elif run:
                 d.ellipse([run[0][0] - 2, run[0][1] - 2, run[0][0] + 2, run[0][1] + 2], fill=c)
             run = []
-        row = top + 16 + 24 * j
+        row = top + 16 + 24 * (j + bool(note))
         d.line([W - right + 14, row, W - right + 38, row], fill=c, width=4)
         d.text((W - right + 46, row), shown[lab], fill="black", font=fonts[lab], anchor="lm")
     return img

@@ -157,3 +157,31 @@ def test_the_png_draws_a_lone_value_and_beside_a_curve_with_none():
              for labels in (["ablate-zero:L0.H0", "knockout0-1:all"], ["knockout0-1:all", "ablate-zero:L0.H0"])]
     ink = [(a[44:-64, 96:-320] != 255).any(axis=-1).sum() for a in drawn]
     assert ink[0] > 2000 and abs(ink[1] - ink[0]) < 0.1 * ink[0]  # (the same line, whichever is listed first)
+
+
+def test_per_frame_charts_of_the_top_entries_say_they_leave_the_others_out(monkeypatch):
+    """A sweep's charts draw the TOP entries of the ranking only: the legend says how many of how many (it did not:
+    a 24-head sweep showed 10 curves with nothing saying 14 were left out)."""
+    ds = effects_store()
+    every = ["ablate-zero:L0.H0", "knockout0-1:all"]
+    full = effects_report.per_frame_figure(ds, "latent_distance_rel", every, "frame", "f", "v")
+    assert not full.layout.legend.title.text
+    part = effects_report.per_frame_figure(ds, "latent_distance_rel", every[:1], "frame", "f", "v")
+    assert part.layout.legend.title.text == "the 1 largest effects of 2 entries"
+    noted = np.asarray(effects_report.curve_png(ds, every[:1]).convert("L"))
+    monkeypatch.setattr(effects_report, "subset_note", lambda ds, labels: "")
+    plain = np.asarray(effects_report.curve_png(ds, every[:1]).convert("L"))
+    swatch = slice(-320 + 20, -320 + 32)  # (the legend's colour swatch of the first entry: a row lower under a header)
+    assert plain[44 + 16, swatch].max() < 250 and noted[44 + 16 + 24, swatch].max() < 250
+    assert not (noted[44 + 8:44 + 24] == plain[44 + 8:44 + 24]).all()
+
+
+def test_the_png_copy_shades_a_knockouts_frames_as_the_page_does():
+    """The page shades and names the frames a knockout hides; its PNG copy drew the curves alone, a flat zero over
+    those frames with nothing saying why."""
+    ds = effects_store()
+    shaded = np.asarray(effects_report.curve_png(ds, ["knockout0-1:all"]).convert("RGB"))
+    plain = np.asarray(effects_report.curve_png(ds, ["ablate-zero:L0.H0"]).convert("RGB"))
+    grey = lambda img: (img == 228).all(axis=-1)  # noqa: E731  (#e4e4e4)
+    assert grey(shaded)[200].sum() > 20 and grey(plain)[200].sum() < 3
+    assert (shaded[46:62, 110:400] < 128).any() and not (plain[46:62, 110:400] < 128).any()  # (the note naming it)
