@@ -629,7 +629,7 @@ def key_token_maps(
                         f"{metrics.step_label(ds, step)}<br><sub>{note.replace('<br>', '</sub><br><sub>')}</sub>",
                    y=1 - 28 / height, yref="container", yanchor="top"),  # (its top line in the figure, not cut)
         coloraxis=dict(**_colour("attn_key_token", per_frame),
-                       colorbar=dict(title="share of<br>the frame" if within_frame
+                       colorbar=dict(title="share of <br>the frame" if within_frame
                                      else ds["attn_key_token"].attrs.get("units", ""))),
         height=height, width=width, margin=dict(t=110 + extra),
     )
@@ -642,7 +642,8 @@ MIN_MAP_ROWS_PX = 220  # plot height of a layer x head map, at least: room for a
 
 def wrap_title(text: str, width_px: int, px_per_char: float = 9.0) -> str:
     """A figure title broken into lines (plotly's <br>) at spaces, so that none runs past `width_px` (plotly
-    clips a long title at the figure's edge); `px_per_char` is the title font's mean advance (17 px font)."""
+    clips a long title at the figure's edge); `px_per_char` is the title font's mean advance (17 px font). Each
+    broken line keeps its space (" <br>"): the title's text, copied or read aloud, was "from thequery"."""
     limit = max(20, int((width_px - 120) / px_per_char))  # less the left margin
     lines, line = [], ""
     for word in text.split(" "):
@@ -651,7 +652,7 @@ def wrap_title(text: str, width_px: int, px_per_char: float = 9.0) -> str:
             line = word
         else:
             line = f"{line} {word}" if line else word
-    return "<br>".join(lines + [line])
+    return " <br>".join(lines + [line])
 
 
 def _map_height(layers: int, per_layer: int = 28) -> int:

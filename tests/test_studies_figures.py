@@ -374,8 +374,9 @@ def test_key_token_maps_subtitle_fits_the_figure(tokens_store):
 
     fig = figures.key_token_maps(tokens_store, 3, query_frame=5, step=0, within_frame=True)
     lines = [re.sub(r"<[^>]+>", "", x) for x in fig.layout.title.text.split("<br>")[1:]]
-    assert " ".join(lines).endswith("summing to 1"), lines
-    assert all(len(x) * 6.6 <= fig.layout.width - 120 for x in lines), (fig.layout.width, [len(x) for x in lines])
+    assert " ".join(x.strip() for x in lines).endswith("summing to 1"), lines
+    widths = [len(x.strip()) for x in lines]  # (a broken line's trailing space takes no room)
+    assert all(n * 6.6 <= fig.layout.width - 120 for n in widths), (fig.layout.width, widths)
 
 
 def test_key_token_maps_over_the_frames_pictures(tokens_store):
@@ -621,3 +622,12 @@ def test_the_png_of_single_head_effects_names_its_colour_scale():
     px = np.asarray(grid_png(grid, cell=72).convert("L"))
     below_numbers = 56 + 2 * 72 + 54  # (top margin, the cells, then the strip and its numbers)
     assert (px[below_numbers:below_numbers + 20] < 128).sum() > 50  # a line of text under the strip
+
+
+def test_a_wrapped_title_keeps_the_space_it_breaks_at():
+    """A title broken into lines read "keys less than 3 frames from thequery" when copied or read aloud (plotly
+    draws each line as its own text element): the space stays at the end of the broken line."""
+    text = "local_mass: mass on keys less than 3 frames from the query (|query - key| < 3)"
+    title = figures.wrap_title(text, 400)
+    assert "<br>" in title and "<br>" not in title.replace(" <br>", "")
+    assert title.replace(" <br>", " ") == text
