@@ -25,7 +25,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import xarray as xr
 
-from studies import metrics, no_window_words, unfinished_note
+from studies import metrics, no_window_words, unfinished_note, world_metrics
 from studies.figures import layer_head_map
 from studies.page import TABLE_ROWS, Page, html_out, number, write_atomic
 
@@ -96,8 +96,7 @@ def is_effects_store(ds: xr.Dataset) -> bool:
 
 WORLD_COLUMNS = ("trajectory_error", "adherent", "speed", "confidence")
 # the page's headers of those columns, with their units (adherent: the share of samples that are)
-WORLD_HEADERS = {"trajectory_error": "trajectory_error (px)", "adherent": "adherent (share of samples)",
-                 "speed": "speed (px/frame)", "confidence": "confidence (0-1)"}
+WORLD_HEADERS = {k: f"{k} ({world_metrics.mean_unit(k, share='share of samples')})" for k in WORLD_COLUMNS}
 
 
 def display_ranking(table: pd.DataFrame) -> pd.DataFrame:
@@ -275,8 +274,8 @@ def build_effects_report(store, out_html: str | Path) -> Path:
     if "attn_mass" in ds:
         _attention_section(page, ds, top)
     page.h("Per-frame effect")
-    if subset_note(ds, top):
-        page.p(f"The charts draw {subset_note(ds, top)} (the first {len(top)} rows of the ranked table, which has "
+    if note := subset_note(ds, top):
+        page.p(f"The charts draw {note} (the first {len(top)} rows of the ranked table, which has "
                "them all).")
     curves = per_frame_curves(ds)
     for i, name in enumerate(curves):
@@ -322,8 +321,6 @@ def per_frame_figure(ds: xr.Dataset, name: str, labels: list[str], dim: str, xla
     shaded and named (`knockout_runs`). A trajectory error on frames whose pixels equal the baseline's (a
     knockout's own frames, which only later frames stop seeing) is not the entry's doing: their hover and the band's
     name say so (SAME_PIXELS)."""
-    from workbench.view.sources import pixel_span  # (latent frame -> its pixel frames, as the viewer shows them)
-
     fig = go.Figure()
     pixel = dim == "pixel_frame"
     same = _same_pixels(ds) if name == "world_curve_trajectory_error" else {}
@@ -342,19 +339,15 @@ def per_frame_figure(ds: xr.Dataset, name: str, labels: list[str], dim: str, xla
                                            dash="dot" if twin is not None else None,
                                            width=3 if twin is not None else 2)))
     lines = 0  # (the bands' names, a line each above the plot, the last one's first)
-    for label, (runs, later) in knockout_runs(ds, labels).items():
-        for a, b in runs:
-            x0, x1 = (pixel_span(a)[0], pixel_span(b)[1] - 1) if pixel else (a, b)
-            frames = metrics.span_text("latent frame", a, b)
-            text = (f"{label}: later frames do not see {frames}" if later else f"{label}: {frames} knocked out") \
-                + (f" ({metrics.span_text('pixel frame', x0, x1)})" if pixel else "")
-            if label in same and same[label][x0:x1 + 1].all():
-                text += f";\n{SAME_PIXELS}"
-            fig.add_vrect(x0=x0 - 0.5, x1=x1 + 0.5, fillcolor="grey", opacity=0.15, line_width=0, layer="below")
-            fig.add_annotation(x=x0 - 0.5, xref="x", xanchor="left", y=1, yref="paper", yanchor="bottom",
-                               yshift=2 + 15 * lines, text=html.escape(text).replace("\n", "<br>"),
-                               showarrow=False, align="left", font=dict(size=11, color="#555"))
-            lines += 1 + text.count("\n")
+    for label, x0, x1, hidden in knockout_bands(ds, labels, pixel):
+        text = hidden + (f" ({metrics.span_text('pixel frame', x0, x1)})" if pixel else "")
+        if label in same and same[label][x0:x1 + 1].all():
+            text += f";\n{SAME_PIXELS}"
+        fig.add_vrect(x0=x0 - 0.5, x1=x1 + 0.5, fillcolor="grey", opacity=0.15, line_width=0, layer="below")
+        fig.add_annotation(x=x0 - 0.5, xref="x", xanchor="left", y=1, yref="paper", yanchor="bottom",
+                           yshift=2 + 15 * lines, text=html.escape(text).replace("\n", "<br>"),
+                           showarrow=False, align="left", font=dict(size=11, color="#555"))
+        lines += 1 + text.count("\n")
     n = ds.sizes["sample"]
     title = f"{CURVE_TITLES.get(name, name)}, mean over {n} sample{'s' if n != 1 else ''}"
     fig.update_layout(title=dict(text=title, font=dict(size=15)), xaxis_title=xlabel, yaxis_title=ylabel,
@@ -362,6 +355,20 @@ def per_frame_figure(ds: xr.Dataset, name: str, labels: list[str], dim: str, xla
                       legend=dict(font=dict(size=10), title=dict(text=subset_note(ds, labels))))
     fig.update_yaxes(rangemode="tozero")  # (distances and errors: from 0, so that a small one looks small)
     return fig
+
+
+def knockout_bands(ds: xr.Dataset, labels: list[str], pixel: bool) -> list[tuple[str, int, int, str]]:
+    """(entry, first, last frame on the chart's axis, what it hides) for each run of frames a knockout among
+    `labels` hides (`knockout_runs`): latent frames, or their pixel frames where `pixel`."""
+    from workbench.view.sources import pixel_span  # (latent frame -> its pixel frames, as the viewer shows them)
+
+    out = []
+    for label, (runs, later) in knockout_runs(ds, labels).items():
+        for a, b in runs:
+            frames = metrics.span_text("latent frame", a, b)
+            out.append((label, *((pixel_span(a)[0], pixel_span(b)[1] - 1) if pixel else (a, b)),
+                        f"{label}: later frames do not see {frames}" if later else f"{label}: {frames} knocked out"))
+    return out
 
 
 def knockout_runs(ds: xr.Dataset, labels: list[str]) -> dict[str, tuple[list[tuple[int, int]], bool]]:
@@ -491,7 +498,6 @@ def curve_png(ds: xr.Dataset, labels: list[str], size=(1100, 620), name: str = "
     labels = labels + (["baseline"] if name.startswith("world") and "baseline" in ds.intervention.values else [])
     W, H = size
     left, right, top, bottom = 96, 320, 44, 64
-    knocked = knockout_runs(ds, [x for x in labels if x != "baseline"]) if "intervention_spec" in ds.coords else {}
     font = font_for("0123456789.e-+ " + ylabel + xlabel, 15)
     # the legend as wide as its longest label (to 640 pixels; a longer one loses its middle, not its end)
     fonts = {lab: font_for(lab, 15) for lab in labels}
@@ -508,17 +514,12 @@ def curve_png(ds: xr.Dataset, labels: list[str], size=(1100, 620), name: str = "
     px = lambda f: left + (f - x[0]) / max(1, x[-1] - x[0]) * (W - left - right)  # noqa: E731
     py = lambda v: H - bottom - v / ymax * (H - top - bottom)  # noqa: E731
     # the frames a knockout among `labels` hides, shaded as on the page (per_frame_figure), named under the title
-    from workbench.view.sources import pixel_span
-
-    bands = []
-    for lab, (runs, later) in knocked.items():
-        for a, b in runs:
-            x0, x1 = (pixel_span(a)[0], pixel_span(b)[1] - 1) if dim == "pixel_frame" else (a, b)
-            d.rectangle([max(left, px(x0 - 0.5)), top, min(W - right, px(x1 + 0.5)), H - bottom], fill="#e4e4e4")
-            bands.append(f"{lab}: later frames do not see {metrics.span_text('latent frame', a, b)}" if later
-                         else f"{lab}: {metrics.span_text('latent frame', a, b)} knocked out")
+    bands = knockout_bands(ds, [x for x in labels if x != "baseline"], dim == "pixel_frame") \
+        if "intervention_spec" in ds.coords else []
+    for _, x0, x1, _ in bands:
+        d.rectangle([max(left, px(x0 - 0.5)), top, min(W - right, px(x1 + 0.5)), H - bottom], fill="#e4e4e4")
     if bands:
-        text = "grey: " + "; ".join(bands)
+        text = "grey: " + "; ".join(hidden for *_, hidden in bands)
         d.text((left + 6, top + 4), text, fill="#555555", font=font_for(text, 13))  # (inside the plot's top)
     d.rectangle([left, top, W - right, H - bottom], outline="black")
     for v in ticks:

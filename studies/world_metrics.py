@@ -329,6 +329,11 @@ NUMBERS = {
     "background_misfit": "RGB", "jitter": "px/frame^2", "confidence_drift": "0-1", "colour_drift": "RGB",
     "trajectory_drift": "px",
 }
+
+
+def mean_unit(name: str, share: str = "share") -> str:
+    """The unit of number `name` averaged over videos: a 0/1 check's mean is the `share` of them that pass."""
+    return share if NUMBERS[name] == "0/1" else NUMBERS[name]
 # Per-frame curves: what drifts over a long rollout.
 CURVES = {"confidence": "0-1", "colour_error": "RGB", "trajectory_error": "px", "area_change": "fraction",
           "colour_change": "RGB", "background_change": "RGB"}

@@ -30,9 +30,6 @@ from workbench.intervene_entries import (Entry, build, build_policy, check_entri
 WORLD_NUMBERS = ("adherent", "colour_ok", "shape_ok", "direction_ok", "detected", "confidence", "trajectory_error",
                  "speed", "colour_error", "trajectory_drift", "confidence_drift")
 WORLD_CURVES = ("trajectory_error", "confidence")
-# the units of the ranking's world columns (means over samples; d_: the change from the baseline's)
-WORLD_UNITS = {"trajectory_error": "px", "d_trajectory_error": "px", "speed": "px/frame", "d_speed": "px/frame",
-               "adherent": "share", "d_adherent": "share", "confidence": "0-1", "d_confidence": "0-1"}
 STORE_KIND = "effects"
 
 
@@ -684,8 +681,10 @@ def ranking_text(path, top: int = 20) -> str:
     name = min(36, max([12, *(columns(str(x)) for x in shown.index)]))  # (terminal columns: 温度 takes 4)
     width = {c: max(8, len(c)) + 2 for c in cols}
     lines.append(f"{'intervention':<{name}}" + "".join(f"{c:>{width[c]}}" for c in cols))
-    if any(c in WORLD_UNITS for c in cols):  # (the world tracker's numbers: their units under their names)
-        lines.append(f"{'(units)':<{name}}" + "".join(f"{WORLD_UNITS.get(c, ''):>{width[c]}}" for c in cols))
+    from studies.world_metrics import NUMBERS, mean_unit  # (the world columns' units: means over samples; d_: the
+    units = {c: mean_unit(c.removeprefix("d_")) for c in cols if c.removeprefix("d_") in NUMBERS}  # change)
+    if units:  # (the world tracker's numbers: their units under their names)
+        lines.append(f"{'(units)':<{name}}" + "".join(f"{units.get(c, ''):>{width[c]}}" for c in cols))
     for label, r in shown.iterrows():
         lines.append(fit(label, name) + "".join(f"{r[c]:>{width[c]}.4f}" for c in cols))
     if "missed" in shown and any(shown["missed"]):  # (adherent 0 is not always the prompt's colour or direction)

@@ -780,14 +780,8 @@ def static_heads_of(e: Entry) -> dict[int, list[int]]:
     from workbench import kv_policies as kp
 
     if e.static_heads is None:
-        from models.errors import ModelInputWarning
-
-        with warnings.catch_warnings():  # (a store that cannot split the heads: refused before any rollout)
-            warnings.simplefilter("error", ModelInputWarning)
-            try:
-                static = kp.static_heads_from_store(e.store, e.threshold, e.static_recent, sink_frames=e.sink_frames)
-            except ModelInputWarning as err:
-                raise WorkbenchError(f"headwise policy: store {err}") from None
+        static = kp.static_heads_from_store(e.store, e.threshold, e.static_recent, sink_frames=e.sink_frames,
+                                            strict=True)  # (a store that cannot split the heads: refused)
         e.static_heads = [[int(layer), int(h)] for layer in sorted(static) for h in static[layer]]
     out: dict[int, list[int]] = {}
     for layer, h in e.static_heads:

@@ -251,11 +251,14 @@ class HeadWise(WindowSink):
         return Keep(kept, head_mask=mask)
 
 
-def static_heads_from_store(path, threshold: float = 0.8, span: int = 6, sink_frames: int = 1) -> dict[int, list[int]]:
+def static_heads_from_store(path, threshold: float = 0.8, span: int = 6, sink_frames: int = 1, *,
+                            strict: bool = False) -> dict[int, list[int]]:
     """Forcing-KV's head taxonomy from a store's `attn_mass`: a head is static when, on average over samples,
     denoising steps and the query frames after the first chunk, at least `threshold` of its attention falls on
     the first `sink_frames` frames and the newest `span` frames when its chunk runs (up to the chunk's last frame):
-    the frames a static head of `HeadWise(window, sink_frames, ..., static_recent=span)` sees; else dynamic."""
+    the frames a static head of `HeadWise(window, sink_frames, ..., static_recent=span)` sees; else dynamic.
+    A store whose queries saw no other frame cannot split the heads: a warning, or with `strict` (`workbench
+    intervene`) a WorkbenchError."""
     import xarray as xr
 
     from workbench.store import open_store
@@ -271,8 +274,7 @@ def static_heads_from_store(path, threshold: float = 0.8, span: int = 6, sink_fr
                        coords={"query_frame": m.query_frame})
     near = (m.key_frame < sink_frames) | ((m.key_frame <= end) & (m.key_frame > end - span))
     # a store whose queries saw nothing a static head would not keep (e.g. extracted with a KV window no wider than
-    # the static heads' frames) makes every head static whatever its attention: a warning (`workbench intervene`
-    # refuses such a split)
+    # the static heads' frames) makes every head static whatever its attention
     if not bool((m.notnull() & ~near).any()):
         window = ""
         if "local_attn_size" in ds.coords and "sink_size" in ds.coords:
@@ -280,15 +282,19 @@ def static_heads_from_store(path, threshold: float = 0.8, span: int = 6, sink_fr
                                                              np.atleast_1d(ds["sink_size"].values))})
             window = " (its KV cache: " + ", ".join(f"window {a}, sink {b}" if a != -1 else "global attention"
                                                      for a, b in sizes) + ")"
+        why = (f"{path}: its queries after chunk 0 attend to no key frame outside the first {sink_frames} and the "
+               f"newest {span} up to their chunk's end{window}, so every head would be static whatever its "
+               "attention; split the heads on a store whose queries saw more (a wider --local-attn-size, global "
+               "attention or more --frames), or keep fewer frames per static head (sink frames, static_recent)")
+        if strict:
+            from workbench.errors import WorkbenchError
+
+            raise WorkbenchError(f"headwise policy: store {why}")
         import warnings
 
         from models.errors import ModelInputWarning
 
-        warnings.warn(f"{path}: its queries after chunk 0 attend to no key frame outside the first {sink_frames} "
-                      f"and the newest {span} up to their chunk's end{window}, so every head would be static "
-                      "whatever its attention; split the heads on a store whose queries saw more (a wider "
-                      "--local-attn-size, global attention or more --frames), or keep fewer frames per static "
-                      "head (sink frames, static_recent)", ModelInputWarning, stacklevel=2)
+        warnings.warn(why, ModelInputWarning, stacklevel=2)
     local = m.where(near).sum("key_frame").mean([d for d in ("sample", "step", "query_frame") if d in m.dims])
     local = local.transpose("layer", "head")
     out: dict[int, list[int]] = {}

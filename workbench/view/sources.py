@@ -179,9 +179,11 @@ class StoreSource(Source):
         self._frames: OrderedDict[str, np.ndarray] = OrderedDict()  # decoded videos, the most recent few
         self._cache = cache
         self.video_errors: dict[str, str] = {}  # sample -> why its video is left out
+        self._run_flags: list[str] | None = None  # generate's flags for this store's run (`make_video`)
+        self._position = {str(s): i for i, s in enumerate(ds["sample"].values)}
         self.videos = {}
         for sample, path in (videos or {}).items():
-            if why := video_mismatch(ds, sample, path, make=self.make_video(sample, over=path)):
+            if why := video_mismatch(ds, sample, path, make=lambda s=sample, p=path: self.make_video(s, over=p)):
                 self.video_errors[sample] = why
             else:
                 self.videos[sample] = path
@@ -206,8 +208,10 @@ class StoreSource(Source):
         entry, sample = self.items.get(sample, (None, sample))
         if entry is not None:
             return None
+        if self._run_flags is None:  # (the store's config read once, not once a sample)
+            self._run_flags = run_flags(self.ds)
         folder = videos_folder(self.path)
-        command = generate_command(self.ds, [str(v) for v in self.ds["sample"].values].index(sample), folder)
+        command = generate_command(self.ds, self._position[sample], folder, self._run_flags)
         return command + (" --overwrite" if over is not None and Path(over).parent == folder else "")
 
     def video(self, sample: str) -> np.ndarray | None:
@@ -354,12 +358,13 @@ def _stamp(path) -> tuple | None:
     return st.st_size, st.st_mtime_ns, st.st_ino
 
 
-def video_mismatch(ds, sample: str, video: Path, make: str | None = None) -> str | None:
+def video_mismatch(ds, sample: str, video: Path, make=None) -> str | None:
     """Why `video` is not the video of the store's `sample`, or None. Read from the latents file `workbench generate`
     wrote beside it (same name, .safetensors): its prompt, seed, sampler, the weights' sha256 and key (generator or
     generator_ema), the text encoder, image, window, schedule and dtype, against the store's sample and its
     fingerprint (docs/store.md). A video without that file (or a file from before generate recorded the weights) is
-    checked on what it has. `make`: the generate command that makes the right one, named in the message."""
+    checked on what it has. `make`: the generate command that makes the right one (or a function giving it, called
+    only for a video that differs), named in the message."""
     side = Path(video).with_suffix(".safetensors")
     if not side.is_file():
         return None
@@ -398,6 +403,7 @@ def video_mismatch(ds, sample: str, video: Path, make: str | None = None) -> str
             differ.append(why)
     if not differ:
         return None
+    make = make() if callable(make) else make
     return (f"{video} was not made by this store's run of sample {sample}: generate made it with "
             + "; ".join(differ) + f" ({side.name}). Make the video with "
             + (f"`{make}`" if make else "`workbench generate` and the store's model, prompt and seed")
@@ -424,13 +430,25 @@ def _other_schedule(made: dict, layout: dict) -> str | None:
     return None
 
 
-def generate_command(ds, i: int, out) -> str:
-    """The `workbench generate` command that makes the video of the store's sample at position `i`: the settings of
-    the run that made the store (its `config_yaml`, as resolved: model, sampler, schedule, window, size, frames) as
-    generate's flags, every prompt of the store in order (generate names its files by prompt index, as the store
-    its samples), the sample's seed and `--out out`."""
+def generate_command(ds, i: int, out, flags: list[str] | None = None) -> str:
+    """The `workbench generate` command that makes the video of the store's sample at position `i`: the run's
+    flags (`run_flags`, or `flags` as it gave them), the sample's seed and `--out out`."""
     import shlex
 
+    flags = run_flags(ds) if flags is None else flags
+    return shlex.join(["workbench", "generate", *flags, "--seed", str(int(ds["seed"].values[i])), *_flag("--out", out)])
+
+
+def _flag(name: str, value) -> list[str]:
+    """[name, value], or [name=value] for a value that starts with '-' (a prompt or a path such as -x), which
+    argparse would take for a flag."""
+    return [f"{name}={value}"] if str(value).startswith("-") else [name, str(value)]
+
+
+def run_flags(ds) -> list[str]:
+    """generate's flags for the run that made the store: its settings (its `config_yaml`, as resolved: model,
+    sampler, schedule, window, size, frames) and every prompt of the store in order (generate names its files by
+    prompt index, as the store its samples)."""
     import yaml
 
     from workbench.extract import ExtractConfig
@@ -438,8 +456,6 @@ def generate_command(ds, i: int, out) -> str:
 
     c = (yaml.safe_load(str(ds.attrs.get("config_yaml", ""))) or {}).get("extract") or {}
     flags = []
-    # (a value that starts with '-', a prompt or a path such as -x: as --flag=value, or argparse takes it for a flag)
-    pair = lambda name, value: [f"{name}={value}"] if str(value).startswith("-") else [name, str(value)]  # noqa: E731
     if c.get("model"):  # (a zoo model: its name sets the weights and the sampler defaults)
         from models.wan.embedded import ZOO
 
@@ -447,8 +463,8 @@ def generate_command(ds, i: int, out) -> str:
         own = ZOO.get(str(c["model"]))
         ref = {k: getattr(own, k) for k in SAMPLER_DEFAULTS} if own is not None else dict(SAMPLER_DEFAULTS)
     else:
-        flags += pair("--wan-dir", c["wan_dir"]) if c.get("wan_dir") else []
-        flags += pair("--checkpoint", c["checkpoint"]) if c.get("checkpoint") else []
+        flags += _flag("--wan-dir", c["wan_dir"]) if c.get("wan_dir") else []
+        flags += _flag("--checkpoint", c["checkpoint"]) if c.get("checkpoint") else []
         flags += ["--use-ema"] if c.get("use_ema") else []
         ref = dict(SAMPLER_DEFAULTS)
     defaults = ExtractConfig(prompts=["x"])
@@ -456,7 +472,7 @@ def generate_command(ds, i: int, out) -> str:
             "timestep_shift", "context_noise", "num_frame_per_block", "local_attn_size", "sink_size", "height",
             "width", "image"))]:
         if key in c and c[key] is not None and c[key] != default:
-            flags += pair(f"--{key.replace('_', '-')}", c[key])
+            flags += _flag(f"--{key.replace('_', '-')}", c[key])
     if c.get("denoising_step_list") and list(c["denoising_step_list"]) != defaults.denoising_step_list:
         flags += ["--denoising-step-list", ",".join(str(t) for t in c["denoising_step_list"])]
     if c.get("warp_denoising_step") is False:
@@ -470,8 +486,8 @@ def generate_command(ds, i: int, out) -> str:
     index = ds["prompt_index"].values if "prompt_index" in ds.coords else np.zeros(ds.sizes["sample"], int)
     prompts = dict(sorted(zip((int(x) for x in index), (str(p) for p in ds["prompt"].values))))
     for p in prompts.values():
-        flags += pair("--prompt", p)
-    return shlex.join(["workbench", "generate", *flags, "--seed", str(int(ds["seed"].values[i])), *pair("--out", out)])
+        flags += _flag("--prompt", p)
+    return flags
 
 
 def _plain(sample: str) -> bool:
